@@ -1,0 +1,31 @@
+//! Errors of the core crate: decoding bytes and documents that came from outside.
+
+/// A failure to decode or validate data that arrived from a peer, a file or a user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// A frame header was malformed (bad magic, unknown kind, impossible length).
+    #[error("malformed frame: {reason}")]
+    Frame { reason: &'static str },
+    /// A frame announced a payload larger than the protocol allows for its kind.
+    #[error("frame of kind {kind} announces {len} payload bytes, more than the limit {limit}")]
+    Oversized { kind: u8, len: u64, limit: u64 },
+    /// A payload did not have the layout its frame kind requires.
+    #[error("malformed {what} payload: {reason}")]
+    Payload { what: &'static str, reason: String },
+    /// A segment descriptor could not be parsed or failed validation.
+    #[error("invalid segment descriptor: {reason}")]
+    Descriptor { reason: String },
+    /// A descriptor of a version this build does not understand.
+    #[error("segment descriptor version {found} is not supported (this build reads {supported})")]
+    DescriptorVersion { found: u32, supported: u32 },
+    /// A location hint that could not be parsed.
+    #[error("invalid location hint {hint:?}: expected \"*\", \"cpu\", \"cpu:N\" or \"cuda:N\"")]
+    LocationHint { hint: String },
+    /// Contradictory or invalid configuration.
+    #[error("configuration error: {reason}")]
+    Config { reason: String },
+    /// A size string (for example `4KiB`) that could not be parsed.
+    #[error("invalid size {text:?}: {reason}")]
+    Size { text: String, reason: &'static str },
+}

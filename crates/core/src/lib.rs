@@ -1,0 +1,21 @@
+//! tidewire-core: the deterministic heart of tidewire.
+//!
+//! This crate holds the types every other crate shares (ids, memory kinds, segment
+//! descriptors), the wire codec of the RPC/data protocol, the transport-selection policy and
+//! the batch state machine.
+//!
+//! It never does I/O: no sockets, no threads, no clocks, no FFI. Every time-dependent method
+//! takes `now: Instant` from the caller, so the state machines are tested with simulated time.
+#![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod descriptor;
+pub mod error;
+pub mod ids;
+pub mod memory;
+pub mod select;
+pub mod size;
+pub mod wire;
+
+pub use error::CoreError;
+pub use ids::{BatchId, HostId, InstanceId, PeerId, RegionId};
