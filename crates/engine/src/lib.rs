@@ -1,1 +1,52 @@
+//! tidewire: a one-sided (READ / WRITE) transfer engine for LLM serving.
+//!
+//! An [`Engine`] owns this process's registered memory, an RPC/data endpoint, a metadata
+//! backend and the transports (`local`, `shm`, `tcp`). Peers are opened by segment name;
+//! batches of requests are submitted without blocking and complete with a status per request,
+//! within a deadline, with a reason on every failure.
+//!
+//! ```no_run
+//! use tidewire::{Engine, EngineConfig, HostBuffer, Op, Request, BatchOptions};
+//! # fn main() -> Result<(), tidewire::Error> {
+//! let target = Engine::new(EngineConfig::default())?;
+//! let remote = target.allocate_shared(1 << 20)?;
+//! let initiator = Engine::new(EngineConfig::default())?;
+//! let buf = HostBuffer::new(1 << 20)?;
+//! // SAFETY: `buf` outlives its registration (it is unregistered at shutdown, before drop).
+//! unsafe { initiator.register(buf.addr(), buf.len() as u64, "cpu")? };
+//! let peer = initiator.open_segment(target.name())?;
+//! let req = Request { op: Op::Write, local: buf.addr(), len: 4096, peer, remote };
+//! initiator.submit(&[req], BatchOptions::default())?.wait()?;
+//! # Ok(()) }
+//! ```
+//!
+//! What it never does: retry without a bound, fall back to another transport silently, or
+//! touch memory outside registered regions.
+#![deny(unsafe_code)]
 
+mod batch;
+mod config;
+mod engine;
+mod error;
+mod frames;
+mod hostinfo;
+mod lifecycle;
+mod mem;
+mod metadata;
+mod metadata_server;
+mod notify;
+mod peer;
+mod registry;
+mod rpc;
+mod transport;
+
+pub use batch::{BatchHandle, RequestStatus};
+pub use config::{Deadlines, EngineConfig, MetadataUri};
+pub use engine::{BatchOptions, Engine, Op, PeerInfo, Request, TransportReport};
+pub use error::{Error, Result};
+pub use mem::HostBuffer;
+pub use metadata::segment_key;
+pub use metadata_server::MetadataServer;
+pub use notify::Notification;
+pub use tidewire_core as core;
+pub use tidewire_core::{BatchId, PeerId, RegionId};

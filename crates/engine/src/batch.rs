@@ -1,0 +1,221 @@
+//! Batches in flight: the core tracker behind a lock, a condition variable for waiters, and
+//! the data gate that keeps late READ data out of memory the caller was told is free.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use tidewire_core::batch::{BatchTracker, RequestState};
+use tidewire_core::BatchId;
+
+use crate::error::{Error, Result};
+use crate::notify::Notification;
+use crate::transport::tcp::TcpConn;
+
+/// Where a batch's notification goes once its data is visible.
+pub(crate) enum TrailerRoute {
+    /// The peer is this engine: straight into our own queue.
+    Local(Arc<crate::notify::NotifyQueue>, Notification),
+    /// Over the peer's TCP connection.
+    Tcp(Arc<TcpConn>, Vec<u8>),
+}
+
+pub(crate) struct Batch {
+    pub(crate) id: BatchId,
+    tracker: Mutex<BatchTracker<Error>>,
+    cond: Condvar,
+    /// READ data is copied into local memory under a read guard, after checking that its
+    /// request is still pending; every failure transition takes the write side first, so once
+    /// a request is reported failed no late byte lands in its buffer.
+    gate: RwLock<()>,
+    trailer: Mutex<Option<TrailerRoute>>,
+    started: Instant,
+}
+
+impl Batch {
+    pub(crate) fn new(
+        id: BatchId,
+        chunks: Vec<u32>,
+        trailer: Option<TrailerRoute>,
+        deadline: Instant,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            tracker: Mutex::new(BatchTracker::new(chunks, trailer.is_some(), deadline)),
+            cond: Condvar::new(),
+            gate: RwLock::new(()),
+            trailer: Mutex::new(trailer),
+            started: Instant::now(),
+        })
+    }
+
+    /// One chunk of `req` is done; sends the trailer if this completed the data.
+    pub(crate) fn chunk_done(self: &Arc<Self>, req: usize) {
+        let send = {
+            let mut t = self.tracker.lock();
+            t.handle_chunk_done(req);
+            let send = t.poll_trailer();
+            if t.is_finished() {
+                self.cond.notify_all();
+            }
+            send
+        };
+        if send {
+            self.send_trailer();
+        }
+    }
+
+    pub(crate) fn fail_request(&self, req: usize, err: Error) {
+        let _gate = self.gate.write();
+        let mut t = self.tracker.lock();
+        t.handle_request_failed(req, err);
+        if t.is_finished() {
+            self.cond.notify_all();
+        }
+    }
+
+    pub(crate) fn fail_all(&self, err: Error) {
+        let _gate = self.gate.write();
+        let mut t = self.tracker.lock();
+        t.fail_all_pending(err);
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn trailer_done(&self) {
+        let mut t = self.tracker.lock();
+        t.handle_trailer_done();
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn trailer_failed(&self, err: Error) {
+        let mut t = self.tracker.lock();
+        t.handle_trailer_failed(err);
+        self.cond.notify_all();
+    }
+
+    fn send_trailer(self: &Arc<Self>) {
+        let Some(route) = self.trailer.lock().take() else {
+            self.trailer_failed(Error::Internal("trailer released twice"));
+            return;
+        };
+        match route {
+            TrailerRoute::Local(queue, n) => {
+                queue.push(n);
+                self.trailer_done();
+            }
+            TrailerRoute::Tcp(conn, payload) => conn.send_notify(self.clone(), payload),
+        }
+    }
+
+    /// A guard under which READ data for `req` may be written into local memory, if the
+    /// request is still pending.
+    pub(crate) fn accepts_data(&self, req: usize) -> Option<RwLockReadGuard<'_, ()>> {
+        let g = self.gate.read();
+        matches!(
+            self.tracker.lock().request_state(req),
+            Some(RequestState::Pending)
+        )
+        .then_some(g)
+    }
+
+    fn check_deadline(&self) {
+        let now = Instant::now();
+        let overdue = {
+            let t = self.tracker.lock();
+            t.poll_timeout().is_some_and(|d| now >= d)
+        };
+        if overdue {
+            let after = now - self.started;
+            self.fail_all(Error::Timeout {
+                what: format!("{}", self.id),
+                after,
+            });
+        }
+    }
+
+    fn outcome(&self) -> Option<Result<()>> {
+        self.tracker.lock().outcome()
+    }
+
+    /// Waits until the batch finishes or `limit` passes (`None`: until its own deadline).
+    fn wait_until(&self, limit: Option<Instant>) -> Option<Result<()>> {
+        loop {
+            self.check_deadline();
+            let mut t = self.tracker.lock();
+            if let Some(out) = t.outcome() {
+                return Some(out);
+            }
+            let deadline = t.deadline();
+            let until = limit.map_or(deadline, |l| l.min(deadline));
+            if limit.is_some_and(|l| Instant::now() >= l) {
+                return None;
+            }
+            self.cond.wait_until(&mut t, until);
+        }
+    }
+}
+
+/// Per-request status, as the caller sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestStatus {
+    Pending,
+    Done,
+    Failed(Error),
+}
+
+/// A submitted batch. Dropping the handle does not cancel the batch.
+#[derive(Clone)]
+pub struct BatchHandle {
+    pub(crate) batch: Arc<Batch>,
+}
+
+impl BatchHandle {
+    pub fn id(&self) -> BatchId {
+        self.batch.id
+    }
+
+    /// `None` while running, else the outcome (the first failure, in request order).
+    pub fn poll(&self) -> Option<Result<()>> {
+        self.batch.check_deadline();
+        self.batch.outcome()
+    }
+
+    /// Waits until the batch finishes; bounded by the batch's own deadline.
+    pub fn wait(&self) -> Result<()> {
+        self.batch
+            .wait_until(None)
+            .unwrap_or(Err(Error::Internal("batch wait returned early")))
+    }
+
+    /// Waits up to `timeout`; `None` if the batch is still running then.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
+        self.batch.wait_until(Some(Instant::now() + timeout))
+    }
+
+    /// Fails every request still pending with `Cancelled`. Requests already done stay done;
+    /// no byte of a cancelled READ lands after this returns.
+    pub fn cancel(&self) {
+        self.batch.fail_all(Error::Cancelled {
+            batch: self.batch.id,
+        });
+    }
+
+    /// The status of every request, in submission order.
+    pub fn statuses(&self) -> Vec<RequestStatus> {
+        self.batch.check_deadline();
+        let t = self.batch.tracker.lock();
+        t.states()
+            .iter()
+            .map(|s| match s {
+                RequestState::Pending => RequestStatus::Pending,
+                RequestState::Done => RequestStatus::Done,
+                RequestState::Failed(e) => RequestStatus::Failed(e.clone()),
+            })
+            .collect()
+    }
+
+    /// Counts of (done, failed, pending) requests.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        self.batch.tracker.lock().counts()
+    }
+}

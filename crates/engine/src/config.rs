@@ -1,0 +1,203 @@
+//! Engine configuration: plain data with defaults, and the `MC_*` environment applied on top.
+
+use std::time::Duration;
+
+use tidewire_core::select::SelectionOptions;
+
+use crate::error::{Error, Result};
+
+/// Deadlines for every wait the engine does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// TCP connect to a peer or a metadata server.
+    pub connect: Duration,
+    /// A request/response exchange on a fresh connection (hello, descriptor, probe).
+    pub handshake: Duration,
+    /// Base deadline of a batch; `per_byte` is added for every byte it moves.
+    pub transfer: Duration,
+    /// Added to a batch's deadline per byte.
+    pub per_byte: Duration,
+    /// How long a connection may stall in the middle of a frame before it is dropped.
+    pub stall: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(5),
+            transfer: Duration::from_secs(30),
+            per_byte: Duration::from_nanos(1),
+            stall: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Deadlines {
+    /// The deadline of a batch moving `bytes`.
+    pub fn for_batch(&self, bytes: u64) -> Duration {
+        let per_byte = u64::try_from(self.per_byte.as_nanos()).unwrap_or(u64::MAX);
+        self.transfer
+            .saturating_add(Duration::from_nanos(per_byte.saturating_mul(bytes)))
+    }
+}
+
+/// How the engine finds peers' descriptors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataUri {
+    /// Embedded: descriptors are served by each engine's RPC port; names are `host:port`.
+    P2p,
+    /// A `tidewire metadata-server` (or any server of the same key/value HTTP protocol).
+    Http(String),
+}
+
+impl MetadataUri {
+    /// Parses `p2p`, `P2PHANDSHAKE` or an `http://` URL.
+    pub fn parse(text: &str) -> Result<Self> {
+        let t = text.trim();
+        if t.is_empty() || t.eq_ignore_ascii_case("p2p") || t.eq_ignore_ascii_case("P2PHANDSHAKE") {
+            return Ok(Self::P2p);
+        }
+        if t.starts_with("http://") {
+            return Ok(Self::Http(t.to_string()));
+        }
+        let scheme = t.split("://").next().unwrap_or(t);
+        Err(Error::Config {
+            reason: format!(
+                "metadata backend {t:?}: scheme {scheme:?} is not supported by this build \
+                 (use \"p2p\" or \"http://host:port/metadata\"; etcd and redis come later)"
+            ),
+        })
+    }
+}
+
+impl std::fmt::Display for MetadataUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::P2p => f.write_str("p2p"),
+            Self::Http(u) => f.write_str(u),
+        }
+    }
+}
+
+/// Engine configuration. `Default` gives a peer-to-peer engine on 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Segment name. `None` in peer-to-peer mode: the name is `host:port` once bound.
+    pub name: Option<String>,
+    /// The IP address (v4 or v6) or host name to bind and advertise.
+    pub host: String,
+    /// `None`: a random port in `port_range`, retried on conflict. `Some(0)`: any free port.
+    pub port: Option<u16>,
+    /// `MC_MIN_RPC_PORT..=MC_MAX_RPC_PORT`.
+    pub port_range: (u16, u16),
+    pub metadata: MetadataUri,
+    pub transports: SelectionOptions,
+    pub deadlines: Deadlines,
+    /// TCP connections per peer.
+    pub tcp_lanes: usize,
+    /// Serve shareable host memory to same-host peers.
+    pub enable_shm: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            host: "127.0.0.1".into(),
+            port: None,
+            port_range: (15000, 17000),
+            metadata: MetadataUri::P2p,
+            transports: SelectionOptions::default(),
+            deadlines: Deadlines::default(),
+            tcp_lanes: 4,
+            enable_shm: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Applies `MC_FORCE_TCP`, `MC_INTRANODE_NVLINK`/`MC_FORCE_MNNVL` (contradiction checked),
+    /// `MC_MIN_RPC_PORT`, `MC_MAX_RPC_PORT` and `MC_TRANSFER_TIMEOUT` (seconds, minimum 5)
+    /// read through `lookup`.
+    pub fn apply_env(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        self.transports = self.transports.apply_env(&lookup)?;
+        let port = |key: &str, default: u16| -> Result<u16> {
+            match lookup(key) {
+                None => Ok(default),
+                Some(v) => v.trim().parse().map_err(|_| Error::Config {
+                    reason: format!("{key}={v:?} is not a port number"),
+                }),
+            }
+        };
+        self.port_range = (
+            port("MC_MIN_RPC_PORT", self.port_range.0)?,
+            port("MC_MAX_RPC_PORT", self.port_range.1)?,
+        );
+        if self.port_range.0 == 0 || self.port_range.0 > self.port_range.1 {
+            return Err(Error::Config {
+                reason: format!(
+                    "RPC port range {}..={} is empty",
+                    self.port_range.0, self.port_range.1
+                ),
+            });
+        }
+        if let Some(v) = lookup("MC_TRANSFER_TIMEOUT") {
+            let secs: u64 = v.trim().parse().map_err(|_| Error::Config {
+                reason: format!("MC_TRANSFER_TIMEOUT={v:?} is not a number of seconds"),
+            })?;
+            self.deadlines.transfer = Duration::from_secs(secs.max(5));
+        }
+        Ok(self)
+    }
+
+    /// Applies the process environment.
+    pub fn from_env(self) -> Result<Self> {
+        self.apply_env(|k| std::env::var(k).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_is_applied_and_checked() {
+        let env = |k: &str| match k {
+            "MC_MIN_RPC_PORT" => Some("20000".to_string()),
+            "MC_MAX_RPC_PORT" => Some("20010".to_string()),
+            "MC_TRANSFER_TIMEOUT" => Some("2".to_string()),
+            _ => None,
+        };
+        let c = EngineConfig::default().apply_env(env).unwrap_or_default();
+        assert_eq!(c.port_range, (20000, 20010));
+        assert_eq!(c.deadlines.transfer, Duration::from_secs(5), "minimum 5 s");
+        let bad = |k: &str| (k == "MC_MIN_RPC_PORT").then(|| "x".to_string());
+        assert!(EngineConfig::default().apply_env(bad).is_err());
+        let both = |k: &str| {
+            matches!(k, "MC_INTRANODE_NVLINK" | "MC_FORCE_MNNVL").then(|| "1".to_string())
+        };
+        assert!(EngineConfig::default().apply_env(both).is_err());
+    }
+
+    #[test]
+    fn metadata_uris() {
+        assert_eq!(
+            MetadataUri::parse("P2PHANDSHAKE").ok(),
+            Some(MetadataUri::P2p)
+        );
+        assert!(matches!(
+            MetadataUri::parse("http://h:1/metadata"),
+            Ok(MetadataUri::Http(_))
+        ));
+        assert!(MetadataUri::parse("etcd://h:2379").is_err());
+    }
+
+    #[test]
+    fn batch_deadline_grows_per_byte() {
+        let d = Deadlines::default();
+        assert_eq!(d.for_batch(0), Duration::from_secs(30));
+        assert_eq!(d.for_batch(1_000_000_000), Duration::from_secs(31));
+        assert_eq!(d.for_batch(10_000_000_000), Duration::from_secs(40));
+    }
+}

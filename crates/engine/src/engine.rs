@@ -1,0 +1,779 @@
+//! The engine: lifecycle, registration, peers, batch submission and transport dispatch.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
+use tidewire_core::memory::{Location, LocationHint, MemoryKind};
+use tidewire_core::select::{self, describe_refusals, Choice, Endpoints, Refusal, TransportKind};
+use tidewire_core::wire::{encode_strings, FrameKind, Header};
+use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
+
+use crate::batch::{Batch, BatchHandle, TrailerRoute};
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::lifecycle::Lifecycle;
+use crate::metadata::{resolve, segment_key, Metadata};
+use crate::notify::{Notification, NotifyQueue};
+use crate::peer::PeerConn;
+use crate::registry::{NewRegion, RegionEntry, Registry};
+use crate::transport::shm::{self, SharedRegion, ShmServer};
+use crate::transport::tcp::{self, CHUNK};
+use crate::{hostinfo, mem, rpc};
+
+/// READ copies remote bytes into local memory; WRITE copies local bytes to the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Read,
+    Write,
+}
+
+/// One request of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub op: Op,
+    /// Start of the local range (inside a region registered with this engine).
+    pub local: u64,
+    pub len: u64,
+    /// The peer segment, from [`Engine::open_segment`].
+    pub peer: PeerId,
+    /// Start of the remote range (inside a region the peer registered).
+    pub remote: u64,
+}
+
+/// Options of one batch.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOptions {
+    /// `(name, message)` delivered to the peer's notification queue after all the batch's
+    /// data is visible there. Every request of the batch must target the same peer.
+    pub notify: Option<(String, String)>,
+    /// Overrides the batch deadline (default: transfer deadline + 1 ns per byte).
+    pub timeout: Option<Duration>,
+}
+
+/// The transport decision for one of a peer's regions.
+#[derive(Debug, Clone)]
+pub struct TransportReport {
+    pub region: RegionDescriptor,
+    pub decision: std::result::Result<Choice, Vec<Refusal>>,
+}
+
+/// What `tidewire info --peer` prints.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub descriptor: Arc<SegmentDescriptor>,
+    pub same_engine: bool,
+    pub same_host: bool,
+    pub regions: Vec<TransportReport>,
+}
+
+struct PeerSlot {
+    name: String,
+    conn: Option<Arc<PeerConn>>,
+}
+
+#[derive(Default)]
+struct Peers {
+    by_name: HashMap<String, PeerId>,
+    slots: Vec<PeerSlot>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) name: String,
+    pub(crate) instance: InstanceId,
+    host_id: HostId,
+    hostname: String,
+    rpc_addr: SocketAddr,
+    pub(crate) config: EngineConfig,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) notifications: Arc<NotifyQueue>,
+    pub(crate) life: Arc<Lifecycle>,
+    metadata: Metadata,
+    shm: std::result::Result<Arc<ShmServer>, String>,
+    shared_allocs: Mutex<HashMap<u64, Arc<SharedRegion>>>,
+    peers: Mutex<Peers>,
+    next_batch: AtomicU64,
+    stopped: AtomicBool,
+}
+
+impl Inner {
+    pub(crate) fn descriptor(&self) -> SegmentDescriptor {
+        let (generation, regions) = self.registry.snapshot();
+        SegmentDescriptor {
+            version: DESCRIPTOR_VERSION,
+            name: self.name.clone(),
+            instance_id: self.instance,
+            host_id: self.host_id.clone(),
+            hostname: self.hostname.clone(),
+            rpc_addr: self.rpc_addr.to_string(),
+            shm_socket: self.shm.is_ok().then(|| shm::socket_name(self.instance)),
+            generation,
+            regions,
+        }
+    }
+}
+
+/// One transfer engine per process (or several, for tests). Shut down on drop.
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// A request whose transport and ends are resolved.
+struct Step {
+    transport: TransportKind,
+    local: Arc<RegionEntry>,
+    conn: Arc<PeerConn>,
+    region: RegionDescriptor,
+}
+
+impl Engine {
+    /// Starts an engine: binds the RPC port, starts the shm server, publishes the descriptor.
+    /// The configuration is used as given; apply the environment with
+    /// [`EngineConfig::from_env`] first where `MC_*` variables should count.
+    pub fn new(config: EngineConfig) -> Result<Self> {
+        if config.tcp_lanes == 0 {
+            return Err(Error::Config {
+                reason: "tcp_lanes must be at least 1".into(),
+            });
+        }
+        let metadata = Metadata::new(&config.metadata, &config.deadlines);
+        metadata.check_reachable()?;
+        let listener = rpc::bind(&config)?;
+        let rpc_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the bound RPC address", &e))?;
+        let name = match (&config.metadata, &config.name) {
+            (_, Some(n)) if !n.is_empty() => n.clone(),
+            _ => rpc_addr.to_string(),
+        };
+        let instance = InstanceId(rand::random::<u128>() | 1);
+        let life = Arc::new(Lifecycle::default());
+        let registry = Arc::new(Registry::default());
+        let shm = if config.enable_shm && config.transports.enabled.contains(&TransportKind::Shm) {
+            ShmServer::start(&shm::socket_name(instance), registry.clone(), &life)
+                .map_err(|e| e.to_string())
+        } else {
+            Err("disabled by configuration".into())
+        };
+        if let Err(reason) = &shm {
+            log::info!("{name}: shm transport off: {reason}");
+        }
+        let inner = Arc::new(Inner {
+            name,
+            instance,
+            host_id: hostinfo::host_id(),
+            hostname: hostinfo::hostname(),
+            rpc_addr,
+            config,
+            registry,
+            notifications: Arc::default(),
+            life,
+            metadata,
+            shm,
+            shared_allocs: Mutex::default(),
+            peers: Mutex::default(),
+            next_batch: AtomicU64::new(1),
+            stopped: AtomicBool::new(false),
+        });
+        let engine = Engine {
+            inner: inner.clone(),
+        };
+        let i2 = inner.clone();
+        inner.life.spawn("tw-rpc-accept".into(), move || {
+            rpc::accept_loop(i2, listener)
+        })?;
+        engine.claim_name()?;
+        engine.publish()?;
+        log::info!(
+            "{}: engine started (instance {}, rpc {})",
+            inner.name,
+            inner.instance,
+            inner.rpc_addr
+        );
+        Ok(engine)
+    }
+
+    /// With a metadata server, refuses a name a live engine already publishes; a stale entry
+    /// (its engine no longer answers as that instance) is replaced.
+    fn claim_name(&self) -> Result<()> {
+        let me = &self.inner;
+        let key = segment_key(&me.name);
+        let Some(raw) = me.metadata.get_raw(&key)? else {
+            return Ok(());
+        };
+        let Ok(old) = SegmentDescriptor::from_json(&raw) else {
+            return Ok(());
+        };
+        let alive = resolve(&old.rpc_addr)
+            .and_then(|addr| tcp::handshake(&old.name, addr, None, &me.config.deadlines))
+            .is_ok_and(|(_, id)| id == old.instance_id);
+        if alive && old.instance_id != me.instance {
+            return Err(Error::NameInUse {
+                name: me.name.clone(),
+                rpc_addr: old.rpc_addr,
+            });
+        }
+        Ok(())
+    }
+
+    fn publish(&self) -> Result<()> {
+        self.inner.metadata.publish(&self.inner.descriptor())
+    }
+
+    /// The segment name peers open this engine by.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The bound RPC/data address.
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.inner.rpc_addr
+    }
+
+    pub fn instance_id(&self) -> InstanceId {
+        self.inner.instance
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// This engine's descriptor as peers see it.
+    pub fn descriptor(&self) -> SegmentDescriptor {
+        self.inner.descriptor()
+    }
+
+    /// Whether the shm transport is serving, and why not.
+    pub fn shm_status(&self) -> std::result::Result<(), String> {
+        self.inner.shm.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown {
+                who: format!("engine {}", self.inner.name),
+            });
+        }
+        Ok(())
+    }
+
+    /// Registers `[addr, addr+len)` so peers may read and write it.
+    ///
+    /// # Safety
+    /// The range must be valid, mapped memory that stays so until [`Engine::unregister`]
+    /// returns for it (or the engine shuts down). Peers write into it at any time while it
+    /// is registered.
+    #[allow(unsafe_code)]
+    pub unsafe fn register(&self, addr: u64, len: u64, location: &str) -> Result<RegionId> {
+        // SAFETY: forwarded contract.
+        let ids = unsafe { self.register_batch(&[(addr, len)], location)? };
+        ids.into_iter()
+            .next()
+            .ok_or(Error::Internal("one registration returned no id"))
+    }
+
+    /// Registers several ranges, all or none.
+    ///
+    /// # Safety
+    /// As for [`Engine::register`], for every range.
+    #[allow(unsafe_code)]
+    pub unsafe fn register_batch(
+        &self,
+        ranges: &[(u64, u64)],
+        location: &str,
+    ) -> Result<Vec<RegionId>> {
+        self.check_running()?;
+        let hint = LocationHint::parse(location)?;
+        let mut news = Vec::with_capacity(ranges.len());
+        for &(addr, len) in ranges {
+            let found = tidewire_gpu::classify(addr, len);
+            if let Some(detail) = hint.contradiction(found) {
+                return Err(Error::LocationMismatch { addr, detail });
+            }
+            news.push(NewRegion {
+                addr,
+                len,
+                location: found,
+                shared: None,
+            });
+        }
+        self.register_new(news)
+    }
+
+    fn register_new(&self, news: Vec<NewRegion>) -> Result<Vec<RegionId>> {
+        let addrs: Vec<u64> = news.iter().map(|n| n.addr).collect();
+        let ids = self.inner.registry.register(news)?;
+        if let Err(e) = self.publish() {
+            let _ = self.inner.registry.unregister(&addrs);
+            return Err(e);
+        }
+        Ok(ids)
+    }
+
+    /// Unregisters the region starting at `addr`. Returns once no transfer touches it; peers'
+    /// later requests to it fail with `RemoteAccessDenied`.
+    pub fn unregister(&self, addr: u64) -> Result<()> {
+        self.unregister_batch(&[addr])
+    }
+
+    /// Unregisters several regions (all must be registered).
+    pub fn unregister_batch(&self, addrs: &[u64]) -> Result<()> {
+        let removed = self.inner.registry.unregister(addrs)?;
+        self.revoke_shared(&removed)?;
+        self.publish()
+    }
+
+    fn revoke_shared(&self, removed: &[Arc<RegionEntry>]) -> Result<()> {
+        let Ok(server) = &self.inner.shm else {
+            return Ok(());
+        };
+        let attached = server.attached();
+        let mut first_err = Ok(());
+        for shared in removed.iter().filter_map(|e| e.shared.as_ref()) {
+            if let Err(e) = shared.revoke(&attached, self.inner.config.deadlines.stall) {
+                log::error!("{}: {e}", self.inner.name);
+                first_err = first_err.and(Err(e));
+            }
+        }
+        first_err
+    }
+
+    /// Allocates `len` bytes of shareable host memory (a memfd) and registers it; same-host
+    /// peers reach it through shm, others through tcp. Freed by [`Engine::free_shared`] or
+    /// when the engine is dropped.
+    pub fn allocate_shared(&self, len: u64) -> Result<u64> {
+        self.check_running()?;
+        if len == 0 {
+            return Err(Error::InvalidArgument {
+                reason: "zero-length shared allocation".into(),
+            });
+        }
+        let region = Arc::new(SharedRegion::allocate(len)?);
+        let addr = region.data_addr();
+        let location = Location {
+            kind: MemoryKind::HostShared,
+            device: None,
+        };
+        self.register_new(vec![NewRegion {
+            addr,
+            len,
+            location,
+            shared: Some(region.clone()),
+        }])?;
+        self.inner.shared_allocs.lock().insert(addr, region);
+        Ok(addr)
+    }
+
+    /// Unregisters (if still registered) and frees a shared allocation.
+    pub fn free_shared(&self, addr: u64) -> Result<()> {
+        if !self.inner.shared_allocs.lock().contains_key(&addr) {
+            return Err(Error::InvalidArgument {
+                reason: format!("{addr:#x} is not a shared allocation of this engine"),
+            });
+        }
+        if self
+            .inner
+            .registry
+            .find(addr, 1)
+            .is_some_and(|e| e.addr == addr)
+        {
+            self.unregister(addr)?;
+        }
+        self.inner.shared_allocs.lock().remove(&addr);
+        Ok(())
+    }
+
+    /// Opens a peer segment by name (fetching its descriptor now) and returns its handle.
+    /// Opening the same name again returns the same handle.
+    pub fn open_segment(&self, name: &str) -> Result<PeerId> {
+        self.check_running()?;
+        if let Some(&id) = self.inner.peers.lock().by_name.get(name) {
+            self.peer(id)?;
+            return Ok(id);
+        }
+        let conn = Arc::new(self.connect_peer(name)?);
+        let mut peers = self.inner.peers.lock();
+        if let Some(&id) = peers.by_name.get(name) {
+            return Ok(id);
+        }
+        let id = PeerId(
+            u32::try_from(peers.slots.len()).map_err(|_| Error::Internal("too many peers"))?,
+        );
+        peers.slots.push(PeerSlot {
+            name: name.to_string(),
+            conn: Some(conn),
+        });
+        peers.by_name.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    fn fetch_descriptor(&self, name: &str) -> Result<SegmentDescriptor> {
+        if name == self.inner.name {
+            return Ok(self.inner.descriptor());
+        }
+        self.inner
+            .metadata
+            .fetch(name, &self.inner.config.deadlines)
+    }
+
+    fn connect_peer(&self, name: &str) -> Result<PeerConn> {
+        let desc = self.fetch_descriptor(name)?;
+        Ok(PeerConn::new(
+            name.to_string(),
+            desc,
+            self.inner.instance,
+            &self.inner.host_id,
+        ))
+    }
+
+    /// The current connection state of a peer, re-opened when broken or restarted.
+    fn peer(&self, id: PeerId) -> Result<Arc<PeerConn>> {
+        let (name, existing) = {
+            let peers = self.inner.peers.lock();
+            let slot = peers
+                .slots
+                .get(id.0 as usize)
+                .ok_or_else(|| Error::InvalidArgument {
+                    reason: format!("{id} was not returned by open_segment"),
+                })?;
+            (slot.name.clone(), slot.conn.clone())
+        };
+        if let Some(c) = existing.filter(|c| !c.is_broken()) {
+            return Ok(c);
+        }
+        let conn = Arc::new(self.connect_peer(&name)?);
+        if let Some(slot) = self.inner.peers.lock().slots.get_mut(id.0 as usize) {
+            slot.conn = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    /// The peer's descriptor as cached by this engine.
+    pub fn peer_descriptor(&self, id: PeerId) -> Result<Arc<SegmentDescriptor>> {
+        Ok(self.peer(id)?.descriptor())
+    }
+
+    /// Finds the remote region of a request, refreshing the peer's descriptor once on a miss.
+    fn resolve_remote(&self, r: &Request) -> Result<(Arc<PeerConn>, RegionDescriptor)> {
+        for _ in 0..2 {
+            let conn = self.peer(r.peer)?;
+            if let Some(region) = conn.find(r.remote, r.len) {
+                return Ok((conn, region));
+            }
+            let fresh = self.fetch_descriptor(&conn.name)?;
+            if fresh.instance_id != conn.instance() {
+                conn.mark_broken();
+                continue;
+            }
+            conn.set_descriptor(fresh);
+            if let Some(region) = conn.find(r.remote, r.len) {
+                return Ok((conn, region));
+            }
+            return Err(Error::RemoteAccessDenied {
+                peer: conn.name.clone(),
+                addr: r.remote,
+                len: r.len,
+                reason: "not inside any region the peer has registered".into(),
+            });
+        }
+        Err(Error::PeerUnreachable {
+            peer: format!("{}", r.peer),
+            reason: "the peer keeps restarting".into(),
+        })
+    }
+
+    fn plan(&self, r: &Request) -> Result<Step> {
+        if r.len == 0 {
+            return Err(Error::InvalidArgument {
+                reason: format!("zero-length request at {:#x}", r.local),
+            });
+        }
+        let local = self
+            .inner
+            .registry
+            .find(r.local, r.len)
+            .ok_or(Error::NotRegistered {
+                addr: r.local,
+                len: r.len,
+            })?;
+        let (conn, region) = self.resolve_remote(r)?;
+        let ends = Endpoints {
+            local: local.location,
+            remote: &region,
+            same_engine: conn.same_engine,
+            same_host: conn.same_host,
+        };
+        let choice = select::select(ends, &self.inner.config.transports).map_err(|refusals| {
+            Error::NoTransport {
+                peer: conn.name.clone(),
+                addr: r.remote,
+                len: r.len,
+                refusals: describe_refusals(&refusals),
+            }
+        })?;
+        Ok(Step {
+            transport: choice.transport,
+            local,
+            conn,
+            region,
+        })
+    }
+
+    /// Submits a batch. Every request is checked and assigned a transport before any byte
+    /// moves: a request that cannot be served fails the submission with the reason.
+    /// Requests over `local` and `shm` are copied before this returns; `tcp` requests complete
+    /// asynchronously. The batch finishes by its deadline.
+    pub fn submit(&self, requests: &[Request], opts: BatchOptions) -> Result<BatchHandle> {
+        self.check_running()?;
+        if requests.is_empty() {
+            return Err(Error::InvalidArgument {
+                reason: "empty batch".into(),
+            });
+        }
+        if opts.notify.is_some() && requests.iter().any(|r| r.peer != requests[0].peer) {
+            return Err(Error::InvalidArgument {
+                reason: "a batch with a notification must target one peer".into(),
+            });
+        }
+        let steps = requests
+            .iter()
+            .map(|r| self.plan(r))
+            .collect::<Result<Vec<_>>>()?;
+        let total: u64 = requests.iter().map(|r| r.len).sum();
+        let chunks = steps
+            .iter()
+            .zip(requests)
+            .map(|(s, r)| {
+                if s.transport == TransportKind::Tcp {
+                    r.len.div_ceil(CHUNK) as u32
+                } else {
+                    1
+                }
+            })
+            .collect();
+        let trailer = match opts.notify {
+            None => None,
+            Some((name, message)) => {
+                let conn = &steps[0].conn;
+                Some(if conn.same_engine {
+                    let n = Notification {
+                        from: self.inner.name.clone(),
+                        name,
+                        message,
+                    };
+                    TrailerRoute::Local(self.inner.notifications.clone(), n)
+                } else {
+                    let payload = encode_strings(&[&self.inner.name, &name, &message]);
+                    if payload.len() as u64 > tidewire_core::wire::MAX_NOTIFY_FRAME {
+                        return Err(Error::InvalidArgument {
+                            reason: "notification larger than 1 MiB".into(),
+                        });
+                    }
+                    TrailerRoute::Tcp(conn.tcp(&self.inner.config, &self.inner.life)?, payload)
+                })
+            }
+        };
+        let timeout = opts
+            .timeout
+            .unwrap_or_else(|| self.inner.config.deadlines.for_batch(total));
+        let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
+        let batch = Batch::new(id, chunks, trailer, Instant::now() + timeout);
+        for (i, (r, step)) in requests.iter().zip(&steps).enumerate() {
+            match step.transport {
+                TransportKind::Local => self.run_local(&batch, i, r, step),
+                TransportKind::Shm => self.run_shm(&batch, i, r, step),
+                TransportKind::Tcp => match step.conn.tcp(&self.inner.config, &self.inner.life) {
+                    Ok(c) => match r.op {
+                        Op::Write => c.write(&batch, i, &step.local, r.local, r.remote, r.len),
+                        Op::Read => c.read(&batch, i, &step.local, r.local, r.remote, r.len),
+                    },
+                    Err(e) => batch.fail_request(i, e),
+                },
+                other => batch.fail_request(
+                    i,
+                    Error::NoTransport {
+                        peer: step.conn.name.clone(),
+                        addr: r.remote,
+                        len: r.len,
+                        refusals: format!("{other} chosen but not built"),
+                    },
+                ),
+            }
+        }
+        Ok(BatchHandle { batch })
+    }
+
+    /// Submits and waits.
+    pub fn transfer_sync(&self, requests: &[Request], opts: BatchOptions) -> Result<()> {
+        self.submit(requests, opts)?.wait()
+    }
+
+    fn run_local(&self, batch: &Arc<Batch>, i: usize, r: &Request, step: &Step) {
+        let denied = || Error::RemoteAccessDenied {
+            peer: self.inner.name.clone(),
+            addr: r.remote,
+            len: r.len,
+            reason: "not inside a registered region of this engine".into(),
+        };
+        let Some(remote) = self.inner.registry.find(r.remote, r.len) else {
+            return batch.fail_request(i, denied());
+        };
+        let (Some(local), Some(remote)) =
+            (step.local.pin(r.local, r.len), remote.pin(r.remote, r.len))
+        else {
+            return batch.fail_request(i, denied());
+        };
+        match r.op {
+            Op::Write => mem::copy_pinned(&remote, &local),
+            Op::Read => mem::copy_pinned(&local, &remote),
+        }
+        batch.chunk_done(i);
+    }
+
+    fn run_shm(&self, batch: &Arc<Batch>, i: usize, r: &Request, step: &Step) {
+        let denied = |reason: String| Error::RemoteAccessDenied {
+            peer: step.conn.name.clone(),
+            addr: r.remote,
+            len: r.len,
+            reason,
+        };
+        let copied = step.conn.shm(&self.inner.config).and_then(|client| {
+            let map = client.region(step.region.id).map_err(|e| match e {
+                Error::RemoteAccessDenied { reason, .. } => denied(reason),
+                e => e,
+            })?;
+            let local = step.local.pin(r.local, r.len).ok_or(Error::NotRegistered {
+                addr: r.local,
+                len: r.len,
+            })?;
+            client.copy(&map, r.remote - step.region.addr, &local, r.op == Op::Write)
+        });
+        match copied {
+            Ok(true) => batch.chunk_done(i),
+            Ok(false) => {
+                batch.fail_request(i, denied("the peer unregistered this shared region".into()))
+            }
+            Err(e) => batch.fail_request(i, e),
+        }
+    }
+
+    /// Checks that a peer answers on its RPC port; returns the round-trip time.
+    pub fn probe(&self, id: PeerId) -> Result<Duration> {
+        let conn = self.peer(id)?;
+        let desc = conn.descriptor();
+        let start = Instant::now();
+        let (stream, found) = tcp::handshake(
+            &conn.name,
+            resolve(&desc.rpc_addr)?,
+            Some(desc.instance_id),
+            &self.inner.config.deadlines,
+        )?;
+        if found != desc.instance_id {
+            conn.mark_broken();
+            return Err(Error::PeerUnreachable {
+                peer: conn.name.clone(),
+                reason: "the peer restarted".into(),
+            });
+        }
+        stream
+            .set_read_timeout(Some(self.inner.config.deadlines.handshake))
+            .map_err(|e| Error::io("configure", &e))?;
+        let (h, _) = tcp::exchange(&stream, &Header::new(FrameKind::Probe, 1, 0, 0).encode())
+            .map_err(|e| Error::PeerUnreachable {
+                peer: conn.name.clone(),
+                reason: format!("probe: {e}"),
+            })?;
+        if h.kind != FrameKind::ProbeAck {
+            return Err(Error::Protocol {
+                peer: conn.name.clone(),
+                reason: format!("probe answered with {:?}", h.kind),
+            });
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Takes the notifications received so far, oldest first.
+    pub fn take_notifications(&self) -> Vec<Notification> {
+        self.inner.notifications.take()
+    }
+
+    /// The transport that would serve each of a peer's regions from host memory, and why.
+    pub fn explain(&self, id: PeerId) -> Result<PeerInfo> {
+        let conn = self.peer(id)?;
+        let descriptor = conn.descriptor();
+        let local = Location {
+            kind: MemoryKind::HostPageable,
+            device: None,
+        };
+        let regions = descriptor
+            .regions
+            .iter()
+            .map(|region| TransportReport {
+                region: region.clone(),
+                decision: select::select(
+                    Endpoints {
+                        local,
+                        remote: region,
+                        same_engine: conn.same_engine,
+                        same_host: conn.same_host,
+                    },
+                    &self.inner.config.transports,
+                ),
+            })
+            .collect();
+        Ok(PeerInfo {
+            descriptor,
+            same_engine: conn.same_engine,
+            same_host: conn.same_host,
+            regions,
+        })
+    }
+
+    /// Unpublishes, fails in-flight requests with `ShuttingDown`, closes every connection and
+    /// joins every thread. Idempotent; also run on drop.
+    pub fn shutdown(&self) {
+        let me = &self.inner;
+        if me.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = me.metadata.unpublish(&me.name) {
+            log::warn!("{}: unpublish failed: {e}", me.name);
+        }
+        me.life.begin_stop();
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&me.rpc_addr, Duration::from_millis(200));
+        let conns: Vec<Arc<PeerConn>> = me
+            .peers
+            .lock()
+            .slots
+            .iter_mut()
+            .filter_map(|s| s.conn.take())
+            .collect();
+        for c in conns {
+            c.close();
+        }
+        me.life.join_all();
+        let removed = me.registry.drain();
+        let _ = self.revoke_shared(&removed);
+        log::info!("{}: engine stopped", me.name);
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.inner.name)
+            .field("instance", &self.inner.instance)
+            .finish()
+    }
+}

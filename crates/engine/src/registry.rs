@@ -1,0 +1,274 @@
+//! The local memory registry: which ranges peers may touch, and the guards that make
+//! unregistration wait for in-flight accesses.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{RwLock, RwLockReadGuard};
+use tidewire_core::descriptor::{Reach, RegionDescriptor};
+use tidewire_core::memory::Location;
+use tidewire_core::RegionId;
+
+use crate::error::{Error, Result};
+use crate::transport::shm::SharedRegion;
+
+/// One registered region.
+pub(crate) struct RegionEntry {
+    pub(crate) id: RegionId,
+    pub(crate) addr: u64,
+    pub(crate) len: u64,
+    pub(crate) location: Location,
+    /// Set for engine-allocated shareable memory (served to same-host peers).
+    pub(crate) shared: Option<Arc<SharedRegion>>,
+    /// `true` while registered. Accesses hold a read guard; unregistration takes the write
+    /// lock, so it returns only after every in-flight access has finished.
+    live: RwLock<bool>,
+}
+
+/// Proof that a region stays registered while the guard lives.
+pub(crate) type Access<'a> = RwLockReadGuard<'a, bool>;
+
+/// A range inside a live registered region, pinned there while this value lives. Only
+/// [`RegionEntry::pin`] makes one, so holding it proves the bytes are mapped: by registering,
+/// the caller promised they stay valid until unregistration, which waits for this guard.
+pub(crate) struct Pinned<'a> {
+    addr: u64,
+    len: u64,
+    _guard: Access<'a>,
+}
+
+impl Pinned<'_> {
+    pub(crate) fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl RegionEntry {
+    /// A guard if the region is still registered.
+    pub(crate) fn access(&self) -> Option<Access<'_>> {
+        let g = self.live.read();
+        (*g).then_some(g)
+    }
+
+    /// Pins `[addr, addr+len)` for an access: `None` unless it lies inside this region and
+    /// the region is still registered.
+    pub(crate) fn pin(&self, addr: u64, len: u64) -> Option<Pinned<'_>> {
+        if !self.contains(addr, len) {
+            return None;
+        }
+        self.access().map(|guard| Pinned {
+            addr,
+            len,
+            _guard: guard,
+        })
+    }
+
+    pub(crate) fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.addr
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.addr + self.len)
+    }
+
+    pub(crate) fn descriptor(&self) -> RegionDescriptor {
+        let mut reach = Vec::new();
+        if self.shared.is_some() {
+            reach.push(Reach::Shm);
+        }
+        if self.location.kind.is_host() {
+            reach.push(Reach::Tcp);
+        }
+        RegionDescriptor {
+            id: self.id,
+            addr: self.addr,
+            len: self.len,
+            location: self.location,
+            reach,
+        }
+    }
+}
+
+/// A registration request.
+pub(crate) struct NewRegion {
+    pub(crate) addr: u64,
+    pub(crate) len: u64,
+    pub(crate) location: Location,
+    pub(crate) shared: Option<Arc<SharedRegion>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    regions: RwLock<BTreeMap<u64, Arc<RegionEntry>>>,
+    next_id: AtomicU64,
+    generation: AtomicU64,
+}
+
+impl Registry {
+    /// Registers all of `news` or none of them.
+    pub(crate) fn register(&self, news: Vec<NewRegion>) -> Result<Vec<RegionId>> {
+        let mut map = self.regions.write();
+        let mut sorted: Vec<&NewRegion> = news.iter().collect();
+        sorted.sort_by_key(|n| n.addr);
+        for (i, n) in sorted.iter().enumerate() {
+            if n.len == 0 {
+                return Err(Error::InvalidArgument {
+                    reason: format!("zero-length registration at {:#x}", n.addr),
+                });
+            }
+            let Some(end) = n.addr.checked_add(n.len) else {
+                return Err(Error::InvalidArgument {
+                    reason: format!("[{:#x}, +{}) wraps the address space", n.addr, n.len),
+                });
+            };
+            let clash = map
+                .range(..end)
+                .next_back()
+                .map(|(_, e)| (e.addr, e.len))
+                .filter(|(a, l)| a + l > n.addr)
+                .or_else(|| {
+                    sorted
+                        .get(i + 1)
+                        .filter(|next| next.addr < end)
+                        .map(|next| (next.addr, next.len))
+                });
+            if let Some((existing_addr, existing_len)) = clash {
+                return Err(Error::Overlap {
+                    addr: n.addr,
+                    len: n.len,
+                    existing_addr,
+                    existing_len,
+                });
+            }
+        }
+        let mut ids = Vec::with_capacity(news.len());
+        for n in news {
+            let id = RegionId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+            let entry = RegionEntry {
+                id,
+                addr: n.addr,
+                len: n.len,
+                location: n.location,
+                shared: n.shared,
+                live: RwLock::new(true),
+            };
+            map.insert(n.addr, Arc::new(entry));
+            ids.push(id);
+        }
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        Ok(ids)
+    }
+
+    /// Unregisters the regions starting at `addrs` (all must exist), waiting for in-flight
+    /// accesses to each to finish. Returns the removed entries.
+    pub(crate) fn unregister(&self, addrs: &[u64]) -> Result<Vec<Arc<RegionEntry>>> {
+        let removed = {
+            let mut map = self.regions.write();
+            if let Some(&addr) = addrs.iter().find(|a| !map.contains_key(a)) {
+                return Err(Error::NotRegistered { addr, len: 0 });
+            }
+            let removed: Vec<_> = addrs.iter().filter_map(|a| map.remove(a)).collect();
+            self.generation.fetch_add(1, Ordering::Relaxed);
+            removed
+        };
+        for entry in &removed {
+            // Waits for every access guard; afterwards no access can start.
+            *entry.live.write() = false;
+        }
+        Ok(removed)
+    }
+
+    /// The live region containing `[addr, addr+len)`.
+    pub(crate) fn find(&self, addr: u64, len: u64) -> Option<Arc<RegionEntry>> {
+        let map = self.regions.read();
+        let (_, e) = map.range(..=addr).next_back()?;
+        e.contains(addr, len).then(|| e.clone())
+    }
+
+    pub(crate) fn by_id(&self, id: RegionId) -> Option<Arc<RegionEntry>> {
+        self.regions.read().values().find(|e| e.id == id).cloned()
+    }
+
+    pub(crate) fn shared_regions(&self) -> Vec<Arc<SharedRegion>> {
+        self.regions
+            .read()
+            .values()
+            .filter_map(|e| e.shared.clone())
+            .collect()
+    }
+
+    /// The generation and descriptors of every region, sorted by address.
+    pub(crate) fn snapshot(&self) -> (u64, Vec<RegionDescriptor>) {
+        let map = self.regions.read();
+        (
+            self.generation.load(Ordering::Relaxed),
+            map.values().map(|e| e.descriptor()).collect(),
+        )
+    }
+
+    pub(crate) fn drain(&self) -> Vec<Arc<RegionEntry>> {
+        let addrs: Vec<u64> = self.regions.read().keys().copied().collect();
+        self.unregister(&addrs).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidewire_core::memory::MemoryKind;
+
+    fn host(addr: u64, len: u64) -> NewRegion {
+        NewRegion {
+            addr,
+            len,
+            location: Location {
+                kind: MemoryKind::HostPageable,
+                device: None,
+            },
+            shared: None,
+        }
+    }
+
+    #[test]
+    fn overlaps_zero_length_and_unknown_addresses_are_typed_errors() {
+        let r = Registry::default();
+        r.register(vec![host(0x1000, 0x1000)]).unwrap();
+        assert!(matches!(
+            r.register(vec![host(0x1800, 0x10)]),
+            Err(Error::Overlap { .. })
+        ));
+        assert!(matches!(
+            r.register(vec![host(0x800, 0x801)]),
+            Err(Error::Overlap { .. })
+        ));
+        assert!(matches!(
+            r.register(vec![host(0x3000, 0)]),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            r.register(vec![host(0x3000, 0x100), host(0x30f0, 0x100)]),
+            Err(Error::Overlap { .. })
+        ));
+        assert!(
+            r.find(0x3000, 1).is_none(),
+            "a failed batch registers nothing"
+        );
+        r.register(vec![host(0x2000, 0x1000)]).unwrap();
+        assert!(
+            r.find(0x1fff, 2).is_none(),
+            "a range spanning two regions is not inside one"
+        );
+        assert!(matches!(
+            r.unregister(&[0x1234]),
+            Err(Error::NotRegistered { .. })
+        ));
+        let e = r.find(0x1000, 0x1000).unwrap();
+        r.unregister(&[0x1000]).unwrap();
+        assert!(e.access().is_none(), "unregistered regions refuse access");
+        assert!(r.find(0x1000, 1).is_none());
+    }
+}

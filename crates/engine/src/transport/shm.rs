@@ -1,0 +1,462 @@
+//! The shm transport: host memory the engine allocates as a memfd is handed to same-host
+//! peers over an abstract Unix socket (SCM_RIGHTS); the initiator maps it once and copies
+//! directly. Arbitrary user memory (malloc, numpy arrays) cannot be shared this way and is
+//! served by tcp; allocate with `Engine::allocate_shared` to get the shm path.
+//!
+//! Revocation. Each memfd starts with a 4 KiB header: a `revoked` word and one in-flight
+//! counter per attached initiator (a *slot*, assigned when its Unix connection opens). An
+//! initiator increments its counter, checks `revoked`, copies, decrements. Unregistration
+//! sets `revoked`, then waits until every slot whose connection is still open reads zero:
+//! either the initiator saw `revoked` and did not copy, or unregistration waited for its copy
+//! (both sides use sequentially consistent operations). A dead initiator's slot is ignored
+//! and reset before it is given to another.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tidewire_core::{InstanceId, RegionId};
+
+use crate::error::{Error, Result};
+use crate::lifecycle::{Lifecycle, Wakeable};
+use crate::mem::{self, Mapping, PAGE};
+use crate::registry::{Pinned, Registry};
+
+const HEADER: usize = PAGE;
+/// Initiators that can attach to one engine's shared memory at once.
+pub(crate) const SLOTS: usize = 63;
+const NO_SLOT: u32 = u32::MAX;
+
+#[repr(C, align(64))]
+struct Slot {
+    inflight: AtomicU64,
+}
+
+#[repr(C)]
+struct ShmHeader {
+    revoked: AtomicU32,
+    _pad: [u8; 60],
+    slots: [Slot; SLOTS],
+}
+
+const _: () = assert!(size_of::<ShmHeader>() == HEADER);
+
+/// A mapping of a shareable region (ours or a peer's) with its header.
+pub(crate) struct ShmMap {
+    map: Mapping,
+}
+
+impl ShmMap {
+    fn header(&self) -> &ShmHeader {
+        // SAFETY: the mapping is at least HEADER bytes, page-aligned, lives as long as `self`,
+        // and the header holds only atomics, which are sound to share between processes.
+        unsafe { &*(self.map.addr() as *const ShmHeader) }
+    }
+
+    pub(crate) fn data_addr(&self) -> u64 {
+        self.map.addr() + HEADER as u64
+    }
+
+    pub(crate) fn data_len(&self) -> u64 {
+        (self.map.len() - HEADER) as u64
+    }
+}
+
+/// Engine-allocated shareable memory (the target side).
+pub(crate) struct SharedRegion {
+    fd: OwnedFd,
+    map: ShmMap,
+}
+
+impl SharedRegion {
+    pub(crate) fn allocate(len: u64) -> Result<Self> {
+        let data = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_next_multiple_of(PAGE))
+            .ok_or(Error::InvalidArgument {
+                reason: format!("shared allocation of {len} bytes"),
+            })?;
+        let fd = mem::memfd("tidewire-shm", HEADER + data)?;
+        let map = ShmMap {
+            map: Mapping::map_shared(&fd, HEADER + data, "a new shared region")?,
+        };
+        Ok(Self { fd, map })
+    }
+
+    pub(crate) fn data_addr(&self) -> u64 {
+        self.map.data_addr()
+    }
+
+    /// Stops new accesses and waits for in-flight ones of attached initiators.
+    pub(crate) fn revoke(&self, attached: &[bool; SLOTS], deadline: Duration) -> Result<()> {
+        let h = self.map.header();
+        h.revoked.store(1, Ordering::SeqCst);
+        let until = Instant::now() + deadline;
+        for (i, slot) in h.slots.iter().enumerate() {
+            while attached[i] && slot.inflight.load(Ordering::SeqCst) != 0 {
+                if Instant::now() >= until {
+                    return Err(Error::Timeout {
+                        what: format!("waiting for shm initiator slot {i} to finish copying"),
+                        after: deadline,
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn reset_slot(&self, slot: usize) {
+        if let Some(s) = self.map.header().slots.get(slot) {
+            s.inflight.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The abstract socket name of an engine instance.
+pub(crate) fn socket_name(instance: InstanceId) -> String {
+    format!("tidewire-{instance}")
+}
+
+/// Hands memfds of shareable regions to same-host peers.
+pub(crate) struct ShmServer {
+    attached: Mutex<[bool; SLOTS]>,
+}
+
+impl ShmServer {
+    /// Binds the abstract socket and starts the accept thread.
+    pub(crate) fn start(
+        name: &str,
+        registry: Arc<Registry>,
+        life: &Arc<Lifecycle>,
+    ) -> Result<Arc<Self>> {
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|e| Error::io(format!("abstract socket name {name}"), &e))?;
+        let listener = UnixListener::bind_addr(&addr).map_err(|e| Error::Bind {
+            addr: format!("@{name}"),
+            reason: e.to_string(),
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("shm listener", &e))?;
+        let server = Arc::new(Self {
+            attached: Mutex::new([false; SLOTS]),
+        });
+        let (srv, life2) = (server.clone(), life.clone());
+        life.spawn("tw-shm-accept".into(), move || loop {
+            if life2.stopping() {
+                return;
+            }
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let (srv, reg, l3) = (srv.clone(), registry.clone(), life2.clone());
+                    let spawned =
+                        life2.spawn("tw-shm-conn".into(), move || srv.serve(stream, &reg, &l3));
+                    if let Err(e) = spawned {
+                        log::warn!("shm: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    log::warn!("shm accept on @{}: {e}", "socket");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })?;
+        Ok(server)
+    }
+
+    /// Snapshot of which slots have a live initiator.
+    pub(crate) fn attached(&self) -> [bool; SLOTS] {
+        *self.attached.lock()
+    }
+
+    fn serve(&self, stream: UnixStream, registry: &Registry, life: &Lifecycle) {
+        let slot = {
+            let mut a = self.attached.lock();
+            let free = a.iter().position(|used| !used);
+            if let Some(i) = free {
+                a[i] = true;
+                for r in registry.shared_regions() {
+                    r.reset_slot(i);
+                }
+            }
+            free
+        };
+        let Ok(clone) = stream.try_clone() else {
+            return;
+        };
+        let _tracked = life.track(Wakeable::Unix(clone));
+        let result = serve_requests(&stream, slot, registry, life);
+        if let Err(e) = result {
+            if !life.stopping() && e.kind() != io::ErrorKind::UnexpectedEof {
+                log::debug!("shm connection ended: {e}");
+            }
+        }
+        if let Some(i) = slot {
+            self.attached.lock()[i] = false;
+        }
+    }
+}
+
+fn serve_requests(
+    stream: &UnixStream,
+    slot: Option<usize>,
+    registry: &Registry,
+    life: &Lifecycle,
+) -> io::Result<()> {
+    let mut s = stream;
+    s.write_all(&slot.map_or(NO_SLOT, |i| i as u32).to_le_bytes())?;
+    if slot.is_none() {
+        return Ok(());
+    }
+    stream.set_read_timeout(Some(crate::frames::POLL))?;
+    loop {
+        let mut id = [0u8; 8];
+        match s.read_exact(&mut id) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if life.stopping() {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let entry = registry.by_id(RegionId(u64::from_le_bytes(id)));
+        match entry
+            .as_ref()
+            .and_then(|e| e.shared.as_ref().map(|s| (e, s)))
+        {
+            Some((e, shared)) if e.access().is_some() => {
+                let mut msg = [0u8; 9];
+                msg[1..].copy_from_slice(&(shared.map.data_len()).to_le_bytes());
+                send_with_fd(stream, &msg, Some(&shared.fd))?;
+            }
+            _ => send_with_fd(stream, &[1u8; 9], None)?,
+        }
+    }
+}
+
+/// The initiator side: one attachment per peer instance, mappings cached per region.
+pub(crate) struct ShmClient {
+    peer: String,
+    stream: Mutex<UnixStream>,
+    slot: usize,
+    maps: Mutex<HashMap<RegionId, Arc<ShmMap>>>,
+    broken: AtomicBool,
+}
+
+impl ShmClient {
+    pub(crate) fn connect(peer: &str, socket: &str, timeout: Duration) -> Result<Self> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| Error::PeerUnreachable {
+            peer: peer.into(),
+            reason: format!("shm: {what} @{socket}: {e}"),
+        };
+        let addr =
+            SocketAddr::from_abstract_name(socket.as_bytes()).map_err(|e| fail("name", &e))?;
+        let stream = UnixStream::connect_addr(&addr).map_err(|e| fail("connect to", &e))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| fail("configure", &e))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(|e| fail("configure", &e))?;
+        let mut slot = [0u8; 4];
+        (&stream)
+            .read_exact(&mut slot)
+            .map_err(|e| fail("attach to", &e))?;
+        let slot = u32::from_le_bytes(slot);
+        if slot == NO_SLOT || slot as usize >= SLOTS {
+            return Err(fail(
+                "attach to",
+                &format!("all {SLOTS} initiator slots are in use"),
+            ));
+        }
+        Ok(Self {
+            peer: peer.into(),
+            stream: Mutex::new(stream),
+            slot: slot as usize,
+            maps: Mutex::new(HashMap::new()),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// The mapping of the peer's region `id` (fetched and mapped on first use).
+    pub(crate) fn region(&self, id: RegionId) -> Result<Arc<ShmMap>> {
+        if let Some(m) = self.maps.lock().get(&id) {
+            return Ok(m.clone());
+        }
+        let fetched = {
+            let stream = self.stream.lock();
+            (&*stream)
+                .write_all(&id.0.to_le_bytes())
+                .and_then(|()| recv_with_fd(&stream))
+        };
+        let (msg, fd) = fetched.map_err(|e| {
+            self.broken.store(true, Ordering::Release);
+            Error::PeerFailed {
+                peer: self.peer.clone(),
+                transport: tidewire_core::select::TransportKind::Shm,
+                reason: format!("fetching the memfd of {id}: {e}"),
+            }
+        })?;
+        let (0, Some(fd)) = (msg[0], fd) else {
+            return Err(Error::RemoteAccessDenied {
+                peer: self.peer.clone(),
+                addr: 0,
+                len: 0,
+                reason: format!("{id} is no longer registered as shareable memory"),
+            });
+        };
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&msg[1..9]);
+        let total = usize::try_from(u64::from_le_bytes(len))
+            .ok()
+            .and_then(|l| l.checked_add(HEADER))
+            .ok_or(Error::Internal("shm region length overflows"))?;
+        let map = Arc::new(ShmMap {
+            map: Mapping::map_shared(&fd, total, "a peer's shared region")?,
+        });
+        self.maps.lock().insert(id, map.clone());
+        Ok(map)
+    }
+
+    /// Copies between the pinned local range and `[offset, offset+len)` of the peer's
+    /// region, holding this initiator's in-flight mark, unless the peer revoked the region.
+    /// Returns false when revoked (nothing copied).
+    pub(crate) fn copy(
+        &self,
+        map: &ShmMap,
+        offset: u64,
+        local: &Pinned<'_>,
+        write: bool,
+    ) -> Result<bool> {
+        let len = local.len();
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > map.data_len())
+        {
+            return Err(Error::Protocol {
+                peer: self.peer.clone(),
+                reason: format!(
+                    "[{offset}, +{len}) exceeds the shared region ({} bytes)",
+                    map.data_len()
+                ),
+            });
+        }
+        let remote = map.data_addr() + offset;
+        let (dst, src) = if write {
+            (remote, local.addr())
+        } else {
+            (local.addr(), remote)
+        };
+        let h = map.header();
+        let slot = &h.slots[self.slot];
+        slot.inflight.fetch_add(1, Ordering::SeqCst);
+        let revoked = h.revoked.load(Ordering::SeqCst) != 0;
+        if !revoked {
+            // SAFETY: the local range is pinned in a live registered region; the remote range
+            // is inside our mapping of the peer's memfd (checked above), which lives as long
+            // as `map`; the two are distinct mappings, so they do not overlap.
+            unsafe { mem::copy(dst, src, len) };
+        }
+        slot.inflight.fetch_sub(1, Ordering::SeqCst);
+        Ok(!revoked)
+    }
+}
+
+fn send_with_fd(stream: &UnixStream, msg: &[u8; 9], fd: Option<&OwnedFd>) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr() as *mut libc::c_void,
+        iov_len: msg.len(),
+    };
+    // Room for one file descriptor's control message, 8-byte aligned.
+    let mut cmsg_buf = [0u64; 4];
+    // SAFETY: msghdr is plain old data; zero is a valid empty header.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        // SAFETY: CMSG_SPACE/CMSG_LEN are pure size computations.
+        let (space, clen) = unsafe { (libc::CMSG_SPACE(4) as usize, libc::CMSG_LEN(4) as usize) };
+        hdr.msg_control = cmsg_buf.as_mut_ptr() as *mut libc::c_void;
+        hdr.msg_controllen = space;
+        // SAFETY: msg_control points at a buffer of at least CMSG_SPACE(4) bytes, so the
+        // first header and its 4-byte payload lie inside it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&hdr);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = clen;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut i32, fd.as_raw_fd());
+        }
+    }
+    // SAFETY: `hdr` points at live buffers (msg, iov, cmsg_buf) for the duration of the call.
+    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != msg.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"));
+    }
+    Ok(())
+}
+
+fn recv_with_fd(stream: &UnixStream) -> io::Result<([u8; 9], Option<OwnedFd>)> {
+    let mut msg = [0u8; 9];
+    let mut iov = libc::iovec {
+        iov_base: msg.as_mut_ptr() as *mut libc::c_void,
+        iov_len: msg.len(),
+    };
+    let mut cmsg_buf = [0u64; 4];
+    // SAFETY: msghdr is plain old data; zero is a valid empty header.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = cmsg_buf.as_mut_ptr() as *mut libc::c_void;
+    hdr.msg_controllen = size_of_val(&cmsg_buf);
+    // SAFETY: `hdr` points at live buffers for the duration of the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != msg.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "short shm answer",
+        ));
+    }
+    let mut fd = None;
+    // SAFETY: the kernel filled `hdr.msg_control`; CMSG_FIRSTHDR/NXTHDR walk only within
+    // `msg_controllen`, and SCM_RIGHTS payloads are file descriptors we now own.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const i32);
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            c = libc::CMSG_NXTHDR(&hdr, c);
+        }
+    }
+    Ok((msg, fd))
+}

@@ -1,0 +1,501 @@
+//! The TCP transport: a few persistent connections (lanes) per peer. Each lane has a writer
+//! thread that coalesces small frames and streams large payloads straight from registered
+//! memory, and a reader thread that completes chunks (and streams READ data straight into
+//! registered memory). A lane that fails fails every request pending on it, with the reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use tidewire_core::select::TransportKind;
+use tidewire_core::wire::{FrameKind, Header, Status, INSTANCE_LEN};
+use tidewire_core::InstanceId;
+
+use crate::batch::Batch;
+use crate::config::Deadlines;
+use crate::error::{Error, Result};
+use crate::frames::{FrameReader, FrameWriter, POLL};
+use crate::lifecycle::Lifecycle;
+use crate::registry::RegionEntry;
+
+/// Requests larger than this are split into chunks spread over the lanes.
+pub(crate) const CHUNK: u64 = 4 << 20;
+const IO_BUFFER: usize = 256 << 10;
+
+/// What a lane waits for an answer to.
+enum Pending {
+    /// A chunk of request `req`. For READ, the data lands at `local` inside `entry`.
+    Chunk {
+        batch: Arc<Batch>,
+        req: usize,
+        read_into: Option<(Arc<RegionEntry>, u64)>,
+        len: u64,
+    },
+    /// The batch's notification.
+    Trailer(Arc<Batch>),
+}
+
+impl Pending {
+    fn fail(self, err: Error) {
+        match self {
+            Pending::Chunk { batch, req, .. } => batch.fail_request(req, err),
+            Pending::Trailer(batch) => batch.trailer_failed(err),
+        }
+    }
+}
+
+/// Work for a lane's writer thread.
+enum Outgoing {
+    /// Write `len` bytes from local `src` (inside `entry`) to remote `dst`.
+    Write {
+        tag: u64,
+        dst: u64,
+        src: u64,
+        len: u64,
+        entry: Arc<RegionEntry>,
+    },
+    /// A header and a small payload.
+    Frame { header: Header, payload: Vec<u8> },
+}
+
+struct LaneShared {
+    peer: String,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Set once, under the `pending` lock, when the lane fails.
+    dead: AtomicBool,
+    stream: TcpStream,
+}
+
+impl LaneShared {
+    /// Fails the lane: no new work is accepted, every pending request fails with `err`.
+    fn kill(&self, err: Error) {
+        let drained: Vec<Pending> = {
+            let mut p = self.pending.lock();
+            self.dead.store(true, Ordering::Release);
+            p.drain().map(|(_, v)| v).collect()
+        };
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        for p in drained {
+            p.fail(err.clone());
+        }
+    }
+
+    fn failure(&self, reason: impl std::fmt::Display) -> Error {
+        Error::PeerFailed {
+            peer: self.peer.clone(),
+            transport: TransportKind::Tcp,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+struct Lane {
+    shared: Arc<LaneShared>,
+    tx: Sender<Outgoing>,
+    next_tag: AtomicU64,
+}
+
+impl Lane {
+    /// Registers `pending` and queues `out`; fails `pending` at once if the lane is dead.
+    fn enqueue(&self, pending: Pending, make: impl FnOnce(u64) -> Outgoing) {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut p = self.shared.pending.lock();
+            if self.shared.dead.load(Ordering::Acquire) {
+                drop(p);
+                pending.fail(self.shared.failure("the connection is closed"));
+                return;
+            }
+            p.insert(tag, pending);
+        }
+        if self.tx.send(make(tag)).is_err() {
+            self.shared
+                .kill(self.shared.failure("the lane's writer has stopped"));
+        }
+    }
+}
+
+/// The pooled TCP connections to one peer instance.
+pub(crate) struct TcpConn {
+    lanes: Vec<Lane>,
+    rr: AtomicUsize,
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        for lane in &self.lanes {
+            lane.shared.kill(
+                lane.shared
+                    .failure("the connection was closed by this engine"),
+            );
+        }
+    }
+}
+
+/// Connects to `addr`, sends Hello and reads HelloAck, all within the deadlines.
+/// Returns the stream (read timeout set to [`POLL`]) and the peer's instance id.
+pub(crate) fn handshake(
+    peer: &str,
+    addr: SocketAddr,
+    expect: Option<InstanceId>,
+    deadlines: &Deadlines,
+) -> Result<(TcpStream, InstanceId)> {
+    let unreachable = |what: &str, e: &io::Error| Error::PeerUnreachable {
+        peer: peer.to_string(),
+        reason: format!("{what} {addr}: {e}"),
+    };
+    let stream = TcpStream::connect_timeout(&addr, deadlines.connect)
+        .map_err(|e| unreachable("connect to", &e))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| unreachable("set_nodelay on", &e))?;
+    stream
+        .set_write_timeout(Some(deadlines.stall))
+        .map_err(|e| unreachable("configure", &e))?;
+    stream
+        .set_read_timeout(Some(deadlines.handshake))
+        .map_err(|e| unreachable("configure", &e))?;
+    let hello = Header::new(FrameKind::Hello, 0, 0, INSTANCE_LEN);
+    let mut frame = hello.encode().to_vec();
+    frame.extend_from_slice(&expect.map_or(0, |i| i.0).to_le_bytes());
+    let (ack, payload) =
+        exchange(&stream, &frame).map_err(|e| unreachable("handshake with", &e))?;
+    if ack.kind != FrameKind::HelloAck || ack.status != Status::Ok || payload.len() != 16 {
+        return Err(Error::Protocol {
+            peer: peer.into(),
+            reason: format!("bad hello answer {ack:?}"),
+        });
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&payload);
+    stream
+        .set_read_timeout(Some(POLL))
+        .map_err(|e| unreachable("configure", &e))?;
+    Ok((stream, InstanceId(u128::from_le_bytes(id))))
+}
+
+/// Sends one frame and reads one answer on a blocking stream whose timeouts are set.
+pub(crate) fn exchange(stream: &TcpStream, frame: &[u8]) -> io::Result<(Header, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = stream;
+    s.write_all(frame)?;
+    let mut raw = [0u8; tidewire_core::wire::HEADER_LEN];
+    s.read_exact(&mut raw)?;
+    let h = Header::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; h.payload_len() as usize];
+    s.read_exact(&mut payload)?;
+    Ok((h, payload))
+}
+
+impl TcpConn {
+    /// Opens `lanes` connections to the peer instance `expect` at `addr`.
+    pub(crate) fn connect(
+        peer: &str,
+        addr: SocketAddr,
+        expect: InstanceId,
+        lanes: usize,
+        deadlines: &Deadlines,
+        life: &Arc<Lifecycle>,
+    ) -> Result<Arc<Self>> {
+        let mut built = Vec::with_capacity(lanes);
+        for i in 0..lanes.max(1) {
+            let (stream, found) = handshake(peer, addr, Some(expect), deadlines)?;
+            if found != expect {
+                return Err(Error::PeerUnreachable {
+                    peer: peer.into(),
+                    reason: format!("the peer restarted (instance {found}, expected {expect})"),
+                });
+            }
+            built.push(Self::start_lane(peer, i, stream, deadlines, life)?);
+        }
+        Ok(Arc::new(Self {
+            lanes: built,
+            rr: AtomicUsize::new(0),
+        }))
+    }
+
+    fn start_lane(
+        peer: &str,
+        index: usize,
+        stream: TcpStream,
+        deadlines: &Deadlines,
+        life: &Arc<Lifecycle>,
+    ) -> Result<Lane> {
+        let clone = |s: &TcpStream| {
+            s.try_clone()
+                .map_err(|e| Error::io(format!("cloning socket to {peer}"), &e))
+        };
+        let shared = Arc::new(LaneShared {
+            peer: peer.to_string(),
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            stream: clone(&stream)?,
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let reader = FrameReader::new(clone(&stream)?, IO_BUFFER, deadlines.stall);
+        let writer = FrameWriter::new(stream, IO_BUFFER);
+        let (s1, s2, l1) = (shared.clone(), shared.clone(), life.clone());
+        life.spawn(format!("tw-lane{index}-w"), move || {
+            writer_loop(&s1, writer, &rx)
+        })?;
+        life.spawn(format!("tw-lane{index}-r"), move || {
+            reader_loop(&s2, reader, &l1)
+        })?;
+        Ok(Lane {
+            shared,
+            tx,
+            next_tag: AtomicU64::new(1),
+        })
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.lanes
+            .iter()
+            .any(|l| l.shared.dead.load(Ordering::Acquire))
+    }
+
+    fn pick(&self) -> &Lane {
+        let i = self.rr.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        &self.lanes[i]
+    }
+
+    /// Queues a WRITE of `len` bytes from local `src` (in `entry`) to remote `dst`.
+    pub(crate) fn write(
+        &self,
+        batch: &Arc<Batch>,
+        req: usize,
+        entry: &Arc<RegionEntry>,
+        src: u64,
+        dst: u64,
+        len: u64,
+    ) {
+        let mut off = 0;
+        while off < len {
+            let n = CHUNK.min(len - off);
+            let pending = Pending::Chunk {
+                batch: batch.clone(),
+                req,
+                read_into: None,
+                len: n,
+            };
+            let entry = entry.clone();
+            self.pick().enqueue(pending, |tag| Outgoing::Write {
+                tag,
+                dst: dst + off,
+                src: src + off,
+                len: n,
+                entry,
+            });
+            off += n;
+        }
+    }
+
+    /// Queues a READ of `len` bytes at remote `src` into local `dst` (in `entry`).
+    pub(crate) fn read(
+        &self,
+        batch: &Arc<Batch>,
+        req: usize,
+        entry: &Arc<RegionEntry>,
+        dst: u64,
+        src: u64,
+        len: u64,
+    ) {
+        let mut off = 0;
+        while off < len {
+            let n = CHUNK.min(len - off);
+            let read_into = Some((entry.clone(), dst + off));
+            let pending = Pending::Chunk {
+                batch: batch.clone(),
+                req,
+                read_into,
+                len: n,
+            };
+            self.pick().enqueue(pending, |tag| Outgoing::Frame {
+                header: Header::new(FrameKind::Read, tag, src + off, n),
+                payload: Vec::new(),
+            });
+            off += n;
+        }
+    }
+
+    /// Sends a batch's notification (after its data is visible).
+    pub(crate) fn send_notify(&self, batch: Arc<Batch>, payload: Vec<u8>) {
+        let len = payload.len() as u64;
+        self.lanes[0].enqueue(Pending::Trailer(batch), |tag| Outgoing::Frame {
+            header: Header::new(FrameKind::Notify, tag, 0, len),
+            payload,
+        });
+    }
+}
+
+fn writer_loop(lane: &LaneShared, mut w: FrameWriter, rx: &Receiver<Outgoing>) {
+    let send = |w: &mut FrameWriter, item: Outgoing| -> io::Result<()> {
+        match item {
+            Outgoing::Write {
+                tag,
+                dst,
+                src,
+                len,
+                entry,
+            } => {
+                let Some(pinned) = entry.pin(src, len) else {
+                    // The local region was unregistered after submit: fail this chunk only.
+                    if let Some(p) = lane.pending.lock().remove(&tag) {
+                        p.fail(Error::NotRegistered { addr: src, len });
+                    }
+                    return Ok(());
+                };
+                w.header(&Header::new(FrameKind::Write, tag, dst, len))?;
+                w.pinned(&pinned)
+            }
+            Outgoing::Frame { header, payload } => {
+                w.header(&header)?;
+                w.bytes(&payload)
+            }
+        }
+    };
+    loop {
+        let first = match rx.recv_timeout(POLL) {
+            Ok(item) => item,
+            Err(RecvTimeoutError::Timeout) if !lane.dead.load(Ordering::Acquire) => continue,
+            Err(_) => return,
+        };
+        let mut result = send(&mut w, first);
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(item) => result = send(&mut w, item),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = result.and_then(|()| w.flush()) {
+            lane.kill(lane.failure(format!("send failed: {e}")));
+            return;
+        }
+    }
+}
+
+fn reader_loop(lane: &LaneShared, mut r: FrameReader, life: &Lifecycle) {
+    let err = loop {
+        let mut idle = || !life.stopping() && !lane.dead.load(Ordering::Acquire);
+        let raw = match r.next_header(&mut idle) {
+            Ok(Some(raw)) => raw,
+            Ok(None) => break lane.failure("the peer closed the connection"),
+            Err(e) => break lane.failure(format!("receive failed: {e}")),
+        };
+        let h = match Header::decode(&raw) {
+            Ok(h) => h,
+            Err(e) => {
+                break Error::Protocol {
+                    peer: lane.peer.clone(),
+                    reason: e.to_string(),
+                }
+            }
+        };
+        if let Err(e) = complete(lane, &mut r, h) {
+            break e;
+        }
+    };
+    let err = if life.stopping() {
+        Error::ShuttingDown {
+            who: "this engine".into(),
+        }
+    } else {
+        err
+    };
+    lane.kill(err);
+}
+
+/// Handles one response frame.
+fn complete(lane: &LaneShared, r: &mut FrameReader, h: Header) -> Result<()> {
+    let io_err = |e: io::Error| lane.failure(format!("receive failed: {e}"));
+    let Some(pending) = lane.pending.lock().remove(&h.tag) else {
+        return Err(Error::Protocol {
+            peer: lane.peer.clone(),
+            reason: format!("answer to unknown tag {}", h.tag),
+        });
+    };
+    match (h.kind, pending) {
+        (
+            FrameKind::WriteAck,
+            Pending::Chunk {
+                batch,
+                req,
+                read_into: None,
+                len,
+            },
+        ) => {
+            if h.status == Status::Ok {
+                batch.chunk_done(req);
+            } else {
+                batch.fail_request(req, Error::from_status(h.status, &lane.peer, h.addr, len));
+            }
+        }
+        (
+            FrameKind::ReadData,
+            Pending::Chunk {
+                batch,
+                req,
+                read_into: Some((entry, dst)),
+                len,
+            },
+        ) => {
+            if h.status != Status::Ok {
+                batch.fail_request(req, Error::from_status(h.status, &lane.peer, h.addr, len));
+                return Ok(());
+            }
+            if h.len != len {
+                let reason = format!("READ answer of {} bytes for {len} asked", h.len);
+                batch.fail_request(
+                    req,
+                    Error::Protocol {
+                        peer: lane.peer.clone(),
+                        reason: reason.clone(),
+                    },
+                );
+                return Err(Error::Protocol {
+                    peer: lane.peer.clone(),
+                    reason,
+                });
+            }
+            let landed = {
+                // The gate keeps the request pending (the caller has not been told it failed)
+                // and the pin keeps the local range registered while the bytes land.
+                let gate = batch.accepts_data(req);
+                let pinned = entry.pin(dst, len);
+                match (gate, pinned) {
+                    (Some(_gate), Some(pinned)) => {
+                        r.read_into(&pinned).map_err(io_err)?;
+                        true
+                    }
+                    _ => {
+                        r.discard(len).map_err(io_err)?;
+                        false
+                    }
+                }
+            };
+            if landed {
+                batch.chunk_done(req);
+            }
+        }
+        (FrameKind::NotifyAck, Pending::Trailer(batch)) => {
+            if h.status == Status::Ok {
+                batch.trailer_done();
+            } else {
+                batch.trailer_failed(Error::from_status(h.status, &lane.peer, 0, 0));
+            }
+        }
+        (kind, pending) => {
+            let err = Error::Protocol {
+                peer: lane.peer.clone(),
+                reason: format!("unexpected {kind:?} answer"),
+            };
+            pending.fail(err.clone());
+            return Err(err);
+        }
+    }
+    Ok(())
+}
