@@ -754,7 +754,9 @@ impl Engine {
             .filter_map(|s| s.conn.take())
             .collect();
         for c in conns {
-            c.close();
+            c.close(Error::ShuttingDown {
+                who: format!("engine {}", me.name),
+            });
         }
         me.life.join_all();
         let removed = me.registry.drain();

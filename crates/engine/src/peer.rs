@@ -115,9 +115,11 @@ impl PeerConn {
         Ok(client)
     }
 
-    /// Drops the connections (at engine shutdown).
-    pub(crate) fn close(&self) {
-        self.tcp.lock().take();
+    /// Closes the connections; requests in flight fail with `err`.
+    pub(crate) fn close(&self, err: Error) {
+        if let Some(t) = self.tcp.lock().take() {
+            t.close(Some(err));
+        }
         self.shm.lock().take();
     }
 }

@@ -127,12 +127,7 @@ pub(crate) struct TcpConn {
 
 impl Drop for TcpConn {
     fn drop(&mut self) {
-        for lane in &self.lanes {
-            lane.shared.kill(
-                lane.shared
-                    .failure("the connection was closed by this engine"),
-            );
-        }
+        self.close(None);
     }
 }
 
@@ -250,6 +245,17 @@ impl TcpConn {
             tx,
             next_tag: AtomicU64::new(1),
         })
+    }
+
+    /// Closes every lane; pending requests fail with `err` (default: closed by this engine).
+    pub(crate) fn close(&self, err: Option<Error>) {
+        for lane in &self.lanes {
+            let e = err.clone().unwrap_or_else(|| {
+                lane.shared
+                    .failure("the connection was closed by this engine")
+            });
+            lane.shared.kill(e);
+        }
     }
 
     pub(crate) fn is_dead(&self) -> bool {
