@@ -39,7 +39,7 @@ pub fn parse_size(text: &str) -> Result<u64, CoreError> {
 /// Formats a byte size the way `parse_size` reads it (`4KiB`, `1MiB`, `1000`).
 pub fn format_size(n: u64) -> String {
     for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{}{unit}", n >> shift);
         }
     }

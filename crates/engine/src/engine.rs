@@ -17,6 +17,7 @@ use crate::batch::{Batch, BatchHandle, TrailerRoute};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
+use crate::mem::HostBuffer;
 use crate::metadata::{resolve, segment_key, Metadata};
 use crate::notify::{Notification, NotifyQueue};
 use crate::peer::PeerConn;
@@ -299,9 +300,32 @@ impl Engine {
                 len,
                 location: found,
                 shared: None,
+                owner: None,
             });
         }
         self.register_new(news)
+    }
+
+    /// Registers a buffer the engine keeps alive while it is registered: the safe form of
+    /// [`Engine::register`].
+    pub fn register_buffer(&self, buffer: Arc<HostBuffer>, location: &str) -> Result<RegionId> {
+        self.check_running()?;
+        let (addr, len) = (buffer.addr(), buffer.len() as u64);
+        let found = tidewire_gpu::classify(addr, len);
+        if let Some(detail) = LocationHint::parse(location)?.contradiction(found) {
+            return Err(Error::LocationMismatch { addr, detail });
+        }
+        let owner: Arc<dyn Send + Sync> = buffer;
+        let ids = self.register_new(vec![NewRegion {
+            addr,
+            len,
+            location: found,
+            shared: None,
+            owner: Some(owner),
+        }])?;
+        ids.into_iter()
+            .next()
+            .ok_or(Error::Internal("one registration returned no id"))
     }
 
     fn register_new(&self, news: Vec<NewRegion>) -> Result<Vec<RegionId>> {
@@ -363,6 +387,7 @@ impl Engine {
             len,
             location,
             shared: Some(region.clone()),
+            owner: None,
         }])?;
         self.inner.shared_allocs.lock().insert(addr, region);
         Ok(addr)

@@ -21,6 +21,8 @@ pub(crate) struct RegionEntry {
     pub(crate) location: Location,
     /// Set for engine-allocated shareable memory (served to same-host peers).
     pub(crate) shared: Option<Arc<SharedRegion>>,
+    /// Memory the engine keeps alive while the region is registered (safe registrations).
+    pub(crate) _owner: Option<Arc<dyn Send + Sync>>,
     /// `true` while registered. Accesses hold a read guard; unregistration takes the write
     /// lock, so it returns only after every in-flight access has finished.
     live: RwLock<bool>,
@@ -99,6 +101,7 @@ pub(crate) struct NewRegion {
     pub(crate) len: u64,
     pub(crate) location: Location,
     pub(crate) shared: Option<Arc<SharedRegion>>,
+    pub(crate) owner: Option<Arc<dyn Send + Sync>>,
 }
 
 #[derive(Default)]
@@ -154,6 +157,7 @@ impl Registry {
                 len: n.len,
                 location: n.location,
                 shared: n.shared,
+                _owner: n.owner,
                 live: RwLock::new(true),
             };
             map.insert(n.addr, Arc::new(entry));
@@ -230,6 +234,7 @@ mod tests {
                 device: None,
             },
             shared: None,
+            owner: None,
         }
     }
 

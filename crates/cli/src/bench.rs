@@ -1,0 +1,687 @@
+//! `tidewire bench`: throughput and latency of batched one-sided transfers between two
+//! engines in two processes, next to a baseline measured in the same run.
+//!
+//! `--pair` starts the target as a child process on loopback; `--role target` and
+//! `--role initiator` run the two sides by hand (two terminals or two hosts). Each initiator
+//! thread repeatedly submits a batch of `--batch-size` requests of `--block-size` bytes and
+//! waits for it; latency percentiles are per batch (submit to completion seen).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tidewire::core::select::TransportKind;
+use tidewire::core::size::{format_size, parse_size};
+use tidewire::{BatchOptions, Engine, EngineConfig, HostBuffer, MetadataUri, Op, Request};
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct BenchArgs {
+    /// Start the target as a second process on loopback and run the initiator here.
+    #[arg(long, conflicts_with = "role")]
+    pair: bool,
+    /// Run one side only: `target` serves memory, `initiator` drives transfers.
+    #[arg(long, value_parser = ["target", "initiator"])]
+    role: Option<String>,
+    /// The target segment (initiator role): `host:port`, or a name with --metadata.
+    #[arg(long)]
+    peer: Option<String>,
+    /// The target's raw-TCP baseline address (initiator role, --baseline raw-tcp).
+    #[arg(long)]
+    raw_addr: Option<SocketAddr>,
+    /// `tcp`, `shm` or `auto` (the engine's own choice).
+    #[arg(long, default_value = "auto")]
+    transport: String,
+    /// `write` or `read`.
+    #[arg(long, default_value = "write", value_parser = ["write", "read"])]
+    op: String,
+    /// Bytes per request; a comma-separated list sweeps (e.g. `4KiB,64KiB,1MiB`).
+    #[arg(long, default_value = "4KiB,64KiB,1MiB", value_delimiter = ',')]
+    block_size: Vec<String>,
+    /// Requests per batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Initiator threads, each with its own batches and buffers.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Measured time per configuration (e.g. `5s`, `500ms`).
+    #[arg(long, default_value = "3s")]
+    duration: String,
+    /// Also measure `raw-tcp` (a plain TCP stream between the two processes) or `memcpy`
+    /// (single-thread copies of the same blocks), and print the ratio.
+    #[arg(long, value_parser = ["raw-tcp", "memcpy"])]
+    baseline: Option<String>,
+    /// One JSON object per result line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Address engines bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// RPC port of the target (default: a free one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Metadata backend (`p2p` or `http://host:port/metadata`).
+    #[arg(long, default_value = "p2p")]
+    metadata: String,
+    /// TCP connections per peer.
+    #[arg(long, default_value_t = 4)]
+    lanes: usize,
+    /// Target buffer size (target role; default fits the largest sweep point).
+    #[arg(long)]
+    buffer_size: Option<String>,
+}
+
+fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let (num, scale) = if let Some(ms) = t.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = t.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("duration {text:?}"))?;
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+struct Plan {
+    blocks: Vec<u64>,
+    batch: usize,
+    threads: usize,
+    duration: Duration,
+    op: Op,
+}
+
+impl Plan {
+    fn from(args: &BenchArgs) -> anyhow::Result<Self> {
+        let blocks = args
+            .block_size
+            .iter()
+            .map(|b| parse_size(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        if blocks.is_empty() || blocks.contains(&0) || args.batch_size == 0 || args.threads == 0 {
+            bail!("block sizes, batch size and threads must be positive");
+        }
+        let op = if args.op == "read" {
+            Op::Read
+        } else {
+            Op::Write
+        };
+        Ok(Self {
+            blocks,
+            batch: args.batch_size,
+            threads: args.threads,
+            duration: parse_duration(&args.duration)?,
+            op,
+        })
+    }
+
+    /// Bytes one thread's batches span (largest block).
+    fn span(&self) -> u64 {
+        self.blocks.iter().max().copied().unwrap_or(0) * self.batch as u64
+    }
+
+    fn buffer(&self) -> u64 {
+        self.span() * self.threads as u64
+    }
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.role.as_deref() {
+        Some("target") => run_target(&args),
+        Some(_) => run_initiator(&args, None),
+        None if args.pair => run_pair(&args),
+        None => bail!("choose --pair, or --role target / --role initiator"),
+    }
+}
+
+fn engine_config(args: &BenchArgs, port: u16, transport: &str) -> anyhow::Result<EngineConfig> {
+    let mut cfg = EngineConfig {
+        host: args.host.clone(),
+        port: Some(port),
+        metadata: MetadataUri::parse(&args.metadata)?,
+        tcp_lanes: args.lanes,
+        ..EngineConfig::default()
+    }
+    .from_env()?;
+    match transport {
+        "auto" => {}
+        "tcp" => cfg.transports.force_tcp = true,
+        "shm" => cfg.transports.enabled = [TransportKind::Shm].into_iter().collect(),
+        other => bail!("unknown transport {other:?} (tcp, shm or auto)"),
+    }
+    Ok(cfg)
+}
+
+/// The target side: a shared buffer, the raw-TCP baseline server, and a READY line.
+fn run_target(args: &BenchArgs) -> anyhow::Result<()> {
+    let plan = Plan::from(args)?;
+    let len = match &args.buffer_size {
+        Some(s) => parse_size(s)?,
+        None => plan.buffer(),
+    };
+    let mut cfg = engine_config(args, args.port, "auto")?;
+    if MetadataUri::parse(&args.metadata)? != MetadataUri::P2p {
+        cfg.name = Some(format!("bench-target-{}", std::process::id()));
+    }
+    let engine = Engine::new(cfg)?;
+    let addr = engine
+        .allocate_shared(len)
+        .context("allocating the target buffer")?;
+    let raw =
+        TcpListener::bind((args.host.as_str(), 0)).context("binding the raw-tcp baseline port")?;
+    let raw_addr = raw.local_addr()?;
+    std::thread::spawn(move || raw_server(&raw));
+    println!("READY {} {} {} {}", engine.name(), addr, len, raw_addr);
+    eprintln!(
+        "target {} serving {} at {addr:#x}; run:\n  tidewire bench --role initiator --peer {} --raw-addr {raw_addr}\n(stop with Ctrl-D or Ctrl-C)",
+        engine.name(),
+        format_size(len),
+        engine.name()
+    );
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+    }
+    Ok(())
+}
+
+/// Starts the target as a child process and runs the initiator against it.
+fn run_pair(args: &BenchArgs) -> anyhow::Result<()> {
+    Plan::from(args)?;
+    let exe = std::env::current_exe()?;
+    let mut child_args: Vec<String> = vec!["bench".into(), "--role".into(), "target".into()];
+    for (flag, value) in [
+        ("--host", args.host.clone()),
+        ("--port", args.port.to_string()),
+        ("--metadata", args.metadata.clone()),
+        ("--block-size", args.block_size.join(",")),
+        ("--batch-size", args.batch_size.to_string()),
+        ("--threads", args.threads.to_string()),
+    ] {
+        child_args.push(flag.into());
+        child_args.push(value);
+    }
+    let mut child = Command::new(exe)
+        .args(&child_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the target process")?;
+    let result = (|| {
+        let ready = read_ready(&mut child)?;
+        run_initiator(args, Some(ready))
+    })();
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+struct Ready {
+    name: String,
+    addr: u64,
+    len: u64,
+    raw: SocketAddr,
+}
+
+fn read_ready(child: &mut Child) -> anyhow::Result<Ready> {
+    let stdout = child.stdout.take().context("no stdout from the target")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => line,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            bail!("the target did not start within 30 s")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            bail!(
+                "the target process exited before it was ready ({status}): {}",
+                err.trim()
+            );
+        }
+    };
+    if let Some(err) = child.stderr.take() {
+        // Keep draining the target's stderr so it never blocks; pass on its warnings.
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if l.contains("WARN") || l.contains("ERROR") {
+                    eprintln!("[target] {l}");
+                }
+            }
+        });
+    }
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let [_, name, addr, len, raw] = parts.as_slice() else {
+        bail!("unexpected target output {line:?}")
+    };
+    Ok(Ready {
+        name: name.to_string(),
+        addr: addr.parse()?,
+        len: len.parse()?,
+        raw: raw.parse()?,
+    })
+}
+
+#[derive(Default, Clone)]
+struct Measure {
+    bytes: u64,
+    requests: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Measure {
+    fn merge(&mut self, other: Measure) {
+        self.bytes += other.bytes;
+        self.requests += other.requests;
+        self.elapsed = self.elapsed.max(other.elapsed);
+        self.latencies.extend(other.latencies);
+    }
+
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / 1e9
+    }
+
+    fn percentile_us(&mut self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
+        }
+        self.latencies.sort_unstable();
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        self.latencies[i].as_secs_f64() * 1e6
+    }
+}
+
+/// Runs `round` repeatedly on `threads` threads for `duration` (after a short warm-up).
+fn measure<'a, F>(
+    threads: usize,
+    duration: Duration,
+    bytes_per_round: u64,
+    reqs_per_round: u64,
+    label: &str,
+    make: F,
+) -> anyhow::Result<Measure>
+where
+    F: Fn(usize) -> anyhow::Result<Round<'a>>,
+{
+    let rounds: Vec<_> = (0..threads).map(&make).collect::<anyhow::Result<_>>()?;
+    let bar = (duration >= Duration::from_secs(2)).then(|| {
+        let b = indicatif::ProgressBar::new(duration.as_millis() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>40} [{bar:30}] {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(label.to_string());
+        b
+    });
+    let start_gate = Arc::new(std::sync::Barrier::new(threads));
+    let results: Vec<anyhow::Result<Measure>> = std::thread::scope(|s| {
+        let handles: Vec<_> = rounds
+            .into_iter()
+            .enumerate()
+            .map(|(t, mut round)| {
+                let gate = start_gate.clone();
+                let bar = bar.clone();
+                s.spawn(move || -> anyhow::Result<Measure> {
+                    let warm = Instant::now();
+                    while warm.elapsed() < Duration::from_millis(200) {
+                        round()?;
+                    }
+                    gate.wait();
+                    let mut m = Measure::default();
+                    let start = Instant::now();
+                    while start.elapsed() < duration {
+                        let t0 = Instant::now();
+                        round()?;
+                        m.latencies.push(t0.elapsed());
+                        m.bytes += bytes_per_round;
+                        m.requests += reqs_per_round;
+                        if t == 0 {
+                            if let Some(b) = &bar {
+                                b.set_position(start.elapsed().as_millis() as u64);
+                            }
+                        }
+                    }
+                    m.elapsed = start.elapsed();
+                    Ok(m)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a bench thread panicked")))
+            })
+            .collect()
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let mut total = Measure::default();
+    for r in results {
+        total.merge(r?);
+    }
+    Ok(total)
+}
+
+fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
+    let plan = Plan::from(args)?;
+    let engine = Engine::new(engine_config(args, 0, &args.transport)?)?;
+    let (peer_name, remote_base, remote_len, raw) = match ready {
+        Some(r) => (r.name, Some(r.addr), Some(r.len), Some(r.raw)),
+        None => (
+            args.peer.clone().context("--role initiator needs --peer")?,
+            None,
+            None,
+            args.raw_addr,
+        ),
+    };
+    let peer = engine.open_segment(&peer_name)?;
+    let (remote_base, remote_len) = match (remote_base, remote_len) {
+        (Some(a), Some(l)) => (a, l),
+        _ => {
+            let d = engine.peer_descriptor(peer)?;
+            let r = d
+                .regions
+                .first()
+                .context("the target has no registered region")?;
+            (r.addr, r.len)
+        }
+    };
+    if remote_len < plan.buffer() {
+        bail!(
+            "the target buffer ({}) is smaller than this run needs ({})",
+            format_size(remote_len),
+            format_size(plan.buffer())
+        );
+    }
+    let span = plan.span();
+    let locals: Vec<Arc<HostBuffer>> = (0..plan.threads)
+        .map(|_| HostBuffer::new(span as usize).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    for b in &locals {
+        engine.register_buffer(b.clone(), "cpu")?;
+    }
+    if !args.json {
+        println!(
+            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9} {:>11} {:>9} {:>9}{}",
+            "trans",
+            "op",
+            "block",
+            "batch",
+            "thr",
+            "GB/s",
+            "req/s",
+            "p50_us",
+            "p99_us",
+            args.baseline.as_ref().map_or(String::new(), |b| format!(
+                "  {:>8} {:>9} {:>9} {:>6}",
+                format!("{b}"),
+                "b_p50_us",
+                "b_p99_us",
+                "ratio"
+            ))
+        );
+    }
+    for &block in &plan.blocks {
+        let reqs_per_round = plan.batch as u64;
+        let bytes_per_round = block * reqs_per_round;
+        let label = format!("{} {} x{}", format_size(block), args.op, plan.batch);
+        let engine_ref = &engine;
+        let locals_ref = &locals;
+        let transport_used = {
+            let req = Request {
+                op: plan.op,
+                local: locals[0].addr(),
+                len: block,
+                peer,
+                remote: remote_base,
+            };
+            engine.submit(&[req], BatchOptions::default())?.wait()?;
+            describe_transport(&engine, peer, remote_base)
+        };
+        let mut m = measure(
+            plan.threads,
+            plan.duration,
+            bytes_per_round,
+            reqs_per_round,
+            &label,
+            |t| {
+                let local = locals_ref[t].addr();
+                let remote = remote_base + t as u64 * span;
+                let reqs: Vec<Request> = (0..plan.batch as u64)
+                    .map(|i| Request {
+                        op: plan.op,
+                        local: local + i * block,
+                        len: block,
+                        peer,
+                        remote: remote + i * block,
+                    })
+                    .collect();
+                let round: Round<'_> = Box::new(move || -> anyhow::Result<()> {
+                    engine_ref.submit(&reqs, BatchOptions::default())?.wait()?;
+                    Ok(())
+                });
+                Ok(round)
+            },
+        )?;
+        let base = match args.baseline.as_deref() {
+            Some("raw-tcp") => {
+                let raw =
+                    raw.context("--baseline raw-tcp needs the target's raw address (--raw-addr)")?;
+                Some(measure(
+                    plan.threads,
+                    plan.duration,
+                    bytes_per_round,
+                    reqs_per_round,
+                    "raw-tcp",
+                    |_| raw_client(raw, plan.op, block, plan.batch),
+                )?)
+            }
+            Some(_) => Some(measure(
+                1,
+                plan.duration,
+                bytes_per_round,
+                reqs_per_round,
+                "memcpy",
+                |_| memcpy_round(block, plan.batch),
+            )?),
+            None => None,
+        };
+        report(args, &transport_used, block, &plan, &mut m, base);
+    }
+    engine.shutdown();
+    drop(locals);
+    Ok(())
+}
+
+fn describe_transport(engine: &Engine, peer: tidewire::PeerId, remote: u64) -> String {
+    engine
+        .explain(peer)
+        .ok()
+        .and_then(|i| {
+            i.regions
+                .iter()
+                .find(|r| r.region.addr <= remote && remote < r.region.addr + r.region.len)
+                .and_then(|r| {
+                    r.decision
+                        .as_ref()
+                        .ok()
+                        .map(|c| c.transport.name().to_string())
+                })
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn report(
+    args: &BenchArgs,
+    transport: &str,
+    block: u64,
+    plan: &Plan,
+    m: &mut Measure,
+    base: Option<Measure>,
+) {
+    let (p50, p99) = (m.percentile_us(0.50), m.percentile_us(0.99));
+    let req_s = m.requests as f64 / m.elapsed.as_secs_f64().max(1e-9);
+    let mut line = serde_json::json!({
+        "transport": transport,
+        "op": args.op,
+        "block_size": block,
+        "batch_size": plan.batch,
+        "threads": plan.threads,
+        "duration_s": m.elapsed.as_secs_f64(),
+        "bytes": m.bytes,
+        "gbps": m.gbps(),
+        "req_per_s": req_s,
+        "p50_us": p50,
+        "p99_us": p99,
+    });
+    let mut base_cols = String::new();
+    if let (Some(mut b), Some(name)) = (base, args.baseline.as_deref()) {
+        let (bp50, bp99) = (b.percentile_us(0.50), b.percentile_us(0.99));
+        let ratio = m.gbps() / b.gbps().max(1e-12);
+        line["baseline"] = name.into();
+        line["baseline_gbps"] = b.gbps().into();
+        line["baseline_p50_us"] = bp50.into();
+        line["baseline_p99_us"] = bp99.into();
+        line["ratio"] = ratio.into();
+        base_cols = format!(
+            "  {:>8.3} {:>9.1} {:>9.1} {:>6.2}",
+            b.gbps(),
+            bp50,
+            bp99,
+            ratio
+        );
+    }
+    if args.json {
+        println!("{line}");
+    } else {
+        println!(
+            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9.3} {:>11.0} {:>9.1} {:>9.1}{base_cols}",
+            transport,
+            args.op,
+            format_size(block),
+            plan.batch,
+            plan.threads,
+            m.gbps(),
+            req_s,
+            p50,
+            p99
+        );
+    }
+}
+
+/// The raw-TCP baseline server: per connection, a 16-byte header (op, bytes per round), then
+/// rounds: WRITE reads the round's bytes and answers one byte; READ answers a one-byte request
+/// with the round's bytes.
+fn raw_server(listener: &TcpListener) {
+    for stream in listener.incoming().map_while(Result::ok) {
+        std::thread::spawn(move || {
+            let _ = raw_serve(stream);
+        });
+    }
+}
+
+fn raw_serve(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut hdr = [0u8; 16];
+    s.read_exact(&mut hdr)?;
+    let write = hdr[0] == 0;
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&hdr[8..16]);
+    let round = u64::from_le_bytes(n) as usize;
+    let mut buf = vec![0u8; round.min(64 << 20)];
+    loop {
+        if write {
+            let mut left = round;
+            while left > 0 {
+                let k = left.min(buf.len());
+                s.read_exact(&mut buf[..k])?;
+                left -= k;
+            }
+            s.write_all(&[1])?;
+        } else {
+            let mut one = [0u8; 1];
+            s.read_exact(&mut one)?;
+            let mut left = round;
+            while left > 0 {
+                let k = left.min(buf.len());
+                s.write_all(&buf[..k])?;
+                left -= k;
+            }
+        }
+    }
+}
+
+type Round<'a> = Box<dyn FnMut() -> anyhow::Result<()> + Send + 'a>;
+
+fn raw_client(
+    addr: SocketAddr,
+    op: Op,
+    block: u64,
+    batch: usize,
+) -> anyhow::Result<Round<'static>> {
+    let mut s = TcpStream::connect(addr)
+        .with_context(|| format!("connecting to the raw-tcp baseline at {addr}"))?;
+    s.set_nodelay(true)?;
+    let round = block * batch as u64;
+    let mut hdr = [0u8; 16];
+    hdr[0] = u8::from(op == Op::Read);
+    hdr[8..16].copy_from_slice(&round.to_le_bytes());
+    s.write_all(&hdr)?;
+    let mut buf = vec![7u8; block as usize];
+    Ok(Box::new(move || {
+        match op {
+            Op::Write => {
+                for _ in 0..batch {
+                    s.write_all(&buf)?;
+                }
+                let mut one = [0u8; 1];
+                s.read_exact(&mut one)?;
+            }
+            Op::Read => {
+                s.write_all(&[1])?;
+                for _ in 0..batch {
+                    s.read_exact(&mut buf)?;
+                }
+            }
+        }
+        Ok(())
+    }))
+}
+
+fn memcpy_round(block: u64, batch: usize) -> anyhow::Result<Round<'static>> {
+    let len = block as usize * batch;
+    let src = vec![3u8; len];
+    let mut dst = vec![0u8; len];
+    Ok(Box::new(move || {
+        for i in 0..batch {
+            let r = i * block as usize..(i + 1) * block as usize;
+            dst[r.clone()].copy_from_slice(&src[r]);
+        }
+        std::hint::black_box(&dst);
+        Ok(())
+    }))
+}
