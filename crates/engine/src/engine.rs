@@ -23,7 +23,7 @@ use crate::notify::{Notification, NotifyQueue};
 use crate::peer::PeerConn;
 use crate::registry::{NewRegion, RegionEntry, Registry};
 use crate::transport::shm::{self, SharedRegion, ShmServer};
-use crate::transport::tcp::{self, CHUNK};
+use crate::transport::tcp::{self, Work, CHUNK};
 use crate::{hostinfo, mem, rpc};
 
 /// READ copies remote bytes into local memory; WRITE copies local bytes to the remote.
@@ -124,11 +124,34 @@ pub struct Engine {
 }
 
 /// A request whose transport and ends are resolved.
+#[derive(Clone)]
 struct Step {
     transport: TransportKind,
     local: Arc<RegionEntry>,
     conn: Arc<PeerConn>,
-    region: RegionDescriptor,
+    peer: PeerId,
+    region: RemoteRegion,
+}
+
+/// The remote region a request lies in (what the transports need of its descriptor).
+#[derive(Clone, Copy)]
+struct RemoteRegion {
+    id: RegionId,
+    addr: u64,
+    len: u64,
+}
+
+impl Step {
+    /// True when `r` has the same ends as this step, so the same choice holds.
+    fn covers(&self, r: &Request) -> bool {
+        let inside = |addr: u64, len: u64, start: u64, size: u64| {
+            addr >= start && addr.checked_add(len).is_some_and(|e| e <= start + size)
+        };
+        r.peer == self.peer
+            && inside(r.local, r.len, self.local.addr, self.local.len)
+            && inside(r.remote, r.len, self.region.addr, self.region.len)
+            && self.local.access().is_some()
+    }
 }
 
 impl Engine {
@@ -544,7 +567,12 @@ impl Engine {
             transport: choice.transport,
             local,
             conn,
-            region,
+            peer: r.peer,
+            region: RemoteRegion {
+                id: region.id,
+                addr: region.addr,
+                len: region.len,
+            },
         })
     }
 
@@ -564,10 +592,15 @@ impl Engine {
                 reason: "a batch with a notification must target one peer".into(),
             });
         }
-        let steps = requests
-            .iter()
-            .map(|r| self.plan(r))
-            .collect::<Result<Vec<_>>>()?;
+        // Consecutive requests between the same two regions share one decision.
+        let mut steps: Vec<Step> = Vec::with_capacity(requests.len());
+        for r in requests {
+            let step = match steps.last().filter(|s| r.len > 0 && s.covers(r)) {
+                Some(prev) => prev.clone(),
+                None => self.plan(r)?,
+            };
+            steps.push(step);
+        }
         let total: u64 = requests.iter().map(|r| r.len).sum();
         let chunks = steps
             .iter()
@@ -607,17 +640,38 @@ impl Engine {
             .unwrap_or_else(|| self.inner.config.deadlines.for_batch(total));
         let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
         let batch = Batch::new(id, chunks, trailer, Instant::now() + timeout);
+        let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
         for (i, (r, step)) in requests.iter().zip(&steps).enumerate() {
             match step.transport {
                 TransportKind::Local => self.run_local(&batch, i, r, step),
                 TransportKind::Shm => self.run_shm(&batch, i, r, step),
-                TransportKind::Tcp => match step.conn.tcp(&self.inner.config, &self.inner.life) {
-                    Ok(c) => match r.op {
-                        Op::Write => c.write(&batch, i, &step.local, r.local, r.remote, r.len),
-                        Op::Read => c.read(&batch, i, &step.local, r.local, r.remote, r.len),
-                    },
-                    Err(e) => batch.fail_request(i, e),
-                },
+                TransportKind::Tcp => {
+                    let entry = step.local.clone();
+                    let (req, len) = (i, r.len);
+                    let work = match r.op {
+                        Op::Write => Work::Write {
+                            req,
+                            entry,
+                            src: r.local,
+                            dst: r.remote,
+                            len,
+                        },
+                        Op::Read => Work::Read {
+                            req,
+                            entry,
+                            dst: r.local,
+                            src: r.remote,
+                            len,
+                        },
+                    };
+                    match tcp_work
+                        .iter_mut()
+                        .find(|(c, _)| Arc::ptr_eq(c, &step.conn))
+                    {
+                        Some((_, w)) => w.push(work),
+                        None => tcp_work.push((step.conn.clone(), vec![work])),
+                    }
+                }
                 other => batch.fail_request(
                     i,
                     Error::NoTransport {
@@ -627,6 +681,17 @@ impl Engine {
                         refusals: format!("{other} chosen but not built"),
                     },
                 ),
+            }
+        }
+        for (conn, works) in tcp_work {
+            match conn.tcp(&self.inner.config, &self.inner.life) {
+                Ok(c) => c.dispatch(&batch, works),
+                Err(e) => {
+                    for w in works {
+                        let (Work::Write { req, .. } | Work::Read { req, .. }) = w;
+                        batch.fail_request(req, e.clone());
+                    }
+                }
             }
         }
         Ok(BatchHandle { batch })

@@ -201,3 +201,67 @@ fn bad_requests_fail_at_submit_with_typed_errors() {
     drop(lonely);
     drop(initiator);
 }
+
+#[test]
+fn large_mixed_batches_move_every_byte() {
+    const N: usize = 2048;
+    const B: usize = 4096;
+    let target = common::engine();
+    let initiator = common::engine();
+    let shared = target.allocate_shared((N * B) as u64).unwrap();
+    poke(shared, &vec![POISON; N * B]);
+    let plain = registered(&target, N * B, &vec![POISON; N * B]);
+    let data = random_bytes(2 * N * B, 21);
+    let src = registered(&initiator, 2 * N * B, &data);
+    let peer = initiator.open_segment(target.name()).unwrap();
+    // Interleave shm and tcp requests, scattered: request i goes to slot (i * 7919) % N.
+    let mut writes = Vec::new();
+    for i in 0..N {
+        let slot = ((i * 7919) % N * B) as u64;
+        writes.push(Request {
+            op: Op::Write,
+            local: src.addr() + (i * B) as u64,
+            len: B as u64,
+            peer,
+            remote: shared + slot,
+        });
+        writes.push(Request {
+            op: Op::Write,
+            local: src.addr() + ((N + i) * B) as u64,
+            len: B as u64,
+            peer,
+            remote: plain.addr() + slot,
+        });
+    }
+    initiator
+        .transfer_sync(&writes, BatchOptions::default())
+        .unwrap();
+    let (got_shm, got_tcp) = (peek(shared, N * B), plain.to_vec());
+    for i in 0..N {
+        let slot = (i * 7919) % N * B;
+        assert!(
+            got_shm[slot..slot + B] == data[i * B..(i + 1) * B],
+            "shm request {i}"
+        );
+        assert!(
+            got_tcp[slot..slot + B] == data[(N + i) * B..(N + i + 1) * B],
+            "tcp request {i}"
+        );
+    }
+    // Read everything back into poisoned memory with the reverse requests.
+    let back = registered(&initiator, 2 * N * B, &vec![POISON; 2 * N * B]);
+    let reads: Vec<Request> = writes
+        .iter()
+        .map(|w| Request {
+            op: Op::Read,
+            local: w.local - src.addr() + back.addr(),
+            ..*w
+        })
+        .collect();
+    initiator
+        .transfer_sync(&reads, BatchOptions::default())
+        .unwrap();
+    assert!(back.to_vec() == data, "every byte read back");
+    drop(initiator);
+    drop(target);
+}

@@ -48,7 +48,7 @@ impl Pending {
     }
 }
 
-/// Work for a lane's writer thread.
+/// Work for a lane's writer.
 enum Outgoing {
     /// Write `len` bytes from local `src` (inside `entry`) to remote `dst`.
     Write {
@@ -62,12 +62,50 @@ enum Outgoing {
     Frame { header: Header, payload: Vec<u8> },
 }
 
+impl Outgoing {
+    fn payload_len(&self) -> u64 {
+        match self {
+            Outgoing::Write { len, .. } => *len,
+            Outgoing::Frame { payload, .. } => payload.len() as u64,
+        }
+    }
+}
+
+/// One request's share of a TCP batch, before it is split into chunks.
+pub(crate) enum Work {
+    /// WRITE `len` bytes from local `src` (in `entry`) to remote `dst`.
+    Write {
+        req: usize,
+        entry: Arc<RegionEntry>,
+        src: u64,
+        dst: u64,
+        len: u64,
+    },
+    /// READ `len` bytes at remote `src` into local `dst` (in `entry`).
+    Read {
+        req: usize,
+        entry: Arc<RegionEntry>,
+        dst: u64,
+        src: u64,
+        len: u64,
+    },
+}
+
+/// A lane's total payload up to which the submitting thread writes the frames itself (when
+/// the lane is idle) instead of handing them to the lane's writer thread: one thread hop less
+/// on the latency path, and a batch's small frames leave in one flush.
+const INLINE_BYTES: u64 = 256 << 10;
+
 struct LaneShared {
     peer: String,
     pending: Mutex<HashMap<u64, Pending>>,
     /// Set once, under the `pending` lock, when the lane fails.
     dead: AtomicBool,
     stream: TcpStream,
+    /// Frames are written under this lock, by the submitting thread or the writer thread.
+    writer: Mutex<FrameWriter>,
+    /// Items queued for the writer thread and not yet taken.
+    queued: AtomicUsize,
 }
 
 impl LaneShared {
@@ -91,7 +129,36 @@ impl LaneShared {
             reason: reason.to_string(),
         }
     }
+
+    /// Writes one item. A WRITE whose local region was unregistered since submit fails alone.
+    fn send(&self, w: &mut FrameWriter, item: Outgoing) -> io::Result<()> {
+        match item {
+            Outgoing::Write {
+                tag,
+                dst,
+                src,
+                len,
+                entry,
+            } => {
+                let Some(pinned) = entry.pin(src, len) else {
+                    if let Some(p) = self.pending.lock().remove(&tag) {
+                        p.fail(Error::NotRegistered { addr: src, len });
+                    }
+                    return Ok(());
+                };
+                w.header(&Header::new(FrameKind::Write, tag, dst, len))?;
+                w.pinned(&pinned)
+            }
+            Outgoing::Frame { header, payload } => {
+                w.header(&header)?;
+                w.bytes(&payload)
+            }
+        }
+    }
 }
+
+/// A pending answer and the frame to send once its tag is known.
+type Item<'a> = (Pending, Box<dyn FnOnce(u64) -> Outgoing + 'a>);
 
 struct Lane {
     shared: Arc<LaneShared>,
@@ -100,21 +167,47 @@ struct Lane {
 }
 
 impl Lane {
-    /// Registers `pending` and queues `out`; fails `pending` at once if the lane is dead.
-    fn enqueue(&self, pending: Pending, make: impl FnOnce(u64) -> Outgoing) {
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+    /// Registers the pending answers and sends the items: inline when they are small and the
+    /// lane is idle, else through the writer thread. Fails them at once if the lane is dead.
+    fn submit(&self, items: Vec<Item<'_>>) {
+        let mut out = Vec::with_capacity(items.len());
         {
             let mut p = self.shared.pending.lock();
             if self.shared.dead.load(Ordering::Acquire) {
                 drop(p);
-                pending.fail(self.shared.failure("the connection is closed"));
+                for (pending, _) in items {
+                    pending.fail(self.shared.failure("the connection is closed"));
+                }
                 return;
             }
-            p.insert(tag, pending);
+            for (pending, make) in items {
+                let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+                p.insert(tag, pending);
+                out.push(make(tag));
+            }
         }
-        if self.tx.send(make(tag)).is_err() {
-            self.shared
-                .kill(self.shared.failure("the lane's writer has stopped"));
+        let bytes: u64 = out.iter().map(Outgoing::payload_len).sum();
+        if bytes <= INLINE_BYTES && self.shared.queued.load(Ordering::Acquire) == 0 {
+            if let Some(mut w) = self.shared.writer.try_lock() {
+                let mut result = Ok(());
+                for item in out {
+                    result = result.and_then(|()| self.shared.send(&mut w, item));
+                }
+                if let Err(e) = result.and_then(|()| w.flush()) {
+                    drop(w);
+                    self.shared
+                        .kill(self.shared.failure(format!("send failed: {e}")));
+                }
+                return;
+            }
+        }
+        for item in out {
+            self.shared.queued.fetch_add(1, Ordering::AcqRel);
+            if self.tx.send(item).is_err() {
+                self.shared
+                    .kill(self.shared.failure("the lane's writer has stopped"));
+                return;
+            }
         }
     }
 }
@@ -229,14 +322,13 @@ impl TcpConn {
             pending: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             stream: clone(&stream)?,
+            writer: Mutex::new(FrameWriter::new(clone(&stream)?, IO_BUFFER)),
+            queued: AtomicUsize::new(0),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let reader = FrameReader::new(clone(&stream)?, IO_BUFFER, deadlines.stall);
-        let writer = FrameWriter::new(stream, IO_BUFFER);
+        let reader = FrameReader::new(stream, IO_BUFFER, deadlines.stall);
         let (s1, s2, l1) = (shared.clone(), shared.clone(), life.clone());
-        life.spawn(format!("tw-lane{index}-w"), move || {
-            writer_loop(&s1, writer, &rx)
-        })?;
+        life.spawn(format!("tw-lane{index}-w"), move || writer_loop(&s1, &rx))?;
         life.spawn(format!("tw-lane{index}-r"), move || {
             reader_loop(&s2, reader, &l1)
         })?;
@@ -264,120 +356,111 @@ impl TcpConn {
             .any(|l| l.shared.dead.load(Ordering::Acquire))
     }
 
-    fn pick(&self) -> &Lane {
-        let i = self.rr.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        &self.lanes[i]
-    }
-
-    /// Queues a WRITE of `len` bytes from local `src` (in `entry`) to remote `dst`.
-    pub(crate) fn write(
-        &self,
-        batch: &Arc<Batch>,
-        req: usize,
-        entry: &Arc<RegionEntry>,
-        src: u64,
-        dst: u64,
-        len: u64,
-    ) {
-        let mut off = 0;
-        while off < len {
-            let n = CHUNK.min(len - off);
-            let pending = Pending::Chunk {
-                batch: batch.clone(),
-                req,
-                read_into: None,
-                len: n,
+    /// Splits the batch's TCP work into chunks, spreads them over the lanes and sends them.
+    pub(crate) fn dispatch(&self, batch: &Arc<Batch>, works: Vec<Work>) {
+        let mut per_lane: Vec<Vec<Item<'_>>> = (0..self.lanes.len()).map(|_| Vec::new()).collect();
+        let mut next = self.rr.fetch_add(1, Ordering::Relaxed);
+        for work in works {
+            let (req, entry, local, remote, len, write) = match work {
+                Work::Write {
+                    req,
+                    entry,
+                    src,
+                    dst,
+                    len,
+                } => (req, entry, src, dst, len, true),
+                Work::Read {
+                    req,
+                    entry,
+                    dst,
+                    src,
+                    len,
+                } => (req, entry, dst, src, len, false),
             };
-            let entry = entry.clone();
-            self.pick().enqueue(pending, |tag| Outgoing::Write {
-                tag,
-                dst: dst + off,
-                src: src + off,
-                len: n,
-                entry,
-            });
-            off += n;
+            let mut off = 0;
+            while off < len {
+                let n = CHUNK.min(len - off);
+                let (l, r) = (local + off, remote + off);
+                let item: Item<'_> = if write {
+                    let pending = Pending::Chunk {
+                        batch: batch.clone(),
+                        req,
+                        read_into: None,
+                        len: n,
+                    };
+                    let entry = entry.clone();
+                    (
+                        pending,
+                        Box::new(move |tag| Outgoing::Write {
+                            tag,
+                            dst: r,
+                            src: l,
+                            len: n,
+                            entry,
+                        }),
+                    )
+                } else {
+                    let read_into = Some((entry.clone(), l));
+                    let pending = Pending::Chunk {
+                        batch: batch.clone(),
+                        req,
+                        read_into,
+                        len: n,
+                    };
+                    (
+                        pending,
+                        Box::new(move |tag| Outgoing::Frame {
+                            header: Header::new(FrameKind::Read, tag, r, n),
+                            payload: Vec::new(),
+                        }),
+                    )
+                };
+                per_lane[next % self.lanes.len()].push(item);
+                next += 1;
+                off += n;
+            }
         }
-    }
-
-    /// Queues a READ of `len` bytes at remote `src` into local `dst` (in `entry`).
-    pub(crate) fn read(
-        &self,
-        batch: &Arc<Batch>,
-        req: usize,
-        entry: &Arc<RegionEntry>,
-        dst: u64,
-        src: u64,
-        len: u64,
-    ) {
-        let mut off = 0;
-        while off < len {
-            let n = CHUNK.min(len - off);
-            let read_into = Some((entry.clone(), dst + off));
-            let pending = Pending::Chunk {
-                batch: batch.clone(),
-                req,
-                read_into,
-                len: n,
-            };
-            self.pick().enqueue(pending, |tag| Outgoing::Frame {
-                header: Header::new(FrameKind::Read, tag, src + off, n),
-                payload: Vec::new(),
-            });
-            off += n;
+        for (lane, items) in self.lanes.iter().zip(per_lane) {
+            if !items.is_empty() {
+                lane.submit(items);
+            }
         }
     }
 
     /// Sends a batch's notification (after its data is visible).
     pub(crate) fn send_notify(&self, batch: Arc<Batch>, payload: Vec<u8>) {
         let len = payload.len() as u64;
-        self.lanes[0].enqueue(Pending::Trailer(batch), |tag| Outgoing::Frame {
-            header: Header::new(FrameKind::Notify, tag, 0, len),
-            payload,
-        });
+        self.lanes[0].submit(vec![(
+            Pending::Trailer(batch),
+            Box::new(move |tag| Outgoing::Frame {
+                header: Header::new(FrameKind::Notify, tag, 0, len),
+                payload,
+            }),
+        )]);
     }
 }
 
-fn writer_loop(lane: &LaneShared, mut w: FrameWriter, rx: &Receiver<Outgoing>) {
-    let send = |w: &mut FrameWriter, item: Outgoing| -> io::Result<()> {
-        match item {
-            Outgoing::Write {
-                tag,
-                dst,
-                src,
-                len,
-                entry,
-            } => {
-                let Some(pinned) = entry.pin(src, len) else {
-                    // The local region was unregistered after submit: fail this chunk only.
-                    if let Some(p) = lane.pending.lock().remove(&tag) {
-                        p.fail(Error::NotRegistered { addr: src, len });
-                    }
-                    return Ok(());
-                };
-                w.header(&Header::new(FrameKind::Write, tag, dst, len))?;
-                w.pinned(&pinned)
-            }
-            Outgoing::Frame { header, payload } => {
-                w.header(&header)?;
-                w.bytes(&payload)
-            }
-        }
-    };
+fn writer_loop(lane: &LaneShared, rx: &Receiver<Outgoing>) {
     loop {
         let first = match rx.recv_timeout(POLL) {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) if !lane.dead.load(Ordering::Acquire) => continue,
             Err(_) => return,
         };
-        let mut result = send(&mut w, first);
+        let mut w = lane.writer.lock();
+        lane.queued.fetch_sub(1, Ordering::AcqRel);
+        let mut result = lane.send(&mut w, first);
         while result.is_ok() {
             match rx.try_recv() {
-                Ok(item) => result = send(&mut w, item),
+                Ok(item) => {
+                    lane.queued.fetch_sub(1, Ordering::AcqRel);
+                    result = lane.send(&mut w, item);
+                }
                 Err(_) => break,
             }
         }
         if let Err(e) = result.and_then(|()| w.flush()) {
+            drop(w);
             lane.kill(lane.failure(format!("send failed: {e}")));
             return;
         }
