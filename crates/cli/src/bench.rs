@@ -68,6 +68,11 @@ pub(crate) struct BenchArgs {
     /// TCP connections per peer.
     #[arg(long, default_value_t = 4)]
     lanes: usize,
+    /// Bytes each thread's requests cover: a batch's requests wrap around within this
+    /// footprint (default: batch size × block size, no reuse). A small footprint with a large
+    /// batch measures per-request cost without the cache and TLB misses of a large one.
+    #[arg(long)]
+    footprint: Option<String>,
     /// Target buffer size (target role; default fits the largest sweep point).
     #[arg(long)]
     buffer_size: Option<String>,
@@ -90,6 +95,7 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 }
 
 struct Plan {
+    footprint: Option<u64>,
     blocks: Vec<u64>,
     batch: usize,
     threads: usize,
@@ -112,7 +118,12 @@ impl Plan {
         } else {
             Op::Write
         };
+        let footprint = args.footprint.as_deref().map(parse_size).transpose()?;
+        if footprint.is_some_and(|f| blocks.iter().any(|&b| f < b)) {
+            bail!("--footprint must hold at least one block");
+        }
         Ok(Self {
+            footprint,
             blocks,
             batch: args.batch_size,
             threads: args.threads,
@@ -123,7 +134,14 @@ impl Plan {
 
     /// Bytes one thread's batches span (largest block).
     fn span(&self) -> u64 {
-        self.blocks.iter().max().copied().unwrap_or(0) * self.batch as u64
+        let full = self.blocks.iter().max().copied().unwrap_or(0) * self.batch as u64;
+        self.footprint.map_or(full, |f| f.min(full))
+    }
+
+    /// Offset of request `i` of a batch of `block`-byte requests.
+    fn offset(&self, i: u64, block: u64) -> u64 {
+        let slots = (self.span() / block).max(1);
+        (i % slots) * block
     }
 
     fn buffer(&self) -> u64 {
@@ -211,6 +229,9 @@ fn run_pair(args: &BenchArgs) -> anyhow::Result<()> {
     ] {
         child_args.push(flag.into());
         child_args.push(value);
+    }
+    if let Some(f) = &args.footprint {
+        child_args.extend(["--footprint".into(), f.clone()]);
     }
     let mut child = Command::new(exe)
         .args(&child_args)
@@ -474,10 +495,10 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                 let reqs: Vec<Request> = (0..plan.batch as u64)
                     .map(|i| Request {
                         op: plan.op,
-                        local: local + i * block,
+                        local: local + plan.offset(i, block),
                         len: block,
                         peer,
-                        remote: remote + i * block,
+                        remote: remote + plan.offset(i, block),
                     })
                     .collect();
                 let round: Round<'_> = Box::new(move || -> anyhow::Result<()> {
@@ -506,7 +527,7 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                 bytes_per_round,
                 reqs_per_round,
                 "memcpy",
-                |_| memcpy_round(block, plan.batch),
+                |_| memcpy_round(block, plan.batch, plan.span()),
             )?),
             None => None,
         };
@@ -672,14 +693,15 @@ fn raw_client(
     }))
 }
 
-fn memcpy_round(block: u64, batch: usize) -> anyhow::Result<Round<'static>> {
-    let len = block as usize * batch;
-    let src = vec![3u8; len];
-    let mut dst = vec![0u8; len];
+fn memcpy_round(block: u64, batch: usize, span: u64) -> anyhow::Result<Round<'static>> {
+    let block = block as usize;
+    let slots = (span as usize / block).max(1);
+    let src = vec![3u8; slots * block];
+    let mut dst = vec![0u8; slots * block];
     Ok(Box::new(move || {
         for i in 0..batch {
-            let r = i * block as usize..(i + 1) * block as usize;
-            dst[r.clone()].copy_from_slice(&src[r]);
+            let at = (i % slots) * block;
+            dst[at..at + block].copy_from_slice(&src[at..at + block]);
         }
         std::hint::black_box(&dst);
         Ok(())

@@ -20,7 +20,7 @@ use crate::frames::{FrameReader, FrameWriter, POLL};
 use crate::lifecycle::Wakeable;
 use crate::notify::Notification;
 
-const IO_BUFFER: usize = 256 << 10;
+const IO_BUFFER: usize = 64 << 10;
 
 /// Binds the RPC port: the configured port, or random ports of the range until one is free.
 /// Only what this returns is ever published.

@@ -24,7 +24,7 @@ use crate::registry::RegionEntry;
 
 /// Requests larger than this are split into chunks spread over the lanes.
 pub(crate) const CHUNK: u64 = 4 << 20;
-const IO_BUFFER: usize = 256 << 10;
+const IO_BUFFER: usize = 64 << 10;
 
 /// What a lane waits for an answer to.
 enum Pending {
