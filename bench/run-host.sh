@@ -27,6 +27,9 @@ run tcp-4KiB-b100      --transport tcp --op write --block-size 4KiB --batch-size
 run tcp-4KiB-b10000    --transport tcp --op write --block-size 4KiB --batch-size 10000
 run shm-4KiB-b100      --transport shm --op write --block-size 4KiB --batch-size 100
 run shm-4KiB-b10000    --transport shm --op write --block-size 4KiB --batch-size 10000
+# Same 400 KiB footprint for both batch sizes: per-request cost without cache/TLB misses.
+run shm-4KiB-b100-fp   --transport shm --op write --block-size 4KiB --batch-size 100 --footprint 400KiB --baseline memcpy
+run shm-4KiB-b10000-fp --transport shm --op write --block-size 4KiB --batch-size 10000 --footprint 400KiB --baseline memcpy
 run tcp-1MiB-read-4thr --transport tcp --op read --block-size 1MiB --batch-size 32 --threads 4 --baseline raw-tcp
 python3 - "$out" <<'PY'
 import json, sys
