@@ -332,23 +332,83 @@ impl Engine {
     /// Registers a buffer the engine keeps alive while it is registered: the safe form of
     /// [`Engine::register`].
     pub fn register_buffer(&self, buffer: Arc<HostBuffer>, location: &str) -> Result<RegionId> {
-        self.check_running()?;
         let (addr, len) = (buffer.addr(), buffer.len() as u64);
+        // SAFETY: the range is exactly the buffer's allocation, which the registry keeps alive
+        // (it owns an `Arc` of it) until the region is unregistered.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.register_with_owner(addr, len, location, buffer)
+        }
+    }
+
+    /// Registers `[addr, addr+len)` and keeps `owner` alive until the region is unregistered
+    /// (for memory owned by another runtime, such as a Python object).
+    ///
+    /// # Safety
+    /// The range must be valid, writable memory for as long as `owner` is alive.
+    #[allow(unsafe_code)]
+    pub unsafe fn register_with_owner(
+        &self,
+        addr: u64,
+        len: u64,
+        location: &str,
+        owner: Arc<dyn Send + Sync>,
+    ) -> Result<RegionId> {
+        self.check_running()?;
         let found = tidewire_gpu::classify(addr, len);
         if let Some(detail) = LocationHint::parse(location)?.contradiction(found) {
             return Err(Error::LocationMismatch { addr, detail });
         }
-        let owner: Arc<dyn Send + Sync> = buffer;
-        let ids = self.register_new(vec![NewRegion {
+        let region = NewRegion {
             addr,
             len,
             location: found,
             shared: None,
             owner: Some(owner),
-        }])?;
+        };
+        let ids = self.register_new(vec![region])?;
         ids.into_iter()
             .next()
             .ok_or(Error::Internal("one registration returned no id"))
+    }
+
+    /// Copies `data` into this engine's registered memory at `addr` (the range must lie
+    /// inside one registered region).
+    pub fn write_local(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        let entry = self
+            .inner
+            .registry
+            .find(addr, len)
+            .ok_or(Error::NotRegistered { addr, len })?;
+        let dst = entry
+            .pin(addr, len)
+            .ok_or(Error::NotRegistered { addr, len })?;
+        mem::copy_from_slice(&dst, data);
+        Ok(())
+    }
+
+    /// Copies `len` bytes of this engine's registered memory at `addr`.
+    pub fn read_local(&self, addr: u64, len: u64) -> Result<Vec<u8>> {
+        let entry = self
+            .inner
+            .registry
+            .find(addr, len)
+            .ok_or(Error::NotRegistered { addr, len })?;
+        let src = entry
+            .pin(addr, len)
+            .ok_or(Error::NotRegistered { addr, len })?;
+        Ok(mem::copy_to_vec(&src))
+    }
+
+    /// The first registered region of this engine, if any (address, length).
+    pub fn first_region(&self) -> Option<(u64, u64)> {
+        self.inner
+            .registry
+            .snapshot()
+            .1
+            .first()
+            .map(|r| (r.addr, r.len))
     }
 
     fn register_new(&self, news: Vec<NewRegion>) -> Result<Vec<RegionId>> {
@@ -439,7 +499,8 @@ impl Engine {
     /// Opening the same name again returns the same handle.
     pub fn open_segment(&self, name: &str) -> Result<PeerId> {
         self.check_running()?;
-        if let Some(&id) = self.inner.peers.lock().by_name.get(name) {
+        let known = self.inner.peers.lock().by_name.get(name).copied();
+        if let Some(id) = known {
             self.peer(id)?;
             return Ok(id);
         }

@@ -83,6 +83,23 @@ pub(crate) fn copy_pinned(dst: &Pinned<'_>, src: &Pinned<'_>) {
     unsafe { std::ptr::copy(src.addr() as *const u8, dst.addr() as *mut u8, len as usize) }
 }
 
+/// Copies `data` into a pinned range (up to the shorter of the two).
+pub(crate) fn copy_from_slice(dst: &Pinned<'_>, data: &[u8]) {
+    let n = dst.len().min(data.len() as u64);
+    // SAFETY: the destination is pinned in a live registered region; `data` is a distinct
+    // Rust slice of at least `n` bytes.
+    unsafe { copy(dst.addr(), data.as_ptr() as u64, n) }
+}
+
+/// Copies a pinned range into a new vector.
+pub(crate) fn copy_to_vec(src: &Pinned<'_>) -> Vec<u8> {
+    let mut out = vec![0u8; src.len() as usize];
+    // SAFETY: the source is pinned in a live registered region; `out` is a fresh allocation
+    // of the same length.
+    unsafe { copy(out.as_mut_ptr() as u64, src.addr(), src.len()) };
+    out
+}
+
 /// A page-aligned, zeroed host buffer owned by Rust: what tests, benches and bindings
 /// register when they need plain host memory.
 pub struct HostBuffer {

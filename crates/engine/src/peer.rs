@@ -117,7 +117,8 @@ impl PeerConn {
 
     /// Closes the connections; requests in flight fail with `err`.
     pub(crate) fn close(&self, err: Error) {
-        if let Some(t) = self.tcp.lock().take() {
+        let tcp = self.tcp.lock().take();
+        if let Some(t) = tcp {
             t.close(Some(err));
         }
         self.shm.lock().take();

@@ -265,3 +265,14 @@ fn large_mixed_batches_move_every_byte() {
     drop(initiator);
     drop(target);
 }
+
+#[test]
+fn opening_a_segment_again_returns_the_same_handle() {
+    let target = common::engine();
+    let initiator = common::engine();
+    let a = initiator.open_segment(target.name()).unwrap();
+    let b = initiator.open_segment(target.name()).unwrap();
+    assert_eq!(a, b);
+    let me = initiator.open_segment(initiator.name()).unwrap();
+    assert_eq!(initiator.open_segment(initiator.name()).unwrap(), me);
+}

@@ -1,5 +1,483 @@
-//! tidewire-py: the PyO3 bindings (`tidewire._native`).
+//! tidewire-py: the PyO3 bindings, Python module `tidewire._native`.
 //!
-//! Empty until the Python issue lands: the Rust core never depends on PyO3, and this crate
-//! will hold every `#[pyclass]`.
-#![forbid(unsafe_code)]
+//! Every `#[pyclass]` lives here; the engine crates never depend on PyO3. The public Python
+//! API is the `tidewire` package, which wraps this module. Every blocking call extracts and
+//! owns its arguments, releases the GIL, and maps errors through [`errors::to_py`].
+#![allow(unsafe_code)]
+
+mod arrays;
+mod errors;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use tidewire::{
+    BatchHandle, BatchOptions, Engine, EngineConfig, MetadataUri, Op, Request, RequestStatus,
+};
+
+use arrays::{MemoryObject, U64Array};
+use errors::to_py;
+
+/// Runs `f` without the GIL (it must not touch Python objects).
+fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> tidewire::Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(f).map_err(to_py)
+}
+
+fn parse_op(op: &str) -> PyResult<Op> {
+    match op.to_ascii_lowercase().as_str() {
+        "write" | "w" => Ok(Op::Write),
+        "read" | "r" => Ok(Op::Read),
+        _ => Err(errors::invalid(format!(
+            "op must be \"read\" or \"write\", not {op:?}"
+        ))),
+    }
+}
+
+/// A transfer engine (one per process, or several in tests).
+#[pyclass(frozen, module = "tidewire._native", name = "Engine")]
+struct PyEngine {
+    engine: std::mem::ManuallyDrop<Arc<Engine>>,
+    /// The process that created the engine. A forked child has none of its threads: it must
+    /// neither use nor shut down (join) the engine.
+    pid: u32,
+}
+
+impl PyEngine {
+    fn engine(&self) -> PyResult<Arc<Engine>> {
+        if std::process::id() != self.pid {
+            return Err(errors::TidewireError::new_err(
+                "this engine was created in another process (before a fork); create a new Engine in this process",
+            ));
+        }
+        Ok(Arc::clone(&self.engine))
+    }
+}
+
+impl Drop for PyEngine {
+    fn drop(&mut self) {
+        if std::process::id() == self.pid {
+            // SAFETY: `engine` is never used again after this point.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.engine) };
+        }
+        // In a forked child the engine's threads do not exist: leak it rather than join them.
+    }
+}
+
+#[pymethods]
+impl PyEngine {
+    /// Starts an engine. `metadata` is "p2p" (default) or "http://host:port/metadata".
+    /// `transports` limits the transports ("tcp", "shm", "local"); `force_tcp` forces TCP.
+    /// The `MC_*` environment variables apply on top.
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (host="127.0.0.1", port=None, metadata="p2p", name=None, transports=None, force_tcp=false, tcp_lanes=4))]
+    fn new(
+        py: Python<'_>,
+        host: &str,
+        port: Option<u16>,
+        metadata: &str,
+        name: Option<String>,
+        transports: Option<Vec<String>>,
+        force_tcp: bool,
+        tcp_lanes: usize,
+    ) -> PyResult<Self> {
+        let mut cfg = EngineConfig {
+            host: host.to_string(),
+            port,
+            name,
+            metadata: MetadataUri::parse(metadata).map_err(to_py)?,
+            tcp_lanes,
+            ..EngineConfig::default()
+        }
+        .from_env()
+        .map_err(to_py)?;
+        if let Some(list) = transports {
+            let mut enabled = std::collections::BTreeSet::new();
+            for t in &list {
+                let kind = tidewire::core::select::TransportKind::parse(t)
+                    .ok_or_else(|| errors::invalid(format!("unknown transport {t:?}")))?;
+                enabled.insert(kind);
+            }
+            cfg.transports.enabled = enabled;
+        }
+        cfg.transports.force_tcp |= force_tcp;
+        let engine = detached(py, || Engine::new(cfg))?;
+        Ok(Self {
+            engine: std::mem::ManuallyDrop::new(Arc::new(engine)),
+            pid: std::process::id(),
+        })
+    }
+
+    /// The segment name peers open this engine by (`host:port` in p2p mode).
+    #[getter]
+    fn name(&self) -> PyResult<String> {
+        Ok(self.engine()?.name().to_string())
+    }
+
+    /// The bound RPC port.
+    #[getter]
+    fn rpc_port(&self) -> PyResult<u16> {
+        Ok(self.engine()?.rpc_addr().port())
+    }
+
+    /// The bound RPC address (`ip:port`).
+    #[getter]
+    fn rpc_addr(&self) -> PyResult<String> {
+        Ok(self.engine()?.rpc_addr().to_string())
+    }
+
+    /// This engine's descriptor as JSON.
+    fn descriptor(&self) -> PyResult<String> {
+        Ok(String::from_utf8_lossy(&self.engine()?.descriptor().to_json()).into_owned())
+    }
+
+    /// Registers raw memory `[addr, addr+length)`. The caller keeps it alive until
+    /// `unregister` returns (prefer `register_object`).
+    #[pyo3(signature = (addr, length, location="*"))]
+    fn register(&self, py: Python<'_>, addr: u64, length: u64, location: &str) -> PyResult<u64> {
+        let engine = self.engine()?;
+        let location = location.to_string();
+        // SAFETY: the Python caller vouches for the range (documented contract of this raw
+        // form, as for Mooncake's register_memory).
+        detached(py, move || unsafe {
+            engine.register(addr, length, &location)
+        })
+        .map(|id| id.0)
+    }
+
+    /// Registers several raw ranges, all or none.
+    #[pyo3(signature = (addrs, lengths, location="*"))]
+    fn register_batch(
+        &self,
+        py: Python<'_>,
+        addrs: U64Array,
+        lengths: U64Array,
+        location: &str,
+    ) -> PyResult<Vec<u64>> {
+        let n = addrs.len();
+        let ranges: Vec<(u64, u64)> = (0..n)
+            .map(|i| Ok((addrs.get(i)?, lengths.get(i)?)))
+            .collect::<PyResult<_>>()?;
+        let engine = self.engine()?;
+        let location = location.to_string();
+        // SAFETY: as for `register`.
+        let ids = detached(py, move || unsafe {
+            engine.register_batch(&ranges, &location)
+        })?;
+        Ok(ids.into_iter().map(|id| id.0).collect())
+    }
+
+    /// Registers the memory of a host array: anything with `__array_interface__` (numpy) or
+    /// `__dlpack__` on the CPU. The object is kept alive while registered. Returns
+    /// `(addr, length)`.
+    #[pyo3(signature = (obj, location="*"))]
+    fn register_object(
+        &self,
+        py: Python<'_>,
+        obj: MemoryObject,
+        location: &str,
+    ) -> PyResult<(u64, u64)> {
+        let (addr, len) = (obj.addr, obj.len);
+        let owner: Arc<dyn Send + Sync> = Arc::new(obj.owner);
+        let engine = self.engine()?;
+        let location = location.to_string();
+        // SAFETY: `obj` exposes `len` writable bytes at `addr` (checked by `MemoryObject`) and
+        // stays alive because the registry holds `owner` until unregistration.
+        detached(py, move || unsafe {
+            engine.register_with_owner(addr, len, &location, owner)
+        })?;
+        Ok((addr, len))
+    }
+
+    /// Unregisters the region starting at `addr`; returns when no transfer touches it.
+    fn unregister(&self, py: Python<'_>, addr: u64) -> PyResult<()> {
+        let engine = self.engine()?;
+        detached(py, move || engine.unregister(addr))
+    }
+
+    fn unregister_batch(&self, py: Python<'_>, addrs: U64Array) -> PyResult<()> {
+        let addrs: Vec<u64> = (0..addrs.len())
+            .map(|i| addrs.get(i))
+            .collect::<PyResult<_>>()?;
+        let engine = self.engine()?;
+        detached(py, move || engine.unregister_batch(&addrs))
+    }
+
+    /// Allocates and registers `length` bytes of shareable host memory; returns its address.
+    fn allocate_shared(&self, py: Python<'_>, length: u64) -> PyResult<u64> {
+        let engine = self.engine()?;
+        detached(py, move || engine.allocate_shared(length))
+    }
+
+    fn free_shared(&self, py: Python<'_>, addr: u64) -> PyResult<()> {
+        let engine = self.engine()?;
+        detached(py, move || engine.free_shared(addr))
+    }
+
+    /// Copies `data` into registered memory of this engine at `addr`.
+    fn write_local(&self, addr: u64, data: &[u8]) -> PyResult<()> {
+        self.engine()?.write_local(addr, data).map_err(to_py)
+    }
+
+    /// Reads `length` bytes of registered memory of this engine at `addr`.
+    fn read_local<'py>(
+        &self,
+        py: Python<'py>,
+        addr: u64,
+        length: u64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let v = self.engine()?.read_local(addr, length).map_err(to_py)?;
+        Ok(PyBytes::new(py, &v))
+    }
+
+    /// The first registered region of this engine as `(addr, length)`, or None.
+    fn first_region(&self) -> PyResult<Option<(u64, u64)>> {
+        Ok(self.engine()?.first_region())
+    }
+
+    /// Opens a peer segment (fetching its descriptor) and returns its descriptor as JSON.
+    fn peer_descriptor(&self, py: Python<'_>, peer: &str) -> PyResult<String> {
+        let engine = self.engine()?;
+        let peer = peer.to_string();
+        let d = detached(py, move || {
+            let id = engine.open_segment(&peer)?;
+            engine.peer_descriptor(id)
+        })?;
+        Ok(String::from_utf8_lossy(&d.to_json()).into_owned())
+    }
+
+    /// Submits a batch to `peer`: request i moves `lengths[i]` bytes between local `local[i]`
+    /// and remote `remote[i]`. The arrays are lists of ints, numpy arrays or DLPack tensors of
+    /// 64-bit integers; `lengths` may be one int for all.
+    #[pyo3(signature = (peer, op, local, remote, lengths, notify=None, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        peer: &str,
+        op: &str,
+        local: U64Array,
+        remote: U64Array,
+        lengths: U64Array,
+        notify: Option<(String, String)>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyBatch> {
+        let op = parse_op(op)?;
+        let n = local.len();
+        if remote.len() != n || !(lengths.len() == n || lengths.is_scalar()) {
+            return Err(errors::invalid(format!(
+                "descriptor arrays differ in length: local {n}, remote {}, lengths {}",
+                remote.len(),
+                lengths.len()
+            )));
+        }
+        let engine = self.engine()?;
+        let peer = peer.to_string();
+        let peer_id = detached(py, move || engine.open_segment(&peer))?;
+        let mut reqs = Vec::with_capacity(n);
+        for i in 0..n {
+            reqs.push(Request {
+                op,
+                local: local.get(i)?,
+                len: lengths.get(i)?,
+                peer: peer_id,
+                remote: remote.get(i)?,
+            });
+        }
+        let opts = BatchOptions {
+            notify,
+            timeout: timeout.map(Duration::from_secs_f64),
+        };
+        let engine = self.engine()?;
+        let handle = detached(py, move || engine.submit(&reqs, opts))?;
+        Ok(PyBatch { handle })
+    }
+
+    /// Notifications received so far, oldest first, as `(from, name, message)`.
+    fn take_notifications(&self) -> PyResult<Vec<(String, String, String)>> {
+        Ok(self
+            .engine()?
+            .take_notifications()
+            .into_iter()
+            .map(|n| (n.from, n.name, n.message))
+            .collect())
+    }
+
+    /// Checks a peer answers; returns the round trip in seconds.
+    fn probe(&self, py: Python<'_>, peer: &str) -> PyResult<f64> {
+        let engine = self.engine()?;
+        let peer = peer.to_string();
+        detached(py, move || {
+            let id = engine.open_segment(&peer)?;
+            engine.probe(id)
+        })
+        .map(|d| d.as_secs_f64())
+    }
+
+    /// Whether the shm transport serves, and why not: `(True, "")` or `(False, reason)`.
+    fn shm_status(&self) -> PyResult<(bool, String)> {
+        Ok(match self.engine()?.shm_status() {
+            Ok(()) => (true, String::new()),
+            Err(r) => (false, r),
+        })
+    }
+
+    /// Unpublishes, fails in-flight requests, joins threads. Idempotent.
+    fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
+        let engine = self.engine()?;
+        detached(py, move || {
+            engine.shutdown();
+            Ok(())
+        })
+    }
+}
+
+/// A submitted batch.
+#[pyclass(frozen, module = "tidewire._native", name = "Batch")]
+struct PyBatch {
+    handle: BatchHandle,
+}
+
+#[pymethods]
+impl PyBatch {
+    #[getter]
+    fn id(&self) -> u64 {
+        self.handle.id().0
+    }
+
+    /// Waits until the batch finishes (or `timeout` seconds pass: then returns False).
+    /// Raises the batch's first failure. Ctrl-C interrupts the wait.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let until =
+            timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        loop {
+            let step = Duration::from_millis(50);
+            let step = until.map_or(step, |u| {
+                step.min(u.saturating_duration_since(std::time::Instant::now()))
+            });
+            let handle = self.handle.clone();
+            match py.detach(move || handle.wait_timeout(step)) {
+                Some(Ok(())) => return Ok(true),
+                Some(Err(e)) => return Err(to_py(e)),
+                None => {}
+            }
+            py.check_signals()?;
+            if until.is_some_and(|u| std::time::Instant::now() >= u) {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// None while running; True when done; raises the failure otherwise.
+    fn poll(&self) -> PyResult<Option<bool>> {
+        match self.handle.poll() {
+            None => Ok(None),
+            Some(Ok(())) => Ok(Some(true)),
+            Some(Err(e)) => Err(to_py(e)),
+        }
+    }
+
+    /// `"pending"`, `"done"`, `"failed"` or `"timeout"`, without raising.
+    fn state(&self) -> &'static str {
+        match self.handle.poll() {
+            None => "pending",
+            Some(Ok(())) => "done",
+            Some(Err(tidewire::Error::Timeout { .. })) => "timeout",
+            Some(Err(_)) => "failed",
+        }
+    }
+
+    /// Fails every request still pending with Cancelled.
+    fn cancel(&self) {
+        self.handle.cancel();
+    }
+
+    /// Per request: `(state, error message or None)`.
+    fn statuses(&self) -> Vec<(&'static str, Option<String>)> {
+        self.handle
+            .statuses()
+            .into_iter()
+            .map(|s| match s {
+                RequestStatus::Pending => ("pending", None),
+                RequestStatus::Done => ("done", None),
+                RequestStatus::Failed(e) => ("failed", Some(e.to_string())),
+            })
+            .collect()
+    }
+
+    /// `(done, failed, pending)` request counts.
+    fn counts(&self) -> (usize, usize, usize) {
+        self.handle.counts()
+    }
+}
+
+/// The HTTP metadata server, in this process. Stops when dropped or on `stop()`.
+#[pyclass(module = "tidewire._native", name = "MetadataServer")]
+struct PyMetadataServer {
+    server: Option<tidewire::MetadataServer>,
+    url: String,
+}
+
+#[pymethods]
+impl PyMetadataServer {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (host="127.0.0.1", port=0))]
+    fn new(host: &str, port: u16) -> PyResult<Self> {
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let server = tidewire::MetadataServer::start(&format!("{host}:{port}")).map_err(to_py)?;
+        let url = server.url();
+        Ok(Self {
+            server: Some(server),
+            url,
+        })
+    }
+
+    /// The URL engines pass as `metadata`.
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn stop(&mut self, py: Python<'_>) {
+        let server = self.server.take();
+        py.detach(move || drop(server));
+    }
+}
+
+/// Counts the descriptors of an array argument (used by benchmarks to time conversion).
+#[pyfunction]
+fn descriptor_count(values: U64Array) -> usize {
+    values.len()
+}
+
+/// GPU support of this build: `(available, reason)`.
+#[pyfunction]
+fn gpu_status() -> (bool, String) {
+    match tidewire_gpu::probe() {
+        Ok(r) => (true, format!("{} device(s)", r.devices)),
+        Err(u) => (false, u.to_string()),
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyEngine>()?;
+    m.add_class::<PyBatch>()?;
+    m.add_class::<PyMetadataServer>()?;
+    m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
+    m.add_function(wrap_pyfunction!(gpu_status, m)?)?;
+    errors::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

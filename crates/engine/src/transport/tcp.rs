@@ -141,7 +141,8 @@ impl LaneShared {
                 entry,
             } => {
                 let Some(pinned) = entry.pin(src, len) else {
-                    if let Some(p) = self.pending.lock().remove(&tag) {
+                    let pending = self.pending.lock().remove(&tag);
+                    if let Some(p) = pending {
                         p.fail(Error::NotRegistered { addr: src, len });
                     }
                     return Ok(());

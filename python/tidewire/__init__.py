@@ -1,0 +1,211 @@
+"""tidewire: a one-sided (READ / WRITE) transfer engine for LLM serving.
+
+`Engine` is the Pythonic API; `tidewire.mooncake.TransferEngine` reproduces the
+`mooncake.engine.TransferEngine` API that SGLang and vLLM call.
+
+    with tidewire.Engine() as target, tidewire.Engine() as initiator:
+        remote = target.allocate_shared(1 << 20)
+        buf = numpy.ones(1 << 20, dtype=numpy.uint8)
+        addr, length = initiator.register(buf)
+        initiator.write(target.name, addr, remote, length)
+
+Descriptor arrays (local addresses, remote addresses, lengths) may be lists of ints, numpy
+arrays or DLPack tensors of 64-bit integers: 100,000 descriptors never become 100,000 Python
+objects. Every blocking call releases the GIL; an engine may be used from many threads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
+
+from . import _native
+from ._native import (
+    Batch,
+    BindError,
+    Cancelled,
+    ConfigError,
+    InternalError,
+    InvalidArgument,
+    MetadataError,
+    MetadataServer,
+    NoTransport,
+    NotRegistered,
+    OsError,
+    PeerFailed,
+    PeerUnreachable,
+    ProtocolError,
+    RegistrationError,
+    RemoteAccessDenied,
+    SegmentNotFound,
+    ShuttingDown,
+    TidewireError,
+    Timeout,
+)
+
+__version__: str = _native.__version__
+
+__all__ = [
+    "Batch",
+    "BindError",
+    "Cancelled",
+    "ConfigError",
+    "Engine",
+    "InternalError",
+    "InvalidArgument",
+    "MetadataError",
+    "MetadataServer",
+    "NoTransport",
+    "NotRegistered",
+    "Notification",
+    "OsError",
+    "PeerFailed",
+    "PeerUnreachable",
+    "ProtocolError",
+    "RegistrationError",
+    "RemoteAccessDenied",
+    "SegmentNotFound",
+    "ShuttingDown",
+    "TidewireError",
+    "Timeout",
+    "gpu_status",
+]
+
+#: A list of ints, a numpy array, or a DLPack tensor of 64-bit integers; or one int for all.
+Descriptors = Union[int, Sequence[int], Any]
+
+
+class Notification(NamedTuple):
+    """A notification received from a peer, after the data of its batch was visible."""
+
+    sender: str
+    name: str
+    message: str
+
+
+def gpu_status() -> Tuple[bool, str]:
+    """Whether this build can use GPUs, and why not."""
+    return _native.gpu_status()
+
+
+class Engine:
+    """A transfer engine: registered memory, an RPC endpoint, transports.
+
+    Args:
+        host: address to bind and advertise (IPv4 or IPv6).
+        port: RPC port; None picks a free one in MC_MIN_RPC_PORT..MC_MAX_RPC_PORT.
+        metadata: "p2p" (default, no server) or "http://host:port/metadata".
+        name: segment name (with a metadata server); p2p names are "host:port".
+        transports: restrict to these transports ("local", "shm", "tcp").
+        force_tcp: send everything over TCP (also MC_FORCE_TCP=1).
+        tcp_lanes: TCP connections per peer.
+
+    Use as a context manager, or call `shutdown()`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: Optional[int] = None,
+        metadata: str = "p2p",
+        name: Optional[str] = None,
+        transports: Optional[Sequence[str]] = None,
+        force_tcp: bool = False,
+        tcp_lanes: int = 4,
+    ) -> None:
+        self._native = _native.Engine(
+            host, port, metadata, name, list(transports) if transports else None, force_tcp, tcp_lanes
+        )
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"tidewire.Engine(name={self.name!r})"
+
+    @property
+    def name(self) -> str:
+        """The segment name peers open this engine by."""
+        return self._native.name
+
+    @property
+    def rpc_port(self) -> int:
+        return self._native.rpc_port
+
+    @property
+    def rpc_addr(self) -> str:
+        return self._native.rpc_addr
+
+    def descriptor(self) -> dict:
+        """This engine's segment descriptor."""
+        return json.loads(self._native.descriptor())
+
+    def peer_descriptor(self, peer: str) -> dict:
+        """A peer's segment descriptor (opening the peer if needed)."""
+        return json.loads(self._native.peer_descriptor(peer))
+
+    def register(self, obj: Any, length: Optional[int] = None, location: str = "*") -> Tuple[int, int]:
+        """Registers memory peers may read and write; returns (address, length).
+
+        `obj` is an address (with `length`; you keep the memory alive until `unregister`),
+        or an array: anything with `__array_interface__` (numpy) or a CPU DLPack tensor
+        (torch), which the engine keeps alive while registered.
+        """
+        if isinstance(obj, int):
+            if length is None:
+                raise InvalidArgument("register(address) needs a length")
+            self._native.register(obj, length, location)
+            return obj, length
+        return self._native.register_object(obj, location)
+
+    def unregister(self, addr: Union[int, Tuple[int, int]]) -> None:
+        """Unregisters the region starting at `addr`; returns once no transfer touches it."""
+        self._native.unregister(addr[0] if isinstance(addr, tuple) else addr)
+
+    def allocate_shared(self, length: int) -> int:
+        """Allocates and registers shareable host memory (reached by shm on this host)."""
+        return self._native.allocate_shared(length)
+
+    def free_shared(self, addr: int) -> None:
+        self._native.free_shared(addr)
+
+    def submit(
+        self,
+        peer: str,
+        op: str,
+        local: Descriptors,
+        remote: Descriptors,
+        lengths: Descriptors,
+        notify: Optional[Tuple[str, str]] = None,
+        timeout: Optional[float] = None,
+    ) -> Batch:
+        """Submits a batch without waiting; `op` is "read" or "write"."""
+        return self._native.submit(peer, op, local, remote, lengths, notify, timeout)
+
+    def write(self, peer: str, local: Descriptors, remote: Descriptors, lengths: Descriptors,
+              notify: Optional[Tuple[str, str]] = None, timeout: Optional[float] = None) -> None:
+        """Writes local ranges to the peer and waits; raises on failure."""
+        self.submit(peer, "write", local, remote, lengths, notify, timeout).wait()
+
+    def read(self, peer: str, local: Descriptors, remote: Descriptors, lengths: Descriptors,
+             timeout: Optional[float] = None) -> None:
+        """Reads the peer's ranges into local memory and waits; raises on failure."""
+        self.submit(peer, "read", local, remote, lengths, None, timeout).wait()
+
+    def notifications(self) -> list:
+        """Notifications received so far (oldest first), as `Notification` tuples."""
+        return [Notification(*n) for n in self._native.take_notifications()]
+
+    def probe(self, peer: str) -> float:
+        """Round trip to the peer's RPC port in seconds; raises if unreachable."""
+        return self._native.probe(peer)
+
+    def shm_status(self) -> Tuple[bool, str]:
+        return self._native.shm_status()
+
+    def shutdown(self) -> None:
+        """Unpublishes, fails in-flight requests with ShuttingDown, joins threads."""
+        self._native.shutdown()
