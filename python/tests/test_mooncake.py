@@ -1,0 +1,228 @@
+"""tidewire.mooncake.TransferEngine against a target in another process, over peer-to-peer
+metadata and over the HTTP metadata server: random data both ways, every byte checked."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import rand
+from tidewire import mooncake
+from tidewire.mooncake import TransferEngine, TransferNotify, TransferOpcode
+
+MiB = 1 << 20
+
+
+def initiator(metadata: str, name: str = "127.0.0.1:29999") -> TransferEngine:
+    e = TransferEngine()
+    assert e.initialize(name if metadata != "P2PHANDSHAKE" else "127.0.0.1:9", metadata, "tcp", "") == 0
+    return e
+
+
+def local(engine: TransferEngine, data: bytes) -> np.ndarray:
+    buf = np.frombuffer(bytearray(data), dtype=np.uint8)
+    assert engine.register_memory(buf.ctypes.data, buf.nbytes) == 0
+    return buf
+
+
+def read_all(engine: TransferEngine, target) -> bytes:
+    back = local(engine, b"\xa5" * target.len)
+    assert engine.transfer_sync_read(target.name, back.ctypes.data, target.addr, target.len) == 0
+    assert engine.unregister_memory(back.ctypes.data) == 0, "unregister before the memory is freed"
+    return back.tobytes()
+
+
+def test_single_and_batch_sync_both_ways(metadata, make_target):
+    t = make_target(metadata)
+    e = initiator(metadata)
+    data = rand(t.len, 2)
+    src = local(e, data)
+    # Single write of the first MiB, then a batch of 64 scattered 4 KiB writes.
+    assert e.transfer_sync_write(t.name, src.ctypes.data, t.addr, MiB) == 0
+    offs = [(i * 7919 % 256) * 4096 + MiB for i in range(64)]
+    rc = e.batch_transfer_sync_write(t.name, [src.ctypes.data + o for o in offs], [t.addr + o for o in offs], [4096] * 64)
+    assert rc == 0
+    want = bytearray(t.initial())
+    want[:MiB] = data[:MiB]
+    for o in offs:
+        want[o:o + 4096] = data[o:o + 4096]
+    assert read_all(e, t) == bytes(want)
+    # Batch read into poisoned memory.
+    back = local(e, b"\x5a" * t.len)
+    rc = e.batch_transfer_sync_read(t.name, [back.ctypes.data + o for o in offs], [t.addr + o for o in offs], [4096] * 64)
+    assert rc == 0
+    for o in offs:
+        assert back[o:o + 4096].tobytes() == data[o:o + 4096]
+
+
+def test_async_transfers_and_status_codes(metadata, make_target):
+    t = make_target(metadata)
+    e = initiator(metadata)
+    data = rand(t.len, 3)
+    src = local(e, data)
+    half = t.len // 2
+    ids = [
+        e.batch_transfer_async_write(t.name, [src.ctypes.data], [t.addr], [half]),
+        e.batch_transfer_async_write(t.name, [src.ctypes.data + half], [t.addr + half], [half]),
+    ]
+    assert all(i > 0 for i in ids)
+    assert e.get_batch_transfer_status(ids) == 0
+    assert read_all(e, t) == data
+    bid = e.transfer_submit_write(t.name, src.ctypes.data, t.addr, 4096)
+    assert bid > 0
+    deadline = time.time() + 10
+    status = 0
+    while status == 0 and time.time() < deadline:
+        status = e.transfer_check_status(bid)
+    assert status == 1
+    assert e.transfer_check_status(bid) == -1, "a final status is reported once"
+    bad = e.transfer_submit_write(t.name, src.ctypes.data, t.addr + t.len, 4096)
+    assert bad < 0
+    rid = e.batch_transfer_async_read(t.name, [src.ctypes.data], [t.addr], [4096])
+    assert e.get_batch_transfer_status([rid]) == 0
+    assert e.get_batch_transfer_status([987654]) == -1
+
+
+def test_notifications_arrive_with_the_data(metadata, make_target):
+    t = make_target(metadata)
+    e = initiator(metadata)
+    data = rand(MiB, 4)
+    src = local(e, data)
+    note = TransferNotify("kv_ready", "room-7")
+    assert e.transfer_sync(t.name, src.ctypes.data, t.addr, MiB, TransferOpcode.WRITE, note) == 0
+    rc = e.batch_transfer_sync(t.name, [src.ctypes.data], [t.addr + MiB], [4096], TransferOpcode.Write,
+                               TransferNotify("aux", "x"))
+    assert rc == 0
+    got = []
+    deadline = time.time() + 5
+    while len(got) < 2 and time.time() < deadline:
+        got += t.notifies()
+    assert got == [["kv_ready", "room-7"], ["aux", "x"]]
+    assert read_all(e, t)[:MiB] == data
+
+
+def test_probe_and_first_buffer_address(metadata, make_target):
+    t = make_target(metadata)
+    e = initiator(metadata)
+    assert e.send_probe(t.name) == 0
+    assert e.send_probe("127.0.0.1:1" if metadata == "P2PHANDSHAKE" else "nobody") != 0
+    assert e.get_first_buffer_address(t.name) == t.addr
+
+
+def test_out_of_range_and_unregistered_return_negative_codes_and_leave_the_target_untouched(make_target):
+    t = make_target()
+    e = initiator("P2PHANDSHAKE")
+    src = local(e, rand(8192, 5))
+    assert e.transfer_sync_write(t.name, src.ctypes.data, t.addr + t.len - 4096, 8192) < 0
+    assert e.transfer_sync_write(t.name, src.ctypes.data, t.addr - 4096, 4096) < 0
+    assert e.transfer_sync_write(t.name, src.ctypes.data, 4096, 4096) < 0
+    unregistered = np.zeros(4096, dtype=np.uint8)
+    assert e.transfer_sync_write(t.name, unregistered.ctypes.data, t.addr, 4096) < 0
+    assert e.batch_transfer_sync_write(t.name, [src.ctypes.data, src.ctypes.data], [t.addr, t.addr + t.len], [4096, 4096]) < 0
+    assert read_all(e, t) == t.initial(), "the target is untouched"
+    assert e.unregister_memory(src.ctypes.data) == 0
+    assert e.transfer_sync_write(t.name, src.ctypes.data, t.addr, 4096) < 0
+    assert e.unregister_memory(src.ctypes.data) < 0
+
+
+def test_peer_killed_mid_call_returns_negative_within_the_timeout(make_target, monkeypatch):
+    monkeypatch.setenv("MC_FORCE_TCP", "1")
+    t = make_target(length=256 * MiB)
+    e = initiator("P2PHANDSHAKE")
+    src = local(e, bytes(t.len))
+    n = 64
+    chunk = t.len // n
+    result = {}
+
+    def call() -> None:
+        start = time.time()
+        result["rc"] = e.batch_transfer_sync_write(
+            t.name, [src.ctypes.data + i * chunk for i in range(n)], [t.addr + i * chunk for i in range(n)], [chunk] * n
+        )
+        result["took"] = time.time() - start
+
+    th = threading.Thread(target=call)
+    th.start()
+    time.sleep(0.02)
+    t.freeze_and_kill()
+    th.join(timeout=40)
+    assert not th.is_alive(), "the call returned"
+    assert result["rc"] < 0
+    assert result["took"] < 30
+    assert e.send_probe(t.name) != 0
+
+
+def test_restarted_peer_at_the_same_name_is_reached_again(make_target):
+    server = __import__("tidewire").MetadataServer("127.0.0.1", 0)
+    try:
+        t = make_target(server.url, name="127.0.0.1:29001", seed=8)
+        e = initiator(server.url)
+        assert read_all(e, t) == t.initial()
+        t.close()
+        t2 = make_target(server.url, name="127.0.0.1:29001", seed=9)
+        assert read_all(e, t2) == t2.initial()
+    finally:
+        server.stop()
+
+
+def test_sixteen_threads_at_once(make_target):
+    t = make_target(length=16 * 256 * 1024)
+    e = initiator("P2PHANDSHAKE")
+    data = rand(t.len, 6)
+    src = local(e, data)
+    back = local(e, b"\x00" * t.len)
+    errors = []
+    part = t.len // 16
+
+    def worker(k: int) -> None:
+        base = k * part
+        for _ in range(5):
+            if e.transfer_sync_write(t.name, src.ctypes.data + base, t.addr + base, part) != 0:
+                errors.append(("write", k))
+            if e.transfer_sync_read(t.name, back.ctypes.data + base, t.addr + base, part) != 0:
+                errors.append(("read", k))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors
+    assert back.tobytes() == data
+
+
+def test_local_api_surface():
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "etcd://127.0.0.1:2379", "tcp", "") == -1
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "nvlink", "") == -1
+    assert e.initialize("127.0.0.1:12345", "P2PHANDSHAKE", "rdma", "mlx5_0") == 0
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == -1, "initialized once"
+    assert 15000 <= e.get_rpc_port() <= 17000
+    assert e.get_engine() is None and e.get_engine_ptr() == 0
+    topo = json.loads(e.get_local_topology())
+    assert "cpu:0" in topo
+    addr = e.allocate_managed_buffer(MiB)
+    assert addr != 0
+    assert e.write_bytes_to_buffer(addr, b"hello tidewire", 14) == 0
+    assert e.read_bytes_from_buffer(addr, 14) == b"hello tidewire"
+    assert e.read_bytes_from_buffer(addr + MiB, 1) == b"", "outside registered memory"
+    assert e.write_bytes_to_buffer(12345, b"x", 1) < 0
+    assert e.get_first_buffer_address(f"127.0.0.1:{e.get_rpc_port()}") == addr
+    assert e.free_managed_buffer(addr, MiB) == 0
+    assert e.get_notifies() == []
+
+
+def test_install_makes_mooncake_importable(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "mooncake", raising=False)
+    monkeypatch.delitem(sys.modules, "mooncake.engine", raising=False)
+    mooncake.install()
+    from mooncake.engine import TransferEngine as Imported  # type: ignore[import-not-found]
+    from mooncake.engine import TransferOpcode as Op  # type: ignore[import-not-found]
+
+    assert Imported is TransferEngine and Op.READ == 0
