@@ -28,4 +28,20 @@ cargo test --workspace --locked --no-run
 step "tests (bounded: 20 minutes)"
 timeout 1200 cargo test --workspace --locked
 
+step "python: a virtual environment with the test tools"
+venv=${TIDEWIRE_VENV:-target/py-venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "maturin>=1.5,<2" "pytest>=7" pytest-timeout numpy mypy
+
+step "python: pip install . (maturin, abi3)"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
+
+step "python: type stubs match the compiled module"
+(cd "$venv" && bin/python -m mypy.stubtest tidewire._native)
+
+step "python: tests (bounded: 15 minutes)"
+timeout 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
+
 step "all tests passed"
