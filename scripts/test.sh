@@ -16,6 +16,24 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   rustup component add rustfmt clippy
 fi
 
+# Real servers for the metadata tests: the tests start their own etcd members and redis
+# servers on free loopback ports with temporary directories and stop them when they end
+# (also when one fails); this trap stops any a killed test run left behind.
+cleanup() { pkill -f "tidewire-(etcd|redis)-" 2>/dev/null || true; }
+trap cleanup EXIT
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ ${#need[@]} -gt 0 ]; then
+  step "installing ${need[*]} from Debian's packages"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+export TIDEWIRE_ETCD_BIN=${TIDEWIRE_ETCD_BIN:-$(command -v etcd)}
+export TIDEWIRE_REDIS_BIN=${TIDEWIRE_REDIS_BIN:-$(command -v redis-server)}
+
 step "format"
 cargo fmt --all -- --check
 

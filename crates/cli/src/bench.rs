@@ -87,10 +87,7 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     } else {
         (t, 1.0)
     };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("duration {text:?}"))?;
+    let v: f64 = num.trim().parse().with_context(|| format!("duration {text:?}"))?;
     Ok(Duration::from_secs_f64(v * scale))
 }
 
@@ -105,19 +102,12 @@ struct Plan {
 
 impl Plan {
     fn from(args: &BenchArgs) -> anyhow::Result<Self> {
-        let blocks = args
-            .block_size
-            .iter()
-            .map(|b| parse_size(b))
-            .collect::<Result<Vec<_>, _>>()?;
+        let blocks =
+            args.block_size.iter().map(|b| parse_size(b)).collect::<Result<Vec<_>, _>>()?;
         if blocks.is_empty() || blocks.contains(&0) || args.batch_size == 0 || args.threads == 0 {
             bail!("block sizes, batch size and threads must be positive");
         }
-        let op = if args.op == "read" {
-            Op::Read
-        } else {
-            Op::Write
-        };
+        let op = if args.op == "read" { Op::Read } else { Op::Write };
         let footprint = args.footprint.as_deref().map(parse_size).transpose()?;
         if footprint.is_some_and(|f| blocks.iter().any(|&b| f < b)) {
             bail!("--footprint must hold at least one block");
@@ -188,9 +178,7 @@ fn run_target(args: &BenchArgs) -> anyhow::Result<()> {
         cfg.name = Some(format!("bench-target-{}", std::process::id()));
     }
     let engine = Engine::new(cfg)?;
-    let addr = engine
-        .allocate_shared(len)
-        .context("allocating the target buffer")?;
+    let addr = engine.allocate_shared(len).context("allocating the target buffer")?;
     let raw =
         TcpListener::bind((args.host.as_str(), 0)).context("binding the raw-tcp baseline port")?;
     let raw_addr = raw.local_addr()?;
@@ -204,11 +192,7 @@ fn run_target(args: &BenchArgs) -> anyhow::Result<()> {
     );
     std::io::stdout().flush()?;
     let mut line = String::new();
-    while std::io::stdin()
-        .read_line(&mut line)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {
+    while std::io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
         line.clear();
     }
     Ok(())
@@ -276,10 +260,7 @@ fn read_ready(child: &mut Child) -> anyhow::Result<Ready> {
                 let _ = e.read_to_string(&mut err);
             }
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-            bail!(
-                "the target process exited before it was ready ({status}): {}",
-                err.trim()
-            );
+            bail!("the target process exited before it was ready ({status}): {}", err.trim());
         }
     };
     if let Some(err) = child.stderr.take() {
@@ -296,12 +277,7 @@ fn read_ready(child: &mut Child) -> anyhow::Result<Ready> {
     let [_, name, addr, len, raw] = parts.as_slice() else {
         bail!("unexpected target output {line:?}")
     };
-    Ok(Ready {
-        name: name.to_string(),
-        addr: addr.parse()?,
-        len: len.parse()?,
-        raw: raw.parse()?,
-    })
+    Ok(Ready { name: name.to_string(), addr: addr.parse()?, len: len.parse()?, raw: raw.parse()? })
 }
 
 #[derive(Default, Clone)]
@@ -391,10 +367,7 @@ where
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a bench thread panicked")))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a bench thread panicked"))))
             .collect()
     });
     if let Some(b) = bar {
@@ -412,22 +385,16 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
     let engine = Engine::new(engine_config(args, 0, &args.transport)?)?;
     let (peer_name, remote_base, remote_len, raw) = match ready {
         Some(r) => (r.name, Some(r.addr), Some(r.len), Some(r.raw)),
-        None => (
-            args.peer.clone().context("--role initiator needs --peer")?,
-            None,
-            None,
-            args.raw_addr,
-        ),
+        None => {
+            (args.peer.clone().context("--role initiator needs --peer")?, None, None, args.raw_addr)
+        }
     };
     let peer = engine.open_segment(&peer_name)?;
     let (remote_base, remote_len) = match (remote_base, remote_len) {
         (Some(a), Some(l)) => (a, l),
         _ => {
             let d = engine.peer_descriptor(peer)?;
-            let r = d
-                .regions
-                .first()
-                .context("the target has no registered region")?;
+            let r = d.regions.first().context("the target has no registered region")?;
             (r.addr, r.len)
         }
     };
@@ -483,13 +450,8 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
             engine.submit(&[req], BatchOptions::default())?.wait()?;
             describe_transport(&engine, peer, remote_base)
         };
-        let mut m = measure(
-            plan.threads,
-            plan.duration,
-            bytes_per_round,
-            reqs_per_round,
-            &label,
-            |t| {
+        let mut m =
+            measure(plan.threads, plan.duration, bytes_per_round, reqs_per_round, &label, |t| {
                 let local = locals_ref[t].addr();
                 let remote = remote_base + t as u64 * span;
                 let reqs: Vec<Request> = (0..plan.batch as u64)
@@ -506,8 +468,7 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                     Ok(())
                 });
                 Ok(round)
-            },
-        )?;
+            })?;
         let base = match args.baseline.as_deref() {
             Some("raw-tcp") => {
                 let raw =
@@ -521,14 +482,11 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                     |_| raw_client(raw, plan.op, block, plan.batch),
                 )?)
             }
-            Some(_) => Some(measure(
-                1,
-                plan.duration,
-                bytes_per_round,
-                reqs_per_round,
-                "memcpy",
-                |_| memcpy_round(block, plan.batch, plan.span()),
-            )?),
+            Some(_) => {
+                Some(measure(1, plan.duration, bytes_per_round, reqs_per_round, "memcpy", |_| {
+                    memcpy_round(block, plan.batch, plan.span())
+                })?)
+            }
             None => None,
         };
         report(args, &transport_used, block, &plan, &mut m, base);
@@ -546,12 +504,7 @@ fn describe_transport(engine: &Engine, peer: tidewire::PeerId, remote: u64) -> S
             i.regions
                 .iter()
                 .find(|r| r.region.addr <= remote && remote < r.region.addr + r.region.len)
-                .and_then(|r| {
-                    r.decision
-                        .as_ref()
-                        .ok()
-                        .map(|c| c.transport.name().to_string())
-                })
+                .and_then(|r| r.decision.as_ref().ok().map(|c| c.transport.name().to_string()))
         })
         .unwrap_or_else(|| "?".into())
 }
@@ -588,13 +541,7 @@ fn report(
         line["baseline_p50_us"] = bp50.into();
         line["baseline_p99_us"] = bp99.into();
         line["ratio"] = ratio.into();
-        base_cols = format!(
-            "  {:>8.3} {:>9.1} {:>9.1} {:>6.2}",
-            b.gbps(),
-            bp50,
-            bp99,
-            ratio
-        );
+        base_cols = format!("  {:>8.3} {:>9.1} {:>9.1} {:>6.2}", b.gbps(), bp50, bp99, ratio);
     }
     if args.json {
         println!("{line}");

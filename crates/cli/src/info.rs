@@ -29,20 +29,13 @@ pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
     let engine = Engine::new(cfg).context("starting a probe engine")?;
     let me = engine.descriptor();
     println!("host        {} (host id {})", me.hostname, me.host_id);
-    println!(
-        "engine      {} rpc {} instance {}",
-        me.name, me.rpc_addr, me.instance_id
-    );
+    println!("engine      {} rpc {} instance {}", me.name, me.rpc_addr, me.instance_id);
     let opts = &engine.config().transports;
     let enabled: Vec<&str> = opts.enabled.iter().map(|t| t.name()).collect();
     println!(
         "transports  enabled: {}{}",
         enabled.join(", "),
-        if opts.force_tcp {
-            " (MC_FORCE_TCP set)"
-        } else {
-            ""
-        }
+        if opts.force_tcp { " (MC_FORCE_TCP set)" } else { "" }
     );
     println!("  local     yes — same-engine copies");
     match engine.shm_status() {
@@ -60,28 +53,20 @@ pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
     let Some(peer) = &args.peer else {
         return Ok(());
     };
-    let id = engine
-        .open_segment(peer)
-        .with_context(|| format!("opening peer {peer}"))?;
+    let id = engine.open_segment(peer).with_context(|| format!("opening peer {peer}"))?;
     let info = engine.explain(id)?;
     let d = &info.descriptor;
     println!(
         "\npeer        {} rpc {} instance {} host {}",
         d.name, d.rpc_addr, d.instance_id, d.hostname
     );
-    println!(
-        "            same host: {}, same engine: {}",
-        info.same_host, info.same_engine
-    );
+    println!("            same host: {}, same engine: {}", info.same_host, info.same_engine);
     if info.regions.is_empty() {
         println!("            no registered regions");
     }
     for r in &info.regions {
         let reg = &r.region;
-        print!(
-            "  {} [{:#x}, +{}) {}: ",
-            reg.id, reg.addr, reg.len, reg.location
-        );
+        print!("  {} [{:#x}, +{}) {}: ", reg.id, reg.addr, reg.len, reg.location);
         match &r.decision {
             Ok(c) => println!("{} — {}", c.transport, c.reason),
             Err(refusals) => println!("unreachable — {}", describe_refusals(refusals)),

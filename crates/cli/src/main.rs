@@ -48,11 +48,7 @@ fn main() {
 }
 
 fn metadata_server(args: &MetadataServerArgs) -> anyhow::Result<()> {
-    let host = if args.host.contains(':') {
-        format!("[{}]", args.host)
-    } else {
-        args.host.clone()
-    };
+    let host = if args.host.contains(':') { format!("[{}]", args.host) } else { args.host.clone() };
     let server = tidewire::MetadataServer::start(&format!("{host}:{}", args.port))?;
     println!(
         "tidewire metadata server listening on {} (engines use --metadata {})",

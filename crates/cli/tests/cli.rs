@@ -23,15 +23,7 @@ fn bench_pair_prints_json_with_baselines() {
                 "--batch-size",
                 "8",
             ])
-            .args([
-                "--duration",
-                "200ms",
-                "--json",
-                "--baseline",
-                baseline,
-                "--op",
-                "read",
-            ])
+            .args(["--duration", "200ms", "--json", "--baseline", baseline, "--op", "read"])
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -40,22 +32,13 @@ fn bench_pair_prints_json_with_baselines() {
             "{transport}: {}\n{stdout}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let lines: Vec<serde_json::Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines: Vec<serde_json::Value> =
+            stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2, "one line per block size: {stdout}");
         for l in &lines {
             assert_eq!(l["transport"], transport);
             assert_eq!(l["baseline"], baseline);
-            for key in [
-                "gbps",
-                "p50_us",
-                "p99_us",
-                "baseline_gbps",
-                "ratio",
-                "req_per_s",
-            ] {
+            for key in ["gbps", "p50_us", "p99_us", "baseline_gbps", "ratio", "req_per_s"] {
                 assert!(l[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {l}");
             }
         }
@@ -64,10 +47,7 @@ fn bench_pair_prints_json_with_baselines() {
 
 #[test]
 fn bench_rejects_bad_arguments() {
-    let out = tidewire()
-        .args(["bench", "--pair", "--block-size", "4XB"])
-        .output()
-        .unwrap();
+    let out = tidewire().args(["bench", "--pair", "--block-size", "4XB"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("4XB"));
 }
@@ -80,9 +60,7 @@ fn info_explains_a_peer_through_the_metadata_server() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let url = line.split_whitespace().last().unwrap().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{line}");
 
@@ -105,27 +83,15 @@ fn info_explains_a_peer_through_the_metadata_server() {
         .spawn()
         .unwrap();
     let mut ready = String::new();
-    BufReader::new(target.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    BufReader::new(target.stdout.take().unwrap()).read_line(&mut ready).unwrap();
     let name = ready.split_whitespace().nth(1).unwrap().to_string();
 
-    let out = tidewire()
-        .args(["info", "--metadata", &url, "--peer", &name])
-        .output()
-        .unwrap();
+    let out = tidewire().args(["info", "--metadata", &url, "--peer", &name]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("nvlink    no — GPU unavailable"), "{text}");
     assert!(text.contains("same host: true"), "{text}");
-    assert!(
-        text.contains("shm — same host and the remote region is a shareable memfd"),
-        "{text}"
-    );
+    assert!(text.contains("shm — same host and the remote region is a shareable memfd"), "{text}");
 
     let forced = tidewire()
         .args(["info", "--metadata", &url, "--peer", &name])
@@ -134,10 +100,8 @@ fn info_explains_a_peer_through_the_metadata_server() {
         .unwrap();
     assert!(String::from_utf8_lossy(&forced.stdout).contains("tcp — MC_FORCE_TCP is set"));
 
-    let missing = tidewire()
-        .args(["info", "--metadata", &url, "--peer", "nobody"])
-        .output()
-        .unwrap();
+    let missing =
+        tidewire().args(["info", "--metadata", &url, "--peer", "nobody"]).output().unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("segment \"nobody\" not found"));
 

@@ -58,11 +58,7 @@ impl<E: Clone> BatchTracker<E> {
             open: n,
             failed: 0,
             deadline,
-            trailer: if has_trailer {
-                Trailer::Waiting
-            } else {
-                Trailer::None
-            },
+            trailer: if has_trailer { Trailer::Waiting } else { Trailer::None },
         }
     }
 
@@ -184,11 +180,7 @@ impl<E: Clone> BatchTracker<E> {
 
     /// Counts of (done, failed, pending) requests.
     pub fn counts(&self) -> (usize, usize, usize) {
-        (
-            self.states.len() - self.open - self.failed,
-            self.failed,
-            self.open,
-        )
+        (self.states.len() - self.open - self.failed, self.failed, self.open)
     }
 
     /// The first request failure, in request order, or the trailer's failure.

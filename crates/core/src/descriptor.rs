@@ -105,20 +105,16 @@ impl SegmentDescriptor {
                 reason: format!("{} bytes, limit {MAX_DESCRIPTOR_BYTES}", bytes.len()),
             });
         }
-        let probe: VersionProbe =
-            serde_json::from_slice(bytes).map_err(|e| CoreError::Descriptor {
-                reason: e.to_string(),
-            })?;
+        let probe: VersionProbe = serde_json::from_slice(bytes)
+            .map_err(|e| CoreError::Descriptor { reason: e.to_string() })?;
         if probe.version != DESCRIPTOR_VERSION {
             return Err(CoreError::DescriptorVersion {
                 found: probe.version,
                 supported: DESCRIPTOR_VERSION,
             });
         }
-        let desc: SegmentDescriptor =
-            serde_json::from_slice(bytes).map_err(|e| CoreError::Descriptor {
-                reason: e.to_string(),
-            })?;
+        let desc: SegmentDescriptor = serde_json::from_slice(bytes)
+            .map_err(|e| CoreError::Descriptor { reason: e.to_string() })?;
         desc.validate()?;
         Ok(desc)
     }
@@ -131,25 +127,16 @@ impl SegmentDescriptor {
         let mut prev_end = 0u64;
         for (i, r) in self.regions.iter().enumerate() {
             let Some(end) = r.addr.checked_add(r.len) else {
-                return bad(format!(
-                    "{} at {:#x}+{} wraps the address space",
-                    r.id, r.addr, r.len
-                ));
+                return bad(format!("{} at {:#x}+{} wraps the address space", r.id, r.addr, r.len));
             };
             if r.len == 0 {
                 return bad(format!("{} has zero length", r.id));
             }
             if i > 0 && r.addr < prev_end {
-                return bad(format!(
-                    "{} at {:#x} overlaps or is out of order",
-                    r.id, r.addr
-                ));
+                return bad(format!("{} at {:#x} overlaps or is out of order", r.id, r.addr));
             }
             if r.reach.contains(&Reach::Shm) && self.shm_socket.is_none() {
-                return bad(format!(
-                    "{} offers shm but the segment has no shm socket",
-                    r.id
-                ));
+                return bad(format!("{} offers shm but the segment has no shm socket", r.id));
             }
             prev_end = end;
         }
@@ -170,10 +157,7 @@ mod tests {
     use crate::memory::MemoryKind;
 
     pub(crate) fn sample() -> SegmentDescriptor {
-        let host = Location {
-            kind: MemoryKind::HostPageable,
-            device: None,
-        };
+        let host = Location { kind: MemoryKind::HostPageable, device: None };
         SegmentDescriptor {
             version: DESCRIPTOR_VERSION,
             name: "127.0.0.1:15001".into(),
@@ -195,10 +179,7 @@ mod tests {
                     id: RegionId(2),
                     addr: 0x4000,
                     len: 0x2000,
-                    location: Location {
-                        kind: MemoryKind::HostShared,
-                        device: None,
-                    },
+                    location: Location { kind: MemoryKind::HostShared, device: None },
                     reach: vec![Reach::Shm, Reach::Tcp],
                 },
             ],
@@ -210,10 +191,7 @@ mod tests {
         let d = sample();
         let back = SegmentDescriptor::from_json(&d.to_json());
         assert_eq!(back.as_ref(), Ok(&d));
-        assert_eq!(
-            d.find_region(0x1000, 0x1000).map(|r| r.id),
-            Some(RegionId(1))
-        );
+        assert_eq!(d.find_region(0x1000, 0x1000).map(|r| r.id), Some(RegionId(1)));
         assert_eq!(d.find_region(0x1800, 0x10).map(|r| r.id), Some(RegionId(1)));
         assert_eq!(d.find_region(0x1800, 0x801).map(|r| r.id), None);
         assert_eq!(d.find_region(0x3fff, 1).map(|r| r.id), None);

@@ -28,10 +28,7 @@ pub enum MemoryKind {
 impl MemoryKind {
     /// True for memory the CPU owns (a location hint of `cpu` fits it).
     pub fn is_host(self) -> bool {
-        matches!(
-            self,
-            Self::HostPageable | Self::HostPinned | Self::HostShared
-        )
+        matches!(self, Self::HostPageable | Self::HostPinned | Self::HostShared)
     }
 }
 
@@ -81,9 +78,7 @@ impl LocationHint {
     /// Parses `*`, ``, `cpu`, `cpu:N`, `cuda`, `cuda:N` (case-insensitive).
     pub fn parse(text: &str) -> Result<Self, CoreError> {
         let t = text.trim().to_ascii_lowercase();
-        let bad = || CoreError::LocationHint {
-            hint: text.to_string(),
-        };
+        let bad = || CoreError::LocationHint { hint: text.to_string() };
         if t.is_empty() || t == "*" {
             return Ok(Self::Any);
         }
@@ -135,14 +130,8 @@ impl fmt::Display for LocationHint {
 mod tests {
     use super::*;
 
-    const HOST: Location = Location {
-        kind: MemoryKind::HostPageable,
-        device: None,
-    };
-    const DEV1: Location = Location {
-        kind: MemoryKind::Device,
-        device: Some(1),
-    };
+    const HOST: Location = Location { kind: MemoryKind::HostPageable, device: None };
+    const DEV1: Location = Location { kind: MemoryKind::Device, device: Some(1) };
 
     #[test]
     fn hints_parse() {
@@ -159,16 +148,9 @@ mod tests {
         assert_eq!(LocationHint::Any.contradiction(DEV1), None);
         assert_eq!(LocationHint::Cpu.contradiction(HOST), None);
         assert_eq!(LocationHint::Cuda(1).contradiction(DEV1), None);
-        let msg = LocationHint::Cuda(0)
-            .contradiction(HOST)
-            .unwrap_or_default();
-        assert!(
-            msg.contains("cuda:0") && msg.contains("host pageable"),
-            "{msg}"
-        );
-        let msg = LocationHint::Cuda(0)
-            .contradiction(DEV1)
-            .unwrap_or_default();
+        let msg = LocationHint::Cuda(0).contradiction(HOST).unwrap_or_default();
+        assert!(msg.contains("cuda:0") && msg.contains("host pageable"), "{msg}");
+        let msg = LocationHint::Cuda(0).contradiction(DEV1).unwrap_or_default();
         assert!(msg.contains("cuda:0") && msg.contains("cuda:1"), "{msg}");
         assert!(LocationHint::Cpu.contradiction(DEV1).is_some());
     }

@@ -47,9 +47,7 @@ impl TransportKind {
 
     /// Parses a transport name (`tcp`, `shm`, `local`, `nvlink`, `mnnvl`).
     pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(text.trim()))
+        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(text.trim()))
     }
 }
 
@@ -70,10 +68,7 @@ pub struct SelectionOptions {
 
 impl Default for SelectionOptions {
     fn default() -> Self {
-        Self {
-            enabled: TransportKind::IMPLEMENTED.into_iter().collect(),
-            force_tcp: false,
-        }
+        Self { enabled: TransportKind::IMPLEMENTED.into_iter().collect(), force_tcp: false }
     }
 }
 
@@ -144,11 +139,7 @@ impl fmt::Display for Refusal {
 
 /// Formats a list of refusals as one line (for error messages).
 pub fn describe_refusals(refusals: &[Refusal]) -> String {
-    refusals
-        .iter()
-        .map(Refusal::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    refusals.iter().map(Refusal::to_string).collect::<Vec<_>>().join("; ")
 }
 
 /// Chooses the transport for one request. Pure: same inputs, same answer.
@@ -233,10 +224,7 @@ mod tests {
             reach,
         }
     }
-    const HOST: Location = Location {
-        kind: MemoryKind::HostPageable,
-        device: None,
-    };
+    const HOST: Location = Location { kind: MemoryKind::HostPageable, device: None };
 
     fn pick(
         remote: &RegionDescriptor,
@@ -244,16 +232,7 @@ mod tests {
         same_host: bool,
         o: &SelectionOptions,
     ) -> Result<TransportKind, Vec<Refusal>> {
-        select(
-            Endpoints {
-                local: HOST,
-                remote,
-                same_engine,
-                same_host,
-            },
-            o,
-        )
-        .map(|c| c.transport)
+        select(Endpoints { local: HOST, remote, same_engine, same_host }, o).map(|c| c.transport)
     }
 
     #[test]
@@ -275,12 +254,7 @@ mod tests {
         let o = o.unwrap_or_default();
         assert!(o.force_tcp);
         let c = select(
-            Endpoints {
-                local: HOST,
-                remote: &shared,
-                same_engine: false,
-                same_host: true,
-            },
+            Endpoints { local: HOST, remote: &shared, same_engine: false, same_host: true },
             &o,
         );
         assert_eq!(c.map(|c| c.reason), Ok("MC_FORCE_TCP is set".to_string()));
@@ -289,10 +263,7 @@ mod tests {
         o.enabled.remove(&TransportKind::Tcp);
         let refusals = pick(&shared, false, false, &o).err().unwrap_or_default();
         let text = describe_refusals(&refusals);
-        assert!(
-            text.contains("shm: no — the peer is on another host"),
-            "{text}"
-        );
+        assert!(text.contains("shm: no — the peer is on another host"), "{text}");
         assert!(text.contains("tcp: no — not enabled"), "{text}");
         assert_eq!(refusals.len(), TransportKind::ALL.len());
     }

@@ -9,31 +9,20 @@ pub fn parse_size(text: &str) -> Result<u64, CoreError> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, suffix) = t.split_at(split);
     if digits.is_empty() {
-        return Err(CoreError::Size {
-            text: text.into(),
-            reason: "no digits",
-        });
+        return Err(CoreError::Size { text: text.into(), reason: "no digits" });
     }
-    let n: u64 = digits.parse().map_err(|_| CoreError::Size {
-        text: text.into(),
-        reason: "number too large",
-    })?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| CoreError::Size { text: text.into(), reason: "number too large" })?;
     let shift = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
-        _ => {
-            return Err(CoreError::Size {
-                text: text.into(),
-                reason: "unknown suffix",
-            })
-        }
+        _ => return Err(CoreError::Size { text: text.into(), reason: "unknown suffix" }),
     };
-    n.checked_mul(1u64 << shift).ok_or(CoreError::Size {
-        text: text.into(),
-        reason: "number too large",
-    })
+    n.checked_mul(1u64 << shift)
+        .ok_or(CoreError::Size { text: text.into(), reason: "number too large" })
 }
 
 /// Formats a byte size the way `parse_size` reads it (`4KiB`, `1MiB`, `1000`).

@@ -54,20 +54,10 @@ pub enum FrameKind {
 impl FrameKind {
     fn from_u8(v: u8) -> Option<Self> {
         use FrameKind::*;
-        [
-            Hello,
-            HelloAck,
-            GetDescriptor,
-            Descriptor,
-            Write,
-            WriteAck,
-            Read,
-            ReadData,
-            Notify,
-        ]
-        .into_iter()
-        .chain([NotifyAck, Probe, ProbeAck])
-        .find(|k| *k as u8 == v)
+        [Hello, HelloAck, GetDescriptor, Descriptor, Write, WriteAck, Read, ReadData, Notify]
+            .into_iter()
+            .chain([NotifyAck, Probe, ProbeAck])
+            .find(|k| *k as u8 == v)
     }
 
     /// The largest payload a frame of this kind may carry (0: none).
@@ -105,15 +95,9 @@ pub enum Status {
 
 impl Status {
     fn from_u8(v: u8) -> Option<Self> {
-        [
-            Self::Ok,
-            Self::AccessDenied,
-            Self::ShuttingDown,
-            Self::BadRequest,
-            Self::Internal,
-        ]
-        .into_iter()
-        .find(|s| *s as u8 == v)
+        [Self::Ok, Self::AccessDenied, Self::ShuttingDown, Self::BadRequest, Self::Internal]
+            .into_iter()
+            .find(|s| *s as u8 == v)
     }
 }
 
@@ -129,13 +113,7 @@ pub struct Header {
 
 impl Header {
     pub fn new(kind: FrameKind, tag: u64, addr: u64, len: u64) -> Self {
-        Self {
-            kind,
-            status: Status::Ok,
-            tag,
-            addr,
-            len,
-        }
+        Self { kind, status: Status::Ok, tag, addr, len }
     }
 
     pub fn with_status(mut self, status: Status) -> Self {
@@ -166,51 +144,29 @@ impl Header {
     /// Decodes and validates a header from untrusted bytes.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, CoreError> {
         if b[0..4] != MAGIC {
-            return Err(CoreError::Frame {
-                reason: "bad magic",
-            });
+            return Err(CoreError::Frame { reason: "bad magic" });
         }
-        let kind = FrameKind::from_u8(b[4]).ok_or(CoreError::Frame {
-            reason: "unknown kind",
-        })?;
-        let status = Status::from_u8(b[5]).ok_or(CoreError::Frame {
-            reason: "unknown status",
-        })?;
+        let kind = FrameKind::from_u8(b[4]).ok_or(CoreError::Frame { reason: "unknown kind" })?;
+        let status = Status::from_u8(b[5]).ok_or(CoreError::Frame { reason: "unknown status" })?;
         if b[6] != 0 || b[7] != 0 {
-            return Err(CoreError::Frame {
-                reason: "reserved flags set",
-            });
+            return Err(CoreError::Frame { reason: "reserved flags set" });
         }
         let word = |at: usize| {
             let mut w = [0u8; 8];
             w.copy_from_slice(&b[at..at + 8]);
             u64::from_le_bytes(w)
         };
-        let h = Self {
-            kind,
-            status,
-            tag: word(8),
-            addr: word(16),
-            len: word(24),
-        };
+        let h = Self { kind, status, tag: word(8), addr: word(16), len: word(24) };
         let limit = kind.payload_limit();
         if h.payload_len() > limit {
-            return Err(CoreError::Oversized {
-                kind: b[4],
-                len: h.payload_len(),
-                limit,
-            });
+            return Err(CoreError::Oversized { kind: b[4], len: h.payload_len(), limit });
         }
         if matches!(kind, FrameKind::Hello | FrameKind::HelloAck) && h.len != INSTANCE_LEN {
-            return Err(CoreError::Frame {
-                reason: "hello must carry a 16-byte instance id",
-            });
+            return Err(CoreError::Frame { reason: "hello must carry a 16-byte instance id" });
         }
         if matches!(kind, FrameKind::Write | FrameKind::Read) && h.addr.checked_add(h.len).is_none()
         {
-            return Err(CoreError::Frame {
-                reason: "address range wraps",
-            });
+            return Err(CoreError::Frame { reason: "address range wraps" });
         }
         Ok(h)
     }
@@ -228,23 +184,17 @@ pub fn encode_strings(parts: &[&str]) -> Vec<u8> {
 
 /// Decodes exactly `N` length-prefixed UTF-8 strings from untrusted bytes.
 pub fn decode_strings<const N: usize>(mut b: &[u8]) -> Result<[String; N], CoreError> {
-    let bad = |reason: &str| CoreError::Payload {
-        what: "strings",
-        reason: reason.to_string(),
-    };
+    let bad = |reason: &str| CoreError::Payload { what: "strings", reason: reason.to_string() };
     let mut out: [String; N] = std::array::from_fn(|_| String::new());
     for slot in out.iter_mut() {
-        let (len_bytes, rest) = b
-            .split_first_chunk::<4>()
-            .ok_or_else(|| bad("truncated length"))?;
+        let (len_bytes, rest) =
+            b.split_first_chunk::<4>().ok_or_else(|| bad("truncated length"))?;
         let len = u32::from_le_bytes(*len_bytes) as usize;
         if rest.len() < len {
             return Err(bad("truncated string"));
         }
         let (s, rest) = rest.split_at(len);
-        *slot = std::str::from_utf8(s)
-            .map_err(|_| bad("not UTF-8"))?
-            .to_string();
+        *slot = std::str::from_utf8(s).map_err(|_| bad("not UTF-8"))?.to_string();
         b = rest;
     }
     if !b.is_empty() {
@@ -269,15 +219,9 @@ mod tests {
     #[test]
     fn rejects_oversized_and_malformed() {
         let h = Header::new(FrameKind::Write, 1, 0, MAX_DATA_FRAME + 1);
-        assert!(matches!(
-            Header::decode(&h.encode()),
-            Err(CoreError::Oversized { .. })
-        ));
+        assert!(matches!(Header::decode(&h.encode()), Err(CoreError::Oversized { .. })));
         let h = Header::new(FrameKind::Probe, 1, 0, 5);
-        assert!(matches!(
-            Header::decode(&h.encode()),
-            Err(CoreError::Oversized { .. })
-        ));
+        assert!(matches!(Header::decode(&h.encode()), Err(CoreError::Oversized { .. })));
         let mut b = Header::new(FrameKind::Probe, 1, 0, 0).encode();
         b[0] = b'X';
         assert!(Header::decode(&b).is_err());
@@ -291,10 +235,7 @@ mod tests {
     #[test]
     fn strings_round_trip() {
         let b = encode_strings(&["a", "", "héllo"]);
-        assert_eq!(
-            decode_strings::<3>(&b),
-            Ok(["a".into(), String::new(), "héllo".into()])
-        );
+        assert_eq!(decode_strings::<3>(&b), Ok(["a".into(), String::new(), "héllo".into()]));
         assert!(decode_strings::<2>(&b).is_err());
         assert!(decode_strings::<3>(&b[..b.len() - 1]).is_err());
     }

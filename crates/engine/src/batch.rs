@@ -111,11 +111,7 @@ impl Batch {
     /// request is still pending.
     pub(crate) fn accepts_data(&self, req: usize) -> Option<RwLockReadGuard<'_, ()>> {
         let g = self.gate.read();
-        matches!(
-            self.tracker.lock().request_state(req),
-            Some(RequestState::Pending)
-        )
-        .then_some(g)
+        matches!(self.tracker.lock().request_state(req), Some(RequestState::Pending)).then_some(g)
     }
 
     fn check_deadline(&self) {
@@ -126,10 +122,7 @@ impl Batch {
         };
         if overdue {
             let after = now - self.started;
-            self.fail_all(Error::Timeout {
-                what: format!("{}", self.id),
-                after,
-            });
+            self.fail_all(Error::Timeout { what: format!("{}", self.id), after });
         }
     }
 
@@ -182,9 +175,7 @@ impl BatchHandle {
 
     /// Waits until the batch finishes; bounded by the batch's own deadline.
     pub fn wait(&self) -> Result<()> {
-        self.batch
-            .wait_until(None)
-            .unwrap_or(Err(Error::Internal("batch wait returned early")))
+        self.batch.wait_until(None).unwrap_or(Err(Error::Internal("batch wait returned early")))
     }
 
     /// Waits up to `timeout`; `None` if the batch is still running then.
@@ -195,9 +186,7 @@ impl BatchHandle {
     /// Fails every request still pending with `Cancelled`. Requests already done stay done;
     /// no byte of a cancelled READ lands after this returns.
     pub fn cancel(&self) {
-        self.batch.fail_all(Error::Cancelled {
-            batch: self.batch.id,
-        });
+        self.batch.fail_all(Error::Cancelled { batch: self.batch.id });
     }
 
     /// The status of every request, in submission order.

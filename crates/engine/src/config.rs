@@ -37,8 +37,7 @@ impl Deadlines {
     /// The deadline of a batch moving `bytes`.
     pub fn for_batch(&self, bytes: u64) -> Duration {
         let per_byte = u64::try_from(self.per_byte.as_nanos()).unwrap_or(u64::MAX);
-        self.transfer
-            .saturating_add(Duration::from_nanos(per_byte.saturating_mul(bytes)))
+        self.transfer.saturating_add(Duration::from_nanos(per_byte.saturating_mul(bytes)))
     }
 }
 
@@ -49,6 +48,10 @@ pub enum MetadataUri {
     P2p,
     /// A `tidewire metadata-server` (or any server of the same key/value HTTP protocol).
     Http(String),
+    /// etcd members, `host:port` each (failover in order).
+    Etcd(Vec<String>),
+    /// `redis://[user:password@]host:port[/db]`.
+    Redis(String),
 }
 
 impl MetadataUri {
@@ -61,11 +64,29 @@ impl MetadataUri {
         if t.starts_with("http://") {
             return Ok(Self::Http(t.to_string()));
         }
+        if let Some(rest) = t.strip_prefix("etcd://") {
+            let endpoints: Vec<String> = rest
+                .trim_end_matches('/')
+                .split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect();
+            if endpoints.is_empty() {
+                return Err(Error::Config {
+                    reason: format!("metadata backend {t:?} names no etcd endpoint"),
+                });
+            }
+            return Ok(Self::Etcd(endpoints));
+        }
+        if t.starts_with("redis://") {
+            return Ok(Self::Redis(t.to_string()));
+        }
         let scheme = t.split("://").next().unwrap_or(t);
         Err(Error::Config {
             reason: format!(
-                "metadata backend {t:?}: scheme {scheme:?} is not supported by this build \
-                 (use \"p2p\" or \"http://host:port/metadata\"; etcd and redis come later)"
+                "metadata backend {t:?}: scheme {scheme:?} is not supported (use \"p2p\", \
+                 \"http://host:port/metadata\", \"etcd://host:port[,host:port]\" or \
+                 \"redis://[user:password@]host:port[/db]\")"
             ),
         })
     }
@@ -75,7 +96,8 @@ impl std::fmt::Display for MetadataUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::P2p => f.write_str("p2p"),
-            Self::Http(u) => f.write_str(u),
+            Self::Http(u) | Self::Redis(u) => f.write_str(u),
+            Self::Etcd(e) => write!(f, "etcd://{}", e.join(",")),
         }
     }
 }
@@ -98,6 +120,11 @@ pub struct EngineConfig {
     pub tcp_lanes: usize,
     /// Serve shareable host memory to same-host peers.
     pub enable_shm: bool,
+    /// How long a published descriptor outlives a dead engine (etcd lease TTL, redis expiry);
+    /// the engine refreshes it every third of this.
+    pub metadata_ttl: Duration,
+    /// Key prefix of this cluster in the metadata store (`MC_METADATA_CLUSTER_ID`).
+    pub cluster_id: String,
 }
 
 impl Default for EngineConfig {
@@ -112,6 +139,8 @@ impl Default for EngineConfig {
             deadlines: Deadlines::default(),
             tcp_lanes: 4,
             enable_shm: true,
+            metadata_ttl: Duration::from_secs(10),
+            cluster_id: "default".into(),
         }
     }
 }
@@ -141,6 +170,9 @@ impl EngineConfig {
                     self.port_range.0, self.port_range.1
                 ),
             });
+        }
+        if let Some(id) = lookup("MC_METADATA_CLUSTER_ID").filter(|v| !v.trim().is_empty()) {
+            self.cluster_id = id.trim().to_string();
         }
         if let Some(v) = lookup("MC_TRANSFER_TIMEOUT") {
             let secs: u64 = v.trim().parse().map_err(|_| Error::Config {
@@ -182,15 +214,15 @@ mod tests {
 
     #[test]
     fn metadata_uris() {
+        assert_eq!(MetadataUri::parse("P2PHANDSHAKE").ok(), Some(MetadataUri::P2p));
+        assert!(matches!(MetadataUri::parse("http://h:1/metadata"), Ok(MetadataUri::Http(_))));
         assert_eq!(
-            MetadataUri::parse("P2PHANDSHAKE").ok(),
-            Some(MetadataUri::P2p)
+            MetadataUri::parse("etcd://a:1,b:2").ok(),
+            Some(MetadataUri::Etcd(vec!["a:1".into(), "b:2".into()]))
         );
-        assert!(matches!(
-            MetadataUri::parse("http://h:1/metadata"),
-            Ok(MetadataUri::Http(_))
-        ));
-        assert!(MetadataUri::parse("etcd://h:2379").is_err());
+        assert!(matches!(MetadataUri::parse("redis://h:6379/1"), Ok(MetadataUri::Redis(_))));
+        assert!(MetadataUri::parse("etcd://").is_err());
+        assert!(MetadataUri::parse("zk://h:1").is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::mem::HostBuffer;
-use crate::metadata::{resolve, segment_key, Metadata};
+use crate::metadata::{resolve, Metadata};
 use crate::notify::{Notification, NotifyQueue};
 use crate::peer::PeerConn;
 use crate::registry::{NewRegion, RegionEntry, Registry};
@@ -102,6 +102,54 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The peers this engine has open, by name, with their current connection state.
+    fn open_peers(&self) -> Vec<(String, Arc<PeerConn>)> {
+        let peers = self.peers.lock();
+        peers.slots.iter().filter_map(|s| s.conn.clone().map(|c| (s.name.clone(), c))).collect()
+    }
+
+    /// A peer's descriptor changed (`Some`) or disappeared (`None`) in the metadata store:
+    /// refresh the cache, or drop it (connections and mappings included) when the peer is
+    /// gone or restarted, before the next request uses it.
+    fn on_descriptor_event(&self, name: &str, raw: Option<&[u8]>) {
+        let Some((_, conn)) = self.open_peers().into_iter().find(|(n, _)| n == name) else {
+            return;
+        };
+        let key = self.metadata.key(name);
+        match raw.map(|r| self.metadata.parse(&key, r)) {
+            None => {
+                log::info!(
+                    "{}: peer {name} left the metadata store; dropping its cache",
+                    self.name
+                );
+                conn.mark_broken();
+            }
+            Some(Err(e)) => {
+                log::warn!("{}: {e}", self.name);
+                conn.mark_broken();
+            }
+            Some(Ok(d)) if d.instance_id != conn.instance() => {
+                log::info!(
+                    "{}: peer {name} restarted (instance {}); dropping its cache",
+                    self.name,
+                    d.instance_id
+                );
+                conn.mark_broken();
+            }
+            Some(Ok(d)) => conn.set_descriptor(d),
+        }
+    }
+
+    /// Re-reads every open peer's descriptor (after a watch reconnects, and for Redis).
+    fn resync_open_peers(&self) {
+        for (name, _) in self.open_peers() {
+            match self.metadata.get_raw(&self.metadata.key(&name)) {
+                Ok(raw) => self.on_descriptor_event(&name, raw.as_deref()),
+                Err(e) => log::debug!("{}: resync of {name}: {e}", self.name),
+            }
+        }
+    }
+
     pub(crate) fn descriptor(&self) -> SegmentDescriptor {
         let (generation, regions) = self.registry.snapshot();
         SegmentDescriptor {
@@ -160,16 +208,18 @@ impl Engine {
     /// [`EngineConfig::from_env`] first where `MC_*` variables should count.
     pub fn new(config: EngineConfig) -> Result<Self> {
         if config.tcp_lanes == 0 {
-            return Err(Error::Config {
-                reason: "tcp_lanes must be at least 1".into(),
-            });
+            return Err(Error::Config { reason: "tcp_lanes must be at least 1".into() });
         }
-        let metadata = Metadata::new(&config.metadata, &config.deadlines);
+        let metadata = Metadata::new(
+            &config.metadata,
+            &config.cluster_id,
+            config.metadata_ttl,
+            &config.deadlines,
+        )?;
         metadata.check_reachable()?;
         let listener = rpc::bind(&config)?;
-        let rpc_addr = listener
-            .local_addr()
-            .map_err(|e| Error::io("reading the bound RPC address", &e))?;
+        let rpc_addr =
+            listener.local_addr().map_err(|e| Error::io("reading the bound RPC address", &e))?;
         let name = match (&config.metadata, &config.name) {
             (_, Some(n)) if !n.is_empty() => n.clone(),
             _ => rpc_addr.to_string(),
@@ -203,15 +253,17 @@ impl Engine {
             next_batch: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
         });
-        let engine = Engine {
-            inner: inner.clone(),
-        };
+        let engine = Engine { inner: inner.clone() };
         let i2 = inner.clone();
-        inner.life.spawn("tw-rpc-accept".into(), move || {
-            rpc::accept_loop(i2, listener)
-        })?;
+        inner.life.spawn("tw-rpc-accept".into(), move || rpc::accept_loop(i2, listener))?;
         engine.claim_name()?;
         engine.publish()?;
+        if inner.metadata.is_leased() {
+            let i2 = inner.clone();
+            inner.life.spawn("tw-meta-keeper".into(), move || keeper_loop(&i2))?;
+            let i3 = inner.clone();
+            inner.life.spawn("tw-meta-watch".into(), move || watch_loop(&i3))?;
+        }
         log::info!(
             "{}: engine started (instance {}, rpc {})",
             inner.name,
@@ -225,21 +277,22 @@ impl Engine {
     /// (its engine no longer answers as that instance) is replaced.
     fn claim_name(&self) -> Result<()> {
         let me = &self.inner;
-        let key = segment_key(&me.name);
+        let key = me.metadata.key(&me.name);
         let Some(raw) = me.metadata.get_raw(&key)? else {
             return Ok(());
         };
         let Ok(old) = SegmentDescriptor::from_json(&raw) else {
+            log::warn!(
+                "{}: replacing a value that is not a tidewire descriptor under {key}",
+                me.name
+            );
             return Ok(());
         };
         let alive = resolve(&old.rpc_addr)
             .and_then(|addr| tcp::handshake(&old.name, addr, None, &me.config.deadlines))
             .is_ok_and(|(_, id)| id == old.instance_id);
         if alive && old.instance_id != me.instance {
-            return Err(Error::NameInUse {
-                name: me.name.clone(),
-                rpc_addr: old.rpc_addr,
-            });
+            return Err(Error::NameInUse { name: me.name.clone(), rpc_addr: old.rpc_addr });
         }
         Ok(())
     }
@@ -278,9 +331,7 @@ impl Engine {
 
     fn check_running(&self) -> Result<()> {
         if self.inner.stopped.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown {
-                who: format!("engine {}", self.inner.name),
-            });
+            return Err(Error::ShuttingDown { who: format!("engine {}", self.inner.name) });
         }
         Ok(())
     }
@@ -295,9 +346,7 @@ impl Engine {
     pub unsafe fn register(&self, addr: u64, len: u64, location: &str) -> Result<RegionId> {
         // SAFETY: forwarded contract.
         let ids = unsafe { self.register_batch(&[(addr, len)], location)? };
-        ids.into_iter()
-            .next()
-            .ok_or(Error::Internal("one registration returned no id"))
+        ids.into_iter().next().ok_or(Error::Internal("one registration returned no id"))
     }
 
     /// Registers several ranges, all or none.
@@ -318,13 +367,7 @@ impl Engine {
             if let Some(detail) = hint.contradiction(found) {
                 return Err(Error::LocationMismatch { addr, detail });
             }
-            news.push(NewRegion {
-                addr,
-                len,
-                location: found,
-                shared: None,
-                owner: None,
-            });
+            news.push(NewRegion { addr, len, location: found, shared: None, owner: None });
         }
         self.register_new(news)
     }
@@ -359,56 +402,33 @@ impl Engine {
         if let Some(detail) = LocationHint::parse(location)?.contradiction(found) {
             return Err(Error::LocationMismatch { addr, detail });
         }
-        let region = NewRegion {
-            addr,
-            len,
-            location: found,
-            shared: None,
-            owner: Some(owner),
-        };
+        let region = NewRegion { addr, len, location: found, shared: None, owner: Some(owner) };
         let ids = self.register_new(vec![region])?;
-        ids.into_iter()
-            .next()
-            .ok_or(Error::Internal("one registration returned no id"))
+        ids.into_iter().next().ok_or(Error::Internal("one registration returned no id"))
     }
 
     /// Copies `data` into this engine's registered memory at `addr` (the range must lie
     /// inside one registered region).
     pub fn write_local(&self, addr: u64, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
-        let entry = self
-            .inner
-            .registry
-            .find(addr, len)
-            .ok_or(Error::NotRegistered { addr, len })?;
-        let dst = entry
-            .pin(addr, len)
-            .ok_or(Error::NotRegistered { addr, len })?;
+        let entry =
+            self.inner.registry.find(addr, len).ok_or(Error::NotRegistered { addr, len })?;
+        let dst = entry.pin(addr, len).ok_or(Error::NotRegistered { addr, len })?;
         mem::copy_from_slice(&dst, data);
         Ok(())
     }
 
     /// Copies `len` bytes of this engine's registered memory at `addr`.
     pub fn read_local(&self, addr: u64, len: u64) -> Result<Vec<u8>> {
-        let entry = self
-            .inner
-            .registry
-            .find(addr, len)
-            .ok_or(Error::NotRegistered { addr, len })?;
-        let src = entry
-            .pin(addr, len)
-            .ok_or(Error::NotRegistered { addr, len })?;
+        let entry =
+            self.inner.registry.find(addr, len).ok_or(Error::NotRegistered { addr, len })?;
+        let src = entry.pin(addr, len).ok_or(Error::NotRegistered { addr, len })?;
         Ok(mem::copy_to_vec(&src))
     }
 
     /// The first registered region of this engine, if any (address, length).
     pub fn first_region(&self) -> Option<(u64, u64)> {
-        self.inner
-            .registry
-            .snapshot()
-            .1
-            .first()
-            .map(|r| (r.addr, r.len))
+        self.inner.registry.snapshot().1.first().map(|r| (r.addr, r.len))
     }
 
     fn register_new(&self, news: Vec<NewRegion>) -> Result<Vec<RegionId>> {
@@ -455,16 +475,11 @@ impl Engine {
     pub fn allocate_shared(&self, len: u64) -> Result<u64> {
         self.check_running()?;
         if len == 0 {
-            return Err(Error::InvalidArgument {
-                reason: "zero-length shared allocation".into(),
-            });
+            return Err(Error::InvalidArgument { reason: "zero-length shared allocation".into() });
         }
         let region = Arc::new(SharedRegion::allocate(len)?);
         let addr = region.data_addr();
-        let location = Location {
-            kind: MemoryKind::HostShared,
-            device: None,
-        };
+        let location = Location { kind: MemoryKind::HostShared, device: None };
         self.register_new(vec![NewRegion {
             addr,
             len,
@@ -483,12 +498,7 @@ impl Engine {
                 reason: format!("{addr:#x} is not a shared allocation of this engine"),
             });
         }
-        if self
-            .inner
-            .registry
-            .find(addr, 1)
-            .is_some_and(|e| e.addr == addr)
-        {
+        if self.inner.registry.find(addr, 1).is_some_and(|e| e.addr == addr) {
             self.unregister(addr)?;
         }
         self.inner.shared_allocs.lock().remove(&addr);
@@ -512,10 +522,7 @@ impl Engine {
         let id = PeerId(
             u32::try_from(peers.slots.len()).map_err(|_| Error::Internal("too many peers"))?,
         );
-        peers.slots.push(PeerSlot {
-            name: name.to_string(),
-            conn: Some(conn),
-        });
+        peers.slots.push(PeerSlot { name: name.to_string(), conn: Some(conn) });
         peers.by_name.insert(name.to_string(), id);
         Ok(id)
     }
@@ -524,31 +531,21 @@ impl Engine {
         if name == self.inner.name {
             return Ok(self.inner.descriptor());
         }
-        self.inner
-            .metadata
-            .fetch(name, &self.inner.config.deadlines)
+        self.inner.metadata.fetch(name, &self.inner.config.deadlines)
     }
 
     fn connect_peer(&self, name: &str) -> Result<PeerConn> {
         let desc = self.fetch_descriptor(name)?;
-        Ok(PeerConn::new(
-            name.to_string(),
-            desc,
-            self.inner.instance,
-            &self.inner.host_id,
-        ))
+        Ok(PeerConn::new(name.to_string(), desc, self.inner.instance, &self.inner.host_id))
     }
 
     /// The current connection state of a peer, re-opened when broken or restarted.
     fn peer(&self, id: PeerId) -> Result<Arc<PeerConn>> {
         let (name, existing) = {
             let peers = self.inner.peers.lock();
-            let slot = peers
-                .slots
-                .get(id.0 as usize)
-                .ok_or_else(|| Error::InvalidArgument {
-                    reason: format!("{id} was not returned by open_segment"),
-                })?;
+            let slot = peers.slots.get(id.0 as usize).ok_or_else(|| Error::InvalidArgument {
+                reason: format!("{id} was not returned by open_segment"),
+            })?;
             (slot.name.clone(), slot.conn.clone())
         };
         if let Some(c) = existing.filter(|c| !c.is_broken()) {
@@ -605,10 +602,7 @@ impl Engine {
             .inner
             .registry
             .find(r.local, r.len)
-            .ok_or(Error::NotRegistered {
-                addr: r.local,
-                len: r.len,
-            })?;
+            .ok_or(Error::NotRegistered { addr: r.local, len: r.len })?;
         let (conn, region) = self.resolve_remote(r)?;
         let ends = Endpoints {
             local: local.location,
@@ -629,11 +623,7 @@ impl Engine {
             local,
             conn,
             peer: r.peer,
-            region: RemoteRegion {
-                id: region.id,
-                addr: region.addr,
-                len: region.len,
-            },
+            region: RemoteRegion { id: region.id, addr: region.addr, len: region.len },
         })
     }
 
@@ -644,9 +634,7 @@ impl Engine {
     pub fn submit(&self, requests: &[Request], opts: BatchOptions) -> Result<BatchHandle> {
         self.check_running()?;
         if requests.is_empty() {
-            return Err(Error::InvalidArgument {
-                reason: "empty batch".into(),
-            });
+            return Err(Error::InvalidArgument { reason: "empty batch".into() });
         }
         if opts.notify.is_some() && requests.iter().any(|r| r.peer != requests[0].peer) {
             return Err(Error::InvalidArgument {
@@ -663,27 +651,24 @@ impl Engine {
             steps.push(step);
         }
         let total: u64 = requests.iter().map(|r| r.len).sum();
-        let chunks = steps
-            .iter()
-            .zip(requests)
-            .map(|(s, r)| {
-                if s.transport == TransportKind::Tcp {
-                    r.len.div_ceil(CHUNK) as u32
-                } else {
-                    1
-                }
-            })
-            .collect();
+        let chunks =
+            steps
+                .iter()
+                .zip(requests)
+                .map(|(s, r)| {
+                    if s.transport == TransportKind::Tcp {
+                        r.len.div_ceil(CHUNK) as u32
+                    } else {
+                        1
+                    }
+                })
+                .collect();
         let trailer = match opts.notify {
             None => None,
             Some((name, message)) => {
                 let conn = &steps[0].conn;
                 Some(if conn.same_engine {
-                    let n = Notification {
-                        from: self.inner.name.clone(),
-                        name,
-                        message,
-                    };
+                    let n = Notification { from: self.inner.name.clone(), name, message };
                     TrailerRoute::Local(self.inner.notifications.clone(), n)
                 } else {
                     let payload = encode_strings(&[&self.inner.name, &name, &message]);
@@ -696,9 +681,7 @@ impl Engine {
                 })
             }
         };
-        let timeout = opts
-            .timeout
-            .unwrap_or_else(|| self.inner.config.deadlines.for_batch(total));
+        let timeout = opts.timeout.unwrap_or_else(|| self.inner.config.deadlines.for_batch(total));
         let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
         let batch = Batch::new(id, chunks, trailer, Instant::now() + timeout);
         let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
@@ -710,25 +693,10 @@ impl Engine {
                     let entry = step.local.clone();
                     let (req, len) = (i, r.len);
                     let work = match r.op {
-                        Op::Write => Work::Write {
-                            req,
-                            entry,
-                            src: r.local,
-                            dst: r.remote,
-                            len,
-                        },
-                        Op::Read => Work::Read {
-                            req,
-                            entry,
-                            dst: r.local,
-                            src: r.remote,
-                            len,
-                        },
+                        Op::Write => Work::Write { req, entry, src: r.local, dst: r.remote, len },
+                        Op::Read => Work::Read { req, entry, dst: r.local, src: r.remote, len },
                     };
-                    match tcp_work
-                        .iter_mut()
-                        .find(|(c, _)| Arc::ptr_eq(c, &step.conn))
-                    {
+                    match tcp_work.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &step.conn)) {
                         Some((_, w)) => w.push(work),
                         None => tcp_work.push((step.conn.clone(), vec![work])),
                     }
@@ -797,10 +765,10 @@ impl Engine {
                 Error::RemoteAccessDenied { reason, .. } => denied(reason),
                 e => e,
             })?;
-            let local = step.local.pin(r.local, r.len).ok_or(Error::NotRegistered {
-                addr: r.local,
-                len: r.len,
-            })?;
+            let local = step
+                .local
+                .pin(r.local, r.len)
+                .ok_or(Error::NotRegistered { addr: r.local, len: r.len })?;
             client.copy(&map, r.remote - step.region.addr, &local, r.op == Op::Write)
         });
         match copied {
@@ -856,10 +824,7 @@ impl Engine {
     pub fn explain(&self, id: PeerId) -> Result<PeerInfo> {
         let conn = self.peer(id)?;
         let descriptor = conn.descriptor();
-        let local = Location {
-            kind: MemoryKind::HostPageable,
-            device: None,
-        };
+        let local = Location { kind: MemoryKind::HostPageable, device: None };
         let regions = descriptor
             .regions
             .iter()
@@ -897,22 +862,84 @@ impl Engine {
         me.life.begin_stop();
         // Wake the accept loop.
         let _ = TcpStream::connect_timeout(&me.rpc_addr, Duration::from_millis(200));
-        let conns: Vec<Arc<PeerConn>> = me
-            .peers
-            .lock()
-            .slots
-            .iter_mut()
-            .filter_map(|s| s.conn.take())
-            .collect();
+        let conns: Vec<Arc<PeerConn>> =
+            me.peers.lock().slots.iter_mut().filter_map(|s| s.conn.take()).collect();
         for c in conns {
-            c.close(Error::ShuttingDown {
-                who: format!("engine {}", me.name),
-            });
+            c.close(Error::ShuttingDown { who: format!("engine {}", me.name) });
         }
         me.life.join_all();
         let removed = me.registry.drain();
         let _ = self.revoke_shared(&removed);
         log::info!("{}: engine stopped", me.name);
+    }
+}
+
+/// Sleeps up to `d` in slices, returning false as soon as the engine stops.
+fn pause(inner: &Inner, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if inner.life.stopping() {
+            return false;
+        }
+        std::thread::sleep(
+            Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
+        );
+    }
+    !inner.life.stopping()
+}
+
+/// Keeps this engine's publication alive (etcd lease, redis expiry). While the metadata
+/// server is lost, transfers to open peers go on; when it returns, the descriptor is
+/// published again.
+fn keeper_loop(inner: &Inner) {
+    let period = (inner.config.metadata_ttl / 3).max(Duration::from_millis(200));
+    let mut healthy = true;
+    while pause(inner, period) {
+        let outcome = inner.metadata.keepalive(&inner.name).and_then(|alive| {
+            if alive && healthy {
+                return Ok(false);
+            }
+            inner.metadata.publish(&inner.descriptor()).map(|()| true)
+        });
+        match outcome {
+            Ok(republished) => {
+                if republished {
+                    log::info!("{}: descriptor published again", inner.name);
+                }
+                healthy = true;
+            }
+            Err(e) => {
+                if healthy {
+                    log::warn!(
+                        "{}: metadata server lost ({e}); open peers keep working, publication resumes when it returns",
+                        inner.name
+                    );
+                }
+                healthy = false;
+            }
+        }
+    }
+}
+
+/// Follows changes of peers' descriptors: an etcd watch (resynchronised after every
+/// reconnect), or for redis a poll of the open peers every second.
+fn watch_loop(inner: &Inner) {
+    while !inner.life.stopping() {
+        inner.resync_open_peers();
+        if inner.metadata.is_etcd() {
+            let keep_going = || !inner.life.stopping();
+            let result = inner.metadata.watch(&keep_going, &mut |name, value| {
+                inner.on_descriptor_event(&name, value.as_deref());
+            });
+            if let Err(e) = result {
+                log::debug!("{}: watch ended: {e}", inner.name);
+            }
+            if !pause(inner, Duration::from_millis(500)) {
+                return;
+            }
+        } else if !pause(inner, Duration::from_secs(1)) {
+            return;
+        }
     }
 }
 

@@ -25,11 +25,7 @@ pub enum Error {
     MetadataUnreachable { uri: String, reason: String },
     /// The metadata backend answered something unexpected.
     #[error("metadata server {uri}, key {key:?}: {reason}")]
-    Metadata {
-        uri: String,
-        key: String,
-        reason: String,
-    },
+    Metadata { uri: String, key: String, reason: String },
     /// Another live engine already publishes this segment name.
     #[error("segment name {name:?} is already used by a live engine at {rpc_addr}")]
     NameInUse { name: String, rpc_addr: String },
@@ -41,19 +37,10 @@ pub enum Error {
     PeerUnreachable { peer: String, reason: String },
     /// The connection to a peer failed while requests were in flight.
     #[error("peer {peer} failed on {transport}: {reason}")]
-    PeerFailed {
-        peer: String,
-        transport: TransportKind,
-        reason: String,
-    },
+    PeerFailed { peer: String, transport: TransportKind, reason: String },
     /// The peer refused the access: the range is not inside its registered memory.
     #[error("peer {peer} denied access to [{addr:#x}, +{len}): {reason}")]
-    RemoteAccessDenied {
-        peer: String,
-        addr: u64,
-        len: u64,
-        reason: String,
-    },
+    RemoteAccessDenied { peer: String, addr: u64, len: u64, reason: String },
     /// A local range is not inside a registered region.
     #[error("local range [{addr:#x}, +{len}) is not inside a registered region")]
     NotRegistered { addr: u64, len: u64 },
@@ -61,23 +48,13 @@ pub enum Error {
     #[error(
         "[{addr:#x}, +{len}) overlaps the registered region [{existing_addr:#x}, +{existing_len})"
     )]
-    Overlap {
-        addr: u64,
-        len: u64,
-        existing_addr: u64,
-        existing_len: u64,
-    },
+    Overlap { addr: u64, len: u64, existing_addr: u64, existing_len: u64 },
     /// A location hint contradicts what the pointer is.
     #[error("registration of {addr:#x}: {detail}")]
     LocationMismatch { addr: u64, detail: String },
     /// No transport can serve a request.
     #[error("no transport reaches [{addr:#x}, +{len}) on peer {peer}: {refusals}")]
-    NoTransport {
-        peer: String,
-        addr: u64,
-        len: u64,
-        refusals: String,
-    },
+    NoTransport { peer: String, addr: u64, len: u64, refusals: String },
     /// A deadline passed.
     #[error("{what} timed out after {after:?}")]
     Timeout { what: String, after: Duration },
@@ -92,11 +69,7 @@ pub enum Error {
     Protocol { peer: String, reason: String },
     /// An operating-system call failed.
     #[error("{context}: {message}")]
-    Io {
-        context: String,
-        kind: std::io::ErrorKind,
-        message: String,
-    },
+    Io { context: String, kind: std::io::ErrorKind, message: String },
     /// The caller used the API wrongly.
     #[error("invalid argument: {reason}")]
     InvalidArgument { reason: String },
@@ -108,11 +81,7 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, e: &std::io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            kind: e.kind(),
-            message: e.to_string(),
-        }
+        Self::Io { context: context.into(), kind: e.kind(), message: e.to_string() }
     }
 
     /// The error for a non-Ok wire status from `peer` about `[addr, +len)`. The one place
@@ -125,13 +94,10 @@ impl Error {
                 len,
                 reason: "outside the target's registered memory".into(),
             },
-            Status::ShuttingDown => Self::ShuttingDown {
-                who: format!("peer {peer}"),
-            },
-            Status::BadRequest => Self::Protocol {
-                peer: peer.into(),
-                reason: "the peer rejected the request".into(),
-            },
+            Status::ShuttingDown => Self::ShuttingDown { who: format!("peer {peer}") },
+            Status::BadRequest => {
+                Self::Protocol { peer: peer.into(), reason: "the peer rejected the request".into() }
+            }
             Status::Ok | Status::Internal => Self::PeerFailed {
                 peer: peer.into(),
                 transport: TransportKind::Tcp,

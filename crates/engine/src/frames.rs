@@ -15,10 +15,7 @@ use crate::registry::Pinned;
 pub(crate) const POLL: Duration = Duration::from_millis(500);
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 pub(crate) struct FrameReader {
@@ -33,13 +30,7 @@ pub(crate) struct FrameReader {
 impl FrameReader {
     /// `stream` must have a read timeout of [`POLL`].
     pub(crate) fn new(stream: TcpStream, capacity: usize, stall: Duration) -> Self {
-        Self {
-            stream,
-            buf: vec![0u8; capacity].into_boxed_slice(),
-            pos: 0,
-            end: 0,
-            stall,
-        }
+        Self { stream, buf: vec![0u8; capacity].into_boxed_slice(), pos: 0, end: 0, stall }
     }
 
     pub(crate) fn has_buffered(&self) -> bool {
@@ -101,11 +92,7 @@ impl FrameReader {
         while self.buffered() < HEADER_LEN {
             let mid = self.buffered() > 0;
             if !self.fill(mid, idle)? {
-                return if mid {
-                    Err(io::ErrorKind::UnexpectedEof.into())
-                } else {
-                    Ok(None)
-                };
+                return if mid { Err(io::ErrorKind::UnexpectedEof.into()) } else { Ok(None) };
             }
         }
         let mut h = [0u8; HEADER_LEN];
@@ -196,11 +183,7 @@ const SMALL_PAYLOAD: u64 = 64 << 10;
 
 impl FrameWriter {
     pub(crate) fn new(stream: TcpStream, capacity: usize) -> Self {
-        Self {
-            stream,
-            buf: Vec::with_capacity(capacity),
-            cap: capacity,
-        }
+        Self { stream, buf: Vec::with_capacity(capacity), cap: capacity }
     }
 
     pub(crate) fn header(&mut self, h: &Header) -> io::Result<()> {

@@ -36,11 +36,7 @@ pub(crate) unsafe fn write_all_raw(fd: &impl AsRawFd, addr: u64, len: u64) -> io
     while done < len {
         // SAFETY: [addr+done, addr+len) is inside the readable range the caller vouches for.
         let n = unsafe {
-            libc::write(
-                fd.as_raw_fd(),
-                (addr + done) as *const libc::c_void,
-                (len - done) as usize,
-            )
+            libc::write(fd.as_raw_fd(), (addr + done) as *const libc::c_void, (len - done) as usize)
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -129,9 +125,7 @@ impl HostBuffer {
 
     fn layout(len: usize) -> Result<std::alloc::Layout> {
         std::alloc::Layout::from_size_align(len.max(PAGE), PAGE).map_err(|_| {
-            Error::InvalidArgument {
-                reason: format!("buffer length {len} too large"),
-            }
+            Error::InvalidArgument { reason: format!("buffer length {len} too large") }
         })
     }
 
@@ -198,10 +192,7 @@ impl Mapping {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::io(
-                format!("mmap of {what}"),
-                &io::Error::last_os_error(),
-            ));
+            return Err(Error::io(format!("mmap of {what}"), &io::Error::last_os_error()));
         }
         let ptr = NonNull::new(p as *mut u8).ok_or(Error::Internal("mmap returned null"))?;
         Ok(Self { ptr, len })
@@ -235,10 +226,7 @@ pub(crate) fn memfd(name: &str, len: usize) -> Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: `fd` is a valid memfd.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-        return Err(Error::io(
-            format!("ftruncate of memfd to {len}"),
-            &io::Error::last_os_error(),
-        ));
+        return Err(Error::io(format!("ftruncate of memfd to {len}"), &io::Error::last_os_error()));
     }
     Ok(fd)
 }

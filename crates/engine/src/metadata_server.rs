@@ -24,10 +24,7 @@ pub struct MetadataServer {
 
 fn key_of(url: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("key="))
-        .map(decode)
+    query.split('&').find_map(|kv| kv.strip_prefix("key=")).map(decode)
 }
 
 fn decode(s: &str) -> String {
@@ -36,11 +33,7 @@ fn decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).and_then(|&c| hex(c)),
-            b.get(i + 2).and_then(|&c| hex(c)),
-        ) {
+        match (b[i], b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -61,10 +54,8 @@ fn decode(s: &str) -> String {
 impl MetadataServer {
     /// Binds `addr` (port 0: any free port) and serves until dropped.
     pub fn start(addr: &str) -> Result<Self> {
-        let server = tiny_http::Server::http(addr).map_err(|e| Error::Bind {
-            addr: addr.into(),
-            reason: e.to_string(),
-        })?;
+        let server = tiny_http::Server::http(addr)
+            .map_err(|e| Error::Bind { addr: addr.into(), reason: e.to_string() })?;
         let bound = server
             .server_addr()
             .to_ip()
@@ -80,11 +71,7 @@ impl MetadataServer {
                 }
             })
             .map_err(|e| Error::io("spawning the metadata server thread", &e))?;
-        Ok(Self {
-            server,
-            addr: bound,
-            thread: Some(thread),
-        })
+        Ok(Self { server, addr: bound, thread: Some(thread) })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -99,18 +99,11 @@ impl PeerConn {
             return Ok(c.clone());
         }
         let desc = self.descriptor();
-        let socket = desc
-            .shm_socket
-            .as_deref()
-            .ok_or_else(|| Error::PeerUnreachable {
-                peer: self.name.clone(),
-                reason: "the peer offers no shm socket".into(),
-            })?;
-        let client = Arc::new(ShmClient::connect(
-            &self.name,
-            socket,
-            cfg.deadlines.handshake,
-        )?);
+        let socket = desc.shm_socket.as_deref().ok_or_else(|| Error::PeerUnreachable {
+            peer: self.name.clone(),
+            reason: "the peer offers no shm socket".into(),
+        })?;
+        let client = Arc::new(ShmClient::connect(&self.name, socket, cfg.deadlines.handshake)?);
         *slot = Some(client.clone());
         Ok(client)
     }

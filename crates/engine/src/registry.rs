@@ -63,18 +63,11 @@ impl RegionEntry {
         if !self.contains(addr, len) {
             return None;
         }
-        self.access().map(|guard| Pinned {
-            addr,
-            len,
-            _guard: guard,
-        })
+        self.access().map(|guard| Pinned { addr, len, _guard: guard })
     }
 
     pub(crate) fn contains(&self, addr: u64, len: u64) -> bool {
-        addr >= self.addr
-            && addr
-                .checked_add(len)
-                .is_some_and(|end| end <= self.addr + self.len)
+        addr >= self.addr && addr.checked_add(len).is_some_and(|end| end <= self.addr + self.len)
     }
 
     pub(crate) fn descriptor(&self) -> RegionDescriptor {
@@ -198,20 +191,13 @@ impl Registry {
     }
 
     pub(crate) fn shared_regions(&self) -> Vec<Arc<SharedRegion>> {
-        self.regions
-            .read()
-            .values()
-            .filter_map(|e| e.shared.clone())
-            .collect()
+        self.regions.read().values().filter_map(|e| e.shared.clone()).collect()
     }
 
     /// The generation and descriptors of every region, sorted by address.
     pub(crate) fn snapshot(&self) -> (u64, Vec<RegionDescriptor>) {
         let map = self.regions.read();
-        (
-            self.generation.load(Ordering::Relaxed),
-            map.values().map(|e| e.descriptor()).collect(),
-        )
+        (self.generation.load(Ordering::Relaxed), map.values().map(|e| e.descriptor()).collect())
     }
 
     pub(crate) fn drain(&self) -> Vec<Arc<RegionEntry>> {
@@ -229,10 +215,7 @@ mod tests {
         NewRegion {
             addr,
             len,
-            location: Location {
-                kind: MemoryKind::HostPageable,
-                device: None,
-            },
+            location: Location { kind: MemoryKind::HostPageable, device: None },
             shared: None,
             owner: None,
         }
@@ -242,35 +225,17 @@ mod tests {
     fn overlaps_zero_length_and_unknown_addresses_are_typed_errors() {
         let r = Registry::default();
         r.register(vec![host(0x1000, 0x1000)]).unwrap();
-        assert!(matches!(
-            r.register(vec![host(0x1800, 0x10)]),
-            Err(Error::Overlap { .. })
-        ));
-        assert!(matches!(
-            r.register(vec![host(0x800, 0x801)]),
-            Err(Error::Overlap { .. })
-        ));
-        assert!(matches!(
-            r.register(vec![host(0x3000, 0)]),
-            Err(Error::InvalidArgument { .. })
-        ));
+        assert!(matches!(r.register(vec![host(0x1800, 0x10)]), Err(Error::Overlap { .. })));
+        assert!(matches!(r.register(vec![host(0x800, 0x801)]), Err(Error::Overlap { .. })));
+        assert!(matches!(r.register(vec![host(0x3000, 0)]), Err(Error::InvalidArgument { .. })));
         assert!(matches!(
             r.register(vec![host(0x3000, 0x100), host(0x30f0, 0x100)]),
             Err(Error::Overlap { .. })
         ));
-        assert!(
-            r.find(0x3000, 1).is_none(),
-            "a failed batch registers nothing"
-        );
+        assert!(r.find(0x3000, 1).is_none(), "a failed batch registers nothing");
         r.register(vec![host(0x2000, 0x1000)]).unwrap();
-        assert!(
-            r.find(0x1fff, 2).is_none(),
-            "a range spanning two regions is not inside one"
-        );
-        assert!(matches!(
-            r.unregister(&[0x1234]),
-            Err(Error::NotRegistered { .. })
-        ));
+        assert!(r.find(0x1fff, 2).is_none(), "a range spanning two regions is not inside one");
+        assert!(matches!(r.unregister(&[0x1234]), Err(Error::NotRegistered { .. })));
         let e = r.find(0x1000, 0x1000).unwrap();
         r.unregister(&[0x1000]).unwrap();
         assert!(e.access().is_none(), "unregistered regions refuse access");

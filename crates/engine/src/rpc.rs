@@ -28,15 +28,11 @@ pub(crate) fn bind(cfg: &EngineConfig) -> Result<TcpListener> {
     let host = cfg.host.trim_start_matches('[').trim_end_matches(']');
     let ip: IpAddr = match host.parse() {
         Ok(ip) => ip,
-        Err(_) => (host, 0)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .map(|a| a.ip())
-            .ok_or_else(|| Error::Bind {
-                addr: cfg.host.clone(),
-                reason: "cannot resolve host".into(),
-            })?,
+        Err(_) => {
+            (host, 0).to_socket_addrs().ok().and_then(|mut a| a.next()).map(|a| a.ip()).ok_or_else(
+                || Error::Bind { addr: cfg.host.clone(), reason: "cannot resolve host".into() },
+            )?
+        }
     };
     let try_bind = |port: u16| TcpListener::bind(SocketAddr::new(ip, port));
     let fail = |port: u16, e: io::Error| Error::Bind {
@@ -80,29 +76,20 @@ pub(crate) fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
             }
         };
         let i2 = inner.clone();
-        if let Err(e) = inner
-            .life
-            .spawn("tw-rpc-conn".into(), move || serve(&i2, stream))
-        {
+        if let Err(e) = inner.life.spawn("tw-rpc-conn".into(), move || serve(&i2, stream)) {
             log::warn!("{}: {e}", inner.name);
         }
     }
 }
 
 fn serve(inner: &Inner, stream: TcpStream) {
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let peer = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
     let setup = || -> io::Result<(FrameReader, FrameWriter, TcpStream)> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(POLL))?;
         stream.set_write_timeout(Some(inner.config.deadlines.stall))?;
         let r = FrameReader::new(stream.try_clone()?, IO_BUFFER, inner.config.deadlines.stall);
-        Ok((
-            r,
-            FrameWriter::new(stream.try_clone()?, IO_BUFFER),
-            stream.try_clone()?,
-        ))
+        Ok((r, FrameWriter::new(stream.try_clone()?, IO_BUFFER), stream.try_clone()?))
     };
     let (mut r, mut w, wake) = match setup() {
         Ok(x) => x,
@@ -145,12 +132,7 @@ fn serve_frames(inner: &Inner, r: &mut FrameReader, w: &mut FrameWriter) -> Resu
             }
             FrameKind::GetDescriptor => {
                 let json = inner.descriptor().to_json();
-                w.header(&Header::new(
-                    FrameKind::Descriptor,
-                    h.tag,
-                    0,
-                    json.len() as u64,
-                ))?;
+                w.header(&Header::new(FrameKind::Descriptor, h.tag, 0, json.len() as u64))?;
                 w.bytes(&json)?;
             }
             FrameKind::Probe => w.header(&Header::new(FrameKind::ProbeAck, h.tag, 0, 0))?,
@@ -194,11 +176,7 @@ fn serve_frames(inner: &Inner, r: &mut FrameReader, w: &mut FrameWriter) -> Resu
                 let payload = r.read_vec(h.len)?;
                 let status = match decode_strings::<3>(&payload) {
                     Ok([from, name, message]) => {
-                        inner.notifications.push(Notification {
-                            from,
-                            name,
-                            message,
-                        });
+                        inner.notifications.push(Notification { from, name, message });
                         Status::Ok
                     }
                     Err(e) => {

@@ -24,9 +24,7 @@ fn zz_child_process_entry() {
 }
 
 fn tcp_only() -> EngineConfig {
-    common::config()
-        .apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into()))
-        .unwrap()
+    common::config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
 }
 
 #[test]
@@ -57,10 +55,7 @@ fn peer_killed_mid_batch_fails_within_deadline_then_restart_is_reached() {
     let start = Instant::now();
     let outcome = batch.wait();
     let waited = start.elapsed();
-    assert!(
-        waited < Duration::from_secs(6),
-        "failed within the deadline, took {waited:?}"
-    );
+    assert!(waited < Duration::from_secs(6), "failed within the deadline, took {waited:?}");
     match outcome {
         Err(Error::PeerFailed { peer: p, .. }) => assert_eq!(p, target.name),
         other => panic!("expected a peer failure, got {other:?}"),
@@ -71,20 +66,10 @@ fn peer_killed_mid_batch_fails_within_deadline_then_restart_is_reached() {
     let restarted = ChildTarget::spawn(CHILD, port, 1 << 20, 9);
     assert_eq!(restarted.name, target.name);
     let back = registered(&initiator, 1 << 20, &[0xA5; 1 << 20]);
-    let read = Request {
-        op: Op::Read,
-        local: back.addr(),
-        len: 1 << 20,
-        peer,
-        remote: restarted.addr,
-    };
-    initiator
-        .transfer_sync(&[read], BatchOptions::default())
-        .unwrap();
-    assert!(
-        back.to_vec() == random_bytes(1 << 20, 9),
-        "read the restarted peer's bytes"
-    );
+    let read =
+        Request { op: Op::Read, local: back.addr(), len: 1 << 20, peer, remote: restarted.addr };
+    initiator.transfer_sync(&[read], BatchOptions::default()).unwrap();
+    assert!(back.to_vec() == random_bytes(1 << 20, 9), "read the restarted peer's bytes");
     drop(initiator);
 }
 
@@ -146,10 +131,7 @@ fn target_refuses_accesses_outside_registered_memory() {
             "case {i}"
         );
         if want != Status::Ok {
-            assert!(
-                region.to_vec() == vec![0x22; 8192],
-                "case {i} left the region untouched"
-            );
+            assert!(region.to_vec() == vec![0x22; 8192], "case {i} left the region untouched");
             assert!(
                 guard_before.to_vec() == vec![0x11; 4096],
                 "case {i} left the neighbour untouched"
@@ -157,28 +139,14 @@ fn target_refuses_accesses_outside_registered_memory() {
         }
     }
     assert!(region.to_vec() == junk, "the valid write landed");
-    send_frame(
-        &mut s,
-        Header::new(FrameKind::Read, 9, region.addr() + 8000, 400),
-        &[],
-    );
+    send_frame(&mut s, Header::new(FrameKind::Read, 9, region.addr() + 8000, 400), &[]);
     let h = read_header(&mut s);
-    assert_eq!(
-        (h.kind, h.status, h.len),
-        (FrameKind::ReadData, Status::AccessDenied, 0)
-    );
+    assert_eq!((h.kind, h.status, h.len), (FrameKind::ReadData, Status::AccessDenied, 0));
     // After unregistration the same valid range is refused too.
     target.unregister(region.addr()).unwrap();
-    send_frame(
-        &mut s,
-        Header::new(FrameKind::Write, 10, region.addr(), 16),
-        &[0u8; 16],
-    );
+    send_frame(&mut s, Header::new(FrameKind::Write, 10, region.addr(), 16), &[0u8; 16]);
     assert_eq!(read_header(&mut s).status, Status::AccessDenied);
-    assert!(
-        region.to_vec() == junk,
-        "nothing written after unregistration"
-    );
+    assert!(region.to_vec() == junk, "nothing written after unregistration");
     drop(target);
 }
 
@@ -197,42 +165,25 @@ fn garbage_truncated_and_oversized_frames_drop_only_that_connection() {
     let mut h = Header::new(FrameKind::Write, 1, remote, 16).encode();
     h[24..32].copy_from_slice(&(MAX_DATA_FRAME + 1).to_le_bytes());
     oversized.write_all(&h).unwrap();
-    assert!(
-        dropped(&mut oversized),
-        "an oversized length prefix drops the connection"
-    );
+    assert!(dropped(&mut oversized), "an oversized length prefix drops the connection");
 
     let mut huge_notify = raw_conn(&target);
-    send_frame(
-        &mut huge_notify,
-        Header::new(FrameKind::Notify, 1, 0, u64::MAX / 2),
-        &[],
-    );
+    send_frame(&mut huge_notify, Header::new(FrameKind::Notify, 1, 0, u64::MAX / 2), &[]);
     assert!(dropped(&mut huge_notify));
 
     let mut stalled = raw_conn(&target);
-    stalled
-        .write_all(&Header::new(FrameKind::Write, 1, remote, 4096).encode()[..10])
-        .unwrap();
+    stalled.write_all(&Header::new(FrameKind::Write, 1, remote, 4096).encode()[..10]).unwrap();
     assert!(
         dropped(&mut stalled),
         "a frame stalled mid-header is dropped after the stall deadline"
     );
 
     let mut truncated = raw_conn(&target);
-    send_frame(
-        &mut truncated,
-        Header::new(FrameKind::Write, 1, remote, 4096),
-        &[7u8; 100],
-    );
+    send_frame(&mut truncated, Header::new(FrameKind::Write, 1, remote, 4096), &[7u8; 100]);
     drop(truncated);
 
     let mut wrong_direction = raw_conn(&target);
-    send_frame(
-        &mut wrong_direction,
-        Header::new(FrameKind::WriteAck, 1, 0, 0),
-        &[],
-    );
+    send_frame(&mut wrong_direction, Header::new(FrameKind::WriteAck, 1, 0, 0), &[]);
     assert!(dropped(&mut wrong_direction));
 
     let mut bad_hello = raw_conn(&target);
@@ -249,13 +200,7 @@ fn garbage_truncated_and_oversized_frames_drop_only_that_connection() {
     let peer = initiator.open_segment(target.name()).unwrap();
     initiator
         .transfer_sync(
-            &[Request {
-                op: Op::Write,
-                local: local.addr(),
-                len: 4096,
-                peer,
-                remote,
-            }],
+            &[Request { op: Op::Write, local: local.addr(), len: 4096, peer, remote }],
             BatchOptions::default(),
         )
         .unwrap();
@@ -267,26 +212,13 @@ fn garbage_truncated_and_oversized_frames_drop_only_that_connection() {
 fn unregistered_regions_refuse_later_requests_over_tcp_and_shm() {
     for force_tcp in [true, false] {
         let target = common::engine();
-        let initiator = Engine::new(if force_tcp {
-            tcp_only()
-        } else {
-            common::config()
-        })
-        .unwrap();
+        let initiator = Engine::new(if force_tcp { tcp_only() } else { common::config() }).unwrap();
         let remote = target.allocate_shared(4096).unwrap();
         poke(remote, &[0x33; 4096]);
         let local = registered(&initiator, 4096, &random_bytes(4096, 2));
         let peer = initiator.open_segment(target.name()).unwrap();
-        let req = Request {
-            op: Op::Write,
-            local: local.addr(),
-            len: 4096,
-            peer,
-            remote,
-        };
-        initiator
-            .transfer_sync(&[req], BatchOptions::default())
-            .unwrap();
+        let req = Request { op: Op::Write, local: local.addr(), len: 4096, peer, remote };
+        initiator.transfer_sync(&[req], BatchOptions::default()).unwrap();
         poke(remote, &[0x33; 4096]);
         target.unregister(remote).unwrap();
         match initiator.transfer_sync(&[req], BatchOptions::default()) {
@@ -295,10 +227,7 @@ fn unregistered_regions_refuse_later_requests_over_tcp_and_shm() {
             }
             other => panic!("force_tcp={force_tcp}: expected RemoteAccessDenied, got {other:?}"),
         }
-        assert!(
-            peek(remote, 4096) == vec![0x33; 4096],
-            "force_tcp={force_tcp}: memory untouched"
-        );
+        assert!(peek(remote, 4096) == vec![0x33; 4096], "force_tcp={force_tcp}: memory untouched");
         drop(initiator);
     }
 }
@@ -309,21 +238,10 @@ fn cancel_timeout_and_shutdown_fail_pending_requests_with_reasons() {
     let initiator = common::engine();
     let local = registered(&initiator, 1 << 20, &[]);
     let peer = initiator.open_segment(&fake.addr.to_string()).unwrap();
-    let req = Request {
-        op: Op::Read,
-        local: local.addr(),
-        len: 4096,
-        peer,
-        remote: 0x10_0000,
-    };
+    let req = Request { op: Op::Read, local: local.addr(), len: 4096, peer, remote: 0x10_0000 };
 
-    let b = initiator
-        .submit(&[req, req], BatchOptions::default())
-        .unwrap();
-    assert!(
-        b.wait_timeout(Duration::from_millis(50)).is_none(),
-        "the fake peer never answers"
-    );
+    let b = initiator.submit(&[req, req], BatchOptions::default()).unwrap();
+    assert!(b.wait_timeout(Duration::from_millis(50)).is_none(), "the fake peer never answers");
     b.cancel();
     assert!(matches!(b.wait(), Err(Error::Cancelled { .. })));
     assert!(b
@@ -331,10 +249,7 @@ fn cancel_timeout_and_shutdown_fail_pending_requests_with_reasons() {
         .iter()
         .all(|s| matches!(s, RequestStatus::Failed(Error::Cancelled { .. }))));
 
-    let opts = BatchOptions {
-        timeout: Some(Duration::from_millis(200)),
-        ..Default::default()
-    };
+    let opts = BatchOptions { timeout: Some(Duration::from_millis(200)), ..Default::default() };
     let start = Instant::now();
     let b = initiator.submit(&[req], opts).unwrap();
     assert!(matches!(b.wait(), Err(Error::Timeout { .. })));
@@ -350,15 +265,8 @@ fn cancel_timeout_and_shutdown_fail_pending_requests_with_reasons() {
     let b = initiator.submit(&[req], BatchOptions::default()).unwrap();
     let start = Instant::now();
     initiator.shutdown();
-    assert!(
-        matches!(b.wait(), Err(Error::ShuttingDown { .. })),
-        "{:?}",
-        b.poll()
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "shutdown joined every thread promptly"
-    );
+    assert!(matches!(b.wait(), Err(Error::ShuttingDown { .. })), "{:?}", b.poll());
+    assert!(start.elapsed() < Duration::from_secs(3), "shutdown joined every thread promptly");
     assert!(matches!(
         initiator.submit(&[req], BatchOptions::default()),
         Err(Error::ShuttingDown { .. })
@@ -368,9 +276,8 @@ fn cancel_timeout_and_shutdown_fail_pending_requests_with_reasons() {
 #[test]
 fn engines_started_at_once_bind_distinct_ports() {
     let engines: Vec<Engine> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..8)
-            .map(|_| s.spawn(|| Engine::new(EngineConfig::default()).unwrap()))
-            .collect();
+        let hs: Vec<_> =
+            (0..8).map(|_| s.spawn(|| Engine::new(EngineConfig::default()).unwrap())).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let mut ports: Vec<u16> = engines.iter().map(|e| e.rpc_addr().port()).collect();
@@ -380,37 +287,21 @@ fn engines_started_at_once_bind_distinct_ports() {
     assert_eq!(ports.len(), 8, "every engine bound its own port");
     // A port already taken is an error naming it, not a silent success.
     let taken = engines[0].rpc_addr().port();
-    let e = Engine::new(EngineConfig {
-        port: Some(taken),
-        ..Default::default()
-    })
-    .unwrap_err();
-    assert!(
-        matches!(e, Error::Bind { .. }) && e.to_string().contains(&taken.to_string()),
-        "{e}"
-    );
+    let e = Engine::new(EngineConfig { port: Some(taken), ..Default::default() }).unwrap_err();
+    assert!(matches!(e, Error::Bind { .. }) && e.to_string().contains(&taken.to_string()), "{e}");
 }
 
 #[test]
 fn metadata_server_unreachable_at_start_is_a_clear_error_within_the_deadline() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let uri = format!("http://{closed}/metadata");
     let mut cfg = common::config();
     cfg.metadata = MetadataUri::parse(&uri).unwrap();
-    cfg.deadlines = Deadlines {
-        connect: Duration::from_secs(1),
-        ..Default::default()
-    };
+    cfg.deadlines = Deadlines { connect: Duration::from_secs(1), ..Default::default() };
     let start = Instant::now();
     let e = Engine::new(cfg).unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(3));
-    assert!(
-        matches!(e, Error::MetadataUnreachable { .. }) && e.to_string().contains(&uri),
-        "{e}"
-    );
+    assert!(matches!(e, Error::MetadataUnreachable { .. }) && e.to_string().contains(&uri), "{e}");
 }
 
 #[test]
@@ -424,31 +315,19 @@ fn http_metadata_two_named_engines() {
     let decode = Engine::new(named("decode-0")).unwrap();
     let prefill = Engine::new(named("prefill-0")).unwrap();
     let e = Engine::new(named("decode-0")).unwrap_err();
-    assert!(
-        matches!(e, Error::NameInUse { .. }),
-        "a live engine's name is not taken over: {e}"
-    );
+    assert!(matches!(e, Error::NameInUse { .. }), "a live engine's name is not taken over: {e}");
     let remote = decode.allocate_shared(65536).unwrap();
     let data = random_bytes(65536, 4);
     let local = registered(&prefill, 65536, &data);
     let peer = prefill.open_segment("decode-0").unwrap();
     prefill
         .transfer_sync(
-            &[Request {
-                op: Op::Write,
-                local: local.addr(),
-                len: 65536,
-                peer,
-                remote,
-            }],
+            &[Request { op: Op::Write, local: local.addr(), len: 65536, peer, remote }],
             BatchOptions::default(),
         )
         .unwrap();
     assert!(peek(remote, 65536) == data);
-    assert!(matches!(
-        prefill.open_segment("nobody"),
-        Err(Error::SegmentNotFound { .. })
-    ));
+    assert!(matches!(prefill.open_segment("nobody"), Err(Error::SegmentNotFound { .. })));
     decode.shutdown();
     let again = Engine::new(named("decode-0")).unwrap();
     assert_ne!(again.instance_id(), decode.instance_id());
@@ -462,14 +341,7 @@ fn notifications_arrive_after_the_data_over_every_transport() {
         let initiator = if same_engine {
             None
         } else {
-            Some(
-                Engine::new(if force_tcp {
-                    tcp_only()
-                } else {
-                    common::config()
-                })
-                .unwrap(),
-            )
+            Some(Engine::new(if force_tcp { tcp_only() } else { common::config() }).unwrap())
         };
         let sender = initiator.as_ref().unwrap_or(&target);
         let remote = target.allocate_shared(1 << 20).unwrap();
@@ -496,15 +368,9 @@ fn notifications_arrive_after_the_data_over_every_transport() {
             !got.is_empty()
         }));
         assert_eq!(got.len(), 1);
-        assert_eq!(
-            (got[0].name.as_str(), got[0].message.as_str()),
-            ("kv-done", "req-17")
-        );
+        assert_eq!((got[0].name.as_str(), got[0].message.as_str()), ("kv-done", "req-17"));
         assert_eq!(got[0].from, sender.name());
-        assert!(
-            peek(remote, 1 << 20) == data,
-            "data visible when the notification is"
-        );
+        assert!(peek(remote, 1 << 20) == data, "data visible when the notification is");
     }
 }
 
@@ -524,30 +390,17 @@ fn ipv6_loopback_works_when_available() {
         eprintln!("skipped: no IPv6 loopback on this machine");
         return;
     }
-    let cfg = || EngineConfig {
-        host: "::1".into(),
-        ..common::config()
-    };
+    let cfg = || EngineConfig { host: "::1".into(), ..common::config() };
     let target = Engine::new(cfg()).unwrap();
     assert!(target.name().starts_with("[::1]:"), "{}", target.name());
-    let initiator = Engine::new(EngineConfig {
-        host: "::1".into(),
-        ..tcp_only()
-    })
-    .unwrap();
+    let initiator = Engine::new(EngineConfig { host: "::1".into(), ..tcp_only() }).unwrap();
     let remote = target.allocate_shared(4096).unwrap();
     let data = random_bytes(4096, 6);
     let local = registered(&initiator, 4096, &data);
     let peer = initiator.open_segment(target.name()).unwrap();
     initiator
         .transfer_sync(
-            &[Request {
-                op: Op::Write,
-                local: local.addr(),
-                len: 4096,
-                peer,
-                remote,
-            }],
+            &[Request { op: Op::Write, local: local.addr(), len: 4096, peer, remote }],
             BatchOptions::default(),
         )
         .unwrap();

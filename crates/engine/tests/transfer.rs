@@ -52,27 +52,17 @@ fn round_trip(initiator_cfg: EngineConfig, target_shared: bool) {
         });
         off += s;
     }
-    initiator
-        .transfer_sync(&writes, BatchOptions::default())
-        .unwrap();
-    assert!(
-        peek(remote, total) == data,
-        "target holds exactly the written bytes"
-    );
-    initiator
-        .transfer_sync(&reads, BatchOptions::default())
-        .unwrap();
+    initiator.transfer_sync(&writes, BatchOptions::default()).unwrap();
+    assert!(peek(remote, total) == data, "target holds exactly the written bytes");
+    initiator.transfer_sync(&reads, BatchOptions::default()).unwrap();
     assert!(back.to_vec() == data, "every byte read back matches");
 }
 
 #[test]
 fn tcp_round_trip() {
-    let cfg = EngineConfig {
-        port: Some(0),
-        ..Default::default()
-    }
-    .apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into()))
-    .unwrap();
+    let cfg = EngineConfig { port: Some(0), ..Default::default() }
+        .apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into()))
+        .unwrap();
     round_trip(cfg, true);
     round_trip(common::config(), false);
 }
@@ -91,11 +81,8 @@ fn selection_reasons_are_reported() {
     let peer = initiator.open_segment(target.name()).unwrap();
     let info = initiator.explain(peer).unwrap();
     assert!(info.same_host && !info.same_engine);
-    let chosen: Vec<_> = info
-        .regions
-        .iter()
-        .map(|r| r.decision.as_ref().map(|c| c.transport).ok())
-        .collect();
+    let chosen: Vec<_> =
+        info.regions.iter().map(|r| r.decision.as_ref().map(|c| c.transport).ok()).collect();
     assert_eq!(chosen.len(), 2);
     assert!(
         chosen.contains(&Some(TransportKind::Shm)) && chosen.contains(&Some(TransportKind::Tcp))
@@ -112,18 +99,12 @@ fn local_transport_within_one_engine() {
     let b = registered(&e, 8192, &[POISON; 8192]);
     let me = e.open_segment(e.name()).unwrap();
     let info = e.explain(me).unwrap();
-    assert!(info.regions.iter().all(|r| r
-        .decision
-        .as_ref()
-        .is_ok_and(|c| c.transport == TransportKind::Local)));
+    assert!(info
+        .regions
+        .iter()
+        .all(|r| r.decision.as_ref().is_ok_and(|c| c.transport == TransportKind::Local)));
     e.transfer_sync(
-        &[Request {
-            op: Op::Write,
-            local: a.addr(),
-            len: 8192,
-            peer: me,
-            remote: b.addr(),
-        }],
+        &[Request { op: Op::Write, local: a.addr(), len: 8192, peer: me, remote: b.addr() }],
         BatchOptions::default(),
     )
     .unwrap();
@@ -138,41 +119,13 @@ fn bad_requests_fail_at_submit_with_typed_errors() {
     let remote = target.allocate_shared(4096).unwrap();
     let local = registered(&initiator, 4096, &[]);
     let peer = initiator.open_segment(target.name()).unwrap();
-    let req = Request {
-        op: Op::Write,
-        local: local.addr(),
-        len: 4096,
-        peer,
-        remote,
-    };
-    let err = |r: Request| {
-        initiator
-            .submit(&[r], BatchOptions::default())
-            .err()
-            .expect("submit refuses")
-    };
-    assert!(matches!(
-        err(Request { len: 0, ..req }),
-        Error::InvalidArgument { .. }
-    ));
-    assert!(matches!(
-        err(Request { local: 0x10, ..req }),
-        Error::NotRegistered { .. }
-    ));
-    assert!(matches!(
-        err(Request {
-            remote: remote + 1,
-            ..req
-        }),
-        Error::RemoteAccessDenied { .. }
-    ));
-    assert!(matches!(
-        err(Request {
-            remote: 0x1000,
-            ..req
-        }),
-        Error::RemoteAccessDenied { .. }
-    ));
+    let req = Request { op: Op::Write, local: local.addr(), len: 4096, peer, remote };
+    let err =
+        |r: Request| initiator.submit(&[r], BatchOptions::default()).err().expect("submit refuses");
+    assert!(matches!(err(Request { len: 0, ..req }), Error::InvalidArgument { .. }));
+    assert!(matches!(err(Request { local: 0x10, ..req }), Error::NotRegistered { .. }));
+    assert!(matches!(err(Request { remote: remote + 1, ..req }), Error::RemoteAccessDenied { .. }));
+    assert!(matches!(err(Request { remote: 0x1000, ..req }), Error::RemoteAccessDenied { .. }));
     assert!(initiator.submit(&[], BatchOptions::default()).is_err());
     // A transport configuration that reaches nothing: every transport's refusal is named.
     let mut cfg = common::config();
@@ -181,14 +134,7 @@ fn bad_requests_fail_at_submit_with_typed_errors() {
     let lb = registered(&lonely, 4096, &[]);
     let p = lonely.open_segment(target.name()).unwrap();
     let e = lonely
-        .submit(
-            &[Request {
-                peer: p,
-                local: lb.addr(),
-                ..req
-            }],
-            BatchOptions::default(),
-        )
+        .submit(&[Request { peer: p, local: lb.addr(), ..req }], BatchOptions::default())
         .err()
         .unwrap();
     let text = e.to_string();
@@ -233,34 +179,20 @@ fn large_mixed_batches_move_every_byte() {
             remote: plain.addr() + slot,
         });
     }
-    initiator
-        .transfer_sync(&writes, BatchOptions::default())
-        .unwrap();
+    initiator.transfer_sync(&writes, BatchOptions::default()).unwrap();
     let (got_shm, got_tcp) = (peek(shared, N * B), plain.to_vec());
     for i in 0..N {
         let slot = (i * 7919) % N * B;
-        assert!(
-            got_shm[slot..slot + B] == data[i * B..(i + 1) * B],
-            "shm request {i}"
-        );
-        assert!(
-            got_tcp[slot..slot + B] == data[(N + i) * B..(N + i + 1) * B],
-            "tcp request {i}"
-        );
+        assert!(got_shm[slot..slot + B] == data[i * B..(i + 1) * B], "shm request {i}");
+        assert!(got_tcp[slot..slot + B] == data[(N + i) * B..(N + i + 1) * B], "tcp request {i}");
     }
     // Read everything back into poisoned memory with the reverse requests.
     let back = registered(&initiator, 2 * N * B, &vec![POISON; 2 * N * B]);
     let reads: Vec<Request> = writes
         .iter()
-        .map(|w| Request {
-            op: Op::Read,
-            local: w.local - src.addr() + back.addr(),
-            ..*w
-        })
+        .map(|w| Request { op: Op::Read, local: w.local - src.addr() + back.addr(), ..*w })
         .collect();
-    initiator
-        .transfer_sync(&reads, BatchOptions::default())
-        .unwrap();
+    initiator.transfer_sync(&reads, BatchOptions::default()).unwrap();
     assert!(back.to_vec() == data, "every byte read back");
     drop(initiator);
     drop(target);

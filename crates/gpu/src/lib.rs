@@ -30,16 +30,11 @@ pub struct GpuReport {
 
 /// Looks for GPU support. In this build it always reports why there is none.
 pub fn probe() -> Result<GpuReport, Unavailable> {
-    Err(Unavailable {
-        reason: "no GPU support in this build yet (host memory only)".into(),
-    })
+    Err(Unavailable { reason: "no GPU support in this build yet (host memory only)".into() })
 }
 
 /// Classifies `[addr, addr+len)`. Without the CUDA driver every pointer is host pageable
 /// memory: pinned, device and managed memory can only be told apart by asking the driver.
 pub fn classify(_addr: u64, _len: u64) -> Location {
-    Location {
-        kind: MemoryKind::HostPageable,
-        device: None,
-    }
+    Location { kind: MemoryKind::HostPageable, device: None }
 }

@@ -58,9 +58,7 @@ fn dlpack_info<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(DlInfo, Bound<'py, PyA
         .map_err(|_| PyTypeError::new_err("__dlpack__ did not return a capsule"))?;
     let name_ok = cap.name()?.is_some_and(|n| n.to_bytes() == b"dltensor");
     if !name_ok {
-        return Err(PyTypeError::new_err(
-            "expected an unconsumed \"dltensor\" DLPack capsule",
-        ));
+        return Err(PyTypeError::new_err("expected an unconsumed \"dltensor\" DLPack capsule"));
     }
     let ptr = cap.pointer() as *const DlTensor;
     if ptr.is_null() {
@@ -70,17 +68,12 @@ fn dlpack_info<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(DlInfo, Bound<'py, PyA
     // DLTensor; it stays valid while the capsule (kept by the caller) is alive.
     let t = unsafe { &*ptr };
     if t.ndim < 0 || t.ndim > 32 {
-        return Err(PyTypeError::new_err(
-            "DLPack tensor with an impossible rank",
-        ));
+        return Err(PyTypeError::new_err("DLPack tensor with an impossible rank"));
     }
     let ndim = t.ndim as usize;
     // SAFETY: `shape` (and `strides` when non-null) hold `ndim` entries per the DLPack ABI.
-    let shape: &[i64] = if ndim == 0 {
-        &[]
-    } else {
-        unsafe { std::slice::from_raw_parts(t.shape, ndim) }
-    };
+    let shape: &[i64] =
+        if ndim == 0 { &[] } else { unsafe { std::slice::from_raw_parts(t.shape, ndim) } };
     let strides: Option<&[i64]> = (!t.strides.is_null() && ndim > 0)
         .then(|| unsafe { std::slice::from_raw_parts(t.strides, ndim) });
     let mut expect = 1i64;
@@ -93,9 +86,9 @@ fn dlpack_info<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(DlInfo, Bound<'py, PyA
         }
         expect = expect.saturating_mul(shape[d].max(1));
     }
-    let elements = shape.iter().try_fold(1u64, |acc, &d| {
-        u64::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-    });
+    let elements = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| u64::try_from(d).ok().and_then(|d| acc.checked_mul(d)));
     let elements =
         elements.ok_or_else(|| PyTypeError::new_err("DLPack tensor with a bad shape"))?;
     let info = DlInfo {
@@ -157,26 +150,14 @@ fn interface_info(dict: &Bound<'_, PyAny>) -> PyResult<InterfaceInfo> {
             ok
         }
     };
-    Ok(InterfaceInfo {
-        addr,
-        readonly,
-        elements,
-        itemsize,
-        contiguous,
-        typestr,
-        ndim: shape.len(),
-    })
+    Ok(InterfaceInfo { addr, readonly, elements, itemsize, contiguous, typestr, ndim: shape.len() })
 }
 
 /// A sequence of u64 read from Python: owned (list/tuple), borrowed in place (array
 /// interface, DLPack) while the GIL is held, or one scalar for every index.
 pub(crate) enum U64Array<'py> {
     Owned(Vec<u64>),
-    Borrowed {
-        addr: u64,
-        len: usize,
-        _keep: Bound<'py, PyAny>,
-    },
+    Borrowed { addr: u64, len: usize, _keep: Bound<'py, PyAny> },
     Scalar(u64),
 }
 
@@ -195,10 +176,9 @@ impl U64Array<'_> {
 
     pub(crate) fn get(&self, i: usize) -> PyResult<u64> {
         match self {
-            Self::Owned(v) => v
-                .get(i)
-                .copied()
-                .ok_or_else(|| invalid(format!("index {i} out of range"))),
+            Self::Owned(v) => {
+                v.get(i).copied().ok_or_else(|| invalid(format!("index {i} out of range")))
+            }
             Self::Scalar(x) => Ok(*x),
             Self::Borrowed { addr, len, .. } => {
                 if i >= *len {
@@ -248,11 +228,7 @@ impl<'py> FromPyObject<'py> for U64Array<'py> {
                     "descriptor tensors must be contiguous 1-D 64-bit integers on the CPU".into(),
                 ));
             }
-            return Ok(Self::Borrowed {
-                addr: i.addr,
-                len: i.elements as usize,
-                _keep: capsule,
-            });
+            return Ok(Self::Borrowed { addr: i.addr, len: i.elements as usize, _keep: capsule });
         }
         Err(PyTypeError::new_err(format!(
             "expected an int, a list of ints, a numpy array or a DLPack tensor, not {}",
@@ -293,9 +269,7 @@ impl<'py> FromPyObject<'py> for MemoryObject {
                 DL_CPU | DL_CUDA_HOST => {}
                 DL_CUDA | DL_CUDA_MANAGED => return Err(invalid(GPU_NOT_BUILT.into())),
                 other => {
-                    return Err(invalid(format!(
-                        "DLPack device type {other} is not supported"
-                    )))
+                    return Err(invalid(format!("DLPack device type {other} is not supported")))
                 }
             }
             if !i.contiguous {
@@ -311,10 +285,6 @@ impl<'py> FromPyObject<'py> for MemoryObject {
         if len == 0 {
             return Err(invalid("cannot register an empty array".into()));
         }
-        Ok(Self {
-            addr,
-            len,
-            owner: ob.clone().unbind(),
-        })
+        Ok(Self { addr, len, owner: ob.clone().unbind() })
     }
 }

@@ -17,18 +17,8 @@ create_exception!(
     TidewireError,
     "Invalid or contradictory configuration."
 );
-create_exception!(
-    tidewire._native,
-    InvalidArgument,
-    TidewireError,
-    "The API was called wrongly."
-);
-create_exception!(
-    tidewire._native,
-    BindError,
-    TidewireError,
-    "No RPC port could be bound."
-);
+create_exception!(tidewire._native, InvalidArgument, TidewireError, "The API was called wrongly.");
+create_exception!(tidewire._native, BindError, TidewireError, "No RPC port could be bound.");
 create_exception!(
     tidewire._native,
     MetadataError,
@@ -41,12 +31,7 @@ create_exception!(
     TidewireError,
     "No segment is published under this name."
 );
-create_exception!(
-    tidewire._native,
-    PeerUnreachable,
-    TidewireError,
-    "A peer could not be reached."
-);
+create_exception!(tidewire._native, PeerUnreachable, TidewireError, "A peer could not be reached.");
 create_exception!(
     tidewire._native,
     PeerFailed,
@@ -77,18 +62,8 @@ create_exception!(
     TidewireError,
     "No transport can serve a request."
 );
-create_exception!(
-    tidewire._native,
-    Timeout,
-    TidewireError,
-    "A deadline passed."
-);
-create_exception!(
-    tidewire._native,
-    Cancelled,
-    TidewireError,
-    "The batch was cancelled."
-);
+create_exception!(tidewire._native, Timeout, TidewireError, "A deadline passed.");
+create_exception!(tidewire._native, Cancelled, TidewireError, "The batch was cancelled.");
 create_exception!(
     tidewire._native,
     ShuttingDown,
@@ -101,18 +76,8 @@ create_exception!(
     TidewireError,
     "A peer spoke the protocol wrongly."
 );
-create_exception!(
-    tidewire._native,
-    OsError,
-    TidewireError,
-    "An operating-system call failed."
-);
-create_exception!(
-    tidewire._native,
-    InternalError,
-    TidewireError,
-    "A bug in tidewire."
-);
+create_exception!(tidewire._native, OsError, TidewireError, "An operating-system call failed.");
+create_exception!(tidewire._native, InternalError, TidewireError, "A bug in tidewire.");
 
 pub(crate) fn invalid(msg: String) -> PyErr {
     InvalidArgument::new_err(msg)

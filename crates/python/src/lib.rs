@@ -32,9 +32,7 @@ fn parse_op(op: &str) -> PyResult<Op> {
     match op.to_ascii_lowercase().as_str() {
         "write" | "w" => Ok(Op::Write),
         "read" | "r" => Ok(Op::Read),
-        _ => Err(errors::invalid(format!(
-            "op must be \"read\" or \"write\", not {op:?}"
-        ))),
+        _ => Err(errors::invalid(format!("op must be \"read\" or \"write\", not {op:?}"))),
     }
 }
 
@@ -107,10 +105,7 @@ impl PyEngine {
         }
         cfg.transports.force_tcp |= force_tcp;
         let engine = detached(py, || Engine::new(cfg))?;
-        Ok(Self {
-            engine: std::mem::ManuallyDrop::new(Arc::new(engine)),
-            pid: std::process::id(),
-        })
+        Ok(Self { engine: std::mem::ManuallyDrop::new(Arc::new(engine)), pid: std::process::id() })
     }
 
     /// The segment name peers open this engine by (`host:port` in p2p mode).
@@ -144,10 +139,7 @@ impl PyEngine {
         let location = location.to_string();
         // SAFETY: the Python caller vouches for the range (documented contract of this raw
         // form, as for Mooncake's register_memory).
-        detached(py, move || unsafe {
-            engine.register(addr, length, &location)
-        })
-        .map(|id| id.0)
+        detached(py, move || unsafe { engine.register(addr, length, &location) }).map(|id| id.0)
     }
 
     /// Registers several raw ranges, all or none.
@@ -160,15 +152,12 @@ impl PyEngine {
         location: &str,
     ) -> PyResult<Vec<u64>> {
         let n = addrs.len();
-        let ranges: Vec<(u64, u64)> = (0..n)
-            .map(|i| Ok((addrs.get(i)?, lengths.get(i)?)))
-            .collect::<PyResult<_>>()?;
+        let ranges: Vec<(u64, u64)> =
+            (0..n).map(|i| Ok((addrs.get(i)?, lengths.get(i)?))).collect::<PyResult<_>>()?;
         let engine = self.engine()?;
         let location = location.to_string();
         // SAFETY: as for `register`.
-        let ids = detached(py, move || unsafe {
-            engine.register_batch(&ranges, &location)
-        })?;
+        let ids = detached(py, move || unsafe { engine.register_batch(&ranges, &location) })?;
         Ok(ids.into_iter().map(|id| id.0).collect())
     }
 
@@ -188,9 +177,7 @@ impl PyEngine {
         let location = location.to_string();
         // SAFETY: `obj` exposes `len` writable bytes at `addr` (checked by `MemoryObject`) and
         // stays alive because the registry holds `owner` until unregistration.
-        detached(py, move || unsafe {
-            engine.register_with_owner(addr, len, &location, owner)
-        })?;
+        detached(py, move || unsafe { engine.register_with_owner(addr, len, &location, owner) })?;
         Ok((addr, len))
     }
 
@@ -201,9 +188,7 @@ impl PyEngine {
     }
 
     fn unregister_batch(&self, py: Python<'_>, addrs: U64Array) -> PyResult<()> {
-        let addrs: Vec<u64> = (0..addrs.len())
-            .map(|i| addrs.get(i))
-            .collect::<PyResult<_>>()?;
+        let addrs: Vec<u64> = (0..addrs.len()).map(|i| addrs.get(i)).collect::<PyResult<_>>()?;
         let engine = self.engine()?;
         detached(py, move || engine.unregister_batch(&addrs))
     }
@@ -289,10 +274,7 @@ impl PyEngine {
                 remote: remote.get(i)?,
             });
         }
-        let opts = BatchOptions {
-            notify,
-            timeout: timeout.map(Duration::from_secs_f64),
-        };
+        let opts = BatchOptions { notify, timeout: timeout.map(Duration::from_secs_f64) };
         let engine = self.engine()?;
         let handle = detached(py, move || engine.submit(&reqs, opts))?;
         Ok(PyBatch { handle })
@@ -358,9 +340,8 @@ impl PyBatch {
             timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         loop {
             let step = Duration::from_millis(50);
-            let step = until.map_or(step, |u| {
-                step.min(u.saturating_duration_since(std::time::Instant::now()))
-            });
+            let step = until
+                .map_or(step, |u| step.min(u.saturating_duration_since(std::time::Instant::now())));
             let handle = self.handle.clone();
             match py.detach(move || handle.wait_timeout(step)) {
                 Some(Ok(())) => return Ok(true),
@@ -430,17 +411,10 @@ impl PyMetadataServer {
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (host="127.0.0.1", port=0))]
     fn new(host: &str, port: u16) -> PyResult<Self> {
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
         let server = tidewire::MetadataServer::start(&format!("{host}:{port}")).map_err(to_py)?;
         let url = server.url();
-        Ok(Self {
-            server: Some(server),
-            url,
-        })
+        Ok(Self { server: Some(server), url })
     }
 
     /// The URL engines pass as `metadata`.

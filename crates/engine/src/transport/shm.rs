@@ -77,16 +77,11 @@ pub(crate) struct SharedRegion {
 
 impl SharedRegion {
     pub(crate) fn allocate(len: u64) -> Result<Self> {
-        let data = usize::try_from(len)
-            .ok()
-            .and_then(|l| l.checked_next_multiple_of(PAGE))
-            .ok_or(Error::InvalidArgument {
-                reason: format!("shared allocation of {len} bytes"),
-            })?;
+        let data = usize::try_from(len).ok().and_then(|l| l.checked_next_multiple_of(PAGE)).ok_or(
+            Error::InvalidArgument { reason: format!("shared allocation of {len} bytes") },
+        )?;
         let fd = mem::memfd("tidewire-shm", HEADER + data)?;
-        let map = ShmMap {
-            map: Mapping::map_shared(&fd, HEADER + data, "a new shared region")?,
-        };
+        let map = ShmMap { map: Mapping::map_shared(&fd, HEADER + data, "a new shared region")? };
         Ok(Self { fd, map })
     }
 
@@ -139,16 +134,10 @@ impl ShmServer {
     ) -> Result<Arc<Self>> {
         let addr = SocketAddr::from_abstract_name(name.as_bytes())
             .map_err(|e| Error::io(format!("abstract socket name {name}"), &e))?;
-        let listener = UnixListener::bind_addr(&addr).map_err(|e| Error::Bind {
-            addr: format!("@{name}"),
-            reason: e.to_string(),
-        })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("shm listener", &e))?;
-        let server = Arc::new(Self {
-            attached: Mutex::new([false; SLOTS]),
-        });
+        let listener = UnixListener::bind_addr(&addr)
+            .map_err(|e| Error::Bind { addr: format!("@{name}"), reason: e.to_string() })?;
+        listener.set_nonblocking(true).map_err(|e| Error::io("shm listener", &e))?;
+        let server = Arc::new(Self { attached: Mutex::new([false; SLOTS]) });
         let (srv, life2) = (server.clone(), life.clone());
         life.spawn("tw-shm-accept".into(), move || loop {
             if life2.stopping() {
@@ -224,12 +213,7 @@ fn serve_requests(
         let mut id = [0u8; 8];
         match s.read_exact(&mut id) {
             Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 if life.stopping() {
                     return Ok(());
                 }
@@ -238,10 +222,7 @@ fn serve_requests(
             Err(e) => return Err(e),
         }
         let entry = registry.by_id(RegionId(u64::from_le_bytes(id)));
-        match entry
-            .as_ref()
-            .and_then(|e| e.shared.as_ref().map(|s| (e, s)))
-        {
+        match entry.as_ref().and_then(|e| e.shared.as_ref().map(|s| (e, s))) {
             Some((e, shared)) if e.access().is_some() => {
                 let mut msg = [0u8; 9];
                 msg[1..].copy_from_slice(&(shared.map.data_len()).to_le_bytes());
@@ -270,22 +251,13 @@ impl ShmClient {
         let addr =
             SocketAddr::from_abstract_name(socket.as_bytes()).map_err(|e| fail("name", &e))?;
         let stream = UnixStream::connect_addr(&addr).map_err(|e| fail("connect to", &e))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(|e| fail("configure", &e))?;
-        stream
-            .set_write_timeout(Some(timeout))
-            .map_err(|e| fail("configure", &e))?;
+        stream.set_read_timeout(Some(timeout)).map_err(|e| fail("configure", &e))?;
+        stream.set_write_timeout(Some(timeout)).map_err(|e| fail("configure", &e))?;
         let mut slot = [0u8; 4];
-        (&stream)
-            .read_exact(&mut slot)
-            .map_err(|e| fail("attach to", &e))?;
+        (&stream).read_exact(&mut slot).map_err(|e| fail("attach to", &e))?;
         let slot = u32::from_le_bytes(slot);
         if slot == NO_SLOT || slot as usize >= SLOTS {
-            return Err(fail(
-                "attach to",
-                &format!("all {SLOTS} initiator slots are in use"),
-            ));
+            return Err(fail("attach to", &format!("all {SLOTS} initiator slots are in use")));
         }
         Ok(Self {
             peer: peer.into(),
@@ -307,9 +279,7 @@ impl ShmClient {
         }
         let fetched = {
             let stream = self.stream.lock();
-            (&*stream)
-                .write_all(&id.0.to_le_bytes())
-                .and_then(|()| recv_with_fd(&stream))
+            (&*stream).write_all(&id.0.to_le_bytes()).and_then(|()| recv_with_fd(&stream))
         };
         let (msg, fd) = fetched.map_err(|e| {
             self.broken.store(true, Ordering::Release);
@@ -333,9 +303,8 @@ impl ShmClient {
             .ok()
             .and_then(|l| l.checked_add(HEADER))
             .ok_or(Error::Internal("shm region length overflows"))?;
-        let map = Arc::new(ShmMap {
-            map: Mapping::map_shared(&fd, total, "a peer's shared region")?,
-        });
+        let map =
+            Arc::new(ShmMap { map: Mapping::map_shared(&fd, total, "a peer's shared region")? });
         self.maps.lock().insert(id, map.clone());
         Ok(map)
     }
@@ -351,10 +320,7 @@ impl ShmClient {
         write: bool,
     ) -> Result<bool> {
         let len = local.len();
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > map.data_len())
-        {
+        if offset.checked_add(len).is_none_or(|end| end > map.data_len()) {
             return Err(Error::Protocol {
                 peer: self.peer.clone(),
                 reason: format!(
@@ -364,11 +330,7 @@ impl ShmClient {
             });
         }
         let remote = map.data_addr() + offset;
-        let (dst, src) = if write {
-            (remote, local.addr())
-        } else {
-            (local.addr(), remote)
-        };
+        let (dst, src) = if write { (remote, local.addr()) } else { (local.addr(), remote) };
         let h = map.header();
         let slot = &h.slots[self.slot];
         slot.inflight.fetch_add(1, Ordering::SeqCst);
@@ -385,10 +347,7 @@ impl ShmClient {
 }
 
 fn send_with_fd(stream: &UnixStream, msg: &[u8; 9], fd: Option<&OwnedFd>) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: msg.as_ptr() as *mut libc::c_void,
-        iov_len: msg.len(),
-    };
+    let mut iov = libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() };
     // Room for one file descriptor's control message, 8-byte aligned.
     let mut cmsg_buf = [0u64; 4];
     // SAFETY: msghdr is plain old data; zero is a valid empty header.
@@ -423,10 +382,8 @@ fn send_with_fd(stream: &UnixStream, msg: &[u8; 9], fd: Option<&OwnedFd>) -> io:
 
 fn recv_with_fd(stream: &UnixStream) -> io::Result<([u8; 9], Option<OwnedFd>)> {
     let mut msg = [0u8; 9];
-    let mut iov = libc::iovec {
-        iov_base: msg.as_mut_ptr() as *mut libc::c_void,
-        iov_len: msg.len(),
-    };
+    let mut iov =
+        libc::iovec { iov_base: msg.as_mut_ptr() as *mut libc::c_void, iov_len: msg.len() };
     let mut cmsg_buf = [0u64; 4];
     // SAFETY: msghdr is plain old data; zero is a valid empty header.
     let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -440,10 +397,7 @@ fn recv_with_fd(stream: &UnixStream) -> io::Result<([u8; 9], Option<OwnedFd>)> {
         return Err(io::Error::last_os_error());
     }
     if n as usize != msg.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "short shm answer",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short shm answer"));
     }
     let mut fd = None;
     // SAFETY: the kernel filled `hdr.msg_control`; CMSG_FIRSTHDR/NXTHDR walk only within

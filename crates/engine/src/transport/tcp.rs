@@ -29,12 +29,7 @@ const IO_BUFFER: usize = 64 << 10;
 /// What a lane waits for an answer to.
 enum Pending {
     /// A chunk of request `req`. For READ, the data lands at `local` inside `entry`.
-    Chunk {
-        batch: Arc<Batch>,
-        req: usize,
-        read_into: Option<(Arc<RegionEntry>, u64)>,
-        len: u64,
-    },
+    Chunk { batch: Arc<Batch>, req: usize, read_into: Option<(Arc<RegionEntry>, u64)>, len: u64 },
     /// The batch's notification.
     Trailer(Arc<Batch>),
 }
@@ -51,13 +46,7 @@ impl Pending {
 /// Work for a lane's writer.
 enum Outgoing {
     /// Write `len` bytes from local `src` (inside `entry`) to remote `dst`.
-    Write {
-        tag: u64,
-        dst: u64,
-        src: u64,
-        len: u64,
-        entry: Arc<RegionEntry>,
-    },
+    Write { tag: u64, dst: u64, src: u64, len: u64, entry: Arc<RegionEntry> },
     /// A header and a small payload.
     Frame { header: Header, payload: Vec<u8> },
 }
@@ -74,21 +63,9 @@ impl Outgoing {
 /// One request's share of a TCP batch, before it is split into chunks.
 pub(crate) enum Work {
     /// WRITE `len` bytes from local `src` (in `entry`) to remote `dst`.
-    Write {
-        req: usize,
-        entry: Arc<RegionEntry>,
-        src: u64,
-        dst: u64,
-        len: u64,
-    },
+    Write { req: usize, entry: Arc<RegionEntry>, src: u64, dst: u64, len: u64 },
     /// READ `len` bytes at remote `src` into local `dst` (in `entry`).
-    Read {
-        req: usize,
-        entry: Arc<RegionEntry>,
-        dst: u64,
-        src: u64,
-        len: u64,
-    },
+    Read { req: usize, entry: Arc<RegionEntry>, dst: u64, src: u64, len: u64 },
 }
 
 /// A lane's total payload up to which the submitting thread writes the frames itself (when
@@ -133,13 +110,7 @@ impl LaneShared {
     /// Writes one item. A WRITE whose local region was unregistered since submit fails alone.
     fn send(&self, w: &mut FrameWriter, item: Outgoing) -> io::Result<()> {
         match item {
-            Outgoing::Write {
-                tag,
-                dst,
-                src,
-                len,
-                entry,
-            } => {
+            Outgoing::Write { tag, dst, src, len, entry } => {
                 let Some(pinned) = entry.pin(src, len) else {
                     let pending = self.pending.lock().remove(&tag);
                     if let Some(p) = pending {
@@ -196,8 +167,7 @@ impl Lane {
                 }
                 if let Err(e) = result.and_then(|()| w.flush()) {
                     drop(w);
-                    self.shared
-                        .kill(self.shared.failure(format!("send failed: {e}")));
+                    self.shared.kill(self.shared.failure(format!("send failed: {e}")));
                 }
                 return;
             }
@@ -205,8 +175,7 @@ impl Lane {
         for item in out {
             self.shared.queued.fetch_add(1, Ordering::AcqRel);
             if self.tx.send(item).is_err() {
-                self.shared
-                    .kill(self.shared.failure("the lane's writer has stopped"));
+                self.shared.kill(self.shared.failure("the lane's writer has stopped"));
                 return;
             }
         }
@@ -239,15 +208,9 @@ pub(crate) fn handshake(
     };
     let stream = TcpStream::connect_timeout(&addr, deadlines.connect)
         .map_err(|e| unreachable("connect to", &e))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| unreachable("set_nodelay on", &e))?;
-    stream
-        .set_write_timeout(Some(deadlines.stall))
-        .map_err(|e| unreachable("configure", &e))?;
-    stream
-        .set_read_timeout(Some(deadlines.handshake))
-        .map_err(|e| unreachable("configure", &e))?;
+    stream.set_nodelay(true).map_err(|e| unreachable("set_nodelay on", &e))?;
+    stream.set_write_timeout(Some(deadlines.stall)).map_err(|e| unreachable("configure", &e))?;
+    stream.set_read_timeout(Some(deadlines.handshake)).map_err(|e| unreachable("configure", &e))?;
     let hello = Header::new(FrameKind::Hello, 0, 0, INSTANCE_LEN);
     let mut frame = hello.encode().to_vec();
     frame.extend_from_slice(&expect.map_or(0, |i| i.0).to_le_bytes());
@@ -261,9 +224,7 @@ pub(crate) fn handshake(
     }
     let mut id = [0u8; 16];
     id.copy_from_slice(&payload);
-    stream
-        .set_read_timeout(Some(POLL))
-        .map_err(|e| unreachable("configure", &e))?;
+    stream.set_read_timeout(Some(POLL)).map_err(|e| unreachable("configure", &e))?;
     Ok((stream, InstanceId(u128::from_le_bytes(id))))
 }
 
@@ -301,10 +262,7 @@ impl TcpConn {
             }
             built.push(Self::start_lane(peer, i, stream, deadlines, life)?);
         }
-        Ok(Arc::new(Self {
-            lanes: built,
-            rr: AtomicUsize::new(0),
-        }))
+        Ok(Arc::new(Self { lanes: built, rr: AtomicUsize::new(0) }))
     }
 
     fn start_lane(
@@ -315,8 +273,7 @@ impl TcpConn {
         life: &Arc<Lifecycle>,
     ) -> Result<Lane> {
         let clone = |s: &TcpStream| {
-            s.try_clone()
-                .map_err(|e| Error::io(format!("cloning socket to {peer}"), &e))
+            s.try_clone().map_err(|e| Error::io(format!("cloning socket to {peer}"), &e))
         };
         let shared = Arc::new(LaneShared {
             peer: peer.to_string(),
@@ -330,31 +287,22 @@ impl TcpConn {
         let reader = FrameReader::new(stream, IO_BUFFER, deadlines.stall);
         let (s1, s2, l1) = (shared.clone(), shared.clone(), life.clone());
         life.spawn(format!("tw-lane{index}-w"), move || writer_loop(&s1, &rx))?;
-        life.spawn(format!("tw-lane{index}-r"), move || {
-            reader_loop(&s2, reader, &l1)
-        })?;
-        Ok(Lane {
-            shared,
-            tx,
-            next_tag: AtomicU64::new(1),
-        })
+        life.spawn(format!("tw-lane{index}-r"), move || reader_loop(&s2, reader, &l1))?;
+        Ok(Lane { shared, tx, next_tag: AtomicU64::new(1) })
     }
 
     /// Closes every lane; pending requests fail with `err` (default: closed by this engine).
     pub(crate) fn close(&self, err: Option<Error>) {
         for lane in &self.lanes {
-            let e = err.clone().unwrap_or_else(|| {
-                lane.shared
-                    .failure("the connection was closed by this engine")
-            });
+            let e = err
+                .clone()
+                .unwrap_or_else(|| lane.shared.failure("the connection was closed by this engine"));
             lane.shared.kill(e);
         }
     }
 
     pub(crate) fn is_dead(&self) -> bool {
-        self.lanes
-            .iter()
-            .any(|l| l.shared.dead.load(Ordering::Acquire))
+        self.lanes.iter().any(|l| l.shared.dead.load(Ordering::Acquire))
     }
 
     /// Splits the batch's TCP work into chunks, spreads them over the lanes and sends them.
@@ -363,51 +311,24 @@ impl TcpConn {
         let mut next = self.rr.fetch_add(1, Ordering::Relaxed);
         for work in works {
             let (req, entry, local, remote, len, write) = match work {
-                Work::Write {
-                    req,
-                    entry,
-                    src,
-                    dst,
-                    len,
-                } => (req, entry, src, dst, len, true),
-                Work::Read {
-                    req,
-                    entry,
-                    dst,
-                    src,
-                    len,
-                } => (req, entry, dst, src, len, false),
+                Work::Write { req, entry, src, dst, len } => (req, entry, src, dst, len, true),
+                Work::Read { req, entry, dst, src, len } => (req, entry, dst, src, len, false),
             };
             let mut off = 0;
             while off < len {
                 let n = CHUNK.min(len - off);
                 let (l, r) = (local + off, remote + off);
                 let item: Item<'_> = if write {
-                    let pending = Pending::Chunk {
-                        batch: batch.clone(),
-                        req,
-                        read_into: None,
-                        len: n,
-                    };
+                    let pending =
+                        Pending::Chunk { batch: batch.clone(), req, read_into: None, len: n };
                     let entry = entry.clone();
                     (
                         pending,
-                        Box::new(move |tag| Outgoing::Write {
-                            tag,
-                            dst: r,
-                            src: l,
-                            len: n,
-                            entry,
-                        }),
+                        Box::new(move |tag| Outgoing::Write { tag, dst: r, src: l, len: n, entry }),
                     )
                 } else {
                     let read_into = Some((entry.clone(), l));
-                    let pending = Pending::Chunk {
-                        batch: batch.clone(),
-                        req,
-                        read_into,
-                        len: n,
-                    };
+                    let pending = Pending::Chunk { batch: batch.clone(), req, read_into, len: n };
                     (
                         pending,
                         Box::new(move |tag| Outgoing::Frame {
@@ -478,24 +399,13 @@ fn reader_loop(lane: &LaneShared, mut r: FrameReader, life: &Lifecycle) {
         };
         let h = match Header::decode(&raw) {
             Ok(h) => h,
-            Err(e) => {
-                break Error::Protocol {
-                    peer: lane.peer.clone(),
-                    reason: e.to_string(),
-                }
-            }
+            Err(e) => break Error::Protocol { peer: lane.peer.clone(), reason: e.to_string() },
         };
         if let Err(e) = complete(lane, &mut r, h) {
             break e;
         }
     };
-    let err = if life.stopping() {
-        Error::ShuttingDown {
-            who: "this engine".into(),
-        }
-    } else {
-        err
-    };
+    let err = if life.stopping() { Error::ShuttingDown { who: "this engine".into() } } else { err };
     lane.kill(err);
 }
 
@@ -509,15 +419,7 @@ fn complete(lane: &LaneShared, r: &mut FrameReader, h: Header) -> Result<()> {
         });
     };
     match (h.kind, pending) {
-        (
-            FrameKind::WriteAck,
-            Pending::Chunk {
-                batch,
-                req,
-                read_into: None,
-                len,
-            },
-        ) => {
+        (FrameKind::WriteAck, Pending::Chunk { batch, req, read_into: None, len }) => {
             if h.status == Status::Ok {
                 batch.chunk_done(req);
             } else {
@@ -526,12 +428,7 @@ fn complete(lane: &LaneShared, r: &mut FrameReader, h: Header) -> Result<()> {
         }
         (
             FrameKind::ReadData,
-            Pending::Chunk {
-                batch,
-                req,
-                read_into: Some((entry, dst)),
-                len,
-            },
+            Pending::Chunk { batch, req, read_into: Some((entry, dst)), len },
         ) => {
             if h.status != Status::Ok {
                 batch.fail_request(req, Error::from_status(h.status, &lane.peer, h.addr, len));
@@ -541,15 +438,9 @@ fn complete(lane: &LaneShared, r: &mut FrameReader, h: Header) -> Result<()> {
                 let reason = format!("READ answer of {} bytes for {len} asked", h.len);
                 batch.fail_request(
                     req,
-                    Error::Protocol {
-                        peer: lane.peer.clone(),
-                        reason: reason.clone(),
-                    },
+                    Error::Protocol { peer: lane.peer.clone(), reason: reason.clone() },
                 );
-                return Err(Error::Protocol {
-                    peer: lane.peer.clone(),
-                    reason,
-                });
+                return Err(Error::Protocol { peer: lane.peer.clone(), reason });
             }
             let landed = {
                 // The gate keeps the request pending (the caller has not been told it failed)

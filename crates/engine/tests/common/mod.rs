@@ -1,11 +1,5 @@
 //! Helpers shared by the engine's integration tests.
-#![allow(
-    dead_code,
-    unreachable_pub,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic
-)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::{Rng, SeedableRng};
 use tidewire::{Engine, EngineConfig, HostBuffer};
@@ -16,10 +10,7 @@ pub fn engine() -> Engine {
 }
 
 pub fn config() -> EngineConfig {
-    EngineConfig {
-        port: Some(0),
-        ..EngineConfig::default()
-    }
+    EngineConfig { port: Some(0), ..EngineConfig::default() }
 }
 
 /// `len` random bytes from `seed`.
@@ -92,10 +83,7 @@ impl FakePeer {
                 id: RegionId(1),
                 addr: region_addr,
                 len: region_len,
-                location: Location {
-                    kind: MemoryKind::HostPageable,
-                    device: None,
-                },
+                location: Location { kind: MemoryKind::HostPageable, device: None },
                 reach: vec![Reach::Tcp],
             }],
         };
@@ -147,9 +135,8 @@ fn fake_conn(mut s: TcpStream, desc: &[u8]) {
         }
         let reply = match h.kind {
             FrameKind::Hello => {
-                let mut f = Header::new(FrameKind::HelloAck, h.tag, 0, INSTANCE_LEN)
-                    .encode()
-                    .to_vec();
+                let mut f =
+                    Header::new(FrameKind::HelloAck, h.tag, 0, INSTANCE_LEN).encode().to_vec();
                 f.extend_from_slice(&42u128.to_le_bytes());
                 f
             }
@@ -173,19 +160,28 @@ pub struct ChildTarget {
     pub child: Child,
     pub name: String,
     pub addr: u64,
+    /// The engine instance id, as printed.
+    pub instance: String,
 }
 
 impl ChildTarget {
     /// Starts the child on `port` (0: any) with a shared region of `len` bytes filled with
     /// `fill_seed`-random bytes, and waits (bounded) until it prints READY.
     pub fn spawn(test_binary_entry: &str, port: u16, len: u64, fill_seed: u64) -> Self {
+        Self::spawn_with(test_binary_entry, port, len, fill_seed, &[])
+    }
+
+    /// As `spawn`, with extra environment (`TW_CHILD_METADATA`, `TW_CHILD_NAME`, ...).
+    pub fn spawn_with(
+        test_binary_entry: &str,
+        port: u16,
+        len: u64,
+        fill_seed: u64,
+        env: &[(&str, String)],
+    ) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                test_binary_entry,
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(["--exact", test_binary_entry, "--nocapture", "--test-threads=1"])
             .env("TW_CHILD_PORT", port.to_string())
             .env("TW_CHILD_LEN", len.to_string())
             .env("TW_CHILD_SEED", fill_seed.to_string())
@@ -202,13 +198,12 @@ impl ChildTarget {
                 }
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("child target ready in time");
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("child target ready in time");
         let mut parts = line.split_whitespace();
         let name = parts.next().unwrap().to_string();
         let addr = parts.next().unwrap().parse().unwrap();
-        Self { child, name, addr }
+        let instance = parts.next().unwrap().to_string();
+        Self { child, name, addr, instance }
     }
 
     pub fn kill(&mut self) {
@@ -219,9 +214,7 @@ impl ChildTarget {
     /// Freezes the child (SIGSTOP): its sockets stay open but nothing is answered.
     pub fn freeze(&self) {
         // Sending a signal to our own child by pid.
-        let _ = Command::new("kill")
-            .args(["-STOP", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status();
     }
 }
 
@@ -231,21 +224,24 @@ impl Drop for ChildTarget {
     }
 }
 
-/// The body of the child process: serve a shared region until stdin closes.
+/// The body of the child process: serve a shared region until stdin closes. Optional
+/// `TW_CHILD_METADATA` (URI), `TW_CHILD_NAME` and `TW_CHILD_TTL_MS` select a metadata server.
 pub fn child_main() {
-    let Ok(port) = std::env::var("TW_CHILD_PORT") else {
-        return;
-    };
+    let Ok(port) = std::env::var("TW_CHILD_PORT") else { return };
     let len: u64 = std::env::var("TW_CHILD_LEN").unwrap().parse().unwrap();
     let seed: u64 = std::env::var("TW_CHILD_SEED").unwrap().parse().unwrap();
-    let e = Engine::new(EngineConfig {
-        port: Some(port.parse().unwrap()),
-        ..Default::default()
-    })
-    .unwrap();
+    let mut cfg = EngineConfig { port: Some(port.parse().unwrap()), ..Default::default() };
+    if let Ok(uri) = std::env::var("TW_CHILD_METADATA") {
+        cfg.metadata = tidewire::MetadataUri::parse(&uri).unwrap();
+        cfg.name = std::env::var("TW_CHILD_NAME").ok();
+    }
+    if let Ok(ttl) = std::env::var("TW_CHILD_TTL_MS") {
+        cfg.metadata_ttl = Duration::from_millis(ttl.parse().unwrap());
+    }
+    let e = Engine::new(cfg).unwrap();
     let addr = e.allocate_shared(len).unwrap();
     poke(addr, &random_bytes(len as usize, seed));
-    println!("READY {} {}", e.name(), addr);
+    println!("READY {} {} {}", e.name(), addr, e.instance_id());
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     std::process::exit(0);
@@ -261,4 +257,221 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     f()
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Finds a server binary: `$env` or the PATH. `None` (the test skips and says why) when absent.
+pub fn server_bin(env: &str, name: &str) -> Option<String> {
+    if let Ok(p) = std::env::var(env) {
+        return Some(p);
+    }
+    let out = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().ok()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!p.is_empty()).then_some(p)
+}
+
+fn wait_port(port: u16) {
+    assert!(
+        eventually(Duration::from_secs(15), || TcpStream::connect(("127.0.0.1", port)).is_ok()),
+        "server on port {port} did not start"
+    );
+}
+
+/// A real server process (etcd member or redis) on loopback, stopped on drop.
+pub struct Server {
+    bin: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    pub port: u16,
+    _dir: Option<tempdir::Dir>,
+}
+
+pub mod tempdir {
+    /// A temporary directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "tidewire-{tag}-{}-{}",
+                std::process::id(),
+                super::free_port()
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Server {
+    fn spawn(bin: String, args: Vec<String>, port: u16, dir: Option<tempdir::Dir>) -> Self {
+        let mut s = Self { bin, args, child: None, port, _dir: dir };
+        s.start();
+        s
+    }
+
+    pub fn start(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// etcd members on loopback: one (`n = 1`) or a cluster. `None` when etcd is not installed.
+pub fn etcd_cluster(n: usize) -> Option<Vec<Server>> {
+    let Some(bin) = server_bin("TIDEWIRE_ETCD_BIN", "etcd") else {
+        eprintln!("skipped: etcd is not installed (scripts/test.sh installs it)");
+        return None;
+    };
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let initial: Vec<String> =
+        ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
+    let servers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (client, peer))| {
+            let dir = tempdir::Dir::new("etcd");
+            let args = vec![
+                format!("--name=m{i}"),
+                format!("--data-dir={}", dir.0.display()),
+                format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster={}", initial.join(",")),
+                "--initial-cluster-state=new".into(),
+                "--heartbeat-interval=50".into(),
+                "--election-timeout=500".into(),
+            ];
+            let child = Command::new(&bin)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            Server { bin: bin.clone(), args, child: Some(child), port: *client, _dir: Some(dir) }
+        })
+        .collect::<Vec<_>>();
+    for s in &servers {
+        wait_port(s.port);
+    }
+    // Wait until the cluster serves requests (a leader is elected).
+    let ok = eventually(Duration::from_secs(20), || {
+        etcd_put(&servers[0].endpoint(), "tidewire-test/ready", b"1").is_ok()
+    });
+    assert!(ok, "etcd cluster did not become ready");
+    Some(servers)
+}
+
+/// A redis server on loopback without persistence. `None` when redis is not installed.
+pub fn redis() -> Option<Server> {
+    let Some(bin) = server_bin("TIDEWIRE_REDIS_BIN", "redis-server") else {
+        eprintln!("skipped: redis-server is not installed (scripts/test.sh installs it)");
+        return None;
+    };
+    let port = free_port();
+    let marker = format!("tidewire-redis-{port}.rdb");
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dbfilename",
+        &marker,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Some(Server::spawn(bin, args, port, None))
+}
+
+fn http10(endpoint: &str, path: &str, body: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(endpoint)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(out));
+    }
+    Ok(out)
+}
+
+fn b64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Writes a raw value into etcd (no lease), as a foreign program would.
+pub fn etcd_put(endpoint: &str, key: &str, value: &[u8]) -> std::io::Result<()> {
+    http10(
+        endpoint,
+        "/v3/kv/put",
+        &format!("{{\"key\":\"{}\",\"value\":\"{}\"}}", b64(key.as_bytes()), b64(value)),
+    )
+    .map(|_| ())
+}
+
+/// Sends one RESP command to redis and returns the raw reply.
+pub fn redis_cmd(endpoint: &str, args: &[&[u8]]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(endpoint)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&out)?;
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
