@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Iterator, List
 
 import numpy as np
@@ -61,15 +65,48 @@ def metadata_server() -> Iterator[tidewire.MetadataServer]:
     server.stop()
 
 
-@pytest.fixture(params=["p2p", "http"])
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(params=["p2p", "http", "etcd"])
 def metadata(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Both metadata backends: "P2PHANDSHAKE" or an HTTP metadata server's URL."""
+    """Metadata backends: "P2PHANDSHAKE", an HTTP metadata server's URL, or a private etcd."""
     if request.param == "p2p":
         yield "P2PHANDSHAKE"
-    else:
+    elif request.param == "http":
         server = tidewire.MetadataServer("127.0.0.1", 0)
         yield server.url
         server.stop()
+    else:
+        etcd = os.environ.get("TIDEWIRE_ETCD_BIN") or shutil.which("etcd")
+        if not etcd:
+            pytest.skip("etcd is not installed (scripts/test.sh installs it)")
+        client, peer = _free_port(), _free_port()
+        with tempfile.TemporaryDirectory(prefix="tidewire-etcd-") as d:
+            proc = subprocess.Popen(
+                [etcd, f"--data-dir={d}", f"--listen-client-urls=http://127.0.0.1:{client}",
+                 f"--advertise-client-urls=http://127.0.0.1:{client}", f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                 f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}", f"--initial-cluster=default=http://127.0.0.1:{peer}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            try:
+                deadline = time.time() + 15
+                while time.time() < deadline:
+                    try:
+                        socket.create_connection(("127.0.0.1", client), timeout=0.2).close()
+                        break
+                    except OSError:
+                        time.sleep(0.05)
+                time.sleep(0.5)
+                yield f"etcd://127.0.0.1:{client}"
+            finally:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ metadata and over the HTTP metadata server: random data both ways, every byte ch
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -197,7 +198,13 @@ def test_sixteen_threads_at_once(make_target):
 
 def test_local_api_surface():
     e = TransferEngine()
-    assert e.initialize("127.0.0.1", "etcd://127.0.0.1:2379", "tcp", "") == -1
+    assert e.initialize("127.0.0.1", "zookeeper://127.0.0.1:2181", "tcp", "") == -1
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    assert e.initialize("127.0.0.1", f"127.0.0.1:{port}", "tcp", "") == -1, "bare host:port is etcd"
+    assert e.initialize("127.0.0.1", f"redis://127.0.0.1:{port}", "tcp", "") == -1
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "nvlink", "") == -1
     assert e.initialize("127.0.0.1:12345", "P2PHANDSHAKE", "rdma", "mlx5_0") == 0
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == -1, "initialized once"

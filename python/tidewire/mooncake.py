@@ -6,8 +6,9 @@ peer failures return negative codes and log the reason (logger `tidewire.mooncak
 never raise. `install()` makes `import mooncake.engine` load this module.
 
 Differences, each logged when it applies: `protocol="rdma"` is served by the engine's own
-transports (shm on one host, else tcp) because this build has no RDMA transport; `etcd://`
-and `redis://` metadata are not built yet (initialize returns -1 and says so).
+transports (shm on one host, else tcp) because this build has no RDMA transport. Metadata:
+"P2PHANDSHAKE", `http://`, `etcd://host:port[,...]`, `redis://...`, or a bare `host:port`
+(etcd, as in Mooncake).
 """
 
 from __future__ import annotations
@@ -91,13 +92,15 @@ class TransferEngine:
         kind = (metadata_type or "").strip().lower()
         if meta.upper() == "P2PHANDSHAKE" or kind == "p2p":
             uri = "p2p"
-        elif meta.startswith("http://") or kind == "http":
-            uri = meta if meta.startswith("http://") else f"http://{meta}/metadata"
+        elif meta.startswith(("http://", "etcd://", "redis://")):
+            uri = meta
+        elif kind in ("etcd", "redis", "http") and meta:
+            uri = f"{kind}://{meta}" if kind != "http" else f"http://{meta}/metadata"
+        elif meta and "://" not in meta:
+            uri = f"etcd://{meta}"  # Mooncake reads a bare host:port as etcd
         else:
-            log.error(
-                "initialize: metadata %r (type %r) is not supported by this build: use "
-                "P2PHANDSHAKE or an http:// metadata server (etcd and redis come later)",
-                metadata_server, metadata_type)
+            log.error("initialize: metadata %r (type %r) is not supported: use P2PHANDSHAKE, "
+                      "http://, etcd:// or redis://", metadata_server, metadata_type)
             return -1
         proto = (protocol or "tcp").strip().lower()
         transports = None
