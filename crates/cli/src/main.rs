@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_metadata;
 mod info;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Measure transfers between two engines (two processes), with a baseline.
     Bench(Box<bench::BenchArgs>),
+    /// Open-segment latency with many engines published in a metadata store.
+    BenchMetadata(bench_metadata::BenchMetadataArgs),
     /// Show this host, its transports, and for --peer the transport chosen and why.
     Info(info::InfoArgs),
     /// Run the HTTP metadata server (GET/PUT/DELETE <url>?key=K).
@@ -38,6 +41,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(*args),
+        Command::BenchMetadata(args) => bench_metadata::run(&args),
         Command::Info(args) => info::run(&args),
         Command::MetadataServer(args) => metadata_server(&args),
     };

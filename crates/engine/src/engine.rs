@@ -859,6 +859,7 @@ impl Engine {
         if let Err(e) = me.metadata.unpublish(&me.name) {
             log::warn!("{}: unpublish failed: {e}", me.name);
         }
+        me.metadata.release();
         me.life.begin_stop();
         // Wake the accept loop.
         let _ = TcpStream::connect_timeout(&me.rpc_addr, Duration::from_millis(200));

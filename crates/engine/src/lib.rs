@@ -45,7 +45,7 @@ pub use config::{Deadlines, EngineConfig, MetadataUri};
 pub use engine::{BatchOptions, Engine, Op, PeerInfo, Request, TransportReport};
 pub use error::{Error, Result};
 pub use mem::HostBuffer;
-pub use metadata::{segment_key, segments_prefix};
+pub use metadata::{segment_key, segments_prefix, MetadataClient};
 pub use metadata_server::MetadataServer;
 pub use notify::Notification;
 pub use tidewire_core as core;

@@ -172,12 +172,17 @@ impl Etcd {
         Ok(true)
     }
 
+    /// Deletes `key`. An engine publishes one key, so its lease is revoked with it.
     pub(crate) fn delete(&self, key: &str) -> Result<()> {
         self.post("/v3/kv/deleterange", &json!({ "key": B64.encode(key) }))?;
+        Ok(())
+    }
+
+    /// Revokes this client's lease (every key under it disappears).
+    pub(crate) fn revoke(&self) {
         if let Some(id) = self.lease.lock().take() {
             let _ = self.post("/v3/lease/revoke", &json!({ "ID": id.to_string() }));
         }
-        Ok(())
     }
 
     /// Streams changes under `prefix` to `on_event(key, Some(value) | None for a delete)`

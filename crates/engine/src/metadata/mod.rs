@@ -218,6 +218,13 @@ impl Metadata {
         }
     }
 
+    /// Drops this engine's lease (etcd) after its last unpublish.
+    pub(crate) fn release(&self) {
+        if let Backend::Etcd(e) = &self.backend {
+            e.revoke();
+        }
+    }
+
     /// Keeps this engine's publication alive. `Ok(false)`: it expired; publish again.
     pub(crate) fn keepalive(&self, name: &str) -> Result<bool> {
         match &self.backend {
@@ -268,5 +275,40 @@ impl Metadata {
                 on_event(name.to_string(), value);
             }
         })
+    }
+}
+
+/// A metadata client on its own, for tools and benchmarks (for example publishing the
+/// descriptors of simulated engines). Engines use the same code internally.
+pub struct MetadataClient {
+    inner: Metadata,
+    deadlines: Deadlines,
+}
+
+impl MetadataClient {
+    /// Connects (and checks the server answers, naming every endpoint if none does).
+    pub fn connect(
+        uri: &MetadataUri,
+        cluster: &str,
+        ttl: Duration,
+        deadlines: &Deadlines,
+    ) -> Result<Self> {
+        let inner = Metadata::new(uri, cluster, ttl, deadlines)?;
+        inner.check_reachable()?;
+        Ok(Self { inner, deadlines: *deadlines })
+    }
+
+    /// Publishes a descriptor (etcd: under this client's lease; redis: with the TTL).
+    pub fn publish(&self, desc: &SegmentDescriptor) -> Result<()> {
+        self.inner.publish(desc)
+    }
+
+    pub fn unpublish(&self, name: &str) -> Result<()> {
+        self.inner.unpublish(name)
+    }
+
+    /// Fetches a segment's descriptor: one round trip.
+    pub fn fetch(&self, name: &str) -> Result<SegmentDescriptor> {
+        self.inner.fetch(name, &self.deadlines)
     }
 }
