@@ -73,6 +73,18 @@ fn peer_killed_mid_batch_fails_within_deadline_then_restart_is_reached() {
     drop(initiator);
 }
 
+/// Writes `len` random bytes (from `seed`) to `remote` on `target` and checks they landed
+/// (the target is in this process, so its memory can be read directly).
+fn write_and_check(initiator: &Engine, target: &str, remote: u64, len: usize, seed: u64) {
+    let data = random_bytes(len, seed);
+    let local = registered(initiator, len, &data);
+    let peer = initiator.open_segment(target).unwrap();
+    let req = Request { op: Op::Write, local: local.addr(), len: len as u64, peer, remote };
+    initiator.transfer_sync(&[req], BatchOptions::default()).unwrap();
+    assert!(peek(remote, len) == data, "every byte landed");
+    initiator.unregister(local.addr()).unwrap();
+}
+
 /// Sends raw frames to an engine's RPC port.
 fn raw_conn(e: &Engine) -> TcpStream {
     let s = TcpStream::connect(e.rpc_addr()).unwrap();
@@ -195,16 +207,7 @@ fn garbage_truncated_and_oversized_frames_drop_only_that_connection() {
     // The engine still serves a well-behaved initiator, and the truncated write left the
     // memory it was aimed at untouched beyond what arrived... or entirely: check it serves.
     let initiator = Engine::new(tcp_only()).unwrap();
-    let data = random_bytes(4096, 12);
-    let local = registered(&initiator, 4096, &data);
-    let peer = initiator.open_segment(target.name()).unwrap();
-    initiator
-        .transfer_sync(
-            &[Request { op: Op::Write, local: local.addr(), len: 4096, peer, remote }],
-            BatchOptions::default(),
-        )
-        .unwrap();
-    assert!(peek(remote, 4096) == data);
+    write_and_check(&initiator, target.name(), remote, 4096, 12);
     drop(initiator);
 }
 
@@ -395,15 +398,6 @@ fn ipv6_loopback_works_when_available() {
     assert!(target.name().starts_with("[::1]:"), "{}", target.name());
     let initiator = Engine::new(EngineConfig { host: "::1".into(), ..tcp_only() }).unwrap();
     let remote = target.allocate_shared(4096).unwrap();
-    let data = random_bytes(4096, 6);
-    let local = registered(&initiator, 4096, &data);
-    let peer = initiator.open_segment(target.name()).unwrap();
-    initiator
-        .transfer_sync(
-            &[Request { op: Op::Write, local: local.addr(), len: 4096, peer, remote }],
-            BatchOptions::default(),
-        )
-        .unwrap();
-    assert!(peek(remote, 4096) == data);
+    write_and_check(&initiator, target.name(), remote, 4096, 6);
     drop(initiator);
 }

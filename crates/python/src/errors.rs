@@ -5,79 +5,39 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(
-    tidewire._native,
-    TidewireError,
-    PyException,
-    "Base class of every tidewire error."
-);
-create_exception!(
-    tidewire._native,
-    ConfigError,
-    TidewireError,
-    "Invalid or contradictory configuration."
-);
-create_exception!(tidewire._native, InvalidArgument, TidewireError, "The API was called wrongly.");
-create_exception!(tidewire._native, BindError, TidewireError, "No RPC port could be bound.");
-create_exception!(
-    tidewire._native,
-    MetadataError,
-    TidewireError,
-    "The metadata backend failed or is unreachable."
-);
-create_exception!(
-    tidewire._native,
-    SegmentNotFound,
-    TidewireError,
-    "No segment is published under this name."
-);
-create_exception!(tidewire._native, PeerUnreachable, TidewireError, "A peer could not be reached.");
-create_exception!(
-    tidewire._native,
-    PeerFailed,
-    TidewireError,
-    "A peer's connection failed with requests in flight."
-);
-create_exception!(
-    tidewire._native,
-    RemoteAccessDenied,
-    TidewireError,
-    "The peer refused a range outside its registered memory."
-);
-create_exception!(
-    tidewire._native,
-    NotRegistered,
-    TidewireError,
-    "A local range is not inside a registered region."
-);
-create_exception!(
-    tidewire._native,
-    RegistrationError,
-    TidewireError,
-    "A registration overlaps another or contradicts its location hint."
-);
-create_exception!(
-    tidewire._native,
-    NoTransport,
-    TidewireError,
-    "No transport can serve a request."
-);
-create_exception!(tidewire._native, Timeout, TidewireError, "A deadline passed.");
-create_exception!(tidewire._native, Cancelled, TidewireError, "The batch was cancelled.");
-create_exception!(
-    tidewire._native,
-    ShuttingDown,
-    TidewireError,
-    "The engine or the peer is shutting down."
-);
-create_exception!(
-    tidewire._native,
-    ProtocolError,
-    TidewireError,
-    "A peer spoke the protocol wrongly."
-);
-create_exception!(tidewire._native, OsError, TidewireError, "An operating-system call failed.");
-create_exception!(tidewire._native, InternalError, TidewireError, "A bug in tidewire.");
+/// Declares every exception class once: the class and its registration in the module.
+macro_rules! exceptions {
+    ($($name:ident($base:ty, $doc:literal)),* $(,)?) => {
+        $(create_exception!(tidewire._native, $name, $base, $doc);)*
+
+        /// Adds every exception class to the module.
+        pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            $(m.add(stringify!($name), m.py().get_type::<$name>())?;)*
+            Ok(())
+        }
+    };
+}
+
+exceptions! {
+    TidewireError(PyException, "Base class of every tidewire error."),
+    ConfigError(TidewireError, "Invalid or contradictory configuration."),
+    InvalidArgument(TidewireError, "The API was called wrongly."),
+    BindError(TidewireError, "No RPC port could be bound."),
+    MetadataError(TidewireError, "The metadata backend failed or is unreachable."),
+    SegmentNotFound(TidewireError, "No segment is published under this name."),
+    PeerUnreachable(TidewireError, "A peer could not be reached."),
+    PeerFailed(TidewireError, "A peer's connection failed with requests in flight."),
+    RemoteAccessDenied(TidewireError, "The peer refused a range outside its registered memory."),
+    NotRegistered(TidewireError, "A local range is not inside a registered region."),
+    RegistrationError(TidewireError, "A registration overlaps another or contradicts its location hint."),
+    NoTransport(TidewireError, "No transport can serve a request."),
+    Timeout(TidewireError, "A deadline passed."),
+    Cancelled(TidewireError, "The batch was cancelled."),
+    ShuttingDown(TidewireError, "The engine or the peer is shutting down."),
+    ProtocolError(TidewireError, "A peer spoke the protocol wrongly."),
+    OsError(TidewireError, "An operating-system call failed."),
+    InternalError(TidewireError, "A bug in tidewire."),
+}
 
 pub(crate) fn invalid(msg: String) -> PyErr {
     InvalidArgument::new_err(msg)
@@ -109,27 +69,4 @@ pub(crate) fn to_py(e: tidewire::Error) -> PyErr {
         E::Internal(_) => InternalError::new_err(msg),
         _ => TidewireError::new_err(msg),
     }
-}
-
-pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
-    m.add("TidewireError", py.get_type::<TidewireError>())?;
-    m.add("ConfigError", py.get_type::<ConfigError>())?;
-    m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
-    m.add("BindError", py.get_type::<BindError>())?;
-    m.add("MetadataError", py.get_type::<MetadataError>())?;
-    m.add("SegmentNotFound", py.get_type::<SegmentNotFound>())?;
-    m.add("PeerUnreachable", py.get_type::<PeerUnreachable>())?;
-    m.add("PeerFailed", py.get_type::<PeerFailed>())?;
-    m.add("RemoteAccessDenied", py.get_type::<RemoteAccessDenied>())?;
-    m.add("NotRegistered", py.get_type::<NotRegistered>())?;
-    m.add("RegistrationError", py.get_type::<RegistrationError>())?;
-    m.add("NoTransport", py.get_type::<NoTransport>())?;
-    m.add("Timeout", py.get_type::<Timeout>())?;
-    m.add("Cancelled", py.get_type::<Cancelled>())?;
-    m.add("ShuttingDown", py.get_type::<ShuttingDown>())?;
-    m.add("ProtocolError", py.get_type::<ProtocolError>())?;
-    m.add("OsError", py.get_type::<OsError>())?;
-    m.add("InternalError", py.get_type::<InternalError>())?;
-    Ok(())
 }
