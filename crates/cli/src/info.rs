@@ -46,10 +46,7 @@ pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
         Err(reason) => println!("  shm       no — {reason}"),
     }
     println!("  tcp       yes — {}", me.rpc_addr);
-    match tidewire_gpu::probe() {
-        Ok(r) => println!("  gpu       {} device(s)", r.devices),
-        Err(u) => println!("  nvlink    no — GPU {u}\n  mnnvl     no — GPU {u}"),
-    }
+    print_gpus();
     let Some(peer) = &args.peer else {
         return Ok(());
     };
@@ -73,4 +70,57 @@ pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// GPUs, their links and fabric evidence, and per GPU pair the NVLink decision and why.
+fn print_gpus() {
+    let topo = match tidewire_gpu::topology() {
+        Ok(t) => t,
+        Err(u) => {
+            println!("  nvlink    no — GPU {u}");
+            println!("  mnnvl     no — GPU {u}");
+            return;
+        }
+    };
+    let v = topo.driver_version;
+    println!("gpus        {} (CUDA driver {}.{})", topo.gpus.len(), v / 1000, v % 1000 / 10);
+    if let Some(e) = &topo.nvml_error {
+        println!("            NVML unavailable: {e}");
+    }
+    for g in &topo.gpus {
+        let numa = g.numa_node.map_or("?".into(), |n| n.to_string());
+        let links = g.nvlinks.map_or("?".into(), |n| n.to_string());
+        println!(
+            "  gpu {}     {} {} pci {} numa {numa} nvlinks {links}",
+            g.index, g.name, g.uuid, g.pci_bus_id
+        );
+        println!(
+            "            vmm {} posix-fd {} fabric-attr {} gdr {}",
+            g.vmm, g.posix_fd, g.fabric_attr, g.gpu_direct_rdma
+        );
+        let f = &g.fabric;
+        let uuid: String = f.cluster_uuid.iter().map(|b| format!("{b:02x}")).collect();
+        println!(
+            "            nvml fabric state {:?} status {} cluster {uuid} clique {} imex-channels {}",
+            f.state, f.status, f.clique_id, f.imex_channels
+        );
+        match f.local_verdict() {
+            Ok(()) => println!(
+                "            mnnvl: yes — fabric proven (NVML completed, FABRIC handle exported)"
+            ),
+            Err(why) => println!("            mnnvl: no — {why}"),
+        }
+    }
+    for (i, row) in topo.peer_access.iter().enumerate() {
+        for (j, &can) in row.iter().enumerate() {
+            if i != j {
+                let why = if can {
+                    "peer access yes; the nvlink transport is not built yet"
+                } else {
+                    "no peer access"
+                };
+                println!("  gpu {i} -> gpu {j}: nvlink: no — {why}");
+            }
+        }
+    }
 }

@@ -11,6 +11,7 @@
 pub mod batch;
 pub mod descriptor;
 pub mod error;
+pub mod fabric;
 pub mod ids;
 pub mod memory;
 pub mod select;

@@ -1,14 +1,22 @@
-//! tidewire-gpu: the only crate that will hold CUDA / NVML FFI.
+//! tidewire-gpu: the only crate with CUDA / NVML FFI.
 //!
-//! This build has no GPU support yet: [`probe`] reports `unavailable` with the reason, and
-//! [`classify`] sees every pointer as host memory. The GPU issue replaces both with the CUDA
-//! driver loaded at run time (the build never needs a CUDA toolkit).
+//! The CUDA driver and NVML are loaded at run time ([`ffi`]): the build needs no toolkit, and
+//! without a driver every GPU feature reports `unavailable: <reason>` while the rest of the
+//! engine works. [`topology`] discovers the GPUs, their peer access, NVLinks, NVML fabric state
+//! and runs a real FABRIC allocate → export probe (fabric is proven, never assumed).
 //!
 //! Pointer classification lives here and only here: the engine asks [`classify`] at
-//! registration and never trusts a caller's location string over it.
-#![forbid(unsafe_code)]
+//! registration. GPU pointers are not classified yet (the NVLink transports come next): every
+//! pointer is treated as host memory, and the bindings refuse GPU tensors with that reason.
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)]
+mod ffi;
+#[allow(unsafe_code)]
+mod topology;
 
 use tidewire_core::memory::{Location, MemoryKind};
+pub use topology::{topology, GpuInfo, Topology};
 
 /// Why GPU features are not available.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,19 +30,9 @@ impl std::fmt::Display for Unavailable {
     }
 }
 
-/// What the GPU layer found on this host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuReport {
-    pub devices: usize,
-}
-
-/// Looks for GPU support. In this build it always reports why there is none.
-pub fn probe() -> Result<GpuReport, Unavailable> {
-    Err(Unavailable { reason: "no GPU support in this build yet (host memory only)".into() })
-}
-
-/// Classifies `[addr, addr+len)`. Without the CUDA driver every pointer is host pageable
-/// memory: pinned, device and managed memory can only be told apart by asking the driver.
+/// Classifies `[addr, addr+len)`. Device, pinned and managed memory need the driver's pointer
+/// attributes, which the NVLink transports will query; until then every pointer is treated as
+/// host pageable memory.
 pub fn classify(_addr: u64, _len: u64) -> Location {
     Location { kind: MemoryKind::HostPageable, device: None }
 }

@@ -438,8 +438,8 @@ fn descriptor_count(values: U64Array) -> usize {
 /// GPU support of this build: `(available, reason)`.
 #[pyfunction]
 fn gpu_status() -> (bool, String) {
-    match tidewire_gpu::probe() {
-        Ok(r) => (true, format!("{} device(s)", r.devices)),
+    match tidewire_gpu::topology() {
+        Ok(t) => (true, format!("{} device(s); GPU transports are not built yet", t.gpus.len())),
         Err(u) => (false, u.to_string()),
     }
 }

@@ -1,0 +1,271 @@
+//! GPU discovery: devices, peer access, NVLink counts, NVML fabric info, IMEX channels and a
+//! real FABRIC allocate → export probe per GPU. Run once per process and cached.
+
+use std::ffi::c_int;
+use std::sync::OnceLock;
+
+use tidewire_core::fabric::FabricEvidence;
+
+use crate::ffi::{self, Cuda, MemAllocationProp, Nvml, NvmlFabricInfoV2};
+use crate::Unavailable;
+
+/// One GPU as the driver describes it.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    /// `0000:18:00.0`.
+    pub pci_bus_id: String,
+    /// From sysfs; `None` when the platform does not say.
+    pub numa_node: Option<i32>,
+    /// CUDA VMM (`cuMemCreate`) supported.
+    pub vmm: bool,
+    /// VMM memory exportable as a POSIX file descriptor.
+    pub posix_fd: bool,
+    /// The FABRIC handle attribute. True on every Hopper GPU: never proof of a fabric.
+    pub fabric_attr: bool,
+    pub gpu_direct_rdma: bool,
+    /// Active NVLinks (NVML), `None` when NVML could not say.
+    pub nvlinks: Option<u32>,
+    /// What NVML and the FABRIC probe said.
+    pub fabric: FabricEvidence,
+}
+
+/// Every GPU of this host and how they connect.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// `cuDriverGetVersion` (13000 for CUDA 13.0).
+    pub driver_version: i32,
+    pub gpus: Vec<GpuInfo>,
+    /// `peer_access[i][j]`: GPU i can map GPU j's memory.
+    pub peer_access: Vec<Vec<bool>>,
+    /// Why NVML was not available, if it was not.
+    pub nvml_error: Option<String>,
+}
+
+/// The cached topology, or why there is none.
+pub fn topology() -> Result<&'static Topology, Unavailable> {
+    static TOPO: OnceLock<Result<Topology, Unavailable>> = OnceLock::new();
+    TOPO.get_or_init(discover).as_ref().map_err(Clone::clone)
+}
+
+fn imex_channels() -> bool {
+    std::fs::read_dir("/dev/nvidia-caps-imex-channels").is_ok_and(|mut d| d.next().is_some())
+}
+
+fn discover() -> Result<Topology, Unavailable> {
+    let unavailable = |reason: String| Unavailable { reason };
+    let cuda = Cuda::load().map_err(unavailable)?;
+    // SAFETY: cuInit(0) is the documented first call; the library stays loaded in `cuda`.
+    cuda.check("cuInit", unsafe { (cuda.init)(0) }).map_err(unavailable)?;
+    let mut version = 0;
+    // SAFETY: out-pointer to a local.
+    cuda.check("cuDriverGetVersion", unsafe { (cuda.driver_version)(&mut version) })
+        .map_err(unavailable)?;
+    let mut count = 0;
+    // SAFETY: out-pointer to a local.
+    cuda.check("cuDeviceGetCount", unsafe { (cuda.device_count)(&mut count) })
+        .map_err(unavailable)?;
+    if count == 0 {
+        return Err(unavailable("the CUDA driver reports no GPU".into()));
+    }
+    let nvml = Nvml::load();
+    let imex = imex_channels();
+    let mut devices = Vec::new();
+    for i in 0..count {
+        let mut dev = 0;
+        // SAFETY: out-pointer to a local; `i` is below the device count.
+        cuda.check("cuDeviceGet", unsafe { (cuda.device_get)(&mut dev, i) })
+            .map_err(unavailable)?;
+        devices.push(dev);
+    }
+    let gpus = devices
+        .iter()
+        .enumerate()
+        .map(|(i, &dev)| {
+            describe(&cuda, nvml.as_ref().ok(), nvml.as_ref().err(), i as u32, dev, imex)
+        })
+        .collect();
+    let peer_access = devices
+        .iter()
+        .map(|&a| {
+            devices
+                .iter()
+                .map(|&b| {
+                    if a == b {
+                        return true;
+                    }
+                    let mut can = 0;
+                    // SAFETY: out-pointer to a local; both are valid device handles.
+                    let r = unsafe { (cuda.can_access_peer)(&mut can, a, b) };
+                    r == 0 && can == 1
+                })
+                .collect()
+        })
+        .collect();
+    Ok(Topology { driver_version: version, gpus, peer_access, nvml_error: nvml.err() })
+}
+
+fn attr(cuda: &Cuda, dev: ffi::CuDevice, a: c_int) -> Option<c_int> {
+    let mut v = 0;
+    // SAFETY: out-pointer to a local; `dev` is a valid device handle.
+    (unsafe { (cuda.device_attribute)(&mut v, a, dev) } == 0).then_some(v)
+}
+
+fn describe(
+    cuda: &Cuda,
+    nvml: Option<&Nvml>,
+    nvml_err: Option<&String>,
+    index: u32,
+    dev: ffi::CuDevice,
+    imex: bool,
+) -> GpuInfo {
+    let mut name = [0 as std::ffi::c_char; 256];
+    // SAFETY: the buffer holds 256 bytes and its length is passed.
+    let name = if unsafe { (cuda.device_name)(name.as_mut_ptr(), 256, dev) } == 0 {
+        // SAFETY: on success the driver wrote a NUL-terminated string into the buffer.
+        unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned()
+    } else {
+        "?".into()
+    };
+    let mut uuid = [0u8; 16];
+    // SAFETY: out-pointer to a 16-byte CUuuid.
+    let uuid = if unsafe { (cuda.device_uuid)(&mut uuid, dev) } == 0 {
+        let h: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+        format!("GPU-{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    } else {
+        "?".into()
+    };
+    let pci = format!(
+        "{:08x}:{:02x}:{:02x}.0",
+        attr(cuda, dev, ffi::ATTR_PCI_DOMAIN_ID).unwrap_or(0),
+        attr(cuda, dev, ffi::ATTR_PCI_BUS_ID).unwrap_or(0),
+        attr(cuda, dev, ffi::ATTR_PCI_DEVICE_ID).unwrap_or(0)
+    );
+    let sys = format!("/sys/bus/pci/devices/{}/numa_node", &pci[4..]);
+    let numa_node = std::fs::read_to_string(sys)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .or_else(|| attr(cuda, dev, ffi::ATTR_HOST_NUMA_ID))
+        .filter(|n: &i32| *n >= 0);
+    let flag = |a| attr(cuda, dev, a) == Some(1);
+    let (nvlinks, fabric_nvml) = nvml_facts(nvml, nvml_err, &pci);
+    let fabric =
+        FabricEvidence { imex_channels: imex, probe: fabric_probe(cuda, dev), ..fabric_nvml };
+    GpuInfo {
+        index,
+        name,
+        uuid,
+        pci_bus_id: pci,
+        numa_node,
+        vmm: flag(ffi::ATTR_VMM),
+        posix_fd: flag(ffi::ATTR_POSIX_FD),
+        fabric_attr: flag(ffi::ATTR_FABRIC),
+        gpu_direct_rdma: flag(ffi::ATTR_GDR),
+        nvlinks,
+        fabric,
+    }
+}
+
+fn nvml_facts(
+    nvml: Option<&Nvml>,
+    nvml_err: Option<&String>,
+    pci: &str,
+) -> (Option<u32>, FabricEvidence) {
+    let mut ev = FabricEvidence {
+        state: None,
+        status: 0,
+        cluster_uuid: [0; 16],
+        clique_id: 0,
+        nvml_error: nvml_err.cloned(),
+        imex_channels: false,
+        probe: Ok(()),
+    };
+    let Some(nvml) = nvml else { return (None, ev) };
+    let Ok(cpci) = std::ffi::CString::new(pci) else { return (None, ev) };
+    let mut h: ffi::NvmlDevice = std::ptr::null_mut();
+    // SAFETY: NUL-terminated bus id and an out-pointer to a local handle.
+    let r = unsafe { (nvml.by_pci)(cpci.as_ptr(), &mut h) };
+    if r != 0 {
+        ev.nvml_error = Some(format!("nvmlDeviceGetHandleByPciBusId({pci}): {}", nvml.message(r)));
+        return (None, ev);
+    }
+    let nvlinks = nvml.nvlink_state.map(|f| {
+        (0..18u32)
+            .filter(|&link| {
+                let mut active = 0;
+                // SAFETY: valid handle, out-pointer to a local; links past the last fail.
+                (unsafe { f(h, link, &mut active) }) == 0 && active == 1
+            })
+            .count() as u32
+    });
+    match nvml.fabric_info {
+        None => ev.nvml_error = Some("nvmlDeviceGetGpuFabricInfoV missing (old driver)".into()),
+        Some(f) => {
+            let mut info = NvmlFabricInfoV2 {
+                version: ffi::NVML_FABRIC_INFO_V2,
+                cluster_uuid: [0; 16],
+                status: 0,
+                clique_id: 0,
+                state: 0,
+                health_mask: 0,
+            };
+            // SAFETY: valid handle and a v2 struct with its version set.
+            let r = unsafe { f(h, &mut info) };
+            if r == 0 {
+                ev.state = Some(info.state);
+                ev.status = info.status;
+                ev.cluster_uuid = info.cluster_uuid;
+                ev.clique_id = info.clique_id;
+            } else {
+                ev.nvml_error = Some(format!("nvmlDeviceGetGpuFabricInfoV: {}", nvml.message(r)));
+            }
+        }
+    }
+    (nvlinks, ev)
+}
+
+/// Allocates one granule with a FABRIC handle and exports it: the only real test of whether
+/// this process may use the fabric (it fails with CUDA_ERROR_NOT_PERMITTED without IMEX).
+fn fabric_probe(cuda: &Cuda, dev: ffi::CuDevice) -> Result<(), String> {
+    let mut ctx: ffi::CuContext = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local; `dev` is valid. Released below.
+    cuda.check("cuDevicePrimaryCtxRetain", unsafe { (cuda.primary_ctx_retain)(&mut ctx, dev) })?;
+    let result = (|| {
+        // SAFETY: `ctx` is the retained primary context.
+        cuda.check("cuCtxSetCurrent", unsafe { (cuda.ctx_set_current)(ctx) })?;
+        let prop = MemAllocationProp {
+            alloc_type: 1,
+            requested_handle_types: ffi::HANDLE_FABRIC,
+            location_type: 1,
+            location_id: dev,
+            win32_metadata: std::ptr::null_mut(),
+            compression_type: 0,
+            gpu_direct_rdma_capable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        };
+        let mut gran = 0usize;
+        // SAFETY: valid prop and out-pointer; flag 0 = minimum granularity.
+        cuda.check("cuMemGetAllocationGranularity(FABRIC)", unsafe {
+            (cuda.mem_granularity)(&mut gran, &prop, 0)
+        })?;
+        let mut handle = 0u64;
+        // SAFETY: valid prop and out-pointer; the handle is released below on success.
+        cuda.check("cuMemCreate(FABRIC)", unsafe {
+            (cuda.mem_create)(&mut handle, gran.max(2 << 20), &prop, 0)
+        })?;
+        let mut fabric_handle = [0u8; 64];
+        // SAFETY: a 64-byte CUmemFabricHandle buffer for a FABRIC export of a live handle.
+        let exported = unsafe {
+            (cuda.mem_export)(fabric_handle.as_mut_ptr().cast(), handle, ffi::HANDLE_FABRIC, 0)
+        };
+        // SAFETY: `handle` came from cuMemCreate and is released exactly once.
+        unsafe { (cuda.mem_release)(handle) };
+        cuda.check("cuMemExportToShareableHandle(FABRIC)", exported)
+    })();
+    // SAFETY: balances the retain above.
+    unsafe { (cuda.primary_ctx_release)(dev) };
+    result
+}
