@@ -151,8 +151,11 @@ class Engine:
         """Registers memory peers may read and write; returns (address, length).
 
         `obj` is an address (with `length`; you keep the memory alive until `unregister`),
-        or an array: anything with `__array_interface__` (numpy) or a CPU DLPack tensor
-        (torch), which the engine keeps alive while registered.
+        or an array: anything with `__array_interface__` (numpy), `__cuda_array_interface__`
+        or `__dlpack__` (torch, CPU or GPU), which the engine keeps alive while registered.
+        The pointer itself decides the memory kind; a contradicting `location` is an error.
+        GPU memory registers, but no transport reaches it yet (requests on it fail at submit,
+        naming each transport's reason).
         """
         if isinstance(obj, int):
             if length is None:

@@ -23,6 +23,12 @@ pub(crate) const ATTR_HOST_NUMA_ID: c_int = 134;
 
 pub(crate) const HANDLE_FABRIC: c_int = 8;
 
+pub(crate) const POINTER_MEMORY_TYPE: c_int = 2;
+pub(crate) const POINTER_IS_MANAGED: c_int = 8;
+pub(crate) const POINTER_DEVICE_ORDINAL: c_int = 9;
+pub(crate) const MEMORYTYPE_HOST: c_uint = 1;
+pub(crate) const MEMORYTYPE_DEVICE: c_uint = 2;
+
 /// `CUmemAllocationProp`.
 #[repr(C)]
 pub(crate) struct MemAllocationProp {
@@ -83,6 +89,7 @@ pub(crate) struct Cuda {
         unsafe extern "C" fn(*mut u64, usize, *const MemAllocationProp, u64) -> CuResult,
     pub(crate) mem_release: unsafe extern "C" fn(u64) -> CuResult,
     pub(crate) mem_export: unsafe extern "C" fn(*mut c_void, u64, c_int, u64) -> CuResult,
+    pub(crate) pointer_attribute: unsafe extern "C" fn(*mut c_void, c_int, u64) -> CuResult,
     error_name: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
 }
 
@@ -112,6 +119,7 @@ impl Cuda {
                 mem_create: sym(&lib, "cuMemCreate")?,
                 mem_release: sym(&lib, "cuMemRelease")?,
                 mem_export: sym(&lib, "cuMemExportToShareableHandle")?,
+                pointer_attribute: sym(&lib, "cuPointerGetAttribute")?,
                 error_name: sym(&lib, "cuGetErrorName")?,
                 _lib: lib,
             })

@@ -6,8 +6,8 @@
 //! and runs a real FABRIC allocate → export probe (fabric is proven, never assumed).
 //!
 //! Pointer classification lives here and only here: the engine asks [`classify`] at
-//! registration. GPU pointers are not classified yet (the NVLink transports come next): every
-//! pointer is treated as host memory, and the bindings refuse GPU tensors with that reason.
+//! registration. Device and managed memory are recognised (and advertised for no transport
+//! until the NVLink transports land, so requests on them fail at submit with the reasons).
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)]
@@ -15,7 +15,7 @@ mod ffi;
 #[allow(unsafe_code)]
 mod topology;
 
-use tidewire_core::memory::{Location, MemoryKind};
+use tidewire_core::memory::Location;
 pub use topology::{topology, GpuInfo, Topology};
 
 /// Why GPU features are not available.
@@ -30,9 +30,9 @@ impl std::fmt::Display for Unavailable {
     }
 }
 
-/// Classifies `[addr, addr+len)`. Device, pinned and managed memory need the driver's pointer
-/// attributes, which the NVLink transports will query; until then every pointer is treated as
-/// host pageable memory.
-pub fn classify(_addr: u64, _len: u64) -> Location {
-    Location { kind: MemoryKind::HostPageable, device: None }
+/// Classifies `[addr, addr+len)` from the pointer itself: the CUDA driver's pointer
+/// attributes tell device, managed and pinned host memory apart; memory the driver does not
+/// know (or any memory when there is no driver) is pageable host memory.
+pub fn classify(addr: u64, _len: u64) -> Location {
+    topology::classify_pointer(addr)
 }

@@ -5,6 +5,7 @@ use std::ffi::c_int;
 use std::sync::OnceLock;
 
 use tidewire_core::fabric::FabricEvidence;
+use tidewire_core::memory::{Location, MemoryKind};
 
 use crate::ffi::{self, Cuda, MemAllocationProp, Nvml, NvmlFabricInfoV2};
 use crate::Unavailable;
@@ -54,11 +55,24 @@ fn imex_channels() -> bool {
     std::fs::read_dir("/dev/nvidia-caps-imex-channels").is_ok_and(|mut d| d.next().is_some())
 }
 
+/// The CUDA driver, loaded and initialised once per process.
+pub(crate) fn driver() -> Result<&'static Cuda, Unavailable> {
+    static DRIVER: OnceLock<Result<Cuda, Unavailable>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| {
+            let cuda = Cuda::load().map_err(|reason| Unavailable { reason })?;
+            // SAFETY: cuInit(0) is the documented first call; the library stays loaded.
+            cuda.check("cuInit", unsafe { (cuda.init)(0) })
+                .map_err(|reason| Unavailable { reason })?;
+            Ok(cuda)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 fn discover() -> Result<Topology, Unavailable> {
     let unavailable = |reason: String| Unavailable { reason };
-    let cuda = Cuda::load().map_err(unavailable)?;
-    // SAFETY: cuInit(0) is the documented first call; the library stays loaded in `cuda`.
-    cuda.check("cuInit", unsafe { (cuda.init)(0) }).map_err(unavailable)?;
+    let cuda = driver()?;
     let mut version = 0;
     // SAFETY: out-pointer to a local.
     cuda.check("cuDriverGetVersion", unsafe { (cuda.driver_version)(&mut version) })
@@ -84,7 +98,7 @@ fn discover() -> Result<Topology, Unavailable> {
         .iter()
         .enumerate()
         .map(|(i, &dev)| {
-            describe(&cuda, nvml.as_ref().ok(), nvml.as_ref().err(), i as u32, dev, imex)
+            describe(cuda, nvml.as_ref().ok(), nvml.as_ref().err(), i as u32, dev, imex)
         })
         .collect();
     let peer_access = devices
@@ -268,4 +282,29 @@ fn fabric_probe(cuda: &Cuda, dev: ffi::CuDevice) -> Result<(), String> {
     // SAFETY: balances the retain above.
     unsafe { (cuda.primary_ctx_release)(dev) };
     result
+}
+
+/// Classifies a pointer through the driver's pointer attributes (see `crate::classify`).
+pub(crate) fn classify_pointer(addr: u64) -> Location {
+    let host = Location { kind: MemoryKind::HostPageable, device: None };
+    let Ok(cuda) = driver() else { return host };
+    let query = |attr: c_int| -> Option<u32> {
+        let mut v: u32 = 0;
+        // SAFETY: every queried attribute is a 32-bit value written to a local; the driver
+        // only reads the pointer value (any address) and fails for memory it does not know.
+        let r = unsafe { (cuda.pointer_attribute)((&mut v as *mut u32).cast(), attr, addr) };
+        (r == 0).then_some(v)
+    };
+    match query(ffi::POINTER_MEMORY_TYPE) {
+        Some(ffi::MEMORYTYPE_DEVICE) => {
+            let device = query(ffi::POINTER_DEVICE_ORDINAL);
+            let managed = query(ffi::POINTER_IS_MANAGED) == Some(1);
+            Location {
+                kind: if managed { MemoryKind::Managed } else { MemoryKind::Device },
+                device,
+            }
+        }
+        Some(ffi::MEMORYTYPE_HOST) => Location { kind: MemoryKind::HostPinned, device: None },
+        _ => host,
+    }
 }

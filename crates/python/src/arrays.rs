@@ -41,6 +41,7 @@ struct DlTensor {
 struct DlInfo {
     addr: u64,
     device_type: i32,
+    device_id: i32,
     /// Element count.
     elements: u64,
     /// Bytes per element.
@@ -94,6 +95,7 @@ fn dlpack_info<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(DlInfo, Bound<'py, PyA
     let info = DlInfo {
         addr: t.data as u64 + t.byte_offset,
         device_type: t.device.device_type,
+        device_id: t.device.device_id,
         elements,
         itemsize: u64::from(t.dtype.bits) * u64::from(t.dtype.lanes.max(1)) / 8,
         integer: t.dtype.code <= 1,
@@ -237,22 +239,24 @@ impl<'py> FromPyObject<'py> for U64Array<'py> {
     }
 }
 
-/// Host memory described by a Python object, for registration.
+/// Memory described by a Python object, for registration.
 pub(crate) struct MemoryObject {
     pub(crate) addr: u64,
     pub(crate) len: u64,
+    /// The object says it is CUDA memory (device or managed), on this device if known.
+    pub(crate) cuda: Option<Option<i32>>,
     pub(crate) owner: Py<PyAny>,
 }
 
-const GPU_NOT_BUILT: &str =
-    "GPU memory cannot be registered yet: this build has no GPU transports (host memory only)";
-
 impl<'py> FromPyObject<'py> for MemoryObject {
     fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
-        if ob.hasattr("__cuda_array_interface__")? {
-            return Err(invalid(GPU_NOT_BUILT.into()));
-        }
-        let (addr, len) = if let Ok(iface) = ob.getattr("__array_interface__") {
+        let (addr, len, cuda) = if let Ok(iface) = ob.getattr("__cuda_array_interface__") {
+            let i = interface_info(&iface)?;
+            if !i.contiguous {
+                return Err(invalid("only contiguous arrays can be registered".into()));
+            }
+            (i.addr, i.elements * i.itemsize, Some(None))
+        } else if let Ok(iface) = ob.getattr("__array_interface__") {
             let i = interface_info(&iface)?;
             if i.readonly {
                 return Err(invalid(
@@ -262,29 +266,29 @@ impl<'py> FromPyObject<'py> for MemoryObject {
             if !i.contiguous {
                 return Err(invalid("only contiguous arrays can be registered".into()));
             }
-            (i.addr, i.elements * i.itemsize)
+            (i.addr, i.elements * i.itemsize, None)
         } else if ob.hasattr("__dlpack__")? {
             let (i, _capsule) = dlpack_info(ob)?;
-            match i.device_type {
-                DL_CPU | DL_CUDA_HOST => {}
-                DL_CUDA | DL_CUDA_MANAGED => return Err(invalid(GPU_NOT_BUILT.into())),
+            let cuda = match i.device_type {
+                DL_CPU | DL_CUDA_HOST => None,
+                DL_CUDA | DL_CUDA_MANAGED => Some(Some(i.device_id)),
                 other => {
                     return Err(invalid(format!("DLPack device type {other} is not supported")))
                 }
-            }
+            };
             if !i.contiguous {
                 return Err(invalid("only contiguous tensors can be registered".into()));
             }
-            (i.addr, i.elements * i.itemsize)
+            (i.addr, i.elements * i.itemsize, cuda)
         } else {
             return Err(PyTypeError::new_err(format!(
-                "expected a numpy array or a DLPack tensor, not {}",
+                "expected a numpy array, a CUDA array or a DLPack tensor, not {}",
                 ob.get_type().name()?
             )));
         };
         if len == 0 {
             return Err(invalid("cannot register an empty array".into()));
         }
-        Ok(Self { addr, len, owner: ob.clone().unbind() })
+        Ok(Self { addr, len, cuda, owner: ob.clone().unbind() })
     }
 }

@@ -161,9 +161,9 @@ impl PyEngine {
         Ok(ids.into_iter().map(|id| id.0).collect())
     }
 
-    /// Registers the memory of a host array: anything with `__array_interface__` (numpy) or
-    /// `__dlpack__` on the CPU. The object is kept alive while registered. Returns
-    /// `(addr, length)`.
+    /// Registers the memory of an array: `__array_interface__` (numpy),
+    /// `__cuda_array_interface__` or `__dlpack__` (CPU or GPU). The pointer decides the memory
+    /// kind. The object is kept alive while registered. Returns `(addr, length)`.
     #[pyo3(signature = (obj, location="*"))]
     fn register_object(
         &self,
@@ -171,13 +171,21 @@ impl PyEngine {
         obj: MemoryObject,
         location: &str,
     ) -> PyResult<(u64, u64)> {
+        if obj.cuda.is_some() {
+            if let Err(u) = tidewire_gpu::topology() {
+                return Err(errors::invalid(format!("CUDA memory cannot be registered: GPU {u}")));
+            }
+        }
+        let hint = match (location, obj.cuda) {
+            ("*" | "", Some(Some(dev))) => format!("cuda:{dev}"),
+            _ => location.to_string(),
+        };
         let (addr, len) = (obj.addr, obj.len);
         let owner: Arc<dyn Send + Sync> = Arc::new(obj.owner);
         let engine = self.engine()?;
-        let location = location.to_string();
         // SAFETY: `obj` exposes `len` writable bytes at `addr` (checked by `MemoryObject`) and
         // stays alive because the registry holds `owner` until unregistration.
-        detached(py, move || unsafe { engine.register_with_owner(addr, len, &location, owner) })?;
+        detached(py, move || unsafe { engine.register_with_owner(addr, len, &hint, owner) })?;
         Ok((addr, len))
     }
 
