@@ -138,7 +138,7 @@ impl ShmServer {
             .map_err(|e| Error::Bind { addr: format!("@{name}"), reason: e.to_string() })?;
         listener.set_nonblocking(true).map_err(|e| Error::io("shm listener", &e))?;
         let server = Arc::new(Self { attached: Mutex::new([false; SLOTS]) });
-        let (srv, life2) = (server.clone(), life.clone());
+        let (srv, life2, socket) = (server.clone(), life.clone(), name.to_string());
         life.spawn("tw-shm-accept".into(), move || loop {
             if life2.stopping() {
                 return;
@@ -156,7 +156,7 @@ impl ShmServer {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => {
-                    log::warn!("shm accept on @{}: {e}", "socket");
+                    log::warn!("shm accept on @{socket}: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
