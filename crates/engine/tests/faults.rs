@@ -277,6 +277,31 @@ fn cancel_timeout_and_shutdown_fail_pending_requests_with_reasons() {
 }
 
 #[test]
+fn a_silent_peer_fails_pending_requests_after_the_stall_deadline() {
+    let fake = FakePeer::start(0x10_0000, 1 << 20);
+    let mut cfg = common::config();
+    cfg.deadlines.stall = Duration::from_secs(1);
+    let initiator = Engine::new(cfg).unwrap();
+    let local = registered(&initiator, 4096, &[]);
+    let peer = initiator.open_segment(&fake.addr.to_string()).unwrap();
+    let req = Request { op: Op::Read, local: local.addr(), len: 4096, peer, remote: 0x10_0000 };
+    let start = Instant::now();
+    let b = initiator.submit(&[req], BatchOptions::default()).unwrap();
+    match b.wait() {
+        Err(Error::PeerFailed { reason, .. }) => {
+            assert!(reason.contains("sent nothing"), "{reason}")
+        }
+        other => panic!("expected a silent-peer failure, got {other:?}"),
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "failed after the stall deadline, not the 30 s batch deadline: {took:?}"
+    );
+    drop(initiator);
+}
+
+#[test]
 fn engines_started_at_once_bind_distinct_ports() {
     let engines: Vec<Engine> = std::thread::scope(|s| {
         let hs: Vec<_> =

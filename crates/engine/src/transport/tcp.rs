@@ -3,11 +3,13 @@
 //! memory, and a reader thread that completes chunks (and streams READ data straight into
 //! registered memory). A lane that fails fails every request pending on it, with the reason.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -287,7 +289,8 @@ impl TcpConn {
         let reader = FrameReader::new(stream, IO_BUFFER, deadlines.stall);
         let (s1, s2, l1) = (shared.clone(), shared.clone(), life.clone());
         life.spawn(format!("tw-lane{index}-w"), move || writer_loop(&s1, &rx))?;
-        life.spawn(format!("tw-lane{index}-r"), move || reader_loop(&s2, reader, &l1))?;
+        let stall = deadlines.stall;
+        life.spawn(format!("tw-lane{index}-r"), move || reader_loop(&s2, reader, &l1, stall))?;
         Ok(Lane { shared, tx, next_tag: AtomicU64::new(1) })
     }
 
@@ -389,14 +392,36 @@ fn writer_loop(lane: &LaneShared, rx: &Receiver<Outgoing>) {
     }
 }
 
-fn reader_loop(lane: &LaneShared, mut r: FrameReader, life: &Lifecycle) {
+/// Reads answers until the lane fails. A peer that sends nothing for `stall` while requests
+/// are pending (a host that vanished without a reset) fails them then, not at the batch
+/// deadline, which grows with the batch's size.
+fn reader_loop(lane: &LaneShared, mut r: FrameReader, life: &Lifecycle, stall: Duration) {
+    let last_heard = Cell::new(Instant::now());
+    let silent = Cell::new(false);
     let err = loop {
-        let mut idle = || !life.stopping() && !lane.dead.load(Ordering::Acquire);
+        let mut idle = || {
+            if life.stopping() || lane.dead.load(Ordering::Acquire) {
+                return false;
+            }
+            if lane.pending.lock().is_empty() {
+                last_heard.set(Instant::now());
+            } else if last_heard.get().elapsed() >= stall {
+                silent.set(true);
+                return false;
+            }
+            true
+        };
         let raw = match r.next_header(&mut idle) {
             Ok(Some(raw)) => raw,
             Ok(None) => break lane.failure("the peer closed the connection"),
+            Err(_) if silent.get() => {
+                break lane.failure(format!(
+                    "the peer sent nothing for {stall:?} while requests were pending"
+                ))
+            }
             Err(e) => break lane.failure(format!("receive failed: {e}")),
         };
+        last_heard.set(Instant::now());
         let h = match Header::decode(&raw) {
             Ok(h) => h,
             Err(e) => break Error::Protocol { peer: lane.peer.clone(), reason: e.to_string() },
