@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 dur=${1:-3s}
 cargo build --release -p tidewire-cli >/dev/null
 tw=target/release/tidewire
-out=bench/results/$(date -u +%Y-%m-%d)-$(hostname -s)-host.jsonl
+out=${TIDEWIRE_BENCH_OUT:-bench/results/$(date -u +%Y-%m-%d)-$(hostname -s)-host.jsonl}
 : > "$out"
 run() {
   local scenario=$1; shift

@@ -479,7 +479,7 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                     bytes_per_round,
                     reqs_per_round,
                     "raw-tcp",
-                    |_| raw_client(raw, plan.op, block, plan.batch),
+                    |_| raw_client(raw, plan.op, block, plan.batch, plan.span()),
                 )?)
             }
             Some(_) => {
@@ -605,11 +605,15 @@ fn raw_serve(mut s: TcpStream) -> std::io::Result<()> {
 
 type Round<'a> = Box<dyn FnMut() -> anyhow::Result<()> + Send + 'a>;
 
+/// One thread of the raw-TCP baseline. It moves the same bytes as the engine does, from and
+/// into the same footprint (a distinct block of a `span`-byte buffer per request), so neither
+/// side gains from a cache-hot buffer the other does not have.
 fn raw_client(
     addr: SocketAddr,
     op: Op,
     block: u64,
     batch: usize,
+    span: u64,
 ) -> anyhow::Result<Round<'static>> {
     let mut s = TcpStream::connect(addr)
         .with_context(|| format!("connecting to the raw-tcp baseline at {addr}"))?;
@@ -619,20 +623,24 @@ fn raw_client(
     hdr[0] = u8::from(op == Op::Read);
     hdr[8..16].copy_from_slice(&round.to_le_bytes());
     s.write_all(&hdr)?;
-    let mut buf = vec![7u8; block as usize];
+    let block = block as usize;
+    let slots = (span as usize / block).max(1);
+    let mut buf = vec![7u8; slots * block];
     Ok(Box::new(move || {
         match op {
             Op::Write => {
-                for _ in 0..batch {
-                    s.write_all(&buf)?;
+                for i in 0..batch {
+                    let at = (i % slots) * block;
+                    s.write_all(&buf[at..at + block])?;
                 }
                 let mut one = [0u8; 1];
                 s.read_exact(&mut one)?;
             }
             Op::Read => {
                 s.write_all(&[1])?;
-                for _ in 0..batch {
-                    s.read_exact(&mut buf)?;
+                for i in 0..batch {
+                    let at = (i % slots) * block;
+                    s.read_exact(&mut buf[at..at + block])?;
                 }
             }
         }
