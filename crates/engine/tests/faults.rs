@@ -19,6 +19,7 @@ const CHILD: &str = "zz_child_process_entry";
 
 /// Not a test: the body of the child target process the tests below start.
 #[test]
+#[ignore = "helper, not a test: the body of the child processes other tests start"]
 fn zz_child_process_entry() {
     common::child_main();
 }

@@ -181,7 +181,7 @@ impl ChildTarget {
     ) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .args(["--exact", test_binary_entry, "--nocapture", "--test-threads=1"])
+            .args(["--exact", test_binary_entry, "--ignored", "--nocapture", "--test-threads=1"])
             .env("TW_CHILD_PORT", port.to_string())
             .env("TW_CHILD_LEN", len.to_string())
             .env("TW_CHILD_SEED", fill_seed.to_string())
