@@ -22,9 +22,10 @@ use crate::metadata::{resolve, Metadata};
 use crate::notify::{Notification, NotifyQueue};
 use crate::peer::PeerConn;
 use crate::registry::{NewRegion, RegionEntry, Registry};
+use crate::transport::memory;
 use crate::transport::shm::{self, SharedRegion, ShmServer};
 use crate::transport::tcp::{self, Work, CHUNK};
-use crate::{hostinfo, mem, rpc};
+use crate::{hostinfo, liveness, mem, rpc};
 
 /// READ copies remote bytes into local memory; WRITE copies local bytes to the remote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,15 +73,15 @@ pub struct PeerInfo {
     pub regions: Vec<TransportReport>,
 }
 
-struct PeerSlot {
-    name: String,
-    conn: Option<Arc<PeerConn>>,
+pub(crate) struct PeerSlot {
+    pub(crate) name: String,
+    pub(crate) conn: Option<Arc<PeerConn>>,
 }
 
 #[derive(Default)]
-struct Peers {
+pub(crate) struct Peers {
     by_name: HashMap<String, PeerId>,
-    slots: Vec<PeerSlot>,
+    pub(crate) slots: Vec<PeerSlot>,
 }
 
 pub(crate) struct Inner {
@@ -93,63 +94,15 @@ pub(crate) struct Inner {
     pub(crate) registry: Arc<Registry>,
     pub(crate) notifications: Arc<NotifyQueue>,
     pub(crate) life: Arc<Lifecycle>,
-    metadata: Metadata,
+    pub(crate) metadata: Metadata,
     shm: std::result::Result<Arc<ShmServer>, String>,
     shared_allocs: Mutex<HashMap<u64, Arc<SharedRegion>>>,
-    peers: Mutex<Peers>,
+    pub(crate) peers: Mutex<Peers>,
     next_batch: AtomicU64,
     stopped: AtomicBool,
 }
 
 impl Inner {
-    /// The peers this engine has open, by name, with their current connection state.
-    fn open_peers(&self) -> Vec<(String, Arc<PeerConn>)> {
-        let peers = self.peers.lock();
-        peers.slots.iter().filter_map(|s| s.conn.clone().map(|c| (s.name.clone(), c))).collect()
-    }
-
-    /// A peer's descriptor changed (`Some`) or disappeared (`None`) in the metadata store:
-    /// refresh the cache, or drop it (connections and mappings included) when the peer is
-    /// gone or restarted, before the next request uses it.
-    fn on_descriptor_event(&self, name: &str, raw: Option<&[u8]>) {
-        let Some((_, conn)) = self.open_peers().into_iter().find(|(n, _)| n == name) else {
-            return;
-        };
-        let key = self.metadata.key(name);
-        match raw.map(|r| self.metadata.parse(&key, r)) {
-            None => {
-                log::info!(
-                    "{}: peer {name} left the metadata store; dropping its cache",
-                    self.name
-                );
-                conn.mark_broken();
-            }
-            Some(Err(e)) => {
-                log::warn!("{}: {e}", self.name);
-                conn.mark_broken();
-            }
-            Some(Ok(d)) if d.instance_id != conn.instance() => {
-                log::info!(
-                    "{}: peer {name} restarted (instance {}); dropping its cache",
-                    self.name,
-                    d.instance_id
-                );
-                conn.mark_broken();
-            }
-            Some(Ok(d)) => conn.set_descriptor(d),
-        }
-    }
-
-    /// Re-reads every open peer's descriptor (after a watch reconnects, and for Redis).
-    fn resync_open_peers(&self) {
-        for (name, _) in self.open_peers() {
-            match self.metadata.get_raw(&self.metadata.key(&name)) {
-                Ok(raw) => self.on_descriptor_event(&name, raw.as_deref()),
-                Err(e) => log::debug!("{}: resync of {name}: {e}", self.name),
-            }
-        }
-    }
-
     pub(crate) fn descriptor(&self) -> SegmentDescriptor {
         let (generation, regions) = self.registry.snapshot();
         SegmentDescriptor {
@@ -173,19 +126,19 @@ pub struct Engine {
 
 /// A request whose transport and ends are resolved.
 #[derive(Clone)]
-struct Step {
+pub(crate) struct Step {
     transport: TransportKind,
-    local: Arc<RegionEntry>,
-    conn: Arc<PeerConn>,
+    pub(crate) local: Arc<RegionEntry>,
+    pub(crate) conn: Arc<PeerConn>,
     peer: PeerId,
-    region: RemoteRegion,
+    pub(crate) region: RemoteRegion,
 }
 
 /// The remote region a request lies in (what the transports need of its descriptor).
 #[derive(Clone, Copy)]
-struct RemoteRegion {
-    id: RegionId,
-    addr: u64,
+pub(crate) struct RemoteRegion {
+    pub(crate) id: RegionId,
+    pub(crate) addr: u64,
     len: u64,
 }
 
@@ -260,9 +213,9 @@ impl Engine {
         engine.publish()?;
         if inner.metadata.is_leased() {
             let i2 = inner.clone();
-            inner.life.spawn("tw-meta-keeper".into(), move || keeper_loop(&i2))?;
+            inner.life.spawn("tw-meta-keeper".into(), move || liveness::keeper_loop(&i2))?;
             let i3 = inner.clone();
-            inner.life.spawn("tw-meta-watch".into(), move || watch_loop(&i3))?;
+            inner.life.spawn("tw-meta-watch".into(), move || liveness::watch_loop(&i3))?;
         }
         log::info!(
             "{}: engine started (instance {}, rpc {})",
@@ -586,9 +539,10 @@ impl Engine {
                 reason: "not inside any region the peer has registered".into(),
             });
         }
+        let peer = self.inner.peers.lock().slots.get(r.peer.0 as usize).map(|s| s.name.clone());
         Err(Error::PeerUnreachable {
-            peer: format!("{}", r.peer),
-            reason: "the peer keeps restarting".into(),
+            peer: peer.unwrap_or_else(|| r.peer.to_string()),
+            reason: "the peer restarted twice while this request was being resolved".into(),
         })
     }
 
@@ -687,8 +641,8 @@ impl Engine {
         let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
         for (i, (r, step)) in requests.iter().zip(&steps).enumerate() {
             match step.transport {
-                TransportKind::Local => self.run_local(&batch, i, r, step),
-                TransportKind::Shm => self.run_shm(&batch, i, r, step),
+                TransportKind::Local => memory::run_local(&self.inner, &batch, i, r, step),
+                TransportKind::Shm => memory::run_shm(&self.inner.config, &batch, i, r, step),
                 TransportKind::Tcp => {
                     let entry = step.local.clone();
                     let (req, len) = (i, r.len);
@@ -729,55 +683,6 @@ impl Engine {
     /// Submits and waits.
     pub fn transfer_sync(&self, requests: &[Request], opts: BatchOptions) -> Result<()> {
         self.submit(requests, opts)?.wait()
-    }
-
-    fn run_local(&self, batch: &Arc<Batch>, i: usize, r: &Request, step: &Step) {
-        let denied = || Error::RemoteAccessDenied {
-            peer: self.inner.name.clone(),
-            addr: r.remote,
-            len: r.len,
-            reason: "not inside a registered region of this engine".into(),
-        };
-        let Some(remote) = self.inner.registry.find(r.remote, r.len) else {
-            return batch.fail_request(i, denied());
-        };
-        let (Some(local), Some(remote)) =
-            (step.local.pin(r.local, r.len), remote.pin(r.remote, r.len))
-        else {
-            return batch.fail_request(i, denied());
-        };
-        match r.op {
-            Op::Write => mem::copy_pinned(&remote, &local),
-            Op::Read => mem::copy_pinned(&local, &remote),
-        }
-        batch.chunk_done(i);
-    }
-
-    fn run_shm(&self, batch: &Arc<Batch>, i: usize, r: &Request, step: &Step) {
-        let denied = |reason: String| Error::RemoteAccessDenied {
-            peer: step.conn.name.clone(),
-            addr: r.remote,
-            len: r.len,
-            reason,
-        };
-        let copied = step.conn.shm(&self.inner.config).and_then(|client| {
-            let map = client.region(step.region.id).map_err(|e| match e {
-                Error::RemoteAccessDenied { reason, .. } => denied(reason),
-                e => e,
-            })?;
-            let local = step
-                .local
-                .pin(r.local, r.len)
-                .ok_or(Error::NotRegistered { addr: r.local, len: r.len })?;
-            client.copy(&map, r.remote - step.region.addr, &local, r.op == Op::Write)
-        });
-        match copied {
-            Ok(true) => batch.chunk_done(i),
-            Ok(false) => {
-                batch.fail_request(i, denied("the peer unregistered this shared region".into()))
-            }
-            Err(e) => batch.fail_request(i, e),
-        }
     }
 
     /// Checks that a peer answers on its RPC port; returns the round-trip time.
@@ -872,75 +777,6 @@ impl Engine {
         let removed = me.registry.drain();
         let _ = self.revoke_shared(&removed);
         log::info!("{}: engine stopped", me.name);
-    }
-}
-
-/// Sleeps up to `d` in slices, returning false as soon as the engine stops.
-fn pause(inner: &Inner, d: Duration) -> bool {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        if inner.life.stopping() {
-            return false;
-        }
-        std::thread::sleep(
-            Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
-        );
-    }
-    !inner.life.stopping()
-}
-
-/// Keeps this engine's publication alive (etcd lease, redis expiry). While the metadata
-/// server is lost, transfers to open peers go on; when it returns, the descriptor is
-/// published again.
-fn keeper_loop(inner: &Inner) {
-    let period = (inner.config.metadata_ttl / 3).max(Duration::from_millis(200));
-    let mut healthy = true;
-    while pause(inner, period) {
-        let outcome = inner.metadata.keepalive(&inner.name).and_then(|alive| {
-            if alive && healthy {
-                return Ok(false);
-            }
-            inner.metadata.publish(&inner.descriptor()).map(|()| true)
-        });
-        match outcome {
-            Ok(republished) => {
-                if republished {
-                    log::info!("{}: descriptor published again", inner.name);
-                }
-                healthy = true;
-            }
-            Err(e) => {
-                if healthy {
-                    log::warn!(
-                        "{}: metadata server lost ({e}); open peers keep working, publication resumes when it returns",
-                        inner.name
-                    );
-                }
-                healthy = false;
-            }
-        }
-    }
-}
-
-/// Follows changes of peers' descriptors: an etcd watch (resynchronised after every
-/// reconnect), or for redis a poll of the open peers every second.
-fn watch_loop(inner: &Inner) {
-    while !inner.life.stopping() {
-        inner.resync_open_peers();
-        if inner.metadata.is_etcd() {
-            let keep_going = || !inner.life.stopping();
-            let result = inner.metadata.watch(&keep_going, &mut |name, value| {
-                inner.on_descriptor_event(&name, value.as_deref());
-            });
-            if let Err(e) = result {
-                log::debug!("{}: watch ended: {e}", inner.name);
-            }
-            if !pause(inner, Duration::from_millis(500)) {
-                return;
-            }
-        } else if !pause(inner, Duration::from_secs(1)) {
-            return;
-        }
     }
 }
 

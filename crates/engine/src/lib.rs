@@ -31,6 +31,7 @@ mod error;
 mod frames;
 mod hostinfo;
 mod lifecycle;
+mod liveness;
 mod mem;
 mod metadata;
 mod metadata_server;

@@ -7,5 +7,6 @@
 //! Memory transports (local, shm) complete inside `submit`: a copy is bounded CPU work with
 //! nothing to wait for. TCP is asynchronous: lane threads send and complete chunks.
 
+pub(crate) mod memory;
 pub(crate) mod shm;
 pub(crate) mod tcp;
