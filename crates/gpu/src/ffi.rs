@@ -9,6 +9,10 @@ use libloading::Library;
 pub(crate) type CuResult = c_int;
 pub(crate) type CuDevice = c_int;
 pub(crate) type CuContext = *mut c_void;
+pub(crate) type CuStream = *mut c_void;
+pub(crate) type CuEvent = *mut c_void;
+pub(crate) type CuModule = *mut c_void;
+pub(crate) type CuFunction = *mut c_void;
 pub(crate) type NvmlReturn = c_int;
 pub(crate) type NvmlDevice = *mut c_void;
 
@@ -21,11 +25,23 @@ pub(crate) const ATTR_GDR: c_int = 116;
 pub(crate) const ATTR_FABRIC: c_int = 128;
 pub(crate) const ATTR_HOST_NUMA_ID: c_int = 134;
 
+pub(crate) const ATTR_SM_COUNT: c_int = 16;
+pub(crate) const ATTR_CC_MAJOR: c_int = 75;
+pub(crate) const ATTR_CC_MINOR: c_int = 76;
+
+pub(crate) const HANDLE_POSIX_FD: c_int = 1;
 pub(crate) const HANDLE_FABRIC: c_int = 8;
+pub(crate) const NOT_READY: CuResult = 600;
 
 pub(crate) const POINTER_MEMORY_TYPE: c_int = 2;
 pub(crate) const POINTER_IS_MANAGED: c_int = 8;
 pub(crate) const POINTER_DEVICE_ORDINAL: c_int = 9;
+pub(crate) const POINTER_LEGACY_IPC: c_int = 10;
+pub(crate) const POINTER_RANGE_START: c_int = 11;
+pub(crate) const POINTER_RANGE_SIZE: c_int = 12;
+pub(crate) const POINTER_ALLOWED_HANDLES: c_int = 14;
+pub(crate) const POINTER_MAPPING_SIZE: c_int = 18;
+pub(crate) const POINTER_MAPPING_BASE: c_int = 19;
 pub(crate) const MEMORYTYPE_HOST: c_uint = 1;
 pub(crate) const MEMORYTYPE_DEVICE: c_uint = 2;
 
@@ -41,6 +57,21 @@ pub(crate) struct MemAllocationProp {
     pub(crate) gpu_direct_rdma_capable: u8,
     pub(crate) usage: u16,
     pub(crate) reserved: [u8; 4],
+}
+
+/// `CUmemAccessDesc`.
+#[repr(C)]
+pub(crate) struct MemAccessDesc {
+    pub(crate) location_type: c_int,
+    pub(crate) location_id: c_int,
+    pub(crate) flags: c_int,
+}
+
+/// `CUipcMemHandle`, passed by value to `cuIpcOpenMemHandle`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct IpcHandle {
+    pub(crate) reserved: [u8; 64],
 }
 
 /// `nvmlGpuFabricInfo_v2_t`.
@@ -90,6 +121,50 @@ pub(crate) struct Cuda {
     pub(crate) mem_release: unsafe extern "C" fn(u64) -> CuResult,
     pub(crate) mem_export: unsafe extern "C" fn(*mut c_void, u64, c_int, u64) -> CuResult,
     pub(crate) pointer_attribute: unsafe extern "C" fn(*mut c_void, c_int, u64) -> CuResult,
+    pub(crate) ctx_push: unsafe extern "C" fn(CuContext) -> CuResult,
+    pub(crate) ctx_pop: unsafe extern "C" fn(*mut CuContext) -> CuResult,
+    pub(crate) mem_alloc: unsafe extern "C" fn(*mut u64, usize) -> CuResult,
+    pub(crate) mem_free: unsafe extern "C" fn(u64) -> CuResult,
+    pub(crate) host_alloc: unsafe extern "C" fn(*mut *mut c_void, usize, c_uint) -> CuResult,
+    pub(crate) host_free: unsafe extern "C" fn(*mut c_void) -> CuResult,
+    pub(crate) address_range: unsafe extern "C" fn(*mut u64, *mut usize, u64) -> CuResult,
+    pub(crate) ipc_get: unsafe extern "C" fn(*mut IpcHandle, u64) -> CuResult,
+    pub(crate) ipc_open: unsafe extern "C" fn(*mut u64, IpcHandle, c_uint) -> CuResult,
+    pub(crate) ipc_close: unsafe extern "C" fn(u64) -> CuResult,
+    pub(crate) address_reserve: unsafe extern "C" fn(*mut u64, usize, usize, u64, u64) -> CuResult,
+    pub(crate) address_free: unsafe extern "C" fn(u64, usize) -> CuResult,
+    pub(crate) mem_map: unsafe extern "C" fn(u64, usize, usize, u64, u64) -> CuResult,
+    pub(crate) mem_unmap: unsafe extern "C" fn(u64, usize) -> CuResult,
+    pub(crate) set_access:
+        unsafe extern "C" fn(u64, usize, *const MemAccessDesc, usize) -> CuResult,
+    pub(crate) mem_import: unsafe extern "C" fn(*mut u64, *mut c_void, c_int) -> CuResult,
+    pub(crate) retain_handle: unsafe extern "C" fn(*mut u64, *mut c_void) -> CuResult,
+    pub(crate) stream_create: unsafe extern "C" fn(*mut CuStream, c_uint) -> CuResult,
+    pub(crate) stream_wait_event: unsafe extern "C" fn(CuStream, CuEvent, c_uint) -> CuResult,
+    pub(crate) stream_sync: unsafe extern "C" fn(CuStream) -> CuResult,
+    pub(crate) event_create: unsafe extern "C" fn(*mut CuEvent, c_uint) -> CuResult,
+    pub(crate) event_record: unsafe extern "C" fn(CuEvent, CuStream) -> CuResult,
+    pub(crate) event_query: unsafe extern "C" fn(CuEvent) -> CuResult,
+    pub(crate) memcpy_async: unsafe extern "C" fn(u64, u64, usize, CuStream) -> CuResult,
+    pub(crate) memcpy: unsafe extern "C" fn(u64, u64, usize) -> CuResult,
+    pub(crate) memset8: unsafe extern "C" fn(u64, u8, usize) -> CuResult,
+    pub(crate) module_load_data: unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult,
+    pub(crate) module_function:
+        unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult,
+    #[allow(clippy::type_complexity)]
+    pub(crate) launch: unsafe extern "C" fn(
+        CuFunction,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        CuStream,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> CuResult,
     error_name: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
 }
 
@@ -120,6 +195,35 @@ impl Cuda {
                 mem_release: sym(&lib, "cuMemRelease")?,
                 mem_export: sym(&lib, "cuMemExportToShareableHandle")?,
                 pointer_attribute: sym(&lib, "cuPointerGetAttribute")?,
+                ctx_push: sym(&lib, "cuCtxPushCurrent_v2")?,
+                ctx_pop: sym(&lib, "cuCtxPopCurrent_v2")?,
+                mem_alloc: sym(&lib, "cuMemAlloc_v2")?,
+                mem_free: sym(&lib, "cuMemFree_v2")?,
+                host_alloc: sym(&lib, "cuMemHostAlloc")?,
+                host_free: sym(&lib, "cuMemFreeHost")?,
+                address_range: sym(&lib, "cuMemGetAddressRange_v2")?,
+                ipc_get: sym(&lib, "cuIpcGetMemHandle")?,
+                ipc_open: sym(&lib, "cuIpcOpenMemHandle_v2")?,
+                ipc_close: sym(&lib, "cuIpcCloseMemHandle")?,
+                address_reserve: sym(&lib, "cuMemAddressReserve")?,
+                address_free: sym(&lib, "cuMemAddressFree")?,
+                mem_map: sym(&lib, "cuMemMap")?,
+                mem_unmap: sym(&lib, "cuMemUnmap")?,
+                set_access: sym(&lib, "cuMemSetAccess")?,
+                mem_import: sym(&lib, "cuMemImportFromShareableHandle")?,
+                retain_handle: sym(&lib, "cuMemRetainAllocationHandle")?,
+                stream_create: sym(&lib, "cuStreamCreate")?,
+                stream_wait_event: sym(&lib, "cuStreamWaitEvent")?,
+                stream_sync: sym(&lib, "cuStreamSynchronize")?,
+                event_create: sym(&lib, "cuEventCreate")?,
+                event_record: sym(&lib, "cuEventRecord")?,
+                event_query: sym(&lib, "cuEventQuery")?,
+                memcpy_async: sym(&lib, "cuMemcpyAsync")?,
+                memcpy: sym(&lib, "cuMemcpy")?,
+                memset8: sym(&lib, "cuMemsetD8_v2")?,
+                module_load_data: sym(&lib, "cuModuleLoadData")?,
+                module_function: sym(&lib, "cuModuleGetFunction")?,
+                launch: sym(&lib, "cuLaunchKernel")?,
                 error_name: sym(&lib, "cuGetErrorName")?,
                 _lib: lib,
             })
@@ -189,5 +293,66 @@ impl Nvml {
         }
         // SAFETY: non-null, NUL-terminated, static.
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+type NvrtcProgram = *mut c_void;
+
+/// NVRTC, loaded at run time to compile the gather kernel.
+pub(crate) struct Nvrtc {
+    _lib: Library,
+    pub(crate) create: unsafe extern "C" fn(
+        *mut NvrtcProgram,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int,
+    pub(crate) compile: unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> c_int,
+    pub(crate) ptx_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
+    pub(crate) ptx: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
+    pub(crate) log_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int,
+    pub(crate) log: unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int,
+    pub(crate) destroy: unsafe extern "C" fn(*mut NvrtcProgram) -> c_int,
+}
+
+/// Where NVRTC is looked for: `TIDEWIRE_NVRTC`, the loader's path, then the toolkit's usual
+/// places.
+fn nvrtc_candidates() -> Vec<String> {
+    let mut v: Vec<String> = std::env::var("TIDEWIRE_NVRTC").into_iter().collect();
+    for dir in ["", "/usr/local/cuda/lib64/", "/usr/local/cuda/targets/x86_64-linux/lib/"] {
+        for name in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
+            v.push(format!("{dir}{name}"));
+        }
+    }
+    v
+}
+
+impl Nvrtc {
+    pub(crate) fn load() -> Result<Self, String> {
+        let mut tried = Vec::new();
+        for path in nvrtc_candidates() {
+            // SAFETY: loading NVRTC runs its initialisers, as any program using it does.
+            match unsafe { Library::new(&path) } {
+                Ok(lib) => {
+                    // SAFETY (every `sym`): NVRTC's C signatures.
+                    return unsafe {
+                        Ok(Self {
+                            create: sym(&lib, "nvrtcCreateProgram")?,
+                            compile: sym(&lib, "nvrtcCompileProgram")?,
+                            ptx_size: sym(&lib, "nvrtcGetPTXSize")?,
+                            ptx: sym(&lib, "nvrtcGetPTX")?,
+                            log_size: sym(&lib, "nvrtcGetProgramLogSize")?,
+                            log: sym(&lib, "nvrtcGetProgramLog")?,
+                            destroy: sym(&lib, "nvrtcDestroyProgram")?,
+                            _lib: lib,
+                        })
+                    };
+                }
+                Err(e) => tried.push(format!("{path}: {e}")),
+            }
+        }
+        Err(format!("NVRTC not found ({})", tried.first().map_or("", |s| s.as_str())))
     }
 }

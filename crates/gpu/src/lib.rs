@@ -6,17 +6,52 @@
 //! and runs a real FABRIC allocate → export probe (fabric is proven, never assumed).
 //!
 //! Pointer classification lives here and only here: the engine asks [`classify`] at
-//! registration. Device and managed memory are recognised (and advertised for no transport
-//! until the NVLink transports land, so requests on them fail at submit with the reasons).
+//! registration. [`share`] exports and imports device memory between processes (CUDA IPC,
+//! VMM POSIX-FD, VMM FABRIC), [`alloc`] makes transferable memory, [`copy`] moves bytes with
+//! the copy engine or one gather-kernel launch.
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)]
+pub mod alloc;
+#[allow(unsafe_code)]
+pub mod copy;
+#[allow(unsafe_code)]
+mod device;
+#[allow(unsafe_code)]
 mod ffi;
+#[allow(unsafe_code)]
+pub mod share;
 #[allow(unsafe_code)]
 mod topology;
 
+pub use device::Gpu;
 use tidewire_core::memory::Location;
 pub use topology::{topology, GpuInfo, Topology};
+
+/// A failed GPU operation: the driver call and its error name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuError(pub String);
+
+impl std::fmt::Display for GpuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+/// The CUDA ordinal of the GPU whose UUID is `uuid`, if this process sees it.
+pub fn ordinal_of(uuid: &str) -> Option<u32> {
+    topology().ok()?.gpus.iter().find(|g| g.uuid == uuid).map(|g| g.index)
+}
+
+/// Whether GPU `a` can map GPU `b`'s memory (true for `a == b`).
+pub fn peer_access(a: u32, b: u32) -> bool {
+    topology()
+        .ok()
+        .and_then(|t| t.peer_access.get(a as usize).and_then(|row| row.get(b as usize)).copied())
+        .unwrap_or(false)
+}
 
 /// Why GPU features are not available.
 #[derive(Debug, Clone, PartialEq, Eq)]

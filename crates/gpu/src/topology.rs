@@ -298,11 +298,18 @@ pub(crate) fn classify_pointer(addr: u64) -> Location {
     match query(ffi::POINTER_MEMORY_TYPE) {
         Some(ffi::MEMORYTYPE_DEVICE) => {
             let device = query(ffi::POINTER_DEVICE_ORDINAL);
-            let managed = query(ffi::POINTER_IS_MANAGED) == Some(1);
-            Location {
-                kind: if managed { MemoryKind::Managed } else { MemoryKind::Device },
-                device,
-            }
+            let kind = if query(ffi::POINTER_IS_MANAGED) == Some(1) {
+                MemoryKind::Managed
+            } else if query(ffi::POINTER_LEGACY_IPC) == Some(1) {
+                MemoryKind::Device
+            } else if crate::share::ptr_attr::<u64>(addr, ffi::POINTER_ALLOWED_HANDLES)
+                .is_some_and(|t| t != 0)
+            {
+                MemoryKind::DeviceVmm
+            } else {
+                MemoryKind::Device
+            };
+            Location { kind, device }
         }
         Some(ffi::MEMORYTYPE_HOST) => Location { kind: MemoryKind::HostPinned, device: None },
         _ => host,

@@ -1,0 +1,250 @@
+//! Transferable allocation: device memory with the best reach the topology proves (a VMM
+//! allocation exportable as FABRIC and POSIX-FD when the fabric probe passed, else as POSIX-FD,
+//! else `cuMemAlloc`), and pinned host memory. Allocations are kept in a process table so the
+//! C-ABI allocator (`tidewire_alloc` / `tidewire_free`) can free by pointer.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use crate::device::{check, Gpu};
+use crate::ffi::{self, MemAccessDesc, MemAllocationProp};
+use crate::topology::{driver, topology};
+use crate::GpuError;
+
+/// What kind of memory an allocation is, which decides how peers reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocKind {
+    /// VMM, exportable as FABRIC (and POSIX-FD): reachable over the multi-node fabric.
+    VmmFabric,
+    /// VMM, exportable as a POSIX file descriptor: same-host peers.
+    VmmPosixFd,
+    /// `cuMemAlloc`: CUDA IPC, same-host peers.
+    Malloc,
+    /// Page-locked host memory (`cuMemHostAlloc`, portable and device-mapped).
+    HostPinned,
+}
+
+impl AllocKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::VmmFabric => "vmm-fabric",
+            Self::VmmPosixFd => "vmm-posix-fd",
+            Self::Malloc => "cuda-malloc",
+            Self::HostPinned => "host-pinned",
+        }
+    }
+}
+
+/// One live allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Allocation {
+    pub ptr: u64,
+    /// Bytes usable (the request rounded up to the granularity).
+    pub len: u64,
+    /// CUDA ordinal; `None` for host memory.
+    pub device: Option<u32>,
+    pub kind: AllocKind,
+    /// Why this kind and not a better one.
+    pub reason: &'static str,
+    handle: u64,
+}
+
+fn table() -> &'static Mutex<HashMap<u64, Allocation>> {
+    static T: OnceLock<Mutex<HashMap<u64, Allocation>>> = OnceLock::new();
+    T.get_or_init(Mutex::default)
+}
+
+/// Which kind `alloc` will try first on `device`, given the topology.
+fn preferred(device: u32) -> (AllocKind, &'static str) {
+    let Ok(topo) = topology() else { return (AllocKind::Malloc, "no topology") };
+    let Some(g) = topo.gpus.get(device as usize) else {
+        return (AllocKind::Malloc, "unknown device");
+    };
+    if g.vmm && g.fabric_attr && g.fabric.local_verdict().is_ok() {
+        (AllocKind::VmmFabric, "the fabric probe passed")
+    } else if g.vmm && g.posix_fd {
+        (AllocKind::VmmPosixFd, "no proven fabric; VMM with POSIX-FD handles is supported")
+    } else {
+        (AllocKind::Malloc, "VMM POSIX-FD handles are not supported on this GPU")
+    }
+}
+
+/// Allocates `len` bytes on `device` with the best reach the topology proves (see
+/// [`AllocKind`]); `kind` forces one (for tests and benchmarks).
+pub fn alloc_device(len: u64, device: u32, kind: Option<AllocKind>) -> Result<Allocation, GpuError> {
+    if len == 0 {
+        return Err(GpuError("zero-length allocation".into()));
+    }
+    let gpu = Gpu::get(device)?;
+    let (mut want, mut reason) = preferred(device);
+    if let Some(k) = kind {
+        (want, reason) = (k, "requested by the caller");
+    }
+    let a = match want {
+        AllocKind::VmmFabric => vmm(gpu, len, true, reason).or_else(|_| {
+            vmm(gpu, len, false, "the FABRIC allocation failed; fell back to POSIX-FD")
+        })?,
+        AllocKind::VmmPosixFd => vmm(gpu, len, false, reason)?,
+        AllocKind::Malloc => malloc(gpu, len, reason)?,
+        AllocKind::HostPinned => return alloc_host(len),
+    };
+    if let Ok(mut t) = table().lock() {
+        t.insert(a.ptr, a);
+    }
+    Ok(a)
+}
+
+fn malloc(gpu: &Gpu, len: u64, reason: &'static str) -> Result<Allocation, GpuError> {
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let _ctx = gpu.enter()?;
+    let mut ptr = 0u64;
+    // SAFETY: out-pointer to a local.
+    check(cuda, "cuMemAlloc", unsafe { (cuda.mem_alloc)(&mut ptr, len as usize) })?;
+    Ok(Allocation {
+        ptr,
+        len,
+        device: Some(gpu.ordinal),
+        kind: AllocKind::Malloc,
+        reason,
+        handle: 0,
+    })
+}
+
+fn vmm(gpu: &Gpu, len: u64, fabric: bool, reason: &'static str) -> Result<Allocation, GpuError> {
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let _ctx = gpu.enter()?;
+    let types = ffi::HANDLE_POSIX_FD | if fabric { ffi::HANDLE_FABRIC } else { 0 };
+    let prop = MemAllocationProp {
+        alloc_type: 1,
+        requested_handle_types: types,
+        location_type: 1,
+        location_id: gpu.dev,
+        win32_metadata: std::ptr::null_mut(),
+        compression_type: 0,
+        gpu_direct_rdma_capable: 1,
+        usage: 0,
+        reserved: [0; 4],
+    };
+    let mut gran = 0usize;
+    // SAFETY: valid prop and out-pointer; flag 1 = recommended granularity.
+    check(cuda, "cuMemGetAllocationGranularity", unsafe {
+        (cuda.mem_granularity)(&mut gran, &prop, 1)
+    })?;
+    let size = (len as usize).next_multiple_of(gran.max(1));
+    let mut handle = 0u64;
+    // SAFETY: valid prop and out-pointer; released on every failure path below.
+    check(cuda, "cuMemCreate", unsafe { (cuda.mem_create)(&mut handle, size, &prop, 0) })?;
+    let mut ptr = 0u64;
+    let mapped = (|| {
+        // SAFETY: out-pointer to a local.
+        check(cuda, "cuMemAddressReserve", unsafe {
+            (cuda.address_reserve)(&mut ptr, size, gran, 0, 0)
+        })?;
+        // SAFETY: maps the whole allocation at the fresh reservation.
+        check(cuda, "cuMemMap", unsafe { (cuda.mem_map)(ptr, size, 0, handle, 0) })?;
+        let access = MemAccessDesc { location_type: 1, location_id: gpu.dev, flags: 3 };
+        // SAFETY: `ptr` maps `size` bytes; one access descriptor.
+        check(cuda, "cuMemSetAccess", unsafe { (cuda.set_access)(ptr, size, &access, 1) })
+    })();
+    if let Err(e) = mapped {
+        // SAFETY: undo whatever of reserve/map succeeded; unmapping an unmapped range and
+        // freeing a zero reservation fail harmlessly.
+        unsafe {
+            if ptr != 0 {
+                (cuda.mem_unmap)(ptr, size);
+                (cuda.address_free)(ptr, size);
+            }
+            (cuda.mem_release)(handle);
+        }
+        return Err(e);
+    }
+    Ok(Allocation {
+        ptr,
+        len: size as u64,
+        device: Some(gpu.ordinal),
+        kind: if fabric { AllocKind::VmmFabric } else { AllocKind::VmmPosixFd },
+        reason,
+        handle,
+    })
+}
+
+/// Allocates `len` bytes of page-locked host memory, usable by every GPU.
+pub fn alloc_host(len: u64) -> Result<Allocation, GpuError> {
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let _ctx = Gpu::get(0)?.enter()?;
+    let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local. Flags: PORTABLE (1) | DEVICEMAP (2).
+    check(cuda, "cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut p, len as usize, 3) })?;
+    let a = Allocation {
+        ptr: p as u64,
+        len,
+        device: None,
+        kind: AllocKind::HostPinned,
+        reason: "requested by the caller",
+        handle: 0,
+    };
+    if let Ok(mut t) = table().lock() {
+        t.insert(a.ptr, a);
+    }
+    Ok(a)
+}
+
+/// The live allocation starting at `ptr`, if it came from this module.
+pub fn lookup(ptr: u64) -> Option<Allocation> {
+    table().lock().ok()?.get(&ptr).copied()
+}
+
+/// Frees an allocation made by [`alloc_device`] or [`alloc_host`]. Freeing memory still
+/// registered with an engine is the caller's error, as with any allocator.
+pub fn free(ptr: u64) -> Result<(), GpuError> {
+    let a = table()
+        .lock()
+        .map_err(|_| GpuError("allocation table poisoned".into()))?
+        .remove(&ptr)
+        .ok_or_else(|| GpuError(format!("{ptr:#x} was not allocated by tidewire")))?;
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let gpu = Gpu::get(a.device.unwrap_or(0))?;
+    let _ctx = gpu.enter()?;
+    // SAFETY: `a` was made by this module and removed from the table, so it is freed once.
+    unsafe {
+        match a.kind {
+            AllocKind::Malloc => check(cuda, "cuMemFree", (cuda.mem_free)(a.ptr)),
+            AllocKind::HostPinned => {
+                check(cuda, "cuMemFreeHost", (cuda.host_free)(a.ptr as *mut std::ffi::c_void))
+            }
+            AllocKind::VmmFabric | AllocKind::VmmPosixFd => {
+                (cuda.mem_unmap)(a.ptr, a.len as usize);
+                (cuda.address_free)(a.ptr, a.len as usize);
+                check(cuda, "cuMemRelease", (cuda.mem_release)(a.handle))
+            }
+        }
+    }
+}
+
+/// Copies between any two addresses the driver knows (device, pinned or pageable host),
+/// synchronously. For tests, benchmarks and the Python helpers, not the data path.
+///
+/// # Safety
+/// Both ranges must be valid for `len` bytes.
+pub unsafe fn copy_sync(dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let _ctx = Gpu::get(0)?.enter()?;
+    // SAFETY: forwarded contract; unified addressing resolves both ends.
+    check(cuda, "cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
+}
+
+/// Fills `len` bytes of device memory with `value`, synchronously.
+///
+/// # Safety
+/// The range must be valid device memory.
+pub unsafe fn fill_sync(dst: u64, value: u8, len: u64) -> Result<(), GpuError> {
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let device = crate::topology::classify_pointer(dst).device.unwrap_or(0);
+    let _ctx = Gpu::get(device)?.enter()?;
+    // SAFETY: forwarded contract.
+    let r = check(cuda, "cuMemsetD8", unsafe { (cuda.memset8)(dst, value, len as usize) });
+    r.and_then(|()| {
+        // SAFETY: null stream = the legacy default stream; waits for the memset.
+        check(cuda, "cuStreamSynchronize", unsafe { (cuda.stream_sync)(std::ptr::null_mut()) })
+    })
+}

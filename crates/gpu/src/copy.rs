@@ -1,0 +1,363 @@
+//! The copy path: large contiguous runs go to the copy engine (`cuMemcpyAsync`, unified
+//! addressing resolves device, peer and pinned host ends); a batch of small or scattered runs
+//! goes to one launch of an SM gather kernel over a device array of (src, dst, len) triples.
+//! The kernel is compiled by NVRTC once per process; without NVRTC the copy engine serves
+//! everything and [`kernel_status`] says why.
+//!
+//! Work is ordered after a caller's stream through an event (never a host sync), and its
+//! completion is an event the caller polls ([`Pending::is_done`]).
+
+use std::ffi::{c_char, c_uint, c_void, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use crate::device::{check, Gpu};
+use crate::ffi::{self, CuEvent, CuFunction, CuStream, Nvrtc};
+use crate::topology::driver;
+use crate::GpuError;
+
+/// One run to copy: `len` bytes from `src` to `dst` (addresses in this process).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seg {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+}
+
+/// Runs at least this long go to the copy engine.
+pub const COPY_ENGINE_MIN: u64 = 1 << 20;
+
+const KERNEL: &str = r#"
+struct Seg { unsigned long long src, dst, len; };
+extern "C" __global__ void __launch_bounds__(512)
+tw_gather(const Seg* __restrict__ segs, unsigned int n) {
+  for (unsigned int s = blockIdx.x; s < n; s += gridDim.x) {
+    const Seg g = segs[s];
+    const unsigned int t = threadIdx.x, bd = blockDim.x;
+    if (((g.src | g.dst | g.len) & 15ull) == 0) {
+      const uint4* __restrict__ a = (const uint4*)g.src;
+      uint4* __restrict__ b = (uint4*)g.dst;
+      const unsigned long long n16 = g.len >> 4;
+      unsigned long long i = t;
+      for (; i + 3ull * bd < n16; i += 4ull * bd) {
+        uint4 x0 = a[i], x1 = a[i + bd], x2 = a[i + 2ull * bd], x3 = a[i + 3ull * bd];
+        b[i] = x0; b[i + bd] = x1; b[i + 2ull * bd] = x2; b[i + 3ull * bd] = x3;
+      }
+      for (; i < n16; i += bd) b[i] = a[i];
+    } else {
+      const unsigned char* a = (const unsigned char*)g.src;
+      unsigned char* b = (unsigned char*)g.dst;
+      for (unsigned long long i = t; i < g.len; i += bd) b[i] = a[i];
+    }
+  }
+}
+"#;
+
+/// The PTX of the gather kernel, compiled once per process, or why there is none.
+fn ptx(cc: (i32, i32)) -> &'static Result<CString, String> {
+    static PTX: OnceLock<Result<CString, String>> = OnceLock::new();
+    PTX.get_or_init(|| compile(cc))
+}
+
+fn compile(cc: (i32, i32)) -> Result<CString, String> {
+    let nvrtc = Nvrtc::load()?;
+    let src = CString::new(KERNEL).map_err(|e| e.to_string())?;
+    let name = c"tw_gather.cu";
+    let mut prog: *mut c_void = std::ptr::null_mut();
+    // SAFETY: NUL-terminated source and name; no headers.
+    let r = unsafe {
+        (nvrtc.create)(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null())
+    };
+    if r != 0 {
+        return Err(format!("nvrtcCreateProgram returned {r}"));
+    }
+    let arch = CString::new(format!("--gpu-architecture=compute_{}{}", cc.0, cc.1))
+        .map_err(|e| e.to_string())?;
+    let opts: [*const c_char; 2] = [arch.as_ptr(), c"-default-device".as_ptr()];
+    let result = (|| {
+        // SAFETY: two NUL-terminated options that outlive the call.
+        let r = unsafe { (nvrtc.compile)(prog, 2, opts.as_ptr()) };
+        if r != 0 {
+            let mut n = 0usize;
+            // SAFETY: out-pointer to a local; then a buffer of that size.
+            unsafe { (nvrtc.log_size)(prog, &mut n) };
+            let mut log = vec![0u8; n.max(1)];
+            // SAFETY: `log` holds `n` bytes.
+            unsafe { (nvrtc.log)(prog, log.as_mut_ptr().cast()) };
+            return Err(format!(
+                "nvrtcCompileProgram returned {r}: {}",
+                String::from_utf8_lossy(&log).trim_end_matches('\0')
+            ));
+        }
+        let mut n = 0usize;
+        // SAFETY: out-pointer to a local.
+        unsafe { (nvrtc.ptx_size)(prog, &mut n) };
+        let mut buf = vec![0u8; n.max(1)];
+        // SAFETY: `buf` holds the PTX size NVRTC reported (including the NUL).
+        unsafe { (nvrtc.ptx)(prog, buf.as_mut_ptr().cast()) };
+        if let Some(end) = buf.iter().position(|&b| b == 0) {
+            buf.truncate(end);
+        }
+        CString::new(buf).map_err(|e| e.to_string())
+    })();
+    // SAFETY: destroys the program created above, once.
+    unsafe { (nvrtc.destroy)(&mut prog) };
+    result
+}
+
+/// Whether the gather kernel is available on `gpu` (compiling and loading it on first use).
+pub fn kernel_status(gpu: &'static Gpu) -> Result<(), String> {
+    kernel(gpu).map(|_| ())
+}
+
+struct Func(CuFunction);
+// SAFETY: a CUfunction is an opaque handle valid in its context from any thread.
+unsafe impl Send for Func {}
+// SAFETY: as above; never mutated.
+unsafe impl Sync for Func {}
+
+fn kernel(gpu: &'static Gpu) -> Result<CuFunction, String> {
+    static FUNCS: OnceLock<Vec<OnceLock<Result<Func, String>>>> = OnceLock::new();
+    let all = FUNCS.get_or_init(|| (0..64).map(|_| OnceLock::new()).collect());
+    let slot = all.get(gpu.ordinal as usize).ok_or("more than 64 GPUs")?;
+    slot.get_or_init(|| {
+        let ptx = ptx(gpu.cc).as_ref().map_err(Clone::clone)?;
+        let cuda = driver().map_err(|e| e.to_string())?;
+        let _ctx = gpu.enter().map_err(|e| e.0)?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: NUL-terminated PTX; the module stays loaded for the process.
+        cuda.check("cuModuleLoadData", unsafe {
+            (cuda.module_load_data)(&mut module, ptx.as_ptr().cast())
+        })?;
+        let mut f = std::ptr::null_mut();
+        // SAFETY: the module is loaded; the name is NUL-terminated.
+        cuda.check("cuModuleGetFunction", unsafe {
+            (cuda.module_function)(&mut f, module, c"tw_gather".as_ptr())
+        })?;
+        Ok(Func(f))
+    })
+    .as_ref()
+    .map(|f| f.0)
+    .map_err(Clone::clone)
+}
+
+/// Pinned host and device staging for one launch's descriptor array.
+struct Staging {
+    host: *mut Seg,
+    dev: u64,
+    cap: usize,
+}
+
+// SAFETY: the buffers are owned by this value and used by one launch at a time.
+unsafe impl Send for Staging {}
+
+/// Streams, events and staging of one GPU.
+pub struct Copier {
+    gpu: &'static Gpu,
+    streams: Vec<CuStream>,
+    next: AtomicUsize,
+    staging: Mutex<Vec<Staging>>,
+    events: Mutex<Vec<CuEvent>>,
+}
+
+// SAFETY: stream and event handles are opaque driver tokens usable from any thread; the
+// mutable pools are behind mutexes.
+unsafe impl Send for Copier {}
+// SAFETY: as above.
+unsafe impl Sync for Copier {}
+
+/// Work in flight on a [`Copier`]'s stream; poll it, then drop it.
+pub struct Pending {
+    copier: &'static Copier,
+    event: CuEvent,
+    staging: Option<Staging>,
+}
+
+// SAFETY: the event is an opaque driver handle; staging is owned.
+unsafe impl Send for Pending {}
+
+/// Streams per GPU: enough for submitting threads not to serialise on one stream.
+const STREAMS: usize = 4;
+
+impl Copier {
+    /// The process's copier for `gpu` (made on first use, kept for the process).
+    pub fn get(gpu: &'static Gpu) -> Result<&'static Copier, GpuError> {
+        static ALL: OnceLock<Vec<OnceLock<Result<Copier, GpuError>>>> = OnceLock::new();
+        let all = ALL.get_or_init(|| (0..64).map(|_| OnceLock::new()).collect());
+        let slot = all.get(gpu.ordinal as usize).ok_or(GpuError("more than 64 GPUs".into()))?;
+        slot.get_or_init(|| Copier::new(gpu, STREAMS)).as_ref().map_err(Clone::clone)
+    }
+
+    fn new(gpu: &'static Gpu, streams: usize) -> Result<Self, GpuError> {
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let _ctx = gpu.enter()?;
+        let mut v = Vec::new();
+        for _ in 0..streams.max(1) {
+            let mut s: CuStream = std::ptr::null_mut();
+            // SAFETY: out-pointer to a local; flag 1 = CU_STREAM_NON_BLOCKING.
+            check(cuda, "cuStreamCreate", unsafe { (cuda.stream_create)(&mut s, 1) })?;
+            v.push(s);
+        }
+        Ok(Self {
+            gpu,
+            streams: v,
+            next: AtomicUsize::new(0),
+            staging: Mutex::default(),
+            events: Mutex::default(),
+        })
+    }
+
+    pub fn gpu(&self) -> &'static Gpu {
+        self.gpu
+    }
+
+    fn event(&self) -> Result<CuEvent, GpuError> {
+        if let Some(e) = self.events.lock().ok().and_then(|mut v| v.pop()) {
+            return Ok(e);
+        }
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let mut e: CuEvent = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; flag 2 = CU_EVENT_DISABLE_TIMING.
+        check(cuda, "cuEventCreate", unsafe { (cuda.event_create)(&mut e, 2) })?;
+        Ok(e)
+    }
+
+    fn staging(&self, n: usize) -> Result<Staging, GpuError> {
+        if let Ok(mut pool) = self.staging.lock() {
+            if let Some(i) = pool.iter().position(|s| s.cap >= n) {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cap = n.next_power_of_two().max(1024);
+        let bytes = cap * size_of::<Seg>();
+        let mut host: *mut c_void = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; PORTABLE | DEVICEMAP.
+        check(cuda, "cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut host, bytes, 3) })?;
+        let mut dev = 0u64;
+        // SAFETY: out-pointer to a local.
+        if let Err(e) = check(cuda, "cuMemAlloc", unsafe { (cuda.mem_alloc)(&mut dev, bytes) }) {
+            // SAFETY: frees the host buffer allocated above.
+            unsafe { (cuda.host_free)(host) };
+            return Err(e);
+        }
+        Ok(Staging { host: host.cast(), dev, cap })
+    }
+
+    /// Enqueues `segs` (after `after`, a caller's CUstream, when given) and returns the
+    /// pending completion. Every address must stay valid until the returned value reports
+    /// done or is dropped after a failure.
+    ///
+    /// # Safety
+    /// Every segment's ranges must be valid for the GPU (device memory mapped in this GPU's
+    /// context, or pinned host memory) until the work completes.
+    pub unsafe fn enqueue(
+        &'static self,
+        segs: &[Seg],
+        after: Option<u64>,
+    ) -> Result<Pending, GpuError> {
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let _ctx = self.gpu.enter()?;
+        let stream = self.streams[self.next.fetch_add(1, Ordering::Relaxed) % self.streams.len()];
+        if let Some(caller) = after {
+            let e = self.event()?;
+            // SAFETY: records on the caller's stream (same primary context) and makes ours
+            // wait on it; the event returns to the pool, re-recording later is allowed.
+            let r = unsafe { (cuda.event_record)(e, caller as CuStream) };
+            check(cuda, "cuEventRecord(caller stream)", r)?;
+            // SAFETY: both handles are live.
+            check(cuda, "cuStreamWaitEvent", unsafe { (cuda.stream_wait_event)(stream, e, 0) })?;
+            if let Ok(mut v) = self.events.lock() {
+                v.push(e);
+            }
+        }
+        let small: usize = segs.iter().filter(|s| s.len < COPY_ENGINE_MIN).count();
+        let func = if small >= 2 { kernel(self.gpu).ok() } else { None };
+        let mut staging = None;
+        for s in segs.iter().filter(|s| func.is_none() || s.len >= COPY_ENGINE_MIN) {
+            // SAFETY: the caller guarantees both ranges; unified addressing resolves them.
+            check(cuda, "cuMemcpyAsync", unsafe {
+                (cuda.memcpy_async)(s.dst, s.src, s.len as usize, stream)
+            })?;
+        }
+        if let Some(f) = func {
+            let st = self.staging(small)?;
+            let mut n = 0usize;
+            let mut total = 0u64;
+            for s in segs.iter().filter(|s| s.len < COPY_ENGINE_MIN) {
+                // SAFETY: `n < small <= cap`; the host buffer is ours until the event fires.
+                unsafe { st.host.add(n).write(*s) };
+                n += 1;
+                total += s.len;
+            }
+            let bytes = n * size_of::<Seg>();
+            // SAFETY: pinned host source and device destination of `bytes`, both owned by
+            // `st`, which lives until the event completes.
+            check(cuda, "cuMemcpyAsync(descriptors)", unsafe {
+                (cuda.memcpy_async)(st.dev, st.host as u64, bytes, stream)
+            })?;
+            let avg = total / n.max(1) as u64;
+            let threads: c_uint = if avg <= 8192 { 256 } else { 512 };
+            let grid = (n as u32).min(self.gpu.sm_count * 16).max(1);
+            let mut dev_arg = st.dev;
+            let mut n_arg = n as c_uint;
+            let mut params: [*mut c_void; 2] =
+                [(&mut dev_arg as *mut u64).cast(), (&mut n_arg as *mut c_uint).cast()];
+            // SAFETY: the kernel's two parameters are (const Seg*, unsigned int); the
+            // descriptor copy precedes the launch on the same stream.
+            check(cuda, "cuLaunchKernel(tw_gather)", unsafe {
+                (cuda.launch)(
+                    f,
+                    grid,
+                    1,
+                    1,
+                    threads,
+                    1,
+                    1,
+                    0,
+                    stream,
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            })?;
+            staging = Some(st);
+        }
+        let event = self.event()?;
+        // SAFETY: live event and stream.
+        check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(event, stream) })?;
+        Ok(Pending { copier: self, event, staging })
+    }
+}
+
+impl Pending {
+    /// `Ok(true)` once the work completed; an error if it failed on the GPU.
+    pub fn is_done(&self) -> Result<bool, GpuError> {
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        // SAFETY: a live event recorded on our stream.
+        match unsafe { (cuda.event_query)(self.event) } {
+            0 => Ok(true),
+            ffi::NOT_READY => Ok(false),
+            r => check(cuda, "cuEventQuery", r).map(|()| false),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // A pending value dropped before completion (a failed GPU) leaks its staging rather
+        // than hand a buffer the GPU may still read to the next launch.
+        if !matches!(self.is_done(), Ok(true)) {
+            if let Some(st) = self.staging.take() {
+                std::mem::forget(st);
+            }
+            return;
+        }
+        if let Ok(mut v) = self.copier.events.lock() {
+            v.push(self.event);
+        }
+        if let (Some(st), Ok(mut pool)) = (self.staging.take(), self.copier.staging.lock()) {
+            pool.push(st);
+        }
+    }
+}
