@@ -75,6 +75,22 @@ pub enum Reach {
     Tcp,
     /// A shareable memfd handed out by the segment's `shm_socket` (same host only).
     Shm,
+    /// `cudaMalloc` memory: the CUDA IPC handle (128 hex digits) of the allocation that
+    /// starts at `base` and spans `size` bytes, on the GPU with UUID `device`.
+    CudaIpc { handle: String, base: u64, size: u64, device: String },
+    /// A VMM allocation mapped at `[base, base+size)` on `device`, whose POSIX file
+    /// descriptor the segment's `shm_socket` hands out (same host only).
+    VmmFd { base: u64, size: u64, device: String },
+    /// A VMM allocation exportable as a FABRIC handle (128 hex digits), offered only when the
+    /// owner's fabric probe passed; reachable from GPUs of the same cluster and clique.
+    Fabric {
+        handle: String,
+        base: u64,
+        size: u64,
+        device: String,
+        cluster_uuid: String,
+        clique_id: u32,
+    },
 }
 
 impl Reach {
@@ -82,8 +98,49 @@ impl Reach {
         match self {
             Self::Tcp => TransportKind::Tcp,
             Self::Shm => TransportKind::Shm,
+            Self::CudaIpc { .. } | Self::VmmFd { .. } => TransportKind::Nvlink,
+            Self::Fabric { .. } => TransportKind::Mnnvl,
         }
     }
+
+    /// The device UUID of a GPU reach.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Self::CudaIpc { device, .. }
+            | Self::VmmFd { device, .. }
+            | Self::Fabric { device, .. } => Some(device),
+            Self::Tcp | Self::Shm => None,
+        }
+    }
+
+    /// The allocation a GPU reach maps: (base, size).
+    pub fn allocation(&self) -> Option<(u64, u64)> {
+        match self {
+            Self::CudaIpc { base, size, .. }
+            | Self::VmmFd { base, size, .. }
+            | Self::Fabric { base, size, .. } => Some((*base, *size)),
+            Self::Tcp | Self::Shm => None,
+        }
+    }
+}
+
+/// Encodes a 64-byte handle as 128 lowercase hex digits.
+pub fn handle_to_hex(h: &[u8; 64]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes 128 hex digits into a 64-byte handle.
+pub fn handle_from_hex(text: &str) -> Option<[u8; 64]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 128 {
+        return None;
+    }
+    let mut out = [0u8; 64];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[derive(Deserialize)]
@@ -135,8 +192,29 @@ impl SegmentDescriptor {
             if i > 0 && r.addr < prev_end {
                 return bad(format!("{} at {:#x} overlaps or is out of order", r.id, r.addr));
             }
-            if r.reach.contains(&Reach::Shm) && self.shm_socket.is_none() {
-                return bad(format!("{} offers shm but the segment has no shm socket", r.id));
+            for reach in &r.reach {
+                let needs_socket = matches!(reach, Reach::Shm | Reach::VmmFd { .. });
+                if needs_socket && self.shm_socket.is_none() {
+                    return bad(format!(
+                        "{} offers {} but the segment has no shm socket",
+                        r.id,
+                        reach.transport()
+                    ));
+                }
+                if let Reach::CudaIpc { handle, .. } | Reach::Fabric { handle, .. } = reach {
+                    if handle_from_hex(handle).is_none() {
+                        return bad(format!("{} has a malformed GPU handle", r.id));
+                    }
+                }
+                if let Some((base, size)) = reach.allocation() {
+                    let inside = r.addr >= base && base.checked_add(size).is_some_and(|e| end <= e);
+                    if !inside {
+                        return bad(format!(
+                            "{} [{:#x}, +{}) lies outside its allocation [{base:#x}, +{size})",
+                            r.id, r.addr, r.len
+                        ));
+                    }
+                }
             }
             prev_end = end;
         }
@@ -202,6 +280,20 @@ mod tests {
     }
 
     #[test]
+    fn gpu_reach_round_trips() {
+        let mut d = sample();
+        let h = [0xabu8; 64];
+        d.regions[1].reach = vec![
+            Reach::CudaIpc { handle: handle_to_hex(&h), base: 0x4000, size: 0x2000, device: "G".into() },
+            Reach::VmmFd { base: 0x3000, size: 0x4000, device: "G".into() },
+        ];
+        let back = SegmentDescriptor::from_json(&d.to_json());
+        assert_eq!(back.as_ref(), Ok(&d));
+        assert_eq!(handle_from_hex(&handle_to_hex(&h)), Some(h));
+        assert_eq!(d.regions[1].reach[0].transport(), TransportKind::Nvlink);
+    }
+
+    #[test]
     fn rejects_bad_documents() {
         let mut d = sample();
         d.version = 9;
@@ -218,6 +310,17 @@ mod tests {
         let mut d = sample();
         d.shm_socket = None;
         assert!(SegmentDescriptor::from_json(&d.to_json()).is_err());
+        let mut d = sample();
+        d.regions[1].reach.push(Reach::CudaIpc {
+            handle: "zz".into(),
+            base: 0x4000,
+            size: 0x2000,
+            device: "GPU-0".into(),
+        });
+        assert!(SegmentDescriptor::from_json(&d.to_json()).is_err());
+        let mut d = sample();
+        d.regions[1].reach.push(Reach::VmmFd { base: 0x5000, size: 0x2000, device: "GPU-0".into() });
+        assert!(SegmentDescriptor::from_json(&d.to_json()).is_err(), "outside its allocation");
         assert!(SegmentDescriptor::from_json(b"{\"version\":1}").is_err());
         assert!(SegmentDescriptor::from_json(b"[1,2,3]").is_err());
         assert!(SegmentDescriptor::from_json(b"").is_err());

@@ -7,8 +7,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::descriptor::RegionDescriptor;
-use crate::memory::Location;
+use crate::descriptor::{Reach, RegionDescriptor};
+use crate::memory::{Location, MemoryKind};
 use crate::CoreError;
 
 /// The transports, in order of preference.
@@ -18,9 +18,9 @@ use crate::CoreError;
 pub enum TransportKind {
     /// Same engine: a copy within the process.
     Local,
-    /// Same host, both GPU memory with peer access (comes with the GPU issue).
+    /// Same host, GPU memory with peer access: CUDA IPC or VMM POSIX-FD handles.
     Nvlink,
-    /// Same proven NVLink fabric clique (comes with the GPU issue).
+    /// Same proven NVLink fabric clique: VMM FABRIC handles.
     Mnnvl,
     /// Same host, shareable host memory (memfd).
     Shm,
@@ -33,7 +33,7 @@ impl TransportKind {
     pub const ALL: [TransportKind; 5] =
         [Self::Local, Self::Nvlink, Self::Mnnvl, Self::Shm, Self::Tcp];
     /// The transports this build implements.
-    pub const IMPLEMENTED: [TransportKind; 3] = [Self::Local, Self::Shm, Self::Tcp];
+    pub const IMPLEMENTED: [TransportKind; 5] = Self::ALL;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -64,12 +64,90 @@ pub struct SelectionOptions {
     pub enabled: BTreeSet<TransportKind>,
     /// `MC_FORCE_TCP`: every request goes over TCP.
     pub force_tcp: bool,
+    /// `MC_USE_NVLINK_IPC`: between CUDA IPC and VMM handles, prefer CUDA IPC.
+    pub prefer_ipc: bool,
+    /// `MC_FORCE_MNNVL`: GPU memory goes over the fabric (mnnvl), even within a host.
+    pub force_mnnvl: bool,
 }
 
 impl Default for SelectionOptions {
     fn default() -> Self {
-        Self { enabled: TransportKind::IMPLEMENTED.into_iter().collect(), force_tcp: false }
+        Self {
+            enabled: TransportKind::IMPLEMENTED.into_iter().collect(),
+            force_tcp: false,
+            prefer_ipc: false,
+            force_mnnvl: false,
+        }
     }
+}
+
+/// What this process knows about its GPUs, for the GPU transports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuFacts {
+    /// `Err(reason)` when this process cannot run GPU copies (no driver, no GPU).
+    pub available: Result<(), String>,
+    /// UUID of each visible GPU, by CUDA ordinal.
+    pub uuids: Vec<String>,
+    /// `peer_access[i][j]`: GPU i can map GPU j's memory.
+    pub peer_access: Vec<Vec<bool>>,
+    /// This host's fabric identity (cluster UUID, clique id) when the fabric is proven, else
+    /// why not.
+    pub fabric: Result<(String, u32), String>,
+}
+
+impl GpuFacts {
+    /// A process without GPUs.
+    pub fn none(reason: &str) -> Self {
+        Self {
+            available: Err(reason.to_string()),
+            uuids: Vec::new(),
+            peer_access: Vec::new(),
+            fabric: Err(reason.to_string()),
+        }
+    }
+
+    fn ordinal(&self, uuid: &str) -> Option<u32> {
+        self.uuids.iter().position(|u| u == uuid).map(|i| i as u32)
+    }
+
+    fn can_access(&self, a: u32, b: u32) -> bool {
+        a == b
+            || self.peer_access.get(a as usize).and_then(|r| r.get(b as usize)).copied() == Some(true)
+    }
+}
+
+/// The reach the nvlink transport uses for `region`: VMM POSIX-FD first, CUDA IPC first when
+/// `prefer_ipc` (`MC_USE_NVLINK_IPC`).
+pub fn nvlink_reach(region: &RegionDescriptor, prefer_ipc: bool) -> Option<&Reach> {
+    let ipc = region.reach.iter().find(|r| matches!(r, Reach::CudaIpc { .. }));
+    let fd = region.reach.iter().find(|r| matches!(r, Reach::VmmFd { .. }));
+    if prefer_ipc {
+        ipc.or(fd)
+    } else {
+        fd.or(ipc)
+    }
+}
+
+/// The GPU that runs a copy between local memory at `local` and a remote GPU reach: the
+/// local GPU for device memory, the remote GPU for pinned host memory. Also checks that it
+/// can map the remote GPU's memory.
+pub fn executing_gpu(local: Location, remote_uuid: &str, gpu: &GpuFacts) -> Result<u32, String> {
+    let remote = gpu.ordinal(remote_uuid).ok_or_else(|| {
+        format!("the remote GPU {remote_uuid} is not visible to this process")
+    })?;
+    let exec = match (local.kind, local.device) {
+        (MemoryKind::Device | MemoryKind::DeviceVmm, Some(d)) => d,
+        (MemoryKind::HostPinned, _) => remote,
+        (kind, _) => {
+            return Err(format!(
+                "local memory is {kind}: GPUs copy only device or pinned host memory"
+            ))
+        }
+    };
+    if !gpu.can_access(exec, remote) {
+        return Err(format!("cuda:{exec} has no peer access to cuda:{remote}"));
+    }
+    Ok(exec)
 }
 
 /// Reads a boolean environment value the way Mooncake does (`1`, `true`, `yes`, `on`).
@@ -92,6 +170,8 @@ impl SelectionOptions {
                     .into(),
             });
         }
+        self.prefer_ipc = flag("MC_USE_NVLINK_IPC");
+        self.force_mnnvl = flag("MC_FORCE_MNNVL");
         if flag("MC_FORCE_TCP") {
             if !self.enabled.contains(&TransportKind::Tcp) {
                 return Err(CoreError::Config {
@@ -115,6 +195,8 @@ pub struct Endpoints<'a> {
     pub same_engine: bool,
     /// The peer's host id equals ours.
     pub same_host: bool,
+    /// This process's GPUs.
+    pub gpu: &'a GpuFacts,
 }
 
 /// The transport chosen and why.
@@ -172,8 +254,51 @@ fn judge(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<
             }
             Ok("the peer is this engine: a copy within the process".into())
         }
-        TransportKind::Nvlink | TransportKind::Mnnvl => {
-            Err("GPU transports are not built yet (no GPU support in this build)".into())
+        TransportKind::Nvlink => {
+            if opts.force_mnnvl {
+                return Err("MC_FORCE_MNNVL is set".into());
+            }
+            if !e.same_host {
+                return Err("the peer is on another host".into());
+            }
+            let reach = nvlink_reach(e.remote, opts.prefer_ipc).ok_or_else(|| {
+                format!(
+                    "remote {} is {}, not exported device memory",
+                    e.remote.id, e.remote.location
+                )
+            })?;
+            e.gpu.available.clone()?;
+            let uuid = reach.device().unwrap_or_default();
+            let exec = executing_gpu(e.local, uuid, e.gpu)?;
+            let how = match reach {
+                Reach::CudaIpc { .. } => "CUDA IPC handle",
+                _ => "VMM POSIX-FD handle",
+            };
+            Ok(format!("same host; cuda:{exec} maps the remote GPU's memory ({how}, peer access)"))
+        }
+        TransportKind::Mnnvl => {
+            let Some(Reach::Fabric { device, cluster_uuid, clique_id, .. }) =
+                e.remote.reach.iter().find(|r| matches!(r, Reach::Fabric { .. }))
+            else {
+                return Err(format!(
+                    "remote {} offers no FABRIC handle (its owner found no proven fabric)",
+                    e.remote.id
+                ));
+            };
+            e.gpu.available.clone()?;
+            let (cluster, clique) = e.gpu.fabric.clone().map_err(|r| format!("this host: {r}"))?;
+            if &cluster != cluster_uuid || clique != *clique_id {
+                return Err(format!(
+                    "different NVLink domains: ours {cluster}/clique {clique}, the peer's \
+                     {cluster_uuid}/clique {clique_id}"
+                ));
+            }
+            match (e.local.kind, e.local.device) {
+                (MemoryKind::Device | MemoryKind::DeviceVmm, Some(_)) => {}
+                (kind, _) => return Err(format!("local memory is {kind}, not device memory")),
+            }
+            let _ = device;
+            Ok(format!("same NVLink fabric (cluster {cluster}, clique {clique}); FABRIC handle"))
         }
         TransportKind::Shm => {
             if !e.same_host {
@@ -211,9 +336,7 @@ fn judge(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::descriptor::Reach;
     use crate::ids::RegionId;
-    use crate::memory::MemoryKind;
 
     fn region(kind: MemoryKind, reach: Vec<Reach>) -> RegionDescriptor {
         RegionDescriptor {
@@ -232,7 +355,9 @@ mod tests {
         same_host: bool,
         o: &SelectionOptions,
     ) -> Result<TransportKind, Vec<Refusal>> {
-        select(Endpoints { local: HOST, remote, same_engine, same_host }, o).map(|c| c.transport)
+        let gpu = GpuFacts::none("no GPU in this test");
+        select(Endpoints { local: HOST, remote, same_engine, same_host, gpu: &gpu }, o)
+            .map(|c| c.transport)
     }
 
     #[test]
@@ -253,8 +378,9 @@ mod tests {
             SelectionOptions::default().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into()));
         let o = o.unwrap_or_default();
         assert!(o.force_tcp);
+        let gpu = GpuFacts::none("no GPU in this test");
         let c = select(
-            Endpoints { local: HOST, remote: &shared, same_engine: false, same_host: true },
+            Endpoints { local: HOST, remote: &shared, same_engine: false, same_host: true, gpu: &gpu },
             &o,
         );
         assert_eq!(c.map(|c| c.reason), Ok("MC_FORCE_TCP is set".to_string()));
@@ -278,5 +404,136 @@ mod tests {
             Err(CoreError::Config { .. })
         ));
         assert!(env_flag(Some("ON")) && !env_flag(Some("0")) && !env_flag(None));
+    }
+
+    fn gpu_region(device: &str, reach: Vec<Reach>) -> RegionDescriptor {
+        RegionDescriptor {
+            id: RegionId(9),
+            addr: 0x10_0000,
+            len: 1 << 20,
+            location: Location { kind: MemoryKind::Device, device: Some(1) },
+            reach: reach
+                .into_iter()
+                .map(|r| match r {
+                    Reach::VmmFd { base, size, .. } => {
+                        Reach::VmmFd { base, size, device: device.into() }
+                    }
+                    other => other,
+                })
+                .collect(),
+        }
+    }
+
+    /// Two H200s of one host: NV18, peer access both ways, FABRIC not permitted.
+    fn h200_pair() -> GpuFacts {
+        GpuFacts {
+            available: Ok(()),
+            uuids: vec!["GPU-a".into(), "GPU-b".into()],
+            peer_access: vec![vec![true, true], vec![true, true]],
+            fabric: Err("cuMemCreate(FABRIC) returned CUDA_ERROR_NOT_PERMITTED".into()),
+        }
+    }
+
+    fn ends<'a>(
+        local: Location,
+        remote: &'a RegionDescriptor,
+        same_host: bool,
+        gpu: &'a GpuFacts,
+    ) -> Endpoints<'a> {
+        Endpoints { local, remote, same_engine: false, same_host, gpu }
+    }
+
+    const DEV0: Location = Location { kind: MemoryKind::Device, device: Some(0) };
+
+    #[test]
+    fn nvlink_on_an_h200_pair_and_its_reasons_elsewhere() {
+        let fd = Reach::VmmFd { base: 0x10_0000, size: 1 << 20, device: String::new() };
+        let ipc = Reach::CudaIpc {
+            handle: "00".repeat(64),
+            base: 0x10_0000,
+            size: 1 << 20,
+            device: "GPU-b".into(),
+        };
+        let remote = gpu_region("GPU-b", vec![fd.clone(), ipc.clone()]);
+        let topo = h200_pair();
+        let o = SelectionOptions::default();
+        let c = select(ends(DEV0, &remote, true, &topo), &o);
+        assert_eq!(c.as_ref().map(|c| c.transport), Ok(TransportKind::Nvlink));
+        assert!(c.map(|c| c.reason).unwrap_or_default().contains("VMM POSIX-FD"));
+        // MC_USE_NVLINK_IPC prefers the IPC handle.
+        let o_ipc = SelectionOptions::default()
+            .apply_env(|k| (k == "MC_USE_NVLINK_IPC").then(|| "1".into()))
+            .unwrap_or_default();
+        assert!(matches!(nvlink_reach(&remote, true), Some(Reach::CudaIpc { .. })));
+        let c = select(ends(DEV0, &remote, true, &topo), &o_ipc);
+        assert!(c.map(|c| c.reason).unwrap_or_default().contains("CUDA IPC"));
+        // Pinned host memory runs on the remote GPU.
+        let pinned = Location { kind: MemoryKind::HostPinned, device: None };
+        assert_eq!(executing_gpu(pinned, "GPU-b", &topo), Ok(1));
+        // Pageable host memory cannot: tcp does not reach device memory either.
+        let refusals = select(ends(HOST, &remote, true, &topo), &o).err().unwrap_or_default();
+        let text = describe_refusals(&refusals);
+        assert!(text.contains("nvlink: no — local memory is host pageable"), "{text}");
+        assert!(text.contains("tcp: no — remote region#9 does not offer tcp"), "{text}");
+        // No peer access.
+        let mut no_p2p = h200_pair();
+        no_p2p.peer_access = vec![vec![true, false], vec![false, true]];
+        let text = describe_refusals(
+            &select(ends(DEV0, &remote, true, &no_p2p), &o).err().unwrap_or_default(),
+        );
+        assert!(text.contains("cuda:0 has no peer access to cuda:1"), "{text}");
+        // Cross-host: neither nvlink nor mnnvl without a fabric.
+        let text = describe_refusals(
+            &select(ends(DEV0, &remote, false, &topo), &o).err().unwrap_or_default(),
+        );
+        assert!(text.contains("nvlink: no — the peer is on another host"), "{text}");
+        assert!(text.contains("mnnvl: no — remote region#9 offers no FABRIC handle"), "{text}");
+        // No driver here.
+        let none = GpuFacts::none("libcuda.so.1 not loadable");
+        let text = describe_refusals(
+            &select(ends(DEV0, &remote, true, &none), &o).err().unwrap_or_default(),
+        );
+        assert!(text.contains("nvlink: no — libcuda.so.1 not loadable"), "{text}");
+        // MC_FORCE_MNNVL refuses nvlink with that reason.
+        let o_mnnvl = SelectionOptions { force_mnnvl: true, ..SelectionOptions::default() };
+        let text = describe_refusals(
+            &select(ends(DEV0, &remote, true, &topo), &o_mnnvl).err().unwrap_or_default(),
+        );
+        assert!(text.contains("nvlink: no — MC_FORCE_MNNVL is set"), "{text}");
+    }
+
+    #[test]
+    fn mnnvl_within_a_gb200_clique_only() {
+        let fabric = |cluster: &str, clique| Reach::Fabric {
+            handle: "11".repeat(64),
+            base: 0x10_0000,
+            size: 1 << 20,
+            device: "GPU-far".into(),
+            cluster_uuid: cluster.into(),
+            clique_id: clique,
+        };
+        let gb200 = GpuFacts {
+            available: Ok(()),
+            uuids: vec!["GPU-near".into()],
+            peer_access: vec![vec![true]],
+            fabric: Ok(("c0ffee".into(), 7)),
+        };
+        let o = SelectionOptions::default();
+        let remote = gpu_region("GPU-far", vec![fabric("c0ffee", 7)]);
+        let c = select(ends(DEV0, &remote, false, &gb200), &o);
+        assert_eq!(c.map(|c| c.transport), Ok(TransportKind::Mnnvl));
+        let other = gpu_region("GPU-far", vec![fabric("c0ffee", 8)]);
+        let text = describe_refusals(
+            &select(ends(DEV0, &other, false, &gb200), &o).err().unwrap_or_default(),
+        );
+        assert!(text.contains("mnnvl: no — different NVLink domains"), "{text}");
+        // The fabric attribute is present but the probe was refused: the reason is the probe's.
+        let text = describe_refusals(
+            &select(ends(DEV0, &remote, false, &h200_pair()), &o).err().unwrap_or_default(),
+        );
+        assert!(
+            text.contains("mnnvl: no — this host: cuMemCreate(FABRIC) returned CUDA_ERROR_NOT_PERMITTED"),
+            "{text}"
+        );
     }
 }
