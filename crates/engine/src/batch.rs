@@ -20,6 +20,9 @@ pub(crate) enum TrailerRoute {
     Tcp(Arc<TcpConn>, Vec<u8>),
 }
 
+/// How long a waiter polls before sleeping on the condition variable.
+const SPIN: Duration = Duration::from_micros(20);
+
 pub(crate) struct Batch {
     pub(crate) id: BatchId,
     tracker: Mutex<BatchTracker<Error>>,
@@ -54,6 +57,24 @@ impl Batch {
         let send = {
             let mut t = self.tracker.lock();
             t.handle_chunk_done(req);
+            let send = t.poll_trailer();
+            if t.is_finished() {
+                self.cond.notify_all();
+            }
+            send
+        };
+        if send {
+            self.send_trailer();
+        }
+    }
+
+    /// Every request of `reqs` is done (one chunk each); one lock for all.
+    pub(crate) fn chunks_done(self: &Arc<Self>, reqs: &[usize]) {
+        let send = {
+            let mut t = self.tracker.lock();
+            for &req in reqs {
+                t.handle_chunk_done(req);
+            }
             let send = t.poll_trailer();
             if t.is_finished() {
                 self.cond.notify_all();
@@ -132,6 +153,14 @@ impl Batch {
 
     /// Waits until the batch finishes or `limit` passes (`None`: until its own deadline).
     fn wait_until(&self, limit: Option<Instant>) -> Option<Result<()>> {
+        // A short spin first: GPU copies finish in microseconds, less than a wake-up costs.
+        let spin_until = Instant::now() + SPIN;
+        while Instant::now() < spin_until {
+            if let Some(out) = self.tracker.lock().outcome() {
+                return Some(out);
+            }
+            std::hint::spin_loop();
+        }
         loop {
             self.check_deadline();
             let mut t = self.tracker.lock();

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
 use tidewire_core::memory::{Location, LocationHint, MemoryKind};
-use tidewire_core::select::{self, describe_refusals, Choice, Endpoints, Refusal, TransportKind};
+use crossbeam_channel::Sender;
+use tidewire_core::select::{
+    self, describe_refusals, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal,
+    TransportKind,
+};
 use tidewire_core::wire::{encode_strings, FrameKind, Header};
 use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
 
@@ -23,6 +27,7 @@ use crate::notify::{Notification, NotifyQueue};
 use crate::peer::PeerConn;
 use crate::registry::{NewRegion, RegionEntry, Registry};
 use crate::transport::memory;
+use crate::transport::nvlink::{self, GpuRoute, GpuWork};
 use crate::transport::shm::{self, SharedRegion, ShmServer};
 use crate::transport::tcp::{self, Work, CHUNK};
 use crate::{hostinfo, liveness, mem, rpc};
@@ -55,6 +60,9 @@ pub struct BatchOptions {
     pub notify: Option<(String, String)>,
     /// Overrides the batch deadline (default: transfer deadline + 1 ns per byte).
     pub timeout: Option<Duration>,
+    /// A caller's `CUstream` (in the primary context): GPU copies start after the work
+    /// queued on it so far (an event, not a host sync).
+    pub stream: Option<u64>,
 }
 
 /// The transport decision for one of a peer's regions.
@@ -97,6 +105,10 @@ pub(crate) struct Inner {
     pub(crate) metadata: Metadata,
     shm: std::result::Result<Arc<ShmServer>, String>,
     shared_allocs: Mutex<HashMap<u64, Arc<SharedRegion>>>,
+    /// This process's GPUs, for selection and export.
+    pub(crate) gpu_facts: GpuFacts,
+    /// The GPU completion thread's queue (`None` without GPUs).
+    gpu_done: Option<Sender<GpuWork>>,
     pub(crate) peers: Mutex<Peers>,
     next_batch: AtomicU64,
     stopped: AtomicBool,
@@ -128,6 +140,8 @@ pub struct Engine {
 #[derive(Clone)]
 pub(crate) struct Step {
     transport: TransportKind,
+    /// For nvlink and mnnvl: the remote reach and the GPU that copies.
+    pub(crate) gpu: Option<GpuRoute>,
     pub(crate) local: Arc<RegionEntry>,
     pub(crate) conn: Arc<PeerConn>,
     peer: PeerId,
@@ -151,7 +165,6 @@ impl Step {
         r.peer == self.peer
             && inside(r.local, r.len, self.local.addr, self.local.len)
             && inside(r.remote, r.len, self.region.addr, self.region.len)
-            && self.local.access().is_some()
     }
 }
 
@@ -189,6 +202,14 @@ impl Engine {
         if let Err(reason) = &shm {
             log::info!("{name}: shm transport off: {reason}");
         }
+        let gpu_facts = nvlink::gpu_facts();
+        let gpu_done = match &gpu_facts.available {
+            Ok(()) => Some(nvlink::start_completer(&life, config.deadlines.stall)?),
+            Err(reason) => {
+                log::debug!("{name}: GPU transports off: {reason}");
+                None
+            }
+        };
         let inner = Arc::new(Inner {
             name,
             instance,
@@ -202,6 +223,8 @@ impl Engine {
             metadata,
             shm,
             shared_allocs: Mutex::default(),
+            gpu_facts,
+            gpu_done,
             peers: Mutex::default(),
             next_batch: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
@@ -320,7 +343,8 @@ impl Engine {
             if let Some(detail) = hint.contradiction(found) {
                 return Err(Error::LocationMismatch { addr, detail });
             }
-            news.push(NewRegion { addr, len, location: found, shared: None, owner: None });
+            let gpu = self.export_gpu(addr, len, found);
+            news.push(NewRegion { addr, len, location: found, shared: None, gpu, owner: None });
         }
         self.register_new(news)
     }
@@ -355,9 +379,33 @@ impl Engine {
         if let Some(detail) = LocationHint::parse(location)?.contradiction(found) {
             return Err(Error::LocationMismatch { addr, detail });
         }
-        let region = NewRegion { addr, len, location: found, shared: None, owner: Some(owner) };
+        let gpu = self.export_gpu(addr, len, found);
+        let region =
+            NewRegion { addr, len, location: found, shared: None, gpu, owner: Some(owner) };
         let ids = self.register_new(vec![region])?;
         ids.into_iter().next().ok_or(Error::Internal("one registration returned no id"))
+    }
+
+    /// Exports device memory for the GPU transports; `None` (logged with the reason) leaves
+    /// the region reachable by no transport, so requests on it fail at submit with reasons.
+    fn export_gpu(&self, addr: u64, len: u64, found: Location) -> Option<Arc<nvlink::GpuRegion>> {
+        if !matches!(found.kind, MemoryKind::Device | MemoryKind::DeviceVmm) {
+            return None;
+        }
+        if let Err(why) = &self.inner.shm {
+            log::warn!(
+                "{}: {addr:#x} is not exported: GPU revocation needs the shm socket ({why})",
+                self.inner.name
+            );
+            return None;
+        }
+        match nvlink::export(addr, len, found, &self.inner.gpu_facts) {
+            Ok(g) => Some(Arc::new(g)),
+            Err(why) => {
+                log::warn!("{}: {addr:#x} ({found}) is not exported: {why}", self.inner.name);
+                None
+            }
+        }
     }
 
     /// Copies `data` into this engine's registered memory at `addr` (the range must lie
@@ -413,7 +461,7 @@ impl Engine {
         };
         let attached = server.attached();
         let mut first_err = Ok(());
-        for shared in removed.iter().filter_map(|e| e.shared.as_ref()) {
+        for shared in removed.iter().filter_map(|e| e.control()) {
             if let Err(e) = shared.revoke(&attached, self.inner.config.deadlines.stall) {
                 log::error!("{}: {e}", self.inner.name);
                 first_err = first_err.and(Err(e));
@@ -438,6 +486,7 @@ impl Engine {
             len,
             location,
             shared: Some(region.clone()),
+            gpu: None,
             owner: None,
         }])?;
         self.inner.shared_allocs.lock().insert(addr, region);
@@ -563,8 +612,10 @@ impl Engine {
             remote: &region,
             same_engine: conn.same_engine,
             same_host: conn.same_host,
+            gpu: &self.inner.gpu_facts,
         };
-        let choice = select::select(ends, &self.inner.config.transports).map_err(|refusals| {
+        let opts = &self.inner.config.transports;
+        let choice = select::select(ends, opts).map_err(|refusals| {
             Error::NoTransport {
                 peer: conn.name.clone(),
                 addr: r.remote,
@@ -572,8 +623,24 @@ impl Engine {
                 refusals: describe_refusals(&refusals),
             }
         })?;
+        let gpu = match choice.transport {
+            TransportKind::Nvlink | TransportKind::Mnnvl => {
+                let reach = if choice.transport == TransportKind::Nvlink {
+                    nvlink_reach(&region, opts.prefer_ipc)
+                } else {
+                    region.reach.iter().find(|r| r.transport() == TransportKind::Mnnvl)
+                };
+                let reach = reach.ok_or(Error::Internal("GPU transport chosen without a reach"))?;
+                let uuid = reach.device().unwrap_or_default();
+                let exec = executing_gpu(local.location, uuid, &self.inner.gpu_facts)
+                    .map_err(|_| Error::Internal("GPU transport chosen without a GPU"))?;
+                Some(GpuRoute { reach: reach.clone(), exec })
+            }
+            _ => None,
+        };
         Ok(Step {
             transport: choice.transport,
+            gpu,
             local,
             conn,
             peer: r.peer,
@@ -596,14 +663,18 @@ impl Engine {
             });
         }
         // Consecutive requests between the same two regions share one decision.
-        let mut steps: Vec<Step> = Vec::with_capacity(requests.len());
+        let mut plans: Vec<Step> = Vec::new();
+        let mut which: Vec<usize> = Vec::with_capacity(requests.len());
         for r in requests {
-            let step = match steps.last().filter(|s| r.len > 0 && s.covers(r)) {
-                Some(prev) => prev.clone(),
-                None => self.plan(r)?,
-            };
-            steps.push(step);
+            match plans.last().filter(|s| r.len > 0 && s.covers(r)) {
+                Some(_) => which.push(plans.len() - 1),
+                None => {
+                    plans.push(self.plan(r)?);
+                    which.push(plans.len() - 1);
+                }
+            }
         }
+        let steps: Vec<&Step> = which.iter().map(|&k| &plans[k]).collect();
         let total: u64 = requests.iter().map(|r| r.len).sum();
         let chunks =
             steps
@@ -639,8 +710,10 @@ impl Engine {
         let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
         let batch = Batch::new(id, chunks, trailer, Instant::now() + timeout);
         let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
-        for (i, (r, step)) in requests.iter().zip(&steps).enumerate() {
+        let mut gpu_work: Vec<usize> = Vec::new();
+        for (i, (r, &step)) in requests.iter().zip(&steps).enumerate() {
             match step.transport {
+                TransportKind::Nvlink | TransportKind::Mnnvl => gpu_work.push(i),
                 TransportKind::Local => memory::run_local(&self.inner, &batch, i, r, step),
                 TransportKind::Shm => memory::run_shm(&self.inner.config, &batch, i, r, step),
                 TransportKind::Tcp => {
@@ -664,6 +737,20 @@ impl Engine {
                         refusals: format!("{other} chosen but not built"),
                     },
                 ),
+            }
+        }
+        if !gpu_work.is_empty() {
+            match &self.inner.gpu_done {
+                Some(done) => {
+                    let cfg = &self.inner.config;
+                    let clients = |s: &Step| s.conn.nvlink(cfg);
+                    nvlink::run(&batch, requests, &steps, &gpu_work, opts.stream, &clients, done);
+                }
+                None => {
+                    for i in gpu_work {
+                        batch.fail_request(i, Error::Internal("GPU transport without GPUs"));
+                    }
+                }
             }
         }
         for (conn, works) in tcp_work {
@@ -741,6 +828,7 @@ impl Engine {
                         remote: region,
                         same_engine: conn.same_engine,
                         same_host: conn.same_host,
+                        gpu: &self.inner.gpu_facts,
                     },
                     &self.inner.config.transports,
                 ),

@@ -12,6 +12,7 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::metadata::resolve;
+use crate::transport::nvlink::NvlinkClient;
 use crate::transport::shm::ShmClient;
 use crate::transport::tcp::TcpConn;
 
@@ -22,6 +23,7 @@ pub(crate) struct PeerConn {
     pub(crate) same_host: bool,
     tcp: Mutex<Option<Arc<TcpConn>>>,
     shm: Mutex<Option<Arc<ShmClient>>>,
+    nvlink: Mutex<Option<Arc<NvlinkClient>>>,
     broken: AtomicBool,
 }
 
@@ -39,6 +41,7 @@ impl PeerConn {
             desc: RwLock::new(Arc::new(desc)),
             tcp: Mutex::new(None),
             shm: Mutex::new(None),
+            nvlink: Mutex::new(None),
             broken: AtomicBool::new(false),
         }
     }
@@ -108,6 +111,18 @@ impl PeerConn {
         Ok(client)
     }
 
+    /// The GPU import state for this peer, over its shm attachment (made on first use).
+    pub(crate) fn nvlink(&self, cfg: &EngineConfig) -> Result<Arc<NvlinkClient>> {
+        let shm = self.shm(cfg)?;
+        let mut slot = self.nvlink.lock();
+        if let Some(c) = slot.as_ref().filter(|c| Arc::ptr_eq(&c.shm, &shm)) {
+            return Ok(c.clone());
+        }
+        let client = Arc::new(NvlinkClient::new(shm));
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
     /// Closes the connections; requests in flight fail with `err`.
     pub(crate) fn close(&self, err: Error) {
         let tcp = self.tcp.lock().take();
@@ -115,5 +130,6 @@ impl PeerConn {
             t.close(Some(err));
         }
         self.shm.lock().take();
+        self.nvlink.lock().take();
     }
 }

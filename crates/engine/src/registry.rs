@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::lock_api::ArcRwLockReadGuard;
+use parking_lot::{RawRwLock, RwLock, RwLockReadGuard};
 use tidewire_core::descriptor::{Reach, RegionDescriptor};
 use tidewire_core::memory::Location;
 use tidewire_core::RegionId;
 
 use crate::error::{Error, Result};
+use crate::transport::nvlink::GpuRegion;
 use crate::transport::shm::SharedRegion;
 
 /// One registered region.
@@ -21,12 +23,18 @@ pub(crate) struct RegionEntry {
     pub(crate) location: Location,
     /// Set for engine-allocated shareable memory (served to same-host peers).
     pub(crate) shared: Option<Arc<SharedRegion>>,
+    /// Set for exported device memory (served to same-host peers over NVLink).
+    pub(crate) gpu: Option<Arc<GpuRegion>>,
     /// Memory the engine keeps alive while the region is registered (safe registrations).
     pub(crate) _owner: Option<Arc<dyn Send + Sync>>,
     /// `true` while registered. Accesses hold a read guard; unregistration takes the write
     /// lock, so it returns only after every in-flight access has finished.
-    live: RwLock<bool>,
+    live: Arc<RwLock<bool>>,
 }
+
+/// A pin that can outlive the call that took it (held by GPU copies until their event
+/// completes, on another thread).
+pub(crate) type OwnedAccess = ArcRwLockReadGuard<RawRwLock, bool>;
 
 /// Proof that a region stays registered while the guard lives.
 pub(crate) type Access<'a> = RwLockReadGuard<'a, bool>;
@@ -57,6 +65,17 @@ impl RegionEntry {
         (*g).then_some(g)
     }
 
+    /// An owned guard if the region is still registered.
+    pub(crate) fn access_owned(&self) -> Option<OwnedAccess> {
+        let g = self.live.read_arc();
+        (*g).then_some(g)
+    }
+
+    /// The revocation page of shared host memory or exported device memory.
+    pub(crate) fn control(&self) -> Option<&SharedRegion> {
+        self.shared.as_deref().or(self.gpu.as_ref().map(|g| &g.control))
+    }
+
     /// Pins `[addr, addr+len)` for an access: `None` unless it lies inside this region and
     /// the region is still registered.
     pub(crate) fn pin(&self, addr: u64, len: u64) -> Option<Pinned<'_>> {
@@ -74,6 +93,9 @@ impl RegionEntry {
         let mut reach = Vec::new();
         if self.shared.is_some() {
             reach.push(Reach::Shm);
+        }
+        if let Some(g) = &self.gpu {
+            reach.extend(g.reach.iter().cloned());
         }
         if self.location.kind.is_host() {
             reach.push(Reach::Tcp);
@@ -94,6 +116,7 @@ pub(crate) struct NewRegion {
     pub(crate) len: u64,
     pub(crate) location: Location,
     pub(crate) shared: Option<Arc<SharedRegion>>,
+    pub(crate) gpu: Option<Arc<GpuRegion>>,
     pub(crate) owner: Option<Arc<dyn Send + Sync>>,
 }
 
@@ -150,8 +173,9 @@ impl Registry {
                 len: n.len,
                 location: n.location,
                 shared: n.shared,
+                gpu: n.gpu,
                 _owner: n.owner,
-                live: RwLock::new(true),
+                live: Arc::new(RwLock::new(true)),
             };
             map.insert(n.addr, Arc::new(entry));
             ids.push(id);
@@ -190,8 +214,9 @@ impl Registry {
         self.regions.read().values().find(|e| e.id == id).cloned()
     }
 
-    pub(crate) fn shared_regions(&self) -> Vec<Arc<SharedRegion>> {
-        self.regions.read().values().filter_map(|e| e.shared.clone()).collect()
+    /// Every registered region with a revocation page.
+    pub(crate) fn controlled(&self) -> Vec<Arc<RegionEntry>> {
+        self.regions.read().values().filter(|e| e.control().is_some()).cloned().collect()
     }
 
     /// The generation and descriptors of every region, sorted by address.
@@ -217,6 +242,7 @@ mod tests {
             len,
             location: Location { kind: MemoryKind::HostPageable, device: None },
             shared: None,
+            gpu: None,
             owner: None,
         }
     }

@@ -226,7 +226,7 @@ fn an_etcd_member_killed_fails_over_to_the_others() {
     members[0].kill();
     // Electing a new leader is etcd's business (slow on a loaded machine); what is tested is
     // that our client, whose first endpoint is now dead, fails over to the others.
-    let elected = eventually(Duration::from_secs(20), || {
+    let elected = eventually(Duration::from_secs(40), || {
         etcd_put(&members[1].endpoint(), "tidewire-test/leader", b"1").is_ok()
     });
     assert!(elected, "the surviving members elected no leader");

@@ -95,6 +95,25 @@ pub fn export_fd(gpu: &Gpu, addr: u64) -> Result<OwnedFd, GpuError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Exports the VMM allocation mapped at `addr` as a 64-byte FABRIC handle (fails with
+/// CUDA_ERROR_NOT_PERMITTED where no IMEX channel is granted).
+pub fn export_fabric(gpu: &Gpu, addr: u64) -> Result<[u8; 64], GpuError> {
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let _ctx = gpu.enter()?;
+    let mut handle = 0u64;
+    // SAFETY: as in `export_fd`.
+    check(cuda, "cuMemRetainAllocationHandle", unsafe {
+        (cuda.retain_handle)(&mut handle, addr as *mut c_void)
+    })?;
+    let mut out = [0u8; 64];
+    // SAFETY: a FABRIC export writes a 64-byte CUmemFabricHandle; `handle` is live.
+    let r = unsafe { (cuda.mem_export)(out.as_mut_ptr().cast(), handle, ffi::HANDLE_FABRIC, 0) };
+    // SAFETY: drops the reference taken above.
+    unsafe { (cuda.mem_release)(handle) };
+    check(cuda, "cuMemExportToShareableHandle(FABRIC)", r)?;
+    Ok(out)
+}
+
 /// A shareable handle received from a peer.
 pub enum Shareable<'a> {
     Fd(BorrowedFd<'a>),

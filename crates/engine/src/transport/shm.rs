@@ -34,6 +34,13 @@ const HEADER: usize = PAGE;
 pub(crate) const SLOTS: usize = 63;
 const NO_SLOT: u32 = u32::MAX;
 
+/// What an initiator asks the shm socket for (first byte of a request; then a region id).
+pub(crate) const FETCH_DATA: u8 = 0;
+/// The revocation page of exported device memory.
+pub(crate) const FETCH_CONTROL: u8 = 1;
+/// The POSIX file descriptor of an exported VMM allocation.
+pub(crate) const FETCH_VMM_FD: u8 = 2;
+
 #[repr(C, align(64))]
 struct Slot {
     inflight: AtomicU64,
@@ -82,6 +89,13 @@ impl SharedRegion {
         )?;
         let fd = mem::memfd("tidewire-shm", HEADER + data)?;
         let map = ShmMap { map: Mapping::map_shared(&fd, HEADER + data, "a new shared region")? };
+        Ok(Self { fd, map })
+    }
+
+    /// A revocation page alone (for exported device memory, whose data travels by NVLink).
+    pub(crate) fn control() -> Result<Self> {
+        let fd = mem::memfd("tidewire-ctl", HEADER)?;
+        let map = ShmMap { map: Mapping::map_shared(&fd, HEADER, "a revocation page")? };
         Ok(Self { fd, map })
     }
 
@@ -175,8 +189,10 @@ impl ShmServer {
             let free = a.iter().position(|used| !used);
             if let Some(i) = free {
                 a[i] = true;
-                for r in registry.shared_regions() {
-                    r.reset_slot(i);
+                for e in registry.controlled() {
+                    if let Some(c) = e.control() {
+                        c.reset_slot(i);
+                    }
                 }
             }
             free
@@ -210,8 +226,8 @@ fn serve_requests(
     }
     stream.set_read_timeout(Some(crate::frames::POLL))?;
     loop {
-        let mut id = [0u8; 8];
-        match s.read_exact(&mut id) {
+        let mut req = [0u8; 9];
+        match s.read_exact(&mut req) {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 if life.stopping() {
@@ -221,14 +237,24 @@ fn serve_requests(
             }
             Err(e) => return Err(e),
         }
-        let entry = registry.by_id(RegionId(u64::from_le_bytes(id)));
-        match entry.as_ref().and_then(|e| e.shared.as_ref().map(|s| (e, s))) {
-            Some((e, shared)) if e.access().is_some() => {
-                let mut msg = [0u8; 9];
-                msg[1..].copy_from_slice(&(shared.map.data_len()).to_le_bytes());
-                send_with_fd(stream, &msg, Some(&shared.fd))?;
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&req[1..]);
+        let entry = registry.by_id(RegionId(u64::from_le_bytes(id))).filter(|e| e.access().is_some());
+        let answer: Option<(u64, &OwnedFd)> = entry.as_ref().and_then(|e| match req[0] {
+            FETCH_DATA => e.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
+            FETCH_CONTROL => e.control().map(|c| (0, &c.fd)),
+            FETCH_VMM_FD => {
+                e.gpu.as_ref().and_then(|g| g.vmm_fd.as_ref().map(|(size, fd)| (*size, fd)))
             }
-            _ => send_with_fd(stream, &[1u8; 9], None)?,
+            _ => None,
+        });
+        match answer {
+            Some((len, fd)) => {
+                let mut msg = [0u8; 9];
+                msg[1..].copy_from_slice(&len.to_le_bytes());
+                send_with_fd(stream, &msg, Some(fd))?;
+            }
+            None => send_with_fd(stream, &[1u8; 9], None)?,
         }
     }
 }
@@ -240,6 +266,8 @@ pub(crate) struct ShmClient {
     slot: usize,
     maps: Mutex<HashMap<RegionId, Arc<ShmMap>>>,
     broken: AtomicBool,
+    /// The stream's descriptor, for liveness peeks without its lock.
+    fd: i32,
 }
 
 impl ShmClient {
@@ -261,6 +289,7 @@ impl ShmClient {
         }
         Ok(Self {
             peer: peer.into(),
+            fd: stream.as_raw_fd(),
             stream: Mutex::new(stream),
             slot: slot as usize,
             maps: Mutex::new(HashMap::new()),
@@ -272,21 +301,25 @@ impl ShmClient {
         self.broken.load(Ordering::Acquire)
     }
 
-    /// The mapping of the peer's region `id` (fetched and mapped on first use).
-    pub(crate) fn region(&self, id: RegionId) -> Result<Arc<ShmMap>> {
-        if let Some(m) = self.maps.lock().get(&id) {
-            return Ok(m.clone());
-        }
+    pub(crate) fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Asks the peer for a file descriptor of region `id` (`what` is a `FETCH_*`); returns it
+    /// with the length the peer states.
+    pub(crate) fn fetch(&self, what: u8, id: RegionId) -> Result<(u64, OwnedFd)> {
+        let mut req = [what; 9];
+        req[1..].copy_from_slice(&id.0.to_le_bytes());
         let fetched = {
             let stream = self.stream.lock();
-            (&*stream).write_all(&id.0.to_le_bytes()).and_then(|()| recv_with_fd(&stream))
+            (&*stream).write_all(&req).and_then(|()| recv_with_fd(&stream))
         };
         let (msg, fd) = fetched.map_err(|e| {
             self.broken.store(true, Ordering::Release);
             Error::PeerFailed {
                 peer: self.peer.clone(),
                 transport: tidewire_core::select::TransportKind::Shm,
-                reason: format!("fetching the memfd of {id}: {e}"),
+                reason: format!("fetching a descriptor of {id}: {e}"),
             }
         })?;
         let (0, Some(fd)) = (msg[0], fd) else {
@@ -294,12 +327,21 @@ impl ShmClient {
                 peer: self.peer.clone(),
                 addr: 0,
                 len: 0,
-                reason: format!("{id} is no longer registered as shareable memory"),
+                reason: format!("{id} is no longer registered (or not shareable)"),
             });
         };
         let mut len = [0u8; 8];
         len.copy_from_slice(&msg[1..9]);
-        let total = usize::try_from(u64::from_le_bytes(len))
+        Ok((u64::from_le_bytes(len), fd))
+    }
+
+    /// The mapping of the peer's region `id` (fetched and mapped on first use).
+    pub(crate) fn region(&self, id: RegionId) -> Result<Arc<ShmMap>> {
+        if let Some(m) = self.maps.lock().get(&id) {
+            return Ok(m.clone());
+        }
+        let (len, fd) = self.fetch(FETCH_DATA, id)?;
+        let total = usize::try_from(len)
             .ok()
             .and_then(|l| l.checked_add(HEADER))
             .ok_or(Error::Internal("shm region length overflows"))?;
@@ -307,6 +349,47 @@ impl ShmClient {
             Arc::new(ShmMap { map: Mapping::map_shared(&fd, total, "a peer's shared region")? });
         self.maps.lock().insert(id, map.clone());
         Ok(map)
+    }
+
+    /// Maps the revocation page of the peer's exported device region `id`.
+    pub(crate) fn control(&self, id: RegionId) -> Result<ShmMap> {
+        let (_, fd) = self.fetch(FETCH_CONTROL, id)?;
+        Ok(ShmMap { map: Mapping::map_shared(&fd, HEADER, "a peer's revocation page")? })
+    }
+
+    /// Marks this initiator as using `map`'s region unless it was revoked; returns false
+    /// (and leaves no mark) when revoked. Balance a `true` with [`ShmClient::leave`].
+    pub(crate) fn enter(&self, map: &ShmMap) -> bool {
+        let h = map.header();
+        h.slots[self.slot].inflight.fetch_add(1, Ordering::SeqCst);
+        if h.revoked.load(Ordering::SeqCst) != 0 {
+            h.slots[self.slot].inflight.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn leave(&self, map: &ShmMap) {
+        map.header().slots[self.slot].inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// False once the peer's end of the attachment closed (the peer process is gone).
+    pub(crate) fn peer_alive(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a local on our own socket; it consumes nothing.
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let alive = n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock);
+        if !alive {
+            self.broken.store(true, Ordering::Release);
+        }
+        alive
     }
 
     /// Copies between the pinned local range and `[offset, offset+len)` of the peer's
@@ -331,18 +414,15 @@ impl ShmClient {
         }
         let remote = map.data_addr() + offset;
         let (dst, src) = if write { (remote, local.addr()) } else { (local.addr(), remote) };
-        let h = map.header();
-        let slot = &h.slots[self.slot];
-        slot.inflight.fetch_add(1, Ordering::SeqCst);
-        let revoked = h.revoked.load(Ordering::SeqCst) != 0;
-        if !revoked {
-            // SAFETY: the local range is pinned in a live registered region; the remote range
-            // is inside our mapping of the peer's memfd (checked above), which lives as long
-            // as `map`; the two are distinct mappings, so they do not overlap.
-            unsafe { mem::copy(dst, src, len) };
+        if !self.enter(map) {
+            return Ok(false);
         }
-        slot.inflight.fetch_sub(1, Ordering::SeqCst);
-        Ok(!revoked)
+        // SAFETY: the local range is pinned in a live registered region; the remote range
+        // is inside our mapping of the peer's memfd (checked above), which lives as long
+        // as `map`; the two are distinct mappings, so they do not overlap.
+        unsafe { mem::copy(dst, src, len) };
+        self.leave(map);
+        Ok(true)
     }
 }
 
