@@ -76,6 +76,37 @@ pub(crate) struct BenchArgs {
     /// Target buffer size (target role; default fits the largest sweep point).
     #[arg(long)]
     buffer_size: Option<String>,
+    /// Initiator buffers in GPU memory on this CUDA device (default: host memory).
+    #[arg(long)]
+    gpu: Option<u32>,
+    /// Target buffer in GPU memory on this CUDA device (default: shared host memory).
+    #[arg(long)]
+    target_gpu: Option<u32>,
+    /// GPU memory kind: `auto` (the best reach the topology proves), `vmm`, `malloc`, or
+    /// `pinned` (page-locked host memory; initiator only).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "vmm", "malloc", "pinned"])]
+    gpu_mem: String,
+    /// Scatter a batch's requests over the buffers (seeded permutation, different on the two
+    /// sides) instead of laying them out in order.
+    #[arg(long)]
+    scatter: bool,
+}
+
+fn gpu_kind(name: &str) -> Option<tidewire::gpu::alloc::AllocKind> {
+    use tidewire::gpu::alloc::AllocKind;
+    match name {
+        "vmm" => Some(AllocKind::VmmPosixFd),
+        "malloc" => Some(AllocKind::Malloc),
+        "pinned" => Some(AllocKind::HostPinned),
+        _ => None,
+    }
+}
+
+/// Allocates `len` bytes of GPU (or pinned) memory on `device` and registers it.
+fn gpu_buffer(engine: &Engine, len: u64, device: u32, kind: &str) -> anyhow::Result<u64> {
+    let a = engine.allocate_device(len, device, gpu_kind(kind))?;
+    eprintln!("cuda:{device}: {} of {} ({})", format_size(len), a.kind.name(), a.reason);
+    Ok(a.ptr)
 }
 
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
@@ -98,6 +129,7 @@ struct Plan {
     threads: usize,
     duration: Duration,
     op: Op,
+    scatter: bool,
 }
 
 impl Plan {
@@ -119,6 +151,7 @@ impl Plan {
             threads: args.threads,
             duration: parse_duration(&args.duration)?,
             op,
+            scatter: args.scatter,
         })
     }
 
@@ -132,6 +165,30 @@ impl Plan {
     fn offset(&self, i: u64, block: u64) -> u64 {
         let slots = (self.span() / block).max(1);
         (i % slots) * block
+    }
+
+    /// Offsets of a batch's requests on the local and remote sides.
+    fn offsets(&self, block: u64) -> Vec<(u64, u64)> {
+        let n = self.batch as u64;
+        if !self.scatter {
+            return (0..n).map(|i| (self.offset(i, block), self.offset(i, block))).collect();
+        }
+        let slots = (self.span() / block).max(1);
+        let mut perm: Vec<u64> = (0..slots).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for i in (1..perm.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            perm.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        (0..n)
+            .map(|i| {
+                let a = perm[(i % slots) as usize];
+                let b = perm[(slots - 1 - i % slots) as usize];
+                (a * block, b * block)
+            })
+            .collect()
     }
 
     fn buffer(&self) -> u64 {
@@ -178,7 +235,10 @@ fn run_target(args: &BenchArgs) -> anyhow::Result<()> {
         cfg.name = Some(format!("bench-target-{}", std::process::id()));
     }
     let engine = Engine::new(cfg)?;
-    let addr = engine.allocate_shared(len).context("allocating the target buffer")?;
+    let addr = match args.target_gpu {
+        Some(d) => gpu_buffer(&engine, len, d, &args.gpu_mem)?,
+        None => engine.allocate_shared(len).context("allocating the target buffer")?,
+    };
     let raw =
         TcpListener::bind((args.host.as_str(), 0)).context("binding the raw-tcp baseline port")?;
     let raw_addr = raw.local_addr()?;
@@ -216,6 +276,11 @@ fn run_pair(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(f) = &args.footprint {
         child_args.extend(["--footprint".into(), f.clone()]);
+    }
+    if let Some(d) = args.target_gpu {
+        child_args.extend(["--target-gpu".into(), d.to_string()]);
+        let kind = if args.gpu_mem == "pinned" { "auto" } else { args.gpu_mem.as_str() };
+        child_args.extend(["--gpu-mem".into(), kind.into()]);
     }
     let mut child = Command::new(exe)
         .args(&child_args)
@@ -406,11 +471,18 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
         );
     }
     let span = plan.span();
-    let locals: Vec<Arc<HostBuffer>> = (0..plan.threads)
-        .map(|_| HostBuffer::new(span as usize).map(Arc::new))
-        .collect::<Result<_, _>>()?;
-    for b in &locals {
-        engine.register_buffer(b.clone(), "cpu")?;
+    let mut hosts: Vec<Arc<HostBuffer>> = Vec::new();
+    let mut local_addrs: Vec<u64> = Vec::new();
+    for _ in 0..plan.threads {
+        match args.gpu {
+            Some(d) => local_addrs.push(gpu_buffer(&engine, span, d, &args.gpu_mem)?),
+            None => {
+                let b = Arc::new(HostBuffer::new(span as usize)?);
+                engine.register_buffer(b.clone(), "cpu")?;
+                local_addrs.push(b.addr());
+                hosts.push(b);
+            }
+        }
     }
     if !args.json {
         println!(
@@ -438,29 +510,31 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
         let bytes_per_round = block * reqs_per_round;
         let label = format!("{} {} x{}", format_size(block), args.op, plan.batch);
         let engine_ref = &engine;
-        let locals_ref = &locals;
+        let locals_ref = &local_addrs;
         let transport_used = {
             let req = Request {
                 op: plan.op,
-                local: locals[0].addr(),
+                local: local_addrs[0],
                 len: block,
                 peer,
                 remote: remote_base,
             };
             engine.submit(&[req], BatchOptions::default())?.wait()?;
-            describe_transport(&engine, peer, remote_base)
+            describe_transport(&engine, peer, remote_base, local_addrs[0])
         };
         let mut m =
             measure(plan.threads, plan.duration, bytes_per_round, reqs_per_round, &label, |t| {
-                let local = locals_ref[t].addr();
+                let local = locals_ref[t];
                 let remote = remote_base + t as u64 * span;
-                let reqs: Vec<Request> = (0..plan.batch as u64)
-                    .map(|i| Request {
+                let reqs: Vec<Request> = plan
+                    .offsets(block)
+                    .into_iter()
+                    .map(|(l, r)| Request {
                         op: plan.op,
-                        local: local + plan.offset(i, block),
+                        local: local + l,
                         len: block,
                         peer,
-                        remote: remote + plan.offset(i, block),
+                        remote: remote + r,
                     })
                     .collect();
                 let round: Round<'_> = Box::new(move || -> anyhow::Result<()> {
@@ -492,13 +566,13 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
         report(args, &transport_used, block, &plan, &mut m, base);
     }
     engine.shutdown();
-    drop(locals);
+    drop(hosts);
     Ok(())
 }
 
-fn describe_transport(engine: &Engine, peer: tidewire::PeerId, remote: u64) -> String {
+fn describe_transport(engine: &Engine, peer: tidewire::PeerId, remote: u64, local: u64) -> String {
     engine
-        .explain(peer)
+        .explain_from(peer, Some(local))
         .ok()
         .and_then(|i| {
             i.regions

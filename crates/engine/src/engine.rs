@@ -105,6 +105,7 @@ pub(crate) struct Inner {
     pub(crate) metadata: Metadata,
     shm: std::result::Result<Arc<ShmServer>, String>,
     shared_allocs: Mutex<HashMap<u64, Arc<SharedRegion>>>,
+    device_allocs: Mutex<Vec<u64>>,
     /// This process's GPUs, for selection and export.
     pub(crate) gpu_facts: GpuFacts,
     /// The GPU completion thread's queue (`None` without GPUs).
@@ -223,6 +224,7 @@ impl Engine {
             metadata,
             shm,
             shared_allocs: Mutex::default(),
+            device_allocs: Mutex::default(),
             gpu_facts,
             gpu_done,
             peers: Mutex::default(),
@@ -491,6 +493,51 @@ impl Engine {
         }])?;
         self.inner.shared_allocs.lock().insert(addr, region);
         Ok(addr)
+    }
+
+    /// Allocates `len` bytes of transferable memory on CUDA device `device` (or pinned host
+    /// memory with `AllocKind::HostPinned`) and registers it. `kind: None` takes the best reach
+    /// the topology proves: a FABRIC-exportable VMM allocation when the fabric probe passed,
+    /// else a POSIX-FD VMM allocation, else `cuMemAlloc`. Returns the allocation (its kind and
+    /// why). Freed by [`Engine::free_device`] or when the engine shuts down.
+    pub fn allocate_device(
+        &self,
+        len: u64,
+        device: u32,
+        kind: Option<tidewire_gpu::alloc::AllocKind>,
+    ) -> Result<tidewire_gpu::alloc::Allocation> {
+        self.check_running()?;
+        let a = tidewire_gpu::alloc::alloc_device(len, device, kind).map_err(|e| {
+            Error::InvalidArgument { reason: format!("allocating {len} bytes on cuda:{device}: {e}") }
+        })?;
+        let hint = if a.device.is_some() { format!("cuda:{device}") } else { "cpu".into() };
+        // SAFETY: the allocation spans at least `len` bytes and is freed only by `free_device`
+        // or shutdown, both after unregistering it.
+        #[allow(unsafe_code)]
+        let registered = unsafe { self.register(a.ptr, len, &hint) };
+        if let Err(e) = registered {
+            let _ = tidewire_gpu::alloc::free(a.ptr);
+            return Err(e);
+        }
+        self.inner.device_allocs.lock().push(a.ptr);
+        Ok(a)
+    }
+
+    /// Unregisters (if still registered) and frees an allocation of [`Engine::allocate_device`].
+    pub fn free_device(&self, addr: u64) -> Result<()> {
+        let mut allocs = self.inner.device_allocs.lock();
+        let Some(i) = allocs.iter().position(|&a| a == addr) else {
+            return Err(Error::InvalidArgument {
+                reason: format!("{addr:#x} is not a device allocation of this engine"),
+            });
+        };
+        allocs.swap_remove(i);
+        drop(allocs);
+        if self.inner.registry.find(addr, 1).is_some_and(|e| e.addr == addr) {
+            self.unregister(addr)?;
+        }
+        tidewire_gpu::alloc::free(addr)
+            .map_err(|e| Error::InvalidArgument { reason: format!("freeing {addr:#x}: {e}") })
     }
 
     /// Unregisters (if still registered) and frees a shared allocation.
@@ -814,9 +861,18 @@ impl Engine {
 
     /// The transport that would serve each of a peer's regions from host memory, and why.
     pub fn explain(&self, id: PeerId) -> Result<PeerInfo> {
+        self.explain_from(id, None)
+    }
+
+    /// As [`Engine::explain`], from the registered local memory at `local` (host pageable
+    /// memory when `None`).
+    pub fn explain_from(&self, id: PeerId, local: Option<u64>) -> Result<PeerInfo> {
         let conn = self.peer(id)?;
         let descriptor = conn.descriptor();
-        let local = Location { kind: MemoryKind::HostPageable, device: None };
+        let local = local
+            .and_then(|a| self.inner.registry.find(a, 1))
+            .map(|e| e.location)
+            .unwrap_or(Location { kind: MemoryKind::HostPageable, device: None });
         let regions = descriptor
             .regions
             .iter()
@@ -864,6 +920,12 @@ impl Engine {
         me.life.join_all();
         let removed = me.registry.drain();
         let _ = self.revoke_shared(&removed);
+        drop(removed);
+        for addr in std::mem::take(&mut *me.device_allocs.lock()) {
+            if let Err(e) = tidewire_gpu::alloc::free(addr) {
+                log::warn!("{}: {e}", me.name);
+            }
+        }
         log::info!("{}: engine stopped", me.name);
     }
 }

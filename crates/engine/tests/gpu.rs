@@ -1,0 +1,271 @@
+//! GPU transports between two processes, one GPU each (needs two GPUs with peer access; on
+//! machines without them every test returns early and says why). Random data, poisoned
+//! destinations, every byte checked.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::random_bytes;
+use tidewire::gpu::alloc::{self, AllocKind};
+use tidewire::{BatchOptions, Engine, EngineConfig, Error, Op, Request};
+
+const CHILD: &str = "zz_gpu_child_entry";
+/// The child registers its region this far into its allocation (a sub-allocation).
+const OFFSET: u64 = 1 << 20;
+
+/// Not a test: the body of the child target process the tests below start.
+#[test]
+#[ignore = "helper, not a test: the body of the child processes other tests start"]
+fn zz_gpu_child_entry() {
+    let Ok(kind) = std::env::var("TW_GPU_KIND") else { return };
+    let len: u64 = std::env::var("TW_GPU_LEN").unwrap().parse().unwrap();
+    let seed: u64 = std::env::var("TW_GPU_SEED").unwrap().parse().unwrap();
+    let kind = if kind == "vmm" { AllocKind::VmmPosixFd } else { AllocKind::Malloc };
+    let e = Engine::new(EngineConfig::default()).unwrap();
+    let a = alloc::alloc_device(len + 2 * OFFSET, 1, Some(kind)).unwrap();
+    let addr = a.ptr + OFFSET;
+    fill(addr, &random_bytes(len as usize, seed));
+    // SAFETY: inside a live allocation that this process never frees.
+    unsafe { e.register(addr, len, "cuda:1").unwrap() };
+    println!("READY {} {addr}", e.name());
+    let mut lines = std::io::stdin().lock().lines();
+    while let Some(Ok(line)) = lines.next() {
+        if line.trim() == "unregister" {
+            e.unregister(addr).unwrap();
+            println!("UNREGISTERED");
+        }
+    }
+    std::process::exit(0);
+}
+
+struct GpuChild {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    name: String,
+    addr: u64,
+}
+
+impl GpuChild {
+    fn spawn(kind: &str, len: u64, seed: u64) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", CHILD, "--ignored", "--nocapture", "--test-threads=1"])
+            .env("TW_GPU_KIND", kind)
+            .env("TW_GPU_LEN", len.to_string())
+            .env("TW_GPU_SEED", seed.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let ready = loop {
+            let line = rx.recv_timeout(Duration::from_secs(60)).expect("child ready in time");
+            if let Some(rest) = line.split_once("READY ").map(|(_, r)| r.to_string()) {
+                break rest;
+            }
+        };
+        let mut parts = ready.split_whitespace();
+        let name = parts.next().unwrap().to_string();
+        let addr = parts.next().unwrap().parse().unwrap();
+        let stdin = child.stdin.take();
+        Self { child, stdin, lines: rx, name, addr }
+    }
+
+    fn say(&mut self, cmd: &str, expect: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd}").unwrap();
+        stdin.flush().unwrap();
+        loop {
+            let line = self.lines.recv_timeout(Duration::from_secs(30)).expect("child answered");
+            if line.contains(expect) {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for GpuChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two GPUs with peer access, or why the test cannot run here.
+fn two_gpus() -> bool {
+    match tidewire::gpu::topology() {
+        Err(e) => eprintln!("skipped: no GPU ({e})"),
+        Ok(t) if t.gpus.len() < 2 => eprintln!("skipped: needs two GPUs, found {}", t.gpus.len()),
+        Ok(t) if !(t.peer_access[0][1] && t.peer_access[1][0]) => {
+            eprintln!("skipped: GPUs 0 and 1 have no peer access")
+        }
+        Ok(_) => return true,
+    }
+    false
+}
+
+fn fill(addr: u64, data: &[u8]) {
+    // SAFETY: the callers pass live allocations at least `data.len()` long.
+    unsafe { alloc::copy_sync(addr, data.as_ptr() as u64, data.len() as u64).unwrap() };
+}
+
+fn fetch(addr: u64, len: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len as usize];
+    // SAFETY: as in `fill`.
+    unsafe { alloc::copy_sync(out.as_mut_ptr() as u64, addr, len).unwrap() };
+    out
+}
+
+/// Local memory of one kind on cuda:0 (or pinned host), registered; returns its address.
+fn local(engine: &Engine, kind: AllocKind, len: u64) -> u64 {
+    if kind == AllocKind::Malloc {
+        // A sub-allocation, as PyTorch's caching allocator hands out.
+        let a = alloc::alloc_device(len + 2 * OFFSET, 0, Some(kind)).unwrap();
+        // SAFETY: inside a live allocation freed only when the process ends.
+        unsafe { engine.register(a.ptr + OFFSET, len, "cuda:0").unwrap() };
+        return a.ptr + OFFSET;
+    }
+    engine.allocate_device(len, 0, Some(kind)).unwrap().ptr
+}
+
+/// Scattered pages, a large run and an odd-sized, odd-aligned run, both directions.
+fn round_trip(engine: &Engine, peer: tidewire::PeerId, mine: u64, theirs: u64, len: u64, seed: u64) {
+    let page = 4096u64;
+    let pages = (len / 2 / page).min(2048);
+    let big = len / 4;
+    let mut order: Vec<u64> = (0..pages).collect();
+    order.reverse();
+    let mut reqs: Vec<(u64, u64, u64)> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (i as u64 * page, p * page, page)) // (local, remote, len)
+        .collect();
+    reqs.push((len / 2, len / 2, big));
+    reqs.push((len / 2 + big + 3, len / 2 + big + 5, 4093));
+    let batch = |op| -> Vec<Request> {
+        reqs.iter()
+            .map(|&(l, r, n)| Request { op, local: mine + l, len: n, peer, remote: theirs + r })
+            .collect()
+    };
+    // READ what the child wrote.
+    fill(mine, &vec![0xA5; len as usize]);
+    engine.transfer_sync(&batch(Op::Read), BatchOptions::default()).unwrap();
+    let remote_now = random_bytes(len as usize, seed);
+    let got = fetch(mine, len);
+    for &(l, r, n) in &reqs {
+        let (l, r, n) = (l as usize, r as usize, n as usize);
+        assert!(got[l..l + n] == remote_now[r..r + n], "READ mismatch at local {l} (+{n})");
+    }
+    // WRITE fresh data, then READ it back into poisoned memory.
+    let fresh = random_bytes(len as usize, seed ^ 0x5555);
+    fill(mine, &fresh);
+    engine.transfer_sync(&batch(Op::Write), BatchOptions::default()).unwrap();
+    fill(mine, &vec![0x3C; len as usize]);
+    engine.transfer_sync(&batch(Op::Read), BatchOptions::default()).unwrap();
+    let back = fetch(mine, len);
+    for &(l, _, n) in &reqs {
+        let (l, n) = (l as usize, n as usize);
+        assert!(back[l..l + n] == fresh[l..l + n], "WRITE/READ mismatch at local {l} (+{n})");
+    }
+}
+
+#[test]
+fn every_memory_kind_moves_every_byte_both_ways() {
+    if !two_gpus() {
+        return;
+    }
+    const LEN: u64 = 32 << 20;
+    for (remote_kind, ipc) in [("vmm", false), ("malloc", false), ("vmm", true)] {
+        let child = GpuChild::spawn(remote_kind, LEN, 7);
+        let mut cfg = EngineConfig::default();
+        cfg.transports.prefer_ipc = ipc;
+        let engine = Engine::new(cfg).unwrap();
+        let peer = engine.open_segment(&child.name).unwrap();
+        for kind in [AllocKind::VmmPosixFd, AllocKind::Malloc, AllocKind::HostPinned] {
+            let mine = local(&engine, kind, LEN);
+            let info = engine.explain_from(peer, Some(mine)).unwrap();
+            let decision = info.regions[0].decision.as_ref().map(|c| c.reason.clone());
+            eprintln!("remote {remote_kind} ← local {}: {decision:?}", kind.name());
+            assert!(decision.is_ok(), "{decision:?}");
+            round_trip(&engine, peer, mine, child.addr, LEN, 7);
+            // Restore the child's bytes for the next local kind.
+            fill(mine, &random_bytes(LEN as usize, 7));
+            let restore = Request { op: Op::Write, local: mine, len: LEN, peer, remote: child.addr };
+            engine.transfer_sync(&[restore], BatchOptions::default()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn unregister_while_mapped_fails_the_next_request_cleanly() {
+    if !two_gpus() {
+        return;
+    }
+    const LEN: u64 = 4 << 20;
+    let mut child = GpuChild::spawn("malloc", LEN, 3);
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let peer = engine.open_segment(&child.name).unwrap();
+    let mine = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let req = Request { op: Op::Write, local: mine, len: LEN, peer, remote: child.addr };
+    engine.transfer_sync(&[req], BatchOptions::default()).unwrap();
+    child.say("unregister", "UNREGISTERED");
+    let err = engine.transfer_sync(&[req], BatchOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{err}");
+    eprintln!("after unregister: {err}");
+}
+
+#[test]
+fn peer_killed_mid_transfer_fails_within_the_deadline() {
+    if !two_gpus() {
+        return;
+    }
+    const LEN: u64 = 256 << 20;
+    let mut child = GpuChild::spawn("vmm", LEN, 5);
+    let mut cfg = EngineConfig::default();
+    cfg.deadlines.transfer = Duration::from_secs(5);
+    let engine = Engine::new(cfg).unwrap();
+    let peer = engine.open_segment(&child.name).unwrap();
+    let mine = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let reqs: Vec<Request> = (0..64)
+        .map(|i| {
+            let off = i * (LEN / 64);
+            Request { op: Op::Write, local: mine + off, len: LEN / 64, peer, remote: child.addr + off }
+        })
+        .collect();
+    let start = Instant::now();
+    let mut failed = None;
+    let mut killed = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        let r = engine.submit(&reqs, BatchOptions::default()).and_then(|b| b.wait());
+        if !killed && start.elapsed() > Duration::from_millis(300) {
+            let _ = child.child.kill();
+            let _ = child.child.wait();
+            killed = true;
+        }
+        if let Err(e) = r {
+            failed = Some((e, start.elapsed()));
+            break;
+        }
+    }
+    let (err, at) = failed.expect("transfers to a killed peer kept succeeding");
+    eprintln!("after kill: {err} ({at:?})");
+    assert!(matches!(err, Error::PeerFailed { .. } | Error::PeerUnreachable { .. }), "{err}");
+}
+
+#[test]
+fn host_memory_registered_as_a_gpu_is_refused() {
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let buf = vec![0u8; 4096];
+    // SAFETY: a live vector; the registration is expected to fail.
+    let r = unsafe { engine.register(buf.as_ptr() as u64, 4096, "cuda:0") };
+    assert!(matches!(r, Err(Error::LocationMismatch { .. })), "{r:?}");
+}
