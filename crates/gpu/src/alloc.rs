@@ -228,7 +228,12 @@ pub fn free(ptr: u64) -> Result<(), GpuError> {
 /// Both ranges must be valid for `len` bytes.
 pub unsafe fn copy_sync(dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
     let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
-    let _ctx = Gpu::get(0)?.enter()?;
+    // The context of the device end: VMM memory is accessible only where access was granted.
+    let device = [dst, src]
+        .into_iter()
+        .find_map(|p| crate::topology::classify_pointer(p).device)
+        .unwrap_or(0);
+    let _ctx = Gpu::get(device)?.enter()?;
     // SAFETY: forwarded contract; unified addressing resolves both ends.
     check(cuda, "cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
 }

@@ -27,6 +27,8 @@ pub struct Seg {
 
 /// Runs at least this long go to the copy engine.
 pub const COPY_ENGINE_MIN: u64 = 1 << 20;
+/// Runs at least this long are split over every stream (several copy engines).
+const SPLIT_MIN: u64 = 32 << 20;
 
 const KERNEL: &str = r#"
 struct Seg { unsigned long long src, dst, len; };
@@ -276,6 +278,10 @@ impl Copier {
         let func = if small >= 2 { kernel(self.gpu).ok() } else { None };
         let mut staging = None;
         for s in segs.iter().filter(|s| func.is_none() || s.len >= COPY_ENGINE_MIN) {
+            if s.len >= SPLIT_MIN && self.streams.len() > 1 {
+                self.split_copy(s, stream, after)?;
+                continue;
+            }
             // SAFETY: the caller guarantees both ranges; unified addressing resolves them.
             check(cuda, "cuMemcpyAsync", unsafe {
                 (cuda.memcpy_async)(s.dst, s.src, s.len as usize, stream)
@@ -327,6 +333,59 @@ impl Copier {
         // SAFETY: live event and stream.
         check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(event, stream) })?;
         Ok(Pending { copier: self, event, staging })
+    }
+}
+
+impl Copier {
+    /// Copies one large run as equal pieces on every stream (several copy engines at once);
+    /// `main` waits for all of them, so its completion event covers the whole run.
+    fn split_copy(&self, s: &Seg, main: CuStream, after: Option<u64>) -> Result<(), GpuError> {
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let n = self.streams.len() as u64;
+        let piece = s.len.div_ceil(n).next_multiple_of(4096);
+        let mut off = 0u64;
+        for &st in &self.streams {
+            if off >= s.len {
+                break;
+            }
+            let len = piece.min(s.len - off);
+            if st != main {
+                if let Some(caller) = after {
+                    let e = self.event()?;
+                    // SAFETY: live handles; as in `enqueue`.
+                    check(cuda, "cuEventRecord(caller stream)", unsafe {
+                        (cuda.event_record)(e, caller as CuStream)
+                    })?;
+                    // SAFETY: live handles.
+                    check(cuda, "cuStreamWaitEvent", unsafe {
+                        (cuda.stream_wait_event)(st, e, 0)
+                    })?;
+                    self.recycle(e);
+                }
+            }
+            // SAFETY: a sub-range of a segment the caller guarantees.
+            check(cuda, "cuMemcpyAsync", unsafe {
+                (cuda.memcpy_async)(s.dst + off, s.src + off, len as usize, st)
+            })?;
+            if st != main {
+                let e = self.event()?;
+                // SAFETY: live handles; `main` waits for this piece.
+                check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(e, st) })?;
+                // SAFETY: live handles.
+                check(cuda, "cuStreamWaitEvent", unsafe {
+                    (cuda.stream_wait_event)(main, e, 0)
+                })?;
+                self.recycle(e);
+            }
+            off += len;
+        }
+        Ok(())
+    }
+
+    fn recycle(&self, e: CuEvent) {
+        if let Ok(mut v) = self.events.lock() {
+            v.push(e);
+        }
     }
 }
 
