@@ -284,7 +284,12 @@ mod tests {
         let mut d = sample();
         let h = [0xabu8; 64];
         d.regions[1].reach = vec![
-            Reach::CudaIpc { handle: handle_to_hex(&h), base: 0x4000, size: 0x2000, device: "G".into() },
+            Reach::CudaIpc {
+                handle: handle_to_hex(&h),
+                base: 0x4000,
+                size: 0x2000,
+                device: "G".into(),
+            },
             Reach::VmmFd { base: 0x3000, size: 0x4000, device: "G".into() },
         ];
         let back = SegmentDescriptor::from_json(&d.to_json());
@@ -319,7 +324,11 @@ mod tests {
         });
         assert!(SegmentDescriptor::from_json(&d.to_json()).is_err());
         let mut d = sample();
-        d.regions[1].reach.push(Reach::VmmFd { base: 0x5000, size: 0x2000, device: "GPU-0".into() });
+        d.regions[1].reach.push(Reach::VmmFd {
+            base: 0x5000,
+            size: 0x2000,
+            device: "GPU-0".into(),
+        });
         assert!(SegmentDescriptor::from_json(&d.to_json()).is_err(), "outside its allocation");
         assert!(SegmentDescriptor::from_json(b"{\"version\":1}").is_err());
         assert!(SegmentDescriptor::from_json(b"[1,2,3]").is_err());

@@ -112,7 +112,8 @@ impl GpuFacts {
 
     fn can_access(&self, a: u32, b: u32) -> bool {
         a == b
-            || self.peer_access.get(a as usize).and_then(|r| r.get(b as usize)).copied() == Some(true)
+            || self.peer_access.get(a as usize).and_then(|r| r.get(b as usize)).copied()
+                == Some(true)
     }
 }
 
@@ -132,9 +133,9 @@ pub fn nvlink_reach(region: &RegionDescriptor, prefer_ipc: bool) -> Option<&Reac
 /// local GPU for device memory, the remote GPU for pinned host memory. Also checks that it
 /// can map the remote GPU's memory.
 pub fn executing_gpu(local: Location, remote_uuid: &str, gpu: &GpuFacts) -> Result<u32, String> {
-    let remote = gpu.ordinal(remote_uuid).ok_or_else(|| {
-        format!("the remote GPU {remote_uuid} is not visible to this process")
-    })?;
+    let remote = gpu
+        .ordinal(remote_uuid)
+        .ok_or_else(|| format!("the remote GPU {remote_uuid} is not visible to this process"))?;
     let exec = match (local.kind, local.device) {
         (MemoryKind::Device | MemoryKind::DeviceVmm, Some(d)) => d,
         (MemoryKind::HostPinned, _) => remote,
@@ -380,7 +381,13 @@ mod tests {
         assert!(o.force_tcp);
         let gpu = GpuFacts::none("no GPU in this test");
         let c = select(
-            Endpoints { local: HOST, remote: &shared, same_engine: false, same_host: true, gpu: &gpu },
+            Endpoints {
+                local: HOST,
+                remote: &shared,
+                same_engine: false,
+                same_host: true,
+                gpu: &gpu,
+            },
             &o,
         );
         assert_eq!(c.map(|c| c.reason), Ok("MC_FORCE_TCP is set".to_string()));
@@ -532,7 +539,9 @@ mod tests {
             &select(ends(DEV0, &remote, false, &h200_pair()), &o).err().unwrap_or_default(),
         );
         assert!(
-            text.contains("mnnvl: no — this host: cuMemCreate(FABRIC) returned CUDA_ERROR_NOT_PERMITTED"),
+            text.contains(
+                "mnnvl: no — this host: cuMemCreate(FABRIC) returned CUDA_ERROR_NOT_PERMITTED"
+            ),
             "{text}"
         );
     }

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
 use tidewire_core::memory::{Location, LocationHint, MemoryKind};
-use crossbeam_channel::Sender;
 use tidewire_core::select::{
     self, describe_refusals, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal,
     TransportKind,
@@ -508,7 +508,9 @@ impl Engine {
     ) -> Result<tidewire_gpu::alloc::Allocation> {
         self.check_running()?;
         let a = tidewire_gpu::alloc::alloc_device(len, device, kind).map_err(|e| {
-            Error::InvalidArgument { reason: format!("allocating {len} bytes on cuda:{device}: {e}") }
+            Error::InvalidArgument {
+                reason: format!("allocating {len} bytes on cuda:{device}: {e}"),
+            }
         })?;
         let hint = if a.device.is_some() { format!("cuda:{device}") } else { "cpu".into() };
         // SAFETY: the allocation spans at least `len` bytes and is freed only by `free_device`
@@ -662,13 +664,11 @@ impl Engine {
             gpu: &self.inner.gpu_facts,
         };
         let opts = &self.inner.config.transports;
-        let choice = select::select(ends, opts).map_err(|refusals| {
-            Error::NoTransport {
-                peer: conn.name.clone(),
-                addr: r.remote,
-                len: r.len,
-                refusals: describe_refusals(&refusals),
-            }
+        let choice = select::select(ends, opts).map_err(|refusals| Error::NoTransport {
+            peer: conn.name.clone(),
+            addr: r.remote,
+            len: r.len,
+            refusals: describe_refusals(&refusals),
         })?;
         let gpu = match choice.transport {
             TransportKind::Nvlink | TransportKind::Mnnvl => {

@@ -50,5 +50,5 @@ pub use metadata::{segment_key, segments_prefix, MetadataClient};
 pub use metadata_server::MetadataServer;
 pub use notify::Notification;
 pub use tidewire_core as core;
-pub use tidewire_gpu as gpu;
 pub use tidewire_core::{BatchId, PeerId, RegionId};
+pub use tidewire_gpu as gpu;

@@ -2,6 +2,8 @@
 //! machines without them every test returns early and says why). Random data, poisoned
 //! destinations, every byte checked.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
@@ -138,7 +140,14 @@ fn local(engine: &Engine, kind: AllocKind, len: u64) -> u64 {
 }
 
 /// Scattered pages, a large run and an odd-sized, odd-aligned run, both directions.
-fn round_trip(engine: &Engine, peer: tidewire::PeerId, mine: u64, theirs: u64, len: u64, seed: u64) {
+fn round_trip(
+    engine: &Engine,
+    peer: tidewire::PeerId,
+    mine: u64,
+    theirs: u64,
+    len: u64,
+    seed: u64,
+) {
     let page = 4096u64;
     let pages = (len / 2 / page).min(2048);
     let big = len / 4;
@@ -199,7 +208,8 @@ fn every_memory_kind_moves_every_byte_both_ways() {
             round_trip(&engine, peer, mine, child.addr, LEN, 7);
             // Restore the child's bytes for the next local kind.
             fill(mine, &random_bytes(LEN as usize, 7));
-            let restore = Request { op: Op::Write, local: mine, len: LEN, peer, remote: child.addr };
+            let restore =
+                Request { op: Op::Write, local: mine, len: LEN, peer, remote: child.addr };
             engine.transfer_sync(&[restore], BatchOptions::default()).unwrap();
         }
     }
@@ -238,7 +248,13 @@ fn peer_killed_mid_transfer_fails_within_the_deadline() {
     let reqs: Vec<Request> = (0..64)
         .map(|i| {
             let off = i * (LEN / 64);
-            Request { op: Op::Write, local: mine + off, len: LEN / 64, peer, remote: child.addr + off }
+            Request {
+                op: Op::Write,
+                local: mine + off,
+                len: LEN / 64,
+                peer,
+                remote: child.addr + off,
+            }
         })
         .collect();
     let start = Instant::now();

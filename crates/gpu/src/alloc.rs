@@ -71,7 +71,11 @@ fn preferred(device: u32) -> (AllocKind, &'static str) {
 
 /// Allocates `len` bytes on `device` with the best reach the topology proves (see
 /// [`AllocKind`]); `kind` forces one (for tests and benchmarks).
-pub fn alloc_device(len: u64, device: u32, kind: Option<AllocKind>) -> Result<Allocation, GpuError> {
+pub fn alloc_device(
+    len: u64,
+    device: u32,
+    kind: Option<AllocKind>,
+) -> Result<Allocation, GpuError> {
     if len == 0 {
         return Err(GpuError("zero-length allocation".into()));
     }

@@ -27,8 +27,6 @@ pub struct Seg {
 
 /// Runs at least this long go to the copy engine.
 pub const COPY_ENGINE_MIN: u64 = 1 << 20;
-/// Runs at least this long are split over every stream (several copy engines).
-const SPLIT_MIN: u64 = 32 << 20;
 
 const KERNEL: &str = r#"
 struct Seg { unsigned long long src, dst, len; };
@@ -69,7 +67,14 @@ fn compile(cc: (i32, i32)) -> Result<CString, String> {
     let mut prog: *mut c_void = std::ptr::null_mut();
     // SAFETY: NUL-terminated source and name; no headers.
     let r = unsafe {
-        (nvrtc.create)(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null())
+        (nvrtc.create)(
+            &mut prog,
+            src.as_ptr(),
+            name.as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        )
     };
     if r != 0 {
         return Err(format!("nvrtcCreateProgram returned {r}"));
@@ -278,10 +283,6 @@ impl Copier {
         let func = if small >= 2 { kernel(self.gpu).ok() } else { None };
         let mut staging = None;
         for s in segs.iter().filter(|s| func.is_none() || s.len >= COPY_ENGINE_MIN) {
-            if s.len >= SPLIT_MIN && self.streams.len() > 1 {
-                self.split_copy(s, stream, after)?;
-                continue;
-            }
             // SAFETY: the caller guarantees both ranges; unified addressing resolves them.
             check(cuda, "cuMemcpyAsync", unsafe {
                 (cuda.memcpy_async)(s.dst, s.src, s.len as usize, stream)
@@ -336,59 +337,6 @@ impl Copier {
     }
 }
 
-impl Copier {
-    /// Copies one large run as equal pieces on every stream (several copy engines at once);
-    /// `main` waits for all of them, so its completion event covers the whole run.
-    fn split_copy(&self, s: &Seg, main: CuStream, after: Option<u64>) -> Result<(), GpuError> {
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
-        let n = self.streams.len() as u64;
-        let piece = s.len.div_ceil(n).next_multiple_of(4096);
-        let mut off = 0u64;
-        for &st in &self.streams {
-            if off >= s.len {
-                break;
-            }
-            let len = piece.min(s.len - off);
-            if st != main {
-                if let Some(caller) = after {
-                    let e = self.event()?;
-                    // SAFETY: live handles; as in `enqueue`.
-                    check(cuda, "cuEventRecord(caller stream)", unsafe {
-                        (cuda.event_record)(e, caller as CuStream)
-                    })?;
-                    // SAFETY: live handles.
-                    check(cuda, "cuStreamWaitEvent", unsafe {
-                        (cuda.stream_wait_event)(st, e, 0)
-                    })?;
-                    self.recycle(e);
-                }
-            }
-            // SAFETY: a sub-range of a segment the caller guarantees.
-            check(cuda, "cuMemcpyAsync", unsafe {
-                (cuda.memcpy_async)(s.dst + off, s.src + off, len as usize, st)
-            })?;
-            if st != main {
-                let e = self.event()?;
-                // SAFETY: live handles; `main` waits for this piece.
-                check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(e, st) })?;
-                // SAFETY: live handles.
-                check(cuda, "cuStreamWaitEvent", unsafe {
-                    (cuda.stream_wait_event)(main, e, 0)
-                })?;
-                self.recycle(e);
-            }
-            off += len;
-        }
-        Ok(())
-    }
-
-    fn recycle(&self, e: CuEvent) {
-        if let Ok(mut v) = self.events.lock() {
-            v.push(e);
-        }
-    }
-}
-
 impl Pending {
     /// `Ok(true)` once the work completed; an error if it failed on the GPU.
     pub fn is_done(&self) -> Result<bool, GpuError> {
@@ -407,9 +355,8 @@ impl Drop for Pending {
         // A pending value dropped before completion (a failed GPU) leaks its staging rather
         // than hand a buffer the GPU may still read to the next launch.
         if !matches!(self.is_done(), Ok(true)) {
-            if let Some(st) = self.staging.take() {
-                std::mem::forget(st);
-            }
+            // `Staging` frees nothing on drop: not returning it to the pool leaks it.
+            self.staging = None;
             return;
         }
         if let Ok(mut v) = self.copier.events.lock() {

@@ -68,8 +68,12 @@ pub fn exportable(gpu: &Gpu, addr: u64) -> Result<Exportable, GpuError> {
     let size = ptr_attr::<u64>(addr, ffi::POINTER_MAPPING_SIZE)
         .or_else(|| ptr_attr::<u64>(addr, ffi::POINTER_RANGE_SIZE));
     match (base, size) {
-        (Some(base), Some(size)) if size > 0 => Ok(Exportable::Vmm { base, size, posix_fd, fabric }),
-        _ => Ok(Exportable::None { reason: "the driver did not give the VMM mapping's range".into() }),
+        (Some(base), Some(size)) if size > 0 => {
+            Ok(Exportable::Vmm { base, size, posix_fd, fabric })
+        }
+        _ => Ok(Exportable::None {
+            reason: "the driver did not give the VMM mapping's range".into(),
+        }),
     }
 }
 
@@ -85,9 +89,8 @@ pub fn export_fd(gpu: &Gpu, addr: u64) -> Result<OwnedFd, GpuError> {
     })?;
     let mut fd: i32 = -1;
     // SAFETY: a POSIX_FD export writes an int; `handle` is live (retained above).
-    let r = unsafe {
-        (cuda.mem_export)((&mut fd as *mut i32).cast(), handle, ffi::HANDLE_POSIX_FD, 0)
-    };
+    let r =
+        unsafe { (cuda.mem_export)((&mut fd as *mut i32).cast(), handle, ffi::HANDLE_POSIX_FD, 0) };
     // SAFETY: drops the reference taken by cuMemRetainAllocationHandle.
     unsafe { (cuda.mem_release)(handle) };
     check(cuda, "cuMemExportToShareableHandle(POSIX_FD)", r)?;
@@ -198,18 +201,16 @@ pub fn import_vmm(
             (cuda.address_reserve)(&mut ptr, size_us, 0, 0, 0)
         })?;
         // SAFETY: maps the whole imported allocation at the reserved range.
-        if let Err(e) =
-            check(cuda, "cuMemMap", unsafe { (cuda.mem_map)(ptr, size_us, 0, h, 0) })
-        {
+        if let Err(e) = check(cuda, "cuMemMap", unsafe { (cuda.mem_map)(ptr, size_us, 0, h, 0) }) {
             // SAFETY: frees the reservation made above.
             unsafe { (cuda.address_free)(ptr, size_us) };
             return Err(e);
         }
         let access = MemAccessDesc { location_type: 1, location_id: gpu.dev, flags: 3 };
         // SAFETY: `ptr` maps `size` bytes; one access descriptor.
-        if let Err(e) = check(cuda, "cuMemSetAccess", unsafe {
-            (cuda.set_access)(ptr, size_us, &access, 1)
-        }) {
+        if let Err(e) =
+            check(cuda, "cuMemSetAccess", unsafe { (cuda.set_access)(ptr, size_us, &access, 1) })
+        {
             // SAFETY: undoes the map and reservation above.
             unsafe {
                 (cuda.mem_unmap)(ptr, size_us);

@@ -282,7 +282,8 @@ impl PyEngine {
                 remote: remote.get(i)?,
             });
         }
-        let opts = BatchOptions { notify, timeout: timeout.map(Duration::from_secs_f64) };
+        let opts =
+            BatchOptions { notify, timeout: timeout.map(Duration::from_secs_f64), stream: None };
         let engine = self.engine()?;
         let handle = detached(py, move || engine.submit(&reqs, opts))?;
         Ok(PyBatch { handle })

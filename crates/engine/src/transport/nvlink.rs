@@ -121,11 +121,14 @@ pub(crate) struct RemoteGpu {
     base: u64,
 }
 
+/// An IPC import: the handle and the GPU it is mapped for.
+type IpcKey = ([u8; 64], u32);
+
 /// The initiator's state for one peer instance: imports and revocation pages.
 pub(crate) struct NvlinkClient {
     pub(crate) shm: Arc<ShmClient>,
     regions: Mutex<HashMap<(RegionId, u32), Arc<RemoteGpu>>>,
-    ipc: Mutex<HashMap<([u8; 64], u32), Arc<Imported>>>,
+    ipc: Mutex<HashMap<IpcKey, Arc<Imported>>>,
 }
 
 impl NvlinkClient {

@@ -239,7 +239,8 @@ fn serve_requests(
         }
         let mut id = [0u8; 8];
         id.copy_from_slice(&req[1..]);
-        let entry = registry.by_id(RegionId(u64::from_le_bytes(id))).filter(|e| e.access().is_some());
+        let entry =
+            registry.by_id(RegionId(u64::from_le_bytes(id))).filter(|e| e.access().is_some());
         let answer: Option<(u64, &OwnedFd)> = entry.as_ref().and_then(|e| match req[0] {
             FETCH_DATA => e.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
             FETCH_CONTROL => e.control().map(|c| (0, &c.fd)),
@@ -385,7 +386,8 @@ impl ShmClient {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        let alive = n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock);
+        let alive =
+            n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock);
         if !alive {
             self.broken.store(true, Ordering::Release);
         }
