@@ -114,13 +114,26 @@ fn print_gpus() {
     for (i, row) in topo.peer_access.iter().enumerate() {
         for (j, &can) in row.iter().enumerate() {
             if i != j {
-                let why = if can {
-                    "peer access yes; the nvlink transport is not built yet"
+                if can {
+                    println!(
+                        "  gpu {i} -> gpu {j}: nvlink: yes — peer access; CUDA IPC and VMM \
+                         POSIX-FD memory of a same-host peer on gpu {j} is mapped by gpu {i}"
+                    );
                 } else {
-                    "no peer access"
-                };
-                println!("  gpu {i} -> gpu {j}: nvlink: no — {why}");
+                    println!("  gpu {i} -> gpu {j}: nvlink: no — no peer access");
+                }
             }
         }
+    }
+    match tidewire::gpu::Gpu::get(0) {
+        Ok(g) => match tidewire::gpu::copy::kernel_status(g) {
+            Ok(()) => println!(
+                "  gather kernel: ready (NVRTC) — batches of small or scattered runs take one launch"
+            ),
+            Err(why) => println!(
+                "  gather kernel: no — {why}; the copy engine serves every run (one copy per run)"
+            ),
+        },
+        Err(e) => println!("  gather kernel: no — {e}"),
     }
 }
