@@ -193,11 +193,6 @@ pub fn alloc_host(len: u64) -> Result<Allocation, GpuError> {
     Ok(a)
 }
 
-/// The live allocation starting at `ptr`, if it came from this module.
-pub fn lookup(ptr: u64) -> Option<Allocation> {
-    table().lock().ok()?.get(&ptr).copied()
-}
-
 /// Frees an allocation made by [`alloc_device`] or [`alloc_host`]. Freeing memory still
 /// registered with an engine is the caller's error, as with any allocator.
 pub fn free(ptr: u64) -> Result<(), GpuError> {
@@ -226,7 +221,7 @@ pub fn free(ptr: u64) -> Result<(), GpuError> {
 }
 
 /// Copies between any two addresses the driver knows (device, pinned or pageable host),
-/// synchronously. For tests, benchmarks and the Python helpers, not the data path.
+/// synchronously. For tests, not the data path.
 ///
 /// # Safety
 /// Both ranges must be valid for `len` bytes.
@@ -240,20 +235,4 @@ pub unsafe fn copy_sync(dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
     let _ctx = Gpu::get(device)?.enter()?;
     // SAFETY: forwarded contract; unified addressing resolves both ends.
     check(cuda, "cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
-}
-
-/// Fills `len` bytes of device memory with `value`, synchronously.
-///
-/// # Safety
-/// The range must be valid device memory.
-pub unsafe fn fill_sync(dst: u64, value: u8, len: u64) -> Result<(), GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
-    let device = crate::topology::classify_pointer(dst).device.unwrap_or(0);
-    let _ctx = Gpu::get(device)?.enter()?;
-    // SAFETY: forwarded contract.
-    let r = check(cuda, "cuMemsetD8", unsafe { (cuda.memset8)(dst, value, len as usize) });
-    r.and_then(|()| {
-        // SAFETY: null stream = the legacy default stream; waits for the memset.
-        check(cuda, "cuStreamSynchronize", unsafe { (cuda.stream_sync)(std::ptr::null_mut()) })
-    })
 }

@@ -215,10 +215,6 @@ impl Copier {
         })
     }
 
-    pub fn gpu(&self) -> &'static Gpu {
-        self.gpu
-    }
-
     fn event(&self) -> Result<CuEvent, GpuError> {
         if let Some(e) = self.events.lock().ok().and_then(|mut v| v.pop()) {
             return Ok(e);

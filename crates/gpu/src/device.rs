@@ -83,10 +83,6 @@ impl Gpu {
         })
     }
 
-    pub fn ordinal(&self) -> u32 {
-        self.ordinal
-    }
-
     /// Makes this GPU's context current until the guard drops.
     pub(crate) fn enter(&self) -> Result<Entered<'static>, GpuError> {
         let cuda = driver().map_err(|e| GpuError(e.to_string()))?;

@@ -40,19 +40,6 @@ impl std::fmt::Display for GpuError {
 
 impl std::error::Error for GpuError {}
 
-/// The CUDA ordinal of the GPU whose UUID is `uuid`, if this process sees it.
-pub fn ordinal_of(uuid: &str) -> Option<u32> {
-    topology().ok()?.gpus.iter().find(|g| g.uuid == uuid).map(|g| g.index)
-}
-
-/// Whether GPU `a` can map GPU `b`'s memory (true for `a == b`).
-pub fn peer_access(a: u32, b: u32) -> bool {
-    topology()
-        .ok()
-        .and_then(|t| t.peer_access.get(a as usize).and_then(|row| row.get(b as usize)).copied())
-        .unwrap_or(false)
-}
-
 /// Why GPU features are not available.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unavailable {

@@ -21,13 +21,6 @@ pub enum Exportable {
     None { reason: String },
 }
 
-/// The kind of shareable handle a VMM allocation travels as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandleKind {
-    PosixFd,
-    Fabric,
-}
-
 pub(crate) fn ptr_attr<T: Default>(addr: u64, attr: std::ffi::c_int) -> Option<T> {
     let cuda = driver().ok()?;
     let mut v = T::default();
@@ -123,15 +116,6 @@ pub enum Shareable<'a> {
     Fabric(&'a [u8; 64]),
 }
 
-impl Shareable<'_> {
-    pub fn kind(&self) -> HandleKind {
-        match self {
-            Self::Fd(_) => HandleKind::PosixFd,
-            Self::Fabric(_) => HandleKind::Fabric,
-        }
-    }
-}
-
 enum Mapped {
     Ipc,
     Vmm,
@@ -149,10 +133,6 @@ impl Imported {
     /// Where the peer's allocation base appears in this process.
     pub fn ptr(&self) -> u64 {
         self.ptr
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
     }
 }
 
