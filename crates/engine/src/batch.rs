@@ -54,21 +54,11 @@ impl Batch {
 
     /// One chunk of `req` is done; sends the trailer if this completed the data.
     pub(crate) fn chunk_done(self: &Arc<Self>, req: usize) {
-        let send = {
-            let mut t = self.tracker.lock();
-            t.handle_chunk_done(req);
-            let send = t.poll_trailer();
-            if t.is_finished() {
-                self.cond.notify_all();
-            }
-            send
-        };
-        if send {
-            self.send_trailer();
-        }
+        self.chunks_done(&[req]);
     }
 
-    /// Every request of `reqs` is done (one chunk each); one lock for all.
+    /// One chunk of every request of `reqs` is done (one lock for all); sends the trailer if
+    /// this completed the data.
     pub(crate) fn chunks_done(self: &Arc<Self>, reqs: &[usize]) {
         let send = {
             let mut t = self.tracker.lock();

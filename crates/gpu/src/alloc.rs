@@ -118,17 +118,7 @@ fn vmm(gpu: &Gpu, len: u64, fabric: bool, reason: &'static str) -> Result<Alloca
     let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
     let _ctx = gpu.enter()?;
     let types = ffi::HANDLE_POSIX_FD | if fabric { ffi::HANDLE_FABRIC } else { 0 };
-    let prop = MemAllocationProp {
-        alloc_type: 1,
-        requested_handle_types: types,
-        location_type: 1,
-        location_id: gpu.dev,
-        win32_metadata: std::ptr::null_mut(),
-        compression_type: 0,
-        gpu_direct_rdma_capable: 1,
-        usage: 0,
-        reserved: [0; 4],
-    };
+    let prop = MemAllocationProp::device(gpu.dev, types, true);
     let mut gran = 0usize;
     // SAFETY: valid prop and out-pointer; flag 1 = recommended granularity.
     check(cuda, "cuMemGetAllocationGranularity", unsafe {

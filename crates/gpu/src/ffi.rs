@@ -59,6 +59,23 @@ pub(crate) struct MemAllocationProp {
     pub(crate) reserved: [u8; 4],
 }
 
+impl MemAllocationProp {
+    /// Pinned device memory on `dev`, exportable as `handle_types`.
+    pub(crate) fn device(dev: CuDevice, handle_types: c_int, gpu_direct_rdma: bool) -> Self {
+        Self {
+            alloc_type: 1,
+            requested_handle_types: handle_types,
+            location_type: 1,
+            location_id: dev,
+            win32_metadata: std::ptr::null_mut(),
+            compression_type: 0,
+            gpu_direct_rdma_capable: u8::from(gpu_direct_rdma),
+            usage: 0,
+            reserved: [0; 4],
+        }
+    }
+}
+
 /// `CUmemAccessDesc`.
 #[repr(C)]
 pub(crate) struct MemAccessDesc {
@@ -112,8 +129,6 @@ pub(crate) struct Cuda {
     pub(crate) device_attribute: unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult,
     pub(crate) can_access_peer: unsafe extern "C" fn(*mut c_int, CuDevice, CuDevice) -> CuResult,
     pub(crate) primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult,
-    pub(crate) primary_ctx_release: unsafe extern "C" fn(CuDevice) -> CuResult,
-    pub(crate) ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
     pub(crate) mem_granularity:
         unsafe extern "C" fn(*mut usize, *const MemAllocationProp, c_int) -> CuResult,
     pub(crate) mem_create:
@@ -185,9 +200,6 @@ impl Cuda {
                 device_attribute: sym(&lib, "cuDeviceGetAttribute")?,
                 can_access_peer: sym(&lib, "cuDeviceCanAccessPeer")?,
                 primary_ctx_retain: sym(&lib, "cuDevicePrimaryCtxRetain")?,
-                primary_ctx_release: sym(&lib, "cuDevicePrimaryCtxRelease_v2")
-                    .or_else(|_| sym(&lib, "cuDevicePrimaryCtxRelease"))?,
-                ctx_set_current: sym(&lib, "cuCtxSetCurrent")?,
                 mem_granularity: sym(&lib, "cuMemGetAllocationGranularity")?,
                 mem_create: sym(&lib, "cuMemCreate")?,
                 mem_release: sym(&lib, "cuMemRelease")?,

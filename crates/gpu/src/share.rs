@@ -70,23 +70,39 @@ pub fn exportable(gpu: &Gpu, addr: u64) -> Result<Exportable, GpuError> {
     }
 }
 
-/// Exports the VMM allocation mapped at `addr` as a POSIX file descriptor.
-pub fn export_fd(gpu: &Gpu, addr: u64) -> Result<OwnedFd, GpuError> {
+/// Exports the VMM allocation mapped at `addr` as a shareable handle of type `kind`, written
+/// to `out` (an int for POSIX_FD, 64 bytes for FABRIC).
+///
+/// # Safety
+/// `out` must point at writable storage of the size `kind` writes.
+unsafe fn export(
+    gpu: &Gpu,
+    addr: u64,
+    kind: std::ffi::c_int,
+    out: *mut c_void,
+) -> Result<(), GpuError> {
     let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
     let _ctx = gpu.enter()?;
     let mut handle = 0u64;
-    // SAFETY: out-pointer to a local; `addr` lies in a VMM mapping (checked by the caller
-    // through `exportable`), so the driver returns its allocation handle with a reference.
+    // SAFETY: out-pointer to a local; `addr` lies in a VMM mapping (checked by the callers'
+    // callers through `exportable`), so the driver returns its allocation handle with a
+    // reference.
     check(cuda, "cuMemRetainAllocationHandle", unsafe {
         (cuda.retain_handle)(&mut handle, addr as *mut c_void)
     })?;
-    let mut fd: i32 = -1;
-    // SAFETY: a POSIX_FD export writes an int; `handle` is live (retained above).
-    let r =
-        unsafe { (cuda.mem_export)((&mut fd as *mut i32).cast(), handle, ffi::HANDLE_POSIX_FD, 0) };
+    // SAFETY: `out` fits what `kind` writes (the caller's contract); `handle` is live.
+    let r = unsafe { (cuda.mem_export)(out, handle, kind, 0) };
     // SAFETY: drops the reference taken by cuMemRetainAllocationHandle.
     unsafe { (cuda.mem_release)(handle) };
-    check(cuda, "cuMemExportToShareableHandle(POSIX_FD)", r)?;
+    let what = if kind == ffi::HANDLE_FABRIC { "FABRIC" } else { "POSIX_FD" };
+    check(cuda, &format!("cuMemExportToShareableHandle({what})"), r)
+}
+
+/// Exports the VMM allocation mapped at `addr` as a POSIX file descriptor.
+pub fn export_fd(gpu: &Gpu, addr: u64) -> Result<OwnedFd, GpuError> {
+    let mut fd: i32 = -1;
+    // SAFETY: a POSIX_FD export writes one int.
+    unsafe { export(gpu, addr, ffi::HANDLE_POSIX_FD, (&mut fd as *mut i32).cast())? };
     // SAFETY: the driver created this descriptor for us; we own it now.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -94,19 +110,9 @@ pub fn export_fd(gpu: &Gpu, addr: u64) -> Result<OwnedFd, GpuError> {
 /// Exports the VMM allocation mapped at `addr` as a 64-byte FABRIC handle (fails with
 /// CUDA_ERROR_NOT_PERMITTED where no IMEX channel is granted).
 pub fn export_fabric(gpu: &Gpu, addr: u64) -> Result<[u8; 64], GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
-    let _ctx = gpu.enter()?;
-    let mut handle = 0u64;
-    // SAFETY: as in `export_fd`.
-    check(cuda, "cuMemRetainAllocationHandle", unsafe {
-        (cuda.retain_handle)(&mut handle, addr as *mut c_void)
-    })?;
     let mut out = [0u8; 64];
-    // SAFETY: a FABRIC export writes a 64-byte CUmemFabricHandle; `handle` is live.
-    let r = unsafe { (cuda.mem_export)(out.as_mut_ptr().cast(), handle, ffi::HANDLE_FABRIC, 0) };
-    // SAFETY: drops the reference taken above.
-    unsafe { (cuda.mem_release)(handle) };
-    check(cuda, "cuMemExportToShareableHandle(FABRIC)", r)?;
+    // SAFETY: a FABRIC export writes a 64-byte CUmemFabricHandle.
+    unsafe { export(gpu, addr, ffi::HANDLE_FABRIC, out.as_mut_ptr().cast())? };
     Ok(out)
 }
 

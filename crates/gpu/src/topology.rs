@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use tidewire_core::fabric::FabricEvidence;
 use tidewire_core::memory::{Location, MemoryKind};
 
+use crate::device::Gpu;
 use crate::ffi::{self, Cuda, MemAllocationProp, Nvml, NvmlFabricInfoV2};
 use crate::Unavailable;
 
@@ -165,8 +166,11 @@ fn describe(
         .filter(|n: &i32| *n >= 0);
     let flag = |a| attr(cuda, dev, a) == Some(1);
     let (nvlinks, fabric_nvml) = nvml_facts(nvml, nvml_err, &pci);
-    let fabric =
-        FabricEvidence { imex_channels: imex, probe: fabric_probe(cuda, dev), ..fabric_nvml };
+    let fabric = FabricEvidence {
+        imex_channels: imex,
+        probe: fabric_probe(cuda, index, dev),
+        ..fabric_nvml
+    };
     GpuInfo {
         index,
         name,
@@ -241,47 +245,29 @@ fn nvml_facts(
 }
 
 /// Allocates one granule with a FABRIC handle and exports it: the only real test of whether
-/// this process may use the fabric (it fails with CUDA_ERROR_NOT_PERMITTED without IMEX).
-fn fabric_probe(cuda: &Cuda, dev: ffi::CuDevice) -> Result<(), String> {
-    let mut ctx: ffi::CuContext = std::ptr::null_mut();
-    // SAFETY: out-pointer to a local; `dev` is valid. Released below.
-    cuda.check("cuDevicePrimaryCtxRetain", unsafe { (cuda.primary_ctx_retain)(&mut ctx, dev) })?;
-    let result = (|| {
-        // SAFETY: `ctx` is the retained primary context.
-        cuda.check("cuCtxSetCurrent", unsafe { (cuda.ctx_set_current)(ctx) })?;
-        let prop = MemAllocationProp {
-            alloc_type: 1,
-            requested_handle_types: ffi::HANDLE_FABRIC,
-            location_type: 1,
-            location_id: dev,
-            win32_metadata: std::ptr::null_mut(),
-            compression_type: 0,
-            gpu_direct_rdma_capable: 0,
-            usage: 0,
-            reserved: [0; 4],
-        };
-        let mut gran = 0usize;
-        // SAFETY: valid prop and out-pointer; flag 0 = minimum granularity.
-        cuda.check("cuMemGetAllocationGranularity(FABRIC)", unsafe {
-            (cuda.mem_granularity)(&mut gran, &prop, 0)
-        })?;
-        let mut handle = 0u64;
-        // SAFETY: valid prop and out-pointer; the handle is released below on success.
-        cuda.check("cuMemCreate(FABRIC)", unsafe {
-            (cuda.mem_create)(&mut handle, gran.max(2 << 20), &prop, 0)
-        })?;
-        let mut fabric_handle = [0u8; 64];
-        // SAFETY: a 64-byte CUmemFabricHandle buffer for a FABRIC export of a live handle.
-        let exported = unsafe {
-            (cuda.mem_export)(fabric_handle.as_mut_ptr().cast(), handle, ffi::HANDLE_FABRIC, 0)
-        };
-        // SAFETY: `handle` came from cuMemCreate and is released exactly once.
-        unsafe { (cuda.mem_release)(handle) };
-        cuda.check("cuMemExportToShareableHandle(FABRIC)", exported)
-    })();
-    // SAFETY: balances the retain above.
-    unsafe { (cuda.primary_ctx_release)(dev) };
-    result
+/// this process may use the fabric (it fails with CUDA_ERROR_NOT_PERMITTED without IMEX). Runs
+/// in GPU `index`'s primary context, pushed and popped, so the caller's context is untouched.
+fn fabric_probe(cuda: &Cuda, index: u32, dev: ffi::CuDevice) -> Result<(), String> {
+    let _ctx = Gpu::get(index).and_then(|g| g.enter()).map_err(|e| e.0)?;
+    let prop = MemAllocationProp::device(dev, ffi::HANDLE_FABRIC, false);
+    let mut gran = 0usize;
+    // SAFETY: valid prop and out-pointer; flag 0 = minimum granularity.
+    cuda.check("cuMemGetAllocationGranularity(FABRIC)", unsafe {
+        (cuda.mem_granularity)(&mut gran, &prop, 0)
+    })?;
+    let mut handle = 0u64;
+    // SAFETY: valid prop and out-pointer; the handle is released below on success.
+    cuda.check("cuMemCreate(FABRIC)", unsafe {
+        (cuda.mem_create)(&mut handle, gran.max(2 << 20), &prop, 0)
+    })?;
+    let mut fabric_handle = [0u8; 64];
+    // SAFETY: a 64-byte CUmemFabricHandle buffer for a FABRIC export of a live handle.
+    let exported = unsafe {
+        (cuda.mem_export)(fabric_handle.as_mut_ptr().cast(), handle, ffi::HANDLE_FABRIC, 0)
+    };
+    // SAFETY: `handle` came from cuMemCreate and is released exactly once.
+    unsafe { (cuda.mem_release)(handle) };
+    cuda.check("cuMemExportToShareableHandle(FABRIC)", exported)
 }
 
 /// Classifies a pointer through the driver's pointer attributes (see `crate::classify`).
