@@ -6,8 +6,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::{BufRead, Write};
+use std::process::{Child, ChildStdin};
 use std::time::{Duration, Instant};
 
 use common::random_bytes;
@@ -53,28 +53,12 @@ struct GpuChild {
 
 impl GpuChild {
     fn spawn(kind: &str, len: u64, seed: u64) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", CHILD, "--ignored", "--nocapture", "--test-threads=1"])
-            .env("TW_GPU_KIND", kind)
-            .env("TW_GPU_LEN", len.to_string())
-            .env("TW_GPU_SEED", seed.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let ready = loop {
-            let line = rx.recv_timeout(Duration::from_secs(60)).expect("child ready in time");
-            if let Some(rest) = line.split_once("READY ").map(|(_, r)| r.to_string()) {
-                break rest;
-            }
-        };
+        let env = [
+            ("TW_GPU_KIND", kind.to_string()),
+            ("TW_GPU_LEN", len.to_string()),
+            ("TW_GPU_SEED", seed.to_string()),
+        ];
+        let (mut child, rx, ready) = common::spawn_child(CHILD, &env, Duration::from_secs(60));
         let mut parts = ready.split_whitespace();
         let name = parts.next().unwrap().to_string();
         let addr = parts.next().unwrap().parse().unwrap();

@@ -155,6 +155,45 @@ fn fake_conn(mut s: TcpStream, desc: &[u8]) {
     }
 }
 
+/// Re-executes this test binary running only `entry` (an ignored helper test) with `env`, and
+/// waits up to `limit` for the line `READY <rest>`. Returns the child, its further stdout lines
+/// and `<rest>`.
+pub fn spawn_child(
+    entry: &str,
+    env: &[(&str, String)],
+    limit: Duration,
+) -> (Child, std::sync::mpsc::Receiver<String>, String) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["--exact", entry, "--ignored", "--nocapture", "--test-threads=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let until = Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("child {entry} not ready in {limit:?}: {e}");
+            }
+        };
+        if let Some(rest) = line.split_once("READY ").map(|(_, r)| r.to_string()) {
+            return (child, rx, rest);
+        }
+    }
+}
+
 /// A target engine in a child process (this test binary re-executed with `TW_CHILD_PORT`).
 pub struct ChildTarget {
     pub child: Child,
@@ -179,26 +218,11 @@ impl ChildTarget {
         fill_seed: u64,
         env: &[(&str, String)],
     ) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .args(["--exact", test_binary_entry, "--ignored", "--nocapture", "--test-threads=1"])
-            .env("TW_CHILD_PORT", port.to_string())
-            .env("TW_CHILD_LEN", len.to_string())
-            .env("TW_CHILD_SEED", fill_seed.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split_once("READY ").map(|(_, r)| r) {
-                    let _ = tx.send(rest.to_string());
-                }
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("child target ready in time");
+        let mut env: Vec<(&str, String)> = env.to_vec();
+        env.push(("TW_CHILD_PORT", port.to_string()));
+        env.push(("TW_CHILD_LEN", len.to_string()));
+        env.push(("TW_CHILD_SEED", fill_seed.to_string()));
+        let (child, _lines, line) = spawn_child(test_binary_entry, &env, Duration::from_secs(20));
         let mut parts = line.split_whitespace();
         let name = parts.next().unwrap().to_string();
         let addr = parts.next().unwrap().parse().unwrap();
