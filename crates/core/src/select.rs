@@ -278,7 +278,7 @@ fn judge(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<
             Ok(format!("same host; cuda:{exec} maps the remote GPU's memory ({how}, peer access)"))
         }
         TransportKind::Mnnvl => {
-            let Some(Reach::Fabric { device, cluster_uuid, clique_id, .. }) =
+            let Some(Reach::Fabric { cluster_uuid, clique_id, .. }) =
                 e.remote.reach.iter().find(|r| matches!(r, Reach::Fabric { .. }))
             else {
                 return Err(format!(
@@ -298,7 +298,6 @@ fn judge(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<
                 (MemoryKind::Device | MemoryKind::DeviceVmm, Some(_)) => {}
                 (kind, _) => return Err(format!("local memory is {kind}, not device memory")),
             }
-            let _ = device;
             Ok(format!("same NVLink fabric (cluster {cluster}, clique {clique}); FABRIC handle"))
         }
         TransportKind::Shm => {

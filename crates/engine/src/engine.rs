@@ -154,7 +154,7 @@ pub(crate) struct Step {
 pub(crate) struct RemoteRegion {
     pub(crate) id: RegionId,
     pub(crate) addr: u64,
-    len: u64,
+    pub(crate) len: u64,
 }
 
 impl Step {
@@ -679,8 +679,15 @@ impl Engine {
                 };
                 let reach = reach.ok_or(Error::Internal("GPU transport chosen without a reach"))?;
                 let uuid = reach.device().unwrap_or_default();
-                let exec = executing_gpu(local.location, uuid, &self.inner.gpu_facts)
-                    .map_err(|_| Error::Internal("GPU transport chosen without a GPU"))?;
+                let exec =
+                    executing_gpu(local.location, uuid, &self.inner.gpu_facts).map_err(|why| {
+                        Error::NoTransport {
+                            peer: conn.name.clone(),
+                            addr: r.remote,
+                            len: r.len,
+                            refusals: format!("{}: no — {why}", choice.transport),
+                        }
+                    })?;
                 Some(GpuRoute { reach: reach.clone(), exec })
             }
             _ => None,

@@ -41,6 +41,8 @@ pub(crate) fn gpu_facts() -> GpuFacts {
         Ok(t) => t,
         Err(e) => return GpuFacts::none(&e.to_string()),
     };
+    // One fabric identity per host: every GPU of a node sits in the same NVLink domain, so
+    // GPU 0's NVML answer and probe stand for the host.
     let fabric = match topo.gpus.first() {
         None => Err("no GPU".to_string()),
         Some(g) => g.fabric.local_verdict().map(|()| {
@@ -209,6 +211,18 @@ pub(crate) struct GpuWork {
     entered: Vec<(Arc<NvlinkClient>, Arc<RemoteGpu>)>,
     /// Local regions kept registered until the copy completed.
     _pins: Vec<OwnedAccess>,
+    /// The GPU that runs the copy.
+    exec: u32,
+}
+
+/// A copy that failed on (or could not be given to) our GPU, named after the peer whose memory
+/// it targeted and the GPU.
+fn gpu_failed(entered: &[(Arc<NvlinkClient>, Arc<RemoteGpu>)], exec: u32, what: String) -> Error {
+    Error::PeerFailed {
+        peer: entered.first().map_or_else(|| "?".into(), |(c, _)| c.shm_peer()),
+        transport: TransportKind::Nvlink,
+        reason: format!("cuda:{exec}: {what}"),
+    }
 }
 
 impl GpuWork {
@@ -265,11 +279,7 @@ fn complete_loop(rx: &Receiver<GpuWork>, life: &Lifecycle, grace: Duration) {
                 }
                 Err(e) => {
                     let w = inflight.swap_remove(i);
-                    let err = Error::PeerFailed {
-                        peer: "the local GPU".into(),
-                        transport: TransportKind::Nvlink,
-                        reason: format!("the copy failed on the GPU: {e}"),
-                    };
+                    let err = gpu_failed(&w.entered, w.exec, format!("the copy failed: {e}"));
                     w.finish(Err(err));
                     progressed = true;
                 }
@@ -290,7 +300,10 @@ fn complete_loop(rx: &Receiver<GpuWork>, life: &Lifecycle, grace: Duration) {
 fn drain_on_stop(inflight: &mut Vec<GpuWork>, grace: Duration) {
     let until = std::time::Instant::now() + grace;
     while !inflight.is_empty() && std::time::Instant::now() < until {
-        inflight.retain(|w| !matches!(w.pending.is_done(), Ok(true)));
+        let (done, left): (Vec<GpuWork>, Vec<GpuWork>) =
+            inflight.drain(..).partition(|w| matches!(w.pending.is_done(), Ok(true)));
+        done.into_iter().for_each(|w| w.finish(Ok(())));
+        *inflight = left;
         std::thread::sleep(Duration::from_micros(100));
     }
     for w in inflight.drain(..) {
@@ -336,17 +349,17 @@ pub(crate) fn run(
     }
 }
 
-struct Resolved {
-    step: *const Step,
+struct Resolved<'a> {
+    step: &'a Step,
     client: Arc<NvlinkClient>,
     remote: Arc<RemoteGpu>,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_on(
+fn run_on<'a>(
     batch: &Arc<Batch>,
     requests: &[Request],
-    steps: &[&Step],
+    steps: &[&'a Step],
     idx: &[usize],
     exec: u32,
     after: Option<u64>,
@@ -355,7 +368,7 @@ fn run_on(
 ) {
     let mut resolved: Vec<Resolved> = Vec::new();
     let mut pins: Vec<OwnedAccess> = Vec::new();
-    let mut pinned: Vec<*const RegionEntry> = Vec::new();
+    let mut pinned: Vec<&RegionEntry> = Vec::new();
     let mut segs: Vec<Seg> = Vec::with_capacity(idx.len());
     let mut reqs: Vec<usize> = Vec::with_capacity(idx.len());
     let mut last: Option<usize> = None;
@@ -395,7 +408,7 @@ fn run_on(
     });
     match enqueued {
         Ok(pending) => {
-            let work = GpuWork { pending, batch: batch.clone(), reqs, entered, _pins: pins };
+            let work = GpuWork { pending, batch: batch.clone(), reqs, entered, _pins: pins, exec };
             if let Err(e) = done.send(work) {
                 // The completion thread is gone (shutdown); the copy may still run, so keep
                 // the marks and pins alive until the process ends rather than release early.
@@ -406,11 +419,7 @@ fn run_on(
             }
         }
         Err(e) => {
-            let err = Error::PeerFailed {
-                peer: "the local GPU".into(),
-                transport: TransportKind::Nvlink,
-                reason: format!("enqueueing on cuda:{exec}: {e}"),
-            };
+            let err = gpu_failed(&entered, exec, format!("enqueueing the copy: {e}"));
             for (client, remote) in &entered {
                 client.shm.leave(&remote.control);
             }
@@ -421,20 +430,20 @@ fn run_on(
 
 /// Maps a step's remote region, marks it in flight (unless revoked) and pins its local
 /// region; returns its index in `resolved`.
-fn resolve(
-    step: &Step,
+fn resolve<'a>(
+    step: &'a Step,
     exec: u32,
     clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
-    resolved: &mut Vec<Resolved>,
+    resolved: &mut Vec<Resolved<'a>>,
     pins: &mut Vec<OwnedAccess>,
-    pinned: &mut Vec<*const RegionEntry>,
+    pinned: &mut Vec<&'a RegionEntry>,
 ) -> Result<usize> {
     if let Some(k) = resolved.iter().position(|r| std::ptr::eq(r.step, step)) {
         return Ok(k);
     }
     let route = step.gpu.as_ref().ok_or(Error::Internal("nvlink step without a GPU route"))?;
     let local = &*step.local;
-    if !pinned.contains(&(local as *const RegionEntry)) {
+    if !pinned.iter().any(|&p| std::ptr::eq(p, local)) {
         let pin = local
             .access_owned()
             .ok_or(Error::NotRegistered { addr: local.addr, len: local.len })?;
@@ -448,7 +457,7 @@ fn resolve(
         return Err(Error::RemoteAccessDenied {
             peer: step.conn.name.clone(),
             addr: step.region.addr,
-            len: 0,
+            len: step.region.len,
             reason: format!("the peer unregistered {}", step.region.id),
         });
     }
