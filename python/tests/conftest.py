@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Iterator, List
+from typing import Callable, Iterator, List
 
 import numpy as np
 import pytest
@@ -122,6 +123,19 @@ def make_target() -> Iterator:
     yield make
     for t in made:
         t.close()
+
+
+def run_in_threads(worker: Callable[[int], None], n: int = 16, timeout: float = 60.0) -> None:
+    """Runs `worker(k)` for k in range(n) on n threads; fails if one is still running after
+    `timeout` seconds."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + timeout
+    for th in threads:
+        th.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = sum(th.is_alive() for th in threads)
+    assert stuck == 0, f"{stuck} of {n} threads still running after {timeout} s"
 
 
 def rand(n: int, seed: int) -> bytes:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import rand
+from conftest import rand, run_in_threads
 from tidewire import mooncake
 from tidewire.mooncake import TransferEngine, TransferNotify, TransferOpcode
 
@@ -187,11 +187,7 @@ def test_sixteen_threads_at_once(make_target):
             if e.transfer_sync_read(t.name, back.ctypes.data + base, t.addr + base, part) != 0:
                 errors.append(("read", k))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
+    run_in_threads(worker)
     assert not errors
     assert back.tobytes() == data
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tidewire
-from conftest import rand
+from conftest import rand, run_in_threads
 
 
 class DLPackOnly:
@@ -127,11 +127,7 @@ def test_many_python_threads_share_one_engine(pair):
         except tidewire.TidewireError as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_in_threads(worker)
     assert not errors
     back = np.zeros(16 << 16, dtype=np.uint8)
     baddr, _ = initiator.register(back)
