@@ -1,11 +1,16 @@
-"""GPU memory classification and refusals (run on a GPU host by scripts/gpu-test.sh; skipped
-elsewhere with the reason). The NVLink transports are not built yet: GPU memory registers
-with its true kind, and requests on it fail at submit naming every transport's refusal."""
+"""GPU memory with torch (run on a GPU host by scripts/gpu-test.sh; skipped elsewhere with the
+reason): classification and refusals, tidewire's PyTorch allocator, and torch tensors moved
+between two processes (one GPU each) over NVLink with every byte checked."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import select
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +21,12 @@ from tidewire.mooncake import TransferEngine
 torch = pytest.importorskip("torch", reason="torch is not installed")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+
+GPU_PEER = os.path.join(os.path.dirname(__file__), "gpu_peer.py")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+needs_mem_pool = pytest.mark.skipif(
+    not hasattr(torch.cuda, "use_mem_pool"), reason=f"torch {torch.__version__} has no MemPool"
+)
 
 
 def kinds(engine: tidewire.Engine) -> dict:
@@ -85,3 +96,129 @@ def test_mooncake_api_returns_a_negative_code_for_gpu_memory(caplog):
     assert "no transport reaches" in caplog.text
     topo = json.loads(e.get_local_topology())
     assert "cpu:0" in topo
+
+
+def readline(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    """One line from a child's stdout, or a test failure after `timeout` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"the GPU peer said nothing for {timeout} s"
+    line = proc.stdout.readline()
+    assert line, f"the GPU peer exited (code {proc.poll()})"
+    return line
+
+
+class GpuPeer:
+    """python/tests/gpu_peer.py in a child process: a tensor on `device`, registered."""
+
+    def __init__(self, device: int, length: int, seed: int, pool: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, GPU_PEER, str(device), str(length), str(seed), pool],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        info = json.loads(readline(self.proc))
+        self.name: str = info["name"]
+        self.addr: int = info["addr"]
+        self.len: int = info["len"]
+        self.reach: list = info["reach"]
+        self.allocation = info["allocation"]
+
+    def digest(self) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("digest\n")
+        self.proc.stdin.flush()
+        return json.loads(readline(self.proc))["sha256"]
+
+    def __enter__(self) -> "GpuPeer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
+def tensor_in(pool_kind: str, n: int, device: str, pool=None):
+    if pool_kind == "tidewire":
+        with torch.cuda.use_mem_pool(pool):
+            return torch.empty(n, dtype=torch.uint8, device=device)
+    # A sub-allocation of PyTorch's caching allocator, not at its block's start.
+    block = torch.empty(n + (1 << 20), dtype=torch.uint8, device=device)
+    return block[1 << 20:]
+
+
+@needs_mem_pool
+def test_mem_pool_tensors_live_in_transferable_vmm_memory():
+    pool = tidewire.mem_pool()
+    with torch.cuda.use_mem_pool(pool):
+        t = torch.empty(8 << 20, dtype=torch.uint8, device="cuda:0")
+    seg = next(s for s in torch.cuda.memory_snapshot()
+               if s["address"] <= t.data_ptr() < s["address"] + s["total_size"])
+    info = tidewire.allocation(seg["address"])
+    assert info is not None, tidewire.allocator.last_failure()
+    assert info["kind"] in ("vmm-posix-fd", "vmm-fabric"), info
+    assert info["device"] == 0 and info["len"] >= seg["total_size"] and info["reason"]
+    with tidewire.Engine() as e:
+        addr, _ = e.register(t)
+        region = next(r for r in e.descriptor()["regions"] if r["addr"] == addr)
+        assert region["location"] == {"kind": "device", "device": 0}
+        assert "vmm_fd" in [r["transport"] for r in region["reach"]], region
+    # Bad input reaches the caller: PyTorch raises its out-of-memory error and tidewire keeps
+    # the driver's reason.
+    with pytest.raises(RuntimeError):  # torch.cuda.OutOfMemoryError
+        with torch.cuda.use_mem_pool(pool):
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda:0")
+    assert "cuda:0" in (tidewire.allocator.last_failure() or "")
+    del t
+
+
+@needs_two_gpus
+@needs_mem_pool
+@pytest.mark.parametrize("remote_pool", ["tidewire", "torch"])
+@pytest.mark.parametrize("local_pool", ["tidewire", "torch"])
+def test_torch_tensors_move_over_nvlink_both_ways(local_pool, remote_pool):
+    n, page = 16 << 20, 4096
+    pages = n // page
+    with GpuPeer(1, n, seed=7, pool=remote_pool) as peer, tidewire.Engine() as e:
+        assert peer.len == n
+        assert peer.reach == (["vmm_fd"] if remote_pool == "tidewire" else ["cuda_ipc"]), peer.reach
+        if remote_pool == "tidewire":
+            assert peer.allocation["kind"].startswith("vmm"), peer.allocation
+        pool = tidewire.mem_pool()
+        src = tensor_in(local_pool, n, "cuda:0", pool)
+        back = tensor_in(local_pool, n, "cuda:0", pool)
+        src.zero_()
+        back.fill_(0xA5)
+        torch.cuda.synchronize()
+        e.register(src)
+        e.register(back)
+        # Fill the source on the current stream without waiting: the write must be ordered
+        # after it by the stream argument.
+        g = torch.Generator(device="cuda:0").manual_seed(11)
+        src.copy_(torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0", generator=g))
+        perm = np.random.default_rng(3).permutation(pages).astype(np.uint64)
+        local = np.uint64(src.data_ptr()) + np.arange(pages, dtype=np.uint64) * np.uint64(page)
+        remote = np.uint64(peer.addr) + perm * np.uint64(page)
+        stream = torch.cuda.current_stream().cuda_stream
+        e.write(peer.name, local, remote, page, stream=stream)
+        expected = torch.empty_like(src)
+        expected.view(pages, page)[torch.from_numpy(perm.astype(np.int64)).cuda()] = src.view(pages, page)
+        assert peer.digest() == hashlib.sha256(expected.cpu().numpy().tobytes()).hexdigest()
+        # Read every page back into poisoned memory, in the same scattered order.
+        back_local = np.uint64(back.data_ptr()) + np.arange(pages, dtype=np.uint64) * np.uint64(page)
+        e.read(peer.name, back_local, remote, page)
+        assert torch.equal(back, src)
+        # One large contiguous run (copy engine) and an odd-sized one at odd offsets.
+        back.fill_(0xA5)
+        torch.cuda.synchronize()
+        e.read(peer.name, [back.data_ptr(), back.data_ptr() + (8 << 20) + 3],
+               [peer.addr, peer.addr + (8 << 20) + 3], [8 << 20, 4093])
+        assert torch.equal(back[: 8 << 20], expected[: 8 << 20])
+        lo, hi = (8 << 20) + 3, (8 << 20) + 3 + 4093
+        assert torch.equal(back[lo:hi], expected[lo:hi])
+        assert bool((back[hi:] == 0xA5).all()) and bool((back[8 << 20:lo] == 0xA5).all())

@@ -20,6 +20,7 @@ import json
 from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import _native
+from .allocator import allocation, cuda_allocator, mem_pool
 from ._native import (
     Batch,
     BindError,
@@ -68,7 +69,10 @@ __all__ = [
     "ShuttingDown",
     "TidewireError",
     "Timeout",
+    "allocation",
+    "cuda_allocator",
     "gpu_status",
+    "mem_pool",
 ]
 
 #: A list of ints, a numpy array, or a DLPack tensor of 64-bit integers; or one int for all.
@@ -184,19 +188,24 @@ class Engine:
         lengths: Descriptors,
         notify: Optional[Tuple[str, str]] = None,
         timeout: Optional[float] = None,
+        stream: Optional[int] = None,
     ) -> Batch:
-        """Submits a batch without waiting; `op` is "read" or "write"."""
-        return self._native.submit(peer, op, local, remote, lengths, notify, timeout)
+        """Submits a batch without waiting; `op` is "read" or "write".
+
+        `stream` (a CUstream as an int, e.g. `torch.cuda.current_stream().cuda_stream`): GPU
+        copies start after the work already queued on it (an event, not a host sync)."""
+        return self._native.submit(peer, op, local, remote, lengths, notify, timeout, stream)
 
     def write(self, peer: str, local: Descriptors, remote: Descriptors, lengths: Descriptors,
-              notify: Optional[Tuple[str, str]] = None, timeout: Optional[float] = None) -> None:
+              notify: Optional[Tuple[str, str]] = None, timeout: Optional[float] = None,
+              stream: Optional[int] = None) -> None:
         """Writes local ranges to the peer and waits; raises on failure."""
-        self.submit(peer, "write", local, remote, lengths, notify, timeout).wait()
+        self.submit(peer, "write", local, remote, lengths, notify, timeout, stream).wait()
 
     def read(self, peer: str, local: Descriptors, remote: Descriptors, lengths: Descriptors,
-             timeout: Optional[float] = None) -> None:
+             timeout: Optional[float] = None, stream: Optional[int] = None) -> None:
         """Reads the peer's ranges into local memory and waits; raises on failure."""
-        self.submit(peer, "read", local, remote, lengths, None, timeout).wait()
+        self.submit(peer, "read", local, remote, lengths, None, timeout, stream).wait()
 
     def notifications(self) -> list:
         """Notifications received so far (oldest first), as `Notification` tuples."""

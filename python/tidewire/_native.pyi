@@ -1,8 +1,8 @@
 """Type stubs for the compiled module `tidewire._native` (checked by mypy.stubtest)."""
 
-from typing import Any, List, Optional, Tuple, final
+from typing import Any, Dict, List, Optional, Tuple, final
 
-__all__ = ["Batch", "BindError", "Cancelled", "ConfigError", "Engine", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "TidewireError", "Timeout", "__version__", "descriptor_count", "gpu_status"]
+__all__ = ["Batch", "BindError", "Cancelled", "ConfigError", "Engine", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "gpu_status", "last_allocation_failure"]
 
 __version__: str
 
@@ -64,6 +64,7 @@ class Engine:
         lengths: Any,
         notify: Optional[Tuple[str, str]] = None,
         timeout: Optional[float] = None,
+        stream: Optional[int] = None,
     ) -> Batch: ...
     def take_notifications(self) -> List[Tuple[str, str, str]]: ...
     def probe(self, peer: str) -> float: ...
@@ -90,3 +91,5 @@ class MetadataServer:
 
 def descriptor_count(values: Any) -> int: ...
 def gpu_status() -> Tuple[bool, str]: ...
+def allocation(ptr: int) -> Optional[Dict[str, Any]]: ...
+def last_allocation_failure() -> Optional[str]: ...

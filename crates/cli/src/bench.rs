@@ -351,6 +351,9 @@ struct Measure {
     requests: u64,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// Per round: the time until `submit` returned (planning and enqueueing; for baselines,
+    /// the whole round).
+    submits: Vec<Duration>,
 }
 
 impl Measure {
@@ -359,6 +362,7 @@ impl Measure {
         self.requests += other.requests;
         self.elapsed = self.elapsed.max(other.elapsed);
         self.latencies.extend(other.latencies);
+        self.submits.extend(other.submits);
     }
 
     fn gbps(&self) -> f64 {
@@ -366,13 +370,17 @@ impl Measure {
     }
 
     fn percentile_us(&mut self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return 0.0;
-        }
-        self.latencies.sort_unstable();
-        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
-        self.latencies[i].as_secs_f64() * 1e6
+        percentile_us(&mut self.latencies, p)
     }
+}
+
+fn percentile_us(v: &mut [Duration], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i].as_secs_f64() * 1e6
 }
 
 /// Runs `round` repeatedly on `threads` threads for `duration` (after a short warm-up).
@@ -415,8 +423,9 @@ where
                     let start = Instant::now();
                     while start.elapsed() < duration {
                         let t0 = Instant::now();
-                        round()?;
+                        let submitted = round()?;
                         m.latencies.push(t0.elapsed());
+                        m.submits.push(submitted);
                         m.bytes += bytes_per_round;
                         m.requests += reqs_per_round;
                         if t == 0 {
@@ -486,7 +495,7 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
     }
     if !args.json {
         println!(
-            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9} {:>11} {:>9} {:>9}{}",
+            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9} {:>11} {:>9} {:>9} {:>9}{}",
             "trans",
             "op",
             "block",
@@ -496,6 +505,7 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
             "req/s",
             "p50_us",
             "p99_us",
+            "sub_p50",
             args.baseline.as_ref().map_or(String::new(), |b| format!(
                 "  {:>8} {:>9} {:>9} {:>6}",
                 format!("{b}"),
@@ -537,9 +547,12 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                         remote: remote + r,
                     })
                     .collect();
-                let round: Round<'_> = Box::new(move || -> anyhow::Result<()> {
-                    engine_ref.submit(&reqs, BatchOptions::default())?.wait()?;
-                    Ok(())
+                let round: Round<'_> = Box::new(move || -> anyhow::Result<Duration> {
+                    let t0 = Instant::now();
+                    let batch = engine_ref.submit(&reqs, BatchOptions::default())?;
+                    let submitted = t0.elapsed();
+                    batch.wait()?;
+                    Ok(submitted)
                 });
                 Ok(round)
             })?;
@@ -592,6 +605,7 @@ fn report(
     base: Option<Measure>,
 ) {
     let (p50, p99) = (m.percentile_us(0.50), m.percentile_us(0.99));
+    let sub_p50 = percentile_us(&mut m.submits, 0.50);
     let req_s = m.requests as f64 / m.elapsed.as_secs_f64().max(1e-9);
     let mut line = serde_json::json!({
         "transport": transport,
@@ -605,6 +619,7 @@ fn report(
         "req_per_s": req_s,
         "p50_us": p50,
         "p99_us": p99,
+        "submit_p50_us": sub_p50,
     });
     let mut base_cols = String::new();
     if let (Some(mut b), Some(name)) = (base, args.baseline.as_deref()) {
@@ -621,7 +636,7 @@ fn report(
         println!("{line}");
     } else {
         println!(
-            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9.3} {:>11.0} {:>9.1} {:>9.1}{base_cols}",
+            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9.3} {:>11.0} {:>9.1} {:>9.1} {:>9.1}{base_cols}",
             transport,
             args.op,
             format_size(block),
@@ -630,7 +645,8 @@ fn report(
             m.gbps(),
             req_s,
             p50,
-            p99
+            p99,
+            sub_p50
         );
     }
 }
@@ -677,7 +693,8 @@ fn raw_serve(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
-type Round<'a> = Box<dyn FnMut() -> anyhow::Result<()> + Send + 'a>;
+/// One round of a benchmark; returns the time until its work was submitted.
+type Round<'a> = Box<dyn FnMut() -> anyhow::Result<Duration> + Send + 'a>;
 
 /// One thread of the raw-TCP baseline. It moves the same bytes as the engine does, from and
 /// into the same footprint (a distinct block of a `span`-byte buffer per request), so neither
@@ -701,6 +718,7 @@ fn raw_client(
     let slots = (span as usize / block).max(1);
     let mut buf = vec![7u8; slots * block];
     Ok(Box::new(move || {
+        let t0 = Instant::now();
         match op {
             Op::Write => {
                 for i in 0..batch {
@@ -718,7 +736,7 @@ fn raw_client(
                 }
             }
         }
-        Ok(())
+        Ok(t0.elapsed())
     }))
 }
 
@@ -728,11 +746,12 @@ fn memcpy_round(block: u64, batch: usize, span: u64) -> anyhow::Result<Round<'st
     let src = vec![3u8; slots * block];
     let mut dst = vec![0u8; slots * block];
     Ok(Box::new(move || {
+        let t0 = Instant::now();
         for i in 0..batch {
             let at = (i % slots) * block;
             dst[at..at + block].copy_from_slice(&src[at..at + block]);
         }
         std::hint::black_box(&dst);
-        Ok(())
+        Ok(t0.elapsed())
     }))
 }

@@ -1,6 +1,7 @@
 //! Batches in flight: the core tracker behind a lock, a condition variable for waiters, and
 //! the data gate that keeps late READ data out of memory the caller was told is free.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,15 +37,21 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// A batch of `n` requests; `chunks[i]` completions finish request `i` (`None`: one each).
     pub(crate) fn new(
         id: BatchId,
-        chunks: Vec<u32>,
+        n: usize,
+        chunks: Option<Vec<u32>>,
         trailer: Option<TrailerRoute>,
         deadline: Instant,
     ) -> Arc<Self> {
+        let tracker = match chunks {
+            Some(c) => BatchTracker::new(c, trailer.is_some(), deadline),
+            None => BatchTracker::single(n, trailer.is_some(), deadline),
+        };
         Arc::new(Self {
             id,
-            tracker: Mutex::new(BatchTracker::new(chunks, trailer.is_some(), deadline)),
+            tracker: Mutex::new(tracker),
             cond: Condvar::new(),
             gate: RwLock::new(()),
             trailer: Mutex::new(trailer),
@@ -54,17 +61,15 @@ impl Batch {
 
     /// One chunk of `req` is done; sends the trailer if this completed the data.
     pub(crate) fn chunk_done(self: &Arc<Self>, req: usize) {
-        self.chunks_done(&[req]);
+        self.runs_done(std::slice::from_ref(&(req..req + 1)));
     }
 
-    /// One chunk of every request of `reqs` is done (one lock for all); sends the trailer if
+    /// One chunk of every request in `runs` is done (one lock for all); sends the trailer if
     /// this completed the data.
-    pub(crate) fn chunks_done(self: &Arc<Self>, reqs: &[usize]) {
+    pub(crate) fn runs_done(self: &Arc<Self>, runs: &[Range<usize>]) {
         let send = {
             let mut t = self.tracker.lock();
-            for &req in reqs {
-                t.handle_chunk_done(req);
-            }
+            t.handle_runs_done(runs);
             let send = t.poll_trailer();
             if t.is_finished() {
                 self.cond.notify_all();
@@ -77,9 +82,14 @@ impl Batch {
     }
 
     pub(crate) fn fail_request(&self, req: usize, err: Error) {
+        self.fail_runs(std::slice::from_ref(&(req..req + 1)), err);
+    }
+
+    /// Every request still pending in `runs` failed with `err` (one lock for all).
+    pub(crate) fn fail_runs(&self, runs: &[Range<usize>], err: Error) {
         let _gate = self.gate.write();
         let mut t = self.tracker.lock();
-        t.handle_request_failed(req, err);
+        t.handle_runs_failed(runs, err);
         if t.is_finished() {
             self.cond.notify_all();
         }
@@ -122,7 +132,7 @@ impl Batch {
     /// request is still pending.
     pub(crate) fn accepts_data(&self, req: usize) -> Option<RwLockReadGuard<'_, ()>> {
         let g = self.gate.read();
-        matches!(self.tracker.lock().request_state(req), Some(RequestState::Pending)).then_some(g)
+        self.tracker.lock().is_pending(req).then_some(g)
     }
 
     fn check_deadline(&self) {
@@ -213,7 +223,7 @@ impl BatchHandle {
         self.batch.check_deadline();
         let t = self.batch.tracker.lock();
         t.states()
-            .iter()
+            .into_iter()
             .map(|s| match s {
                 RequestState::Pending => RequestStatus::Pending,
                 RequestState::Done => RequestStatus::Done,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -716,36 +717,35 @@ impl Engine {
                 reason: "a batch with a notification must target one peer".into(),
             });
         }
-        // Consecutive requests between the same two regions share one decision.
+        // Consecutive requests between the same two regions share one decision: a run.
         let mut plans: Vec<Step> = Vec::new();
-        let mut which: Vec<usize> = Vec::with_capacity(requests.len());
-        for r in requests {
-            match plans.last().filter(|s| r.len > 0 && s.covers(r)) {
-                Some(_) => which.push(plans.len() - 1),
-                None => {
+        let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match runs.last_mut() {
+                Some((k, run)) if r.len > 0 && plans[*k].covers(r) => run.end = i + 1,
+                _ => {
                     plans.push(self.plan(r)?);
-                    which.push(plans.len() - 1);
+                    runs.push((plans.len() - 1, i..i + 1));
                 }
             }
         }
-        let steps: Vec<&Step> = which.iter().map(|&k| &plans[k]).collect();
         let total: u64 = requests.iter().map(|r| r.len).sum();
-        let chunks =
-            steps
-                .iter()
-                .zip(requests)
-                .map(|(s, r)| {
-                    if s.transport == TransportKind::Tcp {
-                        r.len.div_ceil(CHUNK) as u32
-                    } else {
-                        1
+        // Only TCP splits a request into several chunks.
+        let chunks = plans.iter().any(|s| s.transport == TransportKind::Tcp).then(|| {
+            let mut c = vec![1u32; requests.len()];
+            for (k, run) in &runs {
+                if plans[*k].transport == TransportKind::Tcp {
+                    for i in run.clone() {
+                        c[i] = requests[i].len.div_ceil(CHUNK) as u32;
                     }
-                })
-                .collect();
+                }
+            }
+            c
+        });
         let trailer = match opts.notify {
             None => None,
             Some((name, message)) => {
-                let conn = &steps[0].conn;
+                let conn = &plans[0].conn;
                 Some(if conn.same_engine {
                     let n = Notification { from: self.inner.name.clone(), name, message };
                     TrailerRoute::Local(self.inner.notifications.clone(), n)
@@ -762,48 +762,54 @@ impl Engine {
         };
         let timeout = opts.timeout.unwrap_or_else(|| self.inner.config.deadlines.for_batch(total));
         let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
-        let batch = Batch::new(id, chunks, trailer, Instant::now() + timeout);
+        let batch = Batch::new(id, requests.len(), chunks, trailer, Instant::now() + timeout);
         let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
-        let mut gpu_work: Vec<usize> = Vec::new();
-        for (i, (r, &step)) in requests.iter().zip(&steps).enumerate() {
+        let mut gpu_runs: Vec<(usize, Range<usize>)> = Vec::new();
+        for (k, run) in &runs {
+            let step = &plans[*k];
             match step.transport {
-                TransportKind::Nvlink | TransportKind::Mnnvl => gpu_work.push(i),
-                TransportKind::Local => memory::run_local(&self.inner, &batch, i, r, step),
-                TransportKind::Shm => memory::run_shm(&self.inner.config, &batch, i, r, step),
+                TransportKind::Nvlink | TransportKind::Mnnvl => gpu_runs.push((*k, run.clone())),
+                TransportKind::Local => {
+                    memory::run_local(&self.inner, &batch, run.clone(), requests, step)
+                }
+                TransportKind::Shm => {
+                    memory::run_shm(&self.inner.config, &batch, run.clone(), requests, step)
+                }
                 TransportKind::Tcp => {
-                    let entry = step.local.clone();
-                    let (req, len) = (i, r.len);
-                    let work = match r.op {
-                        Op::Write => Work::Write { req, entry, src: r.local, dst: r.remote, len },
-                        Op::Read => Work::Read { req, entry, dst: r.local, src: r.remote, len },
-                    };
+                    let works = run.clone().map(|req| {
+                        let r = &requests[req];
+                        let (entry, len) = (step.local.clone(), r.len);
+                        match r.op {
+                            Op::Write => Work::Write { req, entry, src: r.local, dst: r.remote, len },
+                            Op::Read => Work::Read { req, entry, dst: r.local, src: r.remote, len },
+                        }
+                    });
                     match tcp_work.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &step.conn)) {
-                        Some((_, w)) => w.push(work),
-                        None => tcp_work.push((step.conn.clone(), vec![work])),
+                        Some((_, w)) => w.extend(works),
+                        None => tcp_work.push((step.conn.clone(), works.collect())),
                     }
                 }
-                other => batch.fail_request(
-                    i,
+                other => batch.fail_runs(
+                    std::slice::from_ref(run),
                     Error::NoTransport {
                         peer: step.conn.name.clone(),
-                        addr: r.remote,
-                        len: r.len,
+                        addr: requests[run.start].remote,
+                        len: requests[run.start].len,
                         refusals: format!("{other} chosen but not built"),
                     },
                 ),
             }
         }
-        if !gpu_work.is_empty() {
+        if !gpu_runs.is_empty() {
             match &self.inner.gpu_done {
                 Some(done) => {
                     let cfg = &self.inner.config;
                     let clients = |s: &Step| s.conn.nvlink(cfg);
-                    nvlink::run(&batch, requests, &steps, &gpu_work, opts.stream, &clients, done);
+                    nvlink::run(&batch, requests, &plans, &gpu_runs, opts.stream, &clients, done);
                 }
                 None => {
-                    for i in gpu_work {
-                        batch.fail_request(i, Error::Internal("GPU transport without GPUs"));
-                    }
+                    let runs: Vec<Range<usize>> = gpu_runs.into_iter().map(|(_, r)| r).collect();
+                    batch.fail_runs(&runs, Error::Internal("GPU transport without GPUs"));
                 }
             }
         }

@@ -183,6 +183,11 @@ pub fn alloc_host(len: u64) -> Result<Allocation, GpuError> {
     Ok(a)
 }
 
+/// The live allocation starting at `ptr`, if it came from this module.
+pub fn lookup(ptr: u64) -> Option<Allocation> {
+    table().lock().ok()?.get(&ptr).copied()
+}
+
 /// Frees an allocation made by [`alloc_device`] or [`alloc_host`]. Freeing memory still
 /// registered with an engine is the caller's error, as with any allocator.
 pub fn free(ptr: u64) -> Result<(), GpuError> {

@@ -4,8 +4,10 @@
 //! The kernel is compiled by NVRTC once per process; without NVRTC the copy engine serves
 //! everything and [`kernel_status`] says why.
 //!
-//! Work is ordered after a caller's stream through an event (never a host sync), and its
-//! completion is an event the caller polls ([`Pending::is_done`]).
+//! A [`Job`] is one caller's work on one stream: ordered after the caller's stream through an
+//! event (never a host sync), filled by one or more [`Job::push`] calls (a caller with many
+//! descriptors pushes the first ones while it prepares the rest, so the GPU starts early), and
+//! finished by an event the caller polls ([`Pending::is_done`]).
 
 use std::ffi::{c_char, c_uint, c_void, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -178,8 +180,19 @@ unsafe impl Sync for Copier {}
 pub struct Pending {
     copier: &'static Copier,
     event: CuEvent,
-    staging: Option<Staging>,
+    staging: Vec<Staging>,
 }
+
+/// Work being enqueued on one stream: push descriptors, then [`Job::finish`]. A job dropped
+/// unfinished leaks its staging (the GPU may still read it) rather than reuse it.
+pub struct Job {
+    copier: &'static Copier,
+    stream: CuStream,
+    staging: Vec<Staging>,
+}
+
+// SAFETY: the stream is an opaque driver handle; staging is owned.
+unsafe impl Send for Job {}
 
 // SAFETY: the event is an opaque driver handle; staging is owned.
 unsafe impl Send for Pending {}
@@ -248,22 +261,13 @@ impl Copier {
         Ok(Staging { host: host.cast(), dev, cap })
     }
 
-    /// Enqueues `segs` (after `after`, a caller's CUstream, when given) and returns the
-    /// pending completion. Every address must stay valid until the returned value reports
-    /// done or is dropped after a failure.
-    ///
-    /// # Safety
-    /// Every segment's ranges must be valid for the GPU (device memory mapped in this GPU's
-    /// context, or pinned host memory) until the work completes.
-    pub unsafe fn enqueue(
-        &'static self,
-        segs: &[Seg],
-        after: Option<u64>,
-    ) -> Result<Pending, GpuError> {
+    /// Starts a job on the next of this GPU's streams, ordered after `after` (a caller's
+    /// CUstream in the same context) when given.
+    pub fn job(&'static self, after: Option<u64>) -> Result<Job, GpuError> {
         let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
-        let _ctx = self.gpu.enter()?;
         let stream = self.streams[self.next.fetch_add(1, Ordering::Relaxed) % self.streams.len()];
         if let Some(caller) = after {
+            let _ctx = self.gpu.enter()?;
             let e = self.event()?;
             // SAFETY: records on the caller's stream (same primary context) and makes ours
             // wait on it; the event returns to the pool, re-recording later is allowed.
@@ -275,61 +279,93 @@ impl Copier {
                 v.push(e);
             }
         }
+        Ok(Job { copier: self, stream, staging: Vec::new() })
+    }
+}
+
+impl Job {
+    /// Enqueues copies of `segs` on the job's stream, after everything pushed before: runs
+    /// of at least [`COPY_ENGINE_MIN`] bytes on the copy engine, the rest (two or more) in one
+    /// gather-kernel launch.
+    ///
+    /// # Safety
+    /// Every segment's ranges must be valid for the GPU (device memory mapped in this GPU's
+    /// context, or pinned host memory) until the finished job reports done.
+    pub unsafe fn push(&mut self, segs: &[Seg]) -> Result<(), GpuError> {
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let copier = self.copier;
+        let _ctx = copier.gpu.enter()?;
+        let stream = self.stream;
         let small: usize = segs.iter().filter(|s| s.len < COPY_ENGINE_MIN).count();
-        let func = if small >= 2 { kernel(self.gpu).ok() } else { None };
-        let mut staging = None;
+        let func = if small >= 2 { kernel(copier.gpu).ok() } else { None };
         for s in segs.iter().filter(|s| func.is_none() || s.len >= COPY_ENGINE_MIN) {
             // SAFETY: the caller guarantees both ranges; unified addressing resolves them.
             check(cuda, "cuMemcpyAsync", unsafe {
                 (cuda.memcpy_async)(s.dst, s.src, s.len as usize, stream)
             })?;
         }
-        if let Some(f) = func {
-            let st = self.staging(small)?;
-            let mut n = 0usize;
-            let mut total = 0u64;
-            for s in segs.iter().filter(|s| s.len < COPY_ENGINE_MIN) {
-                // SAFETY: `n < small <= cap`; the host buffer is ours until the event fires.
-                unsafe { st.host.add(n).write(*s) };
-                n += 1;
-                total += s.len;
-            }
-            let bytes = n * size_of::<Seg>();
-            // SAFETY: pinned host source and device destination of `bytes`, both owned by
-            // `st`, which lives until the event completes.
-            check(cuda, "cuMemcpyAsync(descriptors)", unsafe {
-                (cuda.memcpy_async)(st.dev, st.host as u64, bytes, stream)
-            })?;
-            let avg = total / n.max(1) as u64;
-            let threads: c_uint = if avg <= 8192 { 256 } else { 512 };
-            let grid = (n as u32).min(self.gpu.sm_count * 16).max(1);
-            let mut dev_arg = st.dev;
-            let mut n_arg = n as c_uint;
-            let mut params: [*mut c_void; 2] =
-                [(&mut dev_arg as *mut u64).cast(), (&mut n_arg as *mut c_uint).cast()];
-            // SAFETY: the kernel's two parameters are (const Seg*, unsigned int); the
-            // descriptor copy precedes the launch on the same stream.
-            check(cuda, "cuLaunchKernel(tw_gather)", unsafe {
-                (cuda.launch)(
-                    f,
-                    grid,
-                    1,
-                    1,
-                    threads,
-                    1,
-                    1,
-                    0,
-                    stream,
-                    params.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                )
-            })?;
-            staging = Some(st);
+        let Some(f) = func else { return Ok(()) };
+        let st = copier.staging(small)?;
+        let (host, dev) = (st.host, st.dev);
+        // Owned by the job from here: the GPU may read it once the copy below is enqueued.
+        self.staging.push(st);
+        let mut n = 0usize;
+        let mut total = 0u64;
+        for s in segs.iter().filter(|s| s.len < COPY_ENGINE_MIN) {
+            // SAFETY: `n < small <= cap`; the host buffer is ours until the event fires.
+            unsafe { host.add(n).write(*s) };
+            n += 1;
+            total += s.len;
         }
-        let event = self.event()?;
+        let bytes = n * size_of::<Seg>();
+        // SAFETY: pinned host source and device destination of `bytes`, both owned by the
+        // job, which keeps them until its event completes.
+        check(cuda, "cuMemcpyAsync(descriptors)", unsafe {
+            (cuda.memcpy_async)(dev, host as u64, bytes, stream)
+        })?;
+        let avg = total / n.max(1) as u64;
+        let threads: c_uint = if avg <= 8192 { 256 } else { 512 };
+        let grid = (n as u32).min(copier.gpu.sm_count * 16).max(1);
+        let mut dev_arg = dev;
+        let mut n_arg = n as c_uint;
+        let mut params: [*mut c_void; 2] =
+            [(&mut dev_arg as *mut u64).cast(), (&mut n_arg as *mut c_uint).cast()];
+        // SAFETY: the kernel's two parameters are (const Seg*, unsigned int); the descriptor
+        // copy precedes the launch on the same stream.
+        check(cuda, "cuLaunchKernel(tw_gather)", unsafe {
+            (cuda.launch)(
+                f,
+                grid,
+                1,
+                1,
+                threads,
+                1,
+                1,
+                0,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
+    /// Records the completion event after everything pushed.
+    pub fn finish(mut self) -> Result<Pending, GpuError> {
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let copier = self.copier;
+        let _ctx = copier.gpu.enter()?;
+        let event = copier.event()?;
         // SAFETY: live event and stream.
-        check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(event, stream) })?;
-        Ok(Pending { copier: self, event, staging })
+        check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(event, self.stream) })?;
+        Ok(Pending { copier, event, staging: std::mem::take(&mut self.staging) })
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // Unfinished (an enqueue failed): the GPU may still read the staging; `Staging`
+        // frees nothing on drop, so forgetting it here leaks it, never reuses it.
+        self.staging.clear();
     }
 }
 
@@ -352,14 +388,14 @@ impl Drop for Pending {
         // than hand a buffer the GPU may still read to the next launch.
         if !matches!(self.is_done(), Ok(true)) {
             // `Staging` frees nothing on drop: not returning it to the pool leaks it.
-            self.staging = None;
+            self.staging.clear();
             return;
         }
         if let Ok(mut v) = self.copier.events.lock() {
             v.push(self.event);
         }
-        if let (Some(st), Ok(mut pool)) = (self.staging.take(), self.copier.staging.lock()) {
-            pool.push(st);
+        if let Ok(mut pool) = self.copier.staging.lock() {
+            pool.append(&mut self.staging);
         }
     }
 }

@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 mod arrays;
+pub mod capi;
 mod errors;
 
 use std::sync::Arc;
@@ -247,7 +248,9 @@ impl PyEngine {
     /// Submits a batch to `peer`: request i moves `lengths[i]` bytes between local `local[i]`
     /// and remote `remote[i]`. The arrays are lists of ints, numpy arrays or DLPack tensors of
     /// 64-bit integers; `lengths` may be one int for all.
-    #[pyo3(signature = (peer, op, local, remote, lengths, notify=None, timeout=None))]
+    /// GPU copies start after the work already queued on `stream` (a `CUstream` as an int,
+    /// e.g. `torch.cuda.current_stream().cuda_stream`), ordered by an event, not a host sync.
+    #[pyo3(signature = (peer, op, local, remote, lengths, notify=None, timeout=None, stream=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -259,6 +262,7 @@ impl PyEngine {
         lengths: U64Array,
         notify: Option<(String, String)>,
         timeout: Option<f64>,
+        stream: Option<u64>,
     ) -> PyResult<PyBatch> {
         let op = parse_op(op)?;
         let n = local.len();
@@ -282,8 +286,7 @@ impl PyEngine {
                 remote: remote.get(i)?,
             });
         }
-        let opts =
-            BatchOptions { notify, timeout: timeout.map(Duration::from_secs_f64), stream: None };
+        let opts = BatchOptions { notify, timeout: timeout.map(Duration::from_secs_f64), stream };
         let engine = self.engine()?;
         let handle = detached(py, move || engine.submit(&reqs, opts))?;
         Ok(PyBatch { handle })
@@ -448,9 +451,29 @@ fn descriptor_count(values: U64Array) -> usize {
 #[pyfunction]
 fn gpu_status() -> (bool, String) {
     match tidewire_gpu::topology() {
-        Ok(t) => (true, format!("{} device(s); GPU transports are not built yet", t.gpus.len())),
+        Ok(t) => (true, format!("{} device(s)", t.gpus.len())),
         Err(u) => (false, u.to_string()),
     }
+}
+
+/// The allocation made by `tidewire_alloc` (or the engine) that starts at `ptr`, as a dict
+/// `{ptr, len, device, kind, reason}`, or None when tidewire did not allocate it.
+#[pyfunction]
+fn allocation(py: Python<'_>, ptr: u64) -> PyResult<Option<Py<PyAny>>> {
+    let Some(a) = tidewire_gpu::alloc::lookup(ptr) else { return Ok(None) };
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("ptr", a.ptr)?;
+    d.set_item("len", a.len)?;
+    d.set_item("device", a.device)?;
+    d.set_item("kind", a.kind.name())?;
+    d.set_item("reason", a.reason)?;
+    Ok(Some(d.into_any().unbind()))
+}
+
+/// Why the most recent `tidewire_alloc` / `tidewire_free` call failed, if one did.
+#[pyfunction]
+fn last_allocation_failure() -> Option<String> {
+    capi::last_failure()
 }
 
 #[pymodule]
@@ -460,6 +483,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMetadataServer>()?;
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;
+    m.add_function(wrap_pyfunction!(allocation, m)?)?;
+    m.add_function(wrap_pyfunction!(last_allocation_failure, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

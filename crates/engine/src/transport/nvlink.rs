@@ -14,6 +14,7 @@
 //! end of the shm socket is open), since a copy into a dead peer's memory "succeeds".
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,7 @@ use tidewire_core::descriptor::{handle_from_hex, handle_to_hex, Reach};
 use tidewire_core::memory::Location;
 use tidewire_core::select::{GpuFacts, TransportKind};
 use tidewire_core::RegionId;
-use tidewire_gpu::copy::{Copier, Pending, Seg};
+use tidewire_gpu::copy::{Copier, Job, Pending, Seg};
 use tidewire_gpu::share::{self, Exportable, Imported, Shareable};
 use tidewire_gpu::Gpu;
 
@@ -205,8 +206,11 @@ impl NvlinkClient {
 /// GPU copies in flight, handed to the completion thread.
 pub(crate) struct GpuWork {
     pending: Pending,
+    /// Set when part of the work could not be enqueued: its requests fail once what was
+    /// enqueued has completed (their memory stays pinned until then).
+    failed: Option<Error>,
     batch: Arc<Batch>,
-    reqs: Vec<usize>,
+    runs: Vec<Range<usize>>,
     /// Revocation marks to clear when the copy completed.
     entered: Vec<(Arc<NvlinkClient>, Arc<RemoteGpu>)>,
     /// Local regions kept registered until the copy completed.
@@ -234,17 +238,21 @@ impl GpuWork {
                 dead = Some(client.shm_peer());
             }
         }
+        let outcome = match (outcome, self.failed) {
+            (Ok(()), Some(e)) => Err(e),
+            (outcome, _) => outcome,
+        };
         match (outcome, dead) {
-            (Err(e), _) => self.reqs.iter().for_each(|&i| self.batch.fail_request(i, e.clone())),
+            (Err(e), _) => self.batch.fail_runs(&self.runs, e),
             (Ok(()), Some(peer)) => {
                 let e = Error::PeerFailed {
                     peer,
                     transport: TransportKind::Nvlink,
                     reason: "the peer process exited while the copy ran".into(),
                 };
-                self.reqs.iter().for_each(|&i| self.batch.fail_request(i, e.clone()));
+                self.batch.fail_runs(&self.runs, e);
             }
-            (Ok(()), None) => self.batch.chunks_done(&self.reqs),
+            (Ok(()), None) => self.batch.runs_done(&self.runs),
         }
     }
 }
@@ -320,116 +328,175 @@ pub(crate) struct GpuRoute {
     pub(crate) exec: u32,
 }
 
-/// Enqueues the GPU requests of a batch (`idx` indexes `requests` and `steps`), one launch
-/// per executing GPU, and hands the completions to `done`.
+/// Enqueues the GPU runs of a batch (`runs` pairs a plan of `plans` with the requests it
+/// serves), one job per executing GPU, and hands the completions to `done`.
 pub(crate) fn run(
     batch: &Arc<Batch>,
     requests: &[Request],
-    steps: &[&Step],
-    idx: &[usize],
+    plans: &[Step],
+    runs: &[(usize, Range<usize>)],
     after: Option<u64>,
     clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
     done: &Sender<GpuWork>,
 ) {
     let mut gpus: Vec<u32> = Vec::new();
-    for &i in idx {
-        if let Some(route) = &steps[i].gpu {
-            if !gpus.contains(&route.exec) {
-                gpus.push(route.exec);
-            }
+    for (k, run) in runs {
+        match &plans[*k].gpu {
+            Some(route) if !gpus.contains(&route.exec) => gpus.push(route.exec),
+            Some(_) => {}
+            None => batch.fail_runs(
+                std::slice::from_ref(run),
+                Error::Internal("nvlink step without a GPU route"),
+            ),
         }
     }
     for exec in gpus {
-        let mine: Vec<usize> = idx
+        let mine: Vec<(usize, Range<usize>)> = runs
             .iter()
-            .copied()
-            .filter(|&i| steps[i].gpu.as_ref().is_some_and(|g| g.exec == exec))
+            .filter(|(k, _)| plans[*k].gpu.as_ref().is_some_and(|g| g.exec == exec))
+            .cloned()
             .collect();
-        run_on(batch, requests, steps, &mine, exec, after, clients, done);
+        run_on(batch, requests, plans, &mine, exec, after, clients, done);
     }
 }
 
+/// A remote region mapped, marked in flight and with its local region pinned, for one job.
 struct Resolved<'a> {
     step: &'a Step,
     client: Arc<NvlinkClient>,
     remote: Arc<RemoteGpu>,
 }
 
+/// Descriptors of the first launch of a job; each later launch takes twice as many, and the
+/// last takes the rest when it is less than one more launch. The GPU starts on the first
+/// while the CPU prepares the next (16 384 pages: launches of 2 048, 4 096 and 10 240).
+const FIRST_LAUNCH: usize = 2048;
+
+/// How many descriptors the job will have pushed after its next launch, given `pushed` so
+/// far, the last launch's size and `total`.
+fn next_cut(pushed: usize, last: usize, total: usize) -> (usize, usize) {
+    let size = if pushed == 0 { FIRST_LAUNCH } else { 2 * last };
+    if total.saturating_sub(pushed + size) < size.max(FIRST_LAUNCH) {
+        (total, total - pushed)
+    } else {
+        (pushed + size, size)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_on<'a>(
     batch: &Arc<Batch>,
     requests: &[Request],
-    steps: &[&'a Step],
-    idx: &[usize],
+    plans: &'a [Step],
+    runs: &[(usize, Range<usize>)],
     exec: u32,
     after: Option<u64>,
     clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
     done: &Sender<GpuWork>,
 ) {
+    let all: Vec<Range<usize>> = runs.iter().map(|(_, r)| r.clone()).collect();
+    let mut job = match Gpu::get(exec).and_then(Copier::get).and_then(|c| c.job(after)) {
+        Ok(j) => j,
+        Err(e) => {
+            let peer = runs.first().map_or_else(String::new, |(k, _)| plans[*k].conn.name.clone());
+            let reason = format!("cuda:{exec}: starting the copy: {e}");
+            let err = Error::PeerFailed { peer, transport: TransportKind::Nvlink, reason };
+            return batch.fail_runs(&all, err);
+        }
+    };
     let mut resolved: Vec<Resolved> = Vec::new();
     let mut pins: Vec<OwnedAccess> = Vec::new();
     let mut pinned: Vec<&RegionEntry> = Vec::new();
-    let mut segs: Vec<Seg> = Vec::with_capacity(idx.len());
-    let mut reqs: Vec<usize> = Vec::with_capacity(idx.len());
-    let mut last: Option<usize> = None;
-    for &i in idx {
-        let (r, step) = (&requests[i], steps[i]);
-        let k = match last.filter(|&k| std::ptr::eq(resolved[k].step, step)) {
-            Some(k) => k,
-            None => match resolve(step, exec, clients, &mut resolved, &mut pins, &mut pinned) {
-                Ok(k) => k,
-                Err(e) => {
-                    batch.fail_request(i, e);
-                    continue;
+    // Each run's mapping first, so that the launch sizes are cut from what will be copied.
+    let mut todo: Vec<(usize, Range<usize>)> = Vec::with_capacity(runs.len());
+    for (k, run) in runs {
+        match resolve(&plans[*k], exec, clients, &mut resolved, &mut pins, &mut pinned) {
+            Ok(at) => todo.push((at, run.clone())),
+            Err(e) => batch.fail_runs(std::slice::from_ref(run), e),
+        }
+    }
+    let total: usize = todo.iter().map(|(_, r)| r.len()).sum();
+    let mut ok: Vec<Range<usize>> = Vec::with_capacity(todo.len());
+    // Why a launch failed: nothing more is enqueued after it.
+    let mut failed: Option<String> = None;
+    let (mut cut, mut size) = next_cut(0, 0, total);
+    let mut segs: Vec<Seg> = Vec::with_capacity(size);
+    let mut seen = 0usize;
+    for (at, run) in todo {
+        let Resolved { step, remote, .. } = &resolved[at];
+        // Remote addresses move from the owner's mapping to ours.
+        let shift = remote.import.ptr().wrapping_sub(remote.base);
+        let mut i = run.start;
+        while i < run.end && failed.is_none() {
+            let upto = run.end.min(i + (cut - seen));
+            segs.extend(requests[i..upto].iter().map(|r| {
+                let there = r.remote.wrapping_add(shift);
+                match r.op {
+                    Op::Write => Seg { src: r.local, dst: there, len: r.len },
+                    Op::Read => Seg { src: there, dst: r.local, len: r.len },
                 }
-            },
-        };
-        last = Some(k);
-        let remote = &resolved[k].remote;
-        let at = remote.import.ptr() + (r.remote - remote.base);
-        segs.push(match r.op {
-            Op::Write => Seg { src: r.local, dst: at, len: r.len },
-            Op::Read => Seg { src: at, dst: r.local, len: r.len },
-        });
-        reqs.push(i);
+            }));
+            seen += upto - i;
+            i = upto;
+            if seen == cut && cut < total {
+                failed = launch(&mut job, &mut segs).err().map(|e| e.0);
+                (cut, size) = next_cut(seen, size, total);
+            }
+        }
+        if let Some(why) = failed.as_ref().filter(|_| i < run.end) {
+            // Not enqueued at all: these fail now (the enqueued part fails when it completes).
+            let reason = format!("cuda:{exec}: enqueueing the copy: {why}");
+            let peer = step.conn.name.clone();
+            let err = Error::PeerFailed { peer, transport: TransportKind::Nvlink, reason };
+            batch.fail_runs(std::slice::from_ref(&(i..run.end)), err);
+        }
+        if i > run.start {
+            ok.push(run.start..i);
+        }
+    }
+    if failed.is_none() && !segs.is_empty() {
+        failed = launch(&mut job, &mut segs).err().map(|e| e.0);
     }
     let entered: Vec<(Arc<NvlinkClient>, Arc<RemoteGpu>)> =
         resolved.into_iter().map(|r| (r.client, r.remote)).collect();
-    if segs.is_empty() {
-        return;
-    }
-    #[allow(unsafe_code)]
-    let enqueued = Gpu::get(exec).and_then(Copier::get).and_then(|c| {
-        // SAFETY: local ranges lie in registered regions pinned by `pins` until the work
-        // completes; remote ranges lie in imports kept alive by `entered`, inside the
-        // region the owner registered (checked at planning) and not revoked (checked by
-        // `enter` in `resolve`).
-        unsafe { c.enqueue(&segs, after) }
-    });
-    match enqueued {
+    let failed = failed.map(|e| gpu_failed(&entered, exec, format!("enqueueing the copy: {e}")));
+    match job.finish() {
         Ok(pending) => {
-            let work = GpuWork { pending, batch: batch.clone(), reqs, entered, _pins: pins, exec };
+            let work =
+                GpuWork { pending, failed, batch: batch.clone(), runs: ok, entered, _pins: pins, exec };
             if let Err(e) = done.send(work) {
                 // The completion thread is gone (shutdown); the copy may still run, so keep
                 // the marks and pins alive until the process ends rather than release early.
                 let w = e.into_inner();
-                let err = Error::ShuttingDown { who: "the engine".into() };
-                w.reqs.iter().for_each(|&i| w.batch.fail_request(i, err.clone()));
+                w.batch.fail_runs(&w.runs, Error::ShuttingDown { who: "the engine".into() });
                 std::mem::forget(w);
             }
         }
         Err(e) => {
-            let err = gpu_failed(&entered, exec, format!("enqueueing the copy: {e}"));
-            for (client, remote) in &entered {
-                client.shm.leave(&remote.control);
-            }
-            reqs.iter().for_each(|&i| batch.fail_request(i, err.clone()));
+            // Nothing tells when what was enqueued completes: fail the requests and keep the
+            // marks and pins for the life of the process rather than release memory the GPU
+            // may still touch.
+            let err = gpu_failed(&entered, exec, format!("recording the completion: {e}"));
+            batch.fail_runs(&ok, err);
+            std::mem::forget((entered, pins));
         }
     }
 }
 
+/// Pushes the prepared descriptors as one launch and clears them.
+fn launch(job: &mut Job, segs: &mut Vec<Seg>) -> std::result::Result<(), tidewire_gpu::GpuError> {
+    #[allow(unsafe_code)]
+    // SAFETY: local ranges lie in registered regions pinned by the job's pins until the work
+    // completes; remote ranges lie in imports kept alive by its `entered` list, inside the
+    // region the owner registered (checked at planning) and not revoked (checked by `enter` in
+    // `resolve`).
+    let pushed = unsafe { job.push(segs) };
+    segs.clear();
+    pushed
+}
+
 /// Maps a step's remote region, marks it in flight (unless revoked) and pins its local
-/// region; returns its index in `resolved`.
+/// region; returns its index in `resolved`. Steps between the same two regions share one.
 fn resolve<'a>(
     step: &'a Step,
     exec: u32,
@@ -438,7 +505,11 @@ fn resolve<'a>(
     pins: &mut Vec<OwnedAccess>,
     pinned: &mut Vec<&'a RegionEntry>,
 ) -> Result<usize> {
-    if let Some(k) = resolved.iter().position(|r| std::ptr::eq(r.step, step)) {
+    if let Some(k) = resolved.iter().position(|r| {
+        Arc::ptr_eq(&r.step.conn, &step.conn)
+            && r.step.region.id == step.region.id
+            && std::ptr::eq(&*r.step.local, &*step.local)
+    }) {
         return Ok(k);
     }
     let route = step.gpu.as_ref().ok_or(Error::Internal("nvlink step without a GPU route"))?;
