@@ -166,7 +166,7 @@ def test_mem_pool_tensors_live_in_transferable_vmm_memory():
     with tidewire.Engine() as e:
         addr, _ = e.register(t)
         region = next(r for r in e.descriptor()["regions"] if r["addr"] == addr)
-        assert region["location"] == {"kind": "device", "device": 0}
+        assert region["location"] == {"kind": "device_vmm", "device": 0}
         assert "vmm_fd" in [r["transport"] for r in region["reach"]], region
     # Bad input reaches the caller: PyTorch raises its out-of-memory error and tidewire keeps
     # the driver's reason.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tidewire::core::select::TransportKind;
 use tidewire::core::size::{format_size, parse_size};
-use tidewire::{BatchOptions, Engine, EngineConfig, HostBuffer, MetadataUri, Op, Request};
+use tidewire::{BatchOptions, Engine, EngineConfig, HostBuffer, MetadataUri, Op, Request, Timings};
 
 #[derive(clap::Args, Clone)]
 pub(crate) struct BenchArgs {
@@ -354,6 +354,14 @@ struct Measure {
     /// Per round: the time until `submit` returned (planning and enqueueing; for baselines,
     /// the whole round).
     submits: Vec<Duration>,
+    /// Per engine round: where the batch's time went.
+    phases: Vec<Timings>,
+}
+
+/// What one round reports besides its latency.
+struct Stamp {
+    submitted: Duration,
+    phases: Option<Timings>,
 }
 
 impl Measure {
@@ -363,6 +371,7 @@ impl Measure {
         self.elapsed = self.elapsed.max(other.elapsed);
         self.latencies.extend(other.latencies);
         self.submits.extend(other.submits);
+        self.phases.extend(other.phases);
     }
 
     fn gbps(&self) -> f64 {
@@ -423,9 +432,10 @@ where
                     let start = Instant::now();
                     while start.elapsed() < duration {
                         let t0 = Instant::now();
-                        let submitted = round()?;
+                        let stamp = round()?;
                         m.latencies.push(t0.elapsed());
-                        m.submits.push(submitted);
+                        m.submits.push(stamp.submitted);
+                        m.phases.extend(stamp.phases);
                         m.bytes += bytes_per_round;
                         m.requests += reqs_per_round;
                         if t == 0 {
@@ -547,12 +557,12 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                         remote: remote + r,
                     })
                     .collect();
-                let round: Round<'_> = Box::new(move || -> anyhow::Result<Duration> {
+                let round: Round<'_> = Box::new(move || -> anyhow::Result<Stamp> {
                     let t0 = Instant::now();
                     let batch = engine_ref.submit(&reqs, BatchOptions::default())?;
                     let submitted = t0.elapsed();
                     batch.wait()?;
-                    Ok(submitted)
+                    Ok(Stamp { submitted, phases: Some(batch.timings()) })
                 });
                 Ok(round)
             })?;
@@ -621,6 +631,22 @@ fn report(
         "p99_us": p99,
         "submit_p50_us": sub_p50,
     });
+    // Where the time of a GPU batch went (p50 of each point, from submit).
+    let mut phase_cols = String::new();
+    type Pick = fn(&Timings) -> Option<Duration>;
+    let picks: [(&str, Pick); 3] = [
+        ("planned", |t| t.planned),
+        ("first_launch", |t| t.first_launch),
+        ("gpu_done", |t| t.gpu_done),
+    ];
+    for (name, pick) in picks {
+        let mut v: Vec<Duration> = m.phases.iter().filter_map(pick).collect();
+        if !v.is_empty() && m.phases.iter().any(|t| t.gpu_done.is_some()) {
+            let p = percentile_us(&mut v, 0.50);
+            line[format!("{name}_p50_us")] = p.into();
+            phase_cols.push_str(&format!(" {name} {p:.1}"));
+        }
+    }
     let mut base_cols = String::new();
     if let (Some(mut b), Some(name)) = (base, args.baseline.as_deref()) {
         let (bp50, bp99) = (b.percentile_us(0.50), b.percentile_us(0.99));
@@ -648,6 +674,9 @@ fn report(
             p99,
             sub_p50
         );
+        if !phase_cols.is_empty() {
+            println!("    p50 µs from submit:{phase_cols}, done {p50:.1}");
+        }
     }
 }
 
@@ -694,7 +723,7 @@ fn raw_serve(mut s: TcpStream) -> std::io::Result<()> {
 }
 
 /// One round of a benchmark; returns the time until its work was submitted.
-type Round<'a> = Box<dyn FnMut() -> anyhow::Result<Duration> + Send + 'a>;
+type Round<'a> = Box<dyn FnMut() -> anyhow::Result<Stamp> + Send + 'a>;
 
 /// One thread of the raw-TCP baseline. It moves the same bytes as the engine does, from and
 /// into the same footprint (a distinct block of a `span`-byte buffer per request), so neither
@@ -736,7 +765,7 @@ fn raw_client(
                 }
             }
         }
-        Ok(t0.elapsed())
+        Ok(Stamp { submitted: t0.elapsed(), phases: None })
     }))
 }
 
@@ -752,6 +781,6 @@ fn memcpy_round(block: u64, batch: usize, span: u64) -> anyhow::Result<Round<'st
             dst[at..at + block].copy_from_slice(&src[at..at + block]);
         }
         std::hint::black_box(&dst);
-        Ok(t0.elapsed())
+        Ok(Stamp { submitted: t0.elapsed(), phases: None })
     }))
 }

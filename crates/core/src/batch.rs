@@ -277,14 +277,12 @@ impl<E: Clone> BatchTracker<E> {
 
     /// The first request failure, in request order, or the trailer's failure.
     pub fn first_error(&self) -> Option<E> {
-        self.errors
-            .iter()
-            .min_by_key(|(run, _)| run.start)
-            .map(|(_, e)| e.clone())
-            .or_else(|| match &self.trailer {
+        self.errors.iter().min_by_key(|(run, _)| run.start).map(|(_, e)| e.clone()).or_else(|| {
+            match &self.trailer {
                 Trailer::Failed(e) => Some(e.clone()),
                 _ => None,
-            })
+            }
+        })
     }
 
     /// `None` while running; `Some(Ok)` when all done; `Some(Err(first error))` otherwise.

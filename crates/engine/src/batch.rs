@@ -2,6 +2,7 @@
 //! the data gate that keeps late READ data out of memory the caller was told is free.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,30 @@ pub(crate) struct Batch {
     gate: RwLock<()>,
     trailer: Mutex<Option<TrailerRoute>>,
     started: Instant,
+    /// Nanoseconds from `started` to each [`Mark`] (0: not reached).
+    marks: [AtomicU64; 3],
+}
+
+/// Points in a batch's life recorded for [`BatchHandle::timings`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Mark {
+    /// Every request has a transport.
+    Planned = 0,
+    /// The first GPU launch was enqueued.
+    FirstLaunch = 1,
+    /// The completion thread saw the last GPU job of the batch done.
+    GpuDone = 2,
+}
+
+/// Where a batch's time went, from `submit` (each `None` when the batch never got there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Every request checked and given a transport.
+    pub planned: Option<Duration>,
+    /// The first GPU launch enqueued (GPU transports only).
+    pub first_launch: Option<Duration>,
+    /// The engine saw the last GPU copy complete (GPU transports only).
+    pub gpu_done: Option<Duration>,
 }
 
 impl Batch {
@@ -56,7 +81,22 @@ impl Batch {
             gate: RwLock::new(()),
             trailer: Mutex::new(trailer),
             started: Instant::now(),
+            marks: Default::default(),
         })
+    }
+
+    /// Records that the batch reached `m` now (the first time; `GpuDone`: the latest time).
+    pub(crate) fn mark(&self, m: Mark) {
+        let at = (self.started.elapsed().as_nanos() as u64).max(1);
+        let slot = &self.marks[m as usize];
+        match m {
+            Mark::GpuDone => {
+                slot.fetch_max(at, Ordering::Relaxed);
+            }
+            Mark::Planned | Mark::FirstLaunch => {
+                let _ = slot.compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
+            }
+        }
     }
 
     /// One chunk of `req` is done; sends the trailer if this completed the data.
@@ -235,5 +275,18 @@ impl BatchHandle {
     /// Counts of (done, failed, pending) requests.
     pub fn counts(&self) -> (usize, usize, usize) {
         self.batch.tracker.lock().counts()
+    }
+
+    /// Where the batch's time went so far (for benchmarks and diagnosis).
+    pub fn timings(&self) -> Timings {
+        let at = |m: Mark| match self.batch.marks[m as usize].load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        };
+        Timings {
+            planned: at(Mark::Planned),
+            first_launch: at(Mark::FirstLaunch),
+            gpu_done: at(Mark::GpuDone),
+        }
     }
 }

@@ -41,7 +41,7 @@ mod registry;
 mod rpc;
 mod transport;
 
-pub use batch::{BatchHandle, RequestStatus};
+pub use batch::{BatchHandle, RequestStatus, Timings};
 pub use config::{Deadlines, EngineConfig, MetadataUri};
 pub use engine::{BatchOptions, Engine, Op, PeerInfo, Request, TransportReport};
 pub use error::{Error, Result};

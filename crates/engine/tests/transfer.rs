@@ -127,6 +127,18 @@ fn bad_requests_fail_at_submit_with_typed_errors() {
     assert!(matches!(err(Request { remote: remote + 1, ..req }), Error::RemoteAccessDenied { .. }));
     assert!(matches!(err(Request { remote: 0x1000, ..req }), Error::RemoteAccessDenied { .. }));
     assert!(initiator.submit(&[], BatchOptions::default()).is_err());
+    // One bad request after a run of good ones (same regions) fails the whole submission.
+    let with = |bad: Request| {
+        let mut batch = vec![req; 100];
+        batch.push(bad);
+        batch.extend([req; 10]);
+        initiator.submit(&batch, BatchOptions::default()).err().expect("submit refuses")
+    };
+    let e = with(Request { remote: remote + 1, ..req });
+    assert!(matches!(e, Error::RemoteAccessDenied { addr, .. } if addr == remote + 1), "{e}");
+    assert!(matches!(with(Request { len: 0, ..req }), Error::InvalidArgument { .. }));
+    let e = with(Request { local: local.addr() + 1, ..req });
+    assert!(matches!(e, Error::NotRegistered { .. }), "{e}");
     // A transport configuration that reaches nothing: every transport's refusal is named.
     let mut cfg = common::config();
     cfg.transports.enabled.clear();

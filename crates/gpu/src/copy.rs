@@ -241,7 +241,11 @@ impl Copier {
 
     fn staging(&self, n: usize) -> Result<Staging, GpuError> {
         if let Ok(mut pool) = self.staging.lock() {
-            if let Some(i) = pool.iter().position(|s| s.cap >= n) {
+            // Best fit: a job's launches of different sizes each find their own buffer again
+            // (first fit let a small launch take the large buffer and the large one allocate).
+            let fit =
+                pool.iter().enumerate().filter(|(_, s)| s.cap >= n).min_by_key(|(_, s)| s.cap);
+            if let Some(i) = fit.map(|(i, _)| i) {
                 return Ok(pool.swap_remove(i));
             }
         }

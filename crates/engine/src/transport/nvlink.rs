@@ -29,7 +29,7 @@ use tidewire_gpu::copy::{Copier, Job, Pending, Seg};
 use tidewire_gpu::share::{self, Exportable, Imported, Shareable};
 use tidewire_gpu::Gpu;
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Mark};
 use crate::engine::{Op, Request, Step};
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
@@ -231,6 +231,7 @@ fn gpu_failed(entered: &[(Arc<NvlinkClient>, Arc<RemoteGpu>)], exec: u32, what: 
 
 impl GpuWork {
     fn finish(self, outcome: std::result::Result<(), Error>) {
+        self.batch.mark(Mark::GpuDone);
         let mut dead = None;
         for (client, remote) in &self.entered {
             client.shm.leave(&remote.control);
@@ -440,6 +441,7 @@ fn run_on<'a>(
             i = upto;
             if seen == cut && cut < total {
                 failed = launch(&mut job, &mut segs).err().map(|e| e.0);
+                batch.mark(Mark::FirstLaunch);
                 (cut, size) = next_cut(seen, size, total);
             }
         }
@@ -456,14 +458,22 @@ fn run_on<'a>(
     }
     if failed.is_none() && !segs.is_empty() {
         failed = launch(&mut job, &mut segs).err().map(|e| e.0);
+        batch.mark(Mark::FirstLaunch);
     }
     let entered: Vec<(Arc<NvlinkClient>, Arc<RemoteGpu>)> =
         resolved.into_iter().map(|r| (r.client, r.remote)).collect();
     let failed = failed.map(|e| gpu_failed(&entered, exec, format!("enqueueing the copy: {e}")));
     match job.finish() {
         Ok(pending) => {
-            let work =
-                GpuWork { pending, failed, batch: batch.clone(), runs: ok, entered, _pins: pins, exec };
+            let work = GpuWork {
+                pending,
+                failed,
+                batch: batch.clone(),
+                runs: ok,
+                entered,
+                _pins: pins,
+                exec,
+            };
             if let Err(e) = done.send(work) {
                 // The completion thread is gone (shutdown); the copy may still run, so keep
                 // the marks and pins alive until the process ends rather than release early.
