@@ -634,10 +634,11 @@ fn report(
     // Where the time of a GPU batch went (p50 of each point, from submit).
     let mut phase_cols = String::new();
     type Pick = fn(&Timings) -> Option<Duration>;
-    let picks: [(&str, Pick); 3] = [
+    let picks: [(&str, Pick); 4] = [
         ("planned", |t| t.planned),
         ("first_launch", |t| t.first_launch),
         ("gpu_done", |t| t.gpu_done),
+        ("finished", |t| t.finished),
     ];
     for (name, pick) in picks {
         let mut v: Vec<Duration> = m.phases.iter().filter_map(pick).collect();

@@ -23,7 +23,16 @@ pub(crate) enum TrailerRoute {
 }
 
 /// How long a waiter polls before sleeping on the condition variable.
+/// `TIDEWIRE_WAIT_SPIN_US` overrides it.
 const SPIN: Duration = Duration::from_micros(20);
+
+fn spin() -> Duration {
+    static SPIN_FOR: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN_FOR.get_or_init(|| {
+        let us = tidewire_gpu::copy::tuning("TIDEWIRE_WAIT_SPIN_US", SPIN.as_micros() as u32);
+        Duration::from_micros(u64::from(us.min(100_000)))
+    })
+}
 
 pub(crate) struct Batch {
     pub(crate) id: BatchId,
@@ -36,7 +45,7 @@ pub(crate) struct Batch {
     trailer: Mutex<Option<TrailerRoute>>,
     started: Instant,
     /// Nanoseconds from `started` to each [`Mark`] (0: not reached).
-    marks: [AtomicU64; 3],
+    marks: [AtomicU64; 4],
 }
 
 /// Points in a batch's life recorded for [`BatchHandle::timings`].
@@ -48,6 +57,8 @@ pub(crate) enum Mark {
     FirstLaunch = 1,
     /// The completion thread saw the last GPU job of the batch done.
     GpuDone = 2,
+    /// Every request reached its final state.
+    Finished = 3,
 }
 
 /// Where a batch's time went, from `submit` (each `None` when the batch never got there).
@@ -59,11 +70,15 @@ pub struct Timings {
     pub first_launch: Option<Duration>,
     /// The engine saw the last GPU copy complete (GPU transports only).
     pub gpu_done: Option<Duration>,
+    /// Every request reached its final state (a waiter wakes after this).
+    pub finished: Option<Duration>,
 }
 
 impl Batch {
-    /// A batch of `n` requests; `chunks[i]` completions finish request `i` (`None`: one each).
+    /// A batch of `n` requests submitted at `started`; `chunks[i]` completions finish request
+    /// `i` (`None`: one each).
     pub(crate) fn new(
+        started: Instant,
         id: BatchId,
         n: usize,
         chunks: Option<Vec<u32>>,
@@ -80,7 +95,7 @@ impl Batch {
             cond: Condvar::new(),
             gate: RwLock::new(()),
             trailer: Mutex::new(trailer),
-            started: Instant::now(),
+            started,
             marks: Default::default(),
         })
     }
@@ -93,7 +108,7 @@ impl Batch {
             Mark::GpuDone => {
                 slot.fetch_max(at, Ordering::Relaxed);
             }
-            Mark::Planned | Mark::FirstLaunch => {
+            Mark::Planned | Mark::FirstLaunch | Mark::Finished => {
                 let _ = slot.compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
             }
         }
@@ -111,9 +126,7 @@ impl Batch {
             let mut t = self.tracker.lock();
             t.handle_runs_done(runs);
             let send = t.poll_trailer();
-            if t.is_finished() {
-                self.cond.notify_all();
-            }
+            self.wake_if_finished(&t);
             send
         };
         if send {
@@ -130,7 +143,13 @@ impl Batch {
         let _gate = self.gate.write();
         let mut t = self.tracker.lock();
         t.handle_runs_failed(runs, err);
+        self.wake_if_finished(&t);
+    }
+
+    /// Wakes the waiters once the batch is finished (and records when).
+    fn wake_if_finished(&self, t: &BatchTracker<Error>) {
         if t.is_finished() {
+            self.mark(Mark::Finished);
             self.cond.notify_all();
         }
     }
@@ -139,19 +158,19 @@ impl Batch {
         let _gate = self.gate.write();
         let mut t = self.tracker.lock();
         t.fail_all_pending(err);
-        self.cond.notify_all();
+        self.wake_if_finished(&t);
     }
 
     pub(crate) fn trailer_done(&self) {
         let mut t = self.tracker.lock();
         t.handle_trailer_done();
-        self.cond.notify_all();
+        self.wake_if_finished(&t);
     }
 
     pub(crate) fn trailer_failed(&self, err: Error) {
         let mut t = self.tracker.lock();
         t.handle_trailer_failed(err);
-        self.cond.notify_all();
+        self.wake_if_finished(&t);
     }
 
     fn send_trailer(self: &Arc<Self>) {
@@ -194,12 +213,22 @@ impl Batch {
     /// Waits until the batch finishes or `limit` passes (`None`: until its own deadline).
     fn wait_until(&self, limit: Option<Instant>) -> Option<Result<()>> {
         // A short spin first: GPU copies finish in microseconds, less than a wake-up costs.
-        let spin_until = Instant::now() + SPIN;
-        while Instant::now() < spin_until {
+        // Past the first 20 µs the spin yields, so it never starves the threads it waits for.
+        let start = Instant::now();
+        let spin_until = limit.map_or(start + spin(), |l| l.min(start + spin()));
+        loop {
             if let Some(out) = self.tracker.lock().outcome() {
                 return Some(out);
             }
-            std::hint::spin_loop();
+            let now = Instant::now();
+            if now >= spin_until {
+                break;
+            }
+            if now - start < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         loop {
             self.check_deadline();
@@ -287,6 +316,7 @@ impl BatchHandle {
             planned: at(Mark::Planned),
             first_launch: at(Mark::FirstLaunch),
             gpu_done: at(Mark::GpuDone),
+            finished: at(Mark::Finished),
         }
     }
 }

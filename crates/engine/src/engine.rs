@@ -720,6 +720,7 @@ impl Engine {
     /// Requests over `local` and `shm` are copied before this returns; `tcp` requests complete
     /// asynchronously. The batch finishes by its deadline.
     pub fn submit(&self, requests: &[Request], opts: BatchOptions) -> Result<BatchHandle> {
+        let started = Instant::now();
         self.check_running()?;
         if requests.is_empty() {
             return Err(Error::InvalidArgument { reason: "empty batch".into() });
@@ -773,7 +774,7 @@ impl Engine {
         };
         let timeout = opts.timeout.unwrap_or_else(|| self.inner.config.deadlines.for_batch(total));
         let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
-        let batch = Batch::new(id, requests.len(), chunks, trailer, Instant::now() + timeout);
+        let batch = Batch::new(started, id, requests.len(), chunks, trailer, started + timeout);
         batch.mark(Mark::Planned);
         let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
         let mut gpu_runs: Vec<(usize, Range<usize>)> = Vec::new();

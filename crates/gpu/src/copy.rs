@@ -27,6 +27,24 @@ pub struct Seg {
     pub len: u64,
 }
 
+/// A tuning knob read once from the environment (benchmarks sweep these; unset or malformed:
+/// `default`).
+pub fn tuning(name: &str, default: u32) -> u32 {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+}
+
+/// Gather-kernel shape: threads per block (0: 256 for pages up to 8 KiB, else 512) and blocks
+/// per SM at most (`TIDEWIRE_GATHER_THREADS`, `TIDEWIRE_GATHER_BLOCKS_PER_SM`).
+fn gather_shape() -> (u32, u32) {
+    static SHAPE: OnceLock<(u32, u32)> = OnceLock::new();
+    *SHAPE.get_or_init(|| {
+        let threads = tuning("TIDEWIRE_GATHER_THREADS", 0);
+        let threads =
+            if matches!(threads, 32..=512) && threads.is_multiple_of(32) { threads } else { 0 };
+        (threads, tuning("TIDEWIRE_GATHER_BLOCKS_PER_SM", 16).clamp(1, 64))
+    })
+}
+
 /// Runs at least this long go to the copy engine.
 pub const COPY_ENGINE_MIN: u64 = 1 << 20;
 
@@ -328,8 +346,13 @@ impl Job {
             (cuda.memcpy_async)(dev, host as u64, bytes, stream)
         })?;
         let avg = total / n.max(1) as u64;
-        let threads: c_uint = if avg <= 8192 { 256 } else { 512 };
-        let grid = (n as u32).min(copier.gpu.sm_count * 16).max(1);
+        let (fixed, per_sm) = gather_shape();
+        let threads: c_uint = match fixed {
+            0 if avg <= 8192 => 256,
+            0 => 512,
+            t => t,
+        };
+        let grid = (n as u32).min(copier.gpu.sm_count * per_sm).max(1);
         let mut dev_arg = dev;
         let mut n_arg = n as c_uint;
         let mut params: [*mut c_void; 2] =

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -371,13 +371,25 @@ struct Resolved<'a> {
 /// Descriptors of the first launch of a job; each later launch takes twice as many, and the
 /// last takes the rest when it is less than one more launch. The GPU starts on the first
 /// while the CPU prepares the next (16 384 pages: launches of 2 048, 4 096 and 10 240).
+/// `TIDEWIRE_FIRST_LAUNCH` overrides it (0: one launch for everything).
 const FIRST_LAUNCH: usize = 2048;
+
+fn first_launch() -> usize {
+    static FIRST: OnceLock<usize> = OnceLock::new();
+    *FIRST.get_or_init(|| {
+        match tidewire_gpu::copy::tuning("TIDEWIRE_FIRST_LAUNCH", FIRST_LAUNCH as u32) {
+            0 => usize::MAX,
+            n => n as usize,
+        }
+    })
+}
 
 /// How many descriptors the job will have pushed after its next launch, given `pushed` so
 /// far, the last launch's size and `total`.
 fn next_cut(pushed: usize, last: usize, total: usize) -> (usize, usize) {
-    let size = if pushed == 0 { FIRST_LAUNCH } else { 2 * last };
-    if total.saturating_sub(pushed + size) < size.max(FIRST_LAUNCH) {
+    let first = first_launch();
+    let size = if pushed == 0 { first } else { last.saturating_mul(2) };
+    if total.saturating_sub(pushed.saturating_add(size)) < size.max(first) {
         (total, total - pushed)
     } else {
         (pushed + size, size)
