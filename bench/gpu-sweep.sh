@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tuning sweep for the nvlink path on a two-GPU host: the scattered-page shapes under the
-# engine's tuning knobs (first launch size, gather-kernel shape, waiter spin). Expects
-# dist/tidewire (see scripts/gpu-bench.sh).   bench/gpu-sweep.sh [out-dir]
+# engine's tuning knobs (first launch size, descriptor placement, gather-kernel shape, waiter
+# spin). Expects dist/tidewire (see scripts/gpu-bench.sh).   bench/gpu-sweep.sh [out-dir]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -13,11 +13,9 @@ b() {
   env $env timeout 120 dist/tidewire bench --pair --gpu 0 --target-gpu 1 --duration ${DUR:-2s} "$@" 2>&1 \
     | grep -v '^trans' | tee -a "$out/sweep.txt"
 }
-for env in "X=default" "TIDEWIRE_WAIT_SPIN_US=2000" "TIDEWIRE_FIRST_LAUNCH=0" "TIDEWIRE_FIRST_LAUNCH=1024" \
-           "TIDEWIRE_GATHER_THREADS=512 TIDEWIRE_GATHER_BLOCKS_PER_SM=4" "TIDEWIRE_GATHER_BLOCKS_PER_SM=8"; do
+for env in "X=default" "TIDEWIRE_DESCRIPTORS_IN_HOST=1" "TIDEWIRE_FIRST_LAUNCH=0" \
+           "TIDEWIRE_FIRST_LAUNCH=0 TIDEWIRE_DESCRIPTORS_IN_HOST=1" "TIDEWIRE_FIRST_LAUNCH=4096" \
+           "TIDEWIRE_WAIT_SPIN_US=20"; do
   b "$env" --op write --block-size 4KiB --batch-size 16384 --scatter
   b "$env" --op write --block-size 16KiB --batch-size 16384 --scatter
 done
-b "TIDEWIRE_GATHER_THREADS=128" --op write --block-size 4KiB --batch-size 16384 --scatter
-b "X=default" --op write --block-size 256MiB --batch-size 1
-b "TIDEWIRE_WAIT_SPIN_US=2000" --op write --block-size 256MiB --batch-size 1

@@ -22,9 +22,13 @@ pub(crate) enum TrailerRoute {
     Tcp(Arc<TcpConn>, Vec<u8>),
 }
 
-/// How long a waiter polls before sleeping on the condition variable.
-/// `TIDEWIRE_WAIT_SPIN_US` overrides it.
-const SPIN: Duration = Duration::from_micros(20);
+/// How long a waiter polls before sleeping on the condition variable: the first
+/// `SPIN_TIGHT` in a tight loop, then yielding between polls. A wake-up from the condition
+/// variable costs 6–30 µs on our GPU hosts (bench/NOTES.md §8), as much as a small copy takes,
+/// so batches up to a millisecond (256 MiB over NVLink, 16,384 scattered 16 KiB pages) are
+/// waited for by polling. `TIDEWIRE_WAIT_SPIN_US` overrides it.
+const SPIN: Duration = Duration::from_micros(1000);
+const SPIN_TIGHT: Duration = Duration::from_micros(20);
 
 fn spin() -> Duration {
     static SPIN_FOR: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
@@ -212,8 +216,8 @@ impl Batch {
 
     /// Waits until the batch finishes or `limit` passes (`None`: until its own deadline).
     fn wait_until(&self, limit: Option<Instant>) -> Option<Result<()>> {
-        // A short spin first: GPU copies finish in microseconds, less than a wake-up costs.
-        // Past the first 20 µs the spin yields, so it never starves the threads it waits for.
+        // Poll first (see SPIN); past SPIN_TIGHT the poll yields, so it never starves the
+        // threads it waits for.
         let start = Instant::now();
         let spin_until = limit.map_or(start + spin(), |l| l.min(start + spin()));
         loop {
@@ -224,7 +228,7 @@ impl Batch {
             if now >= spin_until {
                 break;
             }
-            if now - start < SPIN {
+            if now - start < SPIN_TIGHT {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();

@@ -45,6 +45,13 @@ fn gather_shape() -> (u32, u32) {
     })
 }
 
+/// Whether the gather kernel reads its descriptors from pinned host memory instead of a
+/// device copy (`TIDEWIRE_DESCRIPTORS_IN_HOST=1`; saves one copy per launch).
+fn descriptors_in_host() -> bool {
+    static IN_HOST: OnceLock<bool> = OnceLock::new();
+    *IN_HOST.get_or_init(|| tuning("TIDEWIRE_DESCRIPTORS_IN_HOST", 0) == 1)
+}
+
 /// Runs at least this long go to the copy engine.
 pub const COPY_ENGINE_MIN: u64 = 1 << 20;
 
@@ -340,11 +347,18 @@ impl Job {
             total += s.len;
         }
         let bytes = n * size_of::<Seg>();
-        // SAFETY: pinned host source and device destination of `bytes`, both owned by the
-        // job, which keeps them until its event completes.
-        check(cuda, "cuMemcpyAsync(descriptors)", unsafe {
-            (cuda.memcpy_async)(dev, host as u64, bytes, stream)
-        })?;
+        let descriptors = if descriptors_in_host() {
+            // The kernel reads the pinned, device-mapped host array over PCIe (unified
+            // addressing: the host address is valid on the device).
+            host as u64
+        } else {
+            // SAFETY: pinned host source and device destination of `bytes`, both owned by the
+            // job, which keeps them until its event completes.
+            check(cuda, "cuMemcpyAsync(descriptors)", unsafe {
+                (cuda.memcpy_async)(dev, host as u64, bytes, stream)
+            })?;
+            dev
+        };
         let avg = total / n.max(1) as u64;
         let (fixed, per_sm) = gather_shape();
         let threads: c_uint = match fixed {
@@ -353,7 +367,7 @@ impl Job {
             t => t,
         };
         let grid = (n as u32).min(copier.gpu.sm_count * per_sm).max(1);
-        let mut dev_arg = dev;
+        let mut dev_arg = descriptors;
         let mut n_arg = n as c_uint;
         let mut params: [*mut c_void; 2] =
             [(&mut dev_arg as *mut u64).cast(), (&mut n_arg as *mut c_uint).cast()];
