@@ -126,6 +126,15 @@ impl fmt::Display for LocationHint {
     }
 }
 
+/// True when `[addr, addr+len)` is non-empty and lies inside `[start, start+size)`. Branch-free
+/// (no short-circuit), so a scan over many requests compiles to straight-line compares:
+/// `0 < len <= size` and `addr - start <= size - len`, unsigned (an `addr` below `start` wraps
+/// to a huge offset).
+#[inline(always)]
+pub fn range_within(addr: u64, len: u64, start: u64, size: u64) -> bool {
+    (len.wrapping_sub(1) < size) & (addr.wrapping_sub(start) <= size.wrapping_sub(len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +162,25 @@ mod tests {
         let msg = LocationHint::Cuda(0).contradiction(DEV1).unwrap_or_default();
         assert!(msg.contains("cuda:0") && msg.contains("cuda:1"), "{msg}");
         assert!(LocationHint::Cpu.contradiction(DEV1).is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn range_within_agrees_with_the_obvious_definition(
+            addr in proptest::prop_oneof![0u64..64, proptest::num::u64::ANY],
+            len in proptest::prop_oneof![0u64..64, proptest::num::u64::ANY],
+            start in proptest::prop_oneof![0u64..64, proptest::num::u64::ANY],
+            size in proptest::prop_oneof![0u64..64, proptest::num::u64::ANY],
+        ) {
+            let obvious = len > 0
+                && addr >= start
+                && addr.checked_add(len).is_some_and(|end| {
+                    start.checked_add(size).is_some_and(|limit| end <= limit)
+                });
+            // Regions never wrap the address space; only those are asked about.
+            if start.checked_add(size).is_some() {
+                proptest::prop_assert_eq!(range_within(addr, len, start, size), obvious);
+            }
+        }
     }
 }

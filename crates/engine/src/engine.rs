@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
-use tidewire_core::memory::{Location, LocationHint, MemoryKind};
+use tidewire_core::memory::{range_within, Location, LocationHint, MemoryKind};
 use tidewire_core::select::{
     self, describe_refusals, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal,
     TransportKind,
@@ -163,19 +163,13 @@ impl Step {
     /// (same peer, inside the same local and remote regions), so the same choice holds.
     /// One branch-free check per request: a 100,000-page batch is scanned in microseconds.
     fn run_end(&self, requests: &[Request], from: usize) -> usize {
-        let (l0, l1) = (self.local.addr, self.local.addr.saturating_add(self.local.len));
-        let (r0, r1) = (self.region.addr, self.region.addr.saturating_add(self.region.len));
+        let (l0, ll) = (self.local.addr, self.local.len);
+        let (r0, rl) = (self.region.addr, self.region.len);
         let rest = requests.get(from..).unwrap_or_default();
         let outside = rest.iter().position(|r| {
-            let (le, re) = (r.local.wrapping_add(r.len), r.remote.wrapping_add(r.len));
             let inside = (r.peer == self.peer)
-                & (r.len > 0)
-                & (r.local >= l0)
-                & (le <= l1)
-                & (le > r.local)
-                & (r.remote >= r0)
-                & (re <= r1)
-                & (re > r.remote);
+                & range_within(r.local, r.len, l0, ll)
+                & range_within(r.remote, r.len, r0, rl);
             !inside
         });
         from + outside.unwrap_or(rest.len())
