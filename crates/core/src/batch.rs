@@ -84,6 +84,22 @@ impl<E: Clone> BatchTracker<E> {
         }
     }
 
+    /// Request `req` completes after `chunks` chunk completions (at least 1). Call before any
+    /// of its chunks is reported.
+    pub fn set_chunks(&mut self, req: usize, chunks: u32) {
+        if chunks > 1 && self.remaining.is_empty() {
+            self.remaining = vec![1; self.states.len()];
+        }
+        if let Some(left) = self.remaining.get_mut(req) {
+            *left = chunks.max(1);
+        }
+    }
+
+    /// Moves the deadline (used when the batch's size is known only after it was created).
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
+
     pub fn len(&self) -> usize {
         self.states.len()
     }
@@ -352,6 +368,13 @@ mod tests {
         assert_eq!(c.handle_runs_done(&[0..2]), 1);
         assert_eq!(c.handle_runs_done(&[0..2]), 1);
         assert_eq!(c.outcome(), Some(Ok(())));
+        // Chunk counts set after creation count the same way.
+        let mut d = BatchTracker::<E>::single(2, false, t0 + Duration::from_secs(1));
+        d.set_chunks(1, 3);
+        assert_eq!(d.handle_runs_done(&[0..2]), 1);
+        assert_eq!(d.handle_runs_done(&[0..2]), 0);
+        assert_eq!(d.handle_runs_done(&[0..2]), 1);
+        assert_eq!(d.outcome(), Some(Ok(())));
     }
 
     #[test]

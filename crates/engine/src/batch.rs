@@ -104,6 +104,18 @@ impl Batch {
         })
     }
 
+    /// Request `req` completes after `chunks` chunk completions; before any is reported.
+    pub(crate) fn set_chunks(&self, reqs: Range<usize>, chunks: impl Fn(usize) -> u32) {
+        let mut t = self.tracker.lock();
+        for req in reqs {
+            t.set_chunks(req, chunks(req));
+        }
+    }
+
+    pub(crate) fn set_deadline(&self, deadline: Instant) {
+        self.tracker.lock().set_deadline(deadline);
+    }
+
     /// Records that the batch reached `m` now (the first time; `GpuDone`: the latest time).
     pub(crate) fn mark(&self, m: Mark) {
         let at = (self.started.elapsed().as_nanos() as u64).max(1);

@@ -162,7 +162,7 @@ impl Step {
     /// The end of the run of requests from `from` on that have the same ends as this step
     /// (same peer, inside the same local and remote regions), so the same choice holds.
     /// One branch-free check per request: a 100,000-page batch is scanned in microseconds.
-    fn run_end(&self, requests: &[Request], from: usize) -> usize {
+    pub(crate) fn run_end(&self, requests: &[Request], from: usize) -> usize {
         let (l0, ll) = (self.local.addr, self.local.len);
         let (r0, rl) = (self.region.addr, self.region.len);
         let rest = requests.get(from..).unwrap_or_default();
@@ -709,10 +709,13 @@ impl Engine {
         })
     }
 
-    /// Submits a batch. Every request is checked and assigned a transport before any byte
-    /// moves: a request that cannot be served fails the submission with the reason.
-    /// Requests over `local` and `shm` are copied before this returns; `tcp` requests complete
-    /// asynchronously. The batch finishes by its deadline.
+    /// Submits a batch. Every request is checked and assigned a transport; a request that
+    /// cannot be served fails the submission with the reason, and then nothing of the batch
+    /// is in flight (GPU pages before it may have been copied while the rest was checked:
+    /// the GPU starts on the first pages of a large batch before the last are checked, and
+    /// the failed submission waits for them). Requests over `local` and `shm` are copied
+    /// before this returns; `tcp` and GPU requests complete asynchronously. The batch
+    /// finishes by its deadline.
     pub fn submit(&self, requests: &[Request], opts: BatchOptions) -> Result<BatchHandle> {
         let started = Instant::now();
         self.check_running()?;
@@ -724,34 +727,11 @@ impl Engine {
                 reason: "a batch with a notification must target one peer".into(),
             });
         }
-        // Consecutive requests between the same two regions share one decision: a run.
-        let mut plans: Vec<Step> = Vec::new();
-        let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
-        let mut i = 0;
-        while let Some(r) = requests.get(i) {
-            let step = self.plan(r)?;
-            let end = step.run_end(requests, i + 1);
-            plans.push(step);
-            runs.push((plans.len() - 1, i..end));
-            i = end;
-        }
-        let total: u64 = requests.iter().map(|r| r.len).sum();
-        // Only TCP splits a request into several chunks.
-        let chunks = plans.iter().any(|s| s.transport == TransportKind::Tcp).then(|| {
-            let mut c = vec![1u32; requests.len()];
-            for (k, run) in &runs {
-                if plans[*k].transport == TransportKind::Tcp {
-                    for i in run.clone() {
-                        c[i] = requests[i].len.div_ceil(CHUNK) as u32;
-                    }
-                }
-            }
-            c
-        });
+        let first = self.plan(&requests[0])?;
         let trailer = match opts.notify {
             None => None,
             Some((name, message)) => {
-                let conn = &plans[0].conn;
+                let conn = &first.conn;
                 Some(if conn.same_engine {
                     let n = Notification { from: self.inner.name.clone(), name, message };
                     TrailerRoute::Local(self.inner.notifications.clone(), n)
@@ -766,10 +746,57 @@ impl Engine {
                 })
             }
         };
-        let timeout = opts.timeout.unwrap_or_else(|| self.inner.config.deadlines.for_batch(total));
+        let cfg = &self.inner.config;
         let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
-        let batch = Batch::new(started, id, requests.len(), chunks, trailer, started + timeout);
+        // The deadline grows with the batch's size, which is summed once the batch is checked.
+        let provisional = started + opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(0));
+        let batch = Batch::new(started, id, requests.len(), None, trailer, provisional);
+        // Consecutive requests between the same two regions share one decision: a run. GPU
+        // runs are enqueued while the rest of the batch is checked (the GPU starts on the
+        // first pages before the last are checked); the others move once all are checked.
+        let clients = |s: &Step| s.conn.nvlink(cfg);
+        let mut launcher = self
+            .inner
+            .gpu_done
+            .as_ref()
+            .map(|done| nvlink::Launcher::new(&batch, opts.stream, &clients, done));
+        let mut plans: Vec<Step> = Vec::new();
+        let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+        let mut next = Some(first);
+        let mut i = 0;
+        while i < requests.len() {
+            let planned = match next.take() {
+                Some(step) => Ok(step),
+                None => self.plan(&requests[i]),
+            };
+            let step = match planned {
+                Ok(step) => step,
+                Err(e) => {
+                    // Nothing is in flight when the submission fails.
+                    if let Some(l) = launcher {
+                        l.abort(provisional);
+                    }
+                    return Err(e);
+                }
+            };
+            let gpu = matches!(step.transport, TransportKind::Nvlink | TransportKind::Mnnvl);
+            match launcher.as_mut().filter(|_| gpu) {
+                Some(l) => i = l.add(&step, requests, i),
+                None => {
+                    let end = step.run_end(requests, i + 1);
+                    plans.push(step);
+                    runs.push((plans.len() - 1, i..end));
+                    i = end;
+                }
+            }
+        }
         batch.mark(Mark::Planned);
+        let total: u64 = requests.iter().map(|r| r.len).sum();
+        let timeout = opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(total));
+        batch.set_deadline(started + timeout);
+        if let Some(l) = launcher {
+            l.finish();
+        }
         let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
         let mut gpu_runs: Vec<(usize, Range<usize>)> = Vec::new();
         for (k, run) in &runs {
@@ -783,6 +810,7 @@ impl Engine {
                     memory::run_shm(&self.inner.config, &batch, run.clone(), requests, step)
                 }
                 TransportKind::Tcp => {
+                    batch.set_chunks(run.clone(), |i| requests[i].len.div_ceil(CHUNK) as u32);
                     let works = run.clone().map(|req| {
                         let r = &requests[req];
                         let (entry, len) = (step.local.clone(), r.len);
@@ -810,17 +838,9 @@ impl Engine {
             }
         }
         if !gpu_runs.is_empty() {
-            match &self.inner.gpu_done {
-                Some(done) => {
-                    let cfg = &self.inner.config;
-                    let clients = |s: &Step| s.conn.nvlink(cfg);
-                    nvlink::run(&batch, requests, &plans, &gpu_runs, opts.stream, &clients, done);
-                }
-                None => {
-                    let runs: Vec<Range<usize>> = gpu_runs.into_iter().map(|(_, r)| r).collect();
-                    batch.fail_runs(&runs, Error::Internal("GPU transport without GPUs"));
-                }
-            }
+            // A GPU transport chosen in an engine without a GPU completion thread.
+            let runs: Vec<Range<usize>> = gpu_runs.into_iter().map(|(_, r)| r).collect();
+            batch.fail_runs(&runs, Error::Internal("GPU transport without GPUs"));
         }
         for (conn, works) in tcp_work {
             match conn.tcp(&self.inner.config, &self.inner.life) {

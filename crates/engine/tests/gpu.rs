@@ -218,6 +218,50 @@ fn unregister_while_mapped_fails_the_next_request_cleanly() {
 }
 
 #[test]
+fn a_bad_request_after_launched_pages_fails_submit_with_nothing_in_flight() {
+    if !two_gpus() {
+        return;
+    }
+    const LEN: u64 = 16 << 20;
+    const PAGE: u64 = 4096;
+    let mut child = GpuChild::spawn("vmm", LEN, 5);
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let peer = engine.open_segment(&child.name).unwrap();
+    let mine = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let pages: Vec<Request> = (0..LEN / PAGE)
+        .map(|i| Request {
+            op: Op::Write,
+            local: mine + i * PAGE,
+            len: PAGE,
+            peer,
+            remote: child.addr + ((i * 7919) % (LEN / PAGE)) * PAGE,
+        })
+        .collect();
+    // 4 096 good pages (the first 2 048 are launched while the rest are checked), then one
+    // past the end of the peer's region: the submission fails and waits for what it launched.
+    let mut bad = pages.clone();
+    bad.push(Request { remote: child.addr + LEN - PAGE / 2, ..pages[0] });
+    let err = engine.submit(&bad, BatchOptions::default()).err().expect("submit refuses");
+    assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{err}");
+    // The marks and pins of the launched part were released: a good batch moves every byte,
+    // and the peer's unregister returns at once.
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 13 + 7) as u8).collect();
+    fill(mine, &data);
+    engine.transfer_sync(&pages, BatchOptions::default()).unwrap();
+    let back = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    fill(back, &vec![0xA5; LEN as usize]);
+    let reads: Vec<Request> = pages
+        .iter()
+        .map(|r| Request { op: Op::Read, local: r.local - mine + back, ..*r })
+        .collect();
+    engine.transfer_sync(&reads, BatchOptions::default()).unwrap();
+    assert!(fetch(back, LEN) == data, "every page written and read back");
+    child.say("unregister", "UNREGISTERED");
+    let err = engine.transfer_sync(&pages[..1], BatchOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{err}");
+}
+
+#[test]
 fn peer_killed_mid_transfer_fails_within_the_deadline() {
     if !two_gpus() {
         return;

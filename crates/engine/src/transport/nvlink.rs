@@ -33,6 +33,7 @@ use crate::batch::{Batch, Mark};
 use crate::engine::{Op, Request, Step};
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
+use crate::peer::PeerConn;
 use crate::registry::{OwnedAccess, RegionEntry};
 use crate::transport::shm::{SharedRegion, ShmClient, ShmMap, FETCH_VMM_FD};
 
@@ -329,48 +330,18 @@ pub(crate) struct GpuRoute {
     pub(crate) exec: u32,
 }
 
-/// Enqueues the GPU runs of a batch (`runs` pairs a plan of `plans` with the requests it
-/// serves), one job per executing GPU, and hands the completions to `done`.
-pub(crate) fn run(
-    batch: &Arc<Batch>,
-    requests: &[Request],
-    plans: &[Step],
-    runs: &[(usize, Range<usize>)],
-    after: Option<u64>,
-    clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
-    done: &Sender<GpuWork>,
-) {
-    let mut gpus: Vec<u32> = Vec::new();
-    for (k, run) in runs {
-        match &plans[*k].gpu {
-            Some(route) if !gpus.contains(&route.exec) => gpus.push(route.exec),
-            Some(_) => {}
-            None => batch.fail_runs(
-                std::slice::from_ref(run),
-                Error::Internal("nvlink step without a GPU route"),
-            ),
-        }
-    }
-    for exec in gpus {
-        let mine: Vec<(usize, Range<usize>)> = runs
-            .iter()
-            .filter(|(k, _)| plans[*k].gpu.as_ref().is_some_and(|g| g.exec == exec))
-            .cloned()
-            .collect();
-        run_on(batch, requests, plans, &mine, exec, after, clients, done);
-    }
-}
-
-/// A remote region mapped, marked in flight and with its local region pinned, for one job.
-struct Resolved<'a> {
-    step: &'a Step,
+/// A peer's region mapped for one job: marked in flight, its local region pinned.
+struct Resolved {
+    conn: Arc<PeerConn>,
+    region: RegionId,
+    local: Arc<RegionEntry>,
     client: Arc<NvlinkClient>,
     remote: Arc<RemoteGpu>,
 }
 
 /// Descriptors of the first launch of a job; each later launch takes twice as many, and the
 /// last takes the rest when it is less than one more launch. The GPU starts on the first
-/// while the CPU prepares the next (16 384 pages: launches of 2 048, 4 096 and 10 240).
+/// while the CPU checks and prepares the next (16 384 pages: 2 048, 4 096 and 10 240).
 /// `TIDEWIRE_FIRST_LAUNCH` overrides it (0: one launch for everything).
 const FIRST_LAUNCH: usize = 2048;
 
@@ -385,106 +356,175 @@ fn first_launch() -> usize {
 }
 
 /// How many descriptors the job will have pushed after its next launch, given `pushed` so
-/// far, the last launch's size and `total`.
+/// far, the last launch's size and `total` (at most this many will come).
 fn next_cut(pushed: usize, last: usize, total: usize) -> (usize, usize) {
     let first = first_launch();
     let size = if pushed == 0 { first } else { last.saturating_mul(2) };
     if total.saturating_sub(pushed.saturating_add(size)) < size.max(first) {
-        (total, total - pushed)
+        (total, total.saturating_sub(pushed))
     } else {
         (pushed + size, size)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_on<'a>(
-    batch: &Arc<Batch>,
-    requests: &[Request],
-    plans: &'a [Step],
-    runs: &[(usize, Range<usize>)],
+/// What became of a finished lane's job.
+enum Handover {
+    /// Nothing was enqueued.
+    Nothing,
+    /// Enqueued; complete it through the completion thread.
+    Work(GpuWork),
+    /// Enqueued but its completion cannot be observed: fail these runs with `err`.
+    Lost { runs: Vec<Range<usize>>, err: Error },
+}
+
+/// One GPU's share of a batch: a job on one stream, filled while the batch is planned.
+struct Lane {
     exec: u32,
+    /// `Err`: the job could not be started (the reason).
+    job: std::result::Result<Job, String>,
+    resolved: Vec<Resolved>,
+    pins: Vec<OwnedAccess>,
+    pinned: Vec<Arc<RegionEntry>>,
+    /// Requests enqueued (or about to be), as runs.
+    runs: Vec<Range<usize>>,
+    /// Why a launch failed: nothing more is enqueued after it.
+    failed: Option<String>,
+    segs: Vec<Seg>,
+    seen: usize,
+    cut: usize,
+    size: usize,
+}
+
+/// Streams a batch's GPU runs into jobs while `submit` plans it: each run is checked and
+/// turned into descriptors window by window, and a window is launched as soon as it is
+/// complete, so the GPU copies the first pages while the CPU checks the last ones.
+pub(crate) struct Launcher<'a> {
+    batch: &'a Arc<Batch>,
     after: Option<u64>,
-    clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
-    done: &Sender<GpuWork>,
-) {
-    let all: Vec<Range<usize>> = runs.iter().map(|(_, r)| r.clone()).collect();
-    let mut job = match Gpu::get(exec).and_then(Copier::get).and_then(|c| c.job(after)) {
-        Ok(j) => j,
-        Err(e) => {
-            let peer = runs.first().map_or_else(String::new, |(k, _)| plans[*k].conn.name.clone());
-            let reason = format!("cuda:{exec}: starting the copy: {e}");
-            let err = Error::PeerFailed { peer, transport: TransportKind::Nvlink, reason };
-            return batch.fail_runs(&all, err);
-        }
-    };
-    let mut resolved: Vec<Resolved> = Vec::new();
-    let mut pins: Vec<OwnedAccess> = Vec::new();
-    let mut pinned: Vec<&RegionEntry> = Vec::new();
-    // Each run's mapping first, so that the launch sizes are cut from what will be copied.
-    let mut todo: Vec<(usize, Range<usize>)> = Vec::with_capacity(runs.len());
-    for (k, run) in runs {
-        match resolve(&plans[*k], exec, clients, &mut resolved, &mut pins, &mut pinned) {
-            Ok(at) => todo.push((at, run.clone())),
-            Err(e) => batch.fail_runs(std::slice::from_ref(run), e),
-        }
+    clients: &'a dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
+    done: &'a Sender<GpuWork>,
+    lanes: Vec<Lane>,
+}
+
+impl<'a> Launcher<'a> {
+    pub(crate) fn new(
+        batch: &'a Arc<Batch>,
+        after: Option<u64>,
+        clients: &'a dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
+        done: &'a Sender<GpuWork>,
+    ) -> Self {
+        Self { batch, after, clients, done, lanes: Vec::new() }
     }
-    let total: usize = todo.iter().map(|(_, r)| r.len()).sum();
-    let mut ok: Vec<Range<usize>> = Vec::with_capacity(todo.len());
-    // Why a launch failed: nothing more is enqueued after it.
-    let mut failed: Option<String> = None;
-    let (mut cut, mut size) = next_cut(0, 0, total);
-    let mut segs: Vec<Seg> = Vec::with_capacity(size);
-    let mut seen = 0usize;
-    for (at, run) in todo {
-        let Resolved { step, remote, .. } = &resolved[at];
+
+    /// Takes the run of requests from `from` (whose first request `step` planned) that the
+    /// step covers, enqueueing as it goes; returns where the run ends. Requests that cannot
+    /// be enqueued are failed in the batch with the reason.
+    pub(crate) fn add(&mut self, step: &Step, requests: &[Request], from: usize) -> usize {
+        let Some(route) = step.gpu.as_ref() else {
+            let end = step.run_end(requests, from + 1);
+            let err = Error::Internal("nvlink step without a GPU route");
+            self.batch.fail_runs(std::slice::from_ref(&(from..end)), err);
+            return end;
+        };
+        let (batch, after) = (self.batch, self.after);
+        let exec = route.exec;
+        let at = match self.lanes.iter().position(|l| l.exec == exec) {
+            Some(k) => k,
+            None => {
+                let job = Gpu::get(exec)
+                    .and_then(Copier::get)
+                    .and_then(|c| c.job(after))
+                    .map_err(|e| format!("starting the copy: {e}"));
+                let (cut, size) = next_cut(0, 0, requests.len() - from);
+                self.lanes.push(Lane {
+                    exec,
+                    job,
+                    resolved: Vec::new(),
+                    pins: Vec::new(),
+                    pinned: Vec::new(),
+                    runs: Vec::new(),
+                    failed: None,
+                    segs: Vec::with_capacity(size.min(requests.len())),
+                    seen: 0,
+                    cut,
+                    size,
+                });
+                self.lanes.len() - 1
+            }
+        };
+        let lane = &mut self.lanes[at];
+        let why = match (&lane.job, &lane.failed) {
+            (Err(e), _) | (Ok(_), Some(e)) => Some(e.clone()),
+            _ => None,
+        };
+        let mapped = match why {
+            Some(e) => Err(Error::PeerFailed {
+                peer: step.conn.name.clone(),
+                transport: TransportKind::Nvlink,
+                reason: format!("cuda:{exec}: {e}"),
+            }),
+            None => lane.resolve(step, exec, self.clients),
+        };
+        let k = match mapped {
+            Ok(k) => k,
+            Err(e) => {
+                let end = step.run_end(requests, from + 1);
+                batch.fail_runs(std::slice::from_ref(&(from..end)), e);
+                return end;
+            }
+        };
+        let remote = lane.resolved[k].remote.clone();
         // Remote addresses move from the owner's mapping to ours.
         let shift = remote.import.ptr().wrapping_sub(remote.base);
-        let mut i = run.start;
-        while i < run.end && failed.is_none() {
-            let upto = run.end.min(i + (cut - seen));
-            segs.extend(requests[i..upto].iter().map(|r| {
+        let mut i = from;
+        loop {
+            // Check the next window (up to the next launch) and write its descriptors.
+            let window = requests.len().min(i + (lane.cut - lane.seen).max(1));
+            let end = step.run_end(&requests[..window], i.max(from + 1)).max(from + 1);
+            lane.segs.extend(requests[i..end].iter().map(|r| {
                 let there = r.remote.wrapping_add(shift);
                 match r.op {
                     Op::Write => Seg { src: r.local, dst: there, len: r.len },
                     Op::Read => Seg { src: there, dst: r.local, len: r.len },
                 }
             }));
-            seen += upto - i;
-            i = upto;
-            if seen == cut && cut < total {
-                failed = launch(&mut job, &mut segs).err().map(|e| e.0);
-                batch.mark(Mark::FirstLaunch);
-                (cut, size) = next_cut(seen, size, total);
+            lane.seen += end - i;
+            i = end;
+            if lane.seen >= lane.cut {
+                lane.launch(batch);
+                let left = requests.len() - i;
+                (lane.cut, lane.size) = next_cut(lane.seen, lane.size, lane.seen + left);
+            }
+            if i < window || i == requests.len() || lane.failed.is_some() {
+                break;
             }
         }
-        if let Some(why) = failed.as_ref().filter(|_| i < run.end) {
+        let end = if lane.failed.is_some() { step.run_end(requests, i.max(from + 1)) } else { i };
+        if let Some(why) = lane.failed.as_ref().filter(|_| end > i) {
             // Not enqueued at all: these fail now (the enqueued part fails when it completes).
             let reason = format!("cuda:{exec}: enqueueing the copy: {why}");
             let peer = step.conn.name.clone();
             let err = Error::PeerFailed { peer, transport: TransportKind::Nvlink, reason };
-            batch.fail_runs(std::slice::from_ref(&(i..run.end)), err);
+            batch.fail_runs(std::slice::from_ref(&(i..end)), err);
         }
-        if i > run.start {
-            ok.push(run.start..i);
-        }
+        lane.runs.push(from..i);
+        end
     }
-    if failed.is_none() && !segs.is_empty() {
-        failed = launch(&mut job, &mut segs).err().map(|e| e.0);
-        batch.mark(Mark::FirstLaunch);
-    }
-    let entered: Vec<(Arc<NvlinkClient>, Arc<RemoteGpu>)> =
-        resolved.into_iter().map(|r| (r.client, r.remote)).collect();
-    let failed = failed.map(|e| gpu_failed(&entered, exec, format!("enqueueing the copy: {e}")));
-    match job.finish() {
-        Ok(pending) => {
-            let work = GpuWork {
-                pending,
-                failed,
-                batch: batch.clone(),
-                runs: ok,
-                entered,
-                _pins: pins,
-                exec,
+
+    /// Launches what is left and hands every job to the completion thread.
+    pub(crate) fn finish(self) {
+        let (batch, done) = (self.batch, self.done);
+        for mut lane in self.lanes {
+            if lane.failed.is_none() && !lane.segs.is_empty() {
+                lane.launch(batch);
+            }
+            let work = match lane.into_work(batch) {
+                Handover::Nothing => continue,
+                Handover::Lost { runs, err } => {
+                    batch.fail_runs(&runs, err);
+                    continue;
+                }
+                Handover::Work(w) => w,
             };
             if let Err(e) = done.send(work) {
                 // The completion thread is gone (shutdown); the copy may still run, so keep
@@ -494,66 +534,127 @@ fn run_on<'a>(
                 std::mem::forget(w);
             }
         }
-        Err(e) => {
-            // Nothing tells when what was enqueued completes: fail the requests and keep the
-            // marks and pins for the life of the process rather than release memory the GPU
-            // may still touch.
-            let err = gpu_failed(&entered, exec, format!("recording the completion: {e}"));
-            batch.fail_runs(&ok, err);
-            std::mem::forget((entered, pins));
+    }
+
+    /// The submission failed after some copies were enqueued: waits (until `until`) for them,
+    /// so that nothing is in flight once `submit` reports the failure, then drops the jobs.
+    pub(crate) fn abort(self, until: std::time::Instant) {
+        let batch = self.batch;
+        for lane in self.lanes {
+            let exec = lane.exec;
+            let Handover::Work(work) = lane.into_work(batch) else { continue };
+            loop {
+                if matches!(work.pending.is_done(), Ok(true) | Err(_)) {
+                    // Clears the in-flight marks and releases the pins; the batch itself is
+                    // never handed to the caller.
+                    work.finish(Err(Error::Cancelled { batch: batch.id }));
+                    break;
+                }
+                if std::time::Instant::now() >= until {
+                    log::error!(
+                        "cuda:{exec}: copies of a refused batch still running at its deadline; \
+                         their memory stays pinned"
+                    );
+                    std::mem::forget(work);
+                    break;
+                }
+                std::thread::yield_now();
+            }
         }
     }
 }
 
-/// Pushes the prepared descriptors as one launch and clears them.
-fn launch(job: &mut Job, segs: &mut Vec<Seg>) -> std::result::Result<(), tidewire_gpu::GpuError> {
-    #[allow(unsafe_code)]
-    // SAFETY: local ranges lie in registered regions pinned by the job's pins until the work
-    // completes; remote ranges lie in imports kept alive by its `entered` list, inside the
-    // region the owner registered (checked at planning) and not revoked (checked by `enter` in
-    // `resolve`).
-    let pushed = unsafe { job.push(segs) };
-    segs.clear();
-    pushed
-}
+impl Lane {
+    /// Pushes the prepared descriptors as one launch; records a failure.
+    fn launch(&mut self, batch: &Batch) {
+        let pushed = match &mut self.job {
+            #[allow(unsafe_code)]
+            // SAFETY: local ranges lie in registered regions pinned by `pins` until the work
+            // completes; remote ranges lie in imports kept alive by `resolved`, inside the
+            // region the owner registered (checked by `run_end`) and not revoked (checked by
+            // `enter` in `resolve`).
+            Ok(job) => unsafe { job.push(&self.segs) }.map_err(|e| e.0),
+            Err(e) => Err(e.clone()),
+        };
+        self.segs.clear();
+        batch.mark(Mark::FirstLaunch);
+        if let Err(e) = pushed {
+            self.failed = Some(e);
+        }
+    }
 
-/// Maps a step's remote region, marks it in flight (unless revoked) and pins its local
-/// region; returns its index in `resolved`. Steps between the same two regions share one.
-fn resolve<'a>(
-    step: &'a Step,
-    exec: u32,
-    clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
-    resolved: &mut Vec<Resolved<'a>>,
-    pins: &mut Vec<OwnedAccess>,
-    pinned: &mut Vec<&'a RegionEntry>,
-) -> Result<usize> {
-    if let Some(k) = resolved.iter().position(|r| {
-        Arc::ptr_eq(&r.step.conn, &step.conn)
-            && r.step.region.id == step.region.id
-            && std::ptr::eq(&*r.step.local, &*step.local)
-    }) {
-        return Ok(k);
+    /// Finishes the job and says what became of it.
+    fn into_work(self, batch: &Arc<Batch>) -> Handover {
+        let entered: Vec<(Arc<NvlinkClient>, Arc<RemoteGpu>)> =
+            self.resolved.into_iter().map(|r| (r.client, r.remote)).collect();
+        // A job that never started enqueued nothing, pinned nothing and marked nothing.
+        let Ok(job) = self.job else { return Handover::Nothing };
+        let exec = self.exec;
+        let failed =
+            self.failed.map(|e| gpu_failed(&entered, exec, format!("enqueueing the copy: {e}")));
+        let runs: Vec<Range<usize>> = self.runs.into_iter().filter(|r| !r.is_empty()).collect();
+        match job.finish() {
+            Ok(pending) => Handover::Work(GpuWork {
+                pending,
+                failed,
+                batch: batch.clone(),
+                runs,
+                entered,
+                _pins: self.pins,
+                exec,
+            }),
+            Err(e) => {
+                // Nothing tells when what was enqueued completes: keep the marks and pins for
+                // the life of the process rather than release memory the GPU may still touch.
+                let err = gpu_failed(&entered, exec, format!("recording the completion: {e}"));
+                std::mem::forget((entered, self.pins));
+                Handover::Lost { runs, err }
+            }
+        }
     }
-    let route = step.gpu.as_ref().ok_or(Error::Internal("nvlink step without a GPU route"))?;
-    let local = &*step.local;
-    if !pinned.iter().any(|&p| std::ptr::eq(p, local)) {
-        let pin = local
-            .access_owned()
-            .ok_or(Error::NotRegistered { addr: local.addr, len: local.len })?;
-        pins.push(pin);
-        pinned.push(local);
-    }
-    let client = clients(step)?;
-    let remote = client.remote(step.region.id, &route.reach, exec)?;
-    if !client.shm.enter(&remote.control) {
-        client.forget(step.region.id, exec);
-        return Err(Error::RemoteAccessDenied {
-            peer: step.conn.name.clone(),
-            addr: step.region.addr,
-            len: step.region.len,
-            reason: format!("the peer unregistered {}", step.region.id),
+
+    /// Maps a step's remote region, marks it in flight (unless revoked) and pins its local
+    /// region; returns its index in `resolved`. Steps between the same two regions share one.
+    fn resolve(
+        &mut self,
+        step: &Step,
+        exec: u32,
+        clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
+    ) -> Result<usize> {
+        if let Some(k) = self.resolved.iter().position(|r| {
+            Arc::ptr_eq(&r.conn, &step.conn)
+                && r.region == step.region.id
+                && Arc::ptr_eq(&r.local, &step.local)
+        }) {
+            return Ok(k);
+        }
+        let route = step.gpu.as_ref().ok_or(Error::Internal("nvlink step without a GPU route"))?;
+        if !self.pinned.iter().any(|p| Arc::ptr_eq(p, &step.local)) {
+            let local = &step.local;
+            let pin = local
+                .access_owned()
+                .ok_or(Error::NotRegistered { addr: local.addr, len: local.len })?;
+            self.pins.push(pin);
+            self.pinned.push(local.clone());
+        }
+        let client = clients(step)?;
+        let remote = client.remote(step.region.id, &route.reach, exec)?;
+        if !client.shm.enter(&remote.control) {
+            client.forget(step.region.id, exec);
+            return Err(Error::RemoteAccessDenied {
+                peer: step.conn.name.clone(),
+                addr: step.region.addr,
+                len: step.region.len,
+                reason: format!("the peer unregistered {}", step.region.id),
+            });
+        }
+        self.resolved.push(Resolved {
+            conn: step.conn.clone(),
+            region: step.region.id,
+            local: step.local.clone(),
+            client,
+            remote,
         });
+        Ok(self.resolved.len() - 1)
     }
-    resolved.push(Resolved { step, client, remote });
-    Ok(resolved.len() - 1)
 }
