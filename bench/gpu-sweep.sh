@@ -13,9 +13,9 @@ b() {
   env $env timeout 120 dist/tidewire bench --pair --gpu 0 --target-gpu 1 --duration ${DUR:-2s} "$@" 2>&1 \
     | grep -v '^trans' | tee -a "$out/sweep.txt"
 }
-for env in "X=default" "TIDEWIRE_DESCRIPTORS_IN_HOST=1" "TIDEWIRE_FIRST_LAUNCH=0" \
-           "TIDEWIRE_FIRST_LAUNCH=0 TIDEWIRE_DESCRIPTORS_IN_HOST=1" "TIDEWIRE_FIRST_LAUNCH=4096" \
-           "TIDEWIRE_WAIT_SPIN_US=20"; do
+# SWEEP="ENV=a ENV=b|ENV=c" (combinations separated by |) replaces the default list.
+IFS='|' read -r -a combos <<< "${SWEEP:-X=default|TIDEWIRE_DESCRIPTORS_IN_HOST=0|TIDEWIRE_FIRST_LAUNCH=0|TIDEWIRE_FIRST_LAUNCH=4096|TIDEWIRE_GATHER_PREFETCH=0|TIDEWIRE_WAIT_SPIN_US=20}"
+for env in "${combos[@]}"; do
   b "$env" --op write --block-size 4KiB --batch-size 16384 --scatter
   b "$env" --op write --block-size 16KiB --batch-size 16384 --scatter
 done

@@ -61,8 +61,16 @@ const KERNEL: &str = r#"
 struct Seg { unsigned long long src, dst, len; };
 extern "C" __global__ void __launch_bounds__(512)
 tw_gather(const Seg* __restrict__ segs, unsigned int n) {
-  for (unsigned int s = blockIdx.x; s < n; s += gridDim.x) {
-    const Seg g = segs[s];
+  unsigned int s = blockIdx.x;
+  if (s >= n) return;
+  Seg g = segs[s];
+  for (; s < n; s += gridDim.x) {
+    const unsigned int nx = s + gridDim.x;
+#if TW_PREFETCH
+    // The next descriptor is loaded before this one is copied (it may come over PCIe).
+    Seg next = g;
+    if (nx < n) next = segs[nx];
+#endif
     const unsigned int t = threadIdx.x, bd = blockDim.x;
     if (((g.src | g.dst | g.len) & 15ull) == 0) {
       const uint4* __restrict__ a = (const uint4*)g.src;
@@ -79,6 +87,11 @@ tw_gather(const Seg* __restrict__ segs, unsigned int n) {
       unsigned char* b = (unsigned char*)g.dst;
       for (unsigned long long i = t; i < g.len; i += bd) b[i] = a[i];
     }
+#if TW_PREFETCH
+    g = next;
+#else
+    if (nx < n) g = segs[nx];
+#endif
   }
 }
 "#;
@@ -110,10 +123,16 @@ fn compile(cc: (i32, i32)) -> Result<CString, String> {
     }
     let arch = CString::new(format!("--gpu-architecture=compute_{}{}", cc.0, cc.1))
         .map_err(|e| e.to_string())?;
-    let opts: [*const c_char; 2] = [arch.as_ptr(), c"-default-device".as_ptr()];
+    // `TIDEWIRE_GATHER_PREFETCH=0` builds the kernel without loading the next descriptor early.
+    let prefetch = if tuning("TIDEWIRE_GATHER_PREFETCH", 1) == 0 {
+        c"-DTW_PREFETCH=0"
+    } else {
+        c"-DTW_PREFETCH=1"
+    };
+    let opts: [*const c_char; 3] = [arch.as_ptr(), c"-default-device".as_ptr(), prefetch.as_ptr()];
     let result = (|| {
-        // SAFETY: two NUL-terminated options that outlive the call.
-        let r = unsafe { (nvrtc.compile)(prog, 2, opts.as_ptr()) };
+        // SAFETY: NUL-terminated options that outlive the call.
+        let r = unsafe { (nvrtc.compile)(prog, opts.len() as i32, opts.as_ptr()) };
         if r != 0 {
             let mut n = 0usize;
             // SAFETY: out-pointer to a local; then a buffer of that size.
