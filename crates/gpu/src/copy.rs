@@ -61,16 +61,8 @@ const KERNEL: &str = r#"
 struct Seg { unsigned long long src, dst, len; };
 extern "C" __global__ void __launch_bounds__(512)
 tw_gather(const Seg* __restrict__ segs, unsigned int n) {
-  unsigned int s = blockIdx.x;
-  if (s >= n) return;
-  Seg g = segs[s];
-  for (; s < n; s += gridDim.x) {
-    const unsigned int nx = s + gridDim.x;
-#if TW_PREFETCH
-    // The next descriptor is loaded before this one is copied (it may come over PCIe).
-    Seg next = g;
-    if (nx < n) next = segs[nx];
-#endif
+  for (unsigned int s = blockIdx.x; s < n; s += gridDim.x) {
+    const Seg g = segs[s];
     const unsigned int t = threadIdx.x, bd = blockDim.x;
     if (((g.src | g.dst | g.len) & 15ull) == 0) {
       const uint4* __restrict__ a = (const uint4*)g.src;
@@ -87,11 +79,6 @@ tw_gather(const Seg* __restrict__ segs, unsigned int n) {
       unsigned char* b = (unsigned char*)g.dst;
       for (unsigned long long i = t; i < g.len; i += bd) b[i] = a[i];
     }
-#if TW_PREFETCH
-    g = next;
-#else
-    if (nx < n) g = segs[nx];
-#endif
   }
 }
 "#;
@@ -123,13 +110,7 @@ fn compile(cc: (i32, i32)) -> Result<CString, String> {
     }
     let arch = CString::new(format!("--gpu-architecture=compute_{}{}", cc.0, cc.1))
         .map_err(|e| e.to_string())?;
-    // `TIDEWIRE_GATHER_PREFETCH=0` builds the kernel without loading the next descriptor early.
-    let prefetch = if tuning("TIDEWIRE_GATHER_PREFETCH", 1) == 0 {
-        c"-DTW_PREFETCH=0"
-    } else {
-        c"-DTW_PREFETCH=1"
-    };
-    let opts: [*const c_char; 3] = [arch.as_ptr(), c"-default-device".as_ptr(), prefetch.as_ptr()];
+    let opts: [*const c_char; 2] = [arch.as_ptr(), c"-default-device".as_ptr()];
     let result = (|| {
         // SAFETY: NUL-terminated options that outlive the call.
         let r = unsafe { (nvrtc.compile)(prog, opts.len() as i32, opts.as_ptr()) };
@@ -233,7 +214,11 @@ pub struct Pending {
 /// unfinished leaks its staging (the GPU may still read it) rather than reuse it.
 pub struct Job {
     copier: &'static Copier,
-    stream: CuStream,
+    /// Launches alternate between these (1 or 2, `TIDEWIRE_JOB_STREAMS`): consecutive
+    /// launches of one job copy disjoint pages, so the next may start while the last blocks
+    /// of the previous one finish.
+    streams: Vec<CuStream>,
+    pushes: usize,
     staging: Vec<Staging>,
 }
 
@@ -314,8 +299,12 @@ impl Copier {
     /// Starts a job on the next of this GPU's streams, ordered after `after` (a caller's
     /// CUstream in the same context) when given.
     pub fn job(&'static self, after: Option<u64>) -> Result<Job, GpuError> {
+        static WIDTH: OnceLock<usize> = OnceLock::new();
+        let width = *WIDTH.get_or_init(|| tuning("TIDEWIRE_JOB_STREAMS", 2).clamp(1, 2) as usize);
         let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
-        let stream = self.streams[self.next.fetch_add(1, Ordering::Relaxed) % self.streams.len()];
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let streams: Vec<CuStream> =
+            (0..width).map(|k| self.streams[(first + k) % self.streams.len()]).collect();
         if let Some(caller) = after {
             let _ctx = self.gpu.enter()?;
             let e = self.event()?;
@@ -323,13 +312,16 @@ impl Copier {
             // wait on it; the event returns to the pool, re-recording later is allowed.
             let r = unsafe { (cuda.event_record)(e, caller as CuStream) };
             check(cuda, "cuEventRecord(caller stream)", r)?;
-            // SAFETY: both handles are live.
-            check(cuda, "cuStreamWaitEvent", unsafe { (cuda.stream_wait_event)(stream, e, 0) })?;
+            for &stream in &streams {
+                // SAFETY: both handles are live.
+                let r = unsafe { (cuda.stream_wait_event)(stream, e, 0) };
+                check(cuda, "cuStreamWaitEvent", r)?;
+            }
             if let Ok(mut v) = self.events.lock() {
                 v.push(e);
             }
         }
-        Ok(Job { copier: self, stream, staging: Vec::new() })
+        Ok(Job { copier: self, streams, pushes: 0, staging: Vec::new() })
     }
 }
 
@@ -345,7 +337,8 @@ impl Job {
         let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
         let copier = self.copier;
         let _ctx = copier.gpu.enter()?;
-        let stream = self.stream;
+        let stream = self.streams[self.pushes % self.streams.len()];
+        self.pushes += 1;
         let small: usize = segs.iter().filter(|s| s.len < COPY_ENGINE_MIN).count();
         let func = if small >= 2 { kernel(copier.gpu).ok() } else { None };
         for s in segs.iter().filter(|s| func.is_none() || s.len >= COPY_ENGINE_MIN) {
@@ -411,14 +404,27 @@ impl Job {
         })
     }
 
-    /// Records the completion event after everything pushed.
+    /// Records the completion event after everything pushed (on every stream used).
     pub fn finish(mut self) -> Result<Pending, GpuError> {
         let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
         let copier = self.copier;
         let _ctx = copier.gpu.enter()?;
+        let last = self.streams[0];
+        for &other in self.streams.iter().skip(1).take(self.pushes.saturating_sub(1)) {
+            let join = copier.event()?;
+            // SAFETY: live event and streams; the event returns to the pool after the wait is
+            // enqueued (re-recording it later does not change this wait).
+            check(cuda, "cuEventRecord(join)", unsafe { (cuda.event_record)(join, other) })?;
+            // SAFETY: as above; `last` waits for everything enqueued on `other` so far.
+            let r = unsafe { (cuda.stream_wait_event)(last, join, 0) };
+            check(cuda, "cuStreamWaitEvent(join)", r)?;
+            if let Ok(mut v) = copier.events.lock() {
+                v.push(join);
+            }
+        }
         let event = copier.event()?;
         // SAFETY: live event and stream.
-        check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(event, self.stream) })?;
+        check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(event, last) })?;
         Ok(Pending { copier, event, staging: std::mem::take(&mut self.staging) })
     }
 }
