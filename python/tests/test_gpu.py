@@ -111,9 +111,9 @@ def readline(proc: subprocess.Popen, timeout: float = 120.0) -> str:
 class GpuPeer:
     """python/tests/gpu_peer.py in a child process: a tensor on `device`, registered."""
 
-    def __init__(self, device: int, length: int, seed: int, pool: str) -> None:
+    def __init__(self, device: int, length: int, seed: int, pool: str, api: str = "native") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, GPU_PEER, str(device), str(length), str(seed), pool],
+            [sys.executable, GPU_PEER, str(device), str(length), str(seed), pool, api],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         info = json.loads(readline(self.proc))
@@ -222,3 +222,38 @@ def test_torch_tensors_move_over_nvlink_both_ways(local_pool, remote_pool):
         lo, hi = (8 << 20) + 3, (8 << 20) + 3 + 4093
         assert torch.equal(back[lo:hi], expected[lo:hi])
         assert bool((back[hi:] == 0xA5).all()) and bool((back[8 << 20:lo] == 0xA5).all())
+
+
+@needs_two_gpus
+@needs_mem_pool
+def test_mooncake_api_moves_kv_pages_between_gpus_over_nvlink():
+    """SGLang's disaggregation path: both sides drive `mooncake.engine.TransferEngine` with
+    protocol "nvlink", KV caches in tidewire's pool, pages written from the prefill GPU to the
+    decode GPU with batch_transfer_sync_write, then read back."""
+    n, page = 8 << 20, 16384
+    pages = n // page
+    with GpuPeer(1, n, seed=9, pool="tidewire", api="mooncake") as peer:
+        e = TransferEngine()
+        assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "nvlink", "") == 0
+        pool = tidewire.mem_pool()
+        src = tensor_in("tidewire", n, "cuda:0", pool)
+        back = tensor_in("tidewire", n, "cuda:0", pool)
+        g = torch.Generator(device="cuda:0").manual_seed(5)
+        src.copy_(torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0", generator=g))
+        back.fill_(0xA5)
+        torch.cuda.synchronize()
+        assert e.register_memory(src.data_ptr(), n) == 0
+        assert e.register_memory(back.data_ptr(), n) == 0
+        perm = [int(x) for x in np.random.default_rng(4).permutation(pages)]
+        locals_ = [src.data_ptr() + i * page for i in range(pages)]
+        remotes = [peer.addr + p * page for p in perm]
+        assert e.batch_transfer_sync_write(peer.name, locals_, remotes, [page] * pages) == 0
+        expected = torch.empty_like(src)
+        expected.view(pages, page)[torch.tensor(perm, device="cuda:0")] = src.view(pages, page)
+        assert peer.digest() == hashlib.sha256(expected.cpu().numpy().tobytes()).hexdigest()
+        backs = [back.data_ptr() + i * page for i in range(pages)]
+        assert e.batch_transfer_sync_read(peer.name, backs, remotes, [page] * pages) == 0
+        assert torch.equal(back, src)
+        # Out of the peer's region: a negative code, the target untouched.
+        assert e.transfer_sync_write(peer.name, src.data_ptr(), peer.addr + n - 100, 4096) < 0
+        assert peer.digest() == hashlib.sha256(expected.cpu().numpy().tobytes()).hexdigest()

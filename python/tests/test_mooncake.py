@@ -201,7 +201,9 @@ def test_local_api_surface():
     closed.close()
     assert e.initialize("127.0.0.1", f"127.0.0.1:{port}", "tcp", "") == -1, "bare host:port is etcd"
     assert e.initialize("127.0.0.1", f"redis://127.0.0.1:{port}", "tcp", "") == -1
-    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "nvlink", "") == -1
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "efa", "") == -1
+    other = TransferEngine()
+    assert other.initialize("127.0.0.1", "P2PHANDSHAKE", "nvlink", "") == 0, "engine's choice"
     assert e.initialize("127.0.0.1:12345", "P2PHANDSHAKE", "rdma", "mlx5_0") == 0
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == -1, "initialized once"
     assert 15000 <= e.get_rpc_port() <= 17000

@@ -6,7 +6,9 @@ peer failures return negative codes and log the reason (logger `tidewire.mooncak
 never raise. `install()` makes `import mooncake.engine` load this module.
 
 Differences, each logged when it applies: `protocol="rdma"` is served by the engine's own
-transports (shm on one host, else tcp) because this build has no RDMA transport. Metadata:
+transports (shm on one host, else tcp) because this build has no RDMA transport;
+`protocol="nvlink"` / `"nvlink_intra"` let the engine choose its NVLink transport per pair of
+GPUs (GPU memory in `tidewire.mem_pool()` is reachable by every one of them). Metadata:
 "P2PHANDSHAKE", `http://`, `etcd://host:port[,...]`, `redis://...`, or a bare `host:port`
 (etcd, as in Mooncake).
 """
@@ -109,8 +111,16 @@ class TransferEngine:
         elif proto == "rdma":
             log.warning("initialize: protocol 'rdma' requested; this build has no RDMA transport, "
                         "so requests are served by shm on this host and tcp across hosts")
-        elif proto in ("nvlink", "nvlink_intra", "mnnvl", "cxl", "efa", "hip"):
-            log.error("initialize: protocol %r needs transports this build does not have yet", protocol)
+        elif proto in ("nvlink", "nvlink_intra"):
+            # Mooncake's names for its NVLink transports (multi-node fabric, intra-node IPC).
+            # The engine chooses per pair of GPUs, with the reason: nvlink between GPUs of one
+            # host (CUDA IPC or VMM handles), mnnvl across hosts once the fabric is proven.
+            ok, why = _native.gpu_status()
+            if not ok:
+                log.warning("initialize: protocol %r requested but GPUs are unavailable (%s); "
+                            "host memory is served by shm and tcp", protocol, why)
+        elif proto in ("cxl", "efa", "hip", "barex", "ascend"):
+            log.error("initialize: protocol %r needs transports this build does not have", protocol)
             return -1
         else:
             log.error("initialize: unknown protocol %r", protocol)
