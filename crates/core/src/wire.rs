@@ -49,6 +49,15 @@ pub enum FrameKind {
     NotifyAck = 10,
     Probe = 11,
     ProbeAck = 12,
+    /// Marks an in-flight GPU copy into region `addr` (a region id) of the target, unless the
+    /// region was unregistered: the revocation channel of peers that share no host (mnnvl).
+    /// The target's `unregister` waits for the matching `Leave`, or for the connection to close.
+    Enter = 13,
+    /// Status Ok: marked; AccessDenied: unknown or unregistered.
+    EnterAck = 14,
+    /// Clears one `Enter` of region `addr`.
+    Leave = 15,
+    LeaveAck = 16,
 }
 
 impl FrameKind {
@@ -56,7 +65,7 @@ impl FrameKind {
         use FrameKind::*;
         [Hello, HelloAck, GetDescriptor, Descriptor, Write, WriteAck, Read, ReadData, Notify]
             .into_iter()
-            .chain([NotifyAck, Probe, ProbeAck])
+            .chain([NotifyAck, Probe, ProbeAck, Enter, EnterAck, Leave, LeaveAck])
             .find(|k| *k as u8 == v)
     }
 
@@ -69,6 +78,7 @@ impl FrameKind {
             Self::Notify => MAX_NOTIFY_FRAME,
             Self::GetDescriptor | Self::WriteAck | Self::Read => 0,
             Self::NotifyAck | Self::Probe | Self::ProbeAck => 0,
+            Self::Enter | Self::EnterAck | Self::Leave | Self::LeaveAck => 0,
         }
     }
 

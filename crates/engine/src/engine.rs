@@ -465,10 +465,9 @@ impl Engine {
     }
 
     fn revoke_shared(&self, removed: &[Arc<RegionEntry>]) -> Result<()> {
-        let Ok(server) = &self.inner.shm else {
-            return Ok(());
-        };
-        let attached = server.attached();
+        // Without an shm server no same-host initiator is attached; peers on other hosts may
+        // still hold marks taken over RPC.
+        let attached = self.inner.shm.as_ref().map_or([false; shm::SLOTS], |s| s.attached());
         let mut first_err = Ok(());
         for shared in removed.iter().filter_map(|e| e.control()) {
             if let Err(e) = shared.revoke(&attached, self.inner.config.deadlines.stall) {

@@ -12,6 +12,7 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::metadata::resolve;
+use crate::transport::lease::{self, LeaseConn};
 use crate::transport::nvlink::NvlinkClient;
 use crate::transport::shm::ShmClient;
 use crate::transport::tcp::TcpConn;
@@ -112,13 +113,23 @@ impl PeerConn {
     }
 
     /// The GPU import state for this peer, over its shm attachment (made on first use).
+    /// The GPU transports' client for this peer: the shm socket's revocation pages for a
+    /// same-host peer, `Enter` / `Leave` over RPC for one on another host (or with
+    /// `TIDEWIRE_NVLINK_LEASE=rpc`).
     pub(crate) fn nvlink(&self, cfg: &EngineConfig) -> Result<Arc<NvlinkClient>> {
-        let shm = self.shm(cfg)?;
+        let shm = if self.same_host { Some(self.shm(cfg)?) } else { None };
         let mut slot = self.nvlink.lock();
-        if let Some(c) = slot.as_ref().filter(|c| Arc::ptr_eq(&c.shm, &shm)) {
+        if let Some(c) = slot.as_ref().filter(|c| c.usable(shm.as_ref())) {
             return Ok(c.clone());
         }
-        let client = Arc::new(NvlinkClient::new(shm));
+        let lease = if !self.same_host || lease::forced() {
+            let desc = self.descriptor();
+            let addr = resolve(&desc.rpc_addr)?;
+            Some(LeaseConn::connect(&self.name, addr, desc.instance_id, &cfg.deadlines)?)
+        } else {
+            None
+        };
+        let client = Arc::new(NvlinkClient::new(&self.name, shm, lease)?);
         *slot = Some(client.clone());
         Ok(client)
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 use tidewire_core::wire::{decode_strings, FrameKind, Header, Status, INSTANCE_LEN};
+use tidewire_core::RegionId;
 
 use crate::config::EngineConfig;
 use crate::engine::Inner;
@@ -19,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::frames::{FrameReader, FrameWriter, POLL};
 use crate::lifecycle::Wakeable;
 use crate::notify::Notification;
+use crate::registry::RegionEntry;
 
 const IO_BUFFER: usize = 64 << 10;
 
@@ -114,7 +116,48 @@ enum ConnError {
     Unexpected(FrameKind),
 }
 
+/// In-flight marks a connection's peer took with `Enter`; the ones it did not `Leave` are
+/// cleared when the connection ends (the peer died or gave up), so an `unregister` waiting for
+/// them is never held by a peer that is gone.
+#[derive(Default)]
+struct Leases(Vec<Arc<RegionEntry>>);
+
+impl Leases {
+    fn enter(&mut self, inner: &Inner, id: u64) -> Status {
+        let Some(entry) = inner.registry.by_id(RegionId(id)) else { return Status::AccessDenied };
+        match entry.control() {
+            Some(control) if control.enter_remote() => {
+                self.0.push(entry);
+                Status::Ok
+            }
+            _ => Status::AccessDenied,
+        }
+    }
+
+    fn leave(&mut self, id: u64) -> Status {
+        let Some(at) = self.0.iter().position(|e| e.id == RegionId(id)) else {
+            return Status::BadRequest;
+        };
+        let entry = self.0.swap_remove(at);
+        if let Some(control) = entry.control() {
+            control.leave_remote();
+        }
+        Status::Ok
+    }
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        for entry in self.0.drain(..) {
+            if let Some(control) = entry.control() {
+                control.leave_remote();
+            }
+        }
+    }
+}
+
 fn serve_frames(inner: &Inner, r: &mut FrameReader, w: &mut FrameWriter) -> Result<(), ConnError> {
+    let mut leases = Leases::default();
     loop {
         if !r.has_buffered() {
             w.flush()?;
@@ -185,6 +228,15 @@ fn serve_frames(inner: &Inner, r: &mut FrameReader, w: &mut FrameWriter) -> Resu
                     }
                 };
                 w.header(&Header::new(FrameKind::NotifyAck, h.tag, 0, 0).with_status(status))?;
+            }
+            FrameKind::Enter => {
+                let status =
+                    if stopping { Status::ShuttingDown } else { leases.enter(inner, h.addr) };
+                w.header(&Header::new(FrameKind::EnterAck, h.tag, h.addr, 0).with_status(status))?;
+            }
+            FrameKind::Leave => {
+                let status = leases.leave(h.addr);
+                w.header(&Header::new(FrameKind::LeaveAck, h.tag, h.addr, 0).with_status(status))?;
             }
             kind => return Err(ConnError::Unexpected(kind)),
         }

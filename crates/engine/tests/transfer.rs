@@ -220,3 +220,71 @@ fn opening_a_segment_again_returns_the_same_handle() {
     let me = initiator.open_segment(initiator.name()).unwrap();
     assert_eq!(initiator.open_segment(initiator.name()).unwrap(), me);
 }
+
+/// A raw RPC connection speaking the revocation frames as a peer on another host would.
+struct RawLease(std::net::TcpStream);
+
+impl RawLease {
+    fn open(engine: &tidewire::Engine) -> Self {
+        use tidewire::core::wire::{FrameKind, Header, INSTANCE_LEN};
+        let s = std::net::TcpStream::connect(engine.rpc_addr()).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut lease = Self(s);
+        let mut hello = Header::new(FrameKind::Hello, 0, 0, INSTANCE_LEN).encode().to_vec();
+        hello.extend_from_slice(&[0u8; 16]);
+        let (h, _) = lease.call(&hello);
+        assert_eq!(h.kind, FrameKind::HelloAck);
+        lease
+    }
+
+    fn call(&mut self, frame: &[u8]) -> (tidewire::core::wire::Header, Vec<u8>) {
+        use std::io::{Read, Write};
+        self.0.write_all(frame).unwrap();
+        let mut raw = [0u8; tidewire::core::wire::HEADER_LEN];
+        self.0.read_exact(&mut raw).unwrap();
+        let h = tidewire::core::wire::Header::decode(&raw).unwrap();
+        let mut payload = vec![0u8; h.payload_len() as usize];
+        self.0.read_exact(&mut payload).unwrap();
+        (h, payload)
+    }
+
+    fn send(
+        &mut self,
+        kind: tidewire::core::wire::FrameKind,
+        id: u64,
+    ) -> tidewire::core::wire::Status {
+        let (h, _) = self.call(&tidewire::core::wire::Header::new(kind, 7, id, 0).encode());
+        assert_eq!(h.addr, id);
+        h.status
+    }
+}
+
+#[test]
+fn marks_taken_over_rpc_hold_unregister_until_left_or_disconnected() {
+    use tidewire::core::wire::{FrameKind, Status};
+    let target = std::sync::Arc::new(common::engine());
+    let id_of = |addr: u64| {
+        target.descriptor().regions.iter().find(|r| r.addr == addr).map(|r| r.id.0).unwrap()
+    };
+    let a = target.allocate_shared(4096).unwrap();
+    let b = target.allocate_shared(4096).unwrap();
+    let (ida, idb) = (id_of(a), id_of(b));
+    let mut lease = RawLease::open(&target);
+    assert_eq!(lease.send(FrameKind::Enter, ida), Status::Ok);
+    assert_eq!(lease.send(FrameKind::Leave, 999_999), Status::BadRequest, "never entered");
+    // Unregistering waits for the mark...
+    let t2 = target.clone();
+    let freeing = std::thread::spawn(move || t2.free_shared(a));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!freeing.is_finished(), "free_shared returned while a copy was marked in flight");
+    // ...and new marks are refused meanwhile.
+    let mut other = RawLease::open(&target);
+    assert_eq!(other.send(FrameKind::Enter, ida), Status::AccessDenied);
+    assert_eq!(lease.send(FrameKind::Leave, ida), Status::Ok);
+    freeing.join().unwrap().unwrap();
+    // A peer that disappears with a mark held releases it with its connection.
+    assert_eq!(other.send(FrameKind::Enter, idb), Status::Ok);
+    drop(other);
+    target.free_shared(b).unwrap();
+    assert_eq!(lease.send(FrameKind::Enter, idb), Status::AccessDenied, "unregistered");
+}

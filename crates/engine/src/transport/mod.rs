@@ -9,6 +9,7 @@
 //! Memory transports (local, shm) complete inside `submit`: a copy is bounded CPU work with
 //! nothing to wait for. TCP is asynchronous: lane threads send and complete chunks.
 
+pub(crate) mod lease;
 pub(crate) mod memory;
 pub(crate) mod nvlink;
 pub(crate) mod shm;

@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::peer::PeerConn;
 use crate::registry::{OwnedAccess, RegionEntry};
+use crate::transport::lease::LeaseConn;
 use crate::transport::shm::{SharedRegion, ShmClient, ShmMap, FETCH_VMM_FD};
 
 /// What this process knows about its GPUs, for selection (read once per engine).
@@ -118,9 +119,18 @@ pub(crate) fn export(
     Ok(GpuRegion { reach, vmm_fd, control })
 }
 
+/// How in-flight copies into a peer's region are marked, so that its `unregister` waits for
+/// them and refuses new ones.
+enum Control {
+    /// The region's revocation page, mapped from a same-host peer.
+    Page(ShmMap),
+    /// `Enter` / `Leave` round trips to the owner (peers on other hosts).
+    Rpc(RegionId),
+}
+
 /// A peer's region, mapped for one of our GPUs.
 pub(crate) struct RemoteGpu {
-    control: ShmMap,
+    control: Control,
     import: Arc<Imported>,
     base: u64,
 }
@@ -128,16 +138,65 @@ pub(crate) struct RemoteGpu {
 /// An IPC import: the handle and the GPU it is mapped for.
 type IpcKey = ([u8; 64], u32);
 
-/// The initiator's state for one peer instance: imports and revocation pages.
+/// The initiator's state for one peer instance: imports and the revocation channel.
 pub(crate) struct NvlinkClient {
-    pub(crate) shm: Arc<ShmClient>,
+    peer: String,
+    /// A same-host peer's shm socket: revocation pages and VMM descriptors.
+    pub(crate) shm: Option<Arc<ShmClient>>,
+    /// The RPC revocation channel: peers on other hosts, or `TIDEWIRE_NVLINK_LEASE=rpc`.
+    lease: Option<LeaseConn>,
     regions: Mutex<HashMap<(RegionId, u32), Arc<RemoteGpu>>>,
     ipc: Mutex<HashMap<IpcKey, Arc<Imported>>>,
 }
 
 impl NvlinkClient {
-    pub(crate) fn new(shm: Arc<ShmClient>) -> Self {
-        Self { shm, regions: Mutex::default(), ipc: Mutex::default() }
+    /// A client marking copies through `lease` when given, else through `shm`'s pages (one of
+    /// the two is required).
+    pub(crate) fn new(
+        peer: &str,
+        shm: Option<Arc<ShmClient>>,
+        lease: Option<LeaseConn>,
+    ) -> Result<Self> {
+        if shm.is_none() && lease.is_none() {
+            return Err(Error::Internal("an nvlink client without a revocation channel"));
+        }
+        Ok(Self { peer: peer.into(), shm, lease, regions: Mutex::default(), ipc: Mutex::default() })
+    }
+
+    /// False when this client's channel broke and a new one should be made.
+    pub(crate) fn usable(&self, shm: Option<&Arc<ShmClient>>) -> bool {
+        match (&self.shm, shm) {
+            (Some(mine), Some(now)) => Arc::ptr_eq(mine, now),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    /// Marks a copy into `remote` in flight; `Ok(false)` when the owner unregistered it.
+    fn enter(&self, remote: &RemoteGpu) -> Result<bool> {
+        match (&remote.control, &self.shm, &self.lease) {
+            (Control::Page(map), Some(shm), _) => Ok(shm.enter(map)),
+            (Control::Rpc(id), _, Some(lease)) => lease.enter(*id),
+            _ => Err(Error::Internal("revocation channel and mapping disagree")),
+        }
+    }
+
+    /// Clears the mark; an error when the owner could not be told (it is gone, or it dropped
+    /// our connection and with it our marks).
+    fn leave(&self, remote: &RemoteGpu) -> Result<()> {
+        match (&remote.control, &self.shm, &self.lease) {
+            (Control::Page(map), Some(shm), _) => {
+                shm.leave(map);
+                Ok(())
+            }
+            (Control::Rpc(id), _, Some(lease)) => lease.leave(*id),
+            _ => Err(Error::Internal("revocation channel and mapping disagree")),
+        }
+    }
+
+    /// False once a same-host peer's end of the shm socket closed (its process is gone).
+    fn peer_alive(&self) -> bool {
+        self.shm.as_ref().is_none_or(|s| s.peer_alive())
     }
 
     /// The peer's region `id`, reached through `reach`, mapped for GPU `exec`.
@@ -146,7 +205,11 @@ impl NvlinkClient {
             return Ok(r.clone());
         }
         let gpu = Gpu::get(exec).map_err(|e| self.failed(format!("cuda:{exec}: {e}")))?;
-        let control = self.shm.control(id)?;
+        let control = match (&self.lease, &self.shm) {
+            (Some(_), _) => Control::Rpc(id),
+            (None, Some(shm)) => Control::Page(shm.control(id)?),
+            (None, None) => return Err(Error::Internal("an nvlink client without a channel")),
+        };
         let (import, base) = match reach {
             Reach::CudaIpc { handle, base, size, .. } => {
                 let h = handle_from_hex(handle)
@@ -166,7 +229,10 @@ impl NvlinkClient {
                 (import, *base)
             }
             Reach::VmmFd { base, size, .. } => {
-                let (stated, fd) = self.shm.fetch(FETCH_VMM_FD, id)?;
+                let shm = self.shm.as_ref().ok_or_else(|| {
+                    self.failed(format!("{id}: a VMM POSIX-FD handle needs a same-host peer"))
+                })?;
+                let (stated, fd) = shm.fetch(FETCH_VMM_FD, id)?;
                 if stated != *size {
                     return Err(self.failed(format!(
                         "{id}: the descriptor says {size} bytes, the socket {stated}"
@@ -196,11 +262,7 @@ impl NvlinkClient {
     }
 
     fn failed(&self, reason: String) -> Error {
-        Error::PeerFailed { peer: self.shm_peer(), transport: TransportKind::Nvlink, reason }
-    }
-
-    fn shm_peer(&self) -> String {
-        self.shm.peer().to_string()
+        Error::PeerFailed { peer: self.peer.clone(), transport: TransportKind::Nvlink, reason }
     }
 }
 
@@ -224,7 +286,7 @@ pub(crate) struct GpuWork {
 /// it targeted and the GPU.
 fn gpu_failed(entered: &[(Arc<NvlinkClient>, Arc<RemoteGpu>)], exec: u32, what: String) -> Error {
     Error::PeerFailed {
-        peer: entered.first().map_or_else(|| "?".into(), |(c, _)| c.shm_peer()),
+        peer: entered.first().map_or_else(|| "?".into(), |(c, _)| c.peer.clone()),
         transport: TransportKind::Nvlink,
         reason: format!("cuda:{exec}: {what}"),
     }
@@ -235,9 +297,9 @@ impl GpuWork {
         self.batch.mark(Mark::GpuDone);
         let mut dead = None;
         for (client, remote) in &self.entered {
-            client.shm.leave(&remote.control);
-            if dead.is_none() && !client.shm.peer_alive() {
-                dead = Some(client.shm_peer());
+            let left = client.leave(remote);
+            if dead.is_none() && (left.is_err() || !client.peer_alive()) {
+                dead = Some(client.peer.clone());
             }
         }
         let outcome = match (outcome, self.failed) {
@@ -639,7 +701,7 @@ impl Lane {
         }
         let client = clients(step)?;
         let remote = client.remote(step.region.id, &route.reach, exec)?;
-        if !client.shm.enter(&remote.control) {
+        if !client.enter(&remote)? {
             client.forget(step.region.id, exec);
             return Err(Error::RemoteAccessDenied {
                 peer: step.conn.name.clone(),

@@ -49,7 +49,11 @@ struct Slot {
 #[repr(C)]
 struct ShmHeader {
     revoked: AtomicU32,
-    _pad: [u8; 60],
+    _pad0: u32,
+    /// In-flight marks taken over RPC by peers on other hosts (`Enter` frames); only the
+    /// owner's process touches it.
+    remote: AtomicU64,
+    _pad: [u8; 48],
     slots: [Slot; SLOTS],
 }
 
@@ -103,11 +107,37 @@ impl SharedRegion {
         self.map.data_addr()
     }
 
-    /// Stops new accesses and waits for in-flight ones of attached initiators.
+    /// Marks an in-flight access by a peer on another host, unless revoked (then false and no
+    /// mark). Balance a `true` with [`SharedRegion::leave_remote`].
+    pub(crate) fn enter_remote(&self) -> bool {
+        let h = self.map.header();
+        h.remote.fetch_add(1, Ordering::SeqCst);
+        if h.revoked.load(Ordering::SeqCst) != 0 {
+            h.remote.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn leave_remote(&self) {
+        self.map.header().remote.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Stops new accesses and waits for in-flight ones of attached initiators and of peers
+    /// on other hosts.
     pub(crate) fn revoke(&self, attached: &[bool; SLOTS], deadline: Duration) -> Result<()> {
         let h = self.map.header();
         h.revoked.store(1, Ordering::SeqCst);
         let until = Instant::now() + deadline;
+        while h.remote.load(Ordering::SeqCst) != 0 {
+            if Instant::now() >= until {
+                return Err(Error::Timeout {
+                    what: "waiting for peers on other hosts to finish copying".into(),
+                    after: deadline,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
         for (i, slot) in h.slots.iter().enumerate() {
             while attached[i] && slot.inflight.load(Ordering::SeqCst) != 0 {
                 if Instant::now() >= until {
@@ -300,10 +330,6 @@ impl ShmClient {
 
     pub(crate) fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn peer(&self) -> &str {
-        &self.peer
     }
 
     /// Asks the peer for a file descriptor of region `id` (`what` is a `FETCH_*`); returns it
