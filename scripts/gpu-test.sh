@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU host checks: what the engine discovers and how it treats GPU memory. Run on a machine
-# with NVIDIA GPUs, a driver, python3 with torch and pytest, and a tidewire wheel:
+# GPU host checks: `tidewire info`, the Rust GPU tests (dist/gpu-tests, both revocation
+# channels) and the Python GPU tests with torch. Run on a machine with NVIDIA GPUs (two with
+# NVLink for the transfer tests), a driver, python3 with torch, and what was built on a dev
+# machine in dist/ (the wheel, dist/tidewire, dist/gpu-tests; pytest wheels in dist/wheels):
 #   scripts/gpu-test.sh [wheel-or-dir] [out-dir]
-# Writes `tidewire info` and the test log to out-dir (default bench/results/gpu-<date>).
+# Writes the logs to out-dir (default bench/results/gpu-<date>).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Never use NVLink multicast on shared GPU hosts.
@@ -18,5 +20,16 @@ if ! python3 -c "import pytest" 2>/dev/null && [ -d dist/wheels ]; then
 fi
 export PYTHONPATH=/tmp/tidewire-site${PYTHONPATH:+:$PYTHONPATH}
 if [ -x dist/tidewire ]; then dist/tidewire info > "$out/info.txt" 2>&1 || true; fi
+# The Rust GPU tests (two processes, one GPU each), with the revocation pages of same-host
+# peers and again with the RPC channel peers on other hosts (mnnvl) use.
+status=0
+if [ -x dist/gpu-tests ]; then
+  for lease in page rpc; do
+    echo "== rust gpu tests, revocation by $lease" | tee -a "$out/rust-gpu-tests.txt"
+    TIDEWIRE_NVLINK_LEASE=$lease timeout 300 dist/gpu-tests --test-threads=1 --nocapture 2>&1 \
+      | tee -a "$out/rust-gpu-tests.txt" || status=1
+  done
+fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" > "$out/torch.txt" 2>&1 || true
 timeout 600 python3 -m pytest -v -p no:cacheprovider python/tests/test_gpu.py python/tests/test_native.py 2>&1 | tee "$out/gpu-tests.txt"
+exit $status

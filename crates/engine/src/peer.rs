@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor};
+use tidewire_core::select::TransportKind;
 use tidewire_core::InstanceId;
 
 use crate::config::EngineConfig;
@@ -125,7 +126,8 @@ impl PeerConn {
         let lease = if !self.same_host || lease::forced() {
             let desc = self.descriptor();
             let addr = resolve(&desc.rpc_addr)?;
-            Some(LeaseConn::connect(&self.name, addr, desc.instance_id, &cfg.deadlines)?)
+            let kind = if self.same_host { TransportKind::Nvlink } else { TransportKind::Mnnvl };
+            Some(LeaseConn::connect(&self.name, kind, addr, desc.instance_id, &cfg.deadlines)?)
         } else {
             None
         };

@@ -28,6 +28,8 @@ pub(crate) fn forced() -> bool {
 /// One connection to the owner's RPC port carrying `Enter` / `Leave` round trips.
 pub(crate) struct LeaseConn {
     peer: String,
+    /// The transport the copies it guards go by (mnnvl across hosts), for errors.
+    transport: TransportKind,
     addr: SocketAddr,
     instance: InstanceId,
     deadlines: Deadlines,
@@ -38,6 +40,7 @@ pub(crate) struct LeaseConn {
 impl LeaseConn {
     pub(crate) fn connect(
         peer: &str,
+        transport: TransportKind,
         addr: SocketAddr,
         instance: InstanceId,
         deadlines: &Deadlines,
@@ -45,6 +48,7 @@ impl LeaseConn {
         let stream = Self::open(peer, addr, instance, deadlines)?;
         Ok(Self {
             peer: peer.into(),
+            transport,
             addr,
             instance,
             deadlines: *deadlines,
@@ -69,7 +73,8 @@ impl LeaseConn {
     }
 
     fn failed(&self, reason: String) -> Error {
-        Error::PeerFailed { peer: self.peer.clone(), transport: TransportKind::Mnnvl, reason }
+        let reason = format!("the revocation channel to the peer failed: {reason}");
+        Error::PeerFailed { peer: self.peer.clone(), transport: self.transport, reason }
     }
 
     /// One round trip; a failed one closes the connection.
