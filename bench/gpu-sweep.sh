@@ -14,7 +14,7 @@ b() {
     | grep -v '^trans' | tee -a "$out/sweep.txt"
 }
 # SWEEP="ENV=a ENV=b|ENV=c" (combinations separated by |) replaces the default list.
-IFS='|' read -r -a combos <<< "${SWEEP:-X=default|TIDEWIRE_DESCRIPTORS_IN_HOST=0|TIDEWIRE_FIRST_LAUNCH=0|TIDEWIRE_FIRST_LAUNCH=4096|TIDEWIRE_GATHER_PREFETCH=0|TIDEWIRE_WAIT_SPIN_US=20}"
+IFS='|' read -r -a combos <<< "${SWEEP:-X=default|TIDEWIRE_DESCRIPTORS_IN_HOST=0|TIDEWIRE_FIRST_LAUNCH=0|TIDEWIRE_FIRST_LAUNCH=4096|TIDEWIRE_JOB_STREAMS=1|TIDEWIRE_WAIT_SPIN_US=20}"
 for env in "${combos[@]}"; do
   b "$env" --op write --block-size 4KiB --batch-size 16384 --scatter
   b "$env" --op write --block-size 16KiB --batch-size 16384 --scatter

@@ -141,7 +141,7 @@ pub struct Engine {
 /// A request whose transport and ends are resolved.
 #[derive(Clone)]
 pub(crate) struct Step {
-    transport: TransportKind,
+    pub(crate) transport: TransportKind,
     /// For nvlink and mnnvl: the remote reach and the GPU that copies.
     pub(crate) gpu: Option<GpuRoute>,
     pub(crate) local: Arc<RegionEntry>,
@@ -524,7 +524,13 @@ impl Engine {
         #[allow(unsafe_code)]
         let registered = unsafe { self.register(a.ptr, len, &hint) };
         if let Err(e) = registered {
-            let _ = tidewire_gpu::alloc::free(a.ptr);
+            if let Err(f) = tidewire_gpu::alloc::free(a.ptr) {
+                log::error!(
+                    "{}: freeing {:#x} after a failed registration: {f}",
+                    self.name(),
+                    a.ptr
+                );
+            }
             return Err(e);
         }
         self.inner.device_allocs.lock().push(a.ptr);

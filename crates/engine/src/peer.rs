@@ -123,15 +123,15 @@ impl PeerConn {
         if let Some(c) = slot.as_ref().filter(|c| c.usable(shm.as_ref())) {
             return Ok(c.clone());
         }
+        let kind = if self.same_host { TransportKind::Nvlink } else { TransportKind::Mnnvl };
         let lease = if !self.same_host || lease::forced() {
             let desc = self.descriptor();
             let addr = resolve(&desc.rpc_addr)?;
-            let kind = if self.same_host { TransportKind::Nvlink } else { TransportKind::Mnnvl };
             Some(LeaseConn::connect(&self.name, kind, addr, desc.instance_id, &cfg.deadlines)?)
         } else {
             None
         };
-        let client = Arc::new(NvlinkClient::new(&self.name, shm, lease)?);
+        let client = Arc::new(NvlinkClient::new(&self.name, kind, shm, lease)?);
         *slot = Some(client.clone());
         Ok(client)
     }

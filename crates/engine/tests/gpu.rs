@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::random_bytes;
 use tidewire::gpu::alloc::{self, AllocKind};
-use tidewire::{BatchOptions, Engine, EngineConfig, Error, Op, Request};
+use tidewire::{BatchOptions, Engine, EngineConfig, Error, Op, PeerId, Request};
 
 const CHILD: &str = "zz_gpu_child_entry";
 /// The child registers its region this far into its allocation (a sub-allocation).
@@ -123,15 +123,18 @@ fn local(engine: &Engine, kind: AllocKind, len: u64) -> u64 {
     engine.allocate_device(len, 0, Some(kind)).unwrap().ptr
 }
 
+/// A child target serving `len` bytes of `kind` memory on cuda:1, an engine made with `cfg`
+/// that has it open as a peer, and `len` bytes of our own device memory on cuda:0.
+fn pair(kind: &str, len: u64, seed: u64, cfg: EngineConfig) -> (GpuChild, Engine, PeerId, u64) {
+    let child = GpuChild::spawn(kind, len, seed);
+    let engine = Engine::new(cfg).unwrap();
+    let peer = engine.open_segment(&child.name).unwrap();
+    let mine = engine.allocate_device(len, 0, None).unwrap().ptr;
+    (child, engine, peer, mine)
+}
+
 /// Scattered pages, a large run and an odd-sized, odd-aligned run, both directions.
-fn round_trip(
-    engine: &Engine,
-    peer: tidewire::PeerId,
-    mine: u64,
-    theirs: u64,
-    len: u64,
-    seed: u64,
-) {
+fn round_trip(engine: &Engine, peer: PeerId, mine: u64, theirs: u64, len: u64, seed: u64) {
     let page = 4096u64;
     let pages = (len / 2 / page).min(2048);
     let big = len / 4;
@@ -205,10 +208,7 @@ fn unregister_while_mapped_fails_the_next_request_cleanly() {
         return;
     }
     const LEN: u64 = 4 << 20;
-    let mut child = GpuChild::spawn("malloc", LEN, 3);
-    let engine = Engine::new(EngineConfig::default()).unwrap();
-    let peer = engine.open_segment(&child.name).unwrap();
-    let mine = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let (mut child, engine, peer, mine) = pair("malloc", LEN, 3, EngineConfig::default());
     let req = Request { op: Op::Write, local: mine, len: LEN, peer, remote: child.addr };
     engine.transfer_sync(&[req], BatchOptions::default()).unwrap();
     child.say("unregister", "UNREGISTERED");
@@ -224,10 +224,7 @@ fn a_bad_request_after_launched_pages_fails_submit_with_nothing_in_flight() {
     }
     const LEN: u64 = 16 << 20;
     const PAGE: u64 = 4096;
-    let mut child = GpuChild::spawn("vmm", LEN, 5);
-    let engine = Engine::new(EngineConfig::default()).unwrap();
-    let peer = engine.open_segment(&child.name).unwrap();
-    let mine = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let (mut child, engine, peer, mine) = pair("vmm", LEN, 5, EngineConfig::default());
     let pages: Vec<Request> = (0..LEN / PAGE)
         .map(|i| Request {
             op: Op::Write,
@@ -267,12 +264,9 @@ fn peer_killed_mid_transfer_fails_within_the_deadline() {
         return;
     }
     const LEN: u64 = 256 << 20;
-    let mut child = GpuChild::spawn("vmm", LEN, 5);
     let mut cfg = EngineConfig::default();
     cfg.deadlines.transfer = Duration::from_secs(5);
-    let engine = Engine::new(cfg).unwrap();
-    let peer = engine.open_segment(&child.name).unwrap();
-    let mine = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let (mut child, engine, peer, mine) = pair("vmm", LEN, 5, cfg);
     let reqs: Vec<Request> = (0..64)
         .map(|i| {
             let off = i * (LEN / 64);

@@ -178,9 +178,11 @@ fn kernel(gpu: &'static Gpu) -> Result<CuFunction, String> {
     .map_err(Clone::clone)
 }
 
-/// Pinned host and device staging for one launch's descriptor array.
+/// Pinned host (and, with `TIDEWIRE_DESCRIPTORS_IN_HOST=0`, device) staging for one launch's
+/// descriptor array.
 struct Staging {
     host: *mut Seg,
+    /// 0 when the kernel reads `host` directly.
     dev: u64,
     cap: usize,
 }
@@ -286,12 +288,17 @@ impl Copier {
         let mut host: *mut c_void = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; PORTABLE | DEVICEMAP.
         check(cuda, "cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut host, bytes, 3) })?;
+        // The device copy of the descriptors exists only when the kernel does not read them
+        // from the pinned host buffer.
         let mut dev = 0u64;
-        // SAFETY: out-pointer to a local.
-        if let Err(e) = check(cuda, "cuMemAlloc", unsafe { (cuda.mem_alloc)(&mut dev, bytes) }) {
-            // SAFETY: frees the host buffer allocated above.
-            unsafe { (cuda.host_free)(host) };
-            return Err(e);
+        if !descriptors_in_host() {
+            // SAFETY: out-pointer to a local.
+            let r = unsafe { (cuda.mem_alloc)(&mut dev, bytes) };
+            if let Err(e) = check(cuda, "cuMemAlloc", r) {
+                // SAFETY: frees the host buffer allocated above.
+                unsafe { (cuda.host_free)(host) };
+                return Err(e);
+            }
         }
         Ok(Staging { host: host.cast(), dev, cap })
     }

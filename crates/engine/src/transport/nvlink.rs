@@ -3,15 +3,18 @@
 //! descriptor comes over the shm socket) and copied into by our GPU: the copy engine for
 //! large runs, one gather-kernel launch for a batch of small or scattered ones.
 //!
-//! Revocation uses the shm transport's page (`shm.rs`): every exported region has one, the
-//! initiator marks its slot in flight before enqueueing and clears it only when the GPU event
-//! completes, so the owner's `unregister` returns only after our copies landed, and a copy
-//! is never enqueued after it. Imports are closed when the region is found revoked, or
-//! when the peer restarts (the client is dropped with the peer's connection state).
+//! Revocation: every exported region has a revocation page (`shm.rs`). A same-host initiator
+//! maps it and marks its slot in flight before enqueueing; a peer on another host (mnnvl)
+//! marks it through `Enter` / `Leave` frames on the owner's RPC port (`lease.rs`). The mark is
+//! cleared only when the GPU event completed, so the owner's `unregister` returns only after
+//! our copies landed, and a copy is never enqueued after it. Imports are closed when the
+//! region is found revoked, or when the peer restarts (the client is dropped with the peer's
+//! connection state).
 //!
 //! Completion: a thread per engine polls the events of copies in flight and finishes their
 //! requests; before reporting success it checks that the peer process is still alive (its
-//! end of the shm socket is open), since a copy into a dead peer's memory "succeeds".
+//! end of the shm socket is open, or it answered `Leave`), since a copy into a dead peer's
+//! memory "succeeds".
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -141,6 +144,8 @@ type IpcKey = ([u8; 64], u32);
 /// The initiator's state for one peer instance: imports and the revocation channel.
 pub(crate) struct NvlinkClient {
     peer: String,
+    /// nvlink for a same-host peer, mnnvl for one on another host (for errors).
+    transport: TransportKind,
     /// A same-host peer's shm socket: revocation pages and VMM descriptors.
     pub(crate) shm: Option<Arc<ShmClient>>,
     /// The RPC revocation channel: peers on other hosts, or `TIDEWIRE_NVLINK_LEASE=rpc`.
@@ -154,13 +159,15 @@ impl NvlinkClient {
     /// the two is required).
     pub(crate) fn new(
         peer: &str,
+        transport: TransportKind,
         shm: Option<Arc<ShmClient>>,
         lease: Option<LeaseConn>,
     ) -> Result<Self> {
         if shm.is_none() && lease.is_none() {
             return Err(Error::Internal("an nvlink client without a revocation channel"));
         }
-        Ok(Self { peer: peer.into(), shm, lease, regions: Mutex::default(), ipc: Mutex::default() })
+        let (regions, ipc) = (Mutex::default(), Mutex::default());
+        Ok(Self { peer: peer.into(), transport, shm, lease, regions, ipc })
     }
 
     /// False when this client's channel broke and a new one should be made.
@@ -262,7 +269,7 @@ impl NvlinkClient {
     }
 
     fn failed(&self, reason: String) -> Error {
-        Error::PeerFailed { peer: self.peer.clone(), transport: TransportKind::Nvlink, reason }
+        Error::PeerFailed { peer: self.peer.clone(), transport: self.transport, reason }
     }
 }
 
@@ -285,11 +292,20 @@ pub(crate) struct GpuWork {
 /// A copy that failed on (or could not be given to) our GPU, named after the peer whose memory
 /// it targeted and the GPU.
 fn gpu_failed(entered: &[(Arc<NvlinkClient>, Arc<RemoteGpu>)], exec: u32, what: String) -> Error {
-    Error::PeerFailed {
-        peer: entered.first().map_or_else(|| "?".into(), |(c, _)| c.peer.clone()),
-        transport: TransportKind::Nvlink,
-        reason: format!("cuda:{exec}: {what}"),
+    match entered.first() {
+        Some((c, _)) => c.failed(format!("cuda:{exec}: {what}")),
+        None => Error::PeerFailed {
+            peer: "?".into(),
+            transport: TransportKind::Nvlink,
+            reason: format!("cuda:{exec}: {what}"),
+        },
     }
+}
+
+/// A run refused before anything of it was enqueued, named after its peer, transport and GPU.
+fn refused(step: &Step, exec: u32, what: String) -> Error {
+    let reason = format!("cuda:{exec}: {what}");
+    Error::PeerFailed { peer: step.conn.name.clone(), transport: step.transport, reason }
 }
 
 impl GpuWork {
@@ -299,7 +315,7 @@ impl GpuWork {
         for (client, remote) in &self.entered {
             let left = client.leave(remote);
             if dead.is_none() && (left.is_err() || !client.peer_alive()) {
-                dead = Some(client.peer.clone());
+                dead = Some(client.failed("the peer process exited while the copy ran".into()));
             }
         }
         let outcome = match (outcome, self.failed) {
@@ -308,14 +324,7 @@ impl GpuWork {
         };
         match (outcome, dead) {
             (Err(e), _) => self.batch.fail_runs(&self.runs, e),
-            (Ok(()), Some(peer)) => {
-                let e = Error::PeerFailed {
-                    peer,
-                    transport: TransportKind::Nvlink,
-                    reason: "the peer process exited while the copy ran".into(),
-                };
-                self.batch.fail_runs(&self.runs, e);
-            }
+            (Ok(()), Some(e)) => self.batch.fail_runs(&self.runs, e),
             (Ok(()), None) => self.batch.runs_done(&self.runs),
         }
     }
@@ -446,7 +455,6 @@ struct Lane {
     job: std::result::Result<Job, String>,
     resolved: Vec<Resolved>,
     pins: Vec<OwnedAccess>,
-    pinned: Vec<Arc<RegionEntry>>,
     /// Requests enqueued (or about to be), as runs.
     runs: Vec<Range<usize>>,
     /// Why a launch failed: nothing more is enqueued after it.
@@ -503,7 +511,6 @@ impl<'a> Launcher<'a> {
                     job,
                     resolved: Vec::new(),
                     pins: Vec::new(),
-                    pinned: Vec::new(),
                     runs: Vec::new(),
                     failed: None,
                     segs: Vec::with_capacity(size.min(requests.len())),
@@ -520,11 +527,7 @@ impl<'a> Launcher<'a> {
             _ => None,
         };
         let mapped = match why {
-            Some(e) => Err(Error::PeerFailed {
-                peer: step.conn.name.clone(),
-                transport: TransportKind::Nvlink,
-                reason: format!("cuda:{exec}: {e}"),
-            }),
+            Some(e) => Err(refused(step, exec, e)),
             None => lane.resolve(step, exec, self.clients),
         };
         let k = match mapped {
@@ -564,9 +567,7 @@ impl<'a> Launcher<'a> {
         let end = if lane.failed.is_some() { step.run_end(requests, i.max(from + 1)) } else { i };
         if let Some(why) = lane.failed.as_ref().filter(|_| end > i) {
             // Not enqueued at all: these fail now (the enqueued part fails when it completes).
-            let reason = format!("cuda:{exec}: enqueueing the copy: {why}");
-            let peer = step.conn.name.clone();
-            let err = Error::PeerFailed { peer, transport: TransportKind::Nvlink, reason };
+            let err = refused(step, exec, format!("enqueueing the copy: {why}"));
             batch.fail_runs(std::slice::from_ref(&(i..end)), err);
         }
         lane.runs.push(from..i);
@@ -691,13 +692,13 @@ impl Lane {
             return Ok(k);
         }
         let route = step.gpu.as_ref().ok_or(Error::Internal("nvlink step without a GPU route"))?;
-        if !self.pinned.iter().any(|p| Arc::ptr_eq(p, &step.local)) {
+        // One pin per local region: a region already resolved for this job is pinned.
+        if !self.resolved.iter().any(|r| Arc::ptr_eq(&r.local, &step.local)) {
             let local = &step.local;
             let pin = local
                 .access_owned()
                 .ok_or(Error::NotRegistered { addr: local.addr, len: local.len })?;
             self.pins.push(pin);
-            self.pinned.push(local.clone());
         }
         let client = clients(step)?;
         let remote = client.remote(step.region.id, &route.reach, exec)?;
