@@ -5,6 +5,13 @@
 //! `--role initiator` run the two sides by hand (two terminals or two hosts). Each initiator
 //! thread repeatedly submits a batch of `--batch-size` requests of `--block-size` bytes and
 //! waits for it; latency percentiles are per batch (submit to completion seen).
+//!
+//! Each result is compared with a baseline measured in the same run. By default
+//! (`--baseline auto`) that is the ceiling of the transport the engine chose: a `memcpy` of
+//! the same blocks for `shm` and `local`, a plain TCP stream between the two processes for
+//! `tcp`; GPU runs get none here (their ceiling, a peer copy, is `bench/ref/peer_copy.cu`,
+//! which `scripts/gpu-bench.sh` runs in the same command). Every ratio is printed with what it
+//! compares, in the table and in `--json` (`baseline`, `baseline_note`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -49,10 +56,12 @@ pub(crate) struct BenchArgs {
     /// Measured time per configuration (e.g. `5s`, `500ms`).
     #[arg(long, default_value = "3s")]
     duration: String,
-    /// Also measure `raw-tcp` (a plain TCP stream between the two processes) or `memcpy`
-    /// (single-thread copies of the same blocks), and print the ratio.
-    #[arg(long, value_parser = ["raw-tcp", "memcpy"])]
-    baseline: Option<String>,
+    /// What each result is compared with: `auto` (the chosen transport's own ceiling: memcpy
+    /// for shm and local, raw-tcp for tcp, none for GPU runs), `raw-tcp` (a plain TCP stream
+    /// between the two processes), `memcpy` (copies of the same blocks in this process, on as
+    /// many threads), or `none`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "raw-tcp", "memcpy", "none"])]
+    baseline: String,
     /// One JSON object per result line instead of a table.
     #[arg(long)]
     json: bool,
@@ -505,7 +514,7 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
     }
     if !args.json {
         println!(
-            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9} {:>11} {:>9} {:>9} {:>9}{}",
+            "{:<6} {:<5} {:>7} {:>6} {:>4} {:>9} {:>11} {:>9} {:>9} {:>9}  {:>9} {:>9} {:>9} {:>6}",
             "trans",
             "op",
             "block",
@@ -516,13 +525,10 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
             "p50_us",
             "p99_us",
             "sub_p50",
-            args.baseline.as_ref().map_or(String::new(), |b| format!(
-                "  {:>8} {:>9} {:>9} {:>6}",
-                format!("{b}"),
-                "b_p50_us",
-                "b_p99_us",
-                "ratio"
-            ))
+            "base_GB/s",
+            "b_p50_us",
+            "b_p99_us",
+            "ratio"
         );
     }
     for &block in &plan.blocks {
@@ -540,8 +546,10 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                 remote: remote_base,
             };
             engine.submit(&[req], BatchOptions::default())?.wait()?;
-            describe_transport(&engine, peer, remote_base, local_addrs[0])
+            chosen_transport(&engine, peer, remote_base, local_addrs[0])
         };
+        let gpu_run = args.gpu.is_some() || args.target_gpu.is_some();
+        let baseline = Baseline::choose(&args.baseline, transport_used, gpu_run, raw.is_some());
         let mut m =
             measure(plan.threads, plan.duration, bytes_per_round, reqs_per_round, &label, |t| {
                 let local = locals_ref[t];
@@ -566,8 +574,8 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                 });
                 Ok(round)
             })?;
-        let base = match args.baseline.as_deref() {
-            Some("raw-tcp") => {
+        let base = match baseline.kind {
+            Some(BaselineKind::RawTcp) => {
                 let raw =
                     raw.context("--baseline raw-tcp needs the target's raw address (--raw-addr)")?;
                 Some(measure(
@@ -579,31 +587,134 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                     |_| raw_client(raw, plan.op, block, plan.batch, plan.span()),
                 )?)
             }
-            Some(_) => {
-                Some(measure(1, plan.duration, bytes_per_round, reqs_per_round, "memcpy", |_| {
-                    memcpy_round(block, plan.batch, plan.span())
-                })?)
-            }
+            Some(BaselineKind::Memcpy) => Some(measure(
+                plan.threads,
+                plan.duration,
+                bytes_per_round,
+                reqs_per_round,
+                "memcpy",
+                |_| memcpy_round(plan.offsets(block), block, plan.span()),
+            )?),
             None => None,
         };
-        report(args, &transport_used, block, &plan, &mut m, base);
+        let name = transport_used.map_or("?", TransportKind::name);
+        report(args, name, block, &plan, &mut m, &baseline, base);
     }
     engine.shutdown();
     drop(hosts);
     Ok(())
 }
 
-fn describe_transport(engine: &Engine, peer: tidewire::PeerId, remote: u64, local: u64) -> String {
-    engine
-        .explain_from(peer, Some(local))
-        .ok()
-        .and_then(|i| {
-            i.regions
-                .iter()
-                .find(|r| r.region.addr <= remote && remote < r.region.addr + r.region.len)
-                .and_then(|r| r.decision.as_ref().ok().map(|c| c.transport.name().to_string()))
-        })
-        .unwrap_or_else(|| "?".into())
+/// The transport the engine chose for requests from `local` to the remote region at `remote`.
+fn chosen_transport(
+    engine: &Engine,
+    peer: tidewire::PeerId,
+    remote: u64,
+    local: u64,
+) -> Option<TransportKind> {
+    let info = engine.explain_from(peer, Some(local)).ok()?;
+    let r = info
+        .regions
+        .iter()
+        .find(|r| r.region.addr <= remote && remote < r.region.addr + r.region.len)?;
+    r.decision.as_ref().ok().map(|c| c.transport)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BaselineKind {
+    RawTcp,
+    Memcpy,
+}
+
+impl BaselineKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::RawTcp => "raw-tcp",
+            Self::Memcpy => "memcpy",
+        }
+    }
+}
+
+/// Where a GPU run's ceiling is measured: no peer copy is run by this (safe-code-only) binary.
+const GPU_CEILING: &str = "its ceiling, cudaMemcpyPeer, is bench/ref/peer_copy.cu, \
+     which scripts/gpu-bench.sh runs in the same command";
+
+/// What a run's ratio compares with, and why: printed next to every ratio.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Baseline {
+    /// `None`: no baseline is measured.
+    kind: Option<BaselineKind>,
+    /// For the reader: why this baseline (or why none).
+    note: String,
+}
+
+impl Baseline {
+    /// The transport's own ceiling: what a perfect transport of that kind could do.
+    fn ceiling(transport: Option<TransportKind>, gpu_run: bool, have_raw: bool) -> Self {
+        let (kind, note) = match transport {
+            _ if gpu_run => (None, format!("GPU run; {GPU_CEILING}")),
+            Some(t @ (TransportKind::Nvlink | TransportKind::Mnnvl)) => {
+                (None, format!("{t} is a GPU transport; {GPU_CEILING}"))
+            }
+            Some(TransportKind::Shm) => {
+                (Some(BaselineKind::Memcpy), "same-host ceiling for shm".to_string())
+            }
+            Some(TransportKind::Local) => {
+                (Some(BaselineKind::Memcpy), "in-process ceiling for local".to_string())
+            }
+            Some(TransportKind::Tcp) if have_raw => {
+                (Some(BaselineKind::RawTcp), "a plain TCP stream, the ceiling for tcp".to_string())
+            }
+            Some(TransportKind::Tcp) => (
+                None,
+                "tcp's ceiling is a raw TCP stream: give the target's --raw-addr to measure it"
+                    .to_string(),
+            ),
+            Some(t) => (None, format!("no ceiling known to this bench for {t}")),
+            None => (None, "the engine did not say which transport it chose".to_string()),
+        };
+        Self { kind, note }
+    }
+
+    /// The baseline for `requested` (`auto`, `raw-tcp`, `memcpy` or `none`). A forced baseline
+    /// that is not the transport's own ceiling says so.
+    fn choose(
+        requested: &str,
+        transport: Option<TransportKind>,
+        gpu_run: bool,
+        have_raw: bool,
+    ) -> Self {
+        let ceiling = Self::ceiling(transport, gpu_run, have_raw);
+        let forced = match requested {
+            "raw-tcp" => BaselineKind::RawTcp,
+            "memcpy" => BaselineKind::Memcpy,
+            "none" => return Self { kind: None, note: "--baseline none".into() },
+            _ => return ceiling,
+        };
+        if ceiling.kind == Some(forced) {
+            return ceiling;
+        }
+        let name = transport.map_or("?", TransportKind::name);
+        let own = match (ceiling.kind, transport) {
+            (Some(k), _) => k.name(),
+            _ if gpu_run => "a GPU peer copy",
+            (None, Some(TransportKind::Nvlink | TransportKind::Mnnvl)) => "a GPU peer copy",
+            (None, Some(TransportKind::Tcp)) => "raw-tcp",
+            (None, _) => "not known here",
+        };
+        Self {
+            kind: Some(forced),
+            note: format!("chosen by --baseline, not {name}'s own ceiling, which is {own}"),
+        }
+    }
+
+    /// `vs memcpy (same-host ceiling for shm)`, or `no baseline (why)`.
+    fn describe(&self) -> String {
+        match self.kind {
+            Some(k) => format!("vs {} ({})", k.name(), self.note),
+            None => format!("no baseline ({})", self.note),
+        }
+    }
 }
 
 fn report(
@@ -612,6 +723,7 @@ fn report(
     block: u64,
     plan: &Plan,
     m: &mut Measure,
+    baseline: &Baseline,
     base: Option<Measure>,
 ) {
     let (p50, p99) = (m.percentile_us(0.50), m.percentile_us(0.99));
@@ -648,17 +760,20 @@ fn report(
             phase_cols.push_str(&format!(" {name} {p:.1}"));
         }
     }
-    let mut base_cols = String::new();
-    if let (Some(mut b), Some(name)) = (base, args.baseline.as_deref()) {
+    line["baseline"] = baseline.kind.map_or("none", BaselineKind::name).into();
+    line["baseline_note"] = baseline.note.clone().into();
+    let mut base_cols = format!("  {:>9} {:>9} {:>9} {:>6}", "-", "-", "-", "-");
+    if let Some(mut b) = base {
         let (bp50, bp99) = (b.percentile_us(0.50), b.percentile_us(0.99));
         let ratio = m.gbps() / b.gbps().max(1e-12);
-        line["baseline"] = name.into();
         line["baseline_gbps"] = b.gbps().into();
         line["baseline_p50_us"] = bp50.into();
         line["baseline_p99_us"] = bp99.into();
         line["ratio"] = ratio.into();
-        base_cols = format!("  {:>8.3} {:>9.1} {:>9.1} {:>6.2}", b.gbps(), bp50, bp99, ratio);
+        base_cols = format!("  {:>9.3} {:>9.1} {:>9.1} {:>6.2}", b.gbps(), bp50, bp99, ratio);
     }
+    base_cols.push(' ');
+    base_cols.push_str(&baseline.describe());
     if args.json {
         println!("{line}");
     } else {
@@ -770,18 +885,73 @@ fn raw_client(
     }))
 }
 
-fn memcpy_round(block: u64, batch: usize, span: u64) -> anyhow::Result<Round<'static>> {
-    let block = block as usize;
-    let slots = (span as usize / block).max(1);
-    let src = vec![3u8; slots * block];
-    let mut dst = vec![0u8; slots * block];
+/// One thread of the memcpy baseline: the batch's blocks copied between two buffers of this
+/// process, at the same offsets as the engine's requests (`(source, destination)` pairs).
+fn memcpy_round(offsets: Vec<(u64, u64)>, block: u64, span: u64) -> anyhow::Result<Round<'static>> {
+    let block = usize::try_from(block)?;
+    let span = usize::try_from(span)?;
+    let mut at = Vec::with_capacity(offsets.len());
+    for (s, d) in offsets {
+        let (s, d) = (usize::try_from(s)?, usize::try_from(d)?);
+        if !matches!(s.max(d).checked_add(block), Some(end) if end <= span) {
+            bail!("memcpy baseline: block at {s:#x}/{d:#x} outside the {span}-byte footprint");
+        }
+        at.push((s, d));
+    }
+    let src = vec![3u8; span];
+    let mut dst = vec![0u8; span];
     Ok(Box::new(move || {
         let t0 = Instant::now();
-        for i in 0..batch {
-            let at = (i % slots) * block;
-            dst[at..at + block].copy_from_slice(&src[at..at + block]);
+        for &(s, d) in &at {
+            dst[d..d + block].copy_from_slice(&src[s..s + block]);
         }
         std::hint::black_box(&dst);
         Ok(Stamp { submitted: t0.elapsed(), phases: None })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_baseline_is_the_transports_own_ceiling() {
+        let shm = Baseline::choose("auto", Some(TransportKind::Shm), false, true);
+        assert_eq!(shm.kind, Some(BaselineKind::Memcpy));
+        assert_eq!(shm.describe(), "vs memcpy (same-host ceiling for shm)");
+        let tcp = Baseline::choose("auto", Some(TransportKind::Tcp), false, true);
+        assert_eq!(tcp.kind, Some(BaselineKind::RawTcp));
+        let no_raw = Baseline::choose("auto", Some(TransportKind::Tcp), false, false);
+        assert_eq!(no_raw.kind, None);
+        assert!(no_raw.describe().contains("--raw-addr"), "{no_raw:?}");
+        for gpu in [
+            Baseline::choose("auto", Some(TransportKind::Nvlink), true, true),
+            Baseline::choose("auto", Some(TransportKind::Mnnvl), false, true),
+        ] {
+            assert_eq!(gpu.kind, None);
+            assert!(gpu.describe().starts_with("no baseline ("), "{gpu:?}");
+            assert!(gpu.note.contains("bench/ref/peer_copy.cu"), "{gpu:?}");
+        }
+    }
+
+    #[test]
+    fn a_forced_baseline_says_when_it_is_not_the_ceiling() {
+        let b = Baseline::choose("raw-tcp", Some(TransportKind::Shm), false, true);
+        assert_eq!(b.kind, Some(BaselineKind::RawTcp));
+        assert_eq!(
+            b.describe(),
+            "vs raw-tcp (chosen by --baseline, not shm's own ceiling, which is memcpy)"
+        );
+        let same = Baseline::choose("memcpy", Some(TransportKind::Shm), false, true);
+        assert_eq!(same, Baseline::choose("auto", Some(TransportKind::Shm), false, true));
+        let none = Baseline::choose("none", Some(TransportKind::Tcp), false, true);
+        assert_eq!(none.kind, None);
+    }
+
+    #[test]
+    fn memcpy_rounds_stay_inside_the_footprint() {
+        assert!(memcpy_round(vec![(0, 4096)], 4096, 8192).is_ok());
+        assert!(memcpy_round(vec![(0, 4097)], 4096, 8192).is_err());
+        assert!(memcpy_round(vec![(u64::MAX, 0)], 4096, 8192).is_err());
+    }
 }

@@ -45,6 +45,47 @@ fn bench_pair_prints_json_with_baselines() {
     }
 }
 
+/// With no --baseline, each transport is compared with its own ceiling and the output says
+/// which: the README's first command must not read as "N times faster than TCP".
+#[test]
+fn bench_default_names_its_baseline() {
+    let quick = ["--block-size", "4KiB", "--batch-size", "8", "--duration", "200ms"];
+    let out = tidewire().args(["bench", "--pair"]).args(quick).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let row = stdout.lines().find(|l| l.starts_with("shm ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.ends_with(" vs memcpy (same-host ceiling for shm)"), "{stdout}");
+
+    let out =
+        tidewire().args(["bench", "--pair", "--transport", "tcp", "--json"]).args(quick).output();
+    let out = out.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let l: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(l["transport"], "tcp", "{l}");
+    assert_eq!(l["baseline"], "raw-tcp", "{l}");
+    assert_eq!(l["baseline_note"], "a plain TCP stream, the ceiling for tcp", "{l}");
+    assert!(l["ratio"].as_f64().is_some_and(|v| v > 0.0), "{l}");
+}
+
+/// A baseline forced by --baseline that is not the transport's ceiling says so.
+#[test]
+fn bench_forced_baseline_says_what_it_compares() {
+    let out = tidewire()
+        .args(["bench", "--pair", "--transport", "shm", "--baseline", "raw-tcp", "--json"])
+        .args(["--block-size", "4KiB", "--batch-size", "8", "--duration", "200ms"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let l: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(l["baseline"], "raw-tcp", "{l}");
+    assert_eq!(
+        l["baseline_note"], "chosen by --baseline, not shm's own ceiling, which is memcpy",
+        "{l}"
+    );
+}
+
 #[test]
 fn bench_rejects_bad_arguments() {
     let out = tidewire().args(["bench", "--pair", "--block-size", "4XB"]).output().unwrap();
