@@ -211,7 +211,12 @@ impl Batch {
     }
 
     fn check_deadline(&self) {
-        let now = Instant::now();
+        self.expire(Instant::now());
+    }
+
+    /// Fails every pending request if the batch's deadline is at or before `now` (the
+    /// watcher calls this for batches nobody waits on).
+    pub(crate) fn expire(&self, now: Instant) {
         let overdue = {
             let t = self.tracker.lock();
             t.poll_timeout().is_some_and(|d| now >= d)
@@ -220,6 +225,11 @@ impl Batch {
             let after = now - self.started;
             self.fail_all(Error::Timeout { what: format!("{}", self.id), after });
         }
+    }
+
+    /// True once every request (and the notification) reached its final state.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.tracker.lock().is_finished()
     }
 
     fn outcome(&self) -> Option<Result<()>> {

@@ -25,12 +25,13 @@ use crate::lifecycle::Lifecycle;
 use crate::mem::HostBuffer;
 use crate::metadata::{resolve, Metadata};
 use crate::notify::{Notification, NotifyQueue};
-use crate::peer::PeerConn;
+use crate::peer::{exited, MapCount, PeerConn};
 use crate::registry::{NewRegion, RegionEntry, Registry};
 use crate::transport::memory;
 use crate::transport::nvlink::{self, GpuRoute, GpuWork};
 use crate::transport::shm::{self, SharedRegion, ShmServer};
 use crate::transport::tcp::{self, Work, CHUNK};
+use crate::watch::{self, Watch};
 use crate::{hostinfo, liveness, mem, rpc};
 
 /// READ copies remote bytes into local memory; WRITE copies local bytes to the remote.
@@ -85,6 +86,43 @@ pub struct PeerInfo {
 pub(crate) struct PeerSlot {
     pub(crate) name: String,
     pub(crate) conn: Option<Arc<PeerConn>>,
+    /// Set when the peer instance was retired (its process exited, it restarted, it left
+    /// the metadata store); cleared when a new instance is reached.
+    pub(crate) retired: Option<Retired>,
+}
+
+/// A retired peer instance: why, and the count of its mappings still held (by copies that
+/// were in flight), which drops to zero as they complete.
+#[derive(Clone)]
+pub(crate) struct Retired {
+    instance: InstanceId,
+    error: Error,
+    /// The process is gone: a descriptor still naming this instance is stale.
+    exited: bool,
+    mappings: MapCount,
+}
+
+/// What [`Engine::peers`] reports for each peer opened by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub id: PeerId,
+    pub name: String,
+    /// The instance last reached.
+    pub instance: InstanceId,
+    pub state: PeerState,
+    /// Mappings of this instance's memory held in this process (shm mappings, revocation
+    /// pages, GPU imports), including those held by copies still in flight.
+    pub mappings: usize,
+}
+
+/// Whether a peer opened by name is usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerState {
+    /// Reachable as far as this engine knows.
+    Open,
+    /// Retired: the next request re-reads its descriptor and reaches a new instance if there
+    /// is one, else fails with this error.
+    Retired(Error),
 }
 
 #[derive(Default)]
@@ -112,11 +150,57 @@ pub(crate) struct Inner {
     /// The GPU completion thread's queue (`None` without GPUs).
     gpu_done: Option<Sender<GpuWork>>,
     pub(crate) peers: Mutex<Peers>,
+    /// Peer hang-ups and batch deadlines.
+    pub(crate) watch: Arc<Watch>,
     next_batch: AtomicU64,
     stopped: AtomicBool,
 }
 
 impl Inner {
+    /// Retires a peer instance: its view is dropped from the peer table (so nothing new
+    /// uses it), its connections close (requests in flight fail with `err`) and every
+    /// mapping of its memory is released once the copies using it have finished. `exited`:
+    /// the process is gone, so a descriptor naming this instance is stale.
+    pub(crate) fn retire(&self, conn: &Arc<PeerConn>, err: Error, exited: bool) {
+        if exited {
+            conn.mark_dead(err.clone());
+        } else {
+            conn.mark_broken();
+        }
+        let retired = Retired {
+            instance: conn.instance(),
+            error: err.clone(),
+            exited,
+            mappings: conn.mappings.clone(),
+        };
+        let found = {
+            let mut peers = self.peers.lock();
+            let slot = peers
+                .slots
+                .iter_mut()
+                .find(|s| s.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)));
+            match slot {
+                Some(slot) => {
+                    slot.conn = None;
+                    slot.retired = Some(retired);
+                    true
+                }
+                None => false,
+            }
+        };
+        if found {
+            log::info!("{}: {err}; its mappings are released", self.name);
+        }
+        conn.close(err);
+    }
+
+    /// A watched socket of `conn` hung up: its process exited (or its engine shut down).
+    pub(crate) fn on_hang_up(&self, conn: &Arc<PeerConn>, channel: TransportKind) {
+        let transport = conn.gpu_transport().unwrap_or(channel);
+        let err = conn.dead().cloned().unwrap_or_else(|| exited(&conn.name, transport, channel));
+        self.retire(conn, err, true);
+    }
+
     pub(crate) fn descriptor(&self) -> SegmentDescriptor {
         let (generation, regions) = self.registry.snapshot();
         SegmentDescriptor {
@@ -210,6 +294,7 @@ impl Engine {
         if let Err(reason) = &shm {
             log::info!("{name}: shm transport off: {reason}");
         }
+        let watch = Watch::new()?;
         let gpu_facts = nvlink::gpu_facts();
         let gpu_done = match &gpu_facts.available {
             Ok(()) => Some(nvlink::start_completer(&life, config.deadlines.stall)?),
@@ -235,12 +320,15 @@ impl Engine {
             gpu_facts,
             gpu_done,
             peers: Mutex::default(),
+            watch,
             next_batch: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
         });
         let engine = Engine { inner: inner.clone() };
         let i2 = inner.clone();
         inner.life.spawn("tw-rpc-accept".into(), move || rpc::accept_loop(i2, listener))?;
+        let i3 = inner.clone();
+        inner.life.spawn("tw-watch".into(), move || watch::watch_loop(&i3))?;
         engine.claim_name()?;
         engine.publish()?;
         if inner.metadata.is_leased() {
@@ -577,7 +665,7 @@ impl Engine {
             self.peer(id)?;
             return Ok(id);
         }
-        let conn = Arc::new(self.connect_peer(name)?);
+        let conn = self.connect_peer(name)?;
         let mut peers = self.inner.peers.lock();
         if let Some(&id) = peers.by_name.get(name) {
             return Ok(id);
@@ -585,7 +673,7 @@ impl Engine {
         let id = PeerId(
             u32::try_from(peers.slots.len()).map_err(|_| Error::Internal("too many peers"))?,
         );
-        peers.slots.push(PeerSlot { name: name.to_string(), conn: Some(conn) });
+        peers.slots.push(PeerSlot { name: name.to_string(), conn: Some(conn), retired: None });
         peers.by_name.insert(name.to_string(), id);
         Ok(id)
     }
@@ -597,28 +685,102 @@ impl Engine {
         self.inner.metadata.fetch(name, &self.inner.config.deadlines)
     }
 
-    fn connect_peer(&self, name: &str) -> Result<PeerConn> {
+    fn connect_peer(&self, name: &str) -> Result<Arc<PeerConn>> {
         let desc = self.fetch_descriptor(name)?;
-        Ok(PeerConn::new(name.to_string(), desc, self.inner.instance, &self.inner.host_id))
+        let me = &self.inner;
+        Ok(PeerConn::new(name.to_string(), desc, me.instance, &me.host_id, me.watch.clone()))
     }
 
-    /// The current connection state of a peer, re-opened when broken or restarted.
+    /// The current connection state of a peer, re-opened when broken or restarted. A peer
+    /// whose process exited stays failed (with that reason) until its name leads to a new
+    /// instance; a broken view that cannot be re-opened is retired (its mappings released).
     fn peer(&self, id: PeerId) -> Result<Arc<PeerConn>> {
-        let (name, existing) = {
+        let (name, existing, retired) = {
             let peers = self.inner.peers.lock();
             let slot = peers.slots.get(id.0 as usize).ok_or_else(|| Error::InvalidArgument {
                 reason: format!("{id} was not returned by open_segment"),
             })?;
-            (slot.name.clone(), slot.conn.clone())
+            (slot.name.clone(), slot.conn.clone(), slot.retired.clone())
         };
-        if let Some(c) = existing.filter(|c| !c.is_broken()) {
-            return Ok(c);
+        if let Some(c) = existing.as_ref().filter(|c| !c.is_broken()) {
+            return Ok(c.clone());
         }
-        let conn = Arc::new(self.connect_peer(&name)?);
-        if let Some(slot) = self.inner.peers.lock().slots.get_mut(id.0 as usize) {
-            slot.conn = Some(conn.clone());
+        // The instance whose process exited, if this peer's last one did.
+        let gone: Option<(InstanceId, Error)> = match (&existing, retired) {
+            (Some(c), _) if c.dead().is_some() => c.dead().map(|e| (c.instance(), e.clone())),
+            (_, Some(r)) if r.exited => Some((r.instance, r.error)),
+            _ => None,
+        };
+        let fresh = self.connect_peer(&name).and_then(|conn| match &gone {
+            // The descriptor still names the instance whose process exited.
+            Some((instance, err)) if *instance == conn.instance() => Err(err.clone()),
+            _ => Ok(conn),
+        });
+        let conn = match fresh {
+            Ok(conn) => conn,
+            Err(e) => {
+                let err = gone.map_or(e, |(_, err)| err);
+                if let Some(old) = existing {
+                    let exited = old.dead().is_some();
+                    self.inner.retire(&old, err.clone(), exited);
+                }
+                return Err(err);
+            }
+        };
+        let old = {
+            let mut peers = self.inner.peers.lock();
+            let slot = peers.slots.get_mut(id.0 as usize).ok_or(Error::Internal("peer slot"))?;
+            slot.retired = None;
+            slot.conn.replace(conn.clone())
+        };
+        if let Some(old) = old.filter(|o| !Arc::ptr_eq(o, &conn)) {
+            old.close(Error::PeerUnreachable {
+                peer: name,
+                reason: "replaced by a new connection to the peer".into(),
+            });
         }
         Ok(conn)
+    }
+
+    /// Every peer opened by name: whether it is usable and how many mappings of its memory
+    /// this process holds.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let peers = self.inner.peers.lock();
+        peers
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let id = PeerId(i as u32);
+                let name = slot.name.clone();
+                match (&slot.conn, &slot.retired) {
+                    (Some(c), _) => PeerStatus {
+                        id,
+                        name,
+                        instance: c.instance(),
+                        state: match c.dead() {
+                            Some(e) => PeerState::Retired(e.clone()),
+                            None => PeerState::Open,
+                        },
+                        mappings: c.mappings.get(),
+                    },
+                    (None, Some(r)) => PeerStatus {
+                        id,
+                        name,
+                        instance: r.instance,
+                        state: PeerState::Retired(r.error.clone()),
+                        mappings: r.mappings.get(),
+                    },
+                    (None, None) => PeerStatus {
+                        id,
+                        name,
+                        instance: InstanceId(0),
+                        state: PeerState::Retired(Error::Internal("a peer slot with no state")),
+                        mappings: 0,
+                    },
+                }
+            })
+            .collect()
     }
 
     /// The peer's descriptor as cached by this engine.
@@ -857,6 +1019,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        if !batch.is_finished() {
+            self.inner.watch.deadline(&batch, started + timeout);
         }
         Ok(BatchHandle { batch })
     }

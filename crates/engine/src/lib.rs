@@ -40,10 +40,13 @@ mod peer;
 mod registry;
 mod rpc;
 mod transport;
+mod watch;
 
 pub use batch::{BatchHandle, RequestStatus, Timings};
 pub use config::{Deadlines, EngineConfig, MetadataUri};
-pub use engine::{BatchOptions, Engine, Op, PeerInfo, Request, TransportReport};
+pub use engine::{
+    BatchOptions, Engine, Op, PeerInfo, PeerState, PeerStatus, Request, TransportReport,
+};
 pub use error::{Error, Result};
 pub use mem::HostBuffer;
 pub use metadata::{segment_key, segments_prefix, MetadataClient};

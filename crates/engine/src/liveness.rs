@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::Inner;
+use crate::error::Error;
 use crate::peer::PeerConn;
 
 impl Inner {
@@ -26,23 +27,17 @@ impl Inner {
         let key = self.metadata.key(name);
         match raw.map(|r| self.metadata.parse(&key, r)) {
             None => {
-                log::info!(
-                    "{}: peer {name} left the metadata store; dropping its cache",
-                    self.name
-                );
-                conn.mark_broken();
+                let reason = "it left the metadata store".into();
+                self.retire(&conn, Error::PeerUnreachable { peer: name.into(), reason }, false);
             }
             Some(Err(e)) => {
                 log::warn!("{}: {e}", self.name);
                 conn.mark_broken();
             }
             Some(Ok(d)) if d.instance_id != conn.instance() => {
-                log::info!(
-                    "{}: peer {name} restarted (instance {}); dropping its cache",
-                    self.name,
-                    d.instance_id
-                );
-                conn.mark_broken();
+                let reason = format!("it restarted as instance {}", d.instance_id);
+                // The old instance is gone for good: a descriptor naming it is stale.
+                self.retire(&conn, Error::PeerUnreachable { peer: name.into(), reason }, true);
             }
             Some(Ok(d)) => conn.set_descriptor(d),
         }

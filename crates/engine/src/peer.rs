@@ -1,8 +1,10 @@
 //! Open peer segments: the cached descriptor and the connections of each transport, replaced
-//! as a whole when the peer restarts or a connection fails.
+//! as a whole when the peer restarts or a connection fails, and retired (every mapping of the
+//! peer's memory released) when its process exits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor};
@@ -17,6 +19,40 @@ use crate::transport::lease::{self, LeaseConn};
 use crate::transport::nvlink::NvlinkClient;
 use crate::transport::shm::ShmClient;
 use crate::transport::tcp::TcpConn;
+use crate::watch::Watch;
+
+/// How many mappings of one peer instance's memory this process holds (shm mappings,
+/// revocation pages, GPU imports), wherever they are held: by the peer's connection state or
+/// by copies still in flight.
+#[derive(Clone, Default)]
+pub(crate) struct MapCount(Arc<AtomicUsize>);
+
+impl MapCount {
+    /// Counts one more mapping until the returned guard drops.
+    pub(crate) fn hold(&self) -> Held {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Held(self.0.clone())
+    }
+
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One counted mapping; uncounted when dropped (with the mapping it sits next to).
+pub(crate) struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The error of a request to a peer whose process exited, seen through `channel`.
+pub(crate) fn exited(peer: &str, transport: TransportKind, channel: TransportKind) -> Error {
+    let reason = format!("the peer process exited (its {channel} socket hung up)");
+    Error::PeerFailed { peer: peer.into(), transport, reason }
+}
 
 pub(crate) struct PeerConn {
     pub(crate) name: String,
@@ -27,6 +63,13 @@ pub(crate) struct PeerConn {
     shm: Mutex<Option<Arc<ShmClient>>>,
     nvlink: Mutex<Option<Arc<NvlinkClient>>>,
     broken: AtomicBool,
+    /// Why the peer instance is gone for good (its process exited): set once.
+    dead: OnceLock<Error>,
+    /// Mappings of this instance's memory held in this process.
+    pub(crate) mappings: MapCount,
+    /// Where hang-ups of this peer's sockets are reported (`None` in unit tests).
+    watch: Option<Arc<Watch>>,
+    me: Weak<PeerConn>,
 }
 
 impl PeerConn {
@@ -35,8 +78,9 @@ impl PeerConn {
         desc: SegmentDescriptor,
         me: InstanceId,
         my_host: &tidewire_core::HostId,
-    ) -> Self {
-        Self {
+        watch: Arc<Watch>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak| Self {
             name,
             same_engine: desc.instance_id == me,
             same_host: &desc.host_id == my_host,
@@ -45,7 +89,76 @@ impl PeerConn {
             shm: Mutex::new(None),
             nvlink: Mutex::new(None),
             broken: AtomicBool::new(false),
+            dead: OnceLock::new(),
+            mappings: MapCount::default(),
+            watch: Some(watch),
+            me: weak.clone(),
+        })
+    }
+
+    /// A peer with an empty descriptor and no watcher.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str) -> Self {
+        let desc = SegmentDescriptor {
+            version: tidewire_core::descriptor::DESCRIPTOR_VERSION,
+            name: name.into(),
+            instance_id: InstanceId(7),
+            host_id: tidewire_core::HostId("test-host".into()),
+            hostname: "test".into(),
+            rpc_addr: "127.0.0.1:1".into(),
+            shm_socket: None,
+            generation: 1,
+            regions: Vec::new(),
+        };
+        Self {
+            name: name.into(),
+            same_engine: false,
+            same_host: true,
+            desc: RwLock::new(Arc::new(desc)),
+            tcp: Mutex::new(None),
+            shm: Mutex::new(None),
+            nvlink: Mutex::new(None),
+            broken: AtomicBool::new(false),
+            dead: OnceLock::new(),
+            mappings: MapCount::default(),
+            watch: None,
+            me: Weak::new(),
         }
+    }
+
+    /// Reports a hang-up of `fd`, a socket to this peer's process, to the watcher.
+    fn watch_socket(&self, fd: RawFd, channel: TransportKind) -> Result<()> {
+        match &self.watch {
+            Some(w) => w.peer_socket(fd, self.me.clone(), channel),
+            None => Ok(()),
+        }
+    }
+
+    /// Nothing new is connected to an instance whose process exited (the watcher may have
+    /// closed this view's connections while a request was being planned on it).
+    fn check_alive(&self) -> Result<()> {
+        self.dead().map_or(Ok(()), |e| Err(e.clone()))
+    }
+
+    /// Records that the peer's process exited (the first reason wins) and breaks this view.
+    pub(crate) fn mark_dead(&self, err: Error) {
+        let _ = self.dead.set(err);
+        self.mark_broken();
+    }
+
+    /// Why the peer instance is gone for good, if it is: recorded, or seen now as a hang-up
+    /// of its shm socket by a copy (before the watcher got to it).
+    pub(crate) fn dead(&self) -> Option<&Error> {
+        if self.dead.get().is_none() && self.shm.lock().as_ref().is_some_and(|s| s.hung_up()) {
+            let transport = self.gpu_transport().unwrap_or(TransportKind::Shm);
+            self.mark_dead(exited(&self.name, transport, TransportKind::Shm));
+        }
+        self.dead.get()
+    }
+
+    /// The GPU transport this peer's memory is reached by, if any (for errors naming it).
+    pub(crate) fn gpu_transport(&self) -> Option<TransportKind> {
+        self.nvlink.lock().as_ref().map(|c| c.transport())
     }
 
     pub(crate) fn descriptor(&self) -> Arc<SegmentDescriptor> {
@@ -71,6 +184,7 @@ impl PeerConn {
     /// True when this view of the peer must be replaced (restart, failed connection).
     pub(crate) fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
+            || self.dead.get().is_some()
             || self.tcp.lock().as_ref().is_some_and(|t| t.is_dead())
             || self.shm.lock().as_ref().is_some_and(|s| s.is_broken())
     }
@@ -78,6 +192,7 @@ impl PeerConn {
     /// The TCP lanes to this peer, connected on first use (bounded by the connect and
     /// handshake deadlines).
     pub(crate) fn tcp(&self, cfg: &EngineConfig, life: &Arc<Lifecycle>) -> Result<Arc<TcpConn>> {
+        self.check_alive()?;
         let mut slot = self.tcp.lock();
         if let Some(c) = slot.as_ref().filter(|c| !c.is_dead()) {
             return Ok(c.clone());
@@ -99,6 +214,7 @@ impl PeerConn {
 
     /// The shm attachment to this peer, made on first use.
     pub(crate) fn shm(&self, cfg: &EngineConfig) -> Result<Arc<ShmClient>> {
+        self.check_alive()?;
         let mut slot = self.shm.lock();
         if let Some(c) = slot.as_ref().filter(|c| !c.is_broken()) {
             return Ok(c.clone());
@@ -108,7 +224,13 @@ impl PeerConn {
             peer: self.name.clone(),
             reason: "the peer offers no shm socket".into(),
         })?;
-        let client = Arc::new(ShmClient::connect(&self.name, socket, cfg.deadlines.handshake)?);
+        let client = Arc::new(ShmClient::connect(
+            &self.name,
+            socket,
+            cfg.deadlines.handshake,
+            self.mappings.clone(),
+        )?);
+        self.watch_socket(client.raw_fd(), TransportKind::Shm)?;
         *slot = Some(client.clone());
         Ok(client)
     }
@@ -118,6 +240,7 @@ impl PeerConn {
     /// same-host peer, `Enter` / `Leave` over RPC for one on another host (or with
     /// `TIDEWIRE_NVLINK_LEASE=rpc`).
     pub(crate) fn nvlink(&self, cfg: &EngineConfig) -> Result<Arc<NvlinkClient>> {
+        self.check_alive()?;
         let shm = if self.same_host { Some(self.shm(cfg)?) } else { None };
         let mut slot = self.nvlink.lock();
         if let Some(c) = slot.as_ref().filter(|c| c.usable(shm.as_ref())) {
@@ -127,16 +250,23 @@ impl PeerConn {
         let lease = if !self.same_host || lease::forced() {
             let desc = self.descriptor();
             let addr = resolve(&desc.rpc_addr)?;
-            Some(LeaseConn::connect(&self.name, kind, addr, desc.instance_id, &cfg.deadlines)?)
+            let lease =
+                LeaseConn::connect(&self.name, kind, addr, desc.instance_id, &cfg.deadlines)?;
+            if let Some(fd) = lease.raw_fd() {
+                self.watch_socket(fd, kind)?;
+            }
+            Some(lease)
         } else {
             None
         };
-        let client = Arc::new(NvlinkClient::new(&self.name, kind, shm, lease)?);
+        let client =
+            Arc::new(NvlinkClient::new(&self.name, kind, shm, lease, self.mappings.clone())?);
         *slot = Some(client.clone());
         Ok(client)
     }
 
-    /// Closes the connections; requests in flight fail with `err`.
+    /// Closes the connections; requests in flight fail with `err`. Mappings go with the last
+    /// user: copies in flight keep theirs until they complete.
     pub(crate) fn close(&self, err: Error) {
         let tcp = self.tcp.lock().take();
         if let Some(t) = tcp {

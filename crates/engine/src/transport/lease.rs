@@ -72,6 +72,13 @@ impl LeaseConn {
         Ok(stream)
     }
 
+    /// The connection's descriptor while it is open (for the peer watcher: the owner's
+    /// process exiting hangs it up).
+    pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.stream.lock().as_ref().map(|s| s.as_raw_fd())
+    }
+
     fn failed(&self, reason: String) -> Error {
         let reason = format!("the revocation channel to the peer failed: {reason}");
         Error::PeerFailed { peer: self.peer.clone(), transport: self.transport, reason }

@@ -11,6 +11,8 @@ use crate::config::EngineConfig;
 use crate::engine::{Inner, Op, Request, Step};
 use crate::error::{Error, Result};
 use crate::mem;
+use crate::peer::exited;
+use tidewire_core::select::TransportKind;
 
 /// Copies a run of requests whose peer is this engine.
 pub(crate) fn run_local(
@@ -73,6 +75,9 @@ pub(crate) fn run_shm(
         Ok(m) => m,
         Err(e) => return batch.fail_runs(std::slice::from_ref(&run), e),
     };
+    if let Some(e) = step.conn.dead() {
+        return batch.fail_runs(std::slice::from_ref(&run), e.clone());
+    }
     for i in run.clone() {
         let r = &requests[i];
         let copied: Result<bool> = step
@@ -89,6 +94,13 @@ pub(crate) fn run_shm(
             }
             Err(e) => batch.fail_request(i, e),
         }
+    }
+    // Done means visible: bytes copied into the memory of a process that has exited are
+    // visible to nobody. Its socket tells (the kernel closed it when the process died).
+    if !client.peer_alive() {
+        let err = exited(&step.conn.name, TransportKind::Shm, TransportKind::Shm);
+        step.conn.mark_dead(err.clone());
+        return batch.fail_runs(std::slice::from_ref(&run), err);
     }
     batch.runs_done(std::slice::from_ref(&run));
 }

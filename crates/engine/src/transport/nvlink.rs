@@ -36,7 +36,7 @@ use crate::batch::{Batch, Mark};
 use crate::engine::{Op, Request, Step};
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
-use crate::peer::PeerConn;
+use crate::peer::{Held, MapCount, PeerConn};
 use crate::registry::{OwnedAccess, RegionEntry};
 use crate::transport::lease::LeaseConn;
 use crate::transport::shm::{SharedRegion, ShmClient, ShmMap, FETCH_VMM_FD};
@@ -131,10 +131,24 @@ enum Control {
     Rpc(RegionId),
 }
 
+/// A peer's allocation imported into this process, counted among the peer's mappings.
+/// Dropping the last reference unmaps it, which lets the owner's driver free the memory once
+/// the owner is gone too.
+struct Import {
+    imported: Imported,
+    _held: Held,
+}
+
+impl Import {
+    fn ptr(&self) -> u64 {
+        self.imported.ptr()
+    }
+}
+
 /// A peer's region, mapped for one of our GPUs.
 pub(crate) struct RemoteGpu {
     control: Control,
-    import: Arc<Imported>,
+    import: Arc<Import>,
     base: u64,
 }
 
@@ -151,7 +165,9 @@ pub(crate) struct NvlinkClient {
     /// The RPC revocation channel: peers on other hosts, or `TIDEWIRE_NVLINK_LEASE=rpc`.
     lease: Option<LeaseConn>,
     regions: Mutex<HashMap<(RegionId, u32), Arc<RemoteGpu>>>,
-    ipc: Mutex<HashMap<IpcKey, Arc<Imported>>>,
+    ipc: Mutex<HashMap<IpcKey, Arc<Import>>>,
+    /// Counts the imports of this peer's memory.
+    mappings: MapCount,
 }
 
 impl NvlinkClient {
@@ -162,12 +178,22 @@ impl NvlinkClient {
         transport: TransportKind,
         shm: Option<Arc<ShmClient>>,
         lease: Option<LeaseConn>,
+        mappings: MapCount,
     ) -> Result<Self> {
         if shm.is_none() && lease.is_none() {
             return Err(Error::Internal("an nvlink client without a revocation channel"));
         }
         let (regions, ipc) = (Mutex::default(), Mutex::default());
-        Ok(Self { peer: peer.into(), transport, shm, lease, regions, ipc })
+        Ok(Self { peer: peer.into(), transport, shm, lease, regions, ipc, mappings })
+    }
+
+    /// nvlink for a same-host peer, mnnvl for one on another host.
+    pub(crate) fn transport(&self) -> TransportKind {
+        self.transport
+    }
+
+    fn counted(&self, imported: Imported) -> Arc<Import> {
+        Arc::new(Import { imported, _held: self.mappings.hold() })
     }
 
     /// False when this client's channel broke and a new one should be made.
@@ -225,7 +251,7 @@ impl NvlinkClient {
                 let import = match known {
                     Some(i) => i,
                     None => {
-                        let i = Arc::new(
+                        let i = self.counted(
                             share::import_ipc(gpu, &h, *size)
                                 .map_err(|e| self.failed(format!("importing {id}: {e}")))?,
                         );
@@ -247,14 +273,14 @@ impl NvlinkClient {
                 }
                 let i = share::import_vmm(gpu, Shareable::Fd(fd.as_fd()), *size)
                     .map_err(|e| self.failed(format!("importing {id}: {e}")))?;
-                (Arc::new(i), *base)
+                (self.counted(i), *base)
             }
             Reach::Fabric { handle, base, size, .. } => {
                 let h = handle_from_hex(handle)
                     .ok_or_else(|| self.failed(format!("{id}: malformed FABRIC handle")))?;
                 let i = share::import_vmm(gpu, Shareable::Fabric(&h), *size)
                     .map_err(|e| self.failed(format!("importing {id}: {e}")))?;
-                (Arc::new(i), *base)
+                (self.counted(i), *base)
             }
             _ => return Err(Error::Internal("nvlink given a host reach")),
         };

@@ -27,6 +27,7 @@ use tidewire_core::{InstanceId, RegionId};
 use crate::error::{Error, Result};
 use crate::lifecycle::{Lifecycle, Wakeable};
 use crate::mem::{self, Mapping, PAGE};
+use crate::peer::{Held, MapCount};
 use crate::registry::{Pinned, Registry};
 
 const HEADER: usize = PAGE;
@@ -62,6 +63,8 @@ const _: () = assert!(size_of::<ShmHeader>() == HEADER);
 /// A mapping of a shareable region (ours or a peer's) with its header.
 pub(crate) struct ShmMap {
     map: Mapping,
+    /// Counts a peer's mapping among those held for it (`None` for our own regions).
+    _held: Option<Held>,
 }
 
 impl ShmMap {
@@ -92,14 +95,16 @@ impl SharedRegion {
             Error::InvalidArgument { reason: format!("shared allocation of {len} bytes") },
         )?;
         let fd = mem::memfd("tidewire-shm", HEADER + data)?;
-        let map = ShmMap { map: Mapping::map_shared(&fd, HEADER + data, "a new shared region")? };
+        let map = Mapping::map_shared(&fd, HEADER + data, "a new shared region")?;
+        let map = ShmMap { map, _held: None };
         Ok(Self { fd, map })
     }
 
     /// A revocation page alone (for exported device memory, whose data travels by NVLink).
     pub(crate) fn control() -> Result<Self> {
         let fd = mem::memfd("tidewire-ctl", HEADER)?;
-        let map = ShmMap { map: Mapping::map_shared(&fd, HEADER, "a revocation page")? };
+        let map =
+            ShmMap { map: Mapping::map_shared(&fd, HEADER, "a revocation page")?, _held: None };
         Ok(Self { fd, map })
     }
 
@@ -297,12 +302,21 @@ pub(crate) struct ShmClient {
     slot: usize,
     maps: Mutex<HashMap<RegionId, Arc<ShmMap>>>,
     broken: AtomicBool,
+    /// The peer's end of the socket closed: its process exited (or its engine stopped).
+    hung_up: AtomicBool,
     /// The stream's descriptor, for liveness peeks without its lock.
     fd: i32,
+    /// Counts the mappings of this peer's memory.
+    mappings: MapCount,
 }
 
 impl ShmClient {
-    pub(crate) fn connect(peer: &str, socket: &str, timeout: Duration) -> Result<Self> {
+    pub(crate) fn connect(
+        peer: &str,
+        socket: &str,
+        timeout: Duration,
+        mappings: MapCount,
+    ) -> Result<Self> {
         let fail = |what: &str, e: &dyn std::fmt::Display| Error::PeerUnreachable {
             peer: peer.into(),
             reason: format!("shm: {what} @{socket}: {e}"),
@@ -325,7 +339,14 @@ impl ShmClient {
             slot: slot as usize,
             maps: Mutex::new(HashMap::new()),
             broken: AtomicBool::new(false),
+            hung_up: AtomicBool::new(false),
+            mappings,
         })
+    }
+
+    /// The socket's descriptor (for the peer watcher).
+    pub(crate) fn raw_fd(&self) -> i32 {
+        self.fd
     }
 
     pub(crate) fn is_broken(&self) -> bool {
@@ -372,8 +393,8 @@ impl ShmClient {
             .ok()
             .and_then(|l| l.checked_add(HEADER))
             .ok_or(Error::Internal("shm region length overflows"))?;
-        let map =
-            Arc::new(ShmMap { map: Mapping::map_shared(&fd, total, "a peer's shared region")? });
+        let map = Mapping::map_shared(&fd, total, "a peer's shared region")?;
+        let map = Arc::new(ShmMap { map, _held: Some(self.mappings.hold()) });
         self.maps.lock().insert(id, map.clone());
         Ok(map)
     }
@@ -381,7 +402,8 @@ impl ShmClient {
     /// Maps the revocation page of the peer's exported device region `id`.
     pub(crate) fn control(&self, id: RegionId) -> Result<ShmMap> {
         let (_, fd) = self.fetch(FETCH_CONTROL, id)?;
-        Ok(ShmMap { map: Mapping::map_shared(&fd, HEADER, "a peer's revocation page")? })
+        let map = Mapping::map_shared(&fd, HEADER, "a peer's revocation page")?;
+        Ok(ShmMap { map, _held: Some(self.mappings.hold()) })
     }
 
     /// Marks this initiator as using `map`'s region unless it was revoked; returns false
@@ -415,9 +437,15 @@ impl ShmClient {
         let alive =
             n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock);
         if !alive {
+            self.hung_up.store(true, Ordering::Release);
             self.broken.store(true, Ordering::Release);
         }
         alive
+    }
+
+    /// True once [`ShmClient::peer_alive`] saw the peer's end closed.
+    pub(crate) fn hung_up(&self) -> bool {
+        self.hung_up.load(Ordering::Acquire)
     }
 
     /// Copies between the pinned local range and `[offset, offset+len)` of the peer's
