@@ -83,6 +83,18 @@ impl Gpu {
         })
     }
 
+    /// Free and total device memory (`cuMemGetInfo`): device-wide, so memory another
+    /// process holds (or an import of ours keeps alive) shows as used.
+    pub fn mem_info(&self) -> Result<(u64, u64), GpuError> {
+        let entered = self.enter()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: out-pointers to locals; this GPU's context is current.
+        check(entered.cuda, "cuMemGetInfo", unsafe {
+            (entered.cuda.mem_get_info)(&mut free, &mut total)
+        })?;
+        Ok((free as u64, total as u64))
+    }
+
     /// Makes this GPU's context current until the guard drops.
     pub(crate) fn enter(&self) -> Result<Entered<'static>, GpuError> {
         let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
