@@ -25,6 +25,15 @@ pub enum CoreError {
     /// Contradictory or invalid configuration.
     #[error("configuration error: {reason}")]
     Config { reason: String },
+    /// Bytes from a Redis server that are not a RESP reply.
+    #[error("malformed RESP reply at byte {offset}: {reason}")]
+    Resp { offset: usize, reason: &'static str },
+    /// A RESP reply beyond a decoder limit (nesting, bulk or array size, line or reply bytes).
+    #[error("RESP reply at byte {offset}: {found} {what}, more than the limit {limit}")]
+    RespLimit { offset: usize, what: &'static str, found: u64, limit: u64 },
+    /// A request on the shm socket of a kind this build does not know.
+    #[error("shm control request of unknown kind {kind} (for {region})")]
+    ShmKind { kind: u8, region: crate::RegionId },
     /// A size string (for example `4KiB`) that could not be parsed.
     #[error("invalid size {text:?}: {reason}")]
     Size { text: String, reason: &'static str },

@@ -1,8 +1,8 @@
 //! tidewire-core: the deterministic heart of tidewire.
 //!
 //! This crate holds the types every other crate shares (ids, memory kinds, segment
-//! descriptors), the wire codec of the RPC/data protocol, the transport-selection policy and
-//! the batch state machine.
+//! descriptors), the wire codecs (the RPC/data protocol, the shm socket's control messages,
+//! Redis replies), the transport-selection policy and the batch state machine.
 //!
 //! It never does I/O: no sockets, no threads, no clocks, no FFI. Every time-dependent method
 //! takes `now: Instant` from the caller, so the state machines are tested with simulated time.
@@ -14,7 +14,9 @@ pub mod error;
 pub mod fabric;
 pub mod ids;
 pub mod memory;
+pub mod resp;
 pub mod select;
+pub mod shmwire;
 pub mod size;
 pub mod wire;
 
