@@ -1,13 +1,15 @@
 //! The Redis backend: descriptors stored with `SET key value PX ttl`, kept alive by `PEXPIRE`
 //! (key expiry stands in for leases). A small RESP client over one connection, re-opened
-//! after any I/O error. `redis://[user:password@]host:port[/db]`; `MC_REDIS_PASSWORD`,
+//! after any I/O error or malformed reply; replies are decoded by `tidewire_core::resp`
+//! (total and bounded: bad bytes from the server are an error, never a panic). `redis://[user:password@]host:port[/db]`; `MC_REDIS_PASSWORD`,
 //! `MC_REDIS_USERNAME` and `MC_REDIS_DB` fill what the URL leaves out.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tidewire_core::resp::{self, Limits, Value};
 
 use crate::config::Deadlines;
 use crate::error::{Error, Result};
@@ -65,68 +67,49 @@ impl RedisTarget {
     }
 }
 
-#[derive(Debug)]
-enum Reply {
-    Simple,
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array,
-}
+/// Bytes asked of the socket per read while a reply is incomplete.
+const READ_CHUNK: usize = 64 << 10;
 
 struct Conn {
-    r: BufReader<TcpStream>,
+    stream: TcpStream,
+    /// Bytes received and not yet decoded: the start of the next reply.
+    pending: Vec<u8>,
 }
 
 impl Conn {
-    fn command(&mut self, args: &[&[u8]]) -> std::io::Result<std::result::Result<Reply, String>> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
-        self.r.get_mut().write_all(&out)?;
-        self.reply()
-    }
-
-    fn line(&mut self) -> std::io::Result<String> {
-        let mut line = String::new();
-        if self.r.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(line.trim_end().to_string())
-    }
-
-    fn reply(&mut self) -> std::io::Result<std::result::Result<Reply, String>> {
-        let line = self.line()?;
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed RESP reply");
-        let (kind, rest) = line.split_at(line.len().min(1));
-        Ok(match kind {
-            "+" => Ok(Reply::Simple),
-            "-" => Err(rest.to_string()),
-            ":" => Ok(Reply::Int(rest.parse().map_err(|_| bad())?)),
-            "$" => {
-                let n: i64 = rest.parse().map_err(|_| bad())?;
-                if n < 0 {
-                    Ok(Reply::Bulk(None))
-                } else if n > 64 << 20 {
-                    return Err(bad());
-                } else {
-                    let mut buf = vec![0u8; n as usize + 2];
-                    self.r.read_exact(&mut buf)?;
-                    buf.truncate(n as usize);
-                    Ok(Reply::Bulk(Some(buf)))
-                }
-            }
-            "*" => {
-                let n: i64 = rest.parse().map_err(|_| bad())?;
-                for _ in 0..n.max(0) {
-                    let _ = self.reply()?;
-                }
-                Ok(Reply::Array)
-            }
-            _ => return Err(bad()),
+    /// Sends one command and reads its reply; an error reply is `Ok(Err(text))`. A reply that
+    /// is not RESP, or beyond the decoder's limits, is an `InvalidData` I/O error: the stream
+    /// is out of step and the connection must be dropped.
+    fn command(&mut self, args: &[&[u8]]) -> io::Result<std::result::Result<Value, String>> {
+        self.stream.write_all(&resp::encode_command(args))?;
+        Ok(match self.reply()? {
+            Value::Error(text) => Err(String::from_utf8_lossy(&text).into_owned()),
+            v => Ok(v),
         })
+    }
+
+    fn reply(&mut self) -> io::Result<Value> {
+        let limits = Limits::default();
+        loop {
+            match resp::decode(&self.pending, &limits) {
+                Ok(Some((value, used))) => {
+                    self.pending.drain(..used);
+                    return Ok(value);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+            let filled = self.pending.len();
+            self.pending.resize(filled + READ_CHUNK, 0);
+            let read = self.stream.read(&mut self.pending[filled..]);
+            self.pending.truncate(filled + read.as_ref().map_or(0, |n| *n));
+            match read {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -164,7 +147,7 @@ impl Redis {
         s.set_write_timeout(Some(self.deadlines.handshake))
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = s.set_nodelay(true);
-        let mut c = Conn { r: BufReader::new(s) };
+        let mut c = Conn { stream: s, pending: Vec::new() };
         let refused = |what: &str, e: String| Error::Metadata {
             uri: self.uri.clone(),
             key: what.into(),
@@ -190,7 +173,7 @@ impl Redis {
     }
 
     /// Runs one command, (re)connecting as needed; an I/O error drops the connection.
-    fn run(&self, key: &str, args: &[&[u8]]) -> Result<Reply> {
+    fn run(&self, key: &str, args: &[&[u8]]) -> Result<Value> {
         let mut slot = self.conn.lock();
         if slot.is_none() {
             *slot = Some(self.connect()?);
@@ -215,11 +198,11 @@ impl Redis {
 
     pub(crate) fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         match self.run(key, &[b"GET", key.as_bytes()])? {
-            Reply::Bulk(v) => Ok(v),
+            Value::Bulk(v) => Ok(v),
             other => Err(Error::Metadata {
                 uri: self.uri.clone(),
                 key: key.into(),
-                reason: format!("unexpected reply {other:?}"),
+                reason: format!("unexpected reply to GET: {}", other.describe()),
             }),
         }
     }
@@ -237,7 +220,7 @@ impl Redis {
     pub(crate) fn keepalive(&self, key: &str) -> Result<bool> {
         let ttl = self.ttl_ms();
         match self.run(key, &[b"PEXPIRE", key.as_bytes(), ttl.as_bytes()])? {
-            Reply::Int(1) => Ok(true),
+            Value::Integer(1) => Ok(true),
             _ => Ok(false),
         }
     }
@@ -248,11 +231,11 @@ impl Redis {
 
     pub(crate) fn ping(&self) -> Result<()> {
         match self.run("PING", &[b"PING"])? {
-            Reply::Simple | Reply::Bulk(_) => Ok(()),
+            Value::Simple(_) | Value::Bulk(_) => Ok(()),
             other => Err(Error::Metadata {
                 uri: self.uri.clone(),
                 key: "PING".into(),
-                reason: format!("unexpected reply {other:?}"),
+                reason: format!("unexpected reply: {}", other.describe()),
             }),
         }
     }
@@ -261,6 +244,48 @@ impl Redis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
+
+    /// A connection to a one-shot server that reads one command, then sends `reply` one byte
+    /// per write (so the client sees it in pieces) and closes.
+    fn conn_to(reply: Vec<u8>) -> Conn {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else { return };
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            for b in reply {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap_or_else(|e| panic!("{e}"));
+        Conn { stream, pending: Vec::new() }
+    }
+
+    #[test]
+    fn replies_in_pieces_decode_and_error_replies_carry_their_text() {
+        let mut c = conn_to(b"$5\r\nhello\r\n".to_vec());
+        assert_eq!(c.command(&[b"GET", b"k"]).ok(), Some(Ok(Value::Bulk(Some(b"hello".to_vec())))));
+        let mut c = conn_to("-ERR é\r\n".as_bytes().to_vec());
+        assert_eq!(c.command(&[b"GET", b"k"]).ok(), Some(Err("ERR é".to_string())));
+    }
+
+    #[test]
+    fn bad_bytes_from_the_server_are_errors_not_panics() {
+        let deep = [b"*1\r\n".repeat(100_000), b":1\r\n".to_vec()].concat();
+        let over = b"$99999999999\r\n".to_vec();
+        for reply in ["é\r\n".as_bytes().to_vec(), deep, over, b"+OK\n".to_vec()] {
+            let e = conn_to(reply).command(&[b"PING"]).err().map(|e| e.kind());
+            assert_eq!(e, Some(io::ErrorKind::InvalidData));
+        }
+        let e = conn_to(b"$5\r\nhel".to_vec()).command(&[b"PING"]).err().map(|e| e.kind());
+        assert_eq!(e, Some(io::ErrorKind::UnexpectedEof), "a reply cut short");
+    }
 
     #[test]
     fn uris_parse_with_env_fallbacks() {
