@@ -1,25 +1,175 @@
-// The copy-engine ceiling for contiguous peer copies: cudaMemcpyPeerAsync of one buffer
-// between GPU 0 and GPU 1, both directions, timed with events. Build: nvcc -O2 peer_copy.cu
+// Reference for tidewire's large contiguous GPU copies: the copy engine's ceiling between
+// GPU 0 and GPU 1, as cudaMemcpyPeerAsync of one buffer, both directions, issued on a stream
+// of GPU 0 (as the engine issues its copies from the initiator's GPU) and timed with events.
+// The destination is zeroed first and compared with the source (start, middle, end)
+// afterwards. Every CUDA call is checked; every wait on the GPU is bounded.
+//
+// Build and run (GPU host, two GPUs):
+//   nvcc -O2 -std=c++17 -o peer_copy peer_copy.cu
+//   ./peer_copy [MiB ...]          (default: 256)
+// Output, one line per size and direction (scripts/gpu-bench.sh keeps it in reference.txt):
+//   cudaMemcpyPeer gpu0->gpu1 256 MiB: 395.1 GB/s
+// Exit status: 0 ok, 1 CUDA error, 2 unusable machine or arguments, 3 timeout, 4 bad data.
 #include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#define CK(x) do { cudaError_t r = (x); if (r != cudaSuccess) { printf("%s -> %s\n", #x, cudaGetErrorString(r)); exit(1); } } while (0)
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int kReps = 20;           // timed copies per line, after 3 untimed ones
+constexpr double kWaitLimitS = 60.0;
+constexpr size_t kProbe = 1 << 20;  // bytes compared at each of three places
+
+void check(cudaError_t r, const char* call, int line) {
+  if (r != cudaSuccess) {
+    std::fprintf(stderr, "peer_copy.cu:%d: %s failed: %s (%s)\n", line, call,
+                 cudaGetErrorName(r), cudaGetErrorString(r));
+    std::exit(1);
+  }
+}
+#define CHECK(call) check((call), #call, __LINE__)
+
+// Waits until `ev` has completed, polling, for at most kWaitLimitS seconds.
+void wait_event(cudaEvent_t ev, const char* what) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    const cudaError_t r = cudaEventQuery(ev);
+    if (r == cudaSuccess) return;
+    if (r != cudaErrorNotReady) check(r, "cudaEventQuery", __LINE__);
+    const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start;
+    if (waited.count() > kWaitLimitS) {
+      std::fprintf(stderr, "timeout: %s not finished after %.0f s\n", what, kWaitLimitS);
+      std::exit(3);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+__global__ void fill_pattern(uint64_t* words, size_t count, uint64_t seed) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride) {
+    words[i] = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+  }
+}
+
+void enable_peer(int from, int to) {
+  int can = 0;
+  CHECK(cudaDeviceCanAccessPeer(&can, from, to));
+  if (!can) {
+    std::fprintf(stderr, "GPU %d cannot access GPU %d's memory: no peer path to measure\n", from,
+                 to);
+    std::exit(2);
+  }
+  CHECK(cudaSetDevice(from));
+  const cudaError_t r = cudaDeviceEnablePeerAccess(to, 0);
+  if (r == cudaErrorPeerAccessAlreadyEnabled) {
+    (void)cudaGetLastError();  // clears the recorded error; access is on, which is the goal
+  } else {
+    check(r, "cudaDeviceEnablePeerAccess", __LINE__);
+  }
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  size_t len = (argc > 1 ? strtoull(argv[1], 0, 0) : 256ull) << 20;
-  char *a, *b;
-  CK(cudaSetDevice(1)); CK(cudaMalloc(&b, len));
-  CK(cudaSetDevice(0)); CK(cudaMalloc(&a, len)); CK(cudaDeviceEnablePeerAccess(1, 0));
-  cudaStream_t s; CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-  for (int dir = 0; dir < 2; dir++) {
-    const int reps = 20;
-    for (int w = 0; w < 3; w++) CK(cudaMemcpyPeerAsync(dir ? a : b, dir ? 0 : 1, dir ? b : a, dir ? 1 : 0, len, s));
-    CK(cudaEventRecord(e0, s));
-    for (int i = 0; i < reps; i++) CK(cudaMemcpyPeerAsync(dir ? a : b, dir ? 0 : 1, dir ? b : a, dir ? 1 : 0, len, s));
-    CK(cudaEventRecord(e1, s)); CK(cudaEventSynchronize(e1));
-    float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
-    printf("cudaMemcpyPeer %s %zu MiB: %.1f GB/s\n", dir ? "gpu1->gpu0" : "gpu0->gpu1", len >> 20, (double)len * reps / ms / 1e6);
+  std::vector<size_t> sizes;
+  for (int i = 1; i < argc; i++) {
+    char* end = nullptr;
+    const unsigned long long mib = std::strtoull(argv[i], &end, 0);
+    if (end == argv[i] || *end != '\0' || mib == 0 || mib > (size_t{64} << 10)) {
+      std::fprintf(stderr, "size %s: need a whole number of MiB, 1 to 65536\n", argv[i]);
+      return 2;
+    }
+    sizes.push_back(static_cast<size_t>(mib) << 20);
   }
-  return 0;
+  if (sizes.empty()) sizes.push_back(size_t{256} << 20);
+  int n = 0;
+  CHECK(cudaGetDeviceCount(&n));
+  if (n < 2) {
+    std::fprintf(stderr, "%d GPU(s) visible; this reference needs two\n", n);
+    return 2;
+  }
+  enable_peer(0, 1);
+  uint8_t* host_a = nullptr;  // pinned: reading back is a stream operation we can bound
+  uint8_t* host_b = nullptr;
+  CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_a), kProbe));
+  CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_b), kProbe));
+  bool all_ok = true;
+  for (size_t len : sizes) {
+    char* buf[2] = {nullptr, nullptr};
+    for (int d = 0; d < 2; d++) {
+      CHECK(cudaSetDevice(d));
+      CHECK(cudaMalloc(reinterpret_cast<void**>(&buf[d]), len));
+    }
+    CHECK(cudaSetDevice(0));
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1, sync;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    CHECK(cudaEventCreateWithFlags(&sync, cudaEventDisableTiming));
+    for (int dir = 0; dir < 2; dir++) {
+      const int from = dir == 0 ? 0 : 1;
+      const int to = 1 - from;
+      // Source pattern and zeroed destination, each on its own GPU, finished before timing.
+      CHECK(cudaSetDevice(from));
+      fill_pattern<<<1024, 256>>>(reinterpret_cast<uint64_t*>(buf[from]), len / 8, 0xC0FFEEull);
+      CHECK(cudaGetLastError());
+      CHECK(cudaSetDevice(to));
+      CHECK(cudaMemset(buf[to], 0, len));
+      for (int d : {from, to}) {
+        CHECK(cudaSetDevice(d));
+        cudaEvent_t done;
+        CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+        CHECK(cudaEventRecord(done, 0));  // legacy default stream: after the fill / memset
+        wait_event(done, "preparing the buffers");
+        CHECK(cudaEventDestroy(done));
+      }
+      CHECK(cudaSetDevice(0));
+      for (int w = 0; w < 3; w++) {
+        CHECK(cudaMemcpyPeerAsync(buf[to], to, buf[from], from, len, s));
+      }
+      CHECK(cudaEventRecord(e0, s));
+      for (int i = 0; i < kReps; i++) {
+        CHECK(cudaMemcpyPeerAsync(buf[to], to, buf[from], from, len, s));
+      }
+      CHECK(cudaEventRecord(e1, s));
+      wait_event(e1, "cudaMemcpyPeerAsync");
+      float ms = 0;
+      CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      bool ok = true;
+      const size_t probe = len < kProbe ? len : kProbe;
+      for (size_t at : {size_t{0}, (len - probe) / 2, len - probe}) {
+        CHECK(cudaMemcpyAsync(host_a, buf[from] + at, probe, cudaMemcpyDefault, s));
+        CHECK(cudaMemcpyAsync(host_b, buf[to] + at, probe, cudaMemcpyDefault, s));
+        CHECK(cudaEventRecord(sync, s));
+        wait_event(sync, "reading the buffers back");
+        ok &= std::memcmp(host_a, host_b, probe) == 0;
+      }
+      std::printf("cudaMemcpyPeer gpu%d->gpu%d %zu MiB: %.1f GB/s%s\n", from, to, len >> 20,
+                  static_cast<double>(len) * kReps / (ms * 1e-3) / 1e9,
+                  ok ? "" : "  DATA WRONG");
+      std::fflush(stdout);
+      all_ok &= ok;
+    }
+    CHECK(cudaEventDestroy(e0));
+    CHECK(cudaEventDestroy(e1));
+    CHECK(cudaEventDestroy(sync));
+    CHECK(cudaStreamDestroy(s));
+    for (int d = 0; d < 2; d++) {
+      CHECK(cudaSetDevice(d));
+      CHECK(cudaFree(buf[d]));
+    }
+    CHECK(cudaSetDevice(0));
+  }
+  CHECK(cudaFreeHost(host_a));
+  CHECK(cudaFreeHost(host_b));
+  return all_ok ? 0 : 4;
 }
