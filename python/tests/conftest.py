@@ -125,6 +125,20 @@ def make_target() -> Iterator:
         t.close()
 
 
+@pytest.fixture
+def mooncake_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No `mooncake` package or submodule in sys.modules during the test, and those the test
+    registered (tidewire.mooncake.install()) removed after it, the earlier ones restored."""
+    def ours() -> List[str]:
+        return [n for n in sys.modules if n == "mooncake" or n.startswith("mooncake.")]
+
+    for name in ours():
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in ours():
+        del sys.modules[name]
+
+
 def run_in_threads(worker: Callable[[int], None], n: int = 16, timeout: float = 60.0) -> None:
     """Runs `worker(k)` for k in range(n) on n threads; fails if one is still running after
     `timeout` seconds."""

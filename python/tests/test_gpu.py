@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import tidewire
+import tidewire.mooncake
 from tidewire.mooncake import TransferEngine
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
@@ -174,6 +175,31 @@ def test_mem_pool_tensors_live_in_transferable_vmm_memory():
         with torch.cuda.use_mem_pool(pool):
             torch.empty(1 << 50, dtype=torch.uint8, device="cuda:0")
     assert "cuda:0" in (tidewire.allocator.last_failure() or "")
+    del t
+
+
+@needs_mem_pool
+def test_mooncake_nvlink_allocator_feeds_a_mem_pool_of_tidewire_memory(mooncake_modules):
+    """SGLang's SGLANG_MOONCAKE_CUSTOM_MEM_POOL=NVLINK path, call for call: the tensors of the
+    pool are tidewire allocations every NVLink transport reaches."""
+    tidewire.mooncake.install()
+    from mooncake.allocator import MemoryBackend, NVLinkAllocator  # type: ignore[import-not-found]
+
+    allocator = NVLinkAllocator.get_allocator(0)
+    for same in (torch.device("cuda:0"), "cuda:0"):
+        assert NVLinkAllocator.get_allocator(same) is allocator, same
+    pool = torch.cuda.MemPool(allocator.allocator())
+    with torch.cuda.use_mem_pool(pool):
+        t = torch.empty(8 << 20, dtype=torch.uint8, device="cuda:0")
+    t.fill_(7)
+    torch.cuda.synchronize()
+    seg = next(s for s in torch.cuda.memory_snapshot()
+               if s["address"] <= t.data_ptr() < s["address"] + s["total_size"])
+    info = tidewire.allocation(seg["address"])
+    assert info is not None, tidewire.allocator.last_failure()
+    assert info["kind"] in ("vmm-posix-fd", "vmm-fabric"), info
+    assert info["device"] == 0 and info["len"] >= seg["total_size"]
+    assert NVLinkAllocator.detect_mem_backend() == MemoryBackend.USE_CUMEMCREATE
     del t
 
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+import tidewire
 from conftest import rand, run_in_threads
 from tidewire import mooncake
 from tidewire.mooncake import TransferEngine, TransferNotify, TransferOpcode
@@ -221,13 +222,73 @@ def test_local_api_surface():
     assert e.get_notifies() == []
 
 
-def test_install_makes_mooncake_importable(monkeypatch):
+def test_install_makes_mooncake_importable(mooncake_modules):
+    import importlib
+    import importlib.util
     import sys
 
-    monkeypatch.delitem(sys.modules, "mooncake", raising=False)
-    monkeypatch.delitem(sys.modules, "mooncake.engine", raising=False)
-    mooncake.install()
+    import tidewire.mooncake.allocator
+    import tidewire.mooncake.engine
+
+    assert mooncake.install() is tidewire.mooncake.engine
+    assert mooncake.install() is tidewire.mooncake.engine, "a second call is harmless"
     from mooncake.engine import TransferEngine as Imported  # type: ignore[import-not-found]
     from mooncake.engine import TransferOpcode as Op  # type: ignore[import-not-found]
 
     assert Imported is TransferEngine and Op.READ == 0
+    import mooncake.allocator as imported_allocator  # type: ignore[import-not-found]
+    import mooncake.engine as imported_engine  # type: ignore[import-not-found]
+    from mooncake.allocator import NVLinkAllocator  # type: ignore[import-not-found]
+
+    assert imported_engine is tidewire.mooncake.engine
+    assert imported_allocator is tidewire.mooncake.allocator
+    assert NVLinkAllocator is tidewire.mooncake.allocator.NVLinkAllocator
+    for name in mooncake.SUBMODULES:
+        assert sys.modules[f"mooncake.{name}"] is getattr(mooncake, name)
+        assert getattr(sys.modules["mooncake"], name) is getattr(mooncake, name)
+    # The parts not provided yet are absent, as in a Mooncake build without them.
+    for name in ("pg", "ep", "mooncake_ep_buffer"):
+        assert importlib.util.find_spec(f"mooncake.{name}") is None
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"mooncake.{name}")
+
+
+def test_install_keeps_an_imported_mooncake_package(mooncake_modules):
+    import sys
+    import types
+
+    theirs = types.ModuleType("mooncake")
+    theirs.__path__ = []
+    theirs.store = "Mooncake's own"
+    sys.modules["mooncake"] = theirs
+    mooncake.install()
+    assert sys.modules["mooncake"] is theirs and theirs.store == "Mooncake's own"
+    assert theirs.engine is mooncake.engine and sys.modules["mooncake.allocator"] is mooncake.allocator
+
+
+def test_nvlink_allocator_devices_and_errors_without_a_gpu(monkeypatch):
+    import sys
+
+    from tidewire.mooncake.allocator import MemoryBackend, NVLinkAllocator, device_index
+
+    class Device:  # what the code reads of a torch.device
+        def __init__(self, type: str, index):
+            self.type, self.index = type, index
+
+    assert device_index(0) == 0 and device_index(3) == 3
+    assert device_index("cuda:1") == 1 and device_index("cuda") is None
+    assert device_index(Device("cuda", 2)) == 2 and device_index(Device("cuda", None)) is None
+    for bad in ("cpu", "cuda:x", "cuda:-1", -1, Device("cpu", None)):
+        with pytest.raises(ValueError):
+            device_index(bad)
+    for bad in (None, 1.0, True):
+        with pytest.raises(TypeError):
+            device_index(bad)
+    # Without torch: a clear ImportError (sys.modules["torch"] = None makes `import torch` fail).
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        NVLinkAllocator.get_allocator(0)
+    with pytest.raises(ValueError):
+        NVLinkAllocator.get_allocator("cpu")
+    if not tidewire.gpu_status()[0]:
+        assert NVLinkAllocator.detect_mem_backend() == MemoryBackend.UNKNOWN

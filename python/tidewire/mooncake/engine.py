@@ -1,9 +1,10 @@
-"""A drop-in for `mooncake.engine`: `TransferEngine`, `TransferOpcode`, `TransferNotify`.
+"""`mooncake.engine` on tidewire: `TransferEngine`, `TransferOpcode`, `TransferNotify`.
 
 Same method names, positional argument order, defaults and integer return codes as the
 Mooncake transfer engine's Python binding, so SGLang and vLLM run unchanged. Transport and
 peer failures return negative codes and log the reason (logger `tidewire.mooncake`); they
-never raise. `install()` makes `import mooncake.engine` load this module.
+never raise. `tidewire.mooncake.install()` makes
+`import mooncake.engine` load this module.
 
 Differences, each logged when it applies: `protocol="rdma"` is served by the engine's own
 transports (shm on one host, else tcp) because this build has no RDMA transport;
@@ -19,12 +20,10 @@ import enum
 import itertools
 import json
 import logging
-import sys
 import threading
-import types
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import Batch, TidewireError, Timeout, _native
+from .. import Batch, TidewireError, Timeout, _native
 
 log = logging.getLogger("tidewire.mooncake")
 
@@ -361,16 +360,3 @@ class TransferEngine:
             log.warning("send_probe(%r): %s", peer_server_name, e)
             return -1
 
-
-def install() -> types.ModuleType:
-    """Registers this module as `mooncake.engine` (and `mooncake`, if absent) in sys.modules,
-    so `from mooncake.engine import TransferEngine` loads tidewire."""
-    this = sys.modules[__name__]
-    pkg = sys.modules.get("mooncake")
-    if pkg is None:
-        pkg = types.ModuleType("mooncake")
-        pkg.__path__ = []  # a package, so `import mooncake.engine` resolves
-        sys.modules["mooncake"] = pkg
-    setattr(pkg, "engine", this)
-    sys.modules["mooncake.engine"] = this
-    return this

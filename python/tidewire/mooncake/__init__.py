@@ -1,0 +1,57 @@
+"""The Mooncake-compatible layer: Mooncake's Python package, module for module, on tidewire.
+
+Submodules mirror Mooncake's import paths, so code written for Mooncake runs unchanged once
+`install()` has registered them under the name `mooncake`:
+
+- `tidewire.mooncake.engine` is `mooncake.engine`: `TransferEngine`, `TransferOpcode`,
+  `TransferNotify` (also importable from here).
+- `tidewire.mooncake.allocator` is `mooncake.allocator`: `NVLinkAllocator`, whose
+  `get_allocator(device).allocator()` feeds `torch.cuda.MemPool` (SGLang's
+  `SGLANG_MOONCAKE_CUSTOM_MEM_POOL=NVLINK`) with tidewire's transferable GPU allocation.
+
+Not provided yet: Mooncake's `mooncake.pg` (its torch.distributed backend), `mooncake.ep`
+and `mooncake.mooncake_ep_buffer` (expert-parallel dispatch and combine). They will be
+`tidewire/mooncake/pg.py`, `ep.py` and `mooncake_ep_buffer.py`, registered by `install()`
+like the others. Until then `import mooncake.ep` (or `pg`, `mooncake_ep_buffer`) raises
+ModuleNotFoundError, as with a Mooncake build without them, and
+`importlib.util.find_spec` answers None, so frameworks' feature checks fall back.
+
+    from tidewire.mooncake import install
+    install()
+    from mooncake.engine import TransferEngine          # tidewire's
+    from mooncake.allocator import NVLinkAllocator      # tidewire's
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+from . import allocator, engine
+from .engine import TransferEngine, TransferNotify, TransferOpcode
+
+__all__ = ["SUBMODULES", "TransferEngine", "TransferNotify", "TransferOpcode", "allocator", "engine", "install"]
+
+#: The submodules this package provides, each registered as `mooncake.<name>` by `install()`.
+SUBMODULES = ("engine", "allocator")
+
+
+def install() -> types.ModuleType:
+    """Registers every submodule in `SUBMODULES` as `mooncake.<name>` in sys.modules (and a
+    `mooncake` package, if none is imported yet), so `import mooncake.engine` and
+    `from mooncake.allocator import NVLinkAllocator` load tidewire. Calling it again is
+    harmless. Returns the `mooncake.engine` module.
+
+    An already imported `mooncake` package (Mooncake's own) is kept: only the submodules above
+    are replaced in it, its other submodules stay Mooncake's."""
+    pkg = sys.modules.get("mooncake")
+    if pkg is None:
+        pkg = types.ModuleType("mooncake", __doc__)
+        pkg.__path__ = []  # a package, so `import mooncake.engine` resolves
+        sys.modules["mooncake"] = pkg
+    for name in SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        setattr(pkg, name, module)
+        sys.modules[f"mooncake.{name}"] = module
+    return engine
