@@ -83,7 +83,8 @@ def test_async_transfers_and_status_codes(metadata, make_target):
     assert status == 1
     assert e.transfer_check_status(bid) == -1, "a final status is reported once"
     bad = e.transfer_submit_write(t.name, src.ctypes.data, t.addr + t.len, 4096)
-    assert bad < 0
+    assert bad == 0, "0 is the failure sentinel of the calls returning a batch id"
+    assert e.transfer_check_status(bad) == -1
     rid = e.batch_transfer_async_read(t.name, [src.ctypes.data], [t.addr], [4096])
     assert e.get_batch_transfer_status([rid]) == 0
     assert e.get_batch_transfer_status([987654]) == -1
@@ -220,6 +221,47 @@ def test_local_api_surface():
     assert e.get_first_buffer_address(f"127.0.0.1:{e.get_rpc_port()}") == addr
     assert e.free_managed_buffer(addr, MiB) == 0
     assert e.get_notifies() == []
+
+
+def test_async_calls_return_0_on_failure_and_sync_calls_a_negative_code(make_target, metadata_server):
+    """Mooncake's calls that return a batch id return 0 on failure (its documented sentinel,
+    the value its own tests check); the others keep -1."""
+    t = make_target()
+    e = initiator("P2PHANDSHAKE")
+    src = local(e, rand(8192, 7))
+    a = src.ctypes.data
+    unregistered = np.zeros(4096, dtype=np.uint8)
+    named = initiator(metadata_server.url)
+    named_src = local(named, rand(4096, 8))
+    cases = [
+        (e, "127.0.0.1:1", a, t.addr, "unknown peer (nothing listens)"),
+        (named, "nobody", named_src.ctypes.data, t.addr, "unknown peer (not in the metadata server)"),
+        (e, t.name, unregistered.ctypes.data, t.addr, "unregistered local buffer"),
+        (e, t.name, a, t.addr + t.len, "outside the peer's memory"),
+    ]
+    for engine, peer, buf, remote, why in cases:
+        start = time.time()
+        assert engine.batch_transfer_async_write(peer, [buf], [remote], [4096]) == 0, why
+        assert engine.batch_transfer_async_read(peer, [buf], [remote], [4096]) == 0, why
+        assert engine.batch_transfer_async(peer, [buf], [remote], [4096], TransferOpcode.WRITE) == 0, why
+        assert engine.batch_transfer_async(peer, [buf], [remote], [4096], TransferOpcode.READ) == 0, why
+        assert engine.transfer_submit_write(peer, buf, remote, 4096) == 0, why
+        assert engine.transfer_sync_write(peer, buf, remote, 4096) == -1, why
+        assert engine.transfer_sync_read(peer, buf, remote, 4096) == -1, why
+        assert engine.transfer_sync(peer, buf, remote, 4096, TransferOpcode.WRITE) == -1, why
+        assert engine.batch_transfer_sync_write(peer, [buf], [remote], [4096]) == -1, why
+        assert engine.batch_transfer_sync_read(peer, [buf], [remote], [4096]) == -1, why
+        assert engine.batch_transfer_sync(peer, [buf], [remote], [4096], TransferOpcode.READ) == -1, why
+        assert time.time() - start < 10, why
+    # Descriptor lists of different lengths: 0 as well (Mooncake checks the sizes too).
+    assert e.batch_transfer_async_write(t.name, [a, a + 4096], [t.addr], [4096]) == 0
+    # 0 handed on is an unknown batch: failed, never "still running".
+    assert e.get_batch_transfer_status([0]) == -1
+    assert e.transfer_check_status(0) == -1
+    # Nothing reached the target, and the same engine still works.
+    assert read_all(e, t) == t.initial()
+    good = e.batch_transfer_async_write(t.name, [a], [t.addr], [4096])
+    assert good > 0 and e.get_batch_transfer_status([good]) == 0
 
 
 def test_install_makes_mooncake_importable(mooncake_modules):

@@ -2,8 +2,8 @@
 
 Same method names, positional argument order, defaults and integer return codes as the
 Mooncake transfer engine's Python binding, so SGLang and vLLM run unchanged. Transport and
-peer failures return negative codes and log the reason (logger `tidewire.mooncake`); they
-never raise. `tidewire.mooncake.install()` makes
+peer failures return the failure code of the call (see "Return codes" below) and log the
+reason (logger `tidewire.mooncake`); they never raise. `tidewire.mooncake.install()` makes
 `import mooncake.engine` load this module.
 
 Differences, each logged when it applies: `protocol="rdma"` is served by the engine's own
@@ -26,6 +26,30 @@ from typing import Any, Dict, List, Optional, Sequence
 from .. import Batch, TidewireError, Timeout, _native
 
 log = logging.getLogger("tidewire.mooncake")
+
+# Return codes, as Mooncake's binding returns them (checked against kvcache-ai/Mooncake:
+# mooncake-integration/transfer_engine/transfer_engine_py.cpp and the Python API reference,
+# docs/source/python-api-reference/transfer-engine.md):
+#
+# - A batch id, or 0 on failure: batch_transfer_async_write, batch_transfer_async_read,
+#   batch_transfer_async, transfer_submit_write. 0 is the sentinel Mooncake documents for the
+#   batch_transfer_async* calls and the one its own tests check (`assertNotEqual(batch_id, 0)`,
+#   for transfer_submit_write too). Mooncake's C++ returns these as `batch_id_t`, a uint64:
+#   its submit failures return 0, and its `return -1` (segment not opened; and every
+#   transfer_submit_write failure in the classic backend, documented as "negative") reaches
+#   Python as 2**64 - 1, never as a negative number, so a caller's `< 0` test never saw a
+#   failure there. Our ids start at 1; 0 passed to get_batch_transfer_status or
+#   transfer_check_status is an unknown id and reports -1 (failed).
+# - 0, or -1 on failure: initialize, initialize_ext, register_memory, unregister_memory,
+#   batch_register_memory, batch_unregister_memory, free_managed_buffer,
+#   write_bytes_to_buffer, transfer_sync_write, transfer_sync_read, transfer_sync,
+#   batch_transfer_sync_write, batch_transfer_sync_read, batch_transfer_sync,
+#   get_batch_transfer_status (-1 when any batch failed or timed out), send_probe.
+# - transfer_check_status: 1 done, 0 still running, -1 failed, -2 timed out.
+# - An address, or 0 on failure: allocate_managed_buffer, get_first_buffer_address.
+
+#: What the calls returning a batch id return on failure.
+NO_BATCH = 0
 
 SUPPORT_CUDA = False
 SUPPORT_EFA = False
@@ -270,9 +294,10 @@ class TransferEngine:
                           peer_buffer_addresses, lengths, notify)
 
     def _async(self, what: str, target: str, op: str, buffers: Any, peers: Any, lengths: Any) -> int:
+        """Submits without waiting: a batch id (1 or more), or NO_BATCH (0) on failure."""
         batch = self._submit(what, target, op, buffers, peers, lengths, None)
         if batch is None:
-            return 0
+            return NO_BATCH
         with self._lock:
             batch_id = next(self._ids)
             self._batches[batch_id] = batch
@@ -280,24 +305,25 @@ class TransferEngine:
 
     def batch_transfer_async_write(self, target_hostname: str, buffers: Any, peer_buffer_addresses: Any,
                                    lengths: Any, transport_hint: str = "") -> int:
-        """Returns a batch id, or 0 on failure."""
+        """Returns a batch id for `get_batch_transfer_status`, or 0 on failure."""
         return self._async("batch_transfer_async_write", target_hostname, "write", buffers, peer_buffer_addresses, lengths)
 
     def batch_transfer_async_read(self, target_hostname: str, buffers: Any, peer_buffer_addresses: Any,
                                   lengths: Any, transport_hint: str = "") -> int:
+        """Returns a batch id for `get_batch_transfer_status`, or 0 on failure."""
         return self._async("batch_transfer_async_read", target_hostname, "read", buffers, peer_buffer_addresses, lengths)
 
     def batch_transfer_async(self, target_hostname: str, buffers: Any, peer_buffer_addresses: Any,
                              lengths: Any, opcode: Any, transport_hint: str = "") -> int:
+        """Returns a batch id for `get_batch_transfer_status`, or 0 on failure."""
         return self._async("batch_transfer_async", target_hostname, self._op(opcode), buffers,
                            peer_buffer_addresses, lengths)
 
     def transfer_submit_write(self, target_hostname: str, buffer: int, peer_buffer_address: int,
                               length: int, transport_hint: str = "") -> int:
-        """Returns a batch id for `transfer_check_status`, or a negative value on failure."""
-        batch_id = self._async("transfer_submit_write", target_hostname, "write", [buffer],
-                               [peer_buffer_address], [length])
-        return batch_id if batch_id > 0 else -1
+        """Returns a batch id for `transfer_check_status`, or 0 on failure."""
+        return self._async("transfer_submit_write", target_hostname, "write", [buffer],
+                           [peer_buffer_address], [length])
 
     def _take(self, batch_id: int) -> Optional[Batch]:
         with self._lock:
