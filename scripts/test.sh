@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs them all. CI (.ci/run) and the README run this.
-# Needs: a Rust toolchain (rustup) and gcc. GPU tests skip here and say why.
+# Needs: a Rust toolchain (rustup) and gcc. The Rust GPU tests are listed as ignored here
+# (scripts/gpu-test.sh runs them on a GPU host); the Python GPU tests skip and say why.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
@@ -33,6 +34,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export TIDEWIRE_ETCD_BIN=${TIDEWIRE_ETCD_BIN:-$(command -v etcd)}
 export TIDEWIRE_REDIS_BIN=${TIDEWIRE_REDIS_BIN:-$(command -v redis-server)}
+# The servers are installed: a metadata test that finds one missing fails instead of skipping.
+export TIDEWIRE_REQUIRE_SERVERS=1
 
 step "format"
 cargo fmt --all -- --check

@@ -288,14 +288,44 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Finds a server binary: `$env` or the PATH. `None` (the test skips and says why) when absent.
-pub fn server_bin(env: &str, name: &str) -> Option<String> {
-    if let Ok(p) = std::env::var(env) {
-        return Some(p);
+/// Finds a server binary: `$env` (when set and not empty) or `name` on the PATH; `Err` says
+/// why there is none.
+pub fn server_bin(env: &str, name: &str) -> Result<String, String> {
+    if let Some(p) = std::env::var(env).ok().filter(|p| !p.is_empty()) {
+        return if std::path::Path::new(&p).is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{env}={p} is not a file"))
+        };
     }
-    let out = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().ok()?;
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map_err(|e| format!("looking for {name} on the PATH: {e}"))?;
     let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!p.is_empty()).then_some(p)
+    if p.is_empty() {
+        return Err(format!("{name} is not installed (neither {env} nor the PATH has it)"));
+    }
+    Ok(p)
+}
+
+/// A server a test needs is missing (`why`). With `TIDEWIRE_REQUIRE_SERVERS=1` (scripts/test.sh
+/// and CI set it) that fails the test. Otherwise the test skips what needs the server and says
+/// so on stderr past the test harness's capture, so that the skip shows in a passing run.
+pub fn server_missing(why: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    if std::env::var("TIDEWIRE_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
+        panic!(
+            "{test}: {why}, and TIDEWIRE_REQUIRE_SERVERS=1 requires it \
+             (scripts/test.sh installs it)"
+        );
+    }
+    // Written to the stream directly: `eprintln!` output of passing tests is captured.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED in {test}: {why}; what needs it did not run (scripts/test.sh installs it; \
+         TIDEWIRE_REQUIRE_SERVERS=1 makes this a failure)"
+    );
 }
 
 fn wait_port(port: u16) {
@@ -372,11 +402,15 @@ impl Drop for Server {
     }
 }
 
-/// etcd members on loopback: one (`n = 1`) or a cluster. `None` when etcd is not installed.
+/// etcd members on loopback: one (`n = 1`) or a cluster. `None` when etcd is not installed
+/// and `TIDEWIRE_REQUIRE_SERVERS` is not 1 (see `server_missing`).
 pub fn etcd_cluster(n: usize) -> Option<Vec<Server>> {
-    let Some(bin) = server_bin("TIDEWIRE_ETCD_BIN", "etcd") else {
-        eprintln!("skipped: etcd is not installed (scripts/test.sh installs it)");
-        return None;
+    let bin = match server_bin("TIDEWIRE_ETCD_BIN", "etcd") {
+        Ok(bin) => bin,
+        Err(why) => {
+            server_missing(&why);
+            return None;
+        }
     };
     let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
     let initial: Vec<String> =
@@ -418,11 +452,15 @@ pub fn etcd_cluster(n: usize) -> Option<Vec<Server>> {
     Some(servers)
 }
 
-/// A redis server on loopback without persistence. `None` when redis is not installed.
+/// A redis server on loopback without persistence. `None` when redis is not installed and
+/// `TIDEWIRE_REQUIRE_SERVERS` is not 1 (see `server_missing`).
 pub fn redis() -> Option<Server> {
-    let Some(bin) = server_bin("TIDEWIRE_REDIS_BIN", "redis-server") else {
-        eprintln!("skipped: redis-server is not installed (scripts/test.sh installs it)");
-        return None;
+    let bin = match server_bin("TIDEWIRE_REDIS_BIN", "redis-server") {
+        Ok(bin) => bin,
+        Err(why) => {
+            server_missing(&why);
+            return None;
+        }
     };
     let port = free_port();
     let marker = format!("tidewire-redis-{port}.rdb");
