@@ -85,8 +85,9 @@ pub fn fabric_verdict(local: &FabricEvidence, remote: &FabricEvidence) -> Result
 mod tests {
     use super::*;
 
-    /// The 2×H200 host of ../shared/reference: attribute says fabric, NVML says completed
-    /// with a zero cluster UUID and clique 0, and cuMemCreate(FABRIC) is not permitted.
+    /// Our 2×H200 host (bench/results/2026-11-30-h200x2-ref): attribute says fabric, NVML
+    /// says completed with a zero cluster UUID and clique 0, and cuMemCreate(FABRIC) is not
+    /// permitted.
     fn h200() -> FabricEvidence {
         FabricEvidence {
             state: Some(FABRIC_STATE_COMPLETED),
