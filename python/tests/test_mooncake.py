@@ -334,3 +334,36 @@ def test_nvlink_allocator_devices_and_errors_without_a_gpu(monkeypatch):
         NVLinkAllocator.get_allocator("cpu")
     if not tidewire.gpu_status()[0]:
         assert NVLinkAllocator.detect_mem_backend() == MemoryBackend.UNKNOWN
+
+
+def test_shm_peer_killed_while_writes_stream_fails_every_later_call_and_is_released(make_target):
+    # The target's managed buffer is shareable: on one host the writes go over shm, copied
+    # straight into its memory. Once it is SIGKILLed, nothing written there is visible to
+    # anyone, so every later call must fail, the first within a second of the death.
+    t = make_target(length=4 * MiB, seed=11)
+    e = initiator("P2PHANDSHAKE")
+    data = rand(t.len, 12)
+    src = local(e, data)
+    n, page = 64, 4096
+    srcs = [src.ctypes.data + i * page for i in range(n)]
+    dsts = [t.addr + i * page for i in range(n)]
+    assert e.batch_transfer_sync_write(t.name, srcs, dsts, [page] * n) == 0
+    (status,) = [p for p in e._e().peers() if p[0] == t.name]
+    assert status[2] == "open" and status[4] > 0, status
+    t.proc.kill()
+    t.proc.wait()
+    killed = time.time()
+    rcs = []
+    while time.time() - killed < 1.0:
+        rcs.append(e.batch_transfer_sync_write(t.name, srcs, dsts, [page] * n))
+    assert rcs and all(rc < 0 for rc in rcs), rcs[:10]
+    assert e.transfer_sync_write(t.name, src.ctypes.data, t.addr, page) < 0
+    assert e.batch_transfer_async_write(t.name, srcs, dsts, [page] * n) == 0
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        (status,) = [p for p in e._e().peers() if p[0] == t.name]
+        if status[2] == "retired" and status[4] == 0:
+            break
+        time.sleep(0.01)
+    assert status[2] == "retired" and status[4] == 0, status
+    assert "the peer process exited" in (status[3] or ""), status

@@ -17,7 +17,7 @@ objects. Every blocking call releases the GIL; an engine may be used from many t
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import _native
 from .allocator import allocation, cuda_allocator, mem_pool
@@ -60,6 +60,7 @@ __all__ = [
     "NotRegistered",
     "Notification",
     "OsError",
+    "PeerStatus",
     "PeerFailed",
     "PeerUnreachable",
     "ProtocolError",
@@ -77,6 +78,16 @@ __all__ = [
 
 #: A list of ints, a numpy array, or a DLPack tensor of 64-bit integers; or one int for all.
 Descriptors = Union[int, Sequence[int], Any]
+
+
+class PeerStatus(NamedTuple):
+    """One peer of `Engine.peers()`."""
+
+    name: str
+    instance: str
+    state: str
+    reason: Optional[str]
+    mappings: int
 
 
 class Notification(NamedTuple):
@@ -214,6 +225,12 @@ class Engine:
     def probe(self, peer: str) -> float:
         """Round trip to the peer's RPC port in seconds; raises if unreachable."""
         return self._native.probe(peer)
+
+    def peers(self) -> List[PeerStatus]:
+        """Every peer opened by name: whether it is usable ("open", or "retired" with the
+        reason: its process exited, it restarted, it cannot be reached) and how many mappings
+        of its memory (shm mappings, GPU imports, revocation pages) this process still holds."""
+        return [PeerStatus(*p) for p in self._native.peers()]
 
     def shm_status(self) -> Tuple[bool, str]:
         return self._native.shm_status()

@@ -15,7 +15,8 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tidewire::{
-    BatchHandle, BatchOptions, Engine, EngineConfig, MetadataUri, Op, Request, RequestStatus,
+    BatchHandle, BatchOptions, Engine, EngineConfig, MetadataUri, Op, PeerState, Request,
+    RequestStatus,
 };
 
 use arrays::{MemoryObject, U64Array};
@@ -311,6 +312,24 @@ impl PyEngine {
             engine.probe(id)
         })
         .map(|d| d.as_secs_f64())
+    }
+
+    /// Every peer opened by name: `(name, instance, state, reason, mappings)`, where state
+    /// is "open" or "retired" (with the reason), and mappings counts the mappings of the
+    /// peer's memory this process still holds.
+    fn peers(&self) -> PyResult<Vec<(String, String, &'static str, Option<String>, usize)>> {
+        Ok(self
+            .engine()?
+            .peers()
+            .into_iter()
+            .map(|p| {
+                let (state, reason) = match p.state {
+                    PeerState::Open => ("open", None),
+                    PeerState::Retired(e) => ("retired", Some(e.to_string())),
+                };
+                (p.name, p.instance.to_string(), state, reason, p.mappings)
+            })
+            .collect())
     }
 
     /// Whether the shm transport serves, and why not: `(True, "")` or `(False, reason)`.

@@ -39,7 +39,8 @@ use crate::lifecycle::Lifecycle;
 use crate::peer::{Held, MapCount, PeerConn};
 use crate::registry::{OwnedAccess, RegionEntry};
 use crate::transport::lease::LeaseConn;
-use crate::transport::shm::{SharedRegion, ShmClient, ShmMap, FETCH_VMM_FD};
+use crate::transport::shm::{SharedRegion, ShmClient, ShmMap};
+use tidewire_core::shmwire::ShmFetch;
 
 /// What this process knows about its GPUs, for selection (read once per engine).
 pub(crate) fn gpu_facts() -> GpuFacts {
@@ -265,7 +266,7 @@ impl NvlinkClient {
                 let shm = self.shm.as_ref().ok_or_else(|| {
                     self.failed(format!("{id}: a VMM POSIX-FD handle needs a same-host peer"))
                 })?;
-                let (stated, fd) = shm.fetch(FETCH_VMM_FD, id)?;
+                let (stated, fd) = shm.fetch(ShmFetch::VmmFd, id)?;
                 if stated != *size {
                     return Err(self.failed(format!(
                         "{id}: the descriptor says {size} bytes, the socket {stated}"

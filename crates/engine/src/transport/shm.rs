@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tidewire_core::shmwire::{ShmAnswer, ShmFetch, ShmRequest, SHM_MESSAGE_LEN};
 use tidewire_core::{InstanceId, RegionId};
 
 use crate::error::{Error, Result};
@@ -34,13 +35,6 @@ const HEADER: usize = PAGE;
 /// Initiators that can attach to one engine's shared memory at once.
 pub(crate) const SLOTS: usize = 63;
 const NO_SLOT: u32 = u32::MAX;
-
-/// What an initiator asks the shm socket for (first byte of a request; then a region id).
-pub(crate) const FETCH_DATA: u8 = 0;
-/// The revocation page of exported device memory.
-pub(crate) const FETCH_CONTROL: u8 = 1;
-/// The POSIX file descriptor of an exported VMM allocation.
-pub(crate) const FETCH_VMM_FD: u8 = 2;
 
 #[repr(C, align(64))]
 struct Slot {
@@ -261,7 +255,7 @@ fn serve_requests(
     }
     stream.set_read_timeout(Some(crate::frames::POLL))?;
     loop {
-        let mut req = [0u8; 9];
+        let mut req = [0u8; SHM_MESSAGE_LEN];
         match s.read_exact(&mut req) {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -272,25 +266,24 @@ fn serve_requests(
             }
             Err(e) => return Err(e),
         }
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&req[1..]);
-        let entry =
-            registry.by_id(RegionId(u64::from_le_bytes(id))).filter(|e| e.access().is_some());
-        let answer: Option<(u64, &OwnedFd)> = entry.as_ref().and_then(|e| match req[0] {
-            FETCH_DATA => e.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
-            FETCH_CONTROL => e.control().map(|c| (0, &c.fd)),
-            FETCH_VMM_FD => {
+        // An unknown kind is refused like an unknown region: the initiator gets a reason.
+        let Ok(req) = ShmRequest::decode(&req) else {
+            send_with_fd(stream, &ShmAnswer::Refused.encode(), None)?;
+            continue;
+        };
+        let entry = registry.by_id(req.region).filter(|e| e.access().is_some());
+        let answer: Option<(u64, &OwnedFd)> = entry.as_ref().and_then(|e| match req.what {
+            ShmFetch::Data => e.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
+            ShmFetch::Control => e.control().map(|c| (0, &c.fd)),
+            ShmFetch::VmmFd => {
                 e.gpu.as_ref().and_then(|g| g.vmm_fd.as_ref().map(|(size, fd)| (*size, fd)))
             }
-            _ => None,
         });
         match answer {
             Some((len, fd)) => {
-                let mut msg = [0u8; 9];
-                msg[1..].copy_from_slice(&len.to_le_bytes());
-                send_with_fd(stream, &msg, Some(fd))?;
+                send_with_fd(stream, &ShmAnswer::Granted { len }.encode(), Some(fd))?
             }
-            None => send_with_fd(stream, &[1u8; 9], None)?,
+            None => send_with_fd(stream, &ShmAnswer::Refused.encode(), None)?,
         }
     }
 }
@@ -353,11 +346,10 @@ impl ShmClient {
         self.broken.load(Ordering::Acquire)
     }
 
-    /// Asks the peer for a file descriptor of region `id` (`what` is a `FETCH_*`); returns it
-    /// with the length the peer states.
-    pub(crate) fn fetch(&self, what: u8, id: RegionId) -> Result<(u64, OwnedFd)> {
-        let mut req = [what; 9];
-        req[1..].copy_from_slice(&id.0.to_le_bytes());
+    /// Asks the peer for a file descriptor of region `id`; returns it with the length the
+    /// peer states.
+    pub(crate) fn fetch(&self, what: ShmFetch, id: RegionId) -> Result<(u64, OwnedFd)> {
+        let req = ShmRequest { what, region: id }.encode();
         let fetched = {
             let stream = self.stream.lock();
             (&*stream).write_all(&req).and_then(|()| recv_with_fd(&stream))
@@ -370,7 +362,7 @@ impl ShmClient {
                 reason: format!("fetching a descriptor of {id}: {e}"),
             }
         })?;
-        let (0, Some(fd)) = (msg[0], fd) else {
+        let (ShmAnswer::Granted { len }, Some(fd)) = (ShmAnswer::decode(&msg), fd) else {
             return Err(Error::RemoteAccessDenied {
                 peer: self.peer.clone(),
                 addr: 0,
@@ -378,9 +370,7 @@ impl ShmClient {
                 reason: format!("{id} is no longer registered (or not shareable)"),
             });
         };
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&msg[1..9]);
-        Ok((u64::from_le_bytes(len), fd))
+        Ok((len, fd))
     }
 
     /// The mapping of the peer's region `id` (fetched and mapped on first use).
@@ -388,7 +378,7 @@ impl ShmClient {
         if let Some(m) = self.maps.lock().get(&id) {
             return Ok(m.clone());
         }
-        let (len, fd) = self.fetch(FETCH_DATA, id)?;
+        let (len, fd) = self.fetch(ShmFetch::Data, id)?;
         let total = usize::try_from(len)
             .ok()
             .and_then(|l| l.checked_add(HEADER))
@@ -401,7 +391,7 @@ impl ShmClient {
 
     /// Maps the revocation page of the peer's exported device region `id`.
     pub(crate) fn control(&self, id: RegionId) -> Result<ShmMap> {
-        let (_, fd) = self.fetch(FETCH_CONTROL, id)?;
+        let (_, fd) = self.fetch(ShmFetch::Control, id)?;
         let map = Mapping::map_shared(&fd, HEADER, "a peer's revocation page")?;
         Ok(ShmMap { map, _held: Some(self.mappings.hold()) })
     }
@@ -482,7 +472,11 @@ impl ShmClient {
     }
 }
 
-fn send_with_fd(stream: &UnixStream, msg: &[u8; 9], fd: Option<&OwnedFd>) -> io::Result<()> {
+fn send_with_fd(
+    stream: &UnixStream,
+    msg: &[u8; SHM_MESSAGE_LEN],
+    fd: Option<&OwnedFd>,
+) -> io::Result<()> {
     let mut iov = libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() };
     // Room for one file descriptor's control message, 8-byte aligned.
     let mut cmsg_buf = [0u64; 4];
@@ -516,8 +510,8 @@ fn send_with_fd(stream: &UnixStream, msg: &[u8; 9], fd: Option<&OwnedFd>) -> io:
     Ok(())
 }
 
-fn recv_with_fd(stream: &UnixStream) -> io::Result<([u8; 9], Option<OwnedFd>)> {
-    let mut msg = [0u8; 9];
+fn recv_with_fd(stream: &UnixStream) -> io::Result<([u8; SHM_MESSAGE_LEN], Option<OwnedFd>)> {
+    let mut msg = [0u8; SHM_MESSAGE_LEN];
     let mut iov =
         libc::iovec { iov_base: msg.as_mut_ptr() as *mut libc::c_void, iov_len: msg.len() };
     let mut cmsg_buf = [0u64; 4];
