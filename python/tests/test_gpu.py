@@ -11,6 +11,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -283,3 +284,41 @@ def test_mooncake_api_moves_kv_pages_between_gpus_over_nvlink():
         # Out of the peer's region: a negative code, the target untouched.
         assert e.transfer_sync_write(peer.name, src.data_ptr(), peer.addr + n - 100, 4096) < 0
         assert peer.digest() == hashlib.sha256(expected.cpu().numpy().tobytes()).hexdigest()
+
+
+@needs_two_gpus
+@needs_mem_pool
+@pytest.mark.parametrize("remote_pool", ["tidewire", "torch"])
+def test_a_killed_peers_gpu_memory_comes_back_and_its_later_writes_fail(remote_pool):
+    # The scenario of a decode node that restarts: 256 MiB on cuda:1 in the peer's pool,
+    # SIGKILLed while we write to it. Our import must not keep its memory allocated.
+    n = 256 << 20
+    free_before, _ = torch.cuda.mem_get_info(1)
+    with tidewire.Engine() as e:
+        peer = GpuPeer(1, n, seed=21, pool=remote_pool)
+        try:
+            src = tensor_in("tidewire", n, "cuda:0", tidewire.mem_pool())
+            src.fill_(7)
+            torch.cuda.synchronize()
+            e.register(src)
+            e.write(peer.name, src.data_ptr(), peer.addr, n)
+            (status,) = [p for p in e.peers() if p.name == peer.name]
+            assert status.state == "open" and status.mappings > 0, status
+            peer.proc.kill()
+            peer.proc.wait()
+            killed = time.time()
+            with pytest.raises(tidewire.PeerFailed, match="the peer process exited"):
+                e.write(peer.name, src.data_ptr(), peer.addr, n)
+            assert time.time() - killed < 1.0
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                (status,) = [p for p in e.peers() if p.name == peer.name]
+                if status.mappings == 0 and torch.cuda.mem_get_info(1)[0] + (64 << 20) >= free_before:
+                    break
+                time.sleep(0.05)
+            assert status.state == "retired" and status.mappings == 0, status
+            free_after, _ = torch.cuda.mem_get_info(1)
+            assert free_after + (64 << 20) >= free_before, (free_before, free_after)
+        finally:
+            peer.proc.kill()
+            peer.proc.wait()
