@@ -12,6 +12,8 @@
 // Exit status: 0 ok, 1 CUDA error, 2 unusable machine or arguments, 3 timeout, 4 bad data.
 #include <cuda_runtime.h>
 
+#include "ref_util.cuh"
+
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -23,33 +25,7 @@
 namespace {
 
 constexpr int kReps = 20;           // timed copies per line, after 3 untimed ones
-constexpr double kWaitLimitS = 60.0;
 constexpr size_t kProbe = 1 << 20;  // bytes compared at each of three places
-
-void check(cudaError_t r, const char* call, int line) {
-  if (r != cudaSuccess) {
-    std::fprintf(stderr, "peer_copy.cu:%d: %s failed: %s (%s)\n", line, call,
-                 cudaGetErrorName(r), cudaGetErrorString(r));
-    std::exit(1);
-  }
-}
-#define CHECK(call) check((call), #call, __LINE__)
-
-// Waits until `ev` has completed, polling, for at most kWaitLimitS seconds.
-void wait_event(cudaEvent_t ev, const char* what) {
-  const auto start = std::chrono::steady_clock::now();
-  for (;;) {
-    const cudaError_t r = cudaEventQuery(ev);
-    if (r == cudaSuccess) return;
-    if (r != cudaErrorNotReady) check(r, "cudaEventQuery", __LINE__);
-    const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start;
-    if (waited.count() > kWaitLimitS) {
-      std::fprintf(stderr, "timeout: %s not finished after %.0f s\n", what, kWaitLimitS);
-      std::exit(3);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
-  }
-}
 
 __global__ void fill_pattern(uint64_t* words, size_t count, uint64_t seed) {
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
@@ -72,7 +48,7 @@ void enable_peer(int from, int to) {
   if (r == cudaErrorPeerAccessAlreadyEnabled) {
     (void)cudaGetLastError();  // clears the recorded error; access is on, which is the goal
   } else {
-    check(r, "cudaDeviceEnablePeerAccess", __LINE__);
+    ::ref::check(r, "cudaDeviceEnablePeerAccess", __FILE__, __LINE__);
   }
 }
 
@@ -129,7 +105,7 @@ int main(int argc, char** argv) {
         cudaEvent_t done;
         CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
         CHECK(cudaEventRecord(done, 0));  // legacy default stream: after the fill / memset
-        wait_event(done, "preparing the buffers");
+        ref::wait_event(done, "preparing the buffers");
         CHECK(cudaEventDestroy(done));
       }
       CHECK(cudaSetDevice(0));
@@ -141,7 +117,7 @@ int main(int argc, char** argv) {
         CHECK(cudaMemcpyPeerAsync(buf[to], to, buf[from], from, len, s));
       }
       CHECK(cudaEventRecord(e1, s));
-      wait_event(e1, "cudaMemcpyPeerAsync");
+      ref::wait_event(e1, "cudaMemcpyPeerAsync");
       float ms = 0;
       CHECK(cudaEventElapsedTime(&ms, e0, e1));
       bool ok = true;
@@ -150,7 +126,7 @@ int main(int argc, char** argv) {
         CHECK(cudaMemcpyAsync(host_a, buf[from] + at, probe, cudaMemcpyDefault, s));
         CHECK(cudaMemcpyAsync(host_b, buf[to] + at, probe, cudaMemcpyDefault, s));
         CHECK(cudaEventRecord(sync, s));
-        wait_event(sync, "reading the buffers back");
+        ref::wait_event(sync, "reading the buffers back");
         ok &= std::memcmp(host_a, host_b, probe) == 0;
       }
       std::printf("cudaMemcpyPeer gpu%d->gpu%d %zu MiB: %.1f GB/s%s\n", from, to, len >> 20,

@@ -15,6 +15,8 @@
 // Exit status: 0 ok, 1 CUDA error, 2 unusable machine or arguments, 3 timeout, 4 bad data.
 #include <cuda_runtime.h>
 
+#include "ref_util.cuh"
+
 #include <algorithm>
 #include <chrono>
 #include <cinttypes>
@@ -33,38 +35,12 @@ constexpr int kDstDev = 1;
 constexpr size_t kPoolBytes = size_t{4} << 30;  // per GPU
 constexpr int kMaxBlocks = 16384;
 constexpr int kReps = 5;                        // timed batches per method
-constexpr double kWaitLimitS = 60.0;            // any single wait on the GPU
 constexpr int kSampled = 64;                    // blocks compared after each method
-
-void check(cudaError_t r, const char* call, int line) {
-  if (r != cudaSuccess) {
-    std::fprintf(stderr, "scattered_blocks.cu:%d: %s failed: %s (%s)\n", line, call,
-                 cudaGetErrorName(r), cudaGetErrorString(r));
-    std::exit(1);
-  }
-}
-#define CHECK(call) check((call), #call, __LINE__)
-
-// Waits until `ev` has completed, polling, for at most kWaitLimitS seconds.
-void wait_event(cudaEvent_t ev, const char* what) {
-  const auto start = std::chrono::steady_clock::now();
-  for (;;) {
-    const cudaError_t r = cudaEventQuery(ev);
-    if (r == cudaSuccess) return;
-    if (r != cudaErrorNotReady) check(r, "cudaEventQuery", __LINE__);
-    const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start;
-    if (waited.count() > kWaitLimitS) {
-      std::fprintf(stderr, "timeout: %s not finished after %.0f s\n", what, kWaitLimitS);
-      std::exit(3);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
-  }
-}
 
 // Records an event on `s` and waits for it (bounded): everything enqueued on `s` is done.
 void drain(cudaStream_t s, cudaEvent_t ev, const char* what) {
   CHECK(cudaEventRecord(ev, s));
-  wait_event(ev, what);
+  ref::wait_event(ev, what);
 }
 
 // splitmix64: a small seeded generator, so every run scatters the same way.
@@ -158,7 +134,7 @@ void enable_peer(int from, int to) {
   if (r == cudaErrorPeerAccessAlreadyEnabled) {
     (void)cudaGetLastError();  // clears the recorded error; access is on, which is the goal
   } else {
-    check(r, "cudaDeviceEnablePeerAccess", __LINE__);
+    ::ref::check(r, "cudaDeviceEnablePeerAccess", __FILE__, __LINE__);
   }
 }
 
@@ -249,7 +225,7 @@ float time_batches(Setup& s, F enqueue, const char* what) {
   CHECK(cudaEventRecord(s.start, s.stream));
   for (int r = 0; r < kReps; r++) enqueue();
   CHECK(cudaEventRecord(s.stop, s.stream));
-  wait_event(s.stop, what);
+  ref::wait_event(s.stop, what);
   float ms = 0;
   CHECK(cudaEventElapsedTime(&ms, s.start, s.stop));
   return ms;

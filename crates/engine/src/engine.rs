@@ -771,11 +771,14 @@ impl Engine {
                         state: PeerState::Retired(r.error.clone()),
                         mappings: r.mappings.get(),
                     },
+                    // Connections are dropped only by shutdown.
                     (None, None) => PeerStatus {
                         id,
                         name,
                         instance: InstanceId(0),
-                        state: PeerState::Retired(Error::Internal("a peer slot with no state")),
+                        state: PeerState::Retired(Error::ShuttingDown {
+                            who: format!("engine {}", self.inner.name),
+                        }),
                         mappings: 0,
                     },
                 }

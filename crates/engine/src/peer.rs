@@ -80,10 +80,21 @@ impl PeerConn {
         my_host: &tidewire_core::HostId,
         watch: Arc<Watch>,
     ) -> Arc<Self> {
+        let (same_engine, same_host) = (desc.instance_id == me, &desc.host_id == my_host);
+        Self::build(name, desc, same_engine, same_host, Some(watch))
+    }
+
+    fn build(
+        name: String,
+        desc: SegmentDescriptor,
+        same_engine: bool,
+        same_host: bool,
+        watch: Option<Arc<Watch>>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|weak| Self {
             name,
-            same_engine: desc.instance_id == me,
-            same_host: &desc.host_id == my_host,
+            same_engine,
+            same_host,
             desc: RwLock::new(Arc::new(desc)),
             tcp: Mutex::new(None),
             shm: Mutex::new(None),
@@ -91,14 +102,14 @@ impl PeerConn {
             broken: AtomicBool::new(false),
             dead: OnceLock::new(),
             mappings: MapCount::default(),
-            watch: Some(watch),
+            watch,
             me: weak.clone(),
         })
     }
 
-    /// A peer with an empty descriptor and no watcher.
+    /// A same-host peer with an empty descriptor and no watcher.
     #[cfg(test)]
-    pub(crate) fn for_tests(name: &str) -> Self {
+    pub(crate) fn for_tests(name: &str) -> Arc<Self> {
         let desc = SegmentDescriptor {
             version: tidewire_core::descriptor::DESCRIPTOR_VERSION,
             name: name.into(),
@@ -110,20 +121,7 @@ impl PeerConn {
             generation: 1,
             regions: Vec::new(),
         };
-        Self {
-            name: name.into(),
-            same_engine: false,
-            same_host: true,
-            desc: RwLock::new(Arc::new(desc)),
-            tcp: Mutex::new(None),
-            shm: Mutex::new(None),
-            nvlink: Mutex::new(None),
-            broken: AtomicBool::new(false),
-            dead: OnceLock::new(),
-            mappings: MapCount::default(),
-            watch: None,
-            me: Weak::new(),
-        }
+        Self::build(name.into(), desc, false, true, None)
     }
 
     /// Reports a hang-up of `fd`, a socket to this peer's process, to the watcher.

@@ -207,7 +207,7 @@ mod tests {
     #[test]
     fn a_closed_peer_socket_is_reported_once_and_an_open_one_never() {
         let w = Watch::new().unwrap();
-        let conn = Arc::new(PeerConn::for_tests("p"));
+        let conn = PeerConn::for_tests("p");
         let (ours, theirs) = UnixStream::pair().unwrap();
         let (ours2, _theirs2) = UnixStream::pair().unwrap();
         w.peer_socket(ours.as_raw_fd(), Arc::downgrade(&conn), TransportKind::Shm).unwrap();
