@@ -39,6 +39,9 @@ fn parse_op(op: &str) -> PyResult<Op> {
 }
 
 /// A transfer engine (one per process, or several in tests).
+/// One row of `Engine.peers()`: name, instance, state, reason, mappings held.
+type PeerRow = (String, String, &'static str, Option<String>, usize);
+
 #[pyclass(frozen, module = "tidewire._native", name = "Engine")]
 struct PyEngine {
     engine: std::mem::ManuallyDrop<Arc<Engine>>,
@@ -317,7 +320,7 @@ impl PyEngine {
     /// Every peer opened by name: `(name, instance, state, reason, mappings)`, where state
     /// is "open" or "retired" (with the reason), and mappings counts the mappings of the
     /// peer's memory this process still holds.
-    fn peers(&self) -> PyResult<Vec<(String, String, &'static str, Option<String>, usize)>> {
+    fn peers(&self) -> PyResult<Vec<PeerRow>> {
         Ok(self
             .engine()?
             .peers()
