@@ -322,3 +322,28 @@ def test_a_killed_peers_gpu_memory_comes_back_and_its_later_writes_fail(remote_p
         finally:
             peer.proc.kill()
             peer.proc.wait()
+
+
+@needs_two_gpus
+@needs_mem_pool
+def test_complete_on_orders_the_callers_stream_after_the_copies():
+    # 256 MiB read from the peer into poisoned memory, then, on the same stream and without
+    # any host wait, a clone: it must see every byte (the stream waits on the batch's event).
+    n = 256 << 20
+    with GpuPeer(1, n, seed=31, pool="tidewire") as peer, tidewire.Engine() as e:
+        pool = tidewire.mem_pool()
+        back = tensor_in("tidewire", n, "cuda:0", pool)
+        back.fill_(0xA5)
+        torch.cuda.synchronize()
+        e.register(back)
+        stream = torch.cuda.current_stream().cuda_stream
+        expected = peer.digest()
+        for _ in range(3):
+            back.fill_(0xA5)  # queued on the stream; the read starts after it
+            batch = e.submit(peer.name, "read", back.data_ptr(), peer.addr, n, stream=stream,
+                             complete_on=stream)
+            seen = back.clone()  # queued on the stream after the batch: waits for it on the GPU
+            torch.cuda.synchronize()
+            assert hashlib.sha256(seen.cpu().numpy().tobytes()).hexdigest() == expected
+            batch.wait(timeout=30)
+            assert batch.state() == "done"

@@ -200,12 +200,17 @@ class Engine:
         notify: Optional[Tuple[str, str]] = None,
         timeout: Optional[float] = None,
         stream: Optional[int] = None,
+        complete_on: Optional[int] = None,
     ) -> Batch:
         """Submits a batch without waiting; `op` is "read" or "write".
 
         `stream` (a CUstream as an int, e.g. `torch.cuda.current_stream().cuda_stream`): GPU
-        copies start after the work already queued on it (an event, not a host sync)."""
-        return self._native.submit(peer, op, local, remote, lengths, notify, timeout, stream)
+        copies start after the work already queued on it (an event, not a host sync).
+        `complete_on` (a CUstream): that stream waits for the batch's GPU copies, so kernels
+        queued on it after this call see every byte, with no host round trip (the `Batch`
+        still reports the outcome on the host). A batch with a request over tcp is refused."""
+        return self._native.submit(peer, op, local, remote, lengths, notify, timeout, stream,
+                                   complete_on)
 
     def write(self, peer: str, local: Descriptors, remote: Descriptors, lengths: Descriptors,
               notify: Optional[Tuple[str, str]] = None, timeout: Optional[float] = None,

@@ -65,6 +65,12 @@ pub struct BatchOptions {
     /// A caller's `CUstream` (in the primary context): GPU copies start after the work
     /// queued on it so far (an event, not a host sync).
     pub stream: Option<u64>,
+    /// A caller's `CUstream` that waits for the batch's GPU copies (an event, no host round
+    /// trip): work queued on it after `submit` returns sees every byte. Requests over `local`
+    /// and `shm` are copied before `submit` returns; a batch with a `tcp` request is refused
+    /// (its bytes land on a host thread, which a stream cannot wait for). The host-side
+    /// status is kept as without it.
+    pub complete_on: Option<u64>,
 }
 
 /// The transport decision for one of a peer's regions.
@@ -929,7 +935,9 @@ impl Engine {
             .inner
             .gpu_done
             .as_ref()
-            .map(|done| nvlink::Launcher::new(&batch, opts.stream, &clients, done));
+            .map(|done| {
+                nvlink::Launcher::new(&batch, opts.stream, opts.complete_on, &clients, done)
+            });
         let mut plans: Vec<Step> = Vec::new();
         let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
         let mut next = Some(first);
@@ -950,6 +958,18 @@ impl Engine {
                 }
             };
             let gpu = matches!(step.transport, TransportKind::Nvlink | TransportKind::Mnnvl);
+            if opts.complete_on.is_some() && step.transport == TransportKind::Tcp {
+                if let Some(l) = launcher {
+                    l.abort(provisional);
+                }
+                return Err(Error::InvalidArgument {
+                    reason: format!(
+                        "complete_on: request {i} goes over tcp to {}, whose bytes land on a \
+                         host thread that a CUDA stream cannot wait for",
+                        step.conn.name
+                    ),
+                });
+            }
             match launcher.as_mut().filter(|_| gpu) {
                 Some(l) => i = l.add(&step, requests, i),
                 None => {

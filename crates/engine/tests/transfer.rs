@@ -288,3 +288,26 @@ fn marks_taken_over_rpc_hold_unregister_until_left_or_disconnected() {
     target.free_shared(b).unwrap();
     assert_eq!(lease.send(FrameKind::Enter, idb), Status::AccessDenied, "unregistered");
 }
+
+#[test]
+fn complete_on_a_stream_is_refused_for_tcp_and_needs_nothing_for_host_copies() {
+    let target = common::engine();
+    let initiator = common::engine();
+    let shared = target.allocate_shared(8192).unwrap();
+    let plain = registered(&target, 8192, &[POISON; 8192]);
+    let data = random_bytes(8192, 4);
+    let src = registered(&initiator, 8192, &data);
+    let peer = initiator.open_segment(target.name()).unwrap();
+    // A stream handle that is never touched: no GPU copy in these batches.
+    let opts = || BatchOptions { complete_on: Some(0xdead_beef), ..Default::default() };
+    let write = |remote| Request { op: Op::Write, local: src.addr(), len: 8192, peer, remote };
+    // shm copies finish inside submit: nothing for a stream to wait for.
+    initiator.submit(&[write(shared)], opts()).unwrap().wait().unwrap();
+    assert!(peek(shared, 8192) == data);
+    // tcp bytes land on a host thread: refused at submit, nothing moved.
+    let err = initiator.submit(&[write(plain.addr())], opts()).err().unwrap();
+    assert!(matches!(&err, Error::InvalidArgument { reason } if reason.contains("tcp")), "{err}");
+    assert!(plain.to_vec() == vec![POISON; 8192], "nothing of a refused batch moved");
+    drop(target);
+    drop(plain);
+}

@@ -445,6 +445,18 @@ impl Drop for Job {
 }
 
 impl Pending {
+    /// Makes the caller's `stream` (a CUstream of a context on this GPU or a peer of it) wait
+    /// for this work, without the host: work queued on it afterwards sees every byte copied.
+    pub fn complete_on(&self, stream: u64) -> Result<(), GpuError> {
+        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let _ctx = self.copier.gpu.enter()?;
+        // SAFETY: the event was recorded on our stream by `Job::finish` and lives in the pool
+        // for the process; the wait binds to that recording (a later re-record of the pooled
+        // event does not change it). The caller vouches that `stream` is a live CUstream.
+        let r = unsafe { (cuda.stream_wait_event)(stream as CuStream, self.event, 0) };
+        check(cuda, "cuStreamWaitEvent(caller stream)", r)
+    }
+
     /// `Ok(true)` once the work completed; an error if it failed on the GPU.
     pub fn is_done(&self) -> Result<bool, GpuError> {
         let cuda = driver().map_err(|e| GpuError(e.to_string()))?;

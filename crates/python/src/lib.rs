@@ -254,7 +254,9 @@ impl PyEngine {
     /// 64-bit integers; `lengths` may be one int for all.
     /// GPU copies start after the work already queued on `stream` (a `CUstream` as an int,
     /// e.g. `torch.cuda.current_stream().cuda_stream`), ordered by an event, not a host sync.
-    #[pyo3(signature = (peer, op, local, remote, lengths, notify=None, timeout=None, stream=None))]
+    /// `complete_on` (a CUstream): that stream waits for the batch's GPU copies, so work
+    /// queued on it afterwards sees every byte, with no host round trip.
+    #[pyo3(signature = (peer, op, local, remote, lengths, notify=None, timeout=None, stream=None, complete_on=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -267,6 +269,7 @@ impl PyEngine {
         notify: Option<(String, String)>,
         timeout: Option<f64>,
         stream: Option<u64>,
+        complete_on: Option<u64>,
     ) -> PyResult<PyBatch> {
         let op = parse_op(op)?;
         let n = local.len();
@@ -290,7 +293,8 @@ impl PyEngine {
                 remote: remote.get(i)?,
             });
         }
-        let opts = BatchOptions { notify, timeout: timeout.map(Duration::from_secs_f64), stream };
+        let timeout = timeout.map(Duration::from_secs_f64);
+        let opts = BatchOptions { notify, timeout, stream, complete_on };
         let engine = self.engine()?;
         let handle = detached(py, move || engine.submit(&reqs, opts))?;
         Ok(PyBatch { handle })

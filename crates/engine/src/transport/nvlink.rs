@@ -498,6 +498,8 @@ struct Lane {
 pub(crate) struct Launcher<'a> {
     batch: &'a Arc<Batch>,
     after: Option<u64>,
+    /// A caller's stream made to wait for every job (`BatchOptions::complete_on`).
+    complete_on: Option<u64>,
     clients: &'a dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
     done: &'a Sender<GpuWork>,
     lanes: Vec<Lane>,
@@ -507,10 +509,11 @@ impl<'a> Launcher<'a> {
     pub(crate) fn new(
         batch: &'a Arc<Batch>,
         after: Option<u64>,
+        complete_on: Option<u64>,
         clients: &'a dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
         done: &'a Sender<GpuWork>,
     ) -> Self {
-        Self { batch, after, clients, done, lanes: Vec::new() }
+        Self { batch, after, complete_on, clients, done, lanes: Vec::new() }
     }
 
     /// Takes the run of requests from `from` (whose first request `step` planned) that the
@@ -608,7 +611,7 @@ impl<'a> Launcher<'a> {
             if lane.failed.is_none() && !lane.segs.is_empty() {
                 lane.launch(batch);
             }
-            let work = match lane.into_work(batch) {
+            let mut work = match lane.into_work(batch) {
                 Handover::Nothing => continue,
                 Handover::Lost { runs, err } => {
                     batch.fail_runs(&runs, err);
@@ -616,6 +619,15 @@ impl<'a> Launcher<'a> {
                 }
                 Handover::Work(w) => w,
             };
+            if let Some(stream) = self.complete_on {
+                if let Err(e) = work.pending.complete_on(stream) {
+                    // The caller's stream is not ordered after the copies: the batch must not
+                    // report success (the copies still complete and release their pins).
+                    let why = format!("ordering the caller's stream after the copy: {e}");
+                    let err = gpu_failed(&work.entered, work.exec, why);
+                    work.failed.get_or_insert(err);
+                }
+            }
             if let Err(e) = done.send(work) {
                 // The completion thread is gone (shutdown); the copy may still run, so keep
                 // the marks and pins alive until the process ends rather than release early.
