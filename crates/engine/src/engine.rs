@@ -931,13 +931,9 @@ impl Engine {
         // runs are enqueued while the rest of the batch is checked (the GPU starts on the
         // first pages before the last are checked); the others move once all are checked.
         let clients = |s: &Step| s.conn.nvlink(cfg);
-        let mut launcher = self
-            .inner
-            .gpu_done
-            .as_ref()
-            .map(|done| {
-                nvlink::Launcher::new(&batch, opts.stream, opts.complete_on, &clients, done)
-            });
+        let mut launcher = self.inner.gpu_done.as_ref().map(|done| {
+            nvlink::Launcher::new(&batch, opts.stream, opts.complete_on, &clients, done)
+        });
         let mut plans: Vec<Step> = Vec::new();
         let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
         let mut next = Some(first);
