@@ -22,6 +22,7 @@ use crate::batch::{Batch, BatchHandle, Mark, TrailerRoute};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
+use crate::mapped;
 use crate::mem::HostBuffer;
 use crate::metadata::{resolve, Metadata};
 use crate::notify::{Notification, NotifyQueue};
@@ -746,6 +747,31 @@ impl Engine {
             });
         }
         Ok(conn)
+    }
+
+    /// Maps `[remote, remote+len)` of a peer's registered memory into this process, for the
+    /// host (`device: None`: shared host memory of a same-host peer, over shm) or for our GPU
+    /// `device` (a same-host peer's device memory over nvlink, a proven fabric peer's over
+    /// mnnvl). The handle gives the address to use, the peer's liveness (and a flag kernels can
+    /// poll), and keeps the mapping and an in-use mark on the peer's region until dropped.
+    /// Memory only tcp reaches cannot be mapped: the error says why.
+    pub fn map_peer(
+        &self,
+        peer: PeerId,
+        remote: u64,
+        len: u64,
+        device: Option<u32>,
+    ) -> Result<mapped::MappedPeer> {
+        self.check_running()?;
+        if len == 0 {
+            return Err(Error::InvalidArgument { reason: "map_peer of zero bytes".into() });
+        }
+        let probe = Request { op: Op::Read, local: 0, len, peer, remote };
+        let (conn, region) = self.resolve_remote(&probe)?;
+        let local = conn.same_engine;
+        let me = &self.inner;
+        let ends = mapped::Ends { conn, region, local, config: &me.config, gpu: &me.gpu_facts };
+        mapped::map(ends, remote, len, device)
     }
 
     /// Every peer opened by name: whether it is usable and how many mappings of its memory

@@ -32,6 +32,7 @@ mod frames;
 mod hostinfo;
 mod lifecycle;
 mod liveness;
+mod mapped;
 mod mem;
 mod metadata;
 mod metadata_server;
@@ -48,6 +49,7 @@ pub use engine::{
     BatchOptions, Engine, Op, PeerInfo, PeerState, PeerStatus, Request, TransportReport,
 };
 pub use error::{Error, Result};
+pub use mapped::MappedPeer;
 pub use mem::HostBuffer;
 pub use metadata::{segment_key, segments_prefix, MetadataClient};
 pub use metadata_server::MetadataServer;

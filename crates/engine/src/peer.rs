@@ -20,6 +20,7 @@ use crate::transport::nvlink::NvlinkClient;
 use crate::transport::shm::ShmClient;
 use crate::transport::tcp::TcpConn;
 use crate::watch::Watch;
+use tidewire_gpu::alloc::HostFlag;
 
 /// How many mappings of one peer instance's memory this process holds (shm mappings,
 /// revocation pages, GPU imports), wherever they are held: by the peer's connection state or
@@ -54,6 +55,47 @@ pub(crate) fn exited(peer: &str, transport: TransportKind, channel: TransportKin
     Error::PeerFailed { peer: peer.into(), transport, reason }
 }
 
+/// Whether a peer instance's process is alive, readable by whoever holds its memory mapped:
+/// on the host, and (once asked for) as a word in pinned memory that kernels on any GPU can
+/// poll (1 alive, 0 exited).
+#[derive(Default)]
+pub(crate) struct Liveness {
+    error: OnceLock<Error>,
+    flag: OnceLock<Option<HostFlag>>,
+}
+
+impl Liveness {
+    /// Records the exit (the first reason wins) and clears the flag.
+    pub(crate) fn set_dead(&self, err: Error) {
+        let _ = self.error.set(err);
+        if let Some(Some(f)) = self.flag.get() {
+            f.store(0);
+        }
+    }
+
+    /// Why the process is gone, if it is.
+    pub(crate) fn error(&self) -> Option<&Error> {
+        self.error.get()
+    }
+
+    /// The address of the device-visible flag, made on first use (`None` without GPUs).
+    pub(crate) fn flag_addr(&self) -> Option<u64> {
+        let flag = self.flag.get_or_init(|| match HostFlag::new(1) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::debug!("no device-visible liveness flag: {e}");
+                None
+            }
+        });
+        let flag = flag.as_ref()?;
+        // An exit recorded while the flag was being made.
+        if self.error.get().is_some() {
+            flag.store(0);
+        }
+        Some(flag.addr())
+    }
+}
+
 pub(crate) struct PeerConn {
     pub(crate) name: String,
     desc: RwLock<Arc<SegmentDescriptor>>,
@@ -63,8 +105,8 @@ pub(crate) struct PeerConn {
     shm: Mutex<Option<Arc<ShmClient>>>,
     nvlink: Mutex<Option<Arc<NvlinkClient>>>,
     broken: AtomicBool,
-    /// Why the peer instance is gone for good (its process exited): set once.
-    dead: OnceLock<Error>,
+    /// Whether the peer instance is gone for good (its process exited), and why.
+    pub(crate) liveness: Arc<Liveness>,
     /// Mappings of this instance's memory held in this process.
     pub(crate) mappings: MapCount,
     /// Where hang-ups of this peer's sockets are reported (`None` in unit tests).
@@ -100,7 +142,7 @@ impl PeerConn {
             shm: Mutex::new(None),
             nvlink: Mutex::new(None),
             broken: AtomicBool::new(false),
-            dead: OnceLock::new(),
+            liveness: Arc::default(),
             mappings: MapCount::default(),
             watch,
             me: weak.clone(),
@@ -140,18 +182,19 @@ impl PeerConn {
 
     /// Records that the peer's process exited (the first reason wins) and breaks this view.
     pub(crate) fn mark_dead(&self, err: Error) {
-        let _ = self.dead.set(err);
+        self.liveness.set_dead(err);
         self.mark_broken();
     }
 
     /// Why the peer instance is gone for good, if it is: recorded, or seen now as a hang-up
     /// of its shm socket by a copy (before the watcher got to it).
     pub(crate) fn dead(&self) -> Option<&Error> {
-        if self.dead.get().is_none() && self.shm.lock().as_ref().is_some_and(|s| s.hung_up()) {
+        if self.liveness.error().is_none() && self.shm.lock().as_ref().is_some_and(|s| s.hung_up())
+        {
             let transport = self.gpu_transport().unwrap_or(TransportKind::Shm);
             self.mark_dead(exited(&self.name, transport, TransportKind::Shm));
         }
-        self.dead.get()
+        self.liveness.error()
     }
 
     /// The GPU transport this peer's memory is reached by, if any (for errors naming it).
@@ -182,7 +225,7 @@ impl PeerConn {
     /// True when this view of the peer must be replaced (restart, failed connection).
     pub(crate) fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
-            || self.dead.get().is_some()
+            || self.liveness.error().is_some()
             || self.tcp.lock().as_ref().is_some_and(|t| t.is_dead())
             || self.shm.lock().as_ref().is_some_and(|s| s.is_broken())
     }

@@ -376,3 +376,47 @@ fn host_memory_registered_as_a_gpu_is_refused() {
     let r = unsafe { engine.register(buf.as_ptr() as u64, 4096, "cuda:0") };
     assert!(matches!(r, Err(Error::LocationMismatch { .. })), "{r:?}");
 }
+
+/// Reads the 32-bit liveness word at `addr` (pinned host memory of this process).
+fn flag(addr: u64) -> u32 {
+    // SAFETY: the address comes from a live `MappedPeer`, whose flag is a pinned word.
+    unsafe { std::ptr::read_volatile(addr as *const u32) }
+}
+
+#[test]
+#[ignore = "needs two CUDA GPUs with peer access on one host; scripts/gpu-test.sh runs it"]
+fn a_mapped_gpu_peer_is_written_through_its_device_pointer_and_its_flag_drops_at_death() {
+    require_two_gpus();
+    const LEN: u64 = 64 << 20;
+    let free_before = free_on_gpu1();
+    let (mut child, engine, peer, mine) = pair("vmm", LEN, 41, EngineConfig::default());
+    let m = engine.map_peer(peer, child.addr, LEN, Some(0)).unwrap();
+    assert_eq!(m.device(), Some(0));
+    assert_eq!(m.transport(), tidewire::core::select::TransportKind::Nvlink);
+    let word = m.alive_flag().expect("a device-visible flag");
+    assert_eq!(flag(word), 1);
+    // The peer's bytes through the device pointer, then new bytes written through it and read
+    // back by the engine into poisoned memory.
+    // The mapping is valid in cuda:0's context (the owner is cuda:1): copy there.
+    let mut seen = vec![0u8; LEN as usize];
+    // SAFETY: a host vector of LEN bytes and the live mapping of LEN bytes.
+    unsafe { alloc::copy_sync_on(0, seen.as_mut_ptr() as u64, m.addr(), LEN).unwrap() };
+    assert!(seen == random_bytes(LEN as usize, 41));
+    let data = random_bytes(LEN as usize, 42);
+    // SAFETY: as above.
+    unsafe { alloc::copy_sync_on(0, m.addr(), data.as_ptr() as u64, LEN).unwrap() };
+    fill(mine, &vec![0xA5; LEN as usize]);
+    let read = Request { op: Op::Read, local: mine, len: LEN, peer, remote: child.addr };
+    engine.transfer_sync(&[read], BatchOptions::default()).unwrap();
+    assert!(fetch(mine, LEN) == data, "written through the mapping, read by the engine");
+
+    let _ = child.child.kill();
+    let _ = child.child.wait();
+    assert!(common::eventually(Duration::from_secs(1), || flag(word) == 0), "the flag drops");
+    assert!(!m.is_alive());
+    drop(m);
+    assert!(common::eventually(Duration::from_secs(5), || status(&engine, peer).mappings == 0));
+    let back =
+        common::eventually(Duration::from_secs(10), || free_on_gpu1() + (64 << 20) >= free_before);
+    assert!(back, "the dead peer's memory on cuda:1 is back once the handle is dropped");
+}

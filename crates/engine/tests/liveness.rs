@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{eventually, random_bytes, registered, ChildTarget, FakePeer};
+use tidewire::core::select::TransportKind;
 use tidewire::{
     BatchOptions, Engine, EngineConfig, Error, Op, PeerId, PeerState, Request, RequestStatus,
 };
@@ -288,4 +289,66 @@ fn a_batch_nobody_waits_on_times_out_at_its_deadline() {
     for s in handle.statuses() {
         assert!(matches!(s, RequestStatus::Failed(Error::Timeout { .. })), "{s:?}");
     }
+}
+
+#[test]
+fn a_mapped_shm_peer_is_written_through_its_pointer_and_tells_when_it_dies() {
+    let mut target = ChildTarget::spawn(CHILD, 0, LEN, 8);
+    let e = initiator(Via::Shm);
+    let peer = e.open_segment(&target.name).unwrap();
+    let off = 3 * PAGE + 5;
+    let len = LEN - off - 7;
+    let m = e.map_peer(peer, target.addr + off, len, None).unwrap();
+    assert_eq!((m.device(), m.transport(), m.len()), (None, TransportKind::Shm, len));
+    assert!(m.is_alive() && m.error().is_none());
+    // The peer's bytes, read straight through the mapping.
+    let initial = random_bytes(LEN as usize, 8);
+    assert!(common::peek(m.addr(), len as usize) == initial[off as usize..(off + len) as usize]);
+    // Written through the pointer, read back by the engine into poisoned memory.
+    let data = random_bytes(len as usize, 9);
+    common::poke(m.addr(), &data);
+    let mut expect = initial.clone();
+    expect[off as usize..(off + len) as usize].copy_from_slice(&data);
+    read_back(&e, peer, target.addr, &expect);
+    let held = status(&e, peer).mappings;
+    assert!(held >= 1);
+
+    // Memory only tcp reaches, and GPU use of host memory, are refused with the reason.
+    let plain = e.map_peer(peer, target.addr, PAGE, Some(0)).unwrap_err();
+    assert!(
+        matches!(&plain, Error::NoTransport { refusals, .. } if refusals.contains("host")),
+        "{plain}"
+    );
+    let outside = e.map_peer(peer, target.addr + LEN, PAGE, None).unwrap_err();
+    assert!(matches!(outside, Error::RemoteAccessDenied { .. }), "{outside}");
+
+    target.kill();
+    assert!(eventually(Duration::from_secs(1), || !m.is_alive()), "the handle sees the death");
+    let why = m.error().unwrap().to_string();
+    assert!(why.contains("the peer process exited"), "{why}");
+    // The handle still holds its mapping (a kernel may be reading it) until it is dropped.
+    assert!(status(&e, peer).mappings >= 1);
+    drop(m);
+    assert!(eventually(Duration::from_secs(5), || status(&e, peer).mappings == 0));
+}
+
+#[test]
+fn map_peer_of_this_engine_is_its_own_memory_and_tcp_only_memory_is_refused() {
+    let e = common::engine();
+    let buf = registered(&e, 8192, &random_bytes(8192, 10));
+    let me = e.open_segment(e.name()).unwrap();
+    let m = e.map_peer(me, buf.addr() + 100, 1000, None).unwrap();
+    assert_eq!((m.addr(), m.transport()), (buf.addr() + 100, TransportKind::Local));
+    drop(m);
+
+    let target = common::engine();
+    let plain = registered(&target, 8192, &[0; 8192]);
+    let peer = e.open_segment(target.name()).unwrap();
+    let err = e.map_peer(peer, plain.addr(), 8192, None).unwrap_err();
+    assert!(
+        matches!(&err, Error::NoTransport { refusals, .. } if refusals.contains("tcp")),
+        "{err}"
+    );
+    drop(target);
+    drop(plain);
 }

@@ -221,13 +221,67 @@ pub fn free(ptr: u64) -> Result<(), GpuError> {
 /// # Safety
 /// Both ranges must be valid for `len` bytes.
 pub unsafe fn copy_sync(dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
     // The context of the device end: VMM memory is accessible only where access was granted.
     let device = [dst, src]
         .into_iter()
         .find_map(|p| crate::topology::classify_pointer(p).device)
         .unwrap_or(0);
+    // SAFETY: forwarded contract.
+    unsafe { copy_sync_on(device, dst, src, len) }
+}
+
+/// As [`copy_sync`], in GPU `device`'s context: for memory mapped for that GPU only (a peer's
+/// allocation imported for it), whose owner is another device.
+///
+/// # Safety
+/// Both ranges must be valid for `len` bytes in `device`'s context.
+pub unsafe fn copy_sync_on(device: u32, dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
+    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
     let _ctx = Gpu::get(device)?.enter()?;
     // SAFETY: forwarded contract; unified addressing resolves both ends.
     check(cuda, "cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
+}
+
+/// A 32-bit word in pinned, device-mapped host memory: the host stores it, and kernels on any
+/// GPU read it at its address (unified addressing) with a system-scope load, no copy needed.
+/// Freed when dropped.
+pub struct HostFlag {
+    ptr: u64,
+}
+
+impl HostFlag {
+    /// A flag holding `value`.
+    pub fn new(value: u32) -> Result<Self, GpuError> {
+        let a = alloc_host(64)?;
+        let flag = Self { ptr: a.ptr };
+        flag.store(value);
+        Ok(flag)
+    }
+
+    /// The word's address, valid on the host and on every GPU.
+    pub fn addr(&self) -> u64 {
+        self.ptr
+    }
+
+    fn word(&self) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: `ptr` is a live, 64-byte, page-aligned pinned allocation owned by `self`;
+        // an AtomicU32 over its first word is valid for as long as `self` lives.
+        unsafe { &*(self.ptr as *const std::sync::atomic::AtomicU32) }
+    }
+
+    pub fn store(&self, value: u32) {
+        self.word().store(value, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn load(&self) -> u32 {
+        self.word().load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HostFlag {
+    fn drop(&mut self) {
+        if let Err(e) = free(self.ptr) {
+            log::warn!("freeing a host flag at {:#x}: {e}", self.ptr);
+        }
+    }
 }

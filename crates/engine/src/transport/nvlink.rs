@@ -290,6 +290,35 @@ impl NvlinkClient {
         Ok(r)
     }
 
+    /// Maps the peer's region `id` for GPU `exec` and marks it in use until
+    /// [`NvlinkClient::unmap`] (the owner's `unregister` waits for the mark, bounded);
+    /// returns the mapping and where the region's allocation base appears in this process.
+    pub(crate) fn map(
+        &self,
+        id: RegionId,
+        reach: &Reach,
+        exec: u32,
+    ) -> Result<(Arc<RemoteGpu>, u64)> {
+        let remote = self.remote(id, reach, exec)?;
+        if !self.enter(&remote)? {
+            self.forget(id, exec);
+            return Err(Error::RemoteAccessDenied {
+                peer: self.peer.clone(),
+                addr: remote.base,
+                len: 0,
+                reason: format!("the peer unregistered {id}"),
+            });
+        }
+        let mapped = remote.import.ptr();
+        let base = remote.base;
+        Ok((remote, mapped.wrapping_sub(base)))
+    }
+
+    /// Clears the mark of [`NvlinkClient::map`]; an error when the owner could not be told.
+    pub(crate) fn unmap(&self, remote: &RemoteGpu) -> Result<()> {
+        self.leave(remote)
+    }
+
     /// Drops the mapping of a region the peer revoked.
     fn forget(&self, id: RegionId, exec: u32) {
         self.regions.lock().remove(&(id, exec));
