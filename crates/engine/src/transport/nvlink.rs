@@ -83,10 +83,10 @@ pub(crate) fn export(
     facts.available.clone()?;
     let device = location.device.ok_or("device memory without a device ordinal")?;
     let uuid = facts.uuids.get(device as usize).cloned().ok_or("unknown device")?;
-    let gpu = Gpu::get(device).map_err(|e| e.0)?;
+    let gpu = Gpu::get(device).map_err(|e| e.to_string())?;
     let mut reach = Vec::new();
     let mut vmm_fd = None;
-    let (base, size) = match share::exportable(gpu, addr).map_err(|e| e.0)? {
+    let (base, size) = match share::exportable(gpu, addr).map_err(|e| e.to_string())? {
         Exportable::None { reason } => return Err(reason),
         Exportable::Ipc { handle, base, size } => {
             reach.push(Reach::CudaIpc { handle: handle_to_hex(&handle), base, size, device: uuid });
@@ -108,7 +108,7 @@ pub(crate) fn export(
                 }
             }
             if posix_fd {
-                vmm_fd = Some((size, share::export_fd(gpu, addr).map_err(|e| e.0)?));
+                vmm_fd = Some((size, share::export_fd(gpu, addr).map_err(|e| e.to_string())?));
                 reach.push(Reach::VmmFd { base, size, device: uuid });
             }
             (base, size)
@@ -704,7 +704,7 @@ impl Lane {
             // completes; remote ranges lie in imports kept alive by `resolved`, inside the
             // region the owner registered (checked by `run_end`) and not revoked (checked by
             // `enter` in `resolve`).
-            Ok(job) => unsafe { job.push(&self.segs) }.map_err(|e| e.0),
+            Ok(job) => unsafe { job.push(&self.segs) }.map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         };
         self.segs.clear();
