@@ -2,15 +2,13 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
-use tidewire_core::memory::{range_within, Location, LocationHint, MemoryKind};
+use tidewire_core::memory::{Location, LocationHint, MemoryKind};
 use tidewire_core::select::{
     self, describe_refusals, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal,
     TransportKind,
@@ -28,32 +26,15 @@ use crate::metadata::{resolve, Metadata};
 use crate::notify::{Notification, NotifyQueue};
 use crate::peer::{exited, MapCount, PeerConn};
 use crate::registry::{NewRegion, RegionEntry, Registry};
-use crate::transport::memory;
-use crate::transport::nvlink::{self, GpuRoute, GpuWork};
+pub use crate::request::{Op, Request};
+use crate::request::{RemoteRegion, Step};
+use crate::transport::memory::{LocalTransport, ShmTransport};
+use crate::transport::nvlink::{self, GpuRoute, NvlinkTransport};
 use crate::transport::shm::{self, SharedRegion, ShmServer};
-use crate::transport::tcp::{self, Work, CHUNK};
+use crate::transport::tcp::{self, TcpTransport};
+use crate::transport::{BatchCtx, Submission, Transports};
 use crate::watch::{self, Watch};
 use crate::{hostinfo, liveness, mem, rpc};
-
-/// READ copies remote bytes into local memory; WRITE copies local bytes to the remote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    Read,
-    Write,
-}
-
-/// One request of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
-    pub op: Op,
-    /// Start of the local range (inside a region registered with this engine).
-    pub local: u64,
-    pub len: u64,
-    /// The peer segment, from [`Engine::open_segment`].
-    pub peer: PeerId,
-    /// Start of the remote range (inside a region the peer registered).
-    pub remote: u64,
-}
 
 /// Options of one batch.
 #[derive(Debug, Clone, Default)]
@@ -154,8 +135,8 @@ pub(crate) struct Inner {
     device_allocs: Mutex<Vec<u64>>,
     /// This process's GPUs, for selection and export.
     pub(crate) gpu_facts: GpuFacts,
-    /// The GPU completion thread's queue (`None` without GPUs).
-    gpu_done: Option<Sender<GpuWork>>,
+    /// The transports, by the kinds they serve.
+    transports: Transports,
     pub(crate) peers: Mutex<Peers>,
     /// Peer hang-ups and batch deadlines.
     pub(crate) watch: Arc<Watch>,
@@ -229,44 +210,6 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
-/// A request whose transport and ends are resolved.
-#[derive(Clone)]
-pub(crate) struct Step {
-    pub(crate) transport: TransportKind,
-    /// For nvlink and mnnvl: the remote reach and the GPU that copies.
-    pub(crate) gpu: Option<GpuRoute>,
-    pub(crate) local: Arc<RegionEntry>,
-    pub(crate) conn: Arc<PeerConn>,
-    peer: PeerId,
-    pub(crate) region: RemoteRegion,
-}
-
-/// The remote region a request lies in (what the transports need of its descriptor).
-#[derive(Clone, Copy)]
-pub(crate) struct RemoteRegion {
-    pub(crate) id: RegionId,
-    pub(crate) addr: u64,
-    pub(crate) len: u64,
-}
-
-impl Step {
-    /// The end of the run of requests from `from` on that have the same ends as this step
-    /// (same peer, inside the same local and remote regions), so the same choice holds.
-    /// One branch-free check per request: a 100,000-page batch is scanned in microseconds.
-    pub(crate) fn run_end(&self, requests: &[Request], from: usize) -> usize {
-        let (l0, ll) = (self.local.addr, self.local.len);
-        let (r0, rl) = (self.region.addr, self.region.len);
-        let rest = requests.get(from..).unwrap_or_default();
-        let outside = rest.iter().position(|r| {
-            let inside = (r.peer == self.peer)
-                & range_within(r.local, r.len, l0, ll)
-                & range_within(r.remote, r.len, r0, rl);
-            !inside
-        });
-        from + outside.unwrap_or(rest.len())
-    }
-}
-
 impl Engine {
     /// Starts an engine: binds the RPC port, starts the shm server, publishes the descriptor.
     /// The configuration is used as given; apply the environment with
@@ -303,13 +246,14 @@ impl Engine {
         }
         let watch = Watch::new()?;
         let gpu_facts = nvlink::gpu_facts();
-        let gpu_done = match &gpu_facts.available {
-            Ok(()) => Some(nvlink::start_completer(&life, config.deadlines.stall)?),
-            Err(reason) => {
-                log::debug!("{name}: GPU transports off: {reason}");
-                None
-            }
-        };
+        let mut transports = Transports::default();
+        transports.add(Box::new(LocalTransport::new(registry.clone(), name.clone())));
+        transports.add(Box::new(ShmTransport::new(config.clone())));
+        transports.add(Box::new(TcpTransport::new(config.clone(), life.clone())));
+        match &gpu_facts.available {
+            Ok(()) => transports.add(Box::new(NvlinkTransport::start(&life, config.clone())?)),
+            Err(reason) => log::debug!("{name}: GPU transports off: {reason}"),
+        }
         let inner = Arc::new(Inner {
             name,
             instance,
@@ -325,7 +269,7 @@ impl Engine {
             shared_allocs: Mutex::default(),
             device_allocs: Mutex::default(),
             gpu_facts,
-            gpu_done,
+            transports,
             peers: Mutex::default(),
             watch,
             next_batch: AtomicU64::new(1),
@@ -953,15 +897,12 @@ impl Engine {
         // The deadline grows with the batch's size, which is summed once the batch is checked.
         let provisional = started + opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(0));
         let batch = Batch::new(started, id, requests.len(), None, trailer, provisional);
-        // Consecutive requests between the same two regions share one decision: a run. GPU
-        // runs are enqueued while the rest of the batch is checked (the GPU starts on the
-        // first pages before the last are checked); the others move once all are checked.
-        let clients = |s: &Step| s.conn.nvlink(cfg);
-        let mut launcher = self.inner.gpu_done.as_ref().map(|done| {
-            nvlink::Launcher::new(&batch, opts.stream, opts.complete_on, &clients, done)
-        });
-        let mut plans: Vec<Step> = Vec::new();
-        let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+        // Plan, then hand each run (consecutive requests between the same two regions share one
+        // decision) to its transport. GPU runs are enqueued while the rest of the batch is
+        // checked (the GPU starts on the first pages before the last are checked); the others
+        // move once every request is checked.
+        let ctx = BatchCtx { after: opts.stream, complete_on: opts.complete_on };
+        let mut subs: Vec<(usize, Box<dyn Submission + '_>)> = Vec::new();
         let mut next = Some(first);
         let mut i = 0;
         while i < requests.len() {
@@ -971,99 +912,40 @@ impl Engine {
             };
             let step = match planned {
                 Ok(step) => step,
-                Err(e) => {
-                    // Nothing is in flight when the submission fails.
-                    if let Some(l) = launcher {
-                        l.abort(provisional);
-                    }
-                    return Err(e);
+                Err(e) => return Err(abort(subs, provisional, e)),
+            };
+            let Some((slot, transport)) = self.inner.transports.serving(step.transport) else {
+                let end = step.run_end(requests, i + 1);
+                let r = &requests[i];
+                let refusals = format!("{} chosen but not built in this engine", step.transport);
+                let err = Error::NoTransport {
+                    peer: step.conn.name.clone(),
+                    addr: r.remote,
+                    len: r.len,
+                    refusals,
+                };
+                batch.fail_runs(std::slice::from_ref(&(i..end)), err);
+                i = end;
+                continue;
+            };
+            let k = match subs.iter().position(|(s, _)| *s == slot) {
+                Some(k) => k,
+                None => {
+                    subs.push((slot, transport.begin(&batch, ctx)));
+                    subs.len() - 1
                 }
             };
-            let gpu = matches!(step.transport, TransportKind::Nvlink | TransportKind::Mnnvl);
-            if opts.complete_on.is_some() && step.transport == TransportKind::Tcp {
-                if let Some(l) = launcher {
-                    l.abort(provisional);
-                }
-                return Err(Error::InvalidArgument {
-                    reason: format!(
-                        "complete_on: request {i} goes over tcp to {}, whose bytes land on a \
-                         host thread that a CUDA stream cannot wait for",
-                        step.conn.name
-                    ),
-                });
-            }
-            match launcher.as_mut().filter(|_| gpu) {
-                Some(l) => i = l.add(&step, requests, i),
-                None => {
-                    let end = step.run_end(requests, i + 1);
-                    plans.push(step);
-                    runs.push((plans.len() - 1, i..end));
-                    i = end;
-                }
+            match subs[k].1.add(step, requests, i) {
+                Ok(end) => i = end,
+                Err(e) => return Err(abort(subs, provisional, e)),
             }
         }
         batch.mark(Mark::Planned);
         let total: u64 = requests.iter().map(|r| r.len).sum();
         let timeout = opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(total));
         batch.set_deadline(started + timeout);
-        if let Some(l) = launcher {
-            l.finish();
-        }
-        let mut tcp_work: Vec<(Arc<PeerConn>, Vec<Work>)> = Vec::new();
-        let mut gpu_runs: Vec<(usize, Range<usize>)> = Vec::new();
-        for (k, run) in &runs {
-            let step = &plans[*k];
-            match step.transport {
-                TransportKind::Nvlink | TransportKind::Mnnvl => gpu_runs.push((*k, run.clone())),
-                TransportKind::Local => {
-                    memory::run_local(&self.inner, &batch, run.clone(), requests, step)
-                }
-                TransportKind::Shm => {
-                    memory::run_shm(&self.inner.config, &batch, run.clone(), requests, step)
-                }
-                TransportKind::Tcp => {
-                    batch.set_chunks(run.clone(), |i| requests[i].len.div_ceil(CHUNK) as u32);
-                    let works = run.clone().map(|req| {
-                        let r = &requests[req];
-                        let (entry, len) = (step.local.clone(), r.len);
-                        match r.op {
-                            Op::Write => {
-                                Work::Write { req, entry, src: r.local, dst: r.remote, len }
-                            }
-                            Op::Read => Work::Read { req, entry, dst: r.local, src: r.remote, len },
-                        }
-                    });
-                    match tcp_work.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &step.conn)) {
-                        Some((_, w)) => w.extend(works),
-                        None => tcp_work.push((step.conn.clone(), works.collect())),
-                    }
-                }
-                other => batch.fail_runs(
-                    std::slice::from_ref(run),
-                    Error::NoTransport {
-                        peer: step.conn.name.clone(),
-                        addr: requests[run.start].remote,
-                        len: requests[run.start].len,
-                        refusals: format!("{other} chosen but not built"),
-                    },
-                ),
-            }
-        }
-        if !gpu_runs.is_empty() {
-            // A GPU transport chosen in an engine without a GPU completion thread.
-            let runs: Vec<Range<usize>> = gpu_runs.into_iter().map(|(_, r)| r).collect();
-            batch.fail_runs(&runs, Error::Internal("GPU transport without GPUs"));
-        }
-        for (conn, works) in tcp_work {
-            match conn.tcp(&self.inner.config, &self.inner.life) {
-                Ok(c) => c.dispatch(&batch, works),
-                Err(e) => {
-                    for w in works {
-                        let (Work::Write { req, .. } | Work::Read { req, .. }) = w;
-                        batch.fail_request(req, e.clone());
-                    }
-                }
-            }
+        for (_, sub) in subs {
+            sub.finish(requests);
         }
         if !batch.is_finished() {
             self.inner.watch.deadline(&batch, started + timeout);
@@ -1185,6 +1067,15 @@ impl Engine {
         }
         log::info!("{}: engine stopped", me.name);
     }
+}
+
+/// A submission failed at planning: nothing of the batch may stay in flight (GPU work already
+/// enqueued is waited for, until `until`).
+fn abort(subs: Vec<(usize, Box<dyn Submission + '_>)>, until: Instant, err: Error) -> Error {
+    for (_, sub) in subs {
+        sub.abort(until);
+    }
+    err
 }
 
 impl Drop for Engine {

@@ -39,6 +39,7 @@ mod metadata_server;
 mod notify;
 mod peer;
 mod registry;
+mod request;
 mod rpc;
 mod transport;
 mod watch;

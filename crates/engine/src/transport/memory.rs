@@ -5,18 +5,96 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
+
+use tidewire_core::select::TransportKind;
 
 use crate::batch::Batch;
 use crate::config::EngineConfig;
-use crate::engine::{Inner, Op, Request, Step};
 use crate::error::{Error, Result};
 use crate::mem;
 use crate::peer::exited;
-use tidewire_core::select::TransportKind;
+use crate::registry::Registry;
+use crate::request::{Op, Request, Step};
+use crate::transport::{BatchCtx, Submission, Transport};
+
+/// Runs kept until every request of the batch is planned (a refused submission moves nothing).
+struct Runs<'a, F: Fn(&Arc<Batch>, Range<usize>, &[Request], &Step)> {
+    batch: &'a Arc<Batch>,
+    runs: Vec<(Step, Range<usize>)>,
+    copy: F,
+}
+
+impl<F: Fn(&Arc<Batch>, Range<usize>, &[Request], &Step)> Submission for Runs<'_, F> {
+    fn add(&mut self, step: Step, requests: &[Request], from: usize) -> Result<usize> {
+        let end = step.run_end(requests, from + 1);
+        self.runs.push((step, from..end));
+        Ok(end)
+    }
+
+    fn finish(self: Box<Self>, requests: &[Request]) {
+        for (step, run) in &self.runs {
+            (self.copy)(self.batch, run.clone(), requests, step);
+        }
+    }
+
+    fn abort(self: Box<Self>, _until: Instant) {}
+}
+
+/// The `local` transport: the peer is this engine.
+pub(crate) struct LocalTransport {
+    registry: Arc<Registry>,
+    /// This engine's name (the peer, in errors).
+    name: String,
+}
+
+impl LocalTransport {
+    pub(crate) fn new(registry: Arc<Registry>, name: String) -> Self {
+        Self { registry, name }
+    }
+}
+
+impl Transport for LocalTransport {
+    fn serves(&self) -> &'static [TransportKind] {
+        &[TransportKind::Local]
+    }
+
+    fn begin<'a>(&'a self, batch: &'a Arc<Batch>, _ctx: BatchCtx) -> Box<dyn Submission + 'a> {
+        let copy = |b: &Arc<Batch>, run: Range<usize>, reqs: &[Request], step: &Step| {
+            run_local(&self.registry, &self.name, b, run, reqs, step)
+        };
+        Box::new(Runs { batch, runs: Vec::new(), copy })
+    }
+}
+
+/// The `shm` transport: a same-host peer's memfd, mapped once.
+pub(crate) struct ShmTransport {
+    config: EngineConfig,
+}
+
+impl ShmTransport {
+    pub(crate) fn new(config: EngineConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl Transport for ShmTransport {
+    fn serves(&self) -> &'static [TransportKind] {
+        &[TransportKind::Shm]
+    }
+
+    fn begin<'a>(&'a self, batch: &'a Arc<Batch>, _ctx: BatchCtx) -> Box<dyn Submission + 'a> {
+        let copy = |b: &Arc<Batch>, run: Range<usize>, reqs: &[Request], step: &Step| {
+            run_shm(&self.config, b, run, reqs, step)
+        };
+        Box::new(Runs { batch, runs: Vec::new(), copy })
+    }
+}
 
 /// Copies a run of requests whose peer is this engine.
-pub(crate) fn run_local(
-    inner: &Inner,
+fn run_local(
+    registry: &Registry,
+    name: &str,
     batch: &Arc<Batch>,
     run: Range<usize>,
     requests: &[Request],
@@ -25,12 +103,12 @@ pub(crate) fn run_local(
     for i in run.clone() {
         let r = &requests[i];
         let denied = || Error::RemoteAccessDenied {
-            peer: inner.name.clone(),
+            peer: name.to_string(),
             addr: r.remote,
             len: r.len,
             reason: "not inside a registered region of this engine".into(),
         };
-        let Some(remote) = inner.registry.find(r.remote, r.len) else {
+        let Some(remote) = registry.find(r.remote, r.len) else {
             batch.fail_request(i, denied());
             continue;
         };
@@ -50,7 +128,7 @@ pub(crate) fn run_local(
 }
 
 /// Copies a run of requests through the peer's shared memory.
-pub(crate) fn run_shm(
+fn run_shm(
     config: &EngineConfig,
     batch: &Arc<Batch>,
     run: Range<usize>,

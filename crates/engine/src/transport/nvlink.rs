@@ -33,13 +33,15 @@ use tidewire_gpu::share::{self, Exportable, Imported, Shareable};
 use tidewire_gpu::Gpu;
 
 use crate::batch::{Batch, Mark};
-use crate::engine::{Op, Request, Step};
+use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::peer::{Held, MapCount, PeerConn};
 use crate::registry::{OwnedAccess, RegionEntry};
+use crate::request::{Op, Request, Step};
 use crate::transport::lease::LeaseConn;
 use crate::transport::shm::{SharedRegion, ShmClient, ShmMap};
+use crate::transport::{BatchCtx, Submission, Transport};
 use tidewire_core::shmwire::ShmFetch;
 
 /// What this process knows about its GPUs, for selection (read once per engine).
@@ -386,12 +388,46 @@ impl GpuWork {
     }
 }
 
-/// Starts the completion thread; returns the queue GPU work is handed to.
-pub(crate) fn start_completer(life: &Arc<Lifecycle>, grace: Duration) -> Result<Sender<GpuWork>> {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let l2 = life.clone();
-    life.spawn("tw-gpu-done".into(), move || complete_loop(&rx, &l2, grace))?;
-    Ok(tx)
+/// The GPU transports (`nvlink` on one host, `mnnvl` across a proven fabric): one job per
+/// GPU and batch, streamed while the batch is planned, completed by the transport's own
+/// completion thread.
+pub(crate) struct NvlinkTransport {
+    config: EngineConfig,
+    done: Sender<GpuWork>,
+}
+
+impl NvlinkTransport {
+    /// Starts the completion thread.
+    pub(crate) fn start(life: &Arc<Lifecycle>, config: EngineConfig) -> Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (l2, grace) = (life.clone(), config.deadlines.stall);
+        life.spawn("tw-gpu-done".into(), move || complete_loop(&rx, &l2, grace))?;
+        Ok(Self { config, done: tx })
+    }
+}
+
+impl Transport for NvlinkTransport {
+    fn serves(&self) -> &'static [TransportKind] {
+        &[TransportKind::Nvlink, TransportKind::Mnnvl]
+    }
+
+    fn begin<'a>(&'a self, batch: &'a Arc<Batch>, ctx: BatchCtx) -> Box<dyn Submission + 'a> {
+        Box::new(Launcher::new(batch, ctx.after, ctx.complete_on, &self.config, &self.done))
+    }
+}
+
+impl Submission for Launcher<'_> {
+    fn add(&mut self, step: Step, requests: &[Request], from: usize) -> Result<usize> {
+        Ok(self.push_run(&step, requests, from))
+    }
+
+    fn finish(self: Box<Self>, _requests: &[Request]) {
+        self.launch_rest()
+    }
+
+    fn abort(self: Box<Self>, until: std::time::Instant) {
+        self.abandon(until)
+    }
 }
 
 fn complete_loop(rx: &Receiver<GpuWork>, life: &Lifecycle, grace: Duration) {
@@ -529,7 +565,7 @@ pub(crate) struct Launcher<'a> {
     after: Option<u64>,
     /// A caller's stream made to wait for every job (`BatchOptions::complete_on`).
     complete_on: Option<u64>,
-    clients: &'a dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
+    config: &'a EngineConfig,
     done: &'a Sender<GpuWork>,
     lanes: Vec<Lane>,
 }
@@ -539,16 +575,16 @@ impl<'a> Launcher<'a> {
         batch: &'a Arc<Batch>,
         after: Option<u64>,
         complete_on: Option<u64>,
-        clients: &'a dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
+        config: &'a EngineConfig,
         done: &'a Sender<GpuWork>,
     ) -> Self {
-        Self { batch, after, complete_on, clients, done, lanes: Vec::new() }
+        Self { batch, after, complete_on, config, done, lanes: Vec::new() }
     }
 
     /// Takes the run of requests from `from` (whose first request `step` planned) that the
     /// step covers, enqueueing as it goes; returns where the run ends. Requests that cannot
     /// be enqueued are failed in the batch with the reason.
-    pub(crate) fn add(&mut self, step: &Step, requests: &[Request], from: usize) -> usize {
+    fn push_run(&mut self, step: &Step, requests: &[Request], from: usize) -> usize {
         let Some(route) = step.gpu.as_ref() else {
             let end = step.run_end(requests, from + 1);
             let err = Error::Internal("nvlink step without a GPU route");
@@ -587,7 +623,7 @@ impl<'a> Launcher<'a> {
         };
         let mapped = match why {
             Some(e) => Err(refused(step, exec, e)),
-            None => lane.resolve(step, exec, self.clients),
+            None => lane.resolve(step, exec, self.config),
         };
         let k = match mapped {
             Ok(k) => k,
@@ -634,7 +670,7 @@ impl<'a> Launcher<'a> {
     }
 
     /// Launches what is left and hands every job to the completion thread.
-    pub(crate) fn finish(self) {
+    fn launch_rest(self) {
         let (batch, done) = (self.batch, self.done);
         for mut lane in self.lanes {
             if lane.failed.is_none() && !lane.segs.is_empty() {
@@ -669,7 +705,7 @@ impl<'a> Launcher<'a> {
 
     /// The submission failed after some copies were enqueued: waits (until `until`) for them,
     /// so that nothing is in flight once `submit` reports the failure, then drops the jobs.
-    pub(crate) fn abort(self, until: std::time::Instant) {
+    fn abandon(self, until: std::time::Instant) {
         let batch = self.batch;
         for lane in self.lanes {
             let exec = lane.exec;
@@ -746,12 +782,7 @@ impl Lane {
 
     /// Maps a step's remote region, marks it in flight (unless revoked) and pins its local
     /// region; returns its index in `resolved`. Steps between the same two regions share one.
-    fn resolve(
-        &mut self,
-        step: &Step,
-        exec: u32,
-        clients: &dyn Fn(&Step) -> Result<Arc<NvlinkClient>>,
-    ) -> Result<usize> {
+    fn resolve(&mut self, step: &Step, exec: u32, config: &EngineConfig) -> Result<usize> {
         if let Some(k) = self.resolved.iter().position(|r| {
             Arc::ptr_eq(&r.conn, &step.conn)
                 && r.region == step.region.id
@@ -768,7 +799,7 @@ impl Lane {
                 .ok_or(Error::NotRegistered { addr: local.addr, len: local.len })?;
             self.pins.push(pin);
         }
-        let client = clients(step)?;
+        let client = step.conn.nvlink(config)?;
         let remote = client.remote(step.region.id, &route.reach, exec)?;
         if !client.enter(&remote)? {
             client.forget(step.region.id, exec);

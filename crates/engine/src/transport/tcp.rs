@@ -18,11 +18,14 @@ use tidewire_core::wire::{FrameKind, Header, Status, INSTANCE_LEN};
 use tidewire_core::InstanceId;
 
 use crate::batch::Batch;
-use crate::config::Deadlines;
+use crate::config::{Deadlines, EngineConfig};
 use crate::error::{Error, Result};
 use crate::frames::{FrameReader, FrameWriter, POLL};
 use crate::lifecycle::Lifecycle;
+use crate::peer::PeerConn;
 use crate::registry::RegionEntry;
+use crate::request::{Op, Request, Step};
+use crate::transport::{BatchCtx, Submission, Transport};
 
 /// Requests larger than this are split into chunks spread over the lanes.
 pub(crate) const CHUNK: u64 = 4 << 20;
@@ -63,7 +66,7 @@ impl Outgoing {
 }
 
 /// One request's share of a TCP batch, before it is split into chunks.
-pub(crate) enum Work {
+enum Work {
     /// WRITE `len` bytes from local `src` (in `entry`) to remote `dst`.
     Write { req: usize, entry: Arc<RegionEntry>, src: u64, dst: u64, len: u64 },
     /// READ `len` bytes at remote `src` into local `dst` (in `entry`).
@@ -309,7 +312,7 @@ impl TcpConn {
     }
 
     /// Splits the batch's TCP work into chunks, spreads them over the lanes and sends them.
-    pub(crate) fn dispatch(&self, batch: &Arc<Batch>, works: Vec<Work>) {
+    fn dispatch(&self, batch: &Arc<Batch>, works: Vec<Work>) {
         let mut per_lane: Vec<Vec<Item<'_>>> = (0..self.lanes.len()).map(|_| Vec::new()).collect();
         let mut next = self.rr.fetch_add(1, Ordering::Relaxed);
         for work in works {
@@ -504,4 +507,81 @@ fn complete(lane: &LaneShared, r: &mut FrameReader, h: Header) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `tcp` transport: each peer's lanes (made on first use, with their own threads) carry
+/// the batch's requests in chunks.
+pub(crate) struct TcpTransport {
+    config: EngineConfig,
+    life: Arc<Lifecycle>,
+}
+
+impl TcpTransport {
+    pub(crate) fn new(config: EngineConfig, life: Arc<Lifecycle>) -> Self {
+        Self { config, life }
+    }
+}
+
+/// A batch's tcp work, per peer, sent once the batch is planned.
+struct TcpSubmission<'a> {
+    transport: &'a TcpTransport,
+    batch: &'a Arc<Batch>,
+    ctx: BatchCtx,
+    work: Vec<(Arc<PeerConn>, Vec<Work>)>,
+}
+
+impl Transport for TcpTransport {
+    fn serves(&self) -> &'static [TransportKind] {
+        &[TransportKind::Tcp]
+    }
+
+    fn begin<'a>(&'a self, batch: &'a Arc<Batch>, ctx: BatchCtx) -> Box<dyn Submission + 'a> {
+        Box::new(TcpSubmission { transport: self, batch, ctx, work: Vec::new() })
+    }
+}
+
+impl Submission for TcpSubmission<'_> {
+    fn add(&mut self, step: Step, requests: &[Request], from: usize) -> Result<usize> {
+        if self.ctx.complete_on.is_some() {
+            return Err(Error::InvalidArgument {
+                reason: format!(
+                    "complete_on: request {from} goes over tcp to {}, whose bytes land on a \
+                     host thread that a CUDA stream cannot wait for",
+                    step.conn.name
+                ),
+            });
+        }
+        let end = step.run_end(requests, from + 1);
+        self.batch.set_chunks(from..end, |i| requests[i].len.div_ceil(CHUNK) as u32);
+        let works = (from..end).map(|req| {
+            let r = &requests[req];
+            let (entry, len) = (step.local.clone(), r.len);
+            match r.op {
+                Op::Write => Work::Write { req, entry, src: r.local, dst: r.remote, len },
+                Op::Read => Work::Read { req, entry, dst: r.local, src: r.remote, len },
+            }
+        });
+        match self.work.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &step.conn)) {
+            Some((_, w)) => w.extend(works),
+            None => self.work.push((step.conn.clone(), works.collect())),
+        }
+        Ok(end)
+    }
+
+    fn finish(self: Box<Self>, _requests: &[Request]) {
+        let (cfg, life) = (&self.transport.config, &self.transport.life);
+        for (conn, works) in self.work {
+            match conn.tcp(cfg, life) {
+                Ok(c) => c.dispatch(self.batch, works),
+                Err(e) => {
+                    for w in works {
+                        let (Work::Write { req, .. } | Work::Read { req, .. }) = w;
+                        self.batch.fail_request(req, e.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn abort(self: Box<Self>, _until: Instant) {}
 }
