@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use crate::device::{check, Gpu};
+use crate::device::Gpu;
 use crate::ffi::{self, MemAccessDesc, MemAllocationProp};
 use crate::topology::{driver, topology};
 use crate::GpuError;
@@ -77,7 +77,7 @@ pub fn alloc_device(
     kind: Option<AllocKind>,
 ) -> Result<Allocation, GpuError> {
     if len == 0 {
-        return Err(GpuError("zero-length allocation".into()));
+        return Err(GpuError::invalid("zero-length allocation"));
     }
     let gpu = Gpu::get(device)?;
     let (mut want, mut reason) = preferred(device);
@@ -99,11 +99,11 @@ pub fn alloc_device(
 }
 
 fn malloc(gpu: &Gpu, len: u64, reason: &'static str) -> Result<Allocation, GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = gpu.enter()?;
     let mut ptr = 0u64;
     // SAFETY: out-pointer to a local.
-    check(cuda, "cuMemAlloc", unsafe { (cuda.mem_alloc)(&mut ptr, len as usize) })?;
+    cuda.check("cuMemAlloc", unsafe { (cuda.mem_alloc)(&mut ptr, len as usize) })?;
     Ok(Allocation {
         ptr,
         len,
@@ -115,30 +115,30 @@ fn malloc(gpu: &Gpu, len: u64, reason: &'static str) -> Result<Allocation, GpuEr
 }
 
 fn vmm(gpu: &Gpu, len: u64, fabric: bool, reason: &'static str) -> Result<Allocation, GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = gpu.enter()?;
     let types = ffi::HANDLE_POSIX_FD | if fabric { ffi::HANDLE_FABRIC } else { 0 };
     let prop = MemAllocationProp::device(gpu.dev, types, true);
     let mut gran = 0usize;
     // SAFETY: valid prop and out-pointer; flag 1 = recommended granularity.
-    check(cuda, "cuMemGetAllocationGranularity", unsafe {
+    cuda.check("cuMemGetAllocationGranularity", unsafe {
         (cuda.mem_granularity)(&mut gran, &prop, 1)
     })?;
     let size = (len as usize).next_multiple_of(gran.max(1));
     let mut handle = 0u64;
     // SAFETY: valid prop and out-pointer; released on every failure path below.
-    check(cuda, "cuMemCreate", unsafe { (cuda.mem_create)(&mut handle, size, &prop, 0) })?;
+    cuda.check("cuMemCreate", unsafe { (cuda.mem_create)(&mut handle, size, &prop, 0) })?;
     let mut ptr = 0u64;
     let mapped = (|| {
         // SAFETY: out-pointer to a local.
-        check(cuda, "cuMemAddressReserve", unsafe {
+        cuda.check("cuMemAddressReserve", unsafe {
             (cuda.address_reserve)(&mut ptr, size, gran, 0, 0)
         })?;
         // SAFETY: maps the whole allocation at the fresh reservation.
-        check(cuda, "cuMemMap", unsafe { (cuda.mem_map)(ptr, size, 0, handle, 0) })?;
+        cuda.check("cuMemMap", unsafe { (cuda.mem_map)(ptr, size, 0, handle, 0) })?;
         let access = MemAccessDesc { location_type: 1, location_id: gpu.dev, flags: 3 };
         // SAFETY: `ptr` maps `size` bytes; one access descriptor.
-        check(cuda, "cuMemSetAccess", unsafe { (cuda.set_access)(ptr, size, &access, 1) })
+        cuda.check("cuMemSetAccess", unsafe { (cuda.set_access)(ptr, size, &access, 1) })
     })();
     if let Err(e) = mapped {
         // SAFETY: undo whatever of reserve/map succeeded; unmapping an unmapped range and
@@ -164,11 +164,11 @@ fn vmm(gpu: &Gpu, len: u64, fabric: bool, reason: &'static str) -> Result<Alloca
 
 /// Allocates `len` bytes of page-locked host memory, usable by every GPU.
 pub fn alloc_host(len: u64) -> Result<Allocation, GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = Gpu::get(0)?.enter()?;
     let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
     // SAFETY: out-pointer to a local. Flags: PORTABLE (1) | DEVICEMAP (2).
-    check(cuda, "cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut p, len as usize, 3) })?;
+    cuda.check("cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut p, len as usize, 3) })?;
     let a = Allocation {
         ptr: p as u64,
         len,
@@ -193,23 +193,23 @@ pub fn lookup(ptr: u64) -> Option<Allocation> {
 pub fn free(ptr: u64) -> Result<(), GpuError> {
     let a = table()
         .lock()
-        .map_err(|_| GpuError("allocation table poisoned".into()))?
+        .map_err(|_| GpuError::Internal("allocation table poisoned"))?
         .remove(&ptr)
-        .ok_or_else(|| GpuError(format!("{ptr:#x} was not allocated by tidewire")))?;
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        .ok_or_else(|| GpuError::invalid(format!("{ptr:#x} was not allocated by tidewire")))?;
+    let cuda = driver()?;
     let gpu = Gpu::get(a.device.unwrap_or(0))?;
     let _ctx = gpu.enter()?;
     // SAFETY: `a` was made by this module and removed from the table, so it is freed once.
     unsafe {
         match a.kind {
-            AllocKind::Malloc => check(cuda, "cuMemFree", (cuda.mem_free)(a.ptr)),
+            AllocKind::Malloc => cuda.check("cuMemFree", (cuda.mem_free)(a.ptr)),
             AllocKind::HostPinned => {
-                check(cuda, "cuMemFreeHost", (cuda.host_free)(a.ptr as *mut std::ffi::c_void))
+                cuda.check("cuMemFreeHost", (cuda.host_free)(a.ptr as *mut std::ffi::c_void))
             }
             AllocKind::VmmFabric | AllocKind::VmmPosixFd => {
                 (cuda.mem_unmap)(a.ptr, a.len as usize);
                 (cuda.address_free)(a.ptr, a.len as usize);
-                check(cuda, "cuMemRelease", (cuda.mem_release)(a.handle))
+                cuda.check("cuMemRelease", (cuda.mem_release)(a.handle))
             }
         }
     }
@@ -236,10 +236,10 @@ pub unsafe fn copy_sync(dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
 /// # Safety
 /// Both ranges must be valid for `len` bytes in `device`'s context.
 pub unsafe fn copy_sync_on(device: u32, dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = Gpu::get(device)?.enter()?;
     // SAFETY: forwarded contract; unified addressing resolves both ends.
-    check(cuda, "cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
+    cuda.check("cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
 }
 
 /// A 32-bit word in pinned, device-mapped host memory: the host stores it, and kernels on any

@@ -13,7 +13,7 @@ use std::ffi::{c_char, c_uint, c_void, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::device::{check, Gpu};
+use crate::device::Gpu;
 use crate::ffi::{self, CuEvent, CuFunction, CuStream, Nvrtc};
 use crate::topology::driver;
 use crate::GpuError;
@@ -84,18 +84,28 @@ tw_gather(const Seg* __restrict__ segs, unsigned int n) {
 "#;
 
 /// The PTX of the gather kernel, compiled once per process, or why there is none.
-fn ptx(cc: (i32, i32)) -> &'static Result<CString, String> {
-    static PTX: OnceLock<Result<CString, String>> = OnceLock::new();
+fn ptx(cc: (i32, i32)) -> &'static Result<CString, GpuError> {
+    static PTX: OnceLock<Result<CString, GpuError>> = OnceLock::new();
     PTX.get_or_init(|| compile(cc))
 }
 
-fn compile(cc: (i32, i32)) -> Result<CString, String> {
-    let nvrtc = Nvrtc::load()?;
-    let src = CString::new(KERNEL).map_err(|e| e.to_string())?;
+/// An NVRTC result as [`GpuError::Nvrtc`] naming `call` (no log).
+fn nvrtc_check(call: &'static str, code: std::ffi::c_int) -> Result<(), GpuError> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(GpuError::Nvrtc { call, code, log: String::new() })
+    }
+}
+
+fn compile(cc: (i32, i32)) -> Result<CString, GpuError> {
+    let nvrtc = Nvrtc::load().map_err(GpuError::unavailable)?;
+    let src = CString::new(KERNEL)
+        .map_err(|_| GpuError::Internal("the gather kernel's source contains a NUL"))?;
     let name = c"tw_gather.cu";
     let mut prog: *mut c_void = std::ptr::null_mut();
     // SAFETY: NUL-terminated source and name; no headers.
-    let r = unsafe {
+    nvrtc_check("nvrtcCreateProgram", unsafe {
         (nvrtc.create)(
             &mut prog,
             src.as_ptr(),
@@ -104,14 +114,11 @@ fn compile(cc: (i32, i32)) -> Result<CString, String> {
             std::ptr::null(),
             std::ptr::null(),
         )
-    };
-    if r != 0 {
-        return Err(format!("nvrtcCreateProgram returned {r}"));
-    }
-    let arch = CString::new(format!("--gpu-architecture=compute_{}{}", cc.0, cc.1))
-        .map_err(|e| e.to_string())?;
-    let opts: [*const c_char; 2] = [arch.as_ptr(), c"-default-device".as_ptr()];
+    })?;
     let result = (|| {
+        let arch = CString::new(format!("--gpu-architecture=compute_{}{}", cc.0, cc.1))
+            .map_err(|_| GpuError::Internal("an NVRTC option contains a NUL"))?;
+        let opts: [*const c_char; 2] = [arch.as_ptr(), c"-default-device".as_ptr()];
         // SAFETY: NUL-terminated options that outlive the call.
         let r = unsafe { (nvrtc.compile)(prog, opts.len() as i32, opts.as_ptr()) };
         if r != 0 {
@@ -121,10 +128,8 @@ fn compile(cc: (i32, i32)) -> Result<CString, String> {
             let mut log = vec![0u8; n.max(1)];
             // SAFETY: `log` holds `n` bytes.
             unsafe { (nvrtc.log)(prog, log.as_mut_ptr().cast()) };
-            return Err(format!(
-                "nvrtcCompileProgram returned {r}: {}",
-                String::from_utf8_lossy(&log).trim_end_matches('\0')
-            ));
+            let log = String::from_utf8_lossy(&log).trim_end_matches('\0').to_string();
+            return Err(GpuError::Nvrtc { call: "nvrtcCompileProgram", code: r, log });
         }
         let mut n = 0usize;
         // SAFETY: out-pointer to a local.
@@ -135,7 +140,8 @@ fn compile(cc: (i32, i32)) -> Result<CString, String> {
         if let Some(end) = buf.iter().position(|&b| b == 0) {
             buf.truncate(end);
         }
-        CString::new(buf).map_err(|e| e.to_string())
+        // Cannot fail: `buf` was cut at its first NUL.
+        CString::new(buf).map_err(|_| GpuError::Internal("PTX with a NUL after truncation"))
     })();
     // SAFETY: destroys the program created above, once.
     unsafe { (nvrtc.destroy)(&mut prog) };
@@ -143,7 +149,7 @@ fn compile(cc: (i32, i32)) -> Result<CString, String> {
 }
 
 /// Whether the gather kernel is available on `gpu` (compiling and loading it on first use).
-pub fn kernel_status(gpu: &'static Gpu) -> Result<(), String> {
+pub fn kernel_status(gpu: &'static Gpu) -> Result<(), GpuError> {
     kernel(gpu).map(|_| ())
 }
 
@@ -153,14 +159,14 @@ unsafe impl Send for Func {}
 // SAFETY: as above; never mutated.
 unsafe impl Sync for Func {}
 
-fn kernel(gpu: &'static Gpu) -> Result<CuFunction, String> {
-    static FUNCS: OnceLock<Vec<OnceLock<Result<Func, String>>>> = OnceLock::new();
-    let all = FUNCS.get_or_init(|| (0..64).map(|_| OnceLock::new()).collect());
-    let slot = all.get(gpu.ordinal as usize).ok_or("more than 64 GPUs")?;
+fn kernel(gpu: &'static Gpu) -> Result<CuFunction, GpuError> {
+    static FUNCS: OnceLock<Vec<OnceLock<Result<Func, GpuError>>>> = OnceLock::new();
+    let all = FUNCS.get_or_init(|| (0..MAX_GPUS).map(|_| OnceLock::new()).collect());
+    let slot = all.get(gpu.ordinal as usize).ok_or_else(|| too_many_gpus(gpu))?;
     slot.get_or_init(|| {
         let ptx = ptx(gpu.cc).as_ref().map_err(Clone::clone)?;
-        let cuda = driver().map_err(|e| e.to_string())?;
-        let _ctx = gpu.enter().map_err(|e| e.0)?;
+        let cuda = driver()?;
+        let _ctx = gpu.enter()?;
         let mut module = std::ptr::null_mut();
         // SAFETY: NUL-terminated PTX; the module stays loaded for the process.
         cuda.check("cuModuleLoadData", unsafe {
@@ -176,6 +182,16 @@ fn kernel(gpu: &'static Gpu) -> Result<CuFunction, String> {
     .as_ref()
     .map(|f| f.0)
     .map_err(Clone::clone)
+}
+
+/// GPUs per process the per-GPU caches (kernels, copiers) hold.
+const MAX_GPUS: usize = 64;
+
+fn too_many_gpus(gpu: &Gpu) -> GpuError {
+    GpuError::invalid(format!(
+        "cuda:{}: tidewire's copy path serves at most {MAX_GPUS} GPUs per process",
+        gpu.ordinal
+    ))
 }
 
 /// Pinned host (and, with `TIDEWIRE_DESCRIPTORS_IN_HOST=0`, device) staging for one launch's
@@ -237,19 +253,19 @@ impl Copier {
     /// The process's copier for `gpu` (made on first use, kept for the process).
     pub fn get(gpu: &'static Gpu) -> Result<&'static Copier, GpuError> {
         static ALL: OnceLock<Vec<OnceLock<Result<Copier, GpuError>>>> = OnceLock::new();
-        let all = ALL.get_or_init(|| (0..64).map(|_| OnceLock::new()).collect());
-        let slot = all.get(gpu.ordinal as usize).ok_or(GpuError("more than 64 GPUs".into()))?;
+        let all = ALL.get_or_init(|| (0..MAX_GPUS).map(|_| OnceLock::new()).collect());
+        let slot = all.get(gpu.ordinal as usize).ok_or_else(|| too_many_gpus(gpu))?;
         slot.get_or_init(|| Copier::new(gpu, STREAMS)).as_ref().map_err(Clone::clone)
     }
 
     fn new(gpu: &'static Gpu, streams: usize) -> Result<Self, GpuError> {
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         let _ctx = gpu.enter()?;
         let mut v = Vec::new();
         for _ in 0..streams.max(1) {
             let mut s: CuStream = std::ptr::null_mut();
             // SAFETY: out-pointer to a local; flag 1 = CU_STREAM_NON_BLOCKING.
-            check(cuda, "cuStreamCreate", unsafe { (cuda.stream_create)(&mut s, 1) })?;
+            cuda.check("cuStreamCreate", unsafe { (cuda.stream_create)(&mut s, 1) })?;
             v.push(s);
         }
         Ok(Self {
@@ -265,10 +281,10 @@ impl Copier {
         if let Some(e) = self.events.lock().ok().and_then(|mut v| v.pop()) {
             return Ok(e);
         }
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         let mut e: CuEvent = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; flag 2 = CU_EVENT_DISABLE_TIMING.
-        check(cuda, "cuEventCreate", unsafe { (cuda.event_create)(&mut e, 2) })?;
+        cuda.check("cuEventCreate", unsafe { (cuda.event_create)(&mut e, 2) })?;
         Ok(e)
     }
 
@@ -282,19 +298,19 @@ impl Copier {
                 return Ok(pool.swap_remove(i));
             }
         }
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         let cap = n.next_power_of_two().max(1024);
         let bytes = cap * size_of::<Seg>();
         let mut host: *mut c_void = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; PORTABLE | DEVICEMAP.
-        check(cuda, "cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut host, bytes, 3) })?;
+        cuda.check("cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut host, bytes, 3) })?;
         // The device copy of the descriptors exists only when the kernel does not read them
         // from the pinned host buffer.
         let mut dev = 0u64;
         if !descriptors_in_host() {
             // SAFETY: out-pointer to a local.
             let r = unsafe { (cuda.mem_alloc)(&mut dev, bytes) };
-            if let Err(e) = check(cuda, "cuMemAlloc", r) {
+            if let Err(e) = cuda.check("cuMemAlloc", r) {
                 // SAFETY: frees the host buffer allocated above.
                 unsafe { (cuda.host_free)(host) };
                 return Err(e);
@@ -308,7 +324,7 @@ impl Copier {
     pub fn job(&'static self, after: Option<u64>) -> Result<Job, GpuError> {
         static WIDTH: OnceLock<usize> = OnceLock::new();
         let width = *WIDTH.get_or_init(|| tuning("TIDEWIRE_JOB_STREAMS", 2).clamp(1, 2) as usize);
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let streams: Vec<CuStream> =
             (0..width).map(|k| self.streams[(first + k) % self.streams.len()]).collect();
@@ -318,11 +334,11 @@ impl Copier {
             // SAFETY: records on the caller's stream (same primary context) and makes ours
             // wait on it; the event returns to the pool, re-recording later is allowed.
             let r = unsafe { (cuda.event_record)(e, caller as CuStream) };
-            check(cuda, "cuEventRecord(caller stream)", r)?;
+            cuda.check("cuEventRecord(caller stream)", r)?;
             for &stream in &streams {
                 // SAFETY: both handles are live.
                 let r = unsafe { (cuda.stream_wait_event)(stream, e, 0) };
-                check(cuda, "cuStreamWaitEvent", r)?;
+                cuda.check("cuStreamWaitEvent", r)?;
             }
             if let Ok(mut v) = self.events.lock() {
                 v.push(e);
@@ -341,7 +357,7 @@ impl Job {
     /// Every segment's ranges must be valid for the GPU (device memory mapped in this GPU's
     /// context, or pinned host memory) until the finished job reports done.
     pub unsafe fn push(&mut self, segs: &[Seg]) -> Result<(), GpuError> {
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         let copier = self.copier;
         let _ctx = copier.gpu.enter()?;
         let stream = self.streams[self.pushes % self.streams.len()];
@@ -350,7 +366,7 @@ impl Job {
         let func = if small >= 2 { kernel(copier.gpu).ok() } else { None };
         for s in segs.iter().filter(|s| func.is_none() || s.len >= COPY_ENGINE_MIN) {
             // SAFETY: the caller guarantees both ranges; unified addressing resolves them.
-            check(cuda, "cuMemcpyAsync", unsafe {
+            cuda.check("cuMemcpyAsync", unsafe {
                 (cuda.memcpy_async)(s.dst, s.src, s.len as usize, stream)
             })?;
         }
@@ -375,7 +391,7 @@ impl Job {
         } else {
             // SAFETY: pinned host source and device destination of `bytes`, both owned by the
             // job, which keeps them until its event completes.
-            check(cuda, "cuMemcpyAsync(descriptors)", unsafe {
+            cuda.check("cuMemcpyAsync(descriptors)", unsafe {
                 (cuda.memcpy_async)(dev, host as u64, bytes, stream)
             })?;
             dev
@@ -394,7 +410,7 @@ impl Job {
             [(&mut dev_arg as *mut u64).cast(), (&mut n_arg as *mut c_uint).cast()];
         // SAFETY: the kernel's two parameters are (const Seg*, unsigned int); the descriptor
         // copy precedes the launch on the same stream.
-        check(cuda, "cuLaunchKernel(tw_gather)", unsafe {
+        cuda.check("cuLaunchKernel(tw_gather)", unsafe {
             (cuda.launch)(
                 f,
                 grid,
@@ -413,7 +429,7 @@ impl Job {
 
     /// Records the completion event after everything pushed (on every stream used).
     pub fn finish(mut self) -> Result<Pending, GpuError> {
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         let copier = self.copier;
         let _ctx = copier.gpu.enter()?;
         let last = self.streams[0];
@@ -421,17 +437,17 @@ impl Job {
             let join = copier.event()?;
             // SAFETY: live event and streams; the event returns to the pool after the wait is
             // enqueued (re-recording it later does not change this wait).
-            check(cuda, "cuEventRecord(join)", unsafe { (cuda.event_record)(join, other) })?;
+            cuda.check("cuEventRecord(join)", unsafe { (cuda.event_record)(join, other) })?;
             // SAFETY: as above; `last` waits for everything enqueued on `other` so far.
             let r = unsafe { (cuda.stream_wait_event)(last, join, 0) };
-            check(cuda, "cuStreamWaitEvent(join)", r)?;
+            cuda.check("cuStreamWaitEvent(join)", r)?;
             if let Ok(mut v) = copier.events.lock() {
                 v.push(join);
             }
         }
         let event = copier.event()?;
         // SAFETY: live event and stream.
-        check(cuda, "cuEventRecord", unsafe { (cuda.event_record)(event, last) })?;
+        cuda.check("cuEventRecord", unsafe { (cuda.event_record)(event, last) })?;
         Ok(Pending { copier, event, staging: std::mem::take(&mut self.staging) })
     }
 }
@@ -448,23 +464,23 @@ impl Pending {
     /// Makes the caller's `stream` (a CUstream of a context on this GPU or a peer of it) wait
     /// for this work, without the host: work queued on it afterwards sees every byte copied.
     pub fn complete_on(&self, stream: u64) -> Result<(), GpuError> {
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         let _ctx = self.copier.gpu.enter()?;
         // SAFETY: the event was recorded on our stream by `Job::finish` and lives in the pool
         // for the process; the wait binds to that recording (a later re-record of the pooled
         // event does not change it). The caller vouches that `stream` is a live CUstream.
         let r = unsafe { (cuda.stream_wait_event)(stream as CuStream, self.event, 0) };
-        check(cuda, "cuStreamWaitEvent(caller stream)", r)
+        cuda.check("cuStreamWaitEvent(caller stream)", r)
     }
 
     /// `Ok(true)` once the work completed; an error if it failed on the GPU.
     pub fn is_done(&self) -> Result<bool, GpuError> {
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         // SAFETY: a live event recorded on our stream.
         match unsafe { (cuda.event_query)(self.event) } {
             0 => Ok(true),
             ffi::NOT_READY => Ok(false),
-            r => check(cuda, "cuEventQuery", r).map(|()| false),
+            r => cuda.check("cuEventQuery", r).map(|()| false),
         }
     }
 }

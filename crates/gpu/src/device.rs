@@ -31,8 +31,11 @@ pub(crate) struct Entered<'a> {
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
         let mut old: CuContext = std::ptr::null_mut();
-        // SAFETY: balances the push in `enter` on this thread.
-        unsafe { (self.cuda.ctx_pop)(&mut old) };
+        // SAFETY: balances the push in `enter` on this thread; `old` is a local out-pointer.
+        let r = unsafe { (self.cuda.ctx_pop)(&mut old) };
+        if let Err(e) = self.cuda.check("cuCtxPopCurrent", r) {
+            log::warn!("leaving a GPU context: {e}");
+        }
     }
 }
 
@@ -53,8 +56,8 @@ impl Gpu {
             Some(Ok(g)) => Ok(g),
             Some(Err(e)) => Err(e.clone()),
             None => Err(match driver() {
-                Err(e) => GpuError(e.to_string()),
-                Ok(_) => GpuError(format!("cuda:{ordinal} does not exist ({} GPUs)", all.len())),
+                Err(e) => e,
+                Ok(_) => GpuError::NoDevice { ordinal, count: all.len() as u32 },
             }),
         }
     }
@@ -62,11 +65,11 @@ impl Gpu {
     fn open(cuda: &Cuda, ordinal: u32) -> Result<Gpu, GpuError> {
         let mut dev = 0;
         // SAFETY: out-pointer to a local; the ordinal is below the device count.
-        check(cuda, "cuDeviceGet", unsafe { (cuda.device_get)(&mut dev, ordinal as c_int) })?;
+        cuda.check("cuDeviceGet", unsafe { (cuda.device_get)(&mut dev, ordinal as c_int) })?;
         let mut ctx: CuContext = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; never released, so the context lives as long as
         // the process.
-        check(cuda, "cuDevicePrimaryCtxRetain", unsafe {
+        cuda.check("cuDevicePrimaryCtxRetain", unsafe {
             (cuda.primary_ctx_retain)(&mut ctx, dev)
         })?;
         let attr = |a| {
@@ -89,22 +92,17 @@ impl Gpu {
         let entered = self.enter()?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: out-pointers to locals; this GPU's context is current.
-        check(entered.cuda, "cuMemGetInfo", unsafe {
-            (entered.cuda.mem_get_info)(&mut free, &mut total)
-        })?;
+        entered
+            .cuda
+            .check("cuMemGetInfo", unsafe { (entered.cuda.mem_get_info)(&mut free, &mut total) })?;
         Ok((free as u64, total as u64))
     }
 
     /// Makes this GPU's context current until the guard drops.
     pub(crate) fn enter(&self) -> Result<Entered<'static>, GpuError> {
-        let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+        let cuda = driver()?;
         // SAFETY: the primary context is retained for the process; the guard pops it.
-        check(cuda, "cuCtxPushCurrent", unsafe { (cuda.ctx_push)(self.ctx) })?;
+        cuda.check("cuCtxPushCurrent", unsafe { (cuda.ctx_push)(self.ctx) })?;
         Ok(Entered { cuda })
     }
-}
-
-/// A driver result as a `GpuError` naming the call.
-pub(crate) fn check(cuda: &Cuda, call: &str, code: ffi::CuResult) -> Result<(), GpuError> {
-    cuda.check(call, code).map_err(GpuError)
 }

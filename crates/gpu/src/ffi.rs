@@ -3,8 +3,11 @@
 //! Every symbol is looked up before use; a missing one is an error naming it.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::mem::ManuallyDrop;
 
 use libloading::Library;
+
+use crate::GpuError;
 
 pub(crate) type CuResult = c_int;
 pub(crate) type CuDevice = c_int;
@@ -119,7 +122,10 @@ unsafe fn sym<T: Copy>(lib: &Library, name: &'static str) -> Result<T, String> {
 
 /// The driver entry points tidewire uses.
 pub(crate) struct Cuda {
-    _lib: Library,
+    /// Never unloaded, even when this value is dropped: the error names [`Cuda::name`] hands
+    /// out as `&'static str` point into the library, and the driver is not meant to be
+    /// unloaded from a process anyway.
+    _lib: ManuallyDrop<Library>,
     pub(crate) init: unsafe extern "C" fn(c_uint) -> CuResult,
     pub(crate) driver_version: unsafe extern "C" fn(*mut c_int) -> CuResult,
     pub(crate) device_count: unsafe extern "C" fn(*mut c_int) -> CuResult,
@@ -235,29 +241,33 @@ impl Cuda {
                 module_function: sym(&lib, "cuModuleGetFunction")?,
                 launch: sym(&lib, "cuLaunchKernel")?,
                 error_name: sym(&lib, "cuGetErrorName")?,
-                _lib: lib,
+                _lib: ManuallyDrop::new(lib),
             })
         }
     }
 
     /// The symbolic name of a CUDA error code (`CUDA_ERROR_NOT_PERMITTED`).
-    pub(crate) fn name(&self, code: CuResult) -> String {
+    pub(crate) fn name(&self, code: CuResult) -> &'static str {
+        const UNNAMED: &str = "an error the driver cannot name";
         let mut p: *const c_char = std::ptr::null();
         // SAFETY: cuGetErrorName writes a pointer to a static string or fails.
         let r = unsafe { (self.error_name)(code, &mut p) };
         if r != 0 || p.is_null() {
-            return format!("CUDA error {code}");
+            return UNNAMED;
         }
-        // SAFETY: on success `p` points at a NUL-terminated static string.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        // SAFETY: on success `p` points at a NUL-terminated string in the driver library's
+        // static data, which stays mapped for the process: the library is never unloaded
+        // (`_lib` is `ManuallyDrop`).
+        let name: &'static CStr = unsafe { CStr::from_ptr(p) };
+        name.to_str().unwrap_or(UNNAMED)
     }
 
-    /// `Ok` or "`call` returned NAME (code)".
-    pub(crate) fn check(&self, call: &str, code: CuResult) -> Result<(), String> {
+    /// `Ok` for success, else [`GpuError::Driver`] naming `call`.
+    pub(crate) fn check(&self, call: &'static str, code: CuResult) -> Result<(), GpuError> {
         if code == 0 {
             Ok(())
         } else {
-            Err(format!("{call} returned {} ({code})", self.name(code)))
+            Err(GpuError::Driver { call, code, name: self.name(code) })
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use crate::device::{check, Gpu};
+use crate::device::Gpu;
 use crate::ffi::{self, IpcHandle, MemAccessDesc};
 use crate::topology::driver;
 use crate::GpuError;
@@ -32,17 +32,17 @@ pub(crate) fn ptr_attr<T: Default>(addr: u64, attr: std::ffi::c_int) -> Option<T
 
 /// How the device memory at `addr` (on `gpu`) can be shared.
 pub fn exportable(gpu: &Gpu, addr: u64) -> Result<Exportable, GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = gpu.enter()?;
     if ptr_attr::<u32>(addr, ffi::POINTER_LEGACY_IPC) == Some(1) {
         let (mut base, mut size) = (0u64, 0usize);
         // SAFETY: out-pointers to locals.
-        check(cuda, "cuMemGetAddressRange", unsafe {
+        cuda.check("cuMemGetAddressRange", unsafe {
             (cuda.address_range)(&mut base, &mut size, addr)
         })?;
         let mut h = IpcHandle { reserved: [0; 64] };
         // SAFETY: out-pointer to a 64-byte handle; `base` is a live allocation base.
-        check(cuda, "cuIpcGetMemHandle", unsafe { (cuda.ipc_get)(&mut h, base) })?;
+        cuda.check("cuIpcGetMemHandle", unsafe { (cuda.ipc_get)(&mut h, base) })?;
         return Ok(Exportable::Ipc { handle: h.reserved, base, size: size as u64 });
     }
     let types = ptr_attr::<u64>(addr, ffi::POINTER_ALLOWED_HANDLES).unwrap_or(0);
@@ -81,21 +81,25 @@ unsafe fn export(
     kind: std::ffi::c_int,
     out: *mut c_void,
 ) -> Result<(), GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = gpu.enter()?;
     let mut handle = 0u64;
     // SAFETY: out-pointer to a local; `addr` lies in a VMM mapping (checked by the callers'
     // callers through `exportable`), so the driver returns its allocation handle with a
     // reference.
-    check(cuda, "cuMemRetainAllocationHandle", unsafe {
+    cuda.check("cuMemRetainAllocationHandle", unsafe {
         (cuda.retain_handle)(&mut handle, addr as *mut c_void)
     })?;
     // SAFETY: `out` fits what `kind` writes (the caller's contract); `handle` is live.
     let r = unsafe { (cuda.mem_export)(out, handle, kind, 0) };
     // SAFETY: drops the reference taken by cuMemRetainAllocationHandle.
     unsafe { (cuda.mem_release)(handle) };
-    let what = if kind == ffi::HANDLE_FABRIC { "FABRIC" } else { "POSIX_FD" };
-    check(cuda, &format!("cuMemExportToShareableHandle({what})"), r)
+    let call = if kind == ffi::HANDLE_FABRIC {
+        "cuMemExportToShareableHandle(FABRIC)"
+    } else {
+        "cuMemExportToShareableHandle(POSIX_FD)"
+    };
+    cuda.check(call, r)
 }
 
 /// Exports the VMM allocation mapped at `addr` as a POSIX file descriptor.
@@ -144,12 +148,12 @@ impl Imported {
 
 /// Opens a peer's CUDA IPC handle in `gpu`'s context.
 pub fn import_ipc(gpu: &'static Gpu, handle: &[u8; 64], size: u64) -> Result<Imported, GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = gpu.enter()?;
     let mut ptr = 0u64;
     // SAFETY: out-pointer to a local; the handle is 64 opaque bytes the driver validates.
     // Flag 1 = CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS.
-    check(cuda, "cuIpcOpenMemHandle", unsafe {
+    cuda.check("cuIpcOpenMemHandle", unsafe {
         (cuda.ipc_open)(&mut ptr, IpcHandle { reserved: *handle }, 1)
     })?;
     Ok(Imported { ptr, size, how: Mapped::Ipc, gpu })
@@ -161,7 +165,7 @@ pub fn import_vmm(
     handle: Shareable<'_>,
     size: u64,
 ) -> Result<Imported, GpuError> {
-    let cuda = driver().map_err(|e| GpuError(e.to_string()))?;
+    let cuda = driver()?;
     let _ctx = gpu.enter()?;
     let mut h = 0u64;
     let (os_handle, kind, what): (*mut c_void, _, _) = match &handle {
@@ -178,16 +182,16 @@ pub fn import_vmm(
     };
     // SAFETY: for POSIX_FD the "pointer" is the descriptor's value (the driver's convention);
     // for FABRIC it points at the 64-byte handle, alive for the call.
-    check(cuda, what, unsafe { (cuda.mem_import)(&mut h, os_handle, kind) })?;
+    cuda.check(what, unsafe { (cuda.mem_import)(&mut h, os_handle, kind) })?;
     let size_us = size as usize;
     let mut ptr = 0u64;
     let mapped = (|| {
         // SAFETY: out-pointer to a local; alignment 0 = the default granularity.
-        check(cuda, "cuMemAddressReserve", unsafe {
+        cuda.check("cuMemAddressReserve", unsafe {
             (cuda.address_reserve)(&mut ptr, size_us, 0, 0, 0)
         })?;
         // SAFETY: maps the whole imported allocation at the reserved range.
-        if let Err(e) = check(cuda, "cuMemMap", unsafe { (cuda.mem_map)(ptr, size_us, 0, h, 0) }) {
+        if let Err(e) = cuda.check("cuMemMap", unsafe { (cuda.mem_map)(ptr, size_us, 0, h, 0) }) {
             // SAFETY: frees the reservation made above.
             unsafe { (cuda.address_free)(ptr, size_us) };
             return Err(e);
@@ -195,7 +199,7 @@ pub fn import_vmm(
         let access = MemAccessDesc { location_type: 1, location_id: gpu.dev, flags: 3 };
         // SAFETY: `ptr` maps `size` bytes; one access descriptor.
         if let Err(e) =
-            check(cuda, "cuMemSetAccess", unsafe { (cuda.set_access)(ptr, size_us, &access, 1) })
+            cuda.check("cuMemSetAccess", unsafe { (cuda.set_access)(ptr, size_us, &access, 1) })
         {
             // SAFETY: undoes the map and reservation above.
             unsafe {

@@ -9,7 +9,7 @@ use tidewire_core::memory::{Location, MemoryKind};
 
 use crate::device::Gpu;
 use crate::ffi::{self, Cuda, MemAllocationProp, Nvml, NvmlFabricInfoV2};
-use crate::Unavailable;
+use crate::GpuError;
 
 /// One GPU as the driver describes it.
 #[derive(Debug, Clone)]
@@ -46,9 +46,9 @@ pub struct Topology {
     pub nvml_error: Option<String>,
 }
 
-/// The cached topology, or why there is none.
-pub fn topology() -> Result<&'static Topology, Unavailable> {
-    static TOPO: OnceLock<Result<Topology, Unavailable>> = OnceLock::new();
+/// The cached topology, or why there is none (always [`GpuError::Unavailable`]).
+pub fn topology() -> Result<&'static Topology, GpuError> {
+    static TOPO: OnceLock<Result<Topology, GpuError>> = OnceLock::new();
     TOPO.get_or_init(discover).as_ref().map_err(Clone::clone)
 }
 
@@ -56,23 +56,25 @@ fn imex_channels() -> bool {
     std::fs::read_dir("/dev/nvidia-caps-imex-channels").is_ok_and(|mut d| d.next().is_some())
 }
 
-/// The CUDA driver, loaded and initialised once per process.
-pub(crate) fn driver() -> Result<&'static Cuda, Unavailable> {
-    static DRIVER: OnceLock<Result<Cuda, Unavailable>> = OnceLock::new();
+/// The CUDA driver, loaded and initialised once per process; [`GpuError::Unavailable`] when
+/// there is none or `cuInit` fails (no GPU, driver/library mismatch).
+pub(crate) fn driver() -> Result<&'static Cuda, GpuError> {
+    static DRIVER: OnceLock<Result<Cuda, GpuError>> = OnceLock::new();
     DRIVER
         .get_or_init(|| {
-            let cuda = Cuda::load().map_err(|reason| Unavailable { reason })?;
+            let cuda = Cuda::load().map_err(GpuError::unavailable)?;
             // SAFETY: cuInit(0) is the documented first call; the library stays loaded.
             cuda.check("cuInit", unsafe { (cuda.init)(0) })
-                .map_err(|reason| Unavailable { reason })?;
+                .map_err(|e| GpuError::unavailable(e.to_string()))?;
             Ok(cuda)
         })
         .as_ref()
         .map_err(Clone::clone)
 }
 
-fn discover() -> Result<Topology, Unavailable> {
-    let unavailable = |reason: String| Unavailable { reason };
+/// Every failure is [`GpuError::Unavailable`], with the failing call's text as the reason.
+fn discover() -> Result<Topology, GpuError> {
+    let unavailable = |e: GpuError| GpuError::unavailable(e.to_string());
     let cuda = driver()?;
     let mut version = 0;
     // SAFETY: out-pointer to a local.
@@ -83,7 +85,7 @@ fn discover() -> Result<Topology, Unavailable> {
     cuda.check("cuDeviceGetCount", unsafe { (cuda.device_count)(&mut count) })
         .map_err(unavailable)?;
     if count == 0 {
-        return Err(unavailable("the CUDA driver reports no GPU".into()));
+        return Err(GpuError::unavailable("the CUDA driver reports no GPU"));
     }
     let nvml = Nvml::load();
     let imex = imex_channels();
@@ -248,7 +250,11 @@ fn nvml_facts(
 /// this process may use the fabric (it fails with CUDA_ERROR_NOT_PERMITTED without IMEX). Runs
 /// in GPU `index`'s primary context, pushed and popped, so the caller's context is untouched.
 fn fabric_probe(cuda: &Cuda, index: u32, dev: ffi::CuDevice) -> Result<(), String> {
-    let _ctx = Gpu::get(index).and_then(|g| g.enter()).map_err(|e| e.0)?;
+    fabric_probe_on(cuda, index, dev).map_err(|e| e.to_string())
+}
+
+fn fabric_probe_on(cuda: &Cuda, index: u32, dev: ffi::CuDevice) -> Result<(), GpuError> {
+    let _ctx = Gpu::get(index)?.enter()?;
     let prop = MemAllocationProp::device(dev, ffi::HANDLE_FABRIC, false);
     let mut gran = 0usize;
     // SAFETY: valid prop and out-pointer; flag 0 = minimum granularity.
