@@ -42,6 +42,7 @@ fn simulated(i: usize) -> SegmentDescriptor {
             location: Location { kind: MemoryKind::HostPageable, device: None },
             reach: vec![Reach::Tcp],
         }],
+        layouts: Vec::new(),
     }
 }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{HostId, InstanceId, RegionId};
 use crate::memory::Location;
+use crate::paged::LayoutDescriptor;
 use crate::select::TransportKind;
 use crate::CoreError;
 
@@ -39,6 +40,9 @@ pub struct SegmentDescriptor {
     pub generation: u64,
     /// Registered regions, sorted by address, non-overlapping.
     pub regions: Vec<RegionDescriptor>,
+    /// Paged layouts (KV caches) registered over those regions, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layouts: Vec<LayoutDescriptor>,
 }
 
 /// One registered region and how it can be reached.
@@ -218,7 +222,18 @@ impl SegmentDescriptor {
             }
             prev_end = end;
         }
+        for (i, l) in self.layouts.iter().enumerate() {
+            l.validate().map_err(|e| CoreError::Descriptor { reason: e.to_string() })?;
+            if self.layouts[..i].iter().any(|o| o.name == l.name) {
+                return bad(format!("layout {:?} is published twice", l.name));
+            }
+        }
         Ok(())
+    }
+
+    /// The layout named `name`, if the peer published one.
+    pub fn layout(&self, name: &str) -> Option<&LayoutDescriptor> {
+        self.layouts.iter().find(|l| l.name == name)
     }
 
     /// The region containing `[addr, addr+len)`, if any.
@@ -245,6 +260,7 @@ mod tests {
             rpc_addr: "127.0.0.1:15001".into(),
             shm_socket: Some("tidewire-00ff".into()),
             generation: 3,
+            layouts: Vec::new(),
             regions: vec![
                 RegionDescriptor {
                     id: RegionId(1),

@@ -34,6 +34,12 @@ pub enum CoreError {
     /// A request on the shm socket of a kind this build does not know.
     #[error("shm control request of unknown kind {kind} (for {region})")]
     ShmKind { kind: u8, region: crate::RegionId },
+    /// A paged layout that is malformed.
+    #[error("layout {name:?}: {reason}")]
+    Layout { name: String, reason: String },
+    /// Page index arrays that do not fit their layouts.
+    #[error("page transfer: {reason}")]
+    Pages { reason: String },
     /// A size string (for example `4KiB`) that could not be parsed.
     #[error("invalid size {text:?}: {reason}")]
     Size { text: String, reason: &'static str },

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fabric;
 pub mod ids;
 pub mod memory;
+pub mod paged;
 pub mod resp;
 pub mod select;
 pub mod shmwire;

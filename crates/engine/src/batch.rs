@@ -346,3 +346,15 @@ impl BatchHandle {
         }
     }
 }
+
+impl std::fmt::Debug for BatchHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (done, failed, pending) = self.counts();
+        f.debug_struct("BatchHandle")
+            .field("id", &self.batch.id)
+            .field("done", &done)
+            .field("failed", &failed)
+            .field("pending", &pending)
+            .finish()
+    }
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
 use tidewire_core::memory::{Location, LocationHint, MemoryKind};
+use tidewire_core::paged::LayoutDescriptor;
 use tidewire_core::select::{
     self, describe_refusals, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal,
     TransportKind,
@@ -138,6 +139,8 @@ pub(crate) struct Inner {
     /// The transports, by the kinds they serve.
     transports: Transports,
     pub(crate) peers: Mutex<Peers>,
+    /// Paged layouts registered over this engine's regions (published with the descriptor).
+    pub(crate) layouts: Mutex<Vec<LayoutDescriptor>>,
     /// Peer hang-ups and batch deadlines.
     pub(crate) watch: Arc<Watch>,
     next_batch: AtomicU64,
@@ -201,13 +204,14 @@ impl Inner {
             shm_socket: self.shm.is_ok().then(|| shm::socket_name(self.instance)),
             generation,
             regions,
+            layouts: self.layouts.lock().clone(),
         }
     }
 }
 
 /// One transfer engine per process (or several, for tests). Shut down on drop.
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl Engine {
@@ -271,6 +275,7 @@ impl Engine {
             gpu_facts,
             transports,
             peers: Mutex::default(),
+            layouts: Mutex::default(),
             watch,
             next_batch: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
@@ -321,7 +326,7 @@ impl Engine {
         Ok(())
     }
 
-    fn publish(&self) -> Result<()> {
+    pub(crate) fn publish(&self) -> Result<()> {
         self.inner.metadata.publish(&self.inner.descriptor())
     }
 
@@ -353,7 +358,7 @@ impl Engine {
         self.inner.shm.as_ref().map(|_| ()).map_err(Clone::clone)
     }
 
-    fn check_running(&self) -> Result<()> {
+    pub(crate) fn check_running(&self) -> Result<()> {
         if self.inner.stopped.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown { who: format!("engine {}", self.inner.name) });
         }
@@ -629,7 +634,7 @@ impl Engine {
         Ok(id)
     }
 
-    fn fetch_descriptor(&self, name: &str) -> Result<SegmentDescriptor> {
+    pub(crate) fn fetch_descriptor(&self, name: &str) -> Result<SegmentDescriptor> {
         if name == self.inner.name {
             return Ok(self.inner.descriptor());
         }
@@ -645,7 +650,7 @@ impl Engine {
     /// The current connection state of a peer, re-opened when broken or restarted. A peer
     /// whose process exited stays failed (with that reason) until its name leads to a new
     /// instance; a broken view that cannot be re-opened is retired (its mappings released).
-    fn peer(&self, id: PeerId) -> Result<Arc<PeerConn>> {
+    pub(crate) fn peer(&self, id: PeerId) -> Result<Arc<PeerConn>> {
         let (name, existing, retired) = {
             let peers = self.inner.peers.lock();
             let slot = peers.slots.get(id.0 as usize).ok_or_else(|| Error::InvalidArgument {
@@ -716,6 +721,11 @@ impl Engine {
         let me = &self.inner;
         let ends = mapped::Ends { conn, region, local, config: &me.config, gpu: &me.gpu_facts };
         mapped::map(ends, remote, len, device)
+    }
+
+    /// The peer's current connection state as it stands (no reconnect).
+    pub(crate) fn current_peer(&self, id: PeerId) -> Option<Arc<PeerConn>> {
+        self.inner.peers.lock().slots.get(id.0 as usize).and_then(|s| s.conn.clone())
     }
 
     /// Every peer opened by name: whether it is usable and how many mappings of its memory
@@ -797,7 +807,7 @@ impl Engine {
         })
     }
 
-    fn plan(&self, r: &Request) -> Result<Step> {
+    pub(crate) fn plan(&self, r: &Request) -> Result<Step> {
         if r.len == 0 {
             return Err(Error::InvalidArgument {
                 reason: format!("zero-length request at {:#x}", r.local),
@@ -864,6 +874,13 @@ impl Engine {
     /// finishes by its deadline.
     pub fn submit(&self, requests: &[Request], opts: BatchOptions) -> Result<BatchHandle> {
         let started = Instant::now();
+        self.check_batch(requests, &opts)?;
+        let first = self.plan(&requests[0])?;
+        self.dispatch(requests, opts, started, first, |i| self.plan(&requests[i]))
+    }
+
+    /// What every batch must be, before anything of it is planned.
+    pub(crate) fn check_batch(&self, requests: &[Request], opts: &BatchOptions) -> Result<()> {
         self.check_running()?;
         if requests.is_empty() {
             return Err(Error::InvalidArgument { reason: "empty batch".into() });
@@ -873,7 +890,20 @@ impl Engine {
                 reason: "a batch with a notification must target one peer".into(),
             });
         }
-        let first = self.plan(&requests[0])?;
+        Ok(())
+    }
+
+    /// Runs a batch whose first run is planned (`first`): `step_at(i)` plans the run that
+    /// starts at request `i` (or returns it from a prepared plan); each run goes to its
+    /// transport as soon as it is planned.
+    pub(crate) fn dispatch(
+        &self,
+        requests: &[Request],
+        opts: BatchOptions,
+        started: Instant,
+        first: Step,
+        mut step_at: impl FnMut(usize) -> Result<Step>,
+    ) -> Result<BatchHandle> {
         let trailer = match opts.notify {
             None => None,
             Some((name, message)) => {
@@ -908,7 +938,7 @@ impl Engine {
         while i < requests.len() {
             let planned = match next.take() {
                 Some(step) => Ok(step),
-                None => self.plan(&requests[i]),
+                None => step_at(i),
             };
             let step = match planned {
                 Ok(step) => step,

@@ -70,6 +70,10 @@ pub enum Error {
     /// An operating-system call failed.
     #[error("{context}: {message}")]
     Io { context: String, kind: std::io::ErrorKind, message: String },
+    /// A prepared plan no longer holds: a peer of it restarted or died, or a local region of
+    /// it was unregistered. Nothing moved; prepare it again.
+    #[error("stale plan: {reason}")]
+    StalePlan { reason: String },
     /// The caller used the API wrongly.
     #[error("invalid argument: {reason}")]
     InvalidArgument { reason: String },

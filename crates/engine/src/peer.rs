@@ -162,6 +162,7 @@ impl PeerConn {
             shm_socket: None,
             generation: 1,
             regions: Vec::new(),
+            layouts: Vec::new(),
         };
         Self::build(name.into(), desc, false, true, None)
     }

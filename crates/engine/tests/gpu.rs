@@ -249,7 +249,7 @@ fn a_bad_request_after_launched_pages_fails_submit_with_nothing_in_flight() {
     // past the end of the peer's region: the submission fails and waits for what it launched.
     let mut bad = pages.clone();
     bad.push(Request { remote: child.addr + LEN - PAGE / 2, ..pages[0] });
-    let err = engine.submit(&bad, BatchOptions::default()).err().expect("submit refuses");
+    let err = engine.submit(&bad, BatchOptions::default()).expect_err("submit refuses");
     assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{err}");
     // The marks and pins of the launched part were released: a good batch moves every byte,
     // and the peer's unregister returns at once.

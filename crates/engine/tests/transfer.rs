@@ -121,7 +121,7 @@ fn bad_requests_fail_at_submit_with_typed_errors() {
     let peer = initiator.open_segment(target.name()).unwrap();
     let req = Request { op: Op::Write, local: local.addr(), len: 4096, peer, remote };
     let err =
-        |r: Request| initiator.submit(&[r], BatchOptions::default()).err().expect("submit refuses");
+        |r: Request| initiator.submit(&[r], BatchOptions::default()).expect_err("submit refuses");
     assert!(matches!(err(Request { len: 0, ..req }), Error::InvalidArgument { .. }));
     assert!(matches!(err(Request { local: 0x10, ..req }), Error::NotRegistered { .. }));
     assert!(matches!(err(Request { remote: remote + 1, ..req }), Error::RemoteAccessDenied { .. }));
@@ -132,7 +132,7 @@ fn bad_requests_fail_at_submit_with_typed_errors() {
         let mut batch = vec![req; 100];
         batch.push(bad);
         batch.extend([req; 10]);
-        initiator.submit(&batch, BatchOptions::default()).err().expect("submit refuses")
+        initiator.submit(&batch, BatchOptions::default()).expect_err("submit refuses")
     };
     let e = with(Request { remote: remote + 1, ..req });
     assert!(matches!(e, Error::RemoteAccessDenied { addr, .. } if addr == remote + 1), "{e}");
@@ -305,7 +305,7 @@ fn complete_on_a_stream_is_refused_for_tcp_and_needs_nothing_for_host_copies() {
     initiator.submit(&[write(shared)], opts()).unwrap().wait().unwrap();
     assert!(peek(shared, 8192) == data);
     // tcp bytes land on a host thread: refused at submit, nothing moved.
-    let err = initiator.submit(&[write(plain.addr())], opts()).err().unwrap();
+    let err = initiator.submit(&[write(plain.addr())], opts()).unwrap_err();
     assert!(matches!(&err, Error::InvalidArgument { reason } if reason.contains("tcp")), "{err}");
     assert!(plain.to_vec() == vec![POISON; 8192], "nothing of a refused batch moved");
     drop(target);

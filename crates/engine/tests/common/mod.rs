@@ -86,6 +86,7 @@ impl FakePeer {
                 location: Location { kind: MemoryKind::HostPageable, device: None },
                 reach: vec![Reach::Tcp],
             }],
+            layouts: Vec::new(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<parking_lot::Mutex<Vec<TcpStream>>> = Arc::default();

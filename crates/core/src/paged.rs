@@ -1,0 +1,200 @@
+//! Paged layouts (a KV cache): `layers` page arrays of the same shape, each `pages` pages of
+//! `page_size` bytes from its base address. Both sides register one; pages then move by index
+//! arrays, and consecutive page pairs coalesce into one range, so a caller never builds one
+//! descriptor (or one Python object) per page.
+
+use serde::{Deserialize, Serialize};
+
+use crate::CoreError;
+
+/// A registered layout, as published in the segment descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutDescriptor {
+    /// The name both sides use for it (e.g. "kv").
+    pub name: String,
+    pub page_size: u64,
+    /// Pages per layer.
+    pub pages: u64,
+    /// The base address of each layer's page array.
+    pub layers: Vec<u64>,
+}
+
+impl LayoutDescriptor {
+    /// Bytes of one layer's page array.
+    pub fn layer_len(&self) -> Option<u64> {
+        self.pages.checked_mul(self.page_size)
+    }
+
+    /// Checks the shape: a name, pages, a page size, layers, and no layer wrapping the
+    /// address space.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        let bad = |reason: String| Err(CoreError::Layout { name: self.name.clone(), reason });
+        if self.name.is_empty() {
+            return bad("empty name".into());
+        }
+        if self.page_size == 0 || self.pages == 0 || self.layers.is_empty() {
+            return bad(format!(
+                "{} layers of {} pages of {} bytes: none may be zero",
+                self.layers.len(),
+                self.pages,
+                self.page_size
+            ));
+        }
+        let Some(len) = self.layer_len() else {
+            return bad(format!("{} pages of {} bytes overflow", self.pages, self.page_size));
+        };
+        if let Some(base) = self.layers.iter().find(|b| b.checked_add(len).is_none()) {
+            return bad(format!("the layer at {base:#x} (+{len}) wraps the address space"));
+        }
+        Ok(())
+    }
+}
+
+/// Consecutive page pairs: `count` pages from `local` and from `remote`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    pub local: u64,
+    pub remote: u64,
+    pub count: u64,
+}
+
+/// Coalesces page pairs `(local[i], remote[i])` into runs where both sides advance by one.
+/// The arrays must have the same length (checked by [`page_ranges`]).
+pub fn coalesce(local: &[u64], remote: &[u64]) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    for (&l, &r) in local.iter().zip(remote) {
+        match runs.last_mut() {
+            Some(run)
+                if run.local.checked_add(run.count) == Some(l)
+                    && run.remote.checked_add(run.count) == Some(r) =>
+            {
+                run.count += 1
+            }
+            _ => runs.push(PageRun { local: l, remote: r, count: 1 }),
+        }
+    }
+    runs
+}
+
+/// One contiguous range to move: `(local address, remote address, length)`.
+pub type PageRange = (u64, u64, u64);
+
+/// The ranges that move `local_pages[i]` of `local` to or from `remote_pages[i]` of `remote`,
+/// in every layer (layer by layer), consecutive pages coalesced. Every index is checked.
+pub fn page_ranges(
+    local: &LayoutDescriptor,
+    remote: &LayoutDescriptor,
+    local_pages: &[u64],
+    remote_pages: &[u64],
+) -> Result<Vec<PageRange>, CoreError> {
+    let bad = |reason: String| Err(CoreError::Pages { reason });
+    if local_pages.len() != remote_pages.len() {
+        return bad(format!(
+            "{} local pages against {} remote pages",
+            local_pages.len(),
+            remote_pages.len()
+        ));
+    }
+    if local.page_size != remote.page_size || local.layers.len() != remote.layers.len() {
+        return bad(format!(
+            "layout {:?} ({} layers of {}-byte pages) does not match {:?} ({} layers of {}-byte pages)",
+            local.name,
+            local.layers.len(),
+            local.page_size,
+            remote.name,
+            remote.layers.len(),
+            remote.page_size
+        ));
+    }
+    for (pages, layout) in [(local_pages, local), (remote_pages, remote)] {
+        // One branch-free pass; the slow search for the culprit only on failure.
+        let max = pages.iter().copied().max().unwrap_or(0);
+        if !pages.is_empty() && max >= layout.pages {
+            let i = pages.iter().position(|&p| p >= layout.pages).unwrap_or(0);
+            return bad(format!(
+                "page {} (index {i}) is outside layout {:?}, which has {} pages",
+                pages[i], layout.name, layout.pages
+            ));
+        }
+    }
+    let runs = coalesce(local_pages, remote_pages);
+    let size = local.page_size;
+    let mut out = Vec::with_capacity(runs.len() * local.layers.len());
+    for (&lb, &rb) in local.layers.iter().zip(&remote.layers) {
+        // Indices are below `pages` and `pages * page_size` fits (validated layouts), so
+        // none of these overflow.
+        out.extend(
+            runs.iter().map(|r| (lb + r.local * size, rb + r.remote * size, r.count * size)),
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn layout(name: &str, layers: &[u64], pages: u64, page_size: u64) -> LayoutDescriptor {
+        LayoutDescriptor { name: name.into(), page_size, pages, layers: layers.to_vec() }
+    }
+
+    #[test]
+    fn consecutive_pairs_coalesce_and_others_do_not() {
+        let runs = coalesce(&[4, 5, 6, 9, 1, 2], &[10, 11, 12, 13, 3, 5]);
+        assert_eq!(
+            runs,
+            vec![
+                PageRun { local: 4, remote: 10, count: 3 },
+                PageRun { local: 9, remote: 13, count: 1 },
+                PageRun { local: 1, remote: 3, count: 1 },
+                PageRun { local: 2, remote: 5, count: 1 },
+            ]
+        );
+        assert!(coalesce(&[], &[]).is_empty());
+    }
+
+    #[test]
+    fn ranges_cover_every_layer_and_indices_are_checked() {
+        let a = layout("kv", &[0x10000, 0x80000], 16, 256);
+        let b = layout("kv", &[0x200000, 0x300000], 8, 256);
+        let r = page_ranges(&a, &b, &[0, 1, 7], &[3, 4, 0]).unwrap();
+        assert_eq!(
+            r,
+            vec![
+                (0x10000, 0x200000 + 3 * 256, 512),
+                (0x10000 + 7 * 256, 0x200000, 256),
+                (0x80000, 0x300000 + 3 * 256, 512),
+                (0x80000 + 7 * 256, 0x300000, 256),
+            ]
+        );
+        let out = page_ranges(&a, &b, &[0], &[8]).unwrap_err().to_string();
+        assert!(out.contains("page 8 (index 0)"), "{out}");
+        assert!(page_ranges(&a, &b, &[0, 1], &[0]).is_err());
+        let other = layout("kv", &[0], 8, 512);
+        assert!(page_ranges(&a, &other, &[0], &[0]).is_err());
+    }
+
+    #[test]
+    fn malformed_layouts_are_refused() {
+        assert!(layout("kv", &[0], 4, 4096).validate().is_ok());
+        assert!(layout("", &[0], 4, 4096).validate().is_err());
+        assert!(layout("kv", &[], 4, 4096).validate().is_err());
+        assert!(layout("kv", &[0], 0, 4096).validate().is_err());
+        assert!(layout("kv", &[0], u64::MAX, 4096).validate().is_err());
+        assert!(layout("kv", &[u64::MAX - 100], 1, 4096).validate().is_err());
+    }
+
+    proptest! {
+        /// Expanding the coalesced runs gives back exactly the page pairs, in order.
+        #[test]
+        fn coalescing_loses_and_invents_nothing(pairs in prop::collection::vec((0u64..64, 0u64..64), 0..200)) {
+            let (l, r): (Vec<u64>, Vec<u64>) = pairs.iter().copied().unzip();
+            let back: Vec<(u64, u64)> = coalesce(&l, &r)
+                .iter()
+                .flat_map(|run| (0..run.count).map(move |k| (run.local + k, run.remote + k)))
+                .collect();
+            prop_assert_eq!(back, pairs);
+        }
+    }
+}

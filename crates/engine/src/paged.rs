@@ -1,0 +1,141 @@
+//! The paged KV API: a *layout* (a page array per layer, one page size) registered over this
+//! engine's regions and published with its descriptor; pages moved between two layouts by
+//! index arrays, consecutive pages coalesced into one request (`tidewire_core::paged`).
+
+use tidewire_core::paged::{page_ranges, LayoutDescriptor};
+use tidewire_core::CoreError;
+
+use crate::batch::BatchHandle;
+use crate::engine::{BatchOptions, Engine};
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::request::{Op, Request};
+use tidewire_core::PeerId;
+
+impl Engine {
+    /// Registers the layout `name`: `layers` page arrays (their base addresses) of `pages`
+    /// pages of `page_size` bytes each, every one inside a region registered with this engine.
+    /// Peers find it in this engine's descriptor by name.
+    pub fn register_layout(
+        &self,
+        name: &str,
+        layers: &[u64],
+        pages: u64,
+        page_size: u64,
+    ) -> Result<()> {
+        self.check_running()?;
+        let layout =
+            LayoutDescriptor { name: name.to_string(), page_size, pages, layers: layers.to_vec() };
+        layout.validate().map_err(invalid)?;
+        let len = layout.layer_len().ok_or(Error::Internal("a validated layout overflows"))?;
+        for (i, &base) in layers.iter().enumerate() {
+            if self.inner.registry.find(base, len).is_none() {
+                return Err(Error::InvalidArgument {
+                    reason: format!(
+                        "layout {name:?}: layer {i} [{base:#x}, +{len}) is not inside one registered region"
+                    ),
+                });
+            }
+        }
+        {
+            let mut all = self.inner.layouts.lock();
+            if all.iter().any(|l| l.name == name) {
+                return Err(Error::InvalidArgument {
+                    reason: format!("layout {name:?} is already registered"),
+                });
+            }
+            all.push(layout);
+        }
+        self.publish()
+    }
+
+    /// Removes the layout `name` (its memory stays registered).
+    pub fn unregister_layout(&self, name: &str) -> Result<()> {
+        let removed = {
+            let mut all = self.inner.layouts.lock();
+            let before = all.len();
+            all.retain(|l| l.name != name);
+            before != all.len()
+        };
+        if !removed {
+            return Err(Error::InvalidArgument { reason: format!("no layout {name:?}") });
+        }
+        self.publish()
+    }
+
+    /// The requests that move `local_pages[i]` of this engine's layout `local` to or from
+    /// `remote_pages[i]` of the peer's layout `remote`, every layer, consecutive pages as one
+    /// request.
+    pub fn page_requests(
+        &self,
+        peer: PeerId,
+        op: Op,
+        local: &str,
+        remote: &str,
+        local_pages: &[u64],
+        remote_pages: &[u64],
+    ) -> Result<Vec<Request>> {
+        let mine = self.inner.layouts.lock().iter().find(|l| l.name == local).cloned();
+        let mine = mine.ok_or_else(|| Error::InvalidArgument {
+            reason: format!("no local layout {local:?} (register_layout first)"),
+        })?;
+        let theirs = self.peer_layout(peer, remote)?;
+        let ranges = page_ranges(&mine, &theirs, local_pages, remote_pages).map_err(invalid)?;
+        Ok(ranges
+            .into_iter()
+            .map(|(l, r, len)| Request { op, local: l, len, peer, remote: r })
+            .collect())
+    }
+
+    /// Moves pages between this engine's layout `local` and the peer's layout `remote` (see
+    /// [`Engine::page_requests`]) as one batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn transfer_pages(
+        &self,
+        peer: PeerId,
+        op: Op,
+        local: &str,
+        remote: &str,
+        local_pages: &[u64],
+        remote_pages: &[u64],
+        opts: BatchOptions,
+    ) -> Result<BatchHandle> {
+        let reqs = self.page_requests(peer, op, local, remote, local_pages, remote_pages)?;
+        self.submit(&reqs, opts)
+    }
+
+    /// As [`Engine::transfer_pages`], planned once for repeated execution.
+    pub fn prepare_pages(
+        &self,
+        peer: PeerId,
+        op: Op,
+        local: &str,
+        remote: &str,
+        local_pages: &[u64],
+        remote_pages: &[u64],
+    ) -> Result<Plan> {
+        let reqs = self.page_requests(peer, op, local, remote, local_pages, remote_pages)?;
+        self.prepare(&reqs)
+    }
+
+    /// The peer's layout `name`, re-reading its descriptor once if the cached one lacks it.
+    fn peer_layout(&self, peer: PeerId, name: &str) -> Result<LayoutDescriptor> {
+        let conn = self.peer(peer)?;
+        if let Some(l) = conn.descriptor().layout(name) {
+            return Ok(l.clone());
+        }
+        let fresh = self.fetch_descriptor(&conn.name)?;
+        let found = fresh.layout(name).cloned();
+        if fresh.instance_id == conn.instance() {
+            conn.set_descriptor(fresh);
+        }
+        found.ok_or_else(|| Error::InvalidArgument {
+            reason: format!("peer {} has no layout {name:?}", conn.name),
+        })
+    }
+}
+
+/// A malformed layout or page array is the caller's error, not a decode failure.
+fn invalid(e: CoreError) -> Error {
+    Error::InvalidArgument { reason: e.to_string() }
+}
