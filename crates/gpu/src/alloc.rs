@@ -1,13 +1,17 @@
 //! Transferable allocation: device memory with the best reach the topology proves (a VMM
 //! allocation exportable as FABRIC and POSIX-FD when the fabric probe passed, else as POSIX-FD,
-//! else `cuMemAlloc`), and pinned host memory. Allocations are kept in a process table so the
-//! C-ABI allocator (`tidewire_alloc` / `tidewire_free`) can free by pointer.
+//! else `cuMemAlloc`), and pinned host memory. Allocations are kept in a process table, keyed
+//! by pointer, that owns their memory (the RAII values of `memory.rs`), so the C-ABI
+//! allocator (`tidewire_alloc` / `tidewire_free`) and the engine can free by pointer.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use crate::device::Gpu;
-use crate::ffi::{self, MemAccessDesc, MemAllocationProp};
+use crate::ffi::MemAllocationProp;
+use crate::memory::{
+    AddressRange, DeviceAllocation, HandleKind, Mapping, PhysicalAllocation, PinnedHost,
+};
 use crate::topology::{driver, topology};
 use crate::GpuError;
 
@@ -46,12 +50,55 @@ pub struct Allocation {
     pub kind: AllocKind,
     /// Why this kind and not a better one.
     pub reason: &'static str,
-    handle: u64,
 }
 
-fn table() -> &'static Mutex<HashMap<u64, Allocation>> {
-    static T: OnceLock<Mutex<HashMap<u64, Allocation>>> = OnceLock::new();
-    T.get_or_init(Mutex::default)
+/// The memory behind an [`Allocation`], freed when dropped.
+#[derive(Debug)]
+enum Memory {
+    Vmm(Mapping),
+    Malloc(DeviceAllocation),
+    Host(PinnedHost),
+}
+
+impl Memory {
+    /// Frees now, returning the first driver error.
+    fn close(self) -> Result<(), GpuError> {
+        match self {
+            Self::Vmm(m) => m.close(),
+            Self::Malloc(d) => d.close(),
+            Self::Host(h) => h.close(),
+        }
+    }
+}
+
+/// A table entry: what the allocation is, and the memory it owns.
+#[derive(Debug)]
+struct Entry {
+    info: Allocation,
+    memory: Memory,
+}
+
+fn table() -> MutexGuard<'static, HashMap<u64, Entry>> {
+    static T: OnceLock<Mutex<HashMap<u64, Entry>>> = OnceLock::new();
+    // The map is changed only by single `insert` / `remove` calls, which a panic elsewhere
+    // cannot leave half done: a poisoned lock is used as it is.
+    T.get_or_init(Mutex::default).lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Puts a new allocation in the table, which owns its memory from here.
+fn track(info: Allocation, memory: Memory) -> Allocation {
+    let old = table().insert(info.ptr, Entry { info, memory });
+    if let Some(old) = old {
+        // The driver handed out an address the table still holds, so that allocation was
+        // freed behind tidewire's back: freeing it again could free the new one. Forget it.
+        log::error!(
+            "{:#x} was allocated again while tidewire still tracked it; the old entry is \
+             forgotten",
+            info.ptr
+        );
+        std::mem::forget(old);
+    }
+    info
 }
 
 /// Which kind `alloc` will try first on `device`, given the topology.
@@ -84,7 +131,7 @@ pub fn alloc_device(
     if let Some(k) = kind {
         (want, reason) = (k, "requested by the caller");
     }
-    let a = match want {
+    let (info, memory) = match want {
         AllocKind::VmmFabric => vmm(gpu, len, true, reason).or_else(|_| {
             vmm(gpu, len, false, "the FABRIC allocation failed; fell back to POSIX-FD")
         })?,
@@ -92,127 +139,85 @@ pub fn alloc_device(
         AllocKind::Malloc => malloc(gpu, len, reason)?,
         AllocKind::HostPinned => return alloc_host(len),
     };
-    if let Ok(mut t) = table().lock() {
-        t.insert(a.ptr, a);
-    }
-    Ok(a)
+    Ok(track(info, memory))
 }
 
-fn malloc(gpu: &Gpu, len: u64, reason: &'static str) -> Result<Allocation, GpuError> {
-    let cuda = driver()?;
-    let _ctx = gpu.enter()?;
-    let mut ptr = 0u64;
-    // SAFETY: out-pointer to a local.
-    cuda.check("cuMemAlloc", unsafe { (cuda.mem_alloc)(&mut ptr, len as usize) })?;
-    Ok(Allocation {
-        ptr,
+fn malloc(
+    gpu: &'static Gpu,
+    len: u64,
+    reason: &'static str,
+) -> Result<(Allocation, Memory), GpuError> {
+    let d = DeviceAllocation::new(gpu, len as usize)?;
+    let info = Allocation {
+        ptr: d.ptr(),
         len,
         device: Some(gpu.ordinal),
         kind: AllocKind::Malloc,
         reason,
-        handle: 0,
-    })
+    };
+    Ok((info, Memory::Malloc(d)))
 }
 
-fn vmm(gpu: &Gpu, len: u64, fabric: bool, reason: &'static str) -> Result<Allocation, GpuError> {
+/// A VMM allocation of `len` bytes (rounded up to the recommended granularity), exportable as
+/// a POSIX file descriptor and, with `fabric`, as a FABRIC handle, mapped read-write for
+/// `gpu`. A failure part-way gives back what was made (see [`Mapping::map`]).
+fn vmm(
+    gpu: &'static Gpu,
+    len: u64,
+    fabric: bool,
+    reason: &'static str,
+) -> Result<(Allocation, Memory), GpuError> {
     let cuda = driver()?;
     let _ctx = gpu.enter()?;
-    let types = ffi::HANDLE_POSIX_FD | if fabric { ffi::HANDLE_FABRIC } else { 0 };
-    let prop = MemAllocationProp::device(gpu.dev, types, true);
+    let fabric_bits = if fabric { HandleKind::Fabric.bits() } else { 0 };
+    let prop = MemAllocationProp::device(gpu.dev, HandleKind::PosixFd.bits() | fabric_bits, true);
     let mut gran = 0usize;
     // SAFETY: valid prop and out-pointer; flag 1 = recommended granularity.
     cuda.check("cuMemGetAllocationGranularity", unsafe {
         (cuda.mem_granularity)(&mut gran, &prop, 1)
     })?;
     let size = (len as usize).next_multiple_of(gran.max(1));
-    let mut handle = 0u64;
-    // SAFETY: valid prop and out-pointer; released on every failure path below.
-    cuda.check("cuMemCreate", unsafe { (cuda.mem_create)(&mut handle, size, &prop, 0) })?;
-    let mut ptr = 0u64;
-    let mapped = (|| {
-        // SAFETY: out-pointer to a local.
-        cuda.check("cuMemAddressReserve", unsafe {
-            (cuda.address_reserve)(&mut ptr, size, gran, 0, 0)
-        })?;
-        // SAFETY: maps the whole allocation at the fresh reservation.
-        cuda.check("cuMemMap", unsafe { (cuda.mem_map)(ptr, size, 0, handle, 0) })?;
-        let access = MemAccessDesc { location_type: 1, location_id: gpu.dev, flags: 3 };
-        // SAFETY: `ptr` maps `size` bytes; one access descriptor.
-        cuda.check("cuMemSetAccess", unsafe { (cuda.set_access)(ptr, size, &access, 1) })
-    })();
-    if let Err(e) = mapped {
-        // SAFETY: undo whatever of reserve/map succeeded; unmapping an unmapped range and
-        // freeing a zero reservation fail harmlessly.
-        unsafe {
-            if ptr != 0 {
-                (cuda.mem_unmap)(ptr, size);
-                (cuda.address_free)(ptr, size);
-            }
-            (cuda.mem_release)(handle);
-        }
-        return Err(e);
-    }
-    Ok(Allocation {
-        ptr,
+    let alloc = Arc::new(PhysicalAllocation::create(gpu, &prop, size)?);
+    // A failure from here drops what was made: the reservation, then the allocation.
+    let range = AddressRange::reserve(gpu, size, gran)?;
+    let mapping = Mapping::map(gpu, alloc, range)?;
+    let info = Allocation {
+        ptr: mapping.ptr(),
         len: size as u64,
         device: Some(gpu.ordinal),
         kind: if fabric { AllocKind::VmmFabric } else { AllocKind::VmmPosixFd },
         reason,
-        handle,
-    })
+    };
+    Ok((info, Memory::Vmm(mapping)))
 }
 
 /// Allocates `len` bytes of page-locked host memory, usable by every GPU.
 pub fn alloc_host(len: u64) -> Result<Allocation, GpuError> {
-    let cuda = driver()?;
-    let _ctx = Gpu::get(0)?.enter()?;
-    let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
-    // SAFETY: out-pointer to a local. Flags: PORTABLE (1) | DEVICEMAP (2).
-    cuda.check("cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut p, len as usize, 3) })?;
-    let a = Allocation {
-        ptr: p as u64,
+    let host = PinnedHost::new(Gpu::get(0)?, len as usize)?;
+    let info = Allocation {
+        ptr: host.ptr(),
         len,
         device: None,
         kind: AllocKind::HostPinned,
         reason: "requested by the caller",
-        handle: 0,
     };
-    if let Ok(mut t) = table().lock() {
-        t.insert(a.ptr, a);
-    }
-    Ok(a)
+    Ok(track(info, Memory::Host(host)))
 }
 
 /// The live allocation starting at `ptr`, if it came from this module.
 pub fn lookup(ptr: u64) -> Option<Allocation> {
-    table().lock().ok()?.get(&ptr).copied()
+    table().get(&ptr).map(|e| e.info)
 }
 
-/// Frees an allocation made by [`alloc_device`] or [`alloc_host`]. Freeing memory still
-/// registered with an engine is the caller's error, as with any allocator.
+/// Frees an allocation made by [`alloc_device`] or [`alloc_host`]: every teardown step is
+/// tried; the first driver error is returned. Freeing memory still registered with an engine
+/// is the caller's error, as with any allocator.
 pub fn free(ptr: u64) -> Result<(), GpuError> {
-    let a = table()
-        .lock()
-        .map_err(|_| GpuError::Internal("allocation table poisoned"))?
-        .remove(&ptr)
+    let entry = table().remove(&ptr);
+    let entry = entry
         .ok_or_else(|| GpuError::invalid(format!("{ptr:#x} was not allocated by tidewire")))?;
-    let cuda = driver()?;
-    let gpu = Gpu::get(a.device.unwrap_or(0))?;
-    let _ctx = gpu.enter()?;
-    // SAFETY: `a` was made by this module and removed from the table, so it is freed once.
-    unsafe {
-        match a.kind {
-            AllocKind::Malloc => cuda.check("cuMemFree", (cuda.mem_free)(a.ptr)),
-            AllocKind::HostPinned => {
-                cuda.check("cuMemFreeHost", (cuda.host_free)(a.ptr as *mut std::ffi::c_void))
-            }
-            AllocKind::VmmFabric | AllocKind::VmmPosixFd => {
-                (cuda.mem_unmap)(a.ptr, a.len as usize);
-                (cuda.address_free)(a.ptr, a.len as usize);
-                cuda.check("cuMemRelease", (cuda.mem_release)(a.handle))
-            }
-        }
-    }
+    // Out of the table and outside its lock: freed once, here.
+    entry.memory.close()
 }
 
 /// Copies between any two addresses the driver knows (device, pinned or pageable host),
@@ -246,27 +251,26 @@ pub unsafe fn copy_sync_on(device: u32, dst: u64, src: u64, len: u64) -> Result<
 /// GPU read it at its address (unified addressing) with a system-scope load, no copy needed.
 /// Freed when dropped.
 pub struct HostFlag {
-    ptr: u64,
+    mem: PinnedHost,
 }
 
 impl HostFlag {
     /// A flag holding `value`.
     pub fn new(value: u32) -> Result<Self, GpuError> {
-        let a = alloc_host(64)?;
-        let flag = Self { ptr: a.ptr };
+        let flag = Self { mem: PinnedHost::new(Gpu::get(0)?, 64)? };
         flag.store(value);
         Ok(flag)
     }
 
     /// The word's address, valid on the host and on every GPU.
     pub fn addr(&self) -> u64 {
-        self.ptr
+        self.mem.ptr()
     }
 
     fn word(&self) -> &std::sync::atomic::AtomicU32 {
-        // SAFETY: `ptr` is a live, 64-byte, page-aligned pinned allocation owned by `self`;
+        // SAFETY: `mem` is a live, 64-byte, page-aligned pinned allocation owned by `self`;
         // an AtomicU32 over its first word is valid for as long as `self` lives.
-        unsafe { &*(self.ptr as *const std::sync::atomic::AtomicU32) }
+        unsafe { &*(self.mem.ptr() as *const std::sync::atomic::AtomicU32) }
     }
 
     pub fn store(&self, value: u32) {
@@ -278,10 +282,60 @@ impl HostFlag {
     }
 }
 
-impl Drop for HostFlag {
-    fn drop(&mut self) {
-        if let Err(e) = free(self.ptr) {
-            log::warn!("freeing a host flag at {:#x}: {e}", self.ptr);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::tests::{allocation, mapping, recording};
+    use crate::memory::Teardown;
+
+    fn info(ptr: u64, kind: AllocKind) -> Allocation {
+        Allocation { ptr, len: 64, device: Some(0), kind, reason: "test" }
+    }
+
+    fn host(ptr: u64) -> Memory {
+        // SAFETY: a made-up pointer; the recorder intercepts its teardown.
+        Memory::Host(unsafe { PinnedHost::from_raw(Gpu::fake(0), ptr) })
+    }
+
+    #[test]
+    fn the_table_frees_an_allocation_once() {
+        let ptr = 0x7e57_0000;
+        let (calls, logged) = recording(&[], || {
+            track(info(ptr, AllocKind::HostPinned), host(ptr));
+            assert_eq!(lookup(ptr).map(|a| (a.ptr, a.len)), Some((ptr, 64)));
+            assert_eq!(free(ptr), Ok(()));
+            assert!(lookup(ptr).is_none());
+            assert!(matches!(free(ptr), Err(GpuError::Invalid { .. })));
+        });
+        assert_eq!(calls, [(0, Teardown::FreeHost { ptr })]);
+        assert!(logged.is_empty(), "{logged:?}");
+    }
+
+    #[test]
+    fn a_vmm_allocation_is_unmapped_then_its_range_freed_then_released() {
+        let gpu = Gpu::fake(0);
+        let (calls, _) = recording(&["cuMemUnmap"], || {
+            let m = mapping(gpu, allocation(gpu, 0x99), 0x7e58_0000);
+            track(info(0x7e58_0000, AllocKind::VmmPosixFd), Memory::Vmm(m));
+            let e = free(0x7e58_0000);
+            assert_eq!(e.as_ref().err().and_then(GpuError::call), Some("cuMemUnmap"), "{e:?}");
+        });
+        assert_eq!(
+            calls.iter().map(|c| c.1.call()).collect::<Vec<_>>(),
+            ["cuMemUnmap", "cuMemAddressFree", "cuMemRelease"]
+        );
+    }
+
+    #[test]
+    fn an_address_handed_out_again_is_not_freed_twice() {
+        let ptr = 0x7e59_0000;
+        let (calls, logged) = recording(&[], || {
+            track(info(ptr, AllocKind::HostPinned), host(ptr));
+            track(info(ptr, AllocKind::HostPinned), host(ptr));
+            assert_eq!(free(ptr), Ok(()));
+        });
+        assert_eq!(calls, [(0, Teardown::FreeHost { ptr })]);
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        assert!(logged[0].contains("allocated again"), "{logged:?}");
     }
 }

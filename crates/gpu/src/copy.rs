@@ -15,6 +15,7 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::device::Gpu;
 use crate::ffi::{self, CuEvent, CuFunction, CuStream, Nvrtc};
+use crate::memory::{DeviceAllocation, PinnedHost};
 use crate::topology::driver;
 use crate::GpuError;
 
@@ -195,16 +196,32 @@ fn too_many_gpus(gpu: &Gpu) -> GpuError {
 }
 
 /// Pinned host (and, with `TIDEWIRE_DESCRIPTORS_IN_HOST=0`, device) staging for one launch's
-/// descriptor array.
+/// descriptor array. Dropping it frees the buffers: staging the GPU may still read (a job or
+/// pending copy that never completed) is [`Staging::leak`]ed instead.
 struct Staging {
-    host: *mut Seg,
-    /// 0 when the kernel reads `host` directly.
-    dev: u64,
+    host: PinnedHost,
+    /// `None` when the kernel reads `host` directly.
+    dev: Option<DeviceAllocation>,
+    /// Descriptors the buffers hold.
     cap: usize,
 }
 
-// SAFETY: the buffers are owned by this value and used by one launch at a time.
-unsafe impl Send for Staging {}
+impl Staging {
+    fn host(&self) -> *mut Seg {
+        self.host.ptr() as *mut Seg
+    }
+
+    /// The device copy's address; 0 when there is none.
+    fn dev(&self) -> u64 {
+        self.dev.as_ref().map_or(0, DeviceAllocation::ptr)
+    }
+
+    /// Gives up the buffers without freeing them: the GPU may still read them, so they must
+    /// be neither freed nor reused.
+    fn leak(self) {
+        std::mem::forget(self);
+    }
+}
 
 /// Streams, events and staging of one GPU.
 pub struct Copier {
@@ -298,25 +315,17 @@ impl Copier {
                 return Ok(pool.swap_remove(i));
             }
         }
-        let cuda = driver()?;
         let cap = n.next_power_of_two().max(1024);
         let bytes = cap * size_of::<Seg>();
-        let mut host: *mut c_void = std::ptr::null_mut();
-        // SAFETY: out-pointer to a local; PORTABLE | DEVICEMAP.
-        cuda.check("cuMemHostAlloc", unsafe { (cuda.host_alloc)(&mut host, bytes, 3) })?;
+        let host = PinnedHost::new(self.gpu, bytes)?;
         // The device copy of the descriptors exists only when the kernel does not read them
-        // from the pinned host buffer.
-        let mut dev = 0u64;
-        if !descriptors_in_host() {
-            // SAFETY: out-pointer to a local.
-            let r = unsafe { (cuda.mem_alloc)(&mut dev, bytes) };
-            if let Err(e) = cuda.check("cuMemAlloc", r) {
-                // SAFETY: frees the host buffer allocated above.
-                unsafe { (cuda.host_free)(host) };
-                return Err(e);
-            }
-        }
-        Ok(Staging { host: host.cast(), dev, cap })
+        // from the pinned host buffer. If its allocation fails, `host` is freed on return.
+        let dev = if descriptors_in_host() {
+            None
+        } else {
+            Some(DeviceAllocation::new(self.gpu, bytes)?)
+        };
+        Ok(Staging { host, dev, cap })
     }
 
     /// Starts a job on the next of this GPU's streams, ordered after `after` (a caller's
@@ -372,13 +381,14 @@ impl Job {
         }
         let Some(f) = func else { return Ok(()) };
         let st = copier.staging(small)?;
-        let (host, dev) = (st.host, st.dev);
+        let (host, dev) = (st.host(), st.dev());
         // Owned by the job from here: the GPU may read it once the copy below is enqueued.
         self.staging.push(st);
         let mut n = 0usize;
         let mut total = 0u64;
         for s in segs.iter().filter(|s| s.len < COPY_ENGINE_MIN) {
-            // SAFETY: `n < small <= cap`; the host buffer is ours until the event fires.
+            // SAFETY: `n < small <= cap`, and the pinned buffer (page-aligned) holds `cap`
+            // descriptors; it is ours until the event fires.
             unsafe { host.add(n).write(*s) };
             n += 1;
             total += s.len;
@@ -454,9 +464,9 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
-        // Unfinished (an enqueue failed): the GPU may still read the staging; `Staging`
-        // frees nothing on drop, so forgetting it here leaks it, never reuses it.
-        self.staging.clear();
+        // Unfinished (an enqueue failed): the GPU may still read the staging, so it is
+        // leaked, never freed nor reused.
+        self.staging.drain(..).for_each(Staging::leak);
     }
 }
 
@@ -490,8 +500,7 @@ impl Drop for Pending {
         // A pending value dropped before completion (a failed GPU) leaks its staging rather
         // than hand a buffer the GPU may still read to the next launch.
         if !matches!(self.is_done(), Ok(true)) {
-            // `Staging` frees nothing on drop: not returning it to the pool leaks it.
-            self.staging.clear();
+            self.staging.drain(..).for_each(Staging::leak);
             return;
         }
         if let Ok(mut v) = self.copier.events.lock() {
@@ -500,5 +509,32 @@ impl Drop for Pending {
         if let Ok(mut pool) = self.copier.staging.lock() {
             pool.append(&mut self.staging);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::tests::recording;
+    use crate::memory::Teardown;
+
+    #[test]
+    fn leaked_staging_is_never_freed_and_dropped_staging_is() {
+        let gpu = Gpu::fake(0);
+        let staging = |p: u64| Staging {
+            // SAFETY: made-up pointers; the recorder intercepts their teardown.
+            host: unsafe { PinnedHost::from_raw(gpu, p) },
+            // SAFETY: as above.
+            dev: Some(unsafe { DeviceAllocation::from_raw(gpu, p + 1) }),
+            cap: 1024,
+        };
+        let (calls, _) = recording(&[], || {
+            staging(0xa000).leak();
+            drop(staging(0xb000));
+        });
+        assert_eq!(
+            calls.iter().map(|c| c.1).collect::<Vec<_>>(),
+            [Teardown::FreeHost { ptr: 0xb000 }, Teardown::Free { ptr: 0xb001 }]
+        );
     }
 }

@@ -105,4 +105,16 @@ impl Gpu {
         cuda.check("cuCtxPushCurrent", unsafe { (cuda.ctx_push)(self.ctx) })?;
         Ok(Entered { cuda })
     }
+
+    /// A GPU value with no context, for tests of teardown order that never reach the driver.
+    #[cfg(test)]
+    pub(crate) fn fake(ordinal: u32) -> &'static Gpu {
+        Box::leak(Box::new(Gpu {
+            ordinal,
+            dev: ordinal as CuDevice,
+            ctx: std::ptr::null_mut(),
+            sm_count: 1,
+            cc: (9, 0),
+        }))
+    }
 }

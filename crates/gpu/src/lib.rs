@@ -9,6 +9,11 @@
 //! registration. [`share`] exports and imports device memory between processes (CUDA IPC,
 //! VMM POSIX-FD, VMM FABRIC), [`alloc`] makes transferable memory, [`copy`] moves bytes with
 //! the copy engine or one gather-kernel launch.
+//!
+//! Every allocation and mapping is an owning value (`memory.rs`: a VMM mapping holds an `Arc`
+//! of its physical allocation; dropping it unmaps, frees the address range, then releases);
+//! a driver call that fails while giving memory back is logged with its name, never a panic.
+//! Failures are one typed [`GpuError`] naming the failing call, its code and its name.
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)]
@@ -19,6 +24,8 @@ pub mod copy;
 mod device;
 #[allow(unsafe_code)]
 mod ffi;
+#[allow(unsafe_code)]
+mod memory;
 #[allow(unsafe_code)]
 pub mod share;
 #[allow(unsafe_code)]

@@ -9,6 +9,7 @@ use tidewire_core::memory::{Location, MemoryKind};
 
 use crate::device::Gpu;
 use crate::ffi::{self, Cuda, MemAllocationProp, Nvml, NvmlFabricInfoV2};
+use crate::memory::{HandleKind, PhysicalAllocation};
 use crate::GpuError;
 
 /// One GPU as the driver describes it.
@@ -254,26 +255,17 @@ fn fabric_probe(cuda: &Cuda, index: u32, dev: ffi::CuDevice) -> Result<(), Strin
 }
 
 fn fabric_probe_on(cuda: &Cuda, index: u32, dev: ffi::CuDevice) -> Result<(), GpuError> {
-    let _ctx = Gpu::get(index)?.enter()?;
-    let prop = MemAllocationProp::device(dev, ffi::HANDLE_FABRIC, false);
+    let gpu = Gpu::get(index)?;
+    let _ctx = gpu.enter()?;
+    let prop = MemAllocationProp::device(dev, HandleKind::Fabric.bits(), false);
     let mut gran = 0usize;
     // SAFETY: valid prop and out-pointer; flag 0 = minimum granularity.
     cuda.check("cuMemGetAllocationGranularity(FABRIC)", unsafe {
         (cuda.mem_granularity)(&mut gran, &prop, 0)
     })?;
-    let mut handle = 0u64;
-    // SAFETY: valid prop and out-pointer; the handle is released below on success.
-    cuda.check("cuMemCreate(FABRIC)", unsafe {
-        (cuda.mem_create)(&mut handle, gran.max(2 << 20), &prop, 0)
-    })?;
-    let mut fabric_handle = [0u8; 64];
-    // SAFETY: a 64-byte CUmemFabricHandle buffer for a FABRIC export of a live handle.
-    let exported = unsafe {
-        (cuda.mem_export)(fabric_handle.as_mut_ptr().cast(), handle, ffi::HANDLE_FABRIC, 0)
-    };
-    // SAFETY: `handle` came from cuMemCreate and is released exactly once.
-    unsafe { (cuda.mem_release)(handle) };
-    cuda.check("cuMemExportToShareableHandle(FABRIC)", exported)
+    // Released when `alloc` drops, whether the export succeeds or not.
+    let alloc = PhysicalAllocation::create(gpu, &prop, gran.max(2 << 20))?;
+    alloc.export_fabric().map(|_| ())
 }
 
 /// Classifies a pointer through the driver's pointer attributes (see `crate::classify`).
