@@ -12,13 +12,18 @@ pub mod batch;
 pub mod descriptor;
 pub mod error;
 pub mod fabric;
+pub mod handshake;
 pub mod ids;
+pub mod lease;
 pub mod memory;
 pub mod paged;
 pub mod resp;
 pub mod select;
 pub mod shmwire;
+#[cfg(test)]
+mod sim;
 pub mod size;
+pub mod stall;
 pub mod wire;
 
 pub use error::CoreError;
