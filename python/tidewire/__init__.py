@@ -35,11 +35,13 @@ from ._native import (
     OsError,
     PeerFailed,
     PeerUnreachable,
+    Plan,
     ProtocolError,
     RegistrationError,
     RemoteAccessDenied,
     SegmentNotFound,
     ShuttingDown,
+    StalePlan,
     TidewireError,
     Timeout,
 )
@@ -61,6 +63,7 @@ __all__ = [
     "Notification",
     "OsError",
     "PeerStatus",
+    "Plan",
     "PeerFailed",
     "PeerUnreachable",
     "ProtocolError",
@@ -68,6 +71,7 @@ __all__ = [
     "RemoteAccessDenied",
     "SegmentNotFound",
     "ShuttingDown",
+    "StalePlan",
     "TidewireError",
     "Timeout",
     "allocation",
@@ -222,6 +226,53 @@ class Engine:
              timeout: Optional[float] = None, stream: Optional[int] = None) -> None:
         """Reads the peer's ranges into local memory and waits; raises on failure."""
         self.submit(peer, "read", local, remote, lengths, None, timeout, stream).wait()
+
+    def register_layout(self, name: str, layers: Any, pages: int, page_size: int) -> None:
+        """Registers the paged layout `name` (a KV cache): one page array per layer, each
+        `pages` pages of `page_size` bytes, at `layers` (base addresses, or objects with a
+        `data_ptr()` such as torch tensors), all inside memory registered with this engine.
+        Peers find it by name in this engine's descriptor."""
+        addrs = [x.data_ptr() if hasattr(x, "data_ptr") else int(x) for x in layers]
+        self._native.register_layout(name, addrs, pages, page_size)
+
+    def unregister_layout(self, name: str) -> None:
+        self._native.unregister_layout(name)
+
+    def transfer_pages(
+        self,
+        peer: str,
+        op: str,
+        local_layout: str,
+        remote_layout: str,
+        local_pages: Descriptors,
+        remote_pages: Descriptors,
+        timeout: Optional[float] = None,
+        stream: Optional[int] = None,
+        complete_on: Optional[int] = None,
+    ) -> Batch:
+        """Moves `local_pages[i]` of this engine's layout to or from `remote_pages[i]` of the
+        peer's layout, in every layer, without waiting. Page indices are arrays (numpy, DLPack
+        or lists of ints, never one object per page); consecutive pages move as one request."""
+        return self._native.transfer_pages(peer, op, local_layout, remote_layout, local_pages,
+                                           remote_pages, timeout, stream, complete_on)
+
+    def prepare(self, peer: str, op: str, local: Descriptors, remote: Descriptors,
+                lengths: Descriptors) -> Plan:
+        """Checks and plans a batch once; run it with `execute` as often as needed."""
+        return self._native.prepare(peer, op, local, remote, lengths)
+
+    def prepare_pages(self, peer: str, op: str, local_layout: str, remote_layout: str,
+                      local_pages: Descriptors, remote_pages: Descriptors) -> Plan:
+        """`transfer_pages`, planned once for `execute`."""
+        return self._native.prepare_pages(peer, op, local_layout, remote_layout, local_pages,
+                                          remote_pages)
+
+    def execute(self, plan: Plan, notify: Optional[Tuple[str, str]] = None,
+                timeout: Optional[float] = None, stream: Optional[int] = None,
+                complete_on: Optional[int] = None) -> Batch:
+        """Runs a prepared plan as one batch; raises `StalePlan` (nothing moved) when a peer
+        of it restarted or died or a local region of it was unregistered."""
+        return self._native.execute(plan, notify, timeout, stream, complete_on)
 
     def notifications(self) -> list:
         """Notifications received so far (oldest first), as `Notification` tuples."""

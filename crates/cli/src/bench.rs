@@ -99,6 +99,11 @@ pub(crate) struct BenchArgs {
     /// sides) instead of laying them out in order.
     #[arg(long)]
     scatter: bool,
+    /// How each round is issued: `submit` (the requests planned every batch), `prepared`
+    /// (planned once with `prepare`, then `execute` every batch), `paged` (page index arrays
+    /// against layouts registered on both sides, `transfer_pages`).
+    #[arg(long, default_value = "submit", value_parser = ["submit", "prepared", "paged"])]
+    api: String,
 }
 
 fn gpu_kind(name: &str) -> Option<tidewire::gpu::alloc::AllocKind> {
@@ -248,6 +253,12 @@ fn run_target(args: &BenchArgs) -> anyhow::Result<()> {
         Some(d) => gpu_buffer(&engine, len, d, &args.gpu_mem)?,
         None => engine.allocate_shared(len).context("allocating the target buffer")?,
     };
+    // One layout per block size over the whole buffer, for `--api paged`.
+    for &block in &plan.blocks {
+        if len / block > 0 {
+            engine.register_layout(&format!("bench-{block}"), &[addr], len / block, block)?;
+        }
+    }
     let raw =
         TcpListener::bind((args.host.as_str(), 0)).context("binding the raw-tcp baseline port")?;
     let raw_addr = raw.local_addr()?;
@@ -565,9 +576,11 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
                         remote: remote + r,
                     })
                     .collect();
+                let mine = (local, span);
+                let issue = Issue::new(engine_ref, &args.api, peer, plan.op, block, t, mine, reqs)?;
                 let round: Round<'_> = Box::new(move || -> anyhow::Result<Stamp> {
                     let t0 = Instant::now();
-                    let batch = engine_ref.submit(&reqs, BatchOptions::default())?;
+                    let batch = issue.run(engine_ref)?;
                     let submitted = t0.elapsed();
                     batch.wait()?;
                     Ok(Stamp { submitted, phases: Some(batch.timings()) })
@@ -717,6 +730,64 @@ impl Baseline {
     }
 }
 
+/// How a thread issues its rounds (`--api`).
+enum Issue {
+    Submit(Vec<Request>),
+    Prepared(tidewire::Plan),
+    Paged {
+        peer: tidewire::PeerId,
+        op: Op,
+        local: String,
+        remote: String,
+        lp: Vec<u64>,
+        rp: Vec<u64>,
+    },
+}
+
+impl Issue {
+    /// Thread `t`'s way of issuing `reqs` (its batch of `block`-byte requests; its local
+    /// buffer is `span` bytes at `base`).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        engine: &Engine,
+        api: &str,
+        peer: tidewire::PeerId,
+        op: Op,
+        block: u64,
+        t: usize,
+        (base, span): (u64, u64),
+        reqs: Vec<Request>,
+    ) -> anyhow::Result<Self> {
+        match api {
+            "prepared" => Ok(Self::Prepared(engine.prepare(&reqs)?)),
+            "paged" => {
+                let remote_base = engine
+                    .peer_descriptor(peer)?
+                    .layout(&format!("bench-{block}"))
+                    .and_then(|l| l.layers.first().copied())
+                    .context("the target published no bench layout for this block size")?;
+                let local = format!("bench-{block}-t{t}");
+                engine.register_layout(&local, &[base], span / block, block)?;
+                let lp = reqs.iter().map(|r| (r.local - base) / block).collect();
+                let rp = reqs.iter().map(|r| (r.remote - remote_base) / block).collect();
+                Ok(Self::Paged { peer, op, local, remote: format!("bench-{block}"), lp, rp })
+            }
+            _ => Ok(Self::Submit(reqs)),
+        }
+    }
+
+    fn run(&self, engine: &Engine) -> tidewire::Result<tidewire::BatchHandle> {
+        let opts = BatchOptions::default();
+        match self {
+            Self::Submit(reqs) => engine.submit(reqs, opts),
+            Self::Prepared(plan) => engine.execute(plan, opts),
+            Self::Paged { peer, op, local, remote, lp, rp } => {
+                engine.transfer_pages(*peer, *op, local, remote, lp, rp, opts)
+            }
+        }
+    }
+}
+
 fn report(
     args: &BenchArgs,
     transport: &str,
@@ -742,6 +813,7 @@ fn report(
         "p50_us": p50,
         "p99_us": p99,
         "submit_p50_us": sub_p50,
+        "api": args.api,
     });
     // Where the time of a GPU batch went (p50 of each point, from submit).
     let mut phase_cols = String::new();
@@ -774,6 +846,9 @@ fn report(
     }
     base_cols.push(' ');
     base_cols.push_str(&baseline.describe());
+    if args.api != "submit" {
+        base_cols.push_str(&format!("; api {}", args.api));
+    }
     if args.json {
         println!("{line}");
     } else {

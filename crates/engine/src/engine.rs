@@ -862,6 +862,7 @@ impl Engine {
             conn,
             peer: r.peer,
             region: RemoteRegion { id: region.id, addr: region.addr, len: region.len },
+            prepared: None,
         })
     }
 

@@ -15,6 +15,7 @@ use crate::batch::BatchHandle;
 use crate::engine::{BatchOptions, Engine};
 use crate::error::{Error, Result};
 use crate::request::{Request, Step};
+use crate::transport::nvlink::PreparedRun;
 
 /// Transfers planned once by [`Engine::prepare`], run by [`Engine::execute`].
 pub struct Plan {
@@ -60,8 +61,12 @@ impl Engine {
         let mut runs = Vec::new();
         let mut i = 0;
         while i < requests.len() {
-            let step = self.plan(&requests[i])?;
+            let mut step = self.plan(&requests[i])?;
             let end = step.run_end(requests, i + 1);
+            if step.gpu.is_some() {
+                // Its descriptors are written once, on the first execution.
+                step.prepared = Some(Arc::new(PreparedRun::new(end)));
+            }
             runs.push((i, step));
             i = end;
         }

@@ -10,7 +10,7 @@ use tidewire_core::{PeerId, RegionId};
 
 use crate::peer::PeerConn;
 use crate::registry::RegionEntry;
-use crate::transport::nvlink::GpuRoute;
+use crate::transport::nvlink::{GpuRoute, PreparedRun};
 
 /// READ copies remote bytes into local memory; WRITE copies local bytes to the remote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,6 +42,8 @@ pub(crate) struct Step {
     pub(crate) conn: Arc<PeerConn>,
     pub(crate) peer: PeerId,
     pub(crate) region: RemoteRegion,
+    /// Set by `Engine::prepare` for GPU runs: the run's end and its descriptors once written.
+    pub(crate) prepared: Option<Arc<PreparedRun>>,
 }
 
 /// The remote region a request lies in (what the transports need of its descriptor).

@@ -420,3 +420,43 @@ fn a_mapped_gpu_peer_is_written_through_its_device_pointer_and_its_flag_drops_at
         common::eventually(Duration::from_secs(10), || free_on_gpu1() + (64 << 20) >= free_before);
     assert!(back, "the dead peer's memory on cuda:1 is back once the handle is dropped");
 }
+
+#[test]
+#[ignore = "needs two CUDA GPUs with peer access on one host; scripts/gpu-test.sh runs it"]
+fn a_prepared_gpu_plan_runs_many_times_and_goes_stale_when_the_peer_dies() {
+    require_two_gpus();
+    const LEN: u64 = 16 << 20;
+    let page = 4096u64;
+    let pages = 2048u64;
+    let (mut child, engine, peer, mine) = pair("vmm", LEN, 51, EngineConfig::default());
+    let back = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let scatter = |op: Op, local: u64| -> Vec<Request> {
+        (0..pages)
+            .map(|i| Request {
+                op,
+                local: local + i * page,
+                len: page,
+                peer,
+                remote: child.addr + ((i * 7919) % pages) * page,
+            })
+            .collect()
+    };
+    let writes = engine.prepare(&scatter(Op::Write, mine)).unwrap();
+    let reads = engine.prepare(&scatter(Op::Read, back)).unwrap();
+    for round in 0..100u64 {
+        let data = random_bytes((pages * page) as usize, 1000 + round);
+        fill(mine, &data);
+        fill(back, &vec![0xA5; (pages * page) as usize]);
+        engine.execute(&writes, BatchOptions::default()).unwrap().wait().unwrap();
+        engine.execute(&reads, BatchOptions::default()).unwrap().wait().unwrap();
+        assert!(fetch(back, pages * page) == data, "round {round}: every byte");
+    }
+    let _ = child.child.kill();
+    let _ = child.child.wait();
+    let stale = common::eventually(Duration::from_secs(2), || {
+        matches!(engine.execute(&writes, BatchOptions::default()), Err(Error::StalePlan { .. }))
+    });
+    assert!(stale, "a plan of a dead peer is stale");
+    drop((writes, reads));
+    assert!(common::eventually(Duration::from_secs(5), || status(&engine, peer).mappings == 0));
+}

@@ -11,7 +11,7 @@
 
 use std::ffi::{c_char, c_uint, c_void, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::device::Gpu;
 use crate::ffi::{self, CuEvent, CuFunction, CuStream, Nvrtc};
@@ -223,6 +223,52 @@ impl Staging {
     }
 }
 
+/// One launch of the gather kernel over `n` descriptors at `descriptors` (device-readable),
+/// moving `total` bytes, on `stream`.
+///
+/// # Safety
+/// The descriptors must stay readable, and the ranges they name valid, until the work
+/// enqueued on `stream` completes; `f` is the gather kernel of `gpu`, whose context is current.
+unsafe fn launch_gather(
+    cuda: &ffi::Cuda,
+    gpu: &Gpu,
+    f: CuFunction,
+    stream: CuStream,
+    descriptors: u64,
+    n: usize,
+    total: u64,
+) -> Result<(), GpuError> {
+    let avg = total / n.max(1) as u64;
+    let (fixed, per_sm) = gather_shape();
+    let threads: c_uint = match fixed {
+        0 if avg <= 8192 => 256,
+        0 => 512,
+        t => t,
+    };
+    let grid = (n as u32).min(gpu.sm_count * per_sm).max(1);
+    let mut dev_arg = descriptors;
+    let mut n_arg = n as c_uint;
+    let mut params: [*mut c_void; 2] =
+        [(&mut dev_arg as *mut u64).cast(), (&mut n_arg as *mut c_uint).cast()];
+    // SAFETY: the kernel's two parameters are (const Seg*, unsigned int); the caller vouches
+    // for the descriptors and the ranges.
+    cuda.check("cuLaunchKernel(tw_gather)", unsafe {
+        (cuda.launch)(
+            f,
+            grid,
+            1,
+            1,
+            threads,
+            1,
+            1,
+            0,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    })
+}
+
 /// Streams, events and staging of one GPU.
 pub struct Copier {
     gpu: &'static Gpu,
@@ -243,7 +289,46 @@ pub struct Pending {
     copier: &'static Copier,
     event: CuEvent,
     staging: Vec<Staging>,
+    /// Prepared descriptors the work reads, kept until it completed.
+    prepared: Vec<Arc<Prepared>>,
 }
+
+/// Descriptors written once into pinned, device-mapped memory (a prepared plan's GPU part),
+/// launched as often as needed without being written again. Read-only once made; each job
+/// that launches it holds an `Arc` until its work completed, so it is freed only when no GPU
+/// work can read it.
+pub struct Prepared {
+    copier: &'static Copier,
+    /// Runs for the copy engine (at least [`COPY_ENGINE_MIN`] bytes, or a lone small one).
+    big: Vec<Seg>,
+    /// The gather kernel's descriptors, with their count and total bytes.
+    small: Option<(Staging, usize, u64)>,
+}
+
+impl Prepared {
+    /// Descriptors in the set.
+    pub fn len(&self) -> usize {
+        self.big.len() + self.small.as_ref().map_or(0, |(_, n, _)| *n)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // No job holds it any more: its buffers go back to the pool.
+        if let (Some((st, _, _)), Ok(mut pool)) = (self.small.take(), self.copier.staging.lock()) {
+            pool.push(st);
+        }
+    }
+}
+
+// SAFETY: the staging buffers are owned and read-only after `Copier::prepare`.
+unsafe impl Send for Prepared {}
+// SAFETY: as above: shared access only reads the addresses.
+unsafe impl Sync for Prepared {}
 
 /// Work being enqueued on one stream: push descriptors, then [`Job::finish`]. A job dropped
 /// unfinished leaks its staging (the GPU may still read it) rather than reuse it.
@@ -255,6 +340,7 @@ pub struct Job {
     streams: Vec<CuStream>,
     pushes: usize,
     staging: Vec<Staging>,
+    prepared: Vec<Arc<Prepared>>,
 }
 
 // SAFETY: the stream is an opaque driver handle; staging is owned.
@@ -353,11 +439,47 @@ impl Copier {
                 v.push(e);
             }
         }
-        Ok(Job { copier: self, streams, pushes: 0, staging: Vec::new() })
+        Ok(Job { copier: self, streams, pushes: 0, staging: Vec::new(), prepared: Vec::new() })
+    }
+
+    /// Writes `segs` once into pinned memory for [`Job::push_prepared`]: runs of at least
+    /// [`COPY_ENGINE_MIN`] bytes go to the copy engine, the rest to the gather kernel.
+    pub fn prepare(&'static self, segs: &[Seg]) -> Result<Arc<Prepared>, GpuError> {
+        let small: Vec<Seg> = segs.iter().filter(|s| s.len < COPY_ENGINE_MIN).copied().collect();
+        let kernel_ok = small.len() >= 2 && kernel(self.gpu).is_ok();
+        let big: Vec<Seg> =
+            segs.iter().filter(|s| !kernel_ok || s.len >= COPY_ENGINE_MIN).copied().collect();
+        if !kernel_ok {
+            return Ok(Arc::new(Prepared { copier: self, big, small: None }));
+        }
+        let st = self.staging(small.len())?;
+        let host = st.host();
+        for (i, s) in small.iter().enumerate() {
+            // SAFETY: `i < small.len() <= cap`; the pinned buffer holds `cap` descriptors and
+            // nothing else uses it (fresh from the pool, not yet launched).
+            unsafe { host.add(i).write(*s) };
+        }
+        if !descriptors_in_host() {
+            let cuda = driver()?;
+            let _ctx = self.gpu.enter()?;
+            let bytes = small.len() * size_of::<Seg>();
+            // SAFETY: pinned host source and device destination of `bytes`, both owned by
+            // `st`; synchronous, done before any launch reads it.
+            cuda.check("cuMemcpy(prepared descriptors)", unsafe {
+                (cuda.memcpy)(st.dev(), host as u64, bytes)
+            })?;
+        }
+        let total = small.iter().map(|s| s.len).sum();
+        Ok(Arc::new(Prepared { copier: self, big, small: Some((st, small.len(), total)) }))
     }
 }
 
 impl Job {
+    /// The copier of the job's GPU (for [`Copier::prepare`]).
+    pub fn copier(&self) -> &'static Copier {
+        self.copier
+    }
+
     /// Enqueues copies of `segs` on the job's stream, after everything pushed before: runs
     /// of at least [`COPY_ENGINE_MIN`] bytes on the copy engine, the rest (two or more) in one
     /// gather-kernel launch.
@@ -406,35 +528,54 @@ impl Job {
             })?;
             dev
         };
-        let avg = total / n.max(1) as u64;
-        let (fixed, per_sm) = gather_shape();
-        let threads: c_uint = match fixed {
-            0 if avg <= 8192 => 256,
-            0 => 512,
-            t => t,
+        // SAFETY: the descriptors are written (or copied earlier on `stream`) and owned by
+        // the job until its event completes; the caller vouches for the ranges they name.
+        unsafe { launch_gather(cuda, copier.gpu, f, stream, descriptors, n, total) }
+    }
+
+    /// Enqueues a prepared set (see [`Copier::prepare`]) after everything pushed before: its
+    /// copy-engine runs, then the gather kernel over its descriptors, in two launches on the
+    /// job's streams (the second starts while the first's last blocks finish).
+    ///
+    /// # Safety
+    /// As for [`Job::push`], for every descriptor of the set.
+    pub unsafe fn push_prepared(&mut self, set: &Arc<Prepared>) -> Result<(), GpuError> {
+        let cuda = driver()?;
+        let copier = self.copier;
+        if !std::ptr::eq(set.copier, copier) {
+            return Err(GpuError::Invalid { what: "a prepared set of another GPU".into() });
+        }
+        let _ctx = copier.gpu.enter()?;
+        // Held from here: the GPU may read the descriptors once a launch is enqueued.
+        self.prepared.push(set.clone());
+        let first = self.streams[self.pushes % self.streams.len()];
+        for s in &set.big {
+            // SAFETY: the caller guarantees both ranges; unified addressing resolves them.
+            cuda.check("cuMemcpyAsync", unsafe {
+                (cuda.memcpy_async)(s.dst, s.src, s.len as usize, first)
+            })?;
+        }
+        let Some((st, n, total)) = &set.small else {
+            self.pushes += 1;
+            return Ok(());
         };
-        let grid = (n as u32).min(copier.gpu.sm_count * per_sm).max(1);
-        let mut dev_arg = descriptors;
-        let mut n_arg = n as c_uint;
-        let mut params: [*mut c_void; 2] =
-            [(&mut dev_arg as *mut u64).cast(), (&mut n_arg as *mut c_uint).cast()];
-        // SAFETY: the kernel's two parameters are (const Seg*, unsigned int); the descriptor
-        // copy precedes the launch on the same stream.
-        cuda.check("cuLaunchKernel(tw_gather)", unsafe {
-            (cuda.launch)(
-                f,
-                grid,
-                1,
-                1,
-                threads,
-                1,
-                1,
-                0,
-                stream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        })
+        let f = kernel(copier.gpu)?;
+        let base = if descriptors_in_host() { st.host() as u64 } else { st.dev() };
+        let half = if *n >= 2 * 1024 { n / 2 } else { *n };
+        for (from, count) in [(0, half), (half, n - half)] {
+            if count == 0 {
+                continue;
+            }
+            let stream = self.streams[self.pushes % self.streams.len()];
+            self.pushes += 1;
+            let at = base + (from * size_of::<Seg>()) as u64;
+            let bytes = total / *n as u64 * count as u64;
+            // SAFETY: `[from, from+count)` lies inside the set's `n` descriptors, which the
+            // job holds (`prepared`) until its event completes; the caller vouches for the
+            // ranges they name.
+            unsafe { launch_gather(cuda, copier.gpu, f, stream, at, count, bytes) }?;
+        }
+        Ok(())
     }
 
     /// Records the completion event after everything pushed (on every stream used).
@@ -458,7 +599,12 @@ impl Job {
         let event = copier.event()?;
         // SAFETY: live event and stream.
         cuda.check("cuEventRecord", unsafe { (cuda.event_record)(event, last) })?;
-        Ok(Pending { copier, event, staging: std::mem::take(&mut self.staging) })
+        Ok(Pending {
+            copier,
+            event,
+            staging: std::mem::take(&mut self.staging),
+            prepared: std::mem::take(&mut self.prepared),
+        })
     }
 }
 
@@ -467,6 +613,7 @@ impl Drop for Job {
         // Unfinished (an enqueue failed): the GPU may still read the staging, so it is
         // leaked, never freed nor reused.
         self.staging.drain(..).for_each(Staging::leak);
+        self.prepared.drain(..).for_each(std::mem::forget);
     }
 }
 
@@ -501,6 +648,7 @@ impl Drop for Pending {
         // than hand a buffer the GPU may still read to the next launch.
         if !matches!(self.is_done(), Ok(true)) {
             self.staging.drain(..).for_each(Staging::leak);
+            self.prepared.drain(..).for_each(std::mem::forget);
             return;
         }
         if let Ok(mut v) = self.copier.events.lock() {

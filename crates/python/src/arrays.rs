@@ -176,6 +176,11 @@ impl U64Array<'_> {
         matches!(self, Self::Scalar(_))
     }
 
+    /// Every value, copied out (a scalar is one value).
+    pub(crate) fn to_vec(&self) -> PyResult<Vec<u64>> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
+
     pub(crate) fn get(&self, i: usize) -> PyResult<u64> {
         match self {
             Self::Owned(v) => {

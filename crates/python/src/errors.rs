@@ -36,6 +36,7 @@ exceptions! {
     ShuttingDown(TidewireError, "The engine or the peer is shutting down."),
     ProtocolError(TidewireError, "A peer spoke the protocol wrongly."),
     OsError(TidewireError, "An operating-system call failed."),
+    StalePlan(TidewireError, "A prepared plan no longer holds (a peer restarted or died, a region was unregistered): prepare it again."),
     InternalError(TidewireError, "A bug in tidewire."),
 }
 
@@ -66,6 +67,7 @@ pub(crate) fn to_py(e: tidewire::Error) -> PyErr {
         E::ShuttingDown { .. } => ShuttingDown::new_err(msg),
         E::Decode(_) | E::Protocol { .. } => ProtocolError::new_err(msg),
         E::Io { .. } => OsError::new_err(msg),
+        E::StalePlan { .. } => StalePlan::new_err(msg),
         E::Internal(_) => InternalError::new_err(msg),
         _ => TidewireError::new_err(msg),
     }

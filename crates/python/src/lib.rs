@@ -71,6 +71,43 @@ impl Drop for PyEngine {
     }
 }
 
+impl PyEngine {
+    /// The requests of descriptor arrays (the peer opened by name).
+    fn requests(
+        &self,
+        py: Python<'_>,
+        peer: &str,
+        op: &str,
+        local: &U64Array,
+        remote: &U64Array,
+        lengths: &U64Array,
+    ) -> PyResult<Vec<Request>> {
+        let op = parse_op(op)?;
+        let n = local.len();
+        if remote.len() != n || !(lengths.len() == n || lengths.is_scalar()) {
+            return Err(errors::invalid(format!(
+                "descriptor arrays differ in length: local {n}, remote {}, lengths {}",
+                remote.len(),
+                lengths.len()
+            )));
+        }
+        let engine = self.engine()?;
+        let peer = peer.to_string();
+        let peer_id = detached(py, move || engine.open_segment(&peer))?;
+        let mut reqs = Vec::with_capacity(n);
+        for i in 0..n {
+            reqs.push(Request {
+                op,
+                local: local.get(i)?,
+                len: lengths.get(i)?,
+                peer: peer_id,
+                remote: remote.get(i)?,
+            });
+        }
+        Ok(reqs)
+    }
+}
+
 #[pymethods]
 impl PyEngine {
     /// Starts an engine. `metadata` is "p2p" (default) or "http://host:port/metadata".
@@ -271,32 +308,118 @@ impl PyEngine {
         stream: Option<u64>,
         complete_on: Option<u64>,
     ) -> PyResult<PyBatch> {
-        let op = parse_op(op)?;
-        let n = local.len();
-        if remote.len() != n || !(lengths.len() == n || lengths.is_scalar()) {
-            return Err(errors::invalid(format!(
-                "descriptor arrays differ in length: local {n}, remote {}, lengths {}",
-                remote.len(),
-                lengths.len()
-            )));
-        }
-        let engine = self.engine()?;
-        let peer = peer.to_string();
-        let peer_id = detached(py, move || engine.open_segment(&peer))?;
-        let mut reqs = Vec::with_capacity(n);
-        for i in 0..n {
-            reqs.push(Request {
-                op,
-                local: local.get(i)?,
-                len: lengths.get(i)?,
-                peer: peer_id,
-                remote: remote.get(i)?,
-            });
-        }
+        let reqs = self.requests(py, peer, op, &local, &remote, &lengths)?;
         let timeout = timeout.map(Duration::from_secs_f64);
         let opts = BatchOptions { notify, timeout, stream, complete_on };
         let engine = self.engine()?;
         let handle = detached(py, move || engine.submit(&reqs, opts))?;
+        Ok(PyBatch { handle })
+    }
+
+    /// Registers the paged layout `name`: page arrays at `layers` (base addresses), `pages`
+    /// pages of `page_size` bytes each, inside registered memory; peers find it by name.
+    fn register_layout(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        layers: U64Array,
+        pages: u64,
+        page_size: u64,
+    ) -> PyResult<()> {
+        let (engine, name, layers) = (self.engine()?, name.to_string(), layers.to_vec()?);
+        detached(py, move || engine.register_layout(&name, &layers, pages, page_size))
+    }
+
+    fn unregister_layout(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        let (engine, name) = (self.engine()?, name.to_string());
+        detached(py, move || engine.unregister_layout(&name))
+    }
+
+    /// Moves `local_pages[i]` of this engine's layout `local_layout` to or from
+    /// `remote_pages[i]` of the peer's layout `remote_layout`, every layer, consecutive pages
+    /// as one request; returns the batch.
+    #[pyo3(signature = (peer, op, local_layout, remote_layout, local_pages, remote_pages, timeout=None, stream=None, complete_on=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_pages(
+        &self,
+        py: Python<'_>,
+        peer: &str,
+        op: &str,
+        local_layout: &str,
+        remote_layout: &str,
+        local_pages: U64Array,
+        remote_pages: U64Array,
+        timeout: Option<f64>,
+        stream: Option<u64>,
+        complete_on: Option<u64>,
+    ) -> PyResult<PyBatch> {
+        let op = parse_op(op)?;
+        let (lp, rp) = (local_pages.to_vec()?, remote_pages.to_vec()?);
+        let (engine, peer) = (self.engine()?, peer.to_string());
+        let (ll, rl) = (local_layout.to_string(), remote_layout.to_string());
+        let timeout = timeout.map(Duration::from_secs_f64);
+        let opts = BatchOptions { notify: None, timeout, stream, complete_on };
+        let handle = detached(py, move || {
+            let id = engine.open_segment(&peer)?;
+            engine.transfer_pages(id, op, &ll, &rl, &lp, &rp, opts)
+        })?;
+        Ok(PyBatch { handle })
+    }
+
+    /// Plans a batch of descriptors once, for `execute` (same arguments as `submit`).
+    fn prepare(
+        &self,
+        py: Python<'_>,
+        peer: &str,
+        op: &str,
+        local: U64Array,
+        remote: U64Array,
+        lengths: U64Array,
+    ) -> PyResult<PyPlan> {
+        let reqs = self.requests(py, peer, op, &local, &remote, &lengths)?;
+        let engine = self.engine()?;
+        let plan = detached(py, move || engine.prepare(&reqs))?;
+        Ok(PyPlan { plan: Arc::new(plan) })
+    }
+
+    /// Plans a page transfer once, for `execute` (same arguments as `transfer_pages`).
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_pages(
+        &self,
+        py: Python<'_>,
+        peer: &str,
+        op: &str,
+        local_layout: &str,
+        remote_layout: &str,
+        local_pages: U64Array,
+        remote_pages: U64Array,
+    ) -> PyResult<PyPlan> {
+        let op = parse_op(op)?;
+        let (lp, rp) = (local_pages.to_vec()?, remote_pages.to_vec()?);
+        let (engine, peer) = (self.engine()?, peer.to_string());
+        let (ll, rl) = (local_layout.to_string(), remote_layout.to_string());
+        let plan = detached(py, move || {
+            let id = engine.open_segment(&peer)?;
+            engine.prepare_pages(id, op, &ll, &rl, &lp, &rp)
+        })?;
+        Ok(PyPlan { plan: Arc::new(plan) })
+    }
+
+    /// Runs a prepared plan as one batch.
+    #[pyo3(signature = (plan, notify=None, timeout=None, stream=None, complete_on=None))]
+    fn execute(
+        &self,
+        py: Python<'_>,
+        plan: &PyPlan,
+        notify: Option<(String, String)>,
+        timeout: Option<f64>,
+        stream: Option<u64>,
+        complete_on: Option<u64>,
+    ) -> PyResult<PyBatch> {
+        let (engine, plan) = (self.engine()?, plan.plan.clone());
+        let timeout = timeout.map(Duration::from_secs_f64);
+        let opts = BatchOptions { notify, timeout, stream, complete_on };
+        let handle = detached(py, move || engine.execute(&plan, opts))?;
         Ok(PyBatch { handle })
     }
 
@@ -354,6 +477,32 @@ impl PyEngine {
             engine.shutdown();
             Ok(())
         })
+    }
+}
+
+/// A plan prepared by `Engine.prepare` / `Engine.prepare_pages`.
+#[pyclass(frozen, module = "tidewire._native", name = "Plan")]
+struct PyPlan {
+    plan: Arc<tidewire::Plan>,
+}
+
+#[pymethods]
+impl PyPlan {
+    /// Requests in the plan (after coalescing, for page plans).
+    fn __len__(&self) -> usize {
+        self.plan.requests().len()
+    }
+
+    /// Runs of consecutive requests between the same two regions.
+    #[getter]
+    fn runs(&self) -> usize {
+        self.plan.runs()
+    }
+
+    /// Bytes one execution moves.
+    #[getter]
+    fn bytes(&self) -> u64 {
+        self.plan.bytes()
     }
 }
 
@@ -506,6 +655,7 @@ fn last_allocation_failure() -> Option<String> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyBatch>()?;
+    m.add_class::<PyPlan>()?;
     m.add_class::<PyMetadataServer>()?;
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;

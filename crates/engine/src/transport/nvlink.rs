@@ -28,7 +28,7 @@ use tidewire_core::descriptor::{handle_from_hex, handle_to_hex, Reach};
 use tidewire_core::memory::Location;
 use tidewire_core::select::{GpuFacts, TransportKind};
 use tidewire_core::RegionId;
-use tidewire_gpu::copy::{Copier, Job, Pending, Seg};
+use tidewire_gpu::copy::{Copier, Job, Pending, Prepared, Seg};
 use tidewire_gpu::share::{self, Exportable, Imported, Shareable};
 use tidewire_gpu::Gpu;
 
@@ -360,6 +360,19 @@ fn gpu_failed(entered: &[(Arc<NvlinkClient>, Arc<RemoteGpu>)], exec: u32, what: 
     }
 }
 
+/// A prepared plan's GPU run: where it ends, and its descriptors once written (keyed by the
+/// mapping of the peer's memory they were translated into).
+pub(crate) struct PreparedRun {
+    pub(crate) end: usize,
+    cache: Mutex<Option<(std::sync::Weak<RemoteGpu>, Arc<Prepared>)>>,
+}
+
+impl PreparedRun {
+    pub(crate) fn new(end: usize) -> Self {
+        Self { end, cache: Mutex::new(None) }
+    }
+}
+
 /// A run refused before anything of it was enqueued, named after its peer, transport and GPU.
 fn refused(step: &Step, exec: u32, what: String) -> Error {
     let reason = format!("cuda:{exec}: {what}");
@@ -634,6 +647,9 @@ impl<'a> Launcher<'a> {
             }
         };
         let remote = lane.resolved[k].remote.clone();
+        if let Some(prepared) = step.prepared.as_ref() {
+            return lane.push_prepared(batch, step, prepared, &remote, requests, from);
+        }
         // Remote addresses move from the owner's mapping to ours.
         let shift = remote.import.ptr().wrapping_sub(remote.base);
         let mut i = from;
@@ -748,6 +764,66 @@ impl Lane {
         if let Err(e) = pushed {
             self.failed = Some(e);
         }
+    }
+
+    /// Launches a prepared run (`requests[from..prepared.end]`, resolved as `remote`): its
+    /// descriptors, translated into our mapping of the peer's memory, are written into pinned
+    /// memory on the first execution and only launched on the next ones. Returns the run's end.
+    fn push_prepared(
+        &mut self,
+        batch: &Batch,
+        step: &Step,
+        prepared: &PreparedRun,
+        remote: &Arc<RemoteGpu>,
+        requests: &[Request],
+        from: usize,
+    ) -> usize {
+        let end = prepared.end;
+        if !self.segs.is_empty() {
+            self.launch(batch);
+        }
+        let set = self.job.as_ref().map_err(Clone::clone).and_then(|job| {
+            let mut cache = prepared.cache.lock();
+            match cache.as_ref().filter(|(w, _)| w.as_ptr() == Arc::as_ptr(remote)) {
+                Some((_, set)) => Ok(set.clone()),
+                None => {
+                    let shift = remote.import.ptr().wrapping_sub(remote.base);
+                    let segs: Vec<Seg> = requests[from..end]
+                        .iter()
+                        .map(|r| {
+                            let there = r.remote.wrapping_add(shift);
+                            match r.op {
+                                Op::Write => Seg { src: r.local, dst: there, len: r.len },
+                                Op::Read => Seg { src: there, dst: r.local, len: r.len },
+                            }
+                        })
+                        .collect();
+                    let set = job.copier().prepare(&segs).map_err(|e| e.to_string())?;
+                    *cache = Some((Arc::downgrade(remote), set.clone()));
+                    Ok(set)
+                }
+            }
+        });
+        let pushed = match (&mut self.job, set) {
+            #[allow(unsafe_code)]
+            // SAFETY: as in `launch`: local ranges pinned by `pins`, remote ranges inside the
+            // import `remote` (kept alive by `resolved`; the cache is keyed by it, so the
+            // descriptors name this very mapping), inside the owner's region (checked when
+            // the plan was prepared) and not revoked (checked by `enter` in `resolve`).
+            (Ok(job), Ok(set)) => unsafe { job.push_prepared(&set) }.map_err(|e| e.to_string()),
+            (_, Err(e)) => Err(e),
+            (Err(e), _) => Err(e.clone()),
+        };
+        batch.mark(Mark::FirstLaunch);
+        match pushed {
+            Ok(()) => self.runs.push(from..end),
+            Err(e) => {
+                let err = refused(step, self.exec, format!("launching a prepared plan: {e}"));
+                self.failed = Some(e);
+                batch.fail_runs(std::slice::from_ref(&(from..end)), err);
+            }
+        }
+        end
     }
 
     /// Finishes the job and says what became of it.
