@@ -59,21 +59,30 @@ pub struct PageRun {
 }
 
 /// Coalesces page pairs `(local[i], remote[i])` into runs where both sides advance by one.
-/// The arrays must have the same length (checked by [`page_ranges`]).
+/// The arrays must have the same length (checked by [`check_pages`]).
 pub fn coalesce(local: &[u64], remote: &[u64]) -> Vec<PageRun> {
-    let mut runs: Vec<PageRun> = Vec::new();
-    for (&l, &r) in local.iter().zip(remote) {
-        match runs.last_mut() {
-            Some(run)
-                if run.local.checked_add(run.count) == Some(l)
-                    && run.remote.checked_add(run.count) == Some(r) =>
-            {
-                run.count += 1
-            }
-            _ => runs.push(PageRun { local: l, remote: r, count: 1 }),
+    let mut runs = Vec::new();
+    for_each_run(local, remote, |run| runs.push(run));
+    runs
+}
+
+/// As [`coalesce`], handing each run to `f` (no allocation: the hot path of page transfers).
+#[inline]
+pub fn for_each_run(local: &[u64], remote: &[u64], mut f: impl FnMut(PageRun)) {
+    let mut pairs = local.iter().copied().zip(remote.iter().copied());
+    let Some((l0, r0)) = pairs.next() else { return };
+    let mut run = PageRun { local: l0, remote: r0, count: 1 };
+    for (l, r) in pairs {
+        // Wrapping: a run never reaches the end of the u64 range (indices are checked against
+        // the layouts before any address is made), so a wrapped sum never matches.
+        if run.local.wrapping_add(run.count) == l && run.remote.wrapping_add(run.count) == r {
+            run.count += 1;
+        } else {
+            f(run);
+            run = PageRun { local: l, remote: r, count: 1 };
         }
     }
-    runs
+    f(run);
 }
 
 /// One contiguous range to move: `(local address, remote address, length)`.
@@ -87,6 +96,40 @@ pub fn page_ranges(
     local_pages: &[u64],
     remote_pages: &[u64],
 ) -> Result<Vec<PageRange>, CoreError> {
+    let mut out = Vec::new();
+    for_each_range(local, remote, local_pages, remote_pages, |l, r, len| out.push((l, r, len)))?;
+    Ok(out)
+}
+
+/// As [`page_ranges`], handing each range `(local address, remote address, length)` to `f`
+/// (no allocation). Nothing is handed over unless every index is valid.
+pub fn for_each_range(
+    local: &LayoutDescriptor,
+    remote: &LayoutDescriptor,
+    local_pages: &[u64],
+    remote_pages: &[u64],
+    mut f: impl FnMut(u64, u64, u64),
+) -> Result<(), CoreError> {
+    check_pages(local, remote, local_pages, remote_pages)?;
+    let size = local.page_size;
+    for (&lb, &rb) in local.layers.iter().zip(&remote.layers) {
+        // Indices are below `pages` and `pages * page_size` fits (validated layouts), so
+        // none of these overflow.
+        for_each_run(local_pages, remote_pages, |r| {
+            f(lb + r.local * size, rb + r.remote * size, r.count * size)
+        });
+    }
+    Ok(())
+}
+
+/// Checks that the page arrays pair up, every index lies inside its layout, and the two
+/// layouts have the same shape.
+pub fn check_pages(
+    local: &LayoutDescriptor,
+    remote: &LayoutDescriptor,
+    local_pages: &[u64],
+    remote_pages: &[u64],
+) -> Result<(), CoreError> {
     let bad = |reason: String| Err(CoreError::Pages { reason });
     if local_pages.len() != remote_pages.len() {
         return bad(format!(
@@ -117,17 +160,7 @@ pub fn page_ranges(
             ));
         }
     }
-    let runs = coalesce(local_pages, remote_pages);
-    let size = local.page_size;
-    let mut out = Vec::with_capacity(runs.len() * local.layers.len());
-    for (&lb, &rb) in local.layers.iter().zip(&remote.layers) {
-        // Indices are below `pages` and `pages * page_size` fits (validated layouts), so
-        // none of these overflow.
-        out.extend(
-            runs.iter().map(|r| (lb + r.local * size, rb + r.remote * size, r.count * size)),
-        );
-    }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

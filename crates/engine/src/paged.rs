@@ -2,7 +2,9 @@
 //! engine's regions and published with its descriptor; pages moved between two layouts by
 //! index arrays, consecutive pages coalesced into one request (`tidewire_core::paged`).
 
-use tidewire_core::paged::{page_ranges, LayoutDescriptor};
+use std::cell::RefCell;
+
+use tidewire_core::paged::{for_each_range, page_ranges, LayoutDescriptor};
 use tidewire_core::CoreError;
 
 use crate::batch::BatchHandle;
@@ -11,6 +13,11 @@ use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::request::{Op, Request};
 use tidewire_core::PeerId;
+
+thread_local! {
+    /// Requests of the last page transfer made on this thread (reused for its capacity).
+    static SCRATCH: RefCell<Vec<Request>> = const { RefCell::new(Vec::new()) };
+}
 
 impl Engine {
     /// Registers the layout `name`: `layers` page arrays (their base addresses) of `pages`
@@ -75,11 +82,7 @@ impl Engine {
         local_pages: &[u64],
         remote_pages: &[u64],
     ) -> Result<Vec<Request>> {
-        let mine = self.inner.layouts.lock().iter().find(|l| l.name == local).cloned();
-        let mine = mine.ok_or_else(|| Error::InvalidArgument {
-            reason: format!("no local layout {local:?} (register_layout first)"),
-        })?;
-        let theirs = self.peer_layout(peer, remote)?;
+        let (mine, theirs) = self.layouts(peer, local, remote)?;
         let ranges = page_ranges(&mine, &theirs, local_pages, remote_pages).map_err(invalid)?;
         Ok(ranges
             .into_iter()
@@ -100,8 +103,19 @@ impl Engine {
         remote_pages: &[u64],
         opts: BatchOptions,
     ) -> Result<BatchHandle> {
-        let reqs = self.page_requests(peer, op, local, remote, local_pages, remote_pages)?;
-        self.submit(&reqs, opts)
+        let (mine, theirs) = self.layouts(peer, local, remote)?;
+        // The requests are built into this thread's scratch vector, whose capacity stays
+        // from one transfer to the next (a 16,384-page transfer allocates nothing).
+        SCRATCH.with(|scratch| {
+            let mut reqs = scratch.take();
+            reqs.clear();
+            let built = for_each_range(&mine, &theirs, local_pages, remote_pages, |l, r, len| {
+                reqs.push(Request { op, local: l, len, peer, remote: r })
+            });
+            let submitted = built.map_err(invalid).and_then(|()| self.submit(&reqs, opts));
+            scratch.replace(reqs);
+            submitted
+        })
     }
 
     /// As [`Engine::transfer_pages`], planned once for repeated execution.
@@ -116,6 +130,20 @@ impl Engine {
     ) -> Result<Plan> {
         let reqs = self.page_requests(peer, op, local, remote, local_pages, remote_pages)?;
         self.prepare(&reqs)
+    }
+
+    /// This engine's layout `local` and the peer's layout `remote`.
+    fn layouts(
+        &self,
+        peer: PeerId,
+        local: &str,
+        remote: &str,
+    ) -> Result<(LayoutDescriptor, LayoutDescriptor)> {
+        let mine = self.inner.layouts.lock().iter().find(|l| l.name == local).cloned();
+        let mine = mine.ok_or_else(|| Error::InvalidArgument {
+            reason: format!("no local layout {local:?} (register_layout first)"),
+        })?;
+        Ok((mine, self.peer_layout(peer, remote)?))
     }
 
     /// The peer's layout `name`, re-reading its descriptor once if the cached one lacks it.
