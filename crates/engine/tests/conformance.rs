@@ -1,0 +1,239 @@
+//! One conformance suite, the same test bodies run against every CPU transport (`local`, `shm`,
+//! `tcp`; the GPU transports run theirs in gpu.rs on a GPU host): round trips with poisoned
+//! destinations, scattered batches with per-request statuses, notifications after the data,
+//! refusals, prepared plans. Peer death and restart per transport are in liveness.rs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{peek, poke, random_bytes, registered};
+use tidewire::core::select::TransportKind;
+use tidewire::{BatchOptions, Engine, Error, Op, PeerId, Request, RequestStatus};
+
+const POISON: u8 = 0xA5;
+
+/// A transport under test: an initiator, a target (the same engine for `local`) and the
+/// target's memory that this transport reaches.
+struct Setup {
+    initiator: Engine,
+    /// `None` for `local`: the target is the initiator.
+    target: Option<Engine>,
+    peer: PeerId,
+    remote: u64,
+    len: usize,
+    _keep: Vec<tidewire::HostBuffer>,
+}
+
+impl Setup {
+    fn new(via: TransportKind, len: usize) -> Self {
+        let cfg = match via {
+            TransportKind::Tcp => {
+                common::config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
+            }
+            _ => common::config(),
+        };
+        let initiator = Engine::new(cfg).unwrap();
+        let mut keep = Vec::new();
+        let (target, remote) = match via {
+            TransportKind::Local => {
+                let b = registered(&initiator, len, &[]);
+                let a = b.addr();
+                keep.push(b);
+                (None, a)
+            }
+            TransportKind::Shm => {
+                let t = common::engine();
+                let a = t.allocate_shared(len as u64).unwrap();
+                (Some(t), a)
+            }
+            _ => {
+                let t = common::engine();
+                let b = registered(&t, len, &[]);
+                let a = b.addr();
+                keep.push(b);
+                (Some(t), a)
+            }
+        };
+        let name = target.as_ref().map_or(initiator.name(), |t| t.name()).to_string();
+        let peer = initiator.open_segment(&name).unwrap();
+        Self { initiator, target, peer, remote, len, _keep: keep }
+    }
+
+    fn target_engine(&self) -> &Engine {
+        self.target.as_ref().unwrap_or(&self.initiator)
+    }
+
+    /// Local registered memory of `len` bytes filled with `fill`.
+    fn local(&mut self, fill: &[u8]) -> u64 {
+        let b = registered(&self.initiator, self.len, fill);
+        let a = b.addr();
+        self._keep.push(b);
+        a
+    }
+}
+
+fn transport_of(s: &Setup, local: u64) -> Option<TransportKind> {
+    let info = s.initiator.explain_from(s.peer, Some(local)).unwrap();
+    let region = info
+        .regions
+        .iter()
+        .find(|r| r.region.addr <= s.remote && s.remote < r.region.addr + r.region.len)?;
+    region.decision.as_ref().ok().map(|c| c.transport)
+}
+
+fn round_trip(via: TransportKind) {
+    let sizes = [1usize, 4096, 65536 + 3, 5 << 20];
+    let total: usize = sizes.iter().sum();
+    let mut s = Setup::new(via, total);
+    let data = random_bytes(total, 7);
+    let src = s.local(&data);
+    let back = s.local(&vec![POISON; total]);
+    poke(s.remote, &vec![POISON; total]);
+    assert_eq!(transport_of(&s, src), Some(via), "the suite runs on the transport it names");
+    let (mut writes, mut reads, mut off) = (Vec::new(), Vec::new(), 0u64);
+    for n in sizes {
+        let n = n as u64;
+        writes.push(Request {
+            op: Op::Write,
+            local: src + off,
+            len: n,
+            peer: s.peer,
+            remote: s.remote + off,
+        });
+        reads.push(Request {
+            op: Op::Read,
+            local: back + off,
+            len: n,
+            peer: s.peer,
+            remote: s.remote + off,
+        });
+        off += n;
+    }
+    s.initiator.transfer_sync(&writes, BatchOptions::default()).unwrap();
+    assert!(peek(s.remote, total) == data, "{via}: the target holds exactly the written bytes");
+    s.initiator.transfer_sync(&reads, BatchOptions::default()).unwrap();
+    assert!(peek(back, total) == data, "{via}: every byte read back");
+}
+
+fn scattered_batch_statuses(via: TransportKind) {
+    let (pages, page) = (256usize, 4096usize);
+    let mut s = Setup::new(via, pages * page);
+    let data = random_bytes(pages * page, 8);
+    let src = s.local(&data);
+    poke(s.remote, &vec![POISON; pages * page]);
+    let reqs: Vec<Request> = (0..pages)
+        .map(|i| Request {
+            op: Op::Write,
+            local: src + (i * page) as u64,
+            len: page as u64,
+            peer: s.peer,
+            remote: s.remote + (((i * 97) % pages) * page) as u64,
+        })
+        .collect();
+    let h = s.initiator.submit(&reqs, BatchOptions::default()).unwrap();
+    h.wait().unwrap();
+    assert!(h.statuses().iter().all(|st| *st == RequestStatus::Done));
+    let there = peek(s.remote, pages * page);
+    for i in 0..pages {
+        let j = (i * 97) % pages;
+        assert!(
+            there[j * page..(j + 1) * page] == data[i * page..(i + 1) * page],
+            "{via}: page {i}"
+        );
+    }
+}
+
+fn notification_after_the_data(via: TransportKind) {
+    let mut s = Setup::new(via, 1 << 20);
+    let data = random_bytes(1 << 20, 9);
+    let src = s.local(&data);
+    let req = Request { op: Op::Write, local: src, len: 1 << 20, peer: s.peer, remote: s.remote };
+    let opts = BatchOptions { notify: Some(("kv".into(), "layer-0".into())), ..Default::default() };
+    s.initiator.transfer_sync(&[req], opts).unwrap();
+    let target = s.target_engine();
+    let got = common::eventually(std::time::Duration::from_secs(5), || {
+        target.take_notifications().iter().any(|n| n.name == "kv" && n.message == "layer-0")
+    });
+    assert!(got, "{via}: the notification arrived");
+    assert!(peek(s.remote, 1 << 20) == data, "{via}: with the data visible");
+}
+
+fn refusals_name_the_range(via: TransportKind) {
+    let mut s = Setup::new(via, 8192);
+    let src = s.local(&[1; 8192]);
+    // Past the end of the peer's region: refused at submit (nothing moved).
+    let outside =
+        Request { op: Op::Write, local: src, len: 8192, peer: s.peer, remote: s.remote + 4096 };
+    let err = s.initiator.submit(&[outside], BatchOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{via}: {err}");
+    // A local range that is not registered.
+    let unregistered =
+        Request { op: Op::Write, local: 0x1000, len: 16, peer: s.peer, remote: s.remote };
+    let err = s.initiator.submit(&[unregistered], BatchOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::NotRegistered { .. }), "{via}: {err}");
+    let empty = s.initiator.submit(&[], BatchOptions::default()).unwrap_err();
+    assert!(matches!(empty, Error::InvalidArgument { .. }), "{via}: {empty}");
+}
+
+fn prepared_plan_many_times(via: TransportKind) {
+    let mut s = Setup::new(via, 64 * 4096);
+    let src = s.local(&[]);
+    let reqs: Vec<Request> = (0..64u64)
+        .map(|i| Request {
+            op: Op::Write,
+            local: src + i * 4096,
+            len: 4096,
+            peer: s.peer,
+            remote: s.remote + ((i * 13) % 64) * 4096,
+        })
+        .collect();
+    let plan = s.initiator.prepare(&reqs).unwrap();
+    for round in 0..50u64 {
+        let data = random_bytes(64 * 4096, round);
+        poke(src, &data);
+        s.initiator.execute(&plan, BatchOptions::default()).unwrap().wait().unwrap();
+        for r in plan.requests() {
+            let off = (r.local - src) as usize;
+            assert!(peek(r.remote, 4096) == data[off..off + 4096], "{via}: round {round}");
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($module:ident => $via:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn round_trip() {
+                super::round_trip($via)
+            }
+
+            #[test]
+            fn scattered_batch_statuses() {
+                super::scattered_batch_statuses($via)
+            }
+
+            #[test]
+            fn notification_after_the_data() {
+                super::notification_after_the_data($via)
+            }
+
+            #[test]
+            fn refusals_name_the_range() {
+                super::refusals_name_the_range($via)
+            }
+
+            #[test]
+            fn prepared_plan_many_times() {
+                super::prepared_plan_many_times($via)
+            }
+        }
+    )*};
+}
+
+conformance! {
+    local => TransportKind::Local,
+    shm => TransportKind::Shm,
+    tcp => TransportKind::Tcp,
+}
