@@ -67,14 +67,18 @@ pub fn coalesce(local: &[u64], remote: &[u64]) -> Vec<PageRun> {
 }
 
 /// As [`coalesce`], handing each run to `f` (no allocation: the hot path of page transfers).
+/// Returns the largest local and remote index seen, so the caller can check them without a
+/// second pass.
 #[inline]
-pub fn for_each_run(local: &[u64], remote: &[u64], mut f: impl FnMut(PageRun)) {
+pub fn for_each_run(local: &[u64], remote: &[u64], mut f: impl FnMut(PageRun)) -> (u64, u64) {
     let mut pairs = local.iter().copied().zip(remote.iter().copied());
-    let Some((l0, r0)) = pairs.next() else { return };
+    let Some((l0, r0)) = pairs.next() else { return (0, 0) };
     let mut run = PageRun { local: l0, remote: r0, count: 1 };
+    let (mut max_l, mut max_r) = (l0, r0);
     for (l, r) in pairs {
-        // Wrapping: a run never reaches the end of the u64 range (indices are checked against
-        // the layouts before any address is made), so a wrapped sum never matches.
+        max_l = max_l.max(l);
+        max_r = max_r.max(r);
+        // Wrapping: an index that would wrap is out of range and refused by the caller.
         if run.local.wrapping_add(run.count) == l && run.remote.wrapping_add(run.count) == r {
             run.count += 1;
         } else {
@@ -83,6 +87,7 @@ pub fn for_each_run(local: &[u64], remote: &[u64], mut f: impl FnMut(PageRun)) {
         }
     }
     f(run);
+    (max_l, max_r)
 }
 
 /// One contiguous range to move: `(local address, remote address, length)`.
@@ -97,34 +102,39 @@ pub fn page_ranges(
     remote_pages: &[u64],
 ) -> Result<Vec<PageRange>, CoreError> {
     let mut out = Vec::new();
-    for_each_range(local, remote, local_pages, remote_pages, |l, r, len| out.push((l, r, len)))?;
+    for_each_range(local, remote, local_pages, remote_pages, |_, l, r, len| out.push((l, r, len)))?;
     Ok(out)
 }
 
-/// As [`page_ranges`], handing each range `(local address, remote address, length)` to `f`
-/// (no allocation). Nothing is handed over unless every index is valid.
+/// As [`page_ranges`], handing each range `(layer, local address, remote address, length)`
+/// to `f`, layer by layer (no allocation; one pass over the indices per layer). The indices are
+/// checked in the same pass: on `Err`, what was handed over must be discarded (its
+/// addresses are meaningless), as `page_ranges` does.
 pub fn for_each_range(
     local: &LayoutDescriptor,
     remote: &LayoutDescriptor,
     local_pages: &[u64],
     remote_pages: &[u64],
-    mut f: impl FnMut(u64, u64, u64),
+    mut f: impl FnMut(usize, u64, u64, u64),
 ) -> Result<(), CoreError> {
-    check_pages(local, remote, local_pages, remote_pages)?;
+    check_shapes(local, remote, local_pages, remote_pages)?;
     let size = local.page_size;
-    for (&lb, &rb) in local.layers.iter().zip(&remote.layers) {
-        // Indices are below `pages` and `pages * page_size` fits (validated layouts), so
-        // none of these overflow.
-        for_each_run(local_pages, remote_pages, |r| {
-            f(lb + r.local * size, rb + r.remote * size, r.count * size)
+    for (layer, (&lb, &rb)) in local.layers.iter().zip(&remote.layers).enumerate() {
+        // Wrapping arithmetic: an index past the layout makes a meaningless address, which
+        // the check below refuses before anyone uses it.
+        let (max_l, max_r) = for_each_run(local_pages, remote_pages, |r| {
+            let (l, rr) = (r.local.wrapping_mul(size), r.remote.wrapping_mul(size));
+            f(layer, lb.wrapping_add(l), rb.wrapping_add(rr), r.count.wrapping_mul(size))
         });
+        if !local_pages.is_empty() && (max_l >= local.pages || max_r >= remote.pages) {
+            return check_pages(local, remote, local_pages, remote_pages);
+        }
     }
     Ok(())
 }
 
-/// Checks that the page arrays pair up, every index lies inside its layout, and the two
-/// layouts have the same shape.
-pub fn check_pages(
+/// The page arrays pair up and the two layouts have the same shape.
+fn check_shapes(
     local: &LayoutDescriptor,
     remote: &LayoutDescriptor,
     local_pages: &[u64],
@@ -149,6 +159,19 @@ pub fn check_pages(
             remote.page_size
         ));
     }
+    Ok(())
+}
+
+/// Checks that the page arrays pair up, every index lies inside its layout, and the two
+/// layouts have the same shape.
+pub fn check_pages(
+    local: &LayoutDescriptor,
+    remote: &LayoutDescriptor,
+    local_pages: &[u64],
+    remote_pages: &[u64],
+) -> Result<(), CoreError> {
+    let bad = |reason: String| Err(CoreError::Pages { reason });
+    check_shapes(local, remote, local_pages, remote_pages)?;
     for (pages, layout) in [(local_pages, local), (remote_pages, remote)] {
         // One branch-free pass; the slow search for the culprit only on failure.
         let max = pages.iter().copied().max().unwrap_or(0);

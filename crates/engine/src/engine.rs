@@ -863,6 +863,7 @@ impl Engine {
             peer: r.peer,
             region: RemoteRegion { id: region.id, addr: region.addr, len: region.len },
             prepared: None,
+            known_end: None,
         })
     }
 

@@ -3,6 +3,9 @@
 //! index arrays, consecutive pages coalesced into one request (`tidewire_core::paged`).
 
 use std::cell::RefCell;
+use std::time::Instant;
+
+use tidewire_core::memory::range_within;
 
 use tidewire_core::paged::{for_each_range, page_ranges, LayoutDescriptor};
 use tidewire_core::CoreError;
@@ -11,12 +14,13 @@ use crate::batch::BatchHandle;
 use crate::engine::{BatchOptions, Engine};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-use crate::request::{Op, Request};
+use crate::request::{Op, Request, Step};
 use tidewire_core::PeerId;
 
 thread_local! {
     /// Requests of the last page transfer made on this thread (reused for its capacity).
-    static SCRATCH: RefCell<Vec<Request>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<(Vec<Request>, Vec<usize>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl Engine {
@@ -103,19 +107,59 @@ impl Engine {
         remote_pages: &[u64],
         opts: BatchOptions,
     ) -> Result<BatchHandle> {
+        let started = Instant::now();
         let (mine, theirs) = self.layouts(peer, local, remote)?;
-        // The requests are built into this thread's scratch vector, whose capacity stays
+        // The requests are built into this thread's scratch vectors, whose capacity stays
         // from one transfer to the next (a 16,384-page transfer allocates nothing).
         SCRATCH.with(|scratch| {
-            let mut reqs = scratch.take();
+            let (mut reqs, mut starts) = scratch.take();
             reqs.clear();
-            let built = for_each_range(&mine, &theirs, local_pages, remote_pages, |l, r, len| {
-                reqs.push(Request { op, local: l, len, peer, remote: r })
-            });
-            let submitted = built.map_err(invalid).and_then(|()| self.submit(&reqs, opts));
-            scratch.replace(reqs);
+            starts.clear();
+            let built =
+                for_each_range(&mine, &theirs, local_pages, remote_pages, |layer, l, r, len| {
+                    if starts.len() <= layer {
+                        starts.push(reqs.len());
+                    }
+                    reqs.push(Request { op, local: l, len, peer, remote: r })
+                });
+            let submitted = built
+                .map_err(invalid)
+                .and_then(|()| self.submit_layers(&reqs, &starts, &mine, &theirs, opts, started));
+            scratch.replace((reqs, starts));
             submitted
         })
+    }
+
+    /// Submits the requests of a page transfer: `starts[k]` is where layer `k` begins. Each
+    /// layer lies inside one local and one remote page array; once its first request is
+    /// planned and both arrays are found inside the regions it chose, the whole layer is one
+    /// run, with no per-request scan.
+    fn submit_layers(
+        &self,
+        reqs: &[Request],
+        starts: &[usize],
+        mine: &LayoutDescriptor,
+        theirs: &LayoutDescriptor,
+        opts: BatchOptions,
+        started: Instant,
+    ) -> Result<BatchHandle> {
+        self.check_batch(reqs, &opts)?;
+        let span = mine.layer_len().ok_or(Error::Internal("a validated layout overflows"))?;
+        let plan_at = |i: usize| -> Result<Step> {
+            let mut step = self.plan(&reqs[i])?;
+            if let Some(k) = starts.iter().position(|&s| s == i) {
+                let end = starts.get(k + 1).copied().unwrap_or(reqs.len());
+                let (lb, rb) = (mine.layers[k], theirs.layers[k]);
+                let covers_local = range_within(lb, span, step.local.addr, step.local.len);
+                let covers_remote = range_within(rb, span, step.region.addr, step.region.len);
+                if covers_local && covers_remote {
+                    step.known_end = Some(end);
+                }
+            }
+            Ok(step)
+        };
+        let first = plan_at(0)?;
+        self.dispatch(reqs, opts, started, first, plan_at)
     }
 
     /// As [`Engine::transfer_pages`], planned once for repeated execution.
