@@ -9,7 +9,8 @@
 //! On the wire: `Enter` carries a fresh tag and the region id in `addr`; the `EnterAck` echoes
 //! both, with status `Ok` (marked) or `AccessDenied` (unknown or unregistered region). The mark
 //! is named by that tag: `Leave` carries it back, with the region id, and `LeaveAck` echoes it.
-//! Tags of `Enter`s increase along a connection, which lets the owner recognise a duplicate.
+//! Each `Enter` of a [`LeaseClient`] has a fresh tag, which lets the owner recognise a
+//! duplicate ([`LeaseTable`]).
 //!
 //! Call order for [`LeaseClient`] (the initiator): `new(timeout)`; `submit_enter` /
 //! `submit_leave` at any time; after each, `poll_transmit` until `None` and send the frames in
@@ -293,64 +294,84 @@ impl LeaseClient {
     }
 }
 
+/// Frames an owner remembers per connection to recognise a duplicate.
+const RECENT: usize = 16;
+
 /// The owner's side of one connection: the marks its peer holds. `M` is whatever keeps a
 /// mark taken in the owner (the engine's region entry).
+///
+/// A mark is named by the tag of its `Enter` and cleared by a `Leave` of the same tag and
+/// region; a `Leave` whose tag names no mark clears one mark of its region (clients that
+/// do not reuse the tag). A frame identical to one of the last few answered on the
+/// connection (same kind, tag and region) is a duplicate: it gets the same answer and takes
+/// or clears nothing. Clients that want duplicates recognised use a fresh tag per `Enter`.
 #[derive(Debug)]
 pub struct LeaseTable<M> {
-    held: BTreeMap<u64, (RegionId, M)>,
-    /// The highest `Enter` tag seen: an `Enter` at or below it that holds no mark is a
-    /// duplicate of one already left.
-    highest: u64,
+    held: Vec<(u64, RegionId, M)>,
+    recent: VecDeque<(FrameKind, u64, u64, Status)>,
 }
 
 impl<M> Default for LeaseTable<M> {
     fn default() -> Self {
-        Self { held: BTreeMap::new(), highest: 0 }
+        Self { held: Vec::new(), recent: VecDeque::new() }
     }
 }
 
 impl<M> LeaseTable<M> {
+    fn repeated(&self, h: &Header) -> Option<Status> {
+        self.recent.iter().find(|(k, t, a, _)| (*k, *t, *a) == (h.kind, h.tag, h.addr)).map(|r| r.3)
+    }
+
+    fn remember(&mut self, h: &Header, status: Status) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((h.kind, h.tag, h.addr, status));
+    }
+
     /// An `Enter` arrived; `mark` takes the mark of the region (`None`: unknown or
-    /// unregistered). Returns the `EnterAck` to send. A duplicate takes no second mark.
+    /// unregistered). Returns the `EnterAck` to send.
     pub fn handle_enter(
         &mut self,
         h: &Header,
         mark: impl FnOnce(RegionId) -> Option<M>,
     ) -> [u8; HEADER_LEN] {
+        if let Some(status) = self.repeated(h) {
+            return ack(FrameKind::EnterAck, h, status);
+        }
         let region = RegionId(h.addr);
-        let status = if self.held.get(&h.tag).is_some_and(|(r, _)| *r == region) {
-            Status::Ok
-        } else if h.tag <= self.highest {
-            Status::BadRequest
-        } else {
-            self.highest = h.tag;
-            match mark(region) {
-                Some(m) => {
-                    self.held.insert(h.tag, (region, m));
-                    Status::Ok
-                }
-                None => Status::AccessDenied,
+        let status = match mark(region) {
+            Some(m) => {
+                self.held.push((h.tag, region, m));
+                Status::Ok
             }
+            None => Status::AccessDenied,
         };
+        self.remember(h, status);
         ack(FrameKind::EnterAck, h, status)
     }
 
-    /// A `Leave` arrived. Returns the `LeaveAck` to send and the mark to clear, if it was
-    /// held (a duplicate or unknown `Leave` clears nothing and is answered `BadRequest`).
+    /// A `Leave` arrived. Returns the `LeaveAck` to send and the mark to clear, if one was
+    /// held (else the answer is `BadRequest`).
     pub fn handle_leave(&mut self, h: &Header) -> ([u8; HEADER_LEN], Option<M>) {
-        let region = RegionId(h.addr);
-        match self.held.get(&h.tag) {
-            Some((r, _)) if *r == region => {
-                let m = self.held.remove(&h.tag).map(|(_, m)| m);
-                (ack(FrameKind::LeaveAck, h, Status::Ok), m)
-            }
-            _ => (ack(FrameKind::LeaveAck, h, Status::BadRequest), None),
+        if let Some(status) = self.repeated(h) {
+            return (ack(FrameKind::LeaveAck, h, status), None);
         }
+        let region = RegionId(h.addr);
+        let at = self
+            .held
+            .iter()
+            .position(|(t, r, _)| (*t, *r) == (h.tag, region))
+            .or_else(|| self.held.iter().position(|(_, r, _)| *r == region));
+        let cleared = at.map(|i| self.held.swap_remove(i).2);
+        let status = if cleared.is_some() { Status::Ok } else { Status::BadRequest };
+        self.remember(h, status);
+        (ack(FrameKind::LeaveAck, h, status), cleared)
     }
 
     /// The connection closed: every mark taken on it, to clear.
     pub fn handle_closed(&mut self) -> Vec<M> {
-        std::mem::take(&mut self.held).into_values().map(|(_, m)| m).collect()
+        self.held.drain(..).map(|(_, _, m)| m).collect()
     }
 
     /// Marks held by the peer.
@@ -644,16 +665,22 @@ mod tests {
     }
 
     #[test]
-    fn the_owner_refuses_stale_duplicates() {
-        let mut t: LeaseTable<()> = LeaseTable::default();
-        let enter = Header::new(FrameKind::Enter, 5, 1, 0);
+    fn the_owner_takes_and_clears_nothing_for_a_duplicate() {
+        let mut t: LeaseTable<u64> = LeaseTable::default();
         let status = |b: [u8; HEADER_LEN]| Header::decode(&b).unwrap().status;
-        assert_eq!(status(t.handle_enter(&enter, |_| Some(()))), Status::Ok);
-        assert_eq!(status(t.handle_enter(&enter, |_| panic!("no second mark"))), Status::Ok);
-        let leave = Header::new(FrameKind::Leave, 5, 1, 0);
-        assert!(t.handle_leave(&leave).1.is_some());
-        assert!(t.handle_leave(&leave).1.is_none(), "a duplicate leave clears nothing");
-        assert_eq!(status(t.handle_enter(&enter, |_| panic!("stale"))), Status::BadRequest);
+        let enter = |tag| Header::new(FrameKind::Enter, tag, 1, 0);
+        let leave = |tag| Header::new(FrameKind::Leave, tag, 1, 0);
+        assert_eq!(status(t.handle_enter(&enter(5), |_| Some(5))), Status::Ok);
+        assert_eq!(status(t.handle_enter(&enter(5), |_| panic!("no second mark"))), Status::Ok);
+        assert_eq!(status(t.handle_enter(&enter(6), |_| Some(6))), Status::Ok);
+        assert_eq!(t.handle_leave(&leave(5)).1, Some(5), "the mark named by the tag");
+        let (again, cleared) = t.handle_leave(&leave(5));
+        assert_eq!((status(again), cleared), (Status::Ok, None), "a duplicate clears nothing");
+        assert_eq!(t.len(), 1);
+        // A client that does not reuse the enter's tag clears one mark of the region.
+        assert_eq!(t.handle_leave(&leave(9)).1, Some(6));
+        let (unknown, cleared) = t.handle_leave(&leave(10));
+        assert_eq!((status(unknown), cleared), (Status::BadRequest, None));
         assert!(t.is_empty());
     }
 }
