@@ -557,11 +557,8 @@ impl Engine {
         kind: Option<tidewire_gpu::alloc::AllocKind>,
     ) -> Result<tidewire_gpu::alloc::Allocation> {
         self.check_running()?;
-        let a = tidewire_gpu::alloc::alloc_device(len, device, kind).map_err(|e| {
-            Error::InvalidArgument {
-                reason: format!("allocating {len} bytes on cuda:{device}: {e}"),
-            }
-        })?;
+        let a = tidewire_gpu::alloc::alloc_device(len, device, kind)
+            .map_err(|e| Error::gpu(format!("allocating {len} bytes on cuda:{device}"), e))?;
         let hint = if a.device.is_some() { format!("cuda:{device}") } else { "cpu".into() };
         // SAFETY: the allocation spans at least `len` bytes and is freed only by `free_device`
         // or shutdown, both after unregistering it.
@@ -594,8 +591,7 @@ impl Engine {
         if self.inner.registry.find(addr, 1).is_some_and(|e| e.addr == addr) {
             self.unregister(addr)?;
         }
-        tidewire_gpu::alloc::free(addr)
-            .map_err(|e| Error::InvalidArgument { reason: format!("freeing {addr:#x}: {e}") })
+        tidewire_gpu::alloc::free(addr).map_err(|e| Error::gpu(format!("freeing {addr:#x}"), e))
     }
 
     /// Unregisters (if still registered) and frees a shared allocation.

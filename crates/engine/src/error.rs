@@ -74,6 +74,9 @@ pub enum Error {
     /// it was unregistered. Nothing moved; prepare it again.
     #[error("stale plan: {reason}")]
     StalePlan { reason: String },
+    /// The GPU driver (or NVML, NVRTC) failed; `source` names the call and its error.
+    #[error("{context}: {source}")]
+    Gpu { context: String, source: tidewire_gpu::GpuError },
     /// The caller used the API wrongly.
     #[error("invalid argument: {reason}")]
     InvalidArgument { reason: String },
@@ -82,7 +85,67 @@ pub enum Error {
     Internal(&'static str),
 }
 
+/// The class of an [`Error`], for mapping errors to other worlds (Python exceptions, Mooncake
+/// return codes) with one exhaustive `match`: a new class fails to compile there until it is
+/// mapped, rather than falling into a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    Config,
+    Decode,
+    Bind,
+    Metadata,
+    NameInUse,
+    SegmentNotFound,
+    PeerUnreachable,
+    PeerFailed,
+    RemoteAccessDenied,
+    NotRegistered,
+    Registration,
+    NoTransport,
+    Timeout,
+    Cancelled,
+    ShuttingDown,
+    Protocol,
+    Io,
+    StalePlan,
+    Gpu,
+    InvalidArgument,
+    Internal,
+}
+
 impl Error {
+    /// The error's class (exhaustive: every variant has one).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Config { .. } => ErrorKind::Config,
+            Self::Decode(_) => ErrorKind::Decode,
+            Self::Bind { .. } => ErrorKind::Bind,
+            Self::MetadataUnreachable { .. } | Self::Metadata { .. } => ErrorKind::Metadata,
+            Self::NameInUse { .. } => ErrorKind::NameInUse,
+            Self::SegmentNotFound { .. } => ErrorKind::SegmentNotFound,
+            Self::PeerUnreachable { .. } => ErrorKind::PeerUnreachable,
+            Self::PeerFailed { .. } => ErrorKind::PeerFailed,
+            Self::RemoteAccessDenied { .. } => ErrorKind::RemoteAccessDenied,
+            Self::NotRegistered { .. } => ErrorKind::NotRegistered,
+            Self::Overlap { .. } | Self::LocationMismatch { .. } => ErrorKind::Registration,
+            Self::NoTransport { .. } => ErrorKind::NoTransport,
+            Self::Timeout { .. } => ErrorKind::Timeout,
+            Self::Cancelled { .. } => ErrorKind::Cancelled,
+            Self::ShuttingDown { .. } => ErrorKind::ShuttingDown,
+            Self::Protocol { .. } => ErrorKind::Protocol,
+            Self::Io { .. } => ErrorKind::Io,
+            Self::StalePlan { .. } => ErrorKind::StalePlan,
+            Self::Gpu { .. } => ErrorKind::Gpu,
+            Self::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A GPU failure while doing `context`.
+    pub fn gpu(context: impl Into<String>, source: tidewire_gpu::GpuError) -> Self {
+        Self::Gpu { context: context.into(), source }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, e: &std::io::Error) -> Self {
         Self::Io { context: context.into(), kind: e.kind(), message: e.to_string() }
@@ -112,3 +175,26 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_failures_keep_their_call_and_have_their_own_kind() {
+        let source = tidewire_gpu::GpuError::Driver {
+            call: "cuMemCreate",
+            code: 2,
+            name: "CUDA_ERROR_OUT_OF_MEMORY",
+        };
+        let e = Error::gpu("allocating 4096 bytes on cuda:1", source.clone());
+        assert_eq!(e.kind(), ErrorKind::Gpu);
+        let text = e.to_string();
+        assert!(text.contains("cuda:1") && text.contains("cuMemCreate"), "{text}");
+        assert!(matches!(e, Error::Gpu { source: s, .. } if s == source));
+        let stale = Error::StalePlan { reason: "x".into() };
+        assert_eq!(stale.kind(), ErrorKind::StalePlan);
+        let overlap = Error::Overlap { addr: 0, len: 1, existing_addr: 0, existing_len: 1 };
+        assert_eq!(overlap.kind(), ErrorKind::Registration);
+    }
+}

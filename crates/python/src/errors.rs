@@ -36,6 +36,7 @@ exceptions! {
     ShuttingDown(TidewireError, "The engine or the peer is shutting down."),
     ProtocolError(TidewireError, "A peer spoke the protocol wrongly."),
     OsError(TidewireError, "An operating-system call failed."),
+    GpuError(TidewireError, "The GPU driver failed (the message names the call and its error)."),
     StalePlan(TidewireError, "A prepared plan no longer holds (a peer restarted or died, a region was unregistered): prepare it again."),
     InternalError(TidewireError, "A bug in tidewire."),
 }
@@ -44,31 +45,30 @@ pub(crate) fn invalid(msg: String) -> PyErr {
     InvalidArgument::new_err(msg)
 }
 
-/// Maps an engine error to its Python exception, keeping the message.
+/// Maps an engine error to its Python exception, keeping the message. Exhaustive over
+/// `ErrorKind`: a new kind does not compile here until it is mapped.
 pub(crate) fn to_py(e: tidewire::Error) -> PyErr {
-    use tidewire::Error as E;
+    use tidewire::ErrorKind as K;
     let msg = e.to_string();
-    match e {
-        E::Config { .. } => ConfigError::new_err(msg),
-        E::InvalidArgument { .. } => InvalidArgument::new_err(msg),
-        E::Bind { .. } => BindError::new_err(msg),
-        E::MetadataUnreachable { .. } | E::Metadata { .. } | E::NameInUse { .. } => {
-            MetadataError::new_err(msg)
-        }
-        E::SegmentNotFound { .. } => SegmentNotFound::new_err(msg),
-        E::PeerUnreachable { .. } => PeerUnreachable::new_err(msg),
-        E::PeerFailed { .. } => PeerFailed::new_err(msg),
-        E::RemoteAccessDenied { .. } => RemoteAccessDenied::new_err(msg),
-        E::NotRegistered { .. } => NotRegistered::new_err(msg),
-        E::Overlap { .. } | E::LocationMismatch { .. } => RegistrationError::new_err(msg),
-        E::NoTransport { .. } => NoTransport::new_err(msg),
-        E::Timeout { .. } => Timeout::new_err(msg),
-        E::Cancelled { .. } => Cancelled::new_err(msg),
-        E::ShuttingDown { .. } => ShuttingDown::new_err(msg),
-        E::Decode(_) | E::Protocol { .. } => ProtocolError::new_err(msg),
-        E::Io { .. } => OsError::new_err(msg),
-        E::StalePlan { .. } => StalePlan::new_err(msg),
-        E::Internal(_) => InternalError::new_err(msg),
-        _ => TidewireError::new_err(msg),
+    match e.kind() {
+        K::Config => ConfigError::new_err(msg),
+        K::InvalidArgument => InvalidArgument::new_err(msg),
+        K::Bind => BindError::new_err(msg),
+        K::Metadata | K::NameInUse => MetadataError::new_err(msg),
+        K::SegmentNotFound => SegmentNotFound::new_err(msg),
+        K::PeerUnreachable => PeerUnreachable::new_err(msg),
+        K::PeerFailed => PeerFailed::new_err(msg),
+        K::RemoteAccessDenied => RemoteAccessDenied::new_err(msg),
+        K::NotRegistered => NotRegistered::new_err(msg),
+        K::Registration => RegistrationError::new_err(msg),
+        K::NoTransport => NoTransport::new_err(msg),
+        K::Timeout => Timeout::new_err(msg),
+        K::Cancelled => Cancelled::new_err(msg),
+        K::ShuttingDown => ShuttingDown::new_err(msg),
+        K::Decode | K::Protocol => ProtocolError::new_err(msg),
+        K::Io => OsError::new_err(msg),
+        K::StalePlan => StalePlan::new_err(msg),
+        K::Gpu => GpuError::new_err(msg),
+        K::Internal => InternalError::new_err(msg),
     }
 }
