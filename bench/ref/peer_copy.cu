@@ -35,23 +35,6 @@ __global__ void fill_pattern(uint64_t* words, size_t count, uint64_t seed) {
   }
 }
 
-void enable_peer(int from, int to) {
-  int can = 0;
-  CHECK(cudaDeviceCanAccessPeer(&can, from, to));
-  if (!can) {
-    std::fprintf(stderr, "GPU %d cannot access GPU %d's memory: no peer path to measure\n", from,
-                 to);
-    std::exit(2);
-  }
-  CHECK(cudaSetDevice(from));
-  const cudaError_t r = cudaDeviceEnablePeerAccess(to, 0);
-  if (r == cudaErrorPeerAccessAlreadyEnabled) {
-    (void)cudaGetLastError();  // clears the recorded error; access is on, which is the goal
-  } else {
-    ::ref::check(r, "cudaDeviceEnablePeerAccess", __FILE__, __LINE__);
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -72,7 +55,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%d GPU(s) visible; this reference needs two\n", n);
     return 2;
   }
-  enable_peer(0, 1);
+  ref::enable_peer(0, 1);
   uint8_t* host_a = nullptr;  // pinned: reading back is a stream operation we can bound
   uint8_t* host_b = nullptr;
   CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_a), kProbe));

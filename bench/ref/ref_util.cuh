@@ -37,6 +37,24 @@ inline void wait_event(cudaEvent_t ev, const char* what) {
   }
 }
 
+// Lets GPU `from` access GPU `to`'s memory; exits 2 (nothing to measure) without a peer path.
+inline void enable_peer(int from, int to) {
+  int can = 0;
+  check(cudaDeviceCanAccessPeer(&can, from, to), "cudaDeviceCanAccessPeer", __FILE__, __LINE__);
+  if (!can) {
+    std::fprintf(stderr, "GPU %d cannot access GPU %d's memory: no peer path to measure\n", from,
+                 to);
+    std::exit(2);
+  }
+  check(cudaSetDevice(from), "cudaSetDevice", __FILE__, __LINE__);
+  const cudaError_t r = cudaDeviceEnablePeerAccess(to, 0);
+  if (r == cudaErrorPeerAccessAlreadyEnabled) {
+    (void)cudaGetLastError();  // clears the recorded error; access is on, which is the goal
+  } else {
+    check(r, "cudaDeviceEnablePeerAccess", __FILE__, __LINE__);
+  }
+}
+
 }  // namespace ref
 
 #define CHECK(call) ::ref::check((call), #call, __FILE__, __LINE__)

@@ -121,23 +121,6 @@ struct Setup {
   size_t host_bytes;
 };
 
-void enable_peer(int from, int to) {
-  int can = 0;
-  CHECK(cudaDeviceCanAccessPeer(&can, from, to));
-  if (!can) {
-    std::fprintf(stderr, "GPU %d cannot access GPU %d's memory: no peer path to measure\n", from,
-                 to);
-    std::exit(2);
-  }
-  CHECK(cudaSetDevice(from));
-  const cudaError_t r = cudaDeviceEnablePeerAccess(to, 0);
-  if (r == cudaErrorPeerAccessAlreadyEnabled) {
-    (void)cudaGetLastError();  // clears the recorded error; access is on, which is the goal
-  } else {
-    ::ref::check(r, "cudaDeviceEnablePeerAccess", __FILE__, __LINE__);
-  }
-}
-
 Setup make_setup(size_t max_block) {
   int n = 0;
   CHECK(cudaGetDeviceCount(&n));
@@ -145,7 +128,7 @@ Setup make_setup(size_t max_block) {
     std::fprintf(stderr, "%d GPU(s) visible; this reference needs two\n", n);
     std::exit(2);
   }
-  enable_peer(kSrcDev, kDstDev);
+  ref::enable_peer(kSrcDev, kDstDev);
   Setup s{};
   for (int d = 0; d < 2; d++) {
     CHECK(cudaSetDevice(d));
