@@ -40,6 +40,7 @@ mod notify;
 mod paged;
 mod peer;
 mod plan;
+mod reactor;
 mod registry;
 mod request;
 mod rpc;

@@ -1,18 +1,20 @@
-//! Threads and sockets the engine owns, so shutdown can wake and join every one of them.
+//! Threads and sockets the engine owns, so shutdown can wake and join every one of them,
+//! and the readiness loop (`reactor.rs`) that serves the engine's TCP connections.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::reactor::{self, Reactor};
 
 /// A socket that shutdown must wake.
 pub(crate) enum Wakeable {
-    Tcp(TcpStream),
     Unix(UnixStream),
 }
 
@@ -22,6 +24,8 @@ pub(crate) struct Lifecycle {
     threads: Mutex<Vec<JoinHandle<()>>>,
     sockets: Mutex<HashMap<u64, Wakeable>>,
     next_token: AtomicU64,
+    /// Started on first use.
+    reactor: Mutex<Option<Arc<Reactor>>>,
 }
 
 /// Untracks its socket when dropped.
@@ -53,6 +57,22 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// The engine's readiness loop, started on first use (its threads are joined by
+    /// [`Lifecycle::join_all`]).
+    pub(crate) fn reactor(&self) -> Result<Arc<Reactor>> {
+        let mut slot = self.reactor.lock();
+        if let Some(r) = slot.as_ref() {
+            return Ok(r.clone());
+        }
+        if self.stopping() {
+            return Err(Error::ShuttingDown { who: "this engine".into() });
+        }
+        let r =
+            Arc::new(Reactor::start(reactor::default_threads(), |name, f| self.spawn(name, f))?);
+        *slot = Some(r.clone());
+        Ok(r)
+    }
+
     /// Tracks a socket so that shutdown wakes whoever blocks on it.
     pub(crate) fn track(&self, socket: Wakeable) -> Tracked<'_> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
@@ -60,14 +80,15 @@ impl Lifecycle {
         Tracked { life: self, token }
     }
 
-    /// Marks the engine stopping and shuts every tracked socket down.
+    /// Marks the engine stopping, stops the readiness loop and shuts every tracked socket down.
     pub(crate) fn begin_stop(&self) {
         self.stopping.store(true, Ordering::Release);
+        if let Some(r) = self.reactor.lock().as_ref() {
+            r.stop();
+        }
         for (_, s) in self.sockets.lock().drain() {
-            let _ = match s {
-                Wakeable::Tcp(s) => s.shutdown(Shutdown::Both),
-                Wakeable::Unix(s) => s.shutdown(Shutdown::Both),
-            };
+            let Wakeable::Unix(s) = s;
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 

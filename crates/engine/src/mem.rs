@@ -27,32 +27,6 @@ pub(crate) unsafe fn copy(dst: u64, src: u64, len: u64) {
     unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len as usize) }
 }
 
-/// Writes all of `[addr, addr+len)` to `fd`.
-///
-/// # Safety
-/// The range must stay readable for the duration of the call.
-pub(crate) unsafe fn write_all_raw(fd: &impl AsRawFd, addr: u64, len: u64) -> io::Result<()> {
-    let mut done = 0u64;
-    while done < len {
-        // SAFETY: [addr+done, addr+len) is inside the readable range the caller vouches for.
-        let n = unsafe {
-            libc::write(fd.as_raw_fd(), (addr + done) as *const libc::c_void, (len - done) as usize)
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        done += n as u64;
-    }
-    Ok(())
-}
-
 /// Reads up to `len` bytes from `fd` into `addr`, returning how many arrived (0 at EOF).
 ///
 /// # Safety

@@ -58,7 +58,37 @@ impl Pinned<'_> {
     }
 }
 
+/// A range pinned by an owned guard: unlike [`Pinned`] it can be held across calls and moved
+/// between threads (an I/O loop holds one while a payload streams in or out of the range).
+pub(crate) struct OwnedPinned {
+    addr: u64,
+    len: u64,
+    _guard: OwnedAccess,
+}
+
+impl OwnedPinned {
+    pub(crate) fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+}
+
 impl RegionEntry {
+    /// As [`RegionEntry::pin`], owned, and without waiting: `None` also while an
+    /// unregistration of the region is under way (it would refuse the access a moment later).
+    /// A thread serving many connections never waits here behind an unregistration that
+    /// waits for a pin the same thread holds.
+    pub(crate) fn try_pin_owned(&self, addr: u64, len: u64) -> Option<OwnedPinned> {
+        if !self.contains(addr, len) {
+            return None;
+        }
+        let guard = self.live.try_read_arc()?;
+        (*guard).then_some(OwnedPinned { addr, len, _guard: guard })
+    }
+
     /// A guard if the region is still registered.
     pub(crate) fn access(&self) -> Option<Access<'_>> {
         let g = self.live.read();

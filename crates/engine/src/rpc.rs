@@ -4,25 +4,38 @@
 //! Every remote access is checked against the registry: a range not inside one live
 //! registered region is refused with `AccessDenied`, its payload skipped, the memory untouched.
 //! A malformed, truncated or oversized frame drops that connection only; a connection that
-//! stalls mid-frame longer than the stall deadline is dropped too.
+//! stalls mid-frame (or stops reading our answers) longer than the stall deadline is dropped
+//! too (`tidewire_core::stall`).
+//!
+//! One thread accepts; every connection is then served by the engine's readiness loop
+//! (`reactor.rs`), whose thread count does not depend on how many peers connect. A connection
+//! reads frames only while fewer than [`OUT_LIMIT`] bytes of answers wait to be sent, so a
+//! peer that asks faster than it reads is slowed, not buffered without bound.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use rand::Rng;
-use tidewire_core::wire::{decode_strings, FrameKind, Header, Status, INSTANCE_LEN};
-use tidewire_core::RegionId;
+use tidewire_core::handshake;
+use tidewire_core::lease::{self, LeaseTable};
+use tidewire_core::stall::{StallDetector, Stalled};
+use tidewire_core::wire::{decode_strings, FrameKind, Header, Status, HEADER_LEN, MAX_DATA_FRAME};
 
 use crate::config::EngineConfig;
 use crate::engine::Inner;
 use crate::error::{Error, Result};
-use crate::frames::{FrameReader, FrameWriter, POLL};
-use crate::lifecycle::Wakeable;
+use crate::frames::{Got, Item, RecvBuf, SendQueue, IO_BUFFER, POLL};
 use crate::notify::Notification;
-use crate::registry::RegionEntry;
+use crate::reactor::{Flow, Source};
+use crate::registry::{OwnedPinned, RegionEntry};
 
-const IO_BUFFER: usize = 64 << 10;
+/// Answers queued beyond this stop the reading of further requests until the peer reads.
+const OUT_LIMIT: u64 = 4 << 20;
+/// Bytes received, and bytes sent, per turn of one connection before the loop serves others.
+const BUDGET: u64 = 4 << 20;
 
 /// Binds the RPC port: the configured port, or random ports of the range until one is free.
 /// Only what this returns is ever published.
@@ -63,7 +76,7 @@ pub(crate) fn bind(cfg: &EngineConfig) -> Result<TcpListener> {
     })
 }
 
-/// Accepts connections until the engine stops.
+/// Accepts connections until the engine stops, handing each to the readiness loop.
 pub(crate) fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     for stream in listener.incoming() {
         if inner.life.stopping() {
@@ -77,33 +90,34 @@ pub(crate) fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                 continue;
             }
         };
-        let i2 = inner.clone();
-        if let Err(e) = inner.life.spawn("tw-rpc-conn".into(), move || serve(&i2, stream)) {
-            log::warn!("{}: {e}", inner.name);
+        if let Err(e) = serve(&inner, stream) {
+            if !inner.life.stopping() {
+                log::warn!("{}: {e}", inner.name);
+            }
         }
     }
 }
 
-fn serve(inner: &Inner, stream: TcpStream) {
+fn serve(inner: &Arc<Inner>, stream: TcpStream) -> Result<()> {
     let peer = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
-    let setup = || -> io::Result<(FrameReader, FrameWriter, TcpStream)> {
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(POLL))?;
-        stream.set_write_timeout(Some(inner.config.deadlines.stall))?;
-        let r = FrameReader::new(stream.try_clone()?, IO_BUFFER, inner.config.deadlines.stall);
-        Ok((r, FrameWriter::new(stream.try_clone()?, IO_BUFFER), stream.try_clone()?))
+    let setup = |s: &TcpStream| -> io::Result<()> {
+        s.set_nodelay(true)?;
+        s.set_nonblocking(true)
     };
-    let (mut r, mut w, wake) = match setup() {
-        Ok(x) => x,
-        Err(e) => return log::warn!("{}: connection from {peer}: {e}", inner.name),
-    };
-    let _tracked = inner.life.track(Wakeable::Tcp(wake));
-    match serve_frames(inner, &mut r, &mut w).and_then(|()| w.flush().map_err(ConnError::Io)) {
-        Ok(()) => {}
-        Err(ConnError::Io(e))
-            if inner.life.stopping() || e.kind() == io::ErrorKind::ConnectionReset => {}
-        Err(e) => log::warn!("{}: dropping connection from {peer}: {e}", inner.name),
-    }
+    setup(&stream).map_err(|e| Error::io(format!("setting up the connection from {peer}"), &e))?;
+    let slot = inner.life.reactor()?.slot();
+    let watch = StallDetector::new(Instant::now(), inner.config.deadlines.stall);
+    slot.attach(Box::new(Inbound {
+        inner: inner.clone(),
+        stream,
+        peer,
+        recv: RecvBuf::new(IO_BUFFER),
+        state: Recv::Header,
+        out: SendQueue::default(),
+        watch,
+        leases: LeaseTable::default(),
+        refused: Vec::new(),
+    }))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,41 +128,44 @@ enum ConnError {
     Decode(#[from] tidewire_core::CoreError),
     #[error("unexpected {0:?} frame from an initiator")]
     Unexpected(FrameKind),
+    #[error("{0}")]
+    Stalled(Stalled),
 }
 
-/// In-flight marks a connection's peer took with `Enter`; the ones it did not `Leave` are
-/// cleared when the connection ends (the peer died or gave up), so an `unregister` waiting for
-/// them is never held by a peer that is gone.
-#[derive(Default)]
-struct Leases(Vec<Arc<RegionEntry>>);
-
-impl Leases {
-    fn enter(&mut self, inner: &Inner, id: u64) -> Status {
-        let Some(entry) = inner.registry.by_id(RegionId(id)) else { return Status::AccessDenied };
-        match entry.control() {
-            Some(control) if control.enter_remote() => {
-                self.0.push(entry);
-                Status::Ok
-            }
-            _ => Status::AccessDenied,
-        }
-    }
-
-    fn leave(&mut self, id: u64) -> Status {
-        let Some(at) = self.0.iter().position(|e| e.id == RegionId(id)) else {
-            return Status::BadRequest;
-        };
-        let entry = self.0.swap_remove(at);
-        if let Some(control) = entry.control() {
-            control.leave_remote();
-        }
-        Status::Ok
-    }
+/// Where a payload goes.
+enum Sink {
+    /// A WRITE into registered memory, pinned until the payload is in.
+    Memory(OwnedPinned),
+    /// A control payload (hello, notification).
+    Bytes(Vec<u8>),
+    /// A refused WRITE: skipped, then answered with this status.
+    Discard(Status),
 }
 
-impl Drop for Leases {
+enum Recv {
+    Header,
+    Payload { h: Header, sink: Sink, done: u64 },
+}
+
+/// One inbound connection, on a loop thread.
+struct Inbound {
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    peer: String,
+    recv: RecvBuf,
+    state: Recv,
+    out: SendQueue,
+    watch: StallDetector,
+    /// In-flight marks the peer took with `Enter`; the ones it did not `Leave` are cleared
+    /// when the connection ends (the peer died or gave up), so an `unregister` waiting for
+    /// them is never held by a peer that is gone.
+    leases: LeaseTable<Arc<RegionEntry>>,
+    refused: Vec<u64>,
+}
+
+impl Drop for Inbound {
     fn drop(&mut self) {
-        for entry in self.0.drain(..) {
+        for entry in self.leases.handle_closed() {
             if let Some(control) = entry.control() {
                 control.leave_remote();
             }
@@ -156,89 +173,244 @@ impl Drop for Leases {
     }
 }
 
-fn serve_frames(inner: &Inner, r: &mut FrameReader, w: &mut FrameWriter) -> Result<(), ConnError> {
-    let mut leases = Leases::default();
-    loop {
-        if !r.has_buffered() {
-            w.flush()?;
-        }
-        let Some(raw) = r.next_header(&mut || !inner.life.stopping())? else {
+fn frame(h: Header) -> Item {
+    Item::Frame { header: h.encode(), payload: Vec::new() }
+}
+
+impl Inbound {
+    fn mid_frame(&self) -> bool {
+        !matches!(self.state, Recv::Header) || self.recv.buffered() > 0
+    }
+
+    fn flush(&mut self, now: Instant) -> Result<(), ConnError> {
+        if self.out.is_empty() {
             return Ok(());
-        };
-        let h = Header::decode(&raw)?;
+        }
+        let f = self.out.flush(&self.stream, &mut self.refused, BUDGET)?;
+        self.refused.clear();
+        if f.wrote > 0 {
+            self.watch.handle_sent(now);
+        }
+        self.watch.handle_send_blocked(now, f.blocked);
+        Ok(())
+    }
+
+    /// Reads and serves frames until the socket is drained, a budget runs out or answers
+    /// pile up.
+    fn pump(&mut self, now: Instant, received: &mut u64) -> Result<Flow, ConnError> {
+        loop {
+            if self.recv.buffered() == 0 || self.out.queued_bytes() > OUT_LIMIT {
+                self.flush(now)?;
+            }
+            if self.out.queued_bytes() > OUT_LIMIT {
+                // Resumed when the socket becomes writable.
+                return Ok(Flow::Continue);
+            }
+            if *received >= BUDGET {
+                self.flush(now)?;
+                return Ok(Flow::Again);
+            }
+            match self.step()? {
+                Got::Bytes(n) => *received += n as u64,
+                Got::Blocked => {
+                    self.flush(now)?;
+                    return Ok(Flow::Continue);
+                }
+                Got::Eof if !self.mid_frame() => return Ok(Flow::Close),
+                Got::Eof => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            }
+        }
+    }
+
+    /// One unit of work: a header, or a piece of a payload.
+    fn step(&mut self) -> Result<Got, ConnError> {
+        match &mut self.state {
+            Recv::Header => match self.recv.header() {
+                Some(raw) => {
+                    self.on_header(&raw)?;
+                    Ok(Got::Bytes(0))
+                }
+                None => Ok(self.recv.fill(&self.stream)?),
+            },
+            Recv::Payload { h, sink, done } => {
+                let left = h.payload_len() - *done;
+                let got = match sink {
+                    Sink::Memory(pin) => self.recv.recv_into(&self.stream, pin, *done)?,
+                    Sink::Bytes(v) => self.recv.recv_vec(&self.stream, v, left as usize)?,
+                    Sink::Discard(_) => self.recv.discard(&self.stream, left)?,
+                };
+                if let Got::Bytes(n) = got {
+                    *done += n as u64;
+                    if *done == h.payload_len() {
+                        let Recv::Payload { h, sink, .. } =
+                            std::mem::replace(&mut self.state, Recv::Header)
+                        else {
+                            return Ok(got);
+                        };
+                        self.finish(h, sink);
+                    }
+                }
+                Ok(got)
+            }
+        }
+    }
+
+    fn expect(&mut self, h: Header, sink: Sink) {
+        if h.payload_len() == 0 {
+            self.finish(h, sink);
+        } else {
+            self.state = Recv::Payload { h, sink, done: 0 };
+        }
+    }
+
+    fn on_header(&mut self, raw: &[u8; HEADER_LEN]) -> Result<(), ConnError> {
+        let h = Header::decode(raw)?;
+        let inner = &self.inner;
         let stopping = inner.life.stopping();
         match h.kind {
-            FrameKind::Hello => {
-                r.discard(INSTANCE_LEN)?;
-                w.header(&Header::new(FrameKind::HelloAck, h.tag, 0, INSTANCE_LEN))?;
-                w.bytes(&inner.instance.0.to_le_bytes())?;
-            }
+            FrameKind::Hello => self.expect(h, Sink::Bytes(Vec::new())),
             FrameKind::GetDescriptor => {
                 let json = inner.descriptor().to_json();
-                w.header(&Header::new(FrameKind::Descriptor, h.tag, 0, json.len() as u64))?;
-                w.bytes(&json)?;
+                let header = Header::new(FrameKind::Descriptor, h.tag, 0, json.len() as u64);
+                self.out.push(Item::Frame { header: header.encode(), payload: json });
             }
-            FrameKind::Probe => w.header(&Header::new(FrameKind::ProbeAck, h.tag, 0, 0))?,
+            FrameKind::Probe => self.out.push(frame(Header::new(FrameKind::ProbeAck, h.tag, 0, 0))),
             FrameKind::Write => {
-                let entry = inner.registry.find(h.addr, h.len);
-                let status = match entry.as_ref().and_then(|e| e.pin(h.addr, h.len)) {
-                    Some(_) if stopping => Status::ShuttingDown,
-                    Some(dst) => {
-                        r.read_into(&dst)?;
-                        Status::Ok
-                    }
-                    None => Status::AccessDenied,
+                let pin =
+                    inner.registry.find(h.addr, h.len).and_then(|e| e.try_pin_owned(h.addr, h.len));
+                let sink = match pin {
+                    Some(_) if stopping => Sink::Discard(Status::ShuttingDown),
+                    Some(pin) => Sink::Memory(pin),
+                    None => Sink::Discard(Status::AccessDenied),
                 };
-                if status != Status::Ok {
-                    r.discard(h.len)?;
-                }
-                w.header(
-                    &Header::new(FrameKind::WriteAck, h.tag, h.addr, h.len).with_status(status),
-                )?;
+                self.expect(h, sink);
             }
             FrameKind::Read => {
+                let refusal =
+                    |status| Header::new(FrameKind::ReadData, h.tag, h.addr, 0).with_status(status);
                 let entry = inner.registry.find(h.addr, h.len);
-                let src = entry.as_ref().and_then(|e| e.pin(h.addr, h.len));
-                let status = match src {
-                    _ if stopping => Status::ShuttingDown,
-                    _ if h.len > tidewire_core::wire::MAX_DATA_FRAME => Status::BadRequest,
-                    Some(src) => {
-                        w.header(&Header::new(FrameKind::ReadData, h.tag, h.addr, h.len))?;
-                        w.pinned(&src)?;
-                        Status::Ok
+                match entry {
+                    _ if stopping => self.out.push(frame(refusal(Status::ShuttingDown))),
+                    _ if h.len > MAX_DATA_FRAME => {
+                        self.out.push(frame(refusal(Status::BadRequest)))
                     }
-                    None => Status::AccessDenied,
-                };
-                if status != Status::Ok {
-                    w.header(
-                        &Header::new(FrameKind::ReadData, h.tag, h.addr, 0).with_status(status),
-                    )?;
+                    // Pinned when the answer is sent; refused then if unregistered meanwhile.
+                    Some(entry) => self.out.push(Item::Memory {
+                        header: Header::new(FrameKind::ReadData, h.tag, h.addr, h.len).encode(),
+                        entry,
+                        addr: h.addr,
+                        len: h.len,
+                        refusal: Some(refusal(Status::AccessDenied).encode()),
+                        tag: h.tag,
+                    }),
+                    None => self.out.push(frame(refusal(Status::AccessDenied))),
                 }
             }
-            FrameKind::Notify => {
-                let payload = r.read_vec(h.len)?;
-                let status = match decode_strings::<3>(&payload) {
-                    Ok([from, name, message]) => {
-                        inner.notifications.push(Notification { from, name, message });
-                        Status::Ok
-                    }
-                    Err(e) => {
-                        log::warn!("{}: malformed notification: {e}", inner.name);
-                        Status::BadRequest
-                    }
-                };
-                w.header(&Header::new(FrameKind::NotifyAck, h.tag, 0, 0).with_status(status))?;
-            }
+            FrameKind::Notify => self.expect(h, Sink::Bytes(Vec::new())),
             FrameKind::Enter => {
-                let status =
-                    if stopping { Status::ShuttingDown } else { leases.enter(inner, h.addr) };
-                w.header(&Header::new(FrameKind::EnterAck, h.tag, h.addr, 0).with_status(status))?;
+                let ack = if stopping {
+                    lease::ack(FrameKind::EnterAck, &h, Status::ShuttingDown)
+                } else {
+                    let registry = &inner.registry;
+                    self.leases.handle_enter(&h, |region| {
+                        let entry = registry.by_id(region)?;
+                        entry.control().is_some_and(|c| c.enter_remote()).then_some(entry)
+                    })
+                };
+                self.out.push(Item::Frame { header: ack, payload: Vec::new() });
             }
             FrameKind::Leave => {
-                let status = leases.leave(h.addr);
-                w.header(&Header::new(FrameKind::LeaveAck, h.tag, h.addr, 0).with_status(status))?;
+                let (ack, cleared) = self.leases.handle_leave(&h);
+                if let Some(control) = cleared.as_ref().and_then(|e| e.control()) {
+                    control.leave_remote();
+                }
+                self.out.push(Item::Frame { header: ack, payload: Vec::new() });
             }
             kind => return Err(ConnError::Unexpected(kind)),
         }
+        Ok(())
     }
+
+    /// A whole payload arrived.
+    fn finish(&mut self, h: Header, sink: Sink) {
+        let answer = match (h.kind, sink) {
+            (FrameKind::Hello, _) => {
+                let ack = handshake::answer(&h, self.inner.instance);
+                let (header, id) = ack.split_at(HEADER_LEN);
+                let mut head = [0u8; HEADER_LEN];
+                head.copy_from_slice(header);
+                self.out.push(Item::Frame { header: head, payload: id.to_vec() });
+                return;
+            }
+            (FrameKind::Write, Sink::Memory(_pin)) => {
+                Header::new(FrameKind::WriteAck, h.tag, h.addr, h.len)
+            }
+            (FrameKind::Write, Sink::Discard(status)) => {
+                Header::new(FrameKind::WriteAck, h.tag, h.addr, h.len).with_status(status)
+            }
+            (FrameKind::Notify, Sink::Bytes(payload)) => {
+                let status = match decode_strings::<3>(&payload) {
+                    Ok([from, name, message]) => {
+                        self.inner.notifications.push(Notification { from, name, message });
+                        Status::Ok
+                    }
+                    Err(e) => {
+                        log::warn!("{}: malformed notification: {e}", self.inner.name);
+                        Status::BadRequest
+                    }
+                };
+                Header::new(FrameKind::NotifyAck, h.tag, 0, 0).with_status(status)
+            }
+            (kind, _) => {
+                log::error!(
+                    "{}: a {kind:?} payload ended in the wrong sink (a bug)",
+                    self.inner.name
+                );
+                Header::new(FrameKind::WriteAck, h.tag, h.addr, h.len).with_status(Status::Internal)
+            }
+        };
+        self.out.push(frame(answer));
+    }
+
+    fn dropped(&self, e: &ConnError) -> Flow {
+        let quiet = self.inner.life.stopping()
+            || matches!(e, ConnError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset);
+        if !quiet {
+            log::warn!("{}: dropping connection from {}: {e}", self.inner.name, self.peer);
+        }
+        Flow::Close
+    }
+}
+
+impl Source for Inbound {
+    fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    fn on_ready(&mut self, now: Instant) -> Flow {
+        self.recv.on_event();
+        let mut received = 0;
+        let result = self.pump(now, &mut received);
+        if received > 0 {
+            self.watch.handle_received(now, self.mid_frame());
+        }
+        match result {
+            Ok(flow) => flow,
+            Err(e) => self.dropped(&e),
+        }
+    }
+
+    fn poll_timeout(&mut self, _now: Instant) -> Option<Instant> {
+        self.watch.poll_timeout()
+    }
+
+    fn on_timeout(&mut self, now: Instant) -> Flow {
+        self.watch.handle_timeout(now);
+        match self.watch.poll_event() {
+            Some(stalled) => self.dropped(&ConnError::Stalled(stalled)),
+            None => Flow::Continue,
+        }
+    }
+
+    fn on_stop(&mut self) {}
 }

@@ -8,6 +8,7 @@
 //! on one host.
 
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
@@ -35,6 +36,8 @@ pub(crate) struct LeaseConn {
     deadlines: Deadlines,
     /// `None` after a failure: the owner released our marks when it saw the connection close.
     stream: Mutex<Option<TcpStream>>,
+    /// A fresh tag per frame: the owner takes a repeated frame for a duplicate.
+    next_tag: AtomicU64,
 }
 
 impl LeaseConn {
@@ -53,6 +56,7 @@ impl LeaseConn {
             instance,
             deadlines: *deadlines,
             stream: Mutex::new(Some(stream)),
+            next_tag: AtomicU64::new(1),
         })
     }
 
@@ -93,7 +97,8 @@ impl LeaseConn {
         let Some(stream) = slot.as_ref() else {
             return Err(self.failed("the revocation channel closed".into()));
         };
-        let frame = Header::new(kind, id.0, id.0, 0).encode();
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let frame = Header::new(kind, tag, id.0, 0).encode();
         match tcp::exchange(stream, &frame) {
             Ok((h, _)) if h.addr == id.0 => Ok(h.status),
             Ok((h, _)) => {

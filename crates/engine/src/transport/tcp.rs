@@ -1,40 +1,64 @@
-//! The TCP transport: a few persistent connections (lanes) per peer. Each lane has a writer
-//! thread that coalesces small frames and streams large payloads straight from registered
-//! memory, and a reader thread that completes chunks (and streams READ data straight into
-//! registered memory). A lane that fails fails every request pending on it, with the reason.
+//! The TCP transport: a few persistent connections (lanes) per peer, served by the engine's
+//! readiness loop (`reactor.rs`), so a peer costs sockets, not threads. A submitting thread
+//! queues a lane's frames and, when the lane is idle and the batch small, writes them itself
+//! (one thread hop less on the latency path); the loop writes the rest, streaming large
+//! payloads straight from registered memory, reads the answers, completes chunks and streams
+//! READ data straight into registered memory. The handshake and the stall detection are the
+//! sans-io machines of `tidewire_core` (`handshake`, `stall`), fed by the loop's clock. A lane
+//! that fails fails every request pending on it, with the reason.
+//!
+//! `tcp/lane.rs` holds one lane (both sides of it); `tcp/oneshot.rs` the blocking one-shot
+//! exchanges (descriptor fetches, probes, name claims).
 
-use std::cell::Cell;
-use std::collections::HashMap;
-use std::io;
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
+use crossbeam_channel::RecvTimeoutError;
 use tidewire_core::select::TransportKind;
-use tidewire_core::wire::{FrameKind, Header, Status, INSTANCE_LEN};
+use tidewire_core::wire::{FrameKind, Header};
 use tidewire_core::InstanceId;
 
 use crate::batch::Batch;
 use crate::config::{Deadlines, EngineConfig};
 use crate::error::{Error, Result};
-use crate::frames::{FrameReader, FrameWriter, POLL};
+use crate::frames::Item;
 use crate::lifecycle::Lifecycle;
 use crate::peer::PeerConn;
+use crate::reactor::SWEEP;
 use crate::registry::RegionEntry;
 use crate::request::{Op, Request, Step};
 use crate::transport::{BatchCtx, Submission, Transport};
 
+mod lane;
+mod oneshot;
+
+use lane::{Lane, Queued};
+pub(crate) use oneshot::{exchange, handshake};
+
 /// Requests larger than this are split into chunks spread over the lanes.
 pub(crate) const CHUNK: u64 = 4 << 20;
-const IO_BUFFER: usize = 64 << 10;
+
+/// A lane's total payload up to which the submitting thread writes the frames itself (when
+/// the lane is idle) instead of handing them to the loop: one thread hop less on the latency
+/// path, and a batch's small frames leave in one flush.
+const INLINE_BYTES: u64 = 256 << 10;
+
+/// Bytes received, and bytes sent, per turn of one lane before the loop serves others.
+const BUDGET: u64 = 4 << 20;
 
 /// What a lane waits for an answer to.
 enum Pending {
-    /// A chunk of request `req`. For READ, the data lands at `local` inside `entry`.
-    Chunk { batch: Arc<Batch>, req: usize, read_into: Option<(Arc<RegionEntry>, u64)>, len: u64 },
+    /// A chunk of request `req` at local address `local`. For READ, the data lands there,
+    /// inside `read_into`.
+    Chunk {
+        batch: Arc<Batch>,
+        req: usize,
+        local: u64,
+        len: u64,
+        read_into: Option<Arc<RegionEntry>>,
+    },
     /// The batch's notification.
     Trailer(Arc<Batch>),
 }
@@ -46,21 +70,16 @@ impl Pending {
             Pending::Trailer(batch) => batch.trailer_failed(err),
         }
     }
-}
 
-/// Work for a lane's writer.
-enum Outgoing {
-    /// Write `len` bytes from local `src` (inside `entry`) to remote `dst`.
-    Write { tag: u64, dst: u64, src: u64, len: u64, entry: Arc<RegionEntry> },
-    /// A header and a small payload.
-    Frame { header: Header, payload: Vec<u8> },
-}
-
-impl Outgoing {
-    fn payload_len(&self) -> u64 {
+    /// The frame of this chunk could not be sent: its local memory was unregistered.
+    fn refused(self) {
         match self {
-            Outgoing::Write { len, .. } => *len,
-            Outgoing::Frame { payload, .. } => payload.len() as u64,
+            Pending::Chunk { batch, req, local, len, .. } => {
+                batch.fail_request(req, Error::NotRegistered { addr: local, len })
+            }
+            Pending::Trailer(batch) => {
+                batch.trailer_failed(Error::Internal("a notification refused"))
+            }
         }
     }
 }
@@ -71,120 +90,6 @@ enum Work {
     Write { req: usize, entry: Arc<RegionEntry>, src: u64, dst: u64, len: u64 },
     /// READ `len` bytes at remote `src` into local `dst` (in `entry`).
     Read { req: usize, entry: Arc<RegionEntry>, dst: u64, src: u64, len: u64 },
-}
-
-/// A lane's total payload up to which the submitting thread writes the frames itself (when
-/// the lane is idle) instead of handing them to the lane's writer thread: one thread hop less
-/// on the latency path, and a batch's small frames leave in one flush.
-const INLINE_BYTES: u64 = 256 << 10;
-
-struct LaneShared {
-    peer: String,
-    pending: Mutex<HashMap<u64, Pending>>,
-    /// Set once, under the `pending` lock, when the lane fails.
-    dead: AtomicBool,
-    stream: TcpStream,
-    /// Frames are written under this lock, by the submitting thread or the writer thread.
-    writer: Mutex<FrameWriter>,
-    /// Items queued for the writer thread and not yet taken.
-    queued: AtomicUsize,
-}
-
-impl LaneShared {
-    /// Fails the lane: no new work is accepted, every pending request fails with `err`.
-    fn kill(&self, err: Error) {
-        let drained: Vec<Pending> = {
-            let mut p = self.pending.lock();
-            self.dead.store(true, Ordering::Release);
-            p.drain().map(|(_, v)| v).collect()
-        };
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        for p in drained {
-            p.fail(err.clone());
-        }
-    }
-
-    fn failure(&self, reason: impl std::fmt::Display) -> Error {
-        Error::PeerFailed {
-            peer: self.peer.clone(),
-            transport: TransportKind::Tcp,
-            reason: reason.to_string(),
-        }
-    }
-
-    /// Writes one item. A WRITE whose local region was unregistered since submit fails alone.
-    fn send(&self, w: &mut FrameWriter, item: Outgoing) -> io::Result<()> {
-        match item {
-            Outgoing::Write { tag, dst, src, len, entry } => {
-                let Some(pinned) = entry.pin(src, len) else {
-                    let pending = self.pending.lock().remove(&tag);
-                    if let Some(p) = pending {
-                        p.fail(Error::NotRegistered { addr: src, len });
-                    }
-                    return Ok(());
-                };
-                w.header(&Header::new(FrameKind::Write, tag, dst, len))?;
-                w.pinned(&pinned)
-            }
-            Outgoing::Frame { header, payload } => {
-                w.header(&header)?;
-                w.bytes(&payload)
-            }
-        }
-    }
-}
-
-/// A pending answer and the frame to send once its tag is known.
-type Item<'a> = (Pending, Box<dyn FnOnce(u64) -> Outgoing + 'a>);
-
-struct Lane {
-    shared: Arc<LaneShared>,
-    tx: Sender<Outgoing>,
-    next_tag: AtomicU64,
-}
-
-impl Lane {
-    /// Registers the pending answers and sends the items: inline when they are small and the
-    /// lane is idle, else through the writer thread. Fails them at once if the lane is dead.
-    fn submit(&self, items: Vec<Item<'_>>) {
-        let mut out = Vec::with_capacity(items.len());
-        {
-            let mut p = self.shared.pending.lock();
-            if self.shared.dead.load(Ordering::Acquire) {
-                drop(p);
-                for (pending, _) in items {
-                    pending.fail(self.shared.failure("the connection is closed"));
-                }
-                return;
-            }
-            for (pending, make) in items {
-                let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-                p.insert(tag, pending);
-                out.push(make(tag));
-            }
-        }
-        let bytes: u64 = out.iter().map(Outgoing::payload_len).sum();
-        if bytes <= INLINE_BYTES && self.shared.queued.load(Ordering::Acquire) == 0 {
-            if let Some(mut w) = self.shared.writer.try_lock() {
-                let mut result = Ok(());
-                for item in out {
-                    result = result.and_then(|()| self.shared.send(&mut w, item));
-                }
-                if let Err(e) = result.and_then(|()| w.flush()) {
-                    drop(w);
-                    self.shared.kill(self.shared.failure(format!("send failed: {e}")));
-                }
-                return;
-            }
-        }
-        for item in out {
-            self.shared.queued.fetch_add(1, Ordering::AcqRel);
-            if self.tx.send(item).is_err() {
-                self.shared.kill(self.shared.failure("the lane's writer has stopped"));
-                return;
-            }
-        }
-    }
 }
 
 /// The pooled TCP connections to one peer instance.
@@ -199,55 +104,9 @@ impl Drop for TcpConn {
     }
 }
 
-/// Connects to `addr`, sends Hello and reads HelloAck, all within the deadlines.
-/// Returns the stream (read timeout set to [`POLL`]) and the peer's instance id.
-pub(crate) fn handshake(
-    peer: &str,
-    addr: SocketAddr,
-    expect: Option<InstanceId>,
-    deadlines: &Deadlines,
-) -> Result<(TcpStream, InstanceId)> {
-    let unreachable = |what: &str, e: &io::Error| Error::PeerUnreachable {
-        peer: peer.to_string(),
-        reason: format!("{what} {addr}: {e}"),
-    };
-    let stream = TcpStream::connect_timeout(&addr, deadlines.connect)
-        .map_err(|e| unreachable("connect to", &e))?;
-    stream.set_nodelay(true).map_err(|e| unreachable("set_nodelay on", &e))?;
-    stream.set_write_timeout(Some(deadlines.stall)).map_err(|e| unreachable("configure", &e))?;
-    stream.set_read_timeout(Some(deadlines.handshake)).map_err(|e| unreachable("configure", &e))?;
-    let hello = Header::new(FrameKind::Hello, 0, 0, INSTANCE_LEN);
-    let mut frame = hello.encode().to_vec();
-    frame.extend_from_slice(&expect.map_or(0, |i| i.0).to_le_bytes());
-    let (ack, payload) =
-        exchange(&stream, &frame).map_err(|e| unreachable("handshake with", &e))?;
-    if ack.kind != FrameKind::HelloAck || ack.status != Status::Ok || payload.len() != 16 {
-        return Err(Error::Protocol {
-            peer: peer.into(),
-            reason: format!("bad hello answer {ack:?}"),
-        });
-    }
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&payload);
-    stream.set_read_timeout(Some(POLL)).map_err(|e| unreachable("configure", &e))?;
-    Ok((stream, InstanceId(u128::from_le_bytes(id))))
-}
-
-/// Sends one frame and reads one answer on a blocking stream whose timeouts are set.
-pub(crate) fn exchange(stream: &TcpStream, frame: &[u8]) -> io::Result<(Header, Vec<u8>)> {
-    use std::io::{Read, Write};
-    let mut s = stream;
-    s.write_all(frame)?;
-    let mut raw = [0u8; tidewire_core::wire::HEADER_LEN];
-    s.read_exact(&mut raw)?;
-    let h = Header::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut payload = vec![0u8; h.payload_len() as usize];
-    s.read_exact(&mut payload)?;
-    Ok((h, payload))
-}
-
 impl TcpConn {
-    /// Opens `lanes` connections to the peer instance `expect` at `addr`.
+    /// Opens `lanes` connections to the peer instance `expect` at `addr`; their handshakes
+    /// run on the readiness loop, together, within the handshake deadline.
     pub(crate) fn connect(
         peer: &str,
         addr: SocketAddr,
@@ -256,64 +115,49 @@ impl TcpConn {
         deadlines: &Deadlines,
         life: &Arc<Lifecycle>,
     ) -> Result<Arc<Self>> {
+        let reactor = life.reactor()?;
         let mut built = Vec::with_capacity(lanes);
-        for i in 0..lanes.max(1) {
-            let (stream, found) = handshake(peer, addr, Some(expect), deadlines)?;
-            if found != expect {
-                return Err(Error::PeerUnreachable {
-                    peer: peer.into(),
-                    reason: format!("the peer restarted (instance {found}, expected {expect})"),
-                });
-            }
-            built.push(Self::start_lane(peer, i, stream, deadlines, life)?);
+        let mut waits = Vec::with_capacity(lanes);
+        for _ in 0..lanes.max(1) {
+            let (lane, rx) = Lane::open(peer, addr, expect, deadlines, &reactor)?;
+            built.push(lane);
+            waits.push(rx);
         }
-        Ok(Arc::new(Self { lanes: built, rr: AtomicUsize::new(0) }))
-    }
-
-    fn start_lane(
-        peer: &str,
-        index: usize,
-        stream: TcpStream,
-        deadlines: &Deadlines,
-        life: &Arc<Lifecycle>,
-    ) -> Result<Lane> {
-        let clone = |s: &TcpStream| {
-            s.try_clone().map_err(|e| Error::io(format!("cloning socket to {peer}"), &e))
-        };
-        let shared = Arc::new(LaneShared {
-            peer: peer.to_string(),
-            pending: Mutex::new(HashMap::new()),
-            dead: AtomicBool::new(false),
-            stream: clone(&stream)?,
-            writer: Mutex::new(FrameWriter::new(clone(&stream)?, IO_BUFFER)),
-            queued: AtomicUsize::new(0),
-        });
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let reader = FrameReader::new(stream, IO_BUFFER, deadlines.stall);
-        let (s1, s2, l1) = (shared.clone(), shared.clone(), life.clone());
-        life.spawn(format!("tw-lane{index}-w"), move || writer_loop(&s1, &rx))?;
-        let stall = deadlines.stall;
-        life.spawn(format!("tw-lane{index}-r"), move || reader_loop(&s2, reader, &l1, stall))?;
-        Ok(Lane { shared, tx, next_tag: AtomicU64::new(1) })
+        let conn = Arc::new(Self { lanes: built, rr: AtomicUsize::new(0) });
+        // The machine fails the handshake at its deadline; this bound only covers a loop
+        // that stopped running.
+        let limit = Instant::now() + deadlines.handshake + 4 * SWEEP;
+        for rx in waits {
+            match rx.recv_deadline(limit) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Timeout) => {
+                    let reason = format!("the handshakes with {addr} did not end in time");
+                    return Err(Error::PeerUnreachable { peer: peer.into(), reason });
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::ShuttingDown { who: "this engine".into() });
+                }
+            }
+        }
+        Ok(conn)
     }
 
     /// Closes every lane; pending requests fail with `err` (default: closed by this engine).
     pub(crate) fn close(&self, err: Option<Error>) {
         for lane in &self.lanes {
-            let e = err
-                .clone()
-                .unwrap_or_else(|| lane.shared.failure("the connection was closed by this engine"));
-            lane.shared.kill(e);
+            lane.close(err.clone());
         }
     }
 
     pub(crate) fn is_dead(&self) -> bool {
-        self.lanes.iter().any(|l| l.shared.dead.load(Ordering::Acquire))
+        self.lanes.iter().any(Lane::is_dead)
     }
 
     /// Splits the batch's TCP work into chunks, spreads them over the lanes and sends them.
     fn dispatch(&self, batch: &Arc<Batch>, works: Vec<Work>) {
-        let mut per_lane: Vec<Vec<Item<'_>>> = (0..self.lanes.len()).map(|_| Vec::new()).collect();
+        let mut per_lane: Vec<Vec<Queued<'_>>> =
+            (0..self.lanes.len()).map(|_| Vec::new()).collect();
         let mut next = self.rr.fetch_add(1, Ordering::Relaxed);
         for work in works {
             let (req, entry, local, remote, len, write) = match work {
@@ -324,21 +168,34 @@ impl TcpConn {
             while off < len {
                 let n = CHUNK.min(len - off);
                 let (l, r) = (local + off, remote + off);
-                let item: Item<'_> = if write {
-                    let pending =
-                        Pending::Chunk { batch: batch.clone(), req, read_into: None, len: n };
+                let item: Queued<'_> = if write {
+                    let pending = Pending::Chunk {
+                        batch: batch.clone(),
+                        req,
+                        local: l,
+                        len: n,
+                        read_into: None,
+                    };
                     let entry = entry.clone();
                     (
                         pending,
-                        Box::new(move |tag| Outgoing::Write { tag, dst: r, src: l, len: n, entry }),
+                        Box::new(move |tag| Item::Memory {
+                            header: Header::new(FrameKind::Write, tag, r, n).encode(),
+                            entry,
+                            addr: l,
+                            len: n,
+                            refusal: None,
+                            tag,
+                        }),
                     )
                 } else {
-                    let read_into = Some((entry.clone(), l));
-                    let pending = Pending::Chunk { batch: batch.clone(), req, read_into, len: n };
+                    let read_into = Some(entry.clone());
+                    let pending =
+                        Pending::Chunk { batch: batch.clone(), req, local: l, len: n, read_into };
                     (
                         pending,
-                        Box::new(move |tag| Outgoing::Frame {
-                            header: Header::new(FrameKind::Read, tag, r, n),
+                        Box::new(move |tag| Item::Frame {
+                            header: Header::new(FrameKind::Read, tag, r, n).encode(),
                             payload: Vec::new(),
                         }),
                     )
@@ -360,164 +217,27 @@ impl TcpConn {
         let len = payload.len() as u64;
         self.lanes[0].submit(vec![(
             Pending::Trailer(batch),
-            Box::new(move |tag| Outgoing::Frame {
-                header: Header::new(FrameKind::Notify, tag, 0, len),
+            Box::new(move |tag| Item::Frame {
+                header: Header::new(FrameKind::Notify, tag, 0, len).encode(),
                 payload,
             }),
         )]);
     }
 }
-
-fn writer_loop(lane: &LaneShared, rx: &Receiver<Outgoing>) {
-    loop {
-        let first = match rx.recv_timeout(POLL) {
-            Ok(item) => item,
-            Err(RecvTimeoutError::Timeout) if !lane.dead.load(Ordering::Acquire) => continue,
-            Err(_) => return,
-        };
-        let mut w = lane.writer.lock();
-        lane.queued.fetch_sub(1, Ordering::AcqRel);
-        let mut result = lane.send(&mut w, first);
-        while result.is_ok() {
-            match rx.try_recv() {
-                Ok(item) => {
-                    lane.queued.fetch_sub(1, Ordering::AcqRel);
-                    result = lane.send(&mut w, item);
-                }
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = result.and_then(|()| w.flush()) {
-            drop(w);
-            lane.kill(lane.failure(format!("send failed: {e}")));
-            return;
-        }
-    }
-}
-
-/// Reads answers until the lane fails. A peer that sends nothing for `stall` while requests
-/// are pending (a host that vanished without a reset) fails them then, not at the batch
-/// deadline, which grows with the batch's size.
-fn reader_loop(lane: &LaneShared, mut r: FrameReader, life: &Lifecycle, stall: Duration) {
-    let last_heard = Cell::new(Instant::now());
-    let silent = Cell::new(false);
-    let err = loop {
-        let mut idle = || {
-            if life.stopping() || lane.dead.load(Ordering::Acquire) {
-                return false;
-            }
-            if lane.pending.lock().is_empty() {
-                last_heard.set(Instant::now());
-            } else if last_heard.get().elapsed() >= stall {
-                silent.set(true);
-                return false;
-            }
-            true
-        };
-        let raw = match r.next_header(&mut idle) {
-            Ok(Some(raw)) => raw,
-            Ok(None) => break lane.failure("the peer closed the connection"),
-            Err(_) if silent.get() => {
-                break lane.failure(format!(
-                    "the peer sent nothing for {stall:?} while requests were pending"
-                ))
-            }
-            Err(e) => break lane.failure(format!("receive failed: {e}")),
-        };
-        last_heard.set(Instant::now());
-        let h = match Header::decode(&raw) {
-            Ok(h) => h,
-            Err(e) => break Error::Protocol { peer: lane.peer.clone(), reason: e.to_string() },
-        };
-        if let Err(e) = complete(lane, &mut r, h) {
-            break e;
-        }
-    };
-    let err = if life.stopping() { Error::ShuttingDown { who: "this engine".into() } } else { err };
-    lane.kill(err);
-}
-
-/// Handles one response frame.
-fn complete(lane: &LaneShared, r: &mut FrameReader, h: Header) -> Result<()> {
-    let io_err = |e: io::Error| lane.failure(format!("receive failed: {e}"));
-    let Some(pending) = lane.pending.lock().remove(&h.tag) else {
-        return Err(Error::Protocol {
-            peer: lane.peer.clone(),
-            reason: format!("answer to unknown tag {}", h.tag),
-        });
-    };
-    match (h.kind, pending) {
-        (FrameKind::WriteAck, Pending::Chunk { batch, req, read_into: None, len }) => {
-            if h.status == Status::Ok {
-                batch.chunk_done(req);
-            } else {
-                batch.fail_request(req, Error::from_status(h.status, &lane.peer, h.addr, len));
-            }
-        }
-        (
-            FrameKind::ReadData,
-            Pending::Chunk { batch, req, read_into: Some((entry, dst)), len },
-        ) => {
-            if h.status != Status::Ok {
-                batch.fail_request(req, Error::from_status(h.status, &lane.peer, h.addr, len));
-                return Ok(());
-            }
-            if h.len != len {
-                let reason = format!("READ answer of {} bytes for {len} asked", h.len);
-                batch.fail_request(
-                    req,
-                    Error::Protocol { peer: lane.peer.clone(), reason: reason.clone() },
-                );
-                return Err(Error::Protocol { peer: lane.peer.clone(), reason });
-            }
-            let landed = {
-                // The gate keeps the request pending (the caller has not been told it failed)
-                // and the pin keeps the local range registered while the bytes land.
-                let gate = batch.accepts_data(req);
-                let pinned = entry.pin(dst, len);
-                match (gate, pinned) {
-                    (Some(_gate), Some(pinned)) => {
-                        r.read_into(&pinned).map_err(io_err)?;
-                        true
-                    }
-                    _ => {
-                        r.discard(len).map_err(io_err)?;
-                        false
-                    }
-                }
-            };
-            if landed {
-                batch.chunk_done(req);
-            }
-        }
-        (FrameKind::NotifyAck, Pending::Trailer(batch)) => {
-            if h.status == Status::Ok {
-                batch.trailer_done();
-            } else {
-                batch.trailer_failed(Error::from_status(h.status, &lane.peer, 0, 0));
-            }
-        }
-        (kind, pending) => {
-            let err = Error::Protocol {
-                peer: lane.peer.clone(),
-                reason: format!("unexpected {kind:?} answer"),
-            };
-            pending.fail(err.clone());
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
-/// The `tcp` transport: each peer's lanes (made on first use, with their own threads) carry
-/// the batch's requests in chunks.
+/// The `tcp` transport: each peer's lanes (made on first use, served by the engine's
+/// readiness loop) carry the batch's requests in chunks.
 pub(crate) struct TcpTransport {
     config: EngineConfig,
     life: Arc<Lifecycle>,
 }
 
 impl TcpTransport {
+    /// Starts the engine's readiness loop now, so that its threads exist from the start and
+    /// never grow with peers (a failure here is retried, and reported, on first use).
     pub(crate) fn new(config: EngineConfig, life: Arc<Lifecycle>) -> Self {
+        if let Err(e) = life.reactor() {
+            log::warn!("the I/O loop did not start (retried on first use): {e}");
+        }
         Self { config, life }
     }
 }

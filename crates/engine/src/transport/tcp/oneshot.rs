@@ -1,0 +1,101 @@
+//! One-shot exchanges on a fresh blocking connection to a peer's RPC/data port (descriptor
+//! fetches, probes, name claims), with the handshake machine driven on the calling thread
+//! within the deadlines.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use tidewire_core::handshake::{Handshake, HandshakeEvent, HandshakeFailure};
+use tidewire_core::wire::{Header, HEADER_LEN};
+use tidewire_core::InstanceId;
+
+use crate::config::Deadlines;
+use crate::error::{Error, Result};
+use crate::frames::{would_block, POLL};
+
+pub(super) fn unreachable(
+    peer: &str,
+    what: &str,
+    addr: SocketAddr,
+    e: &dyn std::fmt::Display,
+) -> Error {
+    Error::PeerUnreachable { peer: peer.to_string(), reason: format!("{what} {addr}: {e}") }
+}
+
+/// The error a failed handshake is reported as.
+pub(super) fn handshake_error(peer: &str, addr: SocketAddr, f: HandshakeFailure) -> Error {
+    match f {
+        HandshakeFailure::BadAnswer { .. } => {
+            Error::Protocol { peer: peer.into(), reason: f.to_string() }
+        }
+        HandshakeFailure::Restarted { .. } => {
+            Error::PeerUnreachable { peer: peer.into(), reason: f.to_string() }
+        }
+        _ => unreachable(peer, "handshake with", addr, &f),
+    }
+}
+
+/// Reads one frame on a blocking stream whose read timeout is set.
+fn read_frame(stream: &TcpStream) -> io::Result<(Header, Vec<u8>)> {
+    let mut s = stream;
+    let mut raw = [0u8; HEADER_LEN];
+    s.read_exact(&mut raw)?;
+    let h = Header::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; h.payload_len() as usize];
+    s.read_exact(&mut payload)?;
+    Ok((h, payload))
+}
+
+/// Connects to `addr` and runs the handshake machine on this thread, within the deadlines
+/// (for one-shot calls: descriptor fetches, probes, name claims). Returns the stream (read
+/// timeout set to [`POLL`]) and the peer's instance id; an instance other than `expect` is
+/// returned for the caller to judge, not failed.
+pub(crate) fn handshake(
+    peer: &str,
+    addr: SocketAddr,
+    expect: Option<InstanceId>,
+    deadlines: &Deadlines,
+) -> Result<(TcpStream, InstanceId)> {
+    let fail = |what: &str, e: &io::Error| unreachable(peer, what, addr, e);
+    let stream =
+        TcpStream::connect_timeout(&addr, deadlines.connect).map_err(|e| fail("connect to", &e))?;
+    stream.set_nodelay(true).map_err(|e| fail("set_nodelay on", &e))?;
+    stream.set_write_timeout(Some(deadlines.stall)).map_err(|e| fail("configure", &e))?;
+    let mut hs = Handshake::new(Instant::now(), deadlines.handshake, expect);
+    let hello = hs.poll_transmit().ok_or(Error::Internal("a new handshake had no hello"))?;
+    (&stream).write_all(&hello).map_err(|e| fail("handshake with", &e))?;
+    let outcome = loop {
+        if let Some(event) = hs.poll_event() {
+            break event;
+        }
+        let Some(due) = hs.poll_timeout() else {
+            return Err(Error::Internal("a handshake ended without an outcome"));
+        };
+        let wait = due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(wait)).map_err(|e| fail("configure", &e))?;
+        match read_frame(&stream) {
+            Ok((h, payload)) => hs.handle_frame(Instant::now(), &h, &payload),
+            // The socket waited at least until `due`.
+            Err(e) if would_block(&e) => hs.handle_timeout(Instant::now().max(due)),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(Error::Protocol { peer: peer.into(), reason: e.to_string() });
+            }
+            Err(e) => return Err(fail("handshake with", &e)),
+        }
+    };
+    let id = match outcome {
+        HandshakeEvent::Established(id) => id,
+        HandshakeEvent::Failed(HandshakeFailure::Restarted { found, .. }) => found,
+        HandshakeEvent::Failed(f) => return Err(handshake_error(peer, addr, f)),
+    };
+    stream.set_read_timeout(Some(POLL)).map_err(|e| fail("configure", &e))?;
+    Ok((stream, id))
+}
+
+/// Sends one frame and reads one answer on a blocking stream whose timeouts are set.
+pub(crate) fn exchange(stream: &TcpStream, frame: &[u8]) -> io::Result<(Header, Vec<u8>)> {
+    let mut s = stream;
+    s.write_all(frame)?;
+    read_frame(stream)
+}
