@@ -37,7 +37,7 @@ pub(super) fn handshake_error(peer: &str, addr: SocketAddr, f: HandshakeFailure)
 }
 
 /// Reads one frame on a blocking stream whose read timeout is set.
-fn read_frame(stream: &TcpStream) -> io::Result<(Header, Vec<u8>)> {
+pub(crate) fn read_frame(stream: &TcpStream) -> io::Result<(Header, Vec<u8>)> {
     let mut s = stream;
     let mut raw = [0u8; HEADER_LEN];
     s.read_exact(&mut raw)?;
