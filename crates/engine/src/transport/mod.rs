@@ -6,7 +6,8 @@
 //!   for the copies, `shm.rs` for the socket, the mappings and revocation).
 //! - `nvlink` (and `mnnvl`): the peer's device memory imported and copied by our GPU;
 //!   asynchronous, completed by the transport's GPU completion thread (`nvlink.rs`).
-//! - `tcp`: pooled connections (lanes) to the peer's RPC/data port, with their own threads.
+//! - `tcp`: pooled connections (lanes) to the peer's RPC/data port, served by the engine's
+//!   readiness loop (`reactor.rs`, a fixed set of threads).
 //!
 //! The engine plans a batch (every request checked, a transport chosen per run of requests
 //! between the same two regions) and hands each run to its transport's [`Submission`] as it
