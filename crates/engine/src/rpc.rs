@@ -182,9 +182,12 @@ impl Inbound {
         !matches!(self.state, Recv::Header) || self.recv.buffered() > 0
     }
 
-    fn flush(&mut self, now: Instant) -> Result<(), ConnError> {
+    /// Writes queued answers. Returns what the loop should do about the rest: nothing left
+    /// or the socket full (`Continue`: an edge comes when it drains), or more to write now
+    /// (`Again`: the budget ran out).
+    fn flush(&mut self, now: Instant) -> Result<Flow, ConnError> {
         if self.out.is_empty() {
-            return Ok(());
+            return Ok(Flow::Continue);
         }
         let f = self.out.flush(&self.stream, &mut self.refused, BUDGET)?;
         self.refused.clear();
@@ -192,19 +195,20 @@ impl Inbound {
             self.watch.handle_sent(now);
         }
         self.watch.handle_send_blocked(now, f.blocked);
-        Ok(())
+        Ok(if f.blocked || self.out.is_empty() { Flow::Continue } else { Flow::Again })
     }
 
     /// Reads and serves frames until the socket is drained, a budget runs out or answers
     /// pile up.
     fn pump(&mut self, now: Instant, received: &mut u64) -> Result<Flow, ConnError> {
         loop {
+            let mut sending = Flow::Continue;
             if self.recv.buffered() == 0 || self.out.queued_bytes() > OUT_LIMIT {
-                self.flush(now)?;
+                sending = self.flush(now)?;
             }
             if self.out.queued_bytes() > OUT_LIMIT {
-                // Resumed when the socket becomes writable.
-                return Ok(Flow::Continue);
+                // Resumed when the socket drains (`Continue`), or at once (`Again`).
+                return Ok(sending);
             }
             if *received >= BUDGET {
                 self.flush(now)?;
@@ -212,10 +216,7 @@ impl Inbound {
             }
             match self.step()? {
                 Got::Bytes(n) => *received += n as u64,
-                Got::Blocked => {
-                    self.flush(now)?;
-                    return Ok(Flow::Continue);
-                }
+                Got::Blocked => return self.flush(now),
                 Got::Eof if !self.mid_frame() => return Ok(Flow::Close),
                 Got::Eof => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
             }
@@ -413,4 +414,54 @@ impl Source for Inbound {
     }
 
     fn on_stop(&mut self) {}
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use tidewire_core::wire::INSTANCE_LEN;
+
+    use super::*;
+    use crate::{Engine, EngineConfig, HostBuffer};
+
+    #[test]
+    fn a_client_that_asks_far_more_than_it_reads_gets_every_answer() {
+        const MIB: usize = 1 << 20;
+        let e = Engine::new(EngineConfig { port: Some(0), ..Default::default() }).unwrap();
+        let mut buf = HostBuffer::new(8 * MIB).unwrap();
+        let pattern: Vec<u8> = (0..8 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+        buf.fill_from(&pattern);
+        let base = buf.addr();
+        e.register_buffer(Arc::new(buf), "cpu").unwrap();
+        let mut s = TcpStream::connect(e.rpc_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut hello = Header::new(FrameKind::Hello, 0, 0, INSTANCE_LEN).encode().to_vec();
+        hello.extend_from_slice(&[0u8; 16]);
+        s.write_all(&hello).unwrap();
+        let mut ack = [0u8; HEADER_LEN + 16];
+        s.read_exact(&mut ack).unwrap();
+        // 48 MiB of answers asked for before a byte of them is read: the target stops reading
+        // requests while answers pile up, and resumes as the client reads.
+        let n = 48u64;
+        for i in 0..n {
+            let at = base + (i % 8) * MIB as u64;
+            s.write_all(&Header::new(FrameKind::Read, i, at, MIB as u64).encode()).unwrap();
+        }
+        let mut payload = vec![0u8; MIB];
+        for i in 0..n {
+            let mut raw = [0u8; HEADER_LEN];
+            s.read_exact(&mut raw).unwrap();
+            let h = Header::decode(&raw).unwrap();
+            assert_eq!(
+                (h.kind, h.tag, h.status, h.len),
+                (FrameKind::ReadData, i, Status::Ok, MIB as u64)
+            );
+            s.read_exact(&mut payload).unwrap();
+            let off = (i % 8) as usize * MIB;
+            assert!(payload == pattern[off..off + MIB], "answer {i} carries the region's bytes");
+        }
+    }
 }
