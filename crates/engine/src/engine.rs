@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
+use tidewire_core::descriptor::{Reach, RegionDescriptor, SegmentDescriptor, DESCRIPTOR_VERSION};
 use tidewire_core::memory::{Location, LocationHint, MemoryKind};
 use tidewire_core::paged::LayoutDescriptor;
 use tidewire_core::select::{
@@ -193,7 +193,14 @@ impl Inner {
     }
 
     pub(crate) fn descriptor(&self) -> SegmentDescriptor {
-        let (generation, regions) = self.registry.snapshot();
+        let (generation, mut regions) = self.registry.snapshot();
+        if self.shm.is_err() {
+            // Without the shm socket no peer can fetch a memfd: shared memory is offered to
+            // tcp alone (it is host memory), never as a reach nobody can use.
+            for r in &mut regions {
+                r.reach.retain(|x| !matches!(x, Reach::Shm | Reach::VmmFd { .. }));
+            }
+        }
         SegmentDescriptor {
             version: DESCRIPTOR_VERSION,
             name: self.name.clone(),

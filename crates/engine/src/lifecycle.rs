@@ -1,10 +1,7 @@
-//! Threads and sockets the engine owns, so shutdown can wake and join every one of them,
-//! and the readiness loop (`reactor.rs`) that serves the engine's TCP connections.
+//! The threads the engine owns, so shutdown can stop and join every one of them, and the
+//! readiness loop (`reactor.rs`) that serves the engine's connections (RPC/data and shm).
 
-use std::collections::HashMap;
-use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -13,31 +10,12 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result};
 use crate::reactor::{self, Reactor};
 
-/// A socket that shutdown must wake.
-pub(crate) enum Wakeable {
-    Unix(UnixStream),
-}
-
 #[derive(Default)]
 pub(crate) struct Lifecycle {
     stopping: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    sockets: Mutex<HashMap<u64, Wakeable>>,
-    next_token: AtomicU64,
     /// Started on first use.
     reactor: Mutex<Option<Arc<Reactor>>>,
-}
-
-/// Untracks its socket when dropped.
-pub(crate) struct Tracked<'a> {
-    life: &'a Lifecycle,
-    token: u64,
-}
-
-impl Drop for Tracked<'_> {
-    fn drop(&mut self) {
-        self.life.sockets.lock().remove(&self.token);
-    }
 }
 
 impl Lifecycle {
@@ -73,22 +51,11 @@ impl Lifecycle {
         Ok(r)
     }
 
-    /// Tracks a socket so that shutdown wakes whoever blocks on it.
-    pub(crate) fn track(&self, socket: Wakeable) -> Tracked<'_> {
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.sockets.lock().insert(token, socket);
-        Tracked { life: self, token }
-    }
-
-    /// Marks the engine stopping, stops the readiness loop and shuts every tracked socket down.
+    /// Marks the engine stopping and stops the readiness loop (which drops its connections).
     pub(crate) fn begin_stop(&self) {
         self.stopping.store(true, Ordering::Release);
         if let Some(r) = self.reactor.lock().as_ref() {
             r.stop();
-        }
-        for (_, s) in self.sockets.lock().drain() {
-            let Wakeable::Unix(s) = s;
-            let _ = s.shutdown(Shutdown::Both);
         }
     }
 

@@ -1,6 +1,6 @@
-//! Threads do not grow with peers: an initiator talking to 64 tcp peers runs no more threads
-//! than one talking to a single peer (plus a small constant), and a process serving those
-//! peers' connections runs none per connection.
+//! Threads do not grow with peers: an initiator talking to 64 peers (over tcp, then over shm)
+//! runs no more threads than one talking to a single peer (plus a small constant), and a
+//! process serving those peers' connections runs none per connection.
 //!
 //! This file holds one test (and the child's entry), so that no other test of the same binary
 //! starts threads while it counts them.
@@ -25,11 +25,16 @@ const SLACK: usize = 4;
 fn zz_threads_targets() {
     let Ok(n) = std::env::var("TW_THREADS_TARGETS") else { return };
     let n: usize = n.parse().unwrap();
+    let shm = std::env::var("TW_THREADS_SHM").is_ok();
     let engines: Vec<(Engine, u64)> = (0..n)
         .map(|_| {
-            let cfg = EngineConfig { port: Some(0), enable_shm: false, ..EngineConfig::default() };
+            let cfg = EngineConfig { port: Some(0), enable_shm: shm, ..EngineConfig::default() };
             let e = Engine::new(cfg).unwrap();
-            // Plain host memory: reached by tcp only (an shm allocation needs the shm socket).
+            if shm {
+                let addr = e.allocate_shared(4096).unwrap();
+                return (e, addr);
+            }
+            // Plain host memory: reached by tcp only.
             let buf = Arc::new(HostBuffer::new(4096).unwrap());
             let addr = buf.addr();
             e.register_buffer(buf, "cpu").unwrap();
@@ -47,9 +52,18 @@ fn threads_of(pid: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
 }
 
+/// One test (see the file's doc): tcp peers, then shm peers.
 #[test]
-fn threads_do_not_grow_with_tcp_peers() {
-    let env = [("TW_THREADS_TARGETS", PEERS.to_string())];
+fn threads_do_not_grow_with_tcp_or_shm_peers() {
+    count_threads(false);
+    count_threads(true);
+}
+
+fn count_threads(shm: bool) {
+    let mut env = vec![("TW_THREADS_TARGETS", PEERS.to_string())];
+    if shm {
+        env.push(("TW_THREADS_SHM", "1".into()));
+    }
     let (mut child, _lines, ready) = spawn_child(CHILD, &env, Duration::from_secs(60));
     let child_pid = child.id().to_string();
     let targets: Vec<(String, u64)> = ready
@@ -61,7 +75,8 @@ fn threads_do_not_grow_with_tcp_peers() {
         .collect();
     assert_eq!(targets.len(), PEERS);
 
-    let cfg = common::config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap();
+    let force = |k: &str| (k == "MC_FORCE_TCP" && !shm).then(|| "1".into());
+    let cfg = common::config().apply_env(force).unwrap();
     let initiator = Engine::new(cfg).unwrap();
     let data = random_bytes(4096, 3);
     let local = registered(&initiator, 4096, &data);
@@ -84,8 +99,9 @@ fn threads_do_not_grow_with_tcp_peers() {
     }
     let (mine_64, child_64) = (threads_of("self"), threads_of(&child_pid));
     // Shown with --nocapture; also in the failure message.
+    let via = if shm { "shm" } else { "tcp" };
     let counts = format!(
-        "initiator process: {mine_1} threads with 1 peer, {mine_64} with {PEERS}; \
+        "{via}: initiator process: {mine_1} threads with 1 peer, {mine_64} with {PEERS}; \
          target process ({PEERS} engines): {child_before} before any connection, {child_1} \
          with 1 initiator peer connected, {child_64} with {PEERS}"
     );

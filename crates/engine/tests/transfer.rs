@@ -311,3 +311,21 @@ fn complete_on_a_stream_is_refused_for_tcp_and_needs_nothing_for_host_copies() {
     drop(target);
     drop(plain);
 }
+
+#[test]
+fn shared_memory_of_an_engine_without_shm_is_offered_to_tcp_and_moves() {
+    let cfg = EngineConfig { port: Some(0), enable_shm: false, ..Default::default() };
+    let target = tidewire::Engine::new(cfg).unwrap();
+    let remote = target.allocate_shared(8192).unwrap();
+    poke(remote, &[POISON; 8192]);
+    let initiator = common::engine();
+    let peer = initiator.open_segment(target.name()).unwrap();
+    let data = random_bytes(8192, 12);
+    let src = registered(&initiator, 8192, &data);
+    let req = Request { op: Op::Write, local: src.addr(), len: 8192, peer, remote };
+    initiator.transfer_sync(&[req], BatchOptions::default()).unwrap();
+    assert!(peek(remote, 8192) == data);
+    let info = initiator.explain(peer).unwrap();
+    let chosen = info.regions[0].decision.as_ref().map(|c| c.transport).ok();
+    assert_eq!(chosen, Some(TransportKind::Tcp), "no shm reach without the shm socket");
+}

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -26,9 +26,10 @@ use tidewire_core::shmwire::{ShmAnswer, ShmFetch, ShmRequest, SHM_MESSAGE_LEN};
 use tidewire_core::{InstanceId, RegionId};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::{Lifecycle, Wakeable};
+use crate::lifecycle::Lifecycle;
 use crate::mem::{self, Mapping, PAGE};
 use crate::peer::{Held, MapCount};
+use crate::reactor::{Flow, Source};
 use crate::registry::{Pinned, Registry};
 
 const HEADER: usize = PAGE;
@@ -188,11 +189,13 @@ impl ShmServer {
             }
             match listener.accept() {
                 Ok((stream, _)) => {
-                    let (srv, reg, l3) = (srv.clone(), registry.clone(), life2.clone());
-                    let spawned =
-                        life2.spawn("tw-shm-conn".into(), move || srv.serve(stream, &reg, &l3));
-                    if let Err(e) = spawned {
-                        log::warn!("shm: {e}");
+                    // Served on the engine's I/O loops: no thread per same-host peer.
+                    let attached = life2.reactor().and_then(|r| {
+                        let source = ShmConn::new(srv.clone(), stream, registry.clone())?;
+                        r.slot().attach(Box::new(source))
+                    });
+                    if let Err(e) = attached {
+                        log::warn!("shm: serving a connection on @{socket}: {e}");
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -212,78 +215,166 @@ impl ShmServer {
         *self.attached.lock()
     }
 
-    fn serve(&self, stream: UnixStream, registry: &Registry, life: &Lifecycle) {
-        let slot = {
-            let mut a = self.attached.lock();
-            let free = a.iter().position(|used| !used);
-            if let Some(i) = free {
-                a[i] = true;
-                for e in registry.controlled() {
-                    if let Some(c) = e.control() {
-                        c.reset_slot(i);
-                    }
-                }
-            }
-            free
-        };
-        let Ok(clone) = stream.try_clone() else {
-            return;
-        };
-        let _tracked = life.track(Wakeable::Unix(clone));
-        let result = serve_requests(&stream, slot, registry, life);
-        if let Err(e) = result {
-            if !life.stopping() && e.kind() != io::ErrorKind::UnexpectedEof {
-                log::debug!("shm connection ended: {e}");
+    /// Takes a free initiator slot (its marks reset in every revocation page), if any.
+    fn take_slot(&self, registry: &Registry) -> Option<usize> {
+        let mut a = self.attached.lock();
+        let free = a.iter().position(|used| !used)?;
+        a[free] = true;
+        for e in registry.controlled() {
+            if let Some(c) = e.control() {
+                c.reset_slot(free);
             }
         }
-        if let Some(i) = slot {
-            self.attached.lock()[i] = false;
+        Some(free)
+    }
+}
+
+/// One same-host initiator's connection to the shm socket, served on an I/O loop: it is told
+/// its slot, then asks for descriptors of regions (9-byte requests) and gets each with its
+/// file descriptor (9-byte answers over SCM_RIGHTS). The initiator asks one at a time, so at
+/// most a few answers ever wait for room in the socket.
+struct ShmConn {
+    server: Arc<ShmServer>,
+    registry: Arc<Registry>,
+    stream: UnixStream,
+    slot: Option<usize>,
+    /// A request being read.
+    req: [u8; SHM_MESSAGE_LEN],
+    got: usize,
+    /// Answers not yet sent (the socket was full), with the descriptor each carries.
+    out: std::collections::VecDeque<([u8; SHM_MESSAGE_LEN], Option<OwnedFd>)>,
+    /// The slot number still to send first (4 bytes), and how much of it went.
+    hello: ([u8; 4], usize),
+}
+
+impl ShmConn {
+    fn new(server: Arc<ShmServer>, stream: UnixStream, registry: Arc<Registry>) -> Result<Self> {
+        stream.set_nonblocking(true).map_err(|e| Error::io("an shm connection", &e))?;
+        let slot = server.take_slot(&registry);
+        let hello = (slot.map_or(NO_SLOT, |i| i as u32).to_le_bytes(), 0);
+        Ok(Self {
+            server,
+            registry,
+            stream,
+            slot,
+            req: [0; SHM_MESSAGE_LEN],
+            got: 0,
+            out: Default::default(),
+            hello,
+        })
+    }
+
+    /// The answer to one request, with a descriptor of its own (dup'd: it may wait in `out`).
+    fn answer(&self) -> ([u8; SHM_MESSAGE_LEN], Option<OwnedFd>) {
+        let refused = (ShmAnswer::Refused.encode(), None);
+        // An unknown kind is refused like an unknown region: the initiator gets a reason.
+        let Ok(req) = ShmRequest::decode(&self.req) else { return refused };
+        let Some(entry) = self.registry.by_id(req.region).filter(|e| e.access().is_some()) else {
+            return refused;
+        };
+        let found: Option<(u64, &OwnedFd)> = match req.what {
+            ShmFetch::Data => entry.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
+            ShmFetch::Control => entry.control().map(|c| (0, &c.fd)),
+            ShmFetch::VmmFd => {
+                entry.gpu.as_ref().and_then(|g| g.vmm_fd.as_ref().map(|(size, fd)| (*size, fd)))
+            }
+        };
+        match found.map(|(len, fd)| (len, fd.try_clone())) {
+            Some((len, Ok(fd))) => (ShmAnswer::Granted { len }.encode(), Some(fd)),
+            Some((_, Err(e))) => {
+                log::warn!("shm: duplicating a descriptor of {}: {e}", req.region);
+                refused
+            }
+            None => refused,
+        }
+    }
+
+    /// Sends what is queued; false when the connection failed.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.hello.1 < self.hello.0.len() {
+            match (&self.stream).write(&self.hello.0[self.hello.1..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.hello.1 += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        while let Some((msg, fd)) = self.out.front() {
+            match send_with_fd(&self.stream, msg, fd.as_ref()) {
+                Ok(()) => {
+                    self.out.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self) -> io::Result<Flow> {
+        self.flush()?;
+        if self.slot.is_none() {
+            // All slots taken: the initiator was told (NO_SLOT); close once that is sent.
+            return Ok(if self.hello.1 == self.hello.0.len() {
+                Flow::Close
+            } else {
+                Flow::Continue
+            });
+        }
+        loop {
+            match (&self.stream).read(&mut self.req[self.got..]) {
+                Ok(0) => return Ok(Flow::Close),
+                Ok(n) => {
+                    self.got += n;
+                    if self.got == SHM_MESSAGE_LEN {
+                        self.got = 0;
+                        let answer = self.answer();
+                        self.out.push_back(answer);
+                        self.flush()?;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Continue),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 }
 
-fn serve_requests(
-    stream: &UnixStream,
-    slot: Option<usize>,
-    registry: &Registry,
-    life: &Lifecycle,
-) -> io::Result<()> {
-    let mut s = stream;
-    s.write_all(&slot.map_or(NO_SLOT, |i| i as u32).to_le_bytes())?;
-    if slot.is_none() {
-        return Ok(());
+impl Source for ShmConn {
+    fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
     }
-    stream.set_read_timeout(Some(crate::frames::POLL))?;
-    loop {
-        let mut req = [0u8; SHM_MESSAGE_LEN];
-        match s.read_exact(&mut req) {
-            Ok(()) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                if life.stopping() {
-                    return Ok(());
+
+    fn on_ready(&mut self, _now: Instant) -> Flow {
+        match self.serve() {
+            Ok(flow) => flow,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    log::debug!("shm connection ended: {e}");
                 }
-                continue;
+                Flow::Close
             }
-            Err(e) => return Err(e),
         }
-        // An unknown kind is refused like an unknown region: the initiator gets a reason.
-        let Ok(req) = ShmRequest::decode(&req) else {
-            send_with_fd(stream, &ShmAnswer::Refused.encode(), None)?;
-            continue;
-        };
-        let entry = registry.by_id(req.region).filter(|e| e.access().is_some());
-        let answer: Option<(u64, &OwnedFd)> = entry.as_ref().and_then(|e| match req.what {
-            ShmFetch::Data => e.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
-            ShmFetch::Control => e.control().map(|c| (0, &c.fd)),
-            ShmFetch::VmmFd => {
-                e.gpu.as_ref().and_then(|g| g.vmm_fd.as_ref().map(|(size, fd)| (*size, fd)))
-            }
-        });
-        match answer {
-            Some((len, fd)) => {
-                send_with_fd(stream, &ShmAnswer::Granted { len }.encode(), Some(fd))?
-            }
-            None => send_with_fd(stream, &ShmAnswer::Refused.encode(), None)?,
+    }
+
+    fn poll_timeout(&mut self, _now: Instant) -> Option<Instant> {
+        None
+    }
+
+    fn on_timeout(&mut self, _now: Instant) -> Flow {
+        Flow::Continue
+    }
+
+    fn on_stop(&mut self) {}
+}
+
+impl Drop for ShmConn {
+    fn drop(&mut self) {
+        // The initiator's end is closed with ours: its slot is free again.
+        if let Some(i) = self.slot {
+            self.server.attached.lock()[i] = false;
         }
     }
 }
