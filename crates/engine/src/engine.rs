@@ -11,8 +11,7 @@ use tidewire_core::descriptor::{Reach, RegionDescriptor, SegmentDescriptor, DESC
 use tidewire_core::memory::{Location, LocationHint, MemoryKind};
 use tidewire_core::paged::LayoutDescriptor;
 use tidewire_core::select::{
-    self, describe_refusals, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal,
-    TransportKind,
+    self, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal, TransportKind,
 };
 use tidewire_core::wire::{encode_strings, FrameKind, Header};
 use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
@@ -834,7 +833,7 @@ impl Engine {
             peer: conn.name.clone(),
             addr: r.remote,
             len: r.len,
-            refusals: describe_refusals(&refusals),
+            refusals,
         })?;
         let gpu = match choice.transport {
             TransportKind::Nvlink | TransportKind::Mnnvl => {
@@ -851,7 +850,7 @@ impl Engine {
                             peer: conn.name.clone(),
                             addr: r.remote,
                             len: r.len,
-                            refusals: format!("{}: no — {why}", choice.transport),
+                            refusals: vec![Refusal { transport: choice.transport, reason: why }],
                         }
                     })?;
                 Some(GpuRoute { reach: reach.clone(), exec })
@@ -952,7 +951,8 @@ impl Engine {
             let Some((slot, transport)) = self.inner.transports.serving(step.transport) else {
                 let end = step.run_end(requests, i + 1);
                 let r = &requests[i];
-                let refusals = format!("{} chosen but not built in this engine", step.transport);
+                let reason = "chosen, but not built in this engine".to_string();
+                let refusals = vec![Refusal { transport: step.transport, reason }];
                 let err = Error::NoTransport {
                     peer: step.conn.name.clone(),
                     addr: r.remote,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tidewire_core::select::TransportKind;
+use tidewire_core::select::{describe_refusals, Refusal, TransportKind};
 use tidewire_core::wire::Status;
 use tidewire_core::{BatchId, CoreError};
 
@@ -52,9 +52,9 @@ pub enum Error {
     /// A location hint contradicts what the pointer is.
     #[error("registration of {addr:#x}: {detail}")]
     LocationMismatch { addr: u64, detail: String },
-    /// No transport can serve a request.
-    #[error("no transport reaches [{addr:#x}, +{len}) on peer {peer}: {refusals}")]
-    NoTransport { peer: String, addr: u64, len: u64, refusals: String },
+    /// No transport can serve a request: each one considered, and why it refused.
+    #[error("no transport reaches [{addr:#x}, +{len}) on peer {peer}: {}", describe_refusals(.refusals))]
+    NoTransport { peer: String, addr: u64, len: u64, refusals: Vec<Refusal> },
     /// A deadline passed.
     #[error("{what} timed out after {after:?}")]
     Timeout { what: String, after: Duration },

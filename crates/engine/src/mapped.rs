@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tidewire_core::descriptor::{Reach, RegionDescriptor};
 use tidewire_core::memory::{Location, MemoryKind};
-use tidewire_core::select::{executing_gpu, nvlink_reach, TransportKind};
+use tidewire_core::select::{executing_gpu, nvlink_reach, Refusal, TransportKind};
 
 use crate::error::{Error, Result};
 use crate::peer::{Liveness, PeerConn};
@@ -137,11 +137,11 @@ pub(crate) fn map(
 ) -> Result<MappedPeer> {
     let Ends { conn, region, local, config, gpu } = ends;
     let offset = remote - region.addr;
-    let refuse = |why: String| Error::NoTransport {
+    let refuse = |transport: TransportKind, why: String| Error::NoTransport {
         peer: conn.name.clone(),
         addr: remote,
         len,
-        refusals: format!("map_peer: {why}"),
+        refusals: vec![Refusal { transport, reason: format!("map_peer: {why}") }],
     };
     let mapped = |addr: u64, device, transport, hold| MappedPeer {
         peer: conn.name.clone(),
@@ -158,16 +158,16 @@ pub(crate) fn map(
     let shm = region.reach.iter().any(|r| matches!(r, Reach::Shm));
     if shm && conn.same_host {
         if device.is_some() {
-            return Err(refuse("the region is host memory; map it for the host".into()));
+            let why = "the region is host memory; map it for the host".into();
+            return Err(refuse(TransportKind::Shm, why));
         }
         let client = conn.shm(config)?;
         let map = client.region(region.id)?;
         if offset.checked_add(len).is_none_or(|end| end > map.data_len()) {
-            return Err(refuse(format!(
-                "the range exceeds {} ({} bytes)",
-                region.id,
-                map.data_len()
-            )));
+            return Err(refuse(
+                TransportKind::Shm,
+                format!("the range exceeds {} ({} bytes)", region.id, map.data_len()),
+            ));
         }
         if !client.enter(&map) {
             return Err(Error::RemoteAccessDenied {
@@ -181,14 +181,18 @@ pub(crate) fn map(
         return Ok(mapped(addr, None, TransportKind::Shm, Hold::Shm { client, map }));
     }
     if !matches!(region.location.kind, MemoryKind::Device | MemoryKind::DeviceVmm) {
-        return Err(refuse(format!(
-            "{} memory of a peer {} cannot be mapped (only tcp reaches it)",
-            region.location,
-            if conn.same_host { "on this host" } else { "on another host" }
-        )));
+        return Err(refuse(
+            TransportKind::Tcp,
+            format!(
+                "{} memory of a peer {} cannot be mapped (only tcp reaches it)",
+                region.location,
+                if conn.same_host { "on this host" } else { "on another host" }
+            ),
+        ));
     }
     let Some(exec) = device else {
-        return Err(refuse("the region is device memory: name the GPU that will use it".into()));
+        let why = "the region is device memory: name the GPU that will use it".into();
+        return Err(refuse(TransportKind::Nvlink, why));
     };
     let (transport, reach) = if conn.same_host {
         (TransportKind::Nvlink, nvlink_reach(&region, config.transports.prefer_ipc))
@@ -196,14 +200,15 @@ pub(crate) fn map(
         let fabric = region.reach.iter().find(|r| r.transport() == TransportKind::Mnnvl);
         (TransportKind::Mnnvl, fabric)
     };
-    let reach = reach.ok_or_else(|| refuse(format!("the region offers no {transport} handle")))?;
+    let reach = reach
+        .ok_or_else(|| refuse(transport, format!("the region offers no {transport} handle")))?;
     if conn.same_host {
         // Our GPU must reach the peer's GPU (peer access).
         let here = Location { kind: MemoryKind::Device, device: Some(exec) };
         let uuid = reach.device().unwrap_or_default();
-        executing_gpu(here, uuid, gpu).map_err(|why| refuse(format!("{transport}: {why}")))?;
+        executing_gpu(here, uuid, gpu).map_err(|why| refuse(transport, why))?;
     } else if gpu.uuids.get(exec as usize).is_none() {
-        return Err(refuse(format!("cuda:{exec} is not a GPU of this process")));
+        return Err(refuse(transport, format!("cuda:{exec} is not a GPU of this process")));
     }
     let client = conn.nvlink(config)?;
     let (remote_gpu, shift) = client.map(region.id, reach, exec)?;
