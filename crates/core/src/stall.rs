@@ -53,6 +53,9 @@ pub struct StallDetector {
     stall: Duration,
     awaiting: usize,
     mid_frame: bool,
+    /// We stopped reading (back-pressure: our answers pile up): the peer owes us nothing
+    /// meanwhile, and a peer that stops reading our answers is the send watch's to catch.
+    paused: bool,
     /// Start of the receive window: the last arrival, or when answers began to be awaited.
     heard: Instant,
     send_blocked: bool,
@@ -68,6 +71,7 @@ impl StallDetector {
             stall,
             awaiting: 0,
             mid_frame: false,
+            paused: false,
             heard: now,
             send_blocked: false,
             sent: now,
@@ -91,6 +95,15 @@ impl StallDetector {
         self.awaiting = n;
     }
 
+    /// We stop reading the socket (`true`, back-pressure) or read it again (`false`). While
+    /// paused, the receive window is not watched; it restarts when reading resumes.
+    pub fn handle_receive_paused(&mut self, now: Instant, paused: bool) {
+        if self.paused && !paused {
+            self.heard = now;
+        }
+        self.paused = paused;
+    }
+
     /// The socket took bytes.
     pub fn handle_sent(&mut self, now: Instant) {
         self.sent = now;
@@ -105,7 +118,7 @@ impl StallDetector {
     }
 
     fn receive_watched(&self) -> bool {
-        self.awaiting > 0 || self.mid_frame
+        !self.paused && (self.awaiting > 0 || self.mid_frame)
     }
 
     /// When `handle_timeout` is next due (`None` while idle, and once stalled).
@@ -153,6 +166,25 @@ impl StallDetector {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
+
+    #[test]
+    fn a_receiver_paused_by_back_pressure_is_not_a_stalled_sender() {
+        let t0 = Instant::now();
+        let stall = Duration::from_secs(10);
+        let mut d = StallDetector::new(t0, stall);
+        // Whole headers wait in our buffer while we stop reading: not the peer's fault.
+        d.handle_received(t0, true);
+        d.handle_receive_paused(t0, true);
+        assert_eq!(d.poll_timeout(), None);
+        d.handle_timeout(t0 + 3 * stall);
+        assert_eq!(d.stalled(), None);
+        // Reading resumes: the window starts again from then.
+        let resumed = t0 + 3 * stall;
+        d.handle_receive_paused(resumed, false);
+        assert_eq!(d.poll_timeout(), Some(resumed + stall));
+        d.handle_timeout(resumed + stall);
+        assert!(matches!(d.stalled(), Some(Stalled::MidFrame { .. })));
+    }
     use super::*;
     use crate::sim::{decode, Endpoint, Link, Pair};
     use crate::wire::{FrameKind, Header, HEADER_LEN};

@@ -688,6 +688,18 @@ impl Engine {
         let old = {
             let mut peers = self.inner.peers.lock();
             let slot = peers.slots.get_mut(id.0 as usize).ok_or(Error::Internal("peer slot"))?;
+            let same = |a: &Option<Arc<PeerConn>>, b: &Option<Arc<PeerConn>>| match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same(&slot.conn, &existing) {
+                // Another thread re-opened the peer meanwhile: use its view (replacing it
+                // would close the connections it is using), unless that one is broken too.
+                if let Some(current) = slot.conn.clone().filter(|c| !c.is_broken()) {
+                    return Ok(current);
+                }
+            }
             slot.retired = None;
             slot.conn.replace(conn.clone())
         };

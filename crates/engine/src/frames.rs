@@ -366,10 +366,17 @@ impl SendQueue {
                     push(&mut used, body.0.wrapping_add(skip), body.1 - skip);
                 }
             }
+            // sendmsg, not writev: MSG_NOSIGNAL turns a write to a reset connection into
+            // EPIPE instead of a SIGPIPE that would kill a host process not ignoring it.
+            // SAFETY: msghdr is plain old data; zero is a valid empty header.
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            hdr.msg_iovlen = used as _;
             // SAFETY: every iovec points into memory that stays valid and unchanged for the
             // call: headers and byte payloads owned by `self.ready` (not touched until the call
-            // returns), and registered memory pinned by the `OwnedPinned`s it holds.
-            let rc = unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), used as libc::c_int) };
+            // returns), and registered memory pinned by the `OwnedPinned`s it holds; `hdr`
+            // points at the live `iov` array.
+            let rc = unsafe { libc::sendmsg(s.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {

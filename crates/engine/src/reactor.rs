@@ -193,14 +193,23 @@ impl Reactor {
         threads: usize,
         spawn: impl Fn(String, Box<dyn FnOnce() + Send>) -> Result<()>,
     ) -> Result<Self> {
-        let mut loops = Vec::with_capacity(threads);
+        let mut started = Self { loops: Vec::with_capacity(threads), next: AtomicUsize::new(0) };
         for i in 0..threads.max(1) {
-            let lp = Arc::new(Loop::new()?);
-            let l2 = lp.clone();
-            spawn(format!("tw-io-{i}"), Box::new(move || run(&l2)))?;
-            loops.push(lp);
+            let made = Loop::new().map(Arc::new).and_then(|lp| {
+                let l2 = lp.clone();
+                spawn(format!("tw-io-{i}"), Box::new(move || run(&l2))).map(|()| lp)
+            });
+            match made {
+                Ok(lp) => started.loops.push(lp),
+                Err(e) => {
+                    // The loops already running would never be told to stop, and shutdown
+                    // would wait for them forever.
+                    started.stop();
+                    return Err(e);
+                }
+            }
         }
-        Ok(Self { loops, next: AtomicUsize::new(0) })
+        Ok(started)
     }
 
     /// A place for a new source on the next loop (round robin).

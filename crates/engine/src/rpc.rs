@@ -395,6 +395,10 @@ impl Source for Inbound {
         if received > 0 {
             self.watch.handle_received(now, self.mid_frame());
         }
+        // Reading stops while answers pile up (back-pressure): the requests left in our
+        // buffer are not a peer stalled mid-frame (the send watch catches one that stops
+        // reading our answers).
+        self.watch.handle_receive_paused(now, self.out.queued_bytes() > OUT_LIMIT);
         match result {
             Ok(flow) => flow,
             Err(e) => self.dropped(&e),

@@ -427,3 +427,37 @@ fn ipv6_loopback_works_when_available() {
     write_and_check(&initiator, target.name(), remote, 4096, 6);
     drop(initiator);
 }
+
+#[test]
+fn an_initiator_draining_answers_slower_than_the_stall_deadline_is_not_dropped() {
+    // A lane sends every READ header of its share at once, then reads the answers at ~10
+    // MiB/s: the target stops reading while its answers pile up, which is back-pressure, not
+    // a peer stalled mid-frame. Stall deadline 1 s, the drain takes ~4 s.
+    const MIB: u64 = 1 << 20;
+    let mut cfg = common::config();
+    cfg.deadlines.stall = Duration::from_secs(1);
+    let target = Engine::new(cfg).unwrap();
+    let buf = registered(&target, 8 * MIB as usize, &random_bytes(8 * MIB as usize, 3));
+    let mut s = raw_conn(&target);
+    let mut hello = Header::new(FrameKind::Hello, 0, 0, INSTANCE_LEN).encode().to_vec();
+    hello.extend_from_slice(&[0u8; INSTANCE_LEN as usize]);
+    s.write_all(&hello).unwrap();
+    let ack = read_header(&mut s);
+    let mut id = vec![0u8; ack.payload_len() as usize];
+    s.read_exact(&mut id).unwrap();
+    let n = 40u64;
+    for i in 0..n {
+        let at = buf.addr() + (i % 8) * MIB;
+        s.write_all(&Header::new(FrameKind::Read, i, at, MIB).encode()).unwrap();
+    }
+    let mut payload = vec![0u8; MIB as usize];
+    for i in 0..n {
+        let h = read_header(&mut s);
+        assert_eq!((h.kind, h.tag, h.status), (FrameKind::ReadData, i, Status::Ok), "answer {i}");
+        s.read_exact(&mut payload).unwrap();
+        let off = ((i % 8) * MIB) as usize;
+        assert!(payload == buf.to_vec()[off..off + MIB as usize], "payload {i}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(target);
+}

@@ -229,6 +229,9 @@ impl ShmServer {
     }
 }
 
+/// Questions an shm connection answers before it lets its loop serve others.
+const ANSWERS_PER_CALL: usize = 64;
+
 /// One same-host initiator's connection to the shm socket, served on an I/O loop: it is told
 /// its slot, then asks for descriptors of regions (9-byte requests) and gets each with its
 /// file descriptor (9-byte answers over SCM_RIGHTS). The initiator asks one at a time, so at
@@ -322,7 +325,13 @@ impl ShmConn {
                 Flow::Continue
             });
         }
-        loop {
+        // The initiator asks one question at a time: while an answer waits for room in the
+        // socket nothing more is read (a client that never reads cannot make us hold
+        // descriptors without bound), and a burst of questions yields the loop after a few.
+        for _ in 0..ANSWERS_PER_CALL {
+            if !self.out.is_empty() {
+                return Ok(Flow::Continue);
+            }
             match (&self.stream).read(&mut self.req[self.got..]) {
                 Ok(0) => return Ok(Flow::Close),
                 Ok(n) => {
@@ -339,6 +348,7 @@ impl ShmConn {
                 Err(e) => return Err(e),
             }
         }
+        Ok(Flow::Again)
     }
 }
 

@@ -119,9 +119,19 @@ impl TcpConn {
         let mut built = Vec::with_capacity(lanes);
         let mut waits = Vec::with_capacity(lanes);
         for _ in 0..lanes.max(1) {
-            let (lane, rx) = Lane::open(peer, addr, expect, deadlines, &reactor)?;
-            built.push(lane);
-            waits.push(rx);
+            match Lane::open(peer, addr, expect, deadlines, &reactor) {
+                Ok((lane, rx)) => {
+                    built.push(lane);
+                    waits.push(rx);
+                }
+                Err(e) => {
+                    // The lanes already open would sit on the loop, idle, for good.
+                    for lane in &built {
+                        lane.close(Some(e.clone()));
+                    }
+                    return Err(e);
+                }
+            }
         }
         let conn = Arc::new(Self { lanes: built, rr: AtomicUsize::new(0) });
         // The machine fails the handshake at its deadline; this bound only covers a loop

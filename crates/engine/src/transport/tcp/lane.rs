@@ -112,7 +112,11 @@ impl LaneShared {
         }
         let refused: Vec<Pending> = {
             let mut aw = self.awaited.lock();
-            tags.iter().filter_map(|t| aw.pending.remove(t)).collect()
+            let gone: Vec<Pending> = tags.iter().filter_map(|t| aw.pending.remove(t)).collect();
+            // No answer will come for these: they leave the count the silence watch waits on.
+            let awaiting = aw.pending.len();
+            aw.watch.handle_awaiting(Instant::now(), awaiting);
+            gone
         };
         for p in refused {
             p.refused();
