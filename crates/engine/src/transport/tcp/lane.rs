@@ -347,7 +347,15 @@ impl LaneSource {
             match self.step(&sh, now)? {
                 Got::Bytes(n) => *received += n as u64,
                 Got::Blocked => break,
-                Got::Eof => return Err(sh.failure("the peer closed the connection")),
+                Got::Eof => {
+                    // Closed before it answered the hello: the handshake's failure (the peer
+                    // is unreachable), not a failure of an established connection.
+                    if let Some((hs, _)) = self.handshake.as_mut() {
+                        hs.handle_closed();
+                        self.handshake_events()?;
+                    }
+                    return Err(sh.failure("the peer closed the connection"));
+                }
             }
         }
         Ok(if more_to_send { Flow::Again } else { Flow::Continue })
