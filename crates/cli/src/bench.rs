@@ -782,7 +782,15 @@ impl Issue {
             Self::Submit(reqs) => engine.submit(reqs, opts),
             Self::Prepared(plan) => engine.execute(plan, opts),
             Self::Paged { peer, op, local, remote, lp, rp } => {
-                engine.transfer_pages(*peer, *op, local, remote, lp, rp, opts)
+                let pages = tidewire::PageTransfer {
+                    peer: *peer,
+                    op: *op,
+                    local,
+                    remote,
+                    local_pages: lp,
+                    remote_pages: rp,
+                };
+                engine.transfer_pages(&pages, opts)
             }
         }
     }

@@ -58,16 +58,9 @@ pub struct PageRun {
     pub count: u64,
 }
 
-/// Coalesces page pairs `(local[i], remote[i])` into runs where both sides advance by one.
-/// The arrays must have the same length (checked by [`check_pages`]).
-pub fn coalesce(local: &[u64], remote: &[u64]) -> Vec<PageRun> {
-    let mut runs = Vec::new();
-    for_each_run(local, remote, |run| runs.push(run));
-    runs
-}
-
-/// As [`coalesce`], handing each run to `f` (no allocation: the hot path of page transfers).
-/// Returns the largest local and remote index seen, so the caller can check them without a
+/// Coalesces page pairs `(local[i], remote[i])` (arrays of the same length, checked by
+/// [`check_pages`]) into runs where both sides advance by one, handing each to `f` (no
+/// allocation: the hot path of page transfers). Returns the largest local and remote index seen, so the caller can check them without a
 /// second pass.
 #[inline]
 pub fn for_each_run(local: &[u64], remote: &[u64], mut f: impl FnMut(PageRun)) -> (u64, u64) {
@@ -90,26 +83,11 @@ pub fn for_each_run(local: &[u64], remote: &[u64], mut f: impl FnMut(PageRun)) -
     (max_l, max_r)
 }
 
-/// One contiguous range to move: `(local address, remote address, length)`.
-pub type PageRange = (u64, u64, u64);
-
 /// The ranges that move `local_pages[i]` of `local` to or from `remote_pages[i]` of `remote`,
-/// in every layer (layer by layer), consecutive pages coalesced. Every index is checked.
-pub fn page_ranges(
-    local: &LayoutDescriptor,
-    remote: &LayoutDescriptor,
-    local_pages: &[u64],
-    remote_pages: &[u64],
-) -> Result<Vec<PageRange>, CoreError> {
-    let mut out = Vec::new();
-    for_each_range(local, remote, local_pages, remote_pages, |_, l, r, len| out.push((l, r, len)))?;
-    Ok(out)
-}
-
-/// As [`page_ranges`], handing each range `(layer, local address, remote address, length)`
-/// to `f`, layer by layer (no allocation; one pass over the indices per layer). The indices are
-/// checked in the same pass: on `Err`, what was handed over must be discarded (its
-/// addresses are meaningless), as `page_ranges` does.
+/// handed to `f` as `(layer, local address, remote address, length)`, layer by layer,
+/// consecutive pages coalesced (no allocation; one pass over the indices per layer). The
+/// indices are checked in the same pass: on `Err`, what was handed over must be discarded (its
+/// addresses are meaningless).
 pub fn for_each_range(
     local: &LayoutDescriptor,
     remote: &LayoutDescriptor,
@@ -190,6 +168,23 @@ pub fn check_pages(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn coalesce(local: &[u64], remote: &[u64]) -> Vec<PageRun> {
+        let mut runs = Vec::new();
+        for_each_run(local, remote, |run| runs.push(run));
+        runs
+    }
+
+    fn page_ranges(
+        local: &LayoutDescriptor,
+        remote: &LayoutDescriptor,
+        local_pages: &[u64],
+        remote_pages: &[u64],
+    ) -> Result<Vec<(u64, u64, u64)>, CoreError> {
+        let mut out = Vec::new();
+        for_each_range(local, remote, local_pages, remote_pages, |_, l, r, n| out.push((l, r, n)))?;
+        Ok(out)
+    }
 
     fn layout(name: &str, layers: &[u64], pages: u64, page_size: u64) -> LayoutDescriptor {
         LayoutDescriptor { name: name.into(), page_size, pages, layers: layers.to_vec() }

@@ -58,6 +58,7 @@ pub use mem::HostBuffer;
 pub use metadata::{segment_key, segments_prefix, MetadataClient};
 pub use metadata_server::MetadataServer;
 pub use notify::Notification;
+pub use paged::PageTransfer;
 pub use plan::Plan;
 pub use tidewire_core as core;
 pub use tidewire_core::{BatchId, PeerId, RegionId};

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tidewire_core::memory::range_within;
 
-use tidewire_core::paged::{for_each_range, page_ranges, LayoutDescriptor};
+use tidewire_core::paged::{for_each_range, LayoutDescriptor};
 use tidewire_core::CoreError;
 
 use crate::batch::BatchHandle;
@@ -16,6 +16,18 @@ use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::request::{Op, Request, Step};
 use tidewire_core::PeerId;
+
+/// Pages to move between this engine's layout `local` and the peer's layout `remote`:
+/// `local_pages[i]` to or from `remote_pages[i]`, in every layer.
+#[derive(Debug, Clone, Copy)]
+pub struct PageTransfer<'a> {
+    pub peer: PeerId,
+    pub op: Op,
+    pub local: &'a str,
+    pub remote: &'a str,
+    pub local_pages: &'a [u64],
+    pub remote_pages: &'a [u64],
+}
 
 thread_local! {
     /// Requests of the last page transfer made on this thread (reused for its capacity).
@@ -74,60 +86,49 @@ impl Engine {
         self.publish()
     }
 
-    /// The requests that move `local_pages[i]` of this engine's layout `local` to or from
-    /// `remote_pages[i]` of the peer's layout `remote`, every layer, consecutive pages as one
-    /// request.
-    pub fn page_requests(
-        &self,
-        peer: PeerId,
-        op: Op,
-        local: &str,
-        remote: &str,
-        local_pages: &[u64],
-        remote_pages: &[u64],
-    ) -> Result<Vec<Request>> {
-        let (mine, theirs) = self.layouts(peer, local, remote)?;
-        let ranges = page_ranges(&mine, &theirs, local_pages, remote_pages).map_err(invalid)?;
-        Ok(ranges
-            .into_iter()
-            .map(|(l, r, len)| Request { op, local: l, len, peer, remote: r })
-            .collect())
+    /// The requests of a page transfer: every layer, consecutive pages as one request.
+    pub fn page_requests(&self, t: &PageTransfer<'_>) -> Result<Vec<Request>> {
+        let mut reqs = Vec::new();
+        self.build_pages(t, &mut reqs, &mut Vec::new())?;
+        Ok(reqs)
     }
 
-    /// Moves pages between this engine's layout `local` and the peer's layout `remote` (see
-    /// [`Engine::page_requests`]) as one batch.
-    #[allow(clippy::too_many_arguments)]
-    pub fn transfer_pages(
-        &self,
-        peer: PeerId,
-        op: Op,
-        local: &str,
-        remote: &str,
-        local_pages: &[u64],
-        remote_pages: &[u64],
-        opts: BatchOptions,
-    ) -> Result<BatchHandle> {
+    /// Moves a page transfer's pages as one batch.
+    pub fn transfer_pages(&self, t: &PageTransfer<'_>, opts: BatchOptions) -> Result<BatchHandle> {
         let started = Instant::now();
-        let (mine, theirs) = self.layouts(peer, local, remote)?;
         // The requests are built into this thread's scratch vectors, whose capacity stays
         // from one transfer to the next (a 16,384-page transfer allocates nothing).
         SCRATCH.with(|scratch| {
             let (mut reqs, mut starts) = scratch.take();
-            reqs.clear();
-            starts.clear();
-            let built =
-                for_each_range(&mine, &theirs, local_pages, remote_pages, |layer, l, r, len| {
-                    if starts.len() <= layer {
-                        starts.push(reqs.len());
-                    }
-                    reqs.push(Request { op, local: l, len, peer, remote: r })
+            let submitted =
+                self.build_pages(t, &mut reqs, &mut starts).and_then(|(mine, theirs)| {
+                    self.submit_layers(&reqs, &starts, &mine, &theirs, opts, started)
                 });
-            let submitted = built
-                .map_err(invalid)
-                .and_then(|()| self.submit_layers(&reqs, &starts, &mine, &theirs, opts, started));
             scratch.replace((reqs, starts));
             submitted
         })
+    }
+
+    /// Builds a page transfer's requests into `reqs` (cleared first), with `starts[k]` where
+    /// layer `k` begins; returns the two layouts.
+    fn build_pages(
+        &self,
+        t: &PageTransfer<'_>,
+        reqs: &mut Vec<Request>,
+        starts: &mut Vec<usize>,
+    ) -> Result<(LayoutDescriptor, LayoutDescriptor)> {
+        let (mine, theirs) = self.layouts(t.peer, t.local, t.remote)?;
+        reqs.clear();
+        starts.clear();
+        let (op, peer) = (t.op, t.peer);
+        for_each_range(&mine, &theirs, t.local_pages, t.remote_pages, |layer, l, r, len| {
+            if starts.len() <= layer {
+                starts.push(reqs.len());
+            }
+            reqs.push(Request { op, local: l, len, peer, remote: r })
+        })
+        .map_err(invalid)?;
+        Ok((mine, theirs))
     }
 
     /// Submits the requests of a page transfer: `starts[k]` is where layer `k` begins. Each
@@ -163,17 +164,8 @@ impl Engine {
     }
 
     /// As [`Engine::transfer_pages`], planned once for repeated execution.
-    pub fn prepare_pages(
-        &self,
-        peer: PeerId,
-        op: Op,
-        local: &str,
-        remote: &str,
-        local_pages: &[u64],
-        remote_pages: &[u64],
-    ) -> Result<Plan> {
-        let reqs = self.page_requests(peer, op, local, remote, local_pages, remote_pages)?;
-        self.prepare(&reqs)
+    pub fn prepare_pages(&self, t: &PageTransfer<'_>) -> Result<Plan> {
+        self.prepare(&self.page_requests(t)?)
     }
 
     /// This engine's layout `local` and the peer's layout `remote`.

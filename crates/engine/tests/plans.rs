@@ -8,9 +8,21 @@ mod common;
 use common::{peek, poke, random_bytes, registered, ChildTarget};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tidewire::{BatchOptions, Engine, EngineConfig, Error, Op, Request};
+use tidewire::{BatchOptions, Engine, EngineConfig, Error, Op, PageTransfer, PeerId, Request};
 
 const CHILD: &str = "zz_child_process_entry";
+
+/// A page transfer between two layouts of `peer`.
+fn transfer<'a>(
+    peer: PeerId,
+    op: Op,
+    local: &'a str,
+    remote: &'a str,
+    lp: &'a [u64],
+    rp: &'a [u64],
+) -> PageTransfer<'a> {
+    PageTransfer { peer, op, local, remote, local_pages: lp, remote_pages: rp }
+}
 const PAGE: u64 = 4096;
 const POISON: u8 = 0xA5;
 
@@ -26,7 +38,7 @@ fn tcp_config() -> EngineConfig {
 }
 
 /// 64 pages scattered (a fixed permutation) from `local` to `remote`.
-fn scattered(op: Op, peer: tidewire::PeerId, local: u64, remote: u64) -> Vec<Request> {
+fn scattered(op: Op, peer: PeerId, local: u64, remote: u64) -> Vec<Request> {
     let mut order: Vec<u64> = (0..64).collect();
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(5));
     order
@@ -45,7 +57,7 @@ fn scattered(op: Op, peer: tidewire::PeerId, local: u64, remote: u64) -> Vec<Req
 /// Executes one WRITE plan and one READ plan 1,000 times each against `remote` (the peer's
 /// memory at `remote`, readable here through `peek` when `visible`), with fresh data every
 /// time, and checks every byte every time.
-fn execute_many(e: &Engine, peer: tidewire::PeerId, remote: u64, visible: bool) {
+fn execute_many(e: &Engine, peer: PeerId, remote: u64, visible: bool) {
     let len = 64 * PAGE as usize;
     let src = registered(e, len, &[]);
     let back = registered(e, len, &[]);
@@ -176,13 +188,16 @@ fn paged_matches_raw(initiator_cfg: EngineConfig, shared: bool) {
     // Some consecutive pairs (they coalesce) and some scattered ones.
     let local: Vec<u64> = vec![0, 1, 2, 3, 9, 31, 17, 18, 5];
     let remote: Vec<u64> = vec![4, 5, 6, 7, 0, 1, 30, 31, 12];
-    let reqs = e.page_requests(peer, Op::Write, "kv", "kv", &local, &remote).unwrap();
+    let reqs = e.page_requests(&transfer(peer, Op::Write, "kv", "kv", &local, &remote)).unwrap();
     // Five runs: 0..4 -> 4..8, 9 -> 0, 31 -> 1, 17..19 -> 30..32, 5 -> 12; in every layer.
     assert_eq!(reqs.len(), layers * 5, "runs of consecutive pages are one request each");
-    e.transfer_pages(peer, Op::Write, "kv", "kv", &local, &remote, BatchOptions::default())
-        .unwrap()
-        .wait()
-        .unwrap();
+    e.transfer_pages(
+        &transfer(peer, Op::Write, "kv", "kv", &local, &remote),
+        BatchOptions::default(),
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
     // The same pages as raw descriptors, one per page, into the mirror layout.
     let raw: Vec<Request> = (0..layers)
         .flat_map(|l| {
@@ -204,7 +219,7 @@ fn paged_matches_raw(initiator_cfg: EngineConfig, shared: bool) {
         poke(l, &vec![POISON; (pages * PAGE) as usize]);
     }
     let before = peek(theirs.base, span);
-    let plan = e.prepare_pages(peer, Op::Read, "kv", "kv", &local, &remote).unwrap();
+    let plan = e.prepare_pages(&transfer(peer, Op::Read, "kv", "kv", &local, &remote)).unwrap();
     e.execute(&plan, BatchOptions::default()).unwrap().wait().unwrap();
     for (l, &lb) in mine.layers.iter().enumerate() {
         for (&lp, &rp) in local.iter().zip(&remote) {
@@ -237,12 +252,16 @@ fn bad_layouts_and_page_arrays_are_refused_with_the_reason() {
         Err(Error::InvalidArgument { reason }) => reason,
         other => panic!("expected InvalidArgument, got {other:?}"),
     };
-    let out = msg(e.page_requests(peer, Op::Write, "kv", "kv", &[0, 8], &[0, 1]));
+    let out = msg(e.page_requests(&transfer(peer, Op::Write, "kv", "kv", &[0, 8], &[0, 1])));
     assert!(out.contains("page 8 (index 1)"), "{out}");
-    let uneven = msg(e.page_requests(peer, Op::Write, "kv", "kv", &[0, 1], &[0]));
+    let uneven = msg(e.page_requests(&transfer(peer, Op::Write, "kv", "kv", &[0, 1], &[0])));
     assert!(uneven.contains("2 local pages against 1"), "{uneven}");
-    assert!(msg(e.page_requests(peer, Op::Write, "nope", "kv", &[0], &[0])).contains("nope"));
-    assert!(msg(e.page_requests(peer, Op::Write, "kv", "nope", &[0], &[0])).contains("nope"));
+    assert!(
+        msg(e.page_requests(&transfer(peer, Op::Write, "nope", "kv", &[0], &[0]))).contains("nope")
+    );
+    assert!(
+        msg(e.page_requests(&transfer(peer, Op::Write, "kv", "nope", &[0], &[0]))).contains("nope")
+    );
     // A layout outside registered memory, a duplicate name, a zero page size.
     let outside = e.register_layout("far", &[0x1000], 4, PAGE).unwrap_err();
     assert!(matches!(outside, Error::InvalidArgument { .. }), "{outside}");
@@ -251,7 +270,7 @@ fn bad_layouts_and_page_arrays_are_refused_with_the_reason() {
     assert!(e.register_layout("z", &[_mine.layers[0]], 1, 0).is_err());
     // A layout the peer registers after it was opened is found (its descriptor re-read).
     let late = kv(&target, "late", 2, 8, true, 3);
-    let reqs = e.page_requests(peer, Op::Write, "kv", "late", &[0], &[7]).unwrap();
+    let reqs = e.page_requests(&transfer(peer, Op::Write, "kv", "late", &[0], &[7])).unwrap();
     assert_eq!(reqs[0].remote, late.layers[0] + 7 * PAGE);
     target.unregister_layout("late").unwrap();
     assert!(target.unregister_layout("late").is_err(), "gone once unregistered");

@@ -15,8 +15,8 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tidewire::{
-    BatchHandle, BatchOptions, Engine, EngineConfig, MetadataUri, Op, PeerState, Request,
-    RequestStatus,
+    BatchHandle, BatchOptions, Engine, EngineConfig, MetadataUri, Op, PageTransfer, PeerId,
+    PeerState, Request, RequestStatus,
 };
 
 use arrays::{MemoryObject, U64Array};
@@ -353,15 +353,13 @@ impl PyEngine {
         stream: Option<u64>,
         complete_on: Option<u64>,
     ) -> PyResult<PyBatch> {
-        let op = parse_op(op)?;
-        let (lp, rp) = (local_pages.to_vec()?, remote_pages.to_vec()?);
+        let pages = OwnedPages::new(op, local_layout, remote_layout, &local_pages, &remote_pages)?;
         let (engine, peer) = (self.engine()?, peer.to_string());
-        let (ll, rl) = (local_layout.to_string(), remote_layout.to_string());
         let timeout = timeout.map(Duration::from_secs_f64);
         let opts = BatchOptions { notify: None, timeout, stream, complete_on };
         let handle = detached(py, move || {
             let id = engine.open_segment(&peer)?;
-            engine.transfer_pages(id, op, &ll, &rl, &lp, &rp, opts)
+            engine.transfer_pages(&pages.of(id), opts)
         })?;
         Ok(PyBatch { handle })
     }
@@ -394,13 +392,11 @@ impl PyEngine {
         local_pages: U64Array,
         remote_pages: U64Array,
     ) -> PyResult<PyPlan> {
-        let op = parse_op(op)?;
-        let (lp, rp) = (local_pages.to_vec()?, remote_pages.to_vec()?);
+        let pages = OwnedPages::new(op, local_layout, remote_layout, &local_pages, &remote_pages)?;
         let (engine, peer) = (self.engine()?, peer.to_string());
-        let (ll, rl) = (local_layout.to_string(), remote_layout.to_string());
         let plan = detached(py, move || {
             let id = engine.open_segment(&peer)?;
-            engine.prepare_pages(id, op, &ll, &rl, &lp, &rp)
+            engine.prepare_pages(&pages.of(id))
         })?;
         Ok(PyPlan { plan: Arc::new(plan) })
     }
@@ -477,6 +473,38 @@ impl PyEngine {
             engine.shutdown();
             Ok(())
         })
+    }
+}
+
+/// The arguments of a page transfer, owned (to cross into a call without the GIL).
+struct OwnedPages {
+    op: Op,
+    local: String,
+    remote: String,
+    local_pages: Vec<u64>,
+    remote_pages: Vec<u64>,
+}
+
+impl OwnedPages {
+    fn new(op: &str, local: &str, remote: &str, lp: &U64Array, rp: &U64Array) -> PyResult<Self> {
+        Ok(Self {
+            op: parse_op(op)?,
+            local: local.into(),
+            remote: remote.into(),
+            local_pages: lp.to_vec()?,
+            remote_pages: rp.to_vec()?,
+        })
+    }
+
+    fn of(&self, peer: PeerId) -> PageTransfer<'_> {
+        PageTransfer {
+            peer,
+            op: self.op,
+            local: &self.local,
+            remote: &self.remote,
+            local_pages: &self.local_pages,
+            remote_pages: &self.remote_pages,
+        }
     }
 }
 
