@@ -151,6 +151,13 @@ impl Watch {
         } else if n == 0 {
             // Idle: forget sockets of peers that are gone without a hang-up (replaced).
             self.watched.lock().retain(|_, w| w.conn.strong_count() > 0);
+        } else {
+            let e = last_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                // Not expected on a live epoll set; pace the loop rather than spin on it.
+                log::error!("the peer watcher's epoll_wait failed: {e}");
+                std::thread::sleep(TICK);
+            }
         }
         self.expire(Instant::now());
         hung
