@@ -256,7 +256,10 @@ fn run_target(args: &BenchArgs) -> anyhow::Result<()> {
     // One layout per block size over the whole buffer, for `--api paged`.
     for &block in &plan.blocks {
         if len / block > 0 {
-            engine.register_layout(&format!("bench-{block}"), &[addr], len / block, block)?;
+            let name = format!("bench-{block}");
+            engine
+                .register_layout(&name, &[addr], len / block, block)
+                .with_context(|| format!("registering the target's layout {name}"))?;
         }
     }
     let raw =
@@ -626,10 +629,7 @@ fn chosen_transport(
     local: u64,
 ) -> Option<TransportKind> {
     let info = engine.explain_from(peer, Some(local)).ok()?;
-    let r = info
-        .regions
-        .iter()
-        .find(|r| r.region.addr <= remote && remote < r.region.addr + r.region.len)?;
+    let r = info.regions.iter().find(|r| r.region.contains(remote, 1))?;
     r.decision.as_ref().ok().map(|c| c.transport)
 }
 
@@ -663,30 +663,43 @@ struct Baseline {
 
 impl Baseline {
     /// The transport's own ceiling: what a perfect transport of that kind could do.
-    fn ceiling(transport: Option<TransportKind>, gpu_run: bool, have_raw: bool) -> Self {
-        let (kind, note) = match transport {
-            _ if gpu_run => (None, format!("GPU run; {GPU_CEILING}")),
+    /// The transport's own ceiling, and its name (also when this run cannot measure it).
+    fn ceiling(
+        transport: Option<TransportKind>,
+        gpu_run: bool,
+        have_raw: bool,
+    ) -> (Self, &'static str) {
+        const PEER_COPY: &str = "a GPU peer copy";
+        let (kind, note, own) = match transport {
+            _ if gpu_run => (None, format!("GPU run; {GPU_CEILING}"), PEER_COPY),
             Some(t @ (TransportKind::Nvlink | TransportKind::Mnnvl)) => {
-                (None, format!("{t} is a GPU transport; {GPU_CEILING}"))
+                (None, format!("{t} is a GPU transport; {GPU_CEILING}"), PEER_COPY)
             }
             Some(TransportKind::Shm) => {
-                (Some(BaselineKind::Memcpy), "same-host ceiling for shm".to_string())
+                (Some(BaselineKind::Memcpy), "same-host ceiling for shm".to_string(), "memcpy")
             }
             Some(TransportKind::Local) => {
-                (Some(BaselineKind::Memcpy), "in-process ceiling for local".to_string())
+                (Some(BaselineKind::Memcpy), "in-process ceiling for local".to_string(), "memcpy")
             }
-            Some(TransportKind::Tcp) if have_raw => {
-                (Some(BaselineKind::RawTcp), "a plain TCP stream, the ceiling for tcp".to_string())
-            }
+            Some(TransportKind::Tcp) if have_raw => (
+                Some(BaselineKind::RawTcp),
+                "a plain TCP stream, the ceiling for tcp".to_string(),
+                "raw-tcp",
+            ),
             Some(TransportKind::Tcp) => (
                 None,
                 "tcp's ceiling is a raw TCP stream: give the target's --raw-addr to measure it"
                     .to_string(),
+                "raw-tcp",
             ),
-            Some(t) => (None, format!("no ceiling known to this bench for {t}")),
-            None => (None, "the engine did not say which transport it chose".to_string()),
+            Some(t) => (None, format!("no ceiling known to this bench for {t}"), "not known here"),
+            None => (
+                None,
+                "the engine did not say which transport it chose".to_string(),
+                "not known here",
+            ),
         };
-        Self { kind, note }
+        (Self { kind, note }, own)
     }
 
     /// The baseline for `requested` (`auto`, `raw-tcp`, `memcpy` or `none`). A forced baseline
@@ -697,7 +710,7 @@ impl Baseline {
         gpu_run: bool,
         have_raw: bool,
     ) -> Self {
-        let ceiling = Self::ceiling(transport, gpu_run, have_raw);
+        let (ceiling, own) = Self::ceiling(transport, gpu_run, have_raw);
         let forced = match requested {
             "raw-tcp" => BaselineKind::RawTcp,
             "memcpy" => BaselineKind::Memcpy,
@@ -708,13 +721,6 @@ impl Baseline {
             return ceiling;
         }
         let name = transport.map_or("?", TransportKind::name);
-        let own = match (ceiling.kind, transport) {
-            (Some(k), _) => k.name(),
-            _ if gpu_run => "a GPU peer copy",
-            (None, Some(TransportKind::Nvlink | TransportKind::Mnnvl)) => "a GPU peer copy",
-            (None, Some(TransportKind::Tcp)) => "raw-tcp",
-            (None, _) => "not known here",
-        };
         Self {
             kind: Some(forced),
             note: format!("chosen by --baseline, not {name}'s own ceiling, which is {own}"),
@@ -759,7 +765,9 @@ impl Issue {
         reqs: Vec<Request>,
     ) -> anyhow::Result<Self> {
         match api {
-            "prepared" => Ok(Self::Prepared(engine.prepare(&reqs)?)),
+            "prepared" => Ok(Self::Prepared(
+                engine.prepare(&reqs).with_context(|| format!("preparing thread {t}'s plan"))?,
+            )),
             "paged" => {
                 let remote_base = engine
                     .peer_descriptor(peer)?
@@ -767,7 +775,9 @@ impl Issue {
                     .and_then(|l| l.layers.first().copied())
                     .context("the target published no bench layout for this block size")?;
                 let local = format!("bench-{block}-t{t}");
-                engine.register_layout(&local, &[base], span / block, block)?;
+                engine
+                    .register_layout(&local, &[base], span / block, block)
+                    .with_context(|| format!("registering thread {t}'s layout {local}"))?;
                 let lp = reqs.iter().map(|r| (r.local - base) / block).collect();
                 let rp = reqs.iter().map(|r| (r.remote - remote_base) / block).collect();
                 Ok(Self::Paged { peer, op, local, remote: format!("bench-{block}"), lp, rp })

@@ -276,10 +276,6 @@ impl HostFlag {
     pub fn store(&self, value: u32) {
         self.word().store(value, std::sync::atomic::Ordering::SeqCst);
     }
-
-    pub fn load(&self) -> u32 {
-        self.word().load(std::sync::atomic::Ordering::SeqCst)
-    }
 }
 
 #[cfg(test)]

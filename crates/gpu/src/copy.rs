@@ -211,9 +211,11 @@ impl Staging {
         self.host.ptr() as *mut Seg
     }
 
-    /// The device copy's address; 0 when there is none.
-    fn dev(&self) -> u64 {
-        self.dev.as_ref().map_or(0, DeviceAllocation::ptr)
+    /// Where the kernel reads the descriptors: the device copy when there is one, else the
+    /// pinned, device-mapped host array (unified addressing: its host address is valid on
+    /// the device).
+    fn kernel_reads(&self) -> u64 {
+        self.dev.as_ref().map_or(self.host.ptr(), DeviceAllocation::ptr)
     }
 
     /// Gives up the buffers without freeing them: the GPU may still read them, so they must
@@ -303,17 +305,6 @@ pub struct Prepared {
     big: Vec<Seg>,
     /// The gather kernel's descriptors, with their count and total bytes.
     small: Option<(Staging, usize, u64)>,
-}
-
-impl Prepared {
-    /// Descriptors in the set.
-    pub fn len(&self) -> usize {
-        self.big.len() + self.small.as_ref().map_or(0, |(_, n, _)| *n)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Drop for Prepared {
@@ -459,14 +450,14 @@ impl Copier {
             // nothing else uses it (fresh from the pool, not yet launched).
             unsafe { host.add(i).write(*s) };
         }
-        if !descriptors_in_host() {
+        if let Some(dev) = &st.dev {
             let cuda = driver()?;
             let _ctx = self.gpu.enter()?;
             let bytes = small.len() * size_of::<Seg>();
             // SAFETY: pinned host source and device destination of `bytes`, both owned by
             // `st`; synchronous, done before any launch reads it.
             cuda.check("cuMemcpy(prepared descriptors)", unsafe {
-                (cuda.memcpy)(st.dev(), host as u64, bytes)
+                (cuda.memcpy)(dev.ptr(), host as u64, bytes)
             })?;
         }
         let total = small.iter().map(|s| s.len).sum();
@@ -503,7 +494,8 @@ impl Job {
         }
         let Some(f) = func else { return Ok(()) };
         let st = copier.staging(small)?;
-        let (host, dev) = (st.host(), st.dev());
+        let host = st.host();
+        let descriptors = st.kernel_reads();
         // Owned by the job from here: the GPU may read it once the copy below is enqueued.
         self.staging.push(st);
         let mut n = 0usize;
@@ -515,27 +507,23 @@ impl Job {
             n += 1;
             total += s.len;
         }
-        let bytes = n * size_of::<Seg>();
-        let descriptors = if descriptors_in_host() {
-            // The kernel reads the pinned, device-mapped host array over PCIe (unified
-            // addressing: the host address is valid on the device).
-            host as u64
-        } else {
+        if descriptors != host as u64 {
+            let bytes = n * size_of::<Seg>();
             // SAFETY: pinned host source and device destination of `bytes`, both owned by the
             // job, which keeps them until its event completes.
             cuda.check("cuMemcpyAsync(descriptors)", unsafe {
-                (cuda.memcpy_async)(dev, host as u64, bytes, stream)
+                (cuda.memcpy_async)(descriptors, host as u64, bytes, stream)
             })?;
-            dev
-        };
+        }
         // SAFETY: the descriptors are written (or copied earlier on `stream`) and owned by
         // the job until its event completes; the caller vouches for the ranges they name.
         unsafe { launch_gather(cuda, copier.gpu, f, stream, descriptors, n, total) }
     }
 
     /// Enqueues a prepared set (see [`Copier::prepare`]) after everything pushed before: its
-    /// copy-engine runs, then the gather kernel over its descriptors, in two launches on the
-    /// job's streams (the second starts while the first's last blocks finish).
+    /// copy-engine runs, then the gather kernel over its descriptors: one launch, or two
+    /// halves on alternating job streams when there are at least 2,048 descriptors (with two
+    /// streams, `TIDEWIRE_JOB_STREAMS`, the second starts while the first's last blocks finish).
     ///
     /// # Safety
     /// As for [`Job::push`], for every descriptor of the set.
@@ -543,7 +531,10 @@ impl Job {
         let cuda = driver()?;
         let copier = self.copier;
         if !std::ptr::eq(set.copier, copier) {
-            return Err(GpuError::Invalid { what: "a prepared set of another GPU".into() });
+            return Err(GpuError::invalid(format!(
+                "a prepared set of cuda:{} pushed to a job on cuda:{}",
+                set.copier.gpu.ordinal, copier.gpu.ordinal
+            )));
         }
         let _ctx = copier.gpu.enter()?;
         // Held from here: the GPU may read the descriptors once a launch is enqueued.
@@ -560,7 +551,7 @@ impl Job {
             return Ok(());
         };
         let f = kernel(copier.gpu)?;
-        let base = if descriptors_in_host() { st.host() as u64 } else { st.dev() };
+        let base = st.kernel_reads();
         let half = if *n >= 2 * 1024 { n / 2 } else { *n };
         for (from, count) in [(0, half), (half, n - half)] {
             if count == 0 {
@@ -620,7 +611,10 @@ impl Drop for Job {
 impl Pending {
     /// Makes the caller's `stream` (a CUstream of a context on this GPU or a peer of it) wait
     /// for this work, without the host: work queued on it afterwards sees every byte copied.
-    pub fn complete_on(&self, stream: u64) -> Result<(), GpuError> {
+    ///
+    /// # Safety
+    /// `stream` must be a live CUstream (it is handed to the driver as a pointer).
+    pub unsafe fn complete_on(&self, stream: u64) -> Result<(), GpuError> {
         let cuda = driver()?;
         let _ctx = self.copier.gpu.enter()?;
         // SAFETY: the event was recorded on our stream by `Job::finish` and lives in the pool

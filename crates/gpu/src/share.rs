@@ -116,9 +116,8 @@ impl Imported {
     }
 }
 
-/// Opens a peer's CUDA IPC handle in `gpu`'s context (the driver maps the whole allocation:
-/// the peer's `_size` is not needed).
-pub fn import_ipc(gpu: &'static Gpu, handle: &[u8; 64], _size: u64) -> Result<Imported, GpuError> {
+/// Opens a peer's CUDA IPC handle in `gpu`'s context (the driver maps the whole allocation).
+pub fn import_ipc(gpu: &'static Gpu, handle: &[u8; 64]) -> Result<Imported, GpuError> {
     Ok(Imported { mapped: Mapped::Ipc(IpcMapping::open(gpu, handle)?) })
 }
 

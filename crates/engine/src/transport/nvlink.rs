@@ -247,7 +247,7 @@ impl NvlinkClient {
             (None, None) => return Err(Error::Internal("an nvlink client without a channel")),
         };
         let (import, base) = match reach {
-            Reach::CudaIpc { handle, base, size, .. } => {
+            Reach::CudaIpc { handle, base, .. } => {
                 let h = handle_from_hex(handle)
                     .ok_or_else(|| self.failed(format!("{id}: malformed IPC handle")))?;
                 let known = self.ipc.lock().get(&(h, exec)).cloned();
@@ -255,7 +255,7 @@ impl NvlinkClient {
                     Some(i) => i,
                     None => {
                         let i = self.counted(
-                            share::import_ipc(gpu, &h, *size)
+                            share::import_ipc(gpu, &h)
                                 .map_err(|e| self.failed(format!("importing {id}: {e}")))?,
                         );
                         self.ipc.lock().insert((h, exec), i.clone());
@@ -701,7 +701,11 @@ impl<'a> Launcher<'a> {
                 Handover::Work(w) => w,
             };
             if let Some(stream) = self.complete_on {
-                if let Err(e) = work.pending.complete_on(stream) {
+                #[allow(unsafe_code)]
+                // SAFETY: `BatchOptions::complete_on` documents that it names a live CUstream
+                // of the caller's (as `stream` does for the start of the copies).
+                let ordered = unsafe { work.pending.complete_on(stream) };
+                if let Err(e) = ordered {
                     // The caller's stream is not ordered after the copies: the batch must not
                     // report success (the copies still complete and release their pins).
                     let why = format!("ordering the caller's stream after the copy: {e}");
