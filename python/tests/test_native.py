@@ -154,3 +154,16 @@ def test_a_forked_child_gets_a_clear_error_and_no_deadlock():
     assert msg.startswith(b"error:") and b"fork" in msg
     assert engine.descriptor()["name"] == engine.name, "the parent's engine still works"
     engine.shutdown()
+
+
+def test_bad_timeouts_are_invalid_arguments_not_panics(pair):
+    target, initiator = pair
+    remote = target.allocate_shared(4096)
+    src = np.zeros(4096, dtype=np.uint8)
+    addr, _ = initiator.register(src)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(tidewire.InvalidArgument, match="timeout"):
+            initiator.submit(target.name, "write", [addr], [remote], [4096], timeout=bad)
+    batch = initiator.submit(target.name, "write", [addr], [remote], [4096])
+    assert batch.wait(timeout=float("inf")) is True
+    assert batch.wait(timeout=-5) is True

@@ -1023,13 +1023,10 @@ impl Engine {
                 reason: "the peer restarted".into(),
             });
         }
-        stream.set_read_timeout(Some(self.inner.config.deadlines.handshake)).map_err(|e| {
-            Error::io(format!("setting a read timeout on the probe to {}", conn.name), &e)
-        })?;
-        let (h, _) = tcp::exchange(&stream, &Header::new(FrameKind::Probe, 1, 0, 0).encode())
-            .map_err(|e| Error::PeerUnreachable {
-                peer: conn.name.clone(),
-                reason: format!("probe: {e}"),
+        let probe = Header::new(FrameKind::Probe, 1, 0, 0).encode();
+        let (h, _) =
+            tcp::exchange(&stream, &probe, self.inner.config.deadlines.handshake).map_err(|e| {
+                Error::PeerUnreachable { peer: conn.name.clone(), reason: format!("probe: {e}") }
             })?;
         if h.kind != FrameKind::ProbeAck {
             return Err(Error::Protocol {

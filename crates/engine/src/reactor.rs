@@ -265,6 +265,14 @@ fn run(lp: &Loop) {
         let n = unsafe {
             libc::epoll_wait(lp.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
         };
+        if n < 0 {
+            let e = last_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                // Not expected on a live epoll set; pace the loop rather than spin on it.
+                log::error!("I/O loop: epoll_wait failed: {e}");
+                std::thread::sleep(SWEEP);
+            }
+        }
         for ev in &events[..n.max(0) as usize] {
             if ev.u64 == WAKE {
                 lp.drain_wake();

@@ -38,10 +38,19 @@ fn parse_op(op: &str) -> PyResult<Op> {
     }
 }
 
-/// A transfer engine (one per process, or several in tests).
 /// One row of `Engine.peers()`: name, instance, state, reason, mappings held.
 type PeerRow = (String, String, &'static str, Option<String>, usize);
 
+/// Seconds given from Python, as a duration: negative, NaN or out of range is the caller's
+/// error (`Duration::from_secs_f64` would panic).
+fn seconds(what: &str, s: Option<f64>) -> PyResult<Option<Duration>> {
+    s.map(|t| {
+        Duration::try_from_secs_f64(t).map_err(|e| errors::invalid(format!("{what} {t}: {e}")))
+    })
+    .transpose()
+}
+
+/// A transfer engine (one per process, or several in tests).
 #[pyclass(frozen, module = "tidewire._native", name = "Engine")]
 struct PyEngine {
     engine: std::mem::ManuallyDrop<Arc<Engine>>,
@@ -309,7 +318,7 @@ impl PyEngine {
         complete_on: Option<u64>,
     ) -> PyResult<PyBatch> {
         let reqs = self.requests(py, peer, op, &local, &remote, &lengths)?;
-        let timeout = timeout.map(Duration::from_secs_f64);
+        let timeout = seconds("timeout", timeout)?;
         let opts = BatchOptions { notify, timeout, stream, complete_on };
         let engine = self.engine()?;
         let handle = detached(py, move || engine.submit(&reqs, opts))?;
@@ -355,7 +364,7 @@ impl PyEngine {
     ) -> PyResult<PyBatch> {
         let pages = OwnedPages::new(op, local_layout, remote_layout, &local_pages, &remote_pages)?;
         let (engine, peer) = (self.engine()?, peer.to_string());
-        let timeout = timeout.map(Duration::from_secs_f64);
+        let timeout = seconds("timeout", timeout)?;
         let opts = BatchOptions { notify: None, timeout, stream, complete_on };
         let handle = detached(py, move || {
             let id = engine.open_segment(&peer)?;
@@ -413,7 +422,7 @@ impl PyEngine {
         complete_on: Option<u64>,
     ) -> PyResult<PyBatch> {
         let (engine, plan) = (self.engine()?, plan.plan.clone());
-        let timeout = timeout.map(Duration::from_secs_f64);
+        let timeout = seconds("timeout", timeout)?;
         let opts = BatchOptions { notify, timeout, stream, complete_on };
         let handle = detached(py, move || engine.execute(&plan, opts))?;
         Ok(PyBatch { handle })
@@ -551,8 +560,11 @@ impl PyBatch {
     /// Raises the batch's first failure. Ctrl-C interrupts the wait.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let until =
-            timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        // A negative timeout is an immediate check; an infinite one, or one too far away to
+        // count, is no limit (the batch has its own deadline).
+        let now = std::time::Instant::now();
+        let finite = timeout.filter(|t| !t.is_infinite()).map(|t| t.max(0.0));
+        let until = seconds("timeout", finite)?.and_then(|d| now.checked_add(d));
         loop {
             let step = Duration::from_millis(50);
             let step = until

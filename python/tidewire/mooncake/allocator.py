@@ -24,7 +24,7 @@ import threading
 from typing import Any, Dict, Optional
 
 from .. import _native
-from ..allocator import cuda_allocator
+from ..allocator import ALLOC_SYMBOL, FREE_SYMBOL, cuda_allocator
 
 log = logging.getLogger("tidewire.mooncake")
 
@@ -117,7 +117,7 @@ def _probe_backend(device: int) -> MemoryBackend:
         log.info("detect_mem_backend: no GPU (%s)", why)
         return MemoryBackend.UNKNOWN
     lib = ctypes.CDLL(_native.__file__)
-    alloc, free = lib.tidewire_alloc, lib.tidewire_free
+    alloc, free = getattr(lib, ALLOC_SYMBOL), getattr(lib, FREE_SYMBOL)
     alloc.restype, alloc.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
     free.restype, free.argtypes = None, [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
     size = 2 << 20

@@ -65,13 +65,12 @@ pub(crate) fn fetch_from_rpc(
     deadlines: &Deadlines,
 ) -> Result<SegmentDescriptor> {
     let (stream, _) = tcp::handshake(peer, addr, None, deadlines)?;
-    stream.set_read_timeout(Some(deadlines.handshake)).map_err(|e| {
-        Error::io(format!("setting a read timeout on the connection to {peer}"), &e)
-    })?;
     let frame = Header::new(FrameKind::GetDescriptor, 1, 0, 0).encode();
-    let (h, payload) = tcp::exchange(&stream, &frame).map_err(|e| Error::PeerUnreachable {
-        peer: peer.into(),
-        reason: format!("descriptor request to {addr}: {e}"),
+    let (h, payload) = tcp::exchange(&stream, &frame, deadlines.handshake).map_err(|e| {
+        Error::PeerUnreachable {
+            peer: peer.into(),
+            reason: format!("descriptor request to {addr}: {e}"),
+        }
     })?;
     if h.kind != FrameKind::Descriptor || h.status != Status::Ok {
         return Err(Error::Protocol {

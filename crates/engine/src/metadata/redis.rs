@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tidewire_core::resp::{self, Limits, Value};
@@ -74,6 +74,8 @@ struct Conn {
     stream: TcpStream,
     /// Bytes received and not yet decoded: the start of the next reply.
     pending: Vec<u8>,
+    /// A whole reply must arrive within this (a server that trickles bytes cannot stretch it).
+    limit: Duration,
 }
 
 impl Conn {
@@ -90,6 +92,7 @@ impl Conn {
 
     fn reply(&mut self) -> io::Result<Value> {
         let limits = Limits::default();
+        let due = Instant::now() + self.limit;
         loop {
             match resp::decode(&self.pending, &limits) {
                 Ok(Some((value, used))) => {
@@ -99,6 +102,14 @@ impl Conn {
                 Ok(None) => {}
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
             }
+            let left = due.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the reply did not end in time",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left))?;
             let filled = self.pending.len();
             self.pending.resize(filled + READ_CHUNK, 0);
             let read = self.stream.read(&mut self.pending[filled..]);
@@ -147,7 +158,7 @@ impl Redis {
         s.set_write_timeout(Some(self.deadlines.handshake))
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = s.set_nodelay(true);
-        let mut c = Conn { stream: s, pending: Vec::new() };
+        let mut c = Conn { stream: s, pending: Vec::new(), limit: self.deadlines.handshake };
         let refused = |what: &str, e: String| Error::Metadata {
             uri: self.uri.clone(),
             key: what.into(),
@@ -190,7 +201,7 @@ impl Redis {
                 *slot = None;
                 Err(Error::MetadataUnreachable {
                     uri: self.uri.clone(),
-                    reason: format!("{}: {e}", self.target.addr),
+                    reason: format!("{} (key {key:?}): {e}", self.target.addr),
                 })
             }
         }
@@ -264,7 +275,7 @@ mod tests {
         });
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap_or_else(|e| panic!("{e}"));
-        Conn { stream, pending: Vec::new() }
+        Conn { stream, pending: Vec::new(), limit: Duration::from_secs(10) }
     }
 
     #[test]

@@ -128,12 +128,8 @@ impl LeaseConn {
                 ch.client.handle_closed();
                 continue;
             };
-            let wait = due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            if ch.stream.set_read_timeout(Some(wait)).is_err() {
-                ch.client.handle_closed();
-                continue;
-            }
-            match tcp::read_frame(&ch.stream) {
+            let due = due.max(Instant::now() + Duration::from_millis(1));
+            match tcp::read_frame(&ch.stream, due) {
                 Ok((h, _)) if matches!(h.kind, FrameKind::EnterAck | FrameKind::LeaveAck) => {
                     ch.client.handle_frame(Instant::now(), &h)
                 }

@@ -36,15 +36,33 @@ pub(super) fn handshake_error(peer: &str, addr: SocketAddr, f: HandshakeFailure)
     }
 }
 
-/// Reads one frame on a blocking stream whose read timeout is set.
-pub(crate) fn read_frame(stream: &TcpStream) -> io::Result<(Header, Vec<u8>)> {
-    let mut s = stream;
+/// Reads one frame on a blocking stream, all of it by `due` (a peer that trickles bytes
+/// cannot stretch the wait: the socket's timeout is the time left before each read).
+pub(crate) fn read_frame(stream: &TcpStream, due: Instant) -> io::Result<(Header, Vec<u8>)> {
     let mut raw = [0u8; HEADER_LEN];
-    s.read_exact(&mut raw)?;
+    read_exact_by(stream, &mut raw, due)?;
     let h = Header::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut payload = vec![0u8; h.payload_len() as usize];
-    s.read_exact(&mut payload)?;
+    read_exact_by(stream, &mut payload, due)?;
     Ok((h, payload))
+}
+
+fn read_exact_by(stream: &TcpStream, mut buf: &mut [u8], due: Instant) -> io::Result<()> {
+    let mut s = stream;
+    while !buf.is_empty() {
+        let left = due.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match s.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Connects to `addr` and runs the handshake machine on this thread, within the deadlines
@@ -72,9 +90,8 @@ pub(crate) fn handshake(
         let Some(due) = hs.poll_timeout() else {
             return Err(Error::Internal("a handshake ended without an outcome"));
         };
-        let wait = due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(wait)).map_err(|e| fail("configure", &e))?;
-        match read_frame(&stream) {
+        let due = due.max(Instant::now() + Duration::from_millis(1));
+        match read_frame(&stream, due) {
             Ok((h, payload)) => hs.handle_frame(Instant::now(), &h, &payload),
             // The socket waited at least until `due`.
             Err(e) if would_block(&e) => hs.handle_timeout(Instant::now().max(due)),
@@ -93,9 +110,15 @@ pub(crate) fn handshake(
     Ok((stream, id))
 }
 
-/// Sends one frame and reads one answer on a blocking stream whose timeouts are set.
-pub(crate) fn exchange(stream: &TcpStream, frame: &[u8]) -> io::Result<(Header, Vec<u8>)> {
+/// Sends one frame and reads one answer within `limit` (the write within the stream's write
+/// timeout).
+pub(crate) fn exchange(
+    stream: &TcpStream,
+    frame: &[u8],
+    limit: Duration,
+) -> io::Result<(Header, Vec<u8>)> {
+    let due = Instant::now() + limit;
     let mut s = stream;
     s.write_all(frame)?;
-    read_frame(stream)
+    read_frame(stream, due)
 }
