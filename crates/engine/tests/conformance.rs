@@ -27,9 +27,7 @@ struct Setup {
 impl Setup {
     fn new(via: TransportKind, len: usize) -> Self {
         let cfg = match via {
-            TransportKind::Tcp => {
-                common::config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
-            }
+            TransportKind::Tcp => common::tcp_config(),
             _ => common::config(),
         };
         let initiator = Engine::new(cfg).unwrap();
@@ -166,36 +164,50 @@ fn refusals_name_the_range(via: TransportKind) {
         Request { op: Op::Write, local: src, len: 8192, peer: s.peer, remote: s.remote + 4096 };
     let err = s.initiator.submit(&[outside], BatchOptions::default()).unwrap_err();
     assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{via}: {err}");
+    let range = format!("[{:#x}, +8192)", s.remote + 4096);
+    assert!(err.to_string().contains(&range), "{via}: {err} names {range}");
     // A local range that is not registered.
     let unregistered =
         Request { op: Op::Write, local: 0x1000, len: 16, peer: s.peer, remote: s.remote };
     let err = s.initiator.submit(&[unregistered], BatchOptions::default()).unwrap_err();
     assert!(matches!(err, Error::NotRegistered { .. }), "{via}: {err}");
+    assert!(err.to_string().contains("[0x1000, +16)"), "{via}: {err}");
     let empty = s.initiator.submit(&[], BatchOptions::default()).unwrap_err();
     assert!(matches!(empty, Error::InvalidArgument { .. }), "{via}: {empty}");
 }
 
+/// A WRITE plan and a READ plan, each prepared once and executed 1,000 times with fresh data,
+/// every byte checked every time.
 fn prepared_plan_many_times(via: TransportKind) {
-    let mut s = Setup::new(via, 64 * 4096);
+    let len = 64 * 4096;
+    let mut s = Setup::new(via, len);
     let src = s.local(&[]);
-    let reqs: Vec<Request> = (0..64u64)
-        .map(|i| Request {
-            op: Op::Write,
-            local: src + i * 4096,
-            len: 4096,
-            peer: s.peer,
-            remote: s.remote + ((i * 13) % 64) * 4096,
-        })
-        .collect();
-    let plan = s.initiator.prepare(&reqs).unwrap();
-    for round in 0..50u64 {
-        let data = random_bytes(64 * 4096, round);
+    let back = s.local(&[]);
+    let scattered = |op: Op, local: u64| -> Vec<Request> {
+        (0..64u64)
+            .map(|i| Request {
+                op,
+                local: local + i * 4096,
+                len: 4096,
+                peer: s.peer,
+                remote: s.remote + ((i * 13) % 64) * 4096,
+            })
+            .collect()
+    };
+    assert_eq!(transport_of(&s, src), Some(via));
+    let writes = s.initiator.prepare(&scattered(Op::Write, src)).unwrap();
+    let reads = s.initiator.prepare(&scattered(Op::Read, back)).unwrap();
+    for round in 0..1000u64 {
+        let data = random_bytes(len, round);
         poke(src, &data);
-        s.initiator.execute(&plan, BatchOptions::default()).unwrap().wait().unwrap();
-        for r in plan.requests() {
+        poke(back, &vec![POISON; len]);
+        s.initiator.execute(&writes, BatchOptions::default()).unwrap().wait().unwrap();
+        for r in writes.requests() {
             let off = (r.local - src) as usize;
             assert!(peek(r.remote, 4096) == data[off..off + 4096], "{via}: round {round}");
         }
+        s.initiator.execute(&reads, BatchOptions::default()).unwrap().wait().unwrap();
+        assert!(peek(back, len) == data, "{via}: round {round}: every byte read back");
     }
 }
 

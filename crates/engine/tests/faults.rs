@@ -24,15 +24,11 @@ fn zz_child_process_entry() {
     common::child_main();
 }
 
-fn tcp_only() -> EngineConfig {
-    common::config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
-}
-
 #[test]
 fn peer_killed_mid_batch_fails_within_deadline_then_restart_is_reached() {
     const LEN: u64 = 256 << 20;
     let mut target = ChildTarget::spawn(CHILD, 0, LEN, 1);
-    let mut cfg = tcp_only();
+    let mut cfg = common::tcp_config();
     cfg.deadlines.transfer = Duration::from_secs(5);
     let initiator = Engine::new(cfg).unwrap();
     let local = registered(&initiator, LEN as usize, &[]);
@@ -63,7 +59,7 @@ fn peer_killed_mid_batch_fails_within_deadline_then_restart_is_reached() {
     }
 
     // The same name, restarted: reached again through the same handle, with a new instance.
-    let port: u16 = target.name.rsplit(':').next().unwrap().parse().unwrap();
+    let port = common::port_of(&target.name);
     let restarted = ChildTarget::spawn(CHILD, port, 1 << 20, 9);
     assert_eq!(restarted.name, target.name);
     let back = registered(&initiator, 1 << 20, &[0xA5; 1 << 20]);
@@ -207,7 +203,7 @@ fn garbage_truncated_and_oversized_frames_drop_only_that_connection() {
 
     // The engine still serves a well-behaved initiator, and the truncated write left the
     // memory it was aimed at untouched beyond what arrived... or entirely: check it serves.
-    let initiator = Engine::new(tcp_only()).unwrap();
+    let initiator = Engine::new(common::tcp_config()).unwrap();
     write_and_check(&initiator, target.name(), remote, 4096, 12);
     drop(initiator);
 }
@@ -216,7 +212,8 @@ fn garbage_truncated_and_oversized_frames_drop_only_that_connection() {
 fn unregistered_regions_refuse_later_requests_over_tcp_and_shm() {
     for force_tcp in [true, false] {
         let target = common::engine();
-        let initiator = Engine::new(if force_tcp { tcp_only() } else { common::config() }).unwrap();
+        let initiator =
+            Engine::new(if force_tcp { common::tcp_config() } else { common::config() }).unwrap();
         let remote = target.allocate_shared(4096).unwrap();
         poke(remote, &[0x33; 4096]);
         let local = registered(&initiator, 4096, &random_bytes(4096, 2));
@@ -370,7 +367,10 @@ fn notifications_arrive_after_the_data_over_every_transport() {
         let initiator = if same_engine {
             None
         } else {
-            Some(Engine::new(if force_tcp { tcp_only() } else { common::config() }).unwrap())
+            Some(
+                Engine::new(if force_tcp { common::tcp_config() } else { common::config() })
+                    .unwrap(),
+            )
         };
         let sender = initiator.as_ref().unwrap_or(&target);
         let remote = target.allocate_shared(1 << 20).unwrap();
@@ -422,7 +422,8 @@ fn ipv6_loopback_works_when_available() {
     let cfg = || EngineConfig { host: "::1".into(), ..common::config() };
     let target = Engine::new(cfg()).unwrap();
     assert!(target.name().starts_with("[::1]:"), "{}", target.name());
-    let initiator = Engine::new(EngineConfig { host: "::1".into(), ..tcp_only() }).unwrap();
+    let initiator =
+        Engine::new(EngineConfig { host: "::1".into(), ..common::tcp_config() }).unwrap();
     let remote = target.allocate_shared(4096).unwrap();
     write_and_check(&initiator, target.name(), remote, 4096, 6);
     drop(initiator);

@@ -14,7 +14,7 @@ use std::io::{BufRead, Write};
 use std::process::{Child, ChildStdin};
 use std::time::{Duration, Instant};
 
-use common::random_bytes;
+use common::{random_bytes, status};
 use tidewire::gpu::alloc::{self, AllocKind};
 use tidewire::{BatchOptions, Engine, EngineConfig, Error, Op, PeerId, Request};
 
@@ -274,10 +274,6 @@ fn free_on_gpu1() -> u64 {
     tidewire::gpu::Gpu::get(1).unwrap().mem_info().unwrap().0
 }
 
-fn status(engine: &Engine, peer: PeerId) -> tidewire::PeerStatus {
-    engine.peers().into_iter().find(|p| p.id == peer).unwrap()
-}
-
 /// The peer (`kind` memory on cuda:1) is SIGKILLed while batches of copies stream to it: the
 /// first failure comes within a second, every call after the death fails, the mappings held
 /// for it drop to zero and its GPU memory is back on cuda:1 (our import no longer keeps it);
@@ -286,7 +282,7 @@ fn killed_mid_stream(kind: &str, seed: u64) {
     const LEN: u64 = 256 << 20;
     let free_before = free_on_gpu1();
     let (mut child, engine, peer, mine) = pair(kind, LEN, seed, EngineConfig::default());
-    let port: u16 = child.name.rsplit(':').next().unwrap().parse().unwrap();
+    let port = common::port_of(&child.name);
     let reqs: Vec<Request> = (0..64)
         .map(|i| {
             let off = i * (LEN / 64);

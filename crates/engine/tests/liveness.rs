@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, random_bytes, registered, ChildTarget, FakePeer};
+use common::{eventually, port_of, random_bytes, registered, status, ChildTarget, FakePeer};
 use tidewire::core::select::TransportKind;
 use tidewire::{
     BatchOptions, Engine, EngineConfig, Error, Op, PeerId, PeerState, Request, RequestStatus,
@@ -38,9 +38,7 @@ enum Via {
 fn initiator(via: Via) -> Engine {
     let cfg = match via {
         Via::Shm => common::config(),
-        Via::Tcp => {
-            common::config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
-        }
+        Via::Tcp => common::tcp_config(),
     };
     Engine::new(cfg).unwrap()
 }
@@ -53,14 +51,6 @@ fn page_writes(peer: PeerId, local: u64, remote: u64) -> Vec<Request> {
             Request { op: Op::Write, local: local + off, len: PAGE, peer, remote: remote + off }
         })
         .collect()
-}
-
-fn port_of(name: &str) -> u16 {
-    name.rsplit(':').next().unwrap().parse().unwrap()
-}
-
-fn status(e: &Engine, peer: PeerId) -> tidewire::PeerStatus {
-    e.peers().into_iter().find(|p| p.id == peer).unwrap()
 }
 
 /// Reads the peer's whole region into poisoned memory and checks it holds `expect`.

@@ -1,6 +1,6 @@
-//! Prepared plans and the paged KV API, on every CPU transport: executed many times and
-//! verified every time; stale plans refused with nothing moved; pages moved by index arrays
-//! byte for byte the same as the same transfer given as raw descriptors.
+//! Prepared plans and the paged KV API: stale plans refused with nothing moved; pages moved by
+//! index arrays byte for byte the same as the same transfer given as raw descriptors.
+//! (A plan executed 1,000 times on every transport is in conformance.rs.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -33,10 +33,6 @@ fn zz_child_process_entry() {
     common::child_main();
 }
 
-fn tcp_config() -> EngineConfig {
-    common::config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
-}
-
 /// 64 pages scattered (a fixed permutation) from `local` to `remote`.
 fn scattered(op: Op, peer: PeerId, local: u64, remote: u64) -> Vec<Request> {
     let mut order: Vec<u64> = (0..64).collect();
@@ -54,55 +50,10 @@ fn scattered(op: Op, peer: PeerId, local: u64, remote: u64) -> Vec<Request> {
         .collect()
 }
 
-/// Executes one WRITE plan and one READ plan 1,000 times each against `remote` (the peer's
-/// memory at `remote`, readable here through `peek` when `visible`), with fresh data every
-/// time, and checks every byte every time.
-fn execute_many(e: &Engine, peer: PeerId, remote: u64, visible: bool) {
-    let len = 64 * PAGE as usize;
-    let src = registered(e, len, &[]);
-    let back = registered(e, len, &[]);
-    let writes = e.prepare(&scattered(Op::Write, peer, src.addr(), remote)).unwrap();
-    let reads = e.prepare(&scattered(Op::Read, peer, back.addr(), remote)).unwrap();
-    assert_eq!(writes.requests().len(), 64);
-    for round in 0..1000u64 {
-        let data = random_bytes(len, round);
-        poke(src.addr(), &data);
-        poke(back.addr(), &vec![POISON; len]);
-        e.execute(&writes, BatchOptions::default()).unwrap().wait().unwrap();
-        if visible {
-            for r in writes.requests() {
-                let off = (r.local - src.addr()) as usize;
-                assert!(peek(r.remote, PAGE as usize) == data[off..off + PAGE as usize]);
-            }
-        }
-        e.execute(&reads, BatchOptions::default()).unwrap().wait().unwrap();
-        assert!(back.to_vec() == data, "round {round}: every byte read back");
-    }
-    e.unregister(src.addr()).unwrap();
-    e.unregister(back.addr()).unwrap();
-}
-
-#[test]
-fn a_prepared_plan_runs_a_thousand_times_on_shm_tcp_and_local() {
-    let target = common::engine();
-    let shared = target.allocate_shared(64 * PAGE).unwrap();
-    let plain = registered(&target, 64 * PAGE as usize, &[]);
-    let e = common::engine();
-    let peer = e.open_segment(target.name()).unwrap();
-    execute_many(&e, peer, shared, true);
-    let tcp = Engine::new(tcp_config()).unwrap();
-    let peer = tcp.open_segment(target.name()).unwrap();
-    execute_many(&tcp, peer, plain.addr(), true);
-    let me = e.open_segment(e.name()).unwrap();
-    let own = registered(&e, 64 * PAGE as usize, &[]);
-    execute_many(&e, me, own.addr(), true);
-    drop((e, tcp, target));
-}
-
 #[test]
 fn a_plan_whose_peer_died_is_stale_and_a_new_one_reaches_the_restarted_peer() {
     let mut target = ChildTarget::spawn(CHILD, 0, 64 * PAGE, 1);
-    let port: u16 = target.name.rsplit(':').next().unwrap().parse().unwrap();
+    let port = common::port_of(&target.name);
     let e = common::engine();
     let src = registered(&e, 64 * PAGE as usize, &random_bytes(64 * PAGE as usize, 2));
     let peer = e.open_segment(&target.name).unwrap();
@@ -238,7 +189,7 @@ fn paged_transfers_match_raw_descriptors_over_shm() {
 
 #[test]
 fn paged_transfers_match_raw_descriptors_over_tcp() {
-    paged_matches_raw(tcp_config(), false);
+    paged_matches_raw(common::tcp_config(), false);
 }
 
 #[test]

@@ -60,10 +60,7 @@ fn round_trip(initiator_cfg: EngineConfig, target_shared: bool) {
 
 #[test]
 fn tcp_round_trip() {
-    let cfg = EngineConfig { port: Some(0), ..Default::default() }
-        .apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into()))
-        .unwrap();
-    round_trip(cfg, true);
+    round_trip(common::tcp_config(), true);
     round_trip(common::config(), false);
 }
 

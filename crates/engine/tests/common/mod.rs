@@ -13,6 +13,21 @@ pub fn config() -> EngineConfig {
     EngineConfig { port: Some(0), ..EngineConfig::default() }
 }
 
+/// As [`config`], with tcp forced the way users force it (`MC_FORCE_TCP`).
+pub fn tcp_config() -> EngineConfig {
+    config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
+}
+
+/// What `engine.peers()` says of `peer`.
+pub fn status(engine: &Engine, peer: tidewire::PeerId) -> tidewire::PeerStatus {
+    engine.peers().into_iter().find(|p| p.id == peer).unwrap()
+}
+
+/// The port of a peer-to-peer segment name (`host:port`), to restart a peer under it.
+pub fn port_of(name: &str) -> u16 {
+    name.rsplit(':').next().unwrap().parse().unwrap()
+}
+
 /// `len` random bytes from `seed`.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
