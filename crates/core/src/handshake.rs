@@ -138,11 +138,6 @@ impl Handshake {
         self.event.take()
     }
 
-    /// True once the handshake succeeded or failed.
-    pub fn is_over(&self) -> bool {
-        self.state == State::Over
-    }
-
     fn end(&mut self, event: HandshakeEvent) {
         self.state = State::Over;
         self.event = Some(event);

@@ -59,7 +59,7 @@ pub struct PageRun {
 }
 
 /// Coalesces page pairs `(local[i], remote[i])` (arrays of the same length, checked by
-/// [`check_pages`]) into runs where both sides advance by one, handing each to `f` (no
+/// `for_each_range`) into runs where both sides advance by one, handing each to `f` (no
 /// allocation: the hot path of page transfers). Returns the largest local and remote index seen, so the caller can check them without a
 /// second pass.
 #[inline]
@@ -141,8 +141,8 @@ fn check_shapes(
 }
 
 /// Checks that the page arrays pair up, every index lies inside its layout, and the two
-/// layouts have the same shape.
-pub fn check_pages(
+/// layouts have the same shape (the slow path of [`for_each_range`]: it names the culprit).
+fn check_pages(
     local: &LayoutDescriptor,
     remote: &LayoutDescriptor,
     local_pages: &[u64],

@@ -84,12 +84,15 @@ impl Pending {
     }
 }
 
-/// One request's share of a TCP batch, before it is split into chunks.
-enum Work {
-    /// WRITE `len` bytes from local `src` (in `entry`) to remote `dst`.
-    Write { req: usize, entry: Arc<RegionEntry>, src: u64, dst: u64, len: u64 },
-    /// READ `len` bytes at remote `src` into local `dst` (in `entry`).
-    Read { req: usize, entry: Arc<RegionEntry>, dst: u64, src: u64, len: u64 },
+/// One request's share of a TCP batch, before it is split into chunks: `len` bytes between
+/// local `local` (inside `entry`) and remote `remote`, in the direction of `op`.
+struct Work {
+    req: usize,
+    op: Op,
+    entry: Arc<RegionEntry>,
+    local: u64,
+    remote: u64,
+    len: u64,
 }
 
 /// The pooled TCP connections to one peer instance.
@@ -170,10 +173,8 @@ impl TcpConn {
             (0..self.lanes.len()).map(|_| Vec::new()).collect();
         let mut next = self.rr.fetch_add(1, Ordering::Relaxed);
         for work in works {
-            let (req, entry, local, remote, len, write) = match work {
-                Work::Write { req, entry, src, dst, len } => (req, entry, src, dst, len, true),
-                Work::Read { req, entry, dst, src, len } => (req, entry, dst, src, len, false),
-            };
+            let Work { req, op, entry, local, remote, len } = work;
+            let write = op == Op::Write;
             let mut off = 0;
             while off < len {
                 let n = CHUNK.min(len - off);
@@ -285,11 +286,8 @@ impl Submission for TcpSubmission<'_> {
         self.batch.set_chunks(from..end, |i| requests[i].len.div_ceil(CHUNK) as u32);
         let works = (from..end).map(|req| {
             let r = &requests[req];
-            let (entry, len) = (step.local.clone(), r.len);
-            match r.op {
-                Op::Write => Work::Write { req, entry, src: r.local, dst: r.remote, len },
-                Op::Read => Work::Read { req, entry, dst: r.local, src: r.remote, len },
-            }
+            let entry = step.local.clone();
+            Work { req, op: r.op, entry, local: r.local, remote: r.remote, len: r.len }
         });
         match self.work.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &step.conn)) {
             Some((_, w)) => w.extend(works),
@@ -305,8 +303,7 @@ impl Submission for TcpSubmission<'_> {
                 Ok(c) => c.dispatch(self.batch, works),
                 Err(e) => {
                     for w in works {
-                        let (Work::Write { req, .. } | Work::Read { req, .. }) = w;
-                        self.batch.fail_request(req, e.clone());
+                        self.batch.fail_request(w.req, e.clone());
                     }
                 }
             }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -47,9 +47,7 @@ struct Sending {
 struct LaneShared {
     peer: String,
     stream: TcpStream,
-    /// Set once, under the `awaited` lock, when the lane fails.
-    dead: AtomicBool,
-    /// Why it failed (the first reason).
+    /// Why the lane failed (set once, under the `awaited` lock): while unset, it is alive.
     death: OnceLock<Error>,
     next_tag: AtomicU64,
     /// Never held together with `sending`.
@@ -72,7 +70,6 @@ impl LaneShared {
     fn kill(&self, err: Error) {
         let drained: Vec<Pending> = {
             let mut aw = self.awaited.lock();
-            self.dead.store(true, Ordering::Release);
             let _ = self.death.set(err.clone());
             aw.pending.drain().map(|(_, v)| v).collect()
         };
@@ -82,6 +79,10 @@ impl LaneShared {
         for p in drained {
             p.fail(err.clone());
         }
+    }
+
+    fn is_dead(&self) -> bool {
+        self.death.get().is_some()
     }
 
     fn death(&self) -> Error {
@@ -159,7 +160,6 @@ impl Lane {
         let shared = Arc::new(LaneShared {
             peer: peer.to_string(),
             stream,
-            dead: AtomicBool::new(false),
             death: OnceLock::new(),
             next_tag: AtomicU64::new(1),
             awaited: Mutex::new(Awaited {
@@ -192,7 +192,7 @@ impl Lane {
     }
 
     pub(super) fn is_dead(&self) -> bool {
-        self.shared.dead.load(Ordering::Acquire)
+        self.shared.is_dead()
     }
 
     /// Registers the pending answers and queues the frames: written here when they are small
@@ -204,7 +204,7 @@ impl Lane {
         let mut frames = Vec::with_capacity(items.len());
         {
             let mut aw = sh.awaited.lock();
-            if sh.dead.load(Ordering::Acquire) {
+            if sh.is_dead() {
                 drop(aw);
                 for (pending, _) in items {
                     pending.fail(sh.failure("the connection is closed"));
@@ -229,7 +229,7 @@ impl Lane {
                 bytes += item.bytes();
                 snd.out.push(item);
             }
-            if sh.dead.load(Ordering::Acquire) {
+            if sh.is_dead() {
                 // Killed meanwhile: its requests failed already.
                 snd.out.clear();
                 return;
@@ -506,7 +506,7 @@ impl Source for LaneSource {
     }
 
     fn on_ready(&mut self, now: Instant) -> Flow {
-        if self.shared.dead.load(Ordering::Acquire) {
+        if self.shared.is_dead() {
             return Flow::Close;
         }
         self.recv.on_event();
