@@ -27,6 +27,7 @@
 mod batch;
 mod config;
 mod engine;
+mod epoll;
 mod error;
 mod frames;
 mod hostinfo;

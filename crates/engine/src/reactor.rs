@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::epoll::Epoll;
 use crate::error::{Error, Result};
 
 /// The longest a loop sleeps without looking at its sources' deadlines.
@@ -67,7 +68,7 @@ struct Inbox {
 }
 
 struct Loop {
-    epoll: OwnedFd,
+    epoll: Epoll,
     wake: OwnedFd,
     inbox: Mutex<Inbox>,
     stop: AtomicBool,
@@ -76,13 +77,7 @@ struct Loop {
 
 impl Loop {
     fn new() -> Result<Self> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(Error::io("creating an I/O loop's epoll set", &last_error()));
-        }
-        // SAFETY: `ep` is a fresh descriptor nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
+        let epoll = Epoll::new("an I/O loop")?;
         // SAFETY: plain syscall; the result is checked before use.
         let ev = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if ev < 0 {
@@ -97,26 +92,10 @@ impl Loop {
             stop: AtomicBool::new(false),
             next_token: AtomicU64::new(WAKE + 1),
         };
-        lp.add_fd(lp.wake.as_raw_fd(), WAKE, libc::EPOLLIN as u32)
+        lp.epoll
+            .add(lp.wake.as_raw_fd(), libc::EPOLLIN as u32, WAKE)
             .map_err(|e| Error::io("watching an I/O loop's wake descriptor", &e))?;
         Ok(lp)
-    }
-
-    fn add_fd(&self, fd: RawFd, token: u64, events: u32) -> std::io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is valid for the call; the kernel validates `fd`.
-        let rc =
-            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-        if rc < 0 {
-            return Err(last_error());
-        }
-        Ok(())
-    }
-
-    fn remove_fd(&self, fd: RawFd) {
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: as in `add_fd`; a descriptor that is not in the set is an error we ignore.
-        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) };
     }
 
     /// Writes the wake descriptor unless it is already signalled (call with the inbox locked).
@@ -235,13 +214,6 @@ fn last_error() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
-/// Milliseconds for `epoll_wait` until `at` (rounded up, so a deadline 0.3 ms away does not
-/// spin), at most [`SWEEP`].
-fn wait_ms(now: Instant, at: Instant) -> i32 {
-    let d = at.saturating_duration_since(now).min(SWEEP);
-    i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-}
-
 /// One loop thread.
 fn run(lp: &Loop) {
     let mut sources: HashMap<u64, Box<dyn Source>> = HashMap::new();
@@ -255,25 +227,14 @@ fn run(lp: &Loop) {
         if lp.stop.load(Ordering::Acquire) {
             break;
         }
-        let now = Instant::now();
-        let ms = if ready.is_empty() {
-            wait_ms(now, earliest.map_or(next_sweep, |e| e.min(next_sweep)))
+        // Sources ready to run again: just look for new events.
+        let until = if ready.is_empty() {
+            earliest.map_or(next_sweep, |e| e.min(next_sweep))
         } else {
-            0
+            Instant::now()
         };
-        // SAFETY: `events` is a writable array of its length for the call's duration.
-        let n = unsafe {
-            libc::epoll_wait(lp.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
-        };
-        if n < 0 {
-            let e = last_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                // Not expected on a live epoll set; pace the loop rather than spin on it.
-                log::error!("I/O loop: epoll_wait failed: {e}");
-                std::thread::sleep(SWEEP);
-            }
-        }
-        for ev in &events[..n.max(0) as usize] {
+        let n = lp.epoll.wait(&mut events, Some(until), SWEEP);
+        for ev in &events[..n] {
             if ev.u64 == WAKE {
                 lp.drain_wake();
             } else {
@@ -286,7 +247,7 @@ fn run(lp: &Loop) {
             (std::mem::take(&mut inbox.added), std::mem::take(&mut inbox.woken))
         };
         for (token, source) in added {
-            if let Err(e) = lp.add_fd(source.fd(), token, edge) {
+            if let Err(e) = lp.epoll.add(source.fd(), edge, token) {
                 log::warn!("registering a connection with an I/O loop: {e}");
                 let mut source = source;
                 source.on_stop();
@@ -341,15 +302,16 @@ fn run(lp: &Loop) {
     for (_, mut source) in late {
         source.on_stop();
     }
-    for (token, mut source) in sources.drain() {
-        let _ = token;
+    for (_, mut source) in sources.drain() {
         source.on_stop();
-        lp.remove_fd(source.fd());
+        // Dropped right after: an error only means the descriptor already left the set.
+        let _ = lp.epoll.delete(source.fd());
     }
 }
 
 fn close(lp: &Loop, sources: &mut HashMap<u64, Box<dyn Source>>, token: u64) {
     if let Some(source) = sources.remove(&token) {
-        lp.remove_fd(source.fd());
+        // Dropped right after: an error only means the descriptor already left the set.
+        let _ = lp.epoll.delete(source.fd());
     }
 }

@@ -11,11 +11,10 @@
 //!
 //! Deadlines. A batch's deadline used to be checked only by a waiter; an async batch that
 //! nobody waits on is now failed here at its deadline (to within [`TICK`]).
-#![allow(unsafe_code)]
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -25,6 +24,7 @@ use tidewire_core::select::TransportKind;
 
 use crate::batch::Batch;
 use crate::engine::Inner;
+use crate::epoll::Epoll;
 use crate::error::{Error, Result};
 use crate::peer::PeerConn;
 
@@ -51,7 +51,7 @@ struct Deadlines {
 }
 
 pub(crate) struct Watch {
-    epoll: OwnedFd,
+    epoll: Epoll,
     watched: Mutex<HashMap<u64, Watched>>,
     deadlines: Mutex<Deadlines>,
     next: AtomicU64,
@@ -65,15 +65,8 @@ pub(crate) struct HungUp {
 
 impl Watch {
     pub(crate) fn new() -> Result<Arc<Self>> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::io("creating the peer watcher's epoll set", &last_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Arc::new(Self {
-            epoll,
+            epoll: Epoll::new("the peer watcher")?,
             watched: Mutex::default(),
             deadlines: Mutex::default(),
             next: AtomicU64::new(1),
@@ -90,23 +83,11 @@ impl Watch {
     ) -> Result<()> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         self.watched.lock().insert(token, Watched { conn, channel });
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLONESHOT)
-                as u32,
-            u64: token,
-        };
-        // SAFETY: `ev` is a valid event for the call's duration; `fd` is a socket the caller
-        // keeps open (the kernel validates it).
-        let rc =
-            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-        if rc < 0 {
+        let events = libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLONESHOT;
+        self.epoll.add(fd, events as u32, token).map_err(|e| {
             self.watched.lock().remove(&token);
-            return Err(Error::io(
-                format!("watching a {channel} socket for hang-ups"),
-                &last_error(),
-            ));
-        }
-        Ok(())
+            Error::io(format!("watching a {channel} socket for hang-ups"), &e)
+        })
     }
 
     /// Fails `batch` at `at` if it has not finished by then, whether or not anybody waits.
@@ -128,36 +109,22 @@ impl Watch {
     /// Waits up to `limit` (shortened to the next deadline) for hang-ups; fails the batches
     /// whose deadline passed; returns the peers that hung up.
     pub(crate) fn wait(&self, limit: Duration) -> Vec<HungUp> {
-        let now = Instant::now();
         let next = self.deadlines.lock().heap.peek().map(|Reverse((at, _))| *at);
-        let wait = next.map_or(limit, |at| at.saturating_duration_since(now).min(limit));
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
-        // Round up so a deadline 0.3 ms away does not spin.
-        let ms = i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        // SAFETY: `events` is a writable array of 64 entries for the call's duration.
-        let n = unsafe {
-            libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
-        };
+        let n = self.epoll.wait(&mut events, next, limit);
         let mut hung = Vec::new();
         if n > 0 {
             let mut watched = self.watched.lock();
-            for ev in &events[..n as usize] {
+            for ev in &events[..n] {
                 let token = ev.u64;
                 let Some(w) = watched.remove(&token) else { continue };
                 if let Some(conn) = w.conn.upgrade() {
                     hung.push(HungUp { conn, channel: w.channel });
                 }
             }
-        } else if n == 0 {
+        } else {
             // Idle: forget sockets of peers that are gone without a hang-up (replaced).
             self.watched.lock().retain(|_, w| w.conn.strong_count() > 0);
-        } else {
-            let e = last_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                // Not expected on a live epoll set; pace the loop rather than spin on it.
-                log::error!("the peer watcher's epoll_wait failed: {e}");
-                std::thread::sleep(TICK);
-            }
         }
         self.expire(Instant::now());
         hung
@@ -200,14 +167,11 @@ pub(crate) fn watch_loop(inner: &Inner) {
     }
 }
 
-fn last_error() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     use tidewire_core::BatchId;
 
