@@ -111,6 +111,38 @@ pub fn for_each_range(
     Ok(())
 }
 
+/// What one pass over a page transfer's index arrays finds: the same for every layer, since
+/// the layers share the arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageShape {
+    /// Coalesced runs per layer (the requests each layer stands for).
+    pub runs: usize,
+    /// The first run (where each layer's first request starts).
+    pub first: PageRun,
+}
+
+/// Checks a page transfer (arrays that pair up, layouts of one shape, every index inside its
+/// layout) and counts its runs, in one pass that stores nothing: what a transport needs to
+/// write its descriptors straight from the indices. `None` for empty arrays.
+pub fn page_shape(
+    local: &LayoutDescriptor,
+    remote: &LayoutDescriptor,
+    local_pages: &[u64],
+    remote_pages: &[u64],
+) -> Result<Option<PageShape>, CoreError> {
+    check_shapes(local, remote, local_pages, remote_pages)?;
+    let mut runs = 0usize;
+    let mut first = None;
+    let (max_l, max_r) = for_each_run(local_pages, remote_pages, |run| {
+        runs += 1;
+        first.get_or_insert(run);
+    });
+    if !local_pages.is_empty() && (max_l >= local.pages || max_r >= remote.pages) {
+        check_pages(local, remote, local_pages, remote_pages)?;
+    }
+    Ok(first.map(|first| PageShape { runs, first }))
+}
+
 /// The page arrays pair up and the two layouts have the same shape.
 fn check_shapes(
     local: &LayoutDescriptor,
@@ -224,6 +256,19 @@ mod tests {
         assert!(page_ranges(&a, &b, &[0, 1], &[0]).is_err());
         let other = layout("kv", &[0], 8, 512);
         assert!(page_ranges(&a, &other, &[0], &[0]).is_err());
+    }
+
+    #[test]
+    fn the_shape_counts_runs_once_for_every_layer() {
+        let a = layout("kv", &[0x10000, 0x80000], 16, 256);
+        let b = layout("kv", &[0x200000, 0x300000], 8, 256);
+        let shape = page_shape(&a, &b, &[0, 1, 7], &[3, 4, 0]).unwrap().unwrap();
+        assert_eq!(shape.runs, 2);
+        assert_eq!(shape.first, PageRun { local: 0, remote: 3, count: 2 });
+        assert_eq!(page_shape(&a, &b, &[], &[]).unwrap(), None);
+        let out = page_shape(&a, &b, &[0], &[8]).unwrap_err().to_string();
+        assert!(out.contains("page 8 (index 0)"), "{out}");
+        assert!(page_shape(&a, &b, &[0, 1], &[0]).is_err());
     }
 
     #[test]

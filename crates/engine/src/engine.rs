@@ -32,7 +32,7 @@ use crate::transport::memory::{LocalTransport, ShmTransport};
 use crate::transport::nvlink::{self, GpuRoute, NvlinkTransport};
 use crate::transport::shm::{self, SharedRegion, ShmServer};
 use crate::transport::tcp::{self, TcpTransport};
-use crate::transport::{BatchCtx, Submission, Transports};
+use crate::transport::{BatchCtx, LayerPages, Submission, Transports};
 use crate::watch::{self, Watch};
 use crate::{hostinfo, liveness, mem, rpc};
 
@@ -920,79 +920,80 @@ impl Engine {
         first: Step,
         mut step_at: impl FnMut(usize) -> Result<Step>,
     ) -> Result<BatchHandle> {
+        let conn = first.conn.clone();
+        let total: u64 = requests.iter().map(|r| r.len).sum();
+        self.run_batch(requests.len(), total, &conn, opts, started, |feed| {
+            let mut next = Some(first);
+            let mut i = 0;
+            while i < requests.len() {
+                let step = match next.take() {
+                    Some(step) => step,
+                    None => step_at(i)?,
+                };
+                i = feed.add(step, requests, i)?;
+            }
+            Ok(std::borrow::Cow::Borrowed(requests))
+        })
+    }
+
+    /// Runs a batch of `n` requests (`total` bytes) to `conn`'s peer: `feed` plans them and
+    /// hands each run to its transport through the [`Feeder`], returning the requests the
+    /// transports were given (those that take page transfers straight from their index arrays
+    /// need none). An error from `feed` fails the submission; nothing of it stays in flight.
+    pub(crate) fn run_batch<'r>(
+        &self,
+        n: usize,
+        total: u64,
+        conn: &Arc<PeerConn>,
+        opts: BatchOptions,
+        started: Instant,
+        feed: impl FnOnce(&mut Feeder<'_>) -> Result<std::borrow::Cow<'r, [Request]>>,
+    ) -> Result<BatchHandle> {
         let trailer = match opts.notify {
             None => None,
-            Some((name, message)) => {
-                let conn = &first.conn;
-                Some(if conn.same_engine {
-                    let n = Notification { from: self.inner.name.clone(), name, message };
-                    TrailerRoute::Local(self.inner.notifications.clone(), n)
-                } else {
-                    let payload = encode_strings(&[&self.inner.name, &name, &message]);
-                    if payload.len() as u64 > tidewire_core::wire::MAX_NOTIFY_FRAME {
-                        return Err(Error::InvalidArgument {
-                            reason: "notification larger than 1 MiB".into(),
-                        });
-                    }
-                    TrailerRoute::Tcp(conn.tcp(&self.inner.config, &self.inner.life)?, payload)
-                })
-            }
+            Some((name, message)) => Some(if conn.same_engine {
+                let n = Notification { from: self.inner.name.clone(), name, message };
+                TrailerRoute::Local(self.inner.notifications.clone(), n)
+            } else {
+                let payload = encode_strings(&[&self.inner.name, &name, &message]);
+                if payload.len() as u64 > tidewire_core::wire::MAX_NOTIFY_FRAME {
+                    return Err(Error::InvalidArgument {
+                        reason: "notification larger than 1 MiB".into(),
+                    });
+                }
+                TrailerRoute::Tcp(conn.tcp(&self.inner.config, &self.inner.life)?, payload)
+            }),
         };
         let cfg = &self.inner.config;
         let id = BatchId(self.inner.next_batch.fetch_add(1, Ordering::Relaxed));
-        // The deadline grows with the batch's size, which is summed once the batch is checked.
+        // The deadline grows with the batch's size, set once the batch is planned.
         let provisional = started + opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(0));
-        let batch = Batch::new(started, id, requests.len(), None, trailer, provisional);
+        let batch = Batch::new(started, id, n, None, trailer, provisional);
         // Plan, then hand each run (consecutive requests between the same two regions share one
         // decision) to its transport. GPU runs are enqueued while the rest of the batch is
         // checked (the GPU starts on the first pages before the last are checked); the others
         // move once every request is checked.
         let ctx = BatchCtx { after: opts.stream, complete_on: opts.complete_on };
-        let mut subs: Vec<(usize, Box<dyn Submission + '_>)> = Vec::new();
-        let mut next = Some(first);
-        let mut i = 0;
-        while i < requests.len() {
-            let planned = match next.take() {
-                Some(step) => Ok(step),
-                None => step_at(i),
-            };
-            let step = match planned {
-                Ok(step) => step,
-                Err(e) => return Err(abort(subs, provisional, e)),
-            };
-            let Some((slot, transport)) = self.inner.transports.serving(step.transport) else {
-                let end = step.run_end(requests, i + 1);
-                let r = &requests[i];
-                let reason = "chosen, but not built in this engine".to_string();
-                let refusals = vec![Refusal { transport: step.transport, reason }];
-                let err = Error::NoTransport {
-                    peer: step.conn.name.clone(),
-                    addr: r.remote,
-                    len: r.len,
-                    refusals,
-                };
-                batch.fail_runs(std::slice::from_ref(&(i..end)), err);
-                i = end;
-                continue;
-            };
-            let k = match subs.iter().position(|(s, _)| *s == slot) {
-                Some(k) => k,
-                None => {
-                    subs.push((slot, transport.begin(&batch, ctx)));
-                    subs.len() - 1
+        let (subs, fed) = {
+            let transports = &self.inner.transports;
+            let mut feeder = Feeder { transports, batch: &batch, ctx, subs: Vec::new() };
+            let fed = feed(&mut feeder);
+            (feeder.subs, fed)
+        };
+        let requests = match fed {
+            Ok(requests) => requests,
+            Err(e) => {
+                for (_, sub) in subs {
+                    sub.abort(provisional);
                 }
-            };
-            match subs[k].1.add(step, requests, i) {
-                Ok(end) => i = end,
-                Err(e) => return Err(abort(subs, provisional, e)),
+                return Err(e);
             }
-        }
+        };
         batch.mark(Mark::Planned);
-        let total: u64 = requests.iter().map(|r| r.len).sum();
         let timeout = opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(total));
         batch.set_deadline(started + timeout);
         for (_, sub) in subs {
-            sub.finish(requests);
+            sub.finish(&requests);
         }
         if !batch.is_finished() {
             self.inner.watch.deadline(&batch, started + timeout);
@@ -1115,11 +1116,68 @@ impl Engine {
 
 /// A submission failed at planning: nothing of the batch may stay in flight (GPU work already
 /// enqueued is waited for, until `until`).
-fn abort(subs: Vec<(usize, Box<dyn Submission + '_>)>, until: Instant, err: Error) -> Error {
-    for (_, sub) in subs {
-        sub.abort(until);
+/// A batch being handed to its transports: one submission per transport, opened on first use.
+pub(crate) struct Feeder<'b> {
+    transports: &'b Transports,
+    batch: &'b Arc<Batch>,
+    ctx: BatchCtx,
+    subs: Vec<(usize, Box<dyn Submission + 'b>)>,
+}
+
+impl<'b> Feeder<'b> {
+    /// The submission of the transport serving `kind`, opened on first use; `None` when this
+    /// engine did not build one.
+    fn submission(&mut self, kind: TransportKind) -> Option<&mut Box<dyn Submission + 'b>> {
+        let (slot, transport) = self.transports.serving(kind)?;
+        let k = match self.subs.iter().position(|(s, _)| *s == slot) {
+            Some(k) => k,
+            None => {
+                self.subs.push((slot, transport.begin(self.batch, self.ctx)));
+                self.subs.len() - 1
+            }
+        };
+        Some(&mut self.subs[k].1)
     }
-    err
+
+    /// Hands the run of `requests` from `from` that `step` covers to its transport; returns
+    /// where the run ends.
+    pub(crate) fn add(&mut self, step: Step, requests: &[Request], from: usize) -> Result<usize> {
+        let batch = self.batch;
+        match self.submission(step.transport) {
+            Some(sub) => sub.add(step, requests, from),
+            None => {
+                let end = step.run_end(requests, from + 1);
+                batch.fail_runs(
+                    std::slice::from_ref(&(from..end)),
+                    not_built(&step, &requests[from]),
+                );
+                Ok(end)
+            }
+        }
+    }
+
+    /// Hands a layer of a page transfer (requests `from..from + pages.runs`, every page
+    /// inside `step`'s regions) to its transport as index arrays; `None` when the transport
+    /// takes only requests.
+    pub(crate) fn add_pages(
+        &mut self,
+        step: &Step,
+        pages: &LayerPages<'_>,
+        from: usize,
+    ) -> Option<usize> {
+        self.submission(step.transport)?.add_pages(step, pages, from)
+    }
+}
+
+/// A run whose chosen transport this engine did not build.
+fn not_built(step: &Step, r: &Request) -> Error {
+    let reason = "chosen, but not built in this engine".to_string();
+    Error::NoTransport {
+        peer: step.conn.name.clone(),
+        addr: r.remote,
+        len: r.len,
+        refusals: vec![Refusal { transport: step.transport, reason }],
+    }
 }
 
 impl Drop for Engine {

@@ -2,19 +2,20 @@
 //! engine's regions and published with its descriptor; pages moved between two layouts by
 //! index arrays, consecutive pages coalesced into one request (`tidewire_core::paged`).
 
-use std::cell::RefCell;
+use std::borrow::Cow;
 use std::time::Instant;
 
 use tidewire_core::memory::range_within;
 
-use tidewire_core::paged::{for_each_range, LayoutDescriptor};
+use tidewire_core::paged::{for_each_range, page_shape, LayoutDescriptor};
 use tidewire_core::CoreError;
 
 use crate::batch::BatchHandle;
 use crate::engine::{BatchOptions, Engine};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-use crate::request::{Op, Request, Step};
+use crate::request::{Op, Request};
+use crate::transport::LayerPages;
 use tidewire_core::PeerId;
 
 /// Pages to move between this engine's layout `local` and the peer's layout `remote`:
@@ -27,12 +28,6 @@ pub struct PageTransfer<'a> {
     pub remote: &'a str,
     pub local_pages: &'a [u64],
     pub remote_pages: &'a [u64],
-}
-
-thread_local! {
-    /// Requests of the last page transfer made on this thread (reused for its capacity).
-    static SCRATCH: RefCell<(Vec<Request>, Vec<usize>)> =
-        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl Engine {
@@ -89,78 +84,93 @@ impl Engine {
     /// The requests of a page transfer: every layer, consecutive pages as one request.
     pub fn page_requests(&self, t: &PageTransfer<'_>) -> Result<Vec<Request>> {
         let mut reqs = Vec::new();
-        self.build_pages(t, &mut reqs, &mut Vec::new())?;
+        self.build_pages(t, &mut reqs)?;
         Ok(reqs)
     }
 
-    /// Moves a page transfer's pages as one batch.
+    /// Moves a page transfer's pages as one batch. A layer whose two page arrays lie inside
+    /// the regions planned for its first run goes to its transport as index arrays when the
+    /// transport takes them (nvlink writes its descriptors straight from the indices); the
+    /// others are built into requests, as [`Engine::page_requests`] gives them.
     pub fn transfer_pages(&self, t: &PageTransfer<'_>, opts: BatchOptions) -> Result<BatchHandle> {
         let started = Instant::now();
-        // The requests are built into this thread's scratch vectors, whose capacity stays
-        // from one transfer to the next (a 16,384-page transfer allocates nothing).
-        SCRATCH.with(|scratch| {
-            let (mut reqs, mut starts) = scratch.take();
-            let submitted =
-                self.build_pages(t, &mut reqs, &mut starts).and_then(|(mine, theirs)| {
-                    self.submit_layers(&reqs, &starts, &mine, &theirs, opts, started)
-                });
-            scratch.replace((reqs, starts));
-            submitted
+        self.check_running()?;
+        let (mine, theirs) = self.layouts(t.peer, t.local, t.remote)?;
+        let shape = page_shape(&mine, &theirs, t.local_pages, t.remote_pages).map_err(invalid)?;
+        let Some(shape) = shape else {
+            return Err(Error::InvalidArgument { reason: "empty batch".into() });
+        };
+        let size = mine.page_size;
+        let span = mine.layer_len().ok_or(Error::Internal("a validated layout overflows"))?;
+        let layers = mine.layers.len();
+        let (runs, first) = (shape.runs, shape.first);
+        let too_big = || Error::InvalidArgument { reason: "the page transfer overflows".into() };
+        let n = runs.checked_mul(layers).ok_or_else(too_big)?;
+        let total = (t.local_pages.len() as u64)
+            .checked_mul(size)
+            .and_then(|b| b.checked_mul(layers as u64))
+            .ok_or_else(too_big)?;
+        // The first request of a layer, as `page_requests` builds it.
+        let first_of = |layer: usize| Request {
+            op: t.op,
+            local: mine.layers[layer].wrapping_add(first.local.wrapping_mul(size)),
+            len: first.count.wrapping_mul(size),
+            peer: t.peer,
+            remote: theirs.layers[layer].wrapping_add(first.remote.wrapping_mul(size)),
+        };
+        let step0 = self.plan(&first_of(0))?;
+        let conn = step0.conn.clone();
+        self.run_batch(n, total, &conn, opts, started, |feed| {
+            // Built only if a layer's transport takes requests.
+            let mut requests = Vec::new();
+            let mut next = Some(step0);
+            let mut i = 0;
+            while i < n {
+                let (layer, at_start) = (i / runs, i % runs == 0);
+                let mut step = match next.take() {
+                    Some(step) => step,
+                    None if at_start => self.plan(&first_of(layer))?,
+                    None => self.plan(&requests[i])?,
+                };
+                if at_start
+                    && range_within(mine.layers[layer], span, step.local.addr, step.local.len)
+                    && range_within(theirs.layers[layer], span, step.region.addr, step.region.len)
+                {
+                    // The whole layer lies inside the step's regions: one run.
+                    step.known_end = Some(i + runs);
+                    let pages = LayerPages {
+                        op: t.op,
+                        local: mine.layers[layer],
+                        remote: theirs.layers[layer],
+                        page_size: size,
+                        local_pages: t.local_pages,
+                        remote_pages: t.remote_pages,
+                        runs,
+                        total: n,
+                    };
+                    if let Some(end) = feed.add_pages(&step, &pages, i) {
+                        i = end;
+                        continue;
+                    }
+                }
+                if requests.is_empty() {
+                    self.build_pages(t, &mut requests)?;
+                }
+                i = feed.add(step, &requests, i)?;
+            }
+            Ok(Cow::Owned(requests))
         })
     }
 
-    /// Builds a page transfer's requests into `reqs` (cleared first), with `starts[k]` where
-    /// layer `k` begins; returns the two layouts.
-    fn build_pages(
-        &self,
-        t: &PageTransfer<'_>,
-        reqs: &mut Vec<Request>,
-        starts: &mut Vec<usize>,
-    ) -> Result<(LayoutDescriptor, LayoutDescriptor)> {
+    /// Builds a page transfer's requests into `reqs`: every layer, consecutive pages as one
+    /// request.
+    fn build_pages(&self, t: &PageTransfer<'_>, reqs: &mut Vec<Request>) -> Result<()> {
         let (mine, theirs) = self.layouts(t.peer, t.local, t.remote)?;
-        reqs.clear();
-        starts.clear();
         let (op, peer) = (t.op, t.peer);
-        for_each_range(&mine, &theirs, t.local_pages, t.remote_pages, |layer, l, r, len| {
-            if starts.len() <= layer {
-                starts.push(reqs.len());
-            }
+        for_each_range(&mine, &theirs, t.local_pages, t.remote_pages, |_, l, r, len| {
             reqs.push(Request { op, local: l, len, peer, remote: r })
         })
-        .map_err(invalid)?;
-        Ok((mine, theirs))
-    }
-
-    /// Submits the requests of a page transfer: `starts[k]` is where layer `k` begins. Each
-    /// layer lies inside one local and one remote page array; once its first request is
-    /// planned and both arrays are found inside the regions it chose, the whole layer is one
-    /// run, with no per-request scan.
-    fn submit_layers(
-        &self,
-        reqs: &[Request],
-        starts: &[usize],
-        mine: &LayoutDescriptor,
-        theirs: &LayoutDescriptor,
-        opts: BatchOptions,
-        started: Instant,
-    ) -> Result<BatchHandle> {
-        self.check_batch(reqs, &opts)?;
-        let span = mine.layer_len().ok_or(Error::Internal("a validated layout overflows"))?;
-        let plan_at = |i: usize| -> Result<Step> {
-            let mut step = self.plan(&reqs[i])?;
-            if let Some(k) = starts.iter().position(|&s| s == i) {
-                let end = starts.get(k + 1).copied().unwrap_or(reqs.len());
-                let (lb, rb) = (mine.layers[k], theirs.layers[k]);
-                let covers_local = range_within(lb, span, step.local.addr, step.local.len);
-                let covers_remote = range_within(rb, span, step.region.addr, step.region.len);
-                if covers_local && covers_remote {
-                    step.known_end = Some(end);
-                }
-            }
-            Ok(step)
-        };
-        let first = plan_at(0)?;
-        self.dispatch(reqs, opts, started, first, plan_at)
+        .map_err(invalid)
     }
 
     /// As [`Engine::transfer_pages`], planned once for repeated execution.

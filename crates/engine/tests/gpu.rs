@@ -37,6 +37,12 @@ fn zz_gpu_child_entry() {
     fill(addr, &random_bytes(len as usize, seed));
     // SAFETY: inside a live allocation that this process never frees.
     unsafe { e.register(addr, len, "cuda:1").unwrap() };
+    if let Ok(shape) = std::env::var("TW_GPU_LAYOUT") {
+        // "layers pages page_size": a KV layout "kv" over the region, layer after layer.
+        let v: Vec<u64> = shape.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        let layers: Vec<u64> = (0..v[0]).map(|l| addr + l * v[1] * v[2]).collect();
+        e.register_layout("kv", &layers, v[1], v[2]).unwrap();
+    }
     println!("READY {} {addr}", e.name());
     let mut lines = std::io::stdin().lock().lines();
     while let Some(Ok(line)) = lines.next() {
@@ -58,11 +64,23 @@ struct GpuChild {
 
 impl GpuChild {
     fn spawn(kind: &str, len: u64, seed: u64) -> Self {
-        Self::spawn_on(kind, len, seed, None)
+        Self::spawn_with(kind, len, seed, None, None)
     }
 
     /// As `spawn`, bound to RPC port `port` (the same segment name as an earlier child's).
     fn spawn_on(kind: &str, len: u64, seed: u64, port: Option<u16>) -> Self {
+        Self::spawn_with(kind, len, seed, port, None)
+    }
+
+    /// As `spawn_on`, registering the layout "kv" of `(layers, pages, page size)` over its
+    /// region when `layout` is given.
+    fn spawn_with(
+        kind: &str,
+        len: u64,
+        seed: u64,
+        port: Option<u16>,
+        layout: Option<(u64, u64, u64)>,
+    ) -> Self {
         let mut env = vec![
             ("TW_GPU_KIND", kind.to_string()),
             ("TW_GPU_LEN", len.to_string()),
@@ -70,6 +88,9 @@ impl GpuChild {
         ];
         if let Some(p) = port {
             env.push(("TW_GPU_PORT", p.to_string()));
+        }
+        if let Some((layers, pages, page)) = layout {
+            env.push(("TW_GPU_LAYOUT", format!("{layers} {pages} {page}")));
         }
         let (mut child, rx, ready) = common::spawn_child(CHILD, &env, Duration::from_secs(60));
         let mut parts = ready.split_whitespace();
@@ -455,4 +476,97 @@ fn a_prepared_gpu_plan_runs_many_times_and_goes_stale_when_the_peer_dies() {
     assert!(stale, "a plan of a dead peer is stale");
     drop((writes, reads));
     assert!(common::eventually(Duration::from_secs(5), || status(&engine, peer).mappings == 0));
+}
+
+/// Page index arrays of `n` pairs out of `pages`: mostly single pairs, every eighth a run of up
+/// to 4 consecutive pairs (they coalesce), at shuffled places on each side; no page is used
+/// twice on either side.
+fn page_pairs(n: usize, pages: u64, seed: u64) -> (Vec<u64>, Vec<u64>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut lb, mut rb): (Vec<u64>, Vec<u64>) =
+        ((0..pages / 8).collect(), (0..pages / 8).collect());
+    lb.shuffle(&mut rng);
+    rb.shuffle(&mut rng);
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for (j, (l, r)) in lb.iter().zip(&rb).enumerate() {
+        let run = if j % 8 == 0 { 1 + (j as u64 / 8) % 4 } else { 1 };
+        local.extend((0..run).map(|p| l * 4 + p));
+        remote.extend((0..run).map(|p| r * 4 + p));
+        if local.len() >= n {
+            break;
+        }
+    }
+    local.truncate(n);
+    remote.truncate(n);
+    (local, remote)
+}
+
+#[test]
+#[ignore = "needs two CUDA GPUs with peer access on one host; scripts/gpu-test.sh runs it"]
+fn paged_nvlink_transfers_match_raw_descriptors_byte_for_byte() {
+    require_two_gpus();
+    const PAGE: u64 = 4096;
+    const PAGES: u64 = 16384;
+    const LAYERS: u64 = 2;
+    const LEN: u64 = LAYERS * PAGES * PAGE;
+    let child = GpuChild::spawn_with("vmm", LEN, 21, None, Some((LAYERS, PAGES, PAGE)));
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let peer = engine.open_segment(&child.name).unwrap();
+    let mine = engine.allocate_device(LEN, 0, None).unwrap().ptr;
+    let layers: Vec<u64> = (0..LAYERS).map(|l| mine + l * PAGES * PAGE).collect();
+    engine.register_layout("kv", &layers, PAGES, PAGE).unwrap();
+    // 4,000 pairs, some coalesced: ≈ 3,500 requests per layer, more than one launch window
+    // (the first window ends inside layer 0, the second spans both layers).
+    let (local_pages, remote_pages) = page_pairs(4000, PAGES, 5);
+    let t = |op| tidewire::PageTransfer {
+        peer,
+        op,
+        local: "kv",
+        remote: "kv",
+        local_pages: &local_pages,
+        remote_pages: &remote_pages,
+    };
+    let runs = engine.page_requests(&t(Op::Write)).unwrap().len() as u64;
+    assert!(runs < 4000 * LAYERS && runs > 4096, "some pairs coalesce ({runs} requests)");
+    // WRITE: the child's region afterwards is its own bytes with our pages in place.
+    let ours = random_bytes(LEN as usize, 6);
+    fill(mine, &ours);
+    let batch = engine.transfer_pages(&t(Op::Write), BatchOptions::default()).unwrap();
+    batch.wait().unwrap();
+    assert_eq!(batch.statuses().len() as u64, runs, "one status per coalesced request");
+    let mut expect = random_bytes(LEN as usize, 21);
+    for l in 0..LAYERS {
+        for (&lp, &rp) in local_pages.iter().zip(&remote_pages) {
+            let (src, dst) =
+                (((l * PAGES + lp) * PAGE) as usize, ((l * PAGES + rp) * PAGE) as usize);
+            expect[dst..dst + PAGE as usize].copy_from_slice(&ours[src..src + PAGE as usize]);
+        }
+    }
+    let whole = Request { op: Op::Read, local: mine, len: LEN, peer, remote: child.addr };
+    fill(mine, &vec![0xA5; LEN as usize]);
+    engine.transfer_sync(&[whole], BatchOptions::default()).unwrap();
+    assert!(fetch(mine, LEN) == expect, "paged WRITE == the same pages as raw descriptors");
+    // READ into poisoned pages: each local page holds its remote page, the rest stays poisoned.
+    fill(mine, &vec![0x3C; LEN as usize]);
+    engine.transfer_pages(&t(Op::Read), BatchOptions::default()).unwrap().wait().unwrap();
+    let mut want = vec![0x3Cu8; LEN as usize];
+    for l in 0..LAYERS {
+        for (&lp, &rp) in local_pages.iter().zip(&remote_pages) {
+            let (dst, src) =
+                (((l * PAGES + lp) * PAGE) as usize, ((l * PAGES + rp) * PAGE) as usize);
+            want[dst..dst + PAGE as usize].copy_from_slice(&expect[src..src + PAGE as usize]);
+        }
+    }
+    assert!(fetch(mine, LEN) == want, "paged READ == the same pages as raw descriptors");
+    // An index past the layout is refused before anything moves.
+    let bad = [PAGES];
+    let err = engine
+        .transfer_pages(
+            &tidewire::PageTransfer { local_pages: &bad, remote_pages: &bad, ..t(Op::Write) },
+            BatchOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
 }

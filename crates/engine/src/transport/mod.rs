@@ -26,7 +26,7 @@ use tidewire_core::select::TransportKind;
 
 use crate::batch::Batch;
 use crate::error::Result;
-use crate::request::{Request, Step};
+use crate::request::{Op, Request, Step};
 
 pub(crate) mod lease;
 pub(crate) mod memory;
@@ -41,6 +41,24 @@ pub(crate) struct BatchCtx {
     pub(crate) after: Option<u64>,
     /// A caller's CUstream to order after the batch's copies.
     pub(crate) complete_on: Option<u64>,
+}
+
+/// One layer of a page transfer, as its index arrays: page `local_pages[i]` of the local
+/// page array at `local` to or from page `remote_pages[i]` of the remote one at `remote`,
+/// consecutive pairs coalesced (`tidewire_core::paged::for_each_run`). Every index was checked
+/// against its layout.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerPages<'a> {
+    pub(crate) op: Op,
+    pub(crate) local: u64,
+    pub(crate) remote: u64,
+    pub(crate) page_size: u64,
+    pub(crate) local_pages: &'a [u64],
+    pub(crate) remote_pages: &'a [u64],
+    /// Coalesced runs in the layer: the requests it stands for.
+    pub(crate) runs: usize,
+    /// Requests in the whole batch.
+    pub(crate) total: usize,
 }
 
 /// One way of moving bytes. Implementations own their threads and per-engine state.
@@ -58,6 +76,14 @@ pub(crate) trait Submission {
     /// covers and returns where it ends. A failure of the run is reported in the batch; an
     /// `Err` fails the whole submission (then nothing of the batch may stay in flight).
     fn add(&mut self, step: Step, requests: &[Request], from: usize) -> Result<usize>;
+
+    /// Takes one layer of a page transfer whose every page `step` covers (both page arrays
+    /// lie inside its two regions), written straight from the index arrays: the layer stands
+    /// for requests `from..from + pages.runs`. Returns where it ends, or `None` when this
+    /// transport takes only requests (the engine then builds them).
+    fn add_pages(&mut self, _step: &Step, _pages: &LayerPages<'_>, _from: usize) -> Option<usize> {
+        None
+    }
 
     /// Every request is planned: move what was added (memory transports copy now; the others
     /// hand it to their threads).

@@ -26,6 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use tidewire_core::descriptor::{handle_from_hex, handle_to_hex, Reach};
 use tidewire_core::memory::Location;
+use tidewire_core::paged::for_each_run;
 use tidewire_core::select::{GpuFacts, TransportKind};
 use tidewire_core::RegionId;
 use tidewire_gpu::copy::{Copier, Job, Pending, Prepared, Seg};
@@ -41,7 +42,7 @@ use crate::registry::{OwnedAccess, RegionEntry};
 use crate::request::{Op, Request, Step};
 use crate::transport::lease::LeaseConn;
 use crate::transport::shm::{SharedRegion, ShmClient, ShmMap};
-use crate::transport::{BatchCtx, Submission, Transport};
+use crate::transport::{BatchCtx, LayerPages, Submission, Transport};
 use tidewire_core::shmwire::ShmFetch;
 
 /// What this process knows about its GPUs, for selection (read once per engine).
@@ -434,6 +435,10 @@ impl Submission for Launcher<'_> {
         Ok(self.push_run(&step, requests, from))
     }
 
+    fn add_pages(&mut self, step: &Step, pages: &LayerPages<'_>, from: usize) -> Option<usize> {
+        Some(self.push_pages(step, pages, from))
+    }
+
     fn finish(self: Box<Self>, _requests: &[Request]) {
         self.launch_rest()
     }
@@ -594,26 +599,20 @@ impl<'a> Launcher<'a> {
         Self { batch, after, complete_on, config, done, lanes: Vec::new() }
     }
 
-    /// Takes the run of requests from `from` (whose first request `step` planned) that the
-    /// step covers, enqueueing as it goes; returns where the run ends. Requests that cannot
-    /// be enqueued are failed in the batch with the reason.
-    fn push_run(&mut self, step: &Step, requests: &[Request], from: usize) -> usize {
-        let Some(route) = step.gpu.as_ref() else {
-            let end = step.run_end(requests, from + 1);
-            let err = Error::Internal("nvlink step without a GPU route");
-            self.batch.fail_runs(std::slice::from_ref(&(from..end)), err);
-            return end;
-        };
-        let (batch, after) = (self.batch, self.after);
+    /// The lane of `step`'s GPU (started for `remaining` more requests when new), with the
+    /// step's regions resolved: the lane's index and the peer's mapped region, or the reason
+    /// the step's run fails.
+    fn lane_for(&mut self, step: &Step, remaining: usize) -> Result<(usize, Arc<RemoteGpu>)> {
+        let route = step.gpu.as_ref().ok_or(Error::Internal("nvlink step without a GPU route"))?;
         let exec = route.exec;
         let at = match self.lanes.iter().position(|l| l.exec == exec) {
             Some(k) => k,
             None => {
                 let job = Gpu::get(exec)
                     .and_then(Copier::get)
-                    .and_then(|c| c.job(after))
+                    .and_then(|c| c.job(self.after))
                     .map_err(|e| format!("starting the copy: {e}"));
-                let (cut, size) = next_cut(0, 0, requests.len() - from);
+                let (cut, size) = next_cut(0, 0, remaining);
                 self.lanes.push(Lane {
                     exec,
                     job,
@@ -621,7 +620,7 @@ impl<'a> Launcher<'a> {
                     pins: Vec::new(),
                     runs: Vec::new(),
                     failed: None,
-                    segs: Vec::with_capacity(size.min(requests.len())),
+                    segs: Vec::with_capacity(size.min(remaining)),
                     seen: 0,
                     cut,
                     size,
@@ -630,23 +629,28 @@ impl<'a> Launcher<'a> {
             }
         };
         let lane = &mut self.lanes[at];
-        let why = match (&lane.job, &lane.failed) {
-            (Err(e), _) | (Ok(_), Some(e)) => Some(e.clone()),
-            _ => None,
-        };
-        let mapped = match why {
-            Some(e) => Err(refused(step, exec, e)),
-            None => lane.resolve(step, exec, self.config),
-        };
-        let k = match mapped {
-            Ok(k) => k,
+        if let Some(why) = lane.job.as_ref().err().or(lane.failed.as_ref()) {
+            return Err(refused(step, exec, why.clone()));
+        }
+        let k = lane.resolve(step, exec, self.config)?;
+        Ok((at, lane.resolved[k].remote.clone()))
+    }
+
+    /// Takes the run of requests from `from` (whose first request `step` planned) that the
+    /// step covers, enqueueing as it goes; returns where the run ends. Requests that cannot
+    /// be enqueued are failed in the batch with the reason.
+    fn push_run(&mut self, step: &Step, requests: &[Request], from: usize) -> usize {
+        let batch = self.batch;
+        let (at, remote) = match self.lane_for(step, requests.len() - from) {
+            Ok(found) => found,
             Err(e) => {
                 let end = step.run_end(requests, from + 1);
                 batch.fail_runs(std::slice::from_ref(&(from..end)), e);
                 return end;
             }
         };
-        let remote = lane.resolved[k].remote.clone();
+        let lane = &mut self.lanes[at];
+        let exec = lane.exec;
         if let Some(prepared) = step.prepared.as_ref() {
             return lane.push_prepared(batch, step, prepared, &remote, requests, from);
         }
@@ -679,6 +683,51 @@ impl<'a> Launcher<'a> {
         if let Some(why) = lane.failed.as_ref().filter(|_| end > i) {
             // Not enqueued at all: these fail now (the enqueued part fails when it completes).
             let err = refused(step, exec, format!("enqueueing the copy: {why}"));
+            batch.fail_runs(std::slice::from_ref(&(i..end)), err);
+        }
+        lane.runs.push(from..i);
+        end
+    }
+
+    /// Takes a layer of a page transfer (requests `from..from + pages.runs`), writing its
+    /// descriptors straight from the index arrays window by window and launching each window
+    /// as it completes, as `push_run` does for requests; returns where the layer ends.
+    fn push_pages(&mut self, step: &Step, pages: &LayerPages<'_>, from: usize) -> usize {
+        let (batch, end) = (self.batch, from + pages.runs);
+        let (at, remote) = match self.lane_for(step, pages.total - from) {
+            Ok(found) => found,
+            Err(e) => {
+                batch.fail_runs(std::slice::from_ref(&(from..end)), e);
+                return end;
+            }
+        };
+        let lane = &mut self.lanes[at];
+        // Remote addresses move from the owner's mapping to ours.
+        let shift = remote.import.ptr().wrapping_sub(remote.base);
+        let (size, here, there) = (pages.page_size, pages.local, pages.remote.wrapping_add(shift));
+        let mut i = from;
+        for_each_run(pages.local_pages, pages.remote_pages, |run| {
+            if lane.failed.is_some() {
+                return;
+            }
+            let l = here.wrapping_add(run.local.wrapping_mul(size));
+            let r = there.wrapping_add(run.remote.wrapping_mul(size));
+            let len = run.count.wrapping_mul(size);
+            lane.segs.push(match pages.op {
+                Op::Write => Seg { src: l, dst: r, len },
+                Op::Read => Seg { src: r, dst: l, len },
+            });
+            lane.seen += 1;
+            i += 1;
+            if lane.seen >= lane.cut {
+                lane.launch(batch);
+                let left = pages.total - i;
+                (lane.cut, lane.size) = next_cut(lane.seen, lane.size, lane.seen + left);
+            }
+        });
+        if let Some(why) = lane.failed.as_ref().filter(|_| i < end) {
+            // Not enqueued at all: these fail now (the enqueued part fails when it completes).
+            let err = refused(step, lane.exec, format!("enqueueing the copy: {why}"));
             batch.fail_runs(std::slice::from_ref(&(i..end)), err);
         }
         lane.runs.push(from..i);
