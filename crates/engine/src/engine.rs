@@ -18,7 +18,7 @@ use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
 
 use crate::batch::{Batch, BatchHandle, Mark, TrailerRoute};
 use crate::config::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::lifecycle::Lifecycle;
 use crate::mapped;
 use crate::mem::HostBuffer;
@@ -187,7 +187,7 @@ impl Inner {
     /// A watched socket of `conn` hung up: its process exited (or its engine shut down).
     pub(crate) fn on_hang_up(&self, conn: &Arc<PeerConn>, channel: TransportKind) {
         let transport = conn.gpu_transport().unwrap_or(channel);
-        let err = conn.dead().cloned().unwrap_or_else(|| exited(&conn.name, transport, channel));
+        let err = conn.dead().cloned().unwrap_or_else(|| exited(&conn.who(), transport, channel));
         self.retire(conn, err, true);
     }
 
@@ -257,7 +257,7 @@ impl Engine {
         let watch = Watch::new()?;
         let gpu_facts = nvlink::gpu_facts();
         let mut transports = Transports::default();
-        transports.add(Box::new(LocalTransport::new(registry.clone(), name.clone())));
+        transports.add(Box::new(LocalTransport::new(registry.clone())));
         transports.add(Box::new(ShmTransport::new(config.clone())));
         transports.add(Box::new(TcpTransport::new(config.clone(), life.clone())));
         match &gpu_facts.available {
@@ -324,7 +324,9 @@ impl Engine {
             return Ok(());
         };
         let alive = resolve(&old.rpc_addr)
-            .and_then(|addr| tcp::handshake(&old.name, addr, None, &me.config.deadlines))
+            .and_then(|addr| {
+                tcp::handshake(&PeerRef::named(old.name.clone()), addr, None, &me.config.deadlines)
+            })
             .is_ok_and(|(_, id)| id == old.instance_id);
         if alive && old.instance_id != me.instance {
             return Err(Error::NameInUse { name: me.name.clone(), rpc_addr: old.rpc_addr });
@@ -623,7 +625,7 @@ impl Engine {
             self.peer(id)?;
             return Ok(id);
         }
-        let conn = self.connect_peer(name)?;
+        let desc = self.fetch_descriptor(name)?;
         let mut peers = self.inner.peers.lock();
         if let Some(&id) = peers.by_name.get(name) {
             return Ok(id);
@@ -631,6 +633,7 @@ impl Engine {
         let id = PeerId(
             u32::try_from(peers.slots.len()).map_err(|_| Error::Internal("too many peers"))?,
         );
+        let conn = self.peer_conn(id, name, desc);
         peers.slots.push(PeerSlot { name: name.to_string(), conn: Some(conn), retired: None });
         peers.by_name.insert(name.to_string(), id);
         Ok(id)
@@ -643,10 +646,10 @@ impl Engine {
         self.inner.metadata.fetch(name, &self.inner.config.deadlines)
     }
 
-    fn connect_peer(&self, name: &str) -> Result<Arc<PeerConn>> {
-        let desc = self.fetch_descriptor(name)?;
+    /// A new view of peer `id` (named `name`) from its descriptor `desc`.
+    fn peer_conn(&self, id: PeerId, name: &str, desc: SegmentDescriptor) -> Arc<PeerConn> {
         let me = &self.inner;
-        Ok(PeerConn::new(name.to_string(), desc, me.instance, &me.host_id, me.watch.clone()))
+        PeerConn::new(id, name.to_string(), desc, me.instance, &me.host_id, me.watch.clone())
     }
 
     /// The current connection state of a peer, re-opened when broken or restarted. A peer
@@ -669,10 +672,11 @@ impl Engine {
             (_, Some(r)) if r.exited => Some((r.instance, r.error)),
             _ => None,
         };
-        let fresh = self.connect_peer(&name).and_then(|conn| match &gone {
+        let fetched = self.fetch_descriptor(&name).map_err(|e| e.for_peer(id));
+        let fresh = fetched.and_then(|desc| match &gone {
             // The descriptor still names the instance whose process exited.
-            Some((instance, err)) if *instance == conn.instance() => Err(err.clone()),
-            _ => Ok(conn),
+            Some((instance, err)) if *instance == desc.instance_id => Err(err.clone()),
+            _ => Ok(self.peer_conn(id, &name, desc)),
         });
         let conn = match fresh {
             Ok(conn) => conn,
@@ -705,7 +709,7 @@ impl Engine {
         };
         if let Some(old) = old.filter(|o| !Arc::ptr_eq(o, &conn)) {
             old.close(Error::PeerUnreachable {
-                peer: name,
+                peer: old.who(),
                 reason: "replaced by a new connection to the peer".into(),
             });
         }
@@ -808,15 +812,15 @@ impl Engine {
                 return Ok((conn, region));
             }
             return Err(Error::RemoteAccessDenied {
-                peer: conn.name.clone(),
+                peer: conn.who(),
                 addr: r.remote,
                 len: r.len,
                 reason: "not inside any region the peer has registered".into(),
             });
         }
-        let peer = self.inner.peers.lock().slots.get(r.peer.0 as usize).map(|s| s.name.clone());
+        let name = self.inner.peers.lock().slots.get(r.peer.0 as usize).map(|s| s.name.clone());
         Err(Error::PeerUnreachable {
-            peer: peer.unwrap_or_else(|| r.peer.to_string()),
+            peer: PeerRef { id: Some(r.peer), name: name.unwrap_or_default() },
             reason: "the peer restarted twice while this request was being resolved".into(),
         })
     }
@@ -842,7 +846,7 @@ impl Engine {
         };
         let opts = &self.inner.config.transports;
         let choice = select::select(ends, opts).map_err(|refusals| Error::NoTransport {
-            peer: conn.name.clone(),
+            peer: conn.who(),
             addr: r.remote,
             len: r.len,
             refusals,
@@ -859,7 +863,7 @@ impl Engine {
                 let exec =
                     executing_gpu(local.location, uuid, &self.inner.gpu_facts).map_err(|why| {
                         Error::NoTransport {
-                            peer: conn.name.clone(),
+                            peer: conn.who(),
                             addr: r.remote,
                             len: r.len,
                             refusals: vec![Refusal { transport: choice.transport, reason: why }],
@@ -1012,7 +1016,7 @@ impl Engine {
         let desc = conn.descriptor();
         let start = Instant::now();
         let (stream, found) = tcp::handshake(
-            &conn.name,
+            &conn.who(),
             resolve(&desc.rpc_addr)?,
             Some(desc.instance_id),
             &self.inner.config.deadlines,
@@ -1020,18 +1024,18 @@ impl Engine {
         if found != desc.instance_id {
             conn.mark_broken();
             return Err(Error::PeerUnreachable {
-                peer: conn.name.clone(),
+                peer: conn.who(),
                 reason: "the peer restarted".into(),
             });
         }
         let probe = Header::new(FrameKind::Probe, 1, 0, 0).encode();
         let (h, _) =
             tcp::exchange(&stream, &probe, self.inner.config.deadlines.handshake).map_err(|e| {
-                Error::PeerUnreachable { peer: conn.name.clone(), reason: format!("probe: {e}") }
+                Error::PeerUnreachable { peer: conn.who(), reason: format!("probe: {e}") }
             })?;
         if h.kind != FrameKind::ProbeAck {
             return Err(Error::Protocol {
-                peer: conn.name.clone(),
+                peer: conn.who(),
                 reason: format!("probe answered with {:?}", h.kind),
             });
         }
@@ -1173,7 +1177,7 @@ impl<'b> Feeder<'b> {
 fn not_built(step: &Step, r: &Request) -> Error {
     let reason = "chosen, but not built in this engine".to_string();
     Error::NoTransport {
-        peer: step.conn.name.clone(),
+        peer: step.conn.who(),
         addr: r.remote,
         len: r.len,
         refusals: vec![Refusal { transport: step.transport, reason }],

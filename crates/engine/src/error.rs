@@ -4,7 +4,31 @@ use std::time::Duration;
 
 use tidewire_core::select::{describe_refusals, Refusal, TransportKind};
 use tidewire_core::wire::Status;
-use tidewire_core::{BatchId, CoreError};
+use tidewire_core::{BatchId, CoreError, PeerId};
+
+/// The peer an error is about: its handle from `open_segment` (none while it is being
+/// opened, or for a lookup by name) and its segment name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerRef {
+    pub id: Option<PeerId>,
+    pub name: String,
+}
+
+impl PeerRef {
+    /// A peer known by name only (no handle yet).
+    pub fn named(name: impl Into<String>) -> Self {
+        Self { id: None, name: name.into() }
+    }
+}
+
+impl std::fmt::Display for PeerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.id {
+            Some(id) => write!(f, "{} ({id})", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
 
 /// Everything the engine can fail with. Cloneable, because one failure (a peer dying) is
 /// reported to every request it affects.
@@ -34,13 +58,13 @@ pub enum Error {
     SegmentNotFound { name: String },
     /// The peer could not be reached or handshaken with.
     #[error("peer {peer} unreachable: {reason}")]
-    PeerUnreachable { peer: String, reason: String },
+    PeerUnreachable { peer: PeerRef, reason: String },
     /// The connection to a peer failed while requests were in flight.
     #[error("peer {peer} failed on {transport}: {reason}")]
-    PeerFailed { peer: String, transport: TransportKind, reason: String },
+    PeerFailed { peer: PeerRef, transport: TransportKind, reason: String },
     /// The peer refused the access: the range is not inside its registered memory.
     #[error("peer {peer} denied access to [{addr:#x}, +{len}): {reason}")]
-    RemoteAccessDenied { peer: String, addr: u64, len: u64, reason: String },
+    RemoteAccessDenied { peer: PeerRef, addr: u64, len: u64, reason: String },
     /// A local range is not inside a registered region.
     #[error("local range [{addr:#x}, +{len}) is not inside a registered region")]
     NotRegistered { addr: u64, len: u64 },
@@ -54,7 +78,7 @@ pub enum Error {
     LocationMismatch { addr: u64, detail: String },
     /// No transport can serve a request: each one considered, and why it refused.
     #[error("no transport reaches [{addr:#x}, +{len}) on peer {peer}: {}", describe_refusals(.refusals))]
-    NoTransport { peer: String, addr: u64, len: u64, refusals: Vec<Refusal> },
+    NoTransport { peer: PeerRef, addr: u64, len: u64, refusals: Vec<Refusal> },
     /// A deadline passed.
     #[error("{what} timed out after {after:?}")]
     Timeout { what: String, after: Duration },
@@ -66,7 +90,7 @@ pub enum Error {
     ShuttingDown { who: String },
     /// The peer spoke the protocol wrongly.
     #[error("protocol error with {peer}: {reason}")]
-    Protocol { peer: String, reason: String },
+    Protocol { peer: PeerRef, reason: String },
     /// An operating-system call failed.
     #[error("{context}: {message}")]
     Io { context: String, kind: std::io::ErrorKind, message: String },
@@ -141,6 +165,22 @@ impl Error {
         }
     }
 
+    /// The error with its peer's handle filled in where it names the peer by name only (a
+    /// descriptor fetched by name while re-opening peer `id`).
+    pub(crate) fn for_peer(mut self, id: PeerId) -> Self {
+        match &mut self {
+            Self::PeerUnreachable { peer, .. }
+            | Self::PeerFailed { peer, .. }
+            | Self::RemoteAccessDenied { peer, .. }
+            | Self::NoTransport { peer, .. }
+            | Self::Protocol { peer, .. } => {
+                peer.id.get_or_insert(id);
+            }
+            _ => {}
+        }
+        self
+    }
+
     /// A GPU failure while doing `context`.
     pub fn gpu(context: impl Into<String>, source: tidewire_gpu::GpuError) -> Self {
         Self::Gpu { context: context.into(), source }
@@ -153,20 +193,21 @@ impl Error {
 
     /// The error for a non-Ok wire status from `peer` about `[addr, +len)`. The one place
     /// where wire statuses become errors.
-    pub(crate) fn from_status(status: Status, peer: &str, addr: u64, len: u64) -> Self {
+    pub(crate) fn from_status(status: Status, peer: &PeerRef, addr: u64, len: u64) -> Self {
         match status {
             Status::AccessDenied => Self::RemoteAccessDenied {
-                peer: peer.into(),
+                peer: peer.clone(),
                 addr,
                 len,
                 reason: "outside the target's registered memory".into(),
             },
             Status::ShuttingDown => Self::ShuttingDown { who: format!("peer {peer}") },
-            Status::BadRequest => {
-                Self::Protocol { peer: peer.into(), reason: "the peer rejected the request".into() }
-            }
+            Status::BadRequest => Self::Protocol {
+                peer: peer.clone(),
+                reason: "the peer rejected the request".into(),
+            },
             Status::Ok | Status::Internal => Self::PeerFailed {
-                peer: peer.into(),
+                peer: peer.clone(),
                 transport: TransportKind::Tcp,
                 reason: "the peer reported an internal error".into(),
             },

@@ -53,7 +53,7 @@ pub use config::{Deadlines, EngineConfig, MetadataUri};
 pub use engine::{
     BatchOptions, Engine, Op, PeerInfo, PeerState, PeerStatus, Request, TransportReport,
 };
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, PeerRef, Result};
 pub use mapped::MappedPeer;
 pub use mem::HostBuffer;
 pub use metadata::{segment_key, segments_prefix, MetadataClient};

@@ -28,7 +28,7 @@ impl Inner {
         match raw.map(|r| self.metadata.parse(&key, r)) {
             None => {
                 let reason = "it left the metadata store".into();
-                self.retire(&conn, Error::PeerUnreachable { peer: name.into(), reason }, false);
+                self.retire(&conn, Error::PeerUnreachable { peer: conn.who(), reason }, false);
             }
             Some(Err(e)) => {
                 log::warn!("{}: {e}", self.name);
@@ -37,7 +37,7 @@ impl Inner {
             Some(Ok(d)) if d.instance_id != conn.instance() => {
                 let reason = format!("it restarted as instance {}", d.instance_id);
                 // The old instance is gone for good: a descriptor naming it is stale.
-                self.retire(&conn, Error::PeerUnreachable { peer: name.into(), reason }, true);
+                self.retire(&conn, Error::PeerUnreachable { peer: conn.who(), reason }, true);
             }
             Some(Ok(d)) => conn.set_descriptor(d),
         }

@@ -15,7 +15,7 @@ use tidewire_core::descriptor::{Reach, RegionDescriptor};
 use tidewire_core::memory::{Location, MemoryKind};
 use tidewire_core::select::{executing_gpu, nvlink_reach, Refusal, TransportKind};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::peer::{Liveness, PeerConn};
 use crate::transport::nvlink::{NvlinkClient, RemoteGpu};
 use crate::transport::shm::{ShmClient, ShmMap};
@@ -33,7 +33,7 @@ enum Hold {
 
 /// A peer's memory mapped into this process, from [`crate::Engine::map_peer`].
 pub struct MappedPeer {
-    peer: String,
+    peer: PeerRef,
     addr: u64,
     len: u64,
     device: Option<u32>,
@@ -67,8 +67,8 @@ impl MappedPeer {
         self.transport
     }
 
-    /// The peer's name.
-    pub fn peer(&self) -> &str {
+    /// The peer (its handle and name).
+    pub fn peer(&self) -> &PeerRef {
         &self.peer
     }
 
@@ -138,13 +138,13 @@ pub(crate) fn map(
     let Ends { conn, region, local, config, gpu } = ends;
     let offset = remote - region.addr;
     let refuse = |transport: TransportKind, why: String| Error::NoTransport {
-        peer: conn.name.clone(),
+        peer: conn.who(),
         addr: remote,
         len,
         refusals: vec![Refusal { transport, reason: format!("map_peer: {why}") }],
     };
     let mapped = |addr: u64, device, transport, hold| MappedPeer {
-        peer: conn.name.clone(),
+        peer: conn.who(),
         addr,
         len,
         device,
@@ -171,7 +171,7 @@ pub(crate) fn map(
         }
         if !client.enter(&map) {
             return Err(Error::RemoteAccessDenied {
-                peer: conn.name.clone(),
+                peer: conn.who(),
                 addr: remote,
                 len,
                 reason: format!("the peer unregistered {}", region.id),

@@ -9,10 +9,10 @@ use std::sync::{Arc, OnceLock, Weak};
 use parking_lot::{Mutex, RwLock};
 use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor};
 use tidewire_core::select::TransportKind;
-use tidewire_core::InstanceId;
+use tidewire_core::{InstanceId, PeerId};
 
 use crate::config::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::lifecycle::Lifecycle;
 use crate::metadata::resolve;
 use crate::transport::lease::{self, LeaseConn};
@@ -50,9 +50,9 @@ impl Drop for Held {
 }
 
 /// The error of a request to a peer whose process exited, seen through `channel`.
-pub(crate) fn exited(peer: &str, transport: TransportKind, channel: TransportKind) -> Error {
+pub(crate) fn exited(peer: &PeerRef, transport: TransportKind, channel: TransportKind) -> Error {
     let reason = format!("the peer process exited (its {channel} socket hung up)");
-    Error::PeerFailed { peer: peer.into(), transport, reason }
+    Error::PeerFailed { peer: peer.clone(), transport, reason }
 }
 
 /// Whether a peer instance's process is alive, readable by whoever holds its memory mapped:
@@ -97,6 +97,8 @@ impl Liveness {
 }
 
 pub(crate) struct PeerConn {
+    /// The handle `open_segment` gave this peer.
+    pub(crate) id: PeerId,
     pub(crate) name: String,
     desc: RwLock<Arc<SegmentDescriptor>>,
     pub(crate) same_engine: bool,
@@ -116,6 +118,7 @@ pub(crate) struct PeerConn {
 
 impl PeerConn {
     pub(crate) fn new(
+        id: PeerId,
         name: String,
         desc: SegmentDescriptor,
         me: InstanceId,
@@ -123,10 +126,16 @@ impl PeerConn {
         watch: Arc<Watch>,
     ) -> Arc<Self> {
         let (same_engine, same_host) = (desc.instance_id == me, &desc.host_id == my_host);
-        Self::build(name, desc, same_engine, same_host, Some(watch))
+        Self::build(id, name, desc, same_engine, same_host, Some(watch))
+    }
+
+    /// The peer, as errors name it.
+    pub(crate) fn who(&self) -> PeerRef {
+        PeerRef { id: Some(self.id), name: self.name.clone() }
     }
 
     fn build(
+        id: PeerId,
         name: String,
         desc: SegmentDescriptor,
         same_engine: bool,
@@ -134,6 +143,7 @@ impl PeerConn {
         watch: Option<Arc<Watch>>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|weak| Self {
+            id,
             name,
             same_engine,
             same_host,
@@ -164,7 +174,7 @@ impl PeerConn {
             regions: Vec::new(),
             layouts: Vec::new(),
         };
-        Self::build(name.into(), desc, false, true, None)
+        Self::build(PeerId(0), name.into(), desc, false, true, None)
     }
 
     /// Reports a hang-up of `fd`, a socket to this peer's process, to the watcher.
@@ -193,7 +203,7 @@ impl PeerConn {
         if self.liveness.error().is_none() && self.shm.lock().as_ref().is_some_and(|s| s.hung_up())
         {
             let transport = self.gpu_transport().unwrap_or(TransportKind::Shm);
-            self.mark_dead(exited(&self.name, transport, TransportKind::Shm));
+            self.mark_dead(exited(&self.who(), transport, TransportKind::Shm));
         }
         self.liveness.error()
     }
@@ -242,7 +252,7 @@ impl PeerConn {
         let desc = self.descriptor();
         let addr = resolve(&desc.rpc_addr)?;
         let conn = TcpConn::connect(
-            &self.name,
+            &self.who(),
             addr,
             desc.instance_id,
             cfg.tcp_lanes,
@@ -263,11 +273,11 @@ impl PeerConn {
         }
         let desc = self.descriptor();
         let socket = desc.shm_socket.as_deref().ok_or_else(|| Error::PeerUnreachable {
-            peer: self.name.clone(),
+            peer: self.who(),
             reason: "the peer offers no shm socket".into(),
         })?;
         let client = Arc::new(ShmClient::connect(
-            &self.name,
+            &self.who(),
             socket,
             cfg.deadlines.handshake,
             self.mappings.clone(),
@@ -293,7 +303,7 @@ impl PeerConn {
             let desc = self.descriptor();
             let addr = resolve(&desc.rpc_addr)?;
             let lease =
-                LeaseConn::connect(&self.name, kind, addr, desc.instance_id, &cfg.deadlines)?;
+                LeaseConn::connect(&self.who(), kind, addr, desc.instance_id, &cfg.deadlines)?;
             if let Some(fd) = lease.raw_fd() {
                 self.watch_socket(fd, kind)?;
             }
@@ -302,7 +312,7 @@ impl PeerConn {
             None
         };
         let client =
-            Arc::new(NvlinkClient::new(&self.name, kind, shm, lease, self.mappings.clone())?);
+            Arc::new(NvlinkClient::new(&self.who(), kind, shm, lease, self.mappings.clone())?);
         *slot = Some(client.clone());
         Ok(client)
     }

@@ -54,7 +54,10 @@ fn peer_killed_mid_batch_fails_within_deadline_then_restart_is_reached() {
     let waited = start.elapsed();
     assert!(waited < Duration::from_secs(6), "failed within the deadline, took {waited:?}");
     match outcome {
-        Err(Error::PeerFailed { peer: p, .. }) => assert_eq!(p, target.name),
+        Err(Error::PeerFailed { peer: p, .. }) => {
+            assert_eq!(p.name, target.name);
+            assert_eq!(p.id, Some(peer), "the error carries the handle open_segment gave");
+        }
         other => panic!("expected a peer failure, got {other:?}"),
     }
 

@@ -351,7 +351,7 @@ fn killed_mid_stream(kind: &str, seed: u64) {
     for (.., r) in &results[first..] {
         match r.as_ref().unwrap_err() {
             Error::PeerFailed { peer: p, reason, .. } => {
-                assert_eq!(p, &child.name);
+                assert_eq!((&p.name, p.id), (&child.name, Some(peer)));
                 assert!(reason.contains("the peer process exited"), "{reason}");
             }
             other => panic!("{kind}: unexpected error after the death: {other}"),

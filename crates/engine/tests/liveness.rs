@@ -139,13 +139,15 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
     for c in &calls[first..] {
         match c.result.as_ref().unwrap_err() {
             Error::PeerFailed { peer: p, reason, .. } => {
-                assert_eq!(p, &name);
+                assert_eq!((&p.name, p.id), (&name, Some(peer)));
                 if via == Via::Shm {
                     assert!(reason.contains("the peer process exited"), "reason: {reason}");
                 }
             }
             // tcp: once the lanes are gone, re-connecting to the dead port is refused.
-            Error::PeerUnreachable { peer: p, .. } if via == Via::Tcp => assert_eq!(p, &name),
+            Error::PeerUnreachable { peer: p, .. } if via == Via::Tcp => {
+                assert_eq!((&p.name, p.id), (&name, Some(peer)))
+            }
             other => panic!("{via:?}: unexpected error after the death: {other}"),
         }
     }

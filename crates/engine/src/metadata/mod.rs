@@ -22,7 +22,7 @@ use tidewire_core::wire::{FrameKind, Header, Status};
 
 pub(crate) use self::redis::RedisTarget;
 use crate::config::{Deadlines, MetadataUri};
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::transport::tcp;
 
 /// The prefix every segment key of `cluster` starts with.
@@ -50,17 +50,18 @@ pub(crate) struct Metadata {
 /// Resolves a `host:port` name (IPv4, `[v6]:port`, or a host name) to a socket address.
 pub(crate) fn resolve(name: &str) -> Result<SocketAddr> {
     let mut addrs = name.to_socket_addrs().map_err(|e| Error::PeerUnreachable {
-        peer: name.into(),
+        peer: PeerRef::named(name),
         reason: format!("cannot resolve {name:?} as host:port: {e}"),
     })?;
-    addrs
-        .next()
-        .ok_or_else(|| Error::PeerUnreachable { peer: name.into(), reason: "no address".into() })
+    addrs.next().ok_or_else(|| Error::PeerUnreachable {
+        peer: PeerRef::named(name),
+        reason: "no address".into(),
+    })
 }
 
 /// Asks the engine at `addr` for its descriptor (one connection, bounded by the deadlines).
 pub(crate) fn fetch_from_rpc(
-    peer: &str,
+    peer: &PeerRef,
     addr: SocketAddr,
     deadlines: &Deadlines,
 ) -> Result<SegmentDescriptor> {
@@ -68,13 +69,13 @@ pub(crate) fn fetch_from_rpc(
     let frame = Header::new(FrameKind::GetDescriptor, 1, 0, 0).encode();
     let (h, payload) = tcp::exchange(&stream, &frame, deadlines.handshake).map_err(|e| {
         Error::PeerUnreachable {
-            peer: peer.into(),
+            peer: peer.clone(),
             reason: format!("descriptor request to {addr}: {e}"),
         }
     })?;
     if h.kind != FrameKind::Descriptor || h.status != Status::Ok {
         return Err(Error::Protocol {
-            peer: peer.into(),
+            peer: peer.clone(),
             reason: format!("bad descriptor answer {h:?}"),
         });
     }
@@ -247,7 +248,7 @@ impl Metadata {
     /// Finds the descriptor of segment `name`: one round trip.
     pub(crate) fn fetch(&self, name: &str, deadlines: &Deadlines) -> Result<SegmentDescriptor> {
         if let Backend::P2p = self.backend {
-            return fetch_from_rpc(name, resolve(name)?, deadlines);
+            return fetch_from_rpc(&PeerRef::named(name), resolve(name)?, deadlines);
         }
         let key = self.key(name);
         let raw =

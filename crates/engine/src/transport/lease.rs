@@ -26,7 +26,7 @@ use tidewire_core::wire::FrameKind;
 use tidewire_core::{InstanceId, RegionId};
 
 use crate::config::Deadlines;
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::frames::would_block;
 use crate::transport::tcp;
 
@@ -46,7 +46,7 @@ struct Channel {
 
 /// One connection to the owner's RPC port carrying `Enter` / `Leave` round trips.
 pub(crate) struct LeaseConn {
-    peer: String,
+    peer: PeerRef,
     /// The transport the copies it guards go by (mnnvl across hosts), for errors.
     transport: TransportKind,
     addr: SocketAddr,
@@ -58,7 +58,7 @@ pub(crate) struct LeaseConn {
 
 impl LeaseConn {
     pub(crate) fn connect(
-        peer: &str,
+        peer: &PeerRef,
         transport: TransportKind,
         addr: SocketAddr,
         instance: InstanceId,
@@ -66,7 +66,7 @@ impl LeaseConn {
     ) -> Result<Self> {
         let channel = Self::open(peer, addr, instance, deadlines)?;
         Ok(Self {
-            peer: peer.into(),
+            peer: peer.clone(),
             transport,
             addr,
             instance,
@@ -76,7 +76,7 @@ impl LeaseConn {
     }
 
     fn open(
-        peer: &str,
+        peer: &PeerRef,
         addr: SocketAddr,
         instance: InstanceId,
         deadlines: &Deadlines,
@@ -84,7 +84,7 @@ impl LeaseConn {
         let (stream, found) = tcp::handshake(peer, addr, Some(instance), deadlines)?;
         if found != instance {
             return Err(Error::PeerUnreachable {
-                peer: peer.into(),
+                peer: peer.clone(),
                 reason: format!("the peer restarted (instance {found}, expected {instance})"),
             });
         }
@@ -224,7 +224,7 @@ mod tests {
         let id = region_id(&target, a);
         let deadlines = Deadlines::default();
         let lease = LeaseConn::connect(
-            "t",
+            &PeerRef::named("t"),
             TransportKind::Mnnvl,
             target.rpc_addr(),
             target.instance_id(),
@@ -261,7 +261,9 @@ mod tests {
             while s.read(&mut sink).is_ok_and(|n| n > 0) {}
         });
         let deadlines = Deadlines { handshake: Duration::from_millis(300), ..Deadlines::default() };
-        let lease = LeaseConn::connect("mute", TransportKind::Mnnvl, addr, me, &deadlines).unwrap();
+        let lease =
+            LeaseConn::connect(&PeerRef::named("mute"), TransportKind::Mnnvl, addr, me, &deadlines)
+                .unwrap();
         let start = Instant::now();
         let err = lease.enter(RegionId(1)).unwrap_err();
         let took = start.elapsed();

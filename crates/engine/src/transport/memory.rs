@@ -11,7 +11,7 @@ use tidewire_core::select::TransportKind;
 
 use crate::batch::Batch;
 use crate::config::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::mem;
 use crate::peer::exited;
 use crate::registry::Registry;
@@ -44,13 +44,11 @@ impl<F: Fn(&Arc<Batch>, Range<usize>, &[Request], &Step)> Submission for Runs<'_
 /// The `local` transport: the peer is this engine.
 pub(crate) struct LocalTransport {
     registry: Arc<Registry>,
-    /// This engine's name (the peer, in errors).
-    name: String,
 }
 
 impl LocalTransport {
-    pub(crate) fn new(registry: Arc<Registry>, name: String) -> Self {
-        Self { registry, name }
+    pub(crate) fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
     }
 }
 
@@ -61,7 +59,7 @@ impl Transport for LocalTransport {
 
     fn begin<'a>(&'a self, batch: &'a Arc<Batch>, _ctx: BatchCtx) -> Box<dyn Submission + 'a> {
         let copy = |b: &Arc<Batch>, run: Range<usize>, reqs: &[Request], step: &Step| {
-            run_local(&self.registry, &self.name, b, run, reqs, step)
+            run_local(&self.registry, &step.conn.who(), b, run, reqs, step)
         };
         Box::new(Runs { batch, runs: Vec::new(), copy })
     }
@@ -94,7 +92,7 @@ impl Transport for ShmTransport {
 /// Copies a run of requests whose peer is this engine.
 fn run_local(
     registry: &Registry,
-    name: &str,
+    peer: &PeerRef,
     batch: &Arc<Batch>,
     run: Range<usize>,
     requests: &[Request],
@@ -103,7 +101,7 @@ fn run_local(
     for i in run.clone() {
         let r = &requests[i];
         let denied = || Error::RemoteAccessDenied {
-            peer: name.to_string(),
+            peer: peer.clone(),
             addr: r.remote,
             len: r.len,
             reason: "not inside a registered region of this engine".into(),
@@ -136,7 +134,7 @@ fn run_shm(
     step: &Step,
 ) {
     let denied = |r: &Request, reason: String| Error::RemoteAccessDenied {
-        peer: step.conn.name.clone(),
+        peer: step.conn.who(),
         addr: r.remote,
         len: r.len,
         reason,
@@ -176,7 +174,7 @@ fn run_shm(
     // Done means visible: bytes copied into the memory of a process that has exited are
     // visible to nobody. Its socket tells (the kernel closed it when the process died).
     if !client.peer_alive() {
-        let err = exited(&step.conn.name, TransportKind::Shm, TransportKind::Shm);
+        let err = exited(&step.conn.who(), TransportKind::Shm, TransportKind::Shm);
         step.conn.mark_dead(err.clone());
         return batch.fail_runs(std::slice::from_ref(&run), err);
     }

@@ -35,7 +35,7 @@ use tidewire_gpu::Gpu;
 
 use crate::batch::{Batch, Mark};
 use crate::config::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::lifecycle::Lifecycle;
 use crate::peer::{Held, MapCount, PeerConn};
 use crate::registry::{OwnedAccess, RegionEntry};
@@ -161,7 +161,7 @@ type IpcKey = ([u8; 64], u32);
 
 /// The initiator's state for one peer instance: imports and the revocation channel.
 pub(crate) struct NvlinkClient {
-    peer: String,
+    peer: PeerRef,
     /// nvlink for a same-host peer, mnnvl for one on another host (for errors).
     transport: TransportKind,
     /// A same-host peer's shm socket: revocation pages and VMM descriptors.
@@ -178,7 +178,7 @@ impl NvlinkClient {
     /// A client marking copies through `lease` when given, else through `shm`'s pages (one of
     /// the two is required).
     pub(crate) fn new(
-        peer: &str,
+        peer: &PeerRef,
         transport: TransportKind,
         shm: Option<Arc<ShmClient>>,
         lease: Option<LeaseConn>,
@@ -188,7 +188,7 @@ impl NvlinkClient {
             return Err(Error::Internal("an nvlink client without a revocation channel"));
         }
         let (regions, ipc) = (Mutex::default(), Mutex::default());
-        Ok(Self { peer: peer.into(), transport, shm, lease, regions, ipc, mappings })
+        Ok(Self { peer: peer.clone(), transport, shm, lease, regions, ipc, mappings })
     }
 
     /// nvlink for a same-host peer, mnnvl for one on another host.
@@ -354,7 +354,7 @@ fn gpu_failed(entered: &[(Arc<NvlinkClient>, Arc<RemoteGpu>)], exec: u32, what: 
     match entered.first() {
         Some((c, _)) => c.failed(format!("cuda:{exec}: {what}")),
         None => Error::PeerFailed {
-            peer: "?".into(),
+            peer: PeerRef::named("?"),
             transport: TransportKind::Nvlink,
             reason: format!("cuda:{exec}: {what}"),
         },
@@ -377,7 +377,7 @@ impl PreparedRun {
 /// A run refused before anything of it was enqueued, named after its peer, transport and GPU.
 fn refused(step: &Step, exec: u32, what: String) -> Error {
     let reason = format!("cuda:{exec}: {what}");
-    Error::PeerFailed { peer: step.conn.name.clone(), transport: step.transport, reason }
+    Error::PeerFailed { peer: step.conn.who(), transport: step.transport, reason }
 }
 
 impl GpuWork {
@@ -933,7 +933,7 @@ impl Lane {
         if !client.enter(&remote)? {
             client.forget(step.region.id, exec);
             return Err(Error::RemoteAccessDenied {
-                peer: step.conn.name.clone(),
+                peer: step.conn.who(),
                 addr: step.region.addr,
                 len: step.region.len,
                 reason: format!("the peer unregistered {}", step.region.id),

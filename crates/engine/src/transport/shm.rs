@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tidewire_core::shmwire::{ShmAnswer, ShmFetch, ShmRequest, SHM_MESSAGE_LEN};
 use tidewire_core::{InstanceId, RegionId};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::lifecycle::Lifecycle;
 use crate::mem::{self, Mapping, PAGE};
 use crate::peer::{Held, MapCount};
@@ -391,7 +391,7 @@ impl Drop for ShmConn {
 
 /// The initiator side: one attachment per peer instance, mappings cached per region.
 pub(crate) struct ShmClient {
-    peer: String,
+    peer: PeerRef,
     stream: Mutex<UnixStream>,
     slot: usize,
     maps: Mutex<HashMap<RegionId, Arc<ShmMap>>>,
@@ -406,13 +406,13 @@ pub(crate) struct ShmClient {
 
 impl ShmClient {
     pub(crate) fn connect(
-        peer: &str,
+        peer: &PeerRef,
         socket: &str,
         timeout: Duration,
         mappings: MapCount,
     ) -> Result<Self> {
         let fail = |what: &str, e: &dyn std::fmt::Display| Error::PeerUnreachable {
-            peer: peer.into(),
+            peer: peer.clone(),
             reason: format!("shm: {what} @{socket}: {e}"),
         };
         let addr =
@@ -427,7 +427,7 @@ impl ShmClient {
             return Err(fail("attach to", &format!("all {SLOTS} initiator slots are in use")));
         }
         Ok(Self {
-            peer: peer.into(),
+            peer: peer.clone(),
             fd: stream.as_raw_fd(),
             stream: Mutex::new(stream),
             slot: slot as usize,

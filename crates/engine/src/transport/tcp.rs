@@ -22,7 +22,7 @@ use tidewire_core::InstanceId;
 
 use crate::batch::Batch;
 use crate::config::{Deadlines, EngineConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::frames::Item;
 use crate::lifecycle::Lifecycle;
 use crate::peer::PeerConn;
@@ -111,7 +111,7 @@ impl TcpConn {
     /// Opens `lanes` connections to the peer instance `expect` at `addr`; their handshakes
     /// run on the readiness loop, together, within the handshake deadline.
     pub(crate) fn connect(
-        peer: &str,
+        peer: &PeerRef,
         addr: SocketAddr,
         expect: InstanceId,
         lanes: usize,
@@ -146,7 +146,7 @@ impl TcpConn {
                 Ok(Err(e)) => return Err(e),
                 Err(RecvTimeoutError::Timeout) => {
                     let reason = format!("the handshakes with {addr} did not end in time");
-                    return Err(Error::PeerUnreachable { peer: peer.into(), reason });
+                    return Err(Error::PeerUnreachable { peer: peer.clone(), reason });
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(Error::ShuttingDown { who: "this engine".into() });

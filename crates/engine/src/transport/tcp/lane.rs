@@ -22,7 +22,7 @@ use super::oneshot::{handshake_error, unreachable};
 use super::{Pending, BUDGET, INLINE_BYTES};
 use crate::batch::Batch;
 use crate::config::Deadlines;
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::frames::{Flushed, Got, Item, RecvBuf, SendQueue, IO_BUFFER};
 use crate::reactor::{Flow, Reactor, Source, Waker};
 use crate::registry::OwnedPinned;
@@ -45,7 +45,7 @@ struct Sending {
 }
 
 struct LaneShared {
-    peer: String,
+    peer: PeerRef,
     stream: TcpStream,
     /// Why the lane failed (set once, under the `awaited` lock): while unset, it is alive.
     death: OnceLock<Error>,
@@ -136,7 +136,7 @@ impl Lane {
     /// Connects one lane (bounded by the connect deadline) and hands it to the loop, which
     /// runs its handshake; the outcome arrives on the returned channel.
     pub(super) fn open(
-        peer: &str,
+        peer: &PeerRef,
         addr: SocketAddr,
         expect: InstanceId,
         deadlines: &Deadlines,
@@ -158,7 +158,7 @@ impl Lane {
         }
         let slot = reactor.slot();
         let shared = Arc::new(LaneShared {
-            peer: peer.to_string(),
+            peer: peer.clone(),
             stream,
             death: OnceLock::new(),
             next_tag: AtomicU64::new(1),

@@ -11,26 +11,26 @@ use tidewire_core::wire::{Header, HEADER_LEN};
 use tidewire_core::InstanceId;
 
 use crate::config::Deadlines;
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerRef, Result};
 use crate::frames::{would_block, POLL};
 
 pub(super) fn unreachable(
-    peer: &str,
+    peer: &PeerRef,
     what: &str,
     addr: SocketAddr,
     e: &dyn std::fmt::Display,
 ) -> Error {
-    Error::PeerUnreachable { peer: peer.to_string(), reason: format!("{what} {addr}: {e}") }
+    Error::PeerUnreachable { peer: peer.clone(), reason: format!("{what} {addr}: {e}") }
 }
 
 /// The error a failed handshake is reported as.
-pub(super) fn handshake_error(peer: &str, addr: SocketAddr, f: HandshakeFailure) -> Error {
+pub(super) fn handshake_error(peer: &PeerRef, addr: SocketAddr, f: HandshakeFailure) -> Error {
     match f {
         HandshakeFailure::BadAnswer { .. } => {
-            Error::Protocol { peer: peer.into(), reason: f.to_string() }
+            Error::Protocol { peer: peer.clone(), reason: f.to_string() }
         }
         HandshakeFailure::Restarted { .. } => {
-            Error::PeerUnreachable { peer: peer.into(), reason: f.to_string() }
+            Error::PeerUnreachable { peer: peer.clone(), reason: f.to_string() }
         }
         _ => unreachable(peer, "handshake with", addr, &f),
     }
@@ -70,7 +70,7 @@ fn read_exact_by(stream: &TcpStream, mut buf: &mut [u8], due: Instant) -> io::Re
 /// timeout set to [`POLL`]) and the peer's instance id; an instance other than `expect` is
 /// returned for the caller to judge, not failed.
 pub(crate) fn handshake(
-    peer: &str,
+    peer: &PeerRef,
     addr: SocketAddr,
     expect: Option<InstanceId>,
     deadlines: &Deadlines,
@@ -96,7 +96,7 @@ pub(crate) fn handshake(
             // The socket waited at least until `due`.
             Err(e) if would_block(&e) => hs.handle_timeout(Instant::now().max(due)),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Err(Error::Protocol { peer: peer.into(), reason: e.to_string() });
+                return Err(Error::Protocol { peer: peer.clone(), reason: e.to_string() });
             }
             Err(e) => return Err(fail("handshake with", &e)),
         }
