@@ -1162,13 +1162,13 @@ impl<'b> Feeder<'b> {
 
     /// Hands a layer of a page transfer (requests `from..from + pages.runs`, every page
     /// inside `step`'s regions) to its transport as index arrays; `None` when the transport
-    /// takes only requests.
+    /// takes only requests; `Err` (an index outside its layout) fails the submission.
     pub(crate) fn add_pages(
         &mut self,
         step: &Step,
         pages: &LayerPages<'_>,
         from: usize,
-    ) -> Option<usize> {
+    ) -> Option<Result<usize>> {
         self.submission(step.transport)?.add_pages(step, pages, from)
     }
 }

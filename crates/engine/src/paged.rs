@@ -145,11 +145,11 @@ impl Engine {
                         page_size: size,
                         local_pages: t.local_pages,
                         remote_pages: t.remote_pages,
-                        runs,
+                        shape: &shape,
                         total: n,
                     };
                     if let Some(end) = feed.add_pages(&step, &pages, i) {
-                        i = end;
+                        i = end?;
                         continue;
                     }
                 }

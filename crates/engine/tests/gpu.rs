@@ -486,7 +486,7 @@ fn page_pairs(n: usize, pages: u64, seed: u64) -> (Vec<u64>, Vec<u64>) {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (mut lb, mut rb): (Vec<u64>, Vec<u64>) =
-        ((0..pages / 8).collect(), (0..pages / 8).collect());
+        ((0..pages / 4).collect(), (0..pages / 4).collect());
     lb.shuffle(&mut rng);
     rb.shuffle(&mut rng);
     let (mut local, mut remote) = (Vec::new(), Vec::new());
@@ -569,4 +569,12 @@ fn paged_nvlink_transfers_match_raw_descriptors_byte_for_byte() {
         )
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    // Past the first launch window: refused too (the launched part waited for), and the next
+    // transfer runs.
+    let (mut far_l, far_r): (Vec<u64>, Vec<u64>) = ((0..4000).collect(), (0..4000).rev().collect());
+    far_l[3000] = PAGES + 7;
+    let far = tidewire::PageTransfer { local_pages: &far_l, remote_pages: &far_r, ..t(Op::Write) };
+    let err = engine.transfer_pages(&far, BatchOptions::default()).unwrap_err();
+    assert!(err.to_string().contains(&format!("local page {} (index 3000)", PAGES + 7)), "{err}");
+    engine.transfer_pages(&t(Op::Read), BatchOptions::default()).unwrap().wait().unwrap();
 }

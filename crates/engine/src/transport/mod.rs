@@ -22,6 +22,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tidewire_core::paged::PageShape;
 use tidewire_core::select::TransportKind;
 
 use crate::batch::Batch;
@@ -45,8 +46,8 @@ pub(crate) struct BatchCtx {
 
 /// One layer of a page transfer, as its index arrays: page `local_pages[i]` of the local
 /// page array at `local` to or from page `remote_pages[i]` of the remote one at `remote`,
-/// consecutive pairs coalesced (`tidewire_core::paged::for_each_run`). Every index was checked
-/// against its layout.
+/// consecutive pairs coalesced (walked with `tidewire_core::paged::PageCursor`). Every index
+/// was checked against its layout.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LayerPages<'a> {
     pub(crate) op: Op,
@@ -55,8 +56,8 @@ pub(crate) struct LayerPages<'a> {
     pub(crate) page_size: u64,
     pub(crate) local_pages: &'a [u64],
     pub(crate) remote_pages: &'a [u64],
-    /// Coalesced runs in the layer: the requests it stands for.
-    pub(crate) runs: usize,
+    /// The arrays' runs (`shape.runs`: the requests the layer stands for).
+    pub(crate) shape: &'a PageShape,
     /// Requests in the whole batch.
     pub(crate) total: usize,
 }
@@ -79,9 +80,15 @@ pub(crate) trait Submission {
 
     /// Takes one layer of a page transfer whose every page `step` covers (both page arrays
     /// lie inside its two regions), written straight from the index arrays: the layer stands
-    /// for requests `from..from + pages.runs`. Returns where it ends, or `None` when this
-    /// transport takes only requests (the engine then builds them).
-    fn add_pages(&mut self, _step: &Step, _pages: &LayerPages<'_>, _from: usize) -> Option<usize> {
+    /// for requests `from..from + pages.shape.runs`. Returns where it ends, or `None` when this
+    /// transport takes only requests (the engine then builds them). An index outside its
+    /// layout is an `Err` that fails the whole submission, as in `add`.
+    fn add_pages(
+        &mut self,
+        _step: &Step,
+        _pages: &LayerPages<'_>,
+        _from: usize,
+    ) -> Option<Result<usize>> {
         None
     }
 

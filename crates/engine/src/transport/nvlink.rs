@@ -26,7 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use tidewire_core::descriptor::{handle_from_hex, handle_to_hex, Reach};
 use tidewire_core::memory::Location;
-use tidewire_core::paged::for_each_run;
+use tidewire_core::paged::{PageCursor, Piece};
 use tidewire_core::select::{GpuFacts, TransportKind};
 use tidewire_core::RegionId;
 use tidewire_gpu::copy::{Copier, Job, Pending, Prepared, Seg};
@@ -435,7 +435,12 @@ impl Submission for Launcher<'_> {
         Ok(self.push_run(&step, requests, from))
     }
 
-    fn add_pages(&mut self, step: &Step, pages: &LayerPages<'_>, from: usize) -> Option<usize> {
+    fn add_pages(
+        &mut self,
+        step: &Step,
+        pages: &LayerPages<'_>,
+        from: usize,
+    ) -> Option<Result<usize>> {
         Some(self.push_pages(step, pages, from))
     }
 
@@ -689,49 +694,70 @@ impl<'a> Launcher<'a> {
         end
     }
 
-    /// Takes a layer of a page transfer (requests `from..from + pages.runs`), writing its
-    /// descriptors straight from the index arrays window by window and launching each window
-    /// as it completes, as `push_run` does for requests; returns where the layer ends.
-    fn push_pages(&mut self, step: &Step, pages: &LayerPages<'_>, from: usize) -> usize {
-        let (batch, end) = (self.batch, from + pages.runs);
+    /// Takes a layer of a page transfer (requests `from..from + pages.shape.runs`), writing
+    /// its descriptors straight from the index arrays window by window and launching each
+    /// window as it completes, as `push_run` does for requests; returns where the layer ends.
+    fn push_pages(&mut self, step: &Step, pages: &LayerPages<'_>, from: usize) -> Result<usize> {
+        let (batch, end) = (self.batch, from + pages.shape.runs);
         let (at, remote) = match self.lane_for(step, pages.total - from) {
             Ok(found) => found,
             Err(e) => {
                 batch.fail_runs(std::slice::from_ref(&(from..end)), e);
-                return end;
+                return Ok(end);
             }
         };
         let lane = &mut self.lanes[at];
         // Remote addresses move from the owner's mapping to ours.
         let shift = remote.import.ptr().wrapping_sub(remote.base);
         let (size, here, there) = (pages.page_size, pages.local, pages.remote.wrapping_add(shift));
-        let mut i = from;
-        for_each_run(pages.local_pages, pages.remote_pages, |run| {
-            if lane.failed.is_some() {
-                return;
-            }
-            let l = here.wrapping_add(run.local.wrapping_mul(size));
-            let r = there.wrapping_add(run.remote.wrapping_mul(size));
-            let len = run.count.wrapping_mul(size);
-            lane.segs.push(match pages.op {
+        let seg = |l: u64, r: u64, count: u64| {
+            let (l, r) =
+                (here.wrapping_add(l.wrapping_mul(size)), there.wrapping_add(r.wrapping_mul(size)));
+            let len = count.wrapping_mul(size);
+            match pages.op {
                 Op::Write => Seg { src: l, dst: r, len },
                 Op::Read => Seg { src: r, dst: l, len },
+            }
+        };
+        let mut cursor = PageCursor::new(pages.local_pages, pages.remote_pages, pages.shape);
+        let mut i = from;
+        while !cursor.done() && lane.failed.is_none() {
+            // The next window's descriptors (stretches without coalescing mapped in a tight
+            // loop), then its launch.
+            let want = (lane.cut - lane.seen).max(1);
+            let before = lane.segs.len();
+            let segs = &mut lane.segs;
+            segs.reserve(want);
+            let window = cursor.window(want, |piece| match piece {
+                Piece::Singles { local, remote } => {
+                    segs.extend(local.iter().zip(remote).map(|(&l, &r)| seg(l, r, 1)))
+                }
+                Piece::Run(run) => segs.push(seg(run.local, run.remote, run.count)),
             });
-            lane.seen += 1;
-            i += 1;
+            let added = match window {
+                Ok(added) => added,
+                Err(e) => {
+                    // Never launched; the submission fails (waiting for the launched part).
+                    lane.segs.truncate(before);
+                    lane.runs.push(from..i);
+                    return Err(Error::InvalidArgument { reason: e.to_string() });
+                }
+            };
+            lane.seen += added;
+            i += added;
             if lane.seen >= lane.cut {
                 lane.launch(batch);
                 let left = pages.total - i;
                 (lane.cut, lane.size) = next_cut(lane.seen, lane.size, lane.seen + left);
             }
-        });
+        }
         if let Some(why) = lane.failed.as_ref().filter(|_| i < end) {
             // Not enqueued at all: these fail now (the enqueued part fails when it completes).
             let err = refused(step, lane.exec, format!("enqueueing the copy: {why}"));
             batch.fail_runs(std::slice::from_ref(&(i..end)), err);
         }
         lane.runs.push(from..i);
-        end
+        Ok(end)
     }
 
     /// Launches what is left and hands every job to the completion thread.
