@@ -1,0 +1,815 @@
+//! The communicator: one rank of a group, its byte channels to every other rank, and the
+//! collectives on top of them.
+//!
+//! Channels. Every ordered pair of ranks (s → r) has a ring in r's shared memory (a region
+//! r allocates with the engine and publishes through the group's store): a header with two
+//! monotonic byte counters, `tail` (written by s) and `head` (written by r), and `cap` bytes of
+//! data. s maps its ring in r's region with `Engine::map_peer` (same-host peers, over shm) and
+//! copies into it; r copies out of its own memory. Bytes flow in order, so matching operations
+//! issued in the same order on both sides pair up, as in every collective library.
+//!
+//! Progress. An operation is a set of transfers (sends and receives) advanced together by one
+//! loop on the caller's thread until all are done: a rank sends to one neighbour while it
+//! receives from another, so rings of any size never deadlock. Transfers on one channel advance
+//! in order, pending `isend`/`irecv` first. Every wait has the group's deadline and watches
+//! the liveness of the ranks it waits for: a dead rank is an error naming it at once, a stopped
+//! one a timeout naming it.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidewire::{Engine, MappedPeer};
+
+use crate::dtype::{finish_avg, reduce_into, DType, ReduceOp};
+use crate::error::{Error, Result};
+use crate::plan::{all_gather_step, blocks, reduce_scatter_step, ring_neighbours};
+
+/// Bytes before a ring's data: `tail` at 0 and `head` at 64 (separate cache lines).
+const HEADER: u64 = 128;
+/// All-reduces up to this size send the whole buffer to every rank (one step, lowest latency);
+/// larger ones run a ring (each rank moves 2·(n−1)/n of the buffer).
+const DIRECT_ALL_REDUCE: usize = 64 << 10;
+
+/// What a rank publishes for its peers: its engine's segment name and its receive region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub name: String,
+    pub region: u64,
+}
+
+/// A rank's receive region: one ring per source rank.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    pub addr: u64,
+    pub len: u64,
+    /// Data bytes per ring.
+    pub cap: u64,
+}
+
+impl Region {
+    /// Bytes of one ring (header and data).
+    fn slot(cap: u64) -> u64 {
+        HEADER + cap
+    }
+
+    /// Allocates (and registers) the receive region of a rank of a group of `size`, with rings
+    /// of `cap` bytes (rounded up to 4 KiB).
+    pub fn allocate(engine: &Engine, size: usize, cap: u64) -> Result<Self> {
+        let cap = cap.max(4096).div_ceil(4096) * 4096;
+        let len = Self::slot(cap) * size as u64;
+        let addr = engine.allocate_shared(len).map_err(|source| Error::Engine {
+            context: format!("allocating the {len}-byte receive region"),
+            source,
+        })?;
+        Ok(Self { addr, len, cap })
+    }
+}
+
+/// One ring, by its base address in this process (header first, then the data).
+struct Ring {
+    base: u64,
+    cap: u64,
+}
+
+impl Ring {
+    fn counter(&self, offset: u64) -> &AtomicU64 {
+        // SAFETY: `base` is the start of a ring inside a mapping (our own shared region or a
+        // peer's, mapped by `map_peer`) that the communicator holds for its whole life; the
+        // header is 64-byte aligned (regions are page-aligned, slots multiples of 64 bytes),
+        // and every access to the counters is atomic, from either process.
+        unsafe { &*((self.base + offset) as *const AtomicU64) }
+    }
+
+    fn tail(&self) -> &AtomicU64 {
+        self.counter(0)
+    }
+
+    fn head(&self) -> &AtomicU64 {
+        self.counter(64)
+    }
+
+    fn data(&self) -> u64 {
+        self.base + HEADER
+    }
+}
+
+/// This rank's channels with one other rank.
+struct Link {
+    /// Our ring in the peer's region (we write), and what keeps it mapped and tells whether
+    /// the peer lives.
+    out: Ring,
+    map: MappedPeer,
+    /// The peer's ring in our region (it writes).
+    inp: Ring,
+    /// Bytes we produced into `out` and consumed from `inp` (our copies of the counters).
+    sent: u64,
+    received: u64,
+}
+
+/// One transfer of an operation: bytes to a rank or from a rank, and how far it got.
+#[derive(Debug, Clone, Copy)]
+enum Xfer {
+    Send { peer: usize, src: u64, len: u64, done: u64 },
+    Recv { peer: usize, dst: u64, len: u64, done: u64 },
+}
+
+impl Xfer {
+    fn finished(&self) -> bool {
+        match *self {
+            Self::Send { len, done, .. } | Self::Recv { len, done, .. } => done >= len,
+        }
+    }
+
+    /// The channel it uses: (peer, is a send).
+    fn channel(&self) -> (usize, bool) {
+        match *self {
+            Self::Send { peer, .. } => (peer, true),
+            Self::Recv { peer, .. } => (peer, false),
+        }
+    }
+}
+
+/// Handle of a pending `isend` / `irecv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OpId(u64);
+
+/// One rank of a group.
+pub struct Comm {
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    engine: Arc<Engine>,
+    region: Region,
+    links: Vec<Option<Link>>,
+    /// `isend`/`irecv` not finished yet, in issue order.
+    pending: Vec<(OpId, Xfer)>,
+    next_op: u64,
+    /// The first failure: every later operation fails with it.
+    poisoned: Option<String>,
+}
+
+impl Comm {
+    /// Connects rank `rank` of `size` ranks: opens every peer's engine by name and maps our
+    /// ring in its region (`peers[r]` for every rank, ours included). `timeout` bounds every
+    /// later operation.
+    pub fn connect(
+        engine: Arc<Engine>,
+        rank: usize,
+        region: Region,
+        peers: &[PeerInfo],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let size = peers.len();
+        if rank >= size {
+            return Err(Error::invalid(format!("rank {rank} of a group of {size}")));
+        }
+        let slot = Region::slot(region.cap);
+        let mut links = Vec::with_capacity(size);
+        for (r, peer) in peers.iter().enumerate() {
+            if r == rank {
+                links.push(None);
+                continue;
+            }
+            let failed = |what: &str, source| Error::Engine {
+                context: format!("rank {rank}: {what} rank {r} ({})", peer.name),
+                source,
+            };
+            let id = engine.open_segment(&peer.name).map_err(|e| failed("opening", e))?;
+            let ring = peer.region + slot * rank as u64;
+            let map = engine.map_peer(id, ring, slot, None).map_err(|e| {
+                failed("mapping its receive ring (CPU collectives reach same-host ranks only so far) of", e)
+            })?;
+            let out = Ring { base: map.addr(), cap: region.cap };
+            let inp = Ring { base: region.addr + slot * r as u64, cap: region.cap };
+            links.push(Some(Link { out, map, inp, sent: 0, received: 0 }));
+        }
+        Ok(Self {
+            rank,
+            size,
+            timeout,
+            engine,
+            region,
+            links,
+            pending: Vec::new(),
+            next_op: 0,
+            poisoned: None,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The ranks whose processes are gone (as far as this rank knows; no communication).
+    pub fn dead_ranks(&self) -> Vec<usize> {
+        (0..self.size)
+            .filter(|&r| self.links[r].as_ref().is_some_and(|l| !l.map.is_alive()))
+            .collect()
+    }
+
+    /// Fails if an earlier operation failed.
+    fn usable(&self, op: &str) -> Result<()> {
+        match &self.poisoned {
+            Some(first) => Err(Error::Poisoned { op: op.to_string(), first: first.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `xfers` (with every pending operation, which comes first on its channel) until
+    /// they are all done; a failure poisons the group.
+    fn run(&mut self, op: &str, xfers: &mut [Xfer]) -> Result<()> {
+        self.usable(op)?;
+        for x in xfers.iter() {
+            let (peer, _) = x.channel();
+            if peer >= self.size || peer == self.rank {
+                return Err(Error::invalid(format!("{op}: no channel to rank {peer}")));
+            }
+        }
+        let outcome = self.progress(op, xfers, None);
+        if let Err(e) = &outcome {
+            self.poisoned = Some(e.to_string());
+        }
+        outcome
+    }
+
+    /// The progress loop: advances the pending transfers and `xfers` until `xfers` (or, with
+    /// `until`, the pending operation `until`) are done, or the deadline passes, or a rank we
+    /// wait for dies.
+    fn progress(&mut self, op: &str, xfers: &mut [Xfer], until: Option<OpId>) -> Result<()> {
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let mut idle = 0u32;
+        loop {
+            let mut moved = false;
+            // Channels already used by an earlier unfinished transfer this round (order).
+            let mut busy: Vec<(usize, bool)> = Vec::new();
+            for (_, x) in self.pending.iter_mut() {
+                moved |= step(&mut self.links, &mut busy, x);
+            }
+            for x in xfers.iter_mut() {
+                moved |= step(&mut self.links, &mut busy, x);
+            }
+            self.pending.retain(|(_, x)| !x.finished());
+            let done = match until {
+                Some(id) => !self.pending.iter().any(|(p, _)| *p == id),
+                None => xfers.iter().all(Xfer::finished),
+            };
+            if done {
+                return Ok(());
+            }
+            if moved {
+                idle = 0;
+                continue;
+            }
+            idle = idle.saturating_add(1);
+            if idle < 256 {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Idle: check the ranks we wait for, then back off (yield, then short sleeps).
+            let waiting: Vec<usize> = {
+                let mut w: Vec<usize> = self
+                    .pending
+                    .iter()
+                    .map(|(_, x)| x)
+                    .chain(xfers.iter())
+                    .filter(|x| !x.finished())
+                    .map(|x| x.channel().0)
+                    .collect();
+                w.sort_unstable();
+                w.dedup();
+                w
+            };
+            for &r in &waiting {
+                if let Some(link) = &self.links[r] {
+                    if let Some(e) = link.map.error() {
+                        return Err(Error::RankFailed {
+                            op: op.to_string(),
+                            rank: r,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    op: op.to_string(),
+                    ranks: waiting,
+                    after: now - start,
+                });
+            }
+            if idle < 2048 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Copies `len` bytes at `src` to rank `peer` as part of one operation (blocking).
+    fn sends(&self, peer: usize, src: &[u8]) -> Xfer {
+        Xfer::Send { peer, src: src.as_ptr() as u64, len: src.len() as u64, done: 0 }
+    }
+
+    fn recvs(&self, peer: usize, dst: &mut [u8]) -> Xfer {
+        Xfer::Recv { peer, dst: dst.as_mut_ptr() as u64, len: dst.len() as u64, done: 0 }
+    }
+
+    /// Starts sending `len` bytes at `src` to rank `peer`; they are copied out as the peer
+    /// makes room, during this and later operations (or [`Comm::wait`]).
+    ///
+    /// # Safety
+    /// `[src, src + len)` must stay readable until the operation is waited for (or the
+    /// communicator is dropped).
+    pub unsafe fn isend(&mut self, peer: usize, src: u64, len: u64) -> Result<OpId> {
+        self.start("isend", Xfer::Send { peer, src, len, done: 0 })
+    }
+
+    /// Starts receiving `len` bytes from rank `peer` into `dst` (the next bytes it sends us).
+    ///
+    /// # Safety
+    /// `[dst, dst + len)` must stay writable, and not be read or written by anyone else, until
+    /// the operation is waited for (or the communicator is dropped).
+    pub unsafe fn irecv(&mut self, peer: usize, dst: u64, len: u64) -> Result<OpId> {
+        self.start("irecv", Xfer::Recv { peer, dst, len, done: 0 })
+    }
+
+    fn start(&mut self, op: &str, x: Xfer) -> Result<OpId> {
+        self.usable(op)?;
+        let (peer, _) = x.channel();
+        if peer >= self.size || peer == self.rank {
+            return Err(Error::invalid(format!(
+                "{op}: no channel to rank {peer} (this is rank {}, of {})",
+                self.rank, self.size
+            )));
+        }
+        let id = OpId(self.next_op);
+        self.next_op += 1;
+        self.pending.push((id, x));
+        // Make what progress there is now (an eager send usually completes here).
+        self.poll(&mut []);
+        Ok(id)
+    }
+
+    /// True once the operation `id` is done (no waiting; advances what can move).
+    pub fn test(&mut self, id: OpId) -> bool {
+        if self.pending.iter().any(|(p, _)| *p == id) {
+            self.poll(&mut []);
+        }
+        !self.pending.iter().any(|(p, _)| *p == id)
+    }
+
+    /// One round of progress on the pending operations.
+    fn poll(&mut self, xfers: &mut [Xfer]) -> bool {
+        let mut busy = Vec::new();
+        let mut moved = false;
+        for (_, x) in self.pending.iter_mut() {
+            moved |= step(&mut self.links, &mut busy, x);
+        }
+        for x in xfers.iter_mut() {
+            moved |= step(&mut self.links, &mut busy, x);
+        }
+        self.pending.retain(|(_, x)| !x.finished());
+        moved
+    }
+
+    /// Waits for a pending `isend` / `irecv` (within the group's timeout).
+    pub fn wait(&mut self, id: OpId, op: &str) -> Result<()> {
+        if !self.pending.iter().any(|(p, _)| *p == id) {
+            return Ok(());
+        }
+        self.usable(op)?;
+        let outcome = self.progress(op, &mut [], Some(id));
+        if let Err(e) = &outcome {
+            self.poisoned = Some(e.to_string());
+        }
+        outcome
+    }
+
+    /// Reduces `buf` (`dtype` elements) over every rank with `op`; every rank ends with the
+    /// same bytes.
+    pub fn all_reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        op.check(dtype)?;
+        let n = self.size;
+        if n > 1 {
+            let count = buf.len() / dtype.size();
+            if buf.len() <= DIRECT_ALL_REDUCE || count < n {
+                log::debug!("all_reduce of {} bytes on {n} ranks: direct", buf.len());
+                self.all_reduce_direct(buf, dtype, op)?;
+            } else {
+                log::debug!("all_reduce of {} bytes on {n} ranks: ring", buf.len());
+                let parts = blocks(count, n, dtype.size());
+                self.ring_reduce_scatter(buf, &parts, dtype, op, "all_reduce")?;
+                self.ring_all_gather(buf, &parts, "all_reduce")?;
+            }
+        }
+        if op == ReduceOp::Avg {
+            finish_avg(buf, dtype, n);
+        }
+        Ok(())
+    }
+
+    /// Every rank sends its whole buffer to every other and reduces all of them in rank order.
+    fn all_reduce_direct(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let (n, me, len) = (self.size, self.rank, buf.len());
+        let mut others = vec![0u8; len * n];
+        let mut xfers = Vec::with_capacity(2 * n);
+        for (r, part) in others.chunks_exact_mut(len.max(1)).enumerate().take(n) {
+            if r != me && len > 0 {
+                xfers.push(self.sends(r, buf));
+                xfers.push(self.recvs(r, part));
+            }
+        }
+        self.run("all_reduce", &mut xfers)?;
+        if len == 0 {
+            return Ok(());
+        }
+        others[me * len..(me + 1) * len].copy_from_slice(buf);
+        let (first, rest) = others.split_at_mut(len);
+        for part in rest.chunks_exact(len) {
+            reduce_into(first, part, dtype, op);
+        }
+        buf.copy_from_slice(first);
+        Ok(())
+    }
+
+    /// Ring reduce-scatter in place: afterwards block `rank` of `buf` holds the reduction of
+    /// every rank's block `rank` (the other blocks hold partial sums).
+    fn ring_reduce_scatter(
+        &mut self,
+        buf: &mut [u8],
+        parts: &[Range<usize>],
+        dtype: DType,
+        op: ReduceOp,
+        name: &str,
+    ) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        let (next, prev) = ring_neighbours(me, n);
+        let mut tmp = vec![0u8; parts.iter().map(|p| p.len()).max().unwrap_or(0)];
+        for s in 0..n - 1 {
+            let (out, inp) = reduce_scatter_step(me, n, s);
+            let (o, i) = (parts[out].clone(), parts[inp].clone());
+            let got = &mut tmp[..i.len()];
+            let mut xfers = [self.sends(next, &buf[o]), self.recvs(prev, got)];
+            self.run(name, &mut xfers)?;
+            reduce_into(&mut buf[i], got, dtype, op);
+        }
+        Ok(())
+    }
+
+    /// Ring all-gather in place, every rank starting with block `rank` of `buf`.
+    fn ring_all_gather(
+        &mut self,
+        buf: &mut [u8],
+        parts: &[Range<usize>],
+        name: &str,
+    ) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        let (next, prev) = ring_neighbours(me, n);
+        for s in 0..n - 1 {
+            let (out, inp) = all_gather_step(me, n, s);
+            let (o, i) = (parts[out].clone(), parts[inp].clone());
+            // Disjoint blocks of one buffer: split it so both can be borrowed.
+            let (src, dst) = split_two(buf, o, i);
+            let mut xfers = [self.sends(next, src), self.recvs(prev, dst)];
+            self.run(name, &mut xfers)?;
+        }
+        Ok(())
+    }
+
+    /// Every rank's `input` (all of equal length) into `out`, rank after rank.
+    pub fn all_gather(&mut self, out: &mut [u8], input: &[u8]) -> Result<()> {
+        let (n, len) = (self.size, input.len());
+        if out.len() != n * len {
+            return Err(Error::invalid(format!(
+                "all_gather: output of {} bytes for {n} × {len}",
+                out.len()
+            )));
+        }
+        out[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
+        if n > 1 && len > 0 {
+            let parts: Vec<Range<usize>> = (0..n).map(|r| r * len..(r + 1) * len).collect();
+            self.ring_all_gather(out, &parts, "all_gather")?;
+        }
+        Ok(())
+    }
+
+    /// Reduces `input` (`n` blocks of `out.len()` bytes) over every rank; rank `r` gets block
+    /// `r` of the reduction in `out`.
+    pub fn reduce_scatter(
+        &mut self,
+        out: &mut [u8],
+        input: &[u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        op.check(dtype)?;
+        let (n, len) = (self.size, out.len());
+        if input.len() != n * len {
+            return Err(Error::invalid(format!(
+                "reduce_scatter: input of {} bytes for {n} × {len}",
+                input.len()
+            )));
+        }
+        let mut acc = input.to_vec();
+        if n > 1 && len > 0 {
+            let parts: Vec<Range<usize>> = (0..n).map(|r| r * len..(r + 1) * len).collect();
+            self.ring_reduce_scatter(&mut acc, &parts, dtype, op, "reduce_scatter")?;
+        }
+        out.copy_from_slice(&acc[self.rank * len..(self.rank + 1) * len]);
+        if op == ReduceOp::Avg {
+            finish_avg(out, dtype, n);
+        }
+        Ok(())
+    }
+
+    /// Rank `root`'s `buf` into every rank's `buf`.
+    pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        self.check_root("broadcast", root)?;
+        let (n, me) = (self.size, self.rank);
+        if n == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let mut xfers: Vec<Xfer> = if me == root {
+            (0..n).filter(|&r| r != me).map(|r| self.sends(r, buf)).collect()
+        } else {
+            vec![self.recvs(root, buf)]
+        };
+        self.run("broadcast", &mut xfers)
+    }
+
+    /// Block `r` of `input` (split by `in_splits`, bytes) to rank `r`; rank `r`'s block for us
+    /// into `out` (split by `out_splits`).
+    pub fn all_to_all(
+        &mut self,
+        out: &mut [u8],
+        out_splits: &[usize],
+        input: &[u8],
+        in_splits: &[usize],
+    ) -> Result<()> {
+        let n = self.size;
+        let me = self.rank;
+        let sum = |s: &[usize]| s.iter().sum::<usize>();
+        if out_splits.len() != n
+            || in_splits.len() != n
+            || sum(out_splits) != out.len()
+            || sum(in_splits) != input.len()
+        {
+            return Err(Error::invalid(format!(
+                "all_to_all: splits {out_splits:?} / {in_splits:?} do not match {n} ranks and buffers of {} / {} bytes",
+                out.len(),
+                input.len()
+            )));
+        }
+        let offsets = |s: &[usize]| -> Vec<Range<usize>> {
+            let mut at = 0;
+            s.iter()
+                .map(|&l| {
+                    let r = at..at + l;
+                    at += l;
+                    r
+                })
+                .collect()
+        };
+        let (o, i) = (offsets(out_splits), offsets(in_splits));
+        if o[me].len() != i[me].len() {
+            return Err(Error::invalid(format!(
+                "all_to_all: {} bytes to ourselves but {} expected",
+                i[me].len(),
+                o[me].len()
+            )));
+        }
+        // The output split into one destination per rank.
+        let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
+        let mut rest: &mut [u8] = out;
+        for &l in out_splits {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(l);
+            dsts.push(head);
+            rest = tail;
+        }
+        let mut xfers = Vec::new();
+        for (r, dst) in dsts.into_iter().enumerate() {
+            if r == me {
+                dst.copy_from_slice(&input[i[me].clone()]);
+                continue;
+            }
+            if !i[r].is_empty() {
+                xfers.push(self.sends(r, &input[i[r].clone()]));
+            }
+            if !dst.is_empty() {
+                xfers.push(self.recvs(r, dst));
+            }
+        }
+        self.run("all_to_all", &mut xfers)
+    }
+
+    /// Reduces `buf` over every rank into rank `root`'s `buf` (the others' are left as given).
+    pub fn reduce(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        op.check(dtype)?;
+        self.check_root("reduce", root)?;
+        let (n, me, len) = (self.size, self.rank, buf.len());
+        if me != root {
+            if n > 1 && len > 0 {
+                let mut xfers = [self.sends(root, buf)];
+                self.run("reduce", &mut xfers)?;
+            }
+            return Ok(());
+        }
+        let mut all = vec![0u8; len * n];
+        if len > 0 {
+            let mut xfers = Vec::new();
+            for (r, part) in all.chunks_exact_mut(len).enumerate() {
+                if r != me {
+                    xfers.push(self.recvs(r, part));
+                }
+            }
+            self.run("reduce", &mut xfers)?;
+            all[me * len..(me + 1) * len].copy_from_slice(buf);
+            let (first, rest) = all.split_at_mut(len);
+            for part in rest.chunks_exact(len) {
+                reduce_into(first, part, dtype, op);
+            }
+            buf.copy_from_slice(first);
+        }
+        if op == ReduceOp::Avg {
+            finish_avg(buf, dtype, n);
+        }
+        Ok(())
+    }
+
+    /// Every rank's `input` into rank `root`'s `out` (rank after rank; `out` is only used on
+    /// the root).
+    pub fn gather(&mut self, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
+        self.check_root("gather", root)?;
+        let (n, me, len) = (self.size, self.rank, input.len());
+        if me != root {
+            if len > 0 {
+                let mut xfers = [self.sends(root, input)];
+                self.run("gather", &mut xfers)?;
+            }
+            return Ok(());
+        }
+        if out.len() != n * len {
+            return Err(Error::invalid(format!(
+                "gather: output of {} bytes for {n} × {len}",
+                out.len()
+            )));
+        }
+        let mut xfers = Vec::new();
+        for (r, part) in out.chunks_exact_mut(len.max(1)).enumerate().take(n) {
+            if r == me {
+                part.copy_from_slice(input);
+            } else if len > 0 {
+                xfers.push(self.recvs(r, part));
+            }
+        }
+        self.run("gather", &mut xfers)
+    }
+
+    /// Block `r` of rank `root`'s `input` into rank `r`'s `out` (`input` only used on the root).
+    pub fn scatter(&mut self, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
+        self.check_root("scatter", root)?;
+        let (n, me, len) = (self.size, self.rank, out.len());
+        if me != root {
+            if len > 0 {
+                let mut xfers = [self.recvs(root, out)];
+                self.run("scatter", &mut xfers)?;
+            }
+            return Ok(());
+        }
+        if input.len() != n * len {
+            return Err(Error::invalid(format!(
+                "scatter: input of {} bytes for {n} × {len}",
+                input.len()
+            )));
+        }
+        let mut xfers = Vec::new();
+        for (r, part) in input.chunks_exact(len.max(1)).enumerate().take(n) {
+            if r == me {
+                out.copy_from_slice(part);
+            } else if len > 0 {
+                xfers.push(self.sends(r, part));
+            }
+        }
+        self.run("scatter", &mut xfers)
+    }
+
+    /// Returns once every rank called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        let token = [1u8];
+        let mut got = vec![0u8; n];
+        let mut xfers = Vec::new();
+        for (r, slot) in got.iter_mut().enumerate() {
+            if r != me {
+                xfers.push(self.sends(r, &token));
+                xfers.push(self.recvs(r, std::slice::from_mut(slot)));
+            }
+        }
+        self.run("barrier", &mut xfers)
+    }
+
+    fn check_root(&self, op: &str, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(Error::invalid(format!("{op}: root {root} in a group of {}", self.size)));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // Our mappings of the peers' regions go first, then our own region.
+        self.links.clear();
+        if let Err(e) = self.engine.free_shared(self.region.addr) {
+            log::warn!("rank {}: freeing the receive region: {e}", self.rank);
+        }
+    }
+}
+
+/// Two disjoint ranges of one buffer: the first to read, the second to write.
+fn split_two(buf: &mut [u8], read: Range<usize>, write: Range<usize>) -> (&[u8], &mut [u8]) {
+    if read.start < write.start {
+        let (a, b) = buf.split_at_mut(write.start);
+        (&a[read], &mut b[..write.len()])
+    } else {
+        let (a, b) = buf.split_at_mut(read.start);
+        (&b[..read.len()], &mut a[write])
+    }
+}
+
+/// Advances one transfer as far as its channel allows, unless an earlier transfer on the same
+/// channel is unfinished; returns whether bytes moved.
+fn step(links: &mut [Option<Link>], busy: &mut Vec<(usize, bool)>, x: &mut Xfer) -> bool {
+    if x.finished() {
+        return false;
+    }
+    let channel = x.channel();
+    if busy.contains(&channel) {
+        return false;
+    }
+    busy.push(channel);
+    let Some(link) = links.get_mut(channel.0).and_then(Option::as_mut) else { return false };
+    match x {
+        Xfer::Send { src, len, done, .. } => {
+            let ring = &link.out;
+            let head = ring.head().load(Ordering::Acquire);
+            let free = ring.cap - (link.sent - head);
+            let at = link.sent % ring.cap;
+            let n = free.min(*len - *done).min(ring.cap - at);
+            if n == 0 {
+                return false;
+            }
+            // SAFETY: the source range was vouched for by the caller (a slice of this
+            // operation or an `isend`'s buffer); the destination lies inside the ring's data
+            // (`at + n <= cap`), which the peer reads only up to `tail`, published below.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (*src + *done) as *const u8,
+                    (ring.data() + at) as *mut u8,
+                    n as usize,
+                )
+            };
+            link.sent += n;
+            *done += n;
+            ring.tail().store(link.sent, Ordering::Release);
+            true
+        }
+        Xfer::Recv { dst, len, done, .. } => {
+            let ring = &link.inp;
+            let tail = ring.tail().load(Ordering::Acquire);
+            let avail = tail - link.received;
+            let at = link.received % ring.cap;
+            let n = avail.min(*len - *done).min(ring.cap - at);
+            if n == 0 {
+                return false;
+            }
+            // SAFETY: the bytes up to `tail` were written by the peer before it published
+            // `tail` (release/acquire); the destination was vouched for by the caller.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (ring.data() + at) as *const u8,
+                    (*dst + *done) as *mut u8,
+                    n as usize,
+                )
+            };
+            link.received += n;
+            *done += n;
+            ring.head().store(link.received, Ordering::Release);
+            true
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! The communicator's errors: what failed (the operation), which rank and why, in fields.
+
+use std::time::Duration;
+
+/// A collective or point-to-point operation that did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The group's timeout passed while the operation waited for `ranks`.
+    #[error("{op}: timed out after {after:?} waiting for rank(s) {ranks:?}")]
+    Timeout { op: String, ranks: Vec<usize>, after: Duration },
+    /// A rank of the group died (its process exited) or its memory became unreachable.
+    #[error("{op}: rank {rank} failed: {reason}")]
+    RankFailed { op: String, rank: usize, reason: String },
+    /// An earlier operation failed: the group cannot be used any more (destroy it and form a
+    /// new one).
+    #[error("{op}: the group is unusable after an earlier failure ({first})")]
+    Poisoned { op: String, first: String },
+    /// The caller used the API wrongly.
+    #[error("invalid argument: {reason}")]
+    InvalidArgument { reason: String },
+    /// The engine refused something (opening or mapping a peer).
+    #[error("{context}: {source}")]
+    Engine { context: String, source: tidewire::Error },
+}
+
+impl Error {
+    pub(crate) fn invalid(reason: String) -> Self {
+        Self::InvalidArgument { reason }
+    }
+
+    /// The ranks the failure is about (`get_failed_ranks_hint`).
+    pub fn ranks(&self) -> Vec<usize> {
+        match self {
+            Self::Timeout { ranks, .. } => ranks.clone(),
+            Self::RankFailed { rank, .. } => vec![*rank],
+            _ => Vec::new(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,192 @@
+//! Groups of ranks as threads of one process, each with its own engine (same host: shm rings),
+//! every collective against a reference computed here.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use tidewire::{Engine, EngineConfig};
+use tidewire_collective::{reduce_into, Comm, DType, Error, PeerInfo, ReduceOp, Region};
+
+/// Runs `body(rank, comm)` on `n` connected ranks (rings of `cap` bytes); returns their results.
+fn group<T: Send + 'static>(
+    n: usize,
+    cap: u64,
+    body: impl Fn(usize, &mut Comm) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    group_with(n, cap, Duration::from_secs(20), body)
+}
+
+/// As [`group`], with the group's timeout.
+fn group_with<T: Send + 'static>(
+    n: usize,
+    cap: u64,
+    timeout: Duration,
+    body: impl Fn(usize, &mut Comm) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let infos = Arc::new(Mutex::new(vec![None; n]));
+    let ready = Arc::new(Barrier::new(n));
+    let body = Arc::new(body);
+    let handles: Vec<_> = (0..n)
+        .map(|rank| {
+            let (infos, ready, body) = (infos.clone(), ready.clone(), body.clone());
+            std::thread::spawn(move || {
+                let engine = Arc::new(
+                    Engine::new(EngineConfig { port: Some(0), ..EngineConfig::default() }).unwrap(),
+                );
+                let region = Region::allocate(&engine, n, cap).unwrap();
+                infos.lock().unwrap()[rank] =
+                    Some(PeerInfo { name: engine.name().to_string(), region: region.addr });
+                ready.wait();
+                let peers: Vec<PeerInfo> =
+                    infos.lock().unwrap().iter().map(|p| p.clone().unwrap()).collect();
+                let mut comm =
+                    Comm::connect(engine.clone(), rank, region, &peers, timeout).unwrap();
+                let out = body(rank, &mut comm);
+                ready.wait();
+                drop(comm);
+                out
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+}
+
+fn values(rank: usize, count: usize) -> Vec<f32> {
+    (0..count).map(|i| ((rank * 7919 + i * 31) % 1013) as f32 - 500.0).collect()
+}
+
+/// The reduction of every rank's `values`, in rank order (as the ranks compute it).
+fn reference(n: usize, count: usize, op: ReduceOp) -> Vec<u8> {
+    let mut acc = f32s(&values(0, count));
+    for r in 1..n {
+        reduce_into(&mut acc, &f32s(&values(r, count)), DType::F32, op);
+    }
+    acc
+}
+
+#[test]
+fn all_reduce_direct_and_ring_match_the_reference_on_1_2_and_4_ranks() {
+    for n in [1, 2, 4] {
+        // 1,000 floats go direct; 300,000 (1.2 MB, bigger than the 256 KiB rings) go round
+        // the ring in pieces.
+        for count in [1000usize, 300_000] {
+            for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
+                let got = group(n, 256 << 10, move |rank, comm| {
+                    let mut buf = f32s(&values(rank, count));
+                    comm.all_reduce(&mut buf, DType::F32, op).unwrap();
+                    buf
+                });
+                let want = reference(n, count, op);
+                for (rank, buf) in got.iter().enumerate() {
+                    assert!(*buf == want, "n={n} count={count} {op:?}: rank {rank} differs");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gather_scatter_broadcast_all_to_all_and_reduce_scatter_move_every_byte() {
+    let n = 4;
+    let got = group(n, 64 << 10, move |rank, comm| {
+        let len = 100_003; // odd, bigger than a ring
+        let mine: Vec<u8> = (0..len).map(|i| (i * 13 + rank * 101) as u8).collect();
+        let mut all = vec![0u8; n * len];
+        comm.all_gather(&mut all, &mine).unwrap();
+        let mut b = if rank == 2 { mine.clone() } else { vec![0u8; len] };
+        comm.broadcast(&mut b, 2).unwrap();
+        let mut g = vec![0u8; if rank == 1 { n * len } else { 0 }];
+        comm.gather(&mut g, &mine, 1).unwrap();
+        let mut s = vec![0u8; len];
+        comm.scatter(&mut s, if rank == 3 { &all } else { &[] }, 3).unwrap();
+        // Uneven all-to-all: rank r sends (r + 1) * (d + 1) * 1000 bytes to rank d.
+        let in_splits: Vec<usize> = (0..n).map(|d| (rank + 1) * (d + 1) * 1000).collect();
+        let out_splits: Vec<usize> = (0..n).map(|src| (src + 1) * (rank + 1) * 1000).collect();
+        let input: Vec<u8> =
+            (0..in_splits.iter().sum::<usize>()).map(|i| (i % 251) as u8 ^ rank as u8).collect();
+        let mut out = vec![0u8; out_splits.iter().sum()];
+        comm.all_to_all(&mut out, &out_splits, &input, &in_splits).unwrap();
+        let count = 10_000;
+        let rs_in = f32s(&(0..n).flat_map(|_| values(rank, count)).collect::<Vec<f32>>());
+        let mut rs = vec![0u8; count * 4];
+        comm.reduce_scatter(&mut rs, &rs_in, DType::F32, ReduceOp::Sum).unwrap();
+        let mut red = f32s(&values(rank, count));
+        comm.reduce(&mut red, DType::F32, ReduceOp::Sum, 0).unwrap();
+        comm.barrier().unwrap();
+        (mine, all, b, g, s, out, rs, red)
+    });
+    let mines: Vec<Vec<u8>> = got.iter().map(|g| g.0.clone()).collect();
+    let concat: Vec<u8> = mines.concat();
+    let sum = reference(n, 10_000, ReduceOp::Sum);
+    for (rank, (_, all, b, g, s, out, rs, red)) in got.iter().enumerate() {
+        assert!(*all == concat, "all_gather on rank {rank}");
+        assert!(*b == mines[2], "broadcast on rank {rank}");
+        if rank == 1 {
+            assert!(*g == concat, "gather on the root");
+        }
+        assert!(*s == mines[rank], "scatter on rank {rank}");
+        let mut want = Vec::new();
+        for src in 0..n {
+            let splits: Vec<usize> = (0..n).map(|d| (src + 1) * (d + 1) * 1000).collect();
+            let start: usize = splits[..rank].iter().sum();
+            let input: Vec<u8> =
+                (0..splits.iter().sum::<usize>()).map(|i| (i % 251) as u8 ^ src as u8).collect();
+            want.extend_from_slice(&input[start..start + splits[rank]]);
+        }
+        assert!(*out == want, "all_to_all on rank {rank}");
+        assert!(*rs == sum, "reduce_scatter on rank {rank}");
+        if rank == 0 {
+            assert!(*red == sum, "reduce on the root");
+        }
+    }
+}
+
+#[test]
+fn pending_sends_and_receives_in_both_directions_do_not_deadlock() {
+    // Both ranks post a send bigger than the ring before their receive: progress interleaves.
+    let got = group(2, 4096, |rank, comm| {
+        let peer = 1 - rank;
+        let out: Vec<u8> = (0..1_000_000).map(|i| (i % 256) as u8 ^ rank as u8).collect();
+        let mut inp = vec![0u8; out.len()];
+        // SAFETY: both buffers live until the waits below return.
+        let (s, r) = unsafe {
+            let s = comm.isend(peer, out.as_ptr() as u64, out.len() as u64).unwrap();
+            let r = comm.irecv(peer, inp.as_mut_ptr() as u64, inp.len() as u64).unwrap();
+            (s, r)
+        };
+        comm.wait(s, "send").unwrap();
+        comm.wait(r, "recv").unwrap();
+        inp
+    });
+    for (rank, inp) in got.iter().enumerate() {
+        let want: Vec<u8> = (0..1_000_000).map(|i| (i % 256) as u8 ^ (1 - rank) as u8).collect();
+        assert!(*inp == want, "rank {rank}");
+    }
+}
+
+#[test]
+fn a_rank_that_never_comes_is_a_timeout_naming_it() {
+    let got = group_with(2, 4096, Duration::from_millis(300), |rank, comm| {
+        if rank == 0 {
+            let mut buf = vec![0u8; 64];
+            // Rank 1 never joins this all_reduce: rank 0's times out, naming rank 1.
+            let err = comm.all_reduce(&mut buf, DType::U8, ReduceOp::Sum).unwrap_err();
+            let again = comm.barrier().unwrap_err();
+            Some((err, again))
+        } else {
+            None
+        }
+    });
+    let (err, again) = got[0].clone().unwrap();
+    match err {
+        Error::Timeout { ranks, .. } => assert_eq!(ranks, vec![1]),
+        other => panic!("expected a timeout, got {other}"),
+    }
+    assert!(matches!(again, Error::Poisoned { .. }), "{again}");
+}
