@@ -133,7 +133,7 @@ impl Xfer {
 
 /// Handle of a pending `isend` / `irecv`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct OpId(u64);
+pub struct OpId(pub u64);
 
 /// One rank of a group.
 pub struct Comm {

@@ -7,6 +7,7 @@
 
 mod arrays;
 pub mod capi;
+mod collective;
 mod errors;
 
 use std::sync::Arc;
@@ -52,7 +53,7 @@ fn seconds(what: &str, s: Option<f64>) -> PyResult<Option<Duration>> {
 
 /// A transfer engine (one per process, or several in tests).
 #[pyclass(frozen, module = "tidewire._native", name = "Engine")]
-struct PyEngine {
+pub(crate) struct PyEngine {
     engine: std::mem::ManuallyDrop<Arc<Engine>>,
     /// The process that created the engine. A forked child has none of its threads: it must
     /// neither use nor shut down (join) the engine.
@@ -60,7 +61,7 @@ struct PyEngine {
 }
 
 impl PyEngine {
-    fn engine(&self) -> PyResult<Arc<Engine>> {
+    pub(crate) fn engine(&self) -> PyResult<Arc<Engine>> {
         if std::process::id() != self.pid {
             return Err(errors::TidewireError::new_err(
                 "this engine was created in another process (before a fork); create a new Engine in this process",
@@ -697,6 +698,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBatch>()?;
     m.add_class::<PyPlan>()?;
     m.add_class::<PyMetadataServer>()?;
+    m.add_class::<collective::PyComm>()?;
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;
     m.add_function(wrap_pyfunction!(allocation, m)?)?;

@@ -1,0 +1,273 @@
+//! `tidewire._native.Communicator`: one rank of a collective group, for `tidewire.distributed`.
+//!
+//! Buffers come as raw addresses and byte lengths: the caller (`tidewire.distributed`) passes
+//! the data pointers of contiguous CPU tensors it holds until the call (or, for `isend` /
+//! `irecv`, the wait) returns. Every call releases the GIL.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use tidewire::Engine;
+use tidewire_collective::{Comm, DType, Error, OpId, PeerInfo, ReduceOp, Region};
+
+use crate::errors;
+use crate::PyEngine;
+
+/// Maps a collective failure to its Python exception; `ranks` on it names the ranks involved.
+fn to_py(e: Error) -> PyErr {
+    let ranks = e.ranks();
+    let msg = e.to_string();
+    let err = match e {
+        Error::Timeout { .. } => errors::Timeout::new_err(msg),
+        Error::RankFailed { .. } | Error::Poisoned { .. } => errors::PeerFailed::new_err(msg),
+        Error::InvalidArgument { .. } => errors::InvalidArgument::new_err(msg),
+        Error::Engine { source, .. } => {
+            let err = errors::to_py(source);
+            Python::attach(|py| {
+                let _ = err.value(py).setattr("args", (msg,));
+            });
+            err
+        }
+        _ => errors::TidewireError::new_err(msg),
+    };
+    Python::attach(|py| {
+        let _ = err.value(py).setattr("ranks", ranks);
+    });
+    err
+}
+
+fn dtype(name: &str) -> PyResult<DType> {
+    DType::parse(name).map_err(to_py)
+}
+
+fn reduce_op(name: &str) -> PyResult<ReduceOp> {
+    ReduceOp::parse(name).map_err(to_py)
+}
+
+/// A byte slice of the caller's memory.
+///
+/// # Safety
+/// `[addr, addr + len)` is memory the caller keeps alive, and does not touch, for the call.
+unsafe fn bytes<'a>(addr: u64, len: u64) -> &'a mut [u8] {
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: as the function's contract says.
+    unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len as usize) }
+}
+
+/// One rank of a group (see `tidewire.distributed`).
+#[pyclass(frozen, module = "tidewire._native", name = "Communicator")]
+pub(crate) struct PyComm {
+    comm: Mutex<Option<Comm>>,
+}
+
+impl PyComm {
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Comm) -> tidewire_collective::Result<T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            let mut guard: MutexGuard<'_, Option<Comm>> =
+                self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match guard.as_mut() {
+                Some(comm) => f(comm),
+                None => Err(Error::InvalidArgument { reason: "the group was destroyed".into() }),
+            }
+        })
+        .map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl PyComm {
+    /// Allocates a rank's receive region for a group of `size` with rings of `ring_bytes`;
+    /// returns `(address, length, ring bytes)`.
+    #[staticmethod]
+    fn allocate_region(
+        py: Python<'_>,
+        engine: &PyEngine,
+        size: usize,
+        ring_bytes: u64,
+    ) -> PyResult<(u64, u64, u64)> {
+        let engine = engine.engine()?;
+        let region =
+            py.detach(move || Region::allocate(&engine, size, ring_bytes)).map_err(to_py)?;
+        Ok((region.addr, region.len, region.cap))
+    }
+
+    /// Connects rank `rank` to `peers` (every rank's `(engine name, region address)`); the
+    /// region is freed with the communicator (or now, if connecting fails).
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        engine: &PyEngine,
+        rank: usize,
+        region: (u64, u64, u64),
+        peers: Vec<(String, u64)>,
+        timeout_s: f64,
+    ) -> PyResult<Self> {
+        let engine: Arc<Engine> = engine.engine()?;
+        let timeout = Duration::try_from_secs_f64(timeout_s)
+            .map_err(|e| errors::invalid(format!("timeout {timeout_s}: {e}")))?;
+        let (addr, len, cap) = region;
+        let peers: Vec<PeerInfo> =
+            peers.into_iter().map(|(name, region)| PeerInfo { name, region }).collect();
+        let comm = py.detach(|| {
+            let made =
+                Comm::connect(engine.clone(), rank, Region { addr, len, cap }, &peers, timeout);
+            if made.is_err() {
+                let _ = engine.free_shared(addr);
+            }
+            made
+        });
+        Ok(Self { comm: Mutex::new(Some(comm.map_err(to_py)?)) })
+    }
+
+    fn all_reduce(
+        &self,
+        py: Python<'_>,
+        addr: u64,
+        len: u64,
+        dtype_: &str,
+        op: &str,
+    ) -> PyResult<()> {
+        let (dt, op) = (dtype(dtype_)?, reduce_op(op)?);
+        // SAFETY: `tidewire.distributed` passes a contiguous tensor it holds for the call.
+        self.with(py, |c| c.all_reduce(unsafe { bytes(addr, len) }, dt, op))
+    }
+
+    fn broadcast(&self, py: Python<'_>, addr: u64, len: u64, root: usize) -> PyResult<()> {
+        // SAFETY: as in `all_reduce`.
+        self.with(py, |c| c.broadcast(unsafe { bytes(addr, len) }, root))
+    }
+
+    fn all_gather(&self, py: Python<'_>, out: (u64, u64), input: (u64, u64)) -> PyResult<()> {
+        // SAFETY: as in `all_reduce`, for two distinct tensors.
+        self.with(py, |c| {
+            c.all_gather(unsafe { bytes(out.0, out.1) }, unsafe { bytes(input.0, input.1) })
+        })
+    }
+
+    fn reduce_scatter(
+        &self,
+        py: Python<'_>,
+        out: (u64, u64),
+        input: (u64, u64),
+        dtype_: &str,
+        op: &str,
+    ) -> PyResult<()> {
+        let (dt, op) = (dtype(dtype_)?, reduce_op(op)?);
+        // SAFETY: as in `all_gather`.
+        self.with(py, |c| {
+            c.reduce_scatter(
+                unsafe { bytes(out.0, out.1) },
+                unsafe { bytes(input.0, input.1) },
+                dt,
+                op,
+            )
+        })
+    }
+
+    fn all_to_all(
+        &self,
+        py: Python<'_>,
+        out: u64,
+        out_splits: Vec<usize>,
+        input: u64,
+        in_splits: Vec<usize>,
+    ) -> PyResult<()> {
+        let (ol, il) =
+            (out_splits.iter().sum::<usize>() as u64, in_splits.iter().sum::<usize>() as u64);
+        // SAFETY: as in `all_gather`; the lengths are the splits' sums.
+        self.with(py, |c| {
+            c.all_to_all(
+                unsafe { bytes(out, ol) },
+                &out_splits,
+                unsafe { bytes(input, il) },
+                &in_splits,
+            )
+        })
+    }
+
+    fn reduce(
+        &self,
+        py: Python<'_>,
+        addr: u64,
+        len: u64,
+        dtype_: &str,
+        op: &str,
+        root: usize,
+    ) -> PyResult<()> {
+        let (dt, op) = (dtype(dtype_)?, reduce_op(op)?);
+        // SAFETY: as in `all_reduce`.
+        self.with(py, |c| c.reduce(unsafe { bytes(addr, len) }, dt, op, root))
+    }
+
+    fn gather(
+        &self,
+        py: Python<'_>,
+        out: (u64, u64),
+        input: (u64, u64),
+        root: usize,
+    ) -> PyResult<()> {
+        // SAFETY: as in `all_gather`.
+        self.with(py, |c| {
+            c.gather(unsafe { bytes(out.0, out.1) }, unsafe { bytes(input.0, input.1) }, root)
+        })
+    }
+
+    fn scatter(
+        &self,
+        py: Python<'_>,
+        out: (u64, u64),
+        input: (u64, u64),
+        root: usize,
+    ) -> PyResult<()> {
+        // SAFETY: as in `all_gather`.
+        self.with(py, |c| {
+            c.scatter(unsafe { bytes(out.0, out.1) }, unsafe { bytes(input.0, input.1) }, root)
+        })
+    }
+
+    fn barrier(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, Comm::barrier)
+    }
+
+    /// Starts sending; returns the operation's id for `wait` / `test`.
+    fn isend(&self, py: Python<'_>, peer: usize, addr: u64, len: u64) -> PyResult<u64> {
+        // SAFETY: `tidewire.distributed` keeps the tensor alive in the operation's Work until
+        // it is waited for, and the group (which holds the operation) until then.
+        self.with(py, |c| unsafe { c.isend(peer, addr, len) }.map(|id| id.0))
+    }
+
+    fn irecv(&self, py: Python<'_>, peer: usize, addr: u64, len: u64) -> PyResult<u64> {
+        // SAFETY: as in `isend`.
+        self.with(py, |c| unsafe { c.irecv(peer, addr, len) }.map(|id| id.0))
+    }
+
+    #[pyo3(signature = (op_id, what = "wait"))]
+    fn wait(&self, py: Python<'_>, op_id: u64, what: &str) -> PyResult<()> {
+        self.with(py, |c| c.wait(OpId(op_id), what))
+    }
+
+    fn test(&self, py: Python<'_>, op_id: u64) -> PyResult<bool> {
+        self.with(py, |c| Ok(c.test(OpId(op_id))))
+    }
+
+    /// The ranks whose processes are known to be gone (local, no communication).
+    fn dead_ranks(&self, py: Python<'_>) -> PyResult<Vec<usize>> {
+        self.with(py, |c| Ok(c.dead_ranks()))
+    }
+
+    /// Releases the rings and the receive region (pending operations are dropped).
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            let comm = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            drop(comm);
+        });
+    }
+}
