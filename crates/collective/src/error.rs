@@ -7,7 +7,7 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// The group's timeout passed while the operation waited for `ranks`.
-    #[error("{op}: timed out after {after:?} waiting for rank(s) {ranks:?}")]
+    #[error("{op}: timed out after {after:?} waiting for {}", ranks_text(.ranks))]
     Timeout { op: String, ranks: Vec<usize>, after: Duration },
     /// A rank of the group died (its process exited) or its memory became unreachable.
     #[error("{op}: rank {rank} failed: {reason}")]
@@ -40,3 +40,12 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// "rank 2", "ranks 1, 3".
+fn ranks_text(ranks: &[usize]) -> String {
+    let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+    match list.len() {
+        1 => format!("rank {}", list[0]),
+        _ => format!("ranks {}", list.join(", ")),
+    }
+}

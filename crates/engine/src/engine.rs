@@ -733,12 +733,30 @@ impl Engine {
         if len == 0 {
             return Err(Error::InvalidArgument { reason: "map_peer of zero bytes".into() });
         }
-        let probe = Request { op: Op::Read, local: 0, len, peer, remote };
-        let (conn, region) = self.resolve_remote(&probe)?;
-        let local = conn.same_engine;
-        let me = &self.inner;
-        let ends = mapped::Ends { conn, region, local, config: &me.config, gpu: &me.gpu_facts };
-        mapped::map(ends, remote, len, device)
+        let map_once = || {
+            let probe = Request { op: Op::Read, local: 0, len, peer, remote };
+            let (conn, region) = self.resolve_remote(&probe)?;
+            let local = conn.same_engine;
+            let me = &self.inner;
+            let ends = mapped::Ends { conn, region, local, config: &me.config, gpu: &me.gpu_facts };
+            mapped::map(ends, remote, len, device)
+        };
+        match map_once() {
+            Err(e @ Error::RemoteAccessDenied { .. }) => {
+                // The cached descriptor may name a region the peer has since replaced at the
+                // same address (freed, then allocated again): re-read it once.
+                let conn = self.peer(peer)?;
+                let cached = conn.find(remote, len).map(|r| r.id);
+                let fresh = self.fetch_descriptor(&conn.name)?;
+                let current = fresh.find_region(remote, len).map(|r| r.id);
+                if fresh.instance_id != conn.instance() || current.is_none() || current == cached {
+                    return Err(e);
+                }
+                conn.set_descriptor(fresh);
+                map_once()
+            }
+            other => other,
+        }
     }
 
     /// The peer's current connection state as it stands (no reconnect).

@@ -1,0 +1,284 @@
+"""One rank of a torch.distributed test group on the tidewire backend (started by
+test_distributed.py): `pg_rank.py BODY RANK SIZE PORT [ARG]`; prints one JSON line with the
+result ({"ok": ...} or {"error": ...})."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+
+import tidewire.distributed  # noqa: F401  (registers the backend)
+
+INT_TYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
+FLOAT_TYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "avg": dist.ReduceOp.AVG,
+    "product": dist.ReduceOp.PRODUCT,
+    "min": dist.ReduceOp.MIN,
+    "max": dist.ReduceOp.MAX,
+}
+
+
+def init(rank: int, size: int, port: int, timeout_s: float = 60.0) -> None:
+    dist.init_process_group(
+        "tidewire",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def data(rank: int, dtype: torch.dtype, n: int = 1000) -> torch.Tensor:
+    """Rank `rank`'s input: small values (no integer overflow in any reduction)."""
+    g = torch.Generator().manual_seed(1234 + rank)
+    if dtype == torch.bool:
+        return torch.rand(n, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return (torch.rand(n, generator=g) * 4 - 2).to(dtype)
+    return torch.randint(1, 4, (n,), generator=g).to(dtype)
+
+
+def reference(size: int, dtype: torch.dtype, op: str, n: int = 1000) -> torch.Tensor:
+    xs = torch.stack([data(r, dtype, n) for r in range(size)])
+    if dtype == torch.bool:
+        return {"sum": xs.any(0), "max": xs.any(0), "product": xs.all(0), "min": xs.all(0)}[op]
+    wide = xs.double() if dtype.is_floating_point else xs.long()
+    if op == "sum":
+        out = wide.sum(0)
+    elif op == "avg":
+        out = wide.sum(0) / size if dtype.is_floating_point else torch.div(wide.sum(0), size, rounding_mode="trunc")
+    elif op == "product":
+        out = wide.prod(0)
+    elif op == "min":
+        out = wide.min(0).values
+    else:
+        out = wide.max(0).values
+    return out.to(dtype)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    if got.dtype in (torch.float16, torch.bfloat16):
+        return torch.allclose(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+    if got.dtype.is_floating_point:
+        return torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+    return torch.equal(got, want)
+
+
+def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
+    """Every collective × dtype × op against a reference computed here."""
+    init(rank, size, port)
+    bad: List[str] = []
+
+    def check(name: str, ok: bool) -> None:
+        if not ok:
+            bad.append(name)
+
+    for dtype in INT_TYPES + FLOAT_TYPES + [torch.bool]:
+        for op in OPS:
+            if dtype == torch.bool and op == "avg":
+                try:
+                    dist.all_reduce(data(rank, dtype), op=OPS[op])
+                    bad.append("bool avg was accepted")
+                except Exception:
+                    pass
+                continue
+            t = data(rank, dtype)
+            dist.all_reduce(t, op=OPS[op])
+            check(f"all_reduce {dtype} {op}", close(t, reference(size, dtype, op)))
+    # A large all_reduce (the ring path) and a non-contiguous one.
+    big = data(rank, torch.float32, 1 << 20)
+    dist.all_reduce(big)
+    check("all_reduce 4 MiB", close(big, reference(size, torch.float32, "sum", 1 << 20)))
+    nc = data(rank, torch.float64, 2000).reshape(1000, 2)[:, 0]
+    dist.all_reduce(nc)
+    check("all_reduce non-contiguous", close(nc, reference(size, torch.float64, "sum", 2000).reshape(1000, 2)[:, 0]))
+    # broadcast, all_gather (list, into tensor), reduce_scatter (list, tensor).
+    for root in range(size):
+        b = data(rank, torch.int32)
+        dist.broadcast(b, src=root)
+        check(f"broadcast from {root}", torch.equal(b, data(root, torch.int32)))
+    mine = data(rank, torch.bfloat16, 300)
+    outs = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(outs, mine)
+    check("all_gather list", all(torch.equal(o, data(r, torch.bfloat16, 300)) for r, o in enumerate(outs)))
+    flat = torch.empty(size * 300, dtype=torch.bfloat16)
+    dist.all_gather_into_tensor(flat, mine)
+    check("all_gather_into_tensor", torch.equal(flat, torch.cat([data(r, torch.bfloat16, 300) for r in range(size)])))
+    full = data(rank, torch.float32, size * 100)
+    want_full = reference(size, torch.float32, "sum", size * 100)
+    rs = torch.empty(100)
+    dist.reduce_scatter_tensor(rs, full)
+    check("reduce_scatter_tensor", close(rs, want_full[rank * 100 : (rank + 1) * 100]))
+    rs2 = torch.empty(100)
+    dist.reduce_scatter(rs2, list(full.chunk(size)), op=dist.ReduceOp.MAX)
+    want_max = reference(size, torch.float32, "max", size * 100)
+    check("reduce_scatter list max", close(rs2, want_max[rank * 100 : (rank + 1) * 100]))
+    # all_to_all (list) and all_to_all_single with uneven splits.
+    ins = [torch.full((r + 1 + rank,), rank * 10 + r, dtype=torch.int64) for r in range(size)]
+    outs2 = [torch.empty(rank + 1 + s, dtype=torch.int64) for s in range(size)]
+    dist.all_to_all(outs2, ins)
+    check("all_to_all list", all(torch.equal(o, torch.full((rank + 1 + s,), s * 10 + rank, dtype=torch.int64)) for s, o in enumerate(outs2)))
+    in_splits = [(rank + d) % 3 + 1 for d in range(size)]
+    out_splits = [(s + rank) % 3 + 1 for s in range(size)]
+    a = torch.cat([torch.full((in_splits[d], 4), rank * 100 + d, dtype=torch.float32) for d in range(size)])
+    b = torch.empty(sum(out_splits), 4)
+    dist.all_to_all_single(b, a, out_splits, in_splits)
+    want_b = torch.cat([torch.full((out_splits[s], 4), s * 100 + rank, dtype=torch.float32) for s in range(size)])
+    check("all_to_all_single uneven", torch.equal(b, want_b))
+    ev = torch.arange(size * 3, dtype=torch.int32) + rank * 1000
+    evo = torch.empty_like(ev)
+    dist.all_to_all_single(evo, ev)
+    want_ev = torch.cat([torch.arange(rank * 3, rank * 3 + 3, dtype=torch.int32) + s * 1000 for s in range(size)])
+    check("all_to_all_single even", torch.equal(evo, want_ev))
+    # reduce, gather, scatter, barrier.
+    for root in range(size):
+        r = data(rank, torch.float64)
+        dist.reduce(r, dst=root, op=dist.ReduceOp.SUM)
+        if rank == root:
+            check(f"reduce to {root}", close(r, reference(size, torch.float64, "sum")))
+        g = data(rank, torch.int16, 50)
+        gl = [torch.empty_like(g) for _ in range(size)] if rank == root else None
+        dist.gather(g, gl, dst=root)
+        if rank == root:
+            check(f"gather to {root}", all(torch.equal(x, data(s, torch.int16, 50)) for s, x in enumerate(gl)))
+        sc = torch.empty(50, dtype=torch.int16)
+        sl = [data(s, torch.int16, 50) + root for s in range(size)] if rank == root else None
+        dist.scatter(sc, sl, src=root)
+        check(f"scatter from {root}", torch.equal(sc, data(rank, torch.int16, 50) + root))
+    dist.barrier()
+    # Point to point: a ring with send/recv, then batch_isend_irecv both ways.
+    if size > 1:
+        nxt, prv = (rank + 1) % size, (rank - 1) % size
+        s = data(rank, torch.float32, 5000)
+        r = torch.empty(5000)
+        if rank % 2 == 0:
+            dist.send(s, nxt)
+            dist.recv(r, prv)
+        else:
+            dist.recv(r, prv)
+            dist.send(s, nxt)
+        check("send/recv ring", torch.equal(r, data(prv, torch.float32, 5000)))
+        big_s = data(rank, torch.float32, 3 << 20)  # 12 MiB each way: more than a ring
+        big_r = torch.empty(3 << 20)
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, big_s, nxt), dist.P2POp(dist.irecv, big_r, prv)])
+        for q in reqs:
+            q.wait()
+        check("batch_isend_irecv 12 MiB", torch.equal(big_r, data(prv, torch.float32, 3 << 20)))
+    # What torch builds on them.
+    objs: List[Any] = [None] * size
+    dist.all_gather_object(objs, {"rank": rank, "s": "x" * rank})
+    check("all_gather_object", objs == [{"rank": r, "s": "x" * r} for r in range(size)])
+    lst: List[Any] = [rank, "hello"] if rank == 0 else [None, None]
+    dist.broadcast_object_list(lst, src=0)
+    check("broadcast_object_list", lst == [0, "hello"])
+    # Functional collectives (torch calls the group from C++).
+    import torch.distributed._functional_collectives as fc
+
+    w = dist.group.WORLD
+    fa = fc.all_reduce(data(rank, torch.float32), "sum", w)
+    check("functional all_reduce", close(fa.wait() if hasattr(fa, "wait") else fa, reference(size, torch.float32, "sum")))
+    fg = fc.all_gather_tensor(data(rank, torch.float32, 10), 0, w)
+    check("functional all_gather_tensor", torch.equal(torch.as_tensor(fg), torch.cat([data(r, torch.float32, 10) for r in range(size)])))
+    fr = fc.reduce_scatter_tensor(full, "sum", 0, w)
+    check("functional reduce_scatter_tensor", close(torch.as_tensor(fr), want_full[rank * 100 : (rank + 1) * 100]))
+    fs = fc.all_to_all_single(ev, None, None, w)
+    check("functional all_to_all_single", torch.equal(torch.as_tensor(fs), want_ev))
+    dist.destroy_process_group()
+    return bad
+
+
+def body_groups(rank: int, size: int, port: int, arg: str) -> Any:
+    """TP / PP / DP subgroups (overlapping), destroy and a new init in the same process."""
+    init(rank, size, port)
+    bad = []
+    tp = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pp = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    dp = dist.new_group([0, 1, 2, 3])
+    mine_tp, mine_pp = tp[rank // 2], pp[rank % 2]
+    for name, g, members in [("tp", mine_tp, [rank // 2 * 2, rank // 2 * 2 + 1]), ("pp", mine_pp, [rank % 2, rank % 2 + 2]), ("dp", dp, [0, 1, 2, 3])]:
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t, group=g)
+        if t.item() != sum(m + 1 for m in members):
+            bad.append(f"{name} all_reduce {t.item()}")
+        o = [torch.zeros(1) for _ in members]
+        dist.all_gather(o, torch.tensor([float(rank)]), group=g)
+        if [x.item() for x in o] != [float(m) for m in members]:
+            bad.append(f"{name} all_gather {o}")
+    dist.destroy_process_group()
+    init(rank, size, port + 1)
+    t = torch.ones(3) * rank
+    dist.all_reduce(t)
+    if t.tolist() != [float(sum(range(size)))] * 3:
+        bad.append(f"after re-init {t.tolist()}")
+    dist.destroy_process_group()
+    return bad
+
+
+def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
+    """Rank `size - 1` is SIGKILLed in the middle of a large all_reduce (arg "kill") or
+    SIGSTOPped (arg "stop"); the survivors' operations must fail within the timeout, naming it,
+    and the survivors then form a new group."""
+    timeout = 4.0
+    init(rank, size, port, timeout_s=timeout)
+    victim = size - 1
+    t = torch.ones(10)
+    dist.all_reduce(t)
+    if rank == victim:
+        sig = signal.SIGKILL if arg == "kill" else signal.SIGSTOP
+        threading.Timer(0.05, lambda: os.kill(os.getpid(), sig)).start()
+        big = torch.ones(8 << 20)
+        for _ in range(1000):
+            dist.all_reduce(big)
+        return ["the victim outlived its signal"]
+    big = torch.ones(8 << 20)
+    start = time.monotonic()
+    err = None
+    try:
+        for _ in range(1000):
+            dist.all_reduce(big)
+    except Exception as e:  # noqa: BLE001
+        err = e
+    took = time.monotonic() - start
+    out: Dict[str, Any] = {"took": took, "error": repr(err), "ranks": getattr(err, "ranks", None)}
+    # A later operation fails at once.
+    try:
+        dist.barrier()
+        out["later"] = "succeeded"
+    except Exception as e:  # noqa: BLE001
+        out["later"] = type(e).__name__
+    dist.destroy_process_group()
+    # The survivors form a new group.
+    init(rank, size - 1, port + 1)
+    t = torch.ones(2)
+    dist.all_reduce(t)
+    out["regrouped"] = t.tolist()
+    dist.destroy_process_group()
+    return out
+
+
+BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
+    "collectives": body_collectives,
+    "groups": body_groups,
+    "failure": body_failure,
+}
+
+if __name__ == "__main__":
+    body, rank, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    arg = sys.argv[5] if len(sys.argv) > 5 else ""
+    try:
+        result = BODIES[body](rank, size, port, arg)
+        print(json.dumps({"ok": result}), flush=True)
+    except Exception:  # noqa: BLE001
+        print(json.dumps({"error": traceback.format_exc()}), flush=True)

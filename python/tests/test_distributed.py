@@ -1,0 +1,100 @@
+"""The torch.distributed backend "tidewire" on CPU tensors: groups of 1, 2 and 4 spawned
+processes (python/tests/pg_rank.py) under a watchdog; every result is checked against a
+reference the ranks compute another way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, List
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch.distributed backend tests need torch (scripts/test.sh installs it)")
+
+RANK = os.path.join(os.path.dirname(__file__), "pg_rank.py")
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free (a second group in the same test binds p + 1)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def run_group(body: str, size: int, arg: str = "", deadline: float = 240.0, expect_dead: int = -1) -> List[Any]:
+    """Runs `body` on `size` ranks; returns each rank's result (None for rank `expect_dead`).
+    Every rank is killed at `deadline` (the test then fails with what the ranks printed)."""
+    port = free_port_pair()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, RANK, body, str(r), str(size), str(port), arg],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for r in range(size)
+    ]
+    end = time.monotonic() + deadline
+    results: List[Any] = [None] * size
+    try:
+        for r, p in enumerate(procs):
+            if r == expect_dead:
+                continue
+            try:
+                out, err = p.communicate(timeout=max(1.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{body}: rank {r} still running at the {deadline} s deadline")
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+            assert lines, f"{body}: rank {r} printed no result (exit {p.returncode}):\n{err[-3000:]}"
+            res = json.loads(lines[-1])
+            assert "error" not in res, f"{body}: rank {r} failed:\n{res['error']}"
+            results[r] = res["ok"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait()
+    return results
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_every_collective_dtype_and_op_matches_the_reference(size: int) -> None:
+    for rank, bad in enumerate(run_group("collectives", size)):
+        assert bad == [], f"rank {rank} of {size}: {bad}"
+
+
+def test_overlapping_subgroups_and_a_new_init_in_the_same_process() -> None:
+    for rank, bad in enumerate(run_group("groups", 4)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(how: str) -> None:
+    size, timeout = 3, 4.0
+    results = run_group("failure", size, how, expect_dead=size - 1)
+    for rank, out in enumerate(results[: size - 1]):
+        # The group's timeout bounds every wait; the margin is for slow process start-up only.
+        assert out["took"] < timeout + 5, f"rank {rank}: failed after {out['took']:.1f} s"
+        assert "rank 2" in out["error"], f"rank {rank}: {out['error']}"
+        assert out["ranks"] == [2], f"rank {rank}: failed ranks hint {out['ranks']}"
+        if how == "kill":
+            assert "PeerFailed" in out["error"], out["error"]
+        else:
+            assert "Timeout" in out["error"], out["error"]
+        assert out["later"] == "PeerFailed", f"rank {rank}: a later operation {out['later']}"
+        assert out["regrouped"] == [2.0, 2.0], f"rank {rank}: {out['regrouped']}"
