@@ -55,6 +55,9 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "maturin>=1.5,<2" "pytest>=7" pytest-timeout numpy mypy
+# torch for the torch.distributed backend tests: the PyPI build (CUDA, runs without a GPU),
+# pinned to the GPU host's version; pip's cache makes later runs cheap.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.11.0"
 
 step "python: pip install . (maturin, abi3)"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .

@@ -1,0 +1,129 @@
+"""Collective benchmark, nccl-tests-style rows, for the tidewire torch.distributed backend and
+torch's own backends in the same run:
+
+    python bench/pg_bench.py [--backends tidewire,gloo] [--ranks 2] [--max-bytes 64M] [--device cpu]
+
+For every backend: one process per rank; all_reduce, all_gather (into tensor), reduce_scatter
+(tensor) and all_to_all_single from 8 bytes up to --max-bytes (×--step); each size timed as
+the median over --iters groups of back-to-back calls. busbw follows nccl-tests (all_reduce
+2(n−1)/n, the others (n−1)/n; all_gather sized by its output). Rank 0 prints the rows, then a
+table of tidewire against each other backend (time ratio, busbw ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+DT = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "int32": torch.int32}
+
+
+def parse_size(s: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1].upper()] if s[-1].upper() in units else int(s)
+
+
+def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespace, out_path: str) -> None:
+    if backend == "tidewire":
+        import tidewire.distributed  # noqa: F401
+    dev = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    dt = DT[args.dtype]
+    esz = torch.tensor([], dtype=dt).element_size()
+    rows = []
+    size = 8
+    while size <= args.max_bytes:
+        count = max(n, size // esz) // n * n
+        nbytes = count * esz
+        x = torch.ones(count, dtype=dt, device=dev)
+        outs = torch.empty(count * n, dtype=dt, device=dev)
+        rs_out = torch.empty(count // n, dtype=dt, device=dev)
+        a2a_out = torch.empty(count, dtype=dt, device=dev)
+        ops = {
+            "all_reduce": (lambda: dist.all_reduce(x), 2 * (n - 1) / n),
+            "all_gather": (lambda: dist.all_gather_into_tensor(outs, x), (n - 1) / n),
+            "reduce_scatter": (lambda: dist.reduce_scatter_tensor(rs_out, x), (n - 1) / n),
+            "all_to_all": (lambda: dist.all_to_all_single(a2a_out, x), (n - 1) / n),
+        }
+        big = nbytes >= (16 << 20)
+        iters, batch = (5, 2) if big else (args.iters, 10)
+        for name, (fn, factor) in ops.items():
+            for _ in range(2 * batch):
+                fn()
+            times = []
+            for _ in range(iters):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                a = time.perf_counter()
+                for _ in range(batch):
+                    fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - a) * 1e6 / batch)
+            med = statistics.median(times)
+            moved = nbytes * n if name == "all_gather" else nbytes
+            algbw = moved / med / 1e3
+            rows.append({"bytes": moved, "op": name, "time_us": med, "algbw": algbw, "busbw": algbw * factor})
+        size *= args.step
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(rows, f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backends", default="tidewire,gloo")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DT))
+    p.add_argument("--max-bytes", type=parse_size, default=parse_size("64M"))
+    p.add_argument("--step", type=int, default=4)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    results: Dict[str, List[dict]] = {}
+    for backend in args.backends.split(","):
+        out_path = f"/tmp/pg_bench_{os.getpid()}_{backend}.json"
+        mp.spawn(rank_main, args=(args.ranks, backend, free_port(), args, out_path), nprocs=args.ranks)
+        with open(out_path) as f:
+            results[backend] = json.load(f)
+        os.unlink(out_path)
+        print(f"# backend {backend} ranks {args.ranks} device {args.device} dtype {args.dtype}")
+        print(f"{'bytes':>12} {'op':>15} {'time_us':>10} {'algbw':>8} {'busbw':>8}")
+        for r in results[backend]:
+            print(f"{r['bytes']:>12} {r['op']:>15} {r['time_us']:>10.1f} {r['algbw']:>8.2f} {r['busbw']:>8.2f}")
+        sys.stdout.flush()
+    mine = results.get("tidewire")
+    for other, rows in results.items():
+        if other == "tidewire" or mine is None:
+            continue
+        print(f"# tidewire against {other}: time ratio (lower is better), busbw ratio (higher is better)")
+        print(f"{'bytes':>12} {'op':>15} {'time':>8} {'busbw':>8}")
+        for a, b in zip(mine, rows):
+            print(f"{a['bytes']:>12} {a['op']:>15} {a['time_us'] / b['time_us']:>8.2f} {a['busbw'] / b['busbw']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
