@@ -135,9 +135,36 @@ macro_rules! half_reduce {
     }};
 }
 
+/// `acc[i] = acc[i] op src[i]` over aligned typed slices (the compiler vectorizes these).
+fn typed<T: bytemuck::Pod>(acc: &mut [u8], src: &[u8], f: impl Fn(T, T) -> T) -> bool {
+    match (bytemuck::try_cast_slice_mut::<u8, T>(acc), bytemuck::try_cast_slice::<u8, T>(src)) {
+        (Ok(a), Ok(s)) => {
+            for (x, &y) in a.iter_mut().zip(s) {
+                *x = f(*x, y);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The common sums of aligned buffers, typed; false when the bytes need the general path.
+fn fast_sum(acc: &mut [u8], src: &[u8], dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => typed::<f32>(acc, src, |a, b| a + b),
+        DType::F64 => typed::<f64>(acc, src, |a, b| a + b),
+        DType::I32 => typed::<i32>(acc, src, i32::wrapping_add),
+        DType::I64 => typed::<i64>(acc, src, i64::wrapping_add),
+        _ => false,
+    }
+}
+
 /// `acc[i] = acc[i] op src[i]` for every element (`acc` and `src` of equal length, a multiple
 /// of the element size; AVG sums, [`finish_avg`] divides).
 pub fn reduce_into(acc: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
+    if matches!(op, ReduceOp::Sum | ReduceOp::Avg) && fast_sum(acc, src, dtype) {
+        return;
+    }
     match dtype {
         DType::I8 => int_reduce!(i8, acc, src, op),
         DType::I16 => int_reduce!(i16, acc, src, op),
