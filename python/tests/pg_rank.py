@@ -268,7 +268,68 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     return out
 
 
+def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
+    """SGLang's Mooncake PG calls, through tidewire.mooncake.install()."""
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import ep as mep  # type: ignore[import-not-found]
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    bad: List[str] = []
+    active = torch.zeros(8, dtype=torch.int32)
+    active[:size] = 1
+    dist.init_process_group(
+        "mooncake-cpu",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        pg_options=mpg.MooncakeBackendOptions(active),
+    )
+    if dist.get_backend() != "mooncake-cpu":
+        bad.append(f"get_backend {dist.get_backend()}")
+    if mpg.get_active_ranks(dist.group.WORLD) is not active:
+        bad.append("get_active_ranks is not the caller's tensor")
+    if mpg.get_peer_state(dist.group.WORLD, list(range(size))) != [True] * size:
+        bad.append("peer state")
+    t = torch.ones(4) * (rank + 1)
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    if t.tolist() != [float(sum(range(1, size + 1)))] * 4:
+        bad.append(f"all_reduce {t.tolist()}")
+    if not mpg.get_local_success(work) or mpg.get_failed_ranks_hint(work) != []:
+        bad.append("work status")
+    sub_cpu = dist.new_group(list(range(size)), backend="mooncake-cpu", pg_options=mpg.MooncakeBackendOptions(active.clone()))
+    objs: List[Any] = [None] * size
+    dist.all_gather_object(objs, rank, group=sub_cpu)
+    if objs != list(range(size)):
+        bad.append(f"all_gather_object on a subgroup {objs}")
+    dist.barrier(group=sub_cpu)
+    for call in (mpg.deactivate_ranks, mpg.recover_ranks, mpg.activate_ranks):
+        try:
+            call(dist.group.WORLD, [0])
+            bad.append(f"{call.__name__} did not raise")
+        except NotImplementedError as e:
+            if "elastic membership" not in str(e):
+                bad.append(f"{call.__name__}: {e}")
+    # Both constructor families and the refused combination.
+    o = mpg.MooncakeBackendOptions(16, False, True, False)
+    if (o.max_group_size, o.auto_deactivate_on_failure, o.auto_sync_on_failure) != (16, True, False):
+        bad.append(f"options {o}")
+    try:
+        mpg.MooncakeBackendOptions(16, False, False, True)
+        bad.append("auto_sync without auto_deactivate was accepted")
+    except ValueError:
+        pass
+    if mep.MooncakeBackendOptions is not mpg.MooncakeBackendOptions:
+        bad.append("mooncake.ep names")
+    mep.set_device_filter(["mlx5_0"])
+    dist.destroy_process_group()
+    return bad
+
+
 BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
+    "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,
     "failure": body_failure,

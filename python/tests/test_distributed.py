@@ -98,3 +98,8 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(how: st
             assert "Timeout" in out["error"], out["error"]
         assert out["later"] == "PeerFailed", f"rank {rank}: a later operation {out['later']}"
         assert out["regrouped"] == [2.0, 2.0], f"rank {rank}: {out['regrouped']}"
+
+
+def test_the_mooncake_pg_names_sglang_calls() -> None:
+    for rank, bad in enumerate(run_group("mooncake", 2)):
+        assert bad == [], f"rank {rank}: {bad}"

@@ -288,8 +288,17 @@ def test_install_makes_mooncake_importable(mooncake_modules):
     for name in mooncake.SUBMODULES:
         assert sys.modules[f"mooncake.{name}"] is getattr(mooncake, name)
         assert getattr(sys.modules["mooncake"], name) is getattr(mooncake, name)
-    # The parts not provided yet are absent, as in a Mooncake build without them.
-    for name in ("pg", "ep", "mooncake_ep_buffer"):
+    # With torch, the process-group names too; the EP buffer is absent, as in a Mooncake build
+    # without it.
+    if importlib.util.find_spec("torch") is not None:
+        import mooncake.ep as imported_ep  # type: ignore[import-not-found]
+        import mooncake.pg as imported_pg  # type: ignore[import-not-found]
+        import torch.distributed as dist
+
+        assert imported_pg is tidewire.mooncake.pg
+        assert imported_ep.MooncakeBackendOptions is imported_pg.MooncakeBackendOptions
+        assert "MOONCAKE" in dist.Backend._plugins and "MOONCAKE-CPU" in dist.Backend._plugins
+    for name in ("mooncake_ep_buffer",):
         assert importlib.util.find_spec(f"mooncake.{name}") is None
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(f"mooncake.{name}")

@@ -180,10 +180,13 @@ class _P2PWork(dist.Work):
 class ProcessGroupTidewire(dist.ProcessGroup):
     """One group of the ``tidewire`` backend (see the module's documentation)."""
 
-    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta) -> None:
+    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta, backend: str = BACKEND) -> None:
         super().__init__(rank, size)
         self._rank, self._size = rank, size
         self._timeout = timeout
+        self._backend = backend
+        #: The active-rank mask of a Mooncake-style group (`tidewire.mooncake.pg`).
+        self._active_ranks: Optional[torch.Tensor] = None
         self._group_name = ""
         self._group_desc = ""
         self._failed_ranks: List[int] = []
@@ -200,7 +203,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     # --- identity -------------------------------------------------------------------------
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
-        return BACKEND
+        return self._backend
 
     def setGroupName(self, name: str) -> None:  # noqa: N802
         self._group_name = name

@@ -9,12 +9,16 @@ Submodules mirror Mooncake's import paths, so code written for Mooncake runs unc
   `get_allocator(device).allocator()` feeds `torch.cuda.MemPool` (SGLang's
   `SGLANG_MOONCAKE_CUSTOM_MEM_POOL=NVLINK`) with tidewire's transferable GPU allocation.
 
-Not provided yet: Mooncake's `mooncake.pg` (its torch.distributed backend), `mooncake.ep`
-and `mooncake.mooncake_ep_buffer` (expert-parallel dispatch and combine). They will be
-`tidewire/mooncake/pg.py`, `ep.py` and `mooncake_ep_buffer.py`, registered by `install()`
-like the others. Until then `import mooncake.ep` (or `pg`, `mooncake_ep_buffer`) raises
-ModuleNotFoundError, as with a Mooncake build without them, and
-`importlib.util.find_spec` answers None, so frameworks' feature checks fall back.
+- `tidewire.mooncake.pg` is `mooncake.pg` (with torch installed): `MooncakeBackendOptions`,
+  `get_active_ranks`, `get_peer_state`, ...; `install()` also registers the torch.distributed
+  backends ``"mooncake"`` and ``"mooncake-cpu"`` on `tidewire.distributed`.
+- `tidewire.mooncake.ep` is `mooncake.ep`'s process-group names (`MooncakeBackendOptions`,
+  `set_device_filter`).
+
+Not provided yet: `mooncake.mooncake_ep_buffer` (expert-parallel dispatch and combine). Until
+then `import mooncake.mooncake_ep_buffer` raises ModuleNotFoundError, as with a Mooncake build
+without it, and `importlib.util.find_spec` answers None, so frameworks' feature checks fall
+back.
 
     from tidewire.mooncake import install
     install()
@@ -25,6 +29,7 @@ ModuleNotFoundError, as with a Mooncake build without them, and
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -35,6 +40,8 @@ __all__ = ["SUBMODULES", "TransferEngine", "TransferNotify", "TransferOpcode", "
 
 #: The submodules this package provides, each registered as `mooncake.<name>` by `install()`.
 SUBMODULES = ("engine", "allocator")
+#: The submodules that need torch, registered by `install()` when torch imports.
+TORCH_SUBMODULES = ("pg", "ep")
 
 
 def install() -> types.ModuleType:
@@ -50,8 +57,13 @@ def install() -> types.ModuleType:
         pkg = types.ModuleType("mooncake", __doc__)
         pkg.__path__ = []  # a package, so `import mooncake.engine` resolves
         sys.modules["mooncake"] = pkg
-    for name in SUBMODULES:
+    names = list(SUBMODULES)
+    if importlib.util.find_spec("torch") is not None:
+        names += TORCH_SUBMODULES
+    for name in names:
         module = importlib.import_module(f"{__name__}.{name}")
         setattr(pkg, name, module)
         sys.modules[f"mooncake.{name}"] = module
+    if "pg" in names:
+        sys.modules["mooncake.pg"].register_backends()
     return engine
