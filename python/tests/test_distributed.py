@@ -36,14 +36,17 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def run_group(body: str, size: int, arg: str = "", deadline: float = 240.0, expect_dead: int = -1) -> List[Any]:
-    """Runs `body` on `size` ranks; returns each rank's result (None for rank `expect_dead`).
-    Every rank is killed at `deadline` (the test then fails with what the ranks printed)."""
+def run_group(
+    body: str, size: int, arg: str = "", deadline: float = 240.0, expect_dead: int = -1, script: str = RANK
+) -> List[Any]:
+    """Runs `body` of `script` on `size` ranks; returns each rank's result (None for rank
+    `expect_dead`). Every rank is killed at `deadline` (the test then fails with what the ranks
+    printed)."""
     port = free_port_pair()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = [
         subprocess.Popen(
-            [sys.executable, RANK, body, str(r), str(size), str(port), arg],
+            [sys.executable, script, body, str(r), str(size), str(port), arg],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         for r in range(size)

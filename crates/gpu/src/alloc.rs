@@ -247,6 +247,19 @@ pub unsafe fn copy_sync_on(device: u32, dst: u64, src: u64, len: u64) -> Result<
     cuda.check("cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
 }
 
+/// Sets `len` bytes of device memory at `ptr` (owned by GPU `device`) to zero; returns once
+/// done.
+///
+/// # Safety
+/// The range must be valid device memory for `len` bytes in `device`'s context, and nobody
+/// may use it concurrently.
+pub unsafe fn zero_device(device: u32, ptr: u64, len: u64) -> Result<(), GpuError> {
+    let cuda = driver()?;
+    let _ctx = Gpu::get(device)?.enter()?;
+    // SAFETY: forwarded contract.
+    cuda.check("cuMemsetD8", unsafe { (cuda.memset_d8)(ptr, 0, len as usize) })
+}
+
 /// A 32-bit word in pinned, device-mapped host memory: the host stores it, and kernels on any
 /// GPU read it at its address (unified addressing) with a system-scope load, no copy needed.
 /// Freed when dropped.

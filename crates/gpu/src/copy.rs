@@ -87,7 +87,7 @@ tw_gather(const Seg* __restrict__ segs, unsigned int n) {
 /// The PTX of the gather kernel, compiled once per process, or why there is none.
 fn ptx(cc: (i32, i32)) -> &'static Result<CString, GpuError> {
     static PTX: OnceLock<Result<CString, GpuError>> = OnceLock::new();
-    PTX.get_or_init(|| compile(cc))
+    PTX.get_or_init(|| compile(KERNEL, c"tw_gather.cu", cc))
 }
 
 /// An NVRTC result as [`GpuError::Nvrtc`] naming `call` (no log).
@@ -99,11 +99,16 @@ fn nvrtc_check(call: &'static str, code: std::ffi::c_int) -> Result<(), GpuError
     }
 }
 
-fn compile(cc: (i32, i32)) -> Result<CString, GpuError> {
+/// Compiles CUDA `source` (named `name` in NVRTC's messages) to PTX for compute capability
+/// `cc`.
+pub(crate) fn compile(
+    source: &str,
+    name: &std::ffi::CStr,
+    cc: (i32, i32),
+) -> Result<CString, GpuError> {
     let nvrtc = Nvrtc::load().map_err(GpuError::unavailable)?;
-    let src = CString::new(KERNEL)
-        .map_err(|_| GpuError::Internal("the gather kernel's source contains a NUL"))?;
-    let name = c"tw_gather.cu";
+    let src =
+        CString::new(source).map_err(|_| GpuError::Internal("a kernel's source contains a NUL"))?;
     let mut prog: *mut c_void = std::ptr::null_mut();
     // SAFETY: NUL-terminated source and name; no headers.
     nvrtc_check("nvrtcCreateProgram", unsafe {
@@ -154,7 +159,7 @@ pub fn kernel_status(gpu: &'static Gpu) -> Result<(), GpuError> {
     kernel(gpu).map(|_| ())
 }
 
-struct Func(CuFunction);
+pub(crate) struct Func(pub(crate) CuFunction);
 // SAFETY: a CUfunction is an opaque handle valid in its context from any thread.
 unsafe impl Send for Func {}
 // SAFETY: as above; never mutated.

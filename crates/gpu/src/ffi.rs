@@ -167,6 +167,7 @@ pub(crate) struct Cuda {
     pub(crate) event_query: unsafe extern "C" fn(CuEvent) -> CuResult,
     pub(crate) memcpy_async: unsafe extern "C" fn(u64, u64, usize, CuStream) -> CuResult,
     pub(crate) memcpy: unsafe extern "C" fn(u64, u64, usize) -> CuResult,
+    pub(crate) memset_d8: unsafe extern "C" fn(u64, u8, usize) -> CuResult,
     pub(crate) mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
     pub(crate) module_load_data: unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult,
     pub(crate) module_function:
@@ -236,6 +237,7 @@ impl Cuda {
                 event_query: sym(&lib, "cuEventQuery")?,
                 memcpy_async: sym(&lib, "cuMemcpyAsync")?,
                 memcpy: sym(&lib, "cuMemcpy")?,
+                memset_d8: sym(&lib, "cuMemsetD8_v2")?,
                 mem_get_info: sym(&lib, "cuMemGetInfo_v2")?,
                 module_load_data: sym(&lib, "cuModuleLoadData")?,
                 module_function: sym(&lib, "cuModuleGetFunction")?,

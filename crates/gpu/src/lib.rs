@@ -23,6 +23,8 @@ pub mod copy;
 #[allow(unsafe_code)]
 mod device;
 #[allow(unsafe_code)]
+pub mod ep;
+#[allow(unsafe_code)]
 mod ffi;
 #[allow(unsafe_code)]
 mod memory;

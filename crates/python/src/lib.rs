@@ -8,6 +8,7 @@
 mod arrays;
 pub mod capi;
 mod collective;
+mod ep;
 mod errors;
 
 use std::sync::Arc;
@@ -699,6 +700,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPlan>()?;
     m.add_class::<PyMetadataServer>()?;
     m.add_class::<collective::PyComm>()?;
+    m.add_class::<ep::PyEpBuffer>()?;
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;
     m.add_function(wrap_pyfunction!(allocation, m)?)?;

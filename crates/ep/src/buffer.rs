@@ -1,0 +1,285 @@
+//! An EP buffer: this rank's transferable GPU allocation, every other rank's mapped for our
+//! GPU, and the launches of the dispatch and combine kernels on the caller's stream.
+
+use std::sync::Arc;
+
+use tidewire::{Engine, MappedPeer};
+use tidewire_gpu::ep::{EpArgs, EpKernels, MAX_RANKS};
+use tidewire_gpu::Gpu;
+
+use crate::error::{Error, Result};
+use crate::layout::{Layout, MAX_TOPK};
+
+/// What a rank publishes to the others: its engine's segment name and its buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerBuffer {
+    pub name: String,
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// The shape of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    pub layout: Layout,
+    /// The call's sequence number (from [`Buffer::next_seq`]; the combine reuses its dispatch's).
+    pub seq: u64,
+    pub num_tokens: usize,
+    pub topk: usize,
+    pub timeout_ns: i64,
+}
+
+/// One rank's EP buffer.
+pub struct Buffer {
+    engine: Arc<Engine>,
+    rank: usize,
+    device: u32,
+    addr: u64,
+    len: u64,
+    /// Every other rank's buffer mapped for our GPU (`None` for ourselves).
+    maps: Vec<Option<MappedPeer>>,
+    kernels: Arc<EpKernels>,
+    seq: u64,
+}
+
+impl Buffer {
+    /// Allocates `bytes` of transferable memory on GPU `device` (the best reach the topology
+    /// proves), zeroed; returns `(address, length)`.
+    pub fn allocate(engine: &Engine, device: u32, bytes: u64) -> Result<(u64, u64)> {
+        let a = engine.allocate_device(bytes, device, None).map_err(|source| Error::Engine {
+            context: format!("allocating the {bytes}-byte EP buffer on cuda:{device}"),
+            source,
+        })?;
+        log::info!("EP buffer: {} bytes on cuda:{device}, {} ({})", a.len, a.kind.name(), a.reason);
+        // SAFETY: the allocation was just made, is `a.len` bytes on `device`, and nobody else
+        // knows it yet.
+        let zeroed = unsafe { tidewire_gpu::alloc::zero_device(device, a.ptr, a.len) };
+        if let Err(source) = zeroed {
+            let _ = engine.free_device(a.ptr);
+            return Err(Error::Gpu { context: "zeroing the EP buffer".into(), source });
+        }
+        Ok((a.ptr, a.len))
+    }
+
+    /// Maps every other rank's buffer (`peers[r]`, ours included) for our GPU and loads the
+    /// kernels. A rank no GPU path reaches is an error naming it and why.
+    pub fn connect(
+        engine: Arc<Engine>,
+        rank: usize,
+        device: u32,
+        peers: &[PeerBuffer],
+    ) -> Result<Self> {
+        let ranks = peers.len();
+        if ranks > MAX_RANKS || rank >= ranks {
+            return Err(Error::Shape(format!(
+                "rank {rank} of {ranks} (at most {MAX_RANKS} ranks)"
+            )));
+        }
+        let mine = &peers[rank];
+        let mut maps = Vec::with_capacity(ranks);
+        for (r, p) in peers.iter().enumerate() {
+            if r == rank {
+                maps.push(None);
+                continue;
+            }
+            let failed = |what: &str, source| Error::Engine {
+                context: format!("EP rank {rank}: {what} rank {r}'s buffer ({})", p.name),
+                source,
+            };
+            let id = engine.open_segment(&p.name).map_err(|e| failed("opening", e))?;
+            let map = engine
+                .map_peer(id, p.addr, p.len, Some(device))
+                .map_err(|e| failed("mapping", e))?;
+            log::info!("EP rank {rank}: rank {r} over {}", map.transport());
+            maps.push(Some(map));
+        }
+        let gpu = Gpu::get(device)
+            .map_err(|source| Error::Gpu { context: format!("cuda:{device}"), source })?;
+        let kernels = EpKernels::load(gpu)
+            .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
+        Ok(Self { engine, rank, device, addr: mine.addr, len: mine.len, maps, kernels, seq: 0 })
+    }
+
+    /// How each rank is reached (`local` for ourselves).
+    pub fn paths(&self) -> Vec<String> {
+        self.maps
+            .iter()
+            .map(|m| m.as_ref().map_or_else(|| "local".to_string(), |m| m.transport().to_string()))
+            .collect()
+    }
+
+    /// The sequence number of the next dispatch (every rank counts its dispatches alike).
+    pub fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn args(&self, c: &Call) -> Result<EpArgs> {
+        let l = &c.layout;
+        if l.ranks != self.maps.len() {
+            return Err(Error::Shape(format!(
+                "a call for {} ranks on a buffer of {}",
+                l.ranks,
+                self.maps.len()
+            )));
+        }
+        if l.bytes() > self.len {
+            return Err(Error::Shape(format!(
+                "the call needs {} bytes (get_ep_buffer_size_hint), the buffer has {}",
+                l.bytes(),
+                self.len
+            )));
+        }
+        if c.num_tokens > l.max_tokens || c.topk == 0 || c.topk > MAX_TOPK {
+            return Err(Error::Shape(format!(
+                "{} tokens (at most {}) with {} experts each (1 to {MAX_TOPK})",
+                c.num_tokens, l.max_tokens, c.topk
+            )));
+        }
+        let mut peers = [0u64; MAX_RANKS];
+        let mut alive = [0u64; MAX_RANKS];
+        for (r, m) in self.maps.iter().enumerate() {
+            match m {
+                Some(m) => {
+                    peers[r] = m.addr();
+                    alive[r] = m.alive_flag().unwrap_or(0);
+                }
+                None => peers[r] = self.addr,
+            }
+        }
+        let i = |v: usize| v as i32;
+        Ok(EpArgs {
+            peers,
+            alive,
+            seq: c.seq,
+            half: l.half,
+            off_dsig: l.off_dsig,
+            off_ddata: l.off_ddata,
+            off_dsrc: l.off_dsrc,
+            off_csig: l.off_csig,
+            off_cdata: l.off_cdata,
+            timeout_ns: c.timeout_ns,
+            rank: i(self.rank),
+            ranks: i(l.ranks),
+            experts: i(l.experts),
+            local_experts: i(l.local_experts),
+            max_tokens: i(l.max_tokens),
+            hidden: i(l.hidden),
+            topk: i(c.topk),
+            num_tokens: i(c.num_tokens),
+        })
+    }
+
+    fn gpu_err(what: &str) -> impl FnOnce(tidewire_gpu::GpuError) -> Error + '_ {
+        move |source| Error::Gpu { context: format!("launching the {what} kernel"), source }
+    }
+
+    /// Dispatch, send phase, on `stream`.
+    ///
+    /// # Safety
+    /// `x` (`[num_tokens, hidden]` bf16), `topk` (`[num_tokens, topk]` int64) and `active`
+    /// (`[ranks]` int32) are on this buffer's GPU and live until the work on `stream` is done;
+    /// every rank makes the same calls in the same order.
+    pub unsafe fn dispatch_send(
+        &self,
+        stream: u64,
+        c: &Call,
+        x: u64,
+        topk: u64,
+        active: u64,
+    ) -> Result<()> {
+        let a = self.args(c)?;
+        // SAFETY: forwarded contract; the buffers `a` names are mapped for the buffer's life.
+        unsafe { self.kernels.dispatch_send(stream, &a, x, topk, active) }
+            .map_err(Self::gpu_err("dispatch send"))
+    }
+
+    /// Dispatch, receive phase, on `stream`.
+    ///
+    /// # Safety
+    /// As for [`Buffer::dispatch_send`], for the output tensors of the shapes
+    /// [`tidewire_gpu::ep::EpKernels::dispatch_recv`] names (`recv_count` zeroed).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dispatch_recv(
+        &self,
+        stream: u64,
+        c: &Call,
+        recv_x: u64,
+        src_info: u64,
+        layout_range: u64,
+        recv_count: u64,
+        active: u64,
+    ) -> Result<()> {
+        let a = self.args(c)?;
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.kernels.dispatch_recv(
+                stream,
+                &a,
+                recv_x,
+                src_info,
+                layout_range,
+                recv_count,
+                active,
+            )
+        }
+        .map_err(Self::gpu_err("dispatch receive"))
+    }
+
+    /// Combine, send phase, on `stream`.
+    ///
+    /// # Safety
+    /// As for [`Buffer::dispatch_recv`]; `y` is the experts' output, `src_info` and
+    /// `layout_range` the handle of the dispatch whose `seq` `c` carries.
+    pub unsafe fn combine_send(
+        &self,
+        stream: u64,
+        c: &Call,
+        y: u64,
+        src_info: u64,
+        layout_range: u64,
+        active: u64,
+    ) -> Result<()> {
+        let a = self.args(c)?;
+        // SAFETY: forwarded contract.
+        unsafe { self.kernels.combine_send(stream, &a, y, src_info, layout_range, active) }
+            .map_err(Self::gpu_err("combine send"))
+    }
+
+    /// Combine, receive phase, on `stream`.
+    ///
+    /// # Safety
+    /// As for [`Buffer::dispatch_send`]; `weights` is `[num_tokens, topk]` fp32 and `out`
+    /// `[num_tokens, hidden]` bf16.
+    pub unsafe fn combine_recv(
+        &self,
+        stream: u64,
+        c: &Call,
+        topk: u64,
+        weights: u64,
+        out: u64,
+        active: u64,
+    ) -> Result<()> {
+        let a = self.args(c)?;
+        // SAFETY: forwarded contract.
+        unsafe { self.kernels.combine_recv(stream, &a, topk, weights, out, active) }
+            .map_err(Self::gpu_err("combine receive"))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn device(&self) -> u32 {
+        self.device
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.maps.clear();
+        if let Err(e) = self.engine.free_device(self.addr) {
+            log::warn!("EP rank {}: freeing the buffer: {e}", self.rank);
+        }
+    }
+}

@@ -1,0 +1,209 @@
+// Expert-parallel dispatch and combine (low-latency form) over NVLink-mapped peer buffers.
+// Compiled with NVRTC when an EP buffer is created (crates/gpu/src/ep.rs), never lazily.
+//
+// Every rank's buffer holds, per parity (calls alternate), a dispatch area (a signal per
+// (local expert, source rank); a slot of T rows and their source token per (local expert,
+// source rank)) and a combine area (a signal per global expert; a row per (global expert,
+// token)). Senders write rows straight into the receiver's buffer through its mapping, then
+// publish a signal tagged with the call's sequence number (release, system scope); receivers
+// wait for the tag with a deadline (globaltimer) and the sender's liveness word. A sender
+// that misses the deadline, or whose process died, is marked inactive in the caller's
+// `active` tensor and counts as sending nothing from then on.
+
+#define TW_MAX_RANKS 64
+
+struct EpArgs {
+    unsigned long long peers[TW_MAX_RANKS];  // each rank's buffer, mapped for this GPU
+    unsigned long long alive[TW_MAX_RANKS];  // each rank's liveness word (0: none / ourselves)
+    unsigned long long seq;                  // the call (from 1); parity = seq & 1
+    unsigned long long half;                 // bytes of one parity
+    unsigned long long off_dsig, off_ddata, off_dsrc, off_csig, off_cdata;
+    long long timeout_ns;
+    int rank, ranks, experts, local_experts, max_tokens, hidden, topk, num_tokens;
+};
+
+__device__ __forceinline__ unsigned long long tw_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ unsigned long long tw_ld_acquire(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void tw_st_release(unsigned long long* p, unsigned long long v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ char* tw_base(const EpArgs& a, int r) {
+    return (char*)a.peers[r] + (a.seq & 1ull) * a.half;
+}
+
+// Waits until `*sig` carries tag `tag` in its high 32 bits; returns the low 32 bits, or -1
+// when rank `from` died or the deadline passed (it is then marked inactive in `active`).
+__device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, unsigned long long tag,
+                             int from, int* active) {
+    unsigned long long start = tw_now();
+    for (unsigned spins = 0;; spins++) {
+        unsigned long long v = tw_ld_acquire(sig);
+        if ((v >> 32) == tag) return (long long)(v & 0xffffffffull);
+        if ((spins & 255u) == 255u) {
+            bool dead = a.alive[from] != 0 && *(volatile const unsigned*)a.alive[from] == 0;
+            if (dead || (long long)(tw_now() - start) > a.timeout_ns || *(volatile int*)&active[from] == 0) {
+                atomicExch(&active[from], 0);
+                return -1;
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ float tw_bf16(unsigned short b) { return __uint_as_float(((unsigned)b) << 16); }
+
+__device__ __forceinline__ unsigned short tw_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+
+// One block per global expert: its tokens (in token order) into the owner's slot for us.
+extern "C" __global__ void tw_ep_dispatch_send(EpArgs a, const unsigned short* x,
+                                               const long long* topk, int* active) {
+    __shared__ int tok[1024];
+    __shared__ int warp_sum[32];
+    __shared__ int count;
+    const int e = blockIdx.x, dst = e / a.local_experts, el = e % a.local_experts;
+    if (active[dst] == 0) return;
+    // Which tokens route to e, and their slots (a block-wide prefix sum in token order).
+    for (int chunk = 0; chunk < a.num_tokens; chunk += blockDim.x) {
+        int t = chunk + threadIdx.x;
+        int hit = 0;
+        if (t < a.num_tokens)
+            for (int k = 0; k < a.topk; k++) hit |= topk[(long long)t * a.topk + k] == e;
+        unsigned mask = __ballot_sync(0xffffffffu, hit);
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        if (lane == 0) warp_sum[warp] = __popc(mask);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int run = chunk == 0 ? 0 : count;
+            for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++) {
+                int c = warp_sum[w];
+                warp_sum[w] = run;
+                run += c;
+            }
+            count = run;
+        }
+        __syncthreads();
+        if (hit) tok[warp_sum[warp] + __popc(mask & ((1u << lane) - 1u))] = t;
+        __syncthreads();
+    }
+    if (a.num_tokens == 0 && threadIdx.x == 0) count = 0;
+    __syncthreads();
+    const int n = count;
+    const unsigned long long row = (unsigned long long)a.hidden * 2;
+    char* base = tw_base(a, dst);
+    const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
+    char* data = base + a.off_ddata + slot * a.max_tokens * row;
+    int* src = (int*)(base + a.off_dsrc) + slot * a.max_tokens;
+    unsigned long long per = row / 16;
+    for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
+        unsigned long long j = i / per, w = i % per;
+        ((int4*)(data + j * row))[w] = ((const int4*)((const char*)x + (unsigned long long)tok[j] * row))[w];
+    }
+    for (int j = threadIdx.x; j < n; j += blockDim.x) src[j] = tok[j];
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long* sig = (unsigned long long*)(base + a.off_dsig) + slot;
+        tw_st_release(sig, (a.seq << 32) | (unsigned long long)n);
+    }
+}
+
+// One block per (local expert, source rank): waits for its signal, then copies its rows out.
+extern "C" __global__ void tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x, int* src_info,
+                                               long long* layout_range, int* recv_count, int* active) {
+    __shared__ int n;
+    const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
+    const unsigned long long slot = (unsigned long long)el * a.ranks + s;
+    char* base = tw_base(a, a.rank);
+    if (threadIdx.x == 0) {
+        long long got = -1;
+        if (*(volatile int*)&active[s] != 0)
+            got = tw_wait(a, (const unsigned long long*)(base + a.off_dsig) + slot, a.seq, s, active);
+        n = got < 0 ? 0 : (int)got;
+        layout_range[slot] = ((long long)s * a.max_tokens << 32) | (long long)n;
+        if (n) atomicAdd(&recv_count[el], n);
+    }
+    __syncthreads();
+    const unsigned long long row = (unsigned long long)a.hidden * 2;
+    const char* data = base + a.off_ddata + slot * a.max_tokens * row;
+    char* out = (char*)recv_x + ((unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens) * row;
+    unsigned long long per = row / 16;
+    for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
+        unsigned long long j = i / per, w = i % per;
+        ((int4*)(out + j * row))[w] = ((const int4*)(data + j * row))[w];
+    }
+    const int* src = (const int*)(base + a.off_dsrc) + slot * a.max_tokens;
+    int* info = src_info + (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) info[j] = src[j];
+}
+
+// One block per (local expert, source rank): the expert's output rows back to the tokens'
+// home rank, then the expert's signal there.
+extern "C" __global__ void tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
+                                              const long long* layout_range, int* active) {
+    const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
+    if (active[s] == 0) return;
+    const unsigned long long slot = (unsigned long long)el * a.ranks + s;
+    const int n = (int)(layout_range[slot] & 0xffffffffll);
+    const int e = a.rank * a.local_experts + el;
+    const unsigned long long row = (unsigned long long)a.hidden * 2;
+    char* base = tw_base(a, s);
+    char* cdata = base + a.off_cdata + (unsigned long long)e * a.max_tokens * row;
+    const char* rows = (const char*)y + ((unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens) * row;
+    const int* info = src_info + (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;
+    unsigned long long per = row / 16;
+    for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
+        unsigned long long j = i / per, w = i % per;
+        ((int4*)(cdata + (unsigned long long)info[j] * row))[w] = ((const int4*)(rows + j * row))[w];
+    }
+    __threadfence_system();
+    __syncthreads();
+    // Every expert signals every active home rank, with or without rows for it; only the
+    // block of the last local... (each (el, s) block signals expert e at rank s once).
+    if (threadIdx.x == 0) tw_st_release((unsigned long long*)(base + a.off_csig) + e, a.seq << 32);
+}
+
+// One block per token: waits for the signals of its experts, then the weighted sum (fp32).
+extern "C" __global__ void tw_ep_combine_recv(EpArgs a, const long long* topk, const float* weights,
+                                              unsigned short* out, int* active) {
+    __shared__ int valid[16];
+    const int t = blockIdx.x;
+    char* base = tw_base(a, a.rank);
+    if (threadIdx.x < (unsigned)a.topk) {
+        long long e = topk[(long long)t * a.topk + threadIdx.x];
+        int ok = 0;
+        if (e >= 0 && e < a.experts) {
+            int owner = (int)(e / a.local_experts);
+            if (*(volatile int*)&active[owner] != 0)
+                ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, a.seq, owner, active) >= 0;
+        }
+        valid[threadIdx.x] = ok;
+    }
+    __syncthreads();
+    const unsigned long long row = (unsigned long long)a.hidden * 2;
+    for (int h = threadIdx.x; h < a.hidden; h += blockDim.x) {
+        float acc = 0.f;
+        for (int k = 0; k < a.topk; k++) {
+            if (!valid[k]) continue;
+            long long e = topk[(long long)t * a.topk + k];
+            const unsigned short* r = (const unsigned short*)(base + a.off_cdata + ((unsigned long long)e * a.max_tokens + t) * row);
+            acc += weights[(long long)t * a.topk + k] * tw_bf16(r[h]);
+        }
+        out[(long long)t * a.hidden + h] = tw_to_bf16(acc);
+    }
+}

@@ -1,0 +1,226 @@
+//! The expert-parallel kernels (`ep.cu`): dispatch and combine, each a send kernel and a
+//! receive kernel, launched on the caller's stream. Compiled with NVRTC and loaded per GPU by
+//! [`EpKernels::load`], which the EP buffer calls when it is created (never on the first
+//! dispatch).
+
+use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
+
+use crate::copy::{compile, Func};
+use crate::device::Gpu;
+use crate::ffi::CuStream;
+use crate::topology::driver;
+use crate::GpuError;
+
+const SOURCE: &str = include_str!("ep.cu");
+
+/// Ranks an EP buffer may have (the kernels' fixed arrays).
+pub const MAX_RANKS: usize = 64;
+
+/// What every EP kernel is told (the `EpArgs` struct of `ep.cu`, field for field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EpArgs {
+    /// Each rank's buffer as this GPU addresses it (ours included).
+    pub peers: [u64; MAX_RANKS],
+    /// Each rank's liveness word (device-readable; 0: none, for ourselves).
+    pub alive: [u64; MAX_RANKS],
+    /// The call's sequence number (from 1); its parity picks the buffer half.
+    pub seq: u64,
+    /// Bytes of one half.
+    pub half: u64,
+    pub off_dsig: u64,
+    pub off_ddata: u64,
+    pub off_dsrc: u64,
+    pub off_csig: u64,
+    pub off_cdata: u64,
+    pub timeout_ns: i64,
+    pub rank: i32,
+    pub ranks: i32,
+    pub experts: i32,
+    pub local_experts: i32,
+    pub max_tokens: i32,
+    pub hidden: i32,
+    pub topk: i32,
+    pub num_tokens: i32,
+}
+
+const NAMES: [&std::ffi::CStr; 4] =
+    [c"tw_ep_dispatch_send", c"tw_ep_dispatch_recv", c"tw_ep_combine_send", c"tw_ep_combine_recv"];
+
+/// The EP kernels loaded so far, by GPU ordinal.
+type Loaded = Vec<(u32, Arc<EpKernels>)>;
+
+/// The EP kernels, loaded on one GPU.
+pub struct EpKernels {
+    gpu: &'static Gpu,
+    funcs: Vec<Func>,
+}
+
+impl std::fmt::Debug for EpKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EpKernels(cuda:{})", self.gpu.ordinal)
+    }
+}
+
+impl EpKernels {
+    /// Compiles (once per process) and loads (once per GPU) the EP kernels on `gpu`.
+    pub fn load(gpu: &'static Gpu) -> Result<Arc<Self>, GpuError> {
+        static PTX: OnceLock<Result<std::ffi::CString, GpuError>> = OnceLock::new();
+        static LOADED: OnceLock<std::sync::Mutex<Loaded>> = OnceLock::new();
+        let loaded = LOADED.get_or_init(Default::default);
+        let mut all = loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, k)) = all.iter().find(|(o, _)| *o == gpu.ordinal) {
+            return Ok(k.clone());
+        }
+        let ptx = PTX
+            .get_or_init(|| compile(SOURCE, c"tw_ep.cu", gpu.cc))
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let cuda = driver()?;
+        let _ctx = gpu.enter()?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: NUL-terminated PTX; the module stays loaded for the life of the process.
+        cuda.check("cuModuleLoadData(tw_ep)", unsafe {
+            (cuda.module_load_data)(&mut module, ptx.as_ptr().cast())
+        })?;
+        let mut funcs = Vec::new();
+        for name in NAMES {
+            let mut f = std::ptr::null_mut();
+            // SAFETY: the module is loaded; the name is NUL-terminated.
+            cuda.check("cuModuleGetFunction(tw_ep)", unsafe {
+                (cuda.module_function)(&mut f, module, name.as_ptr())
+            })?;
+            funcs.push(Func(f));
+        }
+        let k = Arc::new(Self { gpu, funcs });
+        all.push((gpu.ordinal, k.clone()));
+        Ok(k)
+    }
+
+    /// Launches kernel `which` with `grid` blocks of `block` threads on `stream`.
+    ///
+    /// # Safety
+    /// `params` are pointers to the kernel's parameters, in order and of their types.
+    unsafe fn launch(
+        &self,
+        which: usize,
+        grid: u32,
+        block: u32,
+        stream: u64,
+        params: &mut [*mut c_void],
+    ) -> Result<(), GpuError> {
+        let cuda = driver()?;
+        let _ctx = self.gpu.enter()?;
+        let f = self.funcs.get(which).ok_or(GpuError::Internal("no such EP kernel"))?;
+        // SAFETY: the caller vouches for the parameters; a zero-sized grid is not launched.
+        cuda.check("cuLaunchKernel(tw_ep)", unsafe {
+            (cuda.launch)(
+                f.0,
+                grid.max(1),
+                1,
+                1,
+                block,
+                1,
+                1,
+                0,
+                stream as CuStream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
+    /// Dispatch, send phase: every token's row to the ranks owning its experts.
+    ///
+    /// # Safety
+    /// `args` describes live buffers of every rank mapped for this GPU, laid out as its
+    /// offsets say; `x` is `[num_tokens, hidden]` bf16, `topk` `[num_tokens, topk]` int64,
+    /// `active` `[ranks]` int32, all on this GPU and alive until the work on `stream` is done.
+    pub unsafe fn dispatch_send(
+        &self,
+        stream: u64,
+        args: &EpArgs,
+        x: u64,
+        topk: u64,
+        active: u64,
+    ) -> Result<(), GpuError> {
+        let (mut a, mut x, mut t, mut act) = (*args, x, topk, active);
+        let mut p: [*mut c_void; 4] = [ptr(&mut a), ptr(&mut x), ptr(&mut t), ptr(&mut act)];
+        // SAFETY: (EpArgs, const ushort*, const long long*, int*), as the kernel declares.
+        unsafe { self.launch(0, args.experts as u32, 512, stream, &mut p) }
+    }
+
+    /// Dispatch, receive phase: waits for every source's rows and packs them into `recv_x`.
+    ///
+    /// # Safety
+    /// As for [`EpKernels::dispatch_send`]; `recv_x` is `[local_experts, ranks·max_tokens,
+    /// hidden]` bf16, `src_info` `[local_experts, ranks·max_tokens]` int32, `layout_range`
+    /// `[local_experts, ranks]` int64, `recv_count` `[local_experts]` int32 zeroed before.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dispatch_recv(
+        &self,
+        stream: u64,
+        args: &EpArgs,
+        recv_x: u64,
+        src_info: u64,
+        layout_range: u64,
+        recv_count: u64,
+        active: u64,
+    ) -> Result<(), GpuError> {
+        let (mut a, mut r, mut s, mut l, mut c, mut act) =
+            (*args, recv_x, src_info, layout_range, recv_count, active);
+        let mut p: [*mut c_void; 6] =
+            [ptr(&mut a), ptr(&mut r), ptr(&mut s), ptr(&mut l), ptr(&mut c), ptr(&mut act)];
+        let grid = (args.local_experts * args.ranks) as u32;
+        // SAFETY: (EpArgs, ushort*, int*, long long*, int*, int*), as the kernel declares.
+        unsafe { self.launch(1, grid, 512, stream, &mut p) }
+    }
+
+    /// Combine, send phase: every expert's output rows back to their tokens' home ranks.
+    ///
+    /// # Safety
+    /// As for [`EpKernels::dispatch_recv`]; `y` is `[local_experts, ranks·max_tokens, hidden]`
+    /// bf16, `src_info` and `layout_range` the handle of the dispatch with the same `seq`.
+    pub unsafe fn combine_send(
+        &self,
+        stream: u64,
+        args: &EpArgs,
+        y: u64,
+        src_info: u64,
+        layout_range: u64,
+        active: u64,
+    ) -> Result<(), GpuError> {
+        let (mut a, mut y, mut s, mut l, mut act) = (*args, y, src_info, layout_range, active);
+        let mut p: [*mut c_void; 5] =
+            [ptr(&mut a), ptr(&mut y), ptr(&mut s), ptr(&mut l), ptr(&mut act)];
+        let grid = (args.local_experts * args.ranks) as u32;
+        // SAFETY: (EpArgs, const ushort*, const int*, const long long*, int*).
+        unsafe { self.launch(2, grid, 512, stream, &mut p) }
+    }
+
+    /// Combine, receive phase: the weighted sum of every token's expert outputs into `out`.
+    ///
+    /// # Safety
+    /// As for [`EpKernels::dispatch_send`]; `weights` is `[num_tokens, topk]` fp32, `out`
+    /// `[num_tokens, hidden]` bf16.
+    pub unsafe fn combine_recv(
+        &self,
+        stream: u64,
+        args: &EpArgs,
+        topk: u64,
+        weights: u64,
+        out: u64,
+        active: u64,
+    ) -> Result<(), GpuError> {
+        let (mut a, mut t, mut w, mut o, mut act) = (*args, topk, weights, out, active);
+        let mut p: [*mut c_void; 5] =
+            [ptr(&mut a), ptr(&mut t), ptr(&mut w), ptr(&mut o), ptr(&mut act)];
+        // SAFETY: (EpArgs, const long long*, const float*, ushort*, int*).
+        unsafe { self.launch(3, args.num_tokens as u32, 256, stream, &mut p) }
+    }
+}
+
+fn ptr<T>(v: &mut T) -> *mut c_void {
+    (v as *mut T).cast()
+}

@@ -1,0 +1,183 @@
+//! `tidewire._native.EpBuffer`: one rank's EP buffer, for `tidewire.ep.Buffer`.
+//!
+//! Tensors come as device addresses: `tidewire.ep` passes the data pointers of contiguous
+//! tensors on the buffer's GPU, which it keeps alive with the returned handles and events
+//! until the work on the caller's stream is done (PyTorch's caching allocator does not reuse
+//! a tensor's memory before the stream work that used it completes).
+
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use tidewire_ep::{Buffer, Call, Layout, PeerBuffer};
+
+use crate::errors;
+use crate::PyEngine;
+
+fn to_py(e: tidewire_ep::Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        tidewire_ep::Error::Shape(_) => errors::InvalidArgument::new_err(msg),
+        tidewire_ep::Error::Gpu { .. } => errors::GpuError::new_err(msg),
+        tidewire_ep::Error::Engine { source, .. } => {
+            let err = errors::to_py(source);
+            Python::attach(|py| {
+                let _ = err.value(py).setattr("args", (msg,));
+            });
+            err
+        }
+        _ => errors::TidewireError::new_err(msg),
+    }
+}
+
+/// One rank's EP buffer (see `tidewire.ep`).
+#[pyclass(frozen, module = "tidewire._native", name = "EpBuffer")]
+pub(crate) struct PyEpBuffer {
+    buf: Mutex<Option<Buffer>>,
+}
+
+impl PyEpBuffer {
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Buffer) -> tidewire_ep::Result<T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            let mut g = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match g.as_mut() {
+                Some(b) => f(b),
+                None => Err(tidewire_ep::Error::Shape("the buffer was destroyed".into())),
+            }
+        })
+        .map_err(to_py)
+    }
+}
+
+/// A call's shape: `(max_tokens, hidden, ranks, experts, seq, num_tokens, topk, timeout_ns)`.
+type Shape = (usize, usize, usize, usize, u64, usize, usize, i64);
+
+fn call(s: Shape) -> PyResult<Call> {
+    let (t, h, r, e, seq, num_tokens, topk, timeout_ns) = s;
+    let layout = Layout::new(t, h, r, e).map_err(to_py)?;
+    Ok(Call { layout, seq, num_tokens, topk, timeout_ns })
+}
+
+#[pymethods]
+impl PyEpBuffer {
+    /// `get_ep_buffer_size_hint(T, H, R, E)`.
+    #[staticmethod]
+    fn size_hint(max_tokens: usize, hidden: usize, ranks: usize, experts: usize) -> PyResult<u64> {
+        tidewire_ep::size_hint(max_tokens, hidden, ranks, experts).map_err(to_py)
+    }
+
+    /// Allocates a zeroed buffer of `bytes` on GPU `device`; returns `(address, length)`.
+    #[staticmethod]
+    fn allocate(
+        py: Python<'_>,
+        engine: &PyEngine,
+        device: u32,
+        bytes: u64,
+    ) -> PyResult<(u64, u64)> {
+        let engine = engine.engine()?;
+        py.detach(move || Buffer::allocate(&engine, device, bytes)).map_err(to_py)
+    }
+
+    /// Maps every rank's buffer (`peers[r] = (engine name, address, length)`) for our GPU.
+    #[new]
+    fn new(
+        py: Python<'_>,
+        engine: &PyEngine,
+        rank: usize,
+        device: u32,
+        peers: Vec<(String, u64, u64)>,
+    ) -> PyResult<Self> {
+        let engine = engine.engine()?;
+        let peers: Vec<PeerBuffer> =
+            peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
+        let buf =
+            py.detach(move || Buffer::connect(engine, rank, device, &peers)).map_err(to_py)?;
+        Ok(Self { buf: Mutex::new(Some(buf)) })
+    }
+
+    /// How each rank is reached.
+    fn paths(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        self.with(py, |b| Ok(b.paths()))
+    }
+
+    fn next_seq(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |b| Ok(b.next_seq()))
+    }
+
+    fn dispatch_send(
+        &self,
+        py: Python<'_>,
+        stream: u64,
+        shape: Shape,
+        x: u64,
+        topk: u64,
+        active: u64,
+    ) -> PyResult<()> {
+        let c = call(shape)?;
+        // SAFETY: `tidewire.ep` passes live contiguous tensors of the documented shapes on the
+        // buffer's GPU, kept alive until the stream work completes.
+        self.with(py, |b| unsafe { b.dispatch_send(stream, &c, x, topk, active) })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_recv(
+        &self,
+        py: Python<'_>,
+        stream: u64,
+        shape: Shape,
+        recv_x: u64,
+        src_info: u64,
+        layout_range: u64,
+        recv_count: u64,
+        active: u64,
+    ) -> PyResult<()> {
+        let c = call(shape)?;
+        // SAFETY: as in `dispatch_send`.
+        self.with(py, |b| unsafe {
+            b.dispatch_recv(stream, &c, recv_x, src_info, layout_range, recv_count, active)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn combine_send(
+        &self,
+        py: Python<'_>,
+        stream: u64,
+        shape: Shape,
+        y: u64,
+        src_info: u64,
+        layout_range: u64,
+        active: u64,
+    ) -> PyResult<()> {
+        let c = call(shape)?;
+        // SAFETY: as in `dispatch_send`.
+        self.with(py, |b| unsafe { b.combine_send(stream, &c, y, src_info, layout_range, active) })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn combine_recv(
+        &self,
+        py: Python<'_>,
+        stream: u64,
+        shape: Shape,
+        topk: u64,
+        weights: u64,
+        out: u64,
+        active: u64,
+    ) -> PyResult<()> {
+        let c = call(shape)?;
+        // SAFETY: as in `dispatch_send`.
+        self.with(py, |b| unsafe { b.combine_recv(stream, &c, topk, weights, out, active) })
+    }
+
+    /// Unmaps the peers and frees the buffer (after the caller's stream work is done).
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            let b = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            drop(b);
+        });
+    }
+}
