@@ -114,11 +114,23 @@ def body_roundtrip(rank: int, size: int, port: int, arg: str) -> Any:
         tc.append(s1.elapsed_time(s2) * 1000)
     info["dispatch_us_p50"] = sorted(td)[len(td) // 2]
     info["combine_us_p50"] = sorted(tc)[len(tc) // 2]
-    # A rank that stops answering: rank 1 leaves; rank 0's next dispatch and combine end within
-    # the timeout with rank 1 marked inactive, and only its own tokens come back.
+    # Back to back (host work overlapping the GPU's): the average of a dispatch + combine pair.
+    dist.barrier()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(50):
+        rx, _, h, _, _ = buf.dispatch(x, topk, active, T, E, 10_000_000, use_fp8=False)
+        buf.combine(rx, topk, w, active, 10_000_000, h)
+    b.record()
+    b.synchronize()
+    info["pair_us_avg"] = a.elapsed_time(b) * 1000 / 50
+    # A rank that dies (arg "die": its process exits) or stops answering (arg "stall": it
+    # sleeps in its teardown): rank 0's next dispatch and combine end within the timeout with
+    # rank 1 marked inactive, and only its own tokens come back.
     dist.barrier()
     if rank == 1:
-        buf.destroy()
+        if os.environ.get("TW_EP_LEAVE") == "stall":
+            time.sleep(30)
         os._exit(0)
     time.sleep(0.5)
     x, topk, w = inputs(rank, T, H, K, E, 7)

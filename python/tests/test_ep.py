@@ -22,12 +22,15 @@ needs_two_gpus = pytest.mark.skipif(
 
 
 @needs_two_gpus
-@pytest.mark.parametrize("hidden", [2048, 7168])
-def test_dispatch_and_combine_match_the_reference_and_a_leaving_rank_is_marked_inactive(hidden: int) -> None:
+@pytest.mark.parametrize("hidden,leave", [(2048, "stall"), (7168, "die")])
+def test_dispatch_and_combine_match_the_reference_and_a_leaving_rank_is_marked_inactive(
+    hidden: int, leave: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TW_EP_LEAVE", leave)
     results = run_group("roundtrip", 2, str(hidden), deadline=300, expect_dead=1, script=EP_RANK)
     info = results[0]
-    print(f"hidden {hidden}: {info}")
+    print(f"hidden {hidden}, rank 1 {leave}s: {info}")
     assert info["bad"] == [], info["bad"]
     assert info["active_after"] == [1, 0], info["active_after"]
-    # Bounded by the 2 s timeout; the death is seen through the liveness word at once.
+    # Bounded by the 2 s timeout (a stalled rank); a dead one is seen through its liveness word.
     assert info["dead_took_s"] < 2 + 5, info["dead_took_s"]

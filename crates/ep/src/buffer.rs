@@ -58,7 +58,8 @@ impl Buffer {
             let _ = engine.free_device(a.ptr);
             return Err(Error::Gpu { context: "zeroing the EP buffer".into(), source });
         }
-        Ok((a.ptr, a.len))
+        // The registered range is what was asked for (the allocation may be rounded up).
+        Ok((a.ptr, bytes))
     }
 
     /// Maps every other rank's buffer (`peers[r]`, ours included) for our GPU and loads the
