@@ -2,7 +2,7 @@
 
 from typing import Any, Dict, List, Optional, Tuple, final
 
-__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "gpu_status", "last_allocation_failure"]
+__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "EpBuffer", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "gpu_status", "last_allocation_failure"]
 
 __version__: str
 
@@ -161,6 +161,48 @@ class Communicator:
     def wait(self, op_id: int, what: str = "wait") -> None: ...
     def test(self, op_id: int) -> bool: ...
     def dead_ranks(self) -> List[int]: ...
+    def close(self) -> None: ...
+
+@final
+class EpBuffer:
+    @staticmethod
+    def size_hint(max_tokens: int, hidden: int, ranks: int, experts: int) -> int: ...
+    @staticmethod
+    def allocate(engine: Engine, device: int, bytes: int) -> Tuple[int, int]: ...
+    def __new__(cls, engine: Engine, rank: int, device: int, peers: List[Tuple[str, int, int]]) -> EpBuffer: ...
+    def paths(self) -> List[str]: ...
+    def next_seq(self) -> int: ...
+    def dispatch_send(
+        self, stream: int, shape: Tuple[int, int, int, int, int, int, int, int], x: int, topk: int, active: int
+    ) -> None: ...
+    def dispatch_recv(
+        self,
+        stream: int,
+        shape: Tuple[int, int, int, int, int, int, int, int],
+        recv_x: int,
+        src_info: int,
+        layout_range: int,
+        recv_count: int,
+        active: int,
+    ) -> None: ...
+    def combine_send(
+        self,
+        stream: int,
+        shape: Tuple[int, int, int, int, int, int, int, int],
+        y: int,
+        src_info: int,
+        layout_range: int,
+        active: int,
+    ) -> None: ...
+    def combine_recv(
+        self,
+        stream: int,
+        shape: Tuple[int, int, int, int, int, int, int, int],
+        topk: int,
+        weights: int,
+        out: int,
+        active: int,
+    ) -> None: ...
     def close(self) -> None: ...
 
 def descriptor_count(values: Any) -> int: ...
