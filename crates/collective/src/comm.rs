@@ -26,7 +26,8 @@ use crate::dtype::{finish_avg, reduce_into, DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::plan::{all_gather_step, blocks, reduce_scatter_step, ring_neighbours};
 
-/// Bytes before a ring's data: `tail` at 0 and `head` at 64 (separate cache lines).
+/// Bytes before a ring's data: `tail` at 0, `head` at 64 (separate cache lines), and the
+/// sender's abort word at 96.
 const HEADER: u64 = 128;
 /// All-reduces up to this size send the whole buffer to every rank (one step, lowest latency);
 /// larger ones run a ring (each rank moves 2·(n−1)/n of the buffer).
@@ -88,6 +89,11 @@ impl Ring {
 
     fn head(&self) -> &AtomicU64 {
         self.counter(64)
+    }
+
+    /// Set by the sender when an operation failed on its side: 1 + the rank it blames.
+    fn abort(&self) -> &AtomicU64 {
+        self.counter(96)
     }
 
     fn data(&self) -> u64 {
@@ -233,9 +239,19 @@ impl Comm {
         }
         let outcome = self.progress(op, xfers, None);
         if let Err(e) = &outcome {
-            self.poisoned = Some(e.to_string());
+            self.fail(e);
         }
         outcome
+    }
+
+    /// Poisons the group after `e` and tells every rank, so that those waiting for us fail
+    /// at once, blaming the same rank, instead of timing out on us.
+    fn fail(&mut self, e: &Error) {
+        self.poisoned = Some(e.to_string());
+        let blamed = e.ranks().first().map_or(u64::MAX, |&r| r as u64 + 1);
+        for link in self.links.iter().flatten() {
+            link.out.abort().store(blamed, Ordering::Release);
+        }
     }
 
     /// The progress loop: advances the pending transfers and `xfers` until `xfers` (or, with
@@ -286,6 +302,19 @@ impl Comm {
                 w.dedup();
                 w
             };
+            // A rank that failed tells us whom it blames.
+            for (r, link) in self.links.iter().enumerate() {
+                let Some(link) = link else { continue };
+                let blamed = link.inp.abort().load(Ordering::Acquire);
+                if blamed != 0 {
+                    let rank = if blamed == u64::MAX { r } else { (blamed - 1) as usize };
+                    return Err(Error::RankFailed {
+                        op: op.to_string(),
+                        rank,
+                        reason: format!("rank {r} failed an operation waiting for it"),
+                    });
+                }
+            }
             for &r in &waiting {
                 if let Some(link) = &self.links[r] {
                     if let Some(e) = link.map.error() {
@@ -388,7 +417,7 @@ impl Comm {
         self.usable(op)?;
         let outcome = self.progress(op, &mut [], Some(id));
         if let Err(e) = &outcome {
-            self.poisoned = Some(e.to_string());
+            self.fail(e);
         }
         outcome
     }

@@ -171,23 +171,37 @@ fn kernel(gpu: &'static Gpu) -> Result<CuFunction, GpuError> {
     let slot = all.get(gpu.ordinal as usize).ok_or_else(|| too_many_gpus(gpu))?;
     slot.get_or_init(|| {
         let ptx = ptx(gpu.cc).as_ref().map_err(Clone::clone)?;
-        let cuda = driver()?;
-        let _ctx = gpu.enter()?;
-        let mut module = std::ptr::null_mut();
-        // SAFETY: NUL-terminated PTX; the module stays loaded for the process.
-        cuda.check("cuModuleLoadData", unsafe {
-            (cuda.module_load_data)(&mut module, ptx.as_ptr().cast())
-        })?;
-        let mut f = std::ptr::null_mut();
-        // SAFETY: the module is loaded; the name is NUL-terminated.
-        cuda.check("cuModuleGetFunction", unsafe {
-            (cuda.module_function)(&mut f, module, c"tw_gather".as_ptr())
-        })?;
-        Ok(Func(f))
+        let mut funcs = load_functions(gpu, ptx, &[c"tw_gather"])?;
+        funcs.pop().ok_or(GpuError::Internal("the gather module without its function"))
     })
     .as_ref()
     .map(|f| f.0)
     .map_err(Clone::clone)
+}
+
+/// Loads `ptx` on `gpu` (for the life of the process) and returns its functions `names`.
+pub(crate) fn load_functions(
+    gpu: &Gpu,
+    ptx: &std::ffi::CStr,
+    names: &[&std::ffi::CStr],
+) -> Result<Vec<Func>, GpuError> {
+    let cuda = driver()?;
+    let _ctx = gpu.enter()?;
+    let mut module = std::ptr::null_mut();
+    // SAFETY: NUL-terminated PTX; the module stays loaded for the process.
+    cuda.check("cuModuleLoadData", unsafe {
+        (cuda.module_load_data)(&mut module, ptx.as_ptr().cast())
+    })?;
+    let mut funcs = Vec::with_capacity(names.len());
+    for name in names {
+        let mut f = std::ptr::null_mut();
+        // SAFETY: the module is loaded; the name is NUL-terminated.
+        cuda.check("cuModuleGetFunction", unsafe {
+            (cuda.module_function)(&mut f, module, name.as_ptr())
+        })?;
+        funcs.push(Func(f));
+    }
+    Ok(funcs)
 }
 
 /// GPUs per process the per-GPU caches (kernels, copiers) hold.

@@ -6,7 +6,7 @@
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
-use crate::copy::{compile, Func};
+use crate::copy::{compile, load_functions, Func};
 use crate::device::Gpu;
 use crate::ffi::CuStream;
 use crate::topology::driver;
@@ -77,22 +77,7 @@ impl EpKernels {
             .get_or_init(|| compile(SOURCE, c"tw_ep.cu", gpu.cc))
             .as_ref()
             .map_err(Clone::clone)?;
-        let cuda = driver()?;
-        let _ctx = gpu.enter()?;
-        let mut module = std::ptr::null_mut();
-        // SAFETY: NUL-terminated PTX; the module stays loaded for the life of the process.
-        cuda.check("cuModuleLoadData(tw_ep)", unsafe {
-            (cuda.module_load_data)(&mut module, ptx.as_ptr().cast())
-        })?;
-        let mut funcs = Vec::new();
-        for name in NAMES {
-            let mut f = std::ptr::null_mut();
-            // SAFETY: the module is loaded; the name is NUL-terminated.
-            cuda.check("cuModuleGetFunction(tw_ep)", unsafe {
-                (cuda.module_function)(&mut f, module, name.as_ptr())
-            })?;
-            funcs.push(Func(f));
-        }
+        let funcs = load_functions(gpu, ptx, &NAMES)?;
         let k = Arc::new(Self { gpu, funcs });
         all.push((gpu.ordinal, k.clone()));
         Ok(k)
