@@ -173,22 +173,23 @@ class EpBuffer:
     def paths(self) -> List[str]: ...
     def next_seq(self) -> int: ...
     def dispatch_send(
-        self, stream: int, shape: Tuple[int, int, int, int, int, int, int, int], x: int, topk: int, active: int
+        self, stream: int, shape: Tuple[int, int, int, int, int, int, int, int, bool], x: int, topk: int, active: int
     ) -> None: ...
     def dispatch_recv(
         self,
         stream: int,
-        shape: Tuple[int, int, int, int, int, int, int, int],
+        shape: Tuple[int, int, int, int, int, int, int, int, bool],
         recv_x: int,
         src_info: int,
         layout_range: int,
         recv_count: int,
         active: int,
+        scales: int,
     ) -> None: ...
     def combine_send(
         self,
         stream: int,
-        shape: Tuple[int, int, int, int, int, int, int, int],
+        shape: Tuple[int, int, int, int, int, int, int, int, bool],
         y: int,
         src_info: int,
         layout_range: int,
@@ -197,7 +198,7 @@ class EpBuffer:
     def combine_recv(
         self,
         stream: int,
-        shape: Tuple[int, int, int, int, int, int, int, int],
+        shape: Tuple[int, int, int, int, int, int, int, int, bool],
         topk: int,
         weights: int,
         out: int,

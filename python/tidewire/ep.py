@@ -17,8 +17,11 @@ Every call runs on the current CUDA stream. A rank that does not answer within `
 (10 s when -1), or whose process died, is written as 0 into the caller's `active_ranks` and
 counts as sending nothing from then on.
 
-Not yet: FP8 dispatch (`use_fp8=True` raises), `zero_copy`, and the fallback for ranks no
-NVLink reaches.
+Dispatch sends e4m3 rows with one fp32 scale per 128 channels (amax / 448) unless
+`use_fp8=False` (bf16); combine is bf16.
+
+Not yet: `zero_copy`, CUDA-graph capture (the call's sequence number is taken on the host), and
+the fallback for ranks no NVLink reaches.
 """
 
 from __future__ import annotations
@@ -111,8 +114,7 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
     ) -> Tuple[Any, torch.Tensor, Tuple[Any, ...], EventOverlap, Optional[Callable[[], None]]]:
-        if use_fp8:
-            raise NotImplementedError("tidewire.ep: FP8 dispatch is not implemented yet; pass use_fp8=False")
+        fp8 = True if use_fp8 is None else bool(use_fp8)
         x = self._check(x, "x", torch.bfloat16)
         topk_idx = self._check(topk_idx, "topk_idx", torch.int64)
         active = self._check(active_ranks, "active_ranks", torch.int32)
@@ -123,9 +125,11 @@ class Buffer:
         k = topk_idx.shape[1]
         el = E // R
         seq = self._native.next_seq()
-        shape = (T, hidden, R, E, seq, num_tokens, k, self._timeout_ns(timeout_us))
+        shape = (T, hidden, R, E, seq, num_tokens, k, self._timeout_ns(timeout_us), fp8)
         dev = x.device
-        recv_x = torch.empty((el, R * T, hidden), dtype=torch.bfloat16, device=dev)
+        recv_x = torch.empty((el, R * T, hidden), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev)
+        # One fp32 scale per 128 channels per row, column-major (DeepEP's layout).
+        scales = torch.empty((el, hidden // 128, R * T) if fp8 else (0,), dtype=torch.float32, device=dev)
         src_info = torch.empty((el, R * T), dtype=torch.int32, device=dev)
         layout_range = torch.empty((el, R), dtype=torch.int64, device=dev)
         recv_count = torch.zeros((el,), dtype=torch.int32, device=dev)
@@ -136,7 +140,14 @@ class Buffer:
         def recv() -> None:
             s = torch.cuda.current_stream().cuda_stream
             self._native.dispatch_recv(
-                s, shape, recv_x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), recv_count.data_ptr(), active.data_ptr()
+                s,
+                shape,
+                recv_x.data_ptr(),
+                src_info.data_ptr(),
+                layout_range.data_ptr(),
+                recv_count.data_ptr(),
+                active.data_ptr(),
+                scales.data_ptr(),
             )
 
         handle = (src_info, layout_range, T, hidden, E)
@@ -147,7 +158,8 @@ class Buffer:
         else:
             recv()
         event = EventOverlap(self._event() if async_finish else None, keep)
-        return recv_x, recv_count, handle, event, hook
+        packed = (recv_x, scales.transpose(1, 2)) if fp8 else recv_x
+        return packed, recv_count, handle, event, hook
 
     def combine(
         self,
@@ -174,7 +186,7 @@ class Buffer:
         topk_weights = self._check(topk_weights, "topk_weights", torch.float32)
         active = self._check(active_ranks, "active_ranks", torch.int32)
         R = self.group_size
-        shape = (T, hidden, R, E, seq, num_tokens, k, self._timeout_ns(timeout_us))
+        shape = (T, hidden, R, E, seq, num_tokens, k, self._timeout_ns(timeout_us), False)
         if out is None:
             out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)
         stream = torch.cuda.current_stream().cuda_stream

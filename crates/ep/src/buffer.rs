@@ -27,6 +27,8 @@ pub struct Call {
     pub num_tokens: usize,
     pub topk: usize,
     pub timeout_ns: i64,
+    /// Dispatch rows as e4m3 with one fp32 scale per 128 channels.
+    pub fp8: bool,
 }
 
 /// One rank's EP buffer.
@@ -168,6 +170,8 @@ impl Buffer {
             hidden: i(l.hidden),
             topk: i(c.topk),
             num_tokens: i(c.num_tokens),
+            fp8: i32::from(c.fp8),
+            _pad: 0,
         })
     }
 
@@ -199,7 +203,8 @@ impl Buffer {
     ///
     /// # Safety
     /// As for [`Buffer::dispatch_send`], for the output tensors of the shapes
-    /// [`tidewire_gpu::ep::EpKernels::dispatch_recv`] names (`recv_count` zeroed).
+    /// [`tidewire_gpu::ep::EpKernels::dispatch_recv`] names (`recv_count` zeroed; `scales`
+    /// with `fp8`).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dispatch_recv(
         &self,
@@ -210,6 +215,7 @@ impl Buffer {
         layout_range: u64,
         recv_count: u64,
         active: u64,
+        scales: u64,
     ) -> Result<()> {
         let a = self.args(c)?;
         // SAFETY: forwarded contract.
@@ -222,6 +228,7 @@ impl Buffer {
                 layout_range,
                 recv_count,
                 active,
+                scales,
             )
         }
         .map_err(Self::gpu_err("dispatch receive"))

@@ -20,6 +20,8 @@ struct EpArgs {
     unsigned long long off_dsig, off_ddata, off_dsrc, off_csig, off_cdata;
     long long timeout_ns;
     int rank, ranks, experts, local_experts, max_tokens, hidden, topk, num_tokens;
+    int fp8;  // dispatch rows as e4m3 + one fp32 scale per 128 channels (else bf16)
+    int _pad;
 };
 
 __device__ __forceinline__ unsigned long long tw_now() {
@@ -61,6 +63,13 @@ __device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, uns
 }
 
 __device__ __forceinline__ float tw_bf16(unsigned short b) { return __uint_as_float(((unsigned)b) << 16); }
+
+// Two floats to two e4m3 (saturating, round to nearest even): `hi` in the upper byte.
+__device__ __forceinline__ unsigned short tw_e4m3x2(float hi, float lo) {
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 
 __device__ __forceinline__ unsigned short tw_to_bf16(float f) {
     unsigned u = __float_as_uint(f);
@@ -109,10 +118,32 @@ extern "C" __global__ void tw_ep_dispatch_send(EpArgs a, const unsigned short* x
     const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
     char* data = base + a.off_ddata + slot * a.max_tokens * row;
     int* src = (int*)(base + a.off_dsrc) + slot * a.max_tokens;
-    unsigned long long per = row / 16;
-    for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
-        unsigned long long j = i / per, w = i % per;
-        ((int4*)(data + j * row))[w] = ((const int4*)((const char*)x + (unsigned long long)tok[j] * row))[w];
+    if (a.fp8) {
+        // A warp per (row, 128-channel group): amax over the group, scale = amax / 448, the
+        // 128 channels as e4m3 at the row's start, the scales after them.
+        const int groups = a.hidden / 128, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+        for (int i = threadIdx.x >> 5; i < n * groups; i += warps) {
+            const int j = i / groups, g = i % groups;
+            const unsigned short* in = x + (unsigned long long)tok[j] * a.hidden + g * 128 + lane * 4;
+            float v[4], amax = 0.f;
+            for (int q = 0; q < 4; q++) {
+                v[q] = tw_bf16(in[q]);
+                amax = fmaxf(amax, fabsf(v[q]));
+            }
+            for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            const float scale = fmaxf(amax, 1e-4f) / 448.f, inv = 1.f / scale;
+            unsigned packed = (unsigned)tw_e4m3x2(v[1] * inv, v[0] * inv) |
+                              ((unsigned)tw_e4m3x2(v[3] * inv, v[2] * inv) << 16);
+            char* r = data + (unsigned long long)j * row;
+            ((unsigned*)(r + g * 128))[lane] = packed;
+            if (lane == 0) ((float*)(r + a.hidden))[g] = scale;
+        }
+    } else {
+        unsigned long long per = row / 16;
+        for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
+            unsigned long long j = i / per, w = i % per;
+            ((int4*)(data + j * row))[w] = ((const int4*)((const char*)x + (unsigned long long)tok[j] * row))[w];
+        }
     }
     for (int j = threadIdx.x; j < n; j += blockDim.x) src[j] = tok[j];
     __threadfence_system();
@@ -125,7 +156,8 @@ extern "C" __global__ void tw_ep_dispatch_send(EpArgs a, const unsigned short* x
 
 // One block per (local expert, source rank): waits for its signal, then copies its rows out.
 extern "C" __global__ void tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x, int* src_info,
-                                               long long* layout_range, int* recv_count, int* active) {
+                                               long long* layout_range, int* recv_count, int* active,
+                                               float* recv_scales) {
     __shared__ int n;
     const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
     const unsigned long long slot = (unsigned long long)el * a.ranks + s;
@@ -141,11 +173,25 @@ extern "C" __global__ void tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x,
     __syncthreads();
     const unsigned long long row = (unsigned long long)a.hidden * 2;
     const char* data = base + a.off_ddata + slot * a.max_tokens * row;
-    char* out = (char*)recv_x + ((unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens) * row;
-    unsigned long long per = row / 16;
+    // Output rows: bf16 (2·hidden bytes), or e4m3 (hidden bytes) with the scales apart.
+    const unsigned long long out_row = a.fp8 ? (unsigned long long)a.hidden : row;
+    const unsigned long long first = (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;
+    char* out = (char*)recv_x + first * out_row;
+    unsigned long long per = out_row / 16;
     for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
         unsigned long long j = i / per, w = i % per;
-        ((int4*)(out + j * row))[w] = ((const int4*)(data + j * row))[w];
+        ((int4*)(out + j * out_row))[w] = ((const int4*)(data + j * row))[w];
+    }
+    if (a.fp8) {
+        // Scales `[local_experts, hidden / 128, ranks · max_tokens]` (the column-major layout
+        // of `[local_experts, ranks · max_tokens, hidden / 128]`).
+        const int groups = a.hidden / 128;
+        const unsigned long long col = (unsigned long long)a.ranks * a.max_tokens;
+        for (int i = threadIdx.x; i < n * groups; i += blockDim.x) {
+            const int j = i / groups, g = i % groups;
+            recv_scales[((unsigned long long)el * groups + g) * col + (unsigned long long)s * a.max_tokens + j] =
+                ((const float*)(data + (unsigned long long)j * row + a.hidden))[g];
+        }
     }
     const int* src = (const int*)(base + a.off_dsrc) + slot * a.max_tokens;
     int* info = src_info + (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;

@@ -43,6 +43,9 @@ pub struct EpArgs {
     pub hidden: i32,
     pub topk: i32,
     pub num_tokens: i32,
+    /// 1: dispatch rows as e4m3 with one fp32 scale per 128 channels; 0: bf16.
+    pub fp8: i32,
+    pub _pad: i32,
 }
 
 const NAMES: [&std::ffi::CStr; 4] =
@@ -140,8 +143,10 @@ impl EpKernels {
     ///
     /// # Safety
     /// As for [`EpKernels::dispatch_send`]; `recv_x` is `[local_experts, ranks·max_tokens,
-    /// hidden]` bf16, `src_info` `[local_experts, ranks·max_tokens]` int32, `layout_range`
-    /// `[local_experts, ranks]` int64, `recv_count` `[local_experts]` int32 zeroed before.
+    /// hidden]` bf16 (e4m3 with `args.fp8`), `src_info` `[local_experts, ranks·max_tokens]`
+    /// int32, `layout_range` `[local_experts, ranks]` int64, `recv_count` `[local_experts]`
+    /// int32 zeroed before; with `args.fp8`, `scales` is `[local_experts, hidden / 128,
+    /// ranks·max_tokens]` fp32 (else unused).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dispatch_recv(
         &self,
@@ -152,13 +157,22 @@ impl EpKernels {
         layout_range: u64,
         recv_count: u64,
         active: u64,
+        scales: u64,
     ) -> Result<(), GpuError> {
-        let (mut a, mut r, mut s, mut l, mut c, mut act) =
-            (*args, recv_x, src_info, layout_range, recv_count, active);
-        let mut p: [*mut c_void; 6] =
-            [ptr(&mut a), ptr(&mut r), ptr(&mut s), ptr(&mut l), ptr(&mut c), ptr(&mut act)];
+        let (mut a, mut r, mut s, mut l, mut c, mut act, mut sc) =
+            (*args, recv_x, src_info, layout_range, recv_count, active, scales);
+        let mut p: [*mut c_void; 7] = [
+            ptr(&mut a),
+            ptr(&mut r),
+            ptr(&mut s),
+            ptr(&mut l),
+            ptr(&mut c),
+            ptr(&mut act),
+            ptr(&mut sc),
+        ];
         let grid = (args.local_experts * args.ranks) as u32;
-        // SAFETY: (EpArgs, ushort*, int*, long long*, int*, int*), as the kernel declares.
+        // SAFETY: (EpArgs, ushort*, int*, long long*, int*, int*, float*), as the kernel
+        // declares.
         unsafe { self.launch(1, grid, 512, stream, &mut p) }
     }
 

@@ -52,13 +52,14 @@ impl PyEpBuffer {
     }
 }
 
-/// A call's shape: `(max_tokens, hidden, ranks, experts, seq, num_tokens, topk, timeout_ns)`.
-type Shape = (usize, usize, usize, usize, u64, usize, usize, i64);
+/// A call's shape: `(max_tokens, hidden, ranks, experts, seq, num_tokens, topk, timeout_ns,
+/// fp8)`.
+type Shape = (usize, usize, usize, usize, u64, usize, usize, i64, bool);
 
 fn call(s: Shape) -> PyResult<Call> {
-    let (t, h, r, e, seq, num_tokens, topk, timeout_ns) = s;
+    let (t, h, r, e, seq, num_tokens, topk, timeout_ns, fp8) = s;
     let layout = Layout::new(t, h, r, e).map_err(to_py)?;
-    Ok(Call { layout, seq, num_tokens, topk, timeout_ns })
+    Ok(Call { layout, seq, num_tokens, topk, timeout_ns, fp8 })
 }
 
 #[pymethods]
@@ -133,11 +134,12 @@ impl PyEpBuffer {
         layout_range: u64,
         recv_count: u64,
         active: u64,
+        scales: u64,
     ) -> PyResult<()> {
         let c = call(shape)?;
         // SAFETY: as in `dispatch_send`.
         self.with(py, |b| unsafe {
-            b.dispatch_recv(stream, &c, recv_x, src_info, layout_range, recv_count, active)
+            b.dispatch_recv(stream, &c, recv_x, src_info, layout_range, recv_count, active, scales)
         })
     }
 
