@@ -298,10 +298,12 @@ def test_install_makes_mooncake_importable(mooncake_modules):
         assert imported_pg is tidewire.mooncake.pg
         assert imported_ep.MooncakeBackendOptions is imported_pg.MooncakeBackendOptions
         assert "MOONCAKE" in dist.Backend._plugins and "MOONCAKE-CPU" in dist.Backend._plugins
-    for name in ("mooncake_ep_buffer",):
-        assert importlib.util.find_spec(f"mooncake.{name}") is None
-        with pytest.raises(ModuleNotFoundError):
-            importlib.import_module(f"mooncake.{name}")
+        import mooncake.mooncake_ep_buffer as imported_buffer  # type: ignore[import-not-found]
+
+        import tidewire.ep
+
+        assert imported_buffer.Buffer is tidewire.ep.Buffer
+        assert imported_buffer.EventOverlap is tidewire.ep.EventOverlap
 
 
 def test_install_keeps_an_imported_mooncake_package(mooncake_modules):

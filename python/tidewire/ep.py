@@ -91,6 +91,14 @@ class Buffer:
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
         return _native.EpBuffer.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
+    @staticmethod
+    def _not_capturing(what: str) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            raise NotImplementedError(
+                f"tidewire.ep: {what} inside CUDA-graph capture is not supported yet (the call's "
+                "sequence number is taken on the host, so a replay would reuse it)"
+            )
+
     def _check(self, t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
         if t.device.type != "cuda" or t.device.index != self.device:
             raise ValueError(f"tidewire.ep: {what} must be on cuda:{self.device}, not {t.device}")
@@ -114,6 +122,7 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
     ) -> Tuple[Any, torch.Tensor, Tuple[Any, ...], EventOverlap, Optional[Callable[[], None]]]:
+        self._not_capturing("dispatch")
         fp8 = True if use_fp8 is None else bool(use_fp8)
         x = self._check(x, "x", torch.bfloat16)
         topk_idx = self._check(topk_idx, "topk_idx", torch.int64)
@@ -174,6 +183,7 @@ class Buffer:
         return_recv_hook: bool = False,
         out: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
+        self._not_capturing("combine")
         if zero_copy:
             raise NotImplementedError("tidewire.ep: zero_copy combine is not implemented yet")
         src_info, layout_range, T, hidden, E = handle

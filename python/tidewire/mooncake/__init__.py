@@ -15,10 +15,8 @@ Submodules mirror Mooncake's import paths, so code written for Mooncake runs unc
 - `tidewire.mooncake.ep` is `mooncake.ep`'s process-group names (`MooncakeBackendOptions`,
   `set_device_filter`).
 
-Not provided yet: `mooncake.mooncake_ep_buffer` (expert-parallel dispatch and combine). Until
-then `import mooncake.mooncake_ep_buffer` raises ModuleNotFoundError, as with a Mooncake build
-without it, and `importlib.util.find_spec` answers None, so frameworks' feature checks fall
-back.
+- `tidewire.mooncake.mooncake_ep_buffer` is `mooncake.mooncake_ep_buffer` (with torch):
+  `Buffer` and `EventOverlap` from `tidewire.ep` (dispatch and combine over NVLink).
 
     from tidewire.mooncake import install
     install()
@@ -41,7 +39,7 @@ __all__ = ["SUBMODULES", "TransferEngine", "TransferNotify", "TransferOpcode", "
 #: The submodules this package provides, each registered as `mooncake.<name>` by `install()`.
 SUBMODULES = ("engine", "allocator")
 #: The submodules that need torch, registered by `install()` when torch imports.
-TORCH_SUBMODULES = ("pg", "ep")
+TORCH_SUBMODULES = ("pg", "ep", "mooncake_ep_buffer")
 
 
 def install() -> types.ModuleType:

@@ -1,9 +1,6 @@
 """`mooncake.ep`: the process-group names Mooncake's EP module re-exports
-(`MooncakeBackendOptions`, `set_device_filter`), from `tidewire.mooncake.pg`.
-
-The expert-parallel buffer itself (`mooncake.mooncake_ep_buffer.Buffer`) is not provided yet:
-`import mooncake.mooncake_ep_buffer` still raises ModuleNotFoundError, so frameworks' EP feature
-checks fall back."""
+(`MooncakeBackendOptions`, `set_device_filter`), from `tidewire.mooncake.pg`. The buffer itself
+is `mooncake.mooncake_ep_buffer` (`tidewire.mooncake.mooncake_ep_buffer`)."""
 
 from __future__ import annotations
 
