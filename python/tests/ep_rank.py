@@ -104,6 +104,31 @@ def body_roundtrip(rank: int, size: int, port: int, arg: str) -> Any:
             bad.append(f"it {it}: combine diff {diff:.2e} (fp8 {fp8})")
         if int(active.sum()) != R:
             bad.append(f"it {it}: active {active.tolist()}")
+    # CUDA graph: one dispatch + combine captured on static inputs, replayed with new ones
+    # (each replay numbers its dispatch afresh, on the GPU).
+    x_s, k_s, w_s = (t.clone() for t in inputs(rank, T, H, K, E, 50))
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        p_s, c_s, h_s, _, _ = buf.dispatch(x_s, k_s, active, T, E, 10_000_000, use_fp8=False)
+        o_s, _, _ = buf.combine(p_s, k_s, w_s, active, 10_000_000, h_s)
+    for it in range(3):
+        x, topk, w = inputs(rank, T, H, K, E, 60 + it)
+        x_s.copy_(x)
+        k_s.copy_(topk)
+        w_s.copy_(w)
+        g.replay()
+        torch.cuda.synchronize()
+        all_topk = [torch.empty_like(topk.cpu()) for _ in range(R)]
+        dist.all_gather(all_topk, topk.cpu())
+        counts = [sum(int((t == rank * el + l).sum()) for t in all_topk) for l in range(el)]
+        if c_s.cpu().tolist() != counts:
+            bad.append(f"graph replay {it}: counts differ")
+        want = x.float() * (w * (topk >= 0).float()).sum(1, keepdim=True)
+        d = calc_diff(o_s.float(), want)
+        if d > 1e-5:
+            bad.append(f"graph replay {it}: combine diff {d:.2e}")
+    info["graph_replays_checked"] = 3
     # Speed: a few timed rounds of dispatch + combine (no checks), for the record.
     x, topk, w = inputs(rank, T, H, K, E, 99)
     for _ in range(5):

@@ -1,6 +1,7 @@
 """The EP buffer (tidewire.ep.Buffer) on two GPUs of one host: dispatch and combine against
-references computed by the ranks (python/tests/ep_rank.py), hook on and off, and a rank that
-leaves marked inactive within the timeout. Skipped, with the reason, without two GPUs;
+references computed by the ranks (python/tests/ep_rank.py), hook on and off, bf16 and FP8,
+captured in a CUDA graph and replayed, and a rank that leaves marked inactive within the
+timeout. Skipped, with the reason, without two GPUs;
 scripts/gpu-test.sh runs it on the GPU host."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def test_dispatch_and_combine_match_the_reference_and_a_leaving_rank_is_marked_i
     info = results[0]
     print(f"hidden {hidden}, rank 1 {leave}s: {info}")
     assert info["bad"] == [], info["bad"]
+    assert info["graph_replays_checked"] == 3
     assert info["active_after"] == [1, 0], info["active_after"]
     # Bounded by the 2 s timeout (a stalled rank); a dead one is seen through its liveness word.
     assert info["dead_took_s"] < 2 + 5, info["dead_took_s"]

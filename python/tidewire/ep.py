@@ -20,8 +20,10 @@ counts as sending nothing from then on.
 Dispatch sends e4m3 rows with one fp32 scale per 128 channels (amax / 448) unless
 `use_fp8=False` (bf16); combine is bf16.
 
-Not yet: `zero_copy`, CUDA-graph capture (the call's sequence number is taken on the host), and
-the fallback for ranks no NVLink reaches.
+Every call can be captured in a CUDA graph: a dispatch's number is taken from a counter in GPU
+memory by a kernel on the stream, so each replay numbers its calls afresh.
+
+Not yet: `zero_copy`, and the fallback for ranks no NVLink reaches.
 """
 
 from __future__ import annotations
@@ -84,20 +86,15 @@ class Buffer:
         dist.all_gather_object(infos, (eng.name, addr, length), group=group)
         self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i) for i in infos])
         self.paths = self._native.paths()
-        # The sequence number of each dispatch's handle (for its combine).
-        self._seqs: Dict[int, Tuple[int, int, int]] = {}
+        # The buffer's dispatch counter, on the GPU: each dispatch's number is taken there by a
+        # kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
+        self._counter = torch.zeros(1, dtype=torch.int64, device=f"cuda:{self.device}")
+        # Each dispatch's number word, token count and top-k, by its handle (for its combine).
+        self._seqs: Dict[int, Tuple[torch.Tensor, int, int]] = {}
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
         return _native.EpBuffer.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
-
-    @staticmethod
-    def _not_capturing(what: str) -> None:
-        if torch.cuda.is_current_stream_capturing():
-            raise NotImplementedError(
-                f"tidewire.ep: {what} inside CUDA-graph capture is not supported yet (the call's "
-                "sequence number is taken on the host, so a replay would reuse it)"
-            )
 
     def _check(self, t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
         if t.device.type != "cuda" or t.device.index != self.device:
@@ -122,7 +119,6 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
     ) -> Tuple[Any, torch.Tensor, Tuple[Any, ...], EventOverlap, Optional[Callable[[], None]]]:
-        self._not_capturing("dispatch")
         fp8 = True if use_fp8 is None else bool(use_fp8)
         x = self._check(x, "x", torch.bfloat16)
         topk_idx = self._check(topk_idx, "topk_idx", torch.int64)
@@ -133,18 +129,19 @@ class Buffer:
         num_tokens, hidden = x.shape
         k = topk_idx.shape[1]
         el = E // R
-        seq = self._native.next_seq()
-        shape = (T, hidden, R, E, seq, num_tokens, k, self._timeout_ns(timeout_us), fp8)
         dev = x.device
+        seq = torch.empty(1, dtype=torch.int64, device=dev)
+        stream = torch.cuda.current_stream().cuda_stream
+        self._native.begin(stream, self._counter.data_ptr(), seq.data_ptr())
+        shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), fp8)
         recv_x = torch.empty((el, R * T, hidden), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev)
         # One fp32 scale per 128 channels per row, column-major (DeepEP's layout).
         scales = torch.empty((el, hidden // 128, R * T) if fp8 else (0,), dtype=torch.float32, device=dev)
         src_info = torch.empty((el, R * T), dtype=torch.int32, device=dev)
         layout_range = torch.empty((el, R), dtype=torch.int64, device=dev)
         recv_count = torch.zeros((el,), dtype=torch.int32, device=dev)
-        stream = torch.cuda.current_stream().cuda_stream
         self._native.dispatch_send(stream, shape, x.data_ptr(), topk_idx.data_ptr(), active.data_ptr())
-        keep = (x, topk_idx)
+        keep = (x, topk_idx, seq)
 
         def recv() -> None:
             s = torch.cuda.current_stream().cuda_stream
@@ -183,7 +180,6 @@ class Buffer:
         return_recv_hook: bool = False,
         out: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
-        self._not_capturing("combine")
         if zero_copy:
             raise NotImplementedError("tidewire.ep: zero_copy combine is not implemented yet")
         src_info, layout_range, T, hidden, E = handle
@@ -196,7 +192,7 @@ class Buffer:
         topk_weights = self._check(topk_weights, "topk_weights", torch.float32)
         active = self._check(active_ranks, "active_ranks", torch.int32)
         R = self.group_size
-        shape = (T, hidden, R, E, seq, num_tokens, k, self._timeout_ns(timeout_us), False)
+        shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         if out is None:
             out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)
         stream = torch.cuda.current_stream().cuda_stream
@@ -212,7 +208,7 @@ class Buffer:
             hook = recv
         else:
             recv()
-        event = EventOverlap(self._event() if async_finish else None, (x, topk_idx, topk_weights))
+        event = EventOverlap(self._event() if async_finish else None, (x, topk_idx, topk_weights, seq))
         return out, event, hook
 
     def _event(self) -> torch.cuda.Event:

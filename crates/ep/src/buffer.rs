@@ -22,8 +22,9 @@ pub struct PeerBuffer {
 #[derive(Debug, Clone, Copy)]
 pub struct Call {
     pub layout: Layout,
-    /// The call's sequence number (from [`Buffer::next_seq`]; the combine reuses its dispatch's).
-    pub seq: u64,
+    /// The device word holding the call's sequence number (written by [`Buffer::begin`]; a
+    /// combine reads its dispatch's).
+    pub seq_at: u64,
     pub num_tokens: usize,
     pub topk: usize,
     pub timeout_ns: i64,
@@ -41,7 +42,6 @@ pub struct Buffer {
     /// Every other rank's buffer mapped for our GPU (`None` for ourselves).
     maps: Vec<Option<MappedPeer>>,
     kernels: Arc<EpKernels>,
-    seq: u64,
 }
 
 impl Buffer {
@@ -100,7 +100,7 @@ impl Buffer {
             .map_err(|source| Error::Gpu { context: format!("cuda:{device}"), source })?;
         let kernels = EpKernels::load(gpu)
             .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
-        Ok(Self { engine, rank, device, addr: mine.addr, len: mine.len, maps, kernels, seq: 0 })
+        Ok(Self { engine, rank, device, addr: mine.addr, len: mine.len, maps, kernels })
     }
 
     /// How each rank is reached (`local` for ourselves).
@@ -111,10 +111,15 @@ impl Buffer {
             .collect()
     }
 
-    /// The sequence number of the next dispatch (every rank counts its dispatches alike).
-    pub fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
+    /// Numbers the next dispatch on `stream`: the device counter `counter` (every rank counts
+    /// its dispatches alike) plus one, into it and into the device word `seq_out`.
+    ///
+    /// # Safety
+    /// `counter` and `seq_out` are u64 words in this GPU's memory, alive until the work on
+    /// `stream` is done; `counter` is this buffer's, used by nobody else.
+    pub unsafe fn begin(&self, stream: u64, counter: u64, seq_out: u64) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.kernels.begin(stream, counter, seq_out) }.map_err(Self::gpu_err("numbering"))
     }
 
     fn args(&self, c: &Call) -> Result<EpArgs> {
@@ -154,7 +159,7 @@ impl Buffer {
         Ok(EpArgs {
             peers,
             alive,
-            seq: c.seq,
+            seq_at: c.seq_at,
             half: l.half,
             off_dsig: l.off_dsig,
             off_ddata: l.off_ddata,
@@ -238,7 +243,7 @@ impl Buffer {
     ///
     /// # Safety
     /// As for [`Buffer::dispatch_recv`]; `y` is the experts' output, `src_info` and
-    /// `layout_range` the handle of the dispatch whose `seq` `c` carries.
+    /// `layout_range` the handle of the dispatch whose sequence word `c` names.
     pub unsafe fn combine_send(
         &self,
         stream: u64,

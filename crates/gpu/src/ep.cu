@@ -15,7 +15,8 @@
 struct EpArgs {
     unsigned long long peers[TW_MAX_RANKS];  // each rank's buffer, mapped for this GPU
     unsigned long long alive[TW_MAX_RANKS];  // each rank's liveness word (0: none / ourselves)
-    unsigned long long seq;                  // the call (from 1); parity = seq & 1
+    unsigned long long seq_at;               // device word holding the call's number (from 1;
+                                             // parity = seq & 1), set by tw_ep_begin
     unsigned long long half;                 // bytes of one parity
     unsigned long long off_dsig, off_ddata, off_dsrc, off_csig, off_cdata;
     long long timeout_ns;
@@ -40,8 +41,21 @@ __device__ __forceinline__ void tw_st_release(unsigned long long* p, unsigned lo
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ char* tw_base(const EpArgs& a, int r) {
-    return (char*)a.peers[r] + (a.seq & 1ull) * a.half;
+__device__ __forceinline__ char* tw_base(const EpArgs& a, int r, unsigned long long seq) {
+    return (char*)a.peers[r] + (seq & 1ull) * a.half;
+}
+
+// The call's number, written by tw_ep_begin earlier on the stream (so a CUDA-graph replay
+// runs with a fresh one).
+__device__ __forceinline__ unsigned long long tw_seq(const EpArgs& a) {
+    return *(volatile const unsigned long long*)a.seq_at;
+}
+
+// Numbers a dispatch: one more than the buffer's last (a counter in device memory).
+extern "C" __global__ void tw_ep_begin(unsigned long long* counter, unsigned long long* seq_out) {
+    unsigned long long v = *counter + 1;
+    *counter = v;
+    *seq_out = v;
 }
 
 // Waits until `*sig` carries tag `tag` in its high 32 bits; returns the low 32 bits, or -1
@@ -114,7 +128,8 @@ extern "C" __global__ void tw_ep_dispatch_send(EpArgs a, const unsigned short* x
     __syncthreads();
     const int n = count;
     const unsigned long long row = (unsigned long long)a.hidden * 2;
-    char* base = tw_base(a, dst);
+    const unsigned long long seq = tw_seq(a);
+    char* base = tw_base(a, dst, seq);
     const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
     char* data = base + a.off_ddata + slot * a.max_tokens * row;
     int* src = (int*)(base + a.off_dsrc) + slot * a.max_tokens;
@@ -150,7 +165,7 @@ extern "C" __global__ void tw_ep_dispatch_send(EpArgs a, const unsigned short* x
     __syncthreads();
     if (threadIdx.x == 0) {
         unsigned long long* sig = (unsigned long long*)(base + a.off_dsig) + slot;
-        tw_st_release(sig, (a.seq << 32) | (unsigned long long)n);
+        tw_st_release(sig, (seq << 32) | (unsigned long long)n);
     }
 }
 
@@ -161,11 +176,12 @@ extern "C" __global__ void tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x,
     __shared__ int n;
     const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
     const unsigned long long slot = (unsigned long long)el * a.ranks + s;
-    char* base = tw_base(a, a.rank);
+    const unsigned long long seq = tw_seq(a);
+    char* base = tw_base(a, a.rank, seq);
     if (threadIdx.x == 0) {
         long long got = -1;
         if (*(volatile int*)&active[s] != 0)
-            got = tw_wait(a, (const unsigned long long*)(base + a.off_dsig) + slot, a.seq, s, active);
+            got = tw_wait(a, (const unsigned long long*)(base + a.off_dsig) + slot, seq, s, active);
         n = got < 0 ? 0 : (int)got;
         layout_range[slot] = ((long long)s * a.max_tokens << 32) | (long long)n;
         if (n) atomicAdd(&recv_count[el], n);
@@ -208,7 +224,8 @@ extern "C" __global__ void tw_ep_combine_send(EpArgs a, const unsigned short* y,
     const int n = (int)(layout_range[slot] & 0xffffffffll);
     const int e = a.rank * a.local_experts + el;
     const unsigned long long row = (unsigned long long)a.hidden * 2;
-    char* base = tw_base(a, s);
+    const unsigned long long seq = tw_seq(a);
+    char* base = tw_base(a, s, seq);
     char* cdata = base + a.off_cdata + (unsigned long long)e * a.max_tokens * row;
     const char* rows = (const char*)y + ((unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens) * row;
     const int* info = src_info + (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;
@@ -221,7 +238,7 @@ extern "C" __global__ void tw_ep_combine_send(EpArgs a, const unsigned short* y,
     __syncthreads();
     // Every expert signals every active home rank, with or without rows for it; only the
     // block of the last local... (each (el, s) block signals expert e at rank s once).
-    if (threadIdx.x == 0) tw_st_release((unsigned long long*)(base + a.off_csig) + e, a.seq << 32);
+    if (threadIdx.x == 0) tw_st_release((unsigned long long*)(base + a.off_csig) + e, seq << 32);
 }
 
 // One block per token: waits for the signals of its experts, then the weighted sum (fp32).
@@ -229,14 +246,15 @@ extern "C" __global__ void tw_ep_combine_recv(EpArgs a, const long long* topk, c
                                               unsigned short* out, int* active) {
     __shared__ int valid[16];
     const int t = blockIdx.x;
-    char* base = tw_base(a, a.rank);
+    const unsigned long long seq = tw_seq(a);
+    char* base = tw_base(a, a.rank, seq);
     if (threadIdx.x < (unsigned)a.topk) {
         long long e = topk[(long long)t * a.topk + threadIdx.x];
         int ok = 0;
         if (e >= 0 && e < a.experts) {
             int owner = (int)(e / a.local_experts);
             if (*(volatile int*)&active[owner] != 0)
-                ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, a.seq, owner, active) >= 0;
+                ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active) >= 0;
         }
         valid[threadIdx.x] = ok;
     }

@@ -25,8 +25,9 @@ pub struct EpArgs {
     pub peers: [u64; MAX_RANKS],
     /// Each rank's liveness word (device-readable; 0: none, for ourselves).
     pub alive: [u64; MAX_RANKS],
-    /// The call's sequence number (from 1); its parity picks the buffer half.
-    pub seq: u64,
+    /// The device word holding the call's sequence number (from 1; its parity picks the
+    /// buffer half), written by [`EpKernels::begin`] on the same stream.
+    pub seq_at: u64,
     /// Bytes of one half.
     pub half: u64,
     pub off_dsig: u64,
@@ -48,8 +49,13 @@ pub struct EpArgs {
     pub _pad: i32,
 }
 
-const NAMES: [&std::ffi::CStr; 4] =
-    [c"tw_ep_dispatch_send", c"tw_ep_dispatch_recv", c"tw_ep_combine_send", c"tw_ep_combine_recv"];
+const NAMES: [&std::ffi::CStr; 5] = [
+    c"tw_ep_dispatch_send",
+    c"tw_ep_dispatch_recv",
+    c"tw_ep_combine_send",
+    c"tw_ep_combine_recv",
+    c"tw_ep_begin",
+];
 
 /// The EP kernels loaded so far, by GPU ordinal.
 type Loaded = Vec<(u32, Arc<EpKernels>)>;
@@ -117,6 +123,18 @@ impl EpKernels {
                 std::ptr::null_mut(),
             )
         })
+    }
+
+    /// Numbers a dispatch on `stream`: `*counter + 1` into `*counter` and `*seq_out` (both
+    /// device u64 words), so that a CUDA-graph replay numbers its calls afresh.
+    ///
+    /// # Safety
+    /// Both are device words of this GPU, alive until the work on `stream` is done.
+    pub unsafe fn begin(&self, stream: u64, counter: u64, seq_out: u64) -> Result<(), GpuError> {
+        let (mut c, mut o) = (counter, seq_out);
+        let mut p: [*mut c_void; 2] = [ptr(&mut c), ptr(&mut o)];
+        // SAFETY: (unsigned long long*, unsigned long long*), as the kernel declares.
+        unsafe { self.launch(4, 1, 1, stream, &mut p) }
     }
 
     /// Dispatch, send phase: every token's row to the ranks owning its experts.

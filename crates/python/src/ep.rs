@@ -52,14 +52,14 @@ impl PyEpBuffer {
     }
 }
 
-/// A call's shape: `(max_tokens, hidden, ranks, experts, seq, num_tokens, topk, timeout_ns,
-/// fp8)`.
+/// A call's shape: `(max_tokens, hidden, ranks, experts, seq_at, num_tokens, topk,
+/// timeout_ns, fp8)`, `seq_at` the device word holding the call's number.
 type Shape = (usize, usize, usize, usize, u64, usize, usize, i64, bool);
 
 fn call(s: Shape) -> PyResult<Call> {
-    let (t, h, r, e, seq, num_tokens, topk, timeout_ns, fp8) = s;
+    let (t, h, r, e, seq_at, num_tokens, topk, timeout_ns, fp8) = s;
     let layout = Layout::new(t, h, r, e).map_err(to_py)?;
-    Ok(Call { layout, seq, num_tokens, topk, timeout_ns, fp8 })
+    Ok(Call { layout, seq_at, num_tokens, topk, timeout_ns, fp8 })
 }
 
 #[pymethods]
@@ -104,8 +104,11 @@ impl PyEpBuffer {
         self.with(py, |b| Ok(b.paths()))
     }
 
-    fn next_seq(&self, py: Python<'_>) -> PyResult<u64> {
-        self.with(py, |b| Ok(b.next_seq()))
+    /// Numbers the next dispatch on `stream` (device words `counter` and `seq_out`).
+    fn begin(&self, py: Python<'_>, stream: u64, counter: u64, seq_out: u64) -> PyResult<()> {
+        // SAFETY: `tidewire.ep` passes two int64 words of its own on the buffer's GPU, kept
+        // alive by the buffer and the call's handle.
+        self.with(py, |b| unsafe { b.begin(stream, counter, seq_out) })
     }
 
     fn dispatch_send(

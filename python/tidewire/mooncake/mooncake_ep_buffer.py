@@ -1,9 +1,9 @@
 """`mooncake.mooncake_ep_buffer`: Mooncake EP's buffer, on `tidewire.ep`.
 
 `Buffer` and `EventOverlap` are `tidewire.ep`'s (the same interface: `dispatch`, `combine`,
-`get_ep_buffer_size_hint`, `return_recv_hook`, `active_ranks`, `timeout_us`). What differs from
-Mooncake's, said in `tidewire.ep`'s documentation: CUDA-graph capture raises
-NotImplementedError instead of running, `update_ep_member` comes with elastic membership."""
+`get_ep_buffer_size_hint`, `return_recv_hook`, `active_ranks`, `timeout_us`, CUDA-graph
+capture). What differs from Mooncake's is said in `tidewire.ep`'s documentation
+(`update_ep_member` comes with elastic membership, `zero_copy` is not there yet)."""
 
 from __future__ import annotations
 
