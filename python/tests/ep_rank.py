@@ -104,6 +104,21 @@ def body_roundtrip(rank: int, size: int, port: int, arg: str) -> Any:
             bad.append(f"it {it}: combine diff {diff:.2e} (fp8 {fp8})")
         if int(active.sum()) != R:
             bad.append(f"it {it}: active {active.tolist()}")
+    # Few tokens: rank 0 sends none, rank 1 one (num_tokens 0 and 1).
+    x, topk, w = inputs(rank, T, H, K, E, 40)
+    n_mine = 0 if rank == 0 else 1
+    xs, ks, ws = x[:n_mine].contiguous(), topk[:n_mine].contiguous(), w[:n_mine].contiguous()
+    all_k = [torch.empty_like(topk[:1].cpu()) for _ in range(R)]
+    dist.all_gather(all_k, topk[:1].cpu())
+    all_k = [all_k[r][: (0 if r == 0 else 1)] for r in range(R)]
+    packed, cnt, h, _, _ = buf.dispatch(xs, ks, active, T, E, 10_000_000, use_fp8=False)
+    out, _, _ = buf.combine(packed, ks, ws, active, 10_000_000, h)
+    torch.cuda.synchronize()
+    want_cnt = [sum(int((t == rank * el + l).sum()) for t in all_k) for l in range(el)]
+    if cnt.cpu().tolist() != want_cnt:
+        bad.append("few tokens: counts differ")
+    if out.shape[0] != n_mine or (n_mine and calc_diff(out.float(), xs.float() * (ws * (ks >= 0).float()).sum(1, keepdim=True)) > 1e-5):
+        bad.append("few tokens: combine differs")
     # CUDA graph: one dispatch + combine captured on static inputs, replayed with new ones
     # (each replay numbers its dispatch afresh, on the GPU).
     x_s, k_s, w_s = (t.clone() for t in inputs(rank, T, H, K, E, 50))

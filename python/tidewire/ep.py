@@ -14,7 +14,7 @@ is an error at construction, naming it. The kernels are compiled and loaded then
 first dispatch.
 
 Every call runs on the current CUDA stream. A rank that does not answer within `timeout_us`
-(10 s when -1), or whose process died, is written as 0 into the caller's `active_ranks` and
+(when -1: 100 s, `TIDEWIRE_EP_TIMEOUT_US`), or whose process died, is written as 0 into the caller's `active_ranks` and
 counts as sending nothing from then on.
 
 Dispatch sends e4m3 rows with one fp32 scale per 128 channels (amax / 448) unless
@@ -28,6 +28,7 @@ Not yet: `zero_copy`, and the fallback for ranks no NVLink reaches.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -37,8 +38,9 @@ from . import _native
 
 __all__ = ["Buffer", "EventOverlap"]
 
-#: `timeout_us=-1` waits this long (the kernels never wait without a deadline).
-DEFAULT_TIMEOUT_US = 10_000_000
+#: `timeout_us=-1` (the caller sets none) waits this long: the kernels never wait without a
+#: deadline. `TIDEWIRE_EP_TIMEOUT_US` overrides it.
+DEFAULT_TIMEOUT_US = int(os.environ.get("TIDEWIRE_EP_TIMEOUT_US", 100_000_000))
 
 
 class EventOverlap:

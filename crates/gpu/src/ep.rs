@@ -104,14 +104,18 @@ impl EpKernels {
         stream: u64,
         params: &mut [*mut c_void],
     ) -> Result<(), GpuError> {
+        if grid == 0 {
+            // Nothing to do (a combine of zero tokens).
+            return Ok(());
+        }
         let cuda = driver()?;
         let _ctx = self.gpu.enter()?;
         let f = self.funcs.get(which).ok_or(GpuError::Internal("no such EP kernel"))?;
-        // SAFETY: the caller vouches for the parameters; a zero-sized grid is not launched.
+        // SAFETY: the caller vouches for the parameters.
         cuda.check("cuLaunchKernel(tw_ep)", unsafe {
             (cuda.launch)(
                 f.0,
-                grid.max(1),
+                grid,
                 1,
                 1,
                 block,
