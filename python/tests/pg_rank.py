@@ -328,7 +328,67 @@ def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
     return bad
 
 
+def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
+    """CUDA tensors (staged through host memory so far): results on the tensors' GPU, equal
+    to the references; a capture refused with the reason."""
+    torch.cuda.set_device(rank)
+    init(rank, size, port)
+    dev = torch.device("cuda", rank)
+    bad: List[str] = []
+    for dtype in [torch.float32, torch.bfloat16, torch.int64]:
+        for op in ["sum", "max"]:
+            t = data(rank, dtype).to(dev)
+            # Queued work the collective must see: the value is only there after the kernel.
+            t.mul_(1)
+            dist.all_reduce(t, op=OPS[op])
+            if t.device != dev or not close(t.cpu(), reference(size, dtype, op)):
+                bad.append(f"all_reduce {dtype} {op}")
+    x = data(rank, torch.float32, 400).to(dev)
+    out = torch.empty(size * 400, device=dev)
+    dist.all_gather_into_tensor(out, x)
+    if not torch.equal(out.cpu(), torch.cat([data(r, torch.float32, 400) for r in range(size)])):
+        bad.append("all_gather_into_tensor")
+    full = data(rank, torch.float32, size * 100).to(dev)
+    rs = torch.empty(100, device=dev)
+    dist.reduce_scatter_tensor(rs, full)
+    if not close(rs.cpu(), reference(size, torch.float32, "sum", size * 100)[rank * 100 : (rank + 1) * 100]):
+        bad.append("reduce_scatter_tensor")
+    a = torch.arange(size * 3, dtype=torch.int32, device=dev) + rank * 1000
+    b = torch.empty_like(a)
+    dist.all_to_all_single(b, a)
+    want = torch.cat([torch.arange(rank * 3, rank * 3 + 3, dtype=torch.int32) + s * 1000 for s in range(size)])
+    if not torch.equal(b.cpu(), want):
+        bad.append("all_to_all_single")
+    c = data(rank, torch.int32).to(dev)
+    dist.broadcast(c, src=0)
+    if not torch.equal(c.cpu(), data(0, torch.int32)):
+        bad.append("broadcast")
+    if size > 1:
+        nxt, prv = (rank + 1) % size, (rank - 1) % size
+        s_ = data(rank, torch.float32, 1000).to(dev)
+        r_ = torch.empty(1000, device=dev)
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, s_, nxt), dist.P2POp(dist.irecv, r_, prv)])
+        for q in reqs:
+            q.wait()
+        if not torch.equal(r_.cpu(), data(prv, torch.float32, 1000)):
+            bad.append("batch_isend_irecv")
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            dist.all_reduce(torch.ones(4, device=dev))
+        bad.append("capture was accepted")
+    except NotImplementedError as e:
+        if "NVLink" not in str(e):
+            bad.append(f"capture refused without the reason: {e}")
+    except Exception as e:  # noqa: BLE001 (torch may wrap it)
+        if "NVLink" not in str(e):
+            bad.append(f"capture failed otherwise: {e!r}")
+    dist.destroy_process_group()
+    return bad
+
+
 BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
+    "cuda": body_cuda,
     "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,

@@ -108,3 +108,12 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(how: st
 def test_the_mooncake_pg_names_sglang_calls() -> None:
     for rank, bad in enumerate(run_group("mooncake", 2)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="needs two CUDA GPUs on one host (scripts/gpu-test.sh runs it on the GPU host)",
+)
+def test_cuda_tensors_are_staged_through_host_memory_correctly() -> None:
+    for rank, bad in enumerate(run_group("cuda", 2)):
+        assert bad == [], f"rank {rank}: {bad}"

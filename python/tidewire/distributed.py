@@ -1,4 +1,5 @@
-"""The ``torch.distributed`` backend ``"tidewire"`` (CPU tensors, so far).
+"""The ``torch.distributed`` backend ``"tidewire"`` (CPU tensors; CUDA tensors staged through
+host memory until the NVLink path exists).
 
 ``import tidewire.distributed`` registers it::
 
@@ -24,6 +25,7 @@ and progress during later operations and ``wait()``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from datetime import timedelta
@@ -107,21 +109,40 @@ def _dtype(t: torch.Tensor) -> str:
         raise TypeError(f"tidewire: unsupported dtype {t.dtype}") from None
 
 
-def _cpu(t: torch.Tensor, what: str) -> None:
-    if t.device.type != "cpu":
+_staging_logged = False
+
+
+def _to_host(t: torch.Tensor, what: str) -> torch.Tensor:
+    """`t` itself (a CPU tensor), or a host copy of a CUDA tensor: CUDA tensors are staged
+    through host memory until the NVLink path exists (said once in the log). The copy waits for
+    the work queued on the current stream, so the collective sees what it computed."""
+    global _staging_logged
+    if t.device.type == "cpu":
+        return t
+    if t.device.type != "cuda":
+        raise NotImplementedError(f"tidewire: {what} on a {t.device.type} tensor")
+    if torch.cuda.is_current_stream_capturing():
         raise NotImplementedError(
-            f"tidewire: {what} on a {t.device.type} tensor: the tidewire backend moves CPU tensors "
-            "only so far (CUDA tensors come with its NVLink data path)"
+            f"tidewire: {what} on CUDA tensors inside CUDA-graph capture needs the NVLink path, "
+            "which is not built yet (CUDA tensors are staged through host memory so far)"
         )
+    if not _staging_logged:
+        _staging_logged = True
+        logging.getLogger("tidewire").warning(
+            "tidewire: CUDA tensors are staged through host memory (the NVLink path for collectives "
+            "is not built yet): correct, with a host synchronisation per call"
+        )
+    return t.to("cpu")
 
 
 class _Flat:
-    """A tensor as contiguous bytes: the tensor itself, or a contiguous copy written back."""
+    """A tensor as contiguous host bytes: the tensor itself, or a contiguous (or host) copy
+    written back."""
 
     def __init__(self, t: torch.Tensor, what: str, write_back: bool = True) -> None:
-        _cpu(t, what)
         self.orig = t
-        self.t = t if t.is_contiguous() else t.contiguous()
+        host = _to_host(t, what)
+        self.t = host if host.is_contiguous() else host.contiguous()
         self.write_back = write_back and self.t is not t
 
     @property
@@ -332,9 +353,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return _done(output)
 
     def alltoall(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> dist.Work:
-        for t in list(outputs) + list(inputs):
-            _cpu(t, "all_to_all")
-        ins = [i.contiguous().view(torch.uint8).reshape(-1) for i in inputs]
+        ins = [_to_host(i, "all_to_all").contiguous().view(torch.uint8).reshape(-1) for i in inputs]
         inp = torch.cat(ins) if ins else torch.empty(0, dtype=torch.uint8)
         out_sizes = [o.numel() * o.element_size() for o in outputs]
         out = torch.empty(sum(out_sizes), dtype=torch.uint8)
@@ -370,7 +389,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         for i, out in enumerate(outputs):
             fo = _Flat(out, "scatter")
             if self._rank == root:
-                flat = torch.stack([x.reshape(out.shape) for x in inputs[i]]).contiguous()
+                flat = _to_host(torch.stack([x.reshape(out.shape) for x in inputs[i]]), "scatter").contiguous()
                 self._call(self._comm.scatter, fo.span(), (flat.data_ptr(), flat.numel() * flat.element_size()), root)
             else:
                 self._call(self._comm.scatter, fo.span(), (0, 0), root)
@@ -404,7 +423,7 @@ def _create(opts: Any, pg_options: Any = None) -> ProcessGroupTidewire:
 
 def _register() -> None:
     if BACKEND.upper() not in dist.Backend._plugins:  # type: ignore[attr-defined]
-        dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
+        dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu", "cuda"])
 
 
 _register()
