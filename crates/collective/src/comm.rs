@@ -493,6 +493,38 @@ impl Comm {
         Ok(())
     }
 
+    /// Ring reduce-scatter of `input` (`n` blocks of `out.len()` bytes) into `out`, without
+    /// copying the input: each step receives the partial into one of two block buffers (the
+    /// other is being sent) and reduces our block into it; the last step receives into `out`.
+    fn ring_reduce_scatter_into(
+        &mut self,
+        out: &mut [u8],
+        input: &[u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (n, me, len) = (self.size, self.rank, out.len());
+        let (next, prev) = ring_neighbours(me, n);
+        let block = |b: usize| &input[b * len..(b + 1) * len];
+        let mut bufs = [vec![0u8; len], vec![0u8; if n > 2 { len } else { 0 }]];
+        for s in 0..n - 1 {
+            let (b_out, b_in) = reduce_scatter_step(me, n, s);
+            let last = s == n - 2;
+            let (sent, recv) = bufs.split_at_mut(1);
+            let (prev_buf, next_buf) = if s % 2 == 1 {
+                (&mut sent[0], &mut recv[0])
+            } else {
+                (&mut recv[0], &mut sent[0])
+            };
+            let src: &[u8] = if s == 0 { block(b_out) } else { prev_buf };
+            let dst: &mut [u8] = if last { &mut *out } else { next_buf };
+            let mut xfers = [self.sends(next, src), self.recvs(prev, dst)];
+            self.run("reduce_scatter", &mut xfers)?;
+            reduce_into(dst, block(b_in), dtype, op);
+        }
+        Ok(())
+    }
+
     /// Ring all-gather in place, every rank starting with block `rank` of `buf`.
     fn ring_all_gather(
         &mut self,
@@ -547,12 +579,11 @@ impl Comm {
                 input.len()
             )));
         }
-        let mut acc = input.to_vec();
-        if n > 1 && len > 0 {
-            let parts: Vec<Range<usize>> = (0..n).map(|r| r * len..(r + 1) * len).collect();
-            self.ring_reduce_scatter(&mut acc, &parts, dtype, op, "reduce_scatter")?;
+        if n == 1 || len == 0 {
+            out.copy_from_slice(input);
+        } else {
+            self.ring_reduce_scatter_into(out, input, dtype, op)?;
         }
-        out.copy_from_slice(&acc[self.rank * len..(self.rank + 1) * len]);
         if op == ReduceOp::Avg {
             finish_avg(out, dtype, n);
         }
