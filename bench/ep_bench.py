@@ -1,0 +1,117 @@
+"""EP buffer benchmark: dispatch and combine latency of `tidewire.ep.Buffer` on the GPUs of one
+host, the way DeepEP reports its low-latency kernels:
+
+    python bench/ep_bench.py [--tokens 128,512,1024] [--hidden 7168] [--topk 8] [--experts 256] [--iters 1000]
+
+One process per GPU, uniform random routing, FP8 dispatch and bf16 combine. For each T it
+prints, on rank 0: per-call p50 / p99 (CUDA events around one call, host launch included), the
+kernels' own time (torch.profiler: the send and receive kernels of each call), and GB/s counted
+DeepEP's way (per selection: dispatch H + H/128·4 + 16 bytes, combine 2·H). Run
+`bench/ref/collectives_reference.py ep` in the same command for the all_to_all_single exchange.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+
+def pct(v: List[float], q: float) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, int(len(s) * q))]
+
+
+def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
+    import tidewire.ep
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    H, K, E = args.hidden, args.topk, args.experts
+    tokens = [int(t) for t in args.tokens.split(",")]
+    buf = tidewire.ep.Buffer(dist.group.WORLD, tidewire.ep.Buffer.get_ep_buffer_size_hint(max(tokens), H, n, E))
+    active = torch.ones(n, dtype=torch.int32, device="cuda")
+    if rank == 0:
+        print(f"# tidewire.ep: ranks {n} H {H} topk {K} experts {E}, fp8 dispatch / bf16 combine; paths {buf.paths}")
+    for T in tokens:
+        g = torch.Generator(device="cuda").manual_seed(rank)
+        x = torch.randn(T, H, dtype=torch.bfloat16, device="cuda", generator=g)
+        topk = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+        w = torch.rand(T, K, device="cuda", generator=g)
+        selections = int((topk >= 0).sum())
+        d_bytes = selections * (H + H // 128 * 4 + 16)
+        c_bytes = selections * 2 * H
+
+        def dispatch():
+            return buf.dispatch(x, topk, active, max(tokens), E, 10_000_000, use_fp8=True)
+
+        for _ in range(20):
+            (q, sc), _, h, _, _ = dispatch()
+            y = q.float().mul_(sc.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+            buf.combine(y, topk, w, active, 10_000_000, h)
+        torch.cuda.synchronize()
+        dist.barrier()
+        td: List[float] = []
+        tc: List[float] = []
+        for _ in range(args.iters):
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            (q, sc), _, h, _, _ = dispatch()
+            e1.record()
+            buf.combine(y, topk, w, active, 10_000_000, h)
+            e2.record()
+            e2.synchronize()
+            td.append(e0.elapsed_time(e1) * 1000)
+            tc.append(e1.elapsed_time(e2) * 1000)
+        dist.barrier()
+        kernel: Dict[str, float] = {}
+        prof_iters = 50
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(prof_iters):
+                (q, sc), _, h, _, _ = dispatch()
+                buf.combine(y, topk, w, active, 10_000_000, h)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            if ev.key.startswith("tw_ep_"):
+                kernel[ev.key] = ev.device_time_total / prof_iters if hasattr(ev, "device_time_total") else ev.cuda_time_total / prof_iters
+        dist.barrier()
+        if rank == 0:
+            kd = kernel.get("tw_ep_dispatch_send", 0) + kernel.get("tw_ep_dispatch_recv", 0)
+            kc = kernel.get("tw_ep_combine_send", 0) + kernel.get("tw_ep_combine_recv", 0)
+            print(f"T {T}: per call dispatch p50 {pct(td, .5):.1f} p99 {pct(td, .99):.1f} us, combine p50 {pct(tc, .5):.1f} p99 {pct(tc, .99):.1f} us")
+            print(
+                f"T {T}: kernels dispatch {kd:.1f} us ({d_bytes / kd / 1e3 if kd else 0:.0f} GB/s), "
+                f"combine {kc:.1f} us ({c_bytes / kc / 1e3 if kc else 0:.0f} GB/s); "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernel.items()))
+            )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", default="128")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--ranks", type=int, default=0)
+    args = p.parse_args()
+    n = args.ranks or torch.cuda.device_count()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank_main, args=(n, port, args), nprocs=n)
+
+
+if __name__ == "__main__":
+    main()
