@@ -197,6 +197,13 @@ class Buffer:
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         if out is None:
             out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)
+        elif (
+            out.dtype != torch.bfloat16
+            or tuple(out.shape) != (num_tokens, hidden)
+            or not out.is_contiguous()
+            or out.data_ptr() % 16
+        ):
+            raise ValueError(f"tidewire.ep: out must be a contiguous, 16-byte aligned bf16 [{num_tokens}, {hidden}] tensor")
         stream = torch.cuda.current_stream().cuda_stream
         self._native.combine_send(stream, shape, x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), active.data_ptr())
         result = out

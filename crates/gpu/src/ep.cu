@@ -244,10 +244,13 @@ extern "C" __global__ void tw_ep_combine_send(EpArgs a, const unsigned short* y,
 // One block per token: waits for the signals of its experts, then the weighted sum (fp32).
 extern "C" __global__ void tw_ep_combine_recv(EpArgs a, const long long* topk, const float* weights,
                                               unsigned short* out, int* active) {
-    __shared__ int valid[16];
+    __shared__ const int4* rows[16];
+    __shared__ float wk[16];
+    __shared__ int nk;
     const int t = blockIdx.x;
     const unsigned long long seq = tw_seq(a);
     char* base = tw_base(a, a.rank, seq);
+    const unsigned long long row = (unsigned long long)a.hidden * 2;
     if (threadIdx.x < (unsigned)a.topk) {
         long long e = topk[(long long)t * a.topk + threadIdx.x];
         int ok = 0;
@@ -256,18 +259,29 @@ extern "C" __global__ void tw_ep_combine_recv(EpArgs a, const long long* topk, c
             if (*(volatile int*)&active[owner] != 0)
                 ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active) >= 0;
         }
-        valid[threadIdx.x] = ok;
+        // The valid slots, compacted in slot order (the sum's order is the same on every call).
+        unsigned mask = __ballot_sync(0xffffffffu >> (32 - a.topk), ok);
+        if (ok) {
+            int at = __popc(mask & ((1u << threadIdx.x) - 1u));
+            rows[at] = (const int4*)(base + a.off_cdata + ((unsigned long long)e * a.max_tokens + t) * row);
+            wk[at] = weights[(long long)t * a.topk + threadIdx.x];
+        }
+        if (threadIdx.x == 0) nk = __popc(mask);
     }
     __syncthreads();
-    const unsigned long long row = (unsigned long long)a.hidden * 2;
-    for (int h = threadIdx.x; h < a.hidden; h += blockDim.x) {
-        float acc = 0.f;
-        for (int k = 0; k < a.topk; k++) {
-            if (!valid[k]) continue;
-            long long e = topk[(long long)t * a.topk + k];
-            const unsigned short* r = (const unsigned short*)(base + a.off_cdata + ((unsigned long long)e * a.max_tokens + t) * row);
-            acc += weights[(long long)t * a.topk + k] * tw_bf16(r[h]);
+    // Eight channels per thread and step: one 16-byte load per expert row, fp32 sums.
+    const int n = nk;
+    int4* o = (int4*)(out + (long long)t * a.hidden);
+    for (int v = threadIdx.x; v < a.hidden / 8; v += blockDim.x) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int k = 0; k < n; k++) {
+            int4 q = rows[k][v];
+            const unsigned short* h = (const unsigned short*)&q;
+            for (int i = 0; i < 8; i++) acc[i] += wk[k] * tw_bf16(h[i]);
         }
-        out[(long long)t * a.hidden + h] = tw_to_bf16(acc);
+        int4 r;
+        unsigned short* rh = (unsigned short*)&r;
+        for (int i = 0; i < 8; i++) rh[i] = tw_to_bf16(acc[i]);
+        o[v] = r;
     }
 }
