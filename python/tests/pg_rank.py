@@ -387,7 +387,43 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     return bad
 
 
+def body_lifetime(rank: int, size: int, port: int, arg: str) -> Any:
+    """Groups created and destroyed 20 times: no mapping, thread or region outlives them."""
+    init(rank, size, port)
+    eng = tidewire.distributed.engine()
+
+    def mappings() -> int:
+        return sum(p.mappings for p in eng.peers())
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    t = torch.ones(8)
+    dist.all_reduce(t)
+    base_maps, base_threads = mappings(), threads()
+    bad = []
+    for i in range(20):
+        g = dist.new_group(list(range(size)))
+        x = torch.ones(1024) * i
+        dist.all_reduce(x, group=g)
+        if x[0].item() != i * size:
+            bad.append(f"round {i}: {x[0].item()}")
+        dist.barrier(group=g)
+        dist.destroy_process_group(g)
+        import gc
+
+        gc.collect()
+    dist.barrier()
+    if mappings() != base_maps:
+        bad.append(f"mappings {base_maps} -> {mappings()}")
+    if threads() > base_threads + 2:
+        bad.append(f"threads {base_threads} -> {threads()}")
+    dist.destroy_process_group()
+    return bad
+
+
 BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
+    "lifetime": body_lifetime,
     "cuda": body_cuda,
     "mooncake": body_mooncake,
     "collectives": body_collectives,

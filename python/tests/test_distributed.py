@@ -117,3 +117,8 @@ def test_the_mooncake_pg_names_sglang_calls() -> None:
 def test_cuda_tensors_are_staged_through_host_memory_correctly() -> None:
     for rank, bad in enumerate(run_group("cuda", 2)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+def test_groups_created_and_destroyed_twenty_times_leave_nothing_behind() -> None:
+    for rank, bad in enumerate(run_group("lifetime", 2)):
+        assert bad == [], f"rank {rank}: {bad}"

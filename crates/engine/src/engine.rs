@@ -768,6 +768,10 @@ impl Engine {
     /// this process holds.
     pub fn peers(&self) -> Vec<PeerStatus> {
         let peers = self.inner.peers.lock();
+        // Counts what is really mapped: regions a peer revoked are unmapped first.
+        for conn in peers.slots.iter().filter_map(|s| s.conn.as_ref()) {
+            conn.sweep_shm();
+        }
         peers
             .slots
             .iter()

@@ -265,6 +265,13 @@ impl PeerConn {
     }
 
     /// The shm attachment to this peer, made on first use.
+    /// Unmaps cached shm regions of this peer that it revoked and nothing uses.
+    pub(crate) fn sweep_shm(&self) {
+        if let Some(client) = self.shm.lock().as_ref() {
+            client.sweep();
+        }
+    }
+
     pub(crate) fn shm(&self, cfg: &EngineConfig) -> Result<Arc<ShmClient>> {
         self.check_alive()?;
         let mut slot = self.shm.lock();

@@ -390,6 +390,11 @@ impl Drop for ShmConn {
 }
 
 /// The initiator side: one attachment per peer instance, mappings cached per region.
+/// Drops the revoked mappings only the cache holds.
+fn sweep(maps: &mut HashMap<RegionId, Arc<ShmMap>>) {
+    maps.retain(|_, m| Arc::strong_count(m) > 1 || m.header().revoked.load(Ordering::SeqCst) == 0);
+}
+
 pub(crate) struct ShmClient {
     peer: PeerRef,
     stream: Mutex<UnixStream>,
@@ -486,8 +491,17 @@ impl ShmClient {
             .ok_or(Error::Internal("shm region length overflows"))?;
         let map = Mapping::map_shared(&fd, total, "a peer's shared region")?;
         let map = Arc::new(ShmMap { map, _held: Some(self.mappings.hold()) });
-        self.maps.lock().insert(id, map.clone());
+        let mut maps = self.maps.lock();
+        sweep(&mut maps);
+        maps.insert(id, map.clone());
         Ok(map)
+    }
+
+    /// Unmaps the cached regions the peer has revoked (unregistered) that nothing uses any
+    /// more, so a peer that allocates and frees regions again and again (a collective group
+    /// created and destroyed) does not keep its freed memory mapped here.
+    pub(crate) fn sweep(&self) {
+        sweep(&mut self.maps.lock());
     }
 
     /// Maps the revocation page of the peer's exported device region `id`.
