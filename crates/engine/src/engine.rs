@@ -821,6 +821,13 @@ impl Engine {
     fn resolve_remote(&self, r: &Request) -> Result<(Arc<PeerConn>, RegionDescriptor)> {
         for _ in 0..2 {
             let conn = self.peer(r.peer)?;
+            if conn.take_stale() {
+                // A region we named is gone: the address may belong to a new one now.
+                let fresh = self.fetch_descriptor(&conn.name)?;
+                if fresh.instance_id == conn.instance() {
+                    conn.set_descriptor(fresh);
+                }
+            }
             if let Some(region) = conn.find(r.remote, r.len) {
                 return Ok((conn, region));
             }

@@ -107,6 +107,9 @@ pub(crate) struct PeerConn {
     shm: Mutex<Option<Arc<ShmClient>>>,
     nvlink: Mutex<Option<Arc<NvlinkClient>>>,
     broken: AtomicBool,
+    /// The peer said a region of the cached descriptor is gone (it may have registered
+    /// another at the same address): the next request re-reads the descriptor.
+    stale: AtomicBool,
     /// Whether the peer instance is gone for good (its process exited), and why.
     pub(crate) liveness: Arc<Liveness>,
     /// Mappings of this instance's memory held in this process.
@@ -152,6 +155,7 @@ impl PeerConn {
             shm: Mutex::new(None),
             nvlink: Mutex::new(None),
             broken: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
             liveness: Arc::default(),
             mappings: MapCount::default(),
             watch,
@@ -227,6 +231,16 @@ impl PeerConn {
 
     pub(crate) fn find(&self, addr: u64, len: u64) -> Option<RegionDescriptor> {
         self.desc.read().find_region(addr, len).cloned()
+    }
+
+    /// The peer said a region of the cached descriptor is no longer registered.
+    pub(crate) fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Release);
+    }
+
+    /// Whether the cached descriptor must be re-read (and clears the mark).
+    pub(crate) fn take_stale(&self) -> bool {
+        self.stale.swap(false, Ordering::AcqRel)
     }
 
     pub(crate) fn mark_broken(&self) {

@@ -33,3 +33,30 @@ fn a_freed_shared_region_is_unmapped_by_the_initiators_that_used_it() {
     }
     drop((e, target));
 }
+
+#[test]
+fn a_region_allocated_where_a_freed_one_was_is_reached_after_one_refusal() {
+    let target = common::engine();
+    let e = common::engine();
+    let peer = e.open_segment(target.name()).unwrap();
+    let buf = common::registered(&e, 4096, &[9u8; 4096]);
+    let first = target.allocate_shared(1 << 20).unwrap();
+    let write = |remote| Request { op: Op::Write, local: buf.addr(), len: 4096, peer, remote };
+    e.transfer_sync(&[write(first)], BatchOptions::default()).unwrap();
+    target.free_shared(first).unwrap();
+    // The allocator hands the same address back (a memfd mapping of the same size, usually).
+    let second = target.allocate_shared(1 << 20).unwrap();
+    if second != first {
+        eprintln!("the address did not come back; nothing to check");
+        drop((e, target));
+        return;
+    }
+    // The cached descriptor still names the freed region there: the first write is refused
+    // with the reason, and the next one reaches the new region.
+    let refused = e.transfer_sync(&[write(second)], BatchOptions::default());
+    if let Err(err) = &refused {
+        assert!(matches!(err, tidewire::Error::RemoteAccessDenied { .. }), "{err}");
+    }
+    e.transfer_sync(&[write(second)], BatchOptions::default()).unwrap();
+    drop((e, target));
+}

@@ -142,7 +142,10 @@ fn run_shm(
     let first = &requests[run.start];
     let mapped = step.conn.shm(config).and_then(|client| {
         let map = client.region(step.region.id).map_err(|e| match e {
-            Error::RemoteAccessDenied { reason, .. } => denied(first, reason),
+            Error::RemoteAccessDenied { reason, .. } => {
+                step.conn.mark_stale();
+                denied(first, reason)
+            }
             e => e,
         })?;
         Ok((client, map))
@@ -166,6 +169,7 @@ fn run_shm(
         match copied {
             Ok(true) => {}
             Ok(false) => {
+                step.conn.mark_stale();
                 batch.fail_request(i, denied(r, "the peer unregistered this shared region".into()))
             }
             Err(e) => batch.fail_request(i, e),

@@ -958,6 +958,7 @@ impl Lane {
         let remote = client.remote(step.region.id, &route.reach, exec)?;
         if !client.enter(&remote)? {
             client.forget(step.region.id, exec);
+            step.conn.mark_stale();
             return Err(Error::RemoteAccessDenied {
                 peer: step.conn.who(),
                 addr: step.region.addr,
