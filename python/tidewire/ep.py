@@ -160,6 +160,9 @@ class Buffer:
 
         handle = (src_info, layout_range, T, hidden, E)
         self._seqs[src_info.data_ptr()] = (seq, num_tokens, k)
+        while len(self._seqs) > 64:
+            # Dispatches never combined (a benchmark, a dropped batch): forget the oldest.
+            self._seqs.pop(next(iter(self._seqs)))
         hook = None
         if return_recv_hook:
             hook = recv
