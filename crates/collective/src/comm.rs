@@ -117,8 +117,21 @@ struct Link {
 /// One transfer of an operation: bytes to a rank or from a rank, and how far it got.
 #[derive(Debug, Clone, Copy)]
 enum Xfer {
-    Send { peer: usize, src: u64, len: u64, done: u64 },
-    Recv { peer: usize, dst: u64, len: u64, done: u64 },
+    Send {
+        peer: usize,
+        src: u64,
+        len: u64,
+        done: u64,
+    },
+    /// With `reduce`, the bytes are reduced into `dst` (`dst op received`) as they arrive,
+    /// straight out of the ring, instead of copied.
+    Recv {
+        peer: usize,
+        dst: u64,
+        len: u64,
+        done: u64,
+        reduce: Option<(DType, ReduceOp)>,
+    },
 }
 
 impl Xfer {
@@ -348,7 +361,19 @@ impl Comm {
     }
 
     fn recvs(&self, peer: usize, dst: &mut [u8]) -> Xfer {
-        Xfer::Recv { peer, dst: dst.as_mut_ptr() as u64, len: dst.len() as u64, done: 0 }
+        Xfer::Recv {
+            peer,
+            dst: dst.as_mut_ptr() as u64,
+            len: dst.len() as u64,
+            done: 0,
+            reduce: None,
+        }
+    }
+
+    /// Receives `acc.len()` bytes from rank `peer`, reducing them into `acc` as they arrive.
+    fn recv_reduce(&self, peer: usize, acc: &mut [u8], dtype: DType, op: ReduceOp) -> Xfer {
+        let (dst, len) = (acc.as_mut_ptr() as u64, acc.len() as u64);
+        Xfer::Recv { peer, dst, len, done: 0, reduce: Some((dtype, op)) }
     }
 
     /// Starts sending `len` bytes at `src` to rank `peer`; they are copied out as the peer
@@ -367,7 +392,7 @@ impl Comm {
     /// `[dst, dst + len)` must stay writable, and not be read or written by anyone else, until
     /// the operation is waited for (or the communicator is dropped).
     pub unsafe fn irecv(&mut self, peer: usize, dst: u64, len: u64) -> Result<OpId> {
-        self.start("irecv", Xfer::Recv { peer, dst, len, done: 0 })
+        self.start("irecv", Xfer::Recv { peer, dst, len, done: 0, reduce: None })
     }
 
     fn start(&mut self, op: &str, x: Xfer) -> Result<OpId> {
@@ -481,14 +506,13 @@ impl Comm {
     ) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         let (next, prev) = ring_neighbours(me, n);
-        let mut tmp = vec![0u8; parts.iter().map(|p| p.len()).max().unwrap_or(0)];
         for s in 0..n - 1 {
             let (out, inp) = reduce_scatter_step(me, n, s);
             let (o, i) = (parts[out].clone(), parts[inp].clone());
-            let got = &mut tmp[..i.len()];
-            let mut xfers = [self.sends(next, &buf[o]), self.recvs(prev, got)];
+            // Disjoint blocks: one is sent while the partial for the other is reduced into it.
+            let (src, acc) = split_two(buf, o, i);
+            let mut xfers = [self.sends(next, src), self.recv_reduce(prev, acc, dtype, op)];
             self.run(name, &mut xfers)?;
-            reduce_into(&mut buf[i], got, dtype, op);
         }
         Ok(())
     }
@@ -848,7 +872,59 @@ fn step(links: &mut [Option<Link>], busy: &mut Vec<(usize, bool)>, x: &mut Xfer)
             ring.tail().store(link.sent, Ordering::Release);
             true
         }
-        Xfer::Recv { dst, len, done, .. } => {
+        Xfer::Recv { dst, len, done, reduce: Some((dtype, op)), .. } => {
+            let ring = &link.inp;
+            let tail = ring.tail().load(Ordering::Acquire);
+            let avail = tail - link.received;
+            let at = link.received % ring.cap;
+            let es = dtype.size() as u64;
+            let want = avail.min(*len - *done);
+            let contiguous = want.min(ring.cap - at);
+            let whole = contiguous - contiguous % es;
+            let n = if whole > 0 {
+                // SAFETY: `[at, at + whole)` lies in the ring's data, written by the peer before
+                // it published `tail`; the destination was vouched for by the caller.
+                let (got, acc) = unsafe {
+                    (
+                        std::slice::from_raw_parts((ring.data() + at) as *const u8, whole as usize),
+                        std::slice::from_raw_parts_mut((*dst + *done) as *mut u8, whole as usize),
+                    )
+                };
+                reduce_into(acc, got, *dtype, *op);
+                whole
+            } else if want >= es {
+                // One element straddles the end of the ring: gather its two pieces.
+                let mut e = [0u8; 8];
+                let first = (ring.cap - at) as usize;
+                // SAFETY: as above, for the ring's last `first` bytes and its first
+                // `es - first`, all before `tail`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (ring.data() + at) as *const u8,
+                        e.as_mut_ptr(),
+                        first,
+                    );
+                    std::ptr::copy_nonoverlapping(
+                        ring.data() as *const u8,
+                        e.as_mut_ptr().add(first),
+                        es as usize - first,
+                    );
+                }
+                // SAFETY: one element of the destination, vouched for by the caller.
+                let acc = unsafe {
+                    std::slice::from_raw_parts_mut((*dst + *done) as *mut u8, es as usize)
+                };
+                reduce_into(acc, &e[..es as usize], *dtype, *op);
+                es
+            } else {
+                return false;
+            };
+            link.received += n;
+            *done += n;
+            ring.head().store(link.received, Ordering::Release);
+            true
+        }
+        Xfer::Recv { dst, len, done, reduce: None, .. } => {
             let ring = &link.inp;
             let tail = ring.tail().load(Ordering::Acquire);
             let avail = tail - link.received;

@@ -190,3 +190,25 @@ fn a_rank_that_never_comes_is_a_timeout_naming_it() {
     }
     assert!(matches!(again, Error::Poisoned { .. }), "{again}");
 }
+
+#[test]
+fn reductions_out_of_the_ring_survive_elements_split_by_its_end() {
+    // A 1-byte barrier token first, so the 8-byte elements that follow sit across the end of
+    // the 4 KiB rings now and then; the ring all_reduce reduces them straight out of the ring.
+    for n in [2, 3] {
+        let got = group(n, 4096, move |rank, comm| {
+            comm.barrier().unwrap();
+            let v: Vec<u8> =
+                (0..20_000u64).flat_map(|i| ((i * 7 + rank as u64) as f64).to_ne_bytes()).collect();
+            let mut buf = v.clone();
+            comm.all_reduce(&mut buf, DType::F64, ReduceOp::Sum).unwrap();
+            buf
+        });
+        let want: Vec<u8> = (0..20_000u64)
+            .flat_map(|i| ((0..n as u64).map(|r| (i * 7 + r) as f64).sum::<f64>()).to_ne_bytes())
+            .collect();
+        for (rank, buf) in got.iter().enumerate() {
+            assert!(*buf == want, "{n} ranks: rank {rank} differs");
+        }
+    }
+}
