@@ -125,6 +125,14 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
     dist.reduce_scatter(rs2, list(full.chunk(size)), op=dist.ReduceOp.MAX)
     want_max = reference(size, torch.float32, "max", size * 100)
     check("reduce_scatter list max", close(rs2, want_max[rank * 100 : (rank + 1) * 100]))
+    # In place: the input is the output's own shard.
+    ip = data(rank, torch.float32, size * 100).clone()
+    dist.reduce_scatter_tensor(ip[rank * 100 : (rank + 1) * 100], ip)
+    check("reduce_scatter_tensor in place", close(ip[rank * 100 : (rank + 1) * 100], want_full[rank * 100 : (rank + 1) * 100]))
+    ag = torch.zeros(size * 300, dtype=torch.bfloat16)
+    ag[rank * 300 : (rank + 1) * 300] = mine
+    dist.all_gather_into_tensor(ag, ag[rank * 300 : (rank + 1) * 300])
+    check("all_gather_into_tensor in place", torch.equal(ag, torch.cat([data(r, torch.bfloat16, 300) for r in range(size)])))
     # all_to_all (list) and all_to_all_single with uneven splits.
     ins = [torch.full((r + 1 + rank,), rank * 10 + r, dtype=torch.int64) for r in range(size)]
     outs2 = [torch.empty(rank + 1 + s, dtype=torch.int64) for s in range(size)]
@@ -137,6 +145,11 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
     dist.all_to_all_single(b, a, out_splits, in_splits)
     want_b = torch.cat([torch.full((out_splits[s], 4), s * 100 + rank, dtype=torch.float32) for s in range(size)])
     check("all_to_all_single uneven", torch.equal(b, want_b))
+    try:
+        dist.all_to_all_single(b, a, [x + 1 for x in out_splits], in_splits)
+        bad.append("split sizes beyond the output were accepted")
+    except ValueError:
+        pass
     ev = torch.arange(size * 3, dtype=torch.int32) + rank * 1000
     evo = torch.empty_like(ev)
     dist.all_to_all_single(evo, ev)

@@ -20,6 +20,10 @@ The group is a Python subclass of ``torch.distributed.ProcessGroup``: PyTorch ca
 for every collective, point-to-point operation and functional collective. Collectives complete
 before they return (``async_op=True`` gets a completed work); ``isend``/``irecv`` return at once
 and progress during later operations and ``wait()``.
+
+Point-to-point messages and collectives travel on the same ordered channels between two ranks
+(as on one NCCL communicator): a rank must not post an ``isend`` to a peer that runs a
+collective before receiving it. ``tag`` is not used.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import logging
 import os
 import threading
 from datetime import timedelta
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -161,6 +165,12 @@ class _Flat:
             self.orig.copy_(self.t)
 
 
+def _overlap(a: _Flat, b: _Flat) -> bool:
+    """Whether two flattened tensors share bytes (an in-place collective: the input is the
+    output's own shard)."""
+    return a.addr < b.addr + b.nbytes and b.addr < a.addr + a.nbytes and a.nbytes > 0 and b.nbytes > 0
+
+
 def _done(result: Any = None) -> dist.Work:
     fut: Future = Future()
     fut.set_result(result)
@@ -208,17 +218,24 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._backend = backend
         #: The active-rank mask of a Mooncake-style group (`tidewire.mooncake.pg`).
         self._active_ranks: Optional[torch.Tensor] = None
+        #: Buffers of isend/irecv not finished yet, by operation id.
+        self._inflight: Dict[int, _Flat] = {}
         self._group_name = ""
         self._group_desc = ""
         self._failed_ranks: List[int] = []
         eng = engine()
         region = _native.Communicator.allocate_region(eng._native, size, _ring_bytes(size))
-        store.set(f"tidewire/{rank}", json.dumps({"name": eng.name, "region": region[0]}))
+        store.set(f"tidewire/{rank}", json.dumps({"name": eng.name, "region": region[0], "cap": region[2]}))
         keys = [f"tidewire/{r}" for r in range(size)]
         store.wait(keys, timeout)
         peers = []
-        for key in keys:
+        for r, key in enumerate(keys):
             info = json.loads(store.get(key))
+            if int(info.get("cap", -1)) != region[2]:
+                raise ValueError(
+                    f"tidewire: rank {r} uses {info.get('cap')}-byte rings and this rank {region[2]}: "
+                    "set TIDEWIRE_PG_RING_BYTES alike on every rank"
+                )
             peers.append((info["name"], int(info["region"])))
         self._comm = _native.Communicator(eng._native, rank, region, peers, timeout.total_seconds())
 
@@ -262,6 +279,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def shutdown(self) -> None:
         self._comm.close()
+        self._inflight.clear()
 
     def _reduce_name(self, opts: Any) -> str:
         return _op_name(opts.reduceOp)
@@ -287,6 +305,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def _gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         fo, fi = _Flat(out, "all_gather"), _Flat(inp, "all_gather", write_back=False)
+        if _overlap(fo, fi):
+            fi = _Flat(fi.t.clone(), "all_gather", write_back=False)
         self._call(self._comm.all_gather, fo.span(), fi.span())
         fo.done()
 
@@ -309,6 +329,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def _scatter_reduce(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
         fo, fi = _Flat(out, "reduce_scatter"), _Flat(inp, "reduce_scatter", write_back=False)
+        if _overlap(fo, fi):
+            fi = _Flat(fi.t.clone(), "reduce_scatter", write_back=False)
         self._call(self._comm.reduce_scatter, fo.span(), fi.span(), _dtype(out), op)
         fo.done()
 
@@ -342,12 +364,17 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
         def splits(t: torch.Tensor, sizes: Sequence[int]) -> List[int]:
             row = (t.numel() // t.shape[0] if t.dim() > 0 and t.shape[0] else 0) * t.element_size()
+            rows = t.shape[0] if t.dim() else 0
             if not sizes:
-                if t.dim() == 0 or t.shape[0] % n:
-                    raise ValueError(f"all_to_all_single: {t.shape[0] if t.dim() else 0} rows do not split evenly over {n} ranks")
-                return [t.shape[0] // n * row] * n
+                if t.dim() == 0 or rows % n:
+                    raise ValueError(f"all_to_all_single: {rows} rows do not split evenly over {n} ranks")
+                return [rows // n * row] * n
+            if len(sizes) != n or any(int(x) < 0 for x in sizes) or sum(int(x) for x in sizes) != rows:
+                raise ValueError(f"all_to_all_single: split sizes {list(sizes)} do not cover the {rows} rows over {n} ranks")
             return [int(s) * row for s in sizes]
 
+        if _overlap(fo, fi):
+            fi = _Flat(fi.t.clone(), "all_to_all_single", write_back=False)
         self._call(self._comm.all_to_all, fo.addr, splits(output, output_split_sizes), fi.addr, splits(input, input_split_sizes))
         fo.done()
         return _done(output)
@@ -401,16 +428,24 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return _done(None)
 
     # --- point to point -------------------------------------------------------------------
+    def _keep(self, op_id: int, f: _Flat) -> None:
+        """Holds a pending operation's buffers until it finished (its Work may be dropped
+        first: the communicator still copies into or out of them)."""
+        self._inflight = {i: g for i, g in self._inflight.items() if not self._comm.test(i)}
+        self._inflight[op_id] = f
+
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
         f = _Flat(t, "send", write_back=False)
         op_id = self._call(self._comm.isend, dst, f.addr, f.nbytes)
+        self._keep(op_id, f)
         return _P2PWork(self, op_id, f, f"send to rank {dst}")
 
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
         f = _Flat(t, "recv")
         op_id = self._call(self._comm.irecv, src, f.addr, f.nbytes)
+        self._keep(op_id, f)
         return _P2PWork(self, op_id, f, f"recv from rank {src}")
 
     def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> dist.Work:

@@ -91,8 +91,10 @@ class Buffer:
         # The buffer's dispatch counter, on the GPU: each dispatch's number is taken there by a
         # kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
         self._counter = torch.zeros(1, dtype=torch.int64, device=f"cuda:{self.device}")
-        # Each dispatch's number word, token count and top-k, by its handle (for its combine).
-        self._seqs: Dict[int, Tuple[torch.Tensor, int, int]] = {}
+        # Each dispatch's number word, token count, top-k and host-side number, by its handle
+        # (for its combine).
+        self._seqs: Dict[int, Tuple[torch.Tensor, int, int, int]] = {}
+        self._dispatches = 0
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -128,14 +130,28 @@ class Buffer:
         if active is not active_ranks:
             raise ValueError("tidewire.ep: active_ranks must be contiguous (the kernels write into it)")
         T, E, R = num_max_dispatch_tokens_per_rank, num_experts, self.group_size
+        if x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
+            raise ValueError(f"tidewire.ep: x {tuple(x.shape)} and topk_idx {tuple(topk_idx.shape)} must be [tokens, H] and [tokens, k]")
         num_tokens, hidden = x.shape
         k = topk_idx.shape[1]
         el = E // R
         dev = x.device
+        # The two halves of the buffer alternate between calls: a call may not start while the
+        # previous call on its half still has its combine to run (its rows would be overwritten).
+        number = self._dispatches + 1
+        pending = [n for (_, _, _, n) in self._seqs.values() if n % 2 == number % 2]
+        if pending:
+            raise RuntimeError(
+                f"tidewire.ep: dispatch {number} would reuse the buffer half of dispatch {pending[0]}, "
+                "whose combine has not run (at most two dispatches may await their combine)"
+            )
         seq = torch.empty(1, dtype=torch.int64, device=dev)
+        shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), fp8)
+        # Checked before the call is numbered: a rank that refuses a call must not count it.
+        self._native.check(shape)
         stream = torch.cuda.current_stream().cuda_stream
         self._native.begin(stream, self._counter.data_ptr(), seq.data_ptr())
-        shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), fp8)
+        self._dispatches = number
         recv_x = torch.empty((el, R * T, hidden), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev)
         # One fp32 scale per 128 channels per row, column-major (DeepEP's layout).
         scales = torch.empty((el, hidden // 128, R * T) if fp8 else (0,), dtype=torch.float32, device=dev)
@@ -159,10 +175,7 @@ class Buffer:
             )
 
         handle = (src_info, layout_range, T, hidden, E)
-        self._seqs[src_info.data_ptr()] = (seq, num_tokens, k)
-        while len(self._seqs) > 64:
-            # Dispatches never combined (a benchmark, a dropped batch): forget the oldest.
-            self._seqs.pop(next(iter(self._seqs)))
+        self._seqs[src_info.data_ptr()] = (seq, num_tokens, k, number)
         hook = None
         if return_recv_hook:
             hook = recv
@@ -189,7 +202,7 @@ class Buffer:
             raise NotImplementedError("tidewire.ep: zero_copy combine is not implemented yet")
         src_info, layout_range, T, hidden, E = handle
         try:
-            seq, num_tokens, k = self._seqs.pop(src_info.data_ptr())
+            seq, num_tokens, k, _ = self._seqs.pop(src_info.data_ptr())
         except KeyError:
             raise ValueError("tidewire.ep: this handle's combine was already run, or it comes from another buffer") from None
         x = self._check(x, "x", torch.bfloat16)
@@ -197,6 +210,15 @@ class Buffer:
         topk_weights = self._check(topk_weights, "topk_weights", torch.float32)
         active = self._check(active_ranks, "active_ranks", torch.int32)
         R = self.group_size
+        if active is not active_ranks:
+            raise ValueError("tidewire.ep: active_ranks must be contiguous (the kernels write into it)")
+        if tuple(x.shape) != (E // R, R * T, hidden):
+            raise ValueError(f"tidewire.ep: combine input {tuple(x.shape)}, expected {(E // R, R * T, hidden)}")
+        if tuple(topk_idx.shape) != (num_tokens, k) or tuple(topk_weights.shape) != (num_tokens, k):
+            raise ValueError(
+                f"tidewire.ep: topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                f"must be the dispatch's [{num_tokens}, {k}]"
+            )
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         if out is None:
             out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)

@@ -197,21 +197,22 @@ pub fn finish_avg(acc: &mut [u8], dtype: DType, n: usize) {
         };
     }
     macro_rules! idiv {
-        ($t:ty) => {
+        // Divides in `$w` (wide enough for `n`, however many ranks), truncating toward zero.
+        ($t:ty, $w:ty) => {
             for a in acc.chunks_exact_mut(std::mem::size_of::<$t>()) {
                 let mut x = [0u8; std::mem::size_of::<$t>()];
                 x.copy_from_slice(a);
-                let v = <$t>::from_ne_bytes(x).wrapping_div(n as $t);
+                let v = (<$w>::from(<$t>::from_ne_bytes(x)) / n as $w) as $t;
                 a.copy_from_slice(&v.to_ne_bytes());
             }
         };
     }
     match dtype {
-        DType::I8 => idiv!(i8),
-        DType::I16 => idiv!(i16),
-        DType::I32 => idiv!(i32),
-        DType::I64 => idiv!(i64),
-        DType::U8 => idiv!(u8),
+        DType::I8 => idiv!(i8, i64),
+        DType::I16 => idiv!(i16, i64),
+        DType::I32 => idiv!(i32, i64),
+        DType::I64 => idiv!(i64, i128),
+        DType::U8 => idiv!(u8, u64),
         DType::Bool => {}
         DType::F16 => {
             div!(half::f16, |v: half::f16| f64::from(v.to_f32()), |v: f64| half::f16::from_f64(v))
@@ -259,6 +260,12 @@ mod tests {
         finish_avg(&mut a, DType::F64, 2);
         assert_eq!(a, bytes(&[3.5f64, -0.5], f64::to_ne_bytes));
         assert!(ReduceOp::Avg.check(DType::Bool).is_err());
+        let mut a = bytes(&[100i8, -100], i8::to_ne_bytes);
+        finish_avg(&mut a, DType::I8, 300);
+        assert_eq!(a, bytes(&[0i8, 0], i8::to_ne_bytes), "AVG over more ranks than i8 counts");
+        let mut a = vec![200u8];
+        finish_avg(&mut a, DType::U8, 256);
+        assert_eq!(a, vec![0u8], "AVG over 256 ranks of u8 divides, never by zero");
         let mut a = bytes(&[i8::MAX], i8::to_ne_bytes);
         reduce_into(&mut a, &bytes(&[1i8], i8::to_ne_bytes), DType::I8, ReduceOp::Sum);
         assert_eq!(a, bytes(&[i8::MIN], i8::to_ne_bytes), "integers wrap, as in torch");

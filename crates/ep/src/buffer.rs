@@ -148,6 +148,13 @@ impl Buffer {
         let mut alive = [0u64; MAX_RANKS];
         for (r, m) in self.maps.iter().enumerate() {
             match m {
+                Some(m) if m.len() < l.bytes() => {
+                    return Err(Error::Shape(format!(
+                        "the call needs {} bytes of every rank's buffer; rank {r}'s has {}",
+                        l.bytes(),
+                        m.len()
+                    )))
+                }
                 Some(m) => {
                     peers[r] = m.addr();
                     alive[r] = m.alive_flag().unwrap_or(0);
@@ -178,6 +185,11 @@ impl Buffer {
             fp8: i32::from(c.fp8),
             _pad: 0,
         })
+    }
+
+    /// Checks a call against this buffer and every peer's (nothing is launched).
+    pub fn check(&self, c: &Call) -> Result<()> {
+        self.args(c).map(|_| ())
     }
 
     fn gpu_err(what: &str) -> impl FnOnce(tidewire_gpu::GpuError) -> Error + '_ {

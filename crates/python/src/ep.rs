@@ -104,6 +104,12 @@ impl PyEpBuffer {
         self.with(py, |b| Ok(b.paths()))
     }
 
+    /// Checks a call's shape against this buffer and every peer's, launching nothing.
+    fn check(&self, py: Python<'_>, shape: Shape) -> PyResult<()> {
+        let c = call(shape)?;
+        self.with(py, |b| b.check(&c))
+    }
+
     /// Numbers the next dispatch on `stream` (device words `counter` and `seq_out`).
     fn begin(&self, py: Python<'_>, stream: u64, counter: u64, seq_out: u64) -> PyResult<()> {
         // SAFETY: `tidewire.ep` passes two int64 words of its own on the buffer's GPU, kept
