@@ -122,3 +122,10 @@ def test_cuda_tensors_are_staged_through_host_memory_correctly() -> None:
 def test_groups_created_and_destroyed_twenty_times_leave_nothing_behind() -> None:
     for rank, bad in enumerate(run_group("lifetime", 2)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+def test_ranks_reached_through_engine_transfers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ranks on other hosts get (rings written with one-sided transfers), forced here."""
+    monkeypatch.setenv("TIDEWIRE_PG_CHANNEL", "engine")
+    for rank, bad in enumerate(run_group("collectives", 2)):
+        assert bad == [], f"rank {rank}: {bad}"

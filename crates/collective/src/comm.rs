@@ -20,15 +20,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidewire::{Engine, MappedPeer};
+use tidewire::{BatchOptions, Engine, MappedPeer, Op, PeerId, Request};
 
 use crate::dtype::{finish_avg, reduce_into, DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::plan::{all_gather_step, blocks, reduce_scatter_step, ring_neighbours};
 
-/// Bytes before a ring's data: `tail` at 0, `head` at 64 (separate cache lines), and the
-/// sender's abort word at 96.
+/// Bytes before a ring's data: the tail pair (value, !value) at 0, the head pair at 64
+/// (separate cache lines), and the sender's abort word at 96.
 const HEADER: u64 = 128;
+/// Offsets of the counter pairs in a ring's header.
+const TAIL: u64 = 0;
+const HEAD: u64 = 64;
+const ABORT: u64 = 96;
 /// All-reduces up to this size send the whole buffer to every rank (one step, lowest latency);
 /// larger ones run a ring (each rank moves 2·(n−1)/n of the buffer).
 const DIRECT_ALL_REDUCE: usize = 64 << 10;
@@ -83,17 +87,23 @@ impl Ring {
         unsafe { &*((self.base + offset) as *const AtomicU64) }
     }
 
-    fn tail(&self) -> &AtomicU64 {
-        self.counter(0)
+    /// A counter stored as the pair (value, !value) at `offset`: `None` while the pair does
+    /// not match (an update in progress, or a torn copy by a transfer).
+    fn load_pair(&self, offset: u64) -> Option<u64> {
+        let v = self.counter(offset).load(Ordering::Acquire);
+        let check = self.counter(offset + 8).load(Ordering::Acquire);
+        (check == !v).then_some(v)
     }
 
-    fn head(&self) -> &AtomicU64 {
-        self.counter(64)
+    /// Publishes `v` as the pair at `offset` (the check word first, then the value, released).
+    fn store_pair(&self, offset: u64, v: u64) {
+        self.counter(offset + 8).store(!v, Ordering::Relaxed);
+        self.counter(offset).store(v, Ordering::Release);
     }
 
     /// Set by the sender when an operation failed on its side: 1 + the rank it blames.
     fn abort(&self) -> &AtomicU64 {
-        self.counter(96)
+        self.counter(ABORT)
     }
 
     fn data(&self) -> u64 {
@@ -101,17 +111,39 @@ impl Ring {
     }
 }
 
+/// How this rank writes into its ring in a peer's region.
+enum Out {
+    /// Mapped into this process (a peer on this host): plain stores; the mapping tells
+    /// whether the peer lives.
+    Mapped { ring: Ring, map: MappedPeer },
+    /// Through the engine's one-sided transfers (a peer on another host, or
+    /// `TIDEWIRE_PG_CHANNEL=engine`): bytes are staged in our registered buffer `staging`
+    /// (`cap` bytes, then 64 bytes of counter words) and written at the peer's `ring`; the
+    /// counters travel as (value, !value) pairs, so a torn copy is never taken for a value.
+    Remote { peer: PeerId, ring: u64, staging: u64 },
+}
+
 /// This rank's channels with one other rank.
 struct Link {
-    /// Our ring in the peer's region (we write), and what keeps it mapped and tells whether
-    /// the peer lives.
-    out: Ring,
-    map: MappedPeer,
+    out: Out,
     /// The peer's ring in our region (it writes).
     inp: Ring,
-    /// Bytes we produced into `out` and consumed from `inp` (our copies of the counters).
+    /// Bytes we produced into our ring and consumed from the peer's (our copies of the
+    /// counters), and the last valid counters we read of the other side.
     sent: u64,
     received: u64,
+    head_seen: u64,
+    tail_seen: u64,
+}
+
+impl Link {
+    /// Why the peer is gone, once the mapping knows (remote peers fail their transfers).
+    fn peer_error(&self) -> Option<tidewire::Error> {
+        match &self.out {
+            Out::Mapped { map, .. } => map.error(),
+            Out::Remote { .. } => None,
+        }
+    }
 }
 
 /// One transfer of an operation: bytes to a rank or from a rank, and how far it got.
@@ -162,6 +194,8 @@ pub struct Comm {
     engine: Arc<Engine>,
     region: Region,
     links: Vec<Option<Link>>,
+    /// Our staging buffers for peers reached through engine transfers.
+    stagings: Vec<u64>,
     /// `isend`/`irecv` not finished yet, in issue order.
     pending: Vec<(OpId, Xfer)>,
     next_op: u64,
@@ -180,12 +214,27 @@ impl Comm {
         peers: &[PeerInfo],
         timeout: Duration,
     ) -> Result<Self> {
+        let forced = std::env::var("TIDEWIRE_PG_CHANNEL").is_ok_and(|v| v == "engine");
+        Self::connect_with(engine, rank, region, peers, timeout, forced)
+    }
+
+    /// As [`Comm::connect`]; with `via_engine`, every peer is reached through the engine's
+    /// transfers even where its ring could be mapped (what a peer on another host gets).
+    pub fn connect_with(
+        engine: Arc<Engine>,
+        rank: usize,
+        region: Region,
+        peers: &[PeerInfo],
+        timeout: Duration,
+        via_engine: bool,
+    ) -> Result<Self> {
         let size = peers.len();
         if rank >= size {
             return Err(Error::invalid(format!("rank {rank} of a group of {size}")));
         }
         let slot = Region::slot(region.cap);
         let mut links = Vec::with_capacity(size);
+        let mut stagings = Vec::new();
         for (r, peer) in peers.iter().enumerate() {
             if r == rank {
                 links.push(None);
@@ -197,12 +246,27 @@ impl Comm {
             };
             let id = engine.open_segment(&peer.name).map_err(|e| failed("opening", e))?;
             let ring = peer.region + slot * rank as u64;
-            let map = engine.map_peer(id, ring, slot, None).map_err(|e| {
-                failed("mapping its receive ring (CPU collectives reach same-host ranks only so far) of", e)
-            })?;
-            let out = Ring { base: map.addr(), cap: region.cap };
+            let mapped =
+                if via_engine { None } else { Some(engine.map_peer(id, ring, slot, None)) };
+            let out = match mapped {
+                Some(Ok(map)) => {
+                    Out::Mapped { ring: Ring { base: map.addr(), cap: region.cap }, map }
+                }
+                other => {
+                    let why = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "TIDEWIRE_PG_CHANNEL=engine".to_string(),
+                    };
+                    log::info!("rank {rank}: rank {r} reached through engine transfers ({why})");
+                    let staging = engine
+                        .allocate_shared(region.cap + 64)
+                        .map_err(|e| failed("allocating the staging buffer for", e))?;
+                    stagings.push(staging);
+                    Out::Remote { peer: id, ring, staging }
+                }
+            };
             let inp = Ring { base: region.addr + slot * r as u64, cap: region.cap };
-            links.push(Some(Link { out, map, inp, sent: 0, received: 0 }));
+            links.push(Some(Link { out, inp, sent: 0, received: 0, head_seen: 0, tail_seen: 0 }));
         }
         Ok(Self {
             rank,
@@ -211,6 +275,7 @@ impl Comm {
             engine,
             region,
             links,
+            stagings,
             pending: Vec::new(),
             next_op: 0,
             poisoned: None,
@@ -225,10 +290,23 @@ impl Comm {
         self.size
     }
 
+    /// How each rank is reached: `self`, `mapped` (its ring mapped here, same host) or
+    /// `engine` (the engine's transfers).
+    pub fn channels(&self) -> Vec<&'static str> {
+        self.links
+            .iter()
+            .map(|l| match l.as_ref().map(|l| &l.out) {
+                None => "self",
+                Some(Out::Mapped { .. }) => "mapped",
+                Some(Out::Remote { .. }) => "engine",
+            })
+            .collect()
+    }
+
     /// The ranks whose processes are gone (as far as this rank knows; no communication).
     pub fn dead_ranks(&self) -> Vec<usize> {
         (0..self.size)
-            .filter(|&r| self.links[r].as_ref().is_some_and(|l| !l.map.is_alive()))
+            .filter(|&r| self.links[r].as_ref().is_some_and(|l| l.peer_error().is_some()))
             .collect()
     }
 
@@ -263,7 +341,23 @@ impl Comm {
         self.poisoned = Some(e.to_string());
         let blamed = e.ranks().first().map_or(u64::MAX, |&r| r as u64 + 1);
         for link in self.links.iter().flatten() {
-            link.out.abort().store(blamed, Ordering::Release);
+            match &link.out {
+                Out::Mapped { ring, .. } => ring.abort().store(blamed, Ordering::Release),
+                Out::Remote { peer, ring, staging } => {
+                    // Best effort: the peer may be the one that failed.
+                    let word = staging + self.region.cap + 48;
+                    // SAFETY: the last 16 bytes of our registered staging buffer, ours alone.
+                    unsafe { std::ptr::write(word as *mut u64, blamed) };
+                    let req = Request {
+                        op: Op::Write,
+                        local: word,
+                        len: 8,
+                        peer: *peer,
+                        remote: ring + ABORT,
+                    };
+                    let _ = self.engine.transfer_sync(&[req], BatchOptions::default());
+                }
+            }
         }
     }
 
@@ -274,15 +368,16 @@ impl Comm {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let mut idle = 0u32;
+        let engine = self.engine.clone();
         loop {
             let mut moved = false;
             // Channels already used by an earlier unfinished transfer this round (order).
             let mut busy: Vec<(usize, bool)> = Vec::new();
-            for (_, x) in self.pending.iter_mut() {
-                moved |= step(&mut self.links, &mut busy, x);
-            }
-            for x in xfers.iter_mut() {
-                moved |= step(&mut self.links, &mut busy, x);
+            for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
+                let peer = x.channel().0;
+                moved |= step(&engine, &mut self.links, &mut busy, x).map_err(|e| {
+                    Error::RankFailed { op: op.to_string(), rank: peer, reason: e.to_string() }
+                })?;
             }
             self.pending.retain(|(_, x)| !x.finished());
             let done = match until {
@@ -330,7 +425,7 @@ impl Comm {
             }
             for &r in &waiting {
                 if let Some(link) = &self.links[r] {
-                    if let Some(e) = link.map.error() {
+                    if let Some(e) = link.peer_error() {
                         return Err(Error::RankFailed {
                             op: op.to_string(),
                             rank: r,
@@ -408,30 +503,37 @@ impl Comm {
         self.next_op += 1;
         self.pending.push((id, x));
         // Make what progress there is now (an eager send usually completes here).
-        self.poll(&mut []);
+        if let Err(e) = self.poll(&mut []) {
+            self.fail(&e);
+            return Err(e);
+        }
         Ok(id)
     }
 
     /// True once the operation `id` is done (no waiting; advances what can move).
     pub fn test(&mut self, id: OpId) -> bool {
         if self.pending.iter().any(|(p, _)| *p == id) {
-            self.poll(&mut []);
+            if let Err(e) = self.poll(&mut []) {
+                // Not done; the wait for it reports the failure.
+                self.fail(&e);
+            }
         }
         !self.pending.iter().any(|(p, _)| *p == id)
     }
 
     /// One round of progress on the pending operations.
-    fn poll(&mut self, xfers: &mut [Xfer]) -> bool {
+    fn poll(&mut self, xfers: &mut [Xfer]) -> Result<bool> {
         let mut busy = Vec::new();
         let mut moved = false;
-        for (_, x) in self.pending.iter_mut() {
-            moved |= step(&mut self.links, &mut busy, x);
-        }
-        for x in xfers.iter_mut() {
-            moved |= step(&mut self.links, &mut busy, x);
+        let engine = self.engine.clone();
+        for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
+            let peer = x.channel().0;
+            moved |= step(&engine, &mut self.links, &mut busy, x).map_err(|e| {
+                Error::RankFailed { op: "progress".to_string(), rank: peer, reason: e.to_string() }
+            })?;
         }
         self.pending.retain(|(_, x)| !x.finished());
-        moved
+        Ok(moved)
     }
 
     /// Waits for a pending `isend` / `irecv` (within the group's timeout).
@@ -818,6 +920,11 @@ impl Drop for Comm {
     fn drop(&mut self) {
         // Our mappings of the peers' regions go first, then our own region.
         self.links.clear();
+        for staging in self.stagings.drain(..) {
+            if let Err(e) = self.engine.free_shared(staging) {
+                log::warn!("rank {}: freeing a staging buffer: {e}", self.rank);
+            }
+        }
         if let Err(e) = self.engine.free_shared(self.region.addr) {
             log::warn!("rank {}: freeing the receive region: {e}", self.rank);
         }
@@ -837,45 +944,117 @@ fn split_two(buf: &mut [u8], read: Range<usize>, write: Range<usize>) -> (&[u8],
 
 /// Advances one transfer as far as its channel allows, unless an earlier transfer on the same
 /// channel is unfinished; returns whether bytes moved.
-fn step(links: &mut [Option<Link>], busy: &mut Vec<(usize, bool)>, x: &mut Xfer) -> bool {
+fn step(
+    engine: &Engine,
+    links: &mut [Option<Link>],
+    busy: &mut Vec<(usize, bool)>,
+    x: &mut Xfer,
+) -> tidewire::Result<bool> {
     if x.finished() {
-        return false;
+        return Ok(false);
     }
     let channel = x.channel();
     if busy.contains(&channel) {
-        return false;
+        return Ok(false);
     }
     busy.push(channel);
-    let Some(link) = links.get_mut(channel.0).and_then(Option::as_mut) else { return false };
-    match x {
+    let Some(link) = links.get_mut(channel.0).and_then(Option::as_mut) else { return Ok(false) };
+    let moved = match x {
         Xfer::Send { src, len, done, .. } => {
-            let ring = &link.out;
-            let head = ring.head().load(Ordering::Acquire);
-            let free = ring.cap - (link.sent - head);
-            let at = link.sent % ring.cap;
-            let n = free.min(*len - *done).min(ring.cap - at);
-            if n == 0 {
-                return false;
-            }
-            // SAFETY: the source range was vouched for by the caller (a slice of this
-            // operation or an `isend`'s buffer); the destination lies inside the ring's data
-            // (`at + n <= cap`), which the peer reads only up to `tail`, published below.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (*src + *done) as *const u8,
-                    (ring.data() + at) as *mut u8,
-                    n as usize,
-                )
+            let cap = link.inp.cap;
+            let head = match &link.out {
+                Out::Mapped { ring, .. } => ring.load_pair(HEAD),
+                Out::Remote { peer, ring, staging } => {
+                    let word = staging + cap;
+                    let req = Request {
+                        op: Op::Read,
+                        local: word,
+                        len: 16,
+                        peer: *peer,
+                        remote: ring + HEAD,
+                    };
+                    engine.transfer_sync(&[req], BatchOptions::default())?;
+                    // SAFETY: the counter words of our own registered staging buffer, just
+                    // written by the READ above; nobody else uses them.
+                    let (v, check) = unsafe {
+                        (
+                            std::ptr::read(word as *const u64),
+                            std::ptr::read((word + 8) as *const u64),
+                        )
+                    };
+                    (check == !v).then_some(v)
+                }
             };
-            link.sent += n;
+            if let Some(h) = head {
+                link.head_seen = link.head_seen.max(h);
+            }
+            let free = cap - (link.sent - link.head_seen);
+            let at = link.sent % cap;
+            let n = free.min(*len - *done).min(cap - at);
+            if n == 0 {
+                return Ok(false);
+            }
+            match &link.out {
+                Out::Mapped { ring, .. } => {
+                    // SAFETY: the source range was vouched for by the caller (a slice of this
+                    // operation or an `isend`'s buffer); the destination lies inside the
+                    // ring's data (`at + n <= cap`), which the peer reads only up to the tail,
+                    // published below.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            (*src + *done) as *const u8,
+                            (ring.data() + at) as *mut u8,
+                            n as usize,
+                        )
+                    };
+                    link.sent += n;
+                    ring.store_pair(TAIL, link.sent);
+                }
+                Out::Remote { peer, ring, staging } => {
+                    // SAFETY: the source as above; the destination is our registered staging
+                    // buffer of `cap` bytes (`n <= cap`), used by this channel only.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            (*src + *done) as *const u8,
+                            *staging as *mut u8,
+                            n as usize,
+                        )
+                    };
+                    let data = Request {
+                        op: Op::Write,
+                        local: *staging,
+                        len: n,
+                        peer: *peer,
+                        remote: ring + HEADER + at,
+                    };
+                    engine.transfer_sync(&[data], BatchOptions::default())?;
+                    link.sent += n;
+                    let word = staging + cap + 16;
+                    // SAFETY: two counter words of our own staging buffer.
+                    unsafe {
+                        std::ptr::write(word as *mut u64, link.sent);
+                        std::ptr::write((word + 8) as *mut u64, !link.sent);
+                    }
+                    // After the data is written: the peer never sees a tail beyond it.
+                    let tail = Request {
+                        op: Op::Write,
+                        local: word,
+                        len: 16,
+                        peer: *peer,
+                        remote: ring + TAIL,
+                    };
+                    engine.transfer_sync(&[tail], BatchOptions::default())?;
+                }
+            }
             *done += n;
-            ring.tail().store(link.sent, Ordering::Release);
             true
         }
         Xfer::Recv { dst, len, done, reduce: Some((dtype, op)), .. } => {
             let ring = &link.inp;
-            let tail = ring.tail().load(Ordering::Acquire);
-            let avail = tail - link.received;
+            if let Some(t) = ring.load_pair(TAIL) {
+                link.tail_seen = link.tail_seen.max(t);
+            }
+            let avail = link.tail_seen - link.received;
             let at = link.received % ring.cap;
             let es = dtype.size() as u64;
             let want = avail.min(*len - *done);
@@ -917,21 +1096,23 @@ fn step(links: &mut [Option<Link>], busy: &mut Vec<(usize, bool)>, x: &mut Xfer)
                 reduce_into(acc, &e[..es as usize], *dtype, *op);
                 es
             } else {
-                return false;
+                return Ok(false);
             };
             link.received += n;
             *done += n;
-            ring.head().store(link.received, Ordering::Release);
+            ring.store_pair(HEAD, link.received);
             true
         }
         Xfer::Recv { dst, len, done, reduce: None, .. } => {
             let ring = &link.inp;
-            let tail = ring.tail().load(Ordering::Acquire);
-            let avail = tail - link.received;
+            if let Some(t) = ring.load_pair(TAIL) {
+                link.tail_seen = link.tail_seen.max(t);
+            }
+            let avail = link.tail_seen - link.received;
             let at = link.received % ring.cap;
             let n = avail.min(*len - *done).min(ring.cap - at);
             if n == 0 {
-                return false;
+                return Ok(false);
             }
             // SAFETY: the bytes up to `tail` were written by the peer before it published
             // `tail` (release/acquire); the destination was vouched for by the caller.
@@ -944,8 +1125,9 @@ fn step(links: &mut [Option<Link>], busy: &mut Vec<(usize, bool)>, x: &mut Xfer)
             };
             link.received += n;
             *done += n;
-            ring.head().store(link.received, Ordering::Release);
+            ring.store_pair(HEAD, link.received);
             true
         }
-    }
+    };
+    Ok(moved)
 }

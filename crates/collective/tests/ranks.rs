@@ -25,6 +25,18 @@ fn group_with<T: Send + 'static>(
     timeout: Duration,
     body: impl Fn(usize, &mut Comm) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
+    group_via(n, cap, timeout, false, body)
+}
+
+/// As [`group_with`]; with `tcp`, every rank's engine moves bytes over tcp and every peer is
+/// reached through engine transfers (what ranks on other hosts get).
+fn group_via<T: Send + 'static>(
+    n: usize,
+    cap: u64,
+    timeout: Duration,
+    tcp: bool,
+    body: impl Fn(usize, &mut Comm) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let infos = Arc::new(Mutex::new(vec![None; n]));
     let ready = Arc::new(Barrier::new(n));
     let body = Arc::new(body);
@@ -32,9 +44,11 @@ fn group_with<T: Send + 'static>(
         .map(|rank| {
             let (infos, ready, body) = (infos.clone(), ready.clone(), body.clone());
             std::thread::spawn(move || {
-                let engine = Arc::new(
-                    Engine::new(EngineConfig { port: Some(0), ..EngineConfig::default() }).unwrap(),
-                );
+                let mut cfg = EngineConfig { port: Some(0), ..EngineConfig::default() };
+                if tcp {
+                    cfg = cfg.apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap();
+                }
+                let engine = Arc::new(Engine::new(cfg).unwrap());
                 let region = Region::allocate(&engine, n, cap).unwrap();
                 infos.lock().unwrap()[rank] =
                     Some(PeerInfo { name: engine.name().to_string(), region: region.addr });
@@ -42,7 +56,7 @@ fn group_with<T: Send + 'static>(
                 let peers: Vec<PeerInfo> =
                     infos.lock().unwrap().iter().map(|p| p.clone().unwrap()).collect();
                 let mut comm =
-                    Comm::connect(engine.clone(), rank, region, &peers, timeout).unwrap();
+                    Comm::connect_with(engine.clone(), rank, region, &peers, timeout, tcp).unwrap();
                 let out = body(rank, &mut comm);
                 ready.wait();
                 drop(comm);
@@ -209,6 +223,41 @@ fn reductions_out_of_the_ring_survive_elements_split_by_its_end() {
             .collect();
         for (rank, buf) in got.iter().enumerate() {
             assert!(*buf == want, "{n} ranks: rank {rank} differs");
+        }
+    }
+}
+
+#[test]
+fn ranks_reached_through_engine_transfers_over_tcp_run_every_collective() {
+    // What ranks on other hosts get: rings written with one-sided WRITEs, counters read with
+    // READs, all over the engine's tcp transport.
+    for n in [2, 3] {
+        let got = group_via(n, 4096, Duration::from_secs(20), true, move |rank, comm| {
+            let channels = comm.channels();
+            assert!(
+                channels
+                    .iter()
+                    .enumerate()
+                    .all(|(r, c)| *c == if r == rank { "self" } else { "engine" }),
+                "{channels:?}"
+            );
+            comm.barrier().unwrap();
+            let v: Vec<u8> =
+                (0..30_000u64).flat_map(|i| ((i + rank as u64) as f64).to_ne_bytes()).collect();
+            let mut sum = v.clone();
+            comm.all_reduce(&mut sum, DType::F64, ReduceOp::Sum).unwrap();
+            let mine: Vec<u8> = (0..5000).map(|i| (i * 3 + rank * 7) as u8).collect();
+            let mut all = vec![0u8; n * mine.len()];
+            comm.all_gather(&mut all, &mine).unwrap();
+            (sum, all, mine)
+        });
+        let want: Vec<u8> = (0..30_000u64)
+            .flat_map(|i| ((0..n as u64).map(|r| (i + r) as f64).sum::<f64>()).to_ne_bytes())
+            .collect();
+        let concat: Vec<u8> = got.iter().flat_map(|g| g.2.clone()).collect();
+        for (rank, (sum, all, _)) in got.iter().enumerate() {
+            assert!(*sum == want, "{n} ranks over tcp: all_reduce on rank {rank}");
+            assert!(*all == concat, "{n} ranks over tcp: all_gather on rank {rank}");
         }
     }
 }
