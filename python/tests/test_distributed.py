@@ -87,7 +87,14 @@ def test_overlapping_subgroups_and_a_new_init_in_the_same_process() -> None:
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
-def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(how: str) -> None:
+@pytest.mark.parametrize("channel", ["mapped", "engine"])
+def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
+    how: str, channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if channel == "engine":
+        # What ranks on other hosts use: the engine's transfers, each bounded by the group's
+        # timeout.
+        monkeypatch.setenv("TIDEWIRE_PG_CHANNEL", "engine")
     size, timeout = 3, 4.0
     results = run_group("failure", size, how, expect_dead=size - 1)
     for rank, out in enumerate(results[: size - 1]):

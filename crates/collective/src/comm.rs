@@ -232,9 +232,45 @@ impl Comm {
         if rank >= size {
             return Err(Error::invalid(format!("rank {rank} of a group of {size}")));
         }
-        let slot = Region::slot(region.cap);
-        let mut links = Vec::with_capacity(size);
         let mut stagings = Vec::new();
+        let built = Self::links(&engine, rank, region, peers, timeout, via_engine, &mut stagings);
+        let links = match built {
+            Ok(links) => links,
+            Err(e) => {
+                // Nothing of a group that could not form stays allocated.
+                for staging in stagings {
+                    let _ = engine.free_shared(staging);
+                }
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            rank,
+            size,
+            timeout,
+            engine,
+            region,
+            links,
+            stagings,
+            pending: Vec::new(),
+            next_op: 0,
+            poisoned: None,
+        })
+    }
+
+    /// Opens every peer and reaches its ring (mapped, or through the engine), recording the
+    /// staging buffers it allocates in `stagings`.
+    fn links(
+        engine: &Arc<Engine>,
+        rank: usize,
+        region: Region,
+        peers: &[PeerInfo],
+        timeout: Duration,
+        via_engine: bool,
+        stagings: &mut Vec<u64>,
+    ) -> Result<Vec<Option<Link>>> {
+        let slot = Region::slot(region.cap);
+        let mut links = Vec::with_capacity(peers.len());
         for (r, peer) in peers.iter().enumerate() {
             if r == rank {
                 links.push(None);
@@ -262,24 +298,32 @@ impl Comm {
                         .allocate_shared(region.cap + 64)
                         .map_err(|e| failed("allocating the staging buffer for", e))?;
                     stagings.push(staging);
+                    // A first READ of the ring's head: the cached descriptor may still name a
+                    // region the peer freed at this address (a group destroyed and formed
+                    // again), which the refusal marks stale; the second try re-reads it.
+                    let probe = Request {
+                        op: Op::Read,
+                        local: staging + region.cap,
+                        len: 16,
+                        peer: id,
+                        remote: ring + HEAD,
+                    };
+                    let deadline = Instant::now() + timeout;
+                    let first = engine.transfer_sync(&[probe], bounded(deadline));
+                    if let Err(tidewire::Error::RemoteAccessDenied { .. }) = first {
+                        engine
+                            .transfer_sync(&[probe], bounded(deadline))
+                            .map_err(|e| failed("reaching the ring of", e))?;
+                    } else {
+                        first.map_err(|e| failed("reaching the ring of", e))?;
+                    }
                     Out::Remote { peer: id, ring, staging }
                 }
             };
             let inp = Ring { base: region.addr + slot * r as u64, cap: region.cap };
             links.push(Some(Link { out, inp, sent: 0, received: 0, head_seen: 0, tail_seen: 0 }));
         }
-        Ok(Self {
-            rank,
-            size,
-            timeout,
-            engine,
-            region,
-            links,
-            stagings,
-            pending: Vec::new(),
-            next_op: 0,
-            poisoned: None,
-        })
+        Ok(links)
     }
 
     pub fn rank(&self) -> usize {
@@ -355,7 +399,7 @@ impl Comm {
                         peer: *peer,
                         remote: ring + ABORT,
                     };
-                    let _ = self.engine.transfer_sync(&[req], BatchOptions::default());
+                    let _ = self.engine.transfer_sync(&[req], bounded(Instant::now() + ABORT_WAIT));
                 }
             }
         }
@@ -375,9 +419,8 @@ impl Comm {
             let mut busy: Vec<(usize, bool)> = Vec::new();
             for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
                 let peer = x.channel().0;
-                moved |= step(&engine, &mut self.links, &mut busy, x).map_err(|e| {
-                    Error::RankFailed { op: op.to_string(), rank: peer, reason: e.to_string() }
-                })?;
+                moved |= step(&engine, deadline, &mut self.links, &mut busy, x)
+                    .map_err(|e| transfer_failed(op, peer, e, start))?;
             }
             self.pending.retain(|(_, x)| !x.finished());
             let done = match until {
@@ -528,9 +571,9 @@ impl Comm {
         let engine = self.engine.clone();
         for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
             let peer = x.channel().0;
-            moved |= step(&engine, &mut self.links, &mut busy, x).map_err(|e| {
-                Error::RankFailed { op: "progress".to_string(), rank: peer, reason: e.to_string() }
-            })?;
+            let now = Instant::now();
+            moved |= step(&engine, now + self.timeout, &mut self.links, &mut busy, x)
+                .map_err(|e| transfer_failed("progress", peer, e, now))?;
         }
         self.pending.retain(|(_, x)| !x.finished());
         Ok(moved)
@@ -931,6 +974,27 @@ impl Drop for Comm {
     }
 }
 
+/// An engine transfer to or from rank `peer` failed during `op` (started at `start`): a
+/// timeout is the group's timeout naming the rank, anything else the rank's failure.
+fn transfer_failed(op: &str, peer: usize, e: tidewire::Error, start: Instant) -> Error {
+    match e.kind() {
+        tidewire::ErrorKind::Timeout => {
+            Error::Timeout { op: op.to_string(), ranks: vec![peer], after: start.elapsed() }
+        }
+        _ => Error::RankFailed { op: op.to_string(), rank: peer, reason: e.to_string() },
+    }
+}
+
+/// How long telling a peer of our failure may take (it may be the peer that failed).
+const ABORT_WAIT: Duration = Duration::from_millis(500);
+
+/// Batch options whose deadline is `until` (at least 1 ms from now): an engine transfer of a
+/// collective never outlives the operation's deadline.
+fn bounded(until: Instant) -> BatchOptions {
+    let left = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    BatchOptions { timeout: Some(left), ..BatchOptions::default() }
+}
+
 /// Two disjoint ranges of one buffer: the first to read, the second to write.
 fn split_two(buf: &mut [u8], read: Range<usize>, write: Range<usize>) -> (&[u8], &mut [u8]) {
     if read.start < write.start {
@@ -946,6 +1010,7 @@ fn split_two(buf: &mut [u8], read: Range<usize>, write: Range<usize>) -> (&[u8],
 /// channel is unfinished; returns whether bytes moved.
 fn step(
     engine: &Engine,
+    until: Instant,
     links: &mut [Option<Link>],
     busy: &mut Vec<(usize, bool)>,
     x: &mut Xfer,
@@ -973,7 +1038,7 @@ fn step(
                         peer: *peer,
                         remote: ring + HEAD,
                     };
-                    engine.transfer_sync(&[req], BatchOptions::default())?;
+                    engine.transfer_sync(&[req], bounded(until))?;
                     // SAFETY: the counter words of our own registered staging buffer, just
                     // written by the READ above; nobody else uses them.
                     let (v, check) = unsafe {
@@ -1027,7 +1092,7 @@ fn step(
                         peer: *peer,
                         remote: ring + HEADER + at,
                     };
-                    engine.transfer_sync(&[data], BatchOptions::default())?;
+                    engine.transfer_sync(&[data], bounded(until))?;
                     link.sent += n;
                     let word = staging + cap + 16;
                     // SAFETY: two counter words of our own staging buffer.
@@ -1043,7 +1108,7 @@ fn step(
                         peer: *peer,
                         remote: ring + TAIL,
                     };
-                    engine.transfer_sync(&[tail], BatchOptions::default())?;
+                    engine.transfer_sync(&[tail], bounded(until))?;
                 }
             }
             *done += n;
