@@ -413,10 +413,12 @@ impl Comm {
         let deadline = start + self.timeout;
         let mut idle = 0u32;
         let engine = self.engine.clone();
+        // Channels already used by an earlier unfinished transfer this round (order); one
+        // vector for every round.
+        let mut busy: Vec<(usize, bool)> = Vec::with_capacity(2 * self.size);
         loop {
             let mut moved = false;
-            // Channels already used by an earlier unfinished transfer this round (order).
-            let mut busy: Vec<(usize, bool)> = Vec::new();
+            busy.clear();
             for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
                 let peer = x.channel().0;
                 moved |= step(&engine, deadline, &mut self.links, &mut busy, x)
