@@ -8,11 +8,8 @@ expert against the weighted sum computed here."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-import traceback
 from datetime import timedelta
 from typing import Any, Dict, List
 
@@ -215,10 +212,6 @@ def body_roundtrip(rank: int, size: int, port: int, arg: str) -> Any:
 BODIES = {"roundtrip": body_roundtrip}
 
 if __name__ == "__main__":
-    body, rank, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    arg = sys.argv[5] if len(sys.argv) > 5 else ""
-    try:
-        result = BODIES[body](rank, size, port, arg)
-        print(json.dumps({"ok": result}), flush=True)
-    except Exception:  # noqa: BLE001
-        print(json.dumps({"error": traceback.format_exc()}), flush=True)
+    from rank_main import main
+
+    main(BODIES)

@@ -1,16 +1,13 @@
 """One rank of a torch.distributed test group on the tidewire backend (started by
-test_distributed.py): `pg_rank.py BODY RANK SIZE PORT [ARG]`; prints one JSON line with the
+test_distributed.py): `pg_rank.py BODY RANK SIZE PORT [ARG]` (rank_main.py); prints one JSON line with the
 result ({"ok": ...} or {"error": ...})."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import threading
 import time
-import traceback
 from datetime import timedelta
 from typing import Any, Callable, Dict, List
 
@@ -445,10 +442,6 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
 }
 
 if __name__ == "__main__":
-    body, rank, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    arg = sys.argv[5] if len(sys.argv) > 5 else ""
-    try:
-        result = BODIES[body](rank, size, port, arg)
-        print(json.dumps({"ok": result}), flush=True)
-    except Exception:  # noqa: BLE001
-        print(json.dumps({"error": traceback.format_exc()}), flush=True)
+    from rank_main import main
+
+    main(BODIES)

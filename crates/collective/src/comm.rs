@@ -633,11 +633,8 @@ impl Comm {
             return Ok(());
         }
         others[me * len..(me + 1) * len].copy_from_slice(buf);
-        let (first, rest) = others.split_at_mut(len);
-        for part in rest.chunks_exact(len) {
-            reduce_into(first, part, dtype, op);
-        }
-        buf.copy_from_slice(first);
+        reduce_blocks(&mut others, len, dtype, op);
+        buf.copy_from_slice(&others[..len]);
         Ok(())
     }
 
@@ -850,30 +847,16 @@ impl Comm {
         root: usize,
     ) -> Result<()> {
         op.check(dtype)?;
-        self.check_root("reduce", root)?;
         let (n, me, len) = (self.size, self.rank, buf.len());
+        // Every rank's buffer to the root, which reduces them in rank order.
+        let mut all = vec![0u8; if me == root { len * n } else { 0 }];
+        self.gather_as("reduce", &mut all, buf, root)?;
         if me != root {
-            if n > 1 && len > 0 {
-                let mut xfers = [self.sends(root, buf)];
-                self.run("reduce", &mut xfers)?;
-            }
             return Ok(());
         }
-        let mut all = vec![0u8; len * n];
         if len > 0 {
-            let mut xfers = Vec::new();
-            for (r, part) in all.chunks_exact_mut(len).enumerate() {
-                if r != me {
-                    xfers.push(self.recvs(r, part));
-                }
-            }
-            self.run("reduce", &mut xfers)?;
-            all[me * len..(me + 1) * len].copy_from_slice(buf);
-            let (first, rest) = all.split_at_mut(len);
-            for part in rest.chunks_exact(len) {
-                reduce_into(first, part, dtype, op);
-            }
-            buf.copy_from_slice(first);
+            reduce_blocks(&mut all, len, dtype, op);
+            buf.copy_from_slice(&all[..len]);
         }
         if op == ReduceOp::Avg {
             finish_avg(buf, dtype, n);
@@ -884,18 +867,23 @@ impl Comm {
     /// Every rank's `input` into rank `root`'s `out` (rank after rank; `out` is only used on
     /// the root).
     pub fn gather(&mut self, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
-        self.check_root("gather", root)?;
+        self.gather_as("gather", out, input, root)
+    }
+
+    /// [`Comm::gather`], its errors naming the operation `name` it serves.
+    fn gather_as(&mut self, name: &str, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
+        self.check_root(name, root)?;
         let (n, me, len) = (self.size, self.rank, input.len());
         if me != root {
             if len > 0 {
                 let mut xfers = [self.sends(root, input)];
-                self.run("gather", &mut xfers)?;
+                self.run(name, &mut xfers)?;
             }
             return Ok(());
         }
         if out.len() != n * len {
             return Err(Error::invalid(format!(
-                "gather: output of {} bytes for {n} × {len}",
+                "{name}: output of {} bytes for {n} × {len}",
                 out.len()
             )));
         }
@@ -907,7 +895,7 @@ impl Comm {
                 xfers.push(self.recvs(r, part));
             }
         }
-        self.run("gather", &mut xfers)
+        self.run(name, &mut xfers)
     }
 
     /// Block `r` of rank `root`'s `input` into rank `r`'s `out` (`input` only used on the root).
@@ -995,6 +983,15 @@ const ABORT_WAIT: Duration = Duration::from_millis(500);
 fn bounded(until: Instant) -> BatchOptions {
     let left = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     BatchOptions { timeout: Some(left), ..BatchOptions::default() }
+}
+
+/// Reduces the blocks of `len` bytes in `all` (one per rank, in rank order) into the first:
+/// every rank that reduces the same blocks gets the same bytes.
+fn reduce_blocks(all: &mut [u8], len: usize, dtype: DType, op: ReduceOp) {
+    let (first, rest) = all.split_at_mut(len);
+    for part in rest.chunks_exact(len) {
+        reduce_into(first, part, dtype, op);
+    }
 }
 
 /// Two disjoint ranges of one buffer: the first to read, the second to write.

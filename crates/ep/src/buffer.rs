@@ -36,7 +36,6 @@ pub struct Call {
 pub struct Buffer {
     engine: Arc<Engine>,
     rank: usize,
-    device: u32,
     addr: u64,
     len: u64,
     /// Every other rank's buffer mapped for our GPU (`None` for ourselves).
@@ -100,7 +99,7 @@ impl Buffer {
             .map_err(|source| Error::Gpu { context: format!("cuda:{device}"), source })?;
         let kernels = EpKernels::load(gpu)
             .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
-        Ok(Self { engine, rank, device, addr: mine.addr, len: mine.len, maps, kernels })
+        Ok(Self { engine, rank, addr: mine.addr, len: mine.len, maps, kernels })
     }
 
     /// How each rank is reached (`local` for ourselves).
@@ -289,14 +288,6 @@ impl Buffer {
         // SAFETY: forwarded contract.
         unsafe { self.kernels.combine_recv(stream, &a, topk, weights, out, active) }
             .map_err(Self::gpu_err("combine receive"))
-    }
-
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    pub fn device(&self) -> u32 {
-        self.device
     }
 }
 

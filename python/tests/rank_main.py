@@ -1,0 +1,20 @@
+"""The command line of a rank script (pg_rank.py, ep_rank.py), started by run_group in
+test_distributed.py: `SCRIPT BODY RANK SIZE PORT [ARG]`; prints one JSON line with the body's
+result ({"ok": ...}) or the traceback ({"error": ...})."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any, Callable, Dict
+
+
+def main(bodies: Dict[str, Callable[[int, int, int, str], Any]]) -> None:
+    body, rank, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    arg = sys.argv[5] if len(sys.argv) > 5 else ""
+    try:
+        result = bodies[body](rank, size, port, arg)
+        print(json.dumps({"ok": result}), flush=True)
+    except Exception:  # noqa: BLE001
+        print(json.dumps({"error": traceback.format_exc()}), flush=True)
