@@ -5,12 +5,15 @@ result ({"ok": ...}) or the traceback ({"error": ...})."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from typing import Any, Callable, Dict
 
 
-def main(bodies: Dict[str, Callable[[int, int, int, str], Any]]) -> None:
+def main(bodies: Dict[str, Callable[[int, int, int, str], Any]], hard_exit: bool = False) -> None:
+    """Runs the body; with `hard_exit` the process then ends at once (no teardown of a group
+    whose peer is gone)."""
     body, rank, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     arg = sys.argv[5] if len(sys.argv) > 5 else ""
     try:
@@ -18,3 +21,7 @@ def main(bodies: Dict[str, Callable[[int, int, int, str], Any]]) -> None:
         print(json.dumps({"ok": result}), flush=True)
     except Exception:  # noqa: BLE001
         print(json.dumps({"error": traceback.format_exc()}), flush=True)
+    if hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -28,15 +28,21 @@ Not yet: `zero_copy`, and the fallback for ranks no NVLink reaches.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+import time
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _native
 
-__all__ = ["Buffer", "EventOverlap"]
+__all__ = ["Buffer", "EventOverlap", "quantize_fp8"]
+
+log = logging.getLogger("tidewire.ep")
 
 #: `timeout_us=-1` (the caller sets none) waits this long: the kernels never wait without a
 #: deadline. `TIDEWIRE_EP_TIMEOUT_US` overrides it.
@@ -61,40 +67,224 @@ class EventOverlap:
         self.current_stream_wait()
 
 
+def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`x` (bf16 `[n, H]`) as e4m3 with one fp32 scale per 128 channels, as the dispatch kernel
+    makes it: scale = max(amax, 1e-4) / 448, values times 1 / scale rounded to nearest even and
+    saturated. Returns `(q [n, H] float8_e4m3fn, scales [n, H / 128] fp32)`."""
+    n, h = x.shape
+    f = x.float().view(n, h // 128, 128)
+    scale = f.abs().amax(dim=-1).clamp(min=1e-4) / 448.0
+    inv = 1.0 / scale
+    q = (f * inv.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.view(n, h), scale
+
+
+def _refuse_capture(t: torch.Tensor, buf: Any) -> None:
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"tidewire.ep: the collective fallback cannot be captured in a CUDA graph ({getattr(buf, 'fallback', '')})")
+
+
+class _Collective:
+    """Dispatch and combine over the group's collectives (`all_to_all_single`), for ranks no GPU
+    path reaches: correct, slow (the split sizes cross to the host), not capturable in a CUDA
+    graph. The same results as the kernels: rows packed per local expert in source-rank order,
+    each source's tokens in token order."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        # Gloo (and any backend without CUDA) moves host tensors.
+        backend = str(dist.get_backend(group)).lower()
+        self.host = "nccl" not in backend and "tidewire" not in backend and "mooncake" not in backend
+
+    def _all_to_all(self, send: torch.Tensor, send_splits: List[int], recv_splits: List[int]) -> torch.Tensor:
+        dev = send.device
+        if self.host:
+            send = send.cpu()
+        recv = torch.empty((sum(recv_splits),) + tuple(send.shape[1:]), dtype=send.dtype, device=send.device)
+        dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
+        return recv.to(dev)
+
+    def _splits(self, send_counts: torch.Tensor) -> List[int]:
+        recv = self._all_to_all(send_counts.view(-1, 1), [1] * len(send_counts), [1] * len(send_counts))
+        return recv.view(-1).tolist()
+
+    def dispatch(self, buf: "Buffer", x, topk, active, T, E, fp8, async_finish, return_recv_hook):  # type: ignore[no-untyped-def]
+        _refuse_capture(x, buf)
+        R, rank, dev = buf.group_size, buf.rank, x.device
+        el, (n, H), k = E // R, x.shape, topk.shape[1]
+        # Every valid selection, ordered by (expert, token): per destination, per expert, the
+        # tokens in order.
+        flat = topk.reshape(-1)
+        token = torch.arange(n, device=dev).repeat_interleave(k)
+        slot_k = torch.arange(k, device=dev).repeat(n)
+        ok = (flat >= 0) & (flat < E)
+        ok &= active[(flat.clamp(0, E - 1) // el).long()] != 0
+        e_sel, t_sel, k_sel = flat[ok], token[ok], slot_k[ok]
+        order = torch.argsort(e_sel * max(n, 1) + t_sel, stable=True)
+        e_sel, t_sel, k_sel = e_sel[order], t_sel[order], k_sel[order]
+        dest = e_sel // el
+        send_counts = torch.bincount(dest, minlength=R)
+        if fp8:
+            q, sc = quantize_fp8(x)
+            payload = torch.cat([q.view(torch.uint8), sc.view(torch.uint8)], dim=1)
+        else:
+            payload = x.view(torch.uint8)
+        meta = torch.stack([e_sel, t_sel], dim=1).to(torch.int64)
+        rows = torch.cat([payload[t_sel], meta.view(torch.uint8)], dim=1)
+        send_splits = send_counts.tolist()
+        recv_splits = self._splits(send_counts)
+        got = self._all_to_all(rows, send_splits, recv_splits)
+        width = payload.shape[1]
+        gmeta = got[:, width:].contiguous().view(torch.int64).view(-1, 2)
+        src = torch.repeat_interleave(torch.arange(R, device=dev), torch.tensor(recv_splits, device=dev))
+        local = gmeta[:, 0] - rank * el
+        # Packed per local expert, sources in rank order (stable: each source's tokens stay in
+        # token order).
+        order = torch.argsort(local * R + src, stable=True)
+        got, gmeta, src, local = got[order], gmeta[order], src[order], local[order]
+        counts = torch.bincount(local * R + src, minlength=el * R).view(el, R)
+        recv_count = counts.sum(1).to(torch.int32)
+        begin = torch.cumsum(counts, dim=1) - counts
+        layout_range = (begin << 32) | counts
+        starts = torch.cumsum(recv_count.long(), 0) - recv_count.long()
+        slot = torch.arange(got.shape[0], device=dev) - starts[local]
+        recv_x = torch.empty((el, R * T, H), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev)
+        src_info = torch.empty((el, R * T), dtype=torch.int32, device=dev)
+        src_info[local, slot] = gmeta[:, 1].to(torch.int32)
+        scales = None
+        if fp8:
+            recv_x.view(torch.uint8)[local, slot] = got[:, :H]
+            scales = torch.empty((el, H // 128, R * T), dtype=torch.float32, device=dev)
+            sc_rows = got[:, H:width].contiguous().view(torch.float32)
+            scales.transpose(1, 2)[local, slot] = sc_rows
+        else:
+            recv_x.view(torch.uint8).view(el, R * T, 2 * H)[local, slot] = got[:, :width]
+        handle = (src_info, layout_range, T, H, E)
+        # For the combine: what we sent (to match the rows that come back) and what came.
+        buf._seqs[src_info.data_ptr()] = ((t_sel, k_sel, send_splits, recv_splits, local, slot, src), n, k, 0)
+        event = EventOverlap(buf._event() if async_finish else None, (x, topk))
+        packed = (recv_x, scales.transpose(1, 2)) if scales is not None else recv_x
+        hook = (lambda: None) if return_recv_hook else None
+        return packed, recv_count, handle, event, hook
+
+    def combine(self, buf: "Buffer", y, weights, active, state, out, async_finish, return_recv_hook):  # type: ignore[no-untyped-def]
+        _refuse_capture(y, buf)
+        t_sel, k_sel, send_splits, recv_splits, local, slot, src = state
+        # Back to each source in the order it sent: per source, per local expert, its tokens.
+        back = y[local, slot][torch.argsort(src, stable=True)]
+        got = self._all_to_all(back, recv_splits, send_splits)
+        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        w = weights[t_sel, k_sel].unsqueeze(1)
+        acc.index_add_(0, t_sel, got.float() * w)
+        out.copy_(acc.to(torch.bfloat16))
+        event = EventOverlap(buf._event() if async_finish else None, (y, weights))
+        hook = (lambda: None) if return_recv_hook else None
+        return out, event, hook
+
+
 def _engine() -> Any:
     from .distributed import engine
 
     return engine()
 
 
+def _store(group: Any) -> Any:
+    """The group's store (torch's, prefixed for the group), or None for a group torch does not
+    know (then the exchange goes through `all_gather_object`)."""
+    try:
+        return dist.distributed_c10d._get_process_group_store(group)
+    except Exception:  # noqa: BLE001 - any group torch cannot name a store for
+        return None
+
+
+#: Buffers made per group so far in this process (every rank makes them in the same order, so
+#: the number names one construction on every rank).
+_made: Dict[str, int] = {}
+
+
+def exchange(group: Any, tag: str, payload: Any, timeout: Optional[timedelta] = None) -> List[Any]:
+    """Every rank's `payload` (JSON-able), by rank, through the group's store. A rank that has
+    not published within `timeout` (the store's own by default: the group's) is named in the
+    `TimeoutError`."""
+    rank, size = group.rank(), group.size()
+    store = _store(group)
+    if store is None:
+        out: List[Any] = [None] * size
+        dist.all_gather_object(out, payload, group=group)
+        return out
+    limit = timeout if timeout is not None else getattr(store, "timeout", timedelta(seconds=300))
+    keys = [f"tidewire/ep/{tag}/{r}" for r in range(size)]
+    store.set(keys[rank], json.dumps(payload))
+    deadline = time.monotonic() + limit.total_seconds()
+    missing = [r for r in range(size) if r != rank]
+    while missing:
+        missing = [r for r in missing if not store.check([keys[r]])]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"tidewire.ep: rank {rank}: rank(s) {missing} of {size} did not take part in {tag} "
+                f"within {limit.total_seconds():.1f} s"
+            )
+        time.sleep(0.002)
+    return [json.loads(store.get(k)) for k in keys]
+
+
 class Buffer:
     """One rank's EP buffer over `group` (see the module's documentation)."""
 
     def __init__(self, group: Any, num_ep_buffer_bytes: int = 0, disable_p2p: bool = False) -> None:
-        if disable_p2p:
-            raise NotImplementedError("tidewire.ep: disable_p2p (the collective fallback) is not implemented yet")
         self.group = group
         self.rank = group.rank()
         self.group_size = group.size()
         self.device = torch.cuda.current_device()
+        name = str(getattr(group, "group_name", "") or id(group))
+        self._tag = f"{name}/{_made.get(name, 0)}"
+        _made[name] = _made.get(name, 0) + 1
+        self._native: Any = None
+        self._fallback: Optional[_Collective] = None
+        #: Why calls go through the group's collectives instead of the NVLink kernels (None:
+        #: they do not).
+        self.fallback: Optional[str] = None
         if num_ep_buffer_bytes <= 0:
             # The incumbent's default shape: 128 tokens of 7168 channels, 288 experts (rounded to
             # a multiple of the ranks).
             experts = max(self.group_size, 288 // self.group_size * self.group_size)
             num_ep_buffer_bytes = Buffer.get_ep_buffer_size_hint(128, 7168, self.group_size, experts)
-        eng = _engine()
-        addr, length = _native.EpBuffer.allocate(eng._native, self.device, num_ep_buffer_bytes)
-        infos: list = [None] * self.group_size
-        dist.all_gather_object(infos, (eng.name, addr, length), group=group)
-        self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i) for i in infos])
-        self.paths = self._native.paths()
+        unreached: List[Any] = []
+        if not disable_p2p:
+            eng = _engine()
+            addr, length = _native.EpBuffer.allocate(eng._native, self.device, num_ep_buffer_bytes)
+            self._own = (addr, length)
+            infos = exchange(group, f"{self._tag}/buffers", [eng.name, addr, length])
+            self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i) for i in infos])
+            unreached = [list(u) for u in self._native.unreached()]
+        # Every rank's verdict: one rank's missing path (or disable_p2p) sends every rank to the
+        # fallback, so that all ranks run the same protocol.
+        verdicts = exchange(group, f"{self._tag}/reach", {"disable_p2p": bool(disable_p2p), "unreached": unreached})
+        why = [f"rank {r}: disable_p2p" for r, v in enumerate(verdicts) if v["disable_p2p"]]
+        why += [f"rank {r} -> rank {p}: {reason}" for r, v in enumerate(verdicts) for p, reason in v["unreached"]]
+        if why:
+            self.fallback = "; ".join(why)
+            log.warning("tidewire.ep: %d ranks over the group's collectives, not NVLink (%s)", self.group_size, self.fallback)
+            if self._native is not None:
+                self._native.close()
+                self._native = None
+            self._fallback = _Collective(group)
+            self.paths = ["local" if r == self.rank else "collective" for r in range(self.group_size)]
+        else:
+            self.paths = self._native.paths()
         # The buffer's dispatch counter, on the GPU: each dispatch's number is taken there by a
         # kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
         self._counter = torch.zeros(1, dtype=torch.int64, device=f"cuda:{self.device}")
         # Each dispatch's number word, token count, top-k and host-side number, by its handle
         # (for its combine).
-        self._seqs: Dict[int, Tuple[torch.Tensor, int, int, int]] = {}
+        self._seqs: Dict[int, Tuple[Any, int, int, int]] = {}
+        # Dispatches whose combine has not launched its receive half yet (their buffer half is
+        # still in use).
+        self._open: Set[int] = set()
         self._dispatches = 0
+        self._updates = 0
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -136,14 +326,19 @@ class Buffer:
         k = topk_idx.shape[1]
         el = E // R
         dev = x.device
+        if E <= 0 or E % R or T <= 0 or num_tokens > T:
+            raise ValueError(f"tidewire.ep: {num_tokens} tokens of at most {T}, {E} experts over {R} ranks (a positive multiple)")
+        if self._fallback is not None:
+            return self._fallback.dispatch(self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook)
         # The two halves of the buffer alternate between calls: a call may not start while the
-        # previous call on its half still has its combine to run (its rows would be overwritten).
+        # previous call on its half has not launched its combine's receive half (its rows would
+        # be overwritten).
         number = self._dispatches + 1
-        pending = [n for (_, _, _, n) in self._seqs.values() if n % 2 == number % 2]
+        pending = sorted(n for n in self._open if n % 2 == number % 2)
         if pending:
             raise RuntimeError(
                 f"tidewire.ep: dispatch {number} would reuse the buffer half of dispatch {pending[0]}, "
-                "whose combine has not run (at most two dispatches may await their combine)"
+                "whose combine (receive half included) has not run: at most two dispatches may be in flight"
             )
         seq = torch.empty(1, dtype=torch.int64, device=dev)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), fp8)
@@ -152,12 +347,13 @@ class Buffer:
         stream = torch.cuda.current_stream().cuda_stream
         self._native.begin(stream, self._counter.data_ptr(), seq.data_ptr())
         self._dispatches = number
+        self._open.add(number)
         recv_x = torch.empty((el, R * T, hidden), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev)
         # One fp32 scale per 128 channels per row, column-major (DeepEP's layout).
         scales = torch.empty((el, hidden // 128, R * T) if fp8 else (0,), dtype=torch.float32, device=dev)
         src_info = torch.empty((el, R * T), dtype=torch.int32, device=dev)
         layout_range = torch.empty((el, R), dtype=torch.int64, device=dev)
-        recv_count = torch.zeros((el,), dtype=torch.int32, device=dev)
+        recv_count = torch.empty((el,), dtype=torch.int32, device=dev)
         self._native.dispatch_send(stream, shape, x.data_ptr(), topk_idx.data_ptr(), active.data_ptr())
         keep = (x, topk_idx, seq)
 
@@ -202,7 +398,7 @@ class Buffer:
             raise NotImplementedError("tidewire.ep: zero_copy combine is not implemented yet")
         src_info, layout_range, T, hidden, E = handle
         try:
-            seq, num_tokens, k, _ = self._seqs.pop(src_info.data_ptr())
+            seq, num_tokens, k, number = self._seqs.pop(src_info.data_ptr())
         except KeyError:
             raise ValueError("tidewire.ep: this handle's combine was already run, or it comes from another buffer") from None
         x = self._check(x, "x", torch.bfloat16)
@@ -219,7 +415,6 @@ class Buffer:
                 f"tidewire.ep: topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} "
                 f"must be the dispatch's [{num_tokens}, {k}]"
             )
-        shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         if out is None:
             out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)
         elif (
@@ -229,6 +424,9 @@ class Buffer:
             or out.data_ptr() % 16
         ):
             raise ValueError(f"tidewire.ep: out must be a contiguous, 16-byte aligned bf16 [{num_tokens}, {hidden}] tensor")
+        if self._fallback is not None:
+            return self._fallback.combine(self, x, topk_weights, active, seq, out, async_finish, return_recv_hook)
+        shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         stream = torch.cuda.current_stream().cuda_stream
         self._native.combine_send(stream, shape, x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), active.data_ptr())
         result = out
@@ -236,6 +434,7 @@ class Buffer:
         def recv() -> None:
             s = torch.cuda.current_stream().cuda_stream
             self._native.combine_recv(s, shape, topk_idx.data_ptr(), topk_weights.data_ptr(), result.data_ptr(), active.data_ptr())
+            self._open.discard(number)
 
         hook = None
         if return_recv_hook:
@@ -251,8 +450,28 @@ class Buffer:
         return e
 
     def update_ep_member(self) -> None:
-        raise NotImplementedError("tidewire.ep: update_ep_member comes with elastic membership")
+        """Re-exchanges every rank's buffer over the group and maps them again (a rank that
+        restarted, with a new buffer, is used again), and agrees on the next call's number.
+        Every rank calls it, with no call in flight."""
+        self._updates += 1
+        if self._native is None:
+            return  # the collective fallback holds nothing of the peers
+        torch.cuda.current_stream().synchronize()
+        eng = _engine()
+        addr, length = self._own
+        counter = int(self._counter.item())
+        infos = exchange(self.group, f"{self._tag}/update{self._updates}", [eng.name, addr, length, counter])
+        self._native.reconnect([(n, a, l) for (n, a, l, _) in infos])
+        # A restarted rank counts from 0: every rank continues after the highest number, so
+        # that no signal of an earlier call can pass for one of the next.
+        top = max(c for (_, _, _, c) in infos)
+        self._counter.fill_(top)
+        self._dispatches = int(self._counter.item())
+        self._open.clear()
+        self._seqs.clear()
 
     def destroy(self) -> None:
         torch.cuda.current_stream().synchronize()
-        self._native.close()
+        if self._native is not None:
+            self._native.close()
+            self._native = None

@@ -18,6 +18,16 @@ pub struct PeerBuffer {
     pub len: u64,
 }
 
+/// How a rank's buffer is reached.
+enum Peer {
+    /// Ours.
+    Local,
+    /// Mapped for our GPU.
+    Mapped(MappedPeer),
+    /// No GPU path reaches it (why): calls go through the collective fallback.
+    Unreached(String),
+}
+
 /// The shape of one call.
 #[derive(Debug, Clone, Copy)]
 pub struct Call {
@@ -38,8 +48,9 @@ pub struct Buffer {
     rank: usize,
     addr: u64,
     len: u64,
-    /// Every other rank's buffer mapped for our GPU (`None` for ourselves).
-    maps: Vec<Option<MappedPeer>>,
+    device: u32,
+    /// How each rank's buffer is reached.
+    maps: Vec<Peer>,
     kernels: Arc<EpKernels>,
 }
 
@@ -64,7 +75,10 @@ impl Buffer {
     }
 
     /// Maps every other rank's buffer (`peers[r]`, ours included) for our GPU and loads the
-    /// kernels. A rank no GPU path reaches is an error naming it and why.
+    /// kernels. A rank no GPU path reaches is recorded with the reason (see
+    /// [`Buffer::unreached`]: the caller then takes the collective fallback); any other
+    /// failure (the rank's engine cannot be opened, its buffer is not what it published) is an
+    /// error naming it.
     pub fn connect(
         engine: Arc<Engine>,
         rank: usize,
@@ -77,36 +91,87 @@ impl Buffer {
                 "rank {rank} of {ranks} (at most {MAX_RANKS} ranks)"
             )));
         }
+        let gpu = Gpu::get(device)
+            .map_err(|source| Error::Gpu { context: format!("cuda:{device}"), source })?;
+        let kernels = EpKernels::load(gpu)
+            .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
         let mine = &peers[rank];
-        let mut maps = Vec::with_capacity(ranks);
+        let mut b = Self {
+            engine,
+            rank,
+            device,
+            addr: mine.addr,
+            len: mine.len,
+            maps: Vec::new(),
+            kernels,
+        };
+        b.reconnect(peers)?;
+        Ok(b)
+    }
+
+    /// Maps every other rank's buffer again (`peers` as for [`Buffer::connect`], ours
+    /// unchanged): after a rank restarted with a new buffer. The old mappings are released.
+    pub fn reconnect(&mut self, peers: &[PeerBuffer]) -> Result<()> {
+        let (rank, device) = (self.rank, self.device);
+        if peers.len() != self.maps.len() && !self.maps.is_empty() {
+            return Err(Error::Shape(format!(
+                "{} ranks now, {} when the buffer was made",
+                peers.len(),
+                self.maps.len()
+            )));
+        }
+        if peers.get(rank).map(|p| (p.addr, p.len)) != Some((self.addr, self.len)) {
+            return Err(Error::Shape(format!("rank {rank}'s own entry is not this buffer")));
+        }
+        self.maps.clear();
+        let mut maps = Vec::with_capacity(peers.len());
         for (r, p) in peers.iter().enumerate() {
             if r == rank {
-                maps.push(None);
+                maps.push(Peer::Local);
                 continue;
             }
             let failed = |what: &str, source| Error::Engine {
                 context: format!("EP rank {rank}: {what} rank {r}'s buffer ({})", p.name),
                 source,
             };
-            let id = engine.open_segment(&p.name).map_err(|e| failed("opening", e))?;
-            let map = engine
-                .map_peer(id, p.addr, p.len, Some(device))
-                .map_err(|e| failed("mapping", e))?;
-            log::info!("EP rank {rank}: rank {r} over {}", map.transport());
-            maps.push(Some(map));
+            let id = self.engine.open_segment(&p.name).map_err(|e| failed("opening", e))?;
+            match self.engine.map_peer(id, p.addr, p.len, Some(device)) {
+                Ok(map) => {
+                    log::info!("EP rank {rank}: rank {r} over {}", map.transport());
+                    maps.push(Peer::Mapped(map));
+                }
+                Err(e @ tidewire::Error::NoTransport { .. }) => {
+                    log::info!("EP rank {rank}: no GPU path to rank {r}: {e}");
+                    maps.push(Peer::Unreached(e.to_string()));
+                }
+                Err(e) => return Err(failed("mapping", e)),
+            }
         }
-        let gpu = Gpu::get(device)
-            .map_err(|source| Error::Gpu { context: format!("cuda:{device}"), source })?;
-        let kernels = EpKernels::load(gpu)
-            .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
-        Ok(Self { engine, rank, addr: mine.addr, len: mine.len, maps, kernels })
+        self.maps = maps;
+        Ok(())
     }
 
-    /// How each rank is reached (`local` for ourselves).
+    /// The ranks no GPU path reaches, with the reason.
+    pub fn unreached(&self) -> Vec<(usize, String)> {
+        self.maps
+            .iter()
+            .enumerate()
+            .filter_map(|(r, m)| match m {
+                Peer::Unreached(why) => Some((r, why.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How each rank is reached (`local` for ourselves, `none` where no GPU path does).
     pub fn paths(&self) -> Vec<String> {
         self.maps
             .iter()
-            .map(|m| m.as_ref().map_or_else(|| "local".to_string(), |m| m.transport().to_string()))
+            .map(|m| match m {
+                Peer::Local => "local".to_string(),
+                Peer::Mapped(m) => m.transport().to_string(),
+                Peer::Unreached(_) => "none".to_string(),
+            })
             .collect()
     }
 
@@ -147,18 +212,23 @@ impl Buffer {
         let mut alive = [0u64; MAX_RANKS];
         for (r, m) in self.maps.iter().enumerate() {
             match m {
-                Some(m) if m.len() < l.bytes() => {
+                Peer::Mapped(m) if m.len() < l.bytes() => {
                     return Err(Error::Shape(format!(
                         "the call needs {} bytes of every rank's buffer; rank {r}'s has {}",
                         l.bytes(),
                         m.len()
                     )))
                 }
-                Some(m) => {
+                Peer::Mapped(m) => {
                     peers[r] = m.addr();
                     alive[r] = m.alive_flag().unwrap_or(0);
                 }
-                None => peers[r] = self.addr,
+                Peer::Local => peers[r] = self.addr,
+                Peer::Unreached(why) => {
+                    return Err(Error::Shape(format!(
+                        "rank {r} is reached by no GPU path ({why}): the kernels cannot run"
+                    )))
+                }
             }
         }
         let i = |v: usize| v as i32;
@@ -172,6 +242,7 @@ impl Buffer {
             off_dsrc: l.off_dsrc,
             off_csig: l.off_csig,
             off_cdata: l.off_cdata,
+            off_fin: l.off_fin,
             timeout_ns: c.timeout_ns,
             rank: i(self.rank),
             ranks: i(l.ranks),
@@ -182,7 +253,7 @@ impl Buffer {
             topk: i(c.topk),
             num_tokens: i(c.num_tokens),
             fp8: i32::from(c.fp8),
-            _pad: 0,
+            slices: 1,
         })
     }
 

@@ -6,7 +6,9 @@
 //! - dispatch rows: `max_tokens` bf16 rows of `hidden` per (local expert, source rank);
 //! - dispatch sources: the source token index of each of those rows (i32);
 //! - combine signals: one u64 per global expert: `seq << 32`;
-//! - combine rows: one bf16 row per (global expert, token of this rank).
+//! - combine rows: one bf16 row per (global expert, token of this rank);
+//! - this rank's own dispatch counters: one u32 per global expert (pieces of rows sent so far
+//!   in the call; the piece that completes an expert publishes its signal and resets it).
 
 use crate::error::{Error, Result};
 
@@ -30,6 +32,7 @@ pub struct Layout {
     pub off_dsrc: u64,
     pub off_csig: u64,
     pub off_cdata: u64,
+    pub off_fin: u64,
     /// Bytes of one half.
     pub half: u64,
 }
@@ -64,7 +67,8 @@ impl Layout {
         let off_dsrc = align(off_ddata + el * r * t * row, 256);
         let off_csig = align(off_dsrc + el * r * t * 4, 256);
         let off_cdata = align(off_csig + e * 8, 256);
-        let half = align(off_cdata + e * t * row, 4096);
+        let off_fin = align(off_cdata + e * t * row, 256);
+        let half = align(off_fin + e * 4, 4096);
         Ok(Self {
             max_tokens,
             hidden,
@@ -76,6 +80,7 @@ impl Layout {
             off_dsrc,
             off_csig,
             off_cdata,
+            off_fin,
             half,
         })
     }
@@ -131,6 +136,7 @@ mod tests {
                 (l.off_dsrc, el * rr * tt * 4),
                 (l.off_csig, e * 8),
                 (l.off_cdata, e * tt * row),
+                (l.off_fin, e * 4),
             ];
             for w in areas.windows(2) {
                 prop_assert!(w[0].0 + w[0].1 <= w[1].0);
@@ -138,7 +144,7 @@ mod tests {
             for (off, _) in areas {
                 prop_assert_eq!(off % 256, 0);
             }
-            prop_assert!(areas[4].0 + areas[4].1 <= l.half);
+            prop_assert!(areas[5].0 + areas[5].1 <= l.half);
         }
     }
 }

@@ -3,14 +3,19 @@
 //
 // Every rank's buffer holds, per parity (calls alternate), a dispatch area (a signal per
 // (local expert, source rank); a slot of T rows and their source token per (local expert,
-// source rank)) and a combine area (a signal per global expert; a row per (global expert,
-// token)). Senders write rows straight into the receiver's buffer through its mapping, then
-// publish a signal tagged with the call's sequence number (release, system scope); receivers
-// wait for the tag with a deadline (globaltimer) and the sender's liveness word. A sender
-// that misses the deadline, or whose process died, is marked inactive in the caller's
-// `active` tensor and counts as sending nothing from then on.
+// source rank)), a combine area (a signal per global expert; a row per (global expert,
+// token)) and the sender's own per-expert completion counters. Senders write rows straight
+// into the receiver's buffer through its mapping, then publish a signal tagged with the
+// call's sequence number (release, system scope); receivers wait for the tag with a deadline
+// (globaltimer) and the sender's liveness word. A sender that misses the deadline, or whose
+// process died, is marked inactive in the caller's `active` tensor and counts as sending
+// nothing from then on.
 
 #define TW_MAX_RANKS 64
+#define TW_MAX_TOPK 16
+#define TW_MAX_EXPERTS 1024
+// Tokens one dispatch-send block handles at most (the host sizes the grid so).
+#define TW_SEND_TOKENS 32
 
 struct EpArgs {
     unsigned long long peers[TW_MAX_RANKS];  // each rank's buffer, mapped for this GPU
@@ -18,11 +23,11 @@ struct EpArgs {
     unsigned long long seq_at;               // device word holding the call's number (from 1;
                                              // parity = seq & 1), set by tw_ep_begin
     unsigned long long half;                 // bytes of one parity
-    unsigned long long off_dsig, off_ddata, off_dsrc, off_csig, off_cdata;
+    unsigned long long off_dsig, off_ddata, off_dsrc, off_csig, off_cdata, off_fin;
     long long timeout_ns;
     int rank, ranks, experts, local_experts, max_tokens, hidden, topk, num_tokens;
-    int fp8;  // dispatch rows as e4m3 + one fp32 scale per 128 channels (else bf16)
-    int _pad;
+    int fp8;     // dispatch rows as e4m3 + one fp32 scale per 128 channels (else bf16)
+    int slices;  // dispatch send: parts each token's row is cut into (one warp each)
 };
 
 __device__ __forceinline__ unsigned long long tw_now() {
@@ -51,6 +56,11 @@ __device__ __forceinline__ unsigned long long tw_seq(const EpArgs& a) {
     return *(volatile const unsigned long long*)a.seq_at;
 }
 
+// A signal: the call's number (low 32 bits) above a count.
+__device__ __forceinline__ unsigned long long tw_signal(unsigned long long seq, unsigned count) {
+    return ((seq & 0xffffffffull) << 32) | (unsigned long long)count;
+}
+
 // Numbers a dispatch: one more than the buffer's last (a counter in device memory).
 extern "C" __global__ void tw_ep_begin(unsigned long long* counter, unsigned long long* seq_out) {
     unsigned long long v = *counter + 1;
@@ -58,10 +68,12 @@ extern "C" __global__ void tw_ep_begin(unsigned long long* counter, unsigned lon
     *seq_out = v;
 }
 
-// Waits until `*sig` carries tag `tag` in its high 32 bits; returns the low 32 bits, or -1
-// when rank `from` died or the deadline passed (it is then marked inactive in `active`).
-__device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, unsigned long long tag,
+// Waits until `*sig` carries the call `seq` in its high 32 bits; returns the low 32 bits, or
+// -1 when rank `from` died, is marked inactive, or the deadline passed (it is then marked
+// inactive in `active`).
+__device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, unsigned long long seq,
                              int from, int* active) {
+    const unsigned long long tag = seq & 0xffffffffull;
     unsigned long long start = tw_now();
     for (unsigned spins = 0;; spins++) {
         unsigned long long v = tw_ld_acquire(sig);
@@ -79,7 +91,7 @@ __device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, uns
 __device__ __forceinline__ float tw_bf16(unsigned short b) { return __uint_as_float(((unsigned)b) << 16); }
 
 // Two floats to two e4m3 (saturating, round to nearest even): `hi` in the upper byte.
-__device__ __forceinline__ unsigned short tw_e4m3x2(float hi, float lo) {
+__device__ __forceinline__ unsigned tw_e4m3x2(float hi, float lo) {
     unsigned short r;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
     return r;
@@ -92,167 +104,278 @@ __device__ __forceinline__ unsigned short tw_to_bf16(float f) {
     return (unsigned short)(u >> 16);
 }
 
-
-// One block per global expert: its tokens (in token order) into the owner's slot for us.
-extern "C" __global__ void tw_ep_dispatch_send(EpArgs a, const unsigned short* x,
-                                               const long long* topk, int* active) {
-    __shared__ int tok[1024];
-    __shared__ int warp_sum[32];
-    __shared__ int count;
-    const int e = blockIdx.x, dst = e / a.local_experts, el = e % a.local_experts;
-    if (active[dst] == 0) return;
-    // Which tokens route to e, and their slots (a block-wide prefix sum in token order).
-    for (int chunk = 0; chunk < a.num_tokens; chunk += blockDim.x) {
-        int t = chunk + threadIdx.x;
-        int hit = 0;
-        if (t < a.num_tokens)
-            for (int k = 0; k < a.topk; k++) hit |= topk[(long long)t * a.topk + k] == e;
-        unsigned mask = __ballot_sync(0xffffffffu, hit);
-        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        if (lane == 0) warp_sum[warp] = __popc(mask);
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int run = chunk == 0 ? 0 : count;
-            for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++) {
-                int c = warp_sum[w];
-                warp_sum[w] = run;
-                run += c;
-            }
-            count = run;
-        }
-        __syncthreads();
-        if (hit) tok[warp_sum[warp] + __popc(mask & ((1u << lane) - 1u))] = t;
-        __syncthreads();
-    }
-    if (a.num_tokens == 0 && threadIdx.x == 0) count = 0;
-    __syncthreads();
-    const int n = count;
-    const unsigned long long row = (unsigned long long)a.hidden * 2;
-    const unsigned long long seq = tw_seq(a);
-    char* base = tw_base(a, dst, seq);
-    const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
-    char* data = base + a.off_ddata + slot * a.max_tokens * row;
-    int* src = (int*)(base + a.off_dsrc) + slot * a.max_tokens;
-    if (a.fp8) {
-        // A warp per (row, 128-channel group): amax over the group, scale = amax / 448, the
-        // 128 channels as e4m3 at the row's start, the scales after them.
-        const int groups = a.hidden / 128, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-        for (int i = threadIdx.x >> 5; i < n * groups; i += warps) {
-            const int j = i / groups, g = i % groups;
-            const unsigned short* in = x + (unsigned long long)tok[j] * a.hidden + g * 128 + lane * 4;
-            float v[4], amax = 0.f;
-            for (int q = 0; q < 4; q++) {
-                v[q] = tw_bf16(in[q]);
-                amax = fmaxf(amax, fabsf(v[q]));
-            }
-            for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            const float scale = fmaxf(amax, 1e-4f) / 448.f, inv = 1.f / scale;
-            unsigned packed = (unsigned)tw_e4m3x2(v[1] * inv, v[0] * inv) |
-                              ((unsigned)tw_e4m3x2(v[3] * inv, v[2] * inv) << 16);
-            char* r = data + (unsigned long long)j * row;
-            ((unsigned*)(r + g * 128))[lane] = packed;
-            if (lane == 0) ((float*)(r + a.hidden))[g] = scale;
-        }
-    } else {
-        unsigned long long per = row / 16;
-        for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
-            unsigned long long j = i / per, w = i % per;
-            ((int4*)(data + j * row))[w] = ((const int4*)((const char*)x + (unsigned long long)tok[j] * row))[w];
-        }
-    }
-    for (int j = threadIdx.x; j < n; j += blockDim.x) src[j] = tok[j];
-    __threadfence_system();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned long long* sig = (unsigned long long*)(base + a.off_dsig) + slot;
-        tw_st_release(sig, (seq << 32) | (unsigned long long)n);
+// The eight bf16 of `v` as floats.
+__device__ __forceinline__ void tw_unpack8(const int4& v, float* f) {
+    const unsigned w[4] = {(unsigned)v.x, (unsigned)v.y, (unsigned)v.z, (unsigned)v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
 
-// One block per (local expert, source rank): waits for its signal, then copies its rows out.
-extern "C" __global__ void tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x, int* src_info,
-                                               long long* layout_range, int* recv_count, int* active,
-                                               float* recv_scales) {
-    __shared__ int n;
-    const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
-    const unsigned long long slot = (unsigned long long)el * a.ranks + s;
+// Dispatch, send phase. Blocks take contiguous token ranges; warps take (token, slice of its
+// row). Each token is read and quantized once and written to every expert it selects, at
+// the position that keeps each (expert, source) slot in token order. A per-expert counter
+// (ours, in this parity) counts the finished (token, slice) pieces; the piece that completes
+// an expert publishes its signal (`seq`, tokens) at the owner.
+extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a, const unsigned short* x,
+                                                                      const long long* topk, int* active) {
+    __shared__ int before[TW_MAX_EXPERTS];  // tokens before ours that select e (then: next position)
+    __shared__ int total[TW_MAX_EXPERTS];   // our tokens that select e
+    __shared__ int pos[TW_SEND_TOKENS * TW_MAX_TOPK];
+    __shared__ char* rowp[32][TW_MAX_TOPK];  // per warp: each selection's destination row (or null)
+    const int E = a.experts, K = a.topk, T = a.num_tokens, H = a.hidden;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int per_block = (T + gridDim.x - 1) / gridDim.x;
+    const int t0 = min(T, (int)blockIdx.x * per_block), t1 = min(T, t0 + per_block);
+    const unsigned long long seq = tw_seq(a);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) before[e] = total[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
+        const long long e = topk[i];
+        if (e >= 0 && e < E) {
+            atomicAdd(&total[e], 1);
+            if (i < t0 * K) atomicAdd(&before[e], 1);
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+        // In token order: each selection's position in its expert's slot.
+        for (int t = t0; t < t1; t++) {
+            int p = -1;
+            if (lane < K) {
+                const long long e = topk[(long long)t * K + lane];
+                if (e >= 0 && e < E) p = atomicAdd(&before[e], 1);
+                pos[(t - t0) * K + lane] = p;
+            }
+            __syncwarp();
+        }
+    }
+    // Experts we send nothing: their signal now (count 0), spread over the grid.
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < E; e += gridDim.x * blockDim.x) {
+        const int dst = e / a.local_experts;
+        if (total[e] == 0 && *(volatile int*)&active[dst] != 0) {
+            char* base = tw_base(a, dst, seq);
+            unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
+            tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, 0));
+        }
+    }
+    __syncthreads();
+    unsigned* fin = (unsigned*)(tw_base(a, a.rank, seq) + a.off_fin);
+    const unsigned long long row = (unsigned long long)H * 2;  // a slot row's stride
+    const int steps = (H + 511) / 512;                          // 512 channels per warp step
+    const int S = a.slices, per_slice = (steps + S - 1) / S;
+    for (int task = warp; task < (t1 - t0) * S; task += warps) {
+        const int tl = task / S, sl = task % S, t = t0 + tl;
+        long long e = -1;
+        if (lane < K) {
+            e = topk[(long long)t * K + lane];
+            char* r = nullptr;
+            if (e >= 0 && e < E) {
+                const int dst = (int)(e / a.local_experts);
+                if (*(volatile int*)&active[dst] != 0) {
+                    char* base = tw_base(a, dst, seq);
+                    const unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
+                    const int p = pos[tl * K + lane];
+                    r = base + a.off_ddata + (slot * a.max_tokens + p) * row;
+                    if (sl == 0) ((int*)(base + a.off_dsrc))[slot * a.max_tokens + p] = t;
+                }
+            } else {
+                e = -1;
+            }
+            rowp[warp][lane] = r;
+        }
+        __syncwarp();
+        const unsigned short* in = x + (unsigned long long)t * H;
+        const int s_end = min(steps, (sl + 1) * per_slice);
+        for (int step = sl * per_slice; step < s_end; step++) {
+            const int c = step * 512 + lane * 16;  // this lane's 16 channels
+            const bool ok = c < H;
+            int4 v0 = make_int4(0, 0, 0, 0), v1 = v0;
+            if (ok) {
+                v0 = ((const int4*)(in + c))[0];
+                v1 = ((const int4*)(in + c))[1];
+            }
+            if (a.fp8) {
+                float f[16];
+                tw_unpack8(v0, f);
+                tw_unpack8(v1, f + 8);
+                float amax = 0.f;
+#pragma unroll
+                for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(f[i]));
+                // A 128-channel group is 8 lanes.
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+                const float scale = fmaxf(amax, 1e-4f) / 448.f, inv = 1.f / scale;
+                int4 q;
+                q.x = (int)(tw_e4m3x2(f[1] * inv, f[0] * inv) | (tw_e4m3x2(f[3] * inv, f[2] * inv) << 16));
+                q.y = (int)(tw_e4m3x2(f[5] * inv, f[4] * inv) | (tw_e4m3x2(f[7] * inv, f[6] * inv) << 16));
+                q.z = (int)(tw_e4m3x2(f[9] * inv, f[8] * inv) | (tw_e4m3x2(f[11] * inv, f[10] * inv) << 16));
+                q.w = (int)(tw_e4m3x2(f[13] * inv, f[12] * inv) | (tw_e4m3x2(f[15] * inv, f[14] * inv) << 16));
+                if (ok) {
+                    for (int k = 0; k < K; k++) {
+                        char* r = rowp[warp][k];
+                        if (r == nullptr) continue;
+                        *(int4*)(r + c) = q;
+                        if ((lane & 7) == 0) ((float*)(r + H))[c >> 7] = scale;
+                    }
+                }
+            } else if (ok) {
+                for (int k = 0; k < K; k++) {
+                    char* r = rowp[warp][k];
+                    if (r == nullptr) continue;
+                    ((int4*)(r + 2 * c))[0] = v0;
+                    ((int4*)(r + 2 * c))[1] = v1;
+                }
+            }
+        }
+        // Our rows (every lane's) before the count; the count before the signal.
+        __syncwarp();
+        __threadfence_system();
+        if (e >= 0) {
+            const unsigned done = atomicAdd(&fin[e], 1u) + 1u;
+            if (done == (unsigned)total[e] * (unsigned)S) {
+                atomicExch(&fin[e], 0u);  // every piece of this call is in: ready for the next
+                __threadfence_system();
+                const int dst = (int)(e / a.local_experts);
+                if (*(volatile int*)&active[dst] != 0) {
+                    char* base = tw_base(a, dst, seq);
+                    const unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
+                    tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, total[e]));
+                }
+            }
+        }
+        __syncwarp();
+    }
+}
+
+// Dispatch, receive phase: one block per local expert. A thread per source waits for its
+// signal; the sources' rows are then packed in source order (layout_range's begin) into
+// `recv_x`, a warp per row.
+extern "C" __global__ void __launch_bounds__(512) tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x, int* src_info,
+                                                                     long long* layout_range, int* recv_count,
+                                                                     int* active, float* recv_scales) {
+    __shared__ int cnt[TW_MAX_RANKS], beg[TW_MAX_RANKS + 1];
+    const int el = blockIdx.x, R = a.ranks, H = a.hidden;
     const unsigned long long seq = tw_seq(a);
     char* base = tw_base(a, a.rank, seq);
-    if (threadIdx.x == 0) {
+    for (int s = threadIdx.x; s < R; s += blockDim.x) {
+        const unsigned long long slot = (unsigned long long)el * R + s;
         long long got = -1;
         if (*(volatile int*)&active[s] != 0)
             got = tw_wait(a, (const unsigned long long*)(base + a.off_dsig) + slot, seq, s, active);
-        n = got < 0 ? 0 : (int)got;
-        layout_range[slot] = ((long long)s * a.max_tokens << 32) | (long long)n;
-        if (n) atomicAdd(&recv_count[el], n);
+        cnt[s] = got < 0 ? 0 : min((int)got, a.max_tokens);
     }
     __syncthreads();
-    const unsigned long long row = (unsigned long long)a.hidden * 2;
-    const char* data = base + a.off_ddata + slot * a.max_tokens * row;
-    // Output rows: bf16 (2·hidden bytes), or e4m3 (hidden bytes) with the scales apart.
-    const unsigned long long out_row = a.fp8 ? (unsigned long long)a.hidden : row;
-    const unsigned long long first = (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;
-    char* out = (char*)recv_x + first * out_row;
-    unsigned long long per = out_row / 16;
-    for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
-        unsigned long long j = i / per, w = i % per;
-        ((int4*)(out + j * out_row))[w] = ((const int4*)(data + j * row))[w];
-    }
-    if (a.fp8) {
-        // Scales `[local_experts, hidden / 128, ranks · max_tokens]` (the column-major layout
-        // of `[local_experts, ranks · max_tokens, hidden / 128]`).
-        const int groups = a.hidden / 128;
-        const unsigned long long col = (unsigned long long)a.ranks * a.max_tokens;
-        for (int i = threadIdx.x; i < n * groups; i += blockDim.x) {
-            const int j = i / groups, g = i % groups;
-            recv_scales[((unsigned long long)el * groups + g) * col + (unsigned long long)s * a.max_tokens + j] =
-                ((const float*)(data + (unsigned long long)j * row + a.hidden))[g];
+    if (threadIdx.x == 0) {
+        int run = 0;
+        for (int s = 0; s < R; s++) {
+            beg[s] = run;
+            run += cnt[s];
         }
+        beg[R] = run;
+        recv_count[el] = run;
     }
-    const int* src = (const int*)(base + a.off_dsrc) + slot * a.max_tokens;
-    int* info = src_info + (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) info[j] = src[j];
+    __syncthreads();
+    for (int s = threadIdx.x; s < R; s += blockDim.x)
+        layout_range[(unsigned long long)el * R + s] = ((long long)beg[s] << 32) | (long long)cnt[s];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const unsigned long long row = (unsigned long long)H * 2;
+    const unsigned long long out_row = a.fp8 ? (unsigned long long)H : row;
+    const int per = (int)(out_row / 16), groups = H / 128;
+    const unsigned long long col = (unsigned long long)R * a.max_tokens;
+    for (int r = warp; r < beg[R]; r += warps) {
+        int s = 0;
+        while (r >= beg[s + 1]) s++;
+        const int j = r - beg[s];
+        const unsigned long long slot = (unsigned long long)el * R + s;
+        const char* data = base + a.off_ddata + (slot * a.max_tokens + j) * row;
+        int4* out = (int4*)((char*)recv_x + ((unsigned long long)el * col + r) * out_row);
+        int v = lane;
+        for (; v + 96 < per; v += 128) {
+            const int4 q0 = ((const int4*)data)[v], q1 = ((const int4*)data)[v + 32];
+            const int4 q2 = ((const int4*)data)[v + 64], q3 = ((const int4*)data)[v + 96];
+            out[v] = q0;
+            out[v + 32] = q1;
+            out[v + 64] = q2;
+            out[v + 96] = q3;
+        }
+        for (; v < per; v += 32) out[v] = ((const int4*)data)[v];
+        if (a.fp8) {
+            // Scales `[local_experts, hidden / 128, ranks · max_tokens]` (the column-major
+            // layout of `[local_experts, ranks · max_tokens, hidden / 128]`).
+            for (int g = lane; g < groups; g += 32)
+                recv_scales[((unsigned long long)el * groups + g) * col + r] = ((const float*)(data + H))[g];
+        }
+        if (lane == 0)
+            src_info[(unsigned long long)el * col + r] = ((const int*)(base + a.off_dsrc))[slot * a.max_tokens + j];
+    }
 }
 
-// One block per (local expert, source rank): the expert's output rows back to the tokens'
-// home rank, then the expert's signal there.
-extern "C" __global__ void tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
-                                              const long long* layout_range, int* active) {
+// Combine, send phase: one block per (local expert, home rank): the expert's output rows for
+// that rank's tokens into its combine area (row of (expert, token)), then the expert's signal
+// there, with or without rows.
+extern "C" __global__ void __launch_bounds__(512) tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
+                                                                    const long long* layout_range, int* active) {
     const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
-    if (active[s] == 0) return;
+    if (*(volatile int*)&active[s] == 0) return;
     const unsigned long long slot = (unsigned long long)el * a.ranks + s;
-    const int n = (int)(layout_range[slot] & 0xffffffffll);
+    const long long range = layout_range[slot];
+    const int n = (int)(range & 0xffffffffll), begin = (int)(range >> 32);
     const int e = a.rank * a.local_experts + el;
     const unsigned long long row = (unsigned long long)a.hidden * 2;
     const unsigned long long seq = tw_seq(a);
     char* base = tw_base(a, s, seq);
     char* cdata = base + a.off_cdata + (unsigned long long)e * a.max_tokens * row;
-    const char* rows = (const char*)y + ((unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens) * row;
-    const int* info = src_info + (unsigned long long)el * a.ranks * a.max_tokens + (unsigned long long)s * a.max_tokens;
-    unsigned long long per = row / 16;
-    for (unsigned long long i = threadIdx.x; i < (unsigned long long)n * per; i += blockDim.x) {
-        unsigned long long j = i / per, w = i % per;
-        ((int4*)(cdata + (unsigned long long)info[j] * row))[w] = ((const int4*)(rows + j * row))[w];
+    const unsigned long long first = (unsigned long long)el * a.ranks * a.max_tokens + begin;
+    const char* rows = (const char*)y + first * row;
+    const int* info = src_info + first;
+    // Pieces of 2 KiB (a warp, four 16-byte words a lane), loads before stores.
+    const int per = (int)(row / 16), chunks = (per + 127) / 128;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int task = warp; task < n * chunks; task += warps) {
+        const int j = task / chunks, c = task % chunks;
+        const int4* src = (const int4*)(rows + (unsigned long long)j * row);
+        int4* dst = (int4*)(cdata + (unsigned long long)info[j] * row);
+        const int v = c * 128 + lane;
+        int4 q[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (v + 32 * i < per) q[i] = src[v + 32 * i];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (v + 32 * i < per) dst[v + 32 * i] = q[i];
     }
     __threadfence_system();
     __syncthreads();
-    // Every expert signals every active home rank, with or without rows for it; only the
-    // block of the last local... (each (el, s) block signals expert e at rank s once).
-    if (threadIdx.x == 0) tw_st_release((unsigned long long*)(base + a.off_csig) + e, seq << 32);
+    if (threadIdx.x == 0) tw_st_release((unsigned long long*)(base + a.off_csig) + e, tw_signal(seq, 0));
 }
 
-// One block per token: waits for the signals of its experts, then the weighted sum (fp32).
-extern "C" __global__ void tw_ep_combine_recv(EpArgs a, const long long* topk, const float* weights,
-                                              unsigned short* out, int* active) {
-    __shared__ const int4* rows[16];
-    __shared__ float wk[16];
+// Combine, receive phase: one block per token (waits for the signals of its experts, then the
+// weighted sum in fp32), and one more block that waits for every expert's signal, so that the
+// call ends only when every rank is done with this half (a rank that has not yet read what we
+// sent it must not see it overwritten by our next call on this half).
+extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_recv(EpArgs a, const long long* topk, const float* weights,
+                                                                     unsigned short* out, int* active) {
+    __shared__ const int4* rows[TW_MAX_TOPK];
+    __shared__ float wk[TW_MAX_TOPK];
     __shared__ int nk;
     const int t = blockIdx.x;
     const unsigned long long seq = tw_seq(a);
     char* base = tw_base(a, a.rank, seq);
+    if (t == a.num_tokens) {
+        for (int e = threadIdx.x; e < a.experts; e += blockDim.x) {
+            const int owner = e / a.local_experts;
+            if (*(volatile int*)&active[owner] != 0)
+                tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active);
+        }
+        return;
+    }
     const unsigned long long row = (unsigned long long)a.hidden * 2;
-    if (threadIdx.x < (unsigned)a.topk) {
-        long long e = topk[(long long)t * a.topk + threadIdx.x];
+    if (threadIdx.x < 32) {
+        long long e = threadIdx.x < (unsigned)a.topk ? topk[(long long)t * a.topk + threadIdx.x] : -1;
         int ok = 0;
         if (e >= 0 && e < a.experts) {
             int owner = (int)(e / a.local_experts);
@@ -260,7 +383,7 @@ extern "C" __global__ void tw_ep_combine_recv(EpArgs a, const long long* topk, c
                 ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active) >= 0;
         }
         // The valid slots, compacted in slot order (the sum's order is the same on every call).
-        unsigned mask = __ballot_sync(0xffffffffu >> (32 - a.topk), ok);
+        unsigned mask = __ballot_sync(0xffffffffu, ok);
         if (ok) {
             int at = __popc(mask & ((1u << threadIdx.x) - 1u));
             rows[at] = (const int4*)(base + a.off_cdata + ((unsigned long long)e * a.max_tokens + t) * row);
@@ -269,19 +392,33 @@ extern "C" __global__ void tw_ep_combine_recv(EpArgs a, const long long* topk, c
         if (threadIdx.x == 0) nk = __popc(mask);
     }
     __syncthreads();
-    // Eight channels per thread and step: one 16-byte load per expert row, fp32 sums.
+    // Eight channels per thread and step: one 16-byte load per expert row (all issued before
+    // the sums), fp32 sums.
     const int n = nk;
     int4* o = (int4*)(out + (long long)t * a.hidden);
     for (int v = threadIdx.x; v < a.hidden / 8; v += blockDim.x) {
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int k = 0; k < n; k++) {
-            int4 q = rows[k][v];
-            const unsigned short* h = (const unsigned short*)&q;
-            for (int i = 0; i < 8; i++) acc[i] += wk[k] * tw_bf16(h[i]);
+        for (int k0 = 0; k0 < n; k0 += 8) {
+            int4 q[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (k0 + k < n) q[k] = rows[k0 + k][v];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                if (k0 + k < n) {
+                    float f[8];
+                    tw_unpack8(q[k], f);
+                    const float w = wk[k0 + k];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[i] += w * f[i];
+                }
+            }
         }
         int4 r;
-        unsigned short* rh = (unsigned short*)&r;
-        for (int i = 0; i < 8; i++) rh[i] = tw_to_bf16(acc[i]);
+        r.x = (int)((unsigned)tw_to_bf16(acc[0]) | ((unsigned)tw_to_bf16(acc[1]) << 16));
+        r.y = (int)((unsigned)tw_to_bf16(acc[2]) | ((unsigned)tw_to_bf16(acc[3]) << 16));
+        r.z = (int)((unsigned)tw_to_bf16(acc[4]) | ((unsigned)tw_to_bf16(acc[5]) << 16));
+        r.w = (int)((unsigned)tw_to_bf16(acc[6]) | ((unsigned)tw_to_bf16(acc[7]) << 16));
         o[v] = r;
     }
 }

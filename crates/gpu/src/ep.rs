@@ -35,6 +35,7 @@ pub struct EpArgs {
     pub off_dsrc: u64,
     pub off_csig: u64,
     pub off_cdata: u64,
+    pub off_fin: u64,
     pub timeout_ns: i64,
     pub rank: i32,
     pub ranks: i32,
@@ -46,7 +47,9 @@ pub struct EpArgs {
     pub num_tokens: i32,
     /// 1: dispatch rows as e4m3 with one fp32 scale per 128 channels; 0: bf16.
     pub fp8: i32,
-    pub _pad: i32,
+    /// Dispatch send: the parts each token's row is cut into (one warp each); set by
+    /// [`EpKernels::dispatch_send`].
+    pub slices: i32,
 }
 
 const NAMES: [&std::ffi::CStr; 5] = [
@@ -156,9 +159,11 @@ impl EpKernels {
         active: u64,
     ) -> Result<(), GpuError> {
         let (mut a, mut x, mut t, mut act) = (*args, x, topk, active);
+        let (grid, slices) = send_shape(args.num_tokens, args.hidden, self.gpu.sm_count);
+        a.slices = slices;
         let mut p: [*mut c_void; 4] = [ptr(&mut a), ptr(&mut x), ptr(&mut t), ptr(&mut act)];
         // SAFETY: (EpArgs, const ushort*, const long long*, int*), as the kernel declares.
-        unsafe { self.launch(0, args.experts as u32, 512, stream, &mut p) }
+        unsafe { self.launch(0, grid, 1024, stream, &mut p) }
     }
 
     /// Dispatch, receive phase: waits for every source's rows and packs them into `recv_x`.
@@ -192,10 +197,9 @@ impl EpKernels {
             ptr(&mut act),
             ptr(&mut sc),
         ];
-        let grid = (args.local_experts * args.ranks) as u32;
         // SAFETY: (EpArgs, ushort*, int*, long long*, int*, int*, float*), as the kernel
         // declares.
-        unsafe { self.launch(1, grid, 512, stream, &mut p) }
+        unsafe { self.launch(1, args.local_experts as u32, 512, stream, &mut p) }
     }
 
     /// Combine, send phase: every expert's output rows back to their tokens' home ranks.
@@ -237,11 +241,58 @@ impl EpKernels {
         let (mut a, mut t, mut w, mut o, mut act) = (*args, topk, weights, out, active);
         let mut p: [*mut c_void; 5] =
             [ptr(&mut a), ptr(&mut t), ptr(&mut w), ptr(&mut o), ptr(&mut act)];
+        // A block per token (a thread per 8 channels, at most 1024), and one that waits for
+        // every expert's signal.
+        let block = (args.hidden as u32 / 8).next_multiple_of(32).clamp(32, 1024);
         // SAFETY: (EpArgs, const long long*, const float*, ushort*, int*).
-        unsafe { self.launch(3, args.num_tokens as u32, 256, stream, &mut p) }
+        unsafe { self.launch(3, args.num_tokens as u32 + 1, block, stream, &mut p) }
     }
+}
+
+/// Tokens one dispatch-send block handles at most (`TW_SEND_TOKENS` in `ep.cu`).
+const SEND_TOKENS: u32 = 32;
+/// Warp tasks a dispatch send aims for (enough to keep every SM's stores in flight).
+const SEND_TASKS: u32 = 4096;
+
+/// The dispatch send's grid and slices per token for `tokens` tokens of `hidden` channels on
+/// `sms` SMs: contiguous token ranges of at most [`SEND_TOKENS`] a block, a block per SM when
+/// there are tokens enough; each row cut into 512-channel steps shared by up to `slices`
+/// warps, so that small batches still spread over many warps.
+pub fn send_shape(tokens: i32, hidden: i32, sms: u32) -> (u32, i32) {
+    let t = tokens.max(0) as u32;
+    if t == 0 {
+        return (1, 1);
+    }
+    let grid = t.div_ceil(SEND_TOKENS).max(sms.min(t));
+    let steps = (hidden.max(1) as u32).div_ceil(512);
+    let slices = SEND_TASKS.div_ceil(t).clamp(1, steps);
+    (grid, slices as i32)
 }
 
 fn ptr<T>(v: &mut T) -> *mut c_void {
     (v as *mut T).cast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_shape_keeps_blocks_within_their_token_limit_and_spreads_small_batches() {
+        for sms in [1u32, 16, 132] {
+            for tokens in [0, 1, 7, 128, 133, 512, 1000, 1024] {
+                for hidden in [128, 1024, 2048, 7168, 8192] {
+                    let (grid, slices) = send_shape(tokens, hidden, sms);
+                    assert!(grid >= 1);
+                    let per_block = (tokens as u32).div_ceil(grid);
+                    assert!(per_block <= SEND_TOKENS, "{tokens} tokens over {grid} blocks");
+                    let steps = (hidden as u32).div_ceil(512) as i32;
+                    assert!((1..=steps).contains(&slices), "{slices} slices of {steps} steps");
+                }
+            }
+        }
+        // T = 128 on an H200: a token a block, a warp per 512 channels.
+        assert_eq!(send_shape(128, 7168, 132), (128, 14));
+        assert_eq!(send_shape(1024, 7168, 132), (132, 4));
+    }
 }

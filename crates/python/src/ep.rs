@@ -99,6 +99,18 @@ impl PyEpBuffer {
         Ok(Self { buf: Mutex::new(Some(buf)) })
     }
 
+    /// Maps every rank's buffer again (after a rank restarted); ours is unchanged.
+    fn reconnect(&self, py: Python<'_>, peers: Vec<(String, u64, u64)>) -> PyResult<()> {
+        let peers: Vec<PeerBuffer> =
+            peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
+        self.with(py, move |b| b.reconnect(&peers))
+    }
+
+    /// The ranks no GPU path reaches: `(rank, reason)`.
+    fn unreached(&self, py: Python<'_>) -> PyResult<Vec<(usize, String)>> {
+        self.with(py, |b| Ok(b.unreached()))
+    }
+
     /// How each rank is reached.
     fn paths(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         self.with(py, |b| Ok(b.paths()))
