@@ -6,7 +6,8 @@ host, the way DeepEP reports its low-latency kernels:
 One process per GPU, uniform random routing, FP8 dispatch and bf16 combine. For each T it
 prints, on rank 0: per-call p50 / p99 (CUDA events around one call, host launch included), the
 kernels' own time (torch.profiler: the send and receive kernels of each call), and GB/s counted
-DeepEP's way (per selection: dispatch H + H/128·4 + 16 bytes, combine 2·H). Run
+DeepEP's way (per selection: dispatch H + H/128·4 + 16 bytes, 2·H + 16 for bf16, combine 2·H),
+and the bytes that crossed NVLink per second (selections whose expert is on another rank). Run
 `bench/ref/collectives_reference.py ep` in the same command for the all_to_all_single exchange.
 """
 
@@ -43,7 +44,7 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
     buf = tidewire.ep.Buffer(dist.group.WORLD, tidewire.ep.Buffer.get_ep_buffer_size_hint(max(tokens), H, n, E))
     active = torch.ones(n, dtype=torch.int32, device="cuda")
     if rank == 0:
-        print(f"# tidewire.ep: ranks {n} H {H} topk {K} experts {E}, fp8 dispatch / bf16 combine; paths {buf.paths}")
+        print(f"# tidewire.ep: ranks {n} H {H} topk {K} experts {E}, {args.dispatch} dispatch / bf16 combine; paths {buf.paths}; TIDEWIRE_EP_SEND_TASKS={os.environ.get('TIDEWIRE_EP_SEND_TASKS', 'default')}")
     for T in tokens:
         g = torch.Generator(device="cuda").manual_seed(rank)
         x = torch.randn(T, H, dtype=torch.bfloat16, device="cuda", generator=g)
@@ -53,12 +54,20 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
         d_bytes = selections * (H + H // 128 * 4 + 16)
         c_bytes = selections * 2 * H
 
+        fp8 = args.dispatch == "fp8"
+        if not fp8:
+            d_bytes = selections * (2 * H + 16)
+
         def dispatch():
-            return buf.dispatch(x, topk, active, max(tokens), E, 10_000_000, use_fp8=True)
+            return buf.dispatch(x, topk, active, max(tokens), E, 10_000_000, use_fp8=fp8)
 
         for _ in range(20):
-            (q, sc), _, h, _, _ = dispatch()
-            y = q.float().mul_(sc.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+            packed, _, h, _, _ = dispatch()
+            if fp8:
+                q, sc = packed
+                y = q.float().mul_(sc.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+            else:
+                y = packed
             buf.combine(y, topk, w, active, 10_000_000, h)
         torch.cuda.synchronize()
         dist.barrier()
@@ -67,7 +76,7 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
         for _ in range(args.iters):
             e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
             e0.record()
-            (q, sc), _, h, _, _ = dispatch()
+            _, _, h, _, _ = dispatch()
             e1.record()
             buf.combine(y, topk, w, active, 10_000_000, h)
             e2.record()
@@ -80,7 +89,7 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
         prof_iters = 200
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(prof_iters):
-                (q, sc), _, h, _, _ = dispatch()
+                _, _, h, _, _ = dispatch()
                 buf.combine(y, topk, w, active, 10_000_000, h)
             torch.cuda.synchronize()
         trace = f"/tmp/ep_bench_trace_{rank}.json"
@@ -101,8 +110,8 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
         tbo_iters = 200
         e0.record()
         for _ in range(tbo_iters):
-            (qa, sa), _, ha, _, hook_a = buf.dispatch(x, topk, active, max(tokens), E, 10_000_000, use_fp8=True, return_recv_hook=True)
-            (qb, sb), _, hb, _, hook_b = buf.dispatch(x2, k2, active, max(tokens), E, 10_000_000, use_fp8=True, return_recv_hook=True)
+            _, _, ha, _, hook_a = buf.dispatch(x, topk, active, max(tokens), E, 10_000_000, use_fp8=fp8, return_recv_hook=True)
+            _, _, hb, _, hook_b = buf.dispatch(x2, k2, active, max(tokens), E, 10_000_000, use_fp8=fp8, return_recv_hook=True)
             hook_a()
             _, _, ca = buf.combine(y, topk, w, active, 10_000_000, ha, return_recv_hook=True)
             hook_b()
@@ -141,6 +150,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--ranks", type=int, default=0)
+    p.add_argument("--dispatch", choices=["fp8", "bf16"], default="fp8")
     args = p.parse_args()
     n = args.ranks or torch.cuda.device_count()
     with socket.socket() as s:

@@ -48,6 +48,9 @@ pub struct Buffer {
     rank: usize,
     addr: u64,
     len: u64,
+    /// Bytes of one half of every rank's buffer: half the smallest, so that every rank finds
+    /// the second half at the same offset whatever the call's shape.
+    half: u64,
     device: u32,
     /// How each rank's buffer is reached.
     maps: Vec<Peer>,
@@ -102,6 +105,7 @@ impl Buffer {
             device,
             addr: mine.addr,
             len: mine.len,
+            half: 0,
             maps: Vec::new(),
             kernels,
         };
@@ -148,6 +152,8 @@ impl Buffer {
             }
         }
         self.maps = maps;
+        let smallest = peers.iter().map(|p| p.len).min().unwrap_or(0);
+        self.half = smallest / 2 / 4096 * 4096;
         Ok(())
     }
 
@@ -195,11 +201,11 @@ impl Buffer {
                 self.maps.len()
             )));
         }
-        if l.bytes() > self.len {
+        if l.half > self.half {
             return Err(Error::Shape(format!(
-                "the call needs {} bytes (get_ep_buffer_size_hint), the buffer has {}",
+                "the call needs {} bytes (get_ep_buffer_size_hint), the smallest rank's buffer has {}",
                 l.bytes(),
-                self.len
+                2 * self.half
             )));
         }
         if c.num_tokens > l.max_tokens || c.topk == 0 || c.topk > MAX_TOPK {
@@ -236,7 +242,7 @@ impl Buffer {
             peers,
             alive,
             seq_at: c.seq_at,
-            half: l.half,
+            half: self.half,
             off_dsig: l.off_dsig,
             off_ddata: l.off_ddata,
             off_dsrc: l.off_dsrc,

@@ -1,14 +1,18 @@
 //! Where things live in an EP buffer (plain arithmetic, the same on every rank).
 //!
-//! A buffer is two halves (calls alternate between them, so a fast rank's next call never
-//! overwrites what a slow rank still reads); each half holds:
+//! A buffer is two halves of equal size, whatever the call's shape (calls alternate between
+//! them, so a fast rank's next call never overwrites what a slow rank still reads); each half
+//! starts with a header at offsets no call shape changes (so that calls of different shapes on
+//! one buffer find their signals and counters where the previous ones left them):
 //! - dispatch signals: one u64 per (local expert, source rank): `seq << 32 | tokens`;
+//! - combine signals: one u64 per global expert: `seq << 32`;
+//! - this rank's own dispatch counters: one u32 per global expert (pieces of rows sent so far
+//!   in the call; the piece that completes an expert publishes its signal and resets it);
+//!
+//! then the call's data:
 //! - dispatch rows: `max_tokens` bf16 rows of `hidden` per (local expert, source rank);
 //! - dispatch sources: the source token index of each of those rows (i32);
-//! - combine signals: one u64 per global expert: `seq << 32`;
-//! - combine rows: one bf16 row per (global expert, token of this rank);
-//! - this rank's own dispatch counters: one u32 per global expert (pieces of rows sent so far
-//!   in the call; the piece that completes an expert publishes its signal and resets it).
+//! - combine rows: one bf16 row per (global expert, token of this rank).
 
 use crate::error::{Error, Result};
 
@@ -18,6 +22,11 @@ pub const MAX_RANKS: usize = tidewire_gpu::ep::MAX_RANKS;
 pub const MAX_TOKENS: usize = 1024;
 /// Experts per token the kernels support.
 pub const MAX_TOPK: usize = 16;
+/// Experts the kernels support.
+pub const MAX_EXPERTS: usize = 1024;
+/// Bytes of a half's header: the dispatch signals, combine signals and counters, each sized
+/// for [`MAX_EXPERTS`].
+const HEADER: u64 = (MAX_EXPERTS as u64) * (8 + 8 + 4);
 
 /// The shape of a dispatch/combine and the offsets it implies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,20 +64,22 @@ impl Layout {
         if hidden == 0 || !hidden.is_multiple_of(128) {
             return bad(format!("hidden {hidden} (a positive multiple of 128)"));
         }
-        if experts == 0 || !experts.is_multiple_of(ranks) {
-            return bad(format!("{experts} experts over {ranks} ranks (a positive multiple)"));
+        if experts == 0 || !experts.is_multiple_of(ranks) || experts > MAX_EXPERTS {
+            return bad(format!(
+                "{experts} experts over {ranks} ranks (a positive multiple, at most {MAX_EXPERTS})"
+            ));
         }
         let local_experts = experts / ranks;
         let (t, h, r, e, el) =
             (max_tokens as u64, hidden as u64, ranks as u64, experts as u64, local_experts as u64);
         let row = 2 * h;
         let off_dsig = 0;
-        let off_ddata = align(off_dsig + el * r * 8, 256);
+        let off_csig = off_dsig + MAX_EXPERTS as u64 * 8;
+        let off_fin = off_csig + MAX_EXPERTS as u64 * 8;
+        let off_ddata = align(HEADER, 256);
         let off_dsrc = align(off_ddata + el * r * t * row, 256);
-        let off_csig = align(off_dsrc + el * r * t * 4, 256);
-        let off_cdata = align(off_csig + e * 8, 256);
-        let off_fin = align(off_cdata + e * t * row, 256);
-        let half = align(off_fin + e * 4, 4096);
+        let off_cdata = align(off_dsrc + el * r * t * 4, 256);
+        let half = align(off_cdata + e * t * row, 4096);
         Ok(Self {
             max_tokens,
             hidden,
@@ -132,11 +143,11 @@ mod tests {
             let (tt, row, rr, e, el) = (t as u64, (h * 256) as u64, r as u64, (r * per) as u64, per as u64);
             let areas = [
                 (l.off_dsig, el * rr * 8),
+                (l.off_csig, e * 8),
+                (l.off_fin, e * 4),
                 (l.off_ddata, el * rr * tt * row),
                 (l.off_dsrc, el * rr * tt * 4),
-                (l.off_csig, e * 8),
                 (l.off_cdata, e * tt * row),
-                (l.off_fin, e * 4),
             ];
             for w in areas.windows(2) {
                 prop_assert!(w[0].0 + w[0].1 <= w[1].0);
@@ -144,6 +155,9 @@ mod tests {
             for (off, _) in areas {
                 prop_assert_eq!(off % 256, 0);
             }
+            // The header does not move with the shape.
+            let other = Layout::new(1, 128, r, r * per).unwrap();
+            prop_assert_eq!((l.off_dsig, l.off_csig, l.off_fin), (other.off_dsig, other.off_csig, other.off_fin));
             prop_assert!(areas[5].0 + areas[5].1 <= l.half);
         }
     }

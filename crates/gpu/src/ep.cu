@@ -46,6 +46,14 @@ __device__ __forceinline__ void tw_st_release(unsigned long long* p, unsigned lo
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Adds 1 with acquire-release semantics at GPU scope: our earlier writes (the warp's, after
+// __syncwarp) are ordered before it, and the one that completes a count sees all of them.
+__device__ __forceinline__ unsigned tw_add_acq_rel(unsigned* p) {
+    unsigned old;
+    asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+    return old;
+}
+
 __device__ __forceinline__ char* tw_base(const EpArgs& a, int r, unsigned long long seq) {
     return (char*)a.peers[r] + (seq & 1ull) * a.half;
 }
@@ -231,11 +239,12 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                 }
             }
         }
-        // Our rows (every lane's) before the count; the count before the signal.
+        // Our rows (every lane's) before the count (release, GPU scope); the piece that
+        // completes the count has seen every piece's rows (acquire), and a system-scope fence
+        // orders them all before the signal.
         __syncwarp();
-        __threadfence_system();
         if (e >= 0) {
-            const unsigned done = atomicAdd(&fin[e], 1u) + 1u;
+            const unsigned done = tw_add_acq_rel(&fin[e]) + 1u;
             if (done == (unsigned)total[e] * (unsigned)S) {
                 atomicExch(&fin[e], 0u);  // every piece of this call is in: ready for the next
                 __threadfence_system();
@@ -348,9 +357,13 @@ extern "C" __global__ void __launch_bounds__(512) tw_ep_combine_send(EpArgs a, c
         for (int i = 0; i < 4; i++)
             if (v + 32 * i < per) dst[v + 32 * i] = q[i];
     }
-    __threadfence_system();
+    // Every thread's rows before the signal: the barrier orders them before thread 0's
+    // system-scope fence (cumulative), which orders them before the signal.
     __syncthreads();
-    if (threadIdx.x == 0) tw_st_release((unsigned long long*)(base + a.off_csig) + e, tw_signal(seq, 0));
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        tw_st_release((unsigned long long*)(base + a.off_csig) + e, tw_signal(seq, 0));
+    }
 }
 
 // Combine, receive phase: one block per token (waits for the signals of its experts, then the

@@ -258,14 +258,26 @@ const SEND_TASKS: u32 = 4096;
 /// `sms` SMs: contiguous token ranges of at most [`SEND_TOKENS`] a block, a block per SM when
 /// there are tokens enough; each row cut into 512-channel steps shared by up to `slices`
 /// warps, so that small batches still spread over many warps.
+/// `TIDEWIRE_EP_SEND_TASKS` replaces the aim (a tuning knob for benchmarks).
 pub fn send_shape(tokens: i32, hidden: i32, sms: u32) -> (u32, i32) {
+    static TASKS: OnceLock<u32> = OnceLock::new();
+    let tasks = *TASKS.get_or_init(|| {
+        std::env::var("TIDEWIRE_EP_SEND_TASKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(SEND_TASKS)
+    });
+    shape_for(tokens, hidden, sms, tasks)
+}
+
+fn shape_for(tokens: i32, hidden: i32, sms: u32, tasks: u32) -> (u32, i32) {
     let t = tokens.max(0) as u32;
     if t == 0 {
         return (1, 1);
     }
     let grid = t.div_ceil(SEND_TOKENS).max(sms.min(t));
     let steps = (hidden.max(1) as u32).div_ceil(512);
-    let slices = SEND_TASKS.div_ceil(t).clamp(1, steps);
+    let slices = tasks.div_ceil(t).clamp(1, steps);
     (grid, slices as i32)
 }
 
@@ -282,7 +294,7 @@ mod tests {
         for sms in [1u32, 16, 132] {
             for tokens in [0, 1, 7, 128, 133, 512, 1000, 1024] {
                 for hidden in [128, 1024, 2048, 7168, 8192] {
-                    let (grid, slices) = send_shape(tokens, hidden, sms);
+                    let (grid, slices) = shape_for(tokens, hidden, sms, SEND_TASKS);
                     assert!(grid >= 1);
                     let per_block = (tokens as u32).div_ceil(grid);
                     assert!(per_block <= SEND_TOKENS, "{tokens} tokens over {grid} blocks");
@@ -292,7 +304,7 @@ mod tests {
             }
         }
         // T = 128 on an H200: a token a block, a warp per 512 channels.
-        assert_eq!(send_shape(128, 7168, 132), (128, 14));
-        assert_eq!(send_shape(1024, 7168, 132), (132, 4));
+        assert_eq!(shape_for(128, 7168, 132, SEND_TASKS), (128, 14));
+        assert_eq!(shape_for(1024, 7168, 132, SEND_TASKS), (132, 4));
     }
 }
