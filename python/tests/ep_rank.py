@@ -4,7 +4,7 @@
 The checks follow DeepEP's low-latency test: x = rank - 128 with the last 128 channels set to
 the token index; ten random -1 routing slots; every received row, count, source index and
 layout entry against what the ranks' all-gathered routing says (rows packed per local expert,
-sources in rank order, each source's tokens in token order); combine with an identity expert
+our own first, then the other ranks' from ours on, each source's tokens in token order); combine with an identity expert
 against the weighted sum computed here.
 
 ARG is `key=value,...`: backend (nccl | gloo), experts, hidden (a list, `a/b/c`), p2p (1, or 0
@@ -82,7 +82,7 @@ def check_dispatch(rank: int, R: int, E: int, H: int, fp8: bool, all_topk: List[
     for l in range(el):
         e = rank * el + l
         run = 0
-        for s in range(R):
+        for s in [(rank + o) % R for o in range(R)]:  # our own rows first, then from rank + 1 on
             want_tokens = [t for t in range(all_topk[s].shape[0]) if bool((all_topk[s][t] == e).any())]
             begin, cnt = int(layout_range[l, s]) >> 32, int(layout_range[l, s]) & 0xFFFFFFFF
             if (begin, cnt) != (run, len(want_tokens)):

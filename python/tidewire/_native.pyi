@@ -173,10 +173,16 @@ class EpBuffer:
     def reconnect(self, peers: List[Tuple[str, int, int]]) -> None: ...
     def unreached(self) -> List[Tuple[int, str]]: ...
     def paths(self) -> List[str]: ...
-    def check(self, shape: Tuple[int, int, int, int, int, int, int, int, bool]) -> None: ...
-    def begin(self, stream: int, counter: int, seq_out: int) -> None: ...
-    def dispatch_send(
-        self, stream: int, shape: Tuple[int, int, int, int, int, int, int, int, bool], x: int, topk: int, active: int
+    def dispatch(
+        self,
+        stream: int,
+        shape: Tuple[int, int, int, int, int, int, int, int, bool],
+        counter: int,
+        x: int,
+        topk: int,
+        active: int,
+        out: Tuple[int, int, int, int, int],
+        recv_now: bool,
     ) -> None: ...
     def dispatch_recv(
         self,
@@ -189,14 +195,13 @@ class EpBuffer:
         active: int,
         scales: int,
     ) -> None: ...
-    def combine_send(
+    def combine(
         self,
         stream: int,
         shape: Tuple[int, int, int, int, int, int, int, int, bool],
-        y: int,
-        src_info: int,
-        layout_range: int,
+        io: Tuple[int, int, int, int, int, int],
         active: int,
+        recv_now: bool,
     ) -> None: ...
     def combine_recv(
         self,

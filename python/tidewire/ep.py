@@ -87,8 +87,8 @@ def _refuse_capture(t: torch.Tensor, buf: Any) -> None:
 class _Collective:
     """Dispatch and combine over the group's collectives (`all_to_all_single`), for ranks no GPU
     path reaches: correct, slow (the split sizes cross to the host), not capturable in a CUDA
-    graph. The same results as the kernels: rows packed per local expert in source-rank order,
-    each source's tokens in token order."""
+    graph. The same results as the kernels: rows packed per local expert, our own first, then
+    the other ranks' from ours on, each source's tokens in token order."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -138,13 +138,17 @@ class _Collective:
         gmeta = got[:, width:].contiguous().view(torch.int64).view(-1, 2)
         src = torch.repeat_interleave(torch.arange(R, device=dev), torch.tensor(recv_splits, device=dev))
         local = gmeta[:, 0] - rank * el
-        # Packed per local expert, sources in rank order (stable: each source's tokens stay in
-        # token order).
-        order = torch.argsort(local * R + src, stable=True)
-        got, gmeta, src, local = got[order], gmeta[order], src[order], local[order]
-        counts = torch.bincount(local * R + src, minlength=el * R).view(el, R)
-        recv_count = counts.sum(1).to(torch.int32)
-        begin = torch.cumsum(counts, dim=1) - counts
+        # Packed per local expert, our own rows first, then the other ranks' from ours on
+        # (rank + 1, ..., wrapping), as the kernels pack them; each source's tokens stay in
+        # token order (stable sort).
+        turn = (src - rank) % R
+        order = torch.argsort(local * R + turn, stable=True)
+        got, gmeta, src, local, turn = got[order], gmeta[order], src[order], local[order], turn[order]
+        by_turn = torch.bincount(local * R + turn, minlength=el * R).view(el, R)
+        recv_count = by_turn.sum(1).to(torch.int32)
+        begin_turn = torch.cumsum(by_turn, dim=1) - by_turn
+        back_to_rank = (torch.arange(R, device=dev) - rank) % R  # rank s's turn
+        counts, begin = by_turn[:, back_to_rank], begin_turn[:, back_to_rank]
         layout_range = (begin << 32) | counts
         starts = torch.cumsum(recv_count.long(), 0) - recv_count.long()
         slot = torch.arange(got.shape[0], device=dev) - starts[local]
@@ -291,11 +295,11 @@ class Buffer:
         return _native.EpBuffer.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     def _check(self, t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
-        if t.device.type != "cuda" or t.device.index != self.device:
-            raise ValueError(f"tidewire.ep: {what} must be on cuda:{self.device}, not {t.device}")
-        if t.dtype != dtype:
+        if t.dtype is not dtype or not t.is_cuda or t.get_device() != self.device:
+            if not t.is_cuda or t.get_device() != self.device:
+                raise ValueError(f"tidewire.ep: {what} must be on cuda:{self.device}, not {t.device}")
             raise TypeError(f"tidewire.ep: {what} must be {dtype}, not {t.dtype}")
-        return t.contiguous()
+        return t if t.is_contiguous() else t.contiguous()
 
     @staticmethod
     def _timeout_ns(timeout_us: int) -> int:
@@ -342,41 +346,32 @@ class Buffer:
             )
         seq = torch.empty(1, dtype=torch.int64, device=dev)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), fp8)
-        # Checked before the call is numbered: a rank that refuses a call must not count it.
-        self._native.check(shape)
-        stream = torch.cuda.current_stream().cuda_stream
-        self._native.begin(stream, self._counter.data_ptr(), seq.data_ptr())
-        self._dispatches = number
-        self._open.add(number)
         recv_x = torch.empty((el, R * T, hidden), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev)
         # One fp32 scale per 128 channels per row, column-major (DeepEP's layout).
         scales = torch.empty((el, hidden // 128, R * T) if fp8 else (0,), dtype=torch.float32, device=dev)
         src_info = torch.empty((el, R * T), dtype=torch.int32, device=dev)
         layout_range = torch.empty((el, R), dtype=torch.int64, device=dev)
         recv_count = torch.empty((el,), dtype=torch.int32, device=dev)
-        self._native.dispatch_send(stream, shape, x.data_ptr(), topk_idx.data_ptr(), active.data_ptr())
+        outs = (recv_x.data_ptr(), scales.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), recv_count.data_ptr())
+        # One native call: the call is checked (a call a rank refuses is not numbered), numbered
+        # on the GPU, sent (our own experts' rows straight into the outputs), and received
+        # unless the caller's hook does that.
+        stream = torch.cuda.current_stream().cuda_stream
+        self._native.dispatch(
+            stream, shape, self._counter.data_ptr(), x.data_ptr(), topk_idx.data_ptr(), active.data_ptr(), outs, not return_recv_hook
+        )
+        self._dispatches = number
+        self._open.add(number)
         keep = (x, topk_idx, seq)
+        hook: Optional[Callable[[], None]] = None
+        if return_recv_hook:
 
-        def recv() -> None:
-            s = torch.cuda.current_stream().cuda_stream
-            self._native.dispatch_recv(
-                s,
-                shape,
-                recv_x.data_ptr(),
-                src_info.data_ptr(),
-                layout_range.data_ptr(),
-                recv_count.data_ptr(),
-                active.data_ptr(),
-                scales.data_ptr(),
-            )
+            def hook() -> None:
+                s = torch.cuda.current_stream().cuda_stream
+                self._native.dispatch_recv(s, shape, outs[0], outs[2], outs[3], outs[4], active.data_ptr(), outs[1])
 
         handle = (src_info, layout_range, T, hidden, E)
         self._seqs[src_info.data_ptr()] = (seq, num_tokens, k, number)
-        hook = None
-        if return_recv_hook:
-            hook = recv
-        else:
-            recv()
         event = EventOverlap(self._event() if async_finish else None, keep)
         packed = (recv_x, scales.transpose(1, 2)) if fp8 else recv_x
         return packed, recv_count, handle, event, hook
@@ -427,20 +422,19 @@ class Buffer:
         if self._fallback is not None:
             return self._fallback.combine(self, x, topk_weights, active, seq, out, async_finish, return_recv_hook)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
+        io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
         stream = torch.cuda.current_stream().cuda_stream
-        self._native.combine_send(stream, shape, x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), active.data_ptr())
-        result = out
-
-        def recv() -> None:
-            s = torch.cuda.current_stream().cuda_stream
-            self._native.combine_recv(s, shape, topk_idx.data_ptr(), topk_weights.data_ptr(), result.data_ptr(), active.data_ptr())
-            self._open.discard(number)
-
-        hook = None
+        self._native.combine(stream, shape, io, active.data_ptr(), not return_recv_hook)
+        hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
-            hook = recv
+
+            def hook() -> None:
+                s = torch.cuda.current_stream().cuda_stream
+                self._native.combine_recv(s, shape, io[3], io[4], io[5], active.data_ptr())
+                self._open.discard(number)
+
         else:
-            recv()
+            self._open.discard(number)
         event = EventOverlap(self._event() if async_finish else None, (x, topk_idx, topk_weights, seq))
         return out, event, hook
 

@@ -18,6 +18,28 @@ pub struct PeerBuffer {
     pub len: u64,
 }
 
+/// Where a dispatch's results go (device addresses of the caller's tensors; see
+/// [`tidewire_gpu::ep::EpKernels::dispatch_recv`] for their shapes).
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchOut {
+    pub recv_x: u64,
+    pub scales: u64,
+    pub src_info: u64,
+    pub layout_range: u64,
+    pub recv_count: u64,
+}
+
+/// A combine's inputs and output (device addresses).
+#[derive(Debug, Clone, Copy)]
+pub struct CombineIo {
+    pub y: u64,
+    pub src_info: u64,
+    pub layout_range: u64,
+    pub topk: u64,
+    pub weights: u64,
+    pub out: u64,
+}
+
 /// How a rank's buffer is reached.
 enum Peer {
     /// Ours.
@@ -181,17 +203,6 @@ impl Buffer {
             .collect()
     }
 
-    /// Numbers the next dispatch on `stream`: the device counter `counter` (every rank counts
-    /// its dispatches alike) plus one, into it and into the device word `seq_out`.
-    ///
-    /// # Safety
-    /// `counter` and `seq_out` are u64 words in this GPU's memory, alive until the work on
-    /// `stream` is done; `counter` is this buffer's, used by nobody else.
-    pub unsafe fn begin(&self, stream: u64, counter: u64, seq_out: u64) -> Result<()> {
-        // SAFETY: forwarded contract.
-        unsafe { self.kernels.begin(stream, counter, seq_out) }.map_err(Self::gpu_err("numbering"))
-    }
-
     fn args(&self, c: &Call) -> Result<EpArgs> {
         let l = &c.layout;
         if l.ranks != self.maps.len() {
@@ -263,33 +274,84 @@ impl Buffer {
         })
     }
 
-    /// Checks a call against this buffer and every peer's (nothing is launched).
-    pub fn check(&self, c: &Call) -> Result<()> {
-        self.args(c).map(|_| ())
-    }
-
     fn gpu_err(what: &str) -> impl FnOnce(tidewire_gpu::GpuError) -> Error + '_ {
         move |source| Error::Gpu { context: format!("launching the {what} kernel"), source }
     }
 
-    /// Dispatch, send phase, on `stream`.
+    /// A whole dispatch on `stream`, with one check of the call: numbers it (`counter`, a
+    /// device word of the buffer's, into `seq_out`, the call's), launches the send phase, and
+    /// the receive phase too unless the caller launches it later (`recv_now` false: the hook).
+    /// A call the buffer refuses is not numbered.
     ///
     /// # Safety
-    /// `x` (`[num_tokens, hidden]` bf16), `topk` (`[num_tokens, topk]` int64) and `active`
-    /// (`[ranks]` int32) are on this buffer's GPU and live until the work on `stream` is done;
-    /// every rank makes the same calls in the same order.
-    pub unsafe fn dispatch_send(
+    /// `counter` and `c.seq_at` are u64 words in this GPU's memory (the first the buffer's
+    /// own, used by nobody else); the inputs (`x` `[num_tokens, hidden]` bf16, `topk`
+    /// `[num_tokens, topk]` int64, `active` `[ranks]` int32) and outputs are on this buffer's
+    /// GPU and live until the work on `stream` is done; every rank makes the same calls in the
+    /// same order.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dispatch(
         &self,
         stream: u64,
         c: &Call,
+        counter: u64,
         x: u64,
         topk: u64,
         active: u64,
+        out: DispatchOut,
+        recv_now: bool,
     ) -> Result<()> {
         let a = self.args(c)?;
-        // SAFETY: forwarded contract; the buffers `a` names are mapped for the buffer's life.
-        unsafe { self.kernels.dispatch_send(stream, &a, x, topk, active) }
-            .map_err(Self::gpu_err("dispatch send"))
+        let k = &self.kernels;
+        // SAFETY: forwarded contract.
+        unsafe {
+            k.begin(stream, counter, c.seq_at).map_err(Self::gpu_err("numbering"))?;
+            k.dispatch_send(stream, &a, x, topk, active, out.recv_x, out.scales, out.src_info)
+                .map_err(Self::gpu_err("dispatch send"))?;
+            if recv_now {
+                k.dispatch_recv(
+                    stream,
+                    &a,
+                    out.recv_x,
+                    out.src_info,
+                    out.layout_range,
+                    out.recv_count,
+                    active,
+                    out.scales,
+                )
+                .map_err(Self::gpu_err("dispatch receive"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole combine on `stream`: the send phase, and the receive phase too unless the
+    /// caller launches it later (`recv_now` false: the hook).
+    ///
+    /// # Safety
+    /// As for [`Buffer::dispatch`]; `io.y` is the experts' output, `io.src_info` and
+    /// `io.layout_range` the handle of the dispatch whose sequence word `c` names, `io.weights`
+    /// `[num_tokens, topk]` fp32 and `io.out` `[num_tokens, hidden]` bf16.
+    pub unsafe fn combine(
+        &self,
+        stream: u64,
+        c: &Call,
+        io: CombineIo,
+        active: u64,
+        recv_now: bool,
+    ) -> Result<()> {
+        let a = self.args(c)?;
+        let k = &self.kernels;
+        // SAFETY: forwarded contract.
+        unsafe {
+            k.combine_send(stream, &a, io.y, io.src_info, io.layout_range, active)
+                .map_err(Self::gpu_err("combine send"))?;
+            if recv_now {
+                k.combine_recv(stream, &a, io.topk, io.weights, io.out, active)
+                    .map_err(Self::gpu_err("combine receive"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Dispatch, receive phase, on `stream`.
@@ -325,26 +387,6 @@ impl Buffer {
             )
         }
         .map_err(Self::gpu_err("dispatch receive"))
-    }
-
-    /// Combine, send phase, on `stream`.
-    ///
-    /// # Safety
-    /// As for [`Buffer::dispatch_recv`]; `y` is the experts' output, `src_info` and
-    /// `layout_range` the handle of the dispatch whose sequence word `c` names.
-    pub unsafe fn combine_send(
-        &self,
-        stream: u64,
-        c: &Call,
-        y: u64,
-        src_info: u64,
-        layout_range: u64,
-        active: u64,
-    ) -> Result<()> {
-        let a = self.args(c)?;
-        // SAFETY: forwarded contract.
-        unsafe { self.kernels.combine_send(stream, &a, y, src_info, layout_range, active) }
-            .map_err(Self::gpu_err("combine send"))
     }
 
     /// Combine, receive phase, on `stream`.

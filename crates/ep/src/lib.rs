@@ -11,6 +11,6 @@ mod buffer;
 mod error;
 pub mod layout;
 
-pub use buffer::{Buffer, Call, PeerBuffer};
+pub use buffer::{Buffer, Call, CombineIo, DispatchOut, PeerBuffer};
 pub use error::{Error, Result};
 pub use layout::{size_hint, Layout};

@@ -127,12 +127,20 @@ __device__ __forceinline__ void tw_unpack8(const int4& v, float* f) {
 // the position that keeps each (expert, source) slot in token order. A per-expert counter
 // (ours, in this parity) counts the finished (token, slice) pieces; the piece that completes
 // an expert publishes its signal (`seq`, tokens) at the owner.
+//
+// Our own tokens for our own experts go straight into `recv_x` (and `recv_scales`,
+// `src_info`), at the start of each local expert's rows: the receive kernel then copies only
+// what other ranks sent.
 extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a, const unsigned short* x,
-                                                                      const long long* topk, int* active) {
+                                                                      const long long* topk, int* active,
+                                                                      unsigned short* recv_x, float* recv_scales,
+                                                                      int* src_info) {
     __shared__ int before[TW_MAX_EXPERTS];  // tokens before ours that select e (then: next position)
     __shared__ int total[TW_MAX_EXPERTS];   // our tokens that select e
     __shared__ int pos[TW_SEND_TOKENS * TW_MAX_TOPK];
     __shared__ char* rowp[32][TW_MAX_TOPK];  // per warp: each selection's destination row (or null)
+    __shared__ float* sclp[32][TW_MAX_TOPK];  // ... and where its row's first scale goes
+    __shared__ unsigned long long sstride[32][TW_MAX_TOPK];  // ... and the next ones (floats)
     const int E = a.experts, K = a.topk, T = a.num_tokens, H = a.hidden;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int per_block = (T + gridDim.x - 1) / gridDim.x;
@@ -180,18 +188,31 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
         if (lane < K) {
             e = topk[(long long)t * K + lane];
             char* r = nullptr;
+            float* sp = nullptr;
+            unsigned long long ss = 1;
             if (e >= 0 && e < E) {
-                const int dst = (int)(e / a.local_experts);
-                if (*(volatile int*)&active[dst] != 0) {
+                const int dst = (int)(e / a.local_experts), el = (int)(e % a.local_experts);
+                const int p = pos[tl * K + lane];
+                if (dst == a.rank) {
+                    // Ours: the first rows of the expert's block in the output.
+                    const unsigned long long col = (unsigned long long)a.ranks * a.max_tokens;
+                    const unsigned long long at = (unsigned long long)el * col + p;
+                    r = (char*)recv_x + at * (a.fp8 ? (unsigned long long)H : 2ull * H);
+                    sp = recv_scales + (unsigned long long)el * (H / 128) * col + p;
+                    ss = col;
+                    if (sl == 0) src_info[at] = t;
+                } else if (*(volatile int*)&active[dst] != 0) {
                     char* base = tw_base(a, dst, seq);
-                    const unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
-                    const int p = pos[tl * K + lane];
+                    const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
                     r = base + a.off_ddata + (slot * a.max_tokens + p) * row;
+                    sp = (float*)(r + H);
                     if (sl == 0) ((int*)(base + a.off_dsrc))[slot * a.max_tokens + p] = t;
                 }
             } else {
                 e = -1;
             }
+            sclp[warp][lane] = sp;
+            sstride[warp][lane] = ss;
             rowp[warp][lane] = r;
         }
         __syncwarp();
@@ -227,7 +248,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                         char* r = rowp[warp][k];
                         if (r == nullptr) continue;
                         *(int4*)(r + c) = q;
-                        if ((lane & 7) == 0) ((float*)(r + H))[c >> 7] = scale;
+                        if ((lane & 7) == 0) sclp[warp][k][(c >> 7) * sstride[warp][k]] = scale;
                     }
                 }
             } else if (ok) {
@@ -261,44 +282,46 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
 }
 
 // Dispatch, receive phase: one block per local expert. A thread per source waits for its
-// signal; the sources' rows are then packed in source order (layout_range's begin) into
-// `recv_x`, a warp per row.
-extern "C" __global__ void __launch_bounds__(512) tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x, int* src_info,
+// signal; the rows are packed into `recv_x` with our own first (already there), then the
+// other ranks' in rank order from ours (rank + 1, ..., wrapping), a warp per row.
+extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x, int* src_info,
                                                                      long long* layout_range, int* recv_count,
                                                                      int* active, float* recv_scales) {
-    __shared__ int cnt[TW_MAX_RANKS], beg[TW_MAX_RANKS + 1];
+    __shared__ int cnt[TW_MAX_RANKS], beg[TW_MAX_RANKS + 1];  // by position: source (rank + o) % R
     const int el = blockIdx.x, R = a.ranks, H = a.hidden;
     const unsigned long long seq = tw_seq(a);
     char* base = tw_base(a, a.rank, seq);
-    for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    for (int o = threadIdx.x; o < R; o += blockDim.x) {
+        const int s = (a.rank + o) % R;
         const unsigned long long slot = (unsigned long long)el * R + s;
         long long got = -1;
         if (*(volatile int*)&active[s] != 0)
             got = tw_wait(a, (const unsigned long long*)(base + a.off_dsig) + slot, seq, s, active);
-        cnt[s] = got < 0 ? 0 : min((int)got, a.max_tokens);
+        cnt[o] = got < 0 ? 0 : min((int)got, a.max_tokens);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         int run = 0;
-        for (int s = 0; s < R; s++) {
-            beg[s] = run;
-            run += cnt[s];
+        for (int o = 0; o < R; o++) {
+            beg[o] = run;
+            run += cnt[o];
         }
         beg[R] = run;
         recv_count[el] = run;
     }
     __syncthreads();
-    for (int s = threadIdx.x; s < R; s += blockDim.x)
-        layout_range[(unsigned long long)el * R + s] = ((long long)beg[s] << 32) | (long long)cnt[s];
+    for (int o = threadIdx.x; o < R; o += blockDim.x)
+        layout_range[(unsigned long long)el * R + (a.rank + o) % R] = ((long long)beg[o] << 32) | (long long)cnt[o];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const unsigned long long row = (unsigned long long)H * 2;
     const unsigned long long out_row = a.fp8 ? (unsigned long long)H : row;
     const int per = (int)(out_row / 16), groups = H / 128;
     const unsigned long long col = (unsigned long long)R * a.max_tokens;
-    for (int r = warp; r < beg[R]; r += warps) {
-        int s = 0;
-        while (r >= beg[s + 1]) s++;
-        const int j = r - beg[s];
+    // Our own rows are in place (the send kernel wrote them); the others' follow.
+    for (int r = beg[1] + warp; r < beg[R]; r += warps) {
+        int o = 1;
+        while (r >= beg[o + 1]) o++;
+        const int s = (a.rank + o) % R, j = r - beg[o];
         const unsigned long long slot = (unsigned long long)el * R + s;
         const char* data = base + a.off_ddata + (slot * a.max_tokens + j) * row;
         int4* out = (int4*)((char*)recv_x + ((unsigned long long)el * col + r) * out_row);
@@ -326,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(512) tw_ep_dispatch_recv(EpArgs a, 
 // Combine, send phase: one block per (local expert, home rank): the expert's output rows for
 // that rank's tokens into its combine area (row of (expert, token)), then the expert's signal
 // there, with or without rows.
-extern "C" __global__ void __launch_bounds__(512) tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
+extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
                                                                     const long long* layout_range, int* active) {
     const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
     if (*(volatile int*)&active[s] == 0) return;

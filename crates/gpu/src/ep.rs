@@ -144,12 +144,15 @@ impl EpKernels {
         unsafe { self.launch(4, 1, 1, stream, &mut p) }
     }
 
-    /// Dispatch, send phase: every token's row to the ranks owning its experts.
+    /// Dispatch, send phase: every token's row to the ranks owning its experts (our own
+    /// experts' straight into `recv_x`, `scales` and `src_info`, the receive kernel's outputs).
     ///
     /// # Safety
     /// `args` describes live buffers of every rank mapped for this GPU, laid out as its
     /// offsets say; `x` is `[num_tokens, hidden]` bf16, `topk` `[num_tokens, topk]` int64,
-    /// `active` `[ranks]` int32, all on this GPU and alive until the work on `stream` is done.
+    /// `active` `[ranks]` int32, the outputs as for [`EpKernels::dispatch_recv`], all on this
+    /// GPU and alive until the work on `stream` is done.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn dispatch_send(
         &self,
         stream: u64,
@@ -157,12 +160,25 @@ impl EpKernels {
         x: u64,
         topk: u64,
         active: u64,
+        recv_x: u64,
+        scales: u64,
+        src_info: u64,
     ) -> Result<(), GpuError> {
         let (mut a, mut x, mut t, mut act) = (*args, x, topk, active);
+        let (mut rx, mut sc, mut si) = (recv_x, scales, src_info);
         let (grid, slices) = send_shape(args.num_tokens, args.hidden, self.gpu.sm_count);
         a.slices = slices;
-        let mut p: [*mut c_void; 4] = [ptr(&mut a), ptr(&mut x), ptr(&mut t), ptr(&mut act)];
-        // SAFETY: (EpArgs, const ushort*, const long long*, int*), as the kernel declares.
+        let mut p: [*mut c_void; 7] = [
+            ptr(&mut a),
+            ptr(&mut x),
+            ptr(&mut t),
+            ptr(&mut act),
+            ptr(&mut rx),
+            ptr(&mut sc),
+            ptr(&mut si),
+        ];
+        // SAFETY: (EpArgs, const ushort*, const long long*, int*, ushort*, float*, int*), as
+        // the kernel declares.
         unsafe { self.launch(0, grid, 1024, stream, &mut p) }
     }
 
@@ -199,7 +215,7 @@ impl EpKernels {
         ];
         // SAFETY: (EpArgs, ushort*, int*, long long*, int*, int*, float*), as the kernel
         // declares.
-        unsafe { self.launch(1, args.local_experts as u32, 512, stream, &mut p) }
+        unsafe { self.launch(1, args.local_experts as u32, 1024, stream, &mut p) }
     }
 
     /// Combine, send phase: every expert's output rows back to their tokens' home ranks.
@@ -221,7 +237,7 @@ impl EpKernels {
             [ptr(&mut a), ptr(&mut y), ptr(&mut s), ptr(&mut l), ptr(&mut act)];
         let grid = (args.local_experts * args.ranks) as u32;
         // SAFETY: (EpArgs, const ushort*, const int*, const long long*, int*).
-        unsafe { self.launch(2, grid, 512, stream, &mut p) }
+        unsafe { self.launch(2, grid, 1024, stream, &mut p) }
     }
 
     /// Combine, receive phase: the weighted sum of every token's expert outputs into `out`.
@@ -251,8 +267,10 @@ impl EpKernels {
 
 /// Tokens one dispatch-send block handles at most (`TW_SEND_TOKENS` in `ep.cu`).
 const SEND_TOKENS: u32 = 32;
-/// Warp tasks a dispatch send aims for (enough to keep every SM's stores in flight).
-const SEND_TASKS: u32 = 4096;
+/// Warp tasks a dispatch send aims for: on 2×H200 at T = 128 (H = 7168) the send kernel took
+/// 18.1 µs with 256 (two warps a token), 18.7 with 1024, 20.2 with 4096 and 27.6 with one
+/// warp a token; at T = 1024 all within 2 % (`bench/NOTES.md`).
+const SEND_TASKS: u32 = 256;
 
 /// The dispatch send's grid and slices per token for `tokens` tokens of `hidden` channels on
 /// `sms` SMs: contiguous token ranges of at most [`SEND_TOKENS`] a block, a block per SM when
@@ -303,8 +321,8 @@ mod tests {
                 }
             }
         }
-        // T = 128 on an H200: a token a block, a warp per 512 channels.
-        assert_eq!(shape_for(128, 7168, 132, SEND_TASKS), (128, 14));
-        assert_eq!(shape_for(1024, 7168, 132, SEND_TASKS), (132, 4));
+        // T = 128 on an H200: a token a block, two warps a token.
+        assert_eq!(shape_for(128, 7168, 132, SEND_TASKS), (128, 2));
+        assert_eq!(shape_for(1024, 7168, 132, SEND_TASKS), (132, 1));
     }
 }

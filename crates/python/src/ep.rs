@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
-use tidewire_ep::{Buffer, Call, Layout, PeerBuffer};
+use tidewire_ep::{Buffer, Call, CombineIo, DispatchOut, Layout, PeerBuffer};
 
 use crate::errors;
 use crate::PyEngine;
@@ -116,32 +116,30 @@ impl PyEpBuffer {
         self.with(py, |b| Ok(b.paths()))
     }
 
-    /// Checks a call's shape against this buffer and every peer's, launching nothing.
-    fn check(&self, py: Python<'_>, shape: Shape) -> PyResult<()> {
-        let c = call(shape)?;
-        self.with(py, |b| b.check(&c))
-    }
-
-    /// Numbers the next dispatch on `stream` (device words `counter` and `seq_out`).
-    fn begin(&self, py: Python<'_>, stream: u64, counter: u64, seq_out: u64) -> PyResult<()> {
-        // SAFETY: `tidewire.ep` passes two int64 words of its own on the buffer's GPU, kept
-        // alive by the buffer and the call's handle.
-        self.with(py, |b| unsafe { b.begin(stream, counter, seq_out) })
-    }
-
-    fn dispatch_send(
+    /// A whole dispatch on `stream`: numbers it (`counter` into `shape`'s `seq_at`), the send
+    /// phase, and the receive phase unless `recv_now` is false (the caller's hook launches it).
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
         &self,
         py: Python<'_>,
         stream: u64,
         shape: Shape,
+        counter: u64,
         x: u64,
         topk: u64,
         active: u64,
+        out: (u64, u64, u64, u64, u64),
+        recv_now: bool,
     ) -> PyResult<()> {
         let c = call(shape)?;
+        let (recv_x, scales, src_info, layout_range, recv_count) = out;
+        let out = DispatchOut { recv_x, scales, src_info, layout_range, recv_count };
         // SAFETY: `tidewire.ep` passes live contiguous tensors of the documented shapes on the
-        // buffer's GPU, kept alive until the stream work completes.
-        self.with(py, |b| unsafe { b.dispatch_send(stream, &c, x, topk, active) })
+        // buffer's GPU (the counter and sequence words its own), kept alive until the stream
+        // work completes.
+        self.with(py, |b| unsafe {
+            b.dispatch(stream, &c, counter, x, topk, active, out, recv_now)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -158,26 +156,29 @@ impl PyEpBuffer {
         scales: u64,
     ) -> PyResult<()> {
         let c = call(shape)?;
-        // SAFETY: as in `dispatch_send`.
+        // SAFETY: as in `dispatch`.
         self.with(py, |b| unsafe {
             b.dispatch_recv(stream, &c, recv_x, src_info, layout_range, recv_count, active, scales)
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn combine_send(
+    /// A whole combine on `stream`: the send phase, and the receive phase unless `recv_now`
+    /// is false (the caller's hook launches it). `io = (y, src_info, layout_range, topk,
+    /// weights, out)`.
+    fn combine(
         &self,
         py: Python<'_>,
         stream: u64,
         shape: Shape,
-        y: u64,
-        src_info: u64,
-        layout_range: u64,
+        io: (u64, u64, u64, u64, u64, u64),
         active: u64,
+        recv_now: bool,
     ) -> PyResult<()> {
         let c = call(shape)?;
-        // SAFETY: as in `dispatch_send`.
-        self.with(py, |b| unsafe { b.combine_send(stream, &c, y, src_info, layout_range, active) })
+        let (y, src_info, layout_range, topk, weights, out) = io;
+        let io = CombineIo { y, src_info, layout_range, topk, weights, out };
+        // SAFETY: as in `dispatch`.
+        self.with(py, |b| unsafe { b.combine(stream, &c, io, active, recv_now) })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -192,7 +193,7 @@ impl PyEpBuffer {
         active: u64,
     ) -> PyResult<()> {
         let c = call(shape)?;
-        // SAFETY: as in `dispatch_send`.
+        // SAFETY: as in `dispatch`.
         self.with(py, |b| unsafe { b.combine_recv(stream, &c, topk, weights, out, active) })
     }
 
