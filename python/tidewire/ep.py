@@ -366,9 +366,15 @@ class Buffer:
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
 
+            # The hook holds the output tensors (not just their addresses): the caller may drop
+            # some (recv_count, the scales of a bf16 call) before it runs the hook, and their
+            # memory must not go to another tensor before the receive kernel has written it.
+            held = (recv_x, scales, src_info, layout_range, recv_count, active, seq)
+
             def hook() -> None:
+                rx, sc, si, lr, rc, act, _ = held
                 s = torch.cuda.current_stream().cuda_stream
-                self._native.dispatch_recv(s, shape, outs[0], outs[2], outs[3], outs[4], active.data_ptr(), outs[1])
+                self._native.dispatch_recv(s, shape, rx.data_ptr(), si.data_ptr(), lr.data_ptr(), rc.data_ptr(), act.data_ptr(), sc.data_ptr())
 
         handle = (src_info, layout_range, T, hidden, E)
         self._seqs[src_info.data_ptr()] = (seq, num_tokens, k, number)
@@ -428,9 +434,12 @@ class Buffer:
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
 
+            held = (topk_idx, topk_weights, out, active, seq)  # alive until the hook has run
+
             def hook() -> None:
+                tk, tw, o, act, _ = held
                 s = torch.cuda.current_stream().cuda_stream
-                self._native.combine_recv(s, shape, io[3], io[4], io[5], active.data_ptr())
+                self._native.combine_recv(s, shape, tk.data_ptr(), tw.data_ptr(), o.data_ptr(), act.data_ptr())
                 self._open.discard(number)
 
         else:

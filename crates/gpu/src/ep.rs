@@ -267,10 +267,11 @@ impl EpKernels {
 
 /// Tokens one dispatch-send block handles at most (`TW_SEND_TOKENS` in `ep.cu`).
 const SEND_TOKENS: u32 = 32;
-/// Warp tasks a dispatch send aims for: on 2×H200 at T = 128 (H = 7168) the send kernel took
-/// 18.1 µs with 256 (two warps a token), 18.7 with 1024, 20.2 with 4096 and 27.6 with one
-/// warp a token; at T = 1024 all within 2 % (`bench/NOTES.md`).
-const SEND_TASKS: u32 = 256;
+/// Warp tasks a dispatch send aims for. On 2×H200 (H = 7168) fewer tasks made the send kernel
+/// itself faster at T = 128 (18.1 µs with 256, 20.2 with 4096) but whole calls far slower
+/// (dispatch + combine replayed from a graph: 251 µs a pair with 256, 62.8 with 4096; not yet
+/// explained, `bench/NOTES.md` §17).
+const SEND_TASKS: u32 = 4096;
 
 /// The dispatch send's grid and slices per token for `tokens` tokens of `hidden` channels on
 /// `sms` SMs: contiguous token ranges of at most [`SEND_TOKENS`] a block, a block per SM when
@@ -321,8 +322,8 @@ mod tests {
                 }
             }
         }
-        // T = 128 on an H200: a token a block, two warps a token.
-        assert_eq!(shape_for(128, 7168, 132, SEND_TASKS), (128, 2));
-        assert_eq!(shape_for(1024, 7168, 132, SEND_TASKS), (132, 1));
+        // T = 128 on an H200: a token a block, a warp per 512 channels.
+        assert_eq!(shape_for(128, 7168, 132, SEND_TASKS), (128, 14));
+        assert_eq!(shape_for(1024, 7168, 132, SEND_TASKS), (132, 4));
     }
 }
