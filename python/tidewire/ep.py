@@ -7,23 +7,31 @@ with the interface of Mooncake EP's buffer (DeepEP's low-latency API with `activ
     out, event, hook = buffer.combine(y, topk_idx, topk_weights, active_ranks, timeout_us, handle)
 
 Construction decides reach: every rank allocates its buffer with the engine's transferable
-allocation, the ranks exchange (engine name, address, length) over `group` (any backend), and
-each maps every other rank's buffer for its own GPU (CUDA IPC or VMM POSIX-FD on one host,
-FABRIC only where proven; each rank imports the handle itself). A rank no NVLink path reaches
-is an error at construction, naming it. The kernels are compiled and loaded then, never on the
-first dispatch.
+allocation, the ranks exchange (engine name, address, length) through the group's store (a rank
+that does not take part is named within the store's timeout), and each maps every other rank's
+buffer for its own GPU (CUDA IPC or VMM POSIX-FD on one host, FABRIC only where proven; each
+rank imports the handle itself). If any rank has no GPU path to another, or asked for
+`disable_p2p`, every rank takes the fallback over the group's collectives (correct, slow, not
+capturable in a CUDA graph), logged once with the ranks and reasons and kept in
+`Buffer.fallback`. The kernels are compiled and loaded at construction, never on the first
+dispatch.
 
 Every call runs on the current CUDA stream. A rank that does not answer within `timeout_us`
-(when -1: 100 s, `TIDEWIRE_EP_TIMEOUT_US`), or whose process died, is written as 0 into the caller's `active_ranks` and
-counts as sending nothing from then on.
+(when -1: 100 s, `TIDEWIRE_EP_TIMEOUT_US`), or whose process died, is written as 0 into the
+caller's `active_ranks` and counts as sending nothing from then on.
 
 Dispatch sends e4m3 rows with one fp32 scale per 128 channels (amax / 448) unless
-`use_fp8=False` (bf16); combine is bf16.
+`use_fp8=False` (bf16); combine is bf16. Received rows are packed per local expert, this
+rank's own first, then the other ranks' from this rank on (`layout_range` holds each source's
+begin and count; `recv_count` the total, as grouped GEMMs on the masked layout read it).
 
 Every call can be captured in a CUDA graph: a dispatch's number is taken from a counter in GPU
-memory by a kernel on the stream, so each replay numbers its calls afresh.
+memory by a kernel on the stream, so each replay numbers its calls afresh. At most two
+dispatches may be in flight (the buffer's two halves): a third is refused until the first's
+combine, receive hook included, has been launched.
 
-Not yet: `zero_copy`, and the fallback for ranks no NVLink reaches.
+`zero_copy=True` is accepted: this buffer hands out no area for the caller to write expert
+outputs into, so such a combine reads its input like any other (logged once).
 """
 
 from __future__ import annotations
@@ -289,6 +297,7 @@ class Buffer:
         self._open: Set[int] = set()
         self._dispatches = 0
         self._updates = 0
+        self._zero_copy_logged = False
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -395,8 +404,11 @@ class Buffer:
         return_recv_hook: bool = False,
         out: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
-        if zero_copy:
-            raise NotImplementedError("tidewire.ep: zero_copy combine is not implemented yet")
+        if zero_copy and not self._zero_copy_logged:
+            # DeepEP's zero_copy skips copying an input the caller wrote into the buffer itself;
+            # this buffer hands out no such area, so the combine reads `x` as usual (same result).
+            log.info("tidewire.ep: zero_copy combine reads its input in place like any combine (no buffer area is handed out)")
+            self._zero_copy_logged = True
         src_info, layout_range, T, hidden, E = handle
         try:
             seq, num_tokens, k, number = self._seqs.pop(src_info.data_ptr())
