@@ -345,10 +345,11 @@ pub fn server_missing(why: &str) {
 }
 
 fn wait_port(port: u16) {
-    assert!(
-        eventually(Duration::from_secs(15), || TcpStream::connect(("127.0.0.1", port)).is_ok()),
-        "server on port {port} did not start"
-    );
+    assert!(port_up(port), "server on port {port} did not start");
+}
+
+fn port_up(port: u16) -> bool {
+    eventually(Duration::from_secs(15), || TcpStream::connect(("127.0.0.1", port)).is_ok())
 }
 
 /// A real server process (etcd member or redis) on loopback, stopped on drop.
@@ -428,10 +429,24 @@ pub fn etcd_cluster(n: usize) -> Option<Vec<Server>> {
             return None;
         }
     };
+    // A port found free may be taken by another test before etcd binds it: a cluster whose
+    // members do not all come up is started again on other ports.
+    for attempt in 1..=3 {
+        let servers = etcd_members(&bin, n);
+        if servers.iter().all(|s| port_up(s.port)) {
+            return Some(etcd_ready(servers));
+        }
+        let _ =
+            writeln!(std::io::stderr(), "etcd cluster attempt {attempt}: a member did not start");
+    }
+    panic!("an etcd cluster of {n} did not start in three attempts");
+}
+
+fn etcd_members(bin: &str, n: usize) -> Vec<Server> {
     let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
     let initial: Vec<String> =
         ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
-    let servers = ports
+    ports
         .iter()
         .enumerate()
         .map(|(i, (client, peer))| {
@@ -448,24 +463,30 @@ pub fn etcd_cluster(n: usize) -> Option<Vec<Server>> {
                 "--heartbeat-interval=50".into(),
                 "--election-timeout=500".into(),
             ];
-            let child = Command::new(&bin)
+            let child = Command::new(bin)
                 .args(&args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            Server { bin: bin.clone(), args, child: Some(child), port: *client, _dir: Some(dir) }
+            Server {
+                bin: bin.to_string(),
+                args,
+                child: Some(child),
+                port: *client,
+                _dir: Some(dir),
+            }
         })
-        .collect::<Vec<_>>();
-    for s in &servers {
-        wait_port(s.port);
-    }
+        .collect()
+}
+
+fn etcd_ready(servers: Vec<Server>) -> Vec<Server> {
     // Wait until the cluster serves requests (a leader is elected).
     let ok = eventually(Duration::from_secs(20), || {
         etcd_put(&servers[0].endpoint(), "tidewire-test/ready", b"1").is_ok()
     });
     assert!(ok, "etcd cluster did not become ready");
-    Some(servers)
+    servers
 }
 
 /// A redis server on loopback without persistence. `None` when redis is not installed and
