@@ -167,3 +167,28 @@ def test_bad_timeouts_are_invalid_arguments_not_panics(pair):
     batch = initiator.submit(target.name, "write", [addr], [remote], [4096])
     assert batch.wait(timeout=float("inf")) is True
     assert batch.wait(timeout=-5) is True
+
+
+def test_a_cluster_secret_is_needed_on_both_sides(tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s3cret\n")
+    with tidewire.Engine(cluster_secret="s3cret") as target, tidewire.Engine(
+        force_tcp=True, cluster_secret_file=str(secret_file)
+    ) as initiator, tidewire.Engine(force_tcp=True) as stranger:
+        assert target.cluster_secret_fingerprint == initiator.cluster_secret_fingerprint
+        assert stranger.cluster_secret_fingerprint is None
+        remote = target.allocate_shared(4096)
+        data = np.frombuffer(rand(4096, 5), dtype=np.uint8).copy()
+        addr, _ = initiator.register(data)
+        initiator.write(target.name, [addr], [remote], [4096])
+        back = np.zeros(4096, dtype=np.uint8)
+        back_addr, _ = initiator.register(back)
+        initiator.read(target.name, [back_addr], [remote], [4096])
+        assert np.array_equal(back, data)
+        # Without the secret: refused, with the reason, and counted by the target.
+        s_addr, _ = stranger.register(np.zeros(4096, dtype=np.uint8))
+        with pytest.raises(tidewire.TidewireError, match="secret"):
+            stranger.write(target.name, [s_addr], [remote], [4096])
+        assert target.refused_connections >= 1
+    with pytest.raises(tidewire.InvalidArgument):
+        tidewire.Engine(cluster_secret="x", cluster_secret_file=str(secret_file))

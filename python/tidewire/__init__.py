@@ -120,6 +120,10 @@ class Engine:
         transports: restrict to these transports ("local", "shm", "tcp").
         force_tcp: send everything over TCP (also MC_FORCE_TCP=1).
         tcp_lanes: TCP connections per peer.
+        cluster_secret: a secret (bytes or str) every connection to and from this engine must
+            prove at its handshake (also TIDEWIRE_CLUSTER_SECRET); engines without it, or with
+            another, are refused on both sides.
+        cluster_secret_file: the same, read from a file (also TIDEWIRE_CLUSTER_SECRET_FILE).
 
     Use as a context manager, or call `shutdown()`.
     """
@@ -133,9 +137,20 @@ class Engine:
         transports: Optional[Sequence[str]] = None,
         force_tcp: bool = False,
         tcp_lanes: int = 4,
+        cluster_secret: Optional[Union[bytes, str]] = None,
+        cluster_secret_file: Optional[str] = None,
     ) -> None:
+        secret = cluster_secret.encode() if isinstance(cluster_secret, str) else cluster_secret
         self._native = _native.Engine(
-            host, port, metadata, name, list(transports) if transports else None, force_tcp, tcp_lanes
+            host,
+            port,
+            metadata,
+            name,
+            list(transports) if transports else None,
+            force_tcp,
+            tcp_lanes,
+            secret,
+            cluster_secret_file,
         )
 
     def __enter__(self) -> "Engine":
@@ -155,6 +170,16 @@ class Engine:
     @property
     def rpc_port(self) -> int:
         return self._native.rpc_port
+
+    @property
+    def cluster_secret_fingerprint(self) -> Optional[str]:
+        """A short public name of the cluster secret in force (None: no secret)."""
+        return self._native.cluster_secret_fingerprint
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections refused so far (no or another cluster secret, another uid)."""
+        return self._native.refused_connections
 
     @property
     def rpc_addr(self) -> str:

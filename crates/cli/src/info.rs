@@ -30,6 +30,23 @@ pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
     let me = engine.descriptor();
     println!("host        {} (host id {})", me.hostname, me.host_id);
     println!("engine      {} rpc {} instance {}", me.name, me.rpc_addr, me.instance_id);
+    match engine.cluster_secret_fingerprint() {
+        Some(f) => println!(
+            "security    cluster secret in force (fingerprint {f}): every connection proves it"
+        ),
+        None => println!(
+            "security    no cluster secret: whoever reaches the RPC port can use registered \
+             memory (TIDEWIRE_CLUSTER_SECRET or TIDEWIRE_CLUSTER_SECRET_FILE sets one)"
+        ),
+    }
+    println!(
+        "            shm socket: {}",
+        if engine.config().shm_any_uid {
+            "processes of any uid (TIDEWIRE_SHM_ANY_UID=1)"
+        } else {
+            "processes of this uid only"
+        }
+    );
     let opts = &engine.config().transports;
     let enabled: Vec<&str> = opts.enabled.iter().map(|t| t.name()).collect();
     println!(

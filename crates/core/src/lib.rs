@@ -8,6 +8,7 @@
 //! takes `now: Instant` from the caller, so the state machines are tested with simulated time.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod batch;
 pub mod descriptor;
 pub mod error;

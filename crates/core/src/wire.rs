@@ -25,14 +25,21 @@ pub const MAX_CONTROL_FRAME: u64 = crate::descriptor::MAX_DESCRIPTOR_BYTES as u6
 pub const MAX_NOTIFY_FRAME: u64 = 1 << 20;
 /// Size of an instance id on the wire.
 pub const INSTANCE_LEN: u64 = 16;
+/// Payload of a `Hello` with a cluster secret: expected instance, own instance, nonce.
+pub const HELLO_AUTH_PAYLOAD: u64 = 2 * INSTANCE_LEN + crate::auth::NONCE_LEN as u64;
+/// Payload of a `HelloAck` answering one: instance, nonce, proof.
+pub const HELLO_ACK_AUTH_PAYLOAD: u64 =
+    INSTANCE_LEN + (crate::auth::NONCE_LEN + crate::auth::PROOF_LEN) as u64;
 
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// Opens a connection; payload: the instance id the initiator expects (0: any).
+    /// Opens a connection; payload: the instance id the initiator expects (0: any), then,
+    /// when it has a cluster secret, its own instance id and a nonce (`handshake.rs`).
     Hello = 1,
-    /// Payload: the target's instance id.
+    /// Payload: the target's instance id, then, answering a hello with a nonce, its own nonce
+    /// and its proof of the cluster secret. Status AccessDenied: refused.
     HelloAck = 2,
     GetDescriptor = 3,
     /// Payload: the descriptor JSON.
@@ -58,6 +65,10 @@ pub enum FrameKind {
     /// Clears one `Enter` of region `addr`.
     Leave = 15,
     LeaveAck = 16,
+    /// The initiator's proof of the cluster secret (payload), after the target's.
+    Auth = 17,
+    /// Status Ok: the connection is open; AccessDenied: the proof was wrong (then closed).
+    AuthAck = 18,
 }
 
 impl FrameKind {
@@ -65,14 +76,17 @@ impl FrameKind {
         use FrameKind::*;
         [Hello, HelloAck, GetDescriptor, Descriptor, Write, WriteAck, Read, ReadData, Notify]
             .into_iter()
-            .chain([NotifyAck, Probe, ProbeAck, Enter, EnterAck, Leave, LeaveAck])
+            .chain([NotifyAck, Probe, ProbeAck, Enter, EnterAck, Leave, LeaveAck, Auth, AuthAck])
             .find(|k| *k as u8 == v)
     }
 
     /// The largest payload a frame of this kind may carry (0: none).
     pub fn payload_limit(self) -> u64 {
         match self {
-            Self::Hello | Self::HelloAck => INSTANCE_LEN,
+            Self::Hello => HELLO_AUTH_PAYLOAD,
+            Self::HelloAck => HELLO_ACK_AUTH_PAYLOAD,
+            Self::Auth => crate::auth::PROOF_LEN as u64,
+            Self::AuthAck => 0,
             Self::Descriptor => MAX_CONTROL_FRAME,
             Self::Write | Self::ReadData => MAX_DATA_FRAME,
             Self::Notify => MAX_NOTIFY_FRAME,
@@ -171,8 +185,20 @@ impl Header {
         if h.payload_len() > limit {
             return Err(CoreError::Oversized { kind: b[4], len: h.payload_len(), limit });
         }
-        if matches!(kind, FrameKind::Hello | FrameKind::HelloAck) && h.len != INSTANCE_LEN {
-            return Err(CoreError::Frame { reason: "hello must carry a 16-byte instance id" });
+        let hello_len = match kind {
+            FrameKind::Hello => Some([INSTANCE_LEN, HELLO_AUTH_PAYLOAD]),
+            // A refusal may carry no payload.
+            FrameKind::HelloAck if status != Status::Ok => Some([0, INSTANCE_LEN]),
+            FrameKind::HelloAck => Some([INSTANCE_LEN, HELLO_ACK_AUTH_PAYLOAD]),
+            _ => None,
+        };
+        if hello_len.is_some_and(|ok| !ok.contains(&h.len)) {
+            return Err(CoreError::Frame {
+                reason: "a hello or its answer of a length no version sends",
+            });
+        }
+        if kind == FrameKind::Auth && h.len != crate::auth::PROOF_LEN as u64 {
+            return Err(CoreError::Frame { reason: "an auth frame must carry one proof" });
         }
         if matches!(kind, FrameKind::Write | FrameKind::Read) && h.addr.checked_add(h.len).is_none()
         {

@@ -1,6 +1,7 @@
 //! Engine configuration: plain data with defaults, and the `MC_*` environment applied on top.
 
 use std::time::Duration;
+use tidewire_core::auth::ClusterSecret;
 
 use tidewire_core::select::SelectionOptions;
 
@@ -125,6 +126,13 @@ pub struct EngineConfig {
     pub metadata_ttl: Duration,
     /// Key prefix of this cluster in the metadata store (`MC_METADATA_CLUSTER_ID`).
     pub cluster_id: String,
+    /// When set, every connection to and from this engine (tcp lanes, the RPC/descriptor
+    /// endpoint, the revocation channel, the shm socket) proves knowledge of it before
+    /// anything is served (`TIDEWIRE_CLUSTER_SECRET`, `TIDEWIRE_CLUSTER_SECRET_FILE`).
+    pub cluster_secret: Option<ClusterSecret>,
+    /// Let processes of other users fetch shareable memory through the shm socket (by
+    /// default only this process's uid may: `TIDEWIRE_SHM_ANY_UID=1`).
+    pub shm_any_uid: bool,
 }
 
 impl Default for EngineConfig {
@@ -141,6 +149,8 @@ impl Default for EngineConfig {
             enable_shm: true,
             metadata_ttl: Duration::from_secs(10),
             cluster_id: "default".into(),
+            cluster_secret: None,
+            shm_any_uid: false,
         }
     }
 }
@@ -174,6 +184,26 @@ impl EngineConfig {
         if let Some(id) = lookup("MC_METADATA_CLUSTER_ID").filter(|v| !v.trim().is_empty()) {
             self.cluster_id = id.trim().to_string();
         }
+        let secret = lookup("TIDEWIRE_CLUSTER_SECRET").filter(|v| !v.is_empty());
+        let file = lookup("TIDEWIRE_CLUSTER_SECRET_FILE").filter(|v| !v.is_empty());
+        match (secret, file) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Config {
+                    reason:
+                        "both TIDEWIRE_CLUSTER_SECRET and TIDEWIRE_CLUSTER_SECRET_FILE are set: \
+                             choose one"
+                            .into(),
+                })
+            }
+            (Some(v), None) => {
+                self.cluster_secret = Some(secret_of(v.as_bytes(), "TIDEWIRE_CLUSTER_SECRET")?)
+            }
+            (None, Some(path)) => self.cluster_secret = Some(secret_from_file(&path)?),
+            (None, None) => {}
+        }
+        if let Some(v) = lookup("TIDEWIRE_SHM_ANY_UID") {
+            self.shm_any_uid = matches!(v.trim(), "1" | "true" | "yes");
+        }
         if let Some(v) = lookup("MC_TRANSFER_TIMEOUT") {
             let secs: u64 = v.trim().parse().map_err(|_| Error::Config {
                 reason: format!("MC_TRANSFER_TIMEOUT={v:?} is not a number of seconds"),
@@ -189,9 +219,64 @@ impl EngineConfig {
     }
 }
 
+/// Who this engine is when it dials a peer: its instance and the cluster secret, if any.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    pub(crate) secret: Option<ClusterSecret>,
+    pub(crate) me: tidewire_core::InstanceId,
+}
+
+impl Credentials {
+    /// What a handshake proves with (a fresh nonce each time), when a secret is in force.
+    pub(crate) fn client(&self) -> Option<tidewire_core::handshake::ClientAuth> {
+        self.secret.clone().map(|secret| tidewire_core::handshake::ClientAuth {
+            secret,
+            me: self.me,
+            nonce: rand::random(),
+        })
+    }
+}
+
+fn secret_of(bytes: &[u8], what: &str) -> Result<ClusterSecret> {
+    ClusterSecret::new(bytes).map_err(|e| Error::Config { reason: format!("{what}: {e}") })
+}
+
+/// The cluster secret in the file at `path` (its whole content, surrounding whitespace
+/// ignored).
+pub fn secret_from_file(path: &str) -> Result<ClusterSecret> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Config {
+        reason: format!("reading the cluster secret file {path}: {e}"),
+    })?;
+    secret_of(&bytes, &format!("the cluster secret file {path}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_secret_comes_from_the_environment_or_a_file() {
+        let env = |k: &str| (k == "TIDEWIRE_CLUSTER_SECRET").then(|| "hunter2".to_string());
+        let c = EngineConfig::default().apply_env(env).unwrap_or_default();
+        let want = ClusterSecret::new(b"hunter2").ok().map(|s| s.fingerprint());
+        assert_eq!(c.cluster_secret.map(|s| s.fingerprint()), want);
+        let path = std::env::temp_dir().join(format!("tw-secret-{}", std::process::id()));
+        std::fs::write(&path, b"hunter2\n").unwrap_or_default();
+        let p = path.display().to_string();
+        let file = |k: &str| (k == "TIDEWIRE_CLUSTER_SECRET_FILE").then(|| p.clone());
+        let c = EngineConfig::default().apply_env(file).unwrap_or_default();
+        assert_eq!(
+            c.cluster_secret.map(|s| s.fingerprint()),
+            want,
+            "the file's newline is ignored"
+        );
+        let both = |k: &str| k.starts_with("TIDEWIRE_CLUSTER_SECRET").then(|| p.clone());
+        assert!(EngineConfig::default().apply_env(both).is_err());
+        let missing =
+            |k: &str| (k == "TIDEWIRE_CLUSTER_SECRET_FILE").then(|| "/nonexistent/x".to_string());
+        assert!(EngineConfig::default().apply_env(missing).is_err());
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn env_is_applied_and_checked() {

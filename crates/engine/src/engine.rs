@@ -17,8 +17,9 @@ use tidewire_core::wire::{encode_strings, FrameKind, Header};
 use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
 
 use crate::batch::{Batch, BatchHandle, Mark, TrailerRoute};
-use crate::config::EngineConfig;
+use crate::config::{Credentials, EngineConfig};
 use crate::error::{Error, PeerRef, Result};
+use crate::guard::Guard;
 use crate::lifecycle::Lifecycle;
 use crate::mapped;
 use crate::mem::HostBuffer;
@@ -126,6 +127,8 @@ pub(crate) struct Inner {
     hostname: String,
     rpc_addr: SocketAddr,
     pub(crate) config: EngineConfig,
+    /// Who may connect: the cluster secret, the shm uid check, the refusals counted.
+    pub(crate) guard: Arc<Guard>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) notifications: Arc<NotifyQueue>,
     pub(crate) life: Arc<Lifecycle>,
@@ -146,7 +149,25 @@ pub(crate) struct Inner {
     stopped: AtomicBool,
 }
 
+/// Warns, once per process, that an engine serves its memory on a non-loopback address to
+/// anyone who reaches it.
+fn warn_exposed(addr: SocketAddr) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        log::warn!(
+            "the RPC port {addr} is not on loopback and no cluster secret is set: anyone who \
+             reaches it can read and write this engine's registered memory \
+             (set TIDEWIRE_CLUSTER_SECRET or TIDEWIRE_CLUSTER_SECRET_FILE on every engine)"
+        );
+    });
+}
+
 impl Inner {
+    /// What this engine's handshakes prove.
+    pub(crate) fn creds(&self) -> Credentials {
+        Credentials { secret: self.config.cluster_secret.clone(), me: self.instance }
+    }
+
     /// Retires a peer instance: its view is dropped from the peer table (so nothing new
     /// uses it), its connections close (requests in flight fail with `err`) and every
     /// mapping of its memory is released once the copies using it have finished. `exited`:
@@ -238,15 +259,20 @@ impl Engine {
         let listener = rpc::bind(&config)?;
         let rpc_addr =
             listener.local_addr().map_err(|e| Error::io("reading the bound RPC address", &e))?;
+        if config.cluster_secret.is_none() && !rpc_addr.ip().is_loopback() {
+            warn_exposed(rpc_addr);
+        }
         let name = match (&config.metadata, &config.name) {
             (_, Some(n)) if !n.is_empty() => n.clone(),
             _ => rpc_addr.to_string(),
         };
         let instance = InstanceId(rand::random::<u128>() | 1);
+        let guard =
+            Arc::new(Guard::new(config.cluster_secret.clone(), instance, config.shm_any_uid));
         let life = Arc::new(Lifecycle::default());
         let registry = Arc::new(Registry::default());
         let shm = if config.enable_shm && config.transports.enabled.contains(&TransportKind::Shm) {
-            ShmServer::start(&shm::socket_name(instance), registry.clone(), &life)
+            ShmServer::start(&shm::socket_name(instance), registry.clone(), guard.clone(), &life)
                 .map_err(|e| e.to_string())
         } else {
             Err("disabled by configuration".into())
@@ -271,6 +297,7 @@ impl Engine {
             hostname: hostinfo::hostname(),
             rpc_addr,
             config,
+            guard,
             registry,
             notifications: Arc::default(),
             life,
@@ -325,7 +352,8 @@ impl Engine {
         };
         let alive = resolve(&old.rpc_addr)
             .and_then(|addr| {
-                tcp::handshake(&PeerRef::named(old.name.clone()), addr, None, &me.config.deadlines)
+                let peer = PeerRef::named(old.name.clone());
+                tcp::handshake(&peer, addr, None, &me.config.deadlines, &me.creds())
             })
             .is_ok_and(|(_, id)| id == old.instance_id);
         if alive && old.instance_id != me.instance {
@@ -354,6 +382,18 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The fingerprint of the cluster secret in force (`None`: no secret; anyone who reaches
+    /// the RPC port or the shm socket may use this engine's registered memory).
+    pub fn cluster_secret_fingerprint(&self) -> Option<String> {
+        self.inner.guard.secret.as_ref().map(|s| s.fingerprint())
+    }
+
+    /// Connections refused so far, at every entry point (no or another cluster secret, a
+    /// process of another uid on the shm socket).
+    pub fn refused_connections(&self) -> u64 {
+        self.inner.guard.refusals()
     }
 
     /// This engine's descriptor as peers see it.
@@ -643,7 +683,7 @@ impl Engine {
         if name == self.inner.name {
             return Ok(self.inner.descriptor());
         }
-        self.inner.metadata.fetch(name, &self.inner.config.deadlines)
+        self.inner.metadata.fetch(name, &self.inner.config.deadlines, &self.inner.creds())
     }
 
     /// A new view of peer `id` (named `name`) from its descriptor `desc`.
@@ -1049,6 +1089,7 @@ impl Engine {
             resolve(&desc.rpc_addr)?,
             Some(desc.instance_id),
             &self.inner.config.deadlines,
+            &self.inner.creds(),
         )?;
         if found != desc.instance_id {
             conn.mark_broken();

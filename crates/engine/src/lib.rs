@@ -30,6 +30,7 @@ mod engine;
 mod epoll;
 mod error;
 mod frames;
+mod guard;
 mod hostinfo;
 mod lifecycle;
 mod liveness;
@@ -49,7 +50,7 @@ mod transport;
 mod watch;
 
 pub use batch::{BatchHandle, RequestStatus, Timings};
-pub use config::{Deadlines, EngineConfig, MetadataUri};
+pub use config::{secret_from_file, Deadlines, EngineConfig, MetadataUri};
 pub use engine::{
     BatchOptions, Engine, Op, PeerInfo, PeerState, PeerStatus, Request, TransportReport,
 };
@@ -62,5 +63,6 @@ pub use notify::Notification;
 pub use paged::PageTransfer;
 pub use plan::Plan;
 pub use tidewire_core as core;
+pub use tidewire_core::auth::ClusterSecret;
 pub use tidewire_core::{BatchId, PeerId, RegionId};
 pub use tidewire_gpu as gpu;

@@ -11,7 +11,7 @@ use tidewire_core::descriptor::{RegionDescriptor, SegmentDescriptor};
 use tidewire_core::select::TransportKind;
 use tidewire_core::{InstanceId, PeerId};
 
-use crate::config::EngineConfig;
+use crate::config::{Credentials, EngineConfig};
 use crate::error::{Error, PeerRef, Result};
 use crate::lifecycle::Lifecycle;
 use crate::metadata::resolve;
@@ -99,6 +99,8 @@ impl Liveness {
 pub(crate) struct PeerConn {
     /// The handle `open_segment` gave this peer.
     pub(crate) id: PeerId,
+    /// Our own engine's instance (what our handshakes name as the initiator).
+    mine: InstanceId,
     pub(crate) name: String,
     desc: RwLock<Arc<SegmentDescriptor>>,
     pub(crate) same_engine: bool,
@@ -129,7 +131,12 @@ impl PeerConn {
         watch: Arc<Watch>,
     ) -> Arc<Self> {
         let (same_engine, same_host) = (desc.instance_id == me, &desc.host_id == my_host);
-        Self::build(id, name, desc, same_engine, same_host, Some(watch))
+        Self::build(id, name, desc, me, same_engine, same_host, Some(watch))
+    }
+
+    /// What our handshakes with this peer prove, under `cfg`.
+    fn creds(&self, cfg: &EngineConfig) -> Credentials {
+        Credentials { secret: cfg.cluster_secret.clone(), me: self.mine }
     }
 
     /// The peer, as errors name it.
@@ -141,12 +148,14 @@ impl PeerConn {
         id: PeerId,
         name: String,
         desc: SegmentDescriptor,
+        mine: InstanceId,
         same_engine: bool,
         same_host: bool,
         watch: Option<Arc<Watch>>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|weak| Self {
             id,
+            mine,
             name,
             same_engine,
             same_host,
@@ -178,7 +187,7 @@ impl PeerConn {
             regions: Vec::new(),
             layouts: Vec::new(),
         };
-        Self::build(PeerId(0), name.into(), desc, false, true, None)
+        Self::build(PeerId(0), name.into(), desc, InstanceId(1), false, true, None)
     }
 
     /// Reports a hang-up of `fd`, a socket to this peer's process, to the watcher.
@@ -271,6 +280,7 @@ impl PeerConn {
             desc.instance_id,
             cfg.tcp_lanes,
             &cfg.deadlines,
+            &self.creds(cfg),
             life,
         )
         .inspect_err(|_| self.mark_broken())?;
@@ -301,6 +311,8 @@ impl PeerConn {
             &self.who(),
             socket,
             cfg.deadlines.handshake,
+            &self.creds(cfg),
+            desc.instance_id,
             self.mappings.clone(),
         )?);
         self.watch_socket(client.raw_fd(), TransportKind::Shm)?;
@@ -323,8 +335,15 @@ impl PeerConn {
         let lease = if !self.same_host || lease::forced() {
             let desc = self.descriptor();
             let addr = resolve(&desc.rpc_addr)?;
-            let lease =
-                LeaseConn::connect(&self.who(), kind, addr, desc.instance_id, &cfg.deadlines)?;
+            let creds = self.creds(cfg);
+            let lease = LeaseConn::connect(
+                &self.who(),
+                kind,
+                addr,
+                desc.instance_id,
+                &cfg.deadlines,
+                &creds,
+            )?;
             if let Some(fd) = lease.raw_fd() {
                 self.watch_socket(fd, kind)?;
             }

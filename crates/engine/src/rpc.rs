@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::Rng;
-use tidewire_core::handshake;
 use tidewire_core::lease::{self, LeaseTable};
 use tidewire_core::stall::{StallDetector, Stalled};
 use tidewire_core::wire::{decode_strings, FrameKind, Header, Status, HEADER_LEN, MAX_DATA_FRAME};
@@ -28,6 +27,7 @@ use crate::config::EngineConfig;
 use crate::engine::Inner;
 use crate::error::{Error, Result};
 use crate::frames::{Got, Item, RecvBuf, SendQueue, IO_BUFFER, POLL};
+use crate::guard::Step;
 use crate::notify::Notification;
 use crate::reactor::{Flow, Source};
 use crate::registry::{OwnedPinned, RegionEntry};
@@ -107,7 +107,9 @@ fn serve(inner: &Arc<Inner>, stream: TcpStream) -> Result<()> {
     setup(&stream).map_err(|e| Error::io(format!("setting up the connection from {peer}"), &e))?;
     let slot = inner.life.reactor()?.slot();
     let watch = StallDetector::new(Instant::now(), inner.config.deadlines.stall);
+    let gate = if inner.guard.secret.is_some() { Gate::Hello } else { Gate::Open };
     slot.attach(Box::new(Inbound {
+        gate,
         inner: inner.clone(),
         stream,
         peer,
@@ -130,6 +132,20 @@ enum ConnError {
     Unexpected(FrameKind),
     #[error("{0}")]
     Stalled(Stalled),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// How far an inbound connection got in proving the cluster secret.
+enum Gate {
+    /// Served (the handshake succeeded, or no secret is in force).
+    Open,
+    /// Nothing but a `Hello` is served.
+    Hello,
+    /// Nothing but the initiator's `Auth` for this handshake.
+    Proof(tidewire_core::auth::Transcript),
+    /// Refused: the answer saying so is sent, then the connection closes.
+    Closing,
 }
 
 /// Where a payload goes.
@@ -149,6 +165,7 @@ enum Recv {
 
 /// One inbound connection, on a loop thread.
 struct Inbound {
+    gate: Gate,
     inner: Arc<Inner>,
     stream: TcpStream,
     peer: String,
@@ -165,6 +182,11 @@ struct Inbound {
 
 impl Drop for Inbound {
     fn drop(&mut self) {
+        if matches!(self.gate, Gate::Proof(_)) {
+            // It saw our proof and left without giving its own: it holds another secret.
+            let why = "it left without proving the cluster secret (it holds another one)";
+            self.inner.guard.refuse("rpc", &self.peer, why);
+        }
         for entry in self.leases.handle_closed() {
             if let Some(control) = entry.control() {
                 control.leave_remote();
@@ -202,6 +224,11 @@ impl Inbound {
     /// pile up.
     fn pump(&mut self, now: Instant, received: &mut u64) -> Result<Flow, ConnError> {
         loop {
+            if matches!(self.gate, Gate::Closing) {
+                // Nothing more is read from a refused peer; close once the refusal is out.
+                let f = self.flush(now)?;
+                return Ok(if self.out.is_empty() { Flow::Close } else { f });
+            }
             let mut sending = Flow::Continue;
             if self.recv.buffered() == 0 || self.out.queued_bytes() > OUT_LIMIT {
                 sending = self.flush(now)?;
@@ -268,7 +295,19 @@ impl Inbound {
         let h = Header::decode(raw)?;
         let inner = &self.inner;
         let stopping = inner.life.stopping();
+        let allowed = matches!(
+            (&self.gate, h.kind),
+            (Gate::Open, _) | (Gate::Hello, FrameKind::Hello) | (Gate::Proof(_), FrameKind::Auth)
+        );
+        if !allowed {
+            let why = format!("a {:?} frame before it proved the cluster secret", h.kind);
+            inner.guard.refuse("rpc", &self.peer, &why);
+            return Err(ConnError::Refused(why));
+        }
         match h.kind {
+            FrameKind::Hello | FrameKind::Auth if !matches!(self.gate, Gate::Open) => {
+                self.expect(h, Sink::Bytes(Vec::new()))
+            }
             FrameKind::Hello => self.expect(h, Sink::Bytes(Vec::new())),
             FrameKind::GetDescriptor => {
                 let json = inner.descriptor().to_json();
@@ -335,13 +374,16 @@ impl Inbound {
     /// A whole payload arrived.
     fn finish(&mut self, h: Header, sink: Sink) {
         let answer = match (h.kind, sink) {
-            (FrameKind::Hello, _) => {
-                let ack = handshake::answer(&h, self.inner.instance);
-                let (header, id) = ack.split_at(HEADER_LEN);
-                let mut head = [0u8; HEADER_LEN];
-                head.copy_from_slice(header);
-                self.out.push(Item::Frame { header: head, payload: id.to_vec() });
-                return;
+            (FrameKind::Hello, Sink::Bytes(payload)) => {
+                let step = self.inner.guard.hello("rpc", &self.peer, &h, &payload);
+                return self.handshake_step(step);
+            }
+            (FrameKind::Auth, Sink::Bytes(payload)) => {
+                let Gate::Proof(t) = std::mem::replace(&mut self.gate, Gate::Closing) else {
+                    return;
+                };
+                let step = self.inner.guard.auth("rpc", &self.peer, &h, &payload, &t);
+                return self.handshake_step(step);
             }
             (FrameKind::Write, Sink::Memory(_pin)) => {
                 Header::new(FrameKind::WriteAck, h.tag, h.addr, h.len)
@@ -371,6 +413,21 @@ impl Inbound {
             }
         };
         self.out.push(frame(answer));
+    }
+
+    /// Sends a handshake answer and moves the gate on.
+    fn handshake_step(&mut self, step: Step) {
+        let (frame, gate) = match step {
+            Step::Open(f) => (f, Gate::Open),
+            Step::Wait(f, t) => (f, Gate::Proof(t)),
+            Step::Refuse(f) => (f, Gate::Closing),
+        };
+        self.gate = gate;
+        if frame.len() >= HEADER_LEN {
+            let mut header = [0u8; HEADER_LEN];
+            header.copy_from_slice(&frame[..HEADER_LEN]);
+            self.out.push(Item::Frame { header, payload: frame[HEADER_LEN..].to_vec() });
+        }
     }
 
     fn dropped(&self, e: &ConnError) -> Flow {

@@ -123,10 +123,12 @@ impl PyEngine {
 impl PyEngine {
     /// Starts an engine. `metadata` is "p2p" (default) or "http://host:port/metadata".
     /// `transports` limits the transports ("tcp", "shm", "local"); `force_tcp` forces TCP.
-    /// The `MC_*` environment variables apply on top.
+    /// The `MC_*` environment variables apply on top. `cluster_secret` (bytes or str) or
+    /// `cluster_secret_file` (a path) sets the secret every connection must prove, in place
+    /// of `TIDEWIRE_CLUSTER_SECRET` / `TIDEWIRE_CLUSTER_SECRET_FILE`.
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (host="127.0.0.1", port=None, metadata="p2p", name=None, transports=None, force_tcp=false, tcp_lanes=4))]
+    #[pyo3(signature = (host="127.0.0.1", port=None, metadata="p2p", name=None, transports=None, force_tcp=false, tcp_lanes=4, cluster_secret=None, cluster_secret_file=None))]
     fn new(
         py: Python<'_>,
         host: &str,
@@ -136,6 +138,8 @@ impl PyEngine {
         transports: Option<Vec<String>>,
         force_tcp: bool,
         tcp_lanes: usize,
+        cluster_secret: Option<Vec<u8>>,
+        cluster_secret_file: Option<String>,
     ) -> PyResult<Self> {
         let mut cfg = EngineConfig {
             host: host.to_string(),
@@ -157,6 +161,22 @@ impl PyEngine {
             cfg.transports.enabled = enabled;
         }
         cfg.transports.force_tcp |= force_tcp;
+        match (cluster_secret, cluster_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(errors::invalid(
+                    "give cluster_secret or cluster_secret_file, not both".to_string(),
+                ))
+            }
+            (Some(s), None) => {
+                let secret = tidewire::ClusterSecret::new(&s)
+                    .map_err(|e| errors::invalid(format!("cluster_secret: {e}")))?;
+                cfg.cluster_secret = Some(secret);
+            }
+            (None, Some(path)) => {
+                cfg.cluster_secret = Some(tidewire::secret_from_file(&path).map_err(to_py)?)
+            }
+            (None, None) => {}
+        }
         let engine = detached(py, || Engine::new(cfg))?;
         Ok(Self { engine: std::mem::ManuallyDrop::new(Arc::new(engine)), pid: std::process::id() })
     }
@@ -165,6 +185,18 @@ impl PyEngine {
     #[getter]
     fn name(&self) -> PyResult<String> {
         Ok(self.engine()?.name().to_string())
+    }
+
+    /// The fingerprint of the cluster secret in force, or None (no secret).
+    #[getter]
+    fn cluster_secret_fingerprint(&self) -> PyResult<Option<String>> {
+        Ok(self.engine()?.cluster_secret_fingerprint())
+    }
+
+    /// Connections this engine refused (no or another cluster secret, another uid).
+    #[getter]
+    fn refused_connections(&self) -> PyResult<u64> {
+        Ok(self.engine()?.refused_connections())
     }
 
     /// The bound RPC port.

@@ -21,7 +21,7 @@ use tidewire_core::descriptor::SegmentDescriptor;
 use tidewire_core::wire::{FrameKind, Header, Status};
 
 pub(crate) use self::redis::RedisTarget;
-use crate::config::{Deadlines, MetadataUri};
+use crate::config::{Credentials, Deadlines, MetadataUri};
 use crate::error::{Error, PeerRef, Result};
 use crate::transport::tcp;
 
@@ -64,8 +64,9 @@ pub(crate) fn fetch_from_rpc(
     peer: &PeerRef,
     addr: SocketAddr,
     deadlines: &Deadlines,
+    creds: &Credentials,
 ) -> Result<SegmentDescriptor> {
-    let (stream, _) = tcp::handshake(peer, addr, None, deadlines)?;
+    let (stream, _) = tcp::handshake(peer, addr, None, deadlines, creds)?;
     let frame = Header::new(FrameKind::GetDescriptor, 1, 0, 0).encode();
     let (h, payload) = tcp::exchange(&stream, &frame, deadlines.handshake).map_err(|e| {
         Error::PeerUnreachable {
@@ -246,9 +247,14 @@ impl Metadata {
     }
 
     /// Finds the descriptor of segment `name`: one round trip.
-    pub(crate) fn fetch(&self, name: &str, deadlines: &Deadlines) -> Result<SegmentDescriptor> {
+    pub(crate) fn fetch(
+        &self,
+        name: &str,
+        deadlines: &Deadlines,
+        creds: &Credentials,
+    ) -> Result<SegmentDescriptor> {
         if let Backend::P2p = self.backend {
-            return fetch_from_rpc(&PeerRef::named(name), resolve(name)?, deadlines);
+            return fetch_from_rpc(&PeerRef::named(name), resolve(name)?, deadlines, creds);
         }
         let key = self.key(name);
         let raw =
@@ -285,6 +291,8 @@ impl Metadata {
 pub struct MetadataClient {
     inner: Metadata,
     deadlines: Deadlines,
+    /// For peer-to-peer fetches: the cluster secret of the environment, if any.
+    creds: Credentials,
 }
 
 impl MetadataClient {
@@ -297,7 +305,10 @@ impl MetadataClient {
     ) -> Result<Self> {
         let inner = Metadata::new(uri, cluster, ttl, deadlines)?;
         inner.check_reachable()?;
-        Ok(Self { inner, deadlines: *deadlines })
+        let secret = crate::EngineConfig::default().from_env()?.cluster_secret;
+        let creds =
+            Credentials { secret, me: tidewire_core::InstanceId(rand::random::<u128>() | 1) };
+        Ok(Self { inner, deadlines: *deadlines, creds })
     }
 
     /// Publishes a descriptor (etcd: under this client's lease; redis: with the TTL).
@@ -311,6 +322,6 @@ impl MetadataClient {
 
     /// Fetches a segment's descriptor: one round trip.
     pub fn fetch(&self, name: &str) -> Result<SegmentDescriptor> {
-        self.inner.fetch(name, &self.deadlines)
+        self.inner.fetch(name, &self.deadlines, &self.creds)
     }
 }

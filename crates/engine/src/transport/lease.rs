@@ -25,7 +25,7 @@ use tidewire_core::select::TransportKind;
 use tidewire_core::wire::FrameKind;
 use tidewire_core::{InstanceId, RegionId};
 
-use crate::config::Deadlines;
+use crate::config::{Credentials, Deadlines};
 use crate::error::{Error, PeerRef, Result};
 use crate::frames::would_block;
 use crate::transport::tcp;
@@ -52,6 +52,7 @@ pub(crate) struct LeaseConn {
     addr: SocketAddr,
     instance: InstanceId,
     deadlines: Deadlines,
+    creds: Credentials,
     /// `None` after a failure: the owner released our marks when it saw the connection close.
     channel: Mutex<Option<Channel>>,
 }
@@ -63,14 +64,16 @@ impl LeaseConn {
         addr: SocketAddr,
         instance: InstanceId,
         deadlines: &Deadlines,
+        creds: &Credentials,
     ) -> Result<Self> {
-        let channel = Self::open(peer, addr, instance, deadlines)?;
+        let channel = Self::open(peer, addr, instance, deadlines, creds)?;
         Ok(Self {
             peer: peer.clone(),
             transport,
             addr,
             instance,
             deadlines: *deadlines,
+            creds: creds.clone(),
             channel: Mutex::new(Some(channel)),
         })
     }
@@ -80,8 +83,9 @@ impl LeaseConn {
         addr: SocketAddr,
         instance: InstanceId,
         deadlines: &Deadlines,
+        creds: &Credentials,
     ) -> Result<Channel> {
-        let (stream, found) = tcp::handshake(peer, addr, Some(instance), deadlines)?;
+        let (stream, found) = tcp::handshake(peer, addr, Some(instance), deadlines, creds)?;
         if found != instance {
             return Err(Error::PeerUnreachable {
                 peer: peer.clone(),
@@ -153,7 +157,13 @@ impl LeaseConn {
     ) -> Result<LeaseEvent> {
         let mut slot = self.channel.lock();
         if slot.is_none() && reopen {
-            *slot = Some(Self::open(&self.peer, self.addr, self.instance, &self.deadlines)?);
+            *slot = Some(Self::open(
+                &self.peer,
+                self.addr,
+                self.instance,
+                &self.deadlines,
+                &self.creds,
+            )?);
         }
         let Some(ch) = slot.as_mut() else {
             return Err(self.failed("the revocation channel closed"));
@@ -229,6 +239,7 @@ mod tests {
             target.rpc_addr(),
             target.instance_id(),
             &deadlines,
+            &Credentials { secret: None, me: InstanceId(5) },
         )
         .unwrap();
         assert!(lease.enter(id).unwrap());
@@ -243,6 +254,29 @@ mod tests {
         assert!(!lease.enter(id).unwrap(), "refused once unregistered");
         assert!(lease.leave(id).is_err(), "no mark held");
         assert!(lease.raw_fd().is_some(), "the channel is still open");
+    }
+
+    #[test]
+    fn the_revocation_channel_needs_the_owners_cluster_secret() {
+        let secret = |s: &str| Some(tidewire_core::auth::ClusterSecret::new(s.as_bytes()).unwrap());
+        let cfg = EngineConfig { port: Some(0), cluster_secret: secret("k"), ..Default::default() };
+        let target = Engine::new(cfg).unwrap();
+        let a = target.allocate_shared(4096).unwrap();
+        let id = region_id(&target, a);
+        let deadlines = Deadlines::default();
+        let connect = |s: Option<&str>| {
+            let creds = Credentials { secret: s.and_then(secret), me: InstanceId(5) };
+            let peer = PeerRef::named("t");
+            let (addr, inst) = (target.rpc_addr(), target.instance_id());
+            LeaseConn::connect(&peer, TransportKind::Mnnvl, addr, inst, &deadlines, &creds)
+        };
+        for wrong in [None, Some("other")] {
+            let err = connect(wrong).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("secret") || err.contains("trusted"), "{wrong:?}: {err}");
+        }
+        let lease = connect(Some("k")).unwrap();
+        assert!(lease.enter(id).unwrap());
+        lease.leave(id).unwrap();
     }
 
     #[test]
@@ -261,9 +295,10 @@ mod tests {
             while s.read(&mut sink).is_ok_and(|n| n > 0) {}
         });
         let deadlines = Deadlines { handshake: Duration::from_millis(300), ..Deadlines::default() };
+        let creds = Credentials { secret: None, me: InstanceId(5) };
+        let peer = PeerRef::named("mute");
         let lease =
-            LeaseConn::connect(&PeerRef::named("mute"), TransportKind::Mnnvl, addr, me, &deadlines)
-                .unwrap();
+            LeaseConn::connect(&peer, TransportKind::Mnnvl, addr, me, &deadlines, &creds).unwrap();
         let start = Instant::now();
         let err = lease.enter(RegionId(1)).unwrap_err();
         let took = start.elapsed();

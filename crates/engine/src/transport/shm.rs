@@ -22,10 +22,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tidewire_core::handshake::{Handshake, HandshakeEvent};
 use tidewire_core::shmwire::{ShmAnswer, ShmFetch, ShmRequest, SHM_MESSAGE_LEN};
+use tidewire_core::wire::{FrameKind, Header, HEADER_LEN};
 use tidewire_core::{InstanceId, RegionId};
 
+use crate::config::Credentials;
 use crate::error::{Error, PeerRef, Result};
+use crate::guard::{Guard, Step};
 use crate::lifecycle::Lifecycle;
 use crate::mem::{self, Mapping, PAGE};
 use crate::peer::{Held, MapCount};
@@ -174,6 +178,7 @@ impl ShmServer {
     pub(crate) fn start(
         name: &str,
         registry: Arc<Registry>,
+        guard: Arc<Guard>,
         life: &Arc<Lifecycle>,
     ) -> Result<Arc<Self>> {
         let addr = SocketAddr::from_abstract_name(name.as_bytes())
@@ -189,9 +194,16 @@ impl ShmServer {
             }
             match listener.accept() {
                 Ok((stream, _)) => {
+                    // Only processes of our own uid, unless configured otherwise: the socket
+                    // is reachable by every process of the host (network namespace).
+                    if let Err(why) = peer_uid_allowed(&stream, guard.any_uid) {
+                        guard.refuse(&format!("shm @{socket}"), "a local process", &why);
+                        continue;
+                    }
                     // Served on the engine's I/O loops: no thread per same-host peer.
                     let attached = life2.reactor().and_then(|r| {
-                        let source = ShmConn::new(srv.clone(), stream, registry.clone())?;
+                        let source =
+                            ShmConn::new(srv.clone(), stream, registry.clone(), guard.clone())?;
                         r.slot().attach(Box::new(source))
                     });
                     if let Err(e) = attached {
@@ -232,39 +244,144 @@ impl ShmServer {
 /// Questions an shm connection answers before it lets its loop serve others.
 const ANSWERS_PER_CALL: usize = 64;
 
-/// One same-host initiator's connection to the shm socket, served on an I/O loop: it is told
-/// its slot, then asks for descriptors of regions (9-byte requests) and gets each with its
-/// file descriptor (9-byte answers over SCM_RIGHTS). The initiator asks one at a time, so at
-/// most a few answers ever wait for room in the socket.
+/// One same-host initiator's connection to the shm socket, served on an I/O loop: it opens
+/// with the handshake of the RPC port (`Hello`, and the cluster secret's challenge and proof
+/// when one is in force: no descriptor is sent before), is told its slot, then asks for
+/// descriptors of regions (9-byte requests) and gets each with its file descriptor (9-byte
+/// answers over SCM_RIGHTS). The initiator asks one at a time, so at most a few answers ever
+/// wait for room in the socket.
 struct ShmConn {
     server: Arc<ShmServer>,
     registry: Arc<Registry>,
+    guard: Arc<Guard>,
     stream: UnixStream,
+    phase: Phase,
+    /// A handshake frame being read.
+    frame: Vec<u8>,
     slot: Option<usize>,
     /// A request being read.
     req: [u8; SHM_MESSAGE_LEN],
     got: usize,
     /// Answers not yet sent (the socket was full), with the descriptor each carries.
     out: std::collections::VecDeque<([u8; SHM_MESSAGE_LEN], Option<OwnedFd>)>,
-    /// The slot number still to send first (4 bytes), and how much of it went.
-    hello: ([u8; 4], usize),
+    /// Bytes still to send before any descriptor (handshake answers, the slot number), and
+    /// how many of them went.
+    hello: (Vec<u8>, usize),
+}
+
+/// Where an shm connection stands.
+enum Phase {
+    /// Waiting for the initiator's `Hello`.
+    Hello,
+    /// Waiting for its proof of the cluster secret, for this handshake.
+    Proof(tidewire_core::auth::Transcript),
+    /// Told its slot: serving requests.
+    Serving,
+    /// Refused (or no slot free): closes once what is queued went out.
+    Closing,
 }
 
 impl ShmConn {
-    fn new(server: Arc<ShmServer>, stream: UnixStream, registry: Arc<Registry>) -> Result<Self> {
+    fn new(
+        server: Arc<ShmServer>,
+        stream: UnixStream,
+        registry: Arc<Registry>,
+        guard: Arc<Guard>,
+    ) -> Result<Self> {
         stream.set_nonblocking(true).map_err(|e| Error::io("an shm connection", &e))?;
-        let slot = server.take_slot(&registry);
-        let hello = (slot.map_or(NO_SLOT, |i| i as u32).to_le_bytes(), 0);
         Ok(Self {
             server,
             registry,
+            guard,
             stream,
-            slot,
+            phase: Phase::Hello,
+            frame: Vec::with_capacity(HEADER_LEN),
+            slot: None,
             req: [0; SHM_MESSAGE_LEN],
             got: 0,
             out: Default::default(),
-            hello,
+            hello: (Vec::new(), 0),
         })
+    }
+
+    /// Reads handshake frames and answers them until the connection is served, refused, or
+    /// the socket has nothing more for now.
+    fn handshake(&mut self) -> io::Result<Option<Flow>> {
+        loop {
+            if !matches!(self.phase, Phase::Hello | Phase::Proof(_)) {
+                return Ok(None);
+            }
+            let want = if self.frame.len() < HEADER_LEN {
+                HEADER_LEN
+            } else {
+                let mut raw = [0u8; HEADER_LEN];
+                raw.copy_from_slice(&self.frame[..HEADER_LEN]);
+                match Header::decode(&raw) {
+                    Ok(h) => HEADER_LEN + h.payload_len() as usize,
+                    Err(e) => {
+                        self.guard.refuse(
+                            "shm",
+                            "a local process",
+                            &format!("a malformed handshake: {e}"),
+                        );
+                        return Ok(Some(Flow::Close));
+                    }
+                }
+            };
+            if self.frame.len() < want {
+                let mut buf = [0u8; 256];
+                let n = want - self.frame.len();
+                match (&self.stream).read(&mut buf[..n.min(256)]) {
+                    Ok(0) => return Ok(Some(Flow::Close)),
+                    Ok(got) => self.frame.extend_from_slice(&buf[..got]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Some(Flow::Continue))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            let mut raw = [0u8; HEADER_LEN];
+            raw.copy_from_slice(&self.frame[..HEADER_LEN]);
+            let Ok(h) = Header::decode(&raw) else { return Ok(Some(Flow::Close)) };
+            if self.frame.len() < HEADER_LEN + h.payload_len() as usize {
+                continue;
+            }
+            let payload = std::mem::take(&mut self.frame);
+            let payload = &payload[HEADER_LEN..];
+            let step = match (std::mem::replace(&mut self.phase, Phase::Closing), h.kind) {
+                (Phase::Hello, FrameKind::Hello) => {
+                    self.guard.hello("shm", "a local process", &h, payload)
+                }
+                (Phase::Proof(t), FrameKind::Auth) => {
+                    self.guard.auth("shm", "a local process", &h, payload, &t)
+                }
+                (_, kind) => {
+                    let why = format!("a {kind:?} frame before the handshake");
+                    self.guard.refuse("shm", "a local process", &why);
+                    return Ok(Some(Flow::Close));
+                }
+            };
+            match step {
+                Step::Open(answer) => {
+                    self.hello.0.extend_from_slice(&answer);
+                    self.slot = self.server.take_slot(&self.registry);
+                    let slot = self.slot.map_or(NO_SLOT, |i| i as u32);
+                    self.hello.0.extend_from_slice(&slot.to_le_bytes());
+                    // No slot free: the initiator is told (NO_SLOT), then the connection closes.
+                    self.phase = if self.slot.is_some() { Phase::Serving } else { Phase::Closing };
+                }
+                Step::Wait(answer, t) => {
+                    self.hello.0.extend_from_slice(&answer);
+                    self.phase = Phase::Proof(t);
+                }
+                Step::Refuse(answer) => {
+                    self.hello.0.extend_from_slice(&answer);
+                    self.phase = Phase::Closing;
+                }
+            }
+        }
     }
 
     /// The answer to one request, with a descriptor of its own (dup'd: it may wait in `out`).
@@ -316,9 +433,14 @@ impl ShmConn {
     }
 
     fn serve(&mut self) -> io::Result<Flow> {
+        if let Some(flow) = self.handshake()? {
+            self.flush()?;
+            return Ok(flow);
+        }
         self.flush()?;
-        if self.slot.is_none() {
-            // All slots taken: the initiator was told (NO_SLOT); close once that is sent.
+        if matches!(self.phase, Phase::Closing) {
+            // Refused, or all slots taken (the initiator was told NO_SLOT): close once that
+            // is sent.
             return Ok(if self.hello.1 == self.hello.0.len() {
                 Flow::Close
             } else {
@@ -382,6 +504,10 @@ impl Source for ShmConn {
 
 impl Drop for ShmConn {
     fn drop(&mut self) {
+        if matches!(self.phase, Phase::Proof(_)) {
+            let why = "it left without proving the cluster secret (it holds another one)";
+            self.guard.refuse("shm", "a local process", why);
+        }
         // The initiator's end is closed with ours: its slot is free again.
         if let Some(i) = self.slot {
             self.server.attached.lock()[i] = false;
@@ -414,6 +540,8 @@ impl ShmClient {
         peer: &PeerRef,
         socket: &str,
         timeout: Duration,
+        creds: &Credentials,
+        expect: InstanceId,
         mappings: MapCount,
     ) -> Result<Self> {
         let fail = |what: &str, e: &dyn std::fmt::Display| Error::PeerUnreachable {
@@ -425,6 +553,31 @@ impl ShmClient {
         let stream = UnixStream::connect_addr(&addr).map_err(|e| fail("connect to", &e))?;
         stream.set_read_timeout(Some(timeout)).map_err(|e| fail("configure", &e))?;
         stream.set_write_timeout(Some(timeout)).map_err(|e| fail("configure", &e))?;
+        // The handshake of the RPC port (the cluster secret proven both ways when in force).
+        let mut hs = Handshake::new(Instant::now(), timeout, Some(expect), creds.client());
+        let outcome = loop {
+            while let Some(frame) = hs.poll_transmit() {
+                (&stream).write_all(&frame).map_err(|e| fail("handshake with", &e))?;
+            }
+            if let Some(event) = hs.poll_event() {
+                break event;
+            }
+            let mut raw = [0u8; HEADER_LEN];
+            if let Err(e) = (&stream).read_exact(&mut raw) {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    hs.handle_closed();
+                    continue;
+                }
+                return Err(fail("handshake with", &e));
+            }
+            let h = Header::decode(&raw).map_err(|e| fail("handshake with", &e))?;
+            let mut payload = vec![0u8; h.payload_len() as usize];
+            (&stream).read_exact(&mut payload).map_err(|e| fail("handshake with", &e))?;
+            hs.handle_frame(Instant::now(), &h, &payload);
+        };
+        if let HandshakeEvent::Failed(f) = outcome {
+            return Err(fail("handshake with", &f));
+        }
         let mut slot = [0u8; 4];
         (&stream).read_exact(&mut slot).map_err(|e| fail("attach to", &e))?;
         let slot = u32::from_le_bytes(slot);
@@ -584,6 +737,39 @@ impl ShmClient {
         unsafe { mem::copy(dst, src, len) };
         self.leave(map);
         Ok(true)
+    }
+}
+
+/// Whether the process at the other end of `stream` may use the socket: the same uid as
+/// ours, or any with `any_uid`. `Err` says why not.
+fn peer_uid_allowed(stream: &UnixStream, any_uid: bool) -> std::result::Result<(), String> {
+    if any_uid {
+        return Ok(());
+    }
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes a `ucred` of at most `len` bytes into `cred`, both ours.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("its credentials could not be read: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "process {} runs as uid {}, this engine as uid {me} (TIDEWIRE_SHM_ANY_UID=1 allows it)",
+            cred.pid, cred.uid
+        ))
     }
 }
 

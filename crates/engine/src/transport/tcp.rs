@@ -21,7 +21,7 @@ use tidewire_core::wire::{FrameKind, Header};
 use tidewire_core::InstanceId;
 
 use crate::batch::Batch;
-use crate::config::{Deadlines, EngineConfig};
+use crate::config::{Credentials, Deadlines, EngineConfig};
 use crate::error::{Error, PeerRef, Result};
 use crate::frames::Item;
 use crate::lifecycle::Lifecycle;
@@ -116,13 +116,14 @@ impl TcpConn {
         expect: InstanceId,
         lanes: usize,
         deadlines: &Deadlines,
+        creds: &Credentials,
         life: &Arc<Lifecycle>,
     ) -> Result<Arc<Self>> {
         let reactor = life.reactor()?;
         let mut built = Vec::with_capacity(lanes);
         let mut waits = Vec::with_capacity(lanes);
         for _ in 0..lanes.max(1) {
-            match Lane::open(peer, addr, expect, deadlines, &reactor) {
+            match Lane::open(peer, addr, expect, deadlines, creds, &reactor) {
                 Ok((lane, rx)) => {
                     built.push(lane);
                     waits.push(rx);

@@ -15,13 +15,13 @@ use parking_lot::Mutex;
 use tidewire_core::handshake::{Handshake, HandshakeEvent};
 use tidewire_core::select::TransportKind;
 use tidewire_core::stall::StallDetector;
-use tidewire_core::wire::{FrameKind, Header, Status, HEADER_LEN, INSTANCE_LEN};
+use tidewire_core::wire::{FrameKind, Header, Status, HEADER_LEN};
 use tidewire_core::InstanceId;
 
 use super::oneshot::{handshake_error, unreachable};
 use super::{Pending, BUDGET, INLINE_BYTES};
 use crate::batch::Batch;
-use crate::config::Deadlines;
+use crate::config::{Credentials, Deadlines};
 use crate::error::{Error, PeerRef, Result};
 use crate::frames::{Flushed, Got, Item, RecvBuf, SendQueue, IO_BUFFER};
 use crate::reactor::{Flow, Reactor, Source, Waker};
@@ -128,6 +128,13 @@ impl LaneShared {
 /// A pending answer and the frame to send once its tag is known.
 pub(super) type Queued<'a> = (Pending, Box<dyn FnOnce(u64) -> Item + 'a>);
 
+/// A whole frame (header and payload) as a send-queue item.
+fn raw_frame(frame: &[u8]) -> Item {
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&frame[..HEADER_LEN]);
+    Item::Frame { header, payload: frame[HEADER_LEN..].to_vec() }
+}
+
 pub(super) struct Lane {
     shared: Arc<LaneShared>,
 }
@@ -140,6 +147,7 @@ impl Lane {
         addr: SocketAddr,
         expect: InstanceId,
         deadlines: &Deadlines,
+        creds: &Credentials,
         reactor: &Reactor,
     ) -> Result<(Self, Receiver<Result<()>>)> {
         let fail = |what: &str, e: &io::Error| unreachable(peer, what, addr, e);
@@ -148,13 +156,10 @@ impl Lane {
         stream.set_nodelay(true).map_err(|e| fail("set_nodelay on", &e))?;
         stream.set_nonblocking(true).map_err(|e| fail("configure", &e))?;
         let now = Instant::now();
-        let mut hs = Handshake::new(now, deadlines.handshake, Some(expect));
+        let mut hs = Handshake::new(now, deadlines.handshake, Some(expect), creds.client());
         let mut out = SendQueue::default();
-        if let Some(hello) = hs.poll_transmit() {
-            let (header, id) = hello.split_at(HEADER_LEN);
-            let mut head = [0u8; HEADER_LEN];
-            head.copy_from_slice(header);
-            out.push(Item::Frame { header: head, payload: id.to_vec() });
+        while let Some(frame) = hs.poll_transmit() {
+            out.push(raw_frame(&frame));
         }
         let slot = reactor.slot();
         let shared = Arc::new(LaneShared {
@@ -301,8 +306,18 @@ impl LaneSource {
         !matches!(self.state, LaneRecv::Header) || self.recv.buffered() > 0
     }
 
-    /// Passes the handshake's outcome on, once.
+    /// Queues what the handshake has to send (its proof of the cluster secret), and passes
+    /// its outcome on, once.
     fn handshake_events(&mut self) -> Result<()> {
+        let Some((hs, _)) = self.handshake.as_mut() else { return Ok(()) };
+        let mut sent = false;
+        while let Some(frame) = hs.poll_transmit() {
+            self.shared.sending.lock().out.push(raw_frame(&frame));
+            sent = true;
+        }
+        if sent {
+            self.shared.waker.wake();
+        }
         let Some((hs, _)) = self.handshake.as_mut() else { return Ok(()) };
         let Some(event) = hs.poll_event() else { return Ok(()) };
         let Some((_, tx)) = self.handshake.take() else { return Ok(()) };
@@ -424,8 +439,11 @@ impl LaneSource {
     fn on_header(&mut self, now: Instant, raw: &[u8; HEADER_LEN]) -> Result<()> {
         let h = Header::decode(raw).map_err(|e| self.protocol(e))?;
         if let Some((hs, _)) = self.handshake.as_mut() {
-            if h.kind == FrameKind::HelloAck && h.payload_len() == INSTANCE_LEN {
-                self.state = LaneRecv::Hello { h, buf: Vec::with_capacity(INSTANCE_LEN as usize) };
+            if h.payload_len() > 0 {
+                // A handshake answer's payload (bounded by its kind's limit, checked by the
+                // header's decoder).
+                let len = h.payload_len() as usize;
+                self.state = LaneRecv::Hello { h, buf: Vec::with_capacity(len) };
                 return Ok(());
             }
             hs.handle_frame(now, &h, &[]);

@@ -10,7 +10,7 @@ use tidewire_core::handshake::{Handshake, HandshakeEvent, HandshakeFailure};
 use tidewire_core::wire::{Header, HEADER_LEN};
 use tidewire_core::InstanceId;
 
-use crate::config::Deadlines;
+use crate::config::{Credentials, Deadlines};
 use crate::error::{Error, PeerRef, Result};
 use crate::frames::{would_block, POLL};
 
@@ -74,16 +74,18 @@ pub(crate) fn handshake(
     addr: SocketAddr,
     expect: Option<InstanceId>,
     deadlines: &Deadlines,
+    creds: &Credentials,
 ) -> Result<(TcpStream, InstanceId)> {
     let fail = |what: &str, e: &io::Error| unreachable(peer, what, addr, e);
     let stream =
         TcpStream::connect_timeout(&addr, deadlines.connect).map_err(|e| fail("connect to", &e))?;
     stream.set_nodelay(true).map_err(|e| fail("set_nodelay on", &e))?;
     stream.set_write_timeout(Some(deadlines.stall)).map_err(|e| fail("configure", &e))?;
-    let mut hs = Handshake::new(Instant::now(), deadlines.handshake, expect);
-    let hello = hs.poll_transmit().ok_or(Error::Internal("a new handshake had no hello"))?;
-    (&stream).write_all(&hello).map_err(|e| fail("handshake with", &e))?;
+    let mut hs = Handshake::new(Instant::now(), deadlines.handshake, expect, creds.client());
     let outcome = loop {
+        while let Some(frame) = hs.poll_transmit() {
+            (&stream).write_all(&frame).map_err(|e| fail("handshake with", &e))?;
+        }
         if let Some(event) = hs.poll_event() {
             break event;
         }
