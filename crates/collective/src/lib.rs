@@ -8,6 +8,7 @@
 mod comm;
 mod dtype;
 mod error;
+pub mod membership;
 pub mod plan;
 
 pub use comm::{Comm, OpId, PeerInfo, Region};

@@ -317,6 +317,12 @@ impl ShmConn {
                 let mut raw = [0u8; HEADER_LEN];
                 raw.copy_from_slice(&self.frame[..HEADER_LEN]);
                 match Header::decode(&raw) {
+                    // Only the handshake's own frames (small payloads) are read before it ends.
+                    Ok(h) if !matches!(h.kind, FrameKind::Hello | FrameKind::Auth) => {
+                        let why = format!("a {:?} frame before the handshake", h.kind);
+                        self.guard.refuse("shm", "a local process", &why);
+                        return Ok(Some(Flow::Close));
+                    }
                     Ok(h) => HEADER_LEN + h.payload_len() as usize,
                     Err(e) => {
                         self.guard.refuse(
