@@ -169,10 +169,14 @@ impl Handshake {
                     return self.end(bad(header));
                 }
                 let found = instance(payload);
-                if let Some(expected) = self.expect.filter(|e| *e != found) {
-                    return self.fail(HandshakeFailure::Restarted { expected, found });
-                }
+                let restarted = self
+                    .expect
+                    .filter(|e| *e != found)
+                    .map(|expected| HandshakeFailure::Restarted { expected, found });
                 let Some(auth) = &self.auth else {
+                    if let Some(r) = restarted {
+                        return self.fail(r);
+                    }
                     return if plain {
                         self.end(HandshakeEvent::Established(found))
                     } else {
@@ -197,6 +201,11 @@ impl Handshake {
                 if !auth.secret.verify(Role::Target, &t, proof) {
                     let reason = "its proof is not of our cluster secret (another secret)";
                     return self.fail(HandshakeFailure::Unproven { reason });
+                }
+                // Only a proven answer may say the peer restarted (an unproven one could make
+                // us retire a live peer).
+                if let Some(r) = restarted {
+                    return self.fail(r);
                 }
                 let mine = auth.secret.prove(Role::Initiator, &t);
                 self.out.push(frame(FrameKind::Auth, Status::Ok, 0, &mine));
@@ -624,6 +633,26 @@ mod tests {
         assert_eq!(target.log, vec!["challenged", "bad proof"]);
         let (h, _) = decode(target.out.last().unwrap());
         assert_eq!((h.kind, h.status), (FrameKind::AuthAck, Status::AccessDenied));
+    }
+
+    #[test]
+    fn an_unproven_answer_cannot_claim_the_peer_restarted() {
+        // Anyone answering on the address with another instance id and no valid proof: the
+        // failure is "not trusted", never "restarted" (which would retire the peer).
+        let now = Instant::now();
+        let secret = ClusterSecret::new(b"x").unwrap();
+        let auth = ClientAuth { secret, me: InstanceId(7), nonce: [1; NONCE_LEN] };
+        let mut hs = Handshake::new(now, TIMEOUT, Some(InstanceId(3)), Some(auth));
+        let _ = hs.poll_transmit();
+        let mut body = 99u128.to_le_bytes().to_vec();
+        body.extend_from_slice(&[0u8; NONCE_LEN + PROOF_LEN]);
+        let h = Header::new(FrameKind::HelloAck, 0, 0, body.len() as u64);
+        hs.handle_frame(now, &h, &body);
+        let event = hs.poll_event();
+        assert!(
+            matches!(event, Some(HandshakeEvent::Failed(HandshakeFailure::Unproven { .. }))),
+            "{event:?}"
+        );
     }
 
     #[test]

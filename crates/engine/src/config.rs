@@ -184,8 +184,10 @@ impl EngineConfig {
         if let Some(id) = lookup("MC_METADATA_CLUSTER_ID").filter(|v| !v.trim().is_empty()) {
             self.cluster_id = id.trim().to_string();
         }
-        let secret = lookup("TIDEWIRE_CLUSTER_SECRET").filter(|v| !v.is_empty());
-        let file = lookup("TIDEWIRE_CLUSTER_SECRET_FILE").filter(|v| !v.is_empty());
+        // Set but empty is an error, not "no secret": an unset template variable must not
+        // turn the check off without a word.
+        let secret = lookup("TIDEWIRE_CLUSTER_SECRET");
+        let file = lookup("TIDEWIRE_CLUSTER_SECRET_FILE");
         match (secret, file) {
             (Some(_), Some(_)) => {
                 return Err(Error::Config {
@@ -272,6 +274,8 @@ mod tests {
         );
         let both = |k: &str| k.starts_with("TIDEWIRE_CLUSTER_SECRET").then(|| p.clone());
         assert!(EngineConfig::default().apply_env(both).is_err());
+        let empty = |k: &str| (k == "TIDEWIRE_CLUSTER_SECRET").then(String::new);
+        assert!(EngineConfig::default().apply_env(empty).is_err(), "set but empty is an error");
         let missing =
             |k: &str| (k == "TIDEWIRE_CLUSTER_SECRET_FILE").then(|| "/nonexistent/x".to_string());
         assert!(EngineConfig::default().apply_env(missing).is_err());

@@ -108,8 +108,10 @@ fn serve(inner: &Arc<Inner>, stream: TcpStream) -> Result<()> {
     let slot = inner.life.reactor()?.slot();
     let watch = StallDetector::new(Instant::now(), inner.config.deadlines.stall);
     let gate = if inner.guard.secret.is_some() { Gate::Hello } else { Gate::Open };
+    let prove_by = Instant::now() + inner.config.deadlines.handshake;
     slot.attach(Box::new(Inbound {
         gate,
+        prove_by,
         inner: inner.clone(),
         stream,
         peer,
@@ -166,6 +168,9 @@ enum Recv {
 /// One inbound connection, on a loop thread.
 struct Inbound {
     gate: Gate,
+    /// A connection that has not proved the cluster secret by then is closed (it holds a
+    /// descriptor and a loop slot).
+    prove_by: Instant,
     inner: Arc<Inner>,
     stream: TcpStream,
     peer: String,
@@ -463,10 +468,17 @@ impl Source for Inbound {
     }
 
     fn poll_timeout(&mut self, _now: Instant) -> Option<Instant> {
-        self.watch.poll_timeout()
+        let proving = matches!(self.gate, Gate::Hello | Gate::Proof(_)).then_some(self.prove_by);
+        [self.watch.poll_timeout(), proving].into_iter().flatten().min()
     }
 
     fn on_timeout(&mut self, now: Instant) -> Flow {
+        if matches!(self.gate, Gate::Hello | Gate::Proof(_)) && now >= self.prove_by {
+            let why = "it did not complete the handshake within the handshake deadline";
+            self.inner.guard.refuse("rpc", &self.peer, why);
+            self.gate = Gate::Closing;
+            return Flow::Close;
+        }
         self.watch.handle_timeout(now);
         match self.watch.poll_event() {
             Some(stalled) => self.dropped(&ConnError::Stalled(stalled)),

@@ -162,6 +162,19 @@ fn a_replayed_handshake_and_a_request_before_the_handshake_are_refused() {
 }
 
 #[test]
+fn a_connection_that_never_proves_the_secret_is_closed_at_the_handshake_deadline() {
+    let mut cfg = with_secret(common::config(), Some("s3cret"));
+    cfg.deadlines.handshake = Duration::from_millis(300);
+    let t = Engine::new(cfg).unwrap();
+    let mut s = TcpStream::connect(t.rpc_addr()).unwrap();
+    let start = Instant::now();
+    assert!(read_frame(&mut s).is_none(), "closed without an answer");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(4), "bounded by the deadline: {took:?}");
+    assert!(t.refused_connections() >= 1);
+}
+
+#[test]
 fn the_shm_socket_refuses_another_uid() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

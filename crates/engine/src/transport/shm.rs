@@ -241,6 +241,10 @@ impl ShmServer {
     }
 }
 
+/// How long a connection to the shm socket may take to complete its handshake (the engine's
+/// default handshake deadline).
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Questions an shm connection answers before it lets its loop serve others.
 const ANSWERS_PER_CALL: usize = 64;
 
@@ -256,6 +260,8 @@ struct ShmConn {
     guard: Arc<Guard>,
     stream: UnixStream,
     phase: Phase,
+    /// A connection still in its handshake by then is closed.
+    prove_by: Instant,
     /// A handshake frame being read.
     frame: Vec<u8>,
     slot: Option<usize>,
@@ -295,6 +301,7 @@ impl ShmConn {
             guard,
             stream,
             phase: Phase::Hello,
+            prove_by: Instant::now() + HANDSHAKE_DEADLINE,
             frame: Vec::with_capacity(HEADER_LEN),
             slot: None,
             req: [0; SHM_MESSAGE_LEN],
@@ -498,10 +505,16 @@ impl Source for ShmConn {
     }
 
     fn poll_timeout(&mut self, _now: Instant) -> Option<Instant> {
-        None
+        matches!(self.phase, Phase::Hello | Phase::Proof(_)).then_some(self.prove_by)
     }
 
-    fn on_timeout(&mut self, _now: Instant) -> Flow {
+    fn on_timeout(&mut self, now: Instant) -> Flow {
+        if matches!(self.phase, Phase::Hello | Phase::Proof(_)) && now >= self.prove_by {
+            let why = "it did not complete the handshake within the handshake deadline";
+            self.guard.refuse("shm", "a local process", why);
+            self.phase = Phase::Closing;
+            return Flow::Close;
+        }
         Flow::Continue
     }
 
