@@ -311,6 +311,15 @@ impl MetadataClient {
         Ok(Self { inner, deadlines: *deadlines, creds })
     }
 
+    /// Uses `secret` (instead of the environment's) for peer-to-peer descriptor fetches.
+    pub fn with_cluster_secret(
+        mut self,
+        secret: Option<tidewire_core::auth::ClusterSecret>,
+    ) -> Self {
+        self.creds.secret = secret;
+        self
+    }
+
     /// Publishes a descriptor (etcd: under this client's lease; redis: with the TTL).
     pub fn publish(&self, desc: &SegmentDescriptor) -> Result<()> {
         self.inner.publish(desc)
