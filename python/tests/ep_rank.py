@@ -274,6 +274,11 @@ def body_suite(rank: int, size: int, port: int, arg: str) -> Any:
         graph_replays(buf, rank, R, E, H, int(o.get("graph", "100")), bad)
         info["graph_replays"] = int(o.get("graph", "100"))
         two_dispatchers(buf, rank, R, E, H, bad)
+        # Every rank re-exchanges and maps the buffers again (what a rank that came back
+        # needs): later calls run as before, numbered after the highest counter.
+        buf.update_ep_member()
+        info["updated"] = True
+        round_trip(buf, rank, R, E, H, True, "hook", 120, bad)
     how = o.get("leave", "none")
     if how != "none":
         leave(buf, rank, R, E, H, how, info, bad)

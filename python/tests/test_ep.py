@@ -54,6 +54,7 @@ def test_dispatch_and_combine_match_deepeps_checks(name: str) -> None:
     else:
         assert info["fallback"] is None and info["paths"][1] != "none", info
         assert info["graph_replays"] > 0
+        assert info["updated"], "update_ep_member ran and the next call passed the checks"
     if leaving:
         assert info["active_after"] == [1, 0], info["active_after"]
         # The spec's bound: the 2 s timeout plus 1 s.
