@@ -148,7 +148,7 @@ class Communicator:
         engine: Engine,
         rank: int,
         region: Tuple[int, int, int],
-        peers: List[Tuple[str, int]],
+        peers: List[Tuple[str, int, int]],
         timeout_s: float,
     ) -> Communicator: ...
     def all_reduce(self, addr: int, len: int, dtype_: str, op: str) -> None: ...

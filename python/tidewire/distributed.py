@@ -225,7 +225,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._failed_ranks: List[int] = []
         eng = engine()
         region = _native.Communicator.allocate_region(eng._native, size, _ring_bytes(size))
-        store.set(f"tidewire/{rank}", json.dumps({"name": eng.name, "region": region[0], "cap": region[2]}))
+        store.set(f"tidewire/{rank}", json.dumps({"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid()}))
         keys = [f"tidewire/{r}" for r in range(size)]
         store.wait(keys, timeout)
         peers = []
@@ -236,7 +236,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                     f"tidewire: rank {r} uses {info.get('cap')}-byte rings and this rank {region[2]}: "
                     "set TIDEWIRE_PG_RING_BYTES alike on every rank"
                 )
-            peers.append((info["name"], int(info["region"])))
+            # The process id: ranks of one host read each other's buffers directly (one copy)
+            # for large collectives where the kernel allows it.
+            peers.append((info["name"], int(info["region"]), int(info.get("pid", 0))))
         self._comm = _native.Communicator(eng._native, rank, region, peers, timeout.total_seconds())
 
     # --- identity -------------------------------------------------------------------------

@@ -42,7 +42,16 @@ const DIRECT_ALL_REDUCE: usize = 64 << 10;
 pub struct PeerInfo {
     pub name: String,
     pub region: u64,
+    /// The rank's process id, when it runs on this host (for single-copy reads of its
+    /// buffers, `process_vm_readv`).
+    pub pid: Option<u32>,
 }
+
+/// Bytes from which collectives between processes of one host read each other's buffers
+/// directly (one copy, `process_vm_readv`) instead of going through the rings (two).
+const DIRECT_MIN: usize = 1 << 20;
+/// The same for one pair of an all-to-all (the bytes it moves both ways).
+const DIRECT_PAIR_MIN: usize = 256 << 10;
 
 /// A rank's receive region: one ring per source rank.
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +135,8 @@ enum Out {
 /// This rank's channels with one other rank.
 struct Link {
     out: Out,
+    /// The peer's process, when this process may read its memory (probed at connect).
+    direct: Option<u32>,
     /// The peer's ring in our region (it writes).
     inp: Ring,
     /// Bytes we produced into our ring and consumed from the peer's (our copies of the
@@ -201,6 +212,9 @@ pub struct Comm {
     next_op: u64,
     /// The first failure: every later operation fails with it.
     poisoned: Option<String>,
+    /// Every pair of ranks of the group reads each other's memory directly (agreed at
+    /// connect: algorithms that involve every pair take the single-copy path alike).
+    group_direct: bool,
 }
 
 impl Comm {
@@ -244,7 +258,7 @@ impl Comm {
                 return Err(e);
             }
         };
-        Ok(Self {
+        let mut comm = Self {
             rank,
             size,
             timeout,
@@ -255,7 +269,60 @@ impl Comm {
             pending: Vec::new(),
             next_op: 0,
             poisoned: None,
-        })
+            group_direct: false,
+        };
+        comm.agree_direct()?;
+        Ok(comm)
+    }
+
+    /// Agrees with every rank on which pairs read each other's memory directly: a pair does
+    /// when both ends' probes succeeded; the group does when every pair does. (Two small
+    /// rounds over the rings, so that no algorithm ever runs two protocols on one pair.)
+    fn agree_direct(&mut self) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        if n == 1 {
+            return Ok(());
+        }
+        let mine: Vec<[u8; 8]> = (0..n)
+            .map(|r| {
+                let ok = self.links[r].as_ref().is_some_and(|l| l.direct.is_some());
+                [u8::from(ok); 8]
+            })
+            .collect();
+        let mut theirs = vec![[0u8; 8]; n];
+        {
+            let mut xfers = Vec::with_capacity(2 * n);
+            for (r, t) in theirs.iter_mut().enumerate() {
+                if r != me {
+                    xfers.push(self.sends(r, &mine[r]));
+                    xfers.push(self.recvs(r, t));
+                }
+            }
+            self.run("connecting", &mut xfers)?;
+        }
+        for (r, t) in theirs.iter().enumerate() {
+            if t[0] == 0 {
+                if let Some(l) = self.links[r].as_mut() {
+                    l.direct = None;
+                }
+            }
+        }
+        let all_mine = [u8::from(self.all_direct()); 8];
+        let mut all_theirs = vec![[0u8; 8]; n];
+        {
+            let mut xfers = Vec::with_capacity(2 * n);
+            for (r, t) in all_theirs.iter_mut().enumerate() {
+                if r != me {
+                    xfers.push(self.sends(r, &all_mine));
+                    xfers.push(self.recvs(r, t));
+                }
+            }
+            self.run("connecting", &mut xfers)?;
+        }
+        self.group_direct =
+            all_mine[0] == 1 && all_theirs.iter().enumerate().all(|(r, t)| r == me || t[0] == 1);
+        log::debug!("rank {me}: direct reads between every pair: {}", self.group_direct);
+        Ok(())
     }
 
     /// Opens every peer and reaches its ring (mapped, or through the engine), recording the
@@ -321,7 +388,32 @@ impl Comm {
                 }
             };
             let inp = Ring { base: region.addr + slot * r as u64, cap: region.cap };
-            links.push(Some(Link { out, inp, sent: 0, received: 0, head_seen: 0, tail_seen: 0 }));
+            // Single-copy reads need the peer's process on this host and the kernel's leave
+            // (same user, no ptrace restriction): a read of 8 bytes of its region decides.
+            let direct = match (&out, peer.pid) {
+                (Out::Mapped { .. }, Some(pid)) if direct_allowed() => {
+                    let mut probe = [0u8; 8];
+                    match read_process(pid, &mut probe, peer.region) {
+                        Ok(()) => Some(pid),
+                        Err(e) => {
+                            log::info!(
+                                "rank {rank}: rank {r} only through the rings (reading its memory: {e})"
+                            );
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            links.push(Some(Link {
+                out,
+                direct,
+                inp,
+                sent: 0,
+                received: 0,
+                head_seen: 0,
+                tail_seen: 0,
+            }));
         }
         Ok(links)
     }
@@ -604,6 +696,10 @@ impl Comm {
             if buf.len() <= DIRECT_ALL_REDUCE || count < n {
                 log::debug!("all_reduce of {} bytes on {n} ranks: direct", buf.len());
                 self.all_reduce_direct(buf, dtype, op)?;
+            } else if buf.len() >= DIRECT_MIN && self.group_direct {
+                log::debug!("all_reduce of {} bytes on {n} ranks: direct reads", buf.len());
+                let parts = blocks(count, n, dtype.size());
+                self.all_reduce_reads(buf, &parts, dtype, op)?;
             } else {
                 log::debug!("all_reduce of {} bytes on {n} ranks: ring", buf.len());
                 let parts = blocks(count, n, dtype.size());
@@ -615,6 +711,60 @@ impl Comm {
             finish_avg(buf, dtype, n);
         }
         Ok(())
+    }
+
+    /// All-reduce by direct reads between processes of one host: each rank reduces its own
+    /// block `parts[rank]` from every other rank's buffer (read into a scratch block), then
+    /// reads every other rank's reduced block into its own buffer. Each block is reduced by
+    /// one rank only, so every rank ends with the same bytes. Tokens separate the phases: no
+    /// rank reads a block its owner still reduces, or returns while another reads its buffer.
+    fn all_reduce_reads(
+        &mut self,
+        buf: &mut [u8],
+        parts: &[Range<usize>],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        let name = "all_reduce";
+        let peers: Vec<usize> = (0..n).filter(|&r| r != me).collect();
+        let mine = encode_block(buf.as_ptr() as u64, buf.len());
+        let mut theirs = vec![[0u8; 16]; n];
+        {
+            let mut xfers = Vec::with_capacity(2 * n);
+            for (r, t) in theirs.iter_mut().enumerate() {
+                if r != me {
+                    xfers.push(self.sends(r, &mine));
+                    xfers.push(self.recvs(r, t));
+                }
+            }
+            self.run(name, &mut xfers)?;
+        }
+        let own = parts[me].clone();
+        let mut scratch = vec![0u8; own.len()];
+        for &r in &peers {
+            let (addr, len) = decode_block(&theirs[r]);
+            if len != buf.len() {
+                return Err(Error::invalid(format!(
+                    "{name}: rank {r} reduces {len} bytes, rank {me} {}",
+                    buf.len()
+                )));
+            }
+            if !own.is_empty() {
+                self.read_block(name, r, &mut scratch, addr + own.start as u64, own.len())?;
+                reduce_into(&mut buf[own.clone()], &scratch, dtype, op);
+            }
+        }
+        self.tokens(name, &peers)?;
+        for &r in &peers {
+            let (addr, _) = decode_block(&theirs[r]);
+            let part = parts[r].clone();
+            if !part.is_empty() {
+                let len = part.len();
+                self.read_block(name, r, &mut buf[part.clone()], addr + part.start as u64, len)?;
+            }
+        }
+        self.tokens(name, &peers)
     }
 
     /// Every rank sends its whole buffer to every other and reduces all of them in rank order.
@@ -713,6 +863,139 @@ impl Comm {
         Ok(())
     }
 
+    /// An all-to-all whose pairs `directs` read each other's blocks directly and the others
+    /// go through their rings: one round carries the ring pairs' data and the direct pairs'
+    /// addresses, then the reads, then a token per direct pair (no rank returns while another
+    /// reads its input).
+    fn all_to_all_mixed(
+        &mut self,
+        out: &mut [u8],
+        o: &[Range<usize>],
+        input: &[u8],
+        i: &[Range<usize>],
+        directs: &[usize],
+        blocks: &[(u64, usize)],
+    ) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        let name = "all_to_all";
+        out[o[me].clone()].copy_from_slice(&input[i[me].clone()]);
+        let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
+        let mut theirs = vec![[0u8; 16]; n];
+        {
+            let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
+            let mut rest: &mut [u8] = out;
+            for range in o {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(range.len());
+                dsts.push(head);
+                rest = tail;
+            }
+            let mut xfers = Vec::with_capacity(2 * n);
+            for ((r, dst), t) in dsts.into_iter().enumerate().zip(theirs.iter_mut()) {
+                if r == me {
+                    continue;
+                }
+                if directs.contains(&r) {
+                    xfers.push(self.sends(r, &mine[r]));
+                    xfers.push(self.recvs(r, t));
+                } else {
+                    if !i[r].is_empty() {
+                        xfers.push(self.sends(r, &input[i[r].clone()]));
+                    }
+                    if !dst.is_empty() {
+                        xfers.push(self.recvs(r, dst));
+                    }
+                }
+            }
+            self.run(name, &mut xfers)?;
+        }
+        for &r in directs {
+            let (addr, len) = decode_block(&theirs[r]);
+            self.read_block(name, r, &mut out[o[r].clone()], addr, len)?;
+        }
+        self.tokens(name, directs)
+    }
+
+    /// Reads rank `r`'s block (`addr`, `len` bytes in its memory) into `dst`.
+    fn read_block(
+        &mut self,
+        name: &str,
+        r: usize,
+        dst: &mut [u8],
+        addr: u64,
+        len: usize,
+    ) -> Result<()> {
+        if len != dst.len() {
+            return Err(Error::invalid(format!(
+                "{name}: rank {r} has {len} bytes for rank {}, which expects {}",
+                self.rank,
+                dst.len()
+            )));
+        }
+        let pid = self.links[r].as_ref().and_then(|l| l.direct).unwrap_or(0);
+        if let Err(e) = read_process(pid, dst, addr) {
+            let e = Error::RankFailed {
+                op: name.to_string(),
+                rank: r,
+                reason: format!("reading its memory: {e}"),
+            };
+            self.fail(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// A token to and from each of `peers`: after it, neither side reads the other's buffers.
+    fn tokens(&mut self, name: &str, peers: &[usize]) -> Result<()> {
+        let done = [1u8; 8];
+        let mut acks = vec![[0u8; 8]; self.size];
+        let mut xfers = Vec::with_capacity(2 * peers.len());
+        for (r, a) in acks.iter_mut().enumerate() {
+            if peers.contains(&r) {
+                xfers.push(self.sends(r, &done));
+                xfers.push(self.recvs(r, a));
+            }
+        }
+        self.run(name, &mut xfers)
+    }
+
+    /// Whether every other rank's memory can be read directly.
+    fn all_direct(&self) -> bool {
+        self.links.iter().flatten().all(|l| l.direct.is_some())
+    }
+
+    /// A single-copy exchange between processes of one host: every rank tells every other
+    /// where the block for it lies in its memory (`blocks[r]`: address and length), reads the
+    /// block each rank has for it into `out[parts[r]]` (`process_vm_readv`), then every pair
+    /// exchanges a token, so that no rank returns (and lets its buffer change) while another
+    /// still reads it. Our own block is the caller's.
+    fn direct_exchange(
+        &mut self,
+        name: &str,
+        out: &mut [u8],
+        parts: &[Range<usize>],
+        blocks: &[(u64, usize)],
+    ) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
+        let mut theirs = vec![[0u8; 16]; n];
+        {
+            let mut xfers = Vec::with_capacity(2 * n);
+            for (r, t) in theirs.iter_mut().enumerate() {
+                if r != me {
+                    xfers.push(self.sends(r, &mine[r]));
+                    xfers.push(self.recvs(r, t));
+                }
+            }
+            self.run(name, &mut xfers)?;
+        }
+        for r in (0..n).filter(|&r| r != me) {
+            let (addr, len) = decode_block(&theirs[r]);
+            self.read_block(name, r, &mut out[parts[r].clone()], addr, len)?;
+        }
+        let peers: Vec<usize> = (0..n).filter(|&r| r != me).collect();
+        self.tokens(name, &peers)
+    }
+
     /// Every rank's `input` (all of equal length) into `out`, rank after rank.
     pub fn all_gather(&mut self, out: &mut [u8], input: &[u8]) -> Result<()> {
         let (n, len) = (self.size, input.len());
@@ -724,6 +1007,16 @@ impl Comm {
         }
         out[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
         if n > 1 && len > 0 {
+            if len * (n - 1) >= DIRECT_MIN && self.group_direct {
+                log::debug!("rank {}: all_gather of {len} bytes by direct reads", self.rank);
+                let blocks = vec![(input.as_ptr() as u64, len); n];
+                return self.direct_exchange(
+                    "all_gather",
+                    out,
+                    &offsets_of(&vec![len; n]),
+                    &blocks,
+                );
+            }
             let parts: Vec<Range<usize>> = (0..n).map(|r| r * len..(r + 1) * len).collect();
             self.ring_all_gather(out, &parts, "all_gather")?;
         }
@@ -813,6 +1106,20 @@ impl Comm {
                 i[me].len(),
                 o[me].len()
             )));
+        }
+        // A pair that moves at least DIRECT_PAIR_MIN between its two ranks (both know both
+        // sizes) reads directly, in one copy; the others go through their rings.
+        let direct = |this: &Self, r: usize| {
+            r != me
+                && this.links[r].as_ref().is_some_and(|l| l.direct.is_some())
+                && i[r].len() + o[r].len() >= DIRECT_PAIR_MIN
+        };
+        let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
+        if !directs.is_empty() {
+            log::debug!("rank {me}: all_to_all with ranks {directs:?} by direct reads");
+            let blocks: Vec<(u64, usize)> =
+                i.iter().map(|r| (input.as_ptr() as u64 + r.start as u64, r.len())).collect();
+            return self.all_to_all_mixed(out, &o, input, &i, &directs, &blocks);
         }
         // The output split into one destination per rank.
         let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
@@ -1194,4 +1501,62 @@ fn step(
         }
     };
     Ok(moved)
+}
+
+/// Reads `dst.len()` bytes at `addr` of process `pid` into `dst` (`process_vm_readv`).
+fn read_process(pid: u32, dst: &mut [u8], addr: u64) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < dst.len() {
+        let local =
+            libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: dst.len() - done };
+        let remote = libc::iovec {
+            iov_base: (addr as usize + done) as *mut libc::c_void,
+            iov_len: dst.len() - done,
+        };
+        // SAFETY: `local` covers the rest of `dst`, ours and writable; the kernel checks the
+        // remote range against the other process's mappings (EFAULT, not a fault of ours).
+        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read 0 bytes"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// A block's place in its owner's memory, as sent to the rank that reads it.
+fn encode_block(addr: u64, len: usize) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&addr.to_le_bytes());
+    b[8..].copy_from_slice(&(len as u64).to_le_bytes());
+    b
+}
+
+fn decode_block(b: &[u8; 16]) -> (u64, usize) {
+    let word = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or_default());
+    (word(&b[..8]), word(&b[8..]) as usize)
+}
+
+/// Direct reads are on unless `TIDEWIRE_PG_DIRECT=0`.
+fn direct_allowed() -> bool {
+    std::env::var("TIDEWIRE_PG_DIRECT").map_or(true, |v| v != "0")
+}
+
+/// Consecutive ranges of the given lengths.
+fn offsets_of(lens: &[usize]) -> Vec<Range<usize>> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&l| {
+            let r = at..at + l;
+            at += l;
+            r
+        })
+        .collect()
 }

@@ -50,8 +50,11 @@ fn group_via<T: Send + 'static>(
                 }
                 let engine = Arc::new(Engine::new(cfg).unwrap());
                 let region = Region::allocate(&engine, n, cap).unwrap();
-                infos.lock().unwrap()[rank] =
-                    Some(PeerInfo { name: engine.name().to_string(), region: region.addr });
+                infos.lock().unwrap()[rank] = Some(PeerInfo {
+                    name: engine.name().to_string(),
+                    region: region.addr,
+                    pid: Some(std::process::id()),
+                });
                 ready.wait();
                 let peers: Vec<PeerInfo> =
                     infos.lock().unwrap().iter().map(|p| p.clone().unwrap()).collect();
@@ -158,6 +161,47 @@ fn gather_scatter_broadcast_all_to_all_and_reduce_scatter_move_every_byte() {
         if rank == 0 {
             assert!(*red == sum, "reduce on the root");
         }
+    }
+}
+
+#[test]
+fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_reference() {
+    // Past 1 MiB, ranks of one host read each other's buffers (`process_vm_readv`; here the
+    // ranks are threads of one process, which reads its own memory the same way).
+    let n = 3;
+    let got = group(n, 64 << 10, move |rank, comm| {
+        let len = 700_001;
+        let mine: Vec<u8> = (0..len).map(|i| (i * 7 + rank * 31) as u8).collect();
+        let mut all = vec![0u8; n * len];
+        comm.all_gather(&mut all, &mine).unwrap();
+        let in_splits: Vec<usize> = (0..n).map(|d| (rank + 1) * (d + 2) * 100_000 + d).collect();
+        let out_splits: Vec<usize> =
+            (0..n).map(|s| (s + 1) * (rank + 2) * 100_000 + rank).collect();
+        let input: Vec<u8> =
+            (0..in_splits.iter().sum::<usize>()).map(|i| (i % 253) as u8 ^ rank as u8).collect();
+        let mut out = vec![0xA5u8; out_splits.iter().sum()];
+        comm.all_to_all(&mut out, &out_splits, &input, &in_splits).unwrap();
+        let mut red = f32s(&values(rank, 300_001));
+        comm.all_reduce(&mut red, DType::F32, ReduceOp::Sum).unwrap();
+        let mut mx = f32s(&values(rank, 300_001));
+        comm.all_reduce(&mut mx, DType::F32, ReduceOp::Max).unwrap();
+        (mine, all, out, red, mx)
+    });
+    let (sum, max) = (reference(n, 300_001, ReduceOp::Sum), reference(n, 300_001, ReduceOp::Max));
+    let concat: Vec<u8> = got.iter().flat_map(|g| g.0.clone()).collect();
+    for (rank, (_, all, out, red, mx)) in got.iter().enumerate() {
+        assert!(*all == concat, "all_gather on rank {rank}");
+        assert!(*red == sum, "all_reduce sum on rank {rank}");
+        assert!(*mx == max, "all_reduce max on rank {rank}");
+        let mut want = Vec::new();
+        for src in 0..n {
+            let splits: Vec<usize> = (0..n).map(|d| (src + 1) * (d + 2) * 100_000 + d).collect();
+            let start: usize = splits[..rank].iter().sum();
+            let input: Vec<u8> =
+                (0..splits.iter().sum::<usize>()).map(|i| (i % 253) as u8 ^ src as u8).collect();
+            want.extend_from_slice(&input[start..start + splits[rank]]);
+        }
+        assert!(*out == want, "all_to_all on rank {rank}");
     }
 }
 

@@ -98,8 +98,8 @@ impl PyComm {
         Ok((region.addr, region.len, region.cap))
     }
 
-    /// Connects rank `rank` to `peers` (every rank's `(engine name, region address)`); the
-    /// region is freed with the communicator (or now, if connecting fails).
+    /// Connects rank `rank` to `peers` (every rank's `(engine name, region address, process
+    /// id)`); the region is freed with the communicator (or now, if connecting fails).
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -107,15 +107,17 @@ impl PyComm {
         engine: &PyEngine,
         rank: usize,
         region: (u64, u64, u64),
-        peers: Vec<(String, u64)>,
+        peers: Vec<(String, u64, u32)>,
         timeout_s: f64,
     ) -> PyResult<Self> {
         let engine: Arc<Engine> = engine.engine()?;
         let timeout = Duration::try_from_secs_f64(timeout_s)
             .map_err(|e| errors::invalid(format!("timeout {timeout_s}: {e}")))?;
         let (addr, len, cap) = region;
-        let peers: Vec<PeerInfo> =
-            peers.into_iter().map(|(name, region)| PeerInfo { name, region }).collect();
+        let peers: Vec<PeerInfo> = peers
+            .into_iter()
+            .map(|(name, region, pid)| PeerInfo { name, region, pid: Some(pid) })
+            .collect();
         let comm = py.detach(|| {
             let made =
                 Comm::connect(engine.clone(), rank, Region { addr, len, cap }, &peers, timeout);
