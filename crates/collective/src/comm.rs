@@ -77,8 +77,22 @@ impl Region {
             context: format!("allocating the {len}-byte receive region"),
             source,
         })?;
+        // SAFETY: the region was just allocated, at least one slot long; this word of slot
+        // 0's header is written by nobody else (the counters sit at TAIL, HEAD and ABORT).
+        unsafe { std::ptr::write((addr + MARKER) as *mut u64, marker(addr, std::process::id())) };
         Ok(Self { addr, len, cap })
     }
+}
+
+/// Where a region carries its marker (in slot 0's header, between the TAIL and HEAD
+/// counters).
+const MARKER: u64 = 32;
+
+/// The word a region of process `pid` at `addr` carries at [`MARKER`]: a rank that reads it
+/// through `process_vm_readv` knows it reached that very process (a process id of another PID
+/// namespace would name someone else).
+fn marker(addr: u64, pid: u32) -> u64 {
+    addr ^ (u64::from(pid) << 32) ^ 0x7477_6469_7265_6374
 }
 
 /// One ring, by its base address in this process (header first, then the data).
@@ -393,8 +407,17 @@ impl Comm {
             let direct = match (&out, peer.pid) {
                 (Out::Mapped { .. }, Some(pid)) if direct_allowed() => {
                     let mut probe = [0u8; 8];
-                    match read_process(pid, &mut probe, peer.region) {
-                        Ok(()) => Some(pid),
+                    let found = read_process(pid, &mut probe, peer.region + MARKER);
+                    let want = marker(peer.region, pid);
+                    match found.map(|()| u64::from_ne_bytes(probe)) {
+                        Ok(v) if v == want => Some(pid),
+                        Ok(_) => {
+                            log::info!(
+                                "rank {rank}: rank {r} only through the rings (its process id \
+                                 {pid} names another process here: another PID namespace?)"
+                            );
+                            None
+                        }
                         Err(e) => {
                             log::info!(
                                 "rank {rank}: rank {r} only through the rings (reading its memory: {e})"
@@ -956,6 +979,12 @@ impl Comm {
             }
         }
         self.run(name, &mut xfers)
+    }
+
+    /// Whether every pair of the group reads each other's buffers directly (one copy) for
+    /// large collectives.
+    pub fn reads_directly(&self) -> bool {
+        self.group_direct
     }
 
     /// Whether every other rank's memory can be read directly.

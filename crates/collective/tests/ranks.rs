@@ -170,6 +170,7 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
     // ranks are threads of one process, which reads its own memory the same way).
     let n = 3;
     let got = group(n, 64 << 10, move |rank, comm| {
+        assert!(comm.reads_directly(), "rank {rank}: threads of one process read each other");
         let len = 700_001;
         let mine: Vec<u8> = (0..len).map(|i| (i * 7 + rank * 31) as u8).collect();
         let mut all = vec![0u8; n * len];
