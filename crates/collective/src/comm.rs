@@ -1118,17 +1118,7 @@ impl Comm {
                 input.len()
             )));
         }
-        let offsets = |s: &[usize]| -> Vec<Range<usize>> {
-            let mut at = 0;
-            s.iter()
-                .map(|&l| {
-                    let r = at..at + l;
-                    at += l;
-                    r
-                })
-                .collect()
-        };
-        let (o, i) = (offsets(out_splits), offsets(in_splits));
+        let (o, i) = (offsets_of(out_splits), offsets_of(in_splits));
         if o[me].len() != i[me].len() {
             return Err(Error::invalid(format!(
                 "all_to_all: {} bytes to ourselves but {} expected",
