@@ -110,7 +110,9 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
             for _ in range(replays):
                 graph.replay()
             torch.cuda.synchronize()
-        trace = f"/tmp/ep_bench_trace_{rank}.json"
+        # Each rank's trace stays in --trace-dir when given (to compare the ranks' kernels).
+        os.makedirs(args.trace_dir or "/tmp", exist_ok=True)
+        trace = os.path.join(args.trace_dir or "/tmp", f"ep_bench_trace_T{T}_rank{rank}.json")
         prof.export_chrome_trace(trace)
         with open(trace) as f:
             events = json.load(f)["traceEvents"]
@@ -175,6 +177,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--ranks", type=int, default=0)
     p.add_argument("--dispatch", choices=["fp8", "bf16"], default="fp8")
+    p.add_argument("--trace-dir", default="", help="keep each rank's profiler trace (chrome JSON) here")
     args = p.parse_args()
     n = args.ranks or torch.cuda.device_count()
     with socket.socket() as s:
