@@ -194,12 +194,8 @@ class EpBuffer:
         self,
         stream: int,
         shape: Tuple[int, int, int, int, int, int, int, int, bool],
-        recv_x: int,
-        src_info: int,
-        layout_range: int,
-        recv_count: int,
+        out: Tuple[int, int, int, int, int],
         active: int,
-        scales: int,
     ) -> None: ...
     def combine(
         self,
@@ -213,9 +209,7 @@ class EpBuffer:
         self,
         stream: int,
         shape: Tuple[int, int, int, int, int, int, int, int, bool],
-        topk: int,
-        weights: int,
-        out: int,
+        io: Tuple[int, int, int, int, int, int],
         active: int,
     ) -> None: ...
     def close(self) -> None: ...

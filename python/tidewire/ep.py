@@ -378,12 +378,12 @@ class Buffer:
             # The hook holds the output tensors (not just their addresses): the caller may drop
             # some (recv_count, the scales of a bf16 call) before it runs the hook, and their
             # memory must not go to another tensor before the receive kernel has written it.
-            held = (recv_x, scales, src_info, layout_range, recv_count, active, seq)
+            held = (recv_x, scales, src_info, layout_range, recv_count, seq)
 
             def hook() -> None:
-                rx, sc, si, lr, rc, act, _ = held
                 s = torch.cuda.current_stream().cuda_stream
-                self._native.dispatch_recv(s, shape, rx.data_ptr(), si.data_ptr(), lr.data_ptr(), rc.data_ptr(), act.data_ptr(), sc.data_ptr())
+                self._native.dispatch_recv(s, shape, outs, active.data_ptr())
+                _ = held  # named here, so the closure keeps the tensors until the hook runs
 
         handle = (src_info, layout_range, T, hidden, E)
         self._seqs[src_info.data_ptr()] = (seq, num_tokens, k, number)
@@ -446,12 +446,12 @@ class Buffer:
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
 
-            held = (topk_idx, topk_weights, out, active, seq)  # alive until the hook has run
+            held = (x, src_info, layout_range, topk_idx, topk_weights, out, seq)
 
             def hook() -> None:
-                tk, tw, o, act, _ = held
                 s = torch.cuda.current_stream().cuda_stream
-                self._native.combine_recv(s, shape, tk.data_ptr(), tw.data_ptr(), o.data_ptr(), act.data_ptr())
+                self._native.combine_recv(s, shape, io, active.data_ptr())
+                _ = held  # named here, so the closure keeps the tensors until the hook runs
                 self._open.discard(number)
 
         else:

@@ -297,44 +297,20 @@ impl Comm {
         if n == 1 {
             return Ok(());
         }
-        let mine: Vec<[u8; 8]> = (0..n)
-            .map(|r| {
-                let ok = self.links[r].as_ref().is_some_and(|l| l.direct.is_some());
-                [u8::from(ok); 8]
-            })
-            .collect();
-        let mut theirs = vec![[0u8; 8]; n];
-        {
-            let mut xfers = Vec::with_capacity(2 * n);
-            for (r, t) in theirs.iter_mut().enumerate() {
-                if r != me {
-                    xfers.push(self.sends(r, &mine[r]));
-                    xfers.push(self.recvs(r, t));
-                }
-            }
-            self.run("connecting", &mut xfers)?;
-        }
-        for (r, t) in theirs.iter().enumerate() {
-            if t[0] == 0 {
+        let peers = self.others();
+        let probed: Vec<bool> =
+            (0..n).map(|r| self.links[r].as_ref().is_some_and(|l| l.direct.is_some())).collect();
+        let theirs = self.swap_words("connecting", &peers, |r| [u8::from(probed[r]); 16])?;
+        for &r in &peers {
+            if theirs[r][0] == 0 {
                 if let Some(l) = self.links[r].as_mut() {
                     l.direct = None;
                 }
             }
         }
-        let all_mine = [u8::from(self.all_direct()); 8];
-        let mut all_theirs = vec![[0u8; 8]; n];
-        {
-            let mut xfers = Vec::with_capacity(2 * n);
-            for (r, t) in all_theirs.iter_mut().enumerate() {
-                if r != me {
-                    xfers.push(self.sends(r, &all_mine));
-                    xfers.push(self.recvs(r, t));
-                }
-            }
-            self.run("connecting", &mut xfers)?;
-        }
-        self.group_direct =
-            all_mine[0] == 1 && all_theirs.iter().enumerate().all(|(r, t)| r == me || t[0] == 1);
+        let all_mine = self.all_direct();
+        let all_theirs = self.swap_words("connecting", &peers, |_| [u8::from(all_mine); 16])?;
+        self.group_direct = all_mine && peers.iter().all(|&r| all_theirs[r][0] == 1);
         log::debug!("rank {me}: direct reads between every pair: {}", self.group_direct);
         Ok(())
     }
@@ -739,8 +715,9 @@ impl Comm {
     /// All-reduce by direct reads between processes of one host: each rank reduces its own
     /// block `parts[rank]` from every other rank's buffer (read into a scratch block), then
     /// reads every other rank's reduced block into its own buffer. Each block is reduced by
-    /// one rank only, so every rank ends with the same bytes. Tokens separate the phases: no
-    /// rank reads a block its owner still reduces, or returns while another reads its buffer.
+    /// one rank only, so every rank ends with the same bytes. The rounds separate the phases:
+    /// no rank reads a block its owner still reduces, or returns while another reads its
+    /// buffer.
     fn all_reduce_reads(
         &mut self,
         buf: &mut [u8],
@@ -748,21 +725,11 @@ impl Comm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
-        let (n, me) = (self.size, self.rank);
+        let me = self.rank;
         let name = "all_reduce";
-        let peers: Vec<usize> = (0..n).filter(|&r| r != me).collect();
+        let peers = self.others();
         let mine = encode_block(buf.as_ptr() as u64, buf.len());
-        let mut theirs = vec![[0u8; 16]; n];
-        {
-            let mut xfers = Vec::with_capacity(2 * n);
-            for (r, t) in theirs.iter_mut().enumerate() {
-                if r != me {
-                    xfers.push(self.sends(r, &mine));
-                    xfers.push(self.recvs(r, t));
-                }
-            }
-            self.run(name, &mut xfers)?;
-        }
+        let theirs = self.swap_words(name, &peers, |_| mine)?;
         let own = parts[me].clone();
         let mut scratch = vec![0u8; own.len()];
         for &r in &peers {
@@ -778,16 +745,10 @@ impl Comm {
                 reduce_into(&mut buf[own.clone()], &scratch, dtype, op);
             }
         }
-        self.tokens(name, &peers)?;
-        for &r in &peers {
-            let (addr, _) = decode_block(&theirs[r]);
-            let part = parts[r].clone();
-            if !part.is_empty() {
-                let len = part.len();
-                self.read_block(name, r, &mut buf[part.clone()], addr + part.start as u64, len)?;
-            }
-        }
-        self.tokens(name, &peers)
+        // Every reader wants our reduced block; the round that tells them where it is also
+        // tells them that it is reduced (and that we read nothing of theirs any more).
+        let reduced = (buf.as_ptr() as u64 + own.start as u64, own.len());
+        self.direct_exchange(name, buf, parts, &vec![reduced; self.size])
     }
 
     /// Every rank sends its whole buffer to every other and reduces all of them in rank order.
@@ -969,16 +930,33 @@ impl Comm {
 
     /// A token to and from each of `peers`: after it, neither side reads the other's buffers.
     fn tokens(&mut self, name: &str, peers: &[usize]) -> Result<()> {
-        let done = [1u8; 8];
-        let mut acks = vec![[0u8; 8]; self.size];
+        self.swap_words(name, peers, |_| [1u8; 16]).map(|_| ())
+    }
+
+    /// Sends `mine(r)` to every rank `r` of `peers` and receives its word (16 bytes) in one
+    /// round; returns them by rank (zeros for the others).
+    fn swap_words(
+        &mut self,
+        name: &str,
+        peers: &[usize],
+        mine: impl Fn(usize) -> [u8; 16],
+    ) -> Result<Vec<[u8; 16]>> {
+        let words: Vec<[u8; 16]> = (0..self.size).map(&mine).collect();
+        let mut theirs = vec![[0u8; 16]; self.size];
         let mut xfers = Vec::with_capacity(2 * peers.len());
-        for (r, a) in acks.iter_mut().enumerate() {
+        for (r, t) in theirs.iter_mut().enumerate() {
             if peers.contains(&r) {
-                xfers.push(self.sends(r, &done));
-                xfers.push(self.recvs(r, a));
+                xfers.push(self.sends(r, &words[r]));
+                xfers.push(self.recvs(r, t));
             }
         }
-        self.run(name, &mut xfers)
+        self.run(name, &mut xfers)?;
+        Ok(theirs)
+    }
+
+    /// Every rank but ours.
+    fn others(&self) -> Vec<usize> {
+        (0..self.size).filter(|&r| r != self.rank).collect()
     }
 
     /// Whether every pair of the group reads each other's buffers directly (one copy) for
@@ -1004,24 +982,12 @@ impl Comm {
         parts: &[Range<usize>],
         blocks: &[(u64, usize)],
     ) -> Result<()> {
-        let (n, me) = (self.size, self.rank);
-        let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
-        let mut theirs = vec![[0u8; 16]; n];
-        {
-            let mut xfers = Vec::with_capacity(2 * n);
-            for (r, t) in theirs.iter_mut().enumerate() {
-                if r != me {
-                    xfers.push(self.sends(r, &mine[r]));
-                    xfers.push(self.recvs(r, t));
-                }
-            }
-            self.run(name, &mut xfers)?;
-        }
-        for r in (0..n).filter(|&r| r != me) {
+        let peers = self.others();
+        let theirs = self.swap_words(name, &peers, |r| encode_block(blocks[r].0, blocks[r].1))?;
+        for &r in &peers {
             let (addr, len) = decode_block(&theirs[r]);
             self.read_block(name, r, &mut out[parts[r].clone()], addr, len)?;
         }
-        let peers: Vec<usize> = (0..n).filter(|&r| r != me).collect();
         self.tokens(name, &peers)
     }
 

@@ -9,6 +9,7 @@
 //! `sha2` crates) keyed by SHA-256 of the configured secret; proofs are compared in constant
 //! time. Nothing here does I/O or draws random numbers: the caller brings the nonces.
 
+use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -76,11 +77,11 @@ impl ClusterSecret {
     }
 
     fn mac(&self, role: Role, t: &Transcript) -> HmacSha256 {
-        // A 32-byte key is valid for HMAC, whatever its bytes.
-        let mut m = match HmacSha256::new_from_slice(&self.key) {
-            Ok(m) => m,
-            Err(_) => unreachable_key(),
-        };
+        // HMAC pads a key shorter than the hash's block with zeros: the 32-byte key padded to
+        // the 64-byte block is the same key, given in the one form that cannot be refused.
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(&self.key);
+        let mut m = <HmacSha256 as KeyInit>::new(&block.into());
         m.update(b"tidewire handshake v1");
         m.update(&[match role {
             Role::Initiator => 1,
@@ -101,15 +102,6 @@ impl ClusterSecret {
     /// Whether `proof` is `role`'s for handshake `t` (compared in constant time).
     pub fn verify(&self, role: Role, t: &Transcript, proof: &[u8]) -> bool {
         self.mac(role, t).verify_slice(proof).is_ok()
-    }
-}
-
-#[cold]
-fn unreachable_key() -> ! {
-    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
-    #[allow(clippy::panic)]
-    {
-        panic!("HMAC-SHA-256 refused a 32-byte key")
     }
 }
 
@@ -149,9 +141,24 @@ mod tests {
     }
 
     #[test]
+    fn the_key_padded_to_the_block_is_the_same_hmac_key() {
+        let s = ClusterSecret::new(b"alpha").unwrap();
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&s.key).unwrap();
+        m.update(b"tidewire handshake v1");
+        m.update(&[1]);
+        let tr = t(1, 2);
+        m.update(&tr.initiator.0.to_le_bytes());
+        m.update(&tr.target.0.to_le_bytes());
+        m.update(&tr.initiator_nonce);
+        m.update(&tr.target_nonce);
+        let want: Proof = m.finalize().into_bytes().into();
+        assert_eq!(s.prove(Role::Initiator, &tr), want);
+    }
+
+    #[test]
     fn hmac_sha256_matches_rfc_4231_case_2() {
         // The MAC primitive itself, against the RFC's test vector (key "Jefe").
-        let mut m = HmacSha256::new_from_slice(b"Jefe").unwrap();
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(b"Jefe").unwrap();
         m.update(b"what do ya want for nothing?");
         let out: [u8; 32] = m.finalize().into_bytes().into();
         let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();

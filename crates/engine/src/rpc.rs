@@ -310,10 +310,11 @@ impl Inbound {
             return Err(ConnError::Refused(why));
         }
         match h.kind {
-            FrameKind::Hello | FrameKind::Auth if !matches!(self.gate, Gate::Open) => {
+            FrameKind::Hello => self.expect(h, Sink::Bytes(Vec::new())),
+            // The proof, in its turn only (an open connection has no business with one).
+            FrameKind::Auth if matches!(self.gate, Gate::Proof(_)) => {
                 self.expect(h, Sink::Bytes(Vec::new()))
             }
-            FrameKind::Hello => self.expect(h, Sink::Bytes(Vec::new())),
             FrameKind::GetDescriptor => {
                 let json = inner.descriptor().to_json();
                 let header = Header::new(FrameKind::Descriptor, h.tag, 0, json.len() as u64);

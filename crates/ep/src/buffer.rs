@@ -308,19 +308,10 @@ impl Buffer {
             k.begin(stream, counter, c.seq_at).map_err(Self::gpu_err("numbering"))?;
             k.dispatch_send(stream, &a, x, topk, active, out.recv_x, out.scales, out.src_info)
                 .map_err(Self::gpu_err("dispatch send"))?;
-            if recv_now {
-                k.dispatch_recv(
-                    stream,
-                    &a,
-                    out.recv_x,
-                    out.src_info,
-                    out.layout_range,
-                    out.recv_count,
-                    active,
-                    out.scales,
-                )
-                .map_err(Self::gpu_err("dispatch receive"))?;
-            }
+        }
+        if recv_now {
+            // SAFETY: forwarded contract.
+            unsafe { self.launch_dispatch_recv(stream, &a, out, active) }?;
         }
         Ok(())
     }
@@ -346,38 +337,63 @@ impl Buffer {
         unsafe {
             k.combine_send(stream, &a, io.y, io.src_info, io.layout_range, active)
                 .map_err(Self::gpu_err("combine send"))?;
-            if recv_now {
-                k.combine_recv(stream, &a, io.topk, io.weights, io.out, active)
-                    .map_err(Self::gpu_err("combine receive"))?;
-            }
+        }
+        if recv_now {
+            // SAFETY: forwarded contract.
+            unsafe { self.launch_combine_recv(stream, &a, io, active) }?;
         }
         Ok(())
     }
 
-    /// Dispatch, receive phase, on `stream`.
+    /// Dispatch, receive phase, on `stream` (the hook of a dispatch made with `recv_now`
+    /// false).
     ///
     /// # Safety
-    /// As for [`Buffer::dispatch_send`], for the output tensors of the shapes
-    /// [`tidewire_gpu::ep::EpKernels::dispatch_recv`] names (`recv_count` zeroed; `scales`
-    /// with `fp8`).
-    #[allow(clippy::too_many_arguments)]
+    /// As for [`Buffer::dispatch`], with the call and outputs of that dispatch.
     pub unsafe fn dispatch_recv(
         &self,
         stream: u64,
         c: &Call,
-        recv_x: u64,
-        src_info: u64,
-        layout_range: u64,
-        recv_count: u64,
+        out: DispatchOut,
         active: u64,
-        scales: u64,
     ) -> Result<()> {
         let a = self.args(c)?;
+        // SAFETY: forwarded contract.
+        unsafe { self.launch_dispatch_recv(stream, &a, out, active) }
+    }
+
+    /// Combine, receive phase, on `stream` (the hook of a combine made with `recv_now`
+    /// false).
+    ///
+    /// # Safety
+    /// As for [`Buffer::combine`], with the call and tensors of that combine.
+    pub unsafe fn combine_recv(
+        &self,
+        stream: u64,
+        c: &Call,
+        io: CombineIo,
+        active: u64,
+    ) -> Result<()> {
+        let a = self.args(c)?;
+        // SAFETY: forwarded contract.
+        unsafe { self.launch_combine_recv(stream, &a, io, active) }
+    }
+
+    /// # Safety
+    /// As for [`Buffer::dispatch`].
+    unsafe fn launch_dispatch_recv(
+        &self,
+        stream: u64,
+        a: &EpArgs,
+        out: DispatchOut,
+        active: u64,
+    ) -> Result<()> {
+        let DispatchOut { recv_x, scales, src_info, layout_range, recv_count } = out;
         // SAFETY: forwarded contract.
         unsafe {
             self.kernels.dispatch_recv(
                 stream,
-                &a,
+                a,
                 recv_x,
                 src_info,
                 layout_range,
@@ -389,23 +405,17 @@ impl Buffer {
         .map_err(Self::gpu_err("dispatch receive"))
     }
 
-    /// Combine, receive phase, on `stream`.
-    ///
     /// # Safety
-    /// As for [`Buffer::dispatch_send`]; `weights` is `[num_tokens, topk]` fp32 and `out`
-    /// `[num_tokens, hidden]` bf16.
-    pub unsafe fn combine_recv(
+    /// As for [`Buffer::combine`].
+    unsafe fn launch_combine_recv(
         &self,
         stream: u64,
-        c: &Call,
-        topk: u64,
-        weights: u64,
-        out: u64,
+        a: &EpArgs,
+        io: CombineIo,
         active: u64,
     ) -> Result<()> {
-        let a = self.args(c)?;
         // SAFETY: forwarded contract.
-        unsafe { self.kernels.combine_recv(stream, &a, topk, weights, out, active) }
+        unsafe { self.kernels.combine_recv(stream, a, io.topk, io.weights, io.out, active) }
             .map_err(Self::gpu_err("combine receive"))
     }
 }

@@ -188,7 +188,7 @@ impl EpKernels {
     /// As for [`EpKernels::dispatch_send`]; `recv_x` is `[local_experts, ranks·max_tokens,
     /// hidden]` bf16 (e4m3 with `args.fp8`), `src_info` `[local_experts, ranks·max_tokens]`
     /// int32, `layout_range` `[local_experts, ranks]` int64, `recv_count` `[local_experts]`
-    /// int32 zeroed before; with `args.fp8`, `scales` is `[local_experts, hidden / 128,
+    /// int32 (all written here); with `args.fp8`, `scales` is `[local_experts, hidden / 128,
     /// ranks·max_tokens]` fp32 (else unused).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dispatch_recv(

@@ -116,7 +116,7 @@ impl PyComm {
         let (addr, len, cap) = region;
         let peers: Vec<PeerInfo> = peers
             .into_iter()
-            .map(|(name, region, pid)| PeerInfo { name, region, pid: Some(pid) })
+            .map(|(name, region, pid)| PeerInfo { name, region, pid: (pid != 0).then_some(pid) })
             .collect();
         let comm = py.detach(|| {
             let made =

@@ -56,6 +56,20 @@ impl PyEpBuffer {
 /// timeout_ns, fp8)`, `seq_at` the device word holding the call's number.
 type Shape = (usize, usize, usize, usize, u64, usize, usize, i64, bool);
 
+/// A dispatch's outputs as `tidewire.ep` passes them: `(recv_x, scales, src_info,
+/// layout_range, recv_count)`.
+fn dispatch_out(o: (u64, u64, u64, u64, u64)) -> DispatchOut {
+    let (recv_x, scales, src_info, layout_range, recv_count) = o;
+    DispatchOut { recv_x, scales, src_info, layout_range, recv_count }
+}
+
+/// A combine's tensors as `tidewire.ep` passes them: `(y, src_info, layout_range, topk,
+/// weights, out)`.
+fn combine_io(io: (u64, u64, u64, u64, u64, u64)) -> CombineIo {
+    let (y, src_info, layout_range, topk, weights, out) = io;
+    CombineIo { y, src_info, layout_range, topk, weights, out }
+}
+
 fn call(s: Shape) -> PyResult<Call> {
     let (t, h, r, e, seq_at, num_tokens, topk, timeout_ns, fp8) = s;
     let layout = Layout::new(t, h, r, e).map_err(to_py)?;
@@ -132,8 +146,7 @@ impl PyEpBuffer {
         recv_now: bool,
     ) -> PyResult<()> {
         let c = call(shape)?;
-        let (recv_x, scales, src_info, layout_range, recv_count) = out;
-        let out = DispatchOut { recv_x, scales, src_info, layout_range, recv_count };
+        let out = dispatch_out(out);
         // SAFETY: `tidewire.ep` passes live contiguous tensors of the documented shapes on the
         // buffer's GPU (the counter and sequence words its own), kept alive until the stream
         // work completes.
@@ -142,24 +155,19 @@ impl PyEpBuffer {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The receive phase of a dispatch made with `recv_now` false (its hook), with the same
+    /// shape and outputs.
     fn dispatch_recv(
         &self,
         py: Python<'_>,
         stream: u64,
         shape: Shape,
-        recv_x: u64,
-        src_info: u64,
-        layout_range: u64,
-        recv_count: u64,
+        out: (u64, u64, u64, u64, u64),
         active: u64,
-        scales: u64,
     ) -> PyResult<()> {
         let c = call(shape)?;
         // SAFETY: as in `dispatch`.
-        self.with(py, |b| unsafe {
-            b.dispatch_recv(stream, &c, recv_x, src_info, layout_range, recv_count, active, scales)
-        })
+        self.with(py, |b| unsafe { b.dispatch_recv(stream, &c, dispatch_out(out), active) })
     }
 
     /// A whole combine on `stream`: the send phase, and the receive phase unless `recv_now`
@@ -175,26 +183,24 @@ impl PyEpBuffer {
         recv_now: bool,
     ) -> PyResult<()> {
         let c = call(shape)?;
-        let (y, src_info, layout_range, topk, weights, out) = io;
-        let io = CombineIo { y, src_info, layout_range, topk, weights, out };
+        let io = combine_io(io);
         // SAFETY: as in `dispatch`.
         self.with(py, |b| unsafe { b.combine(stream, &c, io, active, recv_now) })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The receive phase of a combine made with `recv_now` false (its hook), with the same
+    /// shape and tensors.
     fn combine_recv(
         &self,
         py: Python<'_>,
         stream: u64,
         shape: Shape,
-        topk: u64,
-        weights: u64,
-        out: u64,
+        io: (u64, u64, u64, u64, u64, u64),
         active: u64,
     ) -> PyResult<()> {
         let c = call(shape)?;
         // SAFETY: as in `dispatch`.
-        self.with(py, |b| unsafe { b.combine_recv(stream, &c, topk, weights, out, active) })
+        self.with(py, |b| unsafe { b.combine_recv(stream, &c, combine_io(io), active) })
     }
 
     /// Unmaps the peers and frees the buffer (after the caller's stream work is done).

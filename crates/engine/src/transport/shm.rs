@@ -35,6 +35,7 @@ use crate::mem::{self, Mapping, PAGE};
 use crate::peer::{Held, MapCount};
 use crate::reactor::{Flow, Source};
 use crate::registry::{Pinned, Registry};
+use crate::transport::tcp;
 
 const HEADER: usize = PAGE;
 /// Initiators that can attach to one engine's shared memory at once.
@@ -572,31 +573,14 @@ impl ShmClient {
         let stream = UnixStream::connect_addr(&addr).map_err(|e| fail("connect to", &e))?;
         stream.set_read_timeout(Some(timeout)).map_err(|e| fail("configure", &e))?;
         stream.set_write_timeout(Some(timeout)).map_err(|e| fail("configure", &e))?;
-        // The handshake of the RPC port (the cluster secret proven both ways when in force).
-        let mut hs = Handshake::new(Instant::now(), timeout, Some(expect), creds.client());
-        let outcome = loop {
-            while let Some(frame) = hs.poll_transmit() {
-                (&stream).write_all(&frame).map_err(|e| fail("handshake with", &e))?;
-            }
-            if let Some(event) = hs.poll_event() {
-                break event;
-            }
-            let mut raw = [0u8; HEADER_LEN];
-            if let Err(e) = (&stream).read_exact(&mut raw) {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    hs.handle_closed();
-                    continue;
-                }
-                return Err(fail("handshake with", &e));
-            }
-            let h = Header::decode(&raw).map_err(|e| fail("handshake with", &e))?;
-            let mut payload = vec![0u8; h.payload_len() as usize];
-            (&stream).read_exact(&mut payload).map_err(|e| fail("handshake with", &e))?;
-            hs.handle_frame(Instant::now(), &h, &payload);
-        };
+        // The handshake of the RPC port (the cluster secret proven both ways when in force),
+        // all of it by its deadline.
+        let hs = Handshake::new(Instant::now(), timeout, Some(expect), creds.client());
+        let outcome = tcp::run_handshake(&stream, hs).map_err(|e| fail("handshake with", &e))?;
         if let HandshakeEvent::Failed(f) = outcome {
             return Err(fail("handshake with", &f));
         }
+        stream.set_read_timeout(Some(timeout)).map_err(|e| fail("configure", &e))?;
         let mut slot = [0u8; 4];
         (&stream).read_exact(&mut slot).map_err(|e| fail("attach to", &e))?;
         let slot = u32::from_le_bytes(slot);

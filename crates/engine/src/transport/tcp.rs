@@ -35,7 +35,7 @@ mod lane;
 mod oneshot;
 
 use lane::{Lane, Queued};
-pub(crate) use oneshot::{exchange, handshake, read_frame};
+pub(crate) use oneshot::{exchange, handshake, read_frame, run_handshake};
 
 /// Requests larger than this are split into chunks spread over the lanes.
 pub(crate) const CHUNK: u64 = 4 << 20;

@@ -36,9 +36,29 @@ pub(super) fn handshake_error(peer: &PeerRef, addr: SocketAddr, f: HandshakeFail
     }
 }
 
+/// A blocking stream whose reads can be bounded (TCP, and the shm socket's Unix stream).
+pub(crate) trait Timed {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Timed for TcpStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, t)
+    }
+}
+
+impl Timed for std::os::unix::net::UnixStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, t)
+    }
+}
+
 /// Reads one frame on a blocking stream, all of it by `due` (a peer that trickles bytes
 /// cannot stretch the wait: the socket's timeout is the time left before each read).
-pub(crate) fn read_frame(stream: &TcpStream, due: Instant) -> io::Result<(Header, Vec<u8>)> {
+pub(crate) fn read_frame<S: Timed>(stream: &S, due: Instant) -> io::Result<(Header, Vec<u8>)>
+where
+    for<'a> &'a S: Read,
+{
     let mut raw = [0u8; HEADER_LEN];
     read_exact_by(stream, &mut raw, due)?;
     let h = Header::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -47,7 +67,10 @@ pub(crate) fn read_frame(stream: &TcpStream, due: Instant) -> io::Result<(Header
     Ok((h, payload))
 }
 
-fn read_exact_by(stream: &TcpStream, mut buf: &mut [u8], due: Instant) -> io::Result<()> {
+fn read_exact_by<S: Timed>(stream: &S, mut buf: &mut [u8], due: Instant) -> io::Result<()>
+where
+    for<'a> &'a S: Read,
+{
     let mut s = stream;
     while !buf.is_empty() {
         let left = due.saturating_duration_since(Instant::now());
@@ -81,27 +104,13 @@ pub(crate) fn handshake(
         TcpStream::connect_timeout(&addr, deadlines.connect).map_err(|e| fail("connect to", &e))?;
     stream.set_nodelay(true).map_err(|e| fail("set_nodelay on", &e))?;
     stream.set_write_timeout(Some(deadlines.stall)).map_err(|e| fail("configure", &e))?;
-    let mut hs = Handshake::new(Instant::now(), deadlines.handshake, expect, creds.client());
-    let outcome = loop {
-        while let Some(frame) = hs.poll_transmit() {
-            (&stream).write_all(&frame).map_err(|e| fail("handshake with", &e))?;
+    let hs = Handshake::new(Instant::now(), deadlines.handshake, expect, creds.client());
+    let outcome = match run_handshake(&stream, hs) {
+        Ok(event) => event,
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(Error::Protocol { peer: peer.clone(), reason: e.to_string() });
         }
-        if let Some(event) = hs.poll_event() {
-            break event;
-        }
-        let Some(due) = hs.poll_timeout() else {
-            return Err(Error::Internal("a handshake ended without an outcome"));
-        };
-        let due = due.max(Instant::now() + Duration::from_millis(1));
-        match read_frame(&stream, due) {
-            Ok((h, payload)) => hs.handle_frame(Instant::now(), &h, &payload),
-            // The socket waited at least until `due`.
-            Err(e) if would_block(&e) => hs.handle_timeout(Instant::now().max(due)),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Err(Error::Protocol { peer: peer.clone(), reason: e.to_string() });
-            }
-            Err(e) => return Err(fail("handshake with", &e)),
-        }
+        Err(e) => return Err(fail("handshake with", &e)),
     };
     let id = match outcome {
         HandshakeEvent::Established(id) => id,
@@ -110,6 +119,34 @@ pub(crate) fn handshake(
     };
     stream.set_read_timeout(Some(POLL)).map_err(|e| fail("configure", &e))?;
     Ok((stream, id))
+}
+
+/// Drives handshake `hs` on a blocking stream to its outcome: what it sends is written, what
+/// arrives is read by its deadline (a frame that cannot be decoded is `InvalidData`).
+pub(crate) fn run_handshake<S: Timed>(stream: &S, mut hs: Handshake) -> io::Result<HandshakeEvent>
+where
+    for<'a> &'a S: Read + Write,
+{
+    loop {
+        while let Some(frame) = hs.poll_transmit() {
+            let mut s = stream;
+            s.write_all(&frame)?;
+        }
+        if let Some(event) = hs.poll_event() {
+            return Ok(event);
+        }
+        let Some(due) = hs.poll_timeout() else {
+            return Err(io::Error::other("a handshake ended without an outcome"));
+        };
+        let due = due.max(Instant::now() + Duration::from_millis(1));
+        match read_frame(stream, due) {
+            Ok((h, payload)) => hs.handle_frame(Instant::now(), &h, &payload),
+            // The socket waited at least until `due`.
+            Err(e) if would_block(&e) => hs.handle_timeout(Instant::now().max(due)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => hs.handle_closed(),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Sends one frame and reads one answer within `limit` (the write within the stream's write
