@@ -1,13 +1,14 @@
 """Collective benchmark, nccl-tests-style rows, for the tidewire torch.distributed backend and
 torch's own backends in the same run:
 
-    python bench/pg_bench.py [--backends tidewire,gloo] [--ranks 2] [--max-bytes 64M] [--device cpu]
+    python bench/pg_bench.py [--backends tidewire,gloo] [--ranks 2] [--max-bytes 64M] [--device cpu] [--graph]
 
 For every backend: one process per rank; all_reduce, all_gather (into tensor), reduce_scatter
 (tensor) and all_to_all_single from 8 bytes up to --max-bytes (×--step); each size timed as
 the median over --iters groups of back-to-back calls. busbw follows nccl-tests (all_reduce
 2(n−1)/n, the others (n−1)/n; all_gather sized by its output). Rank 0 prints the rows, then a
-table of tidewire against each other backend (time ratio, busbw ratio).
+table of tidewire against each other backend (time ratio, busbw ratio). With --graph (CUDA),
+each batch of calls is captured once in a CUDA graph and the replays are timed.
 """
 
 from __future__ import annotations
@@ -63,9 +64,21 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
         }
         big = nbytes >= (16 << 20)
         iters, batch = (5, 2) if big else (args.iters, 10)
-        for name, (fn, factor) in ops.items():
+        for name, (call, factor) in ops.items():
             for _ in range(2 * batch):
-                fn()
+                call()
+            fn = call
+            if args.graph:
+                # `batch` calls captured in a CUDA graph; a replay stands for the batch.
+                g = torch.cuda.CUDAGraph()
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+                    for _ in range(batch):
+                        call()
+                torch.cuda.current_stream().wait_stream(s)
+                fn, batch_calls = g.replay, batch
+                batch = 1
             times = []
             for _ in range(iters):
                 if dev.type == "cuda":
@@ -76,6 +89,9 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - a) * 1e6 / batch)
+            if args.graph:
+                batch = batch_calls
+                times = [t_ / batch for t_ in times]
             med = statistics.median(times)
             moved = nbytes * n if name == "all_gather" else nbytes
             algbw = moved / med / 1e3
@@ -102,6 +118,7 @@ def main() -> None:
     p.add_argument("--max-bytes", type=parse_size, default=parse_size("64M"))
     p.add_argument("--step", type=int, default=4)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--graph", action="store_true", help="CUDA: time replays of the calls captured in a graph")
     args = p.parse_args()
     results: Dict[str, List[dict]] = {}
     for backend in args.backends.split(","):
@@ -110,7 +127,7 @@ def main() -> None:
         with open(out_path) as f:
             results[backend] = json.load(f)
         os.unlink(out_path)
-        print(f"# backend {backend} ranks {args.ranks} device {args.device} dtype {args.dtype}")
+        print(f"# backend {backend} ranks {args.ranks} device {args.device} dtype {args.dtype}{' graph' if args.graph else ''}")
         print(f"{'bytes':>12} {'op':>15} {'time_us':>10} {'algbw':>8} {'busbw':>8}")
         for r in results[backend]:
             print(f"{r['bytes']:>12} {r['op']:>15} {r['time_us']:>10.1f} {r['algbw']:>8.2f} {r['busbw']:>8.2f}")

@@ -339,40 +339,118 @@ def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
 
 
 def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
-    """CUDA tensors (staged through host memory so far): results on the tensors' GPU, equal
-    to the references; a capture refused with the reason."""
+    """CUDA tensors: every collective on the NVLink path (or staged through host memory, with
+    arg "staged") against references computed here; the collective waits for a kernel still
+    running on the current stream; async work; a CUDA graph captured and replayed (refused
+    with the reason when staged)."""
+    staged = arg == "staged"
+    if staged:
+        os.environ["TIDEWIRE_PG_CUDA"] = "0"
     torch.cuda.set_device(rank)
     init(rank, size, port)
     dev = torch.device("cuda", rank)
+    pg = dist.distributed_c10d._get_default_group()
     bad: List[str] = []
-    for dtype in [torch.float32, torch.bfloat16, torch.int64]:
-        for op in ["sum", "max"]:
+    if staged == (getattr(pg, "_cuda", None) is not None):
+        bad.append(f"path: staged={staged} but the group's CUDA path is {getattr(pg, '_cuda', None)}")
+    types = INT_TYPES + FLOAT_TYPES + [torch.bool] if not staged else [torch.float32, torch.bfloat16, torch.int64]
+    for dtype in types:
+        for op in (["sum", "max"] if staged else list(OPS)):
+            if dtype == torch.bool and op == "avg":
+                continue
             t = data(rank, dtype).to(dev)
-            # Queued work the collective must see: the value is only there after the kernel.
-            t.mul_(1)
+            if dtype != torch.bool:
+                t.mul_(1)  # queued work the collective must see
             dist.all_reduce(t, op=OPS[op])
             if t.device != dev or not close(t.cpu(), reference(size, dtype, op)):
                 bad.append(f"all_reduce {dtype} {op}")
+    # Sizes around the kernels' chunking (16-byte pieces, rounds through the buffer).
+    for n in [1, 3, 4097, 1 << 20, (9 << 20) + 5]:
+        t = data(rank, torch.float32, n).to(dev)
+        dist.all_reduce(t)
+        if not close(t.cpu(), reference(size, torch.float32, "sum", n)):
+            bad.append(f"all_reduce of {n} floats")
+        x = data(rank, torch.bfloat16, n).to(dev)
+        out = torch.empty(size * n, dtype=torch.bfloat16, device=dev)
+        dist.all_gather_into_tensor(out, x)
+        if not torch.equal(out.cpu(), torch.cat([data(r, torch.bfloat16, n) for r in range(size)])):
+            bad.append(f"all_gather_into_tensor of {n}")
+    # The collective waits for a kernel still running on the current stream.
+    src = data(rank, torch.float32, 1 << 16).to(dev)
+    t = torch.zeros(1 << 16, device=dev)
+    torch.cuda._sleep(100_000_000)
+    t.copy_(src)
+    dist.all_reduce(t)
+    if not close(t.cpu(), reference(size, torch.float32, "sum", 1 << 16)):
+        bad.append("all_reduce after a running kernel")
+    # Async: the work's wait() orders the current stream.
+    t = data(rank, torch.float64).to(dev)
+    w = dist.all_reduce(t, async_op=True)
+    w.wait()
+    if not close(t.cpu(), reference(size, torch.float64, "sum")):
+        bad.append("async all_reduce")
     x = data(rank, torch.float32, 400).to(dev)
     out = torch.empty(size * 400, device=dev)
     dist.all_gather_into_tensor(out, x)
     if not torch.equal(out.cpu(), torch.cat([data(r, torch.float32, 400) for r in range(size)])):
         bad.append("all_gather_into_tensor")
+    outs = [torch.empty(400, device=dev) for _ in range(size)]
+    dist.all_gather(outs, x)
+    if not all(torch.equal(o.cpu(), data(r, torch.float32, 400)) for r, o in enumerate(outs)):
+        bad.append("all_gather")
+    for op in ["sum", "avg", "max"]:
+        full = data(rank, torch.float32, size * 100).to(dev)
+        rs = torch.empty(100, device=dev)
+        dist.reduce_scatter_tensor(rs, full, op=OPS[op])
+        if not close(rs.cpu(), reference(size, torch.float32, op, size * 100)[rank * 100 : (rank + 1) * 100]):
+            bad.append(f"reduce_scatter_tensor {op}")
     full = data(rank, torch.float32, size * 100).to(dev)
     rs = torch.empty(100, device=dev)
-    dist.reduce_scatter_tensor(rs, full)
+    dist.reduce_scatter(rs, list(full.chunk(size)))
     if not close(rs.cpu(), reference(size, torch.float32, "sum", size * 100)[rank * 100 : (rank + 1) * 100]):
-        bad.append("reduce_scatter_tensor")
+        bad.append("reduce_scatter (list)")
     a = torch.arange(size * 3, dtype=torch.int32, device=dev) + rank * 1000
     b = torch.empty_like(a)
     dist.all_to_all_single(b, a)
     want = torch.cat([torch.arange(rank * 3, rank * 3 + 3, dtype=torch.int32) + s * 1000 for s in range(size)])
     if not torch.equal(b.cpu(), want):
         bad.append("all_to_all_single")
-    c = data(rank, torch.int32).to(dev)
-    dist.broadcast(c, src=0)
-    if not torch.equal(c.cpu(), data(0, torch.int32)):
-        bad.append("broadcast")
+    # Uneven splits: rank s sends (s + d + 1) * 1000 + 7 rows of 3 to rank d.
+    rows = lambda s_, d_: (s_ + d_ + 1) * 1000 + 7  # noqa: E731
+    send = torch.cat([torch.full((rows(rank, d), 3), rank * 100 + d, dtype=torch.int16) for d in range(size)]).to(dev)
+    recv = torch.empty(sum(rows(s_, rank) for s_ in range(size)), 3, dtype=torch.int16, device=dev)
+    dist.all_to_all_single(recv, send, [rows(s_, rank) for s_ in range(size)], [rows(rank, d) for d in range(size)])
+    want16 = torch.cat([torch.full((rows(s_, rank), 3), s_ * 100 + rank, dtype=torch.int16) for s_ in range(size)])
+    if not torch.equal(recv.cpu(), want16):
+        bad.append("all_to_all_single uneven")
+    lo = [torch.full((5,), rank * 10 + d, dtype=torch.int64, device=dev) for d in range(size)]
+    li = [torch.empty(5, dtype=torch.int64, device=dev) for _ in range(size)]
+    dist.all_to_all(li, lo)
+    if not all(torch.equal(li[s_].cpu(), torch.full((5,), s_ * 10 + rank, dtype=torch.int64)) for s_ in range(size)):
+        bad.append("all_to_all")
+    for root in range(size):
+        c = data(rank, torch.int32).to(dev)
+        dist.broadcast(c, src=root)
+        if not torch.equal(c.cpu(), data(root, torch.int32)):
+            bad.append(f"broadcast from {root}")
+        r_ = data(rank, torch.float32).to(dev)
+        dist.reduce(r_, dst=root, op=dist.ReduceOp.SUM)
+        if rank == root and not close(r_.cpu(), reference(size, torch.float32, "sum")):
+            bad.append(f"reduce to {root}")
+        g_in = data(rank, torch.float32, 50).to(dev)
+        g_out = [torch.empty(50, device=dev) for _ in range(size)] if rank == root else None
+        dist.gather(g_in, g_out, dst=root)
+        if rank == root and not all(torch.equal(o.cpu(), data(s_, torch.float32, 50)) for s_, o in enumerate(g_out or [])):
+            bad.append(f"gather to {root}")
+        s_out = torch.empty(50, device=dev)
+        s_in = [data(d, torch.float32, 50).to(dev) for d in range(size)] if rank == root else None
+        dist.scatter(s_out, s_in, src=root)
+        if not torch.equal(s_out.cpu(), data(rank, torch.float32, 50)):
+            bad.append(f"scatter from {root}")
+    objs: List[Any] = [None] * size
+    dist.all_gather_object(objs, {"rank": rank})
+    if objs != [{"rank": r} for r in range(size)]:
+        bad.append(f"all_gather_object {objs}")
     if size > 1:
         nxt, prv = (rank + 1) % size, (rank - 1) % size
         s_ = data(rank, torch.float32, 1000).to(dev)
@@ -382,19 +460,87 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
             q.wait()
         if not torch.equal(r_.cpu(), data(prv, torch.float32, 1000)):
             bad.append("batch_isend_irecv")
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            dist.all_reduce(torch.ones(4, device=dev))
-        bad.append("capture was accepted")
-    except NotImplementedError as e:
-        if "NVLink" not in str(e):
-            bad.append(f"capture refused without the reason: {e}")
-    except Exception as e:  # noqa: BLE001 (torch may wrap it)
-        if "NVLink" not in str(e):
-            bad.append(f"capture failed otherwise: {e!r}")
+    bad += _cuda_graph(rank, size, dev, staged)
+    dist.barrier()
     dist.destroy_process_group()
     return bad
+
+
+def _cuda_graph(rank: int, size: int, dev: torch.device, staged: bool) -> List[str]:
+    """all_reduce, all_gather and reduce_scatter captured in a CUDA graph and replayed with new
+    inputs (refused with the reason when the group stages CUDA tensors)."""
+    bad: List[str] = []
+    ar = torch.zeros(1000, device=dev)
+    ag_in = torch.zeros(300, device=dev)
+    ag_out = torch.empty(size * 300, device=dev)
+    rs_in = torch.zeros(size * 200, device=dev)
+    rs_out = torch.empty(200, device=dev)
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(g, stream=s):
+                dist.all_reduce(ar)
+                dist.all_gather_into_tensor(ag_out, ag_in)
+                dist.reduce_scatter_tensor(rs_out, rs_in)
+    except Exception as e:  # noqa: BLE001 (torch may wrap it)
+        if not staged:
+            return [f"capture failed: {e!r}"]
+        if "NVLink" not in str(e):
+            bad.append(f"capture refused without the reason: {e}")
+        return bad
+    if staged:
+        return ["capture was accepted while staging"]
+    for i in range(3):
+        ar.copy_(data(rank + 10 * i, torch.float32, 1000).to(dev))
+        ag_in.copy_(data(rank + 10 * i, torch.float32, 300).to(dev))
+        rs_in.copy_(data(rank + 10 * i, torch.float32, size * 200).to(dev))
+        g.replay()
+        torch.cuda.synchronize(dev)
+        want = sum(data(r + 10 * i, torch.float32, 1000).double() for r in range(size))
+        if not close(ar.cpu(), want.float()):
+            bad.append(f"replay {i}: all_reduce")
+        if not torch.equal(ag_out.cpu(), torch.cat([data(r + 10 * i, torch.float32, 300) for r in range(size)])):
+            bad.append(f"replay {i}: all_gather")
+        full = sum(data(r + 10 * i, torch.float32, size * 200).double() for r in range(size))
+        if not close(rs_out.cpu(), full[rank * 200 : (rank + 1) * 200].float()):
+            bad.append(f"replay {i}: reduce_scatter")
+    return bad
+
+
+def body_cuda_failure(rank: int, size: int, port: int, arg: str) -> Any:
+    """CUDA tensors on the NVLink path: the last rank is SIGKILLed (arg "kill") or SIGSTOPped
+    (arg "stop") while the others run collectives; every survivor's operations end, and the
+    next one (or the barrier) raises naming the rank, within the group's timeout."""
+    timeout = 6.0
+    torch.cuda.set_device(rank)
+    init(rank, size, port, timeout_s=timeout)
+    dev = torch.device("cuda", rank)
+    victim = size - 1
+    t = torch.ones(1 << 20, device=dev)
+    dist.all_reduce(t)
+    torch.cuda.synchronize(dev)
+    if rank == victim:
+        os.kill(os.getpid(), signal.SIGKILL if arg == "kill" else signal.SIGSTOP)
+        return ["the victim outlived its signal"]
+    start = time.monotonic()
+    err = None
+    try:
+        for _ in range(100):
+            dist.all_reduce(t)
+        dist.barrier()
+    except Exception as e:  # noqa: BLE001
+        err = e
+    took = time.monotonic() - start
+    out: Dict[str, Any] = {"took": took, "error": repr(err), "ranks": getattr(err, "ranks", None)}
+    try:
+        dist.all_reduce(t)
+        out["later"] = "succeeded"
+    except Exception as e:  # noqa: BLE001
+        out["later"] = type(e).__name__
+    dist.destroy_process_group()
+    return out
 
 
 def body_lifetime(rank: int, size: int, port: int, arg: str) -> Any:
@@ -435,6 +581,7 @@ def body_lifetime(rank: int, size: int, port: int, arg: str) -> Any:
 BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "lifetime": body_lifetime,
     "cuda": body_cuda,
+    "cuda_failure": body_cuda_failure,
     "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,

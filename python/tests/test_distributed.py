@@ -121,9 +121,33 @@ def test_the_mooncake_pg_names_sglang_calls() -> None:
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason="needs two CUDA GPUs on one host (scripts/gpu-test.sh runs it on the GPU host)",
 )
-def test_cuda_tensors_are_staged_through_host_memory_correctly() -> None:
+def _two_gpus() -> None:
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (scripts/gpu-test.sh runs it on the GPU host)")
+
+
+def test_cuda_collectives_over_nvlink_match_the_references_and_replay_in_a_graph() -> None:
+    _two_gpus()
     for rank, bad in enumerate(run_group("cuda", 2)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+def test_cuda_tensors_staged_through_host_memory_are_correct_and_refuse_capture() -> None:
+    _two_gpus()
+    for rank, bad in enumerate(run_group("cuda", 2, "staged")):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_killed_or_stopped_rank_ends_the_cuda_collectives_of_the_others(how: str) -> None:
+    _two_gpus()
+    timeout = 6.0
+    (out, _) = run_group("cuda_failure", 2, how, expect_dead=1)
+    assert out["took"] < timeout + 5, f"failed after {out['took']:.1f} s"
+    assert "rank 1" in out["error"] and out["ranks"] == [1], out
+    assert out["later"] != "succeeded", out
 
 
 def test_groups_created_and_destroyed_twenty_times_leave_nothing_behind() -> None:

@@ -2,7 +2,7 @@
 
 from typing import Any, Dict, List, Optional, Tuple, final
 
-__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "EpBuffer", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "gpu_status", "last_allocation_failure"]
+__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "CudaCommunicator", "EpBuffer", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "gpu_status", "last_allocation_failure"]
 
 __version__: str
 
@@ -167,6 +167,38 @@ class Communicator:
     def wait(self, op_id: int, what: str = "wait") -> None: ...
     def test(self, op_id: int) -> bool: ...
     def dead_ranks(self) -> List[int]: ...
+    def close(self) -> None: ...
+
+@final
+class CudaCommunicator:
+    @staticmethod
+    def allocate(engine: Engine, device: int, ranks: int) -> Tuple[int, int]: ...
+    def __new__(
+        cls, engine: Engine, rank: int, device: int, peers: List[Tuple[str, int, int]], timeout_s: float
+    ) -> CudaCommunicator: ...
+    def unreached(self) -> List[Tuple[int, str]]: ...
+    def paths(self) -> List[str]: ...
+    def check(self) -> None: ...
+    def exchange(
+        self,
+        stream: int,
+        op: str,
+        send_base: int,
+        send: List[Tuple[int, int]],
+        recv_base: int,
+        recv: List[Tuple[int, int]],
+    ) -> None: ...
+    def reduce(
+        self,
+        stream: int,
+        op: str,
+        send_base: int,
+        send: List[Tuple[int, int]],
+        recv_base: int,
+        recv: List[Tuple[int, int]],
+        dtype_: str,
+        redop: str,
+    ) -> None: ...
     def close(self) -> None: ...
 
 @final

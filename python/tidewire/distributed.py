@@ -1,5 +1,6 @@
-"""The ``torch.distributed`` backend ``"tidewire"`` (CPU tensors; CUDA tensors staged through
-host memory until the NVLink path exists).
+"""The ``torch.distributed`` backend ``"tidewire"``: CPU tensors through shared memory (or tcp
+across hosts), CUDA tensors over NVLink between the GPUs of one host (staged through host
+memory where no GPU path reaches every rank).
 
 ``import tidewire.distributed`` registers it::
 
@@ -17,9 +18,20 @@ rank that died fails the operation at once (naming it), a rank that stopped fail
 timeout, and the group then refuses further work (destroy it and form a new one).
 
 The group is a Python subclass of ``torch.distributed.ProcessGroup``: PyTorch calls its methods
-for every collective, point-to-point operation and functional collective. Collectives complete
-before they return (``async_op=True`` gets a completed work); ``isend``/``irecv`` return at once
-and progress during later operations and ``wait()``.
+for every collective, point-to-point operation and functional collective. CPU collectives
+complete before they return (``async_op=True`` gets a completed work); ``isend``/``irecv``
+return at once and progress during later operations and ``wait()``.
+
+CUDA collectives on the NVLink path are kernels enqueued on the current stream: the call
+returns at once, ``work.wait()`` makes the then-current stream wait (never the host), and
+all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, reduce, gather and scatter can
+be captured in a CUDA graph. The path starts with the group when CUDA is initialised in the
+process (else at the group's first CUDA collective): every rank allocates a GPU buffer, the
+ranks exchange them through the store and map each other's, and the kernels are loaded. If
+any rank has no GPU path to another, every rank stages CUDA tensors through host memory
+(logged once with the reason). A rank that dies or stops makes the kernels of the others end
+at the group's timeout (or at once, for a death); the next operation, or ``barrier()``, raises
+naming the operation, the rank and why. ``TIDEWIRE_PG_CUDA=0`` stages every CUDA tensor.
 
 Point-to-point messages and collectives travel on the same ordered channels between two ranks
 (as on one NCCL communicator): a rank must not post an ``isend`` to a peer that runs a
@@ -165,6 +177,16 @@ class _Flat:
             self.orig.copy_(self.t)
 
 
+def _overlap_t(whole: torch.Tensor, part: torch.Tensor, index: int) -> bool:
+    """Whether `part` shares bytes with `whole` other than as its `index`-th shard (the
+    in-place form the kernels handle): such an input is copied first."""
+    a, n = whole.data_ptr(), _nbytes(whole)
+    b, m = part.data_ptr(), _nbytes(part)
+    if not (a < b + m and b < a + n and n > 0 and m > 0):
+        return False
+    return b != a + index * m
+
+
 def _overlap(a: _Flat, b: _Flat) -> bool:
     """Whether two flattened tensors share bytes (an in-place collective: the input is the
     output's own shard)."""
@@ -208,6 +230,128 @@ class _P2PWork(dist.Work):
         return fut
 
 
+class _CudaWork(dist.Work):
+    """A collective enqueued on a stream: ``wait()`` makes the current stream wait for it."""
+
+    def __init__(self, stream: "torch.cuda.Stream", result: Any) -> None:
+        super().__init__()
+        self._stream, self._result = stream, result
+
+    def wait(self, timeout: Optional[timedelta] = None) -> bool:
+        cur = torch.cuda.current_stream(self._stream.device)
+        if cur != self._stream:
+            cur.wait_stream(self._stream)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._stream.query()
+
+    def is_success(self) -> bool:
+        return True
+
+    def get_future(self) -> Future:
+        fut: Future = Future()
+        fut.set_result(self._result)
+        return fut
+
+
+class _CudaPath:
+    """A group's NVLink path: every rank's GPU buffer mapped for this rank's GPU, and the
+    collectives as kernels on the current stream."""
+
+    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta, device: int) -> None:
+        self.device, self.rank, self.size = device, rank, size
+        self.comm: Optional[Any] = None
+        self.reason = ""
+        eng = engine()
+        addr, length = _native.CudaCommunicator.allocate(eng._native, device, size)
+        blocks = os.environ.get("TIDEWIRE_PG_CUDA_BLOCKS", "")
+        store.set(f"tidewire/cuda/{rank}", json.dumps({"name": eng.name, "addr": addr, "len": length, "blocks": blocks}))
+        keys = [f"tidewire/cuda/{r}" for r in range(size)]
+        store.wait(keys, timeout)
+        infos = [json.loads(store.get(k)) for k in keys]
+        for r, info in enumerate(infos):
+            if info.get("blocks", "") != blocks:
+                raise ValueError(
+                    f"tidewire: rank {r} has TIDEWIRE_PG_CUDA_BLOCKS={info.get('blocks')!r} and this rank "
+                    f"{blocks!r}: set it alike on every rank"
+                )
+        peers = [(i["name"], int(i["addr"]), int(i["len"])) for i in infos]
+        comm = _native.CudaCommunicator(eng._native, rank, device, peers, timeout.total_seconds())
+        # Every rank takes the same path: the NVLink one only if every rank reaches every other.
+        mine = [f"rank {rank} -> rank {r}: {why}" for r, why in comm.unreached()]
+        store.set(f"tidewire/cuda-verdict/{rank}", json.dumps(mine))
+        keys = [f"tidewire/cuda-verdict/{r}" for r in range(size)]
+        store.wait(keys, timeout)
+        refusals = [why for k in keys for why in json.loads(store.get(k))]
+        if refusals:
+            comm.close()
+            self.reason = "; ".join(refusals)
+            logging.getLogger("tidewire").warning(
+                "tidewire: rank %d: CUDA tensors are staged through host memory (no GPU path between every "
+                "pair of ranks: %s)", rank, self.reason,
+            )
+        else:
+            self.comm = comm
+            logging.getLogger("tidewire").info(
+                "tidewire: rank %d: CUDA collectives over NVLink on cuda:%d (paths %s)", rank, device, comm.paths()
+            )
+
+    def close(self) -> None:
+        if self.comm is not None:
+            # The kernels end by the group's timeout at the latest; the buffer is freed after.
+            torch.cuda.synchronize(self.device)
+            self.comm.close()
+            self.comm = None
+
+    def _stream(self) -> "torch.cuda.Stream":
+        return torch.cuda.current_stream(self.device)
+
+    def work(self, result: Any) -> dist.Work:
+        return _CudaWork(self._stream(), result)
+
+    def exchange(self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple]) -> None:
+        if self.comm is None:
+            raise RuntimeError("tidewire: the group's CUDA path was closed")
+        self.comm.exchange(self._stream().cuda_stream, op, send_base, send, recv_base, recv)
+
+    def reduce(self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str) -> None:
+        if self.comm is None:
+            raise RuntimeError("tidewire: the group's CUDA path was closed")
+        self.comm.reduce(self._stream().cuda_stream, op, send_base, send, recv_base, recv, dtype, redop)
+
+
+def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:
+    """all_to_all_single's split sizes (rows of `t`) as bytes per rank."""
+    row = (t.numel() // t.shape[0] if t.dim() > 0 and t.shape[0] else 0) * t.element_size()
+    rows = t.shape[0] if t.dim() else 0
+    if not sizes:
+        if t.dim() == 0 or rows % n:
+            raise ValueError(f"all_to_all_single: {rows} rows do not split evenly over {n} ranks")
+        return [rows // n * row] * n
+    if len(sizes) != n or any(int(x) < 0 for x in sizes) or sum(int(x) for x in sizes) != rows:
+        raise ValueError(f"all_to_all_single: split sizes {list(sizes)} do not cover the {rows} rows over {n} ranks")
+    return [int(s) * row for s in sizes]
+
+
+def _segments(sizes: Sequence[int]) -> List[tuple]:
+    """Consecutive `(offset, length)` segments of these byte sizes."""
+    out, at = [], 0
+    for s in sizes:
+        out.append((at, int(s)))
+        at += int(s)
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy (enqueued on the current stream) when it is not."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 class ProcessGroupTidewire(dist.ProcessGroup):
     """One group of the ``tidewire`` backend (see the module's documentation)."""
 
@@ -240,6 +384,13 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             # for large collectives where the kernel allows it.
             peers.append((info["name"], int(info["region"]), int(info.get("pid", 0))))
         self._comm = _native.Communicator(eng._native, rank, region, peers, timeout.total_seconds())
+        self._store = store
+        #: The NVLink path of CUDA tensors: started now when CUDA is initialised in this
+        #: process, else at the first CUDA collective (every rank reaches it at the same call).
+        self._cuda: Optional[_CudaPath] = None
+        self._cuda_started = False
+        if size > 1 and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0" and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._start_cuda(torch.cuda.current_device())
 
     # --- identity -------------------------------------------------------------------------
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
@@ -280,8 +431,36 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return self._comm.dead_ranks()
 
     def shutdown(self) -> None:
+        if self._cuda is not None:
+            self._cuda.close()
         self._comm.close()
         self._inflight.clear()
+
+    def _start_cuda(self, device: int) -> None:
+        self._cuda_started = True
+        try:
+            path = _CudaPath(self._store, self._rank, self._size, self._timeout, device)
+        except _native.TidewireError as e:
+            self._failed_ranks = sorted(set(self._failed_ranks) | set(getattr(e, "ranks", [])))
+            raise
+        self._cuda = path if path.comm is not None else None
+
+    def _nv(self, *tensors: torch.Tensor) -> Optional[_CudaPath]:
+        """The NVLink path if these tensors take it (CUDA tensors of the path's GPU)."""
+        if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
+            return None
+        if not self._cuda_started and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0":
+            self._start_cuda(tensors[0].device.index)
+        path = self._cuda
+        if path is None:
+            return None
+        for t in tensors:
+            if t.device.type != "cuda" or t.device.index != path.device:
+                raise ValueError(
+                    f"tidewire: the group's CUDA path is on cuda:{path.device}; a tensor is on {t.device}"
+                )
+        return path
+
 
     def _reduce_name(self, opts: Any) -> str:
         return _op_name(opts.reduceOp)
@@ -289,6 +468,16 @@ class ProcessGroupTidewire(dist.ProcessGroup):
     # --- collectives ----------------------------------------------------------------------
     def allreduce(self, tensors: List[torch.Tensor], opts: Any = None) -> dist.Work:
         op = _op_name(opts.reduceOp) if opts is not None else "sum"
+        nv = self._nv(*tensors)
+        if nv is not None:
+            for t in tensors:
+                d, n = _dense(t), _nbytes(t)
+                if n:
+                    whole = [(0, n)] * self._size
+                    self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(t), op)
+                if d is not t:
+                    t.copy_(d)
+            return nv.work(tensors)
         for t in tensors:
             f = _Flat(t, "all_reduce")
             self._call(self._comm.all_reduce, f.addr, f.nbytes, _dtype(t), op)
@@ -299,6 +488,20 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return self.allreduce(tensors, opts)
 
     def broadcast(self, tensors: List[torch.Tensor], opts: Any) -> dist.Work:
+        nv = self._nv(*tensors)
+        if nv is not None:
+            root = opts.rootRank
+            for t in tensors:
+                d, n = _dense(t), _nbytes(t)
+                me = self._rank == root
+                # The root sends to every rank (its own segment is in place); the others
+                # receive from the root.
+                send = [(0, n if me else 0)] * self._size
+                recv = [(0, n if r == root else 0) for r in range(self._size)]
+                self._call(nv.exchange, "broadcast", d.data_ptr(), send, d.data_ptr(), recv)
+                if d is not t:
+                    t.copy_(d)
+            return nv.work(tensors)
         for t in tensors:
             f = _Flat(t, "broadcast")
             self._call(self._comm.broadcast, f.addr, f.nbytes, opts.rootRank)
@@ -306,6 +509,19 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return _done(tensors)
 
     def _gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        nv = self._nv(out, inp)
+        if nv is not None:
+            o, i = _dense(out), _dense(inp)
+            c = _nbytes(i)
+            if _nbytes(o) != c * self._size or o.dtype != i.dtype:
+                raise ValueError(f"all_gather: an output of {_nbytes(o)} bytes for {self._size} inputs of {c}")
+            if _overlap_t(o, i, self._rank):
+                i = i.clone()
+            self._call(nv.exchange, "all_gather", i.data_ptr(), [(0, c)] * self._size, o.data_ptr(),
+                       [(r * c, c) for r in range(self._size)])
+            if o is not out:
+                out.copy_(o)
+            return
         fo, fi = _Flat(out, "all_gather"), _Flat(inp, "all_gather", write_back=False)
         if _overlap(fo, fi):
             fi = _Flat(fi.t.clone(), "all_gather", write_back=False)
@@ -313,23 +529,43 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         fo.done()
 
     def allgather(self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None) -> dist.Work:
+        nv = self._nv(*inputs)
         for outs, inp in zip(outputs, inputs):
-            flat = torch.empty((self._size,) + tuple(inp.shape), dtype=inp.dtype)
+            flat = torch.empty((self._size,) + tuple(inp.shape), dtype=inp.dtype, device=inp.device if nv else "cpu")
             self._gather_into(flat, inp)
             for o, part in zip(outs, flat):
                 o.copy_(part)
-        return _done(outputs)
+        return nv.work(outputs) if nv is not None else _done(outputs)
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         self._gather_into(output, input)
-        return _done(output)
+        return self._work(output, output)
 
     def allgather_into_tensor_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> dist.Work:
         for o, i in zip(outputs, inputs):
             self._gather_into(o, i)
-        return _done(outputs)
+        return self._work(outputs, *outputs)
+
+    def _work(self, result: Any, *tensors: torch.Tensor) -> dist.Work:
+        """The work of a finished call: a stream-ordered one for tensors of the NVLink path."""
+        if tensors and tensors[0].device.type == "cuda" and self._cuda is not None:
+            return self._cuda.work(result)
+        return _done(result)
 
     def _scatter_reduce(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
+        nv = self._nv(out, inp)
+        if nv is not None:
+            o, i = _dense(out), _dense(inp)
+            c = _nbytes(o)
+            if _nbytes(i) != c * self._size or o.dtype != i.dtype:
+                raise ValueError(f"reduce_scatter: an input of {_nbytes(i)} bytes for {self._size} outputs of {c}")
+            if _overlap_t(i, o, self._rank):
+                i = i.clone()
+            self._call(nv.reduce, "reduce_scatter", i.data_ptr(), [(r * c, c) for r in range(self._size)],
+                       o.data_ptr(), [(0, c)] * self._size, _dtype(out), op)
+            if o is not out:
+                out.copy_(o)
+            return
         fo, fi = _Flat(out, "reduce_scatter"), _Flat(inp, "reduce_scatter", write_back=False)
         if _overlap(fo, fi):
             fi = _Flat(fi.t.clone(), "reduce_scatter", write_back=False)
@@ -340,18 +576,18 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         op = _op_name(opts.reduceOp) if opts is not None else "sum"
         for out, ins in zip(outputs, inputs):
             self._scatter_reduce(out, torch.stack([i.reshape(out.shape) for i in ins]), op)
-        return _done(outputs)
+        return self._work(outputs, *outputs)
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         op = _op_name(opts.reduceOp) if opts is not None else "sum"
         self._scatter_reduce(output, input, op)
-        return _done(output)
+        return self._work(output, output)
 
     def reduce_scatter_tensor_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> dist.Work:
         op = _op_name(opts.reduceOp) if opts is not None else "sum"
         for o, i in zip(outputs, inputs):
             self._scatter_reduce(o, i, op)
-        return _done(outputs)
+        return self._work(outputs, *outputs)
 
     def alltoall_base(
         self,
@@ -361,39 +597,59 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         input_split_sizes: Sequence[int],
         opts: Any = None,
     ) -> dist.Work:
-        fo, fi = _Flat(output, "all_to_all_single"), _Flat(input, "all_to_all_single", write_back=False)
         n = self._size
-
-        def splits(t: torch.Tensor, sizes: Sequence[int]) -> List[int]:
-            row = (t.numel() // t.shape[0] if t.dim() > 0 and t.shape[0] else 0) * t.element_size()
-            rows = t.shape[0] if t.dim() else 0
-            if not sizes:
-                if t.dim() == 0 or rows % n:
-                    raise ValueError(f"all_to_all_single: {rows} rows do not split evenly over {n} ranks")
-                return [rows // n * row] * n
-            if len(sizes) != n or any(int(x) < 0 for x in sizes) or sum(int(x) for x in sizes) != rows:
-                raise ValueError(f"all_to_all_single: split sizes {list(sizes)} do not cover the {rows} rows over {n} ranks")
-            return [int(s) * row for s in sizes]
-
+        out_splits = _splits(output, output_split_sizes, n)
+        in_splits = _splits(input, input_split_sizes, n)
+        nv = self._nv(output, input)
+        if nv is not None:
+            o, i = _dense(output), _dense(input)
+            if _overlap_t(o, i, -1):
+                i = i.clone()
+            self._call(nv.exchange, "all_to_all", i.data_ptr(), _segments(in_splits), o.data_ptr(), _segments(out_splits))
+            if o is not output:
+                output.copy_(o)
+            return nv.work(output)
+        fo, fi = _Flat(output, "all_to_all_single"), _Flat(input, "all_to_all_single", write_back=False)
         if _overlap(fo, fi):
             fi = _Flat(fi.t.clone(), "all_to_all_single", write_back=False)
-        self._call(self._comm.all_to_all, fo.addr, splits(output, output_split_sizes), fi.addr, splits(input, input_split_sizes))
+        self._call(self._comm.all_to_all, fo.addr, out_splits, fi.addr, in_splits)
         fo.done()
         return _done(output)
 
     def alltoall(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None) -> dist.Work:
-        ins = [_to_host(i, "all_to_all").contiguous().view(torch.uint8).reshape(-1) for i in inputs]
-        inp = torch.cat(ins) if ins else torch.empty(0, dtype=torch.uint8)
+        nv = self._nv(*inputs, *outputs)
+        dev = inputs[0].device if nv is not None and inputs else "cpu"
+        host = (lambda t: t) if nv is not None else (lambda t: _to_host(t, "all_to_all"))
+        ins = [host(i).contiguous().view(torch.uint8).reshape(-1) for i in inputs]
+        inp = torch.cat(ins) if ins else torch.empty(0, dtype=torch.uint8, device=dev)
         out_sizes = [o.numel() * o.element_size() for o in outputs]
-        out = torch.empty(sum(out_sizes), dtype=torch.uint8)
-        self._call(self._comm.all_to_all, out.data_ptr(), out_sizes, inp.data_ptr(), [x.numel() for x in ins])
+        out = torch.empty(sum(out_sizes), dtype=torch.uint8, device=dev)
+        if nv is not None:
+            self._call(nv.exchange, "all_to_all", inp.data_ptr(), _segments([x.numel() for x in ins]), out.data_ptr(), _segments(out_sizes))
+        else:
+            self._call(self._comm.all_to_all, out.data_ptr(), out_sizes, inp.data_ptr(), [x.numel() for x in ins])
         at = 0
         for o, s in zip(outputs, out_sizes):
             o.copy_(out[at : at + s].view(o.dtype).reshape(o.shape))
             at += s
-        return _done(outputs)
+        return nv.work(outputs) if nv is not None else _done(outputs)
 
     def reduce(self, tensors: List[torch.Tensor], opts: Any) -> dist.Work:
+        nv = self._nv(*tensors)
+        if nv is not None:
+            root, me = opts.rootRank, self._rank
+            for t in tensors:
+                d, n = _dense(t), _nbytes(t)
+                if me == root:
+                    send = [(0, n if r == me else 0) for r in range(self._size)]
+                    recv = [(0, n)] * self._size
+                else:
+                    send = [(0, n if r == root else 0) for r in range(self._size)]
+                    recv = [(0, 0)] * self._size
+                self._call(nv.reduce, "reduce", d.data_ptr(), send, d.data_ptr(), recv, _dtype(t), _op_name(opts.reduceOp))
+                if d is not t and me == root:
+                    t.copy_(d)
+            return nv.work(tensors)
         for t in tensors:
             f = _Flat(t, "reduce")
             self._call(self._comm.reduce, f.addr, f.nbytes, _dtype(t), _op_name(opts.reduceOp), opts.rootRank)
@@ -402,6 +658,22 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def gather(self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any) -> dist.Work:
         root = opts.rootRank
+        nv = self._nv(*inputs)
+        if nv is not None:
+            for i, inp in enumerate(inputs):
+                d, c = _dense(inp), _nbytes(inp)
+                me = self._rank == root
+                send = [(0, c if r == root else 0) for r in range(self._size)]
+                if me:
+                    flat = torch.empty((self._size,) + tuple(inp.shape), dtype=inp.dtype, device=inp.device)
+                    recv = [(r * c, c) for r in range(self._size)]
+                    self._call(nv.exchange, "gather", d.data_ptr(), send, flat.data_ptr(), recv)
+                    for o, part in zip(outputs[i], flat):
+                        o.copy_(part)
+                else:
+                    recv = [(0, 0)] * self._size
+                    self._call(nv.exchange, "gather", d.data_ptr(), send, 0, recv)
+            return nv.work(outputs)
         for i, inp in enumerate(inputs):
             fi = _Flat(inp, "gather", write_back=False)
             if self._rank == root:
@@ -415,6 +687,21 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def scatter(self, outputs: List[torch.Tensor], inputs: List[List[torch.Tensor]], opts: Any) -> dist.Work:
         root = opts.rootRank
+        nv = self._nv(*outputs)
+        if nv is not None:
+            for i, out in enumerate(outputs):
+                d, c = _dense(out), _nbytes(out)
+                me = self._rank == root
+                recv = [(0, c if r == root else 0) for r in range(self._size)]
+                if me:
+                    flat = torch.stack([x.reshape(out.shape) for x in inputs[i]]).contiguous()
+                    send = [(r * c, c) for r in range(self._size)]
+                    self._call(nv.exchange, "scatter", flat.data_ptr(), send, d.data_ptr(), recv)
+                else:
+                    self._call(nv.exchange, "scatter", 0, [(0, 0)] * self._size, d.data_ptr(), recv)
+                if d is not out:
+                    out.copy_(d)
+            return nv.work(outputs)
         for i, out in enumerate(outputs):
             fo = _Flat(out, "scatter")
             if self._rank == root:
@@ -426,6 +713,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return _done(outputs)
 
     def barrier(self, opts: Any = None) -> dist.Work:
+        if self._cuda is not None and self._cuda.comm is not None:
+            # A CUDA group's barrier also waits for its collectives, and says if one failed.
+            torch.cuda.synchronize(self._cuda.device)
+            self._call(self._cuda.comm.check)
         self._call(self._comm.barrier)
         return _done(None)
 

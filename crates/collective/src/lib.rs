@@ -6,11 +6,13 @@
 //! are plain functions (`plan`), the reductions work on bytes (`dtype`).
 
 mod comm;
+pub mod cuda;
 mod dtype;
 mod error;
 pub mod membership;
 pub mod plan;
 
 pub use comm::{Comm, OpId, PeerInfo, Region};
+pub use cuda::{CudaComm, CudaOp};
 pub use dtype::{finish_avg, reduce_into, DType, ReduceOp};
 pub use error::{Error, Result};

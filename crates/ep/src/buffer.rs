@@ -3,20 +3,12 @@
 
 use std::sync::Arc;
 
-use tidewire::{Engine, MappedPeer};
+use tidewire::{Engine, PeerBuffer, PeerBuffers, PeersError};
 use tidewire_gpu::ep::{EpArgs, EpKernels, MAX_RANKS};
 use tidewire_gpu::Gpu;
 
 use crate::error::{Error, Result};
 use crate::layout::{Layout, MAX_TOPK};
-
-/// What a rank publishes to the others: its engine's segment name and its buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerBuffer {
-    pub name: String,
-    pub addr: u64,
-    pub len: u64,
-}
 
 /// Where a dispatch's results go (device addresses of the caller's tensors; see
 /// [`tidewire_gpu::ep::EpKernels::dispatch_recv`] for their shapes).
@@ -40,16 +32,6 @@ pub struct CombineIo {
     pub out: u64,
 }
 
-/// How a rank's buffer is reached.
-enum Peer {
-    /// Ours.
-    Local,
-    /// Mapped for our GPU.
-    Mapped(MappedPeer),
-    /// No GPU path reaches it (why): calls go through the collective fallback.
-    Unreached(String),
-}
-
 /// The shape of one call.
 #[derive(Debug, Clone, Copy)]
 pub struct Call {
@@ -66,37 +48,22 @@ pub struct Call {
 
 /// One rank's EP buffer.
 pub struct Buffer {
-    engine: Arc<Engine>,
-    rank: usize,
-    addr: u64,
-    len: u64,
+    peers: PeerBuffers,
     /// Bytes of one half of every rank's buffer: half the smallest, so that every rank finds
     /// the second half at the same offset whatever the call's shape.
     half: u64,
-    device: u32,
-    /// How each rank's buffer is reached.
-    maps: Vec<Peer>,
     kernels: Arc<EpKernels>,
+}
+
+fn engine_err(e: PeersError) -> Error {
+    Error::Engine { context: e.context, source: e.source }
 }
 
 impl Buffer {
     /// Allocates `bytes` of transferable memory on GPU `device` (the best reach the topology
     /// proves), zeroed; returns `(address, length)`.
     pub fn allocate(engine: &Engine, device: u32, bytes: u64) -> Result<(u64, u64)> {
-        let a = engine.allocate_device(bytes, device, None).map_err(|source| Error::Engine {
-            context: format!("allocating the {bytes}-byte EP buffer on cuda:{device}"),
-            source,
-        })?;
-        log::info!("EP buffer: {} bytes on cuda:{device}, {} ({})", a.len, a.kind.name(), a.reason);
-        // SAFETY: the allocation was just made, is `a.len` bytes on `device`, and nobody else
-        // knows it yet.
-        let zeroed = unsafe { tidewire_gpu::alloc::zero_device(device, a.ptr, a.len) };
-        if let Err(source) = zeroed {
-            let _ = engine.free_device(a.ptr);
-            return Err(Error::Gpu { context: "zeroing the EP buffer".into(), source });
-        }
-        // The registered range is what was asked for (the allocation may be rounded up).
-        Ok((a.ptr, bytes))
+        PeerBuffers::allocate(engine, "EP", device, bytes).map_err(engine_err)
     }
 
     /// Maps every other rank's buffer (`peers[r]`, ours included) for our GPU and loads the
@@ -120,96 +87,36 @@ impl Buffer {
             .map_err(|source| Error::Gpu { context: format!("cuda:{device}"), source })?;
         let kernels = EpKernels::load(gpu)
             .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
-        let mine = &peers[rank];
-        let mut b = Self {
-            engine,
-            rank,
-            device,
-            addr: mine.addr,
-            len: mine.len,
-            half: 0,
-            maps: Vec::new(),
-            kernels,
-        };
-        b.reconnect(peers)?;
-        Ok(b)
+        let peers = PeerBuffers::connect(engine, "EP", rank, device, peers).map_err(engine_err)?;
+        let half = peers.smallest() / 2 / 4096 * 4096;
+        Ok(Self { peers, half, kernels })
     }
 
     /// Maps every other rank's buffer again (`peers` as for [`Buffer::connect`], ours
     /// unchanged): after a rank restarted with a new buffer. The old mappings are released.
     pub fn reconnect(&mut self, peers: &[PeerBuffer]) -> Result<()> {
-        let (rank, device) = (self.rank, self.device);
-        if peers.len() != self.maps.len() && !self.maps.is_empty() {
-            return Err(Error::Shape(format!(
-                "{} ranks now, {} when the buffer was made",
-                peers.len(),
-                self.maps.len()
-            )));
-        }
-        if peers.get(rank).map(|p| (p.addr, p.len)) != Some((self.addr, self.len)) {
-            return Err(Error::Shape(format!("rank {rank}'s own entry is not this buffer")));
-        }
-        self.maps.clear();
-        let mut maps = Vec::with_capacity(peers.len());
-        for (r, p) in peers.iter().enumerate() {
-            if r == rank {
-                maps.push(Peer::Local);
-                continue;
-            }
-            let failed = |what: &str, source| Error::Engine {
-                context: format!("EP rank {rank}: {what} rank {r}'s buffer ({})", p.name),
-                source,
-            };
-            let id = self.engine.open_segment(&p.name).map_err(|e| failed("opening", e))?;
-            match self.engine.map_peer(id, p.addr, p.len, Some(device)) {
-                Ok(map) => {
-                    log::info!("EP rank {rank}: rank {r} over {}", map.transport());
-                    maps.push(Peer::Mapped(map));
-                }
-                Err(e @ tidewire::Error::NoTransport { .. }) => {
-                    log::info!("EP rank {rank}: no GPU path to rank {r}: {e}");
-                    maps.push(Peer::Unreached(e.to_string()));
-                }
-                Err(e) => return Err(failed("mapping", e)),
-            }
-        }
-        self.maps = maps;
-        let smallest = peers.iter().map(|p| p.len).min().unwrap_or(0);
-        self.half = smallest / 2 / 4096 * 4096;
+        self.peers.reconnect(peers).map_err(engine_err)?;
+        self.half = self.peers.smallest() / 2 / 4096 * 4096;
         Ok(())
     }
 
     /// The ranks no GPU path reaches, with the reason.
     pub fn unreached(&self) -> Vec<(usize, String)> {
-        self.maps
-            .iter()
-            .enumerate()
-            .filter_map(|(r, m)| match m {
-                Peer::Unreached(why) => Some((r, why.clone())),
-                _ => None,
-            })
-            .collect()
+        self.peers.unreached()
     }
 
     /// How each rank is reached (`local` for ourselves, `none` where no GPU path does).
     pub fn paths(&self) -> Vec<String> {
-        self.maps
-            .iter()
-            .map(|m| match m {
-                Peer::Local => "local".to_string(),
-                Peer::Mapped(m) => m.transport().to_string(),
-                Peer::Unreached(_) => "none".to_string(),
-            })
-            .collect()
+        self.peers.paths()
     }
 
     fn args(&self, c: &Call) -> Result<EpArgs> {
         let l = &c.layout;
-        if l.ranks != self.maps.len() {
+        if l.ranks != self.peers.ranks() {
             return Err(Error::Shape(format!(
                 "a call for {} ranks on a buffer of {}",
                 l.ranks,
-                self.maps.len()
+                self.peers.ranks()
             )));
         }
         if l.half > self.half {
@@ -227,26 +134,11 @@ impl Buffer {
         }
         let mut peers = [0u64; MAX_RANKS];
         let mut alive = [0u64; MAX_RANKS];
-        for (r, m) in self.maps.iter().enumerate() {
-            match m {
-                Peer::Mapped(m) if m.len() < l.bytes() => {
-                    return Err(Error::Shape(format!(
-                        "the call needs {} bytes of every rank's buffer; rank {r}'s has {}",
-                        l.bytes(),
-                        m.len()
-                    )))
-                }
-                Peer::Mapped(m) => {
-                    peers[r] = m.addr();
-                    alive[r] = m.alive_flag().unwrap_or(0);
-                }
-                Peer::Local => peers[r] = self.addr,
-                Peer::Unreached(why) => {
-                    return Err(Error::Shape(format!(
-                        "rank {r} is reached by no GPU path ({why}): the kernels cannot run"
-                    )))
-                }
-            }
+        for (r, (addr, flag)) in
+            self.peers.addresses(l.bytes()).map_err(Error::Shape)?.into_iter().enumerate()
+        {
+            peers[r] = addr;
+            alive[r] = flag;
         }
         let i = |v: usize| v as i32;
         Ok(EpArgs {
@@ -261,7 +153,7 @@ impl Buffer {
             off_cdata: l.off_cdata,
             off_fin: l.off_fin,
             timeout_ns: c.timeout_ns,
-            rank: i(self.rank),
+            rank: i(self.peers.rank()),
             ranks: i(l.ranks),
             experts: i(l.experts),
             local_experts: i(l.local_experts),
@@ -417,14 +309,5 @@ impl Buffer {
         // SAFETY: forwarded contract.
         unsafe { self.kernels.combine_recv(stream, a, io.topk, io.weights, io.out, active) }
             .map_err(Self::gpu_err("combine receive"))
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        self.maps.clear();
-        if let Err(e) = self.engine.free_device(self.addr) {
-            log::warn!("EP rank {}: freeing the buffer: {e}", self.rank);
-        }
     }
 }

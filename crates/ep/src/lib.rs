@@ -11,6 +11,7 @@ mod buffer;
 mod error;
 pub mod layout;
 
-pub use buffer::{Buffer, Call, CombineIo, DispatchOut, PeerBuffer};
+pub use buffer::{Buffer, Call, CombineIo, DispatchOut};
 pub use error::{Error, Result};
 pub use layout::{size_hint, Layout};
+pub use tidewire::PeerBuffer;

@@ -289,6 +289,11 @@ impl HostFlag {
     pub fn store(&self, value: u32) {
         self.word().store(value, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// The word as kernels last wrote it (they store to it at system scope).
+    pub fn load(&self) -> u32 {
+        self.word().load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

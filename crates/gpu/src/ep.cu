@@ -30,22 +30,6 @@ struct EpArgs {
     int slices;  // dispatch send: parts each token's row is cut into (one warp each)
 };
 
-__device__ __forceinline__ unsigned long long tw_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-__device__ __forceinline__ unsigned long long tw_ld_acquire(const unsigned long long* p) {
-    unsigned long long v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void tw_st_release(unsigned long long* p, unsigned long long v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 // Adds 1 with acquire-release semantics at GPU scope: our earlier writes (the warp's, after
 // __syncwarp) are ordered before it, and the one that completes a count sees all of them.
 __device__ __forceinline__ unsigned tw_add_acq_rel(unsigned* p) {
@@ -96,20 +80,11 @@ __device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, uns
     }
 }
 
-__device__ __forceinline__ float tw_bf16(unsigned short b) { return __uint_as_float(((unsigned)b) << 16); }
-
 // Two floats to two e4m3 (saturating, round to nearest even): `hi` in the upper byte.
 __device__ __forceinline__ unsigned tw_e4m3x2(float hi, float lo) {
     unsigned short r;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
     return r;
-}
-
-__device__ __forceinline__ unsigned short tw_to_bf16(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
 }
 
 // The eight bf16 of `v` as floats.

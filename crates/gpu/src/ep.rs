@@ -6,13 +6,16 @@
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
-use crate::copy::{compile, load_functions, Func};
 use crate::device::Gpu;
-use crate::ffi::CuStream;
-use crate::topology::driver;
+use crate::kernels::{param as ptr, Loaded, Source};
 use crate::GpuError;
 
-const SOURCE: &str = include_str!("ep.cu");
+static SOURCE: Source = Source::new(
+    concat!(include_str!("common.cuh"), include_str!("ep.cu")),
+    c"tw_ep.cu",
+    &NAMES,
+    "cuLaunchKernel(tw_ep)",
+);
 
 /// Ranks an EP buffer may have (the kernels' fixed arrays).
 pub const MAX_RANKS: usize = 64;
@@ -60,45 +63,25 @@ const NAMES: [&std::ffi::CStr; 5] = [
     c"tw_ep_begin",
 ];
 
-/// The EP kernels loaded so far, by GPU ordinal.
-type Loaded = Vec<(u32, Arc<EpKernels>)>;
-
 /// The EP kernels, loaded on one GPU.
 pub struct EpKernels {
-    gpu: &'static Gpu,
-    funcs: Vec<Func>,
+    k: Arc<Loaded>,
 }
 
 impl std::fmt::Debug for EpKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EpKernels(cuda:{})", self.gpu.ordinal)
+        write!(f, "EpKernels(cuda:{})", self.k.gpu.ordinal)
     }
 }
 
 impl EpKernels {
     /// Compiles (once per process) and loads (once per GPU) the EP kernels on `gpu`.
     pub fn load(gpu: &'static Gpu) -> Result<Arc<Self>, GpuError> {
-        static PTX: OnceLock<Result<std::ffi::CString, GpuError>> = OnceLock::new();
-        static LOADED: OnceLock<std::sync::Mutex<Loaded>> = OnceLock::new();
-        let loaded = LOADED.get_or_init(Default::default);
-        let mut all = loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, k)) = all.iter().find(|(o, _)| *o == gpu.ordinal) {
-            return Ok(k.clone());
-        }
-        let ptx = PTX
-            .get_or_init(|| compile(SOURCE, c"tw_ep.cu", gpu.cc))
-            .as_ref()
-            .map_err(Clone::clone)?;
-        let funcs = load_functions(gpu, ptx, &NAMES)?;
-        let k = Arc::new(Self { gpu, funcs });
-        all.push((gpu.ordinal, k.clone()));
-        Ok(k)
+        Ok(Arc::new(Self { k: SOURCE.load(gpu)? }))
     }
 
-    /// Launches kernel `which` with `grid` blocks of `block` threads on `stream`.
-    ///
     /// # Safety
-    /// `params` are pointers to the kernel's parameters, in order and of their types.
+    /// As for [`Loaded::launch`].
     unsafe fn launch(
         &self,
         which: usize,
@@ -107,29 +90,8 @@ impl EpKernels {
         stream: u64,
         params: &mut [*mut c_void],
     ) -> Result<(), GpuError> {
-        if grid == 0 {
-            // Nothing to do (a combine of zero tokens).
-            return Ok(());
-        }
-        let cuda = driver()?;
-        let _ctx = self.gpu.enter()?;
-        let f = self.funcs.get(which).ok_or(GpuError::Internal("no such EP kernel"))?;
-        // SAFETY: the caller vouches for the parameters.
-        cuda.check("cuLaunchKernel(tw_ep)", unsafe {
-            (cuda.launch)(
-                f.0,
-                grid,
-                1,
-                1,
-                block,
-                1,
-                1,
-                0,
-                stream as CuStream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        })
+        // SAFETY: forwarded contract.
+        unsafe { self.k.launch(which, grid, block, stream, params) }
     }
 
     /// Numbers a dispatch on `stream`: `*counter + 1` into `*counter` and `*seq_out` (both
@@ -166,7 +128,7 @@ impl EpKernels {
     ) -> Result<(), GpuError> {
         let (mut a, mut x, mut t, mut act) = (*args, x, topk, active);
         let (mut rx, mut sc, mut si) = (recv_x, scales, src_info);
-        let (grid, slices) = send_shape(args.num_tokens, args.hidden, self.gpu.sm_count);
+        let (grid, slices) = send_shape(args.num_tokens, args.hidden, self.k.gpu.sm_count);
         a.slices = slices;
         let mut p: [*mut c_void; 7] = [
             ptr(&mut a),
@@ -298,10 +260,6 @@ fn shape_for(tokens: i32, hidden: i32, sms: u32, tasks: u32) -> (u32, i32) {
     let steps = (hidden.max(1) as u32).div_ceil(512);
     let slices = tasks.div_ceil(t).clamp(1, steps);
     (grid, slices as i32)
-}
-
-fn ptr<T>(v: &mut T) -> *mut c_void {
-    (v as *mut T).cast()
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@
 #[allow(unsafe_code)]
 pub mod alloc;
 #[allow(unsafe_code)]
+pub mod coll;
+#[allow(unsafe_code)]
 pub mod copy;
 #[allow(unsafe_code)]
 mod device;
@@ -26,6 +28,8 @@ mod device;
 pub mod ep;
 #[allow(unsafe_code)]
 mod ffi;
+#[allow(unsafe_code)]
+mod kernels;
 #[allow(unsafe_code)]
 mod memory;
 #[allow(unsafe_code)]

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use tidewire::Engine;
-use tidewire_collective::{Comm, DType, Error, OpId, PeerInfo, ReduceOp, Region};
+use tidewire::{Engine, PeerBuffer};
+use tidewire_collective::{Comm, CudaComm, CudaOp, DType, Error, OpId, PeerInfo, ReduceOp, Region};
 
 use crate::errors;
 use crate::PyEngine;
@@ -271,5 +271,136 @@ impl PyComm {
             let comm = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             drop(comm);
         });
+    }
+}
+
+/// One rank's CUDA path of a group (see `tidewire.distributed`): collectives launched on the
+/// caller's stream over the ranks' NVLink-mapped buffers.
+#[pyclass(frozen, module = "tidewire._native", name = "CudaCommunicator")]
+pub(crate) struct PyCudaComm {
+    comm: Mutex<Option<CudaComm>>,
+}
+
+impl PyCudaComm {
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&CudaComm) -> tidewire_collective::Result<T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            let guard = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match guard.as_ref() {
+                Some(comm) => f(comm),
+                None => Err(Error::InvalidArgument { reason: "the group was destroyed".into() }),
+            }
+        })
+        .map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl PyCudaComm {
+    /// Allocates this rank's buffer on GPU `device` for a group of `ranks`: `(address,
+    /// length)`.
+    #[staticmethod]
+    fn allocate(
+        py: Python<'_>,
+        engine: &PyEngine,
+        device: u32,
+        ranks: usize,
+    ) -> PyResult<(u64, u64)> {
+        let engine = engine.engine()?;
+        py.detach(move || CudaComm::allocate(&engine, device, ranks)).map_err(to_py)
+    }
+
+    /// Maps every rank's buffer (`peers`: `(engine name, address, length)` in rank order) and
+    /// loads the kernels; our buffer is freed with the communicator (or now, if this fails).
+    #[new]
+    fn new(
+        py: Python<'_>,
+        engine: &PyEngine,
+        rank: usize,
+        device: u32,
+        peers: Vec<(String, u64, u64)>,
+        timeout_s: f64,
+    ) -> PyResult<Self> {
+        let engine: Arc<Engine> = engine.engine()?;
+        let timeout = Duration::try_from_secs_f64(timeout_s)
+            .map_err(|e| errors::invalid(format!("timeout {timeout_s}: {e}")))?;
+        let peers: Vec<PeerBuffer> =
+            peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
+        let mine = peers.get(rank).map(|p| p.addr);
+        let comm = py.detach(|| {
+            let made = CudaComm::connect(engine.clone(), rank, device, &peers, timeout);
+            if let (Err(_), Some(addr)) = (&made, mine) {
+                // Already freed if the mappings were made; freeing twice is refused, not harmful.
+                let _ = engine.free_device(addr);
+            }
+            made
+        });
+        Ok(Self { comm: Mutex::new(Some(comm.map_err(to_py)?)) })
+    }
+
+    /// The ranks no GPU path reaches, with the reason.
+    fn unreached(&self, py: Python<'_>) -> PyResult<Vec<(usize, String)>> {
+        self.with(py, |c| Ok(c.unreached()))
+    }
+
+    /// How each rank is reached.
+    fn paths(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        self.with(py, |c| Ok(c.paths()))
+    }
+
+    /// Raises the failure a kernel recorded (naming the operation, the rank and why), if any.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |c| c.failure().map_or(Ok(()), Err))
+    }
+
+    /// Moves segments on `stream` (see `CudaComm::exchange`).
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &self,
+        py: Python<'_>,
+        stream: u64,
+        op: &str,
+        send_base: u64,
+        send: Vec<(u64, u64)>,
+        recv_base: u64,
+        recv: Vec<(u64, u64)>,
+    ) -> PyResult<()> {
+        let op = CudaOp::parse(op).map_err(to_py)?;
+        // SAFETY: `tidewire.distributed` passes segments of contiguous CUDA tensors of this
+        // GPU that it keeps referenced until the stream work is done (PyTorch's caching
+        // allocator does not reuse memory before the stream work that used it completes).
+        self.with(py, |c| unsafe { c.exchange(stream, op, send_base, &send, recv_base, &recv) })
+    }
+
+    /// Reduces on `stream` (see `CudaComm::reduce`).
+    #[allow(clippy::too_many_arguments)]
+    fn reduce(
+        &self,
+        py: Python<'_>,
+        stream: u64,
+        op: &str,
+        send_base: u64,
+        send: Vec<(u64, u64)>,
+        recv_base: u64,
+        recv: Vec<(u64, u64)>,
+        dtype_: &str,
+        redop: &str,
+    ) -> PyResult<()> {
+        let op = CudaOp::parse(op).map_err(to_py)?;
+        let (dt, rop) = (dtype(dtype_)?, reduce_op(redop)?);
+        // SAFETY: as for `exchange`.
+        self.with(py, |c| unsafe {
+            c.reduce(stream, op, send_base, &send, recv_base, &recv, dt, rop)
+        })
+    }
+
+    /// Unmaps the peers and frees the buffer (after the stream work that uses it is done:
+    /// the caller synchronizes first).
+    fn close(&self, py: Python<'_>) {
+        let taken = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        py.detach(move || drop(taken));
     }
 }

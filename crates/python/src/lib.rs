@@ -732,6 +732,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPlan>()?;
     m.add_class::<PyMetadataServer>()?;
     m.add_class::<collective::PyComm>()?;
+    m.add_class::<collective::PyCudaComm>()?;
     m.add_class::<ep::PyEpBuffer>()?;
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;

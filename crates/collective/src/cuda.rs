@@ -1,0 +1,280 @@
+//! The CUDA path of a group: every rank's GPU buffer mapped for ours (over NVLink), and the
+//! collectives as kernel launches on the caller's stream. Nothing here waits on the host:
+//! a launch returns at once, the kernels wait for their peers with a deadline (the group's
+//! timeout) and record a failure in a host word the next call reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidewire::gpu::alloc::HostFlag;
+use tidewire::gpu::coll::{self, CollArgs, CollKernels, BUFS, HEADER, MAX_BLOCKS, MAX_RANKS};
+use tidewire::gpu::{Gpu, GpuError};
+use tidewire::{Engine, PeerBuffer, PeerBuffers, PeersError};
+
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Result};
+
+/// Which collective a launch is (what a failure names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CudaOp {
+    AllReduce,
+    AllGather,
+    ReduceScatter,
+    AllToAll,
+    Broadcast,
+    Reduce,
+    Gather,
+    Scatter,
+}
+
+impl CudaOp {
+    fn code(self) -> i32 {
+        self as i32
+    }
+
+    pub fn name(self) -> &'static str {
+        coll::WHAT[self as usize]
+    }
+
+    /// The operation of a name ([`CudaOp::name`]).
+    pub fn parse(name: &str) -> Result<Self> {
+        const ALL: [CudaOp; 8] = [
+            CudaOp::AllReduce,
+            CudaOp::AllGather,
+            CudaOp::ReduceScatter,
+            CudaOp::AllToAll,
+            CudaOp::Broadcast,
+            CudaOp::Reduce,
+            CudaOp::Gather,
+            CudaOp::Scatter,
+        ];
+        ALL.into_iter()
+            .find(|o| o.name() == name)
+            .ok_or_else(|| Error::invalid(format!("no collective {name:?} on the CUDA path")))
+    }
+}
+
+/// Bytes of the data area of a rank's buffer when `TIDEWIRE_PG_CUDA_BYTES` does not say.
+const DATA_BYTES: u64 = 32 << 20;
+/// Blocks a collective launch uses when `TIDEWIRE_PG_CUDA_BLOCKS` does not say.
+const BLOCKS: u32 = 32;
+
+/// The blocks every launch of a group uses (every rank must use the same).
+pub fn blocks() -> u32 {
+    tidewire::gpu::copy::tuning("TIDEWIRE_PG_CUDA_BLOCKS", BLOCKS).clamp(1, MAX_BLOCKS)
+}
+
+/// The bytes of a rank's buffer for a group of `ranks`: the header, then four buffers of a
+/// slot per rank (`TIDEWIRE_PG_CUDA_BYTES` of data in all, at least 64 KiB a slot).
+pub fn buffer_bytes(ranks: usize) -> u64 {
+    let data = std::env::var("TIDEWIRE_PG_CUDA_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(DATA_BYTES);
+    let slot = (data / (BUFS * ranks.max(1) as u64) / 4096 * 4096).max(64 << 10);
+    HEADER + BUFS * ranks.max(1) as u64 * slot
+}
+
+fn peers_err(e: PeersError) -> Error {
+    Error::Engine { context: e.context, source: e.source }
+}
+
+fn gpu_err(context: String) -> impl FnOnce(GpuError) -> Error {
+    move |source| Error::Engine { context, source: tidewire::Error::gpu("CUDA", source) }
+}
+
+/// One rank's CUDA path of a group.
+pub struct CudaComm {
+    peers: PeerBuffers,
+    kernels: Arc<CollKernels>,
+    /// Where the kernels write the first failure.
+    failure: HostFlag,
+    slot: u64,
+    blocks: u32,
+    timeout: Duration,
+}
+
+impl CudaComm {
+    /// Allocates this rank's buffer on GPU `device` for a group of `ranks`: `(address,
+    /// length)`, to publish.
+    pub fn allocate(engine: &Engine, device: u32, ranks: usize) -> Result<(u64, u64)> {
+        PeerBuffers::allocate(engine, "collective", device, buffer_bytes(ranks)).map_err(peers_err)
+    }
+
+    /// Maps every rank's buffer (`peers[r]`, ours included) and loads the kernels. Ranks no
+    /// GPU path reaches are listed by [`CudaComm::unreached`] (the caller then stages CUDA
+    /// tensors through host memory, for every rank alike).
+    pub fn connect(
+        engine: Arc<Engine>,
+        rank: usize,
+        device: u32,
+        peers: &[PeerBuffer],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let ranks = peers.len();
+        if ranks > MAX_RANKS || rank >= ranks {
+            return Err(Error::invalid(format!(
+                "rank {rank} of {ranks} (at most {MAX_RANKS} on the CUDA path)"
+            )));
+        }
+        let gpu = Gpu::get(device).map_err(gpu_err(format!("cuda:{device}")))?;
+        let kernels =
+            CollKernels::load(gpu).map_err(gpu_err("loading the collective kernels".into()))?;
+        let failure = HostFlag::new(0).map_err(gpu_err("the failure word".into()))?;
+        let peers =
+            PeerBuffers::connect(engine, "collective", rank, device, peers).map_err(peers_err)?;
+        let data = peers.smallest().saturating_sub(HEADER);
+        let slot = data / (BUFS * ranks as u64) / 4096 * 4096;
+        let blocks = blocks();
+        if slot < 16 * u64::from(blocks) {
+            return Err(Error::invalid(format!(
+                "the smallest rank's buffer ({} bytes) leaves {slot}-byte slots for {blocks} blocks",
+                peers.smallest()
+            )));
+        }
+        Ok(Self { peers, kernels, failure, slot, blocks, timeout })
+    }
+
+    /// The ranks no GPU path reaches, with the reason.
+    pub fn unreached(&self) -> Vec<(usize, String)> {
+        self.peers.unreached()
+    }
+
+    /// How each rank is reached (`local`, `nvlink`, `mnnvl`, `none`).
+    pub fn paths(&self) -> Vec<String> {
+        self.peers.paths()
+    }
+
+    /// The first failure a kernel recorded, as the error later calls get.
+    pub fn failure(&self) -> Option<Error> {
+        let (op, rank, reason) = coll::decode_failure(self.failure.load())?;
+        Some(if reason.contains("timeout") {
+            Error::Timeout { op: op.to_string(), ranks: vec![rank], after: self.timeout }
+        } else {
+            Error::RankFailed { op: op.to_string(), rank, reason: reason.to_string() }
+        })
+    }
+
+    fn args(&self, op: CudaOp, send: &[(u64, u64)], recv: &[(u64, u64)]) -> Result<CollArgs> {
+        if let Some(first) = self.failure() {
+            // The group is unusable: every later call says why, naming the failed rank.
+            let earlier = |f: &str| format!("{} (the group failed in an earlier {f})", op.name());
+            return Err(match first {
+                Error::RankFailed { op: f, rank, reason } => {
+                    Error::RankFailed { op: earlier(&f), rank, reason }
+                }
+                Error::Timeout { op: f, ranks, after } => {
+                    Error::Timeout { op: earlier(&f), ranks, after }
+                }
+                other => other,
+            });
+        }
+        let ranks = self.peers.ranks();
+        if send.len() != ranks || recv.len() != ranks {
+            return Err(Error::invalid(format!(
+                "{}: {} send and {} receive segments for {ranks} ranks",
+                op.name(),
+                send.len(),
+                recv.len()
+            )));
+        }
+        let need = HEADER + BUFS * ranks as u64 * self.slot;
+        let addrs = self
+            .peers
+            .addresses(need)
+            .map_err(|why| Error::invalid(format!("{}: {why}", op.name())))?;
+        let mut a = CollArgs::empty();
+        for (r, (addr, alive)) in addrs.into_iter().enumerate() {
+            a.peers[r] = addr;
+            a.alive[r] = alive;
+            (a.send_off[r], a.send_len[r]) = send[r];
+            (a.recv_off[r], a.recv_len[r]) = recv[r];
+        }
+        a.err_at = self.failure.addr();
+        a.slot = self.slot;
+        a.timeout_ns = i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX);
+        a.rank = self.peers.rank() as i32;
+        a.ranks = ranks as i32;
+        a.what = op.code();
+        Ok(a)
+    }
+
+    /// Moves segments on `stream`: `send[j] = (offset, length)` of `send_base` to rank `j`,
+    /// which receives it at its own `recv[r]` of its `recv_base`; our own segment is copied
+    /// locally (`send[r]` and `recv[r]` of equal length).
+    ///
+    /// # Safety
+    /// Every segment is device memory of this GPU, alive until the work on `stream` is done;
+    /// every rank makes the matching call (rank `j`'s `recv[r]` as long as our `send[j]`) in
+    /// the same order.
+    pub unsafe fn exchange(
+        &self,
+        stream: u64,
+        op: CudaOp,
+        send_base: u64,
+        send: &[(u64, u64)],
+        recv_base: u64,
+        recv: &[(u64, u64)],
+    ) -> Result<()> {
+        let mut a = self.args(op, send, recv)?;
+        let r = self.peers.rank();
+        if send[r].1 != recv[r].1 {
+            return Err(Error::invalid(format!(
+                "{}: rank {r} sends itself {} bytes and receives {}",
+                op.name(),
+                send[r].1,
+                recv[r].1
+            )));
+        }
+        (a.send_base, a.recv_base) = (send_base, recv_base);
+        log::debug!("{}: exchange on the NVLink path, {} blocks", op.name(), self.blocks);
+        // SAFETY: the buffers are mapped and laid out as the kernel expects (`args`); the
+        // segments are the caller's contract.
+        unsafe { self.kernels.exchange(stream, &a, self.blocks) }
+            .map_err(gpu_err(format!("launching {}", op.name())))
+    }
+
+    /// Reduces on `stream`: our output is `recv[r]` of `recv_base`, the reduction (in rank
+    /// order) of our `send[r]` segment of `send_base` and what every rank `j` with
+    /// `recv[j].1 > 0` sends us (its `send[r]`); we send `send[j]` to every rank `j` that
+    /// expects it.
+    ///
+    /// # Safety
+    /// As for [`CudaComm::exchange`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn reduce(
+        &self,
+        stream: u64,
+        op: CudaOp,
+        send_base: u64,
+        send: &[(u64, u64)],
+        recv_base: u64,
+        recv: &[(u64, u64)],
+        dtype: DType,
+        redop: ReduceOp,
+    ) -> Result<()> {
+        redop.check(dtype)?;
+        let mut a = self.args(op, send, recv)?;
+        let r = self.peers.rank();
+        let out = recv[r].1;
+        let size = dtype.size() as u64;
+        let uneven = recv.iter().enumerate().any(|(j, s)| j != r && s.1 != 0 && s.1 != out)
+            || send.iter().chain(recv).any(|s| s.0 % size != 0 || s.1 % size != 0)
+            || (out > 0 && send[r].1 != out);
+        if uneven {
+            return Err(Error::invalid(format!(
+                "{}: every contribution must be as long as the output ({out} bytes) and whole {dtype:?} elements",
+                op.name()
+            )));
+        }
+        (a.send_base, a.recv_base) = (send_base, recv_base);
+        a.dtype = coll::DTYPES.iter().position(|d| DType::parse(d).ok() == Some(dtype)).unwrap_or(0)
+            as i32;
+        a.redop = coll::OPS.iter().position(|o| ReduceOp::parse(o).ok() == Some(redop)).unwrap_or(0)
+            as i32;
+        log::debug!("{}: one-shot reduction on the NVLink path, {} blocks", op.name(), self.blocks);
+        // SAFETY: as for `exchange`; dtype and op codes come from the kernel's tables.
+        unsafe { self.kernels.reduce(stream, &a, self.blocks) }
+            .map_err(gpu_err(format!("launching {}", op.name())))
+    }
+}

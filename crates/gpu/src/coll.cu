@@ -1,0 +1,359 @@
+// Collectives over NVLink-mapped peer buffers: one kernel that moves byte segments between
+// ranks (all_to_all, all_gather, broadcast, scatter, gather are all segment exchanges) and
+// one that reduces (all_reduce one-shot, reduce_scatter, reduce). Compiled with NVRTC when a
+// communicator's CUDA path starts (crates/gpu/src/coll.rs), never lazily.
+//
+// Every rank's buffer starts with a header: a flag per (source rank, block), written by the
+// source through its mapping, and this rank's own counters, a u64 per (block, peer): the
+// rounds that block has exchanged with that peer so far. Then the data: four buffers of a
+// slot per source rank. A call cuts each pair's payload into rounds of one chunk per block;
+// round t of a pair travels in buffer t % 4 and is announced by the flag value t + 1
+// (release, system scope, after the block's writes). Each block loops: send round i to every
+// peer, then wait for round i - 1 from every peer (a deadline, the peer's liveness word) and
+// consume it. A block sends round t only after its peer's flag for t - 2 arrived, which the
+// peer wrote after consuming t - 4: four buffers keep a pair's rounds from overwriting what
+// is still being read. Counters live in device memory, so calls captured in a CUDA graph
+// number themselves afresh at every replay.
+//
+// A wait that passes its deadline, or whose peer's process died, writes the first failure
+// (reason, operation, peer) into a word of pinned host memory that the host reads; every
+// other wait gives up when it sees that word set, so the kernel ends. The group is then
+// unusable (its counters disagree) and the host says so.
+
+#define TW_COLL_RANKS 64
+#define TW_COLL_BLOCKS 64
+#define TW_COLL_BUFS 4ull
+#define TW_OFF_FLAGS 0ull
+#define TW_OFF_COUNTERS (TW_COLL_RANKS * TW_COLL_BLOCKS * 8ull)
+#define TW_OFF_DATA (2ull * TW_COLL_RANKS * TW_COLL_BLOCKS * 8ull)
+
+typedef unsigned long long u64;
+
+struct CollArgs {
+    u64 peers[TW_COLL_RANKS];     // each rank's buffer, mapped for this GPU (ours included)
+    u64 alive[TW_COLL_RANKS];     // each rank's liveness word (0: none / ourselves)
+    u64 send_off[TW_COLL_RANKS];  // bytes of send_base going to each rank
+    u64 send_len[TW_COLL_RANKS];
+    u64 recv_off[TW_COLL_RANKS];  // where each rank's bytes land in recv_base
+    u64 recv_len[TW_COLL_RANKS];  // (reduce: recv_len[r] > 0 marks a contributor; ours is
+                                  // the output's length, recv_off[rank] its offset)
+    u64 send_base, recv_base;
+    u64 err_at;                   // pinned host word: the first failure
+    u64 slot;                     // bytes of one (buffer, source) slot
+    long long timeout_ns;
+    int rank, ranks;
+    int dtype, redop;             // reduce only
+    int what;                     // the operation, for failure reports
+    int pad;
+};
+
+__device__ __forceinline__ char* tw_slot(const CollArgs& a, int owner, u64 round, int src) {
+    return (char*)a.peers[owner] + TW_OFF_DATA + ((round % TW_COLL_BUFS) * (u64)a.ranks + (u64)src) * a.slot;
+}
+
+// A pair's chunk (bytes per block per round) and rounds: the same on both ranks of the pair,
+// which see the same two byte counts.
+__device__ __forceinline__ void tw_pair(const CollArgs& a, int j, u64* chunk, u64* rounds) {
+    u64 bytes = a.send_len[j] > a.recv_len[j] ? a.send_len[j] : a.recv_len[j];
+    if (j == a.rank || bytes == 0) {
+        *chunk = 0;
+        *rounds = 0;
+        return;
+    }
+    u64 g = gridDim.x;
+    u64 most = (a.slot / g) & ~15ull;
+    u64 c = ((bytes + g - 1) / g + 15ull) & ~15ull;
+    if (c > most) c = most;
+    *chunk = c;
+    *rounds = (bytes + c * g - 1) / (c * g);
+}
+
+__device__ __forceinline__ int4 tw_ldcg4(const int4* p) {
+    int4 v;
+    asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ unsigned tw_ldcg32(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ unsigned short tw_ldcg16(const unsigned short* p) {
+    unsigned short v;
+    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ unsigned char tw_ldcg8(const unsigned char* p) {
+    unsigned short v;
+    asm volatile("ld.global.cg.u8 %0, [%1];" : "=h"(v) : "l"(p));
+    return (unsigned char)v;
+}
+__device__ __forceinline__ u64 tw_ldcg64(const u64* p) {
+    u64 v;
+    asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+
+// Copies `len` bytes with the whole block (16-byte words when both ends and the length allow,
+// four loads in flight per thread before their stores). Loads bypass L1: the source may be a
+// slot other GPUs write.
+__device__ void tw_copy(char* dst, const char* src, u64 len) {
+    const u64 step = blockDim.x;
+    if ((((u64)dst | (u64)src | len) & 15ull) == 0) {
+        int4* d = (int4*)dst;
+        const int4* s = (const int4*)src;
+        u64 n = len >> 4, i = threadIdx.x;
+        for (; i + 3 * step < n; i += 4 * step) {
+            int4 v0 = tw_ldcg4(s + i), v1 = tw_ldcg4(s + i + step), v2 = tw_ldcg4(s + i + 2 * step),
+                 v3 = tw_ldcg4(s + i + 3 * step);
+            d[i] = v0;
+            d[i + step] = v1;
+            d[i + 2 * step] = v2;
+            d[i + 3 * step] = v3;
+        }
+        for (; i < n; i += step) d[i] = tw_ldcg4(s + i);
+    } else if ((((u64)dst | (u64)src | len) & 3ull) == 0) {
+        for (u64 i = threadIdx.x; i < len >> 2; i += step)
+            ((unsigned*)dst)[i] = tw_ldcg32((const unsigned*)src + i);
+    } else {
+        for (u64 i = threadIdx.x; i < len; i += step)
+            ((unsigned char*)dst)[i] = tw_ldcg8((const unsigned char*)src + i);
+    }
+}
+
+// The first failure: reason (1 deadline, 2 the peer's process died) | operation << 8 |
+// (peer + 1) << 16.
+__device__ void tw_fail(const CollArgs& a, unsigned reason, int peer) {
+    volatile unsigned* e = (volatile unsigned*)a.err_at;
+    if (*e == 0) *e = reason | ((unsigned)a.what << 8) | ((unsigned)(peer + 1) << 16);
+    __threadfence_system();
+}
+
+// Waits until `*flag >= want`; false on a failure (this one, recorded, or another's).
+__device__ bool tw_wait_flag(const CollArgs& a, const u64* flag, u64 want, int peer) {
+    u64 start = tw_now();
+    for (unsigned spins = 0;; spins++) {
+        if (tw_ld_acquire(flag) >= want) return true;
+        if ((spins & 255u) == 255u) {
+            if (*(volatile const unsigned*)a.err_at != 0) return false;
+            if (a.alive[peer] != 0 && *(volatile const unsigned*)a.alive[peer] == 0) {
+                tw_fail(a, 2, peer);
+                return false;
+            }
+            if ((long long)(tw_now() - start) > a.timeout_ns) {
+                tw_fail(a, 1, peer);
+                return false;
+            }
+        }
+    }
+}
+
+// Element types: storage S, computed in C (half types through float; bool as 0/1, where SUM
+// and MAX are OR, PRODUCT and MIN are AND).
+template <int D> struct Ty;
+template <> struct Ty<0> {
+    typedef signed char S; typedef int C;
+    static __device__ C ld(const S* p) { return (signed char)tw_ldcg8((const unsigned char*)p); }
+    static __device__ S st(C c) { return (S)c; }
+};
+template <> struct Ty<1> {
+    typedef short S; typedef int C;
+    static __device__ C ld(const S* p) { return (short)tw_ldcg16((const unsigned short*)p); }
+    static __device__ S st(C c) { return (S)c; }
+};
+template <> struct Ty<2> {
+    typedef int S; typedef int C;
+    static __device__ C ld(const S* p) { return (int)tw_ldcg32((const unsigned*)p); }
+    static __device__ S st(C c) { return c; }
+};
+template <> struct Ty<3> {
+    typedef long long S; typedef long long C;
+    static __device__ C ld(const S* p) { return (long long)tw_ldcg64((const u64*)p); }
+    static __device__ S st(C c) { return c; }
+};
+template <> struct Ty<4> {
+    typedef unsigned char S; typedef unsigned C;
+    static __device__ C ld(const S* p) { return tw_ldcg8(p); }
+    static __device__ S st(C c) { return (S)c; }
+};
+template <> struct Ty<5> {
+    typedef unsigned char S; typedef unsigned C;
+    static __device__ C ld(const S* p) { return tw_ldcg8(p) != 0; }
+    static __device__ S st(C c) { return c != 0; }
+};
+template <> struct Ty<6> {
+    typedef unsigned short S; typedef float C;
+    static __device__ C ld(const S* p) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(tw_ldcg16(p)));
+        return f;
+    }
+    static __device__ S st(C c) {
+        unsigned short h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(c));
+        return h;
+    }
+};
+template <> struct Ty<7> {
+    typedef unsigned short S; typedef float C;
+    static __device__ C ld(const S* p) { return tw_bf16(tw_ldcg16(p)); }
+    static __device__ S st(C c) { return tw_to_bf16(c); }
+};
+template <> struct Ty<8> {
+    typedef float S; typedef float C;
+    static __device__ C ld(const S* p) { return __uint_as_float(tw_ldcg32((const unsigned*)p)); }
+    static __device__ S st(C c) { return c; }
+};
+template <> struct Ty<9> {
+    typedef double S; typedef double C;
+    static __device__ C ld(const S* p) { return __longlong_as_double((long long)tw_ldcg64((const u64*)p)); }
+    static __device__ S st(C c) { return c; }
+};
+
+// out[e] = src[0][e] op src[1][e] op ... (in rank order: the same result on every rank); AVG
+// divides the sum by the rank count (integers truncate).
+template <int D, int OP>
+__device__ void tw_reduce_t(char* out, const char* const* src, int nsrc, u64 len, int ranks) {
+    typedef typename Ty<D>::S S;
+    typedef typename Ty<D>::C C;
+    const u64 n = len / sizeof(S);
+    for (u64 e = threadIdx.x; e < n; e += blockDim.x) {
+        C acc = Ty<D>::ld((const S*)src[0] + e);
+        for (int s = 1; s < nsrc; s++) {
+            C v = Ty<D>::ld((const S*)src[s] + e);
+            if (OP == 0 || OP == 1) acc = acc + v;
+            else if (OP == 2) acc = acc * v;
+            else if (OP == 3) acc = v < acc ? v : acc;
+            else acc = v > acc ? v : acc;
+        }
+        if (OP == 1) acc = acc / (C)ranks;
+        ((S*)out)[e] = Ty<D>::st(acc);
+    }
+}
+
+template <int D>
+__device__ void tw_reduce_d(int op, char* out, const char* const* src, int nsrc, u64 len, int ranks) {
+    switch (op) {
+        case 0: tw_reduce_t<D, 0>(out, src, nsrc, len, ranks); break;
+        case 1: tw_reduce_t<D, 1>(out, src, nsrc, len, ranks); break;
+        case 2: tw_reduce_t<D, 2>(out, src, nsrc, len, ranks); break;
+        case 3: tw_reduce_t<D, 3>(out, src, nsrc, len, ranks); break;
+        default: tw_reduce_t<D, 4>(out, src, nsrc, len, ranks); break;
+    }
+}
+
+__device__ void tw_reduce(const CollArgs& a, char* out, const char* const* src, int nsrc, u64 len) {
+    switch (a.dtype) {
+        case 0: tw_reduce_d<0>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 1: tw_reduce_d<1>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 2: tw_reduce_d<2>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 3: tw_reduce_d<3>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 4: tw_reduce_d<4>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 5: tw_reduce_d<5>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 6: tw_reduce_d<6>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 7: tw_reduce_d<7>(a.redop, out, src, nsrc, len, a.ranks); break;
+        case 8: tw_reduce_d<8>(a.redop, out, src, nsrc, len, a.ranks); break;
+        default: tw_reduce_d<9>(a.redop, out, src, nsrc, len, a.ranks); break;
+    }
+}
+
+// The body of both kernels (REDUCE: the reduce kernel).
+template <bool REDUCE>
+__device__ void tw_coll(const CollArgs& a) {
+    __shared__ u64 base[TW_COLL_RANKS], chunk[TW_COLL_RANKS], rounds[TW_COLL_RANKS];
+    __shared__ u64 most;
+    __shared__ int failed;
+    const int b = blockIdx.x, t = threadIdx.x;
+    const u64 g = gridDim.x;
+    char* mine = (char*)a.peers[a.rank];
+    u64* counters = (u64*)(mine + TW_OFF_COUNTERS) + (u64)b * TW_COLL_RANKS;
+    const u64* flags_in = (const u64*)(mine + TW_OFF_FLAGS);
+    if (t < a.ranks) {
+        base[t] = counters[t];
+        tw_pair(a, t, &chunk[t], &rounds[t]);
+    }
+    if (t == 0) failed = 0;
+    __syncthreads();
+    if (t == 0) {
+        u64 m = 0;
+        for (int j = 0; j < a.ranks; j++) m = rounds[j] > m ? rounds[j] : m;
+        most = m;
+    }
+    if (!REDUCE) {
+        // Our own segment: a local copy, shared by the blocks.
+        const char* src = (const char*)a.send_base + a.send_off[a.rank];
+        char* dst = (char*)a.recv_base + a.recv_off[a.rank];
+        u64 len = a.recv_len[a.rank];
+        if (src != dst && len > 0) {
+            u64 piece = ((len + g - 1) / g + 15ull) & ~15ull;
+            u64 at = (u64)b * piece;
+            if (at < len) tw_copy(dst + at, src + at, len - at < piece ? len - at : piece);
+        }
+    }
+    __syncthreads();
+    const u64 last = most;
+    for (u64 i = 0; i <= last; i++) {
+        if (i < last) {
+            for (int j = 0; j < a.ranks; j++) {
+                if (i >= rounds[j]) continue;
+                u64 c = chunk[j], at = (i * g + (u64)b) * c;
+                u64 n = a.send_len[j] > at ? (a.send_len[j] - at < c ? a.send_len[j] - at : c) : 0;
+                if (n > 0)
+                    tw_copy(tw_slot(a, j, base[j] + i, a.rank) + (u64)b * c,
+                            (const char*)a.send_base + a.send_off[j] + at, n);
+            }
+            __syncthreads();
+            if (t == 0) {
+                __threadfence_system();
+                for (int j = 0; j < a.ranks; j++) {
+                    if (i >= rounds[j]) continue;
+                    u64* flag = (u64*)((char*)a.peers[j] + TW_OFF_FLAGS) + (u64)a.rank * TW_COLL_BLOCKS + b;
+                    tw_st_release(flag, base[j] + i + 1);
+                }
+            }
+        }
+        if (i == 0) continue;
+        const u64 k = i - 1;
+        if (t < a.ranks && k < rounds[t]) {
+            if (!tw_wait_flag(a, flags_in + (u64)t * TW_COLL_BLOCKS + b, base[t] + k + 1, t)) failed = 1;
+        }
+        __syncthreads();
+        if (failed) return;
+        if (!REDUCE) {
+            for (int j = 0; j < a.ranks; j++) {
+                if (k >= rounds[j]) continue;
+                u64 c = chunk[j], at = (k * g + (u64)b) * c;
+                u64 n = a.recv_len[j] > at ? (a.recv_len[j] - at < c ? a.recv_len[j] - at : c) : 0;
+                if (n > 0)
+                    tw_copy((char*)a.recv_base + a.recv_off[j] + at, tw_slot(a, a.rank, base[j] + k, j) + (u64)b * c, n);
+            }
+        } else {
+            const u64 out_len = a.recv_len[a.rank];
+            const char* src[TW_COLL_RANKS];
+            int nsrc = 0;
+            u64 c = 0;
+            for (int j = 0; j < a.ranks; j++) {
+                if (j != a.rank && a.recv_len[j] > 0 && k < rounds[j]) c = chunk[j];
+            }
+            u64 at = (k * g + (u64)b) * c;
+            if (c > 0 && at < out_len) {
+                for (int j = 0; j < a.ranks; j++) {
+                    if (j == a.rank)
+                        src[nsrc++] = (const char*)a.send_base + a.send_off[j] + at;
+                    else if (a.recv_len[j] > 0)
+                        src[nsrc++] = tw_slot(a, a.rank, base[j] + k, j) + (u64)b * c;
+                }
+                u64 n = out_len - at < c ? out_len - at : c;
+                tw_reduce(a, (char*)a.recv_base + a.recv_off[a.rank] + at, src, nsrc, n);
+            }
+        }
+        __syncthreads();
+    }
+    if (t < a.ranks) counters[t] = base[t] + rounds[t];
+}
+
+extern "C" __global__ void __launch_bounds__(512) tw_coll_exchange(CollArgs a) { tw_coll<false>(a); }
+
+extern "C" __global__ void __launch_bounds__(512) tw_coll_reduce(CollArgs a) { tw_coll<true>(a); }

@@ -1,0 +1,196 @@
+//! The collective kernels (`coll.cu`): a segment exchange and a reduction over the group's
+//! NVLink-mapped buffers, launched on the caller's stream. Compiled with NVRTC and loaded per
+//! GPU by [`CollKernels::load`], which the communicator calls when its CUDA path starts (never
+//! on the first collective).
+
+use std::sync::Arc;
+
+use crate::device::Gpu;
+use crate::kernels::{param, Loaded, Source};
+use crate::GpuError;
+
+/// Ranks a group's CUDA path may have (the kernels' fixed arrays).
+pub const MAX_RANKS: usize = 64;
+/// Blocks a collective kernel may have.
+pub const MAX_BLOCKS: u32 = 64;
+/// Threads of a block.
+pub const THREADS: u32 = 512;
+/// Buffers a pair's rounds rotate through.
+pub const BUFS: u64 = 4;
+/// Bytes of a buffer's header (flags, counters) before the data.
+pub const HEADER: u64 = 2 * MAX_RANKS as u64 * MAX_BLOCKS as u64 * 8;
+
+/// What both kernels are told (the `CollArgs` struct of `coll.cu`, field for field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CollArgs {
+    /// Each rank's buffer as this GPU addresses it (ours included).
+    pub peers: [u64; MAX_RANKS],
+    /// Each rank's liveness word (device-readable; 0: none, for ourselves).
+    pub alive: [u64; MAX_RANKS],
+    /// The bytes of `send_base` going to each rank.
+    pub send_off: [u64; MAX_RANKS],
+    pub send_len: [u64; MAX_RANKS],
+    /// Where each rank's bytes land in `recv_base` (reduce: a contributor has a length, ours
+    /// is the output's).
+    pub recv_off: [u64; MAX_RANKS],
+    pub recv_len: [u64; MAX_RANKS],
+    pub send_base: u64,
+    pub recv_base: u64,
+    /// A 32-bit word of pinned host memory: the first failure.
+    pub err_at: u64,
+    /// Bytes of one (buffer, source rank) slot.
+    pub slot: u64,
+    pub timeout_ns: i64,
+    pub rank: i32,
+    pub ranks: i32,
+    /// Reduce only: the element type and the operation (codes of [`DTYPES`] and [`OPS`]).
+    pub dtype: i32,
+    pub redop: i32,
+    /// The operation, for failure reports ([`WHAT`]).
+    pub what: i32,
+    pub pad: i32,
+}
+
+/// Element types by kernel code.
+pub const DTYPES: [&str; 10] = [
+    "int8", "int16", "int32", "int64", "uint8", "bool", "float16", "bfloat16", "float32", "float64",
+];
+/// Reductions by kernel code.
+pub const OPS: [&str; 5] = ["sum", "avg", "product", "min", "max"];
+/// Operations by code, as failures name them.
+pub const WHAT: [&str; 8] = [
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+];
+
+impl CollArgs {
+    /// Arguments with every segment empty.
+    pub fn empty() -> Self {
+        Self {
+            peers: [0; MAX_RANKS],
+            alive: [0; MAX_RANKS],
+            send_off: [0; MAX_RANKS],
+            send_len: [0; MAX_RANKS],
+            recv_off: [0; MAX_RANKS],
+            recv_len: [0; MAX_RANKS],
+            send_base: 0,
+            recv_base: 0,
+            err_at: 0,
+            slot: 0,
+            timeout_ns: 0,
+            rank: 0,
+            ranks: 0,
+            dtype: 0,
+            redop: 0,
+            what: 0,
+            pad: 0,
+        }
+    }
+}
+
+/// A failure a kernel recorded: `(operation, peer, reason)`, from the word it wrote.
+pub fn decode_failure(word: u32) -> Option<(&'static str, usize, &'static str)> {
+    if word == 0 {
+        return None;
+    }
+    let reason = match word & 0xff {
+        1 => "it sent nothing within the group's timeout",
+        2 => "its process exited",
+        _ => "an unknown failure",
+    };
+    let what = WHAT.get(((word >> 8) & 0xff) as usize).copied().unwrap_or("a collective");
+    let peer = ((word >> 16) as usize).saturating_sub(1);
+    Some((what, peer, reason))
+}
+
+static SOURCE: Source = Source::new(
+    concat!(include_str!("common.cuh"), include_str!("coll.cu")),
+    c"tw_coll.cu",
+    &[c"tw_coll_exchange", c"tw_coll_reduce"],
+    "cuLaunchKernel(tw_coll)",
+);
+
+/// The collective kernels, loaded on one GPU.
+pub struct CollKernels {
+    k: Arc<Loaded>,
+}
+
+impl std::fmt::Debug for CollKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CollKernels(cuda:{})", self.k.gpu.ordinal)
+    }
+}
+
+impl CollKernels {
+    /// Compiles (once per process) and loads (once per GPU) the collective kernels on `gpu`.
+    pub fn load(gpu: &'static Gpu) -> Result<Arc<Self>, GpuError> {
+        Ok(Arc::new(Self { k: SOURCE.load(gpu)? }))
+    }
+
+    /// Moves every segment: `send_len[j]` bytes at `send_base + send_off[j]` to rank `j`, whose
+    /// kernel writes them at its `recv_base + recv_off[r]` (ours copied locally), with `blocks`
+    /// blocks on `stream`.
+    ///
+    /// # Safety
+    /// `args` describes live buffers of every rank mapped for this GPU, laid out as `coll.cu`
+    /// says, and segments inside live device memory of this GPU until the work on `stream` is
+    /// done; every rank launches the matching call (the same pair byte counts) with the same
+    /// `blocks`, in the same order.
+    pub unsafe fn exchange(
+        &self,
+        stream: u64,
+        args: &CollArgs,
+        blocks: u32,
+    ) -> Result<(), GpuError> {
+        let mut a = *args;
+        let mut p = [param(&mut a)];
+        // SAFETY: (CollArgs), as the kernel declares; forwarded contract.
+        unsafe { self.k.launch(0, blocks.clamp(1, MAX_BLOCKS), THREADS, stream, &mut p) }
+    }
+
+    /// Reduces: rank `j` contributes `send_len[j]` bytes at its `send_base + send_off[j]` to
+    /// this rank if `recv_len[j] > 0`; our output is `recv_len[rank]` bytes at `recv_base +
+    /// recv_off[rank]`, the reduction of our own `send_off[rank]` segment and every
+    /// contributor's, in rank order.
+    ///
+    /// # Safety
+    /// As for [`CollKernels::exchange`]; `args.dtype` and `args.redop` are codes of [`DTYPES`]
+    /// and [`OPS`].
+    pub unsafe fn reduce(&self, stream: u64, args: &CollArgs, blocks: u32) -> Result<(), GpuError> {
+        let mut a = *args;
+        let mut p = [param(&mut a)];
+        // SAFETY: (CollArgs), as the kernel declares; forwarded contract.
+        unsafe { self.k.launch(1, blocks.clamp(1, MAX_BLOCKS), THREADS, stream, &mut p) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_args_have_the_kernels_layout() {
+        // Six arrays of 64 words, four words, an i64 and six i32.
+        assert_eq!(size_of::<CollArgs>(), 6 * 64 * 8 + 4 * 8 + 8 + 6 * 4);
+        assert!(size_of::<CollArgs>() <= 4096, "a kernel's parameters fit 4 KiB");
+    }
+
+    #[test]
+    fn failures_decode_to_the_operation_peer_and_reason() {
+        assert_eq!(decode_failure(0), None);
+        assert_eq!(
+            decode_failure(2 | (3 << 8) | (2 << 16)),
+            Some(("all_to_all", 1, "its process exited"))
+        );
+        let (what, peer, why) = decode_failure(1 | (1 << 16)).unwrap_or_default();
+        assert_eq!((what, peer), ("all_reduce", 0));
+        assert!(why.contains("timeout"));
+    }
+}
