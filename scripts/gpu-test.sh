@@ -37,7 +37,9 @@ else
   status=1
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" > "$out/torch.txt" 2>&1 || true
-timeout 600 python3 -m pytest -v -p no:cacheprovider python/tests/test_gpu.py python/tests/test_native.py python/tests/test_ep.py python/tests/test_distributed.py -k cuda 2>&1 | tee "$out/gpu-tests.txt" || status=1
+timeout 900 python3 -m pytest -v -p no:cacheprovider python/tests/test_gpu.py python/tests/test_native.py python/tests/test_ep.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+# The collectives' CUDA tests (NVLink path, staged path, a killed and a stopped rank).
+timeout 300 python3 -m pytest -v -p no:cacheprovider python/tests/test_distributed.py -k cuda 2>&1 | tee "$out/gpu-tests-collectives.txt" || status=1
 # The GPU transports with a cluster secret in force (every engine these tests start reads it):
 # the shm socket's and the RPC port's handshakes in front of CUDA IPC / VMM imports.
 TIDEWIRE_CLUSTER_SECRET=gpu-test-secret timeout 300 python3 -m pytest -v -p no:cacheprovider python/tests/test_gpu.py \

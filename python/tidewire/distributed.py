@@ -129,9 +129,9 @@ _staging_logged = False
 
 
 def _to_host(t: torch.Tensor, what: str) -> torch.Tensor:
-    """`t` itself (a CPU tensor), or a host copy of a CUDA tensor: CUDA tensors are staged
-    through host memory until the NVLink path exists (said once in the log). The copy waits for
-    the work queued on the current stream, so the collective sees what it computed."""
+    """`t` itself (a CPU tensor), or a host copy of a CUDA tensor (a group without an NVLink
+    path, or a point-to-point operation; said once in the log). The copy waits for the work
+    queued on the current stream, so the collective sees what it computed."""
     global _staging_logged
     if t.device.type == "cpu":
         return t
@@ -139,14 +139,15 @@ def _to_host(t: torch.Tensor, what: str) -> torch.Tensor:
         raise NotImplementedError(f"tidewire: {what} on a {t.device.type} tensor")
     if torch.cuda.is_current_stream_capturing():
         raise NotImplementedError(
-            f"tidewire: {what} on CUDA tensors inside CUDA-graph capture needs the NVLink path, "
-            "which is not built yet (CUDA tensors are staged through host memory so far)"
+            f"tidewire: {what} on CUDA tensors inside CUDA-graph capture needs the NVLink path; this "
+            "operation stages them through host memory (the log says why: no GPU path between the ranks, "
+            "TIDEWIRE_PG_CUDA=0, or a point-to-point operation)"
         )
     if not _staging_logged:
         _staging_logged = True
         logging.getLogger("tidewire").warning(
-            "tidewire: CUDA tensors are staged through host memory (the NVLink path for collectives "
-            "is not built yet): correct, with a host synchronisation per call"
+            "tidewire: CUDA tensors are staged through host memory (no NVLink path for this group or "
+            "operation): correct, with a host synchronisation per call"
         )
     return t.to("cpu")
 
@@ -355,7 +356,9 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 class ProcessGroupTidewire(dist.ProcessGroup):
     """One group of the ``tidewire`` backend (see the module's documentation)."""
 
-    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta, backend: str = BACKEND) -> None:
+    def __init__(
+        self, store: Any, rank: int, size: int, timeout: timedelta, backend: str = BACKEND, cuda: bool = True
+    ) -> None:
         super().__init__(rank, size)
         self._rank, self._size = rank, size
         self._timeout = timeout
@@ -389,7 +392,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         #: process, else at the first CUDA collective (every rank reaches it at the same call).
         self._cuda: Optional[_CudaPath] = None
         self._cuda_started = False
-        if size > 1 and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0" and torch.cuda.is_available() and torch.cuda.is_initialized():
+        #: A group for CPU tensors only (`mooncake-cpu`) never starts one.
+        self._cuda_allowed = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
+        if size > 1 and self._cuda_allowed and torch.cuda.is_available() and torch.cuda.is_initialized():
             self._start_cuda(torch.cuda.current_device())
 
     # --- identity -------------------------------------------------------------------------
@@ -449,7 +454,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """The NVLink path if these tensors take it (CUDA tensors of the path's GPU)."""
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
-        if not self._cuda_started and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0":
+        if not self._cuda_started and self._cuda_allowed:
             self._start_cuda(tensors[0].device.index)
         path = self._cuda
         if path is None:

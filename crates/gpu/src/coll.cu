@@ -155,42 +155,42 @@ __device__ bool tw_wait_flag(const CollArgs& a, const u64* flag, u64 want, int p
 template <int D> struct Ty;
 template <> struct Ty<0> {
     typedef signed char S; typedef int C;
-    static __device__ C ld(const S* p) { return (signed char)tw_ldcg8((const unsigned char*)p); }
-    static __device__ S st(C c) { return (S)c; }
+    static __device__ C from(S v) { return v; }
+    static __device__ S to(C c) { return (S)c; }
 };
 template <> struct Ty<1> {
     typedef short S; typedef int C;
-    static __device__ C ld(const S* p) { return (short)tw_ldcg16((const unsigned short*)p); }
-    static __device__ S st(C c) { return (S)c; }
+    static __device__ C from(S v) { return v; }
+    static __device__ S to(C c) { return (S)c; }
 };
 template <> struct Ty<2> {
     typedef int S; typedef int C;
-    static __device__ C ld(const S* p) { return (int)tw_ldcg32((const unsigned*)p); }
-    static __device__ S st(C c) { return c; }
+    static __device__ C from(S v) { return v; }
+    static __device__ S to(C c) { return c; }
 };
 template <> struct Ty<3> {
     typedef long long S; typedef long long C;
-    static __device__ C ld(const S* p) { return (long long)tw_ldcg64((const u64*)p); }
-    static __device__ S st(C c) { return c; }
+    static __device__ C from(S v) { return v; }
+    static __device__ S to(C c) { return c; }
 };
 template <> struct Ty<4> {
     typedef unsigned char S; typedef unsigned C;
-    static __device__ C ld(const S* p) { return tw_ldcg8(p); }
-    static __device__ S st(C c) { return (S)c; }
+    static __device__ C from(S v) { return v; }
+    static __device__ S to(C c) { return (S)c; }
 };
 template <> struct Ty<5> {
     typedef unsigned char S; typedef unsigned C;
-    static __device__ C ld(const S* p) { return tw_ldcg8(p) != 0; }
-    static __device__ S st(C c) { return c != 0; }
+    static __device__ C from(S v) { return v != 0; }
+    static __device__ S to(C c) { return c != 0; }
 };
 template <> struct Ty<6> {
     typedef unsigned short S; typedef float C;
-    static __device__ C ld(const S* p) {
+    static __device__ C from(S v) {
         float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(tw_ldcg16(p)));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
         return f;
     }
-    static __device__ S st(C c) {
+    static __device__ S to(C c) {
         unsigned short h;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(c));
         return h;
@@ -198,38 +198,102 @@ template <> struct Ty<6> {
 };
 template <> struct Ty<7> {
     typedef unsigned short S; typedef float C;
-    static __device__ C ld(const S* p) { return tw_bf16(tw_ldcg16(p)); }
-    static __device__ S st(C c) { return tw_to_bf16(c); }
+    static __device__ C from(S v) { return tw_bf16(v); }
+    static __device__ S to(C c) { return tw_to_bf16(c); }
 };
 template <> struct Ty<8> {
     typedef float S; typedef float C;
-    static __device__ C ld(const S* p) { return __uint_as_float(tw_ldcg32((const unsigned*)p)); }
-    static __device__ S st(C c) { return c; }
+    static __device__ C from(S v) { return v; }
+    static __device__ S to(C c) { return c; }
 };
 template <> struct Ty<9> {
     typedef double S; typedef double C;
-    static __device__ C ld(const S* p) { return __longlong_as_double((long long)tw_ldcg64((const u64*)p)); }
-    static __device__ S st(C c) { return c; }
+    static __device__ C from(S v) { return v; }
+    static __device__ S to(C c) { return c; }
+};
+
+// One element of storage type S, loaded around L1.
+template <typename S> __device__ __forceinline__ S tw_ldcg_t(const S* p) {
+    if (sizeof(S) == 1) {
+        unsigned char v = tw_ldcg8((const unsigned char*)p);
+        return *(S*)&v;
+    } else if (sizeof(S) == 2) {
+        unsigned short v = tw_ldcg16((const unsigned short*)p);
+        return *(S*)&v;
+    } else if (sizeof(S) == 4) {
+        unsigned v = tw_ldcg32((const unsigned*)p);
+        return *(S*)&v;
+    } else {
+        u64 v = tw_ldcg64((const u64*)p);
+        return *(S*)&v;
+    }
+}
+
+template <int OP, typename C> __device__ __forceinline__ C tw_op(C acc, C v) {
+    if (OP == 0 || OP == 1) return acc + v;
+    if (OP == 2) return acc * v;
+    if (OP == 3) return v < acc ? v : acc;
+    return v > acc ? v : acc;
+}
+
+// Sixteen bytes of elements.
+template <typename S> union Vec16 {
+    int4 v;
+    S s[16 / sizeof(S)];
 };
 
 // out[e] = src[0][e] op src[1][e] op ... (in rank order: the same result on every rank); AVG
-// divides the sum by the rank count (integers truncate).
+// divides the sum by the rank count (integers truncate). Sixteen bytes a thread, two in
+// flight, when every pointer and the length allow; else an element a thread.
 template <int D, int OP>
 __device__ void tw_reduce_t(char* out, const char* const* src, int nsrc, u64 len, int ranks) {
     typedef typename Ty<D>::S S;
     typedef typename Ty<D>::C C;
+    const int L = 16 / sizeof(S);
+    u64 align = (u64)out | len;
+    for (int s = 0; s < nsrc; s++) align |= (u64)src[s];
+    if ((align & 15ull) == 0) {
+        const u64 nv = len >> 4, step = blockDim.x;
+        for (u64 v = threadIdx.x; v < nv; v += 2 * step) {
+            const bool two = v + step < nv;
+            Vec16<S> a0, a1, x0, x1;
+            a0.v = tw_ldcg4((const int4*)src[0] + v);
+            if (two) a1.v = tw_ldcg4((const int4*)src[0] + v + step);
+            C c0[16 / sizeof(S)], c1[16 / sizeof(S)];
+#pragma unroll
+            for (int l = 0; l < L; l++) {
+                c0[l] = Ty<D>::from(a0.s[l]);
+                c1[l] = two ? Ty<D>::from(a1.s[l]) : c0[l];
+            }
+            for (int s = 1; s < nsrc; s++) {
+                x0.v = tw_ldcg4((const int4*)src[s] + v);
+                if (two) x1.v = tw_ldcg4((const int4*)src[s] + v + step);
+#pragma unroll
+                for (int l = 0; l < L; l++) {
+                    c0[l] = tw_op<OP>(c0[l], Ty<D>::from(x0.s[l]));
+                    if (two) c1[l] = tw_op<OP>(c1[l], Ty<D>::from(x1.s[l]));
+                }
+            }
+#pragma unroll
+            for (int l = 0; l < L; l++) {
+                if (OP == 1) {
+                    c0[l] = c0[l] / (C)ranks;
+                    c1[l] = c1[l] / (C)ranks;
+                }
+                a0.s[l] = Ty<D>::to(c0[l]);
+                a1.s[l] = Ty<D>::to(c1[l]);
+            }
+            ((int4*)out)[v] = a0.v;
+            if (two) ((int4*)out)[v + step] = a1.v;
+        }
+        return;
+    }
     const u64 n = len / sizeof(S);
     for (u64 e = threadIdx.x; e < n; e += blockDim.x) {
-        C acc = Ty<D>::ld((const S*)src[0] + e);
-        for (int s = 1; s < nsrc; s++) {
-            C v = Ty<D>::ld((const S*)src[s] + e);
-            if (OP == 0 || OP == 1) acc = acc + v;
-            else if (OP == 2) acc = acc * v;
-            else if (OP == 3) acc = v < acc ? v : acc;
-            else acc = v > acc ? v : acc;
-        }
+        C acc = Ty<D>::from(tw_ldcg_t((const S*)src[0] + e));
+        for (int s = 1; s < nsrc; s++) acc = tw_op<OP>(acc, Ty<D>::from(tw_ldcg_t((const S*)src[s] + e)));
         if (OP == 1) acc = acc / (C)ranks;
-        ((S*)out)[e] = Ty<D>::st(acc);
+        ((S*)out)[e] = Ty<D>::to(acc);
     }
 }
 

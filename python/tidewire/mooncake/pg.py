@@ -171,17 +171,22 @@ def sync_after_failure(pg: Any) -> None:
     raise NotImplementedError(_ELASTIC.format("sync_after_failure"))
 
 
-def _create(opts: Any, pg_options: Any = None) -> "_tw.ProcessGroupTidewire":
+def _create(opts: Any, pg_options: Any = None, cuda: bool = True) -> "_tw.ProcessGroupTidewire":
     if pg_options is not None and not isinstance(pg_options, MooncakeBackendOptions):
         raise TypeError(f"pg_options of a mooncake group must be MooncakeBackendOptions, not {type(pg_options).__name__}")
     if pg_options is not None and pg_options.is_extension:
         raise NotImplementedError(_ELASTIC.format("a joining rank (is_extension=True)"))
-    pg = _tw.ProcessGroupTidewire(opts.store, opts.group_rank, opts.group_size, opts.timeout, "mooncake")
+    pg = _tw.ProcessGroupTidewire(opts.store, opts.group_rank, opts.group_size, opts.timeout, "mooncake", cuda)
     if pg_options is not None:
         pg._active_ranks = pg_options.active_ranks
         if pg_options.max_group_size < opts.group_size:
             raise ValueError(f"max_group_size {pg_options.max_group_size} < group size {opts.group_size}")
     return pg
+
+
+def _create_cpu(opts: Any, pg_options: Any = None) -> "_tw.ProcessGroupTidewire":
+    """A ``mooncake-cpu`` group: CPU tensors only, so no GPU buffer."""
+    return _create(opts, pg_options, cuda=False)
 
 
 def register_backends() -> None:
@@ -190,4 +195,4 @@ def register_backends() -> None:
     if "MOONCAKE" not in plugins:
         dist.Backend.register_backend("mooncake", _create, extended_api=True, devices=["cuda"])
     if "MOONCAKE-CPU" not in plugins:
-        dist.Backend.register_backend("mooncake-cpu", _create, extended_api=True, devices=["cpu"])
+        dist.Backend.register_backend("mooncake-cpu", _create_cpu, extended_api=True, devices=["cpu"])
