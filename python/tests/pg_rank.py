@@ -315,7 +315,7 @@ def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
     if objs != list(range(size)):
         bad.append(f"all_gather_object on a subgroup {objs}")
     dist.barrier(group=sub_cpu)
-    for call in (mpg.deactivate_ranks, mpg.recover_ranks, mpg.activate_ranks):
+    for call in (mpg.recover_ranks, mpg.activate_ranks):
         try:
             call(dist.group.WORLD, [0])
             bad.append(f"{call.__name__} did not raise")
@@ -336,6 +336,76 @@ def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
     mep.set_device_filter(["mlx5_0"])
     dist.destroy_process_group()
     return bad
+
+
+def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
+    """Elastic membership on a `mooncake-cpu` group (arg "HOW-VICTIM"): the victim is
+    SIGKILLed during all_reduce ("kill"), SIGSTOPped and continued later ("stop"), or removed
+    by every rank's `deactivate_ranks` with every timeout an hour long ("shrink"). Each rank
+    reports the mask it agreed to, its epoch and whether it was fenced."""
+    import subprocess
+
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    how, victim_s = arg.split("-")
+    victim = int(victim_s)
+    if how == "stop":
+        mpg.set_eviction_timeout_us(1_500_000)
+    if how == "shrink":
+        mpg.set_eviction_timeout_us(3_600_000_000)
+        mpg.set_agreement_phase_timeout_us(3_600_000_000)
+    active = torch.ones(size, dtype=torch.int32)
+    dist.init_process_group(
+        "mooncake-cpu",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=4),
+        pg_options=mpg.MooncakeBackendOptions(active),
+    )
+    pg = dist.group.WORLD
+    t = torch.ones(10)
+    dist.all_reduce(t)
+
+    def report(**more: Any) -> Dict[str, Any]:
+        mask = mpg.get_active_ranks(pg)
+        out = {"mask": active.tolist(), "same_tensor": mask is active, "epoch": mpg.get_current_epoch(pg)}
+        out["fenced"] = pg._elastic.view()[2]
+        out.update(more)
+        return out
+
+    if how == "shrink":
+        mpg.deactivate_ranks(pg, [victim])
+        return report()
+    if rank == victim:
+        if how == "kill":
+            threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+            big = torch.ones(1 << 20)
+            for _ in range(10000):
+                dist.all_reduce(big)
+            return ["the victim outlived its signal"]
+        subprocess.Popen(["sh", "-c", f"sleep 9; kill -CONT {os.getpid()}"])
+        os.kill(os.getpid(), signal.SIGSTOP)
+        # Continued: the others removed this rank meanwhile; it learns so.
+        pg._elastic.wait_view(0, 10.0)
+        return report()
+    big = torch.ones(1 << 20)
+    err = None
+    try:
+        for _ in range(10000):
+            dist.all_reduce(big)
+    except Exception as e:  # noqa: BLE001
+        err = e
+    failed_at = time.monotonic()
+    deadline = failed_at + 15
+    while mpg.get_current_epoch(pg) < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    out = report(error=repr(err), agreed_after=time.monotonic() - failed_at)
+    dist.destroy_process_group()
+    return out
 
 
 def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
@@ -582,6 +652,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "lifetime": body_lifetime,
     "cuda": body_cuda,
     "cuda_failure": body_cuda_failure,
+    "elastic": body_elastic,
     "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,

@@ -117,10 +117,28 @@ def test_the_mooncake_pg_names_sglang_calls() -> None:
         assert bad == [], f"rank {rank}: {bad}"
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-    reason="needs two CUDA GPUs on one host (scripts/gpu-test.sh runs it on the GPU host)",
-)
+@pytest.mark.parametrize("arg", ["kill-0", "kill-3", "stop-3", "shrink-3"])
+def test_elastic_membership_every_survivor_agrees_on_the_mask_and_epoch(arg: str) -> None:
+    """Rank 0 or 3 killed during all_reduce, rank 3 stopped (evicted by heartbeat, fenced when
+    continued), or removed by deactivate_ranks with every timeout an hour long: every rank ends
+    with the same mask and epoch, written into the caller's tensor."""
+    size = 4
+    how, victim_s = arg.split("-")
+    victim = int(victim_s)
+    results = run_group("elastic", size, arg, deadline=90, expect_dead=victim if how == "kill" else -1)
+    want = [0 if r == victim else 1 for r in range(size)]
+    for rank, out in enumerate(results):
+        if rank == victim and how == "kill":
+            continue
+        assert out["mask"] == want and out["same_tensor"], f"rank {rank}: {out}"
+        if rank == victim:
+            assert out["fenced"], f"the removed rank {rank} did not learn it: {out}"
+        else:
+            assert out["epoch"] == 1 and not out["fenced"], f"rank {rank}: {out}"
+        if how == "kill" and rank != victim:
+            assert f"rank {victim}" in out["error"], f"rank {rank}: {out}"
+
+
 def _two_gpus() -> None:
     import torch
 

@@ -2,7 +2,7 @@
 
 from typing import Any, Dict, List, Optional, Tuple, final
 
-__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "CudaCommunicator", "EpBuffer", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "gpu_status", "last_allocation_failure"]
+__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "CudaCommunicator", "ElasticMember", "EpBuffer", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "gpu_status", "last_allocation_failure"]
 
 __version__: str
 
@@ -199,6 +199,28 @@ class CudaCommunicator:
         dtype_: str,
         redop: str,
     ) -> None: ...
+    def close(self) -> None: ...
+
+@final
+class ElasticMember:
+    def __new__(cls, host: str) -> ElasticMember: ...
+    @property
+    def address(self) -> str: ...
+    def start(
+        self,
+        rank: int,
+        peers: List[str],
+        epoch: int,
+        members: List[int],
+        heartbeat_s: float,
+        eviction_s: float,
+        window_s: float,
+        phase_s: float,
+    ) -> None: ...
+    def view(self) -> Tuple[int, List[int], bool]: ...
+    def suspect(self, ranks: List[int]) -> None: ...
+    def request(self, remove: List[int], add: List[int]) -> None: ...
+    def wait_view(self, epoch: int, timeout_s: float) -> Tuple[int, List[int], bool]: ...
     def close(self) -> None: ...
 
 @final

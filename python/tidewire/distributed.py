@@ -370,6 +370,11 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._group_name = ""
         self._group_desc = ""
         self._failed_ranks: List[int] = []
+        #: Elastic membership (`tidewire.mooncake.pg` groups): an `_native.ElasticMember`, the
+        #: epoch the mask holds, and whether a failure removes the failed ranks.
+        self._elastic: Optional[Any] = None
+        self._mask_epoch = 0
+        self._auto_deactivate = True
         eng = engine()
         region = _native.Communicator.allocate_region(eng._native, size, _ring_bytes(size))
         store.set(f"tidewire/{rank}", json.dumps({"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid()}))
@@ -422,11 +427,34 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any) -> Any:
+        if self._elastic is not None:
+            self._sync_mask()
         try:
             return fn(*args)
         except _native.TidewireError as e:
-            self._failed_ranks = sorted(set(self._failed_ranks) | set(getattr(e, "ranks", [])))
+            self._failed(getattr(e, "ranks", []))
             raise
+
+    def _sync_mask(self) -> None:
+        """Writes the view in force into the caller's mask tensor, in place, when it changed."""
+        if self._elastic is None or self._active_ranks is None:
+            return
+        epoch, members, fenced = self._elastic.view()
+        if epoch == self._mask_epoch and not fenced:
+            return
+        mask = torch.zeros(self._active_ranks.numel(), dtype=torch.int32)
+        for r in members:
+            if r < mask.numel():
+                mask[r] = 1
+        self._active_ranks.copy_(mask)
+        self._mask_epoch = epoch
+
+    def _failed(self, ranks: Sequence[int]) -> None:
+        """A failure naming `ranks`: remembered (``get_failed_ranks_hint``), and given to the
+        group's elastic membership, if it has one, as evidence against them."""
+        self._failed_ranks = sorted(set(self._failed_ranks) | set(ranks))
+        if self._elastic is not None and self._auto_deactivate:
+            self._elastic.suspect(sorted(set(ranks) | set(self._comm.dead_ranks())))
 
     def failed_ranks(self) -> List[int]:
         """The ranks the last failure named (``get_failed_ranks_hint``)."""
@@ -436,6 +464,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return self._comm.dead_ranks()
 
     def shutdown(self) -> None:
+        if self._elastic is not None:
+            self._elastic.close()
         if self._cuda is not None:
             self._cuda.close()
         self._comm.close()
@@ -446,7 +476,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         try:
             path = _CudaPath(self._store, self._rank, self._size, self._timeout, device)
         except _native.TidewireError as e:
-            self._failed_ranks = sorted(set(self._failed_ranks) | set(getattr(e, "ranks", [])))
+            self._failed(getattr(e, "ranks", []))
             raise
         self._cuda = path if path.comm is not None else None
 

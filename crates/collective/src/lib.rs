@@ -8,6 +8,7 @@
 mod comm;
 pub mod cuda;
 mod dtype;
+pub mod elastic;
 mod error;
 pub mod membership;
 pub mod plan;

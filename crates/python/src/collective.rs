@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use tidewire::{Engine, PeerBuffer};
+use tidewire_collective::elastic::{Elastic, ElasticSettings};
+use tidewire_collective::membership::{Settings, View};
 use tidewire_collective::{Comm, CudaComm, CudaOp, DType, Error, OpId, PeerInfo, ReduceOp, Region};
 
 use crate::errors;
@@ -401,6 +403,123 @@ impl PyCudaComm {
     /// the caller synchronizes first).
     fn close(&self, py: Python<'_>) {
         let taken = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        py.detach(move || drop(taken));
+    }
+}
+
+/// One rank's elastic membership of a group (see `tidewire.mooncake.pg`): bound at creation,
+/// started once every rank's address is known.
+#[pyclass(frozen, module = "tidewire._native", name = "ElasticMember")]
+pub(crate) struct PyElastic {
+    addr: String,
+    sock: Mutex<Option<std::net::UdpSocket>>,
+    member: Mutex<Option<Elastic>>,
+}
+
+fn secs(name: &str, s: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|e| errors::invalid(format!("{name} {s}: {e}")))
+}
+
+impl PyElastic {
+    fn with<T>(&self, f: impl FnOnce(&Elastic) -> T) -> PyResult<T> {
+        let g = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.as_ref().map(f).ok_or_else(|| {
+            errors::invalid("elastic membership is not started (or was closed)".into())
+        })
+    }
+}
+
+#[pymethods]
+impl PyElastic {
+    /// Binds a UDP socket on `host`.
+    #[new]
+    fn new(host: &str) -> PyResult<Self> {
+        let (sock, addr) = Elastic::bind(host).map_err(to_py)?;
+        Ok(Self { addr: addr.to_string(), sock: Mutex::new(Some(sock)), member: Mutex::new(None) })
+    }
+
+    /// The bound address (`ip:port`), to publish.
+    #[getter]
+    fn address(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// Starts rank `rank` of the slots whose addresses are `peers`, in the view `(epoch,
+    /// members)`, with the timeouts in seconds.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &self,
+        rank: usize,
+        peers: Vec<String>,
+        epoch: u64,
+        members: Vec<usize>,
+        heartbeat_s: f64,
+        eviction_s: f64,
+        window_s: f64,
+        phase_s: f64,
+    ) -> PyResult<()> {
+        let peers = peers
+            .iter()
+            .map(|p| p.parse().map_err(|e| errors::invalid(format!("address {p:?}: {e}"))))
+            .collect::<PyResult<Vec<std::net::SocketAddr>>>()?;
+        let settings = ElasticSettings {
+            heartbeat: secs("heartbeat", heartbeat_s)?,
+            eviction: secs("eviction timeout", eviction_s)?,
+            agreement: Settings {
+                reconciliation_window: secs("reconciliation window", window_s)?,
+                phase_timeout: secs("phase timeout", phase_s)?,
+            },
+        };
+        let sock = self
+            .sock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| errors::invalid("elastic membership was started already".into()))?;
+        let view = View { epoch, members: members.into_iter().collect() };
+        let e = Elastic::start(sock, rank, peers, view, settings).map_err(to_py)?;
+        *self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+        Ok(())
+    }
+
+    /// `(epoch, members, fenced)` in force here.
+    fn view(&self) -> PyResult<(u64, Vec<usize>, bool)> {
+        self.with(|e| {
+            let v = e.view();
+            (v.epoch, v.members.into_iter().collect(), e.is_fenced())
+        })
+    }
+
+    /// Evidence that `ranks` failed.
+    fn suspect(&self, ranks: Vec<usize>) -> PyResult<()> {
+        self.with(|e| e.suspect(&ranks))
+    }
+
+    /// Asks for a change of view.
+    fn request(&self, remove: Vec<usize>, add: Vec<usize>) -> PyResult<()> {
+        self.with(|e| e.request(&remove, &add))
+    }
+
+    /// Waits (at most `timeout_s`) for a view after `epoch`; returns `(epoch, members,
+    /// fenced)` then in force.
+    fn wait_view(
+        &self,
+        py: Python<'_>,
+        epoch: u64,
+        timeout_s: f64,
+    ) -> PyResult<(u64, Vec<usize>, bool)> {
+        let timeout = secs("timeout", timeout_s)?;
+        let g = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let e = g.as_ref().ok_or_else(|| {
+            errors::invalid("elastic membership is not started (or was closed)".into())
+        })?;
+        let (v, fenced) = py.detach(|| e.wait_view(epoch, timeout));
+        Ok((v.epoch, v.members.into_iter().collect(), fenced))
+    }
+
+    /// Stops the driver thread.
+    fn close(&self, py: Python<'_>) {
+        let taken = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         py.detach(move || drop(taken));
     }
 }

@@ -11,10 +11,22 @@
 What differs from Mooncake: a failed operation raises (naming the failed ranks in the
 exception's ``ranks``) instead of completing over the survivors, so every work this backend
 returns succeeded: ``get_local_success(work)`` is True and ``get_failed_ranks_hint(work)``
-empty; ``get_failed_ranks_hint(pg)`` gives the ranks of the group's last failure. The calls that
-change membership (``activate_ranks``, ``recover_ranks``, ``deactivate_ranks``, ``join_group``,
-``sync_after_failure``) come with elastic membership and raise ``NotImplementedError`` until
-then.
+empty; ``get_failed_ranks_hint(pg)`` gives the ranks of the group's last failure.
+
+Membership is elastic: every group's ranks agree on the active ranks and an epoch with no fixed
+coordinator (any rank may fail, rank 0 included). A rank is removed when a collective fails on
+it (with ``auto_deactivate_on_failure``, the default), when the engine sees its process exit,
+or when it has sent no heartbeat for the eviction timeout; ``deactivate_ranks`` removes ranks
+at once, with no timeout. The mask (``get_active_ranks``, and the tensor given in the options)
+is written in place when this rank sees the change (at its next call into the group). A
+removed rank that comes back (after a stop) learns that it was removed. Settings:
+``set_heartbeat_interval_us`` (100 ms), ``set_eviction_timeout_us`` (5 s),
+``set_fault_reconciliation_window_us`` (20 ms), ``set_agreement_phase_timeout_us`` (2 s), or
+``TIDEWIRE_PG_HEARTBEAT_US`` / ``_EVICTION_US`` / ``_RECONCILIATION_US`` / ``_PHASE_US``; they
+apply to groups created afterwards. Not yet: collectives over the survivors after a failure
+(the group refuses further work; form a new group over ``get_active_ranks``), joiners
+(``is_extension``, ``join_group``, ``activate_ranks``, ``recover_ranks``) and
+``sync_after_failure``.
 """
 
 from __future__ import annotations
@@ -31,20 +43,83 @@ __all__ = [
     "activate_ranks",
     "deactivate_ranks",
     "get_active_ranks",
+    "get_current_epoch",
     "get_failed_ranks_hint",
     "get_local_success",
     "get_peer_state",
     "join_group",
     "recover_ranks",
+    "set_agreement_phase_timeout_us",
     "set_device_filter",
+    "set_eviction_timeout_us",
+    "set_fault_reconciliation_window_us",
+    "set_heartbeat_interval_us",
     "set_host_ip",
     "sync_after_failure",
 ]
 
 _ELASTIC = (
-    "tidewire: {} changes group membership, which comes with elastic membership "
-    "(not implemented yet); the group keeps its ranks"
+    "tidewire: {} (ranks joining a group) is not implemented yet: elastic membership removes ranks "
+    "(failures, deactivate_ranks) but does not add them"
 )
+
+import os as _os
+
+#: Elastic membership's timeouts in microseconds (setters below; environment overrides).
+_settings = {
+    "heartbeat": int(_os.environ.get("TIDEWIRE_PG_HEARTBEAT_US", 100_000)),
+    "eviction": int(_os.environ.get("TIDEWIRE_PG_EVICTION_US", 5_000_000)),
+    "reconciliation": int(_os.environ.get("TIDEWIRE_PG_RECONCILIATION_US", 20_000)),
+    "phase": int(_os.environ.get("TIDEWIRE_PG_PHASE_US", 2_000_000)),
+}
+
+
+def _set(name: str, us: int) -> None:
+    if int(us) <= 0:
+        raise ValueError(f"the {name} must be positive, not {us} µs")
+    _settings[name] = int(us)
+
+
+def set_heartbeat_interval_us(us: int) -> None:
+    """How often every rank of a group tells the others it lives."""
+    _set("heartbeat", us)
+
+
+def set_eviction_timeout_us(us: int) -> None:
+    """How long a rank may stay silent (no heartbeat) before it is removed: set it above the
+    start-up time of the slowest rank."""
+    _set("eviction", us)
+
+
+def set_fault_reconciliation_window_us(us: int) -> None:
+    """How long the agreement gathers the failures of one event before it proposes."""
+    _set("reconciliation", us)
+
+
+def set_agreement_phase_timeout_us(us: int) -> None:
+    """How long the agreement waits for a rank's answer (or a leader's progress) before it
+    suspects it."""
+    _set("phase", us)
+
+
+def _start_membership(pg: "_tw.ProcessGroupTidewire", rank: int, size: int, mask: Optional[torch.Tensor]) -> None:
+    """Binds this rank's membership socket, exchanges addresses through the group's store
+    (while every rank is there, at creation) and starts the agreement."""
+    from .. import _native
+
+    member = _native.ElasticMember(_tw._host)
+    pg._store.set(f"tidewire/elastic/{rank}", member.address)
+    keys = [f"tidewire/elastic/{r}" for r in range(size)]
+    pg._store.wait(keys, pg._timeout)
+    peers = [pg._store.get(k).decode() for k in keys]
+    active = mask.cpu().tolist()[:size] if mask is not None else [1] * size
+    members = [r for r, a in enumerate(active) if a]
+    if rank not in members:
+        raise NotImplementedError(_ELASTIC.format("a rank outside the initial mask"))
+    us = _settings
+    member.start(rank, peers, 0, members, us["heartbeat"] / 1e6, us["eviction"] / 1e6, us["reconciliation"] / 1e6, us["phase"] / 1e6)
+    pg._elastic = member
+    pg._mask_epoch = 0
 
 
 class MooncakeBackendOptions:
@@ -124,19 +199,34 @@ def _pg(pg: Any) -> "_tw.ProcessGroupTidewire":
     return pg
 
 
-def get_active_ranks(pg: Any = None) -> torch.Tensor:
-    """The group's active-rank mask: the tensor given in its options (written in place), or a
-    CPU int32 tensor of ones."""
-    g = _pg(pg)
+def _sync_mask(g: "_tw.ProcessGroupTidewire") -> None:
     if g._active_ranks is None:
         g._active_ranks = torch.ones(g.size(), dtype=torch.int32)
+    g._sync_mask()
+
+
+def get_active_ranks(pg: Any = None) -> torch.Tensor:
+    """The group's active-rank mask: the tensor given in its options (written in place), or a
+    CPU int32 tensor, holding the view this rank has agreed to."""
+    g = _pg(pg)
+    _sync_mask(g)
+    assert g._active_ranks is not None
     return g._active_ranks
 
 
+def get_current_epoch(pg: Any = None) -> int:
+    """The epoch of the view in force here (0 at creation, one more per change)."""
+    g = _pg(pg)
+    _sync_mask(g)
+    return g._elastic.view()[0] if g._elastic is not None else 0
+
+
 def get_peer_state(pg: Any, ranks: Sequence[int]) -> List[bool]:
-    """Whether each rank's process is alive, as far as this rank knows (no communication)."""
-    dead = set(_pg(pg).dead_ranks())
-    return [r not in dead for r in ranks]
+    """Whether each rank is alive and active, as far as this rank knows (no communication)."""
+    g = _pg(pg)
+    dead = set(g.dead_ranks())
+    active = set(g._elastic.view()[1]) if g._elastic is not None else set(range(g.size()))
+    return [r not in dead and r in active for r in ranks]
 
 
 def get_local_success(work: Any) -> bool:
@@ -160,7 +250,24 @@ def recover_ranks(pg: Any, ranks: Sequence[int]) -> None:
 
 
 def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> None:
-    raise NotImplementedError(_ELASTIC.format("deactivate_ranks"))
+    """Removes `ranks` from the group's view (a planned shrink: no timeout is waited for);
+    returns once this rank has agreed to a view without them, or raises after the group's
+    timeout."""
+    import time
+
+    g = _pg(pg)
+    if g._elastic is None:
+        raise RuntimeError("tidewire: this group has no elastic membership (a group of one rank)")
+    gone = {int(r) for r in ranks}
+    g._elastic.request(sorted(gone), [])
+    end = time.monotonic() + g._timeout.total_seconds()
+    epoch, members, fenced = g._elastic.view()
+    while not fenced and gone & set(members):
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"tidewire: deactivate_ranks({sorted(gone)}): no agreement within the group's timeout")
+        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    _sync_mask(g)
 
 
 def join_group(pg: Any) -> None:
@@ -179,8 +286,11 @@ def _create(opts: Any, pg_options: Any = None, cuda: bool = True) -> "_tw.Proces
     pg = _tw.ProcessGroupTidewire(opts.store, opts.group_rank, opts.group_size, opts.timeout, "mooncake", cuda)
     if pg_options is not None:
         pg._active_ranks = pg_options.active_ranks
+        pg._auto_deactivate = pg_options.auto_deactivate_on_failure
         if pg_options.max_group_size < opts.group_size:
             raise ValueError(f"max_group_size {pg_options.max_group_size} < group size {opts.group_size}")
+    if opts.group_size > 1:
+        _start_membership(pg, opts.group_rank, opts.group_size, pg._active_ranks)
     return pg
 
 

@@ -1,0 +1,586 @@
+//! Elastic membership carried between processes: the agreement of [`crate::membership`] over
+//! UDP datagrams, with heartbeats as the failure detector for ranks that stop, and the
+//! caller's own evidence (a rank the engine saw die, a collective that failed) fed in as
+//! suspicions.
+//!
+//! Every rank of a group binds a socket ([`Elastic::bind`]) and publishes its address; then
+//! [`Elastic::start`] runs a driver thread that receives datagrams, drives the member's
+//! timers, sends heartbeats and suspects a member silent for the eviction timeout. The thread
+//! touches no GPU. The view in force, and whether this rank was removed (fenced), are read at
+//! any time; [`Elastic::wait_view`] waits for a change with a deadline.
+//!
+//! Frames: `TWMB` (4 bytes), the group's id (u64, from every rank's address: datagrams of
+//! another group are dropped), the sender's rank (u32), a kind (0 heartbeat, 1 message) and the
+//! body: a heartbeat carries the sender's epoch; a message is [`encode`]d. A heartbeat from a
+//! rank behind our view that is not in it is answered with our view (it learns it was removed);
+//! one from a rank ahead of us makes us ask it for its view.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::membership::{Ballot, Event, Member, Message, Rank, Settings, View};
+
+const MAGIC: &[u8; 4] = b"TWMB";
+const HEARTBEAT: u8 = 0;
+const MESSAGE: u8 = 1;
+
+/// The timeouts of elastic membership (every one a setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElasticSettings {
+    /// How often every rank tells every member it lives.
+    pub heartbeat: Duration,
+    /// A member not heard from for this long is suspected (and removed).
+    pub eviction: Duration,
+    /// The agreement's reconciliation window and phase deadline.
+    pub agreement: Settings,
+}
+
+impl Default for ElasticSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            eviction: Duration::from_secs(5),
+            agreement: Settings::default(),
+        }
+    }
+}
+
+/// Appends `m` as bytes (little endian; sets as a count and the ranks).
+pub fn encode(m: &Message, out: &mut Vec<u8>) {
+    fn u64_(o: &mut Vec<u8>, v: u64) {
+        o.extend_from_slice(&v.to_le_bytes());
+    }
+    fn set(o: &mut Vec<u8>, s: &BTreeSet<Rank>) {
+        u64_(o, s.len() as u64);
+        for &r in s {
+            u64_(o, r as u64);
+        }
+    }
+    fn ballot(o: &mut Vec<u8>, b: &Ballot) {
+        u64_(o, b.round);
+        u64_(o, b.leader as u64);
+    }
+    fn view(o: &mut Vec<u8>, v: &View) {
+        u64_(o, v.epoch);
+        set(o, &v.members);
+    }
+    match m {
+        Message::Request { epoch, remove, add } => {
+            out.push(0);
+            u64_(out, *epoch);
+            set(out, remove);
+            set(out, add);
+        }
+        Message::Prepare { epoch, ballot: b } => {
+            out.push(1);
+            u64_(out, *epoch);
+            ballot(out, b);
+        }
+        Message::Promise { epoch, ballot: b, accepted } => {
+            out.push(2);
+            u64_(out, *epoch);
+            ballot(out, b);
+            match accepted {
+                None => out.push(0),
+                Some((ab, v)) => {
+                    out.push(1);
+                    ballot(out, ab);
+                    view(out, v);
+                }
+            }
+        }
+        Message::Accept { epoch, ballot: b, view: v } => {
+            out.push(3);
+            u64_(out, *epoch);
+            ballot(out, b);
+            view(out, v);
+        }
+        Message::Accepted { epoch, ballot: b } => {
+            out.push(4);
+            u64_(out, *epoch);
+            ballot(out, b);
+        }
+        Message::Commit { epoch, view: v } => {
+            out.push(5);
+            u64_(out, *epoch);
+            view(out, v);
+        }
+        Message::Stale { view: v } => {
+            out.push(6);
+            view(out, v);
+        }
+        Message::CatchUp { epoch } => {
+            out.push(7);
+            u64_(out, *epoch);
+        }
+    }
+}
+
+/// Reads what [`encode`] wrote; `None` for anything else (a datagram is outside input).
+pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
+    struct R<'a>(&'a [u8]);
+    impl R<'_> {
+        fn u8_(&mut self) -> Option<u8> {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            Some(b)
+        }
+        fn u64_(&mut self) -> Option<u64> {
+            let (head, rest) = self.0.split_at_checked(8)?;
+            self.0 = rest;
+            Some(u64::from_le_bytes(head.try_into().ok()?))
+        }
+        fn rank(&mut self, max: Rank) -> Option<Rank> {
+            let r = usize::try_from(self.u64_()?).ok()?;
+            (r <= max).then_some(r)
+        }
+        fn set(&mut self, max: Rank) -> Option<BTreeSet<Rank>> {
+            let n = self.u64_()?;
+            if n > max as u64 + 1 {
+                return None;
+            }
+            (0..n).map(|_| self.rank(max)).collect()
+        }
+        fn ballot(&mut self, max: Rank) -> Option<Ballot> {
+            Some(Ballot { round: self.u64_()?, leader: self.rank(max)? })
+        }
+        fn view(&mut self, max: Rank) -> Option<View> {
+            Some(View { epoch: self.u64_()?, members: self.set(max)? })
+        }
+    }
+    let mut r = R(bytes);
+    let m = match r.u8_()? {
+        0 => Message::Request { epoch: r.u64_()?, remove: r.set(max_rank)?, add: r.set(max_rank)? },
+        1 => Message::Prepare { epoch: r.u64_()?, ballot: r.ballot(max_rank)? },
+        2 => {
+            let (epoch, ballot) = (r.u64_()?, r.ballot(max_rank)?);
+            let accepted = match r.u8_()? {
+                0 => None,
+                1 => Some((r.ballot(max_rank)?, r.view(max_rank)?)),
+                _ => return None,
+            };
+            Message::Promise { epoch, ballot, accepted }
+        }
+        3 => Message::Accept {
+            epoch: r.u64_()?,
+            ballot: r.ballot(max_rank)?,
+            view: r.view(max_rank)?,
+        },
+        4 => Message::Accepted { epoch: r.u64_()?, ballot: r.ballot(max_rank)? },
+        5 => Message::Commit { epoch: r.u64_()?, view: r.view(max_rank)? },
+        6 => Message::Stale { view: r.view(max_rank)? },
+        7 => Message::CatchUp { epoch: r.u64_()? },
+        _ => return None,
+    };
+    r.0.is_empty().then_some(m)
+}
+
+/// The group's id: the same on every rank that was given the same addresses.
+fn group_id(addrs: &[SocketAddr]) -> u64 {
+    // FNV-1a over the addresses' text: stable across processes (no random hasher keys).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for a in addrs {
+        for b in a.to_string().bytes().chain([b';']) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+struct State {
+    member: Member,
+    /// When each rank was last heard from.
+    heard: Vec<Instant>,
+    next_heartbeat: Instant,
+}
+
+struct Shared {
+    rank: Rank,
+    id: u64,
+    peers: Vec<SocketAddr>,
+    sock: UdpSocket,
+    settings: ElasticSettings,
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn frame(&self, kind: u8) -> Vec<u8> {
+        let mut f = Vec::with_capacity(64);
+        f.extend_from_slice(MAGIC);
+        f.extend_from_slice(&self.id.to_le_bytes());
+        f.extend_from_slice(&(self.rank as u32).to_le_bytes());
+        f.push(kind);
+        f
+    }
+
+    fn send(&self, to: Rank, bytes: &[u8]) {
+        let Some(addr) = self.peers.get(to) else { return };
+        if let Err(e) = self.sock.send_to(bytes, addr) {
+            // A lost datagram is a silent member to the protocol: it retries or suspects.
+            log::debug!("elastic rank {}: sending to rank {to} at {addr}: {e}", self.rank);
+        }
+    }
+
+    /// Sends what the member wants sent and publishes what it learned.
+    fn flush(&self, st: &mut State) {
+        let mut changed = false;
+        while let Some((to, m)) = st.member.poll_transmit() {
+            let mut f = self.frame(MESSAGE);
+            encode(&m, &mut f);
+            self.send(to, &f);
+        }
+        while let Some(ev) = st.member.poll_event() {
+            match &ev {
+                Event::Installed(v) => log::info!(
+                    "elastic rank {}: epoch {} with ranks {:?}",
+                    self.rank,
+                    v.epoch,
+                    v.members
+                ),
+                Event::Removed(v) => log::warn!(
+                    "elastic rank {}: removed from the group at epoch {} (ranks {:?})",
+                    self.rank,
+                    v.epoch,
+                    v.members
+                ),
+            }
+            changed = true;
+        }
+        if changed {
+            self.changed.notify_all();
+        }
+    }
+
+    fn receive(&self, buf: &[u8], now: Instant) {
+        let max = self.peers.len().saturating_sub(1);
+        let Some(rest) = buf.strip_prefix(MAGIC) else { return };
+        let Some((id, rest)) = rest.split_at_checked(8) else { return };
+        if id != self.id.to_le_bytes() {
+            return;
+        }
+        let Some((from, rest)) = rest.split_at_checked(4) else { return };
+        let from = u32::from_le_bytes([from[0], from[1], from[2], from[3]]) as usize;
+        let Some((&kind, body)) = rest.split_first() else { return };
+        if from > max || from == self.rank {
+            return;
+        }
+        let mut st = self.lock();
+        st.heard[from] = now;
+        match kind {
+            HEARTBEAT => {
+                let Some(theirs) = body.try_into().ok().map(u64::from_le_bytes) else { return };
+                let view = st.member.view().clone();
+                if theirs < view.epoch && !view.members.contains(&from) {
+                    // A rank removed while it was away: it learns so.
+                    let mut f = self.frame(MESSAGE);
+                    encode(&Message::Stale { view }, &mut f);
+                    self.send(from, &f);
+                } else if theirs > view.epoch && !st.member.is_fenced() {
+                    let mut f = self.frame(MESSAGE);
+                    encode(&Message::CatchUp { epoch: view.epoch }, &mut f);
+                    self.send(from, &f);
+                }
+            }
+            MESSAGE => {
+                if let Some(m) = decode(body, max) {
+                    st.member.handle_message(now, from, m);
+                    self.flush(&mut st);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Timers: the member's, heartbeats out, silent members suspected. Returns when next due.
+    fn tick(&self, now: Instant) -> Instant {
+        let mut st = self.lock();
+        if st.member.poll_timeout().is_some_and(|t| t <= now) {
+            st.member.handle_timeout(now);
+        }
+        if now >= st.next_heartbeat {
+            st.next_heartbeat = now + self.settings.heartbeat;
+            let mut f = self.frame(HEARTBEAT);
+            f.extend_from_slice(&st.member.view().epoch.to_le_bytes());
+            if !st.member.is_fenced() {
+                for r in 0..self.peers.len() {
+                    if r != self.rank {
+                        self.send(r, &f);
+                    }
+                }
+            }
+        }
+        let members: Vec<Rank> = st.member.view().members.iter().copied().collect();
+        for r in members {
+            if r != self.rank && now.duration_since(st.heard[r]) > self.settings.eviction {
+                st.member.suspect(now, r);
+            }
+        }
+        self.flush(&mut st);
+        let next = st.member.poll_timeout().unwrap_or(st.next_heartbeat);
+        next.min(st.next_heartbeat)
+    }
+}
+
+/// One rank's elastic membership of a group.
+pub struct Elastic {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Elastic {
+    /// Binds this rank's socket on `host` (port chosen by the OS): the socket and its address,
+    /// to publish.
+    pub fn bind(host: &str) -> Result<(UdpSocket, SocketAddr)> {
+        let sock = UdpSocket::bind((host, 0)).map_err(|e| {
+            Error::invalid(format!("elastic membership: binding a UDP socket on {host}: {e}"))
+        })?;
+        let addr = sock
+            .local_addr()
+            .map_err(|e| Error::invalid(format!("elastic membership: the bound address: {e}")))?;
+        Ok((sock, addr))
+    }
+
+    /// Starts rank `rank`'s driver: `peers` are every rank slot's published address, `view`
+    /// the group's first view (a joiner waits outside it to be added).
+    pub fn start(
+        sock: UdpSocket,
+        rank: Rank,
+        peers: Vec<SocketAddr>,
+        view: View,
+        settings: ElasticSettings,
+    ) -> Result<Self> {
+        if rank >= peers.len() || view.members.iter().any(|&r| r >= peers.len()) {
+            return Err(Error::invalid(format!(
+                "elastic membership: rank {rank} and view {:?} for {} slots",
+                view.members,
+                peers.len()
+            )));
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(1)))
+            .map_err(|e| Error::invalid(format!("elastic membership: socket timeout: {e}")))?;
+        let now = Instant::now();
+        let state = State {
+            member: Member::new(rank, view, settings.agreement),
+            heard: vec![now; peers.len()],
+            next_heartbeat: now,
+        };
+        let shared = Arc::new(Shared {
+            rank,
+            id: group_id(&peers),
+            peers,
+            sock,
+            settings,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("tw-elastic-{rank}"))
+            .spawn(move || drive(&s))
+            .map_err(|e| Error::invalid(format!("elastic membership: starting its thread: {e}")))?;
+        Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// The view in force here.
+    pub fn view(&self) -> View {
+        self.shared.lock().member.view().clone()
+    }
+
+    /// Whether this rank was removed from the group (it then takes part in nothing).
+    pub fn is_fenced(&self) -> bool {
+        self.shared.lock().member.is_fenced()
+    }
+
+    /// Evidence that `ranks` failed (the engine saw them die, a collective timed out on them).
+    pub fn suspect(&self, ranks: &[Rank]) {
+        let now = Instant::now();
+        let mut st = self.shared.lock();
+        for &r in ranks {
+            st.member.suspect(now, r);
+        }
+        self.shared.flush(&mut st);
+    }
+
+    /// Asks for a change of view: `remove` (a planned shrink) and `add` (activation).
+    pub fn request(&self, remove: &[Rank], add: &[Rank]) {
+        let mut st = self.shared.lock();
+        st.member.request(Instant::now(), remove, add);
+        self.shared.flush(&mut st);
+    }
+
+    /// Waits until the view's epoch passes `epoch` or this rank is fenced, at most `timeout`;
+    /// returns the view then in force and whether it is fenced.
+    pub fn wait_view(&self, epoch: u64, timeout: Duration) -> (View, bool) {
+        let end = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            if st.member.view().epoch > epoch || st.member.is_fenced() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, end - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        (st.member.view().clone(), st.member.is_fenced())
+    }
+
+    /// Stops the driver (joins its thread; bounded by the socket's 1 ms read timeout).
+    pub fn close(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Elastic {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn drive(s: &Shared) {
+    let mut buf = [0u8; 4096];
+    let mut due = Instant::now();
+    while !s.stop.load(Ordering::Acquire) {
+        let now = Instant::now();
+        if now >= due {
+            due = s.tick(now);
+        }
+        match s.sock.recv_from(&mut buf) {
+            Ok((n, _)) => s.receive(&buf[..n], Instant::now()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => log::debug!("elastic rank {}: receiving: {e}", s.rank),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn set(v: &[Rank]) -> BTreeSet<Rank> {
+        v.iter().copied().collect()
+    }
+
+    #[test]
+    fn every_message_survives_its_encoding() {
+        let b = Ballot { round: 7, leader: 2 };
+        let v = View { epoch: 3, members: set(&[0, 2, 5]) };
+        let all = [
+            Message::Request { epoch: 1, remove: set(&[3]), add: set(&[]) },
+            Message::Prepare { epoch: 1, ballot: b },
+            Message::Promise { epoch: 1, ballot: b, accepted: None },
+            Message::Promise { epoch: 1, ballot: b, accepted: Some((b, v.clone())) },
+            Message::Accept { epoch: 2, ballot: b, view: v.clone() },
+            Message::Accepted { epoch: 2, ballot: b },
+            Message::Commit { epoch: 2, view: v.clone() },
+            Message::Stale { view: v },
+            Message::CatchUp { epoch: 9 },
+        ];
+        for m in all {
+            let mut bytes = Vec::new();
+            encode(&m, &mut bytes);
+            assert_eq!(decode(&bytes, 7), Some(m.clone()), "{m:?}");
+            // A truncated or extended datagram is refused.
+            assert_eq!(decode(&bytes[..bytes.len() - 1], 7), None);
+            bytes.push(0);
+            assert_eq!(decode(&bytes, 7), None);
+        }
+        // Ranks beyond the group's slots are refused.
+        let mut bytes = Vec::new();
+        encode(&Message::Prepare { epoch: 1, ballot: Ballot { round: 1, leader: 9 } }, &mut bytes);
+        assert_eq!(decode(&bytes, 7), None);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_datagrams_decode_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&bytes, 63);
+        }
+    }
+
+    fn group(n: usize, settings: ElasticSettings) -> Vec<Elastic> {
+        let bound: Vec<(UdpSocket, SocketAddr)> =
+            (0..n).map(|_| Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"))).collect();
+        let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.1).collect();
+        let view = View { epoch: 0, members: (0..n).collect() };
+        bound
+            .into_iter()
+            .enumerate()
+            .map(|(r, (s, _))| {
+                Elastic::start(s, r, addrs.clone(), view.clone(), settings)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_silent_rank_rank_0_included_is_evicted_and_every_other_agrees() {
+        let settings = ElasticSettings {
+            heartbeat: Duration::from_millis(20),
+            eviction: Duration::from_millis(300),
+            agreement: Settings {
+                reconciliation_window: Duration::from_millis(10),
+                phase_timeout: Duration::from_millis(500),
+            },
+        };
+        let mut g = group(4, settings);
+        // Rank 0 (the leader) goes silent: the others evict it by heartbeat and agree.
+        let mut zero = g.remove(0);
+        zero.close();
+        for e in &g {
+            let (v, fenced) = e.wait_view(0, Duration::from_secs(20));
+            assert!(!fenced);
+            assert_eq!(v, View { epoch: 1, members: set(&[1, 2, 3]) });
+        }
+    }
+
+    #[test]
+    fn a_planned_shrink_needs_no_timeout_and_the_removed_rank_learns_it() {
+        // Timeouts far beyond the waits below: the shrink can only finish without one.
+        let hour = Duration::from_secs(3600);
+        let settings = ElasticSettings {
+            heartbeat: Duration::from_millis(20),
+            eviction: hour,
+            agreement: Settings {
+                reconciliation_window: Duration::from_millis(10),
+                phase_timeout: hour,
+            },
+        };
+        let g = group(3, settings);
+        g[1].request(&[2], &[]);
+        for e in &g[..2] {
+            let (v, fenced) = e.wait_view(0, Duration::from_secs(20));
+            assert!(!fenced);
+            assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) });
+        }
+        let (_, fenced) = g[2].wait_view(0, Duration::from_secs(20));
+        assert!(fenced, "the removed rank learns it was removed");
+    }
+}
