@@ -404,6 +404,24 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     while mpg.get_current_epoch(pg) < 1 and time.monotonic() < deadline:
         time.sleep(0.005)
     out = report(error=repr(err), agreed_after=time.monotonic() - failed_at)
+    # The survivors go on: collectives over the active ranks.
+    survivors = [r for r in range(size) if r != victim]
+    bad: List[str] = []
+    t = torch.ones(4) * (rank + 1)
+    dist.all_reduce(t)
+    if t.tolist() != [float(sum(r + 1 for r in survivors))] * 4:
+        bad.append(f"all_reduce {t.tolist()}")
+    b = torch.full((3,), float(rank))
+    dist.broadcast(b, src=survivors[-1])
+    if b.tolist() != [float(survivors[-1])] * 3:
+        bad.append(f"broadcast {b.tolist()}")
+    g = torch.empty(size * 2)
+    dist.all_gather_into_tensor(g, torch.full((2,), float(rank + 1)))
+    want = [float(r + 1) if r in survivors else 0.0 for r in range(size) for _ in range(2)]
+    if g.tolist() != want:
+        bad.append(f"all_gather {g.tolist()}")
+    dist.barrier()
+    out["after"] = bad
     dist.destroy_process_group()
     return out
 

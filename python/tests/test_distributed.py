@@ -137,6 +137,9 @@ def test_elastic_membership_every_survivor_agrees_on_the_mask_and_epoch(arg: str
             assert out["epoch"] == 1 and not out["fenced"], f"rank {rank}: {out}"
         if how == "kill" and rank != victim:
             assert f"rank {victim}" in out["error"], f"rank {rank}: {out}"
+        if how in ("kill", "stop") and rank != victim:
+            # The survivors' collectives go on over the active ranks.
+            assert out["after"] == [], f"rank {rank}: {out['after']}"
 
 
 def _two_gpus() -> None:

@@ -375,6 +375,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._elastic: Optional[Any] = None
         self._mask_epoch = 0
         self._auto_deactivate = True
+        #: The group ranks the communicator spans, in its rank order (every rank until a
+        #: membership change removes some), and the epoch it was formed at.
+        self._members: List[int] = list(range(size))
+        self._comm_epoch = 0
         eng = engine()
         region = _native.Communicator.allocate_region(eng._native, size, _ring_bytes(size))
         store.set(f"tidewire/{rank}", json.dumps({"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid()}))
@@ -432,8 +436,74 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         try:
             return fn(*args)
         except _native.TidewireError as e:
+            # The communicator numbers the active ranks only: the group's numbers for the hint.
+            ranks = [self._members[r] for r in getattr(e, "ranks", []) if r < len(self._members)]
+            try:
+                e.ranks = ranks  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+            self._failed(ranks)
+            raise
+
+    #: Communicator calls whose arguments name a rank: the argument's position.
+    _RANKED = {"broadcast": 2, "reduce": 4, "gather": 2, "scatter": 2, "isend": 0, "irecv": 0}
+    #: Calls that need every rank of the group (their buffers have a slot per rank).
+    _WHOLE = {"reduce_scatter", "all_to_all", "gather", "scatter"}
+
+    def _c(self, name: str, *args: Any) -> Any:
+        """Communicator call `name`, on the rings of the view in force (re-formed first if the
+        membership changed), with ranks translated to the communicator's."""
+        self._enter()
+        if len(self._members) != self._size:
+            if name in self._WHOLE:
+                raise NotImplementedError(
+                    f"tidewire: {name} on a group with inactive ranks ({self._members} of {self._size}) is not "
+                    "supported yet; all_reduce, all_gather, broadcast, reduce, barrier and point-to-point are"
+                )
+            at = self._RANKED.get(name)
+            if at is not None:
+                r = args[at]
+                if r not in self._members:
+                    raise ValueError(f"tidewire: {name}: rank {r} is not active in this group (epoch {self._comm_epoch})")
+                args = args[:at] + (self._members.index(r),) + args[at + 1 :]
+        return self._call(getattr(self._comm, name), *args)
+
+    def _enter(self) -> None:
+        """Re-forms the communicator over the members of the view in force when it changed: every
+        member does so at its next call into the group, exchanging its new rings' address
+        through the membership (the store may have died with its rank)."""
+        if self._elastic is None:
+            return
+        epoch, members, fenced = self._elastic.view()
+        if fenced:
+            raise RuntimeError(
+                f"tidewire: rank {self._rank} was removed from the group (epoch {epoch}, active {members}); "
+                "it takes part in nothing more"
+            )
+        if epoch == self._comm_epoch:
+            return
+        eng = engine()
+        n, me = len(members), members.index(self._rank)
+        region = _native.Communicator.allocate_region(eng._native, n, _ring_bytes(n))
+        self._elastic.announce("region", json.dumps({"name": eng.name, "region": region[0], "pid": os.getpid()}))
+        try:
+            infos = [json.loads(v) for v in self._elastic.collect("region", epoch, members, self._timeout.total_seconds())]
+        except _native.TidewireError as e:
             self._failed(getattr(e, "ranks", []))
             raise
+        peers = [(i["name"], int(i["region"]), int(i.get("pid", 0))) for i in infos]
+        old = self._comm
+        self._comm = _native.Communicator(eng._native, me, region, peers, self._timeout.total_seconds())
+        old.close()
+        if self._cuda is not None:
+            # The NVLink path spans every rank; CUDA tensors are staged from now on.
+            self._cuda.close()
+            self._cuda = None
+        self._cuda_started = True
+        self._members, self._comm_epoch = list(members), epoch
+        logging.getLogger("tidewire").warning(
+            "tidewire: rank %d: the group continues over ranks %s (epoch %d)", self._rank, members, epoch
+        )
 
     def _sync_mask(self) -> None:
         """Writes the view in force into the caller's mask tensor, in place, when it changed."""
@@ -454,14 +524,14 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         group's elastic membership, if it has one, as evidence against them."""
         self._failed_ranks = sorted(set(self._failed_ranks) | set(ranks))
         if self._elastic is not None and self._auto_deactivate:
-            self._elastic.suspect(sorted(set(ranks) | set(self._comm.dead_ranks())))
+            self._elastic.suspect(sorted(set(ranks) | set(self.dead_ranks())))
 
     def failed_ranks(self) -> List[int]:
         """The ranks the last failure named (``get_failed_ranks_hint``)."""
         return list(self._failed_ranks)
 
     def dead_ranks(self) -> List[int]:
-        return self._comm.dead_ranks()
+        return [self._members[r] for r in self._comm.dead_ranks() if r < len(self._members)]
 
     def shutdown(self) -> None:
         if self._elastic is not None:
@@ -484,6 +554,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """The NVLink path if these tensors take it (CUDA tensors of the path's GPU)."""
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
+        self._enter()
         if not self._cuda_started and self._cuda_allowed:
             self._start_cuda(tensors[0].device.index)
         path = self._cuda
@@ -515,7 +586,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             return nv.work(tensors)
         for t in tensors:
             f = _Flat(t, "all_reduce")
-            self._call(self._comm.all_reduce, f.addr, f.nbytes, _dtype(t), op)
+            self._c("all_reduce", f.addr, f.nbytes, _dtype(t), op)
             f.done()
         return _done(tensors)
 
@@ -539,7 +610,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             return nv.work(tensors)
         for t in tensors:
             f = _Flat(t, "broadcast")
-            self._call(self._comm.broadcast, f.addr, f.nbytes, opts.rootRank)
+            self._c("broadcast", f.addr, f.nbytes, opts.rootRank)
             f.done()
         return _done(tensors)
 
@@ -560,7 +631,17 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         fo, fi = _Flat(out, "all_gather"), _Flat(inp, "all_gather", write_back=False)
         if _overlap(fo, fi):
             fi = _Flat(fi.t.clone(), "all_gather", write_back=False)
-        self._call(self._comm.all_gather, fo.span(), fi.span())
+        self._enter()
+        if len(self._members) != self._size:
+            # The active ranks' inputs in their slots; the inactive ranks' slots zeroed.
+            n, c = len(self._members), fi.nbytes
+            tmp = torch.empty(n * c, dtype=torch.uint8)
+            self._c("all_gather", (tmp.data_ptr(), n * c), fi.span())
+            slots = fo.t.view(torch.uint8).reshape(self._size, c)
+            slots.zero_()
+            slots[self._members] = tmp.view(n, c)
+        else:
+            self._c("all_gather", fo.span(), fi.span())
         fo.done()
 
     def allgather(self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -604,7 +685,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         fo, fi = _Flat(out, "reduce_scatter"), _Flat(inp, "reduce_scatter", write_back=False)
         if _overlap(fo, fi):
             fi = _Flat(fi.t.clone(), "reduce_scatter", write_back=False)
-        self._call(self._comm.reduce_scatter, fo.span(), fi.span(), _dtype(out), op)
+        self._c("reduce_scatter", fo.span(), fi.span(), _dtype(out), op)
         fo.done()
 
     def reduce_scatter(self, outputs: List[torch.Tensor], inputs: List[List[torch.Tensor]], opts: Any = None) -> dist.Work:
@@ -647,7 +728,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         fo, fi = _Flat(output, "all_to_all_single"), _Flat(input, "all_to_all_single", write_back=False)
         if _overlap(fo, fi):
             fi = _Flat(fi.t.clone(), "all_to_all_single", write_back=False)
-        self._call(self._comm.all_to_all, fo.addr, out_splits, fi.addr, in_splits)
+        self._c("all_to_all", fo.addr, out_splits, fi.addr, in_splits)
         fo.done()
         return _done(output)
 
@@ -662,7 +743,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         if nv is not None:
             self._call(nv.exchange, "all_to_all", inp.data_ptr(), _segments([x.numel() for x in ins]), out.data_ptr(), _segments(out_sizes))
         else:
-            self._call(self._comm.all_to_all, out.data_ptr(), out_sizes, inp.data_ptr(), [x.numel() for x in ins])
+            self._c("all_to_all", out.data_ptr(), out_sizes, inp.data_ptr(), [x.numel() for x in ins])
         at = 0
         for o, s in zip(outputs, out_sizes):
             o.copy_(out[at : at + s].view(o.dtype).reshape(o.shape))
@@ -687,7 +768,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             return nv.work(tensors)
         for t in tensors:
             f = _Flat(t, "reduce")
-            self._call(self._comm.reduce, f.addr, f.nbytes, _dtype(t), _op_name(opts.reduceOp), opts.rootRank)
+            self._c("reduce", f.addr, f.nbytes, _dtype(t), _op_name(opts.reduceOp), opts.rootRank)
             f.done()
         return _done(tensors)
 
@@ -713,11 +794,11 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             fi = _Flat(inp, "gather", write_back=False)
             if self._rank == root:
                 flat = torch.empty((self._size,) + tuple(inp.shape), dtype=inp.dtype)
-                self._call(self._comm.gather, (flat.data_ptr(), flat.numel() * flat.element_size()), fi.span(), root)
+                self._c("gather", (flat.data_ptr(), flat.numel() * flat.element_size()), fi.span(), root)
                 for o, part in zip(outputs[i], flat):
                     o.copy_(part)
             else:
-                self._call(self._comm.gather, (0, 0), fi.span(), root)
+                self._c("gather", (0, 0), fi.span(), root)
         return _done(outputs)
 
     def scatter(self, outputs: List[torch.Tensor], inputs: List[List[torch.Tensor]], opts: Any) -> dist.Work:
@@ -741,9 +822,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             fo = _Flat(out, "scatter")
             if self._rank == root:
                 flat = _to_host(torch.stack([x.reshape(out.shape) for x in inputs[i]]), "scatter").contiguous()
-                self._call(self._comm.scatter, fo.span(), (flat.data_ptr(), flat.numel() * flat.element_size()), root)
+                self._c("scatter", fo.span(), (flat.data_ptr(), flat.numel() * flat.element_size()), root)
             else:
-                self._call(self._comm.scatter, fo.span(), (0, 0), root)
+                self._c("scatter", fo.span(), (0, 0), root)
             fo.done()
         return _done(outputs)
 
@@ -752,7 +833,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             # A CUDA group's barrier also waits for its collectives, and says if one failed.
             torch.cuda.synchronize(self._cuda.device)
             self._call(self._cuda.comm.check)
-        self._call(self._comm.barrier)
+        self._c("barrier")
         return _done(None)
 
     # --- point to point -------------------------------------------------------------------
@@ -765,14 +846,14 @@ class ProcessGroupTidewire(dist.ProcessGroup):
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
         f = _Flat(t, "send", write_back=False)
-        op_id = self._call(self._comm.isend, dst, f.addr, f.nbytes)
+        op_id = self._c("isend", dst, f.addr, f.nbytes)
         self._keep(op_id, f)
         return _P2PWork(self, op_id, f, f"send to rank {dst}")
 
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
         f = _Flat(t, "recv")
-        op_id = self._call(self._comm.irecv, src, f.addr, f.nbytes)
+        op_id = self._c("irecv", src, f.addr, f.nbytes)
         self._keep(op_id, f)
         return _P2PWork(self, op_id, f, f"recv from rank {src}")
 

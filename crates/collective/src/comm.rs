@@ -512,8 +512,15 @@ impl Comm {
             busy.clear();
             for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
                 let peer = x.channel().0;
-                moved |= step(&engine, deadline, &mut self.links, &mut busy, x)
-                    .map_err(|e| transfer_failed(op, peer, e, start))?;
+                match step(&engine, deadline, &mut self.links, &mut busy, x) {
+                    Ok(m) => moved |= m,
+                    // A rank that failed first and told us whom it blames is the cause (the
+                    // transfer may have failed only because that rank then left the group).
+                    Err(e) => {
+                        return Err(blamed(&self.links, op)
+                            .unwrap_or_else(|| transfer_failed(op, peer, e, start)))
+                    }
+                }
             }
             self.pending.retain(|(_, x)| !x.finished());
             let done = match until {
@@ -547,17 +554,8 @@ impl Comm {
                 w
             };
             // A rank that failed tells us whom it blames.
-            for (r, link) in self.links.iter().enumerate() {
-                let Some(link) = link else { continue };
-                let blamed = link.inp.abort().load(Ordering::Acquire);
-                if blamed != 0 {
-                    let rank = if blamed == u64::MAX { r } else { (blamed - 1) as usize };
-                    return Err(Error::RankFailed {
-                        op: op.to_string(),
-                        rank,
-                        reason: format!("rank {r} failed an operation waiting for it"),
-                    });
-                }
+            if let Some(e) = blamed(&self.links, op) {
+                return Err(e);
             }
             for &r in &waiting {
                 if let Some(link) = &self.links[r] {
@@ -1258,6 +1256,18 @@ impl Drop for Comm {
 
 /// An engine transfer to or from rank `peer` failed during `op` (started at `start`): a
 /// timeout is the group's timeout naming the rank, anything else the rank's failure.
+/// The failure a rank that failed first reported to us (the rank it blames), if any.
+fn blamed(links: &[Option<Link>], op: &str) -> Option<Error> {
+    links.iter().enumerate().find_map(|(r, link)| {
+        let word = link.as_ref()?.inp.abort().load(Ordering::Acquire);
+        (word != 0).then(|| Error::RankFailed {
+            op: op.to_string(),
+            rank: if word == u64::MAX { r } else { (word - 1) as usize },
+            reason: format!("rank {r} failed an operation waiting for it"),
+        })
+    })
+}
+
 fn transfer_failed(op: &str, peer: usize, e: tidewire::Error, start: Instant) -> Error {
     match e.kind() {
         tidewire::ErrorKind::Timeout => {

@@ -14,6 +14,11 @@
 //! body: a heartbeat carries the sender's epoch; a message is [`encode`]d. A heartbeat from a
 //! rank behind our view that is not in it is answered with our view (it learns it was removed);
 //! one from a rank ahead of us makes us ask it for its view.
+//!
+//! Announcements (kind 2: the sender's epoch, a key and a value) let the members of a view
+//! exchange small values without the store (which lives in one rank's process): what a rank
+//! needs to re-form its rings over the survivors. A rank repeats its announcements of the
+//! current epoch with every heartbeat, so a lost datagram is made good.
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
@@ -28,6 +33,9 @@ use crate::membership::{Ballot, Event, Member, Message, Rank, Settings, View};
 const MAGIC: &[u8; 4] = b"TWMB";
 const HEARTBEAT: u8 = 0;
 const MESSAGE: u8 = 1;
+const ANNOUNCE: u8 = 2;
+/// Bytes an announcement's key and value may have (one datagram).
+pub const MAX_ANNOUNCE: usize = 1024;
 
 /// The timeouts of elastic membership (every one a setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +206,10 @@ struct State {
     /// When each rank was last heard from.
     heard: Vec<Instant>,
     next_heartbeat: Instant,
+    /// Our announcements: (epoch, key, value).
+    mine: Vec<(u64, String, Vec<u8>)>,
+    /// What each rank announced last under each key: (rank, key) -> (epoch, value).
+    theirs: std::collections::HashMap<(Rank, String), (u64, Vec<u8>)>,
 }
 
 struct Shared {
@@ -223,6 +235,31 @@ impl Shared {
         f.extend_from_slice(&(self.rank as u32).to_le_bytes());
         f.push(kind);
         f
+    }
+
+    fn announcement(&self, epoch: u64, key: &str, value: &[u8]) -> Vec<u8> {
+        let mut f = self.frame(ANNOUNCE);
+        f.extend_from_slice(&epoch.to_le_bytes());
+        f.push(key.len() as u8);
+        f.extend_from_slice(key.as_bytes());
+        f.extend_from_slice(value);
+        f
+    }
+
+    /// Sends our announcements of the current epoch to every other member.
+    fn repeat_announcements(&self, st: &State) {
+        let view = st.member.view();
+        for (epoch, key, value) in &st.mine {
+            if *epoch != view.epoch {
+                continue;
+            }
+            let f = self.announcement(*epoch, key, value);
+            for &r in &view.members {
+                if r != self.rank {
+                    self.send(r, &f);
+                }
+            }
+        }
     }
 
     fn send(&self, to: Rank, bytes: &[u8]) {
@@ -299,6 +336,20 @@ impl Shared {
                     self.flush(&mut st);
                 }
             }
+            ANNOUNCE => {
+                let Some((epoch, rest)) = body.split_at_checked(8) else { return };
+                let epoch = u64::from_le_bytes([
+                    epoch[0], epoch[1], epoch[2], epoch[3], epoch[4], epoch[5], epoch[6], epoch[7],
+                ]);
+                let Some((&klen, rest)) = rest.split_first() else { return };
+                let Some((key, value)) = rest.split_at_checked(usize::from(klen)) else { return };
+                let Ok(key) = std::str::from_utf8(key) else { return };
+                let slot = st.theirs.entry((from, key.to_string())).or_insert((0, Vec::new()));
+                if epoch >= slot.0 {
+                    *slot = (epoch, value.to_vec());
+                    self.changed.notify_all();
+                }
+            }
             _ => {}
         }
     }
@@ -319,6 +370,7 @@ impl Shared {
                         self.send(r, &f);
                     }
                 }
+                self.repeat_announcements(&st);
             }
         }
         let members: Vec<Rank> = st.member.view().members.iter().copied().collect();
@@ -375,6 +427,8 @@ impl Elastic {
             member: Member::new(rank, view, settings.agreement),
             heard: vec![now; peers.len()],
             next_heartbeat: now,
+            mine: Vec::new(),
+            theirs: std::collections::HashMap::new(),
         };
         let shared = Arc::new(Shared {
             rank,
@@ -419,6 +473,76 @@ impl Elastic {
         let mut st = self.shared.lock();
         st.member.request(Instant::now(), remove, add);
         self.shared.flush(&mut st);
+    }
+
+    /// Announces `value` under `key` to the members of the view in force (its epoch); repeated
+    /// with every heartbeat while that view lasts.
+    pub fn announce(&self, key: &str, value: &[u8]) -> Result<()> {
+        if key.len() > 255 || key.len() + value.len() > MAX_ANNOUNCE {
+            return Err(Error::invalid(format!(
+                "an announcement of {} + {} bytes (at most {MAX_ANNOUNCE})",
+                key.len(),
+                value.len()
+            )));
+        }
+        let mut st = self.shared.lock();
+        let epoch = st.member.view().epoch;
+        st.mine.retain(|(_, k, _)| k != key);
+        st.mine.push((epoch, key.to_string(), value.to_vec()));
+        self.shared.repeat_announcements(&st);
+        let me = self.shared.rank;
+        st.theirs.insert((me, key.to_string()), (epoch, value.to_vec()));
+        Ok(())
+    }
+
+    /// What every rank of `ranks` announced under `key` at `epoch`, in that order; waits at most
+    /// `timeout`. An error names the ranks still silent, or says the view moved on.
+    pub fn collect(
+        &self,
+        key: &str,
+        epoch: u64,
+        ranks: &[Rank],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
+        let end = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            let got: Vec<Option<Vec<u8>>> = ranks
+                .iter()
+                .map(|&r| match st.theirs.get(&(r, key.to_string())) {
+                    Some((e, v)) if *e == epoch => Some(v.clone()),
+                    _ => None,
+                })
+                .collect();
+            if got.iter().all(Option::is_some) {
+                return Ok(got.into_iter().flatten().collect());
+            }
+            let now = Instant::now();
+            let moved = st.member.view().epoch != epoch || st.member.is_fenced();
+            if moved || now >= end {
+                let silent: Vec<Rank> =
+                    ranks.iter().zip(&got).filter(|(_, g)| g.is_none()).map(|(&r, _)| r).collect();
+                let op = format!("re-forming the group at epoch {epoch} ({key})");
+                return Err(if moved {
+                    Error::RankFailed {
+                        op,
+                        rank: silent.first().copied().unwrap_or(0),
+                        reason: format!(
+                            "the group's view moved on to epoch {}",
+                            st.member.view().epoch
+                        ),
+                    }
+                } else {
+                    Error::Timeout { op, ranks: silent, after: timeout }
+                });
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, (end - now).min(Duration::from_millis(50)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     /// Waits until the view's epoch passes `epoch` or this rank is fenced, at most `timeout`;
@@ -559,6 +683,24 @@ mod tests {
             assert!(!fenced);
             assert_eq!(v, View { epoch: 1, members: set(&[1, 2, 3]) });
         }
+    }
+
+    #[test]
+    fn announcements_reach_every_member_of_the_view() {
+        let g = group(3, ElasticSettings::default());
+        for (r, e) in g.iter().enumerate() {
+            e.announce("region", format!("rank {r}").as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        for e in &g {
+            let got = e
+                .collect("region", 0, &[0, 1, 2], Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got, vec![b"rank 0".to_vec(), b"rank 1".to_vec(), b"rank 2".to_vec()]);
+        }
+        // A rank that announced nothing is named.
+        let err = g[0].collect("other", 0, &[1, 2], Duration::from_millis(100));
+        assert!(matches!(err, Err(Error::Timeout { ranks, .. }) if ranks == vec![1, 2]));
+        assert!(g[0].announce("k", &[0; MAX_ANNOUNCE]).is_err());
     }
 
     #[test]

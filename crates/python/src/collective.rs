@@ -517,6 +517,29 @@ impl PyElastic {
         Ok((v.epoch, v.members.into_iter().collect(), fenced))
     }
 
+    /// Announces `value` (text) under `key` to the members of the view in force.
+    fn announce(&self, key: &str, value: &str) -> PyResult<()> {
+        self.with(|e| e.announce(key, value.as_bytes()))?.map_err(to_py)
+    }
+
+    /// What `ranks` announced under `key` at `epoch` (waits at most `timeout_s`).
+    fn collect(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        epoch: u64,
+        ranks: Vec<usize>,
+        timeout_s: f64,
+    ) -> PyResult<Vec<String>> {
+        let timeout = secs("timeout", timeout_s)?;
+        let g = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let e = g.as_ref().ok_or_else(|| {
+            errors::invalid("elastic membership is not started (or was closed)".into())
+        })?;
+        let got = py.detach(|| e.collect(key, epoch, &ranks, timeout)).map_err(to_py)?;
+        Ok(got.into_iter().map(|v| String::from_utf8_lossy(&v).into_owned()).collect())
+    }
+
     /// Stops the driver thread.
     fn close(&self, py: Python<'_>) {
         let taken = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();

@@ -23,10 +23,15 @@ removed rank that comes back (after a stop) learns that it was removed. Settings
 ``set_heartbeat_interval_us`` (100 ms), ``set_eviction_timeout_us`` (5 s),
 ``set_fault_reconciliation_window_us`` (20 ms), ``set_agreement_phase_timeout_us`` (2 s), or
 ``TIDEWIRE_PG_HEARTBEAT_US`` / ``_EVICTION_US`` / ``_RECONCILIATION_US`` / ``_PHASE_US``; they
-apply to groups created afterwards. Not yet: collectives over the survivors after a failure
-(the group refuses further work; form a new group over ``get_active_ranks``), joiners
-(``is_extension``, ``join_group``, ``activate_ranks``, ``recover_ranks``) and
-``sync_after_failure``.
+apply to groups created afterwards.
+
+After a change, every member re-forms the group's rings over the active ranks at its next call
+(the new rings' addresses travel with the membership, not through the store, which may have
+died with its rank): all_reduce, all_gather (the inactive ranks' slots zeroed), broadcast and
+reduce (from an active root), barrier and point-to-point go on over the survivors; CUDA tensors
+are staged through host memory from then on. Not yet: reduce_scatter, all_to_all, gather and
+scatter with inactive ranks (they raise, saying so), joiners (``is_extension``,
+``join_group``, ``activate_ranks``, ``recover_ranks``) and ``sync_after_failure``.
 """
 
 from __future__ import annotations
