@@ -80,20 +80,6 @@ impl EpKernels {
         Ok(Arc::new(Self { k: SOURCE.load(gpu)? }))
     }
 
-    /// # Safety
-    /// As for [`Loaded::launch`].
-    unsafe fn launch(
-        &self,
-        which: usize,
-        grid: u32,
-        block: u32,
-        stream: u64,
-        params: &mut [*mut c_void],
-    ) -> Result<(), GpuError> {
-        // SAFETY: forwarded contract.
-        unsafe { self.k.launch(which, grid, block, stream, params) }
-    }
-
     /// Numbers a dispatch on `stream`: `*counter + 1` into `*counter` and `*seq_out` (both
     /// device u64 words), so that a CUDA-graph replay numbers its calls afresh.
     ///
@@ -103,7 +89,7 @@ impl EpKernels {
         let (mut c, mut o) = (counter, seq_out);
         let mut p: [*mut c_void; 2] = [ptr(&mut c), ptr(&mut o)];
         // SAFETY: (unsigned long long*, unsigned long long*), as the kernel declares.
-        unsafe { self.launch(4, 1, 1, stream, &mut p) }
+        unsafe { self.k.launch(4, 1, 1, stream, &mut p) }
     }
 
     /// Dispatch, send phase: every token's row to the ranks owning its experts (our own
@@ -141,7 +127,7 @@ impl EpKernels {
         ];
         // SAFETY: (EpArgs, const ushort*, const long long*, int*, ushort*, float*, int*), as
         // the kernel declares.
-        unsafe { self.launch(0, grid, 1024, stream, &mut p) }
+        unsafe { self.k.launch(0, grid, 1024, stream, &mut p) }
     }
 
     /// Dispatch, receive phase: waits for every source's rows and packs them into `recv_x`.
@@ -177,7 +163,7 @@ impl EpKernels {
         ];
         // SAFETY: (EpArgs, ushort*, int*, long long*, int*, int*, float*), as the kernel
         // declares.
-        unsafe { self.launch(1, args.local_experts as u32, 1024, stream, &mut p) }
+        unsafe { self.k.launch(1, args.local_experts as u32, 1024, stream, &mut p) }
     }
 
     /// Combine, send phase: every expert's output rows back to their tokens' home ranks.
@@ -199,7 +185,7 @@ impl EpKernels {
             [ptr(&mut a), ptr(&mut y), ptr(&mut s), ptr(&mut l), ptr(&mut act)];
         let grid = (args.local_experts * args.ranks) as u32;
         // SAFETY: (EpArgs, const ushort*, const int*, const long long*, int*).
-        unsafe { self.launch(2, grid, 1024, stream, &mut p) }
+        unsafe { self.k.launch(2, grid, 1024, stream, &mut p) }
     }
 
     /// Combine, receive phase: the weighted sum of every token's expert outputs into `out`.
@@ -223,7 +209,7 @@ impl EpKernels {
         // every expert's signal.
         let block = (args.hidden as u32 / 8).next_multiple_of(32).clamp(32, 1024);
         // SAFETY: (EpArgs, const long long*, const float*, ushort*, int*).
-        unsafe { self.launch(3, args.num_tokens as u32 + 1, block, stream, &mut p) }
+        unsafe { self.k.launch(3, args.num_tokens as u32 + 1, block, stream, &mut p) }
     }
 }
 

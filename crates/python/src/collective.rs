@@ -71,16 +71,25 @@ impl PyComm {
         py: Python<'_>,
         f: impl FnOnce(&mut Comm) -> tidewire_collective::Result<T> + Send,
     ) -> PyResult<T> {
-        py.detach(|| {
-            let mut guard: MutexGuard<'_, Option<Comm>> =
-                self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match guard.as_mut() {
-                Some(comm) => f(comm),
-                None => Err(Error::InvalidArgument { reason: "the group was destroyed".into() }),
-            }
-        })
-        .map_err(to_py)
+        with_live(py, &self.comm, f)
     }
+}
+
+/// Runs `f` on the communicator in `slot`, without the GIL; an error once it was destroyed.
+fn with_live<C: Send, T: Send>(
+    py: Python<'_>,
+    slot: &Mutex<Option<C>>,
+    f: impl FnOnce(&mut C) -> tidewire_collective::Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| {
+        let mut guard: MutexGuard<'_, Option<C>> =
+            slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match guard.as_mut() {
+            Some(comm) => f(comm),
+            None => Err(Error::InvalidArgument { reason: "the group was destroyed".into() }),
+        }
+    })
+    .map_err(to_py)
 }
 
 #[pymethods]
@@ -289,14 +298,7 @@ impl PyCudaComm {
         py: Python<'_>,
         f: impl FnOnce(&CudaComm) -> tidewire_collective::Result<T> + Send,
     ) -> PyResult<T> {
-        py.detach(|| {
-            let guard = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match guard.as_ref() {
-                Some(comm) => f(comm),
-                None => Err(Error::InvalidArgument { reason: "the group was destroyed".into() }),
-            }
-        })
-        .map_err(to_py)
+        with_live(py, &self.comm, |c| f(c))
     }
 }
 
