@@ -3,6 +3,9 @@ torch's own backends in the same run:
 
     python bench/pg_bench.py [--backends tidewire,gloo] [--ranks 2] [--max-bytes 64M] [--device cpu] [--graph]
 
+(`mooncake-cpu` / `mooncake` as a backend: tidewire's Mooncake-compatible groups, with elastic
+membership running.)
+
 For every backend: one process per rank; all_reduce, all_gather (into tensor), reduce_scatter
 (tensor) and all_to_all_single from 8 bytes up to --max-bytes (×--step); each size timed as
 the median over --iters groups of back-to-back calls. busbw follows nccl-tests (all_reduce
@@ -39,12 +42,21 @@ def parse_size(s: str) -> int:
 
 
 def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespace, out_path: str) -> None:
+    opts = {}
     if backend == "tidewire":
         import tidewire.distributed  # noqa: F401
+    if backend.startswith("mooncake"):
+        # tidewire's Mooncake-compatible groups: elastic membership on (heartbeats, masks).
+        import tidewire.mooncake
+
+        tidewire.mooncake.install()
+        from mooncake.pg import MooncakeBackendOptions  # type: ignore[import-not-found]
+
+        opts["pg_options"] = MooncakeBackendOptions(torch.ones(n, dtype=torch.int32))
     dev = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, **opts)
     dt = DT[args.dtype]
     esz = torch.tensor([], dtype=dt).element_size()
     rows = []

@@ -420,6 +420,28 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     want = [float(r + 1) if r in survivors else 0.0 for r in range(size) for _ in range(2)]
     if g.tolist() != want:
         bad.append(f"all_gather {g.tolist()}")
+    # Slots of the inactive rank: nothing sent to it, zeros from it.
+    full = torch.arange(size * 3, dtype=torch.float32) + 100 * rank
+    rs = torch.empty(3)
+    dist.reduce_scatter_tensor(rs, full)
+    want_rs = [float(sum(100 * s_ for s_ in survivors) + len(survivors) * (rank * 3 + i)) for i in range(3)]
+    if rs.tolist() != want_rs:
+        bad.append(f"reduce_scatter {rs.tolist()} != {want_rs}")
+    a2a_in = torch.tensor([float(rank * 10 + d) for d in range(size) for _ in range(2)])
+    a2a_out = torch.full((size * 2,), -1.0)
+    dist.all_to_all_single(a2a_out, a2a_in)
+    want_a2a = [float(s_ * 10 + rank) if s_ in survivors else 0.0 for s_ in range(size) for _ in range(2)]
+    if a2a_out.tolist() != want_a2a:
+        bad.append(f"all_to_all_single {a2a_out.tolist()} != {want_a2a}")
+    root = survivors[0]
+    g_out = [torch.full((2,), -1.0) for _ in range(size)] if rank == root else None
+    dist.gather(torch.full((2,), float(rank)), g_out, dst=root)
+    if rank == root and [o.tolist() for o in g_out or []] != [[float(s_)] * 2 if s_ in survivors else [0.0] * 2 for s_ in range(size)]:
+        bad.append(f"gather {[o.tolist() for o in g_out or []]}")
+    s_out = torch.empty(2)
+    dist.scatter(s_out, [torch.full((2,), float(d)) for d in range(size)] if rank == root else None, src=root)
+    if s_out.tolist() != [float(rank)] * 2:
+        bad.append(f"scatter {s_out.tolist()}")
     dist.barrier()
     out["after"] = bad
     dist.destroy_process_group()

@@ -40,6 +40,7 @@ collective before receiving it. ``tag`` is not used.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -344,6 +345,35 @@ def _segments(sizes: Sequence[int]) -> List[tuple]:
     return out
 
 
+def _pack(addr: int, sizes: Sequence[int], keep: Sequence[int]) -> torch.Tensor:
+    """The segments `keep` of consecutive host segments of `sizes` bytes at `addr`, packed."""
+    offs = [0]
+    for x in sizes:
+        offs.append(offs[-1] + int(x))
+    out = torch.empty(sum(int(sizes[j]) for j in keep), dtype=torch.uint8)
+    at = 0
+    for j in keep:
+        if sizes[j]:
+            ctypes.memmove(out.data_ptr() + at, addr + offs[j], int(sizes[j]))
+        at += int(sizes[j])
+    return out
+
+
+def _unpack(addr: int, sizes: Sequence[int], keep: Sequence[int], packed: torch.Tensor) -> None:
+    """The reverse of `_pack`: `packed` back into the segments `keep` at `addr`, the other
+    segments zeroed."""
+    offs = [0]
+    for x in sizes:
+        offs.append(offs[-1] + int(x))
+    if offs[-1]:
+        ctypes.memset(addr, 0, offs[-1])
+    at = 0
+    for j in keep:
+        if sizes[j]:
+            ctypes.memmove(addr + offs[j], packed.data_ptr() + at, int(sizes[j]))
+        at += int(sizes[j])
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -447,26 +477,43 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     #: Communicator calls whose arguments name a rank: the argument's position.
     _RANKED = {"broadcast": 2, "reduce": 4, "gather": 2, "scatter": 2, "isend": 0, "irecv": 0}
-    #: Calls that need every rank of the group (their buffers have a slot per rank).
-    _WHOLE = {"reduce_scatter", "all_to_all", "gather", "scatter"}
-
     def _c(self, name: str, *args: Any) -> Any:
         """Communicator call `name`, on the rings of the view in force (re-formed first if the
-        membership changed), with ranks translated to the communicator's."""
+        membership changed), with ranks translated to the communicator's; buffers with a slot
+        per group rank are packed to the active ranks' slots (and the inactive ranks' slots of
+        an output zeroed)."""
         self._enter()
-        if len(self._members) != self._size:
-            if name in self._WHOLE:
-                raise NotImplementedError(
-                    f"tidewire: {name} on a group with inactive ranks ({self._members} of {self._size}) is not "
-                    "supported yet; all_reduce, all_gather, broadcast, reduce, barrier and point-to-point are"
-                )
-            at = self._RANKED.get(name)
-            if at is not None:
-                r = args[at]
-                if r not in self._members:
-                    raise ValueError(f"tidewire: {name}: rank {r} is not active in this group (epoch {self._comm_epoch})")
-                args = args[:at] + (self._members.index(r),) + args[at + 1 :]
-        return self._call(getattr(self._comm, name), *args)
+        if len(self._members) == self._size:
+            return self._call(getattr(self._comm, name), *args)
+        at = self._RANKED.get(name)
+        if at is not None:
+            r = args[at]
+            if r not in self._members:
+                raise ValueError(f"tidewire: {name}: rank {r} is not active in this group (epoch {self._comm_epoch})")
+            args = args[:at] + (self._members.index(r),) + args[at + 1 :]
+        fn = getattr(self._comm, name)
+        m = self._members
+        if name == "all_to_all":
+            out, out_sizes, inp, in_sizes = args
+            sub_in = _pack(inp, in_sizes, m)
+            sub_out = torch.empty(sum(out_sizes[j] for j in m), dtype=torch.uint8)
+            self._call(fn, sub_out.data_ptr(), [out_sizes[j] for j in m], sub_in.data_ptr(), [in_sizes[j] for j in m])
+            _unpack(out, out_sizes, m, sub_out)
+            return None
+        if name == "reduce_scatter":
+            out_span, (addr, n) = args[0], args[1]
+            sub = _pack(addr, [n // self._size] * self._size, m)
+            return self._call(fn, out_span, (sub.data_ptr(), sub.numel()), *args[2:])
+        if name == "scatter" and args[1][1]:
+            sub = _pack(args[1][0], [args[1][1] // self._size] * self._size, m)
+            return self._call(fn, args[0], (sub.data_ptr(), sub.numel()), args[2])
+        if name == "gather" and args[0][1]:
+            (addr, n), c = args[0], args[1][1]
+            sub = torch.empty(len(m) * c, dtype=torch.uint8)
+            self._call(fn, (sub.data_ptr(), sub.numel()), *args[1:])
+            _unpack(addr, [c] * self._size, m, sub)
+            return None
+        return self._call(fn, *args)
 
     def _enter(self) -> None:
         """Re-forms the communicator over the members of the view in force when it changed: every

@@ -27,11 +27,11 @@ apply to groups created afterwards.
 
 After a change, every member re-forms the group's rings over the active ranks at its next call
 (the new rings' addresses travel with the membership, not through the store, which may have
-died with its rank): all_reduce, all_gather (the inactive ranks' slots zeroed), broadcast and
-reduce (from an active root), barrier and point-to-point go on over the survivors; CUDA tensors
-are staged through host memory from then on. Not yet: reduce_scatter, all_to_all, gather and
-scatter with inactive ranks (they raise, saying so), joiners (``is_extension``,
-``join_group``, ``activate_ranks``, ``recover_ranks``) and ``sync_after_failure``.
+died with its rank) and every collective goes on over the survivors: buffers with a slot per
+rank keep their shape, nothing is sent to an inactive rank and what would come from one is
+zeros; roots and peers must be active. CUDA tensors are staged through host memory from then
+on. Not yet: joiners (``is_extension``, ``join_group``, ``activate_ranks``,
+``recover_ranks``) and ``sync_after_failure``.
 """
 
 from __future__ import annotations
