@@ -519,7 +519,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """Re-forms the communicator over the members of the view in force when it changed: every
         member does so at its next call into the group, exchanging its new rings' address
         through the membership (the store may have died with its rank)."""
-        if self._elastic is None:
+        if self._elastic is None or self._elastic.epoch() == self._comm_epoch:
             return
         epoch, members, fenced = self._elastic.view()
         if fenced:
@@ -554,11 +554,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def _sync_mask(self) -> None:
         """Writes the view in force into the caller's mask tensor, in place, when it changed."""
-        if self._elastic is None or self._active_ranks is None:
+        if self._elastic is None or self._active_ranks is None or self._elastic.epoch() == self._mask_epoch:
             return
         epoch, members, fenced = self._elastic.view()
-        if epoch == self._mask_epoch and not fenced:
-            return
         mask = torch.zeros(self._active_ranks.numel(), dtype=torch.int32)
         for r in members:
             if r < mask.numel():

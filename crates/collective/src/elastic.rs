@@ -22,7 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -221,6 +221,9 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    /// The epoch of the view in force, readable without the lock (every call into a group
+    /// looks at it).
+    epoch: AtomicU64,
 }
 
 impl Shared {
@@ -296,6 +299,7 @@ impl Shared {
             changed = true;
         }
         if changed {
+            self.epoch.store(st.member.view().epoch, Ordering::Release);
             self.changed.notify_all();
         }
     }
@@ -423,6 +427,7 @@ impl Elastic {
         sock.set_read_timeout(Some(Duration::from_millis(1)))
             .map_err(|e| Error::invalid(format!("elastic membership: socket timeout: {e}")))?;
         let now = Instant::now();
+        let first = view.epoch;
         let state = State {
             member: Member::new(rank, view, settings.agreement),
             heard: vec![now; peers.len()],
@@ -439,6 +444,7 @@ impl Elastic {
             state: Mutex::new(state),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            epoch: AtomicU64::new(first),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -446,6 +452,12 @@ impl Elastic {
             .spawn(move || drive(&s))
             .map_err(|e| Error::invalid(format!("elastic membership: starting its thread: {e}")))?;
         Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// The epoch of the view in force here, without taking the lock (it changes, with the
+    /// view, when a change is installed or this rank learns it was removed).
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
     }
 
     /// The view in force here.
@@ -682,6 +694,7 @@ mod tests {
             let (v, fenced) = e.wait_view(0, Duration::from_secs(20));
             assert!(!fenced);
             assert_eq!(v, View { epoch: 1, members: set(&[1, 2, 3]) });
+            assert_eq!(e.epoch(), 1);
         }
     }
 

@@ -415,7 +415,8 @@ impl PyCudaComm {
 pub(crate) struct PyElastic {
     addr: String,
     sock: Mutex<Option<std::net::UdpSocket>>,
-    member: Mutex<Option<Elastic>>,
+    /// Shared with the calls that wait (`wait_view`, `collect`), which hold no lock meanwhile.
+    member: Mutex<Option<Arc<Elastic>>>,
 }
 
 fn secs(name: &str, s: f64) -> PyResult<Duration> {
@@ -424,8 +425,14 @@ fn secs(name: &str, s: f64) -> PyResult<Duration> {
 
 impl PyElastic {
     fn with<T>(&self, f: impl FnOnce(&Elastic) -> T) -> PyResult<T> {
+        let e = self.live()?;
+        Ok(f(&e))
+    }
+
+    /// The running member (a clone of its handle: no lock is held while it is used).
+    fn live(&self) -> PyResult<Arc<Elastic>> {
         let g = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.as_ref().map(f).ok_or_else(|| {
+        g.clone().ok_or_else(|| {
             errors::invalid("elastic membership is not started (or was closed)".into())
         })
     }
@@ -480,8 +487,13 @@ impl PyElastic {
             .ok_or_else(|| errors::invalid("elastic membership was started already".into()))?;
         let view = View { epoch, members: members.into_iter().collect() };
         let e = Elastic::start(sock, rank, peers, view, settings).map_err(to_py)?;
-        *self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+        *self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(e));
         Ok(())
+    }
+
+    /// The epoch in force here (read without a lock: every call into a group looks at it).
+    fn epoch(&self) -> PyResult<u64> {
+        self.with(Elastic::epoch)
     }
 
     /// `(epoch, members, fenced)` in force here.
@@ -511,10 +523,7 @@ impl PyElastic {
         timeout_s: f64,
     ) -> PyResult<(u64, Vec<usize>, bool)> {
         let timeout = secs("timeout", timeout_s)?;
-        let g = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let e = g.as_ref().ok_or_else(|| {
-            errors::invalid("elastic membership is not started (or was closed)".into())
-        })?;
+        let e = self.live()?;
         let (v, fenced) = py.detach(|| e.wait_view(epoch, timeout));
         Ok((v.epoch, v.members.into_iter().collect(), fenced))
     }
@@ -534,10 +543,7 @@ impl PyElastic {
         timeout_s: f64,
     ) -> PyResult<Vec<String>> {
         let timeout = secs("timeout", timeout_s)?;
-        let g = self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let e = g.as_ref().ok_or_else(|| {
-            errors::invalid("elastic membership is not started (or was closed)".into())
-        })?;
+        let e = self.live()?;
         let got = py.detach(|| e.collect(key, epoch, &ranks, timeout)).map_err(to_py)?;
         Ok(got.into_iter().map(|v| String::from_utf8_lossy(&v).into_owned()).collect())
     }
