@@ -401,9 +401,11 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         err = e
     failed_at = time.monotonic()
     deadline = failed_at + 15
-    while mpg.get_current_epoch(pg) < 1 and time.monotonic() < deadline:
+    # Watched without calling into the group: the host mask is written by the membership.
+    while pg._elastic.epoch() < 1 and time.monotonic() < deadline:
         time.sleep(0.005)
-    out = report(error=repr(err), agreed_after=time.monotonic() - failed_at)
+    untouched = active.tolist()
+    out = report(error=repr(err), agreed_after=time.monotonic() - failed_at, mask_before_calls=untouched)
     # The survivors go on: collectives over the active ranks.
     survivors = [r for r in range(size) if r != victim]
     bad: List[str] = []

@@ -138,6 +138,8 @@ def test_elastic_membership_every_survivor_agrees_on_the_mask_and_epoch(arg: str
         if how == "kill" and rank != victim:
             assert f"rank {victim}" in out["error"], f"rank {rank}: {out}"
         if how in ("kill", "stop") and rank != victim:
+            # The host mask was current before any call into the group.
+            assert out["mask_before_calls"] == want, f"rank {rank}: {out}"
             # The survivors' collectives go on over the active ranks.
             assert out["after"] == [], f"rank {rank}: {out['after']}"
 

@@ -210,6 +210,21 @@ struct State {
     mine: Vec<(u64, String, Vec<u8>)>,
     /// What each rank announced last under each key: (rank, key) -> (epoch, value).
     theirs: std::collections::HashMap<(Rank, String), (u64, Vec<u8>)>,
+    /// The caller's host masks (an i32 per rank slot) written when the view changes.
+    masks: Vec<(u64, usize)>,
+}
+
+/// Writes the view's members into every watched mask (1: active, 0: not).
+fn write_masks(st: &State) {
+    let members = &st.member.view().members;
+    for &(addr, len) in &st.masks {
+        for i in 0..len {
+            let v = i32::from(members.contains(&i));
+            // SAFETY: `Elastic::watch_mask`'s caller keeps `len` i32s at `addr` alive and
+            // writable until the member is closed; a volatile store of an aligned i32.
+            unsafe { std::ptr::write_volatile((addr as *mut i32).add(i), v) };
+        }
+    }
 }
 
 struct Shared {
@@ -299,6 +314,7 @@ impl Shared {
             changed = true;
         }
         if changed {
+            write_masks(st);
             self.epoch.store(st.member.view().epoch, Ordering::Release);
             self.changed.notify_all();
         }
@@ -434,6 +450,7 @@ impl Elastic {
             next_heartbeat: now,
             mine: Vec::new(),
             theirs: std::collections::HashMap::new(),
+            masks: Vec::new(),
         };
         let shared = Arc::new(Shared {
             rank,
@@ -452,6 +469,19 @@ impl Elastic {
             .spawn(move || drive(&s))
             .map_err(|e| Error::invalid(format!("elastic membership: starting its thread: {e}")))?;
         Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// Writes the view into `len` i32s at `addr` (1 for an active rank slot, 0 otherwise) now
+    /// and whenever it changes, from the driver thread: the caller's mask is current without
+    /// the caller calling in.
+    ///
+    /// # Safety
+    /// `[addr, addr + 4·len)` is host memory, aligned for i32, that stays alive and may be
+    /// written at any time until this member is closed (dropped).
+    pub unsafe fn watch_mask(&self, addr: u64, len: usize) {
+        let mut st = self.shared.lock();
+        st.masks.push((addr, len));
+        write_masks(&st);
     }
 
     /// The epoch of the view in force here, without taking the lock (it changes, with the
@@ -687,6 +717,13 @@ mod tests {
             },
         };
         let mut g = group(4, settings);
+        // The caller's masks, written by the driver threads.
+        let mut masks = vec![[7i32; 4]; 3];
+        for (e, m) in g[1..].iter().zip(masks.iter_mut()) {
+            // SAFETY: `masks` outlives the members (they are dropped at the end of the test,
+            // before it) and nothing else writes it meanwhile.
+            unsafe { e.watch_mask(m.as_mut_ptr() as u64, 4) };
+        }
         // Rank 0 (the leader) goes silent: the others evict it by heartbeat and agree.
         let mut zero = g.remove(0);
         zero.close();
@@ -695,6 +732,10 @@ mod tests {
             assert!(!fenced);
             assert_eq!(v, View { epoch: 1, members: set(&[1, 2, 3]) });
             assert_eq!(e.epoch(), 1);
+        }
+        drop(g);
+        for m in &masks {
+            assert_eq!(*m, [0, 1, 1, 1]);
         }
     }
 

@@ -491,6 +491,17 @@ impl PyElastic {
         Ok(())
     }
 
+    /// Writes the view into the caller's host mask (`len` int32 at `addr`) now and whenever it
+    /// changes, from the membership's thread.
+    fn watch_mask(&self, addr: u64, len: usize) -> PyResult<()> {
+        if addr == 0 || !addr.is_multiple_of(4) {
+            return Err(errors::invalid(format!("a mask at {addr:#x}: not an int32 array")));
+        }
+        // SAFETY: `tidewire.mooncake.pg` passes the data of a contiguous CPU int32 tensor of
+        // `len` elements that the group holds (`_active_ranks`) until it closes this member.
+        self.with(|e| unsafe { e.watch_mask(addr, len) })
+    }
+
     /// The epoch in force here (read without a lock: every call into a group looks at it).
     fn epoch(&self) -> PyResult<u64> {
         self.with(Elastic::epoch)

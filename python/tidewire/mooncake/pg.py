@@ -18,7 +18,8 @@ coordinator (any rank may fail, rank 0 included). A rank is removed when a colle
 it (with ``auto_deactivate_on_failure``, the default), when the engine sees its process exit,
 or when it has sent no heartbeat for the eviction timeout; ``deactivate_ranks`` removes ranks
 at once, with no timeout. The mask (``get_active_ranks``, and the tensor given in the options)
-is written in place when this rank sees the change (at its next call into the group). A
+is written in place: a CPU mask by the membership's thread as soon as this rank agrees to the
+change, a CUDA mask at this rank's next call into the group. A
 removed rank that comes back (after a stop) learns that it was removed. Settings:
 ``set_heartbeat_interval_us`` (100 ms), ``set_eviction_timeout_us`` (5 s),
 ``set_fault_reconciliation_window_us`` (20 ms), ``set_agreement_phase_timeout_us`` (2 s), or
@@ -123,6 +124,10 @@ def _start_membership(pg: "_tw.ProcessGroupTidewire", rank: int, size: int, mask
         raise NotImplementedError(_ELASTIC.format("a rank outside the initial mask"))
     us = _settings
     member.start(rank, peers, 0, members, us["heartbeat"] / 1e6, us["eviction"] / 1e6, us["reconciliation"] / 1e6, us["phase"] / 1e6)
+    if mask is not None and mask.device.type == "cpu" and mask.is_contiguous():
+        # A host mask is written by the membership's thread as soon as the view changes (a
+        # CUDA mask at the next call into the group: no CUDA call on the membership's thread).
+        member.watch_mask(mask.data_ptr(), mask.numel())
     pg._elastic = member
     pg._mask_epoch = 0
 
