@@ -22,8 +22,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::auth::{ClusterSecret, Nonce, Role, Transcript, NONCE_LEN, PROOF_LEN};
-use crate::wire::{FrameKind, Header, Status, HEADER_LEN, INSTANCE_LEN};
+use crate::auth::{ClusterSecret, Nonce, Role, Transcript, NONCE_LEN};
+use crate::wire::{
+    FrameKind, Header, Status, HEADER_LEN, HELLO_ACK_AUTH_PAYLOAD, HELLO_AUTH_PAYLOAD, INSTANCE_LEN,
+};
 use crate::InstanceId;
 
 /// Bytes of a plain `Hello` or `HelloAck` frame (header and instance id).
@@ -164,7 +166,7 @@ impl Handshake {
                     return self.end(bad(header));
                 }
                 let plain = payload.len() == INSTANCE_LEN as usize;
-                let challenged = payload.len() == INSTANCE_LEN as usize + NONCE_LEN + PROOF_LEN;
+                let challenged = payload.len() == HELLO_ACK_AUTH_PAYLOAD as usize;
                 if !plain && !challenged {
                     return self.end(bad(header));
                 }
@@ -292,7 +294,7 @@ pub fn answer_hello(
     secret: Option<&ClusterSecret>,
     nonce: Nonce,
 ) -> HelloAnswer {
-    let offered = payload.len() == 2 * INSTANCE_LEN as usize + NONCE_LEN;
+    let offered = payload.len() == HELLO_AUTH_PAYLOAD as usize;
     let plain = answer(hello, me).to_vec();
     let Some(secret) = secret else {
         return if offered { HelloAnswer::Unasked(plain) } else { HelloAnswer::Open(plain) };
@@ -336,7 +338,7 @@ pub fn answer_auth(
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::auth::ClusterSecret;
+    use crate::auth::{ClusterSecret, PROOF_LEN};
     use crate::sim::{decode, Endpoint, Link, Pair};
 
     const TIMEOUT: Duration = Duration::from_secs(5);
@@ -683,27 +685,45 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Arbitrary bytes as a handshake frame: the target's answers and the initiator's
-        /// machine never panic, and no frame opens a connection that requires the secret
-        /// without a proof made with it.
+        /// Handshake frames of every kind with arbitrary bodies (the lengths the handshake
+        /// looks for among them), and arbitrary header bytes behind the magic: the target's
+        /// answers and the initiator's machine never panic, a random proof is never accepted,
+        /// and no frame opens a connection that requires the secret without a proof made with
+        /// it.
         #[test]
-        fn handshake_frames_of_any_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
-            let Some(raw) = bytes.first_chunk::<HEADER_LEN>() else { return Ok(()) };
-            let Ok(h) = Header::decode(raw) else { return Ok(()) };
-            let payload = &bytes[HEADER_LEN..];
+        fn handshake_frames_never_panic_nor_admit_without_the_secret(
+            kind in 0usize..4,
+            len in proptest::prop_oneof![
+                proptest::strategy::Just(INSTANCE_LEN as usize),
+                proptest::strategy::Just(HELLO_AUTH_PAYLOAD as usize),
+                proptest::strategy::Just(HELLO_ACK_AUTH_PAYLOAD as usize),
+                0usize..96,
+            ],
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 96),
+            proof in proptest::collection::vec(proptest::prelude::any::<u8>(), PROOF_LEN),
+            mut raw in proptest::collection::vec(proptest::prelude::any::<u8>(), HEADER_LEN),
+        ) {
+            raw[..4].copy_from_slice(&crate::wire::MAGIC);
+            let payload = &bytes[..len];
+            let kinds = [FrameKind::Hello, FrameKind::HelloAck, FrameKind::Auth, FrameKind::AuthAck];
+            let made = Header::new(kinds[kind], 0, 0, len as u64);
+            let decoded = raw.first_chunk::<HEADER_LEN>().and_then(|r| Header::decode(r).ok());
             let secret = ClusterSecret::new(b"k").unwrap();
-            for s in [Some(&secret), None] {
-                if let HelloAnswer::Challenged(_, t) = answer_hello(&h, payload, InstanceId(2), s, [3; NONCE_LEN]) {
-                    let (_, ok) = answer_auth(&Header::new(FrameKind::Auth, 0, 0, 32), payload, &secret, &t);
-                    proptest::prop_assert!(!ok, "a random proof was accepted");
+            for h in [Some(made), decoded].into_iter().flatten() {
+                for s in [Some(&secret), None] {
+                    if let HelloAnswer::Challenged(_, t) = answer_hello(&h, payload, InstanceId(2), s, [3; NONCE_LEN]) {
+                        let auth = Header::new(FrameKind::Auth, 0, 0, PROOF_LEN as u64);
+                        let (_, ok) = answer_auth(&auth, &proof, &secret, &t);
+                        proptest::prop_assert!(!ok, "a random proof was accepted");
+                    }
                 }
+                let auth = ClientAuth { secret: secret.clone(), me: InstanceId(1), nonce: [4; NONCE_LEN] };
+                let mut hs = Handshake::new(Instant::now(), TIMEOUT, None, Some(auth));
+                while hs.poll_transmit().is_some() {}
+                hs.handle_frame(Instant::now(), &h, payload);
+                let ended = hs.poll_event();
+                proptest::prop_assert!(!matches!(ended, Some(HandshakeEvent::Established(_))), "established without a proof");
             }
-            let auth = ClientAuth { secret, me: InstanceId(1), nonce: [4; NONCE_LEN] };
-            let mut hs = Handshake::new(Instant::now(), TIMEOUT, None, Some(auth));
-            while hs.poll_transmit().is_some() {}
-            hs.handle_frame(Instant::now(), &h, payload);
-            let ended = hs.poll_event();
-            proptest::prop_assert!(!matches!(ended, Some(HandshakeEvent::Established(_))), "established without a proof");
         }
     }
 }

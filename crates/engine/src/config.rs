@@ -184,27 +184,11 @@ impl EngineConfig {
         if let Some(id) = lookup("MC_METADATA_CLUSTER_ID").filter(|v| !v.trim().is_empty()) {
             self.cluster_id = id.trim().to_string();
         }
-        // Set but empty is an error, not "no secret": an unset template variable must not
-        // turn the check off without a word.
-        let secret = lookup("TIDEWIRE_CLUSTER_SECRET");
-        let file = lookup("TIDEWIRE_CLUSTER_SECRET_FILE");
-        match (secret, file) {
-            (Some(_), Some(_)) => {
-                return Err(Error::Config {
-                    reason:
-                        "both TIDEWIRE_CLUSTER_SECRET and TIDEWIRE_CLUSTER_SECRET_FILE are set: \
-                             choose one"
-                            .into(),
-                })
-            }
-            (Some(v), None) => {
-                self.cluster_secret = Some(secret_of(v.as_bytes(), "TIDEWIRE_CLUSTER_SECRET")?)
-            }
-            (None, Some(path)) => self.cluster_secret = Some(secret_from_file(&path)?),
-            (None, None) => {}
+        if let Some(secret) = secret_from_env(&lookup)? {
+            self.cluster_secret = Some(secret);
         }
         if let Some(v) = lookup("TIDEWIRE_SHM_ANY_UID") {
-            self.shm_any_uid = matches!(v.trim(), "1" | "true" | "yes");
+            self.shm_any_uid = tidewire_core::select::env_flag(Some(&v));
         }
         if let Some(v) = lookup("MC_TRANSFER_TIMEOUT") {
             let secs: u64 = v.trim().parse().map_err(|_| Error::Config {
@@ -241,6 +225,25 @@ impl Credentials {
 
 fn secret_of(bytes: &[u8], what: &str) -> Result<ClusterSecret> {
     ClusterSecret::new(bytes).map_err(|e| Error::Config { reason: format!("{what}: {e}") })
+}
+
+/// The cluster secret the environment names, read through `lookup`:
+/// `TIDEWIRE_CLUSTER_SECRET` or `TIDEWIRE_CLUSTER_SECRET_FILE` (not both); `None` when neither
+/// is set. Set but empty is an error, not "no secret": an unset template variable must not turn
+/// the check off without a word.
+pub(crate) fn secret_from_env(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<ClusterSecret>> {
+    match (lookup("TIDEWIRE_CLUSTER_SECRET"), lookup("TIDEWIRE_CLUSTER_SECRET_FILE")) {
+        (Some(_), Some(_)) => Err(Error::Config {
+            reason: "both TIDEWIRE_CLUSTER_SECRET and TIDEWIRE_CLUSTER_SECRET_FILE are set: \
+                     choose one"
+                .into(),
+        }),
+        (Some(v), None) => secret_of(v.as_bytes(), "TIDEWIRE_CLUSTER_SECRET").map(Some),
+        (None, Some(path)) => secret_from_file(&path).map(Some),
+        (None, None) => Ok(None),
+    }
 }
 
 /// The cluster secret in the file at `path` (its whole content, surrounding whitespace

@@ -267,8 +267,12 @@ impl Engine {
             _ => rpc_addr.to_string(),
         };
         let instance = InstanceId(rand::random::<u128>() | 1);
-        let guard =
-            Arc::new(Guard::new(config.cluster_secret.clone(), instance, config.shm_any_uid));
+        let guard = Arc::new(Guard::new(
+            config.cluster_secret.clone(),
+            instance,
+            config.shm_any_uid,
+            config.deadlines.handshake,
+        ));
         let life = Arc::new(Lifecycle::default());
         let registry = Arc::new(Registry::default());
         let shm = if config.enable_shm && config.transports.enabled.contains(&TransportKind::Shm) {

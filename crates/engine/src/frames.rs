@@ -209,6 +209,14 @@ pub(crate) enum Item {
 }
 
 impl Item {
+    /// A whole encoded frame (its header and a small payload; shorter than a header: none).
+    pub(crate) fn from_frame(frame: &[u8]) -> Option<Self> {
+        let (header, payload) = frame.split_first_chunk::<HEADER_LEN>()?;
+        Some(Item::Frame { header: *header, payload: payload.to_vec() })
+    }
+}
+
+impl Item {
     pub(crate) fn bytes(&self) -> u64 {
         HEADER_LEN as u64
             + match self {

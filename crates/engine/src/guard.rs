@@ -16,6 +16,8 @@ pub(crate) struct Guard {
     pub(crate) me: InstanceId,
     /// Processes of other uids may use the shm socket.
     pub(crate) any_uid: bool,
+    /// How long a connection may take to complete its handshake (the engine's deadline).
+    pub(crate) handshake: std::time::Duration,
     refused: AtomicU64,
 }
 
@@ -30,8 +32,13 @@ pub(crate) enum Step {
 }
 
 impl Guard {
-    pub(crate) fn new(secret: Option<ClusterSecret>, me: InstanceId, any_uid: bool) -> Self {
-        Self { secret, me, any_uid, refused: AtomicU64::new(0) }
+    pub(crate) fn new(
+        secret: Option<ClusterSecret>,
+        me: InstanceId,
+        any_uid: bool,
+        handshake: std::time::Duration,
+    ) -> Self {
+        Self { secret, me, any_uid, handshake, refused: AtomicU64::new(0) }
     }
 
     /// Connections refused so far (no secret, another secret, another uid).

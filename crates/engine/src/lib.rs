@@ -62,7 +62,7 @@ pub use metadata::{segment_key, segments_prefix, MetadataClient};
 pub use metadata_server::MetadataServer;
 pub use notify::Notification;
 pub use paged::PageTransfer;
-pub use peers::{PeerBuffer, PeerBuffers, PeersError, Reach};
+pub use peers::{PeerBuffer, PeerBuffers, PeersError};
 pub use plan::Plan;
 pub use tidewire_core as core;
 pub use tidewire_core::auth::ClusterSecret;

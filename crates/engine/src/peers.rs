@@ -24,7 +24,7 @@ pub struct PeersError {
 }
 
 /// How a rank's buffer is reached.
-pub enum Reach {
+enum BufferReach {
     /// Ours.
     Local,
     /// Mapped for our GPU.
@@ -42,7 +42,7 @@ pub struct PeerBuffers {
     device: u32,
     addr: u64,
     len: u64,
-    maps: Vec<Reach>,
+    maps: Vec<BufferReach>,
 }
 
 impl PeerBuffers {
@@ -79,8 +79,8 @@ impl PeerBuffers {
     /// Maps every other rank's buffer (`peers[r]`, ours included, allocated by
     /// [`PeerBuffers::allocate`]) for our GPU. A rank no GPU path reaches is recorded with the
     /// reason ([`PeerBuffers::unreached`]); any other failure (the rank's engine cannot be
-    /// opened, its buffer is not what it published) is an error naming it. Our buffer is freed
-    /// when the set is dropped.
+    /// opened, its buffer is not what it published) is an error naming it. Our buffer belongs
+    /// to the set from the call on: freed when the set is dropped, or now if connecting fails.
     pub fn connect(
         engine: Arc<Engine>,
         what: &'static str,
@@ -124,7 +124,7 @@ impl PeerBuffers {
         let mut maps = Vec::with_capacity(peers.len());
         for (r, p) in peers.iter().enumerate() {
             if r == rank {
-                maps.push(Reach::Local);
+                maps.push(BufferReach::Local);
                 continue;
             }
             let failed = |doing: &str, source| PeersError {
@@ -135,11 +135,11 @@ impl PeerBuffers {
             match self.engine.map_peer(id, p.addr, p.len, Some(device)) {
                 Ok(map) => {
                     log::info!("{what} rank {rank}: rank {r} over {}", map.transport());
-                    maps.push(Reach::Mapped(map));
+                    maps.push(BufferReach::Mapped(map));
                 }
                 Err(e @ Error::NoTransport { .. }) => {
                     log::info!("{what} rank {rank}: no GPU path to rank {r}: {e}");
-                    maps.push(Reach::Unreached(e.to_string()));
+                    maps.push(BufferReach::Unreached(e.to_string()));
                 }
                 Err(e) => return Err(failed("mapping", e)),
             }
@@ -156,33 +156,14 @@ impl PeerBuffers {
         self.maps.len()
     }
 
-    pub fn device(&self) -> u32 {
-        self.device
-    }
-
-    /// This rank's buffer: `(address, length)`.
-    pub fn local(&self) -> (u64, u64) {
-        (self.addr, self.len)
-    }
-
-    /// How rank `r`'s buffer is reached.
-    pub fn reach(&self, r: usize) -> Option<&Reach> {
-        self.maps.get(r)
-    }
-
-    /// Every rank's reach, in rank order.
-    pub fn reaches(&self) -> &[Reach] {
-        &self.maps
-    }
-
     /// The length of the smallest rank's buffer (ours and the mapped ones).
     pub fn smallest(&self) -> u64 {
         self.maps
             .iter()
             .filter_map(|m| match m {
-                Reach::Local => Some(self.len),
-                Reach::Mapped(m) => Some(m.len()),
-                Reach::Unreached(_) => None,
+                BufferReach::Local => Some(self.len),
+                BufferReach::Mapped(m) => Some(m.len()),
+                BufferReach::Unreached(_) => None,
             })
             .min()
             .unwrap_or(0)
@@ -194,7 +175,7 @@ impl PeerBuffers {
             .iter()
             .enumerate()
             .filter_map(|(r, m)| match m {
-                Reach::Unreached(why) => Some((r, why.clone())),
+                BufferReach::Unreached(why) => Some((r, why.clone())),
                 _ => None,
             })
             .collect()
@@ -205,9 +186,9 @@ impl PeerBuffers {
         self.maps
             .iter()
             .map(|m| match m {
-                Reach::Local => "local".to_string(),
-                Reach::Mapped(m) => m.transport().to_string(),
-                Reach::Unreached(_) => "none".to_string(),
+                BufferReach::Local => "local".to_string(),
+                BufferReach::Mapped(m) => m.transport().to_string(),
+                BufferReach::Unreached(_) => "none".to_string(),
             })
             .collect()
     }
@@ -219,15 +200,15 @@ impl PeerBuffers {
         let mut out = Vec::with_capacity(self.maps.len());
         for (r, m) in self.maps.iter().enumerate() {
             match m {
-                Reach::Mapped(m) if m.len() < need => {
+                BufferReach::Mapped(m) if m.len() < need => {
                     return Err(format!(
                         "the call needs {need} bytes of every rank's buffer; rank {r}'s has {}",
                         m.len()
                     ))
                 }
-                Reach::Mapped(m) => out.push((m.addr(), m.alive_flag().unwrap_or(0))),
-                Reach::Local => out.push((self.addr, 0)),
-                Reach::Unreached(why) => {
+                BufferReach::Mapped(m) => out.push((m.addr(), m.alive_flag().unwrap_or(0))),
+                BufferReach::Local => out.push((self.addr, 0)),
+                BufferReach::Unreached(why) => {
                     return Err(format!(
                         "rank {r} is reached by no GPU path ({why}): the kernels cannot run"
                     ))

@@ -188,8 +188,10 @@ struct Inbound {
 impl Drop for Inbound {
     fn drop(&mut self) {
         if matches!(self.gate, Gate::Proof(_)) {
-            // It saw our proof and left without giving its own: it holds another secret.
-            let why = "it left without proving the cluster secret (it holds another one)";
+            // It saw our proof and left without giving its own: it holds another secret (or it
+            // found that this engine is not the instance it expected: a restart).
+            let why = "it left without proving the cluster secret (another secret, or it found \
+                       this engine restarted)";
             self.inner.guard.refuse("rpc", &self.peer, why);
         }
         for entry in self.leases.handle_closed() {
@@ -307,6 +309,8 @@ impl Inbound {
         if !allowed {
             let why = format!("a {:?} frame before it proved the cluster secret", h.kind);
             inner.guard.refuse("rpc", &self.peer, &why);
+            // Counted once: the connection's end does not count it again.
+            self.gate = Gate::Closing;
             return Err(ConnError::Refused(why));
         }
         match h.kind {
@@ -429,10 +433,8 @@ impl Inbound {
             Step::Refuse(f) => (f, Gate::Closing),
         };
         self.gate = gate;
-        if frame.len() >= HEADER_LEN {
-            let mut header = [0u8; HEADER_LEN];
-            header.copy_from_slice(&frame[..HEADER_LEN]);
-            self.out.push(Item::Frame { header, payload: frame[HEADER_LEN..].to_vec() });
+        if let Some(item) = Item::from_frame(&frame) {
+            self.out.push(item);
         }
     }
 

@@ -305,7 +305,8 @@ impl MetadataClient {
     ) -> Result<Self> {
         let inner = Metadata::new(uri, cluster, ttl, deadlines)?;
         inner.check_reachable()?;
-        let secret = crate::EngineConfig::default().from_env()?.cluster_secret;
+        // Only the secret's variables: other settings of the environment are the engine's.
+        let secret = crate::config::secret_from_env(|k| std::env::var(k).ok())?;
         let creds =
             Credentials { secret, me: tidewire_core::InstanceId(rand::random::<u128>() | 1) };
         Ok(Self { inner, deadlines: *deadlines, creds })

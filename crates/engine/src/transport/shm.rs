@@ -242,10 +242,6 @@ impl ShmServer {
     }
 }
 
-/// How long a connection to the shm socket may take to complete its handshake (the engine's
-/// default handshake deadline).
-const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
-
 /// Questions an shm connection answers before it lets its loop serve others.
 const ANSWERS_PER_CALL: usize = 64;
 
@@ -296,13 +292,14 @@ impl ShmConn {
         guard: Arc<Guard>,
     ) -> Result<Self> {
         stream.set_nonblocking(true).map_err(|e| Error::io("an shm connection", &e))?;
+        let prove_by = Instant::now() + guard.handshake;
         Ok(Self {
             server,
             registry,
             guard,
             stream,
             phase: Phase::Hello,
-            prove_by: Instant::now() + HANDSHAKE_DEADLINE,
+            prove_by,
             frame: Vec::with_capacity(HEADER_LEN),
             slot: None,
             req: [0; SHM_MESSAGE_LEN],
@@ -319,8 +316,8 @@ impl ShmConn {
             if !matches!(self.phase, Phase::Hello | Phase::Proof(_)) {
                 return Ok(None);
             }
-            let want = if self.frame.len() < HEADER_LEN {
-                HEADER_LEN
+            let (want, header) = if self.frame.len() < HEADER_LEN {
+                (HEADER_LEN, None)
             } else {
                 let mut raw = [0u8; HEADER_LEN];
                 raw.copy_from_slice(&self.frame[..HEADER_LEN]);
@@ -329,15 +326,18 @@ impl ShmConn {
                     Ok(h) if !matches!(h.kind, FrameKind::Hello | FrameKind::Auth) => {
                         let why = format!("a {:?} frame before the handshake", h.kind);
                         self.guard.refuse("shm", "a local process", &why);
+                        // Counted once: the connection's end does not count it again.
+                        self.phase = Phase::Closing;
                         return Ok(Some(Flow::Close));
                     }
-                    Ok(h) => HEADER_LEN + h.payload_len() as usize,
+                    Ok(h) => (HEADER_LEN + h.payload_len() as usize, Some(h)),
                     Err(e) => {
                         self.guard.refuse(
                             "shm",
                             "a local process",
                             &format!("a malformed handshake: {e}"),
                         );
+                        self.phase = Phase::Closing;
                         return Ok(Some(Flow::Close));
                     }
                 }
@@ -356,12 +356,8 @@ impl ShmConn {
                 }
                 continue;
             }
-            let mut raw = [0u8; HEADER_LEN];
-            raw.copy_from_slice(&self.frame[..HEADER_LEN]);
-            let Ok(h) = Header::decode(&raw) else { return Ok(Some(Flow::Close)) };
-            if self.frame.len() < HEADER_LEN + h.payload_len() as usize {
-                continue;
-            }
+            // The whole frame is here (`want` bytes, at least a header's: decoded above).
+            let Some(h) = header else { continue };
             let payload = std::mem::take(&mut self.frame);
             let payload = &payload[HEADER_LEN..];
             let step = match (std::mem::replace(&mut self.phase, Phase::Closing), h.kind) {
@@ -525,7 +521,8 @@ impl Source for ShmConn {
 impl Drop for ShmConn {
     fn drop(&mut self) {
         if matches!(self.phase, Phase::Proof(_)) {
-            let why = "it left without proving the cluster secret (it holds another one)";
+            let why = "it left without proving the cluster secret (another secret, or it found \
+                       this engine restarted)";
             self.guard.refuse("shm", "a local process", why);
         }
         // The initiator's end is closed with ours: its slot is free again.

@@ -128,13 +128,6 @@ impl LaneShared {
 /// A pending answer and the frame to send once its tag is known.
 pub(super) type Queued<'a> = (Pending, Box<dyn FnOnce(u64) -> Item + 'a>);
 
-/// A whole frame (header and payload) as a send-queue item.
-fn raw_frame(frame: &[u8]) -> Item {
-    let mut header = [0u8; HEADER_LEN];
-    header.copy_from_slice(&frame[..HEADER_LEN]);
-    Item::Frame { header, payload: frame[HEADER_LEN..].to_vec() }
-}
-
 pub(super) struct Lane {
     shared: Arc<LaneShared>,
 }
@@ -158,8 +151,8 @@ impl Lane {
         let now = Instant::now();
         let mut hs = Handshake::new(now, deadlines.handshake, Some(expect), creds.client());
         let mut out = SendQueue::default();
-        while let Some(frame) = hs.poll_transmit() {
-            out.push(raw_frame(&frame));
+        while let Some(item) = hs.poll_transmit().and_then(|f| Item::from_frame(&f)) {
+            out.push(item);
         }
         let slot = reactor.slot();
         let shared = Arc::new(LaneShared {
@@ -311,8 +304,8 @@ impl LaneSource {
     fn handshake_events(&mut self) -> Result<()> {
         let Some((hs, _)) = self.handshake.as_mut() else { return Ok(()) };
         let mut sent = false;
-        while let Some(frame) = hs.poll_transmit() {
-            self.shared.sending.lock().out.push(raw_frame(&frame));
+        while let Some(item) = hs.poll_transmit().and_then(|f| Item::from_frame(&f)) {
+            self.shared.sending.lock().out.push(item);
             sent = true;
         }
         if sent {
@@ -439,9 +432,10 @@ impl LaneSource {
     fn on_header(&mut self, now: Instant, raw: &[u8; HEADER_LEN]) -> Result<()> {
         let h = Header::decode(raw).map_err(|e| self.protocol(e))?;
         if let Some((hs, _)) = self.handshake.as_mut() {
-            if h.payload_len() > 0 {
+            if h.kind == FrameKind::HelloAck && h.payload_len() > 0 {
                 // A handshake answer's payload (bounded by its kind's limit, checked by the
-                // header's decoder).
+                // header's decoder); any other frame goes to the handshake without one (it
+                // ends it), so a peer still in its handshake cannot make us buffer a large one.
                 let len = h.payload_len() as usize;
                 self.state = LaneRecv::Hello { h, buf: Vec::with_capacity(len) };
                 return Ok(());
