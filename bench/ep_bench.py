@@ -51,12 +51,11 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
         topk = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
         w = torch.rand(T, K, device="cuda", generator=g)
         selections = int((topk >= 0).sum())
-        d_bytes = selections * (H + H // 128 * 4 + 16)
-        c_bytes = selections * 2 * H
-
         fp8 = args.dispatch == "fp8"
-        if not fp8:
-            d_bytes = selections * (2 * H + 16)
+        # A dispatched row's bytes (e4m3 and its scales, or bf16) and its source word.
+        row_bytes = (H + H // 128 * 4 if fp8 else 2 * H) + 16
+        d_bytes = selections * row_bytes
+        c_bytes = selections * 2 * H
 
         def dispatch():
             return buf.dispatch(x, topk, active, max(tokens), E, 10_000_000, use_fp8=fp8)
@@ -148,14 +147,13 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
         tbo = e0.elapsed_time(e1) * 1000 / tbo_iters
         # Selections whose expert is on another rank: the bytes that crossed NVLink.
         el = E // n
-        remote = [0]
-        remote[0] = int(((topk >= 0) & (topk // el != rank)).sum())
+        remote = int(((topk >= 0) & (topk // el != rank)).sum())
         dist.barrier()
         if rank == 0:
             kd = kernel.get("tw_ep_dispatch_send", 0) + kernel.get("tw_ep_dispatch_recv", 0)
             kc = kernel.get("tw_ep_combine_send", 0) + kernel.get("tw_ep_combine_recv", 0)
-            d_link = remote[0] * (H + H // 128 * 4 + 16)
-            c_link = remote[0] * 2 * H
+            d_link = remote * row_bytes
+            c_link = remote * 2 * H
             print(f"T {T}: per call (CUDA events, launch included) dispatch p50 {pct(td, .5):.1f} p99 {pct(td, .99):.1f} us, combine p50 {pct(tc, .5):.1f} p99 {pct(tc, .99):.1f} us ({args.iters} calls)")
             print(
                 f"T {T}: kernels (median of {prof_iters}) dispatch {kd:.1f} us ({d_bytes / kd / 1e3 if kd else 0:.0f} GB/s DeepEP-counted, "

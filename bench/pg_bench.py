@@ -132,6 +132,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="CUDA: time replays of the calls captured in a graph")
     args = p.parse_args()
+    if args.graph and args.device != "cuda":
+        # CPU collectives put nothing in a graph: the replays would time nothing.
+        p.error("--graph captures CUDA collectives: use it with --device cuda")
     results: Dict[str, List[dict]] = {}
     for backend in args.backends.split(","):
         out_path = f"/tmp/pg_bench_{os.getpid()}_{backend}.json"

@@ -347,7 +347,7 @@ def body_fallback_cpu(rank: int, size: int, port: int, arg: str) -> Any:
         check_dispatch(rank, R, E, H, fp8, all_topk, recv_x, recv_count, handle, f"seed {seed}", bad)
         state = fake._seqs.pop(handle[0].data_ptr())[0]
         out = torch.empty((n, H), dtype=torch.bfloat16)
-        coll.combine(fake, recv_x, w, active, state, out, False, False)
+        coll.combine(fake, recv_x, w, state, out, False, False)
         want = x.float() * (w * (topk >= 0).float()).sum(1, keepdim=True)
         if n and calc_diff(out.float(), want) > (9e-4 if fp8 else 1e-5):
             bad.append(f"seed {seed}: combine diff {calc_diff(out.float(), want):.2e}")

@@ -471,10 +471,8 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
             if dtype == torch.bool and op == "avg":
                 continue
             t = data(rank, dtype).to(dev)
-            if dtype != torch.bool:
-                t.mul_(1)  # queued work the collective must see
             dist.all_reduce(t, op=OPS[op])
-            if t.device != dev or not close(t.cpu(), reference(size, dtype, op)):
+            if not close(t.cpu(), reference(size, dtype, op)):
                 bad.append(f"all_reduce {dtype} {op}")
     # Sizes around the kernels' chunking (16-byte pieces, rounds through the buffer).
     for n in [1, 3, 4097, 1 << 20, (9 << 20) + 5]:
@@ -495,11 +493,19 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     dist.all_reduce(t)
     if not close(t.cpu(), reference(size, torch.float32, "sum", 1 << 16)):
         bad.append("all_reduce after a running kernel")
-    # Async: the work's wait() orders the current stream.
-    t = data(rank, torch.float64).to(dev)
-    w = dist.all_reduce(t, async_op=True)
+    # Async on a side stream, delayed by a kernel: the work's wait() makes the main stream
+    # wait for it (only that orders the clone below after the collective).
+    main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+    src = data(rank, torch.float64).to(dev)
+    t = torch.zeros_like(src)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        t.copy_(src)
+        w = dist.all_reduce(t, async_op=True)
     w.wait()
-    if not close(t.cpu(), reference(size, torch.float64, "sum")):
+    got = t.clone()
+    if not close(got.cpu(), reference(size, torch.float64, "sum")):
         bad.append("async all_reduce")
     x = data(rank, torch.float32, 400).to(dev)
     out = torch.empty(size * 400, device=dev)

@@ -46,7 +46,10 @@ def test_dispatch_and_combine_match_deepeps_checks(name: str) -> None:
     results = run_group("suite", 2, arg, deadline=400, expect_dead=1 if leaving else -1, script=EP_RANK)
     info = results[0]
     print(f"{name}: {info}")
-    assert info["bad"] == [], info["bad"]
+    # Every rank that lives checked its own results.
+    for rank, r in enumerate(results):
+        if r is not None:
+            assert r["bad"] == [], f"rank {rank}: {r['bad']}"
     if "p2p=0" in arg or "host=1" in arg:
         assert info["fallback"], "NVLink was ruled out: the buffer must say it took the fallback"
         assert info["paths"] == ["local", "collective"], info["paths"]

@@ -46,7 +46,7 @@ import logging
 import os
 import threading
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ from torch.futures import Future
 
 from . import _native
 from . import Engine
+from ._store import exchange
 
 __all__ = ["ProcessGroupTidewire", "engine", "set_host_ip"]
 
@@ -262,36 +263,33 @@ class _CudaPath:
     collectives as kernels on the current stream."""
 
     def __init__(self, store: Any, rank: int, size: int, timeout: timedelta, device: int) -> None:
-        self.device, self.rank, self.size = device, rank, size
+        self.device = device
         self.comm: Optional[Any] = None
-        self.reason = ""
         eng = engine()
         addr, length = _native.CudaCommunicator.allocate(eng._native, device, size)
         blocks = os.environ.get("TIDEWIRE_PG_CUDA_BLOCKS", "")
-        store.set(f"tidewire/cuda/{rank}", json.dumps({"name": eng.name, "addr": addr, "len": length, "blocks": blocks}))
-        keys = [f"tidewire/cuda/{r}" for r in range(size)]
-        store.wait(keys, timeout)
-        infos = [json.loads(store.get(k)) for k in keys]
-        for r, info in enumerate(infos):
-            if info.get("blocks", "") != blocks:
-                raise ValueError(
-                    f"tidewire: rank {r} has TIDEWIRE_PG_CUDA_BLOCKS={info.get('blocks')!r} and this rank "
-                    f"{blocks!r}: set it alike on every rank"
-                )
+        try:
+            infos = exchange(store, rank, size, "tidewire/cuda", {"name": eng.name, "addr": addr, "len": length, "blocks": blocks}, timeout)
+            for r, info in enumerate(infos):
+                if info.get("blocks", "") != blocks:
+                    raise ValueError(
+                        f"tidewire: rank {r} has TIDEWIRE_PG_CUDA_BLOCKS={info.get('blocks')!r} and this rank "
+                        f"{blocks!r}: set it alike on every rank"
+                    )
+        except BaseException:
+            eng._native.free_device(addr)  # no communicator owns it yet
+            raise
         peers = [(i["name"], int(i["addr"]), int(i["len"])) for i in infos]
+        # The communicator owns the buffer from here (freed with it, or if this fails).
         comm = _native.CudaCommunicator(eng._native, rank, device, peers, timeout.total_seconds())
         # Every rank takes the same path: the NVLink one only if every rank reaches every other.
         mine = [f"rank {rank} -> rank {r}: {why}" for r, why in comm.unreached()]
-        store.set(f"tidewire/cuda-verdict/{rank}", json.dumps(mine))
-        keys = [f"tidewire/cuda-verdict/{r}" for r in range(size)]
-        store.wait(keys, timeout)
-        refusals = [why for k in keys for why in json.loads(store.get(k))]
+        refusals = [why for theirs in exchange(store, rank, size, "tidewire/cuda-verdict", mine, timeout) for why in theirs]
         if refusals:
             comm.close()
-            self.reason = "; ".join(refusals)
             logging.getLogger("tidewire").warning(
                 "tidewire: rank %d: CUDA tensors are staged through host memory (no GPU path between every "
-                "pair of ranks: %s)", rank, self.reason,
+                "pair of ranks: %s)", rank, "; ".join(refusals),
             )
         else:
             self.comm = comm
@@ -312,15 +310,16 @@ class _CudaPath:
     def work(self, result: Any) -> dist.Work:
         return _CudaWork(self._stream(), result)
 
-    def exchange(self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple]) -> None:
+    def _live(self, op: str) -> Any:
         if self.comm is None:
-            raise RuntimeError("tidewire: the group's CUDA path was closed")
-        self.comm.exchange(self._stream().cuda_stream, op, send_base, send, recv_base, recv)
+            raise RuntimeError(f"tidewire: {op} on cuda:{self.device}: the group's CUDA path was closed")
+        return self.comm
+
+    def exchange(self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple]) -> None:
+        self._live(op).exchange(self._stream().cuda_stream, op, send_base, send, recv_base, recv)
 
     def reduce(self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str) -> None:
-        if self.comm is None:
-            raise RuntimeError("tidewire: the group's CUDA path was closed")
-        self.comm.reduce(self._stream().cuda_stream, op, send_base, send, recv_base, recv, dtype, redop)
+        self._live(op).reduce(self._stream().cuda_stream, op, send_base, send, recv_base, recv, dtype, redop)
 
 
 def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:
@@ -347,40 +346,30 @@ def _segments(sizes: Sequence[int]) -> List[tuple]:
 
 def _pack(addr: int, sizes: Sequence[int], keep: Sequence[int]) -> torch.Tensor:
     """The segments `keep` of consecutive host segments of `sizes` bytes at `addr`, packed."""
-    offs = [0]
-    for x in sizes:
-        offs.append(offs[-1] + int(x))
-    out = torch.empty(sum(int(sizes[j]) for j in keep), dtype=torch.uint8)
+    segs = _segments(sizes)
+    out = torch.empty(sum(segs[j][1] for j in keep), dtype=torch.uint8)
     at = 0
     for j in keep:
-        if sizes[j]:
-            ctypes.memmove(out.data_ptr() + at, addr + offs[j], int(sizes[j]))
-        at += int(sizes[j])
+        off, n = segs[j]
+        ctypes.memmove(out.data_ptr() + at, addr + off, n)
+        at += n
     return out
 
 
 def _unpack(addr: int, sizes: Sequence[int], keep: Sequence[int], packed: torch.Tensor) -> None:
     """The reverse of `_pack`: `packed` back into the segments `keep` at `addr`, the other
     segments zeroed."""
-    offs = [0]
-    for x in sizes:
-        offs.append(offs[-1] + int(x))
-    if offs[-1]:
-        ctypes.memset(addr, 0, offs[-1])
+    segs = _segments(sizes)
+    ctypes.memset(addr, 0, sum(n for _, n in segs))
     at = 0
     for j in keep:
-        if sizes[j]:
-            ctypes.memmove(addr + offs[j], packed.data_ptr() + at, int(sizes[j]))
-        at += int(sizes[j])
+        off, n = segs[j]
+        ctypes.memmove(addr + off, packed.data_ptr() + at, n)
+        at += n
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a contiguous copy (enqueued on the current stream) when it is not."""
-    return t if t.is_contiguous() else t.contiguous()
 
 
 class ProcessGroupTidewire(dist.ProcessGroup):
@@ -411,27 +400,28 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._comm_epoch = 0
         eng = engine()
         region = _native.Communicator.allocate_region(eng._native, size, _ring_bytes(size))
-        store.set(f"tidewire/{rank}", json.dumps({"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid()}))
-        keys = [f"tidewire/{r}" for r in range(size)]
-        store.wait(keys, timeout)
-        peers = []
-        for r, key in enumerate(keys):
-            info = json.loads(store.get(key))
-            if int(info.get("cap", -1)) != region[2]:
-                raise ValueError(
-                    f"tidewire: rank {r} uses {info.get('cap')}-byte rings and this rank {region[2]}: "
-                    "set TIDEWIRE_PG_RING_BYTES alike on every rank"
-                )
-            # The process id: ranks of one host read each other's buffers directly (one copy)
-            # for large collectives where the kernel allows it.
-            peers.append((info["name"], int(info["region"]), int(info.get("pid", 0))))
+        try:
+            infos = exchange(store, rank, size, "tidewire/region", {"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid()}, timeout)
+            for r, info in enumerate(infos):
+                if int(info.get("cap", -1)) != region[2]:
+                    raise ValueError(
+                        f"tidewire: rank {r} uses {info.get('cap')}-byte rings and this rank {region[2]}: "
+                        "set TIDEWIRE_PG_RING_BYTES alike on every rank"
+                    )
+        except BaseException:
+            eng._native.free_shared(region[0])  # no communicator owns it yet
+            raise
+        # The process id: ranks of one host read each other's buffers directly (one copy) for
+        # large collectives where the kernel allows it.
+        peers = [(i["name"], int(i["region"]), int(i.get("pid", 0))) for i in infos]
+        # The communicator owns the region from here (freed with it, or if this fails).
         self._comm = _native.Communicator(eng._native, rank, region, peers, timeout.total_seconds())
         self._store = store
         #: The NVLink path of CUDA tensors: started now when CUDA is initialised in this
         #: process, else at the first CUDA collective (every rank reaches it at the same call).
         self._cuda: Optional[_CudaPath] = None
-        self._cuda_started = False
-        #: A group for CPU tensors only (`mooncake-cpu`) never starts one.
+        #: Whether one may still be started: once tried, never again; a group for CPU tensors
+        #: only (`mooncake-cpu`) never starts one.
         self._cuda_allowed = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
         if size > 1 and self._cuda_allowed and torch.cuda.is_available() and torch.cuda.is_initialized():
             self._start_cuda(torch.cuda.current_device())
@@ -507,7 +497,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         if name == "scatter" and args[1][1]:
             sub = _pack(args[1][0], [args[1][1] // self._size] * self._size, m)
             return self._call(fn, args[0], (sub.data_ptr(), sub.numel()), args[2])
-        if name == "gather" and args[0][1]:
+        if name == "all_gather" or (name == "gather" and args[0][1]):
             (addr, n), c = args[0], args[1][1]
             sub = torch.empty(len(m) * c, dtype=torch.uint8)
             self._call(fn, (sub.data_ptr(), sub.numel()), *args[1:])
@@ -532,11 +522,13 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         eng = engine()
         n, me = len(members), members.index(self._rank)
         region = _native.Communicator.allocate_region(eng._native, n, _ring_bytes(n))
-        self._elastic.announce("region", json.dumps({"name": eng.name, "region": region[0], "pid": os.getpid()}))
         try:
+            self._elastic.announce("region", json.dumps({"name": eng.name, "region": region[0], "pid": os.getpid()}))
             infos = [json.loads(v) for v in self._elastic.collect("region", epoch, members, self._timeout.total_seconds())]
-        except _native.TidewireError as e:
-            self._failed(getattr(e, "ranks", []))
+        except BaseException as e:
+            eng._native.free_shared(region[0])  # no communicator owns it yet
+            if isinstance(e, _native.TidewireError):
+                self._failed(getattr(e, "ranks", []))
             raise
         peers = [(i["name"], int(i["region"]), int(i.get("pid", 0))) for i in infos]
         old = self._comm
@@ -546,7 +538,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             # The NVLink path spans every rank; CUDA tensors are staged from now on.
             self._cuda.close()
             self._cuda = None
-        self._cuda_started = True
+        self._cuda_allowed = False
         self._members, self._comm_epoch = list(members), epoch
         logging.getLogger("tidewire").warning(
             "tidewire: rank %d: the group continues over ranks %s (epoch %d)", self._rank, members, epoch
@@ -587,7 +579,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._inflight.clear()
 
     def _start_cuda(self, device: int) -> None:
-        self._cuda_started = True
+        self._cuda_allowed = False
         try:
             path = _CudaPath(self._store, self._rank, self._size, self._timeout, device)
         except _native.TidewireError as e:
@@ -600,7 +592,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
         self._enter()
-        if not self._cuda_started and self._cuda_allowed:
+        if self._cuda_allowed:
             self._start_cuda(tensors[0].device.index)
         path = self._cuda
         if path is None:
@@ -612,17 +604,13 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                 )
         return path
 
-
-    def _reduce_name(self, opts: Any) -> str:
-        return _op_name(opts.reduceOp)
-
     # --- collectives ----------------------------------------------------------------------
     def allreduce(self, tensors: List[torch.Tensor], opts: Any = None) -> dist.Work:
         op = _op_name(opts.reduceOp) if opts is not None else "sum"
         nv = self._nv(*tensors)
         if nv is not None:
             for t in tensors:
-                d, n = _dense(t), _nbytes(t)
+                d, n = t.contiguous(), _nbytes(t)
                 if n:
                     whole = [(0, n)] * self._size
                     self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(t), op)
@@ -643,7 +631,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         if nv is not None:
             root = opts.rootRank
             for t in tensors:
-                d, n = _dense(t), _nbytes(t)
+                d, n = t.contiguous(), _nbytes(t)
                 me = self._rank == root
                 # The root sends to every rank (its own segment is in place); the others
                 # receive from the root.
@@ -659,34 +647,29 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             f.done()
         return _done(tensors)
 
+    def _shards(self, whole: torch.Tensor, part: torch.Tensor, what: str) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """A tensor of one shard per rank and one shard, contiguous, checked against each other;
+        and the shard's bytes."""
+        w, p = whole.contiguous(), part.contiguous()
+        c = _nbytes(p)
+        if _nbytes(w) != c * self._size or w.dtype != p.dtype:
+            raise ValueError(f"{what}: {_nbytes(w)} bytes ({w.dtype}) for {self._size} shards of {c} ({p.dtype})")
+        return w, p, c
+
     def _gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         nv = self._nv(out, inp)
         if nv is not None:
-            o, i = _dense(out), _dense(inp)
-            c = _nbytes(i)
-            if _nbytes(o) != c * self._size or o.dtype != i.dtype:
-                raise ValueError(f"all_gather: an output of {_nbytes(o)} bytes for {self._size} inputs of {c}")
+            o, i, c = self._shards(out, inp, "all_gather")
             if _overlap_t(o, i, self._rank):
                 i = i.clone()
-            self._call(nv.exchange, "all_gather", i.data_ptr(), [(0, c)] * self._size, o.data_ptr(),
-                       [(r * c, c) for r in range(self._size)])
+            self._call(nv.exchange, "all_gather", i.data_ptr(), [(0, c)] * self._size, o.data_ptr(), _segments([c] * self._size))
             if o is not out:
                 out.copy_(o)
             return
         fo, fi = _Flat(out, "all_gather"), _Flat(inp, "all_gather", write_back=False)
         if _overlap(fo, fi):
             fi = _Flat(fi.t.clone(), "all_gather", write_back=False)
-        self._enter()
-        if len(self._members) != self._size:
-            # The active ranks' inputs in their slots; the inactive ranks' slots zeroed.
-            n, c = len(self._members), fi.nbytes
-            tmp = torch.empty(n * c, dtype=torch.uint8)
-            self._c("all_gather", (tmp.data_ptr(), n * c), fi.span())
-            slots = fo.t.view(torch.uint8).reshape(self._size, c)
-            slots.zero_()
-            slots[self._members] = tmp.view(n, c)
-        else:
-            self._c("all_gather", fo.span(), fi.span())
+        self._c("all_gather", fo.span(), fi.span())
         fo.done()
 
     def allgather(self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -696,7 +679,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             self._gather_into(flat, inp)
             for o, part in zip(outs, flat):
                 o.copy_(part)
-        return nv.work(outputs) if nv is not None else _done(outputs)
+        return self._work(outputs, *inputs)
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         self._gather_into(output, input)
@@ -716,14 +699,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
     def _scatter_reduce(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
         nv = self._nv(out, inp)
         if nv is not None:
-            o, i = _dense(out), _dense(inp)
-            c = _nbytes(o)
-            if _nbytes(i) != c * self._size or o.dtype != i.dtype:
-                raise ValueError(f"reduce_scatter: an input of {_nbytes(i)} bytes for {self._size} outputs of {c}")
+            i, o, c = self._shards(inp, out, "reduce_scatter")
             if _overlap_t(i, o, self._rank):
                 i = i.clone()
-            self._call(nv.reduce, "reduce_scatter", i.data_ptr(), [(r * c, c) for r in range(self._size)],
-                       o.data_ptr(), [(0, c)] * self._size, _dtype(out), op)
+            self._call(nv.reduce, "reduce_scatter", i.data_ptr(), _segments([c] * self._size), o.data_ptr(), [(0, c)] * self._size, _dtype(out), op)
             if o is not out:
                 out.copy_(o)
             return
@@ -763,7 +742,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         in_splits = _splits(input, input_split_sizes, n)
         nv = self._nv(output, input)
         if nv is not None:
-            o, i = _dense(output), _dense(input)
+            o, i = output.contiguous(), input.contiguous()
             if _overlap_t(o, i, -1):
                 i = i.clone()
             self._call(nv.exchange, "all_to_all", i.data_ptr(), _segments(in_splits), o.data_ptr(), _segments(out_splits))
@@ -793,14 +772,14 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         for o, s in zip(outputs, out_sizes):
             o.copy_(out[at : at + s].view(o.dtype).reshape(o.shape))
             at += s
-        return nv.work(outputs) if nv is not None else _done(outputs)
+        return self._work(outputs, *inputs)
 
     def reduce(self, tensors: List[torch.Tensor], opts: Any) -> dist.Work:
         nv = self._nv(*tensors)
         if nv is not None:
             root, me = opts.rootRank, self._rank
             for t in tensors:
-                d, n = _dense(t), _nbytes(t)
+                d, n = t.contiguous(), _nbytes(t)
                 if me == root:
                     send = [(0, n if r == me else 0) for r in range(self._size)]
                     recv = [(0, n)] * self._size
@@ -822,7 +801,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         nv = self._nv(*inputs)
         if nv is not None:
             for i, inp in enumerate(inputs):
-                d, c = _dense(inp), _nbytes(inp)
+                d, c = inp.contiguous(), _nbytes(inp)
                 me = self._rank == root
                 send = [(0, c if r == root else 0) for r in range(self._size)]
                 if me:
@@ -851,7 +830,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         nv = self._nv(*outputs)
         if nv is not None:
             for i, out in enumerate(outputs):
-                d, c = _dense(out), _nbytes(out)
+                d, c = out.contiguous(), _nbytes(out)
                 me = self._rank == root
                 recv = [(0, c if r == root else 0) for r in range(self._size)]
                 if me:

@@ -36,10 +36,8 @@ outputs into, so such a combine reads its input like any other (logged once).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -47,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from . import _native
+from ._store import exchange as _store_exchange
 
 __all__ = ["Buffer", "EventOverlap", "quantize_fp8"]
 
@@ -179,7 +178,7 @@ class _Collective:
         hook = (lambda: None) if return_recv_hook else None
         return packed, recv_count, handle, event, hook
 
-    def combine(self, buf: "Buffer", y, weights, active, state, out, async_finish, return_recv_hook):  # type: ignore[no-untyped-def]
+    def combine(self, buf: "Buffer", y, weights, state, out, async_finish, return_recv_hook):  # type: ignore[no-untyped-def]
         _refuse_capture(y, buf)
         t_sel, k_sel, send_splits, recv_splits, local, slot, src = state
         # Back to each source in the order it sent: per source, per local expert, its tokens.
@@ -205,7 +204,7 @@ def _store(group: Any) -> Any:
     know (then the exchange goes through `all_gather_object`)."""
     try:
         return dist.distributed_c10d._get_process_group_store(group)
-    except Exception:  # noqa: BLE001 - any group torch cannot name a store for
+    except KeyError:  # a group torch has no entry for
         return None
 
 
@@ -225,21 +224,7 @@ def exchange(group: Any, tag: str, payload: Any, timeout: Optional[timedelta] = 
         dist.all_gather_object(out, payload, group=group)
         return out
     limit = timeout if timeout is not None else getattr(store, "timeout", timedelta(seconds=300))
-    keys = [f"tidewire/ep/{tag}/{r}" for r in range(size)]
-    store.set(keys[rank], json.dumps(payload))
-    deadline = time.monotonic() + limit.total_seconds()
-    missing = [r for r in range(size) if r != rank]
-    while missing:
-        missing = [r for r in missing if not store.check([keys[r]])]
-        if not missing:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"tidewire.ep: rank {rank}: rank(s) {missing} of {size} did not take part in {tag} "
-                f"within {limit.total_seconds():.1f} s"
-            )
-        time.sleep(0.002)
-    return [json.loads(store.get(k)) for k in keys]
+    return _store_exchange(store, rank, size, f"tidewire/ep/{tag}", payload, limit)
 
 
 class Buffer:
@@ -250,7 +235,10 @@ class Buffer:
         self.rank = group.rank()
         self.group_size = group.size()
         self.device = torch.cuda.current_device()
-        name = str(getattr(group, "group_name", "") or id(group))
+        name = str(getattr(group, "group_name", "") or "")
+        if not name:
+            # The exchange's keys must be the same on every rank: a process-local id is not.
+            raise ValueError(f"tidewire.ep.Buffer: the group {group!r} has no name to agree on across ranks")
         self._tag = f"{name}/{_made.get(name, 0)}"
         _made[name] = _made.get(name, 0) + 1
         self._native: Any = None
@@ -268,7 +256,12 @@ class Buffer:
             eng = _engine()
             addr, length = _native.EpBuffer.allocate(eng._native, self.device, num_ep_buffer_bytes)
             self._own = (addr, length)
-            infos = exchange(group, f"{self._tag}/buffers", [eng.name, addr, length])
+            try:
+                infos = exchange(group, f"{self._tag}/buffers", [eng.name, addr, length])
+            except BaseException:
+                eng._native.free_device(addr)  # no buffer object owns it yet
+                raise
+            # The buffer owns the allocation from here (freed with it, or if this fails).
             self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i) for i in infos])
             unreached = [list(u) for u in self._native.unreached()]
         # Every rank's verdict: one rank's missing path (or disable_p2p) sends every rank to the
@@ -304,11 +297,11 @@ class Buffer:
         return _native.EpBuffer.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     def _check(self, t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
-        if t.dtype is not dtype or not t.is_cuda or t.get_device() != self.device:
-            if not t.is_cuda or t.get_device() != self.device:
-                raise ValueError(f"tidewire.ep: {what} must be on cuda:{self.device}, not {t.device}")
+        if not t.is_cuda or t.get_device() != self.device:
+            raise ValueError(f"tidewire.ep: {what} must be on cuda:{self.device}, not {t.device}")
+        if t.dtype is not dtype:
             raise TypeError(f"tidewire.ep: {what} must be {dtype}, not {t.dtype}")
-        return t if t.is_contiguous() else t.contiguous()
+        return t.contiguous()
 
     @staticmethod
     def _timeout_ns(timeout_us: int) -> int:
@@ -438,7 +431,7 @@ class Buffer:
         ):
             raise ValueError(f"tidewire.ep: out must be a contiguous, 16-byte aligned bf16 [{num_tokens}, {hidden}] tensor")
         if self._fallback is not None:
-            return self._fallback.combine(self, x, topk_weights, active, seq, out, async_finish, return_recv_hook)
+            return self._fallback.combine(self, x, topk_weights, seq, out, async_finish, return_recv_hook)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
         stream = torch.cuda.current_stream().cuda_stream
@@ -465,9 +458,11 @@ class Buffer:
         return e
 
     def update_ep_member(self) -> None:
-        """Re-exchanges every rank's buffer over the group and maps them again (a rank that
-        restarted, with a new buffer, is used again), and agrees on the next call's number.
-        Every rank calls it, with no call in flight."""
+        """Re-exchanges every rank's buffer over the group and maps them again, and agrees on
+        the next call's number. Every rank calls it, with no call in flight. The exchange's key
+        counts this process's updates: a rank that restarted (a new process, a new buffer)
+        meets the others only if they made no update since it last did; a restarted rank has
+        not been tested yet (it needs the group's membership epoch as the key)."""
         self._updates += 1
         if self._native is None:
             return  # the collective fallback holds nothing of the peers
@@ -481,7 +476,7 @@ class Buffer:
         # that no signal of an earlier call can pass for one of the next.
         top = max(c for (_, _, _, c) in infos)
         self._counter.fill_(top)
-        self._dispatches = int(self._counter.item())
+        self._dispatches = top
         self._open.clear()
         self._seqs.clear()
 

@@ -232,9 +232,11 @@ pub struct Comm {
 }
 
 impl Comm {
-    /// Connects rank `rank` of `size` ranks: opens every peer's engine by name and maps our
-    /// ring in its region (`peers[r]` for every rank, ours included). `timeout` bounds every
-    /// later operation.
+    /// Connects rank `rank` of `size` ranks: opens every peer's engine by name, maps our ring
+    /// in its region (`peers[r]` for every rank, ours included) and agrees with every rank on
+    /// the pairs that read each other directly (two rounds: collective, within `timeout`,
+    /// which bounds every later operation too). The communicator owns `region` from the call
+    /// on: it is freed when it is dropped, or now if connecting fails.
     pub fn connect(
         engine: Arc<Engine>,
         rank: usize,
@@ -257,18 +259,20 @@ impl Comm {
         via_engine: bool,
     ) -> Result<Self> {
         let size = peers.len();
-        if rank >= size {
-            return Err(Error::invalid(format!("rank {rank} of a group of {size}")));
-        }
         let mut stagings = Vec::new();
-        let built = Self::links(&engine, rank, region, peers, timeout, via_engine, &mut stagings);
+        let built = if rank >= size {
+            Err(Error::invalid(format!("rank {rank} of a group of {size}")))
+        } else {
+            Self::links(&engine, rank, region, peers, timeout, via_engine, &mut stagings)
+        };
         let links = match built {
             Ok(links) => links,
             Err(e) => {
-                // Nothing of a group that could not form stays allocated.
+                // Nothing of a group that could not form stays allocated (its region included).
                 for staging in stagings {
                     let _ = engine.free_shared(staging);
                 }
+                let _ = engine.free_shared(region.addr);
                 return Err(e);
             }
         };
@@ -906,20 +910,27 @@ impl Comm {
         addr: u64,
         len: usize,
     ) -> Result<()> {
-        if len != dst.len() {
-            return Err(Error::invalid(format!(
+        // Either failure leaves the ranks out of step: the group is poisoned (and the others
+        // told) so that none of them waits for us until its timeout.
+        let failed = if len != dst.len() {
+            Some(Error::invalid(format!(
                 "{name}: rank {r} has {len} bytes for rank {}, which expects {}",
                 self.rank,
                 dst.len()
-            )));
-        }
-        let pid = self.links[r].as_ref().and_then(|l| l.direct).unwrap_or(0);
-        if let Err(e) = read_process(pid, dst, addr) {
-            let e = Error::RankFailed {
-                op: name.to_string(),
-                rank: r,
-                reason: format!("reading its memory: {e}"),
-            };
+            )))
+        } else {
+            match self.links[r].as_ref().and_then(|l| l.direct) {
+                None => Some(Error::invalid(format!(
+                    "{name}: rank {r} is not read directly (no process id agreed)"
+                ))),
+                Some(pid) => read_process(pid, dst, addr).err().map(|e| Error::RankFailed {
+                    op: name.to_string(),
+                    rank: r,
+                    reason: format!("reading its memory: {e}"),
+                }),
+            }
+        };
+        if let Some(e) = failed {
             self.fail(&e);
             return Err(e);
         }
@@ -1254,8 +1265,6 @@ impl Drop for Comm {
     }
 }
 
-/// An engine transfer to or from rank `peer` failed during `op` (started at `start`): a
-/// timeout is the group's timeout naming the rank, anything else the rank's failure.
 /// The failure a rank that failed first reported to us (the rank it blames), if any.
 fn blamed(links: &[Option<Link>], op: &str) -> Option<Error> {
     links.iter().enumerate().find_map(|(r, link)| {
@@ -1268,6 +1277,8 @@ fn blamed(links: &[Option<Link>], op: &str) -> Option<Error> {
     })
 }
 
+/// An engine transfer to or from rank `peer` failed during `op` (started at `start`): a
+/// timeout is the group's timeout naming the rank, anything else the rank's failure.
 fn transfer_failed(op: &str, peer: usize, e: tidewire::Error, start: Instant) -> Error {
     match e.kind() {
         tidewire::ErrorKind::Timeout => {

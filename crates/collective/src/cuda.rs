@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidewire::gpu::alloc::HostFlag;
-use tidewire::gpu::coll::{self, CollArgs, CollKernels, BUFS, HEADER, MAX_BLOCKS, MAX_RANKS};
+use tidewire::gpu::coll::{
+    self, CollArgs, CollKernels, Failure, Kernel, BUFS, HEADER, MAX_BLOCKS, MAX_RANKS,
+};
 use tidewire::gpu::{Gpu, GpuError};
-use tidewire::{Engine, PeerBuffer, PeerBuffers, PeersError};
+use tidewire::{Engine, PeerBuffer, PeerBuffers};
 
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
@@ -75,8 +77,31 @@ pub fn buffer_bytes(ranks: usize) -> u64 {
     HEADER + BUFS * ranks.max(1) as u64 * slot
 }
 
-fn peers_err(e: PeersError) -> Error {
-    Error::Engine { context: e.context, source: e.source }
+/// The kernels' code of an element type (the order of [`coll::DTYPES`]).
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::I8 => 0,
+        DType::I16 => 1,
+        DType::I32 => 2,
+        DType::I64 => 3,
+        DType::U8 => 4,
+        DType::Bool => 5,
+        DType::F16 => 6,
+        DType::BF16 => 7,
+        DType::F32 => 8,
+        DType::F64 => 9,
+    }
+}
+
+/// The kernels' code of a reduction (the order of [`coll::OPS`]).
+fn op_code(op: ReduceOp) -> i32 {
+    match op {
+        ReduceOp::Sum => 0,
+        ReduceOp::Avg => 1,
+        ReduceOp::Product => 2,
+        ReduceOp::Min => 3,
+        ReduceOp::Max => 4,
+    }
 }
 
 fn gpu_err(context: String) -> impl FnOnce(GpuError) -> Error {
@@ -87,7 +112,7 @@ fn gpu_err(context: String) -> impl FnOnce(GpuError) -> Error {
 pub struct CudaComm {
     peers: PeerBuffers,
     kernels: Arc<CollKernels>,
-    /// Where the kernels write the first failure.
+    /// Where the kernels record a failure.
     failure: HostFlag,
     slot: u64,
     blocks: u32,
@@ -98,7 +123,8 @@ impl CudaComm {
     /// Allocates this rank's buffer on GPU `device` for a group of `ranks`: `(address,
     /// length)`, to publish.
     pub fn allocate(engine: &Engine, device: u32, ranks: usize) -> Result<(u64, u64)> {
-        PeerBuffers::allocate(engine, "collective", device, buffer_bytes(ranks)).map_err(peers_err)
+        PeerBuffers::allocate(engine, "collective", device, buffer_bytes(ranks))
+            .map_err(Error::from)
     }
 
     /// Maps every rank's buffer (`peers[r]`, ours included) and loads the kernels. Ranks no
@@ -111,18 +137,20 @@ impl CudaComm {
         peers: &[PeerBuffer],
         timeout: Duration,
     ) -> Result<Self> {
-        let ranks = peers.len();
-        if ranks > MAX_RANKS || rank >= ranks {
+        // First: from here on our buffer belongs to the mappings, freed with them on any
+        // later failure.
+        let peers =
+            PeerBuffers::connect(engine, "collective", rank, device, peers).map_err(Error::from)?;
+        let ranks = peers.ranks();
+        if !(2..=MAX_RANKS).contains(&ranks) {
             return Err(Error::invalid(format!(
-                "rank {rank} of {ranks} (at most {MAX_RANKS} on the CUDA path)"
+                "rank {rank} of {ranks} (2 to {MAX_RANKS} ranks on the CUDA path)"
             )));
         }
         let gpu = Gpu::get(device).map_err(gpu_err(format!("cuda:{device}")))?;
         let kernels =
             CollKernels::load(gpu).map_err(gpu_err("loading the collective kernels".into()))?;
         let failure = HostFlag::new(0).map_err(gpu_err("the failure word".into()))?;
-        let peers =
-            PeerBuffers::connect(engine, "collective", rank, device, peers).map_err(peers_err)?;
         let data = peers.smallest().saturating_sub(HEADER);
         let slot = data / (BUFS * ranks as u64) / 4096 * 4096;
         let blocks = blocks();
@@ -145,17 +173,27 @@ impl CudaComm {
         self.peers.paths()
     }
 
-    /// The first failure a kernel recorded, as the error later calls get.
+    /// A failure a kernel recorded, as the error later calls get.
     pub fn failure(&self) -> Option<Error> {
-        let (op, rank, reason) = coll::decode_failure(self.failure.load())?;
-        Some(if reason.contains("timeout") {
-            Error::Timeout { op: op.to_string(), ranks: vec![rank], after: self.timeout }
+        let f = Failure::decode(self.failure.load())?;
+        let op = f.what.to_string();
+        Some(if f.timed_out {
+            Error::Timeout { op, ranks: vec![f.peer], after: self.timeout }
         } else {
-            Error::RankFailed { op: op.to_string(), rank, reason: reason.to_string() }
+            Error::RankFailed { op, rank: f.peer, reason: f.reason().to_string() }
         })
     }
 
-    fn args(&self, op: CudaOp, send: &[(u64, u64)], recv: &[(u64, u64)]) -> Result<CollArgs> {
+    /// The kernels' arguments of a call, checked: the segments of `send_base` to each rank and
+    /// of `recv_base` from each.
+    fn args(
+        &self,
+        op: CudaOp,
+        send_base: u64,
+        send: &[(u64, u64)],
+        recv_base: u64,
+        recv: &[(u64, u64)],
+    ) -> Result<CollArgs> {
         if let Some(first) = self.failure() {
             // The group is unusable: every later call says why, naming the failed rank.
             let earlier = |f: &str| format!("{} (the group failed in an earlier {f})", op.name());
@@ -190,6 +228,7 @@ impl CudaComm {
             (a.send_off[r], a.send_len[r]) = send[r];
             (a.recv_off[r], a.recv_len[r]) = recv[r];
         }
+        (a.send_base, a.recv_base) = (send_base, recv_base);
         a.err_at = self.failure.addr();
         a.slot = self.slot;
         a.timeout_ns = i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX);
@@ -216,7 +255,7 @@ impl CudaComm {
         recv_base: u64,
         recv: &[(u64, u64)],
     ) -> Result<()> {
-        let mut a = self.args(op, send, recv)?;
+        let a = self.args(op, send_base, send, recv_base, recv)?;
         let r = self.peers.rank();
         if send[r].1 != recv[r].1 {
             return Err(Error::invalid(format!(
@@ -226,12 +265,8 @@ impl CudaComm {
                 recv[r].1
             )));
         }
-        (a.send_base, a.recv_base) = (send_base, recv_base);
-        log::debug!("{}: exchange on the NVLink path, {} blocks", op.name(), self.blocks);
-        // SAFETY: the buffers are mapped and laid out as the kernel expects (`args`); the
-        // segments are the caller's contract.
-        unsafe { self.kernels.exchange(stream, &a, self.blocks) }
-            .map_err(gpu_err(format!("launching {}", op.name())))
+        // SAFETY: forwarded contract; `args` laid the buffers out as the kernel expects.
+        unsafe { self.launch(op, Kernel::Exchange, stream, &a) }
     }
 
     /// Reduces on `stream`: our output is `recv[r]` of `recv_base`, the reduction (in rank
@@ -254,7 +289,7 @@ impl CudaComm {
         redop: ReduceOp,
     ) -> Result<()> {
         redop.check(dtype)?;
-        let mut a = self.args(op, send, recv)?;
+        let mut a = self.args(op, send_base, send, recv_base, recv)?;
         let r = self.peers.rank();
         let out = recv[r].1;
         let size = dtype.size() as u64;
@@ -267,14 +302,34 @@ impl CudaComm {
                 op.name()
             )));
         }
-        (a.send_base, a.recv_base) = (send_base, recv_base);
-        a.dtype = coll::DTYPES.iter().position(|d| DType::parse(d).ok() == Some(dtype)).unwrap_or(0)
-            as i32;
-        a.redop = coll::OPS.iter().position(|o| ReduceOp::parse(o).ok() == Some(redop)).unwrap_or(0)
-            as i32;
-        log::debug!("{}: one-shot reduction on the NVLink path, {} blocks", op.name(), self.blocks);
-        // SAFETY: as for `exchange`; dtype and op codes come from the kernel's tables.
-        unsafe { self.kernels.reduce(stream, &a, self.blocks) }
+        (a.dtype, a.redop) = (dtype_code(dtype), op_code(redop));
+        // SAFETY: forwarded contract; the codes are the kernel's.
+        unsafe { self.launch(op, Kernel::Reduce, stream, &a) }
+    }
+
+    /// # Safety
+    /// As for [`CudaComm::exchange`], with `a` made by `args`.
+    unsafe fn launch(&self, op: CudaOp, kernel: Kernel, stream: u64, a: &CollArgs) -> Result<()> {
+        log::debug!("{}: {kernel:?} kernel on the NVLink path, {} blocks", op.name(), self.blocks);
+        // SAFETY: forwarded contract.
+        unsafe { self.kernels.launch(kernel, stream, a, self.blocks) }
             .map_err(gpu_err(format!("launching {}", op.name())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_codes_follow_the_kernels_tables() {
+        for (k, name) in coll::DTYPES.iter().enumerate() {
+            let d = DType::parse(name).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(dtype_code(d), k as i32, "{name}");
+        }
+        for (k, name) in coll::OPS.iter().enumerate() {
+            let op = ReduceOp::parse(name).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(op_code(op), k as i32, "{name}");
+        }
     }
 }

@@ -374,8 +374,8 @@ impl Shared {
         }
     }
 
-    /// Timers: the member's, heartbeats out, silent members suspected. Returns when next due.
-    fn tick(&self, now: Instant) -> Instant {
+    /// Timers: the member's, heartbeats out, silent members suspected.
+    fn tick(&self, now: Instant) {
         let mut st = self.lock();
         if st.member.poll_timeout().is_some_and(|t| t <= now) {
             st.member.handle_timeout(now);
@@ -400,8 +400,6 @@ impl Shared {
             }
         }
         self.flush(&mut st);
-        let next = st.member.poll_timeout().unwrap_or(st.next_heartbeat);
-        next.min(st.next_heartbeat)
     }
 }
 
@@ -501,20 +499,37 @@ impl Elastic {
     }
 
     /// Evidence that `ranks` failed (the engine saw them die, a collective timed out on them).
-    pub fn suspect(&self, ranks: &[Rank]) {
+    pub fn suspect(&self, ranks: &[Rank]) -> Result<()> {
+        self.check_ranks("suspect", ranks)?;
         let now = Instant::now();
         let mut st = self.shared.lock();
         for &r in ranks {
             st.member.suspect(now, r);
         }
         self.shared.flush(&mut st);
+        Ok(())
+    }
+
+    /// Refuses ranks outside the group's slots (they would reach no member, or be committed
+    /// into a view no rank can address).
+    fn check_ranks(&self, what: &str, ranks: &[Rank]) -> Result<()> {
+        let slots = self.shared.peers.len();
+        match ranks.iter().find(|&&r| r >= slots) {
+            Some(r) => Err(Error::invalid(format!(
+                "elastic membership: {what} names rank {r} of a group of {slots} slots"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Asks for a change of view: `remove` (a planned shrink) and `add` (activation).
-    pub fn request(&self, remove: &[Rank], add: &[Rank]) {
+    pub fn request(&self, remove: &[Rank], add: &[Rank]) -> Result<()> {
+        self.check_ranks("request", remove)?;
+        self.check_ranks("request", add)?;
         let mut st = self.shared.lock();
         st.member.request(Instant::now(), remove, add);
         self.shared.flush(&mut st);
+        Ok(())
     }
 
     /// Announces `value` under `key` to the members of the view in force (its epoch); repeated
@@ -566,14 +581,8 @@ impl Elastic {
                     ranks.iter().zip(&got).filter(|(_, g)| g.is_none()).map(|(&r, _)| r).collect();
                 let op = format!("re-forming the group at epoch {epoch} ({key})");
                 return Err(if moved {
-                    Error::RankFailed {
-                        op,
-                        rank: silent.first().copied().unwrap_or(0),
-                        reason: format!(
-                            "the group's view moved on to epoch {}",
-                            st.member.view().epoch
-                        ),
-                    }
+                    // Nobody is to blame: the view changed again (the caller retries with it).
+                    Error::ViewChanged { op, epoch: st.member.view().epoch }
                 } else {
                     Error::Timeout { op, ranks: silent, after: timeout }
                 });
@@ -627,12 +636,10 @@ impl Drop for Elastic {
 
 fn drive(s: &Shared) {
     let mut buf = [0u8; 4096];
-    let mut due = Instant::now();
     while !s.stop.load(Ordering::Acquire) {
-        let now = Instant::now();
-        if now >= due {
-            due = s.tick(now);
-        }
+        // Every pass (at most the socket's 1 ms read timeout apart): timers set by a message or
+        // a call since the last pass fire without waiting for an older due time.
+        s.tick(Instant::now());
         match s.sock.recv_from(&mut buf) {
             Ok((n, _)) => s.receive(&buf[..n], Instant::now()),
             Err(e)
@@ -654,11 +661,11 @@ mod tests {
         v.iter().copied().collect()
     }
 
-    #[test]
-    fn every_message_survives_its_encoding() {
+    /// One message of every kind.
+    fn samples() -> Vec<Message> {
         let b = Ballot { round: 7, leader: 2 };
         let v = View { epoch: 3, members: set(&[0, 2, 5]) };
-        let all = [
+        vec![
             Message::Request { epoch: 1, remove: set(&[3]), add: set(&[]) },
             Message::Prepare { epoch: 1, ballot: b },
             Message::Promise { epoch: 1, ballot: b, accepted: None },
@@ -668,8 +675,12 @@ mod tests {
             Message::Commit { epoch: 2, view: v.clone() },
             Message::Stale { view: v },
             Message::CatchUp { epoch: 9 },
-        ];
-        for m in all {
+        ]
+    }
+
+    #[test]
+    fn every_message_survives_its_encoding() {
+        for m in samples() {
             let mut bytes = Vec::new();
             encode(&m, &mut bytes);
             assert_eq!(decode(&bytes, 7), Some(m.clone()), "{m:?}");
@@ -688,6 +699,23 @@ mod tests {
         #[test]
         fn arbitrary_datagrams_decode_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes, 63);
+        }
+
+        /// Valid encodings with one byte changed or cut short: decoded to a message whose
+        /// ranks are all within the slots, or refused; never a panic.
+        #[test]
+        fn damaged_messages_decode_within_the_slots_or_are_refused(
+            which in 0usize..9, at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<bool>()
+        ) {
+            let mut bytes = Vec::new();
+            encode(&samples()[which], &mut bytes);
+            let i = at.index(bytes.len());
+            if cut { bytes.truncate(i) } else { bytes[i] = byte }
+            if let Some(m) = decode(&bytes, 7) {
+                let mut again = Vec::new();
+                encode(&m, &mut again);
+                prop_assert_eq!(decode(&again, 7), Some(m));
+            }
         }
     }
 
@@ -708,9 +736,10 @@ mod tests {
 
     #[test]
     fn a_silent_rank_rank_0_included_is_evicted_and_every_other_agrees() {
+        // Heartbeats 100 times more often than the eviction: only the silent rank is evicted.
         let settings = ElasticSettings {
             heartbeat: Duration::from_millis(20),
-            eviction: Duration::from_millis(300),
+            eviction: Duration::from_secs(2),
             agreement: Settings {
                 reconciliation_window: Duration::from_millis(10),
                 phase_timeout: Duration::from_millis(500),
@@ -770,7 +799,10 @@ mod tests {
             },
         };
         let g = group(3, settings);
-        g[1].request(&[2], &[]);
+        g[1].request(&[2], &[]).unwrap_or_else(|e| panic!("{e}"));
+        // Ranks outside the slots are refused, not proposed.
+        assert!(g[1].request(&[], &[3]).is_err());
+        assert!(g[1].suspect(&[7]).is_err());
         for e in &g[..2] {
             let (v, fenced) = e.wait_view(0, Duration::from_secs(20));
             assert!(!fenced);

@@ -16,6 +16,10 @@ pub enum Error {
     /// new one).
     #[error("{op}: the group is unusable after an earlier failure ({first})")]
     Poisoned { op: String, first: String },
+    /// The group's membership changed again while `op` waited for the ranks of an earlier
+    /// view: no rank is to blame; the next call uses the new view.
+    #[error("{op}: the group's membership changed meanwhile (now epoch {epoch})")]
+    ViewChanged { op: String, epoch: u64 },
     /// The caller used the API wrongly.
     #[error("invalid argument: {reason}")]
     InvalidArgument { reason: String },
@@ -40,6 +44,12 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<tidewire::PeersError> for Error {
+    fn from(e: tidewire::PeersError) -> Self {
+        Error::Engine { context: e.context, source: e.source }
+    }
+}
 
 /// "rank 2", "ranks 1, 3".
 fn ranks_text(ranks: &[usize]) -> String {

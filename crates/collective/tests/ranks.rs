@@ -37,6 +37,19 @@ fn group_via<T: Send + 'static>(
     tcp: bool,
     body: impl Fn(usize, &mut Comm) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
+    group_as(n, cap, timeout, tcp, true, body)
+}
+
+/// As [`group_via`]; without `pids`, no rank publishes its process id, so no pair reads the
+/// other directly: large collectives go round the rings.
+fn group_as<T: Send + 'static>(
+    n: usize,
+    cap: u64,
+    timeout: Duration,
+    tcp: bool,
+    pids: bool,
+    body: impl Fn(usize, &mut Comm) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let infos = Arc::new(Mutex::new(vec![None; n]));
     let ready = Arc::new(Barrier::new(n));
     let body = Arc::new(body);
@@ -53,7 +66,7 @@ fn group_via<T: Send + 'static>(
                 infos.lock().unwrap()[rank] = Some(PeerInfo {
                     name: engine.name().to_string(),
                     region: region.addr,
-                    pid: Some(std::process::id()),
+                    pid: pids.then(std::process::id),
                 });
                 ready.wait();
                 let peers: Vec<PeerInfo> =
@@ -90,18 +103,29 @@ fn reference(n: usize, count: usize, op: ReduceOp) -> Vec<u8> {
 #[test]
 fn all_reduce_direct_and_ring_match_the_reference_on_1_2_and_4_ranks() {
     for n in [1, 2, 4] {
-        // 1,000 floats go direct; 300,000 (1.2 MB, bigger than the 256 KiB rings) go round
-        // the ring in pieces.
-        for count in [1000usize, 300_000] {
+        // 1,000 floats go to every rank at once; 300,000 (1.2 MB, bigger than the 256 KiB
+        // rings) go round the ring in pieces, or (process ids known) by direct reads.
+        for (count, pids) in [(1000usize, true), (300_000, false), (300_000, true)] {
             for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
-                let got = group(n, 256 << 10, move |rank, comm| {
-                    let mut buf = f32s(&values(rank, count));
-                    comm.all_reduce(&mut buf, DType::F32, op).unwrap();
-                    buf
-                });
+                let got = group_as(
+                    n,
+                    256 << 10,
+                    Duration::from_secs(20),
+                    false,
+                    pids,
+                    move |rank, comm| {
+                        assert!(pids || !comm.reads_directly(), "no process ids, yet direct reads");
+                        let mut buf = f32s(&values(rank, count));
+                        comm.all_reduce(&mut buf, DType::F32, op).unwrap();
+                        buf
+                    },
+                );
                 let want = reference(n, count, op);
                 for (rank, buf) in got.iter().enumerate() {
-                    assert!(*buf == want, "n={n} count={count} {op:?}: rank {rank} differs");
+                    assert!(
+                        *buf == want,
+                        "n={n} count={count} pids={pids} {op:?}: rank {rank} differs"
+                    );
                 }
             }
         }
@@ -164,6 +188,16 @@ fn gather_scatter_broadcast_all_to_all_and_reduce_scatter_move_every_byte() {
     }
 }
 
+/// Bytes from rank `s` to rank `d` in the large all-to-all: large, except between ranks 0 and
+/// 1 (a pair below the direct-read size goes round its ring within the same call).
+fn a2a_bytes(s: usize, d: usize) -> usize {
+    if s + d == 1 {
+        1000 + d
+    } else {
+        (s + 1) * (d + 2) * 100_000 + d
+    }
+}
+
 #[test]
 fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_reference() {
     // Past 1 MiB, ranks of one host read each other's buffers (`process_vm_readv`; here the
@@ -175,9 +209,8 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
         let mine: Vec<u8> = (0..len).map(|i| (i * 7 + rank * 31) as u8).collect();
         let mut all = vec![0u8; n * len];
         comm.all_gather(&mut all, &mine).unwrap();
-        let in_splits: Vec<usize> = (0..n).map(|d| (rank + 1) * (d + 2) * 100_000 + d).collect();
-        let out_splits: Vec<usize> =
-            (0..n).map(|s| (s + 1) * (rank + 2) * 100_000 + rank).collect();
+        let in_splits: Vec<usize> = (0..n).map(|d| a2a_bytes(rank, d)).collect();
+        let out_splits: Vec<usize> = (0..n).map(|s| a2a_bytes(s, rank)).collect();
         let input: Vec<u8> =
             (0..in_splits.iter().sum::<usize>()).map(|i| (i % 253) as u8 ^ rank as u8).collect();
         let mut out = vec![0xA5u8; out_splits.iter().sum()];
@@ -196,7 +229,7 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
         assert!(*mx == max, "all_reduce max on rank {rank}");
         let mut want = Vec::new();
         for src in 0..n {
-            let splits: Vec<usize> = (0..n).map(|d| (src + 1) * (d + 2) * 100_000 + d).collect();
+            let splits: Vec<usize> = (0..n).map(|d| a2a_bytes(src, d)).collect();
             let start: usize = splits[..rank].iter().sum();
             let input: Vec<u8> =
                 (0..splits.iter().sum::<usize>()).map(|i| (i % 253) as u8 ^ src as u8).collect();

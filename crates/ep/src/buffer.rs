@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tidewire::{Engine, PeerBuffer, PeerBuffers, PeersError};
+use tidewire::{Engine, PeerBuffer, PeerBuffers};
 use tidewire_gpu::ep::{EpArgs, EpKernels, MAX_RANKS};
 use tidewire_gpu::Gpu;
 
@@ -55,39 +55,36 @@ pub struct Buffer {
     kernels: Arc<EpKernels>,
 }
 
-fn engine_err(e: PeersError) -> Error {
-    Error::Engine { context: e.context, source: e.source }
-}
-
 impl Buffer {
     /// Allocates `bytes` of transferable memory on GPU `device` (the best reach the topology
     /// proves), zeroed; returns `(address, length)`.
     pub fn allocate(engine: &Engine, device: u32, bytes: u64) -> Result<(u64, u64)> {
-        PeerBuffers::allocate(engine, "EP", device, bytes).map_err(engine_err)
+        PeerBuffers::allocate(engine, "EP", device, bytes).map_err(Error::from)
     }
 
     /// Maps every other rank's buffer (`peers[r]`, ours included) for our GPU and loads the
     /// kernels. A rank no GPU path reaches is recorded with the reason (see
     /// [`Buffer::unreached`]: the caller then takes the collective fallback); any other
     /// failure (the rank's engine cannot be opened, its buffer is not what it published) is an
-    /// error naming it.
+    /// error naming it. Our buffer belongs to the EP buffer from the call on (freed with it, or
+    /// now if this fails).
     pub fn connect(
         engine: Arc<Engine>,
         rank: usize,
         device: u32,
         peers: &[PeerBuffer],
     ) -> Result<Self> {
-        let ranks = peers.len();
-        if ranks > MAX_RANKS || rank >= ranks {
-            return Err(Error::Shape(format!(
-                "rank {rank} of {ranks} (at most {MAX_RANKS} ranks)"
-            )));
+        // First: from here on our buffer belongs to the mappings, freed with them on any
+        // later failure.
+        let peers = PeerBuffers::connect(engine, "EP", rank, device, peers).map_err(Error::from)?;
+        let ranks = peers.ranks();
+        if ranks > MAX_RANKS {
+            return Err(Error::Shape(format!("{ranks} ranks (at most {MAX_RANKS})")));
         }
         let gpu = Gpu::get(device)
             .map_err(|source| Error::Gpu { context: format!("cuda:{device}"), source })?;
         let kernels = EpKernels::load(gpu)
             .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
-        let peers = PeerBuffers::connect(engine, "EP", rank, device, peers).map_err(engine_err)?;
         let half = peers.smallest() / 2 / 4096 * 4096;
         Ok(Self { peers, half, kernels })
     }
@@ -95,7 +92,7 @@ impl Buffer {
     /// Maps every other rank's buffer again (`peers` as for [`Buffer::connect`], ours
     /// unchanged): after a rank restarted with a new buffer. The old mappings are released.
     pub fn reconnect(&mut self, peers: &[PeerBuffer]) -> Result<()> {
-        self.peers.reconnect(peers).map_err(engine_err)?;
+        self.peers.reconnect(peers).map_err(Error::from)?;
         self.half = self.peers.smallest() / 2 / 4096 * 4096;
         Ok(())
     }
@@ -112,6 +109,11 @@ impl Buffer {
 
     fn args(&self, c: &Call) -> Result<EpArgs> {
         let l = &c.layout;
+        // The kernels trust every offset and bound of the layout (shared arrays, the fixed
+        // header): only what `Layout::new` makes is launched.
+        if Layout::new(l.max_tokens, l.hidden, l.ranks, l.experts)? != *l {
+            return Err(Error::Shape(format!("a layout not made by Layout::new: {l:?}")));
+        }
         if l.ranks != self.peers.ranks() {
             return Err(Error::Shape(format!(
                 "a call for {} ranks on a buffer of {}",

@@ -16,3 +16,9 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<tidewire::PeersError> for Error {
+    fn from(e: tidewire::PeersError) -> Self {
+        Error::Engine { context: e.context, source: e.source }
+    }
+}

@@ -260,8 +260,9 @@ pub unsafe fn zero_device(device: u32, ptr: u64, len: u64) -> Result<(), GpuErro
     cuda.check("cuMemsetD8", unsafe { (cuda.memset_d8)(ptr, 0, len as usize) })
 }
 
-/// A 32-bit word in pinned, device-mapped host memory: the host stores it, and kernels on any
-/// GPU read it at its address (unified addressing) with a system-scope load, no copy needed.
+/// A 32-bit word in pinned, device-mapped host memory that the host and kernels on any GPU
+/// both read and write at its address (unified addressing, system-scope accesses), no copy
+/// needed: a liveness flag the host stores, a failure word kernels store.
 /// Freed when dropped.
 pub struct HostFlag {
     mem: PinnedHost,

@@ -15,8 +15,9 @@
 // is still being read. Counters live in device memory, so calls captured in a CUDA graph
 // number themselves afresh at every replay.
 //
-// A wait that passes its deadline, or whose peer's process died, writes the first failure
-// (reason, operation, peer) into a word of pinned host memory that the host reads; every
+// A wait that passes its deadline, or whose peer's process died, writes a failure (reason,
+// operation, peer; racing failures may overwrite each other) into a word of pinned host
+// memory that the host reads; every
 // other wait gives up when it sees that word set, so the kernel ends. The group is then
 // unusable (its counters disagree) and the host says so.
 
@@ -38,7 +39,7 @@ struct CollArgs {
     u64 recv_len[TW_COLL_RANKS];  // (reduce: recv_len[r] > 0 marks a contributor; ours is
                                   // the output's length, recv_off[rank] its offset)
     u64 send_base, recv_base;
-    u64 err_at;                   // pinned host word: the first failure
+    u64 err_at;                   // pinned host word: a failure (see tw_fail)
     u64 slot;                     // bytes of one (buffer, source) slot
     long long timeout_ns;
     int rank, ranks;
@@ -123,8 +124,8 @@ __device__ void tw_copy(char* dst, const char* src, u64 len) {
     }
 }
 
-// The first failure: reason (1 deadline, 2 the peer's process died) | operation << 8 |
-// (peer + 1) << 16.
+// Records a failure unless one is there: reason (1 deadline, 2 the peer's process died) |
+// operation << 8 | (peer + 1) << 16 (a check then a store: racing failures may overwrite).
 __device__ void tw_fail(const CollArgs& a, unsigned reason, int peer) {
     volatile unsigned* e = (volatile unsigned*)a.err_at;
     if (*e == 0) *e = reason | ((unsigned)a.what << 8) | ((unsigned)(peer + 1) << 16);
@@ -236,6 +237,14 @@ template <int OP, typename C> __device__ __forceinline__ C tw_op(C acc, C v) {
     return v > acc ? v : acc;
 }
 
+// AVG's last step: the sum divided by the rank count. Integers wrap in their own type first
+// (as the host path does), then divide truncating.
+template <int D> __device__ __forceinline__ typename Ty<D>::C tw_avg(typename Ty<D>::C acc, int ranks) {
+    typedef typename Ty<D>::C C;
+    if (D <= 5) acc = Ty<D>::from(Ty<D>::to(acc));
+    return acc / (C)ranks;
+}
+
 // Sixteen bytes of elements.
 template <typename S> union Vec16 {
     int4 v;
@@ -277,8 +286,8 @@ __device__ void tw_reduce_t(char* out, const char* const* src, int nsrc, u64 len
 #pragma unroll
             for (int l = 0; l < L; l++) {
                 if (OP == 1) {
-                    c0[l] = c0[l] / (C)ranks;
-                    c1[l] = c1[l] / (C)ranks;
+                    c0[l] = tw_avg<D>(c0[l], ranks);
+                    c1[l] = tw_avg<D>(c1[l], ranks);
                 }
                 a0.s[l] = Ty<D>::to(c0[l]);
                 a1.s[l] = Ty<D>::to(c1[l]);
@@ -292,7 +301,7 @@ __device__ void tw_reduce_t(char* out, const char* const* src, int nsrc, u64 len
     for (u64 e = threadIdx.x; e < n; e += blockDim.x) {
         C acc = Ty<D>::from(tw_ldcg_t((const S*)src[0] + e));
         for (int s = 1; s < nsrc; s++) acc = tw_op<OP>(acc, Ty<D>::from(tw_ldcg_t((const S*)src[s] + e)));
-        if (OP == 1) acc = acc / (C)ranks;
+        if (OP == 1) acc = tw_avg<D>(acc, ranks);
         ((S*)out)[e] = Ty<D>::to(acc);
     }
 }

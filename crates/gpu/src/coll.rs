@@ -37,7 +37,7 @@ pub struct CollArgs {
     pub recv_len: [u64; MAX_RANKS],
     pub send_base: u64,
     pub recv_base: u64,
-    /// A 32-bit word of pinned host memory: the first failure.
+    /// A 32-bit word of pinned host memory: a failure a kernel recorded.
     pub err_at: u64,
     /// Bytes of one (buffer, source rank) slot.
     pub slot: u64,
@@ -95,19 +95,36 @@ impl CollArgs {
     }
 }
 
-/// A failure a kernel recorded: `(operation, peer, reason)`, from the word it wrote.
-pub fn decode_failure(word: u32) -> Option<(&'static str, usize, &'static str)> {
-    if word == 0 {
-        return None;
+/// A failure a kernel recorded (from the word it wrote).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    /// The operation ([`WHAT`]).
+    pub what: &'static str,
+    /// The rank waited for.
+    pub peer: usize,
+    /// It sent nothing by the deadline (else: its process exited).
+    pub timed_out: bool,
+}
+
+impl Failure {
+    /// The failure in `word` (reason | operation << 8 | (peer + 1) << 16), if any.
+    pub fn decode(word: u32) -> Option<Self> {
+        if word == 0 {
+            return None;
+        }
+        let what = WHAT.get(((word >> 8) & 0xff) as usize).copied().unwrap_or("a collective");
+        let peer = ((word >> 16) as usize).saturating_sub(1);
+        Some(Self { what, peer, timed_out: word & 0xff == 1 })
     }
-    let reason = match word & 0xff {
-        1 => "it sent nothing within the group's timeout",
-        2 => "its process exited",
-        _ => "an unknown failure",
-    };
-    let what = WHAT.get(((word >> 8) & 0xff) as usize).copied().unwrap_or("a collective");
-    let peer = ((word >> 16) as usize).saturating_sub(1);
-    Some((what, peer, reason))
+
+    /// Why, in words.
+    pub fn reason(&self) -> &'static str {
+        if self.timed_out {
+            "it sent nothing within the group's timeout"
+        } else {
+            "its process exited"
+        }
+    }
 }
 
 static SOURCE: Source = Source::new(
@@ -134,41 +151,40 @@ impl CollKernels {
         Ok(Arc::new(Self { k: SOURCE.load(gpu)? }))
     }
 
-    /// Moves every segment: `send_len[j]` bytes at `send_base + send_off[j]` to rank `j`, whose
-    /// kernel writes them at its `recv_base + recv_off[r]` (ours copied locally), with `blocks`
-    /// blocks on `stream`.
+    /// Launches `kernel` with `blocks` blocks on `stream`: [`Kernel::Exchange`] moves every
+    /// segment (`send_len[j]` bytes at `send_base + send_off[j]` to rank `j`, whose kernel
+    /// writes them at its `recv_base + recv_off[r]`; ours copied locally); [`Kernel::Reduce`]
+    /// reduces: rank `j` contributes `send_len[j]` bytes at its `send_base + send_off[j]` to
+    /// this rank if `recv_len[j] > 0`, and our output is `recv_len[rank]` bytes at
+    /// `recv_base + recv_off[rank]`, the reduction of our own `send_off[rank]` segment and
+    /// every contributor's, in rank order (`dtype` and `redop` codes of [`DTYPES`], [`OPS`]).
     ///
     /// # Safety
     /// `args` describes live buffers of every rank mapped for this GPU, laid out as `coll.cu`
     /// says, and segments inside live device memory of this GPU until the work on `stream` is
     /// done; every rank launches the matching call (the same pair byte counts) with the same
     /// `blocks`, in the same order.
-    pub unsafe fn exchange(
+    pub unsafe fn launch(
         &self,
+        kernel: Kernel,
         stream: u64,
         args: &CollArgs,
         blocks: u32,
     ) -> Result<(), GpuError> {
         let mut a = *args;
         let mut p = [param(&mut a)];
-        // SAFETY: (CollArgs), as the kernel declares; forwarded contract.
-        unsafe { self.k.launch(0, blocks.clamp(1, MAX_BLOCKS), THREADS, stream, &mut p) }
+        // SAFETY: (CollArgs), as both kernels declare; forwarded contract.
+        unsafe {
+            self.k.launch(kernel as usize, blocks.clamp(1, MAX_BLOCKS), THREADS, stream, &mut p)
+        }
     }
+}
 
-    /// Reduces: rank `j` contributes `send_len[j]` bytes at its `send_base + send_off[j]` to
-    /// this rank if `recv_len[j] > 0`; our output is `recv_len[rank]` bytes at `recv_base +
-    /// recv_off[rank]`, the reduction of our own `send_off[rank]` segment and every
-    /// contributor's, in rank order.
-    ///
-    /// # Safety
-    /// As for [`CollKernels::exchange`]; `args.dtype` and `args.redop` are codes of [`DTYPES`]
-    /// and [`OPS`].
-    pub unsafe fn reduce(&self, stream: u64, args: &CollArgs, blocks: u32) -> Result<(), GpuError> {
-        let mut a = *args;
-        let mut p = [param(&mut a)];
-        // SAFETY: (CollArgs), as the kernel declares; forwarded contract.
-        unsafe { self.k.launch(1, blocks.clamp(1, MAX_BLOCKS), THREADS, stream, &mut p) }
-    }
+/// The two collective kernels (in the order of `SOURCE`'s names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Exchange = 0,
+    Reduce = 1,
 }
 
 #[cfg(test)]
@@ -184,13 +200,11 @@ mod tests {
 
     #[test]
     fn failures_decode_to_the_operation_peer_and_reason() {
-        assert_eq!(decode_failure(0), None);
-        assert_eq!(
-            decode_failure(2 | (3 << 8) | (2 << 16)),
-            Some(("all_to_all", 1, "its process exited"))
-        );
-        let (what, peer, why) = decode_failure(1 | (1 << 16)).unwrap_or_default();
-        assert_eq!((what, peer), ("all_reduce", 0));
-        assert!(why.contains("timeout"));
+        assert_eq!(Failure::decode(0), None);
+        let dead = Failure::decode(2 | (3 << 8) | (2 << 16));
+        assert_eq!(dead, Some(Failure { what: "all_to_all", peer: 1, timed_out: false }));
+        assert_eq!(dead.map(|f| f.reason()), Some("its process exited"));
+        let late = Failure::decode(1 | (1 << 16));
+        assert_eq!(late, Some(Failure { what: "all_reduce", peer: 0, timed_out: true }));
     }
 }

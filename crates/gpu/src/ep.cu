@@ -53,6 +53,18 @@ __device__ __forceinline__ unsigned long long tw_signal(unsigned long long seq, 
     return ((seq & 0xffffffffull) << 32) | (unsigned long long)count;
 }
 
+// Expert `k` of token `t`, or -1 when it is out of range or repeats an earlier expert of the
+// token's row: a token reaches an expert once, so an expert's count and positions stay below
+// the tokens (a repeated expert would otherwise write past its slot).
+__device__ __forceinline__ long long tw_sel(const long long* topk, long long t, int k, int K, int E) {
+    const long long* r = topk + t * K;
+    const long long e = r[k];
+    if (e < 0 || e >= E) return -1;
+    for (int j = 0; j < k; j++)
+        if (r[j] == e) return -1;
+    return e;
+}
+
 // Numbers a dispatch: one more than the buffer's last (a counter in device memory).
 extern "C" __global__ void tw_ep_begin(unsigned long long* counter, unsigned long long* seq_out) {
     unsigned long long v = *counter + 1;
@@ -124,8 +136,8 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     for (int e = threadIdx.x; e < E; e += blockDim.x) before[e] = total[e] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
-        const long long e = topk[i];
-        if (e >= 0 && e < E) {
+        const long long e = tw_sel(topk, i / K, i % K, K, E);
+        if (e >= 0) {
             atomicAdd(&total[e], 1);
             if (i < t0 * K) atomicAdd(&before[e], 1);
         }
@@ -136,8 +148,8 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
         for (int t = t0; t < t1; t++) {
             int p = -1;
             if (lane < K) {
-                const long long e = topk[(long long)t * K + lane];
-                if (e >= 0 && e < E) p = atomicAdd(&before[e], 1);
+                const long long e = tw_sel(topk, t, lane, K, E);
+                if (e >= 0) p = atomicAdd(&before[e], 1);
                 pos[(t - t0) * K + lane] = p;
             }
             __syncwarp();
@@ -161,11 +173,11 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
         const int tl = task / S, sl = task % S, t = t0 + tl;
         long long e = -1;
         if (lane < K) {
-            e = topk[(long long)t * K + lane];
+            e = tw_sel(topk, t, lane, K, E);
             char* r = nullptr;
             float* sp = nullptr;
             unsigned long long ss = 1;
-            if (e >= 0 && e < E) {
+            if (e >= 0) {
                 const int dst = (int)(e / a.local_experts), el = (int)(e % a.local_experts);
                 const int p = pos[tl * K + lane];
                 if (dst == a.rank) {
@@ -330,7 +342,9 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_send(EpArgs a, 
     if (*(volatile int*)&active[s] == 0) return;
     const unsigned long long slot = (unsigned long long)el * a.ranks + s;
     const long long range = layout_range[slot];
-    const int n = (int)(range & 0xffffffffll), begin = (int)(range >> 32);
+    const int begin = (int)(range >> 32), most = a.ranks * a.max_tokens;
+    // A range outside the expert's rows (a corrupt handle) is clamped to them.
+    const int n = (begin < 0 || begin > most) ? 0 : min((int)(range & 0xffffffffll), most - begin);
     const int e = a.rank * a.local_experts + el;
     const unsigned long long row = (unsigned long long)a.hidden * 2;
     const unsigned long long seq = tw_seq(a);
@@ -344,8 +358,11 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_send(EpArgs a, 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int task = warp; task < n * chunks; task += warps) {
         const int j = task / chunks, c = task % chunks;
+        // A token number outside the call (a corrupt handle) is skipped, not written.
+        const int tok = info[j];
+        if ((unsigned)tok >= (unsigned)a.max_tokens) continue;
         const int4* src = (const int4*)(rows + (unsigned long long)j * row);
-        int4* dst = (int4*)(cdata + (unsigned long long)info[j] * row);
+        int4* dst = (int4*)(cdata + (unsigned long long)tok * row);
         const int v = c * 128 + lane;
         int4 q[4];
 #pragma unroll
@@ -386,9 +403,10 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_recv(EpArgs a, 
     }
     const unsigned long long row = (unsigned long long)a.hidden * 2;
     if (threadIdx.x < 32) {
-        long long e = threadIdx.x < (unsigned)a.topk ? topk[(long long)t * a.topk + threadIdx.x] : -1;
+        // As in the dispatch, a repeated expert of the row counts once.
+        long long e = threadIdx.x < (unsigned)a.topk ? tw_sel(topk, t, threadIdx.x, a.topk, a.experts) : -1;
         int ok = 0;
-        if (e >= 0 && e < a.experts) {
+        if (e >= 0) {
             int owner = (int)(e / a.local_experts);
             if (*(volatile int*)&active[owner] != 0)
                 ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active) >= 0;

@@ -5,7 +5,6 @@
 //! `irecv`, the wait) returns. Every call releases the GIL.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use tidewire::{Engine, PeerBuffer};
@@ -14,7 +13,7 @@ use tidewire_collective::membership::{Settings, View};
 use tidewire_collective::{Comm, CudaComm, CudaOp, DType, Error, OpId, PeerInfo, ReduceOp, Region};
 
 use crate::errors;
-use crate::PyEngine;
+use crate::{secs, PyEngine};
 
 /// Maps a collective failure to its Python exception; `ranks` on it names the ranks involved.
 fn to_py(e: Error) -> PyErr {
@@ -122,21 +121,15 @@ impl PyComm {
         timeout_s: f64,
     ) -> PyResult<Self> {
         let engine: Arc<Engine> = engine.engine()?;
-        let timeout = Duration::try_from_secs_f64(timeout_s)
-            .map_err(|e| errors::invalid(format!("timeout {timeout_s}: {e}")))?;
+        let timeout = secs("timeout", timeout_s)?;
         let (addr, len, cap) = region;
         let peers: Vec<PeerInfo> = peers
             .into_iter()
             .map(|(name, region, pid)| PeerInfo { name, region, pid: (pid != 0).then_some(pid) })
             .collect();
-        let comm = py.detach(|| {
-            let made =
-                Comm::connect(engine.clone(), rank, Region { addr, len, cap }, &peers, timeout);
-            if made.is_err() {
-                let _ = engine.free_shared(addr);
-            }
-            made
-        });
+        // The communicator owns the region: freed with it, or by `connect` if that fails.
+        let comm =
+            py.detach(|| Comm::connect(engine, rank, Region { addr, len, cap }, &peers, timeout));
         Ok(Self { comm: Mutex::new(Some(comm.map_err(to_py)?)) })
     }
 
@@ -329,19 +322,11 @@ impl PyCudaComm {
         timeout_s: f64,
     ) -> PyResult<Self> {
         let engine: Arc<Engine> = engine.engine()?;
-        let timeout = Duration::try_from_secs_f64(timeout_s)
-            .map_err(|e| errors::invalid(format!("timeout {timeout_s}: {e}")))?;
+        let timeout = secs("timeout", timeout_s)?;
         let peers: Vec<PeerBuffer> =
             peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
-        let mine = peers.get(rank).map(|p| p.addr);
-        let comm = py.detach(|| {
-            let made = CudaComm::connect(engine.clone(), rank, device, &peers, timeout);
-            if let (Err(_), Some(addr)) = (&made, mine) {
-                // Already freed if the mappings were made; freeing twice is refused, not harmful.
-                let _ = engine.free_device(addr);
-            }
-            made
-        });
+        // The communicator owns our buffer (`peers[rank]`): freed with it, or by `connect`.
+        let comm = py.detach(|| CudaComm::connect(engine, rank, device, &peers, timeout));
         Ok(Self { comm: Mutex::new(Some(comm.map_err(to_py)?)) })
     }
 
@@ -417,10 +402,6 @@ pub(crate) struct PyElastic {
     sock: Mutex<Option<std::net::UdpSocket>>,
     /// Shared with the calls that wait (`wait_view`, `collect`), which hold no lock meanwhile.
     member: Mutex<Option<Arc<Elastic>>>,
-}
-
-fn secs(name: &str, s: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s).map_err(|e| errors::invalid(format!("{name} {s}: {e}")))
 }
 
 impl PyElastic {
@@ -517,12 +498,12 @@ impl PyElastic {
 
     /// Evidence that `ranks` failed.
     fn suspect(&self, ranks: Vec<usize>) -> PyResult<()> {
-        self.with(|e| e.suspect(&ranks))
+        self.with(|e| e.suspect(&ranks))?.map_err(to_py)
     }
 
     /// Asks for a change of view.
     fn request(&self, remove: Vec<usize>, add: Vec<usize>) -> PyResult<()> {
-        self.with(|e| e.request(&remove, &add))
+        self.with(|e| e.request(&remove, &add))?.map_err(to_py)
     }
 
     /// Waits (at most `timeout_s`) for a view after `epoch`; returns `(epoch, members,

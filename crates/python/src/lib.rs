@@ -46,10 +46,13 @@ type PeerRow = (String, String, &'static str, Option<String>, usize);
 /// Seconds given from Python, as a duration: negative, NaN or out of range is the caller's
 /// error (`Duration::from_secs_f64` would panic).
 fn seconds(what: &str, s: Option<f64>) -> PyResult<Option<Duration>> {
-    s.map(|t| {
-        Duration::try_from_secs_f64(t).map_err(|e| errors::invalid(format!("{what} {t}: {e}")))
-    })
-    .transpose()
+    s.map(|t| secs(what, t)).transpose()
+}
+
+/// `s` seconds as a duration; an invalid argument naming `what` for a negative or unbounded
+/// number.
+pub(crate) fn secs(what: &str, s: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|e| errors::invalid(format!("{what} {s}: {e}")))
 }
 
 /// A transfer engine (one per process, or several in tests).
@@ -295,6 +298,13 @@ impl PyEngine {
     fn free_shared(&self, py: Python<'_>, addr: u64) -> PyResult<()> {
         let engine = self.engine()?;
         detached(py, move || engine.free_shared(addr))
+    }
+
+    /// Frees GPU memory this engine allocated (an EP or collective buffer whose group never
+    /// formed).
+    fn free_device(&self, py: Python<'_>, addr: u64) -> PyResult<()> {
+        let engine = self.engine()?;
+        detached(py, move || engine.free_device(addr))
     }
 
     /// Copies `data` into registered memory of this engine at `addr`.

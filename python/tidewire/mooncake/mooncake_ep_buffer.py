@@ -2,8 +2,8 @@
 
 `Buffer` and `EventOverlap` are `tidewire.ep`'s (the same interface: `dispatch`, `combine`,
 `get_ep_buffer_size_hint`, `return_recv_hook`, `active_ranks`, `timeout_us`, CUDA-graph
-capture). What differs from Mooncake's is said in `tidewire.ep`'s documentation
-(`update_ep_member` comes with elastic membership, `zero_copy` is not there yet)."""
+capture, `update_ep_member`, `zero_copy` accepted). What differs from Mooncake's is said in
+`tidewire.ep`'s documentation."""
 
 from __future__ import annotations
 

@@ -113,11 +113,10 @@ def _start_membership(pg: "_tw.ProcessGroupTidewire", rank: int, size: int, mask
     (while every rank is there, at creation) and starts the agreement."""
     from .. import _native
 
+    from .._store import exchange
+
     member = _native.ElasticMember(_tw._host)
-    pg._store.set(f"tidewire/elastic/{rank}", member.address)
-    keys = [f"tidewire/elastic/{r}" for r in range(size)]
-    pg._store.wait(keys, pg._timeout)
-    peers = [pg._store.get(k).decode() for k in keys]
+    peers = exchange(pg._store, rank, size, "tidewire/elastic", member.address, pg._timeout)
     active = mask.cpu().tolist()[:size] if mask is not None else [1] * size
     members = [r for r, a in enumerate(active) if a]
     if rank not in members:
@@ -129,7 +128,6 @@ def _start_membership(pg: "_tw.ProcessGroupTidewire", rank: int, size: int, mask
         # CUDA mask at the next call into the group: no CUDA call on the membership's thread).
         member.watch_mask(mask.data_ptr(), mask.numel())
     pg._elastic = member
-    pg._mask_epoch = 0
 
 
 class MooncakeBackendOptions:
