@@ -61,6 +61,8 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
     esz = torch.tensor([], dtype=dt).element_size()
     rows = []
     size = 8
+    while size < args.min_bytes:
+        size *= args.step
     while size <= args.max_bytes:
         count = max(n, size // esz) // n * n
         nbytes = count * esz
@@ -77,6 +79,8 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
         big = nbytes >= (16 << 20)
         iters, batch = (5, 2) if big else (args.iters, 10)
         for name, (call, factor) in ops.items():
+            if args.ops and name not in args.ops.split(","):
+                continue
             for _ in range(2 * batch):
                 call()
             fn = call
@@ -128,6 +132,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DT))
     p.add_argument("--max-bytes", type=parse_size, default=parse_size("64M"))
+    p.add_argument("--min-bytes", type=parse_size, default=8, help="the first size: 8 B ×--step until it reaches this")
+    p.add_argument("--ops", default="", help="comma-separated subset of all_reduce,all_gather,reduce_scatter,all_to_all")
     p.add_argument("--step", type=int, default=4)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="CUDA: time replays of the calls captured in a graph")

@@ -66,6 +66,12 @@ pub fn blocks() -> u32 {
     tidewire::gpu::copy::tuning("TIDEWIRE_PG_CUDA_BLOCKS", BLOCKS).clamp(1, MAX_BLOCKS)
 }
 
+/// The most KiB a block moves to a peer in one round (`TIDEWIRE_PG_CUDA_CHUNK_KIB`; 0, the
+/// default: a block's share of a slot). Every rank must use the same.
+pub fn chunk_kib() -> u32 {
+    tidewire::gpu::copy::tuning("TIDEWIRE_PG_CUDA_CHUNK_KIB", 0).min(1 << 20)
+}
+
 /// The bytes of a rank's buffer for a group of `ranks`: the header, then four buffers of a
 /// slot per rank (`TIDEWIRE_PG_CUDA_BYTES` of data in all, at least 64 KiB a slot).
 pub fn buffer_bytes(ranks: usize) -> u64 {
@@ -116,6 +122,7 @@ pub struct CudaComm {
     failure: HostFlag,
     slot: u64,
     blocks: u32,
+    chunk_kib: u32,
     timeout: Duration,
 }
 
@@ -160,7 +167,7 @@ impl CudaComm {
                 peers.smallest()
             )));
         }
-        Ok(Self { peers, kernels, failure, slot, blocks, timeout })
+        Ok(Self { peers, kernels, failure, slot, blocks, chunk_kib: chunk_kib(), timeout })
     }
 
     /// The ranks no GPU path reaches, with the reason.
@@ -235,6 +242,7 @@ impl CudaComm {
         a.rank = self.peers.rank() as i32;
         a.ranks = ranks as i32;
         a.what = op.code();
+        a.chunk_kib = self.chunk_kib as i32;
         Ok(a)
     }
 

@@ -22,7 +22,7 @@
 // unusable (its counters disagree) and the host says so.
 
 #define TW_COLL_RANKS 64
-#define TW_COLL_BLOCKS 64
+#define TW_COLL_BLOCKS 128
 #define TW_COLL_BUFS 4ull
 #define TW_OFF_FLAGS 0ull
 #define TW_OFF_COUNTERS (TW_COLL_RANKS * TW_COLL_BLOCKS * 8ull)
@@ -45,7 +45,7 @@ struct CollArgs {
     int rank, ranks;
     int dtype, redop;             // reduce only
     int what;                     // the operation, for failure reports
-    int pad;
+    int chunk_kib;                // most bytes of a block's round, in KiB (0: the slot's share)
 };
 
 __device__ __forceinline__ char* tw_slot(const CollArgs& a, int owner, u64 round, int src) {
@@ -63,6 +63,7 @@ __device__ __forceinline__ void tw_pair(const CollArgs& a, int j, u64* chunk, u6
     }
     u64 g = gridDim.x;
     u64 most = (a.slot / g) & ~15ull;
+    if (a.chunk_kib > 0 && (u64)a.chunk_kib * 1024ull < most) most = (u64)a.chunk_kib * 1024ull;
     u64 c = ((bytes + g - 1) / g + 15ull) & ~15ull;
     if (c > most) c = most;
     *chunk = c;

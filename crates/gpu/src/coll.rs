@@ -12,7 +12,7 @@ use crate::GpuError;
 /// Ranks a group's CUDA path may have (the kernels' fixed arrays).
 pub const MAX_RANKS: usize = 64;
 /// Blocks a collective kernel may have.
-pub const MAX_BLOCKS: u32 = 64;
+pub const MAX_BLOCKS: u32 = 128;
 /// Threads of a block.
 pub const THREADS: u32 = 512;
 /// Buffers a pair's rounds rotate through.
@@ -49,7 +49,9 @@ pub struct CollArgs {
     pub redop: i32,
     /// The operation, for failure reports ([`WHAT`]).
     pub what: i32,
-    pub pad: i32,
+    /// The most bytes a block moves to a peer in one round, in KiB (0: its share of a slot);
+    /// smaller rounds pipeline more (the same on every rank).
+    pub chunk_kib: i32,
 }
 
 /// Element types by kernel code.
@@ -90,7 +92,7 @@ impl CollArgs {
             dtype: 0,
             redop: 0,
             what: 0,
-            pad: 0,
+            chunk_kib: 0,
         }
     }
 }
@@ -196,6 +198,20 @@ mod tests {
         // Six arrays of 64 words, four words, an i64 and six i32.
         assert_eq!(size_of::<CollArgs>(), 6 * 64 * 8 + 4 * 8 + 8 + 6 * 4);
         assert!(size_of::<CollArgs>() <= 4096, "a kernel's parameters fit 4 KiB");
+    }
+
+    #[test]
+    fn the_args_and_constants_are_the_sources() {
+        let src = include_str!("coll.cu");
+        use crate::kernels::layout::{define, fields, rust_fields};
+        assert_eq!(define(src, "TW_COLL_RANKS"), MAX_RANKS as u64);
+        assert_eq!(define(src, "TW_COLL_BLOCKS"), u64::from(MAX_BLOCKS));
+        assert_eq!(define(src, "TW_COLL_BUFS"), BUFS);
+        let ours = rust_fields!(CollArgs: peers, alive, send_off, send_len, recv_off, recv_len, send_base, recv_base, err_at,
+            slot, timeout_ns, rank, ranks, dtype, redop, what, chunk_kib
+        );
+        assert_eq!(fields(src, "CollArgs"), ours);
+        assert!(src.contains("__launch_bounds__(512)") && THREADS == 512);
     }
 
     #[test]

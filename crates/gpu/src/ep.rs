@@ -253,6 +253,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_args_and_constants_are_the_sources() {
+        use crate::kernels::layout::{define, fields, rust_fields};
+        let src = include_str!("ep.cu");
+        assert_eq!(define(src, "TW_MAX_RANKS"), MAX_RANKS as u64);
+        assert_eq!(define(src, "TW_SEND_TOKENS"), u64::from(SEND_TOKENS));
+        let ours = rust_fields!(EpArgs: peers, alive, seq_at, half, off_dsig, off_ddata,
+            off_dsrc, off_csig, off_cdata, off_fin, timeout_ns, rank, ranks, experts,
+            local_experts, max_tokens, hidden, topk, num_tokens, fp8, slices);
+        assert_eq!(fields(src, "EpArgs"), ours);
+        assert_eq!(size_of::<EpArgs>(), ours.last().map_or(0, |f| f.1 + f.2).next_multiple_of(8));
+    }
+
+    #[test]
     fn send_shape_keeps_blocks_within_their_token_limit_and_spreads_small_batches() {
         for sms in [1u32, 16, 132] {
             for tokens in [0, 1, 7, 128, 133, 512, 1000, 1024] {

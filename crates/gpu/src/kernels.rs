@@ -104,3 +104,79 @@ impl Loaded {
 pub(crate) fn param<T>(v: &mut T) -> *mut c_void {
     (v as *mut T).cast()
 }
+
+/// Reads a kernel source the way the compiler lays it out, for tests that tie the Rust
+/// mirrors of argument structs and constants to the `.cu` files.
+#[cfg(test)]
+pub(crate) mod layout {
+    /// (name, offset, size) of each named field of a Rust struct, to compare with [`fields`].
+    macro_rules! rust_fields {
+        ($t:ty: $($f:ident),*) => {
+            vec![$((stringify!($f).to_string(), std::mem::offset_of!($t, $f),
+                $crate::kernels::layout::size_of_field(|a: &$t| &a.$f))),*]
+        };
+    }
+    pub(crate) use rust_fields;
+
+    /// The size of the field a projection returns.
+    pub(crate) fn size_of_field<T, F>(_: impl Fn(&T) -> &F) -> usize {
+        size_of::<F>()
+    }
+
+    /// The value of `#define NAME <integer>[ull]` in `src`.
+    pub(crate) fn define(src: &str, name: &str) -> u64 {
+        let line = src
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("#define ")?.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no #define {name}"));
+        line.trim()
+            .trim_end_matches("ull")
+            .parse()
+            .unwrap_or_else(|_| panic!("#define {name} {line}"))
+    }
+
+    /// Each field of `struct NAME { ... };` in `src`: (name, offset, size), laid out by C's
+    /// rules (every field aligned to its own size; arrays sized by integers or `#define`s).
+    pub(crate) fn fields(src: &str, name: &str) -> Vec<(String, usize, usize)> {
+        let start =
+            src.find(&format!("struct {name} {{")).unwrap_or_else(|| panic!("no struct {name}"));
+        let body = &src[start..];
+        let body = &body[body.find('{').unwrap_or(0) + 1..body.find("};").unwrap_or(body.len())];
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        for decl in
+            body.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<String>().split(';')
+        {
+            let decl = decl.trim();
+            if decl.is_empty() {
+                continue;
+            }
+            const TYPES: [(&str, usize); 7] = [
+                ("unsigned long long ", 8),
+                ("long long ", 8),
+                ("u64 ", 8),
+                ("double ", 8),
+                ("unsigned ", 4),
+                ("int ", 4),
+                ("float ", 4),
+            ];
+            let (size, names) = TYPES
+                .iter()
+                .find_map(|(t, size)| Some((*size, decl.strip_prefix(t)?)))
+                .unwrap_or_else(|| panic!("a field of {name} of unknown type: {decl}"));
+            for field in names.split(',').map(str::trim) {
+                let (field, count) = match field.split_once('[') {
+                    Some((f, n)) => {
+                        let n = n.trim_end_matches(']');
+                        (f, n.parse().unwrap_or_else(|_| define(src, n) as usize))
+                    }
+                    None => (field, 1),
+                };
+                at = at.next_multiple_of(size);
+                out.push((field.to_string(), at, size * count));
+                at += size * count;
+            }
+        }
+        out
+    }
+}
