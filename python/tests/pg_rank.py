@@ -458,6 +458,8 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     staged = arg == "staged"
     if staged:
         os.environ["TIDEWIRE_PG_CUDA"] = "0"
+    if arg == "two_shot":
+        os.environ["TIDEWIRE_PG_CUDA_ALLREDUCE"] = "two_shot"
     torch.cuda.set_device(rank)
     init(rank, size, port)
     dev = torch.device("cuda", rank)

@@ -151,9 +151,12 @@ def _two_gpus() -> None:
         pytest.skip("needs two GPUs (scripts/gpu-test.sh runs it on the GPU host)")
 
 
-def test_cuda_collectives_over_nvlink_match_the_references_and_replay_in_a_graph() -> None:
+@pytest.mark.parametrize("all_reduce", ["", "two_shot"])
+def test_cuda_collectives_over_nvlink_match_the_references_and_replay_in_a_graph(all_reduce: str) -> None:
+    """With "two_shot" the all_reduces are forced through reduce_scatter + all_gather (the
+    path of large all_reduces on more than two ranks), uneven parts included."""
     _two_gpus()
-    for rank, bad in enumerate(run_group("cuda", 2)):
+    for rank, bad in enumerate(run_group("cuda", 2, all_reduce)):
         assert bad == [], f"rank {rank}: {bad}"
 
 
@@ -183,3 +186,17 @@ def test_ranks_reached_through_engine_transfers(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("TIDEWIRE_PG_CHANNEL", "engine")
     for rank, bad in enumerate(run_group("collectives", 2)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+def test_two_shot_parts_cover_the_tensor_in_whole_aligned_elements() -> None:
+    from tidewire.distributed import _parts
+
+    for nbytes, ranks, esz in [(4, 2, 4), (6, 2, 2), (100, 3, 4), (1 << 20, 4, 2), (136, 3, 8), (3, 4, 1), (9 * 1024 * 1024 + 20, 8, 4)]:
+        parts = _parts(nbytes, ranks, esz)
+        assert len(parts) == ranks
+        at = 0
+        for i, (off, length) in enumerate(parts):
+            assert off == at and length % esz == 0, (nbytes, ranks, parts)
+            assert i == ranks - 1 or length % 16 == 0 or length == 0 or at + length == nbytes, parts
+            at += length
+        assert at == nbytes, parts

@@ -267,15 +267,17 @@ class _CudaPath:
         self.comm: Optional[Any] = None
         eng = engine()
         addr, length = _native.CudaCommunicator.allocate(eng._native, device, size)
-        blocks = os.environ.get("TIDEWIRE_PG_CUDA_BLOCKS", "")
+        # Settings every rank's kernels must share (they cut each pair's bytes the same way).
+        tuning = {k: os.environ.get(k, "") for k in ("TIDEWIRE_PG_CUDA_BLOCKS", "TIDEWIRE_PG_CUDA_CHUNK_KIB")}
         try:
-            infos = exchange(store, rank, size, "tidewire/cuda", {"name": eng.name, "addr": addr, "len": length, "blocks": blocks}, timeout)
+            infos = exchange(store, rank, size, "tidewire/cuda", {"name": eng.name, "addr": addr, "len": length, "tuning": tuning}, timeout)
             for r, info in enumerate(infos):
-                if info.get("blocks", "") != blocks:
-                    raise ValueError(
-                        f"tidewire: rank {r} has TIDEWIRE_PG_CUDA_BLOCKS={info.get('blocks')!r} and this rank "
-                        f"{blocks!r}: set it alike on every rank"
-                    )
+                for k, v in tuning.items():
+                    if info.get("tuning", {}).get(k, "") != v:
+                        raise ValueError(
+                            f"tidewire: rank {r} has {k}={info.get('tuning', {}).get(k)!r} and this rank "
+                            f"{v!r}: set it alike on every rank"
+                        )
         except BaseException:
             eng._native.free_device(addr)  # no communicator owns it yet
             raise
@@ -333,6 +335,25 @@ def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:
     if len(sizes) != n or any(int(x) < 0 for x in sizes) or sum(int(x) for x in sizes) != rows:
         raise ValueError(f"all_to_all_single: split sizes {list(sizes)} do not cover the {rows} rows over {n} ranks")
     return [int(s) * row for s in sizes]
+
+
+# All-reduce of CUDA tensors on more than two ranks: from this size on, two-shot (each rank
+# reduces its part, then the parts are gathered: 2(R-1)/R of the bytes on each link instead of
+# one-shot's R-1 times the whole). With two ranks both move the same bytes and one-shot
+# synchronises once. `TIDEWIRE_PG_CUDA_ALLREDUCE=one_shot|two_shot` forces either.
+_TWO_SHOT_MIN = 512 << 10
+
+
+def _parts(nbytes: int, ranks: int, esz: int) -> List[tuple]:
+    """`nbytes` cut into `ranks` consecutive parts of whole elements, each a multiple of 16
+    bytes but the last (some may be empty)."""
+    unit = 16 if 16 % esz == 0 else esz
+    each = -(-nbytes // ranks // unit) * unit if nbytes >= ranks * unit else unit
+    sizes, left = [], nbytes
+    for _ in range(ranks):
+        sizes.append(min(each, left))
+        left -= sizes[-1]
+    return _segments(sizes)
 
 
 def _segments(sizes: Sequence[int]) -> List[tuple]:
@@ -612,8 +633,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             for t in tensors:
                 d, n = t.contiguous(), _nbytes(t)
                 if n:
-                    whole = [(0, n)] * self._size
-                    self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(t), op)
+                    self._all_reduce_nv(nv, d, n, op)
                 if d is not t:
                     t.copy_(d)
             return nv.work(tensors)
@@ -622,6 +642,25 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             self._c("all_reduce", f.addr, f.nbytes, _dtype(t), op)
             f.done()
         return _done(tensors)
+
+    def _all_reduce_nv(self, nv: _CudaPath, d: torch.Tensor, n: int, op: str) -> None:
+        """All-reduce of `n` bytes of the contiguous CUDA tensor `d` in place, one- or two-shot."""
+        algo = os.environ.get("TIDEWIRE_PG_CUDA_ALLREDUCE", "")
+        two = algo == "two_shot" or (algo != "one_shot" and self._size > 2 and n >= _TWO_SHOT_MIN)
+        log = logging.getLogger("tidewire")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("all_reduce of %d bytes on %d ranks: %s", n, self._size, "two-shot" if two else "one-shot")
+        if not two:
+            whole = [(0, n)] * self._size
+            self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(d), op)
+            return
+        parts = _parts(n, self._size, d.element_size())
+        mine = parts[self._rank]
+        # Our part reduced in place (every rank sends each part to its owner), then every
+        # part gathered into every rank's tensor.
+        got = [mine if r == self._rank else (0, mine[1]) for r in range(self._size)]
+        self._call(nv.reduce, "all_reduce", d.data_ptr(), parts, d.data_ptr(), got, _dtype(d), op)
+        self._call(nv.exchange, "all_reduce", d.data_ptr(), [mine] * self._size, d.data_ptr(), parts)
 
     def allreduce_coalesced(self, tensors: List[torch.Tensor], opts: Any = None) -> dist.Work:
         return self.allreduce(tensors, opts)

@@ -229,7 +229,27 @@ pub struct Comm {
     /// Every pair of ranks of the group reads each other's memory directly (agreed at
     /// connect: algorithms that involve every pair take the single-copy path alike).
     group_direct: bool,
+    /// Threads a large direct read (and all_reduce's reduction of it) is spread over.
+    readers: usize,
 }
+
+/// Threads for one rank's large direct reads: `TIDEWIRE_PG_COPY_THREADS`, else the host's
+/// CPUs shared among the group's ranks, at most four (one core copies a few GB/s; the
+/// host's memory takes many times that).
+fn readers(size: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let fair = (cpus / size.max(1)).clamp(1, 4);
+    std::env::var("TIDEWIRE_PG_COPY_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(fair, |n| n.clamp(1, 64))
+}
+
+/// Bytes below which a direct read stays on the caller's thread.
+const SPLIT_MIN: usize = 2 << 20;
+/// Bytes a reader reduces at a time in all_reduce (read into a scratch block that stays in
+/// cache, then summed into the buffer).
+const REDUCE_CHUNK: usize = 256 << 10;
 
 impl Comm {
     /// Connects rank `rank` of `size` ranks: opens every peer's engine by name, maps our ring
@@ -288,6 +308,7 @@ impl Comm {
             next_op: 0,
             poisoned: None,
             group_direct: false,
+            readers: readers(size),
         };
         comm.agree_direct()?;
         Ok(comm)
@@ -733,19 +754,66 @@ impl Comm {
         let mine = encode_block(buf.as_ptr() as u64, buf.len());
         let theirs = self.swap_words(name, &peers, |_| mine)?;
         let own = parts[me].clone();
-        let mut scratch = vec![0u8; own.len()];
+        let mut sources = Vec::with_capacity(peers.len());
         for &r in &peers {
             let (addr, len) = decode_block(&theirs[r]);
-            if len != buf.len() {
-                return Err(Error::invalid(format!(
-                    "{name}: rank {r} reduces {len} bytes, rank {me} {}",
-                    buf.len()
-                )));
+            let pid = self.links[r].as_ref().and_then(|l| l.direct);
+            let refused = match pid {
+                _ if len != buf.len() => {
+                    format!("{name}: rank {r} reduces {len} bytes, rank {me} {}", buf.len())
+                }
+                None => format!("{name}: rank {r} is not read directly (no process id agreed)"),
+                Some(pid) => {
+                    sources.push((r, pid, addr + own.start as u64));
+                    continue;
+                }
+            };
+            // The ranks are out of step: poisoned (and the others told), as a failed read.
+            let e = Error::invalid(refused);
+            self.fail(&e);
+            return Err(e);
+        }
+        // Our block cut among the readers; each reads every peer's piece a chunk at a time and
+        // sums it into ours (in rank order of the peers: every element the same way).
+        let block = &mut buf[own.clone()];
+        let piece = piece_of(block.len(), self.readers);
+        let failed = std::thread::scope(|scope| {
+            let work =
+                |at: usize, acc: &mut [u8]| -> std::result::Result<(), (usize, std::io::Error)> {
+                    let mut scratch = vec![0u8; REDUCE_CHUNK.min(acc.len())];
+                    for (i, acc) in acc.chunks_mut(REDUCE_CHUNK).enumerate() {
+                        let off = (at + i * REDUCE_CHUNK) as u64;
+                        for &(r, pid, addr) in &sources {
+                            let tmp = &mut scratch[..acc.len()];
+                            read_process(pid, tmp, addr + off).map_err(|e| (r, e))?;
+                            reduce_into(acc, tmp, dtype, op);
+                        }
+                    }
+                    Ok(())
+                };
+            let mut pieces = block.chunks_mut(piece.max(1));
+            let first = pieces.next();
+            let handles: Vec<_> = pieces
+                .enumerate()
+                .map(|(i, acc)| scope.spawn(move || work((i + 1) * piece, acc)))
+                .collect();
+            let mut failed = first.and_then(|acc| work(0, acc).err());
+            for h in handles {
+                let got = h.join().unwrap_or_else(|_| {
+                    Err((me, std::io::Error::other("a reader thread panicked")))
+                });
+                failed = failed.or(got.err());
             }
-            if !own.is_empty() {
-                self.read_block(name, r, &mut scratch, addr + own.start as u64, own.len())?;
-                reduce_into(&mut buf[own.clone()], &scratch, dtype, op);
-            }
+            failed
+        });
+        if let Some((r, e)) = failed {
+            let e = Error::RankFailed {
+                op: name.to_string(),
+                rank: r,
+                reason: format!("reading its memory: {e}"),
+            };
+            self.fail(&e);
+            return Err(e);
         }
         // Every reader wants our reduced block; the round that tells them where it is also
         // tells them that it is reduced (and that we read nothing of theirs any more).
@@ -923,11 +991,13 @@ impl Comm {
                 None => Some(Error::invalid(format!(
                     "{name}: rank {r} is not read directly (no process id agreed)"
                 ))),
-                Some(pid) => read_process(pid, dst, addr).err().map(|e| Error::RankFailed {
-                    op: name.to_string(),
-                    rank: r,
-                    reason: format!("reading its memory: {e}"),
-                }),
+                Some(pid) => {
+                    read_split(pid, dst, addr, self.readers).err().map(|e| Error::RankFailed {
+                        op: name.to_string(),
+                        rank: r,
+                        reason: format!("reading its memory: {e}"),
+                    })
+                }
             }
         };
         if let Some(e) = failed {
@@ -966,6 +1036,13 @@ impl Comm {
     /// Every rank but ours.
     fn others(&self) -> Vec<usize> {
         (0..self.size).filter(|&r| r != self.rank).collect()
+    }
+
+    /// Spreads large direct reads (and all_reduce's sums of them) over `n` threads from now
+    /// on (default: `TIDEWIRE_PG_COPY_THREADS`, else the host's CPUs shared among the ranks,
+    /// at most four).
+    pub fn set_readers(&mut self, n: usize) {
+        self.readers = n.max(1);
     }
 
     /// Whether every pair of the group reads each other's buffers directly (one copy) for
@@ -1507,6 +1584,40 @@ fn step(
         }
     };
     Ok(moved)
+}
+
+/// Bytes of each of `readers` pieces of `len` bytes (whole 4 KiB pages but the last; one
+/// piece below [`SPLIT_MIN`]).
+fn piece_of(len: usize, readers: usize) -> usize {
+    if readers <= 1 || len < SPLIT_MIN {
+        return len;
+    }
+    len.div_ceil(readers).next_multiple_of(4096)
+}
+
+/// As [`read_process`], spread over `readers` threads when `dst` is large.
+fn read_split(pid: u32, dst: &mut [u8], addr: u64, readers: usize) -> std::io::Result<()> {
+    let piece = piece_of(dst.len(), readers);
+    if piece >= dst.len() {
+        return read_process(pid, dst, addr);
+    }
+    std::thread::scope(|scope| {
+        let mut pieces = dst.chunks_mut(piece);
+        let first = pieces.next();
+        let handles: Vec<_> = pieces
+            .enumerate()
+            .map(|(i, d)| {
+                scope.spawn(move || read_process(pid, d, addr + ((i + 1) * piece) as u64))
+            })
+            .collect();
+        let mut result = first.map_or(Ok(()), |d| read_process(pid, d, addr));
+        for h in handles {
+            let got =
+                h.join().unwrap_or_else(|_| Err(std::io::Error::other("a reader thread panicked")));
+            result = result.and(got);
+        }
+        result
+    })
 }
 
 /// Reads `dst.len()` bytes at `addr` of process `pid` into `dst` (`process_vm_readv`).

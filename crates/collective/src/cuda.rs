@@ -59,7 +59,7 @@ impl CudaOp {
 /// Bytes of the data area of a rank's buffer when `TIDEWIRE_PG_CUDA_BYTES` does not say.
 const DATA_BYTES: u64 = 128 << 20;
 /// Blocks a collective launch uses when `TIDEWIRE_PG_CUDA_BLOCKS` does not say.
-const BLOCKS: u32 = 64;
+const BLOCKS: u32 = 128;
 
 /// The blocks every launch of a group uses (every rank must use the same).
 pub fn blocks() -> u32 {

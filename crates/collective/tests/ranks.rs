@@ -240,6 +240,30 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
 }
 
 #[test]
+fn large_direct_reads_spread_over_threads_match_the_reference() {
+    // Blocks past 2 MiB are read (and all_reduce's summed) by several threads, each its own
+    // piece: every byte must still land once, in the right place, summed in one order.
+    let n = 2;
+    let count = (5 << 20) / 4 + 3;
+    let got = group(n, 64 << 10, move |rank, comm| {
+        comm.set_readers(3);
+        let mut red = f32s(&values(rank, count));
+        comm.all_reduce(&mut red, DType::F32, ReduceOp::Sum).unwrap();
+        let len = (3 << 20) + 5;
+        let mine: Vec<u8> = (0..len).map(|i| (i * 13 + rank * 7) as u8).collect();
+        let mut all = vec![0u8; n * len];
+        comm.all_gather(&mut all, &mine).unwrap();
+        (mine, all, red)
+    });
+    let sum = reference(n, count, ReduceOp::Sum);
+    let concat: Vec<u8> = got.iter().flat_map(|g| g.0.clone()).collect();
+    for (rank, (_, all, red)) in got.iter().enumerate() {
+        assert!(*red == sum, "all_reduce sum on rank {rank}");
+        assert!(*all == concat, "all_gather on rank {rank}");
+    }
+}
+
+#[test]
 fn pending_sends_and_receives_in_both_directions_do_not_deadlock() {
     // Both ranks post a send bigger than the ring before their receive: progress interleaves.
     let got = group(2, 4096, |rank, comm| {
