@@ -754,36 +754,65 @@ impl Comm {
         let mine = encode_block(buf.as_ptr() as u64, buf.len());
         let theirs = self.swap_words(name, &peers, |_| mine)?;
         let own = parts[me].clone();
+        let sources = self.sources(name, &peers, &theirs, buf.len(), own.start as u64)?;
+        self.reduce_from(name, &mut buf[own.clone()], &sources, dtype, op)?;
+        // Every reader wants our reduced block; the round that tells them where it is also
+        // tells them that it is reduced (and that we read nothing of theirs any more).
+        let reduced = (buf.as_ptr() as u64 + own.start as u64, own.len());
+        self.direct_exchange(name, buf, parts, &vec![reduced; self.size])
+    }
+
+    /// Where to read each peer's piece: `(rank, process, address)` of the byte `at` of the
+    /// buffer it announced (`theirs`), which must be `len` bytes. A mismatch poisons the group
+    /// (the ranks are out of step), as a failed read does.
+    fn sources(
+        &mut self,
+        name: &str,
+        peers: &[usize],
+        theirs: &[[u8; 16]],
+        len: usize,
+        at: u64,
+    ) -> Result<Vec<(usize, u32, u64)>> {
+        let me = self.rank;
         let mut sources = Vec::with_capacity(peers.len());
-        for &r in &peers {
-            let (addr, len) = decode_block(&theirs[r]);
-            let pid = self.links[r].as_ref().and_then(|l| l.direct);
-            let refused = match pid {
-                _ if len != buf.len() => {
-                    format!("{name}: rank {r} reduces {len} bytes, rank {me} {}", buf.len())
+        for &r in peers {
+            let (addr, theirs_len) = decode_block(&theirs[r]);
+            let refused = match self.links[r].as_ref().and_then(|l| l.direct) {
+                _ if theirs_len != len => {
+                    format!("{name}: rank {r} has {theirs_len} bytes, rank {me} {len}")
                 }
                 None => format!("{name}: rank {r} is not read directly (no process id agreed)"),
                 Some(pid) => {
-                    sources.push((r, pid, addr + own.start as u64));
+                    sources.push((r, pid, addr + at));
                     continue;
                 }
             };
-            // The ranks are out of step: poisoned (and the others told), as a failed read.
             let e = Error::invalid(refused);
             self.fail(&e);
             return Err(e);
         }
-        // Our block cut among the readers; each reads every peer's piece a chunk at a time and
-        // sums it into ours (in rank order of the peers: every element the same way).
-        let block = &mut buf[own.clone()];
-        let piece = piece_of(block.len(), self.readers);
+        Ok(sources)
+    }
+
+    /// Reduces into `acc` the bytes at each source (`sources` in order: every element the same
+    /// way), read a chunk at a time into a scratch block that stays in cache; `acc` is cut
+    /// among the readers' threads.
+    fn reduce_from(
+        &mut self,
+        name: &str,
+        acc: &mut [u8],
+        sources: &[(usize, u32, u64)],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let piece = piece_of(acc.len(), self.readers);
         let failed = std::thread::scope(|scope| {
             let work =
                 |at: usize, acc: &mut [u8]| -> std::result::Result<(), (usize, std::io::Error)> {
                     let mut scratch = vec![0u8; REDUCE_CHUNK.min(acc.len())];
                     for (i, acc) in acc.chunks_mut(REDUCE_CHUNK).enumerate() {
                         let off = (at + i * REDUCE_CHUNK) as u64;
-                        for &(r, pid, addr) in &sources {
+                        for &(r, pid, addr) in sources {
                             let tmp = &mut scratch[..acc.len()];
                             read_process(pid, tmp, addr + off).map_err(|e| (r, e))?;
                             reduce_into(acc, tmp, dtype, op);
@@ -791,7 +820,7 @@ impl Comm {
                     }
                     Ok(())
                 };
-            let mut pieces = block.chunks_mut(piece.max(1));
+            let mut pieces = acc.chunks_mut(piece.max(1));
             let first = pieces.next();
             let handles: Vec<_> = pieces
                 .enumerate()
@@ -800,7 +829,7 @@ impl Comm {
             let mut failed = first.and_then(|acc| work(0, acc).err());
             for h in handles {
                 let got = h.join().unwrap_or_else(|_| {
-                    Err((me, std::io::Error::other("a reader thread panicked")))
+                    Err((self.rank, std::io::Error::other("a reader thread panicked")))
                 });
                 failed = failed.or(got.err());
             }
@@ -815,10 +844,7 @@ impl Comm {
             self.fail(&e);
             return Err(e);
         }
-        // Every reader wants our reduced block; the round that tells them where it is also
-        // tells them that it is reduced (and that we read nothing of theirs any more).
-        let reduced = (buf.as_ptr() as u64 + own.start as u64, own.len());
-        self.direct_exchange(name, buf, parts, &vec![reduced; self.size])
+        Ok(())
     }
 
     /// Every rank sends its whole buffer to every other and reduces all of them in rank order.
@@ -932,7 +958,7 @@ impl Comm {
     ) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
-        out[o[me].clone()].copy_from_slice(&input[i[me].clone()]);
+        copy_split(&mut out[o[me].clone()], &input[i[me].clone()], self.readers);
         let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
         let mut theirs = vec![[0u8; 16]; n];
         {
@@ -1086,7 +1112,7 @@ impl Comm {
                 out.len()
             )));
         }
-        out[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
+        copy_split(&mut out[self.rank * len..(self.rank + 1) * len], input, self.readers);
         if n > 1 && len > 0 {
             if len * (n - 1) >= DIRECT_MIN && self.group_direct {
                 log::debug!("rank {}: all_gather of {len} bytes by direct reads", self.rank);
@@ -1123,6 +1149,9 @@ impl Comm {
         }
         if n == 1 || len == 0 {
             out.copy_from_slice(input);
+        } else if len * (n - 1) >= DIRECT_MIN && self.group_direct {
+            log::debug!("rank {}: reduce_scatter of {len} bytes by direct reads", self.rank);
+            self.reduce_scatter_reads(out, input, dtype, op)?;
         } else {
             self.ring_reduce_scatter_into(out, input, dtype, op)?;
         }
@@ -1130,6 +1159,28 @@ impl Comm {
             finish_avg(out, dtype, n);
         }
         Ok(())
+    }
+
+    /// Reduce-scatter by direct reads between processes of one host: each rank reduces its
+    /// block of every other rank's input into `out` (its own block first, then the others in
+    /// rank order); a token to and from every rank then says that nobody reads our input
+    /// any more.
+    fn reduce_scatter_reads(
+        &mut self,
+        out: &mut [u8],
+        input: &[u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (me, len) = (self.rank, out.len());
+        let name = "reduce_scatter";
+        let peers = self.others();
+        let mine = encode_block(input.as_ptr() as u64, input.len());
+        let theirs = self.swap_words(name, &peers, |_| mine)?;
+        let sources = self.sources(name, &peers, &theirs, input.len(), (me * len) as u64)?;
+        copy_split(out, &input[me * len..(me + 1) * len], self.readers);
+        self.reduce_from(name, out, &sources, dtype, op)?;
+        self.tokens(name, &peers)
     }
 
     /// Rank `root`'s `buf` into every rank's `buf`.
@@ -1593,6 +1644,25 @@ fn piece_of(len: usize, readers: usize) -> usize {
         return len;
     }
     len.div_ceil(readers).next_multiple_of(4096)
+}
+
+/// `dst.copy_from_slice(src)`, spread over `threads` threads when large.
+fn copy_split(dst: &mut [u8], src: &[u8], threads: usize) {
+    let piece = piece_of(dst.len(), threads);
+    if piece >= dst.len() {
+        dst.copy_from_slice(src);
+        return;
+    }
+    std::thread::scope(|scope| {
+        let mut pairs = dst.chunks_mut(piece).zip(src.chunks(piece));
+        let first = pairs.next();
+        for (d, s) in pairs {
+            scope.spawn(move || d.copy_from_slice(s));
+        }
+        if let Some((d, s)) = first {
+            d.copy_from_slice(s);
+        }
+    });
 }
 
 /// As [`read_process`], spread over `readers` threads when `dst` is large.

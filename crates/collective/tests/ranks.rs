@@ -241,8 +241,9 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
 
 #[test]
 fn large_direct_reads_spread_over_threads_match_the_reference() {
-    // Blocks past 2 MiB are read (and all_reduce's summed) by several threads, each its own
-    // piece: every byte must still land once, in the right place, summed in one order.
+    // Blocks past 2 MiB are read (and all_reduce's and reduce_scatter's reduced) by several
+    // threads, each its own piece: every byte must still land once, in the right place,
+    // reduced in one order.
     let n = 2;
     let count = (5 << 20) / 4 + 3;
     let got = group(n, 64 << 10, move |rank, comm| {
@@ -253,13 +254,21 @@ fn large_direct_reads_spread_over_threads_match_the_reference() {
         let mine: Vec<u8> = (0..len).map(|i| (i * 13 + rank * 7) as u8).collect();
         let mut all = vec![0u8; n * len];
         comm.all_gather(&mut all, &mine).unwrap();
-        (mine, all, red)
+        let mut rs = vec![0u8; count * 4];
+        comm.reduce_scatter(&mut rs, &f32s(&values(rank, n * count)), DType::F32, ReduceOp::Max)
+            .unwrap();
+        (mine, all, red, rs)
     });
     let sum = reference(n, count, ReduceOp::Sum);
+    let max = reference(n, n * count, ReduceOp::Max);
     let concat: Vec<u8> = got.iter().flat_map(|g| g.0.clone()).collect();
-    for (rank, (_, all, red)) in got.iter().enumerate() {
+    for (rank, (_, all, red, rs)) in got.iter().enumerate() {
         assert!(*red == sum, "all_reduce sum on rank {rank}");
         assert!(*all == concat, "all_gather on rank {rank}");
+        assert!(
+            *rs == max[rank * count * 4..(rank + 1) * count * 4],
+            "reduce_scatter on rank {rank}"
+        );
     }
 }
 

@@ -133,18 +133,23 @@ __device__ void tw_fail(const CollArgs& a, unsigned reason, int peer) {
     __threadfence_system();
 }
 
-// Waits until `*flag >= want`; false on a failure (this one, recorded, or another's).
+// Waits until `*flag >= want`; false on a failure (this one, recorded, or another's). The
+// deadline is checked every 256 spins, host memory (the failure word, the peer's liveness)
+// read only every TW_HOST_POLL_NS.
 __device__ bool tw_wait_flag(const CollArgs& a, const u64* flag, u64 want, int peer) {
-    u64 start = tw_now();
+    u64 start = tw_now(), polled = start;
     for (unsigned spins = 0;; spins++) {
         if (tw_ld_acquire(flag) >= want) return true;
         if ((spins & 255u) == 255u) {
-            if (*(volatile const unsigned*)a.err_at != 0) return false;
-            if (a.alive[peer] != 0 && *(volatile const unsigned*)a.alive[peer] == 0) {
-                tw_fail(a, 2, peer);
-                return false;
+            const u64 now = tw_now();
+            if (tw_host_poll_due(now, &polled)) {
+                if (*(volatile const unsigned*)a.err_at != 0) return false;
+                if (a.alive[peer] != 0 && *(volatile const unsigned*)a.alive[peer] == 0) {
+                    tw_fail(a, 2, peer);
+                    return false;
+                }
             }
-            if ((long long)(tw_now() - start) > a.timeout_ns) {
+            if ((long long)(now - start) > a.timeout_ns) {
                 tw_fail(a, 1, peer);
                 return false;
             }

@@ -74,17 +74,20 @@ extern "C" __global__ void tw_ep_begin(unsigned long long* counter, unsigned lon
 
 // Waits until `*sig` carries the call `seq` in its high 32 bits; returns the low 32 bits, or
 // -1 when rank `from` died, is marked inactive, or the deadline passed (it is then marked
-// inactive in `active`).
+// inactive in `active`). The deadline and `active` (device memory) are checked every 256
+// spins, the peer's liveness word (host memory) only every TW_HOST_POLL_NS.
 __device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, unsigned long long seq,
                              int from, int* active) {
     const unsigned long long tag = seq & 0xffffffffull;
-    unsigned long long start = tw_now();
+    unsigned long long start = tw_now(), polled = start;
     for (unsigned spins = 0;; spins++) {
         unsigned long long v = tw_ld_acquire(sig);
         if ((v >> 32) == tag) return (long long)(v & 0xffffffffull);
         if ((spins & 255u) == 255u) {
-            bool dead = a.alive[from] != 0 && *(volatile const unsigned*)a.alive[from] == 0;
-            if (dead || (long long)(tw_now() - start) > a.timeout_ns || *(volatile int*)&active[from] == 0) {
+            const unsigned long long now = tw_now();
+            bool dead = a.alive[from] != 0 && tw_host_poll_due(now, &polled) &&
+                        *(volatile const unsigned*)a.alive[from] == 0;
+            if (dead || (long long)(now - start) > a.timeout_ns || *(volatile int*)&active[from] == 0) {
                 atomicExch(&active[from], 0);
                 return -1;
             }
