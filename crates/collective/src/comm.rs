@@ -245,8 +245,11 @@ fn readers(size: usize) -> usize {
         .map_or(fair, |n| n.clamp(1, 64))
 }
 
-/// Bytes below which a direct read stays on the caller's thread.
-const SPLIT_MIN: usize = 2 << 20;
+/// Bytes below which a direct read stays on the caller's thread, and the least a reader
+/// thread takes (a thread costs tens of µs to start; one core copies a few hundred KiB in
+/// that time).
+const SPLIT_MIN: usize = 512 << 10;
+const PIECE_MIN: usize = 128 << 10;
 /// Bytes a reader reduces at a time in all_reduce (read into a scratch block that stays in
 /// cache, then summed into the buffer).
 const REDUCE_CHUNK: usize = 256 << 10;
@@ -1637,13 +1640,13 @@ fn step(
     Ok(moved)
 }
 
-/// Bytes of each of `readers` pieces of `len` bytes (whole 4 KiB pages but the last; one
-/// piece below [`SPLIT_MIN`]).
+/// Bytes of each of at most `readers` pieces of `len` bytes (whole 4 KiB pages but the last,
+/// at least [`PIECE_MIN`]; one piece below [`SPLIT_MIN`]).
 fn piece_of(len: usize, readers: usize) -> usize {
     if readers <= 1 || len < SPLIT_MIN {
         return len;
     }
-    len.div_ceil(readers).next_multiple_of(4096)
+    len.div_ceil(readers).max(PIECE_MIN).next_multiple_of(4096)
 }
 
 /// `dst.copy_from_slice(src)`, spread over `threads` threads when large.
