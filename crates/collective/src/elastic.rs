@@ -189,7 +189,7 @@ pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
 }
 
 /// The group's id: the same on every rank that was given the same addresses.
-fn group_id(addrs: &[SocketAddr]) -> u64 {
+pub fn group_id(addrs: &[SocketAddr]) -> u64 {
     // FNV-1a over the addresses' text: stable across processes (no random hasher keys).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for a in addrs {
@@ -203,6 +203,13 @@ fn group_id(addrs: &[SocketAddr]) -> u64 {
 
 struct State {
     member: Member,
+    /// Every rank slot's address (a slot outside the view takes the address its datagrams
+    /// come from: a replacement process, or a joiner not known at creation).
+    peers: Vec<SocketAddr>,
+    /// Whether we wait to be added (told to every slot with our heartbeats), and which slots
+    /// said so in their last heartbeat.
+    ready: bool,
+    ready_in: Vec<bool>,
     /// When each rank was last heard from.
     heard: Vec<Instant>,
     next_heartbeat: Instant,
@@ -230,7 +237,8 @@ fn write_masks(st: &State) {
 struct Shared {
     rank: Rank,
     id: u64,
-    peers: Vec<SocketAddr>,
+    /// The group's slots (fixed).
+    slots: usize,
     sock: UdpSocket,
     settings: ElasticSettings,
     state: Mutex<State>,
@@ -274,14 +282,17 @@ impl Shared {
             let f = self.announcement(*epoch, key, value);
             for &r in &view.members {
                 if r != self.rank {
-                    self.send(r, &f);
+                    self.send(st, r, &f);
                 }
             }
         }
     }
 
-    fn send(&self, to: Rank, bytes: &[u8]) {
-        let Some(addr) = self.peers.get(to) else { return };
+    fn send(&self, st: &State, to: Rank, bytes: &[u8]) {
+        let Some(addr) = st.peers.get(to) else { return };
+        if addr.port() == 0 {
+            return; // a slot whose process we have not heard from yet
+        }
         if let Err(e) = self.sock.send_to(bytes, addr) {
             // A lost datagram is a silent member to the protocol: it retries or suspects.
             log::debug!("elastic rank {}: sending to rank {to} at {addr}: {e}", self.rank);
@@ -294,7 +305,7 @@ impl Shared {
         while let Some((to, m)) = st.member.poll_transmit() {
             let mut f = self.frame(MESSAGE);
             encode(&m, &mut f);
-            self.send(to, &f);
+            self.send(st, to, &f);
         }
         while let Some(ev) = st.member.poll_event() {
             match &ev {
@@ -320,8 +331,8 @@ impl Shared {
         }
     }
 
-    fn receive(&self, buf: &[u8], now: Instant) {
-        let max = self.peers.len().saturating_sub(1);
+    fn receive(&self, buf: &[u8], src: SocketAddr, now: Instant) {
+        let max = self.slots.saturating_sub(1);
         let Some(rest) = buf.strip_prefix(MAGIC) else { return };
         let Some((id, rest)) = rest.split_at_checked(8) else { return };
         if id != self.id.to_le_bytes() {
@@ -335,19 +346,29 @@ impl Shared {
         }
         let mut st = self.lock();
         st.heard[from] = now;
+        if st.peers[from] != src && !st.member.view().members.contains(&from) {
+            // A process in a slot outside the view (a replacement, a joiner): its address is
+            // where it sends from. A member's address never changes this way.
+            log::info!("elastic rank {}: rank {from} is now at {src}", self.rank);
+            st.peers[from] = src;
+        }
         match kind {
             HEARTBEAT => {
-                let Some(theirs) = body.try_into().ok().map(u64::from_le_bytes) else { return };
+                let Some((theirs, flags)) = body.split_at_checked(8) else { return };
+                let Ok(theirs) = <[u8; 8]>::try_from(theirs).map(u64::from_le_bytes) else {
+                    return;
+                };
+                st.ready_in[from] = flags.first().is_some_and(|f| f & 1 == 1);
                 let view = st.member.view().clone();
                 if theirs < view.epoch && !view.members.contains(&from) {
-                    // A rank removed while it was away: it learns so.
+                    // A rank removed while it was away learns so; a joiner learns the view.
                     let mut f = self.frame(MESSAGE);
                     encode(&Message::Stale { view }, &mut f);
-                    self.send(from, &f);
+                    self.send(&st, from, &f);
                 } else if theirs > view.epoch && !st.member.is_fenced() {
                     let mut f = self.frame(MESSAGE);
                     encode(&Message::CatchUp { epoch: view.epoch }, &mut f);
-                    self.send(from, &f);
+                    self.send(&st, from, &f);
                 }
             }
             MESSAGE => {
@@ -384,10 +405,11 @@ impl Shared {
             st.next_heartbeat = now + self.settings.heartbeat;
             let mut f = self.frame(HEARTBEAT);
             f.extend_from_slice(&st.member.view().epoch.to_le_bytes());
+            f.push(u8::from(st.ready && st.member.is_joining()));
             if !st.member.is_fenced() {
-                for r in 0..self.peers.len() {
+                for r in 0..self.slots {
                     if r != self.rank {
-                        self.send(r, &f);
+                        self.send(&st, r, &f);
                     }
                 }
                 self.repeat_announcements(&st);
@@ -422,12 +444,16 @@ impl Elastic {
         Ok((sock, addr))
     }
 
-    /// Starts rank `rank`'s driver: `peers` are every rank slot's published address, `view`
-    /// the group's first view (a joiner waits outside it to be added).
+    /// Starts rank `rank`'s driver: `peers` are every rank slot's address as published (a
+    /// port of 0 for a slot not known yet: it is learned from the slot's datagrams while the
+    /// slot is outside the view), `id` the group's (every rank's the same: datagrams of other
+    /// groups are dropped, see [`group_id`]), `view` the group's first view (a joiner, outside
+    /// it, follows the views it learns until one adds it).
     pub fn start(
         sock: UdpSocket,
         rank: Rank,
         peers: Vec<SocketAddr>,
+        id: u64,
         view: View,
         settings: ElasticSettings,
     ) -> Result<Self> {
@@ -442,9 +468,13 @@ impl Elastic {
             .map_err(|e| Error::invalid(format!("elastic membership: socket timeout: {e}")))?;
         let now = Instant::now();
         let first = view.epoch;
+        let slots = peers.len();
         let state = State {
             member: Member::new(rank, view, settings.agreement),
-            heard: vec![now; peers.len()],
+            peers,
+            ready: false,
+            ready_in: vec![false; slots],
+            heard: vec![now; slots],
             next_heartbeat: now,
             mine: Vec::new(),
             theirs: std::collections::HashMap::new(),
@@ -452,8 +482,8 @@ impl Elastic {
         };
         let shared = Arc::new(Shared {
             rank,
-            id: group_id(&peers),
-            peers,
+            id,
+            slots,
             sock,
             settings,
             state: Mutex::new(state),
@@ -498,6 +528,36 @@ impl Elastic {
         self.shared.lock().member.is_fenced()
     }
 
+    /// Whether this rank waits to be added (it was never in a view).
+    pub fn is_joining(&self) -> bool {
+        self.shared.lock().member.is_joining()
+    }
+
+    /// Tells every slot, with our heartbeats (the next one now), that we wait to be added.
+    pub fn set_ready(&self) {
+        let mut st = self.shared.lock();
+        st.ready = true;
+        st.next_heartbeat = Instant::now();
+    }
+
+    /// Each slot as this rank knows it, without asking anyone: `(heard, ready)`, whether its
+    /// process was heard from within the eviction timeout (ours: true), and whether it said
+    /// it waits to be added.
+    pub fn peer_states(&self) -> Vec<(bool, bool)> {
+        let st = self.shared.lock();
+        let now = Instant::now();
+        (0..self.shared.slots)
+            .map(|r| {
+                if r == self.shared.rank {
+                    return (true, st.ready && st.member.is_joining());
+                }
+                let heard = now.duration_since(st.heard[r]) <= self.shared.settings.eviction
+                    && st.peers[r].port() != 0;
+                (heard, heard && st.ready_in[r])
+            })
+            .collect()
+    }
+
     /// Evidence that `ranks` failed (the engine saw them die, a collective timed out on them).
     pub fn suspect(&self, ranks: &[Rank]) -> Result<()> {
         self.check_ranks("suspect", ranks)?;
@@ -513,7 +573,7 @@ impl Elastic {
     /// Refuses ranks outside the group's slots (they would reach no member, or be committed
     /// into a view no rank can address).
     fn check_ranks(&self, what: &str, ranks: &[Rank]) -> Result<()> {
-        let slots = self.shared.peers.len();
+        let slots = self.shared.slots;
         match ranks.iter().find(|&&r| r >= slots) {
             Some(r) => Err(Error::invalid(format!(
                 "elastic membership: {what} names rank {r} of a group of {slots} slots"
@@ -641,7 +701,7 @@ fn drive(s: &Shared) {
         // a call since the last pass fire without waiting for an older due time.
         s.tick(Instant::now());
         match s.sock.recv_from(&mut buf) {
-            Ok((n, _)) => s.receive(&buf[..n], Instant::now()),
+            Ok((n, src)) => s.receive(&buf[..n], src, Instant::now()),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -728,7 +788,7 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(r, (s, _))| {
-                Elastic::start(s, r, addrs.clone(), view.clone(), settings)
+                Elastic::start(s, r, addrs.clone(), group_id(&addrs), view.clone(), settings)
                     .unwrap_or_else(|e| panic!("{e}"))
             })
             .collect()
@@ -766,6 +826,63 @@ mod tests {
         for m in &masks {
             assert_eq!(*m, [0, 1, 1, 1]);
         }
+    }
+
+    #[test]
+    fn a_replacement_in_a_dead_ranks_slot_follows_the_view_and_is_added() {
+        let settings = ElasticSettings {
+            heartbeat: Duration::from_millis(20),
+            eviction: Duration::from_millis(500),
+            agreement: Settings {
+                reconciliation_window: Duration::from_millis(10),
+                phase_timeout: Duration::from_millis(500),
+            },
+        };
+        let bound: Vec<(UdpSocket, SocketAddr)> =
+            (0..3).map(|_| Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"))).collect();
+        let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.1).collect();
+        let id = group_id(&addrs);
+        let view = View { epoch: 0, members: set(&[0, 1, 2]) };
+        let mut g: Vec<Elastic> = bound
+            .into_iter()
+            .enumerate()
+            .map(|(r, (s, _))| {
+                Elastic::start(s, r, addrs.clone(), id, view.clone(), settings)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        g.pop(); // rank 2 dies
+        for e in &g {
+            let (v, _) = e.wait_view(0, Duration::from_secs(20));
+            assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) });
+        }
+        // A new process for slot 2 on a new port, knowing the founders' addresses and view
+        // (without itself): it learns the group's view, is not fenced, and says it is ready.
+        let (sock, _) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let first = View { epoch: 0, members: set(&[0, 1]) };
+        let joiner = Elastic::start(sock, 2, addrs.clone(), id, first, settings)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (v, fenced) = joiner.wait_view(0, Duration::from_secs(20));
+        assert!(!fenced && joiner.is_joining());
+        assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) });
+        joiner.set_ready();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !g[0].peer_states()[2].1 {
+            assert!(Instant::now() < end, "the members never saw the joiner ready");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Rank 0 only asks; every member and the joiner install the view with slot 2 again.
+        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
+        for e in g.iter().chain([&joiner]) {
+            let (v, fenced) = e.wait_view(1, Duration::from_secs(20));
+            assert!(!fenced);
+            assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+        }
+        assert!(!joiner.is_joining());
+        // It stays: heartbeats reach it at its new address (nobody evicts it).
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(g[1].view(), View { epoch: 2, members: set(&[0, 1, 2]) });
+        assert_eq!(g[1].peer_states()[2], (true, false), "heard, and no longer waiting");
     }
 
     #[test]

@@ -166,6 +166,9 @@ pub struct Member {
     view: View,
     /// Removed from the group: nothing more is done.
     fenced: bool,
+    /// Not in the view yet (a joiner waiting to be added): views without it are followed,
+    /// not taken as its removal, and it asks for nothing.
+    joining: bool,
     /// Ranks this member found dead, or was asked to remove, not yet out of the view.
     remove: BTreeSet<Rank>,
     /// Ranks asked to join, not yet in the view.
@@ -185,11 +188,13 @@ pub struct Member {
 }
 
 impl Member {
-    /// Rank `me` in `view` (`me` must be a member, or a joiner that waits to be added).
+    /// Rank `me` in `view` (`me` must be a member, or a joiner that waits to be added: it
+    /// follows the views it learns until one includes it).
     pub fn new(me: Rank, view: View, settings: Settings) -> Self {
         Self {
             me,
             settings,
+            joining: !view.members.contains(&me),
             view,
             fenced: false,
             remove: BTreeSet::new(),
@@ -215,6 +220,11 @@ impl Member {
         self.fenced
     }
 
+    /// Whether this rank waits to be added (it has never been in a view).
+    pub fn is_joining(&self) -> bool {
+        self.joining
+    }
+
     /// The leader this member sees: the lowest member it does not suspect.
     pub fn leader(&self) -> Option<Rank> {
         self.view.members.iter().copied().find(|r| !self.remove.contains(r))
@@ -222,7 +232,7 @@ impl Member {
 
     /// Asks for a change: `remove` (a planned shrink) and `add` (activation, recovery).
     pub fn request(&mut self, now: Instant, remove: &[Rank], add: &[Rank]) {
-        if self.fenced {
+        if self.fenced || self.joining {
             return;
         }
         self.remove.extend(remove.iter().copied().filter(|r| self.view.members.contains(r)));
@@ -232,7 +242,7 @@ impl Member {
 
     /// The local failure detector found `rank` dead (or silent past its deadline).
     pub fn suspect(&mut self, now: Instant, rank: Rank) {
-        if self.fenced || rank == self.me || !self.view.members.contains(&rank) {
+        if self.fenced || self.joining || rank == self.me || !self.view.members.contains(&rank) {
             return;
         }
         if self.remove.insert(rank) {
@@ -329,6 +339,13 @@ impl Member {
             return;
         }
         let removed = !view.members.contains(&self.me);
+        if removed && self.joining {
+            // Not added yet: the joiner follows the group's view (and answers nobody).
+            self.view = view.clone();
+            self.events.push(Event::Installed(view));
+            return;
+        }
+        self.joining = false;
         self.view = view.clone();
         self.remove.retain(|r| self.view.members.contains(r));
         self.add.retain(|r| !self.view.members.contains(r));
@@ -367,6 +384,13 @@ impl Member {
         if let Message::Commit { epoch: e, view } = &m {
             if *e >= epoch {
                 self.install(now, view.clone());
+            }
+            return;
+        }
+        if self.joining {
+            // A joiner takes part in no round; a sender ahead of it tells it the view.
+            if m.epoch() > epoch && !matches!(m, Message::CatchUp { .. }) {
+                self.send(from, Message::CatchUp { epoch });
             }
             return;
         }
@@ -758,6 +782,37 @@ mod tests {
         net.run(Duration::from_secs(10));
         assert_eq!(net.agreed(), View { epoch: 1, members: set(&[0, 1, 2]) });
         assert_eq!(net.members[2].view().members, set(&[0, 1, 2]));
+    }
+
+    #[test]
+    fn a_joiner_behind_the_group_follows_its_views_and_is_added() {
+        // Rank 2 dies, the others agree without it; a replacement starts knowing only the
+        // founders' view (epoch 0): it learns the group's view without being fenced, and the
+        // members add it.
+        let mut net = Net::new(3, &[0, 1, 2]);
+        net.stopped.insert(2);
+        net.detections.push((net.now + 10 * MS, 0, 2));
+        net.detections.push((net.now + 10 * MS, 1, 2));
+        net.run(Duration::from_secs(1));
+        assert_eq!(net.agreed(), View { epoch: 1, members: set(&[0, 1]) });
+        let settings = Settings { reconciliation_window: 5 * MS, phase_timeout: 100 * MS };
+        net.members[2] = Member::new(2, View { epoch: 0, members: set(&[0, 1]) }, settings);
+        net.stopped.remove(&2);
+        let now = net.now;
+        // What a member answers to a heartbeat of a rank behind it and outside its view.
+        let stale = Message::Stale { view: net.members[0].view().clone() };
+        net.members[2].handle_message(now, 0, stale);
+        assert!(!net.members[2].is_fenced() && net.members[2].is_joining());
+        assert_eq!(net.members[2].view().epoch, 1);
+        // Asking for anything, or suspecting anyone, does nothing while joining.
+        net.members[2].request(now, &[0], &[]);
+        net.members[2].suspect(now, 1);
+        assert!(net.members[2].poll_transmit().is_none());
+        net.members[1].request(now, &[], &[2]);
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.agreed(), View { epoch: 2, members: set(&[0, 1, 2]) });
+        assert_eq!(net.members[2].view(), &View { epoch: 2, members: set(&[0, 1, 2]) });
+        assert!(!net.members[2].is_joining() && !net.members[2].is_fenced());
     }
 
     #[test]

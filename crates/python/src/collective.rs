@@ -434,13 +434,15 @@ impl PyElastic {
         self.addr.clone()
     }
 
-    /// Starts rank `rank` of the slots whose addresses are `peers`, in the view `(epoch,
-    /// members)`, with the timeouts in seconds.
+    /// Starts rank `rank` of the slots whose addresses are `peers` (`""` for a slot not known
+    /// yet), in group `group_id` and the view `(epoch, members)` (a joiner: a view without
+    /// itself), with the timeouts in seconds.
     #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         rank: usize,
         peers: Vec<String>,
+        group_id: u64,
         epoch: u64,
         members: Vec<usize>,
         heartbeat_s: f64,
@@ -448,9 +450,13 @@ impl PyElastic {
         window_s: f64,
         phase_s: f64,
     ) -> PyResult<()> {
+        let unknown = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
         let peers = peers
             .iter()
-            .map(|p| p.parse().map_err(|e| errors::invalid(format!("address {p:?}: {e}"))))
+            .map(|p| match p.as_str() {
+                "" => Ok(unknown),
+                _ => p.parse().map_err(|e| errors::invalid(format!("address {p:?}: {e}"))),
+            })
             .collect::<PyResult<Vec<std::net::SocketAddr>>>()?;
         let settings = ElasticSettings {
             heartbeat: secs("heartbeat", heartbeat_s)?,
@@ -467,7 +473,7 @@ impl PyElastic {
             .take()
             .ok_or_else(|| errors::invalid("elastic membership was started already".into()))?;
         let view = View { epoch, members: members.into_iter().collect() };
-        let e = Elastic::start(sock, rank, peers, view, settings).map_err(to_py)?;
+        let e = Elastic::start(sock, rank, peers, group_id, view, settings).map_err(to_py)?;
         *self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(e));
         Ok(())
     }
@@ -494,6 +500,21 @@ impl PyElastic {
             let v = e.view();
             (v.epoch, v.members.into_iter().collect(), e.is_fenced())
         })
+    }
+
+    /// Whether this rank waits to be added (it was never in a view).
+    fn is_joining(&self) -> PyResult<bool> {
+        self.with(Elastic::is_joining)
+    }
+
+    /// Tells every slot that this rank waits to be added.
+    fn set_ready(&self) -> PyResult<()> {
+        self.with(Elastic::set_ready)
+    }
+
+    /// Each slot as this rank knows it: `(heard, ready)` (see the Rust `peer_states`).
+    fn peer_states(&self) -> PyResult<Vec<(bool, bool)>> {
+        self.with(Elastic::peer_states)
     }
 
     /// Evidence that `ranks` failed.
