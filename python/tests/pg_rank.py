@@ -315,13 +315,24 @@ def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
     if objs != list(range(size)):
         bad.append(f"all_gather_object on a subgroup {objs}")
     dist.barrier(group=sub_cpu)
+    # Recovering a rank that is active changes nothing; only a joining rank may join.
+    epoch = mpg.get_current_epoch(sub_cpu)
     for call in (mpg.recover_ranks, mpg.activate_ranks):
-        try:
-            call(dist.group.WORLD, [0])
-            bad.append(f"{call.__name__} did not raise")
-        except NotImplementedError as e:
-            if "elastic membership" not in str(e):
-                bad.append(f"{call.__name__}: {e}")
+        resp = call(sub_cpu, [0])
+        if (resp.status, resp.new_epoch) != (mpg.ProposalStatus.Applied, epoch) or resp.status != 1:
+            bad.append(f"{call.__name__} of an active rank: {resp}")
+    if mpg.ViewUpdateStatus is not mpg.ProposalStatus or [int(s_) for s_ in mpg.SyncAfterFailureStatus] != [0, 1, 2]:
+        bad.append("status enums")
+    try:
+        mpg.join_group(sub_cpu)
+        bad.append("join_group on a founder did not raise")
+    except RuntimeError as e:
+        if "not joining" not in str(e):
+            bad.append(f"join_group: {e}")
+    if mpg.sync_after_failure(sub_cpu).status != mpg.SyncAfterFailureStatus.NoPending:
+        bad.append("sync_after_failure with nothing pending")
+    if mpg.get_num_synced_ranks(sub_cpu) != 0:
+        bad.append("synced ranks without a joiner")
     # Both constructor families and the refused combination.
     o = mpg.MooncakeBackendOptions(16, False, True, False)
     if (o.max_group_size, o.auto_deactivate_on_failure, o.auto_sync_on_failure) != (16, True, False):
@@ -446,6 +457,103 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         bad.append(f"scatter {s_out.tolist()}")
     dist.barrier()
     out["after"] = bad
+    dist.destroy_process_group()
+    return out
+
+
+def body_joiners(rank: int, size: int, port: int, arg: str) -> Any:
+    """Ranks joining a `mooncake-cpu` group (arg "replace" or "extend"). "replace": processes
+    0-3 form a group of 4; rank 2 is SIGKILLed; once the others agreed without it, process 4
+    starts in slot 2 (`is_extension=True`), works alone, calls `join_group`; the survivors see
+    it ready (`get_peer_state`), call `recover_ranks`, and everyone all_reduces over 4 ranks
+    again. "extend": processes 0-1 form a group of 2 with room for 3; process 2 joins as rank
+    2 the same way. Each reports its mask, epoch, sums and timings."""
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    mpg.set_eviction_timeout_us(1_000_000)
+    flag = f"/tmp/tw-joiners-{port}"
+    replace = arg == "replace"
+    slots = 4 if replace else 3
+    founders = 4 if replace else 2
+    joiner = rank == size - 1
+    me = 2 if joiner else rank
+    if joiner:
+        # Starts once the group is ready for it (after the victim is gone, for "replace").
+        end = time.monotonic() + 60
+        while not os.path.exists(flag):
+            if time.monotonic() > end:
+                return ["the founders never said to start"]
+            time.sleep(0.01)
+    active = torch.zeros(slots, dtype=torch.int32)
+    active[:founders] = 1
+    opts = mpg.MooncakeBackendOptions(active, joiner, slots)
+    dist.init_process_group(
+        "mooncake-cpu",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=me,
+        world_size=slots if joiner else founders,
+        timeout=timedelta(seconds=20),
+        pg_options=opts,
+    )
+    pg = dist.group.WORLD
+    out: Dict[str, Any] = {}
+    value = float(me + 1)
+    if joiner:
+        # Alone until added: its collectives involve itself.
+        t = torch.full((4,), value)
+        dist.all_reduce(t)
+        out["alone"] = t.tolist()
+        out["mask_alone"] = active.tolist()
+        start = time.monotonic()
+        mpg.join_group(pg)
+        out["joined_after"] = time.monotonic() - start
+    else:
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        if replace and rank == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if replace:
+            try:
+                big = torch.ones(1 << 16)
+                for _ in range(10000):
+                    dist.all_reduce(big)
+            except Exception:  # noqa: BLE001
+                pass
+            end = time.monotonic() + 30
+            while pg._elastic.epoch() < 1 and time.monotonic() < end:
+                time.sleep(0.005)
+        out["mask_before"] = active.tolist()
+        if rank == 0:
+            open(flag, "w").close()
+        end = time.monotonic() + 60
+        while not mpg.get_peer_state(pg, [2])[0]:
+            if time.monotonic() > end:
+                return ["the joiner never became ready"]
+            time.sleep(0.005)
+        out["synced"] = mpg.get_num_synced_ranks(pg)
+        start = time.monotonic()
+        resp = mpg.recover_ranks(pg, [2])
+        out["recover"] = [int(resp.status), resp.new_epoch, resp.dropped_ranks, resp.reject_reason]
+        out["recovered_after"] = time.monotonic() - start
+    first = time.monotonic()
+    t = torch.full((4,), value)
+    dist.all_reduce(t)
+    out["first_collective_s"] = time.monotonic() - first
+    out["sum"] = t.tolist()
+    g = torch.empty(slots * 2)
+    dist.all_gather_into_tensor(g, torch.full((2,), value))
+    out["gathered"] = g.tolist()
+    dist.barrier()
+    out["mask"] = mpg.get_active_ranks(pg).tolist()
+    out["same_tensor"] = mpg.get_active_ranks(pg) is active
+    out["epoch"] = mpg.get_current_epoch(pg)
+    out["peer_state"] = mpg.get_peer_state(pg, list(range(slots)))
+    dist.barrier()
+    if rank == 0:
+        os.unlink(flag)
     dist.destroy_process_group()
     return out
 
@@ -703,6 +811,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "cuda": body_cuda,
     "cuda_failure": body_cuda_failure,
     "elastic": body_elastic,
+    "joiners": body_joiners,
     "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,

@@ -112,6 +112,35 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
         assert out["regrouped"] == [2.0, 2.0], f"rank {rank}: {out['regrouped']}"
 
 
+@pytest.mark.parametrize("how", ["replace", "extend"])
+def test_a_joining_rank_works_alone_then_is_recovered_into_its_slot(how: str) -> None:
+    """A replacement in a dead rank's slot (4 ranks, rank 2 killed) or a rank beyond the
+    founders (2 ranks with room for 3) starts alone, calls join_group; the others see it ready,
+    recover it, and every collective includes it again, on every rank with the same mask and
+    epoch written into the caller's tensor."""
+    size = 5 if how == "replace" else 3
+    results = run_group("joiners", size, how, deadline=120, expect_dead=2 if how == "replace" else -1)
+    slots = 4 if how == "replace" else 3
+    want_sum = [float(sum(r + 1 for r in range(slots)))] * 4
+    epoch = 2 if how == "replace" else 1
+    for proc, out in enumerate(results):
+        if out is None:
+            continue
+        assert isinstance(out, dict), f"process {proc}: {out}"
+        assert out["sum"] == want_sum, f"process {proc}: {out}"
+        assert out["gathered"] == [float(r + 1) for r in range(slots) for _ in range(2)], f"process {proc}: {out}"
+        assert out["mask"] == [1] * slots and out["same_tensor"], f"process {proc}: {out}"
+        assert out["epoch"] == epoch and out["peer_state"] == [True] * slots, f"process {proc}: {out}"
+        if proc == size - 1:
+            assert out["alone"] == [3.0] * 4, f"the joiner alone: {out}"
+            assert out["mask_alone"] == [0, 0, 1] + [0] * (slots - 3), f"the joiner alone: {out}"
+        else:
+            assert out["recover"][0] == 1 and out["recover"][1] == epoch, f"process {proc}: {out}"
+            assert out["synced"] == 1, f"process {proc}: {out}"
+            before = [1, 1, 0, 1] if how == "replace" else [1, 1, 0]
+            assert out["mask_before"] == before, f"process {proc}: {out}"
+
+
 def test_the_mooncake_pg_names_sglang_calls() -> None:
     for rank, bad in enumerate(run_group("mooncake", 2)):
         assert bad == [], f"rank {rank}: {bad}"

@@ -397,7 +397,14 @@ class ProcessGroupTidewire(dist.ProcessGroup):
     """One group of the ``tidewire`` backend (see the module's documentation)."""
 
     def __init__(
-        self, store: Any, rank: int, size: int, timeout: timedelta, backend: str = BACKEND, cuda: bool = True
+        self,
+        store: Any,
+        rank: int,
+        size: int,
+        timeout: timedelta,
+        backend: str = BACKEND,
+        cuda: bool = True,
+        joiner: bool = False,
     ) -> None:
         super().__init__(rank, size)
         self._rank, self._size = rank, size
@@ -419,7 +426,21 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         #: membership change removes some), and the epoch it was formed at.
         self._members: List[int] = list(range(size))
         self._comm_epoch = 0
+        #: A rank joining an elastic group (`is_extension`): until it is added, its
+        #: collectives involve itself alone (a communicator of one).
+        self._joining = joiner
+        #: Whether a changed view re-forms the group at the next call (else only
+        #: `sync_after_failure` does).
+        self._auto_sync = True
         eng = engine()
+        if joiner:
+            self._members = [rank]
+            region = _native.Communicator.allocate_region(eng._native, 1, _ring_bytes(1))
+            self._comm = _native.Communicator(eng._native, 0, region, [(eng.name, region[0], os.getpid())], timeout.total_seconds())
+            self._store = store
+            self._cuda = None
+            self._cuda_allowed = False
+            return
         region = _native.Communicator.allocate_region(eng._native, size, _ring_bytes(size))
         try:
             infos = exchange(store, rank, size, "tidewire/region", {"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid()}, timeout)
@@ -448,6 +469,11 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             self._start_cuda(torch.cuda.current_device())
 
     # --- identity -------------------------------------------------------------------------
+    def size(self) -> int:
+        """The group's rank slots: the world size it was created with, grown to the highest
+        active rank + 1 when an elastic group is extended."""
+        return self._size
+
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return self._backend
 
@@ -530,7 +556,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """Re-forms the communicator over the members of the view in force when it changed: every
         member does so at its next call into the group, exchanging its new rings' address
         through the membership (the store may have died with its rank)."""
-        if self._elastic is None or self._elastic.epoch() == self._comm_epoch:
+        if self._elastic is None or self._joining or self._elastic.epoch() == self._comm_epoch:
             return
         epoch, members, fenced = self._elastic.view()
         if fenced:
@@ -540,6 +566,15 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             )
         if epoch == self._comm_epoch:
             return
+        if not self._auto_sync:
+            raise RuntimeError(
+                f"tidewire: rank {self._rank}: the group's view changed (epoch {epoch}, active {members}) and "
+                "it re-forms only when told: call mooncake.pg.sync_after_failure(pg) first"
+            )
+        self._reform(epoch, members)
+
+    def _reform(self, epoch: int, members: List[int]) -> None:
+        """Forms the communicator over `members` at `epoch` (every member does the same)."""
         eng = engine()
         n, me = len(members), members.index(self._rank)
         region = _native.Communicator.allocate_region(eng._native, n, _ring_bytes(n))
@@ -561,15 +596,20 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             self._cuda = None
         self._cuda_allowed = False
         self._members, self._comm_epoch = list(members), epoch
+        # A group extended past its first size grows (Mooncake: the highest active rank + 1).
+        self._size = max(self._size, max(members) + 1)
         logging.getLogger("tidewire").warning(
             "tidewire: rank %d: the group continues over ranks %s (epoch %d)", self._rank, members, epoch
         )
 
     def _sync_mask(self) -> None:
-        """Writes the view in force into the caller's mask tensor, in place, when it changed."""
+        """Writes the view in force into the caller's mask tensor, in place, when it changed
+        (a joiner not added yet: itself alone)."""
         if self._elastic is None or self._active_ranks is None or self._elastic.epoch() == self._mask_epoch:
             return
         epoch, members, fenced = self._elastic.view()
+        if self._joining:
+            members = [self._rank]
         mask = torch.zeros(self._active_ranks.numel(), dtype=torch.int32)
         for r in members:
             if r < mask.numel():

@@ -46,6 +46,9 @@ pub struct ElasticSettings {
     pub eviction: Duration,
     /// The agreement's reconciliation window and phase deadline.
     pub agreement: Settings,
+    /// Whether a member silent for the eviction timeout is removed (else it is only shown as
+    /// not heard, and the caller decides).
+    pub evict: bool,
 }
 
 impl Default for ElasticSettings {
@@ -54,6 +57,7 @@ impl Default for ElasticSettings {
             heartbeat: Duration::from_millis(100),
             eviction: Duration::from_secs(5),
             agreement: Settings::default(),
+            evict: true,
         }
     }
 }
@@ -417,7 +421,10 @@ impl Shared {
         }
         let members: Vec<Rank> = st.member.view().members.iter().copied().collect();
         for r in members {
-            if r != self.rank && now.duration_since(st.heard[r]) > self.settings.eviction {
+            if self.settings.evict
+                && r != self.rank
+                && now.duration_since(st.heard[r]) > self.settings.eviction
+            {
                 st.member.suspect(now, r);
             }
         }
@@ -804,6 +811,7 @@ mod tests {
                 reconciliation_window: Duration::from_millis(10),
                 phase_timeout: Duration::from_millis(500),
             },
+            evict: true,
         };
         let mut g = group(4, settings);
         // The caller's masks, written by the driver threads.
@@ -837,6 +845,7 @@ mod tests {
                 reconciliation_window: Duration::from_millis(10),
                 phase_timeout: Duration::from_millis(500),
             },
+            evict: true,
         };
         let bound: Vec<(UdpSocket, SocketAddr)> =
             (0..3).map(|_| Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"))).collect();
@@ -914,6 +923,7 @@ mod tests {
                 reconciliation_window: Duration::from_millis(10),
                 phase_timeout: hour,
             },
+            evict: true,
         };
         let g = group(3, settings);
         g[1].request(&[2], &[]).unwrap_or_else(|e| panic!("{e}"));

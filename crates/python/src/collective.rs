@@ -436,7 +436,7 @@ impl PyElastic {
 
     /// Starts rank `rank` of the slots whose addresses are `peers` (`""` for a slot not known
     /// yet), in group `group_id` and the view `(epoch, members)` (a joiner: a view without
-    /// itself), with the timeouts in seconds.
+    /// itself), with the timeouts in seconds; `evict`: whether a silent member is removed.
     #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
@@ -449,6 +449,7 @@ impl PyElastic {
         eviction_s: f64,
         window_s: f64,
         phase_s: f64,
+        evict: bool,
     ) -> PyResult<()> {
         let unknown = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
         let peers = peers
@@ -465,6 +466,7 @@ impl PyElastic {
                 reconciliation_window: secs("reconciliation window", window_s)?,
                 phase_timeout: secs("phase timeout", phase_s)?,
             },
+            evict,
         };
         let sock = self
             .sock

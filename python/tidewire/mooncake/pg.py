@@ -37,7 +37,13 @@ on. Not yet: joiners (``is_extension``, ``join_group``, ``activate_ranks``,
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import enum
+import hashlib
+import json
+import os as _os
+import time
+from datetime import timedelta
+from typing import Any, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,30 +52,32 @@ from .. import distributed as _tw
 
 __all__ = [
     "MooncakeBackendOptions",
+    "ProposalStatus",
+    "SyncAfterFailureResponse",
+    "SyncAfterFailureStatus",
+    "ViewUpdateResponse",
+    "ViewUpdateStatus",
     "activate_ranks",
     "deactivate_ranks",
     "get_active_ranks",
     "get_current_epoch",
     "get_failed_ranks_hint",
     "get_local_success",
+    "get_num_synced_ranks",
     "get_peer_state",
     "join_group",
     "recover_ranks",
     "set_agreement_phase_timeout_us",
+    "set_collective_timeout_us",
     "set_device_filter",
     "set_eviction_timeout_us",
     "set_fault_reconciliation_window_us",
     "set_heartbeat_interval_us",
     "set_host_ip",
+    "set_join_timeout_us",
     "sync_after_failure",
 ]
 
-_ELASTIC = (
-    "tidewire: {} (ranks joining a group) is not implemented yet: elastic membership removes ranks "
-    "(failures, deactivate_ranks) but does not add them"
-)
-
-import os as _os
 
 #: Elastic membership's timeouts in microseconds (setters below; environment overrides).
 _settings = {
@@ -77,7 +85,46 @@ _settings = {
     "eviction": int(_os.environ.get("TIDEWIRE_PG_EVICTION_US", 5_000_000)),
     "reconciliation": int(_os.environ.get("TIDEWIRE_PG_RECONCILIATION_US", 20_000)),
     "phase": int(_os.environ.get("TIDEWIRE_PG_PHASE_US", 2_000_000)),
+    "join": int(_os.environ.get("TIDEWIRE_PG_JOIN_US", 300_000_000)),
+    # 0: the timeout torch hands the group (init_process_group's / new_group's `timeout`).
+    "collective": int(_os.environ.get("TIDEWIRE_PG_COLLECTIVE_TIMEOUT_US", 0)),
 }
+
+
+class ProposalStatus(enum.IntEnum):
+    """How a membership change (``activate_ranks``, ``recover_ranks``, ``deactivate_ranks``)
+    ended."""
+
+    Rejected = 0
+    Applied = 1
+    AppliedWithDroppedRanks = 2
+
+
+#: Mooncake's other name for it.
+ViewUpdateStatus = ProposalStatus
+
+
+class SyncAfterFailureStatus(enum.IntEnum):
+    """How ``sync_after_failure`` ended."""
+
+    Reconciled = 0
+    NoPending = 1
+    Rejected = 2
+
+
+class ViewUpdateResponse(NamedTuple):
+    """What a membership change returns: its status, the epoch in force after it, the ranks
+    the view lost on the way (other than those asked for), and why it was rejected."""
+
+    status: ProposalStatus
+    new_epoch: int
+    dropped_ranks: List[int]
+    reject_reason: str
+
+
+class SyncAfterFailureResponse(NamedTuple):
+    status: SyncAfterFailureStatus
+    reject_reason: str
 
 
 def _set(name: str, us: int) -> None:
@@ -102,32 +149,74 @@ def set_fault_reconciliation_window_us(us: int) -> None:
     _set("reconciliation", us)
 
 
+def set_join_timeout_us(us: int) -> None:
+    """How long ``join_group`` waits to be added (300 s unless set): set it above the time the
+    other ranks take to notice the joiner and call ``recover_ranks``."""
+    _set("join", us)
+
+
+def set_collective_timeout_us(us: int) -> None:
+    """The timeout of groups created afterwards (every collective and point-to-point wait of
+    the group, and its membership calls), instead of the one torch hands the backend."""
+    _set("collective", us)
+
+
 def set_agreement_phase_timeout_us(us: int) -> None:
     """How long the agreement waits for a rank's answer (or a leader's progress) before it
     suspects it."""
     _set("phase", us)
 
 
-def _start_membership(pg: "_tw.ProcessGroupTidewire", rank: int, size: int, mask: Optional[torch.Tensor]) -> None:
-    """Binds this rank's membership socket, exchanges addresses through the group's store
-    (while every rank is there, at creation) and starts the agreement."""
+def _group_id(peers: Sequence[str]) -> int:
+    """A group's id from its founders' addresses (datagrams of other groups are dropped)."""
+    return int.from_bytes(hashlib.sha256(json.dumps(list(peers)).encode()).digest()[:8], "little")
+
+
+def _start_membership(
+    pg: "_tw.ProcessGroupTidewire", rank: int, size: int, slots: int, mask: Optional[torch.Tensor], joiner: bool
+) -> None:
+    """Binds this rank's membership socket and starts the agreement. Founders (every rank of
+    the group's creation) exchange addresses through the store and publish them, with the
+    group's id, for later joiners; a joiner (a replacement in a dead rank's slot, or a rank
+    beyond the founders) reads them and follows the group's views until it is added."""
     from .. import _native
 
     from .._store import exchange
 
     member = _native.ElasticMember(_tw._host)
-    peers = exchange(pg._store, rank, size, "tidewire/elastic", member.address, pg._timeout)
-    active = mask.cpu().tolist()[:size] if mask is not None else [1] * size
-    members = [r for r, a in enumerate(active) if a]
-    if rank not in members:
-        raise NotImplementedError(_ELASTIC.format("a rank outside the initial mask"))
     us = _settings
-    member.start(rank, peers, 0, members, us["heartbeat"] / 1e6, us["eviction"] / 1e6, us["reconciliation"] / 1e6, us["phase"] / 1e6)
-    if mask is not None and mask.device.type == "cpu" and mask.is_contiguous():
-        # A host mask is written by the membership's thread as soon as the view changes (a
-        # CUDA mask at the next call into the group: no CUDA call on the membership's thread).
-        member.watch_mask(mask.data_ptr(), mask.numel())
+    timings = (us["heartbeat"] / 1e6, us["eviction"] / 1e6, us["reconciliation"] / 1e6, us["phase"] / 1e6)
+    if joiner:
+        founders = _wait_key(pg._store, "tidewire/elastic-founders", pg._timeout, rank)
+        peers = list(founders["peers"]) + [""] * (slots - len(founders["peers"]))
+        if len(peers) != slots or rank >= slots:
+            raise ValueError(f"tidewire: rank {rank} joins a group of {len(peers)} slots; its options say {slots}")
+        members = [r for r in range(int(founders["size"])) if r != rank]
+        member.start(rank, peers, int(founders["id"]), 0, members, *timings, pg._auto_deactivate)
+    else:
+        peers = exchange(pg._store, rank, size, "tidewire/elastic", member.address, pg._timeout)
+        gid = _group_id(peers)
+        # Every founder writes the same value: whoever joins later finds it.
+        pg._store.set("tidewire/elastic-founders", json.dumps({"id": str(gid), "peers": peers, "size": size}))
+        member.start(rank, peers + [""] * (slots - size), gid, 0, list(range(size)), *timings, pg._auto_deactivate)
+        if mask is not None and mask.device.type == "cpu" and mask.is_contiguous():
+            # A host mask is written by the membership's thread as soon as the view changes (a
+            # CUDA mask at the next call into the group: no CUDA call on the membership's thread).
+            member.watch_mask(mask.data_ptr(), mask.numel())
     pg._elastic = member
+
+
+def _wait_key(store: Any, key: str, timeout: timedelta, rank: int) -> Any:
+    """The JSON under `key` in `store`, waited for at most `timeout`."""
+    end = time.monotonic() + timeout.total_seconds()
+    while not store.check([key]):
+        if time.monotonic() > end:
+            raise TimeoutError(
+                f"tidewire: rank {rank} joins a group whose founders published no {key} within "
+                f"{timeout.total_seconds():.1f} s (was the group created before, with the same store?)"
+            )
+        time.sleep(0.005)
+    return json.loads(store.get(key))
 
 
 class MooncakeBackendOptions:
@@ -230,11 +319,35 @@ def get_current_epoch(pg: Any = None) -> int:
 
 
 def get_peer_state(pg: Any, ranks: Sequence[int]) -> List[bool]:
-    """Whether each rank is alive and active, as far as this rank knows (no communication)."""
+    """For each rank, as far as this rank knows (no communication): an active rank, whether it
+    lives (heard within the eviction timeout, its process not seen gone); a rank outside the
+    view, whether a process in its slot waits to be added (it called ``join_group``)."""
     g = _pg(pg)
+    if g._elastic is None:
+        return [0 <= r < g.size() for r in ranks]
     dead = set(g.dead_ranks())
-    active = set(g._elastic.view()[1]) if g._elastic is not None else set(range(g.size()))
-    return [r not in dead and r in active for r in ranks]
+    active = set(g._elastic.view()[1])
+    states = g._elastic.peer_states()
+    out = []
+    for r in ranks:
+        r = int(r)
+        if not 0 <= r < len(states):
+            out.append(False)
+        elif r in active:
+            out.append(r not in dead and states[r][0])
+        else:
+            out.append(states[r][1])
+    return out
+
+
+def get_num_synced_ranks(pg: Any) -> int:
+    """How many slots outside the view hold a process that waits to be added (what
+    ``recover_ranks`` could activate now), as this rank knows (no communication)."""
+    g = _pg(pg)
+    if g._elastic is None:
+        return 0
+    active = set(g._elastic.view()[1])
+    return sum(1 for r, (_, ready) in enumerate(g._elastic.peer_states()) if ready and r not in active)
 
 
 def get_local_success(work: Any) -> bool:
@@ -249,56 +362,167 @@ def get_failed_ranks_hint(work_or_pg: Any) -> List[int]:
     return []
 
 
-def activate_ranks(pg: Any, ranks: Sequence[int]) -> None:
-    raise NotImplementedError(_ELASTIC.format("activate_ranks"))
-
-
-def recover_ranks(pg: Any, ranks: Sequence[int]) -> None:
-    raise NotImplementedError(_ELASTIC.format("recover_ranks"))
-
-
-def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> None:
-    """Removes `ranks` from the group's view (a planned shrink: no timeout is waited for);
-    returns once this rank has agreed to a view without them, or raises after the group's
-    timeout."""
-    import time
-
+def _elastic_group(pg: Any, what: str) -> "_tw.ProcessGroupTidewire":
     g = _pg(pg)
     if g._elastic is None:
-        raise RuntimeError("tidewire: this group has no elastic membership (a group of one rank)")
-    gone = {int(r) for r in ranks}
+        raise RuntimeError(f"tidewire: {what}: this group has no elastic membership (a group of one rank)")
+    return g
+
+
+def _ranks(g: "_tw.ProcessGroupTidewire", ranks: Sequence[int], what: str) -> List[int]:
+    out = sorted({int(r) for r in ranks})
+    slots = len(g._elastic.peer_states())
+    bad = [r for r in out if not 0 <= r < slots]
+    if bad:
+        raise ValueError(f"tidewire: {what}: ranks {bad} outside the group's {slots} slots")
+    return out
+
+
+def activate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
+    """Adds `ranks` (processes that called ``join_group`` in those slots) to the group's view:
+    waits for each to say it is ready, asks the group to add them, and returns once this rank
+    has installed a view with them (``Applied``); ``Rejected`` with the reason when a rank is
+    not ready, or no view with them is agreed, within the group's timeout. Any active rank may
+    call it, one call is enough, and calling it for ranks already active changes nothing."""
+    g = _elastic_group(pg, "activate_ranks")
+    want = _ranks(g, ranks, "activate_ranks")
+    end = time.monotonic() + g._timeout.total_seconds()
+    epoch, members, fenced = g._elastic.view()
+    before = set(members)
+    if fenced:
+        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
+    missing = [r for r in want if r not in members]
+    while missing:
+        states = g._elastic.peer_states()
+        waiting = [r for r in missing if not states[r][1]]
+        if not waiting:
+            break
+        if time.monotonic() > end:
+            return ViewUpdateResponse(
+                ProposalStatus.Rejected, epoch, [],
+                f"ranks {waiting} did not say they wait to be added (join_group) within the group's timeout",
+            )
+        time.sleep(0.005)
+    if missing:
+        g._elastic.request([], missing)
+    while not fenced and not set(want) <= set(members):
+        left = end - time.monotonic()
+        if left <= 0:
+            return ViewUpdateResponse(
+                ProposalStatus.Rejected, epoch, [], f"no view with ranks {want} agreed within the group's timeout"
+            )
+        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    _sync_mask(g)
+    if fenced:
+        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
+    dropped = sorted(before - set(members))
+    status = ProposalStatus.AppliedWithDroppedRanks if dropped else ProposalStatus.Applied
+    return ViewUpdateResponse(status, epoch, dropped, "")
+
+
+def recover_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
+    """The same as ``activate_ranks`` (Mooncake's name for bringing replacements back)."""
+    return activate_ranks(pg, ranks)
+
+
+def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
+    """Removes `ranks` from the group's view (a planned shrink: no timeout is waited for);
+    returns once this rank has agreed to a view without them (``Applied``), ``Rejected`` after
+    the group's timeout."""
+    g = _elastic_group(pg, "deactivate_ranks")
+    gone = set(_ranks(g, ranks, "deactivate_ranks"))
     g._elastic.request(sorted(gone), [])
     end = time.monotonic() + g._timeout.total_seconds()
     epoch, members, fenced = g._elastic.view()
+    before = set(members)
     while not fenced and gone & set(members):
         left = end - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"tidewire: deactivate_ranks({sorted(gone)}): no agreement within the group's timeout")
+            return ViewUpdateResponse(
+                ProposalStatus.Rejected, epoch, [], f"no view without ranks {sorted(gone)} agreed within the group's timeout"
+            )
         epoch, members, fenced = g._elastic.wait_view(epoch, left)
     _sync_mask(g)
+    dropped = sorted(before - set(members) - gone)
+    status = ProposalStatus.AppliedWithDroppedRanks if dropped else ProposalStatus.Applied
+    return ViewUpdateResponse(status, epoch, dropped, "")
 
 
 def join_group(pg: Any) -> None:
-    raise NotImplementedError(_ELASTIC.format("join_group"))
+    """Called by a joining rank (created with ``is_extension=True``): tells the group it waits
+    to be added, and blocks until a view with it is agreed (another rank calls
+    ``recover_ranks``/``activate_ranks``), at most the join timeout (``set_join_timeout_us``,
+    300 s); raises ``TimeoutError`` then, ``RuntimeError`` for a rank that is not joining."""
+    g = _elastic_group(pg, "join_group")
+    if not g._joining:
+        raise RuntimeError(f"tidewire: join_group: rank {g.rank()} is not joining (created without is_extension=True, or added already)")
+    g._elastic.set_ready()
+    end = time.monotonic() + _settings["join"] / 1e6
+    epoch, members, fenced = g._elastic.view()
+    while g.rank() not in members:
+        left = end - time.monotonic()
+        if fenced or left <= 0:
+            raise TimeoutError(
+                f"tidewire: join_group: rank {g.rank()} was not added within {_settings['join'] / 1e6:.0f} s "
+                f"(the group is at epoch {epoch} with ranks {members})"
+            )
+        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    g._joining = False
+    mask = g._active_ranks
+    if mask is not None and mask.device.type == "cpu" and mask.is_contiguous():
+        g._elastic.watch_mask(mask.data_ptr(), mask.numel())
+    g._mask_epoch = -1
+    _sync_mask(g)
 
 
-def sync_after_failure(pg: Any) -> None:
-    raise NotImplementedError(_ELASTIC.format("sync_after_failure"))
+def sync_after_failure(pg: Any) -> SyncAfterFailureResponse:
+    """Brings this rank's group in line with the agreed view after failures: waits (within the
+    group's timeout) until ranks this rank saw fail are out of the view, then re-forms the
+    group over the view's ranks. ``Reconciled`` if it changed anything, ``NoPending`` if the
+    group was already formed over the view in force, ``Rejected`` (with the reason) if this
+    rank was removed or the agreement did not finish in time."""
+    g = _elastic_group(pg, "sync_after_failure")
+    end = time.monotonic() + g._timeout.total_seconds()
+    epoch, members, fenced = g._elastic.view()
+    failed = set(g.failed_ranks()) | set(g.dead_ranks())
+    while not fenced and failed & set(members) and g._auto_deactivate:
+        left = end - time.monotonic()
+        if left <= 0:
+            return SyncAfterFailureResponse(
+                SyncAfterFailureStatus.Rejected, f"ranks {sorted(failed & set(members))} are still in the view"
+            )
+        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    if fenced:
+        return SyncAfterFailureResponse(SyncAfterFailureStatus.Rejected, f"rank {g.rank()} was removed from the group")
+    _sync_mask(g)
+    if epoch == g._comm_epoch:
+        return SyncAfterFailureResponse(SyncAfterFailureStatus.NoPending, "")
+    g._reform(epoch, members)
+    return SyncAfterFailureResponse(SyncAfterFailureStatus.Reconciled, "")
 
 
 def _create(opts: Any, pg_options: Any = None, cuda: bool = True) -> "_tw.ProcessGroupTidewire":
     if pg_options is not None and not isinstance(pg_options, MooncakeBackendOptions):
         raise TypeError(f"pg_options of a mooncake group must be MooncakeBackendOptions, not {type(pg_options).__name__}")
-    if pg_options is not None and pg_options.is_extension:
-        raise NotImplementedError(_ELASTIC.format("a joining rank (is_extension=True)"))
-    pg = _tw.ProcessGroupTidewire(opts.store, opts.group_rank, opts.group_size, opts.timeout, "mooncake", cuda)
+    joiner = pg_options is not None and pg_options.is_extension
+    slots = pg_options.max_group_size if pg_options is not None else opts.group_size
+    if slots < opts.group_size:
+        raise ValueError(f"max_group_size {slots} < group size {opts.group_size}")
+    if joiner and opts.group_rank >= slots:
+        raise ValueError(f"a joining rank {opts.group_rank} beyond max_group_size {slots}")
+    timeout = opts.timeout
+    if _settings["collective"]:
+        timeout = timedelta(microseconds=_settings["collective"])
+    pg = _tw.ProcessGroupTidewire(opts.store, opts.group_rank, opts.group_size, timeout, "mooncake", cuda, joiner=joiner)
     if pg_options is not None:
         pg._active_ranks = pg_options.active_ranks
         pg._auto_deactivate = pg_options.auto_deactivate_on_failure
-        if pg_options.max_group_size < opts.group_size:
-            raise ValueError(f"max_group_size {pg_options.max_group_size} < group size {opts.group_size}")
-    if opts.group_size > 1:
-        _start_membership(pg, opts.group_rank, opts.group_size, pg._active_ranks)
+        pg._auto_sync = pg_options.auto_sync_on_failure
+    if opts.group_size > 1 or slots > 1:
+        _start_membership(pg, opts.group_rank, opts.group_size, slots, pg._active_ranks, joiner)
+        if joiner:
+            pg._mask_epoch = -1  # itself alone, written now
+            _sync_mask(pg)
     return pg
 
 
