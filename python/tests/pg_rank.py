@@ -558,6 +558,59 @@ def body_joiners(rank: int, size: int, port: int, arg: str) -> Any:
     return out
 
 
+def body_failure_modes(rank: int, size: int, port: int, arg: str) -> Any:
+    """The failure modes of a `mooncake-cpu` group when rank 3 dies: "sync_later"
+    (auto_deactivate, no auto_sync: the group drops the rank by itself, and the survivors'
+    collectives raise until `sync_after_failure`) and "manual" (neither: the failure is only
+    reported; the framework calls `deactivate_ranks`, then `sync_after_failure`)."""
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    mpg.set_eviction_timeout_us(500_000)
+    manual = arg == "manual"
+    opts = mpg.MooncakeBackendOptions(size, False, not manual, False)
+    dist.init_process_group(
+        "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+        timeout=timedelta(seconds=5), pg_options=opts,
+    )
+    pg = dist.group.WORLD
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    if rank == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    out: Dict[str, Any] = {}
+    try:
+        for _ in range(1000):
+            dist.all_reduce(t)
+        out["first_error"] = None
+    except Exception as e:  # noqa: BLE001
+        out["first_error"] = repr(e)
+    out["hint"] = mpg.get_failed_ranks_hint(pg)
+    # Longer than the eviction timeout: with auto_deactivate off nobody is evicted.
+    time.sleep(1.5)
+    out["epoch_after_failure"] = mpg.get_current_epoch(pg)
+    out["peer_state"] = mpg.get_peer_state(pg, [0, 1, 2, 3])
+    try:
+        dist.all_reduce(t)
+        out["second_error"] = None
+    except Exception as e:  # noqa: BLE001
+        out["second_error"] = repr(e)
+    if manual:
+        resp = mpg.deactivate_ranks(pg, [3])
+        out["deactivate"] = [int(resp.status), resp.new_epoch]
+    resp = mpg.sync_after_failure(pg)
+    out["sync"] = int(resp.status)
+    out["sync_again"] = int(mpg.sync_after_failure(pg).status)
+    t = torch.full((4,), float(rank + 1))
+    dist.all_reduce(t)
+    out["sum"] = t.tolist()
+    out["mask"] = mpg.get_active_ranks(pg).tolist()
+    out["epoch"] = mpg.get_current_epoch(pg)
+    return out
+
+
 def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     """CUDA tensors: every collective on the NVLink path (or staged through host memory, with
     arg "staged") against references computed here; the collective waits for a kernel still
@@ -812,6 +865,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "cuda_failure": body_cuda_failure,
     "elastic": body_elastic,
     "joiners": body_joiners,
+    "failure_modes": body_failure_modes,
     "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,

@@ -141,6 +141,24 @@ def test_a_joining_rank_works_alone_then_is_recovered_into_its_slot(how: str) ->
             assert out["mask_before"] == before, f"process {proc}: {out}"
 
 
+@pytest.mark.parametrize("mode", ["sync_later", "manual"])
+def test_the_failure_modes_deactivate_and_sync_when_they_are_told(mode: str) -> None:
+    results = run_group("failure_modes", 4, mode, deadline=90, expect_dead=3)
+    for rank, out in enumerate(results[:3]):
+        assert "rank 3" in out["first_error"] and out["hint"] == [3], f"rank {rank}: {out}"
+        assert out["peer_state"] == [True, True, True, False], f"rank {rank}: {out}"
+        if mode == "manual":
+            # Only reported: the view keeps the rank until the framework removes it.
+            assert out["epoch_after_failure"] == 0 and out["deactivate"] == [1, 1], f"rank {rank}: {out}"
+        else:
+            # Removed by the group, but this rank re-forms only when told.
+            assert out["epoch_after_failure"] == 1, f"rank {rank}: {out}"
+            assert "sync_after_failure" in out["second_error"], f"rank {rank}: {out}"
+        assert out["second_error"] is not None, f"rank {rank}: {out}"
+        assert out["sync"] == 0 and out["sync_again"] == 1, f"rank {rank}: {out}"
+        assert out["sum"] == [6.0] * 4 and out["mask"] == [1, 1, 1, 0] and out["epoch"] == 1, f"rank {rank}: {out}"
+
+
 def test_the_mooncake_pg_names_sglang_calls() -> None:
     for rank, bad in enumerate(run_group("mooncake", 2)):
         assert bad == [], f"rank {rank}: {bad}"
