@@ -543,6 +543,18 @@ def body_joiners(rank: int, size: int, port: int, arg: str) -> Any:
     dist.all_reduce(t)
     out["first_collective_s"] = time.monotonic() - first
     out["sum"] = t.tolist()
+    # Busy for 2.5 eviction timeouts in Python, holding the GIL (a joiner loading its model):
+    # the membership's heartbeats run on their own thread, so nobody evicts it.
+    busy_until = time.monotonic() + 2.5
+    if joiner:
+        n = 0
+        while time.monotonic() < busy_until:
+            n += 1
+    else:
+        time.sleep(2.5)
+    t = torch.full((4,), value)
+    dist.all_reduce(t)
+    out["sum_after_busy"] = t.tolist()
     g = torch.empty(slots * 2)
     dist.all_gather_into_tensor(g, torch.full((2,), value))
     out["gathered"] = g.tolist()
@@ -609,6 +621,105 @@ def body_failure_modes(rank: int, size: int, port: int, arg: str) -> Any:
     out["mask"] = mpg.get_active_ranks(pg).tolist()
     out["epoch"] = mpg.get_current_epoch(pg)
     return out
+
+
+def body_join_cycles(rank: int, size: int, port: int, arg: str) -> Any:
+    """Ranks 0 and 1 of a `mooncake-cpu` group with room for 3; slot 2 is taken `arg` times by
+    a new process (spawned by rank 0) that joins, is recovered, takes part in an all_reduce and
+    is SIGKILLed; the founders drop it each time. Their threads, engine mappings and
+    registrations must not grow with the cycles."""
+    import subprocess
+    import sys
+
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    mpg.set_eviction_timeout_us(300_000)
+    active = torch.zeros(3, dtype=torch.int32)
+    dist.init_process_group(
+        "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=10), pg_options=mpg.MooncakeBackendOptions(active, False, 3),
+    )
+    pg = dist.group.WORLD
+    eng = tidewire.distributed.engine()
+
+    def counts() -> List[int]:
+        return [
+            len(os.listdir("/proc/self/task")),
+            sum(p.mappings for p in eng.peers()),
+            len(eng.descriptor()["regions"]),
+        ]
+
+    bad: List[str] = []
+    base: List[int] = []
+    for i in range(int(arg)):
+        child = None
+        if rank == 0:
+            child = subprocess.Popen(
+                [sys.executable, __file__, "join_cycle_child", "2", "3", str(port), str(i)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        end = time.monotonic() + 60
+        while not mpg.get_peer_state(pg, [2])[0]:
+            if time.monotonic() > end:
+                return bad + [f"cycle {i}: the joiner never became ready"]
+            time.sleep(0.002)
+        resp = mpg.recover_ranks(pg, [2])
+        if resp.status != mpg.ProposalStatus.Applied:
+            bad.append(f"cycle {i}: recover {resp}")
+        t = torch.full((4,), float(rank + 1))
+        dist.all_reduce(t)
+        if t.tolist() != [6.0 + i] * 4:
+            bad.append(f"cycle {i}: all_reduce {t.tolist()}")
+        dist.barrier()
+        if child is not None:
+            child.kill()
+            child.wait()
+        # The founders find out (a failed collective, or the heartbeats) and agree without it.
+        epoch = mpg.get_current_epoch(pg)
+        try:
+            while True:
+                dist.all_reduce(t)
+        except Exception:  # noqa: BLE001
+            pass
+        end = time.monotonic() + 30
+        while 2 in pg._elastic.view()[1] and time.monotonic() < end:
+            time.sleep(0.002)
+        mpg.sync_after_failure(pg)
+        if active.tolist() != [1, 1, 0] or mpg.get_current_epoch(pg) <= epoch:
+            bad.append(f"cycle {i}: mask {active.tolist()} epoch {mpg.get_current_epoch(pg)}")
+        if i == 1:
+            base = counts()
+    end_counts = counts()
+    if base and (end_counts[0] > base[0] + 2 or end_counts[1:] != base[1:]):
+        bad.append(f"threads, mappings, registrations {base} -> {end_counts}")
+    dist.destroy_process_group()
+    # The engine keeps a small record of each departed peer (its name and why it left).
+    return {"bad": bad, "counts": [base, end_counts], "peer_records": len(eng.peers())}
+
+
+def body_join_cycle_child(rank: int, size: int, port: int, arg: str) -> Any:
+    """One joiner of `body_join_cycles`: slot 2, value 3 + the cycle's number; then waits to be
+    killed."""
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    active = torch.zeros(3, dtype=torch.int32)
+    dist.init_process_group(
+        "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=2, world_size=3,
+        timeout=timedelta(seconds=10), pg_options=mpg.MooncakeBackendOptions(active, True, 3),
+    )
+    pg = dist.group.WORLD
+    mpg.join_group(pg)
+    t = torch.full((4,), 3.0 + int(arg))
+    dist.all_reduce(t)
+    dist.barrier()
+    time.sleep(600)
+    return None
 
 
 def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
@@ -866,6 +977,8 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "elastic": body_elastic,
     "joiners": body_joiners,
     "failure_modes": body_failure_modes,
+    "join_cycles": body_join_cycles,
+    "join_cycle_child": body_join_cycle_child,
     "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,

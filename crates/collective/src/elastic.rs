@@ -329,6 +329,9 @@ impl Shared {
             changed = true;
         }
         if changed {
+            // Who waits to be added is said again by every joiner's next heartbeat: a slot's
+            // old process (added, or gone) must not pass for a new one that waits.
+            st.ready_in.iter_mut().for_each(|r| *r = false);
             write_masks(st);
             self.epoch.store(st.member.view().epoch, Ordering::Release);
             self.changed.notify_all();
