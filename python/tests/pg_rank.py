@@ -345,6 +345,23 @@ def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
     if mep.MooncakeBackendOptions is not mpg.MooncakeBackendOptions:
         bad.append("mooncake.ep names")
     mep.set_device_filter(["mlx5_0"])
+    # A point-to-point wait bounded by set_p2p_timeout_us, not by the group's 30 s timeout:
+    # rank 0 waits for a message rank 1 never sends.
+    mpg.set_collective_timeout_us(30_000_000)
+    mpg.set_p2p_timeout_us(300_000)
+    p2p = dist.new_group(list(range(size)), backend="mooncake-cpu", pg_options=mpg.MooncakeBackendOptions(active.clone()))
+    mpg.set_p2p_timeout_us(0)
+    mpg.set_collective_timeout_us(0)
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            dist.irecv(torch.empty(4), src=1, group=p2p).wait()
+            bad.append("irecv from a silent rank returned")
+        except Exception as e:  # noqa: BLE001
+            took = time.monotonic() - start
+            if took > 5 or "rank 1" not in str(e):
+                bad.append(f"p2p timeout after {took:.1f} s: {e}")
+    dist.barrier()
     dist.destroy_process_group()
     return bad
 

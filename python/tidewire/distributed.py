@@ -432,6 +432,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         #: Whether a changed view re-forms the group at the next call (else only
         #: `sync_after_failure` does).
         self._auto_sync = True
+        #: The deadline of point-to-point waits, when not the group's (`set_p2p_timeout_us`).
+        self._p2p_timeout_s: Optional[float] = None
         eng = engine()
         if joiner:
             self._members = [rank]
@@ -590,6 +592,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         old = self._comm
         self._comm = _native.Communicator(eng._native, me, region, peers, self._timeout.total_seconds())
         old.close()
+        if self._p2p_timeout_s is not None:
+            self._comm.set_p2p_timeout(self._p2p_timeout_s)
         if self._cuda is not None:
             # The NVLink path spans every rank; CUDA tensors are staged from now on.
             self._cuda.close()

@@ -231,6 +231,9 @@ pub struct Comm {
     group_direct: bool,
     /// Threads a large direct read (and all_reduce's reduction of it) is spread over.
     readers: usize,
+    /// The deadline of waits for point-to-point operations (`isend`/`irecv`), when it is not
+    /// the group's timeout.
+    p2p_timeout: Option<Duration>,
 }
 
 /// Threads for one rank's large direct reads: `TIDEWIRE_PG_COPY_THREADS`, else the host's
@@ -312,6 +315,7 @@ impl Comm {
             poisoned: None,
             group_direct: false,
             readers: readers(size),
+            p2p_timeout: None,
         };
         comm.agree_direct()?;
         Ok(comm)
@@ -491,7 +495,7 @@ impl Comm {
                 return Err(Error::invalid(format!("{op}: no channel to rank {peer}")));
             }
         }
-        let outcome = self.progress(op, xfers, None);
+        let outcome = self.progress(op, xfers, None, self.timeout);
         if let Err(e) = &outcome {
             self.fail(e);
         }
@@ -527,9 +531,15 @@ impl Comm {
     /// The progress loop: advances the pending transfers and `xfers` until `xfers` (or, with
     /// `until`, the pending operation `until`) are done, or the deadline passes, or a rank we
     /// wait for dies.
-    fn progress(&mut self, op: &str, xfers: &mut [Xfer], until: Option<OpId>) -> Result<()> {
+    fn progress(
+        &mut self,
+        op: &str,
+        xfers: &mut [Xfer],
+        until: Option<OpId>,
+        timeout: Duration,
+    ) -> Result<()> {
         let start = Instant::now();
-        let deadline = start + self.timeout;
+        let deadline = start + timeout;
         let mut idle = 0u32;
         let engine = self.engine.clone();
         // Channels already used by an earlier unfinished transfer this round (order); one
@@ -704,7 +714,8 @@ impl Comm {
             return Ok(());
         }
         self.usable(op)?;
-        let outcome = self.progress(op, &mut [], Some(id));
+        let outcome =
+            self.progress(op, &mut [], Some(id), self.p2p_timeout.unwrap_or(self.timeout));
         if let Err(e) = &outcome {
             self.fail(e);
         }
@@ -1065,6 +1076,12 @@ impl Comm {
     /// Every rank but ours.
     fn others(&self) -> Vec<usize> {
         (0..self.size).filter(|&r| r != self.rank).collect()
+    }
+
+    /// Bounds each wait for a point-to-point operation by `timeout` instead of the group's
+    /// (`None`: the group's again).
+    pub fn set_p2p_timeout(&mut self, timeout: Option<Duration>) {
+        self.p2p_timeout = timeout;
     }
 
     /// Spreads large direct reads (and all_reduce's sums of them) over `n` threads from now

@@ -264,6 +264,16 @@ impl PyComm {
         self.with(py, |c| Ok(c.test(OpId(op_id))))
     }
 
+    /// Bounds each wait for `isend`/`irecv` by `timeout_s` seconds (`None`: the group's).
+    #[pyo3(signature = (timeout_s=None))]
+    fn set_p2p_timeout(&self, py: Python<'_>, timeout_s: Option<f64>) -> PyResult<()> {
+        let timeout = timeout_s.map(|t| secs("p2p timeout", t)).transpose()?;
+        self.with(py, |c| {
+            c.set_p2p_timeout(timeout);
+            Ok(())
+        })
+    }
+
     /// The ranks whose processes are known to be gone (local, no communication).
     fn dead_ranks(&self, py: Python<'_>) -> PyResult<Vec<usize>> {
         self.with(py, |c| Ok(c.dead_ranks()))

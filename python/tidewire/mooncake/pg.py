@@ -75,6 +75,7 @@ __all__ = [
     "set_heartbeat_interval_us",
     "set_host_ip",
     "set_join_timeout_us",
+    "set_p2p_timeout_us",
     "sync_after_failure",
 ]
 
@@ -88,6 +89,8 @@ _settings = {
     "join": int(_os.environ.get("TIDEWIRE_PG_JOIN_US", 300_000_000)),
     # 0: the timeout torch hands the group (init_process_group's / new_group's `timeout`).
     "collective": int(_os.environ.get("TIDEWIRE_PG_COLLECTIVE_TIMEOUT_US", 0)),
+    # 0: point-to-point waits have the group's timeout.
+    "p2p": int(_os.environ.get("TIDEWIRE_PG_P2P_TIMEOUT_US", 0)),
 }
 
 
@@ -157,8 +160,20 @@ def set_join_timeout_us(us: int) -> None:
 
 def set_collective_timeout_us(us: int) -> None:
     """The timeout of groups created afterwards (every collective and point-to-point wait of
-    the group, and its membership calls), instead of the one torch hands the backend."""
-    _set("collective", us)
+    the group, and its membership calls), instead of the one torch hands the backend (0: torch's
+    again)."""
+    if int(us) < 0:
+        raise ValueError(f"the collective timeout must not be negative, not {us} µs")
+    _settings["collective"] = int(us)
+
+
+def set_p2p_timeout_us(us: int) -> None:
+    """The deadline of each point-to-point wait (``isend``/``irecv``, ``work.wait()``) in groups
+    created afterwards (0: the group's timeout). A wait past it fails the group, naming the
+    peer, as a collective's does."""
+    if int(us) < 0:
+        raise ValueError(f"the p2p timeout must not be negative, not {us} µs")
+    _settings["p2p"] = int(us)
 
 
 def set_agreement_phase_timeout_us(us: int) -> None:
@@ -514,6 +529,9 @@ def _create(opts: Any, pg_options: Any = None, cuda: bool = True) -> "_tw.Proces
     if _settings["collective"]:
         timeout = timedelta(microseconds=_settings["collective"])
     pg = _tw.ProcessGroupTidewire(opts.store, opts.group_rank, opts.group_size, timeout, "mooncake", cuda, joiner=joiner)
+    if _settings["p2p"]:
+        pg._p2p_timeout_s = _settings["p2p"] / 1e6
+        pg._comm.set_p2p_timeout(pg._p2p_timeout_s)
     if pg_options is not None:
         pg._active_ranks = pg_options.active_ranks
         pg._auto_deactivate = pg_options.auto_deactivate_on_failure
