@@ -739,6 +739,89 @@ def body_join_cycle_child(rank: int, size: int, port: int, arg: str) -> Any:
     return None
 
 
+def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
+    """SGLang's elastic flow on `mooncake-cpu` groups: processes 0-3 are the world with TP
+    groups {0, 1} and {2, 3}, each with its own mask tensor; rank 3 dies during an all_reduce;
+    the masks drop it and the world and TP collectives go on over the survivors; process 4
+    replaces rank 3 (the world and its TP group, `is_extension=True`), the survivors see it
+    ready and recover it in both groups, and the masks and collectives include it again."""
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    mpg.set_eviction_timeout_us(500_000)
+    flag = f"/tmp/tw-sglang-{port}"
+    joiner = rank == 4
+    me = 3 if joiner else rank
+    if joiner:
+        end = time.monotonic() + 60
+        while not os.path.exists(flag):
+            if time.monotonic() > end:
+                return ["never told to start"]
+            time.sleep(0.01)
+    world_mask = torch.ones(4, dtype=torch.int32)
+    dist.init_process_group(
+        "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=4,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(world_mask, joiner),
+    )
+    world = dist.group.WORLD
+    tp_masks = [torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)]
+    tps = [
+        dist.new_group(r, backend="mooncake-cpu", pg_options=mpg.MooncakeBackendOptions(m, joiner))
+        for r, m in zip([[0, 1], [2, 3]], tp_masks)
+    ]
+    mine = me // 2
+    tp, tp_mask = tps[mine], tp_masks[mine]
+    out: Dict[str, Any] = {}
+    value = float(me + 1)
+
+    def sums() -> List[float]:
+        w = torch.full((2,), value)
+        dist.all_reduce(w)
+        t = torch.full((2,), value)
+        dist.all_reduce(t, group=tp)
+        return [w[0].item(), t[0].item()]
+
+    if joiner:
+        mpg.join_group(world)
+        mpg.join_group(tp)
+    else:
+        out["before"] = sums()
+        if rank == 3:
+            threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+        try:
+            big = torch.ones(1 << 16)
+            for _ in range(100000):
+                dist.all_reduce(big)
+                if rank >= 2:
+                    dist.all_reduce(big, group=tp)
+        except Exception:  # noqa: BLE001
+            pass
+        end = time.monotonic() + 30
+        while (world_mask[3].item() or tp_masks[1][1].item() and rank == 2) and time.monotonic() < end:
+            time.sleep(0.005)
+        out["masks_after_death"] = [world_mask.tolist(), tp_mask.tolist()]
+        out["serving"] = sums()
+        if rank == 0:
+            open(flag, "w").close()
+        end = time.monotonic() + 60
+        while not mpg.get_peer_state(world, [3])[0]:
+            if time.monotonic() > end:
+                return ["the replacement never became ready"]
+            time.sleep(0.005)
+        out["recover_world"] = int(mpg.recover_ranks(world, [3]).status)
+        if rank == 2:
+            out["recover_tp"] = int(mpg.recover_ranks(tp, [1]).status)
+    out["after"] = sums()
+    dist.barrier()
+    out["masks"] = [world_mask.tolist(), tp_mask.tolist()]
+    dist.barrier()
+    if rank == 0:
+        os.unlink(flag)
+    return out
+
+
 def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     """CUDA tensors: every collective on the NVLink path (or staged through host memory, with
     arg "staged") against references computed here; the collective waits for a kernel still
@@ -995,6 +1078,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "joiners": body_joiners,
     "failure_modes": body_failure_modes,
     "join_cycles": body_join_cycles,
+    "sglang_elastic": body_sglang_elastic,
     "join_cycle_child": body_join_cycle_child,
     "mooncake": body_mooncake,
     "collectives": body_collectives,

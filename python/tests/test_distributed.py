@@ -160,6 +160,25 @@ def test_the_failure_modes_deactivate_and_sync_when_they_are_told(mode: str) -> 
         assert out["sum"] == [6.0] * 4 and out["mask"] == [1, 1, 1, 0] and out["epoch"] == 1, f"rank {rank}: {out}"
 
 
+def test_sglangs_elastic_flow_world_and_tp_groups_lose_and_regain_a_rank() -> None:
+    results = run_group("sglang_elastic", 5, "", deadline=120, expect_dead=3)
+    for proc, out in enumerate(results):
+        if out is None:
+            continue
+        assert isinstance(out, dict), f"process {proc}: {out}"
+        me = 3 if proc == 4 else proc
+        tp_all = [3.0, 7.0][me // 2]
+        if proc != 4:
+            assert out["before"] == [10.0, tp_all], f"process {proc}: {out}"
+            tp_mask = [1, 1] if me < 2 else [1, 0]
+            assert out["masks_after_death"] == [[1, 1, 1, 0], tp_mask], f"process {proc}: {out}"
+            # Serving goes on over the survivors: the world without rank 3, TP {2} alone.
+            assert out["serving"] == [6.0, [3.0, 3.0][me // 2]], f"process {proc}: {out}"
+            assert out["recover_world"] == 1 and out.get("recover_tp", 1) == 1, f"process {proc}: {out}"
+        assert out["after"] == [10.0, tp_all], f"process {proc}: {out}"
+        assert out["masks"] == [[1, 1, 1, 1], [1, 1]], f"process {proc}: {out}"
+
+
 def test_fifty_kill_and_rejoin_cycles_leave_nothing_behind() -> None:
     results = run_group("join_cycles", 2, "50", deadline=400)
     for rank, out in enumerate(results):
