@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 
@@ -37,13 +37,19 @@ def free_port_pair() -> int:
 
 
 def run_group(
-    body: str, size: int, arg: str = "", deadline: float = 240.0, expect_dead: int = -1, script: str = RANK
+    body: str,
+    size: int,
+    arg: str = "",
+    deadline: float = 240.0,
+    expect_dead: int = -1,
+    script: str = RANK,
+    env_extra: Optional[Dict[str, str]] = None,
 ) -> List[Any]:
     """Runs `body` of `script` on `size` ranks; returns each rank's result (None for rank
     `expect_dead`). Every rank is killed at `deadline` (the test then fails with what the ranks
     printed)."""
     port = free_port_pair()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     procs = [
         subprocess.Popen(
             [sys.executable, script, body, str(r), str(size), str(port), arg],
@@ -190,15 +196,19 @@ def test_the_mooncake_pg_names_sglang_calls() -> None:
         assert bad == [], f"rank {rank}: {bad}"
 
 
-@pytest.mark.parametrize("arg", ["kill-0", "kill-3", "stop-3", "shrink-3"])
+@pytest.mark.parametrize("arg", ["kill-0", "kill-3", "stop-3", "shrink-3", "kill-3-secret"])
 def test_elastic_membership_every_survivor_agrees_on_the_mask_and_epoch(arg: str) -> None:
     """Rank 0 or 3 killed during all_reduce, rank 3 stopped (evicted by heartbeat, fenced when
     continued), or removed by deactivate_ranks with every timeout an hour long: every rank ends
-    with the same mask and epoch, written into the caller's tensor."""
+    with the same mask and epoch, written into the caller's tensor. With "-secret" every rank
+    has a cluster secret (the engines' handshakes and the membership's frames are sealed)."""
     size = 4
+    secret = arg.endswith("-secret")
+    arg = arg.removesuffix("-secret")
     how, victim_s = arg.split("-")
     victim = int(victim_s)
-    results = run_group("elastic", size, arg, deadline=90, expect_dead=victim if how == "kill" else -1)
+    env = {"TIDEWIRE_CLUSTER_SECRET": "elastic-test-secret"} if secret else None
+    results = run_group("elastic", size, arg, deadline=90, expect_dead=victim if how == "kill" else -1, env_extra=env)
     want = [0 if r == victim else 1 for r in range(size)]
     for rank, out in enumerate(results):
         if rank == victim and how == "kill":

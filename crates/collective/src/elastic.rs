@@ -15,6 +15,14 @@
 //! rank behind our view that is not in it is answered with our view (it learns it was removed);
 //! one from a rank ahead of us makes us ask it for its view.
 //!
+//! With a cluster secret in force (`TIDEWIRE_CLUSTER_SECRET`, as for the engine), every frame
+//! is sealed: the kind's high bit set, then the sender's clock (unix milliseconds) and a
+//! 16-byte HMAC tag over all of it ([`tidewire::ClusterSecret::tag`]). A receiver with the
+//! secret drops frames without a valid tag or more than [`MAX_SKEW`] away from its clock (a
+//! recorded frame replays for that long at most, and every message is idempotent: epochs and
+//! ballots); one without a secret drops sealed frames. Either way the sender stays unheard,
+//! so a rank with another secret (or none) never enters the agreement.
+//!
 //! Announcements (kind 2: the sender's epoch, a key and a value) let the members of a view
 //! exchange small values without the store (which lives in one rank's process): what a rank
 //! needs to re-form its rings over the survivors. A rank repeats its announcements of the
@@ -27,6 +35,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tidewire::ClusterSecret;
+
 use crate::error::{Error, Result};
 use crate::membership::{Ballot, Event, Member, Message, Rank, Settings, View};
 
@@ -34,6 +44,14 @@ const MAGIC: &[u8; 4] = b"TWMB";
 const HEARTBEAT: u8 = 0;
 const MESSAGE: u8 = 1;
 const ANNOUNCE: u8 = 2;
+/// The kind's bit that says the frame is sealed with the cluster secret.
+const SEALED: u8 = 0x80;
+/// Where the kind is in a frame (after the magic, the group's id and the sender's rank).
+const KIND_AT: usize = 4 + 8 + 4;
+/// What the tags of membership frames are for.
+const TAG_DOMAIN: &[u8] = b"tidewire membership datagram";
+/// How far a sealed frame's clock may be from the receiver's.
+pub const MAX_SKEW: Duration = Duration::from_secs(30);
 /// Bytes an announcement's key and value may have (one datagram).
 pub const MAX_ANNOUNCE: usize = 1024;
 
@@ -192,7 +210,15 @@ pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
     r.0.is_empty().then_some(m)
 }
 
-/// The group's id: the same on every rank that was given the same addresses.
+/// This host's clock in milliseconds since the epoch (0 before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The group's id: the same on every rank that was given the same addresses (a caller may
+/// choose another, as long as every rank has the same).
 pub fn group_id(addrs: &[SocketAddr]) -> u64 {
     // FNV-1a over the addresses' text: stable across processes (no random hasher keys).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -243,6 +269,10 @@ struct Shared {
     id: u64,
     /// The group's slots (fixed).
     slots: usize,
+    /// The cluster secret every frame is sealed with, when one is in force.
+    secret: Option<ClusterSecret>,
+    /// Frames dropped for their seal (none, a wrong one, a stale clock), for the logs.
+    refused: AtomicU64,
     sock: UdpSocket,
     settings: ElasticSettings,
     state: Mutex<State>,
@@ -297,6 +327,21 @@ impl Shared {
         if addr.port() == 0 {
             return; // a slot whose process we have not heard from yet
         }
+        let sealed;
+        let bytes = match &self.secret {
+            None => bytes,
+            Some(secret) => {
+                let mut f = bytes.to_vec();
+                if let Some(k) = f.get_mut(KIND_AT) {
+                    *k |= SEALED;
+                }
+                f.extend_from_slice(&unix_ms().to_le_bytes());
+                let tag = secret.tag(TAG_DOMAIN, &f);
+                f.extend_from_slice(&tag);
+                sealed = f;
+                &sealed
+            }
+        };
         if let Err(e) = self.sock.send_to(bytes, addr) {
             // A lost datagram is a silent member to the protocol: it retries or suspects.
             log::debug!("elastic rank {}: sending to rank {to} at {addr}: {e}", self.rank);
@@ -351,6 +396,16 @@ impl Shared {
         if from > max || from == self.rank {
             return;
         }
+        let body = match (&self.secret, kind & SEALED != 0) {
+            (None, false) => body,
+            (Some(secret), true) => match self.unseal(secret, buf, body) {
+                Some(b) => b,
+                None => return self.refuse(from, "a bad seal or a clock too far from ours"),
+            },
+            (Some(_), false) => return self.refuse(from, "no seal (no cluster secret there)"),
+            (None, true) => return self.refuse(from, "a seal (a cluster secret there, none here)"),
+        };
+        let kind = kind & !SEALED;
         let mut st = self.lock();
         st.heard[from] = now;
         if st.peers[from] != src && !st.member.view().members.contains(&from) {
@@ -399,6 +454,32 @@ impl Shared {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The body of a sealed frame `buf` (its part after the kind is `body`) if its tag and its
+    /// clock hold.
+    fn unseal<'a>(&self, secret: &ClusterSecret, buf: &[u8], body: &'a [u8]) -> Option<&'a [u8]> {
+        const TAIL: usize = 8 + tidewire::core::auth::TAG_LEN;
+        let (signed, tag) =
+            buf.split_at_checked(buf.len().checked_sub(tidewire::core::auth::TAG_LEN)?)?;
+        if !secret.verify_tag(TAG_DOMAIN, signed, tag) {
+            return None;
+        }
+        let (body, tail) = body.split_at_checked(body.len().checked_sub(TAIL)?)?;
+        let sent = u64::from_le_bytes(tail[..8].try_into().ok()?);
+        let skew = Duration::from_millis(unix_ms().abs_diff(sent));
+        (skew <= MAX_SKEW).then_some(body)
+    }
+
+    fn refuse(&self, from: Rank, why: &str) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() || n == 0 {
+            log::warn!(
+                "elastic rank {}: dropped a frame from rank {from}: {why} ({} so far)",
+                self.rank,
+                n + 1
+            );
         }
     }
 
@@ -458,7 +539,8 @@ impl Elastic {
     /// port of 0 for a slot not known yet: it is learned from the slot's datagrams while the
     /// slot is outside the view), `id` the group's (every rank's the same: datagrams of other
     /// groups are dropped, see [`group_id`]), `view` the group's first view (a joiner, outside
-    /// it, follows the views it learns until one adds it).
+    /// it, follows the views it learns until one adds it), `secret` the cluster secret every
+    /// frame is sealed with (every rank must have the same, or none).
     pub fn start(
         sock: UdpSocket,
         rank: Rank,
@@ -466,6 +548,7 @@ impl Elastic {
         id: u64,
         view: View,
         settings: ElasticSettings,
+        secret: Option<ClusterSecret>,
     ) -> Result<Self> {
         if rank >= peers.len() || view.members.iter().any(|&r| r >= peers.len()) {
             return Err(Error::invalid(format!(
@@ -494,6 +577,8 @@ impl Elastic {
             rank,
             id,
             slots,
+            secret,
+            refused: AtomicU64::new(0),
             sock,
             settings,
             state: Mutex::new(state),
@@ -798,7 +883,7 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(r, (s, _))| {
-                Elastic::start(s, r, addrs.clone(), group_id(&addrs), view.clone(), settings)
+                Elastic::start(s, r, addrs.clone(), group_id(&addrs), view.clone(), settings, None)
                     .unwrap_or_else(|e| panic!("{e}"))
             })
             .collect()
@@ -859,7 +944,7 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(r, (s, _))| {
-                Elastic::start(s, r, addrs.clone(), id, view.clone(), settings)
+                Elastic::start(s, r, addrs.clone(), id, view.clone(), settings, None)
                     .unwrap_or_else(|e| panic!("{e}"))
             })
             .collect();
@@ -872,7 +957,7 @@ mod tests {
         // (without itself): it learns the group's view, is not fenced, and says it is ready.
         let (sock, _) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
         let first = View { epoch: 0, members: set(&[0, 1]) };
-        let joiner = Elastic::start(sock, 2, addrs.clone(), id, first, settings)
+        let joiner = Elastic::start(sock, 2, addrs.clone(), id, first, settings, None)
             .unwrap_or_else(|e| panic!("{e}"));
         let (v, fenced) = joiner.wait_view(0, Duration::from_secs(20));
         assert!(!fenced && joiner.is_joining());
@@ -895,6 +980,65 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1200));
         assert_eq!(g[1].view(), View { epoch: 2, members: set(&[0, 1, 2]) });
         assert_eq!(g[1].peer_states()[2], (true, false), "heard, and no longer waiting");
+    }
+
+    #[test]
+    fn sealed_frames_reach_holders_of_the_secret_only() {
+        let settings = ElasticSettings {
+            heartbeat: Duration::from_millis(20),
+            eviction: Duration::from_millis(400),
+            agreement: Settings {
+                reconciliation_window: Duration::from_millis(10),
+                phase_timeout: Duration::from_millis(300),
+            },
+            evict: true,
+        };
+        let secret =
+            |s: &str| Some(ClusterSecret::new(s.as_bytes()).unwrap_or_else(|e| panic!("{e}")));
+        let secrets = [secret("alpha"), secret("alpha"), secret("beta"), None];
+        let bound: Vec<(UdpSocket, SocketAddr)> =
+            (0..4).map(|_| Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"))).collect();
+        let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.1).collect();
+        let view = View { epoch: 0, members: set(&[0, 1, 2, 3]) };
+        let g: Vec<Elastic> = bound
+            .into_iter()
+            .zip(secrets)
+            .enumerate()
+            .map(|(r, ((s, _), secret))| {
+                Elastic::start(s, r, addrs.clone(), 7, view.clone(), settings, secret)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        // Ranks 0 and 1 hear each other only: they evict 2 (another secret) and 3 (none).
+        for e in &g[..2] {
+            let (v, fenced) = e.wait_view(0, Duration::from_secs(20));
+            assert!(!fenced);
+            assert_eq!(v.members, set(&[0, 1]), "{v:?}");
+        }
+        assert!(g[0].shared.refused.load(Ordering::Relaxed) > 0);
+        // A frame sealed with the secret but replayed from too long ago is refused.
+        let s0 = &g[0].shared;
+        let Some(secret) = &s0.secret else { panic!("rank 0 has a secret") };
+        let mut f = s0.frame(HEARTBEAT);
+        f[KIND_AT] |= SEALED;
+        f.extend_from_slice(&0u64.to_le_bytes());
+        f.extend_from_slice(&(unix_ms() - 60_000).to_le_bytes());
+        let tag = secret.tag(TAG_DOMAIN, &f);
+        let body_at = KIND_AT + 1;
+        assert!(s0
+            .unseal(
+                secret,
+                &[f.clone(), tag.to_vec()].concat(),
+                &[&f[body_at..], &tag[..]].concat()
+            )
+            .is_none());
+        let mut fresh = s0.frame(HEARTBEAT);
+        fresh[KIND_AT] |= SEALED;
+        fresh.extend_from_slice(&0u64.to_le_bytes());
+        fresh.extend_from_slice(&unix_ms().to_le_bytes());
+        let tag = secret.tag(TAG_DOMAIN, &fresh);
+        let whole = [fresh.clone(), tag.to_vec()].concat();
+        assert_eq!(s0.unseal(secret, &whole, &whole[body_at..]), Some(&0u64.to_le_bytes()[..]));
     }
 
     #[test]

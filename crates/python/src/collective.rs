@@ -409,6 +409,8 @@ impl PyCudaComm {
 #[pyclass(frozen, module = "tidewire._native", name = "ElasticMember")]
 pub(crate) struct PyElastic {
     addr: String,
+    /// The engine's cluster secret, sealing every membership frame when one is in force.
+    secret: Option<tidewire::ClusterSecret>,
     sock: Mutex<Option<std::net::UdpSocket>>,
     /// Shared with the calls that wait (`wait_view`, `collect`), which hold no lock meanwhile.
     member: Mutex<Option<Arc<Elastic>>>,
@@ -431,11 +433,18 @@ impl PyElastic {
 
 #[pymethods]
 impl PyElastic {
-    /// Binds a UDP socket on `host`.
+    /// Binds a UDP socket on `host`; the membership's frames are sealed with `engine`'s
+    /// cluster secret, if it has one.
     #[new]
-    fn new(host: &str) -> PyResult<Self> {
+    fn new(engine: &PyEngine, host: &str) -> PyResult<Self> {
+        let secret = engine.engine()?.config().cluster_secret.clone();
         let (sock, addr) = Elastic::bind(host).map_err(to_py)?;
-        Ok(Self { addr: addr.to_string(), sock: Mutex::new(Some(sock)), member: Mutex::new(None) })
+        Ok(Self {
+            addr: addr.to_string(),
+            secret,
+            sock: Mutex::new(Some(sock)),
+            member: Mutex::new(None),
+        })
     }
 
     /// The bound address (`ip:port`), to publish.
@@ -485,7 +494,8 @@ impl PyElastic {
             .take()
             .ok_or_else(|| errors::invalid("elastic membership was started already".into()))?;
         let view = View { epoch, members: members.into_iter().collect() };
-        let e = Elastic::start(sock, rank, peers, group_id, view, settings).map_err(to_py)?;
+        let e = Elastic::start(sock, rank, peers, group_id, view, settings, self.secret.clone())
+            .map_err(to_py)?;
         *self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(e));
         Ok(())
     }

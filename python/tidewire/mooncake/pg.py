@@ -198,7 +198,7 @@ def _start_membership(
 
     from .._store import exchange
 
-    member = _native.ElasticMember(_tw._host)
+    member = _native.ElasticMember(_tw.engine()._native, _tw._host)
     us = _settings
     timings = (us["heartbeat"] / 1e6, us["eviction"] / 1e6, us["reconciliation"] / 1e6, us["phase"] / 1e6)
     if joiner:
