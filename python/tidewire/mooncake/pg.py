@@ -31,8 +31,18 @@ After a change, every member re-forms the group's rings over the active ranks at
 died with its rank) and every collective goes on over the survivors: buffers with a slot per
 rank keep their shape, nothing is sent to an inactive rank and what would come from one is
 zeros; roots and peers must be active. CUDA tensors are staged through host memory from then
-on. Not yet: joiners (``is_extension``, ``join_group``, ``activate_ranks``,
-``recover_ranks``) and ``sync_after_failure``.
+on.
+
+Joining: a process created with ``MooncakeBackendOptions(active, is_extension=True[,
+max_group_size])`` (a replacement in a dead rank's slot, or a rank beyond the founders) works
+alone until it is added; ``join_group(pg)`` says it waits and blocks until a view with it is
+agreed (``set_join_timeout_us``, 300 s). Any active rank sees it with ``get_peer_state`` and
+adds it with ``recover_ranks`` / ``activate_ranks`` (a ``ViewUpdateResponse`` whose
+``status`` is a ``ProposalStatus``); the next call re-forms the group with it. Failure modes:
+``auto_deactivate_on_failure=False`` leaves failed ranks in the view (only reported; no
+eviction) until ``deactivate_ranks``; ``auto_sync_on_failure=False`` makes calls after a
+change raise until ``sync_after_failure`` (a ``SyncAfterFailureResponse``). With a cluster
+secret (``TIDEWIRE_CLUSTER_SECRET``) the membership's datagrams are sealed with it.
 """
 
 from __future__ import annotations
