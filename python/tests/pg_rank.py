@@ -378,6 +378,9 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     tidewire.mooncake.install()
     from mooncake import pg as mpg  # type: ignore[import-not-found]
 
+    arg, _, size_s = arg.partition("@")
+    # The all_reduce the victim dies in: 1 Mi floats unless "@4B" / "@64M" says.
+    count = {"": 1 << 20, "4B": 1, "64M": 16 << 20}[size_s]
     how, victim_s = arg.split("-")
     victim = int(victim_s)
     if how == "stop":
@@ -411,7 +414,7 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     if rank == victim:
         if how == "kill":
             threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-            big = torch.ones(1 << 20)
+            big = torch.ones(count)
             for _ in range(10000):
                 dist.all_reduce(big)
             return ["the victim outlived its signal"]
@@ -420,7 +423,7 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         # Continued: the others removed this rank meanwhile; it learns so.
         pg._elastic.wait_view(0, 10.0)
         return report()
-    big = torch.ones(1 << 20)
+    big = torch.ones(count)
     err = None
     try:
         for _ in range(10000):
