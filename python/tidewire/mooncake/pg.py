@@ -53,7 +53,7 @@ import json
 import os as _os
 import time
 from datetime import timedelta
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -403,6 +403,18 @@ def _ranks(g: "_tw.ProcessGroupTidewire", ranks: Sequence[int], what: str) -> Li
     return out
 
 
+def _wait_view(g: "_tw.ProcessGroupTidewire", done: Any, end: float) -> Tuple[int, List[int], bool, bool]:
+    """Waits until the view's members satisfy `done`, this rank is fenced, or `end` (monotonic)
+    passes: `(epoch, members, fenced, late)`."""
+    epoch, members, fenced = g._elastic.view()
+    while not fenced and not done(members):
+        left = end - time.monotonic()
+        if left <= 0:
+            return epoch, members, fenced, True
+        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    return epoch, members, fenced, False
+
+
 def activate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     """Adds `ranks` (processes that called ``join_group`` in those slots) to the group's view:
     waits for each to say it is ready, asks the group to add them, and returns once this rank
@@ -430,13 +442,9 @@ def activate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
         time.sleep(0.005)
     if missing:
         g._elastic.request([], missing)
-    while not fenced and not set(want) <= set(members):
-        left = end - time.monotonic()
-        if left <= 0:
-            return ViewUpdateResponse(
-                ProposalStatus.Rejected, epoch, [], f"no view with ranks {want} agreed within the group's timeout"
-            )
-        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    epoch, members, fenced, late = _wait_view(g, lambda m: set(want) <= set(m), end)
+    if late:
+        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"no view with ranks {want} agreed within the group's timeout")
     _sync_mask(g)
     if fenced:
         return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
@@ -458,15 +466,12 @@ def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     gone = set(_ranks(g, ranks, "deactivate_ranks"))
     g._elastic.request(sorted(gone), [])
     end = time.monotonic() + g._timeout.total_seconds()
-    epoch, members, fenced = g._elastic.view()
-    before = set(members)
-    while not fenced and gone & set(members):
-        left = end - time.monotonic()
-        if left <= 0:
-            return ViewUpdateResponse(
-                ProposalStatus.Rejected, epoch, [], f"no view without ranks {sorted(gone)} agreed within the group's timeout"
-            )
-        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    before = set(g._elastic.view()[1])
+    epoch, members, fenced, late = _wait_view(g, lambda m: not gone & set(m), end)
+    if late:
+        return ViewUpdateResponse(
+            ProposalStatus.Rejected, epoch, [], f"no view without ranks {sorted(gone)} agreed within the group's timeout"
+        )
     _sync_mask(g)
     dropped = sorted(before - set(members) - gone)
     status = ProposalStatus.AppliedWithDroppedRanks if dropped else ProposalStatus.Applied
@@ -483,15 +488,12 @@ def join_group(pg: Any) -> None:
         raise RuntimeError(f"tidewire: join_group: rank {g.rank()} is not joining (created without is_extension=True, or added already)")
     g._elastic.set_ready()
     end = time.monotonic() + _settings["join"] / 1e6
-    epoch, members, fenced = g._elastic.view()
-    while g.rank() not in members:
-        left = end - time.monotonic()
-        if fenced or left <= 0:
-            raise TimeoutError(
-                f"tidewire: join_group: rank {g.rank()} was not added within {_settings['join'] / 1e6:.0f} s "
-                f"(the group is at epoch {epoch} with ranks {members})"
-            )
-        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    epoch, members, fenced, late = _wait_view(g, lambda m: g.rank() in m, end)
+    if late or fenced:
+        raise TimeoutError(
+            f"tidewire: join_group: rank {g.rank()} was not added within {_settings['join'] / 1e6:.0f} s "
+            f"(the group is at epoch {epoch} with ranks {members})"
+        )
     g._joining = False
     mask = g._active_ranks
     if mask is not None and mask.device.type == "cpu" and mask.is_contiguous():
@@ -508,15 +510,12 @@ def sync_after_failure(pg: Any) -> SyncAfterFailureResponse:
     rank was removed or the agreement did not finish in time."""
     g = _elastic_group(pg, "sync_after_failure")
     end = time.monotonic() + g._timeout.total_seconds()
-    epoch, members, fenced = g._elastic.view()
-    failed = set(g.failed_ranks()) | set(g.dead_ranks())
-    while not fenced and failed & set(members) and g._auto_deactivate:
-        left = end - time.monotonic()
-        if left <= 0:
-            return SyncAfterFailureResponse(
-                SyncAfterFailureStatus.Rejected, f"ranks {sorted(failed & set(members))} are still in the view"
-            )
-        epoch, members, fenced = g._elastic.wait_view(epoch, left)
+    failed = (set(g.failed_ranks()) | set(g.dead_ranks())) if g._auto_deactivate else set()
+    epoch, members, fenced, late = _wait_view(g, lambda m: not failed & set(m), end)
+    if late:
+        return SyncAfterFailureResponse(
+            SyncAfterFailureStatus.Rejected, f"ranks {sorted(failed & set(members))} are still in the view"
+        )
     if fenced:
         return SyncAfterFailureResponse(SyncAfterFailureStatus.Rejected, f"rank {g.rank()} was removed from the group")
     _sync_mask(g)
