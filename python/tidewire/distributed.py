@@ -268,7 +268,10 @@ class _CudaPath:
         eng = engine()
         addr, length = _native.CudaCommunicator.allocate(eng._native, device, size)
         # Settings every rank's kernels must share (they cut each pair's bytes the same way).
-        tuning = {k: os.environ.get(k, "") for k in ("TIDEWIRE_PG_CUDA_BLOCKS", "TIDEWIRE_PG_CUDA_CHUNK_KIB")}
+        tuning = {
+            k: os.environ.get(k, "")
+            for k in ("TIDEWIRE_PG_CUDA_BLOCKS", "TIDEWIRE_PG_CUDA_CHUNK_KIB", "TIDEWIRE_PG_CUDA_ALLREDUCE")
+        }
         try:
             infos = exchange(store, rank, size, "tidewire/cuda", {"name": eng.name, "addr": addr, "len": length, "tuning": tuning}, timeout)
             for r, info in enumerate(infos):
@@ -600,6 +603,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             self._cuda = None
         self._cuda_allowed = False
         self._members, self._comm_epoch = list(members), epoch
+        # Failures of the communicator just dropped are behind us (a rank that failed may be
+        # back in this view).
+        self._failed_ranks = []
         # A group extended past its first size grows (Mooncake: the highest active rank + 1).
         self._size = max(self._size, max(members) + 1)
         logging.getLogger("tidewire").warning(

@@ -795,6 +795,10 @@ impl Comm {
                 _ if theirs_len != len => {
                     format!("{name}: rank {r} has {theirs_len} bytes, rank {me} {len}")
                 }
+                // Every offset we read at lies within the block (`at` included).
+                _ if addr.checked_add(len as u64).is_none() || at > len as u64 => {
+                    format!("{name}: rank {r} announced a buffer at {addr:#x} of {len} bytes")
+                }
                 None => format!("{name}: rank {r} is not read directly (no process id agreed)"),
                 Some(pid) => {
                     sources.push((r, pid, addr + at));

@@ -44,6 +44,9 @@ const MAGIC: &[u8; 4] = b"TWMB";
 const HEARTBEAT: u8 = 0;
 const MESSAGE: u8 = 1;
 const ANNOUNCE: u8 = 2;
+/// Addresses learned for slots (of processes that joined): (slot u32, stamp u64, length u8,
+/// "ip:port") repeated.
+const ADDRS: u8 = 3;
 /// The kind's bit that says the frame is sealed with the cluster secret.
 const SEALED: u8 = 0x80;
 /// Where the kind is in a frame (after the magic, the group's id and the sender's rank).
@@ -210,11 +213,40 @@ pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
     r.0.is_empty().then_some(m)
 }
 
-/// This host's clock in milliseconds since the epoch (0 before it).
-fn unix_ms() -> u64 {
+/// Appends address entries (slot, stamp, address) as [`ADDRS`] frames carry them.
+fn encode_addrs(entries: &[(Rank, u64, SocketAddr)], out: &mut Vec<u8>) {
+    for (r, stamp, addr) in entries {
+        let text = addr.to_string();
+        out.extend_from_slice(&(*r as u32).to_le_bytes());
+        out.extend_from_slice(&stamp.to_le_bytes());
+        out.push(text.len() as u8);
+        out.extend_from_slice(text.as_bytes());
+    }
+}
+
+/// Reads what [`encode_addrs`] wrote; stops at the first malformed entry (outside input).
+fn decode_addrs(mut body: &[u8]) -> Vec<(Rank, u64, SocketAddr)> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let Some((r, rest)) = body.split_at_checked(4) else { break };
+        let Some((stamp, rest)) = rest.split_at_checked(8) else { break };
+        let Some((&n, rest)) = rest.split_first() else { break };
+        let Some((text, rest)) = rest.split_at_checked(usize::from(n)) else { break };
+        let Some(addr) = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok()) else { break };
+        let (Ok(r), Ok(stamp)) = (<[u8; 4]>::try_from(r), <[u8; 8]>::try_from(stamp)) else {
+            break;
+        };
+        out.push((u32::from_le_bytes(r) as Rank, u64::from_le_bytes(stamp), addr));
+        body = rest;
+    }
+    out
+}
+
+/// This host's clock in microseconds since the epoch (0 before it).
+fn unix_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The group's id: the same on every rank that was given the same addresses (a caller may
@@ -234,8 +266,17 @@ pub fn group_id(addrs: &[SocketAddr]) -> u64 {
 struct State {
     member: Member,
     /// Every rank slot's address (a slot outside the view takes the address its datagrams
-    /// come from: a replacement process, or a joiner not known at creation).
+    /// come from: a replacement process, or a joiner not known at creation), and how new
+    /// each is: 0 as published by the founders, the epoch + 1 at which it was learned (members
+    /// pass learned addresses on; the newer one wins).
     peers: Vec<SocketAddr>,
+    stamped: Vec<u64>,
+    /// The newest sealed frame's stamp from each slot (with a cluster secret: older or equal
+    /// ones are replays, dropped).
+    stamps: Vec<u64>,
+    /// The members of the view when it last changed (a member newly added is given a fresh
+    /// eviction period).
+    last_members: BTreeSet<Rank>,
     /// Whether we wait to be added (told to every slot with our heartbeats), and which slots
     /// said so in their last heartbeat.
     ready: bool,
@@ -273,6 +314,9 @@ struct Shared {
     secret: Option<ClusterSecret>,
     /// Frames dropped for their seal (none, a wrong one, a stale clock), for the logs.
     refused: AtomicU64,
+    /// The stamp of the last sealed frame sent (microseconds since the epoch, strictly
+    /// increasing even within one microsecond).
+    last_stamp: AtomicU64,
     sock: UdpSocket,
     settings: ElasticSettings,
     state: Mutex<State>,
@@ -335,7 +379,7 @@ impl Shared {
                 if let Some(k) = f.get_mut(KIND_AT) {
                     *k |= SEALED;
                 }
-                f.extend_from_slice(&unix_ms().to_le_bytes());
+                f.extend_from_slice(&self.next_stamp().to_le_bytes());
                 let tag = secret.tag(TAG_DOMAIN, &f);
                 f.extend_from_slice(&tag);
                 sealed = f;
@@ -345,6 +389,24 @@ impl Shared {
         if let Err(e) = self.sock.send_to(bytes, addr) {
             // A lost datagram is a silent member to the protocol: it retries or suspects.
             log::debug!("elastic rank {}: sending to rank {to} at {addr}: {e}", self.rank);
+        }
+    }
+
+    /// Sends the addresses learned for slots (not the founders') to every other member.
+    fn send_addrs(&self, st: &State) {
+        let learned: Vec<(Rank, u64, SocketAddr)> = (0..self.slots)
+            .filter(|&r| st.stamped[r] > 0)
+            .map(|r| (r, st.stamped[r], st.peers[r]))
+            .collect();
+        if learned.is_empty() {
+            return;
+        }
+        let mut f = self.frame(ADDRS);
+        encode_addrs(&learned, &mut f);
+        for &r in &st.member.view().members {
+            if r != self.rank {
+                self.send(st, r, &f);
+            }
         }
     }
 
@@ -377,6 +439,13 @@ impl Shared {
             // Who waits to be added is said again by every joiner's next heartbeat: a slot's
             // old process (added, or gone) must not pass for a new one that waits.
             st.ready_in.iter_mut().for_each(|r| *r = false);
+            // A member just added gets a whole eviction period from now.
+            let members = st.member.view().members.clone();
+            let now = Instant::now();
+            for &r in members.difference(&st.last_members) {
+                st.heard[r] = now;
+            }
+            st.last_members = members;
             write_masks(st);
             self.epoch.store(st.member.view().epoch, Ordering::Release);
             self.changed.notify_all();
@@ -396,10 +465,10 @@ impl Shared {
         if from > max || from == self.rank {
             return;
         }
-        let body = match (&self.secret, kind & SEALED != 0) {
-            (None, false) => body,
+        let (body, stamp) = match (&self.secret, kind & SEALED != 0) {
+            (None, false) => (body, None),
             (Some(secret), true) => match self.unseal(secret, buf, body) {
-                Some(b) => b,
+                Some((b, stamp)) => (b, Some(stamp)),
                 None => return self.refuse(from, "a bad seal or a clock too far from ours"),
             },
             (Some(_), false) => return self.refuse(from, "no seal (no cluster secret there)"),
@@ -407,13 +476,26 @@ impl Shared {
         };
         let kind = kind & !SEALED;
         let mut st = self.lock();
-        st.heard[from] = now;
-        if st.peers[from] != src && !st.member.view().members.contains(&from) {
-            // A process in a slot outside the view (a replacement, a joiner): its address is
-            // where it sends from. A member's address never changes this way.
+        if let Some(stamp) = stamp {
+            if stamp <= st.stamps[from] {
+                drop(st);
+                return self.refuse(from, "a replayed frame (not newer than its last)");
+            }
+            st.stamps[from] = stamp;
+        }
+        if st.peers[from] != src {
+            if st.member.view().members.contains(&from) && st.peers[from].port() != 0 {
+                // A member's address never changes by a datagram: this is another process
+                // in its slot (a replacement, before the member is found dead), not the member.
+                return;
+            }
+            // A process in a slot outside the view (a replacement, a joiner), or one whose
+            // address we never knew: its address is where it sends from.
             log::info!("elastic rank {}: rank {from} is now at {src}", self.rank);
             st.peers[from] = src;
+            st.stamped[from] = st.member.view().epoch + 1;
         }
+        st.heard[from] = now;
         match kind {
             HEARTBEAT => {
                 let Some((theirs, flags)) = body.split_at_checked(8) else { return };
@@ -453,13 +535,28 @@ impl Shared {
                     self.changed.notify_all();
                 }
             }
+            ADDRS if st.member.view().members.contains(&from) => {
+                // A member passes on the addresses it learned: newer ones replace ours (two
+                // processes that joined learn each other's this way).
+                for (r, stamp, addr) in decode_addrs(body) {
+                    if r < self.slots && r != self.rank && stamp > st.stamped[r] {
+                        st.peers[r] = addr;
+                        st.stamped[r] = stamp;
+                    }
+                }
+            }
             _ => {}
         }
     }
 
-    /// The body of a sealed frame `buf` (its part after the kind is `body`) if its tag and its
-    /// clock hold.
-    fn unseal<'a>(&self, secret: &ClusterSecret, buf: &[u8], body: &'a [u8]) -> Option<&'a [u8]> {
+    /// The body of a sealed frame `buf` (its part after the kind is `body`) and its stamp, if
+    /// its tag holds and its clock is within [`MAX_SKEW`] of ours.
+    fn unseal<'a>(
+        &self,
+        secret: &ClusterSecret,
+        buf: &[u8],
+        body: &'a [u8],
+    ) -> Option<(&'a [u8], u64)> {
         const TAIL: usize = 8 + tidewire::core::auth::TAG_LEN;
         let (signed, tag) =
             buf.split_at_checked(buf.len().checked_sub(tidewire::core::auth::TAG_LEN)?)?;
@@ -468,8 +565,18 @@ impl Shared {
         }
         let (body, tail) = body.split_at_checked(body.len().checked_sub(TAIL)?)?;
         let sent = u64::from_le_bytes(tail[..8].try_into().ok()?);
-        let skew = Duration::from_millis(unix_ms().abs_diff(sent));
-        (skew <= MAX_SKEW).then_some(body)
+        let skew = Duration::from_micros(unix_us().abs_diff(sent));
+        (skew <= MAX_SKEW).then_some((body, sent))
+    }
+
+    /// A stamp for the next sealed frame: this host's clock in µs, above every earlier one.
+    fn next_stamp(&self) -> u64 {
+        let now = unix_us();
+        let prev = self
+            .last_stamp
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(now.max(last + 1)))
+            .unwrap_or(now);
+        now.max(prev + 1)
     }
 
     fn refuse(&self, from: Rank, why: &str) {
@@ -501,6 +608,7 @@ impl Shared {
                     }
                 }
                 self.repeat_announcements(&st);
+                self.send_addrs(&st);
             }
         }
         let members: Vec<Rank> = st.member.view().members.iter().copied().collect();
@@ -563,8 +671,11 @@ impl Elastic {
         let first = view.epoch;
         let slots = peers.len();
         let state = State {
+            last_members: view.members.clone(),
             member: Member::new(rank, view, settings.agreement),
             peers,
+            stamped: vec![0; slots],
+            stamps: vec![0; slots],
             ready: false,
             ready_in: vec![false; slots],
             heard: vec![now; slots],
@@ -579,6 +690,7 @@ impl Elastic {
             slots,
             secret,
             refused: AtomicU64::new(0),
+            last_stamp: AtomicU64::new(0),
             sock,
             settings,
             state: Mutex::new(state),
@@ -854,6 +966,7 @@ mod tests {
         #[test]
         fn arbitrary_datagrams_decode_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes, 63);
+            let _ = decode_addrs(&bytes);
         }
 
         /// Valid encodings with one byte changed or cut short: decoded to a message whose
@@ -983,6 +1096,103 @@ mod tests {
     }
 
     #[test]
+    fn two_joiners_learn_each_others_address_and_stay() {
+        // Founders 0 and 1 of four slots; 2 and 3 join knowing only the founders: the members
+        // pass on the addresses they learned, so the two joiners hear each other and nobody
+        // is evicted after they are added.
+        let settings = ElasticSettings {
+            heartbeat: Duration::from_millis(20),
+            eviction: Duration::from_millis(400),
+            agreement: Settings {
+                reconciliation_window: Duration::from_millis(10),
+                phase_timeout: Duration::from_millis(300),
+            },
+            evict: true,
+        };
+        let bind = || Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let founders: Vec<(UdpSocket, SocketAddr)> = (0..2).map(|_| bind()).collect();
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut addrs: Vec<SocketAddr> = founders.iter().map(|b| b.1).collect();
+        addrs.extend([unknown, unknown]);
+        let secret = Some(ClusterSecret::new(b"joiners").unwrap_or_else(|e| panic!("{e}")));
+        let view = View { epoch: 0, members: set(&[0, 1]) };
+        let mut g: Vec<Elastic> = founders
+            .into_iter()
+            .enumerate()
+            .map(|(r, (s, _))| {
+                Elastic::start(s, r, addrs.clone(), 9, view.clone(), settings, secret.clone())
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        for r in [2, 3] {
+            let (s, _) = bind();
+            let e = Elastic::start(s, r, addrs.clone(), 9, view.clone(), settings, secret.clone())
+                .unwrap_or_else(|e| panic!("{e}"));
+            e.set_ready();
+            g.push(e);
+        }
+        let end = Instant::now() + Duration::from_secs(20);
+        while !(g[0].peer_states()[2].1 && g[0].peer_states()[3].1) {
+            assert!(Instant::now() < end, "the joiners never said they were ready");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        g[1].request(&[], &[2, 3]).unwrap_or_else(|e| panic!("{e}"));
+        for e in &g {
+            let (v, fenced) = e.wait_view(0, Duration::from_secs(20));
+            assert!(!fenced);
+            assert_eq!(v, View { epoch: 1, members: set(&[0, 1, 2, 3]) });
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        for e in &g {
+            assert_eq!(
+                e.view(),
+                View { epoch: 1, members: set(&[0, 1, 2, 3]) },
+                "someone was evicted"
+            );
+            assert!(e.peer_states().iter().all(|s| s.0), "{:?}", e.peer_states());
+        }
+    }
+
+    #[test]
+    fn a_replacement_is_not_taken_for_the_member_it_replaces() {
+        // Rank 2 stops without a word; a new process for slot 2 sends before the others have
+        // found 2 dead: its frames must not keep the dead member alive (they are dropped until
+        // the slot leaves the view), and it is then learned and can be added.
+        let settings = ElasticSettings {
+            heartbeat: Duration::from_millis(20),
+            eviction: Duration::from_millis(500),
+            agreement: Settings {
+                reconciliation_window: Duration::from_millis(10),
+                phase_timeout: Duration::from_millis(300),
+            },
+            evict: true,
+        };
+        let mut g = group(3, settings);
+        let addrs: Vec<SocketAddr> =
+            g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
+        let mut dead = g.pop().unwrap_or_else(|| panic!("three members"));
+        dead.close();
+        let (sock, _) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let first = View { epoch: 0, members: set(&[0, 1]) };
+        let joiner =
+            Elastic::start(sock, 2, addrs.clone(), group_id(&addrs), first, settings, None)
+                .unwrap_or_else(|e| panic!("{e}"));
+        joiner.set_ready();
+        for e in &g {
+            let (v, _) = e.wait_view(0, Duration::from_secs(20));
+            assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) }, "the dead member is evicted");
+        }
+        let end = Instant::now() + Duration::from_secs(20);
+        while !g[0].peer_states()[2].1 {
+            assert!(Instant::now() < end, "the replacement is never heard");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
+        let (v, _) = joiner.wait_view(1, Duration::from_secs(20));
+        assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+    }
+
+    #[test]
     fn sealed_frames_reach_holders_of_the_secret_only() {
         let settings = ElasticSettings {
             heartbeat: Duration::from_millis(20),
@@ -1022,7 +1232,7 @@ mod tests {
         let mut f = s0.frame(HEARTBEAT);
         f[KIND_AT] |= SEALED;
         f.extend_from_slice(&0u64.to_le_bytes());
-        f.extend_from_slice(&(unix_ms() - 60_000).to_le_bytes());
+        f.extend_from_slice(&(unix_us() - 60_000_000).to_le_bytes());
         let tag = secret.tag(TAG_DOMAIN, &f);
         let body_at = KIND_AT + 1;
         assert!(s0
@@ -1035,10 +1245,27 @@ mod tests {
         let mut fresh = s0.frame(HEARTBEAT);
         fresh[KIND_AT] |= SEALED;
         fresh.extend_from_slice(&0u64.to_le_bytes());
-        fresh.extend_from_slice(&unix_ms().to_le_bytes());
+        let stamp = unix_us();
+        fresh.extend_from_slice(&stamp.to_le_bytes());
         let tag = secret.tag(TAG_DOMAIN, &fresh);
         let whole = [fresh.clone(), tag.to_vec()].concat();
-        assert_eq!(s0.unseal(secret, &whole, &whole[body_at..]), Some(&0u64.to_le_bytes()[..]));
+        assert_eq!(
+            s0.unseal(secret, &whole, &whole[body_at..]),
+            Some((&0u64.to_le_bytes()[..], stamp))
+        );
+        // The same frame from rank 1 twice: the second is a replay (its stamp is not newer).
+        let mut from1 = s0.frame(HEARTBEAT);
+        from1[12..16].copy_from_slice(&1u32.to_le_bytes());
+        from1[KIND_AT] |= SEALED;
+        from1.extend_from_slice(&[0u8; 9]);
+        from1.extend_from_slice(&(unix_us() + 5_000_000).to_le_bytes());
+        let tag = secret.tag(TAG_DOMAIN, &from1);
+        let frame = [from1, tag.to_vec()].concat();
+        let src = s0.lock().peers[1];
+        let before = s0.refused.load(Ordering::Relaxed);
+        s0.receive(&frame, src, Instant::now());
+        s0.receive(&frame, src, Instant::now());
+        assert_eq!(s0.refused.load(Ordering::Relaxed), before + 1, "the replay is refused");
     }
 
     #[test]

@@ -428,18 +428,23 @@ def activate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     before = set(members)
     if fenced:
         return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
-    missing = [r for r in want if r not in members]
-    while missing:
+    while True:
+        # Recomputed every pass: another rank's call may have added them meanwhile (and a
+        # joiner stops saying it waits once it is added).
+        epoch, members, fenced = g._elastic.view()
+        missing = [r for r in want if r not in members]
         states = g._elastic.peer_states()
         waiting = [r for r in missing if not states[r][1]]
-        if not waiting:
+        if fenced or not waiting:
             break
         if time.monotonic() > end:
             return ViewUpdateResponse(
                 ProposalStatus.Rejected, epoch, [],
                 f"ranks {waiting} did not say they wait to be added (join_group) within the group's timeout",
             )
-        time.sleep(0.005)
+        time.sleep(0.002)
+    if fenced:
+        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
     if missing:
         g._elastic.request([], missing)
     epoch, members, fenced, late = _wait_view(g, lambda m: set(want) <= set(m), end)
@@ -464,14 +469,16 @@ def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     the group's timeout."""
     g = _elastic_group(pg, "deactivate_ranks")
     gone = set(_ranks(g, ranks, "deactivate_ranks"))
+    before = set(g._elastic.view()[1])
     g._elastic.request(sorted(gone), [])
     end = time.monotonic() + g._timeout.total_seconds()
-    before = set(g._elastic.view()[1])
     epoch, members, fenced, late = _wait_view(g, lambda m: not gone & set(m), end)
     if late:
         return ViewUpdateResponse(
             ProposalStatus.Rejected, epoch, [], f"no view without ranks {sorted(gone)} agreed within the group's timeout"
         )
+    if fenced and g.rank() not in gone:
+        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
     _sync_mask(g)
     dropped = sorted(before - set(members) - gone)
     status = ProposalStatus.AppliedWithDroppedRanks if dropped else ProposalStatus.Applied
@@ -509,6 +516,8 @@ def sync_after_failure(pg: Any) -> SyncAfterFailureResponse:
     group was already formed over the view in force, ``Rejected`` (with the reason) if this
     rank was removed or the agreement did not finish in time."""
     g = _elastic_group(pg, "sync_after_failure")
+    if g._joining:
+        return SyncAfterFailureResponse(SyncAfterFailureStatus.Rejected, f"rank {g.rank()} was not added yet (join_group)")
     end = time.monotonic() + g._timeout.total_seconds()
     failed = (set(g.failed_ranks()) | set(g.dead_ranks())) if g._auto_deactivate else set()
     epoch, members, fenced, late = _wait_view(g, lambda m: not failed & set(m), end)
