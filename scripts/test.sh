@@ -25,6 +25,8 @@ trap cleanup EXIT
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# libfabric for the fabric transport's probe (its tcp provider runs without RDMA hardware).
+ldconfig -p 2>/dev/null | grep 'libfabric\.so\.1 ' >/dev/null || need+=(libfabric1)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} from Debian's packages"
   sudo=""

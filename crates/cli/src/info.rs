@@ -17,6 +17,37 @@ pub(crate) struct InfoArgs {
     host: String,
 }
 
+/// libfabric's providers for RMA across hosts, and which the fabric transport would use.
+fn print_fabric() {
+    let probe = tidewire::fabric::probe();
+    let (major, minor) = match &probe.library {
+        Ok(v) => *v,
+        Err(why) => {
+            println!("  fabric    no — {why}");
+            return;
+        }
+    };
+    // Each provider with its domains (NICs / interfaces), in the order libfabric ranks them.
+    let mut by_provider: Vec<(String, Vec<String>)> = Vec::new();
+    for p in &probe.providers {
+        match by_provider.iter_mut().find(|(n, _)| *n == p.name) {
+            Some((_, domains)) if !domains.contains(&p.domain) => domains.push(p.domain.clone()),
+            Some(_) => {}
+            None => by_provider.push((p.name.clone(), vec![p.domain.clone()])),
+        }
+    }
+    let offered: Vec<String> =
+        by_provider.iter().map(|(n, d)| format!("{n} ({})", d.join(", "))).collect();
+    println!(
+        "  fabric    libfabric {major}.{minor}, RMA providers: {}",
+        if offered.is_empty() { "none".to_string() } else { offered.join("; ") }
+    );
+    match &probe.chosen {
+        Ok(p) => println!("            would use {p} (the fabric transport is not built yet: tcp carries transfers across hosts)"),
+        Err(why) => println!("            not used — {why}"),
+    }
+}
+
 pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
     let cfg = EngineConfig {
         host: args.host.clone(),
@@ -63,6 +94,7 @@ pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
         Err(reason) => println!("  shm       no — {reason}"),
     }
     println!("  tcp       yes — {}", me.rpc_addr);
+    print_fabric();
     print_gpus();
     let Some(peer) = &args.peer else {
         return Ok(());

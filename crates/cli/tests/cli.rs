@@ -131,6 +131,17 @@ fn info_explains_a_peer_through_the_metadata_server() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("nvlink    no — GPU unavailable"), "{text}");
+    // libfabric (installed by scripts/test.sh): its providers, and why none is used here.
+    assert!(
+        text.contains("fabric    libfabric 1.") && text.contains("tcp;ofi_rxm")
+            || text.contains("fabric    no — libfabric is not installed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("not used — no RDMA provider (efa, verbs) here")
+            || text.contains("fabric    no"),
+        "{text}"
+    );
     assert!(text.contains("same host: true"), "{text}");
     assert!(text.contains("shm — same host and the remote region is a shareable memfd"), "{text}");
 

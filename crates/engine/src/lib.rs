@@ -29,6 +29,7 @@ mod config;
 mod engine;
 mod epoll;
 mod error;
+pub mod fabric;
 mod frames;
 mod guard;
 mod hostinfo;

@@ -1,0 +1,320 @@
+//! libfabric, loaded at run time (as the CUDA driver is): which providers this host offers for
+//! one-sided RMA between processes, and which one the fabric transport would use, with the
+//! reason. The build needs nothing of libfabric; a host without it (or without a usable
+//! provider) says why, and transfers across hosts stay on tidewire's own tcp transport.
+//!
+//! Choice: `TIDEWIRE_FABRIC_PROVIDER` (or libfabric's own `FI_PROVIDER`, its first name) asks
+//! for a provider by name; otherwise `efa`, then `verbs`, else none: libfabric's `tcp` and
+//! `shm` are offered only when asked for (tidewire's own transports serve those paths).
+//!
+//! Only the four exported entry points are called here (`fi_version`, `fi_getinfo`,
+//! `fi_dupinfo`, `fi_freeinfo`); the structures read are those of `rdma/fabric.h`, stable
+//! since libfabric 1.5 (the API asked for is 1.9).
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+use libloading::Library;
+
+/// A provider (and domain: a NIC, or a host's loopback) libfabric offers for RDM endpoints
+/// with RMA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    /// The provider's name (`efa`, `verbs;ofi_rxm`, `tcp;ofi_rxm`, `shm`, ...).
+    pub name: String,
+    /// The domain: the NIC or interface it runs on.
+    pub domain: String,
+    /// The fabric (network) it belongs to.
+    pub fabric: String,
+    /// The provider's version, major and minor.
+    pub version: (u32, u32),
+}
+
+impl Provider {
+    /// The core provider (the first of a layered name: `verbs` of `verbs;ofi_rxm`).
+    pub fn core(&self) -> &str {
+        self.name.split(';').next().unwrap_or(&self.name)
+    }
+}
+
+/// What this host's libfabric offers.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The library's API version, or why it could not be used.
+    pub library: Result<(u32, u32), String>,
+    /// Every (provider, domain) offering RDM endpoints with RMA.
+    pub providers: Vec<Provider>,
+    /// The provider the fabric transport would use, or why none.
+    pub chosen: Result<String, String>,
+}
+
+/// The providers wanted by the environment: `TIDEWIRE_FABRIC_PROVIDER`, else the first name of
+/// `FI_PROVIDER` (which may list several, or exclusions with `^`).
+pub fn wanted_from_env() -> Option<String> {
+    let pick = |v: String| {
+        v.split(',').map(str::trim).find(|s| !s.is_empty() && !s.starts_with('^')).map(String::from)
+    };
+    std::env::var("TIDEWIRE_FABRIC_PROVIDER")
+        .ok()
+        .and_then(pick)
+        .or_else(|| std::env::var("FI_PROVIDER").ok().and_then(pick))
+}
+
+/// Which core provider to use among `offered` (core names): the one `wanted` names, else
+/// `efa`, then `verbs`; an error says why none.
+pub fn choose(offered: &[&str], wanted: Option<&str>) -> Result<String, String> {
+    let list = |o: &[&str]| {
+        let mut v: Vec<&str> = o.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    if let Some(w) = wanted {
+        let core = w.split(';').next().unwrap_or(w);
+        return if offered.contains(&core) {
+            Ok(core.to_string())
+        } else {
+            Err(format!(
+                "provider {w:?} was asked for; this host's libfabric offers {}",
+                list(offered)
+            ))
+        };
+    }
+    for p in ["efa", "verbs"] {
+        if offered.contains(&p) {
+            return Ok(p.to_string());
+        }
+    }
+    Err(format!(
+        "no RDMA provider (efa, verbs) here, offered: {}; tidewire's own tcp carries transfers \
+         across hosts (TIDEWIRE_FABRIC_PROVIDER names one to use anyway)",
+        list(offered)
+    ))
+}
+
+/// Probes once per process.
+pub fn probe() -> &'static Probe {
+    static PROBE: OnceLock<Probe> = OnceLock::new();
+    PROBE.get_or_init(|| {
+        let (library, providers) = match ffi::providers() {
+            Ok((version, providers)) => (Ok(version), providers),
+            Err(why) => (Err(why), Vec::new()),
+        };
+        let chosen = match &library {
+            Err(why) => Err(why.clone()),
+            Ok(_) => {
+                let cores: Vec<&str> = providers.iter().map(Provider::core).collect();
+                choose(&cores, wanted_from_env().as_deref())
+            }
+        };
+        Probe { library, providers, chosen }
+    })
+}
+
+#[allow(unsafe_code)]
+mod ffi {
+    use super::*;
+
+    const FI_RMA: u64 = 1 << 2;
+    const FI_READ: u64 = 1 << 8;
+    const FI_WRITE: u64 = 1 << 9;
+    const FI_REMOTE_READ: u64 = 1 << 12;
+    const FI_REMOTE_WRITE: u64 = 1 << 13;
+    const FI_EP_RDM: c_int = 3;
+    const FI_MR_LOCAL: c_int = 1 << 2;
+    const FI_MR_VIRT_ADDR: c_int = 1 << 4;
+    const FI_MR_ALLOCATED: c_int = 1 << 5;
+    const FI_MR_PROV_KEY: c_int = 1 << 6;
+    /// The API version asked for: 1.9.
+    const API: u32 = (1 << 16) | 9;
+
+    /// `struct fi_info` (rdma/fabric.h).
+    #[repr(C)]
+    pub(super) struct FiInfo {
+        next: *mut FiInfo,
+        caps: u64,
+        mode: u64,
+        addr_format: u32,
+        src_addrlen: usize,
+        dest_addrlen: usize,
+        src_addr: *mut c_void,
+        dest_addr: *mut c_void,
+        handle: *mut c_void,
+        tx_attr: *mut c_void,
+        rx_attr: *mut c_void,
+        ep_attr: *mut FiEpAttr,
+        domain_attr: *mut FiDomainAttr,
+        fabric_attr: *mut FiFabricAttr,
+        nic: *mut c_void,
+    }
+
+    /// The head of `struct fi_ep_attr` (only `type` is written).
+    #[repr(C)]
+    struct FiEpAttr {
+        ep_type: c_int,
+    }
+
+    /// The head of `struct fi_domain_attr`, up to `mr_mode`.
+    #[repr(C)]
+    struct FiDomainAttr {
+        domain: *mut c_void,
+        name: *mut c_char,
+        threading: c_int,
+        control_progress: c_int,
+        data_progress: c_int,
+        resource_mgmt: c_int,
+        av_type: c_int,
+        mr_mode: c_int,
+    }
+
+    /// `struct fi_fabric_attr`.
+    #[repr(C)]
+    struct FiFabricAttr {
+        fabric: *mut c_void,
+        name: *mut c_char,
+        prov_name: *mut c_char,
+        prov_version: u32,
+        api_version: u32,
+    }
+
+    type Version = unsafe extern "C" fn() -> u32;
+    type GetInfo = unsafe extern "C" fn(
+        u32,
+        *const c_char,
+        *const c_char,
+        u64,
+        *const FiInfo,
+        *mut *mut FiInfo,
+    ) -> c_int;
+    type DupInfo = unsafe extern "C" fn(*const FiInfo) -> *mut FiInfo;
+    type FreeInfo = unsafe extern "C" fn(*mut FiInfo);
+
+    fn text(p: *const c_char) -> String {
+        if p.is_null() {
+            return String::new();
+        }
+        // SAFETY: a non-null string of a structure libfabric returned, NUL-terminated, alive
+        // until the structure is freed (after this copy).
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+
+    /// The library's API version and every provider offering RDM endpoints with RMA.
+    pub(super) fn providers() -> Result<((u32, u32), Vec<Provider>), String> {
+        // SAFETY: loading libfabric runs its constructors, which only register providers.
+        let lib = unsafe { Library::new("libfabric.so.1") }.map_err(|e| {
+            format!("libfabric is not installed (libfabric.so.1: {e}); install libfabric1 to use RDMA NICs")
+        })?;
+        // SAFETY: the four entry points of rdma/fabric.h, with their C signatures.
+        let (version, getinfo, dupinfo, freeinfo) = unsafe {
+            let sym =
+                |name: &[u8]| format!("libfabric.so.1 has no {}", String::from_utf8_lossy(name));
+            (
+                *lib.get::<Version>(b"fi_version\0").map_err(|_| sym(b"fi_version"))?,
+                *lib.get::<GetInfo>(b"fi_getinfo\0").map_err(|_| sym(b"fi_getinfo"))?,
+                *lib.get::<DupInfo>(b"fi_dupinfo\0").map_err(|_| sym(b"fi_dupinfo"))?,
+                *lib.get::<FreeInfo>(b"fi_freeinfo\0").map_err(|_| sym(b"fi_freeinfo"))?,
+            )
+        };
+        // SAFETY: no arguments.
+        let v = unsafe { version() };
+        let api = (v >> 16, v & 0xffff);
+        if api < (1, 9) {
+            return Err(format!("libfabric {}.{} is older than 1.9", api.0, api.1));
+        }
+        // SAFETY: fi_dupinfo(NULL) allocates a zeroed fi_info with its attribute structures
+        // (fi_allocinfo); NULL only when memory is short.
+        let hints = unsafe { dupinfo(std::ptr::null()) };
+        if hints.is_null() {
+            return Err("fi_allocinfo failed".into());
+        }
+        // SAFETY: `hints` and its ep_attr / domain_attr were allocated by libfabric above and
+        // are ours until fi_freeinfo; the fields written are those of the heads declared here.
+        let found = unsafe {
+            (*hints).caps = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+            if !(*hints).ep_attr.is_null() {
+                (*(*hints).ep_attr).ep_type = FI_EP_RDM;
+            }
+            if !(*hints).domain_attr.is_null() {
+                (*(*hints).domain_attr).mr_mode =
+                    FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
+            }
+            let mut info: *mut FiInfo = std::ptr::null_mut();
+            let rc = getinfo(API, std::ptr::null(), std::ptr::null(), 0, hints, &mut info);
+            freeinfo(hints);
+            if rc != 0 {
+                // -FI_ENODATA (-61): no provider matches: an empty list, not an error.
+                if rc != -61 {
+                    return Err(format!("fi_getinfo failed ({rc})"));
+                }
+                info = std::ptr::null_mut();
+            }
+            let mut out = Vec::new();
+            let mut at = info;
+            while !at.is_null() {
+                let i = &*at;
+                let (name, fabric, version) = if i.fabric_attr.is_null() {
+                    (String::new(), String::new(), 0)
+                } else {
+                    let f = &*i.fabric_attr;
+                    (text(f.prov_name), text(f.name), f.prov_version)
+                };
+                let domain = if i.domain_attr.is_null() {
+                    String::new()
+                } else {
+                    text((*i.domain_attr).name)
+                };
+                let p =
+                    Provider { name, domain, fabric, version: (version >> 16, version & 0xffff) };
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+                at = i.next;
+            }
+            if !info.is_null() {
+                freeinfo(info);
+            }
+            out
+        };
+        // The library stays loaded for the process (the transport will call into it).
+        std::mem::forget(lib);
+        Ok((api, found))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_choice_follows_the_request_then_efa_then_verbs() {
+        assert_eq!(choose(&["tcp", "verbs", "efa"], None), Ok("efa".into()));
+        assert_eq!(choose(&["tcp", "verbs", "shm"], None), Ok("verbs".into()));
+        let none = choose(&["tcp", "shm", "tcp"], None);
+        assert!(matches!(&none, Err(why) if why.contains("offered: shm, tcp")), "{none:?}");
+        assert_eq!(choose(&["tcp", "verbs"], Some("tcp")), Ok("tcp".into()));
+        assert_eq!(choose(&["tcp", "verbs"], Some("verbs;ofi_rxm")), Ok("verbs".into()));
+        let missing = choose(&["tcp"], Some("efa"));
+        assert!(
+            matches!(&missing, Err(why) if why.contains("\"efa\"") && why.contains("offers tcp"))
+        );
+        assert!(choose(&[], None).is_err_and(|w| w.contains("offered: none")));
+    }
+
+    #[test]
+    fn the_probe_names_providers_or_says_why_not() {
+        let p = probe();
+        match &p.library {
+            Ok(_) => {
+                // Debian's libfabric1 (what scripts/test.sh installs) has the tcp provider.
+                assert!(p.providers.iter().any(|x| x.core() == "tcp"), "{:?}", p.providers);
+                assert!(p.providers.iter().all(|x| !x.name.is_empty()));
+            }
+            Err(why) => assert!(why.contains("libfabric"), "{why}"),
+        }
+        assert!(p.chosen.is_ok() || p.chosen.as_ref().is_err_and(|w| !w.is_empty()));
+    }
+}
