@@ -7,14 +7,14 @@
 //! for a provider by name; otherwise `efa`, then `verbs`, else none: libfabric's `tcp` and
 //! `shm` are offered only when asked for (tidewire's own transports serve those paths).
 //!
-//! Only the four exported entry points are called here (`fi_version`, `fi_getinfo`,
-//! `fi_dupinfo`, `fi_freeinfo`); the structures read are those of `rdma/fabric.h`, stable
-//! since libfabric 1.5 (the API asked for is 1.9).
+//! The C interface is in `sys.rs`; [`rma`] opens endpoints and moves bytes with one-sided
+//! RMA (the fabric transport's machinery, tested over the `tcp` provider on loopback).
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, CStr};
 use std::sync::OnceLock;
 
-use libloading::Library;
+pub mod rma;
+mod sys;
 
 /// A provider (and domain: a NIC, or a host's loopback) libfabric offers for RDM endpoints
 /// with RMA.
@@ -119,81 +119,7 @@ pub fn probe() -> &'static Probe {
 mod ffi {
     use super::*;
 
-    const FI_RMA: u64 = 1 << 2;
-    const FI_READ: u64 = 1 << 8;
-    const FI_WRITE: u64 = 1 << 9;
-    const FI_REMOTE_READ: u64 = 1 << 12;
-    const FI_REMOTE_WRITE: u64 = 1 << 13;
-    const FI_EP_RDM: c_int = 3;
-    const FI_MR_LOCAL: c_int = 1 << 2;
-    const FI_MR_VIRT_ADDR: c_int = 1 << 4;
-    const FI_MR_ALLOCATED: c_int = 1 << 5;
-    const FI_MR_PROV_KEY: c_int = 1 << 6;
-    /// The API version asked for: 1.9.
-    const API: u32 = (1 << 16) | 9;
-
-    /// `struct fi_info` (rdma/fabric.h).
-    #[repr(C)]
-    pub(super) struct FiInfo {
-        next: *mut FiInfo,
-        caps: u64,
-        mode: u64,
-        addr_format: u32,
-        src_addrlen: usize,
-        dest_addrlen: usize,
-        src_addr: *mut c_void,
-        dest_addr: *mut c_void,
-        handle: *mut c_void,
-        tx_attr: *mut c_void,
-        rx_attr: *mut c_void,
-        ep_attr: *mut FiEpAttr,
-        domain_attr: *mut FiDomainAttr,
-        fabric_attr: *mut FiFabricAttr,
-        nic: *mut c_void,
-    }
-
-    /// The head of `struct fi_ep_attr` (only `type` is written).
-    #[repr(C)]
-    struct FiEpAttr {
-        ep_type: c_int,
-    }
-
-    /// The head of `struct fi_domain_attr`, up to `mr_mode`.
-    #[repr(C)]
-    struct FiDomainAttr {
-        domain: *mut c_void,
-        name: *mut c_char,
-        threading: c_int,
-        control_progress: c_int,
-        data_progress: c_int,
-        resource_mgmt: c_int,
-        av_type: c_int,
-        mr_mode: c_int,
-    }
-
-    /// `struct fi_fabric_attr`.
-    #[repr(C)]
-    struct FiFabricAttr {
-        fabric: *mut c_void,
-        name: *mut c_char,
-        prov_name: *mut c_char,
-        prov_version: u32,
-        api_version: u32,
-    }
-
-    type Version = unsafe extern "C" fn() -> u32;
-    type GetInfo = unsafe extern "C" fn(
-        u32,
-        *const c_char,
-        *const c_char,
-        u64,
-        *const FiInfo,
-        *mut *mut FiInfo,
-    ) -> c_int;
-    type DupInfo = unsafe extern "C" fn(*const FiInfo) -> *mut FiInfo;
-    type FreeInfo = unsafe extern "C" fn(*mut FiInfo);
-
-    fn text(p: *const c_char) -> String {
+    pub(super) fn text(p: *const c_char) -> String {
         if p.is_null() {
             return String::new();
         }
@@ -204,50 +130,17 @@ mod ffi {
 
     /// The library's API version and every provider offering RDM endpoints with RMA.
     pub(super) fn providers() -> Result<((u32, u32), Vec<Provider>), String> {
-        // SAFETY: loading libfabric runs its constructors, which only register providers.
-        let lib = unsafe { Library::new("libfabric.so.1") }.map_err(|e| {
-            format!("libfabric is not installed (libfabric.so.1: {e}); install libfabric1 to use RDMA NICs")
-        })?;
-        // SAFETY: the four entry points of rdma/fabric.h, with their C signatures.
-        let (version, getinfo, dupinfo, freeinfo) = unsafe {
-            let sym =
-                |name: &[u8]| format!("libfabric.so.1 has no {}", String::from_utf8_lossy(name));
-            (
-                *lib.get::<Version>(b"fi_version\0").map_err(|_| sym(b"fi_version"))?,
-                *lib.get::<GetInfo>(b"fi_getinfo\0").map_err(|_| sym(b"fi_getinfo"))?,
-                *lib.get::<DupInfo>(b"fi_dupinfo\0").map_err(|_| sym(b"fi_dupinfo"))?,
-                *lib.get::<FreeInfo>(b"fi_freeinfo\0").map_err(|_| sym(b"fi_freeinfo"))?,
-            )
-        };
-        // SAFETY: no arguments.
-        let v = unsafe { version() };
-        let api = (v >> 16, v & 0xffff);
-        if api < (1, 9) {
-            return Err(format!("libfabric {}.{} is older than 1.9", api.0, api.1));
-        }
-        // SAFETY: fi_dupinfo(NULL) allocates a zeroed fi_info with its attribute structures
-        // (fi_allocinfo); NULL only when memory is short.
-        let hints = unsafe { dupinfo(std::ptr::null()) };
-        if hints.is_null() {
-            return Err("fi_allocinfo failed".into());
-        }
-        // SAFETY: `hints` and its ep_attr / domain_attr were allocated by libfabric above and
-        // are ours until fi_freeinfo; the fields written are those of the heads declared here.
+        let l = sys::lib()?;
+        let hints = sys::hints(l, None)?;
+        // SAFETY: `hints` is ours (freed here); fi_getinfo returns a list we free after
+        // copying what we read out of it.
         let found = unsafe {
-            (*hints).caps = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
-            if !(*hints).ep_attr.is_null() {
-                (*(*hints).ep_attr).ep_type = FI_EP_RDM;
-            }
-            if !(*hints).domain_attr.is_null() {
-                (*(*hints).domain_attr).mr_mode =
-                    FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
-            }
-            let mut info: *mut FiInfo = std::ptr::null_mut();
-            let rc = getinfo(API, std::ptr::null(), std::ptr::null(), 0, hints, &mut info);
-            freeinfo(hints);
+            let mut info: *mut sys::FiInfo = std::ptr::null_mut();
+            let rc = (l.getinfo)(sys::API, std::ptr::null(), std::ptr::null(), 0, hints, &mut info);
+            (l.freeinfo)(hints);
             if rc != 0 {
-                // -FI_ENODATA (-61): no provider matches: an empty list, not an error.
-                if rc != -61 {
+                // -FI_ENODATA: no provider matches: an empty list, not an error.
+                if rc != -sys::FI_ENODATA {
                     return Err(format!("fi_getinfo failed ({rc})"));
                 }
                 info = std::ptr::null_mut();
@@ -275,13 +168,11 @@ mod ffi {
                 at = i.next;
             }
             if !info.is_null() {
-                freeinfo(info);
+                (l.freeinfo)(info);
             }
             out
         };
-        // The library stays loaded for the process (the transport will call into it).
-        std::mem::forget(lib);
-        Ok((api, found))
+        Ok((l.api, found))
     }
 }
 
