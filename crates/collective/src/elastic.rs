@@ -987,6 +987,19 @@ mod tests {
         }
     }
 
+    /// Heartbeats every 20 ms, a 10 ms window, and these eviction and phase timeouts (ms).
+    fn fast(eviction_ms: u64, phase_ms: u64) -> ElasticSettings {
+        ElasticSettings {
+            heartbeat: Duration::from_millis(20),
+            eviction: Duration::from_millis(eviction_ms),
+            agreement: Settings {
+                reconciliation_window: Duration::from_millis(10),
+                phase_timeout: Duration::from_millis(phase_ms),
+            },
+            evict: true,
+        }
+    }
+
     fn group(n: usize, settings: ElasticSettings) -> Vec<Elastic> {
         let bound: Vec<(UdpSocket, SocketAddr)> =
             (0..n).map(|_| Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"))).collect();
@@ -1039,15 +1052,7 @@ mod tests {
 
     #[test]
     fn a_replacement_in_a_dead_ranks_slot_follows_the_view_and_is_added() {
-        let settings = ElasticSettings {
-            heartbeat: Duration::from_millis(20),
-            eviction: Duration::from_millis(500),
-            agreement: Settings {
-                reconciliation_window: Duration::from_millis(10),
-                phase_timeout: Duration::from_millis(500),
-            },
-            evict: true,
-        };
+        let settings = fast(500, 500);
         let bound: Vec<(UdpSocket, SocketAddr)> =
             (0..3).map(|_| Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"))).collect();
         let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.1).collect();
@@ -1100,15 +1105,7 @@ mod tests {
         // Founders 0 and 1 of four slots; 2 and 3 join knowing only the founders: the members
         // pass on the addresses they learned, so the two joiners hear each other and nobody
         // is evicted after they are added.
-        let settings = ElasticSettings {
-            heartbeat: Duration::from_millis(20),
-            eviction: Duration::from_millis(400),
-            agreement: Settings {
-                reconciliation_window: Duration::from_millis(10),
-                phase_timeout: Duration::from_millis(300),
-            },
-            evict: true,
-        };
+        let settings = fast(400, 300);
         let bind = || Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
         let founders: Vec<(UdpSocket, SocketAddr)> = (0..2).map(|_| bind()).collect();
         let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
@@ -1158,15 +1155,7 @@ mod tests {
         // Rank 2 stops without a word; a new process for slot 2 sends before the others have
         // found 2 dead: its frames must not keep the dead member alive (they are dropped until
         // the slot leaves the view), and it is then learned and can be added.
-        let settings = ElasticSettings {
-            heartbeat: Duration::from_millis(20),
-            eviction: Duration::from_millis(500),
-            agreement: Settings {
-                reconciliation_window: Duration::from_millis(10),
-                phase_timeout: Duration::from_millis(300),
-            },
-            evict: true,
-        };
+        let settings = fast(500, 300);
         let mut g = group(3, settings);
         let addrs: Vec<SocketAddr> =
             g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
@@ -1194,15 +1183,7 @@ mod tests {
 
     #[test]
     fn sealed_frames_reach_holders_of_the_secret_only() {
-        let settings = ElasticSettings {
-            heartbeat: Duration::from_millis(20),
-            eviction: Duration::from_millis(400),
-            agreement: Settings {
-                reconciliation_window: Duration::from_millis(10),
-                phase_timeout: Duration::from_millis(300),
-            },
-            evict: true,
-        };
+        let settings = fast(400, 300);
         let secret =
             |s: &str| Some(ClusterSecret::new(s.as_bytes()).unwrap_or_else(|e| panic!("{e}")));
         let secrets = [secret("alpha"), secret("alpha"), secret("beta"), None];

@@ -784,17 +784,23 @@ mod tests {
         assert_eq!(net.members[2].view().members, set(&[0, 1, 2]));
     }
 
-    #[test]
-    fn a_joiner_behind_the_group_follows_its_views_and_is_added() {
-        // Rank 2 dies, the others agree without it; a replacement starts knowing only the
-        // founders' view (epoch 0): it learns the group's view without being fenced, and the
-        // members add it.
+    /// Three ranks; rank 2 stops, the others detect it and agree on a view without it.
+    fn rank_2_stopped_and_removed() -> Net {
         let mut net = Net::new(3, &[0, 1, 2]);
         net.stopped.insert(2);
         net.detections.push((net.now + 10 * MS, 0, 2));
         net.detections.push((net.now + 10 * MS, 1, 2));
         net.run(Duration::from_secs(1));
         assert_eq!(net.agreed(), View { epoch: 1, members: set(&[0, 1]) });
+        net
+    }
+
+    #[test]
+    fn a_joiner_behind_the_group_follows_its_views_and_is_added() {
+        // Rank 2 dies, the others agree without it; a replacement starts knowing only the
+        // founders' view (epoch 0): it learns the group's view without being fenced, and the
+        // members add it.
+        let mut net = rank_2_stopped_and_removed();
         let settings = Settings { reconciliation_window: 5 * MS, phase_timeout: 100 * MS };
         net.members[2] = Member::new(2, View { epoch: 0, members: set(&[0, 1]) }, settings);
         net.stopped.remove(&2);
@@ -817,12 +823,7 @@ mod tests {
 
     #[test]
     fn a_stopped_rank_that_comes_back_with_an_old_epoch_is_fenced() {
-        let mut net = Net::new(3, &[0, 1, 2]);
-        net.stopped.insert(2);
-        net.detections.push((net.now + 10 * MS, 0, 2));
-        net.detections.push((net.now + 10 * MS, 1, 2));
-        net.run(Duration::from_secs(1));
-        assert_eq!(net.agreed(), View { epoch: 1, members: set(&[0, 1]) });
+        let mut net = rank_2_stopped_and_removed();
         // Continued: it asks something at its old epoch and is told it was removed.
         net.stopped.remove(&2);
         let now = net.now;
