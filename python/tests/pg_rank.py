@@ -361,6 +361,19 @@ def body_mooncake(rank: int, size: int, port: int, arg: str) -> Any:
             took = time.monotonic() - start
             if took > 5 or "rank 1" not in str(e):
                 bad.append(f"p2p timeout after {took:.1f} s: {e}")
+    # Messages carry their tag and length: a receive that meets another tag fails at once,
+    # naming both, with its buffer untouched.
+    tags = dist.new_group(list(range(size)), backend="mooncake-cpu", pg_options=mpg.MooncakeBackendOptions(active.clone()))
+    if rank == 0:
+        dist.isend(torch.full((4,), 7.0), dst=1, group=tags, tag=5)
+    elif rank == 1:
+        got = torch.full((4,), -1.0)
+        try:
+            dist.recv(got, src=0, group=tags, tag=6)
+            bad.append("a receive of tag 6 took a message of tag 5")
+        except Exception as e:  # noqa: BLE001
+            if "tag 5" not in str(e) or "expects tag 6" not in str(e) or got.tolist() != [-1.0] * 4:
+                bad.append(f"tag mismatch: {e} {got.tolist()}")
     dist.barrier()
     dist.destroy_process_group()
     return bad

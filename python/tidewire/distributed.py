@@ -35,7 +35,9 @@ naming the operation, the rank and why. ``TIDEWIRE_PG_CUDA=0`` stages every CUDA
 
 Point-to-point messages and collectives travel on the same ordered channels between two ranks
 (as on one NCCL communicator): a rank must not post an ``isend`` to a peer that runs a
-collective before receiving it. ``tag`` is not used.
+collective before receiving it. Messages between two ranks pair in the order they were sent;
+each carries its ``tag`` and length, and a receive that meets a message of another tag or
+length fails at once, naming both (instead of filling its buffer with the wrong bytes).
 """
 
 from __future__ import annotations
@@ -959,14 +961,14 @@ class ProcessGroupTidewire(dist.ProcessGroup):
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
         f = _Flat(t, "send", write_back=False)
-        op_id = self._c("isend", dst, f.addr, f.nbytes)
+        op_id = self._c("isend", dst, f.addr, f.nbytes, int(tag))
         self._keep(op_id, f)
         return _P2PWork(self, op_id, f, f"send to rank {dst}")
 
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
         f = _Flat(t, "recv")
-        op_id = self._c("irecv", src, f.addr, f.nbytes)
+        op_id = self._c("irecv", src, f.addr, f.nbytes, int(tag))
         self._keep(op_id, f)
         return _P2PWork(self, op_id, f, f"recv from rank {src}")
 

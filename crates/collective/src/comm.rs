@@ -234,6 +234,21 @@ pub struct Comm {
     /// The deadline of waits for point-to-point operations (`isend`/`irecv`), when it is not
     /// the group's timeout.
     p2p_timeout: Option<Duration>,
+    /// Every point-to-point message travels behind a 16-byte header (its tag and length):
+    /// the headers of pending sends and receives, by the operation of their message.
+    headers: Vec<Header>,
+}
+
+/// A point-to-point message's header: `(tag, length)` as 16 bytes, in a box that stays put
+/// while its transfer runs; for a receive, what the caller expects, checked as soon as the
+/// header has arrived (before the message's bytes are taken).
+struct Header {
+    /// The message's operation (the caller's id) and the header's own.
+    op: OpId,
+    own: OpId,
+    peer: usize,
+    bytes: Box<[u8; 16]>,
+    expect: Option<(u64, u64)>,
 }
 
 /// Threads for one rank's large direct reads: `TIDEWIRE_PG_COPY_THREADS`, else the host's
@@ -316,6 +331,7 @@ impl Comm {
             group_direct: false,
             readers: readers(size),
             p2p_timeout: None,
+            headers: Vec::new(),
         };
         comm.agree_direct()?;
         Ok(comm)
@@ -561,6 +577,9 @@ impl Comm {
                 }
             }
             self.pending.retain(|(_, x)| !x.finished());
+            if !self.headers.is_empty() {
+                self.check_headers(op)?;
+            }
             let done = match until {
                 Some(id) => !self.pending.iter().any(|(p, _)| *p == id),
                 None => xfers.iter().all(Xfer::finished),
@@ -649,8 +668,19 @@ impl Comm {
     /// # Safety
     /// `[src, src + len)` must stay readable until the operation is waited for (or the
     /// communicator is dropped).
-    pub unsafe fn isend(&mut self, peer: usize, src: u64, len: u64) -> Result<OpId> {
-        self.start("isend", Xfer::Send { peer, src, len, done: 0 })
+    pub unsafe fn isend(&mut self, peer: usize, src: u64, len: u64, tag: u64) -> Result<OpId> {
+        let mut bytes = Box::new([0u8; 16]);
+        bytes[..8].copy_from_slice(&tag.to_le_bytes());
+        bytes[8..].copy_from_slice(&len.to_le_bytes());
+        let at = bytes.as_ptr() as u64;
+        self.message(
+            "isend",
+            peer,
+            bytes,
+            None,
+            Xfer::Send { peer, src: at, len: 16, done: 0 },
+            Xfer::Send { peer, src, len, done: 0 },
+        )
     }
 
     /// Starts receiving `len` bytes from rank `peer` into `dst` (the next bytes it sends us).
@@ -658,8 +688,66 @@ impl Comm {
     /// # Safety
     /// `[dst, dst + len)` must stay writable, and not be read or written by anyone else, until
     /// the operation is waited for (or the communicator is dropped).
-    pub unsafe fn irecv(&mut self, peer: usize, dst: u64, len: u64) -> Result<OpId> {
-        self.start("irecv", Xfer::Recv { peer, dst, len, done: 0, reduce: None })
+    pub unsafe fn irecv(&mut self, peer: usize, dst: u64, len: u64, tag: u64) -> Result<OpId> {
+        let mut bytes = Box::new([0u8; 16]);
+        let at = bytes.as_mut_ptr() as u64;
+        let header = Xfer::Recv { peer, dst: at, len: 16, done: 0, reduce: None };
+        let body = Xfer::Recv { peer, dst, len, done: 0, reduce: None };
+        self.message("irecv", peer, bytes, Some((tag, len)), header, body)
+    }
+
+    /// Starts a message's header then its body; the header's box is kept (in `headers`)
+    /// before its transfer starts, for as long as either runs.
+    fn message(
+        &mut self,
+        op: &str,
+        peer: usize,
+        bytes: Box<[u8; 16]>,
+        expect: Option<(u64, u64)>,
+        header: Xfer,
+        body: Xfer,
+    ) -> Result<OpId> {
+        let own = OpId(self.next_op);
+        self.headers.push(Header { op: own, own, peer, bytes, expect });
+        let started = self.start(op, header);
+        if started.is_err() {
+            self.headers.retain(|h| h.own != own || self.pending.iter().any(|(p, _)| *p == own));
+        }
+        started?;
+        let id = self.start(op, body)?;
+        if let Some(h) = self.headers.iter_mut().find(|h| h.own == own) {
+            h.op = id;
+        }
+        Ok(id)
+    }
+
+    /// Checks the headers that arrived against what their receives expect (a message of
+    /// another tag or length would otherwise land in the wrong buffer, or wait for bytes that
+    /// never come), and drops the headers of finished messages.
+    fn check_headers(&mut self, op: &str) -> Result<()> {
+        let pending = &self.pending;
+        let done = |id: OpId| !pending.iter().any(|(p, _)| *p == id);
+        for h in &mut self.headers {
+            let Some((tag, len)) = h.expect else { continue };
+            if !done(h.own) {
+                continue;
+            }
+            let got = (
+                u64::from_le_bytes(h.bytes[..8].try_into().unwrap_or([0; 8])),
+                u64::from_le_bytes(h.bytes[8..].try_into().unwrap_or([0; 8])),
+            );
+            if got != (tag, len) {
+                return Err(Error::invalid(format!(
+                    "{op}: the next message from rank {} has tag {} and {} bytes; this receive \
+                     expects tag {tag} and {len} bytes (messages between two ranks pair in the \
+                     order they were sent)",
+                    h.peer, got.0, got.1
+                )));
+            }
+            h.expect = None;
+        }
+        self.headers.retain(|h| !(done(h.own) && done(h.op)));
+        Ok(())
     }
 
     fn start(&mut self, op: &str, x: Xfer) -> Result<OpId> {
@@ -705,6 +793,9 @@ impl Comm {
                 .map_err(|e| transfer_failed("progress", peer, e, now))?;
         }
         self.pending.retain(|(_, x)| !x.finished());
+        if !self.headers.is_empty() {
+            self.check_headers("progress")?;
+        }
         Ok(moved)
     }
 

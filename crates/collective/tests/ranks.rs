@@ -281,8 +281,8 @@ fn pending_sends_and_receives_in_both_directions_do_not_deadlock() {
         let mut inp = vec![0u8; out.len()];
         // SAFETY: both buffers live until the waits below return.
         let (s, r) = unsafe {
-            let s = comm.isend(peer, out.as_ptr() as u64, out.len() as u64).unwrap();
-            let r = comm.irecv(peer, inp.as_mut_ptr() as u64, inp.len() as u64).unwrap();
+            let s = comm.isend(peer, out.as_ptr() as u64, out.len() as u64, 7).unwrap();
+            let r = comm.irecv(peer, inp.as_mut_ptr() as u64, inp.len() as u64, 7).unwrap();
             (s, r)
         };
         comm.wait(s, "send").unwrap();
@@ -292,6 +292,42 @@ fn pending_sends_and_receives_in_both_directions_do_not_deadlock() {
     for (rank, inp) in got.iter().enumerate() {
         let want: Vec<u8> = (0..1_000_000).map(|i| (i % 256) as u8 ^ (1 - rank) as u8).collect();
         assert!(*inp == want, "rank {rank}");
+    }
+}
+
+#[test]
+fn a_message_of_another_tag_or_length_fails_the_receive_naming_both() {
+    // Rank 0 sends tag 1 then tag 2; rank 1 receives tag 2 first (or a wrong length): an
+    // error at once, naming what came and what was expected, and nothing written into the
+    // receive's buffer.
+    for (tag, len) in [(2u64, 64usize), (1, 32)] {
+        let got = group(2, 4096, move |rank, comm| {
+            let data = [0x11u8; 64];
+            if rank == 0 {
+                // SAFETY: `data` lives until the waits below return (or the group fails).
+                let ids = unsafe {
+                    [
+                        comm.isend(1, data.as_ptr() as u64, 64, 1),
+                        comm.isend(1, data.as_ptr() as u64, 64, 2),
+                    ]
+                };
+                let _ = ids.map(|id| id.map(|id| comm.wait(id, "send")));
+                return None;
+            }
+            let mut buf = vec![0xA5u8; len];
+            // SAFETY: `buf` lives until the wait returns.
+            let id = unsafe { comm.irecv(0, buf.as_mut_ptr() as u64, len as u64, tag) };
+            let err = id.and_then(|id| comm.wait(id, "recv")).err().map(|e| e.to_string());
+            Some((err, buf.iter().all(|&b| b == 0xA5)))
+        });
+        let (err, untouched) = got[1].clone().unwrap_or_else(|| panic!("rank 1 reported"));
+        let err = err.unwrap_or_else(|| panic!("tag {tag}, {len} bytes: the receive succeeded"));
+        assert!(
+            err.contains("tag 1 and 64 bytes")
+                && err.contains(&format!("expects tag {tag} and {len} bytes")),
+            "{err}"
+        );
+        assert!(untouched, "the receive's buffer was written");
     }
 }
 

@@ -244,15 +244,19 @@ impl PyComm {
     }
 
     /// Starts sending; returns the operation's id for `wait` / `test`.
-    fn isend(&self, py: Python<'_>, peer: usize, addr: u64, len: u64) -> PyResult<u64> {
+    /// Starts sending `len` bytes at `addr` to `peer` as a message with `tag` (its receive
+    /// must name the same tag and length: checked when the message arrives).
+    #[pyo3(signature = (peer, addr, len, tag = 0))]
+    fn isend(&self, py: Python<'_>, peer: usize, addr: u64, len: u64, tag: i64) -> PyResult<u64> {
         // SAFETY: `tidewire.distributed` keeps the tensor alive in the operation's Work until
         // it is waited for, and the group (which holds the operation) until then.
-        self.with(py, |c| unsafe { c.isend(peer, addr, len) }.map(|id| id.0))
+        self.with(py, |c| unsafe { c.isend(peer, addr, len, tag as u64) }.map(|id| id.0))
     }
 
-    fn irecv(&self, py: Python<'_>, peer: usize, addr: u64, len: u64) -> PyResult<u64> {
+    #[pyo3(signature = (peer, addr, len, tag = 0))]
+    fn irecv(&self, py: Python<'_>, peer: usize, addr: u64, len: u64, tag: i64) -> PyResult<u64> {
         // SAFETY: as in `isend`.
-        self.with(py, |c| unsafe { c.irecv(peer, addr, len) }.map(|id| id.0))
+        self.with(py, |c| unsafe { c.irecv(peer, addr, len, tag as u64) }.map(|id| id.0))
     }
 
     #[pyo3(signature = (op_id, what = "wait"))]
