@@ -38,6 +38,8 @@ export TIDEWIRE_ETCD_BIN=${TIDEWIRE_ETCD_BIN:-$(command -v etcd)}
 export TIDEWIRE_REDIS_BIN=${TIDEWIRE_REDIS_BIN:-$(command -v redis-server)}
 # The servers are installed: a metadata test that finds one missing fails instead of skipping.
 export TIDEWIRE_REQUIRE_SERVERS=1
+# libfabric too: its tests fail instead of skipping when it is missing.
+export TIDEWIRE_REQUIRE_LIBFABRIC=1
 
 step "format"
 cargo fmt --all -- --check

@@ -282,6 +282,9 @@ class _CudaPath:
             k: os.environ.get(k, "")
             for k in ("TIDEWIRE_PG_CUDA_BLOCKS", "TIDEWIRE_PG_CUDA_CHUNK_KIB", "TIDEWIRE_PG_CUDA_ALLREDUCE")
         }
+        #: The all_reduce algorithm forced on every rank alike ("", "one_shot", "two_shot"):
+        #: read once, as agreed below (a later change of the environment must not split ranks).
+        self.all_reduce_algo = tuning["TIDEWIRE_PG_CUDA_ALLREDUCE"]
         try:
             infos = exchange(store, rank, size, "tidewire/cuda", {"name": eng.name, "addr": addr, "len": length, "tuning": tuning}, timeout)
             for r, info in enumerate(infos):
@@ -705,7 +708,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def _all_reduce_nv(self, nv: _CudaPath, d: torch.Tensor, n: int, op: str) -> None:
         """All-reduce of `n` bytes of the contiguous CUDA tensor `d` in place, one- or two-shot."""
-        algo = os.environ.get("TIDEWIRE_PG_CUDA_ALLREDUCE", "")
+        algo = nv.all_reduce_algo
         two = algo == "two_shot" or (algo != "one_shot" and self._size > 2 and n >= _TWO_SHOT_MIN)
         log = logging.getLogger("tidewire")
         if log.isEnabledFor(logging.DEBUG):

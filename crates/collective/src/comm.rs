@@ -669,18 +669,9 @@ impl Comm {
     /// `[src, src + len)` must stay readable until the operation is waited for (or the
     /// communicator is dropped).
     pub unsafe fn isend(&mut self, peer: usize, src: u64, len: u64, tag: u64) -> Result<OpId> {
-        let mut bytes = Box::new([0u8; 16]);
-        bytes[..8].copy_from_slice(&tag.to_le_bytes());
-        bytes[8..].copy_from_slice(&len.to_le_bytes());
-        let at = bytes.as_ptr() as u64;
-        self.message(
-            "isend",
-            peer,
-            bytes,
-            None,
-            Xfer::Send { peer, src: at, len: 16, done: 0 },
-            Xfer::Send { peer, src, len, done: 0 },
-        )
+        let bytes = Box::new(header_bytes(tag, len));
+        let header = Xfer::Send { peer, src: bytes.as_ptr() as u64, len: 16, done: 0 };
+        self.message("isend", peer, bytes, None, header, Xfer::Send { peer, src, len, done: 0 })
     }
 
     /// Starts receiving `len` bytes from rank `peer` into `dst` (the next bytes it sends us).
@@ -696,8 +687,9 @@ impl Comm {
         self.message("irecv", peer, bytes, Some((tag, len)), header, body)
     }
 
-    /// Starts a message's header then its body; the header's box is kept (in `headers`)
-    /// before its transfer starts, for as long as either runs.
+    /// Queues a message's header then its body (the header's box is kept in `headers` while
+    /// either runs), then makes what progress there is. An empty message is its header: the
+    /// caller's operation is the header's.
     fn message(
         &mut self,
         op: &str,
@@ -707,28 +699,16 @@ impl Comm {
         header: Xfer,
         body: Xfer,
     ) -> Result<OpId> {
-        let own = OpId(self.next_op);
+        let empty = body.finished();
+        let own = self.enqueue(op, header)?;
         self.headers.push(Header { op: own, own, peer, bytes, expect });
-        let started = self.start(op, header);
-        if started.is_err() {
-            self.headers.retain(|h| h.own != own || self.pending.iter().any(|(p, _)| *p == own));
-        }
-        started?;
-        let empty = match body {
-            Xfer::Send { len, .. } | Xfer::Recv { len, .. } => len == 0,
-        };
-        if empty {
-            // Nothing follows the header: the caller's operation is the header's (its wait
-            // then sends or receives and checks it).
-            return Ok(own);
-        }
-        let id = self.start(op, body)?;
-        if let Some(h) = self.headers.iter_mut().find(|h| h.own == own) {
+        let id = if empty { own } else { self.enqueue(op, body)? };
+        if let Some(h) = self.headers.last_mut() {
             h.op = id;
         }
+        self.progress_now()?;
         Ok(id)
     }
-
     /// Checks the headers that arrived against what their receives expect (a message of
     /// another tag or length would otherwise land in the wrong buffer, or wait for bytes that
     /// never come), and drops the headers of finished messages.
@@ -740,11 +720,13 @@ impl Comm {
             if !done(h.own) {
                 continue;
             }
-            let got = (
-                u64::from_le_bytes(h.bytes[..8].try_into().unwrap_or([0; 8])),
-                u64::from_le_bytes(h.bytes[8..].try_into().unwrap_or([0; 8])),
-            );
-            if got != (tag, len) {
+            if *h.bytes != header_bytes(tag, len) {
+                let word = |at: usize| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(&h.bytes[at..at + 8]);
+                    u64::from_le_bytes(w)
+                };
+                let got = (word(0), word(8));
                 return Err(Error::invalid(format!(
                     "{op}: the next message from rank {} has tag {} and {} bytes; this receive \
                      expects tag {tag} and {len} bytes (messages between two ranks pair in the \
@@ -758,7 +740,8 @@ impl Comm {
         Ok(())
     }
 
-    fn start(&mut self, op: &str, x: Xfer) -> Result<OpId> {
+    /// Queues `x` as a pending operation (nothing moves yet).
+    fn enqueue(&mut self, op: &str, x: Xfer) -> Result<OpId> {
         self.usable(op)?;
         let (peer, _) = x.channel();
         if peer >= self.size || peer == self.rank {
@@ -770,12 +753,17 @@ impl Comm {
         let id = OpId(self.next_op);
         self.next_op += 1;
         self.pending.push((id, x));
-        // Make what progress there is now (an eager send usually completes here).
+        Ok(id)
+    }
+
+    /// Makes what progress there is now (an eager send usually completes here); a failure
+    /// fails the group.
+    fn progress_now(&mut self) -> Result<()> {
         if let Err(e) = self.poll(&mut []) {
             self.fail(&e);
             return Err(e);
         }
-        Ok(id)
+        Ok(())
     }
 
     /// True once the operation `id` is done (no waiting; advances what can move).
@@ -1758,6 +1746,14 @@ fn step(
         }
     };
     Ok(moved)
+}
+
+/// A point-to-point message's header: its tag and length.
+fn header_bytes(tag: u64, len: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&tag.to_le_bytes());
+    b[8..].copy_from_slice(&len.to_le_bytes());
+    b
 }
 
 /// Bytes of each of at most `readers` pieces of `len` bytes (whole 4 KiB pages but the last,

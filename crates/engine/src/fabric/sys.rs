@@ -1,7 +1,8 @@
 //! libfabric's C interface as this crate uses it: the structures of `rdma/fabric.h`,
 //! `fi_domain.h`, `fi_endpoint.h`, `fi_cm.h`, `fi_rma.h` and `fi_eq.h` (ABI of libfabric 1.x,
 //! API 1.9 asked for), and the library loaded once per process. The `fi_*` calls of the C
-//! headers that are `static inline` go through the operation tables here.
+//! headers that are `static inline` go through the operation tables here. Fields no code
+//! reads are kept: they give the structures libfabric's layout (hence `dead_code`).
 #![allow(unsafe_code, dead_code)]
 
 use std::ffi::{c_char, c_int, c_void};
@@ -234,31 +235,25 @@ pub(crate) struct FiOpsCm {
     pub getname: unsafe extern "C" fn(*mut Fid, *mut c_void, *mut usize) -> c_int,
 }
 
+/// `fi_read` and `fi_write` (the buffer is `const` for the write; the same ABI).
+pub(crate) type RmaFn = unsafe extern "C" fn(
+    *mut FidEp,
+    *mut c_void,
+    usize,
+    *mut c_void,
+    u64,
+    u64,
+    u64,
+    *mut c_void,
+) -> isize;
+
 #[repr(C)]
 pub(crate) struct FiOpsRma {
     pub size: usize,
-    pub read: unsafe extern "C" fn(
-        *mut FidEp,
-        *mut c_void,
-        usize,
-        *mut c_void,
-        u64,
-        u64,
-        u64,
-        *mut c_void,
-    ) -> isize,
+    pub read: RmaFn,
     pub readv: *const c_void,
     pub readmsg: *const c_void,
-    pub write: unsafe extern "C" fn(
-        *mut FidEp,
-        *const c_void,
-        usize,
-        *mut c_void,
-        u64,
-        u64,
-        u64,
-        *mut c_void,
-    ) -> isize,
+    pub write: RmaFn,
 }
 
 #[repr(C)]
