@@ -95,6 +95,11 @@ pub enum Reach {
         cluster_uuid: String,
         clique_id: u32,
     },
+    /// Registered with a libfabric domain (an RDMA NIC, or the `tcp` provider) for one-sided
+    /// RMA: the owner's endpoint on that NIC (`endpoint`, its address in hex), the key and the
+    /// address that names the region's first byte in RMA calls. One per NIC the region is
+    /// registered with.
+    Rma { provider: String, nic: String, endpoint: String, key: u64, addr: u64 },
 }
 
 impl Reach {
@@ -104,6 +109,7 @@ impl Reach {
             Self::Shm => TransportKind::Shm,
             Self::CudaIpc { .. } | Self::VmmFd { .. } => TransportKind::Nvlink,
             Self::Fabric { .. } => TransportKind::Mnnvl,
+            Self::Rma { .. } => TransportKind::Fabric,
         }
     }
 
@@ -113,7 +119,7 @@ impl Reach {
             Self::CudaIpc { device, .. }
             | Self::VmmFd { device, .. }
             | Self::Fabric { device, .. } => Some(device),
-            Self::Tcp | Self::Shm => None,
+            Self::Tcp | Self::Shm | Self::Rma { .. } => None,
         }
     }
 
@@ -123,9 +129,25 @@ impl Reach {
             Self::CudaIpc { base, size, .. }
             | Self::VmmFd { base, size, .. }
             | Self::Fabric { base, size, .. } => Some((*base, *size)),
-            Self::Tcp | Self::Shm => None,
+            Self::Tcp | Self::Shm | Self::Rma { .. } => None,
         }
     }
+}
+
+/// Encodes bytes as lowercase hex digits.
+pub fn bytes_to_hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes hex digits into bytes (`None` if malformed).
+pub fn bytes_from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| text.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
+        .collect()
 }
 
 /// Encodes a 64-byte handle as 128 lowercase hex digits.
@@ -208,6 +230,14 @@ impl SegmentDescriptor {
                 if let Reach::CudaIpc { handle, .. } | Reach::Fabric { handle, .. } = reach {
                     if handle_from_hex(handle).is_none() {
                         return bad(format!("{} has a malformed GPU handle", r.id));
+                    }
+                }
+                if let Reach::Rma { endpoint, .. } = reach {
+                    let hex = endpoint.len().is_multiple_of(2)
+                        && endpoint.len() <= 1024
+                        && endpoint.bytes().all(|b| b.is_ascii_hexdigit());
+                    if endpoint.is_empty() || !hex {
+                        return bad(format!("{} has a malformed fabric endpoint address", r.id));
                     }
                 }
                 if let Some((base, size)) = reach.allocation() {

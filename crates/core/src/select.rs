@@ -24,16 +24,19 @@ pub enum TransportKind {
     Mnnvl,
     /// Same host, shareable host memory (memfd).
     Shm,
+    /// Memory registered with a libfabric domain (RDMA NICs: verbs, efa; or a provider
+    /// asked for by name): one-sided RMA.
+    Fabric,
     /// Any host memory, through the engine's RPC/data port.
     Tcp,
 }
 
 impl TransportKind {
     /// Every transport, in order of preference.
-    pub const ALL: [TransportKind; 5] =
-        [Self::Local, Self::Nvlink, Self::Mnnvl, Self::Shm, Self::Tcp];
+    pub const ALL: [TransportKind; 6] =
+        [Self::Local, Self::Nvlink, Self::Mnnvl, Self::Shm, Self::Fabric, Self::Tcp];
     /// The transports this build implements.
-    pub const IMPLEMENTED: [TransportKind; 5] = Self::ALL;
+    pub const IMPLEMENTED: [TransportKind; 6] = Self::ALL;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -41,11 +44,12 @@ impl TransportKind {
             Self::Nvlink => "nvlink",
             Self::Mnnvl => "mnnvl",
             Self::Shm => "shm",
+            Self::Fabric => "fabric",
             Self::Tcp => "tcp",
         }
     }
 
-    /// Parses a transport name (`tcp`, `shm`, `local`, `nvlink`, `mnnvl`).
+    /// Parses a transport name (`tcp`, `fabric`, `shm`, `local`, `nvlink`, `mnnvl`).
     pub fn parse(text: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(text.trim()))
     }
@@ -114,6 +118,23 @@ impl GpuFacts {
         a == b
             || self.peer_access.get(a as usize).and_then(|r| r.get(b as usize)).copied()
                 == Some(true)
+    }
+}
+
+/// This engine's fabric endpoint, for the fabric transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FabricFacts {
+    /// The libfabric provider this engine's endpoints run (`efa`, `verbs`, `tcp`, ...), or why
+    /// it has none.
+    pub provider: Result<String, String>,
+    /// Whether its endpoints may register GPU memory (`FI_HMEM`).
+    pub hmem: bool,
+}
+
+impl FabricFacts {
+    /// An engine without a fabric endpoint.
+    pub fn none(reason: &str) -> Self {
+        Self { provider: Err(reason.to_string()), hmem: false }
     }
 }
 
@@ -198,6 +219,8 @@ pub struct Endpoints<'a> {
     pub same_host: bool,
     /// This process's GPUs.
     pub gpu: &'a GpuFacts,
+    /// This engine's fabric endpoint.
+    pub fabric: &'a FabricFacts,
 }
 
 /// The transport chosen and why.
@@ -315,6 +338,38 @@ fn judge(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<
             }
             Ok("same host and the remote region is a shareable memfd".into())
         }
+        TransportKind::Fabric => {
+            let ours = e.fabric.provider.as_ref().map_err(|why| format!("this engine: {why}"))?;
+            let mut theirs = e.remote.reach.iter().filter_map(|r| match r {
+                Reach::Rma { provider, .. } => Some(provider.as_str()),
+                _ => None,
+            });
+            let Some(first) = theirs.next() else {
+                return Err(format!(
+                    "remote {} is not registered with a fabric NIC (its engine runs no \
+                     libfabric provider, or the registration failed)",
+                    e.remote.id
+                ));
+            };
+            if first != ours && theirs.all(|p| p != ours) {
+                return Err(format!(
+                    "remote {} is registered with provider {first}, this engine runs {ours}",
+                    e.remote.id
+                ));
+            }
+            if !host_local && !e.fabric.hmem {
+                return Err(format!(
+                    "local memory is {}: this engine's {ours} endpoint registers host memory \
+                     only (no FI_HMEM)",
+                    e.local.kind
+                ));
+            }
+            Ok(if e.same_host {
+                format!("one-sided RMA through {ours} (the peer is on this host)")
+            } else {
+                format!("the peer is on another host; one-sided RMA through {ours}")
+            })
+        }
         TransportKind::Tcp => {
             if !e.remote.reachable_by(TransportKind::Tcp) {
                 return Err(format!("remote {} does not offer tcp", e.remote.id));
@@ -327,7 +382,8 @@ fn judge(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<
             } else if e.same_host {
                 Ok("no faster transport reaches the remote region".into())
             } else {
-                Ok("the peer is on another host and no RDMA transport is built".into())
+                Ok("the peer is on another host and no fabric (RDMA) path reaches the region"
+                    .into())
             }
         }
     }
@@ -356,8 +412,12 @@ mod tests {
         o: &SelectionOptions,
     ) -> Result<TransportKind, Vec<Refusal>> {
         let gpu = GpuFacts::none("no GPU in this test");
-        select(Endpoints { local: HOST, remote, same_engine, same_host, gpu: &gpu }, o)
-            .map(|c| c.transport)
+        let fabric = FabricFacts::none("no fabric in this test");
+        select(
+            Endpoints { local: HOST, remote, same_engine, same_host, gpu: &gpu, fabric: &fabric },
+            o,
+        )
+        .map(|c| c.transport)
     }
 
     #[test]
@@ -369,6 +429,64 @@ mod tests {
         assert_eq!(pick(&shared, false, true, &o), Ok(TransportKind::Shm));
         assert_eq!(pick(&shared, false, false, &o), Ok(TransportKind::Tcp));
         assert_eq!(pick(&plain, false, true, &o), Ok(TransportKind::Tcp));
+    }
+
+    #[test]
+    fn fabric_before_tcp_when_both_ends_run_the_same_provider() {
+        let o = SelectionOptions::default();
+        let gpu = GpuFacts::none("no GPU in this test");
+        let rma = |p: &str| Reach::Rma {
+            provider: p.into(),
+            nic: "mlx5_0".into(),
+            endpoint: "0a0b".into(),
+            key: 7,
+            addr: 0x1000,
+        };
+        let plain = region(MemoryKind::HostPageable, vec![rma("verbs"), Reach::Tcp]);
+        let shared = region(MemoryKind::HostShared, vec![Reach::Shm, rma("verbs"), Reach::Tcp]);
+        let verbs = FabricFacts { provider: Ok("verbs".into()), hmem: false };
+        let efa = FabricFacts { provider: Ok("efa".into()), hmem: false };
+        let none = FabricFacts::none("libfabric is not installed");
+        let ends = |remote, local, same_host, fabric| Endpoints {
+            local,
+            remote,
+            same_engine: false,
+            same_host,
+            gpu: &gpu,
+            fabric,
+        };
+        let c = select(ends(&plain, HOST, false, &verbs), &o).unwrap_or_else(|r| panic!("{r:?}"));
+        assert_eq!(c.transport, TransportKind::Fabric);
+        assert!(c.reason.contains("another host") && c.reason.contains("verbs"), "{}", c.reason);
+        // Shared memory on the same host stays on shm; the same region from another host
+        // goes over the fabric.
+        let pick = |e| select(e, &o).map(|c| c.transport);
+        assert_eq!(pick(ends(&shared, HOST, true, &verbs)), Ok(TransportKind::Shm));
+        assert_eq!(pick(ends(&shared, HOST, false, &verbs)), Ok(TransportKind::Fabric));
+        // MC_FORCE_TCP still forces tcp.
+        let forced =
+            SelectionOptions::default().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into()));
+        let forced = forced.unwrap_or_default();
+        let c = select(ends(&plain, HOST, false, &verbs), &forced).map(|c| c.transport);
+        assert_eq!(c, Ok(TransportKind::Tcp));
+        // Another provider, or none here: tcp, and the fabric's refusal says why.
+        for (facts, why) in [
+            (&efa, "registered with provider verbs, this engine runs efa"),
+            (&none, "this engine: libfabric is not installed"),
+        ] {
+            assert_eq!(pick(ends(&plain, HOST, false, facts)), Ok(TransportKind::Tcp));
+            let refused = judge(TransportKind::Fabric, ends(&plain, HOST, false, facts), &o);
+            assert!(refused.as_ref().is_err_and(|r| r.contains(why)), "{refused:?}");
+        }
+        let tcp_only = region(MemoryKind::HostPageable, vec![Reach::Tcp]);
+        let refused = judge(TransportKind::Fabric, ends(&tcp_only, HOST, false, &verbs), &o);
+        assert!(refused.is_err_and(|r| r.contains("not registered with a fabric NIC")));
+        // GPU memory: only with FI_HMEM.
+        let dev = Location { kind: MemoryKind::Device, device: Some(0) };
+        let refused = judge(TransportKind::Fabric, ends(&plain, dev, false, &verbs), &o);
+        assert!(refused.is_err_and(|r| r.contains("no FI_HMEM")));
+        let hmem = FabricFacts { provider: Ok("verbs".into()), hmem: true };
+        assert_eq!(pick(ends(&plain, dev, false, &hmem)), Ok(TransportKind::Fabric));
     }
 
     #[test]
@@ -386,6 +504,7 @@ mod tests {
                 same_engine: false,
                 same_host: true,
                 gpu: &gpu,
+                fabric: &FabricFacts::none("no fabric in this test"),
             },
             &o,
         );
@@ -446,7 +565,9 @@ mod tests {
         same_host: bool,
         gpu: &'a GpuFacts,
     ) -> Endpoints<'a> {
-        Endpoints { local, remote, same_engine: false, same_host, gpu }
+        static NO_FABRIC: std::sync::OnceLock<FabricFacts> = std::sync::OnceLock::new();
+        let fabric = NO_FABRIC.get_or_init(|| FabricFacts::none("no fabric in this test"));
+        Endpoints { local, remote, same_engine: false, same_host, gpu, fabric }
     }
 
     const DEV0: Location = Location { kind: MemoryKind::Device, device: Some(0) };

@@ -133,6 +133,9 @@ pub struct EngineConfig {
     /// Let processes of other users fetch shareable memory through the shm socket (by
     /// default only this process's uid may: `TIDEWIRE_SHM_ANY_UID=1`).
     pub shm_any_uid: bool,
+    /// The libfabric provider the fabric transport uses (`TIDEWIRE_FABRIC_PROVIDER`, else the
+    /// first name of `FI_PROVIDER`); `None`: `efa`, then `verbs`, else no fabric transport.
+    pub fabric_provider: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -151,6 +154,7 @@ impl Default for EngineConfig {
             cluster_id: "default".into(),
             cluster_secret: None,
             shm_any_uid: false,
+            fabric_provider: None,
         }
     }
 }
@@ -189,6 +193,9 @@ impl EngineConfig {
         }
         if let Some(v) = lookup("TIDEWIRE_SHM_ANY_UID") {
             self.shm_any_uid = tidewire_core::select::env_flag(Some(&v));
+        }
+        if let Some(p) = crate::fabric::wanted(&lookup) {
+            self.fabric_provider = Some(p);
         }
         if let Some(v) = lookup("MC_TRANSFER_TIMEOUT") {
             let secs: u64 = v.trim().parse().map_err(|_| Error::Config {

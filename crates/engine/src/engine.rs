@@ -11,7 +11,8 @@ use tidewire_core::descriptor::{Reach, RegionDescriptor, SegmentDescriptor, DESC
 use tidewire_core::memory::{Location, LocationHint, MemoryKind};
 use tidewire_core::paged::LayoutDescriptor;
 use tidewire_core::select::{
-    self, executing_gpu, nvlink_reach, Choice, Endpoints, GpuFacts, Refusal, TransportKind,
+    self, executing_gpu, nvlink_reach, Choice, Endpoints, FabricFacts, GpuFacts, Refusal,
+    TransportKind,
 };
 use tidewire_core::wire::{encode_strings, FrameKind, Header};
 use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
@@ -29,6 +30,7 @@ use crate::peer::{exited, MapCount, PeerConn};
 use crate::registry::{NewRegion, RegionEntry, Registry};
 pub use crate::request::{Op, Request};
 use crate::request::{RemoteRegion, Step};
+use crate::transport::fabric::{Fabric, FabricTransport};
 use crate::transport::memory::{LocalTransport, ShmTransport};
 use crate::transport::nvlink::{self, GpuRoute, NvlinkTransport};
 use crate::transport::shm::{self, SharedRegion, ShmServer};
@@ -138,6 +140,10 @@ pub(crate) struct Inner {
     device_allocs: Mutex<Vec<u64>>,
     /// This process's GPUs, for selection and export.
     pub(crate) gpu_facts: GpuFacts,
+    /// The fabric NICs this engine registers memory with, if any.
+    pub(crate) fabric: Option<Arc<Fabric>>,
+    /// What selection knows of them (the provider, or why there is none).
+    pub(crate) fabric_facts: FabricFacts,
     /// The transports, by the kinds they serve.
     transports: Transports,
     pub(crate) peers: Mutex<Peers>,
@@ -294,6 +300,26 @@ impl Engine {
             Ok(()) => transports.add(Box::new(NvlinkTransport::start(&life, config.clone())?)),
             Err(reason) => log::debug!("{name}: GPU transports off: {reason}"),
         }
+        let (fabric, fabric_facts) = match Fabric::open(&config) {
+            Ok(f) => {
+                f.start(&life)?;
+                let nics: Vec<&str> = f.nics.iter().map(|n| n.ep.nic.as_str()).collect();
+                log::info!("{name}: fabric transport on {} ({})", f.provider(), nics.join(", "));
+                let facts = f.facts.clone();
+                transports.add(Box::new(FabricTransport::new(
+                    f.clone(),
+                    config.clone(),
+                    life.clone(),
+                )));
+                (Some(f), facts)
+            }
+            Err(reason) => {
+                log::info!(
+                    "{name}: fabric transport off (tcp carries transfers across hosts): {reason}"
+                );
+                (None, FabricFacts::none(&reason))
+            }
+        };
         let inner = Arc::new(Inner {
             name,
             instance,
@@ -310,6 +336,8 @@ impl Engine {
             shared_allocs: Mutex::default(),
             device_allocs: Mutex::default(),
             gpu_facts,
+            fabric,
+            fabric_facts,
             transports,
             peers: Mutex::default(),
             layouts: Mutex::default(),
@@ -449,7 +477,15 @@ impl Engine {
                 return Err(Error::LocationMismatch { addr, detail });
             }
             let gpu = self.export_gpu(addr, len, found);
-            news.push(NewRegion { addr, len, location: found, shared: None, gpu, owner: None });
+            news.push(NewRegion {
+                addr,
+                len,
+                location: found,
+                shared: None,
+                gpu,
+                fabric: None,
+                owner: None,
+            });
         }
         self.register_new(news)
     }
@@ -485,8 +521,15 @@ impl Engine {
             return Err(Error::LocationMismatch { addr, detail });
         }
         let gpu = self.export_gpu(addr, len, found);
-        let region =
-            NewRegion { addr, len, location: found, shared: None, gpu, owner: Some(owner) };
+        let region = NewRegion {
+            addr,
+            len,
+            location: found,
+            shared: None,
+            gpu,
+            fabric: None,
+            owner: Some(owner),
+        };
         let ids = self.register_new(vec![region])?;
         ids.into_iter().next().ok_or(Error::Internal("one registration returned no id"))
     }
@@ -537,8 +580,21 @@ impl Engine {
         self.inner.registry.snapshot().1.first().map(|r| (r.addr, r.len))
     }
 
-    fn register_new(&self, news: Vec<NewRegion>) -> Result<Vec<RegionId>> {
+    fn register_new(&self, mut news: Vec<NewRegion>) -> Result<Vec<RegionId>> {
         let addrs: Vec<u64> = news.iter().map(|n| n.addr).collect();
+        if let Some(fabric) = &self.inner.fabric {
+            for n in &mut news {
+                match fabric.register(n.addr, n.len, n.location) {
+                    Ok(f) => n.fabric = Some(f),
+                    // Still reachable by the other transports; the fabric's refusal names it.
+                    Err(why) => log::warn!(
+                        "{}: {:#x} is not reachable over the fabric: {why}",
+                        self.inner.name,
+                        n.addr
+                    ),
+                }
+            }
+        }
         let ids = self.inner.registry.register(news)?;
         if let Err(e) = self.publish() {
             let _ = self.inner.registry.unregister(&addrs);
@@ -591,6 +647,7 @@ impl Engine {
             location,
             shared: Some(region.clone()),
             gpu: None,
+            fabric: None,
             owner: None,
         }])?;
         self.inner.shared_allocs.lock().insert(addr, region);
@@ -916,6 +973,7 @@ impl Engine {
             same_engine: conn.same_engine,
             same_host: conn.same_host,
             gpu: &self.inner.gpu_facts,
+            fabric: &self.inner.fabric_facts,
         };
         let opts = &self.inner.config.transports;
         let choice = select::select(ends, opts).map_err(|refusals| Error::NoTransport {
@@ -1147,6 +1205,7 @@ impl Engine {
                         same_engine: conn.same_engine,
                         same_host: conn.same_host,
                         gpu: &self.inner.gpu_facts,
+                        fabric: &self.inner.fabric_facts,
                     },
                     &self.inner.config.transports,
                 ),

@@ -15,6 +15,7 @@ use crate::config::{Credentials, EngineConfig};
 use crate::error::{Error, PeerRef, Result};
 use crate::lifecycle::Lifecycle;
 use crate::metadata::resolve;
+use crate::transport::fabric::FabricPeer;
 use crate::transport::lease::{self, LeaseConn};
 use crate::transport::nvlink::NvlinkClient;
 use crate::transport::shm::ShmClient;
@@ -108,6 +109,9 @@ pub(crate) struct PeerConn {
     tcp: Mutex<Option<Arc<TcpConn>>>,
     shm: Mutex<Option<Arc<ShmClient>>>,
     nvlink: Mutex<Option<Arc<NvlinkClient>>>,
+    /// The fabric transport's view of this instance (its endpoints' addresses), made on
+    /// first use.
+    fabric: Mutex<Option<Arc<FabricPeer>>>,
     broken: AtomicBool,
     /// The peer said a region of the cached descriptor is gone (it may have registered
     /// another at the same address): the next request re-reads the descriptor.
@@ -163,6 +167,7 @@ impl PeerConn {
             tcp: Mutex::new(None),
             shm: Mutex::new(None),
             nvlink: Mutex::new(None),
+            fabric: Mutex::new(None),
             broken: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             liveness: Arc::default(),
@@ -362,9 +367,17 @@ impl PeerConn {
     pub(crate) fn close(&self, err: Error) {
         let tcp = self.tcp.lock().take();
         if let Some(t) = tcp {
-            t.close(Some(err));
+            t.close(Some(err.clone()));
         }
         self.shm.lock().take();
         self.nvlink.lock().take();
+        if let Some(f) = self.fabric.lock().take() {
+            f.close(err);
+        }
+    }
+
+    /// The fabric transport's view of this instance.
+    pub(crate) fn fabric(&self) -> Arc<FabricPeer> {
+        self.fabric.lock().get_or_insert_with(|| FabricPeer::new(self.who())).clone()
     }
 }

@@ -12,6 +12,7 @@ use tidewire_core::memory::Location;
 use tidewire_core::RegionId;
 
 use crate::error::{Error, Result};
+use crate::transport::fabric::FabricRegion;
 use crate::transport::nvlink::GpuRegion;
 use crate::transport::shm::SharedRegion;
 
@@ -25,6 +26,8 @@ pub(crate) struct RegionEntry {
     pub(crate) shared: Option<Arc<SharedRegion>>,
     /// Set for exported device memory (served to same-host peers over NVLink).
     pub(crate) gpu: Option<Arc<GpuRegion>>,
+    /// Set when the region is registered with the engine's fabric NICs.
+    pub(crate) fabric: Option<Arc<FabricRegion>>,
     /// Memory the engine keeps alive while the region is registered (safe registrations).
     pub(crate) _owner: Option<Arc<dyn Send + Sync>>,
     /// `true` while registered. Accesses hold a read guard; unregistration takes the write
@@ -127,6 +130,9 @@ impl RegionEntry {
         if let Some(g) = &self.gpu {
             reach.extend(g.reach.iter().cloned());
         }
+        if let Some(f) = &self.fabric {
+            reach.extend(f.reach.iter().cloned());
+        }
         if self.location.kind.is_host() {
             reach.push(Reach::Tcp);
         }
@@ -147,6 +153,7 @@ pub(crate) struct NewRegion {
     pub(crate) location: Location,
     pub(crate) shared: Option<Arc<SharedRegion>>,
     pub(crate) gpu: Option<Arc<GpuRegion>>,
+    pub(crate) fabric: Option<Arc<FabricRegion>>,
     pub(crate) owner: Option<Arc<dyn Send + Sync>>,
 }
 
@@ -204,6 +211,7 @@ impl Registry {
                 location: n.location,
                 shared: n.shared,
                 gpu: n.gpu,
+                fabric: n.fabric,
                 _owner: n.owner,
                 live: Arc::new(RwLock::new(true)),
             };
@@ -229,6 +237,10 @@ impl Registry {
         for entry in &removed {
             // Waits for every access guard; afterwards no access can start.
             *entry.live.write() = false;
+            // Then peers' NIC accesses are refused too.
+            if let Some(f) = &entry.fabric {
+                f.close();
+            }
         }
         Ok(removed)
     }
@@ -273,6 +285,7 @@ mod tests {
             location: Location { kind: MemoryKind::HostPageable, device: None },
             shared: None,
             gpu: None,
+            fabric: None,
             owner: None,
         }
     }

@@ -1,5 +1,6 @@
 //! One conformance suite, the same test bodies run against every CPU transport (`local`, `shm`,
-//! `tcp`; the GPU transports run theirs in gpu.rs on a GPU host): round trips with poisoned
+//! `fabric` over libfabric's tcp provider, `tcp`; the GPU transports run theirs in gpu.rs on a
+//! GPU host): round trips with poisoned
 //! destinations, scattered batches with per-request statuses, notifications after the data,
 //! refusals, prepared plans. Peer death and restart per transport are in liveness.rs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -28,6 +29,7 @@ impl Setup {
     fn new(via: TransportKind, len: usize) -> Self {
         let cfg = match via {
             TransportKind::Tcp => common::tcp_config(),
+            TransportKind::Fabric => common::fabric_config(),
             _ => common::config(),
         };
         let initiator = Engine::new(cfg).unwrap();
@@ -45,7 +47,10 @@ impl Setup {
                 (Some(t), a)
             }
             _ => {
-                let t = common::engine();
+                let t = match via {
+                    TransportKind::Fabric => Engine::new(common::fabric_config()).unwrap(),
+                    _ => common::engine(),
+                };
                 let b = registered(&t, len, &[]);
                 let a = b.addr();
                 keep.push(b);
@@ -211,6 +216,15 @@ fn prepared_plan_many_times(via: TransportKind) {
     }
 }
 
+/// Whether `via` cannot run here (said on stderr, never counted as a pass by the runner's
+/// output: the test body did not run).
+fn skipped(via: TransportKind) -> bool {
+    if via != TransportKind::Fabric {
+        return false;
+    }
+    common::fabric_missing().inspect(|why| eprintln!("skipped: {why}")).is_some()
+}
+
 macro_rules! conformance {
     ($($module:ident => $via:expr),* $(,)?) => {$(
         mod $module {
@@ -218,27 +232,37 @@ macro_rules! conformance {
 
             #[test]
             fn round_trip() {
-                super::round_trip($via)
+                if !super::skipped($via) {
+                    super::round_trip($via)
+                }
             }
 
             #[test]
             fn scattered_batch_statuses() {
-                super::scattered_batch_statuses($via)
+                if !super::skipped($via) {
+                    super::scattered_batch_statuses($via)
+                }
             }
 
             #[test]
             fn notification_after_the_data() {
-                super::notification_after_the_data($via)
+                if !super::skipped($via) {
+                    super::notification_after_the_data($via)
+                }
             }
 
             #[test]
             fn refusals_name_the_range() {
-                super::refusals_name_the_range($via)
+                if !super::skipped($via) {
+                    super::refusals_name_the_range($via)
+                }
             }
 
             #[test]
             fn prepared_plan_many_times() {
-                super::prepared_plan_many_times($via)
+                if !super::skipped($via) {
+                    super::prepared_plan_many_times($via)
+                }
             }
         }
     )*};
@@ -247,5 +271,6 @@ macro_rules! conformance {
 conformance! {
     local => TransportKind::Local,
     shm => TransportKind::Shm,
+    fabric => TransportKind::Fabric,
     tcp => TransportKind::Tcp,
 }

@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 pub mod rma;
 mod sys;
+pub(crate) mod topo;
 
 /// A provider (and domain: a NIC, or a host's loopback) libfabric offers for RDM endpoints
 /// with RMA.
@@ -51,13 +52,17 @@ pub struct Probe {
 /// The providers wanted by the environment: `TIDEWIRE_FABRIC_PROVIDER`, else the first name of
 /// `FI_PROVIDER` (which may list several, or exclusions with `^`).
 pub fn wanted_from_env() -> Option<String> {
+    wanted(&|k: &str| std::env::var(k).ok())
+}
+
+/// As [`wanted_from_env`], read through `lookup`.
+pub(crate) fn wanted(lookup: &dyn Fn(&str) -> Option<String>) -> Option<String> {
     let pick = |v: String| {
         v.split(',').map(str::trim).find(|s| !s.is_empty() && !s.starts_with('^')).map(String::from)
     };
-    std::env::var("TIDEWIRE_FABRIC_PROVIDER")
-        .ok()
+    lookup("TIDEWIRE_FABRIC_PROVIDER")
         .and_then(pick)
-        .or_else(|| std::env::var("FI_PROVIDER").ok().and_then(pick))
+        .or_else(|| lookup("FI_PROVIDER").and_then(pick))
 }
 
 /// Which core provider to use among `offered` (core names): the one `wanted` names, else
@@ -131,7 +136,7 @@ mod ffi {
     /// The library's API version and every provider offering RDM endpoints with RMA.
     pub(super) fn providers() -> Result<((u32, u32), Vec<Provider>), String> {
         let l = sys::lib()?;
-        let hints = sys::hints(l, None)?;
+        let hints = sys::hints(l, None, None, false)?;
         // SAFETY: `hints` is ours (freed here); fi_getinfo returns a list we free after
         // copying what we read out of it.
         let found = unsafe {

@@ -1,16 +1,20 @@
 //! One-sided RMA through libfabric: an RDM endpoint of one provider with its completion queue
 //! and address vector, memory registrations whose keys a peer needs, and `write` / `read`
-//! into a peer's registered memory, completed by polling. What the fabric transport will be
-//! built on; tested here between two endpoints of one process over the `tcp` provider.
+//! into a peer's registered memory, completed by polling or by waiting on the queue. The
+//! fabric transport (`transport/fabric.rs`) is built on it; tested here between two endpoints
+//! of one process over the `tcp` provider.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
 
 use super::sys::{self, FiInfo, Fid, FidAv, FidCq, FidDomain, FidEp, FidFabric, FidMr, Lib};
 
-/// An error of a libfabric call: what was called and the code it returned.
+/// An error of a libfabric call: what was called, the code it returned and libfabric's text.
 fn err(what: &str, rc: isize) -> String {
-    format!("{what} failed ({rc})")
+    match sys::lib() {
+        Ok(l) => format!("{what} failed: {} ({rc})", sys::strerror(l, rc)),
+        Err(_) => format!("{what} failed ({rc})"),
+    }
 }
 
 /// An RDM endpoint with RMA: its fabric, domain, address vector and completion queue.
@@ -28,14 +32,22 @@ pub struct Endpoint {
     pub local_mr: bool,
     /// The provider it runs on.
     pub provider: String,
+    /// The domain (the NIC, or the interface for `tcp`) it runs on.
+    pub nic: String,
+    /// Whether GPU memory may be registered (`FI_HMEM` granted).
+    pub hmem: bool,
     /// The key asked for by the next registration (providers that do not choose keys need
     /// them unique per domain).
     next_key: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: libfabric objects have no thread affinity, so the endpoint may move to another
-// thread; it is not `Sync` (raw pointers), so its calls come from one thread at a time.
+// thread.
 unsafe impl Send for Endpoint {}
+// SAFETY: the domain was opened with `FI_THREAD_SAFE` (asked for in the hints; a provider that
+// cannot grant it matches no hints and no endpoint is made): every call below may come from
+// several threads at once. The key counter is atomic; the other fields are read-only.
+unsafe impl Sync for Endpoint {}
 
 /// A registered region: the key and address a peer writes or reads it with, and the local
 /// descriptor.
@@ -48,8 +60,11 @@ pub struct Region {
     desc: *mut c_void,
 }
 
-// SAFETY: a registration is only read (key, descriptor) and closed once.
+// SAFETY: a registration is only read (key, descriptor) and closed once, by its owner.
 unsafe impl Send for Region {}
+// SAFETY: shared, it is only read (key, address, descriptor: plain values libfabric does not
+// change); closing needs ownership.
+unsafe impl Sync for Region {}
 
 /// Where a peer's bytes are: its address-vector handle ([`Endpoint::insert`]), and the address
 /// and key of its registered region ([`Region::addr`] plus an offset, [`Region::key`]).
@@ -64,10 +79,11 @@ pub struct Remote {
 pub type Completion = (u64, Result<(), String>);
 
 impl Endpoint {
-    /// Opens an endpoint of `provider` (its core name: `tcp`, `verbs`, `efa`, ...).
-    pub fn open(provider: &str) -> Result<Self, String> {
+    /// Opens an endpoint of `provider` (its core name: `tcp`, `verbs`, `efa`, ...) on
+    /// `domain` (the provider's first when `None`), able to register GPU memory when `hmem`.
+    pub fn open(provider: &str, domain: Option<&str>, hmem: bool) -> Result<Self, String> {
         let l = sys::lib()?;
-        let hints = sys::hints(l, Some(provider))?;
+        let hints = sys::hints(l, Some(provider), domain, hmem)?;
         let mut me = Self {
             l,
             info: std::ptr::null_mut(),
@@ -79,6 +95,8 @@ impl Endpoint {
             virt_addr: false,
             local_mr: false,
             provider: String::new(),
+            nic: String::new(),
+            hmem,
             next_key: std::sync::atomic::AtomicU64::new(1),
         };
         // SAFETY: each call is the C header's inline function: the object's operation table,
@@ -89,13 +107,19 @@ impl Endpoint {
                 (l.getinfo)(sys::API, std::ptr::null(), std::ptr::null(), 0, hints, &mut me.info);
             (l.freeinfo)(hints);
             if rc != 0 || me.info.is_null() {
-                return Err(format!("no {provider} endpoint with RMA here (fi_getinfo {rc})"));
+                let on = domain.map(|d| format!(" on {d}")).unwrap_or_default();
+                let gpu = if hmem { " and GPU memory (FI_HMEM)" } else { "" };
+                return Err(format!(
+                    "no {provider} endpoint{on} with RMA{gpu} here (fi_getinfo: {})",
+                    sys::strerror(l, rc as isize)
+                ));
             }
             let info = &*me.info;
             if !info.fabric_attr.is_null() {
                 me.provider = super::ffi::text((*info.fabric_attr).prov_name);
             }
             if !info.domain_attr.is_null() {
+                me.nic = super::ffi::text((*info.domain_attr).name);
                 let mode = (*info.domain_attr).mr_mode;
                 me.virt_addr = mode & sys::FI_MR_VIRT_ADDR != 0;
                 me.local_mr = mode & sys::FI_MR_LOCAL != 0;
@@ -116,7 +140,7 @@ impl Endpoint {
             let mut av_attr = sys::FiAvAttr {
                 av_type: sys::FI_AV_TABLE,
                 rx_ctx_bits: 0,
-                count: 64,
+                count: 1024,
                 ep_per_node: 0,
                 name: std::ptr::null(),
                 map_addr: std::ptr::null_mut(),
@@ -135,7 +159,9 @@ impl Endpoint {
                 size: 1024,
                 flags: 0,
                 format: sys::FI_CQ_FORMAT_CONTEXT,
-                wait_obj: 0,
+                // Waitable: the completion thread sleeps in fi_cq_sread, which also drives
+                // the provider's progress (a target's side of incoming RMA included).
+                wait_obj: sys::FI_WAIT_UNSPEC,
                 signaling_vector: 0,
                 wait_cond: 0,
                 wait_set: std::ptr::null_mut(),
@@ -208,6 +234,57 @@ impl Endpoint {
             return Err(err("fi_av_insert", n as isize));
         }
         Ok(addr)
+    }
+
+    /// Forgets a peer's address (its operations still queued fail): after a peer died or
+    /// stopped answering, the next use inserts it afresh.
+    pub fn remove(&self, addr: u64) {
+        let mut a = addr;
+        // SAFETY: fi_av_remove of one handle `insert` returned.
+        let rc = unsafe { ((*(*self.av).ops).remove)(self.av, &mut a, 1, 0) };
+        if rc != 0 {
+            log::debug!("{}", err("fi_av_remove", rc as isize));
+        }
+    }
+
+    /// Registers `len` bytes of CUDA device memory at `buf` (on CUDA device `device`) through
+    /// `FI_HMEM`; refused unless the endpoint was opened with it.
+    ///
+    /// # Safety
+    /// `[buf, buf + len)` stays allocated until the region is closed.
+    pub unsafe fn register_cuda(
+        &self,
+        buf: *const u8,
+        len: usize,
+        device: i32,
+    ) -> Result<Region, String> {
+        if !self.hmem {
+            return Err(format!("{} on {} was not granted FI_HMEM", self.provider, self.nic));
+        }
+        let iov = sys::IoVec { base: buf.cast_mut().cast(), len };
+        let attr = sys::FiMrAttr {
+            mr_iov: &iov,
+            iov_count: 1,
+            access: sys::FI_READ | sys::FI_WRITE | sys::FI_REMOTE_READ | sys::FI_REMOTE_WRITE,
+            offset: 0,
+            requested_key: self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            context: std::ptr::null_mut(),
+            auth_key_size: 0,
+            auth_key: std::ptr::null_mut(),
+            iface: sys::FI_HMEM_CUDA,
+            device: device.max(0) as u64,
+        };
+        let mut mr: *mut FidMr = std::ptr::null_mut();
+        // SAFETY: fi_mr_regattr through the domain's table with an attribute that lives for
+        // the call; the caller vouches for the range.
+        let rc =
+            unsafe { ((*(*self.domain).mr).regattr)(self.domain as *mut Fid, &attr, 0, &mut mr) };
+        if rc != 0 || mr.is_null() {
+            return Err(err("fi_mr_regattr(FI_HMEM_CUDA)", rc as isize));
+        }
+        // SAFETY: as in `register`.
+        let (key, desc) = unsafe { ((*mr).key, (*mr).mem_desc) };
+        Ok(Region { mr, key, addr: if self.virt_addr { buf as u64 } else { 0 }, desc })
     }
 
     /// Registers `len` bytes at `buf` for local use and remote reads and writes.
@@ -328,15 +405,49 @@ impl Endpoint {
                 let mut e: sys::FiCqErrEntry = unsafe { std::mem::zeroed() };
                 let got = unsafe { ((*(*self.cq).ops).readerr)(self.cq, &mut e, 0) };
                 if got == 1 {
+                    let text =
+                        sys::lib().map(|l| sys::strerror(l, e.err as isize)).unwrap_or_default();
                     out.push((
                         e.op_context as u64,
-                        Err(format!("error {} (provider {})", e.err, e.prov_errno)),
+                        Err(format!("{text} (error {}, provider's {})", e.err, e.prov_errno)),
                     ));
                     continue;
                 }
             }
             return;
         }
+    }
+
+    /// As [`Endpoint::poll`], first sleeping up to `timeout_ms` in the queue's wait (which
+    /// drives progress) when nothing is there; [`Endpoint::signal`] ends the sleep early.
+    pub fn wait(&self, out: &mut Vec<Completion>, timeout_ms: i32) {
+        let before = out.len();
+        self.poll(out);
+        if out.len() > before {
+            return;
+        }
+        let mut ctx = [std::ptr::null_mut::<c_void>(); 16];
+        // SAFETY: fi_cq_sread of up to 16 context-format entries into our array.
+        let n = unsafe {
+            ((*(*self.cq).ops).sread)(
+                self.cq,
+                ctx.as_mut_ptr().cast(),
+                ctx.len(),
+                std::ptr::null(),
+                timeout_ms,
+            )
+        };
+        if n > 0 {
+            out.extend(ctx[..n as usize].iter().map(|c| (*c as u64, Ok(()))));
+        }
+        // Errors (FI_EAVAIL) and what else arrived are read by `poll`.
+        self.poll(out);
+    }
+
+    /// Wakes a thread sleeping in [`Endpoint::wait`].
+    pub fn signal(&self) {
+        // SAFETY: fi_cq_signal of our queue (thread-safe domain).
+        unsafe { ((*(*self.cq).ops).signal)(self.cq) };
     }
 
     /// Closes a registration (after every operation that uses it completed).
@@ -386,8 +497,8 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let a = Endpoint::open("tcp").unwrap_or_else(|e| panic!("{e}"));
-        let b = Endpoint::open("tcp").unwrap_or_else(|e| panic!("{e}"));
+        let a = Endpoint::open("tcp", None, false).unwrap_or_else(|e| panic!("{e}"));
+        let b = Endpoint::open("tcp", None, false).unwrap_or_else(|e| panic!("{e}"));
         let to_b =
             a.insert(&b.name().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
         let len = 1 << 20;
@@ -402,59 +513,68 @@ mod tests {
                 a.register(back.as_mut_ptr(), len).unwrap_or_else(|e| panic!("{e}")),
             )
         };
-        let run = |op: &dyn Fn() -> Result<bool, String>, ctx: u64| {
-            let end = Instant::now() + Duration::from_secs(20);
-            let mut done = Vec::new();
-            while !op().unwrap_or_else(|e| panic!("{e}")) {
-                a.poll(&mut done);
-                b.poll(&mut Vec::new());
-                assert!(Instant::now() < end, "the provider stayed busy");
-            }
-            while !done.iter().any(|(c, _)| *c == ctx) {
-                a.poll(&mut done);
-                b.poll(&mut Vec::new()); // the target's progress (manual progress providers)
-                assert!(Instant::now() < end, "no completion within 20 s");
-            }
-            let (_, outcome) =
-                done.into_iter().find(|(c, _)| *c == ctx).unwrap_or_else(|| unreachable!());
-            outcome.unwrap_or_else(|e| panic!("{e}"));
-        };
-        // SAFETY: the local buffers stay valid until their completions are polled by `run`.
-        let at_b = Remote { peer: to_b, addr: rt.addr, key: rt.key };
-        run(&|| unsafe { a.write(src.as_ptr(), len, &ra, at_b, 1) }, 1);
-        assert!(target == src, "every byte written");
-        let back_at = back.as_mut_ptr();
-        run(&|| unsafe { a.read(back_at, len, &rb, at_b, 2) }, 2);
-        assert!(back == src, "every byte read back");
-        // A key the target never gave out: an error, within the deadline, never a hang.
-        let bad_key = rt.key + 1000;
-        let poison = [0xEEu8; 64];
-        // SAFETY: `poison` outlives its registration (closed below).
-        let rp = unsafe { a.register(poison.as_ptr(), 64) }.unwrap_or_else(|e| panic!("{e}"));
-        // SAFETY: as above.
-        let bad = Remote { key: bad_key, ..at_b };
-        let started = unsafe { a.write(poison.as_ptr(), 64, &rp, bad, 3) };
-        let end = Instant::now() + Duration::from_secs(20);
-        let refused = match started {
-            Err(_) => true,
-            Ok(_) => {
-                let mut done = Vec::new();
-                loop {
-                    a.poll(&mut done);
-                    b.poll(&mut Vec::new());
-                    if let Some((_, outcome)) = done.iter().find(|(c, _)| *c == 3) {
-                        break outcome.is_err();
-                    }
-                    assert!(
-                        Instant::now() < end,
-                        "no answer to a write with a bad key within 20 s"
-                    );
+        // The target's side progresses only in its own thread, asleep in its queue's wait
+        // (as the transport's completion thread is).
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    b.wait(&mut Vec::new(), 20);
                 }
-            }
-        };
-        assert!(refused, "a write with a key the target never gave out succeeded");
-        assert!(target == src, "nothing of the refused write landed");
-        a.deregister(rp);
+            });
+            let run = |op: &dyn Fn() -> Result<bool, String>, ctx: u64| {
+                let end = Instant::now() + Duration::from_secs(20);
+                let mut done = Vec::new();
+                while !op().unwrap_or_else(|e| panic!("{e}")) {
+                    a.poll(&mut done);
+                    assert!(Instant::now() < end, "the provider stayed busy");
+                }
+                while !done.iter().any(|(c, _)| *c == ctx) {
+                    a.wait(&mut done, 20);
+                    assert!(Instant::now() < end, "no completion within 20 s");
+                }
+                let (_, outcome) =
+                    done.into_iter().find(|(c, _)| *c == ctx).unwrap_or_else(|| unreachable!());
+                outcome.unwrap_or_else(|e| panic!("{e}"));
+            };
+            // SAFETY: the local buffers stay valid until their completions are polled by `run`.
+            let at_b = Remote { peer: to_b, addr: rt.addr, key: rt.key };
+            run(&|| unsafe { a.write(src.as_ptr(), len, &ra, at_b, 1) }, 1);
+            assert!(target == src, "every byte written");
+            let back_at = back.as_mut_ptr();
+            run(&|| unsafe { a.read(back_at, len, &rb, at_b, 2) }, 2);
+            assert!(back == src, "every byte read back");
+            // A key the target never gave out: an error, within the deadline, never a hang.
+            let bad_key = rt.key + 1000;
+            let poison = [0xEEu8; 64];
+            // SAFETY: `poison` outlives its registration (closed below).
+            let rp = unsafe { a.register(poison.as_ptr(), 64) }.unwrap_or_else(|e| panic!("{e}"));
+            // SAFETY: as above.
+            let bad = Remote { key: bad_key, ..at_b };
+            let started = unsafe { a.write(poison.as_ptr(), 64, &rp, bad, 3) };
+            let end = Instant::now() + Duration::from_secs(20);
+            let refused = match started {
+                Err(_) => true,
+                Ok(_) => {
+                    let mut done = Vec::new();
+                    loop {
+                        a.wait(&mut done, 20);
+                        if let Some((_, outcome)) = done.iter().find(|(c, _)| *c == 3) {
+                            break outcome.is_err();
+                        }
+                        assert!(
+                            Instant::now() < end,
+                            "no answer to a write with a bad key within 20 s"
+                        );
+                    }
+                }
+            };
+            assert!(refused, "a write with a key the target never gave out succeeded");
+            assert!(target == src, "nothing of the refused write landed");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            b.signal();
+            a.deregister(rp);
+        });
         a.deregister(ra);
         a.deregister(rb);
         b.deregister(rt);

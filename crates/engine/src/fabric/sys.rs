@@ -18,6 +18,10 @@ pub(crate) const FI_SEND: u64 = 1 << 11;
 pub(crate) const FI_REMOTE_READ: u64 = 1 << 12;
 pub(crate) const FI_REMOTE_WRITE: u64 = 1 << 13;
 pub(crate) const FI_DELIVERY_COMPLETE: u64 = 1 << 28;
+pub(crate) const FI_HMEM: u64 = 1 << 47;
+pub(crate) const FI_THREAD_SAFE: c_int = 1;
+pub(crate) const FI_WAIT_UNSPEC: c_int = 1;
+pub(crate) const FI_HMEM_CUDA: c_int = 1;
 pub(crate) const FI_EP_RDM: c_int = 3;
 pub(crate) const FI_MR_LOCAL: c_int = 1 << 2;
 pub(crate) const FI_MR_VIRT_ADDR: c_int = 1 << 4;
@@ -148,6 +152,30 @@ pub(crate) struct FiOpsMr {
         *mut *mut FidMr,
         *mut c_void,
     ) -> c_int,
+    pub regv: *const c_void,
+    pub regattr: unsafe extern "C" fn(*mut Fid, *const FiMrAttr, u64, *mut *mut FidMr) -> c_int,
+}
+
+/// `struct iovec`.
+#[repr(C)]
+pub(crate) struct IoVec {
+    pub base: *mut c_void,
+    pub len: usize,
+}
+
+/// `struct fi_mr_attr` (with `iface` and the device union of API 1.9+).
+#[repr(C)]
+pub(crate) struct FiMrAttr {
+    pub mr_iov: *const IoVec,
+    pub iov_count: usize,
+    pub access: u64,
+    pub offset: u64,
+    pub requested_key: u64,
+    pub context: *mut c_void,
+    pub auth_key_size: usize,
+    pub auth_key: *mut u8,
+    pub iface: c_int,
+    pub device: u64,
 }
 
 #[repr(C)]
@@ -180,6 +208,9 @@ pub(crate) struct FiOpsAv {
     pub size: usize,
     pub insert:
         unsafe extern "C" fn(*mut FidAv, *const c_void, usize, *mut u64, u64, *mut c_void) -> c_int,
+    pub insertsvc: *const c_void,
+    pub insertsym: *const c_void,
+    pub remove: unsafe extern "C" fn(*mut FidAv, *mut u64, usize, u64) -> c_int,
 }
 
 #[repr(C)]
@@ -220,6 +251,9 @@ pub(crate) struct FiOpsCq {
     pub read: unsafe extern "C" fn(*mut FidCq, *mut c_void, usize) -> isize,
     pub readfrom: unsafe extern "C" fn(*mut FidCq, *mut c_void, usize, *mut u64) -> isize,
     pub readerr: unsafe extern "C" fn(*mut FidCq, *mut FiCqErrEntry, u64) -> isize,
+    pub sread: unsafe extern "C" fn(*mut FidCq, *mut c_void, usize, *const c_void, c_int) -> isize,
+    pub sreadfrom: *const c_void,
+    pub signal: unsafe extern "C" fn(*mut FidCq) -> c_int,
 }
 
 #[repr(C)]
@@ -276,6 +310,7 @@ pub(crate) type GetInfo = unsafe extern "C" fn(
 ) -> c_int;
 pub(crate) type DupInfo = unsafe extern "C" fn(*const FiInfo) -> *mut FiInfo;
 pub(crate) type FreeInfo = unsafe extern "C" fn(*mut FiInfo);
+pub(crate) type StrError = unsafe extern "C" fn(c_int) -> *const c_char;
 pub(crate) type Fabric =
     unsafe extern "C" fn(*mut FiFabricAttr, *mut *mut FidFabric, *mut c_void) -> c_int;
 
@@ -286,6 +321,7 @@ pub(crate) struct Lib {
     pub dupinfo: DupInfo,
     pub freeinfo: FreeInfo,
     pub fabric: Fabric,
+    pub strerror: StrError,
 }
 
 /// libfabric, loaded once for the process (kept loaded: objects made through it live on).
@@ -307,6 +343,9 @@ pub(crate) fn lib() -> Result<&'static Lib, String> {
                 dupinfo: *lib.get::<DupInfo>(b"fi_dupinfo\0").map_err(|_| sym("fi_dupinfo"))?,
                 freeinfo: *lib.get::<FreeInfo>(b"fi_freeinfo\0").map_err(|_| sym("fi_freeinfo"))?,
                 fabric: *lib.get::<Fabric>(b"fi_fabric\0").map_err(|_| sym("fi_fabric"))?,
+                strerror: *lib
+                    .get::<StrError>(b"fi_strerror\0")
+                    .map_err(|_| sym("fi_strerror"))?,
             }
         };
         if l.api < (1, 9) {
@@ -320,18 +359,34 @@ pub(crate) fn lib() -> Result<&'static Lib, String> {
     .map_err(Clone::clone)
 }
 
-/// RDM + RMA hints (caps, endpoint type, the memory-registration modes we handle), with
-/// `provider` as the provider's name when given. Freed by the caller with `freeinfo`.
-pub(crate) fn hints(l: &Lib, provider: Option<&str>) -> Result<*mut FiInfo, String> {
+/// RDM + RMA hints (caps, endpoint type, the memory-registration modes we handle, thread-safe
+/// calls), with `provider` as the provider's name and `domain` as the domain's (a NIC) when
+/// given, and GPU memory (`FI_HMEM`) asked for when `hmem`. Freed by the caller with
+/// `freeinfo`.
+pub(crate) fn hints(
+    l: &Lib,
+    provider: Option<&str>,
+    domain: Option<&str>,
+    hmem: bool,
+) -> Result<*mut FiInfo, String> {
     // SAFETY: fi_dupinfo(NULL) allocates a zeroed fi_info with its attribute structures.
     let h = unsafe { (l.dupinfo)(std::ptr::null()) };
     if h.is_null() {
         return Err("fi_allocinfo failed".into());
     }
+    let dup = |what: &str, text: &str| {
+        std::ffi::CString::new(text)
+            .map_err(|_| format!("a {what} name with a NUL: {text:?}"))
+            // SAFETY: strdup of a NUL-terminated string; fi_freeinfo frees it.
+            .map(|c| unsafe { libc::strdup(c.as_ptr()) })
+    };
     // SAFETY: `h` and its attributes were allocated by libfabric above and are ours until
-    // fi_freeinfo, which frees `prov_name` too (hence strdup).
+    // fi_freeinfo, which frees `prov_name` and the domain's `name` too (hence strdup).
     unsafe {
         (*h).caps = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+        if hmem {
+            (*h).caps |= FI_HMEM;
+        }
         if !(*h).ep_attr.is_null() {
             (*(*h).ep_attr).ep_type = FI_EP_RDM;
         }
@@ -341,14 +396,29 @@ pub(crate) fn hints(l: &Lib, provider: Option<&str>) -> Result<*mut FiInfo, Stri
             (*(*h).tx_attr).op_flags = FI_DELIVERY_COMPLETE;
         }
         if !(*h).domain_attr.is_null() {
-            (*(*h).domain_attr).mr_mode =
-                FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
+            let d = &mut *(*h).domain_attr;
+            d.mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
+            // Submitting threads post operations while the completion thread polls.
+            d.threading = FI_THREAD_SAFE;
+            if let Some(name) = domain {
+                d.name = dup("domain", name)?;
+            }
         }
         if let (Some(p), false) = (provider, (*h).fabric_attr.is_null()) {
-            let c = std::ffi::CString::new(p)
-                .map_err(|_| format!("a provider name with a NUL: {p:?}"))?;
-            (*(*h).fabric_attr).prov_name = libc::strdup(c.as_ptr());
+            (*(*h).fabric_attr).prov_name = dup("provider", p)?;
         }
     }
     Ok(h)
+}
+
+/// libfabric's text for an error code (positive or negative).
+pub(crate) fn strerror(l: &Lib, code: isize) -> String {
+    let code = code.unsigned_abs().min(i32::MAX as usize) as c_int;
+    // SAFETY: fi_strerror returns a static string for any code.
+    let p = unsafe { (l.strerror)(code) };
+    if p.is_null() {
+        return format!("error {code}");
+    }
+    // SAFETY: a NUL-terminated static string.
+    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }

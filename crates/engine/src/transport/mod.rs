@@ -6,6 +6,8 @@
 //!   for the copies, `shm.rs` for the socket, the mappings and revocation).
 //! - `nvlink` (and `mnnvl`): the peer's device memory imported and copied by our GPU;
 //!   asynchronous, completed by the transport's GPU completion thread (`nvlink.rs`).
+//! - `fabric`: memory registered with libfabric NICs (RDMA: verbs, efa; or a provider asked
+//!   for by name), one-sided RMA completed by per-NIC completion threads (`fabric.rs`).
 //! - `tcp`: pooled connections (lanes) to the peer's RPC/data port, served by the engine's
 //!   readiness loop (`reactor.rs`, a fixed set of threads).
 //!
@@ -29,6 +31,7 @@ use crate::batch::Batch;
 use crate::error::Result;
 use crate::request::{Op, Request, Step};
 
+pub(crate) mod fabric;
 pub(crate) mod lease;
 pub(crate) mod memory;
 pub(crate) mod nvlink;

@@ -18,6 +18,29 @@ pub fn tcp_config() -> EngineConfig {
     config().apply_env(|k| (k == "MC_FORCE_TCP").then(|| "1".into())).unwrap()
 }
 
+/// As [`config`], with the fabric transport on libfabric's `tcp` provider (asked for by name,
+/// as `TIDEWIRE_FABRIC_PROVIDER=tcp` does).
+pub fn fabric_config() -> EngineConfig {
+    EngineConfig { fabric_provider: Some("tcp".into()), ..config() }
+}
+
+/// `None` when libfabric (with its tcp provider) is here; else why the fabric tests are
+/// skipped. Where `scripts/test.sh` says libfabric must be there
+/// (`TIDEWIRE_REQUIRE_LIBFABRIC=1`), its absence fails the test instead.
+pub fn fabric_missing() -> Option<String> {
+    let probe = tidewire::fabric::probe();
+    let why = match &probe.library {
+        Err(why) => why.clone(),
+        Ok(_) if !probe.providers.iter().any(|p| p.core() == "tcp") => {
+            "libfabric has no tcp provider here".into()
+        }
+        Ok(_) => return None,
+    };
+    let required = std::env::var("TIDEWIRE_REQUIRE_LIBFABRIC").is_ok_and(|v| v == "1");
+    assert!(!required, "TIDEWIRE_REQUIRE_LIBFABRIC=1 but: {why}");
+    Some(why)
+}
+
 /// What `engine.peers()` says of `peer`.
 pub fn status(engine: &Engine, peer: tidewire::PeerId) -> tidewire::PeerStatus {
     engine.peers().into_iter().find(|p| p.id == peer).unwrap()
