@@ -116,6 +116,11 @@ impl Batch {
         self.tracker.lock().set_deadline(deadline);
     }
 
+    /// The batch's deadline.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.tracker.lock().deadline()
+    }
+
     /// Records that the batch reached `m` now (the first time; `GpuDone`: the latest time).
     pub(crate) fn mark(&self, m: Mark) {
         let at = (self.started.elapsed().as_nanos() as u64).max(1);

@@ -377,7 +377,7 @@ impl PeerConn {
     }
 
     /// The fabric transport's view of this instance.
-    pub(crate) fn fabric(&self) -> Arc<FabricPeer> {
-        self.fabric.lock().get_or_insert_with(|| FabricPeer::new(self.who())).clone()
+    pub(crate) fn fabric(self: &Arc<Self>) -> Arc<FabricPeer> {
+        self.fabric.lock().get_or_insert_with(|| FabricPeer::new(self)).clone()
     }
 }

@@ -1,5 +1,5 @@
-//! Dead peers, on every transport that can lose one (shm and tcp here; nvlink and mnnvl in
-//! gpu.rs): a peer SIGKILLed while batches stream to it fails them with a reason, nothing of
+//! Dead peers, on every transport that can lose one (shm, tcp and fabric over libfabric's tcp
+//! provider here; nvlink and mnnvl in gpu.rs): a peer SIGKILLed while batches stream to it fails them with a reason, nothing of
 //! it stays mapped, and the restarted peer is reached again. A stopped peer is not dead.
 //! (`local` has no peer to lose: the peer is the engine itself.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -33,14 +33,30 @@ fn zz_child_process_entry() {
 enum Via {
     Shm,
     Tcp,
+    Fabric,
 }
 
 fn initiator(via: Via) -> Engine {
     let cfg = match via {
         Via::Shm => common::config(),
         Via::Tcp => common::tcp_config(),
+        Via::Fabric => {
+            // The child's region is shareable memory: without shm here, the fabric reaches it.
+            let mut c = common::fabric_config();
+            c.transports.enabled.remove(&TransportKind::Shm);
+            c
+        }
     };
     Engine::new(cfg).unwrap()
+}
+
+/// A child target, serving its region over the fabric too when `via` is `Fabric`.
+fn child(via: Via, port: u16, seed: u64) -> ChildTarget {
+    let env: Vec<(&str, String)> = match via {
+        Via::Fabric => vec![("TW_CHILD_FABRIC", "tcp".into())],
+        _ => Vec::new(),
+    };
+    ChildTarget::spawn_with(CHILD, port, LEN, seed, &env)
 }
 
 /// 64 scattered 4 KiB writes from `local` into the peer's region at `remote`.
@@ -78,7 +94,7 @@ fn sigcont(child: &std::process::Child) {
 /// transfer deadline, the mappings held for it drop to zero, and the same name restarted is
 /// reached again with fresh mappings and verified byte for byte.
 fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
-    let target = Arc::new(Mutex::new(ChildTarget::spawn(CHILD, 0, LEN, 1)));
+    let target = Arc::new(Mutex::new(child(via, 0, 1)));
     let (name, remote) = {
         let t = target.lock().unwrap();
         (t.name.clone(), t.addr)
@@ -90,6 +106,13 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
     let peer = e.open_segment(&name).unwrap();
     let batch = page_writes(peer, src.addr(), remote);
     e.transfer_sync(&batch, BatchOptions::default()).unwrap();
+    let chosen = e.explain_from(peer, Some(src.addr())).unwrap().regions[0].decision.clone();
+    let expect = match via {
+        Via::Shm => TransportKind::Shm,
+        Via::Tcp => TransportKind::Tcp,
+        Via::Fabric => TransportKind::Fabric,
+    };
+    assert_eq!(chosen.map(|c| c.transport), Ok(expect), "the test runs on the transport it names");
     if via == Via::Shm {
         assert!(status(&e, peer).mappings > 0, "the shm path maps the peer's region");
     }
@@ -144,8 +167,9 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
                     assert!(reason.contains("the peer process exited"), "reason: {reason}");
                 }
             }
-            // tcp: once the lanes are gone, re-connecting to the dead port is refused.
-            Error::PeerUnreachable { peer: p, .. } if via == Via::Tcp => {
+            // tcp (and the fabric peer's lanes): once the lanes are gone, re-connecting to
+            // the dead port is refused.
+            Error::PeerUnreachable { peer: p, .. } if via != Via::Shm => {
                 assert_eq!((&p.name, p.id), (&name, Some(peer)))
             }
             other => panic!("{via:?}: unexpected error after the death: {other}"),
@@ -163,7 +187,7 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
 
     // The same name, restarted (same port, new instance): reached again, fresh mappings.
     let old_instance = status(&e, peer).instance;
-    let restarted = ChildTarget::spawn(CHILD, port_of(&name), LEN, 3);
+    let restarted = child(via, port_of(&name), 3);
     assert_eq!(restarted.name, name);
     read_back(&e, peer, restarted.addr, &random_bytes(LEN as usize, 3));
     e.transfer_sync(&page_writes(peer, src.addr(), restarted.addr), BatchOptions::default())
@@ -193,6 +217,52 @@ fn shm_peer_killed_mid_stream_fails_within_a_second_releases_and_comes_back() {
 fn tcp_peer_killed_mid_stream_fails_within_the_stall_deadline_and_comes_back() {
     let stall = EngineConfig::default().deadlines.stall;
     killed_mid_stream_then_restarted(Via::Tcp, stall);
+}
+
+#[test]
+fn fabric_peer_killed_mid_stream_fails_within_a_second_and_comes_back() {
+    if let Some(why) = common::fabric_missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    killed_mid_stream_then_restarted(Via::Fabric, Duration::from_secs(1));
+}
+
+/// A stopped fabric peer answers nothing: the batch fails at its deadline, the operations
+/// the provider still holds are given up (the peer's address removed), so the local buffer
+/// can be unregistered within a bounded time; the killed peer is then an error at once.
+#[test]
+fn a_stopped_fabric_peer_fails_at_the_deadline_and_releases_the_local_buffer() {
+    if let Some(why) = common::fabric_missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut target = child(Via::Fabric, 0, 4);
+    let e = initiator(Via::Fabric);
+    let data = random_bytes(LEN as usize, 5);
+    let src = registered(&e, LEN as usize, &data);
+    let peer = e.open_segment(&target.name).unwrap();
+    let whole = |op| Request { op, local: src.addr(), len: LEN, peer, remote: target.addr };
+    read_back(&e, peer, target.addr, &random_bytes(LEN as usize, 4));
+    target.freeze();
+    let opts = BatchOptions { timeout: Some(Duration::from_millis(300)), ..Default::default() };
+    let started = Instant::now();
+    let err = e.transfer_sync(&[whole(Op::Read)], opts).unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // The read's local range is released: unregistration returns (bounded by the test's
+    // watchdog), and the buffer holds nothing the stopped peer sent.
+    let unregistered = Instant::now();
+    e.unregister(src.addr()).unwrap();
+    assert!(unregistered.elapsed() < Duration::from_secs(5), "{:?}", unregistered.elapsed());
+    target.kill();
+    sigcont(&target.child);
+    let src2 = registered(&e, LEN as usize, &data);
+    let killed = Instant::now();
+    let req = Request { op: Op::Write, local: src2.addr(), len: LEN, peer, remote: target.addr };
+    let err = e.transfer_sync(&[req], BatchOptions::default()).unwrap_err();
+    assert!(killed.elapsed() < Duration::from_secs(5), "{:?}", killed.elapsed());
+    assert!(matches!(err, Error::PeerFailed { .. } | Error::PeerUnreachable { .. }), "{err}");
 }
 
 #[test]

@@ -155,50 +155,93 @@ impl Endpoint {
             if rc != 0 {
                 return Err(err("fi_av_open", rc as isize));
             }
-            let mut cq_attr = sys::FiCqAttr {
-                size: 1024,
-                flags: 0,
-                format: sys::FI_CQ_FORMAT_CONTEXT,
-                // Waitable: the completion thread sleeps in fi_cq_sread, which also drives
-                // the provider's progress (a target's side of incoming RMA included).
-                wait_obj: sys::FI_WAIT_UNSPEC,
-                signaling_vector: 0,
-                wait_cond: 0,
-                wait_set: std::ptr::null_mut(),
-            };
-            let rc = ((*(*me.domain).ops).cq_open)(
-                me.domain,
+            // Waitable: the completion thread sleeps in fi_cq_sread, which also drives the
+            // provider's progress (a target's side of incoming RMA included).
+            me.cq = me.open_cq(sys::FI_WAIT_UNSPEC)?;
+            me.ep = me.open_ep(me.cq)?;
+        }
+        Ok(me)
+    }
+
+    /// Opens a completion queue of the domain (`wait`: its wait object).
+    fn open_cq(&self, wait: std::ffi::c_int) -> Result<*mut FidCq, String> {
+        let mut cq_attr = sys::FiCqAttr {
+            size: 1024,
+            flags: 0,
+            format: sys::FI_CQ_FORMAT_CONTEXT,
+            wait_obj: wait,
+            signaling_vector: 0,
+            wait_cond: 0,
+            wait_set: std::ptr::null_mut(),
+        };
+        let mut cq: *mut FidCq = std::ptr::null_mut();
+        // SAFETY: fi_cq_open on our open domain with an attribute living for the call.
+        let rc = unsafe {
+            ((*(*self.domain).ops).cq_open)(
+                self.domain,
                 &mut cq_attr,
-                &mut me.cq,
+                &mut cq,
                 std::ptr::null_mut(),
-            );
-            if rc != 0 {
-                return Err(err("fi_cq_open", rc as isize));
-            }
-            let rc = ((*(*me.domain).ops).endpoint)(
-                me.domain,
-                me.info,
-                &mut me.ep,
+            )
+        };
+        if rc != 0 {
+            return Err(err("fi_cq_open", rc as isize));
+        }
+        Ok(cq)
+    }
+
+    /// Opens an endpoint on this domain bound to its address vector and to `cq`.
+    fn open_ep(&self, cq: *mut FidCq) -> Result<*mut FidEp, String> {
+        let mut ep: *mut FidEp = std::ptr::null_mut();
+        // SAFETY: the domain, info, av and cq are open (made by `open`); the endpoint made
+        // here is closed on failure, else by its owner.
+        unsafe {
+            let rc = ((*(*self.domain).ops).endpoint)(
+                self.domain,
+                self.info,
+                &mut ep,
                 std::ptr::null_mut(),
             );
             if rc != 0 {
                 return Err(err("fi_endpoint", rc as isize));
             }
-            let ep = me.ep as *mut Fid;
-            let rc = ((*(*ep).ops).bind)(ep, me.av as *mut Fid, 0);
-            if rc != 0 {
-                return Err(err("fi_ep_bind(av)", rc as isize));
+            let f = ep as *mut Fid;
+            let steps = [
+                ("fi_ep_bind(av)", ((*(*f).ops).bind)(f, self.av as *mut Fid, 0)),
+                (
+                    "fi_ep_bind(cq)",
+                    ((*(*f).ops).bind)(f, cq as *mut Fid, sys::FI_SEND | sys::FI_RECV),
+                ),
+            ];
+            for (what, rc) in steps {
+                if rc != 0 {
+                    close(f);
+                    return Err(err(what, rc as isize));
+                }
             }
-            let rc = ((*(*ep).ops).bind)(ep, me.cq as *mut Fid, sys::FI_SEND | sys::FI_RECV);
+            let rc = ((*(*f).ops).control)(f, sys::FI_ENABLE, std::ptr::null_mut());
             if rc != 0 {
-                return Err(err("fi_ep_bind(cq)", rc as isize));
-            }
-            let rc = ((*(*ep).ops).control)(ep, sys::FI_ENABLE, std::ptr::null_mut());
-            if rc != 0 {
+                close(f);
                 return Err(err("fi_enable", rc as isize));
             }
         }
-        Ok(me)
+        Ok(ep)
+    }
+
+    /// A new endpoint of this domain that only initiates operations, with its own completion
+    /// queue (polled: [`Initiator::poll`]) and this endpoint's address vector: closing it
+    /// discards what it still holds, so the operations of one peer end without touching the
+    /// others'.
+    pub fn initiator(&self) -> Result<Initiator, String> {
+        let cq = self.open_cq(0)?;
+        match self.open_ep(cq) {
+            Ok(ep) => Ok(Initiator { ep: parking_lot::Mutex::new((ep, cq)) }),
+            Err(e) => {
+                // SAFETY: the queue made above, unused.
+                unsafe { close(cq as *mut Fid) };
+                Err(e)
+            }
+        }
     }
 
     /// This endpoint's address, for peers to insert.
@@ -333,7 +376,7 @@ impl Endpoint {
         // SAFETY: the endpoint's RMA table is filled by libfabric; forwarded contract.
         let f = unsafe { (*(*self.ep).rma).write };
         // SAFETY: forwarded contract (the write only reads `local`).
-        unsafe { self.rma("fi_write", f, local.cast_mut(), len, region, remote, context) }
+        unsafe { Self::rma(self.ep, "fi_write", f, local.cast_mut(), len, region, remote, context) }
     }
 
     /// As [`Endpoint::write`], reading `len` bytes of `remote` into `local`.
@@ -351,7 +394,7 @@ impl Endpoint {
         // SAFETY: as in `write`.
         let f = unsafe { (*(*self.ep).rma).read };
         // SAFETY: forwarded contract.
-        unsafe { self.rma("fi_read", f, local, len, region, remote, context) }
+        unsafe { Self::rma(self.ep, "fi_read", f, local, len, region, remote, context) }
     }
 
     /// Issues one RMA call of the endpoint's table.
@@ -360,7 +403,7 @@ impl Endpoint {
     /// As for [`Endpoint::write`] / [`Endpoint::read`].
     #[allow(clippy::too_many_arguments)]
     unsafe fn rma(
-        &self,
+        ep: *mut FidEp,
         what: &str,
         f: sys::RmaFn,
         local: *mut u8,
@@ -372,7 +415,7 @@ impl Endpoint {
         // SAFETY: `f` is the endpoint's fi_read / fi_write; forwarded contract.
         let rc = unsafe {
             f(
-                self.ep,
+                ep,
                 local.cast(),
                 len,
                 region.desc,
@@ -391,31 +434,8 @@ impl Endpoint {
 
     /// Drives progress and appends what finished (each operation's context and outcome).
     pub fn poll(&self, out: &mut Vec<Completion>) {
-        let mut ctx = [std::ptr::null_mut::<c_void>(); 16];
-        loop {
-            // SAFETY: fi_cq_read of up to 16 context-format entries into our array.
-            let n =
-                unsafe { ((*(*self.cq).ops).read)(self.cq, ctx.as_mut_ptr().cast(), ctx.len()) };
-            if n > 0 {
-                out.extend(ctx[..n as usize].iter().map(|c| (*c as u64, Ok(()))));
-                continue;
-            }
-            if n == -sys::FI_EAVAIL {
-                // SAFETY: a zeroed error entry for fi_cq_readerr to fill.
-                let mut e: sys::FiCqErrEntry = unsafe { std::mem::zeroed() };
-                let got = unsafe { ((*(*self.cq).ops).readerr)(self.cq, &mut e, 0) };
-                if got == 1 {
-                    let text =
-                        sys::lib().map(|l| sys::strerror(l, e.err as isize)).unwrap_or_default();
-                    out.push((
-                        e.op_context as u64,
-                        Err(format!("{text} (error {}, provider's {})", e.err, e.prov_errno)),
-                    ));
-                    continue;
-                }
-            }
-            return;
-        }
+        // SAFETY: our open queue.
+        unsafe { poll_cq(self.cq, out) }
     }
 
     /// As [`Endpoint::poll`], first sleeping up to `timeout_ms` in the queue's wait (which
@@ -454,6 +474,124 @@ impl Endpoint {
     pub fn deregister(&self, region: Region) {
         // SAFETY: closing the registration made by `register`, once.
         unsafe { close(region.mr as *mut Fid) };
+    }
+}
+
+/// An endpoint that only initiates RMA ([`Endpoint::initiator`]); closed by [`Initiator::close`]
+/// or when dropped.
+pub struct Initiator {
+    /// The endpoint and its queue; null once closed. Posts and polls hold the lock, so none
+    /// races the close.
+    ep: parking_lot::Mutex<(*mut FidEp, *mut FidCq)>,
+}
+
+// SAFETY: the endpoint pointer is only used under the mutex, on a thread-safe domain.
+unsafe impl Send for Initiator {}
+// SAFETY: as above.
+unsafe impl Sync for Initiator {}
+
+impl Initiator {
+    /// As [`Endpoint::write`], on this endpoint; an error once it is closed.
+    ///
+    /// # Safety
+    /// As for [`Endpoint::write`] (until the completion is polled or this endpoint closed).
+    pub unsafe fn write(
+        &self,
+        local: *const u8,
+        len: usize,
+        region: &Region,
+        remote: Remote,
+        context: u64,
+    ) -> Result<bool, String> {
+        let (ep, _) = *self.ep.lock();
+        if ep.is_null() {
+            return Err("the endpoint was closed".into());
+        }
+        // SAFETY: an open endpoint (under the lock); forwarded contract.
+        unsafe {
+            let f = (*(*ep).rma).write;
+            Endpoint::rma(ep, "fi_write", f, local.cast_mut(), len, region, remote, context)
+        }
+    }
+
+    /// As [`Endpoint::read`], on this endpoint; an error once it is closed.
+    ///
+    /// # Safety
+    /// As for [`Endpoint::read`] (until the completion is polled or this endpoint closed).
+    pub unsafe fn read(
+        &self,
+        local: *mut u8,
+        len: usize,
+        region: &Region,
+        remote: Remote,
+        context: u64,
+    ) -> Result<bool, String> {
+        let (ep, _) = *self.ep.lock();
+        if ep.is_null() {
+            return Err("the endpoint was closed".into());
+        }
+        // SAFETY: as in `write`.
+        unsafe {
+            let f = (*(*ep).rma).read;
+            Endpoint::rma(ep, "fi_read", f, local, len, region, remote, context)
+        }
+    }
+
+    /// Closes the endpoint: what it still held is discarded, and once this returns the
+    /// provider touches none of its operations' buffers again. Idempotent.
+    pub fn close(&self) {
+        let mut g = self.ep.lock();
+        // SAFETY: closing our own endpoint, then its queue, once (then null).
+        unsafe {
+            close(g.0 as *mut Fid);
+            close(g.1 as *mut Fid);
+        }
+        *g = (std::ptr::null_mut(), std::ptr::null_mut());
+    }
+
+    /// Drives progress and appends what finished on this endpoint (nothing once closed).
+    pub fn poll(&self, out: &mut Vec<Completion>) {
+        let g = self.ep.lock();
+        if !g.1.is_null() {
+            // SAFETY: the open queue (under the lock).
+            unsafe { poll_cq(g.1, out) }
+        }
+    }
+}
+
+impl Drop for Initiator {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Reads every completion (and error) of `cq` into `out`.
+///
+/// # Safety
+/// `cq` is an open completion queue of the context format.
+unsafe fn poll_cq(cq: *mut FidCq, out: &mut Vec<Completion>) {
+    let mut ctx = [std::ptr::null_mut::<c_void>(); 16];
+    loop {
+        // SAFETY: fi_cq_read of up to 16 context-format entries into our array.
+        let n = unsafe { ((*(*cq).ops).read)(cq, ctx.as_mut_ptr().cast(), ctx.len()) };
+        if n > 0 {
+            out.extend(ctx[..n as usize].iter().map(|c| (*c as u64, Ok(()))));
+            continue;
+        }
+        if n == -sys::FI_EAVAIL {
+            // SAFETY: a zeroed error entry for fi_cq_readerr to fill.
+            let mut e: sys::FiCqErrEntry = unsafe { std::mem::zeroed() };
+            let got = unsafe { ((*(*cq).ops).readerr)(cq, &mut e, 0) };
+            if got == 1 {
+                let text = sys::lib().map(|l| sys::strerror(l, e.err as isize)).unwrap_or_default();
+                out.push((
+                    e.op_context as u64,
+                    Err(format!("{text} (error {}, provider's {})", e.err, e.prov_errno)),
+                ));
+                continue;
+            }
+        }
+        return;
     }
 }
 

@@ -12,17 +12,18 @@
 //!   the provider cannot take now waits in the NIC's backlog.
 //! - One completion thread per NIC sleeps in the completion queue (which also drives the
 //!   provider's progress, the target side of incoming RMA included), maps completions back
-//!   to requests, posts the backlog, and every [`SWEEP`] gives up on operations whose batch
-//!   already failed (its deadline, a cancel) or whose peer died: the peer's address is
-//!   removed (the provider flushes what it still holds for it) and the request fails with
-//!   the reason. An operation keeps its local range pinned until the provider returns it, so
+//!   to requests, posts the backlog, and every [`SWEEP`] gives up on operations whose batch's
+//!   deadline passed or whose peer died. Operations go out through one initiator endpoint per
+//!   (peer, NIC): giving up closes that endpoint, which discards what the provider still holds
+//!   of it, and fails every operation it carried with the reason. Until the provider returns
+//!   an operation or its endpoint is closed, the operation keeps its local range pinned, so
 //!   an unregistration never frees memory a NIC may still write.
 //! - The notification of a batch follows its data over the peer's tcp lanes, which are also
 //!   how a peer's death is seen at once (its sockets hang up).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -33,7 +34,7 @@ use tidewire_core::select::{FabricFacts, TransportKind};
 use crate::batch::Batch;
 use crate::config::EngineConfig;
 use crate::error::{Error, PeerRef, Result};
-use crate::fabric::rma::{self, Endpoint, Remote};
+use crate::fabric::rma::{self, Endpoint, Initiator, Remote};
 use crate::fabric::topo;
 use crate::lifecycle::Lifecycle;
 use crate::peer::PeerConn;
@@ -47,9 +48,6 @@ pub(crate) const CHUNK: u64 = 4 << 20;
 /// How often a completion thread looks for operations to give up on.
 const SWEEP: Duration = Duration::from_millis(10);
 
-/// How long a stopping engine waits for the provider to return its operations.
-const DRAIN: Duration = Duration::from_secs(1);
-
 /// One NIC's endpoint and the operations posted on it.
 pub(crate) struct Nic {
     pub(crate) ep: Endpoint,
@@ -59,6 +57,8 @@ pub(crate) struct Nic {
     pub(crate) place: topo::Place,
     ops: Mutex<HashMap<u64, InFlight>>,
     backlog: Mutex<VecDeque<Post>>,
+    /// The peers' initiator endpoints on this NIC, whose queues the completion thread polls.
+    inits: Mutex<Vec<Weak<Initiator>>>,
     next_id: AtomicU64,
 }
 
@@ -67,15 +67,14 @@ struct InFlight {
     batch: Arc<Batch>,
     req: usize,
     peer: Arc<FabricPeer>,
-    fi_addr: u64,
+    /// The (peer, NIC) endpoint it went out on.
+    via: Arc<Initiator>,
     /// What the error of this operation names.
     remote: u64,
     len: u64,
-    /// The local range stays registered (its memory alive) until the provider returns it.
+    /// The local range stays registered (its memory alive) until the provider returns the
+    /// operation or its endpoint is closed.
     _pin: OwnedAccess,
-    /// Failed already (its batch ended or its peer died); waiting only for the provider to
-    /// give the operation back.
-    abandoned: bool,
 }
 
 /// An operation to post.
@@ -85,6 +84,7 @@ struct Post {
     local: u64,
     len: u64,
     region: Arc<FabricRegion>,
+    via: Arc<Initiator>,
     remote: Remote,
 }
 
@@ -143,6 +143,7 @@ impl Fabric {
                         ep,
                         ops: Mutex::default(),
                         backlog: Mutex::default(),
+                        inits: Mutex::default(),
                         next_id: AtomicU64::new(1),
                     });
                 }
@@ -237,46 +238,55 @@ impl Fabric {
         let nic = &self.nics[i];
         let mut done = Vec::new();
         let mut swept = Instant::now();
+        let mut idle = 0u32;
         while !life.stopping() {
-            nic.ep.wait(&mut done, 10);
+            if nic.ops.lock().is_empty() {
+                // Nothing of ours in flight: sleep in the listening endpoint's queue (which
+                // serves peers' RMA into our memory); a submission signals it.
+                nic.ep.wait(&mut done, 10);
+            } else {
+                // Ours in flight: poll every queue, yielding the CPU while nothing comes.
+                nic.ep.poll(&mut done);
+                for via in nic.initiators() {
+                    via.poll(&mut done);
+                }
+                idle = if done.is_empty() { idle + 1 } else { 0 };
+                if idle > 64 {
+                    std::thread::sleep(Duration::from_micros(20));
+                } else if idle > 0 {
+                    std::thread::yield_now();
+                }
+            }
             for (id, outcome) in done.drain(..) {
                 nic.complete(id, outcome, self.provider());
             }
             nic.post_backlog(self.provider());
             if swept.elapsed() >= SWEEP {
                 swept = Instant::now();
-                nic.sweep(Instant::now());
+                nic.sweep(i, Instant::now());
             }
         }
-        // Stopping: give up on everything and wait (bounded) for the provider to return it,
-        // so no NIC writes into memory the engine is about to release.
+        // Stopping: every endpoint with operations is closed (the provider drops them), so
+        // no NIC writes into memory the engine is about to release.
         let stopping = Error::ShuttingDown { who: "this engine".into() };
-        nic.backlog.lock().clear();
-        nic.give_up(|_| Some(stopping.clone()));
-        let until = Instant::now() + DRAIN;
-        while !nic.ops.lock().is_empty() && Instant::now() < until {
-            nic.ep.wait(&mut done, 10);
-            for (id, outcome) in done.drain(..) {
-                nic.complete(id, outcome, self.provider());
-            }
-        }
-        let left = std::mem::take(&mut *nic.ops.lock()).len();
-        if left > 0 {
-            log::warn!(
-                "fabric: {left} operations on {} were not returned in {DRAIN:?}",
-                nic.ep.nic
-            );
-        }
+        nic.give_up(i, |_| Some(stopping.clone()));
     }
 }
 
 impl Nic {
+    /// The open initiator endpoints on this NIC (forgetting the closed and the dropped).
+    fn initiators(&self) -> Vec<Arc<Initiator>> {
+        let mut inits = self.inits.lock();
+        let live: Vec<Arc<Initiator>> = inits.iter().filter_map(Weak::upgrade).collect();
+        if live.len() != inits.len() {
+            inits.retain(|w| w.strong_count() > 0);
+        }
+        live
+    }
+
     /// The provider returned operation `id`.
     fn complete(&self, id: u64, outcome: std::result::Result<(), String>, provider: &str) {
         let Some(op) = self.ops.lock().remove(&id) else { return };
-        if op.abandoned {
-            return;
-        }
         match outcome {
             Ok(()) => op.batch.chunk_done(op.req),
             Err(why) => {
@@ -315,9 +325,9 @@ impl Nic {
         // returns the operation.
         unsafe {
             if p.write {
-                self.ep.write(p.local as *const u8, p.len as usize, mr, p.remote, p.id)
+                p.via.write(p.local as *const u8, p.len as usize, mr, p.remote, p.id)
             } else {
-                self.ep.read(p.local as *mut u8, p.len as usize, mr, p.remote, p.id)
+                p.via.read(p.local as *mut u8, p.len as usize, mr, p.remote, p.id)
             }
         }
     }
@@ -325,48 +335,59 @@ impl Nic {
     /// The provider refused to start operation `id`.
     fn refused(&self, id: u64, provider: &str, why: &str) {
         if let Some(op) = self.ops.lock().remove(&id) {
-            if !op.abandoned {
-                let err = classify(&op.peer.who, op.remote, op.len, provider, why);
-                op.batch.fail_request(op.req, err);
-            }
+            let err = classify(&op.peer.who, op.remote, op.len, provider, why);
+            op.batch.fail_request(op.req, err);
         }
     }
 
-    /// Gives up on operations whose batch already ended (failed at its deadline, cancelled)
-    /// or whose peer died.
-    fn sweep(&self, now: Instant) {
-        self.give_up(|op| {
+    /// Gives up on operations whose batch's deadline passed, or whose peer died.
+    fn sweep(&self, nic: usize, now: Instant) {
+        self.give_up(nic, |op| {
             if let Some(err) = op.peer.dead() {
                 return Some(err);
             }
-            op.batch.expire(now);
-            op.batch.is_finished().then(|| Error::Timeout {
-                what: format!("a {} operation of {}", TransportKind::Fabric, op.batch.id),
-                after: Duration::ZERO,
+            (now >= op.batch.deadline()).then(|| Error::Timeout {
+                what: format!(
+                    "{} (the {} endpoint to {} is closed)",
+                    op.batch.id,
+                    TransportKind::Fabric,
+                    op.peer.who
+                ),
+                after: now.saturating_duration_since(op.batch.deadline()),
             })
         });
     }
 
-    /// Fails the operations `why` returns an error for and removes their peers' addresses,
-    /// so that the provider flushes what it holds for them; the operations stay until it
-    /// returns them (their local ranges pinned).
-    fn give_up(&self, why: impl Fn(&InFlight) -> Option<Error>) {
-        let mut removed = Vec::new();
-        {
-            let mut ops = self.ops.lock();
-            for op in ops.values_mut().filter(|op| !op.abandoned) {
-                if let Some(err) = why(op) {
-                    op.abandoned = true;
-                    op.batch.fail_request(op.req, err);
-                    if !removed.contains(&op.fi_addr) {
-                        removed.push(op.fi_addr);
-                        op.peer.forget(op.fi_addr);
-                    }
-                }
+    /// Closes the endpoint of every operation `why` returns an error for: the provider
+    /// discards what it held of that endpoint, and every operation it carried (other
+    /// batches' to the same peer too) fails with the error and releases its local range.
+    fn give_up(&self, nic: usize, why: impl Fn(&InFlight) -> Option<Error>) {
+        let mut closing: Vec<(Arc<Initiator>, Error)> = Vec::new();
+        for op in self.ops.lock().values() {
+            if closing.iter().any(|(v, _)| Arc::ptr_eq(v, &op.via)) {
+                continue;
+            }
+            if let Some(err) = why(op) {
+                op.peer.drop_initiator(nic, &op.via);
+                closing.push((op.via.clone(), err));
             }
         }
-        for a in removed {
-            self.ep.remove(a);
+        for (via, err) in closing {
+            // After this the provider touches none of its operations' buffers.
+            via.close();
+            self.backlog.lock().retain(|p| !Arc::ptr_eq(&p.via, &via));
+            let gone: Vec<InFlight> = {
+                let mut ops = self.ops.lock();
+                let ids: Vec<u64> = ops
+                    .iter()
+                    .filter(|(_, o)| Arc::ptr_eq(&o.via, &via))
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.iter().filter_map(|id| ops.remove(id)).collect()
+            };
+            for op in gone {
+                op.batch.fail_request(op.req, err.clone());
+            }
         }
     }
 }
@@ -426,14 +447,26 @@ impl Drop for FabricRegion {
 /// each NIC's address vector, and whether it died.
 pub(crate) struct FabricPeer {
     who: PeerRef,
+    /// The engine's view of the instance: broken (its tcp lanes hung up, it restarted)
+    /// means its operations will not complete.
+    conn: Weak<PeerConn>,
     /// (local NIC, remote endpoint name in hex) → address-vector handle.
     addrs: Mutex<HashMap<(usize, String), u64>>,
+    /// The endpoint its operations go out on, per local NIC.
+    inits: Mutex<HashMap<usize, Arc<Initiator>>>,
     dead: Mutex<Option<Error>>,
 }
 
 impl FabricPeer {
-    pub(crate) fn new(who: PeerRef) -> Arc<Self> {
-        Arc::new(Self { who, addrs: Mutex::default(), dead: Mutex::default() })
+    pub(crate) fn new(conn: &Arc<PeerConn>) -> Arc<Self> {
+        let who = conn.who();
+        Arc::new(Self {
+            who,
+            conn: Arc::downgrade(conn),
+            addrs: Mutex::default(),
+            inits: Mutex::default(),
+            dead: Mutex::default(),
+        })
     }
 
     /// The peer's process exited or its engine closed: its operations fail with `err`.
@@ -441,8 +474,22 @@ impl FabricPeer {
         self.dead.lock().get_or_insert(err);
     }
 
+    /// Why the instance's operations will not complete: it was closed (its process exited,
+    /// our engine stops), or its view broke (its tcp lanes hung up, it restarted).
     fn dead(&self) -> Option<Error> {
-        self.dead.lock().clone()
+        if let Some(e) = self.dead.lock().clone() {
+            return Some(e);
+        }
+        let conn = self.conn.upgrade()?;
+        conn.is_broken().then(|| {
+            conn.dead().cloned().unwrap_or_else(|| Error::PeerFailed {
+                peer: self.who.clone(),
+                transport: TransportKind::Fabric,
+                reason: "its connections hung up (the process exited, or its engine closed or \
+                         restarted)"
+                    .into(),
+            })
+        })
     }
 
     /// The handle of the remote endpoint `endpoint` (hex) in NIC `nic`'s address vector.
@@ -466,9 +513,29 @@ impl FabricPeer {
         Ok(a)
     }
 
-    /// Forgets an address the NIC removed (the next use inserts it again).
-    fn forget(&self, fi_addr: u64) {
-        self.addrs.lock().retain(|_, a| *a != fi_addr);
+    /// The endpoint this peer's operations on NIC `nic` go out on, opened on first use.
+    fn initiator(&self, fabric: &Fabric, nic: usize) -> Result<Arc<Initiator>> {
+        let mut inits = self.inits.lock();
+        if let Some(i) = inits.get(&nic) {
+            return Ok(i.clone());
+        }
+        let i = fabric.nics[nic].ep.initiator().map_err(|why| Error::PeerFailed {
+            peer: self.who.clone(),
+            transport: TransportKind::Fabric,
+            reason: format!("opening an endpoint on {}: {why}", fabric.nics[nic].ep.nic),
+        })?;
+        let i = Arc::new(i);
+        inits.insert(nic, i.clone());
+        fabric.nics[nic].inits.lock().push(Arc::downgrade(&i));
+        Ok(i)
+    }
+
+    /// Forgets `via` (being closed): the next operation on NIC `nic` opens a fresh one.
+    fn drop_initiator(&self, nic: usize, via: &Arc<Initiator>) {
+        let mut inits = self.inits.lock();
+        if inits.get(&nic).is_some_and(|i| Arc::ptr_eq(i, via)) {
+            inits.remove(&nic);
+        }
     }
 }
 
@@ -591,6 +658,7 @@ impl FabricSubmission<'_> {
                 let (endpoint, key, base) = &remotes[pair % remotes.len()];
                 pair += 1;
                 let fi_addr = peer.addr(fabric, nic, endpoint)?;
+                let via = peer.initiator(fabric, nic)?;
                 let pin = step
                     .local
                     .access_owned()
@@ -607,17 +675,17 @@ impl FabricSubmission<'_> {
                     local: r.local + off,
                     len: n,
                     region: local.clone(),
+                    via: via.clone(),
                     remote,
                 };
                 let op = InFlight {
                     batch: self.batch.clone(),
                     req,
                     peer: peer.clone(),
-                    fi_addr,
+                    via,
                     remote: r.remote + off,
                     len: n,
                     _pin: pin,
-                    abandoned: false,
                 };
                 per_nic[nic].push((post, op));
                 off += n;
@@ -654,9 +722,8 @@ impl FabricSubmission<'_> {
             if !left.is_empty() {
                 nic.backlog.lock().extend(left);
             }
-            if !nic.backlog.lock().is_empty() {
-                nic.ep.signal();
-            }
+            // The completion thread may be asleep in the listening queue: it polls now.
+            nic.ep.signal();
         }
         Ok(())
     }

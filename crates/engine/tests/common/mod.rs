@@ -301,6 +301,7 @@ pub fn child_main() {
     if let Ok(ttl) = std::env::var("TW_CHILD_TTL_MS") {
         cfg.metadata_ttl = Duration::from_millis(ttl.parse().unwrap());
     }
+    cfg.fabric_provider = std::env::var("TW_CHILD_FABRIC").ok();
     let e = Engine::new(cfg).unwrap();
     let addr = e.allocate_shared(len).unwrap();
     poke(addr, &random_bytes(len as usize, seed));
