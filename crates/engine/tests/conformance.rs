@@ -181,6 +181,23 @@ fn refusals_name_the_range(via: TransportKind) {
     assert!(matches!(empty, Error::InvalidArgument { .. }), "{via}: {empty}");
 }
 
+/// The target unregisters its region while the initiator still holds its descriptor (and
+/// its connections): the next write is refused with the range named, and nothing lands.
+fn refused_after_unregister(via: TransportKind) {
+    let len = 64 << 10;
+    let mut s = Setup::new(via, len);
+    let src = s.local(&random_bytes(len, 11));
+    let write =
+        Request { op: Op::Write, local: src, len: len as u64, peer: s.peer, remote: s.remote };
+    s.initiator.transfer_sync(&[write], BatchOptions::default()).unwrap();
+    s.target_engine().unregister(s.remote).unwrap();
+    poke(s.remote, &vec![POISON; len]);
+    let err = s.initiator.transfer_sync(&[write], BatchOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{via}: {err}");
+    assert!(err.to_string().contains(&format!("{:#x}", s.remote)), "{via}: {err}");
+    assert!(peek(s.remote, len) == vec![POISON; len], "{via}: nothing landed");
+}
+
 /// A WRITE plan and a READ plan, each prepared once and executed 1,000 times with fresh data,
 /// every byte checked every time.
 fn prepared_plan_many_times(via: TransportKind) {
@@ -255,6 +272,13 @@ macro_rules! conformance {
             fn refusals_name_the_range() {
                 if !super::skipped($via) {
                     super::refusals_name_the_range($via)
+                }
+            }
+
+            #[test]
+            fn refused_after_unregister() {
+                if !super::skipped($via) {
+                    super::refused_after_unregister($via)
                 }
             }
 

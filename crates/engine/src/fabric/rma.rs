@@ -75,8 +75,31 @@ pub struct Remote {
     pub key: u64,
 }
 
+/// Why an operation failed: libfabric's code, the provider's own, and libfabric's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub code: i32,
+    pub prov: i32,
+    pub text: String,
+}
+
+impl OpError {
+    /// The target's NIC refused the access: no such key (any more), or not permitted.
+    /// (The tcp provider says a key it does not know as "canceled" with `ENOENT`.)
+    pub fn is_refusal(&self) -> bool {
+        matches!(self.code, libc::EACCES | libc::EKEYREJECTED | libc::EPERM)
+            || (self.code == libc::ECANCELED && self.prov == libc::ENOENT)
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (error {}, provider's {})", self.text, self.code, self.prov)
+    }
+}
+
 /// A finished operation: its context, and the error if it failed.
-pub type Completion = (u64, Result<(), String>);
+pub type Completion = (u64, Result<(), OpError>);
 
 impl Endpoint {
     /// Opens an endpoint of `provider` (its core name: `tcp`, `verbs`, `efa`, ...) on
@@ -586,7 +609,7 @@ unsafe fn poll_cq(cq: *mut FidCq, out: &mut Vec<Completion>) {
                 let text = sys::lib().map(|l| sys::strerror(l, e.err as isize)).unwrap_or_default();
                 out.push((
                     e.op_context as u64,
-                    Err(format!("{text} (error {}, provider's {})", e.err, e.prov_errno)),
+                    Err(OpError { code: e.err, prov: e.prov_errno, text }),
                 ));
                 continue;
             }

@@ -285,12 +285,25 @@ impl Nic {
     }
 
     /// The provider returned operation `id`.
-    fn complete(&self, id: u64, outcome: std::result::Result<(), String>, provider: &str) {
+    fn complete(&self, id: u64, outcome: std::result::Result<(), rma::OpError>, provider: &str) {
         let Some(op) = self.ops.lock().remove(&id) else { return };
         match outcome {
             Ok(()) => op.batch.chunk_done(op.req),
             Err(why) => {
-                let err = classify(&op.peer.who, op.remote, op.len, provider, &why);
+                let err = if why.is_refusal() {
+                    op.peer.refused();
+                    Error::RemoteAccessDenied {
+                        peer: op.peer.who.clone(),
+                        addr: op.remote,
+                        len: op.len,
+                        reason: format!(
+                            "the {provider} NIC refused the access ({why}): the peer no longer \
+                             registers it"
+                        ),
+                    }
+                } else {
+                    failed(&op.peer.who, provider, &why.to_string())
+                };
                 op.batch.fail_request(op.req, err);
             }
         }
@@ -335,8 +348,7 @@ impl Nic {
     /// The provider refused to start operation `id`.
     fn refused(&self, id: u64, provider: &str, why: &str) {
         if let Some(op) = self.ops.lock().remove(&id) {
-            let err = classify(&op.peer.who, op.remote, op.len, provider, why);
-            op.batch.fail_request(op.req, err);
+            op.batch.fail_request(op.req, failed(&op.peer.who, provider, why));
         }
     }
 
@@ -392,24 +404,12 @@ impl Nic {
     }
 }
 
-/// A provider's error for an operation, as the engine's error.
-fn classify(peer: &PeerRef, addr: u64, len: u64, provider: &str, why: &str) -> Error {
-    let w = why.to_ascii_lowercase();
-    if w.contains("key") || w.contains("permission") || w.contains("access") {
-        Error::RemoteAccessDenied {
-            peer: peer.clone(),
-            addr,
-            len,
-            reason: format!(
-                "the {provider} NIC refused the access ({why}): not registered there (any more)"
-            ),
-        }
-    } else {
-        Error::PeerFailed {
-            peer: peer.clone(),
-            transport: TransportKind::Fabric,
-            reason: format!("{provider}: {why}"),
-        }
+/// An operation the provider failed (or would not start), as the engine's error.
+fn failed(peer: &PeerRef, provider: &str, why: &str) -> Error {
+    Error::PeerFailed {
+        peer: peer.clone(),
+        transport: TransportKind::Fabric,
+        reason: format!("{provider}: {why}"),
     }
 }
 
@@ -490,6 +490,13 @@ impl FabricPeer {
                     .into(),
             })
         })
+    }
+
+    /// The peer's NIC refused a key of its cached descriptor: the next request re-reads it.
+    fn refused(&self) {
+        if let Some(c) = self.conn.upgrade() {
+            c.mark_stale();
+        }
     }
 
     /// The handle of the remote endpoint `endpoint` (hex) in NIC `nic`'s address vector.
