@@ -203,7 +203,7 @@ def test_local_api_surface():
     closed.close()
     assert e.initialize("127.0.0.1", f"127.0.0.1:{port}", "tcp", "") == -1, "bare host:port is etcd"
     assert e.initialize("127.0.0.1", f"redis://127.0.0.1:{port}", "tcp", "") == -1
-    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "efa", "") == -1
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "cxl", "") == -1
     other = TransferEngine()
     assert other.initialize("127.0.0.1", "P2PHANDSHAKE", "nvlink", "") == 0, "engine's choice"
     assert e.initialize("127.0.0.1:12345", "P2PHANDSHAKE", "rdma", "mlx5_0") == 0
@@ -378,3 +378,58 @@ def test_shm_peer_killed_while_writes_stream_fails_every_later_call_and_is_relea
         time.sleep(0.01)
     assert status[2] == "retired" and status[4] == 0, status
     assert "the peer process exited" in (status[3] or ""), status
+
+
+FABRIC_PAIR = """
+import logging, sys
+import numpy as np
+from tidewire.mooncake import TransferEngine
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+target, init = TransferEngine(), TransferEngine()
+assert target.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", "mlx5_0") == 0
+assert init.initialize("127.0.0.1", "P2PHANDSHAKE", "efa", "") == 0
+n = 3 << 20
+rng = np.random.default_rng(5)
+data = rng.integers(0, 256, n, dtype=np.uint8)
+there = np.full(n, 0xA5, dtype=np.uint8)
+back = np.full(n, 0x5A, dtype=np.uint8)
+for e, b in ((target, there), (init, data), (init, back)):
+    assert e.register_memory(b.ctypes.data, b.nbytes) == 0
+name = f"127.0.0.1:{target.get_rpc_port()}"
+assert init.transfer_sync_write(name, data.ctypes.data, there.ctypes.data, n) == 0
+assert (there == data).all(), "every byte written"
+assert init.transfer_sync_read(name, back.ctypes.data, there.ctypes.data, n) == 0
+assert (back == data).all(), "every byte read back"
+print("OK")
+"""
+
+
+def test_rdma_and_efa_protocols_use_the_fabric_when_there_is_one_and_say_so_when_not():
+    """With a fabric provider (libfabric's tcp asked for by name, as a host with an RDMA NIC
+    has verbs or efa), protocol "rdma"/"efa" move the bytes over the fabric; without one they
+    fall back to tcp with the reason logged. Each in its own process: the provider is chosen
+    once per process."""
+    import os
+    import subprocess
+    import sys
+
+    ok, why = tidewire._native.fabric_status()
+    env = dict(os.environ, TIDEWIRE_FABRIC_PROVIDER="tcp")
+    run = subprocess.run([sys.executable, "-c", FABRIC_PAIR], env=env, capture_output=True,
+                         text=True, timeout=120)
+    out = run.stdout + run.stderr
+    if "libfabric is not installed" in out:
+        assert os.environ.get("TIDEWIRE_REQUIRE_LIBFABRIC") != "1", out
+        pytest.skip("libfabric is not installed here")
+    assert run.returncode == 0 and "OK" in out, out
+    assert "the fabric transport (libfabric tcp) carries transfers across hosts" in out, out
+    assert "protocol 'efa' requested; this host's fabric provider is tcp" in out, out
+    # Without a provider asked for: efa or verbs when this host has one, else the fallback.
+    env.pop("TIDEWIRE_FABRIC_PROVIDER")
+    env.pop("FI_PROVIDER", None)
+    run = subprocess.run([sys.executable, "-c", FABRIC_PAIR], env=env, capture_output=True,
+                         text=True, timeout=120)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "OK" in out, out
+    if not ok:
+        assert "no fabric transport here" in out and "tcp across hosts" in out, out

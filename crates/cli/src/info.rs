@@ -17,8 +17,9 @@ pub(crate) struct InfoArgs {
     host: String,
 }
 
-/// libfabric's providers for RMA across hosts, and which the fabric transport would use.
-fn print_fabric() {
+/// libfabric's providers for RMA across hosts, which one the fabric transport uses, its NICs
+/// and which NICs each GPU's and NUMA node's buffers use.
+fn print_fabric(engine: &Engine) {
     let probe = tidewire::fabric::probe();
     let (major, minor) = match &probe.library {
         Ok(v) => *v,
@@ -42,8 +43,17 @@ fn print_fabric() {
         "  fabric    libfabric {major}.{minor}, RMA providers: {}",
         if offered.is_empty() { "none".to_string() } else { offered.join("; ") }
     );
-    match &probe.chosen {
-        Ok(p) => println!("            would use {p} (the fabric transport is not built yet: tcp carries transfers across hosts)"),
+    match engine.fabric_map() {
+        Ok(m) => {
+            let gpu = if m.hmem { "host and GPU memory (FI_HMEM)" } else { "host memory" };
+            println!("            yes — {} for {gpu}, across hosts before tcp", m.provider);
+            for (nic, place) in &m.nics {
+                println!("            nic {nic} at {place}");
+            }
+            for (buffer, nics) in &m.buffers {
+                println!("            {buffer} → {}", nics.join(", "));
+            }
+        }
         Err(why) => println!("            not used — {why}"),
     }
 }
@@ -94,7 +104,7 @@ pub(crate) fn run(args: &InfoArgs) -> anyhow::Result<()> {
         Err(reason) => println!("  shm       no — {reason}"),
     }
     println!("  tcp       yes — {}", me.rpc_addr);
-    print_fabric();
+    print_fabric(&engine);
     print_gpus();
     let Some(peer) = &args.peer else {
         return Ok(());

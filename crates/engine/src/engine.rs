@@ -556,6 +556,16 @@ impl Engine {
         }
     }
 
+    /// The fabric transport as this engine runs it (provider, NICs, the buffer → NIC map), or
+    /// why it has none.
+    pub fn fabric_map(&self) -> std::result::Result<crate::transport::fabric::FabricMap, String> {
+        match (&self.inner.fabric, &self.inner.fabric_facts.provider) {
+            (Some(f), _) => Ok(f.map()),
+            (None, Err(why)) => Err(why.clone()),
+            (None, Ok(_)) => Err("not started".into()),
+        }
+    }
+
     /// Copies `data` into this engine's registered memory at `addr` (the range must lie
     /// inside one registered region).
     pub fn write_local(&self, addr: u64, data: &[u8]) -> Result<()> {

@@ -69,3 +69,4 @@ pub use tidewire_core as core;
 pub use tidewire_core::auth::ClusterSecret;
 pub use tidewire_core::{BatchId, PeerId, RegionId};
 pub use tidewire_gpu as gpu;
+pub use transport::fabric::FabricMap;

@@ -715,6 +715,16 @@ fn gpu_status() -> (bool, String) {
     }
 }
 
+/// The fabric transport's provider on this host: `(True, provider)`, or `(False, why none)`
+/// (`TIDEWIRE_FABRIC_PROVIDER` / `FI_PROVIDER` name one; otherwise efa, then verbs).
+#[pyfunction]
+fn fabric_status() -> (bool, String) {
+    match &tidewire::fabric::probe().chosen {
+        Ok(p) => (true, p.clone()),
+        Err(why) => (false, why.clone()),
+    }
+}
+
 /// The allocation made by `tidewire_alloc` (or the engine) that starts at `ptr`, as a dict
 /// `{ptr, len, device, kind, reason}`, or None when tidewire did not allocate it.
 #[pyfunction]
@@ -747,6 +757,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ep::PyEpBuffer>()?;
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;
+    m.add_function(wrap_pyfunction!(fabric_status, m)?)?;
     m.add_function(wrap_pyfunction!(allocation, m)?)?;
     m.add_function(wrap_pyfunction!(last_allocation_failure, m)?)?;
     errors::register(m)?;

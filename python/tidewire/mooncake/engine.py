@@ -6,8 +6,10 @@ peer failures return the failure code of the call (see "Return codes" below) and
 reason (logger `tidewire.mooncake`); they never raise. `tidewire.mooncake.install()` makes
 `import mooncake.engine` load this module.
 
-Differences, each logged when it applies: `protocol="rdma"` is served by the engine's own
-transports (shm on one host, else tcp) because this build has no RDMA transport;
+Differences, each logged when it applies: `protocol="rdma"` and `"efa"` use the engine's fabric
+transport (libfabric: verbs, efa) across hosts when this host has an RDMA provider, and its own
+transports (shm on one host, else tcp) when it has none; the NICs are chosen per buffer by
+PCIe / NUMA affinity, not by `device_name`;
 `protocol="nvlink"` / `"nvlink_intra"` let the engine choose its NVLink transport per pair of
 GPUs (GPU memory in `tidewire.mem_pool()` is reachable by every one of them). Metadata:
 "P2PHANDSHAKE", `http://`, `etcd://host:port[,...]`, `redis://...`, or a bare `host:port`
@@ -131,9 +133,18 @@ class TransferEngine:
         transports = None
         if proto == "tcp":
             pass
-        elif proto == "rdma":
-            log.warning("initialize: protocol 'rdma' requested; this build has no RDMA transport, "
-                        "so requests are served by shm on this host and tcp across hosts")
+        elif proto in ("rdma", "efa"):
+            ok, how = _native.fabric_status()
+            if ok:
+                log.info("initialize: protocol %r: the fabric transport (libfabric %s) carries "
+                         "transfers across hosts", protocol, how)
+                if proto == "efa" and how != "efa":
+                    log.warning("initialize: protocol 'efa' requested; this host's fabric "
+                                "provider is %s", how)
+            else:
+                log.warning("initialize: protocol %r requested; no fabric transport here (%s), "
+                            "so requests are served by shm on this host and tcp across hosts",
+                            protocol, how)
         elif proto in ("nvlink", "nvlink_intra"):
             # Mooncake's names for its NVLink transports (multi-node fabric, intra-node IPC).
             # The engine chooses per pair of GPUs, with the reason: nvlink between GPUs of one
@@ -142,14 +153,15 @@ class TransferEngine:
             if not ok:
                 log.warning("initialize: protocol %r requested but GPUs are unavailable (%s); "
                             "host memory is served by shm and tcp", protocol, why)
-        elif proto in ("cxl", "efa", "hip", "barex", "ascend"):
+        elif proto in ("cxl", "hip", "barex", "ascend"):
             log.error("initialize: protocol %r needs transports this build does not have", protocol)
             return -1
         else:
             log.error("initialize: unknown protocol %r", protocol)
             return -1
         if device_name:
-            log.info("initialize: device_name %r ignored (no RDMA devices are used)", device_name)
+            log.info("initialize: device_name %r ignored (NICs are chosen per buffer by "
+                     "PCIe / NUMA affinity)", device_name)
         host = _split_host(local_hostname) or "127.0.0.1"
         name = None if uri == "p2p" else local_hostname
         try:

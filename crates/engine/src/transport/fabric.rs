@@ -88,6 +88,19 @@ struct Post {
     remote: Remote,
 }
 
+/// The fabric transport as an engine runs it (`tidewire info`).
+#[derive(Debug, Clone)]
+pub struct FabricMap {
+    /// The libfabric provider.
+    pub provider: String,
+    /// Whether GPU memory can be registered (`FI_HMEM`).
+    pub hmem: bool,
+    /// Each NIC (domain) and where it sits (PCIe device, NUMA node).
+    pub nics: Vec<(String, String)>,
+    /// For each GPU and NUMA node: the NICs its buffers are registered with and spread over.
+    pub buffers: Vec<(String, Vec<String>)>,
+}
+
 /// The engine's fabric endpoints, one per NIC of the chosen provider.
 pub(crate) struct Fabric {
     pub(crate) nics: Vec<Nic>,
@@ -172,6 +185,38 @@ impl Fabric {
     /// The provider's name (the facts say it, or why none).
     pub(crate) fn provider(&self) -> &str {
         self.facts.provider.as_deref().unwrap_or("fabric")
+    }
+
+    /// The NICs and, for each GPU and NUMA node of this host, the NICs its buffers use.
+    pub(crate) fn map(&self) -> FabricMap {
+        let sys = topo::Sysfs::host();
+        let places: Vec<&topo::Place> = self.nics.iter().map(|n| &n.place).collect();
+        let names =
+            |idx: Vec<usize>| idx.into_iter().map(|i| self.nics[i].ep.nic.clone()).collect();
+        let mut buffers: Vec<(String, Vec<String>)> = Vec::new();
+        if let Ok(t) = tidewire_gpu::topology() {
+            for g in &t.gpus {
+                let p = topo::gpu_place(&sys, &g.pci_bus_id);
+                buffers
+                    .push((format!("cuda:{} ({p})", g.index), names(topo::nearest(&places, &p))));
+            }
+        }
+        let mut nodes: Vec<i32> = places.iter().filter_map(|p| p.numa).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        if nodes.is_empty() {
+            nodes.push(0);
+        }
+        for n in nodes {
+            let p = topo::Place { numa: Some(n), pci: None };
+            buffers.push((format!("host memory on NUMA {n}"), names(topo::nearest(&places, &p))));
+        }
+        FabricMap {
+            provider: self.provider().to_string(),
+            hmem: self.facts.hmem,
+            nics: self.nics.iter().map(|n| (n.ep.nic.clone(), n.place.to_string())).collect(),
+            buffers,
+        }
     }
 
     /// The NICs nearest memory at `[addr, +len)` of `location`: where it is registered and
