@@ -38,7 +38,8 @@ pub(crate) struct BenchArgs {
     /// The target's raw-TCP baseline address (initiator role, --baseline raw-tcp).
     #[arg(long)]
     raw_addr: Option<SocketAddr>,
-    /// `tcp`, `shm` or `auto` (the engine's own choice).
+    /// `tcp`, `shm`, `fabric` or `auto` (the engine's own choice). `fabric` needs a provider
+    /// (an RDMA NIC's, or one named by `TIDEWIRE_FABRIC_PROVIDER`, which the target inherits).
     #[arg(long, default_value = "auto")]
     transport: String,
     /// `write` or `read`.
@@ -232,7 +233,16 @@ fn engine_config(args: &BenchArgs, port: u16, transport: &str) -> anyhow::Result
         "auto" => {}
         "tcp" => cfg.transports.force_tcp = true,
         "shm" => cfg.transports.enabled = [TransportKind::Shm].into_iter().collect(),
-        other => bail!("unknown transport {other:?} (tcp, shm or auto)"),
+        "fabric" => {
+            // The target's buffer is shareable memory: without shm here, the fabric serves it.
+            cfg.transports.enabled.remove(&TransportKind::Shm);
+            if cfg.fabric_provider.is_none() {
+                if let Err(why) = &tidewire::fabric::probe().chosen {
+                    bail!("--transport fabric: {why}");
+                }
+            }
+        }
+        other => bail!("unknown transport {other:?} (tcp, shm, fabric or auto)"),
     }
     Ok(cfg)
 }
@@ -681,6 +691,13 @@ impl Baseline {
             Some(TransportKind::Local) => {
                 (Some(BaselineKind::Memcpy), "in-process ceiling for local".to_string(), "memcpy")
             }
+            Some(TransportKind::Fabric) if have_raw => (
+                Some(BaselineKind::RawTcp),
+                "a plain TCP stream between the two processes (the ceiling of libfabric's tcp \
+                 provider; an RDMA NIC's is its line rate)"
+                    .to_string(),
+                "raw-tcp",
+            ),
             Some(TransportKind::Tcp) if have_raw => (
                 Some(BaselineKind::RawTcp),
                 "a plain TCP stream, the ceiling for tcp".to_string(),

@@ -649,6 +649,19 @@ mod tests {
 
     #[test]
     fn two_tcp_endpoints_write_and_read_each_others_memory() {
+        endpoints_write_and_read_each_others_memory("tcp");
+    }
+
+    /// libfabric's shm provider (tidewire's own shm transport serves that path; this checks
+    /// the RMA layer on a second provider where it works).
+    #[test]
+    #[ignore = "libfabric 1.17's shm provider refuses fi_av_open in the dev container and CI \
+                (Function not implemented, -38); run with --ignored where it opens"]
+    fn two_shm_endpoints_write_and_read_each_others_memory() {
+        endpoints_write_and_read_each_others_memory("shm");
+    }
+
+    fn endpoints_write_and_read_each_others_memory(provider: &str) {
         if let Err(why) = sys::lib() {
             // Only where libfabric is not required (scripts/test.sh requires it).
             assert!(
@@ -658,8 +671,8 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let a = Endpoint::open("tcp", None, false).unwrap_or_else(|e| panic!("{e}"));
-        let b = Endpoint::open("tcp", None, false).unwrap_or_else(|e| panic!("{e}"));
+        let a = Endpoint::open(provider, None, false).unwrap_or_else(|e| panic!("{e}"));
+        let b = Endpoint::open(provider, None, false).unwrap_or_else(|e| panic!("{e}"));
         let to_b =
             a.insert(&b.name().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
         let len = 1 << 20;
@@ -739,6 +752,6 @@ mod tests {
         a.deregister(ra);
         a.deregister(rb);
         b.deregister(rt);
-        assert!(a.provider.starts_with("tcp"), "{}", a.provider);
+        assert!(a.provider.starts_with(provider), "{}", a.provider);
     }
 }
