@@ -183,6 +183,9 @@ fn refusals_name_the_range(via: TransportKind) {
 
 /// The target unregisters its region while the initiator still holds its descriptor (and
 /// its connections): the next write is refused with the range named, and nothing lands.
+/// (Over the fabric the target's NIC refuses the key; libfabric's tcp provider sometimes
+/// drops the connection instead of answering, a `PeerFailed` that makes the initiator re-read
+/// the descriptor: the write after it is refused at submit.)
 fn refused_after_unregister(via: TransportKind) {
     let len = 64 << 10;
     let mut s = Setup::new(via, len);
@@ -192,7 +195,10 @@ fn refused_after_unregister(via: TransportKind) {
     s.initiator.transfer_sync(&[write], BatchOptions::default()).unwrap();
     s.target_engine().unregister(s.remote).unwrap();
     poke(s.remote, &vec![POISON; len]);
-    let err = s.initiator.transfer_sync(&[write], BatchOptions::default()).unwrap_err();
+    let mut err = s.initiator.transfer_sync(&[write], BatchOptions::default()).unwrap_err();
+    if via == TransportKind::Fabric && matches!(err, Error::PeerFailed { .. }) {
+        err = s.initiator.transfer_sync(&[write], BatchOptions::default()).unwrap_err();
+    }
     assert!(matches!(err, Error::RemoteAccessDenied { .. }), "{via}: {err}");
     assert!(err.to_string().contains(&format!("{:#x}", s.remote)), "{via}: {err}");
     assert!(peek(s.remote, len) == vec![POISON; len], "{via}: nothing landed");

@@ -49,17 +49,20 @@ pub(crate) const CHUNK: u64 = 4 << 20;
 const SWEEP: Duration = Duration::from_millis(10);
 
 /// One NIC's endpoint and the operations posted on it.
+///
+/// Fields drop in order: the operations (and the initiator endpoints they hold) before `ep`,
+/// whose drop closes the domain they were opened on.
 pub(crate) struct Nic {
-    pub(crate) ep: Endpoint,
-    /// The endpoint's address, as peers insert it (hex in descriptors).
-    pub(crate) name_hex: String,
-    /// Where the NIC sits (NUMA node, PCIe path), for the buffer → NIC map.
-    pub(crate) place: topo::Place,
     ops: Mutex<HashMap<u64, InFlight>>,
     backlog: Mutex<VecDeque<Post>>,
     /// The peers' initiator endpoints on this NIC, whose queues the completion thread polls.
     inits: Mutex<Vec<Weak<Initiator>>>,
     next_id: AtomicU64,
+    /// The endpoint's address, as peers insert it (hex in descriptors).
+    pub(crate) name_hex: String,
+    /// Where the NIC sits (NUMA node, PCIe path), for the buffer → NIC map.
+    pub(crate) place: topo::Place,
+    pub(crate) ep: Endpoint,
 }
 
 /// An operation the provider holds.
@@ -347,6 +350,9 @@ impl Nic {
                         ),
                     }
                 } else {
+                    // The tcp provider may drop the connection instead of answering a key it
+                    // does not know: the next request re-reads the descriptor either way.
+                    op.peer.refused();
                     failed(&op.peer.who, provider, &why.to_string())
                 };
                 op.batch.fail_request(op.req, err);
@@ -500,6 +506,9 @@ pub(crate) struct FabricPeer {
     /// The endpoint its operations go out on, per local NIC.
     inits: Mutex<HashMap<usize, Arc<Initiator>>>,
     dead: Mutex<Option<Error>>,
+    /// The NICs those endpoints were opened on, kept open until they are closed (declared
+    /// after `inits`: dropped after them).
+    fabric: Mutex<Option<Arc<Fabric>>>,
 }
 
 impl FabricPeer {
@@ -511,6 +520,7 @@ impl FabricPeer {
             addrs: Mutex::default(),
             inits: Mutex::default(),
             dead: Mutex::default(),
+            fabric: Mutex::default(),
         })
     }
 
@@ -537,7 +547,8 @@ impl FabricPeer {
         })
     }
 
-    /// The peer's NIC refused a key of its cached descriptor: the next request re-reads it.
+    /// The peer's NIC refused a key of its cached descriptor (or an operation failed while
+    /// the peer lives): the next request re-reads the descriptor.
     fn refused(&self) {
         if let Some(c) = self.conn.upgrade() {
             c.mark_stale();
@@ -566,7 +577,7 @@ impl FabricPeer {
     }
 
     /// The endpoint this peer's operations on NIC `nic` go out on, opened on first use.
-    fn initiator(&self, fabric: &Fabric, nic: usize) -> Result<Arc<Initiator>> {
+    fn initiator(&self, fabric: &Arc<Fabric>, nic: usize) -> Result<Arc<Initiator>> {
         let mut inits = self.inits.lock();
         if let Some(i) = inits.get(&nic) {
             return Ok(i.clone());
@@ -578,6 +589,7 @@ impl FabricPeer {
         })?;
         let i = Arc::new(i);
         inits.insert(nic, i.clone());
+        self.fabric.lock().get_or_insert_with(|| fabric.clone());
         fabric.nics[nic].inits.lock().push(Arc::downgrade(&i));
         Ok(i)
     }
