@@ -277,7 +277,17 @@ impl ChildTarget {
     /// Freezes the child (SIGSTOP): its sockets stay open but nothing is answered.
     pub fn freeze(&self) {
         // Sending a signal to our own child by pid.
-        let _ = Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status();
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-STOP", &pid]).status();
+        // The signal is delivered as the child's threads next run: wait until the kernel
+        // reports it stopped (state `T` in /proc/PID/stat), bounded.
+        let stopped = eventually(Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('T')))
+                .unwrap_or(false)
+        });
+        assert!(stopped, "child {pid} did not stop within 5 s of SIGSTOP");
     }
 }
 
