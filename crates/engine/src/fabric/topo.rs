@@ -208,6 +208,31 @@ pub(crate) mod tests {
         dir
     }
 
+    /// Recorded on this project's GPU host (`nvidia-h200-x2`, a VM, 2026-11-30): two H200s and
+    /// a virtio NIC straight on the root bus, no NUMA node reported (-1).
+    const H200_VM: &str = "
+        gpu 0000:00:06.0 pci0000:00/0000:00:06.0 -1
+        gpu 0000:00:07.0 pci0000:00/0000:00:07.0 -1
+        net eth0 pci0000:00/0000:00:03.0/virtio2 -1
+    ";
+
+    #[test]
+    fn the_recorded_gpu_vm_sends_both_gpus_through_its_one_nic() {
+        let dir = scratch("h200vm");
+        build_tree(&dir, H200_VM);
+        let sys = Sysfs::at(&dir);
+        let nic = nic_place(&sys, "eth0");
+        assert_eq!(
+            nic,
+            Place { numa: None, pci: Some(vec!["pci0000:00".into(), "0000:00:03.0".into()]) }
+        );
+        for bus in ["00000000:00:06.0", "0000:00:07.0"] {
+            let g = gpu_place(&sys, bus);
+            assert_eq!(g.pci.as_ref().map(Vec::len), Some(2), "{g:?}");
+            assert_eq!(nearest(&[&nic], &g), vec![0]);
+        }
+    }
+
     fn bus(path_line: &str) -> String {
         path_line.split_whitespace().nth(2).unwrap().rsplit('/').next().unwrap().to_string()
     }

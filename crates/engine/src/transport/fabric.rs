@@ -207,12 +207,13 @@ impl Fabric {
         let mut nodes: Vec<i32> = places.iter().filter_map(|p| p.numa).collect();
         nodes.sort_unstable();
         nodes.dedup();
-        if nodes.is_empty() {
-            nodes.push(0);
-        }
-        for n in nodes {
-            let p = topo::Place { numa: Some(n), pci: None };
+        for n in &nodes {
+            let p = topo::Place { numa: Some(*n), pci: None };
             buffers.push((format!("host memory on NUMA {n}"), names(topo::nearest(&places, &p))));
+        }
+        if nodes.is_empty() {
+            let every = names(topo::nearest(&places, &topo::Place::default()));
+            buffers.push(("host memory (no NIC reports a NUMA node)".into(), every));
         }
         FabricMap {
             provider: self.provider().to_string(),
