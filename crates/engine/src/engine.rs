@@ -477,15 +477,7 @@ impl Engine {
                 return Err(Error::LocationMismatch { addr, detail });
             }
             let gpu = self.export_gpu(addr, len, found);
-            news.push(NewRegion {
-                addr,
-                len,
-                location: found,
-                shared: None,
-                gpu,
-                fabric: None,
-                owner: None,
-            });
+            news.push(NewRegion::user(addr, len, found, gpu, None));
         }
         self.register_new(news)
     }
@@ -521,15 +513,7 @@ impl Engine {
             return Err(Error::LocationMismatch { addr, detail });
         }
         let gpu = self.export_gpu(addr, len, found);
-        let region = NewRegion {
-            addr,
-            len,
-            location: found,
-            shared: None,
-            gpu,
-            fabric: None,
-            owner: Some(owner),
-        };
+        let region = NewRegion::user(addr, len, found, gpu, Some(owner));
         let ids = self.register_new(vec![region])?;
         ids.into_iter().next().ok_or(Error::Internal("one registration returned no id"))
     }

@@ -157,6 +157,20 @@ pub(crate) struct NewRegion {
     pub(crate) owner: Option<Arc<dyn Send + Sync>>,
 }
 
+impl NewRegion {
+    /// Memory the caller registers (not engine-allocated shareable memory), exported to the
+    /// GPU transports when `gpu` is set; the fabric registration is added by the engine.
+    pub(crate) fn user(
+        addr: u64,
+        len: u64,
+        location: Location,
+        gpu: Option<Arc<GpuRegion>>,
+        owner: Option<Arc<dyn Send + Sync>>,
+    ) -> Self {
+        Self { addr, len, location, shared: None, gpu, fabric: None, owner }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Registry {
     regions: RwLock<BTreeMap<u64, Arc<RegionEntry>>>,

@@ -66,6 +66,15 @@ unsafe impl Send for Region {}
 // change); closing needs ownership.
 unsafe impl Sync for Region {}
 
+/// One-sided operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rma {
+    /// Local bytes into the peer's memory.
+    Write,
+    /// The peer's bytes into local memory.
+    Read,
+}
+
 /// Where a peer's bytes are: its address-vector handle ([`Endpoint::insert`]), and the address
 /// and key of its registered region ([`Region::addr`] plus an offset, [`Region::key`]).
 #[derive(Debug, Clone, Copy)]
@@ -383,76 +392,24 @@ impl Endpoint {
         Ok(Region { mr, key, addr: if self.virt_addr { buf as u64 } else { 0 }, desc })
     }
 
-    /// Starts writing `len` bytes at `local` (inside `region`) to `remote`; `Ok(false)` when
-    /// the provider is busy (poll, then try again).
+    /// Starts `op` of `len` bytes between `local` (inside `region`) and `remote`: a write
+    /// sends them there, a read brings them here. `Ok(false)` when the provider is busy (poll,
+    /// then try again).
     ///
     /// # Safety
-    /// The local bytes stay valid until the completion of `context` is polled.
-    pub unsafe fn write(
+    /// The local bytes stay valid (and, for a read, unused) until the completion of `context`
+    /// is polled.
+    pub unsafe fn post(
         &self,
-        local: *const u8,
-        len: usize,
-        region: &Region,
-        remote: Remote,
-        context: u64,
-    ) -> Result<bool, String> {
-        // SAFETY: the endpoint's RMA table is filled by libfabric; forwarded contract.
-        let f = unsafe { (*(*self.ep).rma).write };
-        // SAFETY: forwarded contract (the write only reads `local`).
-        unsafe { Self::rma(self.ep, "fi_write", f, local.cast_mut(), len, region, remote, context) }
-    }
-
-    /// As [`Endpoint::write`], reading `len` bytes of `remote` into `local`.
-    ///
-    /// # Safety
-    /// The local bytes stay valid and unused until the completion of `context` is polled.
-    pub unsafe fn read(
-        &self,
+        op: Rma,
         local: *mut u8,
         len: usize,
         region: &Region,
         remote: Remote,
         context: u64,
     ) -> Result<bool, String> {
-        // SAFETY: as in `write`.
-        let f = unsafe { (*(*self.ep).rma).read };
-        // SAFETY: forwarded contract.
-        unsafe { Self::rma(self.ep, "fi_read", f, local, len, region, remote, context) }
-    }
-
-    /// Issues one RMA call of the endpoint's table.
-    ///
-    /// # Safety
-    /// As for [`Endpoint::write`] / [`Endpoint::read`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rma(
-        ep: *mut FidEp,
-        what: &str,
-        f: sys::RmaFn,
-        local: *mut u8,
-        len: usize,
-        region: &Region,
-        remote: Remote,
-        context: u64,
-    ) -> Result<bool, String> {
-        // SAFETY: `f` is the endpoint's fi_read / fi_write; forwarded contract.
-        let rc = unsafe {
-            f(
-                ep,
-                local.cast(),
-                len,
-                region.desc,
-                remote.peer,
-                remote.addr,
-                remote.key,
-                context as *mut c_void,
-            )
-        };
-        match rc {
-            0 => Ok(true),
-            r if r == -sys::FI_EAGAIN => Ok(false),
-            r => Err(err(what, r)),
-        }
+        // SAFETY: our open endpoint; forwarded contract.
+        unsafe { post_on(self.ep, op, local, len, region, remote, context) }
     }
 
     /// Drives progress and appends what finished (each operation's context and outcome).
@@ -514,50 +471,26 @@ unsafe impl Send for Initiator {}
 unsafe impl Sync for Initiator {}
 
 impl Initiator {
-    /// As [`Endpoint::write`], on this endpoint; an error once it is closed.
+    /// As [`Endpoint::post`], on this endpoint; an error once it is closed.
     ///
     /// # Safety
-    /// As for [`Endpoint::write`] (until the completion is polled or this endpoint closed).
-    pub unsafe fn write(
+    /// As for [`Endpoint::post`] (until the completion is polled or this endpoint closed).
+    pub unsafe fn post(
         &self,
-        local: *const u8,
-        len: usize,
-        region: &Region,
-        remote: Remote,
-        context: u64,
-    ) -> Result<bool, String> {
-        let (ep, _) = *self.ep.lock();
-        if ep.is_null() {
-            return Err("the endpoint was closed".into());
-        }
-        // SAFETY: an open endpoint (under the lock); forwarded contract.
-        unsafe {
-            let f = (*(*ep).rma).write;
-            Endpoint::rma(ep, "fi_write", f, local.cast_mut(), len, region, remote, context)
-        }
-    }
-
-    /// As [`Endpoint::read`], on this endpoint; an error once it is closed.
-    ///
-    /// # Safety
-    /// As for [`Endpoint::read`] (until the completion is polled or this endpoint closed).
-    pub unsafe fn read(
-        &self,
+        op: Rma,
         local: *mut u8,
         len: usize,
         region: &Region,
         remote: Remote,
         context: u64,
     ) -> Result<bool, String> {
-        let (ep, _) = *self.ep.lock();
-        if ep.is_null() {
+        let g = self.ep.lock();
+        if g.0.is_null() {
             return Err("the endpoint was closed".into());
         }
-        // SAFETY: as in `write`.
-        unsafe {
-            let f = (*(*ep).rma).read;
-            Endpoint::rma(ep, "fi_read", f, local, len, region, remote, context)
-        }
+        // SAFETY: an open endpoint (under the lock, so it is not closed meanwhile);
+        // forwarded contract.
+        unsafe { post_on(g.0, op, local, len, region, remote, context) }
     }
 
     /// Closes the endpoint: what it still held is discarded, and once this returns the
@@ -615,6 +548,46 @@ unsafe fn poll_cq(cq: *mut FidCq, out: &mut Vec<Completion>) {
             }
         }
         return;
+    }
+}
+
+/// Issues `op` on endpoint `ep` through its RMA table.
+///
+/// # Safety
+/// `ep` is open; as for [`Endpoint::post`].
+unsafe fn post_on(
+    ep: *mut FidEp,
+    op: Rma,
+    local: *mut u8,
+    len: usize,
+    region: &Region,
+    remote: Remote,
+    context: u64,
+) -> Result<bool, String> {
+    // SAFETY: the endpoint's RMA table, filled by libfabric; forwarded contract.
+    let (what, f) = unsafe {
+        match op {
+            Rma::Write => ("fi_write", (*(*ep).rma).write),
+            Rma::Read => ("fi_read", (*(*ep).rma).read),
+        }
+    };
+    // SAFETY: `f` is the endpoint's fi_write / fi_read (a write only reads `local`).
+    let rc = unsafe {
+        f(
+            ep,
+            local.cast(),
+            len,
+            region.desc,
+            remote.peer,
+            remote.addr,
+            remote.key,
+            context as *mut c_void,
+        )
+    };
+    match rc {
+        0 => Ok(true),
+        r if r == -sys::FI_EAGAIN => Ok(false),
+        r => Err(err(what, r)),
     }
 }
 
@@ -713,10 +686,10 @@ mod tests {
             };
             // SAFETY: the local buffers stay valid until their completions are polled by `run`.
             let at_b = Remote { peer: to_b, addr: rt.addr, key: rt.key };
-            run(&|| unsafe { a.write(src.as_ptr(), len, &ra, at_b, 1) }, 1);
+            run(&|| unsafe { a.post(Rma::Write, src.as_ptr().cast_mut(), len, &ra, at_b, 1) }, 1);
             assert!(target == src, "every byte written");
             let back_at = back.as_mut_ptr();
-            run(&|| unsafe { a.read(back_at, len, &rb, at_b, 2) }, 2);
+            run(&|| unsafe { a.post(Rma::Read, back_at, len, &rb, at_b, 2) }, 2);
             assert!(back == src, "every byte read back");
             // A key the target never gave out: an error, within the deadline, never a hang.
             let bad_key = rt.key + 1000;
@@ -725,7 +698,8 @@ mod tests {
             let rp = unsafe { a.register(poison.as_ptr(), 64) }.unwrap_or_else(|e| panic!("{e}"));
             // SAFETY: as above.
             let bad = Remote { key: bad_key, ..at_b };
-            let started = unsafe { a.write(poison.as_ptr(), 64, &rp, bad, 3) };
+            let started =
+                unsafe { a.post(Rma::Write, poison.as_ptr().cast_mut(), 64, &rp, bad, 3) };
             let end = Instant::now() + Duration::from_secs(20);
             let refused = match started {
                 Err(_) => true,

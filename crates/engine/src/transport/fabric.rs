@@ -34,7 +34,7 @@ use tidewire_core::select::{FabricFacts, TransportKind};
 use crate::batch::Batch;
 use crate::config::EngineConfig;
 use crate::error::{Error, PeerRef, Result};
-use crate::fabric::rma::{self, Endpoint, Initiator, Remote};
+use crate::fabric::rma::{self, Endpoint, Initiator, Remote, Rma};
 use crate::fabric::topo;
 use crate::lifecycle::Lifecycle;
 use crate::peer::PeerConn;
@@ -83,7 +83,7 @@ struct InFlight {
 /// An operation to post.
 struct Post {
     id: u64,
-    write: bool,
+    op: Rma,
     local: u64,
     len: u64,
     region: Arc<FabricRegion>,
@@ -388,13 +388,7 @@ impl Nic {
         // SAFETY: the local range lies inside the registered region `mr` covers (checked when
         // the request was planned) and stays pinned (`InFlight::_pin`) until the provider
         // returns the operation.
-        unsafe {
-            if p.write {
-                p.via.write(p.local as *const u8, p.len as usize, mr, p.remote, p.id)
-            } else {
-                p.via.read(p.local as *mut u8, p.len as usize, mr, p.remote, p.id)
-            }
-        }
+        unsafe { p.via.post(p.op, p.local as *mut u8, p.len as usize, mr, p.remote, p.id) }
     }
 
     /// The provider refused to start operation `id`.
@@ -736,7 +730,7 @@ impl FabricSubmission<'_> {
                 };
                 let post = Post {
                     id,
-                    write: r.op == Op::Write,
+                    op: if r.op == Op::Write { Rma::Write } else { Rma::Read },
                     local: r.local + off,
                     len: n,
                     region: local.clone(),
