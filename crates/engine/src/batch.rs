@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 use tidewire_core::batch::{BatchTracker, RequestState};
+use tidewire_core::select::TransportKind;
 use tidewire_core::BatchId;
 
 use crate::error::{Error, Result};
@@ -49,7 +50,20 @@ pub(crate) struct Batch {
     trailer: Mutex<Option<TrailerRoute>>,
     started: Instant,
     /// Nanoseconds from `started` to each [`Mark`] (0: not reached).
-    marks: [AtomicU64; 4],
+    marks: [AtomicU64; 5],
+    /// The runs as the transports took them, kept while metrics are recorded.
+    runs: Option<Mutex<Vec<RunMeta>>>,
+}
+
+/// One run of a batch as a transport took it (for the metrics).
+pub(crate) struct RunMeta {
+    pub(crate) reqs: Range<usize>,
+    pub(crate) transport: TransportKind,
+    /// `write`, `read`, or `mixed`.
+    pub(crate) op: &'static str,
+    pub(crate) bytes: u64,
+    /// The peer's label value (bounded).
+    pub(crate) peer: String,
 }
 
 /// Points in a batch's life recorded for [`BatchHandle::timings`].
@@ -63,6 +77,9 @@ pub(crate) enum Mark {
     GpuDone = 2,
     /// Every request reached its final state.
     Finished = 3,
+    /// The first byte was on its way: a frame handed to a tcp lane, an RMA posted, a copy
+    /// begun (GPU transports: `FirstLaunch`).
+    FirstByte = 4,
 }
 
 /// Where a batch's time went, from `submit` (each `None` when the batch never got there).
@@ -101,6 +118,7 @@ impl Batch {
             trailer: Mutex::new(trailer),
             started,
             marks: Default::default(),
+            runs: crate::metrics::get().map(|_| Mutex::default()),
         })
     }
 
@@ -129,7 +147,7 @@ impl Batch {
             Mark::GpuDone => {
                 slot.fetch_max(at, Ordering::Relaxed);
             }
-            Mark::Planned | Mark::FirstLaunch | Mark::Finished => {
+            Mark::Planned | Mark::FirstLaunch | Mark::Finished | Mark::FirstByte => {
                 let _ = slot.compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
             }
         }
@@ -167,11 +185,76 @@ impl Batch {
         self.wake_if_finished(&t);
     }
 
-    /// Wakes the waiters once the batch is finished (and records when).
+    /// Wakes the waiters once the batch is finished (and records when, and its metrics).
     fn wake_if_finished(&self, t: &BatchTracker<Error>) {
         if t.is_finished() {
+            let first = self.marks[Mark::Finished as usize].load(Ordering::Relaxed) == 0;
             self.mark(Mark::Finished);
+            if first {
+                tracing::debug!(
+                    batch = self.id.0,
+                    ok = t.first_error().is_none(),
+                    after_us = self.started.elapsed().as_micros() as u64,
+                    "finished"
+                );
+            }
+            if let (true, Some(m), Some(runs)) = (first, crate::metrics::get(), &self.runs) {
+                self.record(t, m, &runs.lock());
+            }
             self.cond.notify_all();
+        }
+    }
+
+    /// Notes a run a transport took (when metrics are recorded).
+    pub(crate) fn note_run(&self, run: impl FnOnce(&crate::metrics::Metrics) -> RunMeta) {
+        if let (Some(runs), Some(m)) = (&self.runs, crate::metrics::get()) {
+            runs.lock().push(run(m));
+        }
+    }
+
+    /// Counts a finished batch: each run's completed requests and bytes (bytes of a run count
+    /// when all its requests completed), failures by error kind, the batch's outcome and
+    /// latencies.
+    fn record(&self, t: &BatchTracker<Error>, m: &crate::metrics::Metrics, runs: &[RunMeta]) {
+        for run in runs {
+            let (mut done, mut kinds) = (0u64, Vec::<(String, u64)>::new());
+            for i in run.reqs.clone() {
+                match t.request_state(i) {
+                    Some(RequestState::Done) => done += 1,
+                    Some(RequestState::Failed(e)) => {
+                        let k = format!("{:?}", e.kind());
+                        match kinds.iter_mut().find(|(n, _)| *n == k) {
+                            Some((_, c)) => *c += 1,
+                            None => kinds.push((k, 1)),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let (transport, peer) = (run.transport.name().to_string(), run.peer.clone());
+            let labels =
+                [("transport", transport.clone()), ("op", run.op.into()), ("peer", peer.clone())];
+            m.requests.get_or_create(&labels).inc_by(done);
+            if done == run.reqs.len() as u64 {
+                m.bytes.get_or_create(&labels).inc_by(run.bytes);
+            }
+            for (kind, n) in kinds {
+                let l = [("kind", kind), ("transport", transport.clone()), ("peer", peer.clone())];
+                m.failures.get_or_create(&l).inc_by(n);
+            }
+        }
+        let outcome = if t.first_error().is_some() { "failed" } else { "ok" };
+        m.batches.get_or_create(&[("outcome", outcome.into())]).inc();
+        let transport = runs.first().map_or("none", |r| r.transport.name()).to_string();
+        let at = |mk: Mark| self.marks[mk as usize].load(Ordering::Relaxed);
+        let secs = |ns: u64| ns as f64 * 1e-9;
+        m.batch_seconds
+            .get_or_create(&[("transport", transport.clone())])
+            .observe(secs(at(Mark::Finished)));
+        let first =
+            [at(Mark::FirstByte), at(Mark::FirstLaunch)].into_iter().filter(|n| *n > 0).min();
+        if let Some(ns) = first {
+            m.first_byte_seconds.get_or_create(&[("transport", transport)]).observe(secs(ns));
         }
     }
 

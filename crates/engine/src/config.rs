@@ -136,6 +136,9 @@ pub struct EngineConfig {
     /// The libfabric provider the fabric transport uses (`TIDEWIRE_FABRIC_PROVIDER`, else the
     /// first name of `FI_PROVIDER`); `None`: `efa`, then `verbs`, else no fabric transport.
     pub fabric_provider: Option<String>,
+    /// Serve Prometheus metrics on this `host:port` (`TIDEWIRE_METRICS_ADDR`; one endpoint per
+    /// process). Off by default.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -155,6 +158,7 @@ impl Default for EngineConfig {
             cluster_secret: None,
             shm_any_uid: false,
             fabric_provider: None,
+            metrics_addr: None,
         }
     }
 }
@@ -193,6 +197,9 @@ impl EngineConfig {
         }
         if let Some(v) = lookup("TIDEWIRE_SHM_ANY_UID") {
             self.shm_any_uid = tidewire_core::select::env_flag(Some(&v));
+        }
+        if let Some(a) = lookup("TIDEWIRE_METRICS_ADDR").filter(|v| !v.trim().is_empty()) {
+            self.metrics_addr = Some(a.trim().to_string());
         }
         if let Some(p) = crate::fabric::wanted(&lookup) {
             self.fabric_provider = Some(p);

@@ -17,7 +17,7 @@ use tidewire_core::select::{
 use tidewire_core::wire::{encode_strings, FrameKind, Header};
 use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
 
-use crate::batch::{Batch, BatchHandle, Mark, TrailerRoute};
+use crate::batch::{Batch, BatchHandle, Mark, RunMeta, TrailerRoute};
 use crate::config::{Credentials, EngineConfig};
 use crate::error::{Error, PeerRef, Result};
 use crate::guard::Guard;
@@ -211,6 +211,53 @@ impl Inner {
         conn.close(err);
     }
 
+    /// What `Engine::peers` reports.
+    pub(crate) fn peers(&self) -> Vec<PeerStatus> {
+        let peers = self.peers.lock();
+        // Counts what is really mapped: regions a peer revoked are unmapped first.
+        for conn in peers.slots.iter().filter_map(|s| s.conn.as_ref()) {
+            conn.sweep_shm();
+        }
+        peers
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let id = PeerId(i as u32);
+                let name = slot.name.clone();
+                match (&slot.conn, &slot.retired) {
+                    (Some(c), _) => PeerStatus {
+                        id,
+                        name,
+                        instance: c.instance(),
+                        state: match c.dead() {
+                            Some(e) => PeerState::Retired(e.clone()),
+                            None => PeerState::Open,
+                        },
+                        mappings: c.mappings.get(),
+                    },
+                    (None, Some(r)) => PeerStatus {
+                        id,
+                        name,
+                        instance: r.instance,
+                        state: PeerState::Retired(r.error.clone()),
+                        mappings: r.mappings.get(),
+                    },
+                    // Connections are dropped only by shutdown.
+                    (None, None) => PeerStatus {
+                        id,
+                        name,
+                        instance: InstanceId(0),
+                        state: PeerState::Retired(Error::ShuttingDown {
+                            who: format!("engine {}", self.name),
+                        }),
+                        mappings: 0,
+                    },
+                }
+            })
+            .collect()
+    }
+
     /// A watched socket of `conn` hung up: its process exited (or its engine shut down).
     pub(crate) fn on_hang_up(&self, conn: &Arc<PeerConn>, channel: TransportKind) {
         let transport = conn.gpu_transport().unwrap_or(channel);
@@ -255,6 +302,10 @@ impl Engine {
         if config.tcp_lanes == 0 {
             return Err(Error::Config { reason: "tcp_lanes must be at least 1".into() });
         }
+        if let Some(addr) = &config.metrics_addr {
+            crate::metrics::serve(addr)?;
+        }
+        crate::trace::init_from_env();
         let metadata = Metadata::new(
             &config.metadata,
             &config.cluster_id,
@@ -345,6 +396,7 @@ impl Engine {
             next_batch: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
         });
+        crate::metrics::watch_engine(&inner);
         let engine = Engine { inner: inner.clone() };
         let i2 = inner.clone();
         inner.life.spawn("tw-rpc-accept".into(), move || rpc::accept_loop(i2, listener))?;
@@ -538,6 +590,11 @@ impl Engine {
                 None
             }
         }
+    }
+
+    /// Where this process serves its Prometheus metrics, if it does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        crate::metrics::served()
     }
 
     /// The fabric transport as this engine runs it (provider, NICs, the buffer → NIC map), or
@@ -862,49 +919,7 @@ impl Engine {
     /// Every peer opened by name: whether it is usable and how many mappings of its memory
     /// this process holds.
     pub fn peers(&self) -> Vec<PeerStatus> {
-        let peers = self.inner.peers.lock();
-        // Counts what is really mapped: regions a peer revoked are unmapped first.
-        for conn in peers.slots.iter().filter_map(|s| s.conn.as_ref()) {
-            conn.sweep_shm();
-        }
-        peers
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, slot)| {
-                let id = PeerId(i as u32);
-                let name = slot.name.clone();
-                match (&slot.conn, &slot.retired) {
-                    (Some(c), _) => PeerStatus {
-                        id,
-                        name,
-                        instance: c.instance(),
-                        state: match c.dead() {
-                            Some(e) => PeerState::Retired(e.clone()),
-                            None => PeerState::Open,
-                        },
-                        mappings: c.mappings.get(),
-                    },
-                    (None, Some(r)) => PeerStatus {
-                        id,
-                        name,
-                        instance: r.instance,
-                        state: PeerState::Retired(r.error.clone()),
-                        mappings: r.mappings.get(),
-                    },
-                    // Connections are dropped only by shutdown.
-                    (None, None) => PeerStatus {
-                        id,
-                        name,
-                        instance: InstanceId(0),
-                        state: PeerState::Retired(Error::ShuttingDown {
-                            who: format!("engine {}", self.inner.name),
-                        }),
-                        mappings: 0,
-                    },
-                }
-            })
-            .collect()
+        self.inner.peers()
     }
 
     /// The peer's descriptor as cached by this engine.
@@ -1019,9 +1034,24 @@ impl Engine {
     /// finishes by its deadline.
     pub fn submit(&self, requests: &[Request], opts: BatchOptions) -> Result<BatchHandle> {
         let started = Instant::now();
-        self.check_batch(requests, &opts)?;
-        let first = self.plan(&requests[0])?;
-        self.dispatch(requests, opts, started, first, |i| self.plan(&requests[i]))
+        let submitted = self.check_batch(requests, &opts).and_then(|()| {
+            let first = self.plan(&requests[0])?;
+            self.dispatch(requests, opts, started, first, |i| self.plan(&requests[i]))
+        });
+        submitted.inspect_err(|e| self.count_refused(requests, e))
+    }
+
+    /// Counts a refused submission's requests as failures (transport `none`: none was
+    /// chosen), when metrics are recorded.
+    fn count_refused(&self, requests: &[Request], err: &Error) {
+        let (Some(m), Some(first)) = (crate::metrics::get(), requests.first()) else { return };
+        let name = self.inner.peers.lock().slots.get(first.peer.0 as usize).map(|s| s.name.clone());
+        let labels = [
+            ("kind", format!("{:?}", err.kind())),
+            ("transport", "none".to_string()),
+            ("peer", m.peer(name.as_deref().unwrap_or("unknown"))),
+        ];
+        m.failures.get_or_create(&labels).inc_by(requests.len() as u64);
     }
 
     /// What every batch must be, before anything of it is planned.
@@ -1098,6 +1128,7 @@ impl Engine {
         // The deadline grows with the batch's size, set once the batch is planned.
         let provisional = started + opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(0));
         let batch = Batch::new(started, id, n, None, trailer, provisional);
+        let _span = tracing::debug_span!("batch", id = id.0, requests = n, bytes = total).entered();
         // Plan, then hand each run (consecutive requests between the same two regions share one
         // decision) to its transport. GPU runs are enqueued while the rest of the batch is
         // checked (the GPU starts on the first pages before the last are checked); the others
@@ -1119,6 +1150,7 @@ impl Engine {
             }
         };
         batch.mark(Mark::Planned);
+        tracing::debug!(after_us = started.elapsed().as_micros() as u64, "planned");
         let timeout = opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(total));
         batch.set_deadline(started + timeout);
         for (_, sub) in subs {
@@ -1274,17 +1306,22 @@ impl<'b> Feeder<'b> {
     /// where the run ends.
     pub(crate) fn add(&mut self, step: Step, requests: &[Request], from: usize) -> Result<usize> {
         let batch = self.batch;
-        match self.submission(step.transport) {
-            Some(sub) => sub.add(step, requests, from),
+        let (transport, conn) = (step.transport, step.conn.clone());
+        let end = match self.submission(step.transport) {
+            Some(sub) => sub.add(step, requests, from)?,
             None => {
                 let end = step.run_end(requests, from + 1);
+                batch.note_run(|m| run_meta(m, transport, &conn, &requests[from..end], from));
                 batch.fail_runs(
                     std::slice::from_ref(&(from..end)),
                     not_built(&step, &requests[from]),
                 );
-                Ok(end)
+                return Ok(end);
             }
-        }
+        };
+        batch.note_run(|m| run_meta(m, transport, &conn, &requests[from..end], from));
+        tracing::trace!(%transport, peer = %conn.name, from, end, "run handed to its transport");
+        Ok(end)
     }
 
     /// Hands a layer of a page transfer (requests `from..from + pages.runs`, every page
@@ -1296,7 +1333,46 @@ impl<'b> Feeder<'b> {
         pages: &LayerPages<'_>,
         from: usize,
     ) -> Option<Result<usize>> {
-        self.submission(step.transport)?.add_pages(step, pages, from)
+        let taken = self.submission(step.transport)?.add_pages(step, pages, from);
+        if let Some(Ok(end)) = &taken {
+            self.batch.note_run(|m| RunMeta {
+                reqs: from..*end,
+                transport: step.transport,
+                op: op_name(pages.op),
+                bytes: pages.local_pages.len() as u64 * pages.page_size,
+                peer: m.peer(&step.conn.name),
+            });
+        }
+        taken
+    }
+}
+
+/// `write` or `read`.
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Write => "write",
+        Op::Read => "read",
+    }
+}
+
+/// What the metrics keep of the run `reqs` (starting at request `from`) on `transport`.
+fn run_meta(
+    m: &crate::metrics::Metrics,
+    transport: TransportKind,
+    conn: &PeerConn,
+    reqs: &[Request],
+    from: usize,
+) -> RunMeta {
+    let op = match reqs.first().map(|r| r.op) {
+        Some(first) if reqs.iter().all(|r| r.op == first) => op_name(first),
+        _ => "mixed",
+    };
+    RunMeta {
+        reqs: from..from + reqs.len(),
+        transport,
+        op,
+        bytes: reqs.iter().map(|r| r.len).sum(),
+        peer: m.peer(&conn.name),
     }
 }
 

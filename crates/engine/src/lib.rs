@@ -39,6 +39,7 @@ mod mapped;
 mod mem;
 mod metadata;
 mod metadata_server;
+pub mod metrics;
 mod notify;
 mod paged;
 mod peer;
@@ -48,6 +49,7 @@ mod reactor;
 mod registry;
 mod request;
 mod rpc;
+mod trace;
 mod transport;
 mod watch;
 

@@ -35,6 +35,11 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Threads started and still running.
+    pub(crate) fn thread_count(&self) -> usize {
+        self.threads.lock().iter().filter(|t| !t.is_finished()).count()
+    }
+
     /// The engine's readiness loop, started on first use (its threads are joined by
     /// [`Lifecycle::join_all`]).
     pub(crate) fn reactor(&self) -> Result<Arc<Reactor>> {

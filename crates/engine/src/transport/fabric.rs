@@ -31,7 +31,7 @@ use tidewire_core::descriptor::{bytes_from_hex, bytes_to_hex, Reach};
 use tidewire_core::memory::{Location, MemoryKind};
 use tidewire_core::select::{FabricFacts, TransportKind};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Mark};
 use crate::config::EngineConfig;
 use crate::error::{Error, PeerRef, Result};
 use crate::fabric::rma::{self, Endpoint, Initiator, Remote, Rma};
@@ -431,6 +431,7 @@ impl Nic {
             }
         }
         for (via, err) in closing {
+            tracing::debug!(nic, %err, "closing a peer's fabric endpoint");
             // After this the provider touches none of its operations' buffers.
             via.close();
             self.backlog.lock().retain(|p| !Arc::ptr_eq(&p.via, &via));
@@ -656,6 +657,7 @@ impl Submission for FabricSubmission<'_> {
     }
 
     fn finish(self: Box<Self>, requests: &[Request]) {
+        self.batch.mark(Mark::FirstByte);
         for run in &self.runs {
             if let Err(e) = self.post_run(run, requests) {
                 self.batch.fail_runs(std::slice::from_ref(&(run.from..run.end)), e);

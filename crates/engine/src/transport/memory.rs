@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tidewire_core::select::TransportKind;
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Mark};
 use crate::config::EngineConfig;
 use crate::error::{Error, PeerRef, Result};
 use crate::mem;
@@ -33,6 +33,7 @@ impl<F: Fn(&Arc<Batch>, Range<usize>, &[Request], &Step)> Submission for Runs<'_
     }
 
     fn finish(self: Box<Self>, requests: &[Request]) {
+        self.batch.mark(Mark::FirstByte);
         for (step, run) in &self.runs {
             (self.copy)(self.batch, run.clone(), requests, step);
         }

@@ -20,7 +20,7 @@ use tidewire_core::select::TransportKind;
 use tidewire_core::wire::{FrameKind, Header};
 use tidewire_core::InstanceId;
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Mark};
 use crate::config::{Credentials, Deadlines, EngineConfig};
 use crate::error::{Error, PeerRef, Result};
 use crate::frames::Item;
@@ -170,6 +170,7 @@ impl TcpConn {
 
     /// Splits the batch's TCP work into chunks, spreads them over the lanes and sends them.
     fn dispatch(&self, batch: &Arc<Batch>, works: Vec<Work>) {
+        batch.mark(Mark::FirstByte);
         let mut per_lane: Vec<Vec<Queued<'_>>> =
             (0..self.lanes.len()).map(|_| Vec::new()).collect();
         let mut next = self.rr.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,324 @@
+//! What operators see: Prometheus metrics of the engine, the EP buffer and the collectives,
+//! one registry per process (`prometheus-client`, OpenMetrics text), served over HTTP when
+//! asked for (`TIDEWIRE_METRICS_ADDR`, [`serve`]) and recorded only from then on ([`enable`]):
+//! with metrics off, a batch pays one atomic load.
+//!
+//! Engine: bytes, requests and failures (by error kind) by transport, operation and peer;
+//! batches by outcome; batch latency and submit → first byte (a GPU launch, a frame handed to a
+//! tcp lane, an RMA post, a memory copy) by transport; open peers, mappings held per peer,
+//! registered bytes by memory kind and the engines' threads, read when scraped. EP: dispatch
+//! and combine calls, timeouts per source rank, active ranks. Collectives: calls by operation
+//! and algorithm, bytes, failures, the membership's epoch and size. Peer labels are bounded:
+//! past `TIDEWIRE_METRICS_MAX_PEERS` (default 64) distinct peers, new ones fold into `other`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::engine::Inner;
+use crate::error::{Error, Result};
+
+/// Label sets: (name, value) pairs.
+pub type L1 = [(&'static str, String); 1];
+pub type L2 = [(&'static str, String); 2];
+pub type L3 = [(&'static str, String); 3];
+
+/// A histogram family of latencies in seconds, 1 µs to ≈ 67 s.
+type Latency = Family<L1, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(1e-6, 2.0, 27))
+}
+
+/// Distinct peers that get their own label value.
+const DEFAULT_MAX_PEERS: usize = 64;
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    /// Bytes moved by requests that completed: transport, op, peer.
+    pub(crate) bytes: Family<L3, Counter>,
+    /// Requests that completed: transport, op, peer.
+    pub(crate) requests: Family<L3, Counter>,
+    /// Requests that failed: kind (the error's), transport, peer.
+    pub(crate) failures: Family<L3, Counter>,
+    /// Batches by outcome (`ok`, `failed`).
+    pub(crate) batches: Family<L1, Counter>,
+    /// Submit to the batch's end, by the transport of its first run.
+    pub(crate) batch_seconds: Latency,
+    /// Submit to the first byte on its way, by transport.
+    pub(crate) first_byte_seconds: Latency,
+    open_peers: Gauge,
+    mappings: Family<L1, Gauge>,
+    registered_bytes: Family<L1, Gauge>,
+    threads: Gauge,
+    /// EP dispatch / combine calls (`op`).
+    pub ep_calls: Family<L1, Counter>,
+    /// EP waits that timed out, by the source rank that did not answer.
+    pub ep_timeouts: Family<L1, Counter>,
+    /// Ranks an EP buffer counts as active.
+    pub ep_active_ranks: Gauge,
+    /// Collective calls by operation and algorithm.
+    pub coll_calls: Family<L2, Counter>,
+    /// Collective bytes (of this rank's input) by operation.
+    pub coll_bytes: Family<L1, Counter>,
+    /// Collective calls that failed, by operation and error kind.
+    pub coll_failures: Family<L2, Counter>,
+    /// The membership's epoch and size as the last call saw them.
+    pub coll_epoch: Gauge,
+    pub coll_size: Gauge,
+    peers: Mutex<PeerLabels>,
+}
+
+/// The engines of this process, whose state the gauges read when scraped.
+static ENGINES: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
+
+/// Adds an engine to those the gauges read.
+pub(crate) fn watch_engine(inner: &Arc<Inner>) {
+    let mut e = ENGINES.lock();
+    e.retain(|w| w.strong_count() > 0);
+    e.push(Arc::downgrade(inner));
+}
+
+/// Peer names → label values, bounded.
+struct PeerLabels {
+    max: usize,
+    known: HashMap<String, String>,
+}
+
+impl PeerLabels {
+    fn label(&mut self, name: &str) -> String {
+        if let Some(l) = self.known.get(name) {
+            return l.clone();
+        }
+        if self.known.len() >= self.max {
+            return "other".into();
+        }
+        self.known.insert(name.to_string(), name.to_string());
+        name.to_string()
+    }
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process's metrics, when recording is on.
+pub fn get() -> Option<&'static Metrics> {
+    METRICS.get()
+}
+
+/// Turns recording on (idempotent) and returns the metrics.
+pub fn enable() -> &'static Metrics {
+    METRICS.get_or_init(|| {
+        let max = std::env::var("TIDEWIRE_METRICS_MAX_PEERS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_PEERS);
+        Metrics::new(max)
+    })
+}
+
+impl Metrics {
+    fn new(max_peers: usize) -> Self {
+        let mut r = Registry::with_prefix("tidewire");
+        let m = Self {
+            bytes: Family::default(),
+            requests: Family::default(),
+            failures: Family::default(),
+            batches: Family::default(),
+            batch_seconds: Family::new_with_constructor(latency),
+            first_byte_seconds: Family::new_with_constructor(latency),
+            open_peers: Gauge::default(),
+            mappings: Family::default(),
+            registered_bytes: Family::default(),
+            threads: Gauge::default(),
+            ep_calls: Family::default(),
+            ep_timeouts: Family::default(),
+            ep_active_ranks: Gauge::default(),
+            coll_calls: Family::default(),
+            coll_bytes: Family::default(),
+            coll_failures: Family::default(),
+            coll_epoch: Gauge::default(),
+            coll_size: Gauge::default(),
+            peers: Mutex::new(PeerLabels { max: max_peers, known: HashMap::new() }),
+            registry: Registry::default(),
+        };
+        r.register("bytes", "Bytes of completed requests", m.bytes.clone());
+        r.register("requests", "Completed requests", m.requests.clone());
+        r.register("failures", "Failed requests, by error kind", m.failures.clone());
+        r.register("batches", "Finished batches, by outcome", m.batches.clone());
+        r.register("batch_seconds", "Submit to the end of a batch", m.batch_seconds.clone());
+        r.register(
+            "first_byte_seconds",
+            "Submit to a batch's first byte on its way (GPU launch, tcp lane, RMA post, copy)",
+            m.first_byte_seconds.clone(),
+        );
+        r.register("open_peers", "Peers opened and usable", m.open_peers.clone());
+        r.register("mappings", "Mappings of a peer's memory held here", m.mappings.clone());
+        r.register(
+            "registered_bytes",
+            "Registered memory, by memory kind",
+            m.registered_bytes.clone(),
+        );
+        r.register("threads", "Threads the engines started", m.threads.clone());
+        r.register("ep_calls", "EP dispatch and combine calls", m.ep_calls.clone());
+        r.register("ep_timeouts", "EP waits that timed out, by source rank", m.ep_timeouts.clone());
+        r.register(
+            "ep_active_ranks",
+            "Ranks an EP buffer counts as active",
+            m.ep_active_ranks.clone(),
+        );
+        r.register(
+            "coll_calls",
+            "Collective calls, by operation and algorithm",
+            m.coll_calls.clone(),
+        );
+        r.register("coll_bytes", "Collective input bytes, by operation", m.coll_bytes.clone());
+        r.register("coll_failures", "Collective calls that failed", m.coll_failures.clone());
+        r.register("coll_epoch", "The collective membership's epoch", m.coll_epoch.clone());
+        r.register("coll_size", "Active ranks of the collective membership", m.coll_size.clone());
+        Self { registry: r, ..m }
+    }
+
+    /// The label value of peer `name` (bounded: `other` past the limit).
+    pub(crate) fn peer(&self, name: &str) -> String {
+        self.peers.lock().label(name)
+    }
+
+    /// The gauges read now from every live engine, then every metric in OpenMetrics text.
+    pub fn render(&self) -> String {
+        let engines: Vec<Arc<Inner>> = ENGINES.lock().iter().filter_map(Weak::upgrade).collect();
+        self.mappings.clear();
+        self.registered_bytes.clear();
+        let (mut open, mut threads) = (0i64, 0i64);
+        let mut kinds: HashMap<String, i64> = HashMap::new();
+        for inner in &engines {
+            for p in inner.peers() {
+                if p.state == crate::engine::PeerState::Open {
+                    open += 1;
+                }
+                let label = self.peer(&p.name);
+                self.mappings.get_or_create(&[("peer", label)]).inc_by(p.mappings as i64);
+            }
+            for r in inner.registry.snapshot().1 {
+                *kinds.entry(r.location.kind.to_string()).or_default() += r.len as i64;
+            }
+            threads += inner.life.thread_count() as i64;
+        }
+        for (kind, bytes) in kinds {
+            self.registered_bytes.get_or_create(&[("kind", kind)]).set(bytes);
+        }
+        self.open_peers.set(open);
+        self.threads.set(threads);
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.push_str("# encoding the metrics failed\n");
+        }
+        out
+    }
+}
+
+/// Where the endpoint of this process listens, once started.
+static SERVED: OnceLock<SocketAddr> = OnceLock::new();
+
+/// Starts the metrics endpoint on `addr` (`host:port`; port 0 picks one) and turns recording
+/// on; returns the bound address. Once per process: a later call with another address is an
+/// error naming the one in use; a taken port is an error naming it.
+pub fn serve(addr: &str) -> Result<SocketAddr> {
+    static START: Mutex<()> = Mutex::new(());
+    let _one = START.lock();
+    if let Some(a) = SERVED.get() {
+        let same = addr.parse::<SocketAddr>().is_ok_and(|w| w == *a || w.port() == 0);
+        return if same {
+            Ok(*a)
+        } else {
+            Err(Error::Config {
+                reason: format!("the metrics endpoint already listens on {a} (asked for {addr})"),
+            })
+        };
+    }
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| Error::Bind {
+        addr: addr.to_string(),
+        reason: format!("the metrics endpoint (TIDEWIRE_METRICS_ADDR): {e}"),
+    })?;
+    let bound = listener.local_addr().map_err(|e| Error::io("reading the metrics address", &e))?;
+    let server = tiny_http::Server::from_listener(listener, None).map_err(|e| Error::Bind {
+        addr: addr.to_string(),
+        reason: format!("the metrics endpoint: {e}"),
+    })?;
+    let metrics = enable();
+    std::thread::Builder::new()
+        .name("tw-metrics".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let (code, body) = match req.url() {
+                    "/metrics" => (200, metrics.render()),
+                    _ => (404, "metrics are at /metrics\n".to_string()),
+                };
+                let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
+                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", ct) {
+                    resp = resp.with_header(h);
+                }
+                if let Err(e) = req.respond(resp) {
+                    log::debug!("metrics: answering a scrape: {e}");
+                }
+            }
+        })
+        .map_err(|e| Error::io("starting the metrics thread", &e))?;
+    let _ = SERVED.set(bound);
+    log::info!("metrics served on http://{bound}/metrics");
+    Ok(bound)
+}
+
+/// Where the endpoint listens, if it was started.
+pub fn served() -> Option<SocketAddr> {
+    SERVED.get().copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test of this binary that starts the endpoint (it is the process's).
+    #[test]
+    fn a_taken_port_is_a_clear_error_then_the_endpoint_serves_and_stays_one() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = taken.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
+        let cfg = crate::EngineConfig {
+            port: Some(0),
+            metrics_addr: Some(addr.clone()),
+            ..Default::default()
+        };
+        let err = crate::Engine::new(cfg).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(&addr) && err.contains("metrics endpoint"), "{err}");
+        let bound = serve("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(served(), Some(bound));
+        assert_eq!(serve("127.0.0.1:0").ok(), Some(bound), "port 0 reuses the one endpoint");
+        let other = serve(&addr).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(other.contains("already listens on"), "{other}");
+        let text = ureq::get(&format!("http://{bound}/metrics"))
+            .call()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_string()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(text.contains("# TYPE tidewire_bytes counter") && text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_thousand_peers_fold_into_the_limit_and_other() {
+        let mut p = PeerLabels { max: 64, known: HashMap::new() };
+        let labels: std::collections::HashSet<String> =
+            (0..1000).map(|i| p.label(&format!("10.0.{}.{}:15000", i / 256, i % 256))).collect();
+        assert_eq!(labels.len(), 65, "64 peers and `other`");
+        assert!(labels.contains("other"));
+        assert_eq!(p.label("10.0.0.0:15000"), "10.0.0.0:15000", "a known peer keeps its label");
+    }
+}
