@@ -66,6 +66,14 @@ pub(crate) struct BenchArgs {
     /// One JSON object per result line instead of a table.
     #[arg(long)]
     json: bool,
+    /// Record the engine's metrics and print the counters this run produced after the table
+    /// (bytes, requests, batches, failures: to check against the table's figures).
+    #[arg(long)]
+    metrics: bool,
+    /// Serve the initiator's metrics on this `host:port` while the run lasts (as
+    /// `TIDEWIRE_METRICS_ADDR` does).
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Address engines bind.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -499,7 +507,14 @@ where
 
 fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
     let plan = Plan::from(args)?;
-    let engine = Engine::new(engine_config(args, 0, &args.transport)?)?;
+    if args.metrics {
+        tidewire::metrics::enable();
+    }
+    let mut cfg = engine_config(args, 0, &args.transport)?;
+    if let Some(a) = &args.metrics_addr {
+        cfg.metrics_addr = Some(a.clone());
+    }
+    let engine = Engine::new(cfg)?;
     let (peer_name, remote_base, remote_len, raw) = match ready {
         Some(r) => (r.name, Some(r.addr), Some(r.len), Some(r.raw)),
         None => {
@@ -625,6 +640,25 @@ fn run_initiator(args: &BenchArgs, ready: Option<Ready>) -> anyhow::Result<()> {
         };
         let name = transport_used.map_or("?", TransportKind::name);
         report(args, name, block, &plan, &mut m, &baseline, base);
+    }
+    if let (true, Some(m)) = (args.metrics, tidewire::metrics::get()) {
+        // The counters (and histogram counts) of the run, with the warm-up batch of each
+        // block size included: one request more per size than the table's rounds.
+        println!("# metrics of this run (each block size's warm-up request included)");
+        for line in m.render().lines() {
+            let counter =
+                ["tidewire_bytes_total", "tidewire_requests_total", "tidewire_batches_total"]
+                    .iter()
+                    .chain(&[
+                        "tidewire_failures_total",
+                        "tidewire_batch_seconds_count",
+                        "tidewire_batch_seconds_sum",
+                    ])
+                    .any(|p| line.starts_with(p));
+            if counter {
+                println!("{line}");
+            }
+        }
     }
     engine.shutdown();
     drop(hosts);

@@ -11,7 +11,7 @@ use tidewire_core::batch::{BatchTracker, RequestState};
 use tidewire_core::select::TransportKind;
 use tidewire_core::BatchId;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::notify::Notification;
 use crate::transport::tcp::TcpConn;
 
@@ -59,11 +59,11 @@ pub(crate) struct Batch {
 pub(crate) struct RunMeta {
     pub(crate) reqs: Range<usize>,
     pub(crate) transport: TransportKind,
-    /// `write`, `read`, or `mixed`.
-    pub(crate) op: &'static str,
     pub(crate) bytes: u64,
     /// The peer's label value (bounded).
-    pub(crate) peer: String,
+    pub(crate) peer: Arc<str>,
+    /// Where its requests and bytes are counted.
+    pub(crate) counters: crate::metrics::RunCounters,
 }
 
 /// Points in a batch's life recorded for [`BatchHandle::timings`].
@@ -217,45 +217,44 @@ impl Batch {
     /// latencies.
     fn record(&self, t: &BatchTracker<Error>, m: &crate::metrics::Metrics, runs: &[RunMeta]) {
         for run in runs {
-            let (mut done, mut kinds) = (0u64, Vec::<(String, u64)>::new());
+            let mut done = 0u64;
+            let mut kinds: Vec<(ErrorKind, u64)> = Vec::new();
             for i in run.reqs.clone() {
                 match t.request_state(i) {
                     Some(RequestState::Done) => done += 1,
                     Some(RequestState::Failed(e)) => {
-                        let k = format!("{:?}", e.kind());
-                        match kinds.iter_mut().find(|(n, _)| *n == k) {
+                        match kinds.iter_mut().find(|(k, _)| *k == e.kind()) {
                             Some((_, c)) => *c += 1,
-                            None => kinds.push((k, 1)),
+                            None => kinds.push((e.kind(), 1)),
                         }
                     }
                     _ => {}
                 }
             }
-            let (transport, peer) = (run.transport.name().to_string(), run.peer.clone());
-            let labels =
-                [("transport", transport.clone()), ("op", run.op.into()), ("peer", peer.clone())];
-            m.requests.get_or_create(&labels).inc_by(done);
+            run.counters.requests.inc_by(done);
             if done == run.reqs.len() as u64 {
-                m.bytes.get_or_create(&labels).inc_by(run.bytes);
+                run.counters.bytes.inc_by(run.bytes);
             }
             for (kind, n) in kinds {
-                let l = [("kind", kind), ("transport", transport.clone()), ("peer", peer.clone())];
+                let l = [
+                    ("kind", format!("{kind:?}")),
+                    ("transport", run.transport.name().to_string()),
+                    ("peer", run.peer.to_string()),
+                ];
                 m.failures.get_or_create(&l).inc_by(n);
             }
         }
-        let outcome = if t.first_error().is_some() { "failed" } else { "ok" };
-        m.batches.get_or_create(&[("outcome", outcome.into())]).inc();
-        let transport = runs.first().map_or("none", |r| r.transport.name()).to_string();
+        let transport = runs.first().map_or(TransportKind::Local, |r| r.transport);
         let at = |mk: Mark| self.marks[mk as usize].load(Ordering::Relaxed);
-        let secs = |ns: u64| ns as f64 * 1e-9;
-        m.batch_seconds
-            .get_or_create(&[("transport", transport.clone())])
-            .observe(secs(at(Mark::Finished)));
         let first =
             [at(Mark::FirstByte), at(Mark::FirstLaunch)].into_iter().filter(|n| *n > 0).min();
-        if let Some(ns) = first {
-            m.first_byte_seconds.get_or_create(&[("transport", transport)]).observe(secs(ns));
-        }
+        let secs = |ns: u64| ns as f64 * 1e-9;
+        m.batch_done(
+            transport,
+            t.first_error().is_none(),
+            secs(at(Mark::Finished)),
+            first.map(secs),
+        );
     }
 
     pub(crate) fn fail_all(&self, err: Error) {

@@ -1049,7 +1049,7 @@ impl Engine {
         let labels = [
             ("kind", format!("{:?}", err.kind())),
             ("transport", "none".to_string()),
-            ("peer", m.peer(name.as_deref().unwrap_or("unknown"))),
+            ("peer", m.peer(name.as_deref().unwrap_or("unknown")).to_string()),
         ];
         m.failures.get_or_create(&labels).inc_by(requests.len() as u64);
     }
@@ -1335,12 +1335,15 @@ impl<'b> Feeder<'b> {
     ) -> Option<Result<usize>> {
         let taken = self.submission(step.transport)?.add_pages(step, pages, from);
         if let Some(Ok(end)) = &taken {
-            self.batch.note_run(|m| RunMeta {
-                reqs: from..*end,
-                transport: step.transport,
-                op: op_name(pages.op),
-                bytes: pages.local_pages.len() as u64 * pages.page_size,
-                peer: m.peer(&step.conn.name),
+            self.batch.note_run(|m| {
+                let peer = step.conn.metrics_label(m);
+                RunMeta {
+                    reqs: from..*end,
+                    transport: step.transport,
+                    bytes: pages.local_pages.len() as u64 * pages.page_size,
+                    counters: m.run_counters(step.transport, op_name(pages.op), &peer),
+                    peer,
+                }
             });
         }
         taken
@@ -1367,12 +1370,13 @@ fn run_meta(
         Some(first) if reqs.iter().all(|r| r.op == first) => op_name(first),
         _ => "mixed",
     };
+    let peer = conn.metrics_label(m);
     RunMeta {
         reqs: from..from + reqs.len(),
         transport,
-        op,
         bytes: reqs.iter().map(|r| r.len).sum(),
-        peer: m.peer(&conn.name),
+        counters: m.run_counters(transport, op, &peer),
+        peer,
     }
 }
 

@@ -15,13 +15,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use tidewire_core::select::TransportKind;
 
 use crate::engine::Inner;
 use crate::error::{Error, Result};
@@ -76,6 +77,22 @@ pub struct Metrics {
     pub coll_epoch: Gauge,
     pub coll_size: Gauge,
     peers: Mutex<PeerLabels>,
+    /// Handles of the hot counters, so a batch pays atomic adds, not label hashing: the
+    /// (transport, op, peer label) of a run → its requests and bytes counters.
+    runs: RwLock<Vec<(RunKey, RunCounters)>>,
+    /// Per transport: batch latency and first-byte histograms.
+    latencies: RwLock<Vec<(TransportKind, Histogram, Histogram)>>,
+    ok: Counter,
+    failed: Counter,
+}
+
+type RunKey = (TransportKind, &'static str, Arc<str>);
+
+/// The counters a run of a batch adds to.
+#[derive(Clone)]
+pub(crate) struct RunCounters {
+    pub(crate) requests: Counter,
+    pub(crate) bytes: Counter,
 }
 
 /// The engines of this process, whose state the gauges read when scraped.
@@ -91,19 +108,21 @@ pub(crate) fn watch_engine(inner: &Arc<Inner>) {
 /// Peer names → label values, bounded.
 struct PeerLabels {
     max: usize,
-    known: HashMap<String, String>,
+    known: HashMap<String, Arc<str>>,
+    other: Arc<str>,
 }
 
 impl PeerLabels {
-    fn label(&mut self, name: &str) -> String {
+    fn label(&mut self, name: &str) -> Arc<str> {
         if let Some(l) = self.known.get(name) {
             return l.clone();
         }
         if self.known.len() >= self.max {
-            return "other".into();
+            return self.other.clone();
         }
-        self.known.insert(name.to_string(), name.to_string());
-        name.to_string()
+        let l: Arc<str> = Arc::from(name);
+        self.known.insert(name.to_string(), l.clone());
+        l
     }
 }
 
@@ -147,7 +166,15 @@ impl Metrics {
             coll_failures: Family::default(),
             coll_epoch: Gauge::default(),
             coll_size: Gauge::default(),
-            peers: Mutex::new(PeerLabels { max: max_peers, known: HashMap::new() }),
+            peers: Mutex::new(PeerLabels {
+                max: max_peers,
+                known: HashMap::new(),
+                other: Arc::from("other"),
+            }),
+            runs: RwLock::default(),
+            latencies: RwLock::default(),
+            ok: Counter::default(),
+            failed: Counter::default(),
             registry: Registry::default(),
         };
         r.register("bytes", "Bytes of completed requests", m.bytes.clone());
@@ -184,12 +211,75 @@ impl Metrics {
         r.register("coll_failures", "Collective calls that failed", m.coll_failures.clone());
         r.register("coll_epoch", "The collective membership's epoch", m.coll_epoch.clone());
         r.register("coll_size", "Active ranks of the collective membership", m.coll_size.clone());
-        Self { registry: r, ..m }
+        let ok = m.batches.get_or_create(&[("outcome", "ok".into())]).clone();
+        let failed = m.batches.get_or_create(&[("outcome", "failed".into())]).clone();
+        Self { registry: r, ok, failed, ..m }
     }
 
     /// The label value of peer `name` (bounded: `other` past the limit).
-    pub(crate) fn peer(&self, name: &str) -> String {
+    pub(crate) fn peer(&self, name: &str) -> Arc<str> {
         self.peers.lock().label(name)
+    }
+
+    /// The counters of runs on `transport` of `op` to the peer labelled `peer`.
+    pub(crate) fn run_counters(
+        &self,
+        transport: TransportKind,
+        op: &'static str,
+        peer: &Arc<str>,
+    ) -> RunCounters {
+        let hit = |runs: &[(RunKey, RunCounters)]| {
+            runs.iter()
+                .find(|((t, o, p), _)| *t == transport && *o == op && Arc::ptr_eq(p, peer))
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(c) = hit(&self.runs.read()) {
+            return c;
+        }
+        let mut runs = self.runs.write();
+        if let Some(c) = hit(&runs) {
+            return c;
+        }
+        let labels =
+            [("transport", transport.name().into()), ("op", op.into()), ("peer", peer.to_string())];
+        let c = RunCounters {
+            requests: self.requests.get_or_create(&labels).clone(),
+            bytes: self.bytes.get_or_create(&labels).clone(),
+        };
+        runs.push(((transport, op, peer.clone()), c.clone()));
+        c
+    }
+
+    /// Counts a finished batch: its outcome, its latency and its first byte's (`None`: not
+    /// reached), under `transport`.
+    pub(crate) fn batch_done(
+        &self,
+        transport: TransportKind,
+        ok: bool,
+        secs: f64,
+        first: Option<f64>,
+    ) {
+        if ok { &self.ok } else { &self.failed }.inc();
+        let hit = |l: &[(TransportKind, Histogram, Histogram)]| {
+            l.iter().find(|(t, _, _)| *t == transport).map(|(_, a, b)| (a.clone(), b.clone()))
+        };
+        let found = hit(&self.latencies.read());
+        let (total, first_byte) = match found {
+            Some(h) => h,
+            None => {
+                let label = [("transport", transport.name().to_string())];
+                let h = (
+                    self.batch_seconds.get_or_create(&label).clone(),
+                    self.first_byte_seconds.get_or_create(&label).clone(),
+                );
+                self.latencies.write().push((transport, h.0.clone(), h.1.clone()));
+                h
+            }
+        };
+        total.observe(secs);
+        if let Some(f) = first {
+            first_byte.observe(f);
+        }
     }
 
     /// The gauges read now from every live engine, then every metric in OpenMetrics text.
@@ -204,7 +294,7 @@ impl Metrics {
                 if p.state == crate::engine::PeerState::Open {
                     open += 1;
                 }
-                let label = self.peer(&p.name);
+                let label = self.peer(&p.name).to_string();
                 self.mappings.get_or_create(&[("peer", label)]).inc_by(p.mappings as i64);
             }
             for r in inner.registry.snapshot().1 {
@@ -314,11 +404,11 @@ mod tests {
 
     #[test]
     fn a_thousand_peers_fold_into_the_limit_and_other() {
-        let mut p = PeerLabels { max: 64, known: HashMap::new() };
-        let labels: std::collections::HashSet<String> =
+        let mut p = PeerLabels { max: 64, known: HashMap::new(), other: Arc::from("other") };
+        let labels: std::collections::HashSet<Arc<str>> =
             (0..1000).map(|i| p.label(&format!("10.0.{}.{}:15000", i / 256, i % 256))).collect();
         assert_eq!(labels.len(), 65, "64 peers and `other`");
         assert!(labels.contains("other"));
-        assert_eq!(p.label("10.0.0.0:15000"), "10.0.0.0:15000", "a known peer keeps its label");
+        assert_eq!(&*p.label("10.0.0.0:15000"), "10.0.0.0:15000", "a known peer keeps its label");
     }
 }

@@ -112,6 +112,8 @@ pub(crate) struct PeerConn {
     /// The fabric transport's view of this instance (its endpoints' addresses), made on
     /// first use.
     fabric: Mutex<Option<Arc<FabricPeer>>>,
+    /// Its label in the metrics, once asked for.
+    metrics_label: OnceLock<Arc<str>>,
     broken: AtomicBool,
     /// The peer said a region of the cached descriptor is gone (it may have registered
     /// another at the same address): the next request re-reads the descriptor.
@@ -168,6 +170,7 @@ impl PeerConn {
             shm: Mutex::new(None),
             nvlink: Mutex::new(None),
             fabric: Mutex::new(None),
+            metrics_label: OnceLock::new(),
             broken: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             liveness: Arc::default(),
@@ -374,6 +377,11 @@ impl PeerConn {
         if let Some(f) = self.fabric.lock().take() {
             f.close(err);
         }
+    }
+
+    /// This peer's label in the metrics (resolved once).
+    pub(crate) fn metrics_label(&self, m: &crate::metrics::Metrics) -> Arc<str> {
+        self.metrics_label.get_or_init(|| m.peer(&self.name)).clone()
     }
 
     /// The fabric transport's view of this instance.
