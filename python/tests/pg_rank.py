@@ -1086,7 +1086,34 @@ def body_lifetime(rank: int, size: int, port: int, arg: str) -> Any:
     return bad
 
 
+def body_metrics(rank: int, size: int, port: int, arg: str) -> Any:
+    """Collectives with the metrics endpoint on: returns what a scrape says of them."""
+    import re
+    import urllib.request
+
+    import tidewire
+
+    addr = tidewire.serve_metrics("127.0.0.1:0")
+    init(rank, size, port)
+    for _ in range(5):
+        dist.all_reduce(torch.ones(1024, dtype=torch.float32))
+    out = torch.empty(size * 256, dtype=torch.float32)
+    for _ in range(3):
+        dist.all_gather_into_tensor(out, torch.ones(256, dtype=torch.float32))
+    dist.barrier()
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+    found: Dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'(tidewire_coll_\w+)(\{[^}]*\})? (\S+)$', line)
+        if m:
+            found[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    found["engine_lines"] = float(sum(1 for l in text.splitlines() if l.startswith("tidewire_threads ")))
+    dist.destroy_process_group()
+    return found
+
+
 BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
+    "metrics": body_metrics,
     "lifetime": body_lifetime,
     "cuda": body_cuda,
     "cuda_failure": body_cuda_failure,

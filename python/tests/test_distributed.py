@@ -260,6 +260,21 @@ def test_a_killed_or_stopped_rank_ends_the_cuda_collectives_of_the_others(how: s
     assert out["later"] != "succeeded", out
 
 
+def test_the_metrics_endpoint_counts_collectives_by_operation() -> None:
+    """Each rank serves its metrics and scrapes them after known calls: calls and input bytes
+    per operation, the algorithm label, the membership size, and the engine's gauges."""
+    for rank, got in enumerate(run_group("metrics", 2)):
+        calls = {k: v for k, v in got.items() if k.startswith("tidewire_coll_calls_total")}
+        ar = [v for k, v in calls.items() if 'op="all_reduce"' in k]
+        ag = [v for k, v in calls.items() if 'op="all_gather"' in k]
+        assert sum(ar) == 5 and sum(ag) == 3, f"rank {rank}: {got}"
+        assert all('algorithm="' in k for k in calls), calls
+        assert got.get('tidewire_coll_bytes_total{op="all_reduce"}') == 5 * 4096, got
+        assert got.get('tidewire_coll_bytes_total{op="all_gather"}') == 3 * 1024, got
+        assert got.get("tidewire_coll_size") == 2, got
+        assert got.get("engine_lines") == 1, "the engine's gauges are in the same scrape"
+
+
 def test_groups_created_and_destroyed_twenty_times_leave_nothing_behind() -> None:
     for rank, bad in enumerate(run_group("lifetime", 2)):
         assert bad == [], f"rank {rank}: {bad}"

@@ -80,6 +80,8 @@ __all__ = [
     "cuda_allocator",
     "gpu_status",
     "mem_pool",
+    "metrics_text",
+    "serve_metrics",
 ]
 
 #: A list of ints, a numpy array, or a DLPack tensor of 64-bit integers; or one int for all.
@@ -107,6 +109,19 @@ class Notification(NamedTuple):
 def gpu_status() -> Tuple[bool, str]:
     """Whether this build can use GPUs, and why not."""
     return _native.gpu_status()
+
+
+def serve_metrics(addr: str = "127.0.0.1:0") -> str:
+    """Serves this process's Prometheus metrics (engines, EP buffers, collectives) at
+    `http://ADDR/metrics` and turns recording on; returns the bound `host:port`. Once per
+    process, as `TIDEWIRE_METRICS_ADDR` does; a taken port raises `BindError` naming it."""
+    return _native.serve_metrics(addr)
+
+
+def metrics_text() -> str:
+    """This process's metrics now, in the OpenMetrics text format (the first call turns
+    recording on)."""
+    return _native.metrics_text()
 
 
 class Engine:

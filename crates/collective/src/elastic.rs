@@ -448,6 +448,10 @@ impl Shared {
             st.last_members = members;
             write_masks(st);
             self.epoch.store(st.member.view().epoch, Ordering::Release);
+            if let Some(m) = tidewire::metrics::get() {
+                m.coll_epoch.set(st.member.view().epoch as i64);
+                m.coll_size.set(st.last_members.len() as i64);
+            }
             self.changed.notify_all();
         }
     }

@@ -16,4 +16,4 @@ pub mod plan;
 pub use comm::{Comm, OpId, PeerInfo, Region};
 pub use cuda::{CudaComm, CudaOp};
 pub use dtype::{finish_avg, reduce_into, DType, ReduceOp};
-pub use error::{Error, Result};
+pub use error::{record, Error, Result};

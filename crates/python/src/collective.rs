@@ -72,6 +72,26 @@ impl PyComm {
     ) -> PyResult<T> {
         with_live(py, &self.comm, f)
     }
+
+    /// As `with`, counting the call as collective `op` of `bytes` in the metrics (algorithm:
+    /// `direct` when the ranks read each other's memory, else `staged` through the rings).
+    fn op<T: Send>(
+        &self,
+        py: Python<'_>,
+        op: &'static str,
+        bytes: u64,
+        f: impl FnOnce(&mut Comm) -> tidewire_collective::Result<T> + Send,
+    ) -> PyResult<T> {
+        with_live(py, &self.comm, |c| {
+            let out = f(c);
+            let algorithm = if c.reads_directly() { "direct" } else { "staged" };
+            tidewire_collective::record(op, algorithm, bytes, &out);
+            if let Some(m) = tidewire::metrics::get() {
+                m.coll_size.set((c.size() - c.dead_ranks().len()) as i64);
+            }
+            out
+        })
+    }
 }
 
 /// Runs `f` on the communicator in `slot`, without the GIL; an error once it was destroyed.
@@ -143,17 +163,17 @@ impl PyComm {
     ) -> PyResult<()> {
         let (dt, op) = (dtype(dtype_)?, reduce_op(op)?);
         // SAFETY: `tidewire.distributed` passes a contiguous tensor it holds for the call.
-        self.with(py, |c| c.all_reduce(unsafe { bytes(addr, len) }, dt, op))
+        self.op(py, "all_reduce", len, |c| c.all_reduce(unsafe { bytes(addr, len) }, dt, op))
     }
 
     fn broadcast(&self, py: Python<'_>, addr: u64, len: u64, root: usize) -> PyResult<()> {
         // SAFETY: as in `all_reduce`.
-        self.with(py, |c| c.broadcast(unsafe { bytes(addr, len) }, root))
+        self.op(py, "broadcast", len, |c| c.broadcast(unsafe { bytes(addr, len) }, root))
     }
 
     fn all_gather(&self, py: Python<'_>, out: (u64, u64), input: (u64, u64)) -> PyResult<()> {
         // SAFETY: as in `all_reduce`, for two distinct tensors.
-        self.with(py, |c| {
+        self.op(py, "all_gather", input.1, |c| {
             c.all_gather(unsafe { bytes(out.0, out.1) }, unsafe { bytes(input.0, input.1) })
         })
     }
@@ -168,7 +188,7 @@ impl PyComm {
     ) -> PyResult<()> {
         let (dt, op) = (dtype(dtype_)?, reduce_op(op)?);
         // SAFETY: as in `all_gather`.
-        self.with(py, |c| {
+        self.op(py, "reduce_scatter", input.1, |c| {
             c.reduce_scatter(
                 unsafe { bytes(out.0, out.1) },
                 unsafe { bytes(input.0, input.1) },
@@ -189,7 +209,7 @@ impl PyComm {
         let (ol, il) =
             (out_splits.iter().sum::<usize>() as u64, in_splits.iter().sum::<usize>() as u64);
         // SAFETY: as in `all_gather`; the lengths are the splits' sums.
-        self.with(py, |c| {
+        self.op(py, "all_to_all", il, |c| {
             c.all_to_all(
                 unsafe { bytes(out, ol) },
                 &out_splits,
@@ -210,7 +230,7 @@ impl PyComm {
     ) -> PyResult<()> {
         let (dt, op) = (dtype(dtype_)?, reduce_op(op)?);
         // SAFETY: as in `all_reduce`.
-        self.with(py, |c| c.reduce(unsafe { bytes(addr, len) }, dt, op, root))
+        self.op(py, "reduce", len, |c| c.reduce(unsafe { bytes(addr, len) }, dt, op, root))
     }
 
     fn gather(
@@ -221,7 +241,7 @@ impl PyComm {
         root: usize,
     ) -> PyResult<()> {
         // SAFETY: as in `all_gather`.
-        self.with(py, |c| {
+        self.op(py, "gather", input.1, |c| {
             c.gather(unsafe { bytes(out.0, out.1) }, unsafe { bytes(input.0, input.1) }, root)
         })
     }
@@ -234,13 +254,13 @@ impl PyComm {
         root: usize,
     ) -> PyResult<()> {
         // SAFETY: as in `all_gather`.
-        self.with(py, |c| {
+        self.op(py, "scatter", input.1, |c| {
             c.scatter(unsafe { bytes(out.0, out.1) }, unsafe { bytes(input.0, input.1) }, root)
         })
     }
 
     fn barrier(&self, py: Python<'_>) -> PyResult<()> {
-        self.with(py, Comm::barrier)
+        self.op(py, "barrier", 0, Comm::barrier)
     }
 
     /// Starts sending; returns the operation's id for `wait` / `test`.
@@ -375,7 +395,12 @@ impl PyCudaComm {
         // SAFETY: `tidewire.distributed` passes segments of contiguous CUDA tensors of this
         // GPU that it keeps referenced until the stream work is done (PyTorch's caching
         // allocator does not reuse memory before the stream work that used it completes).
-        self.with(py, |c| unsafe { c.exchange(stream, op, send_base, &send, recv_base, &recv) })
+        let n = send.iter().map(|s| s.1).sum();
+        self.with(py, |c| {
+            let out = unsafe { c.exchange(stream, op, send_base, &send, recv_base, &recv) };
+            tidewire_collective::record(op.name(), "nvlink_exchange", n, &out);
+            out
+        })
     }
 
     /// Reduces on `stream` (see `CudaComm::reduce`).
@@ -395,8 +420,11 @@ impl PyCudaComm {
         let op = CudaOp::parse(op).map_err(to_py)?;
         let (dt, rop) = (dtype(dtype_)?, reduce_op(redop)?);
         // SAFETY: as for `exchange`.
-        self.with(py, |c| unsafe {
-            c.reduce(stream, op, send_base, &send, recv_base, &recv, dt, rop)
+        let n = send.iter().map(|s| s.1).sum();
+        self.with(py, |c| {
+            let out = unsafe { c.reduce(stream, op, send_base, &send, recv_base, &recv, dt, rop) };
+            tidewire_collective::record(op.name(), "nvlink_reduce", n, &out);
+            out
         })
     }
 

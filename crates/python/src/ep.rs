@@ -150,6 +150,7 @@ impl PyEpBuffer {
         // SAFETY: `tidewire.ep` passes live contiguous tensors of the documented shapes on the
         // buffer's GPU (the counter and sequence words its own), kept alive until the stream
         // work completes.
+        count_ep("dispatch");
         self.with(py, |b| unsafe {
             b.dispatch(stream, &c, counter, x, topk, active, out, recv_now)
         })
@@ -185,6 +186,7 @@ impl PyEpBuffer {
         let c = call(shape)?;
         let io = combine_io(io);
         // SAFETY: as in `dispatch`.
+        count_ep("combine");
         self.with(py, |b| unsafe { b.combine(stream, &c, io, active, recv_now) })
     }
 
@@ -209,5 +211,12 @@ impl PyEpBuffer {
             let b = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             drop(b);
         });
+    }
+}
+
+/// Counts an EP call in the process's metrics, when they are recorded.
+fn count_ep(op: &'static str) {
+    if let Some(m) = tidewire::metrics::get() {
+        m.ep_calls.get_or_create(&[("op", op.to_string())]).inc();
     }
 }

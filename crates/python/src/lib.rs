@@ -715,6 +715,21 @@ fn gpu_status() -> (bool, String) {
     }
 }
 
+/// Starts the process's Prometheus endpoint on `addr` (`host:port`, port 0 picks one) and
+/// turns recording on; returns the bound `host:port` (as `TIDEWIRE_METRICS_ADDR` does).
+#[pyfunction]
+fn serve_metrics(py: Python<'_>, addr: &str) -> PyResult<String> {
+    let a = addr.to_string();
+    py.detach(move || tidewire::metrics::serve(&a)).map(|a| a.to_string()).map_err(to_py)
+}
+
+/// The process's metrics now, in the OpenMetrics text format (recording turned on by the first
+/// call, so a first call shows no traffic).
+#[pyfunction]
+fn metrics_text(py: Python<'_>) -> String {
+    py.detach(|| tidewire::metrics::enable().render())
+}
+
 /// The fabric transport's provider on this host: `(True, provider)`, or `(False, why none)`
 /// (`TIDEWIRE_FABRIC_PROVIDER` / `FI_PROVIDER` name one; otherwise efa, then verbs).
 #[pyfunction]
@@ -758,6 +773,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;
     m.add_function(wrap_pyfunction!(fabric_status, m)?)?;
+    m.add_function(wrap_pyfunction!(serve_metrics, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics_text, m)?)?;
     m.add_function(wrap_pyfunction!(allocation, m)?)?;
     m.add_function(wrap_pyfunction!(last_allocation_failure, m)?)?;
     errors::register(m)?;
