@@ -53,6 +53,8 @@ fn writes(peer: tidewire::PeerId, local: u64, remote: u64) -> Vec<Request> {
 
 #[test]
 fn counters_match_what_moved_and_a_killed_peer_is_counted_and_released() {
+    // Set before the registry exists (the first engine below starts it).
+    std::env::set_var("TIDEWIRE_METRICS_MAX_PEERS", "8");
     // tcp: bytes and requests by transport, op and peer.
     let target = ChildTarget::spawn(CHILD, 0, LEN, 1);
     let cfg = EngineConfig { metrics_addr: Some("127.0.0.1:0".into()), ..common::tcp_config() };
@@ -107,4 +109,29 @@ fn counters_match_what_moved_and_a_killed_peer_is_counted_and_released() {
         .sum();
     assert!(failed >= 64.0, "the 64 failed requests are counted as {kind}: {text}");
     drop(target);
+
+    // 1,000 short-lived peers: each started, written to once and stopped. The peer label takes
+    // at most TIDEWIRE_METRICS_MAX_PEERS values and `other`.
+    let small = registered(&e, PAGE as usize, &random_bytes(PAGE as usize, 5));
+    let started = std::time::Instant::now();
+    for _ in 0..1000 {
+        let t = common::engine();
+        let remote = t.allocate_shared(PAGE).unwrap();
+        let p = e.open_segment(t.name()).unwrap();
+        let req = Request { op: Op::Write, local: small.addr(), len: PAGE, peer: p, remote };
+        e.transfer_sync(&[req], BatchOptions::default()).unwrap();
+    }
+    let text = scrape(&e);
+    let mut peers: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tidewire_requests_total{"))
+        .filter_map(|l| l.split("peer=\"").nth(1)?.split('"').next())
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    assert!(peers.len() <= 9 && peers.contains(&"other"), "{peers:?}");
+    let other = [("transport", "tcp"), ("op", "write"), ("peer", "other")];
+    let folded = sample(&text, "tidewire_requests_total", &other).unwrap_or(0.0);
+    assert!(folded >= 1000.0 - 8.0, "the peers past the limit are counted under other: {folded}");
+    eprintln!("1,000 peers in {:?}", started.elapsed());
 }
