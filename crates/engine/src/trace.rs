@@ -18,8 +18,11 @@ pub(crate) fn init_from_env() {
         };
         let json =
             std::env::var("TIDEWIRE_TRACE_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-        let builder =
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        use std::io::IsTerminal;
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
         let installed = if json { builder.json().try_init() } else { builder.try_init() };
         if let Err(e) = installed {
             log::info!("TIDEWIRE_TRACE: a tracing subscriber is already installed ({e})");
