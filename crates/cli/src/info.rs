@@ -50,6 +50,11 @@ fn print_fabric(engine: &Engine) {
             for (nic, place) in &m.nics {
                 println!("            nic {nic} at {place}");
             }
+            if m.nics.len() > 1 {
+                println!(
+                    "            (TIDEWIRE_FABRIC_NICS names the NICs to use; by default every NIC of an RDMA provider)"
+                );
+            }
             for (buffer, nics) in &m.buffers {
                 println!("            {buffer} → {}", nics.join(", "));
             }

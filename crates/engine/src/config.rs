@@ -136,6 +136,9 @@ pub struct EngineConfig {
     /// The libfabric provider the fabric transport uses (`TIDEWIRE_FABRIC_PROVIDER`, else the
     /// first name of `FI_PROVIDER`); `None`: `efa`, then `verbs`, else no fabric transport.
     pub fabric_provider: Option<String>,
+    /// The provider's domains (NICs) the fabric transport opens (`TIDEWIRE_FABRIC_NICS`,
+    /// comma-separated); empty: every NIC of an RDMA provider, the first interface of `tcp`.
+    pub fabric_nics: Vec<String>,
     /// Serve Prometheus metrics on this `host:port` (`TIDEWIRE_METRICS_ADDR`; one endpoint per
     /// process). Off by default.
     pub metrics_addr: Option<String>,
@@ -158,6 +161,7 @@ impl Default for EngineConfig {
             cluster_secret: None,
             shm_any_uid: false,
             fabric_provider: None,
+            fabric_nics: Vec::new(),
             metrics_addr: None,
         }
     }
@@ -203,6 +207,10 @@ impl EngineConfig {
         }
         if let Some(p) = crate::fabric::wanted(&lookup) {
             self.fabric_provider = Some(p);
+        }
+        if let Some(v) = lookup("TIDEWIRE_FABRIC_NICS") {
+            self.fabric_nics =
+                v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
         if let Some(v) = lookup("MC_TRANSFER_TIMEOUT") {
             let secs: u64 = v.trim().parse().map_err(|_| Error::Config {

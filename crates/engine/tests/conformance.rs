@@ -304,3 +304,42 @@ conformance! {
     fabric => TransportKind::Fabric,
     tcp => TransportKind::Tcp,
 }
+
+/// Two NICs on each side (libfabric's tcp provider on two interfaces of this host, named by
+/// `fabric_nics` as `TIDEWIRE_FABRIC_NICS` does): a region is registered with both (one `Rma`
+/// reach each), a 64 MiB batch is cut into 4 MiB chunks spread over both, and every byte
+/// arrives and comes back.
+#[test]
+fn fabric_spreads_a_batch_over_two_nics() {
+    if skipped(TransportKind::Fabric) {
+        return;
+    }
+    let probe = tidewire::fabric::probe();
+    let mut nics: Vec<String> =
+        probe.providers.iter().filter(|p| p.core() == "tcp").map(|p| p.domain.clone()).collect();
+    nics.dedup();
+    if nics.len() < 2 {
+        eprintln!("skipped: the tcp provider offers one interface here ({nics:?})");
+        return;
+    }
+    nics.truncate(2);
+    let cfg = || tidewire::EngineConfig { fabric_nics: nics.clone(), ..common::fabric_config() };
+    let (initiator, target) = (Engine::new(cfg()).unwrap(), Engine::new(cfg()).unwrap());
+    let len = 64usize << 20;
+    let remote = registered(&target, len, &vec![POISON; len]);
+    let data = random_bytes(len, 12);
+    let src = registered(&initiator, len, &data);
+    let back = registered(&initiator, len, &vec![POISON; len]);
+    let peer = initiator.open_segment(target.name()).unwrap();
+    let region = initiator.peer_descriptor(peer).unwrap().regions[0].clone();
+    let rma = region.reach.iter().filter(|r| r.transport() == TransportKind::Fabric).count();
+    assert_eq!(rma, 2, "registered with both NICs: {:?}", region.reach);
+    let req = |op, local| Request { op, local, len: len as u64, peer, remote: remote.addr() };
+    initiator.transfer_sync(&[req(Op::Write, src.addr())], BatchOptions::default()).unwrap();
+    assert!(peek(remote.addr(), len) == data, "every byte written");
+    initiator.transfer_sync(&[req(Op::Read, back.addr())], BatchOptions::default()).unwrap();
+    assert!(peek(back.addr(), len) == data, "every byte read back");
+    let map = initiator.fabric_map().unwrap();
+    assert_eq!(map.nics.len(), 2, "{map:?}");
+    assert!(map.posted.iter().all(|n| *n >= 8), "32 chunks spread over both NICs: {map:?}");
+}

@@ -58,6 +58,8 @@ pub(crate) struct Nic {
     /// The peers' initiator endpoints on this NIC, whose queues the completion thread polls.
     inits: Mutex<Vec<Weak<Initiator>>>,
     next_id: AtomicU64,
+    /// Operations posted on this NIC (what `tidewire info` and the map report).
+    posted: AtomicU64,
     /// The endpoint's address, as peers insert it (hex in descriptors).
     pub(crate) name_hex: String,
     /// Where the NIC sits (NUMA node, PCIe path), for the buffer → NIC map.
@@ -100,6 +102,8 @@ pub struct FabricMap {
     pub hmem: bool,
     /// Each NIC (domain) and where it sits (PCIe device, NUMA node).
     pub nics: Vec<(String, String)>,
+    /// Operations posted on each NIC so far (in `nics` order).
+    pub posted: Vec<u64>,
     /// For each GPU and NUMA node: the NICs its buffers are registered with and spread over.
     pub buffers: Vec<(String, Vec<String>)>,
 }
@@ -136,9 +140,19 @@ impl Fabric {
             d.dedup();
             d
         };
-        // The tcp and shm providers reach every peer through any one interface: one endpoint.
+        // The tcp and shm providers reach every peer through any one interface: one endpoint,
+        // unless NICs are named.
         let one = matches!(provider.as_str(), "tcp" | "shm" | "sockets");
-        let wanted: Vec<Option<&str>> = if one || domains.is_empty() {
+        let wanted: Vec<Option<&str>> = if !config.fabric_nics.is_empty() {
+            if let Some(n) = config.fabric_nics.iter().find(|n| !domains.contains(n)) {
+                return Err(format!(
+                    "TIDEWIRE_FABRIC_NICS names {n}, which {provider} does not offer here \
+                     (it offers {})",
+                    domains.join(", ")
+                ));
+            }
+            config.fabric_nics.iter().map(|d| Some(d.as_str())).collect()
+        } else if one || domains.is_empty() {
             vec![None]
         } else {
             domains.iter().map(|d| Some(d.as_str())).collect()
@@ -161,6 +175,7 @@ impl Fabric {
                         backlog: Mutex::default(),
                         inits: Mutex::default(),
                         next_id: AtomicU64::new(1),
+                        posted: AtomicU64::new(0),
                     });
                 }
                 Err(e) => why.push(e),
@@ -219,6 +234,7 @@ impl Fabric {
             provider: self.provider().to_string(),
             hmem: self.facts.hmem,
             nics: self.nics.iter().map(|n| (n.ep.nic.clone(), n.place.to_string())).collect(),
+            posted: self.nics.iter().map(|n| n.posted.load(Ordering::Relaxed)).collect(),
             buffers,
         }
     }
@@ -388,7 +404,12 @@ impl Nic {
         // SAFETY: the local range lies inside the registered region `mr` covers (checked when
         // the request was planned) and stays pinned (`InFlight::_pin`) until the provider
         // returns the operation.
-        unsafe { p.via.post(p.op, p.local as *mut u8, p.len as usize, mr, p.remote, p.id) }
+        let posted =
+            unsafe { p.via.post(p.op, p.local as *mut u8, p.len as usize, mr, p.remote, p.id) };
+        if matches!(posted, Ok(true)) {
+            self.posted.fetch_add(1, Ordering::Relaxed);
+        }
+        posted
     }
 
     /// The provider refused to start operation `id`.
