@@ -7,7 +7,7 @@
 //! batches by outcome; batch latency and submit → first byte (a GPU launch, a frame handed to a
 //! tcp lane, an RMA post, a memory copy) by transport; open peers, mappings held per peer,
 //! registered bytes by memory kind and the engines' threads, read when scraped. EP: dispatch
-//! and combine calls, timeouts per source rank, active ranks. Collectives: calls by operation
+//! and combine calls. Collectives: calls by operation
 //! and algorithm, bytes, failures, the membership's epoch and size. Peer labels are bounded:
 //! past `TIDEWIRE_METRICS_MAX_PEERS` (default 64) distinct peers, new ones fold into `other`.
 
@@ -61,12 +61,9 @@ pub struct Metrics {
     mappings: Family<L1, Gauge>,
     registered_bytes: Family<L1, Gauge>,
     threads: Gauge,
-    /// EP dispatch / combine calls (`op`).
+    /// EP dispatch / combine calls (`op`). (Timeouts per source rank and the active ranks
+    /// live in the caller's `active_ranks` tensor on the GPU: not exported yet.)
     pub ep_calls: Family<L1, Counter>,
-    /// EP waits that timed out, by the source rank that did not answer.
-    pub ep_timeouts: Family<L1, Counter>,
-    /// Ranks an EP buffer counts as active.
-    pub ep_active_ranks: Gauge,
     /// Collective calls by operation and algorithm.
     pub coll_calls: Family<L2, Counter>,
     /// Collective bytes (of this rank's input) by operation.
@@ -159,8 +156,6 @@ impl Metrics {
             registered_bytes: Family::default(),
             threads: Gauge::default(),
             ep_calls: Family::default(),
-            ep_timeouts: Family::default(),
-            ep_active_ranks: Gauge::default(),
             coll_calls: Family::default(),
             coll_bytes: Family::default(),
             coll_failures: Family::default(),
@@ -196,12 +191,6 @@ impl Metrics {
         );
         r.register("threads", "Threads the engines started", m.threads.clone());
         r.register("ep_calls", "EP dispatch and combine calls", m.ep_calls.clone());
-        r.register("ep_timeouts", "EP waits that timed out, by source rank", m.ep_timeouts.clone());
-        r.register(
-            "ep_active_ranks",
-            "Ranks an EP buffer counts as active",
-            m.ep_active_ranks.clone(),
-        );
         r.register(
             "coll_calls",
             "Collective calls, by operation and algorithm",
