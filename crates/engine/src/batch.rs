@@ -216,7 +216,16 @@ impl Batch {
     /// when all its requests completed), failures by error kind, the batch's outcome and
     /// latencies.
     fn record(&self, t: &BatchTracker<Error>, m: &crate::metrics::Metrics, runs: &[RunMeta]) {
-        for run in runs {
+        let ok = t.first_error().is_none();
+        if ok {
+            // Every request completed: no pass over them (this runs with the batch locked,
+            // before its waiter wakes).
+            for run in runs {
+                run.counters.requests.inc_by(run.reqs.len() as u64);
+                run.counters.bytes.inc_by(run.bytes);
+            }
+        }
+        for run in runs.iter().filter(|_| !ok) {
             let mut done = 0u64;
             let mut kinds: Vec<(ErrorKind, u64)> = Vec::new();
             for i in run.reqs.clone() {
@@ -249,12 +258,7 @@ impl Batch {
         let first =
             [at(Mark::FirstByte), at(Mark::FirstLaunch)].into_iter().filter(|n| *n > 0).min();
         let secs = |ns: u64| ns as f64 * 1e-9;
-        m.batch_done(
-            transport,
-            t.first_error().is_none(),
-            secs(at(Mark::Finished)),
-            first.map(secs),
-        );
+        m.batch_done(transport, ok, secs(at(Mark::Finished)), first.map(secs));
     }
 
     pub(crate) fn fail_all(&self, err: Error) {
