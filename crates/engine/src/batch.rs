@@ -2,7 +2,7 @@
 //! the data gate that keeps late READ data out of memory the caller was told is free.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,21 @@ pub(crate) struct Batch {
     marks: [AtomicU64; 5],
     /// The runs as the transports took them, kept while metrics are recorded.
     runs: Option<Mutex<Vec<RunMeta>>>,
+    /// Every run was handed to its transport (and noted): the batch may be counted.
+    sealed: AtomicBool,
+    /// The batch was counted (once).
+    recorded: AtomicBool,
+    /// What a failure transition stops before it returns (see [`Fence`]).
+    fences: Mutex<Vec<Arc<dyn Fence>>>,
+}
+
+/// A path on which READ data lands in local memory without passing the data gate (a NIC
+/// writing straight into registered memory): a failure transition of the batch calls
+/// [`Fence::stop`] under the gate's write side, before the failure is visible.
+pub(crate) trait Fence: Send + Sync {
+    /// Requests `reqs` of `batch` (every one: `None`) are failing: once this returns, no byte
+    /// of their READs lands in local memory.
+    fn stop(&self, batch: &Batch, reqs: Option<&[Range<usize>]>);
 }
 
 /// One run of a batch as a transport took it (for the metrics).
@@ -119,6 +134,9 @@ impl Batch {
             started,
             marks: Default::default(),
             runs: crate::metrics::get().map(|_| Mutex::default()),
+            sealed: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+            fences: Mutex::default(),
         })
     }
 
@@ -180,9 +198,43 @@ impl Batch {
     /// Every request still pending in `runs` failed with `err` (one lock for all).
     pub(crate) fn fail_runs(&self, runs: &[Range<usize>], err: Error) {
         let _gate = self.gate.write();
+        self.stop_fences(Some(runs));
         let mut t = self.tracker.lock();
         t.handle_runs_failed(runs, err);
         self.wake_if_finished(&t);
+    }
+
+    /// Adds a path that failures must stop (see [`Fence`]).
+    pub(crate) fn add_fence(&self, fence: Arc<dyn Fence>) {
+        self.fences.lock().push(fence);
+    }
+
+    /// Stops the fenced paths of requests `reqs` (every one: `None`); under the gate's write
+    /// side.
+    fn stop_fences(&self, reqs: Option<&[Range<usize>]>) {
+        let fences: Vec<Arc<dyn Fence>> = self.fences.lock().clone();
+        for f in fences {
+            f.stop(self, reqs);
+        }
+    }
+
+    /// Every run was handed to its transport: the batch is counted when it finishes (now, if
+    /// a transport already failed all of it).
+    pub(crate) fn seal(&self) {
+        let t = self.tracker.lock();
+        self.sealed.store(true, Ordering::Release);
+        if t.is_finished() {
+            self.record_once(&t);
+        }
+    }
+
+    /// Counts the batch in the metrics once it is sealed and finished (under the tracker lock).
+    fn record_once(&self, t: &BatchTracker<Error>) {
+        if let (Some(m), Some(runs)) = (crate::metrics::get(), &self.runs) {
+            if self.sealed.load(Ordering::Acquire) && !self.recorded.swap(true, Ordering::AcqRel) {
+                self.record(t, m, &runs.lock());
+            }
+        }
     }
 
     /// Wakes the waiters once the batch is finished (and records when, and its metrics).
@@ -198,9 +250,7 @@ impl Batch {
                     "finished"
                 );
             }
-            if let (true, Some(m), Some(runs)) = (first, crate::metrics::get(), &self.runs) {
-                self.record(t, m, &runs.lock());
-            }
+            self.record_once(t);
             self.cond.notify_all();
         }
     }
@@ -263,6 +313,7 @@ impl Batch {
 
     pub(crate) fn fail_all(&self, err: Error) {
         let _gate = self.gate.write();
+        self.stop_fences(None);
         let mut t = self.tracker.lock();
         t.fail_all_pending(err);
         self.wake_if_finished(&t);

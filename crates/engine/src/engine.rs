@@ -1150,6 +1150,7 @@ impl Engine {
             }
         };
         batch.mark(Mark::Planned);
+        batch.seal();
         tracing::debug!(after_us = started.elapsed().as_micros() as u64, "planned");
         let timeout = opts.timeout.unwrap_or_else(|| cfg.deadlines.for_batch(total));
         batch.set_deadline(started + timeout);

@@ -273,6 +273,9 @@ impl Metrics {
 
     /// The gauges read now from every live engine, then every metric in OpenMetrics text.
     pub fn render(&self) -> String {
+        // One render at a time: the gauges are rebuilt (cleared, then summed) in place.
+        static RENDERING: Mutex<()> = Mutex::new(());
+        let _one = RENDERING.lock();
         let engines: Vec<Arc<Inner>> = ENGINES.lock().iter().filter_map(Weak::upgrade).collect();
         self.mappings.clear();
         self.registered_bytes.clear();

@@ -104,6 +104,14 @@ impl RegionEntry {
         (*g).then_some(g)
     }
 
+    /// As [`RegionEntry::access_owned`], without waiting: `None` also while an
+    /// unregistration waits for the region's accesses to end (a caller already holding an
+    /// access of this region must not queue behind it).
+    pub(crate) fn try_access_owned(&self) -> Option<OwnedAccess> {
+        let g = self.live.try_read_arc()?;
+        (*g).then_some(g)
+    }
+
     /// The revocation page of shared host memory or exported device memory.
     pub(crate) fn control(&self) -> Option<&SharedRegion> {
         self.shared.as_deref().or(self.gpu.as_ref().map(|g| &g.control))

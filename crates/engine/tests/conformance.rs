@@ -204,6 +204,31 @@ fn refused_after_unregister(via: TransportKind) {
     assert!(peek(s.remote, len) == vec![POISON; len], "{via}: nothing landed");
 }
 
+/// A READ cancelled while in flight: once `cancel` returns, no byte lands in its buffer (the
+/// fabric's NICs write straight into registered memory: the cancel stops them first), and the
+/// next READ of the same range moves every byte.
+fn cancelled_read_lands_nothing_after(via: TransportKind) {
+    let len = 32 << 20;
+    let mut s = Setup::new(via, len);
+    let data = random_bytes(len, 21);
+    poke(s.remote, &data);
+    let back = s.local(&vec![POISON; len]);
+    let read =
+        Request { op: Op::Read, local: back, len: len as u64, peer: s.peer, remote: s.remote };
+    let batch = s.initiator.submit(&[read], BatchOptions::default()).unwrap();
+    batch.cancel();
+    let after_cancel = peek(back, len);
+    let outcome = batch.wait();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(peek(back, len) == after_cancel, "{via}: bytes landed after cancel ({outcome:?})");
+    if let Err(e) = &outcome {
+        assert!(matches!(e, Error::Cancelled { .. }), "{via}: {e}");
+    }
+    poke(back, &vec![POISON; len]);
+    s.initiator.transfer_sync(&[read], BatchOptions::default()).unwrap();
+    assert!(peek(back, len) == data, "{via}: every byte of the next READ");
+}
+
 /// A WRITE plan and a READ plan, each prepared once and executed 1,000 times with fresh data,
 /// every byte checked every time.
 fn prepared_plan_many_times(via: TransportKind) {
@@ -289,6 +314,13 @@ macro_rules! conformance {
             }
 
             #[test]
+            fn cancelled_read_lands_nothing_after() {
+                if !super::skipped($via) {
+                    super::cancelled_read_lands_nothing_after($via)
+                }
+            }
+
+            #[test]
             fn prepared_plan_many_times() {
                 if !super::skipped($via) {
                     super::prepared_plan_many_times($via)
@@ -342,4 +374,43 @@ fn fabric_spreads_a_batch_over_two_nics() {
     let map = initiator.fabric_map().unwrap();
     assert_eq!(map.nics.len(), 2, "{map:?}");
     assert!(map.posted.iter().all(|n| *n >= 8), "32 chunks spread over both NICs: {map:?}");
+}
+
+/// A local region unregistered while batches from it are being posted over the fabric (many
+/// 4 MiB chunks each): every submission ends (done, or refused because the region is gone),
+/// the unregistration returns, and none of them waits on the other.
+#[test]
+fn fabric_unregister_racing_submissions_ends() {
+    if skipped(TransportKind::Fabric) {
+        return;
+    }
+    let (initiator, target) = (
+        Engine::new(common::fabric_config()).unwrap(),
+        Engine::new(common::fabric_config()).unwrap(),
+    );
+    let len = 64usize << 20;
+    let remote = registered(&target, len, &[]);
+    let peer = initiator.open_segment(target.name()).unwrap();
+    let initiator = std::sync::Arc::new(initiator);
+    for round in 0..10 {
+        let src = registered(&initiator, len, &random_bytes(len, round));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (eng, addr, to) = (initiator.clone(), src.addr(), remote.addr());
+        let submitter = std::thread::spawn(move || {
+            for _ in 0..4 {
+                let w = Request { op: Op::Write, local: addr, len: len as u64, peer, remote: to };
+                let out = eng.transfer_sync(&[w], BatchOptions::default());
+                if let Err(e) = &out {
+                    assert!(matches!(e, Error::NotRegistered { .. }), "round {round}: {e}");
+                }
+            }
+            let _ = done_tx.send(());
+        });
+        std::thread::sleep(std::time::Duration::from_millis(round));
+        initiator.unregister(src.addr()).unwrap();
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("round {round}: a submission never ended"));
+        submitter.join().unwrap();
+    }
 }

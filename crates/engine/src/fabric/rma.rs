@@ -505,6 +505,11 @@ impl Initiator {
         *g = (std::ptr::null_mut(), std::ptr::null_mut());
     }
 
+    /// True once [`Initiator::close`] ran.
+    pub fn is_closed(&self) -> bool {
+        self.ep.lock().0.is_null()
+    }
+
     /// Drives progress and appends what finished on this endpoint (nothing once closed).
     pub fn poll(&self, out: &mut Vec<Completion>) {
         let g = self.ep.lock();

@@ -21,8 +21,10 @@
 //! - The notification of a batch follows its data over the peer's tcp lanes, which are also
 //!   how a peer's death is seen at once (its sockets hang up).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -31,7 +33,7 @@ use tidewire_core::descriptor::{bytes_from_hex, bytes_to_hex, Reach};
 use tidewire_core::memory::{Location, MemoryKind};
 use tidewire_core::select::{FabricFacts, TransportKind};
 
-use crate::batch::{Batch, Mark};
+use crate::batch::{Batch, Fence, Mark};
 use crate::config::EngineConfig;
 use crate::error::{Error, PeerRef, Result};
 use crate::fabric::rma::{self, Endpoint, Initiator, Remote, Rma};
@@ -48,12 +50,23 @@ pub(crate) const CHUNK: u64 = 4 << 20;
 /// How often a completion thread looks for operations to give up on.
 const SWEEP: Duration = Duration::from_millis(10);
 
+/// How long a failing batch waits for the NICs to return its READs in flight before it closes
+/// the endpoints carrying them (failing what else they carried).
+const FENCE_WAIT: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// Set on the NICs' completion threads, which cannot wait for their own completions.
+    static COMPLETING: Cell<bool> = const { Cell::new(false) };
+}
+
 /// One NIC's endpoint and the operations posted on it.
 ///
 /// Fields drop in order: the operations (and the initiator endpoints they hold) before `ep`,
 /// whose drop closes the domain they were opened on.
 pub(crate) struct Nic {
     ops: Mutex<HashMap<u64, InFlight>>,
+    /// Set (under `ops`) when the completion thread stops: nothing more is posted here.
+    closed: AtomicBool,
     backlog: Mutex<VecDeque<Post>>,
     /// The peers' initiator endpoints on this NIC, whose queues the completion thread polls.
     inits: Mutex<Vec<Weak<Initiator>>>,
@@ -74,12 +87,14 @@ struct InFlight {
     peer: Arc<FabricPeer>,
     /// The (peer, NIC) endpoint it went out on.
     via: Arc<Initiator>,
+    /// A READ: the NIC writes into local memory.
+    read: bool,
     /// What the error of this operation names.
     remote: u64,
     len: u64,
     /// The local range stays registered (its memory alive) until the provider returns the
-    /// operation or its endpoint is closed.
-    _pin: OwnedAccess,
+    /// operation or its endpoint is closed (one pin per run, shared by its chunks).
+    _pin: Arc<OwnedAccess>,
 }
 
 /// An operation to post.
@@ -137,13 +152,15 @@ impl Fabric {
                 .filter(|p| p.core() == provider)
                 .map(|p| p.domain.clone())
                 .collect();
-            d.dedup();
+            // A NIC offered through several utility providers (verbs;ofi_rxm, verbs;ofi_rxd)
+            // is listed once per provider: one endpoint each.
+            dedupe(&mut d);
             d
         };
         // The tcp and shm providers reach every peer through any one interface: one endpoint,
         // unless NICs are named.
         let one = matches!(provider.as_str(), "tcp" | "shm" | "sockets");
-        let wanted: Vec<Option<&str>> = if !config.fabric_nics.is_empty() {
+        let wanted: Vec<Option<String>> = if !config.fabric_nics.is_empty() {
             if let Some(n) = config.fabric_nics.iter().find(|n| !domains.contains(n)) {
                 return Err(format!(
                     "TIDEWIRE_FABRIC_NICS names {n}, which {provider} does not offer here \
@@ -151,16 +168,19 @@ impl Fabric {
                     domains.join(", ")
                 ));
             }
-            config.fabric_nics.iter().map(|d| Some(d.as_str())).collect()
+            let mut named = config.fabric_nics.clone();
+            dedupe(&mut named);
+            named.into_iter().map(Some).collect()
         } else if one || domains.is_empty() {
             vec![None]
         } else {
-            domains.iter().map(|d| Some(d.as_str())).collect()
+            domains.iter().map(|d| Some(d.clone())).collect()
         };
         let mut nics = Vec::new();
         let mut why = Vec::new();
         let mut hmem = true;
         for domain in wanted {
+            let domain = domain.as_deref();
             let ep = Endpoint::open(&provider, domain, true)
                 .or_else(|_| Endpoint::open(&provider, domain, false));
             match ep.and_then(|ep| ep.name().map(|n| (ep, n))) {
@@ -172,6 +192,7 @@ impl Fabric {
                         place,
                         ep,
                         ops: Mutex::default(),
+                        closed: AtomicBool::new(false),
                         backlog: Mutex::default(),
                         inits: Mutex::default(),
                         next_id: AtomicU64::new(1),
@@ -300,6 +321,7 @@ impl Fabric {
     }
 
     fn completion_loop(&self, i: usize, life: &Lifecycle) {
+        COMPLETING.with(|c| c.set(true));
         let nic = &self.nics[i];
         let mut done = Vec::new();
         let mut swept = Instant::now();
@@ -331,10 +353,15 @@ impl Fabric {
                 nic.sweep(i, Instant::now());
             }
         }
-        // Stopping: every endpoint with operations is closed (the provider drops them), so
-        // no NIC writes into memory the engine is about to release.
+        // Stopping: nothing more is posted here, and every endpoint with operations is closed
+        // (the provider drops them), so no NIC writes into memory the engine is about to
+        // release.
+        {
+            let _ops = nic.ops.lock();
+            nic.closed.store(true, Ordering::Release);
+        }
         let stopping = Error::ShuttingDown { who: "this engine".into() };
-        nic.give_up(i, |_| Some(stopping.clone()));
+        nic.give_up(i, |_, _, _| Some(stopping.clone()));
     }
 }
 
@@ -414,25 +441,36 @@ impl Nic {
 
     /// The provider refused to start operation `id`.
     fn refused(&self, id: u64, provider: &str, why: &str) {
-        if let Some(op) = self.ops.lock().remove(&id) {
+        let op = self.ops.lock().remove(&id);
+        if let Some(op) = op {
             op.batch.fail_request(op.req, failed(&op.peer.who, provider, why));
         }
     }
 
     /// Gives up on operations whose batch's deadline passed, or whose peer died.
     fn sweep(&self, nic: usize, now: Instant) {
-        self.give_up(nic, |op| {
-            if let Some(err) = op.peer.dead() {
+        self.give_up(nic, |peer, via, batch| {
+            if via.is_closed() {
+                return Some(Error::PeerFailed {
+                    peer: peer.who.clone(),
+                    transport: TransportKind::Fabric,
+                    reason: "its endpoint was closed to stop the READs of a batch that failed \
+                             or was cancelled while they were in flight"
+                        .into(),
+                });
+            }
+            if let Some(err) = peer.dead() {
                 return Some(err);
             }
-            (now >= op.batch.deadline()).then(|| Error::Timeout {
+            let deadline = batch.deadline();
+            (now >= deadline).then(|| Error::Timeout {
                 what: format!(
                     "{} (the {} endpoint to {} is closed)",
-                    op.batch.id,
+                    batch.id,
                     TransportKind::Fabric,
-                    op.peer.who
+                    peer.who
                 ),
-                after: now.saturating_duration_since(op.batch.deadline()),
+                after: now.saturating_duration_since(deadline),
             })
         });
     }
@@ -440,15 +478,27 @@ impl Nic {
     /// Closes the endpoint of every operation `why` returns an error for: the provider
     /// discards what it held of that endpoint, and every operation it carried (other
     /// batches' to the same peer too) fails with the error and releases its local range.
-    fn give_up(&self, nic: usize, why: impl Fn(&InFlight) -> Option<Error>) {
+    fn give_up(&self, nic: usize, why: impl Fn(&FabricPeer, &Initiator, &Batch) -> Option<Error>) {
+        // What is in flight, one entry per (endpoint, batch), copied out: `why` may take
+        // locks (the peer's connection) that must not nest inside `ops`.
+        let seen: Vec<(Arc<Initiator>, Arc<FabricPeer>, Arc<Batch>)> = {
+            let ops = self.ops.lock();
+            let mut pairs: HashSet<(usize, usize)> = HashSet::new();
+            ops.values()
+                .filter(|op| {
+                    pairs.insert((Arc::as_ptr(&op.via) as usize, Arc::as_ptr(&op.batch) as usize))
+                })
+                .map(|op| (op.via.clone(), op.peer.clone(), op.batch.clone()))
+                .collect()
+        };
         let mut closing: Vec<(Arc<Initiator>, Error)> = Vec::new();
-        for op in self.ops.lock().values() {
-            if closing.iter().any(|(v, _)| Arc::ptr_eq(v, &op.via)) {
+        for (via, peer, batch) in seen {
+            if closing.iter().any(|(v, _)| Arc::ptr_eq(v, &via)) {
                 continue;
             }
-            if let Some(err) = why(op) {
-                op.peer.drop_initiator(nic, &op.via);
-                closing.push((op.via.clone(), err));
+            if let Some(err) = why(&peer, &via, &batch) {
+                peer.drop_initiator(nic, &via);
+                closing.push((via, err));
             }
         }
         for (via, err) in closing {
@@ -679,6 +729,11 @@ impl Submission for FabricSubmission<'_> {
 
     fn finish(self: Box<Self>, requests: &[Request]) {
         self.batch.mark(Mark::FirstByte);
+        if self.runs.iter().any(|r| requests[r.from..r.end].iter().any(|q| q.op == Op::Read)) {
+            // The NICs write READ data straight into local memory: a failure of the batch
+            // stops them before it is visible.
+            self.batch.add_fence(Arc::new(ReadFence { fabric: self.t.fabric.clone() }));
+        }
         for run in &self.runs {
             if let Err(e) = self.post_run(run, requests) {
                 self.batch.fail_runs(std::slice::from_ref(&(run.from..run.end)), e);
@@ -725,6 +780,13 @@ impl FabricSubmission<'_> {
                 _ => None,
             })
             .collect();
+        // One pin for the run, taken without waiting: an unregistration waiting for the
+        // region's accesses to end makes the run fail rather than queue behind it.
+        let pin = Arc::new(step.local.try_access_owned().ok_or(Error::NotRegistered {
+            addr: requests[run.from].local,
+            len: requests[run.from].len,
+        })?);
+        // Pinned: its registrations stay open until the pin is released.
         let locals = local.nics();
         if remotes.is_empty() || locals.is_empty() {
             return Err(Error::Internal("a fabric run without registrations on one side"));
@@ -741,10 +803,6 @@ impl FabricSubmission<'_> {
                 pair += 1;
                 let fi_addr = peer.addr(fabric, nic, endpoint)?;
                 let via = peer.initiator(fabric, nic)?;
-                let pin = step
-                    .local
-                    .access_owned()
-                    .ok_or(Error::NotRegistered { addr: r.local, len: r.len })?;
                 let id = fabric.nics[nic].next_id.fetch_add(1, Ordering::Relaxed);
                 let remote = Remote {
                     peer: fi_addr,
@@ -765,9 +823,10 @@ impl FabricSubmission<'_> {
                     req,
                     peer: peer.clone(),
                     via,
+                    read: r.op == Op::Read,
                     remote: r.remote + off,
                     len: n,
-                    _pin: pin,
+                    _pin: pin.clone(),
                 };
                 per_nic[nic].push((post, op));
                 off += n;
@@ -781,6 +840,11 @@ impl FabricSubmission<'_> {
             let mut rest = Vec::new();
             {
                 let mut ops = nic.ops.lock();
+                if nic.closed.load(Ordering::Acquire) {
+                    // Its completion thread stopped: nothing would ever complete them.
+                    drop(ops);
+                    return Err(Error::ShuttingDown { who: "this engine".into() });
+                }
                 for (post, op) in posts {
                     ops.insert(post.id, op);
                     rest.push(post);
@@ -808,5 +872,81 @@ impl FabricSubmission<'_> {
             nic.ep.signal();
         }
         Ok(())
+    }
+}
+
+/// Keeps the first of each name, in order.
+fn dedupe(names: &mut Vec<String>) {
+    let mut seen = HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+}
+
+/// Stops a failing batch's READs on the fabric (see [`Fence`]): what waits in a backlog is
+/// never posted; what the NICs hold is waited for up to [`FENCE_WAIT`] (not on a completion
+/// thread, which cannot wait for itself), then its endpoints are closed: the provider
+/// discards the operations, and the completion threads fail what else those endpoints carried,
+/// naming why.
+struct ReadFence {
+    fabric: Arc<Fabric>,
+}
+
+impl Fence for ReadFence {
+    fn stop(&self, batch: &Batch, reqs: Option<&[Range<usize>]>) {
+        let hit = |op: &InFlight| {
+            op.read
+                && std::ptr::eq(Arc::as_ptr(&op.batch), batch)
+                && reqs.is_none_or(|rs| rs.iter().any(|r| r.contains(&op.req)))
+        };
+        for nic in &self.fabric.nics {
+            let mut ops = nic.ops.lock();
+            nic.backlog.lock().retain(|p| match ops.get(&p.id) {
+                Some(op) if hit(op) => {
+                    ops.remove(&p.id);
+                    false
+                }
+                _ => true,
+            });
+        }
+        let until = Instant::now() + FENCE_WAIT;
+        let waits = !COMPLETING.with(Cell::get);
+        loop {
+            let mut held: Vec<(usize, Arc<Initiator>, Arc<FabricPeer>)> = Vec::new();
+            for (i, nic) in self.fabric.nics.iter().enumerate() {
+                for op in nic.ops.lock().values().filter(|op| hit(op)) {
+                    if !held.iter().any(|(_, v, _)| Arc::ptr_eq(v, &op.via)) {
+                        held.push((i, op.via.clone(), op.peer.clone()));
+                    }
+                }
+            }
+            if held.is_empty() {
+                return;
+            }
+            if !waits || Instant::now() >= until {
+                for (i, via, peer) in held {
+                    tracing::debug!(
+                        nic = i,
+                        batch = batch.id.0,
+                        "closing a fabric endpoint to stop READs"
+                    );
+                    peer.drop_initiator(i, &via);
+                    via.close();
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dedupe;
+
+    #[test]
+    fn a_nic_listed_by_two_utility_providers_gets_one_endpoint() {
+        let mut d: Vec<String> =
+            ["mlx5_0", "mlx5_1", "mlx5_0", "mlx5_1"].iter().map(|s| s.to_string()).collect();
+        dedupe(&mut d);
+        assert_eq!(d, ["mlx5_0", "mlx5_1"]);
     }
 }
