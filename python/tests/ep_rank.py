@@ -242,6 +242,9 @@ def leave(buf: Any, rank: int, R: int, E: int, H: int, how: str, info: Dict[str,
     d = calc_diff(out.float(), x.float() * (w * mine).sum(1, keepdim=True))
     if d > 1e-5:
         bad.append(f"after rank 1 left, next call: combine diff {d:.2e}")
+    import tidewire
+
+    info["ep_metrics"] = [l for l in tidewire.metrics_text().splitlines() if l.startswith("tidewire_ep_")]
 
 
 def body_suite(rank: int, size: int, port: int, arg: str) -> Any:

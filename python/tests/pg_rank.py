@@ -864,6 +864,22 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
             dist.all_reduce(t, op=OPS[op])
             if not close(t.cpu(), reference(size, dtype, op)):
                 bad.append(f"all_reduce {dtype} {op}")
+    if not staged:
+        # The metrics count each all_reduce once, by its algorithm (two-shot: two kernel steps).
+        import tidewire
+
+        algo = "nvlink_two_shot" if arg == "two_shot" else "nvlink_one_shot"
+        key = f'tidewire_coll_calls_total{{op="all_reduce",algorithm="{algo}"}} '
+
+        def counted() -> float:
+            return sum(float(l[len(key):]) for l in tidewire.metrics_text().splitlines() if l.startswith(key))
+
+        before = counted()
+        for _ in range(5):
+            dist.all_reduce(data(rank, torch.float32, 1 << 20).to(dev))
+        torch.cuda.synchronize(dev)
+        if counted() - before != 5:
+            bad.append(f"metrics: {counted() - before} all_reduce calls counted by {algo}, 5 made")
     # Sizes around the kernels' chunking (16-byte pieces, rounds through the buffer).
     for n in [1, 3, 4097, 1 << 20, (9 << 20) + 5]:
         t = data(rank, torch.float32, n).to(dev)

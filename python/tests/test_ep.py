@@ -62,6 +62,11 @@ def test_dispatch_and_combine_match_deepeps_checks(name: str) -> None:
         assert info["active_after"] == [1, 0], info["active_after"]
         # The spec's bound: the 2 s timeout plus 1 s.
         assert info["leave_took_s"] < 3.0, info["leave_took_s"]
+        # The metrics saw it: rank 1 marked inactive once (the later calls skip it), one of
+        # the two ranks still active.
+        m = info["ep_metrics"]
+        assert 'tidewire_ep_rank_timeouts_total{source_rank="1"} 1' in m, m
+        assert 'tidewire_ep_active_ranks{rank="0"} 1' in m, m
 
 
 @needs_two_gpus

@@ -189,6 +189,7 @@ class CudaCommunicator:
         send: List[Tuple[int, int]],
         recv_base: int,
         recv: List[Tuple[int, int]],
+        algorithm: str = "nvlink_direct",
     ) -> None: ...
     def reduce(
         self,
@@ -200,6 +201,7 @@ class CudaCommunicator:
         recv: List[Tuple[int, int]],
         dtype_: str,
         redop: str,
+        algorithm: str = "nvlink_direct",
     ) -> None: ...
     def close(self) -> None: ...
 

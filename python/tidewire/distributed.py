@@ -333,11 +333,17 @@ class _CudaPath:
             raise RuntimeError(f"tidewire: {op} on cuda:{self.device}: the group's CUDA path was closed")
         return self.comm
 
-    def exchange(self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple]) -> None:
-        self._live(op).exchange(self._stream().cuda_stream, op, send_base, send, recv_base, recv)
+    # `algorithm` names the call in the metrics; "" for a later step of a call already counted.
+    def exchange(
+        self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], algorithm: str = "nvlink_direct"
+    ) -> None:
+        self._live(op).exchange(self._stream().cuda_stream, op, send_base, send, recv_base, recv, algorithm)
 
-    def reduce(self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str) -> None:
-        self._live(op).reduce(self._stream().cuda_stream, op, send_base, send, recv_base, recv, dtype, redop)
+    def reduce(
+        self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str,
+        algorithm: str = "nvlink_direct",
+    ) -> None:
+        self._live(op).reduce(self._stream().cuda_stream, op, send_base, send, recv_base, recv, dtype, redop, algorithm)
 
 
 def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:
@@ -715,15 +721,15 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             log.debug("all_reduce of %d bytes on %d ranks: %s", n, self._size, "two-shot" if two else "one-shot")
         if not two:
             whole = [(0, n)] * self._size
-            self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(d), op)
+            self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(d), op, "nvlink_one_shot")
             return
         parts = _parts(n, self._size, d.element_size())
         mine = parts[self._rank]
         # Our part reduced in place (every rank sends each part to its owner), then every
         # part gathered into every rank's tensor.
         got = [mine if r == self._rank else (0, mine[1]) for r in range(self._size)]
-        self._call(nv.reduce, "all_reduce", d.data_ptr(), parts, d.data_ptr(), got, _dtype(d), op)
-        self._call(nv.exchange, "all_reduce", d.data_ptr(), [mine] * self._size, d.data_ptr(), parts)
+        self._call(nv.reduce, "all_reduce", d.data_ptr(), parts, d.data_ptr(), got, _dtype(d), op, "nvlink_two_shot")
+        self._call(nv.exchange, "all_reduce", d.data_ptr(), [mine] * self._size, d.data_ptr(), parts, "")
 
     def allreduce_coalesced(self, tensors: List[torch.Tensor], opts: Any = None) -> dist.Work:
         return self.allreduce(tensors, opts)

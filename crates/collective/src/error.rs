@@ -75,16 +75,20 @@ impl Error {
 }
 
 /// Counts a collective call in the process's metrics (when they are recorded): `op` with
-/// `algorithm`, `bytes` of this rank's input, and its failure by kind.
+/// `algorithm`, `bytes` of this rank's input, and its failure by kind. An empty `algorithm`
+/// is a later step of a call already counted: only its failure counts.
 pub fn record<T>(op: &str, algorithm: &str, bytes: u64, outcome: &Result<T>) {
     let Some(m) = tidewire::metrics::get() else { return };
-    m.coll_calls
-        .get_or_create(&[("op", op.to_string()), ("algorithm", algorithm.to_string())])
-        .inc();
-    m.coll_bytes.get_or_create(&[("op", op.to_string())]).inc_by(bytes);
     if let Err(e) = outcome {
         m.coll_failures
             .get_or_create(&[("op", op.to_string()), ("kind", e.kind().to_string())])
             .inc();
     }
+    if algorithm.is_empty() {
+        return;
+    }
+    m.coll_calls
+        .get_or_create(&[("op", op.to_string()), ("algorithm", algorithm.to_string())])
+        .inc();
+    m.coll_bytes.get_or_create(&[("op", op.to_string())]).inc_by(bytes);
 }

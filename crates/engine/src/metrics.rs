@@ -7,7 +7,8 @@
 //! batches by outcome; batch latency and submit → first byte (a GPU launch, a frame handed to a
 //! tcp lane, an RMA post, a memory copy) by transport; open peers, mappings held per peer,
 //! registered bytes by memory kind and the engines' threads, read when scraped. EP: dispatch
-//! and combine calls. Collectives: calls by operation
+//! and combine calls, source ranks its kernels marked inactive, active ranks per buffer (read
+//! from host-mapped counters the kernels add to, when scraped). Collectives: calls by operation
 //! and algorithm, bytes, failures, the membership's epoch and size. Peer labels are bounded:
 //! past `TIDEWIRE_METRICS_MAX_PEERS` (default 64) distinct peers, new ones fold into `other`.
 
@@ -61,9 +62,14 @@ pub struct Metrics {
     mappings: Family<L1, Gauge>,
     registered_bytes: Family<L1, Gauge>,
     threads: Gauge,
-    /// EP dispatch / combine calls (`op`). (Timeouts per source rank and the active ranks
-    /// live in the caller's `active_ranks` tensor on the GPU: not exported yet.)
+    /// EP dispatch / combine calls (`op`).
     pub ep_calls: Family<L1, Counter>,
+    /// Source ranks the EP kernels marked inactive (deadline passed, process died), by
+    /// `source_rank`; read from the buffers' host-mapped counters when scraped.
+    pub ep_rank_timeouts: Family<L1, Counter>,
+    /// Per EP buffer (`rank`: its own): the ranks its kernels have not marked inactive since
+    /// it was built or last re-exchanged.
+    pub ep_active_ranks: Family<L1, Gauge>,
     /// Collective calls by operation and algorithm.
     pub coll_calls: Family<L2, Counter>,
     /// Collective bytes (of this rank's input) by operation.
@@ -90,6 +96,22 @@ type RunKey = (TransportKind, &'static str, Arc<str>);
 pub(crate) struct RunCounters {
     pub(crate) requests: Counter,
     pub(crate) bytes: Counter,
+}
+
+/// State read when the metrics are scraped (an EP buffer's host-mapped counters).
+pub trait Scrape: Send + Sync {
+    /// Adds what changed since the last scrape to `m` (and sets its gauges).
+    fn scrape(&self, m: &Metrics);
+}
+
+/// The sources read at every scrape (dropped ones are forgotten).
+static SOURCES: Mutex<Vec<Weak<dyn Scrape>>> = Mutex::new(Vec::new());
+
+/// Reads `source` at every scrape while it lives.
+pub fn watch(source: Weak<dyn Scrape>) {
+    let mut s = SOURCES.lock();
+    s.retain(|w| w.strong_count() > 0);
+    s.push(source);
 }
 
 /// The engines of this process, whose state the gauges read when scraped.
@@ -156,6 +178,8 @@ impl Metrics {
             registered_bytes: Family::default(),
             threads: Gauge::default(),
             ep_calls: Family::default(),
+            ep_rank_timeouts: Family::default(),
+            ep_active_ranks: Family::default(),
             coll_calls: Family::default(),
             coll_bytes: Family::default(),
             coll_failures: Family::default(),
@@ -191,6 +215,16 @@ impl Metrics {
         );
         r.register("threads", "Threads the engines started", m.threads.clone());
         r.register("ep_calls", "EP dispatch and combine calls", m.ep_calls.clone());
+        r.register(
+            "ep_rank_timeouts",
+            "Source ranks the EP kernels marked inactive (deadline passed or process died)",
+            m.ep_rank_timeouts.clone(),
+        );
+        r.register(
+            "ep_active_ranks",
+            "Ranks an EP buffer's kernels still count as active",
+            m.ep_active_ranks.clone(),
+        );
         r.register(
             "coll_calls",
             "Collective calls, by operation and algorithm",
@@ -299,6 +333,12 @@ impl Metrics {
         }
         self.open_peers.set(open);
         self.threads.set(threads);
+        self.ep_active_ranks.clear();
+        let sources: Vec<Arc<dyn Scrape>> =
+            SOURCES.lock().iter().filter_map(Weak::upgrade).collect();
+        for s in sources {
+            s.scrape(self);
+        }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.push_str("# encoding the metrics failed\n");

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+use tidewire::metrics::{Metrics, Scrape};
 use tidewire::{Engine, PeerBuffer, PeerBuffers};
+use tidewire_gpu::alloc::HostCounters;
 use tidewire_gpu::ep::{EpArgs, EpKernels, MAX_RANKS};
 use tidewire_gpu::Gpu;
 
@@ -53,6 +56,40 @@ pub struct Buffer {
     /// the second half at the same offset whatever the call's shape.
     half: u64,
     kernels: Arc<EpKernels>,
+    /// What the kernels marked inactive, read by the metrics.
+    watch: Arc<Watch>,
+}
+
+/// An EP buffer's counters as the metrics read them: per source rank, how often a kernel's
+/// wait marked it inactive (host-mapped, added to by the kernels).
+struct Watch {
+    marks: HostCounters,
+    rank: usize,
+    /// (counted into the metrics so far, the marks when the ranks were last re-exchanged).
+    seen: Mutex<(Vec<u32>, Vec<u32>)>,
+}
+
+impl Watch {
+    /// From now on the active ranks count from the marks as they are.
+    fn rebase(&self) {
+        self.seen.lock().1 = self.marks.load();
+    }
+}
+
+impl Scrape for Watch {
+    fn scrape(&self, m: &Metrics) {
+        let now = self.marks.load();
+        let mut seen = self.seen.lock();
+        for (r, (n, s)) in now.iter().zip(seen.0.iter_mut()).enumerate() {
+            if *n > *s {
+                let l = [("source_rank", r.to_string())];
+                m.ep_rank_timeouts.get_or_create(&l).inc_by(u64::from(*n - *s));
+                *s = *n;
+            }
+        }
+        let active = now.iter().zip(&seen.1).filter(|(n, b)| n <= b).count();
+        m.ep_active_ranks.get_or_create(&[("rank", self.rank.to_string())]).set(active as i64);
+    }
 }
 
 impl Buffer {
@@ -86,7 +123,13 @@ impl Buffer {
         let kernels = EpKernels::load(gpu)
             .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
         let half = peers.smallest() / 2 / 4096 * 4096;
-        Ok(Self { peers, half, kernels })
+        let marks = HostCounters::new(ranks)
+            .map_err(|source| Error::Gpu { context: "the EP timeout counters".into(), source })?;
+        let watch =
+            Arc::new(Watch { marks, rank, seen: Mutex::new((vec![0; ranks], vec![0; ranks])) });
+        let w: Arc<dyn Scrape> = watch.clone();
+        tidewire::metrics::watch(Arc::downgrade(&w));
+        Ok(Self { peers, half, kernels, watch })
     }
 
     /// Maps every other rank's buffer again (`peers` as for [`Buffer::connect`], ours
@@ -94,6 +137,7 @@ impl Buffer {
     pub fn reconnect(&mut self, peers: &[PeerBuffer]) -> Result<()> {
         self.peers.reconnect(peers).map_err(Error::from)?;
         self.half = self.peers.smallest() / 2 / 4096 * 4096;
+        self.watch.rebase();
         Ok(())
     }
 
@@ -148,6 +192,7 @@ impl Buffer {
             alive,
             seq_at: c.seq_at,
             half: self.half,
+            marks: self.watch.marks.addr(),
             off_dsig: l.off_dsig,
             off_ddata: l.off_ddata,
             off_dsrc: l.off_dsrc,

@@ -297,6 +297,44 @@ impl HostFlag {
     }
 }
 
+/// `n` 32-bit counters in pinned, device-mapped host memory: kernels add to them at system
+/// scope (`atomicAdd_system`), the host reads them at their address without a copy or a
+/// synchronisation (what a kernel saw, for the metrics). Freed when dropped.
+pub struct HostCounters {
+    mem: PinnedHost,
+    n: usize,
+}
+
+impl HostCounters {
+    /// `n` counters at 0.
+    pub fn new(n: usize) -> Result<Self, GpuError> {
+        let mem = PinnedHost::new(Gpu::get(0)?, (n.max(1) * 4).next_multiple_of(64))?;
+        let c = Self { mem, n };
+        for i in 0..n {
+            c.word(i).store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(c)
+    }
+
+    /// The first counter's address, valid on the host and on every GPU.
+    pub fn addr(&self) -> u64 {
+        self.mem.ptr()
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < self.n, "counter {i} of {}", self.n);
+        // SAFETY: `mem` is a live pinned allocation of at least `4 * n` bytes, page-aligned,
+        // owned by `self`; an AtomicU32 over its `i`-th word (i < n) is valid while `self`
+        // lives, and kernels only touch it with atomics.
+        unsafe { &*((self.mem.ptr() + 4 * i as u64) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    /// Every counter as kernels last left it.
+    pub fn load(&self) -> Vec<u32> {
+        (0..self.n).map(|i| self.word(i).load(std::sync::atomic::Ordering::SeqCst)).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

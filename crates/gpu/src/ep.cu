@@ -23,6 +23,8 @@ struct EpArgs {
     unsigned long long seq_at;               // device word holding the call's number (from 1;
                                              // parity = seq & 1), set by tw_ep_begin
     unsigned long long half;                 // bytes of one parity
+    unsigned long long marks;                // host-mapped u32 per rank: times a wait marked
+                                             // it inactive (0: not counted)
     unsigned long long off_dsig, off_ddata, off_dsrc, off_csig, off_cdata, off_fin;
     long long timeout_ns;
     int rank, ranks, experts, local_experts, max_tokens, hidden, topk, num_tokens;
@@ -88,7 +90,9 @@ __device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, uns
             bool dead = a.alive[from] != 0 && tw_host_poll_due(now, &polled) &&
                         *(volatile const unsigned*)a.alive[from] == 0;
             if (dead || (long long)(now - start) > a.timeout_ns || *(volatile int*)&active[from] == 0) {
-                atomicExch(&active[from], 0);
+                // Counted once per transition (what the metrics read on the host).
+                if (atomicExch(&active[from], 0) != 0 && a.marks != 0)
+                    atomicAdd_system((unsigned*)a.marks + from, 1u);
                 return -1;
             }
         }

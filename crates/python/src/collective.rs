@@ -379,8 +379,10 @@ impl PyCudaComm {
         self.with(py, |c| c.failure().map_or(Ok(()), Err))
     }
 
-    /// Moves segments on `stream` (see `CudaComm::exchange`).
+    /// Moves segments on `stream` (see `CudaComm::exchange`), counted in the metrics as one
+    /// call of `op` by `algorithm` (empty: a later step of a call already counted).
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (stream, op, send_base, send, recv_base, recv, algorithm = "nvlink_direct"))]
     fn exchange(
         &self,
         py: Python<'_>,
@@ -390,6 +392,7 @@ impl PyCudaComm {
         send: Vec<(u64, u64)>,
         recv_base: u64,
         recv: Vec<(u64, u64)>,
+        algorithm: &str,
     ) -> PyResult<()> {
         let op = CudaOp::parse(op).map_err(to_py)?;
         // SAFETY: `tidewire.distributed` passes segments of contiguous CUDA tensors of this
@@ -398,13 +401,14 @@ impl PyCudaComm {
         let n = send.iter().map(|s| s.1).sum();
         self.with(py, |c| {
             let out = unsafe { c.exchange(stream, op, send_base, &send, recv_base, &recv) };
-            tidewire_collective::record(op.name(), "nvlink_exchange", n, &out);
+            tidewire_collective::record(op.name(), algorithm, n, &out);
             out
         })
     }
 
-    /// Reduces on `stream` (see `CudaComm::reduce`).
+    /// Reduces on `stream` (see `CudaComm::reduce`), counted as for `exchange`.
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (stream, op, send_base, send, recv_base, recv, dtype_, redop, algorithm = "nvlink_direct"))]
     fn reduce(
         &self,
         py: Python<'_>,
@@ -416,6 +420,7 @@ impl PyCudaComm {
         recv: Vec<(u64, u64)>,
         dtype_: &str,
         redop: &str,
+        algorithm: &str,
     ) -> PyResult<()> {
         let op = CudaOp::parse(op).map_err(to_py)?;
         let (dt, rop) = (dtype(dtype_)?, reduce_op(redop)?);
@@ -423,7 +428,7 @@ impl PyCudaComm {
         let n = send.iter().map(|s| s.1).sum();
         self.with(py, |c| {
             let out = unsafe { c.reduce(stream, op, send_base, &send, recv_base, &recv, dt, rop) };
-            tidewire_collective::record(op.name(), "nvlink_reduce", n, &out);
+            tidewire_collective::record(op.name(), algorithm, n, &out);
             out
         })
     }
