@@ -42,6 +42,11 @@ def parse_size(s: str) -> int:
 
 
 def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespace, out_path: str) -> None:
+    if os.environ.get("PG_BENCH_TRACE_AFTER"):
+        # Diagnosis of a run that never ends: every thread's stack after that many seconds.
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["PG_BENCH_TRACE_AFTER"]), exit=True)
     opts = {}
     if backend == "tidewire":
         import tidewire.distributed  # noqa: F401
@@ -60,6 +65,7 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
     dt = DT[args.dtype]
     esz = torch.tensor([], dtype=dt).element_size()
     rows = []
+    graphs: List["torch.cuda.CUDAGraph"] = []
     size = 8
     while size < args.min_bytes:
         size *= args.step
@@ -93,6 +99,7 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
                     for _ in range(batch):
                         call()
                 torch.cuda.current_stream().wait_stream(s)
+                graphs.append(g)
                 fn, batch_calls = g.replay, batch
                 batch = 1
             times = []
@@ -113,10 +120,17 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
             algbw = moved / med / 1e3
             rows.append({"bytes": moved, "op": name, "time_us": med, "algbw": algbw, "busbw": algbw * factor})
         size *= args.step
-    dist.destroy_process_group()
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
+    if args.graph:
+        # NCCL's destroy_process_group never returned with its collectives still captured in
+        # live graphs (stack dumped after 50 s on the GPU host): free the graphs first.
+        for g in graphs:
+            g.reset()
+        graphs.clear()
+        torch.cuda.synchronize()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -76,9 +76,9 @@ pub(crate) struct RunMeta {
     pub(crate) transport: TransportKind,
     pub(crate) bytes: u64,
     /// The peer's label value (bounded).
-    pub(crate) peer: Arc<str>,
+    pub(crate) peer: &'static str,
     /// Where its requests and bytes are counted.
-    pub(crate) counters: crate::metrics::RunCounters,
+    pub(crate) counters: &'static crate::metrics::RunCounters,
 }
 
 /// Points in a batch's life recorded for [`BatchHandle::timings`].

@@ -1342,7 +1342,7 @@ impl<'b> Feeder<'b> {
                     reqs: from..*end,
                     transport: step.transport,
                     bytes: pages.local_pages.len() as u64 * pages.page_size,
-                    counters: m.run_counters(step.transport, op_name(pages.op), &peer),
+                    counters: m.run_counters(step.transport, op_name(pages.op), peer),
                     peer,
                 }
             });
@@ -1376,7 +1376,7 @@ fn run_meta(
         reqs: from..from + reqs.len(),
         transport,
         bytes: reqs.iter().map(|r| r.len).sum(),
-        counters: m.run_counters(transport, op, &peer),
+        counters: m.run_counters(transport, op, peer),
         peer,
     }
 }

@@ -113,7 +113,7 @@ pub(crate) struct PeerConn {
     /// first use.
     fabric: Mutex<Option<Arc<FabricPeer>>>,
     /// Its label in the metrics, once asked for.
-    metrics_label: OnceLock<Arc<str>>,
+    metrics_label: OnceLock<&'static str>,
     broken: AtomicBool,
     /// The peer said a region of the cached descriptor is gone (it may have registered
     /// another at the same address): the next request re-reads the descriptor.
@@ -380,8 +380,8 @@ impl PeerConn {
     }
 
     /// This peer's label in the metrics (resolved once).
-    pub(crate) fn metrics_label(&self, m: &crate::metrics::Metrics) -> Arc<str> {
-        self.metrics_label.get_or_init(|| m.peer(&self.name)).clone()
+    pub(crate) fn metrics_label(&self, m: &crate::metrics::Metrics) -> &'static str {
+        self.metrics_label.get_or_init(|| m.peer(&self.name))
     }
 
     /// The fabric transport's view of this instance.
