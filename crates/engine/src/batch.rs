@@ -31,7 +31,7 @@ pub(crate) enum TrailerRoute {
 const SPIN: Duration = Duration::from_micros(1000);
 const SPIN_TIGHT: Duration = Duration::from_micros(20);
 
-fn spin() -> Duration {
+pub(crate) fn spin() -> Duration {
     static SPIN_FOR: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *SPIN_FOR.get_or_init(|| {
         let us = tidewire_gpu::copy::tuning("TIDEWIRE_WAIT_SPIN_US", SPIN.as_micros() as u32);

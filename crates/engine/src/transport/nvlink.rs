@@ -455,12 +455,25 @@ impl Submission for Launcher<'_> {
 
 fn complete_loop(rx: &Receiver<GpuWork>, life: &Lifecycle, grace: Duration) {
     let mut inflight: Vec<GpuWork> = Vec::new();
+    // Idle, the thread polls for the next job (yielding) for as long as a waiter spins
+    // (`batch::spin`, 1 ms) before it sleeps: a sleeping thread takes microseconds to wake,
+    // as long as a small copy takes (measured: +1.3 µs per 4 KiB batch once a little more work
+    // on the submitting side let it fall asleep between batches, bench/NOTES.md §28).
+    let spin = crate::batch::spin();
+    let mut idle_since = std::time::Instant::now();
     loop {
         if inflight.is_empty() {
-            match rx.recv_timeout(Duration::from_millis(20)) {
+            match rx.try_recv() {
                 Ok(w) => inflight.push(w),
-                Err(RecvTimeoutError::Timeout) if !life.stopping() => continue,
-                Err(_) => return,
+                Err(_) if idle_since.elapsed() < spin && !life.stopping() => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Err(_) => match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(w) => inflight.push(w),
+                    Err(RecvTimeoutError::Timeout) if !life.stopping() => continue,
+                    Err(_) => return,
+                },
             }
         }
         inflight.extend(rx.try_iter());
@@ -485,7 +498,9 @@ fn complete_loop(rx: &Receiver<GpuWork>, life: &Lifecycle, grace: Duration) {
             drain_on_stop(&mut inflight, grace);
             return;
         }
-        if !progressed {
+        if progressed {
+            idle_since = std::time::Instant::now();
+        } else {
             std::hint::spin_loop();
             std::thread::yield_now();
         }
