@@ -307,8 +307,7 @@ impl Batch {
         let at = |mk: Mark| self.marks[mk as usize].load(Ordering::Relaxed);
         let first =
             [at(Mark::FirstByte), at(Mark::FirstLaunch)].into_iter().filter(|n| *n > 0).min();
-        let secs = |ns: u64| ns as f64 * 1e-9;
-        m.batch_done(transport, ok, secs(at(Mark::Finished)), first.map(secs));
+        m.batch_done(transport, ok, at(Mark::Finished), first);
     }
 
     pub(crate) fn fail_all(&self, err: Error) {
