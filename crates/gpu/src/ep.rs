@@ -261,7 +261,7 @@ mod tests {
         let src = include_str!("ep.cu");
         assert_eq!(define(src, "TW_MAX_RANKS"), MAX_RANKS as u64);
         assert_eq!(define(src, "TW_SEND_TOKENS"), u64::from(SEND_TOKENS));
-        let ours = rust_fields!(EpArgs: peers, alive, seq_at, half, off_dsig, off_ddata,
+        let ours = rust_fields!(EpArgs: peers, alive, seq_at, half, marks, off_dsig, off_ddata,
             off_dsrc, off_csig, off_cdata, off_fin, timeout_ns, rank, ranks, experts,
             local_experts, max_tokens, hidden, topk, num_tokens, fp8, slices);
         assert_eq!(fields(src, "EpArgs"), ours);
