@@ -53,10 +53,9 @@ pub(crate) struct Batch {
     marks: [AtomicU64; 5],
     /// The runs as the transports took them, kept while metrics are recorded.
     runs: Option<Mutex<Vec<RunMeta>>>,
-    /// Every run was handed to its transport (and noted): the batch may be counted.
+    /// Every run was handed to its transport (and noted): the batch may be counted (once:
+    /// at its first finish after this, or by `seal` if it had already finished).
     sealed: AtomicBool,
-    /// The batch was counted (once).
-    recorded: AtomicBool,
     /// What a failure transition stops before it returns (see [`Fence`]).
     fences: Mutex<Vec<Arc<dyn Fence>>>,
 }
@@ -135,7 +134,6 @@ impl Batch {
             marks: Default::default(),
             runs: crate::metrics::get().map(|_| Mutex::default()),
             sealed: AtomicBool::new(false),
-            recorded: AtomicBool::new(false),
             fences: Mutex::default(),
         })
     }
@@ -223,17 +221,16 @@ impl Batch {
     pub(crate) fn seal(&self) {
         let t = self.tracker.lock();
         self.sealed.store(true, Ordering::Release);
+        // Finished already: its first finish, unsealed, was not counted.
         if t.is_finished() {
-            self.record_once(&t);
+            self.count(&t);
         }
     }
 
-    /// Counts the batch in the metrics once it is sealed and finished (under the tracker lock).
-    fn record_once(&self, t: &BatchTracker<Error>) {
+    /// Counts the batch in the metrics (when they are recorded), under the tracker lock.
+    fn count(&self, t: &BatchTracker<Error>) {
         if let (Some(m), Some(runs)) = (crate::metrics::get(), &self.runs) {
-            if self.sealed.load(Ordering::Acquire) && !self.recorded.swap(true, Ordering::AcqRel) {
-                self.record(t, m, &runs.lock());
-            }
+            self.record(t, m, &runs.lock());
         }
     }
 
@@ -250,7 +247,10 @@ impl Batch {
                     "finished"
                 );
             }
-            self.record_once(t);
+            // Counted at its first finish once sealed (before that, `seal` counts it).
+            if first && self.sealed.load(Ordering::Acquire) {
+                self.count(t);
+            }
             self.cond.notify_all();
         }
     }

@@ -44,10 +44,11 @@ fn latency() -> Histogram {
 /// Buckets of [`Histogram`]: upper bounds 1 µs × 2^i.
 const BUCKETS: usize = 27;
 
-/// A latency histogram whose observation is three relaxed atomic adds (the bucket found from
-/// the value's leading zeros): `prometheus-client`'s takes a lock and scans its buckets, which
-/// cost the completion thread ≈ 0.3 µs per finished batch, inside the batch's lock. Buckets
-/// 1 µs to ≈ 67 s, doubling; encoded as a Prometheus histogram in seconds.
+/// A latency histogram whose observation is two relaxed atomic adds (the bucket found from
+/// the value's leading zeros): `prometheus-client`'s takes a lock and scans its buckets, on
+/// the completion thread inside the batch's lock (with this one the metrics' cost at 4 KiB × 1
+/// over shm on the dev VM went from ≈ 7 % to ≈ 3 %: bench/NOTES.md §28). Buckets 1 µs to
+/// ≈ 67 s, doubling; encoded as a Prometheus histogram in seconds.
 #[derive(Clone, Default, Debug)]
 pub(crate) struct Histogram(Arc<HistogramInner>);
 
@@ -133,10 +134,9 @@ pub struct Metrics {
     peers: Mutex<PeerLabels>,
     /// Handles of the hot counters, so a batch pays atomic adds, not label hashing: the
     /// (transport, op, peer label) of a run → its requests and bytes counters. Handed out as
-    /// `&'static` (leaked once per key, bounded with the peer labels): a batch that took an
-    /// `Arc` clone of a counter would bounce the counter's cache line between the submitting
-    /// thread (the clone) and the completion thread (the add) — measured as 1.7 µs per 4 KiB
-    /// batch over NVLink.
+    /// `&'static` (leaked once per key, bounded with the peer labels), so a batch touches no
+    /// reference count on the lines the completion thread adds to (the GPU host showed no
+    /// difference either way within its noise: bench/NOTES.md §28).
     runs: RwLock<Vec<(RunKey, &'static RunCounters)>>,
     /// Per transport: batch latency and first-byte histograms (leaked once per transport).
     latencies: RwLock<Vec<(TransportKind, &'static (Histogram, Histogram))>>,

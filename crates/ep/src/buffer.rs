@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tidewire::metrics::{Metrics, Scrape};
 use tidewire::{Engine, PeerBuffer, PeerBuffers};
-use tidewire_gpu::alloc::HostCounters;
+use tidewire_gpu::alloc::HostWords;
 use tidewire_gpu::ep::{EpArgs, EpKernels, MAX_RANKS};
 use tidewire_gpu::Gpu;
 
@@ -63,31 +63,38 @@ pub struct Buffer {
 /// An EP buffer's counters as the metrics read them: per source rank, how often a kernel's
 /// wait marked it inactive (host-mapped, added to by the kernels).
 struct Watch {
-    marks: HostCounters,
+    marks: HostWords,
     rank: usize,
-    /// (counted into the metrics so far, the marks when the ranks were last re-exchanged).
-    seen: Mutex<(Vec<u32>, Vec<u32>)>,
+    seen: Mutex<Seen>,
+}
+
+/// The marks as the metrics last saw them.
+struct Seen {
+    /// Already added to the timeout counters.
+    counted: Vec<u32>,
+    /// When the ranks were last re-exchanged: a rank marked since is inactive.
+    base: Vec<u32>,
 }
 
 impl Watch {
     /// From now on the active ranks count from the marks as they are.
     fn rebase(&self) {
-        self.seen.lock().1 = self.marks.load();
+        self.seen.lock().base = self.marks.load_all();
     }
 }
 
 impl Scrape for Watch {
     fn scrape(&self, m: &Metrics) {
-        let now = self.marks.load();
+        let now = self.marks.load_all();
         let mut seen = self.seen.lock();
-        for (r, (n, s)) in now.iter().zip(seen.0.iter_mut()).enumerate() {
+        for (r, (n, s)) in now.iter().zip(seen.counted.iter_mut()).enumerate() {
             if *n > *s {
                 let l = [("source_rank", r.to_string())];
                 m.ep_rank_timeouts.get_or_create(&l).inc_by(u64::from(*n - *s));
                 *s = *n;
             }
         }
-        let active = now.iter().zip(&seen.1).filter(|(n, b)| n <= b).count();
+        let active = now.iter().zip(&seen.base).filter(|(n, b)| n <= b).count();
         m.ep_active_ranks.get_or_create(&[("rank", self.rank.to_string())]).set(active as i64);
     }
 }
@@ -123,10 +130,10 @@ impl Buffer {
         let kernels = EpKernels::load(gpu)
             .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
         let half = peers.smallest() / 2 / 4096 * 4096;
-        let marks = HostCounters::new(ranks)
+        let marks = HostWords::new(ranks)
             .map_err(|source| Error::Gpu { context: "the EP timeout counters".into(), source })?;
-        let watch =
-            Arc::new(Watch { marks, rank, seen: Mutex::new((vec![0; ranks], vec![0; ranks])) });
+        let seen = Seen { counted: vec![0; ranks], base: vec![0; ranks] };
+        let watch = Arc::new(Watch { marks, rank, seen: Mutex::new(seen) });
         let w: Arc<dyn Scrape> = watch.clone();
         tidewire::metrics::watch(Arc::downgrade(&w));
         Ok(Self { peers, half, kernels, watch })

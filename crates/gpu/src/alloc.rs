@@ -260,78 +260,79 @@ pub unsafe fn zero_device(device: u32, ptr: u64, len: u64) -> Result<(), GpuErro
     cuda.check("cuMemsetD8", unsafe { (cuda.memset_d8)(ptr, 0, len as usize) })
 }
 
-/// A 32-bit word in pinned, device-mapped host memory that the host and kernels on any GPU
-/// both read and write at its address (unified addressing, system-scope accesses), no copy
-/// needed: a liveness flag the host stores, a failure word kernels store.
-/// Freed when dropped.
-pub struct HostFlag {
+/// `n` 32-bit words in pinned, device-mapped host memory that the host and kernels on any GPU
+/// both read and write at their addresses (unified addressing, system-scope accesses), no
+/// copy or synchronisation needed: counters kernels add to (`atomicAdd_system`) and the
+/// metrics read. Freed when dropped.
+pub struct HostWords {
     mem: PinnedHost,
+    n: usize,
+}
+
+impl HostWords {
+    /// `n` words at 0.
+    pub fn new(n: usize) -> Result<Self, GpuError> {
+        let mem = PinnedHost::new(Gpu::get(0)?, (n.max(1) * 4).next_multiple_of(64))?;
+        let w = Self { mem, n };
+        for i in 0..n {
+            w.store(i, 0);
+        }
+        Ok(w)
+    }
+
+    /// The first word's address, valid on the host and on every GPU.
+    pub fn addr(&self) -> u64 {
+        self.mem.ptr()
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < self.n, "word {i} of {}", self.n);
+        // SAFETY: `mem` is a live pinned allocation of at least `4 * n` bytes, page-aligned,
+        // owned by `self`; an AtomicU32 over its `i`-th word (i < n) is valid while `self`
+        // lives, and kernels only touch it with system-scope accesses.
+        unsafe { &*((self.mem.ptr() + 4 * i as u64) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    pub fn store(&self, i: usize, value: u32) {
+        self.word(i).store(value, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Word `i` as kernels last left it.
+    pub fn load(&self, i: usize) -> u32 {
+        self.word(i).load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Every word as kernels last left it.
+    pub fn load_all(&self) -> Vec<u32> {
+        (0..self.n).map(|i| self.load(i)).collect()
+    }
+}
+
+/// One [`HostWords`] word: a liveness flag the host stores, a failure word kernels store.
+pub struct HostFlag {
+    word: HostWords,
 }
 
 impl HostFlag {
     /// A flag holding `value`.
     pub fn new(value: u32) -> Result<Self, GpuError> {
-        let flag = Self { mem: PinnedHost::new(Gpu::get(0)?, 64)? };
+        let flag = Self { word: HostWords::new(1)? };
         flag.store(value);
         Ok(flag)
     }
 
     /// The word's address, valid on the host and on every GPU.
     pub fn addr(&self) -> u64 {
-        self.mem.ptr()
-    }
-
-    fn word(&self) -> &std::sync::atomic::AtomicU32 {
-        // SAFETY: `mem` is a live, 64-byte, page-aligned pinned allocation owned by `self`;
-        // an AtomicU32 over its first word is valid for as long as `self` lives.
-        unsafe { &*(self.mem.ptr() as *const std::sync::atomic::AtomicU32) }
+        self.word.addr()
     }
 
     pub fn store(&self, value: u32) {
-        self.word().store(value, std::sync::atomic::Ordering::SeqCst);
+        self.word.store(0, value);
     }
 
     /// The word as kernels last wrote it (they store to it at system scope).
     pub fn load(&self) -> u32 {
-        self.word().load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-/// `n` 32-bit counters in pinned, device-mapped host memory: kernels add to them at system
-/// scope (`atomicAdd_system`), the host reads them at their address without a copy or a
-/// synchronisation (what a kernel saw, for the metrics). Freed when dropped.
-pub struct HostCounters {
-    mem: PinnedHost,
-    n: usize,
-}
-
-impl HostCounters {
-    /// `n` counters at 0.
-    pub fn new(n: usize) -> Result<Self, GpuError> {
-        let mem = PinnedHost::new(Gpu::get(0)?, (n.max(1) * 4).next_multiple_of(64))?;
-        let c = Self { mem, n };
-        for i in 0..n {
-            c.word(i).store(0, std::sync::atomic::Ordering::SeqCst);
-        }
-        Ok(c)
-    }
-
-    /// The first counter's address, valid on the host and on every GPU.
-    pub fn addr(&self) -> u64 {
-        self.mem.ptr()
-    }
-
-    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(i < self.n, "counter {i} of {}", self.n);
-        // SAFETY: `mem` is a live pinned allocation of at least `4 * n` bytes, page-aligned,
-        // owned by `self`; an AtomicU32 over its `i`-th word (i < n) is valid while `self`
-        // lives, and kernels only touch it with atomics.
-        unsafe { &*((self.mem.ptr() + 4 * i as u64) as *const std::sync::atomic::AtomicU32) }
-    }
-
-    /// Every counter as kernels last left it.
-    pub fn load(&self) -> Vec<u32> {
-        (0..self.n).map(|i| self.word(i).load(std::sync::atomic::Ordering::SeqCst)).collect()
+        self.word.load(0)
     }
 }
 

@@ -33,7 +33,7 @@ pub struct EpArgs {
     pub seq_at: u64,
     /// Bytes of one half.
     pub half: u64,
-    /// Host-mapped u32 per rank ([`crate::alloc::HostCounters`]): how often a wait marked
+    /// Host-mapped u32 per rank ([`crate::alloc::HostWords`]): how often a wait marked
     /// that source rank inactive (its deadline passed or its process died); 0: not counted.
     pub marks: u64,
     pub off_dsig: u64,

@@ -782,10 +782,11 @@ impl FabricSubmission<'_> {
             .collect();
         // One pin for the run, taken without waiting: an unregistration waiting for the
         // region's accesses to end makes the run fail rather than queue behind it.
-        let pin = Arc::new(step.local.try_access_owned().ok_or(Error::NotRegistered {
-            addr: requests[run.from].local,
-            len: requests[run.from].len,
-        })?);
+        let pin = Arc::new(
+            step.local
+                .try_access_owned()
+                .ok_or(Error::NotRegistered { addr: step.local.addr, len: step.local.len })?,
+        );
         // Pinned: its registrations stay open until the pin is released.
         let locals = local.nics();
         if remotes.is_empty() || locals.is_empty() {
