@@ -62,6 +62,7 @@ from ._store import exchange
 __all__ = ["ProcessGroupTidewire", "engine", "set_host_ip"]
 
 BACKEND = "tidewire"
+_LOG = logging.getLogger("tidewire")
 
 _DTYPES = {
     torch.int8: "int8",
@@ -243,21 +244,29 @@ class _P2PWork(dist.Work):
         return fut
 
 
+def _raw_stream(device: int) -> int:
+    """The current stream of `device`, as the `cudaStream_t` value (a C call: a stream object
+    from `torch.cuda.current_stream` costs a few µs, the most of a small call's host time)."""
+    return int(torch._C._cuda_getCurrentRawStream(device))
+
+
 class _CudaWork(dist.Work):
     """A collective enqueued on a stream: ``wait()`` makes the current stream wait for it."""
 
-    def __init__(self, stream: "torch.cuda.Stream", result: Any) -> None:
+    def __init__(self, device: int, stream: int, result: Any) -> None:
         super().__init__()
-        self._stream, self._result = stream, result
+        self._device, self._raw, self._result = device, stream, result
+
+    def _stream(self) -> "torch.cuda.Stream":
+        return torch.cuda.ExternalStream(self._raw, device=self._device)
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
-        cur = torch.cuda.current_stream(self._stream.device)
-        if cur != self._stream:
-            cur.wait_stream(self._stream)
+        if _raw_stream(self._device) != self._raw:
+            torch.cuda.current_stream(self._device).wait_stream(self._stream())
         return True
 
     def is_completed(self) -> bool:
-        return self._stream.query()
+        return self._stream().query()
 
     def is_success(self) -> bool:
         return True
@@ -322,11 +331,8 @@ class _CudaPath:
             self.comm.close()
             self.comm = None
 
-    def _stream(self) -> "torch.cuda.Stream":
-        return torch.cuda.current_stream(self.device)
-
     def work(self, result: Any) -> dist.Work:
-        return _CudaWork(self._stream(), result)
+        return _CudaWork(self.device, _raw_stream(self.device), result)
 
     def _live(self, op: str) -> Any:
         if self.comm is None:
@@ -337,13 +343,13 @@ class _CudaPath:
     def exchange(
         self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], algorithm: str = "nvlink_direct"
     ) -> None:
-        self._live(op).exchange(self._stream().cuda_stream, op, send_base, send, recv_base, recv, algorithm)
+        self._live(op).exchange(_raw_stream(self.device), op, send_base, send, recv_base, recv, algorithm)
 
     def reduce(
         self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str,
         algorithm: str = "nvlink_direct",
     ) -> None:
-        self._live(op).reduce(self._stream().cuda_stream, op, send_base, send, recv_base, recv, dtype, redop, algorithm)
+        self._live(op).reduce(_raw_stream(self.device), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
 
 
 def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:
@@ -716,9 +722,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """All-reduce of `n` bytes of the contiguous CUDA tensor `d` in place, one- or two-shot."""
         algo = nv.all_reduce_algo
         two = algo == "two_shot" or (algo != "one_shot" and self._size > 2 and n >= _TWO_SHOT_MIN)
-        log = logging.getLogger("tidewire")
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("all_reduce of %d bytes on %d ranks: %s", n, self._size, "two-shot" if two else "one-shot")
+        if _LOG.isEnabledFor(logging.DEBUG):
+            _LOG.debug("all_reduce of %d bytes on %d ranks: %s", n, self._size, "two-shot" if two else "one-shot")
         if not two:
             whole = [(0, n)] * self._size
             self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(d), op, "nvlink_one_shot")
