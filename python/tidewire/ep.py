@@ -74,6 +74,12 @@ class EventOverlap:
         self.current_stream_wait()
 
 
+
+def _raw_stream() -> int:
+    """The current device's current stream as a `cudaStream_t` value (a C call; building the
+    stream object costs several µs of a call's host time)."""
+    return int(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()))
+
 def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """`x` (bf16 `[n, H]`) as e4m3 with one fp32 scale per 128 channels, as the dispatch kernel
     makes it: scale = max(amax, 1e-4) / 448, values times 1 / scale rounded to nearest even and
@@ -281,7 +287,8 @@ class Buffer:
             self.paths = self._native.paths()
         # The buffer's dispatch counter, on the GPU: each dispatch's number is taken there by a
         # kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
-        self._counter = torch.zeros(1, dtype=torch.int64, device=f"cuda:{self.device}")
+        # The last call's number, and the send kernel's finished blocks (0 between calls).
+        self._counter = torch.zeros(2, dtype=torch.int64, device=f"cuda:{self.device}")
         # Each dispatch's number word, token count, top-k and host-side number, by its handle
         # (for its combine).
         self._seqs: Dict[int, Tuple[Any, int, int, int]] = {}
@@ -358,7 +365,7 @@ class Buffer:
         # One native call: the call is checked (a call a rank refuses is not numbered), numbered
         # on the GPU, sent (our own experts' rows straight into the outputs), and received
         # unless the caller's hook does that.
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _raw_stream()
         self._native.dispatch(
             stream, shape, self._counter.data_ptr(), x.data_ptr(), topk_idx.data_ptr(), active.data_ptr(), outs, not return_recv_hook
         )
@@ -374,7 +381,7 @@ class Buffer:
             held = (recv_x, scales, src_info, layout_range, recv_count, seq)
 
             def hook() -> None:
-                s = torch.cuda.current_stream().cuda_stream
+                s = _raw_stream()
                 self._native.dispatch_recv(s, shape, outs, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
 
@@ -434,7 +441,7 @@ class Buffer:
             return self._fallback.combine(self, x, topk_weights, seq, out, async_finish, return_recv_hook)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _raw_stream()
         self._native.combine(stream, shape, io, active.data_ptr(), not return_recv_hook)
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
@@ -442,7 +449,7 @@ class Buffer:
             held = (x, src_info, layout_range, topk_idx, topk_weights, out, seq)
 
             def hook() -> None:
-                s = torch.cuda.current_stream().cuda_stream
+                s = _raw_stream()
                 self._native.combine_recv(s, shape, io, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
                 self._open.discard(number)
@@ -469,13 +476,13 @@ class Buffer:
         torch.cuda.current_stream().synchronize()
         eng = _engine()
         addr, length = self._own
-        counter = int(self._counter.item())
+        counter = int(self._counter[0].item())
         infos = exchange(self.group, f"{self._tag}/update{self._updates}", [eng.name, addr, length, counter])
         self._native.reconnect([(n, a, l) for (n, a, l, _) in infos])
         # A restarted rank counts from 0: every rank continues after the highest number, so
         # that no signal of an earlier call can pass for one of the next.
         top = max(c for (_, _, _, c) in infos)
-        self._counter.fill_(top)
+        self._counter[0].fill_(top)
         self._dispatches = top
         self._open.clear()
         self._seqs.clear()

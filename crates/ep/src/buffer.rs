@@ -39,8 +39,8 @@ pub struct CombineIo {
 #[derive(Debug, Clone, Copy)]
 pub struct Call {
     pub layout: Layout,
-    /// The device word holding the call's sequence number (written by [`Buffer::begin`]; a
-    /// combine reads its dispatch's).
+    /// The device word holding the call's sequence number (written by the dispatch's send
+    /// kernel; a combine reads its dispatch's).
     pub seq_at: u64,
     pub num_tokens: usize,
     pub topk: usize,
@@ -224,14 +224,14 @@ impl Buffer {
         move |source| Error::Gpu { context: format!("launching the {what} kernel"), source }
     }
 
-    /// A whole dispatch on `stream`, with one check of the call: numbers it (`counter`, a
-    /// device word of the buffer's, into `seq_out`, the call's), launches the send phase, and
-    /// the receive phase too unless the caller launches it later (`recv_now` false: the hook).
-    /// A call the buffer refuses is not numbered.
+    /// A whole dispatch on `stream`, with one check of the call: launches the send phase
+    /// (which numbers the call: `counter`, two device words of the buffer's, into `c.seq_at`,
+    /// the call's), and the receive phase too unless the caller launches it later (`recv_now`
+    /// false: the hook). A call the buffer refuses is not numbered.
     ///
     /// # Safety
-    /// `counter` and `c.seq_at` are u64 words in this GPU's memory (the first the buffer's
-    /// own, used by nobody else); the inputs (`x` `[num_tokens, hidden]` bf16, `topk`
+    /// `counter` (two u64 words, the second 0 between calls) and `c.seq_at` (one) are in this
+    /// GPU's memory (the first the buffer's own, used by nobody else); the inputs (`x` `[num_tokens, hidden]` bf16, `topk`
     /// `[num_tokens, topk]` int64, `active` `[ranks]` int32) and outputs are on this buffer's
     /// GPU and live until the work on `stream` is done; every rank makes the same calls in the
     /// same order.
@@ -251,9 +251,18 @@ impl Buffer {
         let k = &self.kernels;
         // SAFETY: forwarded contract.
         unsafe {
-            k.begin(stream, counter, c.seq_at).map_err(Self::gpu_err("numbering"))?;
-            k.dispatch_send(stream, &a, x, topk, active, out.recv_x, out.scales, out.src_info)
-                .map_err(Self::gpu_err("dispatch send"))?;
+            k.dispatch_send(
+                stream,
+                &a,
+                x,
+                topk,
+                active,
+                out.recv_x,
+                out.scales,
+                out.src_info,
+                counter,
+            )
+            .map_err(Self::gpu_err("dispatch send"))?;
         }
         if recv_now {
             // SAFETY: forwarded contract.

@@ -21,7 +21,7 @@ struct EpArgs {
     unsigned long long peers[TW_MAX_RANKS];  // each rank's buffer, mapped for this GPU
     unsigned long long alive[TW_MAX_RANKS];  // each rank's liveness word (0: none / ourselves)
     unsigned long long seq_at;               // device word holding the call's number (from 1;
-                                             // parity = seq & 1), set by tw_ep_begin
+                                             // parity = seq & 1), set by the dispatch send
     unsigned long long half;                 // bytes of one parity
     unsigned long long marks;                // host-mapped u32 per rank: times a wait marked
                                              // it inactive (0: not counted)
@@ -44,7 +44,7 @@ __device__ __forceinline__ char* tw_base(const EpArgs& a, int r, unsigned long l
     return (char*)a.peers[r] + (seq & 1ull) * a.half;
 }
 
-// The call's number, written by tw_ep_begin earlier on the stream (so a CUDA-graph replay
+// The call's number, written by the dispatch send earlier on the stream (so a CUDA-graph replay
 // runs with a fresh one).
 __device__ __forceinline__ unsigned long long tw_seq(const EpArgs& a) {
     return *(volatile const unsigned long long*)a.seq_at;
@@ -65,13 +65,6 @@ __device__ __forceinline__ long long tw_sel(const long long* topk, long long t, 
     for (int j = 0; j < k; j++)
         if (r[j] == e) return -1;
     return e;
-}
-
-// Numbers a dispatch: one more than the buffer's last (a counter in device memory).
-extern "C" __global__ void tw_ep_begin(unsigned long long* counter, unsigned long long* seq_out) {
-    unsigned long long v = *counter + 1;
-    *counter = v;
-    *seq_out = v;
 }
 
 // Waits until `*sig` carries the call `seq` in its high 32 bits; returns the low 32 bits, or
@@ -125,21 +118,23 @@ __device__ __forceinline__ void tw_unpack8(const int4& v, float* f) {
 // Our own tokens for our own experts go straight into `recv_x` (and `recv_scales`,
 // `src_info`), at the start of each local expert's rows: the receive kernel then copies only
 // what other ranks sent.
+//
+// The kernel numbers the call: `counter[0]` is the buffer's last call number, `counter[1]` the
+// blocks of this launch that are done. Every block reads `counter[0] + 1` at its start; the
+// last block to finish stores it into `counter[0]` and the call's `seq_at` (which the later
+// kernels of the call read), so a CUDA-graph replay numbers its calls afresh.
 extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a, const unsigned short* x,
                                                                       const long long* topk, int* active,
                                                                       unsigned short* recv_x, float* recv_scales,
-                                                                      int* src_info) {
+                                                                      int* src_info, unsigned long long* counter) {
     __shared__ int before[TW_MAX_EXPERTS];  // tokens before ours that select e (then: next position)
     __shared__ int total[TW_MAX_EXPERTS];   // our tokens that select e
     __shared__ int pos[TW_SEND_TOKENS * TW_MAX_TOPK];
-    __shared__ char* rowp[32][TW_MAX_TOPK];  // per warp: each selection's destination row (or null)
-    __shared__ float* sclp[32][TW_MAX_TOPK];  // ... and where its row's first scale goes
-    __shared__ unsigned long long sstride[32][TW_MAX_TOPK];  // ... and the next ones (floats)
     const int E = a.experts, K = a.topk, T = a.num_tokens, H = a.hidden;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int per_block = (T + gridDim.x - 1) / gridDim.x;
     const int t0 = min(T, (int)blockIdx.x * per_block), t1 = min(T, t0 + per_block);
-    const unsigned long long seq = tw_seq(a);
+    const unsigned long long seq = *(volatile const unsigned long long*)counter + 1ull;
     for (int e = threadIdx.x; e < E; e += blockDim.x) before[e] = total[e] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
@@ -178,12 +173,15 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     const int S = a.slices, per_slice = (steps + S - 1) / S;
     for (int task = warp; task < (t1 - t0) * S; task += warps) {
         const int tl = task / S, sl = task % S, t = t0 + tl;
+        // Lane k < K holds selection k's destination row (null: none), where its row's first
+        // scale goes and the stride of the next ones (floats); the warp reads them by shuffle
+        // (registers: no shared-memory load between the stores).
         long long e = -1;
+        char* r = nullptr;
+        float* sp = nullptr;
+        unsigned long long ss = 1;
         if (lane < K) {
             e = tw_sel(topk, t, lane, K, E);
-            char* r = nullptr;
-            float* sp = nullptr;
-            unsigned long long ss = 1;
             if (e >= 0) {
                 const int dst = (int)(e / a.local_experts), el = (int)(e % a.local_experts);
                 const int p = pos[tl * K + lane];
@@ -205,11 +203,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
             } else {
                 e = -1;
             }
-            sclp[warp][lane] = sp;
-            sstride[warp][lane] = ss;
-            rowp[warp][lane] = r;
         }
-        __syncwarp();
         const unsigned short* in = x + (unsigned long long)t * H;
         const int s_end = min(steps, (sl + 1) * per_slice);
         for (int step = sl * per_slice; step < s_end; step++) {
@@ -237,20 +231,23 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                 q.y = (int)(tw_e4m3x2(f[5] * inv, f[4] * inv) | (tw_e4m3x2(f[7] * inv, f[6] * inv) << 16));
                 q.z = (int)(tw_e4m3x2(f[9] * inv, f[8] * inv) | (tw_e4m3x2(f[11] * inv, f[10] * inv) << 16));
                 q.w = (int)(tw_e4m3x2(f[13] * inv, f[12] * inv) | (tw_e4m3x2(f[15] * inv, f[14] * inv) << 16));
-                if (ok) {
-                    for (int k = 0; k < K; k++) {
-                        char* r = rowp[warp][k];
-                        if (r == nullptr) continue;
-                        *(int4*)(r + c) = q;
-                        if ((lane & 7) == 0) sclp[warp][k][(c >> 7) * sstride[warp][k]] = scale;
-                    }
-                }
-            } else if (ok) {
+                // Every row's bytes first, then the scales (a lane per 128 channels).
                 for (int k = 0; k < K; k++) {
-                    char* r = rowp[warp][k];
-                    if (r == nullptr) continue;
-                    ((int4*)(r + 2 * c))[0] = v0;
-                    ((int4*)(r + 2 * c))[1] = v1;
+                    char* rk = (char*)__shfl_sync(0xffffffffu, (unsigned long long)r, k);
+                    if (ok && rk != nullptr) *(int4*)(rk + c) = q;
+                }
+                for (int k = 0; k < K; k++) {
+                    float* sk = (float*)__shfl_sync(0xffffffffu, (unsigned long long)sp, k);
+                    const unsigned long long st = __shfl_sync(0xffffffffu, ss, k);
+                    if (ok && sk != nullptr && (lane & 7) == 0) sk[(c >> 7) * st] = scale;
+                }
+            } else {
+                for (int k = 0; k < K; k++) {
+                    char* rk = (char*)__shfl_sync(0xffffffffu, (unsigned long long)r, k);
+                    if (ok && rk != nullptr) {
+                        ((int4*)(rk + 2 * c))[0] = v0;
+                        ((int4*)(rk + 2 * c))[1] = v1;
+                    }
                 }
             }
         }
@@ -272,6 +269,16 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
             }
         }
         __syncwarp();
+    }
+    // The call's number, once every block has read the previous one (above, at its start).
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(counter + 1, 1ull) + 1ull == (unsigned long long)gridDim.x) {
+            counter[1] = 0;
+            counter[0] = seq;
+            *(unsigned long long*)a.seq_at = seq;
+        }
     }
 }
 

@@ -29,7 +29,7 @@ pub struct EpArgs {
     /// Each rank's liveness word (device-readable; 0: none, for ourselves).
     pub alive: [u64; MAX_RANKS],
     /// The device word holding the call's sequence number (from 1; its parity picks the
-    /// buffer half), written by [`EpKernels::begin`] on the same stream.
+    /// buffer half), written by [`EpKernels::dispatch_send`] on the same stream.
     pub seq_at: u64,
     /// Bytes of one half.
     pub half: u64,
@@ -58,13 +58,8 @@ pub struct EpArgs {
     pub slices: i32,
 }
 
-const NAMES: [&std::ffi::CStr; 5] = [
-    c"tw_ep_dispatch_send",
-    c"tw_ep_dispatch_recv",
-    c"tw_ep_combine_send",
-    c"tw_ep_combine_recv",
-    c"tw_ep_begin",
-];
+const NAMES: [&std::ffi::CStr; 4] =
+    [c"tw_ep_dispatch_send", c"tw_ep_dispatch_recv", c"tw_ep_combine_send", c"tw_ep_combine_recv"];
 
 /// The EP kernels, loaded on one GPU.
 pub struct EpKernels {
@@ -83,26 +78,18 @@ impl EpKernels {
         Ok(Arc::new(Self { k: SOURCE.load(gpu)? }))
     }
 
-    /// Numbers a dispatch on `stream`: `*counter + 1` into `*counter` and `*seq_out` (both
-    /// device u64 words), so that a CUDA-graph replay numbers its calls afresh.
-    ///
-    /// # Safety
-    /// Both are device words of this GPU, alive until the work on `stream` is done.
-    pub unsafe fn begin(&self, stream: u64, counter: u64, seq_out: u64) -> Result<(), GpuError> {
-        let (mut c, mut o) = (counter, seq_out);
-        let mut p: [*mut c_void; 2] = [ptr(&mut c), ptr(&mut o)];
-        // SAFETY: (unsigned long long*, unsigned long long*), as the kernel declares.
-        unsafe { self.k.launch(4, 1, 1, stream, &mut p) }
-    }
-
     /// Dispatch, send phase: every token's row to the ranks owning its experts (our own
     /// experts' straight into `recv_x`, `scales` and `src_info`, the receive kernel's outputs).
+    /// It numbers the call: `counter[0] + 1` (two device u64 words: the buffer's last number,
+    /// and the launch's finished blocks, 0 between launches) into `counter[0]` and
+    /// `args.seq_at`, so that a CUDA-graph replay numbers its calls afresh.
     ///
     /// # Safety
     /// `args` describes live buffers of every rank mapped for this GPU, laid out as its
     /// offsets say; `x` is `[num_tokens, hidden]` bf16, `topk` `[num_tokens, topk]` int64,
-    /// `active` `[ranks]` int32, the outputs as for [`EpKernels::dispatch_recv`], all on this
-    /// GPU and alive until the work on `stream` is done.
+    /// `active` `[ranks]` int32, the outputs as for [`EpKernels::dispatch_recv`], `counter`
+    /// the buffer's own two words (no other kernel uses them meanwhile), all on this GPU and
+    /// alive until the work on `stream` is done.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dispatch_send(
         &self,
@@ -114,12 +101,13 @@ impl EpKernels {
         recv_x: u64,
         scales: u64,
         src_info: u64,
+        counter: u64,
     ) -> Result<(), GpuError> {
         let (mut a, mut x, mut t, mut act) = (*args, x, topk, active);
-        let (mut rx, mut sc, mut si) = (recv_x, scales, src_info);
+        let (mut rx, mut sc, mut si, mut ctr) = (recv_x, scales, src_info, counter);
         let (grid, slices) = send_shape(args.num_tokens, args.hidden, self.k.gpu.sm_count);
         a.slices = slices;
-        let mut p: [*mut c_void; 7] = [
+        let mut p: [*mut c_void; 8] = [
             ptr(&mut a),
             ptr(&mut x),
             ptr(&mut t),
@@ -127,9 +115,10 @@ impl EpKernels {
             ptr(&mut rx),
             ptr(&mut sc),
             ptr(&mut si),
+            ptr(&mut ctr),
         ];
-        // SAFETY: (EpArgs, const ushort*, const long long*, int*, ushort*, float*, int*), as
-        // the kernel declares.
+        // SAFETY: (EpArgs, const ushort*, const long long*, int*, ushort*, float*, int*,
+        // unsigned long long*), as the kernel declares.
         unsafe { self.k.launch(0, grid, 1024, stream, &mut p) }
     }
 
