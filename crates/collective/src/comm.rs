@@ -230,7 +230,7 @@ pub struct Comm {
     /// connect: algorithms that involve every pair take the single-copy path alike).
     group_direct: bool,
     /// Threads a large direct read (and all_reduce's reduction of it) is spread over.
-    readers: usize,
+    readers: Readers,
     /// The deadline of waits for point-to-point operations (`isend`/`irecv`), when it is not
     /// the group's timeout.
     p2p_timeout: Option<Duration>,
@@ -329,7 +329,7 @@ impl Comm {
             next_op: 0,
             poisoned: None,
             group_direct: false,
-            readers: readers(size),
+            readers: Readers::new(readers(size)),
             p2p_timeout: None,
             headers: Vec::new(),
         };
@@ -910,37 +910,26 @@ impl Comm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
-        let piece = piece_of(acc.len(), self.readers);
-        let failed = std::thread::scope(|scope| {
-            let work =
-                |at: usize, acc: &mut [u8]| -> std::result::Result<(), (usize, std::io::Error)> {
-                    let mut scratch = vec![0u8; REDUCE_CHUNK.min(acc.len())];
-                    for (i, acc) in acc.chunks_mut(REDUCE_CHUNK).enumerate() {
-                        let off = (at + i * REDUCE_CHUNK) as u64;
-                        for &(r, pid, addr) in sources {
-                            let tmp = &mut scratch[..acc.len()];
-                            read_process(pid, tmp, addr + off).map_err(|e| (r, e))?;
-                            reduce_into(acc, tmp, dtype, op);
-                        }
+        let failed = self.readers.split(acc, |at, acc| {
+            SCRATCH.with(|scratch| {
+                // The thread's scratch block, kept between calls (a fresh one costs its page
+                // faults at every call).
+                let mut scratch = scratch.borrow_mut();
+                if scratch.len() < REDUCE_CHUNK.min(acc.len()) {
+                    scratch.resize(REDUCE_CHUNK.min(acc.len()), 0);
+                }
+                for (i, acc) in acc.chunks_mut(REDUCE_CHUNK).enumerate() {
+                    let off = (at + i * REDUCE_CHUNK) as u64;
+                    for &(r, pid, addr) in sources {
+                        let tmp = &mut scratch[..acc.len()];
+                        read_process(pid, tmp, addr + off).map_err(|e| (r, e))?;
+                        reduce_into(acc, tmp, dtype, op);
                     }
-                    Ok(())
-                };
-            let mut pieces = acc.chunks_mut(piece.max(1));
-            let first = pieces.next();
-            let handles: Vec<_> = pieces
-                .enumerate()
-                .map(|(i, acc)| scope.spawn(move || work((i + 1) * piece, acc)))
-                .collect();
-            let mut failed = first.and_then(|acc| work(0, acc).err());
-            for h in handles {
-                let got = h.join().unwrap_or_else(|_| {
-                    Err((self.rank, std::io::Error::other("a reader thread panicked")))
-                });
-                failed = failed.or(got.err());
-            }
-            failed
+                }
+                Ok(())
+            })
         });
-        if let Some((r, e)) = failed {
+        if let Err((r, e)) = failed {
             let e = Error::RankFailed {
                 op: name.to_string(),
                 rank: r,
@@ -1063,7 +1052,7 @@ impl Comm {
     ) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
-        copy_split(&mut out[o[me].clone()], &input[i[me].clone()], self.readers);
+        self.readers.copy(&mut out[o[me].clone()], &input[i[me].clone()]);
         let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
         let mut theirs = vec![[0u8; 16]; n];
         {
@@ -1122,13 +1111,11 @@ impl Comm {
                 None => Some(Error::invalid(format!(
                     "{name}: rank {r} is not read directly (no process id agreed)"
                 ))),
-                Some(pid) => {
-                    read_split(pid, dst, addr, self.readers).err().map(|e| Error::RankFailed {
-                        op: name.to_string(),
-                        rank: r,
-                        reason: format!("reading its memory: {e}"),
-                    })
-                }
+                Some(pid) => self.readers.read(pid, dst, addr).err().map(|e| Error::RankFailed {
+                    op: name.to_string(),
+                    rank: r,
+                    reason: format!("reading its memory: {e}"),
+                }),
             }
         };
         if let Some(e) = failed {
@@ -1179,7 +1166,7 @@ impl Comm {
     /// on (default: `TIDEWIRE_PG_COPY_THREADS`, else the host's CPUs shared among the ranks,
     /// at most four).
     pub fn set_readers(&mut self, n: usize) {
-        self.readers = n.max(1);
+        self.readers = Readers::new(n);
     }
 
     /// Whether every pair of the group reads each other's buffers directly (one copy) for
@@ -1223,7 +1210,7 @@ impl Comm {
                 out.len()
             )));
         }
-        copy_split(&mut out[self.rank * len..(self.rank + 1) * len], input, self.readers);
+        self.readers.copy(&mut out[self.rank * len..(self.rank + 1) * len], input);
         if n > 1 && len > 0 {
             if len * (n - 1) >= DIRECT_MIN && self.group_direct {
                 log::debug!("rank {}: all_gather of {len} bytes by direct reads", self.rank);
@@ -1289,7 +1276,7 @@ impl Comm {
         let mine = encode_block(input.as_ptr() as u64, input.len());
         let theirs = self.swap_words(name, &peers, |_| mine)?;
         let sources = self.sources(name, &peers, &theirs, input.len(), (me * len) as u64)?;
-        copy_split(out, &input[me * len..(me + 1) * len], self.readers);
+        self.readers.copy(out, &input[me * len..(me + 1) * len]);
         self.reduce_from(name, out, &sources, dtype, op)?;
         self.tokens(name, &peers)
     }
@@ -1765,48 +1752,97 @@ fn piece_of(len: usize, readers: usize) -> usize {
     len.div_ceil(readers).max(PIECE_MIN).next_multiple_of(4096)
 }
 
-/// `dst.copy_from_slice(src)`, spread over `threads` threads when large.
-fn copy_split(dst: &mut [u8], src: &[u8], threads: usize) {
-    let piece = piece_of(dst.len(), threads);
-    if piece >= dst.len() {
-        dst.copy_from_slice(src);
-        return;
-    }
-    std::thread::scope(|scope| {
-        let mut pairs = dst.chunks_mut(piece).zip(src.chunks(piece));
-        let first = pairs.next();
-        for (d, s) in pairs {
-            scope.spawn(move || d.copy_from_slice(s));
-        }
-        if let Some((d, s)) = first {
-            d.copy_from_slice(s);
-        }
-    });
+thread_local! {
+    /// A reader thread's scratch block for all_reduce's reduction (kept between calls).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// As [`read_process`], spread over `readers` threads when `dst` is large.
-fn read_split(pid: u32, dst: &mut [u8], addr: u64, readers: usize) -> std::io::Result<()> {
-    let piece = piece_of(dst.len(), readers);
-    if piece >= dst.len() {
-        return read_process(pid, dst, addr);
+/// The threads one rank's large copies and direct reads are spread over: the caller's and a
+/// pool of `n - 1` more, started at the first large copy and stopped with the communicator
+/// (starting threads at every call cost tens of µs each, as much as a 2 MiB read).
+struct Readers {
+    n: usize,
+    pool: std::sync::OnceLock<Option<rayon::ThreadPool>>,
+}
+
+impl Readers {
+    fn new(n: usize) -> Self {
+        Self { n: n.max(1), pool: std::sync::OnceLock::new() }
     }
-    std::thread::scope(|scope| {
-        let mut pieces = dst.chunks_mut(piece);
-        let first = pieces.next();
-        let handles: Vec<_> = pieces
-            .enumerate()
-            .map(|(i, d)| {
-                scope.spawn(move || read_process(pid, d, addr + ((i + 1) * piece) as u64))
+
+    /// The pool, started on first use (`None`: the OS refused threads; the pieces then run
+    /// one after another on the caller's thread).
+    fn pool(&self) -> Option<&rayon::ThreadPool> {
+        self.pool
+            .get_or_init(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(self.n - 1)
+                    .thread_name(|i| format!("tw-pg-reader-{i}"))
+                    .build()
+                    .map_err(|e| log::warn!("starting the collective's reader threads: {e}"))
+                    .ok()
             })
-            .collect();
-        let mut result = first.map_or(Ok(()), |d| read_process(pid, d, addr));
-        for h in handles {
-            let got =
-                h.join().unwrap_or_else(|_| Err(std::io::Error::other("a reader thread panicked")));
-            result = result.and(got);
+            .as_ref()
+    }
+
+    /// `f(offset, piece)` for `dst` cut into at most `n` pieces ([`piece_of`]): the first on
+    /// the caller's thread, the others on the pool; the first error.
+    fn split<E: Send>(
+        &self,
+        dst: &mut [u8],
+        f: impl Fn(usize, &mut [u8]) -> std::result::Result<(), E> + Sync,
+    ) -> std::result::Result<(), E> {
+        let piece = piece_of(dst.len(), self.n);
+        if piece >= dst.len() {
+            return f(0, dst);
         }
-        result
-    })
+        let Some(pool) = self.pool() else {
+            for (i, d) in dst.chunks_mut(piece).enumerate() {
+                f(i * piece, d)?;
+            }
+            return Ok(());
+        };
+        let failed = std::sync::Mutex::new(None);
+        pool.in_place_scope(|scope| {
+            let (f, failed) = (&f, &failed);
+            let note = |r: std::result::Result<(), E>| {
+                if let Err(e) = r {
+                    failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_or_insert(e);
+                }
+            };
+            let mut pieces = dst.chunks_mut(piece).enumerate();
+            let first = pieces.next();
+            for (i, d) in pieces {
+                scope.spawn(move |_| note(f(i * piece, d)));
+            }
+            if let Some((_, d)) = first {
+                note(f(0, d));
+            }
+        });
+        match failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// `dst.copy_from_slice(src)`, spread over the threads when large.
+    fn copy(&self, dst: &mut [u8], src: &[u8]) {
+        let copied = self.split(dst, |at, d| {
+            d.copy_from_slice(&src[at..at + d.len()]);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        if let Err(never) = copied {
+            match never {}
+        }
+    }
+
+    /// As [`read_process`], spread over the threads when `dst` is large.
+    fn read(&self, pid: u32, dst: &mut [u8], addr: u64) -> std::io::Result<()> {
+        self.split(dst, |at, d| read_process(pid, d, addr + at as u64))
+    }
 }
 
 /// Reads `dst.len()` bytes at `addr` of process `pid` into `dst` (`process_vm_readv`).
