@@ -1082,7 +1082,7 @@ impl Comm {
             }
             self.run(name, &mut xfers)?;
         }
-        for &r in directs {
+        for r in self.others().into_iter().filter(|r| directs.contains(r)) {
             let (addr, len) = decode_block(&theirs[r]);
             self.read_block(name, r, &mut out[o[r].clone()], addr, len)?;
         }
@@ -1151,9 +1151,11 @@ impl Comm {
         Ok(theirs)
     }
 
-    /// Every rank but ours.
+    /// Every rank but ours, from the next one on (wrapping): ranks that read every peer's
+    /// memory in this order start on different peers, instead of all reading rank 0's pages
+    /// at once (every read pins the pages it copies).
     fn others(&self) -> Vec<usize> {
-        (0..self.size).filter(|&r| r != self.rank).collect()
+        (1..self.size).map(|i| (self.rank + i) % self.size).collect()
     }
 
     /// Bounds each wait for a point-to-point operation by `timeout` instead of the group's

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use tidewire_core::batch::{BatchTracker, RequestState};
 use tidewire_core::select::TransportKind;
 use tidewire_core::BatchId;
@@ -51,8 +51,9 @@ pub(crate) struct Batch {
     started: Instant,
     /// Nanoseconds from `started` to each [`Mark`] (0: not reached).
     marks: [AtomicU64; 5],
-    /// The runs as the transports took them, kept while metrics are recorded.
-    runs: Option<Mutex<Vec<RunMeta>>>,
+    /// The runs as the transports took them, kept while metrics are recorded (most batches
+    /// take one run: no allocation for it).
+    runs: Option<Mutex<smallvec::SmallVec<[RunMeta; 1]>>>,
     /// Every run was handed to its transport (and noted): the batch may be counted (once:
     /// at its first finish after this, or by `seal` if it had already finished).
     sealed: AtomicBool,
@@ -181,7 +182,7 @@ impl Batch {
             let mut t = self.tracker.lock();
             t.handle_runs_done(runs);
             let send = t.poll_trailer();
-            self.wake_if_finished(&t);
+            self.finish(t);
             send
         };
         if send {
@@ -199,7 +200,7 @@ impl Batch {
         self.stop_fences(Some(runs));
         let mut t = self.tracker.lock();
         t.handle_runs_failed(runs, err);
-        self.wake_if_finished(&t);
+        self.finish(t);
     }
 
     /// Adds a path that failures must stop (see [`Fence`]).
@@ -234,8 +235,23 @@ impl Batch {
         }
     }
 
-    /// Wakes the waiters once the batch is finished (and records when, and its metrics).
-    fn wake_if_finished(&self, t: &BatchTracker<Error>) {
+    /// Releases the tracker lock after an update: wakes the waiters if the batch finished,
+    /// then counts it if it succeeded (after the lock, so that its waiter does not wait for
+    /// the counting; a scrape waits for it instead, see [`crate::metrics::Metrics::render`]).
+    fn finish(&self, t: MutexGuard<'_, BatchTracker<Error>>) {
+        let count_after = self.wake_if_finished(&t);
+        drop(t);
+        if let (true, Some(m), Some(runs)) = (count_after, crate::metrics::get(), &self.runs) {
+            self.record_ok(m, &runs.lock());
+            m.counting.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Wakes the waiters once the batch is finished (and records when); counts a failed
+    /// batch, or returns true for one that succeeded and is to be counted once the lock is
+    /// released (announced in `Metrics::counting` first, before the outcome is visible).
+    fn wake_if_finished(&self, t: &BatchTracker<Error>) -> bool {
+        let mut count_after = false;
         if t.is_finished() {
             let first = self.marks[Mark::Finished as usize].load(Ordering::Relaxed) == 0;
             self.mark(Mark::Finished);
@@ -249,10 +265,17 @@ impl Batch {
             }
             // Counted at its first finish once sealed (before that, `seal` counts it).
             if first && self.sealed.load(Ordering::Acquire) {
-                self.count(t);
+                match crate::metrics::get() {
+                    Some(m) if self.runs.is_some() && t.first_error().is_none() => {
+                        m.counting.fetch_add(1, Ordering::Relaxed);
+                        count_after = true;
+                    }
+                    _ => self.count(t),
+                }
             }
             self.cond.notify_all();
         }
+        count_after
     }
 
     /// Notes a run a transport took (when metrics are recorded).
@@ -266,16 +289,11 @@ impl Batch {
     /// when all its requests completed), failures by error kind, the batch's outcome and
     /// latencies.
     fn record(&self, t: &BatchTracker<Error>, m: &crate::metrics::Metrics, runs: &[RunMeta]) {
-        let ok = t.first_error().is_none();
-        if ok {
-            // Every request completed: no pass over them (this runs with the batch locked,
-            // before its waiter wakes).
-            for run in runs {
-                run.counters.requests.inc_by(run.reqs.len() as u64);
-                run.counters.bytes.inc_by(run.bytes);
-            }
+        if t.first_error().is_none() {
+            self.record_ok(m, runs);
+            return;
         }
-        for run in runs.iter().filter(|_| !ok) {
+        for run in runs {
             let mut done = 0u64;
             let mut kinds: Vec<(ErrorKind, u64)> = Vec::new();
             for i in run.reqs.clone() {
@@ -303,6 +321,20 @@ impl Batch {
                 m.failures.get_or_create(&l).inc_by(n);
             }
         }
+        self.record_outcome(m, runs, false);
+    }
+
+    /// Counts a batch whose every request completed: each run's requests and bytes (no pass
+    /// over the requests), the outcome and latencies.
+    fn record_ok(&self, m: &crate::metrics::Metrics, runs: &[RunMeta]) {
+        for run in runs {
+            run.counters.requests.inc_by(run.reqs.len() as u64);
+            run.counters.bytes.inc_by(run.bytes);
+        }
+        self.record_outcome(m, runs, true);
+    }
+
+    fn record_outcome(&self, m: &crate::metrics::Metrics, runs: &[RunMeta], ok: bool) {
         let transport = runs.first().map_or(TransportKind::Local, |r| r.transport);
         let at = |mk: Mark| self.marks[mk as usize].load(Ordering::Relaxed);
         let first =
@@ -315,19 +347,19 @@ impl Batch {
         self.stop_fences(None);
         let mut t = self.tracker.lock();
         t.fail_all_pending(err);
-        self.wake_if_finished(&t);
+        self.finish(t);
     }
 
     pub(crate) fn trailer_done(&self) {
         let mut t = self.tracker.lock();
         t.handle_trailer_done();
-        self.wake_if_finished(&t);
+        self.finish(t);
     }
 
     pub(crate) fn trailer_failed(&self, err: Error) {
         let mut t = self.tracker.lock();
         t.handle_trailer_failed(err);
-        self.wake_if_finished(&t);
+        self.finish(t);
     }
 
     fn send_trailer(self: &Arc<Self>) {

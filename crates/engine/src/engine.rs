@@ -1367,15 +1367,22 @@ fn run_meta(
     reqs: &[Request],
     from: usize,
 ) -> RunMeta {
-    let op = match reqs.first().map(|r| r.op) {
-        Some(first) if reqs.iter().all(|r| r.op == first) => op_name(first),
+    // One pass for the operation and the bytes (a run may hold 16,384 pages).
+    let first = reqs.first().map(|r| r.op);
+    let (mut same, mut bytes) = (true, 0u64);
+    for r in reqs {
+        same &= Some(r.op) == first;
+        bytes += r.len;
+    }
+    let op = match first {
+        Some(first) if same => op_name(first),
         _ => "mixed",
     };
     let peer = conn.metrics_label(m);
     RunMeta {
         reqs: from..from + reqs.len(),
         transport,
-        bytes: reqs.iter().map(|r| r.len).sum(),
+        bytes,
         counters: m.run_counters(transport, op, peer),
         peer,
     }

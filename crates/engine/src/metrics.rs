@@ -142,6 +142,10 @@ pub struct Metrics {
     latencies: RwLock<Vec<(TransportKind, &'static (Histogram, Histogram))>>,
     ok: Counter,
     failed: Counter,
+    /// Batches that succeeded and whose counts are being added: a batch is counted after its
+    /// lock is released (its waiter does not wait for the counting), so a scrape first waits
+    /// for this to be zero; a batch announces itself here before its outcome is visible.
+    pub(crate) counting: std::sync::atomic::AtomicUsize,
 }
 
 type RunKey = (TransportKind, &'static str, &'static str);
@@ -243,6 +247,7 @@ impl Metrics {
             latencies: RwLock::default(),
             ok: Counter::default(),
             failed: Counter::default(),
+            counting: std::sync::atomic::AtomicUsize::new(0),
             registry: Registry::default(),
         };
         r.register("bytes", "Bytes of completed requests", m.bytes.clone());
@@ -365,6 +370,14 @@ impl Metrics {
         // One render at a time: the gauges are rebuilt (cleared, then summed) in place.
         static RENDERING: Mutex<()> = Mutex::new(());
         let _one = RENDERING.lock();
+        // Every batch whose outcome a caller has seen is in the counts (its counting ends
+        // within a microsecond; the bound only keeps a scrape from waiting on a stalled thread).
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        while self.counting.load(std::sync::atomic::Ordering::Acquire) != 0
+            && std::time::Instant::now() < until
+        {
+            std::thread::yield_now();
+        }
         let engines: Vec<Arc<Inner>> = ENGINES.lock().iter().filter_map(Weak::upgrade).collect();
         self.mappings.clear();
         self.registered_bytes.clear();
