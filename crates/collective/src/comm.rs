@@ -1082,43 +1082,56 @@ impl Comm {
             }
             self.run(name, &mut xfers)?;
         }
-        for r in self.others().into_iter().filter(|r| directs.contains(r)) {
-            let (addr, len) = decode_block(&theirs[r]);
-            self.read_block(name, r, &mut out[o[r].clone()], addr, len)?;
-        }
+        let mut dsts = disjoint_mut(out, o);
+        let reads = self
+            .others()
+            .into_iter()
+            .filter(|r| directs.contains(r))
+            .map(|r| {
+                let (addr, len) = decode_block(&theirs[r]);
+                (r, std::mem::take(&mut dsts[r]), addr, len)
+            })
+            .collect();
+        self.read_blocks(name, reads)?;
         self.tokens(name, directs)
     }
 
-    /// Reads rank `r`'s block (`addr`, `len` bytes in its memory) into `dst`.
-    fn read_block(
+    /// Reads each `(rank, dst, addr, len)`: rank `rank`'s block (`addr`, `len` bytes in its
+    /// memory) into `dst`, all of them at once over the reader threads.
+    fn read_blocks(
         &mut self,
         name: &str,
-        r: usize,
-        dst: &mut [u8],
-        addr: u64,
-        len: usize,
+        reads: Vec<(usize, &mut [u8], u64, usize)>,
     ) -> Result<()> {
-        // Either failure leaves the ranks out of step: the group is poisoned (and the others
+        // Any failure leaves the ranks out of step: the group is poisoned (and the others
         // told) so that none of them waits for us until its timeout.
-        let failed = if len != dst.len() {
-            Some(Error::invalid(format!(
-                "{name}: rank {r} has {len} bytes for rank {}, which expects {}",
-                self.rank,
-                dst.len()
-            )))
-        } else {
-            match self.links[r].as_ref().and_then(|l| l.direct) {
-                None => Some(Error::invalid(format!(
-                    "{name}: rank {r} is not read directly (no process id agreed)"
-                ))),
-                Some(pid) => self.readers.read(pid, dst, addr).err().map(|e| Error::RankFailed {
-                    op: name.to_string(),
-                    rank: r,
-                    reason: format!("reading its memory: {e}"),
-                }),
-            }
-        };
-        if let Some(e) = failed {
+        let mut jobs = Vec::with_capacity(reads.len());
+        for (r, dst, addr, len) in reads {
+            let refused = if len != dst.len() {
+                format!(
+                    "{name}: rank {r} has {len} bytes for rank {}, which expects {}",
+                    self.rank,
+                    dst.len()
+                )
+            } else {
+                match self.links[r].as_ref().and_then(|l| l.direct) {
+                    None => format!("{name}: rank {r} is not read directly (no process id agreed)"),
+                    Some(pid) => {
+                        jobs.push((r, pid, dst, addr));
+                        continue;
+                    }
+                }
+            };
+            let e = Error::invalid(refused);
+            self.fail(&e);
+            return Err(e);
+        }
+        if let Err((r, e)) = self.readers.read_all(jobs) {
+            let e = Error::RankFailed {
+                op: name.to_string(),
+                rank: r,
+                reason: format!("reading its memory: {e}"),
+            };
             self.fail(&e);
             return Err(e);
         }
@@ -1196,10 +1209,15 @@ impl Comm {
     ) -> Result<()> {
         let peers = self.others();
         let theirs = self.swap_words(name, &peers, |r| encode_block(blocks[r].0, blocks[r].1))?;
-        for &r in &peers {
-            let (addr, len) = decode_block(&theirs[r]);
-            self.read_block(name, r, &mut out[parts[r].clone()], addr, len)?;
-        }
+        let mut dsts = disjoint_mut(out, parts);
+        let reads = peers
+            .iter()
+            .map(|&r| {
+                let (addr, len) = decode_block(&theirs[r]);
+                (r, std::mem::take(&mut dsts[r]), addr, len)
+            })
+            .collect();
+        self.read_blocks(name, reads)?;
         self.tokens(name, &peers)
     }
 
@@ -1754,6 +1772,9 @@ fn piece_of(len: usize, readers: usize) -> usize {
     len.div_ceil(readers).max(PIECE_MIN).next_multiple_of(4096)
 }
 
+/// A direct read: rank, its process, where the bytes go, and their address there.
+type Read<'a> = (usize, u32, &'a mut [u8], u64);
+
 thread_local! {
     /// A reader thread's scratch block for all_reduce's reduction (kept between calls).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -1798,11 +1819,20 @@ impl Readers {
         if piece >= dst.len() {
             return f(0, dst);
         }
-        let Some(pool) = self.pool() else {
-            for (i, d) in dst.chunks_mut(piece).enumerate() {
-                f(i * piece, d)?;
-            }
-            return Ok(());
+        let pieces: Vec<(usize, &mut [u8])> =
+            dst.chunks_mut(piece).enumerate().map(|(i, d)| (i * piece, d)).collect();
+        self.run(pieces, |(at, d)| f(at, d))
+    }
+
+    /// `f(job)` for every job: the first on the caller's thread, the others on the pool (one
+    /// after another on the caller's when the pool could not start); the first error.
+    fn run<T: Send, E: Send>(
+        &self,
+        jobs: Vec<T>,
+        f: impl Fn(T) -> std::result::Result<(), E> + Sync,
+    ) -> std::result::Result<(), E> {
+        let Some(pool) = self.pool().filter(|_| jobs.len() > 1) else {
+            return jobs.into_iter().try_for_each(f);
         };
         let failed = std::sync::Mutex::new(None);
         pool.in_place_scope(|scope| {
@@ -1815,19 +1845,49 @@ impl Readers {
                         .get_or_insert(e);
                 }
             };
-            let mut pieces = dst.chunks_mut(piece).enumerate();
-            let first = pieces.next();
-            for (i, d) in pieces {
-                scope.spawn(move |_| note(f(i * piece, d)));
+            let mut jobs = jobs.into_iter();
+            let first = jobs.next();
+            for job in jobs {
+                scope.spawn(move |_| note(f(job)));
             }
-            if let Some((_, d)) = first {
-                note(f(0, d));
+            if let Some(job) = first {
+                note(f(job));
             }
         });
         match failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Reads every `(rank, process, dst, address)` (`dst.len()` bytes at that address of that
+    /// process) in one go: all the bytes cut into at most `n` equal shares in the order given
+    /// (one wake-up of the pool for every peer's block, not one per peer); the first error,
+    /// with the rank read.
+    fn read_all(&self, reads: Vec<Read<'_>>) -> std::result::Result<(), (usize, std::io::Error)> {
+        let total: usize = reads.iter().map(|r| r.2.len()).sum();
+        let share = piece_of(total, self.n).max(1);
+        let mut groups: Vec<Vec<Read<'_>>> = vec![Vec::new()];
+        let mut room = share;
+        for (r, pid, mut d, mut addr) in reads {
+            while !d.is_empty() {
+                if room == 0 {
+                    groups.push(Vec::new());
+                    room = share;
+                }
+                let take = room.min(d.len());
+                let (head, tail) = std::mem::take(&mut d).split_at_mut(take);
+                if let Some(g) = groups.last_mut() {
+                    g.push((r, pid, head, addr));
+                }
+                (d, addr, room) = (tail, addr + take as u64, room - take);
+            }
+        }
+        self.run(groups, |group| {
+            group
+                .into_iter()
+                .try_for_each(|(r, pid, d, addr)| read_process(pid, d, addr).map_err(|e| (r, e)))
+        })
     }
 
     /// `dst.copy_from_slice(src)`, spread over the threads when large.
@@ -1840,11 +1900,28 @@ impl Readers {
             match never {}
         }
     }
+}
 
-    /// As [`read_process`], spread over the threads when `dst` is large.
-    fn read(&self, pid: u32, dst: &mut [u8], addr: u64) -> std::io::Result<()> {
-        self.split(dst, |at, d| read_process(pid, d, addr + at as u64))
+/// `buf` cut at `ranges` (disjoint; in any order): the slice of each, by index (empty for an
+/// empty range).
+fn disjoint_mut<'a>(buf: &'a mut [u8], ranges: &[Range<usize>]) -> Vec<&'a mut [u8]> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| ranges[i].start);
+    let mut out: Vec<&'a mut [u8]> = (0..ranges.len()).map(|_| <&mut [u8]>::default()).collect();
+    let (mut rest, mut at): (&'a mut [u8], usize) = (buf, 0);
+    for i in order {
+        let r = &ranges[i];
+        if r.is_empty() {
+            continue;
+        }
+        let skip = r.start.saturating_sub(at).min(rest.len());
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+        let take = r.len().min(tail.len());
+        let (head, tail) = tail.split_at_mut(take);
+        out[i] = head;
+        (rest, at) = (tail, r.start + take);
     }
+    out
 }
 
 /// Reads `dst.len()` bytes at `addr` of process `pid` into `dst` (`process_vm_readv`).
@@ -1903,4 +1980,44 @@ fn offsets_of(lens: &[usize]) -> Vec<Range<usize>> {
             r
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disjoint_mut_cuts_ranges_in_any_order_and_reports_a_short_buffer_as_short() {
+        let mut buf: Vec<u8> = (0..20).collect();
+        let ranges = [10..15, 0..4, 4..4, 15..25];
+        let cut = disjoint_mut(&mut buf, &ranges);
+        assert_eq!(cut[0], &[10, 11, 12, 13, 14]);
+        assert_eq!(cut[1], &[0, 1, 2, 3]);
+        assert!(cut[2].is_empty());
+        // Past the end: only what there is (the caller's length check then refuses it).
+        assert_eq!(cut[3], &[15, 16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn read_all_reads_every_block_over_the_pool_in_equal_shares() {
+        let pid = std::process::id();
+        let srcs: Vec<Vec<u8>> = (0..3u8)
+            .map(|k| (0..(700 << 10) + k as usize).map(|i| (i as u8) ^ k).collect())
+            .collect();
+        let mut dsts: Vec<Vec<u8>> = srcs.iter().map(|s| vec![0u8; s.len()]).collect();
+        let readers = Readers::new(4);
+        let reads: Vec<Read<'_>> = dsts
+            .iter_mut()
+            .zip(&srcs)
+            .enumerate()
+            .map(|(r, (d, s))| (r, pid, d.as_mut_slice(), s.as_ptr() as u64))
+            .collect();
+        match readers.read_all(reads) {
+            Ok(()) => {}
+            // A host that forbids process_vm_readv even on ourselves: nothing to check here.
+            Err((_, e)) if e.kind() == std::io::ErrorKind::PermissionDenied => return,
+            Err((r, e)) => panic!("reading block {r}: {e}"),
+        }
+        assert_eq!(dsts, srcs);
+    }
 }
