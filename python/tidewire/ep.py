@@ -285,9 +285,9 @@ class Buffer:
             self.paths = ["local" if r == self.rank else "collective" for r in range(self.group_size)]
         else:
             self.paths = self._native.paths()
-        # The buffer's dispatch counter, on the GPU: each dispatch's number is taken there by a
-        # kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
-        # The last call's number, and the send kernel's finished blocks (0 between calls).
+        # The buffer's dispatch counter, on the GPU: the last call's number, and the send
+        # kernel's finished blocks (0 between calls). Each dispatch's number is taken there by
+        # the send kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
         self._counter = torch.zeros(2, dtype=torch.int64, device=f"cuda:{self.device}")
         # Each dispatch's number word, token count, top-k and host-side number, by its handle
         # (for its combine).
