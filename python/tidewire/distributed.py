@@ -253,15 +253,19 @@ def _raw_stream(device: int) -> int:
 class _CudaWork(dist.Work):
     """A collective enqueued on a stream: ``wait()`` makes the current stream wait for it."""
 
-    def __init__(self, device: int, stream: int, result: Any) -> None:
+    def __init__(self, device: int, result: Any) -> None:
         super().__init__()
-        self._device, self._raw, self._result = device, stream, result
+        # The launching stream as torch names it (id, device, type; a C call): the stream
+        # object is built only when needed. (A raw `cudaStream_t` would not do: the default
+        # stream's is 0, and a stream object made from 0 is another stream.)
+        self._device, self._data, self._result = device, torch._C._cuda_getCurrentStream(device), result
 
     def _stream(self) -> "torch.cuda.Stream":
-        return torch.cuda.ExternalStream(self._raw, device=self._device)
+        d = self._data
+        return torch.cuda.Stream(stream_id=d[0], device_index=d[1], device_type=d[2])
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
-        if _raw_stream(self._device) != self._raw:
+        if torch._C._cuda_getCurrentStream(self._device) != self._data:
             torch.cuda.current_stream(self._device).wait_stream(self._stream())
         return True
 
@@ -332,7 +336,7 @@ class _CudaPath:
             self.comm = None
 
     def work(self, result: Any) -> dist.Work:
-        return _CudaWork(self.device, _raw_stream(self.device), result)
+        return _CudaWork(self.device, result)
 
     def _live(self, op: str) -> Any:
         if self.comm is None:

@@ -295,6 +295,8 @@ class Buffer:
         # Dispatches whose combine has not launched its receive half yet (their buffer half is
         # still in use).
         self._open: Set[int] = set()
+        # The stream each open dispatch was launched on.
+        self._streams: Dict[int, int] = {}
         self._dispatches = 0
         self._updates = 0
         self._zero_copy_logged = False
@@ -353,6 +355,14 @@ class Buffer:
                 f"tidewire.ep: dispatch {number} would reuse the buffer half of dispatch {pending[0]}, "
                 "whose combine (receive half included) has not run: at most two dispatches may be in flight"
             )
+        stream = _raw_stream()
+        if pending_other := [n for n in self._open if self._streams.get(n, stream) != stream]:
+            # The send kernels number the calls from the buffer's counter: two of them running
+            # at once (on two streams) would number them wrong.
+            raise RuntimeError(
+                f"tidewire.ep: dispatch {number} on stream {stream:#x} while dispatch {min(pending_other)} on stream "
+                f"{self._streams[min(pending_other)]:#x} is in flight: a buffer's dispatches run on one stream at a time"
+            )
         seq = torch.empty(1, dtype=torch.int64, device=dev)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), fp8)
         recv_x = torch.empty((el, R * T, hidden), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev)
@@ -365,12 +375,12 @@ class Buffer:
         # One native call: the call is checked (a call a rank refuses is not numbered), numbered
         # on the GPU, sent (our own experts' rows straight into the outputs), and received
         # unless the caller's hook does that.
-        stream = _raw_stream()
         self._native.dispatch(
             stream, shape, self._counter.data_ptr(), x.data_ptr(), topk_idx.data_ptr(), active.data_ptr(), outs, not return_recv_hook
         )
         self._dispatches = number
         self._open.add(number)
+        self._streams[number] = stream
         keep = (x, topk_idx, seq)
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
@@ -453,9 +463,11 @@ class Buffer:
                 self._native.combine_recv(s, shape, io, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
                 self._open.discard(number)
+                self._streams.pop(number, None)
 
         else:
             self._open.discard(number)
+            self._streams.pop(number, None)
         event = EventOverlap(self._event() if async_finish else None, (x, topk_idx, topk_weights, seq))
         return out, event, hook
 
@@ -483,8 +495,10 @@ class Buffer:
         # that no signal of an earlier call can pass for one of the next.
         top = max(c for (_, _, _, c) in infos)
         self._counter[0].fill_(top)
+        self._counter[1].zero_()
         self._dispatches = top
         self._open.clear()
+        self._streams.clear()
         self._seqs.clear()
 
     def destroy(self) -> None:

@@ -910,23 +910,26 @@ impl Comm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
+        let me = self.rank;
         let failed = self.readers.split(acc, |at, acc| {
-            SCRATCH.with(|scratch| {
-                // The thread's scratch block, kept between calls (a fresh one costs its page
-                // faults at every call).
-                let mut scratch = scratch.borrow_mut();
-                if scratch.len() < REDUCE_CHUNK.min(acc.len()) {
-                    scratch.resize(REDUCE_CHUNK.min(acc.len()), 0);
-                }
-                for (i, acc) in acc.chunks_mut(REDUCE_CHUNK).enumerate() {
-                    let off = (at + i * REDUCE_CHUNK) as u64;
-                    for &(r, pid, addr) in sources {
-                        let tmp = &mut scratch[..acc.len()];
-                        read_process(pid, tmp, addr + off).map_err(|e| (r, e))?;
-                        reduce_into(acc, tmp, dtype, op);
+            unwound(me, || {
+                SCRATCH.with(|scratch| {
+                    // The thread's scratch block, kept between calls (a fresh one costs its page
+                    // faults at every call).
+                    let mut scratch = scratch.borrow_mut();
+                    if scratch.len() < REDUCE_CHUNK.min(acc.len()) {
+                        scratch.resize(REDUCE_CHUNK.min(acc.len()), 0);
                     }
-                }
-                Ok(())
+                    for (i, acc) in acc.chunks_mut(REDUCE_CHUNK).enumerate() {
+                        let off = (at + i * REDUCE_CHUNK) as u64;
+                        for &(r, pid, addr) in sources {
+                            let tmp = &mut scratch[..acc.len()];
+                            read_process(pid, tmp, addr + off).map_err(|e| (r, e))?;
+                            reduce_into(acc, tmp, dtype, op);
+                        }
+                    }
+                    Ok(())
+                })
             })
         });
         if let Err((r, e)) = failed {
@@ -1280,8 +1283,8 @@ impl Comm {
     }
 
     /// Reduce-scatter by direct reads between processes of one host: each rank reduces its
-    /// block of every other rank's input into `out` (its own block first, then the others in
-    /// rank order); a token to and from every rank then says that nobody reads our input
+    /// block of every other rank's input into `out` (its own block first, then the others from
+    /// the next rank on); a token to and from every rank then says that nobody reads our input
     /// any more.
     fn reduce_scatter_reads(
         &mut self,
@@ -1772,6 +1775,17 @@ fn piece_of(len: usize, readers: usize) -> usize {
     len.div_ceil(readers).max(PIECE_MIN).next_multiple_of(4096)
 }
 
+/// `f()`, with a panic turned into an error naming `rank` (a reader thread's panic fails the
+/// operation like a failed read: the group is told, instead of the unwinding caller leaving
+/// the others to wait for their timeout).
+fn unwound(
+    rank: usize,
+    f: impl FnOnce() -> std::result::Result<(), (usize, std::io::Error)>,
+) -> std::result::Result<(), (usize, std::io::Error)> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err((rank, std::io::Error::other("a reader thread panicked"))))
+}
+
 /// A direct read: rank, its process, where the bytes go, and their address there.
 type Read<'a> = (usize, u32, &'a mut [u8], u64);
 
@@ -1796,6 +1810,9 @@ impl Readers {
     /// The pool, started on first use (`None`: the OS refused threads; the pieces then run
     /// one after another on the caller's thread).
     fn pool(&self) -> Option<&rayon::ThreadPool> {
+        if self.n <= 1 {
+            return None; // (a pool of 0 threads would be rayon's default: one per CPU)
+        }
         self.pool
             .get_or_init(|| {
                 rayon::ThreadPoolBuilder::new()
@@ -1831,7 +1848,7 @@ impl Readers {
         jobs: Vec<T>,
         f: impl Fn(T) -> std::result::Result<(), E> + Sync,
     ) -> std::result::Result<(), E> {
-        let Some(pool) = self.pool().filter(|_| jobs.len() > 1) else {
+        let Some(pool) = (if jobs.len() > 1 { self.pool() } else { None }) else {
             return jobs.into_iter().try_for_each(f);
         };
         let failed = std::sync::Mutex::new(None);
@@ -1884,9 +1901,12 @@ impl Readers {
             }
         }
         self.run(groups, |group| {
-            group
-                .into_iter()
-                .try_for_each(|(r, pid, d, addr)| read_process(pid, d, addr).map_err(|e| (r, e)))
+            let first = group.first().map_or(0, |g| g.0);
+            unwound(first, || {
+                group.into_iter().try_for_each(|(r, pid, d, addr)| {
+                    read_process(pid, d, addr).map_err(|e| (r, e))
+                })
+            })
         })
     }
 

@@ -241,17 +241,19 @@ impl Batch {
     fn finish(&self, t: MutexGuard<'_, BatchTracker<Error>>) {
         let count_after = self.wake_if_finished(&t);
         drop(t);
-        if let (true, Some(m), Some(runs)) = (count_after, crate::metrics::get(), &self.runs) {
+        if let (Some(half), Some(m), Some(runs)) = (count_after, crate::metrics::get(), &self.runs)
+        {
             self.record_ok(m, &runs.lock());
-            m.counting.fetch_sub(1, Ordering::Release);
+            m.counted(half);
         }
     }
 
     /// Wakes the waiters once the batch is finished (and records when); counts a failed
-    /// batch, or returns true for one that succeeded and is to be counted once the lock is
-    /// released (announced in `Metrics::counting` first, before the outcome is visible).
-    fn wake_if_finished(&self, t: &BatchTracker<Error>) -> bool {
-        let mut count_after = false;
+    /// batch, or returns the announcement ([`crate::metrics::Metrics::counting`], made here,
+    /// before the outcome is visible) of one that succeeded and is to be counted once the
+    /// lock is released.
+    fn wake_if_finished(&self, t: &BatchTracker<Error>) -> Option<usize> {
+        let mut count_after = None;
         if t.is_finished() {
             let first = self.marks[Mark::Finished as usize].load(Ordering::Relaxed) == 0;
             self.mark(Mark::Finished);
@@ -267,8 +269,7 @@ impl Batch {
             if first && self.sealed.load(Ordering::Acquire) {
                 match crate::metrics::get() {
                     Some(m) if self.runs.is_some() && t.first_error().is_none() => {
-                        m.counting.fetch_add(1, Ordering::Relaxed);
-                        count_after = true;
+                        count_after = Some(m.counting());
                     }
                     _ => self.count(t),
                 }

@@ -142,10 +142,14 @@ pub struct Metrics {
     latencies: RwLock<Vec<(TransportKind, &'static (Histogram, Histogram))>>,
     ok: Counter,
     failed: Counter,
-    /// Batches that succeeded and whose counts are being added: a batch is counted after its
-    /// lock is released (its waiter does not wait for the counting), so a scrape first waits
-    /// for this to be zero; a batch announces itself here before its outcome is visible.
-    pub(crate) counting: std::sync::atomic::AtomicUsize,
+    /// Batches that succeeded and whose counts are being added, in two halves: a batch is
+    /// counted after its lock is released (its waiter does not wait for the counting), and
+    /// announces itself first, before its outcome is visible, in the half `epoch` names. A
+    /// scrape moves `epoch` on and waits for the other half to drain: every batch a caller
+    /// saw finish before the scrape began is then counted, and batches announced meanwhile
+    /// do not keep it waiting.
+    counting: [std::sync::atomic::AtomicUsize; 2],
+    epoch: std::sync::atomic::AtomicUsize,
 }
 
 type RunKey = (TransportKind, &'static str, &'static str);
@@ -221,6 +225,19 @@ pub fn enable() -> &'static Metrics {
 }
 
 impl Metrics {
+    /// A batch that succeeded announces its counting (under its lock, before its outcome is
+    /// visible); returns the half to give back to [`Metrics::counted`].
+    pub(crate) fn counting(&self) -> usize {
+        let half = self.epoch.load(std::sync::atomic::Ordering::Acquire) & 1;
+        self.counting[half].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        half
+    }
+
+    /// The batch announced in `half` is counted.
+    pub(crate) fn counted(&self, half: usize) {
+        self.counting[half & 1].fetch_sub(1, std::sync::atomic::Ordering::Release);
+    }
+
     fn new(max_peers: usize) -> Self {
         let mut r = Registry::with_prefix("tidewire");
         let m = Self {
@@ -247,7 +264,8 @@ impl Metrics {
             latencies: RwLock::default(),
             ok: Counter::default(),
             failed: Counter::default(),
-            counting: std::sync::atomic::AtomicUsize::new(0),
+            counting: Default::default(),
+            epoch: std::sync::atomic::AtomicUsize::new(0),
             registry: Registry::default(),
         };
         r.register("bytes", "Bytes of completed requests", m.bytes.clone());
@@ -372,8 +390,9 @@ impl Metrics {
         let _one = RENDERING.lock();
         // Every batch whose outcome a caller has seen is in the counts (its counting ends
         // within a microsecond; the bound only keeps a scrape from waiting on a stalled thread).
+        let old = self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel) & 1;
         let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
-        while self.counting.load(std::sync::atomic::Ordering::Acquire) != 0
+        while self.counting[old].load(std::sync::atomic::Ordering::Acquire) != 0
             && std::time::Instant::now() < until
         {
             std::thread::yield_now();

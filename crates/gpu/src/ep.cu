@@ -275,6 +275,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     if (threadIdx.x == 0) {
         __threadfence();
         if (atomicAdd(counter + 1, 1ull) + 1ull == (unsigned long long)gridDim.x) {
+            __threadfence();  // after every block's count (acquire side of the fences above)
             counter[1] = 0;
             counter[0] = seq;
             *(unsigned long long*)a.seq_at = seq;
