@@ -244,6 +244,32 @@ def test_cuda_collectives_over_nvlink_match_the_references_and_replay_in_a_graph
         assert bad == [], f"rank {rank}: {bad}"
 
 
+def test_a_cuda_work_makes_another_stream_wait_for_the_default_stream() -> None:
+    """The Work of a call launched on the default stream (whose raw handle is 0): `wait()` on
+    a side stream orders that stream after the launch, and `is_completed()` follows the
+    default stream (a stream object rebuilt from the raw handle 0 would be another stream)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU (scripts/gpu-test.sh runs it on the GPU host)")
+    from tidewire.distributed import _CudaWork
+
+    torch.cuda.set_device(0)
+    torch.cuda.synchronize()
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.cuda._sleep(2_000_000_000)  # ≈ 1 s of GPU time queued on the default stream
+    work = _CudaWork(0, None)  # as a collective launched now would return it
+    assert not work.is_completed(), "the Work reports done while its stream still runs"
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        work.wait()
+        after = torch.cuda.Event()
+        after.record(side)
+    assert not after.query(), "the side stream did not wait for the default stream"
+    torch.cuda.synchronize()
+    assert work.is_completed() and after.query()
+
+
 def test_cuda_tensors_staged_through_host_memory_are_correct_and_refuse_capture() -> None:
     _two_gpus()
     for rank, bad in enumerate(run_group("cuda", 2, "staged")):
