@@ -255,12 +255,18 @@ def test_a_cuda_work_makes_another_stream_wait_for_the_default_stream() -> None:
     from tidewire.distributed import _CudaWork
 
     torch.cuda.set_device(0)
+    side = torch.cuda.Stream()
+    # First uses (the stream pool, events, lazily loaded kernels) may wait for the device:
+    # made before the timed part, which they would otherwise end early.
+    with torch.cuda.stream(side):
+        torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+        torch.cuda.Event().record(side)
+    torch.cuda._sleep(1000)
     torch.cuda.synchronize()
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.cuda._sleep(2_000_000_000)  # ≈ 1 s of GPU time queued on the default stream
     work = _CudaWork(0, None)  # as a collective launched now would return it
     assert not work.is_completed(), "the Work reports done while its stream still runs"
-    side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         work.wait()
         after = torch.cuda.Event()
