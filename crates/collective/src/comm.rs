@@ -860,7 +860,7 @@ impl Comm {
         // Every reader wants our reduced block; the round that tells them where it is also
         // tells them that it is reduced (and that we read nothing of theirs any more).
         let reduced = (buf.as_ptr() as u64 + own.start as u64, own.len());
-        self.direct_exchange(name, buf, parts, &vec![reduced; self.size])
+        self.direct_exchange(name, buf, parts, &vec![reduced; self.size], None)
     }
 
     /// Where to read each peer's piece: `(rank, process, address)` of the byte `at` of the
@@ -1055,7 +1055,6 @@ impl Comm {
     ) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
-        self.readers.copy(&mut out[o[me].clone()], &input[i[me].clone()]);
         let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
         let mut theirs = vec![[0u8; 16]; n];
         {
@@ -1085,7 +1084,9 @@ impl Comm {
             }
             self.run(name, &mut xfers)?;
         }
+        // Our own block is copied along with the reads (one wake-up of the readers for all).
         let mut dsts = disjoint_mut(out, o);
+        let own = std::mem::take(&mut dsts[me]);
         let reads = self
             .others()
             .into_iter()
@@ -1095,7 +1096,7 @@ impl Comm {
                 (r, std::mem::take(&mut dsts[r]), addr, len)
             })
             .collect();
-        self.read_blocks(name, reads)?;
+        self.read_blocks(name, reads, Some((own, &input[i[me].clone()])))?;
         self.tokens(name, directs)
     }
 
@@ -1105,10 +1106,24 @@ impl Comm {
         &mut self,
         name: &str,
         reads: Vec<(usize, &mut [u8], u64, usize)>,
+        own: Option<(&mut [u8], &[u8])>,
     ) -> Result<()> {
         // Any failure leaves the ranks out of step: the group is poisoned (and the others
         // told) so that none of them waits for us until its timeout.
-        let mut jobs = Vec::with_capacity(reads.len());
+        let mut jobs = Vec::with_capacity(reads.len() + 1);
+        if let Some((dst, src)) = own {
+            if dst.len() != src.len() {
+                let e = Error::invalid(format!(
+                    "{name}: rank {}'s own block is {} bytes into {}",
+                    self.rank,
+                    src.len(),
+                    dst.len()
+                ));
+                self.fail(&e);
+                return Err(e);
+            }
+            jobs.push((self.rank, Src::Here(src), dst));
+        }
         for (r, dst, addr, len) in reads {
             let refused = if len != dst.len() {
                 format!(
@@ -1120,7 +1135,7 @@ impl Comm {
                 match self.links[r].as_ref().and_then(|l| l.direct) {
                     None => format!("{name}: rank {r} is not read directly (no process id agreed)"),
                     Some(pid) => {
-                        jobs.push((r, pid, dst, addr));
+                        jobs.push((r, Src::Process(pid, addr), dst));
                         continue;
                     }
                 }
@@ -1209,10 +1224,12 @@ impl Comm {
         out: &mut [u8],
         parts: &[Range<usize>],
         blocks: &[(u64, usize)],
+        own: Option<&[u8]>,
     ) -> Result<()> {
         let peers = self.others();
         let theirs = self.swap_words(name, &peers, |r| encode_block(blocks[r].0, blocks[r].1))?;
         let mut dsts = disjoint_mut(out, parts);
+        let own = own.map(|src| (std::mem::take(&mut dsts[self.rank]), src));
         let reads = peers
             .iter()
             .map(|&r| {
@@ -1220,7 +1237,7 @@ impl Comm {
                 (r, std::mem::take(&mut dsts[r]), addr, len)
             })
             .collect();
-        self.read_blocks(name, reads)?;
+        self.read_blocks(name, reads, own)?;
         self.tokens(name, &peers)
     }
 
@@ -1233,18 +1250,15 @@ impl Comm {
                 out.len()
             )));
         }
+        if n > 1 && len > 0 && len * (n - 1) >= DIRECT_MIN && self.group_direct {
+            log::debug!("rank {}: all_gather of {len} bytes by direct reads", self.rank);
+            // Our own block is copied along with the reads.
+            let blocks = vec![(input.as_ptr() as u64, len); n];
+            let parts = offsets_of(&vec![len; n]);
+            return self.direct_exchange("all_gather", out, &parts, &blocks, Some(input));
+        }
         self.readers.copy(&mut out[self.rank * len..(self.rank + 1) * len], input);
         if n > 1 && len > 0 {
-            if len * (n - 1) >= DIRECT_MIN && self.group_direct {
-                log::debug!("rank {}: all_gather of {len} bytes by direct reads", self.rank);
-                let blocks = vec![(input.as_ptr() as u64, len); n];
-                return self.direct_exchange(
-                    "all_gather",
-                    out,
-                    &offsets_of(&vec![len; n]),
-                    &blocks,
-                );
-            }
             let parts: Vec<Range<usize>> = (0..n).map(|r| r * len..(r + 1) * len).collect();
             self.ring_all_gather(out, &parts, "all_gather")?;
         }
@@ -1786,8 +1800,14 @@ fn unwound(
         .unwrap_or_else(|_| Err((rank, std::io::Error::other("a reader thread panicked"))))
 }
 
-/// A direct read: rank, its process, where the bytes go, and their address there.
-type Read<'a> = (usize, u32, &'a mut [u8], u64);
+/// A direct read: the rank read, where its bytes are, and where they go.
+type Read<'a> = (usize, Src<'a>, &'a mut [u8]);
+
+/// Where a read's bytes are: at an address of another process, or here (our own block).
+enum Src<'a> {
+    Process(u32, u64),
+    Here(&'a [u8]),
+}
 
 thread_local! {
     /// A reader thread's scratch block for all_reduce's reduction (kept between calls).
@@ -1877,16 +1897,15 @@ impl Readers {
         }
     }
 
-    /// Reads every `(rank, process, dst, address)` (`dst.len()` bytes at that address of that
-    /// process) in one go: all the bytes cut into at most `n` equal shares in the order given
-    /// (one wake-up of the pool for every peer's block, not one per peer); the first error,
-    /// with the rank read.
+    /// Reads every `(rank, source, dst)` (`dst.len()` bytes) in one go: all the bytes cut
+    /// into at most `n` equal shares in the order given (one wake-up of the pool for every
+    /// block, not one per block); the first error, with the rank read.
     fn read_all(&self, reads: Vec<Read<'_>>) -> std::result::Result<(), (usize, std::io::Error)> {
         let total: usize = reads.iter().map(|r| r.2.len()).sum();
         let share = piece_of(total, self.n).max(1);
         let mut groups: Vec<Vec<Read<'_>>> = vec![Vec::new()];
         let mut room = share;
-        for (r, pid, mut d, mut addr) in reads {
+        for (r, mut src, mut d) in reads {
             while !d.is_empty() {
                 if room == 0 {
                     groups.push(Vec::new());
@@ -1894,17 +1913,30 @@ impl Readers {
                 }
                 let take = room.min(d.len());
                 let (head, tail) = std::mem::take(&mut d).split_at_mut(take);
+                let (now, rest) = match src {
+                    Src::Process(pid, addr) => {
+                        (Src::Process(pid, addr), Src::Process(pid, addr + take as u64))
+                    }
+                    Src::Here(b) => {
+                        let (a, b) = b.split_at(take.min(b.len()));
+                        (Src::Here(a), Src::Here(b))
+                    }
+                };
                 if let Some(g) = groups.last_mut() {
-                    g.push((r, pid, head, addr));
+                    g.push((r, now, head));
                 }
-                (d, addr, room) = (tail, addr + take as u64, room - take);
+                (src, d, room) = (rest, tail, room - take);
             }
         }
         self.run(groups, |group| {
             let first = group.first().map_or(0, |g| g.0);
             unwound(first, || {
-                group.into_iter().try_for_each(|(r, pid, d, addr)| {
-                    read_process(pid, d, addr).map_err(|e| (r, e))
+                group.into_iter().try_for_each(|(r, src, d)| match src {
+                    Src::Process(pid, addr) => read_process(pid, d, addr).map_err(|e| (r, e)),
+                    Src::Here(b) => {
+                        d.copy_from_slice(b);
+                        Ok(())
+                    }
                 })
             })
         })
@@ -2021,16 +2053,20 @@ mod tests {
     #[test]
     fn read_all_reads_every_block_over_the_pool_in_equal_shares() {
         let pid = std::process::id();
-        let srcs: Vec<Vec<u8>> = (0..3u8)
+        let srcs: Vec<Vec<u8>> = (0..4u8)
             .map(|k| (0..(700 << 10) + k as usize).map(|i| (i as u8) ^ k).collect())
             .collect();
         let mut dsts: Vec<Vec<u8>> = srcs.iter().map(|s| vec![0u8; s.len()]).collect();
         let readers = Readers::new(4);
+        // Blocks 0-2 read from a process (ourselves), block 3 copied here.
         let reads: Vec<Read<'_>> = dsts
             .iter_mut()
             .zip(&srcs)
             .enumerate()
-            .map(|(r, (d, s))| (r, pid, d.as_mut_slice(), s.as_ptr() as u64))
+            .map(|(r, (d, s))| {
+                let src = if r == 3 { Src::Here(s) } else { Src::Process(pid, s.as_ptr() as u64) };
+                (r, src, d.as_mut_slice())
+            })
             .collect();
         match readers.read_all(reads) {
             Ok(()) => {}
