@@ -26,9 +26,12 @@ rank's own first, then the other ranks' from this rank on (`layout_range` holds 
 begin and count; `recv_count` the total, as grouped GEMMs on the masked layout read it).
 
 Every call can be captured in a CUDA graph: a dispatch's number is taken from a counter in GPU
-memory by a kernel on the stream, so each replay numbers its calls afresh. At most two
+memory by the send kernel on the stream, so each replay numbers its calls afresh. At most two
 dispatches may be in flight (the buffer's two halves): a third is refused until the first's
-combine, receive hook included, has been launched.
+combine, receive hook included, has been launched. A buffer's dispatches run on one stream,
+or on streams the caller orders (two send kernels running at once would number their calls
+wrong): a dispatch on another stream while one is in flight is refused; one after the earlier
+call's combine is not checked.
 
 `zero_copy=True` is accepted: this buffer hands out no area for the caller to write expert
 outputs into, so such a combine reads its input like any other (logged once).
@@ -485,7 +488,8 @@ class Buffer:
         self._updates += 1
         if self._native is None:
             return  # the collective fallback holds nothing of the peers
-        torch.cuda.current_stream().synchronize()
+        # Every stream's calls on this buffer are done (not only the current stream's).
+        torch.cuda.synchronize(self.device)
         eng = _engine()
         addr, length = self._own
         counter = int(self._counter[0].item())

@@ -228,9 +228,19 @@ impl Metrics {
     /// A batch that succeeded announces its counting (under its lock, before its outcome is
     /// visible); returns the half to give back to [`Metrics::counted`].
     pub(crate) fn counting(&self) -> usize {
-        let half = self.epoch.load(std::sync::atomic::Ordering::Acquire) & 1;
-        self.counting[half].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        half
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let epoch = self.epoch.load(SeqCst);
+            let half = epoch & 1;
+            self.counting[half].fetch_add(1, SeqCst);
+            // Still the same epoch: a scrape that moves it on from here waits for this half.
+            if self.epoch.load(SeqCst) == epoch {
+                return half;
+            }
+            // A scrape moved on between the two loads and may have found this half drained
+            // before our announcement: announce in the new half instead.
+            self.counting[half].fetch_sub(1, SeqCst);
+        }
     }
 
     /// The batch announced in `half` is counted.
@@ -390,9 +400,9 @@ impl Metrics {
         let _one = RENDERING.lock();
         // Every batch whose outcome a caller has seen is in the counts (its counting ends
         // within a microsecond; the bound only keeps a scrape from waiting on a stalled thread).
-        let old = self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel) & 1;
+        let old = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) & 1;
         let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
-        while self.counting[old].load(std::sync::atomic::Ordering::Acquire) != 0
+        while self.counting[old].load(std::sync::atomic::Ordering::SeqCst) != 0
             && std::time::Instant::now() < until
         {
             std::thread::yield_now();
