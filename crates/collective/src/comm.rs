@@ -2051,6 +2051,31 @@ mod tests {
     }
 
     #[test]
+    fn one_reader_starts_no_pool_and_runs_every_piece_itself() {
+        let readers = Readers::new(1);
+        let me = std::thread::current().id();
+        let mut buf = vec![0u8; 4 << 20];
+        let seen = std::sync::Mutex::new(Vec::new());
+        let ran = readers.split(&mut buf, |at, d| {
+            seen.lock().unwrap().push((at, d.len(), std::thread::current().id()));
+            Ok::<(), ()>(())
+        });
+        assert_eq!(ran, Ok(()));
+        assert!(readers.pool().is_none(), "a pool for one reader");
+        assert_eq!(*seen.lock().unwrap(), vec![(0, 4 << 20, me)]);
+    }
+
+    #[test]
+    fn a_reader_that_panics_fails_the_read_naming_the_rank() {
+        let got = unwound(3, || panic!("a bug in a reader"));
+        match got {
+            Err((3, e)) => assert!(e.to_string().contains("panicked"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(unwound(1, || Ok(())), Ok(())));
+    }
+
+    #[test]
     fn read_all_reads_every_block_over_the_pool_in_equal_shares() {
         let pid = std::process::id();
         let srcs: Vec<Vec<u8>> = (0..4u8)
