@@ -44,12 +44,17 @@ fn a_region_allocated_where_a_freed_one_was_is_reached_after_one_refusal() {
     let write = |remote| Request { op: Op::Write, local: buf.addr(), len: 4096, peer, remote };
     e.transfer_sync(&[write(first)], BatchOptions::default()).unwrap();
     target.free_shared(first).unwrap();
-    // The allocator usually hands the same address back (a mapping of the same size), which
-    // the cached descriptor still names as the freed region: the first write may be refused,
-    // with the reason, and the next one must reach the new region.
+    // The allocator usually hands the same addresses back (a mapping of the same size, at the
+    // same start or overlapping the old one), which the cached descriptor still names as the
+    // freed region: the first write may be refused, with the reason, and the next one must
+    // reach the new region.
     let second = target.allocate_shared(1 << 20).unwrap();
     if let Err(err) = e.transfer_sync(&[write(second)], BatchOptions::default()) {
-        assert_eq!(second, first, "only a reused address may be refused: {err}");
+        let overlaps = second < first + (1 << 20) && first < second + (1 << 20);
+        assert!(
+            overlaps,
+            "only a reused address range may be refused ({first:#x}, {second:#x}): {err}"
+        );
         assert!(matches!(err, tidewire::Error::RemoteAccessDenied { .. }), "{err}");
     }
     e.transfer_sync(&[write(second)], BatchOptions::default()).unwrap();
