@@ -57,6 +57,7 @@ from torch.futures import Future
 
 from . import _native
 from . import Engine
+from ._cuda import raw_stream
 from ._store import exchange
 
 __all__ = ["ProcessGroupTidewire", "engine", "set_host_ip"]
@@ -244,12 +245,6 @@ class _P2PWork(dist.Work):
         return fut
 
 
-def _raw_stream(device: int) -> int:
-    """The current stream of `device`, as the `cudaStream_t` value (a C call: a stream object
-    from `torch.cuda.current_stream` costs a few µs, the most of a small call's host time)."""
-    return int(torch._C._cuda_getCurrentRawStream(device))
-
-
 class _CudaWork(dist.Work):
     """A collective enqueued on a stream: ``wait()`` makes the current stream wait for it."""
 
@@ -347,13 +342,13 @@ class _CudaPath:
     def exchange(
         self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], algorithm: str = "nvlink_direct"
     ) -> None:
-        self._live(op).exchange(_raw_stream(self.device), op, send_base, send, recv_base, recv, algorithm)
+        self._live(op).exchange(raw_stream(self.device), op, send_base, send, recv_base, recv, algorithm)
 
     def reduce(
         self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str,
         algorithm: str = "nvlink_direct",
     ) -> None:
-        self._live(op).reduce(_raw_stream(self.device), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
+        self._live(op).reduce(raw_stream(self.device), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
 
 
 def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:

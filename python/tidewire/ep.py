@@ -42,12 +42,13 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _native
+from ._cuda import raw_stream
 from ._store import exchange as _store_exchange
 
 __all__ = ["Buffer", "EventOverlap", "quantize_fp8"]
@@ -76,12 +77,6 @@ class EventOverlap:
     def __exit__(self, *exc: Any) -> None:
         self.current_stream_wait()
 
-
-
-def _raw_stream() -> int:
-    """The current device's current stream as a `cudaStream_t` value (a C call; building the
-    stream object costs several µs of a call's host time)."""
-    return int(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()))
 
 def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """`x` (bf16 `[n, H]`) as e4m3 with one fp32 scale per 128 channels, as the dispatch kernel
@@ -296,10 +291,8 @@ class Buffer:
         # (for its combine).
         self._seqs: Dict[int, Tuple[Any, int, int, int]] = {}
         # Dispatches whose combine has not launched its receive half yet (their buffer half is
-        # still in use).
-        self._open: Set[int] = set()
-        # The stream each open dispatch was launched on.
-        self._streams: Dict[int, int] = {}
+        # still in use), with the stream each was launched on.
+        self._open: Dict[int, int] = {}
         self._dispatches = 0
         self._updates = 0
         self._zero_copy_logged = False
@@ -358,13 +351,13 @@ class Buffer:
                 f"tidewire.ep: dispatch {number} would reuse the buffer half of dispatch {pending[0]}, "
                 "whose combine (receive half included) has not run: at most two dispatches may be in flight"
             )
-        stream = _raw_stream()
-        if pending_other := [n for n in self._open if self._streams.get(n, stream) != stream]:
+        stream = raw_stream(torch.cuda.current_device())
+        if pending_other := [n for n, s in self._open.items() if s != stream]:
             # The send kernels number the calls from the buffer's counter: two of them running
             # at once (on two streams) would number them wrong.
             raise RuntimeError(
                 f"tidewire.ep: dispatch {number} on stream {stream:#x} while dispatch {min(pending_other)} on stream "
-                f"{self._streams[min(pending_other)]:#x} is in flight: a buffer's dispatches run on one stream at a time"
+                f"{self._open[min(pending_other)]:#x} is in flight: a buffer's dispatches run on one stream at a time"
             )
         seq = torch.empty(1, dtype=torch.int64, device=dev)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), fp8)
@@ -382,8 +375,7 @@ class Buffer:
             stream, shape, self._counter.data_ptr(), x.data_ptr(), topk_idx.data_ptr(), active.data_ptr(), outs, not return_recv_hook
         )
         self._dispatches = number
-        self._open.add(number)
-        self._streams[number] = stream
+        self._open[number] = stream
         keep = (x, topk_idx, seq)
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
@@ -394,7 +386,7 @@ class Buffer:
             held = (recv_x, scales, src_info, layout_range, recv_count, seq)
 
             def hook() -> None:
-                s = _raw_stream()
+                s = raw_stream(torch.cuda.current_device())
                 self._native.dispatch_recv(s, shape, outs, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
 
@@ -454,7 +446,7 @@ class Buffer:
             return self._fallback.combine(self, x, topk_weights, seq, out, async_finish, return_recv_hook)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
-        stream = _raw_stream()
+        stream = raw_stream(torch.cuda.current_device())
         self._native.combine(stream, shape, io, active.data_ptr(), not return_recv_hook)
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
@@ -462,15 +454,13 @@ class Buffer:
             held = (x, src_info, layout_range, topk_idx, topk_weights, out, seq)
 
             def hook() -> None:
-                s = _raw_stream()
+                s = raw_stream(torch.cuda.current_device())
                 self._native.combine_recv(s, shape, io, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
-                self._open.discard(number)
-                self._streams.pop(number, None)
+                self._open.pop(number, None)
 
         else:
-            self._open.discard(number)
-            self._streams.pop(number, None)
+            self._open.pop(number, None)
         event = EventOverlap(self._event() if async_finish else None, (x, topk_idx, topk_weights, seq))
         return out, event, hook
 
@@ -502,7 +492,6 @@ class Buffer:
         self._counter[1].zero_()
         self._dispatches = top
         self._open.clear()
-        self._streams.clear()
         self._seqs.clear()
 
     def destroy(self) -> None:

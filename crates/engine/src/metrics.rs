@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
@@ -37,10 +38,6 @@ pub type L3 = [(&'static str, String); 3];
 /// A histogram family of latencies in seconds, 1 µs to ≈ 67 s.
 type Latency = Family<L1, Histogram, fn() -> Histogram>;
 
-fn latency() -> Histogram {
-    Histogram::default()
-}
-
 /// Buckets of [`Histogram`]: upper bounds 1 µs × 2^i.
 const BUCKETS: usize = 27;
 
@@ -54,14 +51,14 @@ pub(crate) struct Histogram(Arc<HistogramInner>);
 
 #[derive(Default, Debug)]
 pub(crate) struct HistogramInner {
-    buckets: [std::sync::atomic::AtomicU64; BUCKETS + 1],
-    sum_ns: std::sync::atomic::AtomicU64,
+    buckets: [AtomicU64; BUCKETS + 1],
+    sum_ns: AtomicU64,
 }
 
 impl Histogram {
     /// Records a latency of `ns` nanoseconds.
     pub(crate) fn observe_ns(&self, ns: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
+        use Ordering::Relaxed;
         // Bucket i holds (1 µs × 2^(i-1), 1 µs × 2^i]; bucket 0 everything up to 1 µs; the
         // last, past the largest bound (+Inf).
         let us = ns.div_ceil(1000);
@@ -77,7 +74,7 @@ impl TypedMetric for Histogram {
 
 impl EncodeMetric for Histogram {
     fn encode(&self, mut encoder: MetricEncoder) -> std::result::Result<(), std::fmt::Error> {
-        use std::sync::atomic::Ordering::Relaxed;
+        use Ordering::Relaxed;
         let counts: Vec<u64> = self.0.buckets.iter().map(|b| b.load(Relaxed)).collect();
         let mut buckets: Vec<(f64, u64)> =
             (0..BUCKETS).map(|i| (1e-6 * f64::from(1u32 << i), counts[i])).collect();
@@ -148,8 +145,8 @@ pub struct Metrics {
     /// scrape moves `epoch` on and waits for the other half to drain: every batch a caller
     /// saw finish before the scrape began is then counted, and batches announced meanwhile
     /// do not keep it waiting.
-    counting: [std::sync::atomic::AtomicUsize; 2],
-    epoch: std::sync::atomic::AtomicUsize,
+    counting: [AtomicUsize; 2],
+    epoch: AtomicUsize,
 }
 
 type RunKey = (TransportKind, &'static str, &'static str);
@@ -228,7 +225,7 @@ impl Metrics {
     /// A batch that succeeded announces its counting (under its lock, before its outcome is
     /// visible); returns the half to give back to [`Metrics::counted`].
     pub(crate) fn counting(&self) -> usize {
-        use std::sync::atomic::Ordering::SeqCst;
+        use Ordering::SeqCst;
         loop {
             let epoch = self.epoch.load(SeqCst);
             let half = epoch & 1;
@@ -245,7 +242,7 @@ impl Metrics {
 
     /// The batch announced in `half` is counted.
     pub(crate) fn counted(&self, half: usize) {
-        self.counting[half & 1].fetch_sub(1, std::sync::atomic::Ordering::Release);
+        self.counting[half & 1].fetch_sub(1, Ordering::Release);
     }
 
     fn new(max_peers: usize) -> Self {
@@ -255,8 +252,8 @@ impl Metrics {
             requests: Family::default(),
             failures: Family::default(),
             batches: Family::default(),
-            batch_seconds: Family::new_with_constructor(latency),
-            first_byte_seconds: Family::new_with_constructor(latency),
+            batch_seconds: Family::new_with_constructor(Histogram::default),
+            first_byte_seconds: Family::new_with_constructor(Histogram::default),
             open_peers: Gauge::default(),
             mappings: Family::default(),
             registered_bytes: Family::default(),
@@ -275,7 +272,7 @@ impl Metrics {
             ok: Counter::default(),
             failed: Counter::default(),
             counting: Default::default(),
-            epoch: std::sync::atomic::AtomicUsize::new(0),
+            epoch: AtomicUsize::new(0),
             registry: Registry::default(),
         };
         r.register("bytes", "Bytes of completed requests", m.bytes.clone());
@@ -400,11 +397,9 @@ impl Metrics {
         let _one = RENDERING.lock();
         // Every batch whose outcome a caller has seen is in the counts (its counting ends
         // within a microsecond; the bound only keeps a scrape from waiting on a stalled thread).
-        let old = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) & 1;
+        let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
         let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
-        while self.counting[old].load(std::sync::atomic::Ordering::SeqCst) != 0
-            && std::time::Instant::now() < until
-        {
+        while self.counting[old].load(Ordering::SeqCst) != 0 && std::time::Instant::now() < until {
             std::thread::yield_now();
         }
         let engines: Vec<Arc<Inner>> = ENGINES.lock().iter().filter_map(Weak::upgrade).collect();

@@ -231,10 +231,10 @@ impl Buffer {
     ///
     /// # Safety
     /// `counter` (two u64 words, the second 0 between calls) and `c.seq_at` (one) are in this
-    /// GPU's memory (the first the buffer's own, used by nobody else); the inputs (`x` `[num_tokens, hidden]` bf16, `topk`
-    /// `[num_tokens, topk]` int64, `active` `[ranks]` int32) and outputs are on this buffer's
-    /// GPU and live until the work on `stream` is done; every rank makes the same calls in the
-    /// same order.
+    /// GPU's memory (the first the buffer's own, used by nobody else); the inputs (`x`
+    /// `[num_tokens, hidden]` bf16, `topk` `[num_tokens, topk]` int64, `active` `[ranks]`
+    /// int32) and outputs are on this buffer's GPU and live until the work on `stream` is
+    /// done; every rank makes the same calls in the same order.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dispatch(
         &self,

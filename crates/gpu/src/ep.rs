@@ -207,10 +207,12 @@ impl EpKernels {
 
 /// Tokens one dispatch-send block handles at most (`TW_SEND_TOKENS` in `ep.cu`).
 const SEND_TOKENS: u32 = 32;
-/// Warp tasks a dispatch send aims for. On 2×H200 (H = 7168) fewer tasks made the send kernel
-/// itself faster at T = 128 (18.1 µs with 256, 20.2 with 4096) but whole calls far slower
-/// (dispatch + combine replayed from a graph: 251 µs a pair with 256, 62.8 with 4096; not yet
-/// explained, `bench/NOTES.md` §17).
+/// Warp tasks a dispatch send aims for. On 2×H200 (H = 7168, T = 128) fewer tasks make the
+/// send kernel a little faster (19.9–20.4 µs with 256–1024, 21.8 with 4096) and a graph-replayed
+/// dispatch + combine pair the same (63.0–63.4 µs against 64.6): bench/NOTES.md §17 and the
+/// sweep of session 8's call 1. The whole-call slowdown §17 saw with 256 tasks is gone since
+/// the kernels stopped polling host memory (§20, probably its cause); the default stays until
+/// a sweep shows a gain at every T.
 const SEND_TASKS: u32 = 4096;
 
 /// The dispatch send's grid and slices per token for `tokens` tokens of `hidden` channels on
