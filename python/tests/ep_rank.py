@@ -141,6 +141,28 @@ def round_trip(buf: Any, rank: int, R: int, E: int, H: int, fp8: bool, mode: str
         bad.append(f"{what}: active {active.tolist()}")
 
 
+def known_round_trip(buf: Any, rank: int, R: int, E: int, H: int, active: torch.Tensor, seed: int, fp8: bool, what: str,
+                     bad: List[str], device: str = "cuda") -> None:
+    """One dispatch + combine whose results every rank checks against what it computes from
+    the seeds alone (no collective: some ranks may be gone). Ranks marked 0 in `active` send
+    nothing and own no expert the others reach."""
+    on = active.cpu().tolist()
+    x, topk, w = inputs(rank, H, E, seed, T, device)
+    empty = torch.empty((0, K), dtype=torch.int64)
+    all_topk = [inputs(s, H, E, seed, T, device)[1].cpu() if on[s] else empty for s in range(R)]
+    packed, count, handle, _, _ = buf.dispatch(x, topk, active, T, E, 5_000_000, use_fp8=fp8)
+    rx = dequant(packed, fp8, E // R, R, H)
+    check_dispatch(rank, R, E, H, fp8, all_topk, rx, count, handle, what, bad)
+    out, _, _ = buf.combine(rx, topk, w, active, 5_000_000, handle)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    owner_on = torch.tensor(on, device=topk.device)[topk.clamp(min=0) // (E // R)] != 0
+    want = x.float() * (w * ((topk >= 0) & owner_on).float()).sum(1, keepdim=True)
+    d = calc_diff(out.float(), want)
+    if d > (9e-4 if fp8 else 1e-5):
+        bad.append(f"{what}: combine diff {d:.2e} (active {on})")
+
+
 def random_fp8_combine(buf: Any, rank: int, R: int, E: int, H: int, bad: List[str]) -> None:
     """DeepEP's fp8 bound on random data: the combine of dequantized rows against bf16."""
     g = torch.Generator(device="cuda").manual_seed(7 + rank)

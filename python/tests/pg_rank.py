@@ -755,13 +755,38 @@ def body_join_cycle_child(rank: int, size: int, port: int, arg: str) -> Any:
     return None
 
 
+#: Tokens per rank of the EP calls in the elastic scenarios (the checks' T).
+T_EP = 128
+
+
+def _die_inside_the_next_dispatch(buf: Any) -> None:
+    """The process SIGKILLs itself in the middle of its next EP dispatch over the collective
+    fallback: after the split sizes went out, before the rows do."""
+    inner = buf._fallback._all_to_all
+    calls = [0]
+
+    def dying(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return inner(*args)
+
+    buf._fallback._all_to_all = dying
+
+
 def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     """SGLang's elastic flow on `mooncake-cpu` groups: processes 0-3 are the world with TP
-    groups {0, 1} and {2, 3}, each with its own mask tensor; rank 3 dies during an all_reduce;
-    the masks drop it and the world and TP collectives go on over the survivors; process 4
-    replaces rank 3 (the world and its TP group, `is_extension=True`), the survivors see it
-    ready and recover it in both groups, and the masks and collectives include it again."""
+    groups {0, 1} and {2, 3}, each with its own mask tensor, and an EP buffer over the world
+    (host tensors: the collective fallback) whose calls take the world's mask as their
+    `active_ranks`; rank 3 dies during EP dispatches and all_reduces; the masks drop it and
+    the EP calls, world and TP collectives go on over the survivors; process 4 replaces rank 3
+    (the world and its TP group, `is_extension=True`), the survivors see it ready, recover it
+    in both groups and update their EP buffers while it makes its own, and the masks, EP calls
+    and collectives include it again. Every EP call is checked against what each rank computes
+    from the seeds."""
+    import tidewire.ep
     import tidewire.mooncake
+    from ep_rank import known_round_trip
 
     tidewire.mooncake.install()
     from mooncake import pg as mpg  # type: ignore[import-not-found]
@@ -791,6 +816,8 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     tp, tp_mask = tps[mine], tp_masks[mine]
     out: Dict[str, Any] = {}
     value = float(me + 1)
+    E, H = 16, 256
+    ep_bad: List[str] = []
 
     def sums() -> List[float]:
         w = torch.full((2,), value)
@@ -802,22 +829,35 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     if joiner:
         mpg.join_group(world)
         mpg.join_group(tp)
+        mpg.get_active_ranks(world)  # the mask as the view it was added in
+        buf = tidewire.ep.Buffer(world)
     else:
+        buf = tidewire.ep.Buffer(world)
+        out["ep_fallback"] = buf.fallback
+        known_round_trip(buf, me, 4, E, H, world_mask, 1, False, "EP before", ep_bad, device="cpu")
         out["before"] = sums()
-        if rank == 3:
-            threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+        x, topk, w = torch.ones(T_EP, H, dtype=torch.bfloat16), torch.arange(T_EP * 2).view(T_EP, 2) % E, torch.ones(T_EP, 2)
+        where = "all_reduce"
         try:
             big = torch.ones(1 << 16)
-            for _ in range(100000):
+            for i in range(100000):
+                if rank == 3 and i == 20:
+                    _die_inside_the_next_dispatch(buf)
+                where = "dispatch"
+                rx, _, h, _, _ = buf.dispatch(x, topk, world_mask, T_EP, E, 5_000_000, use_fp8=False)
+                where = "combine"
+                buf.combine(rx, topk, w, world_mask, 5_000_000, h)
+                where = "all_reduce"
                 dist.all_reduce(big)
                 if rank >= 2:
                     dist.all_reduce(big, group=tp)
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001
+            out["ep_error"] = f"{where}: {str(e)[:300]}"
         end = time.monotonic() + 30
-        while (world_mask[3].item() or tp_masks[1][1].item() and rank == 2) and time.monotonic() < end:
+        while (mpg.get_current_epoch(world) < 1 or rank == 2 and mpg.get_current_epoch(tp) < 1) and time.monotonic() < end:
             time.sleep(0.005)
         out["masks_after_death"] = [world_mask.tolist(), tp_mask.tolist()]
+        known_round_trip(buf, me, 4, E, H, world_mask, 2, False, "EP after the death", ep_bad, device="cpu")
         out["serving"] = sums()
         if rank == 0:
             open(flag, "w").close()
@@ -829,6 +869,9 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         out["recover_world"] = int(mpg.recover_ranks(world, [3]).status)
         if rank == 2:
             out["recover_tp"] = int(mpg.recover_ranks(tp, [1]).status)
+        buf.update_ep_member()
+    known_round_trip(buf, me, 4, E, H, world_mask, 3, False, "EP after the replacement", ep_bad, device="cpu")
+    out["ep_bad"] = ep_bad
     out["after"] = sums()
     dist.barrier()
     out["masks"] = [world_mask.tolist(), tp_mask.tolist()]

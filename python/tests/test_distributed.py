@@ -183,6 +183,13 @@ def test_sglangs_elastic_flow_world_and_tp_groups_lose_and_regain_a_rank() -> No
             assert out["recover_world"] == 1 and out.get("recover_tp", 1) == 1, f"process {proc}: {out}"
         assert out["after"] == [10.0, tp_all], f"process {proc}: {out}"
         assert out["masks"] == [[1, 1, 1, 1], [1, 1]], f"process {proc}: {out}"
+        # The EP calls (the collective fallback on host tensors) over the world's mask: every
+        # one checked before the death, after it over the survivors, and with the replacement.
+        assert out["ep_bad"] == [], f"process {proc}: {out['ep_bad']}"
+        if proc != 4:
+            assert out["ep_fallback"], f"process {proc}: {out}"
+            # The dispatch the death interrupted named the rank (it is never silent).
+            assert out.get("ep_error", "").startswith("dispatch: ") and "rank 3" in out["ep_error"], f"process {proc}: {out}"
 
 
 def test_fifty_kill_and_rejoin_cycles_leave_nothing_behind() -> None:

@@ -39,6 +39,7 @@ outputs into, so such a combine reads its input like any other (logged once).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import timedelta
@@ -231,6 +232,29 @@ def exchange(group: Any, tag: str, payload: Any, timeout: Optional[timedelta] = 
     return _store_exchange(store, rank, size, f"tidewire/ep/{tag}", payload, limit)
 
 
+def _elastic_group(group: Any) -> Any:
+    """The tidewire group whose membership `group` carries (a `mooncake` / `mooncake-cpu`
+    group of more than one slot), or None."""
+    from .distributed import ProcessGroupTidewire
+
+    if isinstance(group, ProcessGroupTidewire) and group._elastic is not None:
+        return group
+    return None
+
+
+def _host_only(group: Any) -> bool:
+    """Whether `group` moves host tensors only (a ``mooncake-cpu`` group)."""
+    try:
+        return str(dist.get_backend(group)) == "mooncake-cpu"
+    except (KeyError, ValueError, RuntimeError):  # a group torch has no entry for
+        return False
+
+
+#: An elastic exchange's unreached reasons are cut to this many characters (the membership
+#: carries each announcement in one datagram).
+_REASON_CHARS = 96
+
+
 class Buffer:
     """One rank's EP buffer over `group` (see the module's documentation)."""
 
@@ -238,13 +262,26 @@ class Buffer:
         self.group = group
         self.rank = group.rank()
         self.group_size = group.size()
-        self.device = torch.cuda.current_device()
+        #: The GPU of the calls; None without CUDA or over a group for host tensors only
+        #: (``mooncake-cpu``): only the collective fallback then, on host tensors.
+        self.device: Optional[int] = (
+            torch.cuda.current_device() if torch.cuda.is_available() and not _host_only(group) else None
+        )
         name = str(getattr(group, "group_name", "") or "")
         if not name:
             # The exchange's keys must be the same on every rank: a process-local id is not.
             raise ValueError(f"tidewire.ep.Buffer: the group {group!r} has no name to agree on across ranks")
         self._tag = f"{name}/{_made.get(name, 0)}"
         _made[name] = _made.get(name, 0) + 1
+        #: The elastic group whose view the buffer follows (None: every rank, always).
+        self._elastic = _elastic_group(group)
+        if self._elastic is not None and self._elastic._joining:
+            raise RuntimeError(
+                f"tidewire.ep.Buffer: rank {self.rank} joins its group and was not added yet: call "
+                "mooncake.pg.join_group(group) first"
+            )
+        #: Exchanges made per epoch of the elastic group (the keys of the next one).
+        self._rounds: Dict[int, int] = {}
         self._native: Any = None
         self._fallback: Optional[_Collective] = None
         #: Why calls go through the group's collectives instead of the NVLink kernels (None:
@@ -255,8 +292,34 @@ class Buffer:
             # a multiple of the ranks).
             experts = max(self.group_size, 288 // self.group_size * self.group_size)
             num_ep_buffer_bytes = Buffer.get_ep_buffer_size_hint(128, 7168, self.group_size, experts)
+        # The buffer's dispatch counter, on the GPU: the last call's number, and the send
+        # kernel's finished blocks (0 between calls). Each dispatch's number is taken there by
+        # the send kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
+        self._counter = torch.zeros(2, dtype=torch.int64, device=f"cuda:{self.device}" if self.device is not None else "cpu")
+        # Each dispatch's number word, token count, top-k and host-side number, by its handle
+        # (for its combine).
+        self._seqs: Dict[int, Tuple[Any, int, int, int]] = {}
+        # Dispatches whose combine has not launched its receive half yet (their buffer half is
+        # still in use), with the stream each was launched on.
+        self._open: Dict[int, int] = {}
+        self._dispatches = 0
+        self._updates = 0
+        self._zero_copy_logged = False
+        #: The ranks whose buffers are mapped (all but those outside the elastic group's view
+        #: at the last exchange), the ranks the group's view dropped since, the epoch that was
+        #: read at, and the mask the calls apply to the caller's `active_ranks` while some rank
+        #: takes no part (None: every rank does).
+        self._mapped: List[int] = list(range(self.group_size))
+        self._left: List[int] = []
+        self._seen_epoch = -1
+        self._keep: Optional[torch.Tensor] = None
+        #: The kernels' inactive marks per source rank already reported to the group.
+        self._marks_seen = [0] * self.group_size
+        if self._elastic is not None:
+            self._round(disable_p2p, num_ep_buffer_bytes)
+            return
         unreached: List[Any] = []
-        if not disable_p2p:
+        if not disable_p2p and self.device is not None:
             eng = _engine()
             addr, length = _native.EpBuffer.allocate(eng._native, self.device, num_ep_buffer_bytes)
             self._own = (addr, length)
@@ -270,39 +333,140 @@ class Buffer:
             unreached = [list(u) for u in self._native.unreached()]
         # Every rank's verdict: one rank's missing path (or disable_p2p) sends every rank to the
         # fallback, so that all ranks run the same protocol.
-        verdicts = exchange(group, f"{self._tag}/reach", {"disable_p2p": bool(disable_p2p), "unreached": unreached})
-        why = [f"rank {r}: disable_p2p" for r, v in enumerate(verdicts) if v["disable_p2p"]]
-        why += [f"rank {r} -> rank {p}: {reason}" for r, v in enumerate(verdicts) for p, reason in v["unreached"]]
+        verdicts = exchange(
+            group, f"{self._tag}/reach", {"disable_p2p": bool(disable_p2p), "no_cuda": self.device is None, "unreached": unreached}
+        )
+        self._decide(verdicts, None)
+
+    def _decide(self, verdicts: List[Any], why_else: Optional[str]) -> None:
+        """Takes the kernels, or the fallback for every rank if any rank's verdict (None: a
+        rank outside the view) asks for it, or `why_else` says why."""
+        why = [f"rank {r}: no CUDA device" for r, v in enumerate(verdicts) if v is not None and v.get("no_cuda")]
+        why += [f"rank {r}: disable_p2p" for r, v in enumerate(verdicts) if v is not None and v["disable_p2p"]]
+        why += [f"rank {r} -> rank {p}: {reason}" for r, v in enumerate(verdicts) if v is not None for p, reason in v["unreached"]]
+        if why_else is not None and not why:
+            why.append(why_else)
         if why:
-            self.fallback = "; ".join(why)
-            log.warning("tidewire.ep: %d ranks over the group's collectives, not NVLink (%s)", self.group_size, self.fallback)
+            if self.fallback is None:
+                self.fallback = "; ".join(why)
+                log.warning("tidewire.ep: %d ranks over the group's collectives, not NVLink (%s)", self.group_size, self.fallback)
             if self._native is not None:
                 self._native.close()
                 self._native = None
-            self._fallback = _Collective(group)
+            self._fallback = _Collective(self.group)
             self.paths = ["local" if r == self.rank else "collective" for r in range(self.group_size)]
         else:
             self.paths = self._native.paths()
-        # The buffer's dispatch counter, on the GPU: the last call's number, and the send
-        # kernel's finished blocks (0 between calls). Each dispatch's number is taken there by
-        # the send kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
-        self._counter = torch.zeros(2, dtype=torch.int64, device=f"cuda:{self.device}")
-        # Each dispatch's number word, token count, top-k and host-side number, by its handle
-        # (for its combine).
-        self._seqs: Dict[int, Tuple[Any, int, int, int]] = {}
-        # Dispatches whose combine has not launched its receive half yet (their buffer half is
-        # still in use), with the stream each was launched on.
-        self._open: Dict[int, int] = {}
-        self._dispatches = 0
-        self._updates = 0
-        self._zero_copy_logged = False
+
+    def _exchange(self, key: str, payload: Any, epoch: int, members: List[int]) -> List[Any]:
+        """Every member's `payload` by rank (None for a rank outside the view) through the
+        elastic group's membership, at `epoch`: the store is not used (it lives in one rank's
+        process, which may be the one that died). Every member makes the same exchanges at an
+        epoch, in the same order: the keys count them."""
+        g = self._elastic
+        full = f"ep/{self._tag}/{epoch}.{self._rounds.get(epoch, 0)}/{key}"
+        g._elastic.announce(full, json.dumps(payload))
+        try:
+            got = g._elastic.collect(full, epoch, members, g._timeout.total_seconds())
+        except _native.TidewireError as e:
+            g._failed(getattr(e, "ranks", []))
+            raise
+        out: List[Any] = [None] * self.group_size
+        for r, v in zip(members, got):
+            if r < self.group_size:
+                out[r] = json.loads(v)
+        return out
+
+    def _round(self, no_p2p: bool, nbytes: int) -> None:
+        """One exchange with the elastic group's members (at construction and at each
+        `update_ep_member`): every member's buffer and reach, the dispatch counters, and the
+        ranks outside the view (mapped as absent: the kernels neither write to them nor wait
+        for them). A member with no buffer (disable_p2p, no CUDA, or on the fallback already)
+        sends every member to the fallback."""
+        g = self._elastic
+        epoch, members, fenced = g._elastic.view()
+        if fenced or self.rank not in members:
+            raise RuntimeError(f"tidewire.ep: rank {self.rank} is not in its group's view (epoch {epoch}, active {members})")
+        eng = _engine() if self.device is not None else None
+        fresh = self._native is None and self._fallback is None and not no_p2p and eng is not None
+        if fresh:
+            self._own = _native.EpBuffer.allocate(eng._native, self.device, nbytes)
+        mine = None
+        if eng is not None and (fresh or self._native is not None):
+            mine = [eng.name, self._own[0], self._own[1], self._dispatches if fresh else int(self._counter[0].item())]
+        try:
+            infos = self._exchange("buffers", mine, epoch, members)
+            if mine is not None and all(infos[r] is not None for r in members):
+                peers = [(i[0], int(i[1]), int(i[2])) if i is not None else ("", 0, 0) for i in infos]
+                if fresh:
+                    # The buffer owns the allocation from here (freed with it, or if this fails).
+                    fresh = False
+                    self._native = _native.EpBuffer(eng._native, self.rank, self.device, peers)
+                else:
+                    self._native.reconnect(peers)
+        finally:
+            if fresh:
+                eng._native.free_device(self._own[0])  # no buffer object owns it
+        unreached = [[r, why[:_REASON_CHARS]] for r, why in self._native.unreached()] if self._native is not None else []
+        verdict = {"disable_p2p": bool(no_p2p), "no_cuda": self.device is None, "unreached": unreached[:8]}
+        verdicts = self._exchange("reach", verdict, epoch, members)
+        self._rounds[epoch] = self._rounds.get(epoch, 0) + 1
+        without = [r for r in members if infos[r] is None]
+        self._decide(verdicts, f"ranks {without} have no EP buffer (on the fallback already)" if without else None)
+        # A restarted rank counts from 0: every rank continues after the highest number, so
+        # that no signal of an earlier call can pass for one of the next.
+        top = max([int(i[3]) for i in infos if i is not None] + [self._dispatches])
+        self._counter[0].fill_(top)
+        self._counter[1].zero_()
+        self._dispatches = top
+        self._mapped = [r for r in range(self.group_size) if infos[r] is not None or (self._native is None and r in members)]
+        self._left, self._seen_epoch = [], epoch
+        self._set_keep()
+
+    def _set_keep(self) -> None:
+        """The mask applied to the caller's `active_ranks`: the ranks mapped and still in the
+        view (None while that is every rank)."""
+        out = set(range(self.group_size)) - set(self._mapped) | set(self._left)
+        if not out:
+            self._keep = None
+            return
+        keep = torch.ones(self.group_size, dtype=torch.int32)
+        keep[sorted(out)] = 0
+        self._keep = keep.to(self._counter.device)
+
+    def _agree(self, active: torch.Tensor) -> None:
+        """Before a call: the kernels' verdicts go to the group and the group's to the call.
+        Ranks the kernels marked inactive since the last call (deadline passed, process died)
+        are reported to the group's membership as failed; ranks the group's view dropped are
+        zeroed in the caller's `active_ranks` (with the ranks that take no part), so no call
+        waits for them. No GPU synchronisation: the marks are host-mapped words."""
+        g = self._elastic
+        if g is not None:
+            if self._native is not None:
+                marks = self._native.marks()
+                new = [r for r, (n, seen) in enumerate(zip(marks, self._marks_seen)) if n > seen]
+                if new:
+                    self._marks_seen = list(marks)
+                    log.warning("tidewire.ep: rank %d: the kernels marked ranks %s inactive; told the group", self.rank, new)
+                    g._failed(new)
+            epoch = g._elastic.epoch()
+            if epoch != self._seen_epoch:
+                _, members, _ = g._elastic.view()
+                self._left = sorted(set(self._left) | (set(range(self.group_size)) - set(members)))
+                self._seen_epoch = epoch
+                self._set_keep()
+        if self._keep is not None:
+            active.mul_(self._keep)
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
         return _native.EpBuffer.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     def _check(self, t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
-        if not t.is_cuda or t.get_device() != self.device:
+        if self.device is None:
+            if t.is_cuda:
+                raise ValueError(f"tidewire.ep: {what} must be a host tensor (this buffer has no CUDA device), not {t.device}")
+        elif not t.is_cuda or t.get_device() != self.device:
             raise ValueError(f"tidewire.ep: {what} must be on cuda:{self.device}, not {t.device}")
         if t.dtype is not dtype:
             raise TypeError(f"tidewire.ep: {what} must be {dtype}, not {t.dtype}")
@@ -339,8 +503,9 @@ class Buffer:
         dev = x.device
         if E <= 0 or E % R or T <= 0 or num_tokens > T:
             raise ValueError(f"tidewire.ep: {num_tokens} tokens of at most {T}, {E} experts over {R} ranks (a positive multiple)")
+        self._agree(active)
         if self._fallback is not None:
-            return self._fallback.dispatch(self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook)
+            return self._fallback_call(active, self._fallback.dispatch, self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook)
         # The two halves of the buffer alternate between calls: a call may not start while the
         # previous call on its half has not launched its combine's receive half (its rows would
         # be overwritten).
@@ -442,8 +607,9 @@ class Buffer:
             or out.data_ptr() % 16
         ):
             raise ValueError(f"tidewire.ep: out must be a contiguous, 16-byte aligned bf16 [{num_tokens}, {hidden}] tensor")
+        self._agree(active)
         if self._fallback is not None:
-            return self._fallback.combine(self, x, topk_weights, seq, out, async_finish, return_recv_hook)
+            return self._fallback_call(active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
         stream = raw_stream(torch.cuda.current_device())
@@ -464,22 +630,48 @@ class Buffer:
         event = EventOverlap(self._event() if async_finish else None, (x, topk_idx, topk_weights, seq))
         return out, event, hook
 
-    def _event(self) -> torch.cuda.Event:
+    @staticmethod
+    def _fallback_call(active: torch.Tensor, fn: Any, *args: Any) -> Any:
+        """A call over the group's collectives. One that fails naming ranks (dead, or silent
+        past the group's timeout) writes them as 0 into the caller's `active_ranks` before
+        raising: the next call skips them (the group re-forms over the others)."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            ranks = [r for r in getattr(e, "ranks", []) if 0 <= r < active.numel()]
+            if ranks:
+                active[ranks] = 0
+            raise
+
+    def _event(self) -> Optional[torch.cuda.Event]:
+        if self.device is None:
+            return None  # host tensors: the call is done when it returns
         e = torch.cuda.Event()
         e.record(torch.cuda.current_stream())
         return e
 
     def update_ep_member(self) -> None:
-        """Re-exchanges every rank's buffer over the group and maps them again, and agrees on
-        the next call's number. Every rank calls it, with no call in flight. The exchange's key
-        counts this process's updates: a rank that restarted (a new process, a new buffer)
-        meets the others only if they made no update since it last did; a restarted rank has
-        not been tested yet (it needs the group's membership epoch as the key)."""
+        """Re-exchanges every rank's buffer and maps them again, and agrees on the next call's
+        number. Every rank calls it, with no call in flight.
+
+        Over an elastic group (``mooncake`` / ``mooncake-cpu``) it takes the group's view:
+        the exchange goes through the group's membership at the epoch in force (not the store,
+        which lives in one rank's process), ranks outside the view are mapped as absent (their
+        `active_ranks` entry is zeroed by every call), and a rank restarted into its slot and
+        added back to the group (whose new buffer makes the same exchange at its construction)
+        is mapped again. Over any other group the exchange goes through the store, keyed by
+        this process's update count: every rank must have made as many."""
         self._updates += 1
+        if self.device is not None:
+            # Every stream's calls on this buffer are done (not only the current stream's).
+            torch.cuda.synchronize(self.device)
+        if self._elastic is not None:
+            self._round(False, 0)
+            self._open.clear()
+            self._seqs.clear()
+            return
         if self._native is None:
             return  # the collective fallback holds nothing of the peers
-        # Every stream's calls on this buffer are done (not only the current stream's).
-        torch.cuda.synchronize(self.device)
         eng = _engine()
         addr, length = self._own
         counter = int(self._counter[0].item())
@@ -495,7 +687,8 @@ class Buffer:
         self._seqs.clear()
 
     def destroy(self) -> None:
-        torch.cuda.current_stream().synchronize()
+        if self.device is not None:
+            torch.cuda.current_stream().synchronize()
         if self._native is not None:
             self._native.close()
             self._native = None

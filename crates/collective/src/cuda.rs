@@ -144,6 +144,17 @@ impl CudaComm {
         peers: &[PeerBuffer],
         timeout: Duration,
     ) -> Result<Self> {
+        // Every rank of the path takes part in every collective: its kernels have no absent
+        // ranks (the caller forms a path over the ranks taking part).
+        if let Some(r) = peers.iter().position(PeerBuffer::is_absent) {
+            if let Some(mine) = peers.get(rank) {
+                // Ours is freed here, as on any later failure.
+                let _ = engine.free_device(mine.addr);
+            }
+            return Err(Error::invalid(format!(
+                "rank {r} has no buffer (absent) on the CUDA path"
+            )));
+        }
         // First: from here on our buffer belongs to the mappings, freed with them on any
         // later failure.
         let peers =

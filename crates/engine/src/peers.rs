@@ -16,6 +16,17 @@ pub struct PeerBuffer {
     pub len: u64,
 }
 
+impl PeerBuffer {
+    /// The entry of a rank that takes no part (outside an elastic group's view): no buffer.
+    pub fn absent() -> Self {
+        Self { name: String::new(), addr: 0, len: 0 }
+    }
+
+    pub fn is_absent(&self) -> bool {
+        self.name.is_empty() && self.addr == 0
+    }
+}
+
 /// A failure of the set, with what was being done (which rank, which buffer).
 #[derive(Debug, Clone)]
 pub struct PeersError {
@@ -31,6 +42,9 @@ enum BufferReach {
     Mapped(MappedPeer),
     /// No GPU path reaches it (why).
     Unreached(String),
+    /// Takes no part: outside the group's view when the buffers were exchanged (nothing is
+    /// mapped; the kernels neither write to it nor wait for it).
+    Absent,
 }
 
 /// Every rank's buffer of one group, as this rank's GPU addresses them.
@@ -127,6 +141,11 @@ impl PeerBuffers {
                 maps.push(BufferReach::Local);
                 continue;
             }
+            if p.is_absent() {
+                log::info!("{what} rank {rank}: rank {r} takes no part (outside the group's view)");
+                maps.push(BufferReach::Absent);
+                continue;
+            }
             let failed = |doing: &str, source| PeersError {
                 context: format!("{what} rank {rank}: {doing} rank {r}'s buffer ({})", p.name),
                 source,
@@ -163,7 +182,7 @@ impl PeerBuffers {
             .filter_map(|m| match m {
                 BufferReach::Local => Some(self.len),
                 BufferReach::Mapped(m) => Some(m.len()),
-                BufferReach::Unreached(_) => None,
+                BufferReach::Unreached(_) | BufferReach::Absent => None,
             })
             .min()
             .unwrap_or(0)
@@ -189,13 +208,14 @@ impl PeerBuffers {
                 BufferReach::Local => "local".to_string(),
                 BufferReach::Mapped(m) => m.transport().to_string(),
                 BufferReach::Unreached(_) => "none".to_string(),
+                BufferReach::Absent => "absent".to_string(),
             })
             .collect()
     }
 
-    /// Each rank's buffer as our GPU addresses it and its liveness word (0 for ourselves), in
-    /// rank order, when every rank is reached and its buffer holds `need` bytes; else why
-    /// not.
+    /// Each rank's buffer as our GPU addresses it and its liveness word (0 for ourselves; both
+    /// 0 for an absent rank), in rank order, when every rank taking part is reached and its
+    /// buffer holds `need` bytes; else why not.
     pub fn addresses(&self, need: u64) -> Result<Vec<(u64, u64)>, String> {
         let mut out = Vec::with_capacity(self.maps.len());
         for (r, m) in self.maps.iter().enumerate() {
@@ -208,6 +228,7 @@ impl PeerBuffers {
                 }
                 BufferReach::Mapped(m) => out.push((m.addr(), m.alive_flag().unwrap_or(0))),
                 BufferReach::Local => out.push((self.addr, 0)),
+                BufferReach::Absent => out.push((0, 0)),
                 BufferReach::Unreached(why) => {
                     return Err(format!(
                         "rank {r} is reached by no GPU path ({why}): the kernels cannot run"

@@ -74,12 +74,16 @@ struct Seen {
     counted: Vec<u32>,
     /// When the ranks were last re-exchanged: a rank marked since is inactive.
     base: Vec<u32>,
+    /// The ranks that took no part in the last exchange (outside the group's view).
+    absent: Vec<bool>,
 }
 
 impl Watch {
-    /// From now on the active ranks count from the marks as they are.
-    fn rebase(&self) {
-        self.seen.lock().base = self.marks.load_all();
+    /// From now on the active ranks count from the marks as they are, without `absent`.
+    fn rebase(&self, absent: Vec<bool>) {
+        let mut seen = self.seen.lock();
+        seen.base = self.marks.load_all();
+        seen.absent = absent;
     }
 }
 
@@ -94,7 +98,9 @@ impl Scrape for Watch {
                 *s = *n;
             }
         }
-        let active = now.iter().zip(&seen.base).filter(|(n, b)| n <= b).count();
+        let active = (now.iter().zip(&seen.base).zip(&seen.absent))
+            .filter(|((n, b), absent)| n <= b && !**absent)
+            .count();
         m.ep_active_ranks.get_or_create(&[("rank", self.rank.to_string())]).set(active as i64);
     }
 }
@@ -120,6 +126,7 @@ impl Buffer {
     ) -> Result<Self> {
         // First: from here on our buffer belongs to the mappings, freed with them on any
         // later failure.
+        let peers_in = peers;
         let peers = PeerBuffers::connect(engine, "EP", rank, device, peers).map_err(Error::from)?;
         let ranks = peers.ranks();
         if ranks > MAX_RANKS {
@@ -132,7 +139,8 @@ impl Buffer {
         let half = peers.smallest() / 2 / 4096 * 4096;
         let marks = HostWords::new(ranks)
             .map_err(|source| Error::Gpu { context: "the EP timeout counters".into(), source })?;
-        let seen = Seen { counted: vec![0; ranks], base: vec![0; ranks] };
+        let absent = peers_in.iter().map(PeerBuffer::is_absent).collect();
+        let seen = Seen { counted: vec![0; ranks], base: vec![0; ranks], absent };
         let watch = Arc::new(Watch { marks, rank, seen: Mutex::new(seen) });
         let w: Arc<dyn Scrape> = watch.clone();
         tidewire::metrics::watch(Arc::downgrade(&w));
@@ -144,8 +152,15 @@ impl Buffer {
     pub fn reconnect(&mut self, peers: &[PeerBuffer]) -> Result<()> {
         self.peers.reconnect(peers).map_err(Error::from)?;
         self.half = self.peers.smallest() / 2 / 4096 * 4096;
-        self.watch.rebase();
+        self.watch.rebase(peers.iter().map(PeerBuffer::is_absent).collect());
         Ok(())
+    }
+
+    /// Per source rank, how often a kernel's wait marked it inactive since the buffer was
+    /// made (deadline passed or process died): host-mapped words the kernels add to, read
+    /// without waiting for the GPU.
+    pub fn marks(&self) -> Vec<u32> {
+        self.watch.marks.load_all()
     }
 
     /// The ranks no GPU path reaches, with the reason.

@@ -67,6 +67,13 @@ __device__ __forceinline__ long long tw_sel(const long long* topk, long long t, 
     return e;
 }
 
+// Whether rank `r` takes part in this call: the caller's `active` says so and its buffer is
+// mapped (a rank outside the group's view when the buffers were exchanged has none: address
+// 0, never written or waited for).
+__device__ __forceinline__ bool tw_active(const EpArgs& a, const int* active, int r) {
+    return a.peers[r] != 0 && *(volatile const int*)&active[r] != 0;
+}
+
 // Waits until `*sig` carries the call `seq` in its high 32 bits; returns the low 32 bits, or
 // -1 when rank `from` died, is marked inactive, or the deadline passed (it is then marked
 // inactive in `active`). The deadline and `active` (device memory) are checked every 256
@@ -160,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     // Experts we send nothing: their signal now (count 0), spread over the grid.
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < E; e += gridDim.x * blockDim.x) {
         const int dst = e / a.local_experts;
-        if (total[e] == 0 && *(volatile int*)&active[dst] != 0) {
+        if (total[e] == 0 && tw_active(a, active, dst)) {
             char* base = tw_base(a, dst, seq);
             unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
             tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, 0));
@@ -193,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                     sp = recv_scales + (unsigned long long)el * (H / 128) * col + p;
                     ss = col;
                     if (sl == 0) src_info[at] = t;
-                } else if (*(volatile int*)&active[dst] != 0) {
+                } else if (tw_active(a, active, dst)) {
                     char* base = tw_base(a, dst, seq);
                     const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
                     r = base + a.off_ddata + (slot * a.max_tokens + p) * row;
@@ -261,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                 atomicExch(&fin[e], 0u);  // every piece of this call is in: ready for the next
                 __threadfence_system();
                 const int dst = (int)(e / a.local_experts);
-                if (*(volatile int*)&active[dst] != 0) {
+                if (tw_active(a, active, dst)) {
                     char* base = tw_base(a, dst, seq);
                     const unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
                     tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, total[e]));
@@ -297,7 +304,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a,
         const int s = (a.rank + o) % R;
         const unsigned long long slot = (unsigned long long)el * R + s;
         long long got = -1;
-        if (*(volatile int*)&active[s] != 0)
+        if (tw_active(a, active, s))
             got = tw_wait(a, (const unsigned long long*)(base + a.off_dsig) + slot, seq, s, active);
         cnt[o] = got < 0 ? 0 : min((int)got, a.max_tokens);
     }
@@ -354,7 +361,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a,
 extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
                                                                     const long long* layout_range, int* active) {
     const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
-    if (*(volatile int*)&active[s] == 0) return;
+    if (!tw_active(a, active, s)) return;
     const unsigned long long slot = (unsigned long long)el * a.ranks + s;
     const long long range = layout_range[slot];
     const int begin = (int)(range >> 32), most = a.ranks * a.max_tokens;
@@ -411,7 +418,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_recv(EpArgs a, 
     if (t == a.num_tokens) {
         for (int e = threadIdx.x; e < a.experts; e += blockDim.x) {
             const int owner = e / a.local_experts;
-            if (*(volatile int*)&active[owner] != 0)
+            if (tw_active(a, active, owner))
                 tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active);
         }
         return;
@@ -423,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_recv(EpArgs a, 
         int ok = 0;
         if (e >= 0) {
             int owner = (int)(e / a.local_experts);
-            if (*(volatile int*)&active[owner] != 0)
+            if (tw_active(a, active, owner))
                 ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active) >= 0;
         }
         // The valid slots, compacted in slot order (the sum's order is the same on every call).

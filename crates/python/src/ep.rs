@@ -120,6 +120,12 @@ impl PyEpBuffer {
         self.with(py, move |b| b.reconnect(&peers))
     }
 
+    /// Per source rank, how often a kernel's wait marked it inactive (deadline passed or
+    /// process died) since the buffer was made; read without waiting for the GPU.
+    fn marks(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.with(py, |b| Ok(b.marks()))
+    }
+
     /// The ranks no GPU path reaches: `(rank, reason)`.
     fn unreached(&self, py: Python<'_>) -> PyResult<Vec<(usize, String)>> {
         self.with(py, |b| Ok(b.unreached()))
