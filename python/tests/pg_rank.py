@@ -603,6 +603,79 @@ def body_joiners(rank: int, size: int, port: int, arg: str) -> Any:
     return out
 
 
+def body_extension(rank: int, size: int, port: int, arg: str) -> Any:
+    """A `mooncake-cpu` world extended from 2 to 4 ranks, with subgroups. Processes 0-1 found
+    the world (room for 4), an EP-like subgroup of both founders with room for 4, and a TP
+    group {0, 1}. Processes 2-3 start later in slots 2 and 3 (`is_extension=True`), make the
+    same room-for-4 subgroup (the same creation order: torch names it alike) and their own TP
+    group {2, 3} (`use_local_synchronization`: the founders' torch world has 2 ranks), and join
+    the world and the subgroup; the founders add both at once with `activate_ranks`. Then the
+    world and the subgroup span 4 ranks (`size()` grows to 4, masks in the callers' tensors),
+    the TP groups 2 each."""
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    flag = f"/tmp/tw-extension-{port}"
+    joiner = rank >= 2
+    if joiner:
+        end = time.monotonic() + 60
+        while not os.path.exists(flag):
+            if time.monotonic() > end:
+                return ["never told to start"]
+            time.sleep(0.01)
+    world_mask = torch.tensor([1, 1, 0, 0], dtype=torch.int32)
+    ep_mask = world_mask.clone()
+    dist.init_process_group(
+        "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4 if joiner else 2,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(world_mask, joiner, 4),
+    )
+    world = dist.group.WORLD
+    ep = dist.new_group([0, 1, 2, 3] if joiner else [0, 1], backend="mooncake-cpu",
+                        pg_options=mpg.MooncakeBackendOptions(ep_mask, joiner, 4))
+    tp_mask = torch.ones(2, dtype=torch.int32)
+    tp = dist.new_group([2, 3] if joiner else [0, 1], backend="mooncake-cpu", use_local_synchronization=joiner,
+                        pg_options=mpg.MooncakeBackendOptions(tp_mask))
+    out: Dict[str, Any] = {}
+    value = float(rank + 1)
+
+    def sums() -> List[float]:
+        got = []
+        for g in (world, ep, tp):
+            t = torch.full((3,), value)
+            dist.all_reduce(t, group=g)
+            got.append(t[0].item())
+        return got
+
+    if joiner:
+        mpg.join_group(world)
+        mpg.join_group(ep)
+    else:
+        out["before"] = sums()
+        out["sizes_before"] = [world.size(), ep.size()]
+        if rank == 0:
+            open(flag, "w").close()
+        end = time.monotonic() + 60
+        while not all(mpg.get_peer_state(world, [2, 3])):
+            if time.monotonic() > end:
+                return ["the joiners never became ready"]
+            time.sleep(0.005)
+        out["activated"] = [int(mpg.activate_ranks(g, [2, 3]).status) for g in (world, ep)]
+    out["after"] = sums()
+    g4 = torch.empty(4 * 2)
+    dist.all_gather_into_tensor(g4, torch.full((2,), value), group=ep)
+    out["gathered"] = g4.tolist()
+    out["sizes"] = [world.size(), ep.size(), tp.size()]
+    out["masks"] = [mpg.get_active_ranks(g).tolist() for g in (world, ep, tp)]
+    out["same_tensors"] = [mpg.get_active_ranks(world) is world_mask, mpg.get_active_ranks(ep) is ep_mask]
+    out["epochs"] = [mpg.get_current_epoch(g) for g in (world, ep, tp)]
+    dist.barrier()
+    if rank == 0:
+        os.unlink(flag)
+    return out
+
+
 def body_failure_modes(rank: int, size: int, port: int, arg: str) -> Any:
     """The failure modes of a `mooncake-cpu` group when rank 3 dies: "sync_later"
     (auto_deactivate, no auto_sync: the group drops the rank by itself, and the survivors'
@@ -876,6 +949,136 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     dist.barrier()
     out["masks"] = [world_mask.tolist(), tp_mask.tolist()]
     dist.barrier()
+    if rank == 0:
+        os.unlink(flag)
+    return out
+
+
+def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
+    """SGLang's elastic flow on two GPUs. Processes 0 and 1 form the world in both forms
+    (`mooncake` with a CUDA mask, `mooncake-cpu` with a host mask) and a TP group of both in
+    both forms, and an EP buffer over the CUDA world (the NVLink kernels) whose calls take the
+    world's CUDA mask as `active_ranks`. The groups' eviction timeout is 60 s, so that only the
+    EP kernels can tell the world quickly: rank 1 is SIGKILLed while rank 0 waits for it in a
+    dispatch; rank 0's kernels mark it inactive, its next EP call reports it, the world drops it;
+    the other groups drop it when their serving collectives fail on it and go on over rank 0.
+    Process 2 then replaces rank 1 on GPU 1 in every group (`is_extension=True`), makes its EP
+    buffer while rank 0 recovers it everywhere and updates its own; every mask holds both ranks
+    again and EP calls and collectives include it. Every EP call is checked."""
+    import tidewire.ep
+    import tidewire.mooncake
+    from ep_rank import K, calc_diff, inputs, known_round_trip
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    mpg.set_eviction_timeout_us(60_000_000)
+    flag = f"/tmp/tw-cuda-elastic-{port}"
+    joiner = rank == 2
+    me = 1 if joiner else rank
+    if joiner:
+        end = time.monotonic() + 90
+        while not os.path.exists(flag):
+            if time.monotonic() > end:
+                return ["never told to start"]
+            time.sleep(0.01)
+    torch.cuda.set_device(me)
+    dev = torch.device("cuda", me)
+    wm = torch.ones(2, dtype=torch.int32, device=dev)
+    dist.init_process_group(
+        "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=2,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(wm, joiner),
+    )
+    world = dist.group.WORLD
+    masks = [wm, torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32, device=dev), torch.ones(2, dtype=torch.int32)]
+    world_cpu = dist.new_group([0, 1], backend="mooncake-cpu", pg_options=mpg.MooncakeBackendOptions(masks[1], joiner))
+    tp = dist.new_group([0, 1], backend="mooncake", pg_options=mpg.MooncakeBackendOptions(masks[2], joiner))
+    tp_cpu = dist.new_group([0, 1], backend="mooncake-cpu", pg_options=mpg.MooncakeBackendOptions(masks[3], joiner))
+    groups = [world, world_cpu, tp, tp_cpu]
+    R, E, H = 2, 32, 2048
+    out: Dict[str, Any] = {}
+    bad: List[str] = []
+    value = float(me + 1)
+
+    def sums() -> List[float]:
+        got = []
+        for g in groups:
+            t = torch.full((4,), value, device=dev if g in (world, tp) else "cpu")
+            dist.all_reduce(t, group=g)
+            got.append(t[0].item())
+        return got
+
+    def current_masks() -> List[List[int]]:
+        return [mpg.get_active_ranks(g).tolist() for g in groups]
+
+    if joiner:
+        for g in groups:
+            mpg.join_group(g)
+        mpg.get_active_ranks(world)  # the CUDA mask as the view it was added in
+        buf = tidewire.ep.Buffer(world, tidewire.ep.Buffer.get_ep_buffer_size_hint(128, H, R, E))
+    else:
+        buf = tidewire.ep.Buffer(world, tidewire.ep.Buffer.get_ep_buffer_size_hint(128, H, R, E))
+        out["paths"] = buf.paths
+        known_round_trip(buf, me, R, E, H, wm, 1, False, "EP before", bad)
+        known_round_trip(buf, me, R, E, H, wm, 2, True, "EP before, fp8", bad)
+        out["before"] = sums()
+        dist.barrier(group=world_cpu)
+        if rank == 1:
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+        # Rank 0 waits in this dispatch for a rank that dies meanwhile.
+        x, topk, w = inputs(0, H, E, 3, 128)
+        t0 = time.monotonic()
+        rx, cnt, h, _, _ = buf.dispatch(x, topk, wm, 128, E, 20_000_000, use_fp8=False)
+        comb, _, _ = buf.combine(rx, topk, w, wm, 20_000_000, h)
+        torch.cuda.synchronize()
+        out["death_call_s"] = time.monotonic() - t0
+        out["active_after_death"] = wm.tolist()
+        el = E // R
+        if cnt.cpu().tolist() != [int((topk == l).sum()) for l in range(el)]:
+            bad.append(f"the dispatch rank 1 died in: counts {cnt.tolist()} are not rank 0's own")
+        own = ((topk >= 0) & (topk // el == 0)).float()
+        d = calc_diff(comb.float(), x.float() * (w * own).sum(1, keepdim=True))
+        if d > 1e-5:
+            bad.append(f"the combine after rank 1 died: diff {d:.2e}")
+        # The next EP call reports the kernels' verdict to the world, which drops the rank long
+        # before its own eviction timeout.
+        known_round_trip(buf, me, R, E, H, wm, 4, False, "EP after the death", bad)
+        end = time.monotonic() + 20
+        while mpg.get_current_epoch(world) < 1 and time.monotonic() < end:
+            time.sleep(0.002)
+        out["world_agreed_s"] = time.monotonic() - t0
+        # The other groups learn it when their serving collectives fail on it.
+        for g in groups[1:]:
+            try:
+                t = torch.ones(4, device=dev if g is tp else "cpu")
+                dist.all_reduce(t, group=g)
+            except Exception:  # noqa: BLE001
+                pass
+            end = time.monotonic() + 20
+            while mpg.get_current_epoch(g) < 1 and time.monotonic() < end:
+                time.sleep(0.002)
+        out["masks_after_death"] = current_masks()
+        out["serving"] = sums()
+        open(flag, "w").close()
+        end = time.monotonic() + 90
+        # It joins the groups one by one (each join blocks until it is added): recover_ranks
+        # waits for its readiness in the later ones.
+        while not mpg.get_peer_state(world, [1])[0]:
+            if time.monotonic() > end:
+                return ["the replacement never became ready"]
+            time.sleep(0.005)
+        out["recovered"] = [int(mpg.recover_ranks(g, [1]).status) for g in groups]
+        buf.update_ep_member()
+        out["paths_after"] = buf.paths
+    mpg.get_active_ranks(world)
+    known_round_trip(buf, me, R, E, H, wm, 5, True, "EP with the replacement, fp8", bad)
+    known_round_trip(buf, me, R, E, H, wm, 6, False, "EP with the replacement", bad)
+    out["after"] = sums()
+    out["masks"] = current_masks()
+    out["epochs"] = [mpg.get_current_epoch(g) for g in groups]
+    out["bad"] = bad
+    dist.barrier(group=world_cpu)
     if rank == 0:
         os.unlink(flag)
     return out
@@ -1181,6 +1384,8 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "failure_modes": body_failure_modes,
     "join_cycles": body_join_cycles,
     "sglang_elastic": body_sglang_elastic,
+    "cuda_elastic": body_cuda_elastic,
+    "extension": body_extension,
     "join_cycle_child": body_join_cycle_child,
     "mooncake": body_mooncake,
     "collectives": body_collectives,

@@ -148,6 +148,23 @@ def test_a_joining_rank_works_alone_then_is_recovered_into_its_slot(how: str) ->
             assert out["mask_before"] == before, f"process {proc}: {out}"
 
 
+def test_a_group_extended_from_two_to_four_ranks_with_subgroups() -> None:
+    """pg_rank.body_extension: two founders, two joiners added at once to the world and to a
+    subgroup made with room for them; TP groups of two on each side."""
+    results = run_group("extension", 4, "", deadline=120)
+    for rank, out in enumerate(results):
+        assert isinstance(out, dict), f"rank {rank}: {out}"
+        tp_sum = [3.0, 7.0][rank // 2]
+        assert out["after"] == [10.0, 10.0, tp_sum], f"rank {rank}: {out}"
+        assert out["gathered"] == [float(r + 1) for r in range(4) for _ in range(2)], f"rank {rank}: {out}"
+        assert out["sizes"] == [4, 4, 2], f"rank {rank}: {out}"
+        assert out["masks"] == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1]] and out["same_tensors"] == [True, True], f"rank {rank}: {out}"
+        assert out["epochs"] == [1, 1, 0], f"rank {rank}: {out}"
+        if rank < 2:
+            assert out["before"] == [3.0, 3.0, 3.0] and out["sizes_before"] == [2, 2], f"rank {rank}: {out}"
+            assert out["activated"] == [1, 1], f"rank {rank}: {out}"
+
+
 @pytest.mark.parametrize("mode", ["sync_later", "manual"])
 def test_the_failure_modes_deactivate_and_sync_when_they_are_told(mode: str) -> None:
     results = run_group("failure_modes", 4, mode, deadline=90, expect_dead=3)
@@ -297,6 +314,30 @@ def test_a_killed_or_stopped_rank_ends_the_cuda_collectives_of_the_others(how: s
     assert out["took"] < timeout + 5, f"failed after {out['took']:.1f} s"
     assert "rank 1" in out["error"] and out["ranks"] == [1], out
     assert out["later"] != "succeeded", out
+
+
+def test_sglangs_elastic_flow_on_cuda_an_ep_dispatch_a_rank_dies_in_and_its_replacement() -> None:
+    """The CUDA form of the elastic scenario (pg_rank.body_cuda_elastic): the EP kernels mark
+    a rank killed during a dispatch, the world learns it from the EP buffer (the groups'
+    eviction timeout is a minute), every group goes on without it, a replacement takes its
+    slot everywhere and the EP buffer maps it again."""
+    _two_gpus()
+    results = run_group("cuda_elastic", 3, "", deadline=180, expect_dead=1)
+    for proc, out in enumerate(results):
+        if out is None:
+            continue
+        assert isinstance(out, dict) and out["bad"] == [], f"process {proc}: {out}"
+        assert out["after"] == [3.0] * 4, f"process {proc}: {out}"
+        assert out["masks"] == [[1, 1]] * 4 and out["epochs"] == [2] * 4, f"process {proc}: {out}"
+        if proc == 0:
+            assert out["paths"] == out["paths_after"] and out["paths"][0] == "local", out
+            assert out["paths"][1] not in ("none", "absent", "collective"), out
+            assert out["active_after_death"] == [1, 0], out
+            # Well inside the 20 s kernel deadline (the dead process's liveness word) and the
+            # 60 s eviction timeout (the EP buffer told the world).
+            assert out["death_call_s"] < 10 and out["world_agreed_s"] < 15, out
+            assert out["masks_after_death"] == [[1, 0]] * 4 and out["serving"] == [1.0] * 4, out
+            assert out["recovered"] == [1] * 4, out
 
 
 def test_the_metrics_endpoint_counts_collectives_by_operation() -> None:
