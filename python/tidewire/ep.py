@@ -16,6 +16,14 @@ capturable in a CUDA graph), logged once with the ranks and reasons and kept in
 `Buffer.fallback`. The kernels are compiled and loaded at construction, never on the first
 dispatch.
 
+Over an elastic group (`mooncake` / `mooncake-cpu`, `tidewire.mooncake.pg`) the buffers are
+exchanged through the group's membership at the epoch in force (not the store), ranks outside
+the group's view take no part (mapped as absent), every call zeroes the ranks the view dropped
+in the caller's `active_ranks`, and ranks the kernels marked inactive are reported to the group
+as failed; a replacement added to the group makes its buffer while the others call
+`update_ep_member()`. A buffer over a host-only group (`mooncake-cpu`), or without CUDA, takes
+the collective fallback on host tensors.
+
 Every call runs on the current CUDA stream. A rank that does not answer within `timeout_us`
 (when -1: 100 s, `TIDEWIRE_EP_TIMEOUT_US`), or whose process died, is written as 0 into the
 caller's `active_ranks` and counts as sending nothing from then on.
@@ -451,6 +459,10 @@ class Buffer:
                     g._failed(new)
             epoch = g._elastic.epoch()
             if epoch != self._seen_epoch:
+                if not (active.is_cuda and torch.cuda.is_current_stream_capturing()):
+                    # The group's own mask (a CUDA one is written at a call into the group, on
+                    # the caller's stream: this is one), often the tensor passed here.
+                    g._sync_mask()
                 _, members, _ = g._elastic.view()
                 self._left = sorted(set(self._left) | (set(range(self.group_size)) - set(members)))
                 self._seen_epoch = epoch
