@@ -891,6 +891,7 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     value = float(me + 1)
     E, H = 16, 256
     ep_bad: List[str] = []
+    tidewire.metrics_text()  # recording on
 
     def sums() -> List[float]:
         w = torch.full((2,), value)
@@ -945,6 +946,7 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         buf.update_ep_member()
     known_round_trip(buf, me, 4, E, H, world_mask, 3, False, "EP after the replacement", ep_bad, device="cpu")
     out["ep_bad"] = ep_bad
+    out["ep_metrics"] = [l for l in tidewire.metrics_text().splitlines() if l.startswith("tidewire_ep_")]
     out["after"] = sums()
     dist.barrier()
     out["masks"] = [world_mask.tolist(), tp_mask.tolist()]

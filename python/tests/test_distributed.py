@@ -207,6 +207,9 @@ def test_sglangs_elastic_flow_world_and_tp_groups_lose_and_regain_a_rank() -> No
             assert out["ep_fallback"], f"process {proc}: {out}"
             # The dispatch the death interrupted named the rank (it is never silent).
             assert out.get("ep_error", "").startswith("dispatch: ") and "rank 3" in out["ep_error"], f"process {proc}: {out}"
+            # The EP metrics: the rank counted once as timed out, every rank active again.
+            assert 'tidewire_ep_rank_timeouts_total{source_rank="3"} 1' in out["ep_metrics"], out["ep_metrics"]
+        assert f'tidewire_ep_active_ranks{{rank="{me}"}} 4' in out["ep_metrics"], out["ep_metrics"]
 
 
 def test_fifty_kill_and_rejoin_cycles_leave_nothing_behind() -> None:

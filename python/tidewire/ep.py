@@ -292,6 +292,8 @@ class Buffer:
         self._rounds: Dict[int, int] = {}
         self._native: Any = None
         self._fallback: Optional[_Collective] = None
+        #: The fallback's EP metrics (made at its first call).
+        self._fallback_metrics: Any = None
         #: Why calls go through the group's collectives instead of the NVLink kernels (None:
         #: they do not).
         self.fallback: Optional[str] = None
@@ -517,7 +519,7 @@ class Buffer:
             raise ValueError(f"tidewire.ep: {num_tokens} tokens of at most {T}, {E} experts over {R} ranks (a positive multiple)")
         self._agree(active)
         if self._fallback is not None:
-            return self._fallback_call(active, self._fallback.dispatch, self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook)
+            return self._fallback_call("dispatch", active, self._fallback.dispatch, self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook)
         # The two halves of the buffer alternate between calls: a call may not start while the
         # previous call on its half has not launched its combine's receive half (its rows would
         # be overwritten).
@@ -621,7 +623,7 @@ class Buffer:
             raise ValueError(f"tidewire.ep: out must be a contiguous, 16-byte aligned bf16 [{num_tokens}, {hidden}] tensor")
         self._agree(active)
         if self._fallback is not None:
-            return self._fallback_call(active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook)
+            return self._fallback_call("combine", active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook)
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
         stream = raw_stream(torch.cuda.current_device())
@@ -642,11 +644,12 @@ class Buffer:
         event = EventOverlap(self._event() if async_finish else None, (x, topk_idx, topk_weights, seq))
         return out, event, hook
 
-    @staticmethod
-    def _fallback_call(active: torch.Tensor, fn: Any, *args: Any) -> Any:
-        """A call over the group's collectives. One that fails naming ranks (dead, or silent
-        past the group's timeout) writes them as 0 into the caller's `active_ranks` before
-        raising: the next call skips them (the group re-forms over the others)."""
+    def _fallback_call(self, op: str, active: torch.Tensor, fn: Any, *args: Any) -> Any:
+        """A call over the group's collectives, counted in the EP metrics. One that fails naming
+        ranks (dead, or silent past the group's timeout) writes them as 0 into the caller's
+        `active_ranks` before raising: the next call skips them (the group re-forms over the
+        others)."""
+        ranks: List[int] = []
         try:
             return fn(*args)
         except Exception as e:
@@ -654,6 +657,12 @@ class Buffer:
             if ranks:
                 active[ranks] = 0
             raise
+        finally:
+            # The slow path (its split sizes cross to the host): reading the mask here costs
+            # at most one more wait.
+            if self._fallback_metrics is None:
+                self._fallback_metrics = _native.EpFallbackMetrics(self.rank, self.group_size)
+            self._fallback_metrics.counted(op, ranks, int((active != 0).sum()))
 
     def _event(self) -> Optional[torch.cuda.Event]:
         if self.device is None:

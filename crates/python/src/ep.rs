@@ -5,9 +5,11 @@
 //! until the work on the caller's stream is done (PyTorch's caching allocator does not reuse
 //! a tensor's memory before the stream work that used it completes).
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
+use tidewire::metrics::{Metrics, Scrape};
 use tidewire_ep::{Buffer, Call, CombineIo, DispatchOut, Layout, PeerBuffer};
 
 use crate::errors;
@@ -221,6 +223,61 @@ impl PyEpBuffer {
 }
 
 /// Counts an EP call in the process's metrics, when they are recorded.
+/// The EP metrics of a buffer on the collective fallback (`tidewire.ep`; no kernels, so no
+/// host-mapped marks): its calls, the source ranks its calls found failed (counted as timeouts:
+/// dead, or silent past the group's timeout) and, while it lives, the ranks its caller's mask
+/// holds active (the `ep_active_ranks` gauge of its rank).
+#[pyclass(frozen, module = "tidewire._native", name = "EpFallbackMetrics")]
+pub(crate) struct PyEpFallbackMetrics {
+    watch: Arc<FallbackWatch>,
+}
+
+struct FallbackWatch {
+    rank: usize,
+    active: AtomicI64,
+}
+
+impl Scrape for FallbackWatch {
+    fn scrape(&self, m: &Metrics) {
+        let l = [("rank", self.rank.to_string())];
+        m.ep_active_ranks.get_or_create(&l).set(self.active.load(Ordering::Relaxed));
+    }
+}
+
+#[pymethods]
+impl PyEpFallbackMetrics {
+    /// For the buffer of `rank`, with `active` ranks to begin with.
+    #[new]
+    fn new(rank: usize, active: usize) -> Self {
+        let watch = Arc::new(FallbackWatch { rank, active: AtomicI64::new(active as i64) });
+        let w: Arc<dyn Scrape> = watch.clone();
+        tidewire::metrics::watch(Arc::downgrade(&w));
+        Self { watch }
+    }
+
+    /// One call (`op`: dispatch or combine), the ranks it found failed, and the ranks the
+    /// caller's mask holds active after it.
+    fn counted(&self, op: &str, failed: Vec<usize>, active: usize) -> PyResult<()> {
+        let op = match op {
+            "dispatch" => "dispatch",
+            "combine" => "combine",
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "an EP call is a dispatch or a combine, not {other:?}"
+                )))
+            }
+        };
+        count_ep(op);
+        if let Some(m) = tidewire::metrics::get() {
+            for r in failed {
+                m.ep_rank_timeouts.get_or_create(&[("source_rank", r.to_string())]).inc();
+            }
+        }
+        self.watch.active.store(active as i64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 fn count_ep(op: &'static str) {
     if let Some(m) = tidewire::metrics::get() {
         m.ep_calls.get_or_create(&[("op", op.to_string())]).inc();

@@ -770,6 +770,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<collective::PyCudaComm>()?;
     m.add_class::<collective::PyElastic>()?;
     m.add_class::<ep::PyEpBuffer>()?;
+    m.add_class::<ep::PyEpFallbackMetrics>()?;
     m.add_function(wrap_pyfunction!(descriptor_count, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_status, m)?)?;
     m.add_function(wrap_pyfunction!(fabric_status, m)?)?;
