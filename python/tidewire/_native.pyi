@@ -2,7 +2,7 @@
 
 from typing import Any, Dict, List, Optional, Tuple, final
 
-__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "CudaCommunicator", "ElasticMember", "EpBuffer", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "fabric_status", "gpu_status", "last_allocation_failure", "metrics_text", "serve_metrics"]
+__all__ = ["Batch", "BindError", "Cancelled", "Communicator", "ConfigError", "CudaCommunicator", "ElasticMember", "EpBuffer", "EpFallbackMetrics", "Engine", "GpuError", "InternalError", "InvalidArgument", "MetadataError", "MetadataServer", "NoTransport", "NotRegistered", "OsError", "PeerFailed", "PeerUnreachable", "Plan", "ProtocolError", "RegistrationError", "RemoteAccessDenied", "SegmentNotFound", "ShuttingDown", "StalePlan", "TidewireError", "Timeout", "__version__", "allocation", "descriptor_count", "fabric_status", "gpu_status", "last_allocation_failure", "metrics_text", "serve_metrics"]
 
 __version__: str
 
@@ -282,6 +282,7 @@ class EpBuffer:
     ) -> None: ...
     def close(self) -> None: ...
 
+@final
 class EpFallbackMetrics:
     def __new__(cls, rank: int, active: int) -> EpFallbackMetrics: ...
     def counted(self, op: str, failed: List[int], active: int) -> None: ...
