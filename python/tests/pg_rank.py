@@ -1086,6 +1086,102 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     return out
 
 
+def body_cuda_survivors(rank: int, size: int, port: int, arg: str) -> Any:
+    """Three ranks of a `mooncake` group on two GPUs (ranks 0 and 2 share GPU 0, so the group
+    makes no CUDA call before rank 0 dies); rank 0 (whose process holds the store) is
+    SIGKILLed; ranks 1 and 2 agree without it, and their first CUDA collective forms a new
+    NVLink path over them through the membership. Every collective is checked against what it
+    must give with slot 0 inactive (its slots of outputs zeros); a root outside the view is
+    refused, naming it."""
+    import tidewire
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    tidewire.metrics_text()  # recording on
+    mask = torch.ones(3, dtype=torch.int32)
+    dist.init_process_group(
+        "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(mask),
+    )
+    pg = dist.group.WORLD
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    dist.barrier()
+    if rank == 0:
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        for _ in range(100000):
+            dist.all_reduce(t)
+    except Exception:  # noqa: BLE001
+        pass
+    end = time.monotonic() + 30
+    while mpg.get_current_epoch(pg) < 1 and time.monotonic() < end:
+        time.sleep(0.005)
+    torch.cuda.set_device(1 if rank == 1 else 0)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    members, me = [1, 2], rank
+    bad: List[str] = []
+
+    def full(v: float, n: int = 1000, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.full((n,), v, dtype=dtype, device=dev)
+
+    def check(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        if not torch.equal(got.cpu(), want.cpu()):
+            bad.append(f"{what}: got {got.flatten()[:6].tolist()}..., want {want.flatten()[:6].tolist()}...")
+
+    x = full(me + 1.0)
+    dist.all_reduce(x)
+    check("all_reduce sum", x, full(5.0))
+    big = full(me + 1.0, 1 << 20)
+    dist.all_reduce(big, op=dist.ReduceOp.MAX)
+    check("all_reduce max 4 MiB", big, full(3.0, 1 << 20))
+    b = torch.arange(100, device=dev, dtype=torch.float32) * (me + 1)
+    dist.broadcast(b, src=2)
+    check("broadcast from 2", b, torch.arange(100, dtype=torch.float32) * 3)
+    c = 64
+    g = torch.full((3 * c,), -1.0, device=dev)
+    dist.all_gather_into_tensor(g, full(me + 1.0, c))
+    check("all_gather_into_tensor", g, torch.cat([torch.zeros(c), torch.full((c,), 2.0), torch.full((c,), 3.0)]))
+    outs = [full(-1.0, c) for _ in range(3)]
+    dist.all_gather(outs, full(me + 1.0, c))
+    check("all_gather", torch.stack(outs), torch.stack([torch.zeros(c), torch.full((c,), 2.0), torch.full((c,), 3.0)]))
+    inp = torch.cat([full((me + 1.0) * (j + 1), c) for j in range(3)])
+    o = full(-1.0, c)
+    dist.reduce_scatter_tensor(o, inp)
+    check("reduce_scatter_tensor", o, torch.full((c,), 5.0 * (me + 1)))
+    a_in = torch.cat([full(10.0 * (me + 1) + j, c) for j in range(3)])
+    a_out = full(-1.0, 3 * c)
+    dist.all_to_all_single(a_out, a_in)
+    want = torch.cat([torch.zeros(c)] + [torch.full((c,), 10.0 * (s + 1) + me) for s in members])
+    check("all_to_all_single", a_out, want)
+    r = full(me + 1.0)
+    dist.reduce(r, dst=1)
+    if me == 1:
+        check("reduce to 1", r, full(5.0))
+    gl = [full(-1.0, c) for _ in range(3)] if me == 2 else None
+    dist.gather(full(me + 1.0, c), gl, dst=2)
+    if gl is not None:
+        check("gather to 2", torch.stack(gl), torch.stack([torch.zeros(c), torch.full((c,), 2.0), torch.full((c,), 3.0)]))
+    so = full(-1.0, c)
+    dist.scatter(so, [full(100.0 + j, c) for j in range(3)] if me == 1 else None, src=1)
+    check("scatter from 1", so, torch.full((c,), 100.0 + me))
+    dist.barrier()
+    try:
+        dist.broadcast(full(0.0), src=0)
+        bad.append("a broadcast from the inactive rank 0 was not refused")
+    except ValueError as e:
+        if "rank 0" not in str(e):
+            bad.append(f"the refusal does not name rank 0: {e}")
+    path = getattr(pg, "_cuda", None)
+    key = 'tidewire_coll_calls_total{op="all_reduce",algorithm="nvlink_one_shot"} '
+    counted = sum(float(l[len(key):]) for l in tidewire.metrics_text().splitlines() if l.startswith(key))
+    return {"bad": bad, "path": None if path is None else path.members, "mask": mask.tolist(),
+            "epoch": mpg.get_current_epoch(pg), "one_shot_calls": counted}
+
+
 def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     """CUDA tensors: every collective on the NVLink path (or staged through host memory, with
     arg "staged") against references computed here; the collective waits for a kernel still
@@ -1387,6 +1483,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "join_cycles": body_join_cycles,
     "sglang_elastic": body_sglang_elastic,
     "cuda_elastic": body_cuda_elastic,
+    "cuda_survivors": body_cuda_survivors,
     "extension": body_extension,
     "join_cycle_child": body_join_cycle_child,
     "mooncake": body_mooncake,

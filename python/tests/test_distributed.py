@@ -343,6 +343,20 @@ def test_sglangs_elastic_flow_on_cuda_an_ep_dispatch_a_rank_dies_in_and_its_repl
             assert out["recovered"] == [1] * 4, out
 
 
+def test_cuda_collectives_go_on_over_the_survivors_on_a_new_nvlink_path() -> None:
+    """pg_rank.body_cuda_survivors: rank 0 of three killed; ranks 1 and 2 (on the two GPUs)
+    form an NVLink path through the membership and every collective gives what it must with
+    slot 0 inactive."""
+    _two_gpus()
+    results = run_group("cuda_survivors", 3, "", deadline=120, expect_dead=0)
+    for rank in (1, 2):
+        out = results[rank]
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
+        assert out["path"] == [1, 2], f"rank {rank}: no NVLink path over the survivors: {out}"
+        assert out["mask"] == [0, 1, 1] and out["epoch"] == 1, f"rank {rank}: {out}"
+        assert out["one_shot_calls"] >= 2, f"rank {rank}: {out}"
+
+
 def test_the_metrics_endpoint_counts_collectives_by_operation() -> None:
     """Each rank serves its metrics and scrapes them after known calls: calls and input bytes
     per operation, the algorithm label, the membership size, and the engine's gauges."""

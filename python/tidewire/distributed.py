@@ -48,7 +48,7 @@ import logging
 import os
 import threading
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -277,12 +277,25 @@ class _CudaWork(dist.Work):
 
 
 class _CudaPath:
-    """A group's NVLink path: every rank's GPU buffer mapped for this rank's GPU, and the
-    collectives as kernels on the current stream."""
+    """A group's NVLink path: the GPU buffer of every rank it spans mapped for this rank's GPU,
+    and the collectives as kernels on the current stream.
 
-    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta, device: int) -> None:
+    It spans `members` (group ranks, in its own rank order): every rank of the group at its
+    creation, the active ranks of an elastic group after a membership change. Calls name
+    segments by group rank (a slot per group rank); the path takes the members' and, in data
+    movements, zeroes what an inactive rank's slot of the output would have received."""
+
+    def __init__(
+        self, xchg: Callable[[str, Any], List[Any]], rank: int, size: int, timeout: timedelta, device: int,
+        members: List[int], slots: int,
+    ) -> None:
         self.device = device
         self.comm: Optional[Any] = None
+        #: This rank and the ranks in the path's numbering; the group ranks it spans.
+        self.me, self.n = rank, size
+        self.members = list(members)
+        #: Whether the group has slots outside the path (calls are translated).
+        self.partial = self.members != list(range(slots))
         eng = engine()
         addr, length = _native.CudaCommunicator.allocate(eng._native, device, size)
         # Settings every rank's kernels must share (they cut each pair's bytes the same way).
@@ -294,12 +307,12 @@ class _CudaPath:
         #: read once, as agreed below (a later change of the environment must not split ranks).
         self.all_reduce_algo = tuning["TIDEWIRE_PG_CUDA_ALLREDUCE"]
         try:
-            infos = exchange(store, rank, size, "tidewire/cuda", {"name": eng.name, "addr": addr, "len": length, "tuning": tuning}, timeout)
+            infos = xchg("tidewire/cuda", {"name": eng.name, "addr": addr, "len": length, "tuning": tuning})
             for r, info in enumerate(infos):
                 for k, v in tuning.items():
                     if info.get("tuning", {}).get(k, "") != v:
                         raise ValueError(
-                            f"tidewire: rank {r} has {k}={info.get('tuning', {}).get(k)!r} and this rank "
+                            f"tidewire: rank {members[r]} has {k}={info.get('tuning', {}).get(k)!r} and this rank "
                             f"{v!r}: set it alike on every rank"
                         )
         except BaseException:
@@ -309,8 +322,9 @@ class _CudaPath:
         # The communicator owns the buffer from here (freed with it, or if this fails).
         comm = _native.CudaCommunicator(eng._native, rank, device, peers, timeout.total_seconds())
         # Every rank takes the same path: the NVLink one only if every rank reaches every other.
-        mine = [f"rank {rank} -> rank {r}: {why}" for r, why in comm.unreached()]
-        refusals = [why for theirs in exchange(store, rank, size, "tidewire/cuda-verdict", mine, timeout) for why in theirs]
+        # (At most eight, cut short: after a membership change they travel in one datagram.)
+        mine = [f"rank {members[rank]} -> rank {members[r]}: {why[:96]}" for r, why in comm.unreached()][:8]
+        refusals = [why for theirs in xchg("tidewire/cuda-verdict", mine) for why in theirs]
         if refusals:
             comm.close()
             logging.getLogger("tidewire").warning(
@@ -338,17 +352,46 @@ class _CudaPath:
             raise RuntimeError(f"tidewire: {op} on cuda:{self.device}: the group's CUDA path was closed")
         return self.comm
 
-    # `algorithm` names the call in the metrics; "" for a later step of a call already counted.
+    def _sub(self, segs: List[tuple]) -> List[tuple]:
+        """A slot-per-group-rank segment list as the path's ranks see it."""
+        return [segs[r] for r in self.members] if self.partial else segs
+
+    # Segment lists have a slot per group rank, or per path rank with `raw`. `algorithm` names
+    # the call in the metrics; "" for a later step of a call already counted.
     def exchange(
-        self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], algorithm: str = "nvlink_direct"
+        self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], algorithm: str = "nvlink_direct",
+        raw: bool = False,
     ) -> None:
-        self._live(op).exchange(raw_stream(self.device), op, send_base, send, recv_base, recv, algorithm)
+        comm = self._live(op)
+        if self.partial and not raw:
+            # What an inactive rank would have sent reads as zeros (as on the staged path).
+            gone = set(range(len(recv))) - set(self.members)
+            for r in sorted(gone):
+                off, n = recv[r]
+                if n:
+                    _device_bytes(recv_base + off, n, self.device).zero_()
+            send, recv = self._sub(send), self._sub(recv)
+        comm.exchange(raw_stream(self.device), op, send_base, send, recv_base, recv, algorithm)
 
     def reduce(
         self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str,
-        algorithm: str = "nvlink_direct",
+        algorithm: str = "nvlink_direct", raw: bool = False,
     ) -> None:
-        self._live(op).reduce(raw_stream(self.device), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
+        comm = self._live(op)
+        if not raw:
+            send, recv = self._sub(send), self._sub(recv)
+        comm.reduce(raw_stream(self.device), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
+
+
+class _DeviceBytes:
+    """`n` bytes of device memory at `ptr`, as `torch.as_tensor` takes them (no copy)."""
+
+    def __init__(self, ptr: int, n: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 3, "stream": None}
+
+
+def _device_bytes(ptr: int, n: int, device: int) -> torch.Tensor:
+    return torch.as_tensor(_DeviceBytes(ptr, n), device=f"cuda:{device}")
 
 
 def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:
@@ -461,6 +504,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._auto_sync = True
         #: The deadline of point-to-point waits, when not the group's (`set_p2p_timeout_us`).
         self._p2p_timeout_s: Optional[float] = None
+        #: Whether CUDA tensors may take an NVLink path (not a host-only group, not turned off).
+        self._cuda_capable = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
         eng = engine()
         if joiner:
             self._members = [rank]
@@ -491,9 +536,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         #: The NVLink path of CUDA tensors: started now when CUDA is initialised in this
         #: process, else at the first CUDA collective (every rank reaches it at the same call).
         self._cuda: Optional[_CudaPath] = None
-        #: Whether one may still be started: once tried, never again; a group for CPU tensors
-        #: only (`mooncake-cpu`) never starts one.
-        self._cuda_allowed = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
+        #: Whether one may still be started: once tried, not again until the group's membership
+        #: changes; a group for CPU tensors only (`mooncake-cpu`) never starts one.
+        self._cuda_allowed = self._cuda_capable
         if size > 1 and self._cuda_allowed and torch.cuda.is_available() and torch.cuda.is_initialized():
             self._start_cuda(torch.cuda.current_device())
 
@@ -553,9 +598,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             return self._call(getattr(self._comm, name), *args)
         at = self._RANKED.get(name)
         if at is not None:
-            r = args[at]
-            if r not in self._members:
-                raise ValueError(f"tidewire: {name}: rank {r} is not active in this group (epoch {self._comm_epoch})")
+            r = self._active_root(args[at], name)
             args = args[:at] + (self._members.index(r),) + args[at + 1 :]
         fn = getattr(self._comm, name)
         m = self._members
@@ -622,10 +665,13 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         if self._p2p_timeout_s is not None:
             self._comm.set_p2p_timeout(self._p2p_timeout_s)
         if self._cuda is not None:
-            # The NVLink path spans every rank; CUDA tensors are staged from now on.
+            # The path spans the members of the old view: dropped whole (nothing a failed
+            # collective left in its buffers is read again).
             self._cuda.close()
             self._cuda = None
-        self._cuda_allowed = False
+        # A new one over the new members at the next CUDA call (every member makes the same
+        # calls, so every member forms it at the same one).
+        self._cuda_allowed = self._cuda_capable and torch.cuda.is_available()
         self._members, self._comm_epoch = list(members), epoch
         # Failures of the communicator just dropped are behind us (a rank that failed may be
         # back in this view).
@@ -674,19 +720,37 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._inflight.clear()
 
     def _start_cuda(self, device: int) -> None:
+        """Forms the NVLink path over the ranks the communicator spans: through the store at
+        the group's creation, through the membership after a change (the store may have died
+        with its rank)."""
         self._cuda_allowed = False
+        members, epoch = list(self._members), self._comm_epoch
+        if self._elastic is None or epoch == 0:
+            def xchg(key: str, payload: Any) -> List[Any]:
+                return exchange(self._store, self._rank, self._size, key, payload, self._timeout)
+        else:
+            def xchg(key: str, payload: Any) -> List[Any]:
+                self._elastic.announce(key, json.dumps(payload))
+                return [json.loads(v) for v in self._elastic.collect(key, epoch, members, self._timeout.total_seconds())]
         try:
-            path = _CudaPath(self._store, self._rank, self._size, self._timeout, device)
+            path = _CudaPath(xchg, members.index(self._rank), len(members), self._timeout, device, members, self._size)
         except _native.TidewireError as e:
             self._failed(getattr(e, "ranks", []))
             raise
         self._cuda = path if path.comm is not None else None
+
+    def _active_root(self, root: int, name: str) -> int:
+        if root not in self._members:
+            raise ValueError(f"tidewire: {name}: rank {root} is not active in this group (epoch {self._comm_epoch})")
+        return root
 
     def _nv(self, *tensors: torch.Tensor) -> Optional[_CudaPath]:
         """The NVLink path if these tensors take it (CUDA tensors of the path's GPU)."""
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
         self._enter()
+        if len(self._members) == 1:
+            return None  # alone in the view: a communicator of one
         if self._cuda_allowed:
             self._start_cuda(tensors[0].device.index)
         path = self._cuda
@@ -719,21 +783,22 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def _all_reduce_nv(self, nv: _CudaPath, d: torch.Tensor, n: int, op: str) -> None:
         """All-reduce of `n` bytes of the contiguous CUDA tensor `d` in place, one- or two-shot."""
-        algo = nv.all_reduce_algo
-        two = algo == "two_shot" or (algo != "one_shot" and self._size > 2 and n >= _TWO_SHOT_MIN)
+        algo, ranks, me = nv.all_reduce_algo, nv.n, nv.me
+        two = algo == "two_shot" or (algo != "one_shot" and ranks > 2 and n >= _TWO_SHOT_MIN)
         if _LOG.isEnabledFor(logging.DEBUG):
-            _LOG.debug("all_reduce of %d bytes on %d ranks: %s", n, self._size, "two-shot" if two else "one-shot")
+            _LOG.debug("all_reduce of %d bytes on %d ranks: %s", n, ranks, "two-shot" if two else "one-shot")
+        # Segment lists in the path's numbering (every rank it spans takes part).
         if not two:
-            whole = [(0, n)] * self._size
-            self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(d), op, "nvlink_one_shot")
+            whole = [(0, n)] * ranks
+            self._call(nv.reduce, "all_reduce", d.data_ptr(), whole, d.data_ptr(), whole, _dtype(d), op, "nvlink_one_shot", True)
             return
-        parts = _parts(n, self._size, d.element_size())
-        mine = parts[self._rank]
+        parts = _parts(n, ranks, d.element_size())
+        mine = parts[me]
         # Our part reduced in place (every rank sends each part to its owner), then every
         # part gathered into every rank's tensor.
-        got = [mine if r == self._rank else (0, mine[1]) for r in range(self._size)]
-        self._call(nv.reduce, "all_reduce", d.data_ptr(), parts, d.data_ptr(), got, _dtype(d), op, "nvlink_two_shot")
-        self._call(nv.exchange, "all_reduce", d.data_ptr(), [mine] * self._size, d.data_ptr(), parts, "")
+        got = [mine if r == me else (0, mine[1]) for r in range(ranks)]
+        self._call(nv.reduce, "all_reduce", d.data_ptr(), parts, d.data_ptr(), got, _dtype(d), op, "nvlink_two_shot", True)
+        self._call(nv.exchange, "all_reduce", d.data_ptr(), [mine] * ranks, d.data_ptr(), parts, "", True)
 
     def allreduce_coalesced(self, tensors: List[torch.Tensor], opts: Any = None) -> dist.Work:
         return self.allreduce(tensors, opts)
@@ -741,7 +806,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
     def broadcast(self, tensors: List[torch.Tensor], opts: Any) -> dist.Work:
         nv = self._nv(*tensors)
         if nv is not None:
-            root = opts.rootRank
+            root = self._active_root(opts.rootRank, "broadcast")
             for t in tensors:
                 d, n = t.contiguous(), _nbytes(t)
                 me = self._rank == root
@@ -889,7 +954,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
     def reduce(self, tensors: List[torch.Tensor], opts: Any) -> dist.Work:
         nv = self._nv(*tensors)
         if nv is not None:
-            root, me = opts.rootRank, self._rank
+            root, me = self._active_root(opts.rootRank, "reduce"), self._rank
             for t in tensors:
                 d, n = t.contiguous(), _nbytes(t)
                 if me == root:
@@ -912,6 +977,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         root = opts.rootRank
         nv = self._nv(*inputs)
         if nv is not None:
+            self._active_root(root, "gather")
             for i, inp in enumerate(inputs):
                 d, c = inp.contiguous(), _nbytes(inp)
                 me = self._rank == root
@@ -941,6 +1007,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         root = opts.rootRank
         nv = self._nv(*outputs)
         if nv is not None:
+            self._active_root(root, "scatter")
             for i, out in enumerate(outputs):
                 d, c = out.contiguous(), _nbytes(out)
                 me = self._rank == root

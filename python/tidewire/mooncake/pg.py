@@ -30,8 +30,8 @@ After a change, every member re-forms the group's rings over the active ranks at
 (the new rings' addresses travel with the membership, not through the store, which may have
 died with its rank) and every collective goes on over the survivors: buffers with a slot per
 rank keep their shape, nothing is sent to an inactive rank and what would come from one is
-zeros; roots and peers must be active. CUDA tensors are staged through host memory from then
-on.
+zeros; roots and peers must be active. CUDA tensors take a new NVLink path over the active
+ranks, formed at the next CUDA collective.
 
 Joining: a process created with ``MooncakeBackendOptions(active, is_extension=True[,
 max_group_size])`` (a replacement in a dead rank's slot, or a rank beyond the founders) works
