@@ -29,10 +29,12 @@ def parse(arg: str) -> Dict[str, str]:
 
 
 def setup(rank: int, size: int, port: int, backend: str) -> None:
-    torch.cuda.set_device(rank)
+    from rank_main import gpu_of
+
+    torch.cuda.set_device(gpu_of(rank))
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=60),
-        device_id=torch.device("cuda", rank) if backend == "nccl" else None,
+        device_id=torch.device("cuda", gpu_of(rank)) if backend == "nccl" else None,
     )
 
 

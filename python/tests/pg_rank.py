@@ -984,8 +984,10 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
             if time.monotonic() > end:
                 return ["never told to start"]
             time.sleep(0.01)
-    torch.cuda.set_device(me)
-    dev = torch.device("cuda", me)
+    from rank_main import gpu_of
+
+    torch.cuda.set_device(gpu_of(me))
+    dev = torch.device("cuda", gpu_of(me))
     wm = torch.ones(2, dtype=torch.int32, device=dev)
     dist.init_process_group(
         "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=2,
@@ -1050,13 +1052,16 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         while mpg.get_current_epoch(world) < 1 and time.monotonic() < end:
             time.sleep(0.002)
         out["world_agreed_s"] = time.monotonic() - t0
-        # The other groups learn it when their serving collectives fail on it.
+        # The other groups learn it when their serving collectives fail on it (a CUDA one
+        # fails in its kernel and says so at the group's next call).
         for g in groups[1:]:
-            try:
-                t = torch.ones(4, device=dev if g is tp else "cpu")
-                dist.all_reduce(t, group=g)
-            except Exception:  # noqa: BLE001
-                pass
+            for _ in range(3):
+                try:
+                    t = torch.ones(4, device=dev if g is tp else "cpu")
+                    dist.all_reduce(t, group=g)
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001
+                    break
             end = time.monotonic() + 20
             while mpg.get_current_epoch(g) < 1 and time.monotonic() < end:
                 time.sleep(0.002)
@@ -1120,7 +1125,9 @@ def body_cuda_survivors(rank: int, size: int, port: int, arg: str) -> Any:
     end = time.monotonic() + 30
     while mpg.get_current_epoch(pg) < 1 and time.monotonic() < end:
         time.sleep(0.005)
-    torch.cuda.set_device(1 if rank == 1 else 0)
+    from rank_main import gpu_of
+
+    torch.cuda.set_device(gpu_of(1 if rank == 1 else 0))
     dev = torch.device("cuda", torch.cuda.current_device())
     members, me = [1, 2], rank
     bad: List[str] = []

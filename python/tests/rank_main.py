@@ -11,6 +11,16 @@ import traceback
 from typing import Any, Callable, Dict
 
 
+def gpu_of(index: int) -> int:
+    """The GPU a rank uses: its own index, or with `TIDEWIRE_TEST_SHARED_GPU=1` (a host with one
+    GPU; checks correctness, not speed) the index modulo the GPUs there."""
+    import torch
+
+    if os.environ.get("TIDEWIRE_TEST_SHARED_GPU") == "1":
+        return index % max(1, torch.cuda.device_count())
+    return index
+
+
 def main(bodies: Dict[str, Callable[[int, int, int, str], Any]], hard_exit: bool = False) -> None:
     """Runs the body; with `hard_exit` the process then ends at once (no teardown of a group
     whose peer is gone)."""
