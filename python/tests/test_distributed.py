@@ -326,6 +326,7 @@ def test_sglangs_elastic_flow_on_cuda_an_ep_dispatch_a_rank_dies_in_and_its_repl
     slot everywhere and the EP buffer maps it again."""
     _two_gpus()
     results = run_group("cuda_elastic", 3, "", deadline=180, expect_dead=1)
+    print(f"cuda_elastic: {results}")
     for proc, out in enumerate(results):
         if out is None:
             continue
