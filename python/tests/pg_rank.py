@@ -392,8 +392,8 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     from mooncake import pg as mpg  # type: ignore[import-not-found]
 
     arg, _, size_s = arg.partition("@")
-    # The all_reduce the victim dies in: 1 Mi floats unless "@4B" / "@64M" says.
-    count = {"": 1 << 20, "4B": 1, "64M": 16 << 20}[size_s]
+    # The all_reduce the victim dies in: 1 Mi floats unless "@4B" / "@1M" / "@64M" says.
+    count = {"": 1 << 20, "4B": 1, "1M": 1 << 18, "64M": 16 << 20}[size_s]
     how, victim_s = arg.split("-")
     victim = int(victim_s)
     if how == "stop":

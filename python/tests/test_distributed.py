@@ -223,11 +223,11 @@ def test_the_mooncake_pg_names_sglang_calls() -> None:
         assert bad == [], f"rank {rank}: {bad}"
 
 
-@pytest.mark.parametrize("arg", ["kill-0", "kill-3", "kill-3@4B", "kill-3@64M", "stop-3", "shrink-3", "kill-3-secret"])
+@pytest.mark.parametrize("arg", ["kill-0", "kill-3", "kill-3@4B", "kill-3@1M", "kill-3@64M", "stop-3", "shrink-3", "kill-3-secret"])
 def test_elastic_membership_every_survivor_agrees_on_the_mask_and_epoch(arg: str) -> None:
     """Rank 0 or 3 killed during all_reduce, rank 3 stopped (evicted by heartbeat, fenced when
     continued), or removed by deactivate_ranks with every timeout an hour long: every rank ends
-    with the same mask and epoch, written into the caller's tensor ("@4B" / "@64M": the size of
+    with the same mask and epoch, written into the caller's tensor ("@4B" / "@1M" / "@64M": the size of
     the all_reduce the victim dies in, 4 MiB otherwise). With "-secret" every rank
     has a cluster secret (the engines' handshakes and the membership's frames are sealed)."""
     size = 4
