@@ -909,6 +909,21 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         buf = tidewire.ep.Buffer(world)
         out["ep_fallback"] = buf.fallback
         known_round_trip(buf, me, 4, E, H, world_mask, 1, False, "EP before", ep_bad, device="cpu")
+        # A combine refused for a bad argument leaves its handle usable; a second one is refused.
+        xs, ts, ws = torch.ones(T_EP, H, dtype=torch.bfloat16), torch.arange(T_EP * 2).view(T_EP, 2) % E, torch.ones(T_EP, 2)
+        rx, _, h, _, _ = buf.dispatch(xs, ts, world_mask, T_EP, E, 5_000_000, use_fp8=False)
+        try:
+            buf.combine(rx, ts, ws, world_mask, 5_000_000, h, out=torch.empty(1, 1, dtype=torch.bfloat16))
+            ep_bad.append("a combine into a wrong-shaped out= was not refused")
+        except ValueError:
+            pass
+        buf.combine(rx, ts, ws, world_mask, 5_000_000, h)
+        try:
+            buf.combine(rx, ts, ws, world_mask, 5_000_000, h)
+            ep_bad.append("a handle's second combine was not refused")
+        except ValueError as e:
+            if "already run" not in str(e):
+                ep_bad.append(f"a handle's second combine: {e}")
         out["before"] = sums()
         x, topk, w = torch.ones(T_EP, H, dtype=torch.bfloat16), torch.arange(T_EP * 2).view(T_EP, 2) % E, torch.ones(T_EP, 2)
         where = "all_reduce"

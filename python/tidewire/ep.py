@@ -594,10 +594,12 @@ class Buffer:
             log.info("tidewire.ep: zero_copy combine reads its input in place like any combine (no buffer area is handed out)")
             self._zero_copy_logged = True
         src_info, layout_range, T, hidden, E = handle
-        try:
-            seq, num_tokens, k, number = self._seqs.pop(src_info.data_ptr())
-        except KeyError:
-            raise ValueError("tidewire.ep: this handle's combine was already run, or it comes from another buffer") from None
+        # The handle is used up only once its combine launched: a combine refused below (a bad
+        # argument) leaves its dispatch open for a corrected one.
+        key = src_info.data_ptr()
+        if key not in self._seqs:
+            raise ValueError("tidewire.ep: this handle's combine was already run, or it comes from another buffer")
+        seq, num_tokens, k, number = self._seqs[key]
         x = self._check(x, "x", torch.bfloat16)
         topk_idx = self._check(topk_idx, "topk_idx", torch.int64)
         topk_weights = self._check(topk_weights, "topk_weights", torch.float32)
@@ -623,11 +625,14 @@ class Buffer:
             raise ValueError(f"tidewire.ep: out must be a contiguous, 16-byte aligned bf16 [{num_tokens}, {hidden}] tensor")
         self._agree(active)
         if self._fallback is not None:
-            return self._fallback_call("combine", active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook)
+            done = self._fallback_call("combine", active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook)
+            del self._seqs[key]
+            return done
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
         stream = raw_stream(torch.cuda.current_device())
         self._native.combine(stream, shape, io, active.data_ptr(), not return_recv_hook)
+        del self._seqs[key]
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
 
