@@ -1204,6 +1204,121 @@ def body_cuda_survivors(rank: int, size: int, port: int, arg: str) -> Any:
             "epoch": mpg.get_current_epoch(pg), "one_shot_calls": counted}
 
 
+def body_cuda_p2p(rank: int, size: int, port: int, arg: str) -> Any:
+    """Point-to-point on CUDA tensors over NVLink (2 ranks), every byte checked: both ranks
+    sending first (a `batch_isend_irecv` and plain isend / irecv pairs) with messages past what
+    leaves without a receiver; blocking send / recv of 0 B to 5 MiB in two dtypes; non-contiguous
+    tensors; three messages in a row to one peer (their order kept); a send that waits for a
+    kernel still running on its stream; a send / recv pair captured in a CUDA graph and
+    replayed; the metrics' count; and last, a receive whose tag differs from the send's: an
+    error naming the sender within the timeout."""
+    import tidewire
+    from rank_main import gpu_of
+
+    torch.cuda.set_device(gpu_of(rank))
+    tidewire.metrics_text()  # recording on
+    init(rank, size, port, timeout_s=10.0)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    other = 1 - rank
+    pg = dist.distributed_c10d._get_default_group()
+    bad: List[str] = []
+
+    def pattern(r: int, n: int, dtype: torch.dtype = torch.float32, salt: int = 0) -> torch.Tensor:
+        g = torch.Generator(device=dev).manual_seed(1000 * r + salt + n)
+        if dtype.is_floating_point:
+            return torch.randn(n, generator=g, device=dev).to(dtype)
+        return torch.randint(-(1 << 40), 1 << 40, (n,), generator=g, device=dev, dtype=dtype)
+
+    def check(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        if not torch.equal(got.cpu(), want.cpu()):
+            bad.append(f"{what}: bytes differ")
+
+    # Both send first: one batch, 16 MiB each way (past the 2 MiB that leave unreceived).
+    n = 4 << 20
+    mine, got = pattern(rank, n), torch.full((n,), -1.0, device=dev)
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, mine, other), dist.P2POp(dist.irecv, got, other)])
+    for r in reqs:
+        r.wait()
+    check("batch both ways 16 MiB", got, pattern(other, n))
+    if getattr(pg, "_cuda", None) is None:
+        bad.append("no NVLink path (the messages were staged)")
+    # Plain isend then irecv on both ranks (launched together at the first wait).
+    mine, got = pattern(rank, n, salt=1), torch.full((n,), -1.0, device=dev)
+    a, b = dist.isend(mine, other), dist.irecv(got, other)
+    b.wait()
+    a.wait()
+    check("isend + irecv both ways 16 MiB", got, pattern(other, n, salt=1))
+    # Blocking, ordered: rank 0 sends then receives, rank 1 the other way round.
+    for dtype in (torch.bfloat16, torch.int64):
+        for count in (0, 1, 1024, 33 * 1024 // 8 + 3, (5 << 20) // 8):
+            mine, got = pattern(rank, count, dtype), torch.zeros(count, dtype=dtype, device=dev)
+            if rank == 0:
+                dist.send(mine, 1)
+                dist.recv(got, 1)
+            else:
+                dist.recv(got, 0)
+                dist.send(mine, 0)
+            check(f"send/recv {count} {dtype}", got, pattern(other, count, dtype))
+    # Non-contiguous on both ends.
+    m = pattern(rank, 256 * 512).view(256, 512)
+    got = torch.zeros(256, 512, device=dev).t()
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, m.t(), other), dist.P2POp(dist.irecv, got, other)])
+    for r in reqs:
+        r.wait()
+    check("non-contiguous", got, pattern(other, 256 * 512).view(256, 512).t())
+    # Three messages in a row to one peer: they arrive in order.
+    if rank == 0:
+        ws = [dist.isend(pattern(0, 1000, salt=k), 1) for k in range(3)]
+    else:
+        outs = [torch.zeros(1000, device=dev) for _ in range(3)]
+        ws = [dist.irecv(o, 0) for o in outs]
+    for w in ws:
+        w.wait()
+    if rank == 1:
+        for k, o in enumerate(outs):
+            check(f"message {k} of three", o, pattern(0, 1000, salt=k))
+    # The send waits for a kernel still running on its stream.
+    buf = torch.zeros(1 << 20, device=dev)
+    if rank == 0:
+        torch.cuda._sleep(200_000_000)
+        buf.fill_(7.0)
+        dist.send(buf, 1)
+    else:
+        dist.recv(buf, 0)
+        check("after a running kernel", buf, torch.full((1 << 20,), 7.0))
+    # Captured in a CUDA graph, replayed with new data each time.
+    src, dst = torch.zeros(1 << 18, device=dev), torch.zeros(1 << 18, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        for r in dist.batch_isend_irecv([dist.P2POp(dist.isend, src, other), dist.P2POp(dist.irecv, dst, other)]):
+            r.wait()
+    torch.cuda.current_stream().wait_stream(s)
+    for k in range(3):
+        src.copy_(pattern(rank, 1 << 18, salt=10 + k))
+        g.replay()
+        torch.cuda.synchronize()
+        check(f"graph replay {k}", dst, pattern(other, 1 << 18, salt=10 + k))
+    g.reset()
+    key = 'tidewire_coll_calls_total{op="send/recv",algorithm="nvlink_p2p"} '
+    counted = sum(float(l[len(key):]) for l in tidewire.metrics_text().splitlines() if l.startswith(key))
+    # Last: tags that differ. The receiver names the sender within the timeout.
+    err, took = None, 0.0
+    t0 = time.monotonic()
+    try:
+        x = torch.ones(4096, device=dev)
+        if rank == 0:
+            dist.send(x, 1, tag=5)
+        else:
+            dist.recv(x, 0, tag=6)
+        torch.cuda.synchronize()
+        dist.barrier()
+    except Exception as e:  # noqa: BLE001
+        err, took = str(e), time.monotonic() - t0
+    return {"bad": bad, "counted": counted, "error": err if rank == 1 else None, "took": took}
+
+
 def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     """CUDA tensors: every collective on the NVLink path (or staged through host memory, with
     arg "staged") against references computed here; the collective waits for a kernel still
@@ -1214,9 +1329,11 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
         os.environ["TIDEWIRE_PG_CUDA"] = "0"
     if arg == "two_shot":
         os.environ["TIDEWIRE_PG_CUDA_ALLREDUCE"] = "two_shot"
-    torch.cuda.set_device(rank)
+    from rank_main import gpu_of
+
+    torch.cuda.set_device(gpu_of(rank))
     init(rank, size, port)
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", gpu_of(rank))
     pg = dist.distributed_c10d._get_default_group()
     bad: List[str] = []
     if staged == (getattr(pg, "_cuda", None) is not None):
@@ -1404,9 +1521,11 @@ def body_cuda_failure(rank: int, size: int, port: int, arg: str) -> Any:
     (arg "stop") while the others run collectives; every survivor's operations end, and the
     next one (or the barrier) raises naming the rank, within the group's timeout."""
     timeout = 6.0
-    torch.cuda.set_device(rank)
+    from rank_main import gpu_of
+
+    torch.cuda.set_device(gpu_of(rank))
     init(rank, size, port, timeout_s=timeout)
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", gpu_of(rank))
     victim = size - 1
     t = torch.ones(1 << 20, device=dev)
     dist.all_reduce(t)
@@ -1506,6 +1625,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "sglang_elastic": body_sglang_elastic,
     "cuda_elastic": body_cuda_elastic,
     "cuda_survivors": body_cuda_survivors,
+    "cuda_p2p": body_cuda_p2p,
     "extension": body_extension,
     "join_cycle_child": body_join_cycle_child,
     "mooncake": body_mooncake,

@@ -358,6 +358,18 @@ def test_cuda_collectives_go_on_over_the_survivors_on_a_new_nvlink_path() -> Non
         assert out["one_shot_calls"] >= 2, f"rank {rank}: {out}"
 
 
+def test_cuda_send_and_recv_over_nvlink_in_both_directions_at_once() -> None:
+    """pg_rank.body_cuda_p2p."""
+    _two_gpus()
+    results = run_group("cuda_p2p", 2, "", deadline=180)
+    for rank, out in enumerate(results):
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
+        assert out["counted"] >= 10, f"rank {rank}: {out}"
+    err = results[1]["error"]
+    assert err is not None and "rank 0" in err and "tag" in err, results[1]
+    assert results[1]["took"] < 10 + 5, results[1]
+
+
 def test_the_metrics_endpoint_counts_collectives_by_operation() -> None:
     """Each rank serves its metrics and scrapes them after known calls: calls and input bytes
     per operation, the algorithm label, the membership size, and the engine's gauges."""

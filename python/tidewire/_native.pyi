@@ -191,6 +191,7 @@ class CudaCommunicator:
         recv: List[Tuple[int, int]],
         algorithm: str = "nvlink_direct",
     ) -> None: ...
+    def p2p(self, stream: int, sends: List[Tuple[int, int, int, int]], recvs: List[Tuple[int, int, int, int]]) -> None: ...
     def reduce(
         self,
         stream: int,

@@ -276,6 +276,27 @@ class _CudaWork(dist.Work):
         return fut
 
 
+class _CudaP2PWork(_CudaWork):
+    """A send or receive queued on a stream: launched (with the others queued beside it) when
+    it is waited for, tested, or at the group's next other call; then as `_CudaWork`."""
+
+    def __init__(self, pg: "ProcessGroupTidewire", device: int, result: Any) -> None:
+        super().__init__(device, result)
+        self._pg = pg
+
+    def wait(self, timeout: Optional[timedelta] = None) -> bool:
+        self._pg._flush_p2p()
+        return super().wait(timeout)
+
+    def is_completed(self) -> bool:
+        self._pg._flush_p2p()
+        return super().is_completed()
+
+    def get_future(self) -> Future:
+        self._pg._flush_p2p()
+        return super().get_future()
+
+
 class _CudaPath:
     """A group's NVLink path: the GPU buffer of every rank it spans mapped for this rank's GPU,
     and the collectives as kernels on the current stream.
@@ -372,6 +393,20 @@ class _CudaPath:
                     _device_bytes(recv_base + off, n, self.device).zero_()
             send, recv = self._sub(send), self._sub(recv)
         comm.exchange(raw_stream(self.device), op, send_base, send, recv_base, recv, algorithm)
+
+    def p2p(self, stream: int, sends: List[tuple], recvs: List[tuple]) -> None:
+        """One launch of `(group rank, address, bytes, tag)` sends and receives on `stream`."""
+        comm = self._live("send/recv")
+
+        def ours(ops: List[tuple], what: str) -> List[tuple]:
+            out = []
+            for r, addr, n, tag in ops:
+                if r not in self.members:
+                    raise ValueError(f"tidewire: {what} rank {r}: it is not active in this group")
+                out.append((self.members.index(r), addr, n, tag))
+            return out
+
+        comm.p2p(stream, ours(sends, "a send to"), ours(recvs, "a receive from"))
 
     def reduce(
         self, op: str, send_base: int, send: List[tuple], recv_base: int, recv: List[tuple], dtype: str, redop: str,
@@ -504,6 +539,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._auto_sync = True
         #: The deadline of point-to-point waits, when not the group's (`set_p2p_timeout_us`).
         self._p2p_timeout_s: Optional[float] = None
+        #: CUDA sends and receives not launched yet: `(send?, group rank, tensor, tag, original)`,
+        #: all on the stream `_p2p_stream` (raw handle, torch's triple).
+        self._p2p_q: List[Tuple[bool, int, torch.Tensor, int, torch.Tensor]] = []
+        self._p2p_stream: Optional[Tuple[int, Any]] = None
         #: Whether CUDA tensors may take an NVLink path (not a host-only group, not turned off).
         self._cuda_capable = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
         eng = engine()
@@ -593,6 +632,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         membership changed), with ranks translated to the communicator's; buffers with a slot
         per group rank are packed to the active ranks' slots (and the inactive ranks' slots of
         an output zeroed)."""
+        self._flush_p2p()
         self._enter()
         if len(self._members) == self._size:
             return self._call(getattr(self._comm, name), *args)
@@ -630,6 +670,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         through the membership (the store may have died with its rank)."""
         if self._elastic is None or self._joining or self._elastic.epoch() == self._comm_epoch:
             return
+        # Queued sends and receives belong to the path of the old view.
+        self._flush_p2p()
         epoch, members, fenced = self._elastic.view()
         if fenced:
             raise RuntimeError(
@@ -712,6 +754,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return [self._members[r] for r in self._comm.dead_ranks() if r < len(self._members)]
 
     def shutdown(self) -> None:
+        try:
+            self._flush_p2p()
+        except Exception as e:  # noqa: BLE001 (the group is going away; say why once)
+            _LOG.warning("tidewire: rank %d: sends and receives queued at shutdown failed: %s", self._rank, e)
         if self._elastic is not None:
             self._elastic.close()
         if self._cuda is not None:
@@ -744,10 +790,13 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             raise ValueError(f"tidewire: {name}: rank {root} is not active in this group (epoch {self._comm_epoch})")
         return root
 
-    def _nv(self, *tensors: torch.Tensor) -> Optional[_CudaPath]:
-        """The NVLink path if these tensors take it (CUDA tensors of the path's GPU)."""
+    def _nv(self, *tensors: torch.Tensor, p2p: bool = False) -> Optional[_CudaPath]:
+        """The NVLink path if these tensors take it (CUDA tensors of the path's GPU). Queued
+        sends and receives are launched first unless this is another one (`p2p`)."""
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
+        if not p2p:
+            self._flush_p2p()
         self._enter()
         if len(self._members) == 1:
             return None  # alone in the view: a communicator of one
@@ -1046,8 +1095,50 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._inflight = {i: g for i, g in self._inflight.items() if not self._comm.test(i)}
         self._inflight[op_id] = f
 
+    def _queue_p2p(self, nv: _CudaPath, send: bool, peer: int, t: torch.Tensor, tag: int) -> dist.Work:
+        """Queues a CUDA send or receive on the current stream. Queued ones are launched
+        together (`_flush_p2p`): a `batch_isend_irecv` (which torch hands a backend like this
+        one op by op) becomes one launch, in which both directions of a pair progress at once."""
+        stream = (raw_stream(nv.device), torch._C._cuda_getCurrentStream(nv.device))
+        if self._p2p_q and self._p2p_stream != stream:
+            self._flush_p2p()  # one launch, one stream
+        self._p2p_stream = stream
+        d = t if t.is_contiguous() else (t.contiguous() if send else torch.empty_like(t, memory_format=torch.contiguous_format))
+        self._p2p_q.append((send, peer, d, int(tag), t))
+        return _CudaP2PWork(self, nv.device, [t])
+
+    def _flush_p2p(self) -> None:
+        """Launches the queued CUDA sends and receives: in order, each launch holding at most
+        one send to and one receive from a rank (a second opens the next launch, so that each
+        direction's messages keep their order)."""
+        if not self._p2p_q:
+            return
+        q, self._p2p_q = self._p2p_q, []
+        stream, triple = self._p2p_stream if self._p2p_stream is not None else (0, None)
+        path = self._cuda
+        waves: List[List[Tuple[bool, int, torch.Tensor, int, torch.Tensor]]] = [[]]
+        for op in q:
+            if any(o[0] == op[0] and o[1] == op[1] for o in waves[-1]):
+                waves.append([])
+            waves[-1].append(op)
+        for wave in waves:
+            sends = [(p, d.data_ptr(), _nbytes(d), tag) for s, p, d, tag, _ in wave if s]
+            recvs = [(p, d.data_ptr(), _nbytes(d), tag) for s, p, d, tag, _ in wave if not s]
+            if path is None:
+                raise RuntimeError(f"tidewire: rank {self._rank}: the group's CUDA path closed with sends and receives queued")
+            self._call(path.p2p, stream, sends, recvs)
+        late = [(d, t) for s, _, d, _, t in q if not s and d is not t]
+        if late:
+            # Receives into non-contiguous tensors: copied in on the queue's stream.
+            with torch.cuda.stream(torch.cuda.Stream(stream_id=triple[0], device_index=triple[1], device_type=triple[2])):
+                for d, t in late:
+                    t.copy_(d)
+
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
+        nv = self._nv(t, p2p=True)
+        if nv is not None:
+            return self._queue_p2p(nv, True, dst, t, tag)
         f = _Flat(t, "send", write_back=False)
         op_id = self._c("isend", dst, f.addr, f.nbytes, int(tag))
         self._keep(op_id, f)
@@ -1055,6 +1146,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
+        nv = self._nv(t, p2p=True)
+        if nv is not None:
+            return self._queue_p2p(nv, False, src, t, tag)
         f = _Flat(t, "recv")
         op_id = self._c("irecv", src, f.addr, f.nbytes, int(tag))
         self._keep(op_id, f)

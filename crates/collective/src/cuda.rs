@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tidewire::gpu::alloc::HostFlag;
 use tidewire::gpu::coll::{
-    self, CollArgs, CollKernels, Failure, Kernel, BUFS, HEADER, MAX_BLOCKS, MAX_RANKS,
+    self, p2p_bytes, p2p_word, CollArgs, CollKernels, Failure, Kernel, BUFS, HEADER, MAX_BLOCKS,
+    MAX_RANKS, P2P_MAX_TAG,
 };
 use tidewire::gpu::{Gpu, GpuError};
 use tidewire::{Engine, PeerBuffer, PeerBuffers};
@@ -27,6 +28,8 @@ pub enum CudaOp {
     Reduce,
     Gather,
     Scatter,
+    /// Sends and receives (one launch: [`CudaComm::p2p`]).
+    P2p,
 }
 
 impl CudaOp {
@@ -40,7 +43,7 @@ impl CudaOp {
 
     /// The operation of a name ([`CudaOp::name`]).
     pub fn parse(name: &str) -> Result<Self> {
-        const ALL: [CudaOp; 8] = [
+        const ALL: [CudaOp; 9] = [
             CudaOp::AllReduce,
             CudaOp::AllGather,
             CudaOp::ReduceScatter,
@@ -49,6 +52,7 @@ impl CudaOp {
             CudaOp::Reduce,
             CudaOp::Gather,
             CudaOp::Scatter,
+            CudaOp::P2p,
         ];
         ALL.into_iter()
             .find(|o| o.name() == name)
@@ -72,15 +76,16 @@ pub fn chunk_kib() -> u32 {
     tidewire::gpu::copy::tuning("TIDEWIRE_PG_CUDA_CHUNK_KIB", 0).min(1 << 20)
 }
 
-/// The bytes of a rank's buffer for a group of `ranks`: the header, then four buffers of a
-/// slot per rank (`TIDEWIRE_PG_CUDA_BYTES` of data in all, at least 64 KiB a slot).
+/// The bytes of a rank's buffer for a group of `ranks`: the header, four buffers of a slot per
+/// rank (`TIDEWIRE_PG_CUDA_BYTES` of data in all, at least 64 KiB a slot), then the
+/// point-to-point area.
 pub fn buffer_bytes(ranks: usize) -> u64 {
     let data = std::env::var("TIDEWIRE_PG_CUDA_BYTES")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(DATA_BYTES);
     let slot = (data / (BUFS * ranks.max(1) as u64) / 4096 * 4096).max(64 << 10);
-    HEADER + BUFS * ranks.max(1) as u64 * slot
+    HEADER + BUFS * ranks.max(1) as u64 * slot + p2p_bytes(ranks.max(1))
 }
 
 /// The kernels' code of an element type (the order of [`coll::DTYPES`]).
@@ -169,7 +174,7 @@ impl CudaComm {
         let kernels =
             CollKernels::load(gpu).map_err(gpu_err("loading the collective kernels".into()))?;
         let failure = HostFlag::new(0).map_err(gpu_err("the failure word".into()))?;
-        let data = peers.smallest().saturating_sub(HEADER);
+        let data = peers.smallest().saturating_sub(HEADER + p2p_bytes(ranks));
         let slot = data / (BUFS * ranks as u64) / 4096 * 4096;
         let blocks = blocks();
         if slot < 16 * u64::from(blocks) {
@@ -234,7 +239,7 @@ impl CudaComm {
                 recv.len()
             )));
         }
-        let need = HEADER + BUFS * ranks as u64 * self.slot;
+        let need = HEADER + BUFS * ranks as u64 * self.slot + p2p_bytes(ranks);
         let addrs = self
             .peers
             .addresses(need)
@@ -324,6 +329,68 @@ impl CudaComm {
         (a.dtype, a.redop) = (dtype_code(dtype), op_code(redop));
         // SAFETY: forwarded contract; the codes are the kernel's.
         unsafe { self.launch(op, Kernel::Reduce, stream, &a) }
+    }
+
+    /// Sends and receives on `stream`, in one launch: `sends` are `(rank, address, bytes, tag)`
+    /// of messages to those ranks, `recvs` where messages from those ranks land; at most one
+    /// of each per rank. Each travels in the rank pair's own direction, so the two ranks of a
+    /// pair may both send and receive in one launch; a message of up to 2 MiB leaves without
+    /// waiting for its receiver. The receiver checks the length and tag (another is a failure
+    /// naming the sender, and the group is unusable after it).
+    ///
+    /// # Safety
+    /// Every message is device memory of this GPU, alive until the work on `stream` is done;
+    /// the rank of each message makes the matching call (a receive for our send, of the same
+    /// length and tag) in the same order with respect to its other messages with us.
+    pub unsafe fn p2p(
+        &self,
+        stream: u64,
+        sends: &[(usize, u64, u64, u64)],
+        recvs: &[(usize, u64, u64, u64)],
+    ) -> Result<()> {
+        let ranks = self.peers.ranks();
+        let empty = vec![(0u64, 0u64); ranks];
+        let mut a = self.args(CudaOp::P2p, 0, &empty, 0, &empty)?;
+        let me = self.peers.rank();
+        for (list, to) in [(sends, true), (recvs, false)] {
+            for &(r, addr, bytes, tag) in list {
+                let what = if to { "a send to" } else { "a receive from" };
+                if r >= ranks || r == me {
+                    return Err(Error::invalid(format!(
+                        "send/recv: {what} rank {r} (rank {me} of {ranks})"
+                    )));
+                }
+                let Some(word) = p2p_word(bytes, tag) else {
+                    return Err(Error::invalid(format!(
+                        "send/recv: {what} rank {r} of {bytes} bytes with tag {tag} (tags up to {P2P_MAX_TAG} on the NVLink path)"
+                    )));
+                };
+                let (off, len) = if to {
+                    (&mut a.send_off[r], &mut a.send_len[r])
+                } else {
+                    (&mut a.recv_off[r], &mut a.recv_len[r])
+                };
+                if *len != 0 {
+                    return Err(Error::invalid(format!(
+                        "send/recv: two messages in one launch for {what} rank {r}"
+                    )));
+                }
+                (*off, *len) = (addr, word);
+            }
+        }
+        let ops = (sends.len() + recvs.len()) as u32;
+        if ops == 0 {
+            return Ok(());
+        }
+        log::debug!(
+            "send/recv: {} sends, {} receives on the NVLink path",
+            sends.len(),
+            recvs.len()
+        );
+        // SAFETY: forwarded contract; `args` laid the buffers out as the kernel expects and the
+        // messages are as `tw_coll_p2p` reads them.
+        unsafe { self.kernels.launch_p2p(stream, &a, ops) }
+            .map_err(gpu_err("launching send/recv".into()))
     }
 
     /// # Safety

@@ -21,6 +21,24 @@
 // other wait gives up when it sees that word set, so the kernel ends. The group is then
 // unusable (its counters disagree) and the host says so.
 
+// Point-to-point messages (send / recv) travel in an area of their own after the data, per
+// direction, so that two ranks sending to each other at once never mix their bytes: every
+// message is cut into 32 KiB chunks spread over TW_P2P_LANES blocks (chunk c on lane
+// c % LANES); each (source, lane) has TW_P2P_DEPTH slots in the receiver's buffer. Chunk s of a
+// lane goes to slot s % DEPTH with a 16-byte header (the message's length and tag), announced
+// by the receiver-side word ready[source][lane] = s + 1; the receiver checks the header
+// (another length or tag: a failure, reason 3), copies the chunk out and acknowledges with
+// ack[receiver][lane] = s + 1 in the sender's buffer; the sender reuses a slot once its
+// previous chunk is acknowledged. A message of up to DEPTH * LANES chunks (2 MiB) is sent
+// without waiting for its receiver. Each lane's chunk counts per peer (sent, received) live
+// in device memory, so graph replays number afresh. Every operation of a launch has its own
+// blocks: a launch's sends and receives progress independently (two ranks that both send
+// and receive in one launch never wait on each other's order).
+#define TW_P2P_LANES 16
+#define TW_P2P_DEPTH 4ull
+#define TW_P2P_CHUNK 32768ull
+#define TW_P2P_SLOT (TW_P2P_CHUNK + 16ull)
+
 #define TW_COLL_RANKS 64
 #define TW_COLL_BLOCKS 128
 #define TW_COLL_BUFS 4ull
@@ -436,3 +454,89 @@ __device__ void tw_coll(const CollArgs& a) {
 extern "C" __global__ void __launch_bounds__(512) tw_coll_exchange(CollArgs a) { tw_coll<false>(a); }
 
 extern "C" __global__ void __launch_bounds__(512) tw_coll_reduce(CollArgs a) { tw_coll<true>(a); }
+
+// The point-to-point area of rank `owner`'s buffer (after the collectives' data).
+__device__ __forceinline__ char* tw_p2p(const CollArgs& a, int owner) {
+    return (char*)a.peers[owner] + TW_OFF_DATA + TW_COLL_BUFS * (u64)a.ranks * a.slot;
+}
+
+// Word `table` (0 ready, 1 ack, 2 sent, 3 received) of (rank `r`, `lane`) in `owner`'s area.
+__device__ __forceinline__ u64* tw_p2p_word(const CollArgs& a, int owner, int table, int r, int lane) {
+    return (u64*)tw_p2p(a, owner) + ((u64)table * TW_COLL_RANKS + (u64)r) * TW_P2P_LANES + (u64)lane;
+}
+
+// The slot of chunk `seq` of (source `src`, `lane`) in the receiver `owner`'s area.
+__device__ __forceinline__ char* tw_p2p_slot(const CollArgs& a, int owner, int src, int lane, u64 seq) {
+    return tw_p2p(a, owner) + 4ull * TW_COLL_RANKS * TW_P2P_LANES * 8ull +
+           (((u64)src * TW_P2P_LANES + (u64)lane) * TW_P2P_DEPTH + seq % TW_P2P_DEPTH) * TW_P2P_SLOT;
+}
+
+// Sends and receives: `send_off[j]` / `recv_off[j]` are the message's device address (not an
+// offset), `send_len[j]` / `recv_len[j]` its bytes + 1 in the low 48 bits (0: no message with
+// rank j) and its tag above. The operations are the sends in rank order, then the receives;
+// TW_P2P_LANES blocks each (block b: operation b / LANES, lane b % LANES).
+extern "C" __global__ void __launch_bounds__(512) tw_coll_p2p(CollArgs a) {
+    __shared__ int peer, sending, failed;
+    __shared__ u64 base;
+    const int t = threadIdx.x, lane = blockIdx.x % TW_P2P_LANES;
+    if (t == 0) {
+        const int want = blockIdx.x / TW_P2P_LANES;
+        int k = 0;
+        peer = -1;
+        sending = 0;
+        for (int j = 0; j < a.ranks && peer < 0; j++)
+            if (a.send_len[j] != 0 && k++ == want) peer = j, sending = 1;
+        for (int j = 0; j < a.ranks && peer < 0; j++)
+            if (a.recv_len[j] != 0 && k++ == want) peer = j;
+        failed = 0;
+        if (peer >= 0) base = *tw_p2p_word(a, a.rank, sending ? 2 : 3, peer, lane);
+    }
+    __syncthreads();
+    if (peer < 0) return;
+    const int j = peer;
+    const u64 word = sending ? a.send_len[j] : a.recv_len[j];
+    const u64 len = (word & 0xffffffffffffull) - 1ull, tag = word >> 48;
+    const u64 nch = len == 0 ? 1ull : (len + TW_P2P_CHUNK - 1ull) / TW_P2P_CHUNK;
+    const u64 m = nch / TW_P2P_LANES + ((u64)lane < nch % TW_P2P_LANES ? 1ull : 0ull);
+    for (u64 i = 0; i < m; i++) {
+        const u64 seq = base + i, at = ((u64)lane + i * TW_P2P_LANES) * TW_P2P_CHUNK;
+        const u64 n = len > at ? (len - at < TW_P2P_CHUNK ? len - at : TW_P2P_CHUNK) : 0ull;
+        if (sending) {
+            // The slot is free once the receiver acknowledged the chunk DEPTH before.
+            if (t == 0 && seq >= TW_P2P_DEPTH &&
+                !tw_wait_flag(a, tw_p2p_word(a, a.rank, 1, j, lane), seq + 1ull - TW_P2P_DEPTH, j))
+                failed = 1;
+            __syncthreads();
+            if (failed) return;
+            char* slot = tw_p2p_slot(a, j, a.rank, lane, seq);
+            if (t == 0) {
+                ((volatile u64*)slot)[0] = len;
+                ((volatile u64*)slot)[1] = tag;
+            }
+            if (n) tw_copy(slot + 16, (const char*)a.send_off[j] + at, n);
+            __syncthreads();
+            if (t == 0) {
+                __threadfence_system();
+                tw_st_release(tw_p2p_word(a, j, 0, a.rank, lane), seq + 1ull);
+            }
+        } else {
+            if (t == 0 && !tw_wait_flag(a, tw_p2p_word(a, a.rank, 0, j, lane), seq + 1ull, j)) failed = 1;
+            __syncthreads();
+            if (failed) return;
+            const char* slot = tw_p2p_slot(a, a.rank, j, lane, seq);
+            if (t == 0 && (tw_ldcg64((const u64*)slot) != len || tw_ldcg64((const u64*)slot + 1) != tag)) {
+                tw_fail(a, 3, j);
+                failed = 1;
+            }
+            __syncthreads();
+            if (failed) return;
+            if (n) tw_copy((char*)a.recv_off[j] + at, slot + 16, n);
+            __syncthreads();
+            if (t == 0) {
+                __threadfence_system();
+                tw_st_release(tw_p2p_word(a, j, 1, a.rank, lane), seq + 1ull);
+            }
+        }
+    }
+    if (t == 0) *tw_p2p_word(a, a.rank, sending ? 2 : 3, j, lane) = base + m;
+}

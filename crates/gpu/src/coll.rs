@@ -19,6 +19,27 @@ pub const THREADS: u32 = 512;
 pub const BUFS: u64 = 4;
 /// Bytes of a buffer's header (flags, counters) before the data.
 pub const HEADER: u64 = 2 * MAX_RANKS as u64 * MAX_BLOCKS as u64 * 8;
+/// Point-to-point: blocks per operation, slots per (source, lane), bytes of a chunk (the
+/// `TW_P2P_*` of `coll.cu`).
+pub const P2P_LANES: u32 = 16;
+pub const P2P_DEPTH: u64 = 4;
+pub const P2P_CHUNK: u64 = 32 << 10;
+/// The largest message a send may carry (its length travels in 48 bits, with the tag above).
+pub const P2P_MAX_BYTES: u64 = (1 << 48) - 2;
+/// The largest tag a send may carry on the NVLink path.
+pub const P2P_MAX_TAG: u64 = 0xffff;
+
+/// Bytes of the point-to-point area after the collectives' data, for `ranks` ranks: four
+/// tables of a word per (rank, lane), then the slots of every source.
+pub fn p2p_bytes(ranks: usize) -> u64 {
+    4 * MAX_RANKS as u64 * u64::from(P2P_LANES) * 8
+        + ranks as u64 * u64::from(P2P_LANES) * P2P_DEPTH * (P2P_CHUNK + 16)
+}
+
+/// A message's word of the p2p kernel's arguments: its bytes + 1, with the tag above bit 48.
+pub fn p2p_word(bytes: u64, tag: u64) -> Option<u64> {
+    (bytes <= P2P_MAX_BYTES && tag <= P2P_MAX_TAG).then(|| (bytes + 1) | (tag << 48))
+}
 
 /// What both kernels are told (the `CollArgs` struct of `coll.cu`, field for field).
 #[repr(C)]
@@ -61,7 +82,7 @@ pub const DTYPES: [&str; 10] = [
 /// Reductions by kernel code.
 pub const OPS: [&str; 5] = ["sum", "avg", "product", "min", "max"];
 /// Operations by code, as failures name them.
-pub const WHAT: [&str; 8] = [
+pub const WHAT: [&str; 9] = [
     "all_reduce",
     "all_gather",
     "reduce_scatter",
@@ -70,6 +91,7 @@ pub const WHAT: [&str; 8] = [
     "reduce",
     "gather",
     "scatter",
+    "send/recv",
 ];
 
 impl CollArgs {
@@ -104,8 +126,10 @@ pub struct Failure {
     pub what: &'static str,
     /// The rank waited for.
     pub peer: usize,
-    /// It sent nothing by the deadline (else: its process exited).
+    /// It sent nothing by the deadline.
     pub timed_out: bool,
+    /// It sent a message of another length or tag than the receive expected.
+    pub mismatched: bool,
 }
 
 impl Failure {
@@ -116,13 +140,15 @@ impl Failure {
         }
         let what = WHAT.get(((word >> 8) & 0xff) as usize).copied().unwrap_or("a collective");
         let peer = ((word >> 16) as usize).saturating_sub(1);
-        Some(Self { what, peer, timed_out: word & 0xff == 1 })
+        Some(Self { what, peer, timed_out: word & 0xff == 1, mismatched: word & 0xff == 3 })
     }
 
     /// Why, in words.
     pub fn reason(&self) -> &'static str {
         if self.timed_out {
             "it sent nothing within the group's timeout"
+        } else if self.mismatched {
+            "it sent a message of another length or tag than the receive expects"
         } else {
             "its process exited"
         }
@@ -132,7 +158,7 @@ impl Failure {
 static SOURCE: Source = Source::new(
     concat!(include_str!("common.cuh"), include_str!("coll.cu")),
     c"tw_coll.cu",
-    &[c"tw_coll_exchange", c"tw_coll_reduce"],
+    &[c"tw_coll_exchange", c"tw_coll_reduce", c"tw_coll_p2p"],
     "cuLaunchKernel(tw_coll)",
 );
 
@@ -180,6 +206,25 @@ impl CollKernels {
             self.k.launch(kernel as usize, blocks.clamp(1, MAX_BLOCKS), THREADS, stream, &mut p)
         }
     }
+
+    /// Launches the point-to-point kernel on `stream` for the `ops` messages `args` holds
+    /// (see `tw_coll_p2p`): [`P2P_LANES`] blocks each.
+    ///
+    /// # Safety
+    /// As for [`CollKernels::launch`]; every message's rank launches the matching operation
+    /// (the same length and tag) in the same order.
+    pub unsafe fn launch_p2p(
+        &self,
+        stream: u64,
+        args: &CollArgs,
+        ops: u32,
+    ) -> Result<(), GpuError> {
+        let mut a = *args;
+        let mut p = [param(&mut a)];
+        let blocks = ops.clamp(1, 2 * MAX_RANKS as u32) * P2P_LANES;
+        // SAFETY: (CollArgs), as the kernel declares; forwarded contract.
+        unsafe { self.k.launch(Kernel::P2p as usize, blocks, THREADS, stream, &mut p) }
+    }
 }
 
 /// The two collective kernels (in the order of `SOURCE`'s names).
@@ -187,6 +232,7 @@ impl CollKernels {
 pub enum Kernel {
     Exchange = 0,
     Reduce = 1,
+    P2p = 2,
 }
 
 #[cfg(test)]
@@ -207,6 +253,9 @@ mod tests {
         assert_eq!(define(src, "TW_COLL_RANKS"), MAX_RANKS as u64);
         assert_eq!(define(src, "TW_COLL_BLOCKS"), u64::from(MAX_BLOCKS));
         assert_eq!(define(src, "TW_COLL_BUFS"), BUFS);
+        assert_eq!(define(src, "TW_P2P_LANES"), u64::from(P2P_LANES));
+        assert_eq!(define(src, "TW_P2P_DEPTH"), P2P_DEPTH);
+        assert_eq!(define(src, "TW_P2P_CHUNK"), P2P_CHUNK);
         let ours = rust_fields!(CollArgs: peers, alive, send_off, send_len, recv_off, recv_len, send_base, recv_base, err_at,
             slot, timeout_ns, rank, ranks, dtype, redop, what, chunk_kib
         );
@@ -218,9 +267,23 @@ mod tests {
     fn failures_decode_to_the_operation_peer_and_reason() {
         assert_eq!(Failure::decode(0), None);
         let dead = Failure::decode(2 | (3 << 8) | (2 << 16));
-        assert_eq!(dead, Some(Failure { what: "all_to_all", peer: 1, timed_out: false }));
+        let want = Failure { what: "all_to_all", peer: 1, timed_out: false, mismatched: false };
+        assert_eq!(dead, Some(want));
         assert_eq!(dead.map(|f| f.reason()), Some("its process exited"));
         let late = Failure::decode(1 | (1 << 16));
-        assert_eq!(late, Some(Failure { what: "all_reduce", peer: 0, timed_out: true }));
+        let want = Failure { what: "all_reduce", peer: 0, timed_out: true, mismatched: false };
+        assert_eq!(late, Some(want));
+        let other = Failure::decode(3 | (8 << 8) | (1 << 16));
+        let want = Failure { what: "send/recv", peer: 0, timed_out: false, mismatched: true };
+        assert_eq!(other, Some(want));
+        assert!(other.is_some_and(|f| f.reason().contains("length or tag")));
+    }
+
+    #[test]
+    fn p2p_words_carry_length_and_tag() {
+        assert_eq!(p2p_word(0, 0), Some(1));
+        assert_eq!(p2p_word(5, 3), Some(6 | (3 << 48)));
+        assert_eq!(p2p_word(P2P_MAX_BYTES + 1, 0), None);
+        assert_eq!(p2p_word(1, P2P_MAX_TAG + 1), None);
     }
 }

@@ -406,6 +406,26 @@ impl PyCudaComm {
         })
     }
 
+    /// Sends and receives on `stream` in one launch (see `CudaComm::p2p`): `(rank, address,
+    /// bytes, tag)` each; counted in the metrics as one `send/recv` call.
+    fn p2p(
+        &self,
+        py: Python<'_>,
+        stream: u64,
+        sends: Vec<(usize, u64, u64, u64)>,
+        recvs: Vec<(usize, u64, u64, u64)>,
+    ) -> PyResult<()> {
+        // SAFETY: `tidewire.distributed` passes contiguous CUDA tensors of this GPU that it
+        // keeps referenced until the stream work is done, and messages whose peers make the
+        // matching calls in the same order (torch's point-to-point contract).
+        let n = sends.iter().map(|s| s.2).sum();
+        self.with(py, |c| {
+            let out = unsafe { c.p2p(stream, &sends, &recvs) };
+            tidewire_collective::record(CudaOp::P2p.name(), "nvlink_p2p", n, &out);
+            out
+        })
+    }
+
     /// Reduces on `stream` (see `CudaComm::reduce`), counted as for `exchange`.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (stream, op, send_base, send, recv_base, recv, dtype_, redop, algorithm = "nvlink_direct"))]
