@@ -1216,6 +1216,7 @@ def body_cuda_p2p(rank: int, size: int, port: int, arg: str) -> Any:
     from rank_main import gpu_of
 
     torch.cuda.set_device(gpu_of(rank))
+    torch.zeros(1, device="cuda")  # CUDA up before the group: it forms its NVLink path at once
     tidewire.metrics_text()  # recording on
     init(rank, size, port, timeout_s=10.0)
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -1248,6 +1249,15 @@ def body_cuda_p2p(rank: int, size: int, port: int, arg: str) -> Any:
     b.wait()
     a.wait()
     check("isend + irecv both ways 16 MiB", got, pattern(other, n, salt=1))
+    # Ring attention's order on both ranks, receives queued first: two messages each way of
+    # 16 MiB (the i-th of each direction travel in one launch).
+    ks = [pattern(rank, n, salt=20 + k) for k in range(2)]
+    outs = [torch.full((n,), -1.0, device=dev) for _ in range(2)]
+    ops = [dist.P2POp(dist.irecv, o, other) for o in outs] + [dist.P2POp(dist.isend, k_, other) for k_ in ks]
+    for r in dist.batch_isend_irecv(ops):
+        r.wait()
+    for k in range(2):
+        check(f"receives first, message {k}", outs[k], pattern(other, n, salt=20 + k))
     # Blocking, ordered: rank 0 sends then receives, rank 1 the other way round.
     for dtype in (torch.bfloat16, torch.int64):
         for count in (0, 1, 1024, 33 * 1024 // 8 + 3, (5 << 20) // 8):

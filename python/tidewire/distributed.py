@@ -283,17 +283,24 @@ class _CudaP2PWork(_CudaWork):
     def __init__(self, pg: "ProcessGroupTidewire", device: int, result: Any) -> None:
         super().__init__(device, result)
         self._pg = pg
+        #: Why it was never launched (its wait raises it).
+        self._error: Optional[BaseException] = None
+
+    def _launched(self) -> None:
+        self._pg._flush_p2p()
+        if self._error is not None:
+            raise self._error
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
-        self._pg._flush_p2p()
+        self._launched()
         return super().wait(timeout)
 
     def is_completed(self) -> bool:
-        self._pg._flush_p2p()
+        self._launched()
         return super().is_completed()
 
     def get_future(self) -> Future:
-        self._pg._flush_p2p()
+        self._launched()
         return super().get_future()
 
 
@@ -448,6 +455,9 @@ def _splits(t: torch.Tensor, sizes: Sequence[int], n: int) -> List[int]:
 # synchronises once. `TIDEWIRE_PG_CUDA_ALLREDUCE=one_shot|two_shot` forces either.
 _TWO_SHOT_MIN = 512 << 10
 
+#: The largest tag of a CUDA send or receive (it travels with the message's length).
+_P2P_MAX_TAG = 0xFFFF
+
 
 def _parts(nbytes: int, ranks: int, esz: int) -> List[tuple]:
     """`nbytes` cut into `ranks` consecutive parts of whole elements, each a multiple of 16
@@ -541,8 +551,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._p2p_timeout_s: Optional[float] = None
         #: CUDA sends and receives not launched yet: `(send?, group rank, tensor, tag, original)`,
         #: all on the stream `_p2p_stream` (raw handle, torch's triple).
-        self._p2p_q: List[Tuple[bool, int, torch.Tensor, int, torch.Tensor]] = []
+        self._p2p_q: List[Tuple[bool, int, torch.Tensor, int, torch.Tensor, "_CudaP2PWork"]] = []
         self._p2p_stream: Optional[Tuple[int, Any]] = None
+        #: The stream of the last point-to-point launch (torch's triple).
+        self._p2p_last: Optional[Any] = None
         #: Whether CUDA tensors may take an NVLink path (not a host-only group, not turned off).
         self._cuda_capable = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
         eng = engine()
@@ -670,8 +682,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         through the membership (the store may have died with its rank)."""
         if self._elastic is None or self._joining or self._elastic.epoch() == self._comm_epoch:
             return
-        # Queued sends and receives belong to the path of the old view.
-        self._flush_p2p()
+        # Queued sends and receives belong to the path of the old view, whose failures would
+        # never be read again: they fail instead of being launched.
+        if self._p2p_q:
+            self._fail_p2p(RuntimeError(f"tidewire: rank {self._rank}: the group's membership changed with sends and receives queued"))
         epoch, members, fenced = self._elastic.view()
         if fenced:
             raise RuntimeError(
@@ -790,13 +804,12 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             raise ValueError(f"tidewire: {name}: rank {root} is not active in this group (epoch {self._comm_epoch})")
         return root
 
-    def _nv(self, *tensors: torch.Tensor, p2p: bool = False) -> Optional[_CudaPath]:
+    def _nv(self, *tensors: torch.Tensor) -> Optional[_CudaPath]:
         """The NVLink path if these tensors take it (CUDA tensors of the path's GPU). Queued
-        sends and receives are launched first unless this is another one (`p2p`)."""
+        sends and receives are launched first."""
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
-        if not p2p:
-            self._flush_p2p()
+        self._flush_p2p()
         self._enter()
         if len(self._members) == 1:
             return None  # alone in the view: a communicator of one
@@ -1099,44 +1112,89 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """Queues a CUDA send or receive on the current stream. Queued ones are launched
         together (`_flush_p2p`): a `batch_isend_irecv` (which torch hands a backend like this
         one op by op) becomes one launch, in which both directions of a pair progress at once."""
+        if not 0 <= int(tag) <= _P2P_MAX_TAG:
+            raise ValueError(f"tidewire: {'send to' if send else 'recv from'} rank {peer}: tag {tag} (0 to {_P2P_MAX_TAG} for CUDA tensors)")
         stream = (raw_stream(nv.device), torch._C._cuda_getCurrentStream(nv.device))
         if self._p2p_q and self._p2p_stream != stream:
             self._flush_p2p()  # one launch, one stream
         self._p2p_stream = stream
         d = t if t.is_contiguous() else (t.contiguous() if send else torch.empty_like(t, memory_format=torch.contiguous_format))
-        self._p2p_q.append((send, peer, d, int(tag), t))
-        return _CudaP2PWork(self, nv.device, [t])
+        work = _CudaP2PWork(self, nv.device, [t])
+        self._p2p_q.append((send, peer, d, int(tag), t, work))
+        return work
+
+    def _fail_p2p(self, why: BaseException) -> None:
+        """Fails the queued sends and receives without launching them: each one's wait raises
+        `why`."""
+        q, self._p2p_q = self._p2p_q, []
+        for op in q:
+            op[5]._error = why
 
     def _flush_p2p(self) -> None:
-        """Launches the queued CUDA sends and receives: in order, each launch holding at most
-        one send to and one receive from a rank (a second opens the next launch, so that each
-        direction's messages keep their order)."""
+        """Launches the queued CUDA sends and receives. Launch i holds the i-th queued message
+        of every (direction, peer): each direction keeps its order, and a rank's launch i waits
+        only for its peers' launch i (never for a later one, whatever order the ranks queued
+        their sends and receives in). A failed launch fails every message not launched yet."""
         if not self._p2p_q:
             return
         q, self._p2p_q = self._p2p_q, []
-        stream, triple = self._p2p_stream if self._p2p_stream is not None else (0, None)
+        (stream, triple) = self._p2p_stream if self._p2p_stream is not None else (0, None)
         path = self._cuda
-        waves: List[List[Tuple[bool, int, torch.Tensor, int, torch.Tensor]]] = [[]]
+        waves: List[List[Any]] = []
+        seen: Dict[Tuple[bool, int], int] = {}
         for op in q:
-            if any(o[0] == op[0] and o[1] == op[1] for o in waves[-1]):
+            i = seen.get((op[0], op[1]), 0)
+            seen[(op[0], op[1])] = i + 1
+            if i == len(waves):
                 waves.append([])
-            waves[-1].append(op)
-        for wave in waves:
-            sends = [(p, d.data_ptr(), _nbytes(d), tag) for s, p, d, tag, _ in wave if s]
-            recvs = [(p, d.data_ptr(), _nbytes(d), tag) for s, p, d, tag, _ in wave if not s]
-            if path is None:
-                raise RuntimeError(f"tidewire: rank {self._rank}: the group's CUDA path closed with sends and receives queued")
-            self._call(path.p2p, stream, sends, recvs)
-        late = [(d, t) for s, _, d, _, t in q if not s and d is not t]
+            waves[i].append(op)
+        for k, wave in enumerate(waves):
+            sends = [(o[1], o[2].data_ptr(), _nbytes(o[2]), o[3]) for o in wave if o[0]]
+            recvs = [(o[1], o[2].data_ptr(), _nbytes(o[2]), o[3]) for o in wave if not o[0]]
+            try:
+                if path is None:
+                    raise RuntimeError(f"tidewire: rank {self._rank}: the group's CUDA path closed with sends and receives queued")
+                if self._p2p_last is not None and self._p2p_last != triple:
+                    # Launches on two streams would share the per-peer chunk counts: the new
+                    # stream waits for the last launch on the old one. (Not a stream that is
+                    # capturing a CUDA graph: it may not wait for uncaptured work; the capture's
+                    # own start is ordered by the caller, and replays by the replaying stream.)
+                    new, old = (torch.cuda.Stream(stream_id=x[0], device_index=x[1], device_type=x[2]) for x in (triple, self._p2p_last))
+                    with torch.cuda.stream(new):
+                        capturing = torch.cuda.is_current_stream_capturing()
+                    if not capturing:
+                        new.wait_stream(old)
+                self._p2p_last = triple
+                self._call(path.p2p, stream, sends, recvs)
+            except BaseException as e:
+                # This launch and every later one fail (their messages were never sent).
+                for later in waves[k:]:
+                    for o in later:
+                        o[5]._error = e
+                raise
+        late = [(o[2], o[4]) for o in q if not o[0] and o[2] is not o[4]]
         if late:
             # Receives into non-contiguous tensors: copied in on the queue's stream.
             with torch.cuda.stream(torch.cuda.Stream(stream_id=triple[0], device_index=triple[1], device_type=triple[2])):
                 for d, t in late:
                     t.copy_(d)
 
+    def _nv_p2p(self, t: torch.Tensor) -> Optional[_CudaPath]:
+        """The NVLink path for a send or receive of `t`, if the group has one: a message never
+        forms it (forming it is collective: every rank of the group would have to be here)."""
+        if t.device.type != "cuda" or self._size == 1:
+            return None
+        self._enter()
+        path = self._cuda
+        if path is None or len(self._members) == 1:
+            return None
+        if t.device.index != path.device:
+            raise ValueError(f"tidewire: the group's CUDA path is on cuda:{path.device}; a tensor is on {t.device}")
+        return path
+
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
-        nv = self._nv(t, p2p=True)
+        nv = self._nv_p2p(t)
         if nv is not None:
             return self._queue_p2p(nv, True, dst, t, tag)
         f = _Flat(t, "send", write_back=False)
@@ -1146,7 +1204,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
-        nv = self._nv(t, p2p=True)
+        nv = self._nv_p2p(t)
         if nv is not None:
             return self._queue_p2p(nv, False, src, t, tag)
         f = _Flat(t, "recv")

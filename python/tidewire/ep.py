@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -322,7 +323,8 @@ class Buffer:
         self._mapped: List[int] = list(range(self.group_size))
         self._left: List[int] = []
         self._seen_epoch = -1
-        self._keep: Optional[torch.Tensor] = None
+        self._keep_dev = torch.ones(self.group_size, dtype=torch.int32, device=self._counter.device)
+        self._keep_on = False
         #: The kernels' inactive marks per source rank already reported to the group.
         self._marks_seen = [0] * self.group_size
         if self._elastic is not None:
@@ -379,13 +381,32 @@ class Buffer:
         try:
             got = g._elastic.collect(full, epoch, members, g._timeout.total_seconds())
         except _native.TidewireError as e:
-            g._failed(getattr(e, "ranks", []))
+            if getattr(e, "kind", "") != "ViewChanged":
+                g._failed(getattr(e, "ranks", []))
             raise
         out: List[Any] = [None] * self.group_size
         for r, v in zip(members, got):
             if r < self.group_size:
                 out[r] = json.loads(v)
         return out
+
+    def _exchange_current(self, key: str, payload: Any) -> Tuple[int, List[int], List[Any]]:
+        """`_exchange` at the view in force, again at the new view while the view changes under
+        it (every member sees the change and meets the others at the new epoch), until the
+        group's timeout: `(epoch, members, payloads)`. Members beyond this buffer's ranks (a
+        group extended after it was made) take no part."""
+        g = self._elastic
+        end = time.monotonic() + g._timeout.total_seconds()
+        while True:
+            epoch, members, fenced = g._elastic.view()
+            if fenced or self.rank not in members:
+                raise RuntimeError(f"tidewire.ep: rank {self.rank} is not in its group's view (epoch {epoch}, active {members})")
+            members = [r for r in members if r < self.group_size]
+            try:
+                return epoch, members, self._exchange(key, payload, epoch, members)
+            except _native.TidewireError as e:
+                if getattr(e, "kind", "") != "ViewChanged" or time.monotonic() > end:
+                    raise
 
     def _round(self, no_p2p: bool, nbytes: int) -> None:
         """One exchange with the elastic group's members (at construction and at each
@@ -394,18 +415,18 @@ class Buffer:
         for them). A member with no buffer (disable_p2p, no CUDA, or on the fallback already)
         sends every member to the fallback."""
         g = self._elastic
-        epoch, members, fenced = g._elastic.view()
-        if fenced or self.rank not in members:
-            raise RuntimeError(f"tidewire.ep: rank {self.rank} is not in its group's view (epoch {epoch}, active {members})")
         eng = _engine() if self.device is not None else None
         fresh = self._native is None and self._fallback is None and not no_p2p and eng is not None
         if fresh:
             self._own = _native.EpBuffer.allocate(eng._native, self.device, nbytes)
         mine = None
         if eng is not None and (fresh or self._native is not None):
-            mine = [eng.name, self._own[0], self._own[1], self._dispatches if fresh else int(self._counter[0].item())]
+            # The call numbers already used here: the GPU counter, or more if calls were
+            # captured in a graph and not replayed yet.
+            used = self._dispatches if fresh else max(int(self._counter[0].item()), self._dispatches)
+            mine = [eng.name, self._own[0], self._own[1], used]
         try:
-            infos = self._exchange("buffers", mine, epoch, members)
+            epoch, members, infos = self._exchange_current("buffers", mine)
             if mine is not None and all(infos[r] is not None for r in members):
                 peers = [(i[0], int(i[1]), int(i[2])) if i is not None else ("", 0, 0) for i in infos]
                 if fresh:
@@ -419,13 +440,13 @@ class Buffer:
                 eng._native.free_device(self._own[0])  # no buffer object owns it
         unreached = [[r, why[:_REASON_CHARS]] for r, why in self._native.unreached()] if self._native is not None else []
         verdict = {"disable_p2p": bool(no_p2p), "no_cuda": self.device is None, "unreached": unreached[:8]}
-        verdicts = self._exchange("reach", verdict, epoch, members)
+        verdicts = self._exchange("reach", verdict, epoch, members)  # a change now fails the round
         self._rounds[epoch] = self._rounds.get(epoch, 0) + 1
         without = [r for r in members if infos[r] is None]
         self._decide(verdicts, f"ranks {without} have no EP buffer (on the fallback already)" if without else None)
         # A restarted rank counts from 0: every rank continues after the highest number, so
         # that no signal of an earlier call can pass for one of the next.
-        top = max([int(i[3]) for i in infos if i is not None] + [self._dispatches])
+        top = max([int(i[3]) for i in infos if i is not None] + [0])
         self._counter[0].fill_(top)
         self._counter[1].zero_()
         self._dispatches = top
@@ -435,14 +456,16 @@ class Buffer:
 
     def _set_keep(self) -> None:
         """The mask applied to the caller's `active_ranks`: the ranks mapped and still in the
-        view (None while that is every rank)."""
+        view. Written in place into one tensor for the buffer's life (a call captured in a CUDA
+        graph keeps applying it as it changes); not while a capture runs on this stream (the
+        copy would be captured): the next call outside one writes it."""
         out = set(range(self.group_size)) - set(self._mapped) | set(self._left)
-        if not out:
-            self._keep = None
+        if self._keep_dev.is_cuda and torch.cuda.is_current_stream_capturing():
             return
         keep = torch.ones(self.group_size, dtype=torch.int32)
         keep[sorted(out)] = 0
-        self._keep = keep.to(self._counter.device)
+        self._keep_dev.copy_(keep)
+        self._keep_on = bool(out)
 
     def _agree(self, active: torch.Tensor) -> None:
         """Before a call: the kernels' verdicts go to the group and the group's to the call.
@@ -469,8 +492,8 @@ class Buffer:
                 self._left = sorted(set(self._left) | (set(range(self.group_size)) - set(members)))
                 self._seen_epoch = epoch
                 self._set_keep()
-        if self._keep is not None:
-            active.mul_(self._keep)
+        if self._keep_on:
+            active.mul_(self._keep_dev)
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:

@@ -60,6 +60,10 @@ impl CudaOp {
     }
 }
 
+/// Messages one point-to-point launch may hold: 16 blocks of 512 threads each, 512 blocks in
+/// all, which an H200's 132 SMs hold at once (four such blocks each).
+const MAX_P2P_OPS: usize = 32;
+
 /// Bytes of the data area of a rank's buffer when `TIDEWIRE_PG_CUDA_BYTES` does not say.
 const DATA_BYTES: u64 = 128 << 20;
 /// Blocks a collective launch uses when `TIDEWIRE_PG_CUDA_BLOCKS` does not say.
@@ -378,10 +382,19 @@ impl CudaComm {
                 (*off, *len) = (addr, word);
             }
         }
-        let ops = (sends.len() + recvs.len()) as u32;
+        let ops = sends.len() + recvs.len();
         if ops == 0 {
             return Ok(());
         }
+        if ops > MAX_P2P_OPS {
+            // Every block of a launch must be resident at once (a send's blocks spin until
+            // the peer's receive runs): more would risk blocks that never get an SM.
+            return Err(Error::invalid(format!(
+                "send/recv: {ops} messages in one launch (at most {MAX_P2P_OPS}: {} peers both ways)",
+                MAX_P2P_OPS / 2
+            )));
+        }
+        let ops = ops as u32;
         log::debug!(
             "send/recv: {} sends, {} receives on the NVLink path",
             sends.len(),

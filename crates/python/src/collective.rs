@@ -18,6 +18,8 @@ use crate::{secs, PyEngine};
 /// Maps a collective failure to its Python exception; `ranks` on it names the ranks involved.
 fn to_py(e: Error) -> PyErr {
     let ranks = e.ranks();
+    // The variant (`ViewChanged`: the caller may retry with the new view).
+    let e_kind = e.kind();
     let msg = e.to_string();
     let err = match e {
         Error::Timeout { .. } => errors::Timeout::new_err(msg),
@@ -32,8 +34,10 @@ fn to_py(e: Error) -> PyErr {
         }
         _ => errors::TidewireError::new_err(msg),
     };
+    let kind = e_kind;
     Python::attach(|py| {
         let _ = err.value(py).setattr("ranks", ranks);
+        let _ = err.value(py).setattr("kind", kind);
     });
     err
 }
