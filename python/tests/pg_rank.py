@@ -27,6 +27,17 @@ OPS = {
 }
 
 
+def _started_by(flag: str, seconds: float) -> bool:
+    """Waits for the file `flag` (a later process's go-ahead from the others), at most
+    `seconds`; whether it came."""
+    end = time.monotonic() + seconds
+    while not os.path.exists(flag):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def init(rank: int, size: int, port: int, timeout_s: float = 60.0) -> None:
     dist.init_process_group(
         "tidewire",
@@ -515,11 +526,8 @@ def body_joiners(rank: int, size: int, port: int, arg: str) -> Any:
     me = 2 if joiner else rank
     if joiner:
         # Starts once the group is ready for it (after the victim is gone, for "replace").
-        end = time.monotonic() + 60
-        while not os.path.exists(flag):
-            if time.monotonic() > end:
-                return ["the founders never said to start"]
-            time.sleep(0.01)
+        if not _started_by(flag, 60):
+            return ["the founders never said to start"]
     active = torch.zeros(slots, dtype=torch.int32)
     active[:founders] = 1
     opts = mpg.MooncakeBackendOptions(active, joiner, slots)
@@ -620,11 +628,8 @@ def body_extension(rank: int, size: int, port: int, arg: str) -> Any:
     flag = f"/tmp/tw-extension-{port}"
     joiner = rank >= 2
     if joiner:
-        end = time.monotonic() + 60
-        while not os.path.exists(flag):
-            if time.monotonic() > end:
-                return ["never told to start"]
-            time.sleep(0.01)
+        if not _started_by(flag, 60):
+            return ["never told to start"]
     world_mask = torch.tensor([1, 1, 0, 0], dtype=torch.int32)
     ep_mask = world_mask.clone()
     dist.init_process_group(
@@ -869,11 +874,8 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     joiner = rank == 4
     me = 3 if joiner else rank
     if joiner:
-        end = time.monotonic() + 60
-        while not os.path.exists(flag):
-            if time.monotonic() > end:
-                return ["never told to start"]
-            time.sleep(0.01)
+        if not _started_by(flag, 60):
+            return ["never told to start"]
     world_mask = torch.ones(4, dtype=torch.int32)
     dist.init_process_group(
         "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=4,
@@ -984,7 +986,7 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     again and EP calls and collectives include it. Every EP call is checked."""
     import tidewire.ep
     import tidewire.mooncake
-    from ep_rank import K, calc_diff, inputs, known_round_trip
+    from ep_rank import calc_diff, inputs, known_round_trip
 
     tidewire.mooncake.install()
     from mooncake import pg as mpg  # type: ignore[import-not-found]
@@ -994,11 +996,8 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     joiner = rank == 2
     me = 1 if joiner else rank
     if joiner:
-        end = time.monotonic() + 90
-        while not os.path.exists(flag):
-            if time.monotonic() > end:
-                return ["never told to start"]
-            time.sleep(0.01)
+        if not _started_by(flag, 90):
+            return ["never told to start"]
     from rank_main import gpu_of
 
     torch.cuda.set_device(gpu_of(me))
