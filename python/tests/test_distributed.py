@@ -397,6 +397,55 @@ def test_ranks_reached_through_engine_transfers(monkeypatch: pytest.MonkeyPatch)
         assert bad == [], f"rank {rank}: {bad}"
 
 
+def test_p2p_launches_meet_whatever_order_the_ranks_queue_in() -> None:
+    """`_p2p_waves` on random queues of 2-4 ranks (each pair's messages in one order per
+    direction, interleaved at random on each rank, receives often first): run launch after
+    launch on every rank, where a message completes only while both its ends' launches run
+    (no eager room at all): every launch finishes, and the k-th send from a to b meets b's
+    k-th receive from a."""
+    import random
+
+    from tidewire.distributed import _p2p_waves
+
+    rng = random.Random(7)
+    for trial in range(300):
+        n = rng.choice([2, 3, 4])
+        queues: List[List[Any]] = [[] for _ in range(n)]
+        for a in range(n):
+            for b in range(n):
+                if a != b:
+                    for k in range(rng.randint(0, 3)):
+                        queues[a].append((True, b, (a, b, k)))
+                        queues[b].append((False, a, (a, b, k)))
+        for q in queues:
+            rng.shuffle(q)
+            # Shuffling keeps no order: put each direction's messages back in order.
+            for key in {(o[0], o[1]) for o in q}:
+                idx = [i for i, o in enumerate(q) if (o[0], o[1]) == key]
+                for i, o in zip(idx, sorted((q[i] for i in idx), key=lambda o: o[2][2])):
+                    q[i] = o
+        waves = [_p2p_waves(q) for q in queues]
+        at = [0] * n
+        done = [set() for _ in range(n)]  # message ids completed at each rank
+        while any(at[r] < len(waves[r]) for r in range(n)):
+            moved = False
+            for r in range(n):
+                if at[r] >= len(waves[r]):
+                    continue
+                for o in waves[r][at[r]]:
+                    peer, mid = o[1], o[2]
+                    if mid in done[r] or at[peer] >= len(waves[peer]):
+                        continue
+                    if any(p[2] == mid and p[0] != o[0] for p in waves[peer][at[peer]]):
+                        done[r].add(mid)
+                        done[peer].add(mid)
+                        moved = True
+                if all(o[2] in done[r] for o in waves[r][at[r]]):
+                    at[r] += 1
+                    moved = True
+            assert moved, f"trial {trial}: launches stuck at {at} of {[len(w) for w in waves]}"
+
+
 def test_two_shot_parts_cover_the_tensor_in_whole_aligned_elements() -> None:
     from tidewire.distributed import _parts
 

@@ -432,6 +432,22 @@ class _DeviceBytes:
         self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 3, "stream": None}
 
 
+def _p2p_waves(queue: Sequence[Any]) -> List[List[Any]]:
+    """Queued messages (`(send?, peer, ...)`, in the order queued) cut into launches: launch i
+    holds the i-th message of every (direction, peer). Each direction keeps its order, and
+    whatever order two ranks queued their messages in, our launch i meets the peer's launch i
+    (our i-th send to it is its i-th receive from us)."""
+    waves: List[List[Any]] = []
+    seen: Dict[Tuple[bool, int], int] = {}
+    for op in queue:
+        i = seen.get((op[0], op[1]), 0)
+        seen[(op[0], op[1])] = i + 1
+        if i == len(waves):
+            waves.append([])
+        waves[i].append(op)
+    return waves
+
+
 def _device_bytes(ptr: int, n: int, device: int) -> torch.Tensor:
     return torch.as_tensor(_DeviceBytes(ptr, n), device=f"cuda:{device}")
 
@@ -1140,14 +1156,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         q, self._p2p_q = self._p2p_q, []
         (stream, triple) = self._p2p_stream if self._p2p_stream is not None else (0, None)
         path = self._cuda
-        waves: List[List[Any]] = []
-        seen: Dict[Tuple[bool, int], int] = {}
-        for op in q:
-            i = seen.get((op[0], op[1]), 0)
-            seen[(op[0], op[1])] = i + 1
-            if i == len(waves):
-                waves.append([])
-            waves[i].append(op)
+        waves = _p2p_waves(q)
         for k, wave in enumerate(waves):
             sends = [(o[1], o[2].data_ptr(), _nbytes(o[2]), o[3]) for o in wave if o[0]]
             recvs = [(o[1], o[2].data_ptr(), _nbytes(o[2]), o[3]) for o in wave if not o[0]]
