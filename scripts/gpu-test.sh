@@ -5,6 +5,9 @@
 # machine in dist/ (the wheel, dist/tidewire, dist/gpu-tests; pytest wheels in dist/wheels):
 #   scripts/gpu-test.sh [wheel-or-dir] [out-dir]
 # Writes the logs to out-dir (default bench/results/gpu-<date>).
+# On a host with one GPU, TIDEWIRE_TEST_SHARED_GPU=1 puts both ranks of the Python collective,
+# elastic and point-to-point tests on it (correctness only; NCCL-backed and Rust two-GPU tests
+# still need two GPUs).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Never use NVLink multicast on shared GPU hosts.
@@ -38,8 +41,9 @@ else
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" > "$out/torch.txt" 2>&1 || true
 timeout 900 python3 -m pytest -v -p no:cacheprovider python/tests/test_gpu.py python/tests/test_native.py python/tests/test_ep.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
-# The collectives' CUDA tests (NVLink path, staged path, a killed and a stopped rank).
-timeout 300 python3 -m pytest -v -p no:cacheprovider python/tests/test_distributed.py -k cuda 2>&1 | tee "$out/gpu-tests-collectives.txt" || status=1
+# The collectives' CUDA tests (NVLink path, staged path, a killed and a stopped rank, the
+# survivors' new path, point-to-point, the elastic scenario with the EP buffer).
+timeout 420 python3 -m pytest -v -p no:cacheprovider python/tests/test_distributed.py -k cuda 2>&1 | tee "$out/gpu-tests-collectives.txt" || status=1
 # The GPU transports with a cluster secret in force (every engine these tests start reads it):
 # the shm socket's and the RPC port's handshakes in front of CUDA IPC / VMM imports.
 TIDEWIRE_CLUSTER_SECRET=gpu-test-secret timeout 300 python3 -m pytest -v -p no:cacheprovider python/tests/test_gpu.py \
