@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -25,14 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pg_bench import free_port, parse_size  # bench/ is the script's directory
+
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
-
-def parse_size(s: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(s[:-1]) * units[s[-1].upper()] if s[-1].upper() in units else int(s)
 
 
 def rank_main(rank: int, backend: str, port: int, args: argparse.Namespace, out_path: str) -> None:
@@ -82,11 +79,6 @@ def rank_main(rank: int, backend: str, port: int, args: argparse.Namespace, out_
             json.dump(rows, f)
     dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

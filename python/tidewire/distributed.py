@@ -245,6 +245,12 @@ class _P2PWork(dist.Work):
         return fut
 
 
+def _stream_of(triple: Any) -> "torch.cuda.Stream":
+    """The stream torch names by `(id, device index, device type)`
+    (`torch._C._cuda_getCurrentStream`)."""
+    return torch.cuda.Stream(stream_id=triple[0], device_index=triple[1], device_type=triple[2])
+
+
 class _CudaWork(dist.Work):
     """A collective enqueued on a stream: ``wait()`` makes the current stream wait for it."""
 
@@ -256,8 +262,7 @@ class _CudaWork(dist.Work):
         self._device, self._data, self._result = device, torch._C._cuda_getCurrentStream(device), result
 
     def _stream(self) -> "torch.cuda.Stream":
-        d = self._data
-        return torch.cuda.Stream(stream_id=d[0], device_index=d[1], device_type=d[2])
+        return _stream_of(self._data)
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
         if torch._C._cuda_getCurrentStream(self._device) != self._data:
@@ -425,13 +430,6 @@ class _CudaPath:
         comm.reduce(raw_stream(self.device), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
 
 
-class _DeviceBytes:
-    """`n` bytes of device memory at `ptr`, as `torch.as_tensor` takes them (no copy)."""
-
-    def __init__(self, ptr: int, n: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 3, "stream": None}
-
-
 def _p2p_waves(queue: Sequence[Any]) -> List[List[Any]]:
     """Queued messages (`(send?, peer, ...)`, in the order queued) cut into launches: launch i
     holds the i-th message of every (direction, peer). Each direction keeps its order, and
@@ -446,6 +444,21 @@ def _p2p_waves(queue: Sequence[Any]) -> List[List[Any]]:
             waves.append([])
         waves[i].append(op)
     return waves
+
+
+class _DeviceBytes:
+    """`n` bytes of device memory at `ptr`, as `torch.as_tensor` takes them (no copy)."""
+
+    def __init__(self, ptr: int, n: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 3, "stream": None}
+
+
+def _on_path(path: "_CudaPath", *tensors: torch.Tensor) -> "_CudaPath":
+    """`path`, once every tensor is a CUDA tensor of its GPU."""
+    for t in tensors:
+        if t.device.type != "cuda" or t.device.index != path.device:
+            raise ValueError(f"tidewire: the group's CUDA path is on cuda:{path.device}; a tensor is on {t.device}")
+    return path
 
 
 def _device_bytes(ptr: int, n: int, device: int) -> torch.Tensor:
@@ -565,8 +578,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._auto_sync = True
         #: The deadline of point-to-point waits, when not the group's (`set_p2p_timeout_us`).
         self._p2p_timeout_s: Optional[float] = None
-        #: CUDA sends and receives not launched yet: `(send?, group rank, tensor, tag, original)`,
-        #: all on the stream `_p2p_stream` (raw handle, torch's triple).
+        #: CUDA sends and receives not launched yet: `(send?, group rank, contiguous tensor, tag,
+        #: the caller's tensor, its work)`, all on the stream `_p2p_stream` (raw handle, torch's
+        #: triple).
         self._p2p_q: List[Tuple[bool, int, torch.Tensor, int, torch.Tensor, "_CudaP2PWork"]] = []
         self._p2p_stream: Optional[Tuple[int, Any]] = None
         #: The stream of the last point-to-point launch (torch's triple).
@@ -834,12 +848,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         path = self._cuda
         if path is None:
             return None
-        for t in tensors:
-            if t.device.type != "cuda" or t.device.index != path.device:
-                raise ValueError(
-                    f"tidewire: the group's CUDA path is on cuda:{path.device}; a tensor is on {t.device}"
-                )
-        return path
+        return _on_path(path, *tensors)
 
     # --- collectives ----------------------------------------------------------------------
     def allreduce(self, tensors: List[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -1168,7 +1177,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                     # stream waits for the last launch on the old one. (Not a stream that is
                     # capturing a CUDA graph: it may not wait for uncaptured work; the capture's
                     # own start is ordered by the caller, and replays by the replaying stream.)
-                    new, old = (torch.cuda.Stream(stream_id=x[0], device_index=x[1], device_type=x[2]) for x in (triple, self._p2p_last))
+                    new, old = _stream_of(triple), _stream_of(self._p2p_last)
                     with torch.cuda.stream(new):
                         capturing = torch.cuda.is_current_stream_capturing()
                     if not capturing:
@@ -1184,7 +1193,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         late = [(o[2], o[4]) for o in q if not o[0] and o[2] is not o[4]]
         if late:
             # Receives into non-contiguous tensors: copied in on the queue's stream.
-            with torch.cuda.stream(torch.cuda.Stream(stream_id=triple[0], device_index=triple[1], device_type=triple[2])):
+            with torch.cuda.stream(_stream_of(triple)):
                 for d, t in late:
                     t.copy_(d)
 
@@ -1197,9 +1206,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         path = self._cuda
         if path is None or len(self._members) == 1:
             return None
-        if t.device.index != path.device:
-            raise ValueError(f"tidewire: the group's CUDA path is on cuda:{path.device}; a tensor is on {t.device}")
-        return path
+        return _on_path(path, t)
 
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         (t,) = tensors

@@ -289,7 +289,7 @@ class Buffer:
                 f"tidewire.ep.Buffer: rank {self.rank} joins its group and was not added yet: call "
                 "mooncake.pg.join_group(group) first"
             )
-        #: Exchanges made per epoch of the elastic group (the keys of the next one).
+        #: Exchanges made at the current epoch of the elastic group (the key of the next one).
         self._rounds: Dict[int, int] = {}
         self._native: Any = None
         self._fallback: Optional[_Collective] = None
@@ -318,8 +318,8 @@ class Buffer:
         self._zero_copy_logged = False
         #: The ranks whose buffers are mapped (all but those outside the elastic group's view
         #: at the last exchange), the ranks the group's view dropped since, the epoch that was
-        #: read at, and the mask the calls apply to the caller's `active_ranks` while some rank
-        #: takes no part (None: every rank does).
+        #: read at, and the mask the calls apply to the caller's `active_ranks` (one tensor for
+        #: the buffer's life) with whether it holds a 0.
         self._mapped: List[int] = list(range(self.group_size))
         self._left: List[int] = []
         self._seen_epoch = -1
@@ -386,8 +386,7 @@ class Buffer:
             raise
         out: List[Any] = [None] * self.group_size
         for r, v in zip(members, got):
-            if r < self.group_size:
-                out[r] = json.loads(v)
+            out[r] = json.loads(v)
         return out
 
     def _exchange_current(self, key: str, payload: Any) -> Tuple[int, List[int], List[Any]]:
@@ -441,18 +440,23 @@ class Buffer:
         unreached = [[r, why[:_REASON_CHARS]] for r, why in self._native.unreached()] if self._native is not None else []
         verdict = {"disable_p2p": bool(no_p2p), "no_cuda": self.device is None, "unreached": unreached[:8]}
         verdicts = self._exchange("reach", verdict, epoch, members)  # a change now fails the round
-        self._rounds[epoch] = self._rounds.get(epoch, 0) + 1
+        self._rounds = {epoch: self._rounds.get(epoch, 0) + 1}  # earlier epochs' keys are done
         without = [r for r in members if infos[r] is None]
         self._decide(verdicts, f"ranks {without} have no EP buffer (on the fallback already)" if without else None)
-        # A restarted rank counts from 0: every rank continues after the highest number, so
-        # that no signal of an earlier call can pass for one of the next.
-        top = max([int(i[3]) for i in infos if i is not None] + [0])
-        self._counter[0].fill_(top)
-        self._counter[1].zero_()
-        self._dispatches = top
+        self._number_from(max([int(i[3]) for i in infos if i is not None] + [0]))
         self._mapped = [r for r in range(self.group_size) if infos[r] is not None or (self._native is None and r in members)]
         self._left, self._seen_epoch = [], epoch
         self._set_keep()
+
+    def _number_from(self, top: int) -> None:
+        """The next call is numbered after `top` (the highest any rank used: a restarted rank
+        counts from 0, and no signal of an earlier call may pass for one of the next); no call
+        is open any more."""
+        self._counter[0].fill_(top)
+        self._counter[1].zero_()
+        self._dispatches = top
+        self._open.clear()
+        self._seqs.clear()
 
     def _set_keep(self) -> None:
         """The mask applied to the caller's `active_ranks`: the ranks mapped and still in the
@@ -716,8 +720,6 @@ class Buffer:
             torch.cuda.synchronize(self.device)
         if self._elastic is not None:
             self._round(False, 0)
-            self._open.clear()
-            self._seqs.clear()
             return
         if self._native is None:
             return  # the collective fallback holds nothing of the peers
@@ -726,14 +728,7 @@ class Buffer:
         counter = int(self._counter[0].item())
         infos = exchange(self.group, f"{self._tag}/update{self._updates}", [eng.name, addr, length, counter])
         self._native.reconnect([(n, a, l) for (n, a, l, _) in infos])
-        # A restarted rank counts from 0: every rank continues after the highest number, so
-        # that no signal of an earlier call can pass for one of the next.
-        top = max(c for (_, _, _, c) in infos)
-        self._counter[0].fill_(top)
-        self._counter[1].zero_()
-        self._dispatches = top
-        self._open.clear()
-        self._seqs.clear()
+        self._number_from(max(c for (_, _, _, c) in infos))
 
     def destroy(self) -> None:
         if self.device is not None:
