@@ -461,11 +461,9 @@ class Buffer:
     def _set_keep(self) -> None:
         """The mask applied to the caller's `active_ranks`: the ranks mapped and still in the
         view. Written in place into one tensor for the buffer's life (a call captured in a CUDA
-        graph keeps applying it as it changes); not while a capture runs on this stream (the
-        copy would be captured): the next call outside one writes it."""
+        graph keeps applying it as it changes); never while a capture runs (the copy would be
+        captured): `_agree` leaves a view change to the next call outside one."""
         out = set(range(self.group_size)) - set(self._mapped) | set(self._left)
-        if self._keep_dev.is_cuda and torch.cuda.is_current_stream_capturing():
-            return
         keep = torch.ones(self.group_size, dtype=torch.int32)
         keep[sorted(out)] = 0
         self._keep_dev.copy_(keep)
@@ -487,11 +485,12 @@ class Buffer:
                     log.warning("tidewire.ep: rank %d: the kernels marked ranks %s inactive; told the group", self.rank, new)
                     g._failed(new)
             epoch = g._elastic.epoch()
-            if epoch != self._seen_epoch:
-                if not (active.is_cuda and torch.cuda.is_current_stream_capturing()):
-                    # The group's own mask (a CUDA one is written at a call into the group, on
-                    # the caller's stream: this is one), often the tensor passed here.
-                    g._sync_mask()
+            # A view change seen while a capture runs waits for the next call outside one (the
+            # masks' copies would be captured; the epoch stays unseen until then).
+            if epoch != self._seen_epoch and not (active.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # The group's own mask (a CUDA one is written at a call into the group, on the
+                # caller's stream: this is one), often the tensor passed here.
+                g._sync_mask()
                 _, members, _ = g._elastic.view()
                 self._left = sorted(set(self._left) | (set(range(self.group_size)) - set(members)))
                 self._seen_epoch = epoch
