@@ -7,7 +7,8 @@ One process per GPU, uniform random routing, FP8 dispatch and bf16 combine. For 
 prints, on rank 0: per-call p50 / p99 (CUDA events around one call, host launch included), the
 kernels' own time (torch.profiler: the send and receive kernels of each call), and GB/s counted
 DeepEP's way (per selection: dispatch H + H/128·4 + 16 bytes, 2·H + 16 for bf16, combine 2·H),
-and the bytes that crossed NVLink per second (selections whose expert is on another rank). Run
+and the bytes that crossed NVLink per second (dispatch: a row per token and other rank owning
+an expert it selects; combine: a row per selection whose expert is on another rank). Run
 `bench/ref/collectives_reference.py ep` in the same command for the all_to_all_single exchange.
 """
 
@@ -37,7 +38,9 @@ def pct(v: List[float], q: float) -> float:
 def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
     import tidewire.ep
 
-    torch.cuda.set_device(rank)
+    # One GPU per rank; with fewer GPUs than ranks they share (correctness and a rough figure
+    # only: the contexts time-slice and the peers' rows never cross NVLink).
+    torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
     H, K, E = args.hidden, args.topk, args.experts
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -145,14 +148,20 @@ def rank_main(rank: int, n: int, port: int, args: argparse.Namespace) -> None:
         e1.record()
         e1.synchronize()
         tbo = e0.elapsed_time(e1) * 1000 / tbo_iters
-        # Selections whose expert is on another rank: the bytes that crossed NVLink.
+        # The bytes that crossed NVLink: a dispatched token once to each other rank owning an
+        # expert it selects (its row, and a 4-byte index per such selection), a combined row
+        # per selection whose expert is on another rank.
         el = E // n
         remote = int(((topk >= 0) & (topk // el != rank)).sum())
+        hit = torch.zeros(T, n, dtype=torch.bool, device="cuda")
+        hit.scatter_(1, (topk // el).clamp(min=0), topk >= 0)
+        hit[:, rank] = False
+        crossing = int(hit.sum())
         dist.barrier()
         if rank == 0:
             kd = kernel.get("tw_ep_dispatch_send", 0) + kernel.get("tw_ep_dispatch_recv", 0)
             kc = kernel.get("tw_ep_combine_send", 0) + kernel.get("tw_ep_combine_recv", 0)
-            d_link = remote * row_bytes
+            d_link = crossing * (row_bytes - 16) + remote * 4
             c_link = remote * 2 * H
             print(f"T {T}: per call (CUDA events, launch included) dispatch p50 {pct(td, .5):.1f} p99 {pct(td, .99):.1f} us, combine p50 {pct(tc, .5):.1f} p99 {pct(tc, .99):.1f} us ({args.iters} calls)")
             print(

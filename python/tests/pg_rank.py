@@ -1405,6 +1405,24 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
     got = t.clone()
     if not close(got.cpu(), reference(size, torch.float64, "sum")):
         bad.append("async all_reduce")
+    # Calls on two streams the caller does not order, rank 0's first one held back by a
+    # kernel: the second stream waits for the first (the kernels share their counts), so
+    # every rank runs them in the order called and both results are right.
+    s1, s2 = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    a1, a2 = data(rank, torch.float32, 1 << 16).to(dev), data(rank, torch.int32, 1 << 16).to(dev)
+    torch.cuda.synchronize(dev)
+    with torch.cuda.stream(s1):
+        if rank == 0:
+            torch.cuda._sleep(100_000_000)
+        w1 = dist.all_reduce(a1, async_op=True)
+    with torch.cuda.stream(s2):
+        w2 = dist.all_reduce(a2, async_op=True)
+    w1.wait()
+    w2.wait()
+    if not close(a1.cpu(), reference(size, torch.float32, "sum", 1 << 16)):
+        bad.append("all_reduce on a first stream")
+    if not close(a2.cpu(), reference(size, torch.int32, "sum", 1 << 16)):
+        bad.append("all_reduce on a second stream")
     x = data(rank, torch.float32, 400).to(dev)
     out = torch.empty(size * 400, device=dev)
     dist.all_gather_into_tensor(out, x)

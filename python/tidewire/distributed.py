@@ -324,6 +324,9 @@ class _CudaPath:
     ) -> None:
         self.device = device
         self.comm: Optional[Any] = None
+        #: The stream of the last launch: its raw handle (-1: none yet; the default stream's
+        #: is 0) and torch's triple for it.
+        self._last: Tuple[int, Any] = (-1, None)
         #: This rank and the ranks in the path's numbering; the group ranks it spans.
         self.me, self.n = rank, size
         self.members = list(members)
@@ -385,6 +388,19 @@ class _CudaPath:
             raise RuntimeError(f"tidewire: {op} on cuda:{self.device}: the group's CUDA path was closed")
         return self.comm
 
+    def _stream(self) -> int:
+        """The current stream (raw handle) for a launch. Launches on two streams would share
+        the kernels' per-block counts: a switch makes the new stream wait for the last launch's
+        (not while capturing: a graph's own start is ordered by the caller, its replays by the
+        replaying stream)."""
+        raw = raw_stream(self.device)
+        if raw != self._last[0]:
+            triple = torch._C._cuda_getCurrentStream(self.device)
+            if self._last[1] is not None and not torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream(self.device).wait_stream(_stream_of(self._last[1]))
+            self._last = (raw, triple)
+        return raw
+
     def _sub(self, segs: List[tuple]) -> List[tuple]:
         """A slot-per-group-rank segment list as the path's ranks see it."""
         return [segs[r] for r in self.members] if self.partial else segs
@@ -404,7 +420,7 @@ class _CudaPath:
                 if n:
                     _device_bytes(recv_base + off, n, self.device).zero_()
             send, recv = self._sub(send), self._sub(recv)
-        comm.exchange(raw_stream(self.device), op, send_base, send, recv_base, recv, algorithm)
+        comm.exchange(self._stream(), op, send_base, send, recv_base, recv, algorithm)
 
     def p2p(self, stream: int, sends: List[tuple], recvs: List[tuple]) -> None:
         """One launch of `(group rank, address, bytes, tag)` sends and receives on `stream`."""
@@ -427,7 +443,7 @@ class _CudaPath:
         comm = self._live(op)
         if not raw:
             send, recv = self._sub(send), self._sub(recv)
-        comm.reduce(raw_stream(self.device), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
+        comm.reduce(self._stream(), op, send_base, send, recv_base, recv, dtype, redop, algorithm)
 
 
 def _p2p_waves(queue: Sequence[Any]) -> List[List[Any]]:

@@ -2,9 +2,10 @@
 // Compiled with NVRTC when an EP buffer is created (crates/gpu/src/ep.rs), never lazily.
 //
 // Every rank's buffer holds, per parity (calls alternate), a dispatch area (a signal per
-// (local expert, source rank); a slot of T rows and their source token per (local expert,
-// source rank)), a combine area (a signal per global expert; a row per (global expert,
-// token)) and the sender's own per-expert completion counters. Senders write rows straight
+// (local expert, source rank); T rows per source rank, row t its token t, written once however
+// many of our experts the token selects; per (local expert, source rank) the source tokens
+// that select the expert, in token order), a combine area (a signal per global expert; a row
+// per (global expert, token)) and the sender's own per-expert completion counters. Senders write rows straight
 // into the receiver's buffer through its mapping, then publish a signal tagged with the
 // call's sequence number (release, system scope); receivers wait for the tag with a deadline
 // (globaltimer) and the sender's liveness word. A sender that misses the deadline, or whose
@@ -117,8 +118,9 @@ __device__ __forceinline__ void tw_unpack8(const int4& v, float* f) {
 }
 
 // Dispatch, send phase. Blocks take contiguous token ranges; warps take (token, slice of its
-// row). Each token is read and quantized once and written to every expert it selects, at
-// the position that keeps each (expert, source) slot in token order. A per-expert counter
+// row). Each token is read and quantized once and written once to every other rank that owns
+// an expert it selects (its row `t` of our rows there), and its index at the position that
+// keeps each (expert, source) list in token order. A per-expert counter
 // (ours, in this parity) counts the finished (token, slice) pieces; the piece that completes
 // an expert publishes its signal (`seq`, tokens) at the owner.
 //
@@ -187,10 +189,20 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
         char* r = nullptr;
         float* sp = nullptr;
         unsigned long long ss = 1;
+        int dst = -1;
         if (lane < K) {
             e = tw_sel(topk, t, lane, K, E);
+            if (e >= 0) dst = (int)(e / a.local_experts);
+        }
+        // The row crosses to another rank once: the first selection of that rank writes it.
+        bool first = true;
+        for (int j = 0; j < K; j++) {
+            const int dj = __shfl_sync(0xffffffffu, dst, j);
+            if (j < lane && dj == dst) first = false;
+        }
+        if (lane < K) {
             if (e >= 0) {
-                const int dst = (int)(e / a.local_experts), el = (int)(e % a.local_experts);
+                const int el = (int)(e % a.local_experts);
                 const int p = pos[tl * K + lane];
                 if (dst == a.rank) {
                     // Ours: the first rows of the expert's block in the output.
@@ -203,8 +215,10 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                 } else if (tw_active(a, active, dst)) {
                     char* base = tw_base(a, dst, seq);
                     const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
-                    r = base + a.off_ddata + (slot * a.max_tokens + p) * row;
-                    sp = (float*)(r + H);
+                    if (first) {
+                        r = base + a.off_ddata + ((unsigned long long)a.rank * a.max_tokens + t) * row;
+                        sp = (float*)(r + H);
+                    }
                     if (sl == 0) ((int*)(base + a.off_dsrc))[slot * a.max_tokens + p] = t;
                 }
             } else {
@@ -292,7 +306,8 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
 
 // Dispatch, receive phase: one block per local expert. A thread per source waits for its
 // signal; the rows are packed into `recv_x` with our own first (already there), then the
-// other ranks' in rank order from ours (rank + 1, ..., wrapping), a warp per row.
+// other ranks' in rank order from ours (rank + 1, ..., wrapping), a warp per row, each found
+// through the expert's list of the source's tokens.
 extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a, unsigned short* recv_x, int* src_info,
                                                                      long long* layout_range, int* recv_count,
                                                                      int* active, float* recv_scales) {
@@ -332,7 +347,9 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a,
         while (r >= beg[o + 1]) o++;
         const int s = (a.rank + o) % R, j = r - beg[o];
         const unsigned long long slot = (unsigned long long)el * R + s;
-        const char* data = base + a.off_ddata + (slot * a.max_tokens + j) * row;
+        // The sender's token (kept inside its rows whatever a peer wrote).
+        const int t = min(max(((const int*)(base + a.off_dsrc))[slot * a.max_tokens + j], 0), a.max_tokens - 1);
+        const char* data = base + a.off_ddata + ((unsigned long long)s * a.max_tokens + t) * row;
         int4* out = (int4*)((char*)recv_x + ((unsigned long long)el * col + r) * out_row);
         int v = lane;
         for (; v + 96 < per; v += 128) {
@@ -350,8 +367,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a,
             for (int g = lane; g < groups; g += 32)
                 recv_scales[((unsigned long long)el * groups + g) * col + r] = ((const float*)(data + H))[g];
         }
-        if (lane == 0)
-            src_info[(unsigned long long)el * col + r] = ((const int*)(base + a.off_dsrc))[slot * a.max_tokens + j];
+        if (lane == 0) src_info[(unsigned long long)el * col + r] = t;
     }
 }
 
