@@ -1336,26 +1336,23 @@ impl<'b> Feeder<'b> {
     ) -> Option<Result<usize>> {
         let taken = self.submission(step.transport)?.add_pages(step, pages, from);
         if let Some(Ok(end)) = &taken {
-            self.batch.note_run(|m| {
-                let peer = step.conn.metrics_label(m);
-                RunMeta {
-                    reqs: from..*end,
-                    transport: step.transport,
-                    bytes: pages.local_pages.len() as u64 * pages.page_size,
-                    counters: m.run_counters(step.transport, op_name(pages.op), peer),
-                    peer,
-                }
+            self.batch.note_run(|m| RunMeta {
+                reqs: from..*end,
+                transport: step.transport,
+                bytes: pages.local_pages.len() as u64 * pages.page_size,
+                counters: step.conn.run_counters(m, step.transport, run_op(pages.op)),
+                peer: step.conn.metrics_label(m),
             });
         }
         taken
     }
 }
 
-/// `write` or `read`.
-fn op_name(op: Op) -> &'static str {
+/// A request's operation as the metrics label it.
+fn run_op(op: Op) -> crate::metrics::RunOp {
     match op {
-        Op::Write => "write",
-        Op::Read => "read",
+        Op::Write => crate::metrics::RunOp::Write,
+        Op::Read => crate::metrics::RunOp::Read,
     }
 }
 
@@ -1375,16 +1372,15 @@ fn run_meta(
         bytes += r.len;
     }
     let op = match first {
-        Some(first) if same => op_name(first),
-        _ => "mixed",
+        Some(first) if same => run_op(first),
+        _ => crate::metrics::RunOp::Mixed,
     };
-    let peer = conn.metrics_label(m);
     RunMeta {
         reqs: from..from + reqs.len(),
         transport,
         bytes,
-        counters: m.run_counters(transport, op, peer),
-        peer,
+        counters: conn.run_counters(m, transport, op),
+        peer: conn.metrics_label(m),
     }
 }
 

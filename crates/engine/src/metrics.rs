@@ -136,7 +136,9 @@ pub struct Metrics {
     /// difference either way within its noise: bench/NOTES.md §28).
     runs: RwLock<Vec<(RunKey, &'static RunCounters)>>,
     /// Per transport: batch latency and first-byte histograms (leaked once per transport).
-    latencies: RwLock<Vec<(TransportKind, &'static (Histogram, Histogram))>>,
+    /// Per transport (indexed by `TransportKind as usize`): its batch latency and first-byte
+    /// histograms, made at its first batch.
+    latencies: [OnceLock<(Histogram, Histogram)>; TransportKind::ALL.len()],
     ok: Counter,
     failed: Counter,
     /// Batches that succeeded and whose counts are being added, in two halves: a batch is
@@ -152,6 +154,28 @@ pub struct Metrics {
 type RunKey = (TransportKind, &'static str, &'static str);
 
 /// The counters a run of a batch adds to.
+/// What a run of requests does, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunOp {
+    Write,
+    Read,
+    /// Writes and reads in one run.
+    Mixed,
+}
+
+impl RunOp {
+    /// Every operation (`RunOp as usize` indexes it).
+    pub(crate) const ALL: [RunOp; 3] = [Self::Write, Self::Read, Self::Mixed];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Read => "read",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
 pub(crate) struct RunCounters {
     pub(crate) requests: Counter,
     pub(crate) bytes: Counter,
@@ -268,7 +292,7 @@ impl Metrics {
             coll_size: Gauge::default(),
             peers: Mutex::new(PeerLabels { max: max_peers, known: HashMap::new() }),
             runs: RwLock::default(),
-            latencies: RwLock::default(),
+            latencies: Default::default(),
             ok: Counter::default(),
             failed: Counter::default(),
             counting: Default::default(),
@@ -362,28 +386,13 @@ impl Metrics {
         first_ns: Option<u64>,
     ) {
         if ok { &self.ok } else { &self.failed }.inc();
-        let hit = |l: &[(TransportKind, &'static (Histogram, Histogram))]| {
-            l.iter().find(|(t, _)| *t == transport).map(|(_, h)| *h)
-        };
-        let found = hit(&self.latencies.read());
-        let (total, first_byte) = match found {
-            Some(h) => h,
-            None => {
-                let mut l = self.latencies.write();
-                match hit(&l) {
-                    Some(h) => h,
-                    None => {
-                        let label = [("transport", transport.name().to_string())];
-                        let h: &'static (Histogram, Histogram) = Box::leak(Box::new((
-                            self.batch_seconds.get_or_create(&label).clone(),
-                            self.first_byte_seconds.get_or_create(&label).clone(),
-                        )));
-                        l.push((transport, h));
-                        h
-                    }
-                }
-            }
-        };
+        let (total, first_byte) = self.latencies[transport as usize].get_or_init(|| {
+            let label = [("transport", transport.name().to_string())];
+            (
+                self.batch_seconds.get_or_create(&label).clone(),
+                self.first_byte_seconds.get_or_create(&label).clone(),
+            )
+        });
         total.observe_ns(ns);
         if let Some(f) = first_ns {
             first_byte.observe_ns(f);

@@ -114,6 +114,10 @@ pub(crate) struct PeerConn {
     fabric: Mutex<Option<Arc<FabricPeer>>>,
     /// Its label in the metrics, once asked for.
     metrics_label: OnceLock<&'static str>,
+    /// Its runs' counters per (transport, operation), once asked for (a batch finds them
+    /// without a lock or a search).
+    run_counters: [OnceLock<&'static crate::metrics::RunCounters>;
+        TransportKind::ALL.len() * crate::metrics::RunOp::ALL.len()],
     broken: AtomicBool,
     /// The peer said a region of the cached descriptor is gone (it may have registered
     /// another at the same address): the next request re-reads the descriptor.
@@ -171,6 +175,7 @@ impl PeerConn {
             nvlink: Mutex::new(None),
             fabric: Mutex::new(None),
             metrics_label: OnceLock::new(),
+            run_counters: Default::default(),
             broken: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             liveness: Arc::default(),
@@ -382,6 +387,17 @@ impl PeerConn {
     /// This peer's label in the metrics (resolved once).
     pub(crate) fn metrics_label(&self, m: &crate::metrics::Metrics) -> &'static str {
         self.metrics_label.get_or_init(|| m.peer(&self.name))
+    }
+
+    /// The counters of this peer's runs of `op` on `transport` (resolved once per pair).
+    pub(crate) fn run_counters(
+        &self,
+        m: &crate::metrics::Metrics,
+        transport: TransportKind,
+        op: crate::metrics::RunOp,
+    ) -> &'static crate::metrics::RunCounters {
+        self.run_counters[transport as usize * crate::metrics::RunOp::ALL.len() + op as usize]
+            .get_or_init(|| m.run_counters(transport, op.name(), self.metrics_label(m)))
     }
 
     /// The fabric transport's view of this instance.
