@@ -58,7 +58,7 @@ __device__ __forceinline__ unsigned long long tw_signal(unsigned long long seq, 
 
 // Expert `k` of token `t`, or -1 when it is out of range or repeats an earlier expert of the
 // token's row: a token reaches an expert once, so an expert's count and positions stay below
-// the tokens (a repeated expert would otherwise write past its slot).
+// the tokens (a repeated expert would otherwise write past its list).
 __device__ __forceinline__ long long tw_sel(const long long* topk, long long t, int k, int K, int E) {
     const long long* r = topk + t * K;
     const long long e = r[k];
@@ -155,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     }
     __syncthreads();
     if (warp == 0) {
-        // In token order: each selection's position in its expert's slot.
+        // In token order: each selection's position in its expert's list.
         for (int t = t0; t < t1; t++) {
             int p = -1;
             if (lane < K) {
@@ -177,14 +177,15 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     }
     __syncthreads();
     unsigned* fin = (unsigned*)(tw_base(a, a.rank, seq) + a.off_fin);
-    const unsigned long long row = (unsigned long long)H * 2;  // a slot row's stride
+    const unsigned long long row = (unsigned long long)H * 2;  // a dispatch row's stride
     const int steps = (H + 511) / 512;                          // 512 channels per warp step
     const int S = a.slices, per_slice = (steps + S - 1) / S;
     for (int task = warp; task < (t1 - t0) * S; task += warps) {
         const int tl = task / S, sl = task % S, t = t0 + tl;
-        // Lane k < K holds selection k's destination row (null: none), where its row's first
-        // scale goes and the stride of the next ones (floats); the warp reads them by shuffle
-        // (registers: no shared-memory load between the stores).
+        // Lane k < K holds where selection k's row goes (null: nowhere — no selection, an
+        // inactive rank, or a rank an earlier selection of this token already writes to),
+        // where its row's first scale goes and the stride of the next ones (floats); the warp
+        // reads them by shuffle (registers: no shared-memory load between the stores).
         long long e = -1;
         char* r = nullptr;
         float* sp = nullptr;
@@ -272,7 +273,9 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                 }
             }
         }
-        // Our rows (every lane's) before the count (release, GPU scope); the piece that
+        // Our rows (every lane writes a part of each; a row at another rank serves every
+        // expert of that rank the token selects, so each of those experts counts this piece)
+        // before the count (release, GPU scope); the piece that
         // completes the count has seen every piece's rows (acquire), and a system-scope fence
         // orders them all before the signal.
         __syncwarp();
