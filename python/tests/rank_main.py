@@ -4,8 +4,10 @@ result ({"ok": ...}) or the traceback ({"error": ...})."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any, Callable, Dict
@@ -26,6 +28,9 @@ def main(bodies: Dict[str, Callable[[int, int, int, str], Any]], hard_exit: bool
     whose peer is gone)."""
     body, rank, size, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     arg = sys.argv[5] if len(sys.argv) > 5 else ""
+    # A rank still running at its test's deadline is asked where it is (SIGUSR1: every
+    # thread's Python stack to stderr) before it is killed.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         result = bodies[body](rank, size, port, arg)
         print(json.dumps({"ok": result}), flush=True)

@@ -66,7 +66,7 @@ def run_group(
             try:
                 out, err = p.communicate(timeout=max(1.0, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{body}: rank {r} still running at the {deadline} s deadline")
+                pytest.fail(f"{body}: rank {r} still running at the {deadline} s deadline\n{_where(procs)}")
             lines = [ln for ln in out.splitlines() if ln.startswith("{")]
             assert lines, f"{body}: rank {r} printed no result (exit {p.returncode}):\n{err[-3000:]}"
             res = json.loads(lines[-1])
@@ -79,6 +79,23 @@ def run_group(
                 p.kill()
             p.wait()
     return results
+
+
+def _where(procs: List[subprocess.Popen]) -> str:
+    """Where every rank still running is: its Python stacks (each rank dumps them on SIGUSR1)
+    and the end of what it printed, after it is killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    out = []
+    for r, p in enumerate(procs):
+        if p.poll() is None:
+            p.kill()
+            _, err = p.communicate()
+            out.append(f"--- rank {r}:\n{err[-2500:]}")
+    return "\n".join(out)
 
 
 @pytest.mark.parametrize("size", [1, 2, 4])
