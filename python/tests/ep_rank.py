@@ -80,12 +80,16 @@ def check_dispatch(rank: int, R: int, E: int, H: int, fp8: bool, all_topk: List[
                    recv_count: torch.Tensor, handle: Tuple[Any, ...], what: str, bad: List[str]) -> None:
     el = E // R
     src_info, layout_range = handle[0].cpu(), handle[1].cpu()
-    rc, rx = recv_count.cpu(), recv_x.float().cpu()
+    rc = recv_count.cpu()
+    # Per source, which of its tokens select each of our experts ([tokens, el]); only the rows
+    # a layout range covers are read back (the whole of recv_x is E·T rows of H).
+    ours = torch.arange(rank * el, (rank + 1) * el)
+    picks = [(all_topk[s].cpu().unsqueeze(-1) == ours).any(1) for s in range(R)]
     for l in range(el):
         e = rank * el + l
         run = 0
         for s in [(rank + o) % R for o in range(R)]:  # our own rows first, then from rank + 1 on
-            want_tokens = [t for t in range(all_topk[s].shape[0]) if bool((all_topk[s][t] == e).any())]
+            want_tokens = picks[s][:, l].nonzero().flatten().tolist()
             begin, cnt = int(layout_range[l, s]) >> 32, int(layout_range[l, s]) & 0xFFFFFFFF
             if (begin, cnt) != (run, len(want_tokens)):
                 bad.append(f"{what} expert {e} from {s}: layout ({begin}, {cnt}) != ({run}, {len(want_tokens)})")
@@ -93,7 +97,7 @@ def check_dispatch(rank: int, R: int, E: int, H: int, fp8: bool, all_topk: List[
             run += cnt
             if src_info[l, begin : begin + cnt].tolist() != want_tokens:
                 bad.append(f"{what} expert {e} from {s}: sources differ")
-            rows = rx[l, begin : begin + cnt]
+            rows = recv_x[l, begin : begin + cnt].float().cpu()
             want_idx = torch.tensor(want_tokens).float().view(-1, 1).expand(-1, 128)
             idx_ok = torch.allclose(rows[:, -128:], want_idx, rtol=0.07, atol=0.5) if fp8 else torch.equal(rows[:, -128:], want_idx)
             if cnt and not (bool((rows[:, :-128] == s - 128).all()) and idx_ok):

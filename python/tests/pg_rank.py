@@ -1357,10 +1357,11 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
             if not close(t.cpu(), reference(size, dtype, op)):
                 bad.append(f"all_reduce {dtype} {op}")
     if not staged:
-        # The metrics count each all_reduce once, by its algorithm (two-shot: two kernel steps).
+        # The metrics count each all_reduce once, by its algorithm (two-shot: two kernel steps;
+        # the choice for these 4 MiB calls on more than two ranks).
         import tidewire
 
-        algo = "nvlink_two_shot" if arg == "two_shot" else "nvlink_one_shot"
+        algo = "nvlink_two_shot" if arg == "two_shot" or size > 2 else "nvlink_one_shot"
         key = f'tidewire_coll_calls_total{{op="all_reduce",algorithm="{algo}"}} '
 
         def counted() -> float:
