@@ -31,6 +31,9 @@ def parse(arg: str) -> Dict[str, str]:
 def setup(rank: int, size: int, port: int, backend: str) -> None:
     from rank_main import gpu_of
 
+    # The ranks share the host's CPUs: torch's own thread pool per rank (one thread per CPU
+    # each, by default) had eight ranks' checks thrash sixteen CPUs.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     torch.cuda.set_device(gpu_of(rank))
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=60),
@@ -85,6 +88,10 @@ def check_dispatch(rank: int, R: int, E: int, H: int, fp8: bool, all_topk: List[
     # a layout range covers are read back (the whole of recv_x is E·T rows of H).
     ours = torch.arange(rank * el, (rank + 1) * el)
     picks = [(all_topk[s].cpu().unsqueeze(-1) == ours).any(1) for s in range(R)]
+    # Every expert's counted rows in one copy (one synchronisation, not one per range).
+    counts = [min(max(int(rc[l]), 0), R * T) for l in range(el)]
+    starts = [sum(counts[:l]) for l in range(el)]
+    host = torch.cat([recv_x[l, : counts[l]] for l in range(el)]).float().cpu()
     for l in range(el):
         e = rank * el + l
         run = 0
@@ -97,7 +104,10 @@ def check_dispatch(rank: int, R: int, E: int, H: int, fp8: bool, all_topk: List[
             run += cnt
             if src_info[l, begin : begin + cnt].tolist() != want_tokens:
                 bad.append(f"{what} expert {e} from {s}: sources differ")
-            rows = recv_x[l, begin : begin + cnt].float().cpu()
+            if begin + cnt > counts[l]:
+                bad.append(f"{what} expert {e} from {s}: range ({begin}, {cnt}) past its {counts[l]} rows")
+                return
+            rows = host[starts[l] + begin : starts[l] + begin + cnt]
             want_idx = torch.tensor(want_tokens).float().view(-1, 1).expand(-1, 128)
             idx_ok = torch.allclose(rows[:, -128:], want_idx, rtol=0.07, atol=0.5) if fp8 else torch.equal(rows[:, -128:], want_idx)
             if cnt and not (bool((rows[:, :-128] == s - 128).all()) and idx_ok):
