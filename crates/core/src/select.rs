@@ -252,7 +252,7 @@ pub fn describe_refusals(refusals: &[Refusal]) -> String {
 pub fn select(ends: Endpoints<'_>, opts: &SelectionOptions) -> Result<Choice, Vec<Refusal>> {
     let mut refusals = Vec::new();
     for transport in TransportKind::ALL {
-        match judge(transport, ends, opts) {
+        match judge::<String>(transport, ends, opts) {
             Ok(reason) => return Ok(Choice { transport, reason }),
             Err(reason) => refusals.push(Refusal { transport, reason }),
         }
@@ -260,130 +260,180 @@ pub fn select(ends: Endpoints<'_>, opts: &SelectionOptions) -> Result<Choice, Ve
     Err(refusals)
 }
 
-fn judge(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<String, String> {
+/// The transport [`select`] chooses, without its reasons (none is written: the planning of
+/// every request takes this; [`select`] says why when it is `None`).
+pub fn choose(ends: Endpoints<'_>, opts: &SelectionOptions) -> Option<TransportKind> {
+    TransportKind::ALL.into_iter().find(|t| judge::<()>(*t, ends, opts).is_ok())
+}
+
+/// A reason as [`judge`] gives it: written out (`String`), or not at all (`()`), so that
+/// choosing costs no formatting.
+trait Why: Sized {
+    fn why(reason: impl FnOnce() -> String) -> Self;
+}
+
+impl Why for String {
+    fn why(reason: impl FnOnce() -> String) -> Self {
+        reason()
+    }
+}
+
+impl Why for () {
+    fn why(_: impl FnOnce() -> String) -> Self {}
+}
+
+fn judge<W: Why>(t: TransportKind, e: Endpoints<'_>, opts: &SelectionOptions) -> Result<W, W> {
+    let no = |why: &'static str| -> Result<W, W> { Err(W::why(|| why.into())) };
     if !opts.enabled.contains(&t) {
-        return Err("not enabled in this engine's configuration".into());
+        return no("not enabled in this engine's configuration");
     }
     if opts.force_tcp && t != TransportKind::Tcp {
-        return Err("MC_FORCE_TCP is set".into());
+        return no("MC_FORCE_TCP is set");
     }
     let host_local = e.local.kind.is_host();
+    let yes = |why: &'static str| -> Result<W, W> { Ok(W::why(|| why.into())) };
     match t {
         TransportKind::Local => {
             if !e.same_engine {
-                return Err("the peer is another engine".into());
+                return no("the peer is another engine");
             }
             if !host_local || !e.remote.location.kind.is_host() {
-                return Err("device memory is not copied by the local transport yet".into());
+                return no("device memory is not copied by the local transport yet");
             }
-            Ok("the peer is this engine: a copy within the process".into())
+            yes("the peer is this engine: a copy within the process")
         }
         TransportKind::Nvlink => {
             if opts.force_mnnvl {
-                return Err("MC_FORCE_MNNVL is set".into());
+                return no("MC_FORCE_MNNVL is set");
             }
             if !e.same_host {
-                return Err("the peer is on another host".into());
+                return no("the peer is on another host");
             }
-            let reach = nvlink_reach(e.remote, opts.prefer_ipc).ok_or_else(|| {
-                format!(
-                    "remote {} is {}, not exported device memory",
-                    e.remote.id, e.remote.location
-                )
-            })?;
-            e.gpu.available.clone()?;
+            let Some(reach) = nvlink_reach(e.remote, opts.prefer_ipc) else {
+                return Err(W::why(|| {
+                    format!(
+                        "remote {} is {}, not exported device memory",
+                        e.remote.id, e.remote.location
+                    )
+                }));
+            };
+            e.gpu.available.as_ref().map_err(|why| W::why(|| why.clone()))?;
             let uuid = reach.device().unwrap_or_default();
-            let exec = executing_gpu(e.local, uuid, e.gpu)?;
+            let exec = executing_gpu(e.local, uuid, e.gpu).map_err(|why| W::why(|| why))?;
             let how = match reach {
                 Reach::CudaIpc { .. } => "CUDA IPC handle",
                 _ => "VMM POSIX-FD handle",
             };
-            Ok(format!("same host; cuda:{exec} maps the remote GPU's memory ({how}, peer access)"))
+            Ok(W::why(|| {
+                format!("same host; cuda:{exec} maps the remote GPU's memory ({how}, peer access)")
+            }))
         }
         TransportKind::Mnnvl => {
             let Some(Reach::Fabric { cluster_uuid, clique_id, .. }) =
                 e.remote.reach.iter().find(|r| matches!(r, Reach::Fabric { .. }))
             else {
-                return Err(format!(
-                    "remote {} offers no FABRIC handle (its owner found no proven fabric)",
-                    e.remote.id
-                ));
+                return Err(W::why(|| {
+                    format!(
+                        "remote {} offers no FABRIC handle (its owner found no proven fabric)",
+                        e.remote.id
+                    )
+                }));
             };
-            e.gpu.available.clone()?;
-            let (cluster, clique) = e.gpu.fabric.clone().map_err(|r| format!("this host: {r}"))?;
-            if &cluster != cluster_uuid || clique != *clique_id {
-                return Err(format!(
-                    "different NVLink domains: ours {cluster}/clique {clique}, the peer's \
-                     {cluster_uuid}/clique {clique_id}"
-                ));
+            e.gpu.available.as_ref().map_err(|why| W::why(|| why.clone()))?;
+            let (cluster, clique) =
+                e.gpu.fabric.as_ref().map_err(|r| W::why(|| format!("this host: {r}")))?;
+            if cluster != cluster_uuid || clique != clique_id {
+                return Err(W::why(|| {
+                    format!(
+                        "different NVLink domains: ours {cluster}/clique {clique}, the peer's \
+                         {cluster_uuid}/clique {clique_id}"
+                    )
+                }));
             }
             match (e.local.kind, e.local.device) {
                 (MemoryKind::Device | MemoryKind::DeviceVmm, Some(_)) => {}
-                (kind, _) => return Err(format!("local memory is {kind}, not device memory")),
+                (kind, _) => {
+                    return Err(W::why(|| format!("local memory is {kind}, not device memory")))
+                }
             }
-            Ok(format!("same NVLink fabric (cluster {cluster}, clique {clique}); FABRIC handle"))
+            Ok(W::why(|| {
+                format!("same NVLink fabric (cluster {cluster}, clique {clique}); FABRIC handle")
+            }))
         }
         TransportKind::Shm => {
             if !e.same_host {
-                return Err("the peer is on another host".into());
+                return no("the peer is on another host");
             }
             if !e.remote.reachable_by(TransportKind::Shm) {
-                return Err(format!(
-                    "remote {} is {}, not engine-allocated shareable memory",
-                    e.remote.id, e.remote.location.kind
-                ));
+                return Err(W::why(|| {
+                    format!(
+                        "remote {} is {}, not engine-allocated shareable memory",
+                        e.remote.id, e.remote.location.kind
+                    )
+                }));
             }
             if !host_local {
-                return Err(format!("local memory is {}", e.local.kind));
+                return Err(W::why(|| format!("local memory is {}", e.local.kind)));
             }
-            Ok("same host and the remote region is a shareable memfd".into())
+            yes("same host and the remote region is a shareable memfd")
         }
         TransportKind::Fabric => {
-            let ours = e.fabric.provider.as_ref().map_err(|why| format!("this engine: {why}"))?;
+            let ours = e
+                .fabric
+                .provider
+                .as_ref()
+                .map_err(|why| W::why(|| format!("this engine: {why}")))?;
             let mut theirs = e.remote.reach.iter().filter_map(|r| match r {
                 Reach::Rma { provider, .. } => Some(provider.as_str()),
                 _ => None,
             });
             let Some(first) = theirs.next() else {
-                return Err(format!(
-                    "remote {} is not registered with a fabric NIC (its engine runs no \
-                     libfabric provider, or the registration failed)",
-                    e.remote.id
-                ));
+                return Err(W::why(|| {
+                    format!(
+                        "remote {} is not registered with a fabric NIC (its engine runs no \
+                         libfabric provider, or the registration failed)",
+                        e.remote.id
+                    )
+                }));
             };
             if first != ours && theirs.all(|p| p != ours) {
-                return Err(format!(
-                    "remote {} is registered with provider {first}, this engine runs {ours}",
-                    e.remote.id
-                ));
+                return Err(W::why(|| {
+                    format!(
+                        "remote {} is registered with provider {first}, this engine runs {ours}",
+                        e.remote.id
+                    )
+                }));
             }
             if !host_local && !e.fabric.hmem {
-                return Err(format!(
-                    "local memory is {}: this engine's {ours} endpoint registers host memory \
-                     only (no FI_HMEM)",
-                    e.local.kind
-                ));
+                return Err(W::why(|| {
+                    format!(
+                        "local memory is {}: this engine's {ours} endpoint registers host memory \
+                         only (no FI_HMEM)",
+                        e.local.kind
+                    )
+                }));
             }
-            Ok(if e.same_host {
-                format!("one-sided RMA through {ours} (the peer is on this host)")
-            } else {
-                format!("the peer is on another host; one-sided RMA through {ours}")
-            })
+            Ok(W::why(|| {
+                if e.same_host {
+                    format!("one-sided RMA through {ours} (the peer is on this host)")
+                } else {
+                    format!("the peer is on another host; one-sided RMA through {ours}")
+                }
+            }))
         }
         TransportKind::Tcp => {
             if !e.remote.reachable_by(TransportKind::Tcp) {
-                return Err(format!("remote {} does not offer tcp", e.remote.id));
+                return Err(W::why(|| format!("remote {} does not offer tcp", e.remote.id)));
             }
             if !host_local {
-                return Err(format!("local memory is {}", e.local.kind));
+                return Err(W::why(|| format!("local memory is {}", e.local.kind)));
             }
             if opts.force_tcp {
-                Ok("MC_FORCE_TCP is set".into())
+                yes("MC_FORCE_TCP is set")
             } else if e.same_host {
-                Ok("no faster transport reaches the remote region".into())
+                yes("no faster transport reaches the remote region")
             } else {
-                Ok("the peer is on another host and no fabric (RDMA) path reaches the region"
-                    .into())
+                yes("the peer is on another host and no fabric (RDMA) path reaches the region")
             }
         }
     }
@@ -404,6 +454,18 @@ mod tests {
         }
     }
     const HOST: Location = Location { kind: MemoryKind::HostPageable, device: None };
+
+    /// [`super::select`], checking on every call of these tests that [`choose`] (what the
+    /// planning of requests takes) picks the same transport.
+    fn select(ends: Endpoints<'_>, o: &SelectionOptions) -> Result<Choice, Vec<Refusal>> {
+        let full = super::select(ends, o);
+        assert_eq!(
+            choose(ends, o),
+            full.as_ref().ok().map(|c| c.transport),
+            "choose and select disagree"
+        );
+        full
+    }
 
     fn pick(
         remote: &RegionDescriptor,
@@ -475,15 +537,17 @@ mod tests {
             (&none, "this engine: libfabric is not installed"),
         ] {
             assert_eq!(pick(ends(&plain, HOST, false, facts)), Ok(TransportKind::Tcp));
-            let refused = judge(TransportKind::Fabric, ends(&plain, HOST, false, facts), &o);
+            let refused =
+                judge::<String>(TransportKind::Fabric, ends(&plain, HOST, false, facts), &o);
             assert!(refused.as_ref().is_err_and(|r| r.contains(why)), "{refused:?}");
         }
         let tcp_only = region(MemoryKind::HostPageable, vec![Reach::Tcp]);
-        let refused = judge(TransportKind::Fabric, ends(&tcp_only, HOST, false, &verbs), &o);
+        let refused =
+            judge::<String>(TransportKind::Fabric, ends(&tcp_only, HOST, false, &verbs), &o);
         assert!(refused.is_err_and(|r| r.contains("not registered with a fabric NIC")));
         // GPU memory: only with FI_HMEM.
         let dev = Location { kind: MemoryKind::Device, device: Some(0) };
-        let refused = judge(TransportKind::Fabric, ends(&plain, dev, false, &verbs), &o);
+        let refused = judge::<String>(TransportKind::Fabric, ends(&plain, dev, false, &verbs), &o);
         assert!(refused.is_err_and(|r| r.contains("no FI_HMEM")));
         let hmem = FabricFacts { provider: Ok("verbs".into()), hmem: true };
         assert_eq!(pick(ends(&plain, dev, false, &hmem)), Ok(TransportKind::Fabric));

@@ -985,15 +985,21 @@ impl Engine {
             fabric: &self.inner.fabric_facts,
         };
         let opts = &self.inner.config.transports;
-        let choice = select::select(ends, opts).map_err(|refusals| Error::NoTransport {
-            peer: conn.who(),
-            addr: r.remote,
-            len: r.len,
-            refusals,
-        })?;
-        let gpu = match choice.transport {
+        // The choice alone (no reasons written); when nothing reaches, every refusal's reason.
+        let transport = match select::choose(ends, opts) {
+            Some(t) => t,
+            None => {
+                return Err(Error::NoTransport {
+                    peer: conn.who(),
+                    addr: r.remote,
+                    len: r.len,
+                    refusals: select::select(ends, opts).err().unwrap_or_default(),
+                })
+            }
+        };
+        let gpu = match transport {
             TransportKind::Nvlink | TransportKind::Mnnvl => {
-                let reach = if choice.transport == TransportKind::Nvlink {
+                let reach = if transport == TransportKind::Nvlink {
                     nvlink_reach(&region, opts.prefer_ipc)
                 } else {
                     region.reach.iter().find(|r| r.transport() == TransportKind::Mnnvl)
@@ -1006,7 +1012,7 @@ impl Engine {
                             peer: conn.who(),
                             addr: r.remote,
                             len: r.len,
-                            refusals: vec![Refusal { transport: choice.transport, reason: why }],
+                            refusals: vec![Refusal { transport, reason: why }],
                         }
                     })?;
                 Some(GpuRoute { reach: reach.clone(), exec })
@@ -1014,7 +1020,7 @@ impl Engine {
             _ => None,
         };
         Ok(Step {
-            transport: choice.transport,
+            transport,
             gpu,
             local,
             conn,
