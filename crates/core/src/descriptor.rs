@@ -268,9 +268,13 @@ impl SegmentDescriptor {
 
     /// The region containing `[addr, addr+len)`, if any.
     pub fn find_region(&self, addr: u64, len: u64) -> Option<&RegionDescriptor> {
-        let idx = self.regions.partition_point(|r| r.addr <= addr);
-        let r = self.regions.get(idx.checked_sub(1)?)?;
-        r.contains(addr, len).then_some(r)
+        self.region_index(addr, len).map(|i| &self.regions[i])
+    }
+
+    /// The index in `regions` of the region [`SegmentDescriptor::find_region`] finds.
+    pub fn region_index(&self, addr: u64, len: u64) -> Option<usize> {
+        let idx = self.regions.partition_point(|r| r.addr <= addr).checked_sub(1)?;
+        self.regions.get(idx)?.contains(addr, len).then_some(idx)
     }
 }
 

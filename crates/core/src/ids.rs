@@ -72,3 +72,28 @@ impl fmt::Display for HostId {
         f.write_str(&self.0)
     }
 }
+
+/// A hasher for maps keyed by ids (small integers a counter hands out): one multiply per key
+/// instead of SipHash, for maps looked up at every request. Not for keys an attacker picks
+/// to collide (ids come from engines of the same cluster).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+/// A `HashMap` keyed by ids, hashed with [`IdHasher`].
+pub type IdMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;

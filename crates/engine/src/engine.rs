@@ -26,7 +26,7 @@ use crate::mapped;
 use crate::mem::HostBuffer;
 use crate::metadata::{resolve, Metadata};
 use crate::notify::{Notification, NotifyQueue};
-use crate::peer::{exited, MapCount, PeerConn};
+use crate::peer::{exited, MapCount, PeerConn, RegionRef};
 use crate::registry::{NewRegion, RegionEntry, Registry};
 pub use crate::request::{Op, Request};
 use crate::request::{RemoteRegion, Step};
@@ -890,6 +890,7 @@ impl Engine {
             let (conn, region) = self.resolve_remote(&probe)?;
             let local = conn.same_engine;
             let me = &self.inner;
+            let region = (*region).clone();
             let ends = mapped::Ends { conn, region, local, config: &me.config, gpu: &me.gpu_facts };
             mapped::map(ends, remote, len, device)
         };
@@ -928,7 +929,7 @@ impl Engine {
     }
 
     /// Finds the remote region of a request, refreshing the peer's descriptor once on a miss.
-    fn resolve_remote(&self, r: &Request) -> Result<(Arc<PeerConn>, RegionDescriptor)> {
+    fn resolve_remote(&self, r: &Request) -> Result<(Arc<PeerConn>, RegionRef)> {
         for _ in 0..2 {
             let conn = self.peer(r.peer)?;
             if conn.take_stale() {

@@ -97,6 +97,21 @@ impl Liveness {
     }
 }
 
+/// A region of a peer's cached descriptor: the descriptor held, not the region copied (a
+/// request's planning looks one up; copying it cost an allocation of its reach list).
+pub(crate) struct RegionRef {
+    seg: Arc<SegmentDescriptor>,
+    idx: usize,
+}
+
+impl std::ops::Deref for RegionRef {
+    type Target = RegionDescriptor;
+
+    fn deref(&self) -> &RegionDescriptor {
+        &self.seg.regions[self.idx]
+    }
+}
+
 pub(crate) struct PeerConn {
     /// The handle `open_segment` gave this peer.
     pub(crate) id: PeerId,
@@ -251,8 +266,10 @@ impl PeerConn {
         *self.desc.write() = Arc::new(d);
     }
 
-    pub(crate) fn find(&self, addr: u64, len: u64) -> Option<RegionDescriptor> {
-        self.desc.read().find_region(addr, len).cloned()
+    pub(crate) fn find(&self, addr: u64, len: u64) -> Option<RegionRef> {
+        let seg = self.desc.read().clone();
+        let idx = seg.region_index(addr, len)?;
+        Some(RegionRef { seg, idx })
     }
 
     /// The peer said a region of the cached descriptor is no longer registered.

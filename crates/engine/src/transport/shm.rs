@@ -12,7 +12,6 @@
 //! and reset before it is given to another.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
@@ -23,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tidewire_core::handshake::{Handshake, HandshakeEvent};
+use tidewire_core::ids::IdMap;
 use tidewire_core::shmwire::{ShmAnswer, ShmFetch, ShmRequest, SHM_MESSAGE_LEN};
 use tidewire_core::wire::{FrameKind, Header, HEADER_LEN};
 use tidewire_core::{InstanceId, RegionId};
@@ -534,7 +534,7 @@ impl Drop for ShmConn {
 
 /// The initiator side: one attachment per peer instance, mappings cached per region.
 /// Drops the revoked mappings only the cache holds.
-fn sweep(maps: &mut HashMap<RegionId, Arc<ShmMap>>) {
+fn sweep(maps: &mut IdMap<RegionId, Arc<ShmMap>>) {
     maps.retain(|_, m| Arc::strong_count(m) > 1 || m.header().revoked.load(Ordering::SeqCst) == 0);
 }
 
@@ -542,7 +542,7 @@ pub(crate) struct ShmClient {
     peer: PeerRef,
     stream: Mutex<UnixStream>,
     slot: usize,
-    maps: Mutex<HashMap<RegionId, Arc<ShmMap>>>,
+    maps: Mutex<IdMap<RegionId, Arc<ShmMap>>>,
     broken: AtomicBool,
     /// The peer's end of the socket closed: its process exited (or its engine stopped).
     hung_up: AtomicBool,
@@ -589,7 +589,7 @@ impl ShmClient {
             fd: stream.as_raw_fd(),
             stream: Mutex::new(stream),
             slot: slot as usize,
-            maps: Mutex::new(HashMap::new()),
+            maps: Mutex::new(IdMap::default()),
             broken: AtomicBool::new(false),
             hung_up: AtomicBool::new(false),
             mappings,
