@@ -808,15 +808,21 @@ impl Engine {
     /// whose process exited stays failed (with that reason) until its name leads to a new
     /// instance; a broken view that cannot be re-opened is retired (its mappings released).
     pub(crate) fn peer(&self, id: PeerId) -> Result<Arc<PeerConn>> {
+        let unknown =
+            || Error::InvalidArgument { reason: format!("{id} was not returned by open_segment") };
+        // Every request comes here: the open view without copying the slot's name.
+        let existing =
+            self.inner.peers.lock().slots.get(id.0 as usize).ok_or_else(unknown)?.conn.clone();
+        if let Some(c) = existing.as_ref().filter(|c| !c.is_broken()) {
+            return Ok(c.clone());
+        }
         let (name, existing, retired) = {
             let peers = self.inner.peers.lock();
-            let slot = peers.slots.get(id.0 as usize).ok_or_else(|| Error::InvalidArgument {
-                reason: format!("{id} was not returned by open_segment"),
-            })?;
+            let slot = peers.slots.get(id.0 as usize).ok_or_else(unknown)?;
             (slot.name.clone(), slot.conn.clone(), slot.retired.clone())
         };
         if let Some(c) = existing.as_ref().filter(|c| !c.is_broken()) {
-            return Ok(c.clone());
+            return Ok(c.clone()); // another thread re-opened it meanwhile
         }
         // The instance whose process exited, if this peer's last one did.
         let gone: Option<(InstanceId, Error)> = match (&existing, retired) {
