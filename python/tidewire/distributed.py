@@ -395,10 +395,15 @@ class _CudaPath:
         replaying stream)."""
         raw = raw_stream(self.device)
         if raw != self._last[0]:
-            triple = torch._C._cuda_getCurrentStream(self.device)
-            if self._last[1] is not None and not torch.cuda.is_current_stream_capturing():
-                torch.cuda.current_stream(self.device).wait_stream(_stream_of(self._last[1]))
-            self._last = (raw, triple)
+            new = _stream_of(torch._C._cuda_getCurrentStream(self.device))
+            with torch.cuda.stream(new):  # the path's GPU, whatever the current device
+                capturing = torch.cuda.is_current_stream_capturing()
+            if not capturing:
+                # (A capturing stream is not remembered: the next call outside the capture
+                # still waits for the last launch before it.)
+                if self._last[1] is not None:
+                    new.wait_stream(_stream_of(self._last[1]))
+                self._last = (raw, torch._C._cuda_getCurrentStream(self.device))
         return raw
 
     def _sub(self, segs: List[tuple]) -> List[tuple]:

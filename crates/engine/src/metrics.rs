@@ -135,7 +135,6 @@ pub struct Metrics {
     /// reference count on the lines the completion thread adds to (the GPU host showed no
     /// difference either way within its noise: bench/NOTES.md §28).
     runs: RwLock<Vec<(RunKey, &'static RunCounters)>>,
-    /// Per transport: batch latency and first-byte histograms (leaked once per transport).
     /// Per transport (indexed by `TransportKind as usize`): its batch latency and first-byte
     /// histograms, made at its first batch.
     latencies: [OnceLock<(Histogram, Histogram)>; TransportKind::ALL.len()],
@@ -153,7 +152,6 @@ pub struct Metrics {
 
 type RunKey = (TransportKind, &'static str, &'static str);
 
-/// The counters a run of a batch adds to.
 /// What a run of requests does, as the metrics label it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RunOp {
@@ -166,7 +164,24 @@ pub(crate) enum RunOp {
 impl RunOp {
     /// Every operation (`RunOp as usize` indexes it).
     pub(crate) const ALL: [RunOp; 3] = [Self::Write, Self::Read, Self::Mixed];
+}
 
+// Arrays indexed by `TransportKind as usize` and `RunOp as usize` (the latency histograms, a
+// peer's run counters) rely on `ALL` listing every variant in declaration order.
+const _: () = {
+    let mut i = 0;
+    while i < TransportKind::ALL.len() {
+        assert!(TransportKind::ALL[i] as usize == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < RunOp::ALL.len() {
+        assert!(RunOp::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+impl RunOp {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Write => "write",
@@ -176,6 +191,7 @@ impl RunOp {
     }
 }
 
+/// The counters a run of a batch adds to.
 pub(crate) struct RunCounters {
     pub(crate) requests: Counter,
     pub(crate) bytes: Counter,
