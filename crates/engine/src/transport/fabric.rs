@@ -767,8 +767,11 @@ impl FabricSubmission<'_> {
                 ),
             }],
         })?;
-        let region =
-            conn.find(step.region.addr, 1).ok_or(Error::Internal("a planned region vanished"))?;
+        // The region planned, not another one registered at its address since (its keys).
+        let region = conn
+            .find(step.region.addr, 1)
+            .filter(|r| r.id == step.region.id)
+            .ok_or(Error::Internal("a planned region vanished"))?;
         let ours = fabric.provider();
         let remotes: Vec<(String, u64, u64)> = region
             .reach
