@@ -768,10 +768,18 @@ impl FabricSubmission<'_> {
             }],
         })?;
         // The region planned, not another one registered at its address since (its keys).
-        let region = conn
-            .find(step.region.addr, 1)
-            .filter(|r| r.id == step.region.id)
-            .ok_or(Error::Internal("a planned region vanished"))?;
+        let region =
+            conn.find(step.region.addr, 1).filter(|r| r.id == step.region.id).ok_or_else(|| {
+                Error::RemoteAccessDenied {
+                    peer: conn.who(),
+                    addr: requests[run.from].remote,
+                    len: requests[run.from].len,
+                    reason: format!(
+                        "{} was unregistered or replaced after the request was planned",
+                        step.region.id
+                    ),
+                }
+            })?;
         let ours = fabric.provider();
         let remotes: Vec<(String, u64, u64)> = region
             .reach
