@@ -204,7 +204,7 @@ impl CudaComm {
     pub fn failure(&self) -> Option<Error> {
         let f = Failure::decode(self.failure.load())?;
         let op = f.what.to_string();
-        Some(if f.timed_out {
+        Some(if f.why == coll::Why::TimedOut {
             Error::Timeout { op, ranks: vec![f.peer], after: self.timeout }
         } else {
             Error::RankFailed { op, rank: f.peer, reason: f.reason().to_string() }

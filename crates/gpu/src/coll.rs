@@ -126,10 +126,19 @@ pub struct Failure {
     pub what: &'static str,
     /// The rank waited for.
     pub peer: usize,
-    /// It sent nothing by the deadline.
-    pub timed_out: bool,
-    /// It sent a message of another length or tag than the receive expected.
-    pub mismatched: bool,
+    /// What that rank did.
+    pub why: Why,
+}
+
+/// Why a kernel gave up on a rank (the low byte of the failure word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// It sent nothing by the deadline (1).
+    TimedOut,
+    /// Its process exited (2).
+    Exited,
+    /// It sent a message of another length or tag than the receive expected (3).
+    Mismatched,
 }
 
 impl Failure {
@@ -140,17 +149,22 @@ impl Failure {
         }
         let what = WHAT.get(((word >> 8) & 0xff) as usize).copied().unwrap_or("a collective");
         let peer = ((word >> 16) as usize).saturating_sub(1);
-        Some(Self { what, peer, timed_out: word & 0xff == 1, mismatched: word & 0xff == 3 })
+        let why = match word & 0xff {
+            1 => Why::TimedOut,
+            3 => Why::Mismatched,
+            _ => Why::Exited,
+        };
+        Some(Self { what, peer, why })
     }
 
     /// Why, in words.
     pub fn reason(&self) -> &'static str {
-        if self.timed_out {
-            "it sent nothing within the group's timeout"
-        } else if self.mismatched {
-            "it sent a message of another length or tag than the receive expects"
-        } else {
-            "its process exited"
+        match self.why {
+            Why::TimedOut => "it sent nothing within the group's timeout",
+            Why::Mismatched => {
+                "it sent a message of another length or tag than the receive expects"
+            }
+            Why::Exited => "its process exited",
         }
     }
 }
@@ -267,14 +281,14 @@ mod tests {
     fn failures_decode_to_the_operation_peer_and_reason() {
         assert_eq!(Failure::decode(0), None);
         let dead = Failure::decode(2 | (3 << 8) | (2 << 16));
-        let want = Failure { what: "all_to_all", peer: 1, timed_out: false, mismatched: false };
+        let want = Failure { what: "all_to_all", peer: 1, why: Why::Exited };
         assert_eq!(dead, Some(want));
         assert_eq!(dead.map(|f| f.reason()), Some("its process exited"));
         let late = Failure::decode(1 | (1 << 16));
-        let want = Failure { what: "all_reduce", peer: 0, timed_out: true, mismatched: false };
+        let want = Failure { what: "all_reduce", peer: 0, why: Why::TimedOut };
         assert_eq!(late, Some(want));
         let other = Failure::decode(3 | (8 << 8) | (1 << 16));
-        let want = Failure { what: "send/recv", peer: 0, timed_out: false, mismatched: true };
+        let want = Failure { what: "send/recv", peer: 0, why: Why::Mismatched };
         assert_eq!(other, Some(want));
         assert!(other.is_some_and(|f| f.reason().contains("length or tag")));
     }
