@@ -251,6 +251,23 @@ def _stream_of(triple: Any) -> "torch.cuda.Stream":
     return torch.cuda.Stream(stream_id=triple[0], device_index=triple[1], device_type=triple[2])
 
 
+def _follow(last: Optional[Any], triple: Any) -> Optional[Any]:
+    """Launches that share device counters, moving from the stream `last` to the stream
+    `triple` (torch's triples): the new stream waits for the old one's work. Not a stream that
+    is capturing a CUDA graph (it may not wait for uncaptured work; the capture's start is
+    ordered by the caller, its replays by the replaying stream), which is not remembered
+    either: the next launch outside the capture still waits for `last`. Returns the stream to
+    remember."""
+    new = _stream_of(triple)
+    with torch.cuda.stream(new):  # the stream's own GPU, whatever the current device
+        capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        return last
+    if last is not None and last != triple:
+        new.wait_stream(_stream_of(last))
+    return triple
+
+
 class _CudaWork(dist.Work):
     """A collective enqueued on a stream: ``wait()`` makes the current stream wait for it."""
 
@@ -390,20 +407,13 @@ class _CudaPath:
 
     def _stream(self) -> int:
         """The current stream (raw handle) for a launch. Launches on two streams would share
-        the kernels' per-block counts: a switch makes the new stream wait for the last launch's
-        (not while capturing: a graph's own start is ordered by the caller, its replays by the
-        replaying stream)."""
+        the kernels' per-block counts: a switch makes the new stream wait for the last
+        launch's (`_follow`)."""
         raw = raw_stream(self.device)
         if raw != self._last[0]:
-            new = _stream_of(torch._C._cuda_getCurrentStream(self.device))
-            with torch.cuda.stream(new):  # the path's GPU, whatever the current device
-                capturing = torch.cuda.is_current_stream_capturing()
-            if not capturing:
-                # (A capturing stream is not remembered: the next call outside the capture
-                # still waits for the last launch before it.)
-                if self._last[1] is not None:
-                    new.wait_stream(_stream_of(self._last[1]))
-                self._last = (raw, torch._C._cuda_getCurrentStream(self.device))
+            triple = torch._C._cuda_getCurrentStream(self.device)
+            if _follow(self._last[1], triple) is triple:
+                self._last = (raw, triple)
         return raw
 
     def _sub(self, segs: List[tuple]) -> List[tuple]:
@@ -855,16 +865,19 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             raise ValueError(f"tidewire: {name}: rank {root} is not active in this group (epoch {self._comm_epoch})")
         return root
 
-    def _nv(self, *tensors: torch.Tensor) -> Optional[_CudaPath]:
-        """The NVLink path if these tensors take it (CUDA tensors of the path's GPU). Queued
-        sends and receives are launched first."""
+    def _nv(self, *tensors: torch.Tensor, message: bool = False) -> Optional[_CudaPath]:
+        """The NVLink path if these tensors take it (CUDA tensors of the path's GPU). For a
+        collective, queued sends and receives are launched first and the path is formed if it
+        may be; a `message` (a send or receive) is queued, and never forms it (forming it is
+        collective: every rank of the group would have to be here)."""
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
-        self._flush_p2p()
+        if not message:
+            self._flush_p2p()
         self._enter()
         if len(self._members) == 1:
             return None  # alone in the view: a communicator of one
-        if self._cuda_allowed:
+        if self._cuda_allowed and not message:
             self._start_cuda(tensors[0].device.index)
         path = self._cuda
         if path is None:
@@ -1193,17 +1206,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             try:
                 if path is None:
                     raise RuntimeError(f"tidewire: rank {self._rank}: the group's CUDA path closed with sends and receives queued")
-                if self._p2p_last is not None and self._p2p_last != triple:
-                    # Launches on two streams would share the per-peer chunk counts: the new
-                    # stream waits for the last launch on the old one. (Not a stream that is
-                    # capturing a CUDA graph: it may not wait for uncaptured work; the capture's
-                    # own start is ordered by the caller, and replays by the replaying stream.)
-                    new, old = _stream_of(triple), _stream_of(self._p2p_last)
-                    with torch.cuda.stream(new):
-                        capturing = torch.cuda.is_current_stream_capturing()
-                    if not capturing:
-                        new.wait_stream(old)
-                self._p2p_last = triple
+                if self._p2p_last != triple:
+                    # Launches on two streams would share the per-peer chunk counts.
+                    self._p2p_last = _follow(self._p2p_last, triple)
                 self._call(path.p2p, stream, sends, recvs)
             except BaseException as e:
                 # This launch and every later one fail (their messages were never sent).
@@ -1218,20 +1223,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                 for d, t in late:
                     t.copy_(d)
 
-    def _nv_p2p(self, t: torch.Tensor) -> Optional[_CudaPath]:
-        """The NVLink path for a send or receive of `t`, if the group has one: a message never
-        forms it (forming it is collective: every rank of the group would have to be here)."""
-        if t.device.type != "cuda" or self._size == 1:
-            return None
-        self._enter()
-        path = self._cuda
-        if path is None or len(self._members) == 1:
-            return None
-        return _on_path(path, t)
-
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
-        nv = self._nv_p2p(t)
+        nv = self._nv(t, message=True)
         if nv is not None:
             return self._queue_p2p(nv, True, dst, t, tag)
         f = _Flat(t, "send", write_back=False)
@@ -1241,7 +1235,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
 
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         (t,) = tensors
-        nv = self._nv_p2p(t)
+        nv = self._nv(t, message=True)
         if nv is not None:
             return self._queue_p2p(nv, False, src, t, tag)
         f = _Flat(t, "recv")
