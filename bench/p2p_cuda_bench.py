@@ -18,13 +18,13 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pg_bench import free_port, parse_size  # bench/ is the script's directory
+from pg_bench import parse_size, run_backends  # bench/ is the script's directory
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -89,17 +89,15 @@ def main() -> None:
     args = p.parse_args()
     if torch.cuda.device_count() < 2:
         sys.exit("needs two GPUs")
-    results: Dict[str, List[dict]] = {}
-    for backend in args.backends.split(","):
-        out = f"/tmp/p2p-cuda-bench-{backend}-{os.getpid()}.json"
-        mp.spawn(rank_main, args=(backend, free_port(), args, out), nprocs=2, join=True)
-        with open(out) as f:
-            results[backend] = json.load(f)
-        os.unlink(out)
+    def show(backend: str, rows: List[dict]) -> None:
         print(f"# backend {backend}")
         print(f"{'bytes':>12} {'op':>9} {'time_us':>10} {'GB/s':>8}")
-        for r in results[backend]:
+        for r in rows:
             print(f"{r['bytes']:>12} {r['op']:>9} {r['time_us']:>10.1f} {r['gbps']:>8.2f}")
+
+    results = run_backends(
+        args.backends, "p2p_cuda_bench", lambda b, port, out: mp.spawn(rank_main, args=(b, port, args, out), nprocs=2, join=True), show
+    )
     for other in results:
         if other == "tidewire" or "tidewire" not in results:
             continue

@@ -143,6 +143,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_backends(backends: str, tag: str, start, show) -> Dict[str, List[dict]]:  # type: ignore[no-untyped-def]
+    """Each backend's rows, one backend after the other: `start(backend, port, out_path)`
+    spawns the ranks (rank 0 writes its rows to `out_path` as JSON), then `show(backend, rows)`
+    prints them at once (a later backend that hangs does not take them with it)."""
+    results: Dict[str, List[dict]] = {}
+    for backend in backends.split(","):
+        out_path = f"/tmp/{tag}_{os.getpid()}_{backend}.json"
+        start(backend, free_port(), out_path)
+        with open(out_path) as f:
+            results[backend] = json.load(f)
+        os.unlink(out_path)
+        show(backend, results[backend])
+        sys.stdout.flush()
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--backends", default="tidewire,gloo")
@@ -159,18 +175,15 @@ def main() -> None:
     if args.graph and args.device != "cuda":
         # CPU collectives put nothing in a graph: the replays would time nothing.
         p.error("--graph captures CUDA collectives: use it with --device cuda")
-    results: Dict[str, List[dict]] = {}
-    for backend in args.backends.split(","):
-        out_path = f"/tmp/pg_bench_{os.getpid()}_{backend}.json"
-        mp.spawn(rank_main, args=(args.ranks, backend, free_port(), args, out_path), nprocs=args.ranks)
-        with open(out_path) as f:
-            results[backend] = json.load(f)
-        os.unlink(out_path)
+    def show(backend: str, rows: List[dict]) -> None:
         print(f"# backend {backend} ranks {args.ranks} device {args.device} dtype {args.dtype}{' graph' if args.graph else ''}")
         print(f"{'bytes':>12} {'op':>15} {'time_us':>10} {'algbw':>8} {'busbw':>8}")
-        for r in results[backend]:
+        for r in rows:
             print(f"{r['bytes']:>12} {r['op']:>15} {r['time_us']:>10.1f} {r['algbw']:>8.2f} {r['busbw']:>8.2f}")
-        sys.stdout.flush()
+
+    results = run_backends(
+        args.backends, "pg_bench", lambda b, port, out: mp.spawn(rank_main, args=(args.ranks, b, port, args, out), nprocs=args.ranks), show
+    )
     mine = results.get("tidewire")
     for other, rows in results.items():
         if other == "tidewire" or mine is None:
