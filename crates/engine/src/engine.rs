@@ -810,19 +810,20 @@ impl Engine {
     pub(crate) fn peer(&self, id: PeerId) -> Result<Arc<PeerConn>> {
         let unknown =
             || Error::InvalidArgument { reason: format!("{id} was not returned by open_segment") };
+        let usable = |c: &Option<Arc<PeerConn>>| c.as_ref().filter(|c| !c.is_broken()).cloned();
         // Every request comes here: the open view without copying the slot's name.
         let existing =
             self.inner.peers.lock().slots.get(id.0 as usize).ok_or_else(unknown)?.conn.clone();
-        if let Some(c) = existing.as_ref().filter(|c| !c.is_broken()) {
-            return Ok(c.clone());
+        if let Some(c) = usable(&existing) {
+            return Ok(c);
         }
         let (name, existing, retired) = {
             let peers = self.inner.peers.lock();
             let slot = peers.slots.get(id.0 as usize).ok_or_else(unknown)?;
             (slot.name.clone(), slot.conn.clone(), slot.retired.clone())
         };
-        if let Some(c) = existing.as_ref().filter(|c| !c.is_broken()) {
-            return Ok(c.clone()); // another thread re-opened it meanwhile
+        if let Some(c) = usable(&existing) {
+            return Ok(c); // another thread re-opened it meanwhile
         }
         // The instance whose process exited, if this peer's last one did.
         let gone: Option<(InstanceId, Error)> = match (&existing, retired) {
@@ -858,7 +859,7 @@ impl Engine {
             if !same(&slot.conn, &existing) {
                 // Another thread re-opened the peer meanwhile: use its view (replacing it
                 // would close the connections it is using), unless that one is broken too.
-                if let Some(current) = slot.conn.clone().filter(|c| !c.is_broken()) {
+                if let Some(current) = usable(&slot.conn) {
                     return Ok(current);
                 }
             }
@@ -940,7 +941,7 @@ impl Engine {
             let conn = self.peer(r.peer)?;
             if conn.take_stale() {
                 // A region we named is gone: the address may belong to a new one now.
-                let fresh = self.fetch_descriptor(&conn.name)?;
+                let fresh = self.fetch_descriptor(&conn.name).map_err(|e| e.for_peer(r.peer))?;
                 if fresh.instance_id == conn.instance() {
                     conn.set_descriptor(fresh);
                 }
@@ -948,7 +949,7 @@ impl Engine {
             if let Some(region) = conn.find(r.remote, r.len) {
                 return Ok((conn, region));
             }
-            let fresh = self.fetch_descriptor(&conn.name)?;
+            let fresh = self.fetch_descriptor(&conn.name).map_err(|e| e.for_peer(r.peer))?;
             if fresh.instance_id != conn.instance() {
                 conn.mark_broken();
                 continue;
