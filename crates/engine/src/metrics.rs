@@ -150,7 +150,7 @@ pub struct Metrics {
     epoch: AtomicUsize,
 }
 
-type RunKey = (TransportKind, &'static str, &'static str);
+type RunKey = (TransportKind, RunOp, &'static str);
 
 /// What a run of requests does, as the metrics label it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +164,14 @@ pub(crate) enum RunOp {
 impl RunOp {
     /// Every operation (`RunOp as usize` indexes it).
     pub(crate) const ALL: [RunOp; 3] = [Self::Write, Self::Read, Self::Mixed];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Read => "read",
+            Self::Mixed => "mixed",
+        }
+    }
 }
 
 // Arrays indexed by `TransportKind as usize` and `RunOp as usize` (the latency histograms, a
@@ -180,16 +188,6 @@ const _: () = {
         i += 1;
     }
 };
-
-impl RunOp {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Self::Write => "write",
-            Self::Read => "read",
-            Self::Mixed => "mixed",
-        }
-    }
-}
 
 /// The counters a run of a batch adds to.
 pub(crate) struct RunCounters {
@@ -367,7 +365,7 @@ impl Metrics {
     pub(crate) fn run_counters(
         &self,
         transport: TransportKind,
-        op: &'static str,
+        op: RunOp,
         peer: &'static str,
     ) -> &'static RunCounters {
         let hit = |runs: &[(RunKey, &'static RunCounters)]| {
@@ -382,8 +380,11 @@ impl Metrics {
         if let Some(c) = hit(&runs) {
             return c;
         }
-        let labels =
-            [("transport", transport.name().into()), ("op", op.into()), ("peer", peer.to_string())];
+        let labels = [
+            ("transport", transport.name().into()),
+            ("op", op.name().into()),
+            ("peer", peer.to_string()),
+        ];
         let c: &'static RunCounters = Box::leak(Box::new(RunCounters {
             requests: self.requests.get_or_create(&labels).clone(),
             bytes: self.bytes.get_or_create(&labels).clone(),

@@ -414,7 +414,7 @@ impl PeerConn {
         op: crate::metrics::RunOp,
     ) -> &'static crate::metrics::RunCounters {
         self.run_counters[transport as usize * crate::metrics::RunOp::ALL.len() + op as usize]
-            .get_or_init(|| m.run_counters(transport, op.name(), self.metrics_label(m)))
+            .get_or_init(|| m.run_counters(transport, op, self.metrics_label(m)))
     }
 
     /// The fabric transport's view of this instance.

@@ -19,7 +19,7 @@ use crate::{secs, PyEngine};
 fn to_py(e: Error) -> PyErr {
     let ranks = e.ranks();
     // The variant (`ViewChanged`: the caller may retry with the new view).
-    let e_kind = e.kind();
+    let kind = e.kind();
     let msg = e.to_string();
     let err = match e {
         Error::Timeout { .. } => errors::Timeout::new_err(msg),
@@ -34,7 +34,6 @@ fn to_py(e: Error) -> PyErr {
         }
         _ => errors::TidewireError::new_err(msg),
     };
-    let kind = e_kind;
     Python::attach(|py| {
         let _ = err.value(py).setattr("ranks", ranks);
         let _ = err.value(py).setattr("kind", kind);
