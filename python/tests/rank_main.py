@@ -23,6 +23,15 @@ def gpu_of(index: int) -> int:
     return index
 
 
+def gpus_for_two_ranks() -> bool:
+    """Whether this host runs two ranks on GPUs: two of them, or one shared with
+    `TIDEWIRE_TEST_SHARED_GPU=1`."""
+    import torch
+
+    shared = os.environ.get("TIDEWIRE_TEST_SHARED_GPU") == "1"
+    return torch.cuda.is_available() and torch.cuda.device_count() >= (1 if shared else 2)
+
+
 def main(bodies: Dict[str, Callable[[int, int, int, str], Any]], hard_exit: bool = False) -> None:
     """Runs the body; with `hard_exit` the process then ends at once (no teardown of a group
     whose peer is gone)."""

@@ -273,9 +273,9 @@ def test_elastic_membership_every_survivor_agrees_on_the_mask_and_epoch(arg: str
 
 
 def _two_gpus() -> None:
-    import torch
+    from rank_main import gpus_for_two_ranks
 
-    if not torch.cuda.is_available() or torch.cuda.device_count() < (1 if os.environ.get("TIDEWIRE_TEST_SHARED_GPU") == "1" else 2):
+    if not gpus_for_two_ranks():
         pytest.skip("needs two GPUs (scripts/gpu-test.sh runs it on the GPU host)")
 
 

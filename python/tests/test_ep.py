@@ -21,12 +21,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="the EP tests need torch")
 np = pytest.importorskip("numpy", reason="the FP8 reference needs numpy")
 
+from rank_main import gpus_for_two_ranks  # noqa: E402
 from test_distributed import run_group  # noqa: E402
 
 EP_RANK = os.path.join(os.path.dirname(__file__), "ep_rank.py")
 
 needs_two_gpus = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.device_count() < (1 if os.environ.get("TIDEWIRE_TEST_SHARED_GPU") == "1" else 2),
+    not gpus_for_two_ranks(),
     reason="needs two CUDA GPUs on one host (scripts/gpu-test.sh runs it on the GPU host)",
 )
 
