@@ -2,7 +2,8 @@
 //! carrying a file descriptor (SCM_RIGHTS, the transport's business) when it grants one.
 //!
 //! ```text
-//! request  [what u8][region id u64 LE]   what: 0 data memfd, 1 revocation page, 2 VMM fd
+//! request  [what u8][region id u64 LE]   what: 0 data memfd, 1 revocation page, 2 VMM fd,
+//!                                        3 liveness page (region id ignored)
 //! answer   [status u8][length u64 LE]    status 0: granted, length is the region's;
 //!                                        any other: refused, length is meaningless
 //! ```
@@ -23,12 +24,15 @@ pub enum ShmFetch {
     Control = 1,
     /// The POSIX file descriptor of an exported VMM allocation.
     VmmFd = 2,
+    /// The target engine's liveness page (a robust mutex word its process holds); the
+    /// region id is not read.
+    Alive = 3,
 }
 
 impl ShmFetch {
     /// The kind with wire value `v`, if this build knows it.
     pub fn from_u8(v: u8) -> Option<Self> {
-        [Self::Data, Self::Control, Self::VmmFd].into_iter().find(|k| *k as u8 == v)
+        [Self::Data, Self::Control, Self::VmmFd, Self::Alive].into_iter().find(|k| *k as u8 == v)
     }
 }
 
@@ -60,7 +64,7 @@ impl ShmRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ShmAnswer {
     /// A descriptor comes with this message; `len` is the length the target states for it
-    /// (data bytes for `Data`, the allocation size for `VmmFd`, 0 for `Control`).
+    /// (data bytes for `Data`, the allocation size for `VmmFd`, 0 for `Control` and `Alive`).
     Granted { len: u64 },
     /// Unknown or unregistered region, not shareable, or a kind the target does not serve.
     Refused,
@@ -102,7 +106,7 @@ mod tests {
         let r = ShmRequest { what: ShmFetch::VmmFd, region: RegionId(0x0102_0304_0506_0708) };
         assert_eq!(r.encode(), [2, 8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(ShmRequest::decode(&r.encode()), Ok(r));
-        for what in [ShmFetch::Data, ShmFetch::Control, ShmFetch::VmmFd] {
+        for what in [ShmFetch::Data, ShmFetch::Control, ShmFetch::VmmFd, ShmFetch::Alive] {
             let r = ShmRequest { what, region: RegionId(u64::MAX) };
             assert_eq!(ShmRequest::decode(&r.encode()), Ok(r));
         }
@@ -111,10 +115,10 @@ mod tests {
     #[test]
     fn an_unknown_kind_is_an_error_naming_it() {
         let mut b = ShmRequest { what: ShmFetch::Data, region: RegionId(9) }.encode();
-        b[0] = 3;
+        b[0] = 4;
         assert_eq!(
             ShmRequest::decode(&b),
-            Err(CoreError::ShmKind { kind: 3, region: RegionId(9) })
+            Err(CoreError::ShmKind { kind: 4, region: RegionId(9) })
         );
     }
 
@@ -134,7 +138,7 @@ mod tests {
         fn any_bytes_decode_without_panic(b in any::<[u8; SHM_MESSAGE_LEN]>()) {
             match ShmRequest::decode(&b) {
                 Ok(r) => prop_assert_eq!(r.encode(), b),
-                Err(e) => prop_assert!(b[0] > 2, "{}", e),
+                Err(e) => prop_assert!(b[0] > 3, "{}", e),
             }
             let a = ShmAnswer::decode(&b);
             prop_assert_eq!(ShmAnswer::decode(&a.encode()), a);

@@ -133,6 +133,11 @@ pub struct EngineConfig {
     /// Let processes of other users fetch shareable memory through the shm socket (by
     /// default only this process's uid may: `TIDEWIRE_SHM_ANY_UID=1`).
     pub shm_any_uid: bool,
+    /// Offer same-host initiators a liveness word (a robust mutex this engine's process
+    /// holds), so that a copy's check that the process is still alive is a load instead of a
+    /// system call on the shm socket. `TIDEWIRE_SHM_LIVENESS_WORD=0` offers none (initiators
+    /// peek at the socket): to compare the two, or for a C library without robust mutexes.
+    pub shm_liveness_word: bool,
     /// The libfabric provider the fabric transport uses (`TIDEWIRE_FABRIC_PROVIDER`, else the
     /// first name of `FI_PROVIDER`); `None`: `efa`, then `verbs`, else no fabric transport.
     pub fabric_provider: Option<String>,
@@ -160,6 +165,7 @@ impl Default for EngineConfig {
             cluster_id: "default".into(),
             cluster_secret: None,
             shm_any_uid: false,
+            shm_liveness_word: true,
             fabric_provider: None,
             fabric_nics: Vec::new(),
             metrics_addr: None,
@@ -201,6 +207,9 @@ impl EngineConfig {
         }
         if let Some(v) = lookup("TIDEWIRE_SHM_ANY_UID") {
             self.shm_any_uid = tidewire_core::select::env_flag(Some(&v));
+        }
+        if let Some(v) = lookup("TIDEWIRE_SHM_LIVENESS_WORD") {
+            self.shm_liveness_word = tidewire_core::select::env_flag(Some(&v));
         }
         if let Some(a) = lookup("TIDEWIRE_METRICS_ADDR").filter(|v| !v.trim().is_empty()) {
             self.metrics_addr = Some(a.trim().to_string());

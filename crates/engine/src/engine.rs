@@ -104,6 +104,20 @@ pub struct PeerStatus {
     /// Mappings of this instance's memory held in this process (shm mappings, revocation
     /// pages, GPU imports), including those held by copies still in flight.
     pub mappings: usize,
+    /// How a copy into this peer's memory on this host (shm, NVLink) learns that the peer's
+    /// process is gone; `None` while no shm attachment is open to it.
+    pub death_check: Option<DeathCheck>,
+}
+
+/// How the engine checks, after copying into a same-host peer's memory, that the bytes went
+/// to a live process ("done" means visible to the peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeathCheck {
+    /// A load of the word the peer's engine holds as a robust mutex: the kernel marks it
+    /// when the holder's process dies, before it closes the process's sockets.
+    Word,
+    /// A peek at the peer's shm socket (a system call per run): the peer offered no word.
+    SocketPeek,
 }
 
 /// Whether a peer opened by name is usable.
@@ -235,6 +249,7 @@ impl Inner {
                             None => PeerState::Open,
                         },
                         mappings: c.mappings.get(),
+                        death_check: c.death_check(),
                     },
                     (None, Some(r)) => PeerStatus {
                         id,
@@ -242,6 +257,7 @@ impl Inner {
                         instance: r.instance,
                         state: PeerState::Retired(r.error.clone()),
                         mappings: r.mappings.get(),
+                        death_check: None,
                     },
                     // Connections are dropped only by shutdown.
                     (None, None) => PeerStatus {
@@ -252,6 +268,7 @@ impl Inner {
                             who: format!("engine {}", self.name),
                         }),
                         mappings: 0,
+                        death_check: None,
                     },
                 }
             })
@@ -333,8 +350,14 @@ impl Engine {
         let life = Arc::new(Lifecycle::default());
         let registry = Arc::new(Registry::default());
         let shm = if config.enable_shm && config.transports.enabled.contains(&TransportKind::Shm) {
-            ShmServer::start(&shm::socket_name(instance), registry.clone(), guard.clone(), &life)
-                .map_err(|e| e.to_string())
+            ShmServer::start(
+                &shm::socket_name(instance),
+                registry.clone(),
+                guard.clone(),
+                &life,
+                config.shm_liveness_word,
+            )
+            .map_err(|e| e.to_string())
         } else {
             Err("disabled by configuration".into())
         };

@@ -56,7 +56,7 @@ mod watch;
 pub use batch::{BatchHandle, RequestStatus, Timings};
 pub use config::{secret_from_file, Deadlines, EngineConfig, MetadataUri};
 pub use engine::{
-    BatchOptions, Engine, Op, PeerInfo, PeerState, PeerStatus, Request, TransportReport,
+    BatchOptions, DeathCheck, Engine, Op, PeerInfo, PeerState, PeerStatus, Request, TransportReport,
 };
 pub use error::{Error, ErrorKind, PeerRef, Result};
 pub use mapped::MappedPeer;

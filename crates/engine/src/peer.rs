@@ -318,7 +318,6 @@ impl PeerConn {
         Ok(conn)
     }
 
-    /// The shm attachment to this peer, made on first use.
     /// Unmaps cached shm regions of this peer that it revoked and nothing uses.
     pub(crate) fn sweep_shm(&self) {
         if let Some(client) = self.shm.lock().as_ref() {
@@ -326,6 +325,12 @@ impl PeerConn {
         }
     }
 
+    /// How a copy learns this peer's process is gone, while an shm attachment is open.
+    pub(crate) fn death_check(&self) -> Option<crate::engine::DeathCheck> {
+        self.shm.lock().as_ref().map(|c| c.death_check())
+    }
+
+    /// The shm attachment to this peer, made on first use.
     pub(crate) fn shm(&self, cfg: &EngineConfig) -> Result<Arc<ShmClient>> {
         self.check_alive()?;
         let mut slot = self.shm.lock();

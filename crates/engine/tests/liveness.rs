@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::{eventually, port_of, random_bytes, registered, status, ChildTarget, FakePeer};
 use tidewire::core::select::TransportKind;
 use tidewire::{
-    BatchOptions, Engine, EngineConfig, Error, Op, PeerId, PeerState, Request, RequestStatus,
+    BatchOptions, DeathCheck, Engine, EngineConfig, Error, Op, PeerId, PeerState, Request,
+    RequestStatus,
 };
 
 const CHILD: &str = "zz_child_process_entry";
@@ -32,13 +33,15 @@ fn zz_child_process_entry() {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Via {
     Shm,
+    /// shm, the target offering no liveness word: the initiator peeks at the socket.
+    ShmPeek,
     Tcp,
     Fabric,
 }
 
 fn initiator(via: Via) -> Engine {
     let cfg = match via {
-        Via::Shm => common::config(),
+        Via::Shm | Via::ShmPeek => common::config(),
         Via::Tcp => common::tcp_config(),
         Via::Fabric => {
             // The child's region is shareable memory: without shm here, the fabric reaches it.
@@ -54,6 +57,7 @@ fn initiator(via: Via) -> Engine {
 fn child(via: Via, port: u16, seed: u64) -> ChildTarget {
     let env: Vec<(&str, String)> = match via {
         Via::Fabric => vec![("TW_CHILD_FABRIC", "tcp".into())],
+        Via::ShmPeek => vec![("TW_CHILD_NO_WORD", "1".into())],
         _ => Vec::new(),
     };
     ChildTarget::spawn_with(CHILD, port, LEN, seed, &env)
@@ -107,13 +111,20 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
     let batch = page_writes(peer, src.addr(), remote);
     e.transfer_sync(&batch, BatchOptions::default()).unwrap();
     let chosen = e.explain_from(peer, Some(src.addr())).unwrap().regions[0].decision.clone();
+    let shm = matches!(via, Via::Shm | Via::ShmPeek);
     let expect = match via {
-        Via::Shm => TransportKind::Shm,
+        Via::Shm | Via::ShmPeek => TransportKind::Shm,
         Via::Tcp => TransportKind::Tcp,
         Via::Fabric => TransportKind::Fabric,
     };
     assert_eq!(chosen.map(|c| c.transport), Ok(expect), "the test runs on the transport it names");
-    if via == Via::Shm {
+    let check = match via {
+        Via::Shm => Some(DeathCheck::Word),
+        Via::ShmPeek => Some(DeathCheck::SocketPeek),
+        _ => None,
+    };
+    assert_eq!(status(&e, peer).death_check, check, "{via:?}: how a death is seen");
+    if shm {
         assert!(status(&e, peer).mappings > 0, "the shm path maps the peer's region");
     }
 
@@ -163,13 +174,13 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
         match c.result.as_ref().unwrap_err() {
             Error::PeerFailed { peer: p, reason, .. } => {
                 assert_eq!((&p.name, p.id), (&name, Some(peer)));
-                if via == Via::Shm {
+                if shm {
                     assert!(reason.contains("the peer process exited"), "reason: {reason}");
                 }
             }
             // tcp (and the fabric peer's lanes): once the lanes are gone, re-connecting to
             // the dead port is refused.
-            Error::PeerUnreachable { peer: p, .. } if via != Via::Shm => {
+            Error::PeerUnreachable { peer: p, .. } if !shm => {
                 assert_eq!((&p.name, p.id), (&name, Some(peer)))
             }
             other => panic!("{via:?}: unexpected error after the death: {other}"),
@@ -201,8 +212,9 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
     let s = status(&e, peer);
     assert_eq!(s.state, PeerState::Open);
     assert_ne!(s.instance, old_instance);
-    if via == Via::Shm {
+    if shm {
         assert!(s.mappings > 0, "the restarted peer is mapped afresh");
+        assert_eq!(s.death_check, check, "{via:?}: the restarted peer is checked the same way");
     }
     drop(restarted);
     drop(e);
@@ -211,6 +223,11 @@ fn killed_mid_stream_then_restarted(via: Via, first_within: Duration) {
 #[test]
 fn shm_peer_killed_mid_stream_fails_within_a_second_releases_and_comes_back() {
     killed_mid_stream_then_restarted(Via::Shm, Duration::from_secs(1));
+}
+
+#[test]
+fn shm_peer_without_a_liveness_word_killed_mid_stream_fails_within_a_second_and_comes_back() {
+    killed_mid_stream_then_restarted(Via::ShmPeek, Duration::from_secs(1));
 }
 
 #[test]
@@ -276,6 +293,7 @@ fn a_stopped_shm_peer_keeps_completing_and_dies_only_when_killed() {
     let whole = |op| Request { op, local: src.addr(), len: LEN, peer, remote };
     // Map the region while the peer can still answer the socket.
     read_back(&e, peer, target.addr, &random_bytes(LEN as usize, 4));
+    assert_eq!(status(&e, peer).death_check, Some(DeathCheck::Word));
 
     // Stopped: its memory is still there and will be read when it resumes.
     target.freeze();

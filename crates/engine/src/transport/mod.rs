@@ -31,6 +31,7 @@ use crate::batch::Batch;
 use crate::error::Result;
 use crate::request::{Op, Request, Step};
 
+pub(crate) mod alive;
 pub(crate) mod fabric;
 pub(crate) mod lease;
 pub(crate) mod memory;

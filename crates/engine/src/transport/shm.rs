@@ -28,6 +28,7 @@ use tidewire_core::wire::{FrameKind, Header, HEADER_LEN};
 use tidewire_core::{InstanceId, RegionId};
 
 use crate::config::Credentials;
+use crate::engine::DeathCheck;
 use crate::error::{Error, PeerRef, Result};
 use crate::guard::{Guard, Step};
 use crate::lifecycle::Lifecycle;
@@ -35,6 +36,7 @@ use crate::mem::{self, Mapping, PAGE};
 use crate::peer::{Held, MapCount};
 use crate::reactor::{Flow, Source};
 use crate::registry::{Pinned, Registry};
+use crate::transport::alive::{AlivePage, AliveWord};
 use crate::transport::tcp;
 
 const HEADER: usize = PAGE;
@@ -172,6 +174,9 @@ pub(crate) fn socket_name(instance: InstanceId) -> String {
 /// Hands memfds of shareable regions to same-host peers.
 pub(crate) struct ShmServer {
     attached: Mutex<[bool; SLOTS]>,
+    /// The liveness word initiators read after their copies, held by the accept thread;
+    /// `None` when it could not be made (initiators then peek at the socket).
+    alive: Option<AlivePage>,
 }
 
 impl ShmServer {
@@ -181,15 +186,47 @@ impl ShmServer {
         registry: Arc<Registry>,
         guard: Arc<Guard>,
         life: &Arc<Lifecycle>,
+        offer_word: bool,
     ) -> Result<Arc<Self>> {
         let addr = SocketAddr::from_abstract_name(name.as_bytes())
             .map_err(|e| Error::io(format!("abstract socket name {name}"), &e))?;
         let listener = UnixListener::bind_addr(&addr)
             .map_err(|e| Error::Bind { addr: format!("@{name}"), reason: e.to_string() })?;
         listener.set_nonblocking(true).map_err(|e| Error::io("shm listener", &e))?;
-        let server = Arc::new(Self { attached: Mutex::new([false; SLOTS]) });
+        let alive = if offer_word {
+            AlivePage::new()
+                .inspect_err(|e| log::info!("shm: no liveness word (initiators will peek): {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let server = Arc::new(Self { attached: Mutex::new([false; SLOTS]), alive });
         let (srv, life2, socket) = (server.clone(), life.clone(), name.to_string());
-        life.spawn("tw-shm-accept".into(), move || loop {
+        life.spawn("tw-shm-accept".into(), move || {
+            // Held by this thread, which lives as long as the engine: before the first
+            // connection is accepted, so every initiator finds it published.
+            let _held = srv.alive.as_ref().and_then(|page| {
+                page.hold()
+                    .inspect_err(|e| {
+                        log::info!("shm: no liveness word (initiators will peek): {e}")
+                    })
+                    .ok()
+            });
+            srv.accept_loop(&listener, &registry, &guard, &life2, &socket);
+        })?;
+        Ok(server)
+    }
+
+    fn accept_loop(
+        self: &Arc<Self>,
+        listener: &UnixListener,
+        registry: &Arc<Registry>,
+        guard: &Arc<Guard>,
+        life2: &Lifecycle,
+        socket: &str,
+    ) {
+        let srv = self;
+        loop {
             if life2.stopping() {
                 return;
             }
@@ -219,8 +256,7 @@ impl ShmServer {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
-        })?;
-        Ok(server)
+        }
     }
 
     /// Snapshot of which slots have a live initiator.
@@ -399,13 +435,23 @@ impl ShmConn {
         let refused = (ShmAnswer::Refused.encode(), None);
         // An unknown kind is refused like an unknown region: the initiator gets a reason.
         let Ok(req) = ShmRequest::decode(&self.req) else { return refused };
-        let Some(entry) = self.registry.by_id(req.region).filter(|e| e.access().is_some()) else {
-            return refused;
+        let entry = match req.what {
+            ShmFetch::Alive => None,
+            _ => match self.registry.by_id(req.region).filter(|e| e.access().is_some()) {
+                Some(entry) => Some(entry),
+                None => return refused,
+            },
         };
-        let found: Option<(u64, &OwnedFd)> = match req.what {
-            ShmFetch::Data => entry.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
-            ShmFetch::Control => entry.control().map(|c| (0, &c.fd)),
-            ShmFetch::VmmFd => {
+        let found: Option<(u64, &OwnedFd)> = match (req.what, &entry) {
+            (ShmFetch::Alive, _) => {
+                self.server.alive.as_ref().and_then(|p| p.fd()).map(|fd| (0, fd))
+            }
+            (_, None) => None,
+            (ShmFetch::Data, Some(entry)) => {
+                entry.shared.as_ref().map(|s| (s.map.data_len(), &s.fd))
+            }
+            (ShmFetch::Control, Some(entry)) => entry.control().map(|c| (0, &c.fd)),
+            (ShmFetch::VmmFd, Some(entry)) => {
                 entry.gpu.as_ref().and_then(|g| g.vmm_fd.as_ref().map(|(size, fd)| (*size, fd)))
             }
         };
@@ -548,6 +594,8 @@ pub(crate) struct ShmClient {
     hung_up: AtomicBool,
     /// The stream's descriptor, for liveness peeks without its lock.
     fd: i32,
+    /// The peer engine's liveness word, when it offers one: read instead of peeking.
+    alive: Option<AliveWord>,
     /// Counts the mappings of this peer's memory.
     mappings: MapCount,
 }
@@ -584,7 +632,7 @@ impl ShmClient {
         if slot == NO_SLOT || slot as usize >= SLOTS {
             return Err(fail("attach to", &format!("all {SLOTS} initiator slots are in use")));
         }
-        Ok(Self {
+        let mut client = Self {
             peer: peer.clone(),
             fd: stream.as_raw_fd(),
             stream: Mutex::new(stream),
@@ -592,8 +640,28 @@ impl ShmClient {
             maps: Mutex::new(IdMap::default()),
             broken: AtomicBool::new(false),
             hung_up: AtomicBool::new(false),
+            alive: None,
             mappings,
-        })
+        };
+        client.alive = match client.fetch(ShmFetch::Alive, RegionId(0)) {
+            Ok((_, fd)) => AliveWord::map(&fd)?,
+            // A target without a word (it could not make one): the socket tells instead.
+            Err(Error::RemoteAccessDenied { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        if client.alive.is_none() {
+            log::debug!("shm: {} offers no liveness word; its socket is peeked", client.peer);
+        }
+        Ok(client)
+    }
+
+    /// How this initiator learns, after a copy, that the peer's process is gone.
+    pub(crate) fn death_check(&self) -> DeathCheck {
+        if self.alive.is_some() {
+            DeathCheck::Word
+        } else {
+            DeathCheck::SocketPeek
+        }
     }
 
     /// The socket's descriptor (for the peer watcher).
@@ -680,8 +748,22 @@ impl ShmClient {
         map.header().slots[self.slot].inflight.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// False once the peer's end of the attachment closed (the peer process is gone).
+    /// False once the peer's process is gone (its liveness word says so, or without one, its
+    /// end of the attachment closed). Copies made before the call are ordered before it.
     pub(crate) fn peer_alive(&self) -> bool {
+        let alive = match &self.alive {
+            Some(word) => word.alive(),
+            None => self.peek(),
+        };
+        if !alive {
+            self.hung_up.store(true, Ordering::Release);
+            self.broken.store(true, Ordering::Release);
+        }
+        alive
+    }
+
+    /// Whether the peer's end of the socket is still open (a system call).
+    fn peek(&self) -> bool {
         let mut byte = 0u8;
         // SAFETY: a one-byte peek into a local on our own socket; it consumes nothing.
         let n = unsafe {
@@ -692,16 +774,10 @@ impl ShmClient {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        let alive =
-            n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock);
-        if !alive {
-            self.hung_up.store(true, Ordering::Release);
-            self.broken.store(true, Ordering::Release);
-        }
-        alive
+        n > 0 || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// True once [`ShmClient::peer_alive`] saw the peer's end closed.
+    /// True once [`ShmClient::peer_alive`] saw the peer gone.
     pub(crate) fn hung_up(&self) -> bool {
         self.hung_up.load(Ordering::Acquire)
     }

@@ -312,6 +312,8 @@ pub fn child_main() {
         cfg.metadata_ttl = Duration::from_millis(ttl.parse().unwrap());
     }
     cfg.fabric_provider = std::env::var("TW_CHILD_FABRIC").ok();
+    // `TW_CHILD_NO_WORD=1`: no liveness word offered (initiators peek at the shm socket).
+    cfg.shm_liveness_word = std::env::var("TW_CHILD_NO_WORD").is_err();
     let e = Engine::new(cfg).unwrap();
     let addr = e.allocate_shared(len).unwrap();
     poke(addr, &random_bytes(len as usize, seed));
