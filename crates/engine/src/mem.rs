@@ -154,16 +154,18 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` read-write and shared.
     pub(crate) fn map_shared(fd: &OwnedFd, len: usize, what: &str) -> Result<Self> {
+        Self::map(fd, len, libc::PROT_READ | libc::PROT_WRITE, what)
+    }
+
+    /// Maps `len` bytes of `fd` read-only and shared (a peer's page we only read).
+    pub(crate) fn map_shared_read(fd: &OwnedFd, len: usize, what: &str) -> Result<Self> {
+        Self::map(fd, len, libc::PROT_READ, what)
+    }
+
+    fn map(fd: &OwnedFd, len: usize, prot: i32, what: &str) -> Result<Self> {
         // SAFETY: a fresh shared mapping chosen by the kernel; no existing memory is affected.
         let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0)
         };
         if p == libc::MAP_FAILED {
             return Err(Error::io(format!("mmap of {what}"), &io::Error::last_os_error()));

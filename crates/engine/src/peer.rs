@@ -349,6 +349,7 @@ impl PeerConn {
             &self.creds(cfg),
             desc.instance_id,
             self.mappings.clone(),
+            self.liveness.clone(),
         )?);
         self.watch_socket(client.raw_fd(), TransportKind::Shm)?;
         *slot = Some(client.clone());

@@ -4,13 +4,21 @@
 //!
 //! Why it holds. When a thread exits — the process killed, crashed, or the thread ended — the
 //! kernel walks the thread's robust list and, for every robust futex it still owns, replaces
-//! the owner's thread id in the word by `FUTEX_OWNER_DIED` (`exit_mm`, before `exit_files`
-//! closes the process's sockets; for `execve` too). So the word's owner bits are non-zero
-//! exactly while the holder lives: a process whose shm socket the kernel has closed shows zero
-//! owner bits already. An engine that stops unlocks the mutex (zero). The initiator's check
-//! after a copy is then a fence and a load instead of a `recv(MSG_PEEK)` on the socket (a
-//! third of a small batch's time), with the same guarantee: the copy was visible to a live
-//! process, or the initiator learns the process is gone.
+//! the owner's thread id in the word by `FUTEX_OWNER_DIED` (`do_exit`: `exit_mm` →
+//! `futex_exit_release`, before `exit_files` drops the thread's share of the process's
+//! sockets; `execve` does the same through `futex_exec_release`). So the word's owner bits are
+//! non-zero exactly while the holder lives: a process whose shm socket the kernel has closed
+//! shows zero owner bits already. An engine that stops unlocks the mutex (zero). The
+//! initiator's check after a copy is then a fence and a load instead of a `recv(MSG_PEEK)` on
+//! the socket (a third of a small batch's time), with the same guarantee: the copy was visible
+//! to a live process, or the initiator learns the process is gone.
+//!
+//! The one death the word can miss: the robust list's head lives in the thread's private
+//! memory, and the kernel's OOM reaper may free that memory of a victim that has not exited
+//! two seconds after the OOM kill, before the exit walks the list; the word then keeps the
+//! dead owner's id. The process's sockets still close when it exits, so the initiator reads
+//! the word *and* the peer watcher's verdict (its epoll set sees the hang-up): such a death
+//! is seen as soon as the watcher wakes, not at once.
 //!
 //! Where the futex word sits inside `pthread_mutex_t` is the C library's business, so the
 //! holder asks the kernel: after locking, the head of its robust list (`get_robust_list`)
@@ -135,11 +143,14 @@ impl AlivePage {
                 &mut len as *mut libc::size_t,
             )
         };
-        if rc != 0 || head.is_null() || len != size_of::<RobustListHead>() {
+        if rc != 0 {
             return Err(Error::io(
                 "the liveness word: get_robust_list",
                 &std::io::Error::last_os_error(),
             ));
+        }
+        if head.is_null() || len != size_of::<RobustListHead>() {
+            return Err(Error::Internal("the liveness word: this thread has no robust list"));
         }
         // SAFETY: the C library registered `head` for this thread (its own thread-local
         // memory, live while the thread runs); we only read it.
@@ -184,7 +195,7 @@ pub(crate) struct AliveWord {
 impl AliveWord {
     /// Maps a peer's liveness page; `None` if it holds no valid word (then peek instead).
     pub(crate) fn map(fd: &OwnedFd) -> Result<Option<Self>> {
-        let map = Mapping::map_shared(fd, PAGE, "a peer's liveness page")?;
+        let map = Mapping::map_shared_read(fd, PAGE, "a peer's liveness page")?;
         // SAFETY: the mapping is a page, page-aligned, and the header holds only atomics.
         let header = unsafe { &*(map.addr() as *const PageHeader) };
         if header.magic.load(Ordering::Acquire) != MAGIC {

@@ -33,7 +33,7 @@ use crate::error::{Error, PeerRef, Result};
 use crate::guard::{Guard, Step};
 use crate::lifecycle::Lifecycle;
 use crate::mem::{self, Mapping, PAGE};
-use crate::peer::{Held, MapCount};
+use crate::peer::{Held, Liveness, MapCount};
 use crate::reactor::{Flow, Source};
 use crate::registry::{Pinned, Registry};
 use crate::transport::alive::{AlivePage, AliveWord};
@@ -596,6 +596,9 @@ pub(crate) struct ShmClient {
     fd: i32,
     /// The peer engine's liveness word, when it offers one: read instead of peeking.
     alive: Option<AliveWord>,
+    /// The peer's death as the watcher saw it (its socket hung up): consulted with the word,
+    /// for the one death the word can miss (see `alive.rs`).
+    liveness: Arc<Liveness>,
     /// Counts the mappings of this peer's memory.
     mappings: MapCount,
 }
@@ -608,6 +611,7 @@ impl ShmClient {
         creds: &Credentials,
         expect: InstanceId,
         mappings: MapCount,
+        liveness: Arc<Liveness>,
     ) -> Result<Self> {
         let fail = |what: &str, e: &dyn std::fmt::Display| Error::PeerUnreachable {
             peer: peer.clone(),
@@ -641,10 +645,14 @@ impl ShmClient {
             broken: AtomicBool::new(false),
             hung_up: AtomicBool::new(false),
             alive: None,
+            liveness,
             mappings,
         };
         client.alive = match client.fetch(ShmFetch::Alive, RegionId(0)) {
-            Ok((_, fd)) => AliveWord::map(&fd)?,
+            Ok((_, fd)) => AliveWord::map(&fd).unwrap_or_else(|e| {
+                log::info!("shm: {}'s liveness word: {e}", client.peer);
+                None
+            }),
             // A target without a word (it could not make one): the socket tells instead.
             Err(Error::RemoteAccessDenied { .. }) => None,
             Err(e) => return Err(e),
@@ -752,7 +760,7 @@ impl ShmClient {
     /// end of the attachment closed). Copies made before the call are ordered before it.
     pub(crate) fn peer_alive(&self) -> bool {
         let alive = match &self.alive {
-            Some(word) => word.alive(),
+            Some(word) => word.alive() && self.liveness.error().is_none(),
             None => self.peek(),
         };
         if !alive {
