@@ -278,7 +278,9 @@ impl Inner {
     /// A watched socket of `conn` hung up: its process exited (or its engine shut down).
     pub(crate) fn on_hang_up(&self, conn: &Arc<PeerConn>, channel: TransportKind) {
         let transport = conn.gpu_transport().unwrap_or(channel);
-        let err = conn.dead().cloned().unwrap_or_else(|| exited(&conn.who(), transport, channel));
+        let err = conn.dead().cloned().unwrap_or_else(|| {
+            exited(&conn.who(), transport, &format!("its {channel} socket hung up"))
+        });
         self.retire(conn, err, true);
     }
 

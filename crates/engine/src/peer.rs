@@ -51,8 +51,9 @@ impl Drop for Held {
 }
 
 /// The error of a request to a peer whose process exited, seen through `channel`.
-pub(crate) fn exited(peer: &PeerRef, transport: TransportKind, channel: TransportKind) -> Error {
-    let reason = format!("the peer process exited (its {channel} socket hung up)");
+/// `seen` says how it was seen ("its shm socket hung up").
+pub(crate) fn exited(peer: &PeerRef, transport: TransportKind, seen: &str) -> Error {
+    let reason = format!("the peer process exited ({seen})");
     Error::PeerFailed { peer: peer.clone(), transport, reason }
 }
 
@@ -238,13 +239,15 @@ impl PeerConn {
         self.mark_broken();
     }
 
-    /// Why the peer instance is gone for good, if it is: recorded, or seen now as a hang-up
-    /// of its shm socket by a copy (before the watcher got to it).
+    /// Why the peer instance is gone for good, if it is: recorded, or seen now by a copy's
+    /// check (its liveness word, or its shm socket) before the watcher got to it.
     pub(crate) fn dead(&self) -> Option<&Error> {
-        if self.liveness.error().is_none() && self.shm.lock().as_ref().is_some_and(|s| s.hung_up())
-        {
-            let transport = self.gpu_transport().unwrap_or(TransportKind::Shm);
-            self.mark_dead(exited(&self.who(), transport, TransportKind::Shm));
+        if self.liveness.error().is_none() {
+            let seen = self.shm.lock().as_ref().filter(|s| s.hung_up()).map(|s| s.death_seen());
+            if let Some(seen) = seen {
+                let transport = self.gpu_transport().unwrap_or(TransportKind::Shm);
+                self.mark_dead(exited(&self.who(), transport, seen));
+            }
         }
         self.liveness.error()
     }

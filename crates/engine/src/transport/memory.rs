@@ -179,7 +179,7 @@ fn run_shm(
     // Done means visible: bytes copied into the memory of a process that has exited are
     // visible to nobody. Its socket tells (the kernel closed it when the process died).
     if !client.peer_alive() {
-        let err = exited(&step.conn.who(), TransportKind::Shm, TransportKind::Shm);
+        let err = exited(&step.conn.who(), TransportKind::Shm, client.death_seen());
         step.conn.mark_dead(err.clone());
         return batch.fail_runs(std::slice::from_ref(&run), err);
     }

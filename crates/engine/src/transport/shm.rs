@@ -663,6 +663,14 @@ impl ShmClient {
         Ok(client)
     }
 
+    /// How a death this initiator saw was seen (for the error that reports it).
+    pub(crate) fn death_seen(&self) -> &'static str {
+        match self.death_check() {
+            DeathCheck::Word => "its liveness word lost its owner, or its shm socket hung up",
+            DeathCheck::SocketPeek => "its shm socket hung up",
+        }
+    }
+
     /// How this initiator learns, after a copy, that the peer's process is gone.
     pub(crate) fn death_check(&self) -> DeathCheck {
         if self.alive.is_some() {

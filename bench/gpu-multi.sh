@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The EP buffer and the collectives at R ranks, one GPU each, on a host with 4 or 8 GPUs
+# (R defaults to the GPU count): in two parts that each fit one 10-minute call.
+#   PART=ep   the EP bench at T = 128, H = 7168, k = 8 with E = 256 and 288, the
+#             all_to_all_single exchange over NCCL beside it, and the EP suite over NCCL
+#             (every mode and dtype, a graph replayed, two dispatchers) at E = 256 and 288;
+#   PART=coll the CUDA collectives' suite, the bench against NCCL (eager and in a graph), NCCL's
+#             own rows, and the last rank killed during collectives (the elastic membership; a CUDA group).
+# Expects the wheel in dist/ (see scripts/gpu-test.sh).   PART=ep|coll bench/gpu-multi.sh [out-dir]
+# With one GPU and TIDEWIRE_TEST_SHARED_GPU=1 it runs as a check of itself (every rank on the
+# GPU, the EP suite over Gloo: NCCL refuses two ranks on one GPU); its times then mean nothing.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+R=${R:-$(nvidia-smi -L | wc -l)}
+PART=${PART:-ep}
+O=${1:-${OUT:-bench/results/gpu-multi-$(date -u +%Y-%m-%d)}}
+mkdir -p "$O"
+python3 -m pip install -q --no-index --no-deps --target /tmp/tidewire-site --upgrade dist/tidewire-*.whl
+export PYTHONPATH=/tmp/tidewire-site${PYTHONPATH:+:$PYTHONPATH}
+{ date -u; nvidia-smi -L; nproc; echo "R=$R PART=$PART"; } >> "$O/machine.txt" 2>&1
+step() { echo "$1 rc $2 ${SECONDS} s" >> "$O/machine.txt"; }
+backend=nccl
+[ "${TIDEWIRE_TEST_SHARED_GPU:-0}" = 1 ] && backend=gloo
+
+# A group of R ranks from python/tests (the suites' own checks), printed per rank.
+group() {  # group BODY ARG DEADLINE SCRIPT EXPECT_DEAD
+  (cd python/tests && python3 - "$@" <<'PY'
+import json, sys, time, test_distributed as t
+body, arg, deadline, script, dead = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+size = int(__import__("os").environ["R"])
+t0 = time.monotonic()
+try:
+    res = t.run_group(body, size, arg, deadline=deadline, expect_dead=dead, script=t.RANK.replace("pg_rank", script))
+    for r, out in enumerate(res):
+        print(body, arg, "rank", r, json.dumps(out)[:3000], flush=True)
+    print(body, arg, f"{time.monotonic() - t0:.0f} s", flush=True)
+except BaseException as e:
+    print(body, arg, "FAILED", f"{time.monotonic() - t0:.0f} s", str(e)[:12000], flush=True)
+PY
+  )
+}
+export R
+
+if [ "$PART" = ep ]; then
+  for E in 256 288; do
+    timeout 150 python3 bench/ep_bench.py --ranks "$R" --tokens 128 --experts $E 2>&1 | grep -v arn > "$O/ep-$E.txt"; step "ep E=$E" $?
+    timeout 60 python3 bench/ref/collectives_reference.py ep --ranks "$R" --experts $E > "$O/ep-ref-$E.txt" 2>&1; step "ep-ref E=$E" $?
+  done
+  for E in 256 288; do
+    timeout 200 bash -c "$(declare -f group); group suite backend=$backend,experts=$E,hidden=7168,graph=10 180 ep_rank -1" > "$O/ep-suite-$E.txt" 2>&1; step "ep-suite E=$E" $?
+  done
+else
+  timeout 160 bash -c "$(declare -f group); group cuda '' 150 pg_rank -1" > "$O/coll-suite.txt" 2>&1; step coll-suite $?
+  timeout 150 python3 bench/pg_bench.py --backends tidewire,nccl --ranks "$R" --device cuda --dtype bf16 --max-bytes 1G > "$O/pg-bench.txt" 2>&1; step pg-bench $?
+  timeout 60 python3 bench/pg_bench.py --backends tidewire --ranks "$R" --device cuda --dtype bf16 --max-bytes 256K --graph > "$O/pg-bench-graph.txt" 2>&1; step pg-bench-graph $?
+  timeout 90 python3 bench/ref/collectives_reference.py coll --backend nccl --ranks "$R" > "$O/nccl-ref.txt" 2>&1; step nccl-ref $?
+  timeout 100 bash -c "$(declare -f group); group elastic kill-$((R - 1)) 90 pg_rank $((R - 1))" > "$O/elastic-kill.txt" 2>&1; step elastic-kill $?
+  timeout 60 bash -c "$(declare -f group); group cuda_failure kill 50 pg_rank $((R - 1))" > "$O/cuda-kill.txt" 2>&1; step cuda-kill $?
+fi
