@@ -43,12 +43,28 @@ pub(crate) type OwnedAccess = ArcRwLockReadGuard<RawRwLock, bool>;
 pub(crate) type Access<'a> = RwLockReadGuard<'a, bool>;
 
 /// A range inside a live registered region, pinned there while this value lives. Only
-/// [`RegionEntry::pin`] makes one, so holding it proves the bytes are mapped: by registering,
-/// the caller promised they stay valid until unregistration, which waits for this guard.
+/// [`RegionEntry::pin`] and [`RunAccess::pin`] make one, so holding it proves the bytes are
+/// mapped: by registering, the caller promised they stay valid until unregistration, which
+/// waits for the guard (this value's own, or the run's it borrows).
 pub(crate) struct Pinned<'a> {
     addr: u64,
     len: u64,
+    /// `None`: the guard is a [`RunAccess`]'s, borrowed for `'a`.
+    _guard: Option<Access<'a>>,
+}
+
+/// One access guard of a region for a run of ranges (one lock for all of them, instead of
+/// one per range): ranges pinned through it borrow it.
+pub(crate) struct RunAccess<'a> {
+    entry: &'a RegionEntry,
     _guard: Access<'a>,
+}
+
+impl RunAccess<'_> {
+    /// Pins `[addr, addr+len)` under this run's guard: `None` unless it lies in the region.
+    pub(crate) fn pin(&self, addr: u64, len: u64) -> Option<Pinned<'_>> {
+        self.entry.contains(addr, len).then_some(Pinned { addr, len, _guard: None })
+    }
 }
 
 impl Pinned<'_> {
@@ -123,7 +139,12 @@ impl RegionEntry {
         if !self.contains(addr, len) {
             return None;
         }
-        self.access().map(|guard| Pinned { addr, len, _guard: guard })
+        self.access().map(|guard| Pinned { addr, len, _guard: Some(guard) })
+    }
+
+    /// An access guard for a run of ranges, if the region is still registered.
+    pub(crate) fn run_access(&self) -> Option<RunAccess<'_>> {
+        self.access().map(|guard| RunAccess { entry: self, _guard: guard })
     }
 
     pub(crate) fn contains(&self, addr: u64, len: u64) -> bool {

@@ -126,6 +126,9 @@ fn run_local(
     batch.runs_done(std::slice::from_ref(&run));
 }
 
+/// Bytes of shm copies made under one pin and one in-flight mark (see `run_shm`).
+const MARK_BYTES: u64 = 16 << 20;
+
 /// Copies a run of requests through the peer's shared memory.
 fn run_shm(
     config: &EngineConfig,
@@ -158,26 +161,40 @@ fn run_shm(
     if let Some(e) = step.conn.dead() {
         return batch.fail_runs(std::slice::from_ref(&run), e.clone());
     }
-    for i in run.clone() {
-        let r = &requests[i];
-        let copied: Result<bool> = step
-            .local
-            .pin(r.local, r.len)
-            .ok_or(Error::NotRegistered { addr: r.local, len: r.len })
-            .and_then(|local| {
-                client.copy(&map, r.remote - step.region.addr, &local, r.op == Op::Write)
-            });
-        match copied {
-            Ok(true) => {}
-            Ok(false) => {
-                step.conn.mark_stale();
-                batch.fail_request(i, denied(r, "the peer unregistered this shared region".into()))
+    // One pin of the local region and one in-flight mark in the peer's for up to
+    // `MARK_BYTES` of copies (two locked operations for them all, not four per request), so
+    // an unregistration on either side waits for at most that much copying.
+    let mut i = run.start;
+    while i < run.end {
+        let Some(local) = step.local.run_access() else {
+            for (j, r) in requests.iter().enumerate().take(run.end).skip(i) {
+                batch.fail_request(j, Error::NotRegistered { addr: r.local, len: r.len });
             }
-            Err(e) => batch.fail_request(i, e),
+            break;
+        };
+        let Some(mark) = client.enter_run(&map) else {
+            step.conn.mark_stale();
+            for (j, r) in requests.iter().enumerate().take(run.end).skip(i) {
+                batch.fail_request(j, denied(r, "the peer unregistered this shared region".into()));
+            }
+            break;
+        };
+        let mut bytes = 0u64;
+        while i < run.end && bytes < MARK_BYTES {
+            let r = &requests[i];
+            let copied = match local.pin(r.local, r.len) {
+                Some(pinned) => mark.copy(r.remote - step.region.addr, &pinned, r.op == Op::Write),
+                None => Err(Error::NotRegistered { addr: r.local, len: r.len }),
+            };
+            if let Err(e) = copied {
+                batch.fail_request(i, e);
+            }
+            bytes += r.len;
+            i += 1;
         }
     }
     // Done means visible: bytes copied into the memory of a process that has exited are
-    // visible to nobody. Its socket tells (the kernel closed it when the process died).
+    // visible to nobody. Its liveness word (or its socket) tells.
     if !client.peer_alive() {
         let err = exited(&step.conn.who(), TransportKind::Shm, client.death_seen());
         step.conn.mark_dead(err.clone());

@@ -798,37 +798,47 @@ impl ShmClient {
         self.hung_up.load(Ordering::Acquire)
     }
 
-    /// Copies between the pinned local range and `[offset, offset+len)` of the peer's
-    /// region, holding this initiator's in-flight mark, unless the peer revoked the region.
-    /// Returns false when revoked (nothing copied).
-    pub(crate) fn copy(
-        &self,
-        map: &ShmMap,
-        offset: u64,
-        local: &Pinned<'_>,
-        write: bool,
-    ) -> Result<bool> {
+    /// Marks this initiator in `map`'s region for a run of copies, unless the peer revoked
+    /// it (`None`, no mark). The peer's unregistration waits for the mark: hold it for a
+    /// bounded amount of copying.
+    pub(crate) fn enter_run<'a>(&'a self, map: &'a ShmMap) -> Option<RunMark<'a>> {
+        self.enter(map).then_some(RunMark { client: self, map })
+    }
+}
+
+/// An initiator's in-flight mark in a peer's region, held for a run of copies; left on drop.
+pub(crate) struct RunMark<'a> {
+    client: &'a ShmClient,
+    map: &'a ShmMap,
+}
+
+impl RunMark<'_> {
+    /// Copies between the pinned local range and `[offset, offset+len)` of the peer's region.
+    pub(crate) fn copy(&self, offset: u64, local: &Pinned<'_>, write: bool) -> Result<()> {
         let len = local.len();
-        if offset.checked_add(len).is_none_or(|end| end > map.data_len()) {
+        if offset.checked_add(len).is_none_or(|end| end > self.map.data_len()) {
             return Err(Error::Protocol {
-                peer: self.peer.clone(),
+                peer: self.client.peer.clone(),
                 reason: format!(
                     "[{offset}, +{len}) exceeds the shared region ({} bytes)",
-                    map.data_len()
+                    self.map.data_len()
                 ),
             });
         }
-        let remote = map.data_addr() + offset;
+        let remote = self.map.data_addr() + offset;
         let (dst, src) = if write { (remote, local.addr()) } else { (local.addr(), remote) };
-        if !self.enter(map) {
-            return Ok(false);
-        }
         // SAFETY: the local range is pinned in a live registered region; the remote range
-        // is inside our mapping of the peer's memfd (checked above), which lives as long
-        // as `map`; the two are distinct mappings, so they do not overlap.
+        // is inside our mapping of the peer's memfd (checked above), which lives as long as
+        // `self.map`, and our in-flight mark (held by `self`) keeps the peer from revoking
+        // it; the two are distinct mappings, so they do not overlap.
         unsafe { mem::copy(dst, src, len) };
-        self.leave(map);
-        Ok(true)
+        Ok(())
+    }
+}
+
+impl Drop for RunMark<'_> {
+    fn drop(&mut self) {
+        self.client.leave(self.map);
     }
 }
 
