@@ -7,8 +7,9 @@
 #   PART=coll the CUDA collectives' suite, the bench against NCCL (eager and in a graph), NCCL's
 #             own rows, and the last rank killed during collectives (the elastic membership; a CUDA group).
 # Expects the wheel in dist/ (see scripts/gpu-test.sh).   PART=ep|coll bench/gpu-multi.sh [out-dir]
-# With one GPU and TIDEWIRE_TEST_SHARED_GPU=1 it runs as a check of itself (every rank on the
-# GPU, the EP suite over Gloo: NCCL refuses two ranks on one GPU); its times then mean nothing.
+# MAXB caps the bench's sizes (default 1G). With one GPU and TIDEWIRE_TEST_SHARED_GPU=1 it
+# runs as a check of itself (every rank on the GPU, the EP suite over Gloo: NCCL refuses two
+# ranks on one GPU); its times then mean nothing.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -52,7 +53,7 @@ if [ "$PART" = ep ]; then
   done
 else
   timeout 160 bash -c "$(declare -f group); group cuda '' 150 pg_rank -1" > "$O/coll-suite.txt" 2>&1; step coll-suite $?
-  timeout 150 python3 bench/pg_bench.py --backends tidewire,nccl --ranks "$R" --device cuda --dtype bf16 --max-bytes 1G > "$O/pg-bench.txt" 2>&1; step pg-bench $?
+  timeout 150 python3 bench/pg_bench.py --backends tidewire,nccl --ranks "$R" --device cuda --dtype bf16 --max-bytes "${MAXB:-1G}" > "$O/pg-bench.txt" 2>&1; step pg-bench $?
   timeout 60 python3 bench/pg_bench.py --backends tidewire --ranks "$R" --device cuda --dtype bf16 --max-bytes 256K --graph > "$O/pg-bench-graph.txt" 2>&1; step pg-bench-graph $?
   timeout 90 python3 bench/ref/collectives_reference.py coll --backend nccl --ranks "$R" > "$O/nccl-ref.txt" 2>&1; step nccl-ref $?
   timeout 100 bash -c "$(declare -f group); group elastic kill-$((R - 1)) 90 pg_rank $((R - 1))" > "$O/elastic-kill.txt" 2>&1; step elastic-kill $?

@@ -5,7 +5,8 @@
 //!
 //! Revocation. Each memfd starts with a 4 KiB header: a `revoked` word and one in-flight
 //! counter per attached initiator (a *slot*, assigned when its Unix connection opens). An
-//! initiator increments its counter, checks `revoked`, copies, decrements. Unregistration
+//! initiator increments its counter, checks `revoked`, copies (a run of requests, up to
+//! 16 MiB), decrements. Unregistration
 //! sets `revoked`, then waits until every slot whose connection is still open reads zero:
 //! either the initiator saw `revoked` and did not copy, or unregistration waited for its copy
 //! (both sides use sequentially consistent operations). A dead initiator's slot is ignored
