@@ -6,7 +6,8 @@
 #             (every mode and dtype, a graph replayed, two dispatchers) at E = 256 and 288;
 #   PART=coll the CUDA collectives' suite, the bench against NCCL (eager and in a graph), NCCL's
 #             own rows, and the last rank killed during collectives (the elastic membership; a CUDA group).
-# Expects the wheel in dist/ (see scripts/gpu-test.sh).   PART=ep|coll bench/gpu-multi.sh [out-dir]
+# Expects the wheel in dist/ (see scripts/gpu-test.sh). One part per device call: each writes
+# seven files, and a call brings back at most eight.   PART=ep|coll bench/gpu-multi.sh [out-dir]
 # MAXB caps the bench's sizes (default 1G). With one GPU and TIDEWIRE_TEST_SHARED_GPU=1 it
 # runs as a check of itself (every rank on the GPU, the EP suite over Gloo: NCCL refuses two
 # ranks on one GPU); its times then mean nothing.
