@@ -263,11 +263,29 @@ fn readers(size: usize) -> usize {
         .map_or(fair, |n| n.clamp(1, 64))
 }
 
-/// Bytes below which a direct read stays on the caller's thread, and the least a reader
+/// Bytes below which a reduction's reads stay on the caller's thread, and the least a reader
 /// thread takes (a thread costs tens of µs to start; one core copies a few hundred KiB in
 /// that time).
 const SPLIT_MIN: usize = 512 << 10;
 const PIECE_MIN: usize = 128 << 10;
+/// The same for plain reads (all_gather, all_to_all: `read_all`), whose threads only copy:
+/// one thread below 1 MiB, pieces of at least 1 MiB (or half the bytes) above — measured on
+/// 16- and 32-CPU hosts (NOTES §36, §46). `TIDEWIRE_PG_READ_SPLIT_MIN` and
+/// `TIDEWIRE_PG_READ_PIECE_MIN` (bytes) tune them.
+const READ_SPLIT_MIN: usize = 1 << 20;
+const READ_PIECE_MIN: usize = 1 << 20;
+
+/// The plain reads' (split, piece) thresholds in force, read once.
+fn read_thresholds() -> (usize, usize) {
+    static AT: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        let var = |k: &str, default: usize| {
+            std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(default)
+        };
+        let split = var("TIDEWIRE_PG_READ_SPLIT_MIN", READ_SPLIT_MIN);
+        (split, var("TIDEWIRE_PG_READ_PIECE_MIN", READ_PIECE_MIN).max(4096))
+    })
+}
 /// Bytes a reader reduces at a time in all_reduce (read into a scratch block that stays in
 /// cache, then summed into the buffer).
 const REDUCE_CHUNK: usize = 256 << 10;
@@ -1780,13 +1798,25 @@ fn header_bytes(tag: u64, len: u64) -> [u8; 16] {
     b
 }
 
-/// Bytes of each of at most `readers` pieces of `len` bytes (whole 4 KiB pages but the last,
-/// at least [`PIECE_MIN`]; one piece below [`SPLIT_MIN`]).
+/// Bytes of each of at most `readers` pieces of `len` bytes of a reduction's reads (whole
+/// 4 KiB pages but the last, at least [`PIECE_MIN`]; one piece below [`SPLIT_MIN`]).
 fn piece_of(len: usize, readers: usize) -> usize {
-    if readers <= 1 || len < SPLIT_MIN {
+    pieces(len, readers, SPLIT_MIN, PIECE_MIN)
+}
+
+/// As [`piece_of`] for plain reads ([`read_thresholds`]).
+fn read_piece_of(len: usize, readers: usize) -> usize {
+    let (split, piece) = read_thresholds();
+    pieces(len, readers, split, piece)
+}
+
+/// At most `readers` pieces of at least `piece_min` bytes or half of `len`, whichever is
+/// less; one piece below `split_min`.
+fn pieces(len: usize, readers: usize, split_min: usize, piece_min: usize) -> usize {
+    if readers <= 1 || len < split_min {
         return len;
     }
-    len.div_ceil(readers).max(PIECE_MIN).next_multiple_of(4096)
+    len.div_ceil(readers).max(piece_min.min(len.div_ceil(2))).next_multiple_of(4096)
 }
 
 /// `f()`, with a panic turned into an error naming `rank` (a reader thread's panic fails the
@@ -1902,7 +1932,7 @@ impl Readers {
     /// block, not one per block); the first error, with the rank read.
     fn read_all(&self, reads: Vec<Read<'_>>) -> std::result::Result<(), (usize, std::io::Error)> {
         let total: usize = reads.iter().map(|r| r.2.len()).sum();
-        let share = piece_of(total, self.n).max(1);
+        let share = read_piece_of(total, self.n).max(1);
         let mut groups: Vec<Vec<Read<'_>>> = vec![Vec::new()];
         let mut room = share;
         for (r, mut src, mut d) in reads {
@@ -2037,6 +2067,25 @@ fn offsets_of(lens: &[usize]) -> Vec<Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_reads_split_into_pieces_of_a_mebibyte_and_at_least_two() {
+        let (m, k) = (1usize << 20, 1usize << 10);
+        let p = |len| pieces(len, 4, READ_SPLIT_MIN, READ_PIECE_MIN);
+        assert_eq!(p(512 * k), 512 * k, "below the split: one piece on the caller's thread");
+        assert_eq!(p(m), 512 * k, "two pieces at the split");
+        assert_eq!(p(2 * m), m);
+        assert_eq!(p(4 * m), m, "four readers");
+        assert_eq!(p(8 * m), 2 * m, "no more pieces than readers");
+        assert_eq!(p(3 * m + 5), m, "whole pages but the last");
+        assert_eq!(
+            pieces(8 * m, 1, READ_SPLIT_MIN, READ_PIECE_MIN),
+            8 * m,
+            "one reader: one piece"
+        );
+        // A reduction's reads: 128 KiB pieces from 512 KiB.
+        assert_eq!(pieces(512 * k, 4, SPLIT_MIN, PIECE_MIN), 128 * k);
+    }
 
     #[test]
     fn disjoint_mut_cuts_ranges_in_any_order_and_reports_a_short_buffer_as_short() {
