@@ -60,9 +60,8 @@ impl CudaOp {
     }
 }
 
-/// Messages one point-to-point launch may hold: 16 blocks of 512 threads each, 512 blocks in
-/// all, which an H200's 132 SMs hold at once (four such blocks each).
-const MAX_P2P_OPS: usize = 32;
+/// Messages one point-to-point launch may hold (its blocks: `coll::p2p_lanes`).
+const MAX_P2P_OPS: usize = coll::P2P_MAX_OPS as usize;
 
 /// Bytes of the data area of a rank's buffer when `TIDEWIRE_PG_CUDA_BYTES` does not say.
 const DATA_BYTES: u64 = 128 << 20;

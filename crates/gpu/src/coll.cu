@@ -23,18 +23,20 @@
 
 // Point-to-point messages (send / recv) travel in an area of their own after the data, per
 // direction, so that two ranks sending to each other at once never mix their bytes: every
-// message is cut into 32 KiB chunks spread over TW_P2P_LANES blocks (chunk c on lane
-// c % LANES); each (source, lane) has TW_P2P_DEPTH slots in the receiver's buffer. Chunk s of a
+// message is cut into 32 KiB chunks spread over `a.p2p_lanes` blocks (chunk c on lane
+// c % lanes; the group's size sets the lanes, at most TW_P2P_MAX_LANES, so that a launch's
+// blocks stay few enough to be resident together); each (source, lane) has TW_P2P_DEPTH
+// slots in the receiver's buffer. Chunk s of a
 // lane goes to slot s % DEPTH with a 16-byte header (the message's length and tag), announced
 // by the receiver-side word ready[source][lane] = s + 1; the receiver checks the header
 // (another length or tag: a failure, reason 3), copies the chunk out and acknowledges with
 // ack[receiver][lane] = s + 1 in the sender's buffer; the sender reuses a slot once its
-// previous chunk is acknowledged. A message of up to DEPTH * LANES chunks (2 MiB) is sent
-// without waiting for its receiver. Each lane's chunk counts per peer (sent, received) live
+// previous chunk is acknowledged. A message of up to DEPTH * lanes chunks (2 MiB at 16 lanes)
+// is sent without waiting for its receiver. Each lane's chunk counts per peer (sent, received) live
 // in device memory, so graph replays number afresh. Every operation of a launch has its own
 // blocks: a launch's sends and receives progress independently (two ranks that both send
 // and receive in one launch never wait on each other's order).
-#define TW_P2P_LANES 16
+#define TW_P2P_MAX_LANES 64
 #define TW_P2P_DEPTH 4ull
 #define TW_P2P_CHUNK 32768ull
 #define TW_P2P_SLOT (TW_P2P_CHUNK + 16ull)
@@ -64,6 +66,7 @@ struct CollArgs {
     int dtype, redop;             // reduce only
     int what;                     // the operation, for failure reports
     int chunk_kib;                // most bytes of a block's round, in KiB (0: the slot's share)
+    int p2p_lanes;                // point-to-point: blocks per message (the same on every rank)
 };
 
 __device__ __forceinline__ char* tw_slot(const CollArgs& a, int owner, u64 round, int src) {
@@ -462,25 +465,25 @@ __device__ __forceinline__ char* tw_p2p(const CollArgs& a, int owner) {
 
 // Word `table` (0 ready, 1 ack, 2 sent, 3 received) of (rank `r`, `lane`) in `owner`'s area.
 __device__ __forceinline__ u64* tw_p2p_word(const CollArgs& a, int owner, int table, int r, int lane) {
-    return (u64*)tw_p2p(a, owner) + ((u64)table * TW_COLL_RANKS + (u64)r) * TW_P2P_LANES + (u64)lane;
+    return (u64*)tw_p2p(a, owner) + ((u64)table * TW_COLL_RANKS + (u64)r) * TW_P2P_MAX_LANES + (u64)lane;
 }
 
 // The slot of chunk `seq` of (source `src`, `lane`) in the receiver `owner`'s area.
 __device__ __forceinline__ char* tw_p2p_slot(const CollArgs& a, int owner, int src, int lane, u64 seq) {
-    return tw_p2p(a, owner) + 4ull * TW_COLL_RANKS * TW_P2P_LANES * 8ull +
-           (((u64)src * TW_P2P_LANES + (u64)lane) * TW_P2P_DEPTH + seq % TW_P2P_DEPTH) * TW_P2P_SLOT;
+    return tw_p2p(a, owner) + 4ull * TW_COLL_RANKS * TW_P2P_MAX_LANES * 8ull +
+           (((u64)src * (u64)a.p2p_lanes + (u64)lane) * TW_P2P_DEPTH + seq % TW_P2P_DEPTH) * TW_P2P_SLOT;
 }
 
 // Sends and receives: `send_off[j]` / `recv_off[j]` are the message's device address (not an
 // offset), `send_len[j]` / `recv_len[j]` its bytes + 1 in the low 48 bits (0: no message with
 // rank j) and its tag above. The operations are the sends in rank order, then the receives;
-// TW_P2P_LANES blocks each (block b: operation b / LANES, lane b % LANES).
+// `a.p2p_lanes` blocks each (block b: operation b / lanes, lane b % lanes).
 extern "C" __global__ void __launch_bounds__(512) tw_coll_p2p(CollArgs a) {
     __shared__ int peer, sending, failed;
     __shared__ u64 base;
-    const int t = threadIdx.x, lane = blockIdx.x % TW_P2P_LANES;
+    const int lanes = a.p2p_lanes, t = threadIdx.x, lane = blockIdx.x % lanes;
     if (t == 0) {
-        const int want = blockIdx.x / TW_P2P_LANES;
+        const int want = blockIdx.x / lanes;
         int k = 0;
         peer = -1;
         sending = 0;
@@ -497,9 +500,9 @@ extern "C" __global__ void __launch_bounds__(512) tw_coll_p2p(CollArgs a) {
     const u64 word = sending ? a.send_len[j] : a.recv_len[j];
     const u64 len = (word & 0xffffffffffffull) - 1ull, tag = word >> 48;
     const u64 nch = len == 0 ? 1ull : (len + TW_P2P_CHUNK - 1ull) / TW_P2P_CHUNK;
-    const u64 m = nch / TW_P2P_LANES + ((u64)lane < nch % TW_P2P_LANES ? 1ull : 0ull);
+    const u64 m = nch / (u64)lanes + ((u64)lane < nch % (u64)lanes ? 1ull : 0ull);
     for (u64 i = 0; i < m; i++) {
-        const u64 seq = base + i, at = ((u64)lane + i * TW_P2P_LANES) * TW_P2P_CHUNK;
+        const u64 seq = base + i, at = ((u64)lane + i * (u64)lanes) * TW_P2P_CHUNK;
         const u64 n = len > at ? (len - at < TW_P2P_CHUNK ? len - at : TW_P2P_CHUNK) : 0ull;
         if (sending) {
             // The slot is free once the receiver acknowledged the chunk DEPTH before.

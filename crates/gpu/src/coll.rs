@@ -21,7 +21,7 @@ pub const BUFS: u64 = 4;
 pub const HEADER: u64 = 2 * MAX_RANKS as u64 * MAX_BLOCKS as u64 * 8;
 /// Point-to-point: blocks per operation, slots per (source, lane), bytes of a chunk (the
 /// `TW_P2P_*` of `coll.cu`).
-pub const P2P_LANES: u32 = 16;
+pub const P2P_MAX_LANES: u32 = 64;
 pub const P2P_DEPTH: u64 = 4;
 pub const P2P_CHUNK: u64 = 32 << 10;
 /// The largest message a send may carry (its length travels in 48 bits, with the tag above).
@@ -32,9 +32,31 @@ pub const P2P_MAX_TAG: u64 = 0xffff;
 /// Bytes of the point-to-point area after the collectives' data, for `ranks` ranks: four
 /// tables of a word per (rank, lane), then the slots of every source.
 pub fn p2p_bytes(ranks: usize) -> u64 {
-    4 * MAX_RANKS as u64 * u64::from(P2P_LANES) * 8
-        + ranks as u64 * u64::from(P2P_LANES) * P2P_DEPTH * (P2P_CHUNK + 16)
+    4 * MAX_RANKS as u64 * u64::from(P2P_MAX_LANES) * 8
+        + ranks as u64 * u64::from(p2p_lanes(ranks)) * P2P_DEPTH * (P2P_CHUNK + 16)
 }
+
+/// Blocks per point-to-point message in a group of `ranks`: the most (a power of two, 16 to
+/// [`P2P_MAX_LANES`]) with which a launch of a message each way to every peer stays within
+/// [`P2P_LAUNCH_BLOCKS`]. Every block of a launch must be resident at once (a receive block
+/// that spins while the send block behind it waits for an SM could close a cycle across
+/// ranks), and both ends of a message compute the same lanes from the group's size alone. One
+/// block copies ≈ 7.5 GB/s over NVLink, so two ranks (64 lanes) reach the link's rate where
+/// 16 lanes gave a third of it.
+pub fn p2p_lanes(ranks: usize) -> u32 {
+    let ops = (2 * ranks.saturating_sub(1)).clamp(1, P2P_MAX_OPS as usize) as u32;
+    let mut lanes = P2P_MAX_LANES;
+    while lanes > 16 && ops * lanes > P2P_LAUNCH_BLOCKS {
+        lanes /= 2;
+    }
+    lanes
+}
+
+/// Messages a point-to-point launch carries at most (the group queues the rest for the next).
+pub const P2P_MAX_OPS: u32 = 32;
+/// Blocks of 512 threads a point-to-point launch keeps to when it can (two per SM of an
+/// H100 / H200, whatever the kernel's registers allow beyond that).
+pub const P2P_LAUNCH_BLOCKS: u32 = 256;
 
 /// A message's word of the p2p kernel's arguments: its bytes + 1, with the tag above bit 48.
 pub fn p2p_word(bytes: u64, tag: u64) -> Option<u64> {
@@ -73,6 +95,9 @@ pub struct CollArgs {
     /// The most bytes a block moves to a peer in one round, in KiB (0: its share of a slot);
     /// smaller rounds pipeline more (the same on every rank).
     pub chunk_kib: i32,
+    /// Point-to-point: blocks per message ([`p2p_lanes`] of the group's size; set by
+    /// [`CollKernels::launch_p2p`]).
+    pub p2p_lanes: i32,
 }
 
 /// Element types by kernel code.
@@ -115,6 +140,7 @@ impl CollArgs {
             redop: 0,
             what: 0,
             chunk_kib: 0,
+            p2p_lanes: 0,
         }
     }
 }
@@ -222,7 +248,7 @@ impl CollKernels {
     }
 
     /// Launches the point-to-point kernel on `stream` for the `ops` messages `args` holds
-    /// (see `tw_coll_p2p`): [`P2P_LANES`] blocks each.
+    /// (see `tw_coll_p2p`): [`p2p_lanes`] blocks each.
     ///
     /// # Safety
     /// As for [`CollKernels::launch`]; every message's rank launches the matching operation
@@ -234,8 +260,10 @@ impl CollKernels {
         ops: u32,
     ) -> Result<(), GpuError> {
         let mut a = *args;
+        let lanes = p2p_lanes(usize::try_from(a.ranks).unwrap_or(0));
+        a.p2p_lanes = lanes as i32;
         let mut p = [param(&mut a)];
-        let blocks = ops.clamp(1, 2 * MAX_RANKS as u32) * P2P_LANES;
+        let blocks = ops.clamp(1, 2 * MAX_RANKS as u32) * lanes;
         // SAFETY: (CollArgs), as the kernel declares; forwarded contract.
         unsafe { self.k.launch(Kernel::P2p as usize, blocks, THREADS, stream, &mut p) }
     }
@@ -255,8 +283,9 @@ mod tests {
 
     #[test]
     fn the_args_have_the_kernels_layout() {
-        // Six arrays of 64 words, four words, an i64 and six i32.
-        assert_eq!(size_of::<CollArgs>(), 6 * 64 * 8 + 4 * 8 + 8 + 6 * 4);
+        // Six arrays of 64 words, four words, an i64 and seven i32 (padded to 8 bytes, as C
+        // pads the struct).
+        assert_eq!(size_of::<CollArgs>(), 6 * 64 * 8 + 4 * 8 + 8 + 7 * 4 + 4);
         assert!(size_of::<CollArgs>() <= 4096, "a kernel's parameters fit 4 KiB");
     }
 
@@ -267,11 +296,11 @@ mod tests {
         assert_eq!(define(src, "TW_COLL_RANKS"), MAX_RANKS as u64);
         assert_eq!(define(src, "TW_COLL_BLOCKS"), u64::from(MAX_BLOCKS));
         assert_eq!(define(src, "TW_COLL_BUFS"), BUFS);
-        assert_eq!(define(src, "TW_P2P_LANES"), u64::from(P2P_LANES));
+        assert_eq!(define(src, "TW_P2P_MAX_LANES"), u64::from(P2P_MAX_LANES));
         assert_eq!(define(src, "TW_P2P_DEPTH"), P2P_DEPTH);
         assert_eq!(define(src, "TW_P2P_CHUNK"), P2P_CHUNK);
         let ours = rust_fields!(CollArgs: peers, alive, send_off, send_len, recv_off, recv_len, send_base, recv_base, err_at,
-            slot, timeout_ns, rank, ranks, dtype, redop, what, chunk_kib
+            slot, timeout_ns, rank, ranks, dtype, redop, what, chunk_kib, p2p_lanes
         );
         assert_eq!(fields(src, "CollArgs"), ours);
         assert!(src.contains("__launch_bounds__(512)") && THREADS == 512);
