@@ -290,6 +290,18 @@ mod tests {
     }
 
     #[test]
+    fn p2p_lanes_keep_a_launch_within_its_blocks_and_depend_on_the_group_size_alone() {
+        let lanes: Vec<u32> = (1..=10).map(p2p_lanes).collect();
+        assert_eq!(lanes, [64, 64, 64, 32, 32, 16, 16, 16, 16, 16]);
+        for ranks in 2..=MAX_RANKS {
+            let ops = (2 * (ranks as u32 - 1)).min(P2P_MAX_OPS);
+            let l = p2p_lanes(ranks);
+            assert!(l == 16 || ops * l <= P2P_LAUNCH_BLOCKS, "{ranks} ranks: {l} lanes");
+            assert!(l.is_power_of_two() && (16..=P2P_MAX_LANES).contains(&l));
+        }
+    }
+
+    #[test]
     fn the_args_and_constants_are_the_sources() {
         let src = include_str!("coll.cu");
         use crate::kernels::layout::{define, fields, rust_fields};
