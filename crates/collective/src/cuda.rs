@@ -337,8 +337,8 @@ impl CudaComm {
     /// Sends and receives on `stream`, in one launch: `sends` are `(rank, address, bytes, tag)`
     /// of messages to those ranks, `recvs` where messages from those ranks land; at most one
     /// of each per rank. Each travels in the rank pair's own direction, so the two ranks of a
-    /// pair may both send and receive in one launch; a message of up to 2 MiB leaves without
-    /// waiting for its receiver. The receiver checks the length and tag (another is a failure
+    /// pair may both send and receive in one launch; a message of up to lanes × 128 KiB
+    /// (`coll::p2p_lanes`: 8 MiB for two ranks) leaves without waiting for its receiver. The receiver checks the length and tag (another is a failure
     /// naming the sender, and the group is unusable after it).
     ///
     /// # Safety

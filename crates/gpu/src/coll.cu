@@ -478,7 +478,9 @@ __device__ __forceinline__ char* tw_p2p_slot(const CollArgs& a, int owner, int s
 // offset), `send_len[j]` / `recv_len[j]` its bytes + 1 in the low 48 bits (0: no message with
 // rank j) and its tag above. The operations are the sends in rank order, then the receives;
 // `a.p2p_lanes` blocks each (block b: operation b / lanes, lane b % lanes).
-extern "C" __global__ void __launch_bounds__(512) tw_coll_p2p(CollArgs a) {
+// Two blocks an SM at least (at most 64 registers a thread): a launch's blocks must all be
+// resident at once (see p2p_lanes in coll.rs).
+extern "C" __global__ void __launch_bounds__(512, 2) tw_coll_p2p(CollArgs a) {
     __shared__ int peer, sending, failed;
     __shared__ u64 base;
     const int lanes = a.p2p_lanes, t = threadIdx.x, lane = blockIdx.x % lanes;

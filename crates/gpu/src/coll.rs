@@ -36,17 +36,16 @@ pub fn p2p_bytes(ranks: usize) -> u64 {
         + ranks as u64 * u64::from(p2p_lanes(ranks)) * P2P_DEPTH * (P2P_CHUNK + 16)
 }
 
-/// Blocks per point-to-point message in a group of `ranks`: the most (a power of two, 16 to
+/// Blocks per point-to-point message in a group of `ranks`: the most (a power of two, 4 to
 /// [`P2P_MAX_LANES`]) with which a launch of a message each way to every peer stays within
 /// [`P2P_LAUNCH_BLOCKS`]. Every block of a launch must be resident at once (a receive block
 /// that spins while the send block behind it waits for an SM could close a cycle across
 /// ranks), and both ends of a message compute the same lanes from the group's size alone. One
-/// block copies ≈ 7.5 GB/s over NVLink, so two ranks (64 lanes) reach the link's rate where
-/// 16 lanes gave a third of it.
+/// block copies ≈ 7.5 GB/s over NVLink: two ranks (64 lanes) move twice what 16 lanes did.
 pub fn p2p_lanes(ranks: usize) -> u32 {
     let ops = (2 * ranks.saturating_sub(1)).clamp(1, P2P_MAX_OPS as usize) as u32;
     let mut lanes = P2P_MAX_LANES;
-    while lanes > 16 && ops * lanes > P2P_LAUNCH_BLOCKS {
+    while lanes > 4 && ops * lanes > P2P_LAUNCH_BLOCKS {
         lanes /= 2;
     }
     lanes
@@ -54,9 +53,10 @@ pub fn p2p_lanes(ranks: usize) -> u32 {
 
 /// Messages a point-to-point launch carries at most (the group queues the rest for the next).
 pub const P2P_MAX_OPS: u32 = 32;
-/// Blocks of 512 threads a point-to-point launch keeps to when it can (two per SM of an
-/// H100 / H200, whatever the kernel's registers allow beyond that).
-pub const P2P_LAUNCH_BLOCKS: u32 = 256;
+/// Blocks of 512 threads a point-to-point launch keeps to: two per SM (the kernel's launch
+/// bounds guarantee two) of a GPU with 96 SMs or more (A100 108, H100 PCIe 114, H100 / H200
+/// SXM 132).
+pub const P2P_LAUNCH_BLOCKS: u32 = 192;
 
 /// A message's word of the p2p kernel's arguments: its bytes + 1, with the tag above bit 48.
 pub fn p2p_word(bytes: u64, tag: u64) -> Option<u64> {
@@ -292,12 +292,12 @@ mod tests {
     #[test]
     fn p2p_lanes_keep_a_launch_within_its_blocks_and_depend_on_the_group_size_alone() {
         let lanes: Vec<u32> = (1..=10).map(p2p_lanes).collect();
-        assert_eq!(lanes, [64, 64, 64, 32, 32, 16, 16, 16, 16, 16]);
+        assert_eq!(lanes, [64, 64, 32, 32, 16, 16, 16, 8, 8, 8]);
         for ranks in 2..=MAX_RANKS {
             let ops = (2 * (ranks as u32 - 1)).min(P2P_MAX_OPS);
             let l = p2p_lanes(ranks);
-            assert!(l == 16 || ops * l <= P2P_LAUNCH_BLOCKS, "{ranks} ranks: {l} lanes");
-            assert!(l.is_power_of_two() && (16..=P2P_MAX_LANES).contains(&l));
+            assert!(ops * l <= P2P_LAUNCH_BLOCKS, "{ranks} ranks: {l} lanes");
+            assert!(l.is_power_of_two() && (4..=P2P_MAX_LANES).contains(&l));
         }
     }
 
