@@ -25,12 +25,13 @@ step() { echo "$1 rc $2 ${SECONDS} s" >> "$O/machine.txt"; }
 backend=nccl
 [ "${TIDEWIRE_TEST_SHARED_GPU:-0}" = 1 ] && backend=gloo
 
-# A group of R ranks from python/tests (the suites' own checks), printed per rank.
+# A group of R ranks from python/tests (the suites' own checks), printed per rank; the group's
+# DEADLINE kills every rank still running.
 group() {  # group BODY ARG DEADLINE SCRIPT EXPECT_DEAD
   (cd python/tests && python3 - "$@" <<'PY'
-import json, sys, time, test_distributed as t
+import json, os, sys, time, test_distributed as t
 body, arg, deadline, script, dead = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-size = int(__import__("os").environ["R"])
+size = int(os.environ["R"])
 t0 = time.monotonic()
 try:
     res = t.run_group(body, size, arg, deadline=deadline, expect_dead=dead, script=t.RANK.replace("pg_rank", script))
@@ -43,20 +44,19 @@ PY
   )
 }
 export R
-
 if [ "$PART" = ep ]; then
   for E in 256 288; do
     timeout 150 python3 bench/ep_bench.py --ranks "$R" --tokens 128 --experts $E 2>&1 | grep -v arn > "$O/ep-$E.txt"; step "ep E=$E" $?
     timeout 60 python3 bench/ref/collectives_reference.py ep --ranks "$R" --experts $E > "$O/ep-ref-$E.txt" 2>&1; step "ep-ref E=$E" $?
   done
   for E in 256 288; do
-    timeout 200 bash -c "$(declare -f group); group suite backend=$backend,experts=$E,hidden=7168,graph=10 180 ep_rank -1" > "$O/ep-suite-$E.txt" 2>&1; step "ep-suite E=$E" $?
+    group suite "backend=$backend,experts=$E,hidden=7168,graph=10" 180 ep_rank -1 > "$O/ep-suite-$E.txt" 2>&1; step "ep-suite E=$E" $?
   done
 else
-  timeout 160 bash -c "$(declare -f group); group cuda '' 150 pg_rank -1" > "$O/coll-suite.txt" 2>&1; step coll-suite $?
+  group cuda "" 150 pg_rank -1 > "$O/coll-suite.txt" 2>&1; step coll-suite $?
   timeout 150 python3 bench/pg_bench.py --backends tidewire,nccl --ranks "$R" --device cuda --dtype bf16 --max-bytes "${MAXB:-1G}" > "$O/pg-bench.txt" 2>&1; step pg-bench $?
   timeout 60 python3 bench/pg_bench.py --backends tidewire --ranks "$R" --device cuda --dtype bf16 --max-bytes 256K --graph > "$O/pg-bench-graph.txt" 2>&1; step pg-bench-graph $?
   timeout 90 python3 bench/ref/collectives_reference.py coll --backend nccl --ranks "$R" > "$O/nccl-ref.txt" 2>&1; step nccl-ref $?
-  timeout 100 bash -c "$(declare -f group); group elastic kill-$((R - 1)) 90 pg_rank $((R - 1))" > "$O/elastic-kill.txt" 2>&1; step elastic-kill $?
-  timeout 60 bash -c "$(declare -f group); group cuda_failure kill 50 pg_rank $((R - 1))" > "$O/cuda-kill.txt" 2>&1; step cuda-kill $?
+  group elastic "kill-$((R - 1))" 90 pg_rank $((R - 1)) > "$O/elastic-kill.txt" 2>&1; step elastic-kill $?
+  group cuda_failure kill 50 pg_rank $((R - 1)) > "$O/cuda-kill.txt" 2>&1; step cuda-kill $?
 fi

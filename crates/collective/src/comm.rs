@@ -257,10 +257,12 @@ struct Header {
 fn readers(size: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let fair = (cpus / size.max(1)).clamp(1, 4);
-    std::env::var("TIDEWIRE_PG_COPY_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .map_or(fair, |n| n.clamp(1, 64))
+    env_usize("TIDEWIRE_PG_COPY_THREADS").map_or(fair, |n| n.clamp(1, 64))
+}
+
+/// A whole number from the environment (`None`: unset or not a number).
+fn env_usize(key: &str) -> Option<usize> {
+    std::env::var(key).ok().and_then(|v| v.trim().parse::<usize>().ok())
 }
 
 /// Bytes below which a reduction's reads stay on the caller's thread, and the least a reader
@@ -279,11 +281,9 @@ const READ_PIECE_MIN: usize = 1 << 20;
 fn read_thresholds() -> (usize, usize) {
     static AT: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
     *AT.get_or_init(|| {
-        let var = |k: &str, default: usize| {
-            std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(default)
-        };
-        let split = var("TIDEWIRE_PG_READ_SPLIT_MIN", READ_SPLIT_MIN);
-        (split, var("TIDEWIRE_PG_READ_PIECE_MIN", READ_PIECE_MIN).max(4096))
+        let split = env_usize("TIDEWIRE_PG_READ_SPLIT_MIN").unwrap_or(READ_SPLIT_MIN);
+        let piece = env_usize("TIDEWIRE_PG_READ_PIECE_MIN").unwrap_or(READ_PIECE_MIN);
+        (split, piece.max(4096))
     })
 }
 /// Bytes a reader reduces at a time in all_reduce (read into a scratch block that stays in

@@ -60,9 +60,6 @@ impl CudaOp {
     }
 }
 
-/// Messages one point-to-point launch may hold (its blocks: `coll::p2p_lanes`).
-const MAX_P2P_OPS: usize = coll::P2P_MAX_OPS as usize;
-
 /// Bytes of the data area of a rank's buffer when `TIDEWIRE_PG_CUDA_BYTES` does not say.
 const DATA_BYTES: u64 = 128 << 20;
 /// Blocks a collective launch uses when `TIDEWIRE_PG_CUDA_BLOCKS` does not say.
@@ -338,8 +335,9 @@ impl CudaComm {
     /// of messages to those ranks, `recvs` where messages from those ranks land; at most one
     /// of each per rank. Each travels in the rank pair's own direction, so the two ranks of a
     /// pair may both send and receive in one launch; a message of up to lanes × 128 KiB
-    /// (`coll::p2p_lanes`: 8 MiB for two ranks) leaves without waiting for its receiver. The receiver checks the length and tag (another is a failure
-    /// naming the sender, and the group is unusable after it).
+    /// (`coll::p2p_lanes`: 8 MiB for two ranks) leaves without waiting for its receiver. The
+    /// receiver checks the length and tag (another is a failure naming the sender, and the
+    /// group is unusable after it).
     ///
     /// # Safety
     /// Every message is device memory of this GPU, alive until the work on `stream` is done;
@@ -385,12 +383,13 @@ impl CudaComm {
         if ops == 0 {
             return Ok(());
         }
-        if ops > MAX_P2P_OPS {
+        if ops > coll::P2P_MAX_OPS as usize {
             // Every block of a launch must be resident at once (a send's blocks spin until
             // the peer's receive runs): more would risk blocks that never get an SM.
             return Err(Error::invalid(format!(
-                "send/recv: {ops} messages in one launch (at most {MAX_P2P_OPS}: {} peers both ways)",
-                MAX_P2P_OPS / 2
+                "send/recv: {ops} messages in one launch (at most {}: {} peers both ways)",
+                coll::P2P_MAX_OPS,
+                coll::P2P_MAX_OPS / 2
             )));
         }
         let ops = ops as u32;

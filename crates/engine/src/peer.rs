@@ -50,8 +50,8 @@ impl Drop for Held {
     }
 }
 
-/// The error of a request to a peer whose process exited, seen through `channel`.
-/// `seen` says how it was seen ("its shm socket hung up").
+/// The error of a request to a peer whose process exited; `seen` says how it was seen ("its
+/// shm socket hung up").
 pub(crate) fn exited(peer: &PeerRef, transport: TransportKind, seen: &str) -> Error {
     let reason = format!("the peer process exited ({seen})");
     Error::PeerFailed { peer: peer.clone(), transport, reason }

@@ -164,19 +164,20 @@ fn run_shm(
     // One pin of the local region and one in-flight mark in the peer's for up to
     // `MARK_BYTES` of copies (two locked operations for them all, not four per request), so
     // an unregistration on either side waits for at most that much copying.
+    let fail_rest = |from: usize, why: &dyn Fn(&Request) -> Error| {
+        for (j, r) in requests.iter().enumerate().take(run.end).skip(from) {
+            batch.fail_request(j, why(r));
+        }
+    };
     let mut i = run.start;
     while i < run.end {
         let Some(local) = step.local.run_access() else {
-            for (j, r) in requests.iter().enumerate().take(run.end).skip(i) {
-                batch.fail_request(j, Error::NotRegistered { addr: r.local, len: r.len });
-            }
+            fail_rest(i, &|r| Error::NotRegistered { addr: r.local, len: r.len });
             break;
         };
         let Some(mark) = client.enter_run(&map) else {
             step.conn.mark_stale();
-            for (j, r) in requests.iter().enumerate().take(run.end).skip(i) {
-                batch.fail_request(j, denied(r, "the peer unregistered this shared region".into()));
-            }
+            fail_rest(i, &|r| denied(r, "the peer unregistered this shared region".into()));
             break;
         };
         let mut bytes = 0u64;

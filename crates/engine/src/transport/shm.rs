@@ -194,25 +194,13 @@ impl ShmServer {
         let listener = UnixListener::bind_addr(&addr)
             .map_err(|e| Error::Bind { addr: format!("@{name}"), reason: e.to_string() })?;
         listener.set_nonblocking(true).map_err(|e| Error::io("shm listener", &e))?;
-        let alive = if offer_word {
-            AlivePage::new()
-                .inspect_err(|e| log::info!("shm: no liveness word (initiators will peek): {e}"))
-                .ok()
-        } else {
-            None
-        };
+        let alive = if offer_word { AlivePage::new().inspect_err(no_word).ok() } else { None };
         let server = Arc::new(Self { attached: Mutex::new([false; SLOTS]), alive });
         let (srv, life2, socket) = (server.clone(), life.clone(), name.to_string());
         life.spawn("tw-shm-accept".into(), move || {
             // Held by this thread, which lives as long as the engine: before the first
             // connection is accepted, so every initiator finds it published.
-            let _held = srv.alive.as_ref().and_then(|page| {
-                page.hold()
-                    .inspect_err(|e| {
-                        log::info!("shm: no liveness word (initiators will peek): {e}")
-                    })
-                    .ok()
-            });
+            let _held = srv.alive.as_ref().and_then(|page| page.hold().inspect_err(no_word).ok());
             srv.accept_loop(&listener, &registry, &guard, &life2, &socket);
         })?;
         Ok(server)
@@ -223,12 +211,11 @@ impl ShmServer {
         listener: &UnixListener,
         registry: &Arc<Registry>,
         guard: &Arc<Guard>,
-        life2: &Lifecycle,
+        life: &Lifecycle,
         socket: &str,
     ) {
-        let srv = self;
         loop {
-            if life2.stopping() {
+            if life.stopping() {
                 return;
             }
             match listener.accept() {
@@ -240,9 +227,9 @@ impl ShmServer {
                         continue;
                     }
                     // Served on the engine's I/O loops: no thread per same-host peer.
-                    let attached = life2.reactor().and_then(|r| {
+                    let attached = life.reactor().and_then(|r| {
                         let source =
-                            ShmConn::new(srv.clone(), stream, registry.clone(), guard.clone())?;
+                            ShmConn::new(self.clone(), stream, registry.clone(), guard.clone())?;
                         r.slot().attach(Box::new(source))
                     });
                     if let Err(e) = attached {
@@ -433,37 +420,24 @@ impl ShmConn {
 
     /// The answer to one request, with a descriptor of its own (dup'd: it may wait in `out`).
     fn answer(&self) -> ([u8; SHM_MESSAGE_LEN], Option<OwnedFd>) {
-        let refused = (ShmAnswer::Refused.encode(), None);
         // An unknown kind is refused like an unknown region: the initiator gets a reason.
-        let Ok(req) = ShmRequest::decode(&self.req) else { return refused };
-        let entry = match req.what {
-            ShmFetch::Alive => None,
-            _ => match self.registry.by_id(req.region).filter(|e| e.access().is_some()) {
-                Some(entry) => Some(entry),
-                None => return refused,
-            },
+        let Ok(req) = ShmRequest::decode(&self.req) else { return grant(None, "an unknown kind") };
+        if req.what == ShmFetch::Alive {
+            let page = self.server.alive.as_ref().and_then(|p| p.fd()).map(|fd| (0, fd));
+            return grant(page, "the liveness page");
+        }
+        let Some(entry) = self.registry.by_id(req.region).filter(|e| e.access().is_some()) else {
+            return grant(None, req.region);
         };
-        let found: Option<(u64, &OwnedFd)> = match (req.what, &entry) {
-            (ShmFetch::Alive, _) => {
-                self.server.alive.as_ref().and_then(|p| p.fd()).map(|fd| (0, fd))
-            }
-            (_, None) => None,
-            (ShmFetch::Data, Some(entry)) => {
-                entry.shared.as_ref().map(|s| (s.map.data_len(), &s.fd))
-            }
-            (ShmFetch::Control, Some(entry)) => entry.control().map(|c| (0, &c.fd)),
-            (ShmFetch::VmmFd, Some(entry)) => {
+        let found = match req.what {
+            ShmFetch::Data => entry.shared.as_ref().map(|s| (s.map.data_len(), &s.fd)),
+            ShmFetch::Control => entry.control().map(|c| (0, &c.fd)),
+            ShmFetch::VmmFd => {
                 entry.gpu.as_ref().and_then(|g| g.vmm_fd.as_ref().map(|(size, fd)| (*size, fd)))
             }
+            ShmFetch::Alive => None,
         };
-        match found.map(|(len, fd)| (len, fd.try_clone())) {
-            Some((len, Ok(fd))) => (ShmAnswer::Granted { len }.encode(), Some(fd)),
-            Some((_, Err(e))) => {
-                log::warn!("shm: duplicating a descriptor of {}: {e}", req.region);
-                refused
-            }
-            None => refused,
-        }
+        grant(found, req.region)
     }
 
     /// Sends what is queued; false when the connection failed.
@@ -841,6 +815,28 @@ impl Drop for RunMark<'_> {
     fn drop(&mut self) {
         self.client.leave(self.map);
     }
+}
+
+/// The answer granting `found` (a descriptor of its own, dup'd: it may wait for room in the
+/// socket), or refusing when there is nothing to grant.
+fn grant(
+    found: Option<(u64, &OwnedFd)>,
+    of: impl std::fmt::Display,
+) -> ([u8; SHM_MESSAGE_LEN], Option<OwnedFd>) {
+    let refused = (ShmAnswer::Refused.encode(), None);
+    match found.map(|(len, fd)| (len, fd.try_clone())) {
+        Some((len, Ok(fd))) => (ShmAnswer::Granted { len }.encode(), Some(fd)),
+        Some((_, Err(e))) => {
+            log::warn!("shm: duplicating a descriptor of {of}: {e}");
+            refused
+        }
+        None => refused,
+    }
+}
+
+/// Logs why this engine offers no liveness word (its initiators peek at the socket instead).
+fn no_word(e: &Error) {
+    log::info!("shm: no liveness word (initiators will peek): {e}");
 }
 
 /// Whether the process at the other end of `stream` may use the socket: the same uid as
