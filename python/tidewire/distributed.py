@@ -760,15 +760,34 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                 f"tidewire: rank {self._rank}: the group's view changed (epoch {epoch}, active {members}) and "
                 "it re-forms only when told: call mooncake.pg.sync_after_failure(pg) first"
             )
-        self._reform(epoch, members)
+        old = list(self._members)
+        removed = sorted(set(old) - set(members))
+        if self._reform(epoch, members) and len(old) > 1:
+            # Another member failed an operation of the old view that this rank finished (the
+            # victim died after sending us all it owed): each survivor fails one operation for
+            # the failure, so that the calls after it pair up again. This one did not run.
+            self._failed_ranks = removed
+            names = " and ".join(f"rank {r}" for r in removed)
+            who = f"{names} failed and left the group" if removed else "a rank failed"
+            e = _native.PeerFailed(
+                f"tidewire: rank {self._rank}: this operation did not run: {who} during an operation this rank "
+                f"had finished and other ranks had not (epoch {epoch}, active {members}); every survivor fails "
+                "one operation for a failure, and the group goes on over the active ranks"
+            )
+            e.ranks = removed  # type: ignore[attr-defined]
+            raise e
 
-    def _reform(self, epoch: int, members: List[int]) -> None:
-        """Forms the communicator over `members` at `epoch` (every member does the same)."""
+    def _reform(self, epoch: int, members: List[int]) -> bool:
+        """Forms the communicator over `members` at `epoch` (every member does the same).
+        Returns whether another member's last operation of the old view failed while this
+        rank's did not."""
         eng = engine()
         n, me = len(members), members.index(self._rank)
+        failed = self._old_view_failed()
         region = _native.Communicator.allocate_region(eng._native, n, _ring_bytes(n))
         try:
-            self._elastic.announce("region", json.dumps({"name": eng.name, "region": region[0], "pid": os.getpid()}))
+            info = {"name": eng.name, "region": region[0], "pid": os.getpid(), "failed": failed}
+            self._elastic.announce("region", json.dumps(info))
             infos = [json.loads(v) for v in self._elastic.collect("region", epoch, members, self._timeout.total_seconds())]
         except BaseException as e:
             eng._native.free_shared(region[0])  # no communicator owns it yet
@@ -798,6 +817,18 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         logging.getLogger("tidewire").warning(
             "tidewire: rank %d: the group continues over ranks %s (epoch %d)", self._rank, members, epoch
         )
+        return not failed and any(bool(i.get("failed")) for i in infos)
+
+    def _old_view_failed(self) -> bool:
+        """Whether an operation of the communicator (or the NVLink path) in force failed."""
+        if self._comm.failure() is not None:
+            return True
+        if self._cuda is not None and self._cuda.comm is not None:
+            try:
+                self._cuda.comm.check()
+            except _native.TidewireError:
+                return True
+        return False
 
     def _sync_mask(self) -> None:
         """Writes the view in force into the caller's mask tensor, in place, when it changed

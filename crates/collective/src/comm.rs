@@ -511,6 +511,11 @@ impl Comm {
             .collect()
     }
 
+    /// The failure that made the group unusable, if an operation failed (no communication).
+    pub fn failure(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
     /// Fails if an earlier operation failed.
     fn usable(&self, op: &str) -> Result<()> {
         match &self.poisoned {

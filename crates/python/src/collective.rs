@@ -306,6 +306,11 @@ impl PyComm {
         self.with(py, |c| Ok(c.dead_ranks()))
     }
 
+    /// Why the group became unusable, if an operation failed (local, no communication).
+    fn failure(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.with(py, |c| Ok(c.failure().map(str::to_string)))
+    }
+
     /// Releases the rings and the receive region (pending operations are dropped).
     fn close(&self, py: Python<'_>) {
         py.detach(|| {
