@@ -592,6 +592,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._group_name = ""
         self._group_desc = ""
         self._failed_ranks: List[int] = []
+        #: Whether a call raised a failure of the communicator (or NVLink path) in force.
+        self._reported = False
         #: Elastic membership (`tidewire.mooncake.pg` groups): an `_native.ElasticMember`, the
         #: epoch the mask holds, and whether a failure removes the failed ranks.
         self._elastic: Optional[Any] = None
@@ -696,6 +698,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             except AttributeError:
                 pass
             self._failed(ranks)
+            if self._view_failed(wait=False):
+                self._reported = True
             raise
 
     #: Communicator calls whose arguments name a rank: the argument's position.
@@ -763,27 +767,28 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         old = list(self._members)
         removed = sorted(set(old) - set(members))
         if self._reform(epoch, members) and len(old) > 1:
-            # Another member failed an operation of the old view that this rank finished (the
-            # victim died after sending us all it owed): each survivor fails one operation for
-            # the failure, so that the calls after it pair up again. This one did not run.
+            # An operation of the old view failed (on another member: the victim may have sent
+            # this rank all it owed first; or a kernel of ours whose failure no call reported
+            # yet), and this rank told its caller nothing: every survivor fails one call for a
+            # failure, so that the calls after it pair up again. This one did not run.
             self._failed_ranks = removed
             names = " and ".join(f"rank {r}" for r in removed)
             who = f"{names} failed and left the group" if removed else "a rank failed"
             e = _native.PeerFailed(
-                f"tidewire: rank {self._rank}: this operation did not run: {who} during an operation this rank "
-                f"had finished and other ranks had not (epoch {epoch}, active {members}); every survivor fails "
-                "one operation for a failure, and the group goes on over the active ranks"
+                f"tidewire: rank {self._rank}: this operation did not run: {who} (epoch {epoch}, active "
+                f"{members}) during an earlier operation that failed on some ranks; every survivor fails one "
+                "call for a failure (here, this one) and the group goes on over the active ranks"
             )
             e.ranks = removed  # type: ignore[attr-defined]
             raise e
 
     def _reform(self, epoch: int, members: List[int]) -> bool:
         """Forms the communicator over `members` at `epoch` (every member does the same).
-        Returns whether another member's last operation of the old view failed while this
-        rank's did not."""
+        Returns whether an operation of the old view failed (here or on another member) while
+        no call of this rank reported a failure of it."""
         eng = engine()
         n, me = len(members), members.index(self._rank)
-        failed = self._old_view_failed()
+        failed = self._view_failed(wait=True)
         region = _native.Communicator.allocate_region(eng._native, n, _ring_bytes(n))
         try:
             info = {"name": eng.name, "region": region[0], "pid": os.getpid(), "failed": failed}
@@ -817,13 +822,18 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         logging.getLogger("tidewire").warning(
             "tidewire: rank %d: the group continues over ranks %s (epoch %d)", self._rank, members, epoch
         )
-        return not failed and any(bool(i.get("failed")) for i in infos)
+        unreported = not self._reported
+        self._reported = False
+        return unreported and (failed or any(bool(i.get("failed")) for i in infos))
 
-    def _old_view_failed(self) -> bool:
-        """Whether an operation of the communicator (or the NVLink path) in force failed."""
+    def _view_failed(self, wait: bool) -> bool:
+        """Whether an operation of the communicator (or the NVLink path) in force failed; with
+        `wait`, after the path's kernels ended (by the group's timeout at the latest)."""
         if self._comm.failure() is not None:
             return True
         if self._cuda is not None and self._cuda.comm is not None:
+            if wait:
+                torch.cuda.synchronize(self._cuda.device)
             try:
                 self._cuda.comm.check()
             except _native.TidewireError:
