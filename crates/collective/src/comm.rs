@@ -267,7 +267,7 @@ fn env_usize(key: &str) -> Option<usize> {
 
 /// Bytes below which a reduction's reads stay on the caller's thread, and the least a reader
 /// thread takes (a thread costs tens of µs to start; one core copies a few hundred KiB in
-/// that time).
+/// that time). `TIDEWIRE_PG_REDUCE_SPLIT_MIN` and `TIDEWIRE_PG_REDUCE_PIECE_MIN` tune them.
 const SPLIT_MIN: usize = 512 << 10;
 const PIECE_MIN: usize = 128 << 10;
 /// The same for plain reads (all_gather, all_to_all: `read_all`), whose threads only copy:
@@ -277,12 +277,19 @@ const PIECE_MIN: usize = 128 << 10;
 const READ_SPLIT_MIN: usize = 1 << 20;
 const READ_PIECE_MIN: usize = 1 << 20;
 
-/// The plain reads' (split, piece) thresholds in force, read once.
-fn read_thresholds() -> (usize, usize) {
-    static AT: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    *AT.get_or_init(|| {
-        let split = env_usize("TIDEWIRE_PG_READ_SPLIT_MIN").unwrap_or(READ_SPLIT_MIN);
-        let piece = env_usize("TIDEWIRE_PG_READ_PIECE_MIN").unwrap_or(READ_PIECE_MIN);
+/// The (split, piece) thresholds in force for reductions (`reduce`) or plain reads, read once.
+fn thresholds(reduce: bool) -> (usize, usize) {
+    type At = std::sync::OnceLock<(usize, usize)>;
+    static REDUCE: At = At::new();
+    static READ: At = At::new();
+    let (at, what, split, piece) = if reduce {
+        (&REDUCE, "REDUCE", SPLIT_MIN, PIECE_MIN)
+    } else {
+        (&READ, "READ", READ_SPLIT_MIN, READ_PIECE_MIN)
+    };
+    *at.get_or_init(|| {
+        let split = env_usize(&format!("TIDEWIRE_PG_{what}_SPLIT_MIN")).unwrap_or(split);
+        let piece = env_usize(&format!("TIDEWIRE_PG_{what}_PIECE_MIN")).unwrap_or(piece);
         (split, piece.max(4096))
     })
 }
@@ -1806,12 +1813,13 @@ fn header_bytes(tag: u64, len: u64) -> [u8; 16] {
 /// Bytes of each of at most `readers` pieces of `len` bytes of a reduction's reads (whole
 /// 4 KiB pages but the last, at least [`PIECE_MIN`]; one piece below [`SPLIT_MIN`]).
 fn piece_of(len: usize, readers: usize) -> usize {
-    pieces(len, readers, SPLIT_MIN, PIECE_MIN)
+    let (split, piece) = thresholds(true);
+    pieces(len, readers, split, piece)
 }
 
-/// As [`piece_of`] for plain reads ([`read_thresholds`]).
+/// As [`piece_of`] for plain reads.
 fn read_piece_of(len: usize, readers: usize) -> usize {
-    let (split, piece) = read_thresholds();
+    let (split, piece) = thresholds(false);
     pieces(len, readers, split, piece)
 }
 
