@@ -268,8 +268,10 @@ fn env_usize(key: &str) -> Option<usize> {
 /// Bytes below which a reduction's reads stay on the caller's thread, and the least a reader
 /// thread takes (a thread costs tens of µs to start; one core copies a few hundred KiB in
 /// that time). `TIDEWIRE_PG_REDUCE_SPLIT_MIN` and `TIDEWIRE_PG_REDUCE_PIECE_MIN` tune them.
-const SPLIT_MIN: usize = 512 << 10;
-const PIECE_MIN: usize = 128 << 10;
+/// Measured on a 16-CPU host (NOTES §49): 4 ranks' all_reduce of 1 MiB 429 -> 330 µs (median
+/// of three runs) with 256 / 64 KiB instead of 512 / 128 KiB, larger sizes unchanged.
+const SPLIT_MIN: usize = 256 << 10;
+const PIECE_MIN: usize = 64 << 10;
 /// The same for plain reads (all_gather, all_to_all: `read_all`), whose threads only copy:
 /// one thread below 1 MiB, pieces of at least 1 MiB (or half the bytes) above — measured on
 /// 16- and 32-CPU hosts (NOTES §36, §46). `TIDEWIRE_PG_READ_SPLIT_MIN` and
@@ -277,15 +279,25 @@ const PIECE_MIN: usize = 128 << 10;
 const READ_SPLIT_MIN: usize = 1 << 20;
 const READ_PIECE_MIN: usize = 1 << 20;
 
-/// The (split, piece) thresholds in force for reductions (`reduce`) or plain reads, read once.
-fn thresholds(reduce: bool) -> (usize, usize) {
+/// How a rank's reads of one call are cut among the reader threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// A reduction's reads (and all_reduce's reads of the reduced blocks): from
+    /// [`SPLIT_MIN`], pieces of at least [`PIECE_MIN`].
+    Reduction,
+    /// Plain copies (all_gather, all_to_all): from [`READ_SPLIT_MIN`], pieces of at least
+    /// [`READ_PIECE_MIN`].
+    Copy,
+}
+
+/// The (split, piece) thresholds in force for `cut`, read once.
+fn thresholds(cut: Cut) -> (usize, usize) {
     type At = std::sync::OnceLock<(usize, usize)>;
     static REDUCE: At = At::new();
     static READ: At = At::new();
-    let (at, what, split, piece) = if reduce {
-        (&REDUCE, "REDUCE", SPLIT_MIN, PIECE_MIN)
-    } else {
-        (&READ, "READ", READ_SPLIT_MIN, READ_PIECE_MIN)
+    let (at, what, split, piece) = match cut {
+        Cut::Reduction => (&REDUCE, "REDUCE", SPLIT_MIN, PIECE_MIN),
+        Cut::Copy => (&READ, "READ", READ_SPLIT_MIN, READ_PIECE_MIN),
     };
     *at.get_or_init(|| {
         let split = env_usize(&format!("TIDEWIRE_PG_{what}_SPLIT_MIN")).unwrap_or(split);
@@ -890,7 +902,10 @@ impl Comm {
         // Every reader wants our reduced block; the round that tells them where it is also
         // tells them that it is reduced (and that we read nothing of theirs any more).
         let reduced = (buf.as_ptr() as u64 + own.start as u64, own.len());
-        self.direct_exchange(name, buf, parts, &vec![reduced; self.size], None)
+        // Its reads are cut like a reduction's (more threads than plain reads: the pool was
+        // just woken; NOTES §49).
+        let blocks = vec![reduced; self.size];
+        self.direct_exchange(name, buf, parts, &blocks, None, Cut::Reduction)
     }
 
     /// Where to read each peer's piece: `(rank, process, address)` of the byte `at` of the
@@ -1126,7 +1141,7 @@ impl Comm {
                 (r, std::mem::take(&mut dsts[r]), addr, len)
             })
             .collect();
-        self.read_blocks(name, reads, Some((own, &input[i[me].clone()])))?;
+        self.read_blocks(name, reads, Some((own, &input[i[me].clone()])), Cut::Copy)?;
         self.tokens(name, directs)
     }
 
@@ -1137,6 +1152,7 @@ impl Comm {
         name: &str,
         reads: Vec<(usize, &mut [u8], u64, usize)>,
         own: Option<(&mut [u8], &[u8])>,
+        cut: Cut,
     ) -> Result<()> {
         // Any failure leaves the ranks out of step: the group is poisoned (and the others
         // told) so that none of them waits for us until its timeout.
@@ -1174,7 +1190,7 @@ impl Comm {
             self.fail(&e);
             return Err(e);
         }
-        if let Err((r, e)) = self.readers.read_all(jobs) {
+        if let Err((r, e)) = self.readers.read_all(jobs, cut) {
             let e = Error::RankFailed {
                 op: name.to_string(),
                 rank: r,
@@ -1255,6 +1271,7 @@ impl Comm {
         parts: &[Range<usize>],
         blocks: &[(u64, usize)],
         own: Option<&[u8]>,
+        cut: Cut,
     ) -> Result<()> {
         let peers = self.others();
         let theirs = self.swap_words(name, &peers, |r| encode_block(blocks[r].0, blocks[r].1))?;
@@ -1267,7 +1284,7 @@ impl Comm {
                 (r, std::mem::take(&mut dsts[r]), addr, len)
             })
             .collect();
-        self.read_blocks(name, reads, own)?;
+        self.read_blocks(name, reads, own, cut)?;
         self.tokens(name, &peers)
     }
 
@@ -1285,7 +1302,14 @@ impl Comm {
             // Our own block is copied along with the reads.
             let blocks = vec![(input.as_ptr() as u64, len); n];
             let parts = offsets_of(&vec![len; n]);
-            return self.direct_exchange("all_gather", out, &parts, &blocks, Some(input));
+            return self.direct_exchange(
+                "all_gather",
+                out,
+                &parts,
+                &blocks,
+                Some(input),
+                Cut::Copy,
+            );
         }
         self.readers.copy(&mut out[self.rank * len..(self.rank + 1) * len], input);
         if n > 1 && len > 0 {
@@ -1810,16 +1834,10 @@ fn header_bytes(tag: u64, len: u64) -> [u8; 16] {
     b
 }
 
-/// Bytes of each of at most `readers` pieces of `len` bytes of a reduction's reads (whole
-/// 4 KiB pages but the last, at least [`PIECE_MIN`]; one piece below [`SPLIT_MIN`]).
-fn piece_of(len: usize, readers: usize) -> usize {
-    let (split, piece) = thresholds(true);
-    pieces(len, readers, split, piece)
-}
-
-/// As [`piece_of`] for plain reads.
-fn read_piece_of(len: usize, readers: usize) -> usize {
-    let (split, piece) = thresholds(false);
+/// Bytes of each of at most `readers` pieces of `len` bytes of reads cut as `cut` says (whole
+/// 4 KiB pages but the last).
+fn piece_of(len: usize, readers: usize, cut: Cut) -> usize {
+    let (split, piece) = thresholds(cut);
     pieces(len, readers, split, piece)
 }
 
@@ -1895,7 +1913,7 @@ impl Readers {
         dst: &mut [u8],
         f: impl Fn(usize, &mut [u8]) -> std::result::Result<(), E> + Sync,
     ) -> std::result::Result<(), E> {
-        let piece = piece_of(dst.len(), self.n);
+        let piece = piece_of(dst.len(), self.n, Cut::Reduction);
         if piece >= dst.len() {
             return f(0, dst);
         }
@@ -1943,9 +1961,13 @@ impl Readers {
     /// Reads every `(rank, source, dst)` (`dst.len()` bytes) in one go: all the bytes cut
     /// into at most `n` equal shares in the order given (one wake-up of the pool for every
     /// block, not one per block); the first error, with the rank read.
-    fn read_all(&self, reads: Vec<Read<'_>>) -> std::result::Result<(), (usize, std::io::Error)> {
+    fn read_all(
+        &self,
+        reads: Vec<Read<'_>>,
+        cut: Cut,
+    ) -> std::result::Result<(), (usize, std::io::Error)> {
         let total: usize = reads.iter().map(|r| r.2.len()).sum();
-        let share = read_piece_of(total, self.n).max(1);
+        let share = piece_of(total, self.n, cut).max(1);
         let mut groups: Vec<Vec<Read<'_>>> = vec![Vec::new()];
         let mut room = share;
         for (r, mut src, mut d) in reads {
@@ -2155,7 +2177,7 @@ mod tests {
                 (r, src, d.as_mut_slice())
             })
             .collect();
-        if let Err((r, e)) = readers.read_all(reads) {
+        if let Err((r, e)) = readers.read_all(reads, Cut::Copy) {
             panic!("reading block {r} (process_vm_readv of this process): {e}");
         }
         assert_eq!(dsts, srcs);
