@@ -6,13 +6,8 @@
 # scripts/gpu-test.sh).   bench/gpu-coll.sh [out-dir]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 O=${1:-${OUT:-bench/results/gpu-coll-$(date -u +%Y-%m-%d)}}
-mkdir -p "$O"
-python3 -m pip install -q --no-index --no-deps --target /tmp/tidewire-site --upgrade dist/tidewire-*.whl
-export PYTHONPATH=/tmp/tidewire-site${PYTHONPATH:+:$PYTHONPATH}
-{ date -u; nvidia-smi -L; nproc; } > "$O/machine.txt" 2>&1
-step() { echo "$1 rc $2 ${SECONDS} s" >> "$O/machine.txt"; }
+. bench/device-env.sh
 pg() { python3 bench/pg_bench.py --backends tidewire,nccl --device cuda --dtype bf16 "$@" 2>&1 | grep -v arn; }
 timeout 150 pg --min-bytes 128 --max-bytes 256K --step 2 --iters 30 > "$O/pg-eager.txt"; step pg-eager $?
 timeout 90 pg --ops all_reduce --min-bytes 128 --max-bytes 256K --step 2 --iters 30 --graph > "$O/pg-graph.txt"; step pg-graph $?

@@ -13,15 +13,11 @@
 # ranks on one GPU); its times then mean nothing.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 R=${R:-$(nvidia-smi -L | wc -l)}
 PART=${PART:-ep}
 O=${1:-${OUT:-bench/results/gpu-multi-$(date -u +%Y-%m-%d)}}
-mkdir -p "$O"
-python3 -m pip install -q --no-index --no-deps --target /tmp/tidewire-site --upgrade dist/tidewire-*.whl
-export PYTHONPATH=/tmp/tidewire-site${PYTHONPATH:+:$PYTHONPATH}
-{ date -u; nvidia-smi -L; nproc; echo "R=$R PART=$PART"; } >> "$O/machine.txt" 2>&1
-step() { echo "$1 rc $2 ${SECONDS} s" >> "$O/machine.txt"; }
+. bench/device-env.sh
+echo "R=$R PART=$PART" >> "$O/machine.txt"
 backend=nccl
 [ "${TIDEWIRE_TEST_SHARED_GPU:-0}" = 1 ] && backend=gloo
 

@@ -7,13 +7,8 @@
 # (see scripts/gpu-test.sh).   bench/gpu-pair.sh [out-dir]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 O=${1:-${OUT:-bench/results/gpu-pair-$(date -u +%Y-%m-%d)}}
-mkdir -p "$O"
-python3 -m pip install -q --no-index --no-deps --target /tmp/tidewire-site --upgrade dist/tidewire-*.whl
-export PYTHONPATH=/tmp/tidewire-site${PYTHONPATH:+:$PYTHONPATH}
-{ date -u; nvidia-smi -L; nproc; } > "$O/machine.txt" 2>&1
-step() { echo "$1 rc $2 ${SECONDS} s" >> "$O/machine.txt"; }
+. bench/device-env.sh
 timeout 120 python3 bench/ep_bench.py --tokens 128,512,1024 2>&1 | grep -v arn > "$O/ep.txt"; step ep $?
 timeout 45 python3 bench/ref/collectives_reference.py ep > "$O/ep-ref.txt" 2>&1; step ep-ref $?
 timeout 130 python3 -m pytest -q -rs -p no:cacheprovider python/tests/test_ep.py -k "deepeps_checks and p2p and not disable" > "$O/py-ep.txt" 2>&1; step ep-tests $?

@@ -181,13 +181,15 @@ enum Xfer {
         done: u64,
     },
     /// With `reduce`, the bytes are reduced into `dst` (`dst op received`) as they arrive,
-    /// straight out of the ring, instead of copied.
+    /// straight out of the ring, instead of copied. With `expect`, a collective's header
+    /// (16 bytes): checked as soon as it arrived, before the channel's next bytes are taken.
     Recv {
         peer: usize,
         dst: u64,
         len: u64,
         done: u64,
         reduce: Option<(DType, ReduceOp)>,
+        expect: Option<[u8; 16]>,
     },
 }
 
@@ -237,6 +239,11 @@ pub struct Comm {
     /// Every point-to-point message travels behind a 16-byte header (its tag and length):
     /// the headers of pending sends and receives, by the operation of their message.
     headers: Vec<Header>,
+    /// Collectives called so far: every round of collective `seq` sends each peer it talks
+    /// to a header naming it (`coll_header`), checked by the receiver before the round's
+    /// bytes, so ranks out of step (different collectives, or one rank a call ahead) fail
+    /// naming both calls instead of taking each other's bytes.
+    seq: u64,
 }
 
 /// A point-to-point message's header: `(tag, length)` as 16 bytes, in a box that stays put
@@ -369,6 +376,7 @@ impl Comm {
             readers: Readers::new(readers(size)),
             p2p_timeout: None,
             headers: Vec::new(),
+            seq: 0,
         };
         comm.agree_direct()?;
         Ok(comm)
@@ -553,11 +561,44 @@ impl Comm {
                 return Err(Error::invalid(format!("{op}: no channel to rank {peer}")));
             }
         }
-        let outcome = self.progress(op, xfers, None, self.timeout);
+        // The round's header first on every channel it uses (a peer's is checked before its
+        // bytes are taken).
+        let word = coll_header(self.seq, op);
+        let mut got = vec![[0u8; 16]; self.size];
+        let mut all: Vec<Xfer> = Vec::with_capacity(2 * self.size + xfers.len());
+        let mut seen = vec![(false, false); self.size];
+        for x in xfers.iter() {
+            let (peer, send) = x.channel();
+            let (s, r) = &mut seen[peer];
+            if send && !*s {
+                *s = true;
+                all.push(Xfer::Send { peer, src: word.as_ptr() as u64, len: 16, done: 0 });
+            } else if !send && !*r {
+                *r = true;
+                let dst = got[peer].as_mut_ptr() as u64;
+                all.push(Xfer::Recv {
+                    peer,
+                    dst,
+                    len: 16,
+                    done: 0,
+                    reduce: None,
+                    expect: Some(word),
+                });
+            }
+        }
+        let headers = all.len();
+        all.extend_from_slice(xfers);
+        let outcome = self.progress(op, &mut all, None, self.timeout);
+        xfers.copy_from_slice(&all[headers..]);
         if let Err(e) = &outcome {
             self.fail(e);
         }
         outcome
+    }
+
+    /// Starts collective call number `seq + 1` (every rank counts its calls alike).
+    fn begin(&mut self) {
+        self.seq += 1;
     }
 
     /// Poisons the group after `e` and tells every rank, so that those waiting for us fail
@@ -617,6 +658,7 @@ impl Comm {
                             .unwrap_or_else(|| transfer_failed(op, peer, e, start)))
                     }
                 }
+                check_header(op, x)?;
             }
             self.pending.retain(|(_, x)| !x.finished());
             if !self.headers.is_empty() {
@@ -695,13 +737,14 @@ impl Comm {
             len: dst.len() as u64,
             done: 0,
             reduce: None,
+            expect: None,
         }
     }
 
     /// Receives `acc.len()` bytes from rank `peer`, reducing them into `acc` as they arrive.
     fn recv_reduce(&self, peer: usize, acc: &mut [u8], dtype: DType, op: ReduceOp) -> Xfer {
         let (dst, len) = (acc.as_mut_ptr() as u64, acc.len() as u64);
-        Xfer::Recv { peer, dst, len, done: 0, reduce: Some((dtype, op)) }
+        Xfer::Recv { peer, dst, len, done: 0, reduce: Some((dtype, op)), expect: None }
     }
 
     /// Starts sending `len` bytes at `src` to rank `peer`; they are copied out as the peer
@@ -724,8 +767,8 @@ impl Comm {
     pub unsafe fn irecv(&mut self, peer: usize, dst: u64, len: u64, tag: u64) -> Result<OpId> {
         let mut bytes = Box::new([0u8; 16]);
         let at = bytes.as_mut_ptr() as u64;
-        let header = Xfer::Recv { peer, dst: at, len: 16, done: 0, reduce: None };
-        let body = Xfer::Recv { peer, dst, len, done: 0, reduce: None };
+        let header = Xfer::Recv { peer, dst: at, len: 16, done: 0, reduce: None, expect: None };
+        let body = Xfer::Recv { peer, dst, len, done: 0, reduce: None, expect: None };
         self.message("irecv", peer, bytes, Some((tag, len)), header, body)
     }
 
@@ -769,6 +812,14 @@ impl Comm {
                     u64::from_le_bytes(w)
                 };
                 let got = (word(0), word(8));
+                if got.0 & !0xffff == COLL_MAGIC {
+                    return Err(Error::invalid(format!(
+                        "{op}: the next message from rank {} is {}, not the message of tag \
+                         {tag} and {len} bytes this receive expects (the ranks are out of step)",
+                        h.peer,
+                        describe_header(&h.bytes)
+                    )));
+                }
                 return Err(Error::invalid(format!(
                     "{op}: the next message from rank {} has tag {} and {} bytes; this receive \
                      expects tag {tag} and {len} bytes (messages between two ranks pair in the \
@@ -854,6 +905,7 @@ impl Comm {
     /// Reduces `buf` (`dtype` elements) over every rank with `op`; every rank ends with the
     /// same bytes.
     pub fn all_reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        self.begin();
         op.check(dtype)?;
         let n = self.size;
         if n > 1 {
@@ -1290,6 +1342,7 @@ impl Comm {
 
     /// Every rank's `input` (all of equal length) into `out`, rank after rank.
     pub fn all_gather(&mut self, out: &mut [u8], input: &[u8]) -> Result<()> {
+        self.begin();
         let (n, len) = (self.size, input.len());
         if out.len() != n * len {
             return Err(Error::invalid(format!(
@@ -1328,6 +1381,7 @@ impl Comm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
+        self.begin();
         op.check(dtype)?;
         let (n, len) = (self.size, out.len());
         if input.len() != n * len {
@@ -1374,6 +1428,7 @@ impl Comm {
 
     /// Rank `root`'s `buf` into every rank's `buf`.
     pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        self.begin();
         self.check_root("broadcast", root)?;
         let (n, me) = (self.size, self.rank);
         if n == 1 || buf.is_empty() {
@@ -1396,6 +1451,7 @@ impl Comm {
         input: &[u8],
         in_splits: &[usize],
     ) -> Result<()> {
+        self.begin();
         let n = self.size;
         let me = self.rank;
         let sum = |s: &[usize]| s.iter().sum::<usize>();
@@ -1464,6 +1520,7 @@ impl Comm {
         op: ReduceOp,
         root: usize,
     ) -> Result<()> {
+        self.begin();
         op.check(dtype)?;
         let (n, me, len) = (self.size, self.rank, buf.len());
         // Every rank's buffer to the root, which reduces them in rank order.
@@ -1485,6 +1542,7 @@ impl Comm {
     /// Every rank's `input` into rank `root`'s `out` (rank after rank; `out` is only used on
     /// the root).
     pub fn gather(&mut self, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
+        self.begin();
         self.gather_as("gather", out, input, root)
     }
 
@@ -1518,6 +1576,7 @@ impl Comm {
 
     /// Block `r` of rank `root`'s `input` into rank `r`'s `out` (`input` only used on the root).
     pub fn scatter(&mut self, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
+        self.begin();
         self.check_root("scatter", root)?;
         let (n, me, len) = (self.size, self.rank, out.len());
         if me != root {
@@ -1546,6 +1605,7 @@ impl Comm {
 
     /// Returns once every rank called it.
     pub fn barrier(&mut self) -> Result<()> {
+        self.begin();
         let (n, me) = (self.size, self.rank);
         let token = [1u8];
         let mut got = vec![0u8; n];
@@ -1824,6 +1884,70 @@ fn step(
         }
     };
     Ok(moved)
+}
+
+/// The operations a collective's header names (its code is the index).
+const COLLECTIVES: [&str; 10] = [
+    "connecting",
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "all_to_all",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+];
+/// A collective header's first word, but for the operation's code in its low 16 bits
+/// ("twcoll").
+const COLL_MAGIC: u64 = 0x7477_636f_6c6c_0000;
+
+/// The header of a round of collective call `seq` (operation `op`): `COLL_MAGIC | code`, then
+/// `seq`.
+fn coll_header(seq: u64, op: &str) -> [u8; 16] {
+    let code = COLLECTIVES.iter().position(|&c| c == op).unwrap_or(0xffff) as u64;
+    header_bytes(COLL_MAGIC | code, seq)
+}
+
+/// What a 16-byte header names, for an error: a collective's call, else a point-to-point
+/// message.
+fn describe_header(bytes: &[u8; 16]) -> String {
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let (first, second) = (word(0), word(8));
+    if first & !0xffff == COLL_MAGIC {
+        let op = COLLECTIVES.get((first & 0xffff) as usize).copied().unwrap_or("a collective");
+        format!("collective call #{second} ({op})")
+    } else {
+        format!("a point-to-point message (tag {first}, {second} bytes) or no header at all")
+    }
+}
+
+/// Fails if `x` is a collective's header that arrived and names another call than ours (the
+/// ranks are out of step); a matching one is checked once.
+fn check_header(op: &str, x: &mut Xfer) -> Result<()> {
+    let Xfer::Recv { peer, dst, len, done, expect, .. } = x else { return Ok(()) };
+    let Some(want) = *expect else { return Ok(()) };
+    if *done < *len {
+        return Ok(());
+    }
+    // SAFETY: `dst` is the 16-byte slot `run` keeps for this header while the round runs,
+    // all of it written (`done == len == 16`).
+    let got = unsafe { std::ptr::read(*dst as *const [u8; 16]) };
+    if got != want {
+        return Err(Error::invalid(format!(
+            "{op}: rank {peer}'s next message is {}, and this rank is in {}: the ranks called \
+             different collectives, or not in the same order",
+            describe_header(&got),
+            describe_header(&want)
+        )));
+    }
+    *expect = None;
+    Ok(())
 }
 
 /// A point-to-point message's header: its tag and length.
