@@ -73,10 +73,14 @@ fn group_as<T: Send + 'static>(
                     infos.lock().unwrap().iter().map(|p| p.clone().unwrap()).collect();
                 let mut comm =
                     Comm::connect_with(engine.clone(), rank, region, &peers, timeout, tcp).unwrap();
-                let out = body(rank, &mut comm);
+                // A rank whose body panics still reaches the barrier (the others would wait
+                // for it forever), then fails the test with its panic.
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    body(rank, &mut comm)
+                }));
                 ready.wait();
                 drop(comm);
-                out
+                out.unwrap_or_else(|p| std::panic::resume_unwind(p))
             })
         })
         .collect();
