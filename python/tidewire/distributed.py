@@ -698,8 +698,11 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             except AttributeError:
                 pass
             self._failed(ranks)
-            if self._view_failed(wait=False):
-                self._reported = True
+            try:
+                if self._view_failed(wait=False):
+                    self._reported = True
+            except _native.TidewireError:
+                pass  # the group was destroyed meanwhile: the caller gets the first error
             raise
 
     #: Communicator calls whose arguments name a rank: the argument's position.
@@ -709,8 +712,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         membership changed), with ranks translated to the communicator's; buffers with a slot
         per group rank are packed to the active ranks' slots (and the inactive ranks' slots of
         an output zeroed)."""
-        self._flush_p2p()
         self._enter()
+        self._flush_p2p()
         if len(self._members) == self._size:
             return self._call(getattr(self._comm, name), *args)
         at = self._RANKED.get(name)
@@ -745,8 +748,17 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """Re-forms the communicator over the members of the view in force when it changed: every
         member does so at its next call into the group, exchanging its new rings' address
         through the membership (the store may have died with its rank)."""
-        if self._elastic is None or self._joining or self._elastic.epoch() == self._comm_epoch:
+        if self._elastic is None or self._joining:
             return
+        if self._elastic.epoch() == self._comm_epoch:
+            if not (self._failed_ranks and self._auto_deactivate and self._auto_sync and self._view_failed(wait=False)):
+                return
+            # A call after a failure whose ranks the membership is removing: it waits for the
+            # new view (within the group's timeout) instead of failing a second time on the
+            # old one, so that every survivor fails one call per failure.
+            self._elastic.wait_view(self._comm_epoch, self._timeout.total_seconds())
+            if self._elastic.epoch() == self._comm_epoch:
+                return  # not removed in time: the call fails on the old view, saying why
         # Queued sends and receives belong to the path of the old view, whose failures would
         # never be read again: they fail instead of being launched.
         if self._p2p_q:
@@ -913,9 +925,9 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         collective: every rank of the group would have to be here)."""
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
+        self._enter()
         if not message:
             self._flush_p2p()
-        self._enter()
         if len(self._members) == 1:
             return None  # alone in the view: a communicator of one
         if self._cuda_allowed and not message:

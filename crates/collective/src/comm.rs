@@ -565,6 +565,7 @@ impl Comm {
         // bytes are taken).
         let word = coll_header(self.seq, op);
         let mut got = vec![[0u8; 16]; self.size];
+        let slots = got.as_mut_ptr();
         let mut all: Vec<Xfer> = Vec::with_capacity(2 * self.size + xfers.len());
         let mut seen = vec![(false, false); self.size];
         for x in xfers.iter() {
@@ -575,7 +576,8 @@ impl Comm {
                 all.push(Xfer::Send { peer, src: word.as_ptr() as u64, len: 16, done: 0 });
             } else if !send && !*r {
                 *r = true;
-                let dst = got[peer].as_mut_ptr() as u64;
+                // `peer < size` (checked above): a slot of `got`, which outlives the round.
+                let dst = slots.wrapping_add(peer) as u64;
                 all.push(Xfer::Recv {
                     peer,
                     dst,
@@ -1646,11 +1648,20 @@ impl Drop for Comm {
 fn blamed(links: &[Option<Link>], op: &str) -> Option<Error> {
     links.iter().enumerate().find_map(|(r, link)| {
         let word = link.as_ref()?.inp.abort().load(Ordering::Acquire);
-        (word != 0).then(|| Error::RankFailed {
-            op: op.to_string(),
-            rank: if word == u64::MAX { r } else { (word - 1) as usize },
-            reason: format!("rank {r} failed an operation waiting for it"),
-        })
+        match word {
+            0 => None,
+            // It blamed nobody (ranks out of step, a call it refused): no rank is named, so
+            // no membership suspects a rank that lives.
+            u64::MAX => Some(Error::Poisoned {
+                op: op.to_string(),
+                first: format!("rank {r} failed an operation without blaming a rank"),
+            }),
+            _ => Some(Error::RankFailed {
+                op: op.to_string(),
+                rank: (word - 1) as usize,
+                reason: format!("rank {r} failed an operation waiting for it"),
+            }),
+        }
     })
 }
 
@@ -1906,7 +1917,9 @@ const COLL_MAGIC: u64 = 0x7477_636f_6c6c_0000;
 /// The header of a round of collective call `seq` (operation `op`): `COLL_MAGIC | code`, then
 /// `seq`.
 fn coll_header(seq: u64, op: &str) -> [u8; 16] {
-    let code = COLLECTIVES.iter().position(|&c| c == op).unwrap_or(0xffff) as u64;
+    let code = COLLECTIVES.iter().position(|&c| c == op);
+    debug_assert!(code.is_some(), "{op} is not in COLLECTIVES");
+    let code = code.unwrap_or(0xffff) as u64;
     header_bytes(COLL_MAGIC | code, seq)
 }
 
