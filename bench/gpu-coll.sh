@@ -8,8 +8,9 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O=${1:-${OUT:-bench/results/gpu-coll-$(date -u +%Y-%m-%d)}}
 . bench/device-env.sh
-pg() { python3 bench/pg_bench.py --backends tidewire,nccl --device cuda --dtype bf16 "$@" 2>&1 | grep -v arn; }
-timeout 150 pg --min-bytes 128 --max-bytes 256K --step 2 --iters 30 > "$O/pg-eager.txt"; step pg-eager $?
-timeout 90 pg --ops all_reduce --min-bytes 128 --max-bytes 256K --step 2 --iters 30 --graph > "$O/pg-graph.txt"; step pg-graph $?
-timeout 200 pg --min-bytes 32M --max-bytes 1G --step 2 > "$O/pg-large.txt"; step pg-large $?
+# pg SECONDS ARGS...: pg_bench against NCCL within SECONDS (`timeout` runs programs, not functions).
+pg() { timeout "$1" python3 bench/pg_bench.py --backends tidewire,nccl --device cuda --dtype bf16 "${@:2}" 2>&1 | grep -v arn; }
+pg 150 --min-bytes 128 --max-bytes 256K --step 2 --iters 30 > "$O/pg-eager.txt"; step pg-eager $?
+pg 90 --ops all_reduce --min-bytes 128 --max-bytes 256K --step 2 --iters 30 --graph > "$O/pg-graph.txt"; step pg-graph $?
+pg 200 --min-bytes 32M --max-bytes 1G --step 2 > "$O/pg-large.txt"; step pg-large $?
 timeout 90 python3 bench/p2p_cuda_bench.py --max-bytes 256M --iters 10 > "$O/p2p.txt" 2>&1; step p2p $?

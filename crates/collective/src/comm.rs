@@ -808,13 +808,8 @@ impl Comm {
                 continue;
             }
             if *h.bytes != header_bytes(tag, len) {
-                let word = |at: usize| {
-                    let mut w = [0u8; 8];
-                    w.copy_from_slice(&h.bytes[at..at + 8]);
-                    u64::from_le_bytes(w)
-                };
-                let got = (word(0), word(8));
-                if got.0 & !0xffff == COLL_MAGIC {
+                let got = header_words(&h.bytes);
+                if coll_code(got.0).is_some() {
                     return Err(Error::invalid(format!(
                         "{op}: the next message from rank {} is {}, not the message of tag \
                          {tag} and {len} bytes this receive expects (the ranks are out of step)",
@@ -1929,20 +1924,23 @@ fn coll_header(seq: u64, op: &str) -> [u8; 16] {
     header_bytes(COLL_MAGIC | code, seq)
 }
 
+/// The operation's code of a header's first word, if it is a collective's.
+fn coll_code(first: u64) -> Option<u64> {
+    (first & !0xffff == COLL_MAGIC).then_some(first & 0xffff)
+}
+
 /// What a 16-byte header names, for an error: a collective's call, else a point-to-point
 /// message.
 fn describe_header(bytes: &[u8; 16]) -> String {
-    let word = |at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_le_bytes(w)
-    };
-    let (first, second) = (word(0), word(8));
-    if first & !0xffff == COLL_MAGIC {
-        let op = COLLECTIVES.get((first & 0xffff) as usize).copied().unwrap_or("a collective");
-        format!("collective call #{second} ({op})")
-    } else {
-        format!("a point-to-point message (tag {first}, {second} bytes) or no header at all")
+    let (first, second) = header_words(bytes);
+    match coll_code(first) {
+        Some(code) => {
+            let op = COLLECTIVES.get(code as usize).copied().unwrap_or("a collective");
+            format!("collective call #{second} ({op})")
+        }
+        None => {
+            format!("a point-to-point message (tag {first}, {second} bytes) or no header at all")
+        }
     }
 }
 
@@ -1967,6 +1965,16 @@ fn check_header(op: &str, x: &mut Xfer) -> Result<()> {
     }
     *expect = None;
     Ok(())
+}
+
+/// The two words of a header (the inverse of [`header_bytes`]).
+fn header_words(bytes: &[u8; 16]) -> (u64, u64) {
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    (word(0), word(8))
 }
 
 /// A point-to-point message's header: its tag and length.
@@ -2261,8 +2269,10 @@ mod tests {
             8 * m,
             "one reader: one piece"
         );
-        // A reduction's reads: 128 KiB pieces from 512 KiB.
+        // A reduction's reads: split from 256 KiB, in pieces of at least 64 KiB.
         assert_eq!(pieces(512 * k, 4, SPLIT_MIN, PIECE_MIN), 128 * k);
+        assert_eq!(pieces(256 * k, 4, SPLIT_MIN, PIECE_MIN), 64 * k);
+        assert_eq!(pieces(255 * k, 4, SPLIT_MIN, PIECE_MIN), 255 * k);
     }
 
     #[test]
