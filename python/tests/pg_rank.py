@@ -105,6 +105,34 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
             t = data(rank, dtype)
             dist.all_reduce(t, op=OPS[op])
             check(f"all_reduce {dtype} {op}", close(t, reference(size, dtype, op)))
+            # The other reductions, every dtype × op too (the root moves with the op).
+            got = torch.empty(64, dtype=dtype)
+            dist.reduce_scatter_tensor(got, data(rank, dtype, size * 64), op=OPS[op])
+            want = reference(size, dtype, op, size * 64)[rank * 64 : (rank + 1) * 64]
+            check(f"reduce_scatter {dtype} {op}", close(got, want))
+            root = list(OPS).index(op) % size
+            red = data(rank, dtype, 64)
+            dist.reduce(red, dst=root, op=OPS[op])
+            want = reference(size, dtype, op, 64) if rank == root else data(rank, dtype, 64)
+            check(f"reduce {dtype} {op} to {root}", close(red, want))
+        # The byte movers over every dtype.
+        flat = torch.empty(size * 50, dtype=dtype)
+        dist.all_gather_into_tensor(flat, data(rank, dtype, 50))
+        check(f"all_gather {dtype}", torch.equal(flat, torch.cat([data(r, dtype, 50) for r in range(size)])))
+        bc = data(rank, dtype, 50)
+        dist.broadcast(bc, src=size - 1)
+        check(f"broadcast {dtype}", torch.equal(bc, data(size - 1, dtype, 50)))
+        xo = torch.empty(size * 8, dtype=dtype)
+        dist.all_to_all_single(xo, data(rank, dtype, size * 8))
+        want = torch.cat([data(r, dtype, size * 8)[rank * 8 : (rank + 1) * 8] for r in range(size)])
+        check(f"all_to_all_single {dtype}", torch.equal(xo, want))
+        gl = [torch.empty(50, dtype=dtype) for _ in range(size)] if rank == 0 else None
+        dist.gather(data(rank, dtype, 50), gl, dst=0)
+        if gl is not None:
+            check(f"gather {dtype}", all(torch.equal(x, data(r, dtype, 50)) for r, x in enumerate(gl)))
+        sc = torch.empty(50, dtype=dtype)
+        dist.scatter(sc, [data(r + 7, dtype, 50) for r in range(size)] if rank == 0 else None, src=0)
+        check(f"scatter {dtype}", torch.equal(sc, data(rank + 7, dtype, 50)))
     # A large all_reduce (the ring path) and a non-contiguous one.
     big = data(rank, torch.float32, 1 << 20)
     dist.all_reduce(big)
@@ -227,8 +255,27 @@ def body_groups(rank: int, size: int, port: int, arg: str) -> Any:
     tp = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     pp = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     dp = dist.new_group([0, 1, 2, 3])
-    mine_tp, mine_pp = tp[rank // 2], pp[rank % 2]
-    for name, g, members in [("tp", mine_tp, [rank // 2 * 2, rank // 2 * 2 + 1]), ("pp", mine_pp, [rank % 2, rank % 2 + 2]), ("dp", dp, [0, 1, 2, 3])]:
+    # Expert parallel across the TP pairs: ranks 0 and 3, 1 and 2 (overlapping every other).
+    ep = [dist.new_group([0, 3]), dist.new_group([1, 2])]
+    mine_tp, mine_pp, mine_ep = tp[rank // 2], pp[rank % 2], ep[0 if rank in (0, 3) else 1]
+    ep_members = [0, 3] if rank in (0, 3) else [1, 2]
+    layouts = [
+        ("tp", mine_tp, [rank // 2 * 2, rank // 2 * 2 + 1]),
+        ("pp", mine_pp, [rank % 2, rank % 2 + 2]),
+        ("dp", dp, [0, 1, 2, 3]),
+        ("ep", mine_ep, ep_members),
+    ]
+    for name, g, members in layouts:
+        # Tokens to experts: block j of every member's input to member j (uneven splits).
+        me = members.index(rank)
+        splits_in = [1 + me + j for j in range(len(members))]
+        splits_out = [1 + j + me for j in range(len(members))]
+        tokens = torch.cat([torch.full((splits_in[j],), float(rank * 10 + j)) for j in range(len(members))])
+        got = torch.empty(sum(splits_out))
+        dist.all_to_all_single(got, tokens, splits_out, splits_in, group=g)
+        want = torch.cat([torch.full((splits_out[j],), float(m * 10 + me)) for j, m in enumerate(members)])
+        if not torch.equal(got, want):
+            bad.append(f"{name} all_to_all_single {got.tolist()}")
         t = torch.tensor([float(rank + 1)])
         dist.all_reduce(t, group=g)
         if t.item() != sum(m + 1 for m in members):
@@ -247,6 +294,36 @@ def body_groups(rank: int, size: int, port: int, arg: str) -> Any:
     return bad
 
 
+def body_paths(rank: int, size: int, port: int, arg: str) -> Any:
+    """Every collective once, small and large, with this process's stderr in a file (the ranks'
+    debug log, `TIDEWIRE_TRACE` set by the test): returns the log's lines naming algorithms."""
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    try:
+        init(rank, size, port)
+        small = torch.ones(16)
+        big = torch.ones(1 << 20)
+        dist.all_reduce(small)
+        dist.all_reduce(big)
+        dist.all_gather_into_tensor(torch.empty(size * 16), small)
+        dist.all_gather_into_tensor(torch.empty(size << 20), big)
+        dist.reduce_scatter_tensor(torch.empty(16), torch.ones(size * 16))
+        dist.all_to_all_single(torch.empty(size * 16), torch.ones(size * 16))
+        dist.broadcast(small, src=0)
+        dist.reduce(small, dst=0)
+        dist.gather(small, [torch.empty(16) for _ in range(size)] if rank == 0 else None, dst=0)
+        dist.scatter(small, [torch.ones(16) for _ in range(size)] if rank == 0 else None, src=0)
+        dist.barrier()
+        dist.destroy_process_group()
+    finally:
+        os.dup2(saved, 2)
+    log.seek(0)
+    return [ln for ln in log.read().splitlines() if " ranks: " in ln]
+
+
 def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     """Rank `size - 1` is SIGKILLed in the middle of a large all_reduce (arg "kill") or
     SIGSTOPped (arg "stop"); the survivors' operations must fail within the timeout, naming it,
@@ -256,6 +333,11 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     victim = size - 1
     t = torch.ones(10)
     dist.all_reduce(t)
+    # A receive from the victim is pending when it dies (it never sends), on a group of its own:
+    # on one group a pair's messages are in order, and a receive posted before a collective
+    # would take the collective's message (the ranks out of step: an error at once).
+    other = dist.new_group(list(range(size)), timeout=timedelta(seconds=timeout))
+    pending = dist.irecv(torch.empty(100), src=victim, tag=7, group=other) if rank != victim else None
     if rank == victim:
         sig = signal.SIGKILL if arg == "kill" else signal.SIGSTOP
         threading.Timer(0.05, lambda: os.kill(os.getpid(), sig)).start()
@@ -273,6 +355,18 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
         err = e
     took = time.monotonic() - start
     out: Dict[str, Any] = {"took": took, "error": repr(err), "ranks": getattr(err, "ranks", None)}
+    # The pending receive ends with the failure too; the Mooncake names report it.
+    from tidewire.mooncake import pg as mpg
+
+    assert pending is not None
+    try:
+        pending.wait()
+        out["pending"] = "succeeded"
+    except Exception as e:  # noqa: BLE001
+        out["pending"] = repr(e)
+    out["pending_took"] = time.monotonic() - start
+    out["local_success"] = mpg.get_local_success(pending)
+    out["hint"] = mpg.get_failed_ranks_hint(pending)
     # A later operation fails at once.
     try:
         dist.barrier()
@@ -1659,6 +1753,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "mooncake": body_mooncake,
     "collectives": body_collectives,
     "groups": body_groups,
+    "paths": body_paths,
     "failure": body_failure,
 }
 

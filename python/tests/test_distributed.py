@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -114,6 +115,27 @@ def test_overlapping_subgroups_and_a_new_init_in_the_same_process() -> None:
         assert bad == [], f"rank {rank}: {bad}"
 
 
+def test_the_debug_log_names_the_algorithm_of_every_collective() -> None:
+    results = run_group("paths", 2, env_extra={"TIDEWIRE_TRACE": "tidewire_collective=debug"})
+    for rank, lines in enumerate(results):
+        text = "\n".join(lines)
+        wants = [
+            r"all_reduce of 64 bytes on 2 ranks: direct \(",
+            r"all_reduce of 4194304 bytes on 2 ranks: (direct reads|ring)",
+            r"all_gather of 64 bytes on 2 ranks: ring",
+            r"all_gather of 4194304 bytes on 2 ranks: (direct reads|ring)",
+            r"reduce_scatter of 64 bytes on 2 ranks: ring",
+            r"all_to_all of 128 bytes on 2 ranks: rings",
+            rf"rank {rank}: broadcast of 64 bytes on 2 ranks: direct from the root",
+            rf"rank {rank}: reduce of 64 bytes on 2 ranks: direct to the root",
+            rf"rank {rank}: gather of 64 bytes on 2 ranks: direct to the root",
+            rf"rank {rank}: scatter of 64 bytes on 2 ranks: direct from the root",
+            rf"rank {rank}: barrier of 1 bytes on 2 ranks",
+        ]
+        missing = [w for w in wants if not re.search(w, text)]
+        assert not missing, f"rank {rank}: no line for {missing} in:\n{text}"
+
+
 @pytest.mark.parametrize("how", ["kill", "stop"])
 @pytest.mark.parametrize("channel", ["mapped", "engine"])
 def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
@@ -131,11 +153,16 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
         # Every survivor blames rank 2: the one that saw it fail first (dead: at once; stopped:
         # at the timeout) tells the others, who may have been waiting for it.
         assert "rank 2" in out["error"], f"rank {rank}: {out['error']}"
-        assert out["ranks"] == [2], f"rank {rank}: failed ranks hint {out['ranks']}"
+        assert out["ranks"] == [2], f"rank {rank}: failed ranks hint {out['ranks']} ({out})"
         if how == "kill":
             assert "PeerFailed" in out["error"], out["error"]
         else:
             assert "Timeout" in out["error"] or "failed an operation waiting for it" in out["error"], out["error"]
+        assert "all_reduce" in out["error"], f"rank {rank}: the error names no operation: {out['error']}"
+        # The receive pending at the death fails within the timeout too, naming the rank.
+        assert out["pending_took"] < timeout + 5, f"rank {rank}: the pending receive ended after {out['pending_took']:.1f} s"
+        assert "rank 2" in out["pending"], f"rank {rank}: pending receive {out['pending']}"
+        assert out["local_success"] is False and out["hint"] == [2], f"rank {rank}: {out['local_success']} {out['hint']}"
         assert out["later"] == "PeerFailed", f"rank {rank}: a later operation {out['later']}"
         assert out["regrouped"] == [2.0, 2.0], f"rank {rank}: {out['regrouped']}"
 

@@ -221,13 +221,29 @@ class _P2PWork(dist.Work):
         super().__init__()
         self._pg, self._id, self._flat, self._what = pg, op_id, flat, what
         self._finished = False
+        #: Why it failed (its wait raised it; ``get_local_success`` reads it).
+        self._error: Optional[BaseException] = None
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
+        if self._error is not None:
+            raise self._error
         if not self._finished:
-            self._pg._call(self._pg._comm.wait, self._id, self._what)
+            try:
+                self._pg._call(self._pg._comm.wait, self._id, self._what)
+            except BaseException as e:
+                self._error = e
+                raise
             self._flat.done()
             self._finished = True
         return True
+
+    def outcome(self) -> Optional[BaseException]:
+        """Ends the operation (within the group's timeout) and returns why it failed, or None."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 (the caller asked for the failure, not a raise)
+            return e
+        return None
 
     def is_completed(self) -> bool:
         if not self._finished and self._pg._comm.test(self._id):
@@ -236,7 +252,7 @@ class _P2PWork(dist.Work):
         return self._finished
 
     def is_success(self) -> bool:
-        return self._finished
+        return self._finished and self._error is None
 
     def get_future(self) -> Future:
         self.wait()
@@ -271,8 +287,10 @@ def _follow(last: Optional[Any], triple: Any) -> Optional[Any]:
 class _CudaWork(dist.Work):
     """A collective enqueued on a stream: ``wait()`` makes the current stream wait for it."""
 
-    def __init__(self, device: int, result: Any) -> None:
+    def __init__(self, device: int, result: Any, path: Optional["_CudaPath"] = None) -> None:
         super().__init__()
+        #: The NVLink path whose kernels run it (asked by `outcome`).
+        self._path = path
         # The launching stream as torch names it (id, device, type; a C call): the stream
         # object is built only when needed. (A raw `cudaStream_t` would not do: the default
         # stream's is 0, and a stream object made from 0 is another stream.)
@@ -292,6 +310,21 @@ class _CudaWork(dist.Work):
     def is_success(self) -> bool:
         return True
 
+    def outcome(self) -> Optional[BaseException]:
+        """Waits (on the host) for the kernels of the launching stream so far and returns the
+        failure the path's kernels recorded, if any (a failure of the path also fails every
+        operation launched on it after the one that failed), naming group ranks."""
+        self._stream().synchronize()
+        path = self._path
+        if path is None or path.comm is None:
+            return None
+        try:
+            path.comm.check()
+        except _native.TidewireError as e:
+            e.ranks = [path.members[r] for r in getattr(e, "ranks", []) if r < len(path.members)]  # type: ignore[attr-defined]
+            return e
+        return None
+
     def get_future(self) -> Future:
         fut: Future = Future()
         fut.set_result(self._result)
@@ -302,8 +335,8 @@ class _CudaP2PWork(_CudaWork):
     """A send or receive queued on a stream: launched (with the others queued beside it) when
     it is waited for, tested, or at the group's next other call; then as `_CudaWork`."""
 
-    def __init__(self, pg: "ProcessGroupTidewire", device: int, result: Any) -> None:
-        super().__init__(device, result)
+    def __init__(self, pg: "ProcessGroupTidewire", device: int, result: Any, path: "_CudaPath") -> None:
+        super().__init__(device, result, path)
         self._pg = pg
         #: Why it was never launched (its wait raises it).
         self._error: Optional[BaseException] = None
@@ -312,6 +345,13 @@ class _CudaP2PWork(_CudaWork):
         self._pg._flush_p2p()
         if self._error is not None:
             raise self._error
+
+    def outcome(self) -> Optional[BaseException]:
+        try:
+            self._launched()
+        except Exception as e:  # noqa: BLE001 (the caller asked for the failure, not a raise)
+            return e
+        return super().outcome()
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
         self._launched()
@@ -398,7 +438,7 @@ class _CudaPath:
             self.comm = None
 
     def work(self, result: Any) -> dist.Work:
-        return _CudaWork(self.device, result)
+        return _CudaWork(self.device, result, self)
 
     def _live(self, op: str) -> Any:
         if self.comm is None:
@@ -1231,7 +1271,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             self._flush_p2p()  # one launch, one stream
         self._p2p_stream = stream
         d = t if t.is_contiguous() else (t.contiguous() if send else torch.empty_like(t, memory_format=torch.contiguous_format))
-        work = _CudaP2PWork(self, nv.device, [t])
+        work = _CudaP2PWork(self, nv.device, [t], nv)
         self._p2p_q.append((send, peer, d, int(tag), t, work))
         return work
 

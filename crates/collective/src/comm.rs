@@ -421,6 +421,8 @@ impl Comm {
     ) -> Result<Vec<Option<Link>>> {
         let slot = Region::slot(region.cap);
         let mut links = Vec::with_capacity(peers.len());
+        // Every peer is opened within the group's timeout, counted from here.
+        let opening = Instant::now() + timeout;
         for (r, peer) in peers.iter().enumerate() {
             if r == rank {
                 links.push(None);
@@ -430,7 +432,13 @@ impl Comm {
                 context: format!("rank {rank}: {what} rank {r} ({})", peer.name),
                 source,
             };
-            let id = engine.open_segment(&peer.name).map_err(|e| failed("opening", e))?;
+            let left = opening.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let op = format!("rank {rank}: opening the group's peers ({})", peer.name);
+                return Err(Error::Timeout { op, ranks: vec![r], after: timeout });
+            }
+            let id =
+                engine.open_segment_within(&peer.name, left).map_err(|e| failed("opening", e))?;
             let ring = peer.region + slot * rank as u64;
             let mapped =
                 if via_engine { None } else { Some(engine.map_peer(id, ring, slot, None)) };
@@ -908,14 +916,22 @@ impl Comm {
         if n > 1 {
             let count = buf.len() / dtype.size();
             if buf.len() <= DIRECT_ALL_REDUCE || count < n {
-                log::debug!("all_reduce of {} bytes on {n} ranks: direct", buf.len());
+                self.chose(
+                    "all_reduce",
+                    buf.len(),
+                    "direct (every rank sends its buffer to every rank)",
+                );
                 self.all_reduce_direct(buf, dtype, op)?;
             } else if buf.len() >= DIRECT_MIN && self.group_direct {
-                log::debug!("all_reduce of {} bytes on {n} ranks: direct reads", buf.len());
+                self.chose(
+                    "all_reduce",
+                    buf.len(),
+                    "direct reads (each rank reduces its block, then reads the others')",
+                );
                 let parts = blocks(count, n, dtype.size());
                 self.all_reduce_reads(buf, &parts, dtype, op)?;
             } else {
-                log::debug!("all_reduce of {} bytes on {n} ranks: ring", buf.len());
+                self.chose("all_reduce", buf.len(), "ring (reduce-scatter, then all-gather)");
                 let parts = blocks(count, n, dtype.size());
                 self.ring_reduce_scatter(buf, &parts, dtype, op, "all_reduce")?;
                 self.ring_all_gather(buf, &parts, "all_reduce")?;
@@ -1348,7 +1364,7 @@ impl Comm {
             )));
         }
         if n > 1 && len > 0 && len * (n - 1) >= DIRECT_MIN && self.group_direct {
-            log::debug!("rank {}: all_gather of {len} bytes by direct reads", self.rank);
+            self.chose("all_gather", len, "direct reads");
             // Our own block is copied along with the reads.
             let blocks = vec![(input.as_ptr() as u64, len); n];
             let parts = offsets_of(&vec![len; n]);
@@ -1363,6 +1379,7 @@ impl Comm {
         }
         self.readers.copy(&mut out[self.rank * len..(self.rank + 1) * len], input);
         if n > 1 && len > 0 {
+            self.chose("all_gather", len, "ring");
             let parts: Vec<Range<usize>> = (0..n).map(|r| r * len..(r + 1) * len).collect();
             self.ring_all_gather(out, &parts, "all_gather")?;
         }
@@ -1390,9 +1407,10 @@ impl Comm {
         if n == 1 || len == 0 {
             out.copy_from_slice(input);
         } else if len * (n - 1) >= DIRECT_MIN && self.group_direct {
-            log::debug!("rank {}: reduce_scatter of {len} bytes by direct reads", self.rank);
+            self.chose("reduce_scatter", len, "direct reads");
             self.reduce_scatter_reads(out, input, dtype, op)?;
         } else {
+            self.chose("reduce_scatter", len, "ring");
             self.ring_reduce_scatter_into(out, input, dtype, op)?;
         }
         if op == ReduceOp::Avg {
@@ -1431,6 +1449,7 @@ impl Comm {
         if n == 1 || buf.is_empty() {
             return Ok(());
         }
+        self.chose("broadcast", buf.len(), "direct from the root");
         let mut xfers: Vec<Xfer> = if me == root {
             (0..n).filter(|&r| r != me).map(|r| self.sends(r, buf)).collect()
         } else {
@@ -1480,11 +1499,15 @@ impl Comm {
         };
         let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
         if !directs.is_empty() {
-            log::debug!("rank {me}: all_to_all with ranks {directs:?} by direct reads");
+            if log::log_enabled!(log::Level::Debug) {
+                let how = format!("direct reads with ranks {directs:?}, rings with the others");
+                self.chose("all_to_all", input.len(), &how);
+            }
             let blocks: Vec<(u64, usize)> =
                 i.iter().map(|r| (input.as_ptr() as u64 + r.start as u64, r.len())).collect();
             return self.all_to_all_mixed(out, &o, input, &i, &directs, &blocks);
         }
+        self.chose("all_to_all", input.len(), "rings");
         // The output split into one destination per rank.
         let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
         let mut rest: &mut [u8] = out;
@@ -1521,6 +1544,7 @@ impl Comm {
         op.check(dtype)?;
         let (n, me, len) = (self.size, self.rank, buf.len());
         // Every rank's buffer to the root, which reduces them in rank order.
+        self.chose("reduce", len, "direct to the root, reduced there");
         let mut all = vec![0u8; if me == root { len * n } else { 0 }];
         self.gather_as("reduce", &mut all, buf, root)?;
         if me != root {
@@ -1540,6 +1564,7 @@ impl Comm {
     /// the root).
     pub fn gather(&mut self, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
         self.begin();
+        self.chose("gather", input.len(), "direct to the root");
         self.gather_as("gather", out, input, root)
     }
 
@@ -1576,6 +1601,7 @@ impl Comm {
         self.begin();
         self.check_root("scatter", root)?;
         let (n, me, len) = (self.size, self.rank, out.len());
+        self.chose("scatter", len, "direct from the root");
         if me != root {
             if len > 0 {
                 let mut xfers = [self.recvs(root, out)];
@@ -1604,6 +1630,7 @@ impl Comm {
     pub fn barrier(&mut self) -> Result<()> {
         self.begin();
         let (n, me) = (self.size, self.rank);
+        self.chose("barrier", 1, "a byte to and from every rank");
         let token = [1u8];
         let mut got = vec![0u8; n];
         let mut xfers = Vec::new();
@@ -1614,6 +1641,11 @@ impl Comm {
             }
         }
         self.run("barrier", &mut xfers)
+    }
+
+    /// The debug log's line for an algorithm choice (`TIDEWIRE_TRACE=tidewire=debug`).
+    fn chose(&self, op: &str, len: usize, how: &str) {
+        log::debug!("rank {}: {op} of {len} bytes on {} ranks: {how}", self.rank, self.size);
     }
 
     fn check_root(&self, op: &str, root: usize) -> Result<()> {

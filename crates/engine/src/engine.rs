@@ -18,7 +18,7 @@ use tidewire_core::wire::{encode_strings, FrameKind, Header};
 use tidewire_core::{BatchId, HostId, InstanceId, PeerId, RegionId};
 
 use crate::batch::{Batch, BatchHandle, Mark, RunMeta, TrailerRoute};
-use crate::config::{Credentials, EngineConfig};
+use crate::config::{Credentials, Deadlines, EngineConfig};
 use crate::error::{Error, PeerRef, Result};
 use crate::guard::Guard;
 use crate::lifecycle::Lifecycle;
@@ -796,13 +796,28 @@ impl Engine {
     /// Opens a peer segment by name (fetching its descriptor now) and returns its handle.
     /// Opening the same name again returns the same handle.
     pub fn open_segment(&self, name: &str) -> Result<PeerId> {
+        self.open_segment_with(name, &self.inner.config.deadlines)
+    }
+
+    /// [`Engine::open_segment`] within `limit` (a caller's own deadline, such as a process
+    /// group's timeout): each step of fetching the descriptor (connect, hello, request) gets at
+    /// most a third of it, and never more than the engine's own deadline for that step.
+    pub fn open_segment_within(&self, name: &str, limit: Duration) -> Result<PeerId> {
+        let own = self.inner.config.deadlines;
+        let step = limit / 3;
+        let deadlines =
+            Deadlines { connect: own.connect.min(step), handshake: own.handshake.min(step), ..own };
+        self.open_segment_with(name, &deadlines)
+    }
+
+    fn open_segment_with(&self, name: &str, deadlines: &Deadlines) -> Result<PeerId> {
         self.check_running()?;
         let known = self.inner.peers.lock().by_name.get(name).copied();
         if let Some(id) = known {
             self.peer(id)?;
             return Ok(id);
         }
-        let desc = self.fetch_descriptor(name)?;
+        let desc = self.fetch_descriptor_with(name, deadlines)?;
         let mut peers = self.inner.peers.lock();
         if let Some(&id) = peers.by_name.get(name) {
             return Ok(id);
@@ -817,10 +832,18 @@ impl Engine {
     }
 
     pub(crate) fn fetch_descriptor(&self, name: &str) -> Result<SegmentDescriptor> {
+        self.fetch_descriptor_with(name, &self.inner.config.deadlines)
+    }
+
+    fn fetch_descriptor_with(
+        &self,
+        name: &str,
+        deadlines: &Deadlines,
+    ) -> Result<SegmentDescriptor> {
         if name == self.inner.name {
             return Ok(self.inner.descriptor());
         }
-        self.inner.metadata.fetch(name, &self.inner.config.deadlines, &self.inner.creds())
+        self.inner.metadata.fetch(name, deadlines, &self.inner.creds())
     }
 
     /// A new view of peer `id` (named `name`) from its descriptor `desc`.

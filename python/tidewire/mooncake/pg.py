@@ -9,9 +9,10 @@
     dist.init_process_group("mooncake-cpu", rank=r, world_size=n, pg_options=MooncakeBackendOptions(active))
 
 What differs from Mooncake: a failed operation raises (naming the failed ranks in the
-exception's ``ranks``) instead of completing over the survivors, so every work this backend
-returns succeeded: ``get_local_success(work)`` is True and ``get_failed_ranks_hint(work)``
-empty; ``get_failed_ranks_hint(pg)`` gives the ranks of the group's last failure.
+exception's ``ranks``) instead of completing over the survivors. ``get_local_success(work)``
+and ``get_failed_ranks_hint(work)`` end the work first (a send or receive within the group's
+timeout, a CUDA operation's stream waited for) and say whether it failed here and which ranks
+its failure named; ``get_failed_ranks_hint(pg)`` gives the ranks of the group's last failure.
 
 Membership is elastic: every group's ranks agree on the active ranks and an epoch with no fixed
 coordinator (any rank may fail, rank 0 included). A rank is removed when a collective fails on
@@ -375,16 +376,27 @@ def get_num_synced_ranks(pg: Any) -> int:
     return sum(1 for r, (_, ready) in enumerate(g._elastic.peer_states()) if ready and r not in active)
 
 
+def _outcome(work: Any) -> Optional[BaseException]:
+    """Why `work` failed on this rank, or None: a send or receive is ended first (within the
+    group's timeout), a CUDA operation's stream waited for; a collective on CPU tensors that
+    failed raised at its call and returned no work."""
+    outcome = getattr(work, "outcome", None)
+    return outcome() if callable(outcome) else None
+
+
 def get_local_success(work: Any) -> bool:
-    """Every work this backend returns succeeded (a failure raises instead)."""
-    return True
+    """Whether the operation of `work` succeeded on this rank (ended first: see `_outcome`).
+    Unlike Mooncake's, a failed operation also raises at its call or its wait."""
+    return _outcome(work) is None
 
 
 def get_failed_ranks_hint(work_or_pg: Any) -> List[int]:
-    """The ranks of the last failure of a group (for a work: none, see the module's doc)."""
+    """The ranks a failed operation named (for a work, ended first: see `_outcome`), or the
+    ranks of a group's last failure (for a group)."""
     if isinstance(work_or_pg, _tw.ProcessGroupTidewire):
         return work_or_pg.failed_ranks()
-    return []
+    e = _outcome(work_or_pg)
+    return list(getattr(e, "ranks", [])) if e is not None else []
 
 
 def _elastic_group(pg: Any, what: str) -> "_tw.ProcessGroupTidewire":
