@@ -359,12 +359,13 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     from tidewire.mooncake import pg as mpg
 
     assert pending is not None
+    waited = time.monotonic()
     try:
         pending.wait()
         out["pending"] = "succeeded"
     except Exception as e:  # noqa: BLE001
         out["pending"] = repr(e)
-    out["pending_took"] = time.monotonic() - start
+    out["pending_took"] = time.monotonic() - waited
     out["local_success"] = mpg.get_local_success(pending)
     out["hint"] = mpg.get_failed_ranks_hint(pending)
     # A later operation fails at once.
@@ -1496,7 +1497,14 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
         torch.cuda._sleep(100_000_000)
         t.copy_(src)
         w = dist.all_reduce(t, async_op=True)
+    # On the NVLink path neither the call nor its wait() held the host: the side stream still
+    # sleeps, and after wait() the main stream waits for it (a host wait would have found both
+    # done). The staged path waits for the stream on the host by design.
+    if not staged and w.is_completed():
+        bad.append("async all_reduce: the call returned after its stream's kernels ended")
     w.wait()
+    if not staged and main.query():
+        bad.append("async all_reduce: wait() held the host, not the current stream")
     got = t.clone()
     if not close(got.cpu(), reference(size, torch.float64, "sum")):
         bad.append("async all_reduce")

@@ -159,7 +159,8 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
         else:
             assert "Timeout" in out["error"] or "failed an operation waiting for it" in out["error"], out["error"]
         assert "all_reduce" in out["error"], f"rank {rank}: the error names no operation: {out['error']}"
-        # The receive pending at the death fails within the timeout too, naming the rank.
+        # The receive pending at the death fails too, naming the rank: at once when it died,
+        # within the timeout of its wait when it stopped.
         assert out["pending_took"] < timeout + 5, f"rank {rank}: the pending receive ended after {out['pending_took']:.1f} s"
         assert "rank 2" in out["pending"], f"rank {rank}: pending receive {out['pending']}"
         assert out["local_success"] is False and out["hint"] == [2], f"rank {rank}: {out['local_success']} {out['hint']}"

@@ -230,7 +230,7 @@ class _P2PWork(dist.Work):
         if not self._finished:
             try:
                 self._pg._call(self._pg._comm.wait, self._id, self._what)
-            except BaseException as e:
+            except Exception as e:  # (an interrupt is not the operation's outcome)
                 self._error = e
                 raise
             self._flat.done()
@@ -312,8 +312,10 @@ class _CudaWork(dist.Work):
 
     def outcome(self) -> Optional[BaseException]:
         """Waits (on the host) for the kernels of the launching stream so far and returns the
-        failure the path's kernels recorded, if any (a failure of the path also fails every
-        operation launched on it after the one that failed), naming group ranks."""
+        failure the path's kernels recorded, if any, naming group ranks. The failure is the
+        path's, not this operation's alone: a work that ended before a later failure of its
+        path reports that failure too, and one whose path was closed (the group re-formed or
+        destroyed) reports none."""
         self._stream().synchronize()
         path = self._path
         if path is None or path.comm is None:

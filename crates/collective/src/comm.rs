@@ -437,8 +437,15 @@ impl Comm {
                 let op = format!("rank {rank}: opening the group's peers ({})", peer.name);
                 return Err(Error::Timeout { op, ranks: vec![r], after: timeout });
             }
-            let id =
-                engine.open_segment_within(&peer.name, left).map_err(|e| failed("opening", e))?;
+            let id = engine.open_segment_within(&peer.name, left).map_err(|e| {
+                if Instant::now() >= opening {
+                    // The group's time ran out while opening it: a timeout that names it.
+                    let op = format!("rank {rank}: opening the group's peers ({}: {e})", peer.name);
+                    Error::Timeout { op, ranks: vec![r], after: timeout }
+                } else {
+                    failed("opening", e)
+                }
+            })?;
             let ring = peer.region + slot * rank as u64;
             let mapped =
                 if via_engine { None } else { Some(engine.map_peer(id, ring, slot, None)) };

@@ -804,7 +804,8 @@ impl Engine {
     /// most a third of it, and never more than the engine's own deadline for that step.
     pub fn open_segment_within(&self, name: &str, limit: Duration) -> Result<PeerId> {
         let own = self.inner.config.deadlines;
-        let step = limit / 3;
+        // (At least a millisecond: a zero connect timeout is refused as an invalid argument.)
+        let step = (limit / 3).max(Duration::from_millis(1));
         let deadlines =
             Deadlines { connect: own.connect.min(step), handshake: own.handshake.min(step), ..own };
         self.open_segment_with(name, &deadlines)
