@@ -233,6 +233,8 @@ pub struct Comm {
     group_direct: bool,
     /// Threads a large direct read (and all_reduce's reduction of it) is spread over.
     readers: Readers,
+    /// The phases of the direct-read collective in progress (timed when tracing).
+    phases: Phases,
     /// The deadline of waits for point-to-point operations (`isend`/`irecv`), when it is not
     /// the group's timeout.
     p2p_timeout: Option<Duration>,
@@ -312,6 +314,42 @@ fn thresholds(cut: Cut) -> (usize, usize) {
         (split, piece.max(4096))
     })
 }
+/// How long each phase of a direct-read collective took, logged at trace level
+/// (`TIDEWIRE_TRACE=tidewire_collective=trace`; nothing is timed otherwise).
+struct Phases {
+    /// When the last phase ended; None: tracing is off.
+    last: Option<Instant>,
+    took: Vec<Duration>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let on = log::log_enabled!(log::Level::Trace);
+        Self { last: on.then(Instant::now), took: Vec::new() }
+    }
+
+    /// The phase in progress ends now.
+    fn mark(&mut self) {
+        if let Some(last) = self.last.as_mut() {
+            let now = Instant::now();
+            self.took.push(now - *last);
+            *last = now;
+        }
+    }
+
+    fn log(&self, rank: usize, op: &str, len: usize, names: &[&str]) {
+        if self.last.is_none() {
+            return;
+        }
+        let parts: Vec<String> = names
+            .iter()
+            .zip(&self.took)
+            .map(|(n, d)| format!("{n} {:.1}", d.as_secs_f64() * 1e6))
+            .collect();
+        log::trace!("rank {rank}: {op} of {len} bytes: phases (µs) {}", parts.join(", "));
+    }
+}
+
 /// Bytes a reader reduces at a time in all_reduce (read into a scratch block that stays in
 /// cache, then summed into the buffer).
 const REDUCE_CHUNK: usize = 256 << 10;
@@ -374,6 +412,7 @@ impl Comm {
             poisoned: None,
             group_direct: false,
             readers: Readers::new(readers(size)),
+            phases: Phases::new(),
             p2p_timeout: None,
             headers: Vec::new(),
             seq: 0,
@@ -965,19 +1004,25 @@ impl Comm {
     ) -> Result<()> {
         let me = self.rank;
         let name = "all_reduce";
+        self.phases = Phases::new();
         let peers = self.others();
         let mine = encode_block(buf.as_ptr() as u64, buf.len());
         let theirs = self.swap_words(name, &peers, |_| mine)?;
+        self.phases.mark();
         let own = parts[me].clone();
         let sources = self.sources(name, &peers, &theirs, buf.len(), own.start as u64)?;
         self.reduce_from(name, &mut buf[own.clone()], &sources, dtype, op)?;
+        self.phases.mark();
         // Every reader wants our reduced block; the round that tells them where it is also
         // tells them that it is reduced (and that we read nothing of theirs any more).
         let reduced = (buf.as_ptr() as u64 + own.start as u64, own.len());
         // Its reads are cut like a reduction's (more threads than plain reads: the pool was
         // just woken; NOTES §49).
         let blocks = vec![reduced; self.size];
-        self.direct_exchange(name, buf, parts, &blocks, None, Cut::Reduction)
+        self.direct_exchange(name, buf, parts, &blocks, None, Cut::Reduction)?;
+        let names = ["addresses", "reduction", "addresses", "reads", "tokens"];
+        self.phases.log(me, name, buf.len(), &names);
+        Ok(())
     }
 
     /// Where to read each peer's piece: `(rank, process, address)` of the byte `at` of the
@@ -1347,6 +1392,7 @@ impl Comm {
     ) -> Result<()> {
         let peers = self.others();
         let theirs = self.swap_words(name, &peers, |r| encode_block(blocks[r].0, blocks[r].1))?;
+        self.phases.mark();
         let mut dsts = disjoint_mut(out, parts);
         let own = own.map(|src| (std::mem::take(&mut dsts[self.rank]), src));
         let reads = peers
@@ -1357,7 +1403,10 @@ impl Comm {
             })
             .collect();
         self.read_blocks(name, reads, own, cut)?;
-        self.tokens(name, &peers)
+        self.phases.mark();
+        self.tokens(name, &peers)?;
+        self.phases.mark();
+        Ok(())
     }
 
     /// Every rank's `input` (all of equal length) into `out`, rank after rank.
@@ -1375,14 +1424,11 @@ impl Comm {
             // Our own block is copied along with the reads.
             let blocks = vec![(input.as_ptr() as u64, len); n];
             let parts = offsets_of(&vec![len; n]);
-            return self.direct_exchange(
-                "all_gather",
-                out,
-                &parts,
-                &blocks,
-                Some(input),
-                Cut::Copy,
-            );
+            self.phases = Phases::new();
+            let own = Some(input);
+            self.direct_exchange("all_gather", out, &parts, &blocks, own, Cut::Copy)?;
+            self.phases.log(self.rank, "all_gather", len, &["addresses", "reads", "tokens"]);
+            return Ok(());
         }
         self.readers.copy(&mut out[self.rank * len..(self.rank + 1) * len], input);
         if n > 1 && len > 0 {
