@@ -899,7 +899,9 @@ def body_join_cycles(rank: int, size: int, port: int, arg: str) -> Any:
         if i == 1:
             base = counts()
     end_counts = counts()
-    if base and (end_counts[0] > base[0] + 2 or end_counts[1:] != base[1:]):
+    # Growth is the leak; fewer is not (a mapping of the joiner killed just before the
+    # baseline may still be released after it: seen once as mappings 2 -> 1).
+    if base and (end_counts[0] > base[0] + 2 or any(e > b for e, b in zip(end_counts[1:], base[1:]))):
         bad.append(f"threads, mappings, registrations {base} -> {end_counts}")
     dist.destroy_process_group()
     # The engine keeps a small record of each departed peer (its name and why it left).
