@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List
 import torch
 import torch.distributed as dist
 
+import tidewire
 import tidewire.distributed  # noqa: F401  (registers the backend)
 
 INT_TYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
@@ -85,7 +86,11 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
-    """Every collective × dtype × op against a reference computed here."""
+    """Every collective × dtype × op against a reference computed here (arg "hosts": every rank
+    on a host of its own as the engine sees it, so the rings travel over tcp)."""
+    if arg == "hosts":
+        os.environ["TIDEWIRE_HOST_ID"] = f"pg-test-host-{rank}"
+        tidewire.metrics_text()  # recording on, to see which transport moved the bytes
     init(rank, size, port)
     bad: List[str] = []
 
@@ -245,6 +250,9 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
     fs = fc.all_to_all_single(ev, None, None, w)
     check("functional all_to_all_single", torch.equal(torch.as_tensor(fs), want_ev))
     dist.destroy_process_group()
+    if arg == "hosts":
+        tcp = [ln for ln in tidewire.metrics_text().splitlines() if ln.startswith("tidewire_bytes_total") and 'transport="tcp"' in ln]
+        check(f"bytes over tcp ({tcp})", any(float(ln.rsplit(" ", 1)[1]) > 0 for ln in tcp))
     return bad
 
 

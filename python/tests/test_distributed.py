@@ -443,10 +443,14 @@ def test_groups_created_and_destroyed_twenty_times_leave_nothing_behind() -> Non
         assert bad == [], f"rank {rank}: {bad}"
 
 
-def test_ranks_reached_through_engine_transfers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ranks on other hosts get (rings written with one-sided transfers), forced here."""
-    monkeypatch.setenv("TIDEWIRE_PG_CHANNEL", "engine")
-    for rank, bad in enumerate(run_group("collectives", 2)):
+@pytest.mark.parametrize("how", ["engine", "hosts"])
+def test_ranks_reached_through_engine_transfers(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ranks on other hosts get (rings written with one-sided transfers): forced on one
+    host ("engine": the engine still moves them through shared memory), or with every rank on
+    a host of its own as the engine sees it ("hosts": over tcp, checked in the metrics)."""
+    if how == "engine":
+        monkeypatch.setenv("TIDEWIRE_PG_CHANNEL", "engine")
+    for rank, bad in enumerate(run_group("collectives", 2, "hosts" if how == "hosts" else "")):
         assert bad == [], f"rank {rank}: {bad}"
 
 
