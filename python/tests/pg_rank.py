@@ -904,11 +904,14 @@ def body_join_cycles(rank: int, size: int, port: int, arg: str) -> Any:
         mpg.sync_after_failure(pg)
         if active.tolist() != [1, 1, 0] or mpg.get_current_epoch(pg) <= epoch:
             bad.append(f"cycle {i}: mask {active.tolist()} epoch {mpg.get_current_epoch(pg)}")
+        # A call into the group re-forms its rings without the joiner if the failing call did
+        # not (the view may change after it): only then are the joiner's mappings released.
+        dist.barrier()
         if i == 1:
             base = counts()
-    # Growth is the leak; fewer is not. A killed joiner's mapping may be released a moment
-    # after the group re-formed without it (seen as 2 -> 1 and 1 -> 2 between the baseline and
-    # the end): the end waits up to 5 s for the counts to come back; a leak stays.
+    # Growth is the leak; fewer is not. (Before each cycle's barrier, whether the rings had
+    # been re-formed without the joiner depended on timing: counts of 2 -> 1 and 1 -> 2 were
+    # seen.) The end waits up to 5 s for the counts to come back; a leak stays.
     end_counts = counts()
     settle = time.monotonic() + 5
     while base and any(e > b for e, b in zip(end_counts[1:], base[1:])) and time.monotonic() < settle:
