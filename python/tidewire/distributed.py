@@ -208,6 +208,26 @@ def _overlap(a: _Flat, b: _Flat) -> bool:
     return a.addr < b.addr + b.nbytes and b.addr < a.addr + a.nbytes and a.nbytes > 0 and b.nbytes > 0
 
 
+def _in_group_ranks(e: BaseException, members: List[int]) -> List[int]:
+    """The ranks a communicator's error names (numbered among `members`, the ranks it spans),
+    as group ranks, written back into the error's ``ranks`` where it allows; returns them."""
+    ranks = [members[r] for r in getattr(e, "ranks", []) if r < len(members)]
+    try:
+        e.ranks = ranks  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return ranks
+
+
+def _raised(fn: Callable[[], Any]) -> Optional[Exception]:
+    """What `fn()` raised, or None (for callers that ask for a failure rather than a raise)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
+
+
 def _done(result: Any = None) -> dist.Work:
     fut: Future = Future()
     fut.set_result(result)
@@ -239,11 +259,7 @@ class _P2PWork(dist.Work):
 
     def outcome(self) -> Optional[BaseException]:
         """Ends the operation (within the group's timeout) and returns why it failed, or None."""
-        try:
-            self.wait()
-        except Exception as e:  # noqa: BLE001 (the caller asked for the failure, not a raise)
-            return e
-        return None
+        return _raised(self.wait)
 
     def is_completed(self) -> bool:
         if not self._finished and self._pg._comm.test(self._id):
@@ -320,12 +336,10 @@ class _CudaWork(dist.Work):
         path = self._path
         if path is None or path.comm is None:
             return None
-        try:
-            path.comm.check()
-        except _native.TidewireError as e:
-            e.ranks = [path.members[r] for r in getattr(e, "ranks", []) if r < len(path.members)]  # type: ignore[attr-defined]
-            return e
-        return None
+        e = _raised(path.comm.check)
+        if e is not None:
+            _in_group_ranks(e, path.members)
+        return e
 
     def get_future(self) -> Future:
         fut: Future = Future()
@@ -349,11 +363,7 @@ class _CudaP2PWork(_CudaWork):
             raise self._error
 
     def outcome(self) -> Optional[BaseException]:
-        try:
-            self._launched()
-        except Exception as e:  # noqa: BLE001 (the caller asked for the failure, not a raise)
-            return e
-        return super().outcome()
+        return _raised(self._launched) or super().outcome()
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
         self._launched()
@@ -734,12 +744,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             return fn(*args)
         except _native.TidewireError as e:
             # The communicator numbers the active ranks only: the group's numbers for the hint.
-            ranks = [self._members[r] for r in getattr(e, "ranks", []) if r < len(self._members)]
-            try:
-                e.ranks = ranks  # type: ignore[attr-defined]
-            except AttributeError:
-                pass
-            self._failed(ranks)
+            self._failed(_in_group_ranks(e, self._members))
             try:
                 if self._view_failed(wait=False):
                     self._reported = True

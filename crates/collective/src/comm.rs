@@ -471,16 +471,19 @@ impl Comm {
                 context: format!("rank {rank}: {what} rank {r} ({})", peer.name),
                 source,
             };
+            // The group's time running out (before or while opening it) names the rank.
+            let late = |why: String| Error::Timeout {
+                op: format!("rank {rank}: opening the group's peers ({}{why})", peer.name),
+                ranks: vec![r],
+                after: timeout,
+            };
             let left = opening.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let op = format!("rank {rank}: opening the group's peers ({})", peer.name);
-                return Err(Error::Timeout { op, ranks: vec![r], after: timeout });
+                return Err(late(String::new()));
             }
             let id = engine.open_segment_within(&peer.name, left).map_err(|e| {
                 if Instant::now() >= opening {
-                    // The group's time ran out while opening it: a timeout that names it.
-                    let op = format!("rank {rank}: opening the group's peers ({}: {e})", peer.name);
-                    Error::Timeout { op, ranks: vec![r], after: timeout }
+                    late(format!(": {e}"))
                 } else {
                     failed("opening", e)
                 }
