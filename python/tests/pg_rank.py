@@ -138,7 +138,25 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
         sc = torch.empty(50, dtype=dtype)
         dist.scatter(sc, [data(r + 7, dtype, 50) for r in range(size)] if rank == 0 else None, src=0)
         check(f"scatter {dtype}", torch.equal(sc, data(rank + 7, dtype, 50)))
-    # A large all_reduce (the ring path) and a non-contiguous one.
+    # 1 - 8 MiB go through every rank's shared stage (where the rings are mapped): every
+    # dtype × op of all_reduce there, and the other staged collectives, sizes not a multiple of
+    # the rank count.
+    for dtype in INT_TYPES + FLOAT_TYPES + [torch.bool]:
+        n = (1 << 20) // dtype.itemsize + 3
+        for op in OPS:
+            if dtype == torch.bool and op == "avg":
+                continue
+            t = data(rank, dtype, n)
+            dist.all_reduce(t, op=OPS[op])
+            check(f"staged all_reduce {dtype} {op}", close(t, reference(size, dtype, op, n)))
+        got = torch.empty(n, dtype=dtype)
+        dist.reduce_scatter_tensor(got, data(rank, dtype, size * n), op=dist.ReduceOp.MAX)
+        want = reference(size, dtype, "max", size * n)[rank * n : (rank + 1) * n]
+        check(f"staged reduce_scatter {dtype}", close(got, want))
+        flat = torch.empty(size * n, dtype=dtype)
+        dist.all_gather_into_tensor(flat, data(rank, dtype, n))
+        check(f"staged all_gather {dtype}", torch.equal(flat, torch.cat([data(r, dtype, n) for r in range(size)])))
+    # A large all_reduce and a non-contiguous one.
     big = data(rank, torch.float32, 1 << 20)
     dist.all_reduce(big)
     check("all_reduce 4 MiB", close(big, reference(size, torch.float32, "sum", 1 << 20)))
@@ -319,6 +337,8 @@ def body_paths(rank: int, size: int, port: int, arg: str) -> Any:
         dist.all_gather_into_tensor(torch.empty(size * 16), small)
         dist.all_gather_into_tensor(torch.empty(size << 20), big)
         dist.reduce_scatter_tensor(torch.empty(16), torch.ones(size * 16))
+        dist.reduce_scatter_tensor(torch.empty(1 << 20), torch.ones(size << 20))
+        dist.all_reduce(torch.ones(16 << 20))
         dist.all_to_all_single(torch.empty(size * 16), torch.ones(size * 16))
         dist.broadcast(small, src=0)
         dist.reduce(small, dst=0)

@@ -121,9 +121,11 @@ def test_the_debug_log_names_the_algorithm_of_every_collective() -> None:
         text = "\n".join(lines)
         wants = [
             r"all_reduce of 64 bytes on 2 ranks: direct \(",
-            r"all_reduce of 4194304 bytes on 2 ranks: (direct reads|ring)",
+            r"all_reduce of 4194304 bytes on 2 ranks: staged",
+            r"all_reduce of 67108864 bytes on 2 ranks: (direct reads|ring)",
             r"all_gather of 64 bytes on 2 ranks: ring",
-            r"all_gather of 4194304 bytes on 2 ranks: (direct reads|ring)",
+            r"all_gather of 4194304 bytes on 2 ranks: staged",
+            r"reduce_scatter of 4194304 bytes on 2 ranks: staged",
             r"reduce_scatter of 64 bytes on 2 ranks: ring",
             r"all_to_all of 128 bytes on 2 ranks: rings",
             rf"rank {rank}: broadcast of 64 bytes on 2 ranks: direct from the root",

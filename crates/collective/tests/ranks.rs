@@ -119,6 +119,9 @@ fn all_reduce_direct_and_ring_match_the_reference_on_1_2_and_4_ranks() {
                     pids,
                     move |rank, comm| {
                         assert!(pids || !comm.reads_directly(), "no process ids, yet direct reads");
+                        if !pids {
+                            comm.set_staged_sizes(usize::MAX, 0); // nothing staged: the ring
+                        }
                         let mut buf = f32s(&values(rank, count));
                         comm.all_reduce(&mut buf, DType::F32, op).unwrap();
                         buf
@@ -209,6 +212,7 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
     let n = 3;
     let got = group(n, 64 << 10, move |rank, comm| {
         assert!(comm.reads_directly(), "rank {rank}: threads of one process read each other");
+        comm.set_staged_sizes(usize::MAX, 0); // nothing staged: the direct reads
         let len = 700_001;
         let mine: Vec<u8> = (0..len).map(|i| (i * 7 + rank * 31) as u8).collect();
         let mut all = vec![0u8; n * len];
@@ -252,6 +256,7 @@ fn large_direct_reads_spread_over_threads_match_the_reference() {
     let count = (5 << 20) / 4 + 3;
     let got = group(n, 64 << 10, move |rank, comm| {
         comm.set_readers(3);
+        comm.set_staged_sizes(usize::MAX, 0); // nothing staged: the direct reads
         let mut red = f32s(&values(rank, count));
         comm.all_reduce(&mut red, DType::F32, ReduceOp::Sum).unwrap();
         let len = (3 << 20) + 5;
@@ -478,6 +483,52 @@ fn ranks_reached_through_engine_transfers_over_tcp_run_every_collective() {
         for (rank, (sum, all, _)) in got.iter().enumerate() {
             assert!(*sum == want, "{n} ranks over tcp: all_reduce on rank {rank}");
             assert!(*all == concat, "{n} ranks over tcp: all_gather on rank {rank}");
+        }
+    }
+}
+
+#[test]
+fn collectives_staged_through_shared_memory_in_pieces_match_the_reference() {
+    // Staged from the first byte to any size: larger than the 8 MiB stage, the collectives run
+    // in pieces; odd sizes leave pieces and blocks of any length.
+    let n = 3;
+    let count = (20 << 20) / 4 + 7;
+    let rs = (3 << 20) / 4 + 3;
+    let got = group(n, 64 << 10, move |rank, comm| {
+        assert!(comm.reads_directly(), "rank {rank}: threads of one process read each other");
+        comm.set_staged_sizes(0, usize::MAX);
+        let mut sum = f32s(&values(rank, count));
+        comm.all_reduce(&mut sum, DType::F32, ReduceOp::Sum).unwrap();
+        let mut small = f32s(&values(rank, 70_001));
+        comm.all_reduce(&mut small, DType::F32, ReduceOp::Max).unwrap();
+        let mut gathered = Vec::new();
+        for len in [1usize, 4099, (9 << 20) + 5] {
+            let mine: Vec<u8> = (0..len).map(|i| (i * 7 + rank * 31) as u8).collect();
+            let mut all = vec![0xA5u8; n * len];
+            comm.all_gather(&mut all, &mine).unwrap();
+            gathered.push((mine, all));
+        }
+        let mut scattered = Vec::new();
+        for c in [1usize, rs] {
+            let mut out = vec![0xA5u8; c * 4];
+            comm.reduce_scatter(&mut out, &f32s(&values(rank, n * c)), DType::F32, ReduceOp::Min)
+                .unwrap();
+            scattered.push(out);
+        }
+        (sum, small, gathered, scattered)
+    });
+    let sum = reference(n, count, ReduceOp::Sum);
+    let max = reference(n, 70_001, ReduceOp::Max);
+    for (rank, (s, m, gathered, scattered)) in got.iter().enumerate() {
+        assert!(*s == sum, "staged all_reduce sum on rank {rank}");
+        assert!(*m == max, "staged all_reduce max on rank {rank}");
+        for (i, (_, all)) in gathered.iter().enumerate() {
+            let concat: Vec<u8> = got.iter().flat_map(|g| g.2[i].0.clone()).collect();
+            assert!(*all == concat, "staged all_gather {i} on rank {rank}");
+        }
+        for (out, c) in scattered.iter().zip([1usize, rs]) {
+            let min = reference(n, n * c, ReduceOp::Min);
+            assert!(*out == min[rank * c * 4..(rank + 1) * c * 4], "staged reduce_scatter of {c}");
         }
     }
 }
