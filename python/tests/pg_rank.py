@@ -337,7 +337,9 @@ def body_paths(rank: int, size: int, port: int, arg: str) -> Any:
         dist.all_gather_into_tensor(torch.empty(size * 16), small)
         dist.all_gather_into_tensor(torch.empty(size << 20), big)
         dist.reduce_scatter_tensor(torch.empty(16), torch.ones(size * 16))
-        dist.reduce_scatter_tensor(torch.empty(1 << 20), torch.ones(size << 20))
+        mid = torch.ones(1 << 18)
+        dist.all_gather_into_tensor(torch.empty(size << 18), mid)
+        dist.reduce_scatter_tensor(torch.empty(1 << 18), torch.ones(size << 18))
         dist.all_reduce(torch.ones(16 << 20))
         dist.all_to_all_single(torch.empty(size * 16), torch.ones(size * 16))
         dist.broadcast(small, src=0)
@@ -1636,8 +1638,55 @@ def body_cuda(rank: int, size: int, port: int, arg: str) -> Any:
         if not torch.equal(r_.cpu(), data(prv, torch.float32, 1000)):
             bad.append("batch_isend_irecv")
     bad += _cuda_graph(rank, size, dev, staged)
+    bad += _cuda_groups(rank, size, port, dev)
     dist.barrier()
     dist.destroy_process_group()
+    return bad
+
+
+def _cuda_groups(rank: int, size: int, port: int, dev: torch.device) -> List[str]:
+    """CUDA tensors, as on CPU: the functional collectives (torch calls the group from C++);
+    two groups over the same ranks used in turn, and a group of one rank each; then the default
+    group destroyed and a new one formed in the same process (left for the caller)."""
+    import torch.distributed._functional_collectives as fc
+
+    bad: List[str] = []
+    w = dist.group.WORLD
+    fa = torch.as_tensor(fc.all_reduce(data(rank, torch.float32).to(dev), "sum", w))
+    if not close(fa.cpu(), reference(size, torch.float32, "sum")):
+        bad.append("functional all_reduce")
+    fg = torch.as_tensor(fc.all_gather_tensor(data(rank, torch.float32, 10).to(dev), 0, w))
+    if not torch.equal(fg.cpu(), torch.cat([data(r, torch.float32, 10) for r in range(size)])):
+        bad.append("functional all_gather_tensor")
+    fr = torch.as_tensor(fc.reduce_scatter_tensor(data(rank, torch.float32, size * 100).to(dev), "sum", 0, w))
+    if not close(fr.cpu(), reference(size, torch.float32, "sum", size * 100)[rank * 100 : (rank + 1) * 100]):
+        bad.append("functional reduce_scatter_tensor")
+    ev = torch.arange(size * 3, dtype=torch.int32, device=dev) + rank * 1000
+    fs = torch.as_tensor(fc.all_to_all_single(ev, None, None, w))
+    want_ev = torch.cat([torch.arange(rank * 3, rank * 3 + 3, dtype=torch.int32) + s * 1000 for s in range(size)])
+    if not torch.equal(fs.cpu(), want_ev):
+        bad.append("functional all_to_all_single")
+    g1, g2 = dist.new_group(list(range(size))), dist.new_group(list(range(size)))
+    singles = [dist.new_group([r]) for r in range(size)]
+    for i in range(3):
+        a = data(rank + i, torch.float32, 5000).to(dev)
+        b = data(rank + i, torch.bfloat16, 5000).to(dev)
+        dist.all_reduce(a, group=g1)
+        dist.all_reduce(b, group=g2)
+        want_a = sum(data(r + i, torch.float32, 5000).double() for r in range(size)).float()
+        want_b = sum(data(r + i, torch.bfloat16, 5000).double() for r in range(size)).to(torch.bfloat16)
+        if not close(a.cpu(), want_a) or not close(b.cpu(), want_b):
+            bad.append(f"two groups over the same ranks, round {i}")
+    alone = data(rank, torch.float32, 100).to(dev)
+    dist.all_reduce(alone, group=singles[rank])
+    if not torch.equal(alone.cpu(), data(rank, torch.float32, 100)):
+        bad.append("a group of one rank")
+    dist.destroy_process_group()
+    init(rank, size, port + 1)
+    t = data(rank, torch.float32, 4097).to(dev)
+    dist.all_reduce(t)
+    if not close(t.cpu(), reference(size, torch.float32, "sum", 4097)):
+        bad.append("all_reduce after a new init")
     return bad
 
 
@@ -1766,6 +1815,8 @@ def body_metrics(rank: int, size: int, port: int, arg: str) -> Any:
     init(rank, size, port)
     for _ in range(5):
         dist.all_reduce(torch.ones(1024, dtype=torch.float32))
+    for _ in range(2):
+        dist.all_reduce(torch.ones(1 << 18, dtype=torch.float32))  # 1 MiB: staged
     out = torch.empty(size * 256, dtype=torch.float32)
     for _ in range(3):
         dist.all_gather_into_tensor(out, torch.ones(256, dtype=torch.float32))

@@ -124,8 +124,9 @@ def test_the_debug_log_names_the_algorithm_of_every_collective() -> None:
             r"all_reduce of 4194304 bytes on 2 ranks: staged",
             r"all_reduce of 67108864 bytes on 2 ranks: (direct reads|ring)",
             r"all_gather of 64 bytes on 2 ranks: ring",
-            r"all_gather of 4194304 bytes on 2 ranks: staged",
-            r"reduce_scatter of 4194304 bytes on 2 ranks: staged",
+            r"all_gather of 1048576 bytes on 2 ranks: staged",
+            r"all_gather of 4194304 bytes on 2 ranks: (direct reads|ring)",
+            r"reduce_scatter of 1048576 bytes on 2 ranks: staged",
             r"reduce_scatter of 64 bytes on 2 ranks: ring",
             r"all_to_all of 128 bytes on 2 ranks: rings",
             rf"rank {rank}: broadcast of 64 bytes on 2 ranks: direct from the root",
@@ -432,9 +433,12 @@ def test_the_metrics_endpoint_counts_collectives_by_operation() -> None:
         calls = {k: v for k, v in got.items() if k.startswith("tidewire_coll_calls_total")}
         ar = [v for k, v in calls.items() if 'op="all_reduce"' in k]
         ag = [v for k, v in calls.items() if 'op="all_gather"' in k]
-        assert sum(ar) == 5 and sum(ag) == 3, f"rank {rank}: {got}"
-        assert all('algorithm="' in k for k in calls), calls
-        assert got.get('tidewire_coll_bytes_total{op="all_reduce"}') == 5 * 4096, got
+        assert sum(ar) == 7 and sum(ag) == 3, f"rank {rank}: {got}"
+        # Each call by the algorithm it took: 4 KiB all_reduces go to every rank at once, 1 MiB
+        # ones through the shared stages, small all_gathers round the ring.
+        by = lambda op, algo: calls.get(f'tidewire_coll_calls_total{{op="{op}",algorithm="{algo}"}}')  # noqa: E731
+        assert (by("all_reduce", "direct"), by("all_reduce", "staged"), by("all_gather", "ring")) == (5, 2, 3), calls
+        assert got.get('tidewire_coll_bytes_total{op="all_reduce"}') == 5 * 4096 + 2 * (1 << 20), got
         assert got.get('tidewire_coll_bytes_total{op="all_gather"}') == 3 * 1024, got
         assert got.get("tidewire_coll_size") == 2, got
         assert got.get("engine_lines") == 1, "the engine's gauges are in the same scrape"

@@ -236,6 +236,8 @@ pub struct Comm {
     stage: Option<Stage>,
     /// Threads a large direct read (and all_reduce's reduction of it) is spread over.
     readers: Readers,
+    /// The algorithm of the collective in progress (or the last), for the metrics.
+    algorithm: std::cell::Cell<&'static str>,
     /// The phases of the direct-read collective in progress (timed when tracing).
     phases: Phases,
     /// The deadline of waits for point-to-point operations (`isend`/`irecv`), when it is not
@@ -308,9 +310,11 @@ struct StageSettings {
     /// Bytes of each rank's stage (`TIDEWIRE_PG_STAGE_BYTES`, a multiple of 4 KiB; 0: no
     /// staging). Larger collectives pass through it in pieces of this size.
     cap: usize,
-    /// Collectives of `min..=max` bytes are staged (`TIDEWIRE_PG_STAGED_MIN`,
-    /// `TIDEWIRE_PG_STAGED_MAX`): all_reduce's buffer, all_gather's output, reduce_scatter's
-    /// input.
+    /// Collectives of `min` to `max` × ranks bytes are staged (`TIDEWIRE_PG_STAGED_MIN`, and
+    /// `TIDEWIRE_PG_STAGED_MAX` per rank): all_reduce's buffer, all_gather's output,
+    /// reduce_scatter's input. Measured on a 16-CPU host (NOTES §55): staged beat the direct
+    /// reads from 1 MiB to 4 MiB on 2 ranks and to 8 MiB on 4, and lost at 8 MiB on 2 (an extra
+    /// copy of bytes that no longer stay in cache).
     min: usize,
     max: usize,
 }
@@ -321,7 +325,7 @@ fn stage_settings() -> StageSettings {
     *AT.get_or_init(|| StageSettings {
         cap: env_usize("TIDEWIRE_PG_STAGE_BYTES").unwrap_or(8 << 20).next_multiple_of(4096),
         min: env_usize("TIDEWIRE_PG_STAGED_MIN").unwrap_or(1 << 20),
-        max: env_usize("TIDEWIRE_PG_STAGED_MAX").unwrap_or(8 << 20),
+        max: env_usize("TIDEWIRE_PG_STAGED_MAX").unwrap_or(2 << 20),
     })
 }
 
@@ -335,7 +339,8 @@ struct Stage {
     at: Vec<u64>,
     /// The mappings of the others' stages (held for the communicator's life).
     maps: Vec<MappedPeer>,
-    /// The sizes staged (the agreed settings, or [`Comm::set_staged_sizes`]).
+    /// The sizes staged (the agreed settings, or [`Comm::set_staged_sizes`]): from `min` bytes
+    /// to `max` per rank.
     min: usize,
     max: usize,
 }
@@ -496,6 +501,7 @@ impl Comm {
             group_direct: false,
             stage: None,
             readers: Readers::new(readers(size)),
+            algorithm: std::cell::Cell::new("local"),
             phases: Phases::new(),
             p2p_timeout: None,
             headers: Vec::new(),
@@ -627,10 +633,12 @@ impl Comm {
 
     /// Whether a collective of `len` bytes (the same on every rank) is staged.
     fn staged(&self, len: usize) -> bool {
-        self.stage.as_ref().is_some_and(|st| len >= st.min && len <= st.max)
+        self.stage
+            .as_ref()
+            .is_some_and(|st| len >= st.min && len <= st.max.saturating_mul(self.size))
     }
 
-    /// Stages collectives of `min..=max` bytes from now on, where the group stages at all
+    /// Stages collectives of `min` to `max` × ranks bytes from now on, where the group stages at all
     /// (agreed at connect from `TIDEWIRE_PG_STAGED_MIN` / `_MAX`). Every rank must call it
     /// alike, at the same point: ranks that choose different algorithms fail as out of step.
     pub fn set_staged_sizes(&mut self, min: usize, max: usize) {
@@ -876,6 +884,7 @@ impl Comm {
     /// Starts collective call number `seq + 1` (every rank counts its calls alike).
     fn begin(&mut self) {
         self.seq += 1;
+        self.algorithm.set("local");
     }
 
     /// Poisons the group after `e` and tells every rank, so that those waiting for us fail
@@ -1800,6 +1809,13 @@ impl Comm {
         self.readers = Readers::new(n);
     }
 
+    /// The algorithm of the last collective, as the metrics label it: `direct` (every rank
+    /// sends to every rank), `ring`, `staged`, `direct_reads`, `root` (to or from the root),
+    /// `token` (the barrier), `local` (nothing moved between ranks).
+    pub fn algorithm(&self) -> &'static str {
+        self.algorithm.get()
+    }
+
     /// Whether every pair of the group reads each other's buffers directly (one copy) for
     /// large collectives.
     pub fn reads_directly(&self) -> bool {
@@ -1994,6 +2010,7 @@ impl Comm {
         };
         let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
         if !directs.is_empty() {
+            self.algorithm.set("direct_reads");
             if log::log_enabled!(log::Level::Debug) {
                 let how = format!("direct reads with ranks {directs:?}, rings with the others");
                 self.chose("all_to_all", input.len(), &how);
@@ -2140,6 +2157,7 @@ impl Comm {
 
     /// The debug log's line for an algorithm choice (`TIDEWIRE_TRACE=tidewire=debug`).
     fn chose(&self, op: &str, len: usize, how: &str) {
+        self.algorithm.set(algorithm_of(how));
         log::debug!("rank {}: {op} of {len} bytes on {} ranks: {how}", self.rank, self.size);
     }
 
@@ -2170,6 +2188,20 @@ impl Drop for Comm {
             log::warn!("rank {}: freeing the receive region: {e}", self.rank);
         }
     }
+}
+
+/// The metrics' label of an algorithm, from the start of its debug-log description.
+fn algorithm_of(how: &str) -> &'static str {
+    const LABELS: [(&str, &str); 7] = [
+        ("staged", "staged"),
+        ("direct reads", "direct_reads"),
+        ("direct (", "direct"),
+        ("direct from the root", "root"),
+        ("direct to the root", "root"),
+        ("ring", "ring"),
+        ("a byte to and from every rank", "token"),
+    ];
+    LABELS.iter().find(|(p, _)| how.starts_with(p)).map_or("other", |(_, l)| l)
 }
 
 /// The failure a rank that failed first reported to us (the rank it blames), if any.

@@ -259,6 +259,7 @@ fn large_direct_reads_spread_over_threads_match_the_reference() {
         comm.set_staged_sizes(usize::MAX, 0); // nothing staged: the direct reads
         let mut red = f32s(&values(rank, count));
         comm.all_reduce(&mut red, DType::F32, ReduceOp::Sum).unwrap();
+        assert_eq!(comm.algorithm(), "direct_reads", "rank {rank}: the metrics' label");
         let len = (3 << 20) + 5;
         let mine: Vec<u8> = (0..len).map(|i| (i * 13 + rank * 7) as u8).collect();
         let mut all = vec![0u8; n * len];
@@ -499,6 +500,7 @@ fn collectives_staged_through_shared_memory_in_pieces_match_the_reference() {
         comm.set_staged_sizes(0, usize::MAX);
         let mut sum = f32s(&values(rank, count));
         comm.all_reduce(&mut sum, DType::F32, ReduceOp::Sum).unwrap();
+        assert_eq!(comm.algorithm(), "staged", "rank {rank}: the metrics' label");
         let mut small = f32s(&values(rank, 70_001));
         comm.all_reduce(&mut small, DType::F32, ReduceOp::Max).unwrap();
         let mut gathered = Vec::new();

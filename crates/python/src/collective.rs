@@ -76,8 +76,8 @@ impl PyComm {
         with_live(py, &self.comm, f)
     }
 
-    /// As `with`, counting the call as collective `op` of `bytes` in the metrics (algorithm:
-    /// `direct` when the ranks read each other's memory, else `staged` through the rings).
+    /// As `with`, counting the call as collective `op` of `bytes` in the metrics, labelled with
+    /// the algorithm the call took (`Comm::algorithm`).
     fn op<T: Send>(
         &self,
         py: Python<'_>,
@@ -87,7 +87,7 @@ impl PyComm {
     ) -> PyResult<T> {
         with_live(py, &self.comm, |c| {
             let out = f(c);
-            let algorithm = if c.reads_directly() { "direct" } else { "staged" };
+            let algorithm = c.algorithm();
             tidewire_collective::record(op, algorithm, bytes, &out);
             if let Some(m) = tidewire::metrics::get() {
                 m.coll_size.set((c.size() - c.dead_ranks().len()) as i64);
