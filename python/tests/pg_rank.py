@@ -138,7 +138,7 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
         sc = torch.empty(50, dtype=dtype)
         dist.scatter(sc, [data(r + 7, dtype, 50) for r in range(size)] if rank == 0 else None, src=0)
         check(f"scatter {dtype}", torch.equal(sc, data(rank + 7, dtype, 50)))
-    # 1 - 8 MiB go through every rank's shared stage (where the rings are mapped): every
+    # 1 MiB to 2 MiB per rank go through every rank's shared stage (where the rings are mapped): every
     # dtype × op of all_reduce there, and the other staged collectives, sizes not a multiple of
     # the rank count.
     for dtype in INT_TYPES + FLOAT_TYPES + [torch.bool]:
@@ -156,10 +156,11 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
         flat = torch.empty(size * n, dtype=dtype)
         dist.all_gather_into_tensor(flat, data(rank, dtype, n))
         check(f"staged all_gather {dtype}", torch.equal(flat, torch.cat([data(r, dtype, n) for r in range(size)])))
-    # A large all_reduce and a non-contiguous one.
-    big = data(rank, torch.float32, 1 << 20)
+    # A large all_reduce (12 MiB: past the staged sizes, direct reads or the ring) and a
+    # non-contiguous one.
+    big = data(rank, torch.float32, 3 << 20)
     dist.all_reduce(big)
-    check("all_reduce 4 MiB", close(big, reference(size, torch.float32, "sum", 1 << 20)))
+    check("all_reduce 12 MiB", close(big, reference(size, torch.float32, "sum", 3 << 20)))
     nc = data(rank, torch.float64, 2000).reshape(1000, 2)[:, 0]
     dist.all_reduce(nc)
     check("all_reduce non-contiguous", close(nc, reference(size, torch.float64, "sum", 2000).reshape(1000, 2)[:, 0]))

@@ -529,6 +529,10 @@ impl Comm {
         let mine = if cfg.cap == 0 {
             why = Some("TIDEWIRE_PG_STAGE_BYTES=0".into());
             None
+        } else if cfg.cap / n < 4096 {
+            // reduce_scatter stages a piece of every rank's block at once, whole pages each.
+            why = Some(format!("a {}-byte stage is too small for {n} ranks", cfg.cap));
+            None
         } else {
             match self.engine.allocate_shared(cfg.cap as u64) {
                 Ok(a) => Some(a),
@@ -639,8 +643,9 @@ impl Comm {
     }
 
     /// Stages collectives of `min` to `max` × ranks bytes from now on, where the group stages at all
-    /// (agreed at connect from `TIDEWIRE_PG_STAGED_MIN` / `_MAX`). Every rank must call it
-    /// alike, at the same point: ranks that choose different algorithms fail as out of step.
+    /// (agreed at connect from `TIDEWIRE_PG_STAGED_MIN` / `_MAX`); for tests and benchmarks.
+    /// Every rank must call it alike, at the same point: nothing checks it, and ranks that
+    /// choose different algorithms fail later as out of step (a header or length mismatch).
     pub fn set_staged_sizes(&mut self, min: usize, max: usize) {
         if let Some(st) = self.stage.as_mut() {
             (st.min, st.max) = (min, max);
@@ -1263,8 +1268,11 @@ impl Comm {
         Ok(())
     }
 
-    /// Every rank's stage, as mapped here, by rank (the caller checked there is one).
+    /// Every rank's stage, as mapped here, by rank (the caller checked there is one). A failed
+    /// group refuses here, before our stage is written: a peer of the failed call may still
+    /// be copying out of it.
     fn stages(&mut self, name: &str) -> Result<(Vec<u64>, usize)> {
+        self.usable(name)?;
         match self.stage.as_ref() {
             Some(st) => Ok((st.at.clone(), st.cap)),
             None => {

@@ -7,7 +7,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use tidewire::{Engine, EngineConfig};
-use tidewire_collective::{reduce_into, Comm, DType, Error, PeerInfo, ReduceOp, Region};
+use tidewire_collective::{
+    finish_avg, reduce_into, Comm, DType, Error, PeerInfo, ReduceOp, Region,
+};
 
 /// Runs `body(rank, comm)` on `n` connected ranks (rings of `cap` bytes); returns their results.
 fn group<T: Send + 'static>(
@@ -108,7 +110,8 @@ fn reference(n: usize, count: usize, op: ReduceOp) -> Vec<u8> {
 fn all_reduce_direct_and_ring_match_the_reference_on_1_2_and_4_ranks() {
     for n in [1, 2, 4] {
         // 1,000 floats go to every rank at once; 300,000 (1.2 MB, bigger than the 256 KiB
-        // rings) go round the ring in pieces, or (process ids known) by direct reads.
+        // rings; not staged here) go round the ring in pieces, or (process ids known) by
+        // direct reads.
         for (count, pids) in [(1000usize, true), (300_000, false), (300_000, true)] {
             for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
                 let got = group_as(
@@ -119,9 +122,7 @@ fn all_reduce_direct_and_ring_match_the_reference_on_1_2_and_4_ranks() {
                     pids,
                     move |rank, comm| {
                         assert!(pids || !comm.reads_directly(), "no process ids, yet direct reads");
-                        if !pids {
-                            comm.set_staged_sizes(usize::MAX, 0); // nothing staged: the ring
-                        }
+                        comm.set_staged_sizes(usize::MAX, 0); // nothing staged
                         let mut buf = f32s(&values(rank, count));
                         comm.all_reduce(&mut buf, DType::F32, op).unwrap();
                         buf
@@ -495,6 +496,10 @@ fn collectives_staged_through_shared_memory_in_pieces_match_the_reference() {
     let n = 3;
     let count = (20 << 20) / 4 + 7;
     let rs = (3 << 20) / 4 + 3;
+    let count64 = (9 << 20) / 8 + 5;
+    let f64s = |rank: usize, count: usize| -> Vec<u8> {
+        values(rank, count).iter().flat_map(|&x| f64::from(x).to_ne_bytes()).collect()
+    };
     let got = group(n, 64 << 10, move |rank, comm| {
         assert!(comm.reads_directly(), "rank {rank}: threads of one process read each other");
         comm.set_staged_sizes(0, usize::MAX);
@@ -508,6 +513,7 @@ fn collectives_staged_through_shared_memory_in_pieces_match_the_reference() {
             let mine: Vec<u8> = (0..len).map(|i| (i * 7 + rank * 31) as u8).collect();
             let mut all = vec![0xA5u8; n * len];
             comm.all_gather(&mut all, &mine).unwrap();
+            assert_eq!(comm.algorithm(), "staged", "rank {rank}: all_gather of {len}");
             gathered.push((mine, all));
         }
         let mut scattered = Vec::new();
@@ -515,13 +521,24 @@ fn collectives_staged_through_shared_memory_in_pieces_match_the_reference() {
             let mut out = vec![0xA5u8; c * 4];
             comm.reduce_scatter(&mut out, &f32s(&values(rank, n * c)), DType::F32, ReduceOp::Min)
                 .unwrap();
+            assert_eq!(comm.algorithm(), "staged", "rank {rank}: reduce_scatter of {c}");
             scattered.push(out);
         }
-        (sum, small, gathered, scattered)
+        // 8-byte elements and AVG (finished after the pieces) across piece edges.
+        let mut avg: Vec<u8> = f64s(rank, count64);
+        comm.all_reduce(&mut avg, DType::F64, ReduceOp::Avg).unwrap();
+        assert_eq!(comm.algorithm(), "staged", "rank {rank}: all_reduce of f64");
+        (sum, small, gathered, scattered, avg)
     });
+    let mut avg = f64s(0, count64);
+    for r in 1..n {
+        reduce_into(&mut avg, &f64s(r, count64), DType::F64, ReduceOp::Sum);
+    }
+    finish_avg(&mut avg, DType::F64, n);
     let sum = reference(n, count, ReduceOp::Sum);
     let max = reference(n, 70_001, ReduceOp::Max);
-    for (rank, (s, m, gathered, scattered)) in got.iter().enumerate() {
+    for (rank, (s, m, gathered, scattered, a)) in got.iter().enumerate() {
+        assert!(*a == avg, "staged all_reduce avg of f64 on rank {rank}");
         assert!(*s == sum, "staged all_reduce sum on rank {rank}");
         assert!(*m == max, "staged all_reduce max on rank {rank}");
         for (i, (_, all)) in gathered.iter().enumerate() {

@@ -101,14 +101,15 @@ pub(crate) fn keeper_loop(inner: &Inner) {
     }
 }
 
-/// Follows changes of peers' descriptors: an etcd watch (resynchronised after every
-/// reconnect), or for redis a poll of the open peers every second.
+/// Follows changes of peers' descriptors: an etcd watch (the open peers read again once each
+/// watch is confirmed: what changed before it started, a peer opened before this thread ran
+/// included, is not streamed), or for redis a poll of the open peers every second.
 pub(crate) fn watch_loop(inner: &Inner) {
     while !inner.life.stopping() {
-        inner.resync_open_peers();
         if inner.metadata.is_etcd() {
             let keep_going = || !inner.life.stopping();
-            let result = inner.metadata.watch(&keep_going, &mut |name, value| {
+            let mut created = || inner.resync_open_peers();
+            let result = inner.metadata.watch(&keep_going, &mut created, &mut |name, value| {
                 inner.on_descriptor_event(&name, value.as_deref());
             });
             if let Err(e) = result {
@@ -117,8 +118,11 @@ pub(crate) fn watch_loop(inner: &Inner) {
             if !pause(inner, Duration::from_millis(500)) {
                 return;
             }
-        } else if !pause(inner, Duration::from_secs(1)) {
-            return;
+        } else {
+            inner.resync_open_peers();
+            if !pause(inner, Duration::from_secs(1)) {
+                return;
+            }
         }
     }
 }

@@ -187,10 +187,14 @@ impl Etcd {
 
     /// Streams changes under `prefix` to `on_event(key, Some(value) | None for a delete)`
     /// until `keep_going()` is false or the stream breaks (the caller reconnects).
+    /// `on_created()` runs once the server confirms the watch: every change from then on is
+    /// streamed, so what changed before is read then (a change between a read and the watch's
+    /// creation would otherwise be missed for good).
     pub(crate) fn watch(
         &self,
         prefix: &str,
         keep_going: &dyn Fn() -> bool,
+        on_created: &mut dyn FnMut(),
         on_event: &mut dyn FnMut(String, Option<Vec<u8>>),
     ) -> Result<()> {
         let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
@@ -247,6 +251,9 @@ impl Etcd {
                 continue;
             }
             let Ok(msg) = serde_json::from_str::<Value>(&text) else { continue };
+            if msg.pointer("/result/created").and_then(Value::as_bool) == Some(true) {
+                on_created();
+            }
             let events = msg
                 .pointer("/result/events")
                 .and_then(Value::as_array)

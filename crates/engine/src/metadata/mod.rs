@@ -270,15 +270,17 @@ impl Metadata {
         }
     }
 
-    /// Streams descriptor changes (etcd only): `on_event(segment name, new value or None)`.
+    /// Streams descriptor changes (etcd only): `on_event(segment name, new value or None)`,
+    /// after `on_created()` once the server confirmed the watch.
     pub(crate) fn watch(
         &self,
         keep_going: &dyn Fn() -> bool,
+        on_created: &mut dyn FnMut(),
         on_event: &mut dyn FnMut(String, Option<Vec<u8>>),
     ) -> Result<()> {
         let Backend::Etcd(e) = &self.backend else { return Ok(()) };
         let prefix = self.prefix();
-        e.watch(&prefix, keep_going, &mut |key, value| {
+        e.watch(&prefix, keep_going, on_created, &mut |key, value| {
             if let Some(name) = key.strip_prefix(&prefix) {
                 on_event(name.to_string(), value);
             }
