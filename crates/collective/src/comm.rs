@@ -231,9 +231,15 @@ pub struct Comm {
     /// Every pair of ranks of the group reads each other's memory directly (agreed at
     /// connect: algorithms that involve every pair take the single-copy path alike).
     group_direct: bool,
-    /// Every rank's stage for collectives staged through shared memory (set up at connect
-    /// when every rank maps every other's memory; `None`: nothing is staged).
+    /// Every rank's stage for collectives staged through shared memory (set up at the first
+    /// collective of a staged size when every rank maps every other's memory; `None`: nothing
+    /// is staged).
     stage: Option<Stage>,
+    /// Whether the stages were set up (or refused) already.
+    stage_tried: bool,
+    /// The sizes staged: from the first to the second per rank (`TIDEWIRE_PG_STAGED_MIN` /
+    /// `_MAX`, or [`Comm::set_staged_sizes`]).
+    staged_sizes: (usize, usize),
     /// Threads a large direct read (and all_reduce's reduction of it) is spread over.
     readers: Readers,
     /// The algorithm of the collective in progress (or the last), for the metrics.
@@ -304,7 +310,8 @@ const SHARED_PIECE_MIN: usize = 64 << 10;
 /// where `process_vm_readv` pins every 4 KiB page it copies: two processes of the 16-CPU host
 /// read each other's 2 MiB (heap memory) in 160-240 µs with 1-8 threads that way, against
 /// 18-55 µs for the same bytes through shared memory (NOTES §54). The ranks agree on the
-/// settings at connect (a rank whose differ stages nothing, and nor does the group).
+/// settings when the first collective of a staged size sets the stages up (a rank whose differ
+/// stages nothing, and nor does the group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct StageSettings {
     /// Bytes of each rank's stage (`TIDEWIRE_PG_STAGE_BYTES`, a multiple of 4 KiB; 0: no
@@ -339,10 +346,6 @@ struct Stage {
     at: Vec<u64>,
     /// The mappings of the others' stages (held for the communicator's life).
     maps: Vec<MappedPeer>,
-    /// The sizes staged (the agreed settings, or [`Comm::set_staged_sizes`]): from `min` bytes
-    /// to `max` per rank.
-    min: usize,
-    max: usize,
 }
 
 /// `len` bytes at `addr` of a stage.
@@ -500,6 +503,8 @@ impl Comm {
             poisoned: None,
             group_direct: false,
             stage: None,
+            stage_tried: false,
+            staged_sizes: (stage_settings().min, stage_settings().max),
             readers: Readers::new(readers(size)),
             algorithm: std::cell::Cell::new("local"),
             phases: Phases::new(),
@@ -508,7 +513,6 @@ impl Comm {
             seq: 0,
         };
         comm.agree_direct()?;
-        comm.set_up_stage()?;
         Ok(comm)
     }
 
@@ -518,7 +522,7 @@ impl Comm {
     /// settings; else every rank logs why, and nothing is staged. Staging needs no leave to
     /// read another process's memory (`process_vm_readv`, which container runtimes often
     /// refuse): shared memory is enough.
-    fn set_up_stage(&mut self) -> Result<()> {
+    fn set_up_stage(&mut self, name: &str) -> Result<()> {
         let cfg = stage_settings();
         let (n, me) = (self.size, self.rank);
         if n == 1 {
@@ -550,7 +554,7 @@ impl Comm {
             }
         };
         let word = encode_block(mine.unwrap_or(0), cfg.cap);
-        let theirs = match self.swap_words("connecting", &peers, |_| word) {
+        let theirs = match self.swap_words(name, &peers, |_| word) {
             Ok(t) => t,
             Err(e) => {
                 free(&self.engine, mine);
@@ -601,7 +605,7 @@ impl Comm {
             w
         };
         let mine_word = settings(why.is_none());
-        let all = match self.swap_words("connecting", &peers, |_| mine_word) {
+        let all = match self.swap_words(name, &peers, |_| mine_word) {
             Ok(a) => a,
             Err(e) => {
                 drop(maps);
@@ -623,8 +627,7 @@ impl Comm {
         match why {
             None => {
                 log::debug!("rank {me}: staging collectives through shared memory");
-                let (min, max) = (cfg.min, cfg.max);
-                self.stage = Some(Stage { mine: at[me], cap: cfg.cap, at, maps, min, max });
+                self.stage = Some(Stage { mine: at[me], cap: cfg.cap, at, maps });
             }
             Some(why) => {
                 drop(maps);
@@ -635,21 +638,27 @@ impl Comm {
         Ok(())
     }
 
-    /// Whether a collective of `len` bytes (the same on every rank) is staged.
-    fn staged(&self, len: usize) -> bool {
-        self.stage
-            .as_ref()
-            .is_some_and(|st| len >= st.min && len <= st.max.saturating_mul(self.size))
+    /// Whether collective `name` of `len` bytes (the same on every rank) is staged. The first
+    /// one of a staged size sets the stages up (every rank reaches it at the same call; a
+    /// group that never moves such sizes allocates and maps nothing).
+    fn staged(&mut self, name: &str, len: usize) -> Result<bool> {
+        let (min, max) = self.staged_sizes;
+        if self.size == 1 || len < min || len > max.saturating_mul(self.size) {
+            return Ok(false);
+        }
+        if !self.stage_tried {
+            self.stage_tried = true;
+            self.set_up_stage(name)?;
+        }
+        Ok(self.stage.is_some())
     }
 
     /// Stages collectives of `min` to `max` × ranks bytes from now on, where the group stages at all
-    /// (agreed at connect from `TIDEWIRE_PG_STAGED_MIN` / `_MAX`); for tests and benchmarks.
+    /// (`TIDEWIRE_PG_STAGED_MIN` / `_MAX` otherwise); for tests and benchmarks.
     /// Every rank must call it alike, at the same point: nothing checks it, and ranks that
     /// choose different algorithms fail later as out of step (a header or length mismatch).
     pub fn set_staged_sizes(&mut self, min: usize, max: usize) {
-        if let Some(st) = self.stage.as_mut() {
-            (st.min, st.max) = (min, max);
-        }
+        self.staged_sizes = (min, max);
     }
 
     /// Agrees with every rank on which pairs read each other's memory directly: a pair does
@@ -1203,7 +1212,7 @@ impl Comm {
                     "direct (every rank sends its buffer to every rank)",
                 );
                 self.all_reduce_direct(buf, dtype, op)?;
-            } else if self.staged(buf.len()) {
+            } else if self.staged("all_reduce", buf.len())? {
                 self.chose(
                     "all_reduce",
                     buf.len(),
@@ -1878,7 +1887,7 @@ impl Comm {
                 out.len()
             )));
         }
-        if n > 1 && len > 0 && self.staged(out.len()) {
+        if n > 1 && len > 0 && self.staged("all_gather", out.len())? {
             self.chose("all_gather", len, "staged (each rank's input into its shared stage)");
             return self.all_gather_staged(out, input);
         }
@@ -1922,7 +1931,7 @@ impl Comm {
         }
         if n == 1 || len == 0 {
             out.copy_from_slice(input);
-        } else if self.staged(input.len()) {
+        } else if self.staged("reduce_scatter", input.len())? {
             self.chose("reduce_scatter", len, "staged (the others' blocks into a shared stage)");
             self.reduce_scatter_staged(out, input, dtype, op)?;
         } else if len * (n - 1) >= DIRECT_MIN && self.group_direct {
