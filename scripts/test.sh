@@ -69,7 +69,7 @@ step "python: pip install . (maturin, abi3)"
 step "python: type stubs match the compiled module"
 (cd "$venv" && bin/python -m mypy.stubtest tidewire._native)
 
-step "python: tests (bounded: 15 minutes)"
-timeout 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
+step "python: tests (bounded: 30 minutes)"
+timeout 1800 "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
 
 step "all tests passed"

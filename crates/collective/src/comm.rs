@@ -1309,9 +1309,7 @@ impl Comm {
             // previous piece (or call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
-            self.phases.mark();
-            self.tokens(name, &peers)?;
-            self.phases.mark();
+            self.staged_round(name, &peers)?;
             let own = parts[me].clone();
             // SAFETY: until the next round every rank writes only its own block of its own
             // stage: `acc` is ours (nobody else touches it), the sources the others' copies of
@@ -1322,18 +1320,8 @@ impl Comm {
                 // SAFETY: as above.
                 .map(|&r| unsafe { staged(at[r] + own.start as u64, own.len()) })
                 .collect();
-            let reduced = self.readers.split(acc, Cut::Shared, |off, acc| {
-                unwound(me, || {
-                    for src in &srcs {
-                        reduce_into(acc, &src[off..off + acc.len()], dtype, op);
-                    }
-                    Ok(())
-                })
-            });
-            self.staged_failed(name, reduced)?;
-            self.phases.mark();
-            self.tokens(name, &peers)?;
-            self.phases.mark();
+            self.reduce_staged(name, acc, None, &srcs, dtype, op)?;
+            self.staged_round(name, &peers)?;
             let mut dsts = disjoint_mut(piece, &parts);
             let jobs: Vec<Read<'_>> = (0..n)
                 .map(|r| {
@@ -1344,11 +1332,8 @@ impl Comm {
                     (r, Src::Here(src), std::mem::take(&mut dsts[r]))
                 })
                 .collect();
-            let copied = self.readers.read_all(jobs, Cut::Shared);
-            self.staged_failed(name, copied)?;
-            self.phases.mark();
-            self.tokens(name, &peers)?;
-            self.phases.mark();
+            self.copy_staged(name, jobs)?;
+            self.staged_round(name, &peers)?;
         }
         self.phases.log(
             me,
@@ -1373,9 +1358,7 @@ impl Comm {
             // call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
-            self.phases.mark();
-            self.tokens(name, &peers)?;
-            self.phases.mark();
+            self.staged_round(name, &peers)?;
             let parts: Vec<Range<usize>> =
                 (0..n).map(|r| r * len + from..r * len + from + piece.len()).collect();
             let mut dsts = disjoint_mut(out, &parts);
@@ -1391,11 +1374,8 @@ impl Comm {
                     (r, Src::Here(src), std::mem::take(&mut dsts[r]))
                 })
                 .collect();
-            let copied = self.readers.read_all(jobs, Cut::Shared);
-            self.staged_failed(name, copied)?;
-            self.phases.mark();
-            self.tokens(name, &peers)?;
-            self.phases.mark();
+            self.copy_staged(name, jobs)?;
+            self.staged_round(name, &peers)?;
         }
         self.phases.log(me, name, len, &["copy in", "round", "copy out", "round"]);
         Ok(())
@@ -1438,11 +1418,8 @@ impl Comm {
                     (r, Src::Here(src), std::mem::take(&mut dsts[r]))
                 })
                 .collect();
-            let copied = self.readers.read_all(jobs, Cut::Shared);
-            self.staged_failed(name, copied)?;
-            self.phases.mark();
-            self.tokens(name, &peers)?;
-            self.phases.mark();
+            self.copy_staged(name, jobs)?;
+            self.staged_round(name, &peers)?;
             let own = &input[me * len + from..me * len + from + m];
             let srcs: Vec<&[u8]> = peers
                 .iter()
@@ -1450,23 +1427,53 @@ impl Comm {
                 // the next round.
                 .map(|&r| unsafe { staged(at[r] + (me * m) as u64, m) })
                 .collect();
-            let reduced = self.readers.split(&mut out[from..from + m], Cut::Shared, |off, acc| {
-                unwound(me, || {
-                    acc.copy_from_slice(&own[off..off + acc.len()]);
-                    for src in &srcs {
-                        reduce_into(acc, &src[off..off + acc.len()], dtype, op);
-                    }
-                    Ok(())
-                })
-            });
-            self.staged_failed(name, reduced)?;
-            self.phases.mark();
-            self.tokens(name, &peers)?;
-            self.phases.mark();
+            self.reduce_staged(name, &mut out[from..from + m], Some(own), &srcs, dtype, op)?;
+            self.staged_round(name, &peers)?;
             from += m;
         }
         self.phases.log(me, name, input.len(), &["copy in", "round", "reduction", "round"]);
         Ok(())
+    }
+
+    /// A staged collective's round (after it, every rank's copies or reductions before it
+    /// are done), timed apart from the work before it when tracing.
+    fn staged_round(&mut self, name: &str, peers: &[usize]) -> Result<()> {
+        self.phases.mark();
+        self.tokens(name, peers)?;
+        self.phases.mark();
+        Ok(())
+    }
+
+    /// The staged copies `jobs`, spread over the threads (a failure poisons the group).
+    fn copy_staged(&mut self, name: &str, jobs: Vec<Read<'_>>) -> Result<()> {
+        let copied = self.readers.read_all(jobs, Cut::Shared);
+        self.staged_failed(name, copied)
+    }
+
+    /// `acc` becomes `first` (when given, else itself) reduced with every source in order, cut
+    /// among the threads (a failure poisons the group).
+    fn reduce_staged(
+        &mut self,
+        name: &str,
+        acc: &mut [u8],
+        first: Option<&[u8]>,
+        srcs: &[&[u8]],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let me = self.rank;
+        let reduced = self.readers.split(acc, Cut::Shared, |off, acc| {
+            unwound(me, || {
+                if let Some(first) = first {
+                    acc.copy_from_slice(&first[off..off + acc.len()]);
+                }
+                for src in srcs {
+                    reduce_into(acc, &src[off..off + acc.len()], dtype, op);
+                }
+                Ok(())
+            })
+        });
+        self.staged_failed(name, reduced)
     }
 
     /// A staged collective's copy or reduction that failed (a reader thread panicked): the
