@@ -49,13 +49,19 @@ static double now_us(void) {
     return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
 }
 
+// Both processes meet here; a peer that does not come within 10 s (it died) ends the run.
 static void pbarrier(void) {
     uint32_t p = atomic_load(&S->phase);
     if (atomic_fetch_add(&S->arrive, 1) == 1) {
         atomic_store(&S->arrive, 0);
         atomic_store(&S->phase, p + 1);
     } else {
+        double until = now_us() + 10e6;
         while (atomic_load(&S->phase) == p) {
+            if (now_us() > until) {
+                fprintf(stderr, "rank %d: the other process did not reach the barrier in 10 s\n", me);
+                exit(1);
+            }
         }
     }
 }
@@ -124,6 +130,10 @@ int main(int argc, char **argv) {
     S = mmap(NULL, sizeof *S, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     memset(S, 0, sizeof *S);
     pid_t child = fork();
+    if (child < 0) {
+        perror("fork");
+        return 1;
+    }
     me = child == 0;
     S->pid[me] = getpid();
     static const char *allocs[] = {"heap", "nothp", "thp"}, *modes[] = {"sym", "one", "shm"},

@@ -232,18 +232,15 @@ pub struct Comm {
     /// connect: algorithms that involve every pair take the single-copy path alike).
     group_direct: bool,
     /// Every rank's stage for collectives staged through shared memory (set up at the first
-    /// collective of a staged size when every rank maps every other's memory; `None`: nothing
-    /// is staged).
-    stage: Option<Stage>,
-    /// Whether the stages were set up (or refused) already.
-    stage_tried: bool,
+    /// collective of a staged size, when every rank maps every other's memory).
+    stage: Staging,
     /// The sizes staged: from the first to the second per rank (`TIDEWIRE_PG_STAGED_MIN` /
     /// `_MAX`, or [`Comm::set_staged_sizes`]).
     staged_sizes: (usize, usize),
     /// Threads a large direct read (and all_reduce's reduction of it) is spread over.
     readers: Readers,
     /// The algorithm of the collective in progress (or the last), for the metrics.
-    algorithm: std::cell::Cell<&'static str>,
+    algorithm: &'static str,
     /// The phases of the direct-read collective in progress (timed when tracing).
     phases: Phases,
     /// The deadline of waits for point-to-point operations (`isend`/`irecv`), when it is not
@@ -308,8 +305,8 @@ const SHARED_PIECE_MIN: usize = 64 << 10;
 /// copies its bytes into a stage of its own, which every rank of the group maps, and the
 /// others copy (or reduce) from there with plain loads. No system call and no page pinning,
 /// where `process_vm_readv` pins every 4 KiB page it copies: two processes of the 16-CPU host
-/// read each other's 2 MiB (heap memory) in 160-240 µs with 1-8 threads that way, against
-/// 18-55 µs for the same bytes through shared memory (NOTES §54). The ranks agree on the
+/// read each other's 2 MiB (heap memory) that way in 160-190 µs with 2-8 threads, against
+/// 15-56 µs for the same bytes through shared memory (NOTES §54). The ranks agree on the
 /// settings when the first collective of a staged size sets the stages up (a rank whose differ
 /// stages nothing, and nor does the group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,13 +333,21 @@ fn stage_settings() -> StageSettings {
     })
 }
 
+/// Whether a group stages, as far as it knows.
+enum Staging {
+    /// No collective of a staged size yet: nothing allocated.
+    Untried,
+    /// Some rank could not stage (every rank logged why): nothing is staged.
+    Refused,
+    Ready(Stage),
+}
+
 /// Every rank's stage, as this rank maps it.
 struct Stage {
-    /// Our stage (allocated and registered with the engine; freed with the communicator).
-    mine: u64,
-    /// Its bytes.
+    /// Bytes of each.
     cap: usize,
-    /// Each rank's stage as mapped here, by rank (ours: `mine`).
+    /// Each rank's stage as mapped here, by rank; ours (at our rank) allocated and registered
+    /// with the engine, freed with the communicator.
     at: Vec<u64>,
     /// The mappings of the others' stages (held for the communicator's life).
     maps: Vec<MappedPeer>,
@@ -502,11 +507,10 @@ impl Comm {
             next_op: 0,
             poisoned: None,
             group_direct: false,
-            stage: None,
-            stage_tried: false,
+            stage: Staging::Untried,
             staged_sizes: (stage_settings().min, stage_settings().max),
             readers: Readers::new(readers(size)),
-            algorithm: std::cell::Cell::new("local"),
+            algorithm: "local",
             phases: Phases::new(),
             p2p_timeout: None,
             headers: Vec::new(),
@@ -525,9 +529,6 @@ impl Comm {
     fn set_up_stage(&mut self, name: &str) -> Result<()> {
         let cfg = stage_settings();
         let (n, me) = (self.size, self.rank);
-        if n == 1 {
-            return Ok(());
-        }
         let peers = self.others();
         let mut why: Option<String> = None;
         let mine = if cfg.cap == 0 {
@@ -627,11 +628,12 @@ impl Comm {
         match why {
             None => {
                 log::debug!("rank {me}: staging collectives through shared memory");
-                self.stage = Some(Stage { mine: at[me], cap: cfg.cap, at, maps });
+                self.stage = Staging::Ready(Stage { cap: cfg.cap, at, maps });
             }
             Some(why) => {
                 drop(maps);
                 free(&self.engine, mine);
+                self.stage = Staging::Refused;
                 log::info!("rank {me}: no collective staged through shared memory: {why}");
             }
         }
@@ -646,11 +648,11 @@ impl Comm {
         if self.size == 1 || len < min || len > max.saturating_mul(self.size) {
             return Ok(false);
         }
-        if !self.stage_tried {
-            self.stage_tried = true;
+        if matches!(self.stage, Staging::Untried) {
+            // A failed round leaves it untried: the group is poisoned, nothing is called again.
             self.set_up_stage(name)?;
         }
-        Ok(self.stage.is_some())
+        Ok(matches!(self.stage, Staging::Ready(_)))
     }
 
     /// Stages collectives of `min` to `max` × ranks bytes from now on, where the group stages at all
@@ -898,7 +900,7 @@ impl Comm {
     /// Starts collective call number `seq + 1` (every rank counts its calls alike).
     fn begin(&mut self) {
         self.seq += 1;
-        self.algorithm.set("local");
+        self.algorithm = "local";
     }
 
     /// Poisons the group after `e` and tells every rank, so that those waiting for us fail
@@ -1209,27 +1211,39 @@ impl Comm {
                 self.chose(
                     "all_reduce",
                     buf.len(),
-                    "direct (every rank sends its buffer to every rank)",
+                    "direct",
+                    format_args!("direct (every rank sends its buffer to every rank)"),
                 );
                 self.all_reduce_direct(buf, dtype, op)?;
             } else if self.staged("all_reduce", buf.len())? {
                 self.chose(
                     "all_reduce",
                     buf.len(),
-                    "staged (each rank's bytes into its shared stage, each block reduced \
-                     there by one rank, every block copied out)",
+                    "staged",
+                    format_args!(
+                        "staged (each rank's bytes into its shared stage, each block reduced \
+                     there by one rank, every block copied out)"
+                    ),
                 );
                 self.all_reduce_staged(buf, dtype, op)?;
             } else if buf.len() >= DIRECT_MIN && self.group_direct {
                 self.chose(
                     "all_reduce",
                     buf.len(),
-                    "direct reads (each rank reduces its block, then reads the others')",
+                    "direct_reads",
+                    format_args!(
+                        "direct reads (each rank reduces its block, then reads the others')"
+                    ),
                 );
                 let parts = blocks(count, n, dtype.size());
                 self.all_reduce_reads(buf, &parts, dtype, op)?;
             } else {
-                self.chose("all_reduce", buf.len(), "ring (reduce-scatter, then all-gather)");
+                self.chose(
+                    "all_reduce",
+                    buf.len(),
+                    "ring",
+                    format_args!("ring (reduce-scatter, then all-gather)"),
+                );
                 let parts = blocks(count, n, dtype.size());
                 self.ring_reduce_scatter(buf, &parts, dtype, op, "all_reduce")?;
                 self.ring_all_gather(buf, &parts, "all_reduce")?;
@@ -1282,9 +1296,9 @@ impl Comm {
     /// be copying out of it.
     fn stages(&mut self, name: &str) -> Result<(Vec<u64>, usize)> {
         self.usable(name)?;
-        match self.stage.as_ref() {
-            Some(st) => Ok((st.at.clone(), st.cap)),
-            None => {
+        match &self.stage {
+            Staging::Ready(st) => Ok((st.at.clone(), st.cap)),
+            Staging::Untried | Staging::Refused => {
                 let e = Error::invalid(format!("{name}: staged without a stage"));
                 self.fail(&e);
                 Err(e)
@@ -1395,13 +1409,9 @@ impl Comm {
         let (n, me, name, len) = (self.size, self.rank, "reduce_scatter", out.len());
         let (at, cap) = self.stages(name)?;
         let peers = self.others();
-        // A piece of every block fits in the stage; 4 KiB multiples hold whole elements.
+        // A piece of every block fits in the stage; 4 KiB multiples hold whole elements (a
+        // group stages only with at least 4 KiB per rank: `set_up_stage`).
         let step = (cap / n) / 4096 * 4096;
-        if step == 0 {
-            let e = Error::invalid(format!("{name}: a {cap}-byte stage for {n} ranks"));
-            self.fail(&e);
-            return Err(e);
-        }
         self.phases = Phases::new();
         let mut from = 0;
         while from < len {
@@ -1837,7 +1847,7 @@ impl Comm {
     /// sends to every rank), `ring`, `staged`, `direct_reads`, `root` (to or from the root),
     /// `token` (the barrier), `local` (nothing moved between ranks).
     pub fn algorithm(&self) -> &'static str {
-        self.algorithm.get()
+        self.algorithm
     }
 
     /// Whether every pair of the group reads each other's buffers directly (one copy) for
@@ -1895,11 +1905,16 @@ impl Comm {
             )));
         }
         if n > 1 && len > 0 && self.staged("all_gather", out.len())? {
-            self.chose("all_gather", len, "staged (each rank's input into its shared stage)");
+            self.chose(
+                "all_gather",
+                len,
+                "staged",
+                format_args!("staged (each rank's input into its shared stage)"),
+            );
             return self.all_gather_staged(out, input);
         }
         if n > 1 && len > 0 && len * (n - 1) >= DIRECT_MIN && self.group_direct {
-            self.chose("all_gather", len, "direct reads");
+            self.chose("all_gather", len, "direct_reads", format_args!("direct reads"));
             // Our own block is copied along with the reads.
             let blocks = vec![(input.as_ptr() as u64, len); n];
             let parts = offsets_of(&vec![len; n]);
@@ -1911,7 +1926,7 @@ impl Comm {
         }
         self.readers.copy(&mut out[self.rank * len..(self.rank + 1) * len], input, Cut::Reduction);
         if n > 1 && len > 0 {
-            self.chose("all_gather", len, "ring");
+            self.chose("all_gather", len, "ring", format_args!("ring"));
             let parts: Vec<Range<usize>> = (0..n).map(|r| r * len..(r + 1) * len).collect();
             self.ring_all_gather(out, &parts, "all_gather")?;
         }
@@ -1939,13 +1954,18 @@ impl Comm {
         if n == 1 || len == 0 {
             out.copy_from_slice(input);
         } else if self.staged("reduce_scatter", input.len())? {
-            self.chose("reduce_scatter", len, "staged (the others' blocks into a shared stage)");
+            self.chose(
+                "reduce_scatter",
+                len,
+                "staged",
+                format_args!("staged (the others' blocks into a shared stage)"),
+            );
             self.reduce_scatter_staged(out, input, dtype, op)?;
         } else if len * (n - 1) >= DIRECT_MIN && self.group_direct {
-            self.chose("reduce_scatter", len, "direct reads");
+            self.chose("reduce_scatter", len, "direct_reads", format_args!("direct reads"));
             self.reduce_scatter_reads(out, input, dtype, op)?;
         } else {
-            self.chose("reduce_scatter", len, "ring");
+            self.chose("reduce_scatter", len, "ring", format_args!("ring"));
             self.ring_reduce_scatter_into(out, input, dtype, op)?;
         }
         if op == ReduceOp::Avg {
@@ -1984,7 +2004,7 @@ impl Comm {
         if n == 1 || buf.is_empty() {
             return Ok(());
         }
-        self.chose("broadcast", buf.len(), "direct from the root");
+        self.chose("broadcast", buf.len(), "root", format_args!("direct from the root"));
         let mut xfers: Vec<Xfer> = if me == root {
             (0..n).filter(|&r| r != me).map(|r| self.sends(r, buf)).collect()
         } else {
@@ -2034,16 +2054,13 @@ impl Comm {
         };
         let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
         if !directs.is_empty() {
-            self.algorithm.set("direct_reads");
-            if log::log_enabled!(log::Level::Debug) {
-                let how = format!("direct reads with ranks {directs:?}, rings with the others");
-                self.chose("all_to_all", input.len(), &how);
-            }
+            let how = format_args!("direct reads with ranks {directs:?}, rings with the others");
+            self.chose("all_to_all", input.len(), "direct_reads", how);
             let blocks: Vec<(u64, usize)> =
                 i.iter().map(|r| (input.as_ptr() as u64 + r.start as u64, r.len())).collect();
             return self.all_to_all_mixed(out, &o, input, &i, &directs, &blocks);
         }
-        self.chose("all_to_all", input.len(), "rings");
+        self.chose("all_to_all", input.len(), "ring", format_args!("rings"));
         // The output split into one destination per rank.
         let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
         let mut rest: &mut [u8] = out;
@@ -2080,7 +2097,7 @@ impl Comm {
         op.check(dtype)?;
         let (n, me, len) = (self.size, self.rank, buf.len());
         // Every rank's buffer to the root, which reduces them in rank order.
-        self.chose("reduce", len, "direct to the root, reduced there");
+        self.chose("reduce", len, "root", format_args!("direct to the root, reduced there"));
         let mut all = vec![0u8; if me == root { len * n } else { 0 }];
         self.gather_as("reduce", &mut all, buf, root)?;
         if me != root {
@@ -2100,7 +2117,7 @@ impl Comm {
     /// the root).
     pub fn gather(&mut self, out: &mut [u8], input: &[u8], root: usize) -> Result<()> {
         self.begin();
-        self.chose("gather", input.len(), "direct to the root");
+        self.chose("gather", input.len(), "root", format_args!("direct to the root"));
         self.gather_as("gather", out, input, root)
     }
 
@@ -2137,7 +2154,7 @@ impl Comm {
         self.begin();
         self.check_root("scatter", root)?;
         let (n, me, len) = (self.size, self.rank, out.len());
-        self.chose("scatter", len, "direct from the root");
+        self.chose("scatter", len, "root", format_args!("direct from the root"));
         if me != root {
             if len > 0 {
                 let mut xfers = [self.recvs(root, out)];
@@ -2166,7 +2183,7 @@ impl Comm {
     pub fn barrier(&mut self) -> Result<()> {
         self.begin();
         let (n, me) = (self.size, self.rank);
-        self.chose("barrier", 1, "a byte to and from every rank");
+        self.chose("barrier", 1, "token", format_args!("a byte to and from every rank"));
         let token = [1u8];
         let mut got = vec![0u8; n];
         let mut xfers = Vec::new();
@@ -2179,9 +2196,10 @@ impl Comm {
         self.run("barrier", &mut xfers)
     }
 
-    /// The debug log's line for an algorithm choice (`TIDEWIRE_TRACE=tidewire=debug`).
-    fn chose(&self, op: &str, len: usize, how: &str) {
-        self.algorithm.set(algorithm_of(how));
+    /// Records the algorithm collective `op` of `len` bytes takes (`label`, for the metrics)
+    /// and logs its choice (`how`: formatted only when `TIDEWIRE_TRACE=tidewire=debug`).
+    fn chose(&mut self, op: &str, len: usize, label: &'static str, how: std::fmt::Arguments<'_>) {
+        self.algorithm = label;
         log::debug!("rank {}: {op} of {len} bytes on {} ranks: {how}", self.rank, self.size);
     }
 
@@ -2197,9 +2215,9 @@ impl Drop for Comm {
     fn drop(&mut self) {
         // Our mappings of the peers' regions go first, then our own region.
         self.links.clear();
-        if let Some(stage) = self.stage.take() {
+        if let Staging::Ready(stage) = std::mem::replace(&mut self.stage, Staging::Refused) {
             drop(stage.maps);
-            if let Err(e) = self.engine.free_shared(stage.mine) {
+            if let Err(e) = self.engine.free_shared(stage.at[self.rank]) {
                 log::warn!("rank {}: freeing the stage: {e}", self.rank);
             }
         }
@@ -2212,20 +2230,6 @@ impl Drop for Comm {
             log::warn!("rank {}: freeing the receive region: {e}", self.rank);
         }
     }
-}
-
-/// The metrics' label of an algorithm, from the start of its debug-log description.
-fn algorithm_of(how: &str) -> &'static str {
-    const LABELS: [(&str, &str); 7] = [
-        ("staged", "staged"),
-        ("direct reads", "direct_reads"),
-        ("direct (", "direct"),
-        ("direct from the root", "root"),
-        ("direct to the root", "root"),
-        ("ring", "ring"),
-        ("a byte to and from every rank", "token"),
-    ];
-    LABELS.iter().find(|(p, _)| how.starts_with(p)).map_or("other", |(_, l)| l)
 }
 
 /// The failure a rank that failed first reported to us (the rank it blames), if any.
