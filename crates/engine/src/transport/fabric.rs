@@ -51,7 +51,8 @@ pub(crate) const CHUNK: u64 = 4 << 20;
 const SWEEP: Duration = Duration::from_millis(10);
 
 /// How long a failing batch waits for the NICs to return its READs in flight before it closes
-/// the endpoints carrying them (failing what else they carried).
+/// the endpoints carrying them (failing what else they carried), where the provider may close
+/// an endpoint that holds operations (see [`Fabric::closes_held`]).
 const FENCE_WAIT: Duration = Duration::from_millis(50);
 
 thread_local! {
@@ -127,6 +128,12 @@ pub struct FabricMap {
 pub(crate) struct Fabric {
     pub(crate) nics: Vec<Nic>,
     pub(crate) facts: FabricFacts,
+    /// Whether an endpoint may be closed while the provider holds operations of it. Not over
+    /// libfabric's `ofi_rxm` layer (`tcp;ofi_rxm`, `verbs;ofi_rxm`): closing such an endpoint
+    /// while a READ is in flight crashed the process inside libfabric 1.17 (`rxm_ep_close`
+    /// reads the cancelled operations back and follows a null context); a cancelled batch
+    /// then waits for its READs, up to its deadline, before anything is closed.
+    closes_held: bool,
 }
 
 impl Fabric {
@@ -208,8 +215,9 @@ impl Fabric {
         for w in why {
             log::warn!("fabric: a {provider} NIC is left out: {w}");
         }
+        let closes_held = !nics.iter().any(|n| n.ep.provider.contains("ofi_rxm"));
         let facts = FabricFacts { provider: Ok(provider), hmem };
-        Ok(Arc::new(Self { nics, facts }))
+        Ok(Arc::new(Self { nics, facts, closes_held }))
     }
 
     /// Starts one completion thread per NIC.
@@ -894,10 +902,11 @@ fn dedupe(names: &mut Vec<String>) {
 }
 
 /// Stops a failing batch's READs on the fabric (see [`Fence`]): what waits in a backlog is
-/// never posted; what the NICs hold is waited for up to [`FENCE_WAIT`] (not on a completion
-/// thread, which cannot wait for itself), then its endpoints are closed: the provider
-/// discards the operations, and the completion threads fail what else those endpoints carried,
-/// naming why.
+/// never posted; what the NICs hold is waited for up to [`FENCE_WAIT`] (up to the batch's
+/// deadline where the provider cannot close an endpoint that holds operations; never on a
+/// completion thread, which cannot wait for itself), then its endpoints are closed: the
+/// provider discards the operations, and the completion threads fail what else those
+/// endpoints carried, naming why.
 struct ReadFence {
     fabric: Arc<Fabric>,
 }
@@ -919,7 +928,11 @@ impl Fence for ReadFence {
                 _ => true,
             });
         }
-        let until = Instant::now() + FENCE_WAIT;
+        let until = if self.fabric.closes_held {
+            Instant::now() + FENCE_WAIT
+        } else {
+            batch.deadline().max(Instant::now() + FENCE_WAIT)
+        };
         let waits = !COMPLETING.with(Cell::get);
         loop {
             let mut held: Vec<(usize, Arc<Initiator>, Arc<FabricPeer>)> = Vec::new();
