@@ -598,10 +598,13 @@ impl Comm {
                 }
             }
         }
+        // The sizes in force (the environment's, or `set_staged_sizes`), and whether this rank
+        // can stage in the top byte of the first (sizes below 2^56 bytes).
+        let (min, max) = self.staged_sizes;
         let settings = |ok: bool| {
             let mut w = [0u8; 16];
-            w[..8].copy_from_slice(&(cfg.min as u64).to_le_bytes());
-            w[8..].copy_from_slice(&(cfg.max as u64).to_le_bytes());
+            w[..8].copy_from_slice(&(min as u64).to_le_bytes());
+            w[8..].copy_from_slice(&(max as u64).to_le_bytes());
             w[7] = u8::from(ok);
             w
         };
@@ -655,9 +658,10 @@ impl Comm {
         Ok(matches!(self.stage, Staging::Ready(_)))
     }
 
-    /// Stages collectives of `min` to `max` × ranks bytes from now on, where the group stages at all
-    /// (`TIDEWIRE_PG_STAGED_MIN` / `_MAX` otherwise); for tests and benchmarks.
-    /// Every rank must call it alike, at the same point: nothing checks it, and ranks that
+    /// Stages collectives of `min` to `max` × ranks bytes from now on, where the group stages at
+    /// all (`TIDEWIRE_PG_STAGED_MIN` / `_MAX` otherwise); for tests and benchmarks. Every rank
+    /// must call it alike, at the same point: ranks whose sizes differ when the stages are set
+    /// up stage nothing (each logs why); a change after that is not checked, and ranks that
     /// choose different algorithms fail later as out of step (a header or length mismatch).
     pub fn set_staged_sizes(&mut self, min: usize, max: usize) {
         self.staged_sizes = (min, max);
