@@ -249,6 +249,23 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
         for q in reqs:
             q.wait()
         check("batch_isend_irecv 12 MiB", torch.equal(big_r, data(prv, torch.float32, 3 << 20)))
+        # Receives from any source: rank 0 takes one message from each other rank (recv,
+        # then irecv, with the sender named), each whole; the others send.
+        if rank == 0:
+            senders = []
+            for k in range(size - 1):
+                got = torch.full((300,), -1, dtype=torch.int32)
+                if k % 2 == 0:
+                    src = dist.recv(got, tag=3)
+                else:
+                    w = dist.irecv(got, tag=3)
+                    w.wait()
+                    src = w._source_rank()
+                senders.append(src)
+                check(f"recv from any source: rank {src}'s message", 0 < src < size and torch.equal(got, data(src, torch.int32, 300)))
+            check(f"recv from any source: each sender once ({senders})", sorted(senders) == list(range(1, size)))
+        else:
+            dist.send(data(rank, torch.int32, 300), 0, tag=3)
     # What torch builds on them.
     objs: List[Any] = [None] * size
     dist.all_gather_object(objs, {"rank": rank, "s": "x" * rank})

@@ -237,12 +237,30 @@ def _done(result: Any = None) -> dist.Work:
 class _P2PWork(dist.Work):
     """A pending isend/irecv: ``wait()`` drives it to completion within the group's timeout."""
 
-    def __init__(self, pg: "ProcessGroupTidewire", op_id: int, flat: _Flat, what: str) -> None:
+    def __init__(self, pg: "ProcessGroupTidewire", op_id: int, flat: _Flat, what: str, any_source: bool = False) -> None:
         super().__init__()
         self._pg, self._id, self._flat, self._what = pg, op_id, flat, what
         self._finished = False
         #: Why it failed (its wait raised it; ``get_local_success`` reads it).
         self._error: Optional[BaseException] = None
+        #: A receive from any rank, and the group rank it received from once finished.
+        self._any = any_source
+        self._source: Optional[int] = None
+
+    def _finish(self) -> None:
+        self._flat.done()
+        self._finished = True
+        if self._any:
+            self._source = self._pg._source_of(self._id)
+
+    def _source_rank(self) -> int:
+        """The group rank a receive from any rank took its message from (after its wait)."""
+        self.wait()
+        if self._source is None:
+            raise RuntimeError(f"tidewire: {self._what} names no source rank (only a receive from any rank does)")
+        return self._source
+
+    source_rank = _source_rank
 
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
         if self._error is not None:
@@ -253,8 +271,7 @@ class _P2PWork(dist.Work):
             except Exception as e:  # (an interrupt is not the operation's outcome)
                 self._error = e
                 raise
-            self._flat.done()
-            self._finished = True
+            self._finish()
         return True
 
     def outcome(self) -> Optional[BaseException]:
@@ -263,8 +280,7 @@ class _P2PWork(dist.Work):
 
     def is_completed(self) -> bool:
         if not self._finished and self._pg._comm.test(self._id):
-            self._flat.done()
-            self._finished = True
+            self._finish()
         return self._finished
 
     def is_success(self) -> bool:
@@ -1344,7 +1360,25 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return _P2PWork(self, op_id, f, f"recv from rank {src}")
 
     def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> dist.Work:
-        raise NotImplementedError("tidewire: recv from any source is not supported; name the source rank")
+        """The next message of `tag` from whichever rank sends one first (``dist.recv`` and
+        ``dist.irecv`` without a source; the work's ``_source_rank()`` names the sender). Over
+        the rings: CPU tensors, and CUDA tensors of groups without an NVLink path."""
+        (t,) = tensors
+        if self._nv(t, message=True) is not None:
+            raise RuntimeError(
+                f"tidewire: rank {self._rank}: recv from any source on CUDA tensors is not supported: "
+                "they travel over NVLink in launches that name both ranks (NCCL has no recv from any "
+                "source either); name the source rank, or receive into a CPU tensor from a CPU send"
+            )
+        f = _Flat(t, "recv")
+        op_id = self._c("irecv_any", f.addr, f.nbytes, int(tag))
+        self._keep(op_id, f)
+        return _P2PWork(self, op_id, f, "recv from any rank", any_source=True)
+
+    def _source_of(self, op_id: int) -> Optional[int]:
+        """The group rank the finished receive from any rank `op_id` took its message from."""
+        r = self._comm.take_source(op_id)
+        return None if r is None else self._members[r]
 
 
 def _create(opts: Any, pg_options: Any = None) -> ProcessGroupTidewire:

@@ -162,6 +162,33 @@ struct Link {
 }
 
 impl Link {
+    /// The next 16 bytes the peer sent us, not taken (`None`: not all of them arrived yet).
+    /// Only a message's start when no receive from this peer is under way.
+    fn peek16(&mut self) -> Option<[u8; 16]> {
+        let ring = &self.inp;
+        if let Some(t) = ring.load_pair(TAIL) {
+            self.tail_seen = self.tail_seen.max(t);
+        }
+        if self.tail_seen - self.received < 16 {
+            return None;
+        }
+        let at = self.received % ring.cap;
+        let first = (ring.cap - at).min(16) as usize;
+        let mut b = [0u8; 16];
+        // SAFETY: the 16 bytes from `received` (wrapping at the end of the ring's data) were
+        // written by the peer before it published `tail` (release/acquire), and it does not
+        // write them again before we publish a head beyond them.
+        unsafe {
+            std::ptr::copy_nonoverlapping((ring.data() + at) as *const u8, b.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(
+                ring.data() as *const u8,
+                b.as_mut_ptr().add(first),
+                16 - first,
+            );
+        }
+        Some(b)
+    }
+
     /// Why the peer is gone, once the mapping knows (remote peers fail their transfers).
     fn peer_error(&self) -> Option<tidewire::Error> {
         match &self.out {
@@ -249,6 +276,14 @@ pub struct Comm {
     /// Every point-to-point message travels behind a 16-byte header (its tag and length):
     /// the headers of pending sends and receives, by the operation of their message.
     headers: Vec<Header>,
+    /// Receives from any rank (`irecv_any`) not bound to a rank's message yet, in issue order.
+    anys: Vec<AnyRecv>,
+    /// The rank each bound receive from any rank took its message from (the newest
+    /// [`SOURCES_KEPT`], until asked for with [`Comm::take_source`]).
+    sources: std::collections::VecDeque<(OpId, usize)>,
+    /// The rank a receive from any rank looks at first (the one after the last bound: no rank
+    /// is starved by a busier one).
+    any_next: usize,
     /// Collectives called so far: every round of collective `seq` sends each peer it talks
     /// to a header naming it (`coll_header`), checked by the receiver before the round's
     /// bytes, so ranks out of step (different collectives, or one rank a call ahead) fail
@@ -267,6 +302,18 @@ struct Header {
     bytes: Box<[u8; 16]>,
     expect: Option<(u64, u64)>,
 }
+
+/// A receive from whichever rank's message comes first: `len` bytes of tag `tag` into `dst`.
+struct AnyRecv {
+    id: OpId,
+    dst: u64,
+    len: u64,
+    tag: u64,
+}
+
+/// How many sources of bound receives from any rank a communicator remembers (a caller that
+/// never asks for them does not grow it without end).
+const SOURCES_KEPT: usize = 1024;
 
 /// Threads for one rank's large direct reads: `TIDEWIRE_PG_COPY_THREADS`, else the host's
 /// CPUs shared among the group's ranks, at most four (one core copies a few GB/s; the
@@ -514,6 +561,9 @@ impl Comm {
             phases: Phases::new(),
             p2p_timeout: None,
             headers: Vec::new(),
+            anys: Vec::new(),
+            sources: std::collections::VecDeque::new(),
+            any_next: 0,
             seq: 0,
         };
         comm.agree_direct()?;
@@ -953,6 +1003,9 @@ impl Comm {
         loop {
             let mut moved = false;
             busy.clear();
+            if !self.anys.is_empty() {
+                moved |= self.bind_anys(op, xfers)?;
+            }
             for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
                 let peer = x.channel().0;
                 match step(&engine, deadline, &mut self.links, &mut busy, x) {
@@ -971,7 +1024,7 @@ impl Comm {
                 self.check_headers(op)?;
             }
             let done = match until {
-                Some(id) => !self.pending.iter().any(|(p, _)| *p == id),
+                Some(id) => !self.under_way(id),
                 None => xfers.iter().all(Xfer::finished),
             };
             if done {
@@ -996,6 +1049,10 @@ impl Comm {
                     .filter(|x| !x.finished())
                     .map(|x| x.channel().0)
                     .collect();
+                // A receive from any rank waits for every rank.
+                if until.is_some_and(|id| self.anys.iter().any(|a| a.id == id)) {
+                    w.extend(self.others());
+                }
                 w.sort_unstable();
                 w.dedup();
                 w
@@ -1076,6 +1133,107 @@ impl Comm {
         let header = Xfer::Recv { peer, dst: at, len: 16, done: 0, reduce: None, expect: None };
         let body = Xfer::Recv { peer, dst, len, done: 0, reduce: None, expect: None };
         self.message("irecv", peer, bytes, Some((tag, len)), header, body)
+    }
+
+    /// Starts receiving a message of `len` bytes and tag `tag` into `dst` from whichever rank
+    /// sends one first: the first rank (from the one after the last taken, round the group)
+    /// whose next message has that tag, among the ranks no receive of ours is under way or
+    /// queued for (those take their rank's messages first); a message of that tag and another
+    /// length fails it. [`Comm::take_source`] then names the rank.
+    ///
+    /// # Safety
+    /// As for [`Comm::irecv`].
+    pub unsafe fn irecv_any(&mut self, dst: u64, len: u64, tag: u64) -> Result<OpId> {
+        let op = "irecv_any";
+        self.usable(op)?;
+        if self.size < 2 {
+            return Err(Error::invalid(format!(
+                "{op}: rank {} is alone in its group: no rank can send to it",
+                self.rank
+            )));
+        }
+        let id = OpId(self.next_op);
+        self.next_op += 1;
+        self.anys.push(AnyRecv { id, dst, len, tag });
+        self.progress_now()?;
+        Ok(id)
+    }
+
+    /// The rank whose message the receive from any rank `id` took, once it is bound to one
+    /// (asked once: the answer is then forgotten).
+    pub fn take_source(&mut self, id: OpId) -> Option<usize> {
+        let at = self.sources.iter().position(|(i, _)| *i == id)?;
+        self.sources.remove(at).map(|(_, r)| r)
+    }
+
+    /// Binds each waiting receive from any rank to the first rank (round the group) whose
+    /// next message it is: that rank has no receive of ours under way or queued (in the
+    /// pending operations or the round's `xfers`), and the message's header carries its tag.
+    /// Returns whether one was bound.
+    fn bind_anys(&mut self, op: &str, xfers: &[Xfer]) -> Result<bool> {
+        let mut bound = false;
+        let mut k = 0;
+        while k < self.anys.len() {
+            let (tag, len) = (self.anys[k].tag, self.anys[k].len);
+            let mut took = None;
+            for i in 0..self.size {
+                let p = (self.any_next + i) % self.size;
+                let receiving = |x: &Xfer| !x.finished() && x.channel() == (p, false);
+                if p == self.rank
+                    || self.pending.iter().any(|(_, x)| receiving(x))
+                    || xfers.iter().any(receiving)
+                {
+                    continue;
+                }
+                let Some(link) = self.links[p].as_mut() else { continue };
+                let Some(head) = link.peek16() else { continue };
+                let (t, l) = header_words(&head);
+                if coll_code(t).is_some() || t != tag {
+                    continue; // a collective's round, or a message for a receive to come
+                }
+                if l != len {
+                    return Err(Error::invalid(format!(
+                        "{op}: the next message of tag {tag} from rank {p} has {l} bytes; this \
+                         receive from any rank expects {len}"
+                    )));
+                }
+                took = Some(p);
+                break;
+            }
+            let Some(p) = took else {
+                k += 1;
+                continue;
+            };
+            let any = self.anys.remove(k);
+            let mut bytes = Box::new([0u8; 16]);
+            let at = bytes.as_mut_ptr() as u64;
+            let header =
+                Xfer::Recv { peer: p, dst: at, len: 16, done: 0, reduce: None, expect: None };
+            // An empty message is its header: the caller's operation is the header's.
+            let own = if len == 0 { any.id } else { OpId(self.next_op) };
+            if len > 0 {
+                self.next_op += 1;
+            }
+            self.pending.push((own, header));
+            self.headers.push(Header { op: any.id, own, peer: p, bytes, expect: Some((tag, len)) });
+            if len > 0 {
+                let body =
+                    Xfer::Recv { peer: p, dst: any.dst, len, done: 0, reduce: None, expect: None };
+                self.pending.push((any.id, body));
+            }
+            if self.sources.len() >= SOURCES_KEPT {
+                self.sources.pop_front();
+            }
+            self.sources.push_back((any.id, p));
+            self.any_next = (p + 1) % self.size;
+            bound = true;
+        }
+        Ok(bound)
+    }
+
+    /// Whether operation `id` (an `isend` / `irecv` / `irecv_any`) is still under way.
+    fn under_way(&self, id: OpId) -> bool {
+        self.pending.iter().any(|(p, _)| *p == id) || self.anys.iter().any(|a| a.id == id)
     }
 
     /// Queues a message's header then its body (the header's box is kept in `headers` while
@@ -1162,19 +1320,22 @@ impl Comm {
 
     /// True once the operation `id` is done (no waiting; advances what can move).
     pub fn test(&mut self, id: OpId) -> bool {
-        if self.pending.iter().any(|(p, _)| *p == id) {
+        if self.under_way(id) {
             if let Err(e) = self.poll(&mut []) {
                 // Not done; the wait for it reports the failure.
                 self.fail(&e);
             }
         }
-        !self.pending.iter().any(|(p, _)| *p == id)
+        !self.under_way(id)
     }
 
     /// One round of progress on the pending operations.
     fn poll(&mut self, xfers: &mut [Xfer]) -> Result<bool> {
         let mut busy = Vec::new();
         let mut moved = false;
+        if !self.anys.is_empty() {
+            moved |= self.bind_anys("progress", xfers)?;
+        }
         let engine = self.engine.clone();
         for x in self.pending.iter_mut().map(|(_, x)| x).chain(xfers.iter_mut()) {
             let peer = x.channel().0;
@@ -1191,7 +1352,7 @@ impl Comm {
 
     /// Waits for a pending `isend` / `irecv` (within the group's timeout).
     pub fn wait(&mut self, id: OpId, op: &str) -> Result<()> {
-        if !self.pending.iter().any(|(p, _)| *p == id) {
+        if !self.under_way(id) {
             return Ok(());
         }
         self.usable(op)?;

@@ -348,6 +348,123 @@ fn a_message_of_another_tag_or_length_fails_the_receive_naming_both() {
     }
 }
 
+/// Message `k` of rank `r` to the receives from any rank: `len` bytes of its own.
+fn any_msg(r: usize, k: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + r * 31 + k * 101) as u8).collect()
+}
+
+#[test]
+fn receives_from_any_rank_take_every_message_once_and_name_its_sender() {
+    // Ranks 1-3 each send two messages of tag 5 (5,000 bytes: more than the 4 KiB rings, and
+    // headers that straddle a ring's end); rank 1 sends a message of tag 9 before its two,
+    // which a named receive posted after the receives from any rank takes (they pass over
+    // it). Rank 0 posts six receives from any rank: each message lands once, whole, with its
+    // sender named, each sender's two in the order sent; a collective afterwards still meets
+    // every rank at a message boundary. Over the shm rings and over engine transfers (tcp).
+    const LEN: usize = 5000;
+    for tcp in [false, true] {
+        let got = group_via(4, 4096, Duration::from_secs(20), tcp, |rank, comm| {
+            let mut msgs: Vec<(usize, Vec<u8>)> = Vec::new();
+            if rank == 0 {
+                let mut bufs = vec![vec![0xA5u8; LEN]; 6];
+                let mut nine = vec![0xA5u8; 100];
+                // SAFETY: every buffer lives until the waits below return.
+                let (anys, named) = unsafe {
+                    let anys: Vec<_> = bufs
+                        .iter_mut()
+                        .map(|b| comm.irecv_any(b.as_mut_ptr() as u64, LEN as u64, 5).unwrap())
+                        .collect();
+                    (anys, comm.irecv(1, nine.as_mut_ptr() as u64, 100, 9).unwrap())
+                };
+                comm.wait(named, "recv of tag 9").unwrap();
+                assert_eq!(nine, vec![9u8; 100], "the named receive");
+                for (id, b) in anys.into_iter().zip(bufs) {
+                    comm.wait(id, "recv from any rank").unwrap();
+                    let from = comm.take_source(id).expect("a bound receive names its sender");
+                    assert_eq!(comm.take_source(id), None, "the sender is told once");
+                    msgs.push((from, b));
+                }
+            } else {
+                let data: Vec<Vec<u8>> = (0..2).map(|k| any_msg(rank, k, LEN)).collect();
+                let nine = [9u8; 100];
+                // SAFETY: `data` and `nine` live until the waits below return.
+                unsafe {
+                    if rank == 1 {
+                        let id = comm.isend(0, nine.as_ptr() as u64, 100, 9).unwrap();
+                        comm.wait(id, "send of tag 9").unwrap();
+                    }
+                    for d in &data {
+                        let id = comm.isend(0, d.as_ptr() as u64, LEN as u64, 5).unwrap();
+                        comm.wait(id, "send").unwrap();
+                    }
+                }
+            }
+            let mut buf = f32s(&values(rank, 1000));
+            comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+            assert!(buf == reference(4, 1000, ReduceOp::Sum), "all_reduce after, rank {rank}");
+            msgs
+        });
+        let mut seen = [0usize; 4];
+        for (from, b) in &got[0] {
+            assert!((1..4).contains(from), "sender {from}");
+            assert!(
+                *b == any_msg(*from, seen[*from], LEN),
+                "message {} of rank {from}",
+                seen[*from]
+            );
+            seen[*from] += 1;
+        }
+        assert_eq!(seen, [0, 2, 2, 2], "tcp {tcp}");
+    }
+}
+
+#[test]
+fn a_receive_from_any_rank_fails_on_another_length_on_silence_and_alone() {
+    // A message of its tag and another length: an error naming both, nothing written.
+    let got = group_with(2, 4096, Duration::from_secs(5), |rank, comm| {
+        let data = [0x11u8; 64];
+        if rank == 1 {
+            // SAFETY: `data` lives until the wait returns (or the group fails).
+            let id = unsafe { comm.isend(0, data.as_ptr() as u64, 64, 3) };
+            let _ = id.map(|id| comm.wait(id, "send"));
+            return None;
+        }
+        let mut buf = vec![0xA5u8; 32];
+        // SAFETY: `buf` lives until the wait returns.
+        let id = unsafe { comm.irecv_any(buf.as_mut_ptr() as u64, 32, 3) };
+        let err = id.and_then(|id| comm.wait(id, "recv from any rank")).err();
+        Some((err.map(|e| e.to_string()), buf.iter().all(|&b| b == 0xA5)))
+    });
+    let (err, untouched) = got[0].clone().unwrap_or_else(|| panic!("rank 0 reported"));
+    let err = err.unwrap_or_else(|| panic!("the receive of 32 bytes took 64"));
+    assert!(err.contains("rank 1 has 64 bytes") && err.contains("expects 32"), "{err}");
+    assert!(untouched, "the receive's buffer was written");
+
+    // Nobody sends: a timeout within the group's, naming every other rank.
+    let got = group_with(3, 4096, Duration::from_millis(500), |rank, comm| {
+        if rank != 0 {
+            return None;
+        }
+        let mut buf = [0u8; 8];
+        // SAFETY: `buf` lives until the wait returns.
+        let id = unsafe { comm.irecv_any(buf.as_mut_ptr() as u64, 8, 0) }.unwrap();
+        Some(comm.wait(id, "recv from any rank").err())
+    });
+    match got.into_iter().next().flatten() {
+        Some(Some(Error::Timeout { ranks, .. })) => assert_eq!(ranks, vec![1, 2]),
+        other => panic!("not a timeout: {other:?}"),
+    }
+
+    // Alone in its group: refused at once.
+    let got = group(1, 4096, |_, comm| {
+        let mut buf = [0u8; 8];
+        // SAFETY: nothing is queued (refused).
+        unsafe { comm.irecv_any(buf.as_mut_ptr() as u64, 8, 0) }.err().map(|e| e.to_string())
+    });
+    let err = got[0].clone().unwrap_or_else(|| panic!("a rank alone received from any rank"));
+    assert!(err.contains("alone"), "{err}");
+}
+
 #[test]
 fn ranks_out_of_step_fail_at_once_naming_both_calls_and_leave_the_buffers_alone() {
     // Rank 1 receives straight into the caller's buffer in each case, so a round that took

@@ -282,6 +282,20 @@ impl PyComm {
         self.with(py, |c| unsafe { c.irecv(peer, addr, len, tag as u64) }.map(|id| id.0))
     }
 
+    /// Starts receiving a message of `len` bytes and `tag` from whichever rank sends one first
+    /// (`take_source` then names it).
+    #[pyo3(signature = (addr, len, tag = 0))]
+    fn irecv_any(&self, py: Python<'_>, addr: u64, len: u64, tag: i64) -> PyResult<u64> {
+        // SAFETY: as in `isend`.
+        self.with(py, |c| unsafe { c.irecv_any(addr, len, tag as u64) }.map(|id| id.0))
+    }
+
+    /// The rank whose message the receive from any rank `op_id` took (once it is bound; told
+    /// once).
+    fn take_source(&self, py: Python<'_>, op_id: u64) -> PyResult<Option<usize>> {
+        self.with(py, |c| Ok(c.take_source(OpId(op_id))))
+    }
+
     #[pyo3(signature = (op_id, what = "wait"))]
     fn wait(&self, py: Python<'_>, op_id: u64, what: &str) -> PyResult<()> {
         self.with(py, |c| c.wait(OpId(op_id), what))
