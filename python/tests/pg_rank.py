@@ -386,6 +386,9 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     # would take the collective's message (the ranks out of step: an error at once).
     other = dist.new_group(list(range(size)), timeout=timedelta(seconds=timeout))
     pending = dist.irecv(torch.empty(100), src=victim, tag=7, group=other) if rank != victim else None
+    # And a receive from any source on a third group (nobody sends): its wait watches every rank.
+    third = dist.new_group(list(range(size)), timeout=timedelta(seconds=timeout))
+    anyone = dist.irecv(torch.empty(100), tag=8, group=third) if rank != victim else None
     if rank == victim:
         sig = signal.SIGKILL if arg == "kill" else signal.SIGSTOP
         threading.Timer(0.05, lambda: os.kill(os.getpid(), sig)).start()
@@ -414,6 +417,14 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     except Exception as e:  # noqa: BLE001
         out["pending"] = repr(e)
     out["pending_took"] = time.monotonic() - waited
+    assert anyone is not None
+    waited = time.monotonic()
+    try:
+        anyone.wait()
+        out["anyone"] = "succeeded"
+    except Exception as e:  # noqa: BLE001
+        out["anyone"] = repr(e)
+    out["anyone_took"] = time.monotonic() - waited
     out["local_success"] = mpg.get_local_success(pending)
     out["hint"] = mpg.get_failed_ranks_hint(pending)
     # A later operation fails at once.

@@ -166,6 +166,14 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
         # within the timeout of its wait when it stopped.
         assert out["pending_took"] < timeout + 5, f"rank {rank}: the pending receive ended after {out['pending_took']:.1f} s"
         assert "rank 2" in out["pending"], f"rank {rank}: pending receive {out['pending']}"
+        # So does a receive from any source: at once naming the dead rank where its death is
+        # seen (a mapped peer), else at the timeout blaming no rank (any of them might have
+        # sent; a survivor that timed out first tells the other so, blaming nobody).
+        assert out["anyone_took"] < timeout + 5, f"rank {rank}: the receive from any source ended after {out['anyone_took']:.1f} s"
+        if how == "kill" and channel == "mapped":
+            assert "rank 2" in out["anyone"], f"rank {rank}: {out['anyone']}"
+        else:
+            assert "any rank" in out["anyone"] or "without blaming" in out["anyone"], f"rank {rank}: {out['anyone']}"
         assert out["local_success"] is False and out["hint"] == [2], f"rank {rank}: {out['local_success']} {out['hint']}"
         assert out["later"] == "PeerFailed", f"rank {rank}: a later operation {out['later']}"
         assert out["regrouped"] == [2.0, 2.0], f"rank {rank}: {out['regrouped']}"

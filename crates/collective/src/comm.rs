@@ -1049,7 +1049,7 @@ impl Comm {
                     .filter(|x| !x.finished())
                     .map(|x| x.channel().0)
                     .collect();
-                // A receive from any rank waits for every rank.
+                // A receive from any rank waits for every rank (any of them dead fails it).
                 if until.is_some_and(|id| self.anys.iter().any(|a| a.id == id)) {
                     w.extend(self.others());
                 }
@@ -1074,9 +1074,12 @@ impl Comm {
             }
             let now = Instant::now();
             if now >= deadline {
+                // Silence on a receive from any rank is no rank's fault: it names none (an
+                // elastic group would otherwise suspect live ranks).
+                let anyone = until.is_some_and(|id| self.anys.iter().any(|a| a.id == id));
                 return Err(Error::Timeout {
                     op: op.to_string(),
-                    ranks: waiting,
+                    ranks: if anyone { Vec::new() } else { waiting },
                     after: now - start,
                 });
             }

@@ -55,6 +55,8 @@ impl From<tidewire::PeersError> for Error {
 fn ranks_text(ranks: &[usize]) -> String {
     let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
     match list.len() {
+        // A receive from any rank blames none of them.
+        0 => "any rank".to_string(),
         1 => format!("rank {}", list[0]),
         _ => format!("ranks {}", list.join(", ")),
     }

@@ -440,7 +440,7 @@ fn a_receive_from_any_rank_fails_on_another_length_on_silence_and_alone() {
     assert!(err.contains("rank 1 has 64 bytes") && err.contains("expects 32"), "{err}");
     assert!(untouched, "the receive's buffer was written");
 
-    // Nobody sends: a timeout within the group's, naming every other rank.
+    // Nobody sends: a timeout within the group's that blames no rank (any might have sent).
     let got = group_with(3, 4096, Duration::from_millis(500), |rank, comm| {
         if rank != 0 {
             return None;
@@ -451,7 +451,9 @@ fn a_receive_from_any_rank_fails_on_another_length_on_silence_and_alone() {
         Some(comm.wait(id, "recv from any rank").err())
     });
     match got.into_iter().next().flatten() {
-        Some(Some(Error::Timeout { ranks, .. })) => assert_eq!(ranks, vec![1, 2]),
+        Some(Some(e @ Error::Timeout { .. })) => {
+            assert!(e.ranks().is_empty() && e.to_string().contains("any rank"), "{e}")
+        }
         other => panic!("not a timeout: {other:?}"),
     }
 
