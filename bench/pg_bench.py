@@ -12,6 +12,12 @@ the median over --iters groups of back-to-back calls. busbw follows nccl-tests (
 2(n−1)/n, the others (n−1)/n; all_gather sized by its output). Rank 0 prints the rows, then a
 table of tidewire against each other backend (time ratio, busbw ratio). With --graph (CUDA),
 each batch of calls is captured once in a CUDA graph and the replays are timed.
+
+With --interleave, every backend runs in the same processes (the first as the default group,
+the others as `new_group(backend=...)`) and their batches alternate at every size (the order
+turned round at each iteration): each backend's median is taken over the same stretch of the
+host's time, so a host that speeds up or slows down during the run moves both alike (run one
+after the other, a backend's rows can land on a slower stretch than the other's).
 """
 
 from __future__ import annotations
@@ -41,14 +47,16 @@ def parse_size(s: str) -> int:
     return int(s[:-1]) * units[s[-1].upper()] if s[-1].upper() in units else int(s)
 
 
-def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespace, out_path: str) -> None:
+def rank_main(rank: int, n: int, backend_list: str, port: int, args: argparse.Namespace, out_path: str) -> None:
     if os.environ.get("PG_BENCH_TRACE_AFTER"):
         # Diagnosis of a run that never ends: every thread's stack after that many seconds.
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["PG_BENCH_TRACE_AFTER"]), exit=True)
     opts = {}
-    if backend == "tidewire":
+    backends = backend_list.split(",")
+    backend = backends[0]
+    if "tidewire" in backends:
         import tidewire.distributed  # noqa: F401
     if backend.startswith("mooncake"):
         # tidewire's Mooncake-compatible groups: elastic membership on (heartbeats, masks).
@@ -62,9 +70,11 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, **opts)
+    # The other backends (--interleave): groups of every rank, in the same processes.
+    groups = [None] + [dist.new_group(list(range(n)), backend=b) for b in backends[1:]]
     dt = DT[args.dtype]
     esz = torch.tensor([], dtype=dt).element_size()
-    rows = []
+    rows: Dict[str, List[dict]] = {b: [] for b in backends}
     graphs: List["torch.cuda.CUDAGraph"] = []
     size = 8
     while size < args.min_bytes:
@@ -77,51 +87,60 @@ def rank_main(rank: int, n: int, backend: str, port: int, args: argparse.Namespa
         outs = torch.empty(count * n, dtype=dt, device=dev)
         rs_out = torch.empty(count // n, dtype=dt, device=dev)
         a2a_out = torch.empty(count, dtype=dt, device=dev)
-        ops = {
-            "all_reduce": (lambda: dist.all_reduce(x), 2 * (n - 1) / n),
-            "all_gather": (lambda: dist.all_gather_into_tensor(outs, x), (n - 1) / n),
-            "reduce_scatter": (lambda: dist.reduce_scatter_tensor(rs_out, x), (n - 1) / n),
-            "all_to_all": (lambda: dist.all_to_all_single(a2a_out, x), (n - 1) / n),
-        }
+        def ops(g):  # type: ignore[no-untyped-def]
+            return {
+                "all_reduce": (lambda: dist.all_reduce(x, group=g), 2 * (n - 1) / n),
+                "all_gather": (lambda: dist.all_gather_into_tensor(outs, x, group=g), (n - 1) / n),
+                "reduce_scatter": (lambda: dist.reduce_scatter_tensor(rs_out, x, group=g), (n - 1) / n),
+                "all_to_all": (lambda: dist.all_to_all_single(a2a_out, x, group=g), (n - 1) / n),
+            }
+
         big = nbytes >= (16 << 20)
         iters, batch = (5, 2) if big else (args.iters, 10)
-        for name, (call, factor) in ops.items():
+        for name in ops(None):
             if args.ops and name not in args.ops.split(","):
                 continue
-            # Warm-up: longer at the first size, whose rows otherwise carry the process's
-            # first calls (both backends alike: 8 B rows ran 15-25 % slower than 32 B ones).
-            for _ in range((20 if first else 2) * batch):
-                call()
-            fn = call
-            if args.graph:
-                # `batch` calls captured in a CUDA graph; a replay stands for the batch.
-                g = torch.cuda.CUDAGraph()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-                    for _ in range(batch):
-                        call()
-                torch.cuda.current_stream().wait_stream(s)
-                graphs.append(g)
-                fn, batch_calls = g.replay, batch
-                batch = 1
-            times = []
-            for _ in range(iters):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                a = time.perf_counter()
-                for _ in range(batch):
-                    fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - a) * 1e6 / batch)
-            if args.graph:
-                batch = batch_calls
-                times = [t_ / batch for t_ in times]
-            med = statistics.median(times)
-            moved = nbytes * n if name == "all_gather" else nbytes
-            algbw = moved / med / 1e3
-            rows.append({"bytes": moved, "op": name, "time_us": med, "algbw": algbw, "busbw": algbw * factor})
+            factor = ops(None)[name][1]
+            fns = []
+            for g in groups:
+                call = ops(g)[name][0]
+                # Warm-up: longer at the first size, whose rows otherwise carry the process's
+                # first calls (both backends alike: 8 B rows ran 15-25 % slower than 32 B ones).
+                for _ in range((20 if first else 2) * batch):
+                    call()
+                fn = call
+                if args.graph:
+                    # `batch` calls captured in a CUDA graph; a replay stands for the batch.
+                    cg = torch.cuda.CUDAGraph()
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s), torch.cuda.graph(cg, stream=s):
+                        for _ in range(batch):
+                            call()
+                    torch.cuda.current_stream().wait_stream(s)
+                    graphs.append(cg)
+                    fn = cg.replay
+                fns.append(fn)
+            # A replay of a graph stands for `batch` calls.
+            per_run = 1 if args.graph else batch
+            times: List[List[float]] = [[] for _ in groups]
+            for it in range(iters):
+                # Interleaved backends take turns, the order turned round at every iteration.
+                order = range(len(groups)) if it % 2 == 0 else reversed(range(len(groups)))
+                for k in order:
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    a = time.perf_counter()
+                    for _ in range(per_run):
+                        fns[k]()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    times[k].append((time.perf_counter() - a) * 1e6 / batch)
+            for b, ts in zip(backends, times):
+                med = statistics.median(ts)
+                moved = nbytes * n if name == "all_gather" else nbytes
+                algbw = moved / med / 1e3
+                rows[b].append({"bytes": moved, "op": name, "time_us": med, "algbw": algbw, "busbw": algbw * factor})
         size *= args.step
         first = False
     if rank == 0:
@@ -143,18 +162,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_backends(backends: str, tag: str, start, show) -> Dict[str, List[dict]]:  # type: ignore[no-untyped-def]
-    """Each backend's rows, one backend after the other: `start(backend, port, out_path)`
-    spawns the ranks (rank 0 writes its rows to `out_path` as JSON), then `show(backend, rows)`
-    prints them at once (a later backend that hangs does not take them with it)."""
+def run_backends(backends: str, tag: str, start, show, together: bool = False) -> Dict[str, List[dict]]:  # type: ignore[no-untyped-def]
+    """Each backend's rows, one backend after the other (or, `together`, all of them in one
+    run): `start(backends, port, out_path)` spawns the ranks (rank 0 writes its rows by backend
+    to `out_path` as JSON), then `show(backend, rows)` prints them at once (a later backend
+    that hangs does not take them with it)."""
     results: Dict[str, List[dict]] = {}
-    for backend in backends.split(","):
-        out_path = f"/tmp/{tag}_{os.getpid()}_{backend}.json"
-        start(backend, free_port(), out_path)
+    for run in [backends] if together else backends.split(","):
+        out_path = f"/tmp/{tag}_{os.getpid()}_{run.replace(',', '_')}.json"
+        start(run, free_port(), out_path)
         with open(out_path) as f:
-            results[backend] = json.load(f)
+            got = json.load(f)
         os.unlink(out_path)
-        show(backend, results[backend])
+        for backend in run.split(","):
+            results[backend] = got[backend] if isinstance(got, dict) else got
+            show(backend, results[backend])
         sys.stdout.flush()
     return results
 
@@ -171,18 +193,23 @@ def main() -> None:
     p.add_argument("--step", type=int, default=4)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="CUDA: time replays of the calls captured in a graph")
+    p.add_argument("--interleave", action="store_true", help="every backend in the same processes, their batches alternating")
     args = p.parse_args()
     if args.graph and args.device != "cuda":
         # CPU collectives put nothing in a graph: the replays would time nothing.
         p.error("--graph captures CUDA collectives: use it with --device cuda")
     def show(backend: str, rows: List[dict]) -> None:
-        print(f"# backend {backend} ranks {args.ranks} device {args.device} dtype {args.dtype}{' graph' if args.graph else ''}")
+        print(f"# backend {backend} ranks {args.ranks} device {args.device} dtype {args.dtype}{' graph' if args.graph else ''}{' interleaved' if args.interleave else ''}")
         print(f"{'bytes':>12} {'op':>15} {'time_us':>10} {'algbw':>8} {'busbw':>8}")
         for r in rows:
             print(f"{r['bytes']:>12} {r['op']:>15} {r['time_us']:>10.1f} {r['algbw']:>8.2f} {r['busbw']:>8.2f}")
 
     results = run_backends(
-        args.backends, "pg_bench", lambda b, port, out: mp.spawn(rank_main, args=(args.ranks, b, port, args, out), nprocs=args.ranks), show
+        args.backends,
+        "pg_bench",
+        lambda b, port, out: mp.spawn(rank_main, args=(args.ranks, b, port, args, out), nprocs=args.ranks),
+        show,
+        together=args.interleave,
     )
     mine = results.get("tidewire")
     for other, rows in results.items():

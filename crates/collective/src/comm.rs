@@ -1863,6 +1863,7 @@ impl Comm {
     ) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
+        self.phases = Phases::new();
         let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
         let mut theirs = vec![[0u8; 16]; n];
         {
@@ -1892,6 +1893,7 @@ impl Comm {
             }
             self.run(name, &mut xfers)?;
         }
+        self.phases.mark();
         // Our own block is copied along with the reads (one wake-up of the readers for all).
         let mut dsts = disjoint_mut(out, o);
         let own = std::mem::take(&mut dsts[me]);
@@ -1905,7 +1907,11 @@ impl Comm {
             })
             .collect();
         self.read_blocks(name, reads, Some((own, &input[i[me].clone()])), Cut::Copy)?;
-        self.tokens(name, directs)
+        self.phases.mark();
+        self.tokens(name, directs)?;
+        self.phases.mark();
+        self.phases.log(me, name, input.len(), &["addresses", "reads", "tokens"]);
+        Ok(())
     }
 
     /// Reads each `(rank, dst, addr, len)`: rank `rank`'s block (`addr`, `len` bytes in its
