@@ -276,6 +276,9 @@ pub struct Comm {
     /// Every point-to-point message travels behind a 16-byte header (its tag and length):
     /// the headers of pending sends and receives, by the operation of their message.
     headers: Vec<Header>,
+    /// Whether all_to_all's senders write the second half of each large direct block
+    /// themselves ([`written_from`]).
+    a2a_writes: bool,
     /// Receives from any rank (`irecv_any`) not bound to a rank's message yet, in issue order.
     anys: Vec<AnyRecv>,
     /// The rank each bound receive from any rank took its message from (the newest
@@ -562,6 +565,7 @@ impl Comm {
             p2p_timeout: None,
             headers: Vec::new(),
             anys: Vec::new(),
+            a2a_writes: a2a_writes(),
             sources: std::collections::VecDeque::new(),
             any_next: 0,
             seq: 0,
@@ -1511,7 +1515,7 @@ impl Comm {
                     // SAFETY: every block is reduced and nobody writes a stage until the
                     // round after this copy.
                     let src = unsafe { staged(at, parts[r].len()) };
-                    (r, Src::Here(src), std::mem::take(&mut dsts[r]))
+                    (r, Move::Copy(src, std::mem::take(&mut dsts[r])))
                 })
                 .collect();
             self.copy_staged(name, jobs)?;
@@ -1553,7 +1557,7 @@ impl Comm {
                         // the next round.
                         unsafe { staged(at[r], piece.len()) }
                     };
-                    (r, Src::Here(src), std::mem::take(&mut dsts[r]))
+                    (r, Move::Copy(src, std::mem::take(&mut dsts[r])))
                 })
                 .collect();
             self.copy_staged(name, jobs)?;
@@ -1593,7 +1597,7 @@ impl Comm {
                 .iter()
                 .map(|&r| {
                     let src = &input[r * len + from..r * len + from + m];
-                    (r, Src::Here(src), std::mem::take(&mut dsts[r]))
+                    (r, Move::Copy(src, std::mem::take(&mut dsts[r])))
                 })
                 .collect();
             self.copy_staged(name, jobs)?;
@@ -1864,8 +1868,24 @@ impl Comm {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
         self.phases = Phases::new();
-        let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
-        let mut theirs = vec![[0u8; 16]; n];
+        // To each direct peer: where its block is in our input, where its block goes in our
+        // output, and from where in the block we write it into the peer's output ourselves
+        // (the peer reads the rest).
+        let at_out = out.as_ptr() as u64;
+        let mine: Vec<[u8; BLOCK_WORDS]> = (0..n)
+            .map(|r| {
+                let (addr, len) = blocks[r];
+                let written = written_from(len, self.a2a_writes);
+                encode_words([
+                    addr,
+                    len as u64,
+                    at_out + o[r].start as u64,
+                    o[r].len() as u64,
+                    written as u64,
+                ])
+            })
+            .collect();
+        let mut theirs = vec![[0u8; BLOCK_WORDS]; n];
         {
             let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
             let mut rest: &mut [u8] = out;
@@ -1894,19 +1914,41 @@ impl Comm {
             self.run(name, &mut xfers)?;
         }
         self.phases.mark();
-        // Our own block is copied along with the reads (one wake-up of the readers for all).
+        // Each block moves in two parts at once: the first read by its receiver, the rest
+        // written by its sender (`process_vm_readv` pins the pages of the memory it reads, one
+        // page-table page at a time: three ranks reading one rank's input wait for each other,
+        // where half the pages pinned are then in the readers' own outputs). Our own block is
+        // copied along with them (one wake-up of the readers for all).
         let mut dsts = disjoint_mut(out, o);
         let own = std::mem::take(&mut dsts[me]);
-        let reads = self
-            .others()
-            .into_iter()
-            .filter(|r| directs.contains(r))
-            .map(|r| {
-                let (addr, len) = decode_block(&theirs[r]);
-                (r, std::mem::take(&mut dsts[r]), addr, len)
-            })
-            .collect();
-        self.read_blocks(name, reads, Some((own, &input[i[me].clone()])), Cut::Copy)?;
+        let mut reads = Vec::with_capacity(directs.len());
+        let mut writes = Vec::with_capacity(directs.len());
+        for r in self.others().into_iter().filter(|r| directs.contains(r)) {
+            let [addr, len, their_out, their_len, written] = decode_words(&theirs[r]);
+            let dst = std::mem::take(&mut dsts[r]);
+            let (len, written) = (len as usize, (written as usize).min(len as usize));
+            if len != dst.len() {
+                let e = Error::invalid(format!(
+                    "{name}: rank {r} has {len} bytes for rank {me}, which expects {}",
+                    dst.len()
+                ));
+                self.fail(&e);
+                return Err(e);
+            }
+            reads.push((r, &mut dst[..written], addr, written));
+            let mine = &input[i[r].clone()];
+            if their_len as usize != mine.len() {
+                let e = Error::invalid(format!(
+                    "{name}: rank {r} expects {their_len} bytes from rank {me}, which has {}",
+                    mine.len()
+                ));
+                self.fail(&e);
+                return Err(e);
+            }
+            let from = written_from(mine.len(), self.a2a_writes);
+            writes.push((r, &mine[from..], their_out + from as u64));
+        }
+        self.move_blocks(name, reads, writes, Some((own, &input[i[me].clone()])), Cut::Copy)?;
         self.phases.mark();
         self.tokens(name, directs)?;
         self.phases.mark();
@@ -1923,9 +1965,22 @@ impl Comm {
         own: Option<(&mut [u8], &[u8])>,
         cut: Cut,
     ) -> Result<()> {
+        self.move_blocks(name, reads, Vec::new(), own, cut)
+    }
+
+    /// As [`Comm::read_blocks`], and writes each `(rank, src, addr)`: `src` at `addr` in rank
+    /// `rank`'s memory, all at once.
+    fn move_blocks(
+        &mut self,
+        name: &str,
+        reads: Vec<(usize, &mut [u8], u64, usize)>,
+        writes: Vec<(usize, &[u8], u64)>,
+        own: Option<(&mut [u8], &[u8])>,
+        cut: Cut,
+    ) -> Result<()> {
         // Any failure leaves the ranks out of step: the group is poisoned (and the others
         // told) so that none of them waits for us until its timeout.
-        let mut jobs = Vec::with_capacity(reads.len() + 1);
+        let mut jobs = Vec::with_capacity(reads.len() + writes.len() + 1);
         if let Some((dst, src)) = own {
             if dst.len() != src.len() {
                 let e = Error::invalid(format!(
@@ -1937,7 +1992,7 @@ impl Comm {
                 self.fail(&e);
                 return Err(e);
             }
-            jobs.push((self.rank, Src::Here(src), dst));
+            jobs.push((self.rank, Move::Copy(src, dst)));
         }
         for (r, dst, addr, len) in reads {
             let refused = if len != dst.len() {
@@ -1950,7 +2005,7 @@ impl Comm {
                 match self.links[r].as_ref().and_then(|l| l.direct) {
                     None => format!("{name}: rank {r} is not read directly (no process id agreed)"),
                     Some(pid) => {
-                        jobs.push((r, Src::Process(pid, addr), dst));
+                        jobs.push((r, Move::Read(pid, addr, dst)));
                         continue;
                     }
                 }
@@ -1958,6 +2013,18 @@ impl Comm {
             let e = Error::invalid(refused);
             self.fail(&e);
             return Err(e);
+        }
+        for (r, src, addr) in writes {
+            match self.links[r].as_ref().and_then(|l| l.direct) {
+                Some(pid) => jobs.push((r, Move::Write(pid, addr, src))),
+                None => {
+                    let e = Error::invalid(format!(
+                        "{name}: rank {r} is not written directly (no process id agreed)"
+                    ));
+                    self.fail(&e);
+                    return Err(e);
+                }
+            }
         }
         if let Err((r, e)) = self.readers.read_all(jobs, cut) {
             let e = Error::RankFailed {
@@ -2008,6 +2075,13 @@ impl Comm {
     /// (`None`: the group's again).
     pub fn set_p2p_timeout(&mut self, timeout: Option<Duration>) {
         self.p2p_timeout = timeout;
+    }
+
+    /// Whether this rank's all_to_all writes the second half of each large block for a peer it
+    /// reaches directly into the peer's output (default: yes, unless
+    /// `TIDEWIRE_PG_A2A_WRITES=0`), instead of leaving all of it to the peer's reads.
+    pub fn set_a2a_writes(&mut self, on: bool) {
+        self.a2a_writes = on;
     }
 
     /// Spreads large direct reads (and all_reduce's sums of them) over `n` threads from now
@@ -2228,7 +2302,10 @@ impl Comm {
         };
         let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
         if !directs.is_empty() {
-            let how = format_args!("direct reads with ranks {directs:?}, rings with the others");
+            let how = format_args!(
+                "direct reads (and writes of each block's second half from 64 KiB) with ranks \
+                 {directs:?}, rings with the others"
+            );
             self.chose("all_to_all", input.len(), "direct_reads", how);
             let blocks: Vec<(u64, usize)> =
                 i.iter().map(|r| (input.as_ptr() as u64 + r.start as u64, r.len())).collect();
@@ -2779,13 +2856,58 @@ fn unwound(
         .unwrap_or_else(|_| Err((rank, std::io::Error::other("a reader thread panicked"))))
 }
 
-/// A direct read: the rank read, where its bytes are, and where they go.
-type Read<'a> = (usize, Src<'a>, &'a mut [u8]);
+/// A piece of a collective's copying, and the rank it concerns (named if it fails).
+type Read<'a> = (usize, Move<'a>);
 
-/// Where a read's bytes are: at an address of another process, or here (our own block).
-enum Src<'a> {
-    Process(u32, u64),
-    Here(&'a [u8]),
+/// Bytes moved by a reader thread.
+enum Move<'a> {
+    /// `dst.len()` bytes at an address of another process (`pid`, `addr`) into `dst`
+    /// (`process_vm_readv`).
+    Read(u32, u64, &'a mut [u8]),
+    /// `src` to an address of another process (`pid`, `addr`: `process_vm_writev`).
+    Write(u32, u64, &'a [u8]),
+    /// Within this process (`src` into `dst`, of one length).
+    Copy(&'a [u8], &'a mut [u8]),
+}
+
+impl<'a> Move<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Read(_, _, d) | Self::Copy(_, d) => d.len(),
+            Self::Write(_, _, s) => s.len(),
+        }
+    }
+
+    /// The first `at` bytes (at most all), and the rest.
+    fn split(self, at: usize) -> (Self, Self) {
+        let at = at.min(self.len());
+        match self {
+            Self::Read(pid, addr, d) => {
+                let (a, b) = d.split_at_mut(at);
+                (Self::Read(pid, addr, a), Self::Read(pid, addr + at as u64, b))
+            }
+            Self::Write(pid, addr, s) => {
+                let (a, b) = s.split_at(at);
+                (Self::Write(pid, addr, a), Self::Write(pid, addr + at as u64, b))
+            }
+            Self::Copy(s, d) => {
+                let (sa, sb) = s.split_at(at.min(s.len()));
+                let (da, db) = d.split_at_mut(at);
+                (Self::Copy(sa, da), Self::Copy(sb, db))
+            }
+        }
+    }
+
+    fn run(self) -> std::io::Result<()> {
+        match self {
+            Self::Read(pid, addr, d) => read_process(pid, d, addr),
+            Self::Write(pid, addr, s) => write_process(pid, s, addr),
+            Self::Copy(s, d) => {
+                d.copy_from_slice(s);
+                Ok(())
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -2885,44 +3007,27 @@ impl Readers {
         reads: Vec<Read<'_>>,
         cut: Cut,
     ) -> std::result::Result<(), (usize, std::io::Error)> {
-        let total: usize = reads.iter().map(|r| r.2.len()).sum();
+        let total: usize = reads.iter().map(|r| r.1.len()).sum();
         let share = piece_of(total, self.n, cut).max(1);
         let mut groups: Vec<Vec<Read<'_>>> = vec![Vec::new()];
         let mut room = share;
-        for (r, mut src, mut d) in reads {
-            while !d.is_empty() {
+        for (r, mut m) in reads {
+            while m.len() > 0 {
                 if room == 0 {
                     groups.push(Vec::new());
                     room = share;
                 }
-                let take = room.min(d.len());
-                let (head, tail) = std::mem::take(&mut d).split_at_mut(take);
-                let (now, rest) = match src {
-                    Src::Process(pid, addr) => {
-                        (Src::Process(pid, addr), Src::Process(pid, addr + take as u64))
-                    }
-                    Src::Here(b) => {
-                        let (a, b) = b.split_at(take.min(b.len()));
-                        (Src::Here(a), Src::Here(b))
-                    }
-                };
+                let take = room.min(m.len());
+                let (now, rest) = m.split(take);
                 if let Some(g) = groups.last_mut() {
-                    g.push((r, now, head));
+                    g.push((r, now));
                 }
-                (src, d, room) = (rest, tail, room - take);
+                (m, room) = (rest, room - take);
             }
         }
         self.run(groups, |group| {
             let first = group.first().map_or(0, |g| g.0);
-            unwound(first, || {
-                group.into_iter().try_for_each(|(r, src, d)| match src {
-                    Src::Process(pid, addr) => read_process(pid, d, addr).map_err(|e| (r, e)),
-                    Src::Here(b) => {
-                        d.copy_from_slice(b);
-                        Ok(())
-                    }
-                })
-            })
+            unwound(first, || group.into_iter().try_for_each(|(r, m)| m.run().map_err(|e| (r, e))))
         })
     }
 
@@ -2960,6 +3065,37 @@ fn disjoint_mut<'a>(buf: &'a mut [u8], ranges: &[Range<usize>]) -> Vec<&'a mut [
     out
 }
 
+/// Writes `src` at `addr` of process `pid` (`process_vm_writev`).
+fn write_process(pid: u32, src: &[u8], addr: u64) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < src.len() {
+        let local = libc::iovec {
+            iov_base: src[done..].as_ptr().cast_mut().cast(),
+            iov_len: src.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr as usize + done) as *mut libc::c_void,
+            iov_len: src.len() - done,
+        };
+        // SAFETY: `local` covers the rest of `src`, ours and readable (the kernel only reads
+        // it); the kernel checks the remote range against the other process's mappings
+        // (EFAULT, not a fault of ours).
+        let n = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "wrote 0 bytes"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 /// Reads `dst.len()` bytes at `addr` of process `pid` into `dst` (`process_vm_readv`).
 fn read_process(pid: u32, dst: &mut [u8], addr: u64) -> std::io::Result<()> {
     let mut done = 0usize;
@@ -2987,6 +3123,41 @@ fn read_process(pid: u32, dst: &mut [u8], addr: u64) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Bytes of the words an all_to_all's direct pair exchanges: five `u64`s.
+const BLOCK_WORDS: usize = 40;
+
+fn encode_words(words: [u64; 5]) -> [u8; BLOCK_WORDS] {
+    let mut b = [0u8; BLOCK_WORDS];
+    for (k, w) in words.iter().enumerate() {
+        b[8 * k..8 * k + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+fn decode_words(b: &[u8; BLOCK_WORDS]) -> [u64; 5] {
+    std::array::from_fn(|k| u64::from_le_bytes(b[8 * k..8 * k + 8].try_into().unwrap_or_default()))
+}
+
+/// Where, in an all_to_all block of `len` bytes for a direct peer, its sender starts writing
+/// it into the peer's output (the peer reads what comes before): with writes `on`, half-way
+/// (on a page) from [`WRITE_SPLIT_MIN`], else nowhere (`len`: the peer reads it all).
+fn written_from(len: usize, on: bool) -> usize {
+    if !on || len < WRITE_SPLIT_MIN {
+        return len;
+    }
+    (len / 2) & !4095
+}
+
+/// Whether all_to_all's senders write part of each direct block (`TIDEWIRE_PG_A2A_WRITES=0`:
+/// no). Each sender tells its peers where it writes from, so ranks set apart still move every
+/// byte once.
+fn a2a_writes() -> bool {
+    std::env::var("TIDEWIRE_PG_A2A_WRITES").map_or(true, |v| v != "0")
+}
+
+/// Blocks below this are read whole by their receiver.
+const WRITE_SPLIT_MIN: usize = 64 << 10;
 
 /// A block's place in its owner's memory, as sent to the rank that reads it.
 fn encode_block(addr: u64, len: usize) -> [u8; 16] {
@@ -3094,8 +3265,12 @@ mod tests {
             .zip(&srcs)
             .enumerate()
             .map(|(r, (d, s))| {
-                let src = if r == 3 { Src::Here(s) } else { Src::Process(pid, s.as_ptr() as u64) };
-                (r, src, d.as_mut_slice())
+                let m = if r == 3 {
+                    Move::Copy(s, d.as_mut_slice())
+                } else {
+                    Move::Read(pid, s.as_ptr() as u64, d.as_mut_slice())
+                };
+                (r, m)
             })
             .collect();
         if let Err((r, e)) = readers.read_all(reads, Cut::Copy) {

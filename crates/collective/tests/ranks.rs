@@ -249,6 +249,37 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
 }
 
 #[test]
+fn all_to_all_blocks_read_and_written_in_halves_land_whole_whatever_each_rank_chose() {
+    // Large blocks between ranks that reach each other directly move in two parts (the
+    // receiver reads the first, the sender writes the rest into the receiver's output); each
+    // sender says where its part starts, so ranks with writes on and off still move every byte
+    // exactly once. Uneven blocks of odd lengths, a poisoned output, every byte checked.
+    let n = 4;
+    for writers in [[true; 4], [false; 4], [false, true, false, true]] {
+        let got = group(n, 64 << 10, move |rank, comm| {
+            comm.set_a2a_writes(writers[rank]);
+            let in_splits: Vec<usize> = (0..n).map(|d| a2a_bytes(rank, d)).collect();
+            let out_splits: Vec<usize> = (0..n).map(|s| a2a_bytes(s, rank)).collect();
+            let input: Vec<u8> =
+                (0..in_splits.iter().sum::<usize>()).map(|i| (i * 13 + rank * 71) as u8).collect();
+            let mut out = vec![0xA5u8; out_splits.iter().sum()];
+            comm.all_to_all(&mut out, &out_splits, &input, &in_splits).unwrap();
+            assert_eq!(comm.algorithm(), "direct_reads", "rank {rank}");
+            out
+        });
+        for (rank, out) in got.iter().enumerate() {
+            let mut want = Vec::new();
+            for src in 0..n {
+                let splits: Vec<usize> = (0..n).map(|d| a2a_bytes(src, d)).collect();
+                let start: usize = splits[..rank].iter().sum();
+                want.extend((start..start + splits[rank]).map(|i| (i * 13 + src * 71) as u8));
+            }
+            assert!(*out == want, "all_to_all on rank {rank}, writers {writers:?}");
+        }
+    }
+}
+
+#[test]
 fn large_direct_reads_spread_over_threads_match_the_reference() {
     // Blocks past 2 MiB are read (and all_reduce's and reduce_scatter's reduced) by several
     // threads, each its own piece: every byte must still land once, in the right place,
