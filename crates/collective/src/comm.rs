@@ -1178,6 +1178,22 @@ impl Comm {
     /// pending operations or the round's `xfers`), and the message's header carries its tag.
     /// Returns whether one was bound.
     fn bind_anys(&mut self, op: &str, xfers: &[Xfer]) -> Result<bool> {
+        // The next message of each rank no receive of ours is under way for, looked at once
+        // for the whole pass: the receives bind in the order they were posted (a later one
+        // never takes a message that arrived while an earlier one of its tag looked).
+        let mut heads: Vec<Option<(u64, u64)>> = vec![None; self.size];
+        for (p, head) in heads.iter_mut().enumerate() {
+            let receiving = |x: &Xfer| !x.finished() && x.channel() == (p, false);
+            if p == self.rank
+                || self.pending.iter().any(|(_, x)| receiving(x))
+                || xfers.iter().any(receiving)
+            {
+                continue;
+            }
+            if let Some(link) = self.links[p].as_mut() {
+                *head = link.peek16().map(|h| header_words(&h));
+            }
+        }
         let mut bound = false;
         let mut k = 0;
         while k < self.anys.len() {
@@ -1185,16 +1201,7 @@ impl Comm {
             let mut took = None;
             for i in 0..self.size {
                 let p = (self.any_next + i) % self.size;
-                let receiving = |x: &Xfer| !x.finished() && x.channel() == (p, false);
-                if p == self.rank
-                    || self.pending.iter().any(|(_, x)| receiving(x))
-                    || xfers.iter().any(receiving)
-                {
-                    continue;
-                }
-                let Some(link) = self.links[p].as_mut() else { continue };
-                let Some(head) = link.peek16() else { continue };
-                let (t, l) = header_words(&head);
+                let Some((t, l)) = heads[p] else { continue };
                 if coll_code(t).is_some() || t != tag {
                     continue; // a collective's round, or a message for a receive to come
                 }
@@ -1211,6 +1218,7 @@ impl Comm {
                 k += 1;
                 continue;
             };
+            heads[p] = None; // its next message is this receive's now
             let any = self.anys.remove(k);
             let mut bytes = Box::new([0u8; 16]);
             let at = bytes.as_mut_ptr() as u64;
@@ -1445,6 +1453,7 @@ impl Comm {
         self.phases = Phases::new();
         let peers = self.others();
         let mine = encode_block(buf.as_ptr() as u64, buf.len());
+        self.readers.warm();
         let theirs = self.swap_words(name, &peers, |_| mine)?;
         self.phases.mark();
         let own = parts[me].clone();
@@ -1495,6 +1504,7 @@ impl Comm {
             // previous piece (or call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
+            self.readers.warm();
             self.staged_round(name, &peers)?;
             let own = parts[me].clone();
             // SAFETY: until the next round every rank writes only its own block of its own
@@ -1507,6 +1517,7 @@ impl Comm {
                 .map(|&r| unsafe { staged(at[r] + own.start as u64, own.len()) })
                 .collect();
             self.reduce_staged(name, acc, None, &srcs, dtype, op)?;
+            self.readers.warm();
             self.staged_round(name, &peers)?;
             let mut dsts = disjoint_mut(piece, &parts);
             let jobs: Vec<Read<'_>> = (0..n)
@@ -1544,6 +1555,7 @@ impl Comm {
             // call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
+            self.readers.warm();
             self.staged_round(name, &peers)?;
             let parts: Vec<Range<usize>> =
                 (0..n).map(|r| r * len + from..r * len + from + piece.len()).collect();
@@ -1601,6 +1613,7 @@ impl Comm {
                 })
                 .collect();
             self.copy_staged(name, jobs)?;
+            self.readers.warm();
             self.staged_round(name, &peers)?;
             let own = &input[me * len + from..me * len + from + m];
             let srcs: Vec<&[u8]> = peers
@@ -1886,6 +1899,12 @@ impl Comm {
             })
             .collect();
         let mut theirs = vec![[0u8; BLOCK_WORDS]; n];
+        // The pool's threads wake during the round when the moves will be spread over them.
+        let moved: usize =
+            directs.iter().map(|&r| o[r].len() + i[r].len()).sum::<usize>() + o[me].len();
+        if piece_of(moved, self.readers.n, Cut::Copy) < moved {
+            self.readers.warm();
+        }
         {
             let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
             let mut rest: &mut [u8] = out;
@@ -2124,6 +2143,7 @@ impl Comm {
         cut: Cut,
     ) -> Result<()> {
         let peers = self.others();
+        self.readers.warm();
         let theirs = self.swap_words(name, &peers, |r| encode_block(blocks[r].0, blocks[r].1))?;
         self.phases.mark();
         let mut dsts = disjoint_mut(out, parts);
@@ -2921,11 +2941,47 @@ thread_local! {
 struct Readers {
     n: usize,
     pool: std::sync::OnceLock<Option<rayon::ThreadPool>>,
+    /// Warm-ups asked for ([`Readers::warm`]), and the last one whose work has come: each
+    /// warm-up's threads spin until theirs has.
+    warmed: AtomicU64,
+    came: Arc<AtomicU64>,
 }
+
+/// How long the pool's threads, woken ahead of work ([`Readers::warm`]), wait for it by
+/// spinning before they sleep again: a round of a collective between two of its copy phases
+/// takes 5-50 µs; a sleeping thread's wake-up on a virtual machine can take as long.
+const WARM_SPIN: Duration = Duration::from_micros(200);
 
 impl Readers {
     fn new(n: usize) -> Self {
-        Self { n: n.max(1), pool: std::sync::OnceLock::new() }
+        Self {
+            n: n.max(1),
+            pool: std::sync::OnceLock::new(),
+            warmed: AtomicU64::new(0),
+            came: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Wakes the pool's threads (once it runs) ahead of work that comes after a round: each
+    /// spins until work is handed to the pool, or [`WARM_SPIN`], so that the wake-up overlaps
+    /// the round instead of following it.
+    fn warm(&self) {
+        let Some(Some(pool)) = self.pool.get() else { return };
+        let gen = self.warmed.fetch_add(1, Ordering::Relaxed) + 1;
+        for _ in 1..self.n {
+            let came = self.came.clone();
+            pool.spawn(move || {
+                let start = Instant::now();
+                let mut k = 0u32;
+                while came.load(Ordering::Acquire) < gen {
+                    std::hint::spin_loop();
+                    k = k.wrapping_add(1);
+                    if k.is_multiple_of(64) && start.elapsed() >= WARM_SPIN {
+                        return;
+                    }
+                }
+            });
+        }
     }
 
     /// The pool, started on first use (`None`: the OS refused threads; the pieces then run
@@ -2970,6 +3026,8 @@ impl Readers {
         jobs: Vec<T>,
         f: impl Fn(T) -> std::result::Result<(), E> + Sync,
     ) -> std::result::Result<(), E> {
+        // Work has come: threads spinning for it go back to the pool's queue.
+        self.came.store(self.warmed.load(Ordering::Relaxed), Ordering::Release);
         let Some(pool) = (if jobs.len() > 1 { self.pool() } else { None }) else {
             return jobs.into_iter().try_for_each(f);
         };
