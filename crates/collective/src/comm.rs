@@ -2945,12 +2945,18 @@ struct Readers {
     /// warm-up's threads spin until theirs has.
     warmed: AtomicU64,
     came: Arc<AtomicU64>,
+    /// How long woken threads spin for their work ([`warm_spin`]; zero: they are not woken
+    /// ahead).
+    spin: Duration,
 }
 
 /// How long the pool's threads, woken ahead of work ([`Readers::warm`]), wait for it by
-/// spinning before they sleep again: a round of a collective between two of its copy phases
-/// takes 5-50 µs; a sleeping thread's wake-up on a virtual machine can take as long.
-const WARM_SPIN: Duration = Duration::from_micros(200);
+/// spinning before they sleep again (`TIDEWIRE_PG_WARM_SPIN_US`, default 200; 0: no warm-up):
+/// a round of a collective between two of its copy phases takes 5-50 µs; a sleeping thread's
+/// wake-up on a virtual machine can take as long.
+fn warm_spin() -> Duration {
+    Duration::from_micros(env_usize("TIDEWIRE_PG_WARM_SPIN_US").unwrap_or(200) as u64)
+}
 
 impl Readers {
     fn new(n: usize) -> Self {
@@ -2959,15 +2965,19 @@ impl Readers {
             pool: std::sync::OnceLock::new(),
             warmed: AtomicU64::new(0),
             came: Arc::new(AtomicU64::new(0)),
+            spin: warm_spin(),
         }
     }
 
     /// Wakes the pool's threads (once it runs) ahead of work that comes after a round: each
-    /// spins until work is handed to the pool, or [`WARM_SPIN`], so that the wake-up overlaps
+    /// spins until work is handed to the pool, or [`warm_spin`], so that the wake-up overlaps
     /// the round instead of following it.
     fn warm(&self) {
         let Some(Some(pool)) = self.pool.get() else { return };
-        let gen = self.warmed.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.spin.is_zero() {
+            return;
+        }
+        let (gen, spin) = (self.warmed.fetch_add(1, Ordering::Relaxed) + 1, self.spin);
         for _ in 1..self.n {
             let came = self.came.clone();
             pool.spawn(move || {
@@ -2976,7 +2986,7 @@ impl Readers {
                 while came.load(Ordering::Acquire) < gen {
                     std::hint::spin_loop();
                     k = k.wrapping_add(1);
-                    if k.is_multiple_of(64) && start.elapsed() >= WARM_SPIN {
+                    if k.is_multiple_of(64) && start.elapsed() >= spin {
                         return;
                     }
                 }
