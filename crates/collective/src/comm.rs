@@ -1453,7 +1453,6 @@ impl Comm {
         self.phases = Phases::new();
         let peers = self.others();
         let mine = encode_block(buf.as_ptr() as u64, buf.len());
-        self.readers.warm();
         let theirs = self.swap_words(name, &peers, |_| mine)?;
         self.phases.mark();
         let own = parts[me].clone();
@@ -1504,7 +1503,6 @@ impl Comm {
             // previous piece (or call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
-            self.readers.warm();
             self.staged_round(name, &peers)?;
             let own = parts[me].clone();
             // SAFETY: until the next round every rank writes only its own block of its own
@@ -1517,7 +1515,6 @@ impl Comm {
                 .map(|&r| unsafe { staged(at[r] + own.start as u64, own.len()) })
                 .collect();
             self.reduce_staged(name, acc, None, &srcs, dtype, op)?;
-            self.readers.warm();
             self.staged_round(name, &peers)?;
             let mut dsts = disjoint_mut(piece, &parts);
             let jobs: Vec<Read<'_>> = (0..n)
@@ -1555,7 +1552,6 @@ impl Comm {
             // call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
-            self.readers.warm();
             self.staged_round(name, &peers)?;
             let parts: Vec<Range<usize>> =
                 (0..n).map(|r| r * len + from..r * len + from + piece.len()).collect();
@@ -1613,7 +1609,6 @@ impl Comm {
                 })
                 .collect();
             self.copy_staged(name, jobs)?;
-            self.readers.warm();
             self.staged_round(name, &peers)?;
             let own = &input[me * len + from..me * len + from + m];
             let srcs: Vec<&[u8]> = peers
@@ -1899,12 +1894,6 @@ impl Comm {
             })
             .collect();
         let mut theirs = vec![[0u8; BLOCK_WORDS]; n];
-        // The pool's threads wake during the round when the moves will be spread over them.
-        let moved: usize =
-            directs.iter().map(|&r| o[r].len() + i[r].len()).sum::<usize>() + o[me].len();
-        if piece_of(moved, self.readers.n, Cut::Copy) < moved {
-            self.readers.warm();
-        }
         {
             let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
             let mut rest: &mut [u8] = out;
@@ -2143,7 +2132,6 @@ impl Comm {
         cut: Cut,
     ) -> Result<()> {
         let peers = self.others();
-        self.readers.warm();
         let theirs = self.swap_words(name, &peers, |r| encode_block(blocks[r].0, blocks[r].1))?;
         self.phases.mark();
         let mut dsts = disjoint_mut(out, parts);
@@ -2941,57 +2929,11 @@ thread_local! {
 struct Readers {
     n: usize,
     pool: std::sync::OnceLock<Option<rayon::ThreadPool>>,
-    /// Warm-ups asked for ([`Readers::warm`]), and the last one whose work has come: each
-    /// warm-up's threads spin until theirs has.
-    warmed: AtomicU64,
-    came: Arc<AtomicU64>,
-    /// How long woken threads spin for their work ([`warm_spin`]; zero: they are not woken
-    /// ahead).
-    spin: Duration,
-}
-
-/// How long the pool's threads, woken ahead of work ([`Readers::warm`]), wait for it by
-/// spinning before they sleep again (`TIDEWIRE_PG_WARM_SPIN_US`, default 200; 0: no warm-up):
-/// a round of a collective between two of its copy phases takes 5-50 µs; a sleeping thread's
-/// wake-up on a virtual machine can take as long.
-fn warm_spin() -> Duration {
-    Duration::from_micros(env_usize("TIDEWIRE_PG_WARM_SPIN_US").unwrap_or(200) as u64)
 }
 
 impl Readers {
     fn new(n: usize) -> Self {
-        Self {
-            n: n.max(1),
-            pool: std::sync::OnceLock::new(),
-            warmed: AtomicU64::new(0),
-            came: Arc::new(AtomicU64::new(0)),
-            spin: warm_spin(),
-        }
-    }
-
-    /// Wakes the pool's threads (once it runs) ahead of work that comes after a round: each
-    /// spins until work is handed to the pool, or [`warm_spin`], so that the wake-up overlaps
-    /// the round instead of following it.
-    fn warm(&self) {
-        let Some(Some(pool)) = self.pool.get() else { return };
-        if self.spin.is_zero() {
-            return;
-        }
-        let (gen, spin) = (self.warmed.fetch_add(1, Ordering::Relaxed) + 1, self.spin);
-        for _ in 1..self.n {
-            let came = self.came.clone();
-            pool.spawn(move || {
-                let start = Instant::now();
-                let mut k = 0u32;
-                while came.load(Ordering::Acquire) < gen {
-                    std::hint::spin_loop();
-                    k = k.wrapping_add(1);
-                    if k.is_multiple_of(64) && start.elapsed() >= spin {
-                        return;
-                    }
-                }
-            });
-        }
+        Self { n: n.max(1), pool: std::sync::OnceLock::new() }
     }
 
     /// The pool, started on first use (`None`: the OS refused threads; the pieces then run
@@ -3036,8 +2978,6 @@ impl Readers {
         jobs: Vec<T>,
         f: impl Fn(T) -> std::result::Result<(), E> + Sync,
     ) -> std::result::Result<(), E> {
-        // Work has come: threads spinning for it go back to the pool's queue.
-        self.came.store(self.warmed.load(Ordering::Relaxed), Ordering::Release);
         let Some(pool) = (if jobs.len() > 1 { self.pool() } else { None }) else {
             return jobs.into_iter().try_for_each(f);
         };
