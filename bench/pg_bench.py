@@ -195,6 +195,9 @@ def main() -> None:
     p.add_argument("--graph", action="store_true", help="CUDA: time replays of the calls captured in a graph")
     p.add_argument("--interleave", action="store_true", help="every backend in the same processes, their batches alternating")
     args = p.parse_args()
+    if args.interleave and any(b.startswith("mooncake") for b in args.backends.split(",")[1:]):
+        # Its options (the active-rank mask) go to the default group only.
+        p.error("--interleave: a mooncake backend goes first")
     if args.graph and args.device != "cuda":
         # CPU collectives put nothing in a graph: the replays would time nothing.
         p.error("--graph captures CUDA collectives: use it with --device cuda")

@@ -256,6 +256,11 @@ class _P2PWork(dist.Work):
     def _source_rank(self) -> int:
         """The group rank a receive from any rank took its message from (after its wait)."""
         self.wait()
+        if self._source is None and self._any:
+            raise RuntimeError(
+                "tidewire: the sender of this receive from any rank is no longer known: over 1,024 "
+                "later receives from any rank of the group ended before it was waited for"
+            )
         if self._source is None:
             raise RuntimeError(f"tidewire: {self._what} names no source rank (only a receive from any rank does)")
         return self._source

@@ -132,6 +132,25 @@ impl Ring {
     fn data(&self) -> u64 {
         self.base + HEADER
     }
+
+    /// The `dst.len()` (at most `cap`) bytes from offset `at` of the data, wrapping at its end.
+    ///
+    /// # Safety
+    /// Those bytes were written by the sender before it published the tail we read (acquire),
+    /// and it does not write them again before we publish a head beyond them.
+    unsafe fn copy_out(&self, at: u64, dst: &mut [u8]) {
+        let first = ((self.cap - at) as usize).min(dst.len());
+        // SAFETY: `[at, at + first)` and `[0, dst.len() - first)` lie in the ring's data
+        // (`at < cap`, `dst.len() <= cap`), written as the caller vouches; `dst` is ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping((self.data() + at) as *const u8, dst.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(
+                self.data() as *const u8,
+                dst.as_mut_ptr().add(first),
+                dst.len() - first,
+            );
+        }
+    }
 }
 
 /// How this rank writes into its ring in a peer's region.
@@ -172,20 +191,10 @@ impl Link {
         if self.tail_seen - self.received < 16 {
             return None;
         }
-        let at = self.received % ring.cap;
-        let first = (ring.cap - at).min(16) as usize;
         let mut b = [0u8; 16];
-        // SAFETY: the 16 bytes from `received` (wrapping at the end of the ring's data) were
-        // written by the peer before it published `tail` (release/acquire), and it does not
-        // write them again before we publish a head beyond them.
-        unsafe {
-            std::ptr::copy_nonoverlapping((ring.data() + at) as *const u8, b.as_mut_ptr(), first);
-            std::ptr::copy_nonoverlapping(
-                ring.data() as *const u8,
-                b.as_mut_ptr().add(first),
-                16 - first,
-            );
-        }
+        // SAFETY: the 16 bytes from `received` were written by the peer before it published
+        // the tail just read, and it writes them again only after we publish a head beyond.
+        unsafe { ring.copy_out(self.received % ring.cap, &mut b) };
         Some(b)
     }
 
@@ -276,9 +285,6 @@ pub struct Comm {
     /// Every point-to-point message travels behind a 16-byte header (its tag and length):
     /// the headers of pending sends and receives, by the operation of their message.
     headers: Vec<Header>,
-    /// Whether all_to_all's senders write the second half of each large direct block
-    /// themselves ([`written_from`]).
-    a2a_writes: bool,
     /// Receives from any rank (`irecv_any`) not bound to a rank's message yet, in issue order.
     anys: Vec<AnyRecv>,
     /// The rank each bound receive from any rank took its message from (the newest
@@ -565,7 +571,6 @@ impl Comm {
             p2p_timeout: None,
             headers: Vec::new(),
             anys: Vec::new(),
-            a2a_writes: a2a_writes(),
             sources: std::collections::VecDeque::new(),
             any_next: 0,
             seq: 0,
@@ -1207,8 +1212,8 @@ impl Comm {
                 }
                 if l != len {
                     return Err(Error::invalid(format!(
-                        "{op}: the next message of tag {tag} from rank {p} has {l} bytes; this \
-                         receive from any rank expects {len}"
+                        "irecv_any (during {op}): the next message of tag {tag} from rank {p} has \
+                         {l} bytes; this receive from any rank expects {len}"
                     )));
                 }
                 took = Some(p);
@@ -1876,29 +1881,8 @@ impl Comm {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
         self.phases = Phases::new();
-        // To each direct peer: where its block is in our input, where its block goes in our
-        // output, and from where in the block we write it into the peer's output ourselves
-        // (the peer reads the rest).
-        let at_out = out.as_ptr() as u64;
-        // Only where several ranks read one rank's input: a pair alone reads without waiting
-        // for anyone, and a write costs more than a read (the kernel marks each page it wrote
-        // dirty under the page's lock): measured, 2 ranks at 1-2 MiB ran 20 % slower with
-        // writes (NOTES §59).
-        let writing = self.a2a_writes && directs.len() >= 2;
-        let mine: Vec<[u8; BLOCK_WORDS]> = (0..n)
-            .map(|r| {
-                let (addr, len) = blocks[r];
-                let written = written_from(len, writing);
-                encode_words([
-                    addr,
-                    len as u64,
-                    at_out + o[r].start as u64,
-                    o[r].len() as u64,
-                    written as u64,
-                ])
-            })
-            .collect();
-        let mut theirs = vec![[0u8; BLOCK_WORDS]; n];
+        let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
+        let mut theirs = vec![[0u8; 16]; n];
         {
             let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
             let mut rest: &mut [u8] = out;
@@ -1927,41 +1911,19 @@ impl Comm {
             self.run(name, &mut xfers)?;
         }
         self.phases.mark();
-        // Each block moves in two parts at once: the first read by its receiver, the rest
-        // written by its sender (`process_vm_readv` pins the pages of the memory it reads, one
-        // page-table page at a time: three ranks reading one rank's input wait for each other,
-        // where half the pages pinned are then in the readers' own outputs). Our own block is
-        // copied along with them (one wake-up of the readers for all).
+        // Our own block is copied along with the reads (one wake-up of the readers for all).
         let mut dsts = disjoint_mut(out, o);
         let own = std::mem::take(&mut dsts[me]);
-        let mut reads = Vec::with_capacity(directs.len());
-        let mut writes = Vec::with_capacity(directs.len());
-        for r in self.others().into_iter().filter(|r| directs.contains(r)) {
-            let [addr, len, their_out, their_len, written] = decode_words(&theirs[r]);
-            let dst = std::mem::take(&mut dsts[r]);
-            let (len, written) = (len as usize, (written as usize).min(len as usize));
-            if len != dst.len() {
-                let e = Error::invalid(format!(
-                    "{name}: rank {r} has {len} bytes for rank {me}, which expects {}",
-                    dst.len()
-                ));
-                self.fail(&e);
-                return Err(e);
-            }
-            reads.push((r, &mut dst[..written], addr, written));
-            let mine = &input[i[r].clone()];
-            if their_len as usize != mine.len() {
-                let e = Error::invalid(format!(
-                    "{name}: rank {r} expects {their_len} bytes from rank {me}, which has {}",
-                    mine.len()
-                ));
-                self.fail(&e);
-                return Err(e);
-            }
-            let from = written_from(mine.len(), writing);
-            writes.push((r, &mine[from..], their_out + from as u64));
-        }
-        self.move_blocks(name, reads, writes, Some((own, &input[i[me].clone()])), Cut::Copy)?;
+        let reads = self
+            .others()
+            .into_iter()
+            .filter(|r| directs.contains(r))
+            .map(|r| {
+                let (addr, len) = decode_block(&theirs[r]);
+                (r, std::mem::take(&mut dsts[r]), addr, len)
+            })
+            .collect();
+        self.read_blocks(name, reads, Some((own, &input[i[me].clone()])), Cut::Copy)?;
         self.phases.mark();
         self.tokens(name, directs)?;
         self.phases.mark();
@@ -1978,22 +1940,9 @@ impl Comm {
         own: Option<(&mut [u8], &[u8])>,
         cut: Cut,
     ) -> Result<()> {
-        self.move_blocks(name, reads, Vec::new(), own, cut)
-    }
-
-    /// As [`Comm::read_blocks`], and writes each `(rank, src, addr)`: `src` at `addr` in rank
-    /// `rank`'s memory, all at once.
-    fn move_blocks(
-        &mut self,
-        name: &str,
-        reads: Vec<(usize, &mut [u8], u64, usize)>,
-        writes: Vec<(usize, &[u8], u64)>,
-        own: Option<(&mut [u8], &[u8])>,
-        cut: Cut,
-    ) -> Result<()> {
         // Any failure leaves the ranks out of step: the group is poisoned (and the others
         // told) so that none of them waits for us until its timeout.
-        let mut jobs = Vec::with_capacity(reads.len() + writes.len() + 1);
+        let mut jobs = Vec::with_capacity(reads.len() + 1);
         if let Some((dst, src)) = own {
             if dst.len() != src.len() {
                 let e = Error::invalid(format!(
@@ -2014,6 +1963,8 @@ impl Comm {
                     self.rank,
                     dst.len()
                 )
+            } else if addr.checked_add(len as u64).is_none() {
+                format!("{name}: rank {r} announced a block at {addr:#x} of {len} bytes")
             } else {
                 match self.links[r].as_ref().and_then(|l| l.direct) {
                     None => format!("{name}: rank {r} is not read directly (no process id agreed)"),
@@ -2026,18 +1977,6 @@ impl Comm {
             let e = Error::invalid(refused);
             self.fail(&e);
             return Err(e);
-        }
-        for (r, src, addr) in writes {
-            match self.links[r].as_ref().and_then(|l| l.direct) {
-                Some(pid) => jobs.push((r, Move::Write(pid, addr, src))),
-                None => {
-                    let e = Error::invalid(format!(
-                        "{name}: rank {r} is not written directly (no process id agreed)"
-                    ));
-                    self.fail(&e);
-                    return Err(e);
-                }
-            }
         }
         if let Err((r, e)) = self.readers.read_all(jobs, cut) {
             let e = Error::RankFailed {
@@ -2088,13 +2027,6 @@ impl Comm {
     /// (`None`: the group's again).
     pub fn set_p2p_timeout(&mut self, timeout: Option<Duration>) {
         self.p2p_timeout = timeout;
-    }
-
-    /// Whether this rank's all_to_all writes the second half of each large block for a peer it
-    /// reaches directly into the peer's output (default: yes, unless
-    /// `TIDEWIRE_PG_A2A_WRITES=0`), instead of leaving all of it to the peer's reads.
-    pub fn set_a2a_writes(&mut self, on: bool) {
-        self.a2a_writes = on;
     }
 
     /// Spreads large direct reads (and all_reduce's sums of them) over `n` threads from now
@@ -2315,10 +2247,7 @@ impl Comm {
         };
         let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
         if !directs.is_empty() {
-            let how = format_args!(
-                "direct reads (and writes of each block's second half from 64 KiB) with ranks \
-                 {directs:?}, rings with the others"
-            );
+            let how = format_args!("direct reads with ranks {directs:?}, rings with the others");
             self.chose("all_to_all", input.len(), "direct_reads", how);
             let blocks: Vec<(u64, usize)> =
                 i.iter().map(|r| (input.as_ptr() as u64 + r.start as u64, r.len())).collect();
@@ -2697,21 +2626,8 @@ fn step(
             } else if want >= es {
                 // One element straddles the end of the ring: gather its two pieces.
                 let mut e = [0u8; 8];
-                let first = (ring.cap - at) as usize;
-                // SAFETY: as above, for the ring's last `first` bytes and its first
-                // `es - first`, all before `tail`.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        (ring.data() + at) as *const u8,
-                        e.as_mut_ptr(),
-                        first,
-                    );
-                    std::ptr::copy_nonoverlapping(
-                        ring.data() as *const u8,
-                        e.as_mut_ptr().add(first),
-                        es as usize - first,
-                    );
-                }
+                // SAFETY: as above, for the element's bytes from `at`, all before `tail`.
+                unsafe { ring.copy_out(at, &mut e[..es as usize]) };
                 // SAFETY: one element of the destination, vouched for by the caller.
                 let acc = unsafe {
                     std::slice::from_raw_parts_mut((*dst + *done) as *mut u8, es as usize)
@@ -2877,8 +2793,6 @@ enum Move<'a> {
     /// `dst.len()` bytes at an address of another process (`pid`, `addr`) into `dst`
     /// (`process_vm_readv`).
     Read(u32, u64, &'a mut [u8]),
-    /// `src` to an address of another process (`pid`, `addr`: `process_vm_writev`).
-    Write(u32, u64, &'a [u8]),
     /// Within this process (`src` into `dst`, of one length).
     Copy(&'a [u8], &'a mut [u8]),
 }
@@ -2887,7 +2801,6 @@ impl<'a> Move<'a> {
     fn len(&self) -> usize {
         match self {
             Self::Read(_, _, d) | Self::Copy(_, d) => d.len(),
-            Self::Write(_, _, s) => s.len(),
         }
     }
 
@@ -2898,10 +2811,6 @@ impl<'a> Move<'a> {
             Self::Read(pid, addr, d) => {
                 let (a, b) = d.split_at_mut(at);
                 (Self::Read(pid, addr, a), Self::Read(pid, addr + at as u64, b))
-            }
-            Self::Write(pid, addr, s) => {
-                let (a, b) = s.split_at(at);
-                (Self::Write(pid, addr, a), Self::Write(pid, addr + at as u64, b))
             }
             Self::Copy(s, d) => {
                 let (sa, sb) = s.split_at(at.min(s.len()));
@@ -2914,7 +2823,6 @@ impl<'a> Move<'a> {
     fn run(self) -> std::io::Result<()> {
         match self {
             Self::Read(pid, addr, d) => read_process(pid, d, addr),
-            Self::Write(pid, addr, s) => write_process(pid, s, addr),
             Self::Copy(s, d) => {
                 d.copy_from_slice(s);
                 Ok(())
@@ -3078,37 +2986,6 @@ fn disjoint_mut<'a>(buf: &'a mut [u8], ranges: &[Range<usize>]) -> Vec<&'a mut [
     out
 }
 
-/// Writes `src` at `addr` of process `pid` (`process_vm_writev`).
-fn write_process(pid: u32, src: &[u8], addr: u64) -> std::io::Result<()> {
-    let mut done = 0usize;
-    while done < src.len() {
-        let local = libc::iovec {
-            iov_base: src[done..].as_ptr().cast_mut().cast(),
-            iov_len: src.len() - done,
-        };
-        let remote = libc::iovec {
-            iov_base: (addr as usize + done) as *mut libc::c_void,
-            iov_len: src.len() - done,
-        };
-        // SAFETY: `local` covers the rest of `src`, ours and readable (the kernel only reads
-        // it); the kernel checks the remote range against the other process's mappings
-        // (EFAULT, not a fault of ours).
-        let n = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "wrote 0 bytes"));
-        }
-        done += n as usize;
-    }
-    Ok(())
-}
-
 /// Reads `dst.len()` bytes at `addr` of process `pid` into `dst` (`process_vm_readv`).
 fn read_process(pid: u32, dst: &mut [u8], addr: u64) -> std::io::Result<()> {
     let mut done = 0usize;
@@ -3136,41 +3013,6 @@ fn read_process(pid: u32, dst: &mut [u8], addr: u64) -> std::io::Result<()> {
     }
     Ok(())
 }
-
-/// Bytes of the words an all_to_all's direct pair exchanges: five `u64`s.
-const BLOCK_WORDS: usize = 40;
-
-fn encode_words(words: [u64; 5]) -> [u8; BLOCK_WORDS] {
-    let mut b = [0u8; BLOCK_WORDS];
-    for (k, w) in words.iter().enumerate() {
-        b[8 * k..8 * k + 8].copy_from_slice(&w.to_le_bytes());
-    }
-    b
-}
-
-fn decode_words(b: &[u8; BLOCK_WORDS]) -> [u64; 5] {
-    std::array::from_fn(|k| u64::from_le_bytes(b[8 * k..8 * k + 8].try_into().unwrap_or_default()))
-}
-
-/// Where, in an all_to_all block of `len` bytes for a direct peer, its sender starts writing
-/// it into the peer's output (the peer reads what comes before): with writes `on`, half-way
-/// (on a page) from [`WRITE_SPLIT_MIN`], else nowhere (`len`: the peer reads it all).
-fn written_from(len: usize, on: bool) -> usize {
-    if !on || len < WRITE_SPLIT_MIN {
-        return len;
-    }
-    (len / 2) & !4095
-}
-
-/// Whether all_to_all's senders write part of each direct block (`TIDEWIRE_PG_A2A_WRITES=0`:
-/// no). Each sender tells its peers where it writes from, so ranks set apart still move every
-/// byte once.
-fn a2a_writes() -> bool {
-    std::env::var("TIDEWIRE_PG_A2A_WRITES").map_or(true, |v| v != "0")
-}
-
-/// Blocks below this are read whole by their receiver.
-const WRITE_SPLIT_MIN: usize = 64 << 10;
 
 /// A block's place in its owner's memory, as sent to the rank that reads it.
 fn encode_block(addr: u64, len: usize) -> [u8; 16] {

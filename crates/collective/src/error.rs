@@ -6,7 +6,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The group's timeout passed while the operation waited for `ranks`.
+    /// The group's timeout passed while the operation waited for `ranks` (none: a receive from
+    /// any rank, which blames no rank).
     #[error("{op}: timed out after {after:?} waiting for {}", ranks_text(.ranks))]
     Timeout { op: String, ranks: Vec<usize>, after: Duration },
     /// A rank of the group died (its process exited) or its memory became unreachable.
