@@ -22,4 +22,4 @@ for n in 2 4; do
 done
 TIDEWIRE_TRACE=tidewire_collective=trace timeout 90 python3 bench/pg_bench.py --device cpu --backends tidewire --ranks 4 --ops all_to_all $big > $O/traced-4.txt 2> /tmp/trace-4.txt
 echo "traced rc $? $SECONDS s" >> $O/machine.txt
-python3 bench/results/gpu-2026-12-01-session16/phases.py /tmp/trace-4.txt > $O/phases-4.txt 2>&1
+python3 bench/results/gpu-2026-12-01-session13/call6/phases.py /tmp/trace-4.txt > $O/phases-4.txt 2>&1

@@ -17,7 +17,7 @@ for n in 4 2; do
     echo "## R$n-$run"; TIDEWIRE_PG_A2A_WRITES=0 pg 90 --ranks $n; echo "R$n-$run rc $? $SECONDS s" >> $O/machine.txt
   done
 done > $O/ab.txt
-tr() { TIDEWIRE_TRACE=tidewire_collective=trace timeout 90 python3 bench/pg_bench.py --device cpu --backends tidewire --ranks 4 --min-bytes 512K --max-bytes 8M --step 2 --iters 30 "$@" 2>/tmp/trace.txt | grep -v Warn; python3 bench/results/gpu-2026-12-01-session16/phases.py /tmp/trace.txt; }
+tr() { TIDEWIRE_TRACE=tidewire_collective=trace timeout 90 python3 bench/pg_bench.py --device cpu --backends tidewire --ranks 4 --min-bytes 512K --max-bytes 8M --step 2 --iters 30 "$@" 2>/tmp/trace.txt | grep -v Warn; python3 bench/results/gpu-2026-12-01-session13/call6/phases.py /tmp/trace.txt; }
 {
   echo "## traced W"; tr --ops all_to_all; echo "## traced R"; TIDEWIRE_PG_A2A_WRITES=0 tr --ops all_to_all
   echo "## traced all_gather, all_reduce"; tr --ops all_gather,all_reduce
