@@ -409,22 +409,15 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     # The pending receive ends with the failure too; the Mooncake names report it.
     from tidewire.mooncake import pg as mpg
 
-    assert pending is not None
-    waited = time.monotonic()
-    try:
-        pending.wait()
-        out["pending"] = "succeeded"
-    except Exception as e:  # noqa: BLE001
-        out["pending"] = repr(e)
-    out["pending_took"] = time.monotonic() - waited
-    assert anyone is not None
-    waited = time.monotonic()
-    try:
-        anyone.wait()
-        out["anyone"] = "succeeded"
-    except Exception as e:  # noqa: BLE001
-        out["anyone"] = repr(e)
-    out["anyone_took"] = time.monotonic() - waited
+    assert pending is not None and anyone is not None
+    for key, work in (("pending", pending), ("anyone", anyone)):
+        waited = time.monotonic()
+        try:
+            work.wait()
+            out[key] = "succeeded"
+        except Exception as e:  # noqa: BLE001
+            out[key] = repr(e)
+        out[f"{key}_took"] = time.monotonic() - waited
     out["local_success"] = mpg.get_local_success(pending)
     out["hint"] = mpg.get_failed_ranks_hint(pending)
     # A later operation fails at once.
