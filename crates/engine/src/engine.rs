@@ -693,17 +693,27 @@ impl Engine {
     }
 
     fn revoke_shared(&self, removed: &[Arc<RegionEntry>]) -> Result<()> {
+        match self.revoke_each(removed).into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Revokes every region of `removed` that peers may map, each logged if it fails: the
+    /// address and error of each that did not (a peer may still hold it).
+    fn revoke_each(&self, removed: &[Arc<RegionEntry>]) -> Vec<(u64, Error)> {
         // Without an shm server no same-host initiator is attached; peers on other hosts may
         // still hold marks taken over RPC.
         let attached = self.inner.shm.as_ref().map_or([false; shm::SLOTS], |s| s.attached());
-        let mut first_err = Ok(());
-        for shared in removed.iter().filter_map(|e| e.control()) {
+        let mut failed = Vec::new();
+        for entry in removed {
+            let Some(shared) = entry.control() else { continue };
             if let Err(e) = shared.revoke(&attached, self.inner.config.deadlines.stall) {
                 log::error!("{}: {e}", self.inner.name);
-                first_err = first_err.and(Err(e));
+                failed.push((entry.addr, e));
             }
         }
-        first_err
+        failed
     }
 
     /// Allocates `len` bytes of shareable host memory (a memfd) and registers it; same-host
@@ -1330,9 +1340,20 @@ impl Engine {
         }
         me.life.join_all();
         let removed = me.registry.drain();
-        let _ = self.revoke_shared(&removed);
+        // A region some peer may still map (its revocation timed out: a stopped peer) is not
+        // freed: memory of `cuMemAlloc` shared by CUDA IPC could otherwise be handed out again
+        // and written by that peer's late kernels or copies (a VMM allocation stays alive while
+        // imported anyway). Left allocated for the process's life, and said so.
+        let held: Vec<u64> = self.revoke_each(&removed).into_iter().map(|(a, _)| a).collect();
         drop(removed);
         for addr in std::mem::take(&mut *me.device_allocs.lock()) {
+            if held.contains(&addr) {
+                log::warn!(
+                    "{}: device allocation {addr:#x} left allocated: a peer may still map it",
+                    me.name
+                );
+                continue;
+            }
             if let Err(e) = tidewire_gpu::alloc::free(addr) {
                 log::warn!("{}: {e}", me.name);
             }
