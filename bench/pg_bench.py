@@ -97,13 +97,13 @@ def rank_main(rank: int, n: int, backend_list: str, port: int, args: argparse.Na
 
         big = nbytes >= (16 << 20)
         iters, batch = (5, 2) if big else (args.iters, 10)
-        for name in ops(None):
+        calls = [ops(g) for g in groups]
+        for name, (_, factor) in calls[0].items():
             if args.ops and name not in args.ops.split(","):
                 continue
-            factor = ops(None)[name][1]
             fns = []
-            for g in groups:
-                call = ops(g)[name][0]
+            for table in calls:
+                call = table[name][0]
                 # Warm-up: longer at the first size, whose rows otherwise carry the process's
                 # first calls (both backends alike: 8 B rows ran 15-25 % slower than 32 B ones).
                 for _ in range((20 if first else 2) * batch):

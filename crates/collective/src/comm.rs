@@ -1049,6 +1049,7 @@ impl Comm {
                 continue;
             }
             // Idle: check the ranks we wait for, then back off (yield, then short sleeps).
+            let anyone = until.is_some_and(|id| self.anys.iter().any(|a| a.id == id));
             let waiting: Vec<usize> = {
                 let mut w: Vec<usize> = self
                     .pending
@@ -1059,7 +1060,7 @@ impl Comm {
                     .map(|x| x.channel().0)
                     .collect();
                 // A receive from any rank waits for every rank (any of them dead fails it).
-                if until.is_some_and(|id| self.anys.iter().any(|a| a.id == id)) {
+                if anyone {
                     w.extend(self.others());
                 }
                 w.sort_unstable();
@@ -1085,7 +1086,6 @@ impl Comm {
             if now >= deadline {
                 // Silence on a receive from any rank is no rank's fault: it names none (an
                 // elastic group would otherwise suspect live ranks).
-                let anyone = until.is_some_and(|id| self.anys.iter().any(|a| a.id == id));
                 return Err(Error::Timeout {
                     op: op.to_string(),
                     ranks: if anyone { Vec::new() } else { waiting },
@@ -1140,10 +1140,7 @@ impl Comm {
     /// `[dst, dst + len)` must stay writable, and not be read or written by anyone else, until
     /// the operation is waited for (or the communicator is dropped).
     pub unsafe fn irecv(&mut self, peer: usize, dst: u64, len: u64, tag: u64) -> Result<OpId> {
-        let mut bytes = Box::new([0u8; 16]);
-        let at = bytes.as_mut_ptr() as u64;
-        let header = Xfer::Recv { peer, dst: at, len: 16, done: 0, reduce: None, expect: None };
-        let body = Xfer::Recv { peer, dst, len, done: 0, reduce: None, expect: None };
+        let (bytes, header, body) = recv_parts(peer, dst, len);
         self.message("irecv", peer, bytes, Some((tag, len)), header, body)
     }
 
@@ -1164,8 +1161,7 @@ impl Comm {
                 self.rank
             )));
         }
-        let id = OpId(self.next_op);
-        self.next_op += 1;
+        let id = self.next_id();
         self.anys.push(AnyRecv { id, dst, len, tag });
         self.progress_now()?;
         Ok(id)
@@ -1225,22 +1221,8 @@ impl Comm {
             };
             heads[p] = None; // its next message is this receive's now
             let any = self.anys.remove(k);
-            let mut bytes = Box::new([0u8; 16]);
-            let at = bytes.as_mut_ptr() as u64;
-            let header =
-                Xfer::Recv { peer: p, dst: at, len: 16, done: 0, reduce: None, expect: None };
-            // An empty message is its header: the caller's operation is the header's.
-            let own = if len == 0 { any.id } else { OpId(self.next_op) };
-            if len > 0 {
-                self.next_op += 1;
-            }
-            self.pending.push((own, header));
-            self.headers.push(Header { op: any.id, own, peer: p, bytes, expect: Some((tag, len)) });
-            if len > 0 {
-                let body =
-                    Xfer::Recv { peer: p, dst: any.dst, len, done: 0, reduce: None, expect: None };
-                self.pending.push((any.id, body));
-            }
+            let (bytes, header, body) = recv_parts(p, any.dst, len);
+            self.queue_message(op, p, bytes, Some((tag, len)), header, body, Some(any.id))?;
             if self.sources.len() >= SOURCES_KEPT {
                 self.sources.pop_front();
             }
@@ -1268,14 +1250,39 @@ impl Comm {
         header: Xfer,
         body: Xfer,
     ) -> Result<OpId> {
-        let empty = body.finished();
-        let own = self.enqueue(op, header)?;
-        self.headers.push(Header { op: own, own, peer, bytes, expect });
-        let id = if empty { own } else { self.enqueue(op, body)? };
-        if let Some(h) = self.headers.last_mut() {
-            h.op = id;
-        }
+        let id = self.queue_message(op, peer, bytes, expect, header, body, None)?;
         self.progress_now()?;
+        Ok(id)
+    }
+
+    /// Queues a message's header then its body, with no progress: as [`Comm::message`]; the
+    /// caller's operation (the body's, or the header's for an empty message) is `id` when
+    /// given (a receive from any rank, whose id was handed out before it was bound).
+    #[allow(clippy::too_many_arguments)]
+    fn queue_message(
+        &mut self,
+        op: &str,
+        peer: usize,
+        bytes: Box<[u8; 16]>,
+        expect: Option<(u64, u64)>,
+        header: Xfer,
+        body: Xfer,
+        id: Option<OpId>,
+    ) -> Result<OpId> {
+        let empty = body.finished();
+        let own = match id {
+            Some(id) if empty => id,
+            _ => self.next_id(),
+        };
+        self.enqueue_as(op, own, header)?;
+        let id = if empty {
+            own
+        } else {
+            let id = id.unwrap_or_else(|| self.next_id());
+            self.enqueue_as(op, id, body)?;
+            id
+        };
+        self.headers.push(Header { op: id, own, peer, bytes, expect });
         Ok(id)
     }
     /// Checks the headers that arrived against what their receives expect (a message of
@@ -1312,8 +1319,14 @@ impl Comm {
         Ok(())
     }
 
-    /// Queues `x` as a pending operation (nothing moves yet).
-    fn enqueue(&mut self, op: &str, x: Xfer) -> Result<OpId> {
+    /// A fresh operation id.
+    fn next_id(&mut self) -> OpId {
+        self.next_op += 1;
+        OpId(self.next_op - 1)
+    }
+
+    /// Queues `x` as pending operation `id` (nothing moves yet).
+    fn enqueue_as(&mut self, op: &str, id: OpId, x: Xfer) -> Result<()> {
         self.usable(op)?;
         let (peer, _) = x.channel();
         if peer >= self.size || peer == self.rank {
@@ -1322,10 +1335,8 @@ impl Comm {
                 self.rank, self.size
             )));
         }
-        let id = OpId(self.next_op);
-        self.next_op += 1;
         self.pending.push((id, x));
-        Ok(id)
+        Ok(())
     }
 
     /// Makes what progress there is now (an eager send usually completes here); a failure
@@ -2738,6 +2749,16 @@ fn check_header(op: &str, x: &mut Xfer) -> Result<()> {
     }
     *expect = None;
     Ok(())
+}
+
+/// A receive's transfers from rank `peer`: its header's box, the header's transfer into it,
+/// then the message's `len` bytes into `dst`.
+fn recv_parts(peer: usize, dst: u64, len: u64) -> (Box<[u8; 16]>, Xfer, Xfer) {
+    let mut bytes = Box::new([0u8; 16]);
+    let at = bytes.as_mut_ptr() as u64;
+    let header = Xfer::Recv { peer, dst: at, len: 16, done: 0, reduce: None, expect: None };
+    let body = Xfer::Recv { peer, dst, len, done: 0, reduce: None, expect: None };
+    (bytes, header, body)
 }
 
 /// The two words of a header (the inverse of [`header_bytes`]).
