@@ -1131,7 +1131,10 @@ impl Comm {
     pub unsafe fn isend(&mut self, peer: usize, src: u64, len: u64, tag: u64) -> Result<OpId> {
         let bytes = Box::new(header_bytes(tag, len));
         let header = Xfer::Send { peer, src: bytes.as_ptr() as u64, len: 16, done: 0 };
-        self.message("isend", peer, bytes, None, header, Xfer::Send { peer, src, len, done: 0 })
+        let body = Xfer::Send { peer, src, len, done: 0 };
+        let id = self.queue_message("isend", peer, bytes, None, header, body, None)?;
+        self.progress_now()?;
+        Ok(id)
     }
 
     /// Starts receiving `len` bytes from rank `peer` into `dst` (the next bytes it sends us).
@@ -1141,7 +1144,9 @@ impl Comm {
     /// the operation is waited for (or the communicator is dropped).
     pub unsafe fn irecv(&mut self, peer: usize, dst: u64, len: u64, tag: u64) -> Result<OpId> {
         let (bytes, header, body) = recv_parts(peer, dst, len);
-        self.message("irecv", peer, bytes, Some((tag, len)), header, body)
+        let id = self.queue_message("irecv", peer, bytes, Some((tag, len)), header, body, None)?;
+        self.progress_now()?;
+        Ok(id)
     }
 
     /// Starts receiving a message of `len` bytes and tag `tag` into `dst` from whichever rank
@@ -1239,25 +1244,9 @@ impl Comm {
     }
 
     /// Queues a message's header then its body (the header's box is kept in `headers` while
-    /// either runs), then makes what progress there is. An empty message is its header: the
-    /// caller's operation is the header's.
-    fn message(
-        &mut self,
-        op: &str,
-        peer: usize,
-        bytes: Box<[u8; 16]>,
-        expect: Option<(u64, u64)>,
-        header: Xfer,
-        body: Xfer,
-    ) -> Result<OpId> {
-        let id = self.queue_message(op, peer, bytes, expect, header, body, None)?;
-        self.progress_now()?;
-        Ok(id)
-    }
-
-    /// Queues a message's header then its body, with no progress: as [`Comm::message`]; the
-    /// caller's operation (the body's, or the header's for an empty message) is `id` when
-    /// given (a receive from any rank, whose id was handed out before it was bound).
+    /// either runs; nothing moves yet). An empty message is its header: the caller's operation
+    /// is the header's. That operation is `id` when given (a receive from any rank, whose id
+    /// was handed out before it was bound).
     #[allow(clippy::too_many_arguments)]
     fn queue_message(
         &mut self,
