@@ -1262,6 +1262,103 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     return out
 
 
+def body_cuda_ep_stale(rank: int, size: int, port: int, arg: str) -> Any:
+    """An EP buffer over a `mooncake` group of two GPUs whose rank 1 is stopped, not killed
+    (process 1, SIGSTOP): the group evicts it, process 2 replaces it and every rank updates its
+    EP buffer; then rank 0 resumes process 1, which makes the dispatch it was about to make
+    when it stopped — its host check skipped, as for a process frozen between the check and the
+    launch — with rows and experts of its own, before the others' next call. That stale
+    dispatch carries the number of the others' next call (process 1 made every call rank 0
+    made): the calls after it must give exactly what rank 0 and the replacement send."""
+    import json
+
+    import tidewire.ep
+    import tidewire.mooncake
+    from ep_rank import inputs, known_round_trip
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    flag = f"/tmp/tw-ep-stale-{port}"
+    joiner = rank == 2
+    me = 1 if joiner else rank
+    if joiner and not _started_by(flag + ".start", 90):
+        return ["never told to start"]
+    from rank_main import gpu_of
+
+    torch.cuda.set_device(gpu_of(me))
+    dev = torch.device("cuda", gpu_of(me))
+    wm = torch.ones(2, dtype=torch.int32, device=dev)
+    dist.init_process_group(
+        "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=2,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(wm, joiner),
+    )
+    world = dist.group.WORLD
+    R, E, H = 2, 32, 2048
+    size_hint = tidewire.ep.Buffer.get_ep_buffer_size_hint(128, H, R, E)
+    out: Dict[str, Any] = {}
+    bad: List[str] = []
+    if joiner:
+        mpg.join_group(world)
+        mpg.get_active_ranks(world)  # the CUDA mask as the view it was added in
+        buf = tidewire.ep.Buffer(world, size_hint)
+        if not _started_by(flag + ".stale", 60):
+            bad.append("the stopped process never made its dispatch")
+    else:
+        buf = tidewire.ep.Buffer(world, size_hint)
+        known_round_trip(buf, me, R, E, H, wm, 1, False, "EP before", bad)
+        known_round_trip(buf, me, R, E, H, wm, 2, False, "EP before", bad)
+        dist.barrier()
+        if rank == 1:
+            with open(flag + ".pid.tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(flag + ".pid.tmp", flag + ".pid")
+            os.kill(os.getpid(), signal.SIGSTOP)
+            # Resumed after the others replaced this rank: the dispatch it was about to make.
+            buf._agree = lambda active: None  # type: ignore[method-assign]
+            x, topk, _ = inputs(1, H, E, 99, 128)
+            try:
+                buf.dispatch(torch.full_like(x, 7.0), topk, wm, 128, E, 2_000_000, use_fp8=False)
+                torch.cuda.synchronize()
+                out["stale"] = "dispatched"
+            except Exception as e:  # noqa: BLE001
+                out["stale"] = f"raised: {str(e)[:200]}"
+            open(flag + ".stale", "w").close()
+            # The group's teardown would wait for peers that moved on without it.
+            print(json.dumps({"ok": out}), flush=True)
+            os._exit(0)
+        end = time.monotonic() + 30
+        while mpg.get_current_epoch(world) < 1 and time.monotonic() < end:
+            time.sleep(0.005)
+        out["epoch_after_stop"] = mpg.get_current_epoch(world)
+        open(flag + ".start", "w").close()
+        end = time.monotonic() + 90
+        while not mpg.get_peer_state(world, [1])[0]:
+            if time.monotonic() > end:
+                return ["the replacement never became ready"]
+            time.sleep(0.005)
+        out["recovered"] = int(mpg.recover_ranks(world, [1]).status)
+        t0 = time.monotonic()
+        buf.update_ep_member()
+        out["update_s"] = time.monotonic() - t0
+        if not _started_by(flag + ".pid", 5):
+            return ["process 1 wrote no pid"]
+        with open(flag + ".pid") as f:
+            os.kill(int(f.read()), signal.SIGCONT)
+        if not _started_by(flag + ".stale", 60):
+            bad.append("the stopped process never made its dispatch")
+    mpg.get_active_ranks(world)
+    for seed in (5, 6, 7):
+        known_round_trip(buf, me, R, E, H, wm, seed, False, f"EP after the replacement (seed {seed})", bad)
+    out["bad"] = bad
+    out["mask"] = mpg.get_active_ranks(world).tolist()
+    dist.barrier()
+    if rank == 0:
+        for suffix in (".start", ".pid", ".stale"):
+            os.unlink(flag + suffix)
+    return out
+
+
 def body_cuda_survivors(rank: int, size: int, port: int, arg: str) -> Any:
     """Three ranks of a `mooncake` group on two GPUs (ranks 0 and 2 share GPU 0, so the group
     makes no CUDA call before rank 0 dies); rank 0 (whose process holds the store) is
@@ -1865,6 +1962,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "join_cycles": body_join_cycles,
     "sglang_elastic": body_sglang_elastic,
     "cuda_elastic": body_cuda_elastic,
+    "cuda_ep_stale": body_cuda_ep_stale,
     "cuda_survivors": body_cuda_survivors,
     "cuda_p2p": body_cuda_p2p,
     "extension": body_extension,

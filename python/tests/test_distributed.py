@@ -408,6 +408,22 @@ def test_sglangs_elastic_flow_on_cuda_an_ep_dispatch_a_rank_dies_in_and_its_repl
             assert out["recovered"] == [1] * 4, out
 
 
+def test_a_stopped_ep_rank_resumed_after_its_replacement_writes_nowhere_the_calls_read() -> None:
+    """pg_rank.body_cuda_ep_stale: a rank stopped (not killed), replaced, then resumed makes
+    the dispatch it was about to make, numbered as the others' next call; the calls of the
+    survivor and the replacement give exactly what they send (every buffer is new after
+    update_ep_member)."""
+    _two_gpus()
+    results = run_group("cuda_ep_stale", 3, "", deadline=180)
+    print(f"cuda_ep_stale: {results}")
+    stale = results[1]
+    assert stale["stale"] == "dispatched", stale
+    for proc in (0, 2):
+        out = results[proc]
+        assert out["bad"] == [] and out["mask"] == [1, 1], f"process {proc}: {out}"
+    assert results[0]["recovered"] == 1 and results[0]["epoch_after_stop"] >= 1, results[0]
+
+
 def test_cuda_collectives_go_on_over_the_survivors_on_a_new_nvlink_path() -> None:
     """pg_rank.body_cuda_survivors: rank 0 of three killed; ranks 1 and 2 (on the two GPUs)
     form an NVLink path through the membership and every collective gives what it must with

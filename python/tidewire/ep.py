@@ -292,6 +292,9 @@ class Buffer:
         #: Exchanges made at the current epoch of the elastic group (the key of the next one).
         self._rounds: Dict[int, int] = {}
         self._native: Any = None
+        #: This rank's buffer (address, length) while it has one.
+        self._own: Tuple[int, int] = (0, 0)
+        self._destroyed = False
         self._fallback: Optional[_Collective] = None
         #: The fallback's EP metrics (made at its first call).
         self._fallback_metrics: Any = None
@@ -332,16 +335,7 @@ class Buffer:
             return
         unreached: List[Any] = []
         if not disable_p2p and self.device is not None:
-            eng = _engine()
-            addr, length = _native.EpBuffer.allocate(eng._native, self.device, num_ep_buffer_bytes)
-            self._own = (addr, length)
-            try:
-                infos = exchange(group, f"{self._tag}/buffers", [eng.name, addr, length])
-            except BaseException:
-                eng._native.free_device(addr)  # no buffer object owns it yet
-                raise
-            # The buffer owns the allocation from here (freed with it, or if this fails).
-            self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i) for i in infos])
+            self._store_buffers("buffers", num_ep_buffer_bytes, None)
             unreached = [list(u) for u in self._native.unreached()]
         # Every rank's verdict: one rank's missing path (or disable_p2p) sends every rank to the
         # fallback, so that all ranks run the same protocol.
@@ -369,6 +363,48 @@ class Buffer:
             self.paths = ["local" if r == self.rank else "collective" for r in range(self.group_size)]
         else:
             self.paths = self._native.paths()
+
+    def _store_buffers(self, key: str, nbytes: int, used: Optional[int]) -> List[Any]:
+        """Allocates this rank's buffer (`nbytes`), exchanges every rank's through the store
+        under `key` (with `used`, the call numbers this rank used, when given) and maps them;
+        returns what every rank published."""
+        eng = _engine()
+        addr, length = _native.EpBuffer.allocate(eng._native, self.device, nbytes)
+        self._own = (addr, length)
+        try:
+            infos = exchange(self.group, f"{self._tag}/{key}", [eng.name, addr, length] + ([] if used is None else [used]))
+        except BaseException:
+            eng._native.free_device(addr)  # no buffer object owns it yet
+            raise
+        # The buffer owns the allocation from here (freed with it, or if this fails).
+        self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i[:3]) for i in infos])
+        return infos
+
+    def _kernels(self) -> Any:
+        """The native buffer the kernels launch on; an error saying why there is none."""
+        if self._native is None:
+            why = "it was destroyed" if self._destroyed else "its last update_ep_member failed (call it again on every rank)"
+            raise RuntimeError(f"tidewire.ep: rank {self.rank}: the EP buffer maps no peers: {why}")
+        return self._native
+
+    def _used(self) -> int:
+        """The call numbers already used here: the GPU counter, or more if calls were captured
+        in a graph and not replayed yet."""
+        return max(int(self._counter[0].item()), self._dispatches)
+
+    def _release(self, background: bool) -> None:
+        """Drops the buffer and the mappings of the others' (at an update every member does it
+        at once, after meeting the others): a new membership gets new buffers. A process the
+        group dropped while it was stopped may still map our old buffer and, resumed, write
+        into it (a launch it was about to make, a kernel that waited past the change): our old
+        buffer is freed once every process that mapped it released it, and stays allocated,
+        written by nobody's calls, when one does not within the engine's stall deadline. That
+        wait runs on a thread of its own with `background` (nobody's next exchange waits for
+        a stopped process)."""
+        if self._native is not None:
+            self._native.close(background=background)
+            self._native = None
+            self._marks_seen = [0] * self.group_size  # the next buffer's kernels count afresh
 
     def _exchange(self, key: str, payload: Any, epoch: int, members: List[int]) -> List[Any]:
         """Every member's `payload` by rank (None for a rank outside the view) through the
@@ -412,31 +448,10 @@ class Buffer:
         `update_ep_member`): every member's buffer and reach, the dispatch counters, and the
         ranks outside the view (mapped as absent: the kernels neither write to them nor wait
         for them). A member with no buffer (disable_p2p, no CUDA, or on the fallback already)
-        sends every member to the fallback."""
-        g = self._elastic
-        eng = _engine() if self.device is not None else None
-        fresh = self._native is None and self._fallback is None and not no_p2p and eng is not None
-        if fresh:
-            self._own = _native.EpBuffer.allocate(eng._native, self.device, nbytes)
-        mine = None
-        if eng is not None and (fresh or self._native is not None):
-            # The call numbers already used here: the GPU counter, or more if calls were
-            # captured in a graph and not replayed yet.
-            used = self._dispatches if fresh else max(int(self._counter[0].item()), self._dispatches)
-            mine = [eng.name, self._own[0], self._own[1], used]
-        try:
-            epoch, members, infos = self._exchange_current("buffers", mine)
-            if mine is not None and all(infos[r] is not None for r in members):
-                peers = [(i[0], int(i[1]), int(i[2])) if i is not None else ("", 0, 0) for i in infos]
-                if fresh:
-                    # The buffer owns the allocation from here (freed with it, or if this fails).
-                    fresh = False
-                    self._native = _native.EpBuffer(eng._native, self.rank, self.device, peers)
-                else:
-                    self._native.reconnect(peers)
-        finally:
-            if fresh:
-                eng._native.free_device(self._own[0])  # no buffer object owns it
+        sends every member to the fallback. The members meet first; at an update each then
+        drops its buffer (`_release`) and the round maps new ones: nothing a process outside
+        the new view writes through its old mappings reaches a buffer the new calls use."""
+        epoch, members, infos = self._buffers_round(no_p2p, nbytes)
         unreached = [[r, why[:_REASON_CHARS]] for r, why in self._native.unreached()] if self._native is not None else []
         verdict = {"disable_p2p": bool(no_p2p), "no_cuda": self.device is None, "unreached": unreached[:8]}
         verdicts = self._exchange("reach", verdict, epoch, members)  # a change now fails the round
@@ -447,6 +462,38 @@ class Buffer:
         self._mapped = [r for r in range(self.group_size) if infos[r] is not None or (self._native is None and r in members)]
         self._left, self._seen_epoch = [], epoch
         self._set_keep()
+
+    def _buffers_round(self, no_p2p: bool, nbytes: int) -> Tuple[int, List[int], List[Any]]:
+        """`_round`'s first two exchanges: the members meet (after which each drops a buffer it
+        has), then exchange new buffers and map them: `(epoch, members, what each published)`.
+        A change of the view meanwhile starts both again at the new view, until the group's
+        timeout."""
+        eng = _engine() if self.device is not None else None
+        used = self._used() if eng is not None else 0
+        end = time.monotonic() + self._elastic._timeout.total_seconds()
+        while True:
+            epoch, members, _ = self._exchange_current("release", None)
+            if self._native is not None:
+                nbytes = self._own[1]
+                self._release(True)
+            fresh = self._fallback is None and not no_p2p and eng is not None
+            if fresh:
+                self._own = _native.EpBuffer.allocate(eng._native, self.device, nbytes or self._own[1])
+            mine = [eng.name, self._own[0], self._own[1], used] if fresh else None
+            try:
+                infos = self._exchange("buffers", mine, epoch, members)
+                if mine is not None and all(infos[r] is not None for r in members):
+                    peers = [(i[0], int(i[1]), int(i[2])) if i is not None else ("", 0, 0) for i in infos]
+                    # The buffer owns the allocation from here (freed with it, or if this fails).
+                    fresh = False
+                    self._native = _native.EpBuffer(eng._native, self.rank, self.device, peers)
+                return epoch, members, infos
+            except _native.TidewireError as e:
+                if getattr(e, "kind", "") != "ViewChanged" or time.monotonic() > end:
+                    raise
+            finally:
+                if fresh:
+                    eng._native.free_device(self._own[0])  # no buffer object owns it
 
     def _number_from(self, top: int) -> None:
         """The next call is numbered after `top` (the highest any rank used: a restarted rank
@@ -491,7 +538,14 @@ class Buffer:
                 # The group's own mask (a CUDA one is written at a call into the group, on the
                 # caller's stream: this is one), often the tensor passed here.
                 g._sync_mask()
-                _, members, _ = g._elastic.view()
+                view_epoch, members, fenced = g._elastic.view()
+                if fenced or self.rank not in members:
+                    # Dropped while it was stopped or cut off: its calls would write into
+                    # buffers the others no longer read (or worse, before they learn of it).
+                    raise RuntimeError(
+                        f"tidewire.ep: rank {self.rank} was removed from its group (epoch {view_epoch}, active "
+                        f"{members}); its EP buffer takes part in nothing more"
+                    )
                 self._left = sorted(set(self._left) | (set(range(self.group_size)) - set(members)))
                 self._seen_epoch = epoch
                 self._set_keep()
@@ -546,6 +600,7 @@ class Buffer:
         self._agree(active)
         if self._fallback is not None:
             return self._fallback_call("dispatch", active, self._fallback.dispatch, self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook)
+        native = self._kernels()
         # The two halves of the buffer alternate between calls: a call may not start while the
         # previous call on its half has not launched its combine's receive half (its rows would
         # be overwritten).
@@ -576,7 +631,7 @@ class Buffer:
         # One native call: the call is checked (a call a rank refuses is not numbered), numbered
         # on the GPU, sent (our own experts' rows straight into the outputs), and received
         # unless the caller's hook does that.
-        self._native.dispatch(
+        native.dispatch(
             stream, shape, self._counter.data_ptr(), x.data_ptr(), topk_idx.data_ptr(), active.data_ptr(), outs, not return_recv_hook
         )
         self._dispatches = number
@@ -592,7 +647,7 @@ class Buffer:
 
             def hook() -> None:
                 s = raw_stream(torch.cuda.current_device())
-                self._native.dispatch_recv(s, shape, outs, active.data_ptr())
+                native.dispatch_recv(s, shape, outs, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
 
         handle = (src_info, layout_range, T, hidden, E)
@@ -654,10 +709,11 @@ class Buffer:
             done = self._fallback_call("combine", active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook)
             del self._seqs[key]
             return done
+        native = self._kernels()
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
         stream = raw_stream(torch.cuda.current_device())
-        self._native.combine(stream, shape, io, active.data_ptr(), not return_recv_hook)
+        native.combine(stream, shape, io, active.data_ptr(), not return_recv_hook)
         del self._seqs[key]
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
@@ -666,7 +722,7 @@ class Buffer:
 
             def hook() -> None:
                 s = raw_stream(torch.cuda.current_device())
-                self._native.combine_recv(s, shape, io, active.data_ptr())
+                native.combine_recv(s, shape, io, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
                 self._open.pop(number, None)
 
@@ -713,6 +769,8 @@ class Buffer:
         added back to the group (whose new buffer makes the same exchange at its construction)
         is mapped again. Over any other group the exchange goes through the store, keyed by
         this process's update count: every rank must have made as many."""
+        if self._destroyed:
+            raise RuntimeError(f"tidewire.ep: rank {self.rank}: update_ep_member on a destroyed buffer")
         self._updates += 1
         if self.device is not None:
             # Every stream's calls on this buffer are done (not only the current stream's).
@@ -720,18 +778,18 @@ class Buffer:
         if self._elastic is not None:
             self._round(False, 0)
             return
-        if self._native is None:
+        if self._fallback is not None:
             return  # the collective fallback holds nothing of the peers
-        eng = _engine()
-        addr, length = self._own
-        counter = int(self._counter[0].item())
-        infos = exchange(self.group, f"{self._tag}/update{self._updates}", [eng.name, addr, length, counter])
-        self._native.reconnect([(n, a, l) for (n, a, l, _) in infos])
-        self._number_from(max(c for (_, _, _, c) in infos))
+        # As over an elastic group: every rank meets the others, drops its buffer and maps new
+        # ones (see `_release`).
+        used = self._used()
+        exchange(self.group, f"{self._tag}/update{self._updates}/release", None)
+        self._release(True)
+        infos = self._store_buffers(f"update{self._updates}", self._own[1], used)
+        self._number_from(max(int(i[3]) for i in infos))
 
     def destroy(self) -> None:
         if self.device is not None:
             torch.cuda.current_stream().synchronize()
-        if self._native is not None:
-            self._native.close()
-            self._native = None
+        self._release(False)
+        self._destroyed = True

@@ -112,29 +112,15 @@ impl PeerBuffers {
         };
         let mut set =
             Self { engine, what, rank, device, addr: mine.addr, len: mine.len, maps: Vec::new() };
-        set.reconnect(peers)?;
+        set.map_all(peers)?;
         Ok(set)
     }
 
-    /// Maps every other rank's buffer again (`peers` as for [`PeerBuffers::connect`], ours
-    /// unchanged): after a rank restarted with a new buffer. The old mappings are released.
-    pub fn reconnect(&mut self, peers: &[PeerBuffer]) -> Result<(), PeersError> {
+    /// Maps every other rank's buffer (`peers` as for [`PeerBuffers::connect`]). A set lives
+    /// for one membership: a new one gets new buffers (a process outside it may still write
+    /// through its mappings of the old ones).
+    fn map_all(&mut self, peers: &[PeerBuffer]) -> Result<(), PeersError> {
         let (what, rank, device) = (self.what, self.rank, self.device);
-        let invalid = |reason: String| PeersError {
-            context: format!("{what} rank {rank}"),
-            source: Error::InvalidArgument { reason },
-        };
-        if peers.len() != self.maps.len() && !self.maps.is_empty() {
-            return Err(invalid(format!(
-                "{} ranks now, {} when the buffers were connected",
-                peers.len(),
-                self.maps.len()
-            )));
-        }
-        if peers.get(rank).map(|p| (p.addr, p.len)) != Some((self.addr, self.len)) {
-            return Err(invalid(format!("rank {rank}'s own entry is not this rank's buffer")));
-        }
-        self.maps.clear();
         let mut maps = Vec::with_capacity(peers.len());
         for (r, p) in peers.iter().enumerate() {
             if r == rank {

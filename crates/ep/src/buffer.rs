@@ -65,42 +65,26 @@ pub struct Buffer {
 struct Watch {
     marks: HostWords,
     rank: usize,
-    seen: Mutex<Seen>,
-}
-
-/// The marks as the metrics last saw them.
-struct Seen {
-    /// Already added to the timeout counters.
-    counted: Vec<u32>,
-    /// When the ranks were last re-exchanged: a rank marked since is inactive.
-    base: Vec<u32>,
-    /// The ranks that took no part in the last exchange (outside the group's view).
+    /// The ranks that took no part in the buffers' exchange (outside the group's view).
     absent: Vec<bool>,
-}
-
-impl Watch {
-    /// From now on the active ranks count from the marks as they are, without `absent`.
-    fn rebase(&self, absent: Vec<bool>) {
-        let mut seen = self.seen.lock();
-        seen.base = self.marks.load_all();
-        seen.absent = absent;
-    }
+    /// The marks already added to the timeout counters.
+    counted: Mutex<Vec<u32>>,
 }
 
 impl Scrape for Watch {
     fn scrape(&self, m: &Metrics) {
         let now = self.marks.load_all();
-        let mut seen = self.seen.lock();
-        for (r, (n, s)) in now.iter().zip(seen.counted.iter_mut()).enumerate() {
+        let mut counted = self.counted.lock();
+        for (r, (n, s)) in now.iter().zip(counted.iter_mut()).enumerate() {
             if *n > *s {
                 let l = [("source_rank", r.to_string())];
                 m.ep_rank_timeouts.get_or_create(&l).inc_by(u64::from(*n - *s));
                 *s = *n;
             }
         }
-        let active = (now.iter().zip(&seen.base).zip(&seen.absent))
-            .filter(|((n, b), absent)| n <= b && !**absent)
-            .count();
+        // A buffer lives for one membership: a rank marked once is inactive for its life.
+        let active =
+            now.iter().zip(&self.absent).filter(|(n, absent)| **n == 0 && !**absent).count();
         m.ep_active_ranks.get_or_create(&[("rank", self.rank.to_string())]).set(active as i64);
     }
 }
@@ -140,20 +124,22 @@ impl Buffer {
         let marks = HostWords::new(ranks)
             .map_err(|source| Error::Gpu { context: "the EP timeout counters".into(), source })?;
         let absent = peers_in.iter().map(PeerBuffer::is_absent).collect();
-        let seen = Seen { counted: vec![0; ranks], base: vec![0; ranks], absent };
-        let watch = Arc::new(Watch { marks, rank, seen: Mutex::new(seen) });
+        let watch = Arc::new(Watch { marks, rank, absent, counted: Mutex::new(vec![0; ranks]) });
         let w: Arc<dyn Scrape> = watch.clone();
         tidewire::metrics::watch(Arc::downgrade(&w));
         Ok(Self { peers, half, kernels, watch })
     }
 
-    /// Maps every other rank's buffer again (`peers` as for [`Buffer::connect`], ours
-    /// unchanged): after a rank restarted with a new buffer. The old mappings are released.
-    pub fn reconnect(&mut self, peers: &[PeerBuffer]) -> Result<()> {
-        self.peers.reconnect(peers).map_err(Error::from)?;
-        self.half = self.peers.smallest() / 2 / 4096 * 4096;
-        self.watch.rebase(peers.iter().map(PeerBuffer::is_absent).collect());
-        Ok(())
+    /// Unmaps the peers and frees the buffer on a thread of its own (the free waits up to the
+    /// engine's stall deadline for every process that mapped the buffer to release it: a
+    /// stopped one never does), or here if no thread can be started.
+    pub fn release_in_background(self) {
+        let spawned =
+            std::thread::Builder::new().name("tw-ep-release".into()).spawn(move || drop(self));
+        if let Err(e) = spawned {
+            // The buffer went with the closure: released here after all.
+            log::warn!("EP buffer: no thread to release it ({e}): released by the caller");
+        }
     }
 
     /// Per source rank, how often a kernel's wait marked it inactive since the buffer was

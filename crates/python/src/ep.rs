@@ -115,13 +115,6 @@ impl PyEpBuffer {
         Ok(Self { buf: Mutex::new(Some(buf)) })
     }
 
-    /// Maps every rank's buffer again (after a rank restarted); ours is unchanged.
-    fn reconnect(&self, py: Python<'_>, peers: Vec<(String, u64, u64)>) -> PyResult<()> {
-        let peers: Vec<PeerBuffer> =
-            peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
-        self.with(py, move |b| b.reconnect(&peers))
-    }
-
     /// Per source rank, how often a kernel's wait marked it inactive (deadline passed or
     /// process died) since the buffer was made; read without waiting for the GPU.
     fn marks(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
@@ -213,11 +206,16 @@ impl PyEpBuffer {
         self.with(py, |b| unsafe { b.combine_recv(stream, &c, combine_io(io), active) })
     }
 
-    /// Unmaps the peers and frees the buffer (after the caller's stream work is done).
-    fn close(&self, py: Python<'_>) {
-        py.detach(|| {
-            let b = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            drop(b);
+    /// Unmaps the peers and frees the buffer (after the caller's stream work is done). The
+    /// free waits for every process that mapped the buffer to release it (at most the
+    /// engine's stall deadline; left allocated after that): with `background`, a thread of
+    /// its own does it all, so that a stopped peer holds up nobody's next exchange.
+    #[pyo3(signature = (background = false))]
+    fn close(&self, py: Python<'_>, background: bool) {
+        let b = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        py.detach(move || match b {
+            Some(b) if background => b.release_in_background(),
+            b => drop(b),
         });
     }
 }
