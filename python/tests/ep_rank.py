@@ -194,9 +194,10 @@ def random_fp8_combine(buf: Any, rank: int, R: int, E: int, H: int, bad: List[st
         bad.append(f"random fp8: combine diff {diff:.2e}")
 
 
-def graph_replays(buf: Any, rank: int, R: int, E: int, H: int, replays: int, bad: List[str]) -> None:
+def graph_replays(buf: Any, rank: int, R: int, E: int, H: int, replays: int, bad: List[str], update_at: int = -1) -> None:
     """Dispatch -> hook -> combine -> hook captured once, replayed with new inputs, each replay
-    against eager execution of the same inputs."""
+    against eager execution of the same inputs; before replay `update_at` every rank calls
+    update_ep_member (new buffers, mapped anew): the graph follows them."""
     active = torch.ones(R, dtype=torch.int32, device="cuda")
     x_s, k_s, w_s = (t.clone() for t in inputs(rank, H, E, 50))
     torch.cuda.synchronize()
@@ -207,6 +208,8 @@ def graph_replays(buf: Any, rank: int, R: int, E: int, H: int, replays: int, bad
         o_s, _, chook = buf.combine(p_s, k_s, w_s, active, 10_000_000, h_s, return_recv_hook=True)
         chook()
     for it in range(replays):
+        if it == update_at:
+            buf.update_ep_member()
         x, topk, w = inputs(rank, H, E, 60 + it)
         x_s.copy_(x)
         k_s.copy_(topk)
@@ -312,8 +315,9 @@ def body_suite(rank: int, size: int, port: int, arg: str) -> Any:
     for n in (0, 1, T):
         round_trip(buf, rank, R, E, H, False, "plain", 90 + n, bad, n=n if rank == 0 else (T - n if n != T else 1))
     if p2p and buf.fallback is None:
-        graph_replays(buf, rank, R, E, H, int(o.get("graph", "100")), bad)
-        info["graph_replays"] = int(o.get("graph", "100"))
+        replays = int(o.get("graph", "100"))
+        graph_replays(buf, rank, R, E, H, replays, bad, update_at=replays // 2)
+        info["graph_replays"] = replays
         two_dispatchers(buf, rank, R, E, H, bad)
         # Every rank re-exchanges and maps the buffers again (what a rank that came back
         # needs): later calls run as before, numbered after the highest counter.

@@ -34,7 +34,10 @@ rank's own first, then the other ranks' from this rank on (`layout_range` holds 
 begin and count; `recv_count` the total, as grouped GEMMs on the masked layout read it).
 
 Every call can be captured in a CUDA graph: a dispatch's number is taken from a counter in GPU
-memory by the send kernel on the stream, so each replay numbers its calls afresh. At most two
+memory by the send kernel on the stream, so each replay numbers its calls afresh, and every
+rank's buffer is read from a table in GPU memory at each launch, so a graph captured before an
+`update_ep_member()` replays on the new buffers (a replay whose shape the new buffers cannot
+hold takes part in nothing and marks every other rank inactive). At most two
 dispatches may be in flight (the buffer's two halves): a third is refused until the first's
 combine, receive hook included, has been launched. A buffer's dispatches run on one stream,
 or on streams the caller orders (two send kernels running at once would number their calls
@@ -310,6 +313,9 @@ class Buffer:
         # kernel's finished blocks (0 between calls). Each dispatch's number is taken there by
         # the send kernel on the caller's stream, so a CUDA-graph replay numbers its calls afresh.
         self._counter = torch.zeros(2, dtype=torch.int64, device=f"cuda:{self.device}" if self.device is not None else "cpu")
+        # Every rank's buffer as the kernels read it at each launch (written by each native
+        # buffer this object makes): a call captured in a CUDA graph follows update_ep_member.
+        self._table = torch.zeros(_native.EpBuffer.table_bytes() // 8, dtype=torch.int64, device=self._counter.device)
         # Each dispatch's number word, token count, top-k and host-side number, by its handle
         # (for its combine).
         self._seqs: Dict[int, Tuple[Any, int, int, int]] = {}
@@ -377,7 +383,7 @@ class Buffer:
             eng._native.free_device(addr)  # no buffer object owns it yet
             raise
         # The buffer owns the allocation from here (freed with it, or if this fails).
-        self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i[:3]) for i in infos])
+        self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i[:3]) for i in infos], self._table)
         return infos
 
     def _kernels(self) -> Any:
@@ -486,7 +492,7 @@ class Buffer:
                     peers = [(i[0], int(i[1]), int(i[2])) if i is not None else ("", 0, 0) for i in infos]
                     # The buffer owns the allocation from here (freed with it, or if this fails).
                     fresh = False
-                    self._native = _native.EpBuffer(eng._native, self.rank, self.device, peers)
+                    self._native = _native.EpBuffer(eng._native, self.rank, self.device, peers, self._table)
                 return epoch, members, infos
             except _native.TidewireError as e:
                 if getattr(e, "kind", "") != "ViewChanged" or time.monotonic() > end:

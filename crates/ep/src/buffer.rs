@@ -7,7 +7,7 @@ use parking_lot::Mutex;
 use tidewire::metrics::{Metrics, Scrape};
 use tidewire::{Engine, PeerBuffer, PeerBuffers};
 use tidewire_gpu::alloc::HostWords;
-use tidewire_gpu::ep::{EpArgs, EpKernels, MAX_RANKS};
+use tidewire_gpu::ep::{EpArgs, EpKernels, EpTable, MAX_RANKS};
 use tidewire_gpu::Gpu;
 
 use crate::error::{Error, Result};
@@ -58,6 +58,12 @@ pub struct Buffer {
     kernels: Arc<EpKernels>,
     /// What the kernels marked inactive, read by the metrics.
     watch: Arc<Watch>,
+    /// The caller's device table the kernels read every rank's buffer from (written at
+    /// connect, zeroed when the buffer goes; 0 once zeroed).
+    table: u64,
+    device: u32,
+    /// Why the kernels cannot run (a rank no GPU path reaches), if so.
+    unreached: Option<String>,
 }
 
 /// An EP buffer's counters as the metrics read them: per source rank, how often a kernel's
@@ -102,11 +108,21 @@ impl Buffer {
     /// failure (the rank's engine cannot be opened, its buffer is not what it published) is an
     /// error naming it. Our buffer belongs to the EP buffer from the call on (freed with it, or
     /// now if this fails).
-    pub fn connect(
+    ///
+    /// Every rank's buffer goes into the caller's `table`, which the kernels read at every
+    /// launch (so a call captured in a CUDA graph uses the buffers of the membership in force
+    /// at each replay); it is zeroed when this buffer goes (a replay then takes part in
+    /// nothing).
+    ///
+    /// # Safety
+    /// `table` is [`tidewire_gpu::ep::TABLE_BYTES`] of GPU `device`'s memory that nothing
+    /// else writes, alive as long as any launch or captured graph of this buffer may run.
+    pub unsafe fn connect(
         engine: Arc<Engine>,
         rank: usize,
         device: u32,
         peers: &[PeerBuffer],
+        table: u64,
     ) -> Result<Self> {
         // First: from here on our buffer belongs to the mappings, freed with them on any
         // later failure.
@@ -127,13 +143,56 @@ impl Buffer {
         let watch = Arc::new(Watch { marks, rank, absent, counted: Mutex::new(vec![0; ranks]) });
         let w: Arc<dyn Scrape> = watch.clone();
         tidewire::metrics::watch(Arc::downgrade(&w));
-        Ok(Self { peers, half, kernels, watch })
+        let unreached = peers.addresses(0).err();
+        let buf = Self { peers, half, kernels, watch, table, device, unreached };
+        buf.write_table(&buf.table_now())?;
+        Ok(buf)
+    }
+
+    /// The table of the buffers as mapped: every rank's, or none (half 0: no launch fits)
+    /// when one is not reached.
+    fn table_now(&self) -> EpTable {
+        let mut t = EpTable { peers: [0; MAX_RANKS], alive: [0; MAX_RANKS], half: 0, marks: 0 };
+        if let Ok(all) = self.peers.addresses(0) {
+            for (r, (addr, flag)) in all.into_iter().enumerate() {
+                t.peers[r] = addr;
+                t.alive[r] = flag;
+            }
+            t.half = self.half;
+            t.marks = self.watch.marks.addr();
+        }
+        t
+    }
+
+    fn write_table(&self, t: &EpTable) -> Result<()> {
+        // SAFETY: `EpTable` is plain `repr(C)` words; the slice covers exactly it.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((t as *const EpTable).cast::<u8>(), size_of::<EpTable>())
+        };
+        // SAFETY: `connect`'s contract: the table is this GPU's memory of `TABLE_BYTES`, ours
+        // to write; calls happen between launches (the caller's calls are done).
+        unsafe { tidewire_gpu::alloc::write_device(self.device, self.table, bytes) }
+            .map_err(|source| Error::Gpu { context: "writing the EP buffer table".into(), source })
+    }
+
+    /// Zeroes the table (later launches of captured calls take part in nothing), once.
+    fn clear_table(&mut self) {
+        if self.table == 0 {
+            return;
+        }
+        let zero = EpTable { peers: [0; MAX_RANKS], alive: [0; MAX_RANKS], half: 0, marks: 0 };
+        if let Err(e) = self.write_table(&zero) {
+            log::warn!("EP buffer: {e}");
+        }
+        self.table = 0;
     }
 
     /// Unmaps the peers and frees the buffer on a thread of its own (the free waits up to the
     /// engine's stall deadline for every process that mapped the buffer to release it: a
     /// stopped one never does), or here if no thread can be started.
-    pub fn release_in_background(self) {
+    pub fn release_in_background(mut self) {
+        // Now: the next buffer writes the table next.
+        self.clear_table();
         let spawned =
             std::thread::Builder::new().name("tw-ep-release".into()).spawn(move || drop(self));
         if let Err(e) = spawned {
@@ -186,21 +245,17 @@ impl Buffer {
                 c.num_tokens, l.max_tokens, c.topk
             )));
         }
-        let mut peers = [0u64; MAX_RANKS];
-        let mut alive = [0u64; MAX_RANKS];
-        for (r, (addr, flag)) in
-            self.peers.addresses(l.bytes()).map_err(Error::Shape)?.into_iter().enumerate()
-        {
-            peers[r] = addr;
-            alive[r] = flag;
+        if let Some(why) = &self.unreached {
+            return Err(Error::Shape(why.clone()));
+        }
+        if self.table == 0 {
+            return Err(Error::Shape("the buffer's table was cleared (it is going)".into()));
         }
         let i = |v: usize| v as i32;
         Ok(EpArgs {
-            peers,
-            alive,
+            table: self.table,
             seq_at: c.seq_at,
-            half: self.half,
-            marks: self.watch.marks.addr(),
+            need: l.half,
             off_dsig: l.off_dsig,
             off_ddata: l.off_ddata,
             off_dsrc: l.off_dsrc,
@@ -373,5 +428,11 @@ impl Buffer {
         // SAFETY: forwarded contract.
         unsafe { self.kernels.combine_recv(stream, a, io.topk, io.weights, io.out, active) }
             .map_err(Self::gpu_err("combine receive"))
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.clear_table();
     }
 }

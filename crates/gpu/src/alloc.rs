@@ -247,6 +247,24 @@ pub unsafe fn copy_sync_on(device: u32, dst: u64, src: u64, len: u64) -> Result<
     cuda.check("cuMemcpy", unsafe { (cuda.memcpy)(dst, src, len as usize) })
 }
 
+/// Copies `src` into device memory at `dst` (owned by GPU `device`) and waits until the GPU
+/// holds it (a copy from pageable memory may still be in flight when `cuMemcpy` returns): for
+/// small tables that kernels read at every launch, written between launches.
+///
+/// # Safety
+/// `dst` must be valid device memory for `src.len()` bytes in `device`'s context, read by no
+/// kernel meanwhile.
+pub unsafe fn write_device(device: u32, dst: u64, src: &[u8]) -> Result<(), GpuError> {
+    let cuda = driver()?;
+    let _ctx = Gpu::get(device)?.enter()?;
+    // SAFETY: forwarded contract; `src` is valid for its length.
+    cuda.check("cuMemcpy(to device)", unsafe {
+        (cuda.memcpy)(dst, src.as_ptr() as u64, src.len())
+    })?;
+    // SAFETY: no arguments; waits for the context's work.
+    cuda.check("cuCtxSynchronize", unsafe { (cuda.ctx_synchronize)() })
+}
+
 /// Sets `len` bytes of device memory at `ptr` (owned by GPU `device`) to zero; returns once
 /// done.
 ///

@@ -18,14 +18,24 @@
 // Tokens one dispatch-send block handles at most (the host sizes the grid so).
 #define TW_SEND_TOKENS 32
 
-struct EpArgs {
-    unsigned long long peers[TW_MAX_RANKS];  // each rank's buffer, mapped for this GPU
+// Every rank's buffer as this GPU reaches it, in device memory that the host rewrites when the
+// membership changes (between calls, every buffer new): a call captured in a CUDA graph reads
+// the buffers in force at each replay, not those of its capture. Each kernel copies it into
+// shared memory first.
+struct EpTable {
+    unsigned long long peers[TW_MAX_RANKS];  // each rank's buffer, mapped for this GPU (0: absent)
     unsigned long long alive[TW_MAX_RANKS];  // each rank's liveness word (0: none / ourselves)
-    unsigned long long seq_at;               // device word holding the call's number (from 1;
-                                             // parity = seq & 1), set by the dispatch send
     unsigned long long half;                 // bytes of one parity
     unsigned long long marks;                // host-mapped u32 per rank: times a wait marked
                                              // it inactive (0: not counted)
+};
+#define TW_TABLE_WORDS (2 * TW_MAX_RANKS + 2)
+
+struct EpArgs {
+    unsigned long long table;                // the EpTable (device memory)
+    unsigned long long seq_at;               // device word holding the call's number (from 1;
+                                             // parity = seq & 1), set by the dispatch send
+    unsigned long long need;                 // bytes of one parity the call's layout uses
     unsigned long long off_dsig, off_ddata, off_dsrc, off_csig, off_cdata, off_fin;
     long long timeout_ns;
     int rank, ranks, experts, local_experts, max_tokens, hidden, topk, num_tokens;
@@ -41,8 +51,27 @@ __device__ __forceinline__ unsigned tw_add_acq_rel(unsigned* p) {
     return old;
 }
 
-__device__ __forceinline__ char* tw_base(const EpArgs& a, int r, unsigned long long seq) {
-    return (char*)a.peers[r] + (seq & 1ull) * a.half;
+__device__ __forceinline__ char* tw_base(const EpTable& t, int r, unsigned long long seq) {
+    return (char*)t.peers[r] + (seq & 1ull) * t.half;
+}
+
+// The table into shared memory: every thread of the block calls it, and a barrier follows
+// before anything reads `t`.
+__device__ __forceinline__ void tw_table_in(const EpArgs& a, EpTable* t) {
+    const unsigned long long* from = (const unsigned long long*)a.table;
+    unsigned long long* to = (unsigned long long*)t;
+    for (int i = threadIdx.x; i < TW_TABLE_WORDS; i += blockDim.x) to[i] = from[i];
+}
+
+// After the table's barrier: whether the buffers hold the call's layout. A call captured in a
+// graph before the membership changed to smaller buffers does not fit: it then takes part in
+// nothing — block 0 marks every other rank inactive in `active` (what the caller reads) and
+// every block returns.
+__device__ __forceinline__ bool tw_fits(const EpArgs& a, const EpTable& t, int* active) {
+    if (t.half >= a.need) return true;
+    if (blockIdx.x == 0 && (int)threadIdx.x < a.ranks && (int)threadIdx.x != a.rank)
+        atomicExch(&active[threadIdx.x], 0);
+    return false;
 }
 
 // The call's number, written by the dispatch send earlier on the stream (so a CUDA-graph replay
@@ -71,16 +100,21 @@ __device__ __forceinline__ long long tw_sel(const long long* topk, long long t, 
 // Whether rank `r` takes part in this call: the caller's `active` says so and its buffer is
 // mapped (a rank outside the group's view when the buffers were exchanged has none: address
 // 0, never written or waited for).
-__device__ __forceinline__ bool tw_active(const EpArgs& a, const int* active, int r) {
-    return a.peers[r] != 0 && *(volatile const int*)&active[r] != 0;
+__device__ __forceinline__ bool tw_active(const EpTable& t, const int* active, int r) {
+    return t.peers[r] != 0 && *(volatile const int*)&active[r] != 0;
+}
+
+// `active[r]`, read before the table's barrier (its load in flight with the table's).
+__device__ __forceinline__ int tw_flag(const int* active, int r) {
+    return *(volatile const int*)&active[r];
 }
 
 // Waits until `*sig` carries the call `seq` in its high 32 bits; returns the low 32 bits, or
 // -1 when rank `from` died, is marked inactive, or the deadline passed (it is then marked
 // inactive in `active`). The deadline and `active` (device memory) are checked every 256
 // spins, the peer's liveness word (host memory) only every TW_HOST_POLL_NS.
-__device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, unsigned long long seq,
-                             int from, int* active) {
+__device__ long long tw_wait(const EpArgs& a, const EpTable& t, const unsigned long long* sig,
+                             unsigned long long seq, int from, int* active) {
     const unsigned long long tag = seq & 0xffffffffull;
     unsigned long long start = tw_now(), polled = start;
     for (unsigned spins = 0;; spins++) {
@@ -88,12 +122,12 @@ __device__ long long tw_wait(const EpArgs& a, const unsigned long long* sig, uns
         if ((v >> 32) == tag) return (long long)(v & 0xffffffffull);
         if ((spins & 255u) == 255u) {
             const unsigned long long now = tw_now();
-            bool dead = a.alive[from] != 0 && tw_host_poll_due(now, &polled) &&
-                        *(volatile const unsigned*)a.alive[from] == 0;
+            bool dead = t.alive[from] != 0 && tw_host_poll_due(now, &polled) &&
+                        *(volatile const unsigned*)t.alive[from] == 0;
             if (dead || (long long)(now - start) > a.timeout_ns || *(volatile int*)&active[from] == 0) {
                 // Counted once per transition (what the metrics read on the host).
-                if (atomicExch(&active[from], 0) != 0 && a.marks != 0)
-                    atomicAdd_system((unsigned*)a.marks + from, 1u);
+                if (atomicExch(&active[from], 0) != 0 && t.marks != 0)
+                    atomicAdd_system((unsigned*)t.marks + from, 1u);
                 return -1;
             }
         }
@@ -139,13 +173,16 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     __shared__ int before[TW_MAX_EXPERTS];  // tokens before ours that select e (then: next position)
     __shared__ int total[TW_MAX_EXPERTS];   // our tokens that select e
     __shared__ int pos[TW_SEND_TOKENS * TW_MAX_TOPK];
+    __shared__ EpTable tab;
     const int E = a.experts, K = a.topk, T = a.num_tokens, H = a.hidden;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int per_block = (T + gridDim.x - 1) / gridDim.x;
     const int t0 = min(T, (int)blockIdx.x * per_block), t1 = min(T, t0 + per_block);
     const unsigned long long seq = *(volatile const unsigned long long*)counter + 1ull;
+    tw_table_in(a, &tab);
     for (int e = threadIdx.x; e < E; e += blockDim.x) before[e] = total[e] = 0;
     __syncthreads();
+    if (!tw_fits(a, tab, active)) return;  // unnumbered: the call's later kernels see it too
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
         const long long e = tw_sel(topk, i / K, i % K, K, E);
         if (e >= 0) {
@@ -169,14 +206,14 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     // Experts we send nothing: their signal now (count 0), spread over the grid.
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < E; e += gridDim.x * blockDim.x) {
         const int dst = e / a.local_experts;
-        if (total[e] == 0 && tw_active(a, active, dst)) {
-            char* base = tw_base(a, dst, seq);
+        if (total[e] == 0 && tw_active(tab, active, dst)) {
+            char* base = tw_base(tab, dst, seq);
             unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
             tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, 0));
         }
     }
     __syncthreads();
-    unsigned* fin = (unsigned*)(tw_base(a, a.rank, seq) + a.off_fin);
+    unsigned* fin = (unsigned*)(tw_base(tab, a.rank, seq) + a.off_fin);
     const unsigned long long row = (unsigned long long)H * 2;  // a dispatch row's stride
     const int steps = (H + 511) / 512;                          // 512 channels per warp step
     const int S = a.slices, per_slice = (steps + S - 1) / S;
@@ -213,8 +250,8 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                     sp = recv_scales + (unsigned long long)el * (H / 128) * col + p;
                     ss = col;
                     if (sl == 0) src_info[at] = t;
-                } else if (tw_active(a, active, dst)) {
-                    char* base = tw_base(a, dst, seq);
+                } else if (tw_active(tab, active, dst)) {
+                    char* base = tw_base(tab, dst, seq);
                     const unsigned long long slot = (unsigned long long)el * a.ranks + a.rank;
                     if (first) {
                         r = base + a.off_ddata + ((unsigned long long)a.rank * a.max_tokens + t) * row;
@@ -285,8 +322,8 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                 atomicExch(&fin[e], 0u);  // every piece of this call is in: ready for the next
                 __threadfence_system();
                 const int dst = (int)(e / a.local_experts);
-                if (tw_active(a, active, dst)) {
-                    char* base = tw_base(a, dst, seq);
+                if (tw_active(tab, active, dst)) {
+                    char* base = tw_base(tab, dst, seq);
                     const unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
                     tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, total[e]));
                 }
@@ -315,15 +352,28 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a,
                                                                      long long* layout_range, int* recv_count,
                                                                      int* active, float* recv_scales) {
     __shared__ int cnt[TW_MAX_RANKS], beg[TW_MAX_RANKS + 1];  // by position: source (rank + o) % R
+    __shared__ EpTable tab;
     const int el = blockIdx.x, R = a.ranks, H = a.hidden;
+    // Both loads in flight at once: the call's number does not depend on the table.
     const unsigned long long seq = tw_seq(a);
-    char* base = tw_base(a, a.rank, seq);
+    const int on = (int)threadIdx.x < R ? tw_flag(active, (a.rank + (int)threadIdx.x) % R) : 0;
+    tw_table_in(a, &tab);
+    __syncthreads();
+    if (!tw_fits(a, tab, active)) {
+        // Nothing received (what the combine then reads).
+        for (int s = threadIdx.x; s < R; s += blockDim.x) layout_range[(unsigned long long)el * R + s] = 0;
+        if (threadIdx.x == 0) recv_count[el] = 0;
+        return;
+    }
+    char* base = tw_base(tab, a.rank, seq);
     for (int o = threadIdx.x; o < R; o += blockDim.x) {
         const int s = (a.rank + o) % R;
         const unsigned long long slot = (unsigned long long)el * R + s;
         long long got = -1;
-        if (tw_active(a, active, s))
-            got = tw_wait(a, (const unsigned long long*)(base + a.off_dsig) + slot, seq, s, active);
+        // The flag read above for this thread's first source; later ones (more ranks than
+        // threads) now.
+        if (tab.peers[s] != 0 && (o == (int)threadIdx.x ? on : tw_flag(active, s)) != 0)
+            got = tw_wait(a, tab, (const unsigned long long*)(base + a.off_dsig) + slot, seq, s, active);
         cnt[o] = got < 0 ? 0 : min((int)got, a.max_tokens);
     }
     __syncthreads();
@@ -377,19 +427,27 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a,
 // Combine, send phase: one block per (local expert, home rank): the expert's output rows for
 // that rank's tokens into its combine area (row of (expert, token)), then the expert's signal
 // there, with or without rows.
-extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
+//
+// Two blocks per SM (at most 32 registers a thread): its grid is a block per (local expert,
+// rank), 256 at E = 256, which at 46 registers (one block per SM) took two waves on 132 SMs.
+extern "C" __global__ void __launch_bounds__(1024, 2) tw_ep_combine_send(EpArgs a, const unsigned short* y, const int* src_info,
                                                                     const long long* layout_range, int* active) {
+    __shared__ EpTable tab;
     const int el = blockIdx.x / a.ranks, s = blockIdx.x % a.ranks;
-    if (!tw_active(a, active, s)) return;
+    // The loads that do not depend on the table in flight with it.
+    const unsigned long long seq = tw_seq(a);
     const unsigned long long slot = (unsigned long long)el * a.ranks + s;
     const long long range = layout_range[slot];
+    const int on = tw_flag(active, s);
+    tw_table_in(a, &tab);
+    __syncthreads();
+    if (!tw_fits(a, tab, active) || tab.peers[s] == 0 || on == 0) return;
     const int begin = (int)(range >> 32), most = a.ranks * a.max_tokens;
     // A range outside the expert's rows (a corrupt handle) is clamped to them.
     const int n = (begin < 0 || begin > most) ? 0 : min((int)(range & 0xffffffffll), most - begin);
     const int e = a.rank * a.local_experts + el;
     const unsigned long long row = (unsigned long long)a.hidden * 2;
-    const unsigned long long seq = tw_seq(a);
-    char* base = tw_base(a, s, seq);
+    char* base = tw_base(tab, s, seq);
     char* cdata = base + a.off_cdata + (unsigned long long)e * a.max_tokens * row;
     const unsigned long long first = (unsigned long long)el * a.ranks * a.max_tokens + begin;
     const char* rows = (const char*)y + first * row;
@@ -431,26 +489,41 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_combine_recv(EpArgs a, 
     __shared__ const int4* rows[TW_MAX_TOPK];
     __shared__ float wk[TW_MAX_TOPK];
     __shared__ int nk;
+    __shared__ EpTable tab;
     const int t = blockIdx.x;
+    // The loads that do not depend on the table in flight with it: the call's number, and
+    // the token's experts (as in the dispatch, a repeated expert of the row counts once).
     const unsigned long long seq = tw_seq(a);
-    char* base = tw_base(a, a.rank, seq);
+    const long long sel = t < a.num_tokens && threadIdx.x < (unsigned)a.topk
+                              ? tw_sel(topk, t, threadIdx.x, a.topk, a.experts)
+                              : -1;
+    const int on = sel >= 0 ? tw_flag(active, (int)(sel / a.local_experts)) : 0;
+    tw_table_in(a, &tab);
+    __syncthreads();
+    if (!tw_fits(a, tab, active)) {
+        // Nothing combined: the token's row is zeros.
+        if (t < a.num_tokens)
+            for (int v = threadIdx.x; v < a.hidden / 8; v += blockDim.x)
+                ((int4*)(out + (long long)t * a.hidden))[v] = make_int4(0, 0, 0, 0);
+        return;
+    }
+    char* base = tw_base(tab, a.rank, seq);
     if (t == a.num_tokens) {
         for (int e = threadIdx.x; e < a.experts; e += blockDim.x) {
             const int owner = e / a.local_experts;
-            if (tw_active(a, active, owner))
-                tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active);
+            if (tw_active(tab, active, owner))
+                tw_wait(a, tab, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active);
         }
         return;
     }
     const unsigned long long row = (unsigned long long)a.hidden * 2;
     if (threadIdx.x < 32) {
-        // As in the dispatch, a repeated expert of the row counts once.
-        long long e = threadIdx.x < (unsigned)a.topk ? tw_sel(topk, t, threadIdx.x, a.topk, a.experts) : -1;
+        const long long e = sel;
         int ok = 0;
         if (e >= 0) {
             int owner = (int)(e / a.local_experts);
-            if (tw_active(a, active, owner))
-                ok = tw_wait(a, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active) >= 0;
+            if (tab.peers[owner] != 0 && on != 0)
+                ok = tw_wait(a, tab, (const unsigned long long*)(base + a.off_csig) + e, seq, owner, active) >= 0;
         }
         // The valid slots, compacted in slot order (the sum's order is the same on every call).
         unsigned mask = __ballot_sync(0xffffffffu, ok);

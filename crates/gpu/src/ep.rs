@@ -20,22 +20,40 @@ static SOURCE: Source = Source::new(
 /// Ranks an EP buffer may have (the kernels' fixed arrays).
 pub const MAX_RANKS: usize = 64;
 
-/// What every EP kernel is told (the `EpArgs` struct of `ep.cu`, field for field).
+/// Every rank's buffer as this GPU reaches it (the `EpTable` struct of `ep.cu`, field for
+/// field), in device memory the kernels read at every launch: rewritten when the membership
+/// changes (between calls), so a call captured in a CUDA graph uses the buffers in force at
+/// each replay.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct EpArgs {
-    /// Each rank's buffer as this GPU addresses it (ours included).
+pub struct EpTable {
+    /// Each rank's buffer as this GPU addresses it (ours included; 0: takes no part).
     pub peers: [u64; MAX_RANKS],
     /// Each rank's liveness word (device-readable; 0: none, for ourselves).
     pub alive: [u64; MAX_RANKS],
-    /// The device word holding the call's sequence number (from 1; its parity picks the
-    /// buffer half), written by [`EpKernels::dispatch_send`] on the same stream.
-    pub seq_at: u64,
     /// Bytes of one half.
     pub half: u64,
     /// Host-mapped u32 per rank ([`crate::alloc::HostWords`]): how often a wait marked
     /// that source rank inactive (its deadline passed or its process died); 0: not counted.
     pub marks: u64,
+}
+
+/// Bytes of an [`EpTable`] in device memory.
+pub const TABLE_BYTES: u64 = size_of::<EpTable>() as u64;
+
+/// What every EP kernel is told (the `EpArgs` struct of `ep.cu`, field for field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EpArgs {
+    /// The device address of the buffer's [`EpTable`].
+    pub table: u64,
+    /// The device word holding the call's sequence number (from 1; its parity picks the
+    /// buffer half), written by [`EpKernels::dispatch_send`] on the same stream.
+    pub seq_at: u64,
+    /// Bytes of one half the call's layout uses: a launch whose table holds smaller buffers
+    /// (a graph replayed after the membership changed) takes part in nothing and marks every
+    /// other rank inactive.
+    pub need: u64,
     pub off_dsig: u64,
     pub off_ddata: u64,
     pub off_dsrc: u64,
@@ -85,8 +103,9 @@ impl EpKernels {
     /// `args.seq_at`, so that a CUDA-graph replay numbers its calls afresh.
     ///
     /// # Safety
-    /// `args` describes live buffers of every rank mapped for this GPU, laid out as its
-    /// offsets say; `x` is `[num_tokens, hidden]` bf16, `topk` `[num_tokens, topk]` int64,
+    /// `args.table` is an [`EpTable`] in this GPU's memory, alive until the work on `stream`
+    /// is done, describing live buffers of every rank mapped for this GPU, laid out as the
+    /// offsets of `args` say; `x` is `[num_tokens, hidden]` bf16, `topk` `[num_tokens, topk]` int64,
     /// `active` `[ranks]` int32, the outputs as for [`EpKernels::dispatch_recv`], `counter`
     /// the buffer's own two words (no other kernel uses them meanwhile), all on this GPU and
     /// alive until the work on `stream` is done.
@@ -252,11 +271,16 @@ mod tests {
         let src = include_str!("ep.cu");
         assert_eq!(define(src, "TW_MAX_RANKS"), MAX_RANKS as u64);
         assert_eq!(define(src, "TW_SEND_TOKENS"), u64::from(SEND_TOKENS));
-        let ours = rust_fields!(EpArgs: peers, alive, seq_at, half, marks, off_dsig, off_ddata,
+        let ours = rust_fields!(EpArgs: table, seq_at, need, off_dsig, off_ddata,
             off_dsrc, off_csig, off_cdata, off_fin, timeout_ns, rank, ranks, experts,
             local_experts, max_tokens, hidden, topk, num_tokens, fp8, slices);
         assert_eq!(fields(src, "EpArgs"), ours);
         assert_eq!(size_of::<EpArgs>(), ours.last().map_or(0, |f| f.1 + f.2).next_multiple_of(8));
+        let table = rust_fields!(EpTable: peers, alive, half, marks);
+        assert_eq!(fields(src, "EpTable"), table);
+        // The kernels copy TW_TABLE_WORDS = 2 * TW_MAX_RANKS + 2 words.
+        assert!(src.contains("#define TW_TABLE_WORDS (2 * TW_MAX_RANKS + 2)"));
+        assert_eq!(TABLE_BYTES, 8 * (2 * MAX_RANKS as u64 + 2));
     }
 
     #[test]

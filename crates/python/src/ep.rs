@@ -34,7 +34,10 @@ fn to_py(e: tidewire_ep::Error) -> PyErr {
 /// One rank's EP buffer (see `tidewire.ep`).
 #[pyclass(frozen, module = "tidewire._native", name = "EpBuffer")]
 pub(crate) struct PyEpBuffer {
+    /// Dropped first (fields drop in order): the buffer zeroes the table as it goes.
     buf: Mutex<Option<Buffer>>,
+    /// The caller's table tensor, kept alive as long as this object.
+    _table: Py<PyAny>,
 }
 
 impl PyEpBuffer {
@@ -98,7 +101,14 @@ impl PyEpBuffer {
         py.detach(move || Buffer::allocate(&engine, device, bytes)).map_err(to_py)
     }
 
-    /// Maps every rank's buffer (`peers[r] = (engine name, address, length)`) for our GPU.
+    /// Bytes of the device table a buffer's kernels read every rank's buffer from.
+    #[staticmethod]
+    fn table_bytes() -> u64 {
+        tidewire_gpu::ep::TABLE_BYTES
+    }
+
+    /// Maps every rank's buffer (`peers[r] = (engine name, address, length)`) for our GPU and
+    /// writes them into `table` (a tensor of `table_bytes()` on `device`, kept by this object).
     #[new]
     fn new(
         py: Python<'_>,
@@ -106,13 +116,26 @@ impl PyEpBuffer {
         rank: usize,
         device: u32,
         peers: Vec<(String, u64, u64)>,
+        table: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let engine = engine.engine()?;
+        let bytes: u64 = table.getattr("nbytes")?.extract()?;
+        let on: i64 = table.getattr("device")?.getattr("index")?.extract().unwrap_or(-1);
+        if bytes < tidewire_gpu::ep::TABLE_BYTES || on != i64::from(device) {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "the EP table must be at least {} bytes on cuda:{device}, not {bytes} on device index {on}",
+                tidewire_gpu::ep::TABLE_BYTES
+            )));
+        }
+        let addr: u64 = table.call_method0("data_ptr")?.extract()?;
         let peers: Vec<PeerBuffer> =
             peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
-        let buf =
-            py.detach(move || Buffer::connect(engine, rank, device, &peers)).map_err(to_py)?;
-        Ok(Self { buf: Mutex::new(Some(buf)) })
+        // SAFETY: the tensor holds `TABLE_BYTES` on `device` (checked) and this object keeps
+        // it alive past the buffer (dropped first); `tidewire.ep` writes it nowhere else.
+        let buf = py
+            .detach(move || unsafe { Buffer::connect(engine, rank, device, &peers, addr) })
+            .map_err(to_py)?;
+        Ok(Self { buf: Mutex::new(Some(buf)), _table: table.unbind() })
     }
 
     /// Per source rank, how often a kernel's wait marked it inactive (deadline passed or
