@@ -1,6 +1,7 @@
 //! An EP buffer: this rank's transferable GPU allocation, every other rank's mapped for our
 //! GPU, and the launches of the dispatch and combine kernels on the caller's stream.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -75,10 +76,16 @@ struct Watch {
     absent: Vec<bool>,
     /// The marks already added to the timeout counters.
     counted: Mutex<Vec<u32>>,
+    /// The buffer is going (released on a thread of its own while its successor counts):
+    /// scrapes leave the metrics to the successor.
+    retired: AtomicBool,
 }
 
 impl Scrape for Watch {
     fn scrape(&self, m: &Metrics) {
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let now = self.marks.load_all();
         let mut counted = self.counted.lock();
         for (r, (n, s)) in now.iter().zip(counted.iter_mut()).enumerate() {
@@ -140,7 +147,13 @@ impl Buffer {
         let marks = HostWords::new(ranks)
             .map_err(|source| Error::Gpu { context: "the EP timeout counters".into(), source })?;
         let absent = peers_in.iter().map(PeerBuffer::is_absent).collect();
-        let watch = Arc::new(Watch { marks, rank, absent, counted: Mutex::new(vec![0; ranks]) });
+        let watch = Arc::new(Watch {
+            marks,
+            rank,
+            absent,
+            counted: Mutex::new(vec![0; ranks]),
+            retired: AtomicBool::new(false),
+        });
         let w: Arc<dyn Scrape> = watch.clone();
         tidewire::metrics::watch(Arc::downgrade(&w));
         let unreached = peers.addresses(0).err();
@@ -182,6 +195,8 @@ impl Buffer {
         }
         let zero = EpTable { peers: [0; MAX_RANKS], alive: [0; MAX_RANKS], half: 0, marks: 0 };
         if let Err(e) = self.write_table(&zero) {
+            // A copy of 1 KiB into our own device memory fails only with the context broken
+            // (a sticky error): no launch reads the table again.
             log::warn!("EP buffer: {e}");
         }
         self.table = 0;
@@ -191,8 +206,9 @@ impl Buffer {
     /// engine's stall deadline for every process that mapped the buffer to release it: a
     /// stopped one never does), or here if no thread can be started.
     pub fn release_in_background(mut self) {
-        // Now: the next buffer writes the table next.
+        // Now: the next buffer writes the table next, and counts in the metrics.
         self.clear_table();
+        self.watch.retired.store(true, Ordering::Relaxed);
         let spawned =
             std::thread::Builder::new().name("tw-ep-release".into()).spawn(move || drop(self));
         if let Err(e) = spawned {

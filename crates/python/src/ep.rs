@@ -119,15 +119,16 @@ impl PyEpBuffer {
         table: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let engine = engine.engine()?;
-        let bytes: u64 = table.getattr("nbytes")?.extract()?;
-        let on: i64 = table.getattr("device")?.getattr("index")?.extract().unwrap_or(-1);
-        if bytes < tidewire_gpu::ep::TABLE_BYTES || on != i64::from(device) {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "the EP table must be at least {} bytes on cuda:{device}, not {bytes} on device index {on}",
-                tidewire_gpu::ep::TABLE_BYTES
-            )));
-        }
-        let addr: u64 = table.call_method0("data_ptr")?.extract()?;
+        let addr = match table_address(&table, device) {
+            Ok(addr) => addr,
+            Err(e) => {
+                // Our buffer is ours to free until a buffer object owns it.
+                if let Some(mine) = peers.get(rank) {
+                    let _ = engine.free_device(mine.1);
+                }
+                return Err(e);
+            }
+        };
         let peers: Vec<PeerBuffer> =
             peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
         // SAFETY: the tensor holds `TABLE_BYTES` on `device` (checked) and this object keeps
@@ -241,6 +242,22 @@ impl PyEpBuffer {
             b => drop(b),
         });
     }
+}
+
+/// The device address of the EP table tensor: contiguous, `TABLE_BYTES` at least, on
+/// `cuda:device`.
+fn table_address(table: &Bound<'_, PyAny>, device: u32) -> PyResult<u64> {
+    let bytes: u64 = table.getattr("nbytes")?.extract()?;
+    let on: i64 = table.getattr("device")?.getattr("index")?.extract().unwrap_or(-1);
+    let contiguous: bool = table.call_method0("is_contiguous")?.extract()?;
+    if bytes < tidewire_gpu::ep::TABLE_BYTES || on != i64::from(device) || !contiguous {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "the EP table must be a contiguous tensor of at least {} bytes on cuda:{device}, not {bytes} \
+             on device index {on} (contiguous: {contiguous})",
+            tidewire_gpu::ep::TABLE_BYTES
+        )));
+    }
+    table.call_method0("data_ptr")?.extract()
 }
 
 /// Counts an EP call in the process's metrics, when they are recorded.
