@@ -1130,6 +1130,28 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     return out
 
 
+def _cuda_world_of_two(rank: int, port: int, start: str) -> Any:
+    """Processes 0 and 1 form a `mooncake` world on two GPUs (20 s timeout, a CUDA mask);
+    process 2 is rank 1's replacement (`is_extension`), which starts once the file `start`
+    exists. Returns `(me, joiner, device, mask)`, or None for a replacement never told to
+    start."""
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+    from rank_main import gpu_of
+
+    joiner = rank == 2
+    me = 1 if joiner else rank
+    if joiner and not _started_by(start, 90):
+        return None
+    torch.cuda.set_device(gpu_of(me))
+    dev = torch.device("cuda", gpu_of(me))
+    wm = torch.ones(2, dtype=torch.int32, device=dev)
+    dist.init_process_group(
+        "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=2,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(wm, joiner),
+    )
+    return me, joiner, dev, wm
+
+
 def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     """SGLang's elastic flow on two GPUs. Processes 0 and 1 form the world in both forms
     (`mooncake` with a CUDA mask, `mooncake-cpu` with a host mask) and a TP group of both in
@@ -1150,20 +1172,10 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
 
     mpg.set_eviction_timeout_us(60_000_000)
     flag = f"/tmp/tw-cuda-elastic-{port}"
-    joiner = rank == 2
-    me = 1 if joiner else rank
-    if joiner:
-        if not _started_by(flag, 90):
-            return ["never told to start"]
-    from rank_main import gpu_of
-
-    torch.cuda.set_device(gpu_of(me))
-    dev = torch.device("cuda", gpu_of(me))
-    wm = torch.ones(2, dtype=torch.int32, device=dev)
-    dist.init_process_group(
-        "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=2,
-        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(wm, joiner),
-    )
+    formed = _cuda_world_of_two(rank, port, flag)
+    if formed is None:
+        return ["never told to start"]
+    me, joiner, dev, wm = formed
     world = dist.group.WORLD
     masks = [wm, torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32, device=dev), torch.ones(2, dtype=torch.int32)]
     world_cpu = dist.new_group([0, 1], backend="mooncake-cpu", pg_options=mpg.MooncakeBackendOptions(masks[1], joiner))
@@ -1280,19 +1292,10 @@ def body_cuda_ep_stale(rank: int, size: int, port: int, arg: str) -> Any:
     from mooncake import pg as mpg  # type: ignore[import-not-found]
 
     flag = f"/tmp/tw-ep-stale-{port}"
-    joiner = rank == 2
-    me = 1 if joiner else rank
-    if joiner and not _started_by(flag + ".start", 90):
+    formed = _cuda_world_of_two(rank, port, flag + ".start")
+    if formed is None:
         return ["never told to start"]
-    from rank_main import gpu_of
-
-    torch.cuda.set_device(gpu_of(me))
-    dev = torch.device("cuda", gpu_of(me))
-    wm = torch.ones(2, dtype=torch.int32, device=dev)
-    dist.init_process_group(
-        "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=me, world_size=2,
-        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(wm, joiner),
-    )
+    me, joiner, _, wm = formed
     world = dist.group.WORLD
     R, E, H = 2, 32, 2048
     size_hint = tidewire.ep.Buffer.get_ep_buffer_size_hint(128, H, R, E)
