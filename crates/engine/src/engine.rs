@@ -704,7 +704,7 @@ impl Engine {
     fn revoke_each(&self, removed: &[Arc<RegionEntry>]) -> Vec<(u64, Error)> {
         // Without an shm server no same-host initiator is attached; peers on other hosts may
         // still hold marks taken over RPC.
-        let attached = self.inner.shm.as_ref().map_or([false; shm::SLOTS], |s| s.attached());
+        let attached = || self.inner.shm.as_ref().map_or([false; shm::SLOTS], |s| s.attached());
         let mut failed = Vec::new();
         for entry in removed {
             let Some(shared) = entry.control() else { continue };

@@ -371,6 +371,30 @@ fn a_batch_nobody_waits_on_times_out_at_its_deadline() {
     }
 }
 
+/// A same-host process maps our shared region (its mapping holds an in-use mark there) and is
+/// SIGKILLed while our `free_shared` waits for the mark: the free ends (the dead process's
+/// slot detaches; its mark is not waited for), not after the stall deadline with an error.
+/// The revocation once looked at which initiators were attached only when it began.
+#[test]
+fn a_free_waiting_for_a_mapping_ends_when_the_mapping_process_dies() {
+    let mut cfg = common::config();
+    cfg.deadlines.stall = Duration::from_secs(30);
+    let e = Engine::new(cfg).unwrap();
+    let addr = e.allocate_shared(LEN).unwrap();
+    let env = [("TW_CHILD_MAP", format!("{} {addr} {LEN}", e.name()))];
+    let (mut child, _lines, _ready) = common::spawn_child(CHILD, &env, Duration::from_secs(20));
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        // The free is waiting for the mark by then (the child holds it until it dies).
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    });
+    let freed = e.free_shared(addr);
+    killer.join().unwrap();
+    let _ = child.wait();
+    assert!(freed.is_ok(), "the free waited for a dead process's mark: {freed:?}");
+}
+
 #[test]
 fn a_mapped_shm_peer_is_written_through_its_pointer_and_tells_when_it_dies() {
     let mut target = ChildTarget::spawn(CHILD, 0, LEN, 8);

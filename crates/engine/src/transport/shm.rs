@@ -132,8 +132,14 @@ impl SharedRegion {
     }
 
     /// Stops new accesses and waits for in-flight ones of attached initiators and of peers
-    /// on other hosts.
-    pub(crate) fn revoke(&self, attached: &[bool; SLOTS], deadline: Duration) -> Result<()> {
+    /// on other hosts. `attached` is asked again at every turn: an initiator whose process
+    /// ends meanwhile (its slot detached) holds the wait up no longer — its marks stay until
+    /// the slot is taken again, so a snapshot would wait for them the whole deadline.
+    pub(crate) fn revoke(
+        &self,
+        attached: &dyn Fn() -> [bool; SLOTS],
+        deadline: Duration,
+    ) -> Result<()> {
         let h = self.map.header();
         h.revoked.store(1, Ordering::SeqCst);
         let until = Instant::now() + deadline;
@@ -147,7 +153,7 @@ impl SharedRegion {
             std::thread::sleep(Duration::from_micros(50));
         }
         for (i, slot) in h.slots.iter().enumerate() {
-            while attached[i] && slot.inflight.load(Ordering::SeqCst) != 0 {
+            while slot.inflight.load(Ordering::SeqCst) != 0 && attached()[i] {
                 if Instant::now() >= until {
                     return Err(Error::Timeout {
                         what: format!("waiting for shm initiator slot {i} to finish copying"),

@@ -300,6 +300,9 @@ impl Drop for ChildTarget {
 /// The body of the child process: serve a shared region until stdin closes. Optional
 /// `TW_CHILD_METADATA` (URI), `TW_CHILD_NAME` and `TW_CHILD_TTL_MS` select a metadata server.
 pub fn child_main() {
+    if let Ok(what) = std::env::var("TW_CHILD_MAP") {
+        return child_mapping(&what);
+    }
     let Ok(port) = std::env::var("TW_CHILD_PORT") else { return };
     let len: u64 = std::env::var("TW_CHILD_LEN").unwrap().parse().unwrap();
     let seed: u64 = std::env::var("TW_CHILD_SEED").unwrap().parse().unwrap();
@@ -318,6 +321,20 @@ pub fn child_main() {
     let addr = e.allocate_shared(len).unwrap();
     poke(addr, &random_bytes(len as usize, seed));
     println!("READY {} {} {}", e.name(), addr, e.instance_id());
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    std::process::exit(0);
+}
+
+/// The body of a child that maps a region of another engine (`TW_CHILD_MAP` = "NAME ADDR
+/// LEN") and holds the mapping (with its in-use mark) until stdin closes.
+fn child_mapping(what: &str) {
+    let mut parts = what.split_whitespace();
+    let (name, addr, len) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let e = Engine::new(config()).unwrap();
+    let peer = e.open_segment(name).unwrap();
+    let m = e.map_peer(peer, addr.parse().unwrap(), len.parse().unwrap(), None).unwrap();
+    println!("READY {} {} {}", e.name(), m.addr(), e.instance_id());
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     std::process::exit(0);
