@@ -28,15 +28,20 @@ OPS = {
 }
 
 
+def _until(cond: Callable[[], bool], seconds: float) -> bool:
+    """Waits until `cond()` holds, at most `seconds`; whether it did."""
+    end = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def _started_by(flag: str, seconds: float) -> bool:
     """Waits for the file `flag` (a later process's go-ahead from the others), at most
     `seconds`; whether it came."""
-    end = time.monotonic() + seconds
-    while not os.path.exists(flag):
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
+    return _until(lambda: os.path.exists(flag), seconds)
 
 
 def init(rank: int, size: int, port: int, timeout_s: float = 60.0) -> None:
@@ -1330,16 +1335,11 @@ def body_cuda_ep_stale(rank: int, size: int, port: int, arg: str) -> Any:
             # The group's teardown would wait for peers that moved on without it.
             print(json.dumps({"ok": out}), flush=True)
             os._exit(0)
-        end = time.monotonic() + 30
-        while mpg.get_current_epoch(world) < 1 and time.monotonic() < end:
-            time.sleep(0.005)
+        _until(lambda: mpg.get_current_epoch(world) >= 1, 30)
         out["epoch_after_stop"] = mpg.get_current_epoch(world)
         open(flag + ".start", "w").close()
-        end = time.monotonic() + 90
-        while not mpg.get_peer_state(world, [1])[0]:
-            if time.monotonic() > end:
-                return ["the replacement never became ready"]
-            time.sleep(0.005)
+        if not _until(lambda: mpg.get_peer_state(world, [1])[0], 90):
+            return ["the replacement never became ready"]
         out["recovered"] = int(mpg.recover_ranks(world, [1]).status)
         t0 = time.monotonic()
         buf.update_ep_member()

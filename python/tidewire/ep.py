@@ -376,21 +376,30 @@ class Buffer:
         else:
             self.paths = self._native.paths()
 
-    def _store_buffers(self, key: str, nbytes: int, used: Optional[int]) -> List[Any]:
-        """Allocates this rank's buffer (`nbytes`), exchanges every rank's through the store
-        under `key` (with `used`, the call numbers this rank used, when given) and maps them;
-        returns what every rank published."""
+    def _publish_buffer(self, nbytes: int, used: Optional[int], members: List[int], publish: Callable[[Any], List[Any]]) -> List[Any]:
+        """Allocates this rank's new buffer (`nbytes`), publishes it (with `used`, the call
+        numbers this rank used, when given) through `publish`, which returns what every rank
+        published, by rank (None: outside the view, or no buffer), and maps every rank's when
+        each of `members` published one. Our allocation is freed if no buffer object came to
+        own it (a failure, or a member without a buffer). Returns what every rank published."""
         eng = _engine()
-        addr, length = _native.EpBuffer.allocate(eng._native, self.device, nbytes)
-        self._own = (addr, length)
+        self._own = _native.EpBuffer.allocate(eng._native, self.device, nbytes)
+        owned = False
         try:
-            infos = exchange(self.group, f"{self._tag}/{key}", [eng.name, addr, length] + ([] if used is None else [used]))
-        except BaseException:
-            eng._native.free_device(addr)  # no buffer object owns it yet
-            raise
-        # The buffer owns the allocation from here (freed with it, or if this fails).
-        self._native = _native.EpBuffer(eng._native, self.rank, self.device, [tuple(i[:3]) for i in infos], self._table)
-        return infos
+            infos = publish([eng.name, *self._own] + ([] if used is None else [used]))
+            if all(infos[r] is not None for r in members):
+                peers = [(i[0], int(i[1]), int(i[2])) if i is not None else ("", 0, 0) for i in infos]
+                # The buffer owns the allocation from here (freed with it, or if this fails).
+                owned = True
+                self._native = _native.EpBuffer(eng._native, self.rank, self.device, peers, self._table)
+            return infos
+        finally:
+            if not owned:
+                eng._native.free_device(self._own[0])  # no buffer object owns it
+
+    def _store_buffers(self, key: str, nbytes: int, used: Optional[int]) -> List[Any]:
+        """`_publish_buffer` through the store, under `key`, every rank a member."""
+        return self._publish_buffer(nbytes, used, list(range(self.group_size)), lambda mine: exchange(self.group, f"{self._tag}/{key}", mine))
 
     def _kernels(self) -> Any:
         """The native buffer the kernels launch on; an error saying why there is none."""
@@ -488,24 +497,19 @@ class Buffer:
             if self._native is not None:
                 nbytes = self._own[1]
                 self._release(True)
-            fresh = self._fallback is None and not no_p2p and eng is not None
-            if fresh:
-                self._own = _native.EpBuffer.allocate(eng._native, self.device, nbytes or self._own[1])
-            mine = [eng.name, self._own[0], self._own[1], used] if fresh else None
+
+            def publish(mine: Any, epoch: int = epoch, members: List[int] = members) -> List[Any]:
+                return self._exchange("buffers", mine, epoch, members)
+
             try:
-                infos = self._exchange("buffers", mine, epoch, members)
-                if mine is not None and all(infos[r] is not None for r in members):
-                    peers = [(i[0], int(i[1]), int(i[2])) if i is not None else ("", 0, 0) for i in infos]
-                    # The buffer owns the allocation from here (freed with it, or if this fails).
-                    fresh = False
-                    self._native = _native.EpBuffer(eng._native, self.rank, self.device, peers, self._table)
+                if self._fallback is None and not no_p2p and eng is not None:
+                    infos = self._publish_buffer(nbytes or self._own[1], used, members, publish)
+                else:
+                    infos = publish(None)
                 return epoch, members, infos
             except _native.TidewireError as e:
                 if getattr(e, "kind", "") != "ViewChanged" or time.monotonic() > end:
                     raise
-            finally:
-                if fresh:
-                    eng._native.free_device(self._own[0])  # no buffer object owns it
 
     def _number_from(self, top: int) -> None:
         """The next call is numbered after `top` (the highest any rank used: a restarted rank

@@ -60,7 +60,7 @@ pub struct Buffer {
     /// What the kernels marked inactive, read by the metrics.
     watch: Arc<Watch>,
     /// The caller's device table the kernels read every rank's buffer from (written at
-    /// connect, zeroed when the buffer goes; 0 once zeroed).
+    /// connect, zeroed as the buffer goes — no call can come after — then 0).
     table: u64,
     device: u32,
     /// Why the kernels cannot run (a rank no GPU path reaches), if so.
@@ -156,25 +156,24 @@ impl Buffer {
         });
         let w: Arc<dyn Scrape> = watch.clone();
         tidewire::metrics::watch(Arc::downgrade(&w));
-        let unreached = peers.addresses(0).err();
-        let buf = Self { peers, half, kernels, watch, table, device, unreached };
-        buf.write_table(&buf.table_now())?;
-        Ok(buf)
-    }
-
-    /// The table of the buffers as mapped: every rank's, or none (half 0: no launch fits)
-    /// when one is not reached.
-    fn table_now(&self) -> EpTable {
-        let mut t = EpTable { peers: [0; MAX_RANKS], alive: [0; MAX_RANKS], half: 0, marks: 0 };
-        if let Ok(all) = self.peers.addresses(0) {
-            for (r, (addr, flag)) in all.into_iter().enumerate() {
-                t.peers[r] = addr;
-                t.alive[r] = flag;
+        // The table of the buffers as mapped: every rank's, or none (no launch fits) when one
+        // is not reached.
+        let mut t = EpTable::EMPTY;
+        let unreached = match peers.addresses(0) {
+            Ok(all) => {
+                for (r, (addr, flag)) in all.into_iter().enumerate() {
+                    t.peers[r] = addr;
+                    t.alive[r] = flag;
+                }
+                t.half = half;
+                t.marks = watch.marks.addr();
+                None
             }
-            t.half = self.half;
-            t.marks = self.watch.marks.addr();
-        }
-        t
+            Err(why) => Some(why),
+        };
+        let buf = Self { peers, half, kernels, watch, table, device, unreached };
+        buf.write_table(&t)?;
+        Ok(buf)
     }
 
     fn write_table(&self, t: &EpTable) -> Result<()> {
@@ -193,8 +192,7 @@ impl Buffer {
         if self.table == 0 {
             return;
         }
-        let zero = EpTable { peers: [0; MAX_RANKS], alive: [0; MAX_RANKS], half: 0, marks: 0 };
-        if let Err(e) = self.write_table(&zero) {
+        if let Err(e) = self.write_table(&EpTable::EMPTY) {
             // A copy of 1 KiB into our own device memory fails only with the context broken
             // (a sticky error): no launch reads the table again.
             log::warn!("EP buffer: {e}");
@@ -263,9 +261,6 @@ impl Buffer {
         }
         if let Some(why) = &self.unreached {
             return Err(Error::Shape(why.clone()));
-        }
-        if self.table == 0 {
-            return Err(Error::Shape("the buffer's table was cleared (it is going)".into()));
         }
         let i = |v: usize| v as i32;
         Ok(EpArgs {

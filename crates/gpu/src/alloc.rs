@@ -255,12 +255,10 @@ pub unsafe fn copy_sync_on(device: u32, dst: u64, src: u64, len: u64) -> Result<
 /// `dst` must be valid device memory for `src.len()` bytes in `device`'s context, read by no
 /// kernel meanwhile.
 pub unsafe fn write_device(device: u32, dst: u64, src: &[u8]) -> Result<(), GpuError> {
+    // SAFETY: forwarded contract; `src` is valid host memory for its length.
+    unsafe { copy_sync_on(device, dst, src.as_ptr() as u64, src.len() as u64) }?;
     let cuda = driver()?;
     let _ctx = Gpu::get(device)?.enter()?;
-    // SAFETY: forwarded contract; `src` is valid for its length.
-    cuda.check("cuMemcpy(to device)", unsafe {
-        (cuda.memcpy)(dst, src.as_ptr() as u64, src.len())
-    })?;
     // SAFETY: no arguments; waits for the context's work.
     cuda.check("cuCtxSynchronize", unsafe { (cuda.ctx_synchronize)() })
 }

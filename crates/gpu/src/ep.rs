@@ -38,6 +38,12 @@ pub struct EpTable {
     pub marks: u64,
 }
 
+impl EpTable {
+    /// No rank reached, half 0: a launch reading it fits nowhere and takes part in nothing.
+    pub const EMPTY: Self =
+        Self { peers: [0; MAX_RANKS], alive: [0; MAX_RANKS], half: 0, marks: 0 };
+}
+
 /// Bytes of an [`EpTable`] in device memory.
 pub const TABLE_BYTES: u64 = size_of::<EpTable>() as u64;
 
