@@ -216,6 +216,13 @@ def graph_replays(buf: Any, rank: int, R: int, E: int, H: int, replays: int, bad
         w_s.copy_(w)
         g.replay()
         got_out, got_cnt = o_s.clone(), c_s.clone()
+        torch.cuda.synchronize()
+        # Against the truth too, not only eager (both read the same table): every rank active,
+        # the combine the weighted row.
+        d = calc_diff(got_out.float(), x.float() * (w * (topk >= 0).float()).sum(1, keepdim=True))
+        if not bool(active.all()) or d > 1e-5:
+            bad.append(f"graph replay {it}: active {active.tolist()}, combine diff {d:.2e}")
+            break
         rx, cnt, h, _, _ = buf.dispatch(x, topk, active, T, E, 10_000_000, use_fp8=False)
         out, _, _ = buf.combine(rx, topk, w, active, 10_000_000, h)
         torch.cuda.synchronize()
@@ -355,13 +362,42 @@ def body_lifetime(rank: int, size: int, port: int, arg: str) -> Any:
         buf.destroy()
         dist.barrier()
 
+    stray = stray_replay(rank, R, E, H, size_hint)
     for _ in range(3):
         once()
     before = state()
     for _ in range(100):
         once()
     after = state()
-    return {"before": before, "after": after}
+    return {"before": before, "after": after, "stray": stray}
+
+
+def stray_replay(rank: int, R: int, E: int, H: int, size_hint: int) -> Dict[str, Any]:
+    """A graph captured on a buffer, replayed (checked), then replayed again after the buffer
+    was destroyed: the replay reads the zeroed table — it writes into no rank's buffer, marks
+    the other ranks inactive, receives nothing and combines zeros."""
+    import tidewire.ep
+
+    buf = tidewire.ep.Buffer(dist.group.WORLD, size_hint)
+    active = torch.ones(R, dtype=torch.int32, device="cuda")
+    x, topk, w = inputs(rank, H, E, 4)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        p, cnt, h, _, hook = buf.dispatch(x, topk, active, T, E, 10_000_000, use_fp8=False, return_recv_hook=True)
+        hook()
+        o, _, chook = buf.combine(p, topk, w, active, 10_000_000, h, return_recv_hook=True)
+        chook()
+    g.replay()
+    torch.cuda.synchronize()
+    live = calc_diff(o.float(), x.float() * (w * (topk >= 0).float()).sum(1, keepdim=True))
+    dist.barrier()
+    buf.destroy()
+    dist.barrier()
+    o.fill_(1.0)
+    g.replay()
+    torch.cuda.synchronize()
+    return {"live_diff": live, "active": active.tolist(), "out_zero": bool((o == 0).all()), "received": int(cnt.sum())}
 
 
 class _HostBuffer:

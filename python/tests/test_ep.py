@@ -80,6 +80,11 @@ def test_a_buffer_made_and_destroyed_100_times_leaves_nothing_behind() -> None:
         assert threads1 <= threads0, f"rank {rank}: threads {threads0} -> {threads1}"
         assert maps1 <= maps0 + 8, f"rank {rank}: mappings {maps0} -> {maps1}"
         assert free1 >= free0 - (64 << 20), f"rank {rank}: free GPU memory {free0} -> {free1}"
+        # A graph replayed after its buffer was destroyed reaches nobody and says so.
+        stray = r["stray"]
+        assert stray["live_diff"] < 1e-5, stray
+        assert stray["active"] == [1 if i == rank else 0 for i in range(2)], stray
+        assert stray["out_zero"] and stray["received"] == 0, stray
 
 
 def e4m3_reference(v: "np.ndarray") -> "np.ndarray":

@@ -69,8 +69,9 @@ __device__ __forceinline__ void tw_table_in(const EpArgs& a, EpTable* t) {
 // every block returns.
 __device__ __forceinline__ bool tw_fits(const EpArgs& a, const EpTable& t, int* active) {
     if (t.half >= a.need) return true;
-    if (blockIdx.x == 0 && (int)threadIdx.x < a.ranks && (int)threadIdx.x != a.rank)
-        atomicExch(&active[threadIdx.x], 0);
+    if (blockIdx.x == 0)
+        for (int r = threadIdx.x; r < a.ranks; r += blockDim.x)
+            if (r != a.rank) atomicExch(&active[r], 0);
     return false;
 }
 
@@ -440,8 +441,10 @@ extern "C" __global__ void __launch_bounds__(1024, 2) tw_ep_combine_send(EpArgs 
     const long long range = layout_range[slot];
     const int on = tw_flag(active, s);
     tw_table_in(a, &tab);
-    __syncthreads();
-    if (!tw_fits(a, tab, active) || tab.peers[s] == 0 || on == 0) return;
+    // The barrier also makes the flag one verdict for the block (each thread read it; a
+    // thread that left early would miss the barrier before the signal).
+    const int all_on = __syncthreads_and(on != 0);
+    if (!tw_fits(a, tab, active) || tab.peers[s] == 0 || !all_on) return;
     const int begin = (int)(range >> 32), most = a.ranks * a.max_tokens;
     // A range outside the expert's rows (a corrupt handle) is clamped to them.
     const int n = (begin < 0 || begin > most) ? 0 : min((int)(range & 0xffffffffll), most - begin);
