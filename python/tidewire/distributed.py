@@ -64,6 +64,9 @@ __all__ = ["ProcessGroupTidewire", "engine", "set_host_ip"]
 
 BACKEND = "tidewire"
 _LOG = logging.getLogger("tidewire")
+#: How long a group's shutdown waits for the release of an earlier view's memory: the engine's
+#: stall deadline (10 s, the longest a free waits for a mapping process to let go) and a margin.
+_RELEASE_BOUND_S = 15.0
 
 _DTYPES = {
     torch.int8: "int8",
@@ -463,12 +466,14 @@ class _CudaPath:
                 "tidewire: rank %d: CUDA collectives over NVLink on cuda:%d (paths %s)", rank, device, comm.paths()
             )
 
-    def close(self) -> None:
-        if self.comm is not None:
-            # The kernels end by the group's timeout at the latest; the buffer is freed after.
-            torch.cuda.synchronize(self.device)
-            self.comm.close()
-            self.comm = None
+    def close(self, background: bool = False) -> Optional[_native.Release]:
+        """Frees the path (with `background`, on a thread of its own: see `Communicator.close`)."""
+        comm, self.comm = self.comm, None
+        if comm is None:
+            return None
+        # The kernels end by the group's timeout at the latest; the buffer is freed after.
+        torch.cuda.synchronize(self.device)
+        return comm.close(background)
 
     def work(self, result: Any) -> dist.Work:
         return _CudaWork(self.device, result, self)
@@ -691,6 +696,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._p2p_stream: Optional[Tuple[int, Any]] = None
         #: The stream of the last point-to-point launch (torch's triple).
         self._p2p_last: Optional[Any] = None
+        #: Communicators of earlier views being released on threads of their own (`_reform`).
+        self._releasing: List[_native.Release] = []
         #: Whether CUDA tensors may take an NVLink path (not a host-only group, not turned off).
         self._cuda_capable = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
         eng = engine()
@@ -882,13 +889,17 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         peers = [(i["name"], int(i["region"]), int(i.get("pid", 0))) for i in infos]
         old = self._comm
         self._comm = _native.Communicator(eng._native, me, region, peers, self._timeout.total_seconds())
-        old.close()
+        # Released on threads of their own: freeing waits for every process that mapped the
+        # old memory to let go, and a stopped member never does before the engine's stall
+        # deadline (the survivors' next call would wait for it). Joined at shutdown.
+        self._releasing = [r for r in self._releasing if not r.wait(0.0)]
+        self._releasing += [r for r in (old.close(background=True),) if r is not None]
         if self._p2p_timeout_s is not None:
             self._comm.set_p2p_timeout(self._p2p_timeout_s)
         if self._cuda is not None:
             # The path spans the members of the old view: dropped whole (nothing a failed
             # collective left in its buffers is read again).
-            self._cuda.close()
+            self._releasing += [r for r in (self._cuda.close(background=True),) if r is not None]
             self._cuda = None
         # A new one over the new members at the next CUDA call (every member makes the same
         # calls, so every member forms it at the same one).
@@ -960,6 +971,12 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             self._cuda.close()
         self._comm.close()
         self._inflight.clear()
+        # Nothing outlives the group: the releases of earlier views' memory end by the engine's
+        # stall deadline (each waits for mapping processes to let go, then frees or leaves it).
+        for r in self._releasing:
+            if not r.wait(_RELEASE_BOUND_S):
+                _LOG.warning("tidewire: rank %d: %r did not end in %.0f s", self._rank, r, _RELEASE_BOUND_S)
+        self._releasing = []
 
     def _start_cuda(self, device: int) -> None:
         """Forms the NVLink path over the ranks the communicator spans: through the store at

@@ -325,12 +325,70 @@ impl PyComm {
         self.with(py, |c| Ok(c.failure().map(str::to_string)))
     }
 
-    /// Releases the rings and the receive region (pending operations are dropped).
-    fn close(&self, py: Python<'_>) {
-        py.detach(|| {
-            let comm = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            drop(comm);
+    /// Releases the rings and the receive region (pending operations are dropped). Freeing
+    /// the region waits for every process that mapped it to release it (at most the engine's
+    /// stall deadline): with `background`, a thread of its own does it and the `Release`
+    /// returned says when it ended, so that a stopped peer holds up nobody's next call.
+    #[pyo3(signature = (background = false))]
+    fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
+        let comm = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        close(py, "communicator", comm, background)
+    }
+}
+
+/// Drops `value` here (without the GIL), or with `background` on a thread of its own.
+fn close<T: Send + 'static>(
+    py: Python<'_>,
+    what: &str,
+    value: Option<T>,
+    background: bool,
+) -> Option<PyRelease> {
+    match value {
+        Some(v) if background => Some(PyRelease::start(what, v)),
+        v => {
+            py.detach(move || drop(v));
+            None
+        }
+    }
+}
+
+/// A communicator being released on a thread of its own (`close(background=True)`).
+#[pyclass(frozen, module = "tidewire._native", name = "Release")]
+pub(crate) struct PyRelease {
+    what: String,
+    /// Disconnected once the thread dropped what it releases (or never started: then the
+    /// caller dropped it).
+    done: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl PyRelease {
+    fn start<T: Send + 'static>(what: &str, value: T) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new().name("tw-pg-release".into()).spawn(move || {
+            drop(value);
+            drop(tx);
         });
+        if let Err(e) = spawned {
+            // The closure, and `value` with it, was dropped here: released by the caller.
+            log::warn!("{what}: no thread to release it ({e}): released by the caller");
+        }
+        Self { what: what.to_string(), done: Mutex::new(rx) }
+    }
+}
+
+#[pymethods]
+impl PyRelease {
+    /// Waits up to `timeout_s` for the release to end: whether it did.
+    fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<bool> {
+        let timeout = secs("timeout", timeout_s)?;
+        Ok(py.detach(|| {
+            let rx = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            !matches!(rx.recv_timeout(timeout), Err(std::sync::mpsc::RecvTimeoutError::Timeout))
+        }))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Release of a {}>", self.what)
     }
 }
 
@@ -476,10 +534,12 @@ impl PyCudaComm {
     }
 
     /// Unmaps the peers and frees the buffer (after the stream work that uses it is done:
-    /// the caller synchronizes first).
-    fn close(&self, py: Python<'_>) {
+    /// the caller synchronizes first). The free waits as `Communicator.close`'s does, and
+    /// `background` does it on a thread of its own the same way.
+    #[pyo3(signature = (background = false))]
+    fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
         let taken = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        py.detach(move || drop(taken));
+        close(py, "CUDA communicator", taken, background)
     }
 }
 

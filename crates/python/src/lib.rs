@@ -768,6 +768,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMetadataServer>()?;
     m.add_class::<collective::PyComm>()?;
     m.add_class::<collective::PyCudaComm>()?;
+    m.add_class::<collective::PyRelease>()?;
     m.add_class::<collective::PyElastic>()?;
     m.add_class::<ep::PyEpBuffer>()?;
     m.add_class::<ep::PyEpFallbackMetrics>()?;
