@@ -55,12 +55,24 @@ __device__ __forceinline__ char* tw_base(const EpTable& t, int r, unsigned long 
     return (char*)t.peers[r] + (seq & 1ull) * t.half;
 }
 
-// The table into shared memory: every thread of the block calls it, and a barrier follows
-// before anything reads `t`.
-__device__ __forceinline__ void tw_table_in(const EpArgs& a, EpTable* t) {
-    const unsigned long long* from = (const unsigned long long*)a.table;
+// The table's word `threadIdx.x` (0 past its end), loaded as early as a kernel can: the load is
+// in flight during whatever the kernel does before `tw_table_store` needs it.
+__device__ __forceinline__ unsigned long long tw_table_word(const EpArgs& a) {
+    return threadIdx.x < TW_TABLE_WORDS ? ((const unsigned long long*)a.table)[threadIdx.x] : 0ull;
+}
+
+// The table into shared memory (`word` from `tw_table_word`; the rest loaded here where the
+// block has fewer threads than words): every thread of the block calls it, and a barrier
+// follows before anything reads `t`.
+__device__ __forceinline__ void tw_table_store(const EpArgs& a, EpTable* t, unsigned long long word) {
     unsigned long long* to = (unsigned long long*)t;
-    for (int i = threadIdx.x; i < TW_TABLE_WORDS; i += blockDim.x) to[i] = from[i];
+    if (threadIdx.x < TW_TABLE_WORDS) to[threadIdx.x] = word;
+    for (int i = threadIdx.x + blockDim.x; i < TW_TABLE_WORDS; i += blockDim.x)
+        to[i] = ((const unsigned long long*)a.table)[i];
+}
+
+__device__ __forceinline__ void tw_table_in(const EpArgs& a, EpTable* t) {
+    tw_table_store(a, t, tw_table_word(a));
 }
 
 // After the table's barrier: whether the buffers hold the call's layout. A call captured in a
@@ -180,10 +192,11 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
     const int per_block = (T + gridDim.x - 1) / gridDim.x;
     const int t0 = min(T, (int)blockIdx.x * per_block), t1 = min(T, t0 + per_block);
     const unsigned long long seq = *(volatile const unsigned long long*)counter + 1ull;
-    tw_table_in(a, &tab);
+    // The table's load in flight during the count (which does not read it; it only fills
+    // shared memory): stored, and checked, at the count's barrier.
+    const unsigned long long word = tw_table_word(a);
     for (int e = threadIdx.x; e < E; e += blockDim.x) before[e] = total[e] = 0;
     __syncthreads();
-    if (!tw_fits(a, tab, active)) return;  // unnumbered: the call's later kernels see it too
     for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
         const long long e = tw_sel(topk, i / K, i % K, K, E);
         if (e >= 0) {
@@ -191,7 +204,9 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
             if (i < t0 * K) atomicAdd(&before[e], 1);
         }
     }
+    tw_table_store(a, &tab, word);
     __syncthreads();
+    if (!tw_fits(a, tab, active)) return;  // unnumbered: the call's later kernels see it too
     if (warp == 0) {
         // In token order: each selection's position in its expert's list.
         for (int t = t0; t < t1; t++) {
@@ -425,6 +440,20 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_recv(EpArgs a,
     }
 }
 
+// Combine send: piece `task` of the block's rows (of `tasks`) into `q` (this lane's four
+// 16-byte words of it); returns the token it is for (-1: no such piece).
+__device__ __forceinline__ int tw_piece(const char* rows, const int* info, unsigned long long row, int per,
+                                        int chunks, int lane, int task, int tasks, int4* q) {
+    if (task >= tasks) return -1;
+    const int j = task / chunks;
+    const int4* src = (const int4*)(rows + (unsigned long long)j * row);
+    const int v = (task % chunks) * 128 + lane;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        if (v + 32 * i < per) q[i] = src[v + 32 * i];
+    return info[j];
+}
+
 // Combine, send phase: one block per (local expert, home rank): the expert's output rows for
 // that rank's tokens into its combine area (row of (expert, token)), then the expert's signal
 // there, with or without rows.
@@ -440,39 +469,40 @@ extern "C" __global__ void __launch_bounds__(1024, 2) tw_ep_combine_send(EpArgs 
     const unsigned long long slot = (unsigned long long)el * a.ranks + s;
     const long long range = layout_range[slot];
     const int on = tw_flag(active, s);
-    tw_table_in(a, &tab);
+    const unsigned long long word = tw_table_word(a);
+    const int begin = (int)(range >> 32), most = a.ranks * a.max_tokens;
+    // A range outside the expert's rows (a corrupt handle) is clamped to them.
+    const int n = (begin < 0 || begin > most) ? 0 : min((int)(range & 0xffffffffll), most - begin);
+    const unsigned long long row = (unsigned long long)a.hidden * 2;
+    const unsigned long long first = (unsigned long long)el * a.ranks * a.max_tokens + begin;
+    const char* rows = (const char*)y + first * row;
+    const int* info = src_info + first;
+    // Pieces of 2 KiB (a warp, four 16-byte words a lane): each warp's first piece is loaded
+    // before the table's barrier (at T = 128 most warps have one), the next one after each
+    // piece's stores.
+    const int per = (int)(row / 16), chunks = (per + 127) / 128;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int4 q[4];
+    int task = warp;
+    int tok = tw_piece(rows, info, row, per, chunks, lane, task, n * chunks, q);
+    tw_table_store(a, &tab, word);
     // The barrier also makes the flag one verdict for the block (each thread read it; a
     // thread that left early would miss the barrier before the signal).
     const int all_on = __syncthreads_and(on != 0);
     if (!tw_fits(a, tab, active) || tab.peers[s] == 0 || !all_on) return;
-    const int begin = (int)(range >> 32), most = a.ranks * a.max_tokens;
-    // A range outside the expert's rows (a corrupt handle) is clamped to them.
-    const int n = (begin < 0 || begin > most) ? 0 : min((int)(range & 0xffffffffll), most - begin);
     const int e = a.rank * a.local_experts + el;
-    const unsigned long long row = (unsigned long long)a.hidden * 2;
     char* base = tw_base(tab, s, seq);
     char* cdata = base + a.off_cdata + (unsigned long long)e * a.max_tokens * row;
-    const unsigned long long first = (unsigned long long)el * a.ranks * a.max_tokens + begin;
-    const char* rows = (const char*)y + first * row;
-    const int* info = src_info + first;
-    // Pieces of 2 KiB (a warp, four 16-byte words a lane), loads before stores.
-    const int per = (int)(row / 16), chunks = (per + 127) / 128;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int task = warp; task < n * chunks; task += warps) {
-        const int j = task / chunks, c = task % chunks;
+    for (; task < n * chunks; task += warps) {
         // A token number outside the call (a corrupt handle) is skipped, not written.
-        const int tok = info[j];
-        if ((unsigned)tok >= (unsigned)a.max_tokens) continue;
-        const int4* src = (const int4*)(rows + (unsigned long long)j * row);
-        int4* dst = (int4*)(cdata + (unsigned long long)tok * row);
-        const int v = c * 128 + lane;
-        int4 q[4];
+        if ((unsigned)tok < (unsigned)a.max_tokens) {
+            int4* dst = (int4*)(cdata + (unsigned long long)tok * row);
+            const int v = (task % chunks) * 128 + lane;
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-            if (v + 32 * i < per) q[i] = src[v + 32 * i];
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            if (v + 32 * i < per) dst[v + 32 * i] = q[i];
+            for (int i = 0; i < 4; i++)
+                if (v + 32 * i < per) dst[v + 32 * i] = q[i];
+        }
+        tok = tw_piece(rows, info, row, per, chunks, lane, task + warps, n * chunks, q);
     }
     // Every thread's rows before the signal: the barrier orders them before thread 0's
     // system-scope fence (cumulative), which orders them before the signal.
