@@ -1464,6 +1464,87 @@ def body_cuda_survivors(rank: int, size: int, port: int, arg: str) -> Any:
             "epoch": mpg.get_current_epoch(pg), "one_shot_calls": counted}
 
 
+def body_cuda_stale_graph(rank: int, size: int, port: int, arg: str) -> Any:
+    """Three ranks of a `mooncake` group on the NVLink path; an all_reduce captured in a CUDA
+    graph and replayed; rank 2 removed by every rank's `deactivate_ranks`; ranks 0 and 1
+    re-form (a new path over them at their next CUDA call), then replay the old graph: it must
+    move nothing (its tensor keeps what was written before), count its launch as stale (logged
+    as an error at the next call), and the collectives after it — eager, and a graph captured
+    anew — give what they must."""
+    import logging
+
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    mpg.set_eviction_timeout_us(3_600_000_000)
+    mpg.set_agreement_phase_timeout_us(3_600_000_000)
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dev = torch.device("cuda", torch.cuda.current_device())
+    mask = torch.ones(3, dtype=torch.int32)
+    dist.init_process_group(
+        "mooncake", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(mask),
+    )
+    pg = dist.group.WORLD
+    bad: List[str] = []
+
+    def check(what: str, got: torch.Tensor, want: float) -> None:
+        torch.cuda.synchronize()
+        if not torch.equal(got.cpu(), torch.full(got.shape, want)):
+            bad.append(f"{what}: got {got.flatten()[:4].tolist()}..., want {want}")
+
+    def captured(t: torch.Tensor) -> "torch.cuda.CUDAGraph":
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+            dist.all_reduce(t)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        return g
+
+    x = torch.full((1024,), rank + 1.0, device=dev)
+    dist.all_reduce(x)  # the path forms
+    check("eager all_reduce over three", x, 6.0)
+    old = torch.zeros(1024, device=dev)
+    g = captured(old)
+    old.fill_(rank + 1.0)
+    g.replay()
+    check("graph all_reduce over three", old, 6.0)
+    mpg.deactivate_ranks(pg, [2])
+    if rank == 2:
+        return {"bad": bad, "removed": True}
+    errors: List[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record.getMessage())
+
+    logging.getLogger("tidewire").addHandler(Keep())
+    y = torch.full((1024,), rank + 1.0, device=dev)
+    dist.all_reduce(y)  # re-forms over ranks 0 and 1: a new path
+    check("eager all_reduce over two", y, 3.0)
+    # The graph of the old path: nothing moves (before the gate, its kernel wrote into the old
+    # path's freed buffers).
+    old.fill_(-7.0)
+    g.replay()
+    check("the old path's graph replayed", old, -7.0)
+    stale = int(pg._stale.numpy()[0])
+    z = torch.full((1024,), rank + 1.0, device=dev)
+    dist.all_reduce(z)
+    check("eager all_reduce after the stale replay", z, 3.0)
+    new = torch.zeros(1024, device=dev)
+    g2 = captured(new)
+    for k in range(3):
+        new.fill_(rank + 1.0 + k)
+        g2.replay()
+        check(f"a graph captured anew, replay {k}", new, 3.0 + 2 * k)
+    dist.destroy_process_group()
+    return {"bad": bad, "stale": stale, "errors": errors}
+
+
 def body_cuda_p2p(rank: int, size: int, port: int, arg: str) -> Any:
     """Point-to-point on CUDA tensors over NVLink (2 ranks), every byte checked: both ranks
     sending first (a `batch_isend_irecv` and plain isend / irecv pairs) with messages past what
@@ -1971,6 +2052,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "cuda_elastic": body_cuda_elastic,
     "cuda_ep_stale": body_cuda_ep_stale,
     "cuda_survivors": body_cuda_survivors,
+    "cuda_stale_graph": body_cuda_stale_graph,
     "cuda_p2p": body_cuda_p2p,
     "extension": body_extension,
     "join_cycle_child": body_join_cycle_child,

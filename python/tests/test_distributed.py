@@ -438,6 +438,19 @@ def test_cuda_collectives_go_on_over_the_survivors_on_a_new_nvlink_path() -> Non
         assert out["one_shot_calls"] >= 2, f"rank {rank}: {out}"
 
 
+def test_a_cuda_graph_captured_before_the_group_re_formed_moves_nothing_and_is_reported() -> None:
+    """pg_rank.body_cuda_stale_graph: three ranks, rank 2 removed; the survivors replay an
+    all_reduce graph of the old path (its buffers freed) and go on."""
+    _two_gpus()
+    results = run_group("cuda_stale_graph", 3, "", deadline=120)
+    assert results[2] == {"bad": [], "removed": True}, results[2]
+    for rank in (0, 1):
+        out = results[rank]
+        assert out["bad"] == [], f"rank {rank}: {out['bad']}"
+        assert out["stale"] >= 1, f"rank {rank}: the stale replay was not counted: {out}"
+        assert any("replayed from a CUDA graph" in e for e in out["errors"]), f"rank {rank}: not logged: {out}"
+
+
 def test_cuda_send_and_recv_over_nvlink_in_both_directions_at_once() -> None:
     """pg_rank.body_cuda_p2p."""
     _two_gpus()

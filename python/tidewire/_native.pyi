@@ -184,7 +184,14 @@ class CudaCommunicator:
     @staticmethod
     def allocate(engine: Engine, device: int, ranks: int) -> Tuple[int, int]: ...
     def __new__(
-        cls, engine: Engine, rank: int, device: int, peers: List[Tuple[str, int, int]], timeout_s: float
+        cls,
+        engine: Engine,
+        rank: int,
+        device: int,
+        peers: List[Tuple[str, int, int]],
+        timeout_s: float,
+        gate: Any,
+        stale: Any,
     ) -> CudaCommunicator: ...
     def unreached(self) -> List[Tuple[int, str]]: ...
     def paths(self) -> List[str]: ...

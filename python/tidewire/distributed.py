@@ -67,6 +67,9 @@ _LOG = logging.getLogger("tidewire")
 #: How long a group's shutdown waits for the release of an earlier view's memory: the engine's
 #: stall deadline (10 s, the longest a free waits for a mapping process to let go) and a margin.
 _RELEASE_BOUND_S = 15.0
+#: The gates of CUDA paths and the groups' stale-launch words (`_CudaPath`), kept for the
+#: process: a graph captured on a path reads its gate at every replay, whenever that is.
+_KEPT: List[torch.Tensor] = []
 
 _DTYPES = {
     torch.int8: "int8",
@@ -413,10 +416,15 @@ class _CudaPath:
 
     def __init__(
         self, xchg: Callable[[str, Any], List[Any]], rank: int, size: int, timeout: timedelta, device: int,
-        members: List[int], slots: int,
+        members: List[int], slots: int, stale: Optional[torch.Tensor],
     ) -> None:
         self.device = device
         self.comm: Optional[Any] = None
+        #: Nonzero while the path is open; zeroed when it closes, so that a launch replayed from
+        #: a CUDA graph captured on it moves nothing (and counts itself in `stale`).
+        self.gate = torch.ones(1, dtype=torch.int32, device=f"cuda:{device}")
+        _KEPT.append(self.gate)
+        torch.cuda.current_stream(device).synchronize()
         #: The stream of the last launch: its raw handle (-1: none yet; the default stream's
         #: is 0) and torch's triple for it.
         self._last: Tuple[int, Any] = (-1, None)
@@ -449,7 +457,7 @@ class _CudaPath:
             raise
         peers = [(i["name"], int(i["addr"]), int(i["len"])) for i in infos]
         # The communicator owns the buffer from here (freed with it, or if this fails).
-        comm = _native.CudaCommunicator(eng._native, rank, device, peers, timeout.total_seconds())
+        comm = _native.CudaCommunicator(eng._native, rank, device, peers, timeout.total_seconds(), self.gate, stale)
         # Every rank takes the same path: the NVLink one only if every rank reaches every other.
         # (At most eight, cut short: after a membership change they travel in one datagram.)
         mine = [f"rank {members[rank]} -> rank {members[r]}: {why[:96]}" for r, why in comm.unreached()][:8]
@@ -471,7 +479,10 @@ class _CudaPath:
         comm, self.comm = self.comm, None
         if comm is None:
             return None
-        # The kernels end by the group's timeout at the latest; the buffer is freed after.
+        # The kernels end by the group's timeout at the latest; the gate closes before the
+        # buffers go (a graph replayed later finds it closed).
+        torch.cuda.synchronize(self.device)
+        self.gate.zero_()
         torch.cuda.synchronize(self.device)
         return comm.close(background)
 
@@ -698,6 +709,11 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._p2p_last: Optional[Any] = None
         #: Communicators of earlier views being released on threads of their own (`_reform`).
         self._releasing: List[_native.Release] = []
+        #: Launches replayed from CUDA graphs that found their path closed (pinned host word,
+        #: written by the kernels; made with the first CUDA path), and how many were reported.
+        self._stale: Optional[torch.Tensor] = None
+        self._stale_words: Any = None  # its numpy view (read at every CUDA call)
+        self._stale_seen = 0
         #: Whether CUDA tensors may take an NVLink path (not a host-only group, not turned off).
         self._cuda_capable = cuda and os.environ.get("TIDEWIRE_PG_CUDA", "1") != "0"
         eng = engine()
@@ -961,6 +977,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return [self._members[r] for r in self._comm.dead_ranks() if r < len(self._members)]
 
     def shutdown(self) -> None:
+        self._check_stale()
         try:
             self._flush_p2p()
         except Exception as e:  # noqa: BLE001 (the group is going away; say why once)
@@ -982,6 +999,12 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """Forms the NVLink path over the ranks the communicator spans: through the store at
         the group's creation, through the membership after a change (the store may have died
         with its rank)."""
+        if torch.cuda.is_current_stream_capturing():
+            # (Its gate and buffers are made outside any graph; tried again at the next call.)
+            raise RuntimeError(
+                f"tidewire: rank {self._rank}: the group's CUDA path forms at its first CUDA collective after the "
+                "group formed or re-formed, which may not be inside CUDA-graph capture: make one before capturing"
+            )
         self._cuda_allowed = False
         members, epoch = list(self._members), self._comm_epoch
         if self._elastic is None or epoch == 0:
@@ -992,7 +1015,13 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                 self._elastic.announce(key, json.dumps(payload))
                 return [json.loads(v) for v in self._elastic.collect(key, epoch, members, self._timeout.total_seconds())]
         try:
-            path = _CudaPath(xchg, members.index(self._rank), len(members), self._timeout, device, members, self._size)
+            if self._stale_words is None:
+                self._stale = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+                self._stale_words = self._stale.numpy()
+                _KEPT.append(self._stale)
+            path = _CudaPath(
+                xchg, members.index(self._rank), len(members), self._timeout, device, members, self._size, self._stale
+            )
         except _native.TidewireError as e:
             self._failed(getattr(e, "ranks", []))
             raise
@@ -1011,6 +1040,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         if not tensors or tensors[0].device.type != "cuda" or self._size == 1:
             return None
         self._enter()
+        self._check_stale()
         if not message:
             self._flush_p2p()
         if len(self._members) == 1:
@@ -1021,6 +1051,21 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         if path is None:
             return None
         return _on_path(path, *tensors)
+
+    def _check_stale(self) -> None:
+        """Logs an error when launches replayed from CUDA graphs found their path closed since
+        the last check (they moved nothing). Not raised: the replays land on each rank at its
+        own time, and a call that failed on some ranks only would leave the others waiting."""
+        if self._stale_words is None:
+            return
+        n = int(self._stale_words[0])
+        if n != self._stale_seen:
+            missed, self._stale_seen = n - self._stale_seen, n
+            _LOG.error(
+                "tidewire: rank %d: %d collective launch(es) replayed from a CUDA graph captured on this group's "
+                "CUDA path before it closed (the group re-formed over other members, now epoch %d) moved nothing: "
+                "capture graphs again after a membership change", self._rank, missed, self._comm_epoch,
+            )
 
     # --- collectives ----------------------------------------------------------------------
     def allreduce(self, tensors: List[torch.Tensor], opts: Any = None) -> dist.Work:

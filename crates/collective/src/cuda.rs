@@ -119,12 +119,23 @@ fn gpu_err(context: String) -> impl FnOnce(GpuError) -> Error {
     move |source| Error::Engine { context, source: tidewire::Error::gpu("CUDA", source) }
 }
 
+/// The two words that let a launch replayed from a CUDA graph find that its path closed.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    /// A 32-bit word of device memory: nonzero while the path is open (the caller zeroes it
+    /// when it closes the path).
+    pub gate: u64,
+    /// A 32-bit word of pinned host memory: launches that found the gate closed add 1.
+    pub stale: u64,
+}
+
 /// One rank's CUDA path of a group.
 pub struct CudaComm {
     peers: PeerBuffers,
     kernels: Arc<CollKernels>,
     /// Where the kernels record a failure.
     failure: HostFlag,
+    gate: Gate,
     slot: u64,
     blocks: u32,
     chunk_kib: u32,
@@ -142,12 +153,17 @@ impl CudaComm {
     /// Maps every rank's buffer (`peers[r]`, ours included) and loads the kernels. Ranks no
     /// GPU path reaches are listed by [`CudaComm::unreached`] (the caller then stages CUDA
     /// tensors through host memory, for every rank alike).
-    pub fn connect(
+    ///
+    /// # Safety
+    /// `gate.gate` is 4 bytes of device memory of `device` and `gate.stale` 4 bytes of pinned
+    /// host memory, both alive for the process (a graph may replay a launch at any time).
+    pub unsafe fn connect(
         engine: Arc<Engine>,
         rank: usize,
         device: u32,
         peers: &[PeerBuffer],
         timeout: Duration,
+        gate: Gate,
     ) -> Result<Self> {
         // Every rank of the path takes part in every collective: its kernels have no absent
         // ranks (the caller forms a path over the ranks taking part).
@@ -183,7 +199,7 @@ impl CudaComm {
                 peers.smallest()
             )));
         }
-        Ok(Self { peers, kernels, failure, slot, blocks, chunk_kib: chunk_kib(), timeout })
+        Ok(Self { peers, kernels, failure, gate, slot, blocks, chunk_kib: chunk_kib(), timeout })
     }
 
     /// The ranks no GPU path reaches, with the reason.
@@ -253,6 +269,7 @@ impl CudaComm {
         }
         (a.send_base, a.recv_base) = (send_base, recv_base);
         a.err_at = self.failure.addr();
+        (a.gate, a.stale_at) = (self.gate.gate, self.gate.stale);
         a.slot = self.slot;
         a.timeout_ns = i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX);
         a.rank = self.peers.rank() as i32;

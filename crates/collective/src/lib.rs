@@ -14,6 +14,6 @@ pub mod membership;
 pub mod plan;
 
 pub use comm::{Comm, OpId, PeerInfo, Region};
-pub use cuda::{CudaComm, CudaOp};
+pub use cuda::{CudaComm, CudaOp, Gate};
 pub use dtype::{finish_avg, reduce_into, DType, ReduceOp};
 pub use error::{record, Error, Result};

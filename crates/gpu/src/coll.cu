@@ -60,6 +60,9 @@ struct CollArgs {
                                   // the output's length, recv_off[rank] its offset)
     u64 send_base, recv_base;
     u64 err_at;                   // pinned host word: a failure (see tw_fail)
+    u64 gate;                     // device word, kept for the process: 0 once the path closed
+    u64 stale_at;                 // pinned host word of the group, kept for the process: launches
+                                  // that found the gate closed (see tw_gate_open)
     u64 slot;                     // bytes of one (buffer, source) slot
     long long timeout_ns;
     int rank, ranks;
@@ -359,12 +362,24 @@ __device__ void tw_reduce(const CollArgs& a, char* out, const char* const* src, 
     }
 }
 
+// Whether the path is still open. A launch captured in a CUDA graph keeps its arguments; once
+// the group re-formed over other members (or was destroyed) the path's buffers are freed and
+// unmapped, and a replay must touch none of them: it finds the gate 0, moves nothing, and
+// counts itself in the group's `stale_at`, which the group's next call reports. One verdict
+// per block (every thread then returns, or none).
+__device__ __forceinline__ bool tw_gate_open(const CollArgs& a) {
+    const int closed = __syncthreads_or(*(volatile const unsigned*)a.gate == 0u);
+    if (closed && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd_system((unsigned*)a.stale_at, 1u);
+    return !closed;
+}
+
 // The body of both kernels (REDUCE: the reduce kernel).
 template <bool REDUCE>
 __device__ void tw_coll(const CollArgs& a) {
     __shared__ u64 base[TW_COLL_RANKS], chunk[TW_COLL_RANKS], rounds[TW_COLL_RANKS];
     __shared__ u64 most;
     __shared__ int failed;
+    if (!tw_gate_open(a)) return;
     const int b = blockIdx.x, t = threadIdx.x;
     const u64 g = gridDim.x;
     char* mine = (char*)a.peers[a.rank];
@@ -483,6 +498,7 @@ __device__ __forceinline__ char* tw_p2p_slot(const CollArgs& a, int owner, int s
 extern "C" __global__ void __launch_bounds__(512, 2) tw_coll_p2p(CollArgs a) {
     __shared__ int peer, sending, failed;
     __shared__ u64 base;
+    if (!tw_gate_open(a)) return;
     const int lanes = a.p2p_lanes, t = threadIdx.x, lane = blockIdx.x % lanes;
     if (t == 0) {
         const int want = blockIdx.x / lanes;

@@ -82,6 +82,12 @@ pub struct CollArgs {
     pub recv_base: u64,
     /// A 32-bit word of pinned host memory: a failure a kernel recorded.
     pub err_at: u64,
+    /// A 32-bit word of device memory, kept for the process: nonzero while the path is open
+    /// (a launch replayed from a CUDA graph after the path closed finds 0 and moves nothing).
+    pub gate: u64,
+    /// A 32-bit word of pinned host memory, kept for the process: launches that found the
+    /// gate closed add 1.
+    pub stale_at: u64,
     /// Bytes of one (buffer, source rank) slot.
     pub slot: u64,
     pub timeout_ns: i64,
@@ -132,6 +138,8 @@ impl CollArgs {
             send_base: 0,
             recv_base: 0,
             err_at: 0,
+            gate: 0,
+            stale_at: 0,
             slot: 0,
             timeout_ns: 0,
             rank: 0,
@@ -283,9 +291,9 @@ mod tests {
 
     #[test]
     fn the_args_have_the_kernels_layout() {
-        // Six arrays of 64 words, four words, an i64 and seven i32 (padded to 8 bytes, as C
+        // Six arrays of 64 words, six words, an i64 and seven i32 (padded to 8 bytes, as C
         // pads the struct).
-        assert_eq!(size_of::<CollArgs>(), 6 * 64 * 8 + 4 * 8 + 8 + 7 * 4 + 4);
+        assert_eq!(size_of::<CollArgs>(), 6 * 64 * 8 + 6 * 8 + 8 + 7 * 4 + 4);
         assert!(size_of::<CollArgs>() <= 4096, "a kernel's parameters fit 4 KiB");
     }
 
@@ -312,7 +320,7 @@ mod tests {
         assert_eq!(define(src, "TW_P2P_DEPTH"), P2P_DEPTH);
         assert_eq!(define(src, "TW_P2P_CHUNK"), P2P_CHUNK);
         let ours = rust_fields!(CollArgs: peers, alive, send_off, send_len, recv_off, recv_len, send_base, recv_base, err_at,
-            slot, timeout_ns, rank, ranks, dtype, redop, what, chunk_kib, p2p_lanes
+            gate, stale_at, slot, timeout_ns, rank, ranks, dtype, redop, what, chunk_kib, p2p_lanes
         );
         assert_eq!(fields(src, "CollArgs"), ours);
         assert!(src.contains("__launch_bounds__(512)") && THREADS == 512);

@@ -10,10 +10,12 @@ use pyo3::prelude::*;
 use tidewire::{Engine, PeerBuffer};
 use tidewire_collective::elastic::{Elastic, ElasticSettings};
 use tidewire_collective::membership::{Settings, View};
-use tidewire_collective::{Comm, CudaComm, CudaOp, DType, Error, OpId, PeerInfo, ReduceOp, Region};
+use tidewire_collective::{
+    Comm, CudaComm, CudaOp, DType, Error, Gate, OpId, PeerInfo, ReduceOp, Region,
+};
 
 use crate::errors;
-use crate::{secs, PyEngine};
+use crate::{secs, tensor_address, Home, PyEngine};
 
 /// Maps a collective failure to its Python exception; `ranks` on it names the ranks involved.
 fn to_py(e: Error) -> PyErr {
@@ -426,7 +428,12 @@ impl PyCudaComm {
 
     /// Maps every rank's buffer (`peers`: `(engine name, address, length)` in rank order) and
     /// loads the kernels; our buffer is freed with the communicator (or now, if this fails).
+    /// `gate` (a 32-bit tensor on `cuda:device`, nonzero) and `stale` (a 32-bit tensor in
+    /// pinned host memory) are kept by the caller for the process: the caller zeroes `gate`
+    /// when it closes the path, and a launch replayed from a CUDA graph after that moves
+    /// nothing and adds 1 to `stale`.
     #[new]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         engine: &PyEngine,
@@ -434,13 +441,33 @@ impl PyCudaComm {
         device: u32,
         peers: Vec<(String, u64, u64)>,
         timeout_s: f64,
+        gate: Bound<'_, PyAny>,
+        stale: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let engine: Arc<Engine> = engine.engine()?;
-        let timeout = secs("timeout", timeout_s)?;
+        let words = secs("timeout", timeout_s).and_then(|t| {
+            let g = tensor_address(&gate, "the CUDA path's gate", 4, Home::Gpu(device))?;
+            let s = tensor_address(&stale, "the group's stale-launch word", 4, Home::Pinned)?;
+            Ok((t, g, s))
+        });
+        let (timeout, gate, stale) = match words {
+            Ok(w) => w,
+            Err(e) => {
+                // Our buffer is ours to free until a communicator owns it.
+                if let Some(mine) = peers.get(rank) {
+                    let _ = engine.free_device(mine.1);
+                }
+                return Err(e);
+            }
+        };
         let peers: Vec<PeerBuffer> =
             peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
         // The communicator owns our buffer (`peers[rank]`): freed with it, or by `connect`.
-        let comm = py.detach(|| CudaComm::connect(engine, rank, device, &peers, timeout));
+        // SAFETY: both words were checked (4 bytes at least, where the kernels reach them) and
+        // `tidewire.distributed` keeps both tensors for the process.
+        let comm = py.detach(|| unsafe {
+            CudaComm::connect(engine, rank, device, &peers, timeout, Gate { gate, stale })
+        });
         Ok(Self { comm: Mutex::new(Some(comm.map_err(to_py)?)) })
     }
 

@@ -13,7 +13,7 @@ use tidewire::metrics::{Metrics, Scrape};
 use tidewire_ep::{Buffer, Call, CombineIo, DispatchOut, Layout, PeerBuffer};
 
 use crate::errors;
-use crate::PyEngine;
+use crate::{tensor_address, Home, PyEngine};
 
 fn to_py(e: tidewire_ep::Error) -> PyErr {
     let msg = e.to_string();
@@ -119,7 +119,12 @@ impl PyEpBuffer {
         table: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let engine = engine.engine()?;
-        let addr = match table_address(&table, device) {
+        let addr = match tensor_address(
+            &table,
+            "the EP table",
+            tidewire_gpu::ep::TABLE_BYTES,
+            Home::Gpu(device),
+        ) {
             Ok(addr) => addr,
             Err(e) => {
                 // Our buffer is ours to free until a buffer object owns it.
@@ -242,22 +247,6 @@ impl PyEpBuffer {
             b => drop(b),
         });
     }
-}
-
-/// The device address of the EP table tensor: contiguous, `TABLE_BYTES` at least, on
-/// `cuda:device`.
-fn table_address(table: &Bound<'_, PyAny>, device: u32) -> PyResult<u64> {
-    let bytes: u64 = table.getattr("nbytes")?.extract()?;
-    let on: i64 = table.getattr("device")?.getattr("index")?.extract().unwrap_or(-1);
-    let contiguous: bool = table.call_method0("is_contiguous")?.extract()?;
-    if bytes < tidewire_gpu::ep::TABLE_BYTES || on != i64::from(device) || !contiguous {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "the EP table must be a contiguous tensor of at least {} bytes on cuda:{device}, not {bytes} \
-             on device index {on} (contiguous: {contiguous})",
-            tidewire_gpu::ep::TABLE_BYTES
-        )));
-    }
-    table.call_method0("data_ptr")?.extract()
 }
 
 /// Counts an EP call in the process's metrics, when they are recorded.

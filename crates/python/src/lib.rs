@@ -55,6 +55,41 @@ pub(crate) fn secs(what: &str, s: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(s).map_err(|e| errors::invalid(format!("{what} {s}: {e}")))
 }
 
+/// Where a tensor that kernels read or write must live.
+pub(crate) enum Home {
+    /// On `cuda:N`.
+    Gpu(u32),
+    /// In pinned host memory (which every GPU reaches at the same address).
+    Pinned,
+}
+
+/// The address of the torch tensor `t` (`what`, in errors): contiguous, `min_bytes` at least,
+/// where `home` says.
+pub(crate) fn tensor_address(
+    t: &Bound<'_, PyAny>,
+    what: &str,
+    min_bytes: u64,
+    home: Home,
+) -> PyResult<u64> {
+    let bytes: u64 = t.getattr("nbytes")?.extract()?;
+    let contiguous: bool = t.call_method0("is_contiguous")?.extract()?;
+    let (there, want) = match home {
+        Home::Gpu(device) => {
+            let on: i64 = t.getattr("device")?.getattr("index")?.extract().unwrap_or(-1);
+            (on == i64::from(device), format!("on cuda:{device}"))
+        }
+        Home::Pinned => (t.call_method0("is_pinned")?.extract()?, "in pinned host memory".into()),
+    };
+    if bytes < min_bytes || !there || !contiguous {
+        let device = t.getattr("device")?.str()?.to_string();
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{what} must be a contiguous tensor of at least {min_bytes} bytes {want}, not {bytes} \
+             bytes on {device} (contiguous: {contiguous})"
+        )));
+    }
+    t.call_method0("data_ptr")?.extract()
+}
+
 /// A transfer engine (one per process, or several in tests).
 #[pyclass(frozen, module = "tidewire._native", name = "Engine")]
 pub(crate) struct PyEngine {
