@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -64,12 +65,10 @@ __all__ = ["ProcessGroupTidewire", "engine", "set_host_ip"]
 
 BACKEND = "tidewire"
 _LOG = logging.getLogger("tidewire")
-#: How long a group's shutdown waits for the release of an earlier view's memory: the engine's
-#: stall deadline (10 s, the longest a free waits for a mapping process to let go) and a margin.
+#: How long a group's shutdown waits, in all, for the releases of earlier views' memory (each
+#: free in them waits up to the engine's 10 s stall deadline for a mapping process to let go;
+#: one that takes longer is left to finish on its thread, and said so).
 _RELEASE_BOUND_S = 15.0
-#: The gates of CUDA paths and the groups' stale-launch words (`_CudaPath`), kept for the
-#: process: a graph captured on a path reads its gate at every replay, whenever that is.
-_KEPT: List[torch.Tensor] = []
 
 _DTYPES = {
     torch.int8: "int8",
@@ -422,8 +421,8 @@ class _CudaPath:
         self.comm: Optional[Any] = None
         #: Nonzero while the path is open; zeroed when it closes, so that a launch replayed from
         #: a CUDA graph captured on it moves nothing (and counts itself in `stale`).
+        #: (The native path keeps it, and `stale`, for the process.)
         self.gate = torch.ones(1, dtype=torch.int32, device=f"cuda:{device}")
-        _KEPT.append(self.gate)
         torch.cuda.current_stream(device).synchronize()
         #: The stream of the last launch: its raw handle (-1: none yet; the default stream's
         #: is 0) and torch's triple for it.
@@ -867,6 +866,12 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                 f"tidewire: rank {self._rank}: the group's view changed (epoch {epoch}, active {members}) and "
                 "it re-forms only when told: call mooncake.pg.sync_after_failure(pg) first"
             )
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            # (Re-forming waits for the old path's kernels and makes a new one: not in a graph.)
+            raise RuntimeError(
+                f"tidewire: rank {self._rank}: the group's view changed (epoch {epoch}, active {members}) and it "
+                "re-forms at its next call, which may not be inside CUDA-graph capture: make one call before capturing"
+            )
         old = list(self._members)
         removed = sorted(set(old) - set(members))
         if self._reform(epoch, members) and len(old) > 1:
@@ -977,23 +982,26 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return [self._members[r] for r in self._comm.dead_ranks() if r < len(self._members)]
 
     def shutdown(self) -> None:
-        self._check_stale()
         try:
-            self._flush_p2p()
-        except Exception as e:  # noqa: BLE001 (the group is going away; say why once)
-            _LOG.warning("tidewire: rank %d: sends and receives queued at shutdown failed: %s", self._rank, e)
-        if self._elastic is not None:
-            self._elastic.close()
-        if self._cuda is not None:
-            self._cuda.close()
-        self._comm.close()
-        self._inflight.clear()
-        # Nothing outlives the group: the releases of earlier views' memory end by the engine's
-        # stall deadline (each waits for mapping processes to let go, then frees or leaves it).
-        for r in self._releasing:
-            if not r.wait(_RELEASE_BOUND_S):
-                _LOG.warning("tidewire: rank %d: %r did not end in %.0f s", self._rank, r, _RELEASE_BOUND_S)
-        self._releasing = []
+            self._check_stale()
+            try:
+                self._flush_p2p()
+            except Exception as e:  # noqa: BLE001 (the group is going away; say why once)
+                _LOG.warning("tidewire: rank %d: sends and receives queued at shutdown failed: %s", self._rank, e)
+            if self._elastic is not None:
+                self._elastic.close()
+            if self._cuda is not None:
+                self._cuda.close()
+            self._comm.close()
+            self._inflight.clear()
+        finally:
+            # The releases of earlier views' memory (each waits for the processes that mapped
+            # it to let go, then frees it or leaves it) are waited for, within one bound.
+            end = time.monotonic() + _RELEASE_BOUND_S
+            for r in self._releasing:
+                if not r.wait(max(0.0, end - time.monotonic())):
+                    _LOG.warning("tidewire: rank %d: %r did not end within %.0f s: left to finish", self._rank, r, _RELEASE_BOUND_S)
+            self._releasing = []
 
     def _start_cuda(self, device: int) -> None:
         """Forms the NVLink path over the ranks the communicator spans: through the store at
@@ -1018,7 +1026,6 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             if self._stale_words is None:
                 self._stale = torch.zeros(1, dtype=torch.int32, pin_memory=True)
                 self._stale_words = self._stale.numpy()
-                _KEPT.append(self._stale)
             path = _CudaPath(
                 xchg, members.index(self._rank), len(members), self._timeout, device, members, self._size, self._stale
             )

@@ -207,8 +207,11 @@ impl Buffer {
         // Now: the next buffer writes the table next, and counts in the metrics.
         self.clear_table();
         self.watch.retired.store(true, Ordering::Relaxed);
-        let spawned =
-            std::thread::Builder::new().name("tw-ep-release".into()).spawn(move || drop(self));
+        let spawned = std::thread::Builder::new().name("tw-ep-release".into()).spawn(move || {
+            // Its frees may come while the caller captures a CUDA graph.
+            tidewire_gpu::alloc::relax_capture_mode();
+            drop(self)
+        });
         if let Err(e) = spawned {
             // The buffer went with the closure: released here after all.
             log::warn!("EP buffer: no thread to release it ({e}): released by the caller");

@@ -263,6 +263,22 @@ pub unsafe fn write_device(device: u32, dst: u64, src: &[u8]) -> Result<(), GpuE
     cuda.check("cuCtxSynchronize", unsafe { (cuda.ctx_synchronize)() })
 }
 
+/// Puts the calling thread in CUDA's relaxed stream-capture mode (`CU_STREAM_CAPTURE_MODE_RELAXED`),
+/// as torch's allocator does around its frees: in the default (global) mode a free, unmap or
+/// host-memory release made while any thread captures a CUDA graph fails and invalidates that
+/// capture. For threads that only release memory, at any time (a release on a thread of its
+/// own). Logs and goes on if the driver refuses.
+pub fn relax_capture_mode() {
+    const RELAXED: std::ffi::c_int = 2;
+    let Ok(cuda) = driver() else { return };
+    let mut mode = RELAXED;
+    // SAFETY: the call swaps the thread's mode with `mode` (a valid, writable c_int).
+    let swapped = unsafe { (cuda.capture_mode)(&mut mode) };
+    if let Err(e) = cuda.check("cuThreadExchangeStreamCaptureMode", swapped) {
+        log::warn!("a releasing thread stays in the global capture mode: {e}");
+    }
+}
+
 /// Sets `len` bytes of device memory at `ptr` (owned by GPU `device`) to zero; returns once
 /// done.
 ///

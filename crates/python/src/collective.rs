@@ -333,25 +333,30 @@ impl PyComm {
     /// returned says when it ended, so that a stopped peer holds up nobody's next call.
     #[pyo3(signature = (background = false))]
     fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
-        let comm = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        close(py, "communicator", comm, background)
+        close(py, "communicator", &self.comm, background, false)
     }
 }
 
-/// Drops `value` here (without the GIL), or with `background` on a thread of its own.
+/// Takes the communicator out of `slot` (waiting, without the GIL, for a call that holds it)
+/// and drops it here, or with `background` on a thread of its own (`gpu`: one that holds GPU
+/// memory, released in the relaxed capture mode).
 fn close<T: Send + 'static>(
     py: Python<'_>,
     what: &str,
-    value: Option<T>,
+    slot: &Mutex<Option<T>>,
     background: bool,
+    gpu: bool,
 ) -> Option<PyRelease> {
-    match value {
-        Some(v) if background => Some(PyRelease::start(what, v)),
-        v => {
-            py.detach(move || drop(v));
-            None
+    py.detach(|| {
+        let value = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        match value {
+            Some(v) if background => Some(PyRelease::start(what, v, gpu)),
+            v => {
+                drop(v);
+                None
+            }
         }
-    }
+    })
 }
 
 /// A communicator being released on a thread of its own (`close(background=True)`).
@@ -364,9 +369,13 @@ pub(crate) struct PyRelease {
 }
 
 impl PyRelease {
-    fn start<T: Send + 'static>(what: &str, value: T) -> Self {
+    fn start<T: Send + 'static>(what: &str, value: T, gpu: bool) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let spawned = std::thread::Builder::new().name("tw-pg-release".into()).spawn(move || {
+            if gpu {
+                // Its frees may come while the caller captures a CUDA graph.
+                tidewire_gpu::alloc::relax_capture_mode();
+            }
             drop(value);
             drop(tx);
         });
@@ -393,6 +402,10 @@ impl PyRelease {
         format!("<Release of a {}>", self.what)
     }
 }
+
+/// The gate and stale-launch tensors of every CUDA path made (`CudaCommunicator`), never
+/// dropped: a graph captured on a path may replay at any time.
+static KEPT: Mutex<Vec<Py<PyAny>>> = Mutex::new(Vec::new());
 
 /// One rank's CUDA path of a group (see `tidewire.distributed`): collectives launched on the
 /// caller's stream over the ranks' NVLink-mapped buffers.
@@ -429,9 +442,9 @@ impl PyCudaComm {
     /// Maps every rank's buffer (`peers`: `(engine name, address, length)` in rank order) and
     /// loads the kernels; our buffer is freed with the communicator (or now, if this fails).
     /// `gate` (a 32-bit tensor on `cuda:device`, nonzero) and `stale` (a 32-bit tensor in
-    /// pinned host memory) are kept by the caller for the process: the caller zeroes `gate`
-    /// when it closes the path, and a launch replayed from a CUDA graph after that moves
-    /// nothing and adds 1 to `stale`.
+    /// pinned host memory) are kept for the process: the caller zeroes `gate` when it closes
+    /// the path, and a launch replayed from a CUDA graph after that moves nothing and adds 1
+    /// to `stale`.
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -450,6 +463,7 @@ impl PyCudaComm {
             let s = tensor_address(&stale, "the group's stale-launch word", 4, Home::Pinned)?;
             Ok((t, g, s))
         });
+        let (gate_t, stale_t) = (gate.unbind(), stale.unbind());
         let (timeout, gate, stale) = match words {
             Ok(w) => w,
             Err(e) => {
@@ -460,11 +474,13 @@ impl PyCudaComm {
                 return Err(e);
             }
         };
+        // Kept for the process: a graph captured on this path reads them at every replay.
+        KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend([gate_t, stale_t]);
         let peers: Vec<PeerBuffer> =
             peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
         // The communicator owns our buffer (`peers[rank]`): freed with it, or by `connect`.
         // SAFETY: both words were checked (4 bytes at least, where the kernels reach them) and
-        // `tidewire.distributed` keeps both tensors for the process.
+        // their tensors are kept for the process (`KEPT`).
         let comm = py.detach(|| unsafe {
             CudaComm::connect(engine, rank, device, &peers, timeout, Gate { gate, stale })
         });
@@ -565,8 +581,7 @@ impl PyCudaComm {
     /// `background` does it on a thread of its own the same way.
     #[pyo3(signature = (background = false))]
     fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
-        let taken = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        close(py, "CUDA communicator", taken, background)
+        close(py, "CUDA communicator", &self.comm, background, true)
     }
 }
 
