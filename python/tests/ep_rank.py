@@ -194,19 +194,26 @@ def random_fp8_combine(buf: Any, rank: int, R: int, E: int, H: int, bad: List[st
         bad.append(f"random fp8: combine diff {diff:.2e}")
 
 
+def captured_round(buf: Any, x: torch.Tensor, topk: torch.Tensor, w: torch.Tensor, active: torch.Tensor, E: int) -> Any:
+    """Dispatch -> hook -> combine -> hook of `x` (bf16) captured in a CUDA graph: the graph,
+    the dispatch's receive counts and the combine's output (static tensors of its replays)."""
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        p, cnt, h, _, hook = buf.dispatch(x, topk, active, T, E, 10_000_000, use_fp8=False, return_recv_hook=True)
+        hook()
+        o, _, chook = buf.combine(p, topk, w, active, 10_000_000, h, return_recv_hook=True)
+        chook()
+    return g, cnt, o
+
+
 def graph_replays(buf: Any, rank: int, R: int, E: int, H: int, replays: int, bad: List[str], update_at: int = -1) -> None:
     """Dispatch -> hook -> combine -> hook captured once, replayed with new inputs, each replay
     against eager execution of the same inputs; before replay `update_at` every rank calls
     update_ep_member (new buffers, mapped anew): the graph follows them."""
     active = torch.ones(R, dtype=torch.int32, device="cuda")
     x_s, k_s, w_s = (t.clone() for t in inputs(rank, H, E, 50))
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        p_s, c_s, h_s, _, hook = buf.dispatch(x_s, k_s, active, T, E, 10_000_000, use_fp8=False, return_recv_hook=True)
-        hook()
-        o_s, _, chook = buf.combine(p_s, k_s, w_s, active, 10_000_000, h_s, return_recv_hook=True)
-        chook()
+    g, c_s, o_s = captured_round(buf, x_s, k_s, w_s, active, E)
     for it in range(replays):
         if it == update_at:
             buf.update_ep_member()
@@ -381,13 +388,7 @@ def stray_replay(rank: int, R: int, E: int, H: int, size_hint: int) -> Dict[str,
     buf = tidewire.ep.Buffer(dist.group.WORLD, size_hint)
     active = torch.ones(R, dtype=torch.int32, device="cuda")
     x, topk, w = inputs(rank, H, E, 4)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        p, cnt, h, _, hook = buf.dispatch(x, topk, active, T, E, 10_000_000, use_fp8=False, return_recv_hook=True)
-        hook()
-        o, _, chook = buf.combine(p, topk, w, active, 10_000_000, h, return_recv_hook=True)
-        chook()
+    g, cnt, o = captured_round(buf, x, topk, w, active, E)
     g.replay()
     torch.cuda.synchronize()
     live = calc_diff(o.float(), x.float() * (w * (topk >= 0).float()).sum(1, keepdim=True))
