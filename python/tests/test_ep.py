@@ -3,9 +3,10 @@
 On two GPUs of one host (skipped, with the reason, without them; scripts/gpu-test.sh runs them
 on the GPU host): DeepEP's low-latency checks (python/tests/ep_rank.py) for every mode and
 dtype, four hidden sizes, 256 and 288 experts, groups over NCCL and Gloo, a CUDA graph replayed
-against eager execution (and on new buffers after an update_ep_member halfway), two dispatchers alternating on one buffer, a rank that leaves between
-dispatch and combine, the collective fallback (disable_p2p, and ranks on different "hosts"), and
-a buffer made and destroyed 100 times.
+against eager execution (and on new buffers after an update_ep_member halfway), two dispatchers
+alternating on one buffer, a rank that leaves between dispatch and combine, the collective
+fallback (disable_p2p, and ranks on different "hosts"), and a buffer made and destroyed 100
+times (a graph replayed after its buffer was destroyed reaching nobody).
 
 Everywhere (CI): FP8 quantisation against a numpy reference, the collective fallback's
 dispatch and combine on host tensors, and the construction exchange with a rank that never

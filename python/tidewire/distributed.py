@@ -866,12 +866,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                 f"tidewire: rank {self._rank}: the group's view changed (epoch {epoch}, active {members}) and "
                 "it re-forms only when told: call mooncake.pg.sync_after_failure(pg) first"
             )
-        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
-            # (Re-forming waits for the old path's kernels and makes a new one: not in a graph.)
-            raise RuntimeError(
-                f"tidewire: rank {self._rank}: the group's view changed (epoch {epoch}, active {members}) and it "
-                "re-forms at its next call, which may not be inside CUDA-graph capture: make one call before capturing"
-            )
+        self._refuse_in_capture(f"the group's view changed (epoch {epoch}, active {members}) and it re-forms at its next call")
         old = list(self._members)
         removed = sorted(set(old) - set(members))
         if self._reform(epoch, members) and len(old) > 1:
@@ -914,13 +909,13 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         # old memory to let go, and a stopped member never does before the engine's stall
         # deadline (the survivors' next call would wait for it). Joined at shutdown.
         self._releasing = [r for r in self._releasing if not r.wait(0.0)]
-        self._releasing += [r for r in (old.close(background=True),) if r is not None]
+        self._release_later(old.close(background=True))
         if self._p2p_timeout_s is not None:
             self._comm.set_p2p_timeout(self._p2p_timeout_s)
         if self._cuda is not None:
             # The path spans the members of the old view: dropped whole (nothing a failed
             # collective left in its buffers is read again).
-            self._releasing += [r for r in (self._cuda.close(background=True),) if r is not None]
+            self._release_later(self._cuda.close(background=True))
             self._cuda = None
         # A new one over the new members at the next CUDA call (every member makes the same
         # calls, so every member forms it at the same one).
@@ -937,6 +932,20 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         unreported = not self._reported
         self._reported = False
         return unreported and (failed or any(bool(i.get("failed")) for i in infos))
+
+    def _release_later(self, release: Optional[_native.Release]) -> None:
+        """Remembers a release running on its own thread (waited for at shutdown)."""
+        if release is not None:
+            self._releasing.append(release)
+
+    def _refuse_in_capture(self, what: str) -> None:
+        """Raises when the current stream captures a CUDA graph: `what` (making or dropping
+        GPU buffers, waiting for kernels) may not be captured."""
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"tidewire: rank {self._rank}: {what}, which may not be inside CUDA-graph capture: make one "
+                "call before capturing"
+            )
 
     def _view_failed(self, wait: bool) -> bool:
         """Whether an operation of the communicator (or the NVLink path) in force failed; with
@@ -1007,12 +1016,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         """Forms the NVLink path over the ranks the communicator spans: through the store at
         the group's creation, through the membership after a change (the store may have died
         with its rank)."""
-        if torch.cuda.is_current_stream_capturing():
-            # (Its gate and buffers are made outside any graph; tried again at the next call.)
-            raise RuntimeError(
-                f"tidewire: rank {self._rank}: the group's CUDA path forms at its first CUDA collective after the "
-                "group formed or re-formed, which may not be inside CUDA-graph capture: make one before capturing"
-            )
+        # (Tried again at the next call.)
+        self._refuse_in_capture("the group's CUDA path forms at its first CUDA collective after the group formed or re-formed")
         self._cuda_allowed = False
         members, epoch = list(self._members), self._comm_epoch
         if self._elastic is None or epoch == 0:

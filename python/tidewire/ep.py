@@ -229,9 +229,6 @@ def _store(group: Any) -> Any:
 #: the number names one construction on every rank).
 _made: Dict[str, int] = {}
 
-#: Every buffer's device table, kept for the process (see `Buffer.__init__`).
-_tables: List[torch.Tensor] = []
-
 
 def exchange(group: Any, tag: str, payload: Any, timeout: Optional[timedelta] = None) -> List[Any]:
     """Every rank's `payload` (JSON-able), by rank, through the group's store. A rank that has
@@ -318,10 +315,9 @@ class Buffer:
         self._counter = torch.zeros(2, dtype=torch.int64, device=f"cuda:{self.device}" if self.device is not None else "cpu")
         # Every rank's buffer as the kernels read it at each launch (written by each native
         # buffer this object makes): a call captured in a CUDA graph follows update_ep_member.
-        # Kept for the process (1 KiB): a graph replayed after this object is gone reads the
-        # zeroed table (reaches nobody), never memory handed out again.
+        # The native buffer keeps it for the process (1 KiB): a graph replayed after this object
+        # is gone reads the zeroed table (reaches nobody), never memory handed out again.
         self._table = torch.zeros(_native.EpBuffer.table_bytes() // 8, dtype=torch.int64, device=self._counter.device)
-        _tables.append(self._table)
         # Each dispatch's number word, token count, top-k and host-side number, by its handle
         # (for its combine).
         self._seqs: Dict[int, Tuple[Any, int, int, int]] = {}

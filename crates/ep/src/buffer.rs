@@ -200,22 +200,13 @@ impl Buffer {
         self.table = 0;
     }
 
-    /// Unmaps the peers and frees the buffer on a thread of its own (the free waits up to the
-    /// engine's stall deadline for every process that mapped the buffer to release it: a
-    /// stopped one never does), or here if no thread can be started.
-    pub fn release_in_background(mut self) {
-        // Now: the next buffer writes the table next, and counts in the metrics.
+    /// Readies the buffer to be released on a thread of its own while a successor takes
+    /// over (its free waits up to the engine's stall deadline for every process that mapped
+    /// it: a stopped one never lets go): the table is zeroed now (the successor writes it
+    /// next) and the metrics leave this buffer to the successor.
+    pub fn retire(&mut self) {
         self.clear_table();
         self.watch.retired.store(true, Ordering::Relaxed);
-        let spawned = std::thread::Builder::new().name("tw-ep-release".into()).spawn(move || {
-            // Its frees may come while the caller captures a CUDA graph.
-            tidewire_gpu::alloc::relax_capture_mode();
-            drop(self)
-        });
-        if let Err(e) = spawned {
-            // The buffer went with the closure: released here after all.
-            log::warn!("EP buffer: no thread to release it ({e}): released by the caller");
-        }
     }
 
     /// Per source rank, how often a kernel's wait marked it inactive since the buffer was

@@ -15,7 +15,9 @@ use tidewire_collective::{
 };
 
 use crate::errors;
-use crate::{secs, tensor_address, Home, PyEngine};
+use crate::{
+    close, keep_for_process, or_free_ours, secs, tensor_address, Home, PyEngine, PyRelease,
+};
 
 /// Maps a collective failure to its Python exception; `ranks` on it names the ranks involved.
 fn to_py(e: Error) -> PyErr {
@@ -333,79 +335,9 @@ impl PyComm {
     /// returned says when it ended, so that a stopped peer holds up nobody's next call.
     #[pyo3(signature = (background = false))]
     fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
-        close(py, "communicator", &self.comm, background, false)
+        close(py, "communicator", &self.comm, background, false, |_| {})
     }
 }
-
-/// Takes the communicator out of `slot` (waiting, without the GIL, for a call that holds it)
-/// and drops it here, or with `background` on a thread of its own (`gpu`: one that holds GPU
-/// memory, released in the relaxed capture mode).
-fn close<T: Send + 'static>(
-    py: Python<'_>,
-    what: &str,
-    slot: &Mutex<Option<T>>,
-    background: bool,
-    gpu: bool,
-) -> Option<PyRelease> {
-    py.detach(|| {
-        let value = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        match value {
-            Some(v) if background => Some(PyRelease::start(what, v, gpu)),
-            v => {
-                drop(v);
-                None
-            }
-        }
-    })
-}
-
-/// A communicator being released on a thread of its own (`close(background=True)`).
-#[pyclass(frozen, module = "tidewire._native", name = "Release")]
-pub(crate) struct PyRelease {
-    what: String,
-    /// Disconnected once the thread dropped what it releases (or never started: then the
-    /// caller dropped it).
-    done: Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl PyRelease {
-    fn start<T: Send + 'static>(what: &str, value: T, gpu: bool) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let spawned = std::thread::Builder::new().name("tw-pg-release".into()).spawn(move || {
-            if gpu {
-                // Its frees may come while the caller captures a CUDA graph.
-                tidewire_gpu::alloc::relax_capture_mode();
-            }
-            drop(value);
-            drop(tx);
-        });
-        if let Err(e) = spawned {
-            // The closure, and `value` with it, was dropped here: released by the caller.
-            log::warn!("{what}: no thread to release it ({e}): released by the caller");
-        }
-        Self { what: what.to_string(), done: Mutex::new(rx) }
-    }
-}
-
-#[pymethods]
-impl PyRelease {
-    /// Waits up to `timeout_s` for the release to end: whether it did.
-    fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<bool> {
-        let timeout = secs("timeout", timeout_s)?;
-        Ok(py.detach(|| {
-            let rx = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            !matches!(rx.recv_timeout(timeout), Err(std::sync::mpsc::RecvTimeoutError::Timeout))
-        }))
-    }
-
-    fn __repr__(&self) -> String {
-        format!("<Release of a {}>", self.what)
-    }
-}
-
-/// The gate and stale-launch tensors of every CUDA path made (`CudaCommunicator`), never
-/// dropped: a graph captured on a path may replay at any time.
-static KEPT: Mutex<Vec<Py<PyAny>>> = Mutex::new(Vec::new());
 
 /// One rank's CUDA path of a group (see `tidewire.distributed`): collectives launched on the
 /// caller's stream over the ranks' NVLink-mapped buffers.
@@ -463,26 +395,23 @@ impl PyCudaComm {
             let s = tensor_address(&stale, "the group's stale-launch word", 4, Home::Pinned)?;
             Ok((t, g, s))
         });
-        let (gate_t, stale_t) = (gate.unbind(), stale.unbind());
-        let (timeout, gate, stale) = match words {
-            Ok(w) => w,
-            Err(e) => {
-                // Our buffer is ours to free until a communicator owns it.
-                if let Some(mine) = peers.get(rank) {
-                    let _ = engine.free_device(mine.1);
-                }
-                return Err(e);
-            }
-        };
-        // Kept for the process: a graph captured on this path reads them at every replay.
-        KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend([gate_t, stale_t]);
+        let (timeout, gate_at, stale_at) = or_free_ours(words, &engine, &peers, rank)?;
+        // A graph captured on this path reads them at every replay.
+        keep_for_process([gate.unbind(), stale.unbind()]);
         let peers: Vec<PeerBuffer> =
             peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
         // The communicator owns our buffer (`peers[rank]`): freed with it, or by `connect`.
         // SAFETY: both words were checked (4 bytes at least, where the kernels reach them) and
-        // their tensors are kept for the process (`KEPT`).
+        // their tensors are kept for the process.
         let comm = py.detach(|| unsafe {
-            CudaComm::connect(engine, rank, device, &peers, timeout, Gate { gate, stale })
+            CudaComm::connect(
+                engine,
+                rank,
+                device,
+                &peers,
+                timeout,
+                Gate { gate: gate_at, stale: stale_at },
+            )
         });
         Ok(Self { comm: Mutex::new(Some(comm.map_err(to_py)?)) })
     }
@@ -581,7 +510,7 @@ impl PyCudaComm {
     /// `background` does it on a thread of its own the same way.
     #[pyo3(signature = (background = false))]
     fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
-        close(py, "CUDA communicator", &self.comm, background, true)
+        close(py, "CUDA communicator", &self.comm, background, true, |_| {})
     }
 }
 

@@ -13,7 +13,7 @@ use tidewire::metrics::{Metrics, Scrape};
 use tidewire_ep::{Buffer, Call, CombineIo, DispatchOut, Layout, PeerBuffer};
 
 use crate::errors;
-use crate::{tensor_address, Home, PyEngine};
+use crate::{close, keep_for_process, or_free_ours, tensor_address, Home, PyEngine, PyRelease};
 
 fn to_py(e: tidewire_ep::Error) -> PyErr {
     let msg = e.to_string();
@@ -34,10 +34,7 @@ fn to_py(e: tidewire_ep::Error) -> PyErr {
 /// One rank's EP buffer (see `tidewire.ep`).
 #[pyclass(frozen, module = "tidewire._native", name = "EpBuffer")]
 pub(crate) struct PyEpBuffer {
-    /// Dropped first (fields drop in order): the buffer zeroes the table as it goes.
     buf: Mutex<Option<Buffer>>,
-    /// The caller's table tensor, kept alive as long as this object.
-    _table: Py<PyAny>,
 }
 
 impl PyEpBuffer {
@@ -108,7 +105,8 @@ impl PyEpBuffer {
     }
 
     /// Maps every rank's buffer (`peers[r] = (engine name, address, length)`) for our GPU and
-    /// writes them into `table` (a tensor of `table_bytes()` on `device`, kept by this object).
+    /// writes them into `table` (a tensor of `table_bytes()` on `device`, kept for the
+    /// process).
     #[new]
     fn new(
         py: Python<'_>,
@@ -119,29 +117,23 @@ impl PyEpBuffer {
         table: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let engine = engine.engine()?;
-        let addr = match tensor_address(
+        let checked = tensor_address(
             &table,
             "the EP table",
             tidewire_gpu::ep::TABLE_BYTES,
             Home::Gpu(device),
-        ) {
-            Ok(addr) => addr,
-            Err(e) => {
-                // Our buffer is ours to free until a buffer object owns it.
-                if let Some(mine) = peers.get(rank) {
-                    let _ = engine.free_device(mine.1);
-                }
-                return Err(e);
-            }
-        };
+        );
+        let addr = or_free_ours(checked, &engine, &peers, rank)?;
+        // A graph captured on this buffer reads it at every replay (zeroed as the buffer goes).
+        keep_for_process([table.unbind()]);
         let peers: Vec<PeerBuffer> =
             peers.into_iter().map(|(name, addr, len)| PeerBuffer { name, addr, len }).collect();
-        // SAFETY: the tensor holds `TABLE_BYTES` on `device` (checked) and this object keeps
-        // it alive past the buffer (dropped first); `tidewire.ep` writes it nowhere else.
+        // SAFETY: the tensor holds `TABLE_BYTES` on `device` (checked) and is kept for the
+        // process; `tidewire.ep` writes it nowhere else.
         let buf = py
             .detach(move || unsafe { Buffer::connect(engine, rank, device, &peers, addr) })
             .map_err(to_py)?;
-        Ok(Self { buf: Mutex::new(Some(buf)), _table: table.unbind() })
+        Ok(Self { buf: Mutex::new(Some(buf)) })
     }
 
     /// Per source rank, how often a kernel's wait marked it inactive (deadline passed or
@@ -240,12 +232,8 @@ impl PyEpBuffer {
     /// engine's stall deadline; left allocated after that): with `background`, a thread of
     /// its own does it all, so that a stopped peer holds up nobody's next exchange.
     #[pyo3(signature = (background = false))]
-    fn close(&self, py: Python<'_>, background: bool) {
-        let b = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        py.detach(move || match b {
-            Some(b) if background => b.release_in_background(),
-            b => drop(b),
-        });
+    fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
+        close(py, "EP buffer", &self.buf, background, true, Buffer::retire)
     }
 }
 

@@ -55,6 +55,101 @@ pub(crate) fn secs(what: &str, s: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(s).map_err(|e| errors::invalid(format!("{what} {s}: {e}")))
 }
 
+/// Objects kernels may read at any time for the rest of the process (a CUDA graph captured on
+/// them may replay whenever its owner likes): never dropped.
+static KEPT: std::sync::Mutex<Vec<Py<PyAny>>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `objects` for the process (see [`KEPT`]).
+pub(crate) fn keep_for_process(objects: impl IntoIterator<Item = Py<PyAny>>) {
+    KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(objects);
+}
+
+/// Our own buffer (`peers[rank]`, an allocation of `engine`) freed when `checked` failed:
+/// the caller's until a native object owns it.
+pub(crate) fn or_free_ours<T>(
+    checked: PyResult<T>,
+    engine: &Engine,
+    peers: &[(String, u64, u64)],
+    rank: usize,
+) -> PyResult<T> {
+    if checked.is_err() {
+        if let Some(mine) = peers.get(rank) {
+            let _ = engine.free_device(mine.1);
+        }
+    }
+    checked
+}
+
+/// Takes a native object out of `slot` (waiting, without the GIL, for a call that holds it)
+/// and drops it here, or with `background` on a thread of its own after `retire` (`gpu`: it
+/// holds GPU memory, released in CUDA's relaxed capture mode).
+pub(crate) fn close<T: Send + 'static>(
+    py: Python<'_>,
+    what: &str,
+    slot: &std::sync::Mutex<Option<T>>,
+    background: bool,
+    gpu: bool,
+    retire: fn(&mut T),
+) -> Option<PyRelease> {
+    py.detach(|| {
+        let value = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        match value {
+            Some(mut v) if background => {
+                retire(&mut v);
+                Some(PyRelease::start(what, v, gpu))
+            }
+            v => {
+                drop(v);
+                None
+            }
+        }
+    })
+}
+
+/// A native object being released on a thread of its own (`close(background=True)`).
+#[pyclass(frozen, module = "tidewire._native", name = "Release")]
+pub(crate) struct PyRelease {
+    what: String,
+    /// Disconnected once the thread dropped what it releases (or never started: then the
+    /// caller dropped it).
+    done: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl PyRelease {
+    fn start<T: Send + 'static>(what: &str, value: T, gpu: bool) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new().name("tw-release".into()).spawn(move || {
+            if gpu {
+                // Its frees may come while the caller captures a CUDA graph.
+                tidewire_gpu::alloc::relax_capture_mode();
+            }
+            drop(value);
+            drop(tx);
+        });
+        if let Err(e) = spawned {
+            // The closure, and `value` with it, was dropped here: released by the caller.
+            log::warn!("{what}: no thread to release it ({e}): released by the caller");
+        }
+        Self { what: what.to_string(), done: std::sync::Mutex::new(rx) }
+    }
+}
+
+#[pymethods]
+impl PyRelease {
+    /// Waits up to `timeout_s` for the release to end: whether it did.
+    fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<bool> {
+        let timeout = secs("timeout", timeout_s)?;
+        Ok(py.detach(|| {
+            let rx = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            !matches!(rx.recv_timeout(timeout), Err(std::sync::mpsc::RecvTimeoutError::Timeout))
+        }))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Release of a {}>", self.what)
+    }
+}
+
 /// Where a tensor that kernels read or write must live.
 pub(crate) enum Home {
     /// On `cuda:N`.
@@ -803,7 +898,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMetadataServer>()?;
     m.add_class::<collective::PyComm>()?;
     m.add_class::<collective::PyCudaComm>()?;
-    m.add_class::<collective::PyRelease>()?;
+    m.add_class::<PyRelease>()?;
     m.add_class::<collective::PyElastic>()?;
     m.add_class::<ep::PyEpBuffer>()?;
     m.add_class::<ep::PyEpFallbackMetrics>()?;
