@@ -3,6 +3,10 @@ torch's own backends in the same run:
 
     python bench/pg_bench.py [--backends tidewire,gloo] [--ranks 2] [--max-bytes 64M] [--device cpu] [--graph]
 
+(`--one-gpu` puts every rank on cuda:0 to compare two builds of tidewire's kernels on a host
+with one GPU: start MPS first, or the ranks' spinning kernels share the GPU by time slices and
+every call waits for the next slice.)
+
 (`mooncake-cpu` / `mooncake` as a backend: tidewire's Mooncake-compatible groups, with elastic
 membership running.)
 
@@ -66,7 +70,7 @@ def rank_main(rank: int, n: int, backend_list: str, port: int, args: argparse.Na
         from mooncake.pg import MooncakeBackendOptions  # type: ignore[import-not-found]
 
         opts["pg_options"] = MooncakeBackendOptions(torch.ones(n, dtype=torch.int32))
-    dev = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
+    dev = torch.device(args.device, 0 if args.one_gpu else rank) if args.device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, **opts)
@@ -194,6 +198,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="CUDA: time replays of the calls captured in a graph")
     p.add_argument("--interleave", action="store_true", help="every backend in the same processes, their batches alternating")
+    p.add_argument(
+        "--one-gpu",
+        action="store_true",
+        help="CUDA: every rank on cuda:0 (an A/B of kernel changes on a one-GPU host; run it under MPS, "
+        "or the ranks' kernels take the GPU by time slices; NCCL refuses it)",
+    )
     args = p.parse_args()
     if args.interleave and any(b.startswith("mooncake") for b in args.backends.split(",")[1:]):
         # Its options (the active-rank mask) go to the default group only.
