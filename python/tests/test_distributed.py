@@ -562,3 +562,37 @@ def test_two_shot_parts_cover_the_tensor_in_whole_aligned_elements() -> None:
             assert i == ranks - 1 or length % 16 == 0 or length == 0 or at + length == nbytes, parts
             at += length
         assert at == nbytes, parts
+
+
+def test_a_cuda_path_whose_gate_cannot_close_keeps_its_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the GPU fails before the path's gate is zeroed, a graph captured on the path could
+    still replay into its buffers: they must stay (abandoned for the process), not be freed,
+    and the failure must reach the caller. (No GPU needed: the communicator and the GPU's
+    failure are stand-ins.)"""
+    from tidewire import distributed
+
+    calls: List[str] = []
+
+    class Comm:
+        def abandon(self) -> None:
+            calls.append("abandon")
+
+        def close(self, background: bool = False) -> None:
+            calls.append("close")
+
+    def sticky(device: Any = None) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    path = object.__new__(distributed._CudaPath)
+    path.device, path.comm, path.gate = 0, Comm(), torch.ones(1)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        path.close(background=True)
+    assert calls == ["abandon"] and path.comm is None
+    assert path.close() is None  # closed once: a second close does nothing
+
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    path.comm = Comm()
+    path.close()
+    assert calls == ["close"] and path.gate.item() == 0

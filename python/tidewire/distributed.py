@@ -480,9 +480,15 @@ class _CudaPath:
             return None
         # The kernels end by the group's timeout at the latest; the gate closes before the
         # buffers go (a graph replayed later finds it closed).
-        torch.cuda.synchronize(self.device)
-        self.gate.zero_()
-        torch.cuda.synchronize(self.device)
+        try:
+            torch.cuda.synchronize(self.device)
+            self.gate.zero_()
+            torch.cuda.synchronize(self.device)
+        except BaseException:
+            # The gate may still be open (a sticky CUDA error, most likely): the buffers stay
+            # for the process rather than be freed under a graph that may replay into them.
+            comm.abandon()
+            raise
         return comm.close(background)
 
     def work(self, result: Any) -> dist.Work:

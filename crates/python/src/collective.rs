@@ -512,6 +512,17 @@ impl PyCudaComm {
     fn close(&self, py: Python<'_>, background: bool) -> Option<PyRelease> {
         close(py, "CUDA communicator", &self.comm, background, true, |_| {})
     }
+
+    /// Leaves the buffer allocated and the peers mapped for the rest of the process, the
+    /// communicator closed (for a path whose gate could not be closed: a CUDA graph captured
+    /// on it may still replay into them, which must not find them freed).
+    fn abandon(&self, py: Python<'_>) {
+        py.detach(|| {
+            let taken = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            // Deliberately never dropped: see above.
+            std::mem::forget(taken);
+        })
+    }
 }
 
 /// One rank's elastic membership of a group (see `tidewire.mooncake.pg`): bound at creation,
