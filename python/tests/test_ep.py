@@ -2,11 +2,12 @@
 
 On two GPUs of one host (skipped, with the reason, without them; scripts/gpu-test.sh runs them
 on the GPU host): DeepEP's low-latency checks (python/tests/ep_rank.py) for every mode and
-dtype, four hidden sizes, 256 and 288 experts, groups over NCCL and Gloo, a CUDA graph replayed
-against eager execution (and on new buffers after an update_ep_member halfway), two dispatchers
-alternating on one buffer, a rank that leaves between dispatch and combine, the collective
-fallback (disable_p2p, and ranks on different "hosts"), and a buffer made and destroyed 100
-times (a graph replayed after its buffer was destroyed reaching nobody).
+dtype, six hidden sizes (two whose rows end in part of the kernels' 2 KiB piece), 256 and 288
+experts, groups over NCCL and Gloo, a CUDA graph replayed against eager execution (and on new
+buffers after an update_ep_member halfway), two dispatchers alternating on one buffer, a rank
+that leaves between dispatch and combine, the collective fallback (disable_p2p, and ranks on
+different "hosts"), and a buffer made and destroyed 100 times (a graph replayed after its
+buffer was destroyed reaching nobody).
 
 Everywhere (CI): FP8 quantisation against a numpy reference, the collective fallback's
 dispatch and combine on host tensors, and the construction exchange with a rank that never
@@ -34,7 +35,9 @@ needs_two_gpus = pytest.mark.skipif(
 
 SUITES = {
     "nccl-p2p": "backend=nccl,experts=256,hidden=7168/2048/4096/5120,leave=die,graph=100",
-    "gloo-p2p-288": "backend=gloo,experts=288,hidden=7168,leave=stall,graph=10",
+    # 2560 and 1152: rows that end in a part of the kernels' 2 KiB piece (bf16 5,120 and 2,304 B,
+    # fp8 2,560 and 1,152 B).
+    "gloo-p2p-288": "backend=gloo,experts=288,hidden=7168/2560/1152,leave=stall,graph=10",
     "nccl-disable-p2p": "backend=nccl,experts=256,hidden=7168,p2p=0",
     "gloo-other-hosts": "backend=gloo,experts=256,hidden=2048,host=1",
 }
