@@ -110,16 +110,18 @@ __device__ __forceinline__ long long tw_sel(const long long* topk, long long t, 
     return e;
 }
 
+// `active[r]` as it is now (another block, the host or a peer's failure may clear it at any
+// time): every read of the flag goes through here. Kernels that need it early read it before
+// the table's barrier (its load in flight with the table's).
+__device__ __forceinline__ int tw_flag(const int* active, int r) {
+    return *(volatile const int*)&active[r];
+}
+
 // Whether rank `r` takes part in this call: the caller's `active` says so and its buffer is
 // mapped (a rank outside the group's view when the buffers were exchanged has none: address
 // 0, never written or waited for).
 __device__ __forceinline__ bool tw_active(const EpTable& t, const int* active, int r) {
-    return t.peers[r] != 0 && *(volatile const int*)&active[r] != 0;
-}
-
-// `active[r]`, read before the table's barrier (its load in flight with the table's).
-__device__ __forceinline__ int tw_flag(const int* active, int r) {
-    return *(volatile const int*)&active[r];
+    return t.peers[r] != 0 && tw_flag(active, r) != 0;
 }
 
 // Waits until `*sig` carries the call `seq` in its high 32 bits; returns the low 32 bits, or
@@ -137,7 +139,7 @@ __device__ long long tw_wait(const EpArgs& a, const EpTable& t, const unsigned l
             const unsigned long long now = tw_now();
             bool dead = t.alive[from] != 0 && tw_host_poll_due(now, &polled) &&
                         *(volatile const unsigned*)t.alive[from] == 0;
-            if (dead || (long long)(now - start) > a.timeout_ns || *(volatile int*)&active[from] == 0) {
+            if (dead || (long long)(now - start) > a.timeout_ns || tw_flag(active, from) == 0) {
                 // Counted once per transition (what the metrics read on the host).
                 if (atomicExch(&active[from], 0) != 0 && t.marks != 0)
                     atomicAdd_system((unsigned*)t.marks + from, 1u);
