@@ -609,10 +609,8 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     except Exception as e:  # noqa: BLE001
         err = e
     failed_at = time.monotonic()
-    deadline = failed_at + 15
     # Watched without calling into the group: the host mask is written by the membership.
-    while pg._elastic.epoch() < 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _until(lambda: pg._elastic.epoch() >= 1, 15)
     untouched = active.tolist()
     out = report(error=repr(err), agreed_after=time.monotonic() - failed_at, mask_before_calls=untouched)
     # The survivors go on: collectives over the active ranks.
@@ -729,17 +727,12 @@ def body_joiners(rank: int, size: int, port: int, arg: str) -> Any:
                     dist.all_reduce(big)
             except Exception:  # noqa: BLE001
                 pass
-            end = time.monotonic() + 30
-            while pg._elastic.epoch() < 1 and time.monotonic() < end:
-                time.sleep(0.005)
+            _until(lambda: pg._elastic.epoch() >= 1, 30)
         out["mask_before"] = active.tolist()
         if rank == 0:
             open(flag, "w").close()
-        end = time.monotonic() + 60
-        while not mpg.get_peer_state(pg, [2])[0]:
-            if time.monotonic() > end:
-                return ["the joiner never became ready"]
-            time.sleep(0.005)
+        if not _until(lambda: mpg.get_peer_state(pg, [2])[0], 60):
+            return ["the joiner never became ready"]
         out["synced"] = mpg.get_num_synced_ranks(pg)
         start = time.monotonic()
         resp = mpg.recover_ranks(pg, [2])
@@ -827,11 +820,8 @@ def body_extension(rank: int, size: int, port: int, arg: str) -> Any:
         out["sizes_before"] = [world.size(), ep.size()]
         if rank == 0:
             open(flag, "w").close()
-        end = time.monotonic() + 60
-        while not all(mpg.get_peer_state(world, [2, 3])):
-            if time.monotonic() > end:
-                return ["the joiners never became ready"]
-            time.sleep(0.005)
+        if not _until(lambda: all(mpg.get_peer_state(world, [2, 3])), 60):
+            return ["the joiners never became ready"]
         out["activated"] = [int(mpg.activate_ranks(g, [2, 3]).status) for g in (world, ep)]
     out["after"] = sums()
     g4 = torch.empty(4 * 2)
@@ -938,11 +928,8 @@ def body_join_cycles(rank: int, size: int, port: int, arg: str) -> Any:
                 [sys.executable, __file__, "join_cycle_child", "2", "3", str(port), str(i)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-        end = time.monotonic() + 60
-        while not mpg.get_peer_state(pg, [2])[0]:
-            if time.monotonic() > end:
-                return bad + [f"cycle {i}: the joiner never became ready"]
-            time.sleep(0.002)
+        if not _until(lambda: mpg.get_peer_state(pg, [2])[0], 60):
+            return bad + [f"cycle {i}: the joiner never became ready"]
         resp = mpg.recover_ranks(pg, [2])
         if resp.status != mpg.ProposalStatus.Applied:
             bad.append(f"cycle {i}: recover {resp}")
@@ -961,9 +948,7 @@ def body_join_cycles(rank: int, size: int, port: int, arg: str) -> Any:
                 dist.all_reduce(t)
         except Exception:  # noqa: BLE001
             pass
-        end = time.monotonic() + 30
-        while 2 in pg._elastic.view()[1] and time.monotonic() < end:
-            time.sleep(0.002)
+        _until(lambda: 2 not in pg._elastic.view()[1], 30)
         mpg.sync_after_failure(pg)
         if active.tolist() != [1, 1, 0] or mpg.get_current_epoch(pg) <= epoch:
             bad.append(f"cycle {i}: mask {active.tolist()} epoch {mpg.get_current_epoch(pg)}")
@@ -1120,19 +1105,14 @@ def body_sglang_elastic(rank: int, size: int, port: int, arg: str) -> Any:
                     dist.all_reduce(big, group=tp)
         except Exception as e:  # noqa: BLE001
             out["ep_error"] = f"{where}: {str(e)[:300]}"
-        end = time.monotonic() + 30
-        while (mpg.get_current_epoch(world) < 1 or rank == 2 and mpg.get_current_epoch(tp) < 1) and time.monotonic() < end:
-            time.sleep(0.005)
+        _until(lambda: mpg.get_current_epoch(world) >= 1 and (rank != 2 or mpg.get_current_epoch(tp) >= 1), 30)
         out["masks_after_death"] = [world_mask.tolist(), tp_mask.tolist()]
         known_round_trip(buf, me, 4, E, H, world_mask, 2, False, "EP after the death", ep_bad, device="cpu")
         out["serving"] = sums()
         if rank == 0:
             open(flag, "w").close()
-        end = time.monotonic() + 60
-        while not mpg.get_peer_state(world, [3])[0]:
-            if time.monotonic() > end:
-                return ["the replacement never became ready"]
-            time.sleep(0.005)
+        if not _until(lambda: mpg.get_peer_state(world, [3])[0], 60):
+            return ["the replacement never became ready"]
         out["recover_world"] = int(mpg.recover_ranks(world, [3]).status)
         if rank == 2:
             out["recover_tp"] = int(mpg.recover_ranks(tp, [1]).status)
@@ -1250,9 +1230,7 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         # The next EP call reports the kernels' verdict to the world, which drops the rank long
         # before its own eviction timeout.
         known_round_trip(buf, me, R, E, H, wm, 4, False, "EP after the death", bad)
-        end = time.monotonic() + 20
-        while mpg.get_current_epoch(world) < 1 and time.monotonic() < end:
-            time.sleep(0.002)
+        _until(lambda: mpg.get_current_epoch(world) >= 1, 20)
         out["world_agreed_s"] = time.monotonic() - t0
         # The other groups learn it when their serving collectives fail on it (a CUDA one
         # fails in its kernel and says so at the group's next call).
@@ -1264,19 +1242,14 @@ def body_cuda_elastic(rank: int, size: int, port: int, arg: str) -> Any:
                     torch.cuda.synchronize()
                 except Exception:  # noqa: BLE001
                     break
-            end = time.monotonic() + 20
-            while mpg.get_current_epoch(g) < 1 and time.monotonic() < end:
-                time.sleep(0.002)
+            _until(lambda: mpg.get_current_epoch(g) >= 1, 20)
         out["masks_after_death"] = current_masks()
         out["serving"] = sums()
         open(flag, "w").close()
-        end = time.monotonic() + 90
         # It joins the groups one by one (each join blocks until it is added): recover_ranks
         # waits for its readiness in the later ones.
-        while not mpg.get_peer_state(world, [1])[0]:
-            if time.monotonic() > end:
-                return ["the replacement never became ready"]
-            time.sleep(0.005)
+        if not _until(lambda: mpg.get_peer_state(world, [1])[0], 90):
+            return ["the replacement never became ready"]
         out["recovered"] = [int(mpg.recover_ranks(g, [1]).status) for g in groups]
         buf.update_ep_member()
         out["paths_after"] = buf.paths
@@ -1407,9 +1380,7 @@ def body_cuda_survivors(rank: int, size: int, port: int, arg: str) -> Any:
             dist.all_reduce(t)
     except Exception:  # noqa: BLE001
         pass
-    end = time.monotonic() + 30
-    while mpg.get_current_epoch(pg) < 1 and time.monotonic() < end:
-        time.sleep(0.005)
+    _until(lambda: mpg.get_current_epoch(pg) >= 1, 30)
     from rank_main import gpu_of
 
     torch.cuda.set_device(gpu_of(1 if rank == 1 else 0))
