@@ -4,8 +4,9 @@ torch's own backends in the same run:
     python bench/pg_bench.py [--backends tidewire,gloo] [--ranks 2] [--max-bytes 64M] [--device cpu] [--graph]
 
 (`--one-gpu` puts every rank on cuda:0 to compare two builds of tidewire's kernels on a host
-with one GPU: start MPS first, or the ranks' spinning kernels share the GPU by time slices and
-every call waits for the next slice.)
+with one GPU: two ranks under MPS, or the ranks' spinning kernels share the GPU by time slices and
+every call waits for the next slice. Not more than two under MPS: every rank's launch must be
+resident at once, and 4 × 128 blocks do not fit; such calls wait for their deadline.)
 
 (`mooncake-cpu` / `mooncake` as a backend: tidewire's Mooncake-compatible groups, with elastic
 membership running.)
@@ -201,7 +202,7 @@ def main() -> None:
     p.add_argument(
         "--one-gpu",
         action="store_true",
-        help="CUDA: every rank on cuda:0 (an A/B of kernel changes on a one-GPU host; run it under MPS, "
+        help="CUDA: every rank on cuda:0 (an A/B of kernel changes on a one-GPU host; two ranks under MPS, "
         "or the ranks' kernels take the GPU by time slices; NCCL refuses it)",
     )
     args = p.parse_args()
