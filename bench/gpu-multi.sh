@@ -23,22 +23,7 @@ backend=nccl
 
 # A group of R ranks from python/tests (the suites' own checks), printed per rank; the group's
 # DEADLINE kills every rank still running.
-group() {  # group BODY ARG DEADLINE SCRIPT EXPECT_DEAD
-  (cd python/tests && python3 - "$@" <<'PY'
-import json, os, sys, time, test_distributed as t
-body, arg, deadline, script, dead = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-size = int(os.environ["R"])
-t0 = time.monotonic()
-try:
-    res = t.run_group(body, size, arg, deadline=deadline, expect_dead=dead, script=t.RANK.replace("pg_rank", script))
-    for r, out in enumerate(res):
-        print(body, arg, "rank", r, json.dumps(out)[:3000], flush=True)
-    print(body, arg, f"{time.monotonic() - t0:.0f} s", flush=True)
-except BaseException as e:
-    print(body, arg, "FAILED", f"{time.monotonic() - t0:.0f} s", str(e)[:12000], flush=True)
-PY
-  )
-}
+group() { python3 bench/rank_group.py "$@"; }  # group BODY ARG DEADLINE SCRIPT EXPECT_DEAD
 export R
 if [ "$PART" = ep ]; then
   for E in 256 288; do
@@ -46,7 +31,7 @@ if [ "$PART" = ep ]; then
     timeout 60 python3 bench/ref/collectives_reference.py ep --ranks "$R" --experts $E > "$O/ep-ref-$E.txt" 2>&1; step "ep-ref E=$E" $?
   done
   for E in 256 288; do
-    group suite "backend=$backend,experts=$E,hidden=7168,graph=10" 180 ep_rank -1 > "$O/ep-suite-$E.txt" 2>&1; step "ep-suite E=$E" $?
+    group suite "backend=$backend,experts=$E,hidden=7168/2560,graph=10" 180 ep_rank -1 > "$O/ep-suite-$E.txt" 2>&1; step "ep-suite E=$E" $?
   done
 else
   group cuda "" 150 pg_rank -1 > "$O/coll-suite.txt" 2>&1; step coll-suite $?
