@@ -298,6 +298,9 @@ pub struct Comm {
     /// bytes, so ranks out of step (different collectives, or one rank a call ahead) fail
     /// naming both calls instead of taking each other's bytes.
     seq: u64,
+    /// A pause before the next direct-read collective's reads (tests: a rank late to a call,
+    /// as a stopped or descheduled process is).
+    late_for_test: Option<Duration>,
 }
 
 /// A point-to-point message's header: `(tag, length)` as 16 bytes, in a box that stays put
@@ -574,6 +577,7 @@ impl Comm {
             sources: std::collections::VecDeque::new(),
             any_next: 0,
             seq: 0,
+            late_for_test: None,
         };
         comm.agree_direct()?;
         Ok(comm)
@@ -724,6 +728,13 @@ impl Comm {
     /// choose different algorithms fail later as out of step (a header or length mismatch).
     pub fn set_staged_sizes(&mut self, min: usize, max: usize) {
         self.staged_sizes = (min, max);
+    }
+
+    /// Makes this rank pause for `pause` before the reads of its next direct-read collective
+    /// (for tests: what a rank stopped or descheduled in the middle of a call does).
+    #[doc(hidden)]
+    pub fn be_late_for_test(&mut self, pause: Duration) {
+        self.late_for_test = Some(pause);
     }
 
     /// Agrees with every rank on which pairs read each other's memory directly: a pair does
@@ -967,8 +978,12 @@ impl Comm {
     }
 
     /// Poisons the group after `e` and tells every rank, so that those waiting for us fail
-    /// at once, blaming the same rank, instead of timing out on us.
+    /// at once, blaming the same rank, instead of timing out on us. The first failure
+    /// stands: a later one neither replaces it nor blames anew.
     fn fail(&mut self, e: &Error) {
+        if self.poisoned.is_some() {
+            return;
+        }
         self.poisoned = Some(e.to_string());
         let blamed = e.ranks().first().map_or(u64::MAX, |&r| r as u64 + 1);
         for link in self.links.iter().flatten() {
@@ -1340,7 +1355,9 @@ impl Comm {
 
     /// True once the operation `id` is done (no waiting; advances what can move).
     pub fn test(&mut self, id: OpId) -> bool {
-        if self.under_way(id) {
+        // A poisoned group moves nothing more: a receive whose failure was reported may have
+        // its buffer reused by now.
+        if self.under_way(id) && self.poisoned.is_none() {
             if let Err(e) = self.poll(&mut []) {
                 // Not done; the wait for it reports the failure.
                 self.fail(&e);
@@ -1940,6 +1957,9 @@ impl Comm {
         own: Option<(&mut [u8], &[u8])>,
         cut: Cut,
     ) -> Result<()> {
+        if let Some(pause) = self.late_for_test.take() {
+            std::thread::sleep(pause);
+        }
         // Any failure leaves the ranks out of step: the group is poisoned (and the others
         // told) so that none of them waits for us until its timeout.
         let mut jobs = Vec::with_capacity(reads.len() + 1);
@@ -1991,8 +2011,17 @@ impl Comm {
     }
 
     /// A token to and from each of `peers`: after it, neither side reads the other's buffers.
+    /// A peer that gave up on this call first (we were late: stopped, descheduled) sent its
+    /// token before it did, so the round passes; but its caller may have had its error and
+    /// reused the buffers we read since. Its abort word, stored before its error returned,
+    /// says so: the call fails here rather than return what we read.
     fn tokens(&mut self, name: &str, peers: &[usize]) -> Result<()> {
-        self.swap_words(name, peers, |_| [1u8; 16]).map(|_| ())
+        self.swap_words(name, peers, |_| [1u8; 16])?;
+        if let Some(e) = blamed(&self.links, name) {
+            self.fail(&e);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Sends `mine(r)` to every rank `r` of `peers` and receives its word (16 bytes) in one

@@ -557,6 +557,71 @@ fn ranks_out_of_step_fail_at_once_naming_both_calls_and_leave_the_buffers_alone(
 }
 
 #[test]
+fn a_rank_late_to_a_direct_read_call_fails_it_instead_of_returning_reused_bytes() {
+    // Rank 1 pauses after the addresses are swapped, before its reads (a stopped process).
+    // Rank 0 reads, sends its token, times out on rank 1's, returns the error and reuses its
+    // input (0xEE) while rank 1 is still paused. Rank 1 then reads that, and rank 0's token is
+    // already there: only rank 0's abort word tells rank 1 its call failed.
+    let len = 1 << 20;
+    let got = group_with(2, 64 << 10, Duration::from_millis(300), move |rank, comm| {
+        comm.set_staged_sizes(usize::MAX, 0); // nothing staged: the direct reads
+        let mut mine = vec![rank as u8 + 1; len];
+        let mut all = vec![0u8; 2 * len];
+        if rank == 1 {
+            comm.be_late_for_test(Duration::from_millis(1000));
+        }
+        let out = comm.all_gather(&mut all, &mine).map_err(|e| e.to_string());
+        if rank == 0 {
+            assert!(out.is_err(), "rank 0 waited past its timeout for rank 1: {out:?}");
+            mine.fill(0xEE);
+            // Its buffer stays (reused) while rank 1 reads it.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        out.map(|()| all.iter().filter(|&&b| b == 0xEE).count())
+    });
+    match &got[1] {
+        Ok(reused) => {
+            panic!("rank 1's all_gather succeeded ({reused} bytes of rank 0's reused buffer)")
+        }
+        Err(e) => assert!(e.contains("rank 1") || e.contains("rank 0"), "{e}"),
+    }
+}
+
+#[test]
+fn a_poisoned_group_moves_no_more_bytes_into_a_pending_receive() {
+    // Rank 0 posts a receive, then a collective that fails (rank 1 is not in it): the group
+    // is poisoned. Rank 1 sends the message after that; testing the receive must not take it
+    // into a buffer whose operation already failed.
+    let sent = Arc::new(Barrier::new(2));
+    let got = group_with(2, 4096, Duration::from_millis(300), move |rank, comm| {
+        let data = [0x11u8; 64];
+        if rank == 1 {
+            sent.wait();
+            // SAFETY: `data` lives until the wait returns.
+            if let Ok(id) = unsafe { comm.isend(0, data.as_ptr() as u64, 64, 7) } {
+                let _ = comm.wait(id, "send");
+            }
+            sent.wait();
+            return None;
+        }
+        let mut x = vec![0xA5u8; 64];
+        // SAFETY: `x` lives until the end of the body, after the communicator's last use.
+        let id = unsafe { comm.irecv(1, x.as_mut_ptr() as u64, 64, 7) }.unwrap();
+        let failed = comm.all_reduce(&mut [0u8; 8], DType::U8, ReduceOp::Sum).is_err();
+        sent.wait();
+        sent.wait();
+        let done = (0..100).any(|_| comm.test(id));
+        let waited = comm.wait(id, "recv").map_err(|e| e.to_string());
+        Some((failed, done, waited, x.iter().all(|&b| b == 0xA5)))
+    });
+    let (failed, done, waited, untouched) = got[0].clone().unwrap();
+    assert!(failed, "rank 0's all_reduce without rank 1 must fail");
+    assert!(!done, "a receive of a poisoned group completed");
+    assert!(waited.is_err(), "its wait must fail");
+    assert!(untouched, "the message was taken into the receive's buffer after the group failed");
+}
+
+#[test]
 fn a_rank_that_never_comes_is_a_timeout_naming_it() {
     let got = group_with(2, 4096, Duration::from_millis(300), |rank, comm| {
         if rank == 0 {
