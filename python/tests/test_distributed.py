@@ -596,3 +596,54 @@ def test_a_cuda_path_whose_gate_cannot_close_keeps_its_buffers(monkeypatch: pyte
     path.comm = Comm()
     path.close()
     assert calls == ["close"] and path.gate.item() == 0
+
+
+def test_a_receive_posted_before_the_group_re_formed_fails_instead_of_waiting_on_the_new_view() -> None:
+    """A point-to-point operation's id is the communicator's of the view it was posted in;
+    after a re-form the new communicator numbers its own from 0 again, so the old operation
+    must fail naming the change (not wait for an unrelated operation of the new view, or
+    finish "successfully" with a buffer nobody filled). Stand-ins for the group and its
+    communicators (no ranks needed)."""
+    from tidewire import distributed
+
+    waited: List[str] = []
+
+    class Comm:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait(self, op_id: int, what: str) -> None:
+            waited.append(self.name)
+
+        def test(self, op_id: int) -> bool:
+            waited.append(self.name)
+            return True
+
+    class Group:
+        _comm, _comm_epoch = Comm("old"), 0
+
+        def _call(self, fn: Any, *args: Any) -> Any:
+            return fn(*args)
+
+    pg = Group()
+    t = torch.full((4,), 7.0)
+    work = distributed._P2PWork(pg, 5, distributed._Flat(t, "recv"), "recv from rank 1")  # type: ignore[arg-type]
+    pg._comm, pg._comm_epoch = Comm("new"), 1
+    assert not work.is_completed()
+    with pytest.raises(RuntimeError, match="membership changed .*epoch 1"):
+        work.wait()
+    assert waited == [] and not work.is_success()
+    with pytest.raises(RuntimeError, match="membership changed"):
+        work.wait()  # the same failure again
+    # An operation of the view in force is waited for on its communicator.
+    fresh = distributed._P2PWork(pg, 0, distributed._Flat(t, "recv"), "recv from rank 1")  # type: ignore[arg-type]
+    assert fresh.wait() and waited == ["new"]
+
+
+def test_ranks_whose_rings_differ_in_size_are_refused_naming_the_rank() -> None:
+    from tidewire import distributed
+
+    infos = [{"cap": 4096}, {"cap": 4096}, {"cap": 8192}]
+    distributed._same_rings(infos[:2], 4096, [0, 2])
+    with pytest.raises(ValueError, match="rank 3 uses 8192-byte rings and this rank 4096"):
+        distributed._same_rings(infos, 4096, [0, 1, 3])

@@ -224,6 +224,18 @@ def _in_group_ranks(e: BaseException, members: List[int]) -> List[int]:
     return ranks
 
 
+def _same_rings(infos: List[Dict[str, Any]], cap: int, members: List[int]) -> None:
+    """Raises unless every member (`infos[i]` is group rank `members[i]`'s) uses rings of
+    `cap` bytes, as this rank does: each rank places its ring in a peer's region by its own
+    size, so rings of another size would overlap other senders' rings there."""
+    for r, info in zip(members, infos):
+        if int(info.get("cap", -1)) != cap:
+            raise ValueError(
+                f"tidewire: rank {r} uses {info.get('cap')}-byte rings and this rank {cap}: "
+                "set TIDEWIRE_PG_RING_BYTES alike on every rank"
+            )
+
+
 def _raised(fn: Callable[[], Any]) -> Optional[Exception]:
     """What `fn()` raised, or None (for callers that ask for a failure rather than a raise)."""
     try:
@@ -245,6 +257,9 @@ class _P2PWork(dist.Work):
     def __init__(self, pg: "ProcessGroupTidewire", op_id: int, flat: _Flat, what: str, any_source: bool = False) -> None:
         super().__init__()
         self._pg, self._id, self._flat, self._what = pg, op_id, flat, what
+        #: The communicator that numbers `op_id` (the group's view when it was posted): once
+        #: the group re-forms over other members, the id means nothing to the new one.
+        self._comm = pg._comm
         self._finished = False
         #: Why it failed (its wait raised it; ``get_local_success`` reads it).
         self._error: Optional[BaseException] = None
@@ -272,12 +287,22 @@ class _P2PWork(dist.Work):
 
     source_rank = _source_rank
 
+    def _own_view(self) -> None:
+        """Raises if the group re-formed since the operation was posted: it belonged to the
+        old view's communicator and ended with it (its buffer was never filled)."""
+        if self._pg._comm is not self._comm:
+            raise RuntimeError(
+                f"tidewire: {self._what}: the group's membership changed (now epoch {self._pg._comm_epoch}) "
+                "before this operation ended; it was dropped with the old membership: post it again"
+            )
+
     def wait(self, timeout: Optional[timedelta] = None) -> bool:
         if self._error is not None:
             raise self._error
         if not self._finished:
             try:
-                self._pg._call(self._pg._comm.wait, self._id, self._what)
+                self._own_view()
+                self._pg._call(self._comm.wait, self._id, self._what)
             except Exception as e:  # (an interrupt is not the operation's outcome)
                 self._error = e
                 raise
@@ -289,7 +314,8 @@ class _P2PWork(dist.Work):
         return _raised(self.wait)
 
     def is_completed(self) -> bool:
-        if not self._finished and self._pg._comm.test(self._id):
+        # An operation of an earlier view never completes (its wait says why).
+        if not self._finished and self._pg._comm is self._comm and self._comm.test(self._id):
             self._finish()
         return self._finished
 
@@ -733,12 +759,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         region = _native.Communicator.allocate_region(eng._native, size, _ring_bytes(size))
         try:
             infos = exchange(store, rank, size, "tidewire/region", {"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid()}, timeout)
-            for r, info in enumerate(infos):
-                if int(info.get("cap", -1)) != region[2]:
-                    raise ValueError(
-                        f"tidewire: rank {r} uses {info.get('cap')}-byte rings and this rank {region[2]}: "
-                        "set TIDEWIRE_PG_RING_BYTES alike on every rank"
-                    )
+            _same_rings(infos, region[2], list(range(size)))
         except BaseException:
             eng._native.free_shared(region[0])  # no communicator owns it yet
             raise
@@ -900,9 +921,11 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         failed = self._view_failed(wait=True)
         region = _native.Communicator.allocate_region(eng._native, n, _ring_bytes(n))
         try:
-            info = {"name": eng.name, "region": region[0], "pid": os.getpid(), "failed": failed}
+            info = {"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid(), "failed": failed}
             self._elastic.announce("region", json.dumps(info))
             infos = [json.loads(v) for v in self._elastic.collect("region", epoch, members, self._timeout.total_seconds())]
+            # (A replacement may have been started with other settings than the survivors.)
+            _same_rings(infos, region[2], members)
         except BaseException as e:
             eng._native.free_shared(region[0])  # no communicator owns it yet
             if isinstance(e, _native.TidewireError):

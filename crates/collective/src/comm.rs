@@ -2247,11 +2247,12 @@ impl Comm {
         self.begin();
         let n = self.size;
         let me = self.rank;
-        let sum = |s: &[usize]| s.iter().sum::<usize>();
+        // (Splits that overflow when summed match no buffer.)
+        let sum = |s: &[usize]| s.iter().try_fold(0usize, |a, &b| a.checked_add(b));
         if out_splits.len() != n
             || in_splits.len() != n
-            || sum(out_splits) != out.len()
-            || sum(in_splits) != input.len()
+            || sum(out_splits) != Some(out.len())
+            || sum(in_splits) != Some(input.len())
         {
             return Err(Error::invalid(format!(
                 "all_to_all: splits {out_splits:?} / {in_splits:?} do not match {n} ranks and buffers of {} / {} bytes",

@@ -622,6 +622,17 @@ fn a_poisoned_group_moves_no_more_bytes_into_a_pending_receive() {
 }
 
 #[test]
+fn all_to_all_splits_that_overflow_when_summed_are_refused() {
+    let got = group(2, 4096, |_, comm| {
+        let (mut out, input) = ([0u8; 1], [0u8; 1]);
+        comm.all_to_all(&mut out, &[usize::MAX, 2], &input, &[1, 0]).unwrap_err().to_string()
+    });
+    for e in got {
+        assert!(e.contains("do not match"), "{e}");
+    }
+}
+
+#[test]
 fn a_rank_that_never_comes_is_a_timeout_naming_it() {
     let got = group_with(2, 4096, Duration::from_millis(300), |rank, comm| {
         if rank == 0 {
