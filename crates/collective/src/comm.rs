@@ -323,6 +323,9 @@ struct AnyRecv {
     tag: u64,
 }
 
+/// The second half of a staged piece's first-round word (its length the first).
+const STAGED_WORD: &[u8; 8] = b"twstaged";
+
 /// How many sources of bound receives from any rank a communicator remembers (a caller that
 /// never asks for them does not grow it without end).
 const SOURCES_KEPT: usize = 1024;
@@ -831,7 +834,9 @@ impl Comm {
                         peer: id,
                         remote: ring + HEAD,
                     };
-                    let deadline = Instant::now() + timeout;
+                    // Within the same time as the opening (k remote peers must not take k
+                    // timeouts).
+                    let deadline = opening;
                     let first = engine.transfer_sync(&[probe], bounded(deadline));
                     if let Err(tidewire::Error::RemoteAccessDenied { .. }) = first {
                         engine
@@ -1525,7 +1530,7 @@ impl Comm {
             // previous piece (or call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
-            self.staged_round(name, &peers)?;
+            self.staged_round_of(name, &peers, piece.len())?;
             let own = parts[me].clone();
             // SAFETY: until the next round every rank writes only its own block of its own
             // stage: `acc` is ours (nobody else touches it), the sources the others' copies of
@@ -1574,7 +1579,7 @@ impl Comm {
             // call) ended every other rank's reads of it.
             let mine = unsafe { staged_mut(at[me], piece.len()) };
             self.readers.copy(mine, piece, Cut::Shared);
-            self.staged_round(name, &peers)?;
+            self.staged_round_of(name, &peers, piece.len())?;
             let parts: Vec<Range<usize>> =
                 (0..n).map(|r| r * len + from..r * len + from + piece.len()).collect();
             let mut dsts = disjoint_mut(out, &parts);
@@ -1631,7 +1636,7 @@ impl Comm {
                 })
                 .collect();
             self.copy_staged(name, jobs)?;
-            self.staged_round(name, &peers)?;
+            self.staged_round_of(name, &peers, m)?;
             let own = &input[me * len + from..me * len + from + m];
             let srcs: Vec<&[u8]> = peers
                 .iter()
@@ -1652,6 +1657,34 @@ impl Comm {
     fn staged_round(&mut self, name: &str, peers: &[usize]) -> Result<()> {
         self.phases.mark();
         self.tokens(name, peers)?;
+        self.phases.mark();
+        Ok(())
+    }
+
+    /// The first round of a staged piece of `len` bytes: each rank's word carries the
+    /// piece's length, which must be every rank's. Ranks that passed different sizes would
+    /// otherwise read past what a peer staged (bytes of an earlier call) and return them.
+    fn staged_round_of(&mut self, name: &str, peers: &[usize], len: usize) -> Result<()> {
+        self.phases.mark();
+        let mut mine = [0u8; 16];
+        mine[..8].copy_from_slice(&(len as u64).to_le_bytes());
+        mine[8..].copy_from_slice(STAGED_WORD);
+        let theirs = self.swap_words(name, peers, |_| mine)?;
+        // (Before the abort words: a peer that saw the sizes differ first has given up.)
+        if let Some(&r) = peers.iter().find(|&&r| theirs[r] != mine) {
+            let w = theirs[r];
+            let what = match (w[8..] == *STAGED_WORD, w[..8].try_into()) {
+                (true, Ok(b)) => format!("staged a piece of {} bytes", u64::from_le_bytes(b)),
+                _ => "is not staging this call".to_string(),
+            };
+            let e = Error::invalid(format!(
+                "{name}: rank {r} {what} where this rank staged {len} (the ranks passed \
+                 different sizes: every rank must pass the same)"
+            ));
+            self.fail(&e);
+            return Err(e);
+        }
+        self.not_given_up(name)?;
         self.phases.mark();
         Ok(())
     }
@@ -2017,6 +2050,11 @@ impl Comm {
     /// says so: the call fails here rather than return what we read.
     fn tokens(&mut self, name: &str, peers: &[usize]) -> Result<()> {
         self.swap_words(name, peers, |_| [1u8; 16])?;
+        self.not_given_up(name)
+    }
+
+    /// Fails the call if a peer gave up on it (its abort word; see [`Comm::tokens`]).
+    fn not_given_up(&mut self, name: &str) -> Result<()> {
         if let Some(e) = blamed(&self.links, name) {
             self.fail(&e);
             return Err(e);

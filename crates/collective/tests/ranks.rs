@@ -633,6 +633,37 @@ fn all_to_all_splits_that_overflow_when_summed_are_refused() {
 }
 
 #[test]
+fn staged_collectives_of_different_sizes_on_the_ranks_fail_naming_both() {
+    // Rank 1 passes half as much again as rank 0: reading past what rank 0 staged (bytes of
+    // no call) must fail the call on both ranks, not return them.
+    for case in 0..3 {
+        let got = group(2, 64 << 10, move |rank, comm| {
+            comm.set_staged_sizes(0, usize::MAX);
+            let len = if rank == 0 { 1 << 20 } else { 3 << 19 };
+            let out = match case {
+                0 => comm.all_reduce(&mut vec![1u8; len], DType::F32, ReduceOp::Sum),
+                1 => comm.all_gather(&mut vec![0u8; 2 * len], &vec![1u8; len]),
+                _ => comm.reduce_scatter(
+                    &mut vec![0u8; len],
+                    &vec![1u8; 2 * len],
+                    DType::F32,
+                    ReduceOp::Sum,
+                ),
+            };
+            (comm.algorithm(), out.map_err(|e| e.to_string()))
+        });
+        for (rank, (algorithm, out)) in got.into_iter().enumerate() {
+            assert_eq!(algorithm, "staged", "case {case}, rank {rank}");
+            let e = out.expect_err("a staged call of different sizes succeeded");
+            assert!(
+                e.contains("different sizes") && e.contains("rank"),
+                "case {case}, rank {rank}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_rank_that_never_comes_is_a_timeout_naming_it() {
     let got = group_with(2, 4096, Duration::from_millis(300), |rank, comm| {
         if rank == 0 {
