@@ -290,6 +290,23 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
     check("functional reduce_scatter_tensor", close(torch.as_tensor(fr), want_full[rank * 100 : (rank + 1) * 100]))
     fs = fc.all_to_all_single(ev, None, None, w)
     check("functional all_to_all_single", torch.equal(torch.as_tensor(fs), want_ev))
+    # Arguments torch's front end lets through, refused with the reason (every rank alike,
+    # so the group stays in step): an output list of another length, an output of another
+    # dtype than the input.
+    if size > 1:
+        for what, call in [
+            ("output tensors", lambda: dist.all_gather([torch.empty(3)] * (size + 1), torch.ones(3))),
+            ("one dtype", lambda: dist.reduce_scatter_tensor(torch.empty(2, dtype=torch.int32), torch.ones(2 * size))),
+            ("one dtype", lambda: dist.all_gather_into_tensor(torch.empty(2 * size, dtype=torch.int32), torch.ones(2))),
+        ]:
+            try:
+                call()
+                check(f"refused: {what}", False)
+            except Exception as e:  # noqa: BLE001
+                check(f"refused: {what} ({e})", what in str(e))
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        check("a call after the refusals", torch.equal(t, torch.full((4,), float(size))))
     dist.destroy_process_group()
     if arg == "hosts":
         tcp = [ln for ln in tidewire.metrics_text().splitlines() if ln.startswith("tidewire_bytes_total") and 'transport="tcp"' in ln]

@@ -619,8 +619,11 @@ def test_a_receive_posted_before_the_group_re_formed_fails_instead_of_waiting_on
             waited.append(self.name)
             return True
 
+        def failure(self) -> Optional[str]:
+            return None
+
     class Group:
-        _comm, _comm_epoch = Comm("old"), 0
+        _comm, _comm_epoch, _p2p_works = Comm("old"), 0, set()
 
         def _call(self, fn: Any, *args: Any) -> Any:
             return fn(*args)
@@ -629,15 +632,23 @@ def test_a_receive_posted_before_the_group_re_formed_fails_instead_of_waiting_on
     t = torch.full((4,), 7.0)
     work = distributed._P2PWork(pg, 5, distributed._Flat(t, "recv"), "recv from rank 1")  # type: ignore[arg-type]
     pg._comm, pg._comm_epoch = Comm("new"), 1
-    assert not work.is_completed()
+    # It has ended (with the failure its wait raises), so a caller that polls stops polling.
+    assert work.is_completed() and not work.is_success()
     with pytest.raises(RuntimeError, match="membership changed .*epoch 1"):
         work.wait()
-    assert waited == [] and not work.is_success()
+    assert waited == []
     with pytest.raises(RuntimeError, match="membership changed"):
         work.wait()  # the same failure again
     # An operation of the view in force is waited for on its communicator.
     fresh = distributed._P2PWork(pg, 0, distributed._Flat(t, "recv"), "recv from rank 1")  # type: ignore[arg-type]
     assert fresh.wait() and waited == ["new"]
+    # One that ended on the old communicator before it closed (an eager send) ends well: the
+    # re-form settles it.
+    waited.clear()
+    sent = distributed._P2PWork(pg, 1, distributed._Flat(t, "send"), "send to rank 1")  # type: ignore[arg-type]
+    closing, pg._comm, pg._comm_epoch = pg._comm, Comm("newer"), 2
+    sent._settle(closing)
+    assert waited == ["new"] and sent.is_completed() and sent.is_success() and sent.wait()
 
 
 def test_ranks_whose_rings_differ_in_size_are_refused_naming_the_rank() -> None:
@@ -647,3 +658,30 @@ def test_ranks_whose_rings_differ_in_size_are_refused_naming_the_rank() -> None:
     distributed._same_rings(infos[:2], 4096, [0, 2])
     with pytest.raises(ValueError, match="rank 3 uses 8192-byte rings and this rank 4096"):
         distributed._same_rings(infos, 4096, [0, 1, 3])
+
+
+def test_a_receive_of_a_failed_group_has_ended_with_the_failure_for_a_caller_that_polls() -> None:
+    """A caller that polls `is_completed()` must see the operation end once the group failed
+    (its communicator moves nothing more), not poll past the timeout. Stand-ins."""
+    from tidewire import distributed
+
+    class Comm:
+        def failure(self) -> Optional[str]:
+            return "all_reduce: rank 1 failed"
+
+        def test(self, op_id: int) -> bool:
+            return False
+
+        def wait(self, op_id: int, what: str) -> None:
+            raise RuntimeError("recv from rank 1: the group failed earlier (all_reduce: rank 1 failed)")
+
+    class Group:
+        _comm, _comm_epoch, _p2p_works = Comm(), 0, set()
+
+        def _call(self, fn: Any, *args: Any) -> Any:
+            return fn(*args)
+
+    work = distributed._P2PWork(Group(), 3, distributed._Flat(torch.zeros(2), "recv"), "recv from rank 1")  # type: ignore[arg-type]
+    assert work.is_completed() and not work.is_success()
+    with pytest.raises(RuntimeError, match="rank 1 failed"):
+        work.wait()

@@ -48,6 +48,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -224,6 +225,29 @@ def _in_group_ranks(e: BaseException, members: List[int]) -> List[int]:
     return ranks
 
 
+def _same_dtype(out: torch.Tensor, inp: torch.Tensor, what: str) -> None:
+    """Raises unless `out` and `inp` hold one dtype (bytes of one read as the other's would
+    reduce or land as garbage; torch's front end does not check these calls)."""
+    if out.dtype != inp.dtype:
+        raise ValueError(f"tidewire: {what}: output {out.dtype} and input {inp.dtype}: they must be of one dtype")
+
+
+def _fill_list(outs: Sequence[torch.Tensor], flat: torch.Tensor, what: str) -> None:
+    """Copies each rank's part of `flat` (one per rank, along its first dimension) into the
+    caller's list, which must hold one tensor per rank of the part's size and dtype (checked
+    after the collective, so every rank stays in step; torch's front end checks neither)."""
+    if len(outs) != flat.shape[0]:
+        raise ValueError(f"tidewire: {what}: {len(outs)} output tensors for a group of {flat.shape[0]} ranks")
+    for r, (o, part) in enumerate(zip(outs, flat)):
+        if o.numel() != part.numel() or o.dtype != part.dtype:
+            raise ValueError(
+                f"tidewire: {what}: output tensor {r} is {tuple(o.shape)} {o.dtype}; rank {r}'s part is "
+                f"{tuple(part.shape)} {part.dtype}"
+            )
+    for o, part in zip(outs, flat):
+        o.copy_(part.reshape(o.shape))
+
+
 def _same_rings(infos: List[Dict[str, Any]], cap: int, members: List[int]) -> None:
     """Raises unless every member (`infos[i]` is group rank `members[i]`'s) uses rings of
     `cap` bytes, as this rank does: each rank places its ring in a peer's region by its own
@@ -260,6 +284,7 @@ class _P2PWork(dist.Work):
         #: The communicator that numbers `op_id` (the group's view when it was posted): once
         #: the group re-forms over other members, the id means nothing to the new one.
         self._comm = pg._comm
+        pg._p2p_works.add(self)
         self._finished = False
         #: Why it failed (its wait raised it; ``get_local_success`` reads it).
         self._error: Optional[BaseException] = None
@@ -286,6 +311,12 @@ class _P2PWork(dist.Work):
         return self._source
 
     source_rank = _source_rank
+
+    def _settle(self, closing: Any) -> None:
+        """Ends it well if it ended on `closing` (its communicator, about to be closed when the
+        group re-forms), so that a send or receive that completed is not reported dropped."""
+        if self._comm is closing and not self._finished and self._error is None and closing.test(self._id):
+            self._finish()
 
     def _own_view(self) -> None:
         """Raises if the group re-formed since the operation was posted: it belonged to the
@@ -314,8 +345,14 @@ class _P2PWork(dist.Work):
         return _raised(self.wait)
 
     def is_completed(self) -> bool:
-        # An operation of an earlier view never completes (its wait says why).
-        if not self._finished and self._pg._comm is self._comm and self._comm.test(self._id):
+        """Whether it ended, well or not (`is_success` says which): an operation of a failed
+        group (or of an earlier view) has ended, with the failure its `wait` raises."""
+        if self._finished or self._error is not None:
+            return True
+        if self._pg._comm is not self._comm or self._comm.failure() is not None:
+            self._error = _raised(self.wait)
+            return True
+        if self._comm.test(self._id):
             self._finish()
         return self._finished
 
@@ -740,6 +777,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         self._p2p_last: Optional[Any] = None
         #: Communicators of earlier views being released on threads of their own (`_reform`).
         self._releasing: List[_native.Release] = []
+        #: Point-to-point works still referenced (`_reform` settles those of the old view).
+        self._p2p_works: "weakref.WeakSet[_P2PWork]" = weakref.WeakSet()
         #: Launches replayed from CUDA graphs that found their path closed (pinned host word,
         #: written by the kernels; made with the first CUDA path), and how many were reported.
         self._stale: Optional[torch.Tensor] = None
@@ -841,6 +880,11 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         m = self._members
         if name == "all_to_all":
             out, out_sizes, inp, in_sizes = args
+            if len(out_sizes) != self._size or len(in_sizes) != self._size:
+                raise ValueError(
+                    f"tidewire: all_to_all: {len(in_sizes)} input and {len(out_sizes)} output splits for a group of "
+                    f"{self._size} ranks (its size when the call re-formed it)"
+                )
             sub_in = _pack(inp, in_sizes, m)
             sub_out = torch.empty(sum(out_sizes[j] for j in m), dtype=torch.uint8)
             self._call(fn, sub_out.data_ptr(), [out_sizes[j] for j in m], sub_in.data_ptr(), [in_sizes[j] for j in m])
@@ -848,18 +892,33 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             return None
         if name == "reduce_scatter":
             out_span, (addr, n) = args[0], args[1]
+            self._slots_fit(name, n, out_span[1])
             sub = _pack(addr, [n // self._size] * self._size, m)
             return self._call(fn, out_span, (sub.data_ptr(), sub.numel()), *args[2:])
         if name == "scatter" and args[1][1]:
+            self._slots_fit(name, args[1][1], args[0][1])
             sub = _pack(args[1][0], [args[1][1] // self._size] * self._size, m)
             return self._call(fn, args[0], (sub.data_ptr(), sub.numel()), args[2])
         if name == "all_gather" or (name == "gather" and args[0][1]):
             (addr, n), c = args[0], args[1][1]
+            self._slots_fit(name, n, c)
             sub = torch.empty(len(m) * c, dtype=torch.uint8)
             self._call(fn, (sub.data_ptr(), sub.numel()), *args[1:])
             _unpack(addr, [c] * self._size, m, sub)
             return None
         return self._call(fn, *args)
+
+    def _slots_fit(self, name: str, whole: int, part: int) -> None:
+        """Raises unless a buffer of `whole` bytes holds exactly a slot of `part` bytes per
+        group rank. (Checked here for calls over part of the group, where the buffers are
+        packed and unpacked by hand; the group may have grown at this very call, after the
+        caller sized its buffers.)"""
+        if whole != self._size * part:
+            raise ValueError(
+                f"tidewire: {name}: a buffer of {whole} bytes for {self._size} slots of {part} bytes (the group's "
+                f"size now: it has {self._size} rank slots since epoch {self._comm_epoch}; size buffers by "
+                "get_world_size() after the membership changed)"
+            )
 
     def _enter(self) -> None:
         """Re-forms the communicator over the members of the view in force when it changed: every
@@ -933,6 +992,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             raise
         peers = [(i["name"], int(i["region"]), int(i.get("pid", 0))) for i in infos]
         old = self._comm
+        # The old view's point-to-point operations that ended (an eager send, a receive whose
+        # bytes came) end well; the others end with the view (their wait says so).
+        for w in list(self._p2p_works):
+            w._settle(old)
         self._comm = _native.Communicator(eng._native, me, region, peers, self._timeout.total_seconds())
         # Released on threads of their own: freeing waits for every process that mapped the
         # old memory to let go, and a stopped member never does before the engine's stall
@@ -1179,6 +1242,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return w, p, c
 
     def _gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        _same_dtype(out, inp, "all_gather")
         nv = self._nv(out, inp)
         if nv is not None:
             o, i, c = self._shards(out, inp, "all_gather")
@@ -1199,8 +1263,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         for outs, inp in zip(outputs, inputs):
             flat = torch.empty((self._size,) + tuple(inp.shape), dtype=inp.dtype, device=inp.device if nv else "cpu")
             self._gather_into(flat, inp)
-            for o, part in zip(outs, flat):
-                o.copy_(part)
+            _fill_list(outs, flat, "all_gather")
         return self._work(outputs, *inputs)
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
@@ -1219,6 +1282,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         return _done(result)
 
     def _scatter_reduce(self, out: torch.Tensor, inp: torch.Tensor, op: str) -> None:
+        _same_dtype(out, inp, "reduce_scatter")
         nv = self._nv(out, inp)
         if nv is not None:
             i, o, c = self._shards(inp, out, "reduce_scatter")
@@ -1331,8 +1395,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                     flat = torch.empty((self._size,) + tuple(inp.shape), dtype=inp.dtype, device=inp.device)
                     recv = [(r * c, c) for r in range(self._size)]
                     self._call(nv.exchange, "gather", d.data_ptr(), send, flat.data_ptr(), recv)
-                    for o, part in zip(outputs[i], flat):
-                        o.copy_(part)
+                    _fill_list(outputs[i], flat, "gather")
                 else:
                     recv = [(0, 0)] * self._size
                     self._call(nv.exchange, "gather", d.data_ptr(), send, 0, recv)
@@ -1342,8 +1405,7 @@ class ProcessGroupTidewire(dist.ProcessGroup):
             if self._rank == root:
                 flat = torch.empty((self._size,) + tuple(inp.shape), dtype=inp.dtype)
                 self._c("gather", (flat.data_ptr(), flat.numel() * flat.element_size()), fi.span(), root)
-                for o, part in zip(outputs[i], flat):
-                    o.copy_(part)
+                _fill_list(outputs[i], flat, "gather")
             else:
                 self._c("gather", (0, 0), fi.span(), root)
         return _done(outputs)
