@@ -350,7 +350,7 @@ class _P2PWork(dist.Work):
         if self._finished or self._error is not None:
             return True
         if self._pg._comm is not self._comm or self._comm.failure() is not None:
-            self._error = _raised(self.wait)
+            self.outcome()  # its wait records how it ended
             return True
         if self._comm.test(self._id):
             self._finish()
@@ -1237,8 +1237,8 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         and the shard's bytes."""
         w, p = whole.contiguous(), part.contiguous()
         c = _nbytes(p)
-        if _nbytes(w) != c * self._size or w.dtype != p.dtype:
-            raise ValueError(f"{what}: {_nbytes(w)} bytes ({w.dtype}) for {self._size} shards of {c} ({p.dtype})")
+        if _nbytes(w) != c * self._size:  # (one dtype: `_same_dtype`, checked by the callers)
+            raise ValueError(f"{what}: {_nbytes(w)} bytes for {self._size} shards of {c}")
         return w, p, c
 
     def _gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> None:

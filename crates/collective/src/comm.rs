@@ -1352,8 +1352,7 @@ impl Comm {
     /// fails the group.
     fn progress_now(&mut self) -> Result<()> {
         if let Err(e) = self.poll(&mut []) {
-            self.fail(&e);
-            return Err(e);
+            return Err(self.failed(e));
         }
         Ok(())
     }
@@ -1507,8 +1506,7 @@ impl Comm {
             Staging::Ready(st) => Ok((st.at.clone(), st.cap)),
             Staging::Untried | Staging::Refused => {
                 let e = Error::invalid(format!("{name}: staged without a stage"));
-                self.fail(&e);
-                Err(e)
+                Err(self.failed(e))
             }
         }
     }
@@ -1681,8 +1679,7 @@ impl Comm {
                 "{name}: rank {r} {what} where this rank staged {len} (the ranks passed \
                  different sizes: every rank must pass the same)"
             ));
-            self.fail(&e);
-            return Err(e);
+            return Err(self.failed(e));
         }
         self.not_given_up(name)?;
         self.phases.mark();
@@ -1732,8 +1729,7 @@ impl Comm {
             Ok(()) => Ok(()),
             Err((rank, e)) => {
                 let e = Error::invalid(format!("{name}: rank {rank}: {e}"));
-                self.fail(&e);
-                Err(e)
+                Err(self.failed(e))
             }
         }
     }
@@ -1768,8 +1764,7 @@ impl Comm {
                 }
             };
             let e = Error::invalid(refused);
-            self.fail(&e);
-            return Err(e);
+            return Err(self.failed(e));
         }
         Ok(sources)
     }
@@ -1813,8 +1808,7 @@ impl Comm {
                 rank: r,
                 reason: format!("reading its memory: {e}"),
             };
-            self.fail(&e);
-            return Err(e);
+            return Err(self.failed(e));
         }
         Ok(())
     }
@@ -2004,8 +1998,7 @@ impl Comm {
                     src.len(),
                     dst.len()
                 ));
-                self.fail(&e);
-                return Err(e);
+                return Err(self.failed(e));
             }
             jobs.push((self.rank, Move::Copy(src, dst)));
         }
@@ -2028,8 +2021,7 @@ impl Comm {
                 }
             };
             let e = Error::invalid(refused);
-            self.fail(&e);
-            return Err(e);
+            return Err(self.failed(e));
         }
         if let Err((r, e)) = self.readers.read_all(jobs, cut) {
             let e = Error::RankFailed {
@@ -2037,8 +2029,7 @@ impl Comm {
                 rank: r,
                 reason: format!("reading its memory: {e}"),
             };
-            self.fail(&e);
-            return Err(e);
+            return Err(self.failed(e));
         }
         Ok(())
     }
@@ -2053,11 +2044,16 @@ impl Comm {
         self.not_given_up(name)
     }
 
+    /// `e`, after poisoning the group with it (see [`Comm::fail`]): `return Err(self.failed(e))`.
+    fn failed(&mut self, e: Error) -> Error {
+        self.fail(&e);
+        e
+    }
+
     /// Fails the call if a peer gave up on it (its abort word; see [`Comm::tokens`]).
     fn not_given_up(&mut self, name: &str) -> Result<()> {
         if let Some(e) = blamed(&self.links, name) {
-            self.fail(&e);
-            return Err(e);
+            return Err(self.failed(e));
         }
         Ok(())
     }
