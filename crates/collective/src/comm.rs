@@ -262,8 +262,9 @@ pub struct Comm {
     /// `isend`/`irecv` not finished yet, in issue order.
     pending: Vec<(OpId, Xfer)>,
     next_op: u64,
-    /// The first failure: every later operation fails with it.
-    poisoned: Option<String>,
+    /// The first failure and the ranks it named: every later operation fails with it, naming
+    /// them (`get_failed_ranks_hint` of a failure a poll found says who failed).
+    poisoned: Option<(String, Vec<usize>)>,
     /// Every pair of ranks of the group reads each other's memory directly (agreed at
     /// connect: algorithms that involve every pair take the single-copy path alike).
     group_direct: bool,
@@ -918,13 +919,17 @@ impl Comm {
 
     /// The failure that made the group unusable, if an operation failed (no communication).
     pub fn failure(&self) -> Option<&str> {
-        self.poisoned.as_deref()
+        self.poisoned.as_ref().map(|(first, _)| first.as_str())
     }
 
     /// Fails if an earlier operation failed.
     fn usable(&self, op: &str) -> Result<()> {
         match &self.poisoned {
-            Some(first) => Err(Error::Poisoned { op: op.to_string(), first: first.clone() }),
+            Some((first, ranks)) => Err(Error::Poisoned {
+                op: op.to_string(),
+                first: first.clone(),
+                ranks: ranks.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -989,13 +994,16 @@ impl Comm {
         if self.poisoned.is_some() {
             return;
         }
-        self.poisoned = Some(e.to_string());
+        self.poisoned = Some((e.to_string(), e.ranks()));
         let blamed = e.ranks().first().map_or(u64::MAX, |&r| r as u64 + 1);
+        // Peers reached through the engine are told all at once, within one short deadline
+        // (best effort: some may be the ones that failed), so that dead peers do not add up.
+        let until = Instant::now() + ABORT_WAIT;
+        let mut told = Vec::new();
         for link in self.links.iter().flatten() {
             match &link.out {
                 Out::Mapped { ring, .. } => ring.abort().store(blamed, Ordering::Release),
                 Out::Remote { peer, ring, staging } => {
-                    // Best effort: the peer may be the one that failed.
                     let word = staging + self.region.cap + 48;
                     // SAFETY: the last 16 bytes of our registered staging buffer, ours alone.
                     unsafe { std::ptr::write(word as *mut u64, blamed) };
@@ -1006,9 +1014,14 @@ impl Comm {
                         peer: *peer,
                         remote: ring + ABORT,
                     };
-                    let _ = self.engine.transfer_sync(&[req], bounded(Instant::now() + ABORT_WAIT));
+                    if let Ok(batch) = self.engine.submit(&[req], bounded(until)) {
+                        told.push(batch);
+                    }
                 }
             }
+        }
+        for batch in told {
+            let _ = batch.wait();
         }
     }
 
@@ -2500,6 +2513,7 @@ fn blamed(links: &[Option<Link>], op: &str) -> Option<Error> {
             u64::MAX => Some(Error::Poisoned {
                 op: op.to_string(),
                 first: format!("rank {r} failed an operation without blaming a rank"),
+                ranks: Vec::new(),
             }),
             _ => Some(Error::RankFailed {
                 op: op.to_string(),

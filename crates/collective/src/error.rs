@@ -14,9 +14,9 @@ pub enum Error {
     #[error("{op}: rank {rank} failed: {reason}")]
     RankFailed { op: String, rank: usize, reason: String },
     /// An earlier operation failed: the group cannot be used any more (destroy it and form a
-    /// new one).
+    /// new one). `ranks`: the ones that failure named (none: it blamed no rank).
     #[error("{op}: the group is unusable after an earlier failure ({first})")]
-    Poisoned { op: String, first: String },
+    Poisoned { op: String, first: String, ranks: Vec<usize> },
     /// The group's membership changed again while `op` waited for the ranks of an earlier
     /// view: no rank is to blame; the next call uses the new view.
     #[error("{op}: the group's membership changed meanwhile (now epoch {epoch})")]
@@ -37,7 +37,7 @@ impl Error {
     /// The ranks the failure is about (`get_failed_ranks_hint`).
     pub fn ranks(&self) -> Vec<usize> {
         match self {
-            Self::Timeout { ranks, .. } => ranks.clone(),
+            Self::Timeout { ranks, .. } | Self::Poisoned { ranks, .. } => ranks.clone(),
             Self::RankFailed { rank, .. } => vec![*rank],
             _ => Vec::new(),
         }

@@ -682,6 +682,41 @@ fn a_rank_that_never_comes_is_a_timeout_naming_it() {
         other => panic!("expected a timeout, got {other}"),
     }
     assert!(matches!(again, Error::Poisoned { .. }), "{again}");
+    // A later operation names the rank the first failure named (a failure a poll found in
+    // `test()` reaches its caller only that way).
+    assert_eq!(again.ranks(), vec![1], "{again}");
+}
+
+#[test]
+fn a_rank_that_fails_tells_every_peer_reached_over_tcp_whom_it_blames() {
+    // Ranks reached through engine transfers learn of a failure by a write into their ring's
+    // abort word (both peers told at once). Rank 0's receive from rank 1 times out (rank 1
+    // sends nothing); ranks 1 and 2 then wait for rank 0 in a barrier: they fail at once
+    // naming rank 1, the rank rank 0 blamed, where without the word they would time out
+    // naming rank 0.
+    let failed = Arc::new(Barrier::new(3));
+    let got = group_via(3, 4096, Duration::from_millis(400), true, move |rank, comm| {
+        if rank == 0 {
+            let mut x = [0u8; 8];
+            // SAFETY: `x` lives until the wait returns.
+            let id = unsafe { comm.irecv(1, x.as_mut_ptr() as u64, 8, 3) }.unwrap();
+            let e = comm.wait(id, "recv").unwrap_err();
+            failed.wait();
+            return e;
+        }
+        failed.wait();
+        comm.barrier().unwrap_err()
+    });
+    assert_eq!(got[0].ranks(), vec![1], "rank 0: {}", got[0]);
+    for (rank, e) in got.iter().enumerate().skip(1) {
+        match e {
+            Error::RankFailed { rank: r, reason, .. } => {
+                assert_eq!(*r, 1, "rank {rank}: {e}");
+                assert!(reason.contains("rank 0 failed"), "rank {rank}: {e}");
+            }
+            other => panic!("rank {rank}: expected the failure rank 0 told, got {other}"),
+        }
+    }
 }
 
 #[test]
