@@ -54,6 +54,17 @@ def inputs(rank: int, H: int, E: int, seed: int, n: int = T, device: str = "cuda
     return x[:n].contiguous(), topk[:n].contiguous(), w[:n].contiguous()
 
 
+def first_selections(topk: torch.Tensor) -> torch.Tensor:
+    """Which routing slots select an expert ([tokens, k] bool): valid, and not a repeat of an
+    expert earlier in the token's row (computed slot by slot here, not as the buffer does)."""
+    keep = torch.zeros(topk.shape, dtype=torch.bool)
+    rows = topk.cpu().tolist()
+    for t, row in enumerate(rows):
+        for j, e in enumerate(row):
+            keep[t, j] = e >= 0 and e not in row[:j]
+    return keep.to(topk.device)
+
+
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() + 1, y.double() + 1
     denom = (x * x + y * y).sum()
@@ -128,7 +139,19 @@ def round_trip(buf: Any, rank: int, R: int, E: int, H: int, fp8: bool, mode: str
         x, topk, active, T, E, 10_000_000, use_fp8=fp8, async_finish=async_mode, return_recv_hook=hook_mode
     )
     if hook_mode:
+        # The combine waits for the hook: refused before it (the layout is not written yet).
+        try:
+            buf.combine(x, topk, w, active, 10_000_000, handle)
+            bad.append(f"seed {seed}: a combine before the dispatch's receive hook was not refused")
+        except RuntimeError as e:
+            if "before that dispatch's receive hook ran" not in str(e):
+                bad.append(f"seed {seed}: combine before the hook: {e}")
         hook()
+        try:
+            hook()
+            bad.append(f"seed {seed}: a receive hook ran twice")
+        except RuntimeError:
+            pass
     if async_mode:
         assert isinstance(ev, tidewire.ep.EventOverlap)
         ev.current_stream_wait()
@@ -141,6 +164,11 @@ def round_trip(buf: Any, rank: int, R: int, E: int, H: int, fp8: bool, mode: str
     out, ev, chook = buf.combine(recv_x, topk, w, active, 10_000_000, handle, async_finish=async_mode, return_recv_hook=hook_mode)
     if hook_mode:
         chook()
+        try:
+            chook()
+            bad.append(f"seed {seed}: a combine's receive hook ran twice")
+        except RuntimeError:
+            pass
     if async_mode:
         with ev:
             pass
@@ -420,8 +448,13 @@ def body_fallback_cpu(rank: int, size: int, port: int, arg: str) -> Any:
     coll = tidewire.ep._Collective(dist.group.WORLD)
     fake = _HostBuffer(rank, size)
     bad: List[str] = []
-    for seed, fp8, n in ((1, False, T), (2, True, T), (3, False, 5 * rank), (4, True, 1)):
+    for seed, fp8, n in ((1, False, T), (2, True, T), (3, False, 5 * rank), (4, True, 1), (5, False, T)):
         x, topk, w = inputs(rank, H, E, seed, n, device="cpu")
+        if seed == 5:
+            # Repeated experts in a token's row (padding rows often repeat one id): the token
+            # reaches each expert once, its repeats select nothing, as in the kernels.
+            topk[:, K // 2 :] = topk[:, : K // 2]
+            topk[::3] = topk[::3, :1].expand(-1, K)
         all_topk = gather_topk(topk, R)
         active = torch.ones(R, dtype=torch.int32)
         packed, recv_count, handle, _, _ = coll.dispatch(fake, x, topk, active, T, E, fp8, False, False)
@@ -430,10 +463,60 @@ def body_fallback_cpu(rank: int, size: int, port: int, arg: str) -> Any:
         state = fake._seqs.pop(handle[0].data_ptr())[0]
         out = torch.empty((n, H), dtype=torch.bfloat16)
         coll.combine(fake, recv_x, w, state, out, False, False)
-        want = x.float() * (w * (topk >= 0).float()).sum(1, keepdim=True)
+        want = x.float() * (w * first_selections(topk).float()).sum(1, keepdim=True)
         if n and calc_diff(out.float(), want) > (9e-4 if fp8 else 1e-5):
             bad.append(f"seed {seed}: combine diff {calc_diff(out.float(), want):.2e}")
     return bad
+
+
+def body_refusals(rank: int, size: int, port: int, arg: str) -> Any:
+    """A buffer (the collective fallback: no GPU path is asked for) refuses bad arguments
+    before anything moves, naming the rank and the call, and the call then runs when they are
+    mended. Returns the messages and what went wrong."""
+    import tidewire.ep
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=60))
+    R, E, H = size, 16 * size, 256
+    buf = tidewire.ep.Buffer(dist.group.WORLD, disable_p2p=True)
+    dev = f"cuda:{buf.device}" if buf.device is not None else "cpu"
+    x, topk, w = inputs(rank, H, E, 6, T, device=dev)
+    active = torch.ones(R, dtype=torch.int32, device=dev)
+    said: Dict[str, str] = {}
+    bad: List[str] = []
+
+    def refused(name: str, call: Any) -> None:
+        try:
+            call()
+            bad.append(f"{name}: not refused")
+        except (ValueError, TypeError, RuntimeError) as e:
+            said[name] = str(e)
+            if f"rank {rank}" not in str(e):
+                bad.append(f"{name}: the message does not name rank {rank}: {e}")
+
+    refused("dispatch, active_ranks one too long", lambda: buf.dispatch(x, topk, torch.ones(R + 1, dtype=torch.int32, device=dev), T, E))
+    refused("dispatch, active_ranks 2-D", lambda: buf.dispatch(x, topk, torch.ones(1, R, dtype=torch.int32, device=dev), T, E))
+    refused("dispatch, x float32", lambda: buf.dispatch(x.float(), topk, active, T, E))
+    recv_x, _, handle, _, _ = buf.dispatch(x, topk, active, T, E, use_fp8=False)
+    refused("combine, active_ranks one too short", lambda: buf.combine(recv_x, topk, w, torch.ones(R - 1, dtype=torch.int32, device=dev), -1, handle))
+    refused("combine, out on another device", lambda: buf.combine(recv_x, topk, w, active, -1, handle, out=torch.empty((T, H), dtype=torch.bfloat16, device="meta")))
+    # Mended, the same handle's combine runs (the refusals left its dispatch open): with the
+    # received rows as an identity expert's output, each token's row times its weights' sum.
+    out, _, _ = buf.combine(recv_x, topk, w, active, -1, handle)
+    want = x.float() * (w * first_selections(topk).float()).sum(1, keepdim=True)
+    if tuple(out.shape) != (T, H) or calc_diff(out.float(), want) > 1e-5 or int(active.sum()) != R:
+        bad.append(f"the mended combine: out {tuple(out.shape)}, active {active.tolist()}")
+    # Receive hooks: a combine before its dispatch's hook is refused, each hook runs once.
+    recv_x, _, handle, _, hook = buf.dispatch(x, topk, active, T, E, use_fp8=False, return_recv_hook=True)
+    refused("combine before the dispatch's hook", lambda: buf.combine(recv_x, topk, w, active, -1, handle))
+    hook()
+    refused("a dispatch's hook again", hook)
+    out, _, chook = buf.combine(recv_x, topk, w, active, -1, handle, return_recv_hook=True)
+    chook()
+    refused("a combine's hook again", chook)
+    if calc_diff(out.float(), want) > 1e-5:
+        bad.append("the combine with hooks: out differs")
+    buf.destroy()
+    return {"said": said, "bad": bad}
 
 
 def body_silent(rank: int, size: int, port: int, arg: str) -> Any:
@@ -453,7 +536,13 @@ def body_silent(rank: int, size: int, port: int, arg: str) -> Any:
     return {"error": None, "took_s": time.monotonic() - t0}
 
 
-BODIES = {"suite": body_suite, "lifetime": body_lifetime, "fallback_cpu": body_fallback_cpu, "silent": body_silent}
+BODIES = {
+    "suite": body_suite,
+    "lifetime": body_lifetime,
+    "fallback_cpu": body_fallback_cpu,
+    "refusals": body_refusals,
+    "silent": body_silent,
+}
 
 if __name__ == "__main__":
     from rank_main import main

@@ -10,7 +10,8 @@ different "hosts"), and a buffer made and destroyed 100 times (a graph replayed 
 buffer was destroyed reaching nobody).
 
 Everywhere (CI): FP8 quantisation against a numpy reference, the collective fallback's
-dispatch and combine on host tensors, and the construction exchange with a rank that never
+dispatch and combine on host tensors (repeated experts in a row included), bad arguments
+refused naming the rank and the call, and the construction exchange with a rank that never
 answers."""
 
 from __future__ import annotations
@@ -128,6 +129,20 @@ def test_fp8_quantisation_matches_a_numpy_reference() -> None:
 def test_the_collective_fallback_on_host_tensors_matches_the_checks() -> None:
     for rank, bad in enumerate(run_group("fallback_cpu", 2, "", deadline=120, script=EP_RANK)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+def test_bad_arguments_are_refused_naming_the_rank_and_the_call_then_the_call_runs() -> None:
+    for rank, r in enumerate(run_group("refusals", 2, "", deadline=120, script=EP_RANK)):
+        assert r["bad"] == [], f"rank {rank}: {r['bad']}"
+        said = r["said"]
+        assert "active_ranks (3,) must be [2]" in said["dispatch, active_ranks one too long"], said
+        assert "active_ranks (1, 2) must be [2]" in said["dispatch, active_ranks 2-D"], said
+        assert "dispatch: x must be torch.bfloat16" in said["dispatch, x float32"], said
+        assert "combine: active_ranks (1,) must be [2]" in said["combine, active_ranks one too short"], said
+        assert "on meta" in said["combine, out on another device"], said
+        assert "before that dispatch's receive hook ran" in said["combine before the dispatch's hook"], said
+        assert "receive hook already ran" in said["a dispatch's hook again"], said
+        assert "receive hook already ran" in said["a combine's hook again"], said
 
 
 def test_a_rank_that_never_takes_part_in_construction_is_named_within_the_deadline() -> None:

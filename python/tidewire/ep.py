@@ -12,7 +12,8 @@ that does not take part is named within the store's timeout), and each maps ever
 buffer for its own GPU (CUDA IPC or VMM POSIX-FD on one host, FABRIC only where proven; each
 rank imports the handle itself). If any rank has no GPU path to another, or asked for
 `disable_p2p`, every rank takes the fallback over the group's collectives (correct, slow, not
-capturable in a CUDA graph), logged once with the ranks and reasons and kept in
+capturable in a CUDA graph; its calls wait as long as the group's collectives do, the group's
+timeout rather than `timeout_us`), logged once with the ranks and reasons and kept in
 `Buffer.fallback`. The kernels are compiled and loaded at construction, never on the first
 dispatch.
 
@@ -26,7 +27,9 @@ the collective fallback on host tensors.
 
 Every call runs on the current CUDA stream. A rank that does not answer within `timeout_us`
 (when -1: 100 s, `TIDEWIRE_EP_TIMEOUT_US`), or whose process died, is written as 0 into the
-caller's `active_ranks` and counts as sending nothing from then on.
+caller's `active_ranks` and counts as sending nothing from then on. With `return_recv_hook`, a
+call's hook runs once, and a dispatch's combine is refused until its hook has run (its layout
+is written by the hook's kernel).
 
 Dispatch sends e4m3 rows with one fp32 scale per 128 channels (amax / 448) unless
 `use_fp8=False` (bf16); combine is bf16. Received rows are packed per local expert, this
@@ -142,6 +145,12 @@ class _Collective:
         token = torch.arange(n, device=dev).repeat_interleave(k)
         slot_k = torch.arange(k, device=dev).repeat(n)
         ok = (flat >= 0) & (flat < E)
+        # A token reaches an expert once, as in the kernels: a repeat of an expert earlier in
+        # its row selects nothing (nor is its weight applied at the combine).
+        if k > 1:
+            same = topk.unsqueeze(2) == topk.unsqueeze(1)  # [n, j, i]: slot j's expert is slot i's
+            earlier = torch.ones(k, k, dtype=torch.bool, device=dev).tril(-1)
+            ok &= ~(same & earlier).any(2).reshape(-1)
         ok &= active[(flat.clamp(0, E - 1) // el).long()] != 0
         e_sel, t_sel, k_sel = flat[ok], token[ok], slot_k[ok]
         order = torch.argsort(e_sel * max(n, 1) + t_sel, stable=True)
@@ -324,6 +333,8 @@ class Buffer:
         # Dispatches whose combine has not launched its receive half yet (their buffer half is
         # still in use), with the stream each was launched on.
         self._open: Dict[int, int] = {}
+        # Dispatches (by handle) whose receive hook has not run: their combine is refused.
+        self._unreceived: set = set()
         self._dispatches = 0
         self._updates = 0
         self._zero_copy_logged = False
@@ -516,6 +527,7 @@ class Buffer:
         self._dispatches = top
         self._open.clear()
         self._seqs.clear()
+        self._unreceived.clear()
 
     def _set_keep(self) -> None:
         """The mask applied to the caller's `active_ranks`: the ranks mapped and still in the
@@ -569,14 +581,36 @@ class Buffer:
         return _native.EpBuffer.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     def _check(self, t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+        """`t` (argument `what`, e.g. "dispatch: x") on the buffer's device with `dtype`, made
+        contiguous."""
+        where = f"tidewire.ep: rank {self.rank}, {what}"
         if self.device is None:
             if t.is_cuda:
-                raise ValueError(f"tidewire.ep: {what} must be a host tensor (this buffer has no CUDA device), not {t.device}")
+                raise ValueError(f"{where} must be a host tensor (this buffer has no CUDA device), not {t.device}")
         elif not t.is_cuda or t.get_device() != self.device:
-            raise ValueError(f"tidewire.ep: {what} must be on cuda:{self.device}, not {t.device}")
+            raise ValueError(f"{where} must be on cuda:{self.device}, not {t.device}")
         if t.dtype is not dtype:
-            raise TypeError(f"tidewire.ep: {what} must be {dtype}, not {t.dtype}")
+            raise TypeError(f"{where} must be {dtype}, not {t.dtype}")
         return t.contiguous()
+
+    def _check_active(self, active_ranks: torch.Tensor, op: str) -> torch.Tensor:
+        """The caller's `active_ranks`: one int32 word per rank of the group, contiguous (the
+        kernels read and clear every rank's word in place)."""
+        active = self._check(active_ranks, f"{op}: active_ranks", torch.int32)
+        if active is not active_ranks:
+            raise ValueError(f"tidewire.ep: rank {self.rank}, {op}: active_ranks must be contiguous (the kernels write into it)")
+        if active.dim() != 1 or active.numel() != self.group_size:
+            raise ValueError(
+                f"tidewire.ep: rank {self.rank}, {op}: active_ranks {tuple(active.shape)} must be [{self.group_size}], "
+                "one word per rank of the group"
+            )
+        return active
+
+    def _check_aligned(self, t: torch.Tensor, what: str) -> None:
+        """The kernels move rows 16 bytes at a time: `t` must start on a 16-byte boundary (a
+        view at an odd offset would fault the kernel and lose the CUDA context)."""
+        if t.data_ptr() % 16:
+            raise ValueError(f"tidewire.ep: rank {self.rank}, {what} must start on a 16-byte boundary (address {t.data_ptr():#x})")
 
     @staticmethod
     def _timeout_ns(timeout_us: int) -> int:
@@ -595,11 +629,9 @@ class Buffer:
         return_recv_hook: bool = False,
     ) -> Tuple[Any, torch.Tensor, Tuple[Any, ...], EventOverlap, Optional[Callable[[], None]]]:
         fp8 = True if use_fp8 is None else bool(use_fp8)
-        x = self._check(x, "x", torch.bfloat16)
-        topk_idx = self._check(topk_idx, "topk_idx", torch.int64)
-        active = self._check(active_ranks, "active_ranks", torch.int32)
-        if active is not active_ranks:
-            raise ValueError("tidewire.ep: active_ranks must be contiguous (the kernels write into it)")
+        x = self._check(x, "dispatch: x", torch.bfloat16)
+        topk_idx = self._check(topk_idx, "dispatch: topk_idx", torch.int64)
+        active = self._check_active(active_ranks, "dispatch")
         T, E, R = num_max_dispatch_tokens_per_rank, num_experts, self.group_size
         if x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
             raise ValueError(f"tidewire.ep: x {tuple(x.shape)} and topk_idx {tuple(topk_idx.shape)} must be [tokens, H] and [tokens, k]")
@@ -611,8 +643,15 @@ class Buffer:
             raise ValueError(f"tidewire.ep: {num_tokens} tokens of at most {T}, {E} experts over {R} ranks (a positive multiple)")
         self._agree(active)
         if self._fallback is not None:
-            return self._fallback_call("dispatch", active, self._fallback.dispatch, self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook)
+            packed, count, handle, event, hook = self._fallback_call(
+                "dispatch", active, self._fallback.dispatch, self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook
+            )
+            if hook is not None:
+                # (Its receive already ran: the hook keeps the kernels' rules all the same.)
+                hook = self._dispatch_hook(handle[0].data_ptr(), "", hook)
+            return packed, count, handle, event, hook
         native = self._kernels()
+        self._check_aligned(x, "dispatch: x")
         # The two halves of the buffer alternate between calls: a call may not start while the
         # previous call on its half has not launched its combine's receive half (its rows would
         # be overwritten).
@@ -657,16 +696,45 @@ class Buffer:
             # memory must not go to another tensor before the receive kernel has written it.
             held = (recv_x, scales, src_info, layout_range, recv_count, seq)
 
-            def hook() -> None:
+            def launch() -> None:
                 s = raw_stream(torch.cuda.current_device())
                 native.dispatch_recv(s, shape, outs, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
 
+            hook = self._dispatch_hook(src_info.data_ptr(), f" {number}", launch)
         handle = (src_info, layout_range, T, hidden, E)
         self._seqs[src_info.data_ptr()] = (seq, num_tokens, k, number)
         event = EventOverlap(self._event() if async_finish else None, keep)
         packed = (recv_x, scales.transpose(1, 2)) if fp8 else recv_x
         return packed, recv_count, handle, event, hook
+
+    def _dispatch_hook(self, key: int, label: str, launch: Callable[[], None]) -> Callable[[], None]:
+        """The receive hook of the dispatch whose handle is `key`: `launch` once (a second
+        launch would wait for signals no rank sends again, marking every rank inactive at its
+        deadline, or read a half a newer call reuses); its combine is refused until then."""
+        self._unreceived.add(key)
+
+        def hook() -> None:
+            if key not in self._unreceived:
+                raise RuntimeError(
+                    f"tidewire.ep: rank {self.rank}: dispatch{label}'s receive hook already ran (or the buffer was updated since)"
+                )
+            launch()
+            self._unreceived.discard(key)
+
+        return hook
+
+    def _once(self, label: str, launch: Callable[[], None]) -> Callable[[], None]:
+        """A combine's receive hook: `launch` once."""
+        ran = [False]
+
+        def hook() -> None:
+            if ran[0]:
+                raise RuntimeError(f"tidewire.ep: rank {self.rank}: the combine of dispatch{label}: its receive hook already ran")
+            launch()
+            ran[0] = True
+
+        return hook
 
     def combine(
         self,
@@ -693,13 +761,17 @@ class Buffer:
         if key not in self._seqs:
             raise ValueError("tidewire.ep: this handle's combine was already run, or it comes from another buffer")
         seq, num_tokens, k, number = self._seqs[key]
-        x = self._check(x, "x", torch.bfloat16)
-        topk_idx = self._check(topk_idx, "topk_idx", torch.int64)
-        topk_weights = self._check(topk_weights, "topk_weights", torch.float32)
-        active = self._check(active_ranks, "active_ranks", torch.int32)
+        if key in self._unreceived:
+            # Its layout and sources are not written yet: the combine would send rows an older
+            # call's values select.
+            raise RuntimeError(
+                f"tidewire.ep: rank {self.rank}: combine of dispatch {number} before that dispatch's receive hook ran"
+            )
+        x = self._check(x, "combine: x", torch.bfloat16)
+        topk_idx = self._check(topk_idx, "combine: topk_idx", torch.int64)
+        topk_weights = self._check(topk_weights, "combine: topk_weights", torch.float32)
+        active = self._check_active(active_ranks, "combine")
         R = self.group_size
-        if active is not active_ranks:
-            raise ValueError("tidewire.ep: active_ranks must be contiguous (the kernels write into it)")
         if tuple(x.shape) != (E // R, R * T, hidden):
             raise ValueError(f"tidewire.ep: combine input {tuple(x.shape)}, expected {(E // R, R * T, hidden)}")
         if tuple(topk_idx.shape) != (num_tokens, k) or tuple(topk_weights.shape) != (num_tokens, k):
@@ -710,18 +782,25 @@ class Buffer:
         if out is None:
             out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)
         elif (
-            out.dtype != torch.bfloat16
+            out.device != x.device
+            or out.dtype != torch.bfloat16
             or tuple(out.shape) != (num_tokens, hidden)
             or not out.is_contiguous()
             or out.data_ptr() % 16
         ):
-            raise ValueError(f"tidewire.ep: out must be a contiguous, 16-byte aligned bf16 [{num_tokens}, {hidden}] tensor")
+            raise ValueError(
+                f"tidewire.ep: rank {self.rank}, combine: out must be a contiguous, 16-byte aligned bf16 "
+                f"[{num_tokens}, {hidden}] tensor on {x.device} (got {out.dtype} {tuple(out.shape)} on {out.device})"
+            )
         self._agree(active)
         if self._fallback is not None:
-            done = self._fallback_call("combine", active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook)
+            out, event, hook = self._fallback_call(
+                "combine", active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook
+            )
             del self._seqs[key]
-            return done
+            return out, event, (self._once("", hook) if hook is not None else None)
         native = self._kernels()
+        self._check_aligned(x, "combine: x")
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)
         io = (x.data_ptr(), src_info.data_ptr(), layout_range.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr())
         stream = raw_stream(torch.cuda.current_device())
@@ -732,11 +811,13 @@ class Buffer:
 
             held = (x, src_info, layout_range, topk_idx, topk_weights, out, seq)
 
-            def hook() -> None:
+            def launch() -> None:
                 s = raw_stream(torch.cuda.current_device())
                 native.combine_recv(s, shape, io, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
                 self._open.pop(number, None)
+
+            hook = self._once(f" {number}", launch)
 
         else:
             self._open.pop(number, None)
