@@ -583,23 +583,23 @@ class Buffer:
     def _check(self, t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
         """`t` (argument `what`, e.g. "dispatch: x") on the buffer's device with `dtype`, made
         contiguous."""
-        where = f"tidewire.ep: rank {self.rank}, {what}"
+        # (The messages are formatted only on the way out: this runs four times a call.)
         if self.device is None:
             if t.is_cuda:
-                raise ValueError(f"{where} must be a host tensor (this buffer has no CUDA device), not {t.device}")
+                raise ValueError(f"tidewire.ep: rank {self.rank}, {what} must be a host tensor (this buffer has no CUDA device), not {t.device}")
         elif not t.is_cuda or t.get_device() != self.device:
-            raise ValueError(f"{where} must be on cuda:{self.device}, not {t.device}")
+            raise ValueError(f"tidewire.ep: rank {self.rank}, {what} must be on cuda:{self.device}, not {t.device}")
         if t.dtype is not dtype:
-            raise TypeError(f"{where} must be {dtype}, not {t.dtype}")
+            raise TypeError(f"tidewire.ep: rank {self.rank}, {what} must be {dtype}, not {t.dtype}")
         return t.contiguous()
 
     def _check_active(self, active_ranks: torch.Tensor, op: str) -> torch.Tensor:
         """The caller's `active_ranks`: one int32 word per rank of the group, contiguous (the
         kernels read and clear every rank's word in place)."""
-        active = self._check(active_ranks, f"{op}: active_ranks", torch.int32)
+        active = self._check(active_ranks, op + ": active_ranks", torch.int32)
         if active is not active_ranks:
             raise ValueError(f"tidewire.ep: rank {self.rank}, {op}: active_ranks must be contiguous (the kernels write into it)")
-        if active.dim() != 1 or active.numel() != self.group_size:
+        if active.shape != (self.group_size,):
             raise ValueError(
                 f"tidewire.ep: rank {self.rank}, {op}: active_ranks {tuple(active.shape)} must be [{self.group_size}], "
                 "one word per rank of the group"
