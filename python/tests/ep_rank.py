@@ -469,6 +469,38 @@ def body_fallback_cpu(rank: int, size: int, port: int, arg: str) -> Any:
     return bad
 
 
+def body_shapes(rank: int, size: int, port: int, arg: str) -> Any:
+    """Ranks that call with another shape: a round trip of one shape passes, then rank 1
+    dispatches with another hidden size (or `arg`: experts, tokens, fp8) than rank 0. Every
+    rank's kernels must read none of the other's rows, mark it inactive, and its next call
+    must raise naming it. Returns what each saw."""
+    import tidewire.ep
+
+    o = parse(arg)
+    setup(rank, size, port, "gloo")
+    R, E, H = size, 256, 7168
+    bad: List[str] = []
+    buf = tidewire.ep.Buffer(dist.group.WORLD, tidewire.ep.Buffer.get_ep_buffer_size_hint(T, H, R, E))
+    round_trip(buf, rank, R, E, H, True, "plain", 1, bad)
+    what = o.get("differ", "hidden")
+    mine = {"hidden": (2048, E, T, True), "experts": (H, E // 2, T, True), "tokens": (H, E, T // 2, True), "fp8": (H, E, T, False)}
+    h, e, t, fp8 = mine[what] if rank == 1 else (H, E, T, True)
+    x, topk, _ = inputs(rank, h, e, 2, n=min(t, T))
+    active = torch.ones(R, dtype=torch.int32, device="cuda")
+    t0 = time.monotonic()
+    buf.dispatch(x, topk, active, t, e, 20_000_000, use_fp8=fp8)
+    torch.cuda.synchronize()
+    took = time.monotonic() - t0
+    out: Dict[str, Any] = {"active": active.tolist(), "took_s": took, "bad": bad}
+    try:
+        buf.dispatch(x, topk, torch.ones(R, dtype=torch.int32, device="cuda"), t, e, 20_000_000, use_fp8=fp8)
+        out["next_call"] = None
+    except RuntimeError as err:
+        out["next_call"] = str(err)
+    buf.destroy()
+    return out
+
+
 def body_refusals(rank: int, size: int, port: int, arg: str) -> Any:
     """A buffer (the collective fallback: no GPU path is asked for) refuses bad arguments
     before anything moves, naming the rank and the call, and the call then runs when they are
@@ -541,6 +573,7 @@ BODIES = {
     "lifetime": body_lifetime,
     "fallback_cpu": body_fallback_cpu,
     "refusals": body_refusals,
+    "shapes": body_shapes,
     "silent": body_silent,
 }
 

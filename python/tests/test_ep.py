@@ -6,7 +6,9 @@ dtype, six hidden sizes (two whose rows end in part of the kernels' 2 KiB piece)
 experts, groups over NCCL and Gloo, a CUDA graph replayed against eager execution (and on new
 buffers after an update_ep_member halfway), two dispatchers alternating on one buffer, a rank
 that leaves between dispatch and combine, the collective fallback (disable_p2p, and ranks on
-different "hosts"), and a buffer made and destroyed 100 times (a graph replayed after its
+different "hosts"), ranks that call with another shape (hidden, experts, tokens per rank or fp8:
+each reads nothing of the other, marks it inactive and names it), and a buffer made and
+destroyed 100 times (a graph replayed after its
 buffer was destroyed reaching nobody).
 
 Everywhere (CI): FP8 quantisation against a numpy reference, the collective fallback's
@@ -75,6 +77,19 @@ def test_dispatch_and_combine_match_deepeps_checks(name: str) -> None:
         m = info["ep_metrics"]
         assert 'tidewire_ep_rank_timeouts_total{source_rank="1"} 1' in m, m
         assert 'tidewire_ep_active_ranks{rank="0"} 1' in m, m
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("differ", ["hidden", "experts", "tokens", "fp8"])
+def test_ranks_that_call_with_another_shape_read_nothing_of_each_other_and_are_named(differ: str) -> None:
+    results = run_group("shapes", 2, f"differ={differ}", deadline=120, script=EP_RANK)
+    for rank, r in enumerate(results):
+        other = 1 - rank
+        assert r["bad"] == [], f"rank {rank}: {r['bad']}"
+        assert r["active"][other] == 0 and r["active"][rank] == 1, f"rank {rank}: {r}"
+        # Named for its shape (the signal said so), not found silent at the deadline.
+        said = r["next_call"] or ""
+        assert f"rank(s) [{other}] called with another shape" in said, f"rank {rank}: {r}"
 
 
 @needs_two_gpus

@@ -349,6 +349,8 @@ class Buffer:
         self._keep_on = False
         #: The kernels' inactive marks per source rank already reported to the group.
         self._marks_seen = [0] * self.group_size
+        #: The kernels' marks for calls of another shape already raised.
+        self._shapes_seen = [0] * self.group_size
         if self._elastic is not None:
             self._round(disable_p2p, num_ep_buffer_bytes)
             return
@@ -433,6 +435,7 @@ class Buffer:
             self._native.close(background=background)
             self._native = None
             self._marks_seen = [0] * self.group_size  # the next buffer's kernels count afresh
+            self._shapes_seen = [0] * self.group_size
 
     def _exchange(self, key: str, payload: Any, epoch: int, members: List[int]) -> List[Any]:
         """Every member's `payload` by rank (None for a rank outside the view) through the
@@ -545,7 +548,22 @@ class Buffer:
         Ranks the kernels marked inactive since the last call (deadline passed, process died)
         are reported to the group's membership as failed; ranks the group's view dropped are
         zeroed in the caller's `active_ranks` (with the ranks that take no part), so no call
-        waits for them. No GPU synchronisation: the marks are host-mapped words."""
+        waits for them. No GPU synchronisation: the marks are host-mapped words.
+
+        A rank whose signal named another shape of call (tokens per rank, hidden size, experts
+        or fp8) was marked inactive by the kernels and none of its rows were read: the next
+        call raises, naming it (a caller that goes on would lose its experts' work silently)."""
+        if self._native is not None:
+            odd = self._native.shape_marks()
+            if odd != self._shapes_seen:
+                new_odd = [r for r, (n, seen) in enumerate(zip(odd, self._shapes_seen)) if n > seen]
+                self._shapes_seen = list(odd)
+                if new_odd:
+                    raise RuntimeError(
+                        f"tidewire.ep: rank {self.rank}: rank(s) {new_odd} called with another shape than this rank "
+                        "(num_max_dispatch_tokens_per_rank, hidden, num_experts or use_fp8 differ): the kernels read "
+                        "none of their rows and marked them inactive in active_ranks; every rank must pass the same"
+                    )
         g = self._elastic
         if g is not None:
             if self._native is not None:

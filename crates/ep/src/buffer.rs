@@ -87,6 +87,7 @@ impl Scrape for Watch {
             return;
         }
         let now = self.marks.load_all();
+        let now = &now[..self.absent.len()];
         let mut counted = self.counted.lock();
         for (r, (n, s)) in now.iter().zip(counted.iter_mut()).enumerate() {
             if *n > *s {
@@ -144,7 +145,9 @@ impl Buffer {
         let kernels = EpKernels::load(gpu)
             .map_err(|source| Error::Gpu { context: "loading the EP kernels".into(), source })?;
         let half = peers.smallest() / 2 / 4096 * 4096;
-        let marks = HostWords::new(ranks)
+        // Per source rank: how often a wait marked it inactive, then (`ranks` words on) how
+        // often for a call of another shape.
+        let marks = HostWords::new(2 * ranks)
             .map_err(|source| Error::Gpu { context: "the EP timeout counters".into(), source })?;
         let absent = peers_in.iter().map(PeerBuffer::is_absent).collect();
         let watch = Arc::new(Watch {
@@ -213,7 +216,16 @@ impl Buffer {
     /// made (deadline passed or process died): host-mapped words the kernels add to, read
     /// without waiting for the GPU.
     pub fn marks(&self) -> Vec<u32> {
-        self.watch.marks.load_all()
+        let mut all = self.watch.marks.load_all();
+        all.truncate(self.peers.ranks());
+        all
+    }
+
+    /// Per source rank, how many of those marks were for a call of another shape (its
+    /// signal named other tokens per rank, hidden size, experts or fp8 than ours: its rows
+    /// were not read).
+    pub fn shape_marks(&self) -> Vec<u32> {
+        self.watch.marks.load_all().split_off(self.peers.ranks())
     }
 
     /// The ranks no GPU path reaches, with the reason.
@@ -278,6 +290,7 @@ impl Buffer {
             num_tokens: i(c.num_tokens),
             fp8: i32::from(c.fp8),
             slices: 1,
+            shape: shape_tag(l.max_tokens, l.hidden, l.experts, c.fp8),
         })
     }
 
@@ -441,3 +454,17 @@ impl Drop for Buffer {
         self.clear_table();
     }
 }
+
+/// 16 bits naming a call's shape, the same on every rank that calls with the same tokens per
+/// rank, hidden size, experts and fp8 (FNV-1a over the four, folded): ranks that disagree
+/// would read each other's rows at the wrong offsets or in the wrong format.
+fn shape_tag(max_tokens: usize, hidden: usize, experts: usize, fp8: bool) -> i32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in [max_tokens as u64, hidden as u64, experts as u64, u64::from(fp8)] {
+        for b in v.to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    ((h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) & 0xffff) as i32
+}
+

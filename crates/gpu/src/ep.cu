@@ -41,6 +41,8 @@ struct EpArgs {
     int rank, ranks, experts, local_experts, max_tokens, hidden, topk, num_tokens;
     int fp8;     // dispatch rows as e4m3 + one fp32 scale per 128 channels (else bf16)
     int slices;  // dispatch send: parts each token's row is cut into (one warp each)
+    int shape;   // 16 bits naming the call's shape (tokens, hidden, experts, fp8): in every
+                 // signal, so that a rank that called with another shape is not read
 };
 
 // Adds 1 with acquire-release semantics at GPU scope: our earlier writes (the warp's, after
@@ -93,9 +95,11 @@ __device__ __forceinline__ unsigned long long tw_seq(const EpArgs& a) {
     return *(volatile const unsigned long long*)a.seq_at;
 }
 
-// A signal: the call's number (low 32 bits) above a count.
-__device__ __forceinline__ unsigned long long tw_signal(unsigned long long seq, unsigned count) {
-    return ((seq & 0xffffffffull) << 32) | (unsigned long long)count;
+// A signal: the call's number (low 32 bits) above the call's shape (16 bits) above a count
+// (at most the tokens per rank, 1,024).
+__device__ __forceinline__ unsigned long long tw_signal(const EpArgs& a, unsigned long long seq, unsigned count) {
+    return ((seq & 0xffffffffull) << 32) | ((unsigned long long)(a.shape & 0xffff) << 16) |
+           (unsigned long long)(count & 0xffffu);
 }
 
 // Expert `k` of token `t`, or -1 when it is out of range or repeats an earlier expert of the
@@ -124,9 +128,20 @@ __device__ __forceinline__ bool tw_active(const EpTable& t, const int* active, i
     return t.peers[r] != 0 && tw_flag(active, r) != 0;
 }
 
-// Waits until `*sig` carries the call `seq` in its high 32 bits; returns the low 32 bits, or
-// -1 when rank `from` died, is marked inactive, or the deadline passed (it is then marked
-// inactive in `active`). The deadline and `active` (device memory) are checked every 256
+// Rank `from` no longer takes part in this call (nor, through the caller's `active`, in the
+// next): marked inactive, counted once per transition (what the metrics read on the host),
+// and with `shape`, counted apart as a call of another shape (the host names it).
+__device__ void tw_drop(const EpArgs& a, const EpTable& t, int from, int* active, bool shape) {
+    if (atomicExch(&active[from], 0) != 0 && t.marks != 0) {
+        atomicAdd_system((unsigned*)t.marks + from, 1u);
+        if (shape) atomicAdd_system((unsigned*)t.marks + a.ranks + from, 1u);
+    }
+}
+
+// Waits until `*sig` carries the call `seq` in its high 32 bits; returns its count, or -1 when
+// rank `from` died, is marked inactive, the deadline passed, or its signal names another
+// shape of call (it is then marked inactive in `active`: its rows are laid out for another
+// shape and are not read). The deadline and `active` (device memory) are checked every 256
 // spins, the peer's liveness word (host memory) only every TW_HOST_POLL_NS.
 __device__ long long tw_wait(const EpArgs& a, const EpTable& t, const unsigned long long* sig,
                              unsigned long long seq, int from, int* active) {
@@ -134,15 +149,17 @@ __device__ long long tw_wait(const EpArgs& a, const EpTable& t, const unsigned l
     unsigned long long start = tw_now(), polled = start;
     for (unsigned spins = 0;; spins++) {
         unsigned long long v = tw_ld_acquire(sig);
-        if ((v >> 32) == tag) return (long long)(v & 0xffffffffull);
+        if ((v >> 32) == tag) {
+            if (((v >> 16) & 0xffffull) == (unsigned long long)(a.shape & 0xffff)) return (long long)(v & 0xffffull);
+            tw_drop(a, t, from, active, true);
+            return -1;
+        }
         if ((spins & 255u) == 255u) {
             const unsigned long long now = tw_now();
             bool dead = t.alive[from] != 0 && tw_host_poll_due(now, &polled) &&
                         *(volatile const unsigned*)t.alive[from] == 0;
             if (dead || (long long)(now - start) > a.timeout_ns || tw_flag(active, from) == 0) {
-                // Counted once per transition (what the metrics read on the host).
-                if (atomicExch(&active[from], 0) != 0 && t.marks != 0)
-                    atomicAdd_system((unsigned*)t.marks + from, 1u);
+                tw_drop(a, t, from, active, false);
                 return -1;
             }
         }
@@ -227,7 +244,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
         if (total[e] == 0 && tw_active(tab, active, dst)) {
             char* base = tw_base(tab, dst, seq);
             unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
-            tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, 0));
+            tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(a, seq, 0));
         }
     }
     __syncthreads();
@@ -343,7 +360,7 @@ extern "C" __global__ void __launch_bounds__(1024) tw_ep_dispatch_send(EpArgs a,
                 if (tw_active(tab, active, dst)) {
                     char* base = tw_base(tab, dst, seq);
                     const unsigned long long slot = (unsigned long long)(e % a.local_experts) * a.ranks + a.rank;
-                    tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(seq, total[e]));
+                    tw_st_release((unsigned long long*)(base + a.off_dsig) + slot, tw_signal(a, seq, total[e]));
                 }
             }
         }
@@ -511,7 +528,7 @@ extern "C" __global__ void __launch_bounds__(1024, 2) tw_ep_combine_send(EpArgs 
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        tw_st_release((unsigned long long*)(base + a.off_csig) + e, tw_signal(seq, 0));
+        tw_st_release((unsigned long long*)(base + a.off_csig) + e, tw_signal(a, seq, 0));
     }
 }
 

@@ -80,6 +80,10 @@ pub struct EpArgs {
     /// Dispatch send: the parts each token's row is cut into (one warp each); set by
     /// [`EpKernels::dispatch_send`].
     pub slices: i32,
+    /// 16 bits naming the call's shape (tokens per rank, hidden, experts, fp8), carried in
+    /// every signal: a signal of another shape marks its sender inactive (counted apart in
+    /// the marks' second half, `ranks` words on) instead of its rows being read.
+    pub shape: i32,
 }
 
 const NAMES: [&std::ffi::CStr; 4] =
@@ -279,7 +283,7 @@ mod tests {
         assert_eq!(define(src, "TW_SEND_TOKENS"), u64::from(SEND_TOKENS));
         let ours = rust_fields!(EpArgs: table, seq_at, need, off_dsig, off_ddata,
             off_dsrc, off_csig, off_cdata, off_fin, timeout_ns, rank, ranks, experts,
-            local_experts, max_tokens, hidden, topk, num_tokens, fp8, slices);
+            local_experts, max_tokens, hidden, topk, num_tokens, fp8, slices, shape);
         assert_eq!(fields(src, "EpArgs"), ours);
         assert_eq!(size_of::<EpArgs>(), ours.last().map_or(0, |f| f.1 + f.2).next_multiple_of(8));
         let table = rust_fields!(EpTable: peers, alive, half, marks);

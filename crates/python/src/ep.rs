@@ -142,6 +142,12 @@ impl PyEpBuffer {
         self.with(py, |b| Ok(b.marks()))
     }
 
+    /// Per source rank, how many of those marks were for a call of another shape (tokens per
+    /// rank, hidden size, experts or fp8 differ from this rank's).
+    fn shape_marks(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.with(py, |b| Ok(b.shape_marks()))
+    }
+
     /// The ranks no GPU path reaches: `(rank, reason)`.
     fn unreached(&self, py: Python<'_>) -> PyResult<Vec<(usize, String)>> {
         self.with(py, |b| Ok(b.unreached()))
