@@ -777,7 +777,10 @@ class Buffer:
         # argument) leaves its dispatch open for a corrected one.
         key = src_info.data_ptr()
         if key not in self._seqs:
-            raise ValueError("tidewire.ep: this handle's combine was already run, or it comes from another buffer")
+            raise ValueError(
+                f"tidewire.ep: rank {self.rank}, combine: this handle's combine was already run, or the handle comes from "
+                "another buffer or from before an update_ep_member (which ends every call in flight)"
+            )
         seq, num_tokens, k, number = self._seqs[key]
         if key in self._unreceived:
             # Its layout and sources are not written yet: the combine would send rows an older

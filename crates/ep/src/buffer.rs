@@ -467,4 +467,3 @@ fn shape_tag(max_tokens: usize, hidden: usize, experts: usize, fp8: bool) -> i32
     }
     ((h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) & 0xffff) as i32
 }
-
