@@ -686,6 +686,42 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
     return out
 
 
+def body_joiner_slots(rank: int, size: int, port: int, arg: str) -> Any:
+    """Processes 0-1 found a `mooncake-cpu` group of 3 slots; process 2 joins it with options
+    of 4 slots: its creation must fail naming both numbers (the founders would drop its frames,
+    from a slot they do not have, and its join would wait out its timeout without a reason)."""
+    import tidewire.mooncake
+
+    tidewire.mooncake.install()
+    from mooncake import pg as mpg  # type: ignore[import-not-found]
+
+    flag = f"/tmp/tw-joiner-slots-{port}"
+    if rank == size - 1:
+        active = torch.zeros(4, dtype=torch.int32)
+        active[:2] = 1
+        try:
+            dist.init_process_group(
+                "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=2, world_size=4,
+                timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(active, True, 4),
+            )
+            error = None
+        except Exception as e:  # noqa: BLE001
+            error = f"{type(e).__name__}: {e}"
+        open(flag, "w").close()
+        return {"error": error}
+    active = torch.zeros(3, dtype=torch.int32)
+    active[:2] = 1
+    dist.init_process_group(
+        "mooncake-cpu", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=20), pg_options=mpg.MooncakeBackendOptions(active, False, 3),
+    )
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    came = _started_by(flag, 60)
+    dist.destroy_process_group()
+    return {"sum": t.tolist(), "joiner_done": came}
+
+
 def body_joiners(rank: int, size: int, port: int, arg: str) -> Any:
     """Ranks joining a `mooncake-cpu` group (arg "replace" or "extend"). "replace": processes
     0-3 form a group of 4; rank 2 is SIGKILLed; once the others agreed without it, process 4
@@ -2044,6 +2080,7 @@ BODIES: Dict[str, Callable[[int, int, int, str], Any]] = {
     "cuda_failure": body_cuda_failure,
     "elastic": body_elastic,
     "joiners": body_joiners,
+    "joiner_slots": body_joiner_slots,
     "failure_modes": body_failure_modes,
     "join_cycles": body_join_cycles,
     "sglang_elastic": body_sglang_elastic,

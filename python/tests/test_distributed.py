@@ -179,6 +179,14 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
         assert out["regrouped"] == [2.0, 2.0], f"rank {rank}: {out['regrouped']}"
 
 
+def test_a_joiner_with_another_number_of_slots_than_the_founders_is_refused_naming_both() -> None:
+    results = run_group("joiner_slots", 3, "", deadline=90)
+    for proc in (0, 1):
+        assert results[proc]["sum"] == [2.0] * 4 and results[proc]["joiner_done"], f"process {proc}: {results[proc]}"
+    error = results[2]["error"] or ""
+    assert "joins a group of 3 slots" in error and "its options say 4" in error, results[2]
+
+
 @pytest.mark.parametrize("how", ["replace", "extend"])
 def test_a_joining_rank_works_alone_then_is_recovered_into_its_slot(how: str) -> None:
     """A replacement in a dead rank's slot (4 ranks, rank 2 killed) or a rank beyond the

@@ -981,11 +981,14 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         region = _native.Communicator.allocate_region(eng._native, n, _ring_bytes(n))
         try:
             info = {"name": eng.name, "region": region[0], "cap": region[2], "pid": os.getpid(), "failed": failed}
-            self._elastic.announce("region", json.dumps(info))
+            # Made for `epoch`'s members: refused if the view moved on meanwhile (its members
+            # would take a ring sized for others, in a region freed when this fails).
+            self._elastic.announce("region", json.dumps(info), epoch)
             infos = [json.loads(v) for v in self._elastic.collect("region", epoch, members, self._timeout.total_seconds())]
             # (A replacement may have been started with other settings than the survivors.)
             _same_rings(infos, region[2], members)
         except BaseException as e:
+            self._elastic.withdraw("region")  # nobody else takes a region about to be freed
             eng._native.free_shared(region[0])  # no communicator owns it yet
             if isinstance(e, _native.TidewireError):
                 self._failed(getattr(e, "ranks", []))
@@ -1117,8 +1120,12 @@ class ProcessGroupTidewire(dist.ProcessGroup):
                 return exchange(self._store, self._rank, self._size, key, payload, self._timeout)
         else:
             def xchg(key: str, payload: Any) -> List[Any]:
-                self._elastic.announce(key, json.dumps(payload))
-                return [json.loads(v) for v in self._elastic.collect(key, epoch, members, self._timeout.total_seconds())]
+                self._elastic.announce(key, json.dumps(payload), epoch)
+                try:
+                    return [json.loads(v) for v in self._elastic.collect(key, epoch, members, self._timeout.total_seconds())]
+                except BaseException:
+                    self._elastic.withdraw(key)  # its buffers go with the failed path
+                    raise
         try:
             if self._stale_words is None:
                 self._stale = torch.zeros(1, dtype=torch.int32, pin_memory=True)

@@ -444,10 +444,11 @@ class Buffer:
         epoch, in the same order: the keys count them."""
         g = self._elastic
         full = f"ep/{self._tag}/{epoch}.{self._rounds.get(epoch, 0)}/{key}"
-        g._elastic.announce(full, json.dumps(payload))
+        g._elastic.announce(full, json.dumps(payload), epoch)
         try:
             got = g._elastic.collect(full, epoch, members, g._timeout.total_seconds())
         except _native.TidewireError as e:
+            g._elastic.withdraw(full)
             if getattr(e, "kind", "") != "ViewChanged":
                 g._failed(getattr(e, "ranks", []))
             raise

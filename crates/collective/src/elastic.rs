@@ -47,6 +47,10 @@ const ANNOUNCE: u8 = 2;
 /// Addresses learned for slots (of processes that joined): (slot u32, stamp u64, length u8,
 /// "ip:port") repeated.
 const ADDRS: u8 = 3;
+/// To a process that sends in a member's slot from another address than the member's: another
+/// process holds the slot (a replacement added while this one was stopped, with the commit
+/// that removed it lost). Body: the holder's address (text).
+const REPLACED: u8 = 4;
 /// The kind's bit that says the frame is sealed with the cluster secret.
 const SEALED: u8 = 0x80;
 /// Where the kind is in a frame (after the magic, the group's id and the sender's rank).
@@ -154,6 +158,10 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
     }
 }
 
+/// The largest epoch or ballot round a message may carry: no group gets near it, and a peer's
+/// value past it (a bug, or a frame of a group without a secret) would overflow the next one.
+const MAX_COUNT: u64 = 1 << 62;
+
 /// Reads what [`encode`] wrote; `None` for anything else (a datagram is outside input).
 pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
     struct R<'a>(&'a [u8]);
@@ -168,6 +176,9 @@ pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
             self.0 = rest;
             Some(u64::from_le_bytes(head.try_into().ok()?))
         }
+        fn count(&mut self) -> Option<u64> {
+            self.u64_().filter(|&v| v <= MAX_COUNT)
+        }
         fn rank(&mut self, max: Rank) -> Option<Rank> {
             let r = usize::try_from(self.u64_()?).ok()?;
             (r <= max).then_some(r)
@@ -180,18 +191,20 @@ pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
             (0..n).map(|_| self.rank(max)).collect()
         }
         fn ballot(&mut self, max: Rank) -> Option<Ballot> {
-            Some(Ballot { round: self.u64_()?, leader: self.rank(max)? })
+            Some(Ballot { round: self.count()?, leader: self.rank(max)? })
         }
         fn view(&mut self, max: Rank) -> Option<View> {
-            Some(View { epoch: self.u64_()?, members: self.set(max)? })
+            Some(View { epoch: self.count()?, members: self.set(max)? })
         }
     }
     let mut r = R(bytes);
     let m = match r.u8_()? {
-        0 => Message::Request { epoch: r.u64_()?, remove: r.set(max_rank)?, add: r.set(max_rank)? },
-        1 => Message::Prepare { epoch: r.u64_()?, ballot: r.ballot(max_rank)? },
+        0 => {
+            Message::Request { epoch: r.count()?, remove: r.set(max_rank)?, add: r.set(max_rank)? }
+        }
+        1 => Message::Prepare { epoch: r.count()?, ballot: r.ballot(max_rank)? },
         2 => {
-            let (epoch, ballot) = (r.u64_()?, r.ballot(max_rank)?);
+            let (epoch, ballot) = (r.count()?, r.ballot(max_rank)?);
             let accepted = match r.u8_()? {
                 0 => None,
                 1 => Some((r.ballot(max_rank)?, r.view(max_rank)?)),
@@ -200,14 +213,14 @@ pub fn decode(bytes: &[u8], max_rank: Rank) -> Option<Message> {
             Message::Promise { epoch, ballot, accepted }
         }
         3 => Message::Accept {
-            epoch: r.u64_()?,
+            epoch: r.count()?,
             ballot: r.ballot(max_rank)?,
             view: r.view(max_rank)?,
         },
-        4 => Message::Accepted { epoch: r.u64_()?, ballot: r.ballot(max_rank)? },
-        5 => Message::Commit { epoch: r.u64_()?, view: r.view(max_rank)? },
+        4 => Message::Accepted { epoch: r.count()?, ballot: r.ballot(max_rank)? },
+        5 => Message::Commit { epoch: r.count()?, view: r.view(max_rank)? },
         6 => Message::Stale { view: r.view(max_rank)? },
-        7 => Message::CatchUp { epoch: r.u64_()? },
+        7 => Message::CatchUp { epoch: r.count()? },
         _ => return None,
     };
     r.0.is_empty().then_some(m)
@@ -322,6 +335,9 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    /// Tests: the driver stops while this is set, then drops what was queued meanwhile (a
+    /// stopped process whose datagrams were lost: [`Elastic::stop_for_test`]).
+    stop_for_test: AtomicBool,
     /// The epoch of the view in force, readable without the lock (every call into a group
     /// looks at it).
     epoch: AtomicU64,
@@ -367,10 +383,16 @@ impl Shared {
     }
 
     fn send(&self, st: &State, to: Rank, bytes: &[u8]) {
-        let Some(addr) = st.peers.get(to) else { return };
+        let Some(&addr) = st.peers.get(to) else { return };
         if addr.port() == 0 {
             return; // a slot whose process we have not heard from yet
         }
+        self.send_to(to, addr, bytes);
+    }
+
+    /// Sends `bytes` (sealed when a secret is in force) to `addr`, the address of a process in
+    /// slot `to`.
+    fn send_to(&self, to: Rank, addr: SocketAddr, bytes: &[u8]) {
         let sealed;
         let bytes = match &self.secret {
             None => bytes,
@@ -447,7 +469,10 @@ impl Shared {
             }
             st.last_members = members;
             write_masks(st);
-            self.epoch.store(st.member.view().epoch, Ordering::Release);
+            // A rank told it was replaced keeps its last view: the epoch callers compare then
+            // moves anyway, so that their next call looks at the view and finds it fenced.
+            let shown = if st.member.is_fenced() { u64::MAX } else { st.member.view().epoch };
+            self.epoch.store(shown, Ordering::Release);
             if let Some(m) = tidewire::metrics::get() {
                 m.coll_epoch.set(st.member.view().epoch as i64);
                 m.coll_size.set(st.last_members.len() as i64);
@@ -480,6 +505,19 @@ impl Shared {
         };
         let kind = kind & !SEALED;
         let mut st = self.lock();
+        if st.peers[from] != src
+            && st.member.view().members.contains(&from)
+            && st.peers[from].port() != 0
+        {
+            // A member's address never changes by a datagram: this is another process in its
+            // slot, not the member (its stamps are not the member's either). Either a
+            // replacement not added yet (it waits to join and ignores the notice), or a process
+            // that held the slot and was replaced while it was away: told so, it stops.
+            let mut f = self.frame(REPLACED);
+            f.extend_from_slice(st.peers[from].to_string().as_bytes());
+            self.send_to(from, src, &f);
+            return;
+        }
         if let Some(stamp) = stamp {
             if stamp <= st.stamps[from] {
                 drop(st);
@@ -488,11 +526,6 @@ impl Shared {
             st.stamps[from] = stamp;
         }
         if st.peers[from] != src {
-            if st.member.view().members.contains(&from) && st.peers[from].port() != 0 {
-                // A member's address never changes by a datagram: this is another process
-                // in its slot (a replacement, before the member is found dead), not the member.
-                return;
-            }
             // A process in a slot outside the view (a replacement, a joiner), or one whose
             // address we never knew: its address is where it sends from.
             log::info!("elastic rank {}: rank {from} is now at {src}", self.rank);
@@ -538,6 +571,22 @@ impl Shared {
                     *slot = (epoch, value.to_vec());
                     self.changed.notify_all();
                 }
+            }
+            REPLACED if st.member.view().members.contains(&from) => {
+                // From a member at its own address: another process holds our slot. A joiner
+                // waits to be added (the holder is the member it replaces, not yet found dead).
+                if st.member.is_joining() || st.member.is_fenced() {
+                    return;
+                }
+                let holder = String::from_utf8_lossy(body);
+                log::error!(
+                    "elastic rank {}: another process (at {holder}) holds this rank's slot in the \
+                     group (rank {from} says so): this process was replaced while it was away, \
+                     and takes part in nothing more",
+                    self.rank
+                );
+                st.member.fence();
+                self.flush(&mut st);
             }
             ADDRS if st.member.view().members.contains(&from) => {
                 // A member passes on the addresses it learned: newer ones replace ours (two
@@ -700,6 +749,7 @@ impl Elastic {
             state: Mutex::new(state),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            stop_for_test: AtomicBool::new(false),
             epoch: AtomicU64::new(first),
         });
         let s = shared.clone();
@@ -793,11 +843,33 @@ impl Elastic {
         }
     }
 
-    /// Asks for a change of view: `remove` (a planned shrink) and `add` (activation).
+    /// Asks for a change of view: `remove` (a planned shrink) and `add` (activation). Refused,
+    /// saying why, from a rank that is not a member (removed, or not added yet: nobody would
+    /// act on it) and for a change that leaves no member (no rank would lead it).
     pub fn request(&self, remove: &[Rank], add: &[Rank]) -> Result<()> {
         self.check_ranks("request", remove)?;
         self.check_ranks("request", add)?;
         let mut st = self.shared.lock();
+        let me = self.shared.rank;
+        let view = st.member.view();
+        if st.member.is_fenced() {
+            return Err(Error::invalid(format!(
+                "elastic membership: rank {me} was removed from the group (epoch {}): its requests                  reach nobody",
+                view.epoch
+            )));
+        }
+        if st.member.is_joining() {
+            return Err(Error::invalid(format!(
+                "elastic membership: rank {me} has not been added to the group yet: a member                  asks for changes (join_group, then a member's activate_ranks)"
+            )));
+        }
+        let left = view.members.iter().filter(|r| !remove.contains(r) || add.contains(r)).count();
+        if left == 0 && add.is_empty() {
+            return Err(Error::invalid(format!(
+                "elastic membership: removing ranks {remove:?} leaves no member of {:?} (epoch {})",
+                view.members, view.epoch
+            )));
+        }
         st.member.request(Instant::now(), remove, add);
         self.shared.flush(&mut st);
         Ok(())
@@ -806,6 +878,19 @@ impl Elastic {
     /// Announces `value` under `key` to the members of the view in force (its epoch); repeated
     /// with every heartbeat while that view lasts.
     pub fn announce(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.announce_in(key, value, None)
+    }
+
+    /// As [`Elastic::announce`], for a value made for the view of `epoch`: refused (the view
+    /// changed, nobody to blame) when the view in force is another. A value made for one view
+    /// and announced at the next (the view moved between the two) would be taken by that
+    /// view's members for theirs: a ring sized for other members, a region its owner frees
+    /// when its own collect at the old epoch fails.
+    pub fn announce_at(&self, key: &str, value: &[u8], epoch: u64) -> Result<()> {
+        self.announce_in(key, value, Some(epoch))
+    }
+
+    fn announce_in(&self, key: &str, value: &[u8], made_for: Option<u64>) -> Result<()> {
         if key.len() > 255 || key.len() + value.len() > MAX_ANNOUNCE {
             return Err(Error::invalid(format!(
                 "an announcement of {} + {} bytes (at most {MAX_ANNOUNCE})",
@@ -815,12 +900,27 @@ impl Elastic {
         }
         let mut st = self.shared.lock();
         let epoch = st.member.view().epoch;
+        if let Some(wanted) = made_for.filter(|&e| e != epoch) {
+            return Err(Error::ViewChanged {
+                op: format!("announcing {key} made for epoch {wanted}"),
+                epoch,
+            });
+        }
         st.mine.retain(|(_, k, _)| k != key);
         st.mine.push((epoch, key.to_string(), value.to_vec()));
         self.shared.repeat_announcements(&st);
         let me = self.shared.rank;
         st.theirs.insert((me, key.to_string()), (epoch, value.to_vec()));
         Ok(())
+    }
+
+    /// Stops announcing `key` (a value whose use failed here: its memory is being freed).
+    /// Members that took it already keep it; those that did not will not.
+    pub fn withdraw(&self, key: &str) {
+        let mut st = self.shared.lock();
+        st.mine.retain(|(_, k, _)| k != key);
+        let me = self.shared.rank;
+        st.theirs.remove(&(me, key.to_string()));
     }
 
     /// What every rank of `ranks` announced under `key` at `epoch`, in that order; waits at most
@@ -891,6 +991,13 @@ impl Elastic {
     }
 
     /// Stops the driver (joins its thread; bounded by the socket's 1 ms read timeout).
+    /// Tests: this rank's driver stops (`true`: as a SIGSTOPped process would) or goes on,
+    /// dropping every datagram that came meanwhile (lost, as they may be).
+    #[doc(hidden)]
+    pub fn stop_for_test(&self, stopped: bool) {
+        self.shared.stop_for_test.store(stopped, Ordering::Release);
+    }
+
     pub fn close(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
@@ -908,6 +1015,12 @@ impl Drop for Elastic {
 fn drive(s: &Shared) {
     let mut buf = [0u8; 4096];
     while !s.stop.load(Ordering::Acquire) {
+        if s.stop_for_test.load(Ordering::Acquire) {
+            while s.stop_for_test.load(Ordering::Acquire) && !s.stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            while s.sock.recv_from(&mut buf).is_ok() {}
+        }
         // Every pass (at most the socket's 1 ms read timeout apart): timers set by a message or
         // a call since the last pass fire without waiting for an older due time.
         s.tick(Instant::now());
@@ -1183,6 +1296,115 @@ mod tests {
         g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
         let (v, _) = joiner.wait_view(1, Duration::from_secs(20));
         assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+    }
+
+    #[test]
+    fn a_member_replaced_while_it_was_stopped_learns_so_and_stops() {
+        // Rank 2 stops; the others evict it, a replacement joins slot 2 and is added. The
+        // stopped process then resumes without the commits it missed (lost): it still thinks
+        // itself a member of epoch 0. The members tell it that another process holds its
+        // slot, and it stops (fenced) instead of evicting everyone and going on alone.
+        let settings = fast(400, 300);
+        let mut g = group(3, settings);
+        let addrs: Vec<SocketAddr> =
+            g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
+        let old = g.pop().unwrap_or_else(|| panic!("three members"));
+        old.stop_for_test(true);
+        for e in &g {
+            let (v, _) = e.wait_view(0, Duration::from_secs(20));
+            assert_eq!(
+                v,
+                View { epoch: 1, members: set(&[0, 1]) },
+                "the stopped member is evicted"
+            );
+        }
+        let (sock, _) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let first = View { epoch: 0, members: set(&[0, 1]) };
+        let new = Elastic::start(sock, 2, addrs.clone(), group_id(&addrs), first, settings, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        new.set_ready();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !g[0].peer_states()[2].1 {
+            assert!(Instant::now() < end, "the replacement is never heard");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
+        let (v, _) = new.wait_view(1, Duration::from_secs(20));
+        assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+        assert_eq!(old.view().epoch, 0, "the stopped process saw nothing");
+        old.stop_for_test(false);
+        let end = Instant::now() + Duration::from_secs(20);
+        while !old.is_fenced() {
+            assert!(
+                Instant::now() < end,
+                "the replaced process never learned it: {:?}",
+                old.view()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(old.epoch(), u64::MAX, "callers comparing epochs see the change");
+        // Nobody else moved: the replacement stays a member.
+        std::thread::sleep(Duration::from_millis(600));
+        for e in g.iter().chain([&new]) {
+            assert_eq!(e.view(), View { epoch: 2, members: set(&[0, 1, 2]) });
+            assert!(!e.is_fenced());
+        }
+    }
+
+    #[test]
+    fn requests_from_a_rank_outside_the_view_or_leaving_no_member_are_refused() {
+        let g = group(2, fast(2000, 500));
+        let e = g[0].request(&[0, 1], &[]).expect_err("a change that leaves no member");
+        assert!(e.to_string().contains("leaves no member"), "{e}");
+        // A joiner (outside the view) asks nobody.
+        let addrs: Vec<SocketAddr> =
+            g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
+        let mut all = addrs.clone();
+        all.push(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (sock, _) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let joiner = Elastic::start(
+            sock,
+            2,
+            all,
+            5,
+            View { epoch: 0, members: set(&[0, 1]) },
+            fast(2000, 500),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = joiner.request(&[], &[2]).expect_err("a request from a joiner");
+        assert!(e.to_string().contains("has not been added"), "{e}");
+    }
+
+    #[test]
+    fn a_value_made_for_an_older_view_is_not_announced_at_the_new_one() {
+        let g = group(2, fast(2000, 500));
+        g[0].announce_at("k", b"v", 0).unwrap_or_else(|e| panic!("{e}"));
+        let e = g[0].announce_at("k", b"v", 3).expect_err("made for another epoch");
+        assert!(matches!(e, Error::ViewChanged { epoch: 0, .. }), "{e}");
+        assert_eq!(
+            g[1].collect("k", 0, &[0], Duration::from_secs(10)).unwrap_or_default(),
+            vec![b"v".to_vec()]
+        );
+    }
+
+    #[test]
+    fn epochs_and_rounds_past_the_largest_are_refused() {
+        let mut f = Vec::new();
+        encode(
+            &Message::Commit {
+                epoch: u64::MAX,
+                view: View { epoch: u64::MAX, members: set(&[0]) },
+            },
+            &mut f,
+        );
+        assert_eq!(decode(&f, 3), None);
+        let mut f = Vec::new();
+        encode(
+            &Message::Prepare { epoch: 1, ballot: Ballot { round: u64::MAX, leader: 0 } },
+            &mut f,
+        );
+        assert_eq!(decode(&f, 3), None);
     }
 
     #[test]

@@ -220,6 +220,17 @@ impl Member {
         self.fenced
     }
 
+    /// This rank learned that another process holds its slot (it was replaced while it was
+    /// away, and the view that removed it never reached it): it takes part in nothing more.
+    pub fn fence(&mut self) {
+        if self.fenced || self.joining {
+            return;
+        }
+        self.fenced = true;
+        self.lead = None;
+        self.events.push(Event::Removed(self.view.clone()));
+    }
+
     /// Whether this rank waits to be added (it has never been in a view).
     pub fn is_joining(&self) -> bool {
         self.joining

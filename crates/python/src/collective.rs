@@ -684,9 +684,20 @@ impl PyElastic {
         Ok((v.epoch, v.members.into_iter().collect(), fenced))
     }
 
-    /// Announces `value` (text) under `key` to the members of the view in force.
-    fn announce(&self, key: &str, value: &str) -> PyResult<()> {
-        self.with(|e| e.announce(key, value.as_bytes()))?.map_err(to_py)
+    /// Announces `value` (text) under `key` to the members of the view in force; with
+    /// `epoch`, a value made for that view, refused (`ViewChanged`) if the view moved on.
+    #[pyo3(signature = (key, value, epoch=None))]
+    fn announce(&self, key: &str, value: &str, epoch: Option<u64>) -> PyResult<()> {
+        self.with(|e| match epoch {
+            Some(at) => e.announce_at(key, value.as_bytes(), at),
+            None => e.announce(key, value.as_bytes()),
+        })?
+        .map_err(to_py)
+    }
+
+    /// Stops announcing `key` (its value's use failed here).
+    fn withdraw(&self, key: &str) -> PyResult<()> {
+        self.with(|e| e.withdraw(key))
     }
 
     /// What `ranks` announced under `key` at `epoch` (waits at most `timeout_s`).

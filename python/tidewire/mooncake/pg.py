@@ -214,16 +214,23 @@ def _start_membership(
     timings = (us["heartbeat"] / 1e6, us["eviction"] / 1e6, us["reconciliation"] / 1e6, us["phase"] / 1e6)
     if joiner:
         founders = _wait_key(pg._store, "tidewire/elastic-founders", pg._timeout, rank)
+        theirs = int(founders.get("slots", slots))
         peers = list(founders["peers"]) + [""] * (slots - len(founders["peers"]))
-        if len(peers) != slots or rank >= slots:
-            raise ValueError(f"tidewire: rank {rank} joins a group of {len(peers)} slots; its options say {slots}")
+        if theirs != slots or len(peers) != slots or rank >= slots:
+            # (The founders would drop its frames, from a slot they do not have, without a word.)
+            raise ValueError(
+                f"tidewire: rank {rank} joins a group of {theirs} slots (max_group_size at its creation); "
+                f"its options say {slots}"
+            )
         members = [r for r in range(int(founders["size"])) if r != rank]
         member.start(rank, peers, int(founders["id"]), 0, members, *timings, pg._auto_deactivate)
     else:
         peers = exchange(pg._store, rank, size, "tidewire/elastic", member.address, pg._timeout)
         gid = _group_id(peers)
         # Every founder writes the same value: whoever joins later finds it.
-        pg._store.set("tidewire/elastic-founders", json.dumps({"id": str(gid), "peers": peers, "size": size}))
+        pg._store.set(
+            "tidewire/elastic-founders", json.dumps({"id": str(gid), "peers": peers, "size": size, "slots": slots})
+        )
         member.start(rank, peers + [""] * (slots - size), gid, 0, list(range(size)), *timings, pg._auto_deactivate)
         if mask is not None and mask.device.type == "cpu" and mask.is_contiguous():
             # A host mask is written by the membership's thread as soon as the view changes (a
@@ -461,7 +468,11 @@ def activate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
         g._elastic.request([], missing)
     epoch, members, fenced, late = _wait_view(g, lambda m: set(want) <= set(m), end)
     if late:
-        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"no view with ranks {want} agreed within the group's timeout")
+        return ViewUpdateResponse(
+            ProposalStatus.Rejected, epoch, [],
+            f"no view with ranks {want} agreed within the group's timeout (the request stays pending: a later "
+            "agreement may still add them)",
+        )
     _sync_mask(g)
     if fenced:
         return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
@@ -481,13 +492,19 @@ def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     the group's timeout."""
     g = _elastic_group(pg, "deactivate_ranks")
     gone = set(_ranks(g, ranks, "deactivate_ranks"))
-    before = set(g._elastic.view()[1])
+    epoch, members, fenced = g._elastic.view()
+    if fenced:
+        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
+    before = set(members)
+    # (Refused with the reason for a rank not added yet, or a change that leaves no member.)
     g._elastic.request(sorted(gone), [])
     end = time.monotonic() + g._timeout.total_seconds()
     epoch, members, fenced, late = _wait_view(g, lambda m: not gone & set(m), end)
     if late:
         return ViewUpdateResponse(
-            ProposalStatus.Rejected, epoch, [], f"no view without ranks {sorted(gone)} agreed within the group's timeout"
+            ProposalStatus.Rejected, epoch, [],
+            f"no view without ranks {sorted(gone)} agreed within the group's timeout (the request stays pending: "
+            "a later agreement may still remove them)",
         )
     if fenced and g.rank() not in gone:
         return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
