@@ -662,6 +662,9 @@ impl Shared {
                 }
                 self.repeat_announcements(&st);
                 self.send_addrs(&st);
+                // What a round waits for goes again (a lost datagram would get a live member
+                // suspected at the phase deadline).
+                st.member.retransmit();
             }
         }
         let members: Vec<Rank> = st.member.view().members.iter().copied().collect();

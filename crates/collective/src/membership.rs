@@ -236,6 +236,37 @@ impl Member {
         self.joining
     }
 
+    /// Sends again what a round waits for (called at every heartbeat): a leader's prepare or
+    /// accept to the live members that have not answered it, a member's request to the leader
+    /// it sees. Datagrams get lost; a message sent once and lost would get a live member
+    /// suspected at the phase deadline (or the leader, by a member that waited for it). Every
+    /// handler takes a message again without harm.
+    pub fn retransmit(&mut self) {
+        if self.fenced || self.joining {
+            return;
+        }
+        let epoch = self.view.epoch;
+        match self.lead.clone() {
+            Some(Lead::Preparing { ballot, from, .. }) => {
+                for r in self.live().difference(&from).copied().collect::<Vec<_>>() {
+                    self.send(r, Message::Prepare { epoch, ballot });
+                }
+            }
+            Some(Lead::Accepting { ballot, view, from, .. }) => {
+                for r in self.live().difference(&from).copied().collect::<Vec<_>>() {
+                    self.send(r, Message::Accept { epoch, ballot, view: view.clone() });
+                }
+            }
+            _ => {}
+        }
+        if self.waiting_since.is_some() && self.pending() {
+            if let Some(l) = self.leader().filter(|&l| l != self.me) {
+                let (remove, add) = (self.remove.clone(), self.add.clone());
+                self.send(l, Message::Request { epoch, remove, add });
+            }
+        }
+    }
+
     /// The leader this member sees: the lowest member it does not suspect.
     pub fn leader(&self) -> Option<Rank> {
         self.view.members.iter().copied().find(|r| !self.remove.contains(r))
@@ -579,6 +610,10 @@ mod tests {
         crash_after: Option<(Rank, usize)>,
         latency: Duration,
         events: Vec<Vec<Event>>,
+        /// (from, to): the next message from `from` to `to` is lost (once per entry).
+        drop_once: Vec<(Rank, Rank)>,
+        /// Every member's `retransmit` runs this often (its heartbeat), when set.
+        retransmit_every: Option<Duration>,
     }
 
     impl Net {
@@ -607,6 +642,8 @@ mod tests {
                 crash_after: None,
                 latency: MS,
                 events: vec![Vec::new(); n],
+                drop_once: Vec::new(),
+                retransmit_every: None,
             }
         }
 
@@ -634,6 +671,10 @@ mod tests {
                         *left -= 1;
                     }
                 }
+                if let Some(i) = self.drop_once.iter().position(|&(f, t)| f == r && t == to) {
+                    self.drop_once.remove(i);
+                    continue;
+                }
                 self.flying.push((self.now + self.latency, r, to, m));
             }
             while let Some(e) = self.members[r].poll_event() {
@@ -646,7 +687,31 @@ mod tests {
             for r in 0..self.members.len() {
                 self.pump(r);
             }
+            let mut next_tick = self.retransmit_every.map(|d| self.now + d);
             loop {
+                if let (Some(t), Some(every)) = (next_tick, self.retransmit_every) {
+                    let first = [
+                        self.flying.iter().map(|f| f.0).min(),
+                        self.detections.iter().map(|d| d.0).min(),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                    if first.is_none_or(|f| t <= f) && t - self.t0 <= limit {
+                        self.now = t.max(self.now);
+                        for r in 0..self.members.len() {
+                            if !self.crashed.contains(&r) && !self.stopped.contains(&r) {
+                                if self.members[r].poll_timeout().is_some_and(|d| d <= t) {
+                                    self.members[r].handle_timeout(t);
+                                }
+                                self.members[r].retransmit();
+                                self.pump(r);
+                            }
+                        }
+                        next_tick = Some(t + every);
+                        continue;
+                    }
+                }
                 let next_msg = self.flying.iter().map(|f| f.0).min();
                 let next_det = self.detections.iter().map(|d| d.0).min();
                 let next_timeout = (0..self.members.len())
@@ -724,6 +789,32 @@ mod tests {
         net.run(Duration::from_secs(10));
         assert_eq!(net.agreed(), View { epoch: 1, members: set(&[0, 1, 3]) });
         assert!(net.now - net.t0 < 50 * MS, "no timeout was needed: {:?}", net.now - net.t0);
+    }
+
+    #[test]
+    fn lost_agreement_messages_are_sent_again_and_evict_nobody() {
+        // Leader 0 removes rank 2 (a planned shrink). Its first prepare to rank 1 and rank 1's
+        // first accepted are lost: sent again at the next heartbeat (20 ms, the phase deadline
+        // 100 ms), rank 1 stays. Without the resends it was suspected at the deadline.
+        for lost in [(0, 1), (1, 0)] {
+            let mut net = Net::new(3, &[0, 1, 2]);
+            net.retransmit_every = Some(20 * MS);
+            net.drop_once = vec![lost];
+            if lost == (1, 0) {
+                net.drop_once.push((1, 0)); // its promise, then its accepted
+            }
+            let now = net.now;
+            net.members[0].request(now, &[2], &[]);
+            net.run(Duration::from_millis(600));
+            for r in [0, 1] {
+                assert_eq!(
+                    net.members[r].view(),
+                    &View { epoch: 1, members: set(&[0, 1]) },
+                    "rank {r} with {lost:?} lost"
+                );
+            }
+            assert!(net.drop_once.is_empty(), "the lost messages were sent: {:?}", net.drop_once);
+        }
     }
 
     #[test]
