@@ -27,4 +27,4 @@ run() {
     RANKS=2 run S512-2r TIDEWIRE_PG_READ_SPLIT_MIN=524288 TIDEWIRE_PG_READ_PIECE_MIN=262144
   fi
 } > $O/large.txt
-python3 bench/results/gpu-2026-12-02-session20/abtable.py $O/large.txt > $O/table.txt
+python3 bench/results/gpu-2026-12-01-session16/abtable.py $O/large.txt > $O/table.txt

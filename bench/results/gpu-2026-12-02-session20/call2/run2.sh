@@ -21,4 +21,4 @@ pg() { PYTHONPATH=$1 timeout 90 python3 bench/pg_bench.py --device cpu --backend
     echo "## B-2r"; pg /tmp/site-b 2; echo "B-2r rc $? $SECONDS s" >> $O/machine.txt
   fi
 } > $O/large.txt
-python3 bench/results/gpu-2026-12-02-session20/abtable.py $O/large.txt > $O/table.txt
+python3 bench/results/gpu-2026-12-01-session16/abtable.py $O/large.txt > $O/table.txt
