@@ -604,8 +604,11 @@ def body_elastic(rank: int, size: int, port: int, arg: str) -> Any:
         return out
 
     if how == "shrink":
+        # Removing every rank is refused here, with the reason (no rank would lead it).
+        everyone = mpg.deactivate_ranks(pg, list(range(size)))
+        refused = [int(everyone.status), everyone.reject_reason]
         mpg.deactivate_ranks(pg, [victim])
-        return report()
+        return report(remove_everyone=refused)
     if rank == victim:
         if how == "kill":
             threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()

@@ -320,6 +320,9 @@ def test_elastic_membership_every_survivor_agrees_on_the_mask_and_epoch(arg: str
             assert out["epoch"] == 1 and not out["fenced"], f"rank {rank}: {out}"
         if how == "kill" and rank != victim:
             assert f"rank {victim}" in out["error"], f"rank {rank}: {out}"
+        if how == "shrink":
+            status, reason = out["remove_everyone"]
+            assert status == 0 and "leaves no member" in reason, f"rank {rank}: {out}"  # Rejected
         if how == "stop" and rank != victim:
             # The old rings are released on a thread of their own: a stopped process that still
             # maps them does not hold up the first call after re-forming.

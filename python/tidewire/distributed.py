@@ -1064,6 +1064,10 @@ class ProcessGroupTidewire(dist.ProcessGroup):
         epoch, members, fenced = self._elastic.view()
         if self._joining:
             members = [self._rank]
+        if fenced:
+            # (A fenced rank's epoch reads as changed for good: the mask of its last view is
+            # not rebuilt at every call.)
+            epoch = self._elastic.epoch()
         mask = torch.zeros(self._active_ranks.numel(), dtype=torch.int32)
         for r in members:
             if r < mask.numel():

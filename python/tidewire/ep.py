@@ -560,6 +560,9 @@ class Buffer:
                 new_odd = [r for r, (n, seen) in enumerate(zip(odd, self._shapes_seen)) if n > seen]
                 self._shapes_seen = list(odd)
                 if new_odd:
+                    # Their marks are a configuration error, not a failure: not reported to
+                    # the group as failed ranks at the next call.
+                    self._marks_seen = [max(a, b) for a, b in zip(self._marks_seen, self._native.marks())]
                     raise RuntimeError(
                         f"tidewire.ep: rank {self.rank}: rank(s) {new_odd} called with another shape than this rank "
                         "(num_max_dispatch_tokens_per_rank, hidden, num_experts or use_fp8 differ): the kernels read "
@@ -668,6 +671,8 @@ class Buffer:
             if hook is not None:
                 # (Its receive already ran: the hook keeps the kernels' rules all the same.)
                 hook = self._dispatch_hook(handle[0].data_ptr(), "", hook)
+            else:
+                self._unreceived.discard(handle[0].data_ptr())  # (an older call's, at this address)
             return packed, count, handle, event, hook
         native = self._kernels()
         self._check_aligned(x, "dispatch: x")
@@ -721,6 +726,9 @@ class Buffer:
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
 
             hook = self._dispatch_hook(src_info.data_ptr(), f" {number}", launch)
+        else:
+            # A dispatch whose hook never ran, dropped, may have had its handle at this address.
+            self._unreceived.discard(src_info.data_ptr())
         handle = (src_info, layout_range, T, hidden, E)
         self._seqs[src_info.data_ptr()] = (seq, num_tokens, k, number)
         event = EventOverlap(self._event() if async_finish else None, keep)

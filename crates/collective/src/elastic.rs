@@ -49,7 +49,8 @@ const ANNOUNCE: u8 = 2;
 const ADDRS: u8 = 3;
 /// To a process that sends in a member's slot from another address than the member's: another
 /// process holds the slot (a replacement added while this one was stopped, with the commit
-/// that removed it lost). Body: the holder's address (text).
+/// that removed it lost). Body: the epoch + 1 at which the sender learned the holder's address
+/// (u64; 0: a founder's), then that address (text).
 const REPLACED: u8 = 4;
 /// The kind's bit that says the frame is sealed with the cluster secret.
 const SEALED: u8 = 0x80;
@@ -514,6 +515,7 @@ impl Shared {
             // replacement not added yet (it waits to join and ignores the notice), or a process
             // that held the slot and was replaced while it was away: told so, it stops.
             let mut f = self.frame(REPLACED);
+            f.extend_from_slice(&st.stamped[from].to_le_bytes());
             f.extend_from_slice(st.peers[from].to_string().as_bytes());
             self.send_to(from, src, &f);
             return;
@@ -578,7 +580,15 @@ impl Shared {
                 if st.member.is_joining() || st.member.is_fenced() {
                     return;
                 }
-                let holder = String::from_utf8_lossy(body);
+                let Some((learned, holder)) = body.split_at_checked(8) else { return };
+                let learned = u64::from_le_bytes(learned.try_into().unwrap_or([0; 8]));
+                // Only a holder learned after this process was added replaced it: a sender
+                // that holds an older address for our slot (its commit that added us came
+                // before it learned where we are) has a stale address, not a newer process.
+                if learned <= st.member.added_at() {
+                    return;
+                }
+                let holder = String::from_utf8_lossy(holder);
                 log::error!(
                     "elastic rank {}: another process (at {holder}) holds this rank's slot in the \
                      group (rank {from} says so): this process was replaced while it was away, \
@@ -857,13 +867,15 @@ impl Elastic {
         let view = st.member.view();
         if st.member.is_fenced() {
             return Err(Error::invalid(format!(
-                "elastic membership: rank {me} was removed from the group (epoch {}): its requests                  reach nobody",
+                "elastic membership: rank {me} was removed from the group (epoch {}): its \
+                 requests reach nobody",
                 view.epoch
             )));
         }
         if st.member.is_joining() {
             return Err(Error::invalid(format!(
-                "elastic membership: rank {me} has not been added to the group yet: a member                  asks for changes (join_group, then a member's activate_ranks)"
+                "elastic membership: rank {me} has not been added to the group yet: a member \
+                 asks for changes (join_group, then a member's activate_ranks)"
             )));
         }
         let left = view.members.iter().filter(|r| !remove.contains(r) || add.contains(r)).count();
@@ -993,7 +1005,6 @@ impl Elastic {
         (st.member.view().clone(), st.member.is_fenced())
     }
 
-    /// Stops the driver (joins its thread; bounded by the socket's 1 ms read timeout).
     /// Tests: this rank's driver stops (`true`: as a SIGSTOPped process would) or goes on,
     /// dropping every datagram that came meanwhile (lost, as they may be).
     #[doc(hidden)]
@@ -1001,6 +1012,7 @@ impl Elastic {
         self.shared.stop_for_test.store(stopped, Ordering::Release);
     }
 
+    /// Stops the driver (joins its thread; bounded by the socket's 1 ms read timeout).
     pub fn close(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
@@ -1351,6 +1363,55 @@ mod tests {
         for e in g.iter().chain([&new]) {
             assert_eq!(e.view(), View { epoch: 2, members: set(&[0, 1, 2]) });
             assert!(!e.is_fenced());
+        }
+    }
+
+    #[test]
+    fn a_replacement_added_is_not_fenced_by_a_member_that_holds_an_older_address() {
+        // A member whose address for slot 2 is older than the replacement's addition (it
+        // learned it before, or holds the founder's) says "replaced" to the replacement: that is
+        // a stale address, not a newer process. Only an address learned after the process was
+        // added fences it.
+        let settings = fast(500, 300);
+        let mut g = group(3, settings);
+        let addrs: Vec<SocketAddr> =
+            g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
+        let mut dead = g.pop().unwrap_or_else(|| panic!("three members"));
+        dead.close();
+        for e in &g {
+            let (v, _) = e.wait_view(0, Duration::from_secs(20));
+            assert_eq!(v.members, set(&[0, 1]));
+        }
+        let (sock, at) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let first = View { epoch: 0, members: set(&[0, 1]) };
+        let new = Elastic::start(sock, 2, addrs.clone(), group_id(&addrs), first, settings, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        new.set_ready();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !g[0].peer_states()[2].1 {
+            assert!(Instant::now() < end, "the replacement is never heard");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
+        let (v, _) = new.wait_view(1, Duration::from_secs(20));
+        assert_eq!(v.epoch, 2);
+        let added = new.shared.lock().member.added_at();
+        assert_eq!(added, 2);
+        let replaced = |learned: u64| {
+            let mut f = g[0].shared.frame(REPLACED);
+            f.extend_from_slice(&learned.to_le_bytes());
+            f.extend_from_slice(addrs[2].to_string().as_bytes());
+            g[0].shared.send_to(2, at, &f);
+        };
+        replaced(0); // the founder's address: older than the addition
+        replaced(added); // learned in the epoch before it was added
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!new.is_fenced(), "a stale address fenced the process that holds the slot");
+        replaced(added + 1);
+        let end = Instant::now() + Duration::from_secs(20);
+        while !new.is_fenced() {
+            assert!(Instant::now() < end, "an address learned after its addition did not fence it");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

@@ -169,6 +169,8 @@ pub struct Member {
     /// Not in the view yet (a joiner waiting to be added): views without it are followed,
     /// not taken as its removal, and it asks for nothing.
     joining: bool,
+    /// The epoch of the first view with this rank in it (0 for a founder).
+    added_at: u64,
     /// Ranks this member found dead, or was asked to remove, not yet out of the view.
     remove: BTreeSet<Rank>,
     /// Ranks asked to join, not yet in the view.
@@ -195,6 +197,7 @@ impl Member {
             me,
             settings,
             joining: !view.members.contains(&me),
+            added_at: view.epoch,
             view,
             fenced: false,
             remove: BTreeSet::new(),
@@ -218,6 +221,11 @@ impl Member {
     /// Whether this rank was removed from the group.
     pub fn is_fenced(&self) -> bool {
         self.fenced
+    }
+
+    /// The epoch of the first view with this rank in it (0 for a founder).
+    pub fn added_at(&self) -> u64 {
+        self.added_at
     }
 
     /// This rank learned that another process holds its slot (it was replaced while it was
@@ -386,6 +394,9 @@ impl Member {
             self.view = view.clone();
             self.events.push(Event::Installed(view));
             return;
+        }
+        if self.joining {
+            self.added_at = view.epoch;
         }
         self.joining = false;
         self.view = view.clone();

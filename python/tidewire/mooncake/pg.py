@@ -198,6 +198,13 @@ def _group_id(peers: Sequence[str]) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(list(peers)).encode()).digest()[:8], "little")
 
 
+def _native_error() -> type:
+    """The native module's error class (what the membership's refusals raise)."""
+    from .. import _native
+
+    return _native.TidewireError
+
+
 def _start_membership(
     pg: "_tw.ProcessGroupTidewire", rank: int, size: int, slots: int, mask: Optional[torch.Tensor], joiner: bool
 ) -> None:
@@ -465,7 +472,10 @@ def activate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     if fenced:
         return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
     if missing:
-        g._elastic.request([], missing)
+        try:
+            g._elastic.request([], missing)
+        except _native_error() as e:  # fenced meanwhile, or a rank not added yet
+            return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], str(e))
     epoch, members, fenced, late = _wait_view(g, lambda m: set(want) <= set(m), end)
     if late:
         return ViewUpdateResponse(
@@ -496,8 +506,10 @@ def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     if fenced:
         return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
     before = set(members)
-    # (Refused with the reason for a rank not added yet, or a change that leaves no member.)
-    g._elastic.request(sorted(gone), [])
+    try:
+        g._elastic.request(sorted(gone), [])
+    except _native_error() as e:  # a rank not added yet, a change that leaves no member
+        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], str(e))
     end = time.monotonic() + g._timeout.total_seconds()
     epoch, members, fenced, late = _wait_view(g, lambda m: not gone & set(m), end)
     if late:
