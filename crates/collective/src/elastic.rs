@@ -1313,6 +1313,34 @@ mod tests {
         assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
     }
 
+    /// Members 0 and 1 of `g` (slot 2's process already gone from `g`, dead or stopped) evict
+    /// slot 2; a replacement starts in it, is heard ready and is added (epoch 2). Returns the
+    /// replacement and its address.
+    fn replace_slot_2(
+        g: &[Elastic],
+        addrs: &[SocketAddr],
+        settings: ElasticSettings,
+    ) -> (Elastic, SocketAddr) {
+        for e in g {
+            let (v, _) = e.wait_view(0, Duration::from_secs(20));
+            assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) }, "slot 2 is evicted");
+        }
+        let (sock, at) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
+        let first = View { epoch: 0, members: set(&[0, 1]) };
+        let new = Elastic::start(sock, 2, addrs.to_vec(), group_id(addrs), first, settings, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        new.set_ready();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !g[0].peer_states()[2].1 {
+            assert!(Instant::now() < end, "the replacement is never heard");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
+        let (v, _) = new.wait_view(1, Duration::from_secs(20));
+        assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+        (new, at)
+    }
+
     #[test]
     fn a_member_replaced_while_it_was_stopped_learns_so_and_stops() {
         // Rank 2 stops; the others evict it, a replacement joins slot 2 and is added. The
@@ -1325,27 +1353,7 @@ mod tests {
             g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
         let old = g.pop().unwrap_or_else(|| panic!("three members"));
         old.stop_for_test(true);
-        for e in &g {
-            let (v, _) = e.wait_view(0, Duration::from_secs(20));
-            assert_eq!(
-                v,
-                View { epoch: 1, members: set(&[0, 1]) },
-                "the stopped member is evicted"
-            );
-        }
-        let (sock, _) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
-        let first = View { epoch: 0, members: set(&[0, 1]) };
-        let new = Elastic::start(sock, 2, addrs.clone(), group_id(&addrs), first, settings, None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        new.set_ready();
-        let end = Instant::now() + Duration::from_secs(20);
-        while !g[0].peer_states()[2].1 {
-            assert!(Instant::now() < end, "the replacement is never heard");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
-        let (v, _) = new.wait_view(1, Duration::from_secs(20));
-        assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+        let (new, _) = replace_slot_2(&g, &addrs, settings);
         assert_eq!(old.view().epoch, 0, "the stopped process saw nothing");
         old.stop_for_test(false);
         let end = Instant::now() + Duration::from_secs(20);
@@ -1378,23 +1386,7 @@ mod tests {
             g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
         let mut dead = g.pop().unwrap_or_else(|| panic!("three members"));
         dead.close();
-        for e in &g {
-            let (v, _) = e.wait_view(0, Duration::from_secs(20));
-            assert_eq!(v.members, set(&[0, 1]));
-        }
-        let (sock, at) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
-        let first = View { epoch: 0, members: set(&[0, 1]) };
-        let new = Elastic::start(sock, 2, addrs.clone(), group_id(&addrs), first, settings, None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        new.set_ready();
-        let end = Instant::now() + Duration::from_secs(20);
-        while !g[0].peer_states()[2].1 {
-            assert!(Instant::now() < end, "the replacement is never heard");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
-        let (v, _) = new.wait_view(1, Duration::from_secs(20));
-        assert_eq!(v.epoch, 2);
+        let (new, at) = replace_slot_2(&g, &addrs, settings);
         let added = new.shared.lock().member.added_at();
         assert_eq!(added, 2);
         let replaced = |learned: u64| {
