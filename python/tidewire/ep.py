@@ -668,12 +668,8 @@ class Buffer:
             packed, count, handle, event, hook = self._fallback_call(
                 "dispatch", active, self._fallback.dispatch, self, x, topk_idx, active, T, E, fp8, async_finish, return_recv_hook
             )
-            if hook is not None:
-                # (Its receive already ran: the hook keeps the kernels' rules all the same.)
-                hook = self._dispatch_hook(handle[0].data_ptr(), "", hook)
-            else:
-                self._unreceived.discard(handle[0].data_ptr())  # (an older call's, at this address)
-            return packed, count, handle, event, hook
+            # (Its receive already ran: the hook keeps the kernels' rules all the same.)
+            return packed, count, handle, event, self._dispatch_hook(handle[0].data_ptr(), "", hook)
         native = self._kernels()
         self._check_aligned(x, "dispatch: x")
         # The two halves of the buffer alternate between calls: a call may not start while the
@@ -712,7 +708,6 @@ class Buffer:
         self._dispatches = number
         self._open[number] = stream
         keep = (x, topk_idx, seq)
-        hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
 
             # The hook holds the output tensors (not just their addresses): the caller may drop
@@ -725,20 +720,22 @@ class Buffer:
                 native.dispatch_recv(s, shape, outs, active.data_ptr())
                 _ = held  # named here, so the closure keeps the tensors until the hook runs
 
-            hook = self._dispatch_hook(src_info.data_ptr(), f" {number}", launch)
-        else:
-            # A dispatch whose hook never ran, dropped, may have had its handle at this address.
-            self._unreceived.discard(src_info.data_ptr())
+        hook = self._dispatch_hook(src_info.data_ptr(), f" {number}", launch if return_recv_hook else None)
         handle = (src_info, layout_range, T, hidden, E)
         self._seqs[src_info.data_ptr()] = (seq, num_tokens, k, number)
         event = EventOverlap(self._event() if async_finish else None, keep)
         packed = (recv_x, scales.transpose(1, 2)) if fp8 else recv_x
         return packed, recv_count, handle, event, hook
 
-    def _dispatch_hook(self, key: int, label: str, launch: Callable[[], None]) -> Callable[[], None]:
+    def _dispatch_hook(self, key: int, label: str, launch: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
         """The receive hook of the dispatch whose handle is `key`: `launch` once (a second
         launch would wait for signals no rank sends again, marking every rank inactive at its
-        deadline, or read a half a newer call reuses); its combine is refused until then."""
+        deadline, or read a half a newer call reuses); its combine is refused until then. None
+        without `launch` (no hook asked for: a dropped dispatch whose hook never ran may have
+        had its handle at this address, which is cleared)."""
+        if launch is None:
+            self._unreceived.discard(key)
+            return None
         self._unreceived.add(key)
 
         def hook() -> None:
@@ -751,8 +748,10 @@ class Buffer:
 
         return hook
 
-    def _once(self, label: str, launch: Callable[[], None]) -> Callable[[], None]:
-        """A combine's receive hook: `launch` once."""
+    def _once(self, label: str, launch: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
+        """A combine's receive hook: `launch` once (None without `launch`)."""
+        if launch is None:
+            return None
         ran = [False]
 
         def hook() -> None:
@@ -828,7 +827,7 @@ class Buffer:
                 "combine", active, self._fallback.combine, self, x, topk_weights, seq, out, async_finish, return_recv_hook
             )
             del self._seqs[key]
-            return out, event, (self._once("", hook) if hook is not None else None)
+            return out, event, self._once("", hook)
         native = self._kernels()
         self._check_aligned(x, "combine: x")
         shape = (T, hidden, R, E, seq.data_ptr(), num_tokens, k, self._timeout_ns(timeout_us), False)

@@ -994,8 +994,9 @@ impl Comm {
         if self.poisoned.is_some() {
             return;
         }
-        self.poisoned = Some((e.to_string(), e.ranks()));
-        let blamed = e.ranks().first().map_or(u64::MAX, |&r| r as u64 + 1);
+        let ranks = e.ranks();
+        let blamed = ranks.first().map_or(u64::MAX, |&r| r as u64 + 1);
+        self.poisoned = Some((e.to_string(), ranks));
         // Peers reached through the engine are told all at once, within one short deadline
         // (best effort: some may be the ones that failed), so that dead peers do not add up.
         let until = Instant::now() + ABORT_WAIT;

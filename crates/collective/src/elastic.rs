@@ -878,8 +878,8 @@ impl Elastic {
                  asks for changes (join_group, then a member's activate_ranks)"
             )));
         }
-        let left = view.members.iter().filter(|r| !remove.contains(r) || add.contains(r)).count();
-        if left == 0 && add.is_empty() {
+        // (As `View::next` makes it: a rank both removed and added is removed.)
+        if view.members.iter().chain(add).all(|r| remove.contains(r)) {
             return Err(Error::invalid(format!(
                 "elastic membership: removing ranks {remove:?} leaves no member of {:?} (epoch {})",
                 view.members, view.epoch
@@ -1288,48 +1288,44 @@ mod tests {
         // found 2 dead: its frames must not keep the dead member alive (they are dropped until
         // the slot leaves the view), and it is then learned and can be added.
         let settings = fast(500, 300);
+        let (g, addrs, mut dead) = without_slot_2(settings);
+        dead.close();
+        let (joiner, _) = start_in_slot_2(&addrs, settings);
+        slot_2_evicted(&g);
+        add_slot_2(&g, &joiner);
+    }
+
+    /// A group of three with `settings`: members 0 and 1, every slot's address, and slot 2's
+    /// process apart (for the test to close or stop).
+    fn without_slot_2(settings: ElasticSettings) -> (Vec<Elastic>, Vec<SocketAddr>, Elastic) {
         let mut g = group(3, settings);
         let addrs: Vec<SocketAddr> =
             g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
-        let mut dead = g.pop().unwrap_or_else(|| panic!("three members"));
-        dead.close();
-        let (sock, _) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
-        let first = View { epoch: 0, members: set(&[0, 1]) };
-        let joiner =
-            Elastic::start(sock, 2, addrs.clone(), group_id(&addrs), first, settings, None)
-                .unwrap_or_else(|e| panic!("{e}"));
-        joiner.set_ready();
-        for e in &g {
-            let (v, _) = e.wait_view(0, Duration::from_secs(20));
-            assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) }, "the dead member is evicted");
-        }
-        let end = Instant::now() + Duration::from_secs(20);
-        while !g[0].peer_states()[2].1 {
-            assert!(Instant::now() < end, "the replacement is never heard");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
-        let (v, _) = joiner.wait_view(1, Duration::from_secs(20));
-        assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+        let two = g.pop().unwrap_or_else(|| panic!("three members"));
+        (g, addrs, two)
     }
 
-    /// Members 0 and 1 of `g` (slot 2's process already gone from `g`, dead or stopped) evict
-    /// slot 2; a replacement starts in it, is heard ready and is added (epoch 2). Returns the
-    /// replacement and its address.
-    fn replace_slot_2(
-        g: &[Elastic],
-        addrs: &[SocketAddr],
-        settings: ElasticSettings,
-    ) -> (Elastic, SocketAddr) {
-        for e in g {
-            let (v, _) = e.wait_view(0, Duration::from_secs(20));
-            assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) }, "slot 2 is evicted");
-        }
+    /// A new process in slot 2 knowing the founders' addresses and view (without itself),
+    /// ready to be added; and its address.
+    fn start_in_slot_2(addrs: &[SocketAddr], settings: ElasticSettings) -> (Elastic, SocketAddr) {
         let (sock, at) = Elastic::bind("127.0.0.1").unwrap_or_else(|e| panic!("{e}"));
         let first = View { epoch: 0, members: set(&[0, 1]) };
         let new = Elastic::start(sock, 2, addrs.to_vec(), group_id(addrs), first, settings, None)
             .unwrap_or_else(|e| panic!("{e}"));
         new.set_ready();
+        (new, at)
+    }
+
+    /// Members 0 and 1 agree on a view without slot 2.
+    fn slot_2_evicted(g: &[Elastic]) {
+        for e in g {
+            let (v, _) = e.wait_view(0, Duration::from_secs(20));
+            assert_eq!(v, View { epoch: 1, members: set(&[0, 1]) }, "slot 2 is evicted");
+        }
+    }
+
+    /// Members 0 and 1 hear `new` (in slot 2) ready and add it: epoch 2, seen by `new`.
+    fn add_slot_2(g: &[Elastic], new: &Elastic) {
         let end = Instant::now() + Duration::from_secs(20);
         while !g[0].peer_states()[2].1 {
             assert!(Instant::now() < end, "the replacement is never heard");
@@ -1338,6 +1334,17 @@ mod tests {
         g[0].request(&[], &[2]).unwrap_or_else(|e| panic!("{e}"));
         let (v, _) = new.wait_view(1, Duration::from_secs(20));
         assert_eq!(v, View { epoch: 2, members: set(&[0, 1, 2]) });
+    }
+
+    /// Slot 2 evicted from members 0 and 1, then a replacement started in it and added.
+    fn replace_slot_2(
+        g: &[Elastic],
+        addrs: &[SocketAddr],
+        settings: ElasticSettings,
+    ) -> (Elastic, SocketAddr) {
+        slot_2_evicted(g);
+        let (new, at) = start_in_slot_2(addrs, settings);
+        add_slot_2(g, &new);
         (new, at)
     }
 
@@ -1348,10 +1355,7 @@ mod tests {
         // itself a member of epoch 0. The members tell it that another process holds its
         // slot, and it stops (fenced) instead of evicting everyone and going on alone.
         let settings = fast(400, 300);
-        let mut g = group(3, settings);
-        let addrs: Vec<SocketAddr> =
-            g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
-        let old = g.pop().unwrap_or_else(|| panic!("three members"));
+        let (g, addrs, old) = without_slot_2(settings);
         old.stop_for_test(true);
         let (new, _) = replace_slot_2(&g, &addrs, settings);
         assert_eq!(old.view().epoch, 0, "the stopped process saw nothing");
@@ -1381,10 +1385,7 @@ mod tests {
         // a stale address, not a newer process. Only an address learned after the process was
         // added fences it.
         let settings = fast(500, 300);
-        let mut g = group(3, settings);
-        let addrs: Vec<SocketAddr> =
-            g.iter().map(|e| e.shared.lock().peers[e.shared.rank]).collect();
-        let mut dead = g.pop().unwrap_or_else(|| panic!("three members"));
+        let (g, addrs, mut dead) = without_slot_2(settings);
         dead.close();
         let (new, at) = replace_slot_2(&g, &addrs, settings);
         let added = new.shared.lock().member.added_at();

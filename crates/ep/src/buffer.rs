@@ -81,13 +81,22 @@ struct Watch {
     retired: AtomicBool,
 }
 
+impl Watch {
+    /// The marks as the kernels left them: per source rank, how often a wait marked it
+    /// inactive, and how many of those for a call of another shape (the words' second half).
+    fn halves(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut all = self.marks.load_all();
+        let shapes = all.split_off(self.absent.len());
+        (all, shapes)
+    }
+}
+
 impl Scrape for Watch {
     fn scrape(&self, m: &Metrics) {
         if self.retired.load(Ordering::Relaxed) {
             return;
         }
-        let now = self.marks.load_all();
-        let now = &now[..self.absent.len()];
+        let (now, _) = self.halves();
         let mut counted = self.counted.lock();
         for (r, (n, s)) in now.iter().zip(counted.iter_mut()).enumerate() {
             if *n > *s {
@@ -216,16 +225,14 @@ impl Buffer {
     /// made (deadline passed or process died): host-mapped words the kernels add to, read
     /// without waiting for the GPU.
     pub fn marks(&self) -> Vec<u32> {
-        let mut all = self.watch.marks.load_all();
-        all.truncate(self.peers.ranks());
-        all
+        self.watch.halves().0
     }
 
     /// Per source rank, how many of those marks were for a call of another shape (its
     /// signal named other tokens per rank, hidden size, experts or fp8 than ours: its rows
     /// were not read).
     pub fn shape_marks(&self) -> Vec<u32> {
-        self.watch.marks.load_all().split_off(self.peers.ranks())
+        self.watch.halves().1
     }
 
     /// The ranks no GPU path reaches, with the reason.

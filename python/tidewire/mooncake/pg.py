@@ -198,13 +198,6 @@ def _group_id(peers: Sequence[str]) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(list(peers)).encode()).digest()[:8], "little")
 
 
-def _native_error() -> type:
-    """The native module's error class (what the membership's refusals raise)."""
-    from .. import _native
-
-    return _native.TidewireError
-
-
 def _start_membership(
     pg: "_tw.ProcessGroupTidewire", rank: int, size: int, slots: int, mask: Optional[torch.Tensor], joiner: bool
 ) -> None:
@@ -474,7 +467,7 @@ def activate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     if missing:
         try:
             g._elastic.request([], missing)
-        except _native_error() as e:  # fenced meanwhile, or a rank not added yet
+        except _tw._native.TidewireError as e:  # fenced meanwhile, or a rank not added yet
             return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], str(e))
     epoch, members, fenced, late = _wait_view(g, lambda m: set(want) <= set(m), end)
     if late:
@@ -502,13 +495,11 @@ def deactivate_ranks(pg: Any, ranks: Sequence[int]) -> ViewUpdateResponse:
     the group's timeout."""
     g = _elastic_group(pg, "deactivate_ranks")
     gone = set(_ranks(g, ranks, "deactivate_ranks"))
-    epoch, members, fenced = g._elastic.view()
-    if fenced:
-        return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], f"rank {g.rank()} was removed from the group")
+    epoch, members, _ = g._elastic.view()
     before = set(members)
     try:
         g._elastic.request(sorted(gone), [])
-    except _native_error() as e:  # a rank not added yet, a change that leaves no member
+    except _tw._native.TidewireError as e:  # removed, not added yet, or a change that leaves no member
         return ViewUpdateResponse(ProposalStatus.Rejected, epoch, [], str(e))
     end = time.monotonic() + g._timeout.total_seconds()
     epoch, members, fenced, late = _wait_view(g, lambda m: not gone & set(m), end)
