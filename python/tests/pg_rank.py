@@ -220,6 +220,14 @@ def body_collectives(rank: int, size: int, port: int, arg: str) -> Any:
     dist.all_to_all_single(evo, ev)
     want_ev = torch.cat([torch.arange(rank * 3, rank * 3 + 3, dtype=torch.int32) + s * 1000 for s in range(size)])
     check("all_to_all_single even", torch.equal(evo, want_ev))
+    # Large uneven blocks (from three ranks on, the pairs of one host move them through pipes).
+    big_in = [(rank + d) % 3 * 20_000 + 70_001 for d in range(size)]
+    big_out = [(s + rank) % 3 * 20_000 + 70_001 for s in range(size)]
+    la = torch.cat([torch.arange(big_in[d], dtype=torch.int32) + (rank * 10 + d) * 1_000_000 for d in range(size)])
+    lb = torch.full((sum(big_out),), -1, dtype=torch.int32)
+    dist.all_to_all_single(lb, la, big_out, big_in)
+    want_lb = torch.cat([torch.arange(big_out[s], dtype=torch.int32) + (s * 10 + rank) * 1_000_000 for s in range(size)])
+    check("all_to_all_single large uneven", torch.equal(lb, want_lb))
     # reduce, gather, scatter, barrier.
     for root in range(size):
         r = data(rank, torch.float64)
@@ -396,8 +404,11 @@ def body_paths(rank: int, size: int, port: int, arg: str) -> Any:
 
 def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     """Rank `size - 1` is SIGKILLed in the middle of a large all_reduce (arg "kill") or
-    SIGSTOPped (arg "stop"); the survivors' operations must fail within the timeout, naming it,
-    and the survivors then form a new group."""
+    SIGSTOPped (arg "stop"), or of a large all_to_all_single ("kill:all_to_all", whose pairs
+    of one host move their blocks through pipes from three ranks on); the survivors'
+    operations must fail within the timeout, naming it, and the survivors then form a new
+    group."""
+    arg, _, op = arg.partition(":")
     timeout = 4.0
     init(rank, size, port, timeout_s=timeout)
     victim = size - 1
@@ -411,19 +422,26 @@ def body_failure(rank: int, size: int, port: int, arg: str) -> Any:
     # And a receive from any source on a third group (nobody sends): its wait watches every rank.
     third = dist.new_group(list(range(size)), timeout=timedelta(seconds=timeout))
     anyone = dist.irecv(torch.empty(100), tag=8, group=third) if rank != victim else None
+    big = torch.ones(size << 21)
+    out_big = torch.empty_like(big)
+
+    def call() -> None:
+        if op == "all_to_all":
+            dist.all_to_all_single(out_big, big)
+        else:
+            dist.all_reduce(big)
+
     if rank == victim:
         sig = signal.SIGKILL if arg == "kill" else signal.SIGSTOP
         threading.Timer(0.05, lambda: os.kill(os.getpid(), sig)).start()
-        big = torch.ones(8 << 20)
         for _ in range(1000):
-            dist.all_reduce(big)
+            call()
         return ["the victim outlived its signal"]
-    big = torch.ones(8 << 20)
     start = time.monotonic()
     err = None
     try:
         for _ in range(1000):
-            dist.all_reduce(big)
+            call()
     except Exception as e:  # noqa: BLE001
         err = e
     took = time.monotonic() - start

@@ -140,16 +140,19 @@ def test_the_debug_log_names_the_algorithm_of_every_collective() -> None:
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
-@pytest.mark.parametrize("channel", ["mapped", "engine"])
+@pytest.mark.parametrize(
+    "channel,op",
+    [("mapped", "all_reduce"), ("engine", "all_reduce"), ("mapped", "all_to_all")],
+)
 def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
-    how: str, channel: str, monkeypatch: pytest.MonkeyPatch
+    how: str, channel: str, op: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if channel == "engine":
         # What ranks on other hosts use: the engine's transfers, each bounded by the group's
         # timeout.
         monkeypatch.setenv("TIDEWIRE_PG_CHANNEL", "engine")
     size, timeout = 3, 4.0
-    results = run_group("failure", size, how, expect_dead=size - 1)
+    results = run_group("failure", size, f"{how}:{op}", expect_dead=size - 1)
     for rank, out in enumerate(results[: size - 1]):
         # The group's timeout bounds every wait; the margin is for slow process start-up only.
         assert out["took"] < timeout + 5, f"rank {rank}: failed after {out['took']:.1f} s"
@@ -161,7 +164,7 @@ def test_a_killed_or_stopped_rank_fails_the_survivors_within_the_timeout(
             assert "PeerFailed" in out["error"], out["error"]
         else:
             assert "Timeout" in out["error"] or "failed an operation waiting for it" in out["error"], out["error"]
-        assert "all_reduce" in out["error"], f"rank {rank}: the error names no operation: {out['error']}"
+        assert op in out["error"], f"rank {rank}: the error names no operation: {out['error']}"
         # The receive pending at the death fails too, naming the rank: at once when it died,
         # within the timeout of its wait when it stopped.
         assert out["pending_took"] < timeout + 5, f"rank {rank}: the pending receive ended after {out['pending_took']:.1f} s"

@@ -11,6 +11,7 @@ mod dtype;
 pub mod elastic;
 mod error;
 pub mod membership;
+mod pipes;
 pub mod plan;
 
 pub use comm::{Comm, OpId, PeerInfo, Region};

@@ -249,29 +249,71 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
 }
 
 #[test]
-fn a_four_rank_all_to_all_of_uneven_large_blocks_reads_every_byte_once() {
-    // Every pair but (0, 1) reads directly (each rank reads two or three peers at once):
-    // uneven blocks of odd lengths, a poisoned output, every byte checked.
+fn a_four_rank_all_to_all_of_uneven_large_blocks_moves_every_byte_once_by_pipes_and_by_reads() {
+    // Every pair but (0, 1) moves its blocks in one copy (each rank with two or three peers
+    // at once): through pipes on one thread and on three, then by direct reads. Uneven
+    // blocks of odd lengths, the output poisoned before each call, every byte checked.
     let n = 4;
+    let ways = [(1, "pipes"), (3, "pipes"), (1, "direct_reads")];
     let got = group(n, 64 << 10, move |rank, comm| {
         let in_splits: Vec<usize> = (0..n).map(|d| a2a_bytes(rank, d)).collect();
         let out_splits: Vec<usize> = (0..n).map(|s| a2a_bytes(s, rank)).collect();
         let input: Vec<u8> =
             (0..in_splits.iter().sum::<usize>()).map(|i| (i * 13 + rank * 71) as u8).collect();
-        let mut out = vec![0xA5u8; out_splits.iter().sum()];
-        comm.all_to_all(&mut out, &out_splits, &input, &in_splits).unwrap();
-        assert_eq!(comm.algorithm(), "direct_reads", "rank {rank}");
-        out
+        let mut outs = Vec::new();
+        for (threads, label) in ways {
+            comm.set_readers(threads);
+            if label == "direct_reads" {
+                comm.drop_pipes();
+            }
+            let mut out = vec![0xA5u8; out_splits.iter().sum()];
+            comm.all_to_all(&mut out, &out_splits, &input, &in_splits).unwrap();
+            assert_eq!(comm.algorithm(), label, "rank {rank}, {threads} threads");
+            outs.push(out);
+        }
+        outs
     });
-    for (rank, out) in got.iter().enumerate() {
+    for (rank, outs) in got.iter().enumerate() {
         let mut want = Vec::new();
         for src in 0..n {
             let splits: Vec<usize> = (0..n).map(|d| a2a_bytes(src, d)).collect();
             let start: usize = splits[..rank].iter().sum();
             want.extend((start..start + splits[rank]).map(|i| (i * 13 + src * 71) as u8));
         }
-        assert!(*out == want, "all_to_all on rank {rank}");
+        for (out, (threads, label)) in outs.iter().zip(ways) {
+            assert!(*out == want, "all_to_all on rank {rank} ({label}, {threads} threads)");
+        }
     }
+}
+
+#[test]
+fn an_all_to_all_whose_splits_differ_between_a_pair_fails_at_once_naming_the_sender() {
+    // Three ranks (pipes need three or more). Rank 0 sends 300,000 bytes to rank 1, which
+    // expects 400,000: through the pipes the block's header says so, and every rank fails at
+    // once (not at the timeout, not with bytes of the next call taken for this one's).
+    let n = 3;
+    let got = group_with(n, 64 << 10, Duration::from_secs(20), move |rank, comm| {
+        let outs = vec![300_000usize; n];
+        let mut ins = vec![300_000usize; n];
+        if rank == 1 {
+            ins[0] = 400_000;
+        }
+        let input = vec![rank as u8 + 1; outs.iter().sum()];
+        let mut out = vec![0u8; ins.iter().sum()];
+        let start = std::time::Instant::now();
+        let err = comm.all_to_all(&mut out, &ins, &input, &outs).unwrap_err().to_string();
+        (err, start.elapsed(), comm.algorithm())
+    });
+    for (rank, (err, took, label)) in got.iter().enumerate() {
+        assert_eq!(*label, "pipes", "rank {rank}");
+        assert!(*took < Duration::from_secs(10), "rank {rank} waited {took:?}: {err}");
+        assert!(err.contains("rank 0") || err.contains("rank 1"), "rank {rank}: {err}");
+    }
+    assert!(
+        got[1].0.contains("rank 0 sends 300000 bytes for a block of 400000 here"),
+        "rank 1: {}",
+        got[1].0
+    );
 }
 
 #[test]
@@ -582,6 +624,39 @@ fn a_rank_late_to_a_direct_read_call_fails_it_instead_of_returning_reused_bytes(
     match &got[1] {
         Ok(reused) => {
             panic!("rank 1's all_gather succeeded ({reused} bytes of rank 0's reused buffer)")
+        }
+        Err(e) => assert!(e.contains("rank 1") || e.contains("rank 0"), "{e}"),
+    }
+}
+
+#[test]
+fn a_rank_late_to_an_all_to_all_through_pipes_fails_it_instead_of_returning_reused_bytes() {
+    // As the test above, through the pipes (three ranks): rank 1 pauses before its pipes.
+    // Rank 0 times out waiting for rank 1's block, returns the error and reuses its input
+    // (0xEE) while rank 1 is paused. The pipe holds references to rank 0's pages, not a
+    // copy: rank 1 must not return what it then takes. (It fails waiting for its own block to
+    // be taken; a rank stopped between its sends and its reads is failed by the abort word
+    // checked after the pipes.)
+    let (n, len) = (3, 1 << 20);
+    let got = group_with(n, 64 << 10, Duration::from_millis(300), move |rank, comm| {
+        let mut mine = vec![rank as u8 + 1; n * len];
+        let mut out = vec![0u8; n * len];
+        if rank == 1 {
+            comm.be_late_for_test(Duration::from_millis(1000));
+        }
+        let out_r = comm.all_to_all(&mut out, &[len; 3], &mine, &[len; 3]);
+        let out_r = out_r.map_err(|e| e.to_string());
+        if rank == 0 {
+            assert!(out_r.is_err(), "rank 0 waited past its timeout for rank 1: {out_r:?}");
+            mine.fill(0xEE);
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        (out_r.map(|()| out.iter().filter(|&&b| b == 0xEE).count()), comm.algorithm())
+    });
+    assert_eq!(got[1].1, "pipes", "the pair moved its blocks through pipes");
+    match &got[1].0 {
+        Ok(reused) => {
+            panic!("rank 1's all_to_all succeeded ({reused} bytes of rank 0's reused buffer)")
         }
         Err(e) => assert!(e.contains("rank 1") || e.contains("rank 0"), "{e}"),
     }
