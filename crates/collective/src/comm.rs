@@ -2089,8 +2089,8 @@ impl Comm {
     /// Runs `flows` (see `pipes::run`) and copies `own` (`dst`, `src`), spread over the
     /// reader threads: the flows cut into as many groups as there are threads, each group on
     /// a thread of its own (a group never waits on one peer, so the pairs complete whatever
-    /// the peers' order), our own copy after them (before them where one group has them all:
-    /// one thread, the pool left asleep). A failure poisons the group.
+    /// the peers' order), our own copy after them (before them where there is one thread).
+    /// A failure poisons the group.
     fn pipe_exchange(
         &mut self,
         name: &str,
@@ -2100,13 +2100,14 @@ impl Comm {
         enum Job<'a, 'b> {
             Flows(Vec<Flow<'a>>),
             Own(&'b mut [u8], &'b [u8]),
-            /// Our own copy, then the flows: on one thread, no pool woken.
+            /// Our own copy, then the flows (one thread).
             Both(&'b mut [u8], &'b [u8], Vec<Flow<'a>>),
         }
         if let Some(pause) = self.late_for_test.take() {
             std::thread::sleep(pause);
         }
-        let k = self.readers.threads().min(flows.len()).max(1);
+        let threads = self.readers.threads();
+        let k = threads.min(flows.len()).max(1);
         let mut groups: Vec<Vec<Flow<'_>>> = (0..k).map(|_| Vec::new()).collect();
         for (j, f) in flows.into_iter().enumerate() {
             groups[j % k].push(f);
@@ -2123,7 +2124,7 @@ impl Comm {
                 return Err(self.failed(e));
             }
             match jobs.pop() {
-                Some(Job::Flows(flows)) if k == 1 => jobs.push(Job::Both(dst, src, flows)),
+                Some(Job::Flows(flows)) if threads == 1 => jobs.push(Job::Both(dst, src, flows)),
                 Some(job) => jobs.extend([job, Job::Own(dst, src)]),
                 None => jobs.push(Job::Own(dst, src)),
             }
