@@ -53,12 +53,17 @@ pub struct PeerInfo {
 const DIRECT_MIN: usize = 1 << 20;
 /// The same for one pair of an all-to-all (the bytes it moves both ways).
 const DIRECT_PAIR_MIN: usize = 256 << 10;
-/// Groups from which the all-to-all's direct pairs move their blocks through pipes (see
-/// `pipes`): what pipes avoid is the contention of several ranks reading one rank's memory.
-/// Two ranks have one reader each, and there reads split over threads beat a pipe (one
-/// stream): 2 ranks' 8 MiB all_to_all 430–477 µs by reads, 990–1,074 through a pipe, where 4
-/// ranks' 1–4 MiB took 129–308 µs through pipes against 180–447 by reads (NOTES §70).
+/// Groups from which every direct pair of an all-to-all moves its blocks through its pipes
+/// (see `pipes`): what pipes avoid is the contention of several ranks reading one rank's
+/// memory (4 ranks' 1–4 MiB took 129–308 µs through pipes against 180–447 by reads; NOTES §70).
 const PIPES_MIN_RANKS: usize = 3;
+/// The bytes (both ways) for which the pair of a group of two moves its blocks through its
+/// pipes; outside, it reads. Each rank's memory has one reader there, and nothing contends:
+/// below 1 MiB the reads' fewer system calls win (256 KiB: 44–58 µs against 54–68), from
+/// 8 MiB reads split over threads beat a pipe's one stream (8 MiB: 451–492 µs against
+/// 645–735); between, the pipes skip the address round (1 MiB: 104–123 µs against 119–139;
+/// 2 MiB 217–220 against 230–260). Measured on a 16-CPU host, NOTES §70.
+const TWO_RANKS_PIPED: Range<usize> = (1 << 20)..(8 << 20);
 
 /// A rank's receive region: one ring per source rank.
 #[derive(Debug, Clone, Copy)]
@@ -785,7 +790,7 @@ impl Comm {
         let made: Vec<Option<Made>> = (0..n)
             .map(|r| {
                 let direct = self.links[r].as_ref().is_some_and(|l| l.direct.is_some());
-                if !direct || n < PIPES_MIN_RANKS || !pipes_allowed() {
+                if !direct || !pipes_allowed() {
                     return None;
                 }
                 Made::new().map_err(|e| log::info!("rank {me}: no pipe for rank {r} ({e})")).ok()
@@ -1996,25 +2001,26 @@ impl Comm {
         Ok(())
     }
 
-    /// An all-to-all whose pairs `directs` move their blocks in one copy and the others go
-    /// through their rings. The pairs with pipes (see `pipes`) send through them; the other
-    /// direct pairs read each other's memory: one round carries the ring pairs' data and those
-    /// pairs' addresses, then the pipes and the reads, then a token per reading pair (no rank
-    /// returns while another reads its input; a pipe's sender waits until its pipe is empty).
+    /// An all-to-all whose pairs `piped` and `reads` move their blocks in one copy and the
+    /// others go through their rings: the pairs `piped` send through their pipes (see
+    /// `pipes`), the pairs `reads` read each other's memory. One round carries the ring pairs'
+    /// data and the reading pairs' addresses, then the pipes and the reads, then a token per
+    /// reading pair (no rank returns while another reads its input; a pipe's sender waits
+    /// until its pipe is empty).
+    #[allow(clippy::too_many_arguments)]
     fn all_to_all_mixed(
         &mut self,
         out: &mut [u8],
         o: &[Range<usize>],
         input: &[u8],
         i: &[Range<usize>],
-        directs: &[usize],
+        piped: &[usize],
+        reads: &[usize],
         blocks: &[(u64, usize)],
     ) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
         self.phases = Phases::new();
-        let piped: Vec<usize> = directs.iter().copied().filter(|&r| self.piped(r)).collect();
-        let reads: Vec<usize> = directs.iter().copied().filter(|r| !piped.contains(r)).collect();
         let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
         let mut theirs = vec![[0u8; 16]; n];
         {
@@ -2074,7 +2080,7 @@ impl Comm {
         if reads.is_empty() {
             self.not_given_up(name)?;
         } else {
-            self.tokens(name, &reads)?;
+            self.tokens(name, reads)?;
         }
         self.phases.mark();
         self.phases.log(me, name, input.len(), &["addresses", "pipes and reads", "tokens"]);
@@ -2278,7 +2284,8 @@ impl Comm {
     }
 
     /// The algorithm of the last collective, as the metrics label it: `direct` (every rank
-    /// sends to every rank), `ring`, `staged`, `direct_reads`, `root` (to or from the root),
+    /// sends to every rank), `ring`, `staged`, `direct_reads`, `pipes` (an all_to_all whose
+    /// direct pairs all moved their blocks through pipes), `root` (to or from the root),
     /// `token` (the barrier), `local` (nothing moved between ranks).
     pub fn algorithm(&self) -> &'static str {
         self.algorithm
@@ -2489,8 +2496,13 @@ impl Comm {
         };
         let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
         if !directs.is_empty() {
-            let (piped, reads): (Vec<usize>, Vec<usize>) =
-                directs.iter().partition(|&&r| self.piped(r));
+            // Of those, the pairs with pipes send through them where they pay (both ranks
+            // know the group's size and the pair's bytes, so both choose alike).
+            let (piped, reads): (Vec<usize>, Vec<usize>) = directs.iter().partition(|&&r| {
+                self.piped(r)
+                    && (n >= PIPES_MIN_RANKS
+                        || TWO_RANKS_PIPED.contains(&(i[r].len() + o[r].len())))
+            });
             let how = format_args!(
                 "pipes with ranks {piped:?}, direct reads with {reads:?}, rings with the others"
             );
@@ -2498,7 +2510,7 @@ impl Comm {
             self.chose("all_to_all", input.len(), label, how);
             let blocks: Vec<(u64, usize)> =
                 i.iter().map(|r| (input.as_ptr() as u64 + r.start as u64, r.len())).collect();
-            return self.all_to_all_mixed(out, &o, input, &i, &directs, &blocks);
+            return self.all_to_all_mixed(out, &o, input, &i, &piped, &reads, &blocks);
         }
         self.chose("all_to_all", input.len(), "ring", format_args!("rings"));
         // The output split into one destination per rank.

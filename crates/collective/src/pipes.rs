@@ -7,7 +7,7 @@
 //! receiver's `read` is the one copy. `process_vm_readv` pins the *owner's* pages from the
 //! reader's side, under the owner's page-table locks, so that three ranks reading one rank's
 //! input wait for each other; through pipes, 4 ranks on a 16-CPU host moved a 1 MiB
-//! all-to-all in 54–59 µs against 127–174 µs (bench `a2a_bench.c`, NOTES §70).
+//! all-to-all in 54–59 µs against 116–174 µs (bench `a2a_bench.c`, NOTES §70).
 //!
 //! What crosses a pipe in a call: a 32-byte header written with `write` (the collective's
 //! header word: call number and operation; the length of the block), then the block,

@@ -287,8 +287,38 @@ fn a_four_rank_all_to_all_of_uneven_large_blocks_moves_every_byte_once_by_pipes_
 }
 
 #[test]
+fn two_ranks_move_a_pair_of_1_to_8_mib_through_pipes_and_other_sizes_by_reads() {
+    // The pair's bytes both ways: 300,000 (read), 3 MiB (pipes), 9 MiB (read, over threads).
+    let sizes = [(300_000usize, "direct_reads"), (3 << 20, "pipes"), (9 << 20, "direct_reads")];
+    let bytes = |rank: usize, total: usize| -> Vec<u8> {
+        (0..total).map(|i| (i * 7 + rank * 13 + total) as u8).collect()
+    };
+    let got = group(2, 64 << 10, move |rank, comm| {
+        comm.set_readers(3);
+        let mut outs = Vec::new();
+        for (total, _) in sizes {
+            let half = [total / 2; 2];
+            let mut out = vec![0xA5u8; total];
+            comm.all_to_all(&mut out, &half, &bytes(rank, total), &half).unwrap();
+            outs.push((out, comm.algorithm()));
+        }
+        outs
+    });
+    for (rank, outs) in got.iter().enumerate() {
+        for ((out, label), (total, want_label)) in outs.iter().zip(sizes) {
+            assert_eq!(*label, want_label, "rank {rank}, {total} bytes");
+            let half = total / 2;
+            let want: Vec<u8> = (0..2)
+                .flat_map(|src| bytes(src, total)[rank * half..(rank + 1) * half].to_vec())
+                .collect();
+            assert!(*out == want, "rank {rank}, {total} bytes ({label})");
+        }
+    }
+}
+
+#[test]
 fn an_all_to_all_whose_splits_differ_between_a_pair_fails_at_once_naming_the_sender() {
-    // Three ranks (pipes need three or more). Rank 0 sends 300,000 bytes to rank 1, which
+    // Three ranks (every direct pair through pipes). Rank 0 sends 300,000 bytes to rank 1, which
     // expects 400,000: through the pipes the block's header says so, and every rank fails at
     // once (not at the timeout, not with bytes of the next call taken for this one's).
     let n = 3;

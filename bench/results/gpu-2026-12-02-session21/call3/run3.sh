@@ -20,6 +20,6 @@ pg() { PYTHONPATH=/tmp/site-a timeout 90 python3 bench/pg_bench.py --device cpu 
     echo "## B-2r"; TIDEWIRE_PG_PIPES=0 pg --ranks 2 --ops all_to_all; echo "B-2r rc $? $SECONDS s" >> $O/machine.txt
   fi
 } > $O/a2a.txt
-python3 bench/results/gpu-2026-12-02-session21/abtable.py $O/a2a.txt > $O/table.txt
+python3 bench/results/gpu-2026-12-01-session16/abtable.py $O/a2a.txt > $O/table.txt
 [ $SECONDS -lt 470 ] && { echo "## all4"; pg --ranks 4 --min-bytes 1M; } > $O/all4.txt
 cat $O/table.txt; echo; cat $O/all4.txt | grep -v "^#" | head -40; cat $O/machine.txt

@@ -18,5 +18,5 @@ pg() { PYTHONPATH=/tmp/site-a timeout 90 python3 bench/pg_bench.py --device cpu 
     echo "## B2-$i"; TIDEWIRE_PG_PIPES=0 pg --ranks 2 --ops all_to_all; echo "B2-$i rc $? $SECONDS s" >> $O/machine.txt
   done
 } > $O/a2a.txt
-python3 bench/results/gpu-2026-12-02-session21/abtable.py $O/a2a.txt > $O/table.txt
+python3 bench/results/gpu-2026-12-01-session16/abtable.py $O/a2a.txt > $O/table.txt
 cat $O/table.txt; cat $O/machine.txt
