@@ -182,8 +182,9 @@ struct Link {
     out: Out,
     /// The peer's process, when this process may read its memory (probed at connect).
     direct: Option<u32>,
-    /// The pair's pipes for the all_to_all's large blocks (agreed at connect; see `pipes`).
-    pipes: Option<Pipes>,
+    /// The pair's pipes for the all_to_all's large blocks (see `pipes`): set up at the first
+    /// all_to_all that would send through them.
+    pipes: PipeState,
     /// The peer's ring in our region (it writes).
     inp: Ring,
     /// Bytes we produced into our ring and consumed from the peer's (our copies of the
@@ -192,6 +193,15 @@ struct Link {
     received: u64,
     head_seen: u64,
     tail_seen: u64,
+}
+
+/// Whether a pair moves its all_to_all blocks through pipes (see `pipes`).
+enum PipeState {
+    /// Not set up yet: both ends are, at the pair's first all_to_all that would use them.
+    Untried,
+    Ready(Pipes),
+    /// Refused by either end (or dropped): the pair reads.
+    Refused,
 }
 
 impl Link {
@@ -316,6 +326,8 @@ pub struct Comm {
     /// A pause before the next direct-read collective's reads (tests: a rank late to a call,
     /// as a stopped or descheduled process is).
     late_for_test: Option<Duration>,
+    /// Makes no pipe when its pairs set theirs up (for tests: a rank whose kernel refuses).
+    refuse_pipes: bool,
 }
 
 /// A point-to-point message's header: `(tag, length)` as 16 bytes, in a box that stays put
@@ -596,6 +608,7 @@ impl Comm {
             any_next: 0,
             seq: 0,
             late_for_test: None,
+            refuse_pipes: false,
         };
         comm.agree_direct()?;
         Ok(comm)
@@ -755,8 +768,21 @@ impl Comm {
     #[doc(hidden)]
     pub fn drop_pipes(&mut self) {
         for link in self.links.iter_mut().flatten() {
-            link.pipes = None;
+            link.pipes = PipeState::Refused;
         }
+    }
+
+    /// The ranks whose pair with this one has its pipes set up (for tests).
+    #[doc(hidden)]
+    pub fn piped_for_test(&self) -> Vec<usize> {
+        (0..self.size).filter(|&r| self.pipes(r).is_some()).collect()
+    }
+
+    /// Makes this rank refuse the pipes its pairs set up from now on (for tests: what a rank
+    /// whose kernel refuses pipes or `pidfd_getfd` does); its pairs read.
+    #[doc(hidden)]
+    pub fn refuse_pipes_for_test(&mut self) {
+        self.refuse_pipes = true;
     }
 
     /// Makes this rank pause for `pause` before the reads (or pipes) of its next direct-read
@@ -785,62 +811,10 @@ impl Comm {
                 }
             }
         }
-        // A pipe for each peer read directly to send its all_to_all blocks into (see
-        // `pipes`); the second round carries its ends' numbers with our verdict.
-        let made: Vec<Option<Made>> = (0..n)
-            .map(|r| {
-                let direct = self.links[r].as_ref().is_some_and(|l| l.direct.is_some());
-                if !direct || !pipes_allowed() {
-                    return None;
-                }
-                Made::new().map_err(|e| log::info!("rank {me}: no pipe for rank {r} ({e})")).ok()
-            })
-            .collect();
         let all_mine = self.all_direct();
-        let all_theirs = self.swap_words("connecting", &peers, |r| {
-            let mut word = [0u8; 16];
-            word[0] = u8::from(all_mine);
-            if let Some(m) = &made[r] {
-                let (read, write) = m.fds();
-                word[1] = 1;
-                word[4..8].copy_from_slice(&read.to_le_bytes());
-                word[8..12].copy_from_slice(&write.to_le_bytes());
-            }
-            word
-        })?;
+        let all_theirs = self.swap_words("connecting", &peers, |_| [u8::from(all_mine); 16])?;
         self.group_direct = all_mine && peers.iter().all(|&r| all_theirs[r][0] == 1);
         log::debug!("rank {me}: direct reads between every pair: {}", self.group_direct);
-        // Each peer's pipe for us taken into this process; a third round says which we took.
-        let mut taken: Vec<Option<pipes::Taken>> = (0..n)
-            .map(|r| {
-                let pid = self.links[r].as_ref().and_then(|l| l.direct)?;
-                let w = &all_theirs[r];
-                if made[r].is_none() || w[1] != 1 {
-                    return None;
-                }
-                let fd = |at: usize| i32::from_le_bytes([w[at], w[at + 1], w[at + 2], w[at + 3]]);
-                pipes::take(pid, fd(4), fd(8))
-                    .map_err(|e| {
-                        log::info!(
-                            "rank {me}: rank {r}'s all_to_all blocks by direct reads, not \
-                             pipes (taking its pipe: {e})"
-                        )
-                    })
-                    .ok()
-            })
-            .collect();
-        let took = self.swap_words("connecting", &peers, |r| [u8::from(taken[r].is_some()); 16])?;
-        let mut piped = Vec::new();
-        for (r, m) in made.into_iter().enumerate() {
-            let (Some(m), Some(t)) = (m, taken[r].take()) else { continue };
-            if took[r][0] == 1 {
-                if let Some(l) = self.links[r].as_mut() {
-                    l.pipes = Some(m.pair(t));
-                    piped.push(r);
-                }
-            }
-        }
-        log::debug!("rank {me}: all_to_all pipes with ranks {piped:?}");
         Ok(())
     }
 
@@ -956,7 +930,7 @@ impl Comm {
             links.push(Some(Link {
                 out,
                 direct,
-                pipes: None,
+                pipes: PipeState::Untried,
                 inp,
                 sent: 0,
                 received: 0,
@@ -2057,7 +2031,7 @@ impl Comm {
             let flows: Vec<Flow<'_>> = piped
                 .iter()
                 .filter_map(|&r| {
-                    let pipes = self.links[r].as_ref()?.pipes.as_ref()?;
+                    let pipes = self.pipes(r)?;
                     let word = coll_header(self.seq, name);
                     let dst = std::mem::take(&mut dsts[r]);
                     Some(Flow::new(r, pipes, word, &input[i[r].clone()], dst))
@@ -2087,9 +2061,72 @@ impl Comm {
         Ok(())
     }
 
-    /// Whether the pair with rank `r` has pipes.
-    fn piped(&self, r: usize) -> bool {
-        self.links.get(r).and_then(Option::as_ref).is_some_and(|l| l.pipes.is_some())
+    /// The pair with rank `r`'s pipes, if it has them.
+    fn pipes(&self, r: usize) -> Option<&Pipes> {
+        match &self.links.get(r)?.as_ref()?.pipes {
+            PipeState::Ready(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Sets up the pipes of the pairs with `peers` (untried on both ends, which both come
+    /// here in the same call), in two rounds: each rank makes a pipe for each peer and sends
+    /// its ends' numbers; each takes the peer's pipe for it into its own process
+    /// (`pidfd_getfd`) and says whether it did. A pair has pipes when both took theirs; a
+    /// refusal is logged, and the pair reads from then on.
+    fn set_up_pipes(&mut self, name: &str, peers: &[usize]) -> Result<()> {
+        let me = self.rank;
+        let made: Vec<Option<Made>> = (0..self.size)
+            .map(|r| {
+                if !peers.contains(&r) || self.refuse_pipes || !pipes_allowed() {
+                    return None;
+                }
+                Made::new().map_err(|e| log::info!("rank {me}: no pipe for rank {r} ({e})")).ok()
+            })
+            .collect();
+        let theirs = self.swap_words(name, peers, |r| {
+            let mut word = [0u8; 16];
+            if let Some(m) = &made[r] {
+                let (read, write) = m.fds();
+                word[0] = 1;
+                word[4..8].copy_from_slice(&read.to_le_bytes());
+                word[8..12].copy_from_slice(&write.to_le_bytes());
+            }
+            word
+        })?;
+        let mut taken: Vec<Option<pipes::Taken>> = (0..self.size)
+            .map(|r| {
+                let pid = self.links[r].as_ref().and_then(|l| l.direct)?;
+                let w = &theirs[r];
+                if made[r].is_none() || w[0] != 1 {
+                    return None;
+                }
+                let fd = |at: usize| i32::from_le_bytes([w[at], w[at + 1], w[at + 2], w[at + 3]]);
+                pipes::take(pid, fd(4), fd(8))
+                    .map_err(|e| {
+                        log::info!(
+                            "rank {me}: rank {r}'s all_to_all blocks by direct reads, not \
+                             pipes (taking its pipe: {e})"
+                        )
+                    })
+                    .ok()
+            })
+            .collect();
+        let took = self.swap_words(name, peers, |r| [u8::from(taken[r].is_some()); 16])?;
+        for (r, m) in made.into_iter().enumerate() {
+            if !peers.contains(&r) {
+                continue;
+            }
+            let Some(link) = self.links[r].as_mut() else { continue };
+            link.pipes = match (m, taken[r].take()) {
+                (Some(m), Some(t)) if took[r][0] == 1 => PipeState::Ready(m.pair(t)),
+                _ => PipeState::Refused,
+            };
+        }
+        let ready: Vec<usize> =
+            peers.iter().copied().filter(|&r| self.pipes(r).is_some()).collect();
+        log::debug!("rank {me}: all_to_all pipes set up with ranks {ready:?} (of {peers:?})");
+        Ok(())
     }
 
     /// Runs `flows` (see `pipes::run`) and copies `own` (`dst`, `src`), spread over the
@@ -2497,12 +2534,26 @@ impl Comm {
         let directs: Vec<usize> = (0..n).filter(|&r| direct(self, r)).collect();
         if !directs.is_empty() {
             // Of those, the pairs with pipes send through them where they pay (both ranks
-            // know the group's size and the pair's bytes, so both choose alike).
-            let (piped, reads): (Vec<usize>, Vec<usize>) = directs.iter().partition(|&&r| {
-                self.piped(r)
-                    && (n >= PIPES_MIN_RANKS
-                        || TWO_RANKS_PIPED.contains(&(i[r].len() + o[r].len())))
-            });
+            // know the group's size and the pair's bytes, so both choose alike); a pair's
+            // first such call sets its pipes up.
+            let pays = |r: usize| {
+                n >= PIPES_MIN_RANKS || TWO_RANKS_PIPED.contains(&(i[r].len() + o[r].len()))
+            };
+            let untried: Vec<usize> = directs
+                .iter()
+                .copied()
+                .filter(|&r| {
+                    pays(r)
+                        && self.links[r]
+                            .as_ref()
+                            .is_some_and(|l| matches!(l.pipes, PipeState::Untried))
+                })
+                .collect();
+            if !untried.is_empty() {
+                self.set_up_pipes("all_to_all", &untried)?;
+            }
+            let (piped, reads): (Vec<usize>, Vec<usize>) =
+                directs.iter().partition(|&&r| pays(r) && self.pipes(r).is_some());
             let how = format_args!(
                 "pipes with ranks {piped:?}, direct reads with {reads:?}, rings with the others"
             );

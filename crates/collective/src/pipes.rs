@@ -1,6 +1,6 @@
 //! Pipes between two processes of one host, for the all-to-all's large pairs.
 //!
-//! A rank makes one pipe for each peer of its host that may send to it (its `Made`); the peer
+//! A rank makes one pipe for each peer of its host that sends to it (its `Made`); the peer
 //! takes both ends into its own process (`pidfd_getfd`, the same leave `process_vm_readv`
 //! needs) and sends its blocks with `vmsplice`: the kernel takes references to the sender's
 //! own pages (a lock-free walk of its own page tables) instead of copying them, and the
@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 
-/// Bytes a pipe is grown to at its first use (`F_SETPIPE_SZ`; where the kernel refuses, it
-/// keeps what it had). Pipes are made at the kernel's default size and grown only once used,
-/// so that groups that never move large all_to_all blocks take no more of the per-user limit
-/// on pipe pages (`/proc/sys/fs/pipe-user-pages-soft`) than any pipe.
+/// Bytes a pipe is grown to at its first block (`F_SETPIPE_SZ`; where the kernel refuses, it
+/// keeps what it had): a pair that sets its pipes up but then moves its blocks by reads (its
+/// sizes) takes no more of the per-user limit on pipe pages
+/// (`/proc/sys/fs/pipe-user-pages-soft`) than any pipe.
 const PIPE_BYTES: libc::c_int = 256 << 10;
 /// The least a pipe must hold to be used: past the per-user limit the kernel makes pipes of
 /// two pages, through which a block would crawl.
@@ -320,14 +320,14 @@ impl<'a> Flow<'a> {
         }
     }
 
-    /// The descriptor and events a wait for this flow polls (`None`: only the drain is left).
-    fn wants(&self) -> Option<libc::pollfd> {
+    /// The descriptors a wait for this flow polls: `from` while bytes are to come, `to` while
+    /// bytes are to go (none: only the drain is left).
+    fn wants(&self, fds: &mut Vec<libc::pollfd>) {
         if self.head_got < HEAD || self.got < self.dst.len() {
-            Some(libc::pollfd { fd: self.from, events: libc::POLLIN, revents: 0 })
-        } else if self.head_sent < HEAD || self.sent < self.src.len() {
-            Some(libc::pollfd { fd: self.to, events: libc::POLLOUT, revents: 0 })
-        } else {
-            None
+            fds.push(libc::pollfd { fd: self.from, events: libc::POLLIN, revents: 0 });
+        }
+        if self.head_sent < HEAD || self.sent < self.src.len() {
+            fds.push(libc::pollfd { fd: self.to, events: libc::POLLOUT, revents: 0 });
         }
     }
 }
@@ -387,8 +387,10 @@ pub(crate) fn run(
         }
         // Long idle: sleep in poll until a pipe moves, at most 1 ms (the failure checks above
         // run again after it).
-        let mut fds: Vec<libc::pollfd> =
-            flows.iter().filter(|f| !f.done).filter_map(Flow::wants).collect();
+        let mut fds = Vec::with_capacity(2 * flows.len());
+        for f in flows.iter().filter(|f| !f.done) {
+            f.wants(&mut fds);
+        }
         let ms = deadline.saturating_duration_since(now).min(Duration::from_millis(1));
         if fds.is_empty() {
             std::thread::sleep(ms.min(Duration::from_micros(100)));

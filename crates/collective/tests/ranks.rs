@@ -287,6 +287,43 @@ fn a_four_rank_all_to_all_of_uneven_large_blocks_moves_every_byte_once_by_pipes_
 }
 
 #[test]
+fn a_rank_that_refuses_pipes_reads_with_its_peers_while_the_others_use_theirs() {
+    // Rank 0 makes no pipes: its pairs agree to read; the pair (1, 2) sends through its
+    // pipes, in the same calls (the reads' address and token rounds beside the pipes).
+    let n = 3;
+    let got = group(n, 64 << 10, move |rank, comm| {
+        if rank == 0 {
+            comm.refuse_pipes_for_test();
+        }
+        let in_splits: Vec<usize> = (0..n).map(|d| a2a_bytes(rank, d) + 300_000).collect();
+        let out_splits: Vec<usize> = (0..n).map(|s| a2a_bytes(s, rank) + 300_000).collect();
+        let input: Vec<u8> =
+            (0..in_splits.iter().sum::<usize>()).map(|i| (i * 11 + rank * 29) as u8).collect();
+        let mut outs = Vec::new();
+        for _ in 0..2 {
+            let mut out = vec![0xA5u8; out_splits.iter().sum()];
+            comm.all_to_all(&mut out, &out_splits, &input, &in_splits).unwrap();
+            outs.push(out);
+        }
+        (outs, comm.algorithm(), comm.piped_for_test())
+    });
+    let want_piped = [vec![], vec![2], vec![1]];
+    for (rank, (outs, label, piped)) in got.iter().enumerate() {
+        assert_eq!(*label, "direct_reads", "rank {rank}: a pair reads, so the call is labelled so");
+        assert_eq!(*piped, want_piped[rank], "rank {rank}'s pairs with pipes");
+        let mut want = Vec::new();
+        for src in 0..n {
+            let splits: Vec<usize> = (0..n).map(|d| a2a_bytes(src, d) + 300_000).collect();
+            let start: usize = splits[..rank].iter().sum();
+            want.extend((start..start + splits[rank]).map(|i| (i * 11 + src * 29) as u8));
+        }
+        for (k, out) in outs.iter().enumerate() {
+            assert!(*out == want, "all_to_all {k} on rank {rank}");
+        }
+    }
+}
+
+#[test]
 fn two_ranks_move_a_pair_of_1_to_8_mib_through_pipes_and_other_sizes_by_reads() {
     // The pair's bytes both ways: 300,000 (read), 3 MiB (pipes), 9 MiB (read, over threads).
     let sizes = [(300_000usize, "direct_reads"), (3 << 20, "pipes"), (9 << 20, "direct_reads")];
