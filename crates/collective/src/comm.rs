@@ -16,7 +16,7 @@
 //! one a timeout naming it.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -328,6 +328,8 @@ pub struct Comm {
     late_for_test: Option<Duration>,
     /// Makes no pipe when its pairs set theirs up (for tests: a rank whose kernel refuses).
     refuse_pipes: bool,
+    /// A pause in the next pipes, once every block is sent and before the reads (for tests).
+    pause_in_pipes: Option<Duration>,
 }
 
 /// A point-to-point message's header: `(tag, length)` as 16 bytes, in a box that stays put
@@ -609,6 +611,7 @@ impl Comm {
             seq: 0,
             late_for_test: None,
             refuse_pipes: false,
+            pause_in_pipes: None,
         };
         comm.agree_direct()?;
         Ok(comm)
@@ -770,6 +773,13 @@ impl Comm {
         for link in self.links.iter_mut().flatten() {
             link.pipes = PipeState::Refused;
         }
+    }
+
+    /// Makes this rank pause for `pause` in the pipes of its next all_to_all once it sent
+    /// every block, before it reads the others' (for tests: a rank stopped in the middle).
+    #[doc(hidden)]
+    pub fn pause_in_pipes_for_test(&mut self, pause: Duration) {
+        self.pause_in_pipes = Some(pause);
     }
 
     /// The ranks whose pair with this one has its pipes set up (for tests).
@@ -1073,6 +1083,9 @@ impl Comm {
                 }
             }
         }
+        // The abort words before anything the caller does after the error (reuse of a buffer
+        // a late peer still reads): the peer reads the word after its reads.
+        std::sync::atomic::fence(Ordering::SeqCst);
         for batch in told {
             let _ = batch.wait();
         }
@@ -2028,15 +2041,21 @@ impl Comm {
         let mut dsts = disjoint_mut(out, o);
         let mut own = Some((std::mem::take(&mut dsts[me]), &input[i[me].clone()]));
         if !piped.is_empty() {
-            let flows: Vec<Flow<'_>> = piped
-                .iter()
-                .filter_map(|&r| {
-                    let pipes = self.pipes(r)?;
-                    let word = coll_header(self.seq, name);
-                    let dst = std::mem::take(&mut dsts[r]);
-                    Some(Flow::new(r, pipes, word, &input[i[r].clone()], dst))
-                })
-                .collect();
+            let word = coll_header(self.seq, name);
+            let mut flows: Vec<Flow<'_>> = Vec::with_capacity(piped.len());
+            for &r in piped {
+                let Some(pipes) = self.pipes(r) else {
+                    let e = Error::invalid(format!("{name}: the pipes with rank {r} are gone"));
+                    return Err(self.failed(e));
+                };
+                flows.push(Flow::new(
+                    r,
+                    pipes,
+                    word,
+                    &input[i[r].clone()],
+                    std::mem::take(&mut dsts[r]),
+                ));
+            }
             // Our own block is copied along with the pipes.
             self.pipe_exchange(name, flows, own.take())?;
         }
@@ -2146,9 +2165,7 @@ impl Comm {
             /// Our own copy, then the flows (one thread).
             Both(&'b mut [u8], &'b [u8], Vec<Flow<'a>>),
         }
-        if let Some(pause) = self.late_for_test.take() {
-            std::thread::sleep(pause);
-        }
+        self.before_moves(name, own.as_ref())?;
         let threads = self.readers.threads();
         let k = threads.min(flows.len()).max(1);
         let mut groups: Vec<Vec<Flow<'_>>> = (0..k).map(|_| Vec::new()).collect();
@@ -2157,15 +2174,6 @@ impl Comm {
         }
         let mut jobs: Vec<Job<'_, '_>> = groups.into_iter().map(Job::Flows).collect();
         if let Some((dst, src)) = own {
-            if dst.len() != src.len() {
-                let e = Error::invalid(format!(
-                    "{name}: rank {}'s own block is {} bytes into {}",
-                    self.rank,
-                    src.len(),
-                    dst.len()
-                ));
-                return Err(self.failed(e));
-            }
             match jobs.pop() {
                 Some(Job::Flows(flows)) if threads == 1 => jobs.push(Job::Both(dst, src, flows)),
                 Some(job) => jobs.extend([job, Job::Own(dst, src)]),
@@ -2182,18 +2190,44 @@ impl Comm {
                 })
             })
         };
+        // A part that fails stops the others at their next wait, so that the peers hear of
+        // the failure now, not after the others' deadline.
+        let cancel = AtomicBool::new(false);
+        let pause = self.pause_in_pipes.take();
+        let run =
+            |flows: &mut [Flow<'_>]| pipes::run(name, flows, deadline, &watch, &cancel, pause);
         let outcome = self.readers.run(jobs, |job| match job {
-            Job::Flows(mut flows) => pipes::run(name, &mut flows, deadline, &watch),
+            Job::Flows(mut flows) => run(&mut flows),
             Job::Own(dst, src) => {
                 dst.copy_from_slice(src);
                 Ok(())
             }
             Job::Both(dst, src, mut flows) => {
                 dst.copy_from_slice(src);
-                pipes::run(name, &mut flows, deadline, &watch)
+                run(&mut flows)
             }
         });
         outcome.map_err(|e| self.failed(e))
+    }
+
+    /// Before the reads or pipes of a direct collective: the test's pause, if one is set (see
+    /// `be_late_for_test`), and the check that our own block (`dst`, `src`) fits its place.
+    fn before_moves(&mut self, name: &str, own: Option<&(&mut [u8], &[u8])>) -> Result<()> {
+        if let Some(pause) = self.late_for_test.take() {
+            std::thread::sleep(pause);
+        }
+        match own {
+            Some((dst, src)) if dst.len() != src.len() => {
+                let e = Error::invalid(format!(
+                    "{name}: rank {}'s own block is {} bytes into {}",
+                    self.rank,
+                    src.len(),
+                    dst.len()
+                ));
+                Err(self.failed(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Reads each `(rank, dst, addr, len)`: rank `rank`'s block (`addr`, `len` bytes in its
@@ -2205,22 +2239,11 @@ impl Comm {
         own: Option<(&mut [u8], &[u8])>,
         cut: Cut,
     ) -> Result<()> {
-        if let Some(pause) = self.late_for_test.take() {
-            std::thread::sleep(pause);
-        }
         // Any failure leaves the ranks out of step: the group is poisoned (and the others
         // told) so that none of them waits for us until its timeout.
+        self.before_moves(name, own.as_ref())?;
         let mut jobs = Vec::with_capacity(reads.len() + 1);
         if let Some((dst, src)) = own {
-            if dst.len() != src.len() {
-                let e = Error::invalid(format!(
-                    "{name}: rank {}'s own block is {} bytes into {}",
-                    self.rank,
-                    src.len(),
-                    dst.len()
-                ));
-                return Err(self.failed(e));
-            }
             jobs.push((self.rank, Move::Copy(src, dst)));
         }
         for (r, dst, addr, len) in reads {

@@ -54,6 +54,9 @@ impl Made {
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: `fcntl` on a descriptor we own.
         let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if size < 0 {
+            return Err(os_error());
+        }
         if size < PIPE_MIN_BYTES {
             return Err(io::Error::other(format!(
                 "the kernel made it of {size} bytes: this user's pipes reached the limit of \
@@ -204,13 +207,22 @@ impl<'a> Flow<'a> {
 
     /// Moves what the pipes let through without waiting; whether anything moved.
     fn step(&mut self, op: &str) -> Result<bool, Error> {
+        let sent = self.send(op)?;
+        let received = self.receive(op)?;
+        Ok(sent || received)
+    }
+
+    /// Whether every byte of ours (header and block) is in the pipe.
+    fn all_sent(&self) -> bool {
+        self.head_sent == HEAD && self.sent == self.src.len()
+    }
+
+    /// Sends what the pipe takes of our header and block without waiting; whether anything
+    /// moved.
+    fn send(&mut self, op: &str) -> Result<bool, Error> {
         let mut moved = false;
         let peer = self.peer;
-        // A system call on our own memory and descriptors failed (the peer's exit or
-        // silence shows otherwise): no rank is blamed.
-        let failed = |what: &str, e: io::Error| {
-            Error::invalid(format!("{op}: {what} the pipe with rank {peer}: {e}"))
-        };
+        let failed = |what: &str, e: io::Error| local_failure(op, what, peer, e);
         if self.head_sent < HEAD {
             // SAFETY: the rest of `head_out`, ours, is read by the kernel (HEAD ≤ PIPE_BUF: the
             // write is whole or refused).
@@ -230,14 +242,26 @@ impl<'a> Flow<'a> {
             let rest = &self.src[self.sent..];
             let iov =
                 libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() };
-            // SAFETY: `iov` covers the rest of `src`, which the caller keeps unchanged until
-            // the peer took every byte (the pipe holds references to its pages until then).
+            // SAFETY: `iov` covers the rest of `src`, ours and readable. The pipe takes
+            // references to its pages, which keep them alive whatever the caller does with
+            // `src` later: memory safety never rests on it. Correct bytes do: the sender waits
+            // until the pipe is empty before it returns, and a peer that reads after we gave
+            // up fails on our abort word (see `Comm::all_to_all_mixed`).
             let n = unsafe { libc::vmsplice(self.to, &iov, 1, libc::SPLICE_F_NONBLOCK) };
             match again(n) {
                 Ok(n) => (self.sent, moved) = (self.sent + n, moved || n > 0),
                 Err(e) => return Err(failed("splicing our block into", e)),
             }
         }
+        Ok(moved)
+    }
+
+    /// Takes what the pipe holds of the peer's header and block without waiting, then sees
+    /// whether the peer took all of ours; whether anything moved.
+    fn receive(&mut self, op: &str) -> Result<bool, Error> {
+        let mut moved = false;
+        let peer = self.peer;
+        let failed = |what: &str, e: io::Error| local_failure(op, what, peer, e);
         if self.head_got < HEAD {
             // SAFETY: the rest of `head_in`, ours and writable.
             let n = unsafe {
@@ -270,11 +294,7 @@ impl<'a> Flow<'a> {
                 Err(e) => return Err(failed("reading", e)),
             }
         }
-        if self.head_got == HEAD
-            && self.got == self.dst.len()
-            && self.sent == self.src.len()
-            && self.head_sent == HEAD
-        {
+        if self.head_got == HEAD && self.got == self.dst.len() && self.all_sent() {
             // Ours may go only once the peer took every byte of it.
             let mut left: libc::c_int = 0;
             // SAFETY: FIONREAD writes one int, ours.
@@ -312,11 +332,15 @@ impl<'a> Flow<'a> {
         Ok(())
     }
 
+    /// The peer's end of its pipe closed: its process exited, or it dropped the group (which
+    /// a rank does after a failure: `run` asks `watch` first, so that the rank that failure
+    /// blamed is named, not this one).
     fn closed(&self, op: &str) -> Error {
         Error::RankFailed {
             op: op.to_string(),
             rank: self.peer,
-            reason: "its pipe closed: its process exited".to_string(),
+            reason: "it closed its end of the pipe (its process exited or left the group)"
+                .to_string(),
         }
     }
 
@@ -330,6 +354,12 @@ impl<'a> Flow<'a> {
             fds.push(libc::pollfd { fd: self.to, events: libc::POLLOUT, revents: 0 });
         }
     }
+}
+
+/// A system call on our own memory and descriptors failed (a peer's exit or silence shows
+/// otherwise): no rank is blamed.
+fn local_failure(op: &str, what: &str, peer: usize, e: io::Error) -> Error {
+    Error::invalid(format!("{op}: {what} the pipe with rank {peer}: {e}"))
 }
 
 /// A nonblocking call's result: the bytes it moved, 0 where it would have waited.
@@ -347,19 +377,50 @@ fn again(n: isize) -> io::Result<usize> {
 /// Runs `flows` until every one is done, the deadline passes (a timeout naming the peers not
 /// done) or `watch` reports a failure (a rank that failed, or a peer's process gone). Never
 /// blocks on one peer: every flow advances as its pipes allow, so any number of pairs on any
-/// number of threads completes.
+/// number of threads completes. A flow's own error gives way to what `watch` reports (a rank
+/// that failed first and dropped the group closes its pipes: the rank it blamed is the cause).
+/// `cancel`: set when another part of the call failed; this one then stops at its next wait,
+/// returning `Ok` (the call's error is that part's). `pause`: for tests, a pause once every
+/// flow sent all it has, before it reads the rest (a rank stopped in the middle).
 pub(crate) fn run(
     op: &str,
     flows: &mut [Flow<'_>],
     deadline: Instant,
     watch: &(dyn Fn(&[usize]) -> Option<Error> + Sync),
+    cancel: &AtomicBool,
+    pause: Option<Duration>,
+) -> Result<(), Error> {
+    let outcome = run_flows(op, flows, deadline, watch, cancel, pause);
+    if outcome.is_err() {
+        cancel.store(true, Ordering::Relaxed);
+    }
+    outcome.map_err(|e| watch(&[]).unwrap_or(e))
+}
+
+fn run_flows(
+    op: &str,
+    flows: &mut [Flow<'_>],
+    deadline: Instant,
+    watch: &(dyn Fn(&[usize]) -> Option<Error> + Sync),
+    cancel: &AtomicBool,
+    mut pause: Option<Duration>,
 ) -> Result<(), Error> {
     let start = Instant::now();
     let mut idle = 0u32;
     loop {
         let mut moved = false;
-        for f in flows.iter_mut().filter(|f| !f.done) {
-            moved |= f.step(op)?;
+        if let Some(p) = pause {
+            for f in flows.iter_mut() {
+                moved |= f.send(op)?;
+            }
+            if flows.iter().all(Flow::all_sent) {
+                std::thread::sleep(p);
+                pause = None;
+            }
+        } else {
+            for f in flows.iter_mut().filter(|f| !f.done) {
+                moved |= f.step(op)?;
+            }
         }
         if flows.iter().all(|f| f.done) {
             return Ok(());
@@ -372,6 +433,9 @@ pub(crate) fn run(
         if idle < 64 {
             std::hint::spin_loop();
             continue;
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(());
         }
         let waiting: Vec<usize> = flows.iter().filter(|f| !f.done).map(|f| f.peer).collect();
         if let Some(e) = watch(&waiting) {
@@ -451,10 +515,11 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut f = [Flow::new(0, &b, WORD, &from_b[3..], &mut got_b)];
-                run("all_to_all", &mut f, soon, &no_failure).unwrap();
+                run("all_to_all", &mut f, soon, &no_failure, &AtomicBool::new(false), None)
+                    .unwrap();
             });
             let mut f = [Flow::new(1, &a, WORD, &from_a[1..], &mut got_a)];
-            run("all_to_all", &mut f, soon, &no_failure).unwrap();
+            run("all_to_all", &mut f, soon, &no_failure, &AtomicBool::new(false), None).unwrap();
         });
         assert!(got_b == from_a[1..], "a's block at b");
         assert!(got_a == from_b[3..], "b's block at a");
@@ -473,7 +538,7 @@ mod tests {
         let block = bytes(10_000, 3);
         let mut f = [Flow::new(1, &a, WORD, &block, &mut [])];
         let soon = Instant::now() + Duration::from_millis(200);
-        match run("all_to_all", &mut f, soon, &no_failure) {
+        match run("all_to_all", &mut f, soon, &no_failure, &AtomicBool::new(false), None) {
             Err(Error::Timeout { ranks, .. }) => assert_eq!(ranks, vec![1]),
             other => panic!("a returned while its block sat in the pipe: {other:?}"),
         }
@@ -492,11 +557,29 @@ mod tests {
         let mut got = vec![0u8; 1000];
         let mut f = [Flow::new(1, &a, WORD, &block, &mut got)];
         let soon = Instant::now() + Duration::from_secs(20);
-        match run("all_to_all", &mut f, soon, &no_failure) {
+        match run("all_to_all", &mut f, soon, &no_failure, &AtomicBool::new(false), None) {
             Err(Error::RankFailed { rank, reason, .. }) => {
                 assert_eq!(rank, 1);
-                assert!(reason.contains("pipe closed"), "{reason}");
+                assert!(reason.contains("closed its end of the pipe"), "{reason}");
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_closed_end_gives_way_to_the_failure_the_peers_report() {
+        // b "dropped the group" after a failure that blamed rank 5: a's read finds b's end
+        // closed at once, but the failure reported (the abort words) is the cause.
+        let (a, b) = pair();
+        drop(b);
+        let mut got = vec![0u8; 10];
+        let mut f = [Flow::new(1, &a, WORD, &[], &mut got)];
+        let blamed = |_: &[usize]| {
+            Some(Error::RankFailed { op: "all_to_all".into(), rank: 5, reason: "blamed".into() })
+        };
+        let soon = Instant::now() + Duration::from_secs(20);
+        match run("all_to_all", &mut f, soon, &blamed, &AtomicBool::new(false), None) {
+            Err(Error::RankFailed { rank: 5, .. }) => {}
             other => panic!("{other:?}"),
         }
     }
@@ -514,7 +597,9 @@ mod tests {
             // b's side moves what it can once (its header and block into the pipe).
             fb[0].step("all_to_all").unwrap();
             let mut fa = [Flow::new(1, &a, WORD, &[], &mut ours)];
-            let err = run("all_to_all", &mut fa, soon, &no_failure).unwrap_err().to_string();
+            let err = run("all_to_all", &mut fa, soon, &no_failure, &AtomicBool::new(false), None)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("rank 1") && err.contains(want), "{err}");
         }
     }

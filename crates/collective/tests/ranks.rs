@@ -355,9 +355,11 @@ fn two_ranks_move_a_pair_of_1_to_8_mib_through_pipes_and_other_sizes_by_reads() 
 
 #[test]
 fn an_all_to_all_whose_splits_differ_between_a_pair_fails_at_once_naming_the_sender() {
-    // Three ranks (every direct pair through pipes). Rank 0 sends 300,000 bytes to rank 1, which
-    // expects 400,000: through the pipes the block's header says so, and every rank fails at
-    // once (not at the timeout, not with bytes of the next call taken for this one's).
+    // Three ranks (every direct pair through pipes). Rank 0 sends 300,000 bytes to rank 1,
+    // which expects 400,000: through the pipes the block's header says so, and ranks 0 and 1
+    // fail at once (not at the timeout, not with bytes of the next call taken for this one's).
+    // Rank 2 may have finished its pairs before rank 1 failed (its bytes are whole then); its
+    // next call fails at once.
     let n = 3;
     let got = group_with(n, 64 << 10, Duration::from_secs(20), move |rank, comm| {
         let outs = vec![300_000usize; n];
@@ -368,18 +370,35 @@ fn an_all_to_all_whose_splits_differ_between_a_pair_fails_at_once_naming_the_sen
         let input = vec![rank as u8 + 1; outs.iter().sum()];
         let mut out = vec![0u8; ins.iter().sum()];
         let start = std::time::Instant::now();
-        let err = comm.all_to_all(&mut out, &ins, &input, &outs).unwrap_err().to_string();
-        (err, start.elapsed(), comm.algorithm())
+        let first = comm.all_to_all(&mut out, &ins, &input, &outs).map_err(|e| e.to_string());
+        let label = comm.algorithm();
+        let whole = first.is_ok()
+            && (0..n)
+                .all(|s| out[s * 300_000..(s + 1) * 300_000].iter().all(|&b| b == s as u8 + 1));
+        let next =
+            comm.all_reduce(&mut [0u8; 8], DType::U8, ReduceOp::Sum).map_err(|e| e.to_string());
+        (first, whole, next, start.elapsed(), label)
     });
-    for (rank, (err, took, label)) in got.iter().enumerate() {
+    for (rank, (first, whole, next, took, label)) in got.iter().enumerate() {
         assert_eq!(*label, "pipes", "rank {rank}");
-        assert!(*took < Duration::from_secs(10), "rank {rank} waited {took:?}: {err}");
+        assert!(*took < Duration::from_secs(10), "rank {rank} waited {took:?}: {first:?} {next:?}");
+        let err = match first {
+            Err(e) => e.clone(),
+            Ok(()) => {
+                assert!(
+                    rank == 2 && *whole,
+                    "rank {rank} returned from the call (whole bytes: {whole})"
+                );
+                next.clone().expect_err("rank 2's next call after rank 1 failed")
+            }
+        };
         assert!(err.contains("rank 0") || err.contains("rank 1"), "rank {rank}: {err}");
+        assert!(next.is_err(), "rank {rank}'s next call");
     }
+    let err1 = got[1].0.as_ref().expect_err("rank 1");
     assert!(
-        got[1].0.contains("rank 0 sends 300000 bytes for a block of 400000 here"),
-        "rank 1: {}",
-        got[1].0
+        err1.contains("rank 0 sends 300000 bytes for a block of 400000 here"),
+        "rank 1: {err1}"
     );
 }
 
@@ -702,8 +721,7 @@ fn a_rank_late_to_an_all_to_all_through_pipes_fails_it_instead_of_returning_reus
     // Rank 0 times out waiting for rank 1's block, returns the error and reuses its input
     // (0xEE) while rank 1 is paused. The pipe holds references to rank 0's pages, not a
     // copy: rank 1 must not return what it then takes. (It fails waiting for its own block to
-    // be taken; a rank stopped between its sends and its reads is failed by the abort word
-    // checked after the pipes.)
+    // be taken; the next test stops a rank between its sends and its reads.)
     let (n, len) = (3, 1 << 20);
     let got = group_with(n, 64 << 10, Duration::from_millis(300), move |rank, comm| {
         let mut mine = vec![rank as u8 + 1; n * len];
@@ -726,6 +744,39 @@ fn a_rank_late_to_an_all_to_all_through_pipes_fails_it_instead_of_returning_reus
             panic!("rank 1's all_to_all succeeded ({reused} bytes of rank 0's reused buffer)")
         }
         Err(e) => assert!(e.contains("rank 1") || e.contains("rank 0"), "{e}"),
+    }
+}
+
+#[test]
+fn a_rank_stopped_between_its_sends_and_its_reads_fails_instead_of_returning_reused_bytes() {
+    // Three ranks, blocks that fit in a pipe: rank 1 sends its blocks, then pauses before it
+    // reads the others'. Ranks 0 and 2 take rank 1's blocks, time out waiting for it to take
+    // theirs, return the error and reuse their inputs (0xEE) while it is paused. Their pipes
+    // still reference those pages: rank 1 then reads the reused bytes and every pipe of its
+    // completes; only the abort words, read after the pipes, fail its call.
+    let (n, len) = (3, 140_000);
+    let got = group_with(n, 64 << 10, Duration::from_millis(300), move |rank, comm| {
+        let mut mine = vec![rank as u8 + 1; n * len];
+        let mut out = vec![0u8; n * len];
+        if rank == 1 {
+            comm.pause_in_pipes_for_test(Duration::from_millis(1000));
+        }
+        let res = comm.all_to_all(&mut out, &[len; 3], &mine, &[len; 3]);
+        let res = res.map_err(|e| e.to_string());
+        if rank != 1 {
+            assert!(res.is_err(), "rank {rank} waited past its timeout for rank 1: {res:?}");
+            mine.fill(0xEE);
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        (res.map(|()| out.iter().filter(|&&b| b == 0xEE).count()), comm.algorithm())
+    });
+    assert_eq!(got[1].1, "pipes", "the pairs moved their blocks through pipes");
+    for (rank, (res, _)) in got.iter().enumerate() {
+        match res {
+            Ok(reused) => panic!("rank {rank}'s all_to_all succeeded ({reused} reused bytes)"),
+            // Everyone names the rank that stopped.
+            Err(e) => assert!(e.contains("rank 1"), "rank {rank}: {e}"),
+        }
     }
 }
 
