@@ -1166,20 +1166,8 @@ impl Comm {
                 w.dedup();
                 w
             };
-            // A rank that failed tells us whom it blames.
-            if let Some(e) = blamed(&self.links, op) {
+            if let Some(e) = failure_seen(&self.links, op, &waiting) {
                 return Err(e);
-            }
-            for &r in &waiting {
-                if let Some(link) = &self.links[r] {
-                    if let Some(e) = link.peer_error() {
-                        return Err(Error::RankFailed {
-                            op: op.to_string(),
-                            rank: r,
-                            reason: e.to_string(),
-                        });
-                    }
-                }
             }
             let now = Instant::now();
             if now >= deadline {
@@ -1994,7 +1982,6 @@ impl Comm {
     /// data and the reading pairs' addresses, then the pipes and the reads, then a token per
     /// reading pair (no rank returns while another reads its input; a pipe's sender waits
     /// until its pipe is empty).
-    #[allow(clippy::too_many_arguments)]
     fn all_to_all_mixed(
         &mut self,
         out: &mut [u8],
@@ -2003,12 +1990,15 @@ impl Comm {
         i: &[Range<usize>],
         piped: &[usize],
         reads: &[usize],
-        blocks: &[(u64, usize)],
     ) -> Result<()> {
         let (n, me) = (self.size, self.rank);
         let name = "all_to_all";
         self.phases = Phases::new();
-        let mine: Vec<[u8; 16]> = blocks.iter().map(|&(a, l)| encode_block(a, l)).collect();
+        // Where each of our blocks lies, for the peers that read it.
+        let mine: Vec<[u8; 16]> = i
+            .iter()
+            .map(|r| encode_block(input.as_ptr() as u64 + r.start as u64, r.len()))
+            .collect();
         let mut theirs = vec![[0u8; 16]; n];
         {
             let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(n);
@@ -2162,8 +2152,6 @@ impl Comm {
         enum Job<'a, 'b> {
             Flows(Vec<Flow<'a>>),
             Own(&'b mut [u8], &'b [u8]),
-            /// Our own copy, then the flows (one thread).
-            Both(&'b mut [u8], &'b [u8], Vec<Flow<'a>>),
         }
         self.before_moves(name, own.as_ref())?;
         let threads = self.readers.threads();
@@ -2173,23 +2161,14 @@ impl Comm {
             groups[j % k].push(f);
         }
         let mut jobs: Vec<Job<'_, '_>> = groups.into_iter().map(Job::Flows).collect();
+        // (One thread runs the jobs in order.)
         if let Some((dst, src)) = own {
-            match jobs.pop() {
-                Some(Job::Flows(flows)) if threads == 1 => jobs.push(Job::Both(dst, src, flows)),
-                Some(job) => jobs.extend([job, Job::Own(dst, src)]),
-                None => jobs.push(Job::Own(dst, src)),
-            }
+            let at = if threads == 1 { 0 } else { jobs.len() };
+            jobs.insert(at, Job::Own(dst, src));
         }
         let deadline = Instant::now() + self.timeout;
         let links = &self.links;
-        let watch = |waiting: &[usize]| {
-            blamed(links, name).or_else(|| {
-                waiting.iter().find_map(|&r| {
-                    let e = links.get(r)?.as_ref()?.peer_error()?;
-                    Some(Error::RankFailed { op: name.to_string(), rank: r, reason: e.to_string() })
-                })
-            })
-        };
+        let watch = |waiting: &[usize]| failure_seen(links, name, waiting);
         // A part that fails stops the others at their next wait, so that the peers hear of
         // the failure now, not after the others' deadline.
         let cancel = AtomicBool::new(false);
@@ -2201,10 +2180,6 @@ impl Comm {
             Job::Own(dst, src) => {
                 dst.copy_from_slice(src);
                 Ok(())
-            }
-            Job::Both(dst, src, mut flows) => {
-                dst.copy_from_slice(src);
-                run(&mut flows)
             }
         });
         outcome.map_err(|e| self.failed(e))
@@ -2582,9 +2557,7 @@ impl Comm {
             );
             let label = if reads.is_empty() { "pipes" } else { "direct_reads" };
             self.chose("all_to_all", input.len(), label, how);
-            let blocks: Vec<(u64, usize)> =
-                i.iter().map(|r| (input.as_ptr() as u64 + r.start as u64, r.len())).collect();
-            return self.all_to_all_mixed(out, &o, input, &i, &piped, &reads, &blocks);
+            return self.all_to_all_mixed(out, &o, input, &i, &piped, &reads);
         }
         self.chose("all_to_all", input.len(), "ring", format_args!("rings"));
         // The output split into one destination per rank.
@@ -2756,6 +2729,18 @@ impl Drop for Comm {
             log::warn!("rank {}: freeing the receive region: {e}", self.rank);
         }
     }
+}
+
+/// What a wait for the ranks `waiting` learns of a failure: a rank that failed tells us whom
+/// it blames (its abort word); else a rank we wait for whose process died (its mapping's
+/// liveness).
+fn failure_seen(links: &[Option<Link>], op: &str, waiting: &[usize]) -> Option<Error> {
+    blamed(links, op).or_else(|| {
+        waiting.iter().find_map(|&r| {
+            let e = links.get(r)?.as_ref()?.peer_error()?;
+            Some(Error::RankFailed { op: op.to_string(), rank: r, reason: e.to_string() })
+        })
+    })
 }
 
 /// The failure a rank that failed first reported to us (the rank it blames), if any.
@@ -3383,13 +3368,18 @@ fn decode_block(b: &[u8; 16]) -> (u64, usize) {
 
 /// Direct reads are on unless `TIDEWIRE_PG_DIRECT=0`.
 fn direct_allowed() -> bool {
-    std::env::var("TIDEWIRE_PG_DIRECT").map_or(true, |v| v != "0")
+    env_on("TIDEWIRE_PG_DIRECT")
 }
 
 /// Whether pairs read directly may move their all_to_all blocks through pipes
 /// (`TIDEWIRE_PG_PIPES=0`: by `process_vm_readv` instead).
 fn pipes_allowed() -> bool {
-    std::env::var("TIDEWIRE_PG_PIPES").map_or(true, |v| v != "0")
+    env_on("TIDEWIRE_PG_PIPES")
+}
+
+/// A switch from the environment, on unless set to `0`.
+fn env_on(key: &str) -> bool {
+    std::env::var(key).map_or(true, |v| v != "0")
 }
 
 /// Consecutive ranges of the given lengths.

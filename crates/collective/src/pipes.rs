@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 
-/// Bytes a pipe is grown to at its first block (`F_SETPIPE_SZ`; where the kernel refuses, it
-/// keeps what it had): a pair that sets its pipes up but then moves its blocks by reads (its
-/// sizes) takes no more of the per-user limit on pipe pages
-/// (`/proc/sys/fs/pipe-user-pages-soft`) than any pipe.
+/// Bytes a pipe is grown to once its pair set it up, in the call that first sends through it
+/// (`F_SETPIPE_SZ`; where the kernel refuses, it keeps what it had). Pipes are made at the
+/// kernel's default size, which counts against the per-user limit on pipe pages
+/// (`/proc/sys/fs/pipe-user-pages-soft`) as any pipe does, and grown only once both ends
+/// took theirs.
 const PIPE_BYTES: libc::c_int = 256 << 10;
 /// The least a pipe must hold to be used: past the per-user limit the kernel makes pipes of
 /// two pages, through which a block would crawl.
@@ -72,17 +73,16 @@ impl Made {
     }
 
     /// The pair's pipes, once the peer took this pipe's ends and we took `theirs` (the pipe
-    /// it made for us to send into). Our copy of the write end is closed here, so that the
-    /// peer's process exiting ends our reads (`read` returns 0) instead of leaving them to
-    /// wait for the deadline.
+    /// it made for us to send into, grown here to `PIPE_BYTES`). Our copy of the write end is
+    /// closed here, so that the peer's process exiting ends our reads (`read` returns 0)
+    /// instead of leaving them to wait for the deadline.
     pub(crate) fn pair(self, theirs: Taken) -> Pipes {
         drop(self.write);
-        Pipes {
-            from: self.read,
-            to: theirs.write,
-            _reader: theirs.read,
-            grown: AtomicBool::new(false),
+        // SAFETY: `fcntl` on a descriptor we own.
+        if unsafe { libc::fcntl(theirs.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) } < 0 {
+            log::debug!("a pipe of the all_to_all keeps its size: {}", os_error());
         }
+        Pipes { from: self.read, to: theirs.write, _reader: theirs.read }
     }
 }
 
@@ -140,21 +140,6 @@ pub(crate) struct Pipes {
     from: OwnedFd,
     to: OwnedFd,
     _reader: OwnedFd,
-    /// Whether `to` was grown to `PIPE_BYTES` (at its first use).
-    grown: AtomicBool,
-}
-
-impl Pipes {
-    /// Grows the pipe we send into, once (best effort: a refusal leaves it as it was).
-    fn grow(&self) {
-        if self.grown.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        // SAFETY: `fcntl` on a descriptor we own.
-        if unsafe { libc::fcntl(self.to.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) } < 0 {
-            log::debug!("a pipe of the all_to_all keeps its size: {}", os_error());
-        }
-    }
 }
 
 /// One pair's part of an all-to-all: our block `src` out, the peer's into `dst`.
@@ -184,7 +169,6 @@ impl<'a> Flow<'a> {
         src: &'a [u8],
         dst: &'a mut [u8],
     ) -> Self {
-        pipes.grow();
         let mut head_out = [0u8; HEAD];
         head_out[..16].copy_from_slice(&word);
         head_out[16..24].copy_from_slice(&(src.len() as u64).to_le_bytes());
@@ -233,10 +217,7 @@ impl<'a> Flow<'a> {
                     HEAD - self.head_sent,
                 )
             };
-            match again(n) {
-                Ok(n) => (self.head_sent, moved) = (self.head_sent + n, n > 0),
-                Err(e) => return Err(failed("writing into", e)),
-            }
+            moved |= advance(n, &mut self.head_sent).map_err(|e| failed("writing into", e))?;
         }
         if self.head_sent == HEAD && self.sent < self.src.len() {
             let rest = &self.src[self.sent..];
@@ -248,10 +229,8 @@ impl<'a> Flow<'a> {
             // until the pipe is empty before it returns, and a peer that reads after we gave
             // up fails on our abort word (see `Comm::all_to_all_mixed`).
             let n = unsafe { libc::vmsplice(self.to, &iov, 1, libc::SPLICE_F_NONBLOCK) };
-            match again(n) {
-                Ok(n) => (self.sent, moved) = (self.sent + n, moved || n > 0),
-                Err(e) => return Err(failed("splicing our block into", e)),
-            }
+            moved |=
+                advance(n, &mut self.sent).map_err(|e| failed("splicing our block into", e))?;
         }
         Ok(moved)
     }
@@ -274,10 +253,7 @@ impl<'a> Flow<'a> {
             if n == 0 {
                 return Err(self.closed(op));
             }
-            match again(n) {
-                Ok(n) => (self.head_got, moved) = (self.head_got + n, moved || n > 0),
-                Err(e) => return Err(failed("reading", e)),
-            }
+            moved |= advance(n, &mut self.head_got).map_err(|e| failed("reading", e))?;
             if self.head_got == HEAD {
                 self.check_head(op)?;
             }
@@ -289,10 +265,7 @@ impl<'a> Flow<'a> {
             if n == 0 {
                 return Err(self.closed(op));
             }
-            match again(n) {
-                Ok(n) => (self.got, moved) = (self.got + n, moved || n > 0),
-                Err(e) => return Err(failed("reading", e)),
-            }
+            moved |= advance(n, &mut self.got).map_err(|e| failed("reading", e))?;
         }
         if self.head_got == HEAD && self.got == self.dst.len() && self.all_sent() {
             // Ours may go only once the peer took every byte of it.
@@ -362,14 +335,16 @@ fn local_failure(op: &str, what: &str, peer: usize, e: io::Error) -> Error {
     Error::invalid(format!("{op}: {what} the pipe with rank {peer}: {e}"))
 }
 
-/// A nonblocking call's result: the bytes it moved, 0 where it would have waited.
-fn again(n: isize) -> io::Result<usize> {
+/// A nonblocking call's result `n` added to `done`: whether it moved any byte (none where
+/// it would have waited or was interrupted).
+fn advance(n: isize, done: &mut usize) -> io::Result<bool> {
     if n >= 0 {
-        return Ok(n as usize);
+        *done += n as usize;
+        return Ok(n > 0);
     }
     let e = os_error();
     match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(false),
         _ => Err(e),
     }
 }
