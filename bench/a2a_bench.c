@@ -29,6 +29,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_proc.h"
+
 #define MAXR 8
 #define MAXB (16u << 20)  // bytes a rank's source holds at most
 
@@ -47,28 +49,8 @@ static char *src, *dst;
 static size_t blk;
 static _Atomic uint32_t gen, left;
 
-static double now_us(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
-}
-
 // All R meet here; one that does not come within 20 s (it died) ends the run.
-static void pbarrier(void) {
-    uint32_t p = atomic_load(&S->phase);
-    if (atomic_fetch_add(&S->arrive, 1) == (uint32_t)R - 1) {
-        atomic_store(&S->arrive, 0);
-        atomic_store(&S->phase, p + 1);
-    } else {
-        double until = now_us() + 20e6;
-        while (atomic_load(&S->phase) == p) {
-            if (now_us() > until) {
-                fprintf(stderr, "rank %d: a peer did not reach the barrier in 20 s\n", me);
-                exit(1);
-            }
-        }
-    }
-}
+static void pbarrier(void) { proc_barrier(&S->arrive, &S->phase, R, me, 20); }
 
 static void die(const char *what) {
     fprintf(stderr, "rank %d: %s: %s\n", me, what, strerror(errno));
@@ -77,21 +59,28 @@ static void die(const char *what) {
 
 static int worker_way;
 
+// One try each way with peer j, without waiting: our block into its pipe (vmsplice), its
+// block out of ours; `sent` and `got` count the bytes so far. Whether both are whole.
+static int pipe_step(int j, size_t *sent, size_t *got) {
+    if (*sent < blk) {
+        struct iovec v = {src + j * blk + *sent, blk - *sent};
+        ssize_t n = vmsplice(pipes[me][j][1], &v, 1, SPLICE_F_NONBLOCK);
+        if (n > 0) *sent += n;
+        else if (errno != EAGAIN) die("vmsplice");
+    }
+    if (*got < blk) {
+        ssize_t n = read(pipes[j][me][0], dst + j * blk + *got, blk - *got);
+        if (n > 0) *got += n;
+        else if (n == 0 || errno != EAGAIN) die("read");
+    }
+    return *sent == blk && *got == blk;
+}
+
+// The pipes with peer j until both blocks are whole (a thread per peer: pipeT).
 static void pipe_pair(int j) {
     size_t sent = 0, got = 0;
     double until = now_us() + 20e6;
-    while (sent < blk || got < blk) {
-        if (sent < blk) {
-            struct iovec v = {src + j * blk + sent, blk - sent};
-            ssize_t n = vmsplice(pipes[me][j][1], &v, 1, SPLICE_F_NONBLOCK);
-            if (n > 0) sent += n;
-            else if (errno != EAGAIN) die("vmsplice");
-        }
-        if (got < blk) {
-            ssize_t n = read(pipes[j][me][0], dst + j * blk + got, blk - got);
-            if (n > 0) got += n;
-            else if (n == 0 || errno != EAGAIN) die("read");
-        }
+    while (!pipe_step(j, &sent, &got)) {
         if (now_us() > until) {
             fprintf(stderr, "rank %d: pipe with %d stalled\n", me, j);
             exit(1);
@@ -119,40 +108,21 @@ static void *worker(void *arg) {
     }
 }
 
+// Every peer's pipes on this thread (pipe): our own block copied, then one try each way with
+// every peer in turn until all are whole.
 static void run_pipe(void) {
     size_t sent[MAXR] = {0}, got[MAXR] = {0};
-    int pending = 2 * (R - 1);
     memcpy(dst + me * blk, src + me * blk, blk);
     double until = now_us() + 20e6;
-    while (pending) {
-        for (int j = 0; j < R; j++) {
-            if (j == me) continue;
-            if (sent[j] < blk) {
-                struct iovec v = {src + j * blk + sent[j], blk - sent[j]};
-                ssize_t n = vmsplice(pipes[me][j][1], &v, 1, SPLICE_F_NONBLOCK);
-                if (n > 0) {
-                    sent[j] += n;
-                    if (sent[j] == blk) pending--;
-                } else if (errno != EAGAIN) die("vmsplice");
-            }
-            if (got[j] < blk) {
-                ssize_t n = read(pipes[j][me][0], dst + j * blk + got[j], blk - got[j]);
-                if (n > 0) {
-                    got[j] += n;
-                    if (got[j] == blk) pending--;
-                } else if (n == 0 || errno != EAGAIN) die("read");
-            }
-        }
+    for (int whole = 0; whole < R - 1;) {
+        whole = 0;
+        for (int j = 0; j < R; j++)
+            if (j != me) whole += pipe_step(j, &sent[j], &got[j]);
         if (now_us() > until) {
             fprintf(stderr, "rank %d: pipes stalled\n", me);
             exit(1);
         }
     }
-}
-
-static int cmp(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 static unsigned char pattern(int rank, int block, size_t i) {
@@ -254,7 +224,7 @@ int main(int argc, char **argv) {
                     }
             pbarrier();
             if (!me) {
-                qsort(t, iters, sizeof *t, cmp);
+                qsort(t, iters, sizeof *t, cmp_double);
                 double med = t[iters / 2];
                 // busbw of an all_to_all: (R-1)/R of a rank's bytes over the time
                 printf("R=%d %-6s %9zu %9.1f %9.1f %7.2f\n", R, ways[w], blk * R, med, t[iters / 10],

@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_proc.h"
+
 #define MAXT 16
 #define MAXB (8u << 20)
 
@@ -43,28 +45,8 @@ static size_t nbytes;
 static char *dst;
 static _Atomic uint32_t gen, left;
 
-static double now_us(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
-}
-
 // Both processes meet here; a peer that does not come within 10 s (it died) ends the run.
-static void pbarrier(void) {
-    uint32_t p = atomic_load(&S->phase);
-    if (atomic_fetch_add(&S->arrive, 1) == 1) {
-        atomic_store(&S->arrive, 0);
-        atomic_store(&S->phase, p + 1);
-    } else {
-        double until = now_us() + 10e6;
-        while (atomic_load(&S->phase) == p) {
-            if (now_us() > until) {
-                fprintf(stderr, "rank %d: the other process did not reach the barrier in 10 s\n", me);
-                exit(1);
-            }
-        }
-    }
-}
+static void pbarrier(void) { proc_barrier(&S->arrive, &S->phase, 2, me, 10); }
 
 static void fwait(_Atomic uint32_t *a, uint32_t v) {
     syscall(SYS_futex, (uint32_t *)a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
@@ -118,11 +100,6 @@ static char *alloc(int kind) {
     madvise(p, MAXB, kind == 2 ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     memset(p, 1, MAXB);
     return p;
-}
-
-static int cmp(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 int main(int argc, char **argv) {
@@ -179,7 +156,7 @@ int main(int argc, char **argv) {
                             fwake(&gen);
                             for (int i = 1; i < nthreads; i++) pthread_join(th[i], NULL);
                             if (!me) {
-                                qsort(t, iters, sizeof *t, cmp);
+                                qsort(t, iters, sizeof *t, cmp_double);
                                 double med = t[iters / 2];
                                 printf("%-6s %-4s %-5s %7d %2d %8zu %9.1f %9.1f %6.2f\n", allocs[a], modes[m], wakes[w], chunk, nthreads, nbytes, med, t[iters / 10], nbytes / med / 1e3);
                                 fflush(stdout);
