@@ -89,6 +89,22 @@ fn group_as<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// What rank `rank` of `n` holds after an all_to_all in which rank `s` sends `split(s, d)`
+/// bytes to rank `d`, byte `i` of rank `s`'s input being `byte(s, i)`.
+fn a2a_want(
+    n: usize,
+    rank: usize,
+    split: impl Fn(usize, usize) -> usize,
+    byte: impl Fn(usize, usize) -> u8,
+) -> Vec<u8> {
+    let mut want = Vec::new();
+    for s in 0..n {
+        let start: usize = (0..rank).map(|d| split(s, d)).sum();
+        want.extend((start..start + split(s, rank)).map(|i| byte(s, i)));
+    }
+    want
+}
+
 fn f32s(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_ne_bytes()).collect()
 }
@@ -180,14 +196,8 @@ fn gather_scatter_broadcast_all_to_all_and_reduce_scatter_move_every_byte() {
             assert!(*g == concat, "gather on the root");
         }
         assert!(*s == mines[rank], "scatter on rank {rank}");
-        let mut want = Vec::new();
-        for src in 0..n {
-            let splits: Vec<usize> = (0..n).map(|d| (src + 1) * (d + 1) * 1000).collect();
-            let start: usize = splits[..rank].iter().sum();
-            let input: Vec<u8> =
-                (0..splits.iter().sum::<usize>()).map(|i| (i % 251) as u8 ^ src as u8).collect();
-            want.extend_from_slice(&input[start..start + splits[rank]]);
-        }
+        let want =
+            a2a_want(n, rank, |s, d| (s + 1) * (d + 1) * 1000, |s, i| (i % 251) as u8 ^ s as u8);
         assert!(*out == want, "all_to_all on rank {rank}");
         assert!(*rs == sum, "reduce_scatter on rank {rank}");
         if rank == 0 {
@@ -236,14 +246,7 @@ fn large_all_gather_all_to_all_and_all_reduce_read_peers_directly_and_match_the_
         assert!(*all == concat, "all_gather on rank {rank}");
         assert!(*red == sum, "all_reduce sum on rank {rank}");
         assert!(*mx == max, "all_reduce max on rank {rank}");
-        let mut want = Vec::new();
-        for src in 0..n {
-            let splits: Vec<usize> = (0..n).map(|d| a2a_bytes(src, d)).collect();
-            let start: usize = splits[..rank].iter().sum();
-            let input: Vec<u8> =
-                (0..splits.iter().sum::<usize>()).map(|i| (i % 253) as u8 ^ src as u8).collect();
-            want.extend_from_slice(&input[start..start + splits[rank]]);
-        }
+        let want = a2a_want(n, rank, a2a_bytes, |s, i| (i % 253) as u8 ^ s as u8);
         assert!(*out == want, "all_to_all on rank {rank}");
     }
 }
@@ -274,12 +277,7 @@ fn a_four_rank_all_to_all_of_uneven_large_blocks_moves_every_byte_once_by_pipes_
         outs
     });
     for (rank, outs) in got.iter().enumerate() {
-        let mut want = Vec::new();
-        for src in 0..n {
-            let splits: Vec<usize> = (0..n).map(|d| a2a_bytes(src, d)).collect();
-            let start: usize = splits[..rank].iter().sum();
-            want.extend((start..start + splits[rank]).map(|i| (i * 13 + src * 71) as u8));
-        }
+        let want = a2a_want(n, rank, a2a_bytes, |s, i| (i * 13 + s * 71) as u8);
         for (out, (threads, label)) in outs.iter().zip(ways) {
             assert!(*out == want, "all_to_all on rank {rank} ({label}, {threads} threads)");
         }
@@ -311,12 +309,8 @@ fn a_rank_that_refuses_pipes_reads_with_its_peers_while_the_others_use_theirs() 
     for (rank, (outs, label, piped)) in got.iter().enumerate() {
         assert_eq!(*label, "direct_reads", "rank {rank}: a pair reads, so the call is labelled so");
         assert_eq!(*piped, want_piped[rank], "rank {rank}'s pairs with pipes");
-        let mut want = Vec::new();
-        for src in 0..n {
-            let splits: Vec<usize> = (0..n).map(|d| a2a_bytes(src, d) + 300_000).collect();
-            let start: usize = splits[..rank].iter().sum();
-            want.extend((start..start + splits[rank]).map(|i| (i * 11 + src * 29) as u8));
-        }
+        let want =
+            a2a_want(n, rank, |s, d| a2a_bytes(s, d) + 300_000, |s, i| (i * 11 + s * 29) as u8);
         for (k, out) in outs.iter().enumerate() {
             assert!(*out == want, "all_to_all {k} on rank {rank}");
         }
@@ -717,49 +711,37 @@ fn a_rank_late_to_a_direct_read_call_fails_it_instead_of_returning_reused_bytes(
 
 #[test]
 fn a_rank_late_to_an_all_to_all_through_pipes_fails_it_instead_of_returning_reused_bytes() {
-    // As the test above, through the pipes (three ranks): rank 1 pauses before its pipes.
-    // Rank 0 times out waiting for rank 1's block, returns the error and reuses its input
-    // (0xEE) while rank 1 is paused. The pipe holds references to rank 0's pages, not a
-    // copy: rank 1 must not return what it then takes. (It fails waiting for its own block to
-    // be taken; the next test stops a rank between its sends and its reads.)
-    let (n, len) = (3, 1 << 20);
-    let got = group_with(n, 64 << 10, Duration::from_millis(300), move |rank, comm| {
-        let mut mine = vec![rank as u8 + 1; n * len];
-        let mut out = vec![0u8; n * len];
-        if rank == 1 {
-            comm.be_late_for_test(Duration::from_millis(1000));
-        }
-        let out_r = comm.all_to_all(&mut out, &[len; 3], &mine, &[len; 3]);
-        let out_r = out_r.map_err(|e| e.to_string());
-        if rank == 0 {
-            assert!(out_r.is_err(), "rank 0 waited past its timeout for rank 1: {out_r:?}");
-            mine.fill(0xEE);
-            std::thread::sleep(Duration::from_millis(1500));
-        }
-        (out_r.map(|()| out.iter().filter(|&&b| b == 0xEE).count()), comm.algorithm())
+    // As the test above, through the pipes: rank 1 pauses before its pipes, its blocks larger
+    // than a pipe. The others time out waiting for its block, return the error and reuse their
+    // inputs (0xEE) while it is paused; the pipes hold references to their pages, not a copy:
+    // rank 1 must not return what it then takes (it fails waiting for its own block to be
+    // taken).
+    a_late_rank_fails_every_rank(1 << 20, |comm| {
+        comm.be_late_for_test(Duration::from_millis(1000));
     });
-    assert_eq!(got[1].1, "pipes", "the pair moved its blocks through pipes");
-    match &got[1].0 {
-        Ok(reused) => {
-            panic!("rank 1's all_to_all succeeded ({reused} bytes of rank 0's reused buffer)")
-        }
-        Err(e) => assert!(e.contains("rank 1") || e.contains("rank 0"), "{e}"),
-    }
 }
 
 #[test]
 fn a_rank_stopped_between_its_sends_and_its_reads_fails_instead_of_returning_reused_bytes() {
-    // Three ranks, blocks that fit in a pipe: rank 1 sends its blocks, then pauses before it
-    // reads the others'. Ranks 0 and 2 take rank 1's blocks, time out waiting for it to take
-    // theirs, return the error and reuse their inputs (0xEE) while it is paused. Their pipes
-    // still reference those pages: rank 1 then reads the reused bytes and every pipe of its
-    // completes; only the abort words, read after the pipes, fail its call.
-    let (n, len) = (3, 140_000);
+    // Blocks that fit in a pipe: rank 1 sends its blocks, then pauses before it reads the
+    // others'. Ranks 0 and 2 take rank 1's blocks, time out waiting for it to take theirs,
+    // and reuse their inputs while it is paused: rank 1 then reads the reused bytes and every
+    // pipe of its completes; only the abort words, read after the pipes, fail its call.
+    a_late_rank_fails_every_rank(140_000, |comm| {
+        comm.pause_in_pipes_for_test(Duration::from_millis(1000));
+    });
+}
+
+/// Three ranks' all_to_all of `len`-byte blocks through pipes (300 ms timeout), rank 1 held up
+/// for 1 s by `stall`; ranks 0 and 2 fail, then reuse their inputs (0xEE) while it is held up.
+/// Every rank must fail naming rank 1, none return the reused bytes.
+fn a_late_rank_fails_every_rank(len: usize, stall: fn(&mut Comm)) {
+    let n = 3;
     let got = group_with(n, 64 << 10, Duration::from_millis(300), move |rank, comm| {
         let mut mine = vec![rank as u8 + 1; n * len];
         let mut out = vec![0u8; n * len];
         if rank == 1 {
-            comm.pause_in_pipes_for_test(Duration::from_millis(1000));
+            stall(comm);
         }
         let res = comm.all_to_all(&mut out, &[len; 3], &mine, &[len; 3]);
         let res = res.map_err(|e| e.to_string());
@@ -774,7 +756,7 @@ fn a_rank_stopped_between_its_sends_and_its_reads_fails_instead_of_returning_reu
     for (rank, (res, _)) in got.iter().enumerate() {
         match res {
             Ok(reused) => panic!("rank {rank}'s all_to_all succeeded ({reused} reused bytes)"),
-            // Everyone names the rank that stopped.
+            // Everyone names the rank that was late.
             Err(e) => assert!(e.contains("rank 1"), "rank {rank}: {e}"),
         }
     }
