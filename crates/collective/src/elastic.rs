@@ -49,8 +49,8 @@ const ANNOUNCE: u8 = 2;
 const ADDRS: u8 = 3;
 /// To a process that sends in a member's slot from another address than the member's: another
 /// process holds the slot (a replacement added while this one was stopped, with the commit
-/// that removed it lost). Body: the epoch + 1 at which the sender learned the holder's address
-/// (u64; 0: a founder's), then that address (text).
+/// that removed it lost). Body: one ADDRS entry, the slot's rank, the epoch + 1 at which the
+/// sender learned the holder's address (0: a founder's) and that address.
 const REPLACED: u8 = 4;
 /// The kind's bit that says the frame is sealed with the cluster secret.
 const SEALED: u8 = 0x80;
@@ -338,6 +338,7 @@ struct Shared {
     stop: AtomicBool,
     /// Tests: the driver stops while this is set, then drops what was queued meanwhile (a
     /// stopped process whose datagrams were lost: [`Elastic::stop_for_test`]).
+    #[cfg(test)]
     stop_for_test: AtomicBool,
     /// The epoch of the view in force, readable without the lock (every call into a group
     /// looks at it).
@@ -470,8 +471,9 @@ impl Shared {
             }
             st.last_members = members;
             write_masks(st);
-            // A rank told it was replaced keeps its last view: the epoch callers compare then
-            // moves anyway, so that their next call looks at the view and finds it fenced.
+            // A fenced rank (removed, or told it was replaced) keeps its last view: the epoch
+            // callers compare then moves anyway (to u64::MAX), so that their next call looks
+            // at the view and finds it fenced.
             let shown = if st.member.is_fenced() { u64::MAX } else { st.member.view().epoch };
             self.epoch.store(shown, Ordering::Release);
             if let Some(m) = tidewire::metrics::get() {
@@ -514,9 +516,9 @@ impl Shared {
             // slot, not the member (its stamps are not the member's either). Either a
             // replacement not added yet (it waits to join and ignores the notice), or a process
             // that held the slot and was replaced while it was away: told so, it stops.
+            // The holder's address and the epoch we learned it at: one ADDRS entry.
             let mut f = self.frame(REPLACED);
-            f.extend_from_slice(&st.stamped[from].to_le_bytes());
-            f.extend_from_slice(st.peers[from].to_string().as_bytes());
+            encode_addrs(&[(from, st.stamped[from], st.peers[from])], &mut f);
             self.send_to(from, src, &f);
             return;
         }
@@ -580,15 +582,13 @@ impl Shared {
                 if st.member.is_joining() || st.member.is_fenced() {
                     return;
                 }
-                let Some((learned, holder)) = body.split_at_checked(8) else { return };
-                let learned = u64::from_le_bytes(learned.try_into().unwrap_or([0; 8]));
+                let Some(&(_, learned, holder)) = decode_addrs(body).first() else { return };
                 // Only a holder learned after this process was added replaced it: a sender
                 // that holds an older address for our slot (its commit that added us came
                 // before it learned where we are) has a stale address, not a newer process.
                 if learned <= st.member.added_at() {
                     return;
                 }
-                let holder = String::from_utf8_lossy(holder);
                 log::error!(
                     "elastic rank {}: another process (at {holder}) holds this rank's slot in the \
                      group (rank {from} says so): this process was replaced while it was away, \
@@ -762,6 +762,7 @@ impl Elastic {
             state: Mutex::new(state),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            #[cfg(test)]
             stop_for_test: AtomicBool::new(false),
             epoch: AtomicU64::new(first),
         });
@@ -787,7 +788,8 @@ impl Elastic {
     }
 
     /// The epoch of the view in force here, without taking the lock (it changes, with the
-    /// view, when a change is installed or this rank learns it was removed).
+    /// view, when a change is installed), or `u64::MAX` once this rank is fenced (removed, or
+    /// replaced while it was away).
     pub fn epoch(&self) -> u64 {
         self.shared.epoch.load(Ordering::Acquire)
     }
@@ -867,8 +869,8 @@ impl Elastic {
         let view = st.member.view();
         if st.member.is_fenced() {
             return Err(Error::invalid(format!(
-                "elastic membership: rank {me} was removed from the group (epoch {}): its \
-                 requests reach nobody",
+                "elastic membership: rank {me} was removed from the group or replaced in it \
+                 (epoch {}): its requests reach nobody",
                 view.epoch
             )));
         }
@@ -1007,8 +1009,8 @@ impl Elastic {
 
     /// Tests: this rank's driver stops (`true`: as a SIGSTOPped process would) or goes on,
     /// dropping every datagram that came meanwhile (lost, as they may be).
-    #[doc(hidden)]
-    pub fn stop_for_test(&self, stopped: bool) {
+    #[cfg(test)]
+    fn stop_for_test(&self, stopped: bool) {
         self.shared.stop_for_test.store(stopped, Ordering::Release);
     }
 
@@ -1030,6 +1032,7 @@ impl Drop for Elastic {
 fn drive(s: &Shared) {
     let mut buf = [0u8; 4096];
     while !s.stop.load(Ordering::Acquire) {
+        #[cfg(test)]
         if s.stop_for_test.load(Ordering::Acquire) {
             while s.stop_for_test.load(Ordering::Acquire) && !s.stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(1));
@@ -1392,8 +1395,7 @@ mod tests {
         assert_eq!(added, 2);
         let replaced = |learned: u64| {
             let mut f = g[0].shared.frame(REPLACED);
-            f.extend_from_slice(&learned.to_le_bytes());
-            f.extend_from_slice(addrs[2].to_string().as_bytes());
+            encode_addrs(&[(2, learned, addrs[2])], &mut f);
             g[0].shared.send_to(2, at, &f);
         };
         replaced(0); // the founder's address: older than the addition
@@ -1435,9 +1437,11 @@ mod tests {
 
     #[test]
     fn a_value_made_for_an_older_view_is_not_announced_at_the_new_one() {
+        // (The view here is epoch 0: a value made for any other epoch is refused, and leaves
+        // the announcement in force as it was.)
         let g = group(2, fast(2000, 500));
         g[0].announce_at("k", b"v", 0).unwrap_or_else(|e| panic!("{e}"));
-        let e = g[0].announce_at("k", b"v", 3).expect_err("made for another epoch");
+        let e = g[0].announce_at("k", b"w", 3).expect_err("made for another epoch");
         assert!(matches!(e, Error::ViewChanged { epoch: 0, .. }), "{e}");
         assert_eq!(
             g[1].collect("k", 0, &[0], Duration::from_secs(10)).unwrap_or_default(),

@@ -269,10 +269,15 @@ impl Member {
         }
         if self.waiting_since.is_some() && self.pending() {
             if let Some(l) = self.leader().filter(|&l| l != self.me) {
-                let (remove, add) = (self.remove.clone(), self.add.clone());
-                self.send(l, Message::Request { epoch, remove, add });
+                self.ask(l);
             }
         }
+    }
+
+    /// Sends our pending changes to `leader`.
+    fn ask(&mut self, leader: Rank) {
+        let (remove, add) = (self.remove.clone(), self.add.clone());
+        self.send(leader, Message::Request { epoch: self.view.epoch, remove, add });
     }
 
     /// The leader this member sees: the lowest member it does not suspect.
@@ -328,8 +333,7 @@ impl Member {
             }
             Some(l) if l == self.me => {}
             Some(l) => {
-                let (remove, add) = (self.remove.clone(), self.add.clone());
-                self.send(l, Message::Request { epoch: self.view.epoch, remove, add });
+                self.ask(l);
                 self.waiting_since.get_or_insert(now);
             }
             None => {}
@@ -812,7 +816,8 @@ mod tests {
             net.retransmit_every = Some(20 * MS);
             net.drop_once = vec![lost];
             if lost == (1, 0) {
-                net.drop_once.push((1, 0)); // its promise, then its accepted
+                // its promise, then the promise it sends again for the repeated prepare
+                net.drop_once.push((1, 0));
             }
             let now = net.now;
             net.members[0].request(now, &[2], &[]);
