@@ -150,8 +150,9 @@ def round_trip(buf: Any, rank: int, R: int, E: int, H: int, fp8: bool, mode: str
         try:
             hook()
             bad.append(f"seed {seed}: a receive hook ran twice")
-        except RuntimeError:
-            pass
+        except RuntimeError as e:
+            if "receive hook already ran" not in str(e):
+                bad.append(f"seed {seed}: the dispatch hook's second run: {e}")
     if async_mode:
         assert isinstance(ev, tidewire.ep.EventOverlap)
         ev.current_stream_wait()
@@ -167,8 +168,9 @@ def round_trip(buf: Any, rank: int, R: int, E: int, H: int, fp8: bool, mode: str
         try:
             chook()
             bad.append(f"seed {seed}: a combine's receive hook ran twice")
-        except RuntimeError:
-            pass
+        except RuntimeError as e:
+            if "receive hook already ran" not in str(e):
+                bad.append(f"seed {seed}: the combine hook's second run: {e}")
     if async_mode:
         with ev:
             pass

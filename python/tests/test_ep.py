@@ -87,9 +87,10 @@ def test_ranks_that_call_with_another_shape_read_nothing_of_each_other_and_are_n
         other = 1 - rank
         assert r["bad"] == [], f"rank {rank}: {r['bad']}"
         assert r["active"][other] == 0 and r["active"][rank] == 1, f"rank {rank}: {r}"
-        # Named for its shape (the signal said so), not found silent at the deadline.
+        # Named for its shape (the signal said so), not found silent at the deadline (20 s).
         said = r["next_call"] or ""
         assert f"rank(s) [{other}] called with another shape" in said, f"rank {rank}: {r}"
+        assert r["took_s"] < 10, f"rank {rank}: the call waited for its deadline: {r}"
 
 
 @needs_two_gpus

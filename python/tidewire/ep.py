@@ -556,18 +556,20 @@ class Buffer:
         call raises, naming it (a caller that goes on would lose its experts' work silently)."""
         if self._native is not None:
             odd = self._native.shape_marks()
-            if odd != self._shapes_seen:
-                new_odd = [r for r, (n, seen) in enumerate(zip(odd, self._shapes_seen)) if n > seen]
-                self._shapes_seen = list(odd)
-                if new_odd:
-                    # Their marks are a configuration error, not a failure: not reported to
-                    # the group as failed ranks at the next call.
-                    self._marks_seen = [max(a, b) for a, b in zip(self._marks_seen, self._native.marks())]
-                    raise RuntimeError(
-                        f"tidewire.ep: rank {self.rank}: rank(s) {new_odd} called with another shape than this rank "
-                        "(num_max_dispatch_tokens_per_rank, hidden, num_experts or use_fp8 differ): the kernels read "
-                        "none of their rows and marked them inactive in active_ranks; every rank must pass the same"
-                    )
+            new_odd = [r for r, (n, seen) in enumerate(zip(odd, self._shapes_seen)) if n > seen]
+            self._shapes_seen = list(odd)
+            if new_odd:
+                # Their marks are a configuration error, not a failure: not reported to the
+                # group as failed ranks at the next call. (Only theirs: another rank's mark of
+                # the same stretch is a failure, and is reported.)
+                marks = self._native.marks()
+                for r in new_odd:
+                    self._marks_seen[r] = max(self._marks_seen[r], marks[r])
+                raise RuntimeError(
+                    f"tidewire.ep: rank {self.rank}: rank(s) {new_odd} called with another shape than this rank "
+                    "(num_max_dispatch_tokens_per_rank, hidden, num_experts or use_fp8 differ): the kernels read "
+                    "none of their rows and marked them inactive in active_ranks; every rank must pass the same"
+                )
         g = self._elastic
         if g is not None:
             if self._native is not None:
